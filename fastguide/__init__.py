@@ -1,0 +1,23 @@
+"""fastguide: fast guided diffusion sampling.
+
+Fused kernels for the three hot spots of a guided sampler (attention, GroupNorm with
+ADM's scale-shift and SiLU, the guidance combine + sampler update) behind one set of
+ops, ``fastguide.ops``, with a pure-PyTorch reference path that runs everywhere.
+
+Importing fastguide registers the ``fastguide::`` custom ops; it imports neither triton
+nor the CUDA extension and never touches the CUDA driver.
+"""
+
+from . import ops, reference
+from .backends import available_backends, backend, get_backend, set_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "backend",
+    "get_backend",
+    "ops",
+    "reference",
+    "set_backend",
+]

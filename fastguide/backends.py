@@ -1,0 +1,152 @@
+"""Which implementation runs an op: the backend switch.
+
+Backends:
+  ``torch``   fastguide.reference, plain PyTorch. Runs anywhere; the oracle.
+  ``triton``  fastguide.kernels. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+  ``cuda``    the compiled extension fastguide._C, CUDA tensors only.
+  ``auto``    (default) CUDA tensor -> triton, else cuda, else torch; CPU -> torch.
+              ``auto`` never raises: it falls back to what can run.
+
+The choice comes from, in order: the innermost ``with fastguide.backend(name):``,
+``fastguide.set_backend(name)``, the environment variable ``FASTGUIDE_BACKEND``, ``auto``.
+Nothing here touches the CUDA driver at import time: availability is probed lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import threading
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+CONCRETE_BACKENDS = ("torch", "triton", "cuda")
+
+_state = threading.local()
+_global_choice: str | None = None
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def _env_choice() -> str:
+    name = os.environ.get("FASTGUIDE_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(
+            f"environment variable FASTGUIDE_BACKEND must be one of {BACKENDS}, got {name!r}"
+        )
+    return name
+
+
+def get_backend() -> str:
+    """The backend name in force here: ``auto``, ``torch``, ``triton`` or ``cuda``."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    if _global_choice is not None:
+        return _global_choice
+    return _env_choice()
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for every later op call (overrides FASTGUIDE_BACKEND)."""
+    global _global_choice
+    _global_choice = _check_name(name)
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Run the ops inside the ``with`` block on backend ``name`` (thread-local)."""
+    _check_name(name)
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _why_not_triton(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if _triton_interpreter_on():
+            return None
+        return "triton runs on CPU tensors only with TRITON_INTERPRET=1 set before import"
+    return f"triton does not run on {device.type} tensors"
+
+
+def _why_not_cuda(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"the cuda backend runs on CUDA tensors only, got a {device.type} tensor"
+    if importlib.util.find_spec("fastguide._C") is None:
+        return (
+            "the CUDA extension fastguide._C is not built "
+            "(install with FASTGUIDE_BUILD_CUDA=1 pip install .)"
+        )
+    return None
+
+
+def why_not(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on tensors of ``device``; None when it can."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        return _why_not_triton(device)
+    if name == "cuda":
+        return _why_not_cuda(device)
+    raise ValueError(f"backend must be one of {CONCRETE_BACKENDS}, got {name!r}")
+
+
+def available_backends() -> dict[str, str | None]:
+    """Each concrete backend mapped to None when it can run here, else the reason why not.
+
+    "Here" means on this machine's default device: CUDA when a GPU is visible, else CPU.
+    This call (unlike ``import fastguide``) may initialise CUDA to find out.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {name: why_not(name, device) for name in CONCRETE_BACKENDS}
+
+
+def resolve(device: torch.device, has_kernel: dict[str, bool]) -> str:
+    """The concrete backend that runs an op on ``device``.
+
+    ``has_kernel`` says, per non-reference backend, whether it implements the op at all
+    (kernels land op by op). An explicit choice that cannot run raises RuntimeError naming
+    what is missing; ``auto`` falls back to ``torch``.
+    """
+    choice = get_backend()
+    if choice == "auto":
+        if device.type == "cuda":
+            for name in ("triton", "cuda"):
+                if has_kernel.get(name, False) and why_not(name, device) is None:
+                    return name
+        return "torch"
+    if choice == "torch":
+        return "torch"
+    reason = why_not(choice, device)
+    if reason is None and not has_kernel.get(choice, False):
+        reason = f"the {choice} backend has no kernel for this op"
+    if reason is not None:
+        raise RuntimeError(f"backend {choice!r} was requested but cannot run: {reason}")
+    return choice
+
+
+def load_module(name: str):
+    """Import a backend's implementation module lazily (kernels import triton)."""
+    return importlib.import_module(name)

@@ -1,0 +1,452 @@
+"""Pure-PyTorch reference ops: the specification, the oracle of every test, the CPU path.
+
+Each function computes one op contract of DESIGN.md in plain PyTorch, differentiable by
+autograd and exact in float64. Low-precision inputs (fp16, bf16) are computed in float32
+and cast back, as the contracts require; float64 inputs stay in float64.
+
+The second half of the module is this backend's side of the interface that
+``fastguide.ops`` calls on every backend (``attention_forward``/``_backward``,
+``group_norm_forward``/``_backward``, ``guided_step``): forwards that also return the
+statistics a fused backward would save, and backwards that recompute the forward under torch.func.vjp.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+ACTIVATIONS = (None, "silu")
+
+
+def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 when any input is float64, else float32 (the contracts' accumulation type)."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def like_memory_format(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` laid out like ``x`` (channels_last stays channels_last)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return y.contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return y.contiguous(memory_format=torch.channels_last_3d)
+    return y.contiguous()
+
+
+def _per_sample(t: Tensor, ndim: int) -> Tensor:
+    """A (N,) or (N, C) tensor viewed to broadcast over ``ndim``-dimensional (N, C, ...)."""
+    return t.reshape(t.shape + (1,) * (ndim - t.dim()))
+
+
+# --------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """o = softmax(q·kᵀ·scale)·v over the last two dims; scale defaults to D^-1/2.
+
+    q (B, H, Lq, D), k and v (B, H, Lk, D). Computed through PyTorch's SDPA, which on CPU
+    streams over keys (no Lq×Lk matrix), in float32 for fp16/bf16 inputs.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype = compute_dtype(q)
+    o = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale=scale)
+    return o.to(q.dtype)
+
+
+def _attention_lse(q: Tensor, k: Tensor, scale: float, rows_per_chunk: int = 256) -> Tensor:
+    """Row log-sum-exp of q·kᵀ·scale, over query chunks so memory stays O(chunk·Lk)."""
+    chunks = [
+        torch.logsumexp(torch.matmul(q_chunk, k.transpose(-1, -2)) * scale, dim=-1)
+        for q_chunk in q.split(rows_per_chunk, dim=-2)
+    ]
+    return torch.cat(chunks, dim=-1)
+
+
+# --------------------------------------------------------------------------------------
+# group_norm
+# --------------------------------------------------------------------------------------
+
+
+def group_norm(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    activation: str | None = None,
+) -> Tensor:
+    """GroupNorm with ADM's scale-shift and an optional SiLU, statistics in float32.
+
+    norm = (x − mean[n, g]) / √(var[n, g] + eps) over the C/G channels of group g and all
+    spatial positions; y = norm·weight[c] + bias[c]; y = y·(1 + scale[n, c]) + shift[n, c];
+    y = silu(y) when activation == "silu". Output in x's dtype and memory format.
+    """
+    dtype = compute_dtype(x)
+    y = F.group_norm(
+        x.to(dtype),
+        num_groups,
+        None if weight is None else weight.to(dtype),
+        None if bias is None else bias.to(dtype),
+        eps,
+    )
+    return like_memory_format(_scale_shift_act(y, scale, shift, activation), x).to(x.dtype)
+
+
+def _scale_shift_act(
+    y: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str | None
+) -> Tensor:
+    if scale is not None:
+        y = y * (1 + _per_sample(scale.to(y.dtype), y.dim()))
+    if shift is not None:
+        y = y + _per_sample(shift.to(y.dtype), y.dim())
+    if activation == "silu":
+        y = F.silu(y)
+    return y
+
+
+# --------------------------------------------------------------------------------------
+# guided_step
+# --------------------------------------------------------------------------------------
+
+
+def _sum_over_sample(t: Tensor) -> Tensor:
+    """Per-sample sums over every non-batch dim, kept broadcastable."""
+    return t.sum(dim=tuple(range(1, t.dim())), keepdim=True)
+
+
+def _cfg_zero_star_uncond(cond: Tensor, uncond: Tensor) -> Tensor:
+    """CFG-Zero* (Fan et al. 2025): uncond scaled by s* = ⟨c, u⟩ / (‖u‖² + 1e-8) per sample."""
+    s_star = _sum_over_sample(cond * uncond) / (_sum_over_sample(uncond * uncond) + 1e-8)
+    return s_star * uncond
+
+
+def _apg_guided(
+    cond: Tensor,
+    diff: Tensor,
+    scale: float,
+    eta: float,
+    norm_threshold: float,
+    momentum: float,
+    buffer: Tensor | None,
+) -> Tensor:
+    """Adaptive projected guidance (Sadat et al. 2024, Algorithm 1).
+
+    diff ← diff + momentum·buffer (buffer keeps the running value);
+    diff ← diff·min(1, norm_threshold/‖diff‖) when norm_threshold > 0;
+    split diff into parts parallel and orthogonal to cond (per sample);
+    m = cond + (scale − 1)·(orthogonal + eta·parallel).
+    """
+    if momentum != 0.0:
+        diff = diff + momentum * buffer.to(diff.dtype)
+        buffer.copy_(diff)
+    if norm_threshold > 0.0:
+        norm = _sum_over_sample(diff * diff).sqrt()
+        diff = diff * torch.clamp(norm_threshold / norm, max=1.0)
+    cond_norm = _sum_over_sample(cond * cond).sqrt().clamp_min(1e-12)
+    cond_unit = cond / cond_norm
+    parallel = _sum_over_sample(diff * cond_unit) * cond_unit
+    orthogonal = diff - parallel
+    return cond + (scale - 1.0) * (orthogonal + eta * parallel)
+
+
+def _cfg_rescale(cond: Tensor, guided: Tensor, rescale: float) -> Tensor:
+    """CFG rescale (Lin et al. 2023): blend guided·std(cond)/std(guided) with guided.
+
+    std is the unbiased per-sample standard deviation over every non-batch dim (as
+    diffusers' ``rescale_noise_cfg``).
+    """
+    dims = tuple(range(1, cond.dim()))
+    ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+    return rescale * guided * ratio + (1.0 - rescale) * guided
+
+
+def guided_prediction(
+    cond: Tensor,
+    uncond: Tensor,
+    guidance_scale: float,
+    *,
+    guidance_rescale: float = 0.0,
+    cfg_zero_star: bool = False,
+    apg: bool = False,
+    apg_eta: float = 0.0,
+    apg_norm_threshold: float = 0.0,
+    apg_momentum: float = 0.0,
+    apg_buffer: Tensor | None = None,
+) -> Tensor:
+    """The guided model prediction m from the cond and uncond predictions (same dtype).
+
+    Plain CFG: m = u + w·(c − u). CFG-Zero* replaces u by s*·u first; APG replaces the
+    combine by its projected form; CFG rescale is applied last to whichever m results.
+    """
+    if cfg_zero_star:
+        uncond = _cfg_zero_star_uncond(cond, uncond)
+    diff = cond - uncond
+    if apg:
+        guided = _apg_guided(
+            cond, diff, guidance_scale, apg_eta, apg_norm_threshold, apg_momentum, apg_buffer
+        )
+    else:
+        guided = uncond + guidance_scale * diff
+    if guidance_rescale > 0.0:
+        guided = _cfg_rescale(cond, guided, guidance_rescale)
+    return guided
+
+
+def denoised_and_eps(
+    m: Tensor, x: Tensor, alpha: float, sigma: float, prediction_type: str
+) -> tuple[Tensor, Tensor]:
+    """(x0, eps) from the model prediction m of x = alpha·x0 + sigma·eps."""
+    if prediction_type == "epsilon":
+        return (x - sigma * m) / alpha, m
+    if prediction_type == "v_prediction":
+        return alpha * x - sigma * m, sigma * x + alpha * m
+    if prediction_type == "sample":
+        return m, (x - alpha * m) / sigma
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def guided_step(
+    model_output: Tensor,
+    x: Tensor,
+    *,
+    alpha: float,
+    sigma: float,
+    prediction_type: str = "epsilon",
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    cfg_zero_star: bool = False,
+    apg: bool = False,
+    apg_eta: float = 0.0,
+    apg_norm_threshold: float = 0.0,
+    apg_momentum: float = 0.0,
+    apg_buffer: Tensor | None = None,
+    clip_denoised: bool = False,
+    grad: Tensor | None = None,
+    grad_eps_scale: float = 0.0,
+    prev: Tensor | None = None,
+    noise: Tensor | None = None,
+    k_x: float = 0.0,
+    k_x0: float = 0.0,
+    k_eps: float = 0.0,
+    k_prev: float = 0.0,
+    k_noise: float = 0.0,
+    k_grad: float = 0.0,
+    log_variance_range: tuple[float, float] | None = None,
+    out: Tensor | None = None,
+    x0_out: Tensor | None = None,
+) -> Tensor:
+    """Guidance combine and one sampler update (the guided_step contract of DESIGN.md).
+
+    x is (B, C, *spatial). model_output is (2B, C', *spatial) laid out [cond; uncond] when
+    guidance_scale is given, else (B, C', *spatial); C' is C, or 2C when the model also
+    outputs ADM's variance interpolation v (guidance acts on the first C channels only;
+    v is read from the cond half).
+
+    1. m = guided_prediction(cond, uncond) (or the single prediction when unguided).
+    2. x0, eps from m and x (``denoised_and_eps``).
+    3. clip_denoised: x0 ← clamp(x0, −1, 1), eps ← (x − alpha·x0)/sigma.
+    4. grad_eps_scale ≠ 0: eps ← eps − grad_eps_scale·grad, x0 ← (x − sigma·eps)/alpha
+       (ADM's classifier guidance for DDIM-like samplers; x0 is not clipped again).
+    5. x_next = k_x·x + k_x0·x0 + k_eps·eps + k_prev·prev + k_noise'·noise + k_grad'·grad,
+       where k_noise' = k_noise·exp(ℓ/2) and k_grad' = k_grad·exp(ℓ) with the learned log
+       variance ℓ = frac·max + (1 − frac)·min, frac = (v + 1)/2, when log_variance_range =
+       (min, max) is given; otherwise k_noise' = k_noise and k_grad' = k_grad.
+
+    x_next is written to ``out`` — shaped like x, or (2B, ...) to fill both halves of the
+    next step's [cond; uncond] input — which may be x itself. x0 is written to
+    ``x0_out`` when given; ``apg_buffer`` holds APG's momentum state and is updated in
+    place. Returns ``out`` (a new tensor like x when not given).
+    """
+    batch, channels = x.shape[0], x.shape[1]
+    dtype = compute_dtype(model_output, x)
+    if guidance_scale is None:
+        cond, uncond = model_output[:, :channels], None
+    else:
+        cond, uncond = model_output[:batch, :channels], model_output[batch:, :channels]
+    x_c = x.to(dtype)
+
+    m = cond.to(dtype)
+    if uncond is not None:
+        m = guided_prediction(
+            m,
+            uncond.to(dtype),
+            guidance_scale,
+            guidance_rescale=guidance_rescale,
+            cfg_zero_star=cfg_zero_star,
+            apg=apg,
+            apg_eta=apg_eta,
+            apg_norm_threshold=apg_norm_threshold,
+            apg_momentum=apg_momentum,
+            apg_buffer=apg_buffer,
+        )
+
+    x0, eps = denoised_and_eps(m, x_c, alpha, sigma, prediction_type)
+    if clip_denoised:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = (x_c - alpha * x0) / sigma
+    if grad is not None and grad_eps_scale != 0.0:
+        eps = eps - grad_eps_scale * grad.to(dtype)
+        x0 = (x_c - sigma * eps) / alpha
+
+    noise_coef: float | Tensor = k_noise
+    grad_coef: float | Tensor = k_grad
+    if log_variance_range is not None:
+        log_min, log_max = log_variance_range
+        frac = (model_output[:batch, channels:].to(dtype) + 1.0) / 2.0
+        log_variance = frac * log_max + (1.0 - frac) * log_min
+        noise_coef = k_noise * torch.exp(0.5 * log_variance)
+        grad_coef = k_grad * torch.exp(log_variance)
+
+    x_next = k_x * x_c + k_x0 * x0 + k_eps * eps
+    if prev is not None and k_prev != 0.0:
+        x_next = x_next + k_prev * prev.to(dtype)
+    if noise is not None and k_noise != 0.0:
+        x_next = x_next + noise_coef * noise.to(dtype)
+    if grad is not None and k_grad != 0.0:
+        x_next = x_next + grad_coef * grad.to(dtype)
+
+    if out is None:
+        out = torch.empty_like(x)
+    out[:batch].copy_(x_next)
+    if out.shape[0] == 2 * batch:
+        out[batch:].copy_(x_next)
+    if x0_out is not None:
+        x0_out.copy_(x0)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Backend interface used by fastguide.ops (same names in every backend module)
+# --------------------------------------------------------------------------------------
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(o, lse): the attention output and the row log-sum-exp of q·kᵀ·scale (natural log)."""
+    dtype = compute_dtype(q)
+    qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
+    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if q.device.type == "cpu" and cpu_flash is not None:
+        # aten's CPU flash kernel returns the log-sum-exp it already computed.
+        o, lse = cpu_flash(qc, kc, vc, 0.0, False, scale=scale)
+    else:
+        o = F.scaled_dot_product_attention(qc, kc, vc, scale=scale)
+        lse = _attention_lse(qc, kc, scale)
+    return o.to(q.dtype).contiguous(), lse.to(dtype).contiguous()
+
+
+def _vjp_recompute(fn, inputs: list[Tensor | None], grad_output: Tensor) -> list[Tensor | None]:
+    """Gradients of fn(*inputs) against grad_output, recomputing fn under torch.func.vjp.
+
+    (torch.func rather than torch.autograd: a custom op's implementation runs below the
+    autograd dispatch key, where autograd records nothing.)
+    """
+    present = [t for t in inputs if t is not None]
+
+    def over_present(*tensors):
+        it = iter(tensors)
+        return fn(*(None if t is None else next(it) for t in inputs))
+
+    _, vjp = torch.func.vjp(over_present, *present)
+    grads = iter(vjp(grad_output))
+    return [None if t is None else next(grads) for t in inputs]
+
+
+def attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) by differentiating ``attention`` (the reference needs no saved lse)."""
+    dq, dk, dv = _vjp_recompute(
+        lambda q_, k_, v_: attention(q_, k_, v_, scale), [q, k, v], grad_out
+    )
+    return dq, dk, dv
+
+
+def group_norm_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    num_groups: int,
+    eps: float,
+    activation: str | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd): ``group_norm`` plus the per-(n, group) statistics, shape (N, G)."""
+    dtype = compute_dtype(x)
+    n, c = x.shape[0], x.shape[1]
+    spatial = math.prod(x.shape[2:])
+    y, mean, rstd = torch.ops.aten.native_group_norm(
+        x.to(dtype),
+        None if weight is None else weight.to(dtype),
+        None if bias is None else bias.to(dtype),
+        n,
+        c,
+        spatial,
+        num_groups,
+        eps,
+    )
+    y = like_memory_format(_scale_shift_act(y, scale, shift, activation), x).to(x.dtype)
+    return y, mean, rstd
+
+
+def group_norm_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    num_groups: int,
+    eps: float,
+    activation: str | None,
+) -> tuple[Tensor | None, ...]:
+    """(dx, dweight, dbias, dscale, dshift) from the saved (N, G) mean and rstd.
+
+    With x̂ = (x − mean)·rstd, a = x̂·w + b, z = a·(1 + s) + h, y = act(z):
+      dz = dy·act'(z);  dh = Σ_hw dz;  ds = Σ_hw dz·a;  da = dz·(1 + s)
+      db = Σ_{n,hw} da;  dw = Σ_{n,hw} da·x̂;  dx̂ = da·w
+      dx = rstd·(dx̂ − mean_group(dx̂) − x̂·mean_group(dx̂·x̂))
+    Gradients come back None for inputs that were None.
+    """
+    dtype = compute_dtype(x)
+    n, c = x.shape[0], x.shape[1]
+    grouped = (n, num_groups, c // num_groups, -1)
+    channel_view = (1, c, 1)
+    sample_view = (n, c, 1)
+    x_hat = ((x.to(dtype).reshape(grouped) - mean.reshape(n, num_groups, 1, 1))
+             * rstd.reshape(n, num_groups, 1, 1)).reshape(n, c, -1)
+    a = x_hat if weight is None else x_hat * weight.to(dtype).reshape(channel_view)
+    if bias is not None:
+        a = a + bias.to(dtype).reshape(channel_view)
+    dz = grad_y.to(dtype).reshape(n, c, -1)
+    if activation == "silu":
+        z = a if scale is None else a * (1 + scale.to(dtype).reshape(sample_view))
+        if shift is not None:
+            z = z + shift.to(dtype).reshape(sample_view)
+        sig = torch.sigmoid(z)
+        dz = dz * sig * (1 + z * (1 - sig))
+    dshift = None if shift is None else dz.sum(-1).to(shift.dtype)
+    dscale = None if scale is None else (dz * a).sum(-1).to(scale.dtype)
+    da = dz if scale is None else dz * (1 + scale.to(dtype).reshape(sample_view))
+    dbias = None if bias is None else da.sum((0, 2)).to(bias.dtype)
+    dweight = None if weight is None else (da * x_hat).sum((0, 2)).to(weight.dtype)
+    dx_hat = da if weight is None else da * weight.to(dtype).reshape(channel_view)
+    dx_hat, x_hat = dx_hat.reshape(grouped), x_hat.reshape(grouped)
+    group_mean = lambda t: t.mean(dim=(2, 3), keepdim=True)  # noqa: E731
+    dx = rstd.reshape(n, num_groups, 1, 1) * (
+        dx_hat - group_mean(dx_hat) - x_hat * group_mean(dx_hat * x_hat)
+    )
+    dx = like_memory_format(dx.reshape(x.shape), x).to(x.dtype)
+    return dx, dweight, dbias, dscale, dshift

@@ -1,0 +1,37 @@
+"""Build hook: the pure-Python package always; the CUDA extension only when asked.
+
+`pip install .` needs no compiler and no GPU. `FASTGUIDE_BUILD_CUDA=1 pip install .`
+compiles every source under csrc/ into the extension `fastguide._C` for the
+architectures in `FASTGUIDE_CUDA_ARCHS` (default "80;90").
+"""
+
+import os
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+
+def cuda_extensions():
+    if os.environ.get("FASTGUIDE_BUILD_CUDA", "0") != "1":
+        return [], {}
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c[up]*"))
+    if not sources:
+        raise RuntimeError(
+            "FASTGUIDE_BUILD_CUDA=1 was given but csrc/ holds no .cu or .cpp sources to build"
+        )
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    archs = os.environ.get("FASTGUIDE_CUDA_ARCHS", "80;90").split(";")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+    extension = CUDAExtension(
+        "fastguide._C",
+        sources,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", *gencode]},
+    )
+    return [extension], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

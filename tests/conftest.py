@@ -1,0 +1,50 @@
+"""Test configuration shared by every test module.
+
+- Triton kernels run on CPU tensors under TRITON_INTERPRET=1, which must be set before
+  triton is first imported; on a machine with a GPU they compile for real instead.
+- Every test runs with PyTorch's deterministic mode, whose fill_uninitialized_memory
+  makes torch.empty return NaN-filled memory: an op that leaves part of its output
+  unwritten fails its comparison. Buffers passed in by the tests are poisoned explicitly.
+- ``gpu`` tests skip cleanly without CUDA.
+"""
+
+import os
+
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
+import pytest  # noqa: E402
+
+from fastguide import backends  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _poison_uninitialized_memory():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    yield
+    backends._global_choice = None  # back to FASTGUIDE_BACKEND / auto
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,107 @@
+"""attention: every backend against an explicit float64 softmax(q·kᵀ·scale)·v."""
+
+import pytest
+import torch
+
+import fastguide
+from fastguide import ops, reference
+from tests.backends_under_test import backends_for
+from tests.tolerances import ATTENTION, assert_close
+
+BACKENDS = backends_for("attention")
+# (batch, heads, Lq, Lk, head_dim): L = 1, 7, 77, 1025; Lq ≠ Lk; D not a power of two.
+SHAPES = [
+    (1, 1, 1, 1, 32),
+    (2, 3, 7, 7, 40),
+    (1, 2, 77, 13, 64),
+    (2, 1, 64, 200, 80),
+    (1, 2, 1025, 77, 128),
+]
+
+
+def explicit_attention(q, k, v, scale):
+    """softmax(q·kᵀ·scale)·v written out in float64, subtracting the row max."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-1, -2) * scale
+    weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    return (weights / weights.sum(dim=-1, keepdim=True)) @ v
+
+
+def random_qkv(shape, dtype, device, generator_seed=0):
+    batch, heads, lq, lk, dim = shape
+    g = torch.Generator().manual_seed(generator_seed)
+    q = torch.randn(batch, heads, lq, dim, generator=g)
+    k = torch.randn(batch, heads, lk, dim, generator=g)
+    v = torch.randn(batch, heads, lk, dim, generator=g)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_attention_matches_explicit_formula(backend, dtype, shape, device):
+    if backend != "torch" and dtype == torch.float64:
+        pytest.skip("float64 runs on the torch backend only")
+    q, k, v = random_qkv(shape, dtype, device)
+    scale = 0.7 * shape[-1] ** -0.5
+    with fastguide.backend(backend):
+        out = ops.attention(q, k, v, scale=scale)
+    expected = explicit_attention(q, k, v, scale)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert_close(out, expected, ATTENTION, dtype)
+    if dtype != torch.float64:
+        # The FlashAttention rule: at most twice the error of plain PyTorch in this dtype.
+        plain = torch.softmax((q @ k.transpose(-1, -2)).float() * scale, dim=-1).to(dtype) @ v
+        ours = (out.double() - expected).abs().max()
+        theirs = (plain.double() - expected).abs().max()
+        assert ours <= 2 * theirs + 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_default_scale_and_strided_views(backend, device):
+    # q, k, v as views of one packed qkv projection (B, L, 3, H, D) permuted to (B, H, L, D).
+    batch, length, heads, dim = 2, 33, 3, 48
+    packed = torch.randn(batch, length, 3, heads, dim, device=device)
+    q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    with fastguide.backend(backend):
+        out = ops.attention(q, k, v)
+    assert_close(out, explicit_attention(q, k, v, dim**-0.5), ATTENTION, torch.float32)
+
+
+def test_reference_attention_matches_formula_float64():
+    q, k, v = random_qkv((2, 2, 9, 11, 24), torch.float64, "cpu")
+    torch.testing.assert_close(reference.attention(q, k, v, 0.3), explicit_attention(q, k, v, 0.3))
+
+
+def test_reference_forward_returns_row_logsumexp():
+    q, k, v = random_qkv((1, 2, 9, 300, 16), torch.float64, "cpu")
+    _, lse = reference.attention_forward(q, k, v, 0.25)
+    expected = torch.logsumexp(q @ k.transpose(-1, -2) * 0.25, dim=-1)
+    torch.testing.assert_close(lse, expected)
+    # The fallback (non-CPU devices) chunks queries; check it on the same inputs.
+    torch.testing.assert_close(reference._attention_lse(q, k, 0.25, rows_per_chunk=4), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_gradcheck_float64(backend):
+    if backend != "torch":
+        pytest.skip("gradcheck needs float64, which runs on the torch backend only")
+    q, k, v = (t.requires_grad_() for t in random_qkv((1, 2, 5, 7, 16), torch.float64, "cpu"))
+    with fastguide.backend(backend):
+        assert torch.autograd.gradcheck(lambda a, b, c: ops.attention(a, b, c, scale=0.4), (q, k, v))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 2, 7, 7, 32), (2, 1, 77, 20, 40), (1, 1, 130, 66, 64)], ids=str)
+def test_attention_backward_matches_autograd_of_formula(backend, dtype, shape, device):
+    q, k, v = (t.requires_grad_() for t in random_qkv(shape, dtype, device, generator_seed=1))
+    grad_out = torch.randn(q.shape, dtype=dtype, device=device)
+    with fastguide.backend(backend):
+        dq, dk, dv = torch.autograd.grad(ops.attention(q, k, v), (q, k, v), grad_out)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected = torch.autograd.grad(explicit_attention(qd, kd, vd, shape[-1] ** -0.5), (qd, kd, vd), grad_out.double())
+    for got, want in zip((dq, dk, dv), expected):
+        assert got.dtype == dtype
+        assert_close(got, want, ATTENTION, dtype)

@@ -1,0 +1,83 @@
+"""The backend switch: set_backend, the context manager, FASTGUIDE_BACKEND, availability."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastguide
+from fastguide import backends, ops
+
+
+def test_default_is_auto_and_cpu_resolves_to_torch(monkeypatch):
+    monkeypatch.delenv("FASTGUIDE_BACKEND", raising=False)
+    assert fastguide.get_backend() == "auto"
+    assert ops._resolve("attention", torch.device("cpu")) == "torch"
+
+
+def test_set_backend_and_context_manager_nest():
+    fastguide.set_backend("torch")
+    assert fastguide.get_backend() == "torch"
+    with fastguide.backend("triton"):
+        assert fastguide.get_backend() == "triton"
+        with fastguide.backend("auto"):
+            assert fastguide.get_backend() == "auto"
+        assert fastguide.get_backend() == "triton"
+    assert fastguide.get_backend() == "torch"
+
+
+def test_environment_variable_chooses_backend(monkeypatch):
+    monkeypatch.setenv("FASTGUIDE_BACKEND", "torch")
+    assert fastguide.get_backend() == "torch"
+    monkeypatch.setenv("FASTGUIDE_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FASTGUIDE_BACKEND"):
+        fastguide.get_backend()
+
+
+@pytest.mark.parametrize("bad", ["gpu", "", None, 3])
+def test_unknown_backend_names_raise(bad):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastguide.set_backend(bad)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with fastguide.backend(bad):
+            pass
+
+
+def test_available_backends_reports_reasons():
+    report = fastguide.available_backends()
+    assert set(report) == {"torch", "triton", "cuda"}
+    assert report["torch"] is None
+    if not torch.cuda.is_available():
+        assert "CUDA" in report["cuda"]
+
+
+def test_requested_backend_that_cannot_run_raises_clearly(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(1, 3, 4, 4)
+    with fastguide.backend("triton"), pytest.raises(RuntimeError, match="backend 'triton'.*cannot run.*TRITON_INTERPRET"):
+        ops.group_norm(x, 1)
+    with fastguide.backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda'.*CUDA tensors"):
+        ops.group_norm(x, 1)
+
+
+def test_auto_never_raises_and_falls_back():
+    with fastguide.backend("auto"):
+        assert backends.resolve(torch.device("cpu"), {"triton": True, "cuda": True}) == "torch"
+        assert backends.resolve(torch.device("cuda"), {"triton": False, "cuda": False}) == "torch"
+
+
+def test_explicit_backend_without_kernel_for_op_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with fastguide.backend("triton"), pytest.raises(RuntimeError, match="no kernel for this op"):
+        backends.resolve(torch.device("cpu"), {"triton": False, "cuda": False})
+
+
+def test_import_touches_neither_cuda_nor_triton():
+    code = (
+        "import sys, torch\n"
+        "import fastguide\n"
+        "assert 'triton' not in sys.modules, 'import fastguide imported triton'\n"
+        "assert not torch.cuda.is_initialized(), 'import fastguide initialised CUDA'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

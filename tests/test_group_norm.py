@@ -1,0 +1,127 @@
+"""group_norm: every backend against F.group_norm in float64 with scale-shift and SiLU written out."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastguide
+from fastguide import ops
+from tests.backends_under_test import backends_for
+from tests.tolerances import GROUP_NORM, assert_close
+
+BACKENDS = backends_for("group_norm")
+# (N, C, G, spatial): C = 3 with one group, C not a power of two, 1×1 and odd spatial sizes.
+SHAPES = [
+    (1, 3, 1, (7, 13)),
+    (2, 96, 32, (1, 1)),
+    (5, 160, 32, (7, 13)),
+    (2, 320, 32, (9,)),
+    (1, 512, 32, (4, 4)),
+]
+
+
+def explicit_group_norm(x, groups, weight, bias, scale, shift, activation, eps=1e-5):
+    """F.group_norm in float64, then y·(1 + scale) + shift and silu(y) = y·sigmoid(y)."""
+    y = F.group_norm(x.double(), groups, weight.double(), bias.double(), eps)
+    view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+    if scale is not None:
+        y = y * (1 + scale.double().reshape(view))
+    if shift is not None:
+        y = y + shift.double().reshape(view)
+    if activation == "silu":
+        y = y * torch.sigmoid(y)
+    return y
+
+
+def random_inputs(n, c, spatial, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn((n, c, *spatial), generator=g) * 2 + 0.5).to(device=device, dtype=dtype)
+    # weight far from 1 and bias far from 0: catches SiLU derivatives taken at the wrong point.
+    weight = (torch.rand(c, generator=g) * 2 + 0.5).to(device)
+    bias = torch.randn(c, generator=g).to(device)
+    scale = (torch.randn(n, c, generator=g) * 0.5).to(device=device, dtype=dtype)
+    shift = torch.randn(n, c, generator=g).to(device=device, dtype=dtype)
+    return x, weight, bias, scale, shift
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [(s, False) for s in SHAPES] + [(s, True) for s in SHAPES if len(s[3]) == 2],
+    ids=str,
+)
+@pytest.mark.parametrize("scale_shift", [False, True])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_group_norm_matches_explicit_formula(backend, dtype, shape, channels_last, scale_shift, activation, device):
+    if backend != "torch" and dtype == torch.float64:
+        pytest.skip("float64 runs on the torch backend only")
+    n, c, groups, spatial = shape
+    x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    if not scale_shift:
+        scale = shift = None
+    with fastguide.backend(backend):
+        y = ops.group_norm(x, groups, weight, bias, scale=scale, shift=shift, activation=activation)
+    assert y.dtype == dtype and y.shape == x.shape
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, explicit_group_norm(x, groups, weight, bias, scale, shift, activation), GROUP_NORM, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_norm_scale_shift_as_adm_chunks(backend, device):
+    # ADM chunks a (N, 2C, 1, 1) embedding projection: scale and shift are strided views.
+    x, weight, bias, _, _ = random_inputs(2, 64, (5, 6), torch.float32, device)
+    emb = torch.randn(2, 128, 1, 1, device=device)
+    scale, shift = emb.chunk(2, dim=1)
+    with fastguide.backend(backend):
+        y = ops.group_norm(x, 32, weight, bias, scale=scale, shift=shift, activation="silu")
+    assert_close(y, explicit_group_norm(x, 32, weight, bias, scale, shift, "silu"), GROUP_NORM, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_group_norm_gradcheck_float64(backend, activation):
+    if backend != "torch":
+        pytest.skip("gradcheck needs float64, which runs on the torch backend only")
+    x, weight, bias, scale, shift = random_inputs(2, 6, (3, 5), torch.float64, "cpu")
+    inputs = tuple(t.double().requires_grad_() for t in (x, weight, bias, scale, shift))
+
+    def fn(x_, w_, b_, sc_, sh_):
+        return ops.group_norm(x_, 3, w_, b_, scale=sc_, shift=sh_, activation=activation)
+
+    with fastguide.backend(backend):
+        assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 3, 1, (7, 13)), (2, 96, 32, (5, 5)), (5, 160, 32, (1, 1))], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_backward_matches_autograd_of_formula(backend, dtype, shape, channels_last, device):
+    n, c, groups, spatial = shape
+    x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, device, seed=3)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, scale, shift)]
+    grad_y = torch.randn(x.shape, dtype=dtype, device=device)
+    with fastguide.backend(backend):
+        y = ops.group_norm(leaves[0], groups, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu")
+        grads = torch.autograd.grad(y, leaves, grad_y)
+    doubles = [t.detach().double().requires_grad_() for t in leaves]
+    expected = explicit_group_norm(doubles[0], groups, *doubles[1:3], doubles[3], doubles[4], "silu")
+    wanted = torch.autograd.grad(expected, doubles, grad_y.double())
+    for got, want, leaf in zip(grads, wanted, leaves):
+        assert got.dtype == leaf.dtype and got.shape == leaf.shape
+        # Parameter gradients sum over N·HW elements: their error grows with the count.
+        count = want.numel() and x.numel() // want.numel()
+        atol, rtol = GROUP_NORM[dtype]
+        torch.testing.assert_close(got.double(), want, atol=atol * max(1, count) ** 0.5, rtol=rtol * 4)
+
+
+def test_group_norm_without_affine_matches_formula():
+    x = torch.randn(3, 12, 4, 4, dtype=torch.float64)
+    expected = explicit_group_norm(x, 4, torch.ones(12), torch.zeros(12), None, None, None)
+    torch.testing.assert_close(ops.group_norm(x, 4), expected)

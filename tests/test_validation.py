@@ -1,0 +1,203 @@
+"""Bad input raises a standard exception naming the argument: one test per rule."""
+
+import math
+
+import pytest
+import torch
+
+from fastguide import ops
+
+
+def qkv(b=1, h=2, lq=5, lk=5, d=32, dtype=torch.float32):
+    return torch.randn(b, h, lq, d, dtype=dtype), torch.randn(b, h, lk, d, dtype=dtype), torch.randn(b, h, lk, d, dtype=dtype)
+
+
+# ---- attention ------------------------------------------------------------------------
+
+
+def test_attention_wrong_rank():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        ops.attention(q[0], k, v)
+
+
+def test_attention_mismatched_shapes():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="k must have shape"):
+        ops.attention(q, k[:, :1], v)
+    with pytest.raises(ValueError, match="v must have the shape of k"):
+        ops.attention(q, k, v[:, :, :3])
+
+
+def test_attention_mismatched_dtypes():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="q, k and v must share one dtype"):
+        ops.attention(q, k.half(), v)
+
+
+def test_attention_integer_tensor():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="q must be a floating tensor"):
+        ops.attention(q.long(), k, v)
+
+
+@pytest.mark.parametrize("head_dim", [12, 136, 4])
+def test_attention_unsupported_head_dim(head_dim):
+    q, k, v = qkv(d=head_dim)
+    with pytest.raises(ValueError, match="head_dim"):
+        ops.attention(q, k, v)
+
+
+def test_attention_non_finite_scale():
+    with pytest.raises(ValueError, match="scale must be finite"):
+        ops.attention(*qkv(), scale=math.inf)
+
+
+def test_attention_not_a_tensor():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="v must be a torch.Tensor"):
+        ops.attention(q, k, v.tolist())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_attention_mismatched_devices():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="k is on"):
+        ops.attention(q, k.cuda(), v)
+
+
+# ---- group_norm -----------------------------------------------------------------------
+
+
+def test_group_norm_channels_not_divisible():
+    with pytest.raises(ValueError, match=r"channels of x \(10.*divisible by num_groups \(4\)"):
+        ops.group_norm(torch.randn(2, 10, 3, 3), 4)
+
+
+def test_group_norm_wrong_rank():
+    with pytest.raises(ValueError, match="x must have at least 2 dims"):
+        ops.group_norm(torch.randn(8), 2)
+
+
+def test_group_norm_weight_shape():
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+        ops.group_norm(torch.randn(2, 8, 3, 3), 2, torch.ones(4))
+
+
+def test_group_norm_scale_shape():
+    with pytest.raises(ValueError, match=r"scale must have shape \(2, 8\)"):
+        ops.group_norm(torch.randn(2, 8, 3, 3), 2, scale=torch.zeros(8))
+
+
+def test_group_norm_integer_tensor():
+    with pytest.raises(TypeError, match="x must be a floating tensor"):
+        ops.group_norm(torch.ones(2, 8, 3, 3, dtype=torch.int32), 2)
+
+
+def test_group_norm_bad_activation():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ops.group_norm(torch.randn(2, 8, 3, 3), 2, activation="gelu")
+
+
+@pytest.mark.parametrize("eps", [0.0, math.nan])
+def test_group_norm_bad_eps(eps):
+    with pytest.raises(ValueError, match="eps must be"):
+        ops.group_norm(torch.randn(2, 8, 3, 3), 2, eps=eps)
+
+
+def test_group_norm_bad_num_groups():
+    with pytest.raises(ValueError, match="num_groups must be a positive int"):
+        ops.group_norm(torch.randn(2, 8, 3, 3), 0)
+
+
+# ---- guided_step ----------------------------------------------------------------------
+
+
+def step_inputs(batch=2, rows=4, channels=3):
+    return torch.randn(rows, channels, 4, 4), torch.randn(batch, channels, 4, 4)
+
+
+def test_guided_step_odd_batch_with_guidance():
+    model_output, x = step_inputs(rows=5)
+    with pytest.raises(ValueError, match="even batch"):
+        ops.guided_step(model_output, x, alpha=0.8, sigma=0.6, guidance_scale=3.0)
+
+
+def test_guided_step_batch_mismatch():
+    model_output, x = step_inputs(rows=6)
+    with pytest.raises(ValueError, match=r"model_output must have batch 2·2 = 4"):
+        ops.guided_step(model_output, x, alpha=0.8, sigma=0.6, guidance_scale=3.0)
+    with pytest.raises(ValueError, match="without guidance_scale"):
+        ops.guided_step(model_output, x, alpha=0.8, sigma=0.6)
+
+
+def test_guided_step_channel_mismatch():
+    with pytest.raises(ValueError, match="model_output must have 3 or 6 channels"):
+        ops.guided_step(torch.randn(4, 5, 4, 4), torch.randn(2, 3, 4, 4), alpha=0.8, sigma=0.6, guidance_scale=1.0)
+
+
+@pytest.mark.parametrize("name", ["alpha", "sigma", "k_x", "k_noise", "guidance_rescale"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_guided_step_non_finite_scalar(name, value):
+    model_output, x = step_inputs()
+    kwargs = dict(alpha=0.8, sigma=0.6, guidance_scale=3.0)
+    kwargs[name] = value
+    with pytest.raises(ValueError, match=f"{name} must be finite"):
+        ops.guided_step(model_output, x, **kwargs)
+
+
+def test_guided_step_non_finite_guidance_scale():
+    with pytest.raises(ValueError, match="guidance_scale must be finite"):
+        ops.guided_step(*step_inputs(), alpha=0.8, sigma=0.6, guidance_scale=math.nan)
+
+
+def test_guided_step_integer_tensor():
+    model_output, x = step_inputs()
+    with pytest.raises(TypeError, match="x must be a floating tensor"):
+        ops.guided_step(model_output, x.int(), alpha=0.8, sigma=0.6, guidance_scale=3.0)
+
+
+def test_guided_step_out_shape():
+    model_output, x = step_inputs()
+    with pytest.raises(ValueError, match="out must have shape"):
+        ops.guided_step(model_output, x, alpha=0.8, sigma=0.6, guidance_scale=3.0, out=torch.empty(3, 3, 4, 4))
+
+
+def test_guided_step_noise_shape():
+    model_output, x = step_inputs()
+    with pytest.raises(ValueError, match=r"noise must have shape \(2, 3, 4, 4\)"):
+        ops.guided_step(model_output, x, alpha=0.8, sigma=0.6, guidance_scale=3.0, noise=torch.randn(2, 3, 4), k_noise=1.0)
+
+
+def test_guided_step_coefficient_without_tensor():
+    model_output, x = step_inputs()
+    with pytest.raises(ValueError, match="k_noise is 0.5 but noise was not given"):
+        ops.guided_step(model_output, x, alpha=0.8, sigma=0.6, guidance_scale=3.0, k_noise=0.5)
+
+
+def test_guided_step_bad_prediction_type():
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        ops.guided_step(*step_inputs(), alpha=0.8, sigma=0.6, guidance_scale=3.0, prediction_type="eps")
+
+
+def test_guided_step_variant_without_guidance():
+    model_output, x = step_inputs(rows=2)
+    with pytest.raises(ValueError, match="apg needs guidance_scale"):
+        ops.guided_step(model_output, x, alpha=0.8, sigma=0.6, apg=True)
+
+
+def test_guided_step_apg_with_zero_star():
+    with pytest.raises(ValueError, match="choose one"):
+        ops.guided_step(*step_inputs(), alpha=0.8, sigma=0.6, guidance_scale=3.0, apg=True, cfg_zero_star=True)
+
+
+def test_guided_step_learned_variance_needs_2c_channels():
+    with pytest.raises(ValueError, match="log_variance_range needs a model_output with 2·3 channels"):
+        ops.guided_step(*step_inputs(), alpha=0.8, sigma=0.6, guidance_scale=3.0, log_variance_range=(-2.0, -1.0))
+
+
+def test_guided_step_bad_alpha_sigma():
+    with pytest.raises(ValueError, match="alpha must be positive"):
+        ops.guided_step(*step_inputs(), alpha=0.0, sigma=0.6, guidance_scale=3.0)
+    with pytest.raises(ValueError, match="sigma must be positive"):
+        ops.guided_step(*step_inputs(), alpha=1.0, sigma=0.0, guidance_scale=3.0, clip_denoised=True)
