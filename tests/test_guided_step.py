@@ -303,7 +303,7 @@ CASES = {
     ),
     "apg-rescale-2b-out": dict(guidance_scale=6.0, apg=True, guidance_rescale=0.5, k_x0=0.8, k_eps=0.5, out_2b=True),
 }
-STEP_SHAPES = [(1, 3, (1, 1)), (2, 3, (7, 13)), (5, 4, (16, 16))]
+STEP_SHAPES = [(1, 3, (1, 1)), (2, 3, (7, 13)), (5, 4, (16, 16)), (2, 3, (32, 32)), (1, 4, (72, 72))]
 
 
 def case_inputs(case: dict, batch: int, channels: int, spatial: tuple, dtype: torch.dtype, device):
@@ -341,6 +341,68 @@ def test_guided_step_matches_reference_float64(backend, dtype, shape, case, devi
     expected = as_float64(kwargs)
     reference.guided_step(model_output.double().cpu(), x.double().cpu(), **expected)
     with fastguide.backend(backend):
+        ops.guided_step(model_output, x, **kwargs)
+    for name in ("out", "x0_out", "apg_buffer"):
+        if name in kwargs:
+            assert_close(kwargs[name].cpu(), expected[name], GUIDED_STEP, kwargs[name].dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["cfg-clip-noise", "rescale", "apg-momentum-clip", "cfg-zero-star"])
+def test_guided_step_channels_last(backend, case, device):
+    model_output, x, kwargs = case_inputs(CASES[case], 2, 5, (9, 11), torch.float32, device)
+    to_cl = lambda t: t.to(memory_format=torch.channels_last)  # noqa: E731
+    model_output, x = to_cl(model_output), to_cl(x)
+    for name in ("prev", "noise", "grad", "out", "apg_buffer"):
+        if name in kwargs:
+            kwargs[name] = to_cl(kwargs[name])
+    expected = as_float64(kwargs)
+    reference.guided_step(model_output.double().cpu(), x.double().cpu(), **expected)
+    with fastguide.backend(backend):
+        ops.guided_step(model_output, x, **kwargs)
+    assert kwargs["out"].is_contiguous(memory_format=torch.channels_last)
+    for name in ("out", "apg_buffer"):
+        if name in kwargs:
+            assert_close(kwargs[name].cpu(), expected[name], GUIDED_STEP, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_guided_step_into_strided_out(backend, device):
+    # out and x0_out as non-dense views: written through, nothing else touched.
+    model_output, x, kwargs = case_inputs(CASES["dpm2m-prev-x0out"], 2, 3, (8, 8), torch.float32, device)
+    storage = poisoned((2, 3, 8, 16), torch.float32).to(device)
+    kwargs["out"], kwargs["x0_out"] = storage[..., ::2], storage[..., 1::2]
+    expected = as_float64(kwargs)
+    reference.guided_step(model_output.double().cpu(), x.double().cpu(), **expected)
+    with fastguide.backend(backend):
+        ops.guided_step(model_output, x, **kwargs)
+    assert_close(storage[..., ::2].cpu(), expected["out"], GUIDED_STEP, torch.float32)
+    assert_close(storage[..., 1::2].cpu(), expected["x0_out"], GUIDED_STEP, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["rescale", "cfg-zero-star", "apg-momentum-clip", "apg-rescale-2b-out"])
+def test_reduction_variants_when_cond_is_close_to_uncond(backend, case, device):
+    # Trained models give c ≈ u: the per-sample statistics must not lose precision to it.
+    model_output, x, kwargs = case_inputs(CASES[case], 3, 4, (24, 24), torch.float32, device)
+    cond = model_output[:3]
+    model_output[3:] = cond + 0.01 * randn(*cond.shape, seed=7, dtype=torch.float32).to(device)
+    expected = as_float64(kwargs)
+    reference.guided_step(model_output.double().cpu(), x.double().cpu(), **expected)
+    with fastguide.backend(backend):
+        ops.guided_step(model_output, x, **kwargs)
+    assert_close(kwargs["out"].cpu(), expected["out"], GUIDED_STEP, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(16, 4, (128, 128)), (8, 3, (256, 256))], ids=str)
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_guided_step_gpu_large_and_bf16(dtype, shape, case):
+    model_output, x, kwargs = case_inputs(CASES[case], *shape, dtype, "cuda")
+    expected = as_float64(kwargs)
+    reference.guided_step(model_output.double().cpu(), x.double().cpu(), **expected)
+    with fastguide.backend("triton"):
         ops.guided_step(model_output, x, **kwargs)
     for name in ("out", "x0_out", "apg_buffer"):
         if name in kwargs:

@@ -1,0 +1,306 @@
+"""Triton guided_step: the guidance combine and the sampler update in one elementwise pass.
+
+Algorithm. With c, u the cond and uncond halves of the model output and v = c − u (or,
+for APG, the running difference r = c − u + momentum·buffer), every guidance variant
+is m = f·(α_c·c + α_v·v) with per-sample scalars:
+  CFG            α_c = 1, α_v = w − 1, f = 1
+  CFG-Zero*      s* = ⟨c, u⟩/(‖u‖² + 1e-8),  α_c = w + s*(1 − w),  α_v = s*(w − 1)
+  APG            k = min(1, τ/‖r‖),  α_c = 1 + (w − 1)·k·(η − 1)·⟨r, c⟩/‖c‖²,  α_v = (w − 1)·k
+  CFG rescale    f = φ·std(c)/std(m₀) + 1 − φ, with m₀ = α_c·c + α_v·v
+The per-sample scalars need only five sums S = [Σc, Σv, Σc², Σv², Σc·v]: with
+u = c − v, ⟨c, u⟩ = Σc² − Σcv and ‖u‖² = Σc² − 2Σcv + Σv²; Σm₀ and Σm₀² expand the same
+way. Working on the difference v rather than u keeps these expansions free of
+cancellation when c ≈ u, as it is for trained models.
+Then, per element: x0 and eps from m and x by the prediction type's linear map, the
+optional clip (eps re-derived), the classifier eps shift (x0 re-derived), and
+x_next = k_x·x + k_x0·x0 + k_eps·eps + k_prev·prev + k_noise'·noise + k_grad'·grad.
+
+Passes. Plain CFG: one launch, `_guided_step_kernel`. Variants with reductions: first
+`_guided_stats_kernel` (grid: PARTS chunks × B samples) writes fp32 partial sums, then
+the elementwise kernel merges a sample's ≤ 32 partials in its prologue, in a fixed order
+(deterministic: no atomics). Two launches.
+
+Bytes it must move (E = B·C·HW elements of x, s_t the size of tensor t's dtype):
+  elementwise: read 2E of model output (E when unguided; +E for learned variance),
+  E of x, E of each of prev / noise / grad used; write E (2E for a 2B out) of x_next,
+  E of x0 when asked; APG with momentum reads and writes E of its buffer.
+  stats pass: reads c and u again (2E, +E APG buffer).
+FLOPs: ~20 per element, far under any GPU's ratio of FLOPs to bytes: memory-bound.
+
+Layout: every x-shaped tensor shares x's dense layout (contiguous or channels_last) and
+the model output's cond block for a sample is laid out like x's sample; the launcher
+makes copies only when that does not hold (and always keeps ops' in-place semantics).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK = 2048  # elements per program of the elementwise pass (8 per thread at 8 warps)
+NUM_WARPS = 8
+MAX_PARTS = 32  # partial sums per sample in the stats pass
+
+STATS_NONE, STATS_ZERO_STAR, STATS_APG, STATS_PLAIN = 0, 1, 2, 3
+
+
+@triton.jit
+def _guided_stats_kernel(
+    mo_ptr, buf_ptr, partial_ptr,
+    sample_elems, mo_sample_stride, uncond_offset, elems_per_part,
+    apg_momentum,
+    APG_MOMENTUM: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Partial sums [Σc, Σv, Σc², Σv², Σc·v] of one chunk of one sample."""
+    part = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    start = part * elems_per_part
+    acc_c = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_v = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_cc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_vv = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_cv = tl.zeros([BLOCK], dtype=tl.float32)
+    for offset in range(0, elems_per_part, BLOCK):
+        j = start + offset + tl.arange(0, BLOCK)
+        mask = (j < sample_elems) & (offset + tl.arange(0, BLOCK) < elems_per_part)
+        c = tl.load(mo_ptr + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(mo_ptr + uncond_offset + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
+        v = c - u
+        if APG_MOMENTUM:
+            v += apg_momentum * tl.load(buf_ptr + b * sample_elems + j, mask=mask, other=0.0).to(tl.float32)
+        acc_c += c
+        acc_v += v
+        acc_cc += c * c
+        acc_vv += v * v
+        acc_cv += c * v
+    out = partial_ptr + (b * PARTS + part) * 5
+    tl.store(out + 0, tl.sum(acc_c, axis=0))
+    tl.store(out + 1, tl.sum(acc_v, axis=0))
+    tl.store(out + 2, tl.sum(acc_cc, axis=0))
+    tl.store(out + 3, tl.sum(acc_vv, axis=0))
+    tl.store(out + 4, tl.sum(acc_cv, axis=0))
+
+
+@triton.jit
+def _sample_coefficients(
+    partial_ptr, b, n_elems,
+    w, rescale, apg_eta, apg_norm_threshold,
+    STATS: tl.constexpr, RESCALE: tl.constexpr, PARTS: tl.constexpr,
+):
+    """(α_c, α_v, f) of sample b from its merged partial sums (float64 scalar math)."""
+    parts = tl.arange(0, PARTS)
+    row = partial_ptr + (b * PARTS + parts) * 5
+    s_c = tl.sum(tl.load(row + 0).to(tl.float64), axis=0)
+    s_v = tl.sum(tl.load(row + 1).to(tl.float64), axis=0)
+    s_cc = tl.sum(tl.load(row + 2).to(tl.float64), axis=0)
+    s_vv = tl.sum(tl.load(row + 3).to(tl.float64), axis=0)
+    s_cv = tl.sum(tl.load(row + 4).to(tl.float64), axis=0)
+    w64 = tl.cast(w, tl.float64)
+    if STATS == 1:  # CFG-Zero*
+        s_star = (s_cc - s_cv) / (s_cc - 2.0 * s_cv + s_vv + 1e-8)
+        alpha_c = w64 + s_star * (1.0 - w64)
+        alpha_v = s_star * (w64 - 1.0)
+    elif STATS == 2:  # APG
+        clip = tl.full([], 1.0, tl.float64)
+        if apg_norm_threshold > 0:
+            clip = tl.minimum(clip, tl.cast(apg_norm_threshold, tl.float64) / tl.sqrt(s_vv))
+        alpha_c = 1.0 + (w64 - 1.0) * clip * (tl.cast(apg_eta, tl.float64) - 1.0) * s_cv / tl.maximum(s_cc, 1e-24)
+        alpha_v = (w64 - 1.0) * clip
+    else:  # plain CFG, here only for CFG rescale
+        alpha_c = tl.full([], 1.0, tl.float64)
+        alpha_v = w64 - 1.0
+    f = tl.full([], 1.0, tl.float64)
+    if RESCALE:
+        n = tl.cast(n_elems, tl.float64)
+        var_c = (s_cc - s_c * s_c / n) / (n - 1.0)
+        s_m = alpha_c * s_c + alpha_v * s_v
+        s_mm = alpha_c * alpha_c * s_cc + 2.0 * alpha_c * alpha_v * s_cv + alpha_v * alpha_v * s_vv
+        var_m = (s_mm - s_m * s_m / n) / (n - 1.0)
+        f = tl.cast(rescale, tl.float64) * tl.sqrt(var_c / var_m) + 1.0 - tl.cast(rescale, tl.float64)
+    return alpha_c.to(tl.float32), alpha_v.to(tl.float32), f.to(tl.float32)
+
+
+@triton.jit
+def _guided_step_kernel(
+    mo_ptr, x_ptr, prev_ptr, noise_ptr, grad_ptr, buf_ptr, out_ptr, x0_ptr, partial_ptr,
+    sample_elems, mo_sample_stride, uncond_offset, var_offset, out_half_offset,
+    w, rescale, apg_eta, apg_norm_threshold, apg_momentum,
+    x0_from_x, x0_from_m, eps_from_x, eps_from_m,
+    alpha, sigma, inv_alpha, inv_sigma, grad_eps_scale,
+    k_x, k_x0, k_eps, k_prev, k_noise, k_grad, log_var_min, log_var_max,
+    GUIDED: tl.constexpr, STATS: tl.constexpr, RESCALE: tl.constexpr, APG_MOMENTUM: tl.constexpr,
+    CLIP: tl.constexpr, GRAD_EPS: tl.constexpr, LEARNED_VAR: tl.constexpr,
+    HAS_PREV: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_GRAD_TERM: tl.constexpr,
+    OUT_2B: tl.constexpr, HAS_X0_OUT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = j < sample_elems
+    here = b * sample_elems + j  # offset of this element in every x-shaped tensor
+
+    m = tl.load(mo_ptr + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
+    if GUIDED:
+        u = tl.load(mo_ptr + uncond_offset + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
+        v = m - u
+        if APG_MOMENTUM:
+            v += apg_momentum * tl.load(buf_ptr + here, mask=mask, other=0.0).to(tl.float32)
+            tl.store(buf_ptr + here, v.to(buf_ptr.dtype.element_ty), mask=mask)
+        if STATS == 0:
+            m = m + (w - 1.0) * v
+        else:
+            alpha_c, alpha_v, f = _sample_coefficients(
+                partial_ptr, b, sample_elems, w, rescale, apg_eta, apg_norm_threshold,
+                STATS, RESCALE, PARTS,
+            )
+            m = f * (alpha_c * m + alpha_v * v)
+
+    x = tl.load(x_ptr + here, mask=mask, other=0.0).to(tl.float32)
+    x0 = x0_from_x * x + x0_from_m * m
+    eps = eps_from_x * x + eps_from_m * m
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+        eps = (x - alpha * x0) * inv_sigma
+    if GRAD_EPS or HAS_GRAD_TERM:
+        g = tl.load(grad_ptr + here, mask=mask, other=0.0).to(tl.float32)
+    if GRAD_EPS:
+        eps = eps - grad_eps_scale * g
+        x0 = (x - sigma * eps) * inv_alpha
+
+    x_next = k_x * x + k_x0 * x0 + k_eps * eps
+    if LEARNED_VAR:
+        var_values = tl.load(mo_ptr + var_offset + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
+        frac = (var_values + 1.0) * 0.5
+        log_var = frac * log_var_max + (1.0 - frac) * log_var_min
+    if HAS_PREV:
+        x_next += k_prev * tl.load(prev_ptr + here, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NOISE:
+        noise = tl.load(noise_ptr + here, mask=mask, other=0.0).to(tl.float32)
+        if LEARNED_VAR:
+            x_next += k_noise * tl.exp(0.5 * log_var) * noise
+        else:
+            x_next += k_noise * noise
+    if HAS_GRAD_TERM:
+        if LEARNED_VAR:
+            x_next += k_grad * tl.exp(log_var) * g
+        else:
+            x_next += k_grad * g
+
+    tl.store(out_ptr + here, x_next.to(out_ptr.dtype.element_ty), mask=mask)
+    if OUT_2B:
+        tl.store(out_ptr + out_half_offset + here, x_next.to(out_ptr.dtype.element_ty), mask=mask)
+    if HAS_X0_OUT:
+        tl.store(x0_ptr + here, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+def _prediction_maps(prediction_type: str, alpha: float, sigma: float) -> tuple[float, float, float, float]:
+    """(x0_from_x, x0_from_m, eps_from_x, eps_from_m) of x = alpha·x0 + sigma·eps."""
+    if prediction_type == "epsilon":
+        return 1.0 / alpha, -sigma / alpha, 0.0, 1.0
+    if prediction_type == "v_prediction":
+        return alpha, -sigma, sigma, alpha
+    return 0.0, 1.0, 1.0 / sigma, -alpha / sigma  # "sample"
+
+
+def _dense_format(x: Tensor, learned_variance: bool) -> torch.memory_format:
+    """x's own dense layout when every kernel offset can follow it, else contiguous."""
+    if not learned_variance and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def guided_step(
+    model_output: Tensor,
+    x: Tensor,
+    *,
+    alpha: float,
+    sigma: float,
+    prediction_type: str,
+    guidance_scale: float | None,
+    guidance_rescale: float,
+    cfg_zero_star: bool,
+    apg: bool,
+    apg_eta: float,
+    apg_norm_threshold: float,
+    apg_momentum: float,
+    apg_buffer: Tensor | None,
+    clip_denoised: bool,
+    grad: Tensor | None,
+    grad_eps_scale: float,
+    prev: Tensor | None,
+    noise: Tensor | None,
+    k_x: float,
+    k_x0: float,
+    k_eps: float,
+    k_prev: float,
+    k_noise: float,
+    k_grad: float,
+    log_variance_range: tuple[float, float] | None,
+    out: Tensor,
+    x0_out: Tensor | None,
+) -> None:
+    """Launch the stats pass (when a variant needs it) and the elementwise pass."""
+    batch, channels = x.shape[0], x.shape[1]
+    sample_elems = x[0].numel()
+    learned = log_variance_range is not None
+    fmt = _dense_format(x, model_output.shape[1] != channels)
+
+    def as_dense(t: Tensor | None) -> Tensor | None:
+        return t if t is None or t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
+
+    x_in, model_output_in = as_dense(x), as_dense(model_output)
+    prev, noise, grad = as_dense(prev), as_dense(noise), as_dense(grad)
+    # Outputs that are not dense in fmt are computed into a dense copy and copied back.
+    targets = {"out": out, "x0_out": x0_out, "apg_buffer": apg_buffer}
+    work = {name: as_dense(t) for name, t in targets.items()}
+
+    guided = guidance_scale is not None
+    stats = STATS_NONE
+    if guided and cfg_zero_star:
+        stats = STATS_ZERO_STAR
+    elif guided and apg:
+        stats = STATS_APG
+    elif guided and guidance_rescale > 0:
+        stats = STATS_PLAIN
+    apg_with_momentum = guided and apg and apg_momentum != 0.0
+
+    mo_sample_stride = model_output[0].numel()
+    uncond_offset = batch * mo_sample_stride
+    parts = min(MAX_PARTS, triton.cdiv(sample_elems, BLOCK))
+    parts_pow2 = triton.next_power_of_2(parts)
+    partials = None
+    if stats != STATS_NONE:
+        # Unused rows (parts..parts_pow2) must sum to zero in the merge.
+        partials = torch.zeros((batch, parts_pow2, 5), dtype=torch.float32, device=x.device)
+        elems_per_part = triton.cdiv(triton.cdiv(sample_elems, parts), BLOCK) * BLOCK
+        _guided_stats_kernel[(parts, batch)](
+            model_output_in, work["apg_buffer"], partials,
+            sample_elems, mo_sample_stride, uncond_offset, elems_per_part,
+            apg_momentum,
+            APG_MOMENTUM=apg_with_momentum, PARTS=parts_pow2, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )
+
+    maps = _prediction_maps(prediction_type, alpha, sigma)
+    log_min, log_max = log_variance_range if learned else (0.0, 0.0)
+    _guided_step_kernel[(triton.cdiv(sample_elems, BLOCK), batch)](
+        model_output_in, x_in, prev, noise, grad, work["apg_buffer"], work["out"], work["x0_out"], partials,
+        sample_elems, mo_sample_stride, uncond_offset, channels * (mo_sample_stride // model_output.shape[1]),
+        batch * sample_elems,
+        guidance_scale if guided else 1.0, guidance_rescale, apg_eta, apg_norm_threshold, apg_momentum,
+        *maps,
+        alpha, sigma, 1.0 / alpha, 1.0 / sigma if sigma > 0 else 0.0, grad_eps_scale,
+        k_x, k_x0, k_eps, k_prev, k_noise, k_grad, log_min, log_max,
+        GUIDED=guided, STATS=stats, RESCALE=guided and guidance_rescale > 0,
+        APG_MOMENTUM=apg_with_momentum, CLIP=clip_denoised,
+        GRAD_EPS=grad is not None and grad_eps_scale != 0.0, LEARNED_VAR=learned,
+        HAS_PREV=prev is not None and k_prev != 0.0, HAS_NOISE=noise is not None and k_noise != 0.0,
+        HAS_GRAD_TERM=grad is not None and k_grad != 0.0,
+        OUT_2B=out.shape[0] == 2 * batch, HAS_X0_OUT=x0_out is not None,
+        PARTS=parts_pow2, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )
+    for name, target in targets.items():
+        if work[name] is not target:
+            target.copy_(work[name])
