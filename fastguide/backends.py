@@ -123,12 +123,12 @@ def available_backends() -> dict[str, str | None]:
     return {name: why_not(name, device) for name in CONCRETE_BACKENDS}
 
 
-def resolve(device: torch.device, has_kernel: dict[str, bool]) -> str:
+def resolve(device: torch.device, has_kernel: dict[str, bool], what: str = "this op") -> str:
     """The concrete backend that runs an op on ``device``.
 
-    ``has_kernel`` says, per non-reference backend, whether it implements the op at all
-    (kernels land op by op). An explicit choice that cannot run raises RuntimeError naming
-    what is missing; ``auto`` falls back to ``torch``.
+    ``has_kernel`` says, per non-reference backend, whether it has a kernel for ``what``
+    (the op, and the dtype at hand: kernels land op by op). An explicit choice that cannot
+    run raises RuntimeError naming what is missing; ``auto`` falls back to ``torch``.
     """
     choice = get_backend()
     if choice == "auto":
@@ -141,7 +141,7 @@ def resolve(device: torch.device, has_kernel: dict[str, bool]) -> str:
         return "torch"
     reason = why_not(choice, device)
     if reason is None and not has_kernel.get(choice, False):
-        reason = f"the {choice} backend has no kernel for this op"
+        reason = f"the {choice} backend has no kernel for {what}"
     if reason is not None:
         raise RuntimeError(f"backend {choice!r} was requested but cannot run: {reason}")
     return choice

@@ -45,9 +45,16 @@ _HAS_KERNEL = {
 }
 
 
-def _resolve(op: str, device: torch.device) -> str:
+# Dtypes the accelerated backends compute in; float64 runs on the reference only.
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _resolve(op: str, device: torch.device, dtype: torch.dtype) -> str:
     # Under torch.compile this runs at trace time: the backend is fixed per compiled graph.
-    return backends.resolve(device, _HAS_KERNEL[op])
+    if dtype not in _KERNEL_DTYPES:
+        has_kernel = {name: False for name in _KERNEL_MODULES}
+        return backends.resolve(device, has_kernel, f"{op} on {dtype} tensors")
+    return backends.resolve(device, _HAS_KERNEL[op], op)
 
 
 def _module(backend: str, op: str) -> ModuleType:
@@ -114,7 +121,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Te
     Differentiable in q, k and v.
     """
     scale = validation.check_attention(q, k, v, scale)
-    out, _ = _attention(q, k, v, scale, _resolve("attention", q.device))
+    out, _ = _attention(q, k, v, scale, _resolve("attention", q.device, q.dtype))
     return out
 
 
@@ -233,7 +240,7 @@ def group_norm(
     per_sample = [None if t is None else t.reshape(x.shape[0], x.shape[1]) for t in (scale, shift)]
     y, _, _ = _group_norm(
         x, weight, bias, *per_sample, num_groups, float(eps),
-        activation or "none", _resolve("group_norm", x.device),
+        activation or "none", _resolve("group_norm", x.device, x.dtype),
     )
     return y
 
@@ -370,6 +377,6 @@ def guided_step(
         bool(clip_denoised), scalars["grad_eps_scale"],
         scalars["k_x"], scalars["k_x0"], scalars["k_eps"], scalars["k_prev"],
         scalars["k_noise"], scalars["k_grad"], log_min, log_max,
-        _resolve("guided_step", x.device),
+        _resolve("guided_step", x.device, compute_dtype(model_output, x)),
     )
     return out

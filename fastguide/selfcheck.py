@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fastguide self-check on {device} (backend setting: {backends.get_backend()})")
     failures = 0
     for name, check in CHECKS.items():
-        backend = ops._resolve(name, device)
+        backend = ops._resolve(name, device, torch.float32)
         error = check(device, torch.Generator().manual_seed(args.seed))
         ok = error <= TOLERANCE
         failures += not ok

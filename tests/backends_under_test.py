@@ -13,3 +13,9 @@ def backends_for(op: str) -> list[str]:
         if ops._HAS_KERNEL[op][name] and backends.why_not(name, device) is None:
             found.append(name)
     return found
+
+
+def backend_dtype_params(op: str, dtypes: list[torch.dtype]) -> list[tuple[str, torch.dtype]]:
+    """(backend, dtype) pairs to test; float64 only on the torch backend (the kernels' dtypes
+    are fp32/fp16/bf16)."""
+    return [(b, d) for b in backends_for(op) for d in dtypes if b == "torch" or d != torch.float64]

@@ -5,7 +5,7 @@ import torch
 
 import fastguide
 from fastguide import ops, reference
-from tests.backends_under_test import backends_for
+from tests.backends_under_test import backend_dtype_params, backends_for
 from tests.tolerances import ATTENTION, assert_close
 
 BACKENDS = backends_for("attention")
@@ -36,12 +36,9 @@ def random_qkv(shape, dtype, device, generator_seed=0):
     return [t.to(device=device, dtype=dtype) for t in (q, k, v)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params("attention", [torch.float64, torch.float32, torch.float16]))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_attention_matches_explicit_formula(backend, dtype, shape, device):
-    if backend != "torch" and dtype == torch.float64:
-        pytest.skip("float64 runs on the torch backend only")
     q, k, v = random_qkv(shape, dtype, device)
     scale = 0.7 * shape[-1] ** -0.5
     with fastguide.backend(backend):
@@ -83,12 +80,9 @@ def test_reference_forward_returns_row_logsumexp():
     torch.testing.assert_close(reference._attention_lse(q, k, 0.25, rows_per_chunk=4), expected)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_attention_gradcheck_float64(backend):
-    if backend != "torch":
-        pytest.skip("gradcheck needs float64, which runs on the torch backend only")
+def test_attention_gradcheck_float64():
     q, k, v = (t.requires_grad_() for t in random_qkv((1, 2, 5, 7, 16), torch.float64, "cpu"))
-    with fastguide.backend(backend):
+    with fastguide.backend("torch"):  # float64: the reference path
         assert torch.autograd.gradcheck(lambda a, b, c: ops.attention(a, b, c, scale=0.4), (q, k, v))
 
 

@@ -13,7 +13,7 @@ from fastguide import backends, ops
 def test_default_is_auto_and_cpu_resolves_to_torch(monkeypatch):
     monkeypatch.delenv("FASTGUIDE_BACKEND", raising=False)
     assert fastguide.get_backend() == "auto"
-    assert ops._resolve("attention", torch.device("cpu")) == "torch"
+    assert ops._resolve("attention", torch.device("cpu"), torch.float32) == "torch"
 
 
 def test_set_backend_and_context_manager_nest():
@@ -81,3 +81,12 @@ def test_import_touches_neither_cuda_nor_triton():
         "assert not torch.cuda.is_initialized(), 'import fastguide initialised CUDA'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_float64_never_routes_to_kernels(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    with fastguide.backend("triton"), pytest.raises(RuntimeError, match="no kernel for group_norm on torch.float64"):
+        ops.group_norm(x, 2)
+    with fastguide.backend("auto"):
+        assert ops._resolve("group_norm", torch.device("cuda"), torch.float64) == "torch"

@@ -6,13 +6,17 @@ import torch.nn.functional as F
 
 import fastguide
 from fastguide import ops
-from tests.backends_under_test import backends_for
+from tests.backends_under_test import backend_dtype_params, backends_for
 from tests.tolerances import GROUP_NORM, assert_close
 
 BACKENDS = backends_for("group_norm")
-# (N, C, G, spatial): C = 3 with one group, C not a power of two, 1×1 and odd spatial sizes.
+# (N, C, G, spatial): C = 3 with one group, C not a power of two, 1×1, odd and 32×32
+# spatial sizes; few groups over a large image split each group over several programs.
 SHAPES = [
     (1, 3, 1, (7, 13)),
+    (1, 3, 1, (32, 32)),
+    (1, 8, 2, (64, 64)),
+    (2, 320, 32, (32, 32)),
     (2, 96, 32, (1, 1)),
     (5, 160, 32, (7, 13)),
     (2, 320, 32, (9,)),
@@ -44,8 +48,7 @@ def random_inputs(n, c, spatial, dtype, device, seed=0):
     return x, weight, bias, scale, shift
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params("group_norm", [torch.float64, torch.float32, torch.float16]))
 @pytest.mark.parametrize(
     "shape, channels_last",
     [(s, False) for s in SHAPES] + [(s, True) for s in SHAPES if len(s[3]) == 2],
@@ -54,8 +57,6 @@ def random_inputs(n, c, spatial, dtype, device, seed=0):
 @pytest.mark.parametrize("scale_shift", [False, True])
 @pytest.mark.parametrize("activation", [None, "silu"])
 def test_group_norm_matches_explicit_formula(backend, dtype, shape, channels_last, scale_shift, activation, device):
-    if backend != "torch" and dtype == torch.float64:
-        pytest.skip("float64 runs on the torch backend only")
     n, c, groups, spatial = shape
     x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, device)
     if channels_last:
@@ -81,24 +82,23 @@ def test_group_norm_scale_shift_as_adm_chunks(backend, device):
     assert_close(y, explicit_group_norm(x, 32, weight, bias, scale, shift, "silu"), GROUP_NORM, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", [None, "silu"])
-def test_group_norm_gradcheck_float64(backend, activation):
-    if backend != "torch":
-        pytest.skip("gradcheck needs float64, which runs on the torch backend only")
+def test_group_norm_gradcheck_float64(activation):
     x, weight, bias, scale, shift = random_inputs(2, 6, (3, 5), torch.float64, "cpu")
     inputs = tuple(t.double().requires_grad_() for t in (x, weight, bias, scale, shift))
 
     def fn(x_, w_, b_, sc_, sh_):
         return ops.group_norm(x_, 3, w_, b_, scale=sc_, shift=sh_, activation=activation)
 
-    with fastguide.backend(backend):
+    with fastguide.backend("torch"):  # float64: the reference path
         assert torch.autograd.gradcheck(fn, inputs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 3, 1, (7, 13)), (2, 96, 32, (5, 5)), (5, 160, 32, (1, 1))], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(1, 3, 1, (7, 13)), (1, 8, 2, (64, 64)), (2, 96, 32, (5, 5)), (5, 160, 32, (1, 1))], ids=str
+)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_group_norm_backward_matches_autograd_of_formula(backend, dtype, shape, channels_last, device):
     n, c, groups, spatial = shape
@@ -125,3 +125,29 @@ def test_group_norm_without_affine_matches_formula():
     x = torch.randn(3, 12, 4, 4, dtype=torch.float64)
     expected = explicit_group_norm(x, 4, torch.ones(12), torch.zeros(12), None, None, None)
     torch.testing.assert_close(ops.group_norm(x, 4), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 320, 32, (64, 64)), (16, 512, 32, (32, 32)), (1, 64, 32, (128, 128))], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_gpu_large_and_bf16(dtype, shape, channels_last):
+    n, c, groups, spatial = shape
+    x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, "cuda", seed=5)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, scale, shift)]
+    with fastguide.backend("triton"):
+        y = ops.group_norm(leaves[0], groups, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu")
+    expected = explicit_group_norm(x, groups, weight, bias, scale, shift, "silu")
+    assert_close(y, expected, GROUP_NORM, dtype)
+    grad_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    doubles = [t.detach().double().requires_grad_() for t in leaves]
+    wanted = torch.autograd.grad(
+        explicit_group_norm(doubles[0], groups, *doubles[1:3], doubles[3], doubles[4], "silu"), doubles, grad_y.double()
+    )
+    atol, rtol = GROUP_NORM[dtype]
+    for got, want in zip(grads, wanted):
+        count = max(1, x.numel() // want.numel())
+        torch.testing.assert_close(got.double(), want, atol=atol * count**0.5, rtol=rtol * 4)
