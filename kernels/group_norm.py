@@ -41,12 +41,11 @@ TILE = 2048  # elements per (channel-block × spatial-block) tile
 
 
 @triton.jit
-def _program_group(C, G):
-    """(group = n·G + g, spatial chunk, n, channels per group, first channel) of this program."""
+def _program_group(G, Cg):
+    """(group = n·G + g, spatial chunk, n, first channel) of this program."""
     group = tl.program_id(0)
     n = group // G
-    Cg = C // G
-    return group, tl.program_id(1), n, Cg, (group % G) * Cg
+    return group, tl.program_id(1), n, (group % G) * Cg
 
 
 @triton.jit
@@ -61,10 +60,10 @@ def _tile_offsets(c_start, s_start, group_start_c, Cg, S, stride_c, stride_s,
 
 @triton.jit
 def _stats_kernel(
-    x_ptr, partial_ptr, C, S, G, stride_c, stride_s, s_per_chunk,
+    x_ptr, partial_ptr, C, S, G, Cg, stride_c, stride_s, s_per_chunk,
     SPLIT_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    group, chunk, n, Cg, group_start_c = _program_group(C, G)
+    group, chunk, n, group_start_c = _program_group(G, Cg)
     base = x_ptr + n.to(tl.int64) * C * S
     shift = tl.load(base + group_start_c.to(tl.int64) * stride_c).to(tl.float32)
     acc1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
@@ -123,12 +122,12 @@ def _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, channel, c_mask,
 @triton.jit
 def _apply_kernel(
     x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, partial_ptr, mean_ptr, rstd_ptr,
-    C, S, G, stride_c, stride_s, s_per_chunk, SPLIT, eps,
+    C, S, G, Cg, stride_c, stride_s, s_per_chunk, SPLIT, eps,
     scale_stride_n, scale_stride_c, shift_stride_n, shift_stride_c,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     SILU: tl.constexpr, SPLIT_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    group, chunk, n, Cg, group_start_c = _program_group(C, G)
+    group, chunk, n, group_start_c = _program_group(G, Cg)
     mean, rstd = _group_mean_rstd(x_ptr, partial_ptr, group, n, group_start_c, C, S, Cg,
                                   stride_c, eps, SPLIT, SPLIT_POW2)
     if chunk == 0:
@@ -174,13 +173,13 @@ def _dz_and_xhat(x, dy, mean, rstd, w, b, one_plus_scale, shift, SILU: tl.conste
 @triton.jit
 def _backward_sums_kernel(
     x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, partial_ptr,
-    C, S, G, stride_c, stride_s, s_per_chunk,
+    C, S, G, Cg, stride_c, stride_s, s_per_chunk,
     scale_stride_n, scale_stride_c, shift_stride_n, shift_stride_c,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     SILU: tl.constexpr, SPLIT_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Per-chunk A = Σ_s dz and B = Σ_s dz·x̂ for each channel of one group."""
-    group, chunk, n, Cg, group_start_c = _program_group(C, G)
+    group, chunk, n, group_start_c = _program_group(G, Cg)
     mean = tl.load(mean_ptr + group)
     rstd = tl.load(rstd_ptr + group)
     sample = n.to(tl.int64) * C * S
@@ -213,12 +212,12 @@ def _backward_sums_kernel(
 def _backward_dx_kernel(
     x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
     partial_ptr, sums_ptr,
-    C, S, G, stride_c, stride_s, s_per_chunk, SPLIT,
+    C, S, G, Cg, stride_c, stride_s, s_per_chunk, SPLIT,
     scale_stride_n, scale_stride_c, shift_stride_n, shift_stride_c,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     SILU: tl.constexpr, SPLIT_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    group, chunk, n, Cg, group_start_c = _program_group(C, G)
+    group, chunk, n, group_start_c = _program_group(G, Cg)
     mean = tl.load(mean_ptr + group)
     rstd = tl.load(rstd_ptr + group)
     chunks = tl.arange(0, SPLIT_POW2)
@@ -324,12 +323,12 @@ def group_norm_forward(
     partials = torch.empty((n * num_groups, cfg["split_pow2"], 2), dtype=torch.float32, device=x.device)
     grid = (n * num_groups, cfg["split"])
     _stats_kernel[grid](
-        x, partials, c, spatial, num_groups, stride_c, stride_s, cfg["s_per_chunk"],
+        x, partials, c, spatial, num_groups, c // num_groups, stride_c, stride_s, cfg["s_per_chunk"],
         SPLIT_POW2=cfg["split_pow2"], BLOCK_C=cfg["block_c"], BLOCK_S=cfg["block_s"], num_warps=NUM_WARPS,
     )
     _apply_kernel[grid](
         x, y, weight, bias, scale, shift, partials, mean, rstd,
-        c, spatial, num_groups, stride_c, stride_s, cfg["s_per_chunk"], cfg["split"], eps,
+        c, spatial, num_groups, c // num_groups, stride_c, stride_s, cfg["s_per_chunk"], cfg["split"], eps,
         *_strides(scale), *_strides(shift),
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None, SILU=activation == "silu",
@@ -367,12 +366,12 @@ def group_norm_backward(
     )
     _backward_sums_kernel[grid](
         x, grad_y, weight, bias, scale, shift, mean, rstd, partials,
-        c, spatial, num_groups, stride_c, stride_s, cfg["s_per_chunk"],
+        c, spatial, num_groups, c // num_groups, stride_c, stride_s, cfg["s_per_chunk"],
         *_strides(scale), *_strides(shift), **flags,
     )
     _backward_dx_kernel[grid](
         x, grad_y, dx, weight, bias, scale, shift, mean, rstd, partials, sums,
-        c, spatial, num_groups, stride_c, stride_s, cfg["s_per_chunk"], cfg["split"],
+        c, spatial, num_groups, c // num_groups, stride_c, stride_s, cfg["s_per_chunk"], cfg["split"],
         *_strides(scale), *_strides(shift), **flags,
     )
     # Parameter gradients from the (N, C) sums: O(N·C) work.

@@ -1,0 +1,234 @@
+"""Static report of every Triton kernel, compiled ahead of time for sm_80 and sm_90.
+
+    python -m fastguide.kernels.report [--arch 80 90] [--json PATH] [--check]
+
+Runs on a machine without a GPU: Triton compiles for a GPUTarget and ships cuobjdump.
+For each kernel, in representative specialisations (16-byte aligned pointers and
+sizes, as the runtime JIT infers from real tensors), it prints registers per thread,
+local memory (spills), shared memory, the width of global loads and stores in the
+SASS, and tensor-core instructions. ``--check`` exits non-zero on any spill or on a
+guided-step main path whose global loads are not all 128-bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The report compiles for real GPUs; the interpreter would replace the kernels.
+os.environ["TRITON_INTERPRET"] = "0"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from . import group_norm, guided_step  # noqa: E402
+
+TORCH_TO_TRITON = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+
+
+@dataclass
+class Case:
+    """One specialisation of one kernel: argument types by name, constexpr values."""
+
+    name: str
+    kernel: triton.JITFunction
+    pointers: dict[str, str]  # pointer arg -> element type ("fp16", ...); absent ones: None
+    constexprs: dict[str, object]
+    num_warps: int
+    main_path: bool = False  # held to the 128-bit load rule
+    ints: dict[str, str] = field(default_factory=dict)  # int args that are not i32 %16
+
+
+def compile_cubin(case: Case, arch: int) -> bytes:
+    """The one call into triton's AOT API (it moves between releases)."""
+    signature, attrs = {}, {}
+    for index, name in enumerate(case.kernel.arg_names):
+        if name in case.constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            if name in case.pointers:
+                signature[name] = TORCH_TO_TRITON[case.pointers[name]]
+                attrs[(index,)] = [["tt.divisibility", 16]]
+            else:
+                signature[name] = "constexpr"
+        elif name in case.ints:
+            signature[name] = case.ints[name]
+        elif _is_float_arg(case.kernel, name):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    constexprs = dict(case.constexprs)
+    constexprs.update({n: None for n, t in signature.items() if t == "constexpr" and n not in constexprs})
+    source = ASTSource(fn=case.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": case.num_warps})
+    return compiled.asm["cubin"]
+
+
+def _is_float_arg(kernel: triton.JITFunction, name: str) -> bool:
+    return name in FLOAT_ARGS.get(kernel.__name__, ())
+
+
+FLOAT_ARGS = {
+    "_guided_stats_kernel": {"apg_momentum"},
+    "_guided_step_kernel": {
+        "w", "rescale", "apg_eta", "apg_norm_threshold", "apg_momentum", "x0_from_x", "x0_from_m",
+        "eps_from_x", "eps_from_m", "alpha", "sigma", "inv_alpha", "inv_sigma", "grad_eps_scale",
+        "k_x", "k_x0", "k_eps", "k_prev", "k_noise", "k_grad", "log_var_min", "log_var_max",
+    },
+    "_apply_kernel": {"eps"},
+}
+
+
+def _cuobjdump() -> str:
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else (shutil.which("cuobjdump") or "cuobjdump")
+
+
+def analyse_cubin(cubin: bytes) -> dict:
+    """Registers, local (spill) and shared bytes, and SASS instruction counts of a cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    resources = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass)
+    widths = lambda op: Counter(_width(o) for o in opcodes if o.split(".")[0] == op)  # noqa: E731
+    return {
+        "registers": int(resources.get("REG", 0)),
+        "local_bytes": int(resources.get("LOCAL", 0)),
+        "stack_bytes": int(resources.get("STACK", 0)),
+        "shared_bytes": int(resources.get("SHARED", 0)),
+        "loads": dict(widths("LDG")),
+        "stores": dict(widths("STG")),
+        "tensor_core": sum(1 for o in opcodes if o.split(".")[0] in ("HMMA", "HGMMA", "WGMMA")),
+    }
+
+
+def _width(opcode: str) -> int:
+    """Access width in bits of an LDG/STG opcode (LDG.E.128 -> 128; no suffix -> 32)."""
+    for part in opcode.split("."):
+        if part in ("64", "128", "U8", "S8", "U16", "S16"):
+            return {"U8": 8, "S8": 8, "U16": 16, "S16": 16}.get(part, int(part) if part.isdigit() else 32)
+    return 32
+
+
+def cases() -> list[Case]:
+    """Representative specialisations of every kernel."""
+    gs = guided_step
+    out: list[Case] = []
+    for dtype in ("fp16", "bf16", "fp32"):
+        out.append(Case(
+            f"guided_step cfg+ddim {dtype}", gs._guided_step_kernel,
+            {"mo_ptr": dtype, "x_ptr": dtype, "out_ptr": dtype},
+            dict(GUIDED=True, STATS=0, RESCALE=False, APG_MOMENTUM=False, CLIP=False, GRAD_EPS=False,
+                 LEARNED_VAR=False, HAS_PREV=False, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
+                 HAS_X0_OUT=False, PARTS=1, BLOCK=gs.BLOCK),
+            gs.NUM_WARPS, main_path=True,
+        ))
+    out.append(Case(
+        "guided_step all options fp16", gs._guided_step_kernel,
+        {n: "fp16" for n in ("mo_ptr", "x_ptr", "prev_ptr", "noise_ptr", "grad_ptr", "out_ptr", "x0_ptr")},
+        dict(GUIDED=True, STATS=0, RESCALE=False, APG_MOMENTUM=False, CLIP=True, GRAD_EPS=True,
+             LEARNED_VAR=True, HAS_PREV=True, HAS_NOISE=True, HAS_GRAD_TERM=True, OUT_2B=True,
+             HAS_X0_OUT=True, PARTS=1, BLOCK=gs.BLOCK),
+        gs.NUM_WARPS,
+    ))
+    out.append(Case(
+        "guided_step apg+rescale fp16", gs._guided_step_kernel,
+        {"mo_ptr": "fp16", "x_ptr": "fp16", "buf_ptr": "fp32", "out_ptr": "fp16", "partial_ptr": "fp32"},
+        dict(GUIDED=True, STATS=2, RESCALE=True, APG_MOMENTUM=True, CLIP=True, GRAD_EPS=False,
+             LEARNED_VAR=False, HAS_PREV=False, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
+             HAS_X0_OUT=False, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK),
+        gs.NUM_WARPS,
+    ))
+    out.append(Case(
+        "guided_stats apg fp16", gs._guided_stats_kernel,
+        {"mo_ptr": "fp16", "buf_ptr": "fp32", "partial_ptr": "fp32"},
+        dict(APG_MOMENTUM=True, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK), gs.NUM_WARPS,
+    ))
+    gn = group_norm
+    for layout, strides in (("nchw", {"stride_s": 1}), ("nhwc", {"stride_c": 1})):
+        block_c, block_s = (16, gn.TILE // 16)
+        shape = dict(SPLIT_POW2=8, BLOCK_C=block_c, BLOCK_S=block_s, **strides)
+        flags = dict(HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True)
+        params = {"w_ptr": "fp32", "b_ptr": "fp32", "scale_ptr": "fp16", "shift_ptr": "fp16"}
+        out += [
+            Case(f"group_norm stats {layout} fp16", gn._stats_kernel,
+                 {"x_ptr": "fp16", "partial_ptr": "fp32"}, shape, gn.NUM_WARPS),
+            Case(f"group_norm apply+silu {layout} fp16", gn._apply_kernel,
+                 {"x_ptr": "fp16", "y_ptr": "fp16", "partial_ptr": "fp32", "mean_ptr": "fp32", "rstd_ptr": "fp32", **params},
+                 {**shape, **flags}, gn.NUM_WARPS),
+            Case(f"group_norm bwd sums {layout} fp16", gn._backward_sums_kernel,
+                 {"x_ptr": "fp16", "dy_ptr": "fp16", "mean_ptr": "fp32", "rstd_ptr": "fp32", "partial_ptr": "fp32", **params},
+                 {**shape, **flags}, gn.NUM_WARPS),
+            Case(f"group_norm bwd dx {layout} fp16", gn._backward_dx_kernel,
+                 {"x_ptr": "fp16", "dy_ptr": "fp16", "dx_ptr": "fp16", "mean_ptr": "fp32", "rstd_ptr": "fp32",
+                  "partial_ptr": "fp32", "sums_ptr": "fp32", **params},
+                 {**shape, **flags}, gn.NUM_WARPS),
+        ]
+    return out
+
+
+def violations(case: Case, stats: dict) -> list[str]:
+    found = []
+    if stats["local_bytes"] or stats["stack_bytes"]:
+        found.append(f"spills: {stats['local_bytes']} B local, {stats['stack_bytes']} B stack")
+    if case.main_path and set(stats["loads"]) != {128}:
+        found.append(f"main path global loads not all 128-bit: {stats['loads']}")
+    return found
+
+
+def run(archs: list[int]) -> list[dict]:
+    rows = []
+    for case in cases():
+        for arch in archs:
+            stats = analyse_cubin(compile_cubin(case, arch))
+            rows.append({"kernel": case.name, "arch": f"sm_{arch}", **stats, "violations": violations(case, stats)})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    header = "| kernel | arch | regs | spill B | smem B | global loads (bits: n) | global stores | tensor-core | issues |"
+    lines = [header, "|" + "---|" * 9]
+    fmt = lambda d: " ".join(f"{w}:{n}" for w, n in sorted(d.items())) or "-"  # noqa: E731
+    for r in rows:
+        lines.append(
+            f"| {r['kernel']} | {r['arch']} | {r['registers']} | {r['local_bytes'] + r['stack_bytes']} | "
+            f"{r['shared_bytes']} | {fmt(r['loads'])} | {fmt(r['stores'])} | {r['tensor_core']} | "
+            f"{'; '.join(r['violations']) or 'ok'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastguide.kernels.report", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM architectures (default: 80 90)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--check", action="store_true", help="exit 1 on spills or a main path without 128-bit loads")
+    args = parser.parse_args(argv)
+    rows = run(args.arch)
+    print(f"Triton {triton.__version__}, compiled ahead of time (no GPU needed)\n")
+    print(format_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    bad = [r for r in rows if r["violations"]]
+    if args.check and bad:
+        print(f"\n{len(bad)} kernel specialisation(s) break the rules", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
