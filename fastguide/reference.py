@@ -215,6 +215,20 @@ def denoised_and_eps(
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
+def _linear_combination(terms: list[tuple[float | Tensor, Tensor | None]], like: Tensor) -> Tensor:
+    """Σ coef·tensor over the terms whose coefficient is not the scalar 0 (skipping a pass
+    each); a coefficient may be a tensor (per-element)."""
+    result = None
+    for coef, tensor in terms:
+        if tensor is None or (not isinstance(coef, Tensor) and coef == 0):
+            continue
+        if isinstance(coef, Tensor):
+            result = coef * tensor if result is None else result.addcmul(coef, tensor)
+        else:
+            result = coef * tensor if result is None else result.add(tensor, alpha=coef)
+    return torch.zeros_like(like) if result is None else result
+
+
 def guided_step(
     model_output: Tensor,
     x: Tensor,
@@ -300,20 +314,26 @@ def guided_step(
 
     noise_coef: float | Tensor = k_noise
     grad_coef: float | Tensor = k_grad
-    if log_variance_range is not None:
+    if log_variance_range is not None and (k_noise != 0.0 or k_grad != 0.0):
         log_min, log_max = log_variance_range
         frac = (model_output[:batch, channels:].to(dtype) + 1.0) / 2.0
         log_variance = frac * log_max + (1.0 - frac) * log_min
-        noise_coef = k_noise * torch.exp(0.5 * log_variance)
-        grad_coef = k_grad * torch.exp(log_variance)
+        if k_noise != 0.0:
+            noise_coef = k_noise * torch.exp(0.5 * log_variance)
+        if k_grad != 0.0:
+            grad_coef = k_grad * torch.exp(log_variance)
 
-    x_next = k_x * x_c + k_x0 * x0 + k_eps * eps
-    if prev is not None and k_prev != 0.0:
-        x_next = x_next + k_prev * prev.to(dtype)
-    if noise is not None and k_noise != 0.0:
-        x_next = x_next + noise_coef * noise.to(dtype)
-    if grad is not None and k_grad != 0.0:
-        x_next = x_next + grad_coef * grad.to(dtype)
+    x_next = _linear_combination(
+        [
+            (k_x, x_c),
+            (k_x0, x0),
+            (k_eps, eps),
+            (k_prev, None if prev is None else prev.to(dtype)),
+            (noise_coef, None if noise is None else noise.to(dtype)),
+            (grad_coef, None if grad is None else grad.to(dtype)),
+        ],
+        like=x_c,
+    )
 
     if out is None:
         out = torch.empty_like(x)

@@ -75,6 +75,15 @@ def test_opcheck_guided_step():
     out, x0_out = torch.empty(4, 3, 5, 5), torch.empty(2, 3, 5, 5)
     torch.library.opcheck(
         torch.ops.fastguide.guided_step.default,
-        (model_output, x, None, noise, grad, buffer, out, x0_out, 0.8, 0.6, "epsilon", 3.0, 0.3,
-         False, True, 0.2, 2.0, -0.5, True, 0.1, 0.1, 0.5, 0.3, 0.0, 1.0, 0.2, -4.0, -2.0, "torch"),
+        (model_output, x, None, noise, grad, buffer, out, x0_out,
+         0.8, 0.6, 0.3, 0.2, 2.0, -0.5, 0.1, 0.1, 0.5, 0.3, 0.0, 1.0, 0.2,  # alpha … k_grad
+         "epsilon", 3.0, False, True, True, -4.0, -2.0, "torch"),
     )
+
+
+def test_guided_step_bumps_version_of_written_tensors():
+    model_output, x = torch.randn(4, 3, 5, 5), torch.randn(2, 3, 5, 5)
+    out, x0_out = torch.empty(2, 3, 5, 5), torch.empty(2, 3, 5, 5)
+    before = out._version, x0_out._version
+    ops.guided_step(model_output, x, alpha=0.8, sigma=0.6, guidance_scale=2.0, k_x0=1.0, out=out, x0_out=x0_out)
+    assert out._version > before[0] and x0_out._version > before[1]
