@@ -7,7 +7,8 @@ For each kernel, in representative specialisations (16-byte aligned pointers and
 sizes, as the runtime JIT infers from real tensors), it prints registers per thread,
 local memory (spills), shared memory, the width of global loads and stores in the
 SASS, and tensor-core instructions. ``--check`` exits non-zero on any spill or on a
-guided-step main path whose global loads are not all 128-bit.
+guided-step main path whose global loads are not all 128-bit, or on fp16/bf16
+attention without tensor-core instructions.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # The report compiles for real GPUs; the interpreter would replace the kernels.
@@ -30,8 +31,9 @@ os.environ["TRITON_INTERPRET"] = "0"
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
 
-from . import group_norm, guided_step  # noqa: E402
+from . import attention, group_norm, guided_step  # noqa: E402
 
 TORCH_TO_TRITON = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
@@ -41,18 +43,21 @@ class Case:
     """One specialisation of one kernel: argument types by name, constexpr values."""
 
     name: str
-    kernel: triton.JITFunction
+    kernel: triton.JITFunction | Autotuner
     pointers: dict[str, str]  # pointer arg -> element type ("fp16", ...); absent ones: None
     constexprs: dict[str, object]
     num_warps: int
     main_path: bool = False  # held to the 128-bit load rule
-    ints: dict[str, str] = field(default_factory=dict)  # int args that are not i32 %16
+    tensor_cores: bool = False  # held to the rule that its dots use HMMA/HGMMA
+    num_stages: int = 3
 
 
-def compile_cubin(case: Case, arch: int) -> bytes:
-    """The one call into triton's AOT API (it moves between releases)."""
+def compile_cubin(case: Case, arch: int) -> tuple[bytes, int]:
+    """(cubin, dynamic shared memory bytes): the one call into triton's AOT API, which
+    moves between releases."""
+    kernel = case.kernel.fn if isinstance(case.kernel, Autotuner) else case.kernel
     signature, attrs = {}, {}
-    for index, name in enumerate(case.kernel.arg_names):
+    for index, name in enumerate(kernel.arg_names):
         if name in case.constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
@@ -61,18 +66,17 @@ def compile_cubin(case: Case, arch: int) -> bytes:
                 attrs[(index,)] = [["tt.divisibility", 16]]
             else:
                 signature[name] = "constexpr"
-        elif name in case.ints:
-            signature[name] = case.ints[name]
-        elif _is_float_arg(case.kernel, name):
+        elif _is_float_arg(kernel, name):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
             attrs[(index,)] = [["tt.divisibility", 16]]
-    constexprs = dict(case.constexprs)
+    constexprs = {n: value for n, value in case.constexprs.items() if n in kernel.arg_names}
     constexprs.update({n: None for n, t in signature.items() if t == "constexpr" and n not in constexprs})
-    source = ASTSource(fn=case.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": case.num_warps})
-    return compiled.asm["cubin"]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": case.num_warps, "num_stages": case.num_stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return compiled.asm["cubin"], compiled.metadata.shared
 
 
 def _is_float_arg(kernel: triton.JITFunction, name: str) -> bool:
@@ -87,6 +91,9 @@ FLOAT_ARGS = {
         "k_x", "k_x0", "k_eps", "k_prev", "k_noise", "k_grad", "log_var_min", "log_var_max",
     },
     "_apply_kernel": {"eps"},
+    "_forward_kernel": {"qk_scale_log2"},
+    "_backward_dkdv_kernel": {"scale", "qk_scale_log2"},
+    "_backward_dq_kernel": {"scale", "qk_scale_log2"},
 }
 
 
@@ -96,7 +103,7 @@ def _cuobjdump() -> str:
 
 
 def analyse_cubin(cubin: bytes) -> dict:
-    """Registers, local (spill) and shared bytes, and SASS instruction counts of a cubin."""
+    """Registers, local (spill) and static shared bytes, and SASS instruction counts."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -178,6 +185,28 @@ def cases() -> list[Case]:
                   "partial_ptr": "fp32", "sums_ptr": "fp32", **params},
                  {**shape, **flags}, gn.NUM_WARPS),
         ]
+    at = attention
+    unit_strides = {f"s{t}_d": 1 for t in ("q", "k", "v", "o", "do")}
+    # (BLOCK_M, BLOCK_N, warps, stages): a tensor-core config, and fp32's own small tiles.
+    tiles = {"fp16": (128, 64, 4, 3), "bf16": (128, 64, 4, 3), "fp32": (64, 32, 8, 2)}
+    for dtype, (block_m, block_n, warps, stages) in tiles.items():
+        for head_dim in (64, 128):
+            out.append(Case(
+                f"attention fwd D={head_dim} {dtype}", at._forward_kernel,
+                {n: dtype for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")} | {"lse_ptr": "fp32"},
+                dict(PRECISION="ieee", BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, **unit_strides),
+                warps if head_dim == 64 else 8, tensor_cores=dtype != "fp32", num_stages=stages,
+            ))
+    backward_tiles = {"fp16": (64, 64, 4, 2), "bf16": (64, 64, 4, 2), "fp32": (16, 32, 4, 1)}
+    for dtype, (block_m, block_n, warps, stages) in backward_tiles.items():
+        tensors = {n: dtype for n in ("q_ptr", "k_ptr", "v_ptr", "do_ptr")} | {"lse_ptr": "fp32", "delta_ptr": "fp32"}
+        blocks = dict(PRECISION="ieee", BLOCK_D=64, BLOCK_M=block_m, BLOCK_N=block_n, **unit_strides)
+        out += [
+            Case(f"attention bwd dk,dv D=64 {dtype}", at._backward_dkdv_kernel,
+                 tensors | {"dk_ptr": dtype, "dv_ptr": dtype}, blocks, warps, tensor_cores=dtype != "fp32", num_stages=stages),
+            Case(f"attention bwd dq D=64 {dtype}", at._backward_dq_kernel,
+                 tensors | {"dq_ptr": dtype}, blocks, warps, tensor_cores=dtype != "fp32", num_stages=stages),
+        ]
     return out
 
 
@@ -187,6 +216,8 @@ def violations(case: Case, stats: dict) -> list[str]:
         found.append(f"spills: {stats['local_bytes']} B local, {stats['stack_bytes']} B stack")
     if case.main_path and set(stats["loads"]) != {128}:
         found.append(f"main path global loads not all 128-bit: {stats['loads']}")
+    if case.tensor_cores and not stats["tensor_core"]:
+        found.append("no tensor-core instructions (HMMA/HGMMA) in the SASS")
     return found
 
 
@@ -194,7 +225,9 @@ def run(archs: list[int]) -> list[dict]:
     rows = []
     for case in cases():
         for arch in archs:
-            stats = analyse_cubin(compile_cubin(case, arch))
+            cubin, shared = compile_cubin(case, arch)
+            stats = analyse_cubin(cubin)
+            stats["shared_bytes"] += shared
             rows.append({"kernel": case.name, "arch": f"sm_{arch}", **stats, "violations": violations(case, stats)})
     return rows
 

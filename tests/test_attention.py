@@ -9,13 +9,19 @@ from tests.backends_under_test import backend_dtype_params, backends_for
 from tests.tolerances import ATTENTION, assert_close
 
 BACKENDS = backends_for("attention")
-# (batch, heads, Lq, Lk, head_dim): L = 1, 7, 77, 1025; Lq ≠ Lk; D not a power of two.
+# (batch, heads, Lq, Lk, head_dim): every L in {1, 7, 64, 77, 200, 1025} and D in
+# {8, 24, 32, 40, 64, 80, 128} at least once, Lq ≠ Lk, B·H up to 8.
 SHAPES = [
     (1, 1, 1, 1, 32),
     (2, 3, 7, 7, 40),
     (1, 2, 77, 13, 64),
     (2, 1, 64, 200, 80),
     (1, 2, 1025, 77, 128),
+    (2, 4, 200, 1025, 32),
+    (1, 1, 1, 1025, 40),
+    (1, 2, 1025, 1025, 64),
+    (1, 3, 9, 64, 8),
+    (2, 2, 77, 7, 24),
 ]
 
 
@@ -88,7 +94,12 @@ def test_attention_gradcheck_float64():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 2, 7, 7, 32), (2, 1, 77, 20, 40), (1, 1, 130, 66, 64)], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 2, 7, 7, 32), (2, 1, 77, 20, 40), (1, 1, 130, 66, 64), (2, 4, 77, 200, 40),
+     (1, 1, 1025, 64, 128), (1, 2, 1, 7, 80), (1, 1, 200, 1, 24)],
+    ids=str,
+)
 def test_attention_backward_matches_autograd_of_formula(backend, dtype, shape, device):
     q, k, v = (t.requires_grad_() for t in random_qkv(shape, dtype, device, generator_seed=1))
     grad_out = torch.randn(q.shape, dtype=dtype, device=device)
@@ -99,3 +110,38 @@ def test_attention_backward_matches_autograd_of_formula(backend, dtype, shape, d
     for got, want in zip((dq, dk, dv), expected):
         assert got.dtype == dtype
         assert_close(got, want, ATTENTION, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_backward_with_strided_views(backend, device):
+    # q, k, v from one packed projection and a transposed grad_out: no copies needed.
+    batch, length, heads, dim = 2, 45, 2, 40
+    packed = torch.randn(batch, length, 3, heads, dim, device=device, requires_grad=True)
+    q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+    grad_out = torch.randn(batch, length, heads, dim, device=device).transpose(1, 2)
+    with fastguide.backend(backend):
+        (d_packed,) = torch.autograd.grad(ops.attention(q, k, v), packed, grad_out)
+    ref = packed.detach().double().requires_grad_()
+    rq, rk, rv = ref.permute(2, 0, 3, 1, 4).unbind(0)
+    (expected,) = torch.autograd.grad(explicit_attention(rq, rk, rv, dim**-0.5), ref, grad_out.double())
+    assert_close(d_packed, expected, ATTENTION, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(4, 16, 4096, 4096, 128), (64, 4, 1024, 1024, 64), (2, 8, 1000, 77, 80)], ids=str)
+def test_attention_gpu_large_and_bf16(dtype, shape):
+    q, k, v = (t.requires_grad_() for t in random_qkv(shape, dtype, "cuda", generator_seed=2))
+    with fastguide.backend("triton"):
+        out = ops.attention(q, k, v)
+    # Float64 reference on a slice of heads keeps the check's memory small.
+    expected = explicit_attention(q[:1, :2], k[:1, :2], v[:1, :2], shape[-1] ** -0.5)
+    assert_close(out[:1, :2], expected, ATTENTION, dtype)
+    plain = torch.softmax((q[:1, :2] @ k[:1, :2].transpose(-1, -2)).float() * shape[-1] ** -0.5, -1).to(dtype) @ v[:1, :2]
+    assert (out[:1, :2].double() - expected).abs().max() <= 2 * (plain.double() - expected).abs().max() + 1e-6
+    grad_out = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    qd, kd, vd = (t[:1, :2].detach().double().requires_grad_() for t in (q, k, v))
+    wanted = torch.autograd.grad(explicit_attention(qd, kd, vd, shape[-1] ** -0.5), (qd, kd, vd), grad_out[:1, :2].double())
+    for got, want in zip((dq, dk, dv), wanted):
+        assert_close(got[:1, :2], want, ATTENTION, dtype)

@@ -1,0 +1,276 @@
+"""Triton flash attention (FlashAttention-2 algorithm): forward and backward.
+
+Forward, per (batch·head, block of BLOCK_M queries): stream blocks of BLOCK_N keys and
+values through an online softmax in base 2,
+    s = q·kᵀ·scale·log2(e);  m' = max(m, rowmax s);  p = 2^(s − m')
+    l = l·2^(m − m') + rowsum p;  acc = acc·2^(m − m') + p·v
+then o = acc / l and the row log-sum-exp lse = (m + log2 l)·ln 2 (natural log) is saved.
+Backward, from lse and Δ = rowsum(dO ∘ O) (no Lq×Lk matrix in memory):
+    p = exp(q·kᵀ·scale − lse);  dv = Σ pᵀ·dO;  dp = dO·vᵀ;  ds = p∘(dp − Δ)
+    dk = Σ dsᵀ·q·scale  (one program per key block: no atomics)
+    dq = Σ ds·k·scale   (one program per query block)
+FLOPs: forward 4·B·H·Lq·Lk·D; backward 10·B·H·Lq·Lk·D (dq recomputes q·kᵀ and dO·vᵀ).
+Bytes: q, k, v, o (and dO, dq, dk, dv) once each, plus K/V re-reads per query block.
+
+Precision: fp16 and bf16 run on the tensor cores with fp32 accumulation and softmax.
+fp32 inputs are multiplied in full fp32 (input_precision "ieee") by default, accurate
+to about 1e-6 relative; TF32 (about 1e-3) only when the user opts in through
+torch.backends.cuda.matmul.allow_tf32, as for torch.matmul.
+
+Any Lq, Lk ≥ 1 (masked tails); head dims up to 128, padded inside to a power of two;
+q, k, v, dO with arbitrary strides (views of a packed qkv projection are read in place).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _configs(for_backward: bool = False) -> list[triton.Config]:
+    """A small set that suits Ampere and Hopper (pruned per dtype by ``_prune``); one
+    config under pytest or the interpreter. fp32 runs exact FMA dots, whose tiles live in
+    registers: it gets smaller tiles, chosen with the static report so that none spills."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or "pytest" in sys.modules:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    if for_backward:
+        fp32 = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+        return fp32 + [
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        ]
+    fp32 = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2)]
+    return fp32 + [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    ]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """fp32 keeps the small-tile configs, fp16/bf16 the tensor-core ones."""
+    fp32 = named_args["q_ptr"].dtype == torch.float32
+    kept = [c for c in configs if (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048) == fp32]
+    return kept or configs
+
+
+_TUNING = dict(key=["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "PRECISION"], prune_configs_by={"early_config_prune": _prune})
+
+
+def _bucket(length: int) -> int:
+    """Autotune key for a sequence length: powers of two up to 4096, so new lengths
+    reuse a tuned config instead of re-tuning."""
+    return min(triton.next_power_of_2(length), 4096)
+
+
+@triton.autotune(configs=_configs(), **_TUNING)
+@triton.jit
+def _forward_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, so_b, so_h, so_l, so_d,
+    H, Lq, Lk, D, qk_scale_log2,
+    LQ_BUCKET, LK_BUCKET,
+    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < Lq
+    d_ok = dims < D
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :] * sq_d,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    for start in range(0, Lk, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < Lk
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * sk_l + dims[None, :] * sk_d, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        correction = tl.exp2(m - m_new)
+        l = l * correction + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols[:, None] * sv_l + dims[None, :] * sv_d, mask=kv_mask, other=0.0)
+        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    o = acc / l[:, None]
+    tl.store(o_ptr + b * so_b + h * so_h + rows[:, None] * so_l + dims[None, :] * so_d,
+             o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + bh.to(tl.int64) * Lq + rows, (m + tl.log2(l)) * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
+def _backward_delta_kernel(
+    o_ptr, do_ptr, delta_ptr,
+    so_b, so_h, so_l, so_d, sdo_b, sdo_h, sdo_l, sdo_d,
+    H, Lq, D,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Δ = rowsum(dO ∘ O) per query row, in fp32."""
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < Lq)[:, None] & (dims < D)[None, :]
+    o = tl.load(o_ptr + b * so_b + h * so_h + rows[:, None] * so_l + dims[None, :] * so_d, mask=mask, other=0.0)
+    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + rows[:, None] * sdo_l + dims[None, :] * sdo_d, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(delta_ptr + bh.to(tl.int64) * Lq + rows, delta, mask=rows < Lq)
+
+
+@triton.jit
+def _probabilities(q, k, lse, qk_scale_log2, col_ok, PRECISION: tl.constexpr):
+    """p = exp(q·kᵀ·scale − lse), as 2^(s·log2 e − lse·log2 e); masked columns give 0."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
+    p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
+    return tl.where(col_ok[None, :], p, 0.0)
+
+
+@triton.autotune(configs=_configs(for_backward=True), **_TUNING)
+@triton.jit
+def _backward_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, sdo_b, sdo_h, sdo_l, sdo_d,
+    H, Lq, Lk, D, scale, qk_scale_log2,
+    LQ_BUCKET, LK_BUCKET,
+    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dk, dv for one block of BLOCK_N keys, streaming every query block."""
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    col_ok = cols < Lk
+    d_ok = dims < D
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + b * sk_b + h * sk_h + cols[:, None] * sk_l + dims[None, :] * sk_d, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * sv_b + h * sv_h + cols[:, None] * sv_l + dims[None, :] * sv_d, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    q_base = q_ptr + b * sq_b + h * sq_h
+    do_base = do_ptr + b * sdo_b + h * sdo_h
+    for start in range(0, Lq, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < Lq
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * sq_l + dims[None, :] * sq_d, mask=q_mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * sdo_l + dims[None, :] * sdo_d, mask=q_mask, other=0.0)
+        lse = tl.load(lse_ptr + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
+        p = _probabilities(q, k, lse, qk_scale_log2, col_ok, PRECISION)
+        p = tl.where(row_ok[:, None], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    dk = dk * scale
+    tl.store(dk_ptr + bh.to(tl.int64) * Lk * D + cols[:, None] * D + dims[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + bh.to(tl.int64) * Lk * D + cols[:, None] * D + dims[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(configs=_configs(for_backward=True), **_TUNING)
+@triton.jit
+def _backward_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, sdo_b, sdo_h, sdo_l, sdo_d,
+    H, Lq, Lk, D, scale, qk_scale_log2,
+    LQ_BUCKET, LK_BUCKET,
+    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dq for one block of BLOCK_M queries, streaming every key block."""
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < Lq
+    d_ok = dims < D
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :] * sq_d, mask=q_mask, other=0.0)
+    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + rows[:, None] * sdo_l + dims[None, :] * sdo_d, mask=q_mask, other=0.0)
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    for start in range(0, Lk, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < Lk
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * sk_l + dims[None, :] * sk_d, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * sv_l + dims[None, :] * sv_d, mask=kv_mask, other=0.0)
+        p = _probabilities(q, k, lse, qk_scale_log2, col_ok, PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = dq * scale
+    tl.store(dq_ptr + bh.to(tl.int64) * Lq * D + rows[:, None] * D + dims[None, :], dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "ieee"  # fp16/bf16 dots run on the tensor cores whatever this says
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    batch, heads, lq, head_dim = q.shape
+    lk = k.shape[2]
+    o = torch.empty((batch, heads, lq, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, lq), dtype=torch.float32, device=q.device)
+    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    _forward_kernel[grid](
+        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        heads, lq, lk, head_dim, scale * LOG2E, _bucket(lq), _bucket(lk),
+        PRECISION=_precision(q.dtype), BLOCK_D=_block_d(head_dim),
+    )
+    return o, lse
+
+
+def attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    batch, heads, lq, head_dim = q.shape
+    lk = k.shape[2]
+    block_d = _block_d(head_dim)
+    delta = torch.empty((batch, heads, lq), dtype=torch.float32, device=q.device)
+    _backward_delta_kernel[(triton.cdiv(lq, 64), batch * heads)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, lq, head_dim,
+        BLOCK_D=block_d, BLOCK_M=64,
+    )
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    common = (heads, lq, lk, head_dim, scale, scale * LOG2E, _bucket(lq), _bucket(lk))
+    constexprs = dict(PRECISION=_precision(q.dtype), BLOCK_D=block_d)
+    _backward_dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), batch * heads)](
+        q, k, v, grad_out, lse, delta, dk, dv, *strides, *common, **constexprs,
+    )
+    _backward_dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)](
+        q, k, v, grad_out, lse, delta, dq, *strides, *common, **constexprs,
+    )
+    return dq, dk, dv
