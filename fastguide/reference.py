@@ -384,10 +384,23 @@ def _vjp_recompute(fn, inputs: list[Tensor | None], grad_output: Tensor) -> list
 def attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) by differentiating ``attention`` (the reference needs no saved lse)."""
-    dq, dk, dv = _vjp_recompute(
-        lambda q_, k_, v_: attention(q_, k_, v_, scale), [q, k, v], grad_out
-    )
+    """(dq, dk, dv). On CPU through aten's flash-attention backward, which uses the saved
+    out and lse; elsewhere by differentiating ``attention`` (recomputing the forward)."""
+    cpu_flash_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if q.device.type == "cpu" and cpu_flash_backward is not None:
+        dtype = compute_dtype(q)
+        grads = cpu_flash_backward(
+            grad_out.to(dtype), q.to(dtype), k.to(dtype), v.to(dtype), out.to(dtype), lse, 0.0, False, scale=scale
+        )
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+    return attention_backward_by_recompute(grad_out, q, k, v, scale)
+
+
+def attention_backward_by_recompute(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) by differentiating ``attention`` under torch.func (any device)."""
+    dq, dk, dv = _vjp_recompute(lambda q_, k_, v_: attention(q_, k_, v_, scale), [q, k, v], grad_out)
     return dq, dk, dv
 
 

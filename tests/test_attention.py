@@ -112,6 +112,16 @@ def test_attention_backward_matches_autograd_of_formula(backend, dtype, shape, d
         assert_close(got, want, ATTENTION, dtype)
 
 
+def test_reference_backward_by_recompute_matches_formula():
+    # The torch backend's backward off-CPU (on CPU it uses aten's flash backward).
+    q, k, v = (t.requires_grad_() for t in random_qkv((2, 2, 13, 21, 40), torch.float64, "cpu"))
+    grad_out = torch.randn(q.shape, dtype=torch.float64)
+    expected = torch.autograd.grad(explicit_attention(q, k, v, 0.3), (q, k, v), grad_out)
+    got = reference.attention_backward_by_recompute(grad_out, q.detach(), k.detach(), v.detach(), 0.3)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_backward_with_strided_views(backend, device):
     # q, k, v from one packed projection and a transposed grad_out: no copies needed.
