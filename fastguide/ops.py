@@ -114,7 +114,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Te
 
     Args:
         q: (B, H, Lq, D) queries; k, v: (B, H, Lk, D). Any strides; D a multiple of 8 up
-            to 128; float16, bfloat16, float32 (float64 on the torch backend).
+            to 256; float16, bfloat16, float32 (float64 on the torch backend).
         scale: softmax scale, D^-1/2 by default.
 
     Returns (B, H, Lq, D) in q's dtype. Accumulation and softmax run in float32.

@@ -76,8 +76,8 @@ def check_attention(q: object, k: object, v: object, scale: object) -> float:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if q.shape[2] < 1 or k.shape[2] < 1:
         raise ValueError(f"sequence lengths must be at least 1, got Lq={q.shape[2]}, Lk={k.shape[2]}")
-    if head_dim % 8 != 0 or not 8 <= head_dim <= 128:
-        raise ValueError(f"head_dim (last dim of q, k, v) must be a multiple of 8 from 8 to 128, got {head_dim}")
+    if head_dim % 8 != 0 or not 8 <= head_dim <= 256:
+        raise ValueError(f"head_dim (last dim of q, k, v) must be a multiple of 8 from 8 to 256, got {head_dim}")
     if scale is None:
         return head_dim**-0.5
     return check_finite("scale", scale)

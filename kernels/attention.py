@@ -17,7 +17,8 @@ fp32 inputs are multiplied in full fp32 (input_precision "ieee") by default, acc
 to about 1e-6 relative; TF32 (about 1e-3) only when the user opts in through
 torch.backends.cuda.matmul.allow_tf32, as for torch.matmul.
 
-Any Lq, Lk ≥ 1 (masked tails); head dims up to 128, padded inside to a power of two;
+Any Lq, Lk ≥ 1 (masked tails); head dims up to 256 (ADM-128 uses 192 and 256), padded
+inside to a power of two;
 q, k, v, dO with arbitrary strides (views of a packed qkv projection are read in place).
 """
 
@@ -59,9 +60,11 @@ def _configs(for_backward: bool = False) -> list[triton.Config]:
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """fp32 keeps the small-tile configs, fp16/bf16 the tensor-core ones."""
-    fp32 = named_args["q_ptr"].dtype == torch.float32
-    kept = [c for c in configs if (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048) == fp32]
+    """fp32 and head dims above 128 keep the small-tile configs (their tiles would not fit
+    registers and shared memory otherwise); fp16/bf16 up to 128 the tensor-core ones."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 0))
+    small = named_args["q_ptr"].dtype == torch.float32 or block_d > 128
+    kept = [c for c in configs if (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048) == small]
     return kept or configs
 
 
