@@ -10,14 +10,25 @@ nor the CUDA extension and never touches the CUDA driver.
 
 from . import ops, reference
 from .backends import available_backends, backend, get_backend, set_backend
+from .checkpoints import load_checkpoint, save_state_dict
+from .configs import classifier_config, create_classifier, create_model, unet_config
+from .unet import EncoderUNet, UNet
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EncoderUNet",
+    "UNet",
     "available_backends",
     "backend",
+    "classifier_config",
+    "create_classifier",
+    "create_model",
     "get_backend",
+    "load_checkpoint",
     "ops",
     "reference",
+    "save_state_dict",
     "set_backend",
+    "unet_config",
 ]

@@ -350,6 +350,13 @@ def guided_step(
 # --------------------------------------------------------------------------------------
 
 
+def _unit_last_stride(t: Tensor) -> Tensor:
+    """t itself when its last dim is dense, else a contiguous copy. aten's private CPU
+    flash-attention kernels read a strided head dim wrongly (NaN); ADM's q, k, v views
+    of a (B, 3·C, T) projection have head-dim stride T."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """(o, lse): the attention output and the row log-sum-exp of q·kᵀ·scale (natural log)."""
     dtype = compute_dtype(q)
@@ -357,7 +364,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
     cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if q.device.type == "cpu" and cpu_flash is not None:
         # aten's CPU flash kernel returns the log-sum-exp it already computed.
-        o, lse = cpu_flash(qc, kc, vc, 0.0, False, scale=scale)
+        o, lse = cpu_flash(*(_unit_last_stride(t) for t in (qc, kc, vc)), 0.0, False, scale=scale)
     else:
         o = F.scaled_dot_product_attention(qc, kc, vc, scale=scale)
         lse = _attention_lse(qc, kc, scale)
@@ -389,9 +396,8 @@ def attention_backward(
     cpu_flash_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
     if q.device.type == "cpu" and cpu_flash_backward is not None:
         dtype = compute_dtype(q)
-        grads = cpu_flash_backward(
-            grad_out.to(dtype), q.to(dtype), k.to(dtype), v.to(dtype), out.to(dtype), lse, 0.0, False, scale=scale
-        )
+        inputs = (_unit_last_stride(t.to(dtype)) for t in (grad_out, q, k, v, out))
+        grads = cpu_flash_backward(*inputs, lse, 0.0, False, scale=scale)
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
     return attention_backward_by_recompute(grad_out, q, k, v, scale)
 
@@ -418,8 +424,9 @@ def group_norm_forward(
     dtype = compute_dtype(x)
     n, c = x.shape[0], x.shape[1]
     spatial = math.prod(x.shape[2:])
+    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
     y, mean, rstd = torch.ops.aten.native_group_norm(
-        x.to(dtype),
+        (x if dense else x.contiguous()).to(dtype),
         None if weight is None else weight.to(dtype),
         None if bias is None else bias.to(dtype),
         n,

@@ -114,6 +114,26 @@ def test_attention_backward_matches_autograd_of_formula(backend, dtype, shape, d
         assert_close(got, want, ATTENTION, dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("legacy_order", [True, False])
+def test_attention_on_adm_qkv_views_forward_and_backward(backend, legacy_order, device):
+    # ADM's (B, 3·H·ch, T) projection viewed as (B, H, T, ch): the head dim has stride T.
+    batch, heads, ch, length = 2, 2, 16, 50
+    qkv = torch.randn(batch, 3 * heads * ch, length, device=device, requires_grad=True)
+    q, k, v = fastguide.nn.split_heads(qkv, heads, legacy_order)
+    assert q.stride(-1) == length
+    grad_out = torch.randn(batch, heads, length, ch, device=device)
+    with fastguide.backend(backend):
+        out = ops.attention(q, k, v)
+        (d_qkv,) = torch.autograd.grad(out, qkv, grad_out)
+    ref = qkv.detach().double().requires_grad_()
+    rq, rk, rv = fastguide.nn.split_heads(ref, heads, legacy_order)
+    expected = explicit_attention(rq, rk, rv, ch**-0.5)
+    (expected_grad,) = torch.autograd.grad(expected, ref, grad_out.double())
+    assert_close(out, expected, ATTENTION, torch.float32)
+    assert_close(d_qkv, expected_grad, ATTENTION, torch.float32)
+
+
 def test_reference_backward_by_recompute_matches_formula():
     # The torch backend's backward off-CPU (on CPU it uses aten's flash backward).
     q, k, v = (t.requires_grad_() for t in random_qkv((2, 2, 13, 21, 40), torch.float64, "cpu"))

@@ -151,3 +151,14 @@ def test_group_norm_gpu_large_and_bf16(dtype, shape, channels_last):
     for got, want in zip(grads, wanted):
         count = max(1, x.numel() // want.numel())
         torch.testing.assert_close(got.double(), want, atol=atol * count**0.5, rtol=rtol * 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_norm_on_flattened_channels_last(backend, device):
+    # An AttentionBlock flattens a channels_last (N, C, H, W) to (N, C, H·W): channel stride 1.
+    x, weight, bias, _, _ = random_inputs(2, 64, (6, 5), torch.float32, device)
+    flat = x.to(memory_format=torch.channels_last).reshape(2, 64, -1)
+    assert flat.stride(1) == 1
+    with fastguide.backend(backend):
+        y = ops.group_norm(flat, 32, weight, bias)
+    assert_close(y, explicit_group_norm(flat, 32, weight, bias, None, None, None), GROUP_NORM, torch.float32)

@@ -1,0 +1,148 @@
+"""Presets with the released guided-diffusion hyper-parameters, and ADM's model factories.
+
+``unet_config(name)`` / ``classifier_config(name)`` return the flags of ADM's scripts
+(``num_channels``, ``attention_resolutions="32,16,8"`` as resolutions, ``learn_sigma`` …);
+``create_model(**flags)`` / ``create_classifier(**flags)`` turn them into modules the way
+ADM's ``script_util`` does (channel multipliers by image size, resolutions to
+downsample rates, 6 output channels when learning the variance, 1000 classes).
+"""
+
+from __future__ import annotations
+
+from .unet import EncoderUNet, UNet
+
+_UNET_PRESETS = {
+    "adm64": dict(image_size=64, num_channels=192, num_res_blocks=3, attention_resolutions="32,16,8",
+                  num_head_channels=64, use_new_attention_order=True, dropout=0.1),
+    "adm128": dict(image_size=128, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8",
+                   num_heads=4, dropout=0.0),
+    "adm256": dict(image_size=256, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8",
+                   num_head_channels=64, dropout=0.0),
+    "adm512": dict(image_size=512, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8",
+                   num_head_channels=64, dropout=0.0),
+    # A small class-conditional model for 16×16 images (fastguide's own digits model).
+    "compact": dict(image_size=16, num_channels=64, num_res_blocks=2, attention_resolutions="8",
+                    channel_mult="1,2,2", num_head_channels=32, dropout=0.1, num_classes=10,
+                    learn_sigma=False, use_fp16=False, null_class=True, in_channels=1),
+}
+_UNET_COMMON = dict(class_cond=True, learn_sigma=True, use_scale_shift_norm=True, resblock_updown=True,
+                    use_fp16=True, num_heads=4, num_head_channels=-1, num_heads_upsample=-1,
+                    use_new_attention_order=False, channel_mult="", use_checkpoint=False)
+
+_CLASSIFIER_PRESETS = {
+    "adm64": dict(image_size=64, classifier_depth=4),
+    "adm128": dict(image_size=128, classifier_depth=2),
+    "adm256": dict(image_size=256, classifier_depth=2),
+    "adm512": dict(image_size=512, classifier_depth=2),
+    "compact": dict(image_size=16, classifier_depth=1, classifier_width=32, classifier_attention_resolutions="8",
+                    channel_mult="1,2,2", classifier_use_fp16=False, num_classes=10, in_channels=1),
+}
+_CLASSIFIER_COMMON = dict(classifier_width=128, classifier_attention_resolutions="32,16,8",
+                          classifier_use_scale_shift_norm=True, classifier_resblock_updown=True,
+                          classifier_pool="attention", classifier_use_fp16=True, channel_mult="")
+
+
+def _preset(name: str, table: dict, common: dict, kind: str) -> dict:
+    if name not in table:
+        raise ValueError(f"unknown {kind} preset {name!r}; choose one of {sorted(table)}")
+    return {**common, **table[name]}
+
+
+def unet_config(name: str) -> dict:
+    """ADM script flags of a released UNet ("adm64", "adm128", "adm256", "adm512") or
+    fastguide's "compact" preset; pass them to ``create_model``."""
+    return _preset(name, _UNET_PRESETS, _UNET_COMMON, "UNet")
+
+
+def classifier_config(name: str) -> dict:
+    """ADM script flags of a released noisy classifier; pass them to ``create_classifier``."""
+    return _preset(name, _CLASSIFIER_PRESETS, _CLASSIFIER_COMMON, "classifier")
+
+
+def _channel_mult(image_size: int, channel_mult: str) -> tuple[float, ...]:
+    if channel_mult:
+        return tuple(float(m) if "." in m else int(m) for m in channel_mult.split(","))
+    defaults = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
+    if image_size not in defaults:
+        raise ValueError(f"no default channel_mult for image_size {image_size}; pass channel_mult")
+    return defaults[image_size]
+
+
+def _downsample_rates(image_size: int, resolutions: str) -> tuple[int, ...]:
+    return tuple(image_size // int(r) for r in resolutions.split(",") if r)
+
+
+def create_model(
+    image_size: int,
+    num_channels: int,
+    num_res_blocks: int,
+    channel_mult: str = "",
+    learn_sigma: bool = False,
+    class_cond: bool = False,
+    use_checkpoint: bool = False,
+    attention_resolutions: str = "16",
+    num_heads: int = 1,
+    num_head_channels: int = -1,
+    num_heads_upsample: int = -1,
+    use_scale_shift_norm: bool = False,
+    dropout: float = 0.0,
+    resblock_updown: bool = False,
+    use_fp16: bool = False,
+    use_new_attention_order: bool = False,
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    null_class: bool = False,
+    label_dropout: float = 0.0,
+) -> UNet:
+    """ADM's create_model: a UNet from script flags (``null_class`` adds the CFG row)."""
+    return UNet(
+        image_size=image_size,
+        in_channels=in_channels,
+        model_channels=num_channels,
+        out_channels=in_channels * (2 if learn_sigma else 1),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=_downsample_rates(image_size, attention_resolutions),
+        dropout=dropout,
+        channel_mult=_channel_mult(image_size, channel_mult),
+        num_classes=num_classes if class_cond else None,
+        use_checkpoint=use_checkpoint,
+        use_fp16=use_fp16,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+        null_class=null_class,
+        label_dropout=label_dropout,
+    )
+
+
+def create_classifier(
+    image_size: int,
+    classifier_use_fp16: bool = False,
+    classifier_width: int = 128,
+    classifier_depth: int = 2,
+    classifier_attention_resolutions: str = "32,16,8",
+    classifier_use_scale_shift_norm: bool = True,
+    classifier_resblock_updown: bool = True,
+    classifier_pool: str = "attention",
+    channel_mult: str = "",
+    num_classes: int = 1000,
+    in_channels: int = 3,
+) -> EncoderUNet:
+    """ADM's create_classifier: the noisy classifier from script flags."""
+    return EncoderUNet(
+        image_size=image_size,
+        in_channels=in_channels,
+        model_channels=classifier_width,
+        out_channels=num_classes,
+        num_res_blocks=classifier_depth,
+        attention_resolutions=_downsample_rates(image_size, classifier_attention_resolutions),
+        channel_mult=_channel_mult(image_size, channel_mult),
+        use_fp16=classifier_use_fp16,
+        num_head_channels=64 if classifier_width >= 64 else classifier_width,
+        use_scale_shift_norm=classifier_use_scale_shift_norm,
+        resblock_updown=classifier_resblock_updown,
+        pool=classifier_pool,
+    )

@@ -1,0 +1,419 @@
+"""ADM's UNet and noisy classifier (EncoderUNet) on fastguide's fused ops.
+
+The module tree, parameter names, shapes and constructor arguments are those of the
+guided-diffusion release (``UNetModel`` / ``EncoderUNetModel``), so its checkpoints load
+with ``load_state_dict(strict=True)`` and no key mapping. The forward passes differ only
+in fusion: a ResBlock's norm → scale-shift → SiLU and the output norm → SiLU are each
+one ``ops.group_norm`` call, and attention is one ``ops.attention`` call on strided views
+of the qkv projection. Models take the ORIGINAL timestep (0…999), as ADM's do.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .nn import AttentionBlock, AttentionPool2d, GroupNorm32
+
+
+def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding, cos first: [cos(t·f_i), sin(t·f_i)], f_i = max_period^(−i/half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def _zeroed(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class TimestepBlock(nn.Module):
+    """Marks a module whose forward is ``forward(x, emb)``: it takes the time embedding."""
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """nn.Sequential that passes the embedding to the children that take it."""
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest ×2, then an optional 3×3 conv (``.conv``)."""
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        self.use_conv = use_conv
+        if use_conv:
+            self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    """A stride-2 3×3 conv, or 2×2 average pooling (``.op`` either way)."""
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        self.op = (nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=1)
+                   if use_conv else nn.AvgPool2d(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """ADM's residual block; with scale-shift norm,
+    h = conv(silu(GN(h)·(1 + scale) + shift)) with (scale, shift) from the embedding."""
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float,
+        out_channels: int | None = None,
+        use_conv: bool = False,
+        use_scale_shift_norm: bool = False,
+        use_checkpoint: bool = False,
+        up: bool = False,
+        down: bool = False,
+    ):
+        super().__init__()
+        self.out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.use_checkpoint = use_checkpoint
+        self.in_layers = nn.Sequential(
+            GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
+        )
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
+        )
+        self.out_layers = nn.Sequential(
+            GroupNorm32(self.out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+            _zeroed(nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)),
+        )
+        if self.out_channels == channels:
+            self.skip_connection = nn.Identity()
+        elif use_conv:
+            self.skip_connection = nn.Conv2d(channels, self.out_channels, 3, padding=1)
+        else:
+            self.skip_connection = nn.Conv2d(channels, self.out_channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, emb, use_reentrant=False)
+        return self._forward(x, emb)
+
+    def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        in_norm, in_conv = self.in_layers[0], self.in_layers[2]
+        h = in_norm(x, activation="silu")
+        if self.updown:
+            h, x = self.h_upd(h), self.x_upd(x)
+        h = in_conv(h)
+        emb_out = self.emb_layers(emb).to(h.dtype)
+        out_norm, dropout, out_conv = self.out_layers[0], self.out_layers[2], self.out_layers[3]
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = out_norm(h, scale=scale, shift=shift, activation="silu")
+        else:
+            h = out_norm(h + emb_out[:, :, None, None], activation="silu")
+        return self.skip_connection(x) + out_conv(dropout(h))
+
+
+class _AttentionBlock(AttentionBlock):
+    """AttentionBlock with optional gradient checkpointing."""
+
+    def __init__(self, *args, use_checkpoint: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.use_checkpoint = use_checkpoint
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(super().forward, x, use_reentrant=False)
+        return super().forward(x)
+
+
+def _convert_convs_to_fp16(module: nn.Module) -> None:
+    # ADM's convert_module_to_f16: only convolutions; norms and linears stay fp32.
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        module.half()
+
+
+class _Trunk(nn.Module):
+    """What UNet and EncoderUNet share: time embedding, input blocks, middle block."""
+
+    def _build_time_embed(self, model_channels: int) -> None:
+        emb_dim = model_channels * 4
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+    def _build_trunk(
+        self,
+        in_channels: int,
+        model_channels: int,
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        dropout: float,
+        channel_mult: Sequence[float],
+        conv_resample: bool,
+        use_checkpoint: bool,
+        num_heads: int,
+        num_head_channels: int,
+        use_scale_shift_norm: bool,
+        resblock_updown: bool,
+        use_new_attention_order: bool,
+    ) -> tuple[list[int], int, int]:
+        """Builds input_blocks and middle_block; returns (skip channels, ch, ds)."""
+        emb_dim = model_channels * 4
+        ch = int(channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        skip_channels, ds = [ch], 1
+        self._feature_size = ch
+        res = dict(dropout=dropout, use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm)
+        attn = dict(num_heads=num_heads, num_head_channels=num_head_channels,
+                    use_new_attention_order=use_new_attention_order, use_checkpoint=use_checkpoint)
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, out_channels=int(mult * model_channels), **res)]
+                ch = int(mult * model_channels)
+                if ds in attention_resolutions:
+                    layers.append(_AttentionBlock(ch, **attn))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                self._feature_size += ch
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                down = (ResBlock(ch, emb_dim, out_channels=ch, down=True, **res) if resblock_updown
+                        else Downsample(ch, conv_resample, out_channels=ch))
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                skip_channels.append(ch)
+                ds *= 2
+                self._feature_size += ch
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, **res), _AttentionBlock(ch, **attn), ResBlock(ch, emb_dim, **res)
+        )
+        self._feature_size += ch
+        return skip_channels, ch, ds
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the blocks run in (float16 after convert_to_fp16)."""
+        return self.input_blocks[0][0].weight.dtype
+
+    def _embed_time(self, timesteps: Tensor) -> Tensor:
+        return self.time_embed(timestep_embedding(timesteps, self.model_channels))
+
+
+class UNet(_Trunk):
+    """ADM's UNetModel. Arguments keep ADM's names; ``attention_resolutions`` holds
+    downsample rates (ADM's create_model turns "32,16,8" into them; see fastguide.configs).
+
+    ``null_class`` adds one label-embedding row, index ``num_classes``, for classifier-free
+    guidance; ``label_dropout`` replaces labels by it with that probability in training.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        dropout: float = 0.0,
+        channel_mult: Sequence[float] = (1, 2, 4, 8),
+        conv_resample: bool = True,
+        dims: int = 2,
+        num_classes: int | None = None,
+        use_checkpoint: bool = False,
+        use_fp16: bool = False,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        use_new_attention_order: bool = False,
+        null_class: bool = False,
+        label_dropout: float = 0.0,
+    ):
+        super().__init__()
+        if dims != 2:
+            raise ValueError(f"dims must be 2 (images), got {dims}")
+        if (null_class or label_dropout) and num_classes is None:
+            raise ValueError("null_class and label_dropout need num_classes")
+        if label_dropout and not null_class:
+            raise ValueError("label_dropout replaces labels by the null class: set null_class=True")
+        self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
+        self.model_channels, self.num_classes = model_channels, num_classes
+        self.null_class, self.label_dropout = null_class, label_dropout
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+        self._build_time_embed(model_channels)
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes + (1 if null_class else 0), model_channels * 4)
+        skip_channels, ch, ds = self._build_trunk(
+            in_channels, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult,
+            conv_resample, use_checkpoint, num_heads, num_head_channels, use_scale_shift_norm,
+            resblock_updown, use_new_attention_order,
+        )
+        emb_dim = model_channels * 4
+        res = dict(dropout=dropout, use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm)
+        self.output_blocks = nn.ModuleList()
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                skip = skip_channels.pop()
+                layers: list[nn.Module] = [ResBlock(ch + skip, emb_dim, out_channels=int(model_channels * mult), **res)]
+                ch = int(model_channels * mult)
+                if ds in attention_resolutions:
+                    layers.append(_AttentionBlock(
+                        ch, num_heads=num_heads_upsample, num_head_channels=num_head_channels,
+                        use_new_attention_order=use_new_attention_order, use_checkpoint=use_checkpoint,
+                    ))
+                if level and i == num_res_blocks:
+                    layers.append(ResBlock(ch, emb_dim, out_channels=ch, up=True, **res) if resblock_updown
+                                  else Upsample(ch, conv_resample, out_channels=ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(
+            GroupNorm32(ch), nn.SiLU(), _zeroed(nn.Conv2d(int(model_channels * channel_mult[0]), out_channels, 3, padding=1))
+        )
+        if use_fp16:
+            self.convert_to_fp16()
+
+    def convert_to_fp16(self) -> None:
+        """ADM's use_fp16: the blocks' convolutions in float16; norms, linears, I/O fp32."""
+        for blocks in (self.input_blocks, self.middle_block, self.output_blocks):
+            blocks.apply(_convert_convs_to_fp16)
+
+    @property
+    def null_label(self) -> int:
+        """The label that means "no class" (classifier-free guidance's unconditional)."""
+        if not self.null_class:
+            raise ValueError("this model has no null class (construct it with null_class=True)")
+        return self.num_classes
+
+    def forward(self, x: Tensor, timesteps: Tensor, y: Tensor | None = None) -> Tensor:
+        """Prediction for x_t (B, C, H, W) at original timesteps (B,) and labels y (B,)."""
+        if (y is not None) != (self.num_classes is not None):
+            raise ValueError("pass labels y exactly when the model is class-conditional")
+        emb = self._embed_time(timesteps)
+        if y is not None:
+            if self.training and self.label_dropout > 0:
+                dropped = torch.rand(y.shape, device=y.device) < self.label_dropout
+                y = torch.where(dropped, torch.full_like(y, self.num_classes), y)
+            emb = emb + self.label_emb(y)
+        h = x.to(self.dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        h = h.to(x.dtype)
+        out_norm, out_conv = self.out[0], self.out[2]
+        return out_conv(out_norm(h, activation="silu"))
+
+
+class EncoderUNet(_Trunk):
+    """ADM's EncoderUNetModel, the noisy classifier: the UNet's first half and a pooling
+    head, ``pool`` ∈ {"adaptive", "attention", "spatial", "spatial_v2"}."""
+
+    POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
+
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        dropout: float = 0.0,
+        channel_mult: Sequence[float] = (1, 2, 4, 8),
+        conv_resample: bool = True,
+        dims: int = 2,
+        use_checkpoint: bool = False,
+        use_fp16: bool = False,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        use_new_attention_order: bool = False,
+        pool: str = "adaptive",
+    ):
+        super().__init__()
+        if dims != 2:
+            raise ValueError(f"dims must be 2 (images), got {dims}")
+        if pool not in self.POOLS:
+            raise ValueError(f"pool must be one of {self.POOLS}, got {pool!r}")
+        self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
+        self.model_channels, self.pool = model_channels, pool
+        self._build_time_embed(model_channels)
+        _, ch, ds = self._build_trunk(
+            in_channels, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult,
+            conv_resample, use_checkpoint, num_heads, num_head_channels, use_scale_shift_norm,
+            resblock_updown, use_new_attention_order,
+        )
+        if pool == "adaptive":
+            self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.AdaptiveAvgPool2d((1, 1)),
+                                     _zeroed(nn.Conv2d(ch, out_channels, 1)), nn.Flatten())
+        elif pool == "attention":
+            if num_head_channels == -1:
+                raise ValueError("pool='attention' needs num_head_channels")
+            self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(),
+                                     AttentionPool2d(image_size // ds, ch, num_head_channels, out_channels))
+        elif pool == "spatial":
+            self.out = nn.Sequential(nn.Linear(self._feature_size, 2048), nn.ReLU(), nn.Linear(2048, out_channels))
+        else:
+            self.out = nn.Sequential(nn.Linear(self._feature_size, 2048), GroupNorm32(2048), nn.SiLU(),
+                                     nn.Linear(2048, out_channels))
+        if use_fp16:
+            self.convert_to_fp16()
+
+    def convert_to_fp16(self) -> None:
+        for blocks in (self.input_blocks, self.middle_block):
+            blocks.apply(_convert_convs_to_fp16)
+
+    def forward(self, x: Tensor, timesteps: Tensor) -> Tensor:
+        """Logits (B, out_channels) for x_t at original timesteps."""
+        emb = self._embed_time(timesteps)
+        h = x.to(self.dtype)
+        spatial = self.pool.startswith("spatial")
+        spatial_means = []
+        for block in self.input_blocks:
+            h = block(h, emb)
+            if spatial:
+                spatial_means.append(h.to(x.dtype).mean(dim=(2, 3)))
+        h = self.middle_block(h, emb)
+        if spatial:
+            spatial_means.append(h.to(x.dtype).mean(dim=(2, 3)))
+            features = torch.cat(spatial_means, dim=-1)
+            if self.pool == "spatial":
+                return self.out(features)
+            first, norm, _, last = self.out
+            return last(norm(first(features), activation="silu"))
+        norm, head = self.out[0], self.out[2:]
+        return head(norm(h.to(x.dtype), activation="silu"))
