@@ -9,6 +9,7 @@ nor the CUDA extension and never touches the CUDA driver.
 """
 
 from . import ops, reference
+from .accelerate import accelerate
 from .backends import available_backends, backend, get_backend, set_backend
 from .checkpoints import load_checkpoint, save_state_dict
 from .configs import classifier_config, create_classifier, create_model, unet_config
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EncoderUNet",
     "UNet",
+    "accelerate",
     "available_backends",
     "backend",
     "classifier_config",
