@@ -10,15 +10,25 @@ nor the CUDA extension and never touches the CUDA driver.
 
 from . import ops, reference
 from .accelerate import accelerate
+from .adapters import DiffusersUNet
 from .backends import available_backends, backend, get_backend, set_backend
 from .checkpoints import load_checkpoint, save_state_dict
 from .configs import classifier_config, create_classifier, create_model, unet_config
+from .guidance import APG, CFG, ClassifierGuidance
+from .samplers import GuidedSampler, sample
+from .schedule import NoiseSchedule
 from .unet import EncoderUNet, UNet
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "APG",
+    "CFG",
+    "ClassifierGuidance",
+    "DiffusersUNet",
     "EncoderUNet",
+    "GuidedSampler",
+    "NoiseSchedule",
     "UNet",
     "accelerate",
     "available_backends",
@@ -30,6 +40,7 @@ __all__ = [
     "load_checkpoint",
     "ops",
     "reference",
+    "sample",
     "save_state_dict",
     "set_backend",
     "unet_config",

@@ -1,0 +1,83 @@
+"""Guidance specifications: what the sampler feeds the combine step of ops.guided_step.
+
+- ``CFG(scale, rescale=0, interval=None, apg=None, zero_star=False)``: classifier-free
+  guidance on one batched forward of [cond; uncond], m = u + w·(c − u), with CFG rescale
+  (Lin et al. 2023), a guidance interval in EDM's σ̃ (Kynkäänniemi et al. 2024: outside
+  it the forward runs on the conditional half only), adaptive projected guidance (Sadat
+  et al. 2024) or CFG-Zero*'s optimised unconditional scale (Fan et al. 2025).
+- ``ClassifierGuidance(classifier, scale)``: the gradient of log p(y | x_t) through a
+  noisy classifier, applied as ADM does: a mean shift Σ·s·∇ for ancestral sampling, an
+  eps shift −σ_t·s·∇ for the others.
+Both may be given together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class APG:
+    """Adaptive projected guidance settings (Sadat et al. 2024; eta=0 drops the part of
+    the update parallel to the conditional prediction; momentum < 0 as in the paper)."""
+
+    eta: float = 0.0
+    norm_threshold: float = 0.0
+    momentum: float = 0.0
+
+
+@dataclass(frozen=True)
+class CFG:
+    scale: float
+    rescale: float = 0.0
+    interval: tuple[float, float] | None = None
+    apg: APG | None = None
+    zero_star: bool = False
+
+    def __post_init__(self):
+        if self.interval is not None and not (len(self.interval) == 2 and 0 <= self.interval[0] < self.interval[1]):
+            raise ValueError(f"interval must be (sigma_low, sigma_high) with 0 <= low < high, got {self.interval}")
+        if self.apg is not None and self.zero_star:
+            raise ValueError("CFG takes apg or zero_star, not both")
+
+    def active_at(self, edm_sigma: float) -> bool:
+        """Whether guidance applies at noise level σ̃ (always, without an interval)."""
+        return self.interval is None or self.interval[0] <= edm_sigma <= self.interval[1]
+
+    def step_kwargs(self) -> dict:
+        """The combine's arguments of ops.guided_step."""
+        kwargs = dict(guidance_scale=self.scale, guidance_rescale=self.rescale, cfg_zero_star=self.zero_star)
+        if self.apg is not None:
+            kwargs.update(apg=True, apg_eta=self.apg.eta, apg_norm_threshold=self.apg.norm_threshold,
+                          apg_momentum=self.apg.momentum)
+        return kwargs
+
+
+@dataclass(frozen=True)
+class ClassifierGuidance:
+    classifier: nn.Module
+    scale: float
+
+    def gradient(self, x: Tensor, timesteps: Tensor, labels: Tensor) -> Tensor:
+        """∇ₓ log softmax(classifier(x_t, t))[y], unscaled (the sampler applies the scale)."""
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = torch.log_softmax(self.classifier(x_in, timesteps).float(), dim=-1)
+            selected = log_probs[torch.arange(len(labels), device=labels.device), labels]
+            return torch.autograd.grad(selected.sum(), x_in)[0]
+
+
+def split_guidance(guidance) -> tuple[CFG | None, ClassifierGuidance | None]:
+    """(cfg, classifier) from None, one spec, or a tuple/list of both."""
+    items = [] if guidance is None else list(guidance) if isinstance(guidance, (tuple, list)) else [guidance]
+    cfg = [g for g in items if isinstance(g, CFG)]
+    classifier = [g for g in items if isinstance(g, ClassifierGuidance)]
+    if len(cfg) > 1 or len(classifier) > 1 or len(cfg) + len(classifier) != len(items):
+        raise TypeError(
+            "guidance must be None, a CFG, a ClassifierGuidance, or a tuple of one of each; "
+            f"got {guidance!r}"
+        )
+    return (cfg[0] if cfg else None), (classifier[0] if classifier else None)

@@ -1,0 +1,93 @@
+"""Discrete variance-preserving noise schedules and timestep respacing.
+
+x_t = α_t·x_0 + σ_t·ε with α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t), ᾱ_t = Π_{s≤t}(1 − β_s), for
+t = 0 … T−1. Models and classifiers always receive the ORIGINAL t, whatever the number
+of sampling steps. log-SNR λ_t = log(α_t/σ_t); EDM's σ̃_t = σ_t/α_t.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+class NoiseSchedule:
+    """ᾱ_t of a discrete VP schedule, held in float64."""
+
+    def __init__(self, betas: Sequence[float] | Tensor):
+        betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+        if betas.numel() < 1 or not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("betas must be a non-empty sequence of values in (0, 1)")
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+
+    @classmethod
+    def linear(cls, num_timesteps: int = 1000) -> NoiseSchedule:
+        """ADM's linear schedule: β from 1e-4 to 0.02, scaled to keep the same range at T steps."""
+        scale = 1000 / num_timesteps
+        return cls(torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64))
+
+    @classmethod
+    def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
+        """Nichol & Dhariwal's cosine schedule, ᾱ(u) = cos²((u + s)/(1 + s)·π/2), β capped."""
+        def alpha_bar(u: float) -> float:
+            return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+        betas = [min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+                 for i in range(num_timesteps)]
+        return cls(betas)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.numel()
+
+    def alpha_bar(self, t: int) -> float:
+        """ᾱ_t; 1.0 for t < 0 (the clean data after the last step)."""
+        return 1.0 if t < 0 else float(self.alphas_cumprod[t])
+
+    def alpha_sigma(self, t: int) -> tuple[float, float]:
+        """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t))."""
+        abar = self.alpha_bar(t)
+        return math.sqrt(abar), math.sqrt(1.0 - abar)
+
+    def log_snr(self, t: int) -> float:
+        """λ_t = log(α_t/σ_t) (+inf for t < 0)."""
+        alpha, sigma = self.alpha_sigma(t)
+        return math.inf if sigma == 0 else math.log(alpha / sigma)
+
+    def edm_sigma(self, t: int) -> float:
+        """σ̃_t = σ_t/α_t, the noise level of EDM and of guidance intervals."""
+        alpha, sigma = self.alpha_sigma(t)
+        return sigma / alpha
+
+    def timesteps(self, steps: int | str | Sequence[int]) -> list[int]:
+        """Original timesteps to visit, descending, ending at 0.
+
+        ``steps`` is a count (evenly spaced over [0, T−1], as ADM's respacing with one
+        section), ADM's "ddimN" (stride T//N from 0), or an explicit list.
+        """
+        total = self.num_timesteps
+        if isinstance(steps, str):
+            if not steps.startswith("ddim") or not steps[4:].isdigit():
+                raise ValueError(f"steps must be an int, 'ddimN' or a list of timesteps, got {steps!r}")
+            count = int(steps[4:])
+            stride = next((s for s in range(1, total) if len(range(0, total, s)) == count), None)
+            if stride is None:
+                raise ValueError(f"cannot make exactly {count} DDIM steps out of {total}")
+            chosen = list(range(0, total, stride))
+        elif isinstance(steps, int) and not isinstance(steps, bool):
+            if not 1 <= steps <= total:
+                raise ValueError(f"steps must be between 1 and {total}, got {steps}")
+            if steps == 1:
+                chosen = [total - 1]
+            else:
+                frac = (total - 1) / (steps - 1)
+                chosen = sorted({round(i * frac) for i in range(steps)})
+        else:
+            chosen = sorted({int(t) for t in steps})
+            if not chosen or chosen[0] < 0 or chosen[-1] >= total:
+                raise ValueError(f"timesteps must lie in [0, {total - 1}], got {list(steps)}")
+        return chosen[::-1]
