@@ -1,5 +1,6 @@
-"""Shared benchmark machinery: the device, its measured copy bandwidth, and a recorder that
-puts time, GB/s and % of the floor into pytest-benchmark's extra_info.
+"""Shared benchmark machinery: the device, its measured copy bandwidth and matrix rate, and
+a recorder that puts time, GB/s or TFLOP/s, % of the floor and peak memory into
+pytest-benchmark's extra_info.
 
 Run:  python -m pytest benchmarks --benchmark-enable [--benchmark-json out.json]
 GPU cases (marker ``gpu``) skip without CUDA. On a GPU each case is also timed with
@@ -8,6 +9,7 @@ triton.testing.do_bench (CUDA events, L2 flushed), which is what the % columns u
 
 from __future__ import annotations
 
+import resource
 import time
 
 import pytest
@@ -42,27 +44,48 @@ def _time_once(fn, repeats: int = 5) -> float:
 @pytest.fixture(scope="session")
 def copy_bandwidth() -> float:
     """Measured device copy bandwidth in bytes/s (read + write of a large buffer)."""
-    n = (1 << 28) if DEVICE.type == "cuda" else (1 << 25)
+    n = 1 << 28  # 256 MiB: past every cache, on CPU too
     src = torch.empty(n, dtype=torch.uint8, device=DEVICE).fill_(1)
     dst = torch.empty_like(src)
     seconds = _time_once(lambda: dst.copy_(src), repeats=9)
     return 2 * n / seconds
 
 
+@pytest.fixture(scope="session")
+def matmul_rate() -> float:
+    """Measured dense matmul rate in FLOP/s (fp16 8192³ on GPU, fp32 1024³ on CPU)."""
+    n, dtype = (8192, torch.float16) if DEVICE.type == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    return 2 * n**3 / _time_once(lambda: a @ b, repeats=5)
+
+
+def _peak_memory_bytes() -> int:
+    if DEVICE.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS (Linux: KiB)
+
+
 class Recorder:
-    def __init__(self, benchmark, copy_bandwidth: float):
+    def __init__(self, benchmark, copy_bandwidth: float, matmul_rate: float):
         self.benchmark = benchmark
         self.copy_bandwidth = copy_bandwidth
+        self.matmul_rate = matmul_rate
 
     def __call__(self, fn, *, bytes_moved: int | None = None, flops: int | None = None) -> None:
-        """Time fn with pytest-benchmark (and do_bench on GPU); record the rates and floors."""
+        """Time fn with pytest-benchmark (and do_bench on GPU); record rates, floors, memory."""
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated() if DEVICE.type == "cuda" else _peak_memory_bytes()
+        if DEVICE.type == "cuda":
             self.benchmark(lambda: (fn(), torch.cuda.synchronize()))
         else:
             self.benchmark(fn)
-        seconds = _time_once(fn)
         info = self.benchmark.extra_info
+        # GPU: the case's peak above what it held before; CPU: growth of the process's peak RSS.
+        info["peak_memory_MB"] = max(0, _peak_memory_bytes() - baseline) / 2**20
+        seconds = _time_once(fn)
         info["device"] = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
         info["median_ms"] = seconds * 1e3
         if bytes_moved is not None:
@@ -72,8 +95,10 @@ class Recorder:
             info["pct_of_copy_bandwidth"] = 100 * bytes_moved / seconds / self.copy_bandwidth
         if flops is not None:
             info["TFLOP/s"] = flops / seconds / 1e12
+            info["matmul_TFLOP/s"] = self.matmul_rate / 1e12
+            info["pct_of_matmul_rate"] = 100 * flops / seconds / self.matmul_rate
 
 
 @pytest.fixture
-def record(benchmark, copy_bandwidth) -> Recorder:
-    return Recorder(benchmark, copy_bandwidth)
+def record(benchmark, copy_bandwidth, matmul_rate) -> Recorder:
+    return Recorder(benchmark, copy_bandwidth, matmul_rate)

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One-shot GPU run for a fresh machine with PyTorch and Triton installed and no network:
+# install fastguide from this checkout, build the CUDA extension when csrc/ has sources,
+# run the self-check, the GPU-marked tests and the whole benchmark suite, and write every
+# result under OUT (about 10 minutes on an H100).
+#
+#   benchmarks/gpu.sh OUT            the run
+#   benchmarks/gpu.sh OUT --dry-run  print the steps and check that every test and benchmark
+#                                    is collected (works on a machine without a GPU)
+#
+# The device tool returns at most 8 files: pack OUT afterwards, e.g.
+#   benchmarks/gpu.sh /tmp/fg && tar czf "$OUT/gpu-results.tgz" -C /tmp fg
+set -euo pipefail
+out=${1:?usage: benchmarks/gpu.sh OUT [--dry-run]}
+mode=${2:-run}
+root=$(cd "$(dirname "$0")/.." && pwd)
+py=${PYTHON:-python3}
+cd "$root"
+mkdir -p "$out"
+
+step() {
+    echo "+ $*"
+    if [ "$mode" != "--dry-run" ]; then "$@"; fi
+}
+
+collected() {  # the number of items pytest collects for "$@" (0 when it cannot collect)
+    { "$py" -m pytest "$@" --collect-only -q -p no:cacheprovider 2>/dev/null || true; } \
+        | sed -n 's/^\([0-9][0-9]*\)\/[0-9]* tests collected.*/\1/p; s/^\([0-9][0-9]*\) tests\{0,1\} collected.*/\1/p' | tail -n 1
+}
+
+step "$py" -m pip install --no-deps --no-build-isolation -q -e .
+if compgen -G "csrc/*.cu" >/dev/null || compgen -G "csrc/*.cpp" >/dev/null; then
+    step env FASTGUIDE_BUILD_CUDA=1 "$py" -m pip install --no-deps --no-build-isolation -q -e .
+fi
+
+if [ "$mode" = "--dry-run" ]; then
+    tests=$(collected tests)
+    gpu_tests=$(collected tests -m gpu)
+    benchmarks=$(collected benchmarks)
+    echo "collected: ${tests:-0} tests, ${gpu_tests:-0} of them GPU-marked, ${benchmarks:-0} benchmarks"
+    if [ "${tests:-0}" -eq 0 ] || [ "${gpu_tests:-0}" -eq 0 ] || [ "${benchmarks:-0}" -eq 0 ]; then
+        echo "gpu.sh: collection came up empty ($py cannot import pytest or the suite is broken)" >&2
+        exit 1
+    fi
+    echo "+ $py -m fastguide.selfcheck --device cuda > $out/selfcheck.txt"
+    echo "+ $py -m pytest tests -m gpu -q > $out/gpu-tests.log"
+    echo "+ $py -m fastguide.bench --out $out/bench"
+    exit 0
+fi
+
+export PYTHONUNBUFFERED=1
+"$py" -c "import torch; assert torch.cuda.is_available(), 'gpu.sh needs a CUDA device'"
+nvidia-smi > "$out/device.txt" 2>&1 || true
+"$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" >> "$out/device.txt"
+"$py" -m fastguide.selfcheck --device cuda | tee "$out/selfcheck.txt"
+set +e
+"$py" -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
+tests_status=${PIPESTATUS[0]}
+set -e
+"$py" -m fastguide.bench --out "$out/bench"
+exit "$tests_status"
