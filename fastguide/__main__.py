@@ -1,7 +1,7 @@
-"""``python -m fastguide``: the self-check of the three ops (until the sampler CLI lands)."""
+"""``python -m fastguide``: the fastguide command line (see fastguide.cli)."""
 
 import sys
 
-from .selfcheck import main
+from .cli import main
 
 sys.exit(main())

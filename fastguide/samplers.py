@@ -148,7 +148,11 @@ class GuidedSampler:
         variance_type: str | None = None,
         null_label: int | None = None,
         num_classes: int | None = None,
+        dynamic_threshold: float | None = None,
     ):
+        if dynamic_threshold is not None and not 0 < dynamic_threshold < 1:
+            raise ValueError(f"dynamic_threshold must be a percentile in (0, 1), got {dynamic_threshold}")
+        self.dynamic_threshold = dynamic_threshold
         self.model = model
         self.schedule = schedule or NoiseSchedule.linear()
         self.timesteps = self.schedule.timesteps(steps)
@@ -250,8 +254,29 @@ class GuidedSampler:
                     kwargs.update(grad=grad, k_grad=self.classifier.scale * plan.variance)
                 else:
                     kwargs.update(grad=grad, grad_eps_scale=self.classifier.scale * sigma)
+            if self.dynamic_threshold is not None:
+                model_output, kwargs = self._dynamic_threshold(model_output, x, kwargs, x0_buffers[i % 2])
             ops.guided_step(model_output, x, **kwargs)
         return x.clone()
+
+    def _dynamic_threshold(self, model_output: Tensor, x: Tensor, kwargs: dict, scratch: Tensor) -> tuple[Tensor, dict]:
+        """Imagen's dynamic thresholding: x0 ← clamp(x0, −s, s)/s with s = max(1, the
+        per-sample percentile of |x0|). One extra pass computes the guided x0 (no clip);
+        then the step runs on that thresholded x0 as a "sample" prediction, so eps is
+        re-derived from it and the rest of the step (classifier shift, update) follows."""
+        combine = {k: kwargs[k] for k in ("alpha", "sigma", "prediction_type") if k in kwargs}
+        combine.update({k: v for k, v in kwargs.items()
+                        if k.startswith(("guidance_", "apg", "cfg_")) or k == "log_variance_range"})
+        x0 = ops.guided_step(model_output, x, **combine, k_x0=1.0, out=scratch)
+        flat = x0.abs().flatten(1)
+        k = max(1, min(flat.shape[1], math.ceil(self.dynamic_threshold * flat.shape[1])))
+        s = flat.kthvalue(k, dim=1).values.clamp_min(1.0).reshape(-1, *([1] * (x0.dim() - 1)))
+        thresholded = torch.maximum(torch.minimum(x0, s), -s) / s
+        if model_output.shape[1] == 2 * x.shape[1]:  # keep the learned variance channels
+            thresholded = torch.cat([thresholded, model_output[: len(x), x.shape[1]:]], dim=1)
+        step = {k: v for k, v in kwargs.items()
+                if not k.startswith(("guidance_", "apg", "cfg_")) and k not in ("prediction_type", "clip_denoised")}
+        return thresholded, dict(step, prediction_type="sample", clip_denoised=False)
 
 
 def _model_null_label(model) -> int | None:
@@ -284,6 +309,7 @@ def sample(
     prediction_type: str = "epsilon",
     variance_type: str | None = None,
     null_label: int | None = None,
+    dynamic_threshold: float | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
     """Draw samples of ``shape`` from ``model(x_t, t, y) -> prediction`` (ADM's signature).
@@ -301,12 +327,14 @@ def sample(
         variance_type: for "ddpm": "fixed_small", "fixed_large" or "learned_range"
             (default: learned_range when the model outputs 2C channels).
         null_label: the unconditional label (default: the model's ``null_label``).
+        dynamic_threshold: Imagen's dynamic thresholding percentile (e.g. 0.995) instead of
+            static clipping: x0 ← clamp(x0, −s, s)/s, s = max(1, that percentile of |x0|).
 
     Returns x_0 of ``shape``.
     """
     sampler_ = GuidedSampler(
         model, sampler=sampler, steps=steps, schedule=schedule, guidance=guidance, eta=eta,
         clip_denoised=clip_denoised, prediction_type=prediction_type, variance_type=variance_type,
-        null_label=null_label,
+        null_label=null_label, dynamic_threshold=dynamic_threshold,
     )
     return sampler_(shape, labels=labels, generator=generator, noise=noise, device=device, progress=progress)

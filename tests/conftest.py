@@ -5,7 +5,7 @@
 - Every test runs with PyTorch's deterministic mode, whose fill_uninitialized_memory
   makes torch.empty return NaN-filled memory: an op that leaves part of its output
   unwritten fails its comparison. Buffers passed in by the tests are poisoned explicitly.
-- ``gpu`` tests skip cleanly without CUDA.
+- ``gpu`` tests skip cleanly without CUDA (the root conftest.py).
 """
 
 import os
@@ -19,13 +19,6 @@ import pytest  # noqa: E402
 from fastguide import backends  # noqa: E402
 
 
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if item.get_closest_marker("gpu") is not None:
-            item.add_marker(skip_gpu)
 
 
 @pytest.fixture(autouse=True)

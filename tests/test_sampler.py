@@ -370,3 +370,24 @@ def test_diffusers_class_conditional_unet_through_the_adapter():
     torch.testing.assert_close(got, x, atol=2e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="labels must lie in"):
         sample(model, noise.shape, labels=torch.tensor([0, 4]), guidance=CFG(2.0), steps=2)
+
+
+def test_dynamic_thresholding_matches_imagen():
+    model, p, w = tiny_cfg_unet(), 0.9, 6.0
+    labels = torch.tensor([1, 2])
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(11))
+    got = sample(model, noise.shape, labels=labels, sampler="ddim", steps=3, guidance=CFG(w), noise=noise,
+                 dynamic_threshold=p)
+    x, timesteps = noise.clone(), SCHEDULE.timesteps(3)
+    with torch.no_grad():
+        for t, t_next in zip(timesteps, timesteps[1:] + [-1]):
+            out = model(torch.cat([x, x]), torch.full((4,), t), torch.cat([labels, torch.full_like(labels, 4)]))[:, :3]
+            eps = out[2:] + w * (out[:2] - out[2:])
+            abar, abar_next = SCHEDULE.alpha_bar(t), SCHEDULE.alpha_bar(t_next)
+            x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+            s = torch.quantile(x0.abs().flatten(1), p, dim=1, interpolation="higher").clamp_min(1).reshape(-1, 1, 1, 1)
+            x0 = x0.clamp(-s, s) / s
+            eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
+            x = math.sqrt(abar_next) * x0 + math.sqrt(1 - abar_next) * eps
+    torch.testing.assert_close(got, x, atol=2e-4, rtol=1e-4)
+    assert got.abs().max() <= 1.0 + 1e-5
