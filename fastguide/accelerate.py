@@ -22,7 +22,6 @@ import logging
 import types
 from collections import Counter
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor

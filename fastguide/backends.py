@@ -15,7 +15,6 @@ Nothing here touches the CUDA driver at import time: availability is probed lazi
 from __future__ import annotations
 
 import contextlib
-import importlib
 import importlib.util
 import os
 import threading
@@ -146,7 +145,3 @@ def resolve(device: torch.device, has_kernel: dict[str, bool], what: str = "this
         raise RuntimeError(f"backend {choice!r} was requested but cannot run: {reason}")
     return choice
 
-
-def load_module(name: str):
-    """Import a backend's implementation module lazily (kernels import triton)."""
-    return importlib.import_module(name)

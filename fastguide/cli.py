@@ -14,11 +14,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import backends
+from .schedule import NoiseSchedule
 
 GUIDANCE = ("cfg", "classifier", "both", "none")
 
@@ -55,15 +59,20 @@ def _check_writable(path: Path | None, option: str) -> None:
         raise UsageError(f"{option}: cannot write {path} ({error.strerror})") from None
 
 
-def _guidance(kind: str, scale: float, classifier_scale: float, models):
+def _guidance(kind: str, scale: float, classifier_scale: float, model: "SamplingModel"):
     from .guidance import CFG, ClassifierGuidance
 
+    if kind in ("cfg", "both") and not getattr(model.unet, "null_class", False):
+        raise UsageError("--guidance cfg needs a model with a null class (the released ADM models have none): "
+                         "use --guidance classifier or none")
+    if kind in ("classifier", "both") and model.classifier is None:
+        raise UsageError("--guidance classifier needs --classifier-checkpoint for this model")
     cfg = CFG(scale) if kind in ("cfg", "both") else None
-    clf = ClassifierGuidance(models.classifier, classifier_scale) if kind in ("classifier", "both") else None
+    clf = ClassifierGuidance(model.classifier, classifier_scale) if kind in ("classifier", "both") else None
     return tuple(g for g in (cfg, clf) if g is not None) or None
 
 
-def to_uint8_nhwc(images: torch.Tensor) -> "numpy.ndarray":  # noqa: F821
+def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] (N, C, H, W) -> uint8 (N, H, W, C), ADM's .npz layout."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
@@ -82,24 +91,85 @@ def save_grid(images: torch.Tensor, path: Path, columns: int, scale: int = 4) ->
     grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)
 
 
-def generate(models, labels: torch.Tensor, *, guidance_kind: str, scale: float, classifier_scale: float,
-             sampler: str, steps: int, seed: int, batch_size: int, device: torch.device,
-             rank: int = 0, world_size: int = 1, progress: bool = False) -> dict[int, torch.Tensor]:
+@dataclass
+class SamplingModel:
+    """What ``fastguide sample`` samples from: the UNet, an optional noisy classifier, the
+    image shape, the training schedule and its timestep grid."""
+
+    unet: torch.nn.Module
+    classifier: torch.nn.Module | None
+    shape: tuple[int, int, int]
+    num_classes: int
+    schedule: NoiseSchedule
+    timesteps: Callable[[int], list[int]]
+
+
+# The released ADM models' training schedules (their noise_schedule flags).
+ADM_SCHEDULES = {"adm64": "cosine", "adm128": "linear", "adm256": "linear", "adm512": "linear"}
+
+
+def _adm_grid(schedule: NoiseSchedule, steps: int) -> list[int]:
+    """ADM's "ddimN" timesteps where such a grid exists, else even spacing."""
+    try:
+        return schedule.timesteps(f"ddim{steps}")
+    except ValueError:
+        return schedule.timesteps(steps)
+
+
+def load_sampling_model(name: str, checkpoint: Path | None, classifier_checkpoint: Path | None,
+                        device: torch.device, precision: str) -> SamplingModel:
+    from . import digits
+    from .checkpoints import load_checkpoint
+    from .configs import classifier_config, create_classifier, create_model, unet_config
+
+    for option, path in (("--checkpoint", checkpoint), ("--classifier-checkpoint", classifier_checkpoint)):
+        if path is not None and not path.exists():
+            raise UsageError(f"{option}: {path} does not exist")
+    if name == "digits":
+        models = digits.load(device, weights=checkpoint or digits.WEIGHTS)
+        bundle = SamplingModel(models.unet, models.classifier, (1, digits.IMAGE_SIZE, digits.IMAGE_SIZE),
+                               digits.NUM_CLASSES, digits.schedule(), digits.sampling_timesteps)
+    elif name in ADM_SCHEDULES:
+        if checkpoint is None:
+            raise UsageError(f"--model {name} needs --checkpoint (the guided-diffusion .pt or .safetensors file)")
+        unet = load_checkpoint(create_model(**unet_config(name)), checkpoint)
+        classifier = None
+        if classifier_checkpoint is not None:
+            classifier = load_checkpoint(create_classifier(**classifier_config(name)), classifier_checkpoint)
+        schedule = NoiseSchedule.cosine() if ADM_SCHEDULES[name] == "cosine" else NoiseSchedule.linear()
+        size = unet.image_size
+        bundle = SamplingModel(unet, classifier, (3, size, size), 1000, schedule,
+                               lambda steps: _adm_grid(schedule, steps))
+    else:
+        raise UsageError(f"--model: unknown model {name!r} (available: digits, {', '.join(ADM_SCHEDULES)})")
+    for module in (bundle.unet, bundle.classifier):
+        if module is not None:
+            module.to(device).eval()
+            if precision == "fp16" and hasattr(module, "convert_to_fp16"):
+                module.convert_to_fp16()  # ADM's use_fp16: convolutions in fp16, norms in fp32
+    return bundle
+
+
+def generate(model: SamplingModel, labels: torch.Tensor, *, guidance_kind: str, scale: float,
+             classifier_scale: float, sampler: str, steps: int, seed: int, batch_size: int,
+             device: torch.device, precision: str = "fp32", rank: int = 0, world_size: int = 1,
+             progress: bool = False) -> dict[int, torch.Tensor]:
     """{batch index: samples} for this rank's batches (round-robin over ranks). Each batch
     draws from its own seed stream (seed, batch index), so any split of the batches across
     processes gives exactly the images of a single-process run."""
-    from . import digits
     from .samplers import sample
 
-    guidance = _guidance(guidance_kind, scale, classifier_scale, models)
-    shape = (1, digits.IMAGE_SIZE, digits.IMAGE_SIZE)
+    guidance = _guidance(guidance_kind, scale, classifier_scale, model)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     out = {}
     for index in range(rank, -(-len(labels) // batch_size), world_size):
         batch_labels = labels[index * batch_size:(index + 1) * batch_size].to(device)
         generator = torch.Generator(device).manual_seed(seed * 1_000_003 + index)
-        out[index] = sample(models.unet, (len(batch_labels), *shape), labels=batch_labels, sampler=sampler,
-                            steps=digits.sampling_timesteps(steps), schedule=digits.schedule(), guidance=guidance, generator=generator,
-                            device=device, progress=progress).cpu()
+        with autocast:
+            images = sample(model.unet, (len(batch_labels), *model.shape), labels=batch_labels, sampler=sampler,
+                            steps=model.timesteps(steps), schedule=model.schedule, guidance=guidance,
+                            generator=generator, device=device, progress=progress)
+        out[index] = images.float().cpu()
     return out
 
 
@@ -118,8 +188,6 @@ def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from . import digits
 
     if args.num_samples < 1:
@@ -128,21 +196,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.model != "digits":
-        raise UsageError(f"--model: unknown model {args.model!r} (available: digits)")
     _check_writable(args.out, "--out")
     _check_writable(args.npz, "--npz")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here")
-    labels = parse_labels(args.labels, args.num_samples, digits.NUM_CLASSES)
+    if args.model not in ("digits", *ADM_SCHEDULES):
+        raise UsageError(f"--model: unknown model {args.model!r} (available: digits, {', '.join(ADM_SCHEDULES)})")
+    labels = parse_labels(args.labels, args.num_samples, 1000 if args.model in ADM_SCHEDULES else digits.NUM_CLASSES)
     backends.set_backend(args.backend)
     rank, world_size, device = _distributed(device)
-    models = digits.load(device)
-    batches = generate(models, labels, guidance_kind=args.guidance, scale=args.scale,
+    model = load_sampling_model(args.model, args.checkpoint, args.classifier_checkpoint, device, args.precision)
+    _guidance(args.guidance, args.scale, args.classifier_scale, model)  # bad combinations fail before sampling
+    batches = generate(model, labels, guidance_kind=args.guidance, scale=args.scale,
                        classifier_scale=args.classifier_scale, sampler=args.sampler, steps=args.steps,
-                       seed=args.seed, batch_size=args.batch_size, device=device, rank=rank,
-                       world_size=world_size, progress=not args.quiet and rank == 0)
+                       seed=args.seed, batch_size=args.batch_size, device=device, precision=args.precision,
+                       rank=rank, world_size=world_size, progress=not args.quiet and rank == 0)
     if world_size > 1:
         import torch.distributed as dist
 
@@ -208,7 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = commands.add_parser("sample", help="draw guided samples and write a PNG grid and/or an .npz",
                             description="Draw class-guided samples from the shipped digits model.")
-    s.add_argument("--model", default="digits", help="model to sample (default: digits, shipped with fastguide)")
+    s.add_argument("--model", default="digits",
+                   help="digits (shipped with fastguide; default) or a guided-diffusion preset: adm64, adm128, "
+                        "adm256, adm512 (with --checkpoint)")
+    s.add_argument("--checkpoint", type=Path,
+                   help="the model's weights: a guided-diffusion .pt/.safetensors for adm*, a folder written by "
+                        "'fastguide train' for digits")
+    s.add_argument("--classifier-checkpoint", type=Path, help="the noisy classifier's weights (adm* presets)")
+    s.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="fp16: ADM's use_fp16 (convolutions in fp16); bf16: autocast (default: fp32)")
     s.add_argument("--labels", default="0-9", help="class, range (0-9) or list (1,4,7), cycled (default: 0-9)")
     s.add_argument("--guidance", choices=GUIDANCE, default="cfg",
                    help="classifier-free (cfg), classifier, both or none (default: cfg)")

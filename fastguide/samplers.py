@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .guidance import CFG, ClassifierGuidance, split_guidance
+from .guidance import split_guidance
 from .schedule import NoiseSchedule
 
 SAMPLERS = ("ddim", "ddpm", "euler", "dpm++2m")
@@ -83,7 +83,7 @@ def _euler(schedule: NoiseSchedule, t: int, t_next: int) -> StepPlan:
 
 
 def _dpm_pp_2m(schedule: NoiseSchedule, t: int, t_next: int, h_prev: float | None) -> tuple[StepPlan, float | None]:
-    (alpha, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
+    (_, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
     if sigma_next == 0:  # the last step lands on the clean data: first order gives x0
         return StepPlan(t, t_next, k_x0=1.0), None
     h = schedule.log_snr(t_next) - schedule.log_snr(t)

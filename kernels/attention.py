@@ -24,7 +24,6 @@ q, k, v, dO with arbitrary strides (views of a packed qkv projection are read in
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 

@@ -34,8 +34,6 @@ makes copies only when that does not hold (and always keeps ops' in-place semant
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl

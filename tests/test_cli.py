@@ -30,6 +30,8 @@ def test_sample_writes_a_png_grid_and_adm_npz(tmp_path):
     (["--labels", "3-12"], "--labels must lie in 0..9"),
     (["--steps", "-2"], "--steps must be at least 1"),
     (["--out", "/nonexistent-folder/x.png"], "--out: folder /nonexistent-folder does not exist"),
+    (["--model", "adm64"], "--model adm64 needs --checkpoint"),
+    (["--model", "adm64", "--checkpoint", "/nonexistent.pt"], "--checkpoint: /nonexistent.pt does not exist"),
 ])
 def test_bad_options_exit_with_one_line(tmp_path, options, message):
     result = subprocess.run([sys.executable, "-m", "fastguide", "sample", "--out", str(tmp_path / "x.png"), *options],
@@ -37,6 +39,12 @@ def test_bad_options_exit_with_one_line(tmp_path, options, message):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("options", [["--guidance", "classifier"], ["--guidance", "both", "--precision", "bf16"],
+                                     ["--guidance", "none", "--sampler", "ddpm"]])
+def test_sample_options(tmp_path, options):
+    assert cli.main(["sample", "--out", str(tmp_path / "x.png"), *SMALL, *options]) == 0
 
 
 def test_two_processes_give_the_single_process_samples(tmp_path):

@@ -14,7 +14,7 @@ from fastguide.configs import classifier_config, create_classifier, create_model
 from fastguide.unet import timestep_embedding
 from tests.backends_under_test import backends_for
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "data"  # copies of shared/reference listings
 BACKENDS = sorted(set(backends_for("group_norm")) & set(backends_for("attention")))
 
 
