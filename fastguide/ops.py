@@ -36,11 +36,17 @@ _KERNEL_MODULES = {
     },
     "cuda": {},
 }
+def _module_exists(name: str) -> bool:
+    # find_spec raises, rather than returning None, when the parent package is missing
+    # (e.g. a source tree without fastguide.kernels mapped in shadows the install).
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 _HAS_KERNEL = {
-    op: {
-        backend: op in modules and importlib.util.find_spec(modules[op]) is not None
-        for backend, modules in _KERNEL_MODULES.items()
-    }
+    op: {backend: op in modules and _module_exists(modules[op]) for backend, modules in _KERNEL_MODULES.items()}
     for op in ("attention", "group_norm", "guided_step")
 }
 

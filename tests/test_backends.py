@@ -90,3 +90,9 @@ def test_float64_never_routes_to_kernels(monkeypatch):
         ops.group_norm(x, 2)
     with fastguide.backend("auto"):
         assert ops._resolve("group_norm", torch.device("cuda"), torch.float64) == "torch"
+
+
+def test_missing_kernel_package_means_no_kernel():
+    # A module under a package that is not importable counts as absent, not as an error.
+    assert ops._module_exists("fastguide_no_such_package.kernels.attention") is False
+    assert ops._module_exists("fastguide.kernels.guided_step") is True
