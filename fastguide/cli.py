@@ -330,14 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, function, text in (("bench", cmd_bench, "run the benchmark suite (options: python -m fastguide.bench -h)"),
                                  ("selfcheck", cmd_selfcheck, "check the three ops against their formulas")):
         p = commands.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(run=function)
+        p.set_defaults(run=function, passthrough=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        args.rest = rest  # bench and selfcheck parse their own options
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.run(args)
     except UsageError as error:

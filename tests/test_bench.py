@@ -7,13 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fastguide import bench
+from fastguide import bench, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quick_benchmark_report(tmp_path):
-    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert cli.main(["bench", "--quick", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     impls = {b["params"]["impl"] for b in data["benchmarks"]}
     assert {"fastguide", "eager", "torch.compile"} <= impls
