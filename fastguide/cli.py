@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,26 +93,17 @@ def save_grid(images: torch.Tensor, path: Path, columns: int, scale: int = 4) ->
 @dataclass
 class SamplingModel:
     """What ``fastguide sample`` samples from: the UNet, an optional noisy classifier, the
-    image shape, the training schedule and its timestep grid."""
+    image shape and the training schedule (sampled on its strided_timesteps grid)."""
 
     unet: torch.nn.Module
     classifier: torch.nn.Module | None
     shape: tuple[int, int, int]
     num_classes: int
     schedule: NoiseSchedule
-    timesteps: Callable[[int], list[int]]
 
 
 # The released ADM models' training schedules (their noise_schedule flags).
 ADM_SCHEDULES = {"adm64": "cosine", "adm128": "linear", "adm256": "linear", "adm512": "linear"}
-
-
-def _adm_grid(schedule: NoiseSchedule, steps: int) -> list[int]:
-    """ADM's "ddimN" timesteps where such a grid exists, else even spacing."""
-    try:
-        return schedule.timesteps(f"ddim{steps}")
-    except ValueError:
-        return schedule.timesteps(steps)
 
 
 def load_sampling_model(name: str, checkpoint: Path | None, classifier_checkpoint: Path | None,
@@ -128,7 +118,7 @@ def load_sampling_model(name: str, checkpoint: Path | None, classifier_checkpoin
     if name == "digits":
         models = digits.load(device, weights=checkpoint or digits.WEIGHTS)
         bundle = SamplingModel(models.unet, models.classifier, (1, digits.IMAGE_SIZE, digits.IMAGE_SIZE),
-                               digits.NUM_CLASSES, digits.schedule(), digits.sampling_timesteps)
+                               digits.NUM_CLASSES, digits.schedule())
     elif name in ADM_SCHEDULES:
         if checkpoint is None:
             raise UsageError(f"--model {name} needs --checkpoint (the guided-diffusion .pt or .safetensors file)")
@@ -138,8 +128,7 @@ def load_sampling_model(name: str, checkpoint: Path | None, classifier_checkpoin
             classifier = load_checkpoint(create_classifier(**classifier_config(name)), classifier_checkpoint)
         schedule = NoiseSchedule.cosine() if ADM_SCHEDULES[name] == "cosine" else NoiseSchedule.linear()
         size = unet.image_size
-        bundle = SamplingModel(unet, classifier, (3, size, size), 1000, schedule,
-                               lambda steps: _adm_grid(schedule, steps))
+        bundle = SamplingModel(unet, classifier, (3, size, size), 1000, schedule)
     else:
         raise UsageError(f"--model: unknown model {name!r} (available: digits, {', '.join(ADM_SCHEDULES)})")
     for module in (bundle.unet, bundle.classifier):
@@ -167,7 +156,7 @@ def generate(model: SamplingModel, labels: torch.Tensor, *, guidance_kind: str, 
         generator = torch.Generator(device).manual_seed(seed * 1_000_003 + index)
         with autocast:
             images = sample(model.unet, (len(batch_labels), *model.shape), labels=batch_labels, sampler=sampler,
-                            steps=model.timesteps(steps), schedule=model.schedule, guidance=guidance,
+                            steps=model.schedule.strided_timesteps(steps), schedule=model.schedule, guidance=guidance,
                             generator=generator, device=device, progress=progress)
         out[index] = images.float().cpu()
     return out

@@ -44,20 +44,6 @@ def schedule() -> NoiseSchedule:
     return NoiseSchedule.cosine(1000)
 
 
-def sampling_timesteps(steps: int) -> list[int]:
-    """ADM's "ddimN" grid (stride T/N from t = 0) where one exists, else even spacing.
-
-    The cosine schedule's last timestep has ᾱ = 2.4e-9: a step from there divides by
-    α ≈ 5e-5, and ADM's eps-form classifier guidance (x0 re-derived unclipped) turns any
-    gradient into saturated images. The ddimN grid starts at t = 1000 − T/N instead.
-    """
-    sched = schedule()
-    try:
-        return sched.timesteps(f"ddim{steps}")
-    except ValueError:
-        return sched.timesteps(steps)[1:] if steps > 1 else sched.timesteps(steps)
-
-
 def load_dataset(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(train_x, train_y, held_x, held_y); x in [−1, 1], shape (N, 1, 8, 8)."""
     from sklearn.datasets import load_digits

@@ -63,6 +63,20 @@ class NoiseSchedule:
         alpha, sigma = self.alpha_sigma(t)
         return sigma / alpha
 
+    def strided_timesteps(self, steps: int) -> list[int]:
+        """ADM's "ddimN" grid (stride ⌈T/N⌉ from t = 0) where one of exactly ``steps`` exists,
+        else ``steps`` timesteps evenly spaced over [0, T − ⌈T/N⌉]. Either way the grid
+        stops a stride short of t = T − 1, whose ᾱ can be degenerate (2.4e-9 for the cosine
+        schedule: a step from there divides by α ≈ 5e-5, and ADM's eps-form classifier
+        guidance, which re-derives x0 unclipped, then saturates every sample)."""
+        try:
+            return self.timesteps(f"ddim{steps}")
+        except ValueError:
+            if not isinstance(steps, int) or not 1 <= steps <= self.num_timesteps // 2:
+                raise ValueError(f"steps must be between 1 and {self.num_timesteps // 2}, got {steps}") from None
+            top = self.num_timesteps - math.ceil(self.num_timesteps / steps)
+            return self.timesteps([round(i * top / max(steps - 1, 1)) for i in range(steps)])
+
     def timesteps(self, steps: int | str | Sequence[int]) -> list[int]:
         """Original timesteps to visit, descending, ending at 0.
 

@@ -83,7 +83,7 @@ def run(scales: list[float], *, samples_per_scale: int = 500, steps: int = 25, s
             model, guidance = models.unet, CFG(scale)
         else:
             model, guidance = unconditional, ClassifierGuidance(models.classifier, scale)
-        images = sample(model, shape, labels=labels.to(device), sampler=sampler, steps=digits.sampling_timesteps(steps),
+        images = sample(model, shape, labels=labels.to(device), sampler=sampler, steps=digits.schedule().strided_timesteps(steps),
                         schedule=digits.schedule(), guidance=guidance, null_label=models.unet.null_label,
                         generator=torch.Generator(device).manual_seed(seed), device=device)
         rows.append({"guidance": kind, "scale": scale, **score(models, images, labels, real_features)})

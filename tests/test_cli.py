@@ -1,5 +1,6 @@
 """The fastguide command: the main job on CPU, bad options, multi-process sampling, the sweep."""
 
+import socket
 import subprocess
 import sys
 
@@ -51,8 +52,11 @@ def test_two_processes_give_the_single_process_samples(tmp_path):
     options = ["sample", "--labels", "0-9", "--seed", "3", *SMALL]
     single, merged = tmp_path / "single.npz", tmp_path / "merged.npz"
     assert cli.main([*options, "--npz", str(single), "--out", str(tmp_path / "a.png")]) == 0
+    with socket.socket() as probe:  # a free port: a fixed one may still be held by an earlier run
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
          "-m", "fastguide", *options, "--npz", str(merged), "--out", str(tmp_path / "b.png")],
         check=True, capture_output=True, timeout=300,
     )

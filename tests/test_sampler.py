@@ -40,6 +40,15 @@ def test_timestep_respacing():
             SCHEDULE.timesteps(bad)
 
 
+@pytest.mark.parametrize("steps", [1, 6, 25, 45, 333])
+def test_strided_timesteps_keep_the_count_and_skip_the_last_timestep(steps):
+    grid = SCHEDULE.strided_timesteps(steps)
+    assert len(grid) == steps and grid[-1] == 0 and grid == sorted(set(grid), reverse=True)
+    assert 999 - grid[0] >= 0.5 * 999 / steps  # at least half a stride short of t = 999
+    if steps == 25:
+        assert grid == SCHEDULE.timesteps("ddim25")
+
+
 # --------------------------------------------------------------------------------------
 # Exact oracle: Gaussian mixtures in image-shaped tensors
 # --------------------------------------------------------------------------------------
