@@ -1,5 +1,6 @@
 """The fastguide command: the main job on CPU, bad options, multi-process sampling, the sweep."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -55,11 +56,13 @@ def test_two_processes_give_the_single_process_samples(tmp_path):
     with socket.socket() as probe:  # a free port: a fixed one may still be held by an earlier run
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-         "-m", "fastguide", *options, "--npz", str(merged), "--out", str(tmp_path / "b.png")],
-        check=True, capture_output=True, timeout=300,
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={port}", "-m", "fastguide", *options, "--npz", str(merged), "--out", str(tmp_path / "b.png")],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"},  # loopback only, whatever the hostname resolves to
     )
+    assert result.returncode == 0, result.stderr[-3000:]
     a, b = np.load(single), np.load(merged)
     np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
