@@ -16,7 +16,8 @@ ROOT = Path(__file__).parent
 def cuda_extensions():
     if os.environ.get("FASTGUIDE_BUILD_CUDA", "0") != "1":
         return [], {}
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c[up]*"))
+    # The kernels (.cu, compiled by nvcc) and the bindings (.cpp); .cuh headers are included.
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").iterdir() if p.suffix in (".cu", ".cpp"))
     if not sources:
         raise RuntimeError(
             "FASTGUIDE_BUILD_CUDA=1 was given but csrc/ holds no .cu or .cpp sources to build"
@@ -28,7 +29,8 @@ def cuda_extensions():
     extension = CUDAExtension(
         "fastguide._C",
         sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", *gencode]},
+        # the same flags as fastguide/extension.py's just-in-time build
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-std=c++17", *gencode]},
     )
     return [extension], {"build_ext": BuildExtension}
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import DEVICE
+from benchmarks.conftest import DEVICE, GPU_FASTGUIDE_IMPLS, on_backend
 from fastguide import ops
 
 GROUPS = 32
@@ -39,7 +39,10 @@ def _run(record, impl, shape, dtype, channels_last=False):
         x = x.to(memory_format=torch.channels_last)
     weight, bias = torch.rand(c, generator=g).to(DEVICE) + 0.5, torch.randn(c, generator=g).to(DEVICE)
     scale, shift = (torch.randn(n, c, generator=g).to(DEVICE, dtype) for _ in range(2))
-    fn = {"fastguide": fastguide_norm, "eager": eager_norm, "torch.compile": _compiled_eager}[impl]
+    if impl.startswith("fastguide"):
+        fn = on_backend(impl, fastguide_norm)
+    else:
+        fn = {"eager": eager_norm, "torch.compile": _compiled_eager}[impl]
     fn(x, weight, bias, scale, shift)
     record(lambda: fn(x, weight, bias, scale, shift), bytes_moved=2 * x.numel() * x.element_size())
 
@@ -53,7 +56,7 @@ def test_group_norm_cpu(record, impl, shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["fastguide", "eager", "torch.compile"])
+@pytest.mark.parametrize("impl", [*GPU_FASTGUIDE_IMPLS, "eager", "torch.compile"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

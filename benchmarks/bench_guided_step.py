@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.conftest import DEVICE
+from benchmarks.conftest import DEVICE, GPU_FASTGUIDE_IMPLS, on_backend
 from fastguide import ops
 
 W, ABAR_T, ABAR_PREV = 5.0, 0.5, 0.6
@@ -51,11 +51,13 @@ def _inputs(shape, dtype):
 
 def _run(record, impl, shape, dtype):
     model_output, x, out = _inputs(shape, dtype)
-    fn = {
-        "fastguide": lambda: fastguide_cfg_ddim(model_output, x, out),
-        "eager": lambda: eager_cfg_ddim(model_output, x),
-        "torch.compile": lambda: _compiled_eager(model_output, x),
-    }[impl]
+    if impl.startswith("fastguide"):
+        fn = on_backend(impl, lambda: fastguide_cfg_ddim(model_output, x, out))
+    else:
+        fn = {
+            "eager": lambda: eager_cfg_ddim(model_output, x),
+            "torch.compile": lambda: _compiled_eager(model_output, x),
+        }[impl]
     fn()  # compile / warm up outside the timing
     record(fn, bytes_moved=5 * x.numel() * x.element_size())
 
@@ -69,7 +71,7 @@ def test_guided_step_cpu(record, impl, shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["fastguide", "eager", "torch.compile"])
+@pytest.mark.parametrize("impl", [*GPU_FASTGUIDE_IMPLS, "eager", "torch.compile"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 def test_guided_step_gpu(record, impl, dtype, shape):

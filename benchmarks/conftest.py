@@ -15,10 +15,27 @@ import time
 import pytest
 import torch
 
+import fastguide
+from fastguide import backends
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# fastguide's rows on a GPU: one per backend with kernels for the op ("fastguide" = auto).
+GPU_FASTGUIDE_IMPLS = ["fastguide-triton", "fastguide-cuda"]
 
 
+def on_backend(impl: str, fn):
+    """fn run on the backend named by impl ("fastguide-cuda" -> cuda, "fastguide" -> auto);
+    skips the case when that backend cannot run here (e.g. no CUDA toolkit to build csrc/)."""
+    name = impl.split("-", 1)[1] if "-" in impl else "auto"
+    reason = None if name == "auto" else backends.why_not(name, DEVICE)
+    if reason is not None:
+        pytest.skip(f"backend {name}: {reason}")
 
+    def pinned(*args, **kwargs):
+        with fastguide.backend(name):
+            return fn(*args, **kwargs)
+
+    return pinned
 
 def _time_once(fn, repeats: int = 5) -> float:
     """Median seconds of fn on the current device."""

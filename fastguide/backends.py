@@ -3,9 +3,11 @@
 Backends:
   ``torch``   fastguide.reference, plain PyTorch. Runs anywhere; the oracle.
   ``triton``  fastguide.kernels. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
-  ``cuda``    the compiled extension fastguide._C, CUDA tensors only.
-  ``auto``    (default) CUDA tensor -> triton, else cuda, else torch; CPU -> torch.
-              ``auto`` never raises: it falls back to what can run.
+  ``cuda``    the compiled extension fastguide._C (csrc/), CUDA tensors only; built just
+              in time on first use when not installed prebuilt. It covers guided_step
+              and group_norm; other ops run under it as they would under ``auto``.
+  ``auto``    (default) CUDA tensor -> triton, else a prebuilt cuda extension, else
+              torch; CPU -> torch. ``auto`` never raises and never starts a build.
 
 The choice comes from, in order: the innermost ``with fastguide.backend(name):``,
 ``fastguide.set_backend(name)``, the environment variable ``FASTGUIDE_BACKEND``, ``auto``.
@@ -21,6 +23,8 @@ import threading
 from collections.abc import Iterator
 
 import torch
+
+from . import extension
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 CONCRETE_BACKENDS = ("torch", "triton", "cuda")
@@ -93,12 +97,7 @@ def _why_not_triton(device: torch.device) -> str | None:
 def _why_not_cuda(device: torch.device) -> str | None:
     if device.type != "cuda":
         return f"the cuda backend runs on CUDA tensors only, got a {device.type} tensor"
-    if importlib.util.find_spec("fastguide._C") is None:
-        return (
-            "the CUDA extension fastguide._C is not built "
-            "(install with FASTGUIDE_BUILD_CUDA=1 pip install .)"
-        )
-    return None
+    return extension.why_not_available()
 
 
 def why_not(name: str, device: torch.device) -> str | None:
@@ -130,11 +129,14 @@ def resolve(device: torch.device, has_kernel: dict[str, bool], what: str = "this
     run raises RuntimeError naming what is missing; ``auto`` falls back to ``torch``.
     """
     choice = get_backend()
+    if choice == "cuda" and not has_kernel.get("cuda", False):
+        choice = "auto"  # the cuda backend covers some ops; the rest run as under auto
     if choice == "auto":
         if device.type == "cuda":
-            for name in ("triton", "cuda"):
-                if has_kernel.get(name, False) and why_not(name, device) is None:
-                    return name
+            if has_kernel.get("triton", False) and why_not("triton", device) is None:
+                return "triton"
+            if has_kernel.get("cuda", False) and extension.prebuilt_path() is not None:
+                return "cuda"
         return "torch"
     if choice == "torch":
         return "torch"

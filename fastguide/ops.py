@@ -10,7 +10,8 @@ backward runs on the same backend as the forward.
 Every backend module exposes the same functions: ``attention_forward``,
 ``attention_backward``, ``group_norm_forward``, ``group_norm_backward`` and
 ``guided_step``. The torch backend is fastguide.reference; Triton kernels live in
-fastguide.kernels, one module per op.
+fastguide.kernels, one module per op; the cuda backend's glue is fastguide.cuda_backend
+(guided_step and group_norm; attention runs as under ``auto`` when cuda is chosen).
 """
 
 from __future__ import annotations
@@ -34,8 +35,13 @@ _KERNEL_MODULES = {
         "group_norm": "fastguide.kernels.group_norm",
         "guided_step": "fastguide.kernels.guided_step",
     },
-    "cuda": {},
+    "cuda": {
+        "group_norm": "fastguide.cuda_backend",
+        "guided_step": "fastguide.cuda_backend",
+    },
 }
+
+
 def _module_exists(name: str) -> bool:
     # find_spec raises, rather than returning None, when the parent package is missing
     # (e.g. a source tree without fastguide.kernels mapped in shadows the install).

@@ -490,3 +490,22 @@ def group_norm_backward(
     )
     dx = like_memory_format(dx.reshape(x.shape), x).to(x.dtype)
     return dx, dweight, dbias, dscale, dshift
+
+
+def group_norm_parameter_grads(
+    sums: Tensor, weight: Tensor | None, bias: Tensor | None, scale: Tensor | None, shift: Tensor | None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """(dweight, dbias, dscale, dshift) from sums (N, C, 2) = (A, B), A = Σ_s dz and
+    B = Σ_s dz·x̂ (the kernels' per-channel backward sums; see group_norm_backward):
+    dshift = A, dscale = w·B + b·A, dbias = Σ_n (1 + scale)·A, dweight = Σ_n (1 + scale)·B.
+    None for inputs that were None."""
+    a, b_sums = sums[..., 0], sums[..., 1]
+    one_plus_scale = 1.0 if scale is None else 1.0 + scale.float()
+    dshift = None if shift is None else a.to(shift.dtype)
+    dscale = None
+    if scale is not None:
+        w = 1.0 if weight is None else weight.float()
+        dscale = (w * b_sums + (0.0 if bias is None else bias.float()) * a).to(scale.dtype)
+    dbias = None if bias is None else (one_plus_scale * a).sum(0).to(bias.dtype)
+    dweight = None if weight is None else (one_plus_scale * b_sums).sum(0).to(weight.dtype)
+    return dweight, dbias, dscale, dshift

@@ -36,6 +36,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastguide.launch_layout import norm_format
+from fastguide.reference import group_norm_parameter_grads
+
 NUM_WARPS = 4
 TILE = 2048  # elements per (channel-block × spatial-block) tile
 
@@ -275,10 +278,9 @@ def _backward_dx_kernel(
 
 def _layout(x: Tensor) -> tuple[Tensor, int, int]:
     """(x dense in NCHW or channels_last, stride_c, stride_s) in elements."""
-    spatial = math.prod(x.shape[2:])
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if norm_format(x) == torch.channels_last:
         return x, 1, x.shape[1]
-    return x.contiguous(), spatial, 1
+    return x.contiguous(), math.prod(x.shape[2:]), 1
 
 
 def _grid(x: Tensor, groups: int, channels_per_group: int, spatial: int) -> dict:
@@ -375,13 +377,4 @@ def group_norm_backward(
         *_strides(scale), *_strides(shift), **flags,
     )
     # Parameter gradients from the (N, C) sums: O(N·C) work.
-    a, b_sums = sums[..., 0], sums[..., 1]
-    one_plus_scale = 1.0 if scale is None else 1.0 + scale.float()
-    dshift = None if shift is None else a.to(shift.dtype)
-    dscale = None
-    if scale is not None:
-        w = 1.0 if weight is None else weight.float()
-        dscale = (w * b_sums + (0.0 if bias is None else bias.float()) * a).to(scale.dtype)
-    dbias = None if bias is None else (one_plus_scale * a).sum(0).to(bias.dtype)
-    dweight = None if weight is None else (one_plus_scale * b_sums).sum(0).to(weight.dtype)
-    return dx, dweight, dbias, dscale, dshift
+    return (dx, *group_norm_parameter_grads(sums, weight, bias, scale, shift))

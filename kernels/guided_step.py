@@ -39,11 +39,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastguide.launch_layout import STATS_NONE, dense, guidance_stats, prediction_maps, step_format, write_back
+
 BLOCK = 2048  # elements per program of the elementwise pass (8 per thread at 8 warps)
 NUM_WARPS = 8
 MAX_PARTS = 32  # partial sums per sample in the stats pass
 
-STATS_NONE, STATS_ZERO_STAR, STATS_APG, STATS_PLAIN = 0, 1, 2, 3
 
 
 @triton.jit
@@ -194,22 +195,6 @@ def _guided_step_kernel(
         tl.store(x0_ptr + here, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-def _prediction_maps(prediction_type: str, alpha: float, sigma: float) -> tuple[float, float, float, float]:
-    """(x0_from_x, x0_from_m, eps_from_x, eps_from_m) of x = alpha·x0 + sigma·eps."""
-    if prediction_type == "epsilon":
-        return 1.0 / alpha, -sigma / alpha, 0.0, 1.0
-    if prediction_type == "v_prediction":
-        return alpha, -sigma, sigma, alpha
-    return 0.0, 1.0, 1.0 / sigma, -alpha / sigma  # "sample"
-
-
-def _dense_format(x: Tensor, learned_variance: bool) -> torch.memory_format:
-    """x's own dense layout when every kernel offset can follow it, else contiguous."""
-    if not learned_variance and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def guided_step(
     model_output: Tensor,
     x: Tensor,
@@ -244,25 +229,15 @@ def guided_step(
     batch, channels = x.shape[0], x.shape[1]
     sample_elems = x[0].numel()
     learned = log_variance_range is not None
-    fmt = _dense_format(x, model_output.shape[1] != channels)
-
-    def as_dense(t: Tensor | None) -> Tensor | None:
-        return t if t is None or t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
-
-    x_in, model_output_in = as_dense(x), as_dense(model_output)
-    prev, noise, grad = as_dense(prev), as_dense(noise), as_dense(grad)
+    fmt = step_format(x, model_output.shape[1] != channels)
+    x_in, model_output_in = dense(x, fmt), dense(model_output, fmt)
+    prev, noise, grad = dense(prev, fmt), dense(noise, fmt), dense(grad, fmt)
     # Outputs that are not dense in fmt are computed into a dense copy and copied back.
     targets = {"out": out, "x0_out": x0_out, "apg_buffer": apg_buffer}
-    work = {name: as_dense(t) for name, t in targets.items()}
+    work = {name: dense(t, fmt) for name, t in targets.items()}
 
     guided = guidance_scale is not None
-    stats = STATS_NONE
-    if guided and cfg_zero_star:
-        stats = STATS_ZERO_STAR
-    elif guided and apg:
-        stats = STATS_APG
-    elif guided and guidance_rescale > 0:
-        stats = STATS_PLAIN
+    stats = guidance_stats(guided, cfg_zero_star, apg, guidance_rescale)
     apg_with_momentum = guided and apg and apg_momentum != 0.0
 
     mo_sample_stride = model_output[0].numel()
@@ -281,7 +256,7 @@ def guided_step(
             APG_MOMENTUM=apg_with_momentum, PARTS=parts_pow2, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
 
-    maps = _prediction_maps(prediction_type, alpha, sigma)
+    maps = prediction_maps(prediction_type, alpha, sigma)
     log_min, log_max = log_variance_range if learned else (0.0, 0.0)
     _guided_step_kernel[(triton.cdiv(sample_elems, BLOCK), batch)](
         model_output_in, x_in, prev, noise, grad, work["apg_buffer"], work["out"], work["x0_out"], partials,
@@ -299,6 +274,4 @@ def guided_step(
         OUT_2B=out.shape[0] == 2 * batch, HAS_X0_OUT=x0_out is not None,
         PARTS=parts_pow2, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
-    for name, target in targets.items():
-        if work[name] is not target:
-            target.copy_(work[name])
+    write_back(targets, work)

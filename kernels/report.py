@@ -1,14 +1,22 @@
-"""Static report of every Triton kernel, compiled ahead of time for sm_80 and sm_90.
+"""Static report of every kernel, compiled ahead of time for sm_80 and sm_90.
 
     python -m fastguide.kernels.report [--arch 80 90] [--json PATH] [--check]
+        [--require-nvcc] [--torch-cuda-include DIR]
 
 Runs on a machine without a GPU: Triton compiles for a GPUTarget and ships cuobjdump.
-For each kernel, in representative specialisations (16-byte aligned pointers and
+For each Triton kernel, in representative specialisations (16-byte aligned pointers and
 sizes, as the runtime JIT infers from real tensors), it prints registers per thread,
 local memory (spills), shared memory, the width of global loads and stores in the
 SASS, and tensor-core instructions. ``--check`` exits non-zero on any spill or on a
 guided-step main path whose global loads are not all 128-bit, or on fp16/bf16
 attention without tensor-core instructions.
+
+The CUDA kernels of csrc/ (the cuda backend) get the same table: nvcc compiles each
+source on its own for every architecture with warnings as errors (a warning fails the
+report), and ``--check`` also fails on a spill or on a vectorised specialisation
+without 128-bit loads and stores. Without nvcc that part is skipped, unless
+``--require-nvcc``. With ``--torch-cuda-include`` (torch/include of a CUDA build of
+torch) the host compiler also checks csrc/bindings.cpp against it.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
+
+from fastguide import extension  # noqa: E402
 
 from . import attention, group_norm, guided_step  # noqa: E402
 
@@ -103,24 +113,38 @@ def _cuobjdump() -> str:
 
 
 def analyse_cubin(cubin: bytes) -> dict:
-    """Registers, local (spill) and static shared bytes, and SASS instruction counts."""
+    """Registers, local (spill) and static shared bytes, and SASS instruction counts of a
+    cubin holding one kernel (Triton's)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    resources = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass)
-    widths = lambda op: Counter(_width(o) for o in opcodes if o.split(".")[0] == op)  # noqa: E731
-    return {
-        "registers": int(resources.get("REG", 0)),
-        "local_bytes": int(resources.get("LOCAL", 0)),
-        "stack_bytes": int(resources.get("STACK", 0)),
-        "shared_bytes": int(resources.get("SHARED", 0)),
-        "loads": dict(widths("LDG")),
-        "stores": dict(widths("STG")),
-        "tensor_core": sum(1 for o in opcodes if o.split(".")[0] in ("HMMA", "HGMMA", "WGMMA")),
+        (stats,) = analyse_functions(Path(f.name)).values()
+    return stats
+
+
+def analyse_functions(cubin: Path) -> dict[str, dict]:
+    """analyse_cubin's numbers for each kernel function of a cubin, by mangled name."""
+    usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    resources = {
+        name: dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", line))
+        for name, line in re.findall(r"Function ([\w$.]+):\s*\n(.*)", usage)
     }
+    bodies = dict(re.findall(r"Function : ([\w$.]+)\n(.*?)(?=\n\s*Function : |\Z)", sass, flags=re.S))
+    found = {}
+    for name, res in resources.items():
+        opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", bodies.get(name, ""))
+        widths = lambda op: Counter(_width(o) for o in opcodes if o.split(".")[0] == op)  # noqa: E731
+        found[name] = {
+            "registers": int(res.get("REG", 0)),
+            "local_bytes": int(res.get("LOCAL", 0)),
+            "stack_bytes": int(res.get("STACK", 0)),
+            "shared_bytes": int(res.get("SHARED", 0)),
+            "loads": dict(widths("LDG")),
+            "stores": dict(widths("STG")),
+            "tensor_core": sum(1 for o in opcodes if o.split(".")[0] in ("HMMA", "HGMMA", "WGMMA")),
+        }
+    return found
 
 
 def _width(opcode: str) -> int:
@@ -234,6 +258,65 @@ def run(archs: list[int]) -> list[dict]:
     return rows
 
 
+def _kernel_name(mangled: str) -> str:
+    """'guided_step_kernel<fp16, 8>' from a mangled CUDA kernel name."""
+    try:
+        demangled = subprocess.run(["c++filt", mangled], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return mangled
+    demangled = demangled.replace("(anonymous namespace)::", "")
+    # Enum template arguments print as "(ns::Enum)1": keep Enum=1.
+    demangled = re.sub(r"\((?:\w+::)*(\w+)\)(\d+)", r"\1=\2", demangled)
+    signature = demangled.split("(")[0]
+    base = signature[signature.rfind("::", 0, signature.find("<") if "<" in signature else len(signature)) + 2:]
+    for cpp, short in (("__nv_bfloat16", "bf16"), ("__half", "fp16"), ("float", "fp32")):
+        base = re.sub(rf"\b{cpp}\b", short, base)
+    return base.replace("void ", "")
+
+
+def _vector_width(name: str) -> int:
+    """The kernel's bare integer template argument (its kVec), else 1."""
+    found = re.findall(r"(?<=[<,] )(\d+)(?=[,>])", name)
+    return int(found[0]) if found else 1
+
+
+def cuda_violations(name: str, stats: dict) -> list[str]:
+    found = []
+    if stats["local_bytes"] or stats["stack_bytes"]:
+        found.append(f"spills: {stats['local_bytes']} B local, {stats['stack_bytes']} B stack")
+    if _vector_width(name) > 1:
+        if 128 not in stats["loads"]:
+            found.append("vectorised specialisation without 128-bit loads")
+        writes_elements = "stats" not in name and "sums" not in name  # reductions write O(N·C)
+        if writes_elements and 128 not in stats["stores"]:
+            found.append("vectorised specialisation without 128-bit stores")
+    return found
+
+
+def run_cuda(archs: list[int]) -> list[dict]:
+    """Compile each csrc/ kernel source with nvcc (warnings as errors) and analyse every kernel."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for source in extension.KERNEL_SOURCES:
+            for arch in archs:
+                cubin = Path(tmp) / f"{source}.sm_{arch}.cubin"
+                command = extension.kernel_check_command(source, arch, cubin)
+                result = subprocess.run(command, capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise RuntimeError(f"nvcc failed on csrc/{source} for sm_{arch}:\n{result.stdout}{result.stderr}")
+                for mangled, stats in analyse_functions(cubin).items():
+                    name = _kernel_name(mangled)
+                    rows.append({"kernel": f"cuda {name}", "arch": f"sm_{arch}", **stats,
+                                 "violations": cuda_violations(name, stats)})
+    return sorted(rows, key=lambda r: (r["kernel"], r["arch"]))
+
+
+def check_bindings(torch_include: Path) -> None:
+    result = subprocess.run(extension.bindings_check_command(torch_include), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"csrc/bindings.cpp does not compile against {torch_include}:\n{result.stderr}")
+
+
 def format_table(rows: list[dict]) -> str:
     header = "| kernel | arch | regs | spill B | smem B | global loads (bits: n) | global stores | tensor-core | issues |"
     lines = [header, "|" + "---|" * 9]
@@ -252,10 +335,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM architectures (default: 80 90)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--check", action="store_true", help="exit 1 on spills or a main path without 128-bit loads")
+    parser.add_argument("--require-nvcc", action="store_true", help="fail, rather than skip csrc/, without nvcc")
+    parser.add_argument("--torch-cuda-include", type=Path,
+                        help="torch/include of a CUDA build of torch: also check csrc/bindings.cpp against it")
     args = parser.parse_args(argv)
     rows = run(args.arch)
     print(f"Triton {triton.__version__}, compiled ahead of time (no GPU needed)\n")
     print(format_table(rows))
+    if extension.nvcc() is not None:
+        cuda = run_cuda(args.arch)
+        version = subprocess.run([extension.nvcc(), "--version"], capture_output=True, text=True).stdout
+        release = re.search(r"release ([\d.]+)", version)
+        print(f"\nCUDA kernels of csrc/, nvcc {release.group(1) if release else '?'} with warnings as errors\n")
+        print(format_table(cuda))
+        rows += cuda
+    elif args.require_nvcc:
+        print("nvcc not found: csrc/ cannot be compiled (put the CUDA toolkit on PATH or set CUDA_HOME)", file=sys.stderr)
+        return 1
+    else:
+        print("\nnvcc not found: csrc/ skipped")
+    if args.torch_cuda_include:
+        check_bindings(args.torch_cuda_include)
+        print(f"\ncsrc/bindings.cpp compiles against {args.torch_cuda_include} (warnings as errors)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     bad = [r for r in rows if r["violations"]]

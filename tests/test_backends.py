@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastguide
-from fastguide import backends, ops
+from fastguide import backends, extension, ops
 
 
 def test_default_is_auto_and_cpu_resolves_to_torch(monkeypatch):
@@ -96,3 +96,41 @@ def test_missing_kernel_package_means_no_kernel():
     # A module under a package that is not importable counts as absent, not as an error.
     assert ops._module_exists("fastguide_no_such_package.kernels.attention") is False
     assert ops._module_exists("fastguide.kernels.guided_step") is True
+
+
+def test_cuda_backend_covers_step_and_norm_and_leaves_attention_to_auto(monkeypatch):
+    monkeypatch.setattr(backends, "why_not", lambda name, device: None)
+    assert ops._HAS_KERNEL["guided_step"]["cuda"] and ops._HAS_KERNEL["group_norm"]["cuda"]
+    assert not ops._HAS_KERNEL["attention"]["cuda"]
+    with fastguide.backend("cuda"):
+        assert ops._resolve("group_norm", torch.device("cuda"), torch.float16) == "cuda"
+        assert ops._resolve("guided_step", torch.device("cuda"), torch.float32) == "cuda"
+        assert ops._resolve("attention", torch.device("cuda"), torch.float16) == "triton"
+
+
+def test_auto_uses_cuda_only_when_prebuilt(monkeypatch):
+    # auto never starts a just-in-time build; a prebuilt fastguide._C it does use.
+    monkeypatch.setattr(backends, "why_not", lambda name, device: None)
+    only_cuda = {"triton": False, "cuda": True}
+    monkeypatch.setattr(extension, "prebuilt_path", lambda: None)
+    with fastguide.backend("auto"):
+        assert backends.resolve(torch.device("cuda"), only_cuda) == "torch"
+    monkeypatch.setattr(extension, "prebuilt_path", lambda: "/site-packages/fastguide/_C.so")
+    with fastguide.backend("auto"):
+        assert backends.resolve(torch.device("cuda"), only_cuda) == "cuda"
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU build of torch")
+def test_cuda_extension_on_cpu_torch_says_why(monkeypatch):
+    monkeypatch.setattr(extension, "prebuilt_path", lambda: None)
+    monkeypatch.setattr(extension, "_loaded", False)
+    assert "CPU build" in extension.why_not_available()
+    assert "CPU build" in backends.why_not("cuda", torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="cuda backend needs the extension fastguide._C: .*CPU build"):
+        extension.load()
+
+
+def test_cuda_sources_ship_with_the_package():
+    names = {p.name for p in extension.source_dir().iterdir()}
+    assert set(extension.KERNEL_SOURCES + extension.BINDING_SOURCES) <= names
+    assert {"common.cuh", "guided_step.cuh", "group_norm.cuh"} <= names

@@ -395,14 +395,15 @@ def test_reduction_variants_when_cond_is_close_to_uncond(backend, case, device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(16, 4, (128, 128)), (8, 3, (256, 256))], ids=str)
 @pytest.mark.parametrize("case", list(CASES), ids=str)
-def test_guided_step_gpu_large_and_bf16(dtype, shape, case):
+def test_guided_step_gpu_large_and_bf16(backend, dtype, shape, case):
     model_output, x, kwargs = case_inputs(CASES[case], *shape, dtype, "cuda")
     expected = as_float64(kwargs)
     reference.guided_step(model_output.double().cpu(), x.double().cpu(), **expected)
-    with fastguide.backend("triton"):
+    with fastguide.backend(backend):
         ops.guided_step(model_output, x, **kwargs)
     for name in ("out", "x0_out", "apg_buffer"):
         if name in kwargs:

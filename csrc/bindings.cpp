@@ -1,0 +1,265 @@
+// Registers the CUDA kernels as the ops of the `fastguide_cuda` library. fastguide's
+// public ops (fastguide.ops, namespace `fastguide`) call these when the cuda backend is
+// chosen (fastguide/cuda_backend.py prepares dense, same-dtype tensors first), so
+// torch.compile sees the same `fastguide::` op whichever backend runs under it.
+//
+// Built with -DFASTGUIDE_HOST_HARNESS, the same bindings register CPU implementations
+// that run the kernels' host/device math on the CPU (tests/csrc_host/): the whole path
+// from the Python glue through these bindings is then tested without a GPU.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "group_norm.cuh"
+#include "guided_step.cuh"
+
+// The harness registers its own namespace, so that it can load beside the real extension.
+#ifdef FASTGUIDE_HOST_HARNESS
+#define FASTGUIDE_DISPATCH_KEY CPU
+#define FASTGUIDE_OPS_NAMESPACE fastguide_cuda_host
+#else
+#define FASTGUIDE_OPS_NAMESPACE fastguide_cuda
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#define FASTGUIDE_DISPATCH_KEY CUDA
+#endif
+
+namespace fastguide {
+namespace {
+
+StorageType storage_type(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return StorageType::kFloat32;
+    case at::kHalf:
+      return StorageType::kFloat16;
+    case at::kBFloat16:
+      return StorageType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "fastguide_cuda: expected float32, float16 or bfloat16 tensors, got ", t.scalar_type());
+  }
+}
+
+#ifdef FASTGUIDE_HOST_HARNESS
+void* current_stream(const at::Tensor&) { return nullptr; }
+int multiprocessors(const at::Tensor&) { return 8; }  // small, but enough to exercise the split
+void check_launch(int code) { TORCH_CHECK(code == 0, "fastguide host harness: launch failed with code ", code); }
+#else
+void* current_stream(const at::Tensor&) { return c10::cuda::getCurrentCUDAStream().stream(); }
+int multiprocessors(const at::Tensor& x) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, x.get_device()));
+  return count;
+}
+void check_launch(int code) {
+  TORCH_CHECK(code == 0, "fastguide CUDA kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(code)));
+}
+#endif
+
+template <typename T = void>
+T* pointer_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? static_cast<T*>(t->data_ptr()) : nullptr;
+}
+
+void check_same(const at::Tensor& like, const std::optional<at::Tensor>& t, const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->scalar_type() == like.scalar_type(), "fastguide_cuda: ", name, " must have dtype ",
+              like.scalar_type(), ", got ", t->scalar_type());
+  TORCH_CHECK(t->device() == like.device(), "fastguide_cuda: ", name, " must be on ", like.device());
+  TORCH_CHECK(t->is_contiguous() || t->is_contiguous(at::MemoryFormat::ChannelsLast), "fastguide_cuda: ", name,
+              " must be dense");
+}
+
+// The float scalars of guided_step, in the order fastguide/cuda_backend.py passes them.
+constexpr int kGuidedScalars = 22;
+
+void guided_step(const at::Tensor& model_output, const at::Tensor& x, const std::optional<at::Tensor>& prev,
+                 const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& grad,
+                 const std::optional<at::Tensor>& apg_buffer, const at::Tensor& out,
+                 const std::optional<at::Tensor>& x0_out, at::ArrayRef<double> scalars, int64_t stats, bool guided,
+                 bool clip, bool learned_var) {
+  TORCH_CHECK(scalars.size() == kGuidedScalars, "fastguide_cuda::guided_step: expected ", kGuidedScalars,
+              " scalars, got ", scalars.size());
+  check_same(x, model_output, "model_output");
+  for (const auto& [t, name] : {std::pair{&prev, "prev"}, {&noise, "noise"}, {&grad, "grad"}, {&x0_out, "x0_out"}}) {
+    check_same(x, *t, name);
+  }
+  check_same(x, out, "out");
+  if (apg_buffer.has_value()) {
+    TORCH_CHECK(apg_buffer->scalar_type() == at::kFloat, "fastguide_cuda::guided_step: apg_buffer must be float32");
+  }
+#ifndef FASTGUIDE_HOST_HARNESS
+  const c10::cuda::CUDAGuard guard(x.device());
+#endif
+  GuidedStepParams p{};
+  p.batch = x.size(0);
+  p.sample_elems = x.numel() / std::max<int64_t>(p.batch, 1);
+  p.mo_sample_stride = model_output.numel() / model_output.size(0);
+  p.uncond_offset = p.batch * p.mo_sample_stride;
+  p.var_offset = x.size(1) * (p.mo_sample_stride / model_output.size(1));
+  p.out_half_offset = p.batch * p.sample_elems;
+  p.stats = static_cast<int>(stats);
+  p.parts = static_cast<int>(std::clamp<int64_t>((p.sample_elems + 2047) / 2048, 1, kMaxParts));
+  const auto f = [&](int i) { return static_cast<float>(scalars[i]); };
+  p.w = f(0);
+  p.guidance_rescale = f(1);
+  p.apg_eta = f(2);
+  p.apg_norm_threshold = f(3);
+  p.apg_momentum = f(4);
+  p.x0_from_x = f(5);
+  p.x0_from_m = f(6);
+  p.eps_from_x = f(7);
+  p.eps_from_m = f(8);
+  p.alpha = f(9);
+  p.sigma = f(10);
+  p.inv_alpha = f(11);
+  p.inv_sigma = f(12);
+  p.grad_eps_scale = f(13);
+  p.k_x = f(14);
+  p.k_x0 = f(15);
+  p.k_eps = f(16);
+  p.k_prev = f(17);
+  p.k_noise = f(18);
+  p.k_grad = f(19);
+  p.log_var_min = f(20);
+  p.log_var_max = f(21);
+  p.guided = guided;
+  p.rescale = guided && p.guidance_rescale > 0.0f;
+  p.apg_momentum_on = apg_buffer.has_value();
+  p.clip = clip;
+  p.grad_eps = grad.has_value() && p.grad_eps_scale != 0.0f;
+  p.learned_var = learned_var;
+  p.has_prev = prev.has_value();
+  p.has_noise = noise.has_value();
+  p.has_grad_term = grad.has_value() && p.k_grad != 0.0f;
+  p.out_2b = out.size(0) == 2 * p.batch;
+  p.has_x0_out = x0_out.has_value();
+
+  at::Tensor partials;
+  if (p.stats != kStatsNone) partials = at::empty({p.batch, p.parts, kStatsPerSample}, x.options().dtype(at::kFloat));
+  const GuidedStepTensors<void> tensors{model_output.data_ptr(),  x.data_ptr(),
+                                        pointer_or_null<const void>(prev), pointer_or_null<const void>(noise),
+                                        pointer_or_null<const void>(grad), pointer_or_null<float>(apg_buffer),
+                                        out.data_ptr(),            pointer_or_null(x0_out),
+                                        partials.defined() ? partials.data_ptr<float>() : nullptr};
+  check_launch(launch_guided_step(storage_type(x), p, tensors, current_stream(x)));
+}
+
+bool is_channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+GroupNormParams norm_params(const at::Tensor& x, int64_t num_groups, bool silu, double eps,
+                            const GroupNormAffine& affine) {
+  TORCH_CHECK(x.is_contiguous() || is_channels_last(x), "fastguide_cuda: x must be contiguous or channels_last");
+  GroupNormParams p{};
+  p.n = x.size(0);
+  p.c = x.size(1);
+  p.s = x.numel() / std::max<int64_t>(p.n * p.c, 1);
+  p.groups = num_groups;
+  p.channels_per_group = p.c / num_groups;
+  p.channels_last = is_channels_last(x);
+  p.has_weight = affine.weight != nullptr;
+  p.has_bias = affine.bias != nullptr;
+  p.has_scale = affine.scale != nullptr;
+  p.has_shift = affine.shift != nullptr;
+  p.silu = silu;
+  p.eps = static_cast<float>(eps);
+  // Split each channel's reduction over spatial chunks until ~4 blocks per multiprocessor.
+  const int64_t blocks = p.channels_last ? p.n * ((p.c + 31) / 32) : p.n * p.c;
+  const int64_t wanted = (4 * static_cast<int64_t>(multiprocessors(x)) + blocks - 1) / blocks;
+  p.chunks = static_cast<int>(std::clamp<int64_t>(std::min(wanted, (p.s + 255) / 256), 1, 32));
+  return p;
+}
+
+GroupNormAffine norm_affine(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                            const std::optional<at::Tensor>& shift) {
+  for (const auto& [t, name] : {std::pair{&weight, "weight"}, {&bias, "bias"}, {&scale, "scale"}, {&shift, "shift"}}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK((*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() && (*t)->device() == x.device(),
+                "fastguide_cuda: ", name, " must be a contiguous float32 tensor on ", x.device());
+  }
+  return {pointer_or_null<const float>(weight), pointer_or_null<const float>(bias),
+          pointer_or_null<const float>(scale), pointer_or_null<const float>(shift)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t num_groups, double eps,
+    bool silu) {
+#ifndef FASTGUIDE_HOST_HARNESS
+  const c10::cuda::CUDAGuard guard(x.device());
+#endif
+  const GroupNormAffine affine = norm_affine(x, weight, bias, scale, shift);
+  const GroupNormParams p = norm_params(x, num_groups, silu, eps, affine);
+  const auto fp32 = x.options().dtype(at::kFloat);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({p.n, p.groups}, fp32);
+  at::Tensor rstd = at::empty({p.n, p.groups}, fp32);
+  at::Tensor partials = at::empty({p.n, p.c, p.chunks, 2}, fp32);
+  at::Tensor shifts = at::empty({p.n, p.c}, fp32);
+  check_launch(launch_group_norm_forward(storage_type(x), p, x.data_ptr(), affine, y.data_ptr(),
+                                         mean.data_ptr<float>(), rstd.data_ptr<float>(), partials.data_ptr<float>(),
+                                         shifts.data_ptr<float>(), current_stream(x)));
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> group_norm_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift, const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
+    bool silu) {
+  check_same(x, grad_y, "grad_y");
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && is_channels_last(grad_y) == is_channels_last(x) &&
+                  (grad_y.is_contiguous() || is_channels_last(grad_y)),
+              "fastguide_cuda: grad_y must have x's shape and dense memory layout");
+  TORCH_CHECK(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat && mean.is_contiguous() &&
+                  rstd.is_contiguous(),
+              "fastguide_cuda: mean and rstd must be contiguous float32");
+#ifndef FASTGUIDE_HOST_HARNESS
+  const c10::cuda::CUDAGuard guard(x.device());
+#endif
+  const GroupNormAffine affine = norm_affine(x, weight, bias, scale, shift);
+  const GroupNormParams p = norm_params(x, num_groups, silu, 0.0, affine);
+  const auto fp32 = x.options().dtype(at::kFloat);
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor sums = at::empty({p.n, p.c, 2}, fp32);
+  at::Tensor partials = at::empty({p.n, p.c, p.chunks, 2}, fp32);
+  at::Tensor group_sums = at::empty({p.n, p.groups, 2}, fp32);
+  check_launch(launch_group_norm_backward(storage_type(x), p, grad_y.data_ptr(), x.data_ptr(), affine,
+                                          mean.data_ptr<float>(), rstd.data_ptr<float>(), dx.data_ptr(),
+                                          sums.data_ptr<float>(), partials.data_ptr<float>(),
+                                          group_sums.data_ptr<float>(), current_stream(x)));
+  return {dx, sums};
+}
+
+}  // namespace
+}  // namespace fastguide
+
+// One level of indirection so that the namespace macro expands before TORCH_LIBRARY
+// stringifies its argument.
+#define FASTGUIDE_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define FASTGUIDE_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+FASTGUIDE_LIBRARY(FASTGUIDE_OPS_NAMESPACE, m) {
+  m.def(
+      "guided_step(Tensor model_output, Tensor x, Tensor? prev, Tensor? noise, Tensor? grad, "
+      "Tensor(a!)? apg_buffer, Tensor(b!) out, Tensor(c!)? x0_out, float[] scalars, int stats, bool guided, "
+      "bool clip, bool learned_var) -> ()");
+  m.def(
+      "group_norm_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, int num_groups, "
+      "float eps, bool silu) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "group_norm_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, "
+      "Tensor mean, Tensor rstd, int num_groups, bool silu) -> (Tensor, Tensor)");
+}
+
+FASTGUIDE_LIBRARY_IMPL(FASTGUIDE_OPS_NAMESPACE, FASTGUIDE_DISPATCH_KEY, m) {
+  m.impl("guided_step", &fastguide::guided_step);
+  m.impl("group_norm_forward", &fastguide::group_norm_forward);
+  m.impl("group_norm_backward", &fastguide::group_norm_backward);
+}

@@ -1,0 +1,104 @@
+// Shared by every kernel source and by the host harness: the host/device function macro,
+// fp32 <-> storage conversions, 16-byte vectors and (device only) block reductions.
+//
+// Everything outside `#ifdef __CUDACC__` also compiles with a plain C++17 compiler, so
+// the per-element math can be run and tested on a CPU (tests/csrc_host/).
+#pragma once
+
+#include <cstdint>
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define FG_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FG_HOST_DEVICE inline
+#endif
+
+namespace fastguide {
+
+// Arithmetic is fp32 whatever the storage type; these are the only conversions.
+FG_HOST_DEVICE float to_float(float v) { return v; }
+
+template <typename T>
+FG_HOST_DEVICE T from_float(float v);
+
+template <>
+FG_HOST_DEVICE float from_float<float>(float v) { return v; }
+
+#ifdef __CUDACC__
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+#endif
+
+// Storage types a launch can take (parameters, statistics and partial sums are fp32).
+enum class StorageType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// N elements of T moved as one aligned access: N·sizeof(T) = 16 bytes gives LDG.E.128.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename T, int N>
+FG_HOST_DEVICE Vec<T, N> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, N>*>(p);
+}
+
+template <typename T, int N>
+FG_HOST_DEVICE void store_vec(T* p, const Vec<T, N>& value) {
+#ifdef __CUDA_ARCH__
+  if constexpr (sizeof(Vec<T, N>) == sizeof(uint4)) {
+    // nvcc splits a 16-byte struct store into two 8-byte ones when the stored lanes come
+    // from separate computations (seen in guided_step's vector path); say it in PTX.
+    uint4 bits;
+    memcpy(&bits, &value, sizeof(bits));
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(bits.x), "r"(bits.y), "r"(bits.z),
+                 "r"(bits.w)
+                 : "memory");
+    return;
+  }
+#endif
+  *reinterpret_cast<Vec<T, N>*>(p) = value;
+}
+
+#ifdef __CUDACC__
+constexpr int kWarpSize = 32;
+
+// Sum of `value` over the warp, returned to every lane.
+__device__ __forceinline__ float warp_sum(float value) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
+  }
+  return value;
+}
+
+// Sums of K per-thread values over the whole block (blockDim.x a multiple of 32, at most
+// 1024), returned to thread 0 only. Uses one __shared__ array of 32·K floats.
+template <int K>
+__device__ __forceinline__ void block_sum(float (&values)[K]) {
+  __shared__ float warp_partials[K][kWarpSize];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    values[k] = warp_sum(values[k]);
+    if (lane == 0) warp_partials[k][warp] = values[k];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      values[k] = warp_sum(lane < warps ? warp_partials[k][lane] : 0.0f);
+    }
+  }
+}
+#endif
+
+}  // namespace fastguide

@@ -1,0 +1,160 @@
+// CUDA guided_step: the stats pass (only for CFG rescale, CFG-Zero* and APG) and one
+// elementwise pass. The math is guided_step.cuh's; this file maps it onto threads.
+//
+// Elementwise pass: grid (chunks of a sample, batch); each thread owns kVec consecutive
+// elements of one sample and moves them as 16-byte vectors (kVec = 16/sizeof(T)) when
+// every pointer and offset allows, else one element at a time. The sample's guidance
+// coefficients are merged from its partial sums once per block, by thread 0.
+// Stats pass: grid (parts, batch); each block sums its chunk of one sample into
+// registers, reduces them over the block with warp shuffles and writes 5 floats.
+//
+// Bytes it must move: as kernels/guided_step.py (2E model output, E of x and of each
+// extra input read; E or 2E written): ~20 FLOPs per element, memory-bound.
+#include <cuda_runtime.h>
+
+#include "guided_step.cuh"
+
+namespace fastguide {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads) guided_stats_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
+  const int64_t b = blockIdx.y;
+  const int64_t per_part = stats_part_elems(p, kVec);
+  const int64_t begin = blockIdx.x * per_part;
+  const int64_t end = begin + per_part < p.sample_elems ? begin + per_part : p.sample_elems;
+  float acc[kStatsPerSample] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  // With kVec > 1 the launcher guarantees sample_elems % kVec == 0: no tail.
+  for (int64_t j = begin + static_cast<int64_t>(threadIdx.x) * kVec; j < end; j += kThreads * kVec) {
+    if constexpr (kVec > 1) {
+      const int64_t mo = b * p.mo_sample_stride + j;
+      const Vec<T, kVec> c = load_vec<T, kVec>(t.model_output + mo);
+      const Vec<T, kVec> u = load_vec<T, kVec>(t.model_output + p.uncond_offset + mo);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        const float buffer = p.apg_momentum_on ? t.apg_buffer[b * p.sample_elems + j + i] : 0.0f;
+        accumulate_stats(p, to_float(c.v[i]), to_float(u.v[i]), buffer, acc);
+      }
+    } else {
+      accumulate_stats_at(p, t, b, j, acc);
+    }
+  }
+  block_sum(acc);
+  if (threadIdx.x == 0) {
+    float* out = t.partials + (b * p.parts + blockIdx.x) * kStatsPerSample;
+#pragma unroll
+    for (int k = 0; k < kStatsPerSample; ++k) out[k] = acc[k];
+  }
+}
+
+// kVec elements starting at j, all inside the sample and 16-byte aligned everywhere.
+template <typename T, int kVec>
+__device__ __forceinline__ void guided_step_vector(const GuidedStepParams& p, const GuidedStepTensors<T>& t,
+                                                   const SampleCoefficients& k, int64_t b, int64_t j) {
+  const int64_t here = b * p.sample_elems + j;
+  const int64_t mo = b * p.mo_sample_stride + j;
+  const Vec<T, kVec> c = load_vec<T, kVec>(t.model_output + mo);
+  const Vec<T, kVec> x = load_vec<T, kVec>(t.x + here);
+  Vec<T, kVec> u{}, prev{}, noise{}, grad{}, var_value{};
+  if (p.guided) u = load_vec<T, kVec>(t.model_output + p.uncond_offset + mo);
+  if (p.has_prev) prev = load_vec<T, kVec>(t.prev + here);
+  if (p.has_noise) noise = load_vec<T, kVec>(t.noise + here);
+  if (p.grad_eps || p.has_grad_term) grad = load_vec<T, kVec>(t.grad + here);
+  if (p.learned_var) var_value = load_vec<T, kVec>(t.model_output + p.var_offset + mo);
+  float buffer[kVec] = {};
+  if (p.apg_momentum_on) {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) buffer[i] = t.apg_buffer[here + i];
+  }
+  Vec<T, kVec> x_next, x0;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+    const StepInputs in{to_float(c.v[i]), to_float(u.v[i]), buffer[i], to_float(x.v[i]),
+                        to_float(prev.v[i]), to_float(noise.v[i]), to_float(grad.v[i]), to_float(var_value.v[i])};
+    const StepOutputs r = guided_element(p, k, in);
+    x_next.v[i] = from_float<T>(r.x_next);
+    x0.v[i] = from_float<T>(r.x0);
+    buffer[i] = r.buffer;
+  }
+  if (p.apg_momentum_on) {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) t.apg_buffer[here + i] = buffer[i];
+  }
+  store_vec(t.out + here, x_next);
+  if (p.out_2b) store_vec(t.out + p.out_half_offset + here, x_next);
+  if (p.has_x0_out) store_vec(t.x0_out + here, x0);
+}
+
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads) guided_step_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
+  const int64_t b = blockIdx.y;
+  __shared__ SampleCoefficients coefficients;
+  if (threadIdx.x == 0) {
+    coefficients = p.stats == kStatsNone ? plain_coefficients(p)
+                                         : sample_coefficients(p, t.partials + b * p.parts * kStatsPerSample);
+  }
+  __syncthreads();
+  const SampleCoefficients k = coefficients;
+  const int64_t j = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec;
+  if (j + kVec <= p.sample_elems) {
+    if constexpr (kVec > 1) {
+      guided_step_vector<T, kVec>(p, t, k, b, j);
+    } else {
+      guided_step_at(p, t, k, b, j);
+    }
+  } else {
+    for (int64_t i = j; i < p.sample_elems; ++i) guided_step_at(p, t, k, b, i);
+  }
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+template <typename T>
+int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyped, cudaStream_t stream) {
+  GuidedStepTensors<T> t{
+      static_cast<const T*>(untyped.model_output), static_cast<const T*>(untyped.x),
+      static_cast<const T*>(untyped.prev),         static_cast<const T*>(untyped.noise),
+      static_cast<const T*>(untyped.grad),         untyped.apg_buffer,
+      static_cast<T*>(untyped.out),                static_cast<T*>(untyped.x0_out),
+      untyped.partials};
+  constexpr int kVec = 16 / sizeof(T);
+  const dim3 stats_grid(p.parts, static_cast<unsigned>(p.batch));
+  // The vector path needs every tensor and every offset in it 16-byte aligned.
+  const void* pointers[] = {t.model_output, t.x, t.prev, t.noise, t.grad, t.out, t.x0_out};
+  bool vectorised = p.sample_elems % kVec == 0 && p.mo_sample_stride % kVec == 0 && p.uncond_offset % kVec == 0 &&
+                    p.var_offset % kVec == 0 && p.out_half_offset % kVec == 0;
+  for (const void* ptr : pointers) vectorised = vectorised && (ptr == nullptr || aligned16(ptr));
+  if (p.stats != kStatsNone && vectorised) {
+    guided_stats_kernel<T, kVec><<<stats_grid, kThreads, 0, stream>>>(p, t);
+  } else if (p.stats != kStatsNone) {
+    guided_stats_kernel<T, 1><<<stats_grid, kThreads, 0, stream>>>(p, t);
+  }
+  const int vec = vectorised ? kVec : 1;
+  const int64_t per_block = static_cast<int64_t>(kThreads) * vec;
+  const dim3 grid(static_cast<unsigned>((p.sample_elems + per_block - 1) / per_block), static_cast<unsigned>(p.batch));
+  if (vectorised) {
+    guided_step_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(p, t);
+  } else {
+    guided_step_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p, t);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+int launch_guided_step(StorageType dtype, const GuidedStepParams& p, const GuidedStepTensors<void>& t, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case StorageType::kFloat32:
+      return launch_typed<float>(p, t, s);
+    case StorageType::kFloat16:
+      return launch_typed<__half>(p, t, s);
+    case StorageType::kBFloat16:
+      return launch_typed<__nv_bfloat16>(p, t, s);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+}  // namespace fastguide

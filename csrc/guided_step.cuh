@@ -1,0 +1,203 @@
+// guided_step: the guidance combine and one sampler update (DESIGN.md's contract), as
+// host/device math shared by the CUDA kernels (guided_step.cu) and the CPU harness.
+//
+// With c, u the cond and uncond predictions and v = c − u (for APG with momentum
+// v = c − u + momentum·buffer, the new buffer), every guidance variant is
+// m = f·(α_c·c + α_v·v) with per-sample scalars (kernels/guided_step.py derives them):
+//   CFG          α_c = 1, α_v = w − 1, f = 1
+//   CFG-Zero*    s* = ⟨c, u⟩/(‖u‖² + 1e-8), α_c = w + s*(1 − w), α_v = s*(w − 1)
+//   APG          k = min(1, τ/‖v‖), α_c = 1 + (w − 1)·k·(η − 1)·⟨v, c⟩/‖c‖², α_v = (w − 1)·k
+//   rescale      f = φ·std(c)/std(m₀) + 1 − φ
+// all from five sums S = [Σc, Σv, Σc², Σv², Σc·v] per sample. Then per element: x0 and
+// eps by the prediction type's linear map, the optional clip, the classifier eps shift,
+// and x_next = k_x·x + k_x0·x0 + k_eps·eps + k_prev·prev + k_noise'·noise + k_grad'·grad.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common.cuh"
+
+namespace fastguide {
+
+enum GuidedStats : int { kStatsNone = 0, kStatsZeroStar = 1, kStatsApg = 2, kStatsPlain = 3 };
+constexpr int kStatsPerSample = 5;  // Σc, Σv, Σc², Σv², Σc·v
+constexpr int kMaxParts = 32;       // partial sums per sample written by the stats pass
+
+// Everything a launch needs besides the pointers. Offsets are in elements.
+struct GuidedStepParams {
+  int64_t batch;
+  int64_t sample_elems;       // elements of one sample of x
+  int64_t mo_sample_stride;   // elements between samples of model_output (C' = C or 2C channels)
+  int64_t uncond_offset;      // start of the uncond half of model_output
+  int64_t var_offset;         // start of the variance channels within a model_output sample
+  int64_t out_half_offset;    // start of out's second half when out is (2B, ...)
+  int stats;                  // GuidedStats
+  int parts;                  // partial sums per sample (≤ kMaxParts)
+  bool guided, rescale, apg_momentum_on, clip, grad_eps, learned_var;
+  bool has_prev, has_noise, has_grad_term, out_2b, has_x0_out;
+  float w, guidance_rescale, apg_eta, apg_norm_threshold, apg_momentum;
+  float x0_from_x, x0_from_m, eps_from_x, eps_from_m;  // x0, eps = maps of (x, m)
+  float alpha, sigma, inv_alpha, inv_sigma, grad_eps_scale;
+  float k_x, k_x0, k_eps, k_prev, k_noise, k_grad, log_var_min, log_var_max;
+};
+
+template <typename T>
+struct GuidedStepTensors {
+  const T* model_output;
+  const T* x;
+  const T* prev;     // null unless has_prev
+  const T* noise;    // null unless has_noise
+  const T* grad;     // null unless grad_eps or has_grad_term
+  float* apg_buffer;  // fp32 momentum state, null unless apg_momentum_on
+  T* out;
+  T* x0_out;          // null unless has_x0_out
+  float* partials;    // (batch, parts, 5) fp32 partial sums, null unless stats != none
+};
+
+struct SampleCoefficients {
+  float alpha_c, alpha_v, f;
+};
+
+// (α_c, α_v, f) of one sample from its `parts` partial sums, merged in float64 in a
+// fixed order (deterministic).
+FG_HOST_DEVICE SampleCoefficients sample_coefficients(const GuidedStepParams& p, const float* sample_partials) {
+  double s[kStatsPerSample] = {0.0, 0.0, 0.0, 0.0, 0.0};
+  for (int part = 0; part < p.parts; ++part) {
+    for (int k = 0; k < kStatsPerSample; ++k) s[k] += static_cast<double>(sample_partials[part * kStatsPerSample + k]);
+  }
+  const double s_c = s[0], s_v = s[1], s_cc = s[2], s_vv = s[3], s_cv = s[4];
+  const double w = p.w;
+  double alpha_c = 1.0, alpha_v = w - 1.0, f = 1.0;
+  if (p.stats == kStatsZeroStar) {
+    const double s_star = (s_cc - s_cv) / (s_cc - 2.0 * s_cv + s_vv + 1e-8);
+    alpha_c = w + s_star * (1.0 - w);
+    alpha_v = s_star * (w - 1.0);
+  } else if (p.stats == kStatsApg) {
+    double clip = 1.0;
+    if (p.apg_norm_threshold > 0.0f) clip = fmin(clip, static_cast<double>(p.apg_norm_threshold) / sqrt(s_vv));
+    alpha_c = 1.0 + (w - 1.0) * clip * (static_cast<double>(p.apg_eta) - 1.0) * s_cv / fmax(s_cc, 1e-24);
+    alpha_v = (w - 1.0) * clip;
+  }
+  if (p.rescale) {
+    const double n = static_cast<double>(p.sample_elems);
+    const double var_c = (s_cc - s_c * s_c / n) / (n - 1.0);
+    const double s_m = alpha_c * s_c + alpha_v * s_v;
+    const double s_mm = alpha_c * alpha_c * s_cc + 2.0 * alpha_c * alpha_v * s_cv + alpha_v * alpha_v * s_vv;
+    const double var_m = (s_mm - s_m * s_m / n) / (n - 1.0);
+    const double phi = p.guidance_rescale;
+    f = phi * sqrt(var_c / var_m) + 1.0 - phi;
+  }
+  return {static_cast<float>(alpha_c), static_cast<float>(alpha_v), static_cast<float>(f)};
+}
+
+// The coefficients when no reduction is needed: plain CFG (or the bare prediction).
+FG_HOST_DEVICE SampleCoefficients plain_coefficients(const GuidedStepParams& p) {
+  return {1.0f, p.w - 1.0f, 1.0f};
+}
+
+// One element's inputs and outputs, in fp32. Unused inputs are ignored.
+struct StepInputs {
+  float c, u, buffer, x, prev, noise, grad, var_value;
+};
+struct StepOutputs {
+  float x_next, x0, buffer;
+};
+
+// v = c − u, plus momentum·buffer for APG with momentum (the new buffer).
+FG_HOST_DEVICE float guidance_difference(const GuidedStepParams& p, float c, float u, float buffer) {
+  float v = c - u;
+  if (p.apg_momentum_on) v += p.apg_momentum * buffer;
+  return v;
+}
+
+FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const SampleCoefficients& k, const StepInputs& in) {
+  StepOutputs result{0.0f, 0.0f, in.buffer};
+  float m = in.c;
+  if (p.guided) {
+    const float v = guidance_difference(p, in.c, in.u, in.buffer);
+    result.buffer = v;
+    m = k.f * (k.alpha_c * in.c + k.alpha_v * v);
+  }
+  float x0 = p.x0_from_x * in.x + p.x0_from_m * m;
+  float eps = p.eps_from_x * in.x + p.eps_from_m * m;
+  if (p.clip) {
+    x0 = fminf(fmaxf(x0, -1.0f), 1.0f);
+    eps = (in.x - p.alpha * x0) * p.inv_sigma;
+  }
+  if (p.grad_eps) {
+    eps -= p.grad_eps_scale * in.grad;
+    x0 = (in.x - p.sigma * eps) * p.inv_alpha;
+  }
+  float x_next = p.k_x * in.x + p.k_x0 * x0 + p.k_eps * eps;
+  float noise_coef = p.k_noise, grad_coef = p.k_grad;
+  if (p.learned_var) {
+    // ADM's learned range: ℓ = frac·max + (1 − frac)·min, frac = (v + 1)/2.
+    const float frac = (in.var_value + 1.0f) * 0.5f;
+    const float log_var = frac * p.log_var_max + (1.0f - frac) * p.log_var_min;
+    noise_coef *= expf(0.5f * log_var);
+    grad_coef *= expf(log_var);
+  }
+  if (p.has_prev) x_next += p.k_prev * in.prev;
+  if (p.has_noise) x_next += noise_coef * in.noise;
+  if (p.has_grad_term) x_next += grad_coef * in.grad;
+  result.x_next = x_next;
+  result.x0 = x0;
+  return result;
+}
+
+FG_HOST_DEVICE void accumulate_stats(const GuidedStepParams& p, float c, float u, float buffer,
+                                     float (&acc)[kStatsPerSample]) {
+  const float v = guidance_difference(p, c, u, buffer);
+  acc[0] += c;
+  acc[1] += v;
+  acc[2] += c * c;
+  acc[3] += v * v;
+  acc[4] += c * v;
+}
+
+// Adds element j of sample b to the five running sums.
+template <typename T>
+FG_HOST_DEVICE void accumulate_stats_at(const GuidedStepParams& p, const GuidedStepTensors<T>& t, int64_t b,
+                                        int64_t j, float (&acc)[kStatsPerSample]) {
+  const float c = to_float(t.model_output[b * p.mo_sample_stride + j]);
+  const float u = to_float(t.model_output[p.uncond_offset + b * p.mo_sample_stride + j]);
+  const float buffer = p.apg_momentum_on ? t.apg_buffer[b * p.sample_elems + j] : 0.0f;
+  accumulate_stats(p, c, u, buffer, acc);
+}
+
+// Elements per part of the stats pass: a multiple of `vec`, so vector loads stay aligned.
+FG_HOST_DEVICE int64_t stats_part_elems(const GuidedStepParams& p, int vec) {
+  const int64_t per_part = (p.sample_elems + p.parts - 1) / p.parts;
+  return (per_part + vec - 1) / vec * vec;
+}
+
+// The whole step for element j of sample b, one element at a time (the kernels' scalar
+// path, and the CPU harness).
+template <typename T>
+FG_HOST_DEVICE void guided_step_at(const GuidedStepParams& p, const GuidedStepTensors<T>& t,
+                                   const SampleCoefficients& k, int64_t b, int64_t j) {
+  const int64_t here = b * p.sample_elems + j;  // offset in every x-shaped tensor
+  const int64_t mo = b * p.mo_sample_stride + j;
+  StepInputs in{};
+  in.c = to_float(t.model_output[mo]);
+  if (p.guided) in.u = to_float(t.model_output[p.uncond_offset + mo]);
+  if (p.apg_momentum_on) in.buffer = t.apg_buffer[here];
+  in.x = to_float(t.x[here]);
+  if (p.has_prev) in.prev = to_float(t.prev[here]);
+  if (p.has_noise) in.noise = to_float(t.noise[here]);
+  if (p.grad_eps || p.has_grad_term) in.grad = to_float(t.grad[here]);
+  if (p.learned_var) in.var_value = to_float(t.model_output[p.var_offset + mo]);
+  const StepOutputs r = guided_element(p, k, in);
+  if (p.apg_momentum_on) t.apg_buffer[here] = r.buffer;
+  t.out[here] = from_float<T>(r.x_next);
+  if (p.out_2b) t.out[p.out_half_offset + here] = from_float<T>(r.x_next);
+  if (p.has_x0_out) t.x0_out[here] = from_float<T>(r.x0);
+}
+
+// Launches the stats pass (when p.stats != none) and the elementwise pass on `stream`
+// (a cudaStream_t). Every x-shaped tensor is of `dtype`, apg_buffer and partials are fp32.
+// Returns 0 or a cudaError_t code.
+int launch_guided_step(StorageType dtype, const GuidedStepParams& p, const GuidedStepTensors<void>& t, void* stream);
+
+}  // namespace fastguide

@@ -1,0 +1,139 @@
+"""The compiled extension behind the ``cuda`` backend: find it, or build it.
+
+Two ways to get it (README, "CUDA backend"):
+- ahead of time: ``FASTGUIDE_BUILD_CUDA=1 pip install .`` builds ``fastguide._C`` (setup.py,
+  CUDAExtension with ninja, architectures from ``FASTGUIDE_CUDA_ARCHS``, default "80;90");
+- just in time: on the first use of the cuda backend, ``torch.utils.cpp_extension.load``
+  compiles csrc/ with ninja for the GPU at hand, into torch's extension cache
+  (``TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions), where later runs find it.
+Loading either registers the ``torch.ops.fastguide_cuda`` ops that fastguide.cuda_backend
+calls. Nothing here runs at ``import fastguide``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+OPS_NAMESPACE = "fastguide_cuda"
+KERNEL_SOURCES = ("guided_step.cu", "group_norm.cu")  # nvcc; no torch headers
+BINDING_SOURCES = ("bindings.cpp",)  # the host compiler, against torch's headers
+NVCC_FLAGS = ("-O3", "--use_fast_math")  # torch adds the C++ standard its headers need
+# The static check (python -m fastguide.kernels.report): each kernel source on its own.
+KERNEL_CHECK_FLAGS = ("-std=c++17", "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror")
+
+_loaded = False
+
+
+def source_dir() -> Path:
+    """csrc/, wherever it lives: the source tree, or the installed package data."""
+    spec = importlib.util.find_spec("fastguide.csrc")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("fastguide's CUDA sources (package fastguide.csrc) are not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _cuda_homes() -> list[Path]:
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    return [Path(home) for home in homes if home]
+
+
+def nvcc() -> str | None:
+    """nvcc under CUDA_HOME / CUDA_PATH / /usr/local/cuda, else the one on PATH."""
+    for home in _cuda_homes():
+        if (home / "bin" / "nvcc").exists():
+            return str(home / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def cuda_include() -> Path:
+    """The toolkit's include directory (cuda_runtime_api.h)."""
+    candidates = _cuda_homes()
+    if nvcc() is not None:
+        candidates.append(Path(os.path.realpath(nvcc())).parent.parent)
+    for home in candidates:
+        if (home / "include" / "cuda_runtime_api.h").exists():
+            return home / "include"
+    raise RuntimeError("the CUDA toolkit's headers were not found (set CUDA_HOME)")
+
+
+def kernel_check_command(source: str, arch: int, cubin: Path) -> list[str]:
+    """nvcc compiling one kernel source on its own for sm_<arch> into a cubin, warnings as errors."""
+    compiler = nvcc()
+    if compiler is None:
+        raise RuntimeError("nvcc not found (put the CUDA toolkit's bin on PATH, or set CUDA_HOME)")
+    return [compiler, *NVCC_FLAGS, *KERNEL_CHECK_FLAGS, "-cubin", f"-arch=sm_{arch}", "-o", str(cubin),
+            str(source_dir() / source)]
+
+
+def bindings_check_command(torch_include: Path) -> list[str]:
+    """The host compiler checking bindings.cpp against a CUDA build's torch/include, warnings
+    as errors (syntax only: nothing is linked)."""
+    cxx = shutil.which("c++") or shutil.which("g++") or "c++"
+    standard = "-std=c++20" if "C++20" in (torch_include / "ATen" / "ATen.h").read_text() else "-std=c++17"
+    return [cxx, standard, "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
+            "-isystem", str(torch_include), "-isystem", str(torch_include / "torch" / "csrc" / "api" / "include"),
+            "-isystem", str(cuda_include()), *(str(source_dir() / name) for name in BINDING_SOURCES)]
+
+
+def prebuilt_path() -> str | None:
+    """The ahead-of-time build fastguide._C, when installed."""
+    try:
+        spec = importlib.util.find_spec("fastguide._C")
+    except ModuleNotFoundError:
+        return None
+    return None if spec is None else spec.origin
+
+
+def why_not_buildable() -> str | None:
+    """What a just-in-time build lacks on this machine; None when it can build."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU build; the CUDA extension needs a CUDA build of torch"
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        return "no CUDA toolkit found (install one with nvcc, or set CUDA_HOME)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        return "no C++ compiler found (c++ or g++)"
+    return None
+
+
+def why_not_available() -> str | None:
+    """None when the extension is built or can be built here, else the reason."""
+    if prebuilt_path() is not None:
+        return None
+    reason = why_not_buildable()
+    if reason is None:
+        return None
+    return f"fastguide._C is not built (FASTGUIDE_BUILD_CUDA=1 pip install .) and cannot be built now: {reason}"
+
+
+def load() -> None:
+    """Register the fastguide_cuda ops: load fastguide._C, or build it (once, cached)."""
+    global _loaded
+    if _loaded:
+        return
+    path = prebuilt_path()
+    if path is not None:
+        torch.ops.load_library(path)
+    else:
+        reason = why_not_buildable()
+        if reason is not None:
+            raise RuntimeError(f"the cuda backend needs the extension fastguide._C: {reason}")
+        from torch.utils import cpp_extension
+
+        sources = source_dir()
+        cpp_extension.load(
+            name=OPS_NAMESPACE,
+            sources=[str(sources / name) for name in BINDING_SOURCES + KERNEL_SOURCES],
+            extra_cflags=["-O3"],  # torch picks the C++ standard its headers need
+            extra_cuda_cflags=list(NVCC_FLAGS),
+            is_python_module=False,
+        )
+    _loaded = True

@@ -1,0 +1,68 @@
+"""Tensor layouts the compiled kernels read, shared by the Triton and CUDA launchers.
+
+A kernel indexes every x-shaped tensor with one dense layout (NCHW-contiguous, or
+channels_last for 4-D tensors): these helpers give a launcher that layout, making
+copies only for tensors that are not already dense in it, and write results computed
+in such a copy back into the caller's tensor afterwards (the ops' in-place contract).
+They also hold the per-step constants both guided_step launchers derive: which
+per-sample reduction a guidance variant needs, and the prediction type's linear maps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Per-sample reduction a guided_step variant needs before its elementwise pass.
+STATS_NONE, STATS_ZERO_STAR, STATS_APG, STATS_PLAIN = 0, 1, 2, 3
+
+
+def guidance_stats(guided: bool, cfg_zero_star: bool, apg: bool, guidance_rescale: float) -> int:
+    """STATS_* for a variant: CFG-Zero* and APG need their sums; plain CFG only for rescale."""
+    if guided and cfg_zero_star:
+        return STATS_ZERO_STAR
+    if guided and apg:
+        return STATS_APG
+    if guided and guidance_rescale > 0:
+        return STATS_PLAIN
+    return STATS_NONE
+
+
+def prediction_maps(prediction_type: str, alpha: float, sigma: float) -> tuple[float, float, float, float]:
+    """(x0_from_x, x0_from_m, eps_from_x, eps_from_m) of x = alpha·x0 + sigma·eps."""
+    if prediction_type == "epsilon":
+        return 1.0 / alpha, -sigma / alpha, 0.0, 1.0
+    if prediction_type == "v_prediction":
+        return alpha, -sigma, sigma, alpha
+    return 0.0, 1.0, 1.0 / sigma, -alpha / sigma  # "sample"
+
+
+def step_format(x: Tensor, learned_variance: bool) -> torch.memory_format:
+    """guided_step's layout: x's own when every kernel offset can follow it, else contiguous
+    (a learned-variance model output splits channels, which only NCHW keeps per sample)."""
+    if not learned_variance and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def norm_format(x: Tensor) -> torch.memory_format:
+    """GroupNorm's layout: channels_last for a 4-D channels_last x, else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def dense(t: Tensor | None, fmt: torch.memory_format, dtype: torch.dtype | None = None) -> Tensor | None:
+    """t itself when dense in fmt (and of dtype, when given), else such a copy."""
+    if t is None:
+        return None
+    if t.is_contiguous(memory_format=fmt) and (dtype is None or t.dtype == dtype):
+        return t
+    return t.to(dtype=dtype or t.dtype).contiguous(memory_format=fmt)
+
+
+def write_back(targets: dict[str, Tensor | None], work: dict[str, Tensor | None]) -> None:
+    """Copy each result computed in a stand-in (work[name] is not targets[name]) back."""
+    for name, target in targets.items():
+        if target is not None and work[name] is not target:
+            target.copy_(work[name])

@@ -1,0 +1,191 @@
+"""The cuda backend (csrc/) without a GPU, and its build checks.
+
+On a CPU machine the CUDA kernels cannot run, but everything around their thread
+mapping can: csrc/bindings.cpp built with -DFASTGUIDE_HOST_HARNESS registers CPU
+implementations (tests/csrc_host/host_launch.cpp) that drive the kernels' own
+``__host__ __device__`` math — the per-element step, the per-sample and per-group
+merges, the index maps of every layout — in the kernels' order of partial sums. With
+fastguide.ops routed to the cuda backend, every option and variant then runs through
+the real path (validation, custom op, fastguide.cuda_backend's glue, the bindings)
+and is compared with the float64 reference, float32 storage (the host has no fp16).
+On a GPU, the usual backend-parametrised tests (test_guided_step.py,
+test_group_norm.py) run the real kernels.
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastguide
+from fastguide import cuda_backend, extension, ops, reference
+from tests.test_group_norm import SHAPES as NORM_SHAPES
+from tests.test_group_norm import explicit_group_norm, random_inputs
+from tests.test_guided_step import CASES, STEP_SHAPES, as_float64, case_inputs, poisoned, randn
+from tests.tolerances import GROUP_NORM, GUIDED_STEP, assert_close
+
+HARNESS_DIR = Path(__file__).parent / "csrc_host"
+HOST_NAMESPACE = "fastguide_cuda_host"
+
+
+def _build_host_harness() -> None:
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(
+        name=HOST_NAMESPACE,
+        sources=[str(extension.source_dir() / "bindings.cpp"), str(HARNESS_DIR / "host_launch.cpp")],
+        extra_cflags=["-O2", "-DFASTGUIDE_HOST_HARNESS", "-Wall", "-Wextra", "-Werror"],
+        is_python_module=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def host_harness():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler to build the host harness")
+    _build_host_harness()
+    return getattr(torch.ops, HOST_NAMESPACE)
+
+
+@pytest.fixture
+def cuda_backend_on_cpu(host_harness, monkeypatch):
+    """Route guided_step and group_norm to the cuda backend, running on the host harness."""
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: host_harness)
+    monkeypatch.setattr(ops, "_resolve", lambda op, device, dtype: "torch" if op == "attention" else "cuda")
+
+
+# --------------------------------------------------------------------------------------
+# guided_step
+# --------------------------------------------------------------------------------------
+
+
+def run_against_reference(model_output, x, kwargs, names=("out", "x0_out", "apg_buffer")):
+    expected = as_float64(kwargs)
+    reference.guided_step(model_output.double(), x.double(), **expected)
+    ops.guided_step(model_output, x, **kwargs)
+    for name in names:
+        if name in kwargs:
+            assert_close(kwargs[name], expected[name], GUIDED_STEP, kwargs[name].dtype)
+
+
+@pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_guided_step_matches_reference(cuda_backend_on_cpu, shape, case):
+    model_output, x, kwargs = case_inputs(CASES[case], *shape, torch.float32, "cpu")
+    run_against_reference(model_output, x, kwargs)
+
+
+@pytest.mark.parametrize("case", ["cfg-clip-noise", "rescale", "apg-momentum-clip", "ddpm-learned-var-grad"])
+def test_guided_step_channels_last(cuda_backend_on_cpu, case):
+    model_output, x, kwargs = case_inputs(CASES[case], 2, 5, (9, 11), torch.float32, "cpu")
+    model_output, x = (t.to(memory_format=torch.channels_last) for t in (model_output, x))
+    for name in ("prev", "noise", "grad", "out", "apg_buffer"):
+        if name in kwargs:
+            kwargs[name] = kwargs[name].to(memory_format=torch.channels_last)
+    run_against_reference(model_output, x, kwargs)
+    assert kwargs["out"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_guided_step_strided_outputs_and_mixed_dtypes(cuda_backend_on_cpu):
+    # out and x0_out as views into one buffer, prev in float64: converted, written through.
+    model_output, x, kwargs = case_inputs(CASES["dpm2m-prev-x0out"], 2, 3, (8, 8), torch.float32, "cpu")
+    storage = poisoned((2, 3, 8, 16), torch.float32)
+    kwargs["out"], kwargs["x0_out"] = storage[..., ::2], storage[..., 1::2]
+    kwargs["prev"] = kwargs["prev"].double()
+    run_against_reference(model_output, x, kwargs)
+
+
+def test_guided_step_in_place_on_x(cuda_backend_on_cpu):
+    model_output, x, kwargs = case_inputs(CASES["cfg-clip-noise"], 2, 3, (8, 8), torch.float32, "cpu")
+    expected = as_float64(kwargs)
+    reference.guided_step(model_output.double(), x.double(), **expected)
+    kwargs["out"] = x
+    ops.guided_step(model_output, x, **kwargs)
+    assert_close(x, expected["out"], GUIDED_STEP, torch.float32)
+
+
+@pytest.mark.parametrize("case", ["rescale", "cfg-zero-star", "apg-momentum-clip", "apg-rescale-2b-out"])
+def test_reduction_variants_when_cond_is_close_to_uncond(cuda_backend_on_cpu, case):
+    # 3·4·48² elements per sample: several partial sums per sample, merged in float64.
+    model_output, x, kwargs = case_inputs(CASES[case], 3, 4, (48, 48), torch.float32, "cpu")
+    model_output[3:] = model_output[:3] + 0.01 * randn(3, 4, 48, 48, seed=7, dtype=torch.float32)
+    run_against_reference(model_output, x, kwargs, names=("out",))
+
+
+def test_samples_agree_with_torch_backend(host_harness, monkeypatch):
+    # The whole sampler on a tiny UNet: its GroupNorms and steps on the cuda backend.
+    from tests.test_sampler import tiny_cfg_unet
+
+    model = tiny_cfg_unet()
+    kwargs = dict(labels=torch.tensor([1]), sampler="dpm++2m", steps=[600, 300, 100],
+                  noise=torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(6)),
+                  guidance=fastguide.CFG(3.0, rescale=0.5))
+    with fastguide.backend("torch"):
+        expected = fastguide.sample(model, (1, 3, 8, 8), **kwargs)
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: host_harness)
+    monkeypatch.setattr(ops, "_resolve", lambda op, device, dtype: "torch" if op == "attention" else "cuda")
+    got = fastguide.sample(model, (1, 3, 8, 8), **kwargs)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------
+# group_norm
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [(s, False) for s in NORM_SHAPES] + [(s, True) for s in NORM_SHAPES if len(s[3]) == 2],
+    ids=str,
+)
+@pytest.mark.parametrize("scale_shift", [False, True])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_group_norm_matches_explicit_formula(cuda_backend_on_cpu, shape, channels_last, scale_shift, activation):
+    n, c, groups, spatial = shape
+    x, weight, bias, scale, shift = random_inputs(n, c, spatial, torch.float32, "cpu")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    if not scale_shift:
+        scale = shift = None
+    y = ops.group_norm(x, groups, weight, bias, scale=scale, shift=shift, activation=activation)
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, explicit_group_norm(x, groups, weight, bias, scale, shift, activation), GROUP_NORM, torch.float32)
+
+
+def test_group_norm_mean_far_from_zero(cuda_backend_on_cpu):
+    # |mean| = 25·std: Σx² − (Σx)²/n in fp32 would lose ~1e-4 of the variance; the
+    # shifted sums must not.
+    x, weight, bias, _, _ = random_inputs(2, 64, (16, 16), torch.float32, "cpu")
+    x = x + 50.0
+    y = ops.group_norm(x, 32, weight, bias)
+    assert_close(y, explicit_group_norm(x, 32, weight, bias, None, None, None), GROUP_NORM, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 3, 1, (7, 13)), (1, 8, 2, (64, 64)), (2, 96, 32, (5, 5)), (5, 160, 32, (1, 1))], ids=str
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("affine", ["none", "all"])
+def test_group_norm_backward_matches_autograd_of_formula(cuda_backend_on_cpu, shape, channels_last, affine):
+    n, c, groups, spatial = shape
+    x, weight, bias, scale, shift = random_inputs(n, c, spatial, torch.float32, "cpu", seed=3)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, scale, shift)]
+    if affine == "none":
+        leaves[1:] = [None] * 4
+    grad_y = torch.randn(x.shape)
+    y = ops.group_norm(leaves[0], groups, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu")
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(y, present, grad_y)
+    doubles = [None if t is None else t.detach().double().requires_grad_() for t in leaves]
+    ones = (torch.ones(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64))
+    w, b = (doubles[1], doubles[2]) if affine == "all" else ones
+    expected = explicit_group_norm(doubles[0], groups, w, b, doubles[3], doubles[4], "silu")
+    wanted = torch.autograd.grad(expected, [t for t in doubles if t is not None], grad_y.double())
+    for got, want in zip(grads, wanted):
+        count = x.numel() // want.numel()
+        atol, rtol = GROUP_NORM[torch.float32]
+        torch.testing.assert_close(got.double(), want, atol=atol * max(1, count) ** 0.5, rtol=rtol * 4)
