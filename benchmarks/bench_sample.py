@@ -3,7 +3,8 @@
 Step: fastguide's one op vs the diffusers way on the same tensors (chunk the 2B model
 output, combine, DDIMScheduler.step with clipping, torch.cat the next 2B input).
 End to end: fastguide.sample vs the same loop written the diffusers way (cat, forward,
-chunk, combine, scheduler step) on the same model and noise.
+chunk, combine, scheduler step) on the same model and noise; on a GPU also with the
+loop captured as CUDA graphs (a GuidedSampler held across calls, cuda_graph=True).
 """
 
 import math
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import DEVICE
-from fastguide import CFG, ops, sample
+from fastguide import CFG, GuidedSampler, ops, sample
 from fastguide.configs import create_model, unet_config
 
 W = 4.0
@@ -92,7 +93,14 @@ def _end_to_end(benchmark, impl, pairs, steps):
         return sample(model, shape, labels=labels, sampler="ddim", steps=scheduler.timesteps.tolist(),
                       guidance=CFG(W), noise=noise)
 
-    fn = {"fastguide": fastguide_loop, "diffusers": diffusers_loop}[impl]
+    # The same loop captured as CUDA graphs once (in the warm-up call below), then replayed.
+    graphed = None
+    if impl == "fastguide-cuda_graph":
+        graphed = GuidedSampler(model, sampler="ddim", steps=scheduler.timesteps.tolist(), guidance=CFG(W),
+                                cuda_graph=True)
+
+    fn = {"fastguide": fastguide_loop, "diffusers": diffusers_loop,
+          "fastguide-cuda_graph": lambda: graphed(shape, labels=labels, noise=noise)}[impl]
     fn()
     benchmark.pedantic(fn, rounds=3, warmup_rounds=0)
 
@@ -105,6 +113,6 @@ def test_sampling_end_to_end_cpu(benchmark, impl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["fastguide", "diffusers"])
+@pytest.mark.parametrize("impl", ["fastguide", "fastguide-cuda_graph", "diffusers"])
 def test_sampling_end_to_end_gpu(benchmark, impl):
     _end_to_end(benchmark, impl, pairs=64, steps=25)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import backends
+from .samplers import SAMPLERS
 from .schedule import NoiseSchedule
 
 GUIDANCE = ("cfg", "classifier", "both", "none")
@@ -281,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=float, default=2.0,
                    help="CFG scale w; 1 = the conditional model, 0 = unconditional (default: 2)")
     s.add_argument("--classifier-scale", type=float, default=4.0, help="classifier guidance scale (default: 4)")
-    s.add_argument("--sampler", choices=("ddim", "ddpm", "euler", "dpm++2m"), default="dpm++2m",
+    s.add_argument("--sampler", choices=SAMPLERS, default="dpm++2m",
                    help="sampler (default: dpm++2m)")
     s.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
     s.add_argument("--num-samples", type=int, default=40, help="how many samples (default: 40)")
@@ -300,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--scales", type=float, nargs="+", default=[0, 1, 2, 3, 5, 8], help="guidance scales")
     w.add_argument("--samples-per-scale", type=int, default=500)
     w.add_argument("--steps", type=int, default=25)
-    w.add_argument("--sampler", choices=("ddim", "ddpm", "euler", "dpm++2m"), default="dpm++2m")
+    w.add_argument("--sampler", choices=SAMPLERS, default="dpm++2m")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--device", default="cpu")
     w.add_argument("--table", type=Path, help="also write the markdown table here")

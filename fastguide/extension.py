@@ -23,8 +23,13 @@ OPS_NAMESPACE = "fastguide_cuda"
 KERNEL_SOURCES = ("guided_step.cu", "group_norm.cu")  # nvcc; no torch headers
 BINDING_SOURCES = ("bindings.cpp",)  # the host compiler, against torch's headers
 NVCC_FLAGS = ("-O3", "--use_fast_math")  # torch adds the C++ standard its headers need
-# The static check (python -m fastguide.kernels.report): each kernel source on its own.
-KERNEL_CHECK_FLAGS = ("-std=c++17", "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror")
+# The static check (python -m fastguide.kernels.report): each kernel source on its own,
+# with the half-type restrictions torch's extension builds add, warnings as errors.
+KERNEL_CHECK_FLAGS = (
+    "-std=c++17", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+    "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror",
+)
 
 _loaded = False
 

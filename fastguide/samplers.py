@@ -13,7 +13,15 @@ with, writing a = √ᾱ, s = √(1 − ᾱ) and primes for t_next:
   dpm++2m (Lu et al. 2022, DPM-Solver++(2M)): h = λ' − λ, φ = −a'·(e^{−h} − 1),
                         k_x = s'/s, k_x0 = φ·(1 + 1/2r), k_prev = −φ/2r, r = h_prev/h;
                         first order (k_prev = 0) at the first and the last step.
-A sampler is a choice of these numbers; nothing else differs.
+  dpm++2s (Lu et al. 2022, DPM-Solver++(2S)): two model calls per step, the second at
+                        the grid timestep s whose λ is closest to the midpoint (r = (λ_s − λ)/h):
+                        u = (s_s/s)·x − a_s·(e^{−rh} − 1)·D,  then from D_s at (u, s)
+                        x' = (s'/s)·x + φ·(1 − 1/2r)·D + φ/2r·D_s. The second call holds u as x
+                        and D as prev, so x = (s/s_s)·(u + a_s·(e^{−rh} − 1)·D) turns that into
+                        k_x = s'/s_s, k_x0 = φ/2r, k_prev = (s'/s_s)·a_s·(e^{−rh} − 1) + φ·(1 − 1/2r).
+                        First order where no grid timestep lies between t and t', and at the last step.
+A sampler is a choice of these numbers; nothing else differs. A plan holds one entry per
+model call: dpm++2s has two per step (2·steps − 1 calls in all).
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ from . import ops
 from .guidance import split_guidance
 from .schedule import NoiseSchedule
 
-SAMPLERS = ("ddim", "ddpm", "euler", "dpm++2m")
+SAMPLERS = ("ddim", "ddpm", "euler", "dpm++2m", "dpm++2s")
+# Samplers whose next model call reads this call's x0 as prev.
+_KEEPS_X0 = ("dpm++2m", "dpm++2s")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 
 
@@ -94,6 +104,43 @@ def _dpm_pp_2m(schedule: NoiseSchedule, t: int, t_next: int, h_prev: float | Non
     return StepPlan(t, t_next, k_x=sigma_next / sigma, k_x0=phi * (1 + 1 / (2 * r)), k_prev=-phi / (2 * r)), h
 
 
+def _log_snr_midpoint(schedule: NoiseSchedule, t: int, t_next: int) -> int | None:
+    """The grid timestep strictly between t_next and t whose λ is closest to the midpoint
+    of λ_t and λ_t_next; None when no timestep lies between them."""
+    if t - t_next < 2:
+        return None
+    target = 0.5 * (schedule.log_snr(t) + schedule.log_snr(t_next))
+    low, high = t_next + 1, t - 1  # λ falls as t grows: find the first t with λ_t ≤ target
+    while low < high:
+        middle = (low + high) // 2
+        if schedule.log_snr(middle) <= target:
+            high = middle
+        else:
+            low = middle + 1
+    candidates = [c for c in (low - 1, low) if t_next < c < t]
+    return min(candidates, key=lambda c: abs(schedule.log_snr(c) - target))
+
+
+def _dpm_pp_2s(schedule: NoiseSchedule, t: int, t_next: int) -> list[StepPlan]:
+    (_, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
+    if sigma_next == 0:  # the last step lands on the clean data: first order gives x0
+        return [StepPlan(t, t_next, k_x0=1.0)]
+    h = schedule.log_snr(t_next) - schedule.log_snr(t)
+    phi = -alpha_next * math.expm1(-h)
+    mid = _log_snr_midpoint(schedule, t, t_next)
+    if mid is None:
+        return [StepPlan(t, t_next, k_x=sigma_next / sigma, k_x0=phi)]
+    alpha_mid, sigma_mid = schedule.alpha_sigma(mid)
+    rh = schedule.log_snr(mid) - schedule.log_snr(t)
+    r = rh / h
+    to_mid = StepPlan(t, mid, k_x=sigma_mid / sigma, k_x0=-alpha_mid * math.expm1(-rh))
+    from_mid = StepPlan(
+        mid, t_next, k_x=sigma_next / sigma_mid, k_x0=phi / (2 * r),
+        k_prev=sigma_next / sigma_mid * alpha_mid * math.expm1(-rh) + phi * (1 - 1 / (2 * r)),
+    )
+    return [to_mid, from_mid]
+
+
 def plan_steps(
     sampler: str,
     schedule: NoiseSchedule,
@@ -102,7 +149,8 @@ def plan_steps(
     eta: float = 0.0,
     variance_type: str = "fixed_small",
 ) -> list[StepPlan]:
-    """The per-step scalars of ``sampler`` over ``timesteps`` (descending original t)."""
+    """The scalars of each model call of ``sampler`` over ``timesteps`` (descending
+    original t): one plan per step, two per step for dpm++2s."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if variance_type not in VARIANCE_TYPES:
@@ -115,6 +163,8 @@ def plan_steps(
     if sampler == "ddpm":
         clipped = _posterior_variance(schedule, *pairs[-2]) if len(pairs) > 1 else schedule.betas[0].item()
         return [_ddpm(schedule, t, t_next, variance_type, clipped) for t, t_next in pairs]
+    if sampler == "dpm++2s":
+        return [plan for t, t_next in pairs for plan in _dpm_pp_2s(schedule, t, t_next)]
     plans, h_prev = [], None
     for t, t_next in pairs:
         plan, h_prev = _dpm_pp_2m(schedule, t, t_next, h_prev)
@@ -125,13 +175,32 @@ def plan_steps(
 Model = Callable[..., Tensor]
 
 
+@dataclass
+class _Buffers:
+    """The tensors one sampling run works in; a captured CUDA graph reads and writes only these."""
+
+    model_input: Tensor  # (rows, C, ...): x_t in its first B rows, [cond; uncond] with CFG
+    labels_in: Tensor | None  # (rows,): the labels, then the null label with CFG
+    x0: tuple[Tensor, Tensor]  # ping-pong x0 of the solvers that read the previous one
+    apg: Tensor | None  # APG's momentum state
+    noise: Tensor  # the noise of a graph replay's step, drawn before the replay
+
+
 class GuidedSampler:
     """A guided sampling loop that holds its buffers across calls.
 
-    One model forward per step: with CFG, on a 2B batch laid out [cond; uncond] with the
-    null label in the second half; ops.guided_step writes x_next into both halves of that
-    input, so no torch.cat ever runs. DPM-Solver++ keeps the previous x0 in a second
-    buffer (ping-pong). See ``fastguide.sample`` for the arguments.
+    One model forward per call of the plan: with CFG, on a 2B batch laid out
+    [cond; uncond] with the null label in the second half; ops.guided_step writes x_next
+    into both halves of that input, so no torch.cat ever runs. DPM-Solver++ keeps the
+    previous x0 in a second buffer (ping-pong): the call after reads it as prev.
+
+    With ``cuda_graph=True`` (CUDA only) the first call for a batch shape runs the loop
+    once eagerly on a side stream (warm-up: lazy initialisation, autotuning), then
+    captures each model call with its guided_step as one CUDA graph, sharing one memory
+    pool; every call then only copies x_T and the labels in, draws the noise and replays
+    the graphs. The same generator gives the same samples with or without graphs.
+    Classifier guidance (autograd through the classifier) is not captured.
+    See ``fastguide.sample`` for the other arguments.
     """
 
     def __init__(
@@ -149,6 +218,7 @@ class GuidedSampler:
         null_label: int | None = None,
         num_classes: int | None = None,
         dynamic_threshold: float | None = None,
+        cuda_graph: bool = False,
     ):
         if dynamic_threshold is not None and not 0 < dynamic_threshold < 1:
             raise ValueError(f"dynamic_threshold must be a percentile in (0, 1), got {dynamic_threshold}")
@@ -168,6 +238,15 @@ class GuidedSampler:
             )
         if eta < 0:
             raise ValueError(f"eta must be non-negative, got {eta}")
+        if cuda_graph and self.classifier is not None:
+            raise ValueError(
+                "cuda_graph=True cannot capture classifier guidance (its gradient runs autograd "
+                "through the classifier); use cuda_graph=False"
+            )
+        self.cuda_graph = cuda_graph
+        # (shape, device, labelled) -> (buffers, plans, graphs) of the captured runs.
+        self._graphs: dict[tuple, tuple[_Buffers, list[StepPlan], list]] = {}
+        plan_steps(sampler, self.schedule, self.timesteps[:1])  # an unknown sampler fails here
 
     def _plans(self, learned_variance: bool) -> list[StepPlan]:
         variance_type = self.variance_type or ("learned_range" if learned_variance else "fixed_small")
@@ -202,62 +281,131 @@ class GuidedSampler:
         device = torch.device(device) if device is not None else (noise.device if noise is not None else _model_device(self.model))
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
-        batch = shape[0]
-        labels = self._check_labels(labels, batch, device)
-        guided = self.cfg is not None
-        rows = 2 * batch if guided else batch
-        # The model input buffer: x_t lives in its first half; each step rewrites all of it.
-        model_input = torch.empty((rows, *shape[1:]), device=device)
-        model_input[:batch] = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
-        if guided:
-            model_input[batch:] = model_input[:batch]
-            labels_in = torch.cat([labels, torch.full_like(labels, self.null_label)])
-        else:
-            labels_in = labels
-        x = model_input[:batch]
-        x0_buffers = [torch.empty(shape, device=device), torch.empty(shape, device=device)]
-        apg = self.cfg.apg if guided else None
-        apg_buffer = torch.zeros(shape, device=device) if apg is not None and apg.momentum else None
-
-        steps = enumerate(self.timesteps)
+        if self.cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
+        labels = self._check_labels(labels, shape[0], device)
+        x_T = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
+        calls = range(len(self._plans(learned_variance=False)))
         if progress:
             from tqdm.auto import tqdm
 
-            steps = tqdm(steps, total=len(self.timesteps), desc=f"{self.sampler} sampling")
-        plans = None
-        for i, t in steps:
-            use_cfg = guided and self.cfg.active_at(self.schedule.edm_sigma(t))
-            n = rows if use_cfg else batch
-            t_in = torch.full((n,), t, device=device, dtype=torch.long)
-            y_in = None if labels_in is None else labels_in[:n]
-            model_output = self.model(model_input[:n], t_in, y_in) if y_in is not None else self.model(model_input[:n], t_in)
-            if plans is None:
-                plans = self._plans(learned_variance=model_output.shape[1] == 2 * shape[1])
-            plan = plans[i]
-            x0_out, prev = x0_buffers[i % 2], x0_buffers[(i + 1) % 2]
-            alpha, sigma = self.schedule.alpha_sigma(t)
-            kwargs = dict(
-                alpha=alpha, sigma=sigma, prediction_type=self.prediction_type,
-                clip_denoised=self.clip_denoised, k_x=plan.k_x, k_x0=plan.k_x0, k_eps=plan.k_eps,
-                log_variance_range=plan.log_variance_range if model_output.shape[1] == 2 * shape[1] else None,
-                out=model_input, x0_out=x0_out if self.sampler == "dpm++2m" else None,
-            )
-            if use_cfg:
-                kwargs.update(self.cfg.step_kwargs(), apg_buffer=apg_buffer)
-            if plan.k_prev:
-                kwargs.update(prev=prev, k_prev=plan.k_prev)
-            if plan.k_noise:
-                kwargs.update(noise=torch.randn(shape, generator=generator, device=device), k_noise=plan.k_noise)
-            if self.classifier is not None and self.classifier.scale:
-                grad = self.classifier.gradient(x, t_in[:batch], labels)
-                if plan.ancestral:
-                    kwargs.update(grad=grad, k_grad=self.classifier.scale * plan.variance)
-                else:
-                    kwargs.update(grad=grad, grad_eps_scale=self.classifier.scale * sigma)
-            if self.dynamic_threshold is not None:
-                model_output, kwargs = self._dynamic_threshold(model_output, x, kwargs, x0_buffers[i % 2])
-            ops.guided_step(model_output, x, **kwargs)
-        return x.clone()
+            calls = tqdm(calls, desc=f"{self.sampler} sampling")
+        if self.cuda_graph:
+            return self._replay(shape, device, x_T, labels, generator, calls)
+
+        buffers = self._new_buffers(shape, device, labels is not None)
+        self._load(buffers, x_T, labels)
+        plans = self._plans(learned_variance=False)
+        fresh_noise = lambda: torch.randn(shape, generator=generator, device=device)  # noqa: E731
+        for i in calls:
+            plans = self._step(i, plans, buffers, shape, fresh_noise)
+        return buffers.model_input[: shape[0]].clone()
+
+    def _new_buffers(self, shape: tuple[int, ...], device: torch.device, labelled: bool) -> _Buffers:
+        rows = 2 * shape[0] if self.cfg is not None else shape[0]
+        apg = self.cfg.apg if self.cfg is not None else None
+        return _Buffers(
+            model_input=torch.empty((rows, *shape[1:]), device=device),
+            labels_in=torch.empty(rows, dtype=torch.long, device=device) if labelled else None,
+            x0=(torch.empty(shape, device=device), torch.empty(shape, device=device)),
+            apg=torch.empty(shape, device=device) if apg is not None and apg.momentum else None,
+            noise=torch.zeros(shape, device=device),
+        )
+
+    def _load(self, buffers: _Buffers, x_T: Tensor, labels: Tensor | None) -> None:
+        """Start a run: x_T in every half of the model input, the labels, a fresh APG state."""
+        batch = x_T.shape[0]
+        buffers.model_input[:batch] = x_T
+        if self.cfg is not None:
+            buffers.model_input[batch:] = x_T
+        if labels is not None:
+            buffers.labels_in[:batch] = labels
+            if self.cfg is not None:
+                buffers.labels_in[batch:] = self.null_label
+        if buffers.apg is not None:
+            buffers.apg.zero_()
+
+    def _step(
+        self, i: int, plans: list[StepPlan], buffers: _Buffers, shape: tuple[int, ...], draw_noise: Callable[[], Tensor]
+    ) -> list[StepPlan]:
+        """Model call i of the plan and its guided_step, in the buffers. Returns the plans,
+        replanned after the first call when the model turns out to learn its variance."""
+        batch = shape[0]
+        model_input, labels_in = buffers.model_input, buffers.labels_in
+        x = model_input[:batch]
+        t = plans[i].t
+        use_cfg = self.cfg is not None and self.cfg.active_at(self.schedule.edm_sigma(t))
+        n = model_input.shape[0] if use_cfg else batch
+        t_in = torch.full((n,), t, device=x.device, dtype=torch.long)
+        if labels_in is not None:
+            model_output = self.model(model_input[:n], t_in, labels_in[:n])
+        else:
+            model_output = self.model(model_input[:n], t_in)
+        learned_variance = model_output.shape[1] == 2 * shape[1]
+        if i == 0 and learned_variance:
+            plans = self._plans(learned_variance=True)
+        plan = plans[i]
+        x0_out, prev = buffers.x0[i % 2], buffers.x0[(i + 1) % 2]
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        kwargs = dict(
+            alpha=alpha, sigma=sigma, prediction_type=self.prediction_type,
+            clip_denoised=self.clip_denoised, k_x=plan.k_x, k_x0=plan.k_x0, k_eps=plan.k_eps,
+            log_variance_range=plan.log_variance_range if learned_variance else None,
+            out=model_input, x0_out=x0_out if self.sampler in _KEEPS_X0 else None,
+        )
+        if use_cfg:
+            kwargs.update(self.cfg.step_kwargs(), apg_buffer=buffers.apg)
+        if plan.k_prev:
+            kwargs.update(prev=prev, k_prev=plan.k_prev)
+        if plan.k_noise:
+            kwargs.update(noise=draw_noise(), k_noise=plan.k_noise)
+        if self.classifier is not None and self.classifier.scale:
+            grad = self.classifier.gradient(x, t_in[:batch], labels_in[:batch])
+            if plan.ancestral:
+                kwargs.update(grad=grad, k_grad=self.classifier.scale * plan.variance)
+            else:
+                kwargs.update(grad=grad, grad_eps_scale=self.classifier.scale * sigma)
+        if self.dynamic_threshold is not None:
+            model_output, kwargs = self._dynamic_threshold(model_output, x, kwargs, x0_out)
+        ops.guided_step(model_output, x, **kwargs)
+        return plans
+
+    def _replay(self, shape, device, x_T, labels, generator, calls) -> Tensor:
+        """The loop as CUDA graphs: captured on the first call for this shape, then replayed."""
+        key = (shape, device, labels is not None)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(shape, device, x_T, labels)
+        buffers, plans, graphs = self._graphs[key]
+        self._load(buffers, x_T, labels)
+        for i in calls:
+            if plans[i].k_noise:  # drawn outside the graph: the same stream as without graphs
+                buffers.noise.copy_(torch.randn(shape, generator=generator, device=device))
+            graphs[i].replay()
+        return buffers.model_input[: shape[0]].clone()
+
+    def _capture(self, shape, device, x_T, labels) -> tuple[_Buffers, list[StepPlan], list]:
+        buffers = self._new_buffers(shape, device, labels is not None)
+        self._load(buffers, x_T, labels)
+        plans = self._plans(learned_variance=False)
+        static_noise = lambda: buffers.noise  # noqa: E731
+        # Warm up on a side stream, as torch.cuda.graph asks (lazy initialisation, cuDNN and
+        # Triton autotuning, allocator); this also settles the plan (learned variance).
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for i in range(len(plans)):
+                plans = self._step(i, plans, buffers, shape, static_noise)
+        torch.cuda.current_stream(device).wait_stream(side)
+        # One graph per model call (each has its own scalars), all in one memory pool:
+        # safe because they always replay in capture order, one at a time.
+        pool = torch.cuda.graph_pool_handle()
+        graphs = []
+        for i in range(len(plans)):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._step(i, plans, buffers, shape, static_noise)
+            graphs.append(graph)
+        return buffers, plans, graphs
 
     def _dynamic_threshold(self, model_output: Tensor, x: Tensor, kwargs: dict, scratch: Tensor) -> tuple[Tensor, dict]:
         """Imagen's dynamic thresholding: x0 ← clamp(x0, −s, s)/s with s = max(1, the
@@ -311,12 +459,13 @@ def sample(
     null_label: int | None = None,
     dynamic_threshold: float | None = None,
     device: torch.device | str | None = None,
+    cuda_graph: bool = False,
 ) -> Tensor:
     """Draw samples of ``shape`` from ``model(x_t, t, y) -> prediction`` (ADM's signature).
 
     Args:
         labels: (B,) class indices; required by CFG and classifier guidance.
-        sampler: "ddim", "ddpm", "euler" or "dpm++2m".
+        sampler: "ddim", "ddpm", "euler", "dpm++2m" or "dpm++2s" (two model calls per step).
         steps: a count, ADM's "ddimN", or an explicit list of original timesteps.
         schedule: the training schedule (default ADM's linear schedule over 1000 steps).
         guidance: None, ``CFG(...)``, ``ClassifierGuidance(...)`` or a tuple of both.
@@ -329,12 +478,15 @@ def sample(
         null_label: the unconditional label (default: the model's ``null_label``).
         dynamic_threshold: Imagen's dynamic thresholding percentile (e.g. 0.995) instead of
             static clipping: x0 ← clamp(x0, −s, s)/s, s = max(1, that percentile of |x0|).
+        cuda_graph: capture the loop as CUDA graphs and replay them (CUDA only; not with
+            classifier guidance). Capture costs a warm-up run: hold a ``GuidedSampler`` to
+            reuse the graphs across calls.
 
     Returns x_0 of ``shape``.
     """
     sampler_ = GuidedSampler(
         model, sampler=sampler, steps=steps, schedule=schedule, guidance=guidance, eta=eta,
         clip_denoised=clip_denoised, prediction_type=prediction_type, variance_type=variance_type,
-        null_label=null_label, dynamic_threshold=dynamic_threshold,
+        null_label=null_label, dynamic_threshold=dynamic_threshold, cuda_graph=cuda_graph,
     )
     return sampler_(shape, labels=labels, generator=generator, noise=noise, device=device, progress=progress)
