@@ -22,7 +22,15 @@ def cuda_extensions():
         raise RuntimeError(
             "FASTGUIDE_BUILD_CUDA=1 was given but csrc/ holds no .cu or .cpp sources to build"
         )
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+
+    if torch.version.cuda is None:
+        raise RuntimeError(
+            f"FASTGUIDE_BUILD_CUDA=1 needs a CUDA build of torch; this one ({torch.__version__}) is a CPU build"
+        )
+    if CUDA_HOME is None:
+        raise RuntimeError("FASTGUIDE_BUILD_CUDA=1 needs the CUDA toolkit (nvcc): none found, set CUDA_HOME")
 
     archs = os.environ.get("FASTGUIDE_CUDA_ARCHS", "80;90").split(";")
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]

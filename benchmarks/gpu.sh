@@ -30,7 +30,13 @@ collected() {  # the number of items pytest collects for "$@" (0 when it cannot 
 
 step "$py" -m pip install --no-deps --no-build-isolation -q -e .
 if compgen -G "csrc/*.cu" >/dev/null || compgen -G "csrc/*.cpp" >/dev/null; then
-    step env FASTGUIDE_BUILD_CUDA=1 "$py" -m pip install --no-deps --no-build-isolation -q -e .
+    # A failed build (no toolkit, a CUDA version that does not match torch's) must not stop
+    # the run: the log says why, and the cuda backend's tests and benchmarks then skip.
+    if [ "$mode" = "--dry-run" ]; then
+        echo "+ FASTGUIDE_BUILD_CUDA=1 $py -m pip install --no-deps --no-build-isolation -e . > $out/cuda-build.log"
+    elif ! env FASTGUIDE_BUILD_CUDA=1 "$py" -m pip install --no-deps --no-build-isolation -e . > "$out/cuda-build.log" 2>&1; then
+        echo "gpu.sh: the CUDA extension did not build (see cuda-build.log); going on without it" | tee -a "$out/cuda-build.log"
+    fi
 fi
 
 if [ "$mode" = "--dry-run" ]; then
@@ -52,6 +58,7 @@ export PYTHONUNBUFFERED=1
 "$py" -c "import torch; assert torch.cuda.is_available(), 'gpu.sh needs a CUDA device'"
 nvidia-smi > "$out/device.txt" 2>&1 || true
 "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" >> "$out/device.txt"
+"$py" -c "import fastguide; print('backends', fastguide.available_backends())" >> "$out/device.txt"
 "$py" -m fastguide.selfcheck --device cuda | tee "$out/selfcheck.txt"
 set +e
 "$py" -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
