@@ -49,6 +49,7 @@ if [ "$mode" = "--dry-run" ]; then
         exit 1
     fi
     echo "+ $py -m fastguide.selfcheck --device cuda > $out/selfcheck.txt"
+    echo "+ FASTGUIDE_BACKEND=cuda $py -m fastguide.selfcheck --device cuda >> $out/selfcheck.txt"
     echo "+ $py -m pytest tests -m gpu -q > $out/gpu-tests.log"
     echo "+ $py -m fastguide.bench --out $out/bench"
     exit 0
@@ -60,6 +61,7 @@ nvidia-smi > "$out/device.txt" 2>&1 || true
 "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" >> "$out/device.txt"
 "$py" -c "import fastguide; print('backends', fastguide.available_backends())" >> "$out/device.txt"
 "$py" -m fastguide.selfcheck --device cuda | tee "$out/selfcheck.txt"
+FASTGUIDE_BACKEND=cuda "$py" -m fastguide.selfcheck --device cuda 2>&1 | tee -a "$out/selfcheck.txt" || true
 set +e
 "$py" -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
 tests_status=${PIPESTATUS[0]}
