@@ -26,8 +26,10 @@ model call: dpm++2s has two per step (2·steps − 1 calls in all).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -281,7 +283,7 @@ class GuidedSampler:
         device = torch.device(device) if device is not None else (noise.device if noise is not None else _model_device(self.model))
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
-        if self.cuda_graph and device.type != "cuda":
+        if self.cuda_graph and device.type not in _GRAPH_DEVICE_TYPES:
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
         labels = self._check_labels(labels, shape[0], device)
         x_T = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
@@ -390,21 +392,16 @@ class GuidedSampler:
         static_noise = lambda: buffers.noise  # noqa: E731
         # Warm up on a side stream, as torch.cuda.graph asks (lazy initialisation, cuDNN and
         # Triton autotuning, allocator); this also settles the plan (learned variance).
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+        with _side_stream(device):
             for i in range(len(plans)):
                 plans = self._step(i, plans, buffers, shape, static_noise)
-        torch.cuda.current_stream(device).wait_stream(side)
         # One graph per model call (each has its own scalars), all in one memory pool:
         # safe because they always replay in capture order, one at a time.
-        pool = torch.cuda.graph_pool_handle()
-        graphs = []
-        for i in range(len(plans)):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._step(i, plans, buffers, shape, static_noise)
-            graphs.append(graph)
+        pool = _graph_pool()
+        graphs = [
+            _capture_graph(functools.partial(self._step, i, plans, buffers, shape, static_noise), pool)
+            for i in range(len(plans))
+        ]
         return buffers, plans, graphs
 
     def _dynamic_threshold(self, model_output: Tensor, x: Tensor, kwargs: dict, scratch: Tensor) -> tuple[Tensor, dict]:
@@ -425,6 +422,32 @@ class GuidedSampler:
         step = {k: v for k, v in kwargs.items()
                 if not k.startswith(("guidance_", "apg", "cfg_")) and k not in ("prediction_type", "clip_denoised")}
         return thresholded, dict(step, prediction_type="sample", clip_denoised=False)
+
+
+# The CUDA-graph machinery, in three functions so that a CPU test can stand in for it.
+_GRAPH_DEVICE_TYPES = ("cuda",)
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device) -> Iterator[None]:
+    """Run the block on a fresh stream that waits for, and is then waited on by, the current one."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
+
+
+def _graph_pool():
+    return torch.cuda.graph_pool_handle()
+
+
+def _capture_graph(fn: Callable[[], object], pool) -> "torch.cuda.CUDAGraph":
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+    return graph
 
 
 def _model_null_label(model) -> int | None:
