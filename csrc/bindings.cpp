@@ -3,9 +3,9 @@
 // chosen (fastguide/cuda_backend.py prepares dense, same-dtype tensors first), so
 // torch.compile sees the same `fastguide::` op whichever backend runs under it.
 //
-// Built with -DFASTGUIDE_HOST_HARNESS, the same bindings register CPU implementations
-// that run the kernels' host/device math on the CPU (tests/csrc_host/): the whole path
-// from the Python glue through these bindings is then tested without a GPU.
+// Built with -DFASTGUIDE_HOST_HARNESS, the same bindings register the kernels compiled
+// for the CPU emulation (tests/cuda_emulation/) for CPU tensors: the whole path from the
+// Python glue through these bindings and the kernels is then tested without a GPU.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -46,7 +46,7 @@ StorageType storage_type(const at::Tensor& t) {
 #ifdef FASTGUIDE_HOST_HARNESS
 void* current_stream(const at::Tensor&) { return nullptr; }
 int multiprocessors(const at::Tensor&) { return 8; }  // small, but enough to exercise the split
-void check_launch(int code) { TORCH_CHECK(code == 0, "fastguide host harness: launch failed with code ", code); }
+void check_launch(int code) { TORCH_CHECK(code == 0, "fastguide CUDA emulation: launch failed with code ", code); }
 #else
 void* current_stream(const at::Tensor&) { return c10::cuda::getCurrentCUDAStream().stream(); }
 int multiprocessors(const at::Tensor& x) {

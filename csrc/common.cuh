@@ -1,8 +1,9 @@
-// Shared by every kernel source and by the host harness: the host/device function macro,
+// Shared by every kernel source (and the CPU emulation): the host/device function macro,
 // fp32 <-> storage conversions, 16-byte vectors and (device only) block reductions.
 //
-// Everything outside `#ifdef __CUDACC__` also compiles with a plain C++17 compiler, so
-// the per-element math can be run and tested on a CPU (tests/csrc_host/).
+// Everything outside `#ifdef __CUDACC__` also compiles with a plain C++17 compiler. The
+// CPU emulation of tests/cuda_emulation/ compiles the kernel sources as they are, with
+// __CUDACC__ defined and its own stand-ins for the CUDA headers, builtins and launch.
 #pragma once
 
 #include <cstdint>
@@ -67,6 +68,15 @@ FG_HOST_DEVICE void store_vec(T* p, const Vec<T, N>& value) {
 }
 
 #ifdef __CUDACC__
+#ifndef FASTGUIDE_CUDA_EMULATION
+// kernel<<<grid, block, 0, stream>>>(args...) as a function, which the CPU emulation
+// replaces with its own (a launch through a kernel pointer is plain CUDA).
+template <typename... Params, typename... Args>
+inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Args... args) {
+  kernel<<<grid, block, 0, stream>>>(args...);
+}
+#endif
+
 constexpr int kWarpSize = 32;
 
 // Sum of `value` over the warp, returned to every lane.

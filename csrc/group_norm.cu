@@ -248,11 +248,11 @@ void launch_channel_sums(const GroupNormParams& p, const ChannelSumsArgs<T, kMod
   constexpr int kVec = 16 / sizeof(T);
   if (p.channels_last) {
     const dim3 grid(static_cast<unsigned>(p.n * ((p.c + kWarpSize - 1) / kWarpSize)), p.chunks);
-    channel_sums_nhwc_kernel<T, kMode><<<grid, kThreads, 0, stream>>>(p, a);
+    launch_kernel(channel_sums_nhwc_kernel<T, kMode>, grid, kThreads, stream, p, a);
   } else if (vec == kVec) {
-    channel_sums_nchw_kernel<T, kMode, kVec><<<dim3(static_cast<unsigned>(p.n * p.c), p.chunks), kThreads, 0, stream>>>(p, a);
+    launch_kernel(channel_sums_nchw_kernel<T, kMode, kVec>, dim3(static_cast<unsigned>(p.n * p.c), p.chunks), kThreads, stream, p, a);
   } else {
-    channel_sums_nchw_kernel<T, kMode, 1><<<dim3(static_cast<unsigned>(p.n * p.c), p.chunks), kThreads, 0, stream>>>(p, a);
+    launch_kernel(channel_sums_nchw_kernel<T, kMode, 1>, dim3(static_cast<unsigned>(p.n * p.c), p.chunks), kThreads, stream, p, a);
   }
 }
 
@@ -267,16 +267,16 @@ int forward_typed(const GroupNormParams& p, const T* x, const GroupNormAffine& a
   const int vec = vector_width<T>(p, x, y, nullptr);
   launch_channel_sums(p, ChannelSumsArgs<T, SumsMode::kMoments>{x, nullptr, a, nullptr, nullptr, partials, shifts},
                       vec, stream);
-  forward_statistics_kernel<<<group_blocks(p), kThreads, 0, stream>>>(p, partials, shifts, mean, rstd);
+  launch_kernel(forward_statistics_kernel, group_blocks(p), kThreads, stream, p, partials, shifts, mean, rstd);
   const unsigned blocks = elementwise_blocks(p, vec);
   if (vec == kVec && p.channels_last) {
-    normalize_kernel<T, kVec, true><<<blocks, kThreads, 0, stream>>>(p, x, a, mean, rstd, y);
+    launch_kernel(normalize_kernel<T, kVec, true>, blocks, kThreads, stream, p, x, a, mean, rstd, y);
   } else if (vec == kVec) {
-    normalize_kernel<T, kVec, false><<<blocks, kThreads, 0, stream>>>(p, x, a, mean, rstd, y);
+    launch_kernel(normalize_kernel<T, kVec, false>, blocks, kThreads, stream, p, x, a, mean, rstd, y);
   } else if (p.channels_last) {
-    normalize_kernel<T, 1, true><<<blocks, kThreads, 0, stream>>>(p, x, a, mean, rstd, y);
+    launch_kernel(normalize_kernel<T, 1, true>, blocks, kThreads, stream, p, x, a, mean, rstd, y);
   } else {
-    normalize_kernel<T, 1, false><<<blocks, kThreads, 0, stream>>>(p, x, a, mean, rstd, y);
+    launch_kernel(normalize_kernel<T, 1, false>, blocks, kThreads, stream, p, x, a, mean, rstd, y);
   }
   return static_cast<int>(cudaGetLastError());
 }
@@ -288,16 +288,16 @@ int backward_typed(const GroupNormParams& p, const T* dy, const T* x, const Grou
   const int vec = vector_width<T>(p, x, dy, dx);
   launch_channel_sums(p, ChannelSumsArgs<T, SumsMode::kBackward>{x, dy, a, mean, rstd, partials, nullptr}, vec,
                       stream);
-  backward_group_kernel<<<group_blocks(p), kThreads, 0, stream>>>(p, a, partials, sums, group_sums);
+  launch_kernel(backward_group_kernel, group_blocks(p), kThreads, stream, p, a, partials, sums, group_sums);
   const unsigned blocks = elementwise_blocks(p, vec);
   if (vec == kVec && p.channels_last) {
-    dx_kernel<T, kVec, true><<<blocks, kThreads, 0, stream>>>(p, dy, x, a, mean, rstd, group_sums, dx);
+    launch_kernel(dx_kernel<T, kVec, true>, blocks, kThreads, stream, p, dy, x, a, mean, rstd, group_sums, dx);
   } else if (vec == kVec) {
-    dx_kernel<T, kVec, false><<<blocks, kThreads, 0, stream>>>(p, dy, x, a, mean, rstd, group_sums, dx);
+    launch_kernel(dx_kernel<T, kVec, false>, blocks, kThreads, stream, p, dy, x, a, mean, rstd, group_sums, dx);
   } else if (p.channels_last) {
-    dx_kernel<T, 1, true><<<blocks, kThreads, 0, stream>>>(p, dy, x, a, mean, rstd, group_sums, dx);
+    launch_kernel(dx_kernel<T, 1, true>, blocks, kThreads, stream, p, dy, x, a, mean, rstd, group_sums, dx);
   } else {
-    dx_kernel<T, 1, false><<<blocks, kThreads, 0, stream>>>(p, dy, x, a, mean, rstd, group_sums, dx);
+    launch_kernel(dx_kernel<T, 1, false>, blocks, kThreads, stream, p, dy, x, a, mean, rstd, group_sums, dx);
   }
   return static_cast<int>(cudaGetLastError());
 }

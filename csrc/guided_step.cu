@@ -127,17 +127,17 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
                     p.var_offset % kVec == 0 && p.out_half_offset % kVec == 0;
   for (const void* ptr : pointers) vectorised = vectorised && (ptr == nullptr || aligned16(ptr));
   if (p.stats != kStatsNone && vectorised) {
-    guided_stats_kernel<T, kVec><<<stats_grid, kThreads, 0, stream>>>(p, t);
+    launch_kernel(guided_stats_kernel<T, kVec>, stats_grid, kThreads, stream, p, t);
   } else if (p.stats != kStatsNone) {
-    guided_stats_kernel<T, 1><<<stats_grid, kThreads, 0, stream>>>(p, t);
+    launch_kernel(guided_stats_kernel<T, 1>, stats_grid, kThreads, stream, p, t);
   }
   const int vec = vectorised ? kVec : 1;
   const int64_t per_block = static_cast<int64_t>(kThreads) * vec;
   const dim3 grid(static_cast<unsigned>((p.sample_elems + per_block - 1) / per_block), static_cast<unsigned>(p.batch));
   if (vectorised) {
-    guided_step_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(p, t);
+    launch_kernel(guided_step_kernel<T, kVec>, grid, kThreads, stream, p, t);
   } else {
-    guided_step_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p, t);
+    launch_kernel(guided_step_kernel<T, 1>, grid, kThreads, stream, p, t);
   }
   return static_cast<int>(cudaGetLastError());
 }

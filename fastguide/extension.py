@@ -12,6 +12,7 @@ calls. Nothing here runs at ``import fastguide``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -119,6 +120,17 @@ def why_not_available() -> str | None:
     return f"fastguide._C is not built (FASTGUIDE_BUILD_CUDA=1 pip install .) and cannot be built now: {reason}"
 
 
+def build_name(prefix: str, directories: list[Path]) -> str:
+    """prefix + a digest of every file in directories: torch's build cache tracks only the
+    listed sources, not the headers they include, so a changed header needs a new name."""
+    digest = hashlib.sha256()
+    for directory in directories:
+        for path in sorted(directory.iterdir()):
+            if path.is_file() and path.suffix in (".cu", ".cuh", ".cpp", ".h"):
+                digest.update(path.name.encode() + path.read_bytes())
+    return f"{prefix}_{digest.hexdigest()[:12]}"
+
+
 def load() -> None:
     """Register the fastguide_cuda ops: load fastguide._C, or build it (once, cached)."""
     global _loaded
@@ -135,7 +147,7 @@ def load() -> None:
 
         sources = source_dir()
         cpp_extension.load(
-            name=OPS_NAMESPACE,
+            name=build_name(OPS_NAMESPACE, [sources]),
             sources=[str(sources / name) for name in BINDING_SOURCES + KERNEL_SOURCES],
             extra_cflags=["-O3"],  # torch picks the C++ standard its headers need
             extra_cuda_cflags=list(NVCC_FLAGS),

@@ -1,17 +1,19 @@
-"""The cuda backend (csrc/) without a GPU, and its build checks.
+"""The cuda backend (csrc/) without a GPU: its kernels run on the CPU emulation.
 
-On a CPU machine the CUDA kernels cannot run, but everything around their thread
-mapping can: csrc/bindings.cpp built with -DFASTGUIDE_HOST_HARNESS registers CPU
-implementations (tests/csrc_host/host_launch.cpp) that drive the kernels' own
-``__host__ __device__`` math — the per-element step, the per-sample and per-group
-merges, the index maps of every layout — in the kernels' order of partial sums. With
-fastguide.ops routed to the cuda backend, every option and variant then runs through
-the real path (validation, custom op, fastguide.cuda_backend's glue, the bindings)
-and is compared with the float64 reference, float32 storage (the host has no fp16).
-On a GPU, the usual backend-parametrised tests (test_guided_step.py,
-test_group_norm.py) run the real kernels.
+tests/cuda_emulation/ compiles csrc/'s kernel sources as they are for the CPU, with
+stand-ins for the CUDA headers: a launch runs every block of the grid in turn, each
+block's threads as fibers that switch at __syncthreads and warp shuffles. csrc/bindings.cpp
+built with -DFASTGUIDE_HOST_HARNESS registers those launchers for CPU tensors, so with
+fastguide.ops routed to the cuda backend every option and variant runs the real path —
+validation, custom op, fastguide.cuda_backend's glue, the bindings, the launchers' choice
+of grid and vector width, the kernels' indexing, block reductions and per-element
+``__host__ __device__`` math — and is compared with the float64 reference, in float32,
+float16 and bfloat16 storage. What the emulation cannot show (timing, races between
+blocks, the GPU's memory model) is left to the GPU-marked tests of test_guided_step.py
+and test_group_norm.py, which run the compiled kernels.
 """
 
+import platform
 import shutil
 from pathlib import Path
 
@@ -25,17 +27,24 @@ from tests.test_group_norm import explicit_group_norm, random_inputs
 from tests.test_guided_step import CASES, STEP_SHAPES, as_float64, case_inputs, poisoned, randn
 from tests.tolerances import GROUP_NORM, GUIDED_STEP, assert_close
 
-HARNESS_DIR = Path(__file__).parent / "csrc_host"
+EMULATION_DIR = Path(__file__).parent / "cuda_emulation"
 HOST_NAMESPACE = "fastguide_cuda_host"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _build_host_harness() -> None:
+def _build_emulated_extension() -> None:
     from torch.utils import cpp_extension
 
     cpp_extension.load(
-        name=HOST_NAMESPACE,
-        sources=[str(extension.source_dir() / "bindings.cpp"), str(HARNESS_DIR / "host_launch.cpp")],
-        extra_cflags=["-O2", "-DFASTGUIDE_HOST_HARNESS", "-Wall", "-Wextra", "-Werror"],
+        name=extension.build_name(HOST_NAMESPACE, [extension.source_dir(), EMULATION_DIR]),
+        sources=[
+            str(extension.source_dir() / "bindings.cpp"),
+            str(EMULATION_DIR / "emulated_guided_step.cpp"),
+            str(EMULATION_DIR / "emulated_group_norm.cpp"),
+            str(EMULATION_DIR / "emulator.cpp"),
+        ],
+        extra_cflags=["-O2", "-DFASTGUIDE_HOST_HARNESS", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas"],
+        extra_include_paths=[str(EMULATION_DIR)],
         is_python_module=False,
     )
 
@@ -43,14 +52,16 @@ def _build_host_harness() -> None:
 @pytest.fixture(scope="session")
 def host_harness():
     if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler to build the host harness")
-    _build_host_harness()
+        pytest.skip("no C++ compiler to build the CUDA emulation")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the CUDA emulation's fiber switch is x86-64 assembly")
+    _build_emulated_extension()
     return getattr(torch.ops, HOST_NAMESPACE)
 
 
 @pytest.fixture
 def cuda_backend_on_cpu(host_harness, monkeypatch):
-    """Route guided_step and group_norm to the cuda backend, running on the host harness."""
+    """Route guided_step and group_norm to the cuda backend, running on the emulation."""
     monkeypatch.setattr(cuda_backend, "_ops", lambda: host_harness)
     monkeypatch.setattr(ops, "_resolve", lambda op, device, dtype: "torch" if op == "attention" else "cuda")
 
@@ -69,10 +80,11 @@ def run_against_reference(model_output, x, kwargs, names=("out", "x0_out", "apg_
             assert_close(kwargs[name], expected[name], GUIDED_STEP, kwargs[name].dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)
 @pytest.mark.parametrize("case", list(CASES), ids=str)
-def test_guided_step_matches_reference(cuda_backend_on_cpu, shape, case):
-    model_output, x, kwargs = case_inputs(CASES[case], *shape, torch.float32, "cpu")
+def test_guided_step_matches_reference(cuda_backend_on_cpu, dtype, shape, case):
+    model_output, x, kwargs = case_inputs(CASES[case], *shape, dtype, "cpu")
     run_against_reference(model_output, x, kwargs)
 
 
@@ -141,9 +153,10 @@ def test_samples_agree_with_torch_backend(host_harness, monkeypatch):
 )
 @pytest.mark.parametrize("scale_shift", [False, True])
 @pytest.mark.parametrize("activation", [None, "silu"])
-def test_group_norm_matches_explicit_formula(cuda_backend_on_cpu, shape, channels_last, scale_shift, activation):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_group_norm_matches_explicit_formula(cuda_backend_on_cpu, shape, channels_last, scale_shift, activation, dtype):
     n, c, groups, spatial = shape
-    x, weight, bias, scale, shift = random_inputs(n, c, spatial, torch.float32, "cpu")
+    x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, "cpu")
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     if not scale_shift:
@@ -151,7 +164,8 @@ def test_group_norm_matches_explicit_formula(cuda_backend_on_cpu, shape, channel
     y = ops.group_norm(x, groups, weight, bias, scale=scale, shift=shift, activation=activation)
     if channels_last:
         assert y.is_contiguous(memory_format=torch.channels_last)
-    assert_close(y, explicit_group_norm(x, groups, weight, bias, scale, shift, activation), GROUP_NORM, torch.float32)
+    assert y.dtype == dtype
+    assert_close(y, explicit_group_norm(x, groups, weight, bias, scale, shift, activation), GROUP_NORM, dtype)
 
 
 def test_group_norm_mean_far_from_zero(cuda_backend_on_cpu):
@@ -168,15 +182,16 @@ def test_group_norm_mean_far_from_zero(cuda_backend_on_cpu):
 )
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("affine", ["none", "all"])
-def test_group_norm_backward_matches_autograd_of_formula(cuda_backend_on_cpu, shape, channels_last, affine):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_group_norm_backward_matches_autograd_of_formula(cuda_backend_on_cpu, shape, channels_last, affine, dtype):
     n, c, groups, spatial = shape
-    x, weight, bias, scale, shift = random_inputs(n, c, spatial, torch.float32, "cpu", seed=3)
+    x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, "cpu", seed=3)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     leaves = [t.detach().requires_grad_() for t in (x, weight, bias, scale, shift)]
     if affine == "none":
         leaves[1:] = [None] * 4
-    grad_y = torch.randn(x.shape)
+    grad_y = torch.randn(x.shape).to(dtype)
     y = ops.group_norm(leaves[0], groups, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu")
     present = [t for t in leaves if t is not None]
     grads = torch.autograd.grad(y, present, grad_y)
@@ -187,5 +202,5 @@ def test_group_norm_backward_matches_autograd_of_formula(cuda_backend_on_cpu, sh
     wanted = torch.autograd.grad(expected, [t for t in doubles if t is not None], grad_y.double())
     for got, want in zip(grads, wanted):
         count = x.numel() // want.numel()
-        atol, rtol = GROUP_NORM[torch.float32]
+        atol, rtol = GROUP_NORM[dtype]
         torch.testing.assert_close(got.double(), want, atol=atol * max(1, count) ** 0.5, rtol=rtol * 4)

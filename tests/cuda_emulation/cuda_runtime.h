@@ -1,0 +1,16 @@
+// Stand-in for the CUDA runtime header under the CPU emulation (see emulator.h).
+#pragma once
+
+#include "emulator.h"
+
+using cudaStream_t = void*;
+enum cudaError_t : int { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+
+namespace fastguide {
+// The emulation's kernel launch: every thread of every block, on the CPU.
+template <typename... Params, typename... Args>
+inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t, Args... args) {
+  fastguide_emulation::run_grid(grid, block, [&] { kernel(args...); });
+}
+}  // namespace fastguide
