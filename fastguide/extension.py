@@ -12,6 +12,7 @@ calls. Nothing here runs at ``import fastguide``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -86,8 +87,9 @@ def bindings_check_command(torch_include: Path) -> list[str]:
             "-isystem", str(cuda_include()), *(str(source_dir() / name) for name in BINDING_SOURCES)]
 
 
+@functools.lru_cache(maxsize=None)
 def prebuilt_path() -> str | None:
-    """The ahead-of-time build fastguide._C, when installed."""
+    """The ahead-of-time build fastguide._C, when installed (looked up once per process)."""
     try:
         spec = importlib.util.find_spec("fastguide._C")
     except ModuleNotFoundError:
@@ -110,8 +112,11 @@ def why_not_buildable() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def why_not_available() -> str | None:
-    """None when the extension is built or can be built here, else the reason."""
+    """None when the extension is built or can be built here, else the reason. Asked on
+    every op call under the cuda backend, so answered once per process (a build check
+    runs ninja)."""
     if prebuilt_path() is not None:
         return None
     reason = why_not_buildable()

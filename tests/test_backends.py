@@ -121,9 +121,11 @@ def test_auto_uses_cuda_only_when_prebuilt(monkeypatch):
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU build of torch")
-def test_cuda_extension_on_cpu_torch_says_why(monkeypatch):
+def test_cuda_extension_on_cpu_torch_says_why(monkeypatch, request):
     monkeypatch.setattr(extension, "prebuilt_path", lambda: None)
     monkeypatch.setattr(extension, "_loaded", False)
+    extension.why_not_available.cache_clear()
+    request.addfinalizer(extension.why_not_available.cache_clear)
     assert "CPU build" in extension.why_not_available()
     assert "CPU build" in backends.why_not("cuda", torch.device("cuda"))
     with pytest.raises(RuntimeError, match="cuda backend needs the extension fastguide._C: .*CPU build"):
