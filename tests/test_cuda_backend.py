@@ -204,3 +204,29 @@ def test_group_norm_backward_matches_autograd_of_formula(cuda_backend_on_cpu, sh
         count = x.numel() // want.numel()
         atol, rtol = GROUP_NORM[dtype]
         torch.testing.assert_close(got.double(), want, atol=atol * max(1, count) ** 0.5, rtol=rtol * 4)
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile sees the same fastguide:: ops on the cuda backend
+# --------------------------------------------------------------------------------------
+
+
+def test_ops_compile_fullgraph_on_the_cuda_backend(cuda_backend_on_cpu):
+    from tests.test_compile import example_inputs, three_ops
+
+    inputs = example_inputs("cpu")
+    eager = three_ops(*inputs)
+    compiled = torch.compile(three_ops, fullgraph=True, backend="aot_eager")(*inputs)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e)
+    x, weight, bias, scale, shift = (t.detach().requires_grad_() for t in inputs[3:8])
+
+    def loss(*leaves):
+        return ops.group_norm(leaves[0], 4, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu").square().sum()
+
+    leaves = (x, weight, bias, scale, shift)
+    eager_grads = torch.autograd.grad(loss(*leaves), leaves)
+    compiled_grads = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(*leaves), leaves)
+    for e, c in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(c, e)
+
