@@ -1,8 +1,9 @@
 """Build hook: the pure-Python package always; the CUDA extension only when asked.
 
-`pip install .` needs no compiler and no GPU. `FASTGUIDE_BUILD_CUDA=1 pip install .`
-compiles every source under csrc/ into the extension `fastguide._C` for the
-architectures in `FASTGUIDE_CUDA_ARCHS` (default "80;90").
+`pip install .` needs no compiler and no GPU. `FASTGUIDE_BUILD_CUDA=1 pip install
+--no-build-isolation .` compiles every source under csrc/ into the extension
+`fastguide._C` against the installed CUDA build of torch, for the architectures in
+`FASTGUIDE_CUDA_ARCHS` (default "80;90").
 """
 
 import os
@@ -22,7 +23,13 @@ def cuda_extensions():
         raise RuntimeError(
             "FASTGUIDE_BUILD_CUDA=1 was given but csrc/ holds no .cu or .cpp sources to build"
         )
-    import torch
+    try:
+        import torch
+    except ImportError as error:
+        raise RuntimeError(
+            "FASTGUIDE_BUILD_CUDA=1 builds against the installed torch: install torch (a CUDA build) "
+            "first and pass --no-build-isolation to pip"
+        ) from error
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
 
     if torch.version.cuda is None:

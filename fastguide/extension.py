@@ -1,8 +1,9 @@
 """The compiled extension behind the ``cuda`` backend: find it, or build it.
 
-Two ways to get it (README, "CUDA backend"):
-- ahead of time: ``FASTGUIDE_BUILD_CUDA=1 pip install .`` builds ``fastguide._C`` (setup.py,
-  CUDAExtension with ninja, architectures from ``FASTGUIDE_CUDA_ARCHS``, default "80;90");
+Two ways to get it (README, "The CUDA C++ backend"):
+- ahead of time: ``FASTGUIDE_BUILD_CUDA=1 pip install --no-build-isolation .`` builds
+  ``fastguide._C`` against the installed torch (setup.py, CUDAExtension with ninja,
+  architectures from ``FASTGUIDE_CUDA_ARCHS``, default "80;90");
 - just in time: on the first use of the cuda backend, ``torch.utils.cpp_extension.load``
   compiles csrc/ with ninja for the GPU at hand, into torch's extension cache
   (``TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions), where later runs find it.
@@ -122,7 +123,7 @@ def why_not_available() -> str | None:
     reason = why_not_buildable()
     if reason is None:
         return None
-    return f"fastguide._C is not built (FASTGUIDE_BUILD_CUDA=1 pip install .) and cannot be built now: {reason}"
+    return f"fastguide._C is not built (FASTGUIDE_BUILD_CUDA=1 pip install --no-build-isolation .) and cannot be built now: {reason}"
 
 
 def build_name(prefix: str, directories: list[Path]) -> str:
