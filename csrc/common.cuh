@@ -47,11 +47,20 @@ struct alignas(sizeof(T) * N) Vec {
 
 template <typename T, int N>
 FG_HOST_DEVICE Vec<T, N> load_vec(const T* p) {
+#ifdef FASTGUIDE_CUDA_EMULATION
+  // The CPU emulation reports a misaligned vector access as the fault a GPU would raise.
+  return ::fastguide_emulation::load_checked<Vec<T, N>>(p);
+#else
   return *reinterpret_cast<const Vec<T, N>*>(p);
+#endif
 }
 
 template <typename T, int N>
 FG_HOST_DEVICE void store_vec(T* p, const Vec<T, N>& value) {
+#ifdef FASTGUIDE_CUDA_EMULATION
+  ::fastguide_emulation::store_checked(p, value);
+  return;
+#endif
 #ifdef __CUDA_ARCH__
   if constexpr (sizeof(Vec<T, N>) == sizeof(uint4)) {
     // nvcc splits a 16-byte struct store into two 8-byte ones when the stored lanes come

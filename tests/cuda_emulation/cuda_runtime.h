@@ -4,8 +4,13 @@
 #include "emulator.h"
 
 using cudaStream_t = void*;
-enum cudaError_t : int { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+enum cudaError_t : int { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMisalignedAddress = 716 };
+
+inline cudaError_t cudaGetLastError() {
+  const int error = fastguide_emulation::pending_error;
+  fastguide_emulation::pending_error = 0;
+  return static_cast<cudaError_t>(error);
+}
 
 namespace fastguide {
 // The emulation's kernel launch: every thread of every block, on the CPU.

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <vector>
@@ -37,6 +38,27 @@ namespace fastguide_emulation {
 
 inline uint3 thread_index, block_index;
 inline dim3 block_dim, grid_dim;
+
+// The error the next cudaGetLastError() returns: a misaligned vector access is recorded
+// as cudaErrorMisalignedAddress (the access itself is harmless on x86).
+inline int pending_error = 0;
+constexpr int kMisalignedAddress = 716;
+
+// Vector loads and stores of csrc/ (common.cuh): checked for the alignment a GPU needs,
+// then done with memcpy so that a misaligned one is reported rather than crashing here.
+template <typename V>
+inline V load_checked(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(V) != 0) pending_error = kMisalignedAddress;
+  V value;
+  std::memcpy(&value, p, sizeof(V));
+  return value;
+}
+
+template <typename V>
+inline void store_checked(void* p, const V& value) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(V) != 0) pending_error = kMisalignedAddress;
+  std::memcpy(p, &value, sizeof(V));
+}
 
 // Saves the callee-saved registers on the current stack, stores its pointer in *from and
 // resumes the fiber whose stack pointer is `to` (emulator.cpp).
