@@ -88,8 +88,9 @@ inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cuda
 
 constexpr int kWarpSize = 32;
 
-// Sum of `value` over the warp, returned to every lane.
-__device__ __forceinline__ float warp_sum(float value) {
+// Sum of `value` over the warp, returned to every lane (float or double).
+template <typename V>
+__device__ __forceinline__ V warp_sum(V value) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
     value += __shfl_xor_sync(0xffffffffu, value, offset);

@@ -3,10 +3,11 @@
 //
 // Forward, three launches:
 //   1. channel_sums_kernel: per (n, c, spatial chunk) the shifted sums Σ(x − K), Σ(x − K)²;
-//   2. forward_statistics_kernel: one thread per (n, g) merges them into mean and rstd;
+//   2. forward_statistics_kernel: a warp per (n, g) merges them into mean and rstd;
 //   3. normalize_kernel: elementwise y, 16-byte vectors when the layout allows.
 // Backward, three launches of the same shapes: channel_sums_kernel (Σdz, Σdz·x̂),
 // backward_group_kernel (per (n, g) S1, S2 and the (N, C) sums), dx_kernel.
+// The per-group merges run a warp per (n, g).
 // The per-channel reduction reads NCHW along s (a block per (n, c) chunk, 16-byte
 // vectors) and channels_last across c (a warp spans 32 consecutive channels, the block's
 // 8 warps stride over s), so global reads are coalesced in both layouts.
@@ -139,20 +140,52 @@ __global__ void __launch_bounds__(kThreads) channel_sums_nhwc_kernel(GroupNormPa
   }
 }
 
+// The per-group merges: a warp per (n, g), its lanes striding over the group's channels
+// (float64 sums, reduced with shuffles), so a few large groups (G = 1) stay parallel.
+constexpr int kGroupsPerBlock = kThreads / kWarpSize;
+
 __global__ void __launch_bounds__(kThreads) forward_statistics_kernel(GroupNormParams p, const float* partials,
                                                                       const float* shifts, float* mean, float* rstd) {
-  const int64_t group = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (group >= p.n * p.groups) return;
-  group_statistics(p, partials, shifts, group / p.groups, group % p.groups, mean[group], rstd[group]);
+  const int64_t group = static_cast<int64_t>(blockIdx.x) * kGroupsPerBlock + threadIdx.x / kWarpSize;
+  if (group >= p.n * p.groups) return;  // the whole warp: no shuffle is left waiting
+  const int64_t n = group / p.groups, first = (group % p.groups) * p.channels_per_group;
+  const int lane = threadIdx.x % kWarpSize;
+  double mean_sum = 0.0, channel_mean, channel_m2;
+  for (int64_t c = first + lane; c < first + p.channels_per_group; c += kWarpSize) {
+    channel_moments(p, partials, shifts, n, c, channel_mean, channel_m2);
+    mean_sum += channel_mean;
+  }
+  const double group_mean = warp_sum(mean_sum) / static_cast<double>(p.channels_per_group);
+  double m2 = 0.0;
+  for (int64_t c = first + lane; c < first + p.channels_per_group; c += kWarpSize) {
+    channel_moments(p, partials, shifts, n, c, channel_mean, channel_m2);
+    const double deviation = channel_mean - group_mean;
+    m2 += channel_m2 + static_cast<double>(p.s) * deviation * deviation;
+  }
+  m2 = warp_sum(m2);
+  if (lane == 0) finish_statistics(p, group_mean, m2, mean[group], rstd[group]);
 }
 
 __global__ void __launch_bounds__(kThreads) backward_group_kernel(GroupNormParams p, GroupNormAffine a,
                                                                   const float* partials, float* sums,
                                                                   float* group_sums) {
-  const int64_t group = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (group >= p.n * p.groups) return;
-  backward_group_sums(p, a, partials, sums, group / p.groups, group % p.groups, group_sums[2 * group],
-                      group_sums[2 * group + 1]);
+  const int64_t group = static_cast<int64_t>(blockIdx.x) * kGroupsPerBlock + threadIdx.x / kWarpSize;
+  if (group >= p.n * p.groups) return;  // the whole warp: no shuffle is left waiting
+  const int64_t n = group / p.groups, first = (group % p.groups) * p.channels_per_group;
+  double s1 = 0.0, s2 = 0.0, s1_term, s2_term;
+  for (int64_t c = first + threadIdx.x % kWarpSize; c < first + p.channels_per_group; c += kWarpSize) {
+    channel_backward_terms(p, a, partials, sums, n, c, s1_term, s2_term);
+    s1 += s1_term;
+    s2 += s2_term;
+  }
+  s1 = warp_sum(s1);
+  s2 = warp_sum(s2);
+  if (threadIdx.x % kWarpSize == 0) {
+    // S1/(Cg·S) and S2/(Cg·S), as backward_dx takes them.
+    const double elements = static_cast<double>(p.channels_per_group) * static_cast<double>(p.s);
+    group_sums[2 * group] = static_cast<float>(s1 / elements);
+    group_sums[2 * group + 1] = static_cast<float>(s2 / elements);
+  }
 }
 
 // Elementwise passes over x in memory order. A vector of kVec elements never crosses a
@@ -257,7 +290,7 @@ void launch_channel_sums(const GroupNormParams& p, const ChannelSumsArgs<T, kMod
 }
 
 unsigned group_blocks(const GroupNormParams& p) {
-  return static_cast<unsigned>((p.n * p.groups + kThreads - 1) / kThreads);
+  return static_cast<unsigned>((p.n * p.groups + kGroupsPerBlock - 1) / kGroupsPerBlock);
 }
 
 template <typename T>

@@ -109,46 +109,38 @@ FG_HOST_DEVICE void channel_totals(const GroupNormParams& p, const float* partia
   }
 }
 
-// mean and rstd of group (n, g) from the per-channel shifted sums and their shifts K (N, C).
-FG_HOST_DEVICE void group_statistics(const GroupNormParams& p, const float* partials, const float* shifts, int64_t n,
-                                     int64_t g, float& mean_out, float& rstd_out) {
+// Channel c's mean and within-channel sum of squared deviations (float64), from its
+// shifted sums and its shift K.
+FG_HOST_DEVICE void channel_moments(const GroupNormParams& p, const float* partials, const float* shifts, int64_t n,
+                                    int64_t c, double& mean, double& m2) {
+  double d1, d2;
+  channel_totals(p, partials, n, c, d1, d2);
   const double count = static_cast<double>(p.s);
-  double mean_sum = 0.0, m2 = 0.0;
-  for (int64_t c = g * p.channels_per_group; c < (g + 1) * p.channels_per_group; ++c) {
-    double d1, d2;
-    channel_totals(p, partials, n, c, d1, d2);
-    mean_sum += static_cast<double>(shifts[n * p.c + c]) + d1 / count;
-  }
-  const double mean = mean_sum / static_cast<double>(p.channels_per_group);
-  for (int64_t c = g * p.channels_per_group; c < (g + 1) * p.channels_per_group; ++c) {
-    double d1, d2;
-    channel_totals(p, partials, n, c, d1, d2);
-    const double channel_mean = static_cast<double>(shifts[n * p.c + c]) + d1 / count;
-    m2 += (d2 - d1 * d1 / count) + count * (channel_mean - mean) * (channel_mean - mean);
-  }
-  const double variance = fmax(m2 / (count * static_cast<double>(p.channels_per_group)), 0.0);
+  mean = static_cast<double>(shifts[n * p.c + c]) + d1 / count;
+  m2 = d2 - d1 * d1 / count;
+}
+
+// A group's mean and rstd from Chan's merge of its channels (equal counts S):
+// mean = Σ_c mean_c / Cg, M2 = Σ_c [m2_c + S·(mean_c − mean)²], var = M2/(Cg·S).
+FG_HOST_DEVICE void finish_statistics(const GroupNormParams& p, double mean, double m2, float& mean_out,
+                                      float& rstd_out) {
+  const double variance = fmax(m2 / (static_cast<double>(p.s) * static_cast<double>(p.channels_per_group)), 0.0);
   mean_out = static_cast<float>(mean);
   rstd_out = static_cast<float>(1.0 / sqrt(variance + static_cast<double>(p.eps)));
 }
 
-// For group (n, g): writes the merged (A, B) of each channel to sums (N, C, 2) and returns
-// S1/(Cg·S), S2/(Cg·S) for backward_dx.
-FG_HOST_DEVICE void backward_group_sums(const GroupNormParams& p, const GroupNormAffine& a, const float* partials,
-                                        float* sums, int64_t n, int64_t g, float& mean_s1, float& mean_s2) {
-  double s1 = 0.0, s2 = 0.0;
-  for (int64_t c = g * p.channels_per_group; c < (g + 1) * p.channels_per_group; ++c) {
-    double sum_dz, sum_dz_xhat;
-    channel_totals(p, partials, n, c, sum_dz, sum_dz_xhat);
-    sums[(n * p.c + c) * 2] = static_cast<float>(sum_dz);
-    sums[(n * p.c + c) * 2 + 1] = static_cast<float>(sum_dz_xhat);
-    const ChannelAffine k = channel_affine(p, a, n, c);
-    const double factor = static_cast<double>(k.w) * static_cast<double>(k.one_plus_scale);
-    s1 += factor * sum_dz;
-    s2 += factor * sum_dz_xhat;
-  }
-  const double elements = static_cast<double>(p.channels_per_group) * static_cast<double>(p.s);
-  mean_s1 = static_cast<float>(s1 / elements);
-  mean_s2 = static_cast<float>(s2 / elements);
+// Channel c's merged (A, B) = (Σ_s dz, Σ_s dz·x̂), written to sums (N, C, 2), and its terms
+// w(1 + scale)·A and w(1 + scale)·B of the group sums S1 and S2.
+FG_HOST_DEVICE void channel_backward_terms(const GroupNormParams& p, const GroupNormAffine& a, const float* partials,
+                                           float* sums, int64_t n, int64_t c, double& s1_term, double& s2_term) {
+  double sum_dz, sum_dz_xhat;
+  channel_totals(p, partials, n, c, sum_dz, sum_dz_xhat);
+  sums[(n * p.c + c) * 2] = static_cast<float>(sum_dz);
+  sums[(n * p.c + c) * 2 + 1] = static_cast<float>(sum_dz_xhat);
+  const ChannelAffine k = channel_affine(p, a, n, c);
+  const double factor = static_cast<double>(k.w) * static_cast<double>(k.one_plus_scale);
+  s1_term = factor * sum_dz;
+  s2_term = factor * sum_dz_xhat;
 }
 
 // Forward: y (x's layout), mean and rstd (N, G). Workspace: partials (N, C, chunks, 2)

@@ -197,6 +197,24 @@ def test_group_norm_matches_explicit_formula(cuda_backend_on_cpu, shape, channel
     assert_close(y, explicit_group_norm(x, groups, weight, bias, scale, shift, activation), GROUP_NORM, dtype)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_one_group_of_many_channels(cuda_backend_on_cpu, channels_last):
+    # Cg = 100 > 32: each lane of a group's merge warp sums several channels.
+    x, weight, bias, scale, shift = random_inputs(2, 100, (6, 5), torch.float32, "cpu", seed=4)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, scale, shift)]
+    y = ops.group_norm(leaves[0], 1, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu")
+    doubles = [t.detach().double().requires_grad_() for t in leaves]
+    expected = explicit_group_norm(doubles[0], 1, *doubles[1:3], doubles[3], doubles[4], "silu")
+    assert_close(y, expected, GROUP_NORM, torch.float32)
+    grad_y = torch.randn(x.shape)
+    for got, want in zip(torch.autograd.grad(y, leaves, grad_y), torch.autograd.grad(expected, doubles, grad_y.double())):
+        count = x.numel() // want.numel()
+        atol, rtol = GROUP_NORM[torch.float32]
+        torch.testing.assert_close(got.double(), want, atol=atol * max(1, count) ** 0.5, rtol=rtol * 4)
+
+
 def test_group_norm_mean_far_from_zero(cuda_backend_on_cpu):
     # |mean| = 25·std: Σx² − (Σx)²/n in fp32 would lose ~1e-4 of the variance; the
     # shifted sums must not.

@@ -193,8 +193,9 @@ inline void run_grid(dim3 grid, dim3 threads, std::function<void()> body) {
 }
 
 // The value of `value` at lane (own lane ^ offset) of the warp: a warp-wide exchange.
-inline float shuffle_xor(float value, int offset) {
-  static float lanes[1024];
+template <typename V>
+inline V shuffle_xor(V value, int offset) {
+  static V lanes[1024];
   const unsigned warp = thread_index.x / 32;
   lanes[thread_index.x] = value;
   wait_at(1 + static_cast<int>(warp));
@@ -212,3 +213,4 @@ inline float shuffle_xor(float value, int offset) {
 
 inline void __syncthreads() { fastguide_emulation::wait_at(0); }
 inline float __shfl_xor_sync(unsigned, float value, int offset) { return fastguide_emulation::shuffle_xor(value, offset); }
+inline double __shfl_xor_sync(unsigned, double value, int offset) { return fastguide_emulation::shuffle_xor(value, offset); }
