@@ -248,11 +248,17 @@ class GuidedSampler:
         self.cuda_graph = cuda_graph
         # (shape, device, labelled) -> (buffers, plans, graphs) of the captured runs.
         self._graphs: dict[tuple, tuple[_Buffers, list[StepPlan], list]] = {}
-        plan_steps(sampler, self.schedule, self.timesteps[:1])  # an unknown sampler fails here
+        self._plan_cache: dict[bool, list[StepPlan]] = {}
+        self._plans(learned_variance=False)  # an unknown sampler or variance type fails here
 
     def _plans(self, learned_variance: bool) -> list[StepPlan]:
-        variance_type = self.variance_type or ("learned_range" if learned_variance else "fixed_small")
-        return plan_steps(self.sampler, self.schedule, self.timesteps, eta=self.eta, variance_type=variance_type)
+        """The plan for a model with or without learned variance (computed once each)."""
+        if learned_variance not in self._plan_cache:
+            variance_type = self.variance_type or ("learned_range" if learned_variance else "fixed_small")
+            self._plan_cache[learned_variance] = plan_steps(
+                self.sampler, self.schedule, self.timesteps, eta=self.eta, variance_type=variance_type
+            )
+        return self._plan_cache[learned_variance]
 
     def _check_labels(self, labels: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
         if labels is None:
@@ -381,7 +387,7 @@ class GuidedSampler:
         self._load(buffers, x_T, labels)
         for i in calls:
             if plans[i].k_noise:  # drawn outside the graph: the same stream as without graphs
-                buffers.noise.copy_(torch.randn(shape, generator=generator, device=device))
+                torch.randn(shape, generator=generator, device=device, out=buffers.noise)
             graphs[i].replay()
         return buffers.model_input[: shape[0]].clone()
 

@@ -59,11 +59,15 @@ def host_harness():
     return getattr(torch.ops, HOST_NAMESPACE)
 
 
-@pytest.fixture
-def cuda_backend_on_cpu(host_harness, monkeypatch):
+def route_to_emulation(monkeypatch, host_harness) -> None:
     """Route guided_step and group_norm to the cuda backend, running on the emulation."""
     monkeypatch.setattr(cuda_backend, "_ops", lambda: host_harness)
     monkeypatch.setattr(ops, "_resolve", lambda op, device, dtype: "torch" if op == "attention" else "cuda")
+
+
+@pytest.fixture
+def cuda_backend_on_cpu(host_harness, monkeypatch):
+    route_to_emulation(monkeypatch, host_harness)
 
 
 # --------------------------------------------------------------------------------------
@@ -164,8 +168,7 @@ def test_samples_agree_with_torch_backend(host_harness, monkeypatch):
                   guidance=fastguide.CFG(3.0, rescale=0.5))
     with fastguide.backend("torch"):
         expected = fastguide.sample(model, (1, 3, 8, 8), **kwargs)
-    monkeypatch.setattr(cuda_backend, "_ops", lambda: host_harness)
-    monkeypatch.setattr(ops, "_resolve", lambda op, device, dtype: "torch" if op == "attention" else "cuda")
+    route_to_emulation(monkeypatch, host_harness)
     got = fastguide.sample(model, (1, 3, 8, 8), **kwargs)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
