@@ -4,7 +4,7 @@ Needs no GPU: loading and registration only. Run from outside the source tree.""
 
 import torch
 
-from fastguide import extension
+from fastguide.ops import extension
 
 path = extension.prebuilt_path()
 assert path is not None, "fastguide._C is not installed"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fastguide
-from fastguide import backends
+from fastguide.ops import backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # fastguide's rows on a GPU: one per backend with kernels for the op ("fastguide" = auto).

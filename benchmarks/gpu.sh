@@ -51,7 +51,7 @@ if [ "$mode" = "--dry-run" ]; then
     echo "+ $py -m fastguide.selfcheck --device cuda > $out/selfcheck.txt"
     echo "+ FASTGUIDE_BACKEND=cuda $py -m fastguide.selfcheck --device cuda >> $out/selfcheck.txt"
     echo "+ $py -m pytest tests -m gpu -q > $out/gpu-tests.log"
-    echo "+ $py -m pytest tests/test_guided_step.py tests/test_group_norm.py tests/test_compile.py -q > $out/backend-tests.log"
+    echo "+ $py -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_compile.py -q > $out/backend-tests.log"
     echo "+ $py -m fastguide.bench --out $out/bench"
     exit 0
 fi
@@ -68,7 +68,7 @@ set +e
 tests_status=${PIPESTATUS[0]}
 # The op tests parametrised over backends (every option, odd shapes) run on the CUDA
 # device here, with every backend that can run: triton and, when it built, cuda.
-"$py" -m pytest tests/test_guided_step.py tests/test_group_norm.py tests/test_compile.py -q -p no:cacheprovider \
+"$py" -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_compile.py -q -p no:cacheprovider \
     2>&1 | tee "$out/backend-tests.log"
 backend_status=${PIPESTATUS[0]}
 [ "$tests_status" -ne 0 ] || tests_status=$backend_status

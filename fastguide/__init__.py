@@ -8,16 +8,22 @@ Importing fastguide registers the ``fastguide::`` custom ops; it imports neither
 nor the CUDA extension and never touches the CUDA driver.
 """
 
-from . import ops, reference
-from .accelerate import accelerate
-from .adapters import DiffusersUNet
-from .backends import available_backends, backend, get_backend, set_backend
-from .checkpoints import load_checkpoint, save_state_dict
-from .configs import classifier_config, create_classifier, create_model, unet_config
-from .guidance import APG, CFG, ClassifierGuidance
-from .samplers import GuidedSampler, sample
-from .schedule import NoiseSchedule
-from .unet import EncoderUNet, UNet
+from . import ops
+from .models.accelerate import accelerate
+from .models.adapters import DiffusersUNet
+from .models.checkpoints import load_checkpoint, save_state_dict
+from .models.configs import (
+    classifier_config,
+    create_classifier,
+    create_model,
+    unet_config,
+)
+from .models.unet import EncoderUNet, UNet
+from .ops import reference
+from .ops.backends import available_backends, backend, get_backend, set_backend
+from .sampling.guidance import APG, CFG, ClassifierGuidance
+from .sampling.samplers import GuidedSampler, sample
+from .sampling.schedule import NoiseSchedule
 
 __version__ = "0.1.0"
 

@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastguide.launch_layout import norm_format
-from fastguide.reference import group_norm_parameter_grads
+from fastguide.ops.layout import norm_format
+from fastguide.ops.reference import group_norm_parameter_grads
 
 NUM_WARPS = 4
 TILE = 2048  # elements per (channel-block × spatial-block) tile

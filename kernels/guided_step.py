@@ -39,7 +39,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastguide.launch_layout import STATS_NONE, dense, guidance_stats, prediction_maps, step_format, write_back
+from fastguide.ops.layout import (
+    STATS_NONE,
+    dense,
+    guidance_stats,
+    prediction_maps,
+    step_format,
+    write_back,
+)
 
 BLOCK = 2048  # elements per program of the elementwise pass (8 per thread at 8 warps)
 NUM_WARPS = 8

@@ -16,9 +16,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else 
 
 import pytest  # noqa: E402
 
-from fastguide import backends  # noqa: E402
-
-
+from fastguide.ops import backends  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,118 @@
+"""Sampling: the part of a step outside the model, and whole sampling loops.
+
+Step: fastguide's one op vs the diffusers way on the same tensors (chunk the 2B model
+output, combine, DDIMScheduler.step with clipping, torch.cat the next 2B input).
+End to end: fastguide.sample vs the same loop written the diffusers way (cat, forward,
+chunk, combine, scheduler step) on the same model and noise; on a GPU also with the
+loop captured as CUDA graphs (a GuidedSampler held across calls, cuda_graph=True).
+"""
+
+import math
+
+import pytest
+import torch
+
+from benchmarks.conftest import DEVICE
+from fastguide import CFG, GuidedSampler, ops, sample
+from fastguide.models.configs import create_model, unet_config
+
+W = 4.0
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def _ddim_scheduler(steps):
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,
+                                        set_alpha_to_one=True, steps_offset=0)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def _step_cases(shape, dtype, record, impl):
+    g = torch.Generator().manual_seed(0)
+    batch = shape[0]
+    model_output = torch.randn((2 * batch, *shape[1:]), generator=g).to(DEVICE, dtype)
+    model_input = torch.randn((2 * batch, *shape[1:]), generator=g).to(DEVICE, dtype)
+    scheduler = _ddim_scheduler(25)
+    t = int(scheduler.timesteps[5])
+    t_prev = t - 1000 // 25
+    abar, abar_prev = (float(scheduler.alphas_cumprod[i]) for i in (t, t_prev))
+
+    def diffusers_way():
+        cond, uncond = model_output.chunk(2)
+        eps = uncond + W * (cond - uncond)
+        latents = scheduler.step(eps, t, model_input[:batch], eta=0.0, use_clipped_model_output=True).prev_sample
+        return torch.cat([latents] * 2)
+
+    def fastguide_way():
+        return ops.guided_step(model_output, model_input[:batch], alpha=math.sqrt(abar), sigma=math.sqrt(1 - abar),
+                               guidance_scale=W, clip_denoised=True, k_x0=math.sqrt(abar_prev),
+                               k_eps=math.sqrt(1 - abar_prev), out=model_input)
+
+    fn = {"fastguide": fastguide_way, "diffusers": diffusers_way}[impl]
+    fn()
+    record(fn, bytes_moved=5 * model_input[:batch].numel() * model_input.element_size())
+
+
+@pytest.mark.parametrize("impl", ["fastguide", "diffusers"])
+def test_step_outside_model_cpu(record, impl):
+    if DEVICE.type != "cpu":
+        pytest.skip("CPU set")
+    _step_cases((8, 3, 64, 64), torch.float32, record, impl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["fastguide", "diffusers"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_step_outside_model_gpu(record, impl, dtype):
+    _step_cases((64, 3, 64, 64), dtype, record, impl)
+
+
+def _end_to_end(benchmark, impl, pairs, steps):
+    flags = unet_config("compact")
+    with torch.device(DEVICE):
+        model = create_model(**flags).eval()
+    batch = pairs
+    shape = (batch, model.in_channels, model.image_size, model.image_size)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    labels = (torch.arange(batch) % model.num_classes).to(DEVICE)
+    scheduler = _ddim_scheduler(steps)
+
+    @torch.no_grad()
+    def diffusers_loop():
+        latents = noise.clone()
+        null = torch.full_like(labels, model.null_label)
+        for t in scheduler.timesteps:
+            t_in = torch.full((2 * batch,), int(t), device=DEVICE)
+            cond, uncond = model(torch.cat([latents] * 2), t_in, torch.cat([labels, null])).chunk(2)
+            eps = uncond + W * (cond - uncond)
+            latents = scheduler.step(eps, t, latents, eta=0.0, use_clipped_model_output=True).prev_sample
+        return latents
+
+    def fastguide_loop():
+        return sample(model, shape, labels=labels, sampler="ddim", steps=scheduler.timesteps.tolist(),
+                      guidance=CFG(W), noise=noise)
+
+    # The same loop captured as CUDA graphs once (in the warm-up call below), then replayed.
+    graphed = None
+    if impl == "fastguide-cuda_graph":
+        graphed = GuidedSampler(model, sampler="ddim", steps=scheduler.timesteps.tolist(), guidance=CFG(W),
+                                cuda_graph=True)
+
+    fn = {"fastguide": fastguide_loop, "diffusers": diffusers_loop,
+          "fastguide-cuda_graph": lambda: graphed(shape, labels=labels, noise=noise)}[impl]
+    fn()
+    benchmark.pedantic(fn, rounds=3, warmup_rounds=0)
+
+
+@pytest.mark.parametrize("impl", ["fastguide", "diffusers"])
+def test_sampling_end_to_end_cpu(benchmark, impl):
+    if DEVICE.type != "cpu":
+        pytest.skip("CPU set")
+    _end_to_end(benchmark, impl, pairs=8, steps=10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["fastguide", "fastguide-cuda_graph", "diffusers"])
+def test_sampling_end_to_end_gpu(benchmark, impl):
+    _end_to_end(benchmark, impl, pairs=64, steps=25)

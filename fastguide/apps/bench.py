@@ -1,0 +1,149 @@
+"""Run the benchmark suite for this machine and write a report.
+
+    python -m fastguide.bench [--out DIR] [--quick] [-k EXPR] [--benchmarks DIR]
+
+Runs benchmarks/ (pytest-benchmark; GPU cases skip without CUDA) in a subprocess and
+writes into DIR: results.json (pytest-benchmark's data, with GB/s, TFLOP/s, % of the
+measured floor and peak memory per case), table.md (each case's implementations side
+by side, as time ratios to fastguide) and one PNG bar chart per case; it prints the table.
+The suite lives in the source checkout (benchmarks/ beside fastguide/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from collections import defaultdict
+from datetime import date
+from pathlib import Path
+
+QUICK = "guided_step_cpu or group_norm_cpu"
+
+
+def find_benchmarks() -> Path:
+    candidate = Path(__file__).resolve().parents[2] / "benchmarks"
+    if not (candidate / "conftest.py").is_file():
+        raise FileNotFoundError(
+            "benchmarks/ not found beside the fastguide package: run from a source checkout "
+            "(pip install -e .) or pass --benchmarks DIR"
+        )
+    return candidate
+
+
+def run_suite(benchmarks: Path, out: Path, selection: str | None) -> Path:
+    results = out / "results.json"
+    command = [sys.executable, "-m", "pytest", str(benchmarks), "-q", "-p", "no:cacheprovider",
+               "--benchmark-enable", f"--benchmark-json={results}"]
+    if selection:
+        command += ["-k", selection]
+    completed = subprocess.run(command, cwd=benchmarks.parent)
+    if completed.returncode not in (0,) or not results.is_file():
+        raise RuntimeError(f"the benchmark run failed (exit {completed.returncode}): {' '.join(command)}")
+    return results
+
+
+def _case_and_impl(bench: dict) -> tuple[str, str]:
+    params = dict(bench.get("params") or {})
+    impl = str(params.pop("impl", "-"))
+    base = bench["name"].split("[")[0]
+    return base + ("[" + ", ".join(f"{k}={v}" for k, v in params.items()) + "]" if params else ""), impl
+
+
+def group_results(data: dict) -> dict[str, dict[str, dict]]:
+    """case -> implementation -> {median_ms, rate, pct_floor, peak_MB}."""
+    cases: dict[str, dict[str, dict]] = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        case, impl = _case_and_impl(bench)
+        info = bench.get("extra_info", {})
+        median_ms = info.get("median_ms", bench["stats"]["median"] * 1e3)
+        rate = (f"{info['GB/s']:.1f} GB/s" if "GB/s" in info
+                else f"{info['TFLOP/s']:.2f} TFLOP/s" if "TFLOP/s" in info else "")
+        pct = info.get("pct_of_copy_bandwidth", info.get("pct_of_matmul_rate"))
+        cases[case][impl] = dict(median_ms=median_ms, rate=rate, pct=pct, peak=info.get("peak_memory_MB"))
+    return cases
+
+
+def _is_ours(impl: str) -> bool:
+    """fastguide's rows: "fastguide", or "fastguide-<backend>" where benchmarks compare backends."""
+    return impl == "fastguide" or impl.startswith("fastguide-")
+
+
+def _fastguide_first(impl: str) -> tuple[bool, str]:
+    return (not _is_ours(impl), impl)
+
+
+def markdown_table(cases: dict[str, dict[str, dict]], machine: str) -> str:
+    lines = [f"Benchmarks on {machine}, {date.today().isoformat()}. Ratio: time / the fastest fastguide "
+             "backend's time (above 1: fastguide is faster).", "",
+             "| case | implementation | median | rate | % of floor | peak memory | ratio to fastguide |",
+             "|---|---|---|---|---|---|---|"]
+    for case, impls in cases.items():
+        ours = min((r["median_ms"] for name, r in impls.items() if _is_ours(name)), default=None)
+        for impl in sorted(impls, key=_fastguide_first):
+            r = impls[impl]
+            pct = "" if r["pct"] is None else f"{r['pct']:.1f}%"
+            peak = "" if r["peak"] is None else f"{r['peak']:.0f} MB"
+            ratio = "" if ours is None else f"{r['median_ms'] / ours:.2f}×"
+            lines.append(f"| {case} | {impl} | {r['median_ms']:.3f} ms | {r['rate']} | {pct} | {peak} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_cases(cases: dict[str, dict[str, dict]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for case, impls in cases.items():
+        names = sorted(impls, key=_fastguide_first)
+        fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(names)))
+        ax.barh(names, [impls[n]["median_ms"] for n in names],
+                color=["tab:orange" if _is_ours(n) else "tab:blue" for n in names])
+        ax.invert_yaxis()
+        ax.set_xlabel("median time (ms)")
+        ax.set_title(case, fontsize=8)
+        fig.tight_layout()
+        path = out / (re.sub(r"[^A-Za-z0-9_.-]+", "_", case).strip("_")[:120] + ".png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastguide.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("results") / f"bench-{date.today().isoformat()}",
+                        help="folder for results.json, table.md and the plots (default: results/bench-DATE)")
+    parser.add_argument("--quick", action="store_true", help=f"only the fast CPU cases ({QUICK})")
+    parser.add_argument("-k", dest="selection", help="pytest -k expression selecting cases")
+    parser.add_argument("--benchmarks", type=Path, help="the benchmarks/ folder (default: beside the package)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    args = parser.parse_args(argv)
+    try:
+        benchmarks = args.benchmarks or find_benchmarks()
+        args.out.mkdir(parents=True, exist_ok=True)
+        selection = " and ".join(f"({s})" for s in (QUICK if args.quick else None, args.selection) if s) or None
+        results = run_suite(benchmarks, args.out, selection)
+    except (FileNotFoundError, RuntimeError, OSError) as error:
+        print(f"fastguide bench: {error}", file=sys.stderr)
+        return 1
+    data = json.loads(results.read_text())
+    cases = group_results(data)
+    machine = data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "this machine")
+    if any("device" in b.get("extra_info", {}) and b["extra_info"]["device"] != "cpu" for b in data["benchmarks"]):
+        machine = next(b["extra_info"]["device"] for b in data["benchmarks"] if b["extra_info"].get("device", "cpu") != "cpu")
+    table = markdown_table(cases, machine)
+    (args.out / "table.md").write_text(table)
+    if not args.no_plots:
+        plot_cases(cases, args.out)
+    print(table)
+    print(f"written to {args.out}/ (results.json, table.md{'' if args.no_plots else ', *.png'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

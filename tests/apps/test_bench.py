@@ -1,0 +1,35 @@
+"""The benchmark suite's tooling does not rot: the report command and the one-shot GPU script."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from fastguide.apps import bench, cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_benchmark_report(tmp_path):
+    assert cli.main(["bench", "--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    impls = {b["params"]["impl"] for b in data["benchmarks"]}
+    assert {"fastguide", "eager", "torch.compile"} <= impls
+    assert all("GB/s" in b["extra_info"] and "peak_memory_MB" in b["extra_info"] for b in data["benchmarks"])
+    table = (tmp_path / "table.md").read_text()
+    assert "| fastguide |" in table and "1.00×" in table
+    assert len(list(tmp_path.glob("*.png"))) == len(bench.group_results(data))
+
+
+def test_gpu_script_dry_run_finds_every_test_and_benchmark(tmp_path):
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path), "--dry-run"],
+        capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, check=True,
+    )
+    found = re.search(r"collected: (\d+) tests, (\d+) of them GPU-marked, (\d+) benchmarks", result.stdout)
+    assert found, result.stdout
+    tests, gpu_tests, benchmarks = map(int, found.groups())
+    assert tests > 500 and gpu_tests > 50 and benchmarks > 100, result.stdout
+    assert "fastguide.bench" in result.stdout

@@ -1,0 +1,240 @@
+"""UNet and EncoderUNet: ADM's key layout, fused vs an unfused plain-PyTorch composition of
+the same weights, torch vs triton backends, head orders, loading, precision modes."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastguide
+from fastguide import EncoderUNet, UNet, load_checkpoint, save_state_dict
+from fastguide.models.configs import (
+    classifier_config,
+    create_classifier,
+    create_model,
+    unet_config,
+)
+from fastguide.models.unet import timestep_embedding
+from tests.helpers import backends_for, randomize
+from tools.adm_baseline import plain_classifier, plain_unet
+
+REFERENCE = Path(__file__).resolve().parent / "data"  # copies of shared/reference listings
+BACKENDS = sorted(set(backends_for("group_norm")) & set(backends_for("attention")))
+
+
+TINY = {
+    "scale-shift, updown, legacy order, learned sigma, CFG row": dict(
+        use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=False,
+        num_head_channels=16, out_channels=6, num_classes=5, null_class=True),
+    "plain norm, conv resample, new order, heads": dict(
+        use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=True, num_heads=2,
+        out_channels=3, num_classes=None),
+}
+
+
+def tiny_unet(**overrides) -> UNet:
+    args = dict(image_size=16, in_channels=3, model_channels=32, num_res_blocks=1,
+                attention_resolutions=(1, 2), channel_mult=(1, 2), dropout=0.0)
+    return randomize(UNet(**{**args, **overrides})).eval()
+
+
+def tiny_inputs(model, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, model.in_channels, 16, 16, generator=g)
+    t = torch.tensor([3, 901][:batch] + [500] * max(0, batch - 2))
+    num_classes = getattr(model, "num_classes", None)
+    y = None if num_classes is None else torch.arange(batch) % (num_classes + 1)
+    return x, t, y
+
+
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("listing, factory, preset", [
+    ("adm64-unet-keys.txt", create_model, unet_config("adm64")),
+    ("adm256-unet-keys.txt", create_model, unet_config("adm256")),
+    ("adm64-classifier-keys.txt", create_classifier, classifier_config("adm64")),
+])
+def test_state_dict_matches_adm_listing(listing, factory, preset):
+    with torch.device("meta"):
+        model = factory(**preset)
+    lines = [f"{k} {tuple(v.shape)}" for k, v in model.state_dict().items()]
+    assert lines == (REFERENCE / listing).read_text().splitlines()
+
+
+def test_timestep_embedding_matches_formula():
+    t = torch.tensor([0, 1, 17, 999])
+    emb = timestep_embedding(t, 10)
+    for row, step in zip(emb, t.tolist()):
+        for i in range(5):
+            freq = 10000 ** (-i / 5)
+            assert row[i].item() == pytest.approx(math.cos(step * freq), abs=1e-5)
+            assert row[5 + i].item() == pytest.approx(math.sin(step * freq), abs=1e-5)
+    assert timestep_embedding(t, 7).shape == (4, 7)
+
+
+@pytest.mark.parametrize("case", list(TINY))
+def test_fused_unet_matches_plain_composition(case):
+    model = tiny_unet(**TINY[case])
+    x, t, y = tiny_inputs(model)
+    with torch.no_grad(), fastguide.backend("torch"):
+        fused = model(x, t, y)
+    expected = plain_unet(model, x, t, y)
+    assert fused.shape == (2, model.out_channels, 16, 16)
+    torch.testing.assert_close(fused, expected, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(TINY))
+def test_unet_backends_agree(backend, case):
+    model = tiny_unet(**TINY[case])
+    x, t, y = tiny_inputs(model)
+    with torch.no_grad():
+        with fastguide.backend("torch"):
+            expected = model(x, t, y)
+        with fastguide.backend(backend):
+            got = model(x, t, y)
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4)
+
+
+def _permute_qkv_rows_to_new_order(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Legacy rows [q₀ k₀ v₀ q₁ …] → new rows [q₀ q₁ … k₀ k₁ … v₀ v₁ …]."""
+    ch = weight.shape[0] // (3 * heads)
+    return weight.reshape(heads, 3, ch, *weight.shape[1:]).transpose(0, 1).reshape(weight.shape)
+
+
+def test_legacy_and_new_head_orders_agree_after_permuting_weights():
+    legacy = tiny_unet(use_new_attention_order=False, num_head_channels=16, out_channels=3)
+    new = UNet(image_size=16, in_channels=3, model_channels=32, num_res_blocks=1, attention_resolutions=(1, 2),
+               channel_mult=(1, 2), use_new_attention_order=True, num_head_channels=16, out_channels=3).eval()
+    state = legacy.state_dict()
+    for name, module in legacy.named_modules():
+        if isinstance(module, fastguide.models.nn.AttentionBlock):
+            for suffix in ("weight", "bias"):
+                key = f"{name}.qkv.{suffix}"
+                state[key] = _permute_qkv_rows_to_new_order(state[key], module.num_heads)
+    new.load_state_dict(state)
+    x, t, _ = tiny_inputs(legacy)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x, t), legacy(x, t), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pool", EncoderUNet.POOLS)
+def test_classifier_matches_plain_and_input_gradient_agrees_across_backends(pool):
+    model = randomize(EncoderUNet(image_size=16, in_channels=3, model_channels=32, out_channels=7,
+                                  num_res_blocks=1, attention_resolutions=(2,), channel_mult=(1, 2),
+                                  num_head_channels=16, use_scale_shift_norm=True, resblock_updown=True,
+                                  pool=pool)).eval()
+    x, t, _ = tiny_inputs(model)
+    y = torch.tensor([1, 4])
+    with torch.no_grad(), fastguide.backend("torch"):
+        torch.testing.assert_close(model(x, t), plain_classifier(model, x, t), atol=2e-4, rtol=2e-4)
+
+    def input_gradient(backend):
+        x_in = x.clone().requires_grad_()
+        with fastguide.backend(backend):
+            log_probs = torch.log_softmax(model(x_in, t), dim=-1)
+            return torch.autograd.grad(log_probs[torch.arange(2), y].sum(), x_in)[0]
+
+    expected = input_gradient("torch")
+    assert expected.abs().max() > 0
+    for backend in BACKENDS:
+        torch.testing.assert_close(input_gradient(backend), expected, atol=2e-4, rtol=2e-3)
+
+
+def test_unet_compiles_fullgraph():
+    model = tiny_unet(**TINY["scale-shift, updown, legacy order, learned sigma, CFG row"])
+    x, t, y = tiny_inputs(model)
+    with torch.no_grad():
+        eager = model(x, t, y)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x, t, y)
+    torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_checkpoint_round_trip(tmp_path, suffix):
+    model = tiny_unet(**TINY["scale-shift, updown, legacy order, learned sigma, CFG row"])
+    path = tmp_path / f"model{suffix}"
+    save_state_dict(model, path)
+    fresh = UNet(**{**dict(image_size=16, in_channels=3, model_channels=32, num_res_blocks=1,
+                           attention_resolutions=(1, 2), channel_mult=(1, 2)),
+                    **TINY["scale-shift, updown, legacy order, learned sigma, CFG row"]}).eval()
+    load_checkpoint(fresh, path)
+    x, t, y = tiny_inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, t, y), model(x, t, y))
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    model = tiny_unet(out_channels=3)
+    with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
+        load_checkpoint(model, tmp_path / "missing.pt")
+    state = model.state_dict()
+    del state["out.2.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad_keys.pt")
+    with pytest.raises(ValueError, match=r"1 missing keys \(out.2.bias\), 1 unexpected keys \(extra.weight\)"):
+        load_checkpoint(model, tmp_path / "bad_keys.pt")
+    other = tiny_unet(out_channels=6)
+    save_state_dict(other, tmp_path / "wrong_shape.safetensors")
+    with pytest.raises(ValueError, match=r"wrong shape: out.2.weight: checkpoint \(6, 32, 3, 3\)"):
+        load_checkpoint(model, tmp_path / "wrong_shape.safetensors")
+
+
+def test_adm_label_table_loads_into_cfg_model(tmp_path):
+    adm = tiny_unet(out_channels=3, num_classes=5)
+    save_state_dict(adm, tmp_path / "adm.pt")
+    cfg = tiny_unet(out_channels=3, num_classes=5, null_class=True)
+    with pytest.raises(ValueError, match="expand_label_table=True"):
+        load_checkpoint(cfg, tmp_path / "adm.pt")
+    load_checkpoint(cfg, tmp_path / "adm.pt", expand_label_table=True)
+    table = adm.label_emb.weight
+    torch.testing.assert_close(cfg.label_emb.weight, torch.cat([table, table.mean(0, keepdim=True)]))
+    assert cfg.null_label == 5
+
+
+def test_label_dropout_uses_the_null_class():
+    model = tiny_unet(out_channels=3, num_classes=5, null_class=True, label_dropout=1.0).train()
+    x, t, y = tiny_inputs(model)
+    with torch.no_grad():
+        dropped = model(x, t, y)
+        model.eval()
+        torch.testing.assert_close(dropped, model(x, t, torch.full_like(y, 5)))
+
+
+def test_fp16_mode_bf16_autocast_and_channels_last_stay_close():
+    model = tiny_unet(**TINY["scale-shift, updown, legacy order, learned sigma, CFG row"])
+    x, t, y = tiny_inputs(model)
+    with torch.no_grad():
+        expected = model(x, t, y)
+        channels_last = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last), t, y)
+        torch.testing.assert_close(channels_last, expected, atol=1e-4, rtol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x, t, y)
+        assert (bf16.float() - expected).abs().max() < 0.1 * expected.abs().max()
+        model.convert_to_fp16()
+        assert model.dtype == torch.float16 and model.input_blocks[1][0].in_layers[0].weight.dtype == torch.float32
+        fp16 = model(x, t, y)
+        assert fp16.dtype == torch.float32
+        assert (fp16 - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for use_checkpoint in (False, True):
+        model = tiny_unet(out_channels=3, use_checkpoint=use_checkpoint).train()
+        x, t, _ = tiny_inputs(model)
+        model(x, t).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain)
+
+
+def test_unknown_preset_and_bad_arguments():
+    with pytest.raises(ValueError, match="unknown UNet preset 'adm32'"):
+        unet_config("adm32")
+    with pytest.raises(ValueError, match="pool must be one of"):
+        EncoderUNet(16, 3, 32, 4, 1, (2,), pool="max")
+    with pytest.raises(ValueError, match="pass labels y exactly"):
+        tiny_unet(out_channels=3)(*tiny_inputs(tiny_unet(out_channels=3))[:2], torch.tensor([0, 1]))

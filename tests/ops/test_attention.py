@@ -1,0 +1,179 @@
+"""attention: every backend against an explicit float64 softmax(q·kᵀ·scale)·v."""
+
+import pytest
+import torch
+
+import fastguide
+from fastguide import ops
+from fastguide.ops import reference
+from tests.helpers import ATTENTION, assert_close, backend_dtype_params, backends_for
+
+BACKENDS = backends_for("attention")
+# (batch, heads, Lq, Lk, head_dim): every L in {1, 7, 64, 77, 200, 1025} and D in
+# {8, 24, 32, 40, 64, 80, 128} at least once, Lq ≠ Lk, B·H up to 8.
+SHAPES = [
+    (1, 1, 1, 1, 32),
+    (2, 3, 7, 7, 40),
+    (1, 2, 77, 13, 64),
+    (2, 1, 64, 200, 80),
+    (1, 2, 1025, 77, 128),
+    (2, 4, 200, 1025, 32),
+    (1, 1, 1, 1025, 40),
+    (1, 2, 1025, 1025, 64),
+    (1, 3, 9, 64, 8),
+    (2, 2, 77, 7, 24),
+    (1, 2, 70, 33, 192),
+    (1, 1, 40, 65, 256),
+]
+
+
+def explicit_attention(q, k, v, scale):
+    """softmax(q·kᵀ·scale)·v written out in float64, subtracting the row max."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-1, -2) * scale
+    weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    return (weights / weights.sum(dim=-1, keepdim=True)) @ v
+
+
+def random_qkv(shape, dtype, device, generator_seed=0):
+    batch, heads, lq, lk, dim = shape
+    g = torch.Generator().manual_seed(generator_seed)
+    q = torch.randn(batch, heads, lq, dim, generator=g)
+    k = torch.randn(batch, heads, lk, dim, generator=g)
+    v = torch.randn(batch, heads, lk, dim, generator=g)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params("attention", [torch.float64, torch.float32, torch.float16]))
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_attention_matches_explicit_formula(backend, dtype, shape, device):
+    q, k, v = random_qkv(shape, dtype, device)
+    scale = 0.7 * shape[-1] ** -0.5
+    with fastguide.backend(backend):
+        out = ops.attention(q, k, v, scale=scale)
+    expected = explicit_attention(q, k, v, scale)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert_close(out, expected, ATTENTION, dtype)
+    if dtype != torch.float64:
+        # The FlashAttention rule: at most twice the error of plain PyTorch in this dtype.
+        plain = torch.softmax((q @ k.transpose(-1, -2)).float() * scale, dim=-1).to(dtype) @ v
+        ours = (out.double() - expected).abs().max()
+        theirs = (plain.double() - expected).abs().max()
+        assert ours <= 2 * theirs + 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_default_scale_and_strided_views(backend, device):
+    # q, k, v as views of one packed qkv projection (B, L, 3, H, D) permuted to (B, H, L, D).
+    batch, length, heads, dim = 2, 33, 3, 48
+    packed = torch.randn(batch, length, 3, heads, dim, device=device)
+    q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    with fastguide.backend(backend):
+        out = ops.attention(q, k, v)
+    assert_close(out, explicit_attention(q, k, v, dim**-0.5), ATTENTION, torch.float32)
+
+
+def test_reference_attention_matches_formula_float64():
+    q, k, v = random_qkv((2, 2, 9, 11, 24), torch.float64, "cpu")
+    torch.testing.assert_close(reference.attention(q, k, v, 0.3), explicit_attention(q, k, v, 0.3))
+
+
+def test_reference_forward_returns_row_logsumexp():
+    q, k, v = random_qkv((1, 2, 9, 300, 16), torch.float64, "cpu")
+    _, lse = reference.attention_forward(q, k, v, 0.25)
+    expected = torch.logsumexp(q @ k.transpose(-1, -2) * 0.25, dim=-1)
+    torch.testing.assert_close(lse, expected)
+    # The fallback (non-CPU devices) chunks queries; check it on the same inputs.
+    torch.testing.assert_close(reference._attention_lse(q, k, 0.25, rows_per_chunk=4), expected)
+
+
+def test_attention_gradcheck_float64():
+    q, k, v = (t.requires_grad_() for t in random_qkv((1, 2, 5, 7, 16), torch.float64, "cpu"))
+    with fastguide.backend("torch"):  # float64: the reference path
+        assert torch.autograd.gradcheck(lambda a, b, c: ops.attention(a, b, c, scale=0.4), (q, k, v))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 2, 7, 7, 32), (2, 1, 77, 20, 40), (1, 1, 130, 66, 64), (2, 4, 77, 200, 40),
+     (1, 1, 1025, 64, 128), (1, 2, 1, 7, 80), (1, 1, 200, 1, 24)],
+    ids=str,
+)
+def test_attention_backward_matches_autograd_of_formula(backend, dtype, shape, device):
+    q, k, v = (t.requires_grad_() for t in random_qkv(shape, dtype, device, generator_seed=1))
+    grad_out = torch.randn(q.shape, dtype=dtype, device=device)
+    with fastguide.backend(backend):
+        dq, dk, dv = torch.autograd.grad(ops.attention(q, k, v), (q, k, v), grad_out)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected = torch.autograd.grad(explicit_attention(qd, kd, vd, shape[-1] ** -0.5), (qd, kd, vd), grad_out.double())
+    for got, want in zip((dq, dk, dv), expected):
+        assert got.dtype == dtype
+        assert_close(got, want, ATTENTION, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("legacy_order", [True, False])
+def test_attention_on_adm_qkv_views_forward_and_backward(backend, legacy_order, device):
+    # ADM's (B, 3·H·ch, T) projection viewed as (B, H, T, ch): the head dim has stride T.
+    batch, heads, ch, length = 2, 2, 16, 50
+    qkv = torch.randn(batch, 3 * heads * ch, length, device=device, requires_grad=True)
+    q, k, v = fastguide.models.nn.split_heads(qkv, heads, legacy_order)
+    assert q.stride(-1) == length
+    grad_out = torch.randn(batch, heads, length, ch, device=device)
+    with fastguide.backend(backend):
+        out = ops.attention(q, k, v)
+        (d_qkv,) = torch.autograd.grad(out, qkv, grad_out)
+    ref = qkv.detach().double().requires_grad_()
+    rq, rk, rv = fastguide.models.nn.split_heads(ref, heads, legacy_order)
+    expected = explicit_attention(rq, rk, rv, ch**-0.5)
+    (expected_grad,) = torch.autograd.grad(expected, ref, grad_out.double())
+    assert_close(out, expected, ATTENTION, torch.float32)
+    assert_close(d_qkv, expected_grad, ATTENTION, torch.float32)
+
+
+def test_reference_backward_by_recompute_matches_formula():
+    # The torch backend's backward off-CPU (on CPU it uses aten's flash backward).
+    q, k, v = (t.requires_grad_() for t in random_qkv((2, 2, 13, 21, 40), torch.float64, "cpu"))
+    grad_out = torch.randn(q.shape, dtype=torch.float64)
+    expected = torch.autograd.grad(explicit_attention(q, k, v, 0.3), (q, k, v), grad_out)
+    got = reference.attention_backward_by_recompute(grad_out, q.detach(), k.detach(), v.detach(), 0.3)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_backward_with_strided_views(backend, device):
+    # q, k, v from one packed projection and a transposed grad_out: no copies needed.
+    batch, length, heads, dim = 2, 45, 2, 40
+    packed = torch.randn(batch, length, 3, heads, dim, device=device, requires_grad=True)
+    q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+    grad_out = torch.randn(batch, length, heads, dim, device=device).transpose(1, 2)
+    with fastguide.backend(backend):
+        (d_packed,) = torch.autograd.grad(ops.attention(q, k, v), packed, grad_out)
+    ref = packed.detach().double().requires_grad_()
+    rq, rk, rv = ref.permute(2, 0, 3, 1, 4).unbind(0)
+    (expected,) = torch.autograd.grad(explicit_attention(rq, rk, rv, dim**-0.5), ref, grad_out.double())
+    assert_close(d_packed, expected, ATTENTION, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(4, 16, 4096, 4096, 128), (64, 4, 1024, 1024, 64), (2, 8, 1000, 77, 80)], ids=str)
+def test_attention_gpu_large_and_bf16(dtype, shape):
+    q, k, v = (t.requires_grad_() for t in random_qkv(shape, dtype, "cuda", generator_seed=2))
+    with fastguide.backend("triton"):
+        out = ops.attention(q, k, v)
+    # Float64 reference on a slice of heads keeps the check's memory small.
+    expected = explicit_attention(q[:1, :2], k[:1, :2], v[:1, :2], shape[-1] ** -0.5)
+    assert_close(out[:1, :2], expected, ATTENTION, dtype)
+    plain = torch.softmax((q[:1, :2] @ k[:1, :2].transpose(-1, -2)).float() * shape[-1] ** -0.5, -1).to(dtype) @ v[:1, :2]
+    assert (out[:1, :2].double() - expected).abs().max() <= 2 * (plain.double() - expected).abs().max() + 1e-6
+    grad_out = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    qd, kd, vd = (t[:1, :2].detach().double().requires_grad_() for t in (q, k, v))
+    wanted = torch.autograd.grad(explicit_attention(qd, kd, vd, shape[-1] ** -0.5), (qd, kd, vd), grad_out[:1, :2].double())
+    for got, want in zip((dq, dk, dv), wanted):
+        assert_close(got[:1, :2], want, ATTENTION, dtype)

@@ -1,0 +1,139 @@
+"""The backend switch: set_backend, the context manager, FASTGUIDE_BACKEND, availability."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastguide
+from fastguide import ops
+from fastguide.ops import backends, extension
+
+
+def test_default_is_auto_and_cpu_resolves_to_torch(monkeypatch):
+    monkeypatch.delenv("FASTGUIDE_BACKEND", raising=False)
+    assert fastguide.get_backend() == "auto"
+    assert ops._resolve("attention", torch.device("cpu"), torch.float32) == "torch"
+
+
+def test_set_backend_and_context_manager_nest():
+    fastguide.set_backend("torch")
+    assert fastguide.get_backend() == "torch"
+    with fastguide.backend("triton"):
+        assert fastguide.get_backend() == "triton"
+        with fastguide.backend("auto"):
+            assert fastguide.get_backend() == "auto"
+        assert fastguide.get_backend() == "triton"
+    assert fastguide.get_backend() == "torch"
+
+
+def test_environment_variable_chooses_backend(monkeypatch):
+    monkeypatch.setenv("FASTGUIDE_BACKEND", "torch")
+    assert fastguide.get_backend() == "torch"
+    monkeypatch.setenv("FASTGUIDE_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FASTGUIDE_BACKEND"):
+        fastguide.get_backend()
+
+
+@pytest.mark.parametrize("bad", ["gpu", "", None, 3])
+def test_unknown_backend_names_raise(bad):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastguide.set_backend(bad)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with fastguide.backend(bad):
+            pass
+
+
+def test_available_backends_reports_reasons():
+    report = fastguide.available_backends()
+    assert set(report) == {"torch", "triton", "cuda"}
+    assert report["torch"] is None
+    if not torch.cuda.is_available():
+        assert "CUDA" in report["cuda"]
+
+
+def test_requested_backend_that_cannot_run_raises_clearly(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(1, 3, 4, 4)
+    with fastguide.backend("triton"), pytest.raises(RuntimeError, match="backend 'triton'.*cannot run.*TRITON_INTERPRET"):
+        ops.group_norm(x, 1)
+    with fastguide.backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda'.*CUDA tensors"):
+        ops.group_norm(x, 1)
+
+
+def test_auto_never_raises_and_falls_back():
+    with fastguide.backend("auto"):
+        assert backends.resolve(torch.device("cpu"), {"triton": True, "cuda": True}) == "torch"
+        assert backends.resolve(torch.device("cuda"), {"triton": False, "cuda": False}) == "torch"
+
+
+def test_explicit_backend_without_kernel_for_op_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with fastguide.backend("triton"), pytest.raises(RuntimeError, match="no kernel for this op"):
+        backends.resolve(torch.device("cpu"), {"triton": False, "cuda": False})
+
+
+def test_import_touches_neither_cuda_nor_triton():
+    code = (
+        "import sys, torch\n"
+        "import fastguide\n"
+        "assert 'triton' not in sys.modules, 'import fastguide imported triton'\n"
+        "assert not torch.cuda.is_initialized(), 'import fastguide initialised CUDA'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_float64_never_routes_to_kernels(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    with fastguide.backend("triton"), pytest.raises(RuntimeError, match="no kernel for group_norm on torch.float64"):
+        ops.group_norm(x, 2)
+    with fastguide.backend("auto"):
+        assert ops._resolve("group_norm", torch.device("cuda"), torch.float64) == "torch"
+
+
+def test_missing_kernel_package_means_no_kernel():
+    # A module under a package that is not importable counts as absent, not as an error.
+    assert ops._module_exists("fastguide_no_such_package.kernels.attention") is False
+    assert ops._module_exists("fastguide.kernels.guided_step") is True
+
+
+def test_cuda_backend_covers_step_and_norm_and_leaves_attention_to_auto(monkeypatch):
+    monkeypatch.setattr(backends, "why_not", lambda name, device: None)
+    assert ops._HAS_KERNEL["guided_step"]["cuda"] and ops._HAS_KERNEL["group_norm"]["cuda"]
+    assert not ops._HAS_KERNEL["attention"]["cuda"]
+    with fastguide.backend("cuda"):
+        assert ops._resolve("group_norm", torch.device("cuda"), torch.float16) == "cuda"
+        assert ops._resolve("guided_step", torch.device("cuda"), torch.float32) == "cuda"
+        assert ops._resolve("attention", torch.device("cuda"), torch.float16) == "triton"
+
+
+def test_auto_uses_cuda_only_when_prebuilt(monkeypatch):
+    # auto never starts a just-in-time build; a prebuilt fastguide._C it does use.
+    monkeypatch.setattr(backends, "why_not", lambda name, device: None)
+    only_cuda = {"triton": False, "cuda": True}
+    monkeypatch.setattr(extension, "prebuilt_path", lambda: None)
+    with fastguide.backend("auto"):
+        assert backends.resolve(torch.device("cuda"), only_cuda) == "torch"
+    monkeypatch.setattr(extension, "prebuilt_path", lambda: "/site-packages/fastguide/_C.so")
+    with fastguide.backend("auto"):
+        assert backends.resolve(torch.device("cuda"), only_cuda) == "cuda"
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU build of torch")
+def test_cuda_extension_on_cpu_torch_says_why(monkeypatch, request):
+    monkeypatch.setattr(extension, "prebuilt_path", lambda: None)
+    monkeypatch.setattr(extension, "_loaded", False)
+    extension.why_not_available.cache_clear()
+    request.addfinalizer(extension.why_not_available.cache_clear)
+    assert "CPU build" in extension.why_not_available()
+    assert "CPU build" in backends.why_not("cuda", torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="cuda backend needs the extension fastguide._C: .*CPU build"):
+        extension.load()
+
+
+def test_cuda_sources_ship_with_the_package():
+    names = {p.name for p in extension.source_dir().iterdir()}
+    assert set(extension.KERNEL_SOURCES + extension.BINDING_SOURCES) <= names
+    assert {"common.cuh", "guided_step.cuh", "group_norm.cuh"} <= names

@@ -1,0 +1,293 @@
+"""The cuda backend (csrc/) without a GPU: its kernels run on the CPU emulation.
+
+tests/cuda_emulation/ compiles csrc/'s kernel sources as they are for the CPU, with
+stand-ins for the CUDA headers: a launch runs every block of the grid in turn, each
+block's threads as fibers that switch at __syncthreads and warp shuffles. csrc/bindings.cpp
+built with -DFASTGUIDE_HOST_HARNESS registers those launchers for CPU tensors, so with
+fastguide.ops routed to the cuda backend every option and variant runs the real path —
+validation, custom op, fastguide.cuda_backend's glue, the bindings, the launchers' choice
+of grid and vector width, the kernels' indexing, block reductions and per-element
+``__host__ __device__`` math — and is compared with the float64 reference, in float32,
+float16 and bfloat16 storage. What the emulation cannot show (timing, races between
+blocks, the GPU's memory model) is left to the GPU-marked tests of test_guided_step.py
+and test_group_norm.py, which run the compiled kernels.
+"""
+
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastguide
+from fastguide import ops
+from fastguide.ops import cuda_backend, extension, reference
+from tests.helpers import (
+    CASES,
+    GROUP_NORM,
+    GUIDED_STEP,
+    STEP_SHAPES,
+    as_float64,
+    assert_close,
+    case_inputs,
+    explicit_group_norm,
+    poisoned,
+    randn,
+    random_inputs,
+)
+from tests.helpers import SHAPES as NORM_SHAPES
+
+EMULATION_DIR = Path(__file__).parent / "cuda_emulation"
+HOST_NAMESPACE = "fastguide_cuda_host"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _build_emulated_extension() -> None:
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(
+        name=extension.build_name(HOST_NAMESPACE, [extension.source_dir(), EMULATION_DIR]),
+        sources=[
+            str(extension.source_dir() / "bindings.cpp"),
+            str(EMULATION_DIR / "emulated_guided_step.cpp"),
+            str(EMULATION_DIR / "emulated_group_norm.cpp"),
+            str(EMULATION_DIR / "emulator.cpp"),
+        ],
+        extra_cflags=["-O2", "-DFASTGUIDE_HOST_HARNESS", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas"],
+        extra_include_paths=[str(EMULATION_DIR)],
+        is_python_module=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def host_harness():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler to build the CUDA emulation")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the CUDA emulation's fiber switch is x86-64 assembly")
+    _build_emulated_extension()
+    return getattr(torch.ops, HOST_NAMESPACE)
+
+
+def route_to_emulation(monkeypatch, host_harness) -> None:
+    """Route guided_step and group_norm to the cuda backend, running on the emulation."""
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: host_harness)
+    monkeypatch.setattr(ops, "_resolve", lambda op, device, dtype: "torch" if op == "attention" else "cuda")
+
+
+@pytest.fixture
+def cuda_backend_on_cpu(host_harness, monkeypatch):
+    route_to_emulation(monkeypatch, host_harness)
+
+
+# --------------------------------------------------------------------------------------
+# guided_step
+# --------------------------------------------------------------------------------------
+
+
+def run_against_reference(model_output, x, kwargs, names=("out", "x0_out", "apg_buffer")):
+    expected = as_float64(kwargs)
+    reference.guided_step(model_output.double(), x.double(), **expected)
+    ops.guided_step(model_output, x, **kwargs)
+    for name in names:
+        if name in kwargs:
+            assert_close(kwargs[name], expected[name], GUIDED_STEP, kwargs[name].dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_guided_step_matches_reference(cuda_backend_on_cpu, dtype, shape, case):
+    model_output, x, kwargs = case_inputs(CASES[case], *shape, dtype, "cpu")
+    run_against_reference(model_output, x, kwargs)
+
+
+@pytest.mark.parametrize("case", ["cfg-clip-noise", "rescale", "apg-momentum-clip", "ddpm-learned-var-grad"])
+def test_guided_step_channels_last(cuda_backend_on_cpu, case):
+    model_output, x, kwargs = case_inputs(CASES[case], 2, 5, (9, 11), torch.float32, "cpu")
+    model_output, x = (t.to(memory_format=torch.channels_last) for t in (model_output, x))
+    for name in ("prev", "noise", "grad", "out", "apg_buffer"):
+        if name in kwargs:
+            kwargs[name] = kwargs[name].to(memory_format=torch.channels_last)
+    run_against_reference(model_output, x, kwargs)
+    assert kwargs["out"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_guided_step_strided_outputs_and_mixed_dtypes(cuda_backend_on_cpu):
+    # out and x0_out as views into one buffer, prev in float64: converted, written through.
+    model_output, x, kwargs = case_inputs(CASES["dpm2m-prev-x0out"], 2, 3, (8, 8), torch.float32, "cpu")
+    storage = poisoned((2, 3, 8, 16), torch.float32)
+    kwargs["out"], kwargs["x0_out"] = storage[..., ::2], storage[..., 1::2]
+    kwargs["prev"] = kwargs["prev"].double()
+    run_against_reference(model_output, x, kwargs)
+
+
+def test_guided_step_in_place_on_x(cuda_backend_on_cpu):
+    model_output, x, kwargs = case_inputs(CASES["cfg-clip-noise"], 2, 3, (8, 8), torch.float32, "cpu")
+    expected = as_float64(kwargs)
+    reference.guided_step(model_output.double(), x.double(), **expected)
+    kwargs["out"] = x
+    ops.guided_step(model_output, x, **kwargs)
+    assert_close(x, expected["out"], GUIDED_STEP, torch.float32)
+
+
+@pytest.mark.parametrize("case", ["rescale", "cfg-zero-star", "apg-momentum-clip", "apg-rescale-2b-out"])
+def test_reduction_variants_when_cond_is_close_to_uncond(cuda_backend_on_cpu, case):
+    # 3·4·48² elements per sample: several partial sums per sample, merged in float64.
+    model_output, x, kwargs = case_inputs(CASES[case], 3, 4, (48, 48), torch.float32, "cpu")
+    model_output[3:] = model_output[:3] + 0.01 * randn(3, 4, 48, 48, seed=7, dtype=torch.float32)
+    run_against_reference(model_output, x, kwargs, names=("out",))
+
+
+def offset_copy(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a tensor whose data starts one element past a 16-byte boundary."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype)
+    view = storage[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["cfg-clip-noise", "rescale", "dpm2m-prev-x0out"])
+def test_guided_step_on_misaligned_tensors(cuda_backend_on_cpu, dtype, case):
+    # 16-byte vectors are only used when every pointer allows them: the emulation reports a
+    # misaligned vector access as the GPU fault it would be.
+    model_output, x, kwargs = case_inputs(CASES[case], 2, 4, (16, 16), dtype, "cpu")
+    model_output, x = offset_copy(model_output), offset_copy(x)
+    kwargs = {k: offset_copy(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    run_against_reference(model_output, x, kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_group_norm_on_misaligned_tensors(cuda_backend_on_cpu, dtype):
+    x, weight, bias, scale, shift = random_inputs(2, 64, (16, 16), dtype, "cpu")
+    x = offset_copy(x).requires_grad_()
+    y = ops.group_norm(x, 32, weight, bias, scale=scale, shift=shift, activation="silu")
+    assert_close(y, explicit_group_norm(x.detach(), 32, weight, bias, scale, shift, "silu"), GROUP_NORM, dtype)
+    (dx,) = torch.autograd.grad(y, x, offset_copy(torch.randn(x.shape).to(dtype)))
+    assert not dx.isnan().any()
+
+
+def test_samples_agree_with_torch_backend(host_harness, monkeypatch):
+    # The whole sampler on a tiny UNet: its GroupNorms and steps on the cuda backend.
+    from tests.test_sampler import tiny_cfg_unet
+
+    model = tiny_cfg_unet()
+    kwargs = dict(labels=torch.tensor([1]), sampler="dpm++2m", steps=[600, 300, 100],
+                  noise=torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(6)),
+                  guidance=fastguide.CFG(3.0, rescale=0.5))
+    with fastguide.backend("torch"):
+        expected = fastguide.sample(model, (1, 3, 8, 8), **kwargs)
+    route_to_emulation(monkeypatch, host_harness)
+    got = fastguide.sample(model, (1, 3, 8, 8), **kwargs)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------
+# group_norm
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [(s, False) for s in NORM_SHAPES] + [(s, True) for s in NORM_SHAPES if len(s[3]) == 2],
+    ids=str,
+)
+@pytest.mark.parametrize("scale_shift", [False, True])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_group_norm_matches_explicit_formula(cuda_backend_on_cpu, shape, channels_last, scale_shift, activation, dtype):
+    n, c, groups, spatial = shape
+    x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, "cpu")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    if not scale_shift:
+        scale = shift = None
+    y = ops.group_norm(x, groups, weight, bias, scale=scale, shift=shift, activation=activation)
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert y.dtype == dtype
+    assert_close(y, explicit_group_norm(x, groups, weight, bias, scale, shift, activation), GROUP_NORM, dtype)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_one_group_of_many_channels(cuda_backend_on_cpu, channels_last):
+    # Cg = 100 > 32: each lane of a group's merge warp sums several channels.
+    x, weight, bias, scale, shift = random_inputs(2, 100, (6, 5), torch.float32, "cpu", seed=4)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, scale, shift)]
+    y = ops.group_norm(leaves[0], 1, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu")
+    doubles = [t.detach().double().requires_grad_() for t in leaves]
+    expected = explicit_group_norm(doubles[0], 1, *doubles[1:3], doubles[3], doubles[4], "silu")
+    assert_close(y, expected, GROUP_NORM, torch.float32)
+    grad_y = torch.randn(x.shape)
+    for got, want in zip(torch.autograd.grad(y, leaves, grad_y), torch.autograd.grad(expected, doubles, grad_y.double())):
+        count = x.numel() // want.numel()
+        atol, rtol = GROUP_NORM[torch.float32]
+        torch.testing.assert_close(got.double(), want, atol=atol * max(1, count) ** 0.5, rtol=rtol * 4)
+
+
+def test_group_norm_mean_far_from_zero(cuda_backend_on_cpu):
+    # |mean| = 25·std: Σx² − (Σx)²/n in fp32 would lose ~1e-4 of the variance; the
+    # shifted sums must not.
+    x, weight, bias, _, _ = random_inputs(2, 64, (16, 16), torch.float32, "cpu")
+    x = x + 50.0
+    y = ops.group_norm(x, 32, weight, bias)
+    assert_close(y, explicit_group_norm(x, 32, weight, bias, None, None, None), GROUP_NORM, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 3, 1, (7, 13)), (1, 8, 2, (64, 64)), (2, 96, 32, (5, 5)), (5, 160, 32, (1, 1))], ids=str
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("affine", ["none", "all"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_group_norm_backward_matches_autograd_of_formula(cuda_backend_on_cpu, shape, channels_last, affine, dtype):
+    n, c, groups, spatial = shape
+    x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, "cpu", seed=3)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, scale, shift)]
+    if affine == "none":
+        leaves[1:] = [None] * 4
+    grad_y = torch.randn(x.shape).to(dtype)
+    y = ops.group_norm(leaves[0], groups, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu")
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(y, present, grad_y)
+    doubles = [None if t is None else t.detach().double().requires_grad_() for t in leaves]
+    ones = (torch.ones(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64))
+    w, b = (doubles[1], doubles[2]) if affine == "all" else ones
+    expected = explicit_group_norm(doubles[0], groups, w, b, doubles[3], doubles[4], "silu")
+    wanted = torch.autograd.grad(expected, [t for t in doubles if t is not None], grad_y.double())
+    for got, want in zip(grads, wanted):
+        count = x.numel() // want.numel()
+        atol, rtol = GROUP_NORM[dtype]
+        torch.testing.assert_close(got.double(), want, atol=atol * max(1, count) ** 0.5, rtol=rtol * 4)
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile sees the same fastguide:: ops on the cuda backend
+# --------------------------------------------------------------------------------------
+
+
+def test_ops_compile_fullgraph_on_the_cuda_backend(cuda_backend_on_cpu):
+    from tests.test_compile import example_inputs, three_ops
+
+    inputs = example_inputs("cpu")
+    eager = three_ops(*inputs)
+    compiled = torch.compile(three_ops, fullgraph=True, backend="aot_eager")(*inputs)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e)
+    x, weight, bias, scale, shift = (t.detach().requires_grad_() for t in inputs[3:8])
+
+    def loss(*leaves):
+        return ops.group_norm(leaves[0], 4, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu").square().sum()
+
+    leaves = (x, weight, bias, scale, shift)
+    eager_grads = torch.autograd.grad(loss(*leaves), leaves)
+    compiled_grads = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(*leaves), leaves)
+    for e, c in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(c, e)
+

@@ -1,0 +1,137 @@
+"""group_norm: every backend against F.group_norm in float64 with scale-shift and SiLU written out."""
+
+import pytest
+import torch
+
+import fastguide
+from fastguide import ops
+from tests.helpers import (
+    GROUP_NORM,
+    SHAPES,
+    assert_close,
+    backend_dtype_params,
+    backends_for,
+    explicit_group_norm,
+    random_inputs,
+)
+
+BACKENDS = backends_for("group_norm")
+# (N, C, G, spatial): C = 3 with one group, C not a power of two, 1×1, odd and 32×32
+# spatial sizes; few groups over a large image split each group over several programs.
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params("group_norm", [torch.float64, torch.float32, torch.float16]))
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [(s, False) for s in SHAPES] + [(s, True) for s in SHAPES if len(s[3]) == 2],
+    ids=str,
+)
+@pytest.mark.parametrize("scale_shift", [False, True])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_group_norm_matches_explicit_formula(backend, dtype, shape, channels_last, scale_shift, activation, device):
+    n, c, groups, spatial = shape
+    x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    if not scale_shift:
+        scale = shift = None
+    with fastguide.backend(backend):
+        y = ops.group_norm(x, groups, weight, bias, scale=scale, shift=shift, activation=activation)
+    assert y.dtype == dtype and y.shape == x.shape
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, explicit_group_norm(x, groups, weight, bias, scale, shift, activation), GROUP_NORM, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_norm_scale_shift_as_adm_chunks(backend, device):
+    # ADM chunks a (N, 2C, 1, 1) embedding projection: scale and shift are strided views.
+    x, weight, bias, _, _ = random_inputs(2, 64, (5, 6), torch.float32, device)
+    emb = torch.randn(2, 128, 1, 1, device=device)
+    scale, shift = emb.chunk(2, dim=1)
+    with fastguide.backend(backend):
+        y = ops.group_norm(x, 32, weight, bias, scale=scale, shift=shift, activation="silu")
+    assert_close(y, explicit_group_norm(x, 32, weight, bias, scale, shift, "silu"), GROUP_NORM, torch.float32)
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_group_norm_gradcheck_float64(activation):
+    x, weight, bias, scale, shift = random_inputs(2, 6, (3, 5), torch.float64, "cpu")
+    inputs = tuple(t.double().requires_grad_() for t in (x, weight, bias, scale, shift))
+
+    def fn(x_, w_, b_, sc_, sh_):
+        return ops.group_norm(x_, 3, w_, b_, scale=sc_, shift=sh_, activation=activation)
+
+    with fastguide.backend("torch"):  # float64: the reference path
+        assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "shape", [(1, 3, 1, (7, 13)), (1, 8, 2, (64, 64)), (2, 96, 32, (5, 5)), (5, 160, 32, (1, 1))], ids=str
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_backward_matches_autograd_of_formula(backend, dtype, shape, channels_last, device):
+    n, c, groups, spatial = shape
+    x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, device, seed=3)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, scale, shift)]
+    grad_y = torch.randn(x.shape, dtype=dtype, device=device)
+    with fastguide.backend(backend):
+        y = ops.group_norm(leaves[0], groups, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu")
+        grads = torch.autograd.grad(y, leaves, grad_y)
+    doubles = [t.detach().double().requires_grad_() for t in leaves]
+    expected = explicit_group_norm(doubles[0], groups, *doubles[1:3], doubles[3], doubles[4], "silu")
+    wanted = torch.autograd.grad(expected, doubles, grad_y.double())
+    for got, want, leaf in zip(grads, wanted, leaves):
+        assert got.dtype == leaf.dtype and got.shape == leaf.shape
+        # Parameter gradients sum over N·HW elements: their error grows with the count.
+        count = want.numel() and x.numel() // want.numel()
+        atol, rtol = GROUP_NORM[dtype]
+        torch.testing.assert_close(got.double(), want, atol=atol * max(1, count) ** 0.5, rtol=rtol * 4)
+
+
+def test_group_norm_without_affine_matches_formula():
+    x = torch.randn(3, 12, 4, 4, dtype=torch.float64)
+    expected = explicit_group_norm(x, 4, torch.ones(12), torch.zeros(12), None, None, None)
+    torch.testing.assert_close(ops.group_norm(x, 4), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 320, 32, (64, 64)), (16, 512, 32, (32, 32)), (1, 64, 32, (128, 128))], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_gpu_large_and_bf16(backend, dtype, shape, channels_last):
+    n, c, groups, spatial = shape
+    x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, "cuda", seed=5)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, scale, shift)]
+    with fastguide.backend(backend):
+        y = ops.group_norm(leaves[0], groups, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu")
+    expected = explicit_group_norm(x, groups, weight, bias, scale, shift, "silu")
+    assert_close(y, expected, GROUP_NORM, dtype)
+    grad_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    doubles = [t.detach().double().requires_grad_() for t in leaves]
+    wanted = torch.autograd.grad(
+        explicit_group_norm(doubles[0], groups, *doubles[1:3], doubles[3], doubles[4], "silu"), doubles, grad_y.double()
+    )
+    atol, rtol = GROUP_NORM[dtype]
+    for got, want in zip(grads, wanted):
+        count = max(1, x.numel() // want.numel())
+        torch.testing.assert_close(got.double(), want, atol=atol * count**0.5, rtol=rtol * 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_norm_on_flattened_channels_last(backend, device):
+    # An AttentionBlock flattens a channels_last (N, C, H, W) to (N, C, H·W): channel stride 1.
+    x, weight, bias, _, _ = random_inputs(2, 64, (6, 5), torch.float32, device)
+    flat = x.to(memory_format=torch.channels_last).reshape(2, 64, -1)
+    assert flat.stride(1) == 1
+    with fastguide.backend(backend):
+        y = ops.group_norm(flat, 32, weight, bias)
+    assert_close(y, explicit_group_norm(flat, 32, weight, bias, None, None, None), GROUP_NORM, torch.float32)

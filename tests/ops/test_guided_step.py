@@ -1,0 +1,363 @@
+"""guided_step: the reference against sampler formulas written out independently, and
+every backend against the reference in float64 for every option and variant."""
+
+import math
+
+import pytest
+import torch
+
+import fastguide
+from fastguide import ops
+from fastguide.ops import reference
+from tests.helpers import (
+    CASES,
+    GUIDED_STEP,
+    STEP_SHAPES,
+    as_float64,
+    assert_close,
+    backends_for,
+    case_inputs,
+    poisoned,
+    randn,
+)
+
+BACKENDS = backends_for("guided_step")
+
+# ADM's linear schedule over 1000 steps.
+BETAS = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+ALPHAS_CUMPROD = torch.cumprod(1 - BETAS, dim=0)
+
+
+def abar(t: int) -> float:
+    return 1.0 if t < 0 else float(ALPHAS_CUMPROD[t])
+
+
+# --------------------------------------------------------------------------------------
+# The reference against formulas written out from the papers / ADM
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_with_cfg_matches_written_out_step(clip, eta):
+    batch, shape, w, t, t_prev = 3, (3, 5, 7), 4.0, 600, 540
+    x = randn(batch, *shape, seed=0) * 1.5
+    model_output = randn(2 * batch, *shape, seed=1)
+    noise = randn(batch, *shape, seed=2)
+    a_t, a_prev = abar(t), abar(t_prev)
+
+    # ADM's ddim_sample, with its sqrt_recip / sqrt_recipm1 forms of the same algebra.
+    eps_c, eps_u = model_output[:batch], model_output[batch:]
+    eps = eps_u + w * (eps_c - eps_u)
+    x0 = math.sqrt(1 / a_t) * x - math.sqrt(1 / a_t - 1) * eps
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        eps = (math.sqrt(1 / a_t) * x - x0) / math.sqrt(1 / a_t - 1)
+    sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
+    expected = x0 * math.sqrt(a_prev) + math.sqrt(1 - a_prev - sigma**2) * eps + sigma * noise
+
+    out = reference.guided_step(
+        model_output, x, alpha=math.sqrt(a_t), sigma=math.sqrt(1 - a_t), guidance_scale=w,
+        clip_denoised=clip, noise=noise, k_x0=math.sqrt(a_prev),
+        k_eps=math.sqrt(1 - a_prev - sigma**2), k_noise=sigma,
+    )
+    torch.testing.assert_close(out, expected)
+
+
+def test_ddpm_learned_variance_with_cfg_and_classifier_mean_shift():
+    batch, channels, spatial, w, s, t = 2, 3, (6, 5), 2.5, 3.0, 250
+    x = randn(batch, channels, *spatial, seed=0)
+    model_output = randn(2 * batch, 2 * channels, *spatial, seed=1)
+    noise = randn(batch, channels, *spatial, seed=2)
+    grad = randn(batch, channels, *spatial, seed=3)
+
+    # ADM's p_mean_variance (learned_range) + condition_mean + p_sample, guidance on eps only.
+    beta, a_t, a_prev = float(BETAS[t]), abar(t), abar(t - 1)
+    posterior_variance = beta * (1 - a_prev) / (1 - a_t)
+    min_log, max_log = math.log(posterior_variance), math.log(beta)
+    eps_c, eps_u = model_output[:batch, :channels], model_output[batch:, :channels]
+    eps = eps_u + w * (eps_c - eps_u)
+    var_values = model_output[:batch, channels:]
+    frac = (var_values + 1) / 2
+    log_variance = frac * max_log + (1 - frac) * min_log
+    x0 = (math.sqrt(1 / a_t) * x - math.sqrt(1 / a_t - 1) * eps).clamp(-1, 1)
+    coef1 = beta * math.sqrt(a_prev) / (1 - a_t)
+    coef2 = (1 - a_prev) * math.sqrt(1 - beta) / (1 - a_t)
+    mean = coef1 * x0 + coef2 * x
+    mean = mean + torch.exp(log_variance) * (s * grad)
+    expected = mean + torch.exp(0.5 * log_variance) * noise
+
+    out = reference.guided_step(
+        model_output, x, alpha=math.sqrt(a_t), sigma=math.sqrt(1 - a_t), guidance_scale=w,
+        clip_denoised=True, noise=noise, grad=grad, k_x0=coef1, k_x=coef2, k_noise=1.0,
+        k_grad=s, log_variance_range=(min_log, max_log),
+    )
+    torch.testing.assert_close(out, expected)
+
+
+def toy_guided_model(x: torch.Tensor, t: int) -> torch.Tensor:
+    """A deterministic eps-model on (B, ...) returning [cond; uncond] predictions."""
+    cond = torch.tanh(0.8 * x + 0.001 * t) + 0.1
+    uncond = 0.5 * torch.sin(x) - 0.0002 * t
+    return torch.cat([cond, uncond])
+
+
+def test_dpm_solver_pp_2m_matches_written_out_steps():
+    batch, shape, w = 2, (3, 4, 4), 3.0
+    timesteps = [999, 700, 400]
+    x = randn(batch, *shape, seed=0)
+    alpha = {t: math.sqrt(abar(t)) for t in timesteps}
+    sigma = {t: math.sqrt(1 - abar(t)) for t in timesteps}
+    lam = {t: math.log(alpha[t] / sigma[t]) for t in timesteps}
+
+    def denoised(x_, t):
+        out = toy_guided_model(x_, t)
+        eps = out[batch:] + w * (out[:batch] - out[batch:])
+        return (x_ - sigma[t] * eps) / alpha[t]
+
+    # DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (first step first order).
+    t0, t1, t2 = timesteps
+    d0 = denoised(x, t0)
+    h1 = lam[t1] - lam[t0]
+    x1 = sigma[t1] / sigma[t0] * x - alpha[t1] * math.expm1(-h1) * d0
+    d1 = denoised(x1, t1)
+    h2 = lam[t2] - lam[t1]
+    r = h1 / h2
+    d = (1 + 1 / (2 * r)) * d1 - 1 / (2 * r) * d0
+    x2_expected = sigma[t2] / sigma[t1] * x1 - alpha[t2] * math.expm1(-h2) * d
+
+    # The same with guided_step: a sampler only computes the k's; x0 carries to prev.
+    prev = poisoned(x.shape)
+    x1_op = reference.guided_step(
+        toy_guided_model(x, t0), x, alpha=alpha[t0], sigma=sigma[t0], guidance_scale=w,
+        k_x=sigma[t1] / sigma[t0], k_x0=-alpha[t1] * math.expm1(-h1), x0_out=prev,
+    )
+    torch.testing.assert_close(prev, d0)
+    phi = -alpha[t2] * math.expm1(-h2)
+    x2_op = reference.guided_step(
+        toy_guided_model(x1_op, t1), x1_op, alpha=alpha[t1], sigma=sigma[t1], guidance_scale=w,
+        prev=prev, k_x=sigma[t2] / sigma[t1], k_x0=phi * (1 + 1 / (2 * r)), k_prev=-phi / (2 * r),
+    )
+    torch.testing.assert_close(x1_op, x1)
+    torch.testing.assert_close(x2_op, x2_expected)
+
+
+def test_classifier_eps_shift_follows_adm_order():
+    # ADM condition_score: eps from the CLIPPED x0, shifted by √(1−ᾱ)·s·grad, x0 re-derived unclipped.
+    batch, shape, s, t = 2, (3, 5, 5), 10.0, 300
+    x = randn(batch, *shape, seed=0) * 2
+    model_output = randn(batch, *shape, seed=1)
+    grad = randn(batch, *shape, seed=2)
+    a_t = abar(t)
+    x0 = (math.sqrt(1 / a_t) * x - math.sqrt(1 / a_t - 1) * model_output).clamp(-1, 1)
+    eps = (math.sqrt(1 / a_t) * x - x0) / math.sqrt(1 / a_t - 1)
+    eps = eps - math.sqrt(1 - a_t) * s * grad
+    x0 = math.sqrt(1 / a_t) * x - math.sqrt(1 / a_t - 1) * eps
+    x0_out, eps_out = poisoned(x.shape), None
+    eps_out = reference.guided_step(
+        model_output, x, alpha=math.sqrt(a_t), sigma=math.sqrt(1 - a_t), clip_denoised=True,
+        grad=grad, grad_eps_scale=math.sqrt(1 - a_t) * s, k_eps=1.0, x0_out=x0_out,
+    )
+    torch.testing.assert_close(eps_out, eps)
+    torch.testing.assert_close(x0_out, x0)
+    assert x0_out.abs().max() > 1  # not clipped again
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_prediction_types_give_x0_and_eps_of_x(prediction_type):
+    # Build m from a known (x0, eps) pair; the step must recover both.
+    alpha, sigma = 0.6, 0.8
+    x0_true, eps_true = randn(2, 3, 4, 4, seed=0), randn(2, 3, 4, 4, seed=1)
+    x = alpha * x0_true + sigma * eps_true
+    m = {
+        "epsilon": eps_true,
+        "v_prediction": alpha * eps_true - sigma * x0_true,
+        "sample": x0_true,
+    }[prediction_type]
+    kwargs = dict(alpha=alpha, sigma=sigma, prediction_type=prediction_type)
+    torch.testing.assert_close(reference.guided_step(m, x, k_x0=1.0, **kwargs), x0_true)
+    torch.testing.assert_close(reference.guided_step(m, x, k_eps=1.0, **kwargs), eps_true)
+
+
+def test_cfg_rescale_matches_lin_et_al():
+    cond, uncond = randn(3, 4, 6, 6, seed=0), randn(3, 4, 6, 6, seed=1) * 0.5
+    w, phi = 7.5, 0.7
+    cfg = uncond + w * (cond - uncond)
+    std_cond = cond.flatten(1).std(dim=1).reshape(-1, 1, 1, 1)
+    std_cfg = cfg.flatten(1).std(dim=1).reshape(-1, 1, 1, 1)
+    expected = phi * cfg * std_cond / std_cfg + (1 - phi) * cfg
+    got = reference.guided_prediction(cond, uncond, w, guidance_rescale=phi)
+    torch.testing.assert_close(got, expected)
+
+
+def test_cfg_zero_star_matches_fan_et_al():
+    cond, uncond = randn(3, 4, 6, 6, seed=0), randn(3, 4, 6, 6, seed=1) + 0.3
+    w = 5.0
+    c, u = cond.flatten(1), uncond.flatten(1)
+    s_star = ((c * u).sum(1) / ((u * u).sum(1) + 1e-8)).reshape(-1, 1, 1, 1)
+    expected = uncond * s_star + w * (cond - uncond * s_star)
+    torch.testing.assert_close(reference.guided_prediction(cond, uncond, w, cfg_zero_star=True), expected)
+
+
+def test_apg_matches_sadat_et_al_over_two_steps():
+    w, eta, threshold, momentum = 6.0, 0.3, 2.0, -0.5
+    buffer = torch.zeros(2, 3, 5, 5, dtype=torch.float64)
+    running = torch.zeros_like(buffer)
+    for step in range(2):
+        cond, uncond = randn(2, 3, 5, 5, seed=2 * step), randn(2, 3, 5, 5, seed=2 * step + 1)
+        # Algorithm 1 of the paper, per sample over (C, H, W).
+        running = (cond - uncond) + momentum * running
+        diff = running
+        norm = diff.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+        diff = diff * torch.minimum(torch.ones_like(norm), threshold / norm)
+        unit = cond / cond.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+        parallel = (diff * unit).flatten(1).sum(1).reshape(-1, 1, 1, 1) * unit
+        expected = cond + (w - 1) * ((diff - parallel) + eta * parallel)
+        got = reference.guided_prediction(
+            cond, uncond, w, apg=True, apg_eta=eta, apg_norm_threshold=threshold,
+            apg_momentum=momentum, apg_buffer=buffer,
+        )
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(buffer, running)
+
+
+def test_apg_without_projection_or_clipping_is_cfg():
+    cond, uncond = randn(2, 3, 5, 5, seed=0), randn(2, 3, 5, 5, seed=1)
+    torch.testing.assert_close(
+        reference.guided_prediction(cond, uncond, 3.0, apg=True, apg_eta=1.0),
+        uncond + 3.0 * (cond - uncond),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Buffers and layout, through the public op
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_fills_both_halves_of_next_input_and_x0_out(backend, device):
+    batch, shape = 3, (4, 5, 6)
+    x = randn(batch, *shape, seed=0, dtype=torch.float32).to(device)
+    model_output = randn(2 * batch, *shape, seed=1, dtype=torch.float32).to(device)
+    next_input = poisoned((2 * batch, *shape), torch.float16).to(device)
+    x0_out = poisoned(x.shape, torch.float32).to(device)
+    kwargs = dict(alpha=0.7, sigma=0.714, guidance_scale=3.0, k_x=0.9, k_x0=0.2, clip_denoised=True)
+    with fastguide.backend(backend):
+        returned = ops.guided_step(model_output, x, out=next_input, x0_out=x0_out, **kwargs)
+    assert returned is next_input
+    expected_x0 = poisoned(x.shape)
+    expected = reference.guided_step(model_output.double(), x.double(), x0_out=expected_x0, **kwargs)
+    assert_close(next_input[:batch], expected, GUIDED_STEP, torch.float16)
+    assert_close(next_input[batch:], expected, GUIDED_STEP, torch.float16)
+    assert_close(x0_out, expected_x0, GUIDED_STEP, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_may_be_x_itself(backend, device):
+    x = randn(2, 3, 8, 8, seed=0, dtype=torch.float32).to(device)
+    model_output = randn(4, 3, 8, 8, seed=1, dtype=torch.float32).to(device)
+    kwargs = dict(alpha=0.9, sigma=math.sqrt(1 - 0.81), guidance_scale=2.0, k_x=0.5, k_eps=0.25)
+    expected = reference.guided_step(model_output.double(), x.double(), **kwargs)
+    with fastguide.backend(backend):
+        ops.guided_step(model_output, x, out=x, **kwargs)
+    assert_close(x, expected, GUIDED_STEP, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_are_not_modified(backend, device):
+    tensors = {name: randn(2, 3, 4, 4, seed=i, dtype=torch.float32).to(device) for i, name in enumerate(["x", "prev", "noise", "grad"])}
+    model_output = randn(4, 6, 4, 4, seed=9, dtype=torch.float32).to(device)
+    copies = {name: t.clone() for name, t in tensors.items()}
+    mo_copy = model_output.clone()
+    with fastguide.backend(backend):
+        ops.guided_step(
+            model_output, tensors["x"], alpha=0.8, sigma=0.6, guidance_scale=2.0, prev=tensors["prev"],
+            noise=tensors["noise"], grad=tensors["grad"], grad_eps_scale=0.3, k_x=1.0, k_prev=0.5,
+            k_noise=0.1, k_grad=0.2, log_variance_range=(-3.0, -1.0), clip_denoised=True,
+        )
+    for name, t in tensors.items():
+        assert torch.equal(t, copies[name]), name
+    assert torch.equal(model_output, mo_copy)
+
+
+# --------------------------------------------------------------------------------------
+# Every backend against the reference in float64: each option and variant, each dtype
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_guided_step_matches_reference_float64(backend, dtype, shape, case, device):
+    model_output, x, kwargs = case_inputs(CASES[case], *shape, dtype, device)
+    expected = as_float64(kwargs)
+    reference.guided_step(model_output.double().cpu(), x.double().cpu(), **expected)
+    with fastguide.backend(backend):
+        ops.guided_step(model_output, x, **kwargs)
+    for name in ("out", "x0_out", "apg_buffer"):
+        if name in kwargs:
+            assert_close(kwargs[name].cpu(), expected[name], GUIDED_STEP, kwargs[name].dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["cfg-clip-noise", "rescale", "apg-momentum-clip", "cfg-zero-star"])
+def test_guided_step_channels_last(backend, case, device):
+    model_output, x, kwargs = case_inputs(CASES[case], 2, 5, (9, 11), torch.float32, device)
+    to_cl = lambda t: t.to(memory_format=torch.channels_last)  # noqa: E731
+    model_output, x = to_cl(model_output), to_cl(x)
+    for name in ("prev", "noise", "grad", "out", "apg_buffer"):
+        if name in kwargs:
+            kwargs[name] = to_cl(kwargs[name])
+    expected = as_float64(kwargs)
+    reference.guided_step(model_output.double().cpu(), x.double().cpu(), **expected)
+    with fastguide.backend(backend):
+        ops.guided_step(model_output, x, **kwargs)
+    assert kwargs["out"].is_contiguous(memory_format=torch.channels_last)
+    for name in ("out", "apg_buffer"):
+        if name in kwargs:
+            assert_close(kwargs[name].cpu(), expected[name], GUIDED_STEP, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_guided_step_into_strided_out(backend, device):
+    # out and x0_out as non-dense views: written through, nothing else touched.
+    model_output, x, kwargs = case_inputs(CASES["dpm2m-prev-x0out"], 2, 3, (8, 8), torch.float32, device)
+    storage = poisoned((2, 3, 8, 16), torch.float32).to(device)
+    kwargs["out"], kwargs["x0_out"] = storage[..., ::2], storage[..., 1::2]
+    expected = as_float64(kwargs)
+    reference.guided_step(model_output.double().cpu(), x.double().cpu(), **expected)
+    with fastguide.backend(backend):
+        ops.guided_step(model_output, x, **kwargs)
+    assert_close(storage[..., ::2].cpu(), expected["out"], GUIDED_STEP, torch.float32)
+    assert_close(storage[..., 1::2].cpu(), expected["x0_out"], GUIDED_STEP, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["rescale", "cfg-zero-star", "apg-momentum-clip", "apg-rescale-2b-out"])
+def test_reduction_variants_when_cond_is_close_to_uncond(backend, case, device):
+    # Trained models give c ≈ u: the per-sample statistics must not lose precision to it.
+    model_output, x, kwargs = case_inputs(CASES[case], 3, 4, (24, 24), torch.float32, device)
+    cond = model_output[:3]
+    model_output[3:] = cond + 0.01 * randn(*cond.shape, seed=7, dtype=torch.float32).to(device)
+    expected = as_float64(kwargs)
+    reference.guided_step(model_output.double().cpu(), x.double().cpu(), **expected)
+    with fastguide.backend(backend):
+        ops.guided_step(model_output, x, **kwargs)
+    assert_close(kwargs["out"].cpu(), expected["out"], GUIDED_STEP, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(16, 4, (128, 128)), (8, 3, (256, 256))], ids=str)
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_guided_step_gpu_large_and_bf16(backend, dtype, shape, case):
+    model_output, x, kwargs = case_inputs(CASES[case], *shape, dtype, "cuda")
+    expected = as_float64(kwargs)
+    reference.guided_step(model_output.double().cpu(), x.double().cpu(), **expected)
+    with fastguide.backend(backend):
+        ops.guided_step(model_output, x, **kwargs)
+    for name in ("out", "x0_out", "apg_buffer"):
+        if name in kwargs:
+            assert_close(kwargs[name].cpu(), expected[name], GUIDED_STEP, kwargs[name].dtype)

@@ -1,0 +1,509 @@
+"""Samplers against exact oracles (Gaussian data, whose noisy scores are known in closed
+form), against diffusers' schedulers on the same model and noise, and on a tiny UNet."""
+
+import contextlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+import fastguide
+from fastguide import APG, CFG, ClassifierGuidance, GuidedSampler, NoiseSchedule, sample
+from fastguide.sampling import samplers
+from fastguide.sampling.samplers import SAMPLERS, plan_steps
+from tests.helpers import backends_for, randomize
+
+SCHEDULE = NoiseSchedule.linear()
+
+
+# --------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------
+
+
+def test_linear_and_cosine_schedules_match_adm():
+    betas = np.linspace(1e-4, 0.02, 1000)
+    np.testing.assert_allclose(SCHEDULE.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-12)
+    cosine = NoiseSchedule.cosine(1000)
+    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    assert cosine.alpha_bar(499) == pytest.approx(f(500 / 1000) / f(0), rel=1e-9)
+    assert float(cosine.betas.max()) <= 0.999
+
+
+def test_timestep_respacing():
+    assert SCHEDULE.timesteps(4) == [999, 666, 333, 0]
+    assert SCHEDULE.timesteps("ddim25") == list(range(0, 1000, 40))[::-1]
+    assert SCHEDULE.timesteps([10, 500, 3]) == [500, 10, 3]
+    for bad in (0, 1001, "fast", [1000]):
+        with pytest.raises(ValueError):
+            SCHEDULE.timesteps(bad)
+
+
+@pytest.mark.parametrize("steps", [1, 6, 25, 45, 333])
+def test_strided_timesteps_keep_the_count_and_skip_the_last_timestep(steps):
+    grid = SCHEDULE.strided_timesteps(steps)
+    assert len(grid) == steps and grid[-1] == 0 and grid == sorted(set(grid), reverse=True)
+    assert 999 - grid[0] >= 0.5 * 999 / steps  # at least half a stride short of t = 999
+    if steps == 25:
+        assert grid == SCHEDULE.timesteps("ddim25")
+
+
+# --------------------------------------------------------------------------------------
+# Exact oracle: Gaussian mixtures in image-shaped tensors
+# --------------------------------------------------------------------------------------
+
+
+class GaussianMixture:
+    """x0 ~ Σ_k π_k N(μ_k, s_k² I) over (C, H, W); at t, x_t ~ Σ π_k N(α μ_k, (α² s_k² + σ²) I)."""
+
+    def __init__(self, means, stds, weights):
+        self.means = torch.tensor(np.array(means), dtype=torch.float64)  # (K, C, H, W)
+        self.stds = torch.tensor(stds, dtype=torch.float64)
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+
+    def log_components(self, x, t):
+        alpha, sigma = SCHEDULE.alpha_sigma(int(t))
+        var = alpha**2 * self.stds**2 + sigma**2  # (K,)
+        diff = x[:, None].double() - alpha * self.means[None]
+        d = x[0].numel()
+        return (torch.log(self.weights) - 0.5 * d * torch.log(2 * math.pi * var)
+                - 0.5 * diff.flatten(2).square().sum(-1) / var)  # (B, K)
+
+    def eps(self, x, t, component=None):
+        """E[ε | x_t] = −σ ∇ log p_t, of the mixture or of one component."""
+        alpha, sigma = SCHEDULE.alpha_sigma(int(t))
+        var = alpha**2 * self.stds**2 + sigma**2
+        diff = x[:, None].double() - alpha * self.means[None]
+        scaled = diff / var.reshape(1, -1, 1, 1, 1)
+        if component is not None:
+            return (sigma * scaled[torch.arange(len(x)), component]).to(x.dtype)
+        w = torch.softmax(self.log_components(x, t), dim=-1).reshape(len(x), -1, 1, 1, 1)
+        return (sigma * (w * scaled).sum(1)).to(x.dtype)
+
+
+class MixtureModel(torch.nn.Module):
+    """model(x, t, y): the exact eps of class y (= component y), or of the whole mixture for
+    the null label K."""
+
+    def __init__(self, mixture):
+        super().__init__()
+        self.mixture = mixture
+        self.num_classes = len(mixture.weights)
+        self.null_class = True
+
+    def forward(self, x, t, y=None):
+        out = torch.empty_like(x)
+        for i in range(len(x)):
+            label = None if y is None or int(y[i]) == self.num_classes else int(y[i])
+            comp = None if label is None else torch.tensor([label])
+            out[i] = self.mixture.eps(x[i:i + 1], t[i], comp)[0]
+        return out
+
+
+class ExactClassifier(torch.nn.Module):
+    """log p(y | x_t) of the mixture, exactly: its gradient is ∇ log p_y − ∇ log p."""
+
+    def __init__(self, mixture):
+        super().__init__()
+        self.mixture = mixture
+
+    def forward(self, x, t):
+        return torch.stack([self.mixture.log_components(x[i:i + 1], t[i])[0] for i in range(len(x))]).float()
+
+
+MIXTURE = GaussianMixture(
+    means=[np.full((1, 2, 2), -0.5), np.full((1, 2, 2), 0.4) * np.array([[1, -1], [1, 1]])],
+    stds=[0.15, 0.25], weights=[0.3, 0.7],
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "euler", "dpm++2m", "dpm++2s"])
+def test_many_steps_sample_the_true_mixture(sampler):
+    n = 3000
+    model = MixtureModel(MIXTURE)
+    batched = lambda x, t, y=None: torch.cat([MIXTURE.eps(x[i:i + 500], t[0]) for i in range(0, len(x), 500)])  # noqa: E731
+    samples = sample(batched, (n, 1, 2, 2), sampler=sampler, steps=200 if sampler != "ddpm" else 1000,
+                     clip_denoised=False, generator=torch.Generator().manual_seed(0)).double()
+    assert model.num_classes == 2
+    component = MIXTURE.log_components(samples, 0).argmax(-1)
+    weight = (component == 1).double().mean()
+    assert abs(weight - 0.7) < 4 * math.sqrt(0.21 / n)
+    for k in range(2):
+        members = samples[component == k]
+        mean_error = (members.mean(0) - MIXTURE.means[k]).abs().max()
+        assert mean_error < 4 * MIXTURE.stds[k] / math.sqrt(len(members)) + 0.01
+        std = members.flatten(1).std(0)
+        assert (std - MIXTURE.stds[k]).abs().max() < 4 * MIXTURE.stds[k] / math.sqrt(2 * len(members)) + 0.01
+
+
+def gaussian_cfg_exact(x_T, w, t_max, mean_c, std_c, mean_u, std_u):
+    """Exact end point of guided sampling for Gaussian cond/uncond models.
+
+    In σ̃ = σ/α and x̃ = x/α the probability-flow ODE is dx̃/dσ̃ = eps(x̃) with
+    eps = σ̃·[(1 − w)(x̃ − μ_u)/(s_u² + σ̃²) + w(x̃ − μ_c)/(s_c² + σ̃²)] = A(σ̃)x̃ − B(σ̃):
+    x̃(σ̃₀) = Φ·x̃(σ̃_T) + ψ with dΦ/dσ̃ = AΦ, dψ/dσ̃ = Aψ − B, Φ = 1 and ψ = 0 at σ̃_T.
+    Every sampler's last step is the same exact denoiser at t = 0 (x0 = x̃ − σ̃·eps), so
+    the ODE runs to σ̃₀ = σ̃(t=0) and the denoiser is applied there.
+    """
+    def coefficients(s):
+        a = s * ((1 - w) / (std_u**2 + s**2) + w / (std_c**2 + s**2))
+        b = s * ((1 - w) * mean_u / (std_u**2 + s**2) + w * mean_c / (std_c**2 + s**2))
+        return a, b
+
+    def rhs(s, state):
+        a, b = coefficients(s)
+        return [a * state[0], a * state[1] - b]
+
+    start, end = SCHEDULE.edm_sigma(t_max), SCHEDULE.edm_sigma(0)
+    solution = solve_ivp(rhs, (start, end), [1.0, 0.0], rtol=1e-12, atol=1e-12, method="DOP853")
+    phi, psi = solution.y[:, -1]
+    x_end = phi * x_T / SCHEDULE.alpha_sigma(t_max)[0] + psi
+    a, b = coefficients(end)
+    return x_end - end * (a * x_end - b)
+
+
+def gaussian_cfg_error(sampler, steps, w=3.0, mean_c=0.6, std_c=0.5, mean_u=0.0, std_u=0.8):
+    c = GaussianMixture([np.full((1, 1, 1), mean_c)], [std_c], [1.0])
+    u = GaussianMixture([np.full((1, 1, 1), mean_u)], [std_u], [1.0])
+
+    def model(x, t, y):
+        batch = len(x) // 2
+        return torch.cat([c.eps(x[:batch], t[0]), u.eps(x[batch:], t[0])])
+
+    x_T = torch.linspace(-2.5, 2.5, 11, dtype=torch.float64).reshape(11, 1, 1, 1)
+    timesteps = SCHEDULE.timesteps(steps)
+    got = GuidedSampler(model, sampler=sampler, steps=steps, guidance=CFG(w), clip_denoised=False,
+                        null_label=1, num_classes=1)(x_T.shape, labels=torch.zeros(11, dtype=torch.long),
+                                                     noise=x_T.float())
+    exact = gaussian_cfg_exact(x_T, w, timesteps[0], mean_c, std_c, mean_u, std_u)
+    return (got.double() - exact).abs().max().item()
+
+
+def test_cfg_converges_to_the_exact_guided_ode_at_each_solver_order():
+    # Measured here (time-uniform steps, w = 3): DDIM 0.36, 0.17, 0.084, 0.042 and
+    # DPM-Solver++(2M) 1.09, 0.40, 0.14, 0.037 at 10, 20, 40, 80 steps: on this exact
+    # Gaussian problem the second-order solver wins only from ~80 steps (its multistep
+    # extrapolation over the large late log-SNR steps costs more than it gains).
+    steps = (20, 40, 80, 160)
+    ddim = [gaussian_cfg_error("ddim", n) for n in steps]
+    dpm = [gaussian_cfg_error("dpm++2m", n) for n in steps]
+    for coarse, fine in zip(ddim, ddim[1:]):
+        assert 1.7 < coarse / fine < 2.3  # first order
+    assert dpm[2] / dpm[3] > 3.5  # second order once steps are small
+    assert dpm[3] < ddim[3] / 2
+    assert gaussian_cfg_error("dpm++2m", 600) < 2e-3
+
+
+def test_dpm_solver_pp_2s_matches_written_out_steps():
+    # DPM-Solver++(2S), Lu et al. 2022 (Algorithm 1 with a general r), its intermediate point
+    # the grid timestep whose λ is nearest the midpoint; first order (x0) at the last step.
+    timesteps = [999, 600, 300]
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    lam = SCHEDULE.log_snr
+
+    def denoised(x, t):
+        alpha, sigma = SCHEDULE.alpha_sigma(t)
+        return (x - sigma * toy_eps(x, torch.full((len(x),), t))) / alpha
+
+    x = x_T.clone()
+    for t, t_next in zip(timesteps, timesteps[1:] + [-1]):
+        d = denoised(x, t)
+        if t_next < 0:
+            x = d
+            break
+        mid = min(range(t_next + 1, t), key=lambda c: abs(lam(c) - (lam(t) + lam(t_next)) / 2))
+        h, rh = lam(t_next) - lam(t), lam(mid) - lam(t)
+        r = rh / h
+        (_, sigma), (alpha_mid, sigma_mid) = SCHEDULE.alpha_sigma(t), SCHEDULE.alpha_sigma(mid)
+        alpha_next, sigma_next = SCHEDULE.alpha_sigma(t_next)
+        u = sigma_mid / sigma * x - alpha_mid * math.expm1(-rh) * d
+        d_mid = denoised(u, mid)
+        x = sigma_next / sigma * x - alpha_next * math.expm1(-h) * ((1 - 1 / (2 * r)) * d + d_mid / (2 * r))
+
+    calls = []
+
+    def model(x_, t_):
+        calls.append(int(t_[0]))
+        return toy_eps(x_, t_)
+
+    got = sample(model, x_T.shape, sampler="dpm++2s", steps=timesteps, noise=x_T.float(), clip_denoised=False)
+    assert len(calls) == 2 * len(timesteps) - 1 and calls[::2] == timesteps
+    torch.testing.assert_close(got.double(), x, atol=2e-5, rtol=1e-5)
+
+
+def test_dpm_solver_pp_2s_is_second_order_and_beats_ddim_at_equal_model_calls():
+    # Measured here (w = 3): DPM-Solver++(2S) 0.234, 0.066, 0.018, 0.0051, 0.0012 at 10, 20,
+    # 40, 80, 160 steps (2·steps − 1 model calls); DDIM 0.169, 0.084, 0.042, 0.021 at 20, 40,
+    # 80, 160. Unlike 2M, the singlestep solver needs no extrapolation over the large late
+    # log-SNR steps, so it wins from ~40 model calls on.
+    steps = (20, 40, 80)
+    errors = [gaussian_cfg_error("dpm++2s", n) for n in steps]
+    for coarse, fine in zip(errors, errors[1:]):
+        assert coarse / fine > 3.2  # second order
+    for n, error in zip(steps, errors):
+        assert error < gaussian_cfg_error("ddim", 2 * n)
+
+
+def test_classifier_guidance_equals_cfg_at_one_plus_s_step_for_step():
+    model, s = MixtureModel(MIXTURE), 2.5
+    labels = torch.tensor([0, 1, 1, 0])
+    noise = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    common = dict(sampler="ddim", steps=8, clip_denoised=False, noise=noise, labels=labels)
+
+    conditional = lambda x, t, y: model(x, t, y)  # noqa: E731
+    classifier = sample(conditional, noise.shape, guidance=ClassifierGuidance(ExactClassifier(MIXTURE), s),
+                        null_label=2, **common)
+    cfg = sample(model, noise.shape, guidance=CFG(1 + s), **common)
+    torch.testing.assert_close(classifier, cfg, atol=2e-5, rtol=2e-5)
+
+
+# --------------------------------------------------------------------------------------
+# Cross-checks against diffusers' schedulers
+# --------------------------------------------------------------------------------------
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def toy_eps(x, t):
+    """A smooth deterministic "model" of x and t."""
+    return torch.tanh(0.7 * x + 0.3) * (0.5 + t.float().reshape(-1, 1, 1, 1) / 2000)
+
+
+def _run_diffusers(scheduler, x_T, timesteps, extra_step_kwargs=None, learned=False):
+    x = x_T.clone()
+    for t in timesteps:
+        t_batch = torch.full((len(x),), int(t))
+        out = toy_eps(x, t_batch)
+        if learned:
+            out = torch.cat([out, torch.tanh(x - 0.2)], dim=1)
+        x = scheduler.step(out, int(t), x, **(extra_step_kwargs or {})).prev_sample
+    return x
+
+
+def test_ddim_matches_diffusers():
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,
+                                        set_alpha_to_one=True, steps_offset=0)
+    scheduler.set_timesteps(20)
+    timesteps = scheduler.timesteps.tolist()
+    x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = _run_diffusers(scheduler, x_T, timesteps, dict(eta=0.0, use_clipped_model_output=True))
+    got = sample(lambda x, t: toy_eps(x, t), x_T.shape, sampler="ddim", steps=timesteps, noise=x_T)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_dpm_solver_pp_2m_matches_diffusers():
+    scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                                      algorithm_type="dpmsolver++", solver_order=2)
+    scheduler.set_timesteps(15)
+    timesteps = scheduler.timesteps.tolist()
+    x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    expected = _run_diffusers(scheduler, x_T, timesteps)
+    got = sample(lambda x, t: toy_eps(x, t), x_T.shape, sampler="dpm++2m", steps=timesteps, noise=x_T,
+                 clip_denoised=False)
+    torch.testing.assert_close(got, expected, atol=5e-5, rtol=1e-5)
+
+
+def test_ddpm_learned_range_matches_diffusers():
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                        variance_type="learned_range", clip_sample=True)
+    scheduler.set_timesteps(25)
+    timesteps = scheduler.timesteps.tolist()
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    expected = _run_diffusers(scheduler, x_T, timesteps, dict(generator=torch.Generator().manual_seed(7)), learned=True)
+
+    def model(x, t):
+        return torch.cat([toy_eps(x, t), torch.tanh(x - 0.2)], dim=1)
+
+    got = sample(model, x_T.shape, sampler="ddpm", steps=timesteps, noise=x_T,
+                 generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, expected, atol=5e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# On a tiny UNet
+# --------------------------------------------------------------------------------------
+
+
+def tiny_cfg_unet():
+    return randomize(fastguide.UNet(
+        image_size=8, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+        attention_resolutions=(2,), channel_mult=(1, 2), num_head_channels=16, use_scale_shift_norm=True,
+        resblock_updown=True, num_classes=4, null_class=True), seed=4).eval()
+
+
+def test_batched_cfg_equals_two_separate_forwards():
+    model = tiny_cfg_unet()
+    labels = torch.tensor([0, 3])
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    got = sample(model, noise.shape, labels=labels, sampler="ddim", steps=3, guidance=CFG(4.0), noise=noise)
+    # The same DDIM loop written out with two forwards per step and torch.chunk-free formulas.
+    x, w, timesteps = noise.clone(), 4.0, SCHEDULE.timesteps(3)
+    with torch.no_grad():
+        for t, t_next in zip(timesteps, timesteps[1:] + [-1]):
+            t_b = torch.full((2,), t)
+            eps_c = model(x, t_b, labels)[:, :3]
+            eps_u = model(x, t_b, torch.full_like(labels, 4))[:, :3]
+            eps = eps_u + w * (eps_c - eps_u)
+            abar, abar_next = SCHEDULE.alpha_bar(t), SCHEDULE.alpha_bar(t_next)
+            x0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
+            eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
+            x = math.sqrt(abar_next) * x0 + math.sqrt(1 - abar_next) * eps
+    # Batched and separate forwards differ by fp32 rounding (~5e-6 here), which the first
+    # step's x0 = (x − σ·eps)/α amplifies by 1/α_T ≈ 157.
+    torch.testing.assert_close(got, x, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", sorted(set(backends_for("guided_step")) - {"torch"}))
+def test_samples_agree_between_backends(backend):
+    model = tiny_cfg_unet()
+    # Starting at t = 600 (α ≈ 0.5) keeps fp32 differences between the backends' UNet
+    # forwards from being amplified by 1/α_T ≈ 157; three steps run DPM-Solver++'s
+    # second-order (prev) path.
+    kwargs = dict(labels=torch.tensor([1]), sampler="dpm++2m", steps=[600, 300, 100],
+                  noise=torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(6)),
+                  guidance=CFG(3.0, rescale=0.5))
+    with fastguide.backend("torch"):
+        expected = sample(model, (1, 3, 8, 8), **kwargs)
+    with fastguide.backend(backend):
+        got = sample(model, (1, 3, 8, 8), **kwargs)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("guidance", [None, CFG(2.0), CFG(5.0, rescale=0.7, interval=(0.3, 5.0)),
+                                      CFG(4.0, apg=APG(eta=0.0, norm_threshold=2.0, momentum=-0.5)),
+                                      CFG(3.0, zero_star=True)], ids=str)
+def test_every_sampler_and_guidance_runs_and_is_reproducible(sampler, guidance):
+    model = tiny_cfg_unet()
+    run = lambda: sample(model, (2, 3, 8, 8), labels=torch.tensor([0, 2]), sampler=sampler, steps=3,  # noqa: E731
+                         guidance=guidance, eta=0.5, generator=torch.Generator().manual_seed(9))
+    first, second = run(), run()
+    assert torch.isfinite(first).all()
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_plans_end_on_clean_data():
+    for sampler in SAMPLERS:
+        last = plan_steps(sampler, SCHEDULE, SCHEDULE.timesteps(10))[-1]
+        assert last.t_next == -1 and last.k_noise == 0
+
+
+def test_sampler_errors():
+    model = tiny_cfg_unet()
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+        sample(model, (2, 3, 8, 8), labels=torch.tensor([0, 4]), steps=2)
+    with pytest.raises(ValueError, match="one class per sample"):
+        sample(model, (2, 3, 8, 8), labels=torch.tensor([0]), steps=2)
+    with pytest.raises(ValueError, match="steps must be between 1"):
+        sample(model, (2, 3, 8, 8), labels=torch.tensor([0, 1]), steps=0)
+    with pytest.raises(ValueError, match="CFG needs a null label"):
+        sample(lambda x, t, y: x, (2, 3, 8, 8), labels=torch.tensor([0, 1]), guidance=CFG(2.0), steps=2)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        sample(model, (2, 3, 8, 8), labels=torch.tensor([0, 1]), sampler="plms", steps=2)
+
+
+def test_cuda_graph_errors():
+    model = tiny_cfg_unet()
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device, got cpu"):
+        sample(model, (2, 3, 8, 8), labels=torch.tensor([0, 1]), guidance=CFG(2.0), steps=2, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph=True cannot capture classifier guidance"):
+        GuidedSampler(model, guidance=ClassifierGuidance(ExactClassifier(MIXTURE), 1.0), cuda_graph=True)
+
+
+GRAPH_CASES = [
+    ("dpm++2m", CFG(4.0, rescale=0.5), 0.0),
+    ("ddim", CFG(3.0, interval=(0.3, 5.0), apg=APG(eta=0.0, norm_threshold=2.0, momentum=-0.5)), 0.7),
+    ("ddpm", None, 0.0),
+    ("dpm++2s", CFG(3.0, zero_star=True), 0.0),
+]
+
+
+def assert_graph_replays_match_eager(device, sampler, guidance, eta):
+    model = tiny_cfg_unet().to(device)
+    kwargs = dict(sampler=sampler, steps=5, guidance=guidance, eta=eta)
+    graphed = GuidedSampler(model, cuda_graph=True, **kwargs)
+    eager = GuidedSampler(model, **kwargs)
+    for seed, labels in ((0, [0, 3]), (1, [2, 1])):  # the second call replays the captured graphs
+        labels = torch.tensor(labels, device=device)
+        run = lambda s: s((2, 3, 8, 8), labels=labels, generator=torch.Generator(device).manual_seed(seed))  # noqa: E731
+        torch.testing.assert_close(run(graphed), run(eager), atol=1e-5, rtol=1e-5)
+    assert len(graphed._graphs) == 1
+
+
+class ReplayingGraph:
+    """A CPU stand-in for a captured CUDA graph: replay() runs the captured step again."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def replay(self):
+        self.step()
+
+
+@pytest.mark.parametrize("sampler, guidance, eta", GRAPH_CASES, ids=str)
+def test_graph_replay_logic_matches_eager_on_cpu(monkeypatch, sampler, guidance, eta):
+    # The capture/replay bookkeeping (static buffers, noise drawn outside, labels and x_T
+    # copied in per call, graphs reused) with the CUDA parts stood in for: a step that
+    # read anything but the static buffers would give the second call wrong samples.
+    monkeypatch.setattr(samplers, "_GRAPH_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(samplers, "_side_stream", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(samplers, "_graph_pool", lambda: None)
+    monkeypatch.setattr(samplers, "_capture_graph", lambda step, pool: ReplayingGraph(step))
+    assert_graph_replays_match_eager("cpu", sampler, guidance, eta)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler, guidance, eta", GRAPH_CASES, ids=str)
+def test_cuda_graph_replays_match_eager_sampling(sampler, guidance, eta):
+    assert_graph_replays_match_eager("cuda", sampler, guidance, eta)
+
+
+def test_diffusers_class_conditional_unet_through_the_adapter():
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=32, num_class_embeds=5,
+    ).eval()
+    model = fastguide.DiffusersUNet(unet, null_label=4)
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(8))
+    labels = torch.tensor([0, 3])
+    got = sample(model, noise.shape, labels=labels, sampler="ddim", steps=2, guidance=CFG(2.0), noise=noise)
+    # One guided DDIM step from t = 999 and one from t = 0, written out on the unet itself.
+    x = noise.clone()
+    with torch.no_grad():
+        for t, t_next in ((999, 0), (0, -1)):
+            tb = torch.full((2,), t)
+            cond = unet(x, tb, class_labels=labels).sample
+            uncond = unet(x, tb, class_labels=torch.full_like(labels, 4)).sample
+            eps = uncond + 2.0 * (cond - uncond)
+            abar, abar_next = SCHEDULE.alpha_bar(t), SCHEDULE.alpha_bar(t_next)
+            x0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
+            eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
+            x = math.sqrt(abar_next) * x0 + math.sqrt(1 - abar_next) * eps
+    torch.testing.assert_close(got, x, atol=2e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        sample(model, noise.shape, labels=torch.tensor([0, 4]), guidance=CFG(2.0), steps=2)
+
+
+def test_dynamic_thresholding_matches_imagen():
+    model, p, w = tiny_cfg_unet(), 0.9, 6.0
+    labels = torch.tensor([1, 2])
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(11))
+    got = sample(model, noise.shape, labels=labels, sampler="ddim", steps=3, guidance=CFG(w), noise=noise,
+                 dynamic_threshold=p)
+    x, timesteps = noise.clone(), SCHEDULE.timesteps(3)
+    with torch.no_grad():
+        for t, t_next in zip(timesteps, timesteps[1:] + [-1]):
+            out = model(torch.cat([x, x]), torch.full((4,), t), torch.cat([labels, torch.full_like(labels, 4)]))[:, :3]
+            eps = out[2:] + w * (out[:2] - out[2:])
+            abar, abar_next = SCHEDULE.alpha_bar(t), SCHEDULE.alpha_bar(t_next)
+            x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+            s = torch.quantile(x0.abs().flatten(1), p, dim=1, interpolation="higher").clamp_min(1).reshape(-1, 1, 1, 1)
+            x0 = x0.clamp(-s, s) / s
+            eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
+            x = math.sqrt(abar_next) * x0 + math.sqrt(1 - abar_next) * eps
+    torch.testing.assert_close(got, x, atol=2e-4, rtol=1e-4)
+    assert got.abs().max() <= 1.0 + 1e-5

@@ -1,0 +1,369 @@
+"""Static report of every kernel, compiled ahead of time for sm_80 and sm_90.
+
+    python tools/kernel_report.py [--arch 80 90] [--json PATH] [--check]
+        [--require-nvcc] [--torch-cuda-include DIR]
+
+Runs on a machine without a GPU: Triton compiles for a GPUTarget and ships cuobjdump.
+For each Triton kernel, in representative specialisations (16-byte aligned pointers and
+sizes, as the runtime JIT infers from real tensors), it prints registers per thread,
+local memory (spills), shared memory, the width of global loads and stores in the
+SASS, and tensor-core instructions. ``--check`` exits non-zero on any spill or on a
+guided-step main path whose global loads are not all 128-bit, or on fp16/bf16
+attention without tensor-core instructions.
+
+The CUDA kernels of csrc/ (the cuda backend) get the same table: nvcc compiles each
+source on its own for every architecture with warnings as errors (a warning fails the
+report), and ``--check`` also fails on a spill or on a vectorised specialisation
+without 128-bit loads and stores. Without nvcc that part is skipped, unless
+``--require-nvcc``. With ``--torch-cuda-include`` (torch/include of a CUDA build of
+torch) the host compiler also checks csrc/bindings.cpp against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+# The report compiles for real GPUs; the interpreter would replace the kernels.
+os.environ["TRITON_INTERPRET"] = "0"
+
+import triton  # noqa: E402
+from fastguide.kernels import attention, group_norm, guided_step  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+
+from fastguide.ops import extension  # noqa: E402
+
+TORCH_TO_TRITON = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+
+
+@dataclass
+class Case:
+    """One specialisation of one kernel: argument types by name, constexpr values."""
+
+    name: str
+    kernel: triton.JITFunction | Autotuner
+    pointers: dict[str, str]  # pointer arg -> element type ("fp16", ...); absent ones: None
+    constexprs: dict[str, object]
+    num_warps: int
+    main_path: bool = False  # held to the 128-bit load rule
+    tensor_cores: bool = False  # held to the rule that its dots use HMMA/HGMMA
+    num_stages: int = 3
+
+
+def compile_cubin(case: Case, arch: int) -> tuple[bytes, int]:
+    """(cubin, dynamic shared memory bytes): the one call into triton's AOT API, which
+    moves between releases."""
+    kernel = case.kernel.fn if isinstance(case.kernel, Autotuner) else case.kernel
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in case.constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            if name in case.pointers:
+                signature[name] = TORCH_TO_TRITON[case.pointers[name]]
+                attrs[(index,)] = [["tt.divisibility", 16]]
+            else:
+                signature[name] = "constexpr"
+        elif _is_float_arg(kernel, name):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    constexprs = {n: value for n, value in case.constexprs.items() if n in kernel.arg_names}
+    constexprs.update({n: None for n, t in signature.items() if t == "constexpr" and n not in constexprs})
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": case.num_warps, "num_stages": case.num_stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return compiled.asm["cubin"], compiled.metadata.shared
+
+
+def _is_float_arg(kernel: triton.JITFunction, name: str) -> bool:
+    return name in FLOAT_ARGS.get(kernel.__name__, ())
+
+
+FLOAT_ARGS = {
+    "_guided_stats_kernel": {"apg_momentum"},
+    "_guided_step_kernel": {
+        "w", "rescale", "apg_eta", "apg_norm_threshold", "apg_momentum", "x0_from_x", "x0_from_m",
+        "eps_from_x", "eps_from_m", "alpha", "sigma", "inv_alpha", "inv_sigma", "grad_eps_scale",
+        "k_x", "k_x0", "k_eps", "k_prev", "k_noise", "k_grad", "log_var_min", "log_var_max",
+    },
+    "_apply_kernel": {"eps"},
+    "_forward_kernel": {"qk_scale_log2"},
+    "_backward_dkdv_kernel": {"scale", "qk_scale_log2"},
+    "_backward_dq_kernel": {"scale", "qk_scale_log2"},
+}
+
+
+def _cuobjdump() -> str:
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else (shutil.which("cuobjdump") or "cuobjdump")
+
+
+def analyse_cubin(cubin: bytes) -> dict:
+    """Registers, local (spill) and static shared bytes, and SASS instruction counts of a
+    cubin holding one kernel (Triton's)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        (stats,) = analyse_functions(Path(f.name)).values()
+    return stats
+
+
+def analyse_functions(cubin: Path) -> dict[str, dict]:
+    """analyse_cubin's numbers for each kernel function of a cubin, by mangled name."""
+    usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    resources = {
+        name: dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", line))
+        for name, line in re.findall(r"Function ([\w$.]+):\s*\n(.*)", usage)
+    }
+    bodies = dict(re.findall(r"Function : ([\w$.]+)\n(.*?)(?=\n\s*Function : |\Z)", sass, flags=re.S))
+    found = {}
+    for name, res in resources.items():
+        opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", bodies.get(name, ""))
+        widths = lambda op: Counter(_width(o) for o in opcodes if o.split(".")[0] == op)  # noqa: E731
+        found[name] = {
+            "registers": int(res.get("REG", 0)),
+            "local_bytes": int(res.get("LOCAL", 0)),
+            "stack_bytes": int(res.get("STACK", 0)),
+            "shared_bytes": int(res.get("SHARED", 0)),
+            "loads": dict(widths("LDG")),
+            "stores": dict(widths("STG")),
+            "tensor_core": sum(1 for o in opcodes if o.split(".")[0] in ("HMMA", "HGMMA", "WGMMA")),
+        }
+    return found
+
+
+def _width(opcode: str) -> int:
+    """Access width in bits of an LDG/STG opcode (LDG.E.128 -> 128; no suffix -> 32)."""
+    for part in opcode.split("."):
+        if part in ("64", "128", "U8", "S8", "U16", "S16"):
+            return {"U8": 8, "S8": 8, "U16": 16, "S16": 16}.get(part, int(part) if part.isdigit() else 32)
+    return 32
+
+
+def cases() -> list[Case]:
+    """Representative specialisations of every kernel."""
+    gs = guided_step
+    out: list[Case] = []
+    for dtype in ("fp16", "bf16", "fp32"):
+        out.append(Case(
+            f"guided_step cfg+ddim {dtype}", gs._guided_step_kernel,
+            {"mo_ptr": dtype, "x_ptr": dtype, "out_ptr": dtype},
+            dict(GUIDED=True, STATS=0, RESCALE=False, APG_MOMENTUM=False, CLIP=False, GRAD_EPS=False,
+                 LEARNED_VAR=False, HAS_PREV=False, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
+                 HAS_X0_OUT=False, PARTS=1, BLOCK=gs.BLOCK),
+            gs.NUM_WARPS, main_path=True,
+        ))
+    out.append(Case(
+        "guided_step all options fp16", gs._guided_step_kernel,
+        {n: "fp16" for n in ("mo_ptr", "x_ptr", "prev_ptr", "noise_ptr", "grad_ptr", "out_ptr", "x0_ptr")},
+        dict(GUIDED=True, STATS=0, RESCALE=False, APG_MOMENTUM=False, CLIP=True, GRAD_EPS=True,
+             LEARNED_VAR=True, HAS_PREV=True, HAS_NOISE=True, HAS_GRAD_TERM=True, OUT_2B=True,
+             HAS_X0_OUT=True, PARTS=1, BLOCK=gs.BLOCK),
+        gs.NUM_WARPS,
+    ))
+    out.append(Case(
+        "guided_step apg+rescale fp16", gs._guided_step_kernel,
+        {"mo_ptr": "fp16", "x_ptr": "fp16", "buf_ptr": "fp32", "out_ptr": "fp16", "partial_ptr": "fp32"},
+        dict(GUIDED=True, STATS=2, RESCALE=True, APG_MOMENTUM=True, CLIP=True, GRAD_EPS=False,
+             LEARNED_VAR=False, HAS_PREV=False, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
+             HAS_X0_OUT=False, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK),
+        gs.NUM_WARPS,
+    ))
+    out.append(Case(
+        "guided_stats apg fp16", gs._guided_stats_kernel,
+        {"mo_ptr": "fp16", "buf_ptr": "fp32", "partial_ptr": "fp32"},
+        dict(APG_MOMENTUM=True, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK), gs.NUM_WARPS,
+    ))
+    gn = group_norm
+    for layout, strides in (("nchw", {"stride_s": 1}), ("nhwc", {"stride_c": 1})):
+        block_c, block_s = (16, gn.TILE // 16)
+        shape = dict(SPLIT_POW2=8, BLOCK_C=block_c, BLOCK_S=block_s, **strides)
+        flags = dict(HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True)
+        params = {"w_ptr": "fp32", "b_ptr": "fp32", "scale_ptr": "fp16", "shift_ptr": "fp16"}
+        out += [
+            Case(f"group_norm stats {layout} fp16", gn._stats_kernel,
+                 {"x_ptr": "fp16", "partial_ptr": "fp32"}, shape, gn.NUM_WARPS),
+            Case(f"group_norm apply+silu {layout} fp16", gn._apply_kernel,
+                 {"x_ptr": "fp16", "y_ptr": "fp16", "partial_ptr": "fp32", "mean_ptr": "fp32", "rstd_ptr": "fp32", **params},
+                 {**shape, **flags}, gn.NUM_WARPS),
+            Case(f"group_norm bwd sums {layout} fp16", gn._backward_sums_kernel,
+                 {"x_ptr": "fp16", "dy_ptr": "fp16", "mean_ptr": "fp32", "rstd_ptr": "fp32", "partial_ptr": "fp32", **params},
+                 {**shape, **flags}, gn.NUM_WARPS),
+            Case(f"group_norm bwd dx {layout} fp16", gn._backward_dx_kernel,
+                 {"x_ptr": "fp16", "dy_ptr": "fp16", "dx_ptr": "fp16", "mean_ptr": "fp32", "rstd_ptr": "fp32",
+                  "partial_ptr": "fp32", "sums_ptr": "fp32", **params},
+                 {**shape, **flags}, gn.NUM_WARPS),
+        ]
+    at = attention
+    unit_strides = {f"s{t}_d": 1 for t in ("q", "k", "v", "o", "do")}
+    # (BLOCK_M, BLOCK_N, warps, stages): a tensor-core config, and fp32's own small tiles.
+    tiles = {"fp16": (128, 64, 4, 3), "bf16": (128, 64, 4, 3), "fp32": (64, 32, 8, 2)}
+    for dtype, (block_m, block_n, warps, stages) in tiles.items():
+        for head_dim in (64, 128) if dtype == "fp32" else (64, 128, 256):
+            if head_dim > 128:  # the pruned small-tile config
+                block_m, block_n, warps, stages = 64, 32, 8, 2
+            out.append(Case(
+                f"attention fwd D={head_dim} {dtype}", at._forward_kernel,
+                {n: dtype for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")} | {"lse_ptr": "fp32"},
+                dict(PRECISION="ieee", BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, **unit_strides),
+                warps if head_dim == 64 else 8, tensor_cores=dtype != "fp32", num_stages=stages,
+            ))
+    backward_tiles = {"fp16": (64, 64, 4, 2), "bf16": (64, 64, 4, 2), "fp32": (16, 32, 4, 1)}
+    for dtype, (block_m, block_n, warps, stages) in backward_tiles.items():
+        tensors = {n: dtype for n in ("q_ptr", "k_ptr", "v_ptr", "do_ptr")} | {"lse_ptr": "fp32", "delta_ptr": "fp32"}
+        blocks = dict(PRECISION="ieee", BLOCK_D=64, BLOCK_M=block_m, BLOCK_N=block_n, **unit_strides)
+        out += [
+            Case(f"attention bwd dk,dv D=64 {dtype}", at._backward_dkdv_kernel,
+                 tensors | {"dk_ptr": dtype, "dv_ptr": dtype}, blocks, warps, tensor_cores=dtype != "fp32", num_stages=stages),
+            Case(f"attention bwd dq D=64 {dtype}", at._backward_dq_kernel,
+                 tensors | {"dq_ptr": dtype}, blocks, warps, tensor_cores=dtype != "fp32", num_stages=stages),
+        ]
+    return out
+
+
+def violations(case: Case, stats: dict) -> list[str]:
+    found = []
+    if stats["local_bytes"] or stats["stack_bytes"]:
+        found.append(f"spills: {stats['local_bytes']} B local, {stats['stack_bytes']} B stack")
+    if case.main_path and set(stats["loads"]) != {128}:
+        found.append(f"main path global loads not all 128-bit: {stats['loads']}")
+    if case.tensor_cores and not stats["tensor_core"]:
+        found.append("no tensor-core instructions (HMMA/HGMMA) in the SASS")
+    return found
+
+
+def run(archs: list[int]) -> list[dict]:
+    rows = []
+    for case in cases():
+        for arch in archs:
+            cubin, shared = compile_cubin(case, arch)
+            stats = analyse_cubin(cubin)
+            stats["shared_bytes"] += shared
+            rows.append({"kernel": case.name, "arch": f"sm_{arch}", **stats, "violations": violations(case, stats)})
+    return rows
+
+
+def _kernel_name(mangled: str) -> str:
+    """'guided_step_kernel<fp16, 8>' from a mangled CUDA kernel name."""
+    try:
+        demangled = subprocess.run(["c++filt", mangled], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return mangled
+    demangled = demangled.replace("(anonymous namespace)::", "")
+    # Enum template arguments print as "(ns::Enum)1": keep Enum=1.
+    demangled = re.sub(r"\((?:\w+::)*(\w+)\)(\d+)", r"\1=\2", demangled)
+    signature = demangled.split("(")[0]
+    base = signature[signature.rfind("::", 0, signature.find("<") if "<" in signature else len(signature)) + 2:]
+    for cpp, short in (("__nv_bfloat16", "bf16"), ("__half", "fp16"), ("float", "fp32")):
+        base = re.sub(rf"\b{cpp}\b", short, base)
+    return base.replace("void ", "")
+
+
+def _vector_width(name: str) -> int:
+    """The kernel's bare integer template argument (its kVec), else 1."""
+    found = re.findall(r"(?<=[<,] )(\d+)(?=[,>])", name)
+    return int(found[0]) if found else 1
+
+
+def cuda_violations(name: str, stats: dict) -> list[str]:
+    found = []
+    if stats["local_bytes"] or stats["stack_bytes"]:
+        found.append(f"spills: {stats['local_bytes']} B local, {stats['stack_bytes']} B stack")
+    if _vector_width(name) > 1:
+        if 128 not in stats["loads"]:
+            found.append("vectorised specialisation without 128-bit loads")
+        writes_elements = "stats" not in name and "sums" not in name  # reductions write O(N·C)
+        if writes_elements and 128 not in stats["stores"]:
+            found.append("vectorised specialisation without 128-bit stores")
+    return found
+
+
+def run_cuda(archs: list[int]) -> list[dict]:
+    """Compile each csrc/ kernel source with nvcc (warnings as errors) and analyse every kernel."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for source in extension.KERNEL_SOURCES:
+            for arch in archs:
+                cubin = Path(tmp) / f"{source}.sm_{arch}.cubin"
+                command = extension.kernel_check_command(source, arch, cubin)
+                result = subprocess.run(command, capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise RuntimeError(f"nvcc failed on csrc/{source} for sm_{arch}:\n{result.stdout}{result.stderr}")
+                for mangled, stats in analyse_functions(cubin).items():
+                    name = _kernel_name(mangled)
+                    rows.append({"kernel": f"cuda {name}", "arch": f"sm_{arch}", **stats,
+                                 "violations": cuda_violations(name, stats)})
+    return sorted(rows, key=lambda r: (r["kernel"], r["arch"]))
+
+
+def check_bindings(torch_include: Path) -> None:
+    result = subprocess.run(extension.bindings_check_command(torch_include), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"csrc/bindings.cpp does not compile against {torch_include}:\n{result.stderr}")
+
+
+def format_table(rows: list[dict]) -> str:
+    header = "| kernel | arch | regs | spill B | smem B | global loads (bits: n) | global stores | tensor-core | issues |"
+    lines = [header, "|" + "---|" * 9]
+    fmt = lambda d: " ".join(f"{w}:{n}" for w, n in sorted(d.items())) or "-"  # noqa: E731
+    for r in rows:
+        lines.append(
+            f"| {r['kernel']} | {r['arch']} | {r['registers']} | {r['local_bytes'] + r['stack_bytes']} | "
+            f"{r['shared_bytes']} | {fmt(r['loads'])} | {fmt(r['stores'])} | {r['tensor_core']} | "
+            f"{'; '.join(r['violations']) or 'ok'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python tools/kernel_report.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM architectures (default: 80 90)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--check", action="store_true", help="exit 1 on spills or a main path without 128-bit loads")
+    parser.add_argument("--require-nvcc", action="store_true", help="fail, rather than skip csrc/, without nvcc")
+    parser.add_argument("--torch-cuda-include", type=Path,
+                        help="torch/include of a CUDA build of torch: also check csrc/bindings.cpp against it")
+    args = parser.parse_args(argv)
+    rows = run(args.arch)
+    print(f"Triton {triton.__version__}, compiled ahead of time (no GPU needed)\n")
+    print(format_table(rows))
+    if extension.nvcc() is not None:
+        cuda = run_cuda(args.arch)
+        version = subprocess.run([extension.nvcc(), "--version"], capture_output=True, text=True).stdout
+        release = re.search(r"release ([\d.]+)", version)
+        print(f"\nCUDA kernels of csrc/, nvcc {release.group(1) if release else '?'} with warnings as errors\n")
+        print(format_table(cuda))
+        rows += cuda
+    elif args.require_nvcc:
+        print("nvcc not found: csrc/ cannot be compiled (put the CUDA toolkit on PATH or set CUDA_HOME)", file=sys.stderr)
+        return 1
+    else:
+        print("\nnvcc not found: csrc/ skipped")
+    if args.torch_cuda_include:
+        check_bindings(args.torch_cuda_include)
+        print(f"\ncsrc/bindings.cpp compiles against {args.torch_cuda_include} (warnings as errors)")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    bad = [r for r in rows if r["violations"]]
+    if args.check and bad:
+        print(f"\n{len(bad)} kernel specialisation(s) break the rules", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
