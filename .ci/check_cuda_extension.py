@@ -1,5 +1,5 @@
 """CI: the installed fastguide._C (built by setup.py against a CUDA build of torch) loads
-and registers a CUDA kernel for every fastguide_cuda op that fastguide.cuda_backend calls.
+and registers a CUDA kernel for every fastguide_cuda op that fastguide.ops.cuda_backend calls.
 Needs no GPU: loading and registration only. Run from outside the source tree."""
 
 import torch

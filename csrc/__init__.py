@@ -1,2 +1,2 @@
 """CUDA C++ sources of the ``cuda`` backend, installed as package data so that
-fastguide.extension can build them just in time; see csrc/README.md."""
+fastguide.ops.extension can build them just in time; see csrc/README.md."""

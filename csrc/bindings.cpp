@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "group_norm.cuh"
@@ -73,18 +74,40 @@ void check_same(const at::Tensor& like, const std::optional<at::Tensor>& t, cons
               " must be dense");
 }
 
-// The float scalars of guided_step, in the order fastguide/cuda_backend.py passes them.
-constexpr int kGuidedScalars = 22;
+// Copies a contract type's float[] into its C++ struct (fields in the same order).
+template <typename Scalars>
+Scalars scalars_from(at::ArrayRef<double> values, const char* name) {
+  constexpr size_t count = sizeof(Scalars) / sizeof(float);
+  static_assert(sizeof(Scalars) == count * sizeof(float), "a contract struct holds floats only");
+  TORCH_CHECK(values.size() == count, "fastguide_cuda::guided_step: expected ", count, " ", name, " scalars, got ",
+              values.size());
+  float packed[count];
+  for (size_t i = 0; i < count; ++i) packed[i] = static_cast<float>(values[i]);
+  Scalars result;
+  std::memcpy(&result, packed, sizeof(Scalars));
+  return result;
+}
 
-void guided_step(const at::Tensor& model_output, const at::Tensor& x, const std::optional<at::Tensor>& prev,
-                 const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& grad,
+PredictionType prediction_type_from(c10::string_view name) {
+  if (name == "epsilon") return kEpsilon;
+  if (name == "v_prediction") return kVPrediction;
+  TORCH_CHECK(name == "sample", "fastguide_cuda::guided_step: unknown prediction type ", name);
+  return kSample;
+}
+
+void guided_step(const at::Tensor& model_output, const std::optional<at::Tensor>& guide, const at::Tensor& x,
+                 at::TensorList history, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& grad,
                  const std::optional<at::Tensor>& apg_buffer, const at::Tensor& out,
-                 const std::optional<at::Tensor>& x0_out, at::ArrayRef<double> scalars, int64_t stats, bool guided,
-                 bool clip, bool learned_var) {
-  TORCH_CHECK(scalars.size() == kGuidedScalars, "fastguide_cuda::guided_step: expected ", kGuidedScalars,
-              " scalars, got ", scalars.size());
+                 const std::optional<at::Tensor>& x0_out, at::ArrayRef<double> step_scalars,
+                 at::ArrayRef<double> k_history, c10::string_view prediction_type, bool clip,
+                 std::optional<at::ArrayRef<double>> log_variance_range,
+                 std::optional<at::ArrayRef<double>> combine_scalars, int64_t stats) {
+  TORCH_CHECK(history.size() == k_history.size() && history.size() <= static_cast<size_t>(kMaxHistory),
+              "fastguide_cuda::guided_step: history and k_history must have one length up to ", kMaxHistory);
   check_same(x, model_output, "model_output");
-  for (const auto& [t, name] : {std::pair{&prev, "prev"}, {&noise, "noise"}, {&grad, "grad"}, {&x0_out, "x0_out"}}) {
+  check_same(x, guide, "guide");
+  for (const at::Tensor& h : history) check_same(x, h, "history");
+  for (const auto& [t, name] : {std::pair{&noise, "noise"}, {&grad, "grad"}, {&x0_out, "x0_out"}}) {
     check_same(x, *t, name);
   }
   check_same(x, out, "out");
@@ -95,56 +118,54 @@ void guided_step(const at::Tensor& model_output, const at::Tensor& x, const std:
   const c10::cuda::CUDAGuard guard(x.device());
 #endif
   GuidedStepParams p{};
+  p.guided = combine_scalars.has_value();
+  p.step = scalars_from<StepScalars>(step_scalars, "step");
+  if (p.guided) p.combine = scalars_from<CombineScalars>(*combine_scalars, "combine");
+  derive_step_constants(p, prediction_type_from(prediction_type));
+  p.num_history = static_cast<int>(history.size());
+  for (int i = 0; i < p.num_history; ++i) p.k_history[i] = static_cast<float>(k_history[i]);
+  p.learned_var = log_variance_range.has_value();
+  if (p.learned_var) {
+    TORCH_CHECK(log_variance_range->size() == 2, "fastguide_cuda::guided_step: log_variance_range is (min, max)");
+    p.log_var_min = static_cast<float>((*log_variance_range)[0]);
+    p.log_var_max = static_cast<float>((*log_variance_range)[1]);
+  }
   p.batch = x.size(0);
   p.sample_elems = x.numel() / std::max<int64_t>(p.batch, 1);
   p.mo_sample_stride = model_output.numel() / model_output.size(0);
-  p.uncond_offset = p.batch * p.mo_sample_stride;
+  const at::Tensor* uncond = guide.has_value() ? &*guide : &model_output;
+  p.uncond_sample_stride = uncond->numel() / uncond->size(0);
   p.var_offset = x.size(1) * (p.mo_sample_stride / model_output.size(1));
   p.out_half_offset = p.batch * p.sample_elems;
   p.stats = static_cast<int>(stats);
   p.parts = static_cast<int>(std::clamp<int64_t>((p.sample_elems + 2047) / 2048, 1, kMaxParts));
-  const auto f = [&](int i) { return static_cast<float>(scalars[i]); };
-  p.w = f(0);
-  p.guidance_rescale = f(1);
-  p.apg_eta = f(2);
-  p.apg_norm_threshold = f(3);
-  p.apg_momentum = f(4);
-  p.x0_from_x = f(5);
-  p.x0_from_m = f(6);
-  p.eps_from_x = f(7);
-  p.eps_from_m = f(8);
-  p.alpha = f(9);
-  p.sigma = f(10);
-  p.inv_alpha = f(11);
-  p.inv_sigma = f(12);
-  p.grad_eps_scale = f(13);
-  p.k_x = f(14);
-  p.k_x0 = f(15);
-  p.k_eps = f(16);
-  p.k_prev = f(17);
-  p.k_noise = f(18);
-  p.k_grad = f(19);
-  p.log_var_min = f(20);
-  p.log_var_max = f(21);
-  p.guided = guided;
-  p.rescale = guided && p.guidance_rescale > 0.0f;
+  p.rescale = p.guided && p.combine.rescale > 0.0f;
   p.apg_momentum_on = apg_buffer.has_value();
   p.clip = clip;
-  p.grad_eps = grad.has_value() && p.grad_eps_scale != 0.0f;
-  p.learned_var = learned_var;
-  p.has_prev = prev.has_value();
+  p.grad_eps = grad.has_value() && p.step.grad_eps_scale != 0.0f;
   p.has_noise = noise.has_value();
-  p.has_grad_term = grad.has_value() && p.k_grad != 0.0f;
+  p.has_grad_term = grad.has_value() && p.step.k_grad != 0.0f;
   p.out_2b = out.size(0) == 2 * p.batch;
   p.has_x0_out = x0_out.has_value();
 
   at::Tensor partials;
   if (p.stats != kStatsNone) partials = at::empty({p.batch, p.parts, kStatsPerSample}, x.options().dtype(at::kFloat));
-  const GuidedStepTensors<void> tensors{model_output.data_ptr(),  x.data_ptr(),
-                                        pointer_or_null<const void>(prev), pointer_or_null<const void>(noise),
-                                        pointer_or_null<const void>(grad), pointer_or_null<float>(apg_buffer),
-                                        out.data_ptr(),            pointer_or_null(x0_out),
-                                        partials.defined() ? partials.data_ptr<float>() : nullptr};
+  GuidedStepTensors<void> tensors{};
+  tensors.model_output = model_output.data_ptr();
+  // The guiding prediction: a separate tensor, or the model output's second half.
+  if (p.guided) {
+    tensors.uncond = guide.has_value() ? guide->data_ptr()
+                                       : static_cast<const char*>(model_output.data_ptr()) +
+                                             p.batch * p.mo_sample_stride * model_output.element_size();
+  }
+  tensors.x = x.data_ptr();
+  for (int i = 0; i < p.num_history; ++i) tensors.history[i] = history[i].data_ptr();
+  tensors.noise = pointer_or_null<const void>(noise);
+  tensors.grad = pointer_or_null<const void>(grad);
+  tensors.apg_buffer = pointer_or_null<float>(apg_buffer);
+  tensors.out = out.data_ptr();
+  tensors.x0_out = pointer_or_null(x0_out);
+  tensors.partials = partials.defined() ? partials.data_ptr<float>() : nullptr;
   check_launch(launch_guided_step(storage_type(x), p, tensors, current_stream(x)));
 }
 
@@ -247,9 +268,9 @@ std::tuple<at::Tensor, at::Tensor> group_norm_backward(
 
 FASTGUIDE_LIBRARY(FASTGUIDE_OPS_NAMESPACE, m) {
   m.def(
-      "guided_step(Tensor model_output, Tensor x, Tensor? prev, Tensor? noise, Tensor? grad, "
-      "Tensor(a!)? apg_buffer, Tensor(b!) out, Tensor(c!)? x0_out, float[] scalars, int stats, bool guided, "
-      "bool clip, bool learned_var) -> ()");
+      "guided_step(Tensor model_output, Tensor? guide, Tensor x, Tensor[] history, Tensor? noise, Tensor? grad, "
+      "Tensor(a!)? apg_buffer, Tensor(b!) out, Tensor(c!)? x0_out, float[] step_scalars, float[] k_history, "
+      "str prediction_type, bool clip, float[]? log_variance_range, float[]? combine_scalars, int stats) -> ()");
   m.def(
       "group_norm_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, int num_groups, "
       "float eps, bool silu) -> (Tensor, Tensor, Tensor)");

@@ -8,8 +8,8 @@
 // Stats pass: grid (parts, batch); each block sums its chunk of one sample into
 // registers, reduces them over the block with warp shuffles and writes 5 floats.
 //
-// Bytes it must move: as kernels/guided_step.py (2E model output, E of x and of each
-// extra input read; E or 2E written): ~20 FLOPs per element, memory-bound.
+// Bytes it must move: as kernels/guided_step.py (2E model output or E plus E of a guide,
+// E of x and of each history or extra input read; E or 2E written): ~20 FLOPs per element, memory-bound.
 #include <cuda_runtime.h>
 
 #include "guided_step.cuh"
@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(kThreads) guided_stats_kernel(GuidedStepParams
     if constexpr (kVec > 1) {
       const int64_t mo = b * p.mo_sample_stride + j;
       const Vec<T, kVec> c = load_vec<T, kVec>(t.model_output + mo);
-      const Vec<T, kVec> u = load_vec<T, kVec>(t.model_output + p.uncond_offset + mo);
+      const Vec<T, kVec> u = load_vec<T, kVec>(t.uncond + b * p.uncond_sample_stride + j);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
         const float buffer = p.apg_momentum_on ? t.apg_buffer[b * p.sample_elems + j + i] : 0.0f;
@@ -57,9 +57,13 @@ __device__ __forceinline__ void guided_step_vector(const GuidedStepParams& p, co
   const int64_t mo = b * p.mo_sample_stride + j;
   const Vec<T, kVec> c = load_vec<T, kVec>(t.model_output + mo);
   const Vec<T, kVec> x = load_vec<T, kVec>(t.x + here);
-  Vec<T, kVec> u{}, prev{}, noise{}, grad{}, var_value{};
-  if (p.guided) u = load_vec<T, kVec>(t.model_output + p.uncond_offset + mo);
-  if (p.has_prev) prev = load_vec<T, kVec>(t.prev + here);
+  Vec<T, kVec> u{}, noise{}, grad{}, var_value{};
+  Vec<T, kVec> history[kMaxHistory] = {};
+  if (p.guided) u = load_vec<T, kVec>(t.uncond + b * p.uncond_sample_stride + j);
+#pragma unroll
+  for (int h = 0; h < kMaxHistory; ++h) {
+    if (h < p.num_history) history[h] = load_vec<T, kVec>(t.history[h] + here);
+  }
   if (p.has_noise) noise = load_vec<T, kVec>(t.noise + here);
   if (p.grad_eps || p.has_grad_term) grad = load_vec<T, kVec>(t.grad + here);
   if (p.learned_var) var_value = load_vec<T, kVec>(t.model_output + p.var_offset + mo);
@@ -71,8 +75,10 @@ __device__ __forceinline__ void guided_step_vector(const GuidedStepParams& p, co
   Vec<T, kVec> x_next, x0;
 #pragma unroll
   for (int i = 0; i < kVec; ++i) {
-    const StepInputs in{to_float(c.v[i]), to_float(u.v[i]), buffer[i], to_float(x.v[i]),
-                        to_float(prev.v[i]), to_float(noise.v[i]), to_float(grad.v[i]), to_float(var_value.v[i])};
+    StepInputs in{to_float(c.v[i]), to_float(u.v[i]), buffer[i], to_float(x.v[i]),
+                  to_float(noise.v[i]), to_float(grad.v[i]), to_float(var_value.v[i]), {}};
+#pragma unroll
+    for (int h = 0; h < kMaxHistory; ++h) in.history[h] = to_float(history[h].v[i]);
     const StepOutputs r = guided_element(p, k, in);
     x_next.v[i] = from_float<T>(r.x_next);
     x0.v[i] = from_float<T>(r.x0);
@@ -113,17 +119,25 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 template <typename T>
 int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyped, cudaStream_t stream) {
-  GuidedStepTensors<T> t{
-      static_cast<const T*>(untyped.model_output), static_cast<const T*>(untyped.x),
-      static_cast<const T*>(untyped.prev),         static_cast<const T*>(untyped.noise),
-      static_cast<const T*>(untyped.grad),         untyped.apg_buffer,
-      static_cast<T*>(untyped.out),                static_cast<T*>(untyped.x0_out),
-      untyped.partials};
+  GuidedStepTensors<T> t{};
+  t.model_output = static_cast<const T*>(untyped.model_output);
+  t.uncond = static_cast<const T*>(untyped.uncond);
+  t.x = static_cast<const T*>(untyped.x);
+  for (int h = 0; h < kMaxHistory; ++h) t.history[h] = static_cast<const T*>(untyped.history[h]);
+  t.noise = static_cast<const T*>(untyped.noise);
+  t.grad = static_cast<const T*>(untyped.grad);
+  t.apg_buffer = untyped.apg_buffer;
+  t.out = static_cast<T*>(untyped.out);
+  t.x0_out = static_cast<T*>(untyped.x0_out);
+  t.partials = untyped.partials;
   constexpr int kVec = 16 / sizeof(T);
   const dim3 stats_grid(p.parts, static_cast<unsigned>(p.batch));
   // The vector path needs every tensor and every offset in it 16-byte aligned.
-  const void* pointers[] = {t.model_output, t.x, t.prev, t.noise, t.grad, t.out, t.x0_out};
-  bool vectorised = p.sample_elems % kVec == 0 && p.mo_sample_stride % kVec == 0 && p.uncond_offset % kVec == 0 &&
+  const void* pointers[] = {t.model_output, t.uncond,     t.x,          t.history[0], t.history[1],
+                            t.history[2],   t.history[3], t.noise,      t.grad,       t.out,
+                            t.x0_out};
+  bool vectorised = p.sample_elems % kVec == 0 && p.mo_sample_stride % kVec == 0 &&
+                    p.uncond_sample_stride % kVec == 0 &&
                     p.var_offset % kVec == 0 && p.out_half_offset % kVec == 0;
   for (const void* ptr : pointers) vectorised = vectorised && (ptr == nullptr || aligned16(ptr));
   if (p.stats != kStatsNone && vectorised) {

@@ -1,7 +1,8 @@
-// guided_step: the guidance combine and one sampler update (DESIGN.md's contract), as
+// guided_step: the guidance combine and one sampler update (docs/design.md's contract), as
 // host/device math shared by the CUDA kernels (guided_step.cu) and the CPU harness.
 //
-// With c, u the cond and uncond predictions and v = c − u (for APG with momentum
+// With c the model's prediction, u the guiding one (the uncond half of the model output or a
+// separate guide tensor) and v = c − u (for APG with momentum
 // v = c − u + momentum·buffer, the new buffer), every guidance variant is
 // m = f·(α_c·c + α_v·v) with per-sample scalars (kernels/guided_step.py derives them):
 //   CFG          α_c = 1, α_v = w − 1, f = 1
@@ -10,7 +11,8 @@
 //   rescale      f = φ·std(c)/std(m₀) + 1 − φ
 // all from five sums S = [Σc, Σv, Σc², Σv², Σc·v] per sample. Then per element: x0 and
 // eps by the prediction type's linear map, the optional clip, the classifier eps shift,
-// and x_next = k_x·x + k_x0·x0 + k_eps·eps + k_prev·prev + k_noise'·noise + k_grad'·grad.
+// and x_next = k_x·x + k_x0·x0 + k_eps·eps + Σᵢ k_history[i]·history[i] + k_noise'·noise
+// + k_grad'·grad.
 #pragma once
 
 #include <cmath>
@@ -24,35 +26,72 @@ enum GuidedStats : int { kStatsNone = 0, kStatsZeroStar = 1, kStatsApg = 2, kSta
 constexpr int kStatsPerSample = 5;  // Σc, Σv, Σc², Σv², Σc·v
 constexpr int kMaxParts = 32;       // partial sums per sample written by the stats pass
 
+// The contract's scalars (fastguide/ops/contract.py): the float fields of StepCoefficients
+// and of GuidanceCombine, in the types' declaration order. The bindings copy the op's
+// float[] straight into these structs, so their order is the Python types' order (a test
+// compares the two).
+struct StepScalars {
+  float alpha, sigma, k_x, k_x0, k_eps, k_noise, k_grad, grad_eps_scale;
+};
+struct CombineScalars {
+  float scale, rescale, apg_eta, apg_norm_threshold, apg_momentum;
+};
+constexpr int kMaxHistory = 4;  // history pointer slots (contract.MAX_HISTORY)
+
+enum PredictionType : int { kEpsilon = 0, kVPrediction = 1, kSample = 2 };
+
 // Everything a launch needs besides the pointers. Offsets are in elements.
 struct GuidedStepParams {
   int64_t batch;
-  int64_t sample_elems;       // elements of one sample of x
-  int64_t mo_sample_stride;   // elements between samples of model_output (C' = C or 2C channels)
-  int64_t uncond_offset;      // start of the uncond half of model_output
-  int64_t var_offset;         // start of the variance channels within a model_output sample
-  int64_t out_half_offset;    // start of out's second half when out is (2B, ...)
-  int stats;                  // GuidedStats
-  int parts;                  // partial sums per sample (≤ kMaxParts)
+  int64_t sample_elems;          // elements of one sample of x
+  int64_t mo_sample_stride;      // elements between samples of model_output (C' = C or 2C channels)
+  int64_t uncond_sample_stride;  // elements between samples of the guiding prediction u
+  int64_t var_offset;            // start of the variance channels within a model_output sample
+  int64_t out_half_offset;       // start of out's second half when out is (2B, ...)
+  int stats;                     // GuidedStats
+  int parts;                     // partial sums per sample (≤ kMaxParts)
+  int num_history;               // history tensors in use (≤ kMaxHistory)
   bool guided, rescale, apg_momentum_on, clip, grad_eps, learned_var;
-  bool has_prev, has_noise, has_grad_term, out_2b, has_x0_out;
-  float w, guidance_rescale, apg_eta, apg_norm_threshold, apg_momentum;
-  float x0_from_x, x0_from_m, eps_from_x, eps_from_m;  // x0, eps = maps of (x, m)
-  float alpha, sigma, inv_alpha, inv_sigma, grad_eps_scale;
-  float k_x, k_x0, k_eps, k_prev, k_noise, k_grad, log_var_min, log_var_max;
+  bool has_noise, has_grad_term, out_2b, has_x0_out;
+  StepScalars step;
+  CombineScalars combine;
+  float k_history[kMaxHistory];
+  float log_var_min, log_var_max;
+  // Derived per step by derive_step_constants: x0, eps = maps of (x, m), and reciprocals.
+  float x0_from_x, x0_from_m, eps_from_x, eps_from_m, inv_alpha, inv_sigma;
 };
+
+// The prediction type's linear maps of x = alpha·x0 + sigma·eps (x0 and eps from x and the
+// prediction m), and 1/alpha, 1/sigma (0 when sigma = 0), once per step on the host.
+inline void derive_step_constants(GuidedStepParams& p, PredictionType prediction_type) {
+  const float alpha = p.step.alpha, sigma = p.step.sigma;
+  p.inv_alpha = 1.0f / alpha;
+  p.inv_sigma = sigma > 0.0f ? 1.0f / sigma : 0.0f;
+  switch (prediction_type) {
+    case kEpsilon:  // m = eps
+      p.x0_from_x = 1.0f / alpha, p.x0_from_m = -sigma / alpha, p.eps_from_x = 0.0f, p.eps_from_m = 1.0f;
+      break;
+    case kVPrediction:  // m = alpha·eps − sigma·x0
+      p.x0_from_x = alpha, p.x0_from_m = -sigma, p.eps_from_x = sigma, p.eps_from_m = alpha;
+      break;
+    case kSample:  // m = x0
+      p.x0_from_x = 0.0f, p.x0_from_m = 1.0f, p.eps_from_x = p.inv_sigma, p.eps_from_m = -alpha * p.inv_sigma;
+      break;
+  }
+}
 
 template <typename T>
 struct GuidedStepTensors {
   const T* model_output;
+  const T* uncond;                  // the guiding prediction's first sample, null unless guided
   const T* x;
-  const T* prev;     // null unless has_prev
-  const T* noise;    // null unless has_noise
-  const T* grad;     // null unless grad_eps or has_grad_term
-  float* apg_buffer;  // fp32 momentum state, null unless apg_momentum_on
+  const T* history[kMaxHistory];    // the first num_history are set
+  const T* noise;                   // null unless has_noise
+  const T* grad;                    // null unless grad_eps or has_grad_term
+  float* apg_buffer;                // fp32 momentum state, null unless apg_momentum_on
   T* out;
-  T* x0_out;          // null unless has_x0_out
-  float* partials;    // (batch, parts, 5) fp32 partial sums, null unless stats != none
+  T* x0_out;                        // null unless has_x0_out
+  float* partials;                  // (batch, parts, 5) fp32 partial sums, null unless stats != none
 };
 
 struct SampleCoefficients {
@@ -67,7 +106,7 @@ FG_HOST_DEVICE SampleCoefficients sample_coefficients(const GuidedStepParams& p,
     for (int k = 0; k < kStatsPerSample; ++k) s[k] += static_cast<double>(sample_partials[part * kStatsPerSample + k]);
   }
   const double s_c = s[0], s_v = s[1], s_cc = s[2], s_vv = s[3], s_cv = s[4];
-  const double w = p.w;
+  const double w = p.combine.scale;
   double alpha_c = 1.0, alpha_v = w - 1.0, f = 1.0;
   if (p.stats == kStatsZeroStar) {
     const double s_star = (s_cc - s_cv) / (s_cc - 2.0 * s_cv + s_vv + 1e-8);
@@ -75,8 +114,10 @@ FG_HOST_DEVICE SampleCoefficients sample_coefficients(const GuidedStepParams& p,
     alpha_v = s_star * (w - 1.0);
   } else if (p.stats == kStatsApg) {
     double clip = 1.0;
-    if (p.apg_norm_threshold > 0.0f) clip = fmin(clip, static_cast<double>(p.apg_norm_threshold) / sqrt(s_vv));
-    alpha_c = 1.0 + (w - 1.0) * clip * (static_cast<double>(p.apg_eta) - 1.0) * s_cv / fmax(s_cc, 1e-24);
+    if (p.combine.apg_norm_threshold > 0.0f) {
+      clip = fmin(clip, static_cast<double>(p.combine.apg_norm_threshold) / sqrt(s_vv));
+    }
+    alpha_c = 1.0 + (w - 1.0) * clip * (static_cast<double>(p.combine.apg_eta) - 1.0) * s_cv / fmax(s_cc, 1e-24);
     alpha_v = (w - 1.0) * clip;
   }
   if (p.rescale) {
@@ -85,7 +126,7 @@ FG_HOST_DEVICE SampleCoefficients sample_coefficients(const GuidedStepParams& p,
     const double s_m = alpha_c * s_c + alpha_v * s_v;
     const double s_mm = alpha_c * alpha_c * s_cc + 2.0 * alpha_c * alpha_v * s_cv + alpha_v * alpha_v * s_vv;
     const double var_m = (s_mm - s_m * s_m / n) / (n - 1.0);
-    const double phi = p.guidance_rescale;
+    const double phi = p.combine.rescale;
     f = phi * sqrt(var_c / var_m) + 1.0 - phi;
   }
   return {static_cast<float>(alpha_c), static_cast<float>(alpha_v), static_cast<float>(f)};
@@ -93,12 +134,13 @@ FG_HOST_DEVICE SampleCoefficients sample_coefficients(const GuidedStepParams& p,
 
 // The coefficients when no reduction is needed: plain CFG (or the bare prediction).
 FG_HOST_DEVICE SampleCoefficients plain_coefficients(const GuidedStepParams& p) {
-  return {1.0f, p.w - 1.0f, 1.0f};
+  return {1.0f, p.combine.scale - 1.0f, 1.0f};
 }
 
 // One element's inputs and outputs, in fp32. Unused inputs are ignored.
 struct StepInputs {
-  float c, u, buffer, x, prev, noise, grad, var_value;
+  float c, u, buffer, x, noise, grad, var_value;
+  float history[kMaxHistory];
 };
 struct StepOutputs {
   float x_next, x0, buffer;
@@ -107,7 +149,7 @@ struct StepOutputs {
 // v = c − u, plus momentum·buffer for APG with momentum (the new buffer).
 FG_HOST_DEVICE float guidance_difference(const GuidedStepParams& p, float c, float u, float buffer) {
   float v = c - u;
-  if (p.apg_momentum_on) v += p.apg_momentum * buffer;
+  if (p.apg_momentum_on) v += p.combine.apg_momentum * buffer;
   return v;
 }
 
@@ -123,14 +165,14 @@ FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const Sampl
   float eps = p.eps_from_x * in.x + p.eps_from_m * m;
   if (p.clip) {
     x0 = fminf(fmaxf(x0, -1.0f), 1.0f);
-    eps = (in.x - p.alpha * x0) * p.inv_sigma;
+    eps = (in.x - p.step.alpha * x0) * p.inv_sigma;
   }
   if (p.grad_eps) {
-    eps -= p.grad_eps_scale * in.grad;
-    x0 = (in.x - p.sigma * eps) * p.inv_alpha;
+    eps -= p.step.grad_eps_scale * in.grad;
+    x0 = (in.x - p.step.sigma * eps) * p.inv_alpha;
   }
-  float x_next = p.k_x * in.x + p.k_x0 * x0 + p.k_eps * eps;
-  float noise_coef = p.k_noise, grad_coef = p.k_grad;
+  float x_next = p.step.k_x * in.x + p.step.k_x0 * x0 + p.step.k_eps * eps;
+  float noise_coef = p.step.k_noise, grad_coef = p.step.k_grad;
   if (p.learned_var) {
     // ADM's learned range: ℓ = frac·max + (1 − frac)·min, frac = (v + 1)/2.
     const float frac = (in.var_value + 1.0f) * 0.5f;
@@ -138,7 +180,11 @@ FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const Sampl
     noise_coef *= expf(0.5f * log_var);
     grad_coef *= expf(log_var);
   }
-  if (p.has_prev) x_next += p.k_prev * in.prev;
+  // Fixed trip count with a guard: the history stays in registers (no dynamic indexing).
+#pragma unroll
+  for (int i = 0; i < kMaxHistory; ++i) {
+    if (i < p.num_history) x_next += p.k_history[i] * in.history[i];
+  }
   if (p.has_noise) x_next += noise_coef * in.noise;
   if (p.has_grad_term) x_next += grad_coef * in.grad;
   result.x_next = x_next;
@@ -161,7 +207,7 @@ template <typename T>
 FG_HOST_DEVICE void accumulate_stats_at(const GuidedStepParams& p, const GuidedStepTensors<T>& t, int64_t b,
                                         int64_t j, float (&acc)[kStatsPerSample]) {
   const float c = to_float(t.model_output[b * p.mo_sample_stride + j]);
-  const float u = to_float(t.model_output[p.uncond_offset + b * p.mo_sample_stride + j]);
+  const float u = to_float(t.uncond[b * p.uncond_sample_stride + j]);
   const float buffer = p.apg_momentum_on ? t.apg_buffer[b * p.sample_elems + j] : 0.0f;
   accumulate_stats(p, c, u, buffer, acc);
 }
@@ -181,10 +227,13 @@ FG_HOST_DEVICE void guided_step_at(const GuidedStepParams& p, const GuidedStepTe
   const int64_t mo = b * p.mo_sample_stride + j;
   StepInputs in{};
   in.c = to_float(t.model_output[mo]);
-  if (p.guided) in.u = to_float(t.model_output[p.uncond_offset + mo]);
+  if (p.guided) in.u = to_float(t.uncond[b * p.uncond_sample_stride + j]);
   if (p.apg_momentum_on) in.buffer = t.apg_buffer[here];
   in.x = to_float(t.x[here]);
-  if (p.has_prev) in.prev = to_float(t.prev[here]);
+#pragma unroll
+  for (int i = 0; i < kMaxHistory; ++i) {
+    if (i < p.num_history) in.history[i] = to_float(t.history[i][here]);
+  }
   if (p.has_noise) in.noise = to_float(t.noise[here]);
   if (p.grad_eps || p.has_grad_term) in.grad = to_float(t.grad[here]);
   if (p.learned_var) in.var_value = to_float(t.model_output[p.var_offset + mo]);

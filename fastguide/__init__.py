@@ -22,7 +22,7 @@ from .models.unet import EncoderUNet, UNet
 from .ops import reference
 from .ops.backends import available_backends, backend, get_backend, set_backend
 from .sampling.guidance import APG, CFG, ClassifierGuidance
-from .sampling.samplers import GuidedSampler, sample
+from .sampling.loop import GuidedSampler, sample
 from .sampling.schedule import NoiseSchedule
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""``python -m fastguide``: the fastguide command line (see fastguide.cli)."""
+"""``python -m fastguide``: the fastguide command line (see fastguide.apps.cli)."""
 
 import sys
 

@@ -183,8 +183,10 @@ def _backward_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     dk = dk * scale
-    tl.store(dk_ptr + bh.to(tl.int64) * Lk * D + cols[:, None] * D + dims[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + bh.to(tl.int64) * Lk * D + cols[:, None] * D + dims[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dk_ptr + bh.to(tl.int64) * Lk * D + cols[:, None] * D + dims[None, :],
+             dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + bh.to(tl.int64) * Lk * D + cols[:, None] * D + dims[None, :],
+             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.autotune(configs=_configs(for_backward=True), **_TUNING)
@@ -222,7 +224,8 @@ def _backward_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq = dq * scale
-    tl.store(dq_ptr + bh.to(tl.int64) * Lq * D + rows[:, None] * D + dims[None, :], dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(dq_ptr + bh.to(tl.int64) * Lq * D + rows[:, None] * D + dims[None, :],
+             dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
 # --------------------------------------------------------------------------------------

@@ -355,7 +355,8 @@ def group_norm_backward(
     n, c = x.shape[0], x.shape[1]
     spatial = math.prod(x.shape[2:])
     x, stride_c, stride_s = _layout(x)
-    grad_y = grad_y.contiguous(memory_format=torch.channels_last if stride_c == 1 and x.dim() == 4 else torch.contiguous_format)
+    grad_y = grad_y.contiguous(
+        memory_format=torch.channels_last if stride_c == 1 and x.dim() == 4 else torch.contiguous_format)
     cfg = _grid(x, num_groups, c // num_groups, spatial)
     dx = torch.empty_like(x)
     partials = torch.empty((n * c, cfg["split_pow2"], 2), dtype=torch.float32, device=x.device)

@@ -1,6 +1,7 @@
 """Triton guided_step: the guidance combine and the sampler update in one elementwise pass.
 
-Algorithm. With c, u the cond and uncond halves of the model output and v = c − u (or,
+Algorithm. With c the model's prediction and u the guiding one (the uncond half of the
+model output, or a separate guide tensor) and v = c − u (or,
 for APG, the running difference r = c − u + momentum·buffer), every guidance variant
 is m = f·(α_c·c + α_v·v) with per-sample scalars:
   CFG            α_c = 1, α_v = w − 1, f = 1
@@ -13,7 +14,8 @@ way. Working on the difference v rather than u keeps these expansions free of
 cancellation when c ≈ u, as it is for trained models.
 Then, per element: x0 and eps from m and x by the prediction type's linear map, the
 optional clip (eps re-derived), the classifier eps shift (x0 re-derived), and
-x_next = k_x·x + k_x0·x0 + k_eps·eps + k_prev·prev + k_noise'·noise + k_grad'·grad.
+x_next = k_x·x + k_x0·x0 + k_eps·eps + Σᵢ k_history[i]·history[i] + k_noise'·noise + k_grad'·grad
+(up to MAX_HISTORY = 4 history tensors, in four pointer slots).
 
 Passes. Plain CFG: one launch, `_guided_step_kernel`. Variants with reductions: first
 `_guided_stats_kernel` (grid: PARTS chunks × B samples) writes fp32 partial sums, then
@@ -22,7 +24,8 @@ the elementwise kernel merges a sample's ≤ 32 partials in its prologue, in a f
 
 Bytes it must move (E = B·C·HW elements of x, s_t the size of tensor t's dtype):
   elementwise: read 2E of model output (E when unguided; +E for learned variance),
-  E of x, E of each of prev / noise / grad used; write E (2E for a 2B out) of x_next,
+  E of x, E of each history tensor and of noise / grad used (E of a separate guide in
+  place of the uncond half); write E (2E for a 2B out) of x_next,
   E of x0 when asked; APG with momentum reads and writes E of its buffer.
   stats pass: reads c and u again (2E, +E APG buffer).
 FLOPs: ~20 per element, far under any GPU's ratio of FLOPs to bytes: memory-bound.
@@ -37,13 +40,20 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
+from fastguide.ops.contract import (
+    COMBINE_SCALARS,
+    MAX_HISTORY,
+    STEP_SCALARS,
+    GuidanceCombine,
+    StepCoefficients,
+    StepTensors,
+)
 from fastguide.ops.layout import (
     STATS_NONE,
     dense,
+    derived_scalars,
     guidance_stats,
-    prediction_maps,
     step_format,
     write_back,
 )
@@ -56,8 +66,8 @@ MAX_PARTS = 32  # partial sums per sample in the stats pass
 
 @triton.jit
 def _guided_stats_kernel(
-    mo_ptr, buf_ptr, partial_ptr,
-    sample_elems, mo_sample_stride, uncond_offset, elems_per_part,
+    mo_ptr, uncond_ptr, buf_ptr, partial_ptr,
+    sample_elems, mo_sample_stride, uncond_sample_stride, elems_per_part,
     apg_momentum,
     APG_MOMENTUM: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -74,7 +84,7 @@ def _guided_stats_kernel(
         j = start + offset + tl.arange(0, BLOCK)
         mask = (j < sample_elems) & (offset + tl.arange(0, BLOCK) < elems_per_part)
         c = tl.load(mo_ptr + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(mo_ptr + uncond_offset + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(uncond_ptr + b * uncond_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
         v = c - u
         if APG_MOMENTUM:
             v += apg_momentum * tl.load(buf_ptr + b * sample_elems + j, mask=mask, other=0.0).to(tl.float32)
@@ -132,15 +142,18 @@ def _sample_coefficients(
 
 @triton.jit
 def _guided_step_kernel(
-    mo_ptr, x_ptr, prev_ptr, noise_ptr, grad_ptr, buf_ptr, out_ptr, x0_ptr, partial_ptr,
-    sample_elems, mo_sample_stride, uncond_offset, var_offset, out_half_offset,
-    w, rescale, apg_eta, apg_norm_threshold, apg_momentum,
-    x0_from_x, x0_from_m, eps_from_x, eps_from_m,
-    alpha, sigma, inv_alpha, inv_sigma, grad_eps_scale,
-    k_x, k_x0, k_eps, k_prev, k_noise, k_grad, log_var_min, log_var_max,
+    mo_ptr, uncond_ptr, x_ptr, h0_ptr, h1_ptr, h2_ptr, h3_ptr, noise_ptr, grad_ptr, buf_ptr, out_ptr, x0_ptr,
+    partial_ptr,
+    sample_elems, mo_sample_stride, uncond_sample_stride, var_offset, out_half_offset,
+    # GuidanceCombine's scalars, by name
+    scale, rescale, apg_eta, apg_norm_threshold, apg_momentum,
+    # StepCoefficients' scalars, by name, and the prediction type's linear maps
+    alpha, sigma, k_x, k_x0, k_eps, k_noise, k_grad, grad_eps_scale,
+    x0_from_x, x0_from_m, eps_from_x, eps_from_m, inv_alpha, inv_sigma,
+    k_h0, k_h1, k_h2, k_h3, log_var_min, log_var_max,
     GUIDED: tl.constexpr, STATS: tl.constexpr, RESCALE: tl.constexpr, APG_MOMENTUM: tl.constexpr,
-    CLIP: tl.constexpr, GRAD_EPS: tl.constexpr, LEARNED_VAR: tl.constexpr,
-    HAS_PREV: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_GRAD_TERM: tl.constexpr,
+    CLIP: tl.constexpr, GRAD_EPS: tl.constexpr, LEARNED_VAR: tl.constexpr, NUM_HISTORY: tl.constexpr,
+    HAS_NOISE: tl.constexpr, HAS_GRAD_TERM: tl.constexpr,
     OUT_2B: tl.constexpr, HAS_X0_OUT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
@@ -150,16 +163,16 @@ def _guided_step_kernel(
 
     m = tl.load(mo_ptr + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
     if GUIDED:
-        u = tl.load(mo_ptr + uncond_offset + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(uncond_ptr + b * uncond_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
         v = m - u
         if APG_MOMENTUM:
             v += apg_momentum * tl.load(buf_ptr + here, mask=mask, other=0.0).to(tl.float32)
             tl.store(buf_ptr + here, v.to(buf_ptr.dtype.element_ty), mask=mask)
         if STATS == 0:
-            m = m + (w - 1.0) * v
+            m = m + (scale - 1.0) * v
         else:
             alpha_c, alpha_v, f = _sample_coefficients(
-                partial_ptr, b, sample_elems, w, rescale, apg_eta, apg_norm_threshold,
+                partial_ptr, b, sample_elems, scale, rescale, apg_eta, apg_norm_threshold,
                 STATS, RESCALE, PARTS,
             )
             m = f * (alpha_c * m + alpha_v * v)
@@ -181,8 +194,15 @@ def _guided_step_kernel(
         var_values = tl.load(mo_ptr + var_offset + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
         frac = (var_values + 1.0) * 0.5
         log_var = frac * log_var_max + (1.0 - frac) * log_var_min
-    if HAS_PREV:
-        x_next += k_prev * tl.load(prev_ptr + here, mask=mask, other=0.0).to(tl.float32)
+    # The solver history: NUM_HISTORY of the four pointer slots are in use.
+    if NUM_HISTORY > 0:
+        x_next += k_h0 * tl.load(h0_ptr + here, mask=mask, other=0.0).to(tl.float32)
+    if NUM_HISTORY > 1:
+        x_next += k_h1 * tl.load(h1_ptr + here, mask=mask, other=0.0).to(tl.float32)
+    if NUM_HISTORY > 2:
+        x_next += k_h2 * tl.load(h2_ptr + here, mask=mask, other=0.0).to(tl.float32)
+    if NUM_HISTORY > 3:
+        x_next += k_h3 * tl.load(h3_ptr + here, mask=mask, other=0.0).to(tl.float32)
     if HAS_NOISE:
         noise = tl.load(noise_ptr + here, mask=mask, other=0.0).to(tl.float32)
         if LEARNED_VAR:
@@ -202,53 +222,33 @@ def _guided_step_kernel(
         tl.store(x0_ptr + here, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-def guided_step(
-    model_output: Tensor,
-    x: Tensor,
-    *,
-    alpha: float,
-    sigma: float,
-    prediction_type: str,
-    guidance_scale: float | None,
-    guidance_rescale: float,
-    cfg_zero_star: bool,
-    apg: bool,
-    apg_eta: float,
-    apg_norm_threshold: float,
-    apg_momentum: float,
-    apg_buffer: Tensor | None,
-    clip_denoised: bool,
-    grad: Tensor | None,
-    grad_eps_scale: float,
-    prev: Tensor | None,
-    noise: Tensor | None,
-    k_x: float,
-    k_x0: float,
-    k_eps: float,
-    k_prev: float,
-    k_noise: float,
-    k_grad: float,
-    log_variance_range: tuple[float, float] | None,
-    out: Tensor,
-    x0_out: Tensor | None,
-) -> None:
+def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None) -> None:
     """Launch the stats pass (when a variant needs it) and the elementwise pass."""
+    x, model_output = tensors.x, tensors.model_output
     batch, channels = x.shape[0], x.shape[1]
     sample_elems = x[0].numel()
-    learned = log_variance_range is not None
+    learned = step.log_variance_range is not None
     fmt = step_format(x, model_output.shape[1] != channels)
     x_in, model_output_in = dense(x, fmt), dense(model_output, fmt)
-    prev, noise, grad = dense(prev, fmt), dense(noise, fmt), dense(grad, fmt)
+    history = [dense(h, fmt) for h in tensors.history]
+    noise, grad = dense(tensors.noise, fmt), dense(tensors.grad, fmt)
     # Outputs that are not dense in fmt are computed into a dense copy and copied back.
-    targets = {"out": out, "x0_out": x0_out, "apg_buffer": apg_buffer}
+    targets = {"out": tensors.out, "x0_out": tensors.x0_out, "apg_buffer": tensors.apg_buffer}
     work = {name: dense(t, fmt) for name, t in targets.items()}
 
-    guided = guidance_scale is not None
-    stats = guidance_stats(guided, cfg_zero_star, apg, guidance_rescale)
-    apg_with_momentum = guided and apg and apg_momentum != 0.0
-
+    guided = combine is not None
+    stats = guidance_stats(combine)
+    apg_with_momentum = guided and combine.variant == "apg" and combine.apg_momentum != 0.0
     mo_sample_stride = model_output[0].numel()
-    uncond_offset = batch * mo_sample_stride
+    # The guiding prediction u: the second half of the model output, or its own tensor.
+    if guided and tensors.guide is not None:
+        uncond = dense(tensors.guide, fmt)
+        uncond_sample_stride = uncond[0].numel()
+    else:
+        uncond = model_output_in[batch:] if guided else model_output_in
+        uncond_sample_stride = mo_sample_stride
+    combine_scalars = {name: float(getattr(combine or _UNGUIDED, name)) for name in COMBINE_SCALARS}
+
     parts = min(MAX_PARTS, triton.cdiv(sample_elems, BLOCK))
     parts_pow2 = triton.next_power_of_2(parts)
     partials = None
@@ -257,28 +257,35 @@ def guided_step(
         partials = torch.zeros((batch, parts_pow2, 5), dtype=torch.float32, device=x.device)
         elems_per_part = triton.cdiv(triton.cdiv(sample_elems, parts), BLOCK) * BLOCK
         _guided_stats_kernel[(parts, batch)](
-            model_output_in, work["apg_buffer"], partials,
-            sample_elems, mo_sample_stride, uncond_offset, elems_per_part,
-            apg_momentum,
+            model_output_in, uncond, work["apg_buffer"], partials,
+            sample_elems, mo_sample_stride, uncond_sample_stride, elems_per_part,
+            combine_scalars["apg_momentum"],
             APG_MOMENTUM=apg_with_momentum, PARTS=parts_pow2, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
 
-    maps = prediction_maps(prediction_type, alpha, sigma)
-    log_min, log_max = log_variance_range if learned else (0.0, 0.0)
+    history_slots = history + [None] * (MAX_HISTORY - len(history))
+    k_history = list(step.k_history) + [0.0] * (MAX_HISTORY - len(history))
+    log_min, log_max = step.log_variance_range if learned else (0.0, 0.0)
     _guided_step_kernel[(triton.cdiv(sample_elems, BLOCK), batch)](
-        model_output_in, x_in, prev, noise, grad, work["apg_buffer"], work["out"], work["x0_out"], partials,
-        sample_elems, mo_sample_stride, uncond_offset, channels * (mo_sample_stride // model_output.shape[1]),
+        model_output_in, uncond, x_in, *history_slots, noise, grad, work["apg_buffer"], work["out"],
+        work["x0_out"], partials,
+        sample_elems, mo_sample_stride, uncond_sample_stride, channels * (mo_sample_stride // model_output.shape[1]),
         batch * sample_elems,
-        guidance_scale if guided else 1.0, guidance_rescale, apg_eta, apg_norm_threshold, apg_momentum,
-        *maps,
-        alpha, sigma, 1.0 / alpha, 1.0 / sigma if sigma > 0 else 0.0, grad_eps_scale,
-        k_x, k_x0, k_eps, k_prev, k_noise, k_grad, log_min, log_max,
-        GUIDED=guided, STATS=stats, RESCALE=guided and guidance_rescale > 0,
-        APG_MOMENTUM=apg_with_momentum, CLIP=clip_denoised,
-        GRAD_EPS=grad is not None and grad_eps_scale != 0.0, LEARNED_VAR=learned,
-        HAS_PREV=prev is not None and k_prev != 0.0, HAS_NOISE=noise is not None and k_noise != 0.0,
-        HAS_GRAD_TERM=grad is not None and k_grad != 0.0,
-        OUT_2B=out.shape[0] == 2 * batch, HAS_X0_OUT=x0_out is not None,
+        **combine_scalars,
+        **{name: float(getattr(step, name)) for name in STEP_SCALARS},
+        **derived_scalars(step),
+        k_h0=k_history[0], k_h1=k_history[1], k_h2=k_history[2], k_h3=k_history[3],
+        log_var_min=log_min, log_var_max=log_max,
+        GUIDED=guided, STATS=stats, RESCALE=guided and combine.rescale > 0,
+        APG_MOMENTUM=apg_with_momentum, CLIP=step.clip_denoised,
+        GRAD_EPS=grad is not None and step.grad_eps_scale != 0.0, LEARNED_VAR=learned,
+        NUM_HISTORY=len(history), HAS_NOISE=noise is not None and step.k_noise != 0.0,
+        HAS_GRAD_TERM=grad is not None and step.k_grad != 0.0,
+        OUT_2B=tensors.out.shape[0] == 2 * batch, HAS_X0_OUT=tensors.x0_out is not None,
         PARTS=parts_pow2, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     write_back(targets, work)
+
+
+# The combine scalars of an unguided step (unused by the kernel; the launch needs values).
+_UNGUIDED = GuidanceCombine(scale=1.0)

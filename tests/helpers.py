@@ -7,8 +7,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+import fastguide
 from fastguide import ops
-from fastguide.ops import backends
+from fastguide.ops import backends, reference
+from fastguide.ops.contract import GuidanceCombine, StepCoefficients, StepTensors
 
 # --------------------------------------------------------------------------------------
 # Backends under test
@@ -73,6 +75,14 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
+def tiny_cfg_unet():
+    """A tiny CFG-ready ADM UNet (learned sigma, null class) with every parameter random."""
+    return randomize(fastguide.UNet(
+        image_size=8, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+        attention_resolutions=(2,), channel_mult=(1, 2), num_head_channels=16, use_scale_shift_norm=True,
+        resblock_updown=True, num_classes=4, null_class=True), seed=4).eval()
+
+
 SHAPES = [
     (1, 3, 1, (7, 13)),
     (1, 3, 1, (32, 32)),
@@ -117,53 +127,101 @@ def poisoned(shape, dtype=torch.float64):
     return torch.full(shape, float("nan"), dtype=dtype)
 
 
+G = GuidanceCombine
 CASES = {
-    "unguided-ddim": dict(k_x0=0.8, k_eps=0.5),
-    "cfg-ddim": dict(guidance_scale=4.0, k_x0=0.8, k_eps=0.5),
-    "cfg-clip-noise": dict(guidance_scale=4.0, clip_denoised=True, k_x0=0.8, k_eps=0.4, k_noise=0.3),
-    "cfg-v-prediction": dict(guidance_scale=3.0, prediction_type="v_prediction", k_x=0.3, k_x0=0.6, k_eps=0.2),
-    "sample-prediction-clip": dict(prediction_type="sample", clip_denoised=True, k_x0=0.7, k_eps=0.6),
-    "dpm2m-prev-x0out": dict(guidance_scale=2.0, k_x=0.9, k_x0=0.4, k_prev=-0.1, x0_out=True),
-    "classifier-eps-shift": dict(clip_denoised=True, grad_eps_scale=0.7, k_x0=0.8, k_eps=0.5),
-    "cfg-and-classifier": dict(guidance_scale=3.0, grad_eps_scale=0.5, k_x0=0.8, k_eps=0.5),
+    "unguided-ddim": dict(step=dict(k_x0=0.8, k_eps=0.5)),
+    "cfg-ddim": dict(combine=G(4.0), step=dict(k_x0=0.8, k_eps=0.5)),
+    "cfg-clip-noise": dict(combine=G(4.0), step=dict(clip_denoised=True, k_x0=0.8, k_eps=0.4, k_noise=0.3)),
+    "cfg-v-prediction": dict(combine=G(3.0), step=dict(prediction_type="v_prediction", k_x=0.3, k_x0=0.6, k_eps=0.2)),
+    "sample-prediction-clip": dict(step=dict(prediction_type="sample", clip_denoised=True, k_x0=0.7, k_eps=0.6)),
+    "dpm2m-history-x0out": dict(combine=G(2.0), step=dict(k_x=0.9, k_x0=0.4, k_history=(-0.1,)), x0_out=True),
+    "history-of-3": dict(combine=G(2.0), step=dict(k_x=0.9, k_x0=0.4, k_history=(-0.3, 0.2, -0.05)), x0_out=True),
+    "history-of-4-unguided": dict(step=dict(k_x=0.5, k_x0=0.4, k_history=(0.3, -0.2, 0.1, -0.05))),
+    "separate-guide": dict(combine=G(3.0), step=dict(k_x0=0.8, k_eps=0.5), guide=True),
+    "separate-guide-rescale-history": dict(
+        combine=G(5.0, rescale=0.6), step=dict(k_x=0.7, k_x0=0.4, k_history=(0.2, -0.1)), guide=True, out_2b=True,
+    ),
+    "classifier-eps-shift": dict(step=dict(clip_denoised=True, grad_eps_scale=0.7, k_x0=0.8, k_eps=0.5)),
+    "cfg-and-classifier": dict(combine=G(3.0), step=dict(grad_eps_scale=0.5, k_x0=0.8, k_eps=0.5)),
     "ddpm-learned-var-grad": dict(
-        guidance_scale=3.0, clip_denoised=True, k_x=0.6, k_x0=0.3, k_noise=1.0, k_grad=2.0,
-        log_variance_range=(-6.0, -4.5), learned_variance=True,
+        combine=G(3.0),
+        step=dict(clip_denoised=True, k_x=0.6, k_x0=0.3, k_noise=1.0, k_grad=2.0, log_variance_range=(-6.0, -4.5)),
+        learned_variance=True,
     ),
-    "rescale": dict(guidance_scale=7.0, guidance_rescale=0.7, k_x0=0.8, k_eps=0.5),
-    "cfg-zero-star": dict(guidance_scale=5.0, cfg_zero_star=True, k_x0=0.8, k_eps=0.5),
+    "rescale": dict(combine=G(7.0, rescale=0.7), step=dict(k_x0=0.8, k_eps=0.5)),
+    "cfg-zero-star": dict(combine=G(5.0, variant="zero_star"), step=dict(k_x0=0.8, k_eps=0.5)),
+    "zero-star-separate-learned-guide": dict(
+        combine=G(4.0, variant="zero_star"), step=dict(k_x0=0.8, k_eps=0.5), guide=True, learned_variance=True,
+    ),
     "apg-momentum-clip": dict(
-        guidance_scale=6.0, apg=True, apg_eta=0.2, apg_norm_threshold=3.0, apg_momentum=-0.5,
-        k_x0=0.8, k_eps=0.5,
+        combine=G(6.0, apg_eta=0.2, apg_norm_threshold=3.0, apg_momentum=-0.5, variant="apg"),
+        step=dict(k_x0=0.8, k_eps=0.5),
     ),
-    "apg-rescale-2b-out": dict(guidance_scale=6.0, apg=True, guidance_rescale=0.5, k_x0=0.8, k_eps=0.5, out_2b=True),
+    "apg-rescale-2b-out": dict(combine=G(6.0, rescale=0.5, variant="apg"), step=dict(k_x0=0.8, k_eps=0.5), out_2b=True),
 }
-
-
 STEP_SHAPES = [(1, 3, (1, 1)), (2, 3, (7, 13)), (5, 4, (16, 16)), (2, 3, (32, 32)), (1, 4, (72, 72))]
 
 
-def case_inputs(case: dict, batch: int, channels: int, spatial: tuple, dtype: torch.dtype, device):
-    """Random inputs for one case: (model_output, x, kwargs), with poisoned out buffers."""
-    case = dict(case)
-    learned = case.pop("learned_variance", False)
-    want_x0 = case.pop("x0_out", False)
-    out_2b = case.pop("out_2b", False)
-    guided = case.get("guidance_scale") is not None
+def case_inputs(
+    case: dict, batch: int, channels: int, spatial: tuple, dtype: torch.dtype, device
+) -> tuple[dict, StepCoefficients, GuidanceCombine | None]:
+    """Random inputs for one case: (tensors, step, combine), the tensors as ops.guided_step's
+    keywords (model_output, x, and each optional one the case uses), out buffers poisoned."""
+    combine = case.get("combine")
+    step = StepCoefficients(alpha=0.75, sigma=math.sqrt(1 - 0.75**2), **case["step"])
     shape = (batch, channels, *spatial)
-    rows = 2 * batch if guided else batch
-    model_output = randn(rows, channels * (2 if learned else 1), *spatial, seed=1, dtype=dtype).to(device)
-    x = (randn(*shape, seed=0, dtype=dtype) * 1.3).to(device)
-    kwargs = dict(alpha=0.75, sigma=math.sqrt(1 - 0.75**2), **case)
-    for i, name in enumerate(["prev", "noise", "grad"]):
-        kwargs[name] = randn(*shape, seed=10 + i, dtype=dtype).to(device)
-    if case.get("apg_momentum"):
-        kwargs["apg_buffer"] = randn(*shape, seed=20, dtype=torch.float32).to(device)
-    if want_x0:
-        kwargs["x0_out"] = poisoned(shape, dtype).to(device)
-    kwargs["out"] = poisoned(((2 * batch) if out_2b else batch, channels, *spatial), dtype).to(device)
-    return model_output, x, kwargs
+    model_channels = channels * (2 if case.get("learned_variance") else 1)
+    rows = 2 * batch if combine is not None and not case.get("guide") else batch
+    tensors = {
+        "model_output": randn(rows, model_channels, *spatial, seed=1, dtype=dtype).to(device),
+        "x": (randn(*shape, seed=0, dtype=dtype) * 1.3).to(device),
+        "history": tuple(randn(*shape, seed=30 + i, dtype=dtype).to(device) for i in range(len(step.k_history))),
+    }
+    if case.get("guide"):
+        tensors["guide"] = (0.5 * randn(batch, model_channels, *spatial, seed=5, dtype=dtype)).to(device)
+    for i, name in enumerate(["noise", "grad"]):
+        tensors[name] = randn(*shape, seed=10 + i, dtype=dtype).to(device)
+    if combine is not None and combine.apg_momentum:
+        tensors["apg_buffer"] = randn(*shape, seed=20, dtype=torch.float32).to(device)
+    if case.get("x0_out"):
+        tensors["x0_out"] = poisoned(shape, dtype).to(device)
+    tensors["out"] = poisoned(((2 * batch) if case.get("out_2b") else batch, channels, *spatial), dtype).to(device)
+    return tensors, step, combine
 
 
-def as_float64(kwargs: dict) -> dict:
-    return {k: v.detach().cpu().double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+def as_float64(tensors: dict) -> dict:
+    """Float64 CPU copies of a case's tensors (the reference's inputs and outputs)."""
+    def copy(value):
+        if isinstance(value, tuple):
+            return tuple(copy(v) for v in value)
+        return value.detach().cpu().double() if isinstance(value, torch.Tensor) else value
+
+    return {name: copy(value) for name, value in tensors.items()}
+
+
+def run_reference(tensors: dict, step: StepCoefficients, combine: GuidanceCombine | None) -> dict:
+    """The reference's results for a case, in float64: the float64 copies of its tensors
+    (``out``, ``x0_out`` and ``apg_buffer`` hold the results)."""
+    expected = as_float64(tensors)
+    reference.guided_step(StepTensors(**expected), step, combine)
+    return expected
+
+
+# --------------------------------------------------------------------------------------
+# The three ops in one function (compile tests)
+# --------------------------------------------------------------------------------------
+
+
+def three_ops(q, k, v, x, weight, bias, scale, shift, model_output, x_t, noise):
+    attended = ops.attention(q, k, v)
+    normed = ops.group_norm(x, 4, weight, bias, scale=scale, shift=shift, activation="silu")
+    step = ops.StepCoefficients(alpha=0.8, sigma=0.6, clip_denoised=True, k_x0=0.5, k_eps=0.3, k_noise=0.1)
+    stepped = ops.guided_step(model_output, x_t, step, ops.GuidanceCombine(3.0, rescale=0.5), noise=noise)
+    return attended, normed, stepped
+
+
+def example_inputs(device):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 3, 7, 40), (2, 3, 9, 40), (2, 3, 9, 40), (2, 8, 5, 7), (8,), (8,), (2, 8), (2, 8),
+              (4, 3, 6, 6), (2, 3, 6, 6), (2, 3, 6, 6)]
+    return [torch.randn(s, generator=g).to(device) for s in shapes]

@@ -37,12 +37,14 @@ from pathlib import Path
 os.environ["TRITON_INTERPRET"] = "0"
 
 import triton  # noqa: E402
-from fastguide.kernels import attention, group_norm, guided_step  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
+from fastguide.kernels import attention, group_norm, guided_step  # noqa: E402
 from fastguide.ops import extension  # noqa: E402
+from fastguide.ops.contract import COMBINE_SCALARS, STEP_SCALARS, StepCoefficients  # noqa: E402
+from fastguide.ops.layout import derived_scalars  # noqa: E402
 
 TORCH_TO_TRITON = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
@@ -94,10 +96,10 @@ def _is_float_arg(kernel: triton.JITFunction, name: str) -> bool:
 
 FLOAT_ARGS = {
     "_guided_stats_kernel": {"apg_momentum"},
+    # the contract's scalars, by name, and what the launcher derives from them
     "_guided_step_kernel": {
-        "w", "rescale", "apg_eta", "apg_norm_threshold", "apg_momentum", "x0_from_x", "x0_from_m",
-        "eps_from_x", "eps_from_m", "alpha", "sigma", "inv_alpha", "inv_sigma", "grad_eps_scale",
-        "k_x", "k_x0", "k_eps", "k_prev", "k_noise", "k_grad", "log_var_min", "log_var_max",
+        *STEP_SCALARS, *COMBINE_SCALARS, *derived_scalars(StepCoefficients(alpha=1.0, sigma=1.0)),
+        "k_h0", "k_h1", "k_h2", "k_h3", "log_var_min", "log_var_max",
     },
     "_apply_kernel": {"eps"},
     "_forward_kernel": {"qk_scale_log2"},
@@ -123,7 +125,8 @@ def analyse_cubin(cubin: bytes) -> dict:
 
 def analyse_functions(cubin: Path) -> dict[str, dict]:
     """analyse_cubin's numbers for each kernel function of a cubin, by mangled name."""
-    usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)],
+                           capture_output=True, text=True, check=True).stdout
     sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
     resources = {
         name: dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", line))
@@ -161,31 +164,33 @@ def cases() -> list[Case]:
     for dtype in ("fp16", "bf16", "fp32"):
         out.append(Case(
             f"guided_step cfg+ddim {dtype}", gs._guided_step_kernel,
-            {"mo_ptr": dtype, "x_ptr": dtype, "out_ptr": dtype},
+            {"mo_ptr": dtype, "uncond_ptr": dtype, "x_ptr": dtype, "out_ptr": dtype},
             dict(GUIDED=True, STATS=0, RESCALE=False, APG_MOMENTUM=False, CLIP=False, GRAD_EPS=False,
-                 LEARNED_VAR=False, HAS_PREV=False, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
+                 LEARNED_VAR=False, NUM_HISTORY=0, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
                  HAS_X0_OUT=False, PARTS=1, BLOCK=gs.BLOCK),
             gs.NUM_WARPS, main_path=True,
         ))
     out.append(Case(
         "guided_step all options fp16", gs._guided_step_kernel,
-        {n: "fp16" for n in ("mo_ptr", "x_ptr", "prev_ptr", "noise_ptr", "grad_ptr", "out_ptr", "x0_ptr")},
+        {n: "fp16" for n in ("mo_ptr", "uncond_ptr", "x_ptr", "h0_ptr", "h1_ptr", "h2_ptr", "h3_ptr",
+                             "noise_ptr", "grad_ptr", "out_ptr", "x0_ptr")},
         dict(GUIDED=True, STATS=0, RESCALE=False, APG_MOMENTUM=False, CLIP=True, GRAD_EPS=True,
-             LEARNED_VAR=True, HAS_PREV=True, HAS_NOISE=True, HAS_GRAD_TERM=True, OUT_2B=True,
+             LEARNED_VAR=True, NUM_HISTORY=4, HAS_NOISE=True, HAS_GRAD_TERM=True, OUT_2B=True,
              HAS_X0_OUT=True, PARTS=1, BLOCK=gs.BLOCK),
         gs.NUM_WARPS,
     ))
     out.append(Case(
         "guided_step apg+rescale fp16", gs._guided_step_kernel,
-        {"mo_ptr": "fp16", "x_ptr": "fp16", "buf_ptr": "fp32", "out_ptr": "fp16", "partial_ptr": "fp32"},
+        {"mo_ptr": "fp16", "uncond_ptr": "fp16", "x_ptr": "fp16", "buf_ptr": "fp32", "out_ptr": "fp16",
+         "partial_ptr": "fp32"},
         dict(GUIDED=True, STATS=2, RESCALE=True, APG_MOMENTUM=True, CLIP=True, GRAD_EPS=False,
-             LEARNED_VAR=False, HAS_PREV=False, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
+             LEARNED_VAR=False, NUM_HISTORY=0, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
              HAS_X0_OUT=False, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK),
         gs.NUM_WARPS,
     ))
     out.append(Case(
         "guided_stats apg fp16", gs._guided_stats_kernel,
-        {"mo_ptr": "fp16", "buf_ptr": "fp32", "partial_ptr": "fp32"},
+        {"mo_ptr": "fp16", "uncond_ptr": "fp16", "buf_ptr": "fp32", "partial_ptr": "fp32"},
         dict(APG_MOMENTUM=True, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK), gs.NUM_WARPS,
     ))
     gn = group_norm
@@ -198,10 +203,12 @@ def cases() -> list[Case]:
             Case(f"group_norm stats {layout} fp16", gn._stats_kernel,
                  {"x_ptr": "fp16", "partial_ptr": "fp32"}, shape, gn.NUM_WARPS),
             Case(f"group_norm apply+silu {layout} fp16", gn._apply_kernel,
-                 {"x_ptr": "fp16", "y_ptr": "fp16", "partial_ptr": "fp32", "mean_ptr": "fp32", "rstd_ptr": "fp32", **params},
+                 {"x_ptr": "fp16", "y_ptr": "fp16", "partial_ptr": "fp32", "mean_ptr": "fp32", "rstd_ptr": "fp32",
+                  **params},
                  {**shape, **flags}, gn.NUM_WARPS),
             Case(f"group_norm bwd sums {layout} fp16", gn._backward_sums_kernel,
-                 {"x_ptr": "fp16", "dy_ptr": "fp16", "mean_ptr": "fp32", "rstd_ptr": "fp32", "partial_ptr": "fp32", **params},
+                 {"x_ptr": "fp16", "dy_ptr": "fp16", "mean_ptr": "fp32", "rstd_ptr": "fp32", "partial_ptr": "fp32",
+                  **params},
                  {**shape, **flags}, gn.NUM_WARPS),
             Case(f"group_norm bwd dx {layout} fp16", gn._backward_dx_kernel,
                  {"x_ptr": "fp16", "dy_ptr": "fp16", "dx_ptr": "fp16", "mean_ptr": "fp32", "rstd_ptr": "fp32",
@@ -228,7 +235,8 @@ def cases() -> list[Case]:
         blocks = dict(PRECISION="ieee", BLOCK_D=64, BLOCK_M=block_m, BLOCK_N=block_n, **unit_strides)
         out += [
             Case(f"attention bwd dk,dv D=64 {dtype}", at._backward_dkdv_kernel,
-                 tensors | {"dk_ptr": dtype, "dv_ptr": dtype}, blocks, warps, tensor_cores=dtype != "fp32", num_stages=stages),
+                 tensors | {"dk_ptr": dtype, "dv_ptr": dtype}, blocks, warps, tensor_cores=dtype != "fp32",
+                 num_stages=stages),
             Case(f"attention bwd dq D=64 {dtype}", at._backward_dq_kernel,
                  tensors | {"dq_ptr": dtype}, blocks, warps, tensor_cores=dtype != "fp32", num_stages=stages),
         ]
@@ -317,7 +325,8 @@ def check_bindings(torch_include: Path) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = "| kernel | arch | regs | spill B | smem B | global loads (bits: n) | global stores | tensor-core | issues |"
+    header = ("| kernel | arch | regs | spill B | smem B | global loads (bits: n) | global stores | tensor-core "
+              "| issues |")
     lines = [header, "|" + "---|" * 9]
     fmt = lambda d: " ".join(f"{w}:{n}" for w, n in sorted(d.items())) or "-"  # noqa: E731
     for r in rows:
@@ -349,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(cuda))
         rows += cuda
     elif args.require_nvcc:
-        print("nvcc not found: csrc/ cannot be compiled (put the CUDA toolkit on PATH or set CUDA_HOME)", file=sys.stderr)
+        print("nvcc not found: csrc/ cannot be compiled (put the CUDA toolkit on PATH or set CUDA_HOME)",
+              file=sys.stderr)
         return 1
     else:
         print("\nnvcc not found: csrc/ skipped")

@@ -30,12 +30,12 @@ def eager_cfg_ddim(model_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def fastguide_cfg_ddim(model_output: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    return ops.guided_step(
-        model_output, x, alpha=ALPHA, sigma=SIGMA, guidance_scale=W, clip_denoised=True,
-        k_x0=math.sqrt(ABAR_PREV), k_eps=math.sqrt(1 - ABAR_PREV), out=out,
-    )
+    return ops.guided_step(model_output, x, STEP, COMBINE, out=out)
 
 
+STEP = ops.StepCoefficients(alpha=ALPHA, sigma=SIGMA, clip_denoised=True, k_x0=math.sqrt(ABAR_PREV),
+                            k_eps=math.sqrt(1 - ABAR_PREV))
+COMBINE = ops.GuidanceCombine(W)
 _compiled_eager = torch.compile(eager_cfg_ddim)
 
 CPU_SHAPES = [(8, 3, 64, 64)]

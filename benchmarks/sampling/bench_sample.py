@@ -44,10 +44,11 @@ def _step_cases(shape, dtype, record, impl):
         latents = scheduler.step(eps, t, model_input[:batch], eta=0.0, use_clipped_model_output=True).prev_sample
         return torch.cat([latents] * 2)
 
+    step = ops.StepCoefficients(alpha=math.sqrt(abar), sigma=math.sqrt(1 - abar), clip_denoised=True,
+                                k_x0=math.sqrt(abar_prev), k_eps=math.sqrt(1 - abar_prev))
+
     def fastguide_way():
-        return ops.guided_step(model_output, model_input[:batch], alpha=math.sqrt(abar), sigma=math.sqrt(1 - abar),
-                               guidance_scale=W, clip_denoised=True, k_x0=math.sqrt(abar_prev),
-                               k_eps=math.sqrt(1 - abar_prev), out=model_input)
+        return ops.guided_step(model_output, model_input[:batch], step, ops.GuidanceCombine(W), out=model_input)
 
     fn = {"fastguide": fastguide_way, "diffusers": diffusers_way}[impl]
     fn()

@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = group_results(data)
     machine = data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "this machine")
     if any("device" in b.get("extra_info", {}) and b["extra_info"]["device"] != "cpu" for b in data["benchmarks"]):
-        machine = next(b["extra_info"]["device"] for b in data["benchmarks"] if b["extra_info"].get("device", "cpu") != "cpu")
+        machine = next(b["extra_info"]["device"] for b in data["benchmarks"]
+                       if b["extra_info"].get("device", "cpu") != "cpu")
     table = markdown_table(cases, machine)
     (args.out / "table.md").write_text(table)
     if not args.no_plots:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from ..ops import backends
-from ..sampling.samplers import SAMPLERS
 from ..sampling.schedule import NoiseSchedule
+from ..sampling.solvers import SAMPLERS
 
 GUIDANCE = ("cfg", "classifier", "both", "none")
 
@@ -152,7 +152,7 @@ def generate(model: SamplingModel, labels: torch.Tensor, *, guidance_kind: str, 
     """{batch index: samples} for this rank's batches (round-robin over ranks). Each batch
     draws from its own seed stream (seed, batch index), so any split of the batches across
     processes gives exactly the images of a single-process run."""
-    from ..sampling.samplers import sample
+    from ..sampling.loop import sample
 
     guidance = _guidance(guidance_kind, scale, classifier_scale, model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--evaluator-steps", type=int, default=1000)
     t.set_defaults(run=cmd_train)
 
-    for name, function, text in (("bench", cmd_bench, "run the benchmark suite (options: python -m fastguide.bench -h)"),
+    for name, function, text in (("bench", cmd_bench,
+                                  "run the benchmark suite (options: python -m fastguide.bench -h)"),
                                  ("selfcheck", cmd_selfcheck, "check the three ops against their formulas")):
         p = commands.add_parser(name, help=text, add_help=False)
         p.set_defaults(run=function, passthrough=True)

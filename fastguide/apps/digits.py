@@ -136,7 +136,8 @@ def train(out: Path = WEIGHTS, *, seed: int = 0, unet_steps: int = 3000, classif
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
         lr_at = lambda i: lr * min(1.0, (i + 1) / 200) * 0.5 * (1 + math.cos(math.pi * i / steps))  # noqa: E731
         smoothed = None
-        bar = tqdm(_batches(len(train_y), batch_size, steps, g), total=steps, desc=f"train {name}", disable=not progress)
+        bar = tqdm(_batches(len(train_y), batch_size, steps, g), total=steps, desc=f"train {name}",
+                   disable=not progress)
         for i, index in enumerate(bar):
             for group in opt.param_groups:
                 group["lr"] = lr_at(i)

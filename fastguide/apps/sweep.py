@@ -27,7 +27,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     values, vectors = np.linalg.eigh(cov_a)
     root_a = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
     middle = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(np.clip(middle, 0, None)).sum())
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b)
+                 - 2 * np.sqrt(np.clip(middle, 0, None)).sum())
 
 
 def within_class_diversity(features: Tensor, labels: Tensor) -> float:
@@ -67,7 +68,7 @@ def run(scales: list[float], *, samples_per_scale: int = 500, steps: int = 25, s
     from tqdm.auto import tqdm
 
     from ..sampling.guidance import CFG, ClassifierGuidance
-    from ..sampling.samplers import sample
+    from ..sampling.loop import sample
 
     models = digits.load(device)
     _, _, held_x, _ = digits.load_dataset()
@@ -83,7 +84,8 @@ def run(scales: list[float], *, samples_per_scale: int = 500, steps: int = 25, s
             model, guidance = models.unet, CFG(scale)
         else:
             model, guidance = unconditional, ClassifierGuidance(models.classifier, scale)
-        images = sample(model, shape, labels=labels.to(device), sampler=sampler, steps=digits.schedule().strided_timesteps(steps),
+        images = sample(model, shape, labels=labels.to(device), sampler=sampler,
+                        steps=digits.schedule().strided_timesteps(steps),
                         schedule=digits.schedule(), guidance=guidance, null_label=models.unet.null_label,
                         generator=torch.Generator(device).manual_seed(seed), device=device)
         rows.append({"guidance": kind, "scale": scale, **score(models, images, labels, real_features)})

@@ -227,7 +227,7 @@ class _Trunk(nn.Module):
 
 class UNet(_Trunk):
     """ADM's UNetModel. Arguments keep ADM's names; ``attention_resolutions`` holds
-    downsample rates (ADM's create_model turns "32,16,8" into them; see fastguide.configs).
+    downsample rates (ADM's create_model turns "32,16,8" into them; see fastguide.models.configs).
 
     ``null_class`` adds one label-embedding row, index ``num_classes``, for classifier-free
     guidance; ``label_dropout`` replaces labels by it with that probability in training.
@@ -296,7 +296,8 @@ class UNet(_Trunk):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(
-            GroupNorm32(ch), nn.SiLU(), _zeroed(nn.Conv2d(int(model_channels * channel_mult[0]), out_channels, 3, padding=1))
+            GroupNorm32(ch), nn.SiLU(),
+            _zeroed(nn.Conv2d(int(model_channels * channel_mult[0]), out_channels, 3, padding=1))
         )
         if use_fp16:
             self.convert_to_fp16()

@@ -3,28 +3,35 @@
 Each op is a ``torch.library`` custom op in the ``fastguide`` namespace with a fake
 (meta) implementation and, where differentiable, a registered autograd formula, so
 ``torch.compile(fullgraph=True)`` sees one node per call. The public functions below
-validate their arguments (fastguide.validation), pick the backend for the tensors'
-device (fastguide.backends), and call the custom op with that backend's name, so the
+validate their arguments (fastguide.ops.validation), pick the backend for the tensors'
+device (fastguide.ops.backends), and call the custom op with that backend's name, so the
 backward runs on the same backend as the forward.
 
 Every backend module exposes the same functions: ``attention_forward``,
 ``attention_backward``, ``group_norm_forward``, ``group_norm_backward`` and
-``guided_step``. The torch backend is fastguide.reference; Triton kernels live in
-fastguide.kernels, one module per op; the cuda backend's glue is fastguide.cuda_backend
-(guided_step and group_norm; attention runs as under ``auto`` when cuda is chosen).
+``guided_step(tensors, step, combine)``, which takes the contract's types
+(fastguide.ops.contract). The torch backend is fastguide.ops.reference; Triton kernels
+live in fastguide.kernels, one module per op; the cuda backend's glue is
+fastguide.ops.cuda_backend (guided_step and group_norm; attention runs as under ``auto``
+when cuda is chosen). A guided_step call without autograd, outside torch.compile and
+dispatch modes (a sampler's loop), goes straight to the backend (see
+``_through_dispatcher``).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils import _python_dispatch
 
-from . import backends, validation
+from . import backends, contract, validation
+from .contract import GuidanceCombine, StepCoefficients, StepTensors
 from .reference import compute_dtype, like_memory_format
 
 # Op name -> module implementing it, per accelerated backend. A kernel counts as present
@@ -263,118 +270,93 @@ def group_norm(
 
 
 # guided_step is registered with torch.library.define rather than custom_op: custom_op's
-# eager path for mutating ops rebuilds the schema's argument list per argument
-# (quadratic in the ~30 arguments here, ~200 µs per call on CPU); define + impl costs a
-# few µs. The implementation bumps the version counters of what it writes, as
-# custom_op would, so autograd still detects use of a tensor overwritten here.
-_GUIDED_STEP_SCALARS = (
-    "alpha", "sigma", "guidance_rescale", "apg_eta", "apg_norm_threshold", "apg_momentum",
-    "grad_eps_scale", "k_x", "k_x0", "k_eps", "k_prev", "k_noise", "k_grad",
-)
-torch.library.define(
-    "fastguide::guided_step",
-    "(Tensor model_output, Tensor x, Tensor? prev, Tensor? noise, Tensor? grad, "
-    "Tensor(a!)? apg_buffer, Tensor(b!) out, Tensor(c!)? x0_out, "
-    + "".join(f"float {name}, " for name in _GUIDED_STEP_SCALARS)
-    + "str prediction_type, float? guidance_scale, bool cfg_zero_star, bool apg, "
-    "bool clip_denoised, float? log_variance_min, float? log_variance_max, str backend) -> ()",
-)
+# eager path for mutating ops rebuilds the schema's argument list per argument (~200 µs
+# per call on CPU); define + impl costs a few µs. The schema is derived from the contract's
+# types. The implementation bumps the version counters of what it writes, as custom_op
+# would, so autograd still detects use of a tensor overwritten here.
+torch.library.define("fastguide::guided_step", contract.guided_step_schema())
 
 
 @torch.library.impl("fastguide::guided_step", "default")
-def _guided_step(model_output, x, prev, noise, grad, apg_buffer, out, x0_out, *args):
-    scalars = dict(zip(_GUIDED_STEP_SCALARS, args))
-    prediction_type, guidance_scale, cfg_zero_star, apg, clip_denoised, log_min, log_max, backend = (
-        args[len(_GUIDED_STEP_SCALARS):]
-    )
-    _module(backend, "guided_step").guided_step(
-        model_output, x, prev=prev, noise=noise, grad=grad, apg_buffer=apg_buffer, out=out, x0_out=x0_out,
-        prediction_type=prediction_type, guidance_scale=guidance_scale, cfg_zero_star=cfg_zero_star,
-        apg=apg, clip_denoised=clip_denoised,
-        log_variance_range=None if log_min is None else (log_min, log_max),
-        **scalars,
-    )
-    for written in (out, x0_out, apg_buffer):
-        if written is not None:
-            torch.autograd.graph.increment_version(written)
+def _guided_step(*arguments):
+    _guided_step_impl(*contract.unpack(arguments[:-1]), arguments[-1])
 
 
 @torch.library.register_fake("fastguide::guided_step")
-def _(*args):
+def _(*arguments):
     return None
 
 
 def guided_step(
     model_output: Tensor,
     x: Tensor,
+    step: StepCoefficients,
+    combine: GuidanceCombine | None = None,
     *,
-    alpha: float,
-    sigma: float,
-    prediction_type: str = "epsilon",
-    guidance_scale: float | None = None,
-    guidance_rescale: float = 0.0,
-    cfg_zero_star: bool = False,
-    apg: bool = False,
-    apg_eta: float = 0.0,
-    apg_norm_threshold: float = 0.0,
-    apg_momentum: float = 0.0,
-    apg_buffer: Tensor | None = None,
-    clip_denoised: bool = False,
-    grad: Tensor | None = None,
-    grad_eps_scale: float = 0.0,
-    prev: Tensor | None = None,
+    guide: Tensor | None = None,
+    history: Sequence[Tensor] = (),
     noise: Tensor | None = None,
-    k_x: float = 0.0,
-    k_x0: float = 0.0,
-    k_eps: float = 0.0,
-    k_prev: float = 0.0,
-    k_noise: float = 0.0,
-    k_grad: float = 0.0,
-    log_variance_range: tuple[float, float] | None = None,
+    grad: Tensor | None = None,
+    apg_buffer: Tensor | None = None,
     out: Tensor | None = None,
     x0_out: Tensor | None = None,
 ) -> Tensor:
     """Guidance combine and one sampler update in one op; returns x_next.
 
-    Reads model_output in place: (2B, C', ...) laid out [cond; uncond] when
-    guidance_scale is given, else (B, C', ...), with C' = C or 2C (learned variance).
-    With x = alpha·x0 + sigma·eps the step computes
+    ``step`` holds the update's scalars and ``combine`` the guidance (None: unguided);
+    the tensors are those of ``StepTensors`` (fastguide.ops.contract). With
+    x = alpha·x0 + sigma·eps the step computes
 
         m  = u + w·(c − u)              (or CFG-Zero* / APG, then CFG rescale)
-        x0, eps from m by prediction_type ("epsilon", "v_prediction", "sample")
-        x0 ← clamp(x0, −1, 1), eps re-derived           if clip_denoised
-        eps ← eps − grad_eps_scale·grad, x0 re-derived  if grad_eps_scale ≠ 0
-        x_next = k_x·x + k_x0·x0 + k_eps·eps + k_prev·prev + k_noise·noise + k_grad·grad
+        x0, eps from m by step.prediction_type ("epsilon", "v_prediction", "sample")
+        x0 ← clamp(x0, −1, 1), eps re-derived           if step.clip_denoised
+        eps ← eps − grad_eps_scale·grad, x0 re-derived  if step.grad_eps_scale ≠ 0
+        x_next = k_x·x + k_x0·x0 + k_eps·eps + Σᵢ k_history[i]·history[i]
+                 + k_noise·noise + k_grad·grad
 
-    where with log_variance_range=(min, max) the noise and grad coefficients are
-    multiplied per element by exp(ℓ/2) and exp(ℓ), ℓ the learned log variance.
-    fastguide.reference.guided_step states each step in full.
+    where c is the first B rows of model_output and u its second B rows ([cond; uncond],
+    batched CFG) or ``guide`` (a second network's output), both read in place; with
+    step.log_variance_range the noise and grad coefficients are scaled per element by
+    ADM's learned variance. fastguide.ops.reference.guided_step states each step in full.
 
     x_next goes to ``out`` (shaped like x, or (2B, ...) for both halves of the next
     [cond; uncond] input; x itself is allowed), x0 to ``x0_out`` when given, and APG's
     momentum state to ``apg_buffer`` (updated in place). Not differentiable.
     """
-    scalars = {
-        "alpha": alpha, "sigma": sigma, "guidance_rescale": guidance_rescale,
-        "apg_eta": apg_eta, "apg_norm_threshold": apg_norm_threshold, "apg_momentum": apg_momentum,
-        "grad_eps_scale": grad_eps_scale, "k_x": k_x, "k_x0": k_x0, "k_eps": k_eps,
-        "k_prev": k_prev, "k_noise": k_noise, "k_grad": k_grad,
-    }
-    tensors = {"prev": prev, "noise": noise, "grad": grad, "apg_buffer": apg_buffer, "x0_out": x0_out, "out": out}
-    validation.check_guided_step(
-        model_output, x, tensors, scalars,
-        prediction_type=prediction_type, guidance_scale=guidance_scale,
-        cfg_zero_star=cfg_zero_star, apg=apg, clip_denoised=clip_denoised,
-        log_variance_range=log_variance_range,
-    )
+    validation.check_step(step)
+    validation.check_combine(combine)
+    tensors = StepTensors(model_output, x, guide, tuple(history), noise, grad, apg_buffer, out, x0_out)
+    validation.check_step_tensors(tensors, step, combine)
     if out is None:
         out = torch.empty_like(x)
-    log_min, log_max = (None, None) if log_variance_range is None else map(float, log_variance_range)
-    torch.ops.fastguide.guided_step(
-        model_output, x, prev, noise, grad, apg_buffer, out, x0_out,
-        *(float(scalars[name]) for name in _GUIDED_STEP_SCALARS),
-        prediction_type, None if guidance_scale is None else float(guidance_scale),
-        bool(cfg_zero_star), bool(apg), bool(clip_denoised), log_min, log_max,
-        _resolve("guided_step", x.device, compute_dtype(model_output, x)),
-    )
+        tensors = tensors._replace(out=out)
+    backend = _resolve("guided_step", x.device, compute_dtype(model_output, x, guide))
+    if _through_dispatcher():
+        torch.ops.fastguide.guided_step(*contract.pack(tensors, step, combine), backend)
+    else:
+        _guided_step_impl(tensors, step, combine, backend)
     return out
+
+
+def _guided_step_impl(
+    tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None, backend: str
+) -> None:
+    _module(backend, "guided_step").guided_step(tensors, step, combine)
+    for name in contract.WRITTEN:
+        written = getattr(tensors, name)
+        if written is not None:
+            torch.autograd.graph.increment_version(written)
+
+
+def _through_dispatcher() -> bool:
+    """Whether a guided_step call must go through the custom op: under torch.compile, a
+    dispatch mode (fake tensors, tracing) or with autograd on. Otherwise (a sampler's
+    loop runs under no_grad) the call goes straight to the backend: packing the
+    contract into the op's arguments and back costs more host time than the fused step
+    itself takes on a GPU, and the op would do nothing else."""
+    return (
+        torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+        or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+        or _python_dispatch._get_current_dispatch_mode() is not None
+    )

@@ -1,7 +1,7 @@
 """Which implementation runs an op: the backend switch.
 
 Backends:
-  ``torch``   fastguide.reference, plain PyTorch. Runs anywhere; the oracle.
+  ``torch``   fastguide.ops.reference, plain PyTorch. Runs anywhere; the oracle.
   ``triton``  fastguide.kernels. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
   ``cuda``    the compiled extension fastguide._C (csrc/), CUDA tensors only; built just
               in time on first use when not installed prebuilt. It covers guided_step

@@ -4,7 +4,7 @@ Same functions as every backend module (fastguide.ops calls them). Each makes th
 tensors what the kernels read (dense in one layout, x's storage dtype for every
 x-shaped tensor, fp32 parameters and APG state: copies only where a tensor differs,
 results written back into the caller's tensors), then calls the ``fastguide_cuda`` ops
-that the extension registers (fastguide.extension loads or builds it on first use).
+that the extension registers (fastguide.ops.extension loads or builds it on first use).
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import torch
 from torch import Tensor
 
 from . import extension
-from .layout import (
-    dense,
-    guidance_stats,
-    norm_format,
-    prediction_maps,
-    step_format,
-    write_back,
+from .contract import (
+    COMBINE_ARGUMENTS,
+    STEP_ARGUMENTS,
+    GuidanceCombine,
+    StepCoefficients,
+    StepTensors,
 )
+from .layout import dense, guidance_stats, norm_format, step_format, write_back
 from .reference import group_norm_parameter_grads
 
 
@@ -30,61 +30,23 @@ def _ops():
     return getattr(torch.ops, extension.OPS_NAMESPACE)
 
 
-def guided_step(
-    model_output: Tensor,
-    x: Tensor,
-    *,
-    alpha: float,
-    sigma: float,
-    prediction_type: str,
-    guidance_scale: float | None,
-    guidance_rescale: float,
-    cfg_zero_star: bool,
-    apg: bool,
-    apg_eta: float,
-    apg_norm_threshold: float,
-    apg_momentum: float,
-    apg_buffer: Tensor | None,
-    clip_denoised: bool,
-    grad: Tensor | None,
-    grad_eps_scale: float,
-    prev: Tensor | None,
-    noise: Tensor | None,
-    k_x: float,
-    k_x0: float,
-    k_eps: float,
-    k_prev: float,
-    k_noise: float,
-    k_grad: float,
-    log_variance_range: tuple[float, float] | None,
-    out: Tensor,
-    x0_out: Tensor | None,
-) -> None:
-    guided = guidance_scale is not None
-    learned = log_variance_range is not None
+def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None) -> None:
+    x, model_output = tensors.x, tensors.model_output
     fmt = step_format(x, model_output.shape[1] != x.shape[1])
     dtype = x.dtype
     # Inputs the step does not use stay behind: the kernel reads only what it is given.
-    prev = dense(prev if k_prev != 0.0 else None, fmt, dtype)
-    noise = dense(noise if k_noise != 0.0 else None, fmt, dtype)
-    grad = dense(grad if grad_eps_scale != 0.0 or k_grad != 0.0 else None, fmt, dtype)
-    momentum = guided and apg and apg_momentum != 0.0
-    targets = {"out": out, "x0_out": x0_out, "apg_buffer": apg_buffer if momentum else None}
+    noise = dense(tensors.noise if step.k_noise != 0.0 else None, fmt, dtype)
+    grad = dense(tensors.grad if step.grad_eps_scale != 0.0 or step.k_grad != 0.0 else None, fmt, dtype)
+    momentum = combine is not None and combine.variant == "apg" and combine.apg_momentum != 0.0
+    targets = {"out": tensors.out, "x0_out": tensors.x0_out, "apg_buffer": tensors.apg_buffer if momentum else None}
     work = {
         name: dense(t, fmt, torch.float32 if name == "apg_buffer" else dtype) for name, t in targets.items()
     }
-    log_min, log_max = log_variance_range if learned else (0.0, 0.0)
-    # The order bindings.cpp reads them in.
-    scalars = [
-        guidance_scale if guided else 1.0, guidance_rescale, apg_eta, apg_norm_threshold, apg_momentum,
-        *prediction_maps(prediction_type, alpha, sigma),
-        alpha, sigma, 1.0 / alpha, 1.0 / sigma if sigma > 0 else 0.0, grad_eps_scale,
-        k_x, k_x0, k_eps, k_prev, k_noise, k_grad, log_min, log_max,
-    ]
+    guide = dense(tensors.guide, fmt, dtype) if combine is not None else None
     _ops().guided_step(
-        dense(model_output, fmt, dtype), dense(x, fmt), prev, noise, grad,
-        work["apg_buffer"], work["out"], work["x0_out"], [float(s) for s in scalars],
-        guidance_stats(guided, cfg_zero_star, apg, guidance_rescale), guided, bool(clip_denoised), learned,
+        dense(model_output, fmt, dtype), guide, dense(x, fmt), [dense(h, fmt, dtype) for h in tensors.history],
+        noise, grad, work["apg_buffer"], work["out"], work["x0_out"],
+        *STEP_ARGUMENTS.pack(step), *COMBINE_ARGUMENTS.pack(combine)[:1], guidance_stats(combine),
     )
     write_back(targets, work)
 

@@ -7,7 +7,7 @@ Two ways to get it (README, "The CUDA C++ backend"):
 - just in time: on the first use of the cuda backend, ``torch.utils.cpp_extension.load``
   compiles csrc/ with ninja for the GPU at hand, into torch's extension cache
   (``TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions), where later runs find it.
-Loading either registers the ``torch.ops.fastguide_cuda`` ops that fastguide.cuda_backend
+Loading either registers the ``torch.ops.fastguide_cuda`` ops that fastguide.ops.cuda_backend
 calls. Nothing here runs at ``import fastguide``.
 """
 
@@ -123,7 +123,8 @@ def why_not_available() -> str | None:
     reason = why_not_buildable()
     if reason is None:
         return None
-    return f"fastguide._C is not built (FASTGUIDE_BUILD_CUDA=1 pip install --no-build-isolation .) and cannot be built now: {reason}"
+    return ("fastguide._C is not built (FASTGUIDE_BUILD_CUDA=1 pip install --no-build-isolation .) "
+            f"and cannot be built now: {reason}")
 
 
 def build_name(prefix: str, directories: list[Path]) -> str:

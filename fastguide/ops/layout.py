@@ -13,28 +13,36 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .contract import GuidanceCombine, StepCoefficients
+
 # Per-sample reduction a guided_step variant needs before its elementwise pass.
 STATS_NONE, STATS_ZERO_STAR, STATS_APG, STATS_PLAIN = 0, 1, 2, 3
 
 
-def guidance_stats(guided: bool, cfg_zero_star: bool, apg: bool, guidance_rescale: float) -> int:
-    """STATS_* for a variant: CFG-Zero* and APG need their sums; plain CFG only for rescale."""
-    if guided and cfg_zero_star:
+def guidance_stats(combine: GuidanceCombine | None) -> int:
+    """STATS_* for a combine: CFG-Zero* and APG need their sums; plain CFG only for rescale."""
+    if combine is None:
+        return STATS_NONE
+    if combine.variant == "zero_star":
         return STATS_ZERO_STAR
-    if guided and apg:
+    if combine.variant == "apg":
         return STATS_APG
-    if guided and guidance_rescale > 0:
-        return STATS_PLAIN
-    return STATS_NONE
+    return STATS_PLAIN if combine.rescale > 0 else STATS_NONE
 
 
-def prediction_maps(prediction_type: str, alpha: float, sigma: float) -> tuple[float, float, float, float]:
-    """(x0_from_x, x0_from_m, eps_from_x, eps_from_m) of x = alpha·x0 + sigma·eps."""
-    if prediction_type == "epsilon":
-        return 1.0 / alpha, -sigma / alpha, 0.0, 1.0
-    if prediction_type == "v_prediction":
-        return alpha, -sigma, sigma, alpha
-    return 0.0, 1.0, 1.0 / sigma, -alpha / sigma  # "sample"
+def derived_scalars(step: StepCoefficients) -> dict[str, float]:
+    """Per-step constants the kernels read besides the step's own scalars: the prediction
+    type's linear maps (x0 = x0_from_x·x + x0_from_m·m, eps = eps_from_x·x + eps_from_m·m
+    of x = alpha·x0 + sigma·eps) and the reciprocals 1/alpha, 1/sigma (0 when sigma = 0)."""
+    alpha, sigma = step.alpha, step.sigma
+    if step.prediction_type == "epsilon":
+        maps = (1.0 / alpha, -sigma / alpha, 0.0, 1.0)
+    elif step.prediction_type == "v_prediction":
+        maps = (alpha, -sigma, sigma, alpha)
+    else:  # "sample"
+        maps = (0.0, 1.0, 1.0 / sigma, -alpha / sigma)
+    names = ("x0_from_x", "x0_from_m", "eps_from_x", "eps_from_m")
+    return {**dict(zip(names, maps)), "inv_alpha": 1.0 / alpha, "inv_sigma": 1.0 / sigma if sigma > 0 else 0.0}
 
 
 def step_format(x: Tensor, learned_variance: bool) -> torch.memory_format:

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference ops: the specification, the oracle of every test, the CPU path.
 
-Each function computes one op contract of DESIGN.md in plain PyTorch, differentiable by
+Each function computes one op contract of docs/design.md in plain PyTorch, differentiable by
 autograd and exact in float64. Low-precision inputs (fp16, bf16) are computed in float32
 and cast back, as the contracts require; float64 inputs stay in float64.
 
@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from .contract import PREDICTION_TYPES, GuidanceCombine, StepCoefficients, StepTensors
+
 ACTIVATIONS = (None, "silu")
 
 
@@ -130,15 +131,7 @@ def _cfg_zero_star_uncond(cond: Tensor, uncond: Tensor) -> Tensor:
     return s_star * uncond
 
 
-def _apg_guided(
-    cond: Tensor,
-    diff: Tensor,
-    scale: float,
-    eta: float,
-    norm_threshold: float,
-    momentum: float,
-    buffer: Tensor | None,
-) -> Tensor:
+def _apg_guided(cond: Tensor, diff: Tensor, combine: GuidanceCombine, buffer: Tensor | None) -> Tensor:
     """Adaptive projected guidance (Sadat et al. 2024, Algorithm 1).
 
     diff ← diff + momentum·buffer (buffer keeps the running value);
@@ -146,17 +139,17 @@ def _apg_guided(
     split diff into parts parallel and orthogonal to cond (per sample);
     m = cond + (scale − 1)·(orthogonal + eta·parallel).
     """
-    if momentum != 0.0:
-        diff = diff + momentum * buffer.to(diff.dtype)
+    if combine.apg_momentum != 0.0:
+        diff = diff + combine.apg_momentum * buffer.to(diff.dtype)
         buffer.copy_(diff)
-    if norm_threshold > 0.0:
+    if combine.apg_norm_threshold > 0.0:
         norm = _sum_over_sample(diff * diff).sqrt()
-        diff = diff * torch.clamp(norm_threshold / norm, max=1.0)
+        diff = diff * torch.clamp(combine.apg_norm_threshold / norm, max=1.0)
     cond_norm = _sum_over_sample(cond * cond).sqrt().clamp_min(1e-12)
     cond_unit = cond / cond_norm
     parallel = _sum_over_sample(diff * cond_unit) * cond_unit
     orthogonal = diff - parallel
-    return cond + (scale - 1.0) * (orthogonal + eta * parallel)
+    return cond + (combine.scale - 1.0) * (orthogonal + combine.apg_eta * parallel)
 
 
 def _cfg_rescale(cond: Tensor, guided: Tensor, rescale: float) -> Tensor:
@@ -171,34 +164,22 @@ def _cfg_rescale(cond: Tensor, guided: Tensor, rescale: float) -> Tensor:
 
 
 def guided_prediction(
-    cond: Tensor,
-    uncond: Tensor,
-    guidance_scale: float,
-    *,
-    guidance_rescale: float = 0.0,
-    cfg_zero_star: bool = False,
-    apg: bool = False,
-    apg_eta: float = 0.0,
-    apg_norm_threshold: float = 0.0,
-    apg_momentum: float = 0.0,
-    apg_buffer: Tensor | None = None,
+    cond: Tensor, uncond: Tensor, combine: GuidanceCombine, apg_buffer: Tensor | None = None
 ) -> Tensor:
     """The guided model prediction m from the cond and uncond predictions (same dtype).
 
     Plain CFG: m = u + w·(c − u). CFG-Zero* replaces u by s*·u first; APG replaces the
     combine by its projected form; CFG rescale is applied last to whichever m results.
     """
-    if cfg_zero_star:
+    if combine.variant == "zero_star":
         uncond = _cfg_zero_star_uncond(cond, uncond)
     diff = cond - uncond
-    if apg:
-        guided = _apg_guided(
-            cond, diff, guidance_scale, apg_eta, apg_norm_threshold, apg_momentum, apg_buffer
-        )
+    if combine.variant == "apg":
+        guided = _apg_guided(cond, diff, combine, apg_buffer)
     else:
-        guided = uncond + guidance_scale * diff
-    if guidance_rescale > 0.0:
-        guided = _cfg_rescale(cond, guided, guidance_rescale)
+        guided = uncond + combine.scale * diff
+    if combine.rescale > 0.0:
+        guided = _cfg_rescale(cond, guided, combine.rescale)
     return guided
 
 
@@ -229,119 +210,77 @@ def _linear_combination(terms: list[tuple[float | Tensor, Tensor | None]], like:
     return torch.zeros_like(like) if result is None else result
 
 
-def guided_step(
-    model_output: Tensor,
-    x: Tensor,
-    *,
-    alpha: float,
-    sigma: float,
-    prediction_type: str = "epsilon",
-    guidance_scale: float | None = None,
-    guidance_rescale: float = 0.0,
-    cfg_zero_star: bool = False,
-    apg: bool = False,
-    apg_eta: float = 0.0,
-    apg_norm_threshold: float = 0.0,
-    apg_momentum: float = 0.0,
-    apg_buffer: Tensor | None = None,
-    clip_denoised: bool = False,
-    grad: Tensor | None = None,
-    grad_eps_scale: float = 0.0,
-    prev: Tensor | None = None,
-    noise: Tensor | None = None,
-    k_x: float = 0.0,
-    k_x0: float = 0.0,
-    k_eps: float = 0.0,
-    k_prev: float = 0.0,
-    k_noise: float = 0.0,
-    k_grad: float = 0.0,
-    log_variance_range: tuple[float, float] | None = None,
-    out: Tensor | None = None,
-    x0_out: Tensor | None = None,
-) -> Tensor:
-    """Guidance combine and one sampler update (the guided_step contract of DESIGN.md).
+def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None = None) -> Tensor:
+    """Guidance combine and one sampler update: the guided_step contract
+    (fastguide.ops.contract states the types).
 
-    x is (B, C, *spatial). model_output is (2B, C', *spatial) laid out [cond; uncond] when
-    guidance_scale is given, else (B, C', *spatial); C' is C, or 2C when the model also
-    outputs ADM's variance interpolation v (guidance acts on the first C channels only;
-    v is read from the cond half).
-
-    1. m = guided_prediction(cond, uncond) (or the single prediction when unguided).
+    1. m = guided_prediction(c, u) with c the first B rows of model_output and u its
+       second B rows or ``guide`` (or m = c when ``combine`` is None); with learned
+       variance (2C channels) guidance acts on the first C channels only.
     2. x0, eps from m and x (``denoised_and_eps``).
     3. clip_denoised: x0 ← clamp(x0, −1, 1), eps ← (x − alpha·x0)/sigma.
     4. grad_eps_scale ≠ 0: eps ← eps − grad_eps_scale·grad, x0 ← (x − sigma·eps)/alpha
        (ADM's classifier guidance for DDIM-like samplers; x0 is not clipped again).
-    5. x_next = k_x·x + k_x0·x0 + k_eps·eps + k_prev·prev + k_noise'·noise + k_grad'·grad,
-       where k_noise' = k_noise·exp(ℓ/2) and k_grad' = k_grad·exp(ℓ) with the learned log
-       variance ℓ = frac·max + (1 − frac)·min, frac = (v + 1)/2, when log_variance_range =
-       (min, max) is given; otherwise k_noise' = k_noise and k_grad' = k_grad.
+    5. x_next = k_x·x + k_x0·x0 + k_eps·eps + Σᵢ k_history[i]·history[i] + k_noise'·noise
+       + k_grad'·grad, where k_noise' = k_noise·exp(ℓ/2) and k_grad' = k_grad·exp(ℓ) with
+       the learned log variance ℓ = frac·max + (1 − frac)·min, frac = (v + 1)/2, v the
+       variance channels of the first B rows, when log_variance_range = (min, max) is
+       given; otherwise k_noise' = k_noise and k_grad' = k_grad.
 
-    x_next is written to ``out`` — shaped like x, or (2B, ...) to fill both halves of the
-    next step's [cond; uncond] input — which may be x itself. x0 is written to
-    ``x0_out`` when given; ``apg_buffer`` holds APG's momentum state and is updated in
-    place. Returns ``out`` (a new tensor like x when not given).
+    x_next is written to ``out`` (both halves when it has 2B rows; a new tensor like x
+    when not given), x0 to ``x0_out`` when given; ``apg_buffer`` is updated in place.
+    Returns ``out``.
     """
+    model_output, x = tensors.model_output, tensors.x
     batch, channels = x.shape[0], x.shape[1]
-    dtype = compute_dtype(model_output, x)
-    if guidance_scale is None:
-        cond, uncond = model_output[:, :channels], None
-    else:
-        cond, uncond = model_output[:batch, :channels], model_output[batch:, :channels]
+    dtype = compute_dtype(model_output, x, tensors.guide)
     x_c = x.to(dtype)
 
-    m = cond.to(dtype)
-    if uncond is not None:
-        m = guided_prediction(
-            m,
-            uncond.to(dtype),
-            guidance_scale,
-            guidance_rescale=guidance_rescale,
-            cfg_zero_star=cfg_zero_star,
-            apg=apg,
-            apg_eta=apg_eta,
-            apg_norm_threshold=apg_norm_threshold,
-            apg_momentum=apg_momentum,
-            apg_buffer=apg_buffer,
-        )
+    m = model_output[:batch, :channels].to(dtype)
+    if combine is not None:
+        uncond = model_output[batch:] if tensors.guide is None else tensors.guide
+        m = guided_prediction(m, uncond[:, :channels].to(dtype), combine, tensors.apg_buffer)
 
-    x0, eps = denoised_and_eps(m, x_c, alpha, sigma, prediction_type)
-    if clip_denoised:
+    alpha, sigma = step.alpha, step.sigma
+    x0, eps = denoised_and_eps(m, x_c, alpha, sigma, step.prediction_type)
+    if step.clip_denoised:
         x0 = x0.clamp(-1.0, 1.0)
         eps = (x_c - alpha * x0) / sigma
-    if grad is not None and grad_eps_scale != 0.0:
-        eps = eps - grad_eps_scale * grad.to(dtype)
+    grad = None if tensors.grad is None else tensors.grad.to(dtype)
+    if grad is not None and step.grad_eps_scale != 0.0:
+        eps = eps - step.grad_eps_scale * grad
         x0 = (x_c - sigma * eps) / alpha
 
-    noise_coef: float | Tensor = k_noise
-    grad_coef: float | Tensor = k_grad
-    if log_variance_range is not None and (k_noise != 0.0 or k_grad != 0.0):
-        log_min, log_max = log_variance_range
+    noise_coef: float | Tensor = step.k_noise
+    grad_coef: float | Tensor = step.k_grad
+    if step.log_variance_range is not None and (step.k_noise != 0.0 or step.k_grad != 0.0):
+        log_min, log_max = step.log_variance_range
         frac = (model_output[:batch, channels:].to(dtype) + 1.0) / 2.0
         log_variance = frac * log_max + (1.0 - frac) * log_min
-        if k_noise != 0.0:
-            noise_coef = k_noise * torch.exp(0.5 * log_variance)
-        if k_grad != 0.0:
-            grad_coef = k_grad * torch.exp(log_variance)
+        if step.k_noise != 0.0:
+            noise_coef = step.k_noise * torch.exp(0.5 * log_variance)
+        if step.k_grad != 0.0:
+            grad_coef = step.k_grad * torch.exp(log_variance)
 
+    history_terms = [(k, h.to(dtype)) for k, h in zip(step.k_history, tensors.history)]
     x_next = _linear_combination(
         [
-            (k_x, x_c),
-            (k_x0, x0),
-            (k_eps, eps),
-            (k_prev, None if prev is None else prev.to(dtype)),
-            (noise_coef, None if noise is None else noise.to(dtype)),
-            (grad_coef, None if grad is None else grad.to(dtype)),
+            (step.k_x, x_c),
+            (step.k_x0, x0),
+            (step.k_eps, eps),
+            *history_terms,
+            (noise_coef, None if tensors.noise is None else tensors.noise.to(dtype)),
+            (grad_coef, grad),
         ],
         like=x_c,
     )
 
-    if out is None:
-        out = torch.empty_like(x)
+    out = torch.empty_like(x) if tensors.out is None else tensors.out
     out[:batch].copy_(x_next)
     if out.shape[0] == 2 * batch:
         out[batch:].copy_(x_next)
-    if x0_out is not None:
-        x0_out.copy_(x0)
+    if tensors.x0_out is not None:
+        tensors.x0_out.copy_(x0)
     return out
 
 

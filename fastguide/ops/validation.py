@@ -7,13 +7,24 @@ scalars: no tensor data, so no host-device synchronisation.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .reference import ACTIVATIONS, PREDICTION_TYPES
+from .contract import (
+    COMBINE_SCALARS,
+    COMBINE_VARIANTS,
+    MAX_HISTORY,
+    PREDICTION_TYPES,
+    STEP_SCALARS,
+    GuidanceCombine,
+    StepCoefficients,
+    StepTensors,
+)
+from .reference import ACTIVATIONS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -121,107 +132,144 @@ def check_group_norm(
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def check_guided_step(
-    model_output: object,
-    x: object,
-    tensors: dict[str, object],
-    scalars: dict[str, object],
-    *,
-    prediction_type: object,
-    guidance_scale: object,
-    cfg_zero_star: bool,
-    apg: bool,
-    clip_denoised: bool,
-    log_variance_range: object,
-) -> None:
-    """Checks the guided_step contract (see reference.guided_step for the math).
+# The contract's constant parts are checked once per distinct value (the types are frozen
+# and hashable): a sampler's plan repeats the same objects every run, so the per-call cost
+# is a hash. Only the tensors are checked on every call.
+def _once_per_value(check):
+    """``check`` run once per distinct hashable value; unhashable values (a list where the
+    contract has a tuple) go straight to ``check``, whose message names the field."""
+    cached = functools.lru_cache(maxsize=4096)(check)
 
-    ``tensors`` holds the optional same-shape-as-x inputs (prev, noise, grad, apg_buffer,
-    x0_out) and ``out``; ``scalars`` every float coefficient.
-    """
+    @functools.wraps(check)
+    def run(value: object) -> None:
+        try:
+            hash(value)
+        except TypeError:
+            check(value)
+        else:
+            cached(value)
+
+    return run
+
+
+@_once_per_value
+def check_step(step: object) -> None:
+    """Checks a StepCoefficients on its own (fastguide.ops.contract)."""
+    if not isinstance(step, StepCoefficients):
+        raise TypeError(f"step must be a fastguide.ops.StepCoefficients, got {type(step).__name__}")
+    for name in STEP_SCALARS:
+        check_finite(f"step.{name}", getattr(step, name))
+    if not isinstance(step.k_history, tuple):
+        raise TypeError(f"step.k_history must be a tuple of floats, got {type(step.k_history).__name__}")
+    if len(step.k_history) > MAX_HISTORY:
+        raise ValueError(f"step.k_history may hold at most {MAX_HISTORY} coefficients, got {len(step.k_history)}")
+    for i, value in enumerate(step.k_history):
+        check_finite(f"step.k_history[{i}]", value)
+    if step.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"step.prediction_type must be one of {PREDICTION_TYPES}, got {step.prediction_type!r}")
+    if not isinstance(step.clip_denoised, bool):
+        raise TypeError(f"step.clip_denoised must be a bool, got {type(step.clip_denoised).__name__}")
+    if step.alpha <= 0:
+        raise ValueError(f"step.alpha must be positive, got {step.alpha}")
+    if step.sigma < 0:
+        raise ValueError(f"step.sigma must be non-negative, got {step.sigma}")
+    if step.sigma == 0 and (step.clip_denoised or step.prediction_type == "sample"):
+        raise ValueError(
+            "step.sigma must be positive to derive eps from x0 (clip_denoised or prediction_type='sample')"
+        )
+    if step.log_variance_range is not None:
+        if not isinstance(step.log_variance_range, tuple) or len(step.log_variance_range) != 2:
+            raise ValueError(f"step.log_variance_range must be (min_log, max_log), got {step.log_variance_range!r}")
+        for part, value in zip(("min", "max"), step.log_variance_range):
+            check_finite(f"step.log_variance_range {part}", value)
+
+
+@_once_per_value
+def check_combine(combine: object) -> None:
+    """Checks a GuidanceCombine on its own (None, an unguided step, passes)."""
+    if combine is None:
+        return
+    if not isinstance(combine, GuidanceCombine):
+        raise TypeError(f"combine must be a fastguide.ops.GuidanceCombine or None, got {type(combine).__name__}")
+    for name in COMBINE_SCALARS:
+        check_finite(f"combine.{name}", getattr(combine, name))
+    if combine.variant not in COMBINE_VARIANTS:
+        raise ValueError(f"combine.variant must be one of {COMBINE_VARIANTS}, got {combine.variant!r}")
+    if not 0 <= combine.rescale <= 1:
+        raise ValueError(f"combine.rescale must be in [0, 1], got {combine.rescale}")
+    if combine.apg_norm_threshold < 0:
+        raise ValueError(
+            f"combine.apg_norm_threshold must be non-negative (0 turns it off), got {combine.apg_norm_threshold}"
+        )
+    if combine.variant != "apg":
+        for name in ("apg_eta", "apg_norm_threshold", "apg_momentum"):
+            if getattr(combine, name) != 0:
+                raise ValueError(f"combine.{name} is set but combine.variant is {combine.variant!r}, not 'apg'")
+
+
+def check_step_tensors(tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None) -> None:
+    """Checks the tensors of one step against the (already checked) step and combine."""
+    model_output, x = tensors.model_output, tensors.x
     check_tensor("model_output", model_output, ndim_at_least=2)
     check_tensor("x", x, ndim_at_least=2)
-    for name, value in scalars.items():
-        check_finite(name, value)
-    if guidance_scale is not None:
-        check_finite("guidance_scale", guidance_scale)
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-
     batch, channels, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
     rows = model_output.shape[0]
-    if guidance_scale is not None:
-        if rows % 2 != 0:
-            raise ValueError(
-                "model_output must hold an even batch [cond; uncond] when guidance_scale is "
-                f"given, got batch {rows}"
-            )
+    if combine is not None and tensors.guide is None:
         if rows != 2 * batch:
             raise ValueError(
-                f"model_output must have batch 2·{batch} = {2 * batch} ([cond; uncond] for x of "
-                f"batch {batch}) when guidance_scale is given, got {rows}"
+                f"model_output must have batch 2·{batch} = {2 * batch} ([cond; uncond] for x of batch {batch}) "
+                f"when guiding without a separate guide tensor, got {rows}"
             )
     elif rows != batch:
-        raise ValueError(
-            f"model_output must have batch {batch} (that of x) without guidance_scale, got {rows}; "
-            "pass guidance_scale for a [cond; uncond] output"
-        )
+        reason = "with a separate guide tensor" if combine is not None else "without guidance (combine=None)"
+        raise ValueError(f"model_output must have batch {batch} (that of x) {reason}, got {rows}")
     if model_output.shape[1] not in (channels, 2 * channels) or tuple(model_output.shape[2:]) != spatial:
         raise ValueError(
             f"model_output must have {channels} or {2 * channels} channels and spatial shape "
             f"{spatial} to match x {tuple(x.shape)}, got {tuple(model_output.shape)}"
         )
-    if log_variance_range is not None:
-        if model_output.shape[1] != 2 * channels:
+    if tensors.guide is not None:
+        if combine is None:
+            raise ValueError("guide was given but combine is None: a guide prediction needs a GuidanceCombine")
+        check_tensor("guide", tensors.guide)
+        if tensors.guide.shape[0] != batch or tensors.guide.shape[1] not in (channels, model_output.shape[1]) \
+                or tuple(tensors.guide.shape[2:]) != spatial:
             raise ValueError(
-                f"log_variance_range needs a model_output with 2·{channels} channels "
-                f"(prediction then variance), got {model_output.shape[1]}"
+                f"guide must have shape ({batch}, {channels}, ...) or that of model_output "
+                f"{tuple(model_output.shape)}, got {tuple(tensors.guide.shape)}"
             )
-        if len(log_variance_range) != 2:
-            raise ValueError(f"log_variance_range must be (min_log, max_log), got {log_variance_range!r}")
-        for part, value in zip(("min", "max"), log_variance_range):
-            check_finite(f"log_variance_range {part}", value)
+    if step.log_variance_range is not None and model_output.shape[1] != 2 * channels:
+        raise ValueError(
+            f"step.log_variance_range needs a model_output with 2·{channels} channels "
+            f"(prediction then variance), got {model_output.shape[1]}"
+        )
 
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        check_tensor(name, t)
-        if name == "out":
-            if tuple(t.shape) not in (tuple(x.shape), (2 * batch, channels) + spatial):
-                raise ValueError(
-                    f"out must have shape {tuple(x.shape)} or {(2 * batch, channels) + spatial} "
-                    f"(both halves of the next [cond; uncond] input), got {tuple(t.shape)}"
-                )
-        else:
+    if not isinstance(tensors.history, tuple):
+        raise TypeError(f"history must be a tuple of tensors, got {type(tensors.history).__name__}")
+    if len(tensors.history) != len(step.k_history):
+        raise ValueError(
+            f"history holds {len(tensors.history)} tensors but step.k_history {len(step.k_history)} coefficients"
+        )
+    x_shaped = [(f"history[{i}]", h) for i, h in enumerate(tensors.history)]
+    x_shaped += [(name, getattr(tensors, name)) for name in ("noise", "grad", "apg_buffer", "x0_out")]
+    for name, t in x_shaped:
+        if t is not None:
+            check_tensor(name, t)
             check_shape(name, t, tuple(x.shape))
-    check_same_device([("model_output", model_output), ("x", x), *tensors.items()])
+    if tensors.out is not None:
+        check_tensor("out", tensors.out)
+        if tuple(tensors.out.shape) not in (tuple(x.shape), (2 * batch, channels) + spatial):
+            raise ValueError(
+                f"out must have shape {tuple(x.shape)} or {(2 * batch, channels) + spatial} "
+                f"(both halves of the next [cond; uncond] input), got {tuple(tensors.out.shape)}"
+            )
+    check_same_device([("model_output", model_output), ("x", x), ("guide", tensors.guide), *x_shaped,
+                       ("out", tensors.out)])
 
-    if scalars["alpha"] <= 0:
-        raise ValueError(f"alpha must be positive, got {scalars['alpha']}")
-    if scalars["sigma"] < 0:
-        raise ValueError(f"sigma must be non-negative, got {scalars['sigma']}")
-    if scalars["sigma"] == 0 and (clip_denoised or prediction_type == "sample"):
-        raise ValueError("sigma must be positive to derive eps from x0 (clip_denoised or prediction_type='sample')")
-
-    needs = (
-        ("k_prev", "prev"),
-        ("k_noise", "noise"),
-        ("k_grad", "grad"),
-        ("grad_eps_scale", "grad"),
-        ("apg_momentum", "apg_buffer"),
-    )
-    for coefficient, tensor_name in needs:
-        if scalars[coefficient] != 0 and tensors[tensor_name] is None:
-            raise ValueError(f"{coefficient} is {scalars[coefficient]} but {tensor_name} was not given")
-
-    guidance_rescale = scalars["guidance_rescale"]
-    variants = {"guidance_rescale": guidance_rescale != 0, "cfg_zero_star": cfg_zero_star, "apg": apg}
-    for variant, on in variants.items():
-        if on and guidance_scale is None:
-            raise ValueError(f"{variant} needs guidance_scale (a [cond; uncond] model_output)")
-    if apg and cfg_zero_star:
-        raise ValueError("apg and cfg_zero_star are alternative combines; choose one")
-    if not 0 <= guidance_rescale <= 1:
-        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
-    if scalars["apg_norm_threshold"] < 0:
-        raise ValueError(f"apg_norm_threshold must be non-negative (0 turns it off), got {scalars['apg_norm_threshold']}")
+    needs = [("step.k_noise", step.k_noise, "noise"), ("step.k_grad", step.k_grad, "grad"),
+             ("step.grad_eps_scale", step.grad_eps_scale, "grad")]
+    if combine is not None:
+        needs.append(("combine.apg_momentum", combine.apg_momentum, "apg_buffer"))
+    for coefficient, value, tensor_name in needs:
+        if value != 0 and getattr(tensors, tensor_name) is None:
+            raise ValueError(f"{coefficient} is {value} but {tensor_name} was not given")

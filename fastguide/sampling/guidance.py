@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..ops.contract import GuidanceCombine
+
 
 @dataclass(frozen=True)
 class APG:
@@ -47,13 +49,13 @@ class CFG:
         """Whether guidance applies at noise level σ̃ (always, without an interval)."""
         return self.interval is None or self.interval[0] <= edm_sigma <= self.interval[1]
 
-    def step_kwargs(self) -> dict:
-        """The combine's arguments of ops.guided_step."""
-        kwargs = dict(guidance_scale=self.scale, guidance_rescale=self.rescale, cfg_zero_star=self.zero_star)
+    def combine(self) -> GuidanceCombine:
+        """The combine settings of ops.guided_step for this spec."""
         if self.apg is not None:
-            kwargs.update(apg=True, apg_eta=self.apg.eta, apg_norm_threshold=self.apg.norm_threshold,
-                          apg_momentum=self.apg.momentum)
-        return kwargs
+            return GuidanceCombine(self.scale, self.rescale, apg_eta=self.apg.eta,
+                                   apg_norm_threshold=self.apg.norm_threshold, apg_momentum=self.apg.momentum,
+                                   variant="apg")
+        return GuidanceCombine(self.scale, self.rescale, variant="zero_star" if self.zero_star else "cfg")
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,8 @@ class AdmStyleBlock(nn.Module):
         self.res = nn.Module()
         self.res.in_layers = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
         self.res.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb, 2 * ch))
-        self.res.out_layers = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(ch, ch, 3, padding=1))
+        self.res.out_layers = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Dropout(0.0),
+                                            nn.Conv2d(ch, ch, 3, padding=1))
         self.res.skip_connection = nn.Identity()
         self.res.use_scale_shift_norm = True
         self.res.forward = self._res_forward

@@ -19,7 +19,7 @@ from fastguide.models.unet import timestep_embedding
 from tests.helpers import backends_for, randomize
 from tools.adm_baseline import plain_classifier, plain_unet
 
-REFERENCE = Path(__file__).resolve().parent / "data"  # copies of shared/reference listings
+REFERENCE = Path(__file__).resolve().parent / "data"  # ADM state-dict listings (data/README.md)
 BACKENDS = sorted(set(backends_for("group_norm")) & set(backends_for("attention")))
 
 

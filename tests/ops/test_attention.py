@@ -44,7 +44,9 @@ def random_qkv(shape, dtype, device, generator_seed=0):
     return [t.to(device=device, dtype=dtype) for t in (q, k, v)]
 
 
-@pytest.mark.parametrize("backend, dtype", backend_dtype_params("attention", [torch.float64, torch.float32, torch.float16]))
+@pytest.mark.parametrize(
+    "backend, dtype", backend_dtype_params("attention", [torch.float64, torch.float32, torch.float16])
+)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_attention_matches_explicit_formula(backend, dtype, shape, device):
     q, k, v = random_qkv(shape, dtype, device)
@@ -169,11 +171,13 @@ def test_attention_gpu_large_and_bf16(dtype, shape):
     # Float64 reference on a slice of heads keeps the check's memory small.
     expected = explicit_attention(q[:1, :2], k[:1, :2], v[:1, :2], shape[-1] ** -0.5)
     assert_close(out[:1, :2], expected, ATTENTION, dtype)
-    plain = torch.softmax((q[:1, :2] @ k[:1, :2].transpose(-1, -2)).float() * shape[-1] ** -0.5, -1).to(dtype) @ v[:1, :2]
+    scores = (q[:1, :2] @ k[:1, :2].transpose(-1, -2)).float() * shape[-1] ** -0.5
+    plain = torch.softmax(scores, -1).to(dtype) @ v[:1, :2]
     assert (out[:1, :2].double() - expected).abs().max() <= 2 * (plain.double() - expected).abs().max() + 1e-6
     grad_out = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
     qd, kd, vd = (t[:1, :2].detach().double().requires_grad_() for t in (q, k, v))
-    wanted = torch.autograd.grad(explicit_attention(qd, kd, vd, shape[-1] ** -0.5), (qd, kd, vd), grad_out[:1, :2].double())
+    wanted = torch.autograd.grad(explicit_attention(qd, kd, vd, shape[-1] ** -0.5), (qd, kd, vd),
+                                 grad_out[:1, :2].double())
     for got, want in zip((dq, dk, dv), wanted):
         assert_close(got[:1, :2], want, ATTENTION, dtype)

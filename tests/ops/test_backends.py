@@ -56,7 +56,8 @@ def test_available_backends_reports_reasons():
 def test_requested_backend_that_cannot_run_raises_clearly(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x = torch.randn(1, 3, 4, 4)
-    with fastguide.backend("triton"), pytest.raises(RuntimeError, match="backend 'triton'.*cannot run.*TRITON_INTERPRET"):
+    with (fastguide.backend("triton"),
+          pytest.raises(RuntimeError, match="backend 'triton'.*cannot run.*TRITON_INTERPRET")):
         ops.group_norm(x, 1)
     with fastguide.backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda'.*CUDA tensors"):
         ops.group_norm(x, 1)

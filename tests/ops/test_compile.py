@@ -5,24 +5,8 @@ import torch
 
 import fastguide
 from fastguide import ops
-from tests.helpers import backends_for
-
-
-def three_ops(q, k, v, x, weight, bias, scale, shift, model_output, x_t, noise):
-    attended = ops.attention(q, k, v)
-    normed = ops.group_norm(x, 4, weight, bias, scale=scale, shift=shift, activation="silu")
-    stepped = ops.guided_step(
-        model_output, x_t, alpha=0.8, sigma=0.6, guidance_scale=3.0, clip_denoised=True,
-        noise=noise, k_x0=0.5, k_eps=0.3, k_noise=0.1, guidance_rescale=0.5,
-    )
-    return attended, normed, stepped
-
-
-def example_inputs(device):
-    g = torch.Generator().manual_seed(0)
-    shapes = [(2, 3, 7, 40), (2, 3, 9, 40), (2, 3, 9, 40), (2, 8, 5, 7), (8,), (8,), (2, 8), (2, 8),
-              (4, 3, 6, 6), (2, 3, 6, 6), (2, 3, 6, 6)]
-    return [torch.randn(s, generator=g).to(device) for s in shapes]
+from fastguide.ops import contract
+from tests.helpers import CASES, backends_for, case_inputs, example_inputs, three_ops
 
 
 # Every backend that runs guided_step here; under "cuda" attention runs as under auto.
@@ -72,18 +56,53 @@ def test_opcheck_group_norm(channels_last):
 def test_opcheck_guided_step():
     model_output, x = torch.randn(4, 6, 5, 5), torch.randn(2, 3, 5, 5)
     noise, grad, buffer = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5), torch.zeros(2, 3, 5, 5)
+    history = (torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5))
     out, x0_out = torch.empty(4, 3, 5, 5), torch.empty(2, 3, 5, 5)
-    torch.library.opcheck(
-        torch.ops.fastguide.guided_step.default,
-        (model_output, x, None, noise, grad, buffer, out, x0_out,
-         0.8, 0.6, 0.3, 0.2, 2.0, -0.5, 0.1, 0.1, 0.5, 0.3, 0.0, 1.0, 0.2,  # alpha … k_grad
-         "epsilon", 3.0, False, True, True, -4.0, -2.0, "torch"),
-    )
+    tensors = contract.StepTensors(model_output, x, None, history, noise, grad, buffer, out, x0_out)
+    step = ops.StepCoefficients(alpha=0.8, sigma=0.6, k_x=0.3, k_x0=0.2, k_eps=2.0, k_noise=0.1, k_grad=0.2,
+                                grad_eps_scale=0.5, k_history=(-0.5, 0.25), clip_denoised=True,
+                                log_variance_range=(-4.0, -2.0))
+    combine = ops.GuidanceCombine(3.0, apg_eta=0.1, apg_momentum=-0.3, variant="apg")
+    torch.library.opcheck(torch.ops.fastguide.guided_step.default, (*contract.pack(tensors, step, combine), "torch"))
+
+
+def test_contract_round_trips_through_the_op_arguments():
+    tensors = contract.StepTensors(torch.randn(4, 3, 2, 2), torch.randn(2, 3, 2, 2), history=(torch.randn(2, 3, 2, 2),))
+    step = ops.StepCoefficients(alpha=0.8, sigma=0.6, k_x0=0.2, k_history=(-0.5,), log_variance_range=(-4.0, -2.0))
+    for combine in (None, ops.GuidanceCombine(3.0, rescale=0.5, variant="zero_star")):
+        got_tensors, got_step, got_combine = contract.unpack(contract.pack(tensors, step, combine))
+        assert got_step == step and got_combine == combine
+        assert got_tensors.history[0] is tensors.history[0] and got_tensors.model_output is tensors.model_output
 
 
 def test_guided_step_bumps_version_of_written_tensors():
     model_output, x = torch.randn(4, 3, 5, 5), torch.randn(2, 3, 5, 5)
     out, x0_out = torch.empty(2, 3, 5, 5), torch.empty(2, 3, 5, 5)
     before = out._version, x0_out._version
-    ops.guided_step(model_output, x, alpha=0.8, sigma=0.6, guidance_scale=2.0, k_x0=1.0, out=out, x0_out=x0_out)
+    ops.guided_step(model_output, x, ops.StepCoefficients(alpha=0.8, sigma=0.6, k_x0=1.0), ops.GuidanceCombine(2.0),
+                    out=out, x0_out=x0_out)
     assert out._version > before[0] and x0_out._version > before[1]
+
+
+def test_guided_step_without_autograd_skips_the_dispatcher_and_agrees():
+    # A sampler's loop (no_grad) calls the backend straight; the result and the version
+    # bumps are those of the custom op's path.
+    tensors, step, combine = case_inputs(CASES["history-of-3"], 2, 3, (5, 5), torch.float32, "cpu")
+    via_op = {name: t.clone() for name, t in tensors.items() if name in ("out", "x0_out")}
+    ops.guided_step(**{**tensors, **via_op}, step=step, combine=combine)
+    before = tensors["out"]._version
+    with torch.no_grad():
+        ops.guided_step(**tensors, step=step, combine=combine)
+    assert tensors["out"]._version > before
+    for name, expected in via_op.items():
+        torch.testing.assert_close(tensors[name], expected, rtol=0, atol=0)
+
+
+def test_guided_step_under_fake_tensors_goes_through_the_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.no_grad(), FakeTensorMode():
+        x, model_output = torch.empty(2, 3, 4, 4), torch.empty(4, 3, 4, 4)
+        out = ops.guided_step(model_output, x, ops.StepCoefficients(alpha=0.8, sigma=0.6, k_x0=1.0),
+                              ops.GuidanceCombine(2.0))
+    assert out.shape == x.shape

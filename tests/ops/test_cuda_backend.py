@@ -5,7 +5,7 @@ stand-ins for the CUDA headers: a launch runs every block of the grid in turn, e
 block's threads as fibers that switch at __syncthreads and warp shuffles. csrc/bindings.cpp
 built with -DFASTGUIDE_HOST_HARNESS registers those launchers for CPU tensors, so with
 fastguide.ops routed to the cuda backend every option and variant runs the real path —
-validation, custom op, fastguide.cuda_backend's glue, the bindings, the launchers' choice
+validation, custom op, fastguide.ops.cuda_backend's glue, the bindings, the launchers' choice
 of grid and vector width, the kernels' indexing, block reductions and per-element
 ``__host__ __device__`` math — and is compared with the float64 reference, in float32,
 float16 and bfloat16 storage. What the emulation cannot show (timing, races between
@@ -14,6 +14,7 @@ and test_group_norm.py, which run the compiled kernels.
 """
 
 import platform
+import re
 import shutil
 from pathlib import Path
 
@@ -22,19 +23,22 @@ import torch
 
 import fastguide
 from fastguide import ops
-from fastguide.ops import cuda_backend, extension, reference
+from fastguide.ops import contract, cuda_backend, extension
 from tests.helpers import (
     CASES,
     GROUP_NORM,
     GUIDED_STEP,
     STEP_SHAPES,
-    as_float64,
     assert_close,
     case_inputs,
+    example_inputs,
     explicit_group_norm,
     poisoned,
     randn,
     random_inputs,
+    run_reference,
+    three_ops,
+    tiny_cfg_unet,
 )
 from tests.helpers import SHAPES as NORM_SHAPES
 
@@ -86,58 +90,63 @@ def cuda_backend_on_cpu(host_harness, monkeypatch):
 # --------------------------------------------------------------------------------------
 
 
-def run_against_reference(model_output, x, kwargs, names=("out", "x0_out", "apg_buffer")):
-    expected = as_float64(kwargs)
-    reference.guided_step(model_output.double(), x.double(), **expected)
-    ops.guided_step(model_output, x, **kwargs)
+def run_against_reference(tensors, step, combine, names=("out", "x0_out", "apg_buffer")):
+    expected = run_reference(tensors, step, combine)
+    ops.guided_step(**tensors, step=step, combine=combine)
     for name in names:
-        if name in kwargs:
-            assert_close(kwargs[name], expected[name], GUIDED_STEP, kwargs[name].dtype)
+        if name in tensors:
+            assert_close(tensors[name], expected[name], GUIDED_STEP, tensors[name].dtype)
+
+
+def test_contract_structs_match_the_python_types():
+    # bindings.cpp copies each type's float[] into its struct: the field orders must agree.
+    header = (extension.source_dir() / "guided_step.cuh").read_text()
+    for struct, names in (("StepScalars", contract.STEP_SCALARS), ("CombineScalars", contract.COMBINE_SCALARS)):
+        body = re.search(r"struct " + struct + r" \{\s*float ([^;]*);\s*\};", header).group(1)
+        assert tuple(name.strip() for name in body.split(",")) == names
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)
 @pytest.mark.parametrize("case", list(CASES), ids=str)
 def test_guided_step_matches_reference(cuda_backend_on_cpu, dtype, shape, case):
-    model_output, x, kwargs = case_inputs(CASES[case], *shape, dtype, "cpu")
-    run_against_reference(model_output, x, kwargs)
+    run_against_reference(*case_inputs(CASES[case], *shape, dtype, "cpu"))
 
 
-@pytest.mark.parametrize("case", ["cfg-clip-noise", "rescale", "apg-momentum-clip", "ddpm-learned-var-grad"])
+@pytest.mark.parametrize("case", ["cfg-clip-noise", "rescale", "apg-momentum-clip", "ddpm-learned-var-grad",
+                                  "history-of-3", "separate-guide"])
 def test_guided_step_channels_last(cuda_backend_on_cpu, case):
-    model_output, x, kwargs = case_inputs(CASES[case], 2, 5, (9, 11), torch.float32, "cpu")
-    model_output, x = (t.to(memory_format=torch.channels_last) for t in (model_output, x))
-    for name in ("prev", "noise", "grad", "out", "apg_buffer"):
-        if name in kwargs:
-            kwargs[name] = kwargs[name].to(memory_format=torch.channels_last)
-    run_against_reference(model_output, x, kwargs)
-    assert kwargs["out"].is_contiguous(memory_format=torch.channels_last)
+    tensors, step, combine = case_inputs(CASES[case], 2, 5, (9, 11), torch.float32, "cpu")
+    to_cl = lambda t: t.to(memory_format=torch.channels_last)  # noqa: E731
+    tensors = {name: tuple(map(to_cl, t)) if name == "history" else to_cl(t) for name, t in tensors.items()}
+    run_against_reference(tensors, step, combine)
+    assert tensors["out"].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_guided_step_strided_outputs_and_mixed_dtypes(cuda_backend_on_cpu):
-    # out and x0_out as views into one buffer, prev in float64: converted, written through.
-    model_output, x, kwargs = case_inputs(CASES["dpm2m-prev-x0out"], 2, 3, (8, 8), torch.float32, "cpu")
+    # out and x0_out as views into one buffer, the history in float64: converted, written through.
+    tensors, step, combine = case_inputs(CASES["history-of-3"], 2, 3, (8, 8), torch.float32, "cpu")
     storage = poisoned((2, 3, 8, 16), torch.float32)
-    kwargs["out"], kwargs["x0_out"] = storage[..., ::2], storage[..., 1::2]
-    kwargs["prev"] = kwargs["prev"].double()
-    run_against_reference(model_output, x, kwargs)
+    tensors["out"], tensors["x0_out"] = storage[..., ::2], storage[..., 1::2]
+    tensors["history"] = tuple(h.double() for h in tensors["history"])
+    run_against_reference(tensors, step, combine)
 
 
 def test_guided_step_in_place_on_x(cuda_backend_on_cpu):
-    model_output, x, kwargs = case_inputs(CASES["cfg-clip-noise"], 2, 3, (8, 8), torch.float32, "cpu")
-    expected = as_float64(kwargs)
-    reference.guided_step(model_output.double(), x.double(), **expected)
-    kwargs["out"] = x
-    ops.guided_step(model_output, x, **kwargs)
-    assert_close(x, expected["out"], GUIDED_STEP, torch.float32)
+    tensors, step, combine = case_inputs(CASES["cfg-clip-noise"], 2, 3, (8, 8), torch.float32, "cpu")
+    expected = run_reference(tensors, step, combine)
+    tensors["out"] = tensors["x"]
+    ops.guided_step(**tensors, step=step, combine=combine)
+    assert_close(tensors["x"], expected["out"], GUIDED_STEP, torch.float32)
 
 
 @pytest.mark.parametrize("case", ["rescale", "cfg-zero-star", "apg-momentum-clip", "apg-rescale-2b-out"])
 def test_reduction_variants_when_cond_is_close_to_uncond(cuda_backend_on_cpu, case):
     # 3·4·48² elements per sample: several partial sums per sample, merged in float64.
-    model_output, x, kwargs = case_inputs(CASES[case], 3, 4, (48, 48), torch.float32, "cpu")
+    tensors, step, combine = case_inputs(CASES[case], 3, 4, (48, 48), torch.float32, "cpu")
+    model_output = tensors["model_output"]
     model_output[3:] = model_output[:3] + 0.01 * randn(3, 4, 48, 48, seed=7, dtype=torch.float32)
-    run_against_reference(model_output, x, kwargs, names=("out",))
+    run_against_reference(tensors, step, combine, names=("out",))
 
 
 def offset_copy(t: torch.Tensor) -> torch.Tensor:
@@ -149,14 +158,15 @@ def offset_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", ["cfg-clip-noise", "rescale", "dpm2m-prev-x0out"])
+@pytest.mark.parametrize("case", ["cfg-clip-noise", "rescale", "dpm2m-history-x0out", "history-of-4-unguided",
+                                  "separate-guide"])
 def test_guided_step_on_misaligned_tensors(cuda_backend_on_cpu, dtype, case):
     # 16-byte vectors are only used when every pointer allows them: the emulation reports a
     # misaligned vector access as the GPU fault it would be.
-    model_output, x, kwargs = case_inputs(CASES[case], 2, 4, (16, 16), dtype, "cpu")
-    model_output, x = offset_copy(model_output), offset_copy(x)
-    kwargs = {k: offset_copy(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    run_against_reference(model_output, x, kwargs)
+    tensors, step, combine = case_inputs(CASES[case], 2, 4, (16, 16), dtype, "cpu")
+    tensors = {name: tuple(map(offset_copy, t)) if name == "history" else offset_copy(t)
+               for name, t in tensors.items()}
+    run_against_reference(tensors, step, combine)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -171,8 +181,6 @@ def test_group_norm_on_misaligned_tensors(cuda_backend_on_cpu, dtype):
 
 def test_samples_agree_with_torch_backend(host_harness, monkeypatch):
     # The whole sampler on a tiny UNet: its GroupNorms and steps on the cuda backend.
-    from tests.test_sampler import tiny_cfg_unet
-
     model = tiny_cfg_unet()
     kwargs = dict(labels=torch.tensor([1]), sampler="dpm++2m", steps=[600, 300, 100],
                   noise=torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(6)),
@@ -223,7 +231,8 @@ def test_group_norm_one_group_of_many_channels(cuda_backend_on_cpu, channels_las
     expected = explicit_group_norm(doubles[0], 1, *doubles[1:3], doubles[3], doubles[4], "silu")
     assert_close(y, expected, GROUP_NORM, torch.float32)
     grad_y = torch.randn(x.shape)
-    for got, want in zip(torch.autograd.grad(y, leaves, grad_y), torch.autograd.grad(expected, doubles, grad_y.double())):
+    for got, want in zip(torch.autograd.grad(y, leaves, grad_y),
+                         torch.autograd.grad(expected, doubles, grad_y.double())):
         count = x.numel() // want.numel()
         atol, rtol = GROUP_NORM[torch.float32]
         torch.testing.assert_close(got.double(), want, atol=atol * max(1, count) ** 0.5, rtol=rtol * 4)
@@ -273,8 +282,6 @@ def test_group_norm_backward_matches_autograd_of_formula(cuda_backend_on_cpu, sh
 
 
 def test_ops_compile_fullgraph_on_the_cuda_backend(cuda_backend_on_cpu):
-    from tests.test_compile import example_inputs, three_ops
-
     inputs = example_inputs("cpu")
     eager = three_ops(*inputs)
     compiled = torch.compile(three_ops, fullgraph=True, backend="aot_eager")(*inputs)
@@ -283,7 +290,8 @@ def test_ops_compile_fullgraph_on_the_cuda_backend(cuda_backend_on_cpu):
     x, weight, bias, scale, shift = (t.detach().requires_grad_() for t in inputs[3:8])
 
     def loss(*leaves):
-        return ops.group_norm(leaves[0], 4, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu").square().sum()
+        return ops.group_norm(leaves[0], 4, *leaves[1:3], scale=leaves[3], shift=leaves[4],
+                              activation="silu").square().sum()
 
     leaves = (x, weight, bias, scale, shift)
     eager_grads = torch.autograd.grad(loss(*leaves), leaves)

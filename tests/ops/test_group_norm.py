@@ -20,7 +20,9 @@ BACKENDS = backends_for("group_norm")
 # spatial sizes; few groups over a large image split each group over several programs.
 
 
-@pytest.mark.parametrize("backend, dtype", backend_dtype_params("group_norm", [torch.float64, torch.float32, torch.float16]))
+@pytest.mark.parametrize(
+    "backend, dtype", backend_dtype_params("group_norm", [torch.float64, torch.float32, torch.float16])
+)
 @pytest.mark.parametrize(
     "shape, channels_last",
     [(s, False) for s in SHAPES] + [(s, True) for s in SHAPES if len(s[3]) == 2],

@@ -9,16 +9,17 @@ import torch
 import fastguide
 from fastguide import ops
 from fastguide.ops import reference
+from fastguide.ops.contract import GuidanceCombine, StepCoefficients, StepTensors
 from tests.helpers import (
     CASES,
     GUIDED_STEP,
     STEP_SHAPES,
-    as_float64,
     assert_close,
     backends_for,
     case_inputs,
     poisoned,
     randn,
+    run_reference,
 )
 
 BACKENDS = backends_for("guided_step")
@@ -56,11 +57,9 @@ def test_ddim_with_cfg_matches_written_out_step(clip, eta):
     sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
     expected = x0 * math.sqrt(a_prev) + math.sqrt(1 - a_prev - sigma**2) * eps + sigma * noise
 
-    out = reference.guided_step(
-        model_output, x, alpha=math.sqrt(a_t), sigma=math.sqrt(1 - a_t), guidance_scale=w,
-        clip_denoised=clip, noise=noise, k_x0=math.sqrt(a_prev),
-        k_eps=math.sqrt(1 - a_prev - sigma**2), k_noise=sigma,
-    )
+    step = StepCoefficients(alpha=math.sqrt(a_t), sigma=math.sqrt(1 - a_t), clip_denoised=clip,
+                            k_x0=math.sqrt(a_prev), k_eps=math.sqrt(1 - a_prev - sigma**2), k_noise=sigma)
+    out = reference.guided_step(StepTensors(model_output, x, noise=noise), step, GuidanceCombine(w))
     torch.testing.assert_close(out, expected)
 
 
@@ -87,11 +86,9 @@ def test_ddpm_learned_variance_with_cfg_and_classifier_mean_shift():
     mean = mean + torch.exp(log_variance) * (s * grad)
     expected = mean + torch.exp(0.5 * log_variance) * noise
 
-    out = reference.guided_step(
-        model_output, x, alpha=math.sqrt(a_t), sigma=math.sqrt(1 - a_t), guidance_scale=w,
-        clip_denoised=True, noise=noise, grad=grad, k_x0=coef1, k_x=coef2, k_noise=1.0,
-        k_grad=s, log_variance_range=(min_log, max_log),
-    )
+    step = StepCoefficients(alpha=math.sqrt(a_t), sigma=math.sqrt(1 - a_t), clip_denoised=True, k_x0=coef1,
+                            k_x=coef2, k_noise=1.0, k_grad=s, log_variance_range=(min_log, max_log))
+    out = reference.guided_step(StepTensors(model_output, x, noise=noise, grad=grad), step, GuidanceCombine(w))
     torch.testing.assert_close(out, expected)
 
 
@@ -127,17 +124,15 @@ def test_dpm_solver_pp_2m_matches_written_out_steps():
     x2_expected = sigma[t2] / sigma[t1] * x1 - alpha[t2] * math.expm1(-h2) * d
 
     # The same with guided_step: a sampler only computes the k's; x0 carries to prev.
-    prev = poisoned(x.shape)
-    x1_op = reference.guided_step(
-        toy_guided_model(x, t0), x, alpha=alpha[t0], sigma=sigma[t0], guidance_scale=w,
-        k_x=sigma[t1] / sigma[t0], k_x0=-alpha[t1] * math.expm1(-h1), x0_out=prev,
-    )
+    prev, cfg = poisoned(x.shape), GuidanceCombine(w)
+    first = StepCoefficients(alpha=alpha[t0], sigma=sigma[t0], k_x=sigma[t1] / sigma[t0],
+                             k_x0=-alpha[t1] * math.expm1(-h1))
+    x1_op = reference.guided_step(StepTensors(toy_guided_model(x, t0), x, x0_out=prev), first, cfg)
     torch.testing.assert_close(prev, d0)
     phi = -alpha[t2] * math.expm1(-h2)
-    x2_op = reference.guided_step(
-        toy_guided_model(x1_op, t1), x1_op, alpha=alpha[t1], sigma=sigma[t1], guidance_scale=w,
-        prev=prev, k_x=sigma[t2] / sigma[t1], k_x0=phi * (1 + 1 / (2 * r)), k_prev=-phi / (2 * r),
-    )
+    second = StepCoefficients(alpha=alpha[t1], sigma=sigma[t1], k_x=sigma[t2] / sigma[t1],
+                              k_x0=phi * (1 + 1 / (2 * r)), k_history=(-phi / (2 * r),))
+    x2_op = reference.guided_step(StepTensors(toy_guided_model(x1_op, t1), x1_op, history=(prev,)), second, cfg)
     torch.testing.assert_close(x1_op, x1)
     torch.testing.assert_close(x2_op, x2_expected)
 
@@ -154,10 +149,9 @@ def test_classifier_eps_shift_follows_adm_order():
     eps = eps - math.sqrt(1 - a_t) * s * grad
     x0 = math.sqrt(1 / a_t) * x - math.sqrt(1 / a_t - 1) * eps
     x0_out, eps_out = poisoned(x.shape), None
-    eps_out = reference.guided_step(
-        model_output, x, alpha=math.sqrt(a_t), sigma=math.sqrt(1 - a_t), clip_denoised=True,
-        grad=grad, grad_eps_scale=math.sqrt(1 - a_t) * s, k_eps=1.0, x0_out=x0_out,
-    )
+    step = StepCoefficients(alpha=math.sqrt(a_t), sigma=math.sqrt(1 - a_t), clip_denoised=True,
+                            grad_eps_scale=math.sqrt(1 - a_t) * s, k_eps=1.0)
+    eps_out = reference.guided_step(StepTensors(model_output, x, grad=grad, x0_out=x0_out), step)
     torch.testing.assert_close(eps_out, eps)
     torch.testing.assert_close(x0_out, x0)
     assert x0_out.abs().max() > 1  # not clipped again
@@ -174,9 +168,9 @@ def test_prediction_types_give_x0_and_eps_of_x(prediction_type):
         "v_prediction": alpha * eps_true - sigma * x0_true,
         "sample": x0_true,
     }[prediction_type]
-    kwargs = dict(alpha=alpha, sigma=sigma, prediction_type=prediction_type)
-    torch.testing.assert_close(reference.guided_step(m, x, k_x0=1.0, **kwargs), x0_true)
-    torch.testing.assert_close(reference.guided_step(m, x, k_eps=1.0, **kwargs), eps_true)
+    step = StepCoefficients(alpha=alpha, sigma=sigma, prediction_type=prediction_type)
+    torch.testing.assert_close(reference.guided_step(StepTensors(m, x), step._replace(k_x0=1.0)), x0_true)
+    torch.testing.assert_close(reference.guided_step(StepTensors(m, x), step._replace(k_eps=1.0)), eps_true)
 
 
 def test_cfg_rescale_matches_lin_et_al():
@@ -186,7 +180,7 @@ def test_cfg_rescale_matches_lin_et_al():
     std_cond = cond.flatten(1).std(dim=1).reshape(-1, 1, 1, 1)
     std_cfg = cfg.flatten(1).std(dim=1).reshape(-1, 1, 1, 1)
     expected = phi * cfg * std_cond / std_cfg + (1 - phi) * cfg
-    got = reference.guided_prediction(cond, uncond, w, guidance_rescale=phi)
+    got = reference.guided_prediction(cond, uncond, GuidanceCombine(w, rescale=phi))
     torch.testing.assert_close(got, expected)
 
 
@@ -196,7 +190,9 @@ def test_cfg_zero_star_matches_fan_et_al():
     c, u = cond.flatten(1), uncond.flatten(1)
     s_star = ((c * u).sum(1) / ((u * u).sum(1) + 1e-8)).reshape(-1, 1, 1, 1)
     expected = uncond * s_star + w * (cond - uncond * s_star)
-    torch.testing.assert_close(reference.guided_prediction(cond, uncond, w, cfg_zero_star=True), expected)
+    torch.testing.assert_close(
+        reference.guided_prediction(cond, uncond, GuidanceCombine(w, variant="zero_star")), expected
+    )
 
 
 def test_apg_matches_sadat_et_al_over_two_steps():
@@ -213,10 +209,9 @@ def test_apg_matches_sadat_et_al_over_two_steps():
         unit = cond / cond.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
         parallel = (diff * unit).flatten(1).sum(1).reshape(-1, 1, 1, 1) * unit
         expected = cond + (w - 1) * ((diff - parallel) + eta * parallel)
-        got = reference.guided_prediction(
-            cond, uncond, w, apg=True, apg_eta=eta, apg_norm_threshold=threshold,
-            apg_momentum=momentum, apg_buffer=buffer,
-        )
+        combine = GuidanceCombine(w, apg_eta=eta, apg_norm_threshold=threshold, apg_momentum=momentum,
+                                  variant="apg")
+        got = reference.guided_prediction(cond, uncond, combine, buffer)
         torch.testing.assert_close(got, expected)
         torch.testing.assert_close(buffer, running)
 
@@ -224,14 +219,39 @@ def test_apg_matches_sadat_et_al_over_two_steps():
 def test_apg_without_projection_or_clipping_is_cfg():
     cond, uncond = randn(2, 3, 5, 5, seed=0), randn(2, 3, 5, 5, seed=1)
     torch.testing.assert_close(
-        reference.guided_prediction(cond, uncond, 3.0, apg=True, apg_eta=1.0),
+        reference.guided_prediction(cond, uncond, GuidanceCombine(3.0, apg_eta=1.0, variant="apg")),
         uncond + 3.0 * (cond - uncond),
     )
+
+
+def test_history_of_three_is_the_written_out_multistep_sum():
+    # A third-order multistep update: x_next = k_x·x + k_x0·D + Σⱼ kⱼ·D₋ⱼ over three earlier x0.
+    batch, shape = 2, (3, 5, 4)
+    x, model_output = randn(batch, *shape, seed=0), randn(batch, *shape, seed=1)
+    history = tuple(randn(batch, *shape, seed=2 + j) for j in range(3))
+    alpha, sigma, k = 0.6, 0.8, (0.7, -0.4, 0.15)
+    x0 = (x - sigma * model_output) / alpha
+    expected = 0.9 * x + 1.1 * x0 + k[0] * history[0] + k[1] * history[1] + k[2] * history[2]
+    step = StepCoefficients(alpha=alpha, sigma=sigma, k_x=0.9, k_x0=1.1, k_history=k)
+    torch.testing.assert_close(reference.guided_step(StepTensors(model_output, x, history=history), step), expected)
+
+
+def test_separate_guide_equals_the_batched_layout():
+    # Autoguidance's layout: u from a second tensor gives what [c; u] in one output gives.
+    batch, shape = 3, (4, 6, 6)
+    x, cond, uncond = randn(batch, *shape, seed=0), randn(batch, *shape, seed=1), randn(batch, *shape, seed=2)
+    step = StepCoefficients(alpha=0.7, sigma=math.sqrt(1 - 0.49), k_x0=0.8, k_eps=0.5, clip_denoised=True)
+    for combine in (GuidanceCombine(3.0), GuidanceCombine(4.0, rescale=0.5, variant="zero_star")):
+        batched = reference.guided_step(StepTensors(torch.cat([cond, uncond]), x), step, combine)
+        separate = reference.guided_step(StepTensors(cond, x, guide=uncond), step, combine)
+        torch.testing.assert_close(separate, batched, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------
 # Buffers and layout, through the public op
 # --------------------------------------------------------------------------------------
+
+STEP = StepCoefficients(alpha=0.7, sigma=0.714, k_x=0.9, k_x0=0.2, clip_denoised=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -241,39 +261,42 @@ def test_out_fills_both_halves_of_next_input_and_x0_out(backend, device):
     model_output = randn(2 * batch, *shape, seed=1, dtype=torch.float32).to(device)
     next_input = poisoned((2 * batch, *shape), torch.float16).to(device)
     x0_out = poisoned(x.shape, torch.float32).to(device)
-    kwargs = dict(alpha=0.7, sigma=0.714, guidance_scale=3.0, k_x=0.9, k_x0=0.2, clip_denoised=True)
     with fastguide.backend(backend):
-        returned = ops.guided_step(model_output, x, out=next_input, x0_out=x0_out, **kwargs)
+        returned = ops.guided_step(model_output, x, STEP, GuidanceCombine(3.0), out=next_input, x0_out=x0_out)
     assert returned is next_input
     expected_x0 = poisoned(x.shape)
-    expected = reference.guided_step(model_output.double(), x.double(), x0_out=expected_x0, **kwargs)
-    assert_close(next_input[:batch], expected, GUIDED_STEP, torch.float16)
-    assert_close(next_input[batch:], expected, GUIDED_STEP, torch.float16)
-    assert_close(x0_out, expected_x0, GUIDED_STEP, torch.float32)
+    expected = reference.guided_step(StepTensors(model_output.double().cpu(), x.double().cpu(), x0_out=expected_x0),
+                                     STEP, GuidanceCombine(3.0))
+    assert_close(next_input[:batch].cpu(), expected, GUIDED_STEP, torch.float16)
+    assert_close(next_input[batch:].cpu(), expected, GUIDED_STEP, torch.float16)
+    assert_close(x0_out.cpu(), expected_x0, GUIDED_STEP, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_out_may_be_x_itself(backend, device):
     x = randn(2, 3, 8, 8, seed=0, dtype=torch.float32).to(device)
     model_output = randn(4, 3, 8, 8, seed=1, dtype=torch.float32).to(device)
-    kwargs = dict(alpha=0.9, sigma=math.sqrt(1 - 0.81), guidance_scale=2.0, k_x=0.5, k_eps=0.25)
-    expected = reference.guided_step(model_output.double(), x.double(), **kwargs)
+    step = StepCoefficients(alpha=0.9, sigma=math.sqrt(1 - 0.81), k_x=0.5, k_eps=0.25)
+    expected = reference.guided_step(StepTensors(model_output.double().cpu(), x.double().cpu()), step,
+                                     GuidanceCombine(2.0))
     with fastguide.backend(backend):
-        ops.guided_step(model_output, x, out=x, **kwargs)
-    assert_close(x, expected, GUIDED_STEP, torch.float32)
+        ops.guided_step(model_output, x, step, GuidanceCombine(2.0), out=x)
+    assert_close(x.cpu(), expected, GUIDED_STEP, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inputs_are_not_modified(backend, device):
-    tensors = {name: randn(2, 3, 4, 4, seed=i, dtype=torch.float32).to(device) for i, name in enumerate(["x", "prev", "noise", "grad"])}
-    model_output = randn(4, 6, 4, 4, seed=9, dtype=torch.float32).to(device)
+    names = ["x", "h0", "h1", "h2", "noise", "grad", "guide"]
+    tensors = {name: randn(2, 3, 4, 4, seed=i, dtype=torch.float32).to(device) for i, name in enumerate(names)}
+    model_output = randn(2, 6, 4, 4, seed=9, dtype=torch.float32).to(device)
     copies = {name: t.clone() for name, t in tensors.items()}
     mo_copy = model_output.clone()
+    step = StepCoefficients(alpha=0.8, sigma=0.6, grad_eps_scale=0.3, k_x=1.0, k_history=(0.5, -0.2, 0.1),
+                            k_noise=0.1, k_grad=0.2, log_variance_range=(-3.0, -1.0), clip_denoised=True)
     with fastguide.backend(backend):
         ops.guided_step(
-            model_output, tensors["x"], alpha=0.8, sigma=0.6, guidance_scale=2.0, prev=tensors["prev"],
-            noise=tensors["noise"], grad=tensors["grad"], grad_eps_scale=0.3, k_x=1.0, k_prev=0.5,
-            k_noise=0.1, k_grad=0.2, log_variance_range=(-3.0, -1.0), clip_denoised=True,
+            model_output, tensors["x"], step, GuidanceCombine(2.0, rescale=0.3), guide=tensors["guide"],
+            history=[tensors["h0"], tensors["h1"], tensors["h2"]], noise=tensors["noise"], grad=tensors["grad"],
         )
     for name, t in tensors.items():
         assert torch.equal(t, copies[name]), name
@@ -285,66 +308,79 @@ def test_inputs_are_not_modified(backend, device):
 # --------------------------------------------------------------------------------------
 
 
+def assert_outputs_match(tensors: dict, expected: dict) -> None:
+    for name in ("out", "x0_out", "apg_buffer"):
+        if name in tensors:
+            assert_close(tensors[name].cpu(), expected[name], GUIDED_STEP, tensors[name].dtype)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)
 @pytest.mark.parametrize("case", list(CASES), ids=str)
 def test_guided_step_matches_reference_float64(backend, dtype, shape, case, device):
-    model_output, x, kwargs = case_inputs(CASES[case], *shape, dtype, device)
-    expected = as_float64(kwargs)
-    reference.guided_step(model_output.double().cpu(), x.double().cpu(), **expected)
+    tensors, step, combine = case_inputs(CASES[case], *shape, dtype, device)
+    expected = run_reference(tensors, step, combine)
     with fastguide.backend(backend):
-        ops.guided_step(model_output, x, **kwargs)
-    for name in ("out", "x0_out", "apg_buffer"):
-        if name in kwargs:
-            assert_close(kwargs[name].cpu(), expected[name], GUIDED_STEP, kwargs[name].dtype)
+        ops.guided_step(**tensors, step=step, combine=combine)
+    assert_outputs_match(tensors, expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["cfg-clip-noise", "rescale", "apg-momentum-clip", "cfg-zero-star"])
+@pytest.mark.parametrize("case", ["cfg-clip-noise", "rescale", "apg-momentum-clip", "cfg-zero-star", "history-of-3",
+                                  "separate-guide"])
 def test_guided_step_channels_last(backend, case, device):
-    model_output, x, kwargs = case_inputs(CASES[case], 2, 5, (9, 11), torch.float32, device)
+    tensors, step, combine = case_inputs(CASES[case], 2, 5, (9, 11), torch.float32, device)
     to_cl = lambda t: t.to(memory_format=torch.channels_last)  # noqa: E731
-    model_output, x = to_cl(model_output), to_cl(x)
-    for name in ("prev", "noise", "grad", "out", "apg_buffer"):
-        if name in kwargs:
-            kwargs[name] = to_cl(kwargs[name])
-    expected = as_float64(kwargs)
-    reference.guided_step(model_output.double().cpu(), x.double().cpu(), **expected)
+    tensors = {name: tuple(map(to_cl, t)) if name == "history" else to_cl(t) for name, t in tensors.items()}
+    expected = run_reference(tensors, step, combine)
     with fastguide.backend(backend):
-        ops.guided_step(model_output, x, **kwargs)
-    assert kwargs["out"].is_contiguous(memory_format=torch.channels_last)
-    for name in ("out", "apg_buffer"):
-        if name in kwargs:
-            assert_close(kwargs[name].cpu(), expected[name], GUIDED_STEP, torch.float32)
+        ops.guided_step(**tensors, step=step, combine=combine)
+    assert tensors["out"].is_contiguous(memory_format=torch.channels_last)
+    assert_outputs_match(tensors, expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_guided_step_into_strided_out(backend, device):
     # out and x0_out as non-dense views: written through, nothing else touched.
-    model_output, x, kwargs = case_inputs(CASES["dpm2m-prev-x0out"], 2, 3, (8, 8), torch.float32, device)
+    tensors, step, combine = case_inputs(CASES["dpm2m-history-x0out"], 2, 3, (8, 8), torch.float32, device)
     storage = poisoned((2, 3, 8, 16), torch.float32).to(device)
-    kwargs["out"], kwargs["x0_out"] = storage[..., ::2], storage[..., 1::2]
-    expected = as_float64(kwargs)
-    reference.guided_step(model_output.double().cpu(), x.double().cpu(), **expected)
+    tensors["out"], tensors["x0_out"] = storage[..., ::2], storage[..., 1::2]
+    expected = run_reference(tensors, step, combine)
     with fastguide.backend(backend):
-        ops.guided_step(model_output, x, **kwargs)
+        ops.guided_step(**tensors, step=step, combine=combine)
     assert_close(storage[..., ::2].cpu(), expected["out"], GUIDED_STEP, torch.float32)
     assert_close(storage[..., 1::2].cpu(), expected["x0_out"], GUIDED_STEP, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_guided_step_reads_strided_history_and_guide(backend, device):
+    # History and guide as non-dense views (every other channel of a wider buffer).
+    tensors, step, combine = case_inputs(CASES["separate-guide-rescale-history"], 2, 3, (6, 7), torch.float32, device)
+
+    def strided(t, seed):
+        return torch.cat([t, randn(*t.shape, seed=seed, dtype=t.dtype).to(device)], 1)[:, ::2]
+
+    tensors["history"] = tuple(strided(h, 40 + i) for i, h in enumerate(tensors["history"]))
+    tensors["guide"] = strided(tensors["guide"], 50)
+    expected = run_reference(tensors, step, combine)
+    with fastguide.backend(backend):
+        ops.guided_step(**tensors, step=step, combine=combine)
+    assert_outputs_match(tensors, expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["rescale", "cfg-zero-star", "apg-momentum-clip", "apg-rescale-2b-out"])
 def test_reduction_variants_when_cond_is_close_to_uncond(backend, case, device):
     # Trained models give c ≈ u: the per-sample statistics must not lose precision to it.
-    model_output, x, kwargs = case_inputs(CASES[case], 3, 4, (24, 24), torch.float32, device)
+    tensors, step, combine = case_inputs(CASES[case], 3, 4, (24, 24), torch.float32, device)
+    model_output = tensors["model_output"]
     cond = model_output[:3]
     model_output[3:] = cond + 0.01 * randn(*cond.shape, seed=7, dtype=torch.float32).to(device)
-    expected = as_float64(kwargs)
-    reference.guided_step(model_output.double().cpu(), x.double().cpu(), **expected)
+    expected = run_reference(tensors, step, combine)
     with fastguide.backend(backend):
-        ops.guided_step(model_output, x, **kwargs)
-    assert_close(kwargs["out"].cpu(), expected["out"], GUIDED_STEP, torch.float32)
+        ops.guided_step(**tensors, step=step, combine=combine)
+    assert_close(tensors["out"].cpu(), expected["out"], GUIDED_STEP, torch.float32)
 
 
 @pytest.mark.gpu
@@ -353,11 +389,8 @@ def test_reduction_variants_when_cond_is_close_to_uncond(backend, case, device):
 @pytest.mark.parametrize("shape", [(16, 4, (128, 128)), (8, 3, (256, 256))], ids=str)
 @pytest.mark.parametrize("case", list(CASES), ids=str)
 def test_guided_step_gpu_large_and_bf16(backend, dtype, shape, case):
-    model_output, x, kwargs = case_inputs(CASES[case], *shape, dtype, "cuda")
-    expected = as_float64(kwargs)
-    reference.guided_step(model_output.double().cpu(), x.double().cpu(), **expected)
+    tensors, step, combine = case_inputs(CASES[case], *shape, dtype, "cuda")
+    expected = run_reference(tensors, step, combine)
     with fastguide.backend(backend):
-        ops.guided_step(model_output, x, **kwargs)
-    for name in ("out", "x0_out", "apg_buffer"):
-        if name in kwargs:
-            assert_close(kwargs[name].cpu(), expected[name], GUIDED_STEP, kwargs[name].dtype)
+        ops.guided_step(**tensors, step=step, combine=combine)
+    assert_outputs_match(tensors, expected)

@@ -9,7 +9,8 @@ from fastguide import ops
 
 
 def qkv(b=1, h=2, lq=5, lk=5, d=32, dtype=torch.float32):
-    return torch.randn(b, h, lq, d, dtype=dtype), torch.randn(b, h, lk, d, dtype=dtype), torch.randn(b, h, lk, d, dtype=dtype)
+    return (torch.randn(b, h, lq, d, dtype=dtype), torch.randn(b, h, lk, d, dtype=dtype),
+            torch.randn(b, h, lk, d, dtype=dtype))
 
 
 # ---- attention ------------------------------------------------------------------------
@@ -112,92 +113,117 @@ def test_group_norm_bad_num_groups():
 
 # ---- guided_step ----------------------------------------------------------------------
 
+STEP = ops.StepCoefficients(alpha=0.8, sigma=0.6)
+CFG = ops.GuidanceCombine(3.0)
+
 
 def step_inputs(batch=2, rows=4, channels=3):
     return torch.randn(rows, channels, 4, 4), torch.randn(batch, channels, 4, 4)
 
 
-def test_guided_step_odd_batch_with_guidance():
-    model_output, x = step_inputs(rows=5)
-    with pytest.raises(ValueError, match="even batch"):
-        ops.guided_step(model_output, x, alpha=0.8, sigma=0.6, guidance_scale=3.0)
-
-
 def test_guided_step_batch_mismatch():
     model_output, x = step_inputs(rows=6)
     with pytest.raises(ValueError, match=r"model_output must have batch 2·2 = 4"):
-        ops.guided_step(model_output, x, alpha=0.8, sigma=0.6, guidance_scale=3.0)
-    with pytest.raises(ValueError, match="without guidance_scale"):
-        ops.guided_step(model_output, x, alpha=0.8, sigma=0.6)
+        ops.guided_step(model_output, x, STEP, CFG)
+    with pytest.raises(ValueError, match=r"without guidance \(combine=None\)"):
+        ops.guided_step(model_output, x, STEP)
+    with pytest.raises(ValueError, match="with a separate guide tensor"):
+        ops.guided_step(model_output, x, STEP, CFG, guide=torch.randn(2, 3, 4, 4))
+
+
+def test_guided_step_guide_checks():
+    model_output, x = step_inputs(rows=2)
+    with pytest.raises(ValueError, match="guide must have shape"):
+        ops.guided_step(model_output, x, STEP, CFG, guide=torch.randn(2, 4, 4, 4))
+    with pytest.raises(ValueError, match="guide was given but combine is None"):
+        ops.guided_step(model_output, x, STEP, guide=torch.randn(2, 3, 4, 4))
 
 
 def test_guided_step_channel_mismatch():
     with pytest.raises(ValueError, match="model_output must have 3 or 6 channels"):
-        ops.guided_step(torch.randn(4, 5, 4, 4), torch.randn(2, 3, 4, 4), alpha=0.8, sigma=0.6, guidance_scale=1.0)
+        ops.guided_step(torch.randn(4, 5, 4, 4), torch.randn(2, 3, 4, 4), STEP, CFG)
 
 
-@pytest.mark.parametrize("name", ["alpha", "sigma", "k_x", "k_noise", "guidance_rescale"])
+@pytest.mark.parametrize("name", ["alpha", "sigma", "k_x", "k_noise", "grad_eps_scale"])
 @pytest.mark.parametrize("value", [math.nan, math.inf])
-def test_guided_step_non_finite_scalar(name, value):
+def test_guided_step_non_finite_step_scalar(name, value):
+    with pytest.raises(ValueError, match=f"step.{name} must be finite"):
+        ops.guided_step(*step_inputs(), STEP._replace(**{name: value}), CFG)
+
+
+@pytest.mark.parametrize("name", ["scale", "rescale", "apg_eta"])
+def test_guided_step_non_finite_combine_scalar(name):
+    with pytest.raises(ValueError, match=f"combine.{name} must be finite"):
+        ops.guided_step(*step_inputs(), STEP, CFG._replace(**{name: math.nan}))
+
+
+def test_guided_step_history_checks():
     model_output, x = step_inputs()
-    kwargs = dict(alpha=0.8, sigma=0.6, guidance_scale=3.0)
-    kwargs[name] = value
-    with pytest.raises(ValueError, match=f"{name} must be finite"):
-        ops.guided_step(model_output, x, **kwargs)
+    with pytest.raises(ValueError, match="history holds 1 tensors but step.k_history 2 coefficients"):
+        ops.guided_step(model_output, x, STEP._replace(k_history=(0.5, 0.2)), CFG, history=[x])
+    with pytest.raises(ValueError, match=r"history\[1\] must have shape \(2, 3, 4, 4\)"):
+        ops.guided_step(model_output, x, STEP._replace(k_history=(0.5, 0.2)), CFG,
+                        history=[x, torch.randn(2, 3, 4, 5)])
+    with pytest.raises(ValueError, match="at most 4 coefficients"):
+        ops.guided_step(model_output, x, STEP._replace(k_history=(0.1,) * 5), CFG, history=[x] * 5)
+    with pytest.raises(TypeError, match="k_history must be a tuple"):
+        ops.guided_step(model_output, x, STEP._replace(k_history=[0.5]), CFG, history=[x])
+    with pytest.raises(ValueError, match=r"step.k_history\[0\] must be finite"):
+        ops.guided_step(model_output, x, STEP._replace(k_history=(math.inf,)), CFG, history=[x])
 
 
-def test_guided_step_non_finite_guidance_scale():
-    with pytest.raises(ValueError, match="guidance_scale must be finite"):
-        ops.guided_step(*step_inputs(), alpha=0.8, sigma=0.6, guidance_scale=math.nan)
+def test_guided_step_wrong_types():
+    with pytest.raises(TypeError, match="step must be a fastguide.ops.StepCoefficients"):
+        ops.guided_step(*step_inputs(), dict(alpha=0.8, sigma=0.6))
+    with pytest.raises(TypeError, match="combine must be a fastguide.ops.GuidanceCombine or None"):
+        ops.guided_step(*step_inputs(), STEP, 3.0)
 
 
 def test_guided_step_integer_tensor():
     model_output, x = step_inputs()
     with pytest.raises(TypeError, match="x must be a floating tensor"):
-        ops.guided_step(model_output, x.int(), alpha=0.8, sigma=0.6, guidance_scale=3.0)
+        ops.guided_step(model_output, x.int(), STEP, CFG)
 
 
 def test_guided_step_out_shape():
     model_output, x = step_inputs()
     with pytest.raises(ValueError, match="out must have shape"):
-        ops.guided_step(model_output, x, alpha=0.8, sigma=0.6, guidance_scale=3.0, out=torch.empty(3, 3, 4, 4))
+        ops.guided_step(model_output, x, STEP, CFG, out=torch.empty(3, 3, 4, 4))
 
 
 def test_guided_step_noise_shape():
     model_output, x = step_inputs()
     with pytest.raises(ValueError, match=r"noise must have shape \(2, 3, 4, 4\)"):
-        ops.guided_step(model_output, x, alpha=0.8, sigma=0.6, guidance_scale=3.0, noise=torch.randn(2, 3, 4), k_noise=1.0)
+        ops.guided_step(model_output, x, STEP._replace(k_noise=1.0), CFG, noise=torch.randn(2, 3, 4))
 
 
 def test_guided_step_coefficient_without_tensor():
     model_output, x = step_inputs()
-    with pytest.raises(ValueError, match="k_noise is 0.5 but noise was not given"):
-        ops.guided_step(model_output, x, alpha=0.8, sigma=0.6, guidance_scale=3.0, k_noise=0.5)
+    with pytest.raises(ValueError, match="step.k_noise is 0.5 but noise was not given"):
+        ops.guided_step(model_output, x, STEP._replace(k_noise=0.5), CFG)
+    with pytest.raises(ValueError, match="combine.apg_momentum is -0.5 but apg_buffer was not given"):
+        ops.guided_step(model_output, x, STEP, ops.GuidanceCombine(3.0, apg_momentum=-0.5, variant="apg"))
 
 
-def test_guided_step_bad_prediction_type():
-    with pytest.raises(ValueError, match="prediction_type must be one of"):
-        ops.guided_step(*step_inputs(), alpha=0.8, sigma=0.6, guidance_scale=3.0, prediction_type="eps")
+def test_guided_step_bad_prediction_type_and_variant():
+    with pytest.raises(ValueError, match="step.prediction_type must be one of"):
+        ops.guided_step(*step_inputs(), STEP._replace(prediction_type="eps"), CFG)
+    with pytest.raises(ValueError, match="combine.variant must be one of"):
+        ops.guided_step(*step_inputs(), STEP, ops.GuidanceCombine(3.0, variant="apg2"))
 
 
-def test_guided_step_variant_without_guidance():
-    model_output, x = step_inputs(rows=2)
-    with pytest.raises(ValueError, match="apg needs guidance_scale"):
-        ops.guided_step(model_output, x, alpha=0.8, sigma=0.6, apg=True)
-
-
-def test_guided_step_apg_with_zero_star():
-    with pytest.raises(ValueError, match="choose one"):
-        ops.guided_step(*step_inputs(), alpha=0.8, sigma=0.6, guidance_scale=3.0, apg=True, cfg_zero_star=True)
+def test_guided_step_apg_settings_need_the_apg_variant():
+    with pytest.raises(ValueError, match="combine.apg_eta is set but combine.variant is 'zero_star'"):
+        ops.guided_step(*step_inputs(), STEP, ops.GuidanceCombine(3.0, apg_eta=0.5, variant="zero_star"))
 
 
 def test_guided_step_learned_variance_needs_2c_channels():
     with pytest.raises(ValueError, match="log_variance_range needs a model_output with 2·3 channels"):
-        ops.guided_step(*step_inputs(), alpha=0.8, sigma=0.6, guidance_scale=3.0, log_variance_range=(-2.0, -1.0))
+        ops.guided_step(*step_inputs(), STEP._replace(log_variance_range=(-2.0, -1.0)), CFG)
 
 
 def test_guided_step_bad_alpha_sigma():
-    with pytest.raises(ValueError, match="alpha must be positive"):
-        ops.guided_step(*step_inputs(), alpha=0.0, sigma=0.6, guidance_scale=3.0)
-    with pytest.raises(ValueError, match="sigma must be positive"):
-        ops.guided_step(*step_inputs(), alpha=1.0, sigma=0.0, guidance_scale=3.0, clip_denoised=True)
+    with pytest.raises(ValueError, match="step.alpha must be positive"):
+        ops.guided_step(*step_inputs(), STEP._replace(alpha=0.0), CFG)
+    with pytest.raises(ValueError, match="step.sigma must be positive"):
+        ops.guided_step(*step_inputs(), STEP._replace(sigma=0.0, clip_denoised=True), CFG)

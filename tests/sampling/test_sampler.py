@@ -2,6 +2,7 @@
 form), against diffusers' schedulers on the same model and noise, and on a tiny UNet."""
 
 import contextlib
+import inspect
 import math
 
 import numpy as np
@@ -11,9 +12,9 @@ from scipy.integrate import solve_ivp
 
 import fastguide
 from fastguide import APG, CFG, ClassifierGuidance, GuidedSampler, NoiseSchedule, sample
-from fastguide.sampling import samplers
-from fastguide.sampling.samplers import SAMPLERS, plan_steps
-from tests.helpers import backends_for, randomize
+from fastguide.sampling import cuda_graphs
+from fastguide.sampling.solvers import SAMPLERS, plan_steps
+from tests.helpers import backends_for, tiny_cfg_unet
 
 SCHEDULE = NoiseSchedule.linear()
 
@@ -327,13 +328,6 @@ def test_ddpm_learned_range_matches_diffusers():
 # --------------------------------------------------------------------------------------
 
 
-def tiny_cfg_unet():
-    return randomize(fastguide.UNet(
-        image_size=8, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
-        attention_resolutions=(2,), channel_mult=(1, 2), num_head_channels=16, use_scale_shift_norm=True,
-        resblock_updown=True, num_classes=4, null_class=True), seed=4).eval()
-
-
 def test_batched_cfg_equals_two_separate_forwards():
     model = tiny_cfg_unet()
     labels = torch.tensor([0, 3])
@@ -405,6 +399,43 @@ def test_sampler_errors():
         sample(model, (2, 3, 8, 8), labels=torch.tensor([0, 1]), sampler="plms", steps=2)
 
 
+def test_sample_takes_every_argument_of_guided_sampler():
+    sampler_args = set(inspect.signature(GuidedSampler.__init__).parameters) - {"self"}
+    call_args = set(inspect.signature(GuidedSampler.__call__).parameters) - {"self"}
+    assert sampler_args | call_args <= set(inspect.signature(sample).parameters)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_callback_sees_every_model_call(sampler):
+    model = tiny_cfg_unet()
+    seen = []
+
+    def callback(info):
+        seen.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in info.items()})
+
+    kwargs = dict(labels=torch.tensor([0, 3]), sampler=sampler, steps=4, guidance=CFG(3.0),
+                  noise=torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)))
+    final = sample(model, (2, 3, 8, 8), callback=callback, **kwargs)
+    assert [info["i"] for info in seen] == list(range(4))
+    assert [info["t"] for info in seen] == NoiseSchedule.linear().timesteps(4)
+    torch.testing.assert_close(seen[-1]["x"], final, rtol=0, atol=0)
+    # The last step of both samplers lands on its x0 (first order onto clean data).
+    torch.testing.assert_close(seen[-1]["denoised"], final, rtol=0, atol=0)
+    # The callback only watches: the samples are those of a run without it.
+    torch.testing.assert_close(sample(model, (2, 3, 8, 8), **kwargs), final, rtol=0, atol=0)
+
+
+def test_learned_variance_is_planned_once():
+    # A model with learned sigma under ADM's learned-range DDPM: one plan, computed once.
+    model = tiny_cfg_unet()
+    guided = GuidedSampler(model, sampler="ddpm", steps=3, guidance=CFG(2.0))
+    guided((1, 3, 8, 8), labels=torch.tensor([1]), generator=torch.Generator().manual_seed(0))
+    plan = guided._calls(True)
+    guided((1, 3, 8, 8), labels=torch.tensor([2]), generator=torch.Generator().manual_seed(1))
+    assert guided._calls(True) is plan
+    assert all(call.step.log_variance_range is not None for call in plan[:-1])
+
+
 def test_cuda_graph_errors():
     model = tiny_cfg_unet()
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device, got cpu"):
@@ -448,10 +479,10 @@ def test_graph_replay_logic_matches_eager_on_cpu(monkeypatch, sampler, guidance,
     # The capture/replay bookkeeping (static buffers, noise drawn outside, labels and x_T
     # copied in per call, graphs reused) with the CUDA parts stood in for: a step that
     # read anything but the static buffers would give the second call wrong samples.
-    monkeypatch.setattr(samplers, "_GRAPH_DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(samplers, "_side_stream", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(samplers, "_graph_pool", lambda: None)
-    monkeypatch.setattr(samplers, "_capture_graph", lambda step, pool: ReplayingGraph(step))
+    monkeypatch.setattr(cuda_graphs, "GRAPH_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(cuda_graphs, "side_stream", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(cuda_graphs, "graph_pool", lambda: None)
+    monkeypatch.setattr(cuda_graphs, "capture_graph", lambda step, pool: ReplayingGraph(step))
     assert_graph_replays_match_eager("cpu", sampler, guidance, eta)
 
 

@@ -1,4 +1,4 @@
 // The CUDA kernels of csrc/group_norm.cu, compiled for the CPU emulation (emulator.h).
 #define __CUDACC__ 1
 #define FASTGUIDE_CUDA_EMULATION 1
-#include "../../csrc/group_norm.cu"
+#include "../../../csrc/group_norm.cu"

@@ -1,0 +1,202 @@
+"""The guided_step contract as three small frozen types, and the op schema derived from them.
+
+    StepCoefficients   one sampler update: x = alpha·x0 + sigma·eps at this step and
+                       x_next = k_x·x + k_x0·x0 + k_eps·eps + Σᵢ k_history[i]·history[i]
+                                + k_noise·noise + k_grad·grad
+    GuidanceCombine    how the guided prediction m comes from c and u: m = u + w·(c − u),
+                       or a variant (CFG rescale, CFG-Zero*, APG)
+    StepTensors        the step's tensors: the model output, x, the guiding prediction
+                       when it is a separate tensor, the solver history, noise, the
+                       classifier gradient, and the buffers the step writes
+
+fastguide.ops.reference.guided_step states the math. Every backend receives these objects
+(``guided_step(tensors, step, combine)``); samplers and guidance specs build them.
+
+The custom op's schema is derived from the types' fields, so adding a field to a type is
+the whole change on the op's side: each type's ``float`` fields travel as one
+``float[]`` in declaration order; ``tuple[float, ...]`` fields as ``float[]``; an
+optional pair as ``float[]?``; bools and strings as themselves; tensors as ``Tensor``,
+``Tensor?`` or ``Tensor[]``, with the fields named in WRITTEN declared as mutated. A None
+GuidanceCombine (an unguided step) travels as None in each of its arguments.
+"""
+
+from __future__ import annotations
+
+import string
+import typing
+from typing import Any, NamedTuple, Optional
+
+from torch import Tensor
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+COMBINE_VARIANTS = ("cfg", "zero_star", "apg")
+# The fused kernels read the history through this many pointer slots (a solver of order
+# 3 needs 2 or 3); the reference has no limit, the contract has this one for all backends.
+MAX_HISTORY = 4
+# The StepTensors fields that the step writes (declared mutated in the schema).
+WRITTEN = ("apg_buffer", "out", "x0_out")
+
+
+class StepCoefficients(NamedTuple):
+    """The per-step scalars of one sampler update (the sampler's whole job is these).
+
+    With x = alpha·x0 + sigma·eps at this step:
+      x0, eps from the model prediction m by ``prediction_type`` ("epsilon": m = eps,
+          "v_prediction": m = alpha·eps − sigma·x0, "sample": m = x0);
+      clip_denoised: x0 ← clamp(x0, −1, 1), eps re-derived from it;
+      grad_eps_scale ≠ 0: eps ← eps − grad_eps_scale·grad, x0 re-derived (ADM's order);
+      x_next = k_x·x + k_x0·x0 + k_eps·eps + Σᵢ k_history[i]·history[i]
+               + k_noise'·noise + k_grad'·grad,
+    with k_noise' = k_noise·exp(ℓ/2) and k_grad' = k_grad·exp(ℓ) for ADM's learned log
+    variance ℓ when log_variance_range = (min, max) is given, else k_noise and k_grad.
+    """
+
+    alpha: float
+    sigma: float
+    k_x: float = 0.0
+    k_x0: float = 0.0
+    k_eps: float = 0.0
+    k_noise: float = 0.0
+    k_grad: float = 0.0
+    grad_eps_scale: float = 0.0
+    k_history: tuple[float, ...] = ()
+    prediction_type: str = "epsilon"
+    clip_denoised: bool = False
+    log_variance_range: Optional[tuple[float, float]] = None
+
+
+class GuidanceCombine(NamedTuple):
+    """The guided prediction m from the model's prediction c and the guiding one u.
+
+      "cfg":        m = u + w·(c − u)
+      "zero_star":  CFG-Zero* (Fan et al. 2025): u ← s*·u first, s* = ⟨c, u⟩/(‖u‖² + 1e-8)
+      "apg":        adaptive projected guidance (Sadat et al. 2024) with apg_eta,
+                    apg_norm_threshold (0 = off) and apg_momentum (state in apg_buffer)
+    then, when rescale = φ > 0, CFG rescale (Lin et al. 2023):
+      m ← φ·m·std(c)/std(m) + (1 − φ)·m.
+    """
+
+    scale: float
+    rescale: float = 0.0
+    apg_eta: float = 0.0
+    apg_norm_threshold: float = 0.0
+    apg_momentum: float = 0.0
+    variant: str = "cfg"
+
+
+class StepTensors(NamedTuple):
+    """The tensors of one step. x is (B, C, *spatial).
+
+    model_output: (B, C', ...) or, for batched CFG, (2B, C', ...) laid out [c; u]; C' is C,
+        or 2C when the model also outputs ADM's variance interpolation (read from the
+        first B rows). The guiding prediction u is its second half, or ``guide``.
+    guide: (B, C or C', ...): u as a separate tensor (a second network's output).
+    history: solver state (earlier x0 or model outputs), each shaped like x.
+    out: x_next, shaped like x or (2B, ...) to fill both halves of the next [c; u] input;
+        may be x itself. x0_out: x0. apg_buffer: APG's momentum state, updated in place.
+    """
+
+    model_output: Tensor
+    x: Tensor
+    guide: Optional[Tensor] = None
+    history: tuple[Tensor, ...] = ()
+    noise: Optional[Tensor] = None
+    grad: Optional[Tensor] = None
+    apg_buffer: Optional[Tensor] = None
+    out: Optional[Tensor] = None
+    x0_out: Optional[Tensor] = None
+
+
+def float_fields(cls: type) -> tuple[str, ...]:
+    """Names of the ``float`` fields of a contract type, in declaration order (the order
+    of its packed ``float[]``, and of the matching C++ struct in csrc/guided_step.cuh)."""
+    hints = typing.get_type_hints(cls)
+    return tuple(name for name in cls._fields if hints[name] is float)
+
+
+# The types' float fields, resolved once (a type hint lookup per call would cost, and
+# torch.compile cannot trace it).
+STEP_SCALARS = float_fields(StepCoefficients)
+COMBINE_SCALARS = float_fields(GuidanceCombine)
+
+# Field annotation -> schema type; float fields are packed separately.
+_SCHEMA_TYPES = {
+    tuple[float, ...]: "float[]",
+    Optional[tuple[float, float]]: "float[]?",
+    bool: "bool",
+    str: "str",
+    Tensor: "Tensor",
+    Optional[Tensor]: "Tensor?",
+    tuple[Tensor, ...]: "Tensor[]",
+}
+
+
+class _OpArguments:
+    """How one contract type travels through the op: its schema arguments, and the
+    packing of an object into them and back. This runs on every call, so the types are
+    NamedTuples (construction and hashing cost a fifth of a frozen dataclass's) that
+    declare their float fields first: packing slices them off, unpacking is positional."""
+
+    def __init__(self, cls: type, prefix: str, optional: bool = False):
+        hints = typing.get_type_hints(cls)
+        self.cls, self.optional = cls, optional
+        self.scalars = float_fields(cls)
+        self.n_scalars = len(self.scalars)
+        if cls._fields[: self.n_scalars] != self.scalars:
+            raise TypeError(f"{cls.__name__} must declare its float fields before the others")
+        others = cls._fields[self.n_scalars:]
+        self.schema: list[str] = [f"float[]{'?' if optional else ''} {prefix}_scalars"] if self.scalars else []
+        written = 0
+        for name in others:
+            kind = _SCHEMA_TYPES[hints[name]]
+            if name in WRITTEN:
+                kind = kind.replace("Tensor", f"Tensor({string.ascii_lowercase[written]}!)")
+                written += 1
+            if optional and not kind.endswith("?"):
+                kind += "?"
+            self.schema.append(f"{kind} {name}")
+        self.count = len(self.schema)
+        # Tuple fields travel as lists (the schema's float[] and Tensor[]).
+        self._sequences = tuple(
+            hints[name] in (tuple[float, ...], tuple[Tensor, ...], Optional[tuple[float, float]]) for name in others
+        )
+
+    def pack(self, obj: Any) -> list:
+        if obj is None:
+            return [None] * self.count
+        others = [list(v) if sequence and v is not None else v
+                  for v, sequence in zip(obj[self.n_scalars:], self._sequences)]
+        return [list(obj[: self.n_scalars]), *others] if self.n_scalars else others
+
+    def unpack(self, values: typing.Sequence) -> Any:
+        if self.optional and values[0] is None:
+            return None
+        others = values[1:] if self.n_scalars else values
+        others = [tuple(v) if sequence and v is not None else v for v, sequence in zip(others, self._sequences)]
+        return self.cls(*values[0], *others) if self.n_scalars else self.cls(*others)
+
+
+TENSOR_ARGUMENTS = _OpArguments(StepTensors, "tensors")
+STEP_ARGUMENTS = _OpArguments(StepCoefficients, "step")
+COMBINE_ARGUMENTS = _OpArguments(GuidanceCombine, "combine", optional=True)
+
+
+def guided_step_schema() -> str:
+    """The custom op's schema: the three types' arguments, then the backend's name."""
+    arguments = TENSOR_ARGUMENTS.schema + STEP_ARGUMENTS.schema + COMBINE_ARGUMENTS.schema + ["str backend"]
+    return "(" + ", ".join(arguments) + ") -> ()"
+
+
+def pack(tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None) -> list:
+    """The op's arguments (without the backend) for three contract objects."""
+    return TENSOR_ARGUMENTS.pack(tensors) + STEP_ARGUMENTS.pack(step) + COMBINE_ARGUMENTS.pack(combine)
+
+
+def unpack(arguments: typing.Sequence) -> tuple[StepTensors, StepCoefficients, GuidanceCombine | None]:
+    """The three contract objects back from the op's arguments (without the backend)."""
+    n_tensors, n_step = TENSOR_ARGUMENTS.count, STEP_ARGUMENTS.count
+    return (
+        TENSOR_ARGUMENTS.unpack(arguments[:n_tensors]),
+        STEP_ARGUMENTS.unpack(arguments[n_tensors:n_tensors + n_step]),
+        COMBINE_ARGUMENTS.unpack(arguments[n_tensors + n_step:]),
+    )

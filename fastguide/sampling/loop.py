@@ -1,0 +1,407 @@
+"""The guided sampling loop: one model forward and one ``ops.guided_step`` per model call.
+
+Three concerns, three places: the plan (solvers.py: per-call scalars, turned here into
+each call's ``StepCoefficients`` once per sampler), the loop (``GuidedSampler``: buffers,
+the model call, the fused step), and CUDA-graph capture (cuda_graphs.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..ops import validation
+from ..ops.contract import GuidanceCombine, StepCoefficients
+from . import cuda_graphs
+from .guidance import split_guidance
+from .schedule import NoiseSchedule
+from .solvers import SAMPLERS, VARIANCE_TYPES, StepPlan, plan_steps
+
+Model = Callable[..., Tensor]
+# callback({"i", "t", "x", "denoised"}) after each model call (k-diffusion's convention):
+# i the call's index, t its original timestep, x the new x, denoised the call's x0.
+Callback = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Everything one model call of a run needs besides tensors."""
+
+    t: int
+    guided: bool  # CFG active at this call (its interval): the forward runs on 2B rows
+    step: StepCoefficients
+    # Imagen's dynamic thresholding: the first pass, computing the guided x0 only.
+    x0_only: StepCoefficients | None = None
+
+
+@dataclass
+class _Buffers:
+    """The tensors one sampling run works in; a captured CUDA graph reads and writes only these."""
+
+    model_input: Tensor  # (rows, C, ...): x_t in its first B rows, [cond; uncond] with CFG
+    labels_in: Tensor | None  # (rows,): the labels, then the null label with CFG
+    x0: list[Tensor]  # a ring of the calls' x0: the solver history (and the callback's denoised)
+    apg: Tensor | None  # APG's momentum state
+    noise: Tensor  # the noise of a graph replay's step, drawn before the replay
+
+
+class GuidedSampler:
+    """A guided sampling loop that holds its plan and buffers across calls.
+
+    One model forward per call of the plan: with CFG, on a 2B batch laid out
+    [cond; uncond] with the null label in the second half; ops.guided_step writes x_next
+    into both halves of that input, so no torch.cat ever runs. Multistep solvers keep
+    each call's x0 in a ring of buffers, read back as the next calls' history.
+
+    With ``cuda_graph=True`` (CUDA only) the first call for a batch shape runs the loop
+    once eagerly on a side stream (warm-up: lazy initialisation, autotuning), then
+    captures each model call with its guided_step as one CUDA graph, sharing one memory
+    pool; every call then only copies x_T and the labels in, draws the noise and replays
+    the graphs. The same generator gives the same samples with or without graphs.
+    Classifier guidance (autograd through the classifier) is not captured.
+    See ``fastguide.sample`` for the arguments.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        sampler: str = "dpm++2m",
+        steps: int | str | Sequence[int] = 25,
+        schedule: NoiseSchedule | None = None,
+        guidance=None,
+        eta: float = 0.0,
+        clip_denoised: bool = True,
+        prediction_type: str = "epsilon",
+        variance_type: str | None = None,
+        null_label: int | None = None,
+        num_classes: int | None = None,
+        dynamic_threshold: float | None = None,
+        cuda_graph: bool = False,
+    ):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if variance_type is not None and variance_type not in VARIANCE_TYPES:
+            raise ValueError(f"variance_type must be one of {VARIANCE_TYPES} or None, got {variance_type!r}")
+        if dynamic_threshold is not None and not 0 < dynamic_threshold < 1:
+            raise ValueError(f"dynamic_threshold must be a percentile in (0, 1), got {dynamic_threshold}")
+        if eta < 0:
+            raise ValueError(f"eta must be non-negative, got {eta}")
+        self.model = model
+        self.schedule = schedule or NoiseSchedule.linear()
+        self.timesteps = self.schedule.timesteps(steps)
+        self.sampler, self.eta, self.variance_type = sampler, eta, variance_type
+        self.clip_denoised, self.prediction_type = clip_denoised, prediction_type
+        self.dynamic_threshold = dynamic_threshold
+        self.cfg, self.classifier = split_guidance(guidance)
+        self.combine: GuidanceCombine | None = self.cfg.combine() if self.cfg is not None else None
+        validation.check_combine(self.combine)
+        self.null_label = null_label if null_label is not None else _model_null_label(model)
+        self.num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
+        if self.cfg is not None and self.null_label is None:
+            raise ValueError("CFG needs a null label: use a model built with null_class=True, or pass null_label=")
+        if cuda_graph and self.classifier is not None:
+            raise ValueError(
+                "cuda_graph=True cannot capture classifier guidance (its gradient runs autograd "
+                "through the classifier); use cuda_graph=False"
+            )
+        self.cuda_graph = cuda_graph
+        # (shape, device, labelled, keep_x0) -> (buffers, graphs) of the captured runs.
+        self._graphs: dict[tuple, tuple[_Buffers, list]] = {}
+        self._call_cache: dict[bool, tuple[_Call, ...]] = {}
+        self._calls(learned_variance=False)  # every call's scalars checked here, once
+
+    # ----------------------------------------------------------------------------------
+    # The plan: each call's scalars, computed once per sampler
+    # ----------------------------------------------------------------------------------
+
+    def _calls(self, learned_variance: bool) -> tuple[_Call, ...]:
+        """Each model call's scalars, for a model with or without learned variance (the
+        model's output says which; the two plans differ only in ADM's learned-range DDPM
+        variances), each computed once."""
+        if learned_variance in self._call_cache:
+            return self._call_cache[learned_variance]
+        variance_type = self.variance_type or ("learned_range" if learned_variance else "fixed_small")
+        plans = plan_steps(self.sampler, self.schedule, self.timesteps, eta=self.eta, variance_type=variance_type)
+        calls = tuple(self._call(plan, learned_variance) for plan in plans)
+        for call in calls:
+            validation.check_step(call.step)
+        self._call_cache[learned_variance] = calls
+        return calls
+
+    def _call(self, plan: StepPlan, learned_variance: bool) -> _Call:
+        scale = self.classifier.scale if self.classifier is not None else 0.0
+        step = plan.coefficients(self.schedule, prediction_type=self.prediction_type,
+                                 clip_denoised=self.clip_denoised, learned_variance=learned_variance,
+                                 classifier_scale=scale)
+        guided = self.cfg is not None and self.cfg.active_at(self.schedule.edm_sigma(plan.t))
+        if self.dynamic_threshold is None:
+            return _Call(plan.t, guided, step)
+        # The thresholded x0 replaces the prediction: the step then reads it as "sample".
+        x0_only = StepCoefficients(step.alpha, step.sigma, k_x0=1.0, prediction_type=self.prediction_type)
+        return _Call(plan.t, guided, step._replace(prediction_type="sample", clip_denoised=False), x0_only)
+
+    @property
+    def num_calls(self) -> int:
+        return len(self._calls(False))
+
+    @functools.cached_property
+    def history_length(self) -> int:
+        """The most history tensors any call reads."""
+        return max(len(call.step.k_history) for call in self._calls(False))
+
+    # ----------------------------------------------------------------------------------
+    # The loop
+    # ----------------------------------------------------------------------------------
+
+    def _check_labels(self, labels: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+        if labels is None:
+            if self.cfg is not None or self.classifier is not None:
+                raise ValueError("guidance needs labels (one class index per sample)")
+            return None
+        labels = torch.as_tensor(labels, device=device).long().flatten()
+        if labels.numel() != batch:
+            raise ValueError(f"labels must hold one class per sample ({batch}), got {labels.numel()}")
+        if self.num_classes is not None and (labels.min() < 0 or labels.max() >= self.num_classes):
+            low, high = labels.min().item(), labels.max().item()
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got {low}..{high}")
+        return labels
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        shape: Sequence[int],
+        *,
+        labels: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+        callback: Callback | None = None,
+    ) -> Tensor:
+        shape = tuple(shape)
+        if len(shape) < 2:
+            raise ValueError(f"shape must be (batch, channels, ...), got {shape}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        if device is not None:
+            device = torch.device(device)
+        else:
+            device = noise.device if noise is not None else _model_device(self.model)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+        if self.cuda_graph and device.type not in cuda_graphs.GRAPH_DEVICE_TYPES:
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
+        labels = self._check_labels(labels, shape[0], device)
+        x_T = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
+        indices = range(self.num_calls)
+        if progress:
+            from tqdm.auto import tqdm
+
+            indices = tqdm(indices, desc=f"{self.sampler} sampling")
+        # x0 is written only when read: as history, or as the callback's denoised.
+        keep_x0 = self.history_length > 0 or callback is not None
+        if self.cuda_graph:
+            return self._replay(shape, device, x_T, labels, generator, indices, callback, keep_x0)
+
+        buffers = self._new_buffers(shape, device, labels is not None)
+        self._load(buffers, x_T, labels)
+        fresh_noise = lambda: torch.randn(shape, generator=generator, device=device)  # noqa: E731
+        for i in indices:
+            self._model_call(i, buffers, shape, fresh_noise, keep_x0)
+            self._report(callback, i, buffers, shape[0])
+        return buffers.model_input[: shape[0]].clone()
+
+    def _new_buffers(self, shape: tuple[int, ...], device: torch.device, labelled: bool) -> _Buffers:
+        rows = 2 * shape[0] if self.cfg is not None else shape[0]
+        momentum = self.combine is not None and self.combine.apg_momentum != 0
+        return _Buffers(
+            model_input=torch.empty((rows, *shape[1:]), device=device),
+            labels_in=torch.empty(rows, dtype=torch.long, device=device) if labelled else None,
+            x0=[torch.empty(shape, device=device) for _ in range(self.history_length + 1)],
+            apg=torch.empty(shape, device=device) if momentum else None,
+            noise=torch.zeros(shape, device=device),
+        )
+
+    def _load(self, buffers: _Buffers, x_T: Tensor, labels: Tensor | None) -> None:
+        """Start a run: x_T in every half of the model input, the labels, a fresh APG state."""
+        batch = x_T.shape[0]
+        buffers.model_input[:batch] = x_T
+        if self.cfg is not None:
+            buffers.model_input[batch:] = x_T
+        if labels is not None:
+            buffers.labels_in[:batch] = labels
+            if self.cfg is not None:
+                buffers.labels_in[batch:] = self.null_label
+        if buffers.apg is not None:
+            buffers.apg.zero_()
+
+    def _model_call(
+        self, i: int, buffers: _Buffers, shape: tuple[int, ...], draw_noise: Callable[[], Tensor], keep_x0: bool
+    ) -> None:
+        """Model call i and its guided_step, in the buffers."""
+        batch = shape[0]
+        model_input, labels_in = buffers.model_input, buffers.labels_in
+        x = model_input[:batch]
+        t = self._calls(False)[i].t
+        rows = model_input.shape[0] if self._calls(False)[i].guided else batch
+        t_in = torch.full((rows,), t, device=x.device, dtype=torch.long)
+        if labels_in is not None:
+            model_output = self.model(model_input[:rows], t_in, labels_in[:rows])
+        else:
+            model_output = self.model(model_input[:rows], t_in)
+        call = self._calls(model_output.shape[1] == 2 * shape[1])[i]
+
+        ring = buffers.x0
+        history = tuple(ring[(i - 1 - j) % len(ring)] for j in range(len(call.step.k_history)))
+        combine = self.combine if call.guided else None
+        grad = None
+        if call.step.k_grad or call.step.grad_eps_scale:
+            grad = self.classifier.gradient(x, t_in[:batch], labels_in[:batch])
+        if call.x0_only is not None:
+            model_output = self._dynamic_threshold(model_output, x, call, combine, buffers, ring[i % len(ring)])
+            combine = None
+        ops.guided_step(
+            model_output, x, call.step, combine,
+            history=history, noise=draw_noise() if call.step.k_noise else None, grad=grad,
+            apg_buffer=buffers.apg if combine is not None else None, out=model_input,
+            x0_out=ring[i % len(ring)] if keep_x0 else None,
+        )
+
+    def _report(self, callback: Callback | None, i: int, buffers: _Buffers, batch: int) -> None:
+        if callback is not None:
+            x0 = buffers.x0[i % len(buffers.x0)]
+            callback({"i": i, "t": self._calls(False)[i].t, "x": buffers.model_input[:batch], "denoised": x0})
+
+    def _dynamic_threshold(
+        self, model_output: Tensor, x: Tensor, call: _Call, combine: GuidanceCombine | None, buffers: _Buffers,
+        scratch: Tensor,
+    ) -> Tensor:
+        """Imagen's dynamic thresholding: x0 ← clamp(x0, −s, s)/s with s = max(1, the
+        per-sample percentile of |x0|). One extra pass computes the guided x0 (no clip);
+        the step then runs on that thresholded x0 as a "sample" prediction, so eps is
+        re-derived from it and the rest of the step (classifier shift, update) follows."""
+        x0 = ops.guided_step(model_output, x, call.x0_only, combine,
+                             apg_buffer=buffers.apg if combine is not None else None, out=scratch)
+        flat = x0.abs().flatten(1)
+        k = max(1, min(flat.shape[1], math.ceil(self.dynamic_threshold * flat.shape[1])))
+        s = flat.kthvalue(k, dim=1).values.clamp_min(1.0).reshape(-1, *([1] * (x0.dim() - 1)))
+        thresholded = torch.maximum(torch.minimum(x0, s), -s) / s
+        if model_output.shape[1] == 2 * x.shape[1]:  # keep the learned variance channels
+            thresholded = torch.cat([thresholded, model_output[: len(x), x.shape[1]:]], dim=1)
+        return thresholded
+
+    # ----------------------------------------------------------------------------------
+    # CUDA graphs
+    # ----------------------------------------------------------------------------------
+
+    def _replay(self, shape, device, x_T, labels, generator, indices, callback, keep_x0) -> Tensor:
+        """The loop as CUDA graphs: captured on the first call for this shape, then replayed."""
+        key = (shape, device, labels is not None, keep_x0)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(shape, device, x_T, labels, keep_x0)
+        buffers, graphs = self._graphs[key]
+        self._load(buffers, x_T, labels)
+        for i in indices:
+            if self._calls(False)[i].step.k_noise:  # drawn outside the graph: the same stream as eager
+                torch.randn(shape, generator=generator, device=device, out=buffers.noise)
+            graphs[i].replay()
+            self._report(callback, i, buffers, shape[0])
+        return buffers.model_input[: shape[0]].clone()
+
+    def _capture(self, shape, device, x_T, labels, keep_x0) -> tuple[_Buffers, list]:
+        buffers = self._new_buffers(shape, device, labels is not None)
+        self._load(buffers, x_T, labels)
+        static_noise = lambda: buffers.noise  # noqa: E731
+        # Warm up on a side stream, as torch.cuda.graph asks (lazy initialisation, cuDNN and
+        # Triton autotuning, allocator).
+        with cuda_graphs.side_stream(device):
+            for i in range(self.num_calls):
+                self._model_call(i, buffers, shape, static_noise, keep_x0)
+        pool = cuda_graphs.graph_pool()
+        graphs = [
+            cuda_graphs.capture_graph(
+                functools.partial(self._model_call, i, buffers, shape, static_noise, keep_x0), pool
+            )
+            for i in range(self.num_calls)
+        ]
+        return buffers, graphs
+
+
+def _model_null_label(model) -> int | None:
+    """The model's unconditional label, when it has one (fastguide UNet with null_class)."""
+    return model.num_classes if getattr(model, "null_class", False) else None
+
+
+def _model_device(model) -> torch.device:
+    if isinstance(model, nn.Module):
+        parameter = next(model.parameters(), None)
+        if parameter is not None:
+            return parameter.device
+    return torch.device("cpu")
+
+
+def sample(
+    model: Model,
+    shape: Sequence[int],
+    *,
+    labels: Tensor | None = None,
+    sampler: str = "dpm++2m",
+    steps: int | str | Sequence[int] = 25,
+    schedule: NoiseSchedule | None = None,
+    guidance=None,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+    progress: bool = False,
+    callback: Callback | None = None,
+    prediction_type: str = "epsilon",
+    variance_type: str | None = None,
+    null_label: int | None = None,
+    num_classes: int | None = None,
+    dynamic_threshold: float | None = None,
+    device: torch.device | str | None = None,
+    cuda_graph: bool = False,
+) -> Tensor:
+    """Draw samples of ``shape`` from ``model(x_t, t, y) -> prediction`` (ADM's signature).
+
+    Args:
+        labels: (B,) class indices; required by CFG and classifier guidance.
+        sampler: "ddim", "ddpm", "euler", "dpm++2m" or "dpm++2s" (two model calls per step).
+        steps: a count, ADM's "ddimN", or an explicit list of original timesteps.
+        schedule: the training schedule (default ADM's linear schedule over 1000 steps).
+        guidance: None, ``CFG(...)``, ``ClassifierGuidance(...)`` or a tuple of both.
+        eta: DDIM's stochasticity (0 = deterministic).
+        clip_denoised: clip the predicted x0 to [−1, 1] at every step.
+        generator, noise: the random stream; ``noise`` is x_T. Same generator, same samples.
+        progress: a progress bar over the model calls.
+        callback: called after each model call with a dict {"i", "t", "x", "denoised"}
+            (k-diffusion's convention; the tensors are the loop's buffers: copy to keep).
+        prediction_type: "epsilon", "v_prediction" or "sample".
+        variance_type: for "ddpm": "fixed_small", "fixed_large" or "learned_range"
+            (default: learned_range when the model outputs 2C channels).
+        null_label: the unconditional label (default: the model's ``null_label``).
+        num_classes: labels must lie in [0, num_classes) (default: the model's).
+        dynamic_threshold: Imagen's dynamic thresholding percentile (e.g. 0.995) instead of
+            static clipping: x0 ← clamp(x0, −s, s)/s, s = max(1, that percentile of |x0|).
+        device: where to sample (default: the noise's, else the model's).
+        cuda_graph: capture the loop as CUDA graphs and replay them (CUDA only; not with
+            classifier guidance). Capture costs a warm-up run: hold a ``GuidedSampler`` to
+            reuse the graphs across calls.
+
+    Returns x_0 of ``shape``.
+    """
+    guided_sampler = GuidedSampler(
+        model, sampler=sampler, steps=steps, schedule=schedule, guidance=guidance, eta=eta,
+        clip_denoised=clip_denoised, prediction_type=prediction_type, variance_type=variance_type,
+        null_label=null_label, num_classes=num_classes, dynamic_threshold=dynamic_threshold, cuda_graph=cuda_graph,
+    )
+    return guided_sampler(shape, labels=labels, generator=generator, noise=noise, device=device,
+                          progress=progress, callback=callback)
