@@ -1,5 +1,5 @@
 """UNet forward: fastguide's fused model vs the same weights on plain PyTorch ops (ADM's
-unfused forward, fastguide.adm_baseline) vs torch.compile of that.
+unfused forward, tools/adm_baseline.py) vs torch.compile of that.
 
 CPU set: the "compact" preset at batch 2×16 and the adm64 configuration at batch 2×1
 (adm64 at 2×16 takes minutes per forward on 2 cores). GPU set: adm64 at batch 2×64,

@@ -1,0 +1,140 @@
+"""Host overhead of one sampler step on tiny tensors, split into its parts, beside diffusers.
+
+    python benchmarks/sampling/step_overhead.py [--repeat 2000] [--json PATH]
+
+On a GPU the fused step is one kernel of a few µs, so for a small model without CUDA
+graphs the host work around it decides the step's speed. This measures that work on CPU,
+on one thread, with a 1×3×8×8 batch (CFG on a 2×3×8×8 model output, x0 clipping, one
+DPM-Solver++(2M) history tensor): every part is timed on its own, interleaved, as the
+median of ``--repeat`` calls.
+
+  validation   the op's argument checks (constants cached per value, tensors per call)
+  dispatch     the rest of the call: backend choice, and the custom op's round trip
+               where the call takes it (total − validation − math)
+  math         the reference backend's own work
+  total        one ops.guided_step call under no_grad, as the sampler makes it (the call
+               goes straight to the backend)
+  total, op    one call with autograd on, through the torch.library custom op (as
+               under torch.compile)
+  loop/call    one model call of GuidedSampler with a model that returns a fixed tensor,
+               minus that model's own time: everything the loop does around the model
+  diffusers    the same step as a diffusers pipeline does it: torch.chunk, the CFG
+               combine and DDIMScheduler.step (clip, use_clipped_model_output)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+
+from fastguide import CFG, GuidedSampler, ops
+from fastguide.ops import reference, validation
+from fastguide.ops.contract import GuidanceCombine, StepCoefficients, StepTensors
+
+
+def median_us(fn, repeat: int) -> float:
+    for _ in range(20):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter_ns()
+        fn()
+        times.append(time.perf_counter_ns() - start)
+    return statistics.median(times) / 1000
+
+
+def measure(repeat: int) -> dict[str, float]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 8, 8, generator=g)
+    model_output = torch.randn(2, 3, 8, 8, generator=g)
+    prev, out, x0_out = torch.randn(1, 3, 8, 8, generator=g), torch.empty(2, 3, 8, 8), torch.empty(1, 3, 8, 8)
+    step = StepCoefficients(alpha=0.8, sigma=0.6, k_x=0.7, k_x0=0.5, k_history=(-0.1,), clip_denoised=True)
+    combine = GuidanceCombine(3.0)
+    tensors = StepTensors(model_output, x, history=(prev,), out=out, x0_out=x0_out)
+
+    def validate():
+        validation.check_step(step)
+        validation.check_combine(combine)
+        validation.check_step_tensors(tensors, step, combine)
+
+    def call():
+        ops.guided_step(model_output, x, step, combine, history=(prev,), out=out, x0_out=x0_out)
+
+    # name -> (function, autograd on while it is timed)
+    parts = {
+        "total": (call, False),
+        "total, op": (call, True),
+        "validation": (validate, False),
+        "math": (lambda: reference.guided_step(tensors, step, combine), False),
+    }
+    results = {name: [] for name in parts}
+    for _ in range(5):  # interleaved rounds: drift hits every part alike
+        for name, (fn, grad) in parts.items():
+            with torch.set_grad_enabled(grad):
+                results[name].append(median_us(fn, repeat // 5))
+    split = {name: statistics.median(values) for name, values in results.items()}
+    split["dispatch"] = split["total"] - split["validation"] - split["math"]
+    split["dispatch, op"] = split["total, op"] - split["validation"] - split["math"]
+    split["loop/call"] = loop_overhead(repeat)
+    split["diffusers"] = diffusers_step(repeat)
+    return split
+
+
+def loop_overhead(repeat: int) -> float:
+    """Per-call time of GuidedSampler's loop around a model that returns a fixed tensor."""
+    fixed = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.1
+
+    def model(x, t, y):
+        return fixed[: len(x)]
+
+    calls = 25
+    sampler = GuidedSampler(model, sampler="dpm++2m", steps=calls, guidance=CFG(3.0), null_label=10, num_classes=10)
+    labels = torch.tensor([1])
+    noise = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    run = median_us(lambda: sampler((1, 3, 8, 8), labels=labels, noise=noise), max(1, repeat // calls))
+    model_alone = median_us(lambda: model(fixed, None, None), repeat)
+    return run / calls - model_alone
+
+
+def diffusers_step(repeat: int) -> float:
+    try:
+        import diffusers
+    except ImportError:
+        return math.nan
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+    scheduler.set_timesteps(25)
+    t = int(scheduler.timesteps[5])
+    g = torch.Generator().manual_seed(0)
+    x, model_output = torch.randn(1, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+
+    def step():
+        cond, uncond = model_output.chunk(2)
+        eps = uncond + 3.0 * (cond - uncond)
+        return scheduler.step(eps, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
+
+    return median_us(step, repeat)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=2000)
+    parser.add_argument("--json", help="also write the numbers (µs) as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    split = measure(args.repeat)
+    print("| part | µs per step |\n|---|---|")
+    for name, value in split.items():
+        print(f"| {name} | {value:.1f} |")
+    print(f"| validation + dispatch | {split['validation'] + split['dispatch']:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(split, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
