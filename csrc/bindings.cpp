@@ -121,7 +121,8 @@ void guided_step(const at::Tensor& model_output, const std::optional<at::Tensor>
   p.guided = combine_scalars.has_value();
   p.step = scalars_from<StepScalars>(step_scalars, "step");
   if (p.guided) p.combine = scalars_from<CombineScalars>(*combine_scalars, "combine");
-  derive_step_constants(p, prediction_type_from(prediction_type));
+  p.prediction_type = prediction_type_from(prediction_type);
+  derive_step_constants(p);
   p.num_history = static_cast<int>(history.size());
   for (int i = 0; i < p.num_history; ++i) p.k_history[i] = static_cast<float>(k_history[i]);
   p.learned_var = log_variance_range.has_value();

@@ -12,8 +12,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #define FG_HOST_DEVICE __host__ __device__ __forceinline__
+// Unroll the next loop in device code; host compilers (bindings.cpp, -Werror) do not know
+// the pragma, and unroll small fixed-trip loops on their own.
+#define FG_UNROLL _Pragma("unroll")
 #else
 #define FG_HOST_DEVICE inline
+#define FG_UNROLL
 #endif
 
 namespace fastguide {

@@ -124,9 +124,11 @@ FG_HOST_DEVICE void channel_moments(const GroupNormParams& p, const float* parti
 // mean = Σ_c mean_c / Cg, M2 = Σ_c [m2_c + S·(mean_c − mean)²], var = M2/(Cg·S).
 FG_HOST_DEVICE void finish_statistics(const GroupNormParams& p, double mean, double m2, float& mean_out,
                                       float& rstd_out) {
-  const double variance = fmax(m2 / (static_cast<double>(p.s) * static_cast<double>(p.channels_per_group)), 0.0);
+  const double variance = m2 / (static_cast<double>(p.s) * static_cast<double>(p.channels_per_group));
   mean_out = static_cast<float>(mean);
-  rstd_out = static_cast<float>(1.0 / sqrt(variance + static_cast<double>(p.eps)));
+  // Statistics that overflowed float32 partial sums (or met a NaN) give NaN, on every backend.
+  rstd_out = variance < HUGE_VAL ? static_cast<float>(1.0 / sqrt(fmax(variance, 0.0) + static_cast<double>(p.eps)))
+                                 : NAN;
 }
 
 // Channel c's merged (A, B) = (Σ_s dz, Σ_s dz·x̂), written to sums (N, C, 2), and its terms

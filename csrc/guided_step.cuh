@@ -57,27 +57,14 @@ struct GuidedStepParams {
   CombineScalars combine;
   float k_history[kMaxHistory];
   float log_var_min, log_var_max;
-  // Derived per step by derive_step_constants: x0, eps = maps of (x, m), and reciprocals.
-  float x0_from_x, x0_from_m, eps_from_x, eps_from_m, inv_alpha, inv_sigma;
+  int prediction_type;         // PredictionType
+  float inv_alpha, inv_sigma;  // 1/alpha, 1/sigma (0 when sigma = 0), once per step
 };
 
-// The prediction type's linear maps of x = alpha·x0 + sigma·eps (x0 and eps from x and the
-// prediction m), and 1/alpha, 1/sigma (0 when sigma = 0), once per step on the host.
-inline void derive_step_constants(GuidedStepParams& p, PredictionType prediction_type) {
-  const float alpha = p.step.alpha, sigma = p.step.sigma;
-  p.inv_alpha = 1.0f / alpha;
-  p.inv_sigma = sigma > 0.0f ? 1.0f / sigma : 0.0f;
-  switch (prediction_type) {
-    case kEpsilon:  // m = eps
-      p.x0_from_x = 1.0f / alpha, p.x0_from_m = -sigma / alpha, p.eps_from_x = 0.0f, p.eps_from_m = 1.0f;
-      break;
-    case kVPrediction:  // m = alpha·eps − sigma·x0
-      p.x0_from_x = alpha, p.x0_from_m = -sigma, p.eps_from_x = sigma, p.eps_from_m = alpha;
-      break;
-    case kSample:  // m = x0
-      p.x0_from_x = 0.0f, p.x0_from_m = 1.0f, p.eps_from_x = p.inv_sigma, p.eps_from_m = -alpha * p.inv_sigma;
-      break;
-  }
+// The reciprocals the step divides by, once per step on the host.
+inline void derive_step_constants(GuidedStepParams& p) {
+  p.inv_alpha = 1.0f / p.step.alpha;
+  p.inv_sigma = p.step.sigma > 0.0f ? 1.0f / p.step.sigma : 0.0f;
 }
 
 template <typename T>
@@ -127,7 +114,8 @@ FG_HOST_DEVICE SampleCoefficients sample_coefficients(const GuidedStepParams& p,
     const double s_mm = alpha_c * alpha_c * s_cc + 2.0 * alpha_c * alpha_v * s_cv + alpha_v * alpha_v * s_vv;
     const double var_m = (s_mm - s_m * s_m / n) / (n - 1.0);
     const double phi = p.combine.rescale;
-    f = phi * sqrt(var_c / var_m) + 1.0 - phi;
+    // A constant guided prediction (std 0) is left as it is; NaN still propagates.
+    f = var_m <= 0.0 ? 1.0 : phi * sqrt(var_c / var_m) + 1.0 - phi;
   }
   return {static_cast<float>(alpha_c), static_cast<float>(alpha_v), static_cast<float>(f)};
 }
@@ -159,19 +147,38 @@ FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const Sampl
   if (p.guided) {
     const float v = guidance_difference(p, in.c, in.u, in.buffer);
     result.buffer = v;
-    m = k.f * (k.alpha_c * in.c + k.alpha_v * v);
+    // Plain CFG as the reference writes it, u + w·(c − u), so that infinities agree.
+    m = p.stats == kStatsNone ? in.u + p.combine.scale * v : k.f * (k.alpha_c * in.c + k.alpha_v * v);
   }
-  float x0 = p.x0_from_x * in.x + p.x0_from_m * m;
-  float eps = p.eps_from_x * in.x + p.eps_from_m * m;
+  // x0 and eps from m with no term of zero coefficient (0·inf would be NaN).
+  float x0, eps;
+  switch (p.prediction_type) {
+    case kEpsilon:
+      x0 = (in.x - p.step.sigma * m) * p.inv_alpha;
+      eps = m;
+      break;
+    case kVPrediction:
+      x0 = p.step.alpha * in.x - p.step.sigma * m;
+      eps = p.step.sigma * in.x + p.step.alpha * m;
+      break;
+    default:  // kSample
+      x0 = m;
+      eps = (in.x - p.step.alpha * m) * p.inv_sigma;
+      break;
+  }
   if (p.clip) {
-    x0 = fminf(fmaxf(x0, -1.0f), 1.0f);
+    x0 = x0 != x0 ? x0 : fminf(fmaxf(x0, -1.0f), 1.0f);  // fminf/fmaxf would drop a NaN
     eps = (in.x - p.step.alpha * x0) * p.inv_sigma;
   }
   if (p.grad_eps) {
     eps -= p.step.grad_eps_scale * in.grad;
     x0 = (in.x - p.step.sigma * eps) * p.inv_alpha;
   }
-  float x_next = p.step.k_x * in.x + p.step.k_x0 * x0 + p.step.k_eps * eps;
+  // Terms with a zero coefficient are absent, as in the reference.
+  float x_next = 0.0f;
+  if (p.step.k_x != 0.0f) x_next += p.step.k_x * in.x;
+  if (p.step.k_x0 != 0.0f) x_next += p.step.k_x0 * x0;
+  if (p.step.k_eps != 0.0f) x_next += p.step.k_eps * eps;
   float noise_coef = p.step.k_noise, grad_coef = p.step.k_grad;
   if (p.learned_var) {
     // ADM's learned range: ℓ = frac·max + (1 − frac)·min, frac = (v + 1)/2.
@@ -181,9 +188,9 @@ FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const Sampl
     grad_coef *= expf(log_var);
   }
   // Fixed trip count with a guard: the history stays in registers (no dynamic indexing).
-#pragma unroll
+  FG_UNROLL
   for (int i = 0; i < kMaxHistory; ++i) {
-    if (i < p.num_history) x_next += p.k_history[i] * in.history[i];
+    if (i < p.num_history && p.k_history[i] != 0.0f) x_next += p.k_history[i] * in.history[i];
   }
   if (p.has_noise) x_next += noise_coef * in.noise;
   if (p.has_grad_term) x_next += grad_coef * in.grad;
@@ -230,7 +237,7 @@ FG_HOST_DEVICE void guided_step_at(const GuidedStepParams& p, const GuidedStepTe
   if (p.guided) in.u = to_float(t.uncond[b * p.uncond_sample_stride + j]);
   if (p.apg_momentum_on) in.buffer = t.apg_buffer[here];
   in.x = to_float(t.x[here]);
-#pragma unroll
+  FG_UNROLL
   for (int i = 0; i < kMaxHistory; ++i) {
     if (i < p.num_history) in.history[i] = to_float(t.history[i][here]);
   }

@@ -96,8 +96,10 @@ def _group_mean_rstd(x_ptr, partial_ptr, group, n, group_start_c, C, S, Cg, stri
     count = (Cg * S).to(tl.float32)
     shift = tl.load(x_ptr + n.to(tl.int64) * C * S + group_start_c.to(tl.int64) * stride_c).to(tl.float32)
     mean_shifted = s1 / count
-    var = tl.maximum(s2 / count - mean_shifted * mean_shifted, 0.0)
-    return shift + mean_shifted, 1.0 / tl.sqrt(var + eps)
+    var = s2 / count - mean_shifted * mean_shifted
+    # Statistics that overflowed float32 (or met a NaN) give NaN, on every backend.
+    rstd = tl.where(var < float("inf"), 1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps), float("nan"))
+    return shift + mean_shifted, rstd
 
 
 @triton.jit

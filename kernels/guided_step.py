@@ -44,6 +44,7 @@ import triton.language as tl
 from fastguide.ops.contract import (
     COMBINE_SCALARS,
     MAX_HISTORY,
+    PREDICTION_TYPES,
     STEP_SCALARS,
     GuidanceCombine,
     StepCoefficients,
@@ -52,7 +53,6 @@ from fastguide.ops.contract import (
 from fastguide.ops.layout import (
     STATS_NONE,
     dense,
-    derived_scalars,
     guidance_stats,
     step_format,
     write_back,
@@ -136,7 +136,9 @@ def _sample_coefficients(
         s_m = alpha_c * s_c + alpha_v * s_v
         s_mm = alpha_c * alpha_c * s_cc + 2.0 * alpha_c * alpha_v * s_cv + alpha_v * alpha_v * s_vv
         var_m = (s_mm - s_m * s_m / n) / (n - 1.0)
-        f = tl.cast(rescale, tl.float64) * tl.sqrt(var_c / var_m) + 1.0 - tl.cast(rescale, tl.float64)
+        rescaled = tl.cast(rescale, tl.float64) * tl.sqrt(var_c / var_m) + 1.0 - tl.cast(rescale, tl.float64)
+        # A constant guided prediction (std 0) is left as it is; NaN still propagates.
+        f = tl.where(var_m <= 0.0, 1.0, rescaled)
     return alpha_c.to(tl.float32), alpha_v.to(tl.float32), f.to(tl.float32)
 
 
@@ -149,11 +151,11 @@ def _guided_step_kernel(
     scale, rescale, apg_eta, apg_norm_threshold, apg_momentum,
     # StepCoefficients' scalars, by name, and the prediction type's linear maps
     alpha, sigma, k_x, k_x0, k_eps, k_noise, k_grad, grad_eps_scale,
-    x0_from_x, x0_from_m, eps_from_x, eps_from_m, inv_alpha, inv_sigma,
+    inv_alpha, inv_sigma,
     k_h0, k_h1, k_h2, k_h3, log_var_min, log_var_max,
     GUIDED: tl.constexpr, STATS: tl.constexpr, RESCALE: tl.constexpr, APG_MOMENTUM: tl.constexpr,
-    CLIP: tl.constexpr, GRAD_EPS: tl.constexpr, LEARNED_VAR: tl.constexpr, NUM_HISTORY: tl.constexpr,
-    HAS_NOISE: tl.constexpr, HAS_GRAD_TERM: tl.constexpr,
+    PREDICTION: tl.constexpr, CLIP: tl.constexpr, GRAD_EPS: tl.constexpr, LEARNED_VAR: tl.constexpr,
+    NUM_HISTORY: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_GRAD_TERM: tl.constexpr,
     OUT_2B: tl.constexpr, HAS_X0_OUT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
@@ -169,7 +171,7 @@ def _guided_step_kernel(
             v += apg_momentum * tl.load(buf_ptr + here, mask=mask, other=0.0).to(tl.float32)
             tl.store(buf_ptr + here, v.to(buf_ptr.dtype.element_ty), mask=mask)
         if STATS == 0:
-            m = m + (scale - 1.0) * v
+            m = u + scale * v
         else:
             alpha_c, alpha_v, f = _sample_coefficients(
                 partial_ptr, b, sample_elems, scale, rescale, apg_eta, apg_norm_threshold,
@@ -178,10 +180,20 @@ def _guided_step_kernel(
             m = f * (alpha_c * m + alpha_v * v)
 
     x = tl.load(x_ptr + here, mask=mask, other=0.0).to(tl.float32)
-    x0 = x0_from_x * x + x0_from_m * m
-    eps = eps_from_x * x + eps_from_m * m
+    # x0 and eps from m as the reference writes them (no term with a zero coefficient,
+    # so an infinite x gives what the reference gives).
+    if PREDICTION == 0:  # epsilon
+        x0 = (x - sigma * m) * inv_alpha
+        eps = m
+    elif PREDICTION == 1:  # v_prediction
+        x0 = alpha * x - sigma * m
+        eps = sigma * x + alpha * m
+    else:  # sample
+        x0 = m
+        eps = (x - alpha * m) * inv_sigma
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+        x0 = tl.minimum(tl.maximum(x0, -1.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
+                        propagate_nan=tl.PropagateNan.ALL)
         eps = (x - alpha * x0) * inv_sigma
     if GRAD_EPS or HAS_GRAD_TERM:
         g = tl.load(grad_ptr + here, mask=mask, other=0.0).to(tl.float32)
@@ -189,20 +201,31 @@ def _guided_step_kernel(
         eps = eps - grad_eps_scale * g
         x0 = (x - sigma * eps) * inv_alpha
 
-    x_next = k_x * x + k_x0 * x0 + k_eps * eps
+    # Terms with a zero coefficient are absent (0·inf would be NaN), as in the reference.
+    x_next = tl.zeros([BLOCK], dtype=tl.float32)
+    if k_x != 0.0:
+        x_next += k_x * x
+    if k_x0 != 0.0:
+        x_next += k_x0 * x0
+    if k_eps != 0.0:
+        x_next += k_eps * eps
     if LEARNED_VAR:
         var_values = tl.load(mo_ptr + var_offset + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
         frac = (var_values + 1.0) * 0.5
         log_var = frac * log_var_max + (1.0 - frac) * log_var_min
     # The solver history: NUM_HISTORY of the four pointer slots are in use.
     if NUM_HISTORY > 0:
-        x_next += k_h0 * tl.load(h0_ptr + here, mask=mask, other=0.0).to(tl.float32)
+        if k_h0 != 0.0:
+            x_next += k_h0 * tl.load(h0_ptr + here, mask=mask, other=0.0).to(tl.float32)
     if NUM_HISTORY > 1:
-        x_next += k_h1 * tl.load(h1_ptr + here, mask=mask, other=0.0).to(tl.float32)
+        if k_h1 != 0.0:
+            x_next += k_h1 * tl.load(h1_ptr + here, mask=mask, other=0.0).to(tl.float32)
     if NUM_HISTORY > 2:
-        x_next += k_h2 * tl.load(h2_ptr + here, mask=mask, other=0.0).to(tl.float32)
+        if k_h2 != 0.0:
+            x_next += k_h2 * tl.load(h2_ptr + here, mask=mask, other=0.0).to(tl.float32)
     if NUM_HISTORY > 3:
-        x_next += k_h3 * tl.load(h3_ptr + here, mask=mask, other=0.0).to(tl.float32)
+        if k_h3 != 0.0:
+            x_next += k_h3 * tl.load(h3_ptr + here, mask=mask, other=0.0).to(tl.float32)
     if HAS_NOISE:
         noise = tl.load(noise_ptr + here, mask=mask, other=0.0).to(tl.float32)
         if LEARNED_VAR:
@@ -273,11 +296,12 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
         batch * sample_elems,
         **combine_scalars,
         **{name: float(getattr(step, name)) for name in STEP_SCALARS},
-        **derived_scalars(step),
+        inv_alpha=1.0 / step.alpha, inv_sigma=1.0 / step.sigma if step.sigma > 0 else 0.0,
         k_h0=k_history[0], k_h1=k_history[1], k_h2=k_history[2], k_h3=k_history[3],
         log_var_min=log_min, log_var_max=log_max,
         GUIDED=guided, STATS=stats, RESCALE=guided and combine.rescale > 0,
-        APG_MOMENTUM=apg_with_momentum, CLIP=step.clip_denoised,
+        APG_MOMENTUM=apg_with_momentum, PREDICTION=PREDICTION_TYPES.index(step.prediction_type),
+        CLIP=step.clip_denoised,
         GRAD_EPS=grad is not None and step.grad_eps_scale != 0.0, LEARNED_VAR=learned,
         NUM_HISTORY=len(history), HAS_NOISE=noise is not None and step.k_noise != 0.0,
         HAS_GRAD_TERM=grad is not None and step.k_grad != 0.0,

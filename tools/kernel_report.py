@@ -43,8 +43,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 from fastguide.kernels import attention, group_norm, guided_step  # noqa: E402
 from fastguide.ops import extension  # noqa: E402
-from fastguide.ops.contract import COMBINE_SCALARS, STEP_SCALARS, StepCoefficients  # noqa: E402
-from fastguide.ops.layout import derived_scalars  # noqa: E402
+from fastguide.ops.contract import COMBINE_SCALARS, STEP_SCALARS  # noqa: E402
 
 TORCH_TO_TRITON = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
@@ -98,7 +97,7 @@ FLOAT_ARGS = {
     "_guided_stats_kernel": {"apg_momentum"},
     # the contract's scalars, by name, and what the launcher derives from them
     "_guided_step_kernel": {
-        *STEP_SCALARS, *COMBINE_SCALARS, *derived_scalars(StepCoefficients(alpha=1.0, sigma=1.0)),
+        *STEP_SCALARS, *COMBINE_SCALARS, "inv_alpha", "inv_sigma",
         "k_h0", "k_h1", "k_h2", "k_h3", "log_var_min", "log_var_max",
     },
     "_apply_kernel": {"eps"},
@@ -166,7 +165,7 @@ def cases() -> list[Case]:
             f"guided_step cfg+ddim {dtype}", gs._guided_step_kernel,
             {"mo_ptr": dtype, "uncond_ptr": dtype, "x_ptr": dtype, "out_ptr": dtype},
             dict(GUIDED=True, STATS=0, RESCALE=False, APG_MOMENTUM=False, CLIP=False, GRAD_EPS=False,
-                 LEARNED_VAR=False, NUM_HISTORY=0, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
+                 PREDICTION=0, LEARNED_VAR=False, NUM_HISTORY=0, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
                  HAS_X0_OUT=False, PARTS=1, BLOCK=gs.BLOCK),
             gs.NUM_WARPS, main_path=True,
         ))
@@ -175,7 +174,7 @@ def cases() -> list[Case]:
         {n: "fp16" for n in ("mo_ptr", "uncond_ptr", "x_ptr", "h0_ptr", "h1_ptr", "h2_ptr", "h3_ptr",
                              "noise_ptr", "grad_ptr", "out_ptr", "x0_ptr")},
         dict(GUIDED=True, STATS=0, RESCALE=False, APG_MOMENTUM=False, CLIP=True, GRAD_EPS=True,
-             LEARNED_VAR=True, NUM_HISTORY=4, HAS_NOISE=True, HAS_GRAD_TERM=True, OUT_2B=True,
+             PREDICTION=1, LEARNED_VAR=True, NUM_HISTORY=4, HAS_NOISE=True, HAS_GRAD_TERM=True, OUT_2B=True,
              HAS_X0_OUT=True, PARTS=1, BLOCK=gs.BLOCK),
         gs.NUM_WARPS,
     ))
@@ -184,7 +183,7 @@ def cases() -> list[Case]:
         {"mo_ptr": "fp16", "uncond_ptr": "fp16", "x_ptr": "fp16", "buf_ptr": "fp32", "out_ptr": "fp16",
          "partial_ptr": "fp32"},
         dict(GUIDED=True, STATS=2, RESCALE=True, APG_MOMENTUM=True, CLIP=True, GRAD_EPS=False,
-             LEARNED_VAR=False, NUM_HISTORY=0, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
+             PREDICTION=0, LEARNED_VAR=False, NUM_HISTORY=0, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
              HAS_X0_OUT=False, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK),
         gs.NUM_WARPS,
     ))

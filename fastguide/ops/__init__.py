@@ -14,8 +14,7 @@ Every backend module exposes the same functions: ``attention_forward``,
 live in fastguide.kernels, one module per op; the cuda backend's glue is
 fastguide.ops.cuda_backend (guided_step and group_norm; attention runs as under ``auto``
 when cuda is chosen). A guided_step call without autograd, outside torch.compile and
-dispatch modes (a sampler's loop), goes straight to the backend (see
-``_through_dispatcher``).
+dispatch modes (a sampler's loop), goes straight to the backend (see ``_tracing``).
 """
 
 from __future__ import annotations
@@ -68,8 +67,10 @@ _HAS_KERNEL = {
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _resolve(op: str, device: torch.device, dtype: torch.dtype) -> str:
+def _resolve(op: str, device: torch.device, dtype: torch.dtype, empty: bool = False) -> str:
     # Under torch.compile this runs at trace time: the backend is fixed per compiled graph.
+    if empty:
+        return "torch"  # nothing to launch: the reference returns the empty result
     if dtype not in _KERNEL_DTYPES:
         has_kernel = {name: False for name in _KERNEL_MODULES}
         return backends.resolve(device, has_kernel, f"{op} on {dtype} tensors")
@@ -140,7 +141,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Te
     Differentiable in q, k and v.
     """
     scale = validation.check_attention(q, k, v, scale)
-    out, _ = _attention(q, k, v, scale, _resolve("attention", q.device, q.dtype))
+    out, _ = _attention(q, k, v, scale, _resolve("attention", q.device, q.dtype, empty=q.numel() == 0))
     return out
 
 
@@ -259,7 +260,7 @@ def group_norm(
     per_sample = [None if t is None else t.reshape(x.shape[0], x.shape[1]) for t in (scale, shift)]
     y, _, _ = _group_norm(
         x, weight, bias, *per_sample, num_groups, float(eps),
-        activation or "none", _resolve("group_norm", x.device, x.dtype),
+        activation or "none", _resolve("group_norm", x.device, x.dtype, empty=x.numel() == 0),
     )
     return y
 
@@ -326,12 +327,13 @@ def guided_step(
     validation.check_step(step)
     validation.check_combine(combine)
     tensors = StepTensors(model_output, x, guide, tuple(history), noise, grad, apg_buffer, out, x0_out)
-    validation.check_step_tensors(tensors, step, combine)
+    tracing = _tracing()
+    validation.check_step_tensors(tensors, step, combine, check_memory=not tracing)
     if out is None:
         out = torch.empty_like(x)
         tensors = tensors._replace(out=out)
-    backend = _resolve("guided_step", x.device, compute_dtype(model_output, x, guide))
-    if _through_dispatcher():
+    backend = _resolve("guided_step", x.device, compute_dtype(model_output, x, guide), empty=x.numel() == 0)
+    if tracing or torch.is_grad_enabled():
         torch.ops.fastguide.guided_step(*contract.pack(tensors, step, combine), backend)
     else:
         _guided_step_impl(tensors, step, combine, backend)
@@ -348,15 +350,15 @@ def _guided_step_impl(
             torch.autograd.graph.increment_version(written)
 
 
-def _through_dispatcher() -> bool:
-    """Whether a guided_step call must go through the custom op: under torch.compile, a
-    dispatch mode (fake tensors, tracing) or with autograd on. Otherwise (a sampler's
-    loop runs under no_grad) the call goes straight to the backend: packing the
-    contract into the op's arguments and back costs more host time than the fused step
-    itself takes on a GPU, and the op would do nothing else."""
+def _tracing() -> bool:
+    """Whether the tensors are being traced (torch.compile, or a dispatch mode such as fake
+    tensors): then they have no memory to inspect, and a guided_step call must go through
+    the custom op. Otherwise, and without autograd (a sampler's loop runs under no_grad),
+    the call goes straight to the backend: packing the contract into the op's arguments
+    and back costs more host time than the fused step itself takes on a GPU, and the op
+    would do nothing else."""
     return (
-        torch.is_grad_enabled()
-        or torch.compiler.is_compiling()
+        torch.compiler.is_compiling()
         or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
         or _python_dispatch._get_current_dispatch_mode() is not None
     )

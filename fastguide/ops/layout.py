@@ -4,8 +4,8 @@ A kernel indexes every x-shaped tensor with one dense layout (NCHW-contiguous, o
 channels_last for 4-D tensors): these helpers give a launcher that layout, making
 copies only for tensors that are not already dense in it, and write results computed
 in such a copy back into the caller's tensor afterwards (the ops' in-place contract).
-They also hold the per-step constants both guided_step launchers derive: which
-per-sample reduction a guidance variant needs, and the prediction type's linear maps.
+They also say which per-sample reduction a guidance variant needs (both guided_step
+launchers ask).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .contract import GuidanceCombine, StepCoefficients
+from .contract import GuidanceCombine
 
 # Per-sample reduction a guided_step variant needs before its elementwise pass.
 STATS_NONE, STATS_ZERO_STAR, STATS_APG, STATS_PLAIN = 0, 1, 2, 3
@@ -28,21 +28,6 @@ def guidance_stats(combine: GuidanceCombine | None) -> int:
     if combine.variant == "apg":
         return STATS_APG
     return STATS_PLAIN if combine.rescale > 0 else STATS_NONE
-
-
-def derived_scalars(step: StepCoefficients) -> dict[str, float]:
-    """Per-step constants the kernels read besides the step's own scalars: the prediction
-    type's linear maps (x0 = x0_from_x·x + x0_from_m·m, eps = eps_from_x·x + eps_from_m·m
-    of x = alpha·x0 + sigma·eps) and the reciprocals 1/alpha, 1/sigma (0 when sigma = 0)."""
-    alpha, sigma = step.alpha, step.sigma
-    if step.prediction_type == "epsilon":
-        maps = (1.0 / alpha, -sigma / alpha, 0.0, 1.0)
-    elif step.prediction_type == "v_prediction":
-        maps = (alpha, -sigma, sigma, alpha)
-    else:  # "sample"
-        maps = (0.0, 1.0, 1.0 / sigma, -alpha / sigma)
-    names = ("x0_from_x", "x0_from_m", "eps_from_x", "eps_from_m")
-    return {**dict(zip(names, maps)), "inv_alpha": 1.0 / alpha, "inv_sigma": 1.0 / sigma if sigma > 0 else 0.0}
 
 
 def step_format(x: Tensor, learned_variance: bool) -> torch.memory_format:

@@ -58,7 +58,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Te
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = compute_dtype(q)
     o = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale=scale)
-    return o.to(q.dtype)
+    return _nan_rows_of_q(o, q).to(q.dtype)
+
+
+def _nan_rows_of_q(t: Tensor, q: Tensor) -> Tensor:
+    """t with the rows of queries holding a NaN set to NaN: every score of such a row is
+    NaN, so IEEE softmax gives NaN (aten's CPU kernel returns a finite row there)."""
+    return t.masked_fill(q.isnan().any(dim=-1, keepdim=t.dim() == q.dim()), float("nan"))
 
 
 def _attention_lse(q: Tensor, k: Tensor, scale: float, rows_per_chunk: int = 256) -> Tensor:
@@ -92,15 +98,8 @@ def group_norm(
     spatial positions; y = norm·weight[c] + bias[c]; y = y·(1 + scale[n, c]) + shift[n, c];
     y = silu(y) when activation == "silu". Output in x's dtype and memory format.
     """
-    dtype = compute_dtype(x)
-    y = F.group_norm(
-        x.to(dtype),
-        num_groups,
-        None if weight is None else weight.to(dtype),
-        None if bias is None else bias.to(dtype),
-        eps,
-    )
-    return like_memory_format(_scale_shift_act(y, scale, shift, activation), x).to(x.dtype)
+    y, _, _ = group_norm_forward(x, weight, bias, scale, shift, num_groups, eps, activation)
+    return y
 
 
 def _scale_shift_act(
@@ -156,10 +155,13 @@ def _cfg_rescale(cond: Tensor, guided: Tensor, rescale: float) -> Tensor:
     """CFG rescale (Lin et al. 2023): blend guided·std(cond)/std(guided) with guided.
 
     std is the unbiased per-sample standard deviation over every non-batch dim (as
-    diffusers' ``rescale_noise_cfg``).
+    diffusers' ``rescale_noise_cfg``); where std(guided) = 0 the ratio is 1.
     """
     dims = tuple(range(1, cond.dim()))
-    ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+    std_guided = guided.std(dim=dims, keepdim=True)
+    # A constant guided prediction (std 0, e.g. a freshly built model's zero output) is
+    # left as it is rather than divided by zero; NaN still propagates.
+    ratio = torch.where(std_guided == 0, 1.0, cond.std(dim=dims, keepdim=True) / std_guided)
     return rescale * guided * ratio + (1.0 - rescale) * guided
 
 
@@ -307,6 +309,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
     else:
         o = F.scaled_dot_product_attention(qc, kc, vc, scale=scale)
         lse = _attention_lse(qc, kc, scale)
+    o, lse = _nan_rows_of_q(o, q), _nan_rows_of_q(lse, q)
     return o.to(q.dtype).contiguous(), lse.to(dtype).contiguous()
 
 
@@ -374,6 +377,12 @@ def group_norm_forward(
         num_groups,
         eps,
     )
+    # Statistics that overflow the compute dtype give rstd = 0 in aten (1/√inf): the
+    # contract makes such a group NaN, as the kernels do (docs/design.md, NaN and Inf).
+    overflowed = (rstd == 0).reshape(n, num_groups, 1)
+    if overflowed.any():
+        y = y.reshape(n, num_groups, -1).masked_fill(overflowed, float("nan")).reshape(y.shape)
+        rstd = rstd.masked_fill(rstd == 0, float("nan"))
     y = like_memory_format(_scale_shift_act(y, scale, shift, activation), x).to(x.dtype)
     return y, mean, rstd
 

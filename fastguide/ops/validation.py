@@ -113,6 +113,12 @@ def check_group_norm(
             f"channels of x ({channels}, dim 1 of shape {tuple(x.shape)}) must be divisible "
             f"by num_groups ({num_groups})"
         )
+    group_size = channels // num_groups * math.prod(x.shape[2:])
+    if group_size == 1 and batch > 0:
+        raise ValueError(
+            f"x of shape {tuple(x.shape)} has 1 value per group with num_groups={num_groups}: "
+            "normalising needs more than one (as torch's group_norm)"
+        )
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             check_tensor(name, t)
@@ -207,8 +213,11 @@ def check_combine(combine: object) -> None:
                 raise ValueError(f"combine.{name} is set but combine.variant is {combine.variant!r}, not 'apg'")
 
 
-def check_step_tensors(tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None) -> None:
-    """Checks the tensors of one step against the (already checked) step and combine."""
+def check_step_tensors(
+    tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None, *, check_memory: bool = True
+) -> None:
+    """Checks the tensors of one step against the (already checked) step and combine;
+    ``check_memory`` also checks how they alias (not possible on traced tensors)."""
     model_output, x = tensors.model_output, tensors.x
     check_tensor("model_output", model_output, ndim_at_least=2)
     check_tensor("x", x, ndim_at_least=2)
@@ -238,6 +247,11 @@ def check_step_tensors(tensors: StepTensors, step: StepCoefficients, combine: Gu
                 f"guide must have shape ({batch}, {channels}, ...) or that of model_output "
                 f"{tuple(model_output.shape)}, got {tuple(tensors.guide.shape)}"
             )
+    if combine is not None and combine.rescale > 0 and math.prod(x.shape[1:]) < 2:
+        raise ValueError(
+            f"combine.rescale needs at least 2 elements per sample (a standard deviation), got x of shape "
+            f"{tuple(x.shape)}"
+        )
     if step.log_variance_range is not None and model_output.shape[1] != 2 * channels:
         raise ValueError(
             f"step.log_variance_range needs a model_output with 2·{channels} channels "
@@ -266,6 +280,9 @@ def check_step_tensors(tensors: StepTensors, step: StepCoefficients, combine: Gu
     check_same_device([("model_output", model_output), ("x", x), ("guide", tensors.guide), *x_shaped,
                        ("out", tensors.out)])
 
+    if check_memory:
+        _check_aliasing(tensors, x_shaped)
+
     needs = [("step.k_noise", step.k_noise, "noise"), ("step.k_grad", step.k_grad, "grad"),
              ("step.grad_eps_scale", step.grad_eps_scale, "grad")]
     if combine is not None:
@@ -273,3 +290,74 @@ def check_step_tensors(tensors: StepTensors, step: StepCoefficients, combine: Gu
     for coefficient, value, tensor_name in needs:
         if value != 0 and getattr(tensors, tensor_name) is None:
             raise ValueError(f"{coefficient} is {value} but {tensor_name} was not given")
+
+
+def _storage(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+
+
+def _share_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b (views of one storage) have an element in common."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def byte_range(t: Tensor) -> tuple[int, int]:
+        extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+    (a_start, a_end), (b_start, b_end) = byte_range(a), byte_range(b)
+    if a_end <= b_start or b_end <= a_start:
+        return False
+    if a.element_size() != b.element_size() or (a.data_ptr() - b.data_ptr()) % a.element_size():
+        return True  # interleaved views of different element sizes: assume they touch
+    # Same element size: compare the element indices each view covers in the storage.
+    base = min(a.data_ptr(), b.data_ptr())
+    indices = []
+    for t in (a, b):
+        offset = (t.data_ptr() - base) // t.element_size()
+        span = torch.arange(offset + 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
+        indices.append(span.as_strided(t.shape, t.stride(), offset).flatten())
+    return bool(torch.isin(indices[0], indices[1]).any())
+
+
+def _extent(t: Tensor) -> int:
+    """Elements from a view's first to its last element, inclusive."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+def _x_is_first_half(out: Tensor, x: Tensor) -> bool:
+    """out is (2B, ...) laid out like x, x its first B rows, the second half past x's end."""
+    return (out.data_ptr() == x.data_ptr() and out.dtype == x.dtype and out.stride() == x.stride()
+            and out.shape[0] == 2 * x.shape[0] and out.shape[1:] == x.shape[1:]
+            and out.stride(0) * x.shape[0] >= _extent(x))
+
+
+def _check_aliasing(tensors: StepTensors, x_shaped: list[tuple[str, Tensor | None]]) -> None:
+    """The tensors the step writes may be x-shaped inputs themselves (``out`` may be x, or
+    hold x as its first half), but must not overlap any input in any other way, nor each
+    other: the kernels read and write in parallel, so a partial overlap would give wrong
+    values on one backend and right ones on another. Runs per call: one storage lookup
+    per tensor, and the element check only for views of one storage."""
+    written = [(name, t, _storage(t)) for name in ("out", "x0_out", "apg_buffer")
+               if (t := getattr(tensors, name)) is not None]
+    read = [(name, t, _storage(t)) for name, t in
+            (("model_output", tensors.model_output), ("guide", tensors.guide), ("x", tensors.x), *x_shaped)
+            if t is not None and name not in ("apg_buffer", "x0_out")]
+    for i, (w_name, w, w_storage) in enumerate(written):
+        for name, t, storage in written[i + 1:] + read:
+            if storage != w_storage:
+                continue
+            # An x-shaped input is read and written by the same thread, element by element.
+            elementwise = name not in ("model_output", "guide", "out", "x0_out", "apg_buffer")
+            if elementwise and (_same_view(w, t) or (w_name == "out" and name == "x" and _x_is_first_half(w, t))):
+                continue
+            if _share_memory(w, t):
+                raise ValueError(
+                    f"{w_name} overlaps {name} in memory: a written tensor may be an input itself "
+                    f"(out=x, or x as the first half of a 2B out) but must not overlap any other input "
+                    f"or written tensor partially"
+                )

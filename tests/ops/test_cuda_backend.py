@@ -1,7 +1,7 @@
 """The cuda backend (csrc/) without a GPU: its kernels run on the CPU emulation.
 
-tests/cuda_emulation/ compiles csrc/'s kernel sources as they are for the CPU, with
-stand-ins for the CUDA headers: a launch runs every block of the grid in turn, each
+tests/ops/cuda_emulation/ (built by tests/ops/conftest.py) compiles csrc/'s kernel sources as
+they are for the CPU, with stand-ins for the CUDA headers: a launch runs every block of the grid in turn, each
 block's threads as fibers that switch at __syncthreads and warp shuffles. csrc/bindings.cpp
 built with -DFASTGUIDE_HOST_HARNESS registers those launchers for CPU tensors, so with
 fastguide.ops routed to the cuda backend every option and variant runs the real path —
@@ -13,17 +13,14 @@ blocks, the GPU's memory model) is left to the GPU-marked tests of test_guided_s
 and test_group_norm.py, which run the compiled kernels.
 """
 
-import platform
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 import fastguide
 from fastguide import ops
-from fastguide.ops import contract, cuda_backend, extension
+from fastguide.ops import contract, extension
 from tests.helpers import (
     CASES,
     GROUP_NORM,
@@ -42,47 +39,7 @@ from tests.helpers import (
 )
 from tests.helpers import SHAPES as NORM_SHAPES
 
-EMULATION_DIR = Path(__file__).parent / "cuda_emulation"
-HOST_NAMESPACE = "fastguide_cuda_host"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def _build_emulated_extension() -> None:
-    from torch.utils import cpp_extension
-
-    cpp_extension.load(
-        name=extension.build_name(HOST_NAMESPACE, [extension.source_dir(), EMULATION_DIR]),
-        sources=[
-            str(extension.source_dir() / "bindings.cpp"),
-            str(EMULATION_DIR / "emulated_guided_step.cpp"),
-            str(EMULATION_DIR / "emulated_group_norm.cpp"),
-            str(EMULATION_DIR / "emulator.cpp"),
-        ],
-        extra_cflags=["-O2", "-DFASTGUIDE_HOST_HARNESS", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas"],
-        extra_include_paths=[str(EMULATION_DIR)],
-        is_python_module=False,
-    )
-
-
-@pytest.fixture(scope="session")
-def host_harness():
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler to build the CUDA emulation")
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("the CUDA emulation's fiber switch is x86-64 assembly")
-    _build_emulated_extension()
-    return getattr(torch.ops, HOST_NAMESPACE)
-
-
-def route_to_emulation(monkeypatch, host_harness) -> None:
-    """Route guided_step and group_norm to the cuda backend, running on the emulation."""
-    monkeypatch.setattr(cuda_backend, "_ops", lambda: host_harness)
-    monkeypatch.setattr(ops, "_resolve", lambda op, device, dtype: "torch" if op == "attention" else "cuda")
-
-
-@pytest.fixture
-def cuda_backend_on_cpu(host_harness, monkeypatch):
-    route_to_emulation(monkeypatch, host_harness)
 
 
 # --------------------------------------------------------------------------------------
@@ -179,7 +136,7 @@ def test_group_norm_on_misaligned_tensors(cuda_backend_on_cpu, dtype):
     assert not dx.isnan().any()
 
 
-def test_samples_agree_with_torch_backend(host_harness, monkeypatch):
+def test_samples_agree_with_torch_backend(on_cuda_emulation):
     # The whole sampler on a tiny UNet: its GroupNorms and steps on the cuda backend.
     model = tiny_cfg_unet()
     kwargs = dict(labels=torch.tensor([1]), sampler="dpm++2m", steps=[600, 300, 100],
@@ -187,8 +144,8 @@ def test_samples_agree_with_torch_backend(host_harness, monkeypatch):
                   guidance=fastguide.CFG(3.0, rescale=0.5))
     with fastguide.backend("torch"):
         expected = fastguide.sample(model, (1, 3, 8, 8), **kwargs)
-    route_to_emulation(monkeypatch, host_harness)
-    got = fastguide.sample(model, (1, 3, 8, 8), **kwargs)
+    with on_cuda_emulation():
+        got = fastguide.sample(model, (1, 3, 8, 8), **kwargs)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -299,3 +256,11 @@ def test_ops_compile_fullgraph_on_the_cuda_backend(cuda_backend_on_cpu):
     for e, c in zip(eager_grads, compiled_grads):
         torch.testing.assert_close(c, e)
 
+
+
+def test_group_norm_groups_whose_float32_statistics_overflow_are_nan(cuda_backend_on_cpu):
+    x = torch.randn(2, 64, 3, 3, generator=torch.Generator().manual_seed(0))
+    x[0, :32] *= 1e20
+    y = ops.group_norm(x, 2)
+    assert y[0, :32].isnan().all()
+    assert_close(y[0, 32:], torch.nn.functional.group_norm(x.double(), 2)[0, 32:], GROUP_NORM, torch.float32)

@@ -137,3 +137,18 @@ def test_group_norm_on_flattened_channels_last(backend, device):
     with fastguide.backend(backend):
         y = ops.group_norm(flat, 32, weight, bias)
     assert_close(y, explicit_group_norm(flat, 32, weight, bias, None, None, None), GROUP_NORM, torch.float32)
+
+
+@pytest.mark.parametrize("backend", backends_for("group_norm"))
+def test_groups_whose_float32_statistics_overflow_are_nan(backend, device):
+    # Values near 1e20 square past float32's range: such a group's statistics cannot be
+    # formed in float32, and the NaN policy makes it NaN on every backend (aten alone
+    # would return a finite, wrong row); the other group stays exact.
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    x[0, :2] *= 1e20
+    with fastguide.backend(backend):
+        y = ops.group_norm(x.to(device), 2).cpu()
+    assert y[0, :2].isnan().all()
+    expected = torch.nn.functional.group_norm(x.double(), 2)
+    assert_close(y[0, 2:], expected[0, 2:], GROUP_NORM, torch.float32)
+    assert_close(y[1], expected[1], GROUP_NORM, torch.float32)
