@@ -13,6 +13,7 @@ Both may be given together.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,12 @@ class APG:
     norm_threshold: float = 0.0
     momentum: float = 0.0
 
+    def __post_init__(self):
+        for name in ("eta", "norm_threshold", "momentum"):
+            _check_real(f"APG {name}", getattr(self, name))
+        if self.norm_threshold < 0:
+            raise ValueError(f"APG norm_threshold must be non-negative (0 turns it off), got {self.norm_threshold}")
+
 
 @dataclass(frozen=True)
 class CFG:
@@ -40,8 +47,21 @@ class CFG:
     zero_star: bool = False
 
     def __post_init__(self):
-        if self.interval is not None and not (len(self.interval) == 2 and 0 <= self.interval[0] < self.interval[1]):
-            raise ValueError(f"interval must be (sigma_low, sigma_high) with 0 <= low < high, got {self.interval}")
+        _check_real("CFG scale", self.scale)
+        _check_real("CFG rescale", self.rescale)
+        if not 0 <= self.rescale <= 1:
+            raise ValueError(f"CFG rescale must be in [0, 1], got {self.rescale}")
+        if self.interval is not None:
+            pair = tuple(self.interval) if isinstance(self.interval, (tuple, list)) else None
+            if pair is None or len(pair) != 2 or not all(_is_real(v) for v in pair) or not 0 <= pair[0] < pair[1]:
+                raise ValueError(
+                    f"CFG interval must be a pair (sigma_low, sigma_high) of numbers with 0 <= low < high, "
+                    f"got {self.interval!r}"
+                )
+        if self.apg is not None and not isinstance(self.apg, APG):
+            raise TypeError(f"CFG apg must be a fastguide.APG or None, got {type(self.apg).__name__}")
+        if not isinstance(self.zero_star, bool):
+            raise TypeError(f"CFG zero_star must be a bool, got {type(self.zero_star).__name__}")
         if self.apg is not None and self.zero_star:
             raise ValueError("CFG takes apg or zero_star, not both")
 
@@ -63,6 +83,11 @@ class ClassifierGuidance:
     classifier: nn.Module
     scale: float
 
+    def __post_init__(self):
+        if not callable(self.classifier):
+            raise TypeError(f"ClassifierGuidance classifier must be callable, got {type(self.classifier).__name__}")
+        _check_real("ClassifierGuidance scale", self.scale)
+
     def gradient(self, x: Tensor, timesteps: Tensor, labels: Tensor) -> Tensor:
         """∇ₓ log softmax(classifier(x_t, t))[y], unscaled (the sampler applies the scale)."""
         with torch.enable_grad():
@@ -83,3 +108,12 @@ def split_guidance(guidance) -> tuple[CFG | None, ClassifierGuidance | None]:
             f"got {guidance!r}"
         )
     return (cfg[0] if cfg else None), (classifier[0] if classifier else None)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_real(name: str, value: object) -> None:
+    if not _is_real(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")

@@ -11,6 +11,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 from torch import Tensor, nn
@@ -89,10 +90,16 @@ class GuidedSampler:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if variance_type is not None and variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {VARIANCE_TYPES} or None, got {variance_type!r}")
-        if dynamic_threshold is not None and not 0 < dynamic_threshold < 1:
-            raise ValueError(f"dynamic_threshold must be a percentile in (0, 1), got {dynamic_threshold}")
-        if eta < 0:
-            raise ValueError(f"eta must be non-negative, got {eta}")
+        if dynamic_threshold is not None and not (_is_real(dynamic_threshold) and 0 < dynamic_threshold < 1):
+            raise ValueError(f"dynamic_threshold must be a percentile in (0, 1) or None, got {dynamic_threshold!r}")
+        if not _is_real(eta) or eta < 0:
+            raise ValueError(f"eta must be a finite non-negative number, got {eta!r}")
+        for name, flag in (("clip_denoised", clip_denoised), ("cuda_graph", cuda_graph)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x_t, t[, y]), got {type(model).__name__}")
+        _check_steps(steps)
         self.model = model
         self.schedule = schedule or NoiseSchedule.linear()
         self.timesteps = self.schedule.timesteps(steps)
@@ -104,6 +111,10 @@ class GuidedSampler:
         validation.check_combine(self.combine)
         self.null_label = null_label if null_label is not None else _model_null_label(model)
         self.num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
+        if self.num_classes is not None and not _is_count(self.num_classes):
+            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
+        if self.null_label is not None:
+            _check_null_label(self.null_label, model, self.num_classes)
         if self.cfg is not None and self.null_label is None:
             raise ValueError("CFG needs a null label: use a model built with null_class=True, or pass null_label=")
         if cuda_graph and self.classifier is not None:
@@ -165,7 +176,10 @@ class GuidedSampler:
             if self.cfg is not None or self.classifier is not None:
                 raise ValueError("guidance needs labels (one class index per sample)")
             return None
-        labels = torch.as_tensor(labels, device=device).long().flatten()
+        labels = torch.as_tensor(labels, device=device)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
+        labels = labels.long().flatten()
         if labels.numel() != batch:
             raise ValueError(f"labels must hold one class per sample ({batch}), got {labels.numel()}")
         if self.num_classes is not None and (labels.min() < 0 or labels.max() >= self.num_classes):
@@ -190,12 +204,19 @@ class GuidedSampler:
             raise ValueError(f"shape must be (batch, channels, ...), got {shape}")
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        if not all(_is_count(n) for n in shape):
+            raise ValueError(f"shape must hold positive ints (batch, channels, ...), got {shape}")
         if device is not None:
             device = torch.device(device)
         else:
             device = noise.device if noise is not None else _model_device(self.model)
-        if noise is not None and tuple(noise.shape) != shape:
-            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+        if device.type == "meta":
+            raise ValueError("device must hold data (cpu, cuda, ...): sampling on 'meta' tensors computes nothing")
+        if noise is not None:
+            if not isinstance(noise, Tensor) or not noise.is_floating_point():
+                raise TypeError(f"noise must be a floating tensor (x_T), got {getattr(noise, 'dtype', type(noise))}")
+            if tuple(noise.shape) != shape:
+                raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         if self.cuda_graph and device.type not in cuda_graphs.GRAPH_DEVICE_TYPES:
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
         labels = self._check_labels(labels, shape[0], device)
@@ -332,6 +353,39 @@ class GuidedSampler:
             for i in range(self.num_calls)
         ]
         return buffers, graphs
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_steps(steps: object) -> None:
+    """steps: a positive int, ADM's "ddimN" / "N" string, or a sequence of int timesteps."""
+    if isinstance(steps, (bool, float)):
+        raise TypeError(f"steps must be an int, 'ddimN' or a sequence of int timesteps, got {steps!r}")
+    if isinstance(steps, (str, int)):
+        return  # the schedule checks the count and the string's form
+    values = steps.tolist() if isinstance(steps, Tensor) else steps
+    if not isinstance(values, Sequence) or not all(isinstance(t, Integral) and not isinstance(t, bool) for t in values):
+        raise TypeError(f"steps given as timesteps must be a sequence of ints, got {steps!r}")
+
+
+def _check_null_label(null_label: object, model, num_classes: int | None) -> None:
+    """The null label must index the model's label table, or, for a model without one
+    that fastguide can see, be a class or the one extra row after num_classes."""
+    if not isinstance(null_label, int) or isinstance(null_label, bool) or null_label < 0:
+        raise ValueError(f"null_label must be a non-negative int, got {null_label!r}")
+    table = getattr(model, "label_emb", None)
+    rows = getattr(table, "num_embeddings", None)
+    if rows is not None and null_label >= rows:
+        raise ValueError(f"null_label must index the model's label table of {rows} rows, got {null_label}")
+    if rows is None and num_classes is not None and null_label > num_classes:
+        raise ValueError(f"null_label must index the model's label table: at most num_classes = {num_classes}, "
+                         f"got {null_label}")
 
 
 def _model_null_label(model) -> int | None:

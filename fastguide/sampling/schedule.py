@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Integral
 
 import torch
 from torch import Tensor
@@ -80,8 +81,14 @@ class NoiseSchedule:
     def timesteps(self, steps: int | str | Sequence[int]) -> list[int]:
         """Original timesteps to visit, descending, ending at 0.
 
-        ``steps`` is a count (evenly spaced over [0, T−1], as ADM's respacing with one
-        section), ADM's "ddimN" (stride T//N from 0), or an explicit list.
+        ``steps`` is a count (evenly spaced over [0, T−1]: ADM's respacing with one
+        section, exactly), ADM's "ddimN" (the smallest integer stride s with exactly N
+        timesteps in range(0, T, s)), or an explicit list.
+
+        ADM's grid is reproduced step for step: it accumulates the float stride
+        (T − 1)/(N − 1) and rounds each running sum with Python's round(), half to even, so
+        where i·(T − 1)/(N − 1) lands on k + ½ the accumulated sum decides, not the product.
+        A count of 1 is ADM's {0} (its one section takes the section's first timestep).
         """
         total = self.num_timesteps
         if isinstance(steps, str):
@@ -95,13 +102,23 @@ class NoiseSchedule:
         elif isinstance(steps, int) and not isinstance(steps, bool):
             if not 1 <= steps <= total:
                 raise ValueError(f"steps must be between 1 and {total}, got {steps}")
-            if steps == 1:
-                chosen = [total - 1]
-            else:
-                frac = (total - 1) / (steps - 1)
-                chosen = sorted({round(i * frac) for i in range(steps)})
+            chosen = _adm_section(total, steps)
         else:
-            chosen = sorted({int(t) for t in steps})
+            values = steps.tolist() if isinstance(steps, Tensor) else list(steps)
+            if not all(isinstance(t, Integral) and not isinstance(t, bool) for t in values):
+                raise TypeError(f"timesteps must be ints (original timesteps), got {values!r}")
+            chosen = sorted({int(t) for t in values})
             if not chosen or chosen[0] < 0 or chosen[-1] >= total:
                 raise ValueError(f"timesteps must lie in [0, {total - 1}], got {list(steps)}")
         return chosen[::-1]
+
+
+def _adm_section(size: int, count: int) -> list[int]:
+    """guided-diffusion's ``space_timesteps`` for one section of ``size`` timesteps:
+    ``count`` timesteps from 0, a float stride accumulated and rounded half to even."""
+    stride = (size - 1) / (count - 1) if count > 1 else 1
+    position, taken = 0.0, []
+    for _ in range(count):
+        taken.append(round(position))
+        position += stride
+    return sorted(set(taken))

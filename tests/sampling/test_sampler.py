@@ -436,6 +436,58 @@ def test_learned_variance_is_planned_once():
     assert all(call.step.log_variance_range is not None for call in plan[:-1])
 
 
+BAD_SAMPLER_ARGUMENTS = {
+    "float labels": (dict(labels=torch.tensor([0.5, 1.7])), TypeError, "labels must be integer class indices"),
+    "float timesteps": (dict(steps=[500.5, 100.0]), TypeError, "sequence of ints"),
+    "steps=True": (dict(steps=True), TypeError, "steps must be an int"),
+    "steps=2.5": (dict(steps=2.5), TypeError, "steps must be an int"),
+    "string dynamic_threshold": (dict(dynamic_threshold="0.9"), ValueError, "dynamic_threshold must be"),
+    "eta=nan": (dict(eta=math.nan), ValueError, "eta must be a finite"),
+    "null_label outside the table": (dict(guidance=CFG(2.0), null_label=7), ValueError, "null_label must index"),
+    "meta device": (dict(device="meta"), ValueError, "device must hold data"),
+    "zero batch in shape": (dict(shape=(0, 3, 8, 8)), ValueError, "shape must hold positive ints"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SAMPLER_ARGUMENTS), ids=str)
+def test_bad_sampler_arguments_are_refused_before_any_forward(case):
+    kwargs, error, message = BAD_SAMPLER_ARGUMENTS[case]
+    calls = []
+
+    def model(x, t, y):
+        calls.append(1)
+        return torch.zeros_like(x)
+
+    model.num_classes, model.null_class = 4, True
+    kwargs = {"shape": (2, 3, 8, 8), "labels": torch.tensor([0, 1]), "steps": 2, **kwargs}
+    with pytest.raises(error, match=message):
+        sample(model, kwargs.pop("shape"), **kwargs)
+    assert not calls
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: CFG(math.nan), "CFG scale must be a finite number"),
+    (lambda: CFG(2.0, rescale=1.5), r"CFG rescale must be in \[0, 1\]"),
+    (lambda: CFG(2.0, interval=(1.0, 2.0, 3.0)), "CFG interval must be a pair"),
+    (lambda: CFG(2.0, interval="ab"), "CFG interval must be a pair"),
+    (lambda: APG(norm_threshold=-1.0), "APG norm_threshold must be non-negative"),
+    (lambda: ClassifierGuidance(torch.nn.Identity(), math.nan), "ClassifierGuidance scale must be a finite"),
+])
+def test_bad_guidance_specs_are_refused_when_built(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_fresh_model_with_rescale_samples_without_nan():
+    # A freshly built ADM model outputs zeros (zero-initialised output layer): CFG rescale's
+    # std ratio is 0/0 there; the guard leaves the prediction as it is.
+    model = fastguide.UNet(image_size=8, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
+                           attention_resolutions=(), channel_mult=(1,), num_classes=4, null_class=True).eval()
+    got = sample(model, (2, 3, 8, 8), labels=torch.tensor([0, 1]), steps=3, guidance=CFG(3.0, rescale=0.7),
+                 generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(got).all()
+
+
 def test_cuda_graph_errors():
     model = tiny_cfg_unet()
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device, got cpu"):
