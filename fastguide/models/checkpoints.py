@@ -4,10 +4,16 @@ ADM state dicts load with no key mapping (the module trees are the same). A mode
 with ``null_class=True`` has one more label-embedding row than ADM's released models;
 ``expand_label_table=True`` appends that row, initialised to the mean of the class rows
 (a neutral "average class" to fine-tune from).
+
+The format is read from the file's first bytes, not its suffix: a safetensors file is an
+8-byte little-endian header length followed by a JSON header that begins with ``{``;
+anything else goes to ``torch.load(weights_only=True)``, which unpickles tensors and
+plain containers only. Nothing here ever unpickles arbitrary objects.
 """
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -15,25 +21,106 @@ from torch import Tensor, nn
 
 LABEL_TABLE = "label_emb.weight"
 
+# The dtypes a float weight may be stored in: load_state_dict casts anything else (int,
+# bool, fp8, complex) into the model's float tensors without a word.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def _safetensors_header(path: Path) -> int | None:
+    """The header length when the file starts like a safetensors file, else None."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return None  # torch.save's zip files start with b"PK\x03\x04", its legacy files with pickle's 0x80
+    return int.from_bytes(head[:8], "little")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if len(text) > 160:  # torch's messages run on; their first sentence says what failed
+        text = text.split(". ", 1)[0][:160]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _check_path(path: Path) -> int:
+    """The file's size; clear errors for a missing path, a directory and an empty file."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in _CHECKPOINT_SUFFIXES)
+        hint = f" (it holds {_describe(inside)}: pass one of them)" if inside else ""
+        raise IsADirectoryError(f"checkpoint path {path} is a directory, not a checkpoint file{hint}")
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"checkpoint path {path} is not a regular file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"checkpoint file {path} is empty (0 bytes)")
+    return size
+
+
+def _read_safetensors(path: Path, size: int, header: int) -> dict[str, Tensor]:
+    if 8 + header > size:
+        raise ValueError(
+            f"checkpoint file {path} is a truncated safetensors file: its header alone is {header} bytes "
+            f"but the file has {size}")
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as error:  # SafetensorError has no importable base class of its own
+        raise ValueError(
+            f"checkpoint file {path} is a truncated or corrupt safetensors file ({_first_line(error)})") from error
+
+
+def _read_torch(path: Path) -> object:
+    try:
+        with path.open("rb") as f:  # a file object: torch.load would pick its loader by a path's suffix
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message advises weights_only=False, i.e. running whatever code the file
+        # holds; keep only its reason, and do not chain it.
+        reason = next((line.split("WeightsUnpickler error:", 1)[1].strip() for line in str(error).splitlines()
+                       if "WeightsUnpickler error:" in line), "")
+        reason = reason.split(". Please", 1)[0] or type(error).__name__
+        raise ValueError(
+            f"checkpoint file {path} cannot be read as tensors only ({reason}): it is truncated or corrupt, or "
+            "it pickles Python objects besides tensors (a training checkpoint?), which fastguide never "
+            "unpickles; re-save its state dict (torch.save or .safetensors) with code you trust") from None
+    except Exception as error:
+        raise ValueError(
+            f"checkpoint file {path} is truncated, corrupt or not a checkpoint: it is neither a safetensors "
+            f"file nor a torch.save file that loads ({_first_line(error)})") from error
+
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a ``.pt``/``.pth`` (torch.load, weights_only) or ``.safetensors`` file, on CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Tensors of a safetensors or ``torch.save`` file (told apart by content), on CPU.
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    Raises FileNotFoundError for a missing file, IsADirectoryError for a directory, and
+    ValueError naming the path for an empty, truncated or unreadable file or one that does
+    not hold a flat dict of tensors.
+    """
+    path = Path(path)
+    size = _check_path(path)
+    header = _safetensors_header(path)
+    if header is not None:
+        return _read_safetensors(path, size, header)
+    state = _read_torch(path)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+        if isinstance(state, dict):
+            found = _describe([f"{k!r} ({type(v).__name__})" for k, v in state.items()])
+            found = f"a dict of {found}"
+        else:
+            found = f"a {type(state).__name__}"
+        raise ValueError(f"{path} does not hold a state dict of tensors: it holds {found}")
     return state
 
 
 def save_state_dict(model: nn.Module, path: str | Path) -> None:
     """Writes the model's weights as ``.safetensors`` (or ``.pt`` for any other suffix)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint path {path} is a directory; pass a file name ending .safetensors or .pt")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -51,11 +138,20 @@ def _describe(names: list[str], limit: int = 5) -> str:
 def load_checkpoint(model: nn.Module, path: str | Path, *, expand_label_table: bool = False) -> nn.Module:
     """Loads ``path`` into ``model`` strictly; returns the model.
 
-    Raises FileNotFoundError for a missing file, and ValueError naming the first few
-    missing and unexpected keys, or every tensor whose shape differs.
+    Raises FileNotFoundError for a missing file, IsADirectoryError for a directory, and
+    ValueError naming the path for an unreadable file, for checkpoint tensors that are not
+    float16/bfloat16/float32/float64 where the model's are floating (int, bool, fp8:
+    load_state_dict would cast them silently), for the first few missing and unexpected
+    keys, and for every tensor whose shape differs.
     """
     state = read_state_dict(path)
     expected = model.state_dict()
+    not_float = [f"{k} ({state[k].dtype})" for k, v in expected.items()
+                 if k in state and v.is_floating_point() and state[k].dtype not in (v.dtype, *FLOAT_DTYPES)]
+    if not_float:
+        raise ValueError(
+            f"checkpoint {path} holds tensors that are not float16/bfloat16/float32/float64 where the model's "
+            f"weights are floating (loading would cast them without a word): {_describe(not_float)}")
     if expand_label_table and LABEL_TABLE in state and LABEL_TABLE in expected:
         table, wanted_rows = state[LABEL_TABLE], expected[LABEL_TABLE].shape[0]
         if table.shape[0] + 1 == wanted_rows:

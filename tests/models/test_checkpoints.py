@@ -1,0 +1,177 @@
+"""Checkpoint loading refuses what it cannot load faithfully, and says which file and why:
+non-float tensors for float weights, directories, empty, truncated and foreign files, and
+pickles of Python objects; the format is read from the content, not the suffix."""
+
+import argparse
+import traceback
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from fastguide import load_checkpoint, save_state_dict
+from fastguide.models.checkpoints import read_state_dict
+
+
+class Tiny(nn.Module):
+    """Float weights plus an integer buffer (as a step counter would be)."""
+
+    def __init__(self, layers: int = 1):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(3, 3) for _ in range(layers))
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def write(state: dict[str, torch.Tensor], path) -> None:
+    """safetensors for a .safetensors path, torch.save otherwise."""
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+
+
+def no_weights_only_false_advice(error: BaseException) -> None:
+    shown = "".join(traceback.format_exception(error))
+    assert "weights_only=False" not in shown and "`weights_only` set to `False`" not in shown, shown
+
+
+# --------------------------------------------------------------------------------------
+# dtypes: int, bool and fp8 are not cast into float weights
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool,
+                                   torch.float8_e4m3fn, torch.float8_e5m2])
+def test_non_float_tensors_for_float_weights_are_refused(tmp_path, suffix, dtype):
+    model = Tiny()
+    before = weights(model)
+    state = weights(model)
+    state["layers.0.weight"] = torch.ones(3, 3).to(dtype)
+    path = tmp_path / f"quantised{suffix}"
+    write(state, path)
+    with pytest.raises(ValueError, match=rf"{path.name}.*layers\.0\.weight \({dtype}\)") as info:
+        load_checkpoint(model, path)
+    assert "layers.0.bias" not in str(info.value)
+    for key, value in model.state_dict().items():  # nothing was written into the model
+        assert torch.equal(value, before[key]), key
+
+
+def test_the_first_few_offending_keys_are_named(tmp_path):
+    model = Tiny(layers=4)
+    state = {k: (v.to(torch.int8) if v.is_floating_point() else v) for k, v in weights(model).items()}
+    torch.save(state, tmp_path / "ints.pt")
+    with pytest.raises(ValueError, match=r"ints\.pt.*layers\.0\.weight \(torch\.int8\), layers\.0\.bias "
+                                         r"\(torch\.int8\).* and 3 more"):
+        load_checkpoint(model, tmp_path / "ints.pt")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_integer_buffers_and_other_float_dtypes_still_load(tmp_path, suffix):
+    source = Tiny()
+    state = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in weights(source).items()}
+    state["count"] = torch.tensor(7)
+    path = tmp_path / f"bf16{suffix}"
+    write(state, path)
+    model = load_checkpoint(Tiny(), path)
+    assert model.count.dtype == torch.int64 and int(model.count) == 7
+    assert model.layers[0].weight.dtype == torch.float32
+    torch.testing.assert_close(model.layers[0].weight, state["layers.0.weight"].float(), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# Paths and damaged files
+# --------------------------------------------------------------------------------------
+
+
+def test_a_directory_is_called_a_directory(tmp_path):
+    folder = tmp_path / "run42"
+    folder.mkdir()
+    torch.save(weights(Tiny()), folder / "ema.pt")
+    with pytest.raises(IsADirectoryError, match=r"run42 is a directory.*ema\.pt"):
+        load_checkpoint(Tiny(), folder)
+    with pytest.raises(IsADirectoryError, match="run42 is a directory"):
+        read_state_dict(folder)
+    with pytest.raises(IsADirectoryError, match="run42 is a directory"):
+        save_state_dict(Tiny(), folder)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_an_empty_file_is_called_empty(tmp_path, suffix):
+    path = tmp_path / f"empty{suffix}"
+    path.touch()
+    with pytest.raises(ValueError, match=rf"{path.name} is empty"):
+        load_checkpoint(Tiny(), path)
+
+
+@pytest.mark.parametrize("how", ["torch zip", "torch legacy", "safetensors header", "safetensors data"])
+def test_a_truncated_file_is_named_and_called_truncated(tmp_path, how):
+    whole = tmp_path / ("whole.safetensors" if how.startswith("safetensors") else "whole.pt")
+    if how == "torch legacy":
+        torch.save(weights(Tiny()), whole, _use_new_zipfile_serialization=False)
+    else:
+        write(weights(Tiny()), whole)
+    data = whole.read_bytes()
+    keep = {"safetensors header": 20, "safetensors data": len(data) - 8}.get(how, len(data) // 2)
+    cut = tmp_path / f"cut{whole.suffix}"
+    cut.write_bytes(data[:keep])
+    with pytest.raises(ValueError, match=rf"{cut.name} .*truncated") as info:
+        load_checkpoint(Tiny(), cut)
+    no_weights_only_false_advice(info.value)
+    if how in ("torch zip", "safetensors data"):
+        assert info.value.__cause__ is not None  # the loader's own error stays in the chain
+
+
+def test_a_file_that_is_no_checkpoint_says_so(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("these are not weights\n")
+    with pytest.raises(ValueError, match=r"notes\.pt is truncated, corrupt or not a checkpoint") as info:
+        read_state_dict(path)
+    assert info.value.__cause__ is not None
+
+
+def test_pickled_objects_are_refused_without_advising_an_unsafe_load(tmp_path):
+    path = tmp_path / "train_state.pt"
+    torch.save({"model": weights(Tiny()), "args": argparse.Namespace(lr=1e-4)}, path)
+    with pytest.raises(ValueError, match=r"train_state\.pt cannot be read as tensors only .*argparse\.Namespace"
+                       ) as info:
+        load_checkpoint(Tiny(), path)
+    no_weights_only_false_advice(info.value)
+
+
+def test_a_dict_of_more_than_tensors_is_described(tmp_path):
+    path = tmp_path / "nested.pt"
+    torch.save({"model": weights(Tiny()), "step": 10}, path)
+    with pytest.raises(ValueError, match=r"nested\.pt does not hold a state dict of tensors: .*'model' \(dict\)"):
+        read_state_dict(path)
+
+
+# --------------------------------------------------------------------------------------
+# The format comes from the content
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["weights.pt", "weights.bin", "weights"])
+def test_a_safetensors_file_loads_whatever_its_suffix(tmp_path, name):
+    source = Tiny()
+    path = tmp_path / name
+    save_file(weights(source), str(path))
+    with pytest.raises(Exception) as refused:  # what torch.load alone makes of it
+        torch.load(path, weights_only=True)
+    assert "weights_only" in str(refused.value)
+    model = load_checkpoint(Tiny(), path)
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_a_torch_file_named_safetensors_loads(tmp_path):
+    source = Tiny()
+    path = tmp_path / "mislabelled.safetensors"
+    torch.save(weights(source), path)
+    model = load_checkpoint(Tiny(), path)
+    torch.testing.assert_close(model.layers[0].weight, source.layers[0].weight, rtol=0, atol=0)
