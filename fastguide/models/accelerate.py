@@ -1,35 +1,62 @@
 """``accelerate(module)``: put fastguide's fused ops under an existing PyTorch UNet, in place.
 
-Matched by structure, never by import (diffusers need not be installed):
-- diffusers ``ResnetBlock2D`` (norm1, nonlinearity, conv1, time_emb_proj, norm2, conv2):
-  its forward is rebound so that norm1 → SiLU and norm2 → (temb add or scale-shift) →
-  SiLU are each one ``ops.group_norm`` call;
-- diffusers ``Attention`` modules (processor API): a processor calling ``ops.attention``
-  (masked calls go to the processor it replaced);
-- ADM-style ``ResBlock`` (in_layers, emb_layers, out_layers, skip_connection,
-  use_scale_shift_norm) and ``AttentionBlock`` (norm, qkv, attention, proj_out):
-  rebound to fused forwards, qkv read as views in the module's head order;
-- every other ``nn.GroupNorm``: replaced by ``FusedGroupNorm`` sharing its parameters,
-  which also absorbs an ``nn.SiLU`` that directly follows it in an ``nn.Sequential`` or as
-  diffusers' ``conv_norm_out``/``conv_act`` pair.
-Parameters are shared, not copied: state dicts keep their keys. The counts of what was
-replaced are returned in ``module.fastguide_accelerated`` and logged.
+Only what the fused ops reproduce exactly is swapped, recognised by known class (by name and
+defining module, never by import: diffusers need not be installed) and exact structure;
+everything else is left as it was and reported with the reason.
+
+- diffusers ``Attention`` whose processor is exactly diffusers' ``AttnProcessor`` or
+  ``AttnProcessor2_0``: a ``FastguideAttnProcessor`` that mirrors it on ``ops.attention``
+  (masked calls go to the processor it replaced). Left alone: any other processor (added-KV,
+  IP-Adapter, LoRA, xformers, custom, ...), added-KV projections, spatial_norm, kv_heads,
+  no to_k/to_v/to_out, a head_dim ``ops.attention`` does not take.
+- diffusers ``ResnetBlock2D`` with SiLU, "default" or "scale_shift" time embedding and plain
+  GroupNorms: its forward is rebound so that norm1 → SiLU and norm2 → (temb add or
+  scale-shift) → SiLU are each one ``ops.group_norm`` call.
+- ADM ``ResBlock`` (exactly in_layers [GroupNorm, SiLU, conv], emb_layers, out_layers
+  [GroupNorm, SiLU, Dropout, conv], skip_connection, optional h_upd/x_upd, forward(x, emb))
+  and ``AttentionBlock`` (exactly norm, qkv a 1x1 Conv1d, attention, proj_out, forward(x);
+  no encoder_kv): rebound to fused forwards, qkv read as views in the module's head order,
+  which is found by running its ``attention`` once on a small random input.
+- every other ``nn.GroupNorm`` (exactly that class, or guided-/improved-diffusion's
+  ``GroupNorm32``), without hooks: replaced by ``FusedGroupNorm`` sharing its parameters;
+  diffusers' ``conv_norm_out`` → ``conv_act`` (SiLU) pair, which diffusers' forwards always
+  call back to back, becomes one fused call.
+A module that is left alone keeps its whole subtree, GroupNorms included, bit for bit.
+Parameters are shared, not copied: state dicts keep their keys.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import types
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Callable
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from .nn import split_heads
+from .nn import GroupNorm32, split_heads
 
 log = logging.getLogger(__name__)
+
+DIFFUSERS_ATTENTION = "diffusers Attention"
+DIFFUSERS_RESNET = "diffusers ResnetBlock2D"
+ADM_RESBLOCK = "ADM ResBlock"
+ADM_ATTENTION = "ADM AttentionBlock"
+GROUP_NORM = "GroupNorm"
+
+ALREADY = "already fastguide"
+LEFT_ALONE_PARENT = "inside a module left alone"
+
+# GroupNorm subclasses whose forward is GroupNorm in float32 cast back to x's dtype, which is
+# what ops.group_norm computes (ADM's GroupNorm32). GLIDE's GroupNorm32 is not one: it adds
+# a swish.
+_FP32_GROUP_NORMS = {("guided_diffusion.nn", "GroupNorm32"), ("improved_diffusion.nn", "GroupNorm32")}
+_PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")
 
 
 class FusedGroupNorm(nn.GroupNorm):
@@ -47,8 +74,64 @@ class FusedGroupNorm(nn.GroupNorm):
                               scale=scale, shift=shift, activation=activation or self.activation)
 
 
-def _norm(module: nn.Module) -> FusedGroupNorm:
-    return module if isinstance(module, FusedGroupNorm) else FusedGroupNorm(module)
+def _is_fastguide(m: object) -> bool:
+    return type(m).__module__.split(".")[0] == "fastguide"
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    """Hooks that replacing the module would lose: torch's module hooks, accelerate's _hf_hook."""
+    return hasattr(m, "_hf_hook") or any(
+        getattr(m, name, None) for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                            "_backward_pre_hooks"))
+
+
+def _has_own_tensors(m: nn.Module) -> bool:
+    return any(t is not None for t in (*m._parameters.values(), *m._buffers.values()))
+
+
+def _takes_exactly(forward: Callable, count: int) -> bool:
+    """forward takes exactly ``count`` positional inputs: no optional ones, no *args/**kwargs."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return len(params) == count and all(p.kind in plain and p.default is p.empty for p in params)
+
+
+def _rebound_by_us(m: nn.Module) -> bool:
+    forward = m.__dict__.get("forward")
+    return getattr(forward, "__func__", None) in _FUSED_FORWARDS
+
+
+def _head_dim_problem(head_dim: int) -> str | None:
+    if head_dim % 8 or not 8 <= head_dim <= 256:
+        return f"head_dim {head_dim} (ops.attention takes multiples of 8 up to 256)"
+    return None
+
+
+def _group_norm_skip(m: nn.GroupNorm) -> str | None:
+    """Why the GroupNorm ``m`` cannot become a FusedGroupNorm; None when it can."""
+    if _is_fastguide(m):
+        return ALREADY
+    cls = type(m)
+    if cls is not nn.GroupNorm and (cls.__module__, cls.__name__) not in _FP32_GROUP_NORMS:
+        return f"class {cls.__module__}.{cls.__qualname__} (a subclass whose forward may differ)"
+    if _has_hooks(m):
+        return "hooks registered on it"
+    if not m.eps > 0:
+        return "eps <= 0"
+    return None
+
+
+def _fusable_norm(m: object) -> str | None:
+    """Why ``m`` will not take activation/scale/shift once the walk is done; None when it will
+    (it is fastguide's, or a GroupNorm that the walk replaces)."""
+    if type(m) in (FusedGroupNorm, GroupNorm32):
+        return None
+    if not isinstance(m, nn.GroupNorm):
+        return f"{type(m).__name__} is not a GroupNorm"
+    return _group_norm_skip(m)
 
 
 # ---- diffusers ----------------------------------------------------------------------
@@ -78,22 +161,49 @@ def _fused_resnet_block_forward(self, input_tensor: Tensor, temb: Tensor | None,
     return (input_tensor + h) / self.output_scale_factor
 
 
-def _is_diffusers_resnet(m: nn.Module) -> bool:
-    return (type(m).__name__ == "ResnetBlock2D" and isinstance(getattr(m, "norm1", None), nn.GroupNorm)
-            and isinstance(getattr(m, "nonlinearity", None), nn.SiLU)
-            and getattr(m, "time_embedding_norm", None) in ("default", "scale_shift"))
+def _check_diffusers_resnet(m: nn.Module) -> str | Callable[[], None]:
+    if _rebound_by_us(m):
+        return ALREADY
+    if "forward" in m.__dict__:  # accelerate's hooks, patches: not the forward we reproduce
+        return "forward replaced on the instance"
+    if type(getattr(m, "nonlinearity", None)) is not nn.SiLU:
+        return f"nonlinearity {type(getattr(m, 'nonlinearity', None)).__name__} (fused: SiLU only)"
+    time_norm = getattr(m, "time_embedding_norm", None)
+    if time_norm not in ("default", "scale_shift"):
+        return f"time_embedding_norm {time_norm!r}"
+    if time_norm == "scale_shift" and getattr(m, "time_emb_proj", None) is None:
+        return "scale_shift without time_emb_proj"
+    for name in ("norm1", "norm2"):
+        reason = _fusable_norm(getattr(m, name, None))
+        if reason:
+            return f"{name}: {reason}"
+
+    def swap() -> None:
+        m.forward = types.MethodType(_fused_resnet_block_forward, m)
+    return swap
 
 
 class FastguideAttnProcessor:
-    """A diffusers attention processor on ops.attention (self- and cross-attention)."""
+    """diffusers' ``AttnProcessor`` / ``AttnProcessor2_0`` on ops.attention, step for step.
+
+    o = softmax(q·kᵀ·scale)·v with fp32 accumulation (so AttnProcessor's upcast flags are
+    met); scale is ``attn.scale`` as AttnProcessor uses it, or head_dim^-1/2 as
+    AttnProcessor2_0's scaled_dot_product_attention uses it (it ignores attn.scale), and
+    norm_q/norm_k apply as AttnProcessor2_0 applies them (AttnProcessor ignores them).
+    Calls it cannot run the same way (an attention mask, spatial_norm, an unsupported
+    head_dim) go to ``fallback``, the processor it replaced.
+    """
 
     def __init__(self, fallback):
         self.fallback = fallback
+        self.sdpa_scale = type(fallback).__name__ == "AttnProcessor2_0"
+        self.qk_norm = type(fallback).__name__ != "AttnProcessor"
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
         head_dim = attn.inner_dim // attn.heads if hasattr(attn, "inner_dim") else None
-        if attention_mask is not None or attn.spatial_norm is not None or head_dim is None or head_dim % 8:
+        if (attention_mask is not None or attn.spatial_norm is not None or head_dim is None
+                or _head_dim_problem(head_dim)):
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
         spatial = hidden_states.dim() == 4
@@ -108,9 +218,12 @@ class FastguideAttnProcessor:
         batch = hidden_states.shape[0]
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
         q, k, v = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        out = ops.attention(q, k, v, scale=attn.scale)
+        if self.qk_norm:
+            if attn.norm_q is not None:
+                q = attn.norm_q(q)
+            if attn.norm_k is not None:
+                k = attn.norm_k(k)
+        out = ops.attention(q, k, v, scale=None if self.sdpa_scale else attn.scale)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if spatial:
@@ -122,6 +235,35 @@ class FastguideAttnProcessor:
 
 def _is_diffusers_attention(m: nn.Module) -> bool:
     return type(m).__name__ == "Attention" and hasattr(m, "set_processor") and hasattr(m, "to_q")
+
+
+def _check_diffusers_attention(m: nn.Module) -> str | Callable[[], None]:
+    processor = getattr(m, "processor", None)
+    if isinstance(processor, FastguideAttnProcessor):
+        return ALREADY
+    cls = type(processor)
+    if cls.__name__ not in _PLAIN_PROCESSORS or cls.__module__.split(".")[0] != "diffusers":
+        return f"processor {cls.__name__}"
+    if getattr(m, "added_kv_proj_dim", None) is not None or any(
+            getattr(m, name, None) is not None for name in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")):
+        return "added-KV projections"
+    to_out = getattr(m, "to_out", None)
+    if getattr(m, "to_k", None) is None or getattr(m, "to_v", None) is None or to_out is None or len(to_out) != 2:
+        return "no to_k/to_v/to_out"
+    if getattr(m, "spatial_norm", None) is not None:
+        return "spatial_norm"
+    inner = getattr(m, "inner_dim", None)
+    if not isinstance(inner, int) or inner % m.heads:
+        return "no inner_dim divisible by heads"
+    if getattr(m, "inner_kv_dim", inner) != inner:
+        return "kv_heads != heads"
+    reason = _head_dim_problem(inner // m.heads)
+    if reason:
+        return reason
+
+    def swap() -> None:
+        m.set_processor(FastguideAttnProcessor(processor))
+    return swap
 
 
 # ---- ADM-structured modules -----------------------------------------------------------
@@ -143,75 +285,216 @@ def _fused_adm_resblock_forward(self, x: Tensor, emb: Tensor) -> Tensor:
     return self.skip_connection(x) + self.out_layers[3](self.out_layers[2](h))
 
 
-def _is_adm_resblock(m: nn.Module) -> bool:
-    layers = [getattr(m, n, None) for n in ("in_layers", "out_layers")]
-    return (all(isinstance(s, nn.Sequential) for s in layers) and hasattr(m, "emb_layers")
-            and hasattr(m, "skip_connection") and hasattr(m, "use_scale_shift_norm")
-            and isinstance(layers[0][0], nn.GroupNorm) and isinstance(layers[1][0], nn.GroupNorm)
-            and len(layers[1]) == 4)
+def _looks_like_adm_resblock(m: nn.Module) -> bool:
+    return all(isinstance(getattr(m, n, None), nn.Module) for n in ("in_layers", "emb_layers", "out_layers"))
 
 
-def _fused_adm_attention_forward(self, x: Tensor, *args) -> Tensor:
+def _check_adm_resblock(m: nn.Module) -> str | Callable[[], None]:
+    if _is_fastguide(m) or _rebound_by_us(m):
+        return ALREADY
+    if hasattr(m, "_hf_hook"):
+        return "an accelerate hook wraps its forward"
+    names = {name for name, child in m._modules.items() if child is not None}
+    required = {"in_layers", "emb_layers", "out_layers", "skip_connection"}
+    if not required <= names <= required | {"h_upd", "x_upd"} or ("h_upd" in names) != ("x_upd" in names):
+        return f"submodules {sorted(names)} (not ADM's)"
+    if getattr(m, "updown", False) and "h_upd" not in names:
+        return "updown without h_upd/x_upd"
+    if _has_own_tensors(m):
+        return "own parameters or buffers"
+    if not isinstance(getattr(m, "use_scale_shift_norm", None), bool):
+        return "use_scale_shift_norm not a bool"
+    if not _takes_exactly(m.forward, 2):
+        return "forward takes other inputs than (x, emb)"
+    ins, outs = m.in_layers, m.out_layers
+    if not (type(ins) is nn.Sequential and len(ins) == 3 and type(ins[1]) is nn.SiLU):
+        return "in_layers is not [GroupNorm, SiLU, conv]"
+    if not (type(outs) is nn.Sequential and len(outs) == 4 and type(outs[1]) is nn.SiLU
+            and type(outs[2]) is nn.Dropout):
+        return "out_layers is not [GroupNorm, SiLU, Dropout, conv]"
+    for where, norm in (("in_layers[0]", ins[0]), ("out_layers[0]", outs[0])):
+        reason = _fusable_norm(norm)
+        if reason:
+            return f"{where}: {reason}"
+
+    def swap() -> None:
+        m.forward = types.MethodType(_fused_adm_resblock_forward, m)
+    return swap
+
+
+def _fused_adm_attention_forward(self, x: Tensor) -> Tensor:
     batch, channels, *spatial = x.shape
     x = x.reshape(batch, channels, -1)
     qkv = self.qkv(self.norm(x))
-    legacy = "Legacy" in type(self.attention).__name__
-    heads = self.attention.n_heads
-    q, k, v = split_heads(qkv, heads, legacy)
+    q, k, v = split_heads(qkv, self.attention.n_heads, self._fastguide_legacy_order)
     h = ops.attention(q, k, v).transpose(-1, -2).reshape(batch, channels, -1)
     return (x + self.proj_out(h)).reshape(batch, channels, *spatial)
 
 
-def _is_adm_attention(m: nn.Module) -> bool:
-    return (isinstance(getattr(m, "norm", None), nn.GroupNorm) and hasattr(m, "qkv")
-            and hasattr(m, "proj_out") and hasattr(getattr(m, "attention", None), "n_heads"))
+def _looks_like_adm_attention(m: nn.Module) -> bool:
+    return all(isinstance(getattr(m, n, None), nn.Module) for n in ("norm", "qkv", "attention", "proj_out"))
+
+
+def _adm_head_order(attention: nn.Module, heads: int, head_dim: int) -> bool | None:
+    """Whether ``attention`` is softmax(q·kᵀ/√d)·v over (B, 3·H·d, T) in the legacy head order
+    (True) or the new one (False), found by running it once; None when it is neither."""
+    qkv = torch.randn(2, 3 * heads * head_dim, 5, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            got = attention(qkv)
+    except Exception:  # whatever it is, it is not the op we would put in its place
+        return None
+    if not isinstance(got, Tensor) or got.shape != (2, heads * head_dim, 5):
+        return None
+    for legacy in (True, False):
+        q, k, v = (t.double() for t in split_heads(qkv, heads, legacy))
+        want = torch.softmax(q @ k.transpose(-1, -2) * head_dim**-0.5, dim=-1) @ v
+        if torch.allclose(got.double(), want.transpose(-1, -2).reshape(got.shape), rtol=1e-4, atol=1e-5):
+            return legacy
+    return None
+
+
+def _check_adm_attention(m: nn.Module) -> str | Callable[[], None]:
+    if getattr(m, "encoder_kv", None) is not None:
+        return "encoder_kv (it also attends to encoder_out)"
+    if _is_fastguide(m) or _rebound_by_us(m):
+        return ALREADY
+    if hasattr(m, "_hf_hook"):
+        return "an accelerate hook wraps its forward"
+    names = {name for name, child in m._modules.items() if child is not None}
+    if names != {"norm", "qkv", "attention", "proj_out"}:
+        return f"submodules {sorted(names)} (not ADM's)"
+    if _has_own_tensors(m):
+        return "own parameters or buffers"
+    if not _takes_exactly(m.forward, 1):
+        return "forward takes other inputs than (x)"
+    if not isinstance(m.norm, nn.GroupNorm):
+        return f"norm {type(m.norm).__name__} is not a GroupNorm"
+    qkv = m.qkv
+    if not (isinstance(qkv, nn.Conv1d) and qkv.kernel_size == (1,) and qkv.out_channels == 3 * qkv.in_channels):
+        return "qkv is not a 1x1 Conv1d from C to 3·C channels"
+    attention, heads = m.attention, getattr(m.attention, "n_heads", None)
+    if not isinstance(heads, int) or heads < 1 or qkv.in_channels % heads:
+        return "attention has no n_heads dividing the channels"
+    if _has_own_tensors(attention) or any(True for _ in attention.children()):
+        return "attention has parameters, buffers or submodules"
+    head_dim = qkv.in_channels // heads
+    reason = _head_dim_problem(head_dim)
+    if reason:
+        return reason
+    legacy = _adm_head_order(attention, heads, head_dim)
+    if legacy is None:
+        return "attention is not softmax(q·kᵀ/√d)·v in either ADM head order"
+
+    def swap() -> None:
+        m._fastguide_legacy_order = legacy
+        m.forward = types.MethodType(_fused_adm_attention_forward, m)
+    return swap
+
+
+_FUSED_FORWARDS = (_fused_resnet_block_forward, _fused_adm_resblock_forward, _fused_adm_attention_forward)
+
+# In the order they are tried: the first that recognises a module decides its kind.
+_KINDS = (
+    (DIFFUSERS_ATTENTION, _is_diffusers_attention, _check_diffusers_attention),
+    (DIFFUSERS_RESNET, lambda m: type(m).__name__ == "ResnetBlock2D" and type(m).__module__.startswith("diffusers."),
+     _check_diffusers_resnet),
+    (ADM_RESBLOCK, _looks_like_adm_resblock, _check_adm_resblock),
+    (ADM_ATTENTION, _looks_like_adm_attention, _check_adm_attention),
+)
 
 
 # ---- the walk -----------------------------------------------------------------------
 
 
 def accelerate(module: nn.Module) -> nn.Module:
-    """Swap, in place, the GroupNorm(+SiLU) and attention of ``module`` for fastguide ops.
+    """Swap, in place, the GroupNorm(+SiLU) and attention of ``module`` for fastguide ops,
+    where they reproduce exactly what was there (see the module docstring); leave the rest.
 
-    Returns ``module``; ``module.fastguide_accelerated`` counts what was replaced.
+    Returns ``module``, with the report of what happened in two attributes (and logged at
+    INFO by the ``fastguide.models.accelerate`` logger):
+
+    - ``module.fastguide_accelerated``: {kind: count} of what was swapped, kinds being
+      "diffusers Attention", "diffusers ResnetBlock2D", "ADM ResBlock",
+      "ADM AttentionBlock" and "GroupNorm" (kinds with no swap are absent);
+    - ``module.fastguide_skipped``: {kind: {reason: count}} of what was recognised as one of
+      those kinds but left as it was, e.g. {"diffusers Attention": {"processor
+      AttnAddedKVProcessor2_0": 2}, "GroupNorm": {"inside a module left alone": 4}}. Reason
+      "already fastguide" is what an earlier call (or fastguide's own modules) made.
+
     Outputs are unchanged within floating-point tolerance (GroupNorm statistics become
-    float32 in every dtype, as ADM computes them).
+    float32 in every dtype, as ADM computes them; attention accumulates in float32); what is
+    left alone is bit-identical. Gradient checkpointing inside rebound ADM blocks is not kept.
     """
-    replaced: Counter[str] = Counter()
-    for m in list(module.modules()):
-        if _is_diffusers_resnet(m):
-            m.forward = types.MethodType(_fused_resnet_block_forward, m)
-            replaced["diffusers ResnetBlock2D"] += 1
-        elif _is_diffusers_attention(m):
-            m.set_processor(FastguideAttnProcessor(m.processor))
-            replaced["diffusers Attention"] += 1
-        elif _is_adm_resblock(m):
-            m.forward = types.MethodType(_fused_adm_resblock_forward, m)
-            replaced["ADM ResBlock"] += 1
-        elif _is_adm_attention(m):
-            m.forward = types.MethodType(_fused_adm_attention_forward, m)
-            replaced["ADM AttentionBlock"] += 1
-    for parent in list(module.modules()):
-        replaced["GroupNorm"] += _replace_group_norms(parent)
-    module.fastguide_accelerated = {k: v for k, v in replaced.items() if v}
-    log.info("fastguide.accelerate replaced %s", module.fastguide_accelerated)
+    swapped: Counter[str] = Counter()
+    skipped: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    _Walk(swapped, skipped).visit(module, None, None)
+    module.fastguide_accelerated = {kind: n for kind, n in swapped.items() if n}
+    module.fastguide_skipped = {kind: dict(reasons) for kind, reasons in skipped.items()}
+    log.info("fastguide.accelerate(%s): %s", type(module).__name__,
+             _describe(module.fastguide_accelerated, module.fastguide_skipped))
     return module
 
 
-def _replace_group_norms(parent: nn.Module) -> int:
-    """Swap parent's direct GroupNorm children; fuse a following SiLU where it is known to
-    run right after (the next item of an nn.Sequential, or conv_norm_out → conv_act)."""
-    count = 0
-    children = list(parent.named_children())
-    for index, (name, child) in enumerate(children):
-        if not isinstance(child, nn.GroupNorm) or isinstance(child, FusedGroupNorm):
-            continue
-        follower = children[index + 1][1] if index + 1 < len(children) else None
-        fuse_silu = isinstance(follower, nn.SiLU) and (
-            isinstance(parent, nn.Sequential) or (name == "conv_norm_out" and children[index + 1][0] == "conv_act")
-        )
-        setattr(parent, name, FusedGroupNorm(child, "silu" if fuse_silu else None))
-        if fuse_silu:
-            setattr(parent, children[index + 1][0], nn.Identity())
-        count += 1
-    return count
+def _describe(swapped: dict[str, int], skipped: dict[str, dict[str, int]]) -> str:
+    """'swapped GroupNorm 12, ...; left alone diffusers Attention 2 (processor X: 2), ...'"""
+    done = ", ".join(f"{kind} {n}" for kind, n in swapped.items()) or "nothing"
+    left = ", ".join(f"{kind} {sum(reasons.values())} ({', '.join(f'{r}: {n}' for r, n in reasons.items())})"
+                     for kind, reasons in skipped.items()) or "nothing"
+    return f"swapped {done}; left alone {left}"
+
+
+class _Walk:
+    """One depth-first pass: swap recognised modules that pass their checks, keep the whole
+    subtree of those that do not, replace GroupNorms in their parents."""
+
+    def __init__(self, swapped: Counter[str], skipped: defaultdict[str, Counter[str]]):
+        self.swapped, self.skipped = swapped, skipped
+        self.seen: set[int] = set()
+        self.fused: dict[int, FusedGroupNorm] = {}  # id(original GroupNorm) -> its replacement
+
+    def visit(self, m: nn.Module, parent: nn.Module | None, name: str | None) -> None:
+        if id(m) in self.seen:  # a module registered under several parents
+            if id(m) in self.fused:
+                setattr(parent, name, self.fused[id(m)])
+            return
+        self.seen.add(id(m))
+        if isinstance(m, nn.GroupNorm):
+            reason = _group_norm_skip(m) or (None if parent is not None else "the root module")
+            if reason:
+                self.skipped[GROUP_NORM][reason] += 1
+            else:
+                self.fused[id(m)] = FusedGroupNorm(m)
+                setattr(parent, name, self.fused[id(m)])
+                self.swapped[GROUP_NORM] += 1
+            return
+        kind = next(((kind, check) for kind, recognise, check in _KINDS if recognise(m)), None)
+        if kind is not None:
+            outcome = kind[1](m)
+            if isinstance(outcome, str):
+                self.skipped[kind[0]][outcome] += 1
+                self.leave_alone(m)
+                return
+            outcome()
+            self.swapped[kind[0]] += 1
+        for child_name, child in list(m.named_children()):
+            self.visit(child, m, child_name)
+        if kind is None:
+            self.fuse_norm_out(m)
+
+    def leave_alone(self, m: nn.Module) -> None:
+        # Not marked seen: a GroupNorm also registered outside m is still replaced there
+        # (replacement is per parent, so m keeps the original).
+        for sub in m.modules():
+            if sub is not m:
+                if isinstance(sub, nn.GroupNorm):
+                    self.skipped[GROUP_NORM][ALREADY if _is_fastguide(sub) else LEFT_ALONE_PARENT] += 1
+
+    def fuse_norm_out(self, parent: nn.Module) -> None:
+        """diffusers' models call conv_norm_out then conv_act, always back to back."""
+        norm, act = parent._modules.get("conv_norm_out"), parent._modules.get("conv_act")
+        if (type(parent).__module__.split(".")[0] == "diffusers" and type(norm) is FusedGroupNorm
+                and norm.activation is None and any(norm is f for f in self.fused.values())
+                and type(act) is nn.SiLU and not _has_hooks(act)):
+            parent.conv_norm_out = FusedGroupNorm(norm, "silu")
+            parent.conv_act = nn.Identity()

@@ -1,17 +1,20 @@
 """accelerate(): swapping fastguide ops into existing UNets leaves their outputs unchanged."""
 
 import copy
+import logging
 import math
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fastguide
-from tests.helpers import backends_for, randomize
+from tests.helpers import ATTENTION, assert_close, backends_for, randomize, tiny_cfg_unet
 
 BACKENDS = sorted(set(backends_for("group_norm")) & set(backends_for("attention")))
 diffusers = pytest.importorskip("diffusers")
+ap = pytest.importorskip("diffusers.models.attention_processor")
 
 
 def tiny_diffusers_unet(time_norm: str) -> nn.Module:
@@ -48,8 +51,34 @@ def test_accelerate_diffusers_unet2d_keeps_outputs(backend, time_norm):
     assert (got.double() - exact).abs().max() <= 2 * (expected.double() - exact).abs().max() + 1e-5
 
 
-class LegacyQKVAttention(nn.Module):
-    """As guided-diffusion's QKVAttentionLegacy (structure only; accelerate replaces it)."""
+class QKVAttention(nn.Module):
+    """As GLIDE's QKVAttention: the legacy head order despite the name, and optional encoder_kv."""
+
+    def __init__(self, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv, encoder_kv=None):
+        batch, width, length = qkv.shape
+        ch = width // (3 * self.n_heads)
+        q, k, v = qkv.reshape(batch * self.n_heads, ch * 3, length).split(ch, dim=1)
+        if encoder_kv is not None:
+            ek, ev = encoder_kv.reshape(batch * self.n_heads, ch * 2, -1).split(ch, dim=1)
+            k, v = torch.cat([ek, k], dim=-1), torch.cat([ev, v], dim=-1)
+        scale = 1 / math.sqrt(math.sqrt(ch))
+        weight = torch.softmax(torch.einsum("bct,bcs->bts", q * scale, k * scale), dim=-1)
+        return torch.einsum("bts,bcs->bct", weight, v).reshape(batch, -1, length)
+
+
+class LegacyQKVAttention(QKVAttention):
+    """As guided-diffusion's QKVAttentionLegacy: GLIDE's head order, no encoder_kv."""
+
+    def forward(self, qkv):
+        return super().forward(qkv)
+
+
+class NewOrderQKVAttention(nn.Module):
+    """As guided-diffusion's QKVAttention: [Q; K; V] with the heads inside each."""
 
     def __init__(self, n_heads):
         super().__init__()
@@ -58,16 +87,24 @@ class LegacyQKVAttention(nn.Module):
     def forward(self, qkv):
         batch, width, length = qkv.shape
         ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(batch * self.n_heads, ch * 3, length).split(ch, dim=1)
-        scale = 1 / math.sqrt(math.sqrt(ch))
-        weight = torch.softmax(torch.einsum("bct,bcs->bts", q * scale, k * scale), dim=-1)
+        q, k, v = (t.reshape(batch * self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))
+        weight = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / math.sqrt(ch), dim=-1)
         return torch.einsum("bts,bcs->bct", weight, v).reshape(batch, -1, length)
+
+
+class LinearQKVAttention(NewOrderQKVAttention):
+    """Not softmax attention (same structure, other math): accelerate must leave it alone."""
+
+    def forward(self, qkv):
+        batch, width, length = qkv.shape
+        q, k, v = (t.reshape(batch * self.n_heads, -1, length) for t in qkv.chunk(3, dim=1))
+        return torch.einsum("bcs,bds,bdt->bct", v, k, q.softmax(dim=1)).reshape(batch, -1, length) / length
 
 
 class AdmStyleBlock(nn.Module):
     """An ADM ResBlock (scale-shift) followed by an ADM AttentionBlock, written as ADM does."""
 
-    def __init__(self, ch=64, emb=32):
+    def __init__(self, ch=64, emb=32, attention=LegacyQKVAttention):
         super().__init__()
         self.res = nn.Module()
         self.res.in_layers = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
@@ -80,7 +117,7 @@ class AdmStyleBlock(nn.Module):
         self.attn = nn.Module()
         self.attn.norm = nn.GroupNorm(32, ch)
         self.attn.qkv = nn.Conv1d(ch, 3 * ch, 1)
-        self.attn.attention = LegacyQKVAttention(n_heads=4)
+        self.attn.attention = attention(n_heads=4)
         self.attn.proj_out = nn.Conv1d(ch, ch, 1)
         self.attn.forward = self._attn_forward
 
@@ -111,3 +148,309 @@ def test_accelerate_adm_structured_modules():
     assert model.fastguide_accelerated["ADM ResBlock"] == 1
     assert model.fastguide_accelerated["ADM AttentionBlock"] == 1
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4)
+
+
+
+# ---- what accelerate() leaves alone ---------------------------------------------------
+
+
+def run(module, *args, **kwargs):
+    with torch.no_grad():
+        return module(*args, **kwargs)
+
+
+def attention_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 32, 4, 4, generator=g), torch.randn(2, 7, 24, generator=g), torch.randn(2, 4, 24, generator=g)
+
+
+class HalvingProcessor:
+    """A custom processor (as a user or a library would write one)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        return ap.AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb) * 0.5
+
+
+def added_kv_attention(processor):
+    return ap.Attention(32, cross_attention_dim=32, heads=2, dim_head=16, added_kv_proj_dim=24, norm_num_groups=8,
+                        cross_attention_norm="group_norm", cross_attention_norm_num_groups=8, bias=True,
+                        upcast_softmax=True, processor=processor)
+
+
+def ip_adapter_attention():
+    attn = ap.Attention(32, cross_attention_dim=24, heads=2, dim_head=16, norm_num_groups=8)
+    attn.set_processor(ap.IPAdapterAttnProcessor2_0(hidden_size=32, cross_attention_dim=24, num_tokens=(4,), scale=0.7))
+    return attn
+
+
+x4, text, image_tokens = attention_inputs()
+ATTN2_0, CROSS = ap.AttnProcessor2_0, {"encoder_hidden_states": text}
+LEFT_ALONE = {
+    # name: (constructor, call arguments, the reason accelerate reports)
+    "AttnAddedKVProcessor": (lambda: added_kv_attention(ap.AttnAddedKVProcessor()), (x4,), CROSS,
+                             "processor AttnAddedKVProcessor"),
+    "AttnAddedKVProcessor2_0": (lambda: added_kv_attention(ap.AttnAddedKVProcessor2_0()), (x4,), CROSS,
+                                "processor AttnAddedKVProcessor2_0"),
+    "added-KV module, plain processor": (
+        lambda: ap.Attention(32, cross_attention_dim=24, heads=2, dim_head=16, added_kv_proj_dim=24,
+                             norm_num_groups=8, processor=ATTN2_0()),
+        (x4,), CROSS, "added-KV projections"),
+    "IPAdapterAttnProcessor2_0": (ip_adapter_attention, (x4,), {"encoder_hidden_states": (text, [image_tokens])},
+                                  "processor IPAdapterAttnProcessor2_0"),
+    "custom processor": (lambda: ap.Attention(32, heads=2, dim_head=16, norm_num_groups=8,
+                                              processor=HalvingProcessor()),
+                         (x4,), {}, "processor HalvingProcessor"),
+    "spatial_norm": (lambda: ap.Attention(32, heads=2, dim_head=16, spatial_norm_dim=4, processor=ATTN2_0()),
+                     (x4,), {"temb": torch.randn(2, 4, 2, 2)}, "spatial_norm"),
+    "head_dim 12": (lambda: ap.Attention(24, heads=2, dim_head=12, processor=ATTN2_0()),
+                    (torch.randn(2, 24, 4, 4),), {}, "head_dim 12 (ops.attention takes multiples of 8 up to 256)"),
+}
+
+
+@pytest.mark.parametrize("case", list(LEFT_ALONE))
+def test_accelerate_leaves_other_attention_processors_alone(case):
+    make, args, kwargs, reason = LEFT_ALONE[case]
+    attn = randomize(make(), seed=1).eval()
+    processor, keys = attn.processor, list(attn.state_dict())
+    expected = run(attn, *args, **kwargs)
+    assert fastguide.accelerate(attn) is attn
+    assert attn.processor is processor and list(attn.state_dict()) == keys
+    assert torch.equal(run(attn, *args, **kwargs), expected)  # bit for bit: nothing under it was touched
+    assert attn.fastguide_accelerated == {}
+    norms = sum(isinstance(m, nn.GroupNorm) for m in attn.modules())
+    assert attn.fastguide_skipped == {"diffusers Attention": {reason: 1},
+                                      **({"GroupNorm": {"inside a module left alone": norms}} if norms else {})}
+
+
+PLAIN = {
+    # name: (processor, Attention options, call kwargs beyond the (B, C, H, W) input)
+    "2_0 self, residual, rescale": (ATTN2_0, dict(norm_num_groups=8, residual_connection=True,
+                                                  rescale_output_factor=2.0, bias=True), {}),
+    "2_0 cross, norm_cross, qk norm": (ATTN2_0, dict(cross_attention_dim=24, cross_attention_norm="layer_norm",
+                                                     qk_norm="layer_norm"), CROSS),
+    "2_0 scale_qk=False (SDPA ignores attn.scale)": (ATTN2_0, dict(scale_qk=False), {}),
+    "classic scale_qk=False (uses attn.scale)": (ap.AttnProcessor, dict(scale_qk=False, upcast_attention=True), {}),
+    "classic cross, qk norm (which it ignores)": (ap.AttnProcessor, dict(cross_attention_dim=24, qk_norm="layer_norm"),
+                                                   CROSS),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(PLAIN))
+def test_accelerate_swaps_plain_attention_processors(case, backend):
+    processor, options, kwargs = PLAIN[case]
+    attn = randomize(ap.Attention(32, heads=2, dim_head=16, processor=processor(), **options), seed=2).eval()
+    keys = list(attn.state_dict())
+    expected = run(attn, x4, **kwargs)
+    fastguide.accelerate(attn)
+    assert type(attn.processor).__name__ == "FastguideAttnProcessor"
+    assert attn.fastguide_accelerated == {"diffusers Attention": 1, **({"GroupNorm": 1} if "norm_num_groups" in options
+                                                                        else {})}
+    assert attn.fastguide_skipped == {}
+    assert list(attn.state_dict()) == keys
+    with fastguide.backend(backend):
+        got = run(attn, x4, **kwargs)
+    assert_close(got, expected, ATTENTION, torch.float32)
+
+
+def test_accelerate_masked_calls_go_to_the_replaced_processor():
+    attn = randomize(ap.Attention(32, cross_attention_dim=24, heads=2, dim_head=16), seed=4).eval()
+    mask = torch.ones(2, 7)
+    mask[0, 3:] = 0
+    expected = run(attn, x4, encoder_hidden_states=text, attention_mask=mask)
+    fastguide.accelerate(attn)
+    assert attn.fastguide_accelerated == {"diffusers Attention": 1}
+    assert torch.equal(run(attn, x4, encoder_hidden_states=text, attention_mask=mask), expected)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """As GLIDE's GroupNorm32: float32, then an optional swish. Not a plain GroupNorm."""
+
+    def __init__(self, num_groups, num_channels, swish, eps=1e-5):
+        super().__init__(num_groups, num_channels, eps=eps)
+        self.swish = swish
+
+    def forward(self, x):
+        y = super().forward(x.float()).to(x.dtype)
+        if self.swish == 1.0:
+            return F.silu(y)
+        return y * torch.sigmoid(y * float(self.swish)) if self.swish else y
+
+
+class GlideAttentionBlock(nn.Module):
+    """As GLIDE's AttentionBlock: with encoder_channels it also attends to encoder_out."""
+
+    def __init__(self, ch, n_heads, encoder_channels, norm):
+        super().__init__()
+        self.norm = norm
+        self.qkv = nn.Conv1d(ch, ch * 3, 1)
+        self.attention = QKVAttention(n_heads)
+        self.encoder_kv = nn.Conv1d(encoder_channels, ch * 2, 1)
+        self.proj_out = nn.Conv1d(ch, ch, 1)
+
+    def forward(self, x, encoder_out=None):
+        b, c, *spatial = x.shape
+        qkv = self.qkv(self.norm(x).view(b, c, -1))
+        h = self.attention(qkv) if encoder_out is None else self.attention(qkv, self.encoder_kv(encoder_out))
+        return x + self.proj_out(h).reshape(b, c, *spatial)
+
+
+class GlideStyleModel(nn.Module):
+    """GLIDE's ResBlock (GroupNorm32 with swish, nn.Identity in place of SiLU), its
+    AttentionBlock with encoder_kv, and its output head."""
+
+    def __init__(self, ch=64, emb=32, encoder_channels=48, attention_norm=None):
+        super().__init__()
+        self.res = nn.Module()
+        self.res.in_layers = nn.Sequential(GroupNorm32(32, ch, swish=1.0), nn.Identity(),
+                                           nn.Conv2d(ch, ch, 3, padding=1))
+        self.res.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb, 2 * ch))
+        self.res.out_layers = nn.Sequential(GroupNorm32(32, ch, swish=0.0), nn.SiLU(), nn.Dropout(0.0),
+                                            nn.Conv2d(ch, ch, 3, padding=1))
+        self.res.skip_connection = nn.Identity()
+        self.res.use_scale_shift_norm = True
+        self.res.forward = self._res_forward
+        self.attn = GlideAttentionBlock(ch, 4, encoder_channels, attention_norm or GroupNorm32(32, ch, swish=0.0))
+        self.out = nn.Sequential(GroupNorm32(32, ch, swish=1.0), nn.Identity(), nn.Conv2d(ch, 3, 3, padding=1))
+
+    def _res_forward(self, x, emb):
+        r = self.res
+        scale, shift = r.emb_layers(emb)[..., None, None].chunk(2, dim=1)
+        h = r.out_layers[0](r.in_layers(x)) * (1 + scale) + shift
+        return r.skip_connection(x) + r.out_layers[1:](h)
+
+    def forward(self, x, emb, encoder_out):
+        return self.out(self.attn(self.res(x, emb), encoder_out))
+
+
+@pytest.mark.parametrize("attention_norm", ["GLIDE's GroupNorm32", "nn.GroupNorm"])
+def test_accelerate_leaves_glide_blocks_alone(attention_norm):
+    norm = nn.GroupNorm(32, 64) if attention_norm == "nn.GroupNorm" else None
+    model = randomize(GlideStyleModel(attention_norm=norm), seed=6).eval()
+    g = torch.Generator().manual_seed(1)
+    x, emb, encoder_out = torch.randn(2, 64, 6, 6, generator=g), torch.randn(2, 32, generator=g), torch.randn(
+        2, 48, 5, generator=g)
+    expected = run(model, x, emb, encoder_out)
+    assert (run(model.attn, x, None) - run(model.attn, x, encoder_out)).abs().max() > 1e-2  # encoder_out matters
+    fastguide.accelerate(model)
+    assert torch.equal(run(model, x, emb, encoder_out), expected)
+    assert model.fastguide_accelerated == {}
+    glide_norm = f"class {__name__}.GroupNorm32 (a subclass whose forward may differ)"
+    assert model.fastguide_skipped == {
+        "ADM ResBlock": {"in_layers is not [GroupNorm, SiLU, conv]": 1},
+        "GroupNorm": {"inside a module left alone": 3, glide_norm: 1},
+        "ADM AttentionBlock": {"encoder_kv (it also attends to encoder_out)": 1},
+    }
+
+
+@pytest.mark.parametrize("attention", [LegacyQKVAttention, QKVAttention, NewOrderQKVAttention])
+def test_accelerate_adm_attention_in_its_head_order(attention):
+    model = randomize(AdmStyleBlock(attention=attention), seed=7).eval()
+    x, emb = torch.randn(2, 64, 6, 6), torch.randn(2, 32)
+    expected = run(model, x, emb)
+    fastguide.accelerate(model)
+    assert model.fastguide_accelerated == {"ADM ResBlock": 1, "ADM AttentionBlock": 1, "GroupNorm": 3}
+    assert model.fastguide_skipped == {}
+    torch.testing.assert_close(run(model, x, emb), expected, atol=2e-4, rtol=2e-4)
+
+
+def test_accelerate_leaves_other_adm_attention_math_alone():
+    model = randomize(AdmStyleBlock(attention=LinearQKVAttention), seed=7).eval()
+    x = torch.randn(2, 64, 6, 6)
+    expected = run(model.attn, x)
+    fastguide.accelerate(model)
+    assert model.fastguide_skipped["ADM AttentionBlock"] == {
+        "attention is not softmax(q·kᵀ/√d)·v in either ADM head order": 1}
+    assert torch.equal(run(model.attn, x), expected)
+
+
+class IndexedSequential(nn.Module):
+    """Calls the items of its Sequential apart, as ADM's ResBlock calls out_layers[0], then
+    out_layers[1:]: GroupNorm → SiLU must not become one fused call here."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.GroupNorm(8, 32), nn.SiLU(), nn.Conv2d(32, 32, 3, padding=1))
+
+    def forward(self, x):
+        return self.layers[1:](self.layers[0](x) * 1.5 - 0.75)
+
+
+def test_accelerate_group_norm_alone_where_its_caller_is_unknown():
+    model = randomize(IndexedSequential(), seed=8).eval()
+    x = torch.randn(2, 32, 5, 5)
+    expected = run(model, x)
+    fastguide.accelerate(model)
+    assert model.fastguide_accelerated == {"GroupNorm": 1}
+    assert type(model.layers[1]) is nn.SiLU
+    torch.testing.assert_close(run(model, x), expected, atol=1e-5, rtol=1e-5)
+
+
+class AdmGroupNorm32(nn.GroupNorm):
+    """As guided-diffusion's GroupNorm32 (float32 statistics, cast back), which is what
+    ops.group_norm computes; recognised by its class name and module."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+AdmGroupNorm32.__name__ = AdmGroupNorm32.__qualname__ = "GroupNorm32"
+AdmGroupNorm32.__module__ = "guided_diffusion.nn"
+
+
+def test_accelerate_group_norm_classes_and_hooks():
+    hooked = nn.GroupNorm(8, 32)
+    calls = []
+    hooked.register_forward_hook(lambda *_: calls.append(1))
+    model = randomize(nn.Sequential(AdmGroupNorm32(8, 32), nn.Conv2d(32, 32, 1), hooked,
+                                    GroupNorm32(8, 32, swish=1.0)), seed=9).eval()
+    x = torch.randn(2, 32, 5, 5)
+    expected = run(model, x)
+    fastguide.accelerate(model)
+    assert model.fastguide_accelerated == {"GroupNorm": 1}
+    assert model.fastguide_skipped == {"GroupNorm": {
+        "hooks registered on it": 1, f"class {__name__}.GroupNorm32 (a subclass whose forward may differ)": 1}}
+    assert type(model[0]).__name__ == "FusedGroupNorm" and model[2] is hooked
+    torch.testing.assert_close(run(model, x), expected, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 2
+
+
+def test_accelerate_report_lists_swapped_and_left_alone(caplog):
+    model = tiny_diffusers_unet("default")
+    custom = next(m for m in model.modules() if type(m).__name__ == "Attention")
+    custom.set_processor(HalvingProcessor())
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 700])
+    count = lambda kind: sum(type(m).__name__ == kind for m in model.modules())  # noqa: E731
+    resnets, attentions, norms = count("ResnetBlock2D"), count("Attention"), count("GroupNorm")
+    expected = run(model, x, t).sample
+    with caplog.at_level(logging.INFO, logger="fastguide.models.accelerate"):
+        fastguide.accelerate(model)
+    assert model.fastguide_accelerated == {"diffusers ResnetBlock2D": resnets, "diffusers Attention": attentions - 1,
+                                           "GroupNorm": norms - 1}
+    assert model.fastguide_skipped == {"diffusers Attention": {"processor HalvingProcessor": 1},
+                                       "GroupNorm": {"inside a module left alone": 1}}
+    assert type(custom.group_norm) is nn.GroupNorm
+    message = caplog.records[-1].getMessage()
+    assert f"diffusers Attention {attentions - 1}" in message and "processor HalvingProcessor: 1" in message
+    got = run(model, x, t).sample
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+    fastguide.accelerate(model)  # again: nothing new to swap, nothing wrapped twice
+    assert model.fastguide_accelerated == {}
+    assert model.fastguide_skipped == {
+        "diffusers ResnetBlock2D": {"already fastguide": resnets},
+        "GroupNorm": {"already fastguide": norms - 1, "inside a module left alone": 1},
+        "diffusers Attention": {"already fastguide": attentions - 1, "processor HalvingProcessor": 1},
+    }
+    assert torch.equal(run(model, x, t).sample, got)
+
+
+def test_accelerate_fastguide_unet_is_already_fastguide():
+    model = tiny_cfg_unet().eval()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 500]), torch.tensor([0, 1])
+    expected = run(model, x, t, y)
+    fastguide.accelerate(model)
+    assert model.fastguide_accelerated == {}
+    assert set(model.fastguide_skipped) <= {"ADM ResBlock", "ADM AttentionBlock", "GroupNorm"}
+    assert all(set(reasons) == {"already fastguide"} for reasons in model.fastguide_skipped.values())
+    assert torch.equal(run(model, x, t, y), expected)
