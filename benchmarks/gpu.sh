@@ -48,11 +48,11 @@ if [ "$mode" = "--dry-run" ]; then
         echo "gpu.sh: collection came up empty ($py cannot import pytest or the suite is broken)" >&2
         exit 1
     fi
-    echo "+ $py -m fastguide.selfcheck --device cuda > $out/selfcheck.txt"
-    echo "+ FASTGUIDE_BACKEND=cuda $py -m fastguide.selfcheck --device cuda >> $out/selfcheck.txt"
+    echo "+ $py -m fastguide selfcheck --device cuda > $out/selfcheck.txt"
+    echo "+ FASTGUIDE_BACKEND=cuda $py -m fastguide selfcheck --device cuda >> $out/selfcheck.txt"
     echo "+ $py -m pytest tests -m gpu -q > $out/gpu-tests.log"
     echo "+ $py -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_compile.py -q > $out/backend-tests.log"
-    echo "+ $py -m fastguide.bench --out $out/bench"
+    echo "+ $py -m fastguide bench --out $out/bench"
     exit 0
 fi
 
@@ -61,8 +61,8 @@ export PYTHONUNBUFFERED=1
 nvidia-smi > "$out/device.txt" 2>&1 || true
 "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" >> "$out/device.txt"
 "$py" -c "import fastguide; print('backends', fastguide.available_backends())" >> "$out/device.txt"
-"$py" -m fastguide.selfcheck --device cuda | tee "$out/selfcheck.txt"
-FASTGUIDE_BACKEND=cuda "$py" -m fastguide.selfcheck --device cuda 2>&1 | tee -a "$out/selfcheck.txt" || true
+"$py" -m fastguide selfcheck --device cuda | tee "$out/selfcheck.txt"
+FASTGUIDE_BACKEND=cuda "$py" -m fastguide selfcheck --device cuda 2>&1 | tee -a "$out/selfcheck.txt" || true
 set +e
 "$py" -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
 tests_status=${PIPESTATUS[0]}
@@ -73,5 +73,5 @@ tests_status=${PIPESTATUS[0]}
 backend_status=${PIPESTATUS[0]}
 [ "$tests_status" -ne 0 ] || tests_status=$backend_status
 set -e
-"$py" -m fastguide.bench --out "$out/bench"
+"$py" -m fastguide bench --out "$out/bench"
 exit "$tests_status"

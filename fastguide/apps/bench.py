@@ -1,6 +1,6 @@
 """Run the benchmark suite for this machine and write a report.
 
-    python -m fastguide.bench [--out DIR] [--quick] [-k EXPR] [--benchmarks DIR]
+    fastguide bench [--out DIR] [--quick] [-k EXPR] [--benchmarks DIR]
 
 Runs benchmarks/ (pytest-benchmark; GPU cases skip without CUDA) in a subprocess and
 writes into DIR: results.json (pytest-benchmark's data, with GB/s, TFLOP/s, % of the
@@ -11,7 +11,6 @@ The suite lives in the source checkout (benchmarks/ beside fastguide/).
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import subprocess
@@ -19,6 +18,8 @@ import sys
 from collections import defaultdict
 from datetime import date
 from pathlib import Path
+
+from .options import Parser, fail
 
 QUICK = "guided_step_cpu or group_norm_cpu"
 
@@ -115,7 +116,7 @@ def plot_cases(cases: dict[str, dict[str, dict]], out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastguide.bench", description=__doc__.split("\n")[0])
+    parser = Parser(prog="fastguide bench", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results") / f"bench-{date.today().isoformat()}",
                         help="folder for results.json, table.md and the plots (default: results/bench-DATE)")
     parser.add_argument("--quick", action="store_true", help=f"only the fast CPU cases ({QUICK})")
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmarks", type=Path, help="the benchmarks/ folder (default: beside the package)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = parser.parse_args(argv)
+    if args.benchmarks is not None and not (args.benchmarks / "conftest.py").is_file():
+        fail(f"--benchmarks: expected the benchmarks/ folder of a fastguide checkout, got {args.benchmarks}")
+    if args.out.exists() and not args.out.is_dir():
+        fail(f"--out: expected a folder, got the file {args.out}")
     try:
         benchmarks = args.benchmarks or find_benchmarks()
         args.out.mkdir(parents=True, exist_ok=True)

@@ -3,17 +3,25 @@
     fastguide sample   guided samples from the shipped digits model
     fastguide sweep    accuracy, Fréchet distance and diversity against guidance scale
     fastguide train    retrain the digits model, its noisy classifier and its evaluator
-    fastguide bench    the benchmark suite (python -m fastguide.bench)
+    fastguide bench    the benchmark suite (python -m fastguide bench)
     fastguide selfcheck  the three ops against their formulas
 
-Bad options end with a one-line message and exit status 2, never a traceback.
+Bad input ends with one line on stderr, ``fastguide: error: --option: what was expected,
+got X``, and exit status 2, never a traceback (the checks live in fastguide.apps.options).
+Each subcommand's options are checked by one function (``check_sample``, ``check_sweep``,
+…) right after parsing, before any model is loaded or any sample drawn; files that can
+only be judged by reading them (broken checkpoints) fail the same way when loaded. Output
+files are written to a scratch file beside the target and moved over it (``os.replace``)
+once complete, so a run that fails leaves no empty or partial file behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,50 +31,107 @@ import torch
 from ..ops import backends
 from ..sampling.schedule import NoiseSchedule
 from ..sampling.solvers import SAMPLERS
+from .options import (
+    SEED_LIMIT,
+    Parser,
+    UsageError,
+    atomic_path,
+    check_at_least,
+    check_backend,
+    check_digits_folder,
+    check_image_file,
+    check_modules,
+    check_output_file,
+    check_output_folder,
+    check_plot_file,
+    check_scale,
+    check_seed,
+    check_steps,
+    check_weights_file,
+    existing_ancestor,
+    fail,
+    load_weights,
+    npz_path,
+    parse_device,
+    parse_labels,
+)
 
 GUIDANCE = ("cfg", "classifier", "both", "none")
+SEED_STRIDE = 1_000_003  # sample's batch i draws from seed * SEED_STRIDE + i
 
 
-class UsageError(Exception):
-    """A bad option value: reported in one line, exit status 2."""
+# ---------------------------------------------------------------------------------------
+# Sampling.
 
 
-def parse_labels(text: str, count: int, num_classes: int) -> torch.Tensor:
-    """'3' -> all threes; '0-9' or '1,4,7' -> cycled over the samples."""
-    try:
-        if "-" in text:
-            low, high = (int(v) for v in text.split("-"))
-            values = list(range(low, high + 1))
-        else:
-            values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"--labels must be a class, a range like 0-9 or a list like 1,4,7; got {text!r}") from None
-    if not values or min(values) < 0 or max(values) >= num_classes:
-        raise UsageError(f"--labels must lie in 0..{num_classes - 1}, got {text!r}")
-    return torch.tensor([values[i % len(values)] for i in range(count)])
+@dataclass
+class SamplingModel:
+    """What ``fastguide sample`` samples from: the UNet, an optional noisy classifier, the
+    image shape and the training schedule (sampled on its strided_timesteps grid)."""
+
+    unet: torch.nn.Module
+    classifier: torch.nn.Module | None
+    shape: tuple[int, int, int]
+    num_classes: int
+    schedule: NoiseSchedule
 
 
-def _check_writable(path: Path | None, option: str) -> None:
-    if path is None:
-        return
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise UsageError(f"{option}: folder {parent} does not exist")
-    try:
-        with open(path, "ab"):
-            pass
-    except OSError as error:
-        raise UsageError(f"{option}: cannot write {path} ({error.strerror})") from None
+# The released ADM models' training schedules (their noise_schedule flags).
+ADM_SCHEDULES = {"adm64": "cosine", "adm128": "linear", "adm256": "linear", "adm512": "linear"}
+MODELS = ("digits", *ADM_SCHEDULES)
 
 
-def _guidance(kind: str, scale: float, classifier_scale: float, model: "SamplingModel"):
+def model_schedule(name: str) -> NoiseSchedule:
+    """The training schedule of --model ``name``."""
+    from . import digits
+
+    if name == "digits":
+        return digits.schedule()
+    return NoiseSchedule.cosine() if ADM_SCHEDULES[name] == "cosine" else NoiseSchedule.linear()
+
+
+def load_sampling_model(name: str, checkpoint: Path | None, classifier_checkpoint: Path | None,
+                        device: torch.device, precision: str) -> SamplingModel:
+    """The networks of --model ``name`` on ``device``; broken checkpoints raise UsageError."""
+    from ..models.checkpoints import load_checkpoint
+    from ..models.configs import (
+        classifier_config,
+        create_classifier,
+        create_model,
+        unet_config,
+    )
+    from . import digits
+
+    if name == "digits":
+        folder = checkpoint or digits.WEIGHTS
+        models = load_weights("--checkpoint", folder, lambda: digits.load(device, weights=folder))
+        if classifier_checkpoint is not None:
+            load_weights("--classifier-checkpoint", classifier_checkpoint,
+                         lambda: load_checkpoint(models.classifier, classifier_checkpoint))
+        bundle = SamplingModel(models.unet, models.classifier, (1, digits.IMAGE_SIZE, digits.IMAGE_SIZE),
+                               digits.NUM_CLASSES, model_schedule(name))
+    else:
+        unet = load_weights("--checkpoint", checkpoint,
+                            lambda: load_checkpoint(create_model(**unet_config(name)), checkpoint))
+        classifier = None
+        if classifier_checkpoint is not None:
+            classifier = load_weights(
+                "--classifier-checkpoint", classifier_checkpoint,
+                lambda: load_checkpoint(create_classifier(**classifier_config(name)), classifier_checkpoint))
+        size = unet.image_size
+        bundle = SamplingModel(unet, classifier, (3, size, size), 1000, model_schedule(name))
+    for module in (bundle.unet, bundle.classifier):
+        if module is not None:
+            module.to(device).eval()
+            if precision == "fp16" and hasattr(module, "convert_to_fp16"):
+                module.convert_to_fp16()  # ADM's use_fp16: convolutions in fp16, norms in fp32
+    return bundle
+
+
+def _guidance(kind: str, scale: float, classifier_scale: float, model: SamplingModel) -> tuple | None:
+    """The sampler's guidance specs for --guidance ``kind`` (checked by check_sample)."""
     from ..sampling.guidance import CFG, ClassifierGuidance
 
-    if kind in ("cfg", "both") and not getattr(model.unet, "null_class", False):
-        raise UsageError("--guidance cfg needs a model with a null class (the released ADM models have none): "
-                         "use --guidance classifier or none")
-    if kind in ("classifier", "both") and model.classifier is None:
-        raise UsageError("--guidance classifier needs --classifier-checkpoint for this model")
     cfg = CFG(scale) if kind in ("cfg", "both") else None
     clf = ClassifierGuidance(model.classifier, classifier_scale) if kind in ("classifier", "both") else None
     return tuple(g for g in (cfg, clf) if g is not None) or None
@@ -91,60 +156,6 @@ def save_grid(images: torch.Tensor, path: Path, columns: int, scale: int = 4) ->
     grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)
 
 
-@dataclass
-class SamplingModel:
-    """What ``fastguide sample`` samples from: the UNet, an optional noisy classifier, the
-    image shape and the training schedule (sampled on its strided_timesteps grid)."""
-
-    unet: torch.nn.Module
-    classifier: torch.nn.Module | None
-    shape: tuple[int, int, int]
-    num_classes: int
-    schedule: NoiseSchedule
-
-
-# The released ADM models' training schedules (their noise_schedule flags).
-ADM_SCHEDULES = {"adm64": "cosine", "adm128": "linear", "adm256": "linear", "adm512": "linear"}
-
-
-def load_sampling_model(name: str, checkpoint: Path | None, classifier_checkpoint: Path | None,
-                        device: torch.device, precision: str) -> SamplingModel:
-    from ..models.checkpoints import load_checkpoint
-    from ..models.configs import (
-        classifier_config,
-        create_classifier,
-        create_model,
-        unet_config,
-    )
-    from . import digits
-
-    for option, path in (("--checkpoint", checkpoint), ("--classifier-checkpoint", classifier_checkpoint)):
-        if path is not None and not path.exists():
-            raise UsageError(f"{option}: {path} does not exist")
-    if name == "digits":
-        models = digits.load(device, weights=checkpoint or digits.WEIGHTS)
-        bundle = SamplingModel(models.unet, models.classifier, (1, digits.IMAGE_SIZE, digits.IMAGE_SIZE),
-                               digits.NUM_CLASSES, digits.schedule())
-    elif name in ADM_SCHEDULES:
-        if checkpoint is None:
-            raise UsageError(f"--model {name} needs --checkpoint (the guided-diffusion .pt or .safetensors file)")
-        unet = load_checkpoint(create_model(**unet_config(name)), checkpoint)
-        classifier = None
-        if classifier_checkpoint is not None:
-            classifier = load_checkpoint(create_classifier(**classifier_config(name)), classifier_checkpoint)
-        schedule = NoiseSchedule.cosine() if ADM_SCHEDULES[name] == "cosine" else NoiseSchedule.linear()
-        size = unet.image_size
-        bundle = SamplingModel(unet, classifier, (3, size, size), 1000, schedule)
-    else:
-        raise UsageError(f"--model: unknown model {name!r} (available: digits, {', '.join(ADM_SCHEDULES)})")
-    for module in (bundle.unet, bundle.classifier):
-        if module is not None:
-            module.to(device).eval()
-            if precision == "fp16" and hasattr(module, "convert_to_fp16"):
-                module.convert_to_fp16()  # ADM's use_fp16: convolutions in fp16, norms in fp32
-    return bundle
-
-
 def generate(model: SamplingModel, labels: torch.Tensor, *, guidance_kind: str, scale: float,
              classifier_scale: float, sampler: str, steps: int, seed: int, batch_size: int,
              device: torch.device, precision: str = "fp32", rank: int = 0, world_size: int = 1,
@@ -159,7 +170,7 @@ def generate(model: SamplingModel, labels: torch.Tensor, *, guidance_kind: str, 
     out = {}
     for index in range(rank, -(-len(labels) // batch_size), world_size):
         batch_labels = labels[index * batch_size:(index + 1) * batch_size].to(device)
-        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + index)
+        generator = torch.Generator(device).manual_seed(seed * SEED_STRIDE + index)
         with autocast:
             images = sample(model.unet, (len(batch_labels), *model.shape), labels=batch_labels, sampler=sampler,
                             steps=model.schedule.strided_timesteps(steps), schedule=model.schedule, guidance=guidance,
@@ -182,31 +193,65 @@ def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world_size, device
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
+# ---------------------------------------------------------------------------------------
+# Subcommands: check_<name>(args) validates and parses the options (replacing text by
+# parsed values), cmd_<name>(args) does the work.
+
+
+def check_sample(args: argparse.Namespace) -> None:
+    """Every option of ``fastguide sample``; sets args.device and args.label_ids."""
     from . import digits
 
-    if args.num_samples < 1:
-        raise UsageError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    _check_writable(args.out, "--out")
-    _check_writable(args.npz, "--npz")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here")
-    if args.model not in ("digits", *ADM_SCHEDULES):
-        raise UsageError(f"--model: unknown model {args.model!r} (available: digits, {', '.join(ADM_SCHEDULES)})")
-    labels = parse_labels(args.labels, args.num_samples, 1000 if args.model in ADM_SCHEDULES else digits.NUM_CLASSES)
-    backends.set_backend(args.backend)
-    rank, world_size, device = _distributed(device)
-    model = load_sampling_model(args.model, args.checkpoint, args.classifier_checkpoint, device, args.precision)
-    _guidance(args.guidance, args.scale, args.classifier_scale, model)  # bad combinations fail before sampling
-    batches = generate(model, labels, guidance_kind=args.guidance, scale=args.scale,
-                       classifier_scale=args.classifier_scale, sampler=args.sampler, steps=args.steps,
-                       seed=args.seed, batch_size=args.batch_size, device=device, precision=args.precision,
-                       rank=rank, world_size=world_size, progress=not args.quiet and rank == 0)
+    if args.model not in MODELS:
+        raise UsageError("--model", f"expected one of {', '.join(MODELS)}, got {args.model!r}")
+    adm = args.model in ADM_SCHEDULES
+    check_at_least("--num-samples", args.num_samples)
+    check_at_least("--batch-size", args.batch_size)
+    check_steps(args.steps, model_schedule(args.model), args.model)
+    check_scale("--scale", args.scale)
+    check_scale("--classifier-scale", args.classifier_scale)
+    batches = -(-args.num_samples // args.batch_size)
+    check_seed("--seed", args.seed, high=(SEED_LIMIT + 1 - batches) // SEED_STRIDE)
+    args.label_ids = parse_labels(args.labels, args.num_samples, 1000 if adm else digits.NUM_CLASSES)
+    args.device = parse_device(args.device)
+    check_backend(args.backend, args.device)
+    check_image_file("--out", args.out, "RGB" if adm else "L")
+    if args.npz is not None:
+        check_output_file("--npz", npz_path(args.npz))
+    _check_sample_weights(args, adm)
+
+
+def _check_sample_weights(args: argparse.Namespace, adm: bool) -> None:
+    """The checkpoints sample reads, and the guidance they allow."""
+    from ..models.configs import unet_config
+
+    if adm:
+        if args.checkpoint is None:
+            raise UsageError("--checkpoint", f"expected the guided-diffusion .pt or .safetensors file of "
+                                             f"--model {args.model}, got none")
+        check_weights_file("--checkpoint", args.checkpoint)
+    elif args.checkpoint is not None:
+        check_digits_folder("--checkpoint", args.checkpoint)
+    if args.classifier_checkpoint is not None:
+        check_weights_file("--classifier-checkpoint", args.classifier_checkpoint)
+    if not adm:
+        return  # the digits model has a null class and a classifier
+    if args.guidance in ("cfg", "both") and not unet_config(args.model).get("null_class", False):
+        raise UsageError("--guidance", f"{args.guidance} needs a model with a null class, and the released ADM "
+                                       "models have none: use --guidance classifier or none")
+    if args.guidance in ("classifier", "both") and args.classifier_checkpoint is None:
+        raise UsageError("--guidance", f"{args.guidance} needs --classifier-checkpoint with --model {args.model}")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    rank, world_size, device = _distributed(args.device)
+    chosen = backends.backend(args.backend) if args.backend is not None else contextlib.nullcontext()
+    with chosen:
+        model = load_sampling_model(args.model, args.checkpoint, args.classifier_checkpoint, device, args.precision)
+        batches = generate(model, args.label_ids, guidance_kind=args.guidance, scale=args.scale,
+                           classifier_scale=args.classifier_scale, sampler=args.sampler, steps=args.steps,
+                           seed=args.seed, batch_size=args.batch_size, device=device, precision=args.precision,
+                           rank=rank, world_size=world_size, progress=not args.quiet and rank == 0)
     if world_size > 1:
         import torch.distributed as dist
 
@@ -217,57 +262,100 @@ def cmd_sample(args: argparse.Namespace) -> int:
             return 0
         batches = {index: images for part in gathered for index, images in part.items()}
     images = torch.cat([batches[index] for index in sorted(batches)])
-    if args.out:
-        save_grid(images, args.out, columns=min(10, len(images)))
-        print(f"wrote {len(images)} samples to {args.out}")
-    if args.npz:
-        np.savez(args.npz, to_uint8_nhwc(images), labels.numpy())
-        print(f"wrote {args.npz} (arr_0: uint8 NHWC images, arr_1: labels)")
+    with atomic_path(args.out) as scratch:
+        save_grid(images, scratch, columns=min(10, len(images)))
+    print(f"wrote {len(images)} samples to {args.out}")
+    if args.npz is not None:
+        target = npz_path(args.npz)
+        with atomic_path(target) as scratch:
+            np.savez(scratch, to_uint8_nhwc(images), args.label_ids.numpy())
+        print(f"wrote {target} (arr_0: uint8 NHWC images, arr_1: labels)")
     return 0
+
+
+def check_sweep(args: argparse.Namespace) -> None:
+    """Every option of ``fastguide sweep``; sets args.device."""
+    from . import digits
+
+    for scale in args.scales:
+        check_scale("--scales", scale)
+    # within-class diversity needs two samples of one class; labels cycle over the classes
+    check_at_least("--samples-per-scale", args.samples_per_scale, digits.NUM_CLASSES + 1)
+    check_steps(args.steps, digits.schedule(), "digits")
+    check_seed("--seed", args.seed)
+    args.device = parse_device(args.device)
+    check_backend(None, args.device)
+    check_modules("sweep", "sklearn", "matplotlib")
+    if args.table is not None:
+        check_output_file("--table", args.table)
+    check_plot_file("--plot", args.plot)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from . import sweep
 
-    if args.samples_per_scale < 2 or args.steps < 1:
-        raise UsageError("--samples-per-scale must be at least 2 and --steps at least 1")
-    _check_writable(args.plot, "--plot")
     rows = sweep.run(args.scales, samples_per_scale=args.samples_per_scale, steps=args.steps,
-                     sampler=args.sampler, seed=args.seed, device=args.device, progress=not args.quiet)
+                     sampler=args.sampler, seed=args.seed, device=str(args.device), progress=not args.quiet)
     table = sweep.markdown(rows)
     print(table)
-    if args.table:
-        _check_writable(args.table, "--table")
-        args.table.write_text(table)
-    if args.plot:
-        sweep.plot(rows, args.plot)
-        print(f"wrote {args.plot}")
+    if args.table is not None:
+        with atomic_path(args.table) as scratch:
+            scratch.write_text(table)
+    with atomic_path(args.plot) as scratch:
+        sweep.plot(rows, scratch)
+    print(f"wrote {args.plot}")
     return 0
 
 
+def check_train(args: argparse.Namespace) -> None:
+    """Every option of ``fastguide train``."""
+    check_at_least("--unet-steps", args.unet_steps)
+    check_at_least("--classifier-steps", args.classifier_steps)
+    check_at_least("--evaluator-steps", args.evaluator_steps)
+    check_seed("--seed", args.seed)
+    check_output_folder("--out", args.out)
+    check_modules("train", "sklearn")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    """Trains into a scratch folder, then moves each finished file into --out."""
     from . import digits
 
-    record = digits.train(args.out, seed=args.seed, unet_steps=args.unet_steps,
-                          classifier_steps=args.classifier_steps, evaluator_steps=args.evaluator_steps)
+    with tempfile.TemporaryDirectory(dir=existing_ancestor(args.out), prefix=".fastguide-train-") as scratch:
+        record = digits.train(Path(scratch), seed=args.seed, unet_steps=args.unet_steps,
+                              classifier_steps=args.classifier_steps, evaluator_steps=args.evaluator_steps)
+        args.out.mkdir(parents=True, exist_ok=True)
+        for file in sorted(Path(scratch).iterdir()):
+            os.replace(file, args.out / file.name)
     print(f"trained the digits networks into {args.out}: {record}")
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
-
-    return bench.main(args.rest)
+def check_selfcheck(args: argparse.Namespace) -> None:
+    """Every option of ``fastguide selfcheck``; sets args.device."""
+    check_seed("--seed", args.seed)
+    args.device = parse_device(args.device)
+    check_backend(None, args.device)
 
 
 def cmd_selfcheck(args: argparse.Namespace) -> int:
     from . import selfcheck
 
-    return selfcheck.main(args.rest)
+    return selfcheck.run(args.device, seed=args.seed)
+
+
+def cmd_bench(rest: list[str]) -> int:
+    from . import bench
+
+    return bench.main(rest)
+
+
+# ---------------------------------------------------------------------------------------
+# The parser and main().
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastguide", description="Fast guided diffusion sampling.")
+    parser = Parser(prog="fastguide", description="Fast guided diffusion sampling.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     s = commands.add_parser("sample", help="draw guided samples and write a PNG grid and/or an .npz",
@@ -278,27 +366,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", type=Path,
                    help="the model's weights: a guided-diffusion .pt/.safetensors for adm*, a folder written by "
                         "'fastguide train' for digits")
-    s.add_argument("--classifier-checkpoint", type=Path, help="the noisy classifier's weights (adm* presets)")
+    s.add_argument("--classifier-checkpoint", type=Path,
+                   help="the noisy classifier's weights (adm* presets; for digits it replaces the classifier of "
+                        "the --checkpoint folder)")
     s.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="fp16: ADM's use_fp16 (convolutions in fp16); bf16: autocast (default: fp32)")
     s.add_argument("--labels", default="0-9", help="class, range (0-9) or list (1,4,7), cycled (default: 0-9)")
     s.add_argument("--guidance", choices=GUIDANCE, default="cfg",
                    help="classifier-free (cfg), classifier, both or none (default: cfg)")
     s.add_argument("--scale", type=float, default=2.0,
-                   help="CFG scale w; 1 = the conditional model, 0 = unconditional (default: 2)")
-    s.add_argument("--classifier-scale", type=float, default=4.0, help="classifier guidance scale (default: 4)")
+                   help="CFG scale w >= 0; 1 = the conditional model, 0 = unconditional (default: 2)")
+    s.add_argument("--classifier-scale", type=float, default=4.0, help="classifier guidance scale >= 0 (default: 4)")
     s.add_argument("--sampler", choices=SAMPLERS, default="dpm++2m",
                    help="sampler (default: dpm++2m)")
     s.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
     s.add_argument("--num-samples", type=int, default=40, help="how many samples (default: 40)")
     s.add_argument("--batch-size", type=int, default=100, help="samples per model batch (default: 100)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    s.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    s.add_argument("--backend", choices=backends.BACKENDS, default="auto", help="op backend (default: auto)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    s.add_argument("--backend", choices=backends.BACKENDS,
+                   help="op backend (default: FASTGUIDE_BACKEND if set, else auto)")
     s.add_argument("--out", type=Path, default=Path("digits.png"), help="PNG grid to write (default: digits.png)")
     s.add_argument("--npz", type=Path, help="also write ADM's .npz (uint8 NHWC arr_0, labels arr_1)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(run=cmd_sample)
+    s.set_defaults(check=check_sample, run=cmd_sample)
 
     w = commands.add_parser("sweep", help="accuracy, Fréchet distance and diversity against guidance scale",
                             description="Sample the digits model at several guidance scales, for CFG and for "
@@ -312,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--table", type=Path, help="also write the markdown table here")
     w.add_argument("--plot", type=Path, default=Path("sweep.png"), help="PNG plot (default: sweep.png)")
     w.add_argument("--quiet", action="store_true")
-    w.set_defaults(run=cmd_sweep)
+    w.set_defaults(check=check_sweep, run=cmd_sweep)
 
     t = commands.add_parser("train", help="retrain the digits model (needs scikit-learn)")
     t.add_argument("--out", type=Path, default=Path("digits-weights"), help="folder for the weights")
@@ -320,31 +411,36 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--unet-steps", type=int, default=3000)
     t.add_argument("--classifier-steps", type=int, default=1500)
     t.add_argument("--evaluator-steps", type=int, default=1000)
-    t.set_defaults(run=cmd_train)
+    t.set_defaults(check=check_train, run=cmd_train)
 
-    for name, function, text in (("bench", cmd_bench,
-                                  "run the benchmark suite (options: python -m fastguide.bench -h)"),
-                                 ("selfcheck", cmd_selfcheck, "check the three ops against their formulas")):
-        p = commands.add_parser(name, help=text, add_help=False)
-        p.set_defaults(run=function, passthrough=True)
+    c = commands.add_parser("selfcheck", help="check the three ops against their formulas",
+                            description="Run the three ops on this machine (the backend auto picks, or "
+                                        "FASTGUIDE_BACKEND) and compare them with their float64 formulas.")
+    c.add_argument("--device", default="cpu", help="device to run the ops on: cpu, cuda or cuda:N (default: cpu)")
+    c.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
+    c.set_defaults(check=check_selfcheck, run=cmd_selfcheck)
+
+    commands.add_parser("bench", help="run the benchmark suite (options: python -m fastguide bench -h)",
+                        add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; bad input raises SystemExit(2) after one line on stderr."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if getattr(args, "passthrough", False):
-        args.rest = rest  # bench and selfcheck parse their own options
-    elif rest:
+    if args.command == "bench":
+        return cmd_bench(rest)  # the suite runner parses its own options
+    if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
+        args.check(args)
         return args.run(args)
     except UsageError as error:
-        print(f"fastguide {args.command}: {error}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as error:
-        print(f"fastguide {args.command}: {error}", file=sys.stderr)
-        return 2
+        fail(str(error))
+    except KeyboardInterrupt:
+        print("fastguide: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

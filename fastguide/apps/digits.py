@@ -113,10 +113,16 @@ def _augment(x: Tensor, g: torch.Generator) -> Tensor:
 def train(out: Path = WEIGHTS, *, seed: int = 0, unet_steps: int = 3000, classifier_steps: int = 1500,
           evaluator_steps: int = 1000, batch_size: int = 64, progress: bool = True) -> dict:
     """Train the three networks deterministically and write fp16 safetensors plus a JSON
-    record of the run into ``out``. Returns the record (losses, held-out accuracy)."""
+    record of the run into ``out``. Returns the record (losses, held-out accuracy).
+    Raises ValueError, before any work, for a step count or batch size below 1."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    counts = dict(unet_steps=unet_steps, classifier_steps=classifier_steps, evaluator_steps=evaluator_steps,
+                  batch_size=batch_size)
+    for name, value in counts.items():  # 0 steps would write untrained weights
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     train_x, train_y, held_x, held_y = load_dataset(seed)

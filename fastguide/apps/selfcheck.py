@@ -1,6 +1,6 @@
 """Run the three ops on this machine and print their agreement with the textbook formulas.
 
-    python -m fastguide.selfcheck [--device cpu|cuda]
+    fastguide selfcheck [--device cpu|cuda] [--seed N]   (or python -m fastguide.apps.selfcheck)
 
 Each op runs through ``fastguide.ops`` (the backend ``auto`` picks, or FASTGUIDE_BACKEND)
 on random float32 inputs of odd sizes and is compared with its formula written out
@@ -9,7 +9,6 @@ in float64. Exits non-zero when any op is outside its float32 tolerance.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
@@ -65,18 +64,13 @@ CHECKS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastguide.selfcheck", description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", help="device to run the ops on (default: cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-
+def run(device: torch.device, seed: int = 0) -> int:
+    """Print each op's error against its formula on ``device``; 1 when any is out of tolerance."""
     print(f"fastguide self-check on {device} (backend setting: {backends.get_backend()})")
     failures = 0
     for name, check in CHECKS.items():
         backend = ops._resolve(name, device, torch.float32)
-        error = check(device, torch.Generator().manual_seed(args.seed))
+        error = check(device, torch.Generator().manual_seed(seed))
         ok = error <= TOLERANCE
         failures += not ok
         print(f"  {name:<12} backend={backend:<7} max |error| vs float64 formula = {error:.2e}  "
@@ -84,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     print("backends here:",
           ", ".join(f"{n}: {'ok' if r is None else r}" for n, r in backends.available_backends().items()))
     return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fastguide selfcheck`` (options checked there: bad ones exit 2 with one line)."""
+    from .cli import main as cli_main
+
+    return cli_main(["selfcheck", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fastguide.apps import bench, cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,4 +34,17 @@ def test_gpu_script_dry_run_finds_every_test_and_benchmark(tmp_path):
     assert found, result.stdout
     tests, gpu_tests, benchmarks = map(int, found.groups())
     assert tests > 500 and gpu_tests > 50 and benchmarks > 100, result.stdout
-    assert "fastguide.bench" in result.stdout
+    assert "-m fastguide bench" in result.stdout
+
+
+@pytest.mark.parametrize("argv, option", [(["--bogus"], "unrecognized arguments"),
+                                          (["--benchmarks", "{tmp}"], "--benchmarks"),
+                                          (["--out", "{tmp}/file"], "--out")])
+def test_bench_bad_options_exit_2_with_one_line(argv, option, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastguide: error:") and option in lines[0]

@@ -7,9 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fastguide.apps import cli, digits
+from fastguide.ops import backends
 
 pytestmark = pytest.mark.skipif(
     not (digits.WEIGHTS / "digits_unet.safetensors").is_file(), reason="the digits weights are not built"
@@ -28,19 +30,288 @@ def test_sample_writes_a_png_grid_and_adm_npz(tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--model", "imagenet"], "--model: unknown model 'imagenet'"),
-    (["--labels", "3-12"], "--labels must lie in 0..9"),
-    (["--steps", "-2"], "--steps must be at least 1"),
+    (["--model", "imagenet"], "--model: expected one of digits, adm64, adm128, adm256, adm512, got 'imagenet'"),
+    (["--labels", "3-12"], "--labels: expected classes in 0..9, got '3-12'"),
+    (["--steps", "-2"], "--steps: expected an integer from 1 to 500"),
     (["--out", "/nonexistent-folder/x.png"], "--out: folder /nonexistent-folder does not exist"),
-    (["--model", "adm64"], "--model adm64 needs --checkpoint"),
+    (["--model", "adm64"], "--checkpoint: expected the guided-diffusion .pt or .safetensors file of --model adm64"),
     (["--model", "adm64", "--checkpoint", "/nonexistent.pt"], "--checkpoint: /nonexistent.pt does not exist"),
 ])
 def test_bad_options_exit_with_one_line(tmp_path, options, message):
     result = subprocess.run([sys.executable, "-m", "fastguide", "sample", "--out", str(tmp_path / "x.png"), *options],
                             capture_output=True, text=True)
     assert result.returncode == 2
+    assert result.stderr.startswith("fastguide: error: ")
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr
     assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------
+# Bad input, in process: exit status 2, one line naming the option, no file written.
+# Each test runs in an empty tmp_path (the working directory), so a default output path
+# would land there too.
+
+needs_cpu_only_torch = pytest.mark.skipif(torch.version.cuda is not None or torch.version.hip is not None,
+                                          reason="checks the message of a CPU-only build of PyTorch")
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def fails_with(capsys, folder, argv, message, *more):
+    """cli.main(argv) exits 2 with the one line ``fastguide: error: ...message...`` (which
+    also holds each of ``more``) and leaves ``folder`` as it was."""
+    before = sorted(folder.rglob("*"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastguide: error: ") and err.count("\n") == 1, err
+    assert all(part in err for part in (message, *more)), err
+    assert "Traceback" not in err
+    assert sorted(folder.rglob("*")) == before
+
+
+SAMPLE = ["sample", "--out", "x.png", "--quiet"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--steps", "600"], "--steps: expected an integer from 1 to 500 for the 1000-timestep schedule of --model "
+                         "digits, got 600"),
+    (["--steps", "0"], "--steps: expected an integer from 1 to 500"),
+    (["--steps", "-3"], "--steps: expected an integer from 1 to 500"),
+    (["--steps", "abc"], "--steps: invalid int value: 'abc'"),
+    (["--num-samples", "0"], "--num-samples: expected an integer of at least 1, got 0"),
+    (["--batch-size", "-1"], "--batch-size: expected an integer of at least 1, got -1"),
+    (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
+    (["--device", "cuda:abc"], "--device: expected cpu, cuda or cuda:N, got 'cuda:abc'"),
+    (["--device", "mps"], "--device: expected cpu, cuda or cuda:N, got 'mps'"),
+    (["--scale", "nan"], "--scale: expected a finite number >= 0, got nan"),
+    (["--scale", "inf"], "--scale: expected a finite number >= 0, got inf"),
+    (["--scale", "-1"], "--scale: expected a finite number >= 0, got -1.0"),
+    (["--classifier-scale", "nan"], "--classifier-scale: expected a finite number >= 0, got nan"),
+    (["--out", "x.xyz"], "--out: expected an image file name that PIL can write"),
+    (["--out", "x"], "--out: expected an image file name that PIL can write"),
+    (["--out", "missing/x.png"], "--out: folder"),
+    (["--npz", "missing/x.npz"], "--npz: folder"),
+    (["--seed", str(2**70)], f"--seed: expected an integer from 0 to {(2**64 - 1) // 1_000_003}, got {2**70}"),
+    (["--seed", "-1"], "--seed: expected an integer from 0 to"),
+    (["--backend", "bogus"], "--backend: invalid choice: 'bogus'"),
+    (["--labels", "3-12"], "--labels: expected classes in 0..9, got '3-12'"),
+    (["--labels", "x"], "--labels: expected a class, a range like 0-9 or a list like 1,4,7, got 'x'"),
+    (["--model", "imagenet"], "--model: expected one of digits, adm64, adm128, adm256, adm512, got 'imagenet'"),
+    (["--sampler", "bogus"], "--sampler: invalid choice: 'bogus'"),
+    (["--guidance", "bogus"], "--guidance: invalid choice: 'bogus'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_sample_refuses_bad_options(workdir, capsys, options, message):
+    fails_with(capsys, workdir, [*SAMPLE, *options], message)
+
+
+def test_sample_refuses_an_existing_folder_as_output(workdir, capsys):
+    (workdir / "x.png").mkdir()
+    fails_with(capsys, workdir, SAMPLE, "--out: expected a file name, got the folder x.png")
+
+
+@needs_cpu_only_torch
+@pytest.mark.parametrize("command", [SAMPLE, ["selfcheck"], ["sweep", "--quiet"]])
+def test_cuda_on_a_cpu_build_of_torch(workdir, capsys, command):
+    fails_with(capsys, workdir, [*command, "--device", "cuda"],
+               "--device: got 'cuda', but this PyTorch (" + torch.__version__ + ") is a CPU-only build")
+
+
+def test_backend_that_cannot_run_says_why(workdir, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton then cannot run on CPU tensors
+    reason = backends.why_not("triton", torch.device("cpu"))
+    assert reason is not None
+    fails_with(capsys, workdir, [*SAMPLE, "--backend", "triton"],
+               f"--backend: the triton backend cannot run on cpu here: {reason}")
+    monkeypatch.setenv("FASTGUIDE_BACKEND", "triton")
+    fails_with(capsys, workdir, SAMPLE, f"FASTGUIDE_BACKEND: the triton backend cannot run on cpu here: {reason}")
+    fails_with(capsys, workdir, ["selfcheck"], "FASTGUIDE_BACKEND: the triton backend cannot run on cpu here")
+
+
+def test_bad_backend_variable(workdir, capsys, monkeypatch):
+    monkeypatch.setenv("FASTGUIDE_BACKEND", "bogus")
+    fails_with(capsys, workdir, SAMPLE, "FASTGUIDE_BACKEND: expected one of auto, torch, triton, cuda, got 'bogus'")
+
+
+def _fake_generate(record):
+    """Stands in for cli.generate: records the backend in force, returns blank samples."""
+    def generate(model, labels, **options):
+        record.append(backends.get_backend())
+        return {0: torch.zeros(len(labels), *model.shape)}
+    return generate
+
+
+def test_backend_variable_applies_unless_backend_is_given(workdir, monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "generate", _fake_generate(seen))
+    monkeypatch.setenv("FASTGUIDE_BACKEND", "torch")
+    assert cli.main(SAMPLE) == 0
+    assert cli.main([*SAMPLE, "--backend", "auto"]) == 0
+    assert seen == ["torch", "auto"]
+    assert backends.get_backend() == "torch"  # --backend held for the run only
+
+
+def _broken_files(folder):
+    """name -> path: a missing file, a folder, an empty file, garbage bytes."""
+    (folder / "folder.pt").mkdir()
+    (folder / "empty.pt").write_bytes(b"")
+    (folder / "garbage.pt").write_bytes(bytes(range(256)) * 4)
+    return {"missing": "missing.pt", "folder": "folder.pt", "empty": "empty.pt", "garbage": "garbage.pt"}
+
+
+BROKEN_MESSAGES = {
+    "missing": "missing.pt does not exist",
+    "folder": "expected a .pt or .safetensors file, got the folder folder.pt",
+    "empty": "expected a .pt or .safetensors file, got the empty file empty.pt",
+    "garbage": "",  # the loader's own words, with the path
+}
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty"])
+def test_broken_adm_checkpoint(workdir, capsys, kind):
+    path = _broken_files(workdir)[kind]
+    fails_with(capsys, workdir, [*SAMPLE, "--model", "adm64", "--checkpoint", path, "--guidance", "none"],
+               f"--checkpoint: {BROKEN_MESSAGES[kind]}")
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "garbage"])
+def test_broken_classifier_checkpoint(workdir, capsys, kind):
+    path = _broken_files(workdir)[kind]
+    fails_with(capsys, workdir, [*SAMPLE, "--classifier-checkpoint", path],
+               f"--classifier-checkpoint: {BROKEN_MESSAGES[kind]}", path)
+
+
+def test_broken_digits_checkpoint_folder(workdir, capsys):
+    files = _broken_files(workdir)
+    fails_with(capsys, workdir, [*SAMPLE, "--checkpoint", "missing"], "--checkpoint: missing does not exist")
+    fails_with(capsys, workdir, [*SAMPLE, "--checkpoint", files["garbage"]],
+               "--checkpoint: expected a folder written by 'fastguide train', got the file garbage.pt")
+    fails_with(capsys, workdir, [*SAMPLE, "--checkpoint", files["folder"]],
+               "--checkpoint: folder.pt/digits_unet.safetensors does not exist")
+    weights = workdir / "weights"
+    weights.mkdir()
+    for name in ("unet", "classifier", "evaluator"):
+        (weights / f"digits_{name}.safetensors").write_bytes((digits.WEIGHTS / f"digits_{name}.safetensors")
+                                                             .read_bytes()[:200])
+    fails_with(capsys, workdir, [*SAMPLE, "--checkpoint", "weights"],
+               "--checkpoint: ", "weights/digits_unet.safetensors")
+
+
+def test_adm_guidance_needs_what_the_model_has(workdir, capsys):
+    _broken_files(workdir)  # garbage.pt: the options are refused before it is read
+    adm = [*SAMPLE, "--model", "adm64", "--checkpoint", "garbage.pt"]
+    fails_with(capsys, workdir, [*adm, "--guidance", "cfg"], "--guidance: cfg needs a model with a null class")
+    fails_with(capsys, workdir, [*adm, "--guidance", "classifier"],
+               "--guidance: classifier needs --classifier-checkpoint with --model adm64")
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--unet-steps", "0"], "--unet-steps: expected an integer of at least 1, got 0"),
+    (["--classifier-steps", "-5"], "--classifier-steps: expected an integer of at least 1, got -5"),
+    (["--evaluator-steps", "0"], "--evaluator-steps: expected an integer of at least 1, got 0"),
+    (["--seed", "-1"], "--seed: expected an integer from 0 to 18446744073709551615, got -1"),
+    (["--seed", str(2**64)], "--seed: expected an integer from 0 to 18446744073709551615"),
+])
+def test_train_refuses_bad_options(workdir, capsys, options, message):
+    fails_with(capsys, workdir, ["train", "--out", "weights", *options], message)
+
+
+def test_train_refuses_a_file_as_output_folder(workdir, capsys):
+    (workdir / "weights").write_text("not a folder")
+    fails_with(capsys, workdir, ["train", "--out", "weights"], "--out: expected a folder, got the file weights")
+
+
+def test_digits_train_refuses_zero_steps(tmp_path):
+    with pytest.raises(ValueError, match="unet_steps must be a positive integer"):
+        digits.train(tmp_path / "w", unet_steps=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--scales", "1", "nan"], "--scales: expected a finite number >= 0, got nan"),
+    (["--samples-per-scale", "5"], "--samples-per-scale: expected an integer of at least 11, got 5"),
+    (["--steps", "600"], "--steps: expected an integer from 1 to 500"),
+    (["--seed", "-1"], "--seed: expected an integer from 0 to"),
+    (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
+    (["--plot", "x.xyz"], "--plot: expected a file name ending in ."),
+    (["--table", "missing/t.md"], "--table: folder"),
+])
+def test_sweep_refuses_bad_options(workdir, capsys, options, message):
+    fails_with(capsys, workdir, ["sweep", "--quiet", *options], message)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
+    (["--seed", "-1"], "--seed: expected an integer from 0 to"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_selfcheck_refuses_bad_options(workdir, capsys, options, message):
+    from fastguide.apps import selfcheck
+
+    fails_with(capsys, workdir, ["selfcheck", *options], message)
+    with pytest.raises(SystemExit) as exit_:
+        selfcheck.main(options)  # python -m fastguide.apps.selfcheck: the same checks
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# Atomic outputs: a run that fails after its checks leaves no partial file behind.
+
+
+def test_failed_sample_leaves_no_file(workdir, monkeypatch):
+    (workdir / "x.png").write_bytes(b"the previous grid")
+
+    def broken_save(images, path, columns):
+        path.write_bytes(b"half a PNG")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cli, "generate", _fake_generate([]))
+    monkeypatch.setattr(cli, "save_grid", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        cli.main([*SAMPLE, "--npz", "x.npz"])
+    assert sorted(p.name for p in workdir.iterdir()) == ["x.png"]
+    assert (workdir / "x.png").read_bytes() == b"the previous grid"
+
+
+def test_failed_sampling_writes_nothing(workdir, monkeypatch):
+    def broken_generate(model, labels, **options):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(cli, "generate", broken_generate)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cli.main([*SAMPLE, "--npz", "x.npz"])
+    assert list(workdir.iterdir()) == []
+
+
+def test_npz_name_without_suffix_gets_npz_appended(workdir, monkeypatch):
+    monkeypatch.setattr(cli, "generate", _fake_generate([]))
+    assert cli.main([*SAMPLE, "--num-samples", "3", "--npz", "samples"]) == 0
+    assert sorted(p.name for p in workdir.iterdir()) == ["samples.npz", "x.png"]
+    assert np.load(workdir / "samples.npz")["arr_1"].tolist() == [0, 1, 2]
+
+
+def test_train_moves_finished_files_into_place(workdir, monkeypatch):
+    def fake_train(out, **options):
+        (out / "digits_unet.safetensors").write_bytes(b"weights")
+        if options["unet_steps"] == 1:
+            raise RuntimeError("interrupted mid-training")
+        return {"seed": options["seed"]}
+
+    monkeypatch.setattr(digits, "train", fake_train)
+    monkeypatch.setattr(cli, "check_modules", lambda *names: None)  # scikit-learn is not needed by the fake
+    with pytest.raises(RuntimeError):
+        cli.main(["train", "--out", "new/weights", "--unet-steps", "1"])
+    assert list(workdir.iterdir()) == []
+    assert cli.main(["train", "--out", "new/weights"]) == 0
+    assert [p.relative_to(workdir).as_posix() for p in sorted(workdir.rglob("*"))] == [
+        "new", "new/weights", "new/weights/digits_unet.safetensors"]
 
 
 @pytest.mark.parametrize("options", [["--guidance", "classifier"], ["--guidance", "both", "--precision", "bf16"],
