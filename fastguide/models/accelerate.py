@@ -426,6 +426,8 @@ def accelerate(module: nn.Module) -> nn.Module:
     float32 in every dtype, as ADM computes them; attention accumulates in float32); what is
     left alone is bit-identical. Gradient checkpointing inside rebound ADM blocks is not kept.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"accelerate takes a torch.nn.Module, got {type(module).__name__}")
     swapped: Counter[str] = Counter()
     skipped: defaultdict[str, Counter[str]] = defaultdict(Counter)
     _Walk(swapped, skipped).visit(module, None, None)

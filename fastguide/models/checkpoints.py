@@ -13,6 +13,7 @@ plain containers only. Nothing here ever unpickles arbitrary objects.
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -144,6 +145,10 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, expand_label_table: b
     load_state_dict would cast them silently), for the first few missing and unexpected
     keys, and for every tensor whose shape differs.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_checkpoint(model, path): model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_checkpoint(model, path): path must be a str or os.PathLike, got {type(path).__name__}")
     state = read_state_dict(path)
     expected = model.state_dict()
     not_float = [f"{k} ({state[k].dtype})" for k, v in expected.items()

@@ -222,7 +222,10 @@ class _Trunk(nn.Module):
         return self.input_blocks[0][0].weight.dtype
 
     def _embed_time(self, timesteps: Tensor) -> Tensor:
-        return self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        # The sinusoids in the time MLP's dtype (float32 in ADM, also under use_fp16; a model
+        # cast whole with .double() or .half() runs them in its own dtype).
+        sinusoids = timestep_embedding(timesteps, self.model_channels)
+        return self.time_embed(sinusoids.to(self.time_embed[0].weight.dtype))
 
 
 class UNet(_Trunk):

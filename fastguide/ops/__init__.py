@@ -257,7 +257,9 @@ def group_norm(
     and shift.
     """
     validation.check_group_norm(x, num_groups, weight, bias, eps, scale, shift, activation)
-    per_sample = [None if t is None else t.reshape(x.shape[0], x.shape[1]) for t in (scale, shift)]
+    # The kernels index the per-channel and per-sample parameters densely.
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
+    per_sample = [None if t is None else t.reshape(x.shape[0], x.shape[1]).contiguous() for t in (scale, shift)]
     y, _, _ = _group_norm(
         x, weight, bias, *per_sample, num_groups, float(eps),
         activation or "none", _resolve("group_norm", x.device, x.dtype, empty=x.numel() == 0),
@@ -326,6 +328,8 @@ def guided_step(
     """
     validation.check_step(step)
     validation.check_combine(combine)
+    if not isinstance(history, (tuple, list)):
+        raise TypeError(f"history must be a tuple or list of tensors, got {type(history).__name__}")
     tensors = StepTensors(model_output, x, guide, tuple(history), noise, grad, apg_buffer, out, x0_out)
     tracing = _tracing()
     validation.check_step_tensors(tensors, step, combine, check_memory=not tracing)

@@ -57,14 +57,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Te
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = compute_dtype(q)
+    if q.numel() == 0 or k.numel() == 0:  # aten's CPU kernel divides by zero on empty heads
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
     o = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale=scale)
     return _nan_rows_of_q(o, q).to(q.dtype)
 
 
 def _nan_rows_of_q(t: Tensor, q: Tensor) -> Tensor:
-    """t with the rows of queries holding a NaN set to NaN: every score of such a row is
-    NaN, so IEEE softmax gives NaN (aten's CPU kernel returns a finite row there)."""
-    return t.masked_fill(q.isnan().any(dim=-1, keepdim=t.dim() == q.dim()), float("nan"))
+    """t with the rows of queries holding a NaN or ±inf set to NaN: such a row's scores are
+    NaN or infinities of both signs, so IEEE softmax gives NaN (aten's CPU kernel returns
+    a finite row there)."""
+    return t.masked_fill(~torch.isfinite(q).all(dim=-1, keepdim=t.dim() == q.dim()), float("nan"))
 
 
 def _attention_lse(q: Tensor, k: Tensor, scale: float, rows_per_chunk: int = 256) -> Tensor:
@@ -301,6 +304,8 @@ def _unit_last_stride(t: Tensor) -> Tensor:
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """(o, lse): the attention output and the row log-sum-exp of q·kᵀ·scale (natural log)."""
     dtype = compute_dtype(q)
+    if q.numel() == 0 or k.numel() == 0:  # aten's CPU kernel divides by zero on empty heads
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(q.shape[:-1], dtype=dtype)
     qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
     cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if q.device.type == "cpu" and cpu_flash is not None:
@@ -366,9 +371,12 @@ def group_norm_forward(
     dtype = compute_dtype(x)
     n, c = x.shape[0], x.shape[1]
     spatial = math.prod(x.shape[2:])
-    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    # aten takes x in the layout it suggests for it, which a batch-1 view can defeat: give it
+    # that layout explicitly.
+    layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
     y, mean, rstd = torch.ops.aten.native_group_norm(
-        (x if dense else x.contiguous()).to(dtype),
+        x.to(dtype).contiguous(memory_format=layout) if x.shape[0] > 1 else x.to(dtype).contiguous(),
         None if weight is None else weight.to(dtype),
         None if bias is None else bias.to(dtype),
         n,

@@ -247,7 +247,7 @@ def check_step_tensors(
                 f"guide must have shape ({batch}, {channels}, ...) or that of model_output "
                 f"{tuple(model_output.shape)}, got {tuple(tensors.guide.shape)}"
             )
-    if combine is not None and combine.rescale > 0 and math.prod(x.shape[1:]) < 2:
+    if combine is not None and combine.rescale > 0 and math.prod(x.shape[1:]) == 1:
         raise ValueError(
             f"combine.rescale needs at least 2 elements per sample (a standard deviation), got x of shape "
             f"{tuple(x.shape)}"
@@ -270,6 +270,15 @@ def check_step_tensors(
         if t is not None:
             check_tensor(name, t)
             check_shape(name, t, tuple(x.shape))
+    for name in ("out", "x0_out", "apg_buffer"):
+        written = getattr(tensors, name)
+        if written is None:
+            continue
+        if written.requires_grad:
+            raise ValueError(f"{name} must not require grad: guided_step writes it in place and is not differentiable")
+        if check_memory and written.numel() > 1 and torch._debug_has_internal_overlap(written) == 1:
+            raise ValueError(f"{name} has elements that share memory (an expanded view?): it must be writable "
+                             "element by element")
     if tensors.out is not None:
         check_tensor("out", tensors.out)
         if tuple(tensors.out.shape) not in (tuple(x.shape), (2 * batch, channels) + spatial):
@@ -352,9 +361,13 @@ def _check_aliasing(tensors: StepTensors, x_shaped: list[tuple[str, Tensor | Non
             if storage != w_storage:
                 continue
             # An x-shaped input is read and written by the same thread, element by element.
-            elementwise = name not in ("model_output", "guide", "out", "x0_out", "apg_buffer")
+            # (Not the APG buffer: the reference updates it before it reads x and the rest.)
+            elementwise = w_name != "apg_buffer" and name not in ("model_output", "guide", "out", "x0_out",
+                                                                  "apg_buffer")
             if elementwise and (_same_view(w, t) or (w_name == "out" and name == "x" and _x_is_first_half(w, t))):
                 continue
+            if _share_memory(w, t) and w_name == "apg_buffer":
+                raise ValueError(f"apg_buffer overlaps {name} in memory: APG's state must have memory of its own")
             if _share_memory(w, t):
                 raise ValueError(
                     f"{w_name} overlaps {name} in memory: a written tensor may be an input itself "

@@ -92,9 +92,21 @@ class ClassifierGuidance:
         """∇ₓ log softmax(classifier(x_t, t))[y], unscaled (the sampler applies the scale)."""
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
-            log_probs = torch.log_softmax(self.classifier(x_in, timesteps).float(), dim=-1)
+            logits = self.classifier(x_in, timesteps)
+            if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != len(labels):
+                raise ValueError(f"the classifier must return logits (batch {len(labels)}, classes), got "
+                                 f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+            if labels.max() >= logits.shape[1]:
+                raise ValueError(f"labels must lie in [0, {logits.shape[1]}) for the classifier's "
+                                 f"{logits.shape[1]} classes, got {labels.max().item()}")
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
             selected = log_probs[torch.arange(len(labels), device=labels.device), labels]
-            return torch.autograd.grad(selected.sum(), x_in)[0]
+            gradient = None
+            if selected.requires_grad:
+                (gradient,) = torch.autograd.grad(selected.sum(), x_in, allow_unused=True)
+            if gradient is None:
+                raise ValueError("the classifier's output does not depend on x: there is no gradient to guide with")
+            return gradient
 
 
 def split_guidance(guidance) -> tuple[CFG | None, ClassifierGuidance | None]:

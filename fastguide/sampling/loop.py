@@ -97,6 +97,8 @@ class GuidedSampler:
         for name, flag in (("clip_denoised", clip_denoised), ("cuda_graph", cuda_graph)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        if schedule is not None and not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a fastguide.NoiseSchedule or None, got {type(schedule).__name__}")
         if not callable(model):
             raise TypeError(f"model must be callable as model(x_t, t[, y]), got {type(model).__name__}")
         _check_steps(steps)
@@ -176,12 +178,17 @@ class GuidedSampler:
             if self.cfg is not None or self.classifier is not None:
                 raise ValueError("guidance needs labels (one class index per sample)")
             return None
-        labels = torch.as_tensor(labels, device=device)
+        try:
+            labels = torch.as_tensor(labels, device=device)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"labels must be integer class indices, got {labels!r}") from None
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
         labels = labels.long().flatten()
         if labels.numel() != batch:
             raise ValueError(f"labels must hold one class per sample ({batch}), got {labels.numel()}")
+        if labels.numel() and labels.min() < 0:
+            raise ValueError(f"labels must be non-negative class indices, got {labels.min().item()}")
         if self.num_classes is not None and (labels.min() < 0 or labels.max() >= self.num_classes):
             low, high = labels.min().item(), labels.max().item()
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got {low}..{high}")
@@ -199,6 +206,10 @@ class GuidedSampler:
         progress: bool = False,
         callback: Callback | None = None,
     ) -> Tensor:
+        if not isinstance(shape, (tuple, list, torch.Size)):
+            raise TypeError(f"shape must be a sequence (batch, channels, ...), got {shape!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         shape = tuple(shape)
         if len(shape) < 2:
             raise ValueError(f"shape must be (batch, channels, ...), got {shape}")
@@ -207,9 +218,9 @@ class GuidedSampler:
         if not all(_is_count(n) for n in shape):
             raise ValueError(f"shape must hold positive ints (batch, channels, ...), got {shape}")
         if device is not None:
-            device = torch.device(device)
+            device = _parse_device(device)
         else:
-            device = noise.device if noise is not None else _model_device(self.model)
+            device = noise.device if isinstance(noise, Tensor) else _model_device(self.model)
         if device.type == "meta":
             raise ValueError("device must hold data (cpu, cuda, ...): sampling on 'meta' tensors computes nothing")
         if noise is not None:
@@ -220,7 +231,12 @@ class GuidedSampler:
         if self.cuda_graph and device.type not in cuda_graphs.GRAPH_DEVICE_TYPES:
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
         labels = self._check_labels(labels, shape[0], device)
-        x_T = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
+        # The loop works in the model's dtype when all its floating parameters share one,
+        # else in the noise's, else in float32; the noise is cast to it.
+        dtype = _model_dtype(self.model) or (noise.dtype if noise is not None else torch.float32)
+        if noise is not None:
+            noise = noise.to(dtype)
+        x_T = noise if noise is not None else torch.randn(shape, generator=generator, device=device, dtype=dtype)
         indices = range(self.num_calls)
         if progress:
             from tqdm.auto import tqdm
@@ -231,23 +247,25 @@ class GuidedSampler:
         if self.cuda_graph:
             return self._replay(shape, device, x_T, labels, generator, indices, callback, keep_x0)
 
-        buffers = self._new_buffers(shape, device, labels is not None)
+        x_T = x_T.to(device)
+        buffers = self._new_buffers(x_T, labels is not None)
         self._load(buffers, x_T, labels)
-        fresh_noise = lambda: torch.randn(shape, generator=generator, device=device)  # noqa: E731
+        fresh_noise = lambda: torch.randn(shape, generator=generator, device=device, dtype=dtype)  # noqa: E731
         for i in indices:
             self._model_call(i, buffers, shape, fresh_noise, keep_x0)
             self._report(callback, i, buffers, shape[0])
         return buffers.model_input[: shape[0]].clone()
 
-    def _new_buffers(self, shape: tuple[int, ...], device: torch.device, labelled: bool) -> _Buffers:
+    def _new_buffers(self, x_T: Tensor, labelled: bool) -> _Buffers:
+        shape, device, dtype = tuple(x_T.shape), x_T.device, x_T.dtype
         rows = 2 * shape[0] if self.cfg is not None else shape[0]
         momentum = self.combine is not None and self.combine.apg_momentum != 0
         return _Buffers(
-            model_input=torch.empty((rows, *shape[1:]), device=device),
+            model_input=torch.empty((rows, *shape[1:]), device=device, dtype=dtype),
             labels_in=torch.empty(rows, dtype=torch.long, device=device) if labelled else None,
-            x0=[torch.empty(shape, device=device) for _ in range(self.history_length + 1)],
-            apg=torch.empty(shape, device=device) if momentum else None,
-            noise=torch.zeros(shape, device=device),
+            x0=[torch.empty(shape, device=device, dtype=dtype) for _ in range(self.history_length + 1)],
+            apg=torch.empty(shape, device=device, dtype=torch.float32) if momentum else None,
+            noise=torch.zeros(shape, device=device, dtype=dtype),
         )
 
     def _load(self, buffers: _Buffers, x_T: Tensor, labels: Tensor | None) -> None:
@@ -277,7 +295,12 @@ class GuidedSampler:
             model_output = self.model(model_input[:rows], t_in, labels_in[:rows])
         else:
             model_output = self.model(model_input[:rows], t_in)
-        call = self._calls(model_output.shape[1] == 2 * shape[1])[i]
+        model_output = self._checked_output(model_output, model_input, rows, shape)
+        learned = model_output.shape[1] == 2 * shape[1]
+        if self.variance_type == "learned_range" and not learned:
+            raise ValueError(f"variance_type='learned_range' needs a model that outputs 2·{shape[1]} channels "
+                             f"(prediction then variance), got {model_output.shape[1]}")
+        call = self._calls(learned)[i]
 
         ring = buffers.x0
         history = tuple(ring[(i - 1 - j) % len(ring)] for j in range(len(call.step.k_history)))
@@ -294,6 +317,25 @@ class GuidedSampler:
             apg_buffer=buffers.apg if combine is not None else None, out=model_input,
             x0_out=ring[i % len(ring)] if keep_x0 else None,
         )
+
+    def _checked_output(self, model_output: object, model_input: Tensor, rows: int, shape: tuple[int, ...]) -> Tensor:
+        """The model's output, checked: a tensor of (rows, C or 2C, *spatial), with memory of
+        its own (a model that returns its input would be overwritten by the step)."""
+        if not isinstance(model_output, Tensor):
+            raise TypeError(
+                f"model must return a tensor (batch, channels, ...), got {type(model_output).__name__}; "
+                "wrap a diffusers UNet in fastguide.DiffusersUNet"
+            )
+        channels, spatial = shape[1], tuple(shape[2:])
+        if model_output.dim() != len(shape) or model_output.shape[0] != rows \
+                or model_output.shape[1] not in (channels, 2 * channels) or tuple(model_output.shape[2:]) != spatial:
+            raise ValueError(
+                f"model must return ({rows}, {channels} or {2 * channels}, *{spatial}) for an input of "
+                f"{rows} rows, got {tuple(model_output.shape)}"
+            )
+        if model_output.untyped_storage().data_ptr() == model_input.untyped_storage().data_ptr():
+            model_output = model_output.clone()
+        return model_output
 
     def _report(self, callback: Callback | None, i: int, buffers: _Buffers, batch: int) -> None:
         if callback is not None:
@@ -337,7 +379,7 @@ class GuidedSampler:
         return buffers.model_input[: shape[0]].clone()
 
     def _capture(self, shape, device, x_T, labels, keep_x0) -> tuple[_Buffers, list]:
-        buffers = self._new_buffers(shape, device, labels is not None)
+        buffers = self._new_buffers(x_T.to(device), labels is not None)
         self._load(buffers, x_T, labels)
         static_noise = lambda: buffers.noise  # noqa: E731
         # Warm up on a side stream, as torch.cuda.graph asks (lazy initialisation, cuDNN and
@@ -391,6 +433,26 @@ def _check_null_label(null_label: object, model, num_classes: int | None) -> Non
 def _model_null_label(model) -> int | None:
     """The model's unconditional label, when it has one (fastguide UNet with null_class)."""
     return model.num_classes if getattr(model, "null_class", False) else None
+
+
+def _parse_device(device: object) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (TypeError, RuntimeError, ValueError):
+        raise ValueError(f"device must be a torch device or a name such as 'cpu' or 'cuda:0', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for but no CUDA device is available here")
+    return device
+
+
+def _model_dtype(model) -> torch.dtype | None:
+    """The dtype all of a module's floating parameters share (None when they do not share
+    one, e.g. ADM's use_fp16, or for a plain function)."""
+    if isinstance(model, nn.Module):
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if len(dtypes) == 1:
+            return dtypes.pop()
+    return None
 
 
 def _model_device(model) -> torch.device:

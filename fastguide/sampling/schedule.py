@@ -28,6 +28,8 @@ class NoiseSchedule:
     @classmethod
     def linear(cls, num_timesteps: int = 1000) -> NoiseSchedule:
         """ADM's linear schedule: β from 1e-4 to 0.02, scaled to keep the same range at T steps."""
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 21:
+            raise ValueError(f"num_timesteps must be an int of at least 21 (β reaches 20/T), got {num_timesteps!r}")
         scale = 1000 / num_timesteps
         return cls(torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64))
 

@@ -1,5 +1,7 @@
 """attention: every backend against an explicit float64 softmax(q·kᵀ·scale)·v."""
 
+import math
+
 import pytest
 import torch
 
@@ -181,3 +183,20 @@ def test_attention_gpu_large_and_bf16(dtype, shape):
                                  grad_out[:1, :2].double())
     for got, want in zip((dq, dk, dv), wanted):
         assert_close(got[:1, :2], want, ATTENTION, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_heads_give_an_empty_result(backend, device):
+    q, k = torch.randn(2, 0, 5, 16).to(device), torch.randn(2, 0, 7, 16).to(device)
+    with fastguide.backend(backend):
+        assert ops.attention(q, k, k).shape == (2, 0, 5, 16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_query_rows_are_nan(backend, device):
+    q, k, v = (torch.randn(1, 2, 4, 16, generator=torch.Generator().manual_seed(i)).to(device) for i in range(3))
+    q[0, 0, 1, 3], q[0, 1, 2, 0] = -math.inf, math.nan
+    with fastguide.backend(backend):
+        out = ops.attention(q, k, v).cpu()
+    assert out[0, 0, 1].isnan().all() and out[0, 1, 2].isnan().all()
+    assert torch.isfinite(out[0, 0, [0, 2, 3]]).all()

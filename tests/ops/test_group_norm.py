@@ -152,3 +152,20 @@ def test_groups_whose_float32_statistics_overflow_are_nan(backend, device):
     expected = torch.nn.functional.group_norm(x.double(), 2)
     assert_close(y[0, 2:], expected[0, 2:], GROUP_NORM, torch.float32)
     assert_close(y[1], expected[1], GROUP_NORM, torch.float32)
+
+
+@pytest.mark.parametrize("backend", backends_for("group_norm"))
+def test_strided_parameters_and_batch_one_views(backend, device):
+    # A strided weight/bias (every other element), and a batch-1 view whose strides aten's
+    # layout suggestion rejects (a transposed projection reshaped, as in diffusers' blocks).
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 4, 4, generator=g).to(device)
+    weight, bias = torch.randn(16, generator=g)[::2].to(device), torch.randn(16, generator=g)[1::2].to(device)
+    with fastguide.backend(backend):
+        y = ops.group_norm(x, 4, weight, bias)
+    expected = torch.nn.functional.group_norm(x.double(), 4, weight.double(), bias.double())
+    assert_close(y.cpu(), expected.cpu(), GROUP_NORM, torch.float32)
+    view = torch.randn(1, 16, 32, generator=g).transpose(1, 2).reshape(1, 32, 4, 4).to(device)
+    with fastguide.backend(backend):
+        y = ops.group_norm(view, 8)
+    assert_close(y.cpu(), torch.nn.functional.group_norm(view.double(), 8).cpu(), GROUP_NORM, torch.float32)

@@ -227,3 +227,28 @@ def test_guided_step_bad_alpha_sigma():
         ops.guided_step(*step_inputs(), STEP._replace(alpha=0.0), CFG)
     with pytest.raises(ValueError, match="step.sigma must be positive"):
         ops.guided_step(*step_inputs(), STEP._replace(sigma=0.0, clip_denoised=True), CFG)
+
+
+def test_guided_step_written_tensors_must_be_writable_and_own_their_memory():
+    model_output, x = step_inputs()
+    with pytest.raises(ValueError, match="out has elements that share memory"):
+        ops.guided_step(model_output, x, STEP, CFG, out=torch.zeros(1, 3, 1, 1).expand(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="out must not require grad"):
+        leaf = torch.randn(2, 3, 4, 4, requires_grad=True)
+        ops.guided_step(model_output, leaf, STEP, CFG, out=leaf)
+    apg = ops.GuidanceCombine(3.0, apg_momentum=-0.5, variant="apg")
+    for alias in ("x", "noise"):
+        noise = torch.randn(2, 3, 4, 4)
+        buffer = x if alias == "x" else noise
+        with pytest.raises(ValueError, match=f"apg_buffer overlaps {alias} in memory"):
+            ops.guided_step(model_output, x, STEP._replace(k_noise=0.1), apg, noise=noise, apg_buffer=buffer)
+
+
+def test_guided_step_history_must_be_a_sequence():
+    with pytest.raises(TypeError, match="history must be a tuple or list of tensors"):
+        ops.guided_step(*step_inputs(), STEP, CFG, history=None)
+
+
+def test_group_norm_one_value_per_group_is_refused():
+    with pytest.raises(ValueError, match="1 value per group"):
+        ops.group_norm(torch.randn(2, 4, 1, 1), 4)

@@ -446,6 +446,12 @@ BAD_SAMPLER_ARGUMENTS = {
     "null_label outside the table": (dict(guidance=CFG(2.0), null_label=7), ValueError, "null_label must index"),
     "meta device": (dict(device="meta"), ValueError, "device must hold data"),
     "zero batch in shape": (dict(shape=(0, 3, 8, 8)), ValueError, "shape must hold positive ints"),
+    "shape not a sequence": (dict(shape=2), TypeError, "shape must be a sequence"),
+    "string labels": (dict(labels="cat"), TypeError, "labels must be integer class indices"),
+    "negative labels": (dict(labels=[-1, 0]), ValueError, "labels must be non-negative"),
+    "schedule by name": (dict(schedule="cosine"), TypeError, "schedule must be a fastguide.NoiseSchedule"),
+    "numpy noise": (dict(noise=__import__("numpy").zeros((2, 3, 8, 8))), TypeError, "noise must be a floating tensor"),
+    "int generator": (dict(generator=42), TypeError, "generator must be a torch.Generator"),
 }
 
 
@@ -463,6 +469,42 @@ def test_bad_sampler_arguments_are_refused_before_any_forward(case):
     with pytest.raises(error, match=message):
         sample(model, kwargs.pop("shape"), **kwargs)
     assert not calls
+
+
+@pytest.mark.parametrize("model, kwargs, error, message", [
+    (lambda x, t: (x,), {}, TypeError, "model must return a tensor"),
+    (lambda x, t: x[:, :2], {}, ValueError, "model must return"),
+    (lambda x, t: torch.tanh(x), dict(sampler="ddpm", variance_type="learned_range"), ValueError,
+     "variance_type='learned_range' needs a model that outputs 2·3 channels"),
+])
+def test_bad_model_outputs_are_named(model, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        sample(model, (1, 3, 8, 8), steps=3, **kwargs)
+
+
+def test_a_model_returning_its_input_does_not_alias_the_step():
+    # The step writes the next input into the buffer the model read; an output that is that
+    # buffer is copied first, so the result equals that of a model returning a copy.
+    noise = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    same = sample(lambda x, t: x, (1, 3, 8, 8), steps=3, noise=noise, clip_denoised=False)
+    copy = sample(lambda x, t: x.clone(), (1, 3, 8, 8), steps=3, noise=noise, clip_denoised=False)
+    torch.testing.assert_close(same, copy, rtol=0, atol=0)
+
+
+def test_loop_dtype_follows_the_model():
+    model = tiny_cfg_unet().double()
+    got = sample(model, (1, 3, 8, 8), labels=[0], steps=2, noise=torch.randn(1, 3, 8, 8))
+    assert got.dtype == torch.float64
+
+
+def test_classifier_guidance_errors_name_the_classifier():
+    model = tiny_cfg_unet()
+    flat = ClassifierGuidance(lambda x, t: torch.zeros(len(x), 4), 1.0)
+    with pytest.raises(ValueError, match="does not depend on x"):
+        sample(model, (2, 3, 8, 8), labels=[0, 1], steps=2, guidance=flat)
+    few = ClassifierGuidance(lambda x, t: x.flatten(1)[:, :2], 1.0)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\) for the classifier's 2 classes"):
+        sample(model, (2, 3, 8, 8), labels=[0, 3], steps=2, guidance=few)
 
 
 @pytest.mark.parametrize("make, message", [
