@@ -7,6 +7,7 @@
 // m = f·(α_c·c + α_v·v) with per-sample scalars (kernels/guided_step.py derives them):
 //   CFG          α_c = 1, α_v = w − 1, f = 1
 //   CFG-Zero*    s* = ⟨c, u⟩/(‖u‖² + 1e-8), α_c = w + s*(1 − w), α_v = s*(w − 1)
+//   tangential   u ← (u·v₁)v₁ = β(a₀c + a₁u) from the 2×2 Gram matrix of [c; u] (kernels/guided_step.py)
 //   APG          k = min(1, τ/‖v‖), α_c = 1 + (w − 1)·k·(η − 1)·⟨v, c⟩/‖c‖², α_v = (w − 1)·k
 //   rescale      f = φ·std(c)/std(m₀) + 1 − φ
 // all from five sums S = [Σc, Σv, Σc², Σv², Σc·v] per sample. Then per element: x0 and
@@ -22,7 +23,7 @@
 
 namespace fastguide {
 
-enum GuidedStats : int { kStatsNone = 0, kStatsZeroStar = 1, kStatsApg = 2, kStatsPlain = 3 };
+enum GuidedStats : int { kStatsNone = 0, kStatsZeroStar = 1, kStatsApg = 2, kStatsPlain = 3, kStatsTangential = 4 };
 constexpr int kStatsPerSample = 5;  // Σc, Σv, Σc², Σv², Σc·v
 constexpr int kMaxParts = 32;       // partial sums per sample written by the stats pass
 
@@ -31,7 +32,7 @@ constexpr int kMaxParts = 32;       // partial sums per sample written by the st
 // float[] straight into these structs, so their order is the Python types' order (a test
 // compares the two).
 struct StepScalars {
-  float alpha, sigma, k_x, k_x0, k_eps, k_noise, k_grad, grad_eps_scale;
+  float alpha, sigma, k_x, k_x0, k_eps, k_noise, k_grad, grad_eps_scale, k_guide_eps;
 };
 struct CombineScalars {
   float scale, rescale, apg_eta, apg_norm_threshold, apg_momentum;
@@ -99,6 +100,17 @@ FG_HOST_DEVICE SampleCoefficients sample_coefficients(const GuidedStepParams& p,
     const double s_star = (s_cc - s_cv) / (s_cc - 2.0 * s_cv + s_vv + 1e-8);
     alpha_c = w + s_star * (1.0 - w);
     alpha_v = s_star * (w - 1.0);
+  } else if (p.stats == kStatsTangential) {
+    // u ← (u·v₁)v₁ = β(a₀c + a₁u), (a₀, a₁) the top eigenvector of [[c·c, c·u], [c·u, u·u]].
+    const double cu = s_cc - s_cv, uu = s_cc - 2.0 * s_cv + s_vv;
+    const double half_gap = 0.5 * (s_cc - uu);
+    const double top = 0.5 * (s_cc + uu) + sqrt(half_gap * half_gap + cu * cu);
+    const double a0 = half_gap >= 0.0 ? top - uu : cu;  // the better-conditioned of the two forms
+    const double a1 = half_gap >= 0.0 ? cu : top - s_cc;
+    const double denominator = top * (a0 * a0 + a1 * a1);
+    const double beta = denominator > 0.0 ? (a0 * cu + a1 * uu) / denominator : 0.0;
+    alpha_c = w + (1.0 - w) * beta * (a0 + a1);
+    alpha_v = -(1.0 - w) * beta * a1;
   } else if (p.stats == kStatsApg) {
     double clip = 1.0;
     if (p.combine.apg_norm_threshold > 0.0f) {
@@ -179,6 +191,12 @@ FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const Sampl
   if (p.step.k_x != 0.0f) x_next += p.step.k_x * in.x;
   if (p.step.k_x0 != 0.0f) x_next += p.step.k_x0 * x0;
   if (p.step.k_eps != 0.0f) x_next += p.step.k_eps * eps;
+  if (p.guided && p.step.k_guide_eps != 0.0f) {  // CFG++: renoise with the guiding prediction's own eps
+    const float guide_eps = p.prediction_type == kEpsilon        ? in.u
+                            : p.prediction_type == kVPrediction ? p.step.sigma * in.x + p.step.alpha * in.u
+                                                                 : (in.x - p.step.alpha * in.u) * p.inv_sigma;
+    x_next += p.step.k_guide_eps * guide_eps;
+  }
   float noise_coef = p.step.k_noise, grad_coef = p.step.k_grad;
   if (p.learned_var) {
     // ADM's learned range: ℓ = frac·max + (1 − frac)·min, frac = (v + 1)/2.

@@ -6,6 +6,9 @@ for APG, the running difference r = c − u + momentum·buffer), every guidance 
 is m = f·(α_c·c + α_v·v) with per-sample scalars:
   CFG            α_c = 1, α_v = w − 1, f = 1
   CFG-Zero*      s* = ⟨c, u⟩/(‖u‖² + 1e-8),  α_c = w + s*(1 − w),  α_v = s*(w − 1)
+  tangential     u ← (u·v₁)v₁ = β(a₀c + a₁u), (a₀, a₁) the top eigenvector of the Gram matrix
+                 [[c·c, c·u], [c·u, u·u]] (eigenvalue λ), β = (a₀ c·u + a₁ u·u)/(λ‖a‖²):
+                 α_c = w + (1 − w)β(a₀ + a₁),  α_v = −(1 − w)β·a₁
   APG            k = min(1, τ/‖r‖),  α_c = 1 + (w − 1)·k·(η − 1)·⟨r, c⟩/‖c‖²,  α_v = (w − 1)·k
   CFG rescale    f = φ·std(c)/std(m₀) + 1 − φ, with m₀ = α_c·c + α_v·v
 The per-sample scalars need only five sums S = [Σc, Σv, Σc², Σv², Σc·v]: with
@@ -126,6 +129,17 @@ def _sample_coefficients(
             clip = tl.minimum(clip, tl.cast(apg_norm_threshold, tl.float64) / tl.sqrt(s_vv))
         alpha_c = 1.0 + (w64 - 1.0) * clip * (tl.cast(apg_eta, tl.float64) - 1.0) * s_cv / tl.maximum(s_cc, 1e-24)
         alpha_v = (w64 - 1.0) * clip
+    elif STATS == 4:  # tangential CFG: u ← (u·v₁)v₁ = β·(a₀c + a₁u), a the top eigenvector of [c; u]'s Gram
+        cu = s_cc - s_cv
+        uu = s_cc - 2.0 * s_cv + s_vv
+        half_gap = 0.5 * (s_cc - uu)
+        top = 0.5 * (s_cc + uu) + tl.sqrt(half_gap * half_gap + cu * cu)
+        a0 = tl.where(half_gap >= 0.0, top - uu, cu)  # the better-conditioned of the two forms
+        a1 = tl.where(half_gap >= 0.0, cu, top - s_cc)
+        denominator = top * (a0 * a0 + a1 * a1)
+        beta = tl.where(denominator > 0.0, (a0 * cu + a1 * uu) / denominator, 0.0)
+        alpha_c = w64 + (1.0 - w64) * beta * (a0 + a1)
+        alpha_v = -(1.0 - w64) * beta * a1
     else:  # plain CFG, here only for CFG rescale
         alpha_c = tl.full([], 1.0, tl.float64)
         alpha_v = w64 - 1.0
@@ -150,7 +164,7 @@ def _guided_step_kernel(
     # GuidanceCombine's scalars, by name
     scale, rescale, apg_eta, apg_norm_threshold, apg_momentum,
     # StepCoefficients' scalars, by name, and the prediction type's linear maps
-    alpha, sigma, k_x, k_x0, k_eps, k_noise, k_grad, grad_eps_scale,
+    alpha, sigma, k_x, k_x0, k_eps, k_noise, k_grad, grad_eps_scale, k_guide_eps,
     inv_alpha, inv_sigma,
     k_h0, k_h1, k_h2, k_h3, log_var_min, log_var_max,
     GUIDED: tl.constexpr, STATS: tl.constexpr, RESCALE: tl.constexpr, APG_MOMENTUM: tl.constexpr,
@@ -209,6 +223,14 @@ def _guided_step_kernel(
         x_next += k_x0 * x0
     if k_eps != 0.0:
         x_next += k_eps * eps
+    if GUIDED:
+        if k_guide_eps != 0.0:  # CFG++: renoise with the guiding prediction's own eps
+            if PREDICTION == 0:
+                x_next += k_guide_eps * u
+            elif PREDICTION == 1:
+                x_next += k_guide_eps * (sigma * x + alpha * u)
+            else:
+                x_next += k_guide_eps * ((x - alpha * u) * inv_sigma)
     if LEARNED_VAR:
         var_values = tl.load(mo_ptr + var_offset + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
         frac = (var_values + 1.0) * 0.5

@@ -158,6 +158,17 @@ CASES = {
         step=dict(k_x0=0.8, k_eps=0.5),
     ),
     "apg-rescale-2b-out": dict(combine=G(6.0, rescale=0.5, variant="apg"), step=dict(k_x0=0.8, k_eps=0.5), out_2b=True),
+    "tangential": dict(combine=G(5.0, variant="tangential"), step=dict(k_x0=0.8, k_eps=0.5)),
+    "cfgpp-renoise-v": dict(combine=G(0.6), step=dict(prediction_type="v_prediction", k_x0=0.8, k_guide_eps=0.5)),
+    "cfgpp-renoise-sample-guide-zero-star": dict(
+        combine=G(0.6, variant="zero_star"), step=dict(prediction_type="sample", k_x0=0.8, k_guide_eps=0.5), guide=True,
+    ),
+    "cfgpp-renoise-eps-learned": dict(
+        combine=G(0.8), step=dict(k_x0=0.7, k_guide_eps=0.6, k_noise=0.2, log_variance_range=(-5.0, -3.0)),
+        learned_variance=True,
+    ),
+    "tangential-rescale-guide": dict(combine=G(4.0, rescale=0.5, variant="tangential"), step=dict(k_x0=0.8, k_eps=0.5),
+                                     guide=True),
 }
 STEP_SHAPES = [(1, 3, (1, 1)), (2, 3, (7, 13)), (5, 4, (16, 16)), (2, 3, (32, 32)), (1, 4, (72, 72))]
 

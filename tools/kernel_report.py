@@ -188,6 +188,15 @@ def cases() -> list[Case]:
         gs.NUM_WARPS,
     ))
     out.append(Case(
+        "guided_step tangential+rescale fp16", gs._guided_step_kernel,
+        {"mo_ptr": "fp16", "uncond_ptr": "fp16", "x_ptr": "fp16", "h0_ptr": "fp16", "out_ptr": "fp16",
+         "x0_ptr": "fp16", "partial_ptr": "fp32"},
+        dict(GUIDED=True, STATS=4, RESCALE=True, APG_MOMENTUM=False, CLIP=True, GRAD_EPS=False,
+             PREDICTION=0, LEARNED_VAR=False, NUM_HISTORY=1, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
+             HAS_X0_OUT=True, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK),
+        gs.NUM_WARPS,
+    ))
+    out.append(Case(
         "guided_stats apg fp16", gs._guided_stats_kernel,
         {"mo_ptr": "fp16", "uncond_ptr": "fp16", "buf_ptr": "fp32", "partial_ptr": "fp32"},
         dict(APG_MOMENTUM=True, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK), gs.NUM_WARPS,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import tempfile
@@ -56,7 +57,8 @@ from .options import (
     parse_labels,
 )
 
-GUIDANCE = ("cfg", "classifier", "both", "none")
+GUIDANCE = ("cfg", "cfg++", "classifier", "both", "none")
+CFG_KINDS = ("cfg", "cfg++", "both")  # the kinds --schedule, --interval and --tangential apply to
 SEED_STRIDE = 1_000_003  # sample's batch i draws from seed * SEED_STRIDE + i
 
 
@@ -128,11 +130,16 @@ def load_sampling_model(name: str, checkpoint: Path | None, classifier_checkpoin
     return bundle
 
 
-def _guidance(kind: str, scale: float, classifier_scale: float, model: SamplingModel) -> tuple | None:
-    """The sampler's guidance specs for --guidance ``kind`` (checked by check_sample)."""
-    from ..sampling.guidance import CFG, ClassifierGuidance
+def _guidance(kind: str, scale: float, classifier_scale: float, model: SamplingModel,
+              cfg_options: dict | None = None) -> tuple | None:
+    """The sampler's guidance specs for --guidance ``kind`` (checked by check_sample);
+    ``cfg_options`` (schedule, interval, tangential) go to the CFG spec."""
+    from ..sampling.guidance import CFG, CFGPlusPlus, ClassifierGuidance
 
-    cfg = CFG(scale) if kind in ("cfg", "both") else None
+    cfg_options = cfg_options or {}
+    cfg = CFG(scale, **cfg_options) if kind in ("cfg", "both") else None
+    if kind == "cfg++":
+        cfg = CFGPlusPlus(scale, **cfg_options)
     clf = ClassifierGuidance(model.classifier, classifier_scale) if kind in ("classifier", "both") else None
     return tuple(g for g in (cfg, clf) if g is not None) or None
 
@@ -159,13 +166,13 @@ def save_grid(images: torch.Tensor, path: Path, columns: int, scale: int = 4) ->
 def generate(model: SamplingModel, labels: torch.Tensor, *, guidance_kind: str, scale: float,
              classifier_scale: float, sampler: str, steps: int, seed: int, batch_size: int,
              device: torch.device, precision: str = "fp32", rank: int = 0, world_size: int = 1,
-             progress: bool = False) -> dict[int, torch.Tensor]:
+             progress: bool = False, cfg_options: dict | None = None) -> dict[int, torch.Tensor]:
     """{batch index: samples} for this rank's batches (round-robin over ranks). Each batch
     draws from its own seed stream (seed, batch index), so any split of the batches across
     processes gives exactly the images of a single-process run."""
     from ..sampling.loop import sample
 
-    guidance = _guidance(guidance_kind, scale, classifier_scale, model)
+    guidance = _guidance(guidance_kind, scale, classifier_scale, model, cfg_options)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     out = {}
     for index in range(rank, -(-len(labels) // batch_size), world_size):
@@ -210,6 +217,7 @@ def check_sample(args: argparse.Namespace) -> None:
     check_steps(args.steps, model_schedule(args.model), args.model)
     check_scale("--scale", args.scale)
     check_scale("--classifier-scale", args.classifier_scale)
+    _check_cfg_options(args)
     batches = -(-args.num_samples // args.batch_size)
     check_seed("--seed", args.seed, high=(SEED_LIMIT + 1 - batches) // SEED_STRIDE)
     args.label_ids = parse_labels(args.labels, args.num_samples, 1000 if adm else digits.NUM_CLASSES)
@@ -219,6 +227,30 @@ def check_sample(args: argparse.Namespace) -> None:
     if args.npz is not None:
         check_output_file("--npz", npz_path(args.npz))
     _check_sample_weights(args, adm)
+
+
+def _check_cfg_options(args: argparse.Namespace) -> None:
+    """--guidance cfg++, --schedule, --interval and --tangential; sets args.cfg_options."""
+    if args.guidance == "cfg++":
+        if args.scale > 1:
+            raise UsageError("--scale", f"expected CFG++'s λ in [0, 1] with --guidance cfg++, got {args.scale}")
+        if args.sampler not in ("ddim", "euler"):
+            raise UsageError("--sampler", f"--guidance cfg++ is built for ddim and euler, got {args.sampler}")
+        if args.tangential:
+            raise UsageError("--tangential", "applies to --guidance cfg or both, not cfg++")
+    given = [name for name, on in (("--schedule", args.schedule != "constant"), ("--interval", args.interval),
+                                   ("--tangential", args.tangential)) if on]
+    if given and args.guidance not in CFG_KINDS:
+        raise UsageError(given[0], f"applies to --guidance {', '.join(CFG_KINDS)}, got --guidance {args.guidance}")
+    options: dict = {"schedule": args.schedule}
+    if args.interval:
+        low, high = args.interval
+        if not (math.isfinite(low) and math.isfinite(high) and 0 <= low < high):
+            raise UsageError("--interval", f"expected LOW HIGH with 0 <= LOW < HIGH (EDM's σ̃), got {low} {high}")
+        options["interval"] = (low, high)
+    if args.tangential:
+        options["tangential"] = True
+    args.cfg_options = options
 
 
 def _check_sample_weights(args: argparse.Namespace, adm: bool) -> None:
@@ -236,7 +268,7 @@ def _check_sample_weights(args: argparse.Namespace, adm: bool) -> None:
         check_weights_file("--classifier-checkpoint", args.classifier_checkpoint)
     if not adm:
         return  # the digits model has a null class and a classifier
-    if args.guidance in ("cfg", "both") and not unet_config(args.model).get("null_class", False):
+    if args.guidance in CFG_KINDS and not unet_config(args.model).get("null_class", False):
         raise UsageError("--guidance", f"{args.guidance} needs a model with a null class, and the released ADM "
                                        "models have none: use --guidance classifier or none")
     if args.guidance in ("classifier", "both") and args.classifier_checkpoint is None:
@@ -251,7 +283,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         batches = generate(model, args.label_ids, guidance_kind=args.guidance, scale=args.scale,
                            classifier_scale=args.classifier_scale, sampler=args.sampler, steps=args.steps,
                            seed=args.seed, batch_size=args.batch_size, device=device, precision=args.precision,
-                           rank=rank, world_size=world_size, progress=not args.quiet and rank == 0)
+                           rank=rank, world_size=world_size, progress=not args.quiet and rank == 0,
+                           cfg_options=args.cfg_options)
     if world_size > 1:
         import torch.distributed as dist
 
@@ -373,7 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp16: ADM's use_fp16 (convolutions in fp16); bf16: autocast (default: fp32)")
     s.add_argument("--labels", default="0-9", help="class, range (0-9) or list (1,4,7), cycled (default: 0-9)")
     s.add_argument("--guidance", choices=GUIDANCE, default="cfg",
-                   help="classifier-free (cfg), classifier, both or none (default: cfg)")
+                   help="classifier-free (cfg), CFG++ (cfg++, λ = --scale in [0, 1], ddim or euler), "
+                        "classifier, both or none (default: cfg)")
+    s.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="constant",
+                   help="guidance weight over the steps (Wang et al. 2024; default: constant)")
+    s.add_argument("--interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="guide only where EDM's σ̃ lies in [LOW, HIGH] (Kynkäänniemi et al. 2024)")
+    s.add_argument("--tangential", action="store_true",
+                   help="tangential damping CFG (TCFG, Kwon et al. 2025) with --guidance cfg or both")
     s.add_argument("--scale", type=float, default=2.0,
                    help="CFG scale w >= 0; 1 = the conditional model, 0 = unconditional (default: 2)")
     s.add_argument("--classifier-scale", type=float, default=4.0, help="classifier guidance scale >= 0 (default: 4)")

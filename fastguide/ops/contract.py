@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, Optional
 from torch import Tensor
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-COMBINE_VARIANTS = ("cfg", "zero_star", "apg")
+COMBINE_VARIANTS = ("cfg", "zero_star", "apg", "tangential")
 # The fused kernels read the history through this many pointer slots (a solver of order
 # 3 needs 2 or 3); the reference has no limit, the contract has this one for all backends.
 MAX_HISTORY = 4
@@ -46,7 +46,9 @@ class StepCoefficients(NamedTuple):
       clip_denoised: x0 ← clamp(x0, −1, 1), eps re-derived from it;
       grad_eps_scale ≠ 0: eps ← eps − grad_eps_scale·grad, x0 re-derived (ADM's order);
       x_next = k_x·x + k_x0·x0 + k_eps·eps + Σᵢ k_history[i]·history[i]
-               + k_noise'·noise + k_grad'·grad,
+               + k_noise'·noise + k_grad'·grad + k_guide_eps·eps_u,
+    where eps_u is the eps of the guiding prediction u itself (CFG++'s renoising, Chung et
+    al. 2024), by the same prediction-type map;
     with k_noise' = k_noise·exp(ℓ/2) and k_grad' = k_grad·exp(ℓ) for ADM's learned log
     variance ℓ when log_variance_range = (min, max) is given, else k_noise and k_grad.
     """
@@ -59,6 +61,7 @@ class StepCoefficients(NamedTuple):
     k_noise: float = 0.0
     k_grad: float = 0.0
     grad_eps_scale: float = 0.0
+    k_guide_eps: float = 0.0
     k_history: tuple[float, ...] = ()
     prediction_type: str = "epsilon"
     clip_denoised: bool = False
@@ -72,6 +75,8 @@ class GuidanceCombine(NamedTuple):
       "zero_star":  CFG-Zero* (Fan et al. 2025): u ← s*·u first, s* = ⟨c, u⟩/(‖u‖² + 1e-8)
       "apg":        adaptive projected guidance (Sadat et al. 2024) with apg_eta,
                     apg_norm_threshold (0 = off) and apg_momentum (state in apg_buffer)
+      "tangential": tangential damping CFG (TCFG, Kwon et al. 2025): u ← (u·v₁)·v₁ first,
+                    v₁ the top right-singular vector of the per-sample 2×D matrix [c; u]
     then, when rescale = φ > 0, CFG rescale (Lin et al. 2023):
       m ← φ·m·std(c)/std(m) + (1 − φ)·m.
     """

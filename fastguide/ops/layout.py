@@ -16,7 +16,7 @@ from torch import Tensor
 from .contract import GuidanceCombine
 
 # Per-sample reduction a guided_step variant needs before its elementwise pass.
-STATS_NONE, STATS_ZERO_STAR, STATS_APG, STATS_PLAIN = 0, 1, 2, 3
+STATS_NONE, STATS_ZERO_STAR, STATS_APG, STATS_PLAIN, STATS_TANGENTIAL = 0, 1, 2, 3, 4
 
 
 def guidance_stats(combine: GuidanceCombine | None) -> int:
@@ -27,6 +27,8 @@ def guidance_stats(combine: GuidanceCombine | None) -> int:
         return STATS_ZERO_STAR
     if combine.variant == "apg":
         return STATS_APG
+    if combine.variant == "tangential":
+        return STATS_TANGENTIAL
     return STATS_PLAIN if combine.rescale > 0 else STATS_NONE
 
 

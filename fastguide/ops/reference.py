@@ -133,6 +133,22 @@ def _cfg_zero_star_uncond(cond: Tensor, uncond: Tensor) -> Tensor:
     return s_star * uncond
 
 
+def _tangential_uncond(cond: Tensor, uncond: Tensor) -> Tensor:
+    """TCFG (Kwon et al. 2025): u projected onto v₁, the top right-singular vector of the
+    per-sample matrix [c; u] (2 × every non-batch element), u ← (u·v₁)·v₁ (as diffusers'
+    ``TangentialClassifierFreeGuidance``)."""
+    # In float64: a float32 SVD of a nearly rank-1 [c; u] loses more than the kernels do.
+    stacked = torch.stack([cond, uncond], dim=1).flatten(2).double()
+    # A sample holding NaN or ±inf has no singular vectors (LAPACK may not converge): it
+    # is NaN, as the whole-sample reductions of the kernels give.
+    finite = torch.isfinite(stacked).all(dim=2).all(dim=1).reshape(-1, 1, 1)
+    _, _, vh = torch.linalg.svd(torch.where(finite, stacked, 0.0), full_matrices=False)
+    top = vh[:, :1]  # (N, 1, D)
+    along = (stacked[:, 1:] * top).sum(-1, keepdim=True)
+    projected = torch.where(finite, along * top, float("nan"))
+    return projected.reshape(uncond.shape).to(uncond.dtype)
+
+
 def _apg_guided(cond: Tensor, diff: Tensor, combine: GuidanceCombine, buffer: Tensor | None) -> Tensor:
     """Adaptive projected guidance (Sadat et al. 2024, Algorithm 1).
 
@@ -173,11 +189,14 @@ def guided_prediction(
 ) -> Tensor:
     """The guided model prediction m from the cond and uncond predictions (same dtype).
 
-    Plain CFG: m = u + w·(c − u). CFG-Zero* replaces u by s*·u first; APG replaces the
+    Plain CFG: m = u + w·(c − u). CFG-Zero* replaces u by s*·u, tangential CFG by its
+    projection onto the top singular direction of [c; u], first; APG replaces the
     combine by its projected form; CFG rescale is applied last to whichever m results.
     """
     if combine.variant == "zero_star":
         uncond = _cfg_zero_star_uncond(cond, uncond)
+    elif combine.variant == "tangential":
+        uncond = _tangential_uncond(cond, uncond)
     diff = cond - uncond
     if combine.variant == "apg":
         guided = _apg_guided(cond, diff, combine, apg_buffer)
@@ -227,7 +246,8 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
     4. grad_eps_scale ≠ 0: eps ← eps − grad_eps_scale·grad, x0 ← (x − sigma·eps)/alpha
        (ADM's classifier guidance for DDIM-like samplers; x0 is not clipped again).
     5. x_next = k_x·x + k_x0·x0 + k_eps·eps + Σᵢ k_history[i]·history[i] + k_noise'·noise
-       + k_grad'·grad, where k_noise' = k_noise·exp(ℓ/2) and k_grad' = k_grad·exp(ℓ) with
+       + k_grad'·grad + k_guide_eps·eps_u (eps_u: the eps of u by the prediction type's
+       map, CFG++'s renoising), where k_noise' = k_noise·exp(ℓ/2) and k_grad' = k_grad·exp(ℓ) with
        the learned log variance ℓ = frac·max + (1 − frac)·min, frac = (v + 1)/2, v the
        variance channels of the first B rows, when log_variance_range = (min, max) is
        given; otherwise k_noise' = k_noise and k_grad' = k_grad.
@@ -242,9 +262,12 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
     x_c = x.to(dtype)
 
     m = model_output[:batch, :channels].to(dtype)
+    guide_eps = None
     if combine is not None:
-        uncond = model_output[batch:] if tensors.guide is None else tensors.guide
-        m = guided_prediction(m, uncond[:, :channels].to(dtype), combine, tensors.apg_buffer)
+        uncond = (model_output[batch:] if tensors.guide is None else tensors.guide)[:, :channels].to(dtype)
+        if step.k_guide_eps != 0.0:
+            _, guide_eps = denoised_and_eps(uncond, x_c, step.alpha, step.sigma, step.prediction_type)
+        m = guided_prediction(m, uncond, combine, tensors.apg_buffer)
 
     alpha, sigma = step.alpha, step.sigma
     x0, eps = denoised_and_eps(m, x_c, alpha, sigma, step.prediction_type)
@@ -276,6 +299,7 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
             *history_terms,
             (noise_coef, None if tensors.noise is None else tensors.noise.to(dtype)),
             (grad_coef, grad),
+            (step.k_guide_eps, guide_eps),
         ],
         like=x_c,
     )

@@ -292,6 +292,8 @@ def check_step_tensors(
     if check_memory:
         _check_aliasing(tensors, x_shaped)
 
+    if step.k_guide_eps != 0 and combine is None:
+        raise ValueError(f"step.k_guide_eps is {step.k_guide_eps} but there is no guiding prediction (combine is None)")
     needs = [("step.k_noise", step.k_noise, "noise"), ("step.k_grad", step.k_grad, "grad"),
              ("step.grad_eps_scale", step.grad_eps_scale, "grad")]
     if combine is not None:

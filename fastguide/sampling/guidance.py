@@ -1,10 +1,16 @@
 """Guidance specifications: what the sampler feeds the combine step of ops.guided_step.
 
-- ``CFG(scale, rescale=0, interval=None, apg=None, zero_star=False)``: classifier-free
-  guidance on one batched forward of [cond; uncond], m = u + w·(c − u), with CFG rescale
-  (Lin et al. 2023), a guidance interval in EDM's σ̃ (Kynkäänniemi et al. 2024: outside
-  it the forward runs on the conditional half only), adaptive projected guidance (Sadat
-  et al. 2024) or CFG-Zero*'s optimised unconditional scale (Fan et al. 2025).
+- ``CFG(scale, rescale=0, interval=None, apg=None, zero_star=False, tangential=False)``:
+  classifier-free guidance on one batched forward of [cond; uncond], m = u + w·(c − u),
+  with CFG rescale (Lin et al. 2023), a guidance interval in EDM's σ̃ (Kynkäänniemi et
+  al. 2024: outside it the forward runs on the conditional half only), and one of
+  adaptive projected guidance (Sadat et al. 2024), CFG-Zero*'s optimised unconditional
+  scale (Fan et al. 2025) or tangential damping (TCFG, Kwon et al. 2025: u projected onto
+  the top singular direction of [c; u], computed in the fused step's reduction pass);
+  ``schedule`` varies the weight over the steps ("linear", "cosine": Wang et al. 2024, or
+  a callable of σ̃), evaluated per step on the host as a scalar into the op.
+- ``CFGPlusPlus(scale)``: CFG++ (Chung et al. 2024), λ ∈ [0, 1]: x0 from the guided
+  prediction, the renoising from the unconditional one (``k_guide_eps`` of the step).
 - ``ClassifierGuidance(classifier, scale)``: the gradient of log p(y | x_t) through a
   noisy classifier, applied as ADM does: a mean shift Σ·s·∇ for ancestral sampling, an
   eps shift −σ_t·s·∇ for the others.
@@ -14,12 +20,15 @@ Both may be given together.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..ops.contract import GuidanceCombine
+
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,8 @@ class CFG:
     interval: tuple[float, float] | None = None
     apg: APG | None = None
     zero_star: bool = False
+    tangential: bool = False
+    schedule: str | Callable[[float], float] = "constant"
 
     def __post_init__(self):
         _check_real("CFG scale", self.scale)
@@ -58,24 +69,59 @@ class CFG:
                     f"CFG interval must be a pair (sigma_low, sigma_high) of numbers with 0 <= low < high, "
                     f"got {self.interval!r}"
                 )
+        if not callable(self.schedule) and self.schedule not in SCHEDULES:
+            raise ValueError(f"CFG schedule must be one of {SCHEDULES} or a callable of σ̃, got {self.schedule!r}")
         if self.apg is not None and not isinstance(self.apg, APG):
             raise TypeError(f"CFG apg must be a fastguide.APG or None, got {type(self.apg).__name__}")
-        if not isinstance(self.zero_star, bool):
-            raise TypeError(f"CFG zero_star must be a bool, got {type(self.zero_star).__name__}")
-        if self.apg is not None and self.zero_star:
-            raise ValueError("CFG takes apg or zero_star, not both")
+        for name in ("zero_star", "tangential"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"CFG {name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if (self.apg is not None) + self.zero_star + self.tangential > 1:
+            raise ValueError("CFG takes at most one of apg, zero_star and tangential: they are alternative combines")
 
     def active_at(self, edm_sigma: float) -> bool:
         """Whether guidance applies at noise level σ̃ (always, without an interval)."""
         return self.interval is None or self.interval[0] <= edm_sigma <= self.interval[1]
 
-    def combine(self) -> GuidanceCombine:
-        """The combine settings of ops.guided_step for this spec."""
+    def scale_at(self, edm_sigma: float, progress: float) -> float:
+        """The guidance weight at noise level σ̃, ``progress`` being the normalised diffusion
+        time τ = t/(T − 1) (1 at pure noise). Wang et al. 2024's schedules act on w − 1 and
+        average to the constant one over τ: "linear" 1 + (w − 1)·2(1 − τ), "cosine"
+        1 + (w − 1)·(cos πτ + 1); a callable gets σ̃ and returns the weight itself."""
+        if callable(self.schedule):
+            weight = self.schedule(edm_sigma)
+            if not _is_real(weight):
+                raise ValueError(f"CFG schedule must return a finite number, got {weight!r} at σ̃ = {edm_sigma:.4g}")
+            return float(weight)
+        if self.schedule == "linear":
+            return 1.0 + (self.scale - 1.0) * 2.0 * (1.0 - progress)
+        if self.schedule == "cosine":
+            return 1.0 + (self.scale - 1.0) * (math.cos(math.pi * progress) + 1.0)
+        return self.scale
+
+    def combine(self, scale: float | None = None) -> GuidanceCombine:
+        """The combine settings of ops.guided_step for this spec (at weight ``scale``, by
+        default the spec's own)."""
+        scale = self.scale if scale is None else scale
         if self.apg is not None:
-            return GuidanceCombine(self.scale, self.rescale, apg_eta=self.apg.eta,
+            return GuidanceCombine(scale, self.rescale, apg_eta=self.apg.eta,
                                    apg_norm_threshold=self.apg.norm_threshold, apg_momentum=self.apg.momentum,
                                    variant="apg")
-        return GuidanceCombine(self.scale, self.rescale, variant="zero_star" if self.zero_star else "cfg")
+        variant = "zero_star" if self.zero_star else "tangential" if self.tangential else "cfg"
+        return GuidanceCombine(scale, self.rescale, variant=variant)
+
+
+@dataclass(frozen=True)
+class CFGPlusPlus(CFG):
+    """CFG++ (Chung et al. 2024) at λ = ``scale`` ∈ [0, 1]: x0 from the guided prediction
+    u + λ·(c − u), the renoising from the unconditional prediction alone. For DDIM
+    (the paper's Algorithm 1) x' = √ᾱ'·x̂0_λ + √(1 − ᾱ')·ε_∅; Euler's VP form is the same
+    update. Built for the "ddim" and "euler" samplers; the other CFG options apply."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.scale <= 1:
+            raise ValueError(f"CFGPlusPlus scale λ must be in [0, 1], got {self.scale}")
 
 
 @dataclass(frozen=True)
@@ -112,7 +158,7 @@ class ClassifierGuidance:
 def split_guidance(guidance) -> tuple[CFG | None, ClassifierGuidance | None]:
     """(cfg, classifier) from None, one spec, or a tuple/list of both."""
     items = [] if guidance is None else list(guidance) if isinstance(guidance, (tuple, list)) else [guidance]
-    cfg = [g for g in items if isinstance(g, CFG)]
+    cfg = [g for g in items if isinstance(g, CFG)]  # CFGPlusPlus included
     classifier = [g for g in items if isinstance(g, ClassifierGuidance)]
     if len(cfg) > 1 or len(classifier) > 1 or len(cfg) + len(classifier) != len(items):
         raise TypeError(

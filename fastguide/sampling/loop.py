@@ -20,7 +20,7 @@ from .. import ops
 from ..ops import validation
 from ..ops.contract import GuidanceCombine, StepCoefficients
 from . import cuda_graphs
-from .guidance import split_guidance
+from .guidance import CFGPlusPlus, split_guidance
 from .schedule import NoiseSchedule
 from .solvers import SAMPLERS, VARIANCE_TYPES, StepPlan, plan_steps
 
@@ -37,6 +37,7 @@ class _Call:
     t: int
     guided: bool  # CFG active at this call (its interval): the forward runs on 2B rows
     step: StepCoefficients
+    combine: GuidanceCombine | None  # the guidance at this call (its weight may be scheduled)
     # Imagen's dynamic thresholding: the first pass, computing the guided x0 only.
     x0_only: StepCoefficients | None = None
 
@@ -119,6 +120,8 @@ class GuidedSampler:
             _check_null_label(self.null_label, model, self.num_classes)
         if self.cfg is not None and self.null_label is None:
             raise ValueError("CFG needs a null label: use a model built with null_class=True, or pass null_label=")
+        if isinstance(self.cfg, CFGPlusPlus) and sampler not in ("ddim", "euler"):
+            raise ValueError(f"CFGPlusPlus is built for the 'ddim' and 'euler' samplers, got sampler={sampler!r}")
         if cuda_graph and self.classifier is not None:
             raise ValueError(
                 "cuda_graph=True cannot capture classifier guidance (its gradient runs autograd "
@@ -153,12 +156,20 @@ class GuidedSampler:
         step = plan.coefficients(self.schedule, prediction_type=self.prediction_type,
                                  clip_denoised=self.clip_denoised, learned_variance=learned_variance,
                                  classifier_scale=scale)
-        guided = self.cfg is not None and self.cfg.active_at(self.schedule.edm_sigma(plan.t))
+        edm_sigma = self.schedule.edm_sigma(plan.t)
+        guided = self.cfg is not None and self.cfg.active_at(edm_sigma)
+        combine = None
+        if guided and isinstance(self.cfg, CFGPlusPlus):
+            step = _cfg_plus_plus(step, self.schedule, plan)
+        if guided:
+            progress = plan.t / max(1, self.schedule.num_timesteps - 1)
+            combine = self.cfg.combine(self.cfg.scale_at(edm_sigma, progress))
+            validation.check_combine(combine)
         if self.dynamic_threshold is None:
-            return _Call(plan.t, guided, step)
+            return _Call(plan.t, guided, step, combine)
         # The thresholded x0 replaces the prediction: the step then reads it as "sample".
         x0_only = StepCoefficients(step.alpha, step.sigma, k_x0=1.0, prediction_type=self.prediction_type)
-        return _Call(plan.t, guided, step._replace(prediction_type="sample", clip_denoised=False), x0_only)
+        return _Call(plan.t, guided, step._replace(prediction_type="sample", clip_denoised=False), combine, x0_only)
 
     @property
     def num_calls(self) -> int:
@@ -304,7 +315,7 @@ class GuidedSampler:
 
         ring = buffers.x0
         history = tuple(ring[(i - 1 - j) % len(ring)] for j in range(len(call.step.k_history)))
-        combine = self.combine if call.guided else None
+        combine = call.combine
         grad = None
         if call.step.k_grad or call.step.grad_eps_scale:
             grad = self.classifier.gradient(x, t_in[:batch], labels_in[:batch])
@@ -395,6 +406,15 @@ class GuidedSampler:
             for i in range(self.num_calls)
         ]
         return buffers, graphs
+
+
+def _cfg_plus_plus(step: StepCoefficients, schedule: NoiseSchedule, plan: StepPlan) -> StepCoefficients:
+    """A DDIM or Euler step in CFG++'s form: x' = α'·x0 + k·ε_u, the renoising from the
+    unconditional prediction's eps (k = √(1 − ᾱ' − σ_η²) for DDIM, σ' for Euler's VP form,
+    where x' = α'·(x0 + σ̃'·ε))."""
+    alpha_next, sigma_next = schedule.alpha_sigma(plan.t_next) if plan.t_next >= 0 else (1.0, 0.0)
+    renoise = step.k_eps if step.k_x == 0 else sigma_next  # DDIM carries it in k_eps already
+    return step._replace(k_x=0.0, k_x0=alpha_next, k_eps=0.0, k_guide_eps=renoise)
 
 
 def _is_real(value: object) -> bool:

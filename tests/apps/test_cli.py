@@ -107,6 +107,13 @@ SAMPLE = ["sample", "--out", "x.png", "--quiet"]
     (["--sampler", "bogus"], "--sampler: invalid choice: 'bogus'"),
     (["--guidance", "bogus"], "--guidance: invalid choice: 'bogus'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--guidance", "cfg++", "--scale", "2"], "--scale: expected CFG++'s λ in [0, 1] with --guidance cfg++, got 2.0"),
+    (["--guidance", "cfg++", "--scale", "0.5"], "--sampler: --guidance cfg++ is built for ddim and euler"),
+    (["--guidance", "none", "--schedule", "linear"], "--schedule: applies to --guidance cfg, cfg++, both"),
+    (["--guidance", "classifier", "--tangential"], "--tangential: applies to --guidance cfg, cfg++, both"),
+    (["--interval", "3", "1"], "--interval: expected LOW HIGH with 0 <= LOW < HIGH"),
+    (["--interval", "nan", "1"], "--interval: expected LOW HIGH with 0 <= LOW < HIGH"),
+    (["--schedule", "exponential"], "--schedule: invalid choice: 'exponential'"),
 ])
 def test_sample_refuses_bad_options(workdir, capsys, options, message):
     fails_with(capsys, workdir, [*SAMPLE, *options], message)
@@ -358,3 +365,20 @@ def test_frechet_distance_of_known_gaussians():
     # ‖μ‖² + tr(I + 4I − 2·2I) = 1 + 3·(1 + 4 − 4) = 4
     assert frechet_distance(a, b) == pytest.approx(4.0, abs=0.15)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_guidance_options_reach_the_sampler(workdir, monkeypatch):
+    from fastguide import CFG, CFGPlusPlus
+
+    seen = []
+
+    def generate(model, labels, **options):
+        seen.append(cli._guidance(options["guidance_kind"], options["scale"], options["classifier_scale"], model,
+                                  options["cfg_options"]))
+        return {0: torch.zeros(len(labels), *model.shape)}
+
+    monkeypatch.setattr(cli, "generate", generate)
+    assert cli.main([*SAMPLE, "--schedule", "cosine", "--interval", "0.2", "5", "--tangential"]) == 0
+    assert cli.main([*SAMPLE, "--guidance", "cfg++", "--scale", "0.6", "--sampler", "euler"]) == 0
+    assert seen[0] == (CFG(2.0, interval=(0.2, 5.0), tangential=True, schedule="cosine"),)
+    assert seen[1] == (CFGPlusPlus(0.6, schedule="constant"),)

@@ -216,6 +216,24 @@ def test_apg_matches_sadat_et_al_over_two_steps():
         torch.testing.assert_close(buffer, running)
 
 
+def test_tangential_cfg_matches_kwon_et_al_and_diffusers():
+    # TCFG: u ← (u·v₁)v₁ with v₁ the top right-singular vector of the per-sample [c; u].
+    from diffusers.guiders.tangential_classifier_free_guidance import normalized_guidance
+
+    cond, uncond = randn(3, 4, 6, 6, seed=0), randn(3, 4, 6, 6, seed=1) * 0.7 + 0.3 * randn(3, 4, 6, 6, seed=0)
+    w = 5.0
+    expected = torch.empty_like(cond)
+    for b in range(3):  # written out per sample from the SVD
+        a = torch.stack([cond[b].flatten(), uncond[b].flatten()])
+        v1 = torch.linalg.svd(a, full_matrices=False).Vh[0]
+        projected = (uncond[b].flatten() @ v1) * v1
+        expected[b] = (projected + w * (cond[b].flatten() - projected)).reshape(cond[b].shape)
+    got = reference.guided_prediction(cond, uncond, GuidanceCombine(w, variant="tangential"))
+    torch.testing.assert_close(got, expected)
+    peer = normalized_guidance(cond.float(), uncond.float(), w)
+    torch.testing.assert_close(got.float(), peer, atol=2e-5, rtol=2e-5)
+
+
 def test_apg_without_projection_or_clipping_is_cfg():
     cond, uncond = randn(2, 3, 5, 5, seed=0), randn(2, 3, 5, 5, seed=1)
     torch.testing.assert_close(

@@ -252,3 +252,9 @@ def test_guided_step_history_must_be_a_sequence():
 def test_group_norm_one_value_per_group_is_refused():
     with pytest.raises(ValueError, match="1 value per group"):
         ops.group_norm(torch.randn(2, 4, 1, 1), 4)
+
+
+def test_guided_step_renoise_term_needs_a_guiding_prediction():
+    model_output, x = step_inputs(rows=2)
+    with pytest.raises(ValueError, match="step.k_guide_eps is 0.5 but there is no guiding prediction"):
+        ops.guided_step(model_output, x, STEP._replace(k_guide_eps=0.5))

@@ -369,7 +369,7 @@ def test_samples_agree_between_backends(backend):
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("guidance", [None, CFG(2.0), CFG(5.0, rescale=0.7, interval=(0.3, 5.0)),
                                       CFG(4.0, apg=APG(eta=0.0, norm_threshold=2.0, momentum=-0.5)),
-                                      CFG(3.0, zero_star=True)], ids=str)
+                                      CFG(3.0, zero_star=True), CFG(4.0, rescale=0.5, tangential=True)], ids=str)
 def test_every_sampler_and_guidance_runs_and_is_reproducible(sampler, guidance):
     model = tiny_cfg_unet()
     run = lambda: sample(model, (2, 3, 8, 8), labels=torch.tensor([0, 2]), sampler=sampler, steps=3,  # noqa: E731
@@ -512,6 +512,7 @@ def test_classifier_guidance_errors_name_the_classifier():
     (lambda: CFG(2.0, rescale=1.5), r"CFG rescale must be in \[0, 1\]"),
     (lambda: CFG(2.0, interval=(1.0, 2.0, 3.0)), "CFG interval must be a pair"),
     (lambda: CFG(2.0, interval="ab"), "CFG interval must be a pair"),
+    (lambda: CFG(2.0, zero_star=True, tangential=True), "at most one of apg, zero_star and tangential"),
     (lambda: APG(norm_threshold=-1.0), "APG norm_threshold must be non-negative"),
     (lambda: ClassifierGuidance(torch.nn.Identity(), math.nan), "ClassifierGuidance scale must be a finite"),
 ])
@@ -530,6 +531,66 @@ def test_fresh_model_with_rescale_samples_without_nan():
     assert torch.isfinite(got).all()
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine", lambda sigma: 1.0 + 2.0 / (1.0 + sigma)])
+def test_guidance_weight_schedules_equal_a_written_out_ddim_loop(schedule):
+    # The weight is evaluated per step on the host (Wang et al. 2024 act on w − 1, τ = t/(T − 1)).
+    w, timesteps = 4.0, [999, 700, 400, 100]
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def model(x, t, y):
+        y, t = (v.double().reshape(-1, 1, 1, 1) for v in (y, t))
+        return torch.tanh(0.5 * x + 0.1 * y) * (0.3 + t / 2000)
+
+    got = sample(model, noise.shape, labels=torch.tensor([1, 2]), sampler="ddim", steps=timesteps, noise=noise,
+                 guidance=CFG(w, schedule=schedule), null_label=0)
+    x = noise.clone()
+    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
+        abar, abar_prev = SCHEDULE.alpha_bar(t), SCHEDULE.alpha_bar(t_prev)
+        sigma_edm, tau = math.sqrt((1 - abar) / abar), t / 999
+        weight = {"linear": 1 + (w - 1) * 2 * (1 - tau), "cosine": 1 + (w - 1) * (math.cos(math.pi * tau) + 1)}.get(
+            schedule, None) if isinstance(schedule, str) else schedule(sigma_edm)
+        out = model(torch.cat([x, x]), torch.full((4,), t), torch.tensor([1, 2, 0, 0]))
+        eps = out[2:] + weight * (out[:2] - out[2:])
+        x0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
+        eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
+        x = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * eps
+    torch.testing.assert_close(got, x)
+
+
+def test_cfg_plus_plus_on_ddim_is_the_papers_algorithm_and_euler_is_the_same_update():
+    # Chung et al. 2024, Algorithm 1: x̂_λ = (x − √(1−ᾱ)·ε_λ)/√ᾱ, x' = √ᾱ'·x̂_λ + √(1−ᾱ')·ε_∅.
+    lam, timesteps = 0.6, [999, 650, 300, 50]
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def model(x, t, y):
+        y, t = (v.double().reshape(-1, 1, 1, 1) for v in (y, t))
+        return torch.tanh(0.5 * x - 0.2 * y) * (0.4 + t / 1500)
+
+    kwargs = dict(labels=torch.tensor([1, 2]), steps=timesteps, noise=noise, guidance=fastguide.CFGPlusPlus(lam),
+                  null_label=0, clip_denoised=False)
+    ddim = sample(model, noise.shape, sampler="ddim", **kwargs)
+    x = noise.clone()
+    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
+        abar, abar_prev = SCHEDULE.alpha_bar(t), SCHEDULE.alpha_bar(t_prev)
+        out = model(torch.cat([x, x]), torch.full((4,), t), torch.tensor([1, 2, 0, 0]))
+        eps_c, eps_u = out[:2], out[2:]
+        x0 = (x - math.sqrt(1 - abar) * (eps_u + lam * (eps_c - eps_u))) / math.sqrt(abar)
+        x = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * eps_u
+    torch.testing.assert_close(ddim, x)
+    torch.testing.assert_close(sample(model, noise.shape, sampler="euler", **kwargs), ddim)
+    with pytest.raises(ValueError, match="CFGPlusPlus is built for the 'ddim' and 'euler' samplers"):
+        sample(model, noise.shape, sampler="dpm++2m", **kwargs)
+    with pytest.raises(ValueError, match=r"CFGPlusPlus scale λ must be in \[0, 1\]"):
+        fastguide.CFGPlusPlus(3.0)
+
+
+def test_bad_guidance_schedules_are_refused():
+    with pytest.raises(ValueError, match="CFG schedule must be one of"):
+        CFG(2.0, schedule="exponential")
+    with pytest.raises(ValueError, match="CFG schedule must return a finite number"):
+        GuidedSampler(lambda x, t, y: x, guidance=CFG(2.0, schedule=lambda sigma: math.nan), null_label=0, steps=3)
+
+
 def test_cuda_graph_errors():
     model = tiny_cfg_unet()
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device, got cpu"):
@@ -543,6 +604,7 @@ GRAPH_CASES = [
     ("ddim", CFG(3.0, interval=(0.3, 5.0), apg=APG(eta=0.0, norm_threshold=2.0, momentum=-0.5)), 0.7),
     ("ddpm", None, 0.0),
     ("dpm++2s", CFG(3.0, zero_star=True), 0.0),
+    ("dpm++2m", CFG(3.0, tangential=True, interval=(0.5, 3.0)), 0.0),
 ]
 
 
@@ -578,6 +640,30 @@ def test_graph_replay_logic_matches_eager_on_cpu(monkeypatch, sampler, guidance,
     monkeypatch.setattr(cuda_graphs, "graph_pool", lambda: None)
     monkeypatch.setattr(cuda_graphs, "capture_graph", lambda step, pool: ReplayingGraph(step))
     assert_graph_replays_match_eager("cpu", sampler, guidance, eta)
+
+
+def test_graphs_outside_the_guidance_interval_run_the_model_on_b_rows(monkeypatch):
+    # Each call is its own graph, captured with the rows it runs on: outside the interval
+    # the replayed forward sees B rows, inside it 2B, as in eager sampling.
+    monkeypatch.setattr(cuda_graphs, "GRAPH_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(cuda_graphs, "side_stream", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(cuda_graphs, "graph_pool", lambda: None)
+    monkeypatch.setattr(cuda_graphs, "capture_graph", lambda step, pool: ReplayingGraph(step))
+    unet, rows = tiny_cfg_unet(), []
+
+    def model(x, t, y):
+        rows.append(len(x))
+        return unet(x, t, y)
+
+    kwargs = dict(sampler="ddim", steps=6, guidance=CFG(3.0, interval=(0.5, 3.0)), null_label=4, num_classes=4)
+    eager = GuidedSampler(model, **kwargs)
+    eager((2, 3, 8, 8), labels=torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
+    eager_rows, rows[:] = list(rows), []
+    graphed = GuidedSampler(model, cuda_graph=True, **kwargs)
+    for _ in range(2):  # the capture run (warm-up + capture), then a pure replay
+        graphed((2, 3, 8, 8), labels=torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
+    replay_rows = rows[-len(eager_rows):]
+    assert replay_rows == eager_rows and set(eager_rows) == {2, 4}
 
 
 @pytest.mark.gpu
