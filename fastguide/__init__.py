@@ -21,7 +21,7 @@ from .models.configs import (
 from .models.unet import EncoderUNet, UNet
 from .ops import reference
 from .ops.backends import available_backends, backend, get_backend, set_backend
-from .sampling.guidance import APG, CFG, CFGPlusPlus, ClassifierGuidance
+from .sampling.guidance import APG, CFG, AutoGuidance, CFGPlusPlus, ClassifierGuidance
 from .sampling.loop import GuidedSampler, sample
 from .sampling.schedule import NoiseSchedule
 
@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "APG",
+    "AutoGuidance",
     "CFG",
     "CFGPlusPlus",
     "ClassifierGuidance",

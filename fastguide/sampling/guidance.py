@@ -11,6 +11,8 @@
   a callable of σ̃), evaluated per step on the host as a scalar into the op.
 - ``CFGPlusPlus(scale)``: CFG++ (Chung et al. 2024), λ ∈ [0, 1]: x0 from the guided
   prediction, the renoising from the unconditional one (``k_guide_eps`` of the step).
+- ``AutoGuidance(guide_model, scale)``: Karras et al. 2024, the guide network's output
+  as the fused step's separate guide tensor.
 - ``ClassifierGuidance(classifier, scale)``: the gradient of log p(y | x_t) through a
   noisy classifier, applied as ADM does: a mean shift Σ·s·∇ for ancestral sampling, an
   eps shift −σ_t·s·∇ for the others.
@@ -62,13 +64,7 @@ class CFG:
         _check_real("CFG rescale", self.rescale)
         if not 0 <= self.rescale <= 1:
             raise ValueError(f"CFG rescale must be in [0, 1], got {self.rescale}")
-        if self.interval is not None:
-            pair = tuple(self.interval) if isinstance(self.interval, (tuple, list)) else None
-            if pair is None or len(pair) != 2 or not all(_is_real(v) for v in pair) or not 0 <= pair[0] < pair[1]:
-                raise ValueError(
-                    f"CFG interval must be a pair (sigma_low, sigma_high) of numbers with 0 <= low < high, "
-                    f"got {self.interval!r}"
-                )
+        _check_interval("CFG", self.interval)
         if not callable(self.schedule) and self.schedule not in SCHEDULES:
             raise ValueError(f"CFG schedule must be one of {SCHEDULES} or a callable of σ̃, got {self.schedule!r}")
         if self.apg is not None and not isinstance(self.apg, APG):
@@ -125,6 +121,33 @@ class CFGPlusPlus(CFG):
 
 
 @dataclass(frozen=True)
+class AutoGuidance:
+    """Autoguidance (Karras et al. 2024): D = D_guide + w·(D_main − D_guide), the guide a
+    weaker version of the model (smaller, or trained for fewer steps), both called with the
+    conditional labels. The guide's output enters the fused step as its separate guide
+    tensor: no concatenation; outside ``interval`` (EDM's σ̃) only the main model runs."""
+
+    guide_model: nn.Module
+    scale: float
+    interval: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        if not callable(self.guide_model):
+            raise TypeError(f"AutoGuidance guide_model must be callable, got {type(self.guide_model).__name__}")
+        _check_real("AutoGuidance scale", self.scale)
+        _check_interval("AutoGuidance", self.interval)
+
+    def active_at(self, edm_sigma: float) -> bool:
+        return self.interval is None or self.interval[0] <= edm_sigma <= self.interval[1]
+
+    def scale_at(self, edm_sigma: float, progress: float) -> float:
+        return self.scale
+
+    def combine(self, scale: float | None = None) -> GuidanceCombine:
+        return GuidanceCombine(self.scale if scale is None else scale)
+
+
+@dataclass(frozen=True)
 class ClassifierGuidance:
     classifier: nn.Module
     scale: float
@@ -155,14 +178,16 @@ class ClassifierGuidance:
             return gradient
 
 
-def split_guidance(guidance) -> tuple[CFG | None, ClassifierGuidance | None]:
-    """(cfg, classifier) from None, one spec, or a tuple/list of both."""
+def split_guidance(guidance) -> tuple[CFG | AutoGuidance | None, ClassifierGuidance | None]:
+    """(combine spec, classifier) from None, one spec, or a tuple/list of a CFG (or
+    CFGPlusPlus, or AutoGuidance) and a ClassifierGuidance."""
     items = [] if guidance is None else list(guidance) if isinstance(guidance, (tuple, list)) else [guidance]
-    cfg = [g for g in items if isinstance(g, CFG)]  # CFGPlusPlus included
+    cfg = [g for g in items if isinstance(g, (CFG, AutoGuidance))]  # CFGPlusPlus included
     classifier = [g for g in items if isinstance(g, ClassifierGuidance)]
     if len(cfg) > 1 or len(classifier) > 1 or len(cfg) + len(classifier) != len(items):
         raise TypeError(
-            "guidance must be None, a CFG, a ClassifierGuidance, or a tuple of one of each; "
+            "guidance must be None, a CFG, CFGPlusPlus or AutoGuidance, a ClassifierGuidance, or a tuple of "
+            "one of each; "
             f"got {guidance!r}"
         )
     return (cfg[0] if cfg else None), (classifier[0] if classifier else None)
@@ -175,3 +200,12 @@ def _is_real(value: object) -> bool:
 def _check_real(name: str, value: object) -> None:
     if not _is_real(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def _check_interval(spec: str, interval: object) -> None:
+    if interval is None:
+        return
+    pair = tuple(interval) if isinstance(interval, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or not all(_is_real(v) for v in pair) or not 0 <= pair[0] < pair[1]:
+        raise ValueError(f"{spec} interval must be a pair (sigma_low, sigma_high) of numbers with 0 <= low < high, "
+                         f"got {interval!r}")

@@ -20,7 +20,7 @@ from .. import ops
 from ..ops import validation
 from ..ops.contract import GuidanceCombine, StepCoefficients
 from . import cuda_graphs
-from .guidance import CFGPlusPlus, split_guidance
+from .guidance import CFG, AutoGuidance, CFGPlusPlus, split_guidance
 from .schedule import NoiseSchedule
 from .solvers import SAMPLERS, VARIANCE_TYPES, StepPlan, plan_steps
 
@@ -111,6 +111,9 @@ class GuidedSampler:
         self.dynamic_threshold = dynamic_threshold
         self.cfg, self.classifier = split_guidance(guidance)
         self.combine: GuidanceCombine | None = self.cfg.combine() if self.cfg is not None else None
+        # Batched CFG runs [cond; uncond] in one forward of 2B rows; autoguidance runs B rows
+        # through each of two networks.
+        self.batched = isinstance(self.cfg, CFG)
         validation.check_combine(self.combine)
         self.null_label = null_label if null_label is not None else _model_null_label(model)
         self.num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
@@ -118,7 +121,7 @@ class GuidedSampler:
             raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
         if self.null_label is not None:
             _check_null_label(self.null_label, model, self.num_classes)
-        if self.cfg is not None and self.null_label is None:
+        if self.batched and self.null_label is None:
             raise ValueError("CFG needs a null label: use a model built with null_class=True, or pass null_label=")
         if isinstance(self.cfg, CFGPlusPlus) and sampler not in ("ddim", "euler"):
             raise ValueError(f"CFGPlusPlus is built for the 'ddim' and 'euler' samplers, got sampler={sampler!r}")
@@ -186,7 +189,7 @@ class GuidedSampler:
 
     def _check_labels(self, labels: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
         if labels is None:
-            if self.cfg is not None or self.classifier is not None:
+            if self.batched or self.classifier is not None:
                 raise ValueError("guidance needs labels (one class index per sample)")
             return None
         try:
@@ -269,7 +272,7 @@ class GuidedSampler:
 
     def _new_buffers(self, x_T: Tensor, labelled: bool) -> _Buffers:
         shape, device, dtype = tuple(x_T.shape), x_T.device, x_T.dtype
-        rows = 2 * shape[0] if self.cfg is not None else shape[0]
+        rows = 2 * shape[0] if self.batched else shape[0]
         momentum = self.combine is not None and self.combine.apg_momentum != 0
         return _Buffers(
             model_input=torch.empty((rows, *shape[1:]), device=device, dtype=dtype),
@@ -283,11 +286,11 @@ class GuidedSampler:
         """Start a run: x_T in every half of the model input, the labels, a fresh APG state."""
         batch = x_T.shape[0]
         buffers.model_input[:batch] = x_T
-        if self.cfg is not None:
+        if self.batched:
             buffers.model_input[batch:] = x_T
         if labels is not None:
             buffers.labels_in[:batch] = labels
-            if self.cfg is not None:
+            if self.batched:
                 buffers.labels_in[batch:] = self.null_label
         if buffers.apg is not None:
             buffers.apg.zero_()
@@ -300,13 +303,15 @@ class GuidedSampler:
         model_input, labels_in = buffers.model_input, buffers.labels_in
         x = model_input[:batch]
         t = self._calls(False)[i].t
-        rows = model_input.shape[0] if self._calls(False)[i].guided else batch
+        guided = self._calls(False)[i].guided
+        rows = model_input.shape[0] if guided else batch
         t_in = torch.full((rows,), t, device=x.device, dtype=torch.long)
-        if labels_in is not None:
-            model_output = self.model(model_input[:rows], t_in, labels_in[:rows])
-        else:
-            model_output = self.model(model_input[:rows], t_in)
-        model_output = self._checked_output(model_output, model_input, rows, shape)
+        model_output = self._checked_output(self._forward(self.model, model_input[:rows], t_in, labels_in, rows),
+                                            model_input, rows, shape)
+        guide = None
+        if guided and isinstance(self.cfg, AutoGuidance):  # the guide network on the same rows and labels
+            guide = self._checked_output(self._forward(self.cfg.guide_model, x, t_in, labels_in, batch),
+                                         model_input, batch, shape)
         learned = model_output.shape[1] == 2 * shape[1]
         if self.variance_type == "learned_range" and not learned:
             raise ValueError(f"variance_type='learned_range' needs a model that outputs 2·{shape[1]} channels "
@@ -320,14 +325,20 @@ class GuidedSampler:
         if call.step.k_grad or call.step.grad_eps_scale:
             grad = self.classifier.gradient(x, t_in[:batch], labels_in[:batch])
         if call.x0_only is not None:
-            model_output = self._dynamic_threshold(model_output, x, call, combine, buffers, ring[i % len(ring)])
-            combine = None
+            model_output = self._dynamic_threshold(model_output, x, call, combine, guide, buffers, ring[i % len(ring)])
+            combine = guide = None
         ops.guided_step(
-            model_output, x, call.step, combine,
+            model_output, x, call.step, combine, guide=guide,
             history=history, noise=draw_noise() if call.step.k_noise else None, grad=grad,
             apg_buffer=buffers.apg if combine is not None else None, out=model_input,
             x0_out=ring[i % len(ring)] if keep_x0 else None,
         )
+
+    @staticmethod
+    def _forward(model: Model, model_input: Tensor, t_in: Tensor, labels_in: Tensor | None, rows: int) -> object:
+        if labels_in is not None:
+            return model(model_input, t_in, labels_in[:rows])
+        return model(model_input, t_in)
 
     def _checked_output(self, model_output: object, model_input: Tensor, rows: int, shape: tuple[int, ...]) -> Tensor:
         """The model's output, checked: a tensor of (rows, C or 2C, *spatial), with memory of
@@ -354,14 +365,14 @@ class GuidedSampler:
             callback({"i": i, "t": self._calls(False)[i].t, "x": buffers.model_input[:batch], "denoised": x0})
 
     def _dynamic_threshold(
-        self, model_output: Tensor, x: Tensor, call: _Call, combine: GuidanceCombine | None, buffers: _Buffers,
-        scratch: Tensor,
+        self, model_output: Tensor, x: Tensor, call: _Call, combine: GuidanceCombine | None, guide: Tensor | None,
+        buffers: _Buffers, scratch: Tensor,
     ) -> Tensor:
         """Imagen's dynamic thresholding: x0 ← clamp(x0, −s, s)/s with s = max(1, the
         per-sample percentile of |x0|). One extra pass computes the guided x0 (no clip);
         the step then runs on that thresholded x0 as a "sample" prediction, so eps is
         re-derived from it and the rest of the step (classifier shift, update) follows."""
-        x0 = ops.guided_step(model_output, x, call.x0_only, combine,
+        x0 = ops.guided_step(model_output, x, call.x0_only, combine, guide=guide,
                              apg_buffer=buffers.apg if combine is not None else None, out=scratch)
         flat = x0.abs().flatten(1)
         k = max(1, min(flat.shape[1], math.ceil(self.dynamic_threshold * flat.shape[1])))

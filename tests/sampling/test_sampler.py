@@ -584,6 +584,42 @@ def test_cfg_plus_plus_on_ddim_is_the_papers_algorithm_and_euler_is_the_same_upd
         fastguide.CFGPlusPlus(3.0)
 
 
+def test_autoguidance_with_a_blurrier_guide_is_the_written_out_ddim_loop():
+    # Karras et al. 2024 on the exact Gaussian oracle: the guide is the same mixture with
+    # wider classes; D = D_guide + w·(D_main − D_guide), both called with the labels.
+    blurry = GaussianMixture(means=MIXTURE.means.numpy(), stds=[0.45, 0.6], weights=[0.3, 0.7])
+    main, guide, w, timesteps = MixtureModel(MIXTURE), MixtureModel(blurry), 2.5, [999, 700, 400, 150, 20]
+    noise = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1])
+    got = sample(main, noise.shape, labels=labels, sampler="ddim", steps=timesteps, noise=noise,
+                 guidance=fastguide.AutoGuidance(guide, w), clip_denoised=False)
+    x = noise.clone()
+    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
+        abar, abar_prev = SCHEDULE.alpha_bar(t), SCHEDULE.alpha_bar(t_prev)
+        t_in = torch.full((3,), t)
+        eps_guide = guide(x, t_in, labels)
+        eps = eps_guide + w * (main(x, t_in, labels) - eps_guide)  # ε is linear in D at fixed x_t
+        x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+        x = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * eps
+    torch.testing.assert_close(got, x)
+
+
+def test_autoguidance_runs_b_rows_through_each_network_and_refuses_a_second_combine():
+    calls = []
+
+    def model(name):
+        def forward(x, t, y):
+            calls.append((name, len(x)))
+            return torch.tanh(x)
+        return forward
+
+    sample(model("main"), (2, 3, 4, 4), labels=[0, 1], steps=3, guidance=fastguide.AutoGuidance(model("guide"), 2.0))
+    assert calls == [("main", 2), ("guide", 2)] * 3
+    with pytest.raises(TypeError, match="a tuple of one of each"):
+        sample(model("main"), (2, 3, 4, 4), labels=[0, 1], steps=3,
+               guidance=(fastguide.AutoGuidance(model("guide"), 2.0), CFG(2.0)))
+
+
 def test_bad_guidance_schedules_are_refused():
     with pytest.raises(ValueError, match="CFG schedule must be one of"):
         CFG(2.0, schedule="exponential")
@@ -605,6 +641,7 @@ GRAPH_CASES = [
     ("ddpm", None, 0.0),
     ("dpm++2s", CFG(3.0, zero_star=True), 0.0),
     ("dpm++2m", CFG(3.0, tangential=True, interval=(0.5, 3.0)), 0.0),
+    ("ddim", fastguide.AutoGuidance(tiny_cfg_unet(), 2.0, interval=(0.5, 3.0)), 0.0),
 ]
 
 
