@@ -236,8 +236,9 @@ def _check_cfg_options(args: argparse.Namespace) -> None:
             raise UsageError("--scale", f"expected CFG++'s λ in [0, 1] with --guidance cfg++, got {args.scale}")
         if args.sampler not in ("ddim", "euler"):
             raise UsageError("--sampler", f"--guidance cfg++ is built for ddim and euler, got {args.sampler}")
-        if args.tangential:
-            raise UsageError("--tangential", "applies to --guidance cfg or both, not cfg++")
+        for option, on in (("--tangential", args.tangential), ("--schedule", args.schedule != "constant")):
+            if on:
+                raise UsageError(option, "applies to --guidance cfg or both, not cfg++ (a constant λ)")
     given = [name for name, on in (("--schedule", args.schedule != "constant"), ("--interval", args.interval),
                                    ("--tangential", args.tangential)) if on]
     if given and args.guidance not in CFG_KINDS:

@@ -258,6 +258,8 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
     """
     model_output, x = tensors.model_output, tensors.x
     batch, channels = x.shape[0], x.shape[1]
+    if x.numel() == 0:  # nothing to compute (and no per-sample statistics of nothing)
+        return torch.empty_like(x) if tensors.out is None else tensors.out
     dtype = compute_dtype(model_output, x, tensors.guide)
     x_c = x.to(dtype)
 

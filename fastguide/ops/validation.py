@@ -144,16 +144,19 @@ def check_group_norm(
 def _once_per_value(check):
     """``check`` run once per distinct hashable value; unhashable values (a list where the
     contract has a tuple) go straight to ``check``, whose message names the field."""
-    cached = functools.lru_cache(maxsize=4096)(check)
+    cached = functools.lru_cache(maxsize=4096)(lambda key, value: check(value))
 
     @functools.wraps(check)
     def run(value: object) -> None:
         try:
-            hash(value)
+            # Keyed by the value's type and its fields' types too: a plain tuple or True
+            # equals a NamedTuple or 1.0, and must still get its own check.
+            key = (type(value), tuple(map(type, value)) if isinstance(value, tuple) else None, value)
+            hash(key)
         except TypeError:
             check(value)
         else:
-            cached(value)
+            cached(key, value)
 
     return run
 
@@ -267,13 +270,14 @@ def check_step_tensors(
     x_shaped = [(f"history[{i}]", h) for i, h in enumerate(tensors.history)]
     x_shaped += [(name, getattr(tensors, name)) for name in ("noise", "grad", "apg_buffer", "x0_out")]
     for name, t in x_shaped:
-        if t is not None:
+        if t is not None or name.startswith("history"):
             check_tensor(name, t)
             check_shape(name, t, tuple(x.shape))
     for name in ("out", "x0_out", "apg_buffer"):
         written = getattr(tensors, name)
         if written is None:
             continue
+        check_tensor(name, written)
         if written.requires_grad:
             raise ValueError(f"{name} must not require grad: guided_step writes it in place and is not differentiable")
         if check_memory and written.numel() > 1 and torch._debug_has_internal_overlap(written) == 1:

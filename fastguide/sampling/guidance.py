@@ -85,10 +85,14 @@ class CFG:
         average to the constant one over τ: "linear" 1 + (w − 1)·2(1 − τ), "cosine"
         1 + (w − 1)·(cos πτ + 1); a callable gets σ̃ and returns the weight itself."""
         if callable(self.schedule):
-            weight = self.schedule(edm_sigma)
-            if not _is_real(weight):
-                raise ValueError(f"CFG schedule must return a finite number, got {weight!r} at σ̃ = {edm_sigma:.4g}")
-            return float(weight)
+            returned = self.schedule(edm_sigma)
+            try:
+                weight = float(returned)  # numpy and 0-d torch scalars too
+            except (TypeError, ValueError, RuntimeError):
+                weight = math.nan
+            if not math.isfinite(weight) or isinstance(returned, bool):
+                raise ValueError(f"CFG schedule must return a finite number, got {returned!r} at σ̃ = {edm_sigma:.4g}")
+            return weight
         if self.schedule == "linear":
             return 1.0 + (self.scale - 1.0) * 2.0 * (1.0 - progress)
         if self.schedule == "cosine":
@@ -118,6 +122,8 @@ class CFGPlusPlus(CFG):
         super().__post_init__()
         if not 0 <= self.scale <= 1:
             raise ValueError(f"CFGPlusPlus scale λ must be in [0, 1], got {self.scale}")
+        if self.schedule != "constant":
+            raise ValueError("CFGPlusPlus takes a constant λ: a schedule would leave [0, 1]")
 
 
 @dataclass(frozen=True)

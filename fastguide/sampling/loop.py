@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import validation
-from ..ops.contract import GuidanceCombine, StepCoefficients
+from ..ops.contract import PREDICTION_TYPES, GuidanceCombine, StepCoefficients
 from . import cuda_graphs
 from .guidance import CFG, AutoGuidance, CFGPlusPlus, split_guidance
 from .schedule import NoiseSchedule
@@ -123,6 +123,11 @@ class GuidedSampler:
             _check_null_label(self.null_label, model, self.num_classes)
         if self.batched and self.null_label is None:
             raise ValueError("CFG needs a null label: use a model built with null_class=True, or pass null_label=")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if isinstance(self.cfg, CFGPlusPlus) and dynamic_threshold is not None:
+            raise ValueError("dynamic_threshold does not combine with CFGPlusPlus: CFG++ renoises with the "
+                             "unconditional prediction, which the thresholded x0 replaces")
         if isinstance(self.cfg, CFGPlusPlus) and sampler not in ("ddim", "euler"):
             raise ValueError(f"CFGPlusPlus is built for the 'ddim' and 'euler' samplers, got sampler={sampler!r}")
         if cuda_graph and self.classifier is not None:

@@ -109,6 +109,8 @@ SAMPLE = ["sample", "--out", "x.png", "--quiet"]
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--guidance", "cfg++", "--scale", "2"], "--scale: expected CFG++'s λ in [0, 1] with --guidance cfg++, got 2.0"),
     (["--guidance", "cfg++", "--scale", "0.5"], "--sampler: --guidance cfg++ is built for ddim and euler"),
+    (["--guidance", "cfg++", "--scale", "0.5", "--sampler", "ddim", "--schedule", "linear"],
+     "--schedule: applies to --guidance cfg or both, not cfg++"),
     (["--guidance", "none", "--schedule", "linear"], "--schedule: applies to --guidance cfg, cfg++, both"),
     (["--guidance", "classifier", "--tangential"], "--tangential: applies to --guidance cfg, cfg++, both"),
     (["--interval", "3", "1"], "--interval: expected LOW HIGH with 0 <= LOW < HIGH"),

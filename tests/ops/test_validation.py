@@ -258,3 +258,24 @@ def test_guided_step_renoise_term_needs_a_guiding_prediction():
     model_output, x = step_inputs(rows=2)
     with pytest.raises(ValueError, match="step.k_guide_eps is 0.5 but there is no guiding prediction"):
         ops.guided_step(model_output, x, STEP._replace(k_guide_eps=0.5))
+
+
+def test_validation_does_not_depend_on_what_was_validated_before():
+    # Constants are checked once per value; a plain tuple or a bool equal to an earlier
+    # valid value must still be refused.
+    model_output, x = step_inputs()
+    ops.guided_step(model_output, x, STEP._replace(k_x=1.0), CFG)
+    with pytest.raises(TypeError, match="step must be a fastguide.ops.StepCoefficients"):
+        ops.guided_step(model_output, x, tuple(STEP._replace(k_x=1.0)), CFG)
+    with pytest.raises(TypeError, match="step.k_x must be a real number, got bool"):
+        ops.guided_step(model_output, x, STEP._replace(k_x=True), CFG)
+    with pytest.raises(TypeError, match="combine must be a fastguide.ops.GuidanceCombine"):
+        ops.guided_step(model_output, x, STEP, tuple(CFG))
+
+
+def test_guided_step_names_non_tensor_history_and_out():
+    model_output, x = step_inputs()
+    with pytest.raises(TypeError, match=r"history\[0\] must be a torch.Tensor, got NoneType"):
+        ops.guided_step(model_output, x, STEP._replace(k_history=(0.1,)), CFG, history=(None,))
+    with pytest.raises(TypeError, match="out must be a torch.Tensor, got list"):
+        ops.guided_step(model_output, x, STEP, CFG, out=[1.0])

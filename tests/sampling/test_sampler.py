@@ -452,6 +452,7 @@ BAD_SAMPLER_ARGUMENTS = {
     "schedule by name": (dict(schedule="cosine"), TypeError, "schedule must be a fastguide.NoiseSchedule"),
     "numpy noise": (dict(noise=__import__("numpy").zeros((2, 3, 8, 8))), TypeError, "noise must be a floating tensor"),
     "int generator": (dict(generator=42), TypeError, "generator must be a torch.Generator"),
+    "prediction type typo": (dict(prediction_type="x0"), ValueError, "prediction_type must be one of"),
 }
 
 
@@ -582,6 +583,10 @@ def test_cfg_plus_plus_on_ddim_is_the_papers_algorithm_and_euler_is_the_same_upd
         sample(model, noise.shape, sampler="dpm++2m", **kwargs)
     with pytest.raises(ValueError, match=r"CFGPlusPlus scale λ must be in \[0, 1\]"):
         fastguide.CFGPlusPlus(3.0)
+    with pytest.raises(ValueError, match="CFGPlusPlus takes a constant λ"):
+        fastguide.CFGPlusPlus(0.2, schedule="cosine")
+    with pytest.raises(ValueError, match="dynamic_threshold does not combine with CFGPlusPlus"):
+        sample(model, noise.shape, sampler="ddim", dynamic_threshold=0.9, **kwargs)
 
 
 def test_autoguidance_with_a_blurrier_guide_is_the_written_out_ddim_loop():
