@@ -138,30 +138,31 @@ def check_group_norm(
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-# The contract's constant parts are checked once per distinct value (the types are frozen
-# and hashable): a sampler's plan repeats the same objects every run, so the per-call cost
-# is a hash. Only the tensors are checked on every call.
-def _once_per_value(check):
-    """``check`` run once per distinct hashable value; unhashable values (a list where the
-    contract has a tuple) go straight to ``check``, whose message names the field."""
-    cached = functools.lru_cache(maxsize=4096)(lambda key, value: check(value))
+# The contract's constant parts are checked once per object (the types are immutable): a
+# sampler's plan repeats the same objects every run. Only the tensors are checked on
+# every call.
+def _once_per_object(check):
+    """``check`` run once per object: the contract's types are immutable, and a sampler's
+    plan hands the same objects to every call, so a repeat costs a dictionary lookup. An
+    equal but different object (a plain tuple, True for 1.0) is checked on its own."""
+    checked: dict[int, object] = {}
 
     @functools.wraps(check)
     def run(value: object) -> None:
-        try:
-            # Keyed by the value's type and its fields' types too: a plain tuple or True
-            # equals a NamedTuple or 1.0, and must still get its own check.
-            key = (type(value), tuple(map(type, value)) if isinstance(value, tuple) else None, value)
-            hash(key)
-        except TypeError:
+        if torch.compiler.is_compiling():  # traced once per graph; ids mean nothing there
             check(value)
-        else:
-            cached(key, value)
+            return
+        if checked.get(id(value)) is value:
+            return
+        check(value)
+        if len(checked) >= 4096:
+            checked.clear()
+        checked[id(value)] = value  # held, so its id cannot be reused while it is here
 
     return run
 
 
-@_once_per_value
+@_once_per_object
 def check_step(step: object) -> None:
     """Checks a StepCoefficients on its own (fastguide.ops.contract)."""
     if not isinstance(step, StepCoefficients):
@@ -193,7 +194,7 @@ def check_step(step: object) -> None:
             check_finite(f"step.log_variance_range {part}", value)
 
 
-@_once_per_value
+@_once_per_object
 def check_combine(combine: object) -> None:
     """Checks a GuidanceCombine on its own (None, an unguided step, passes)."""
     if combine is None:

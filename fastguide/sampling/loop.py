@@ -307,8 +307,8 @@ class GuidedSampler:
         batch = shape[0]
         model_input, labels_in = buffers.model_input, buffers.labels_in
         x = model_input[:batch]
-        t = self._calls(False)[i].t
-        guided = self._calls(False)[i].guided
+        planned = self._calls(False)[i]
+        t, guided = planned.t, planned.guided
         rows = model_input.shape[0] if guided else batch
         t_in = torch.full((rows,), t, device=x.device, dtype=torch.long)
         model_output = self._checked_output(self._forward(self.model, model_input[:rows], t_in, labels_in, rows),
