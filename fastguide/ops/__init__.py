@@ -344,6 +344,20 @@ def guided_step(
     return out
 
 
+def guided_step_prechecked(tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None) -> None:
+    """``guided_step`` without its per-call checks, for a caller that checked ``step`` and
+    ``combine`` once (validation.check_step / check_combine) and owns every tensor: the
+    sampling loop, whose buffers are its own and whose model output it checks itself.
+    ``tensors.out`` must be given."""
+    x = tensors.x
+    backend = _resolve("guided_step", x.device, compute_dtype(tensors.model_output, x, tensors.guide),
+                       empty=x.numel() == 0)
+    if _tracing() or torch.is_grad_enabled():
+        torch.ops.fastguide.guided_step(*contract.pack(tensors, step, combine), backend)
+    else:
+        _guided_step_impl(tensors, step, combine, backend)
+
+
 def _guided_step_impl(
     tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None, backend: str
 ) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import validation
-from ..ops.contract import PREDICTION_TYPES, GuidanceCombine, StepCoefficients
+from ..ops.contract import PREDICTION_TYPES, GuidanceCombine, StepCoefficients, StepTensors
 from . import cuda_graphs
 from .guidance import CFG, AutoGuidance, CFGPlusPlus, split_guidance
 from .schedule import NoiseSchedule
@@ -332,12 +332,12 @@ class GuidedSampler:
         if call.x0_only is not None:
             model_output = self._dynamic_threshold(model_output, x, call, combine, guide, buffers, ring[i % len(ring)])
             combine = guide = None
-        ops.guided_step(
-            model_output, x, call.step, combine, guide=guide,
-            history=history, noise=draw_noise() if call.step.k_noise else None, grad=grad,
-            apg_buffer=buffers.apg if combine is not None else None, out=model_input,
-            x0_out=ring[i % len(ring)] if keep_x0 else None,
-        )
+        # The loop's own buffers and a checked model output: no per-call validation needed
+        # (the step and combine were checked when the plan was made).
+        ops.guided_step_prechecked(StepTensors(
+            model_output, x, guide, history, draw_noise() if call.step.k_noise else None, grad,
+            buffers.apg if combine is not None else None, model_input, ring[i % len(ring)] if keep_x0 else None,
+        ), call.step, combine)
 
     @staticmethod
     def _forward(model: Model, model_input: Tensor, t_in: Tensor, labels_in: Tensor | None, rows: int) -> object:
@@ -353,6 +353,10 @@ class GuidedSampler:
                 f"model must return a tensor (batch, channels, ...), got {type(model_output).__name__}; "
                 "wrap a diffusers UNet in fastguide.DiffusersUNet"
             )
+        if not model_output.is_floating_point() or model_output.dtype not in validation.FLOAT_DTYPES:
+            raise TypeError(f"model must return a floating tensor, got dtype {model_output.dtype}")
+        if model_output.device != model_input.device:
+            raise ValueError(f"model must return a tensor on {model_input.device}, got {model_output.device}")
         channels, spatial = shape[1], tuple(shape[2:])
         if model_output.dim() != len(shape) or model_output.shape[0] != rows \
                 or model_output.shape[1] not in (channels, 2 * channels) or tuple(model_output.shape[2:]) != spatial:
