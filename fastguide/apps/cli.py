@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..ops import backends
-from ..sampling.schedule import NoiseSchedule
+from ..sampling.schedule import SPACINGS, NoiseSchedule
 from ..sampling.solvers import SAMPLERS
 from .options import (
     SEED_LIMIT,
@@ -144,6 +144,12 @@ def _guidance(kind: str, scale: float, classifier_scale: float, model: SamplingM
     return tuple(g for g in (cfg, clf) if g is not None) or None
 
 
+def _grid(schedule: NoiseSchedule, steps: int, spacing: str) -> list[int]:
+    """The timesteps of --steps and --spacing ("adm": the strided grid the digits model and
+    the sweep use, which stops a stride short of t = T − 1)."""
+    return schedule.strided_timesteps(steps) if spacing == "adm" else schedule.spaced_timesteps(steps, spacing)
+
+
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] (N, C, H, W) -> uint8 (N, H, W, C), ADM's .npz layout."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -166,7 +172,8 @@ def save_grid(images: torch.Tensor, path: Path, columns: int, scale: int = 4) ->
 def generate(model: SamplingModel, labels: torch.Tensor, *, guidance_kind: str, scale: float,
              classifier_scale: float, sampler: str, steps: int, seed: int, batch_size: int,
              device: torch.device, precision: str = "fp32", rank: int = 0, world_size: int = 1,
-             progress: bool = False, cfg_options: dict | None = None) -> dict[int, torch.Tensor]:
+             progress: bool = False, cfg_options: dict | None = None,
+             spacing: str = "adm") -> dict[int, torch.Tensor]:
     """{batch index: samples} for this rank's batches (round-robin over ranks). Each batch
     draws from its own seed stream (seed, batch index), so any split of the batches across
     processes gives exactly the images of a single-process run."""
@@ -180,7 +187,7 @@ def generate(model: SamplingModel, labels: torch.Tensor, *, guidance_kind: str, 
         generator = torch.Generator(device).manual_seed(seed * SEED_STRIDE + index)
         with autocast:
             images = sample(model.unet, (len(batch_labels), *model.shape), labels=batch_labels, sampler=sampler,
-                            steps=model.schedule.strided_timesteps(steps), schedule=model.schedule, guidance=guidance,
+                            steps=_grid(model.schedule, steps, spacing), schedule=model.schedule, guidance=guidance,
                             generator=generator, device=device, progress=progress)
         out[index] = images.float().cpu()
     return out
@@ -215,6 +222,10 @@ def check_sample(args: argparse.Namespace) -> None:
     check_at_least("--num-samples", args.num_samples)
     check_at_least("--batch-size", args.batch_size)
     check_steps(args.steps, model_schedule(args.model), args.model)
+    try:
+        _grid(model_schedule(args.model), args.steps, args.spacing)
+    except ValueError as error:
+        raise UsageError("--spacing", str(error)) from None
     check_scale("--scale", args.scale)
     check_scale("--classifier-scale", args.classifier_scale)
     _check_cfg_options(args)
@@ -285,7 +296,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                            classifier_scale=args.classifier_scale, sampler=args.sampler, steps=args.steps,
                            seed=args.seed, batch_size=args.batch_size, device=device, precision=args.precision,
                            rank=rank, world_size=world_size, progress=not args.quiet and rank == 0,
-                           cfg_options=args.cfg_options)
+                           cfg_options=args.cfg_options, spacing=args.spacing)
     if world_size > 1:
         import torch.distributed as dist
 
@@ -421,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", choices=SAMPLERS, default="dpm++2m",
                    help="sampler (default: dpm++2m)")
     s.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
+    s.add_argument("--spacing", choices=SPACINGS, default="adm",
+                   help="where the steps lie: adm (strided), diffusers' leading/trailing/linspace, logsnr "
+                        "(uniform in log-SNR) or karras (rho 7) (default: adm)")
     s.add_argument("--num-samples", type=int, default=40, help="how many samples (default: 40)")
     s.add_argument("--batch-size", type=int, default=100, help="samples per model batch (default: 100)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

@@ -76,6 +76,8 @@ class GuidedSampler:
         *,
         sampler: str = "dpm++2m",
         steps: int | str | Sequence[int] = 25,
+        spacing: str = "adm",
+        rho: float = 7.0,
         schedule: NoiseSchedule | None = None,
         guidance=None,
         eta: float = 0.0,
@@ -105,7 +107,10 @@ class GuidedSampler:
         _check_steps(steps)
         self.model = model
         self.schedule = schedule or NoiseSchedule.linear()
-        self.timesteps = self.schedule.timesteps(steps)
+        if spacing != "adm" and not isinstance(steps, int):
+            raise ValueError(f"spacing={spacing!r} places a step count; steps={steps!r} already names the timesteps")
+        self.timesteps = (self.schedule.spaced_timesteps(steps, spacing, rho) if spacing != "adm"
+                          else self.schedule.timesteps(steps))
         self.sampler, self.eta, self.variance_type = sampler, eta, variance_type
         self.clip_denoised, self.prediction_type = clip_denoised, prediction_type
         self.dynamic_threshold = dynamic_threshold
@@ -510,6 +515,8 @@ def sample(
     labels: Tensor | None = None,
     sampler: str = "dpm++2m",
     steps: int | str | Sequence[int] = 25,
+    spacing: str = "adm",
+    rho: float = 7.0,
     schedule: NoiseSchedule | None = None,
     guidance=None,
     eta: float = 0.0,
@@ -532,6 +539,9 @@ def sample(
         labels: (B,) class indices; required by CFG and classifier guidance.
         sampler: "ddim", "ddpm", "euler", "dpm++2m" or "dpm++2s" (two model calls per step).
         steps: a count, ADM's "ddimN", or an explicit list of original timesteps.
+        spacing: where a count of steps lies: "adm" (ADM's respacing), diffusers'
+            "leading", "trailing" and "linspace", "logsnr" (uniform in log-SNR) or
+            "karras" (ρ = ``rho``); see NoiseSchedule.spaced_timesteps.
         schedule: the training schedule (default ADM's linear schedule over 1000 steps).
         guidance: None, ``CFG(...)``, ``ClassifierGuidance(...)`` or a tuple of both.
         eta: DDIM's stochasticity (0 = deterministic).
@@ -555,7 +565,7 @@ def sample(
     Returns x_0 of ``shape``.
     """
     guided_sampler = GuidedSampler(
-        model, sampler=sampler, steps=steps, schedule=schedule, guidance=guidance, eta=eta,
+        model, sampler=sampler, steps=steps, spacing=spacing, rho=rho, schedule=schedule, guidance=guidance, eta=eta,
         clip_denoised=clip_denoised, prediction_type=prediction_type, variance_type=variance_type,
         null_label=null_label, num_classes=num_classes, dynamic_threshold=dynamic_threshold, cuda_graph=cuda_graph,
     )

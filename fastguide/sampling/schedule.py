@@ -14,6 +14,8 @@ from numbers import Integral
 import torch
 from torch import Tensor
 
+SPACINGS = ("adm", "leading", "trailing", "linspace", "logsnr", "karras")
+
 
 class NoiseSchedule:
     """ᾱ_t of a discrete VP schedule, held in float64."""
@@ -79,6 +81,53 @@ class NoiseSchedule:
                 raise ValueError(f"steps must be between 1 and {self.num_timesteps // 2}, got {steps}") from None
             top = self.num_timesteps - math.ceil(self.num_timesteps / steps)
             return self.timesteps([round(i * top / max(steps - 1, 1)) for i in range(steps)])
+
+    def spaced_timesteps(self, steps: int, spacing: str = "adm", rho: float = 7.0) -> list[int]:
+        """``steps`` original timesteps, descending, placed by ``spacing``:
+
+          "adm"       ADM's respacing (``timesteps(steps)``)
+          "leading"   diffusers': i·⌊T/N⌋ for i < N
+          "trailing"  diffusers': round(T − i·T/N) − 1 for i < N (starts at T − 1)
+          "linspace"  diffusers': round of N points evenly spaced over [0, T − 1]
+          "logsnr"    uniform in log-SNR λ between λ_{T−1} and λ_0
+          "karras"    Karras et al.'s σ̃ grid with ``rho`` between σ̃_{T−1} and σ̃_0
+        The last two pick, for each target, the timestep of nearest λ (or σ̃); where targets
+        crowd onto one timestep (the schedule's steep ends), they move to the nearest free
+        timesteps, keeping the order.
+        """
+        total = self.num_timesteps
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= total:
+            raise ValueError(f"steps must be an int from 1 to {total} with spacing={spacing!r}, got {steps!r}")
+        if spacing == "adm":
+            return self.timesteps(steps)
+        if spacing == "leading":
+            return [i * (total // steps) for i in range(steps)][::-1]
+        if spacing == "trailing":
+            return [round(total - i * total / steps) - 1 for i in range(steps)]
+        if spacing == "linspace":
+            return [round(v) for v in torch.linspace(0, total - 1, steps, dtype=torch.float64).tolist()][::-1]
+        ts = torch.arange(total, dtype=torch.float64)
+        abar = self.alphas_cumprod
+        if spacing == "logsnr":
+            levels = 0.5 * torch.log(abar / (1 - abar))  # λ_t, decreasing in t
+            targets = torch.linspace(float(levels[-1]), float(levels[0]), steps, dtype=torch.float64)
+        else:  # karras
+            if not (isinstance(rho, (int, float)) and not isinstance(rho, bool) and math.isfinite(rho) and rho > 0):
+                raise ValueError(f"rho must be a positive number, got {rho!r}")
+            levels = torch.sqrt((1 - abar) / abar)  # σ̃_t, increasing in t
+            ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+            low, high = float(levels[0]) ** (1 / rho), float(levels[-1]) ** (1 / rho)
+            targets = (high + ramp * (low - high)) ** rho
+        nearest = sorted(int(ts[(levels - target).abs().argmin()]) for target in targets.tolist())
+        # Distinct and within [0, T − 1]: push crowded ones up, then back down from the top.
+        chosen = []
+        for t in nearest:
+            chosen.append(max(t, chosen[-1] + 1) if chosen else t)
+        for k in range(steps - 1, -1, -1):
+            chosen[k] = min(chosen[k], total - 1 if k == steps - 1 else chosen[k + 1] - 1)
+        return chosen[::-1]
 
     def timesteps(self, steps: int | str | Sequence[int]) -> list[int]:
         """Original timesteps to visit, descending, ending at 0.

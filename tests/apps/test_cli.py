@@ -116,6 +116,7 @@ SAMPLE = ["sample", "--out", "x.png", "--quiet"]
     (["--interval", "3", "1"], "--interval: expected LOW HIGH with 0 <= LOW < HIGH"),
     (["--interval", "nan", "1"], "--interval: expected LOW HIGH with 0 <= LOW < HIGH"),
     (["--schedule", "exponential"], "--schedule: invalid choice: 'exponential'"),
+    (["--spacing", "uniform"], "--spacing: invalid choice: 'uniform'"),
 ])
 def test_sample_refuses_bad_options(workdir, capsys, options, message):
     fails_with(capsys, workdir, [*SAMPLE, *options], message)

@@ -453,6 +453,7 @@ BAD_SAMPLER_ARGUMENTS = {
     "numpy noise": (dict(noise=__import__("numpy").zeros((2, 3, 8, 8))), TypeError, "noise must be a floating tensor"),
     "int generator": (dict(generator=42), TypeError, "generator must be a torch.Generator"),
     "prediction type typo": (dict(prediction_type="x0"), ValueError, "prediction_type must be one of"),
+    "spacing with explicit timesteps": (dict(steps=[900, 100], spacing="trailing"), ValueError, "places a step count"),
 }
 
 

@@ -84,3 +84,34 @@ def test_other_schedule_lengths_match_adm(total):
     counts = {1, 2, 3, total // 3, total // 2 + 1, total - 1, total} | set(range(5, total + 1, max(total // 97, 1)))
     wrong = [n for n in sorted(counts) if schedule.timesteps(n) != descending(adm_space_timesteps(total, str(n)))]
     assert wrong == []
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", [1, 7, 25, 50, 333])
+def test_diffusers_spacings_match_diffusers(spacing, steps):
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", timestep_spacing=spacing,
+                                        steps_offset=0)
+    scheduler.set_timesteps(steps)
+    assert NoiseSchedule.linear().spaced_timesteps(steps, spacing) == scheduler.timesteps.tolist()
+
+
+def test_logsnr_and_karras_spacings_follow_their_grids():
+    schedule = NoiseSchedule.linear()
+    log_snr = [schedule.log_snr(t) for t in schedule.spaced_timesteps(20, "logsnr")]
+    gaps = [b - a for a, b in zip(log_snr, log_snr[1:])]
+    assert len(set(schedule.spaced_timesteps(20, "logsnr"))) == 20
+    assert max(gaps) < 1.5 * min(gaps)  # uniform in λ up to the integer grid
+    rho = 7.0
+    sigmas = [schedule.edm_sigma(t) for t in schedule.spaced_timesteps(12, "karras", rho)]
+    ramp = [s ** (1 / rho) for s in sigmas]  # Karras' grid is uniform in σ̃^(1/ρ)
+    steps = [a - b for a, b in zip(ramp, ramp[1:])]
+    assert max(steps) < 1.25 * min(steps)
+    for spacing in ("logsnr", "karras"):  # crowded ends move to free timesteps, in order
+        for count in (10, 300, 1000):
+            for grid in (schedule, NoiseSchedule.cosine()):
+                chosen = grid.spaced_timesteps(count, spacing)
+                assert len(set(chosen)) == count and chosen == sorted(chosen, reverse=True)
+                assert chosen[0] == 999 and chosen[-1] == 0
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        schedule.spaced_timesteps(10, "uniform")
