@@ -331,16 +331,11 @@ def guided_step(
     if not isinstance(history, (tuple, list)):
         raise TypeError(f"history must be a tuple or list of tensors, got {type(history).__name__}")
     tensors = StepTensors(model_output, x, guide, tuple(history), noise, grad, apg_buffer, out, x0_out)
-    tracing = _tracing()
-    validation.check_step_tensors(tensors, step, combine, check_memory=not tracing)
+    validation.check_step_tensors(tensors, step, combine, check_memory=not _tracing())
     if out is None:
         out = torch.empty_like(x)
         tensors = tensors._replace(out=out)
-    backend = _resolve("guided_step", x.device, compute_dtype(model_output, x, guide), empty=x.numel() == 0)
-    if tracing or torch.is_grad_enabled():
-        torch.ops.fastguide.guided_step(*contract.pack(tensors, step, combine), backend)
-    else:
-        _guided_step_impl(tensors, step, combine, backend)
+    guided_step_prechecked(tensors, step, combine)
     return out
 
 

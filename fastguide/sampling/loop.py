@@ -35,9 +35,10 @@ class _Call:
     """Everything one model call of a run needs besides tensors."""
 
     t: int
-    guided: bool  # CFG active at this call (its interval): the forward runs on 2B rows
     step: StepCoefficients
-    combine: GuidanceCombine | None  # the guidance at this call (its weight may be scheduled)
+    # The guidance at this call (its weight may be scheduled); None outside the guidance
+    # interval, where batched CFG's forward runs on B rows instead of 2B.
+    combine: GuidanceCombine | None
     # Imagen's dynamic thresholding: the first pass, computing the guided x0 only.
     x0_only: StepCoefficients | None = None
 
@@ -179,10 +180,10 @@ class GuidedSampler:
             combine = self.cfg.combine(self.cfg.scale_at(edm_sigma, progress))
             validation.check_combine(combine)
         if self.dynamic_threshold is None:
-            return _Call(plan.t, guided, step, combine)
+            return _Call(plan.t, step, combine)
         # The thresholded x0 replaces the prediction: the step then reads it as "sample".
         x0_only = StepCoefficients(step.alpha, step.sigma, k_x0=1.0, prediction_type=self.prediction_type)
-        return _Call(plan.t, guided, step._replace(prediction_type="sample", clip_denoised=False), combine, x0_only)
+        return _Call(plan.t, step._replace(prediction_type="sample", clip_denoised=False), combine, x0_only)
 
     @property
     def num_calls(self) -> int:
@@ -313,7 +314,7 @@ class GuidedSampler:
         model_input, labels_in = buffers.model_input, buffers.labels_in
         x = model_input[:batch]
         planned = self._calls(False)[i]
-        t, guided = planned.t, planned.guided
+        t, guided = planned.t, planned.combine is not None
         rows = model_input.shape[0] if guided else batch
         t_in = torch.full((rows,), t, device=x.device, dtype=torch.long)
         model_output = self._checked_output(self._forward(self.model, model_input[:rows], t_in, labels_in, rows),
