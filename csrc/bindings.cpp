@@ -91,6 +91,7 @@ Scalars scalars_from(at::ArrayRef<double> values, const char* name) {
 PredictionType prediction_type_from(c10::string_view name) {
   if (name == "epsilon") return kEpsilon;
   if (name == "v_prediction") return kVPrediction;
+  if (name == "flow_prediction") return kFlowPrediction;
   TORCH_CHECK(name == "sample", "fastguide_cuda::guided_step: unknown prediction type ", name);
   return kSample;
 }

@@ -39,7 +39,7 @@ struct CombineScalars {
 };
 constexpr int kMaxHistory = 4;  // history pointer slots (contract.MAX_HISTORY)
 
-enum PredictionType : int { kEpsilon = 0, kVPrediction = 1, kSample = 2 };
+enum PredictionType : int { kEpsilon = 0, kVPrediction = 1, kSample = 2, kFlowPrediction = 3 };
 
 // Everything a launch needs besides the pointers. Offsets are in elements.
 struct GuidedStepParams {
@@ -64,7 +64,7 @@ struct GuidedStepParams {
 
 // The reciprocals the step divides by, once per step on the host.
 inline void derive_step_constants(GuidedStepParams& p) {
-  p.inv_alpha = 1.0f / p.step.alpha;
+  p.inv_alpha = p.step.alpha > 0.0f ? 1.0f / p.step.alpha : 0.0f;
   p.inv_sigma = p.step.sigma > 0.0f ? 1.0f / p.step.sigma : 0.0f;
 }
 
@@ -173,6 +173,10 @@ FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const Sampl
       x0 = p.step.alpha * in.x - p.step.sigma * m;
       eps = p.step.sigma * in.x + p.step.alpha * m;
       break;
+    case kFlowPrediction:  // m = eps − x0 on a path with alpha + sigma = 1
+      x0 = in.x - p.step.sigma * m;
+      eps = in.x + p.step.alpha * m;
+      break;
     default:  // kSample
       x0 = m;
       eps = (in.x - p.step.alpha * m) * p.inv_sigma;
@@ -194,6 +198,7 @@ FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const Sampl
   if (p.guided && p.step.k_guide_eps != 0.0f) {  // CFG++: renoise with the guiding prediction's own eps
     const float guide_eps = p.prediction_type == kEpsilon        ? in.u
                             : p.prediction_type == kVPrediction ? p.step.sigma * in.x + p.step.alpha * in.u
+                            : p.prediction_type == kFlowPrediction ? in.x + p.step.alpha * in.u
                                                                  : (in.x - p.step.alpha * in.u) * p.inv_sigma;
     x_next += p.step.k_guide_eps * guide_eps;
   }

@@ -202,6 +202,9 @@ def _guided_step_kernel(
     elif PREDICTION == 1:  # v_prediction
         x0 = alpha * x - sigma * m
         eps = sigma * x + alpha * m
+    elif PREDICTION == 3:  # flow_prediction (alpha + sigma = 1)
+        x0 = x - sigma * m
+        eps = x + alpha * m
     else:  # sample
         x0 = m
         eps = (x - alpha * m) * inv_sigma
@@ -229,6 +232,8 @@ def _guided_step_kernel(
                 x_next += k_guide_eps * u
             elif PREDICTION == 1:
                 x_next += k_guide_eps * (sigma * x + alpha * u)
+            elif PREDICTION == 3:
+                x_next += k_guide_eps * (x + alpha * u)
             else:
                 x_next += k_guide_eps * ((x - alpha * u) * inv_sigma)
     if LEARNED_VAR:
@@ -318,7 +323,7 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
         batch * sample_elems,
         **combine_scalars,
         **{name: float(getattr(step, name)) for name in STEP_SCALARS},
-        inv_alpha=1.0 / step.alpha, inv_sigma=1.0 / step.sigma if step.sigma > 0 else 0.0,
+        inv_alpha=1.0 / step.alpha if step.alpha > 0 else 0.0, inv_sigma=1.0 / step.sigma if step.sigma > 0 else 0.0,
         k_h0=k_history[0], k_h1=k_history[1], k_h2=k_history[2], k_h3=k_history[3],
         log_var_min=log_min, log_var_max=log_max,
         GUIDED=guided, STATS=stats, RESCALE=guided and combine.rescale > 0,

@@ -169,6 +169,13 @@ CASES = {
     ),
     "tangential-rescale-guide": dict(combine=G(4.0, rescale=0.5, variant="tangential"), step=dict(k_x0=0.8, k_eps=0.5),
                                      guide=True),
+    # A flow path (alpha + sigma = 1): a multistep update, its pure-noise start (alpha = 0), CFG++.
+    "flow-cfg-history": dict(combine=G(3.0), path=(0.6, 0.4), step=dict(
+        prediction_type="flow_prediction", k_x=1.0, k_x0=-0.3, k_eps=0.3, k_history=(0.1,)), x0_out=True),
+    "flow-pure-noise-clip": dict(combine=G(2.0), path=(0.0, 1.0), step=dict(
+        prediction_type="flow_prediction", clip_denoised=True, k_x0=0.9, k_eps=0.1)),
+    "flow-cfgpp-guide": dict(combine=G(0.7), path=(0.3, 0.7), guide=True, step=dict(
+        prediction_type="flow_prediction", k_x0=0.5, k_guide_eps=0.5)),
 }
 STEP_SHAPES = [(1, 3, (1, 1)), (2, 3, (7, 13)), (5, 4, (16, 16)), (2, 3, (32, 32)), (1, 4, (72, 72))]
 
@@ -179,7 +186,8 @@ def case_inputs(
     """Random inputs for one case: (tensors, step, combine), the tensors as ops.guided_step's
     keywords (model_output, x, and each optional one the case uses), out buffers poisoned."""
     combine = case.get("combine")
-    step = StepCoefficients(alpha=0.75, sigma=math.sqrt(1 - 0.75**2), **case["step"])
+    alpha, sigma = case.get("path", (0.75, math.sqrt(1 - 0.75**2)))
+    step = StepCoefficients(alpha=alpha, sigma=sigma, **case["step"])
     shape = (batch, channels, *spatial)
     model_channels = channels * (2 if case.get("learned_variance") else 1)
     rows = 2 * batch if combine is not None and not case.get("guide") else batch

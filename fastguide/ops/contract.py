@@ -28,7 +28,7 @@ from typing import Any, NamedTuple, Optional
 
 from torch import Tensor
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 COMBINE_VARIANTS = ("cfg", "zero_star", "apg", "tangential")
 # The fused kernels read the history through this many pointer slots (a solver of order
 # 3 needs 2 or 3); the reference has no limit, the contract has this one for all backends.
@@ -42,7 +42,8 @@ class StepCoefficients(NamedTuple):
 
     With x = alpha·x0 + sigma·eps at this step:
       x0, eps from the model prediction m by ``prediction_type`` ("epsilon": m = eps,
-          "v_prediction": m = alpha·eps − sigma·x0, "sample": m = x0);
+          "v_prediction": m = alpha·eps − sigma·x0, "sample": m = x0, "flow_prediction":
+          m = eps − x0, the velocity of a flow path with alpha + sigma = 1);
       clip_denoised: x0 ← clamp(x0, −1, 1), eps re-derived from it;
       grad_eps_scale ≠ 0: eps ← eps − grad_eps_scale·grad, x0 re-derived (ADM's order);
       x_next = k_x·x + k_x0·x0 + k_eps·eps + Σᵢ k_history[i]·history[i]

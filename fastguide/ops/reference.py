@@ -217,6 +217,8 @@ def denoised_and_eps(
         return alpha * x - sigma * m, sigma * x + alpha * m
     if prediction_type == "sample":
         return m, (x - alpha * m) / sigma
+    if prediction_type == "flow_prediction":  # m = eps − x0 on a path with alpha + sigma = 1
+        return x - sigma * m, x + alpha * m
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 

@@ -179,8 +179,15 @@ def check_step(step: object) -> None:
         raise ValueError(f"step.prediction_type must be one of {PREDICTION_TYPES}, got {step.prediction_type!r}")
     if not isinstance(step.clip_denoised, bool):
         raise TypeError(f"step.clip_denoised must be a bool, got {type(step.clip_denoised).__name__}")
-    if step.alpha <= 0:
-        raise ValueError(f"step.alpha must be positive, got {step.alpha}")
+    if step.alpha < 0:
+        raise ValueError(f"step.alpha must be non-negative, got {step.alpha}")
+    # alpha = 0 (pure noise, a flow path's start) is fine unless x0 is derived by dividing by it.
+    if step.alpha == 0 and (step.prediction_type == "epsilon" or step.grad_eps_scale != 0):
+        raise ValueError("step.alpha must be positive to derive x0 from eps (prediction_type='epsilon' or "
+                         "grad_eps_scale != 0)")
+    if step.prediction_type == "flow_prediction" and abs(step.alpha + step.sigma - 1) > 1e-6:
+        raise ValueError(f"prediction_type='flow_prediction' needs a flow path, alpha + sigma = 1; got alpha = "
+                         f"{step.alpha}, sigma = {step.sigma} (a variance-preserving schedule?)")
     if step.sigma < 0:
         raise ValueError(f"step.sigma must be non-negative, got {step.sigma}")
     if step.sigma == 0 and (step.clip_denoised or step.prediction_type == "sample"):

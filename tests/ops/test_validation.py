@@ -223,8 +223,14 @@ def test_guided_step_learned_variance_needs_2c_channels():
 
 
 def test_guided_step_bad_alpha_sigma():
-    with pytest.raises(ValueError, match="step.alpha must be positive"):
+    with pytest.raises(ValueError, match="step.alpha must be positive to derive x0 from eps"):
         ops.guided_step(*step_inputs(), STEP._replace(alpha=0.0), CFG)
+    with pytest.raises(ValueError, match="step.alpha must be non-negative"):
+        ops.guided_step(*step_inputs(), STEP._replace(alpha=-0.1, prediction_type="sample"), CFG)
+    with pytest.raises(ValueError, match="flow_prediction' needs a flow path, alpha \\+ sigma = 1"):
+        ops.guided_step(*step_inputs(), STEP._replace(prediction_type="flow_prediction"), CFG)
+    # A flow path's pure-noise start (alpha = 0) derives x0 without dividing by alpha.
+    ops.guided_step(*step_inputs(), STEP._replace(alpha=0.0, sigma=1.0, prediction_type="flow_prediction"), CFG)
     with pytest.raises(ValueError, match="step.sigma must be positive"):
         ops.guided_step(*step_inputs(), STEP._replace(sigma=0.0, clip_denoised=True), CFG)
 
