@@ -1,6 +1,6 @@
 """Run the benchmark suite for this machine and write a report.
 
-    fastguide bench [--out DIR] [--quick] [-k EXPR] [--benchmarks DIR]
+    fastguide bench [--out DIR] [--quick] [-k EXPR] [--benchmarks DIR] [--nfe]
 
 Runs benchmarks/ (pytest-benchmark; GPU cases skip without CUDA) in a subprocess and
 writes into DIR: results.json (pytest-benchmark's data, with GB/s, TFLOP/s, % of the
@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", dest="selection", help="pytest -k expression selecting cases")
     parser.add_argument("--benchmarks", type=Path, help="the benchmarks/ folder (default: beside the package)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--nfe", action="store_true",
+                        help="instead: accuracy per model call of every solver × spacing against diffusers' "
+                             "schedulers (benchmarks/sampling/nfe.py: nfe.json, nfe.md, nfe.png in --out)")
     args = parser.parse_args(argv)
     if args.benchmarks is not None and not (args.benchmarks / "conftest.py").is_file():
         fail(f"--benchmarks: expected the benchmarks/ folder of a fastguide checkout, got {args.benchmarks}")
@@ -131,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         benchmarks = args.benchmarks or find_benchmarks()
         args.out.mkdir(parents=True, exist_ok=True)
+        if args.nfe:
+            command = [sys.executable, "-m", "benchmarks.sampling.nfe", "--out", str(args.out.resolve())]
+            return subprocess.run(command + (["--quick"] if args.quick else []), cwd=benchmarks.parent).returncode
         selection = " and ".join(f"({s})" for s in (QUICK if args.quick else None, args.selection) if s) or None
         results = run_suite(benchmarks, args.out, selection)
     except (FileNotFoundError, RuntimeError, OSError) as error:

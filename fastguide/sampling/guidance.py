@@ -8,7 +8,10 @@
   scale (Fan et al. 2025) or tangential damping (TCFG, Kwon et al. 2025: u projected onto
   the top singular direction of [c; u], computed in the fused step's reduction pass);
   ``schedule`` varies the weight over the steps ("linear", "cosine": Wang et al. 2024, or
-  a callable of σ̃), evaluated per step on the host as a scalar into the op.
+  a callable of σ̃), evaluated per step on the host as a scalar into the op;
+  ``guided_channels=k`` guides only the first k channels and keeps the conditional
+  prediction in the others, as the official DiT sample.py does with k = 3 of its 4 latent
+  channels (diffusers' DiTPipeline guides all 4).
 - ``CFGPlusPlus(scale)``: CFG++ (Chung et al. 2024), λ ∈ [0, 1]: x0 from the guided
   prediction, the renoising from the unconditional one (``k_guide_eps`` of the step).
 - ``AutoGuidance(guide_model, scale)``: Karras et al. 2024, the guide network's output
@@ -58,9 +61,17 @@ class CFG:
     zero_star: bool = False
     tangential: bool = False
     schedule: str | Callable[[float], float] = "constant"
+    guided_channels: int | None = None
 
     def __post_init__(self):
         _check_real("CFG scale", self.scale)
+        if self.guided_channels is not None:
+            if isinstance(self.guided_channels, bool) or not isinstance(self.guided_channels, int) \
+                    or self.guided_channels < 1:
+                raise ValueError(f"CFG guided_channels must be a positive int or None, got {self.guided_channels!r}")
+            if self.rescale or self.apg is not None or self.zero_star or self.tangential:
+                raise ValueError("CFG guided_channels (the official DiT's guidance of some channels) takes plain CFG: "
+                                 "rescale, apg, zero_star and tangential reduce over all channels")
         _check_real("CFG rescale", self.rescale)
         if not 0 <= self.rescale <= 1:
             raise ValueError(f"CFG rescale must be in [0, 1], got {self.rescale}")

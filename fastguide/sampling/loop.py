@@ -11,7 +11,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from numbers import Integral
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,10 @@ from ..ops.contract import PREDICTION_TYPES, GuidanceCombine, StepCoefficients, 
 from . import cuda_graphs
 from .guidance import CFG, AutoGuidance, CFGPlusPlus, split_guidance
 from .schedule import NoiseSchedule
-from .solvers import SAMPLERS, VARIANCE_TYPES, StepPlan, plan_steps
+from .solvers import VARIANCE_TYPES, StepPlan, check_sampler, plan_steps
+
+# The samplers CFG++'s renoising carries over to (see _cfg_plus_plus).
+CFG_PLUS_PLUS_SAMPLERS = ("ddim", "euler", "dpm++2m")
 
 Model = Callable[..., Tensor]
 # callback({"i", "t", "x", "denoised"}) after each model call (k-diffusion's convention):
@@ -50,6 +53,7 @@ class _Buffers:
     model_input: Tensor  # (rows, C, ...): x_t in its first B rows, [cond; uncond] with CFG
     labels_in: Tensor | None  # (rows,): the labels, then the null label with CFG
     x0: list[Tensor]  # a ring of the calls' x0: the solver history (and the callback's denoised)
+    x0_unconditional: list[Tensor]  # CFG++ on dpm++2m: the last two calls' unconditional x0
     apg: Tensor | None  # APG's momentum state
     noise: Tensor  # the noise of a graph replay's step, drawn before the replay
 
@@ -75,13 +79,14 @@ class GuidedSampler:
         self,
         model: Model,
         *,
-        sampler: str = "dpm++2m",
+        sampler: str = "unipc",
         steps: int | str | Sequence[int] = 25,
-        spacing: str = "adm",
+        spacing: str | None = None,
         rho: float = 7.0,
         schedule: NoiseSchedule | None = None,
         guidance=None,
         eta: float = 0.0,
+        solver_order: int | None = None,
         clip_denoised: bool = True,
         prediction_type: str = "epsilon",
         variance_type: str | None = None,
@@ -90,8 +95,6 @@ class GuidedSampler:
         dynamic_threshold: float | None = None,
         cuda_graph: bool = False,
     ):
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if variance_type is not None and variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {VARIANCE_TYPES} or None, got {variance_type!r}")
         if dynamic_threshold is not None and not (_is_real(dynamic_threshold) and 0 < dynamic_threshold < 1):
@@ -105,14 +108,17 @@ class GuidedSampler:
             raise TypeError(f"schedule must be a fastguide.NoiseSchedule or None, got {type(schedule).__name__}")
         if not callable(model):
             raise TypeError(f"model must be callable as model(x_t, t[, y]), got {type(model).__name__}")
-        _check_steps(steps)
         self.model = model
         self.schedule = schedule or NoiseSchedule.linear()
-        if spacing != "adm" and not isinstance(steps, int):
+        _check_steps(steps, self.schedule.is_flow)
+        check_sampler(sampler, self.schedule, eta, solver_order)
+        if spacing is not None and not isinstance(steps, int):
             raise ValueError(f"spacing={spacing!r} places a step count; steps={steps!r} already names the timesteps")
-        self.timesteps = (self.schedule.spaced_timesteps(steps, spacing, rho) if spacing != "adm"
-                          else self.schedule.timesteps(steps))
-        self.sampler, self.eta, self.variance_type = sampler, eta, variance_type
+        if isinstance(steps, int) and not isinstance(steps, bool):
+            self.timesteps = self.schedule.spaced_timesteps(steps, spacing or self.schedule.default_spacing, rho)
+        else:
+            self.timesteps = self.schedule.timesteps(steps)
+        self.sampler, self.eta, self.variance_type, self.solver_order = sampler, eta, variance_type, solver_order
         self.clip_denoised, self.prediction_type = clip_denoised, prediction_type
         self.dynamic_threshold = dynamic_threshold
         self.cfg, self.classifier = split_guidance(guidance)
@@ -134,8 +140,13 @@ class GuidedSampler:
         if isinstance(self.cfg, CFGPlusPlus) and dynamic_threshold is not None:
             raise ValueError("dynamic_threshold does not combine with CFGPlusPlus: CFG++ renoises with the "
                              "unconditional prediction, which the thresholded x0 replaces")
-        if isinstance(self.cfg, CFGPlusPlus) and sampler not in ("ddim", "euler"):
-            raise ValueError(f"CFGPlusPlus is built for the 'ddim' and 'euler' samplers, got sampler={sampler!r}")
+        if isinstance(self.cfg, CFGPlusPlus) and sampler not in CFG_PLUS_PLUS_SAMPLERS:
+            raise ValueError(f"CFGPlusPlus is built for the samplers {CFG_PLUS_PLUS_SAMPLERS}, got sampler={sampler!r}")
+        # CFG++ on DPM-Solver++(2M) extrapolates from the previous call's unconditional x0.
+        self.unconditional_history = isinstance(self.cfg, CFGPlusPlus) and sampler == "dpm++2m"
+        if self.unconditional_history and self.cfg.interval is not None:
+            raise ValueError("CFGPlusPlus with sampler='dpm++2m' reads the previous call's unconditional x0, which "
+                             "calls outside a guidance interval do not compute: drop the interval or use 'ddim'")
         if cuda_graph and self.classifier is not None:
             raise ValueError(
                 "cuda_graph=True cannot capture classifier guidance (its gradient runs autograd "
@@ -158,7 +169,8 @@ class GuidedSampler:
         if learned_variance in self._call_cache:
             return self._call_cache[learned_variance]
         variance_type = self.variance_type or ("learned_range" if learned_variance else "fixed_small")
-        plans = plan_steps(self.sampler, self.schedule, self.timesteps, eta=self.eta, variance_type=variance_type)
+        plans = plan_steps(self.sampler, self.schedule, self.timesteps, eta=self.eta, variance_type=variance_type,
+                           solver_order=self.solver_order)
         calls = tuple(self._call(plan, learned_variance) for plan in plans)
         for call in calls:
             validation.check_step(call.step)
@@ -174,7 +186,7 @@ class GuidedSampler:
         guided = self.cfg is not None and self.cfg.active_at(edm_sigma)
         combine = None
         if guided and isinstance(self.cfg, CFGPlusPlus):
-            step = _cfg_plus_plus(step, self.schedule, plan)
+            step = _cfg_plus_plus(step)
         if guided:
             progress = plan.t / max(1, self.schedule.num_timesteps - 1)
             combine = self.cfg.combine(self.cfg.scale_at(edm_sigma, progress))
@@ -256,6 +268,10 @@ class GuidedSampler:
         if self.cuda_graph and device.type not in cuda_graphs.GRAPH_DEVICE_TYPES:
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
         labels = self._check_labels(labels, shape[0], device)
+        kept = getattr(self.cfg, "guided_channels", None)
+        if kept is not None and kept > shape[1]:
+            raise ValueError(f"CFG guided_channels must be at most the {shape[1]} channels of shape {shape}, "
+                             f"got {kept}")
         # The loop works in the model's dtype when all its floating parameters share one,
         # else in the noise's, else in float32; the noise is cast to it.
         dtype = _model_dtype(self.model) or (noise.dtype if noise is not None else torch.float32)
@@ -289,6 +305,8 @@ class GuidedSampler:
             model_input=torch.empty((rows, *shape[1:]), device=device, dtype=dtype),
             labels_in=torch.empty(rows, dtype=torch.long, device=device) if labelled else None,
             x0=[torch.empty(shape, device=device, dtype=dtype) for _ in range(self.history_length + 1)],
+            x0_unconditional=[torch.empty(shape, device=device, dtype=dtype)
+                              for _ in range(2 if self.unconditional_history else 0)],
             apg=torch.empty(shape, device=device, dtype=torch.float32) if momentum else None,
             noise=torch.zeros(shape, device=device, dtype=dtype),
         )
@@ -316,10 +334,16 @@ class GuidedSampler:
         planned = self._calls(False)[i]
         t, guided = planned.t, planned.combine is not None
         rows = model_input.shape[0] if guided else batch
-        t_in = torch.full((rows,), t, device=x.device, dtype=torch.long)
+        # A flow model takes the float time T·σ (diffusers' convention), a discrete one its integer t.
+        t_in = torch.full((rows,), t, device=x.device, dtype=torch.float32 if self.schedule.is_flow else torch.long)
         model_output = self._checked_output(self._forward(self.model, model_input[:rows], t_in, labels_in, rows),
                                             model_input, rows, shape)
         guide = None
+        channels_kept = getattr(self.cfg, "guided_channels", None)
+        if guided and channels_kept is not None:
+            # The official DiT's CFG: the unguided channels take the conditional prediction,
+            # u = c there, so u + w·(c − u) = c exactly.
+            model_output[batch:, channels_kept:shape[1]] = model_output[:batch, channels_kept:shape[1]]
         if guided and isinstance(self.cfg, AutoGuidance):  # the guide network on the same rows and labels
             guide = self._checked_output(self._forward(self.cfg.guide_model, x, t_in, labels_in, batch),
                                          model_input, batch, shape)
@@ -331,6 +355,8 @@ class GuidedSampler:
 
         ring = buffers.x0
         history = tuple(ring[(i - 1 - j) % len(ring)] for j in range(len(call.step.k_history)))
+        if self.unconditional_history:
+            history = self._unconditional_x0(i, model_output, x, guide, call, buffers)
         combine = call.combine
         grad = None
         if call.step.k_grad or call.step.grad_eps_scale:
@@ -344,6 +370,17 @@ class GuidedSampler:
             model_output, x, guide, history, draw_noise() if call.step.k_noise else None, grad,
             buffers.apg if combine is not None else None, model_input, ring[i % len(ring)] if keep_x0 else None,
         ), call.step, combine)
+
+    def _unconditional_x0(self, i: int, model_output: Tensor, x: Tensor, guide: Tensor | None, call: _Call,
+                          buffers: _Buffers) -> tuple[Tensor, ...]:
+        """CFG++ on DPM-Solver++(2M): this call's unconditional x0 into its buffer (one unguided
+        x0-only pass over the B unconditional rows), and the previous call's as the history."""
+        unconditional = guide if guide is not None else model_output[len(x):]
+        x0_only = StepCoefficients(call.step.alpha, call.step.sigma, k_x0=1.0, prediction_type=self.prediction_type)
+        ring = buffers.x0_unconditional
+        ops.guided_step_prechecked(StepTensors(unconditional, x, None, (), None, None, None, ring[i % 2], None),
+                                   x0_only, None)
+        return (ring[(i - 1) % 2],) if call.step.k_history else ()
 
     @staticmethod
     def _forward(model: Model, model_input: Tensor, t_in: Tensor, labels_in: Tensor | None, rows: int) -> object:
@@ -434,13 +471,15 @@ class GuidedSampler:
         return buffers, graphs
 
 
-def _cfg_plus_plus(step: StepCoefficients, schedule: NoiseSchedule, plan: StepPlan) -> StepCoefficients:
-    """A DDIM or Euler step in CFG++'s form: x' = α'·x0 + k·ε_u, the renoising from the
-    unconditional prediction's eps (k = √(1 − ᾱ' − σ_η²) for DDIM, σ' for Euler's VP form,
-    where x' = α'·(x0 + σ̃'·ε))."""
-    alpha_next, sigma_next = schedule.alpha_sigma(plan.t_next) if plan.t_next >= 0 else (1.0, 0.0)
-    renoise = step.k_eps if step.k_x == 0 else sigma_next  # DDIM carries it in k_eps already
-    return step._replace(k_x=0.0, k_x0=alpha_next, k_eps=0.0, k_guide_eps=renoise)
+def _cfg_plus_plus(step: StepCoefficients) -> StepCoefficients:
+    """A step in CFG++'s form (Chung et al. 2024): the update as if x were α·x̂0_λ + σ·ε_∅,
+    x0 from the guided prediction and the noise the unconditional prediction's, so
+    x' = (k_x0 + α·k_x)·x̂0_λ + (σ·k_x + k_eps)·ε_∅ + the rest. For DDIM that is the paper's
+    x' = α'·x̂0_λ + σ'·ε_∅; Euler (VP or flow) gives the same; DPM-Solver++(2M) gives
+    x' = α'·(1 + φ/2r)·x̂0_λ + σ'·ε_∅ − α'·φ/2r·x̂0_∅,prev (its history then holds the
+    unconditional x0), the paper's 2M form."""
+    return step._replace(k_x=0.0, k_eps=0.0, k_x0=step.k_x0 + step.alpha * step.k_x,
+                         k_guide_eps=step.sigma * step.k_x + step.k_eps)
 
 
 def _is_real(value: object) -> bool:
@@ -451,15 +490,18 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _check_steps(steps: object) -> None:
-    """steps: a positive int, ADM's "ddimN" / "N" string, or a sequence of int timesteps."""
+def _check_steps(steps: object, flow: bool) -> None:
+    """steps: a positive int, ADM's "ddimN" / "N" string, or a sequence of timesteps (ints;
+    numbers on a flow schedule, whose model time is continuous)."""
     if isinstance(steps, (bool, float)):
-        raise TypeError(f"steps must be an int, 'ddimN' or a sequence of int timesteps, got {steps!r}")
+        raise TypeError(f"steps must be an int, 'ddimN' or a sequence of timesteps, got {steps!r}")
     if isinstance(steps, (str, int)):
         return  # the schedule checks the count and the string's form
     values = steps.tolist() if isinstance(steps, Tensor) else steps
-    if not isinstance(values, Sequence) or not all(isinstance(t, Integral) and not isinstance(t, bool) for t in values):
-        raise TypeError(f"steps given as timesteps must be a sequence of ints, got {steps!r}")
+    kind = Real if flow else Integral
+    if not isinstance(values, Sequence) or not all(isinstance(t, kind) and not isinstance(t, bool) for t in values):
+        raise TypeError(f"steps given as timesteps must be a sequence of {'numbers' if flow else 'ints'}, "
+                        f"got {steps!r}")
 
 
 def _check_null_label(null_label: object, model, num_classes: int | None) -> None:
@@ -514,13 +556,14 @@ def sample(
     shape: Sequence[int],
     *,
     labels: Tensor | None = None,
-    sampler: str = "dpm++2m",
+    sampler: str = "unipc",
     steps: int | str | Sequence[int] = 25,
-    spacing: str = "adm",
+    spacing: str | None = None,
     rho: float = 7.0,
     schedule: NoiseSchedule | None = None,
     guidance=None,
     eta: float = 0.0,
+    solver_order: int | None = None,
     clip_denoised: bool = True,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
@@ -538,20 +581,29 @@ def sample(
 
     Args:
         labels: (B,) class indices; required by CFG and classifier guidance.
-        sampler: "ddim", "ddpm", "euler", "dpm++2m" or "dpm++2s" (two model calls per step).
-        steps: a count, ADM's "ddimN", or an explicit list of original timesteps.
+        sampler: one of fastguide.sampling.solvers.SAMPLERS (its docstring has each one's
+            update): "unipc" (the default: UniPC-2 with its corrector, chosen by the NFE
+            benchmark), "dpm++2m", "dpm++3m", "dpm++2s", "ddim", "euler", "heun" (two
+            model calls per step, as dpm++2s), and with noise "ddpm", "euler-ancestral",
+            "dpm++2m-sde" (VP) or "euler-maruyama" (SiT's SDE, flow schedules).
+        steps: a count, ADM's "ddimN", or an explicit list of original timesteps (of
+            float times T·σ on a flow schedule).
         spacing: where a count of steps lies: "adm" (ADM's respacing), diffusers'
             "leading", "trailing" and "linspace", "logsnr" (uniform in log-SNR) or
-            "karras" (ρ = ``rho``); see NoiseSchedule.spaced_timesteps.
-        schedule: the training schedule (default ADM's linear schedule over 1000 steps).
+            "karras" (ρ = ``rho``); see NoiseSchedule.spaced_timesteps. Default: the
+            schedule's own ("logsnr"; "linspace" in σ, shifted, on a flow schedule).
+        schedule: the training schedule (default ADM's linear schedule over 1000 steps),
+            or a flow path, ``NoiseSchedule.flow(shift)``.
         guidance: None, ``CFG(...)``, ``ClassifierGuidance(...)`` or a tuple of both.
         eta: DDIM's stochasticity (0 = deterministic).
+        solver_order: UniPC's order p (1, 2 or 3; default 2).
         clip_denoised: clip the predicted x0 to [−1, 1] at every step.
         generator, noise: the random stream; ``noise`` is x_T. Same generator, same samples.
         progress: a progress bar over the model calls.
         callback: called after each model call with a dict {"i", "t", "x", "denoised"}
             (k-diffusion's convention; the tensors are the loop's buffers: copy to keep).
-        prediction_type: "epsilon", "v_prediction" or "sample".
+        prediction_type: "epsilon", "v_prediction", "sample" or "flow_prediction"
+            (the velocity ε − x0 of a flow path; diffusers' name).
         variance_type: for "ddpm": "fixed_small", "fixed_large" or "learned_range"
             (default: learned_range when the model outputs 2C channels).
         null_label: the unconditional label (default: the model's ``null_label``).
@@ -567,6 +619,7 @@ def sample(
     """
     guided_sampler = GuidedSampler(
         model, sampler=sampler, steps=steps, spacing=spacing, rho=rho, schedule=schedule, guidance=guidance, eta=eta,
+        solver_order=solver_order,
         clip_denoised=clip_denoised, prediction_type=prediction_type, variance_type=variance_type,
         null_label=null_label, num_classes=num_classes, dynamic_threshold=dynamic_threshold, cuda_graph=cuda_graph,
     )

@@ -1,8 +1,13 @@
-"""Discrete variance-preserving noise schedules and timestep respacing.
+"""Noise schedules: discrete variance-preserving ones, and flow-matching paths.
 
-x_t = α_t·x_0 + σ_t·ε with α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t), ᾱ_t = Π_{s≤t}(1 − β_s), for
-t = 0 … T−1. Models and classifiers always receive the ORIGINAL t, whatever the number
-of sampling steps. log-SNR λ_t = log(α_t/σ_t); EDM's σ̃_t = σ_t/α_t.
+Every schedule says where x_t = α_t·x_0 + σ_t·ε lies for the time t a model is called
+with; log-SNR λ_t = log(α_t/σ_t), EDM's σ̃_t = σ_t/α_t, and t = −1 stands for the clean
+data (α = 1, σ = 0) after the last step.
+- ``NoiseSchedule``: α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t), ᾱ_t = Π_{s≤t}(1 − β_s), for integer
+  t = 0 … T−1. Models and classifiers always receive the ORIGINAL t, whatever the number
+  of sampling steps.
+- ``FlowSchedule`` (``NoiseSchedule.flow``): the rectified-flow path α = 1 − σ, with the
+  model called at the float time t = T·σ (diffusers' FlowMatchEulerDiscreteScheduler).
 """
 
 from __future__ import annotations
@@ -15,10 +20,19 @@ import torch
 from torch import Tensor
 
 SPACINGS = ("adm", "leading", "trailing", "linspace", "logsnr", "karras")
+# The "logsnr" grid's last call is at σ̃ ≈ this / steps (or the schedule's σ̃_0 if larger):
+# chosen by the NFE benchmark (benchmarks/sampling/nfe.py), where it beat ending at t = 0
+# from 8 to 25 calls and cost little at 50.
+LOGSNR_FINAL_EDM_SIGMA = 0.3
+LOGSNR_MAX_EDM_SIGMA = 160.0
 
 
 class NoiseSchedule:
     """ᾱ_t of a discrete VP schedule, held in float64."""
+
+    is_flow = False
+    # Where a count of steps lies when no spacing is named (chosen by the NFE benchmark).
+    default_spacing = "logsnr"
 
     def __init__(self, betas: Sequence[float] | Tensor):
         betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
@@ -44,6 +58,11 @@ class NoiseSchedule:
         betas = [min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
                  for i in range(num_timesteps)]
         return cls(betas)
+
+    @staticmethod
+    def flow(shift: float = 1.0, num_timesteps: int = 1000) -> FlowSchedule:
+        """The rectified-flow path x = (1 − σ)·x0 + σ·ε (SD3, SiT, LightningDiT); see ``FlowSchedule``."""
+        return FlowSchedule(shift, num_timesteps)
 
     @property
     def num_timesteps(self) -> int:
@@ -89,7 +108,12 @@ class NoiseSchedule:
           "leading"   diffusers': i·⌊T/N⌋ for i < N
           "trailing"  diffusers': round(T − i·T/N) − 1 for i < N (starts at T − 1)
           "linspace"  diffusers': round of N points evenly spaced over [0, T − 1]
-          "logsnr"    uniform in log-SNR λ between λ_{T−1} and λ_0
+          "logsnr"    uniform in log-SNR λ from λ_{T−1} (or from σ̃ = 160 where the schedule
+                      goes beyond: the cosine's σ̃_{T−1} = 2·10⁴, where a data-prediction step
+                      divides by α ≈ 5·10⁻⁵; ADM's linear one ends at 157) down to the λ of
+                      σ̃ = max(σ̃_0, 0.3/N)
+                      (fewer steps stop short of the last, nearly clean timesteps, whose
+                      final denoising step costs O(σ̃²); see BENCHMARKS.md's NFE table)
           "karras"    Karras et al.'s σ̃ grid with ``rho`` between σ̃_{T−1} and σ̃_0
         The last two pick, for each target, the timestep of nearest λ (or σ̃); where targets
         crowd onto one timestep (the schedule's steep ends), they move to the nearest free
@@ -112,7 +136,9 @@ class NoiseSchedule:
         abar = self.alphas_cumprod
         if spacing == "logsnr":
             levels = 0.5 * torch.log(abar / (1 - abar))  # λ_t, decreasing in t
-            targets = torch.linspace(float(levels[-1]), float(levels[0]), steps, dtype=torch.float64)
+            high_end = max(float(levels[-1]), -math.log(LOGSNR_MAX_EDM_SIGMA))
+            low_end = min(float(levels[0]), -math.log(LOGSNR_FINAL_EDM_SIGMA / steps))
+            targets = torch.linspace(high_end, low_end, steps, dtype=torch.float64)
         else:  # karras
             if not (isinstance(rho, (int, float)) and not isinstance(rho, bool) and math.isfinite(rho) and rho > 0):
                 raise ValueError(f"rho must be a positive number, got {rho!r}")
@@ -173,3 +199,83 @@ def _adm_section(size: int, count: int) -> list[int]:
         taken.append(round(position))
         position += stride
     return sorted(set(taken))
+
+
+class FlowSchedule(NoiseSchedule):
+    """The rectified-flow path x_σ = (1 − σ)·x0 + σ·ε, σ ∈ [0, 1], whose velocity is
+    v = ε − x0 (``prediction_type="flow_prediction"``). The model is called with the float
+    time t = T·σ (T = ``num_timesteps``), as diffusers' FlowMatchEulerDiscreteScheduler does.
+
+    A count of steps lies uniformly in σ from 1 down to 1/N ("linspace"), each then moved by
+    SD3's time shift σ ← shift·σ/(1 + (shift − 1)·σ) (shift > 1 spends more steps at high
+    noise); the step after the last goes to σ = 0.
+    """
+
+    is_flow = True
+    default_spacing = "linspace"
+
+    def __init__(self, shift: float = 1.0, num_timesteps: int = 1000):
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
+            raise ValueError(f"shift must be a positive number, got {shift!r}")
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be a positive int (the model's time scale), got {num_timesteps!r}")
+        self.shift = float(shift)
+        self._scale = num_timesteps
+
+    def __repr__(self) -> str:
+        return f"FlowSchedule(shift={self.shift}, num_timesteps={self._scale})"
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._scale
+
+    def alpha_bar(self, t: float) -> float:
+        raise ValueError("a flow schedule has no ᾱ (ddpm's posterior): use alpha_sigma")
+
+    def alpha_sigma(self, t: float) -> tuple[float, float]:
+        """(1 − σ, σ) with σ = t/T; (1, 0) for t < 0."""
+        if t < 0:
+            return 1.0, 0.0
+        sigma = t / self._scale
+        return 1.0 - sigma, sigma
+
+    def edm_sigma(self, t: float) -> float:
+        alpha, sigma = self.alpha_sigma(t)
+        return math.inf if alpha == 0 else sigma / alpha
+
+    def log_snr(self, t: float) -> float:
+        alpha, sigma = self.alpha_sigma(t)
+        if sigma == 0:
+            return math.inf
+        return -math.inf if alpha == 0 else math.log(alpha / sigma)
+
+    def time_of_log_snr(self, level: float) -> float:
+        """The t whose λ is ``level``: σ = 1/(1 + e^λ)."""
+        return self._scale / (1.0 + math.exp(level))
+
+    def shifted(self, sigma: float) -> float:
+        return self.shift * sigma / (1 + (self.shift - 1) * sigma)
+
+    def spaced_timesteps(self, steps: int, spacing: str = "linspace", rho: float = 7.0) -> list[float]:
+        """``steps`` times T·σ, descending: σ uniform from 1 to 1/N, then shifted."""
+        if spacing != "linspace":
+            raise ValueError(f"spacing must be 'linspace' for a flow schedule (uniform in σ, then shifted), "
+                             f"got {spacing!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        return [self._scale * self.shifted(1 - i / steps) for i in range(steps)]
+
+    def timesteps(self, steps: int | Sequence[float]) -> list[float]:
+        """A count (``spaced_timesteps``) or explicit times in (0, T], visited descending."""
+        if isinstance(steps, int) and not isinstance(steps, bool):
+            return self.spaced_timesteps(steps)
+        if isinstance(steps, str):
+            raise ValueError(f"steps must be a count or a list of times for a flow schedule, got {steps!r}")
+        values = steps.tolist() if isinstance(steps, Tensor) else list(steps)
+        if not values or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= self._scale
+                                  for t in values):
+            raise ValueError(f"timesteps of a flow schedule must be numbers in (0, {self._scale}], got {values!r}")
+        return sorted({float(t) for t in values}, reverse=True)
+
+    def strided_timesteps(self, steps: int) -> list[float]:
+        return self.spaced_timesteps(steps)

@@ -1,50 +1,91 @@
 """Solvers: a sampler's whole job is per-step scalars; ops.guided_step moves the bytes.
 
-Each step goes from original timestep t to t_next (−1 = clean data) and is one call of
+Each model call goes from time t to t_next (−1 = clean data) and is one call of
     x_next = k_x·x + k_x0·x0 + k_eps·eps + Σⱼ k_history[j]·x0₍ᵢ₋₁₋ⱼ₎ + k_noise·z (+ ADM's mean shift)
-where x0₍ᵢ₋₁₋ⱼ₎ is the x0 of the model call j + 1 calls back (the solver history),
-with, writing a = √ᾱ, s = √(1 − ᾱ) and primes for t_next:
-  ddim (Song et al.):   k_x0 = a', k_eps = √(1 − ᾱ' − σ_η²), k_noise = σ_η,
-                        σ_η = η·√((1 − ᾱ')/(1 − ᾱ))·√(1 − ᾱ/ᾱ')
+where x0₍ᵢ₋₁₋ⱼ₎ is the x0 of the model call j + 1 calls back (the solver history). Writing
+a, s for α_t, σ_t (x = a·x0 + s·eps), primes for t_next, λ = log(a/s), h = λ' − λ,
+σ̃ = s/a (EDM's noise level) and mᵢ for call i's x0:
+  ddim (Song et al.):   k_x0 = a', k_eps = √(s'² − σ_η²), k_noise = σ_η,
+                        σ_η = η·√((1 − ᾱ')/(1 − ᾱ))·√(1 − ᾱ/ᾱ') (η > 0 on VP schedules only)
   ddpm (Ho et al.; ADM's variances): β = 1 − ᾱ/ᾱ', k_x0 = β·a'/(1 − ᾱ),
                         k_x = (1 − ᾱ')·√(1 − β)/(1 − ᾱ), k_noise = √Σ, Σ fixed small
                         (posterior), fixed large (β) or learned (ADM's learned range)
-  euler (VP form of the probability-flow ODE in σ̃ = s/a):
-                        k_x = a'/a, k_eps = a'·(σ̃' − σ̃)
-  dpm++2m (Lu et al. 2022, DPM-Solver++(2M)): h = λ' − λ, φ = −a'·(e^{−h} − 1),
-                        k_x = s'/s, k_x0 = φ·(1 + 1/2r), k_history = (−φ/2r,), r = h_prev/h;
-                        first order (no history) at the first and the last step.
-  dpm++2s (Lu et al. 2022, DPM-Solver++(2S)): two model calls per step, the second at
-                        the grid timestep s whose λ is closest to the midpoint (r = (λ_s − λ)/h):
+  euler:                the probability-flow ODE dx̃/dσ̃ = eps in x̃ = x/a (VP):
+                        k_x = a'/a, k_eps = a'·(σ̃' − σ̃); on a flow path dx/dσ = v = eps − x0:
+                        k_x = 1, k_eps = −k_x0 = σ' − σ (diffusers' FlowMatchEuler)
+  euler-ancestral (k-diffusion, η = 1; VP): σ_up = σ̃'·√(1 − σ̃'²/σ̃²), σ_down = √(σ̃'² − σ_up²),
+                        k_x = a'/a, k_eps = a'·(σ_down − σ̃), k_noise = a'·σ_up
+  heun (EDM's second order, two calls per step, Euler on the last): the first call is
+                        an Euler step to x_E at t'; the second, at (x_E, t'), averages the
+                        two slopes. Both slopes are read at x_E, so their difference is
+                        (m_A − m_B)/σ̃' and x' = x_E + a'·(σ̃' − σ̃)/(2σ̃')·(m_A − m_B) (VP; on
+                        a flow path (σ' − σ)/(2σ') in place of a'·(σ̃' − σ̃)/(2σ̃')).
+  dpm++2m, dpm++3m (Lu et al. 2022, DPM-Solver++ multistep; diffusers' formulas):
+                        φ₁ = 1 − e^{−h}, φ₂ = φ₁'… as x' = (s'/s)·x + a'·φ₁·m₀ + a'·φ₂·D₁ − a'·φ₃·D₂
+                        with φ₂ = (e^{−h} − 1)/h + 1, φ₃ = (e^{−h} − 1 + h)/h² − ½, rₖ = hₖ/h
+                        the earlier steps' λ-lengths, D₁ = (m₀ − m₁)/r₀ [+ r₀/(r₀ + r₁)·(that
+                        − (m₁ − m₂)/r₁)], D₂ = ((m₀ − m₁)/r₀ − (m₁ − m₂)/r₁)/(r₀ + r₁); 2M
+                        uses ½·a'φ₁·D₁ (the midpoint form) and no D₂.
+  dpm++2m-sde (the SDE variant, η = 1, midpoint; VP): k_x = (s'/s)·e^{−h},
+                        φ = 1 − e^{−2h} in place of φ₁ above, k_noise = s'·√φ
+  dpm++2s (DPM-Solver++(2S)): two model calls per step, the second at the time s whose λ
+                        is closest to the midpoint (on a discrete schedule, a grid timestep):
                         u = (s_s/s)·x − a_s·(e^{−rh} − 1)·D,  then from D_s at (u, s)
-                        x' = (s'/s)·x + φ·(1 − 1/2r)·D + φ/2r·D_s. The second call holds u as x
-                        and D as its history, so x = (s/s_s)·(u + a_s·(e^{−rh} − 1)·D) turns that into
-                        k_x = s'/s_s, k_x0 = φ/2r, k_history = ((s'/s_s)·a_s·(e^{−rh} − 1) + φ·(1 − 1/2r),).
-                        First order where no grid timestep lies between t and t', and at the last step.
+                        x' = (s'/s)·x + φ·(1 − 1/2r)·D + φ/2r·D_s, φ = a'·φ₁. The second call
+                        holds u as x and D as its history, so x = (s/s_s)·(u + a_s·(e^{−rh} − 1)·D)
+                        gives k_x = s'/s_s, k_x0 = φ/2r, k_history = ((s'/s_s)·a_s·(e^{−rh} − 1) + φ·(1 − 1/2r),).
+  unipc (Zhao et al. 2023, UniPC with B(h) = e^{−h} − 1, "bh2"; diffusers' formulas):
+                        the predictor UniP-p, x' = (s'/s)·x_c + a'·φ₁·m₀ − a'·B(h)·Σₖ ρₖ·(mₖ − m₀)/rₖ,
+                        runs from the corrected x_c = x − a·B(h₋)·(Σₖ (ρᶜₖ − ρᵖₖ)·Dₖ + ρᶜ_p·(m₀ − m₁))
+                        (UniC-p of the step that led here: the same slopes Dₖ plus the new
+                        model output at no extra call), so both fold into one update of x.
+                        The ρ solve Σₖ ρₖ·rₖ^(j−1) = hφ_j·j!/B(h) (φ_j the exponential
+                        integrator's), ρ = ½ for UniP-2 and UniC-1.
+  euler-maruyama (SiT's SDE on a flow path, diffusion w = σ, last step its mean):
+                        Δ = σ − σ', k_x = 1, k_x0 = Δ, k_eps = −2Δ, k_noise = √(2σΔ);
+                        the last step, to σ = 0, is the same mean without noise.
+The multistep solvers drop to lower orders where the history is short (the first steps),
+across a step from pure noise (λ = −∞, a flow path's start), at the last step, which is
+first order and lands on the final x0, and, for dpm++3m on fewer than 15 steps and unipc
+always, at the step before it (diffusers' lower_order_final).
 A sampler is a choice of these numbers; nothing else differs. A plan holds one entry per
-model call: dpm++2s has two per step (2·steps − 1 calls in all).
+model call: dpm++2s and heun have two per step (2·steps − 1 calls in all).
 """
-
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ..ops.contract import StepCoefficients
+import numpy as np
+
+from ..ops.contract import MAX_HISTORY, StepCoefficients
 from .schedule import NoiseSchedule
 
-SAMPLERS = ("ddim", "ddpm", "euler", "dpm++2m", "dpm++2s")
+SAMPLERS = ("ddim", "ddpm", "euler", "euler-ancestral", "heun", "dpm++2m", "dpm++2m-sde", "dpm++2s", "dpm++3m",
+            "unipc", "euler-maruyama")
+# Samplers that need a variance-preserving schedule (ᾱ, or its σ̃ noise model), and the one
+# that needs a flow path.
+VP_ONLY = ("ddpm", "euler-ancestral", "dpm++2m-sde")
+FLOW_ONLY = ("euler-maruyama",)
+# The global order of accuracy of each deterministic sampler on the probability-flow ODE, as
+# built (and as in diffusers): UniPC-p with its corrector is of order p + 1, but both
+# multistep families warm up with lower orders, and one first-order step (DPM-Solver++(3M)'s
+# first) or one UniP-1 + UniC-1 step (UniPC's first) caps the global order at 2 and 3.
+ORDERS = {"ddim": 1, "euler": 1, "heun": 2, "dpm++2m": 2, "dpm++2s": 2, "dpm++3m": 2,
+          "unipc-1": 2, "unipc-2": 3, "unipc-3": 3}
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
+# diffusers lowers DPM-Solver++(3M)'s step before the last to second order below this many steps.
+LOWER_ORDER_SECOND_BELOW = 15
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """The scalars of one model call from original timestep t to t_next (−1 = clean data)."""
+    """The scalars of one model call from time t to t_next (−1 = clean data)."""
 
-    t: int
-    t_next: int
+    t: float
+    t_next: float
     k_x: float = 0.0
     k_x0: float = 0.0
     k_eps: float = 0.0
@@ -77,11 +118,34 @@ class StepPlan:
         )
 
 
-def _ddim(schedule: NoiseSchedule, t: int, t_next: int, eta: float) -> StepPlan:
-    abar, abar_next = schedule.alpha_bar(t), schedule.alpha_bar(t_next)
-    sigma_eta = eta * math.sqrt((1 - abar_next) / (1 - abar) * (1 - abar / abar_next))
-    return StepPlan(t, t_next, k_x0=math.sqrt(abar_next),
-                    k_eps=math.sqrt(max(0.0, 1 - abar_next - sigma_eta**2)), k_noise=sigma_eta)
+def _with_history(t: float, t_next: float, k_x: float, x0_weights: np.ndarray) -> StepPlan:
+    """A plan from the weights of (m₀, m₁, …): this call's x0, then the history's."""
+    history = tuple(float(w) for w in x0_weights[1:])
+    while history and history[-1] == 0.0:  # no slot for a term that is not there
+        history = history[:-1]
+    return StepPlan(t, t_next, k_x=k_x, k_x0=float(x0_weights[0]), k_history=history)
+
+
+def _unit(k: int) -> np.ndarray:
+    """The weights picking m_k out of (m₀, …, m_MAX_HISTORY)."""
+    weights = np.zeros(MAX_HISTORY + 1)
+    weights[k] = 1.0
+    return weights
+
+
+# --------------------------------------------------------------------------------------
+# One-step samplers
+# --------------------------------------------------------------------------------------
+
+
+def _ddim(schedule: NoiseSchedule, t: float, t_next: float, eta: float) -> StepPlan:
+    alpha_next, sigma_next = schedule.alpha_sigma(t_next)
+    sigma_eta = 0.0
+    if eta:
+        abar, abar_next = schedule.alpha_bar(t), schedule.alpha_bar(t_next)
+        sigma_eta = eta * math.sqrt((1 - abar_next) / (1 - abar) * (1 - abar / abar_next))
+    return StepPlan(t, t_next, k_x0=alpha_next,
+                    k_eps=math.sqrt(max(0.0, sigma_next**2 - sigma_eta**2)), k_noise=sigma_eta)
 
 
 def _posterior_variance(schedule: NoiseSchedule, t: int, t_next: int) -> float:
@@ -104,30 +168,188 @@ def _ddpm(schedule: NoiseSchedule, t: int, t_next: int, variance_type: str, clip
     return StepPlan(**plan, k_noise=math.sqrt(variance) if t_next >= 0 else 0.0, variance=variance)
 
 
-def _euler(schedule: NoiseSchedule, t: int, t_next: int) -> StepPlan:
-    (alpha, _), (alpha_next, _) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
-    edm, edm_next = schedule.edm_sigma(t), (schedule.edm_sigma(t_next) if t_next >= 0 else 0.0)
-    return StepPlan(t, t_next, k_x=alpha_next / alpha, k_eps=alpha_next * (edm_next - edm))
+def _euler(schedule: NoiseSchedule, t: float, t_next: float) -> StepPlan:
+    (alpha, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
+    if schedule.is_flow:
+        return StepPlan(t, t_next, k_x=1.0, k_x0=sigma - sigma_next, k_eps=sigma_next - sigma)
+    return StepPlan(t, t_next, k_x=alpha_next / alpha, k_eps=alpha_next * (sigma_next / alpha_next - sigma / alpha))
 
 
-def _dpm_pp_2m(schedule: NoiseSchedule, t: int, t_next: int, h_prev: float | None) -> tuple[StepPlan, float | None]:
-    (_, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
-    if sigma_next == 0:  # the last step lands on the clean data: first order gives x0
-        return StepPlan(t, t_next, k_x0=1.0), None
-    h = schedule.log_snr(t_next) - schedule.log_snr(t)
-    phi = -alpha_next * math.expm1(-h)
-    if h_prev is None:
-        return StepPlan(t, t_next, k_x=sigma_next / sigma, k_x0=phi), h
-    r = h_prev / h
-    return StepPlan(t, t_next, k_x=sigma_next / sigma, k_x0=phi * (1 + 1 / (2 * r)), k_history=(-phi / (2 * r),)), h
+def _euler_ancestral(schedule: NoiseSchedule, t: int, t_next: int) -> StepPlan:
+    (alpha, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
+    edm, edm_next = sigma / alpha, sigma_next / alpha_next
+    up = edm_next * math.sqrt(max(0.0, 1 - edm_next**2 / edm**2))
+    down = math.sqrt(max(0.0, edm_next**2 - up**2))
+    return StepPlan(t, t_next, k_x=alpha_next / alpha, k_eps=alpha_next * (down - edm), k_noise=alpha_next * up)
 
 
-def _log_snr_midpoint(schedule: NoiseSchedule, t: int, t_next: int) -> int | None:
-    """The grid timestep strictly between t_next and t whose λ is closest to the midpoint
-    of λ_t and λ_t_next; None when no timestep lies between them."""
+def _euler_maruyama(schedule: NoiseSchedule, t: float, t_next: float) -> StepPlan:
+    (_, sigma), (_, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
+    delta = sigma - sigma_next
+    noise = math.sqrt(2 * sigma * delta) if t_next >= 0 else 0.0
+    return StepPlan(t, t_next, k_x=1.0, k_x0=delta, k_eps=-2 * delta, k_noise=noise)
+
+
+def _heun(schedule: NoiseSchedule, t: float, t_next: float) -> list[StepPlan]:
+    euler = _euler(schedule, t, t_next)
+    if t_next < 0:  # the last step lands on the clean data: Euler there
+        return [euler]
+    (alpha, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
+    if schedule.is_flow:
+        weight = (sigma_next - sigma) / (2 * sigma_next)
+    else:
+        weight = alpha_next * (sigma_next / alpha_next - sigma / alpha) / (2 * sigma_next / alpha_next)
+    return [euler, StepPlan(t_next, t_next, k_x=1.0, k_x0=-weight, k_history=(weight,))]
+
+
+# --------------------------------------------------------------------------------------
+# Multistep samplers: the grid's log-SNRs, how much history each step can use
+# --------------------------------------------------------------------------------------
+
+
+def _usable_history(log_snrs: Sequence[float], i: int) -> int:
+    """How many calls before call i a multistep formula may read: those after the last
+    point of infinite λ (pure noise), whose slopes would enter with an infinite ratio."""
+    count = 0
+    while count < i and math.isfinite(log_snrs[i - 1 - count]):
+        count += 1
+    return count if math.isfinite(log_snrs[i]) else 0
+
+
+def _dpm_multistep(schedule: NoiseSchedule, timesteps: Sequence[float], order: int) -> list[StepPlan]:
+    """DPM-Solver++(2M) or (3M) over the grid (order 2 or 3)."""
+    points = list(timesteps) + [-1]
+    log_snrs = [schedule.log_snr(t) for t in points]
+    steps = len(timesteps)
+    plans = []
+    for i, (t, t_next) in enumerate(zip(points, points[1:])):
+        if t_next < 0:  # the last step lands on the clean data: first order gives x0
+            plans.append(StepPlan(t, t_next, k_x0=1.0))
+            continue
+        (_, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
+        h = log_snrs[i + 1] - log_snrs[i]
+        used = min(order, 1 + _usable_history(log_snrs, i))
+        if i == steps - 2 and steps < LOWER_ORDER_SECOND_BELOW:
+            used = min(used, 2)
+        phi_1 = -math.expm1(-h)
+        weights = alpha_next * phi_1 * _unit(0)
+        if used >= 2:
+            r0 = (log_snrs[i] - log_snrs[i - 1]) / h
+            d1_0 = (_unit(0) - _unit(1)) / r0
+            if used == 2:
+                weights = weights + 0.5 * alpha_next * phi_1 * d1_0
+            else:
+                r1 = (log_snrs[i - 1] - log_snrs[i - 2]) / h
+                d1_1 = (_unit(1) - _unit(2)) / r1
+                d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = math.expm1(-h) / h + 1
+                phi_3 = (math.expm1(-h) + h) / h**2 - 0.5
+                weights = weights + alpha_next * phi_2 * d1 - alpha_next * phi_3 * d2
+        plans.append(_with_history(t, t_next, sigma_next / sigma, weights))
+    return plans
+
+
+def _dpm_pp_2m_sde(schedule: NoiseSchedule, timesteps: Sequence[int]) -> list[StepPlan]:
+    points = list(timesteps) + [-1]
+    log_snrs = [schedule.log_snr(t) for t in points]
+    plans = []
+    for i, (t, t_next) in enumerate(zip(points, points[1:])):
+        if t_next < 0:
+            plans.append(StepPlan(t, t_next, k_x0=1.0))
+            continue
+        (_, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
+        h = log_snrs[i + 1] - log_snrs[i]
+        phi = -math.expm1(-2 * h)
+        weights = alpha_next * phi * _unit(0)
+        if _usable_history(log_snrs, i) >= 1:
+            r = (log_snrs[i] - log_snrs[i - 1]) / h
+            weights = weights + 0.5 * alpha_next * phi * (_unit(0) - _unit(1)) / r
+        plan = _with_history(t, t_next, sigma_next / sigma * math.exp(-h), weights)
+        plans.append(replace(plan, k_noise=sigma_next * math.sqrt(phi)))
+    return plans
+
+
+def _unipc_rhos(rks: Sequence[float], hh: float, order: int, corrector: bool) -> np.ndarray:
+    """UniPC's ρ (bh2): solve Σₖ ρₖ·rₖ^(j−1) = b_j for j = 1 … order, over the earlier
+    points' r (and r = 1, this call's, for the corrector), with b_j = hφ_j·j!/B(h)."""
+    if order == 1:
+        return np.array([0.5]) if corrector else np.zeros(0)
+    if order == 2 and not corrector:
+        return np.array([0.5])
+    b_h = math.expm1(hh)
+    h_phi_k = math.expm1(hh) / hh - 1
+    factorial = 1
+    rows, rhs = [], []
+    points = np.array(list(rks) + [1.0])
+    for j in range(1, order + 1):
+        rows.append(points ** (j - 1))
+        rhs.append(h_phi_k * factorial / b_h)
+        factorial *= j + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    matrix, rhs = np.array(rows), np.array(rhs)
+    if corrector:
+        return np.linalg.solve(matrix, rhs)
+    return np.linalg.solve(matrix[:-1, :-1], rhs[:-1])
+
+
+def _unipc(schedule: NoiseSchedule, timesteps: Sequence[float], order: int) -> list[StepPlan]:
+    """UniPC-p (bh2) with its corrector folded into each next update."""
+    points = list(timesteps) + [-1]
+    log_snrs = [schedule.log_snr(t) for t in points]
+    steps = len(timesteps)
+    plans = []
+    previous = None  # the last predictor: (order, its slopes' weights D_k, ρᵖ, h, a at its end)
+    for i, (t, t_next) in enumerate(zip(points, points[1:])):
+        (alpha, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
+        # The corrector of the step that led here, as weights of (m₀ = this call, m₁, …).
+        correction = np.zeros(MAX_HISTORY + 1)
+        if previous is not None:
+            used, slopes, rhos_p, h_prev = previous
+            hh = -h_prev
+            rhos_c = _unipc_rhos([r for r, _ in slopes], hh, used, corrector=True) if math.isfinite(hh) \
+                else np.array([0.5])
+            b_h = math.expm1(hh)
+            residual = sum(((rc - rp) * slope for rc, rp, (_, slope) in zip(rhos_c[:-1], rhos_p, slopes)),
+                           np.zeros(MAX_HISTORY + 1))
+            # The previous step's m₀, m₁, … are this call's m₁, m₂, …: shift by one.
+            shifted = np.concatenate([[0.0], residual[:-1]])
+            correction = -alpha * b_h * (shifted + rhos_c[-1] * (_unit(0) - _unit(1)))
+        if t_next < 0:  # the last step lands on the clean data: x' = m₀, no corrector term survives
+            plans.append(StepPlan(t, t_next, k_x0=1.0))
+            continue
+        h = log_snrs[i + 1] - log_snrs[i]
+        used = min(order, steps - i, 1 + _usable_history(log_snrs, i))
+        hh = -h
+        b_h = math.expm1(hh)
+        slopes = [((log_snrs[i - k] - log_snrs[i]) / h, (_unit(k) - _unit(0)) / ((log_snrs[i - k] - log_snrs[i]) / h))
+                  for k in range(1, used)]
+        rhos_p = _unipc_rhos([r for r, _ in slopes], hh, used, corrector=False)
+        weights = -alpha_next * math.expm1(hh) * _unit(0)
+        for rho, (_, slope) in zip(rhos_p, slopes):
+            weights = weights - alpha_next * b_h * rho * slope
+        ratio = sigma_next / sigma
+        plans.append(_with_history(t, t_next, ratio, weights + ratio * correction))
+        previous = (used, slopes, rhos_p, h)
+    return plans
+
+
+# --------------------------------------------------------------------------------------
+# DPM-Solver++(2S)
+# --------------------------------------------------------------------------------------
+
+
+def _log_snr_midpoint(schedule: NoiseSchedule, t: float, t_next: float) -> float | None:
+    """The time strictly between t_next and t whose λ is closest to the midpoint of λ_t and
+    λ_t_next: exact on a flow path, the nearest grid timestep on a discrete schedule; None
+    when there is none (adjacent timesteps, or a step from pure noise)."""
+    target = 0.5 * (schedule.log_snr(t) + schedule.log_snr(t_next))
+    if not math.isfinite(target):
+        return None
+    if schedule.is_flow:
+        return schedule.time_of_log_snr(target)
     if t - t_next < 2:
         return None
-    target = 0.5 * (schedule.log_snr(t) + schedule.log_snr(t_next))
     low, high = t_next + 1, t - 1  # λ falls as t grows: find the first t with λ_t ≤ target
     while low < high:
         middle = (low + high) // 2
@@ -139,7 +361,7 @@ def _log_snr_midpoint(schedule: NoiseSchedule, t: int, t_next: int) -> int | Non
     return min(candidates, key=lambda c: abs(schedule.log_snr(c) - target))
 
 
-def _dpm_pp_2s(schedule: NoiseSchedule, t: int, t_next: int) -> list[StepPlan]:
+def _dpm_pp_2s(schedule: NoiseSchedule, t: float, t_next: float) -> list[StepPlan]:
     (_, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
     if sigma_next == 0:  # the last step lands on the clean data: first order gives x0
         return [StepPlan(t, t_next, k_x0=1.0)]
@@ -159,18 +381,44 @@ def _dpm_pp_2s(schedule: NoiseSchedule, t: int, t_next: int) -> list[StepPlan]:
     return [to_mid, from_mid]
 
 
+# --------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------
+
+
+def check_sampler(sampler: str, schedule: NoiseSchedule, eta: float = 0.0, solver_order: int | None = None) -> None:
+    """Refuses a sampler the schedule cannot run, with the reason."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if schedule.is_flow and sampler in VP_ONLY:
+        raise ValueError(f"sampler={sampler!r} needs a variance-preserving schedule; on a flow schedule use one of "
+                         f"{tuple(s for s in SAMPLERS if s not in VP_ONLY)}")
+    if not schedule.is_flow and sampler in FLOW_ONLY:
+        raise ValueError(f"sampler={sampler!r} (SiT's SDE) needs a flow schedule, NoiseSchedule.flow()")
+    if schedule.is_flow and eta:
+        raise ValueError("eta (DDIM's stochasticity) is defined on variance-preserving schedules; on a flow "
+                         "schedule use sampler='euler-maruyama' for a stochastic sampler")
+    if solver_order is not None:
+        if sampler != "unipc":
+            raise ValueError(f"solver_order applies to sampler='unipc' (the others name their order), got "
+                             f"sampler={sampler!r}")
+        if isinstance(solver_order, bool) or solver_order not in (1, 2, 3):
+            raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
+
+
 def plan_steps(
     sampler: str,
     schedule: NoiseSchedule,
-    timesteps: Sequence[int],
+    timesteps: Sequence[float],
     *,
     eta: float = 0.0,
     variance_type: str = "fixed_small",
+    solver_order: int | None = None,
 ) -> list[StepPlan]:
-    """The scalars of each model call of ``sampler`` over ``timesteps`` (descending
-    original t): one plan per step, two per step for dpm++2s."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    """The scalars of each model call of ``sampler`` over ``timesteps`` (descending): one
+    plan per step, two per step but the last for dpm++2s and heun. ``solver_order`` is
+    UniPC's p (default 2, diffusers' default)."""
+    check_sampler(sampler, schedule, eta, solver_order)
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
     pairs = list(zip(timesteps, list(timesteps[1:]) + [-1]))
@@ -178,13 +426,19 @@ def plan_steps(
         return [_ddim(schedule, t, t_next, eta) for t, t_next in pairs]
     if sampler == "euler":
         return [_euler(schedule, t, t_next) for t, t_next in pairs]
+    if sampler == "euler-ancestral":
+        return [_euler_ancestral(schedule, t, t_next) for t, t_next in pairs]
+    if sampler == "euler-maruyama":
+        return [_euler_maruyama(schedule, t, t_next) for t, t_next in pairs]
     if sampler == "ddpm":
         clipped = _posterior_variance(schedule, *pairs[-2]) if len(pairs) > 1 else schedule.betas[0].item()
         return [_ddpm(schedule, t, t_next, variance_type, clipped) for t, t_next in pairs]
+    if sampler == "heun":
+        return [plan for t, t_next in pairs for plan in _heun(schedule, t, t_next)]
     if sampler == "dpm++2s":
         return [plan for t, t_next in pairs for plan in _dpm_pp_2s(schedule, t, t_next)]
-    plans, h_prev = [], None
-    for t, t_next in pairs:
-        plan, h_prev = _dpm_pp_2m(schedule, t, t_next, h_prev)
-        plans.append(plan)
-    return plans
+    if sampler == "dpm++2m-sde":
+        return _dpm_pp_2m_sde(schedule, timesteps)
+    if sampler == "unipc":
+        return _unipc(schedule, timesteps, solver_order or 2)
+    return _dpm_multistep(schedule, timesteps, 2 if sampler == "dpm++2m" else 3)

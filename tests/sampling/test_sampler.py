@@ -13,7 +13,7 @@ from scipy.integrate import solve_ivp
 import fastguide
 from fastguide import APG, CFG, ClassifierGuidance, GuidedSampler, NoiseSchedule, sample
 from fastguide.sampling import cuda_graphs
-from fastguide.sampling.solvers import SAMPLERS, plan_steps
+from fastguide.sampling.solvers import FLOW_ONLY, SAMPLERS, VP_ONLY, plan_steps
 from tests.helpers import backends_for, tiny_cfg_unet
 
 SCHEDULE = NoiseSchedule.linear()
@@ -175,19 +175,20 @@ def gaussian_cfg_error(sampler, steps, w=3.0, mean_c=0.6, std_c=0.5, mean_u=0.0,
         return torch.cat([c.eps(x[:batch], t[0]), u.eps(x[batch:], t[0])])
 
     x_T = torch.linspace(-2.5, 2.5, 11, dtype=torch.float64).reshape(11, 1, 1, 1)
-    timesteps = SCHEDULE.timesteps(steps)
-    got = GuidedSampler(model, sampler=sampler, steps=steps, guidance=CFG(w), clip_denoised=False,
-                        null_label=1, num_classes=1)(x_T.shape, labels=torch.zeros(11, dtype=torch.long),
-                                                     noise=x_T.float())
-    exact = gaussian_cfg_exact(x_T, w, timesteps[0], mean_c, std_c, mean_u, std_u)
+    # ADM's time-uniform grid, which ends with a model call at t = 0 (as these tests measured).
+    runner = GuidedSampler(model, sampler=sampler, steps=steps, spacing="adm", guidance=CFG(w), clip_denoised=False,
+                           null_label=1, num_classes=1)
+    got = runner(x_T.shape, labels=torch.zeros(11, dtype=torch.long), noise=x_T.float())
+    exact = gaussian_cfg_exact(x_T, w, runner.timesteps[0], mean_c, std_c, mean_u, std_u)
     return (got.double() - exact).abs().max().item()
 
 
 def test_cfg_converges_to_the_exact_guided_ode_at_each_solver_order():
-    # Measured here (time-uniform steps, w = 3): DDIM 0.36, 0.17, 0.084, 0.042 and
-    # DPM-Solver++(2M) 1.09, 0.40, 0.14, 0.037 at 10, 20, 40, 80 steps: on this exact
-    # Gaussian problem the second-order solver wins only from ~80 steps (its multistep
-    # extrapolation over the large late log-SNR steps costs more than it gains).
+    # Measured here (ADM's time-uniform grid, w = 3): DDIM 0.36, 0.17, 0.084, 0.042 and
+    # DPM-Solver++(2M) 1.09, 0.40, 0.14, 0.037 at 10, 20, 40, 80 steps. The second-order
+    # solver wins only from ~80 steps on this grid because of the grid, not the solver: its
+    # last steps, near t = 0, are each far longer in log-SNR than the ones before. On the
+    # default "logsnr" grid it wins at every count (tests/sampling/test_solvers.py).
     steps = (20, 40, 80, 160)
     ddim = [gaussian_cfg_error("ddim", n) for n in steps]
     dpm = [gaussian_cfg_error("dpm++2m", n) for n in steps]
@@ -334,7 +335,7 @@ def test_batched_cfg_equals_two_separate_forwards():
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
     got = sample(model, noise.shape, labels=labels, sampler="ddim", steps=3, guidance=CFG(4.0), noise=noise)
     # The same DDIM loop written out with two forwards per step and torch.chunk-free formulas.
-    x, w, timesteps = noise.clone(), 4.0, SCHEDULE.timesteps(3)
+    x, w, timesteps = noise.clone(), 4.0, SCHEDULE.spaced_timesteps(3, SCHEDULE.default_spacing)
     with torch.no_grad():
         for t, t_next in zip(timesteps, timesteps[1:] + [-1]):
             t_b = torch.full((2,), t)
@@ -372,17 +373,22 @@ def test_samples_agree_between_backends(backend):
                                       CFG(3.0, zero_star=True), CFG(4.0, rescale=0.5, tangential=True)], ids=str)
 def test_every_sampler_and_guidance_runs_and_is_reproducible(sampler, guidance):
     model = tiny_cfg_unet()
+    # SiT's SDE runs on a flow path (the tiny UNet stands in for a velocity model); the rest on ADM's.
+    path = (dict(schedule=NoiseSchedule.flow(), prediction_type="flow_prediction") if sampler in FLOW_ONLY
+            else dict(eta=0.5))
     run = lambda: sample(model, (2, 3, 8, 8), labels=torch.tensor([0, 2]), sampler=sampler, steps=3,  # noqa: E731
-                         guidance=guidance, eta=0.5, generator=torch.Generator().manual_seed(9))
+                         guidance=guidance, generator=torch.Generator().manual_seed(9), **path)
     first, second = run(), run()
     assert torch.isfinite(first).all()
     torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
 def test_plans_end_on_clean_data():
+    flow = NoiseSchedule.flow(shift=3.0)
     for sampler in SAMPLERS:
-        last = plan_steps(sampler, SCHEDULE, SCHEDULE.timesteps(10))[-1]
-        assert last.t_next == -1 and last.k_noise == 0
+        for schedule in [s for s in (SCHEDULE, flow) if sampler not in (FLOW_ONLY if s is SCHEDULE else VP_ONLY)]:
+            last = plan_steps(sampler, schedule, schedule.timesteps(10))[-1]
+            assert last.t_next == -1 and last.k_noise == 0
 
 
 def test_sampler_errors():
@@ -391,7 +397,7 @@ def test_sampler_errors():
         sample(model, (2, 3, 8, 8), labels=torch.tensor([0, 4]), steps=2)
     with pytest.raises(ValueError, match="one class per sample"):
         sample(model, (2, 3, 8, 8), labels=torch.tensor([0]), steps=2)
-    with pytest.raises(ValueError, match="steps must be between 1"):
+    with pytest.raises(ValueError, match="steps must be an int from 1 to 1000"):
         sample(model, (2, 3, 8, 8), labels=torch.tensor([0, 1]), steps=0)
     with pytest.raises(ValueError, match="CFG needs a null label"):
         sample(lambda x, t, y: x, (2, 3, 8, 8), labels=torch.tensor([0, 1]), guidance=CFG(2.0), steps=2)
@@ -417,7 +423,7 @@ def test_callback_sees_every_model_call(sampler):
                   noise=torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)))
     final = sample(model, (2, 3, 8, 8), callback=callback, **kwargs)
     assert [info["i"] for info in seen] == list(range(4))
-    assert [info["t"] for info in seen] == NoiseSchedule.linear().timesteps(4)
+    assert [info["t"] for info in seen] == SCHEDULE.spaced_timesteps(4, SCHEDULE.default_spacing)
     torch.testing.assert_close(seen[-1]["x"], final, rtol=0, atol=0)
     # The last step of both samplers lands on its x0 (first order onto clean data).
     torch.testing.assert_close(seen[-1]["denoised"], final, rtol=0, atol=0)
@@ -580,14 +586,83 @@ def test_cfg_plus_plus_on_ddim_is_the_papers_algorithm_and_euler_is_the_same_upd
         x = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * eps_u
     torch.testing.assert_close(ddim, x)
     torch.testing.assert_close(sample(model, noise.shape, sampler="euler", **kwargs), ddim)
-    with pytest.raises(ValueError, match="CFGPlusPlus is built for the 'ddim' and 'euler' samplers"):
-        sample(model, noise.shape, sampler="dpm++2m", **kwargs)
+    with pytest.raises(ValueError, match="CFGPlusPlus is built for the samplers"):
+        sample(model, noise.shape, sampler="unipc", **kwargs)
     with pytest.raises(ValueError, match=r"CFGPlusPlus scale λ must be in \[0, 1\]"):
         fastguide.CFGPlusPlus(3.0)
     with pytest.raises(ValueError, match="CFGPlusPlus takes a constant λ"):
         fastguide.CFGPlusPlus(0.2, schedule="cosine")
     with pytest.raises(ValueError, match="dynamic_threshold does not combine with CFGPlusPlus"):
         sample(model, noise.shape, sampler="ddim", dynamic_threshold=0.9, **kwargs)
+
+
+def test_cfg_plus_plus_on_dpm_solver_pp_2m_is_the_written_out_algorithm():
+    # CFG++'s DPM-Solver++(2M), in EDM's x̃ = x/α and λ = −log σ̃ (as k-diffusion writes it):
+    # x̃' = x̂_λ − e^{−h}·x̂_∅ + e^{−h}·x̃ − (e^{−h} − 1)/(2r)·(x̂_λ − x̂_∅,prev), first order at the
+    # first step and onto the clean data.
+    lam, timesteps = 0.7, [999, 700, 420, 200, 60, 5]
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def model(x, t, y):
+        y, t = (v.double().reshape(-1, 1, 1, 1) for v in (y, t))
+        return torch.tanh(0.5 * x - 0.2 * y) * (0.4 + t / 1500)
+
+    got = sample(model, noise.shape, sampler="dpm++2m", labels=torch.tensor([1, 2]), steps=timesteps, noise=noise,
+                 guidance=fastguide.CFGPlusPlus(lam), null_label=0, clip_denoised=False)
+    edm = [SCHEDULE.edm_sigma(t) for t in timesteps] + [0.0]
+    x_tilde = noise / SCHEDULE.alpha_sigma(timesteps[0])[0]
+    previous_uncond = None
+    for i, t in enumerate(timesteps):
+        alpha = SCHEDULE.alpha_sigma(t)[0]
+        out = model(torch.cat([x_tilde * alpha] * 2), torch.full((4,), t), torch.tensor([1, 2, 0, 0]))
+        eps_c, eps_u = out[:2], out[2:]
+        guided = x_tilde - edm[i] * (eps_u + lam * (eps_c - eps_u))
+        uncond = x_tilde - edm[i] * eps_u
+        if edm[i + 1] == 0:
+            x_tilde = guided
+            break
+        h = math.log(edm[i] / edm[i + 1])
+        mix = -math.exp(-h) * uncond
+        if previous_uncond is not None:
+            r = math.log(edm[i - 1] / edm[i]) / h
+            mix = mix - math.expm1(-h) / (2 * r) * (guided - previous_uncond)
+        x_tilde = guided + mix + math.exp(-h) * x_tilde
+        previous_uncond = uncond
+    torch.testing.assert_close(got, x_tilde)
+    with pytest.raises(ValueError, match="drop the interval"):
+        sample(model, noise.shape, sampler="dpm++2m", labels=torch.tensor([1, 2]), steps=timesteps,
+               guidance=fastguide.CFGPlusPlus(lam, interval=(0.5, 5.0)), null_label=0)
+
+
+def test_guided_channels_is_the_official_dit_forward_with_cfg():
+    # DiT's sample.py: the first 3 of 4 eps channels guided, the 4th and the learned
+    # variance channels from the conditional half; here on ADM's learned-range DDPM.
+    scale, timesteps = 4.0, [999, 600, 250, 40]
+    noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+    def model(x, t, y):
+        y, t = (v.double().reshape(-1, 1, 1, 1) for v in (y, t))
+        return torch.cat([torch.tanh(0.5 * x - 0.2 * y) * (0.4 + t / 1500), torch.tanh(x + 0.1 * y)], dim=1)
+
+    def forward_with_cfg(x, t, y):  # facebookresearch/DiT models.py, written out
+        out = model(torch.cat([x, x]), t.repeat(2), torch.cat([y, torch.zeros_like(y)]))
+        eps, rest = out[:, :3], out[:, 3:]
+        cond, uncond = eps.chunk(2)
+        half = uncond + scale * (cond - uncond)
+        return torch.cat([torch.cat([half, half]), rest], dim=1)[: len(x)]
+
+    def run(model, **guidance):
+        return sample(model, noise.shape, labels=torch.tensor([1, 2]), sampler="ddpm", steps=timesteps, noise=noise,
+                      clip_denoised=False, generator=torch.Generator().manual_seed(2), **guidance)
+
+    got = run(model, guidance=CFG(scale, guided_channels=3), null_label=0)
+    torch.testing.assert_close(got, run(forward_with_cfg))
+    assert not torch.allclose(got, run(model, guidance=CFG(scale), null_label=0))
+    kwargs = dict(labels=torch.tensor([1, 2]), steps=timesteps)
+    with pytest.raises(ValueError, match="takes plain CFG"):
+        CFG(scale, guided_channels=3, rescale=0.5)
+    with pytest.raises(ValueError, match="at most the 4 channels"):
+        sample(model, noise.shape, guidance=CFG(scale, guided_channels=5), null_label=0, **kwargs)
 
 
 def test_autoguidance_with_a_blurrier_guide_is_the_written_out_ddim_loop():
@@ -724,7 +799,7 @@ def test_diffusers_class_conditional_unet_through_the_adapter():
     model = fastguide.DiffusersUNet(unet, null_label=4)
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(8))
     labels = torch.tensor([0, 3])
-    got = sample(model, noise.shape, labels=labels, sampler="ddim", steps=2, guidance=CFG(2.0), noise=noise)
+    got = sample(model, noise.shape, labels=labels, sampler="ddim", steps=[999, 0], guidance=CFG(2.0), noise=noise)
     # One guided DDIM step from t = 999 and one from t = 0, written out on the unet itself.
     x = noise.clone()
     with torch.no_grad():
@@ -748,7 +823,7 @@ def test_dynamic_thresholding_matches_imagen():
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(11))
     got = sample(model, noise.shape, labels=labels, sampler="ddim", steps=3, guidance=CFG(w), noise=noise,
                  dynamic_threshold=p)
-    x, timesteps = noise.clone(), SCHEDULE.timesteps(3)
+    x, timesteps = noise.clone(), SCHEDULE.spaced_timesteps(3, SCHEDULE.default_spacing)
     with torch.no_grad():
         for t, t_next in zip(timesteps, timesteps[1:] + [-1]):
             out = model(torch.cat([x, x]), torch.full((4,), t), torch.cat([labels, torch.full_like(labels, 4)]))[:, :3]

@@ -1,0 +1,186 @@
+"""The solvers against their peers (diffusers' schedulers, SiT's Euler–Maruyama) on the same
+grid and model, their orders of convergence on the exact Gaussian-class oracle, and the
+default sampler's accuracy against diffusers' default."""
+
+import inspect
+import math
+
+import pytest
+import torch
+
+from benchmarks.sampling.nfe import diffusers_error, fastguide_error
+from benchmarks.sampling.oracle import GaussianClasses
+from fastguide import CFG, GuidedSampler, NoiseSchedule, sample
+from fastguide.sampling.solvers import ORDERS, plan_steps
+
+diffusers = pytest.importorskip("diffusers")
+ADM_BETAS = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+
+
+def toy_eps(x, t):
+    """A smooth deterministic "model" of x and t, in x's dtype."""
+    return (torch.tanh(0.7 * x + 0.3) * (0.5 + t.to(x.dtype).reshape(-1, 1, 1, 1) / 2000)).to(x.dtype)
+
+
+def run_diffusers(scheduler, x_T, model, generator=None):
+    """diffusers' loop: scale the input where the scheduler asks, step with the generator
+    where the scheduler draws noise."""
+    x = x_T * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers start at x_T
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        out = model(model_input, t.reshape(1).expand(len(x)))
+        x = scheduler.step(out, t, x, **({"generator": generator} if takes_generator else {})).prev_sample
+    return x
+
+
+CASES = {  # name: (scheduler, our sampler and options, noise)
+    "dpm++3m": (lambda: diffusers.DPMSolverMultistepScheduler(**ADM_BETAS, solver_order=3), dict(sampler="dpm++3m")),
+    "unipc-1": (lambda: diffusers.UniPCMultistepScheduler(**ADM_BETAS, solver_order=1),
+                dict(sampler="unipc", solver_order=1)),
+    "unipc-2": (lambda: diffusers.UniPCMultistepScheduler(**ADM_BETAS), dict(sampler="unipc")),
+    "unipc-3": (lambda: diffusers.UniPCMultistepScheduler(**ADM_BETAS, solver_order=3),
+                dict(sampler="unipc", solver_order=3)),
+    "dpm++2m-sde": (lambda: diffusers.DPMSolverMultistepScheduler(**ADM_BETAS, algorithm_type="sde-dpmsolver++"),
+                    dict(sampler="dpm++2m-sde")),
+    # Karras-style schedulers on integer timesteps ("leading"), where the grids coincide.
+    "heun": (lambda: diffusers.HeunDiscreteScheduler(**ADM_BETAS, timestep_spacing="leading"), dict(sampler="heun")),
+    "euler-ancestral": (lambda: diffusers.EulerAncestralDiscreteScheduler(**ADM_BETAS, timestep_spacing="leading"),
+                        dict(sampler="euler-ancestral")),
+}
+
+
+@pytest.mark.parametrize("steps", [6, 13, 20])
+@pytest.mark.parametrize("case", CASES)
+def test_vp_solvers_match_diffusers(case, steps):
+    make, options = CASES[case]
+    scheduler = make()
+    scheduler.set_timesteps(steps)
+    # UniPC of order 3 in diffusers mixes float32 and float64 unless its sigmas are float64.
+    scheduler.sigmas = scheduler.sigmas.double() if case == "unipc-3" else scheduler.sigmas
+    dtype = torch.float64 if case == "unipc-3" else torch.float32
+    x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    expected = run_diffusers(scheduler, x_T, toy_eps, torch.Generator().manual_seed(7))
+    timesteps = sorted({int(t) for t in scheduler.timesteps.tolist()}, reverse=True)
+    got = sample(toy_eps, x_T.shape, steps=timesteps, noise=x_T, clip_denoised=False,
+                 generator=torch.Generator().manual_seed(7), **options)
+    # diffusers' alphas_cumprod are float32 and its multistep update runs in float32
+    torch.testing.assert_close(got, expected, atol=2e-4 * expected.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_flow_euler_and_heun_match_diffusers_flow_match_schedulers(sampler, shift):
+    make = diffusers.FlowMatchEulerDiscreteScheduler if sampler == "euler" else diffusers.FlowMatchHeunDiscreteScheduler
+    scheduler = make(num_train_timesteps=1000, shift=shift)
+    scheduler.set_timesteps(9)
+
+    def velocity(x, t):
+        return toy_eps(x, t) - 0.3 * x
+
+    x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    expected = run_diffusers(scheduler, x_T, velocity)
+    times = sorted(set(scheduler.timesteps.tolist()), reverse=True)
+    got = sample(velocity, x_T.shape, sampler=sampler, steps=times, noise=x_T, clip_denoised=False,
+                 schedule=NoiseSchedule.flow(shift), prediction_type="flow_prediction")
+    # Heun's second call reads the slope difference as (x0_A − x0_B)/σ': rounding grows by
+    # 1/σ' at diffusers' last time, σ = 0.001.
+    torch.testing.assert_close(got, expected, atol=1e-6 if sampler == "euler" else 5e-5, rtol=1e-5)
+
+
+def test_flow_schedule_calls_the_model_at_float_times_and_shifts_its_grid():
+    seen = []
+
+    def velocity(x, t):
+        seen.append(t.clone())
+        return torch.zeros_like(x)
+
+    sample(velocity, (2, 1, 2, 2), sampler="euler", steps=4, schedule=NoiseSchedule.flow(3.0),
+           prediction_type="flow_prediction", clip_denoised=False)
+    sigmas = [1 - i / 4 for i in range(4)]
+    expected = [1000 * 3 * s / (1 + 2 * s) for s in sigmas]
+    assert all(t.dtype == torch.float32 for t in seen)
+    assert [t[0].item() for t in seen] == pytest.approx(expected, rel=1e-6)
+
+
+def test_euler_maruyama_is_sits_sde_with_its_mean_last_step():
+    """SiT's sample_sde (Euler, diffusion "sigma", norm 1, last step "Mean" of size 1/N),
+    written out in SiT's time τ = 1 − σ, where its model predicts x0 − ε."""
+    steps, flow = 6, NoiseSchedule.flow()
+
+    def velocity(x, t):  # ours: ε − x0 at σ = t/1000
+        return toy_eps(x, t) - 0.3 * x
+
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(11)
+    x, dt = x_T.clone(), 1.0 / steps
+    for i in range(steps):
+        tau = i * dt
+        sigma = 1 - tau
+        v_sit = -velocity(x, torch.full((len(x),), 1000 * sigma, dtype=torch.float64))
+        score = -(x + (1 - sigma) * -v_sit) / sigma  # −ε/σ, ε = x + α·v
+        drift = v_sit + sigma * score
+        x = x + drift * dt
+        if i < steps - 1:
+            x = x + math.sqrt(2 * sigma) * torch.randn(x.shape, generator=generator, dtype=x.dtype) * math.sqrt(dt)
+    got = sample(velocity, x_T.shape, sampler="euler-maruyama", steps=steps, schedule=flow, noise=x_T,
+                 prediction_type="flow_prediction", clip_denoised=False, generator=torch.Generator().manual_seed(11))
+    # The loop hands the model its time as float32 (diffusers' convention): 1e-7 relative in t.
+    torch.testing.assert_close(got, x, atol=1e-7, rtol=1e-7)
+
+
+def _flow_error_at_last_time(sampler, solver_order, count, oracle):
+    """Error of x at the grid's last time (before the final denoising step, whose own
+    first-order error would cap every solver), on λ-uniform float times of a flow path."""
+    flow = NoiseSchedule.flow()
+    times = [flow.time_of_log_snr(level) for level in torch.linspace(-2.0, 2.0, count).tolist()]
+    x_T = torch.linspace(-2.5, 2.5, 11, dtype=torch.float64).reshape(11, 1, 1, 1)
+    seen = []
+    runner = GuidedSampler(oracle.model(flow, "flow_prediction"), sampler=sampler, solver_order=solver_order,
+                           steps=times, schedule=flow, guidance=CFG(oracle.w), clip_denoised=False,
+                           prediction_type="flow_prediction", null_label=1, num_classes=1)
+    runner(x_T.shape, labels=torch.zeros(11, dtype=torch.long), noise=x_T,
+           callback=lambda info: seen.append(info["x"].clone()))
+    return (seen[-2].double() - oracle.exact(x_T, flow, times[0], times[-1])).abs().max().item()
+
+
+@pytest.mark.parametrize("name", ORDERS)
+def test_observed_order_of_convergence_is_the_theory(name):
+    sampler, _, order = name.partition("-")
+    oracle = GaussianClasses(3.0)
+    counts = (21, 41, 81)
+    errors = [_flow_error_at_last_time(sampler, int(order) if order else None, n, oracle) for n in counts]
+    observed = [math.log2(coarse / fine) for coarse, fine in zip(errors, errors[1:])]
+    assert abs(observed[-1] - ORDERS[name]) < 0.3, (errors, observed)
+
+
+@pytest.mark.parametrize("budget, fraction", [(25, 0.25), (10, 0.5)])
+def test_default_sampler_beats_diffusers_default_per_model_call(budget, fraction):
+    """The issue's yardstick: CFG w = 3 on the exact oracle, 256 starting points."""
+    oracle, schedule = GaussianClasses(3.0), NoiseSchedule.linear()
+    x_T = torch.randn(256, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours, calls = fastguide_error(oracle, schedule, x_T, "unipc", None, budget, schedule.default_spacing)
+    theirs, their_calls = diffusers_error(oracle, "DPMSolverMultistepScheduler", budget, x_T)
+    assert calls == their_calls == budget
+    assert ours <= fraction * theirs, (ours, theirs)
+
+
+def test_defaults_are_the_measured_ones():
+    assert GuidedSampler.__init__.__kwdefaults__["sampler"] == "unipc"
+    assert GuidedSampler.__init__.__kwdefaults__["spacing"] is None  # the schedule's own
+    assert NoiseSchedule.linear().default_spacing == "logsnr"
+    assert NoiseSchedule.flow().default_spacing == "linspace"
+
+
+def test_sampler_and_schedule_mismatches_are_refused():
+    flow = NoiseSchedule.flow()
+    with pytest.raises(ValueError, match="needs a variance-preserving schedule"):
+        plan_steps("ddpm", flow, flow.timesteps(4))
+    with pytest.raises(ValueError, match="needs a flow schedule"):
+        plan_steps("euler-maruyama", NoiseSchedule.linear(), [999, 500])
+    with pytest.raises(ValueError, match="solver_order applies to sampler='unipc'"):
+        plan_steps("dpm++2m", NoiseSchedule.linear(), [999, 500], solver_order=3)
+    with pytest.raises(ValueError, match="flow_prediction' needs a flow path"):
+        sample(toy_eps, (1, 1, 2, 2), steps=3, prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="spacing must be 'linspace' for a flow schedule"):
+        sample(toy_eps, (1, 1, 2, 2), steps=3, spacing="karras", schedule=flow, prediction_type="flow_prediction")
