@@ -2,7 +2,7 @@
 
     fastguide sample   guided samples from the shipped digits model
     fastguide sweep    accuracy, Fréchet distance and diversity against guidance scale
-    fastguide train    retrain the digits model, its noisy classifier and its evaluator
+    fastguide train    retrain the digits model, its noisy classifier, its evaluator and its guide
     fastguide bench    the benchmark suite (python -m fastguide bench)
     fastguide selfcheck  the three ops against their formulas
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import sys
@@ -57,8 +58,9 @@ from .options import (
     parse_labels,
 )
 
-GUIDANCE = ("cfg", "cfg++", "classifier", "both", "none")
-CFG_KINDS = ("cfg", "cfg++", "both")  # the kinds --schedule, --interval and --tangential apply to
+GUIDANCE = ("cfg", "cfg++", "auto", "classifier", "both", "none")
+CFG_KINDS = ("cfg", "cfg++", "both")  # the kinds --schedule and --tangential apply to
+INTERVAL_KINDS = (*CFG_KINDS, "auto")  # AutoGuidance takes an interval too, but a constant w
 SEED_STRIDE = 1_000_003  # sample's batch i draws from seed * SEED_STRIDE + i
 
 
@@ -69,13 +71,15 @@ SEED_STRIDE = 1_000_003  # sample's batch i draws from seed * SEED_STRIDE + i
 @dataclass
 class SamplingModel:
     """What ``fastguide sample`` samples from: the UNet, an optional noisy classifier, the
-    image shape and the training schedule (sampled on its strided_timesteps grid)."""
+    image shape, the training schedule (sampled on its strided_timesteps grid) and, for
+    autoguidance, an optional weaker guide UNet."""
 
     unet: torch.nn.Module
     classifier: torch.nn.Module | None
     shape: tuple[int, int, int]
     num_classes: int
     schedule: NoiseSchedule
+    guide: torch.nn.Module | None = None
 
 
 # The released ADM models' training schedules (their noise_schedule flags).
@@ -111,7 +115,7 @@ def load_sampling_model(name: str, checkpoint: Path | None, classifier_checkpoin
             load_weights("--classifier-checkpoint", classifier_checkpoint,
                          lambda: load_checkpoint(models.classifier, classifier_checkpoint))
         bundle = SamplingModel(models.unet, models.classifier, (1, digits.IMAGE_SIZE, digits.IMAGE_SIZE),
-                               digits.NUM_CLASSES, model_schedule(name))
+                               digits.NUM_CLASSES, model_schedule(name), models.guide)
     else:
         unet = load_weights("--checkpoint", checkpoint,
                             lambda: load_checkpoint(create_model(**unet_config(name)), checkpoint))
@@ -122,7 +126,7 @@ def load_sampling_model(name: str, checkpoint: Path | None, classifier_checkpoin
                 lambda: load_checkpoint(create_classifier(**classifier_config(name)), classifier_checkpoint))
         size = unet.image_size
         bundle = SamplingModel(unet, classifier, (3, size, size), 1000, model_schedule(name))
-    for module in (bundle.unet, bundle.classifier):
+    for module in (bundle.unet, bundle.classifier, bundle.guide):
         if module is not None:
             module.to(device).eval()
             if precision == "fp16" and hasattr(module, "convert_to_fp16"):
@@ -133,13 +137,16 @@ def load_sampling_model(name: str, checkpoint: Path | None, classifier_checkpoin
 def _guidance(kind: str, scale: float, classifier_scale: float, model: SamplingModel,
               cfg_options: dict | None = None) -> tuple | None:
     """The sampler's guidance specs for --guidance ``kind`` (checked by check_sample);
-    ``cfg_options`` (schedule, interval, tangential) go to the CFG spec."""
-    from ..sampling.guidance import CFG, CFGPlusPlus, ClassifierGuidance
+    ``cfg_options`` (schedule, interval, tangential; for auto, interval only) go to the
+    CFG, CFG++ or AutoGuidance spec."""
+    from ..sampling.guidance import CFG, AutoGuidance, CFGPlusPlus, ClassifierGuidance
 
     cfg_options = cfg_options or {}
     cfg = CFG(scale, **cfg_options) if kind in ("cfg", "both") else None
     if kind == "cfg++":
         cfg = CFGPlusPlus(scale, **cfg_options)
+    if kind == "auto":
+        cfg = AutoGuidance(model.guide, scale, **cfg_options)
     clf = ClassifierGuidance(model.classifier, classifier_scale) if kind in ("classifier", "both") else None
     return tuple(g for g in (cfg, clf) if g is not None) or None
 
@@ -241,28 +248,42 @@ def check_sample(args: argparse.Namespace) -> None:
 
 
 def _check_cfg_options(args: argparse.Namespace) -> None:
-    """--guidance cfg++, --schedule, --interval and --tangential; sets args.cfg_options."""
+    """--guidance cfg++ and auto, --schedule, --interval and --tangential; sets args.cfg_options."""
     if args.guidance == "cfg++":
         if args.scale > 1:
             raise UsageError("--scale", f"expected CFG++'s λ in [0, 1] with --guidance cfg++, got {args.scale}")
-        if args.sampler not in ("ddim", "euler"):
-            raise UsageError("--sampler", f"--guidance cfg++ is built for ddim and euler, got {args.sampler}")
+        from ..sampling.loop import CFG_PLUS_PLUS_SAMPLERS
+
+        if args.sampler not in CFG_PLUS_PLUS_SAMPLERS:
+            raise UsageError("--sampler", f"--guidance cfg++ is built for {', '.join(CFG_PLUS_PLUS_SAMPLERS)}, "
+                                          f"got {args.sampler}")
         for option, on in (("--tangential", args.tangential), ("--schedule", args.schedule != "constant")):
             if on:
                 raise UsageError(option, "applies to --guidance cfg or both, not cfg++ (a constant λ)")
-    given = [name for name, on in (("--schedule", args.schedule != "constant"), ("--interval", args.interval),
-                                   ("--tangential", args.tangential)) if on]
-    if given and args.guidance not in CFG_KINDS:
-        raise UsageError(given[0], f"applies to --guidance {', '.join(CFG_KINDS)}, got --guidance {args.guidance}")
-    options: dict = {"schedule": args.schedule}
+    cfg_only = [name for name, on in (("--schedule", args.schedule != "constant"),
+                                      ("--tangential", args.tangential)) if on]
+    if cfg_only and args.guidance == "auto":
+        raise UsageError(cfg_only[0], "applies to --guidance cfg or both, not auto (autoguidance takes a constant w; "
+                                      "--interval does apply)")
+    if cfg_only and args.guidance not in CFG_KINDS:
+        raise UsageError(cfg_only[0], f"applies to --guidance {', '.join(CFG_KINDS)}, got --guidance {args.guidance}")
+    if args.interval and args.guidance not in INTERVAL_KINDS:
+        raise UsageError("--interval", f"applies to --guidance {', '.join(INTERVAL_KINDS)}, "
+                                       f"got --guidance {args.guidance}")
+    options: dict = {} if args.guidance == "auto" else {"schedule": args.schedule}
     if args.interval:
-        low, high = args.interval
-        if not (math.isfinite(low) and math.isfinite(high) and 0 <= low < high):
-            raise UsageError("--interval", f"expected LOW HIGH with 0 <= LOW < HIGH (EDM's σ̃), got {low} {high}")
-        options["interval"] = (low, high)
+        options["interval"] = _checked_interval(args.interval)
     if args.tangential:
         options["tangential"] = True
     args.cfg_options = options
+
+
+def _checked_interval(interval: list[float]) -> tuple[float, float]:
+    """--interval LOW HIGH as a pair, 0 <= LOW < HIGH."""
+    low, high = interval
+    if not (math.isfinite(low) and math.isfinite(high) and 0 <= low < high):
+        raise UsageError("--interval", f"expected LOW HIGH with 0 <= LOW < HIGH (EDM's σ̃), got {low} {high}")
+    return low, high
 
 
 def _check_sample_weights(args: argparse.Namespace, adm: bool) -> None:
@@ -277,7 +298,12 @@ def _check_sample_weights(args: argparse.Namespace, adm: bool) -> None:
     elif args.checkpoint is not None:
         check_digits_folder("--checkpoint", args.checkpoint)
     if args.classifier_checkpoint is not None:
+        if args.guidance == "auto":  # the sampler has no autoguidance-plus-classifier mode to put it in
+            raise UsageError("--classifier-checkpoint", "--guidance auto guides with the weaker guide network, "
+                                                        "not a classifier: use --guidance classifier or both")
         check_weights_file("--classifier-checkpoint", args.classifier_checkpoint)
+    if args.guidance == "auto":
+        _check_guide(args, adm)
     if not adm:
         return  # the digits model has a null class and a classifier
     if args.guidance in CFG_KINDS and not unet_config(args.model).get("null_class", False):
@@ -285,6 +311,20 @@ def _check_sample_weights(args: argparse.Namespace, adm: bool) -> None:
                                        "models have none: use --guidance classifier or none")
     if args.guidance in ("classifier", "both") and args.classifier_checkpoint is None:
         raise UsageError("--guidance", f"{args.guidance} needs --classifier-checkpoint with --model {args.model}")
+
+
+def _check_guide(args: argparse.Namespace, adm: bool) -> None:
+    """--guidance auto: the model has a guide network (digits_guide.safetensors)."""
+    from . import digits
+
+    if adm:
+        raise UsageError("--guidance", f"auto needs a weaker guide network, which only --model digits has, not "
+                                       f"{args.model}: use --guidance classifier or none")
+    guide = digits.guide_file(args.checkpoint or digits.WEIGHTS)
+    if not guide.is_file():
+        raise UsageError("--guidance", f"auto needs the guide network {guide}, which is missing: "
+                                       f"'fastguide train --only guide --out {guide.parent}' adds it")
+    check_weights_file("--checkpoint", guide)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -319,11 +359,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def check_sweep(args: argparse.Namespace) -> None:
-    """Every option of ``fastguide sweep``; sets args.device."""
-    from . import digits
+    """Every option of ``fastguide sweep``; sets args.device and args.variants."""
+    from . import digits, sweep
 
-    for scale in args.scales:
-        check_scale("--scales", scale)
+    for option, scales in (("--scales", args.scales), ("--cfgpp-scales", args.cfgpp_scales),
+                           ("--auto-scales", args.auto_scales or [])):
+        for scale in scales:
+            check_scale(option, scale)
+    if "cfg++" in args.guidances and max(args.cfgpp_scales) > 1:
+        raise UsageError("--cfgpp-scales", f"expected CFG++'s λ values in [0, 1], got {max(args.cfgpp_scales)}")
+    if "auto" in args.guidances and not digits.guide_file().is_file():
+        raise UsageError("--guidances", f"auto needs the guide network {digits.guide_file()}, which is missing: "
+                                        "'fastguide train --only guide' writes it")
+    args.variants = sweep.Variants(tuple(args.cfgpp_scales), args.auto_scales and tuple(args.auto_scales),
+                                   _checked_interval(args.interval), args.schedule)
     # within-class diversity needs two samples of one class; labels cycle over the classes
     check_at_least("--samples-per-scale", args.samples_per_scale, digits.NUM_CLASSES + 1)
     check_steps(args.steps, digits.schedule(), "digits")
@@ -339,8 +388,10 @@ def check_sweep(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from . import sweep
 
-    rows = sweep.run(args.scales, samples_per_scale=args.samples_per_scale, steps=args.steps,
-                     sampler=args.sampler, seed=args.seed, device=str(args.device), progress=not args.quiet)
+    kinds = tuple(dict.fromkeys(args.guidances))  # each kind once, in the order given
+    rows = sweep.run(args.scales, kinds=kinds, variants=args.variants, samples_per_scale=args.samples_per_scale,
+                     steps=args.steps, sampler=args.sampler, seed=args.seed, device=str(args.device),
+                     progress=not args.quiet)
     table = sweep.markdown(rows)
     print(table)
     if args.table is not None:
@@ -353,13 +404,29 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def check_train(args: argparse.Namespace) -> None:
-    """Every option of ``fastguide train``."""
+    """Every option of ``fastguide train``; with --only guide, sets args.record to --out's
+    digits_training.json (empty when there is none)."""
     check_at_least("--unet-steps", args.unet_steps)
     check_at_least("--classifier-steps", args.classifier_steps)
     check_at_least("--evaluator-steps", args.evaluator_steps)
+    check_at_least("--guide-steps", args.guide_steps)
     check_seed("--seed", args.seed)
     check_output_folder("--out", args.out)
     check_modules("train", "sklearn")
+    args.record = read_training_record(args.out / "digits_training.json") if args.only == "guide" else None
+
+
+def read_training_record(path: Path) -> dict:
+    """The JSON object ``fastguide train`` wrote at ``path``, or {} when there is no file."""
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError("--out", f"cannot read {path}: {' '.join(str(error).split())}") from None
+    if not isinstance(record, dict):
+        raise UsageError("--out", f"expected {path} to hold a JSON object, got {type(record).__name__}")
+    return record
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -367,8 +434,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import digits
 
     with tempfile.TemporaryDirectory(dir=existing_ancestor(args.out), prefix=".fastguide-train-") as scratch:
-        record = digits.train(Path(scratch), seed=args.seed, unet_steps=args.unet_steps,
-                              classifier_steps=args.classifier_steps, evaluator_steps=args.evaluator_steps)
+        if args.only == "guide":
+            record = digits.train_guide(Path(scratch), seed=args.seed, steps=args.guide_steps, record=args.record)
+        else:
+            record = digits.train(Path(scratch), seed=args.seed, unet_steps=args.unet_steps,
+                                  classifier_steps=args.classifier_steps, evaluator_steps=args.evaluator_steps,
+                                  guide_steps=args.guide_steps)
         args.out.mkdir(parents=True, exist_ok=True)
         for file in sorted(Path(scratch).iterdir()):
             os.replace(file, args.out / file.name)
@@ -400,6 +471,8 @@ def cmd_bench(rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import digits, sweep
+
     parser = Parser(prog="fastguide", description="Fast guided diffusion sampling.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -419,22 +492,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", default="0-9", help="class, range (0-9) or list (1,4,7), cycled (default: 0-9)")
     s.add_argument("--guidance", choices=GUIDANCE, default="cfg",
                    help="classifier-free (cfg), CFG++ (cfg++, λ = --scale in [0, 1], ddim or euler), "
-                        "classifier, both or none (default: cfg)")
+                        "autoguidance (auto: w = --scale, guided by the digits model's weaker guide network, "
+                        "Karras et al. 2024), classifier, both or none (default: cfg)")
     s.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="constant",
                    help="guidance weight over the steps (Wang et al. 2024; default: constant)")
     s.add_argument("--interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help="guide only where EDM's σ̃ lies in [LOW, HIGH] (Kynkäänniemi et al. 2024)")
+                   help="guide only where EDM's σ̃ lies in [LOW, HIGH] (Kynkäänniemi et al. 2024; cfg, cfg++, "
+                        "both or auto)")
     s.add_argument("--tangential", action="store_true",
                    help="tangential damping CFG (TCFG, Kwon et al. 2025) with --guidance cfg or both")
     s.add_argument("--scale", type=float, default=2.0,
-                   help="CFG scale w >= 0; 1 = the conditional model, 0 = unconditional (default: 2)")
+                   help="CFG scale w >= 0; 1 = the conditional model, 0 = unconditional (auto: 0 = the guide) "
+                        "(default: 2)")
     s.add_argument("--classifier-scale", type=float, default=4.0, help="classifier guidance scale >= 0 (default: 4)")
-    s.add_argument("--sampler", choices=SAMPLERS, default="dpm++2m",
-                   help="sampler (default: dpm++2m)")
+    s.add_argument("--sampler", choices=SAMPLERS, default="unipc",
+                   help="sampler (default: unipc, the most accurate per model call in BENCHMARKS.md's NFE table)")
     s.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
-    s.add_argument("--spacing", choices=SPACINGS, default="adm",
+    s.add_argument("--spacing", choices=SPACINGS, default="logsnr",
                    help="where the steps lie: adm (strided), diffusers' leading/trailing/linspace, logsnr "
-                        "(uniform in log-SNR) or karras (rho 7) (default: adm)")
+                        "(uniform in log-SNR) or karras (rho 7) (default: logsnr)")
     s.add_argument("--num-samples", type=int, default=40, help="how many samples (default: 40)")
     s.add_argument("--batch-size", type=int, default=100, help="samples per model batch (default: 100)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -447,12 +523,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(check=check_sample, run=cmd_sample)
 
     w = commands.add_parser("sweep", help="accuracy, Fréchet distance and diversity against guidance scale",
-                            description="Sample the digits model at several guidance scales, for CFG and for "
-                                        "classifier guidance, and score the samples with a separate evaluator.")
-    w.add_argument("--scales", type=float, nargs="+", default=[0, 1, 2, 3, 5, 8], help="guidance scales")
+                            description="Sample the digits model at several guidance scales, for each kind of "
+                                        "guidance in --guidances, and score the samples with a separate evaluator.")
+    w.add_argument("--guidances", nargs="+", choices=sweep.KINDS, default=["cfg", "classifier"],
+                   help="kinds of guidance, one group of rows each: cfg, cfg++ (λ = --cfgpp-scales, on ddim unless "
+                        "CFG++ is built for --sampler), auto (autoguidance, w = --auto-scales), interval (cfg within "
+                        "--interval), schedule (cfg with --schedule), classifier (default: cfg classifier)")
+    w.add_argument("--scales", type=float, nargs="+", default=[0, 1, 2, 3, 5, 8],
+                   help="guidance scales of cfg, interval, schedule and classifier (default: 0 1 2 3 5 8)")
+    w.add_argument("--cfgpp-scales", type=float, nargs="+", default=list(sweep.Variants.cfgpp_scales),
+                   help="CFG++'s λ values in [0, 1] (default: 0 0.2 0.4 0.6 0.8 1)")
+    w.add_argument("--auto-scales", type=float, nargs="+", help="autoguidance's w values (default: --scales)")
+    w.add_argument("--interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=list(sweep.DEFAULT_INTERVAL),
+                   help="the interval rows' range of EDM's σ̃ (default: 0.28 5.42, Kynkäänniemi et al.'s EDM2-S)")
+    w.add_argument("--schedule", choices=("linear", "cosine"), default="linear",
+                   help="the schedule rows' guidance weight over the steps (default: linear)")
     w.add_argument("--samples-per-scale", type=int, default=500)
     w.add_argument("--steps", type=int, default=25)
-    w.add_argument("--sampler", choices=SAMPLERS, default="dpm++2m")
+    w.add_argument("--sampler", choices=SAMPLERS, default="unipc")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--device", default="cpu")
     w.add_argument("--table", type=Path, help="also write the markdown table here")
@@ -466,6 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--unet-steps", type=int, default=3000)
     t.add_argument("--classifier-steps", type=int, default=1500)
     t.add_argument("--evaluator-steps", type=int, default=1000)
+    t.add_argument("--guide-steps", type=int, default=digits.GUIDE_STEPS,
+                   help=f"training steps of the autoguidance guide network (default: {digits.GUIDE_STEPS})")
+    t.add_argument("--only", choices=("guide",),
+                   help="train just the guide network into --out, leaving the other networks' files and "
+                        "entries of digits_training.json as they are")
     t.set_defaults(check=check_train, run=cmd_train)
 
     c = commands.add_parser("selfcheck", help="check the three ops against their formulas",

@@ -1,8 +1,14 @@
 """Guidance sweep on the digits model: fidelity, distance to real data, and diversity by scale.
 
-For CFG (the class-conditional model, scale w; w = 0 is the unconditional model) and for
-classifier guidance (the unconditional model, i.e. the null label, guided by the noisy
-classifier at scale s), samples are scored by the separate clean evaluator network:
+Kinds of guidance (``KINDS``), each over its own scales:
+- cfg: the class-conditional model at CFG scale w (w = 0 is the unconditional model);
+- cfg++: CFG++ at λ in [0, 1], on ddim unless the sweep's sampler is one CFG++ is built for;
+- auto: autoguidance at w, the digits model guided by its weaker guide network;
+- interval: CFG at w inside a guidance interval of EDM's σ̃ (Kynkäänniemi et al. 2024),
+  the conditional model outside it;
+- schedule: CFG whose weight follows a linear or cosine schedule over the steps;
+- classifier: the unconditional model (the null label) guided by the noisy classifier at s.
+Samples are scored by the separate clean evaluator network:
 - accuracy: how often the evaluator reads the requested class (fidelity);
 - Fréchet distance between the evaluator's 64-d features of the samples and of the
   held-out real digits: ‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁^½ Σ₂ Σ₁^½)^½) (FID's formula);
@@ -11,6 +17,7 @@ classifier at scale s), samples are scored by the separate clean evaluator netwo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,40 +69,100 @@ class _Unconditional(torch.nn.Module):
         return self.unet(x, t, torch.full_like(y, self.unet.null_label))
 
 
-def run(scales: list[float], *, samples_per_scale: int = 500, steps: int = 25, sampler: str = "dpm++2m",
-        seed: int = 0, device: str = "cpu", progress: bool = True) -> list[dict]:
-    """Rows {guidance, scale, accuracy, frechet, diversity} for CFG and classifier guidance."""
+KINDS = ("cfg", "cfg++", "auto", "interval", "schedule", "classifier")
+# The guidance interval of Kynkäänniemi et al. 2024 for EDM2-S: the middle noise levels.
+DEFAULT_INTERVAL = (0.28, 5.42)
+
+
+@dataclass(frozen=True)
+class Variants:
+    """The sweep's settings beyond --scales: CFG++'s λ values, autoguidance's w values
+    (None: --scales), the interval rows' σ̃ interval and the schedule rows' schedule."""
+
+    cfgpp_scales: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    auto_scales: tuple[float, ...] | None = None
+    interval: tuple[float, float] = DEFAULT_INTERVAL
+    schedule: str = "linear"
+
+
+def _jobs(kinds: tuple[str, ...], scales: list[float], variants: Variants, sampler: str) -> list[dict]:
+    """One {kind, guidance (the table's label), sampler, scale} per row, in ``kinds`` order."""
+    from ..sampling.loop import CFG_PLUS_PLUS_SAMPLERS
+
+    low, high = variants.interval
+    labels = {"interval": f"cfg, σ̃ in [{low:g}, {high:g}]", "schedule": f"cfg, {variants.schedule} schedule"}
+    jobs = []
+    for kind in kinds:
+        kind_scales = {"cfg++": variants.cfgpp_scales, "auto": variants.auto_scales or scales}.get(kind, scales)
+        # CFG++ is built for a few samplers only: its rows use --sampler if it is one, else ddim
+        kind_sampler = (sampler if sampler in CFG_PLUS_PLUS_SAMPLERS else "ddim") if kind == "cfg++" else sampler
+        jobs += [{"kind": kind, "guidance": labels.get(kind, kind), "sampler": kind_sampler, "scale": scale}
+                 for scale in kind_scales]
+    return jobs
+
+
+def run(scales: list[float], *, kinds: tuple[str, ...] = ("cfg", "classifier"), variants: Variants = Variants(),
+        samples_per_scale: int = 500, steps: int = 25, sampler: str = "dpm++2m", seed: int = 0, device: str = "cpu",
+        progress: bool = True) -> list[dict]:
+    """Rows {kind, guidance, sampler, scale, accuracy, frechet, diversity} for each of
+    ``kinds`` (see ``KINDS``), every row from the same seed. "auto" needs the shipped guide
+    network (ValueError without it)."""
     from tqdm.auto import tqdm
 
-    from ..sampling.guidance import CFG, ClassifierGuidance
+    from ..sampling.guidance import CFG, AutoGuidance, CFGPlusPlus, ClassifierGuidance
     from ..sampling.loop import sample
 
     models = digits.load(device)
+    if "auto" in kinds and models.guide is None:
+        raise ValueError(f"autoguidance needs the guide network {digits.guide_file()}, which is missing")
     _, _, held_x, _ = digits.load_dataset()
     with torch.no_grad():
         real_features = models.evaluator.features(held_x.to(device)).cpu().numpy()
     labels = torch.arange(samples_per_scale) % digits.NUM_CLASSES
     shape = (samples_per_scale, 1, digits.IMAGE_SIZE, digits.IMAGE_SIZE)
     unconditional = _Unconditional(models.unet)
+    specs = {
+        "cfg": lambda w: CFG(w),
+        "cfg++": lambda w: CFGPlusPlus(w),
+        "auto": lambda w: AutoGuidance(models.guide, w),
+        "interval": lambda w: CFG(w, interval=variants.interval),
+        "schedule": lambda w: CFG(w, schedule=variants.schedule),
+        "classifier": lambda w: ClassifierGuidance(models.classifier, w),
+    }
     rows = []
-    jobs = [("cfg", s) for s in scales] + [("classifier", s) for s in scales]
-    for kind, scale in tqdm(jobs, desc="guidance sweep", disable=not progress):
-        if kind == "cfg":
-            model, guidance = models.unet, CFG(scale)
-        else:
-            model, guidance = unconditional, ClassifierGuidance(models.classifier, scale)
-        images = sample(model, shape, labels=labels.to(device), sampler=sampler,
+    for job in tqdm(_jobs(kinds, scales, variants, sampler), desc="guidance sweep", disable=not progress):
+        model = unconditional if job["kind"] == "classifier" else models.unet
+        images = sample(model, shape, labels=labels.to(device), sampler=job["sampler"],
                         steps=digits.schedule().strided_timesteps(steps),
-                        schedule=digits.schedule(), guidance=guidance, null_label=models.unet.null_label,
+                        schedule=digits.schedule(), guidance=specs[job["kind"]](job["scale"]),
+                        null_label=models.unet.null_label,
                         generator=torch.Generator(device).manual_seed(seed), device=device)
-        rows.append({"guidance": kind, "scale": scale, **score(models, images, labels, real_features)})
+        rows.append({**job, **score(models, images, labels, real_features)})
     return rows
 
 
+def best_rows(rows: list[dict]) -> dict[str, dict]:
+    """{kind: its row with the lowest Fréchet distance}, in the rows' order of kinds."""
+    best: dict[str, dict] = {}
+    for row in rows:
+        if row["kind"] not in best or row["frechet"] < best[row["kind"]]["frechet"]:
+            best[row["kind"]] = row
+    return best
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| guidance | scale | accuracy | Fréchet distance | diversity |", "|---|---|---|---|---|"]
-    lines += [f"| {r['guidance']} | {r['scale']:g} | {r['accuracy']:.3f} | {r['frechet']:.3f} | {r['diversity']:.3f} |"
-              for r in rows]
+    """The table (each kind's lowest Fréchet distance in bold), then one line naming the
+    best row of each kind."""
+    best = best_rows(rows)
+    lines = ["| guidance | sampler | scale | accuracy | Fréchet distance | diversity |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        frechet = f"**{r['frechet']:.3f}**" if best[r["kind"]] is r else f"{r['frechet']:.3f}"
+        lines.append(f"| {r['guidance']} | {r['sampler']} | {r['scale']:g} | {r['accuracy']:.3f} | {frechet} "
+                     f"| {r['diversity']:.3f} |")
+    symbols = {"cfg++": "λ", "classifier": "s"}  # each kind's name for its scale
+    named = [f"{r['guidance']} at {symbols.get(r['kind'], 'w')} = {r['scale']:g} ({r['frechet']:.3f})"
+             for r in best.values()]
+    lines += ["", "Lowest Fréchet distance: " + "; ".join(named) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -106,11 +173,13 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for kind, style in (("cfg", "o-"), ("classifier", "s--")):
-        kind_rows = [r for r in rows if r["guidance"] == kind]
+    styles = dict(zip(KINDS, ("o-", "v-", "D-", "^:", "x:", "s--")))
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        kind_rows = [r for r in rows if r["kind"] == kind]
         for ax, metric in zip(axes, ("accuracy", "frechet", "diversity")):
-            ax.plot([r["scale"] for r in kind_rows], [r[metric] for r in kind_rows], style, label=kind)
-            ax.set_xlabel("guidance scale")
+            ax.plot([r["scale"] for r in kind_rows], [r[metric] for r in kind_rows], styles[kind],
+                    label=kind_rows[0]["guidance"])
+            ax.set_xlabel("guidance scale (λ for cfg++)")
             ax.set_title({"accuracy": "accuracy (fidelity)", "frechet": "Fréchet distance (lower is better)",
                           "diversity": "within-class diversity"}[metric])
     axes[0].legend()

@@ -108,7 +108,7 @@ SAMPLE = ["sample", "--out", "x.png", "--quiet"]
     (["--guidance", "bogus"], "--guidance: invalid choice: 'bogus'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--guidance", "cfg++", "--scale", "2"], "--scale: expected CFG++'s λ in [0, 1] with --guidance cfg++, got 2.0"),
-    (["--guidance", "cfg++", "--scale", "0.5"], "--sampler: --guidance cfg++ is built for ddim and euler"),
+    (["--guidance", "cfg++", "--scale", "0.5"], "--sampler: --guidance cfg++ is built for ddim, euler, dpm++2m"),
     (["--guidance", "cfg++", "--scale", "0.5", "--sampler", "ddim", "--schedule", "linear"],
      "--schedule: applies to --guidance cfg or both, not cfg++"),
     (["--guidance", "none", "--schedule", "linear"], "--schedule: applies to --guidance cfg, cfg++, both"),
