@@ -15,6 +15,7 @@
 
 #include "group_norm.cuh"
 #include "guided_step.cuh"
+#include "layer_norm.cuh"
 
 // The harness registers its own namespace, so that it can load beside the real extension.
 #ifdef FASTGUIDE_HOST_HARNESS
@@ -260,6 +261,119 @@ std::tuple<at::Tensor, at::Tensor> group_norm_backward(
   return {dx, sums};
 }
 
+// LayerNorm: x (N, L, D) dense in its storage type; every parameter a contiguous fp32
+// tensor, scale, shift and gate (N, 1, D) per sample or (N, L, D) per token.
+LayerNormParams layer_norm_params(const at::Tensor& x, double eps, const std::optional<at::Tensor>& scale,
+                                  const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& gate) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "fastguide_cuda: x must be a contiguous (N, L, D) tensor");
+  LayerNormParams p{};
+  p.rows = x.size(0) * x.size(1);
+  p.tokens = x.size(1);
+  p.d = x.size(2);
+  p.eps = static_cast<float>(eps);
+  const auto per_token = [&](const std::optional<at::Tensor>& t) { return t.has_value() && t->size(1) > 1; };
+  p.scale_per_token = per_token(scale);
+  p.shift_per_token = per_token(shift);
+  p.gate_per_token = per_token(gate);
+  // Backward column sums: split each sample's tokens until ~4 blocks per multiprocessor.
+  const int64_t blocks = std::max<int64_t>(x.size(0) * ((p.d + 255) / 256), 1);
+  const int64_t wanted = (4 * static_cast<int64_t>(multiprocessors(x)) + blocks - 1) / blocks;
+  p.chunks = static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(wanted, p.tokens), 1, 64));
+  return p;
+}
+
+LayerNormAffine layer_norm_affine(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                                  const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& gate) {
+  const int64_t n = x.size(0), tokens = x.size(1), d = x.size(2);
+  for (const auto& [t, name] : {std::pair{&weight, "weight"}, {&bias, "bias"}}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK((*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() && (*t)->device() == x.device() &&
+                    (*t)->dim() == 1 && (*t)->size(0) == d,
+                "fastguide_cuda: ", name, " must be a contiguous float32 (D,) tensor on ", x.device());
+  }
+  for (const auto& [t, name] : {std::pair{&scale, "scale"}, {&shift, "shift"}, {&gate, "gate"}}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK((*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() && (*t)->device() == x.device() &&
+                    (*t)->dim() == 3 && (*t)->size(0) == n && ((*t)->size(1) == 1 || (*t)->size(1) == tokens) &&
+                    (*t)->size(2) == d,
+                "fastguide_cuda: ", name, " must be a contiguous float32 (N, 1, D) or (N, L, D) tensor on ",
+                x.device());
+  }
+  return {pointer_or_null<const float>(weight), pointer_or_null<const float>(bias),
+          pointer_or_null<const float>(scale), pointer_or_null<const float>(shift),
+          pointer_or_null<const float>(gate)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_impl(
+    const at::Tensor& x, const std::optional<at::Tensor>& branch, const std::optional<at::Tensor>& gate,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, double eps) {
+#ifndef FASTGUIDE_HOST_HARNESS
+  const c10::cuda::CUDAGuard guard(x.device());
+#endif
+  TORCH_CHECK(branch.has_value() == gate.has_value(), "fastguide_cuda: branch and gate come together");
+  check_same(x, branch, "branch");
+  if (branch.has_value()) TORCH_CHECK(branch->sizes() == x.sizes(), "fastguide_cuda: branch must have x's shape");
+  const LayerNormAffine affine = layer_norm_affine(x, weight, bias, scale, shift, gate);
+  const LayerNormParams p = layer_norm_params(x, eps, scale, shift, gate);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor h_new = branch.has_value() ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor mean = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty_like(mean);
+  if (p.rows > 0) {
+    check_launch(launch_layer_norm_forward(storage_type(x), p, x.data_ptr(), pointer_or_null<const void>(branch),
+                                           affine, branch.has_value() ? h_new.data_ptr() : nullptr, y.data_ptr(),
+                                           mean.data_ptr<float>(), rstd.data_ptr<float>(), current_stream(x)));
+  }
+  return {h_new, y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, double eps) {
+  const auto result = layer_norm_forward_impl(x, std::nullopt, std::nullopt, weight, bias, scale, shift, eps);
+  return {std::get<1>(result), std::get<2>(result), std::get<3>(result)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_residual_layer_norm_forward(
+    const at::Tensor& h, const at::Tensor& branch, const at::Tensor& gate, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift, double eps) {
+  return layer_norm_forward_impl(h, branch, gate, weight, bias, scale, shift, eps);
+}
+
+// (dx, partial sums (N, chunks, 4, D), per-token dscale, per-token dshift); the last two
+// empty unless that modulation is per token.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift, const at::Tensor& mean, const at::Tensor& rstd) {
+  check_same(x, grad_y, "grad_y");
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.is_contiguous(), "fastguide_cuda: grad_y must be x-shaped, dense");
+  TORCH_CHECK(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat && mean.is_contiguous() &&
+                  rstd.is_contiguous() && mean.numel() == x.size(0) * x.size(1) && rstd.numel() == mean.numel(),
+              "fastguide_cuda: mean and rstd must be contiguous float32 (N, L)");
+#ifndef FASTGUIDE_HOST_HARNESS
+  const c10::cuda::CUDAGuard guard(x.device());
+#endif
+  const LayerNormAffine affine = layer_norm_affine(x, weight, bias, scale, shift, std::nullopt);
+  const LayerNormParams p = layer_norm_params(x, 0.0, scale, shift, std::nullopt);
+  const auto fp32 = x.options().dtype(at::kFloat);
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor partials = at::empty({x.size(0), p.chunks, 4, p.d}, fp32);
+  at::Tensor dscale = p.scale_per_token ? at::empty(x.sizes(), fp32) : at::empty({0}, fp32);
+  at::Tensor dshift = p.shift_per_token ? at::empty(x.sizes(), fp32) : at::empty({0}, fp32);
+  if (p.rows > 0) {
+    check_launch(launch_layer_norm_backward(storage_type(x), p, grad_y.data_ptr(), x.data_ptr(), affine,
+                                            mean.data_ptr<float>(), rstd.data_ptr<float>(), dx.data_ptr(),
+                                            p.scale_per_token ? dscale.data_ptr<float>() : nullptr,
+                                            p.shift_per_token ? dshift.data_ptr<float>() : nullptr,
+                                            partials.data_ptr<float>(), current_stream(x)));
+  }
+  return {dx, partials, dscale, dshift};
+}
+
 }  // namespace
 }  // namespace fastguide
 
@@ -279,10 +393,22 @@ FASTGUIDE_LIBRARY(FASTGUIDE_OPS_NAMESPACE, m) {
   m.def(
       "group_norm_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, "
       "Tensor mean, Tensor rstd, int num_groups, bool silu) -> (Tensor, Tensor)");
+  m.def(
+      "layer_norm_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "gated_residual_layer_norm_forward(Tensor h, Tensor branch, Tensor gate, Tensor? weight, Tensor? bias, "
+      "Tensor? scale, Tensor? shift, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "layer_norm_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, "
+      "Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 FASTGUIDE_LIBRARY_IMPL(FASTGUIDE_OPS_NAMESPACE, FASTGUIDE_DISPATCH_KEY, m) {
   m.impl("guided_step", &fastguide::guided_step);
   m.impl("group_norm_forward", &fastguide::group_norm_forward);
   m.impl("group_norm_backward", &fastguide::group_norm_backward);
+  m.impl("layer_norm_forward", &fastguide::layer_norm_forward);
+  m.impl("gated_residual_layer_norm_forward", &fastguide::gated_residual_layer_norm_forward);
+  m.impl("layer_norm_backward", &fastguide::layer_norm_backward);
 }

@@ -2,6 +2,7 @@
 run here, the tolerance table of each op, random and poisoned tensors, and the inputs of
 the kernel tests that more than one backend's suite uses."""
 
+import contextlib
 import math
 
 import torch
@@ -24,6 +25,25 @@ def backends_for(op: str) -> list[str]:
         if ops._HAS_KERNEL[op][name] and backends.why_not(name, device) is None:
             found.append(name)
     return found
+
+
+def backends_with_emulation(op: str) -> list[str]:
+    """``backends_for(op)``, plus "cuda-emulation" (the cuda backend on its CPU emulation,
+    see ``running_on``) where the op has CUDA kernels that no GPU runs here."""
+    names = backends_for(op)
+    return names + (["cuda-emulation"] if op in ops._KERNEL_MODULES["cuda"] and "cuda" not in names else [])
+
+
+@contextlib.contextmanager
+def running_on(backend: str, request):
+    """Run the ops on ``backend``; "cuda-emulation" through the on_cuda_emulation fixture
+    of tests/ops/conftest.py (``request`` is the test's pytest request)."""
+    if backend == "cuda-emulation":
+        with request.getfixturevalue("on_cuda_emulation")():
+            yield
+    else:
+        with fastguide.backend(backend):
+            yield
 
 
 def backend_dtype_params(op: str, dtypes: list[torch.dtype]) -> list[tuple[str, torch.dtype]]:
@@ -51,6 +71,12 @@ GROUP_NORM = {
 GUIDED_STEP = {
     torch.float64: (1e-10, 1e-10),
     torch.float32: (1e-5, 1e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+LAYER_NORM = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
     torch.float16: (4e-3, 4e-3),
     torch.bfloat16: (3e-2, 3e-2),
 }
@@ -116,6 +142,35 @@ def random_inputs(n, c, spatial, dtype, device, seed=0):
     bias = torch.randn(c, generator=g).to(device)
     scale = (torch.randn(n, c, generator=g) * 0.5).to(device=device, dtype=dtype)
     shift = torch.randn(n, c, generator=g).to(device=device, dtype=dtype)
+    return x, weight, bias, scale, shift
+
+
+def explicit_layer_norm(x, weight, bias, scale, shift, eps=1e-6):
+    """F.layer_norm over the last dim in float64, then y·(1 + scale) + shift with an (N, D)
+    scale or shift broadcast over the tokens of an (N, L, D) x."""
+    y = F.layer_norm(x.double(), x.shape[-1:], None if weight is None else weight.double(),
+                     None if bias is None else bias.double(), eps)
+
+    def tokens(t):
+        return t.double().unsqueeze(1) if t.dim() == 2 and x.dim() == 3 else t.double()
+
+    if scale is not None:
+        y = y * (1 + tokens(scale))
+    if shift is not None:
+        y = y + tokens(shift)
+    return y
+
+
+def random_token_inputs(shape, dtype, device, per_token=(False, False), seed=0):
+    """(x, weight, bias, scale, shift) for an (N, L, D) or (N, D) x: x with mean far from 0,
+    weight far from 1, bias far from 0; scale and shift (N, D), or x-shaped when per token."""
+    g = torch.Generator().manual_seed(seed)
+    n, d = shape[0], shape[-1]
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(device=device, dtype=dtype)
+    weight = (torch.rand(d, generator=g) * 2 + 0.5).to(device)
+    bias = torch.randn(d, generator=g).to(device)
+    scale, shift = ((torch.randn(shape if token else (n, d), generator=g) * factor).to(device=device, dtype=dtype)
+                    for token, factor in zip(per_token, (0.5, 1.0)))
     return x, weight, bias, scale, shift
 
 

@@ -41,7 +41,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
-from fastguide.kernels import attention, group_norm, guided_step  # noqa: E402
+from fastguide.kernels import attention, group_norm, guided_step, layer_norm  # noqa: E402
 from fastguide.ops import extension  # noqa: E402
 from fastguide.ops.contract import COMBINE_SCALARS, STEP_SCALARS  # noqa: E402
 
@@ -101,6 +101,7 @@ FLOAT_ARGS = {
         "k_h0", "k_h1", "k_h2", "k_h3", "log_var_min", "log_var_max",
     },
     "_apply_kernel": {"eps"},
+    "_layer_norm_forward_kernel": {"eps"},
     "_forward_kernel": {"qk_scale_log2"},
     "_backward_dkdv_kernel": {"scale", "qk_scale_log2"},
     "_backward_dq_kernel": {"scale", "qk_scale_log2"},
@@ -222,6 +223,26 @@ def cases() -> list[Case]:
                  {"x_ptr": "fp16", "dy_ptr": "fp16", "dx_ptr": "fp16", "mean_ptr": "fp32", "rstd_ptr": "fp32",
                   "partial_ptr": "fp32", "sums_ptr": "fp32", **params},
                  {**shape, **flags}, gn.NUM_WARPS),
+        ]
+    ln = layer_norm
+    # DiT-XL's D = 1152 (two rows per program) and a narrow D = 72 (32 rows per program).
+    for d, dtype in ((1152, "bf16"), (1152, "fp16"), (72, "fp16")):
+        rows, block_d, warps = ln._tile(d)
+        flags = dict(HAS_W=False, HAS_B=False, HAS_SCALE=True, HAS_SHIFT=True, ROWS=rows, BLOCK_D=block_d)
+        modulation = {"scale_ptr": dtype, "shift_ptr": dtype}
+        stats = {"mean_ptr": "fp32", "rstd_ptr": "fp32"}
+        out += [
+            Case(f"layer_norm adaLN fwd D={d} {dtype}", ln._layer_norm_forward_kernel,
+                 {"x_ptr": dtype, "y_ptr": dtype, **modulation, **stats}, {**flags, "RESIDUAL": False}, warps,
+                 main_path=True),
+            Case(f"layer_norm gated residual+adaLN fwd D={d} {dtype}", ln._layer_norm_forward_kernel,
+                 {"x_ptr": dtype, "branch_ptr": dtype, "gate_ptr": dtype, "h_new_ptr": dtype, "y_ptr": dtype,
+                  **modulation, **stats}, {**flags, "RESIDUAL": True}, warps, main_path=True),
+            Case(f"layer_norm adaLN bwd D={d} {dtype}", ln._layer_norm_backward_kernel,
+                 {"x_ptr": dtype, "dy_ptr": dtype, "dx_ptr": dtype, "w_ptr": "fp32", "b_ptr": "fp32",
+                  **modulation, **stats, "partial_ptr": "fp32"},
+                 {**flags, "HAS_W": True, "HAS_B": True, "SCALE_PER_TOKEN": False, "SHIFT_PER_TOKEN": False},
+                 ln._tile(d, backward=True)[2]),
         ]
     at = attention
     unit_strides = {f"s{t}_d": 1 for t in ("q", "k", "v", "o", "do")}

@@ -8,12 +8,13 @@ device (fastguide.ops.backends), and call the custom op with that backend's name
 backward runs on the same backend as the forward.
 
 Every backend module exposes the same functions: ``attention_forward``,
-``attention_backward``, ``group_norm_forward``, ``group_norm_backward`` and
-``guided_step(tensors, step, combine)``, which takes the contract's types
+``attention_backward``, ``group_norm_forward``, ``group_norm_backward``,
+``layer_norm_forward``, ``gated_residual_layer_norm_forward``, ``layer_norm_backward``
+and ``guided_step(tensors, step, combine)``, which takes the contract's types
 (fastguide.ops.contract). The torch backend is fastguide.ops.reference; Triton kernels
 live in fastguide.kernels, one module per op; the cuda backend's glue is
-fastguide.ops.cuda_backend (guided_step and group_norm; attention runs as under ``auto``
-when cuda is chosen). A guided_step call without autograd, outside torch.compile and
+fastguide.ops.cuda_backend (guided_step, group_norm and layer_norm; attention runs as
+under ``auto`` when cuda is chosen). A guided_step call without autograd, outside torch.compile and
 dispatch modes (a sampler's loop), goes straight to the backend (see ``_tracing``).
 """
 
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils import _python_dispatch
 
-from . import backends, contract, validation
+from . import backends, contract, reference, validation
 from .contract import GuidanceCombine, StepCoefficients, StepTensors
 from .reference import compute_dtype, like_memory_format
 
@@ -40,10 +41,12 @@ _KERNEL_MODULES = {
         "attention": "fastguide.kernels.attention",
         "group_norm": "fastguide.kernels.group_norm",
         "guided_step": "fastguide.kernels.guided_step",
+        "layer_norm": "fastguide.kernels.layer_norm",
     },
     "cuda": {
         "group_norm": "fastguide.ops.cuda_backend",
         "guided_step": "fastguide.ops.cuda_backend",
+        "layer_norm": "fastguide.ops.cuda_backend",
     },
 }
 
@@ -59,7 +62,7 @@ def _module_exists(name: str) -> bool:
 
 _HAS_KERNEL = {
     op: {backend: op in modules and _module_exists(modules[op]) for backend, modules in _KERNEL_MODULES.items()}
-    for op in ("attention", "group_norm", "guided_step")
+    for op in ("attention", "group_norm", "guided_step", "layer_norm")
 }
 
 
@@ -83,6 +86,11 @@ def _module(backend: str, op: str) -> ModuleType:
     return importlib.import_module(_KERNEL_MODULES[backend][op])
 
 
+def _empty_like(t: Tensor) -> Tensor:
+    """A dense uninitialised tensor of t's shape, dtype and device (the fakes' results)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
 # --------------------------------------------------------------------------------------
 # attention
 # --------------------------------------------------------------------------------------
@@ -95,9 +103,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> t
 
 @_attention.register_fake
 def _(q, k, v, scale, backend):
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:-1], dtype=compute_dtype(q), device=q.device)
-    return out, lse
+    return _empty_like(q), torch.empty(q.shape[:-1], dtype=compute_dtype(q), device=q.device)
 
 
 @torch.library.custom_op("fastguide::attention_backward", mutates_args=())
@@ -110,7 +116,7 @@ def _attention_backward(
 
 @_attention_backward.register_fake
 def _(grad_out, q, k, v, out, lse, scale, backend):
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    return tuple(_empty_like(t) for t in (q, k, v))
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -146,6 +152,33 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Te
 
 
 # --------------------------------------------------------------------------------------
+# The backward glue of the norms (group_norm, layer_norm): their backward ops take
+# (grad_y, x, weight, bias, scale, shift, mean, rstd, *options) and return
+# (dx, dweight, dbias, dscale, dshift)
+# --------------------------------------------------------------------------------------
+
+
+def _norm_backward_outputs(x: Tensor, dx: Tensor, *param_grads: Tensor | None) -> tuple[Tensor, ...]:
+    """A norm backward op's results: dx laid out like x, and an empty tensor for each
+    parameter gradient that is None (an op returns tensors)."""
+    return (like_memory_format(dx, x),) + tuple(x.new_empty(0) if g is None else g.contiguous() for g in param_grads)
+
+
+def _norm_backward_fake(x: Tensor, *params: Tensor | None) -> tuple[Tensor, ...]:
+    """The fake of a norm backward op's results (as ``_norm_backward_outputs``)."""
+    return (like_memory_format(_empty_like(x), x),) + tuple(
+        x.new_empty(0) if t is None else _empty_like(t) for t in params
+    )
+
+
+def _norm_grads(backward_op, grad_y: Tensor, saved: Sequence[Tensor | None], *options) -> tuple[Tensor | None, ...]:
+    """(dx, dweight, dbias, dscale, dshift) by a norm's backward op from the saved
+    (x, weight, bias, scale, shift, mean, rstd); None for each parameter that was None."""
+    dx, *param_grads = backward_op(grad_y, *saved, *options)
+    return (dx, *(None if t is None else g for t, g in zip(saved[1:5], param_grads)))
+
+
+# --------------------------------------------------------------------------------------
 # group_norm
 # --------------------------------------------------------------------------------------
 
@@ -170,7 +203,7 @@ def _group_norm(
 
 @_group_norm.register_fake
 def _(x, weight, bias, scale, shift, num_groups, eps, activation, backend):
-    y = like_memory_format(torch.empty(x.shape, dtype=x.dtype, device=x.device), x)
+    y = like_memory_format(_empty_like(x), x)
     stats = torch.empty((x.shape[0], num_groups), dtype=compute_dtype(x), device=x.device)
     return y, stats, torch.empty_like(stats)
 
@@ -191,23 +224,15 @@ def _group_norm_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dscale, dshift); an input that was None gets an empty tensor."""
-    grads = _module(backend, "group_norm").group_norm_backward(
+    return _norm_backward_outputs(x, *_module(backend, "group_norm").group_norm_backward(
         grad_y, x, weight, bias, scale, shift, mean, rstd, num_groups, eps,
         None if activation == "none" else activation,
-    )
-    dx, *param_grads = grads
-    return (like_memory_format(dx, x),) + tuple(
-        x.new_empty(0) if g is None else g.contiguous() for g in param_grads
-    )
+    ))
 
 
 @_group_norm_backward.register_fake
 def _(grad_y, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, activation, backend):
-    dx = like_memory_format(torch.empty(x.shape, dtype=x.dtype, device=x.device), x)
-    return (dx,) + tuple(
-        x.new_empty(0) if t is None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
-        for t in (weight, bias, scale, shift)
-    )
+    return _norm_backward_fake(x, weight, bias, scale, shift)
 
 
 def _group_norm_setup_context(ctx, inputs, output):
@@ -218,13 +243,9 @@ def _group_norm_setup_context(ctx, inputs, output):
 
 
 def _group_norm_grad(ctx, grad_y, grad_mean, grad_rstd):
-    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-    dx, *param_grads = _group_norm_backward(
-        grad_y, x, weight, bias, scale, shift, mean, rstd,
-        ctx.num_groups, ctx.eps, ctx.activation, ctx.backend,
-    )
-    param_grads = [None if t is None else g for t, g in zip((weight, bias, scale, shift), param_grads)]
-    return (dx, *param_grads, None, None, None, None)
+    grads = _norm_grads(_group_norm_backward, grad_y, ctx.saved_tensors,
+                        ctx.num_groups, ctx.eps, ctx.activation, ctx.backend)
+    return (*grads, None, None, None, None)
 
 
 _group_norm.register_autograd(_group_norm_grad, setup_context=_group_norm_setup_context)
@@ -265,6 +286,210 @@ def group_norm(
         activation or "none", _resolve("group_norm", x.device, x.dtype, empty=x.numel() == 0),
     )
     return y
+
+
+# --------------------------------------------------------------------------------------
+# layer_norm, gated_residual, gated_residual_layer_norm (DiT blocks)
+# --------------------------------------------------------------------------------------
+
+
+def _layer_norm_stats_fake(x: Tensor) -> tuple[Tensor, Tensor]:
+    stats = torch.empty(x.shape[:-1], dtype=compute_dtype(x), device=x.device)
+    return stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastguide::layer_norm", mutates_args=())
+def _layer_norm(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    y, mean, rstd = _module(backend, "layer_norm").layer_norm_forward(x, weight, bias, scale, shift, eps)
+    return y.contiguous(), mean.contiguous(), rstd.contiguous()
+
+
+@_layer_norm.register_fake
+def _(x, weight, bias, scale, shift, eps, backend):
+    return (_empty_like(x), *_layer_norm_stats_fake(x))
+
+
+@torch.library.custom_op("fastguide::layer_norm_backward", mutates_args=())
+def _layer_norm_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dscale, dshift); an input that was None gets an empty tensor."""
+    return _norm_backward_outputs(x, *_module(backend, "layer_norm").layer_norm_backward(
+        grad_y, x, weight, bias, scale, shift, mean, rstd
+    ))
+
+
+@_layer_norm_backward.register_fake
+def _(grad_y, x, weight, bias, scale, shift, mean, rstd, backend):
+    return _norm_backward_fake(x, weight, bias, scale, shift)
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    x, weight, bias, scale, shift, eps, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.backend = backend
+
+
+def _layer_norm_grad(ctx, grad_y, grad_mean, grad_rstd):
+    return (*_norm_grads(_layer_norm_backward, grad_y, ctx.saved_tensors, ctx.backend), None, None)
+
+
+_layer_norm.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup_context)
+
+
+@torch.library.custom_op("fastguide::gated_residual_layer_norm", mutates_args=())
+def _gated_residual_layer_norm(
+    h: Tensor,
+    branch: Tensor,
+    gate: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    h_new, y, mean, rstd = _module(backend, "layer_norm").gated_residual_layer_norm_forward(
+        h, branch, gate, weight, bias, scale, shift, eps
+    )
+    return h_new.contiguous(), y.contiguous(), mean.contiguous(), rstd.contiguous()
+
+
+@_gated_residual_layer_norm.register_fake
+def _(h, branch, gate, weight, bias, scale, shift, eps, backend):
+    return (_empty_like(h), _empty_like(h), *_layer_norm_stats_fake(h))
+
+
+def _gated_residual_layer_norm_setup_context(ctx, inputs, output):
+    h, branch, gate, weight, bias, scale, shift, eps, backend = inputs
+    h_new, _, mean, rstd = output
+    ctx.save_for_backward(h_new, branch, gate, weight, bias, scale, shift, mean, rstd)
+    ctx.backend = backend
+
+
+def _gated_residual_layer_norm_grad(ctx, grad_h_new, grad_y, grad_mean, grad_rstd):
+    # The norm's backward runs on the saved h_new; the residual's is elementwise:
+    # g = grad_h_new + dx, then dh = g, dbranch = gate·g, dgate = Σ_tokens g·branch.
+    h_new, branch, gate, *norm_saved = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros_like(h_new)
+    dx, *param_grads = _norm_grads(_layer_norm_backward, grad_y, (h_new, *norm_saved), ctx.backend)
+    dtype = compute_dtype(h_new)
+    total = dx.to(dtype) if grad_h_new is None else dx.to(dtype) + grad_h_new.to(dtype)
+    dbranch = (total * gate.to(dtype)).to(branch.dtype)
+    dgate = (total * branch.to(dtype)).sum_to_size(gate.shape).to(gate.dtype)
+    return (total.to(h_new.dtype), dbranch, dgate, *param_grads, None, None)
+
+
+_gated_residual_layer_norm.register_autograd(
+    _gated_residual_layer_norm_grad, setup_context=_gated_residual_layer_norm_setup_context
+)
+
+
+def _as_tokens(t: Tensor | None) -> Tensor | None:
+    """A (N, D), (N, 1, D) or (N, L, D) tensor as (N, 1, D) or (N, L, D), dense: the
+    kernels see (N, L, D) (an (N, D) x is N samples of one token) and index a per-sample
+    row or one row per token."""
+    return None if t is None else (t.unsqueeze(1) if t.dim() == 2 else t).contiguous()
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+) -> Tensor:
+    """LayerNorm over the last dim, then DiT's adaLN modulation, in one op.
+
+    y = ((x − mean)/√(var + eps)·weight + bias)·(1 + scale) + shift, statistics per row
+    of D elements in float32 (float64 for float64 x), biased variance as torch's.
+
+    Args:
+        x: (N, L, D) tokens or (N, D), any strides.
+        normalized_shape: (D,), the last dim of x (torch's signature; only the last dim
+            is normalised).
+        weight, bias: (D,) elementwise affine, or None (DiT: None).
+        scale, shift: independent optionals, each (N, D) or (N, 1, D) per sample
+            (broadcast over tokens), or (N, L, D) per token.
+
+    Returns y shaped and typed like x, contiguous. Differentiable in x, weight, bias,
+    scale and shift.
+    """
+    validation.check_layer_norm(x, normalized_shape, weight, bias, eps, scale, shift)
+    tokens = x.unsqueeze(1) if x.dim() == 2 else x
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
+    y, _, _ = _layer_norm(
+        tokens, weight, bias, _as_tokens(scale), _as_tokens(shift), float(eps),
+        _resolve("layer_norm", x.device, x.dtype, empty=x.numel() == 0),
+    )
+    return y.reshape(x.shape)
+
+
+def gated_residual(h: Tensor, branch: Tensor, gate: Tensor) -> Tensor:
+    """DiT's gated residual h + gate·branch, one pass (torch.addcmul).
+
+    h, branch: (N, L, D) or (N, D), branch in h's dtype; gate (N, D) or (N, 1, D) per
+    sample, or h's shape per token. Computed in float32 (float64 for float64 inputs)
+    and rounded once to h's dtype. This is already one read of h and branch and one
+    write, the copy-bandwidth floor, so it has no kernel of its own; where a LayerNorm
+    follows, ``gated_residual_layer_norm`` fuses the two. Differentiable.
+    """
+    validation.check_gated_residual(h, branch, gate)
+    if h.dim() == 3 and gate.dim() == 2:
+        gate = gate.unsqueeze(1)
+    return reference.gated_residual(h, branch, gate)
+
+
+def gated_residual_layer_norm(
+    h: Tensor,
+    branch: Tensor,
+    gate: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """A DiT block's seam in one pass: h_new = h + gate·branch, then the next
+    sub-block's y = layer_norm(h_new)·(1 + scale) + shift. Returns (h_new, y).
+
+    h_new is rounded to h's dtype and the norm reads that rounded value, so the pair
+    equals ``gated_residual`` followed by ``layer_norm``; the fused kernels read h and
+    branch once and write h_new and y once (the unfused pair reads h_new back). Shapes
+    as ``gated_residual`` and ``layer_norm``. Differentiable in every tensor.
+    """
+    validation.check_gated_residual(h, branch, gate)
+    validation.check_layer_norm(h, normalized_shape, weight, bias, eps, scale, shift, x_name="h")
+    tokens = [t.unsqueeze(1) if t.dim() == 2 else t for t in (h, branch)]
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
+    h_new, y, _, _ = _gated_residual_layer_norm(
+        *tokens, _as_tokens(gate), weight, bias, _as_tokens(scale), _as_tokens(shift), float(eps),
+        _resolve("layer_norm", h.device, h.dtype, empty=h.numel() == 0),
+    )
+    return h_new.reshape(h.shape), y.reshape(h.shape)
 
 
 # --------------------------------------------------------------------------------------

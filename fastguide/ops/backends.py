@@ -4,8 +4,9 @@ Backends:
   ``torch``   fastguide.ops.reference, plain PyTorch. Runs anywhere; the oracle.
   ``triton``  fastguide.kernels. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
   ``cuda``    the compiled extension fastguide._C (csrc/), CUDA tensors only; built just
-              in time on first use when not installed prebuilt. It covers guided_step
-              and group_norm; other ops run under it as they would under ``auto``.
+              in time on first use when not installed prebuilt. It covers guided_step,
+              group_norm and layer_norm; other ops run under it as they would under
+              ``auto``.
   ``auto``    (default) CUDA tensor -> triton, else a prebuilt cuda extension, else
               torch; CPU -> torch. ``auto`` never raises and never starts a build.
 

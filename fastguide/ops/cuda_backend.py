@@ -1,4 +1,5 @@
-"""The ``cuda`` backend: guided_step and group_norm on the hand-written kernels of csrc/.
+"""The ``cuda`` backend: guided_step, group_norm and layer_norm on the hand-written kernels
+of csrc/.
 
 Same functions as every backend module (fastguide.ops calls them). Each makes the
 tensors what the kernels read (dense in one layout, x's storage dtype for every
@@ -21,7 +22,7 @@ from .contract import (
     StepTensors,
 )
 from .layout import dense, guidance_stats, norm_format, step_format, write_back
-from .reference import group_norm_parameter_grads
+from .reference import group_norm_parameter_grads, layer_norm_parameter_grads
 
 
 def _ops():
@@ -51,7 +52,8 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
     write_back(targets, work)
 
 
-def _fp32_parameters(*tensors: Tensor | None) -> list[Tensor | None]:
+def _fp32(*tensors: Tensor | None) -> list[Tensor | None]:
+    """Dense fp32 copies (where needed) of the parameters and statistics the kernels read."""
     return [None if t is None else t.float().contiguous() for t in tensors]
 
 
@@ -67,7 +69,7 @@ def group_norm_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     x = dense(x, norm_format(x))
     return _ops().group_norm_forward(
-        x, *_fp32_parameters(weight, bias, scale, shift), num_groups, float(eps), activation == "silu"
+        x, *_fp32(weight, bias, scale, shift), num_groups, float(eps), activation == "silu"
     )
 
 
@@ -87,7 +89,51 @@ def group_norm_backward(
     fmt = norm_format(x)
     x = dense(x, fmt)
     dx, sums = _ops().group_norm_backward(
-        dense(grad_y, fmt, x.dtype), x, *_fp32_parameters(weight, bias, scale, shift),
-        mean.float().contiguous(), rstd.float().contiguous(), num_groups, activation == "silu",
+        dense(grad_y, fmt, x.dtype), x, *_fp32(weight, bias, scale, shift, mean, rstd),
+        num_groups, activation == "silu",
     )
     return (dx, *group_norm_parameter_grads(sums, weight, bias, scale, shift))
+
+
+def layer_norm_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _ops().layer_norm_forward(x.contiguous(), *_fp32(weight, bias, scale, shift), float(eps))
+
+
+def gated_residual_layer_norm_forward(
+    h: Tensor,
+    branch: Tensor,
+    gate: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _ops().gated_residual_layer_norm_forward(
+        h.contiguous(), branch.contiguous(), *_fp32(gate, weight, bias, scale, shift), float(eps)
+    )
+
+
+def layer_norm_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+) -> tuple[Tensor | None, ...]:
+    x = x.contiguous()
+    dx, partials, dscale_tokens, dshift_tokens = _ops().layer_norm_backward(
+        grad_y.to(x.dtype).contiguous(), x, *_fp32(weight, bias, scale, shift, mean, rstd)
+    )
+    # Per-token modulation: the kernel wrote its gradients (fp32) element by element.
+    return (dx, *layer_norm_parameter_grads(partials, weight, bias, scale, shift, dscale_tokens, dshift_tokens))

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 OPS_NAMESPACE = "fastguide_cuda"
-KERNEL_SOURCES = ("guided_step.cu", "group_norm.cu")  # nvcc; no torch headers
+KERNEL_SOURCES = ("guided_step.cu", "group_norm.cu", "layer_norm.cu")  # nvcc; no torch headers
 BINDING_SOURCES = ("bindings.cpp",)  # the host compiler, against torch's headers
 NVCC_FLAGS = ("-O3", "--use_fast_math")  # torch adds the C++ standard its headers need
 # The static check (python -m fastguide.kernels.report): each kernel source on its own,

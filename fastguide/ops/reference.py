@@ -6,7 +6,8 @@ and cast back, as the contracts require; float64 inputs stay in float64.
 
 The second half of the module is this backend's side of the interface that
 ``fastguide.ops`` calls on every backend (``attention_forward``/``_backward``,
-``group_norm_forward``/``_backward``, ``guided_step``): forwards that also return the
+``group_norm_forward``/``_backward``, ``layer_norm_forward``/``_backward``,
+``gated_residual_layer_norm_forward``, ``guided_step``): forwards that also return the
 statistics a fused backward would save, and backwards that recompute the forward under torch.func.vjp.
 """
 
@@ -115,6 +116,97 @@ def _scale_shift_act(
     if activation == "silu":
         y = F.silu(y)
     return y
+
+
+def _nan_where_overflowed(y_rows: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """(y_rows, rstd) with every normalised row (…, k) whose rstd (…) is 0 set to NaN.
+
+    Statistics that overflow the compute dtype give rstd = 0 in aten (1/√inf): the
+    contract makes such a row or group NaN, as the kernels do (docs/design.md, NaN and Inf).
+    """
+    overflowed = rstd == 0
+    if overflowed.any():
+        y_rows = y_rows.masked_fill(overflowed.unsqueeze(-1), float("nan"))
+        rstd = rstd.masked_fill(overflowed, float("nan"))
+    return y_rows, rstd
+
+
+def _normalized(x_rows: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
+    """x̂ = (x − mean)·rstd of rows (…, k) with per-row mean and rstd (…)."""
+    return (x_rows - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+
+
+def _modulation_backward(
+    dy: Tensor,
+    x_hat: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    activation: str | None = None,
+) -> tuple[Tensor | None, ...]:
+    """(dx̂, dweight, dbias, dscale, dshift) of y = act(z), z = a·(1 + s) + h, a = x̂·w + b,
+    the part of the backward both norms share. The parameters (or None) come in the
+    compute dtype, viewed to broadcast against x̂; each gradient is summed to its view's shape:
+      dz = dy·act'(z);  dh = Σ dz;  ds = Σ dz·a;  da = dz·(1 + s)
+      db = Σ da;  dw = Σ da·x̂;  dx̂ = da·w
+    """
+    a = x_hat if weight is None else x_hat * weight
+    if bias is not None:
+        a = a + bias
+    dz = dy
+    if activation == "silu":
+        z = a if scale is None else a * (1 + scale)
+        if shift is not None:
+            z = z + shift
+        sig = torch.sigmoid(z)
+        dz = dz * sig * (1 + z * (1 - sig))
+    dshift = None if shift is None else dz.sum_to_size(shift.shape)
+    dscale = None if scale is None else (dz * a).sum_to_size(scale.shape)
+    da = dz if scale is None else dz * (1 + scale)
+    dbias = None if bias is None else da.sum_to_size(bias.shape)
+    dweight = None if weight is None else (da * x_hat).sum_to_size(weight.shape)
+    dx_hat = da if weight is None else da * weight
+    return dx_hat, dweight, dbias, dscale, dshift
+
+
+def _normalization_backward(dx_hat: Tensor, x_hat: Tensor, rstd: Tensor) -> Tensor:
+    """dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)), the means over each row (…, k) that
+    was normalised with its rstd (…)."""
+    return rstd.unsqueeze(-1) * (
+        dx_hat - dx_hat.mean(-1, keepdim=True) - x_hat * (dx_hat * x_hat).mean(-1, keepdim=True)
+    )
+
+
+def _as_parameter_grads(grads, params) -> tuple[Tensor | None, ...]:
+    """Each gradient in its parameter's shape and dtype, as a new tensor (an op may not
+    return an input: a per-token shift's gradient is dy itself); None for a None parameter."""
+    return tuple(None if t is None else g.reshape(t.shape).to(t.dtype, copy=True) for g, t in zip(grads, params))
+
+
+def norm_parameter_grads(
+    dy_sum: Tensor,
+    dy_xhat_sum: Tensor,
+    da_sum: Tensor,
+    da_xhat_sum: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """(dweight, dbias, dscale, dshift) from the kernels' per-sample sums over each
+    channel's (or column's) elements: A = Σ dz, B = Σ dz·x̂, C = Σ da, E = Σ da·x̂ with
+    da = dz·(1 + scale) (see ``_modulation_backward``), each (N, …) like scale:
+    dshift = A, dscale = w·B + b·A, dbias = Σ_n C, dweight = Σ_n E. None for inputs that
+    were None."""
+    dshift = None if shift is None else dy_sum.to(shift.dtype)
+    dscale = None
+    if scale is not None:
+        w = 1.0 if weight is None else weight.float()
+        dscale = (w * dy_xhat_sum + (0.0 if bias is None else bias.float()) * dy_sum).to(scale.dtype)
+    dbias = None if bias is None else da_sum.sum(0).reshape(bias.shape).to(bias.dtype)
+    dweight = None if weight is None else da_xhat_sum.sum(0).reshape(weight.shape).to(weight.dtype)
+    return dweight, dbias, dscale, dshift
 
 
 # --------------------------------------------------------------------------------------
@@ -413,13 +505,8 @@ def group_norm_forward(
         num_groups,
         eps,
     )
-    # Statistics that overflow the compute dtype give rstd = 0 in aten (1/√inf): the
-    # contract makes such a group NaN, as the kernels do (docs/design.md, NaN and Inf).
-    overflowed = (rstd == 0).reshape(n, num_groups, 1)
-    if overflowed.any():
-        y = y.reshape(n, num_groups, -1).masked_fill(overflowed, float("nan")).reshape(y.shape)
-        rstd = rstd.masked_fill(rstd == 0, float("nan"))
-    y = like_memory_format(_scale_shift_act(y, scale, shift, activation), x).to(x.dtype)
+    y_groups, rstd = _nan_where_overflowed(y.reshape(n, num_groups, c // num_groups * spatial), rstd)
+    y = like_memory_format(_scale_shift_act(y_groups.reshape(y.shape), scale, shift, activation), x).to(x.dtype)
     return y, mean, rstd
 
 
@@ -445,51 +532,166 @@ def group_norm_backward(
     Gradients come back None for inputs that were None.
     """
     dtype = compute_dtype(x)
-    n, c = x.shape[0], x.shape[1]
-    grouped = (n, num_groups, c // num_groups, -1)
-    channel_view = (1, c, 1)
-    sample_view = (n, c, 1)
-    x_hat = ((x.to(dtype).reshape(grouped) - mean.reshape(n, num_groups, 1, 1))
-             * rstd.reshape(n, num_groups, 1, 1)).reshape(n, c, -1)
-    a = x_hat if weight is None else x_hat * weight.to(dtype).reshape(channel_view)
-    if bias is not None:
-        a = a + bias.to(dtype).reshape(channel_view)
-    dz = grad_y.to(dtype).reshape(n, c, -1)
-    if activation == "silu":
-        z = a if scale is None else a * (1 + scale.to(dtype).reshape(sample_view))
-        if shift is not None:
-            z = z + shift.to(dtype).reshape(sample_view)
-        sig = torch.sigmoid(z)
-        dz = dz * sig * (1 + z * (1 - sig))
-    dshift = None if shift is None else dz.sum(-1).to(shift.dtype)
-    dscale = None if scale is None else (dz * a).sum(-1).to(scale.dtype)
-    da = dz if scale is None else dz * (1 + scale.to(dtype).reshape(sample_view))
-    dbias = None if bias is None else da.sum((0, 2)).to(bias.dtype)
-    dweight = None if weight is None else (da * x_hat).sum((0, 2)).to(weight.dtype)
-    dx_hat = da if weight is None else da * weight.to(dtype).reshape(channel_view)
-    dx_hat, x_hat = dx_hat.reshape(grouped), x_hat.reshape(grouped)
-    group_mean = lambda t: t.mean(dim=(2, 3), keepdim=True)  # noqa: E731
-    dx = rstd.reshape(n, num_groups, 1, 1) * (
-        dx_hat - group_mean(dx_hat) - x_hat * group_mean(dx_hat * x_hat)
+    n, c, spatial = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    groups = (n, num_groups, c // num_groups * spatial)
+    x_hat = _normalized(x.to(dtype).reshape(groups), mean, rstd).reshape(n, c, spatial)
+
+    def view(t: Tensor | None, rows: int) -> Tensor | None:  # (C,) or (N, C) against (N, C, HW)
+        return None if t is None else t.to(dtype).reshape(rows, c, 1)
+
+    dx_hat, *grads = _modulation_backward(
+        grad_y.to(dtype).reshape(n, c, spatial), x_hat,
+        view(weight, 1), view(bias, 1), view(scale, n), view(shift, n), activation,
     )
+    dx = _normalization_backward(dx_hat.reshape(groups), x_hat.reshape(groups), rstd)
     dx = like_memory_format(dx.reshape(x.shape), x).to(x.dtype)
-    return dx, dweight, dbias, dscale, dshift
+    return (dx, *_as_parameter_grads(grads, (weight, bias, scale, shift)))
 
 
 def group_norm_parameter_grads(
     sums: Tensor, weight: Tensor | None, bias: Tensor | None, scale: Tensor | None, shift: Tensor | None
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """(dweight, dbias, dscale, dshift) from sums (N, C, 2) = (A, B), A = Σ_s dz and
-    B = Σ_s dz·x̂ (the kernels' per-channel backward sums; see group_norm_backward):
-    dshift = A, dscale = w·B + b·A, dbias = Σ_n (1 + scale)·A, dweight = Σ_n (1 + scale)·B.
-    None for inputs that were None."""
+    """(dweight, dbias, dscale, dshift) from the kernels' per-channel backward sums
+    (N, C, 2) = (A, B), A = Σ_s dz and B = Σ_s dz·x̂ (``norm_parameter_grads`` with
+    C = (1 + scale)·A, E = (1 + scale)·B: a per-sample scale is constant over s)."""
     a, b_sums = sums[..., 0], sums[..., 1]
     one_plus_scale = 1.0 if scale is None else 1.0 + scale.float()
-    dshift = None if shift is None else a.to(shift.dtype)
-    dscale = None
-    if scale is not None:
-        w = 1.0 if weight is None else weight.float()
-        dscale = (w * b_sums + (0.0 if bias is None else bias.float()) * a).to(scale.dtype)
-    dbias = None if bias is None else (one_plus_scale * a).sum(0).to(bias.dtype)
-    dweight = None if weight is None else (one_plus_scale * b_sums).sum(0).to(weight.dtype)
+    return norm_parameter_grads(a, b_sums, one_plus_scale * a, one_plus_scale * b_sums, weight, bias, scale, shift)
+
+
+# --------------------------------------------------------------------------------------
+# layer_norm (DiT's adaLN) and the gated residual
+# --------------------------------------------------------------------------------------
+
+
+def layer_norm(
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+) -> Tensor:
+    """LayerNorm over the last dim with DiT's adaLN modulation, statistics in float32.
+
+    x̂ = (x − mean)/√(var + eps) over the D elements of each row (biased variance);
+    a = x̂·weight + bias; y = a·(1 + scale) + shift. scale and shift broadcast against
+    x: (N, 1, D) per sample, or x's own shape per token. Output in x's dtype.
+    """
+    y, _, _ = layer_norm_forward(x, weight, bias, scale, shift, eps)
+    return y
+
+
+def gated_residual(h: Tensor, branch: Tensor, gate: Tensor) -> Tensor:
+    """h + gate·branch (DiT's gated residual), gate broadcast against h, computed in
+    float32 (float64 for float64 inputs) and rounded once to h's dtype."""
+    dtype = compute_dtype(h, branch, gate)
+    return torch.addcmul(h.to(dtype), gate.to(dtype), branch.to(dtype)).to(h.dtype)
+
+
+def gated_residual_layer_norm(
+    h: Tensor,
+    branch: Tensor,
+    gate: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(h_new, y): h_new = gated_residual(h, branch, gate) in h's dtype, and
+    y = layer_norm(h_new, ...) of that rounded h_new (as the unfused pair computes it)."""
+    h_new, y, _, _ = gated_residual_layer_norm_forward(h, branch, gate, weight, bias, scale, shift, eps)
+    return h_new, y
+
+
+def layer_norm_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd): ``layer_norm`` plus the per-row statistics, shape x.shape[:-1]."""
+    dtype = compute_dtype(x)
+    d = x.shape[-1]
+    y, mean, rstd = torch.ops.aten.native_layer_norm(
+        x.to(dtype).contiguous(), [d],
+        None if weight is None else weight.to(dtype), None if bias is None else bias.to(dtype), eps,
+    )
+    y, rstd = _nan_where_overflowed(y, rstd.reshape(x.shape[:-1]))
+    y = _scale_shift_act(y, scale, shift, None)
+    return y.to(x.dtype).contiguous(), mean.reshape(x.shape[:-1]), rstd
+
+
+def gated_residual_layer_norm_forward(
+    h: Tensor,
+    branch: Tensor,
+    gate: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(h_new, y, mean, rstd): the gated residual, then ``layer_norm_forward`` of it."""
+    h_new = gated_residual(h, branch, gate).contiguous()
+    return (h_new, *layer_norm_forward(h_new, weight, bias, scale, shift, eps))
+
+
+def layer_norm_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+) -> tuple[Tensor | None, ...]:
+    """(dx, dweight, dbias, dscale, dshift) from the saved per-row mean and rstd.
+
+    With x̂ = (x − mean)·rstd, a = x̂·w + b, y = a·(1 + s) + h:
+      dh = Σ dy and ds = Σ dy·a over the dims h and s broadcast over (tokens for a
+      per-sample modulation); da = dy·(1 + s); db = Σ_rows da; dw = Σ_rows da·x̂;
+      dx̂ = da·w;  dx = rstd·(dx̂ − mean_D(dx̂) − x̂·mean_D(dx̂·x̂)).
+    Gradients come back None for inputs that were None.
+    """
+    dtype = compute_dtype(x)
+    x_hat = _normalized(x.to(dtype), mean, rstd)
+    params = (weight, bias, scale, shift)
+    dx_hat, *grads = _modulation_backward(
+        grad_y.to(dtype), x_hat, *(None if t is None else t.to(dtype) for t in params)
+    )
+    dx = _normalization_backward(dx_hat, x_hat, rstd)
+    return (dx.to(x.dtype).contiguous(), *_as_parameter_grads(grads, params))
+
+
+def layer_norm_parameter_grads(
+    partials: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    dscale_tokens: Tensor | None = None,
+    dshift_tokens: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """(dweight, dbias, dscale, dshift) from the kernels' per-sample partial sums
+    (N, chunks, 4, D) of (A, B, C, E) over each chunk of a sample's tokens, merged in a
+    fixed order (deterministic), by ``norm_parameter_grads``. A per-token scale or shift
+    (N, L > 1, D) takes the gradient the kernels wrote element by element
+    (dscale_tokens, dshift_tokens). None for inputs that were None."""
+    sums = partials.sum(1)
+    per_token = lambda t: t is not None and t.shape[-2] > 1  # noqa: E731
+    dweight, dbias, dscale, dshift = norm_parameter_grads(
+        sums[:, 0:1], sums[:, 1:2], sums[:, 2], sums[:, 3], weight, bias,
+        None if per_token(scale) else scale, None if per_token(shift) else shift,
+    )
+    if per_token(scale):
+        dscale = dscale_tokens.to(scale.dtype)
+    if per_token(shift):
+        dshift = dshift_tokens.to(shift.dtype)
     return dweight, dbias, dscale, dshift

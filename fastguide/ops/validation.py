@@ -94,6 +94,20 @@ def check_attention(q: object, k: object, v: object, scale: object) -> float:
     return check_finite("scale", scale)
 
 
+def check_norm_parameters(
+    x_name: str, x: Tensor, size: int, weight: object, bias: object, scale: object, shift: object, eps: object
+) -> None:
+    """The checks the norms share, after each checked its own scale and shift: weight and
+    bias None or (size,) tensors, every tensor on x's device, eps positive."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_tensor(name, t)
+            check_shape(name, t, (size,))
+    check_same_device([(x_name, x), ("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)])
+    if check_finite("eps", eps) <= 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+
+
 def check_group_norm(
     x: object,
     num_groups: object,
@@ -119,10 +133,6 @@ def check_group_norm(
             f"x of shape {tuple(x.shape)} has 1 value per group with num_groups={num_groups}: "
             "normalising needs more than one (as torch's group_norm)"
         )
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None:
-            check_tensor(name, t)
-            check_shape(name, t, (channels,))
     for name, t in (("scale", scale), ("shift", shift)):
         if t is not None:
             check_tensor(name, t)
@@ -131,11 +141,66 @@ def check_group_norm(
                     f"{name} must have shape ({batch}, {channels}) or ({batch}, {channels}, 1, ...) "
                     f"for x of shape {tuple(x.shape)}, got {tuple(t.shape)}"
                 )
-    check_same_device([("x", x), ("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)])
-    if check_finite("eps", eps) <= 0:
-        raise ValueError(f"eps must be positive, got {eps}")
+    check_norm_parameters("x", x, channels, weight, bias, scale, shift, eps)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def check_token_tensor(name: str, t: object, x: Tensor, what: str) -> None:
+    """A per-sample or per-token tensor of (N, L, D) or (N, D) x: shape (N, D),
+    (N, 1, D) or x's own shape (the adaLN modulation and the residual gate)."""
+    check_tensor(name, t)
+    n, d = x.shape[0], x.shape[-1]
+    allowed = {(n, d), tuple(x.shape)} | ({(n, 1, d)} if x.dim() == 3 else set())
+    if tuple(t.shape) not in allowed:
+        per_token = "" if x.dim() == 2 else f" or {tuple(x.shape)} per token"
+        raise ValueError(
+            f"{name} ({what}) must have shape ({n}, {d}) or ({n}, 1, {d}) per sample{per_token} "
+            f"for x of shape {tuple(x.shape)}, got {tuple(t.shape)}"
+        )
+
+
+def check_layer_norm(
+    x: object,
+    normalized_shape: object,
+    weight: object,
+    bias: object,
+    eps: object,
+    scale: object,
+    shift: object,
+    x_name: str = "x",
+) -> None:
+    check_tensor(x_name, x)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{x_name} must be (N, L, D) or (N, D), got shape {tuple(x.shape)}")
+    d = x.shape[-1]
+    if d < 1:
+        raise ValueError(f"the last dim of {x_name} (D) must be at least 1, got shape {tuple(x.shape)}")
+    if isinstance(normalized_shape, bool) or not isinstance(normalized_shape, (int, Sequence)) \
+            or isinstance(normalized_shape, str):
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {type(normalized_shape).__name__}")
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if shape != (d,) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        raise ValueError(
+            f"normalized_shape must be ({d},), the last dim of {x_name} {tuple(x.shape)} (LayerNorm over the "
+            f"last dim only), got {normalized_shape!r}"
+        )
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None:
+            check_token_tensor(name, t, x, "adaLN modulation")
+    check_norm_parameters(x_name, x, d, weight, bias, scale, shift, eps)
+
+
+def check_gated_residual(h: object, branch: object, gate: object) -> None:
+    check_tensor("h", h)
+    if h.dim() not in (2, 3):
+        raise ValueError(f"h must be (N, L, D) or (N, D), got shape {tuple(h.shape)}")
+    check_tensor("branch", branch)
+    check_shape("branch", branch, tuple(h.shape))
+    if branch.dtype != h.dtype:
+        raise TypeError(f"branch must have h's dtype {h.dtype}, got {branch.dtype}")
+    check_token_tensor("gate", gate, h, "residual gate")
+    check_same_device([("h", h), ("branch", branch), ("gate", gate)])
 
 
 # The contract's constant parts are checked once per object (the types are immutable): a

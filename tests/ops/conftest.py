@@ -27,6 +27,7 @@ def _build_emulated_extension() -> None:
             str(extension.source_dir() / "bindings.cpp"),
             str(EMULATION_DIR / "emulated_guided_step.cpp"),
             str(EMULATION_DIR / "emulated_group_norm.cpp"),
+            str(EMULATION_DIR / "emulated_layer_norm.cpp"),
             str(EMULATION_DIR / "emulator.cpp"),
         ],
         extra_cflags=["-O2", "-DFASTGUIDE_HOST_HARNESS", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas"],

@@ -10,7 +10,6 @@ values, against the float64 reference and the NaN policy of docs/design.md:
 The examples are derandomized, so CI runs the same cases every time.
 """
 
-import contextlib
 import math
 
 import pytest
@@ -18,31 +17,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fastguide
 from fastguide import ops
 from fastguide.ops import reference
 from fastguide.ops.contract import PREDICTION_TYPES, GuidanceCombine, StepCoefficients, StepTensors
-from tests.helpers import ATTENTION, GROUP_NORM, GUIDED_STEP, backends_for
+from tests.helpers import ATTENTION, GROUP_NORM, GUIDED_STEP, LAYER_NORM, backends_with_emulation, running_on
 
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 NON_FINITE = [math.nan, math.inf, -math.inf]
-
-
-def backend_params(op: str) -> list[str]:
-    """The backends to test: those that run here, plus the cuda backend on its emulation."""
-    names = backends_for(op)
-    return names + (["cuda-emulation"] if op != "attention" and "cuda" not in names else [])
-
-
-@contextlib.contextmanager
-def running_on(backend: str, request):
-    if backend == "cuda-emulation":
-        with request.getfixturevalue("on_cuda_emulation")():
-            yield
-    else:
-        with fastguide.backend(backend):
-            yield
 
 
 def assert_policy(actual: torch.Tensor, expected: torch.Tensor, table: dict, dtype: torch.dtype) -> None:
@@ -146,7 +128,7 @@ def build_step(case: dict) -> tuple[dict, StepCoefficients, GuidanceCombine | No
     return tensors, step, combine
 
 
-@pytest.mark.parametrize("backend", backend_params("guided_step"))
+@pytest.mark.parametrize("backend", backends_with_emulation("guided_step"))
 @SETTINGS
 @given(case=step_cases())
 def test_guided_step_follows_the_reference_and_the_nan_policy(backend, case, request):
@@ -217,7 +199,7 @@ def norm_cases(draw):
     )
 
 
-@pytest.mark.parametrize("backend", backend_params("group_norm"))
+@pytest.mark.parametrize("backend", backends_with_emulation("group_norm"))
 @SETTINGS
 @given(case=norm_cases())
 def test_group_norm_follows_the_reference_and_the_nan_policy(backend, case, request):
@@ -254,6 +236,59 @@ def test_group_norm_follows_the_reference_and_the_nan_policy(backend, case, requ
 
 
 # --------------------------------------------------------------------------------------
+# layer_norm and gated_residual_layer_norm
+# --------------------------------------------------------------------------------------
+
+
+@st.composite
+def layer_norm_cases(draw):
+    return dict(
+        batch=draw(st.integers(0, 3)), tokens=draw(st.sampled_from([None, 0, 1, 2, 5])), d=draw(st.integers(1, 40)),
+        dtype=draw(st.sampled_from([torch.float32, torch.float16])),
+        layout=draw(st.sampled_from(["contiguous", "strided"])), affine=draw(st.booleans()),
+        scale=draw(st.sampled_from([None, "sample", "token"])), shift=draw(st.sampled_from([None, "sample", "token"])),
+        residual=draw(st.sampled_from([None, "sample", "token"])), x_spots=draw(spots),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@pytest.mark.parametrize("backend", backends_with_emulation("layer_norm"))
+@SETTINGS
+@given(case=layer_norm_cases())
+def test_layer_norm_follows_the_reference_and_the_nan_policy(backend, case, request):
+    g = torch.Generator().manual_seed(case["seed"])
+    n, d, dtype = case["batch"], case["d"], case["dtype"]
+    shape = (n, d) if case["tokens"] is None else (n, case["tokens"], d)
+    x = in_layout((torch.randn(shape, generator=g) * 2 + 0.5).to(dtype), case["layout"])
+    inject(x, case["x_spots"])
+    weight = torch.rand(d, generator=g) + 0.5 if case["affine"] else None
+    bias = torch.randn(d, generator=g) if case["affine"] else None
+
+    def per(kind, factor=1.0):  # a per-sample (N, D) or a per-token x-shaped tensor
+        return None if kind is None else (torch.randn(shape if kind == "token" else (n, d), generator=g)
+                                          * factor).to(dtype)
+
+    scale, shift, gate = per(case["scale"], 0.5), per(case["shift"]), per(case["residual"])
+    branch = None if gate is None else torch.randn(shape, generator=g).to(dtype)
+    double = lambda t: None if t is None else t.double()  # noqa: E731
+    tokens = lambda t: None if t is None else (t.unsqueeze(1) if t.dim() < len(shape) else t)  # noqa: E731
+    x64 = x.double()
+    if gate is not None:
+        x64 = reference.gated_residual(x64, branch.double(), double(tokens(gate)))
+    expected = reference.layer_norm(x64, double(weight), double(bias), scale=double(tokens(scale)),
+                                    shift=double(tokens(shift)))
+    inputs_before = x.clone()
+    with running_on(backend, request):
+        if gate is None:
+            y = ops.layer_norm(x, d, weight, bias, scale=scale, shift=shift)
+        else:
+            h_new, y = ops.gated_residual_layer_norm(x, branch, gate, d, weight, bias, scale=scale, shift=shift)
+            assert_policy(h_new, x64, LAYER_NORM, dtype)
+    assert_policy(y, expected, LAYER_NORM, dtype)
+    assert torch.equal(x.nan_to_num(), inputs_before.nan_to_num())
+
+
+# --------------------------------------------------------------------------------------
 # attention
 # --------------------------------------------------------------------------------------
 
@@ -269,7 +304,7 @@ def attention_cases(draw):
     )
 
 
-@pytest.mark.parametrize("backend", backend_params("attention"))
+@pytest.mark.parametrize("backend", backends_with_emulation("attention"))
 @SETTINGS
 @given(case=attention_cases())
 def test_attention_follows_the_reference_and_the_nan_policy(backend, case, request):

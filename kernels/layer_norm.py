@@ -1,0 +1,278 @@
+"""Triton LayerNorm over the last dim with DiT's adaLN modulation and the fused gated
+residual: forward and backward.
+
+Forward, for x (N, L, D) seen as R = N·L rows of D elements:
+  (residual form: x = round(h + gate·branch), stored as h_new, then normalised)
+  mean, var per row (fp32, two passes over the row held in registers: Σx, then Σ(x − mean)²,
+  so nothing cancels when |mean| ≫ std);  x̂ = (x − mean)·rstd
+  y = (x̂·w + b)·(1 + scale[n, l]) + shift[n, l]
+with scale/shift rows indexed by (n, l)·(stride_n, stride_l): stride_l = 0 broadcasts a
+per-sample (N, 1, D) row over the tokens. One launch; each program owns ROWS whole rows.
+Bytes: read x, write y: 2·E·s_x (residual form: read h, branch; write h_new, y: 4·E·s_x),
+plus O(N·L·D) for per-token modulation. ~8 FLOPs per element: memory-bound.
+
+Backward, with dy the gradient of y, da = dy·(1 + scale), dx̂ = da·w:
+  dx = rstd·(dx̂ − mean_D(dx̂) − x̂·mean_D(dx̂·x̂))
+  per-token dshift = dy, dscale = dy·(x̂·w + b) (written elementwise);
+  per-sample sums over each program's tokens A = Σdy, B = Σdy·x̂, C = Σda, E = Σda·x̂,
+  from which reference.layer_norm_parameter_grads forms dweight, dbias and the per-sample
+  dscale, dshift in a few (N, D)-sized torch ops (merged in a fixed order: deterministic;
+  the same formulas as group_norm's, reference.norm_parameter_grads).
+One launch on an (N, token chunks) grid, so the sums never mix samples.
+Bytes: read x and dy, write dx: 3·E·s_x.
+
+Rows are held whole in registers: D ≤ MAX_D. Wider rows (no DiT has them) run on the
+reference formulas.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastguide.ops import reference
+
+MAX_D = 16384
+TILE = 4096  # elements per program tile (ROWS × BLOCK_D)
+
+
+@triton.jit
+def _row_input(h_ptr, branch_ptr, gate_ptr, offsets, gate_offsets, mask, RESIDUAL: tl.constexpr):
+    """The fp32 row tile that is normalised: x, or h + gate·branch rounded to h's dtype."""
+    x = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        branch = tl.load(branch_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(gate_ptr + gate_offsets, mask=mask, other=0.0).to(tl.float32)
+        # Rounded as stored: the norm sees the h_new the caller gets (the unfused pair's input).
+        x = (x + gate * branch).to(h_ptr.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _param_offsets(n, l, cols, stride_n, stride_l):
+    return (n * stride_n + l * stride_l)[:, None] + cols[None, :]
+
+
+@triton.jit
+def _layer_norm_forward_kernel(
+    x_ptr, branch_ptr, gate_ptr, h_new_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+    R, L, D, eps,
+    gate_stride_n, gate_stride_l, scale_stride_n, scale_stride_l, shift_stride_n, shift_stride_l,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < R
+    col_mask = cols < D
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)
+    n, l = rows64 // L, rows64 % L
+    offsets = rows64[:, None] * D + cols[None, :]
+    x = _row_input(x_ptr, branch_ptr, gate_ptr, offsets, _param_offsets(n, l, cols, gate_stride_n, gate_stride_l),
+                   mask, RESIDUAL)
+    if RESIDUAL:
+        tl.store(h_new_ptr + offsets, x.to(h_new_ptr.dtype.element_ty), mask=mask)
+    mean = tl.sum(x, axis=1) / D
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(centred * centred, axis=1) / D
+    # Statistics that overflowed float32 (or met a NaN or ±inf) give a NaN row, on every backend.
+    rstd = tl.where(var < float("inf"), 1.0 / tl.sqrt(var + eps), float("nan"))
+    tl.store(mean_ptr + rows, mean, mask=row_mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+    y = centred * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y = y + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + _param_offsets(n, l, cols, scale_stride_n, scale_stride_l), mask=mask, other=0.0)
+        y = y * (1.0 + scale.to(tl.float32))
+    if HAS_SHIFT:
+        shift = tl.load(shift_ptr + _param_offsets(n, l, cols, shift_stride_n, shift_stride_l), mask=mask, other=0.0)
+        y = y + shift.to(tl.float32)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layer_norm_backward_kernel(
+    x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+    dscale_ptr, dshift_ptr, partial_ptr,
+    L, D, tokens_per_program, scale_stride_n, scale_stride_l, shift_stride_n, shift_stride_l,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    SCALE_PER_TOKEN: tl.constexpr, SHIFT_PER_TOKEN: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dx (and per-token dscale, dshift) of the tokens [chunk·T, (chunk + 1)·T) of sample
+    n, and the per-sample partial sums (A, B, C, E) of those tokens."""
+    n = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    w = tl.full([BLOCK_D], 1.0, tl.float32)
+    b = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    acc_dy = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_dy_xhat = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_da = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_da_xhat = tl.zeros([BLOCK_D], dtype=tl.float32)
+    first = chunk * tokens_per_program
+    for start in range(0, tokens_per_program, ROWS):
+        l = (first + start + tl.arange(0, ROWS)).to(tl.int64)
+        row_mask = (l < L) & (l < first + tokens_per_program)
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows = n * L + l
+        offsets = rows[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        da = dy
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + _param_offsets(n, l, cols, scale_stride_n, scale_stride_l),
+                            mask=mask, other=0.0).to(tl.float32)
+            da = dy * (1.0 + scale)
+        if SCALE_PER_TOKEN:
+            dscale = dy * (x_hat * w[None, :] + b[None, :])
+            tl.store(dscale_ptr + _param_offsets(n, l, cols, scale_stride_n, scale_stride_l),
+                     dscale.to(dscale_ptr.dtype.element_ty), mask=mask)
+        if SHIFT_PER_TOKEN:
+            tl.store(dshift_ptr + _param_offsets(n, l, cols, shift_stride_n, shift_stride_l),
+                     dy.to(dshift_ptr.dtype.element_ty), mask=mask)
+        dx_hat = da * w[None, :]
+        mean_dx_hat = tl.sum(dx_hat, axis=1) / D
+        mean_dx_hat_xhat = tl.sum(dx_hat * x_hat, axis=1) / D
+        dx = rstd[:, None] * (dx_hat - mean_dx_hat[:, None] - x_hat * mean_dx_hat_xhat[:, None])
+        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        acc_dy += tl.sum(dy, axis=0)
+        acc_dy_xhat += tl.sum(dy * x_hat, axis=0)
+        acc_da += tl.sum(da, axis=0)
+        acc_da_xhat += tl.sum(da * x_hat, axis=0)
+    out = partial_ptr + (n * tl.num_programs(1) + chunk) * 4 * D + cols
+    tl.store(out, acc_dy, mask=col_mask)
+    tl.store(out + D, acc_dy_xhat, mask=col_mask)
+    tl.store(out + 2 * D, acc_da, mask=col_mask)
+    tl.store(out + 3 * D, acc_da_xhat, mask=col_mask)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _tile(d: int, backward: bool = False) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_D, num_warps): whole rows, about TILE elements per program; the
+    backward holds five tile-sized values per element, so it spreads them over twice the
+    warps (about 16 elements per thread: no spills)."""
+    block_d = triton.next_power_of_2(d)
+    rows = max(1, TILE // block_d)
+    per_warp = 512 if backward else 1024
+    return rows, block_d, min(16, max(4, rows * block_d // per_warp))
+
+
+def _strides(t: Tensor | None) -> tuple[int, int]:
+    """(stride_n, stride_l) of an (N, 1 | L, D) parameter; stride_l = 0 broadcasts a
+    per-sample row over the tokens."""
+    if t is None:
+        return 0, 0
+    return t.stride(0), (t.stride(1) if t.shape[1] > 1 else 0)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter: small, but enough to exercise the split
+
+
+def _launch_forward(
+    x: Tensor, branch: Tensor | None, gate: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+    scale: Tensor | None, shift: Tensor | None, eps: float,
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+    n, length, d = x.shape
+    x = x.contiguous()
+    residual = branch is not None
+    branch = branch.contiguous() if residual else None
+    y = torch.empty_like(x)
+    h_new = torch.empty_like(x) if residual else None
+    mean = torch.empty((n, length), dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    rows, block_d, warps = _tile(d)
+    _layer_norm_forward_kernel[(triton.cdiv(n * length, rows),)](
+        x, branch, gate, h_new, y, weight, bias, scale, shift, mean, rstd,
+        n * length, length, d, eps, *_strides(gate), *_strides(scale), *_strides(shift),
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None, RESIDUAL=residual, ROWS=rows, BLOCK_D=block_d, num_warps=warps,
+    )
+    return h_new, y, mean, rstd
+
+
+def layer_norm_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if x.shape[-1] > MAX_D:
+        return reference.layer_norm_forward(x, weight, bias, scale, shift, eps)
+    _, y, mean, rstd = _launch_forward(x, None, None, weight, bias, scale, shift, eps)
+    return y, mean, rstd
+
+
+def gated_residual_layer_norm_forward(
+    h: Tensor,
+    branch: Tensor,
+    gate: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if h.shape[-1] > MAX_D:
+        return reference.gated_residual_layer_norm_forward(h, branch, gate, weight, bias, scale, shift, eps)
+    h_new, y, mean, rstd = _launch_forward(h, branch, gate, weight, bias, scale, shift, eps)
+    return h_new, y, mean, rstd
+
+
+def layer_norm_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+) -> tuple[Tensor | None, ...]:
+    n, length, d = x.shape
+    if d > MAX_D:
+        return reference.layer_norm_backward(grad_y, x, weight, bias, scale, shift, mean, rstd)
+    x, grad_y = x.contiguous(), grad_y.contiguous()
+    rows, block_d, warps = _tile(d, backward=True)
+    # Split each sample's tokens until ~4 programs per multiprocessor.
+    wanted = triton.cdiv(4 * _multiprocessors(x.device), n)
+    chunks = max(1, min(wanted, triton.cdiv(length, rows)))
+    tokens = triton.cdiv(triton.cdiv(length, chunks), rows) * rows
+    chunks = triton.cdiv(length, tokens)
+    dx = torch.empty_like(x)
+    partials = torch.empty((n, chunks, 4, d), dtype=torch.float32, device=x.device)
+    scale_per_token = scale is not None and scale.shape[1] > 1
+    shift_per_token = shift is not None and shift.shape[1] > 1
+    dscale = torch.empty_like(scale) if scale_per_token else None
+    dshift = torch.empty_like(shift) if shift_per_token else None
+    _layer_norm_backward_kernel[(n, chunks)](
+        x, grad_y, dx, weight, bias, scale, shift, mean, rstd, dscale, dshift, partials,
+        length, d, tokens, *_strides(scale), *_strides(shift),
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None, SCALE_PER_TOKEN=scale_per_token, SHIFT_PER_TOKEN=shift_per_token,
+        ROWS=rows, BLOCK_D=block_d, num_warps=warps,
+    )
+    return (dx, *reference.layer_norm_parameter_grads(partials, weight, bias, scale, shift, dscale, dshift))
