@@ -10,14 +10,16 @@ nor the CUDA extension and never touches the CUDA driver.
 
 from . import ops
 from .models.accelerate import accelerate
-from .models.adapters import DiffusersUNet
+from .models.adapters import DiffusersUNet, SiTVelocity
 from .models.checkpoints import load_checkpoint, save_state_dict
 from .models.configs import (
     classifier_config,
     create_classifier,
     create_model,
+    dit_config,
     unet_config,
 )
+from .models.dit import DiT
 from .models.unet import EncoderUNet, UNet
 from .ops import reference
 from .ops.backends import available_backends, backend, get_backend, set_backend
@@ -33,7 +35,9 @@ __all__ = [
     "CFG",
     "CFGPlusPlus",
     "ClassifierGuidance",
+    "DiT",
     "DiffusersUNet",
+    "SiTVelocity",
     "EncoderUNet",
     "GuidedSampler",
     "NoiseSchedule",
@@ -44,6 +48,7 @@ __all__ = [
     "classifier_config",
     "create_classifier",
     "create_model",
+    "dit_config",
     "get_backend",
     "load_checkpoint",
     "ops",

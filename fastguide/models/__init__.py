@@ -1,2 +1,3 @@
-"""Models: nn modules over fastguide.ops, ADM's UNet and classifier, their presets and
-checkpoints, ``accelerate()`` for existing UNets, and adapters to fastguide's model call."""
+"""Models: nn modules over fastguide.ops, ADM's UNet and classifier, DiT/SiT, their presets
+and checkpoints, ``accelerate()`` for existing UNets and DiTs, and adapters to fastguide's
+model call."""

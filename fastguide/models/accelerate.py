@@ -1,4 +1,4 @@
-"""``accelerate(module)``: put fastguide's fused ops under an existing PyTorch UNet, in place.
+"""``accelerate(module)``: put fastguide's fused ops under an existing PyTorch UNet or DiT, in place.
 
 Only what the fused ops reproduce exactly is swapped, recognised by known class (by name and
 defining module, never by import: diffusers need not be installed) and exact structure;
@@ -17,6 +17,16 @@ everything else is left as it was and reported with the reason.
   and ``AttentionBlock`` (exactly norm, qkv a 1x1 Conv1d, attention, proj_out, forward(x);
   no encoder_kv): rebound to fused forwards, qkv read as views in the module's head order,
   which is found by running its ``attention`` once on a small random input.
+- diffusers ``AdaLayerNormZero`` (exactly nn.SiLU, nn.Linear to 6·D, an exact nn.LayerNorm;
+  its forward's signature as mirrored): rebound so that LayerNorm → (1 + scale_msa), + shift_msa
+  is one ``ops.layer_norm`` call.
+- diffusers ``BasicTransformerBlock`` with norm_type "ada_norm_zero" (DiT's block), without
+  cross-attention or an in-block positional embedding, norm1 diffusers' AdaLayerNormZero, norm3
+  an exact nn.LayerNorm: rebound so that the attention's gated residual and norm3's modulation
+  are one ``ops.gated_residual_layer_norm`` pass and the MLP's gated residual is
+  ``ops.gated_residual``; calls with chunked feed-forward, GLIGEN or a LoRA scale go to the
+  class forward. ``DiTTransformer2DModel.norm_out`` stays as it is (the model's own forward
+  modulates it) and is reported under "LayerNorm".
 - every other ``nn.GroupNorm`` (exactly that class, or guided-/improved-diffusion's
   ``GroupNorm32``), without hooks: replaced by ``FusedGroupNorm`` sharing its parameters;
   diffusers' ``conv_norm_out`` → ``conv_act`` (SiLU) pair, which diffusers' forwards always
@@ -45,9 +55,12 @@ log = logging.getLogger(__name__)
 
 DIFFUSERS_ATTENTION = "diffusers Attention"
 DIFFUSERS_RESNET = "diffusers ResnetBlock2D"
+DIFFUSERS_ADA_NORM_ZERO = "diffusers AdaLayerNormZero"
+DIFFUSERS_ADA_NORM_ZERO_BLOCK = "diffusers BasicTransformerBlock"
 ADM_RESBLOCK = "ADM ResBlock"
 ADM_ATTENTION = "ADM AttentionBlock"
 GROUP_NORM = "GroupNorm"
+LAYER_NORM = "LayerNorm"
 
 ALREADY = "already fastguide"
 LEFT_ALONE_PARENT = "inside a module left alone"
@@ -266,6 +279,153 @@ def _check_diffusers_attention(m: nn.Module) -> str | Callable[[], None]:
     return swap
 
 
+# ---- diffusers adaLN-Zero (DiT) -------------------------------------------------------
+
+# The forward signatures the fused forwards below mirror (diffusers 0.42); a class
+# whose forward takes other arguments is a version they do not reproduce.
+_ADA_NORM_ZERO_ARGS = ("self", "x", "timestep", "class_labels", "hidden_dtype", "emb")
+_BLOCK_ARGS = ("self", "hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask",
+               "timestep", "cross_attention_kwargs", "class_labels", "added_cond_kwargs")
+
+
+def _is_diffusers(m: object, class_name: str) -> bool:
+    return type(m).__name__ == class_name and type(m).__module__.startswith("diffusers.")
+
+
+def _argument_names(forward: Callable) -> tuple[str, ...] | None:
+    try:
+        return tuple(inspect.signature(forward).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _layer_norm_skip(m: object) -> str | None:
+    """Why ``m`` cannot run as ops.layer_norm; None when it can (exactly nn.LayerNorm over
+    one last dim, no hooks)."""
+    if type(m) is not nn.LayerNorm:
+        return f"{type(m).__name__} is not exactly nn.LayerNorm"
+    if _has_hooks(m):
+        return "hooks registered on it"
+    if len(m.normalized_shape) != 1:
+        return f"normalized_shape {tuple(m.normalized_shape)} (fused: the last dim only)"
+    if not m.eps > 0:
+        return "eps <= 0"
+    return None
+
+
+def _modulation_fuses(x: Tensor, *per_sample: Tensor) -> bool:
+    """Whether ops can compute diffusers' ``f(x)·(1 + scale[:, None]) + shift[:, None]`` here:
+    x (N, L, D) and per-sample (N, D) tensors of x's dtype (a different dtype would promote
+    diffusers' result, which the ops, returning x's dtype, would not)."""
+    return x.dim() == 3 and all(t.shape == (x.shape[0], x.shape[2]) and t.dtype == x.dtype for t in per_sample)
+
+
+def _fused_ada_layer_norm_zero_forward(
+    self, x: Tensor, timestep: Tensor | None = None, class_labels: Tensor | None = None,
+    hidden_dtype: torch.dtype | None = None, emb: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if self.emb is not None:
+        emb = self.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
+    emb = self.linear(self.silu(emb))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+    if _modulation_fuses(x, scale_msa):
+        x = ops.layer_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps,
+                           scale=scale_msa, shift=shift_msa)
+    else:
+        x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+    return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+def _check_ada_layer_norm_zero(m: nn.Module) -> str | Callable[[], None]:
+    if _rebound_by_us(m):
+        return ALREADY
+    if "forward" in m.__dict__:
+        return "forward replaced on the instance"
+    if _argument_names(type(m).forward) != _ADA_NORM_ZERO_ARGS:
+        return "forward signature of another diffusers version"
+    if type(getattr(m, "silu", None)) is not nn.SiLU or type(getattr(m, "linear", None)) is not nn.Linear:
+        return "silu/linear are not exactly nn.SiLU/nn.Linear"
+    reason = _layer_norm_skip(getattr(m, "norm", None))
+    if reason:
+        return f"norm: {reason}"
+    if m.linear.out_features != 6 * m.norm.normalized_shape[0]:
+        return "linear does not give 6 modulations of the normalised width"
+
+    def swap() -> None:
+        m.forward = types.MethodType(_fused_ada_layer_norm_zero_forward, m)
+    return swap
+
+
+def _fused_ada_norm_zero_block_forward(
+    self, hidden_states: Tensor, attention_mask: Tensor | None = None, encoder_hidden_states: Tensor | None = None,
+    encoder_attention_mask: Tensor | None = None, timestep: Tensor | None = None,
+    cross_attention_kwargs: dict | None = None, class_labels: Tensor | None = None,
+    added_cond_kwargs: dict | None = None,
+) -> Tensor:
+    """BasicTransformerBlock.forward's ada_norm_zero path without cross-attention:
+
+        h ← h + gate_msa·attn1(norm1(h))                      (norm1 modulates itself)
+        h ← h + gate_mlp·ff(norm3(h)·(1 + scale_mlp) + shift_mlp)
+
+    the first residual and norm3's modulation in one ops.gated_residual_layer_norm pass.
+    Calls with what this path leaves out (chunked feed-forward, GLIGEN, the deprecated
+    LoRA scale, whose warning the class forward logs) go to the class forward."""
+    if self._chunk_size is not None or any(
+            (cross_attention_kwargs or {}).get(key) is not None for key in ("gligen", "scale")):
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                  timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+    norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(
+        hidden_states, timestep, class_labels, hidden_dtype=hidden_states.dtype)
+    attn_output = self.attn1(norm_hidden_states,
+                             encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
+                             attention_mask=attention_mask, **(cross_attention_kwargs or {}))
+    norm3 = self.norm3
+    if _modulation_fuses(hidden_states, gate_msa, scale_mlp, shift_mlp) and attn_output.shape == hidden_states.shape \
+            and attn_output.dtype == hidden_states.dtype:
+        hidden_states, norm_hidden_states = ops.gated_residual_layer_norm(
+            hidden_states, attn_output, gate_msa, norm3.normalized_shape, norm3.weight, norm3.bias, norm3.eps,
+            scale=scale_mlp, shift=shift_mlp)
+    else:
+        hidden_states = gate_msa.unsqueeze(1) * attn_output + hidden_states
+        if hidden_states.ndim == 4:
+            hidden_states = hidden_states.squeeze(1)
+        norm_hidden_states = norm3(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    ff_output = self.ff(norm_hidden_states)
+    if _modulation_fuses(hidden_states, gate_mlp) and ff_output.shape == hidden_states.shape \
+            and ff_output.dtype == hidden_states.dtype:
+        return ops.gated_residual(hidden_states, ff_output, gate_mlp)
+    hidden_states = gate_mlp.unsqueeze(1) * ff_output + hidden_states
+    return hidden_states.squeeze(1) if hidden_states.ndim == 4 else hidden_states
+
+
+def _is_ada_norm_zero_block(m: nn.Module) -> bool:
+    return _is_diffusers(m, "BasicTransformerBlock") and getattr(m, "norm_type", None) == "ada_norm_zero"
+
+
+def _check_ada_norm_zero_block(m: nn.Module) -> str | Callable[[], None]:
+    if _rebound_by_us(m):
+        return ALREADY
+    if "forward" in m.__dict__:
+        return "forward replaced on the instance"
+    if _argument_names(type(m).forward) != _BLOCK_ARGS:
+        return "forward signature of another diffusers version"
+    if not _is_diffusers(getattr(m, "norm1", None), "AdaLayerNormZero"):
+        return "norm1 is not diffusers' AdaLayerNormZero"
+    if getattr(m, "attn2", None) is not None:
+        return "cross-attention (attn2)"
+    if getattr(m, "pos_embed", None) is not None:
+        return "positional embedding inside the block"
+    if not isinstance(getattr(m, "attn1", None), nn.Module) or not isinstance(getattr(m, "ff", None), nn.Module):
+        return "no attn1/ff"
+    reason = _layer_norm_skip(getattr(m, "norm3", None))
+    if reason:
+        return f"norm3: {reason}"
+
+    def swap() -> None:
+        m.forward = types.MethodType(_fused_ada_norm_zero_block_forward, m)
+    return swap
+
+
 # ---- ADM-structured modules -----------------------------------------------------------
 
 
@@ -392,13 +552,16 @@ def _check_adm_attention(m: nn.Module) -> str | Callable[[], None]:
     return swap
 
 
-_FUSED_FORWARDS = (_fused_resnet_block_forward, _fused_adm_resblock_forward, _fused_adm_attention_forward)
+_FUSED_FORWARDS = (_fused_resnet_block_forward, _fused_adm_resblock_forward, _fused_adm_attention_forward,
+                   _fused_ada_layer_norm_zero_forward, _fused_ada_norm_zero_block_forward)
 
 # In the order they are tried: the first that recognises a module decides its kind.
 _KINDS = (
     (DIFFUSERS_ATTENTION, _is_diffusers_attention, _check_diffusers_attention),
     (DIFFUSERS_RESNET, lambda m: type(m).__name__ == "ResnetBlock2D" and type(m).__module__.startswith("diffusers."),
      _check_diffusers_resnet),
+    (DIFFUSERS_ADA_NORM_ZERO_BLOCK, _is_ada_norm_zero_block, _check_ada_norm_zero_block),
+    (DIFFUSERS_ADA_NORM_ZERO, lambda m: _is_diffusers(m, "AdaLayerNormZero"), _check_ada_layer_norm_zero),
     (ADM_RESBLOCK, _looks_like_adm_resblock, _check_adm_resblock),
     (ADM_ATTENTION, _looks_like_adm_attention, _check_adm_attention),
 )
@@ -408,23 +571,25 @@ _KINDS = (
 
 
 def accelerate(module: nn.Module) -> nn.Module:
-    """Swap, in place, the GroupNorm(+SiLU) and attention of ``module`` for fastguide ops,
-    where they reproduce exactly what was there (see the module docstring); leave the rest.
+    """Swap, in place, the GroupNorm(+SiLU), adaLN-Zero LayerNorm and attention of ``module``
+    for fastguide ops, where they reproduce exactly what was there (see the module
+    docstring); leave the rest.
 
     Returns ``module``, with the report of what happened in two attributes (and logged at
     INFO by the ``fastguide.models.accelerate`` logger):
 
     - ``module.fastguide_accelerated``: {kind: count} of what was swapped, kinds being
-      "diffusers Attention", "diffusers ResnetBlock2D", "ADM ResBlock",
-      "ADM AttentionBlock" and "GroupNorm" (kinds with no swap are absent);
+      "diffusers Attention", "diffusers ResnetBlock2D", "diffusers BasicTransformerBlock",
+      "diffusers AdaLayerNormZero", "ADM ResBlock", "ADM AttentionBlock" and "GroupNorm"
+      (kinds with no swap are absent);
     - ``module.fastguide_skipped``: {kind: {reason: count}} of what was recognised as one of
       those kinds but left as it was, e.g. {"diffusers Attention": {"processor
       AttnAddedKVProcessor2_0": 2}, "GroupNorm": {"inside a module left alone": 4}}. Reason
       "already fastguide" is what an earlier call (or fastguide's own modules) made.
 
-    Outputs are unchanged within floating-point tolerance (GroupNorm statistics become
-    float32 in every dtype, as ADM computes them; attention accumulates in float32); what is
-    left alone is bit-identical. Gradient checkpointing inside rebound ADM blocks is not kept.
+    Outputs are unchanged within floating-point tolerance (GroupNorm and LayerNorm statistics
+    become float32 in every dtype, as ADM computes them; attention accumulates in float32);
+    what is left alone is bit-identical. Gradient checkpointing inside rebound ADM blocks is not kept.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"accelerate takes a torch.nn.Module, got {type(module).__name__}")
@@ -483,6 +648,7 @@ class _Walk:
             self.visit(child, m, child_name)
         if kind is None:
             self.fuse_norm_out(m)
+            self.note_inline_layer_norm(m)
 
     def leave_alone(self, m: nn.Module) -> None:
         # Not marked seen: a GroupNorm also registered outside m is still replaced there
@@ -491,6 +657,12 @@ class _Walk:
             if sub is not m:
                 if isinstance(sub, nn.GroupNorm):
                     self.skipped[GROUP_NORM][ALREADY if _is_fastguide(sub) else LEFT_ALONE_PARENT] += 1
+
+    def note_inline_layer_norm(self, parent: nn.Module) -> None:
+        """diffusers' DiT models modulate their last LayerNorm in their own forward, which
+        accelerate does not replace: report it as left alone."""
+        if _is_diffusers(parent, "DiTTransformer2DModel") and type(parent._modules.get("norm_out")) is nn.LayerNorm:
+            self.skipped[LAYER_NORM]["DiTTransformer2DModel.norm_out (modulated inside the model's forward)"] += 1
 
     def fuse_norm_out(self, parent: nn.Module) -> None:
         """diffusers' models call conv_norm_out then conv_act, always back to back."""

@@ -5,6 +5,9 @@
 ``create_model(**flags)`` / ``create_classifier(**flags)`` turn them into modules the way
 ADM's ``script_util`` does (channel multipliers by image size, resolutions to
 downsample rates, 6 output channels when learning the variance, 1000 classes).
+
+``dit_config(name)`` returns the constructor arguments of the official DiT and SiT models
+("DiT-XL/2" … "SiT-S/8"); ``fastguide.DiT(**dit_config(name))`` builds one.
 """
 
 from __future__ import annotations
@@ -42,6 +45,21 @@ _CLASSIFIER_COMMON = dict(classifier_width=128, classifier_attention_resolutions
                           classifier_pool="attention", classifier_use_fp16=True, channel_mult="")
 
 
+# The official DiT sizes (facebookresearch/DiT models.py), each with patch 2, 4 and 8; SiT
+# (willisma/SiT) has the same architectures, trained as a flow without a learned variance.
+_TRANSFORMER_SIZES = {
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+}
+_DIT_PRESETS = {
+    f"{family}-{size}/{patch}": dict(**dims, patch_size=patch, learn_sigma=family == "DiT")
+    for family in ("DiT", "SiT") for size, dims in _TRANSFORMER_SIZES.items() for patch in (2, 4, 8)
+}
+_DIT_COMMON = dict(input_size=32, in_channels=4, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000)
+
+
 def _preset(name: str, table: dict, common: dict, kind: str) -> dict:
     if name not in table:
         raise ValueError(f"unknown {kind} preset {name!r}; choose one of {sorted(table)}")
@@ -57,6 +75,13 @@ def unet_config(name: str) -> dict:
 def classifier_config(name: str) -> dict:
     """ADM script flags of a released noisy classifier; pass them to ``create_classifier``."""
     return _preset(name, _CLASSIFIER_PRESETS, _CLASSIFIER_COMMON, "classifier")
+
+
+def dit_config(name: str) -> dict:
+    """``DiT`` constructor arguments of an official model, "DiT-XL/2" … "DiT-S/8" or
+    "SiT-XL/2" … "SiT-S/8", for 256×256 images (32×32 latents; pass input_size=64 for
+    512×512). SiT presets have learn_sigma=False."""
+    return _preset(name, _DIT_PRESETS, _DIT_COMMON, "DiT")
 
 
 def _channel_mult(image_size: int, channel_mult: str) -> tuple[float, ...]:

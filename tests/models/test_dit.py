@@ -1,0 +1,474 @@
+"""DiT: the official key layout, presets, the fused forward against a plain transcription of
+the official models.py and against diffusers' DiTTransformer2DModel, loading, the null
+label, and sampling through fastguide.sample."""
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastguide
+from fastguide import DiT, dit_config, load_checkpoint, save_state_dict
+from fastguide.models.dit import sincos_pos_embed_2d
+from tests.helpers import backends_for, randomize
+
+REFERENCE = Path(__file__).resolve().parent / "data"  # state-dict listings (data/README.md)
+BACKENDS = sorted(set(backends_for("layer_norm")) & set(backends_for("attention")))
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+
+
+def tiny_dit(seed: int = 0, **overrides) -> DiT:
+    """A tiny DiT with every weight random (adaLN-Zero's zeros would hide bugs), except the
+    fixed sin-cos pos_embed, which stays what the official code sets."""
+    model = DiT(**{**TINY, **overrides})
+    pos_embed = model.pos_embed.detach().clone()
+    randomize(model, seed)
+    with torch.no_grad():
+        model.pos_embed.copy_(pos_embed)
+    return model.eval()
+
+
+def tiny_inputs(model: DiT, batch: int = 3, seed: int = 1, dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    size = model.input_size
+    x = torch.randn(batch, model.in_channels, size, size, generator=g).to(dtype)
+    t = torch.tensor([0, 517, 999, 3, 250][:batch])
+    y = torch.arange(batch) % (model.num_classes + 1)  # the null row included
+    return x, t, y
+
+
+def plain_dit(model: DiT, x, t, y):
+    """The official DiT forward written out with torch.nn.functional (facebookresearch/DiT
+    models.py): modulate(LN(x), shift, scale), timm attention, GELU-tanh MLP, einsum
+    unpatchify. Differentiable, so it also gives reference gradients."""
+    p, dim = model.patch_size, model.pos_embed.shape[-1]
+    heads, head_dim = model.num_heads, dim // model.num_heads
+    proj = model.x_embedder.proj
+    h = F.conv2d(x, proj.weight, proj.bias, stride=p).flatten(2).transpose(1, 2) + model.pos_embed
+    half = 128
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None]
+    sinusoids = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(x.dtype)
+    mlp = model.t_embedder.mlp
+    c = F.linear(F.silu(F.linear(sinusoids, mlp[0].weight, mlp[0].bias)), mlp[2].weight, mlp[2].bias)
+    c = c + model.y_embedder.embedding_table.weight[y]
+
+    def modulate(v, shift, scale):
+        return F.layer_norm(v, (dim,), eps=1e-6) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+    def linear(v, layer):
+        return F.linear(v, layer.weight, layer.bias)
+
+    for block in model.blocks:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = linear(
+            F.silu(c), block.adaLN_modulation[1]).chunk(6, dim=1)
+        a = modulate(h, shift_msa, scale_msa)
+        batch, tokens, _ = a.shape
+        q, k, v = linear(a, block.attn.qkv).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax(q @ k.transpose(-1, -2) * head_dim**-0.5, dim=-1) @ v
+        h = h + gate_msa.unsqueeze(1) * linear(attn.transpose(1, 2).reshape(batch, tokens, dim), block.attn.proj)
+        m = F.gelu(linear(modulate(h, shift_mlp, scale_mlp), block.mlp.fc1), approximate="tanh")
+        h = h + gate_mlp.unsqueeze(1) * linear(m, block.mlp.fc2)
+    shift, scale = linear(F.silu(c), model.final_layer.adaLN_modulation[1]).chunk(2, dim=1)
+    out = linear(modulate(h, shift, scale), model.final_layer.linear)
+    grid, channels = int(out.shape[1] ** 0.5), model.out_channels
+    out = torch.einsum("nhwpqc->nchpwq", out.reshape(out.shape[0], grid, grid, p, p, channels))
+    return out.reshape(out.shape[0], channels, grid * p, grid * p)
+
+
+# --------------------------------------------------------------------------------------
+# Layout, presets, initialisation
+# --------------------------------------------------------------------------------------
+
+
+def test_state_dict_matches_official_dit_xl2_listing():
+    with torch.device("meta"):
+        model = DiT(**dit_config("DiT-XL/2"))
+    lines = [f"{k}\t{tuple(v.shape)}\t{str(v.dtype).removeprefix('torch.')}" for k, v in model.state_dict().items()]
+    assert lines == (REFERENCE / "dit-xl2-keys.txt").read_text().splitlines()
+
+
+def test_constructor_defaults_are_dit_xl2():
+    assert dit_config("DiT-XL/2") == dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                                          num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
+                                          learn_sigma=True)
+    with torch.device("meta"):
+        default, preset = DiT(), DiT(**dit_config("DiT-XL/2"))
+    assert [(k, v.shape) for k, v in default.state_dict().items()] == \
+           [(k, v.shape) for k, v in preset.state_dict().items()]
+
+
+SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+
+
+@pytest.mark.parametrize("family", ["DiT", "SiT"])
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("patch", [2, 4, 8])
+def test_presets(family, size, patch):
+    config = dit_config(f"{family}-{size}/{patch}")
+    depth, hidden, heads = SIZES[size]
+    assert (config["depth"], config["hidden_size"], config["num_heads"], config["patch_size"]) == \
+           (depth, hidden, heads, patch)
+    assert config["learn_sigma"] is (family == "DiT")
+    with torch.device("meta"):
+        model = DiT(**config)
+    assert model.pos_embed.shape == (1, (32 // patch) ** 2, hidden)
+    assert model.final_layer.linear.out_features == patch * patch * (8 if family == "DiT" else 4)
+    assert len(model.blocks) == depth
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="unknown DiT preset 'DiT-XXL/2'.*'DiT-B/2'"):
+        dit_config("DiT-XXL/2")
+
+
+def test_fresh_model_is_adaln_zero_and_pos_embed_is_frozen_sincos():
+    model = DiT(**TINY)
+    x, t, y = tiny_inputs(model)
+    assert torch.equal(model(x, t, y), torch.zeros(3, 8, 8, 8))
+    assert isinstance(model.pos_embed, torch.nn.Parameter) and not model.pos_embed.requires_grad
+    # The official numpy code: column embedding first, each half [sin, cos], in float64.
+    grid, quarter = 4, 16
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    expected = torch.empty(grid * grid, 64, dtype=torch.float64)
+    for i in range(grid):
+        for j in range(grid):
+            expected[i * grid + j] = torch.cat([torch.sin(j * omega), torch.cos(j * omega),
+                                                torch.sin(i * omega), torch.cos(i * omega)])
+    assert torch.equal(model.pos_embed[0], expected.float())
+    assert torch.equal(sincos_pos_embed_2d(64, grid), expected.float())
+
+
+# --------------------------------------------------------------------------------------
+# The fused forward
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_fused_dit_matches_official_forward(dtype, tol, learn_sigma):
+    model = tiny_dit(learn_sigma=learn_sigma).to(dtype)
+    x, t, y = tiny_inputs(model, dtype=dtype)
+    with torch.no_grad(), fastguide.backend("torch"):
+        fused = model(x, t, y)
+        expected = plain_dit(model, x, t, y)
+    assert fused.shape == (3, 8 if learn_sigma else 4, 8, 8) and fused.dtype == dtype
+    torch.testing.assert_close(fused, expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dit_backends_agree(backend):
+    model = tiny_dit()
+    x, t, y = tiny_inputs(model)
+    with torch.no_grad():
+        with fastguide.backend("torch"):
+            expected = model(x, t, y)
+        with fastguide.backend(backend):
+            got = model(x, t, y)
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4)
+
+
+def test_fused_dit_gradients_match_official_forward():
+    model = tiny_dit().double()
+    x, t, y = tiny_inputs(model, dtype=torch.float64)
+    grads = []
+    for forward in (model, lambda *a: plain_dit(model, *a)):
+        model.zero_grad()
+        xr = x.clone().requires_grad_()
+        forward(xr, t, y).square().sum().backward()
+        grads.append([xr.grad] + [p.grad for p in model.parameters() if p.requires_grad])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+
+
+def test_attention_reads_the_qkv_projection_in_place(monkeypatch):
+    model = tiny_dit()
+    seen = []
+
+    def spy(q, k, v, scale=None):
+        seen.append((q, k, v))
+        return attention(q, k, v, scale)
+
+    attention = fastguide.ops.attention
+    monkeypatch.setattr(fastguide.ops, "attention", spy)
+    with torch.no_grad():
+        model(*tiny_inputs(model))
+    assert len(seen) == 2
+    for q, k, v in seen:
+        assert not q.is_contiguous()  # a view of (N, T, 3, H, d), not a copy
+        assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+
+
+def test_dit_compiles_without_graph_breaks():
+    model = tiny_dit()
+    x, t, y = tiny_inputs(model)
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x, t, y)
+        torch.testing.assert_close(compiled, model(x, t, y), atol=0, rtol=0)
+
+
+def test_profile_runs_fastguide_ops():
+    model = tiny_dit()
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(*tiny_inputs(model))
+    names = {event.key for event in prof.key_averages()}
+    assert {"fastguide::layer_norm", "fastguide::attention"} <= names
+
+
+# --------------------------------------------------------------------------------------
+# diffusers' DiTTransformer2DModel
+# --------------------------------------------------------------------------------------
+
+
+def to_diffusers_state_dict(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """The official layout in diffusers' names (diffusers' scripts/convert_dit_to_diffusers.py):
+    every block carries its own copy of the timestep and label embedders, the qkv projection
+    splits into to_q/to_k/to_v, and pos_embed is dropped (diffusers recomputes it)."""
+    out = {"pos_embed.proj.weight": state["x_embedder.proj.weight"],
+           "pos_embed.proj.bias": state["x_embedder.proj.bias"]}
+    for d in range(depth):
+        block, ours = f"transformer_blocks.{d}", f"blocks.{d}"
+        for suffix in ("weight", "bias"):
+            out[f"{block}.norm1.emb.timestep_embedder.linear_1.{suffix}"] = state[f"t_embedder.mlp.0.{suffix}"]
+            out[f"{block}.norm1.emb.timestep_embedder.linear_2.{suffix}"] = state[f"t_embedder.mlp.2.{suffix}"]
+            out[f"{block}.norm1.linear.{suffix}"] = state[f"{ours}.adaLN_modulation.1.{suffix}"]
+            q, k, v = state[f"{ours}.attn.qkv.{suffix}"].chunk(3, dim=0)
+            out[f"{block}.attn1.to_q.{suffix}"], out[f"{block}.attn1.to_k.{suffix}"] = q, k
+            out[f"{block}.attn1.to_v.{suffix}"] = v
+            out[f"{block}.attn1.to_out.0.{suffix}"] = state[f"{ours}.attn.proj.{suffix}"]
+            out[f"{block}.ff.net.0.proj.{suffix}"] = state[f"{ours}.mlp.fc1.{suffix}"]
+            out[f"{block}.ff.net.2.{suffix}"] = state[f"{ours}.mlp.fc2.{suffix}"]
+        out[f"{block}.norm1.emb.class_embedder.embedding_table.weight"] = state["y_embedder.embedding_table.weight"]
+    for suffix in ("weight", "bias"):
+        out[f"proj_out_1.{suffix}"] = state[f"final_layer.adaLN_modulation.1.{suffix}"]
+        out[f"proj_out_2.{suffix}"] = state[f"final_layer.linear.{suffix}"]
+    return out
+
+
+def diffusers_dit(model: DiT):
+    """diffusers' DiTTransformer2DModel holding ``model``'s weights, set to the official
+    math where diffusers' port departs from it (both are diffusers defaults that the
+    official checkpoints were not trained with): its timestep sinusoids divide the
+    exponent by half − 1 (downscale_freq_shift=1) where the official code divides by half,
+    and its MLP LayerNorm takes norm_eps (default 1e-5) where the official one has 1e-6."""
+    diffusers = pytest.importorskip("diffusers")
+    dim = model.pos_embed.shape[-1]
+    theirs = diffusers.DiTTransformer2DModel(
+        num_attention_heads=model.num_heads, attention_head_dim=dim // model.num_heads,
+        in_channels=model.in_channels, out_channels=model.out_channels, num_layers=len(model.blocks),
+        sample_size=model.input_size, patch_size=model.patch_size, num_embeds_ada_norm=model.num_classes,
+        norm_eps=1e-6,
+    )
+    theirs.load_state_dict(to_diffusers_state_dict(model.state_dict(), len(model.blocks)), strict=True)
+    for block in theirs.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+    return theirs.to(model.pos_embed.dtype).eval()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_matches_diffusers_dit_transformer(dtype, tol):
+    model = tiny_dit(seed=3).to(dtype)
+    theirs = diffusers_dit(model)
+    x, t, y = tiny_inputs(model, batch=4, dtype=dtype)
+    with torch.no_grad(), fastguide.backend("torch"):
+        got = model(x, t, y)
+        want = theirs(x, timestep=t, class_labels=y).sample
+    assert got.shape == want.shape == (4, 8, 8, 8)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+# --------------------------------------------------------------------------------------
+# Labels, loading, sampling
+# --------------------------------------------------------------------------------------
+
+
+def test_null_label_is_the_extra_row():
+    model = tiny_dit()
+    assert model.null_class and model.null_label == 10
+    assert model.y_embedder.embedding_table.num_embeddings == 11
+    x, t, _ = tiny_inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), model(x, t, torch.full((3,), 10)), atol=0, rtol=0)
+    without = DiT(**TINY, class_dropout_prob=0.0)
+    assert not without.null_class and without.y_embedder.embedding_table.num_embeddings == 10
+    with pytest.raises(ValueError, match="no null class"):
+        without(x, t)
+
+
+def test_training_drops_labels_to_the_null_row():
+    model = tiny_dit(class_dropout_prob=1.0)
+    x, t, y = tiny_inputs(model)
+    with torch.no_grad():
+        null = model(x, t, torch.full((3,), 10))
+        model.train()
+        dropped = model(x, t, y)
+    torch.testing.assert_close(dropped, null, atol=0, rtol=0)
+
+
+def test_wrong_input_size_is_named():
+    model = tiny_dit()
+    with pytest.raises(ValueError, match=r"x must be \(N, 4, 8, 8\)"):
+        model(torch.randn(1, 4, 16, 16), torch.tensor([1]), torch.tensor([0]))
+
+
+def test_official_layout_checkpoint_loads(tmp_path):
+    source = tiny_dit(seed=5)
+    save_state_dict(source, tmp_path / "dit.pt")
+    target = load_checkpoint(DiT(**TINY), tmp_path / "dit.pt").eval()
+    x, t, y = tiny_inputs(source)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x, t, y), source(x, t, y), atol=0, rtol=0)
+
+
+def test_sample_with_cfg_uses_the_null_row_and_learned_variance():
+    model = tiny_dit(seed=2)
+    seen_labels = []
+
+    def recording(x, t, y):
+        seen_labels.append(y.clone())
+        return model(x, t, y)
+
+    def draw(model, **extra):
+        return fastguide.sample(model, (2, 4, 8, 8), labels=torch.tensor([1, 7]), guidance=fastguide.CFG(3.0),
+                                sampler="ddpm", steps=4, generator=torch.Generator().manual_seed(0), **extra)
+
+    with torch.no_grad():
+        out = draw(model)
+        assert out.shape == (2, 4, 8, 8) and out.isfinite().all()
+        # The model's null_label and num_classes are picked up: the unconditional rows get 10.
+        recorded = draw(recording, null_label=10, num_classes=10)
+        assert torch.equal(recorded, out)
+        assert len(seen_labels) == 4 and all(torch.equal(y, torch.tensor([1, 7, 10, 10])) for y in seen_labels)
+        # DDPM reads the 2C output as eps + ADM's learned variance (its default then).
+        learned = draw(model, variance_type="learned_range")
+        fixed = draw(model, variance_type="fixed_small")
+    assert torch.equal(learned, out) and not torch.equal(fixed, out)
+
+
+# --------------------------------------------------------------------------------------
+# accelerate() on diffusers' DiTTransformer2DModel
+# --------------------------------------------------------------------------------------
+
+INLINE_NORM_OUT = {"LayerNorm": {"DiTTransformer2DModel.norm_out (modulated inside the model's forward)": 1}}
+
+
+def tiny_diffusers_dit(seed: int = 4):
+    """diffusers' DiT as diffusers builds it (its own defaults, norm_eps 1e-5 included),
+    every weight random."""
+    diffusers = pytest.importorskip("diffusers")
+    model = diffusers.DiTTransformer2DModel(
+        num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    return randomize(model, seed).eval()
+
+
+def diffusers_inputs(dtype: torch.dtype = torch.float32, seed: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 4, 8, 8, generator=g).to(dtype), torch.tensor([4, 380, 999]), torch.tensor([0, 9, 10])
+
+
+def outputs_and_gradients(model, x, t, y):
+    model.zero_grad()
+    x = x.clone().requires_grad_()
+    out = model(x, timestep=t, class_labels=y).sample
+    out.square().mean().backward()
+    return [out.detach(), x.grad] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("dtype, floor", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_accelerate_diffusers_dit_keeps_outputs_and_gradients(dtype, floor):
+    model = tiny_diffusers_dit().to(dtype)
+    reference, exact = copy.deepcopy(model), copy.deepcopy(model).double()
+    keys = list(model.state_dict())
+    assert fastguide.accelerate(model) is model
+    assert model.fastguide_accelerated == {"diffusers Attention": 2, "diffusers BasicTransformerBlock": 2,
+                                           "diffusers AdaLayerNormZero": 2}
+    assert model.fastguide_skipped == INLINE_NORM_OUT
+    assert list(model.state_dict()) == keys
+    x, t, y = diffusers_inputs(dtype)
+    # Random weights make the float32 results drift ~1e-4 from the float64 ones along either
+    # path; the accelerated path must be as close to float64 as diffusers' own in this dtype
+    # (the floor covers gradients that are zero in exact arithmetic, e.g. to_k's bias, which
+    # the softmax cancels: both paths give rounding noise there).
+    for got, want, truth in zip(outputs_and_gradients(model, x, t, y), outputs_and_gradients(reference, x, t, y),
+                                outputs_and_gradients(exact, x.double(), t, y)):
+        allowed = 1.5 * (want.double() - truth).abs().max() + floor
+        assert (got.double() - truth).abs().max() <= allowed
+
+
+def test_accelerated_diffusers_dit_profile_runs_fastguide_layer_norm():
+    model = fastguide.accelerate(tiny_diffusers_dit())
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(*diffusers_inputs()[:1], timestep=torch.tensor([1, 2, 3]), class_labels=torch.tensor([0, 1, 2]))
+    names = {event.key for event in prof.key_averages()}
+    assert {"fastguide::layer_norm", "fastguide::gated_residual_layer_norm", "fastguide::attention"} <= names
+
+
+def test_accelerate_diffusers_dit_twice_reports_already_fastguide():
+    model = fastguide.accelerate(fastguide.accelerate(tiny_diffusers_dit()))
+    assert model.fastguide_accelerated == {}
+    # A block already fastguide's is left alone whole, its attention and norm1 included.
+    assert model.fastguide_skipped == {"diffusers BasicTransformerBlock": {"already fastguide": 2}, **INLINE_NORM_OUT}
+
+
+class FP32LayerNorm(torch.nn.LayerNorm):
+    """A LayerNorm subclass (diffusers has one): its forward may differ, so it is left alone."""
+
+
+def test_accelerate_leaves_unusual_ada_norm_zero_modules_alone():
+    model = tiny_diffusers_dit()
+    first, second = model.transformer_blocks
+    first.norm3.register_forward_hook(lambda module, args, out: out)
+    second.norm1.norm = FP32LayerNorm(64, elementwise_affine=False, eps=1e-6)
+    reference = copy.deepcopy(model)
+    fastguide.accelerate(model)
+    assert model.fastguide_accelerated == {"diffusers BasicTransformerBlock": 1, "diffusers Attention": 1}
+    assert model.fastguide_skipped == {
+        "diffusers BasicTransformerBlock": {"norm3: hooks registered on it": 1},
+        "diffusers AdaLayerNormZero": {"norm: FP32LayerNorm is not exactly nn.LayerNorm": 1},
+        **INLINE_NORM_OUT,
+    }
+    assert "forward" not in first.__dict__ and "forward" not in second.norm1.__dict__
+    x, t, y = diffusers_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, timestep=t, class_labels=y).sample,
+                                   reference(x, timestep=t, class_labels=y).sample, atol=2e-5, rtol=2e-5)
+
+
+def test_accelerated_block_hands_chunked_feed_forward_to_diffusers():
+    model = tiny_diffusers_dit()
+    for block in model.transformer_blocks:
+        block.set_chunk_feed_forward(8, dim=1)
+    reference = copy.deepcopy(model)
+    fastguide.accelerate(model)
+    x, t, y = diffusers_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, timestep=t, class_labels=y).sample,
+                                   reference(x, timestep=t, class_labels=y).sample, atol=2e-5, rtol=2e-5)
+
+
+def test_sit_samples_through_the_flow_schedule_as_its_own_euler_ode():
+    """SiT's ODE sampler (Euler, τ from 0 to 1 in N points, its CFG on the velocity) written
+    out, against fastguide.sample on SiTVelocity(model) with a flow schedule and N − 1 steps."""
+    model = tiny_dit(seed=3, learn_sigma=False).double().eval()
+    randomize(model, seed=4)
+    points, scale = 6, 2.5
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    labels = torch.tensor([1, 3])
+    x = x_T.clone()
+    taus = torch.linspace(0, 1, points, dtype=torch.float64)
+    labels_in = torch.cat([labels, torch.full_like(labels, model.null_label)])
+    with torch.no_grad():
+        for tau, tau_next in zip(taus, taus[1:]):
+            out = model(torch.cat([x, x]), tau.expand(4), labels_in)
+            cond, uncond = out.chunk(2)
+            x = x + (tau_next - tau) * (uncond + scale * (cond - uncond))
+    got = fastguide.sample(fastguide.SiTVelocity(model), x_T.shape, labels=labels, sampler="euler", steps=points - 1,
+                           schedule=fastguide.NoiseSchedule.flow(), prediction_type="flow_prediction",
+                           guidance=fastguide.CFG(scale), noise=x_T, clip_denoised=False)
+    # The loop hands the model float32 times (diffusers' convention): 1e-7 relative in τ.
+    torch.testing.assert_close(got, x, atol=1e-5, rtol=1e-5)
