@@ -60,8 +60,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Te
     dtype = compute_dtype(q)
     if q.numel() == 0 or k.numel() == 0:  # aten's CPU kernel divides by zero on empty heads
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    o = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale=scale)
-    return _nan_rows_of_q(o, q).to(q.dtype)
+    qc, kc = q.to(dtype), k.to(dtype)
+    o = F.scaled_dot_product_attention(qc, kc, v.to(dtype), scale=scale)
+    return _nan_rows_of_a_single_key(_nan_rows_of_q(o, q), qc, kc).to(q.dtype)
 
 
 def _nan_rows_of_q(t: Tensor, q: Tensor) -> Tensor:
@@ -69,6 +70,16 @@ def _nan_rows_of_q(t: Tensor, q: Tensor) -> Tensor:
     NaN or infinities of both signs, so IEEE softmax gives NaN (aten's CPU kernel returns
     a finite row there)."""
     return t.masked_fill(~torch.isfinite(q).all(dim=-1, keepdim=t.dim() == q.dim()), float("nan"))
+
+
+def _nan_rows_of_a_single_key(t: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    """t with NaN in the rows whose one score q·k is NaN, when there is a single key: IEEE
+    softmax of one NaN is NaN (aten's CPU flash kernel returns a zero row there; with two
+    or more keys it returns NaN itself)."""
+    if k.shape[-2] != 1:
+        return t
+    score_is_nan = torch.isnan((q * k).sum(-1))  # (..., Lq): each row's one score
+    return t.masked_fill(score_is_nan if t.dim() < q.dim() else score_is_nan[..., None], float("nan"))
 
 
 def _attention_lse(q: Tensor, k: Tensor, scale: float, rows_per_chunk: int = 256) -> Tensor:
@@ -435,6 +446,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
         o = F.scaled_dot_product_attention(qc, kc, vc, scale=scale)
         lse = _attention_lse(qc, kc, scale)
     o, lse = _nan_rows_of_q(o, q), _nan_rows_of_q(lse, q)
+    o, lse = _nan_rows_of_a_single_key(o, qc, kc), _nan_rows_of_a_single_key(lse, qc, kc)
     return o.to(q.dtype).contiguous(), lse.to(dtype).contiguous()
 
 

@@ -200,3 +200,14 @@ def test_non_finite_query_rows_are_nan(backend, device):
         out = ops.attention(q, k, v).cpu()
     assert out[0, 0, 1].isnan().all() and out[0, 1, 2].isnan().all()
     assert torch.isfinite(out[0, 0, [0, 2, 3]]).all()
+
+
+def test_a_single_nan_key_makes_its_rows_nan_on_every_backend():
+    # IEEE softmax of one NaN score is NaN; aten's CPU flash kernel returns a zero row there.
+    q, k, v = (torch.randn(1, 2, 3, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    k, v = k[:, :, :1], v[:, :, :1]
+    k[0, 1, 0, 2] = math.nan
+    for backend in backends_for("attention"):
+        with fastguide.backend(backend):
+            out = ops.attention(q, k, v)
+        assert torch.isnan(out[0, 1]).all() and torch.isfinite(out[0, 0]).all(), backend

@@ -122,6 +122,8 @@ def build_step(case: dict) -> tuple[dict, StepCoefficients, GuidanceCombine | No
     else:
         tensors["out"] = torch.full(shape, math.nan, dtype=dtype)
     alpha, sigma = case["alpha_sigma"]
+    if case["prediction_type"] == "flow_prediction":
+        sigma = 1.0 - alpha  # a flow path's point at the same alpha
     step = StepCoefficients(alpha=alpha, sigma=sigma, **case["k"], k_history=case["k_history"],
                             prediction_type=case["prediction_type"], clip_denoised=case["clip"],
                             log_variance_range=(-5.0, -2.0) if case["learned"] else None)
