@@ -5,6 +5,7 @@ the kernel tests that more than one backend's suite uses."""
 import contextlib
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -299,3 +300,19 @@ def example_inputs(device):
     shapes = [(2, 3, 7, 40), (2, 3, 9, 40), (2, 3, 9, 40), (2, 8, 5, 7), (8,), (8,), (2, 8), (2, 8),
               (4, 3, 6, 6), (2, 3, 6, 6), (2, 3, 6, 6)]
     return [torch.randn(s, generator=g).to(device) for s in shapes]
+
+
+def fails_with(capsys, folder, argv, message, *more):
+    """cli.main(argv) exits 2 with the one line ``fastguide: error: ...message...`` (which
+    also holds each of ``more``) and leaves ``folder`` as it was."""
+    before = sorted(folder.rglob("*"))
+    from fastguide.apps import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastguide: error: ") and err.count("\n") == 1, err
+    assert all(part in err for part in (message, *more)), err
+    assert "Traceback" not in err
+    assert sorted(folder.rglob("*")) == before

@@ -32,5 +32,5 @@ def test_main_job_runs_as_written(tmp_path):
 def test_selfcheck_reports_agreement():
     result = subprocess.run([sys.executable, "-m", "fastguide", "selfcheck"],
                             capture_output=True, text=True, check=True)
-    for op in ("attention", "group_norm", "guided_step"):
+    for op in ("attention", "group_norm", "layer_norm", "guided_step"):
         assert re.search(rf"{op}\s.*\sok$", result.stdout, flags=re.M), result.stdout

@@ -217,6 +217,7 @@ def plot(rows: list[dict], path: Path) -> None:
         if family not in best or errors.get(25, math.inf) < curves[best[family]].get(25, math.inf):
             best[family] = label
     figure, axes = plt.subplots(figsize=(7, 5))
+    axes.set_prop_cycle(color=plt.cm.tab20.colors)  # a colour per curve (there are 12)
     for label in best.values():
         errors = curves[label]
         axes.loglog(sorted(errors), [errors[b] for b in sorted(errors)], marker="o",

@@ -4,7 +4,7 @@
     fastguide sweep    accuracy, Fréchet distance and diversity against guidance scale
     fastguide train    retrain the digits model, its noisy classifier, its evaluator and its guide
     fastguide bench    the benchmark suite (python -m fastguide bench)
-    fastguide selfcheck  the three ops against their formulas
+    fastguide selfcheck  the four ops against their formulas
 
 Bad input ends with one line on stderr, ``fastguide: error: --option: what was expected,
 got X``, and exit status 2, never a traceback (the checks live in fastguide.apps.options).
@@ -74,17 +74,19 @@ class SamplingModel:
     image shape, the training schedule (sampled on its strided_timesteps grid) and, for
     autoguidance, an optional weaker guide UNet."""
 
-    unet: torch.nn.Module
+    unet: torch.nn.Module  # the denoiser (for digits-transformer, the flow transformer)
     classifier: torch.nn.Module | None
     shape: tuple[int, int, int]
     num_classes: int
     schedule: NoiseSchedule
     guide: torch.nn.Module | None = None
+    prediction_type: str = "epsilon"
 
 
 # The released ADM models' training schedules (their noise_schedule flags).
 ADM_SCHEDULES = {"adm64": "cosine", "adm128": "linear", "adm256": "linear", "adm512": "linear"}
-MODELS = ("digits", *ADM_SCHEDULES)
+# digits-transformer: the digits' flow-matching transformer (velocity on a flow path).
+MODELS = ("digits", "digits-transformer", *ADM_SCHEDULES)
 
 
 def model_schedule(name: str) -> NoiseSchedule:
@@ -93,6 +95,8 @@ def model_schedule(name: str) -> NoiseSchedule:
 
     if name == "digits":
         return digits.schedule()
+    if name == "digits-transformer":
+        return digits.flow_schedule()
     return NoiseSchedule.cosine() if ADM_SCHEDULES[name] == "cosine" else NoiseSchedule.linear()
 
 
@@ -116,6 +120,11 @@ def load_sampling_model(name: str, checkpoint: Path | None, classifier_checkpoin
                          lambda: load_checkpoint(models.classifier, classifier_checkpoint))
         bundle = SamplingModel(models.unet, models.classifier, (1, digits.IMAGE_SIZE, digits.IMAGE_SIZE),
                                digits.NUM_CLASSES, model_schedule(name), models.guide)
+    elif name == "digits-transformer":
+        folder = checkpoint or digits.WEIGHTS
+        models = load_weights("--checkpoint", folder, lambda: digits.load(device, weights=folder))
+        bundle = SamplingModel(models.transformer, None, (1, digits.IMAGE_SIZE, digits.IMAGE_SIZE),
+                               digits.NUM_CLASSES, model_schedule(name), prediction_type="flow_prediction")
     else:
         unet = load_weights("--checkpoint", checkpoint,
                             lambda: load_checkpoint(create_model(**unet_config(name)), checkpoint))
@@ -151,10 +160,12 @@ def _guidance(kind: str, scale: float, classifier_scale: float, model: SamplingM
     return tuple(g for g in (cfg, clf) if g is not None) or None
 
 
-def _grid(schedule: NoiseSchedule, steps: int, spacing: str) -> list[int]:
-    """The timesteps of --steps and --spacing ("adm": the strided grid the digits model and
-    the sweep use, which stops a stride short of t = T − 1)."""
-    return schedule.strided_timesteps(steps) if spacing == "adm" else schedule.spaced_timesteps(steps, spacing)
+def _grid(schedule: NoiseSchedule, steps: int, spacing: str | None) -> list[float]:
+    """The timesteps of --steps and --spacing (None: the schedule's default; "adm": the
+    strided grid, which stops a stride short of t = T − 1)."""
+    if spacing == "adm":
+        return schedule.strided_timesteps(steps)
+    return schedule.spaced_timesteps(steps, spacing or schedule.default_spacing)
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
@@ -180,7 +191,7 @@ def generate(model: SamplingModel, labels: torch.Tensor, *, guidance_kind: str, 
              classifier_scale: float, sampler: str, steps: int, seed: int, batch_size: int,
              device: torch.device, precision: str = "fp32", rank: int = 0, world_size: int = 1,
              progress: bool = False, cfg_options: dict | None = None,
-             spacing: str = "adm") -> dict[int, torch.Tensor]:
+             spacing: str | None = None) -> dict[int, torch.Tensor]:
     """{batch index: samples} for this rank's batches (round-robin over ranks). Each batch
     draws from its own seed stream (seed, batch index), so any split of the batches across
     processes gives exactly the images of a single-process run."""
@@ -195,7 +206,8 @@ def generate(model: SamplingModel, labels: torch.Tensor, *, guidance_kind: str, 
         with autocast:
             images = sample(model.unet, (len(batch_labels), *model.shape), labels=batch_labels, sampler=sampler,
                             steps=_grid(model.schedule, steps, spacing), schedule=model.schedule, guidance=guidance,
-                            generator=generator, device=device, progress=progress)
+                            prediction_type=model.prediction_type, generator=generator, device=device,
+                            progress=progress)
         out[index] = images.float().cpu()
     return out
 
@@ -297,6 +309,8 @@ def _check_sample_weights(args: argparse.Namespace, adm: bool) -> None:
         check_weights_file("--checkpoint", args.checkpoint)
     elif args.checkpoint is not None:
         check_digits_folder("--checkpoint", args.checkpoint)
+    if args.model == "digits-transformer":
+        _check_transformer(args)
     if args.classifier_checkpoint is not None:
         if args.guidance == "auto":  # the sampler has no autoguidance-plus-classifier mode to put it in
             raise UsageError("--classifier-checkpoint", "--guidance auto guides with the weaker guide network, "
@@ -311,6 +325,23 @@ def _check_sample_weights(args: argparse.Namespace, adm: bool) -> None:
                                        "models have none: use --guidance classifier or none")
     if args.guidance in ("classifier", "both") and args.classifier_checkpoint is None:
         raise UsageError("--guidance", f"{args.guidance} needs --classifier-checkpoint with --model {args.model}")
+
+
+def _check_transformer(args: argparse.Namespace) -> None:
+    """--model digits-transformer: its weights exist, and the guidance is one it has (CFG;
+    no noisy classifier or guide network is trained for its flow path)."""
+    from . import digits
+
+    weights = digits.transformer_file(args.checkpoint or digits.WEIGHTS)
+    if not weights.is_file():
+        raise UsageError("--model", f"digits-transformer needs {weights}, which is missing: "
+                                    f"'fastguide train --only transformer --out {weights.parent}' writes it")
+    check_weights_file("--checkpoint", weights)
+    if args.guidance not in ("cfg", "cfg++", "none"):
+        raise UsageError("--guidance", f"--model digits-transformer has classifier-free guidance only (cfg, cfg++ "
+                                       f"or none), got {args.guidance}")
+    if args.classifier_checkpoint is not None:
+        raise UsageError("--classifier-checkpoint", "--model digits-transformer has no classifier guidance")
 
 
 def _check_guide(args: argparse.Namespace, adm: bool) -> None:
@@ -376,6 +407,15 @@ def check_sweep(args: argparse.Namespace) -> None:
     # within-class diversity needs two samples of one class; labels cycle over the classes
     check_at_least("--samples-per-scale", args.samples_per_scale, digits.NUM_CLASSES + 1)
     check_steps(args.steps, digits.schedule(), "digits")
+    try:
+        _grid(model_schedule(args.model), args.steps, args.spacing)
+    except ValueError as error:
+        raise UsageError("--spacing", str(error)) from None
+    if args.model == "digits-transformer":
+        if {"auto", "classifier"} & set(args.guidances):
+            raise UsageError("--guidances", "--model digits-transformer has CFG kinds only (no classifier or guide)")
+        if not digits.transformer_file().is_file():
+            raise UsageError("--model", f"digits-transformer needs {digits.transformer_file()}, which is missing")
     check_seed("--seed", args.seed)
     args.device = parse_device(args.device)
     check_backend(None, args.device)
@@ -390,8 +430,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     kinds = tuple(dict.fromkeys(args.guidances))  # each kind once, in the order given
     rows = sweep.run(args.scales, kinds=kinds, variants=args.variants, samples_per_scale=args.samples_per_scale,
-                     steps=args.steps, sampler=args.sampler, seed=args.seed, device=str(args.device),
-                     progress=not args.quiet)
+                     steps=_grid(model_schedule(args.model), args.steps, args.spacing), sampler=args.sampler,
+                     seed=args.seed, device=str(args.device), progress=not args.quiet,
+                     transformer=args.model == "digits-transformer")
     table = sweep.markdown(rows)
     print(table)
     if args.table is not None:
@@ -410,10 +451,11 @@ def check_train(args: argparse.Namespace) -> None:
     check_at_least("--classifier-steps", args.classifier_steps)
     check_at_least("--evaluator-steps", args.evaluator_steps)
     check_at_least("--guide-steps", args.guide_steps)
+    check_at_least("--transformer-steps", args.transformer_steps)
     check_seed("--seed", args.seed)
     check_output_folder("--out", args.out)
     check_modules("train", "sklearn")
-    args.record = read_training_record(args.out / "digits_training.json") if args.only == "guide" else None
+    args.record = read_training_record(args.out / "digits_training.json") if args.only is not None else None
 
 
 def read_training_record(path: Path) -> dict:
@@ -436,10 +478,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(dir=existing_ancestor(args.out), prefix=".fastguide-train-") as scratch:
         if args.only == "guide":
             record = digits.train_guide(Path(scratch), seed=args.seed, steps=args.guide_steps, record=args.record)
+        elif args.only == "transformer":
+            record = digits.train_transformer(Path(scratch), seed=args.seed, steps=args.transformer_steps,
+                                              record=args.record)
         else:
             record = digits.train(Path(scratch), seed=args.seed, unet_steps=args.unet_steps,
                                   classifier_steps=args.classifier_steps, evaluator_steps=args.evaluator_steps,
-                                  guide_steps=args.guide_steps)
+                                  guide_steps=args.guide_steps, transformer_steps=args.transformer_steps)
         args.out.mkdir(parents=True, exist_ok=True)
         for file in sorted(Path(scratch).iterdir()):
             os.replace(file, args.out / file.name)
@@ -508,9 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", choices=SAMPLERS, default="unipc",
                    help="sampler (default: unipc, the most accurate per model call in BENCHMARKS.md's NFE table)")
     s.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
-    s.add_argument("--spacing", choices=SPACINGS, default="logsnr",
+    s.add_argument("--spacing", choices=SPACINGS,
                    help="where the steps lie: adm (strided), diffusers' leading/trailing/linspace, logsnr "
-                        "(uniform in log-SNR) or karras (rho 7) (default: logsnr)")
+                        "(uniform in log-SNR) or karras (rho 7) (default: the schedule's own, logsnr; uniform "
+                        "in σ, linspace, for --model digits-transformer)")
     s.add_argument("--num-samples", type=int, default=40, help="how many samples (default: 40)")
     s.add_argument("--batch-size", type=int, default=100, help="samples per model batch (default: 100)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -540,7 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the schedule rows' guidance weight over the steps (default: linear)")
     w.add_argument("--samples-per-scale", type=int, default=500)
     w.add_argument("--steps", type=int, default=25)
+    w.add_argument("--model", choices=("digits", "digits-transformer"), default="digits",
+                   help="the UNet, or the flow transformer (CFG kinds only)")
     w.add_argument("--sampler", choices=SAMPLERS, default="unipc")
+    w.add_argument("--spacing", choices=SPACINGS, help="where the steps lie (as for sample; default logsnr)")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--device", default="cpu")
     w.add_argument("--table", type=Path, help="also write the markdown table here")
@@ -556,13 +605,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--evaluator-steps", type=int, default=1000)
     t.add_argument("--guide-steps", type=int, default=digits.GUIDE_STEPS,
                    help=f"training steps of the autoguidance guide network (default: {digits.GUIDE_STEPS})")
-    t.add_argument("--only", choices=("guide",),
-                   help="train just the guide network into --out, leaving the other networks' files and "
-                        "entries of digits_training.json as they are")
+    t.add_argument("--transformer-steps", type=int, default=digits.TRANSFORMER_STEPS,
+                   help=f"training steps of the flow transformer (default: {digits.TRANSFORMER_STEPS})")
+    t.add_argument("--only", choices=("guide", "transformer"),
+                   help="train just the guide network or the flow transformer into --out, leaving the other "
+                        "networks' files and entries of digits_training.json as they are")
     t.set_defaults(check=check_train, run=cmd_train)
 
-    c = commands.add_parser("selfcheck", help="check the three ops against their formulas",
-                            description="Run the three ops on this machine (the backend auto picks, or "
+    c = commands.add_parser("selfcheck", help="check the four ops against their formulas",
+                            description="Run the four ops on this machine (the backend auto picks, or "
                                         "FASTGUIDE_BACKEND) and compare them with their float64 formulas.")
     c.add_argument("--device", default="cpu", help="device to run the ops on: cpu, cuda or cuda:N (default: cpu)")
     c.add_argument("--seed", type=int, default=0, help="random seed of the inputs")

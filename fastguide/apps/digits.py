@@ -10,7 +10,11 @@ safetensors in fastguide/weights/ so that ``fastguide sample`` works right after
 - ``guide``: a weaker version of ``unet`` for autoguidance (Karras et al. 2024): the same
   conditioning and schedule, fewer channels at 4×4 and a fraction of the training steps.
   It trains on its own seed-derived streams (``fastguide train --only guide``), so adding
-  or retraining it leaves the other three networks as they are.
+  or retraining it leaves the other three networks as they are;
+- ``transformer``: a small class-conditional flow-matching transformer (SiT-style: a
+  ``fastguide.DiT`` over 2×2 patches, velocity ε − x0 on ``NoiseSchedule.flow()``, label
+  dropout for CFG), trained on its own streams as the guide is
+  (``fastguide train --only transformer``).
 Pixels 0…16 map to [−1, 1]. A fixed, stratified held-out set is kept out of training.
 """
 
@@ -29,8 +33,9 @@ from torch import Tensor
 
 from ..models.checkpoints import load_checkpoint
 from ..models.configs import create_classifier, create_model
+from ..models.dit import DiT
 from ..models.unet import EncoderUNet, UNet
-from ..sampling.schedule import NoiseSchedule
+from ..sampling.schedule import FlowSchedule, NoiseSchedule
 
 WEIGHTS = Path(__file__).parents[1] / "weights"
 IMAGE_SIZE, NUM_CLASSES, HELD_OUT_PER_CLASS = 8, 10, 30
@@ -47,6 +52,10 @@ UNET_FLAGS = dict(image_size=IMAGE_SIZE, num_channels=32, num_res_blocks=1, chan
 # 6.54, 7.13, 7.22; the full-size UNet at 250 and 500 steps gave 6.60 and 6.74.
 GUIDE_FLAGS = {**UNET_FLAGS, "channel_mult": "1,1"}
 GUIDE_STEPS = 250
+# The flow transformer: 16 tokens of 2×2 patches, 0.73 M parameters (the UNet's 0.83 M).
+TRANSFORMER_FLAGS = dict(input_size=IMAGE_SIZE, patch_size=2, in_channels=1, hidden_size=96, depth=4, num_heads=4,
+                         mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=NUM_CLASSES, learn_sigma=False)
+TRANSFORMER_STEPS = 4000
 CLASSIFIER_FLAGS = dict(image_size=IMAGE_SIZE, classifier_width=32, classifier_depth=1, channel_mult="1,2",
                         classifier_attention_resolutions="4", classifier_pool="attention",
                         num_classes=NUM_CLASSES, in_channels=1)
@@ -55,6 +64,11 @@ CLASSIFIER_FLAGS = dict(image_size=IMAGE_SIZE, classifier_width=32, classifier_d
 def schedule() -> NoiseSchedule:
     """The digits model's training schedule (cosine, 1000 steps)."""
     return NoiseSchedule.cosine(1000)
+
+
+def flow_schedule() -> FlowSchedule:
+    """The flow transformer's path: x = (1 − σ)·x0 + σ·ε, model time 1000·σ."""
+    return NoiseSchedule.flow()
 
 
 def load_dataset(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -97,6 +111,7 @@ class DigitsModels:
     classifier: EncoderUNet
     evaluator: Evaluator
     guide: UNet | None = None  # None for a weights folder written before the guide existed
+    transformer: DiT | None = None  # likewise for the flow transformer
 
 
 def build() -> DigitsModels:
@@ -109,19 +124,30 @@ def build_guide() -> UNet:
     return create_model(**GUIDE_FLAGS)
 
 
+def build_transformer() -> DiT:
+    """The flow-matching transformer, freshly initialised (adaLN-Zero)."""
+    return DiT(**TRANSFORMER_FLAGS)
+
+
 def guide_file(weights: Path = WEIGHTS) -> Path:
     return weights / "digits_guide.safetensors"
 
 
+def transformer_file(weights: Path = WEIGHTS) -> Path:
+    return weights / "digits_transformer.safetensors"
+
+
 def load(device: torch.device | str = "cpu", weights: Path = WEIGHTS) -> DigitsModels:
     """The shipped (or ``weights``) networks in eval mode, float32, on ``device``; the
-    guide too when ``weights`` holds digits_guide.safetensors, else ``guide`` is None."""
+    guide and the flow transformer too when ``weights`` holds their files, else None."""
     models = build()
     for name in ("unet", "classifier", "evaluator"):
         load_checkpoint(getattr(models, name), weights / f"digits_{name}.safetensors")
     if guide_file(weights).is_file():
         models.guide = load_checkpoint(build_guide(), guide_file(weights))
-    for model in (models.unet, models.classifier, models.evaluator, models.guide):
+    if transformer_file(weights).is_file():
+        models.transformer = load_checkpoint(build_transformer(), transformer_file(weights))
+    for model in (models.unet, models.classifier, models.evaluator, models.guide, models.transformer):
         if model is not None:
             model.to(device).float().eval()
     return models
@@ -166,6 +192,14 @@ class _Run:
     def diffusion_loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         x_t, t, eps = self.noisy(x)
         return F.mse_loss(model(x_t, t, y), eps)
+
+    def flow_loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Flow matching (rectified flow, SiT's linear path): σ ~ U(0, 1),
+        x_σ = (1 − σ)·x0 + σ·ε, the model at time 1000·σ regresses the velocity ε − x0."""
+        sigma = torch.rand(len(x), generator=self.g)
+        eps = torch.randn(x.shape, generator=self.g)
+        level = sigma.reshape(-1, 1, 1, 1)
+        return F.mse_loss(model((1 - level) * x + level * eps, 1000 * sigma, y), eps - x)
 
     def noisy_classifier_loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         x_t, t, _ = self.noisy(x)
@@ -220,13 +254,13 @@ def _save(model: nn.Module, path: Path) -> None:
 
 
 def train(out: Path = WEIGHTS, *, seed: int = 0, unet_steps: int = 3000, classifier_steps: int = 1500,
-          evaluator_steps: int = 1000, guide_steps: int = GUIDE_STEPS, batch_size: int = 64,
-          progress: bool = True) -> dict:
-    """Train the four networks deterministically and write fp16 safetensors plus a JSON
+          evaluator_steps: int = 1000, guide_steps: int = GUIDE_STEPS, transformer_steps: int = TRANSFORMER_STEPS,
+          batch_size: int = 64, progress: bool = True) -> dict:
+    """Train the five networks deterministically and write fp16 safetensors plus a JSON
     record of the run into ``out``. Returns the record (losses, held-out accuracy).
     Raises ValueError, before any work, for a step count or batch size below 1."""
     _check_counts(unet_steps=unet_steps, classifier_steps=classifier_steps, evaluator_steps=evaluator_steps,
-                  guide_steps=guide_steps, batch_size=batch_size)
+                  guide_steps=guide_steps, transformer_steps=transformer_steps, batch_size=batch_size)
     run, held_x, held_y = _start(seed, batch_size, progress)
     models = build()
     record: dict = {"seed": seed, "train_images": len(run.train_y), "held_out_images": len(held_y)}
@@ -239,7 +273,8 @@ def train(out: Path = WEIGHTS, *, seed: int = 0, unet_steps: int = 3000, classif
     out.mkdir(parents=True, exist_ok=True)
     for name in ("unet", "classifier", "evaluator"):
         _save(getattr(models, name), out / f"digits_{name}.safetensors")
-    return train_guide(out, seed=seed, steps=guide_steps, batch_size=batch_size, progress=progress, record=record)
+    record = train_guide(out, seed=seed, steps=guide_steps, batch_size=batch_size, progress=progress, record=record)
+    return train_transformer(out, seed=seed, steps=transformer_steps, progress=progress, record=record)
 
 
 def train_guide(out: Path = WEIGHTS, *, seed: int = 0, steps: int = GUIDE_STEPS, batch_size: int = 64,
@@ -250,12 +285,27 @@ def train_guide(out: Path = WEIGHTS, *, seed: int = 0, steps: int = GUIDE_STEPS,
     networks' entries, kept as they are) with guide_seed, guide_steps and guide_loss set.
     Returns that record. Raises ValueError, before any work, for ``steps`` or
     ``batch_size`` below 1."""
-    _check_counts(guide_steps=steps, batch_size=batch_size)
+    return _train_alone("guide", build_guide, "diffusion_loss", 2e-3, guide_file(out), out, seed=seed, steps=steps,
+                        batch_size=batch_size, progress=progress, record=record)
+
+
+def train_transformer(out: Path = WEIGHTS, *, seed: int = 0, steps: int = TRANSFORMER_STEPS, batch_size: int = 128,
+                      progress: bool = True, record: dict | None = None) -> dict:
+    """Train the flow transformer alone, as ``train_guide`` trains the guide (its own
+    re-seeded streams; transformer_seed, transformer_steps and transformer_loss set in the
+    record), and write digits_transformer.safetensors plus digits_training.json."""
+    return _train_alone("transformer", build_transformer, "flow_loss", 1e-3, transformer_file(out), out, seed=seed,
+                        steps=steps, batch_size=batch_size, progress=progress, record=record)
+
+
+def _train_alone(name: str, build_network, loss: str, lr: float, path: Path, out: Path, *, seed: int, steps: int,
+                 batch_size: int, progress: bool, record: dict | None) -> dict:
+    _check_counts(**{f"{name}_steps": steps, "batch_size": batch_size})
     run, _, _ = _start(seed, batch_size, progress)
-    guide = build_guide()
-    loss = run.fit("guide", guide, steps, run.diffusion_loss, 2e-3)
-    record = {**(record or {}), "guide_seed": seed, "guide_steps": steps, "guide_loss": loss}
+    network = build_network()
+    final_loss = run.fit(name, network, steps, getattr(run, loss), lr)
+    record = {**(record or {}), f"{name}_seed": seed, f"{name}_steps": steps, f"{name}_loss": final_loss}
     out.mkdir(parents=True, exist_ok=True)
-    _save(guide, guide_file(out))
+    _save(network, path)
     (out / "digits_training.json").write_text(json.dumps(record, indent=1))
     return record

@@ -1,4 +1,4 @@
-"""Run the three ops on this machine and print their agreement with the textbook formulas.
+"""Run the four ops on this machine and print their agreement with the textbook formulas.
 
     fastguide selfcheck [--device cpu|cuda] [--seed N]   (or python -m fastguide.apps.selfcheck)
 
@@ -41,6 +41,17 @@ def check_group_norm(device: torch.device, g: torch.Generator) -> float:
     return (y.double() - F.silu(z)).abs().max().item()
 
 
+def check_layer_norm(device: torch.device, g: torch.Generator) -> float:
+    # DiT's adaLN: LayerNorm without affine (eps 1e-6), then ·(1 + scale) + shift per sample.
+    x = torch.randn(3, 7, 72, generator=g).to(device)
+    scale, shift = torch.randn(3, 72, generator=g).to(device), torch.randn(3, 72, generator=g).to(device)
+    y = ops.layer_norm(x, (72,), None, None, 1e-6, scale=scale, shift=shift)
+    norm = (x.double() - x.double().mean(-1, keepdim=True)) / torch.sqrt(
+        x.double().var(-1, unbiased=False, keepdim=True) + 1e-6)
+    expected = norm * (1 + scale.double()[:, None]) + shift.double()[:, None]
+    return (y.double() - expected).abs().max().item()
+
+
 def check_guided_step(device: torch.device, g: torch.Generator) -> float:
     # One DDIM step (eta = 0) with classifier-free guidance and x0 clipping.
     abar_t, abar_prev, w = 0.5, 0.7, 4.0
@@ -60,6 +71,7 @@ def check_guided_step(device: torch.device, g: torch.Generator) -> float:
 CHECKS = {
     "attention": check_attention,
     "group_norm": check_group_norm,
+    "layer_norm": check_layer_norm,
     "guided_step": check_guided_step,
 }
 

@@ -2,7 +2,8 @@
 
 Kinds of guidance (``KINDS``), each over its own scales:
 - cfg: the class-conditional model at CFG scale w (w = 0 is the unconditional model);
-- cfg++: CFG++ at λ in [0, 1], on ddim unless the sweep's sampler is one CFG++ is built for;
+- cfg++: CFG++ at λ in [0, 1], on dpm++2m (second order, on the other rows' grid) unless
+  the sweep's sampler is one CFG++ is built for;
 - auto: autoguidance at w, the digits model guided by its weaker guide network;
 - interval: CFG at w inside a guidance interval of EDM's σ̃ (Kynkäänniemi et al. 2024),
   the conditional model outside it;
@@ -94,19 +95,21 @@ def _jobs(kinds: tuple[str, ...], scales: list[float], variants: Variants, sampl
     jobs = []
     for kind in kinds:
         kind_scales = {"cfg++": variants.cfgpp_scales, "auto": variants.auto_scales or scales}.get(kind, scales)
-        # CFG++ is built for a few samplers only: its rows use --sampler if it is one, else ddim
-        kind_sampler = (sampler if sampler in CFG_PLUS_PLUS_SAMPLERS else "ddim") if kind == "cfg++" else sampler
+        # CFG++ is built for a few samplers only: its rows use --sampler if it is one, else dpm++2m
+        kind_sampler = (sampler if sampler in CFG_PLUS_PLUS_SAMPLERS else "dpm++2m") if kind == "cfg++" else sampler
         jobs += [{"kind": kind, "guidance": labels.get(kind, kind), "sampler": kind_sampler, "scale": scale}
                  for scale in kind_scales]
     return jobs
 
 
 def run(scales: list[float], *, kinds: tuple[str, ...] = ("cfg", "classifier"), variants: Variants = Variants(),
-        samples_per_scale: int = 500, steps: int = 25, sampler: str = "dpm++2m", seed: int = 0, device: str = "cpu",
-        progress: bool = True) -> list[dict]:
+        samples_per_scale: int = 500, steps: int | list[float] = 25, sampler: str = "unipc", seed: int = 0,
+        device: str = "cpu", progress: bool = True, transformer: bool = False) -> list[dict]:
     """Rows {kind, guidance, sampler, scale, accuracy, frechet, diversity} for each of
-    ``kinds`` (see ``KINDS``), every row from the same seed. "auto" needs the shipped guide
-    network (ValueError without it)."""
+    ``kinds`` (see ``KINDS``), every row from the same seed; ``steps`` a count (on the
+    sampler's default grid) or the timesteps. "auto" needs the shipped guide network
+    (ValueError without it). ``transformer``: sample the flow transformer instead of the
+    UNet (CFG kinds only: it has no classifier or guide)."""
     from tqdm.auto import tqdm
 
     from ..sampling.guidance import CFG, AutoGuidance, CFGPlusPlus, ClassifierGuidance
@@ -115,6 +118,12 @@ def run(scales: list[float], *, kinds: tuple[str, ...] = ("cfg", "classifier"), 
     models = digits.load(device)
     if "auto" in kinds and models.guide is None:
         raise ValueError(f"autoguidance needs the guide network {digits.guide_file()}, which is missing")
+    if transformer and (models.transformer is None or {"auto", "classifier"} & set(kinds)):
+        raise ValueError(f"the flow transformer sweep needs {digits.transformer_file()} and CFG kinds only, "
+                         f"got kinds {kinds}")
+    denoiser = models.transformer if transformer else models.unet
+    path = dict(schedule=digits.flow_schedule(), prediction_type="flow_prediction") if transformer \
+        else dict(schedule=digits.schedule())
     _, _, held_x, _ = digits.load_dataset()
     with torch.no_grad():
         real_features = models.evaluator.features(held_x.to(device)).cpu().numpy()
@@ -131,12 +140,10 @@ def run(scales: list[float], *, kinds: tuple[str, ...] = ("cfg", "classifier"), 
     }
     rows = []
     for job in tqdm(_jobs(kinds, scales, variants, sampler), desc="guidance sweep", disable=not progress):
-        model = unconditional if job["kind"] == "classifier" else models.unet
-        images = sample(model, shape, labels=labels.to(device), sampler=job["sampler"],
-                        steps=digits.schedule().strided_timesteps(steps),
-                        schedule=digits.schedule(), guidance=specs[job["kind"]](job["scale"]),
-                        null_label=models.unet.null_label,
-                        generator=torch.Generator(device).manual_seed(seed), device=device)
+        model = unconditional if job["kind"] == "classifier" else denoiser
+        images = sample(model, shape, labels=labels.to(device), sampler=job["sampler"], steps=steps,
+                        guidance=specs[job["kind"]](job["scale"]), null_label=denoiser.null_label,
+                        generator=torch.Generator(device).manual_seed(seed), device=device, **path)
         rows.append({**job, **score(models, images, labels, real_features)})
     return rows
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from fastguide.apps import cli, digits
 from fastguide.ops import backends
+from tests.helpers import fails_with
 
 pytestmark = pytest.mark.skipif(
     not (digits.WEIGHTS / "digits_unet.safetensors").is_file(), reason="the digits weights are not built"
@@ -30,7 +31,8 @@ def test_sample_writes_a_png_grid_and_adm_npz(tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--model", "imagenet"], "--model: expected one of digits, adm64, adm128, adm256, adm512, got 'imagenet'"),
+    (["--model", "imagenet"],
+     "--model: expected one of digits, digits-transformer, adm64, adm128, adm256, adm512, got 'imagenet'"),
     (["--labels", "3-12"], "--labels: expected classes in 0..9, got '3-12'"),
     (["--steps", "-2"], "--steps: expected an integer from 1 to 500"),
     (["--out", "/nonexistent-folder/x.png"], "--out: folder /nonexistent-folder does not exist"),
@@ -55,25 +57,6 @@ def test_bad_options_exit_with_one_line(tmp_path, options, message):
 needs_cpu_only_torch = pytest.mark.skipif(torch.version.cuda is not None or torch.version.hip is not None,
                                           reason="checks the message of a CPU-only build of PyTorch")
 
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def fails_with(capsys, folder, argv, message, *more):
-    """cli.main(argv) exits 2 with the one line ``fastguide: error: ...message...`` (which
-    also holds each of ``more``) and leaves ``folder`` as it was."""
-    before = sorted(folder.rglob("*"))
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(argv)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("fastguide: error: ") and err.count("\n") == 1, err
-    assert all(part in err for part in (message, *more)), err
-    assert "Traceback" not in err
-    assert sorted(folder.rglob("*")) == before
 
 
 SAMPLE = ["sample", "--out", "x.png", "--quiet"]
@@ -103,7 +86,8 @@ SAMPLE = ["sample", "--out", "x.png", "--quiet"]
     (["--backend", "bogus"], "--backend: invalid choice: 'bogus'"),
     (["--labels", "3-12"], "--labels: expected classes in 0..9, got '3-12'"),
     (["--labels", "x"], "--labels: expected a class, a range like 0-9 or a list like 1,4,7, got 'x'"),
-    (["--model", "imagenet"], "--model: expected one of digits, adm64, adm128, adm256, adm512, got 'imagenet'"),
+    (["--model", "imagenet"],
+     "--model: expected one of digits, digits-transformer, adm64, adm128, adm256, adm512, got 'imagenet'"),
     (["--sampler", "bogus"], "--sampler: invalid choice: 'bogus'"),
     (["--guidance", "bogus"], "--guidance: invalid choice: 'bogus'"),
     (["--bogus"], "unrecognized arguments: --bogus"),

@@ -9,6 +9,7 @@ import torch
 
 from fastguide import AutoGuidance
 from fastguide.apps import cli, digits, sweep
+from tests.helpers import fails_with
 
 pytestmark = pytest.mark.skipif(
     not digits.guide_file().is_file(), reason="the digits guide weights are not built"
@@ -54,7 +55,7 @@ def test_train_only_guide_keeps_the_other_networks_and_their_record(tmp_path, mo
 
 def test_guide_is_the_same_trained_alone_or_after_the_others(tmp_path):
     digits.train(tmp_path / "all", unet_steps=2, classifier_steps=2, evaluator_steps=2, guide_steps=3,
-                 progress=False)
+                 transformer_steps=2, progress=False)
     alone = digits.train_guide(tmp_path / "alone", steps=3, progress=False)
     assert digits.guide_file(tmp_path / "all").read_bytes() == digits.guide_file(tmp_path / "alone").read_bytes()
     assert json.loads((tmp_path / "all" / "digits_training.json").read_text())["guide_loss"] == alone["guide_loss"]
@@ -63,7 +64,6 @@ def test_guide_is_the_same_trained_alone_or_after_the_others(tmp_path):
 
 
 def test_train_only_guide_refuses_a_broken_record(workdir, capsys):
-    from tests.apps.test_cli import fails_with
 
     (workdir / "weights").mkdir()
     (workdir / "weights" / "digits_training.json").write_text("[1, 2]")
@@ -73,11 +73,6 @@ def test_train_only_guide_refuses_a_broken_record(workdir, capsys):
     fails_with(capsys, workdir, ["train", "--guide-steps", "0", "--out", "weights"],
                "--guide-steps: expected an integer of at least 1, got 0")
 
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def test_sample_with_autoguidance(tmp_path):
@@ -106,7 +101,6 @@ def test_auto_options_reach_the_sampler(workdir, monkeypatch):
 
 
 def test_auto_refuses_what_it_cannot_do(workdir, capsys):
-    from tests.apps.test_cli import fails_with
 
     sample = ["sample", "--out", "x.png", "--quiet", "--guidance", "auto"]
     fails_with(capsys, workdir, [*sample, "--schedule", "cosine"],
@@ -137,7 +131,7 @@ def test_sweep_rows_of_every_kind():
         ("cfg", 0.0), ("cfg", 3.0), ("cfg++", 0.0), ("cfg++", 0.5), ("auto", 1.0), ("auto", 2.0),
         ("interval", 0.0), ("interval", 3.0), ("schedule", 0.0), ("schedule", 3.0),
         ("classifier", 0.0), ("classifier", 3.0)]
-    assert {r["sampler"] for r in rows if r["kind"] == "cfg++"} == {"ddim"}  # CFG++ has no unipc form
+    assert {r["sampler"] for r in rows if r["kind"] == "cfg++"} == {"dpm++2m"}  # CFG++ has no unipc form
     assert {r["sampler"] for r in rows if r["kind"] != "cfg++"} == {"unipc"}
     by = {(r["kind"], r["scale"]): r for r in rows}
     assert by[("auto", 1.0)]["frechet"] != by[("auto", 2.0)]["frechet"]  # the guide's pull changes the samples
@@ -145,7 +139,7 @@ def test_sweep_rows_of_every_kind():
     assert by[("interval", 0.0)]["frechet"] != by[("cfg", 0.0)]["frechet"]  # conditional outside the interval
     table = sweep.markdown(rows)
     assert "| cfg, σ̃ in [0.3, 5] | unipc | 3 |" in table and "| cfg, cosine schedule | unipc | 0 |" in table
-    assert "| cfg++ | ddim | 0.5 |" in table
+    assert "| cfg++ | dpm++2m | 0.5 |" in table
     assert table.count("**") == 2 * len(sweep.KINDS)  # one bold Fréchet distance per kind
     summary = table.strip().splitlines()[-1]
     best = sweep.best_rows(rows)
@@ -163,7 +157,6 @@ def test_best_rows_pick_the_lowest_frechet_distance_of_each_kind():
 
 
 def test_sweep_command_options(workdir, capsys, monkeypatch):
-    from tests.apps.test_cli import fails_with
 
     sweep_ = ["sweep", "--quiet"]
     fails_with(capsys, workdir, [*sweep_, "--guidances", "cfg++", "--cfgpp-scales", "0.5", "1.5"],
@@ -193,4 +186,4 @@ def test_sweep_command_options(workdir, capsys, monkeypatch):
 def test_cfgpp_rows_keep_a_sampler_cfgpp_is_built_for():
     jobs = sweep._jobs(("cfg++", "cfg"), [2.0], sweep.Variants(cfgpp_scales=(0.5,)), "euler")
     assert [(j["kind"], j["sampler"], j["scale"]) for j in jobs] == [("cfg++", "euler", 0.5), ("cfg", "euler", 2.0)]
-    assert sweep._jobs(("cfg++",), [2.0], sweep.Variants(), "heun")[0]["sampler"] == "ddim"
+    assert sweep._jobs(("cfg++",), [2.0], sweep.Variants(), "heun")[0]["sampler"] == "dpm++2m"

@@ -112,6 +112,17 @@ def test_logsnr_and_karras_spacings_follow_their_grids():
             for grid in (schedule, NoiseSchedule.cosine()):
                 chosen = grid.spaced_timesteps(count, spacing)
                 assert len(set(chosen)) == count and chosen == sorted(chosen, reverse=True)
-                assert chosen[0] == 999 and chosen[-1] == 0
+                if spacing == "karras" or count == 1000:
+                    assert chosen[0] == 999 and chosen[-1] == 0
+    # "logsnr" starts at σ̃ ≤ 160 (the linear schedule's T − 1; the cosine's σ̃ there is 2·10⁴)
+    # and ends at σ̃ = max(σ̃_0, 0.3/N).
+    cosine = NoiseSchedule.cosine()
+    top = cosine.spaced_timesteps(10, "logsnr")[0]
+    assert cosine.edm_sigma(top) < 1.01 * 160 < cosine.edm_sigma(top + 1)  # the nearest timestep
+    assert schedule.spaced_timesteps(10, "logsnr")[0] == 999
+    for count in (10, 25):
+        last = schedule.spaced_timesteps(count, "logsnr")[-1]
+        assert abs(schedule.edm_sigma(last) - 0.3 / count) < 0.3 / count * 0.25
+    assert schedule.spaced_timesteps(50, "logsnr")[-1] == 0  # 0.3/50 is below σ̃_0 = 0.01
     with pytest.raises(ValueError, match="spacing must be one of"):
         schedule.spaced_timesteps(10, "uniform")
