@@ -188,7 +188,7 @@ class GuidedSampler:
         if guided and isinstance(self.cfg, CFGPlusPlus):
             step = _cfg_plus_plus(step)
         if guided:
-            progress = plan.t / max(1, self.schedule.num_timesteps - 1)
+            progress = min(1.0, plan.t / max(1, self.schedule.num_timesteps - 1))  # a flow path's t reaches T
             combine = self.cfg.combine(self.cfg.scale_at(edm_sigma, progress))
             validation.check_combine(combine)
         if self.dynamic_threshold is None:
@@ -342,7 +342,9 @@ class GuidedSampler:
         channels_kept = getattr(self.cfg, "guided_channels", None)
         if guided and channels_kept is not None:
             # The official DiT's CFG: the unguided channels take the conditional prediction,
-            # u = c there, so u + w·(c − u) = c exactly.
+            # u = c there, so u + w·(c − u) = c exactly (on a copy: the model's output may be
+            # a tensor it keeps).
+            model_output = model_output.clone()
             model_output[batch:, channels_kept:shape[1]] = model_output[:batch, channels_kept:shape[1]]
         if guided and isinstance(self.cfg, AutoGuidance):  # the guide network on the same rows and labels
             guide = self._checked_output(self._forward(self.cfg.guide_model, x, t_in, labels_in, batch),

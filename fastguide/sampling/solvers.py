@@ -21,11 +21,11 @@ a, s for α_t, σ_t (x = a·x0 + s·eps), primes for t_next, λ = log(a/s), h = 
                         (m_A − m_B)/σ̃' and x' = x_E + a'·(σ̃' − σ̃)/(2σ̃')·(m_A − m_B) (VP; on
                         a flow path (σ' − σ)/(2σ') in place of a'·(σ̃' − σ̃)/(2σ̃')).
   dpm++2m, dpm++3m (Lu et al. 2022, DPM-Solver++ multistep; diffusers' formulas):
-                        φ₁ = 1 − e^{−h}, φ₂ = φ₁'… as x' = (s'/s)·x + a'·φ₁·m₀ + a'·φ₂·D₁ − a'·φ₃·D₂
-                        with φ₂ = (e^{−h} − 1)/h + 1, φ₃ = (e^{−h} − 1 + h)/h² − ½, rₖ = hₖ/h
-                        the earlier steps' λ-lengths, D₁ = (m₀ − m₁)/r₀ [+ r₀/(r₀ + r₁)·(that
-                        − (m₁ − m₂)/r₁)], D₂ = ((m₀ − m₁)/r₀ − (m₁ − m₂)/r₁)/(r₀ + r₁); 2M
-                        uses ½·a'φ₁·D₁ (the midpoint form) and no D₂.
+                        x' = (s'/s)·x + a'·φ₁·m₀ + a'·φ₂·D₁ − a'·φ₃·D₂ with φ₁ = 1 − e^{−h},
+                        φ₂ = (e^{−h} − 1)/h + 1, φ₃ = (e^{−h} − 1 + h)/h² − ½, rₖ = hₖ/h the
+                        earlier steps' λ-lengths over this one's, D₁ = (m₀ − m₁)/r₀ + r₀/(r₀ + r₁)·
+                        ((m₀ − m₁)/r₀ − (m₁ − m₂)/r₁), D₂ = ((m₀ − m₁)/r₀ − (m₁ − m₂)/r₁)/(r₀ + r₁);
+                        2M uses ½·a'φ₁·(m₀ − m₁)/r₀ in place of both (the midpoint form).
   dpm++2m-sde (the SDE variant, η = 1, midpoint; VP): k_x = (s'/s)·e^{−h},
                         φ = 1 − e^{−2h} in place of φ₁ above, k_noise = s'·√φ
   dpm++2s (DPM-Solver++(2S)): two model calls per step, the second at the time s whose λ
