@@ -373,6 +373,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
         gathered = [None] * world_size if rank == 0 else None
         dist.gather_object(batches, gathered, dst=0)
+        # Every rank waits for the gather to finish before tearing gloo down: a rank that
+        # destroys its group while rank 0 still receives aborts ("terminate called ...").
+        dist.barrier()
         dist.destroy_process_group()
         if rank != 0:
             return 0
