@@ -84,9 +84,7 @@ def diffusers_error(oracle: GaussianClasses, name: str, steps: int, x_T: torch.T
             sigma = edm * alpha
         else:
             alpha, sigma = schedule.alpha_sigma(int(t))
-        x0_c, eps_c = oracle.posterior(model_input, alpha, sigma, True)
-        x0_u, eps_u = oracle.posterior(model_input, alpha, sigma, False)
-        eps, x0 = eps_u + oracle.w * (eps_c - eps_u), x0_u + oracle.w * (x0_c - x0_u)
+        x0, eps = oracle.guided_posterior(model_input, alpha, sigma)
         x = scheduler.step((eps - x0 if flow else eps).to(x.dtype), t, x).prev_sample
     first = float(scheduler.timesteps[0])
     exact = oracle.exact(x_T, schedule, first if flow else int(first))

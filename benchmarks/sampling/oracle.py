@@ -39,6 +39,11 @@ class GaussianClasses:
         residual = (x - alpha * mean) / (alpha**2 * std**2 + sigma**2)
         return mean + alpha * std**2 * residual, sigma * residual
 
+    def guided_posterior(self, x: Tensor, alpha: float, sigma: float) -> tuple[Tensor, Tensor]:
+        """(x̂0, ε̂) of CFG at weight w: u + w·(c − u) of each."""
+        (x0_c, eps_c), (x0_u, eps_u) = (self.posterior(x, alpha, sigma, c) for c in (True, False))
+        return x0_u + self.w * (x0_c - x0_u), eps_u + self.w * (eps_c - eps_u)
+
     def model(self, schedule: NoiseSchedule, prediction_type: str):
         """model(x, t, y) for a batch [cond; uncond] (label 0, then the null label 1):
         eps on a VP schedule, the velocity ε − x0 on a flow path."""

@@ -162,8 +162,8 @@ def _guidance(kind: str, scale: float, classifier_scale: float, model: SamplingM
 
 def _grid(schedule: NoiseSchedule, steps: int, spacing: str | None) -> list[float]:
     """The timesteps of --steps and --spacing (None: the schedule's default; "adm": the
-    strided grid, which stops a stride short of t = T − 1)."""
-    if spacing == "adm":
+    strided grid, which stops a stride short of t = T − 1; a flow schedule refuses it)."""
+    if spacing == "adm" and not schedule.is_flow:
         return schedule.strided_timesteps(steps)
     return schedule.spaced_timesteps(steps, spacing or schedule.default_spacing)
 

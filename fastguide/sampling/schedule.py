@@ -278,4 +278,5 @@ class FlowSchedule(NoiseSchedule):
         return sorted({float(t) for t in values}, reverse=True)
 
     def strided_timesteps(self, steps: int) -> list[float]:
+        """A flow path has no strided grid: its own (checks a step count as the VP one does)."""
         return self.spaced_timesteps(steps)

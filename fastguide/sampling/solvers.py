@@ -216,8 +216,10 @@ def _usable_history(log_snrs: Sequence[float], i: int) -> int:
     return count if math.isfinite(log_snrs[i]) else 0
 
 
-def _dpm_multistep(schedule: NoiseSchedule, timesteps: Sequence[float], order: int) -> list[StepPlan]:
-    """DPM-Solver++(2M) or (3M) over the grid (order 2 or 3)."""
+def _dpm_multistep(schedule: NoiseSchedule, timesteps: Sequence[float], order: int,
+                   noise: bool = False) -> list[StepPlan]:
+    """DPM-Solver++(2M) or (3M) over the grid (order 2 or 3); with ``noise`` the 2M SDE
+    variant (η = 1): φ₁ = 1 − e^{−2h}, x scaled by e^{−h} more, and noise s'·√φ₁."""
     points = list(timesteps) + [-1]
     log_snrs = [schedule.log_snr(t) for t in points]
     steps = len(timesteps)
@@ -231,7 +233,7 @@ def _dpm_multistep(schedule: NoiseSchedule, timesteps: Sequence[float], order: i
         used = min(order, 1 + _usable_history(log_snrs, i))
         if i == steps - 2 and steps < LOWER_ORDER_SECOND_BELOW:
             used = min(used, 2)
-        phi_1 = -math.expm1(-h)
+        phi_1 = -math.expm1(-2 * h if noise else -h)
         weights = alpha_next * phi_1 * _unit(0)
         if used >= 2:
             r0 = (log_snrs[i] - log_snrs[i - 1]) / h
@@ -246,27 +248,8 @@ def _dpm_multistep(schedule: NoiseSchedule, timesteps: Sequence[float], order: i
                 phi_2 = math.expm1(-h) / h + 1
                 phi_3 = (math.expm1(-h) + h) / h**2 - 0.5
                 weights = weights + alpha_next * phi_2 * d1 - alpha_next * phi_3 * d2
-        plans.append(_with_history(t, t_next, sigma_next / sigma, weights))
-    return plans
-
-
-def _dpm_pp_2m_sde(schedule: NoiseSchedule, timesteps: Sequence[int]) -> list[StepPlan]:
-    points = list(timesteps) + [-1]
-    log_snrs = [schedule.log_snr(t) for t in points]
-    plans = []
-    for i, (t, t_next) in enumerate(zip(points, points[1:])):
-        if t_next < 0:
-            plans.append(StepPlan(t, t_next, k_x0=1.0))
-            continue
-        (_, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
-        h = log_snrs[i + 1] - log_snrs[i]
-        phi = -math.expm1(-2 * h)
-        weights = alpha_next * phi * _unit(0)
-        if _usable_history(log_snrs, i) >= 1:
-            r = (log_snrs[i] - log_snrs[i - 1]) / h
-            weights = weights + 0.5 * alpha_next * phi * (_unit(0) - _unit(1)) / r
-        plan = _with_history(t, t_next, sigma_next / sigma * math.exp(-h), weights)
-        plans.append(replace(plan, k_noise=sigma_next * math.sqrt(phi)))
+        plan = _with_history(t, t_next, sigma_next / sigma * (math.exp(-h) if noise else 1.0), weights)
+        plans.append(replace(plan, k_noise=sigma_next * math.sqrt(phi_1)) if noise else plan)
     return plans
 
 
@@ -438,7 +421,7 @@ def plan_steps(
     if sampler == "dpm++2s":
         return [plan for t, t_next in pairs for plan in _dpm_pp_2s(schedule, t, t_next)]
     if sampler == "dpm++2m-sde":
-        return _dpm_pp_2m_sde(schedule, timesteps)
+        return _dpm_multistep(schedule, timesteps, 2, noise=True)
     if sampler == "unipc":
         return _unipc(schedule, timesteps, solver_order or 2)
     return _dpm_multistep(schedule, timesteps, 2 if sampler == "dpm++2m" else 3)

@@ -78,6 +78,7 @@ def test_shipped_transformer_follows_its_labels_under_cfg():
     (["--guidance", "classifier"], "--guidance: --model digits-transformer has classifier-free guidance only"),
     (["--guidance", "auto"], "--model digits-transformer has classifier-free guidance only"),
     (["--spacing", "karras"], "--spacing: spacing must be 'linspace' for a flow schedule"),
+    (["--spacing", "adm"], "--spacing: spacing must be 'linspace' for a flow schedule"),
 ])
 def test_sample_cli_refuses_what_the_transformer_lacks(capsys, workdir, options, message):
     if not digits.transformer_file().is_file():
