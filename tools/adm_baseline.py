@@ -70,7 +70,7 @@ def plain_sequential(seq, h, emb):
 
 def plain_embedding(model, t):
     half = model.model_channels // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
     return model.time_embed(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 

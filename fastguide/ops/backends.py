@@ -83,8 +83,13 @@ def _triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Looked up once, at import: finding a spec imports nothing, and resolve() runs while
+# torch.compile traces an op call, where torch 2.11's dynamo refuses to trace find_spec.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _why_not_triton(device: torch.device) -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return "triton is not installed (pip install triton)"
     if device.type == "cuda":
         return None

@@ -8,7 +8,7 @@ Two ways to get it (README, "The CUDA C++ backend"):
   compiles csrc/ with ninja for the GPU at hand, into torch's extension cache
   (``TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions), where later runs find it.
 Loading either registers the ``torch.ops.fastguide_cuda`` ops that fastguide.ops.cuda_backend
-calls. Nothing here runs at ``import fastguide``.
+calls. Nothing is built or loaded at ``import fastguide``.
 """
 
 from __future__ import annotations
@@ -88,14 +88,22 @@ def bindings_check_command(torch_include: Path) -> list[str]:
             "-isystem", str(cuda_include()), *(str(source_dir() / name) for name in BINDING_SOURCES)]
 
 
-@functools.lru_cache(maxsize=None)
-def prebuilt_path() -> str | None:
-    """The ahead-of-time build fastguide._C, when installed (looked up once per process)."""
+def _find_prebuilt() -> str | None:
     try:
         spec = importlib.util.find_spec("fastguide._C")
     except ModuleNotFoundError:
         return None
     return None if spec is None else spec.origin
+
+
+# Looked up at import (a spec lookup loads nothing): backend resolution asks for it while
+# torch.compile traces an op call, and dynamo refuses to trace find_spec.
+_PREBUILT_PATH = _find_prebuilt()
+
+
+def prebuilt_path() -> str | None:
+    """The ahead-of-time build fastguide._C, when installed (looked up once, at import)."""
+    return _PREBUILT_PATH
 
 
 def why_not_buildable() -> str | None:

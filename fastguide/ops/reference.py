@@ -503,10 +503,11 @@ def group_norm_forward(
     dtype = compute_dtype(x)
     n, c = x.shape[0], x.shape[1]
     spatial = math.prod(x.shape[2:])
-    # aten takes x in the layout it suggests for it, which a batch-1 view can defeat: give it
-    # that layout explicitly.
-    layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
+    # aten's CPU kernel takes x in the layout it suggests for it (which a batch-1 view can
+    # defeat, so it is given explicitly); its CUDA kernel takes the contiguous layout only.
+    layout = torch.channels_last if x.device.type == "cpu" and x.dim() == 4 \
+        and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
     y, mean, rstd = torch.ops.aten.native_group_norm(
         x.to(dtype).contiguous(memory_format=layout) if x.shape[0] > 1 else x.to(dtype).contiguous(),
         None if weight is None else weight.to(dtype),

@@ -1,5 +1,6 @@
 """The backend switch: set_backend, the context manager, FASTGUIDE_BACKEND, availability."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -120,6 +121,27 @@ def test_auto_uses_cuda_only_when_prebuilt(monkeypatch):
     monkeypatch.setattr(extension, "prebuilt_path", lambda: "/site-packages/fastguide/_C.so")
     with fastguide.backend("auto"):
         assert backends.resolve(torch.device("cuda"), only_cuda) == "cuda"
+
+
+def test_resolution_traces_under_fullgraph_compile_without_import_lookups(monkeypatch):
+    # resolve() runs while torch.compile traces an op call; torch 2.11's dynamo refuses to
+    # trace importlib.util.find_spec (seen on an H200: every fullgraph compile failed under
+    # auto). The lookups happen at import, so resolving calls none.
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("find_spec called while resolving a backend")
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_lookup)
+    monkeypatch.setattr(backends, "_TRITON_INSTALLED", True)
+    cuda = torch.device("cuda")
+
+    def resolved_length(x):
+        return x + len(backends.resolve(cuda, {"triton": True, "cuda": True}, "op"))
+
+    x = torch.randn(3)
+    with fastguide.backend("auto"):
+        assert backends.resolve(cuda, {"triton": True, "cuda": True}) == "triton"
+        compiled = torch.compile(resolved_length, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x), x + len("triton"))
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU build of torch")
