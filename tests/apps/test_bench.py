@@ -48,3 +48,30 @@ def test_bench_bad_options_exit_2_with_one_line(argv, option, tmp_path, capsys):
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fastguide: error:") and option in lines[0]
+
+
+def test_bench_with_no_case_selected_says_so(tmp_path, capsys):
+    assert bench.main(["-k", "no_such_case", "--out", str(tmp_path), "--no-plots"]) == 1
+    assert "no benchmark ran" in capsys.readouterr().err
+
+
+def test_bench_reports_the_cases_that_ran_when_others_fail(tmp_path, capsys):
+    # A failing case (one SDPA backend, one dtype on one GPU) must not lose the others' numbers.
+    suite = tmp_path / "benchmarks"
+    suite.mkdir()
+    (suite / "conftest.py").write_text("")
+    (tmp_path / "pytest.ini").write_text("[pytest]\npython_files = bench_*.py\n")
+    (suite / "bench_mixed.py").write_text(
+        "import pytest\n\n"
+        "@pytest.mark.parametrize('impl', ['fastguide', 'eager'])\n"
+        "def test_sum(benchmark, impl):\n"
+        "    benchmark(sum, range(100))\n\n"
+        "def test_broken(benchmark):\n"
+        "    raise RuntimeError('this case cannot run here')\n"
+    )
+    out = tmp_path / "out"
+    assert bench.main(["--benchmarks", str(suite), "--out", str(out), "--no-plots"]) == 1
+    captured = capsys.readouterr()
+    assert "some cases failed" in captured.err
+    table = (out / "table.md").read_text()
+    assert "| fastguide |" in table and "| eager |" in table
