@@ -160,3 +160,44 @@ def test_cuda_sources_ship_with_the_package():
     names = {p.name for p in extension.source_dir().iterdir()}
     assert set(extension.KERNEL_SOURCES + extension.BINDING_SOURCES) <= names
     assert {"common.cuh", "guided_step.cuh", "group_norm.cuh"} <= names
+
+
+@pytest.mark.parametrize("op_name", ["_attention", "_group_norm", "_layer_norm", "_gated_residual_layer_norm"])
+def test_ops_skip_the_custom_op_only_where_nothing_needs_it(op_name, monkeypatch):
+    # Without autograd, tracing or the profiler a call goes straight to the backend (the
+    # custom op's round trip costs host time and does nothing there); with any of them
+    # it goes through the registered op. Both give the same numbers.
+    calls = []
+    registered = getattr(ops, op_name)
+
+    def counted(*args):
+        calls.append(op_name)
+        return registered(*args)
+
+    monkeypatch.setattr(ops, op_name, counted)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=g) for _ in range(3))
+    x, branch = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    image, scale = torch.randn(2, 8, 3, 3, generator=g), torch.randn(2, 8, generator=g)
+    run = {
+        "_attention": lambda: ops.attention(q, k, v),
+        "_group_norm": lambda: ops.group_norm(image, 4, scale=scale, activation="silu"),
+        "_layer_norm": lambda: ops.layer_norm(x, 8, scale=scale),
+        "_gated_residual_layer_norm": lambda: ops.gated_residual_layer_norm(x, branch, scale, 8)[1],
+    }[op_name]
+
+    with torch.no_grad():
+        direct = run()
+    assert calls == []
+    through_op = run()  # grad mode on, but no input requires grad: still direct
+    assert calls == []
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        profiled = run()
+    assert calls == [op_name]
+    scale.requires_grad_()
+    q.requires_grad_()
+    image.requires_grad_()
+    with_grad = run()
+    assert calls == [op_name] * 2 and with_grad.requires_grad
+    for result in (through_op, profiled, with_grad):
+        torch.testing.assert_close(result, direct, rtol=0, atol=0)
