@@ -4,7 +4,10 @@ pytest-benchmark's extra_info.
 
 Run:  python -m pytest benchmarks --benchmark-enable [--benchmark-json out.json]
 GPU cases (marker ``gpu``) skip without CUDA. On a GPU each case is also timed with
-triton.testing.do_bench (CUDA events, L2 flushed), which is what the % columns use.
+triton.testing.do_bench (CUDA events, L2 flushed), which is what the % columns use: the
+time of a call, host work included. Beside it, the device time alone: the case captured
+in a CUDA graph and its replays timed the same way (the H200 run found the small cases
+bound by the host, which only the two side by side tell apart).
 """
 
 from __future__ import annotations
@@ -49,6 +52,29 @@ def _time_once(fn, repeats: int = 5) -> float:
         fn()
         samples.append(time.perf_counter() - start)
     return sorted(samples)[len(samples) // 2]
+
+
+def _device_seconds(fn, repeats: int = 50) -> float | None:
+    """Median seconds of fn's device work without its host work: fn captured once in a
+    CUDA graph, each replay timed with CUDA events after an L2 flush (as do_bench does).
+    None when fn cannot be captured (a host sync inside it, say)."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception:  # whatever stops a capture (a sync, a CPU tensor) only loses this column
+        torch.cuda.synchronize()
+        return None
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    milliseconds = sorted(start.elapsed_time(end) for start, end in events)
+    return milliseconds[repeats // 2] * 1e-3
 
 
 @pytest.fixture(scope="session")
@@ -98,15 +124,22 @@ class Recorder:
         seconds = _time_once(fn)
         info["device"] = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
         info["median_ms"] = seconds * 1e3
+        device_seconds = _device_seconds(fn) if DEVICE.type == "cuda" else None
+        if device_seconds is not None:
+            info["device_ms"] = device_seconds * 1e3
         if bytes_moved is not None:
             info["bytes_floor"] = bytes_moved
             info["GB/s"] = bytes_moved / seconds / 1e9
             info["copy_GB/s"] = self.copy_bandwidth / 1e9
             info["pct_of_copy_bandwidth"] = 100 * bytes_moved / seconds / self.copy_bandwidth
+            if device_seconds is not None:
+                info["device_pct_of_copy_bandwidth"] = 100 * bytes_moved / device_seconds / self.copy_bandwidth
         if flops is not None:
             info["TFLOP/s"] = flops / seconds / 1e12
             info["matmul_TFLOP/s"] = self.matmul_rate / 1e12
             info["pct_of_matmul_rate"] = 100 * flops / seconds / self.matmul_rate
+            if device_seconds is not None:
+                info["device_pct_of_matmul_rate"] = 100 * flops / device_seconds / self.matmul_rate
 
 
 @pytest.fixture

@@ -74,7 +74,9 @@ def group_results(data: dict) -> dict[str, dict[str, dict]]:
         rate = (f"{info['GB/s']:.1f} GB/s" if "GB/s" in info
                 else f"{info['TFLOP/s']:.2f} TFLOP/s" if "TFLOP/s" in info else "")
         pct = info.get("pct_of_copy_bandwidth", info.get("pct_of_matmul_rate"))
-        cases[case][impl] = dict(median_ms=median_ms, rate=rate, pct=pct, peak=info.get("peak_memory_MB"))
+        device_pct = info.get("device_pct_of_copy_bandwidth", info.get("device_pct_of_matmul_rate"))
+        cases[case][impl] = dict(median_ms=median_ms, rate=rate, pct=pct, peak=info.get("peak_memory_MB"),
+                                 device_ms=info.get("device_ms"), device_pct=device_pct)
     return cases
 
 
@@ -87,11 +89,21 @@ def _fastguide_first(impl: str) -> tuple[bool, str]:
     return (not _is_ours(impl), impl)
 
 
+def _device_time(r: dict) -> str:
+    if r.get("device_ms") is None:
+        return ""
+    return f"{r['device_ms']:.3f} ms" + ("" if r.get("device_pct") is None else f" ({r['device_pct']:.1f}%)")
+
+
 def markdown_table(cases: dict[str, dict[str, dict]], machine: str) -> str:
+    """One row per case and implementation. On a GPU, "device time" is the case's CUDA-graph
+    replay (no host work; its % of the floor in brackets) beside the call's median."""
+    device = any(r.get("device_ms") is not None for impls in cases.values() for r in impls.values())
     lines = [f"Benchmarks on {machine}, {date.today().isoformat()}. Ratio: time / the fastest fastguide "
              "backend's time (above 1: fastguide is faster).", "",
-             "| case | implementation | median | rate | % of floor | peak memory | ratio to fastguide |",
-             "|---|---|---|---|---|---|---|"]
+             "| case | implementation | median | rate | % of floor | peak memory | ratio to fastguide |"
+             + (" device time |" if device else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if device else "")]
     for case, impls in cases.items():
         ours = min((r["median_ms"] for name, r in impls.items() if _is_ours(name)), default=None)
         for impl in sorted(impls, key=_fastguide_first):
@@ -99,7 +111,8 @@ def markdown_table(cases: dict[str, dict[str, dict]], machine: str) -> str:
             pct = "" if r["pct"] is None else f"{r['pct']:.1f}%"
             peak = "" if r["peak"] is None else f"{r['peak']:.0f} MB"
             ratio = "" if ours is None else f"{r['median_ms'] / ours:.2f}×"
-            lines.append(f"| {case} | {impl} | {r['median_ms']:.3f} ms | {r['rate']} | {pct} | {peak} | {ratio} |")
+            lines.append(f"| {case} | {impl} | {r['median_ms']:.3f} ms | {r['rate']} | {pct} | {peak} | {ratio} |"
+                         + (f" {_device_time(r)} |" if device else ""))
     return "\n".join(lines) + "\n"
 
 

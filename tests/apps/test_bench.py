@@ -75,3 +75,12 @@ def test_bench_reports_the_cases_that_ran_when_others_fail(tmp_path, capsys):
     assert "some cases failed" in captured.err
     table = (out / "table.md").read_text()
     assert "| fastguide |" in table and "| eager |" in table
+
+
+def test_table_shows_device_time_beside_call_time_when_measured():
+    timed = dict(median_ms=0.05, rate="", pct=3.0, peak=1.0, device_ms=0.01, device_pct=15.0)
+    untimed = dict(median_ms=0.07, rate="", pct=None, peak=None, device_ms=None, device_pct=None)
+    table = bench.markdown_table({"case": {"fastguide": timed, "eager": untimed}}, "a GPU")
+    assert "| device time |" in table.splitlines()[2]
+    assert "| 0.010 ms (15.0%) |" in table
+    assert "device time" not in bench.markdown_table({"case": {"eager": untimed}}, "a CPU")
