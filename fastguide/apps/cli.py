@@ -245,6 +245,7 @@ def check_sample(args: argparse.Namespace) -> None:
         _grid(model_schedule(args.model), args.steps, args.spacing)
     except ValueError as error:
         raise UsageError("--spacing", str(error)) from None
+    _guidance_defaults(args)
     check_scale("--scale", args.scale)
     check_scale("--classifier-scale", args.classifier_scale)
     _check_cfg_options(args)
@@ -257,6 +258,21 @@ def check_sample(args: argparse.Namespace) -> None:
     if args.npz is not None:
         check_output_file("--npz", npz_path(args.npz))
     _check_sample_weights(args, adm)
+
+
+CFG_PLUS_PLUS_SCALE = 0.4  # CFG++'s λ: the best of README's sweep on the digits model
+
+
+def _guidance_defaults(args: argparse.Namespace) -> None:
+    """--scale and --sampler when not given: w = 2 (λ = 0.4 under cfg++, whose λ lies in
+    [0, 1]) and unipc (dpm++2m under cfg++, see sampling.loop.default_sampler)."""
+    from ..sampling.loop import default_sampler
+
+    plus_plus = args.guidance == "cfg++"
+    if args.scale is None:
+        args.scale = CFG_PLUS_PLUS_SCALE if plus_plus else 2.0
+    if args.sampler is None:
+        args.sampler = default_sampler(plus_plus, args.interval is not None)
 
 
 def _check_cfg_options(args: argparse.Namespace) -> None:
@@ -315,6 +331,9 @@ def _check_sample_weights(args: argparse.Namespace, adm: bool) -> None:
         if args.guidance == "auto":  # the sampler has no autoguidance-plus-classifier mode to put it in
             raise UsageError("--classifier-checkpoint", "--guidance auto guides with the weaker guide network, "
                                                         "not a classifier: use --guidance classifier or both")
+        if args.guidance not in ("classifier", "both"):  # it would be loaded and never used
+            raise UsageError("--classifier-checkpoint", f"--guidance {args.guidance} uses no classifier: "
+                                                        "use --guidance classifier or both, or leave it out")
         check_weights_file("--classifier-checkpoint", args.classifier_checkpoint)
     if args.guidance == "auto":
         _check_guide(args, adm)
@@ -549,12 +568,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "both or auto)")
     s.add_argument("--tangential", action="store_true",
                    help="tangential damping CFG (TCFG, Kwon et al. 2025) with --guidance cfg or both")
-    s.add_argument("--scale", type=float, default=2.0,
-                   help="CFG scale w >= 0; 1 = the conditional model, 0 = unconditional (auto: 0 = the guide) "
-                        "(default: 2)")
+    s.add_argument("--scale", type=float,
+                   help="CFG scale w >= 0; 1 = the conditional model, 0 = unconditional (auto: 0 = the guide); "
+                        f"cfg++'s λ in [0, 1] (default: 2; cfg++: {CFG_PLUS_PLUS_SCALE})")
     s.add_argument("--classifier-scale", type=float, default=4.0, help="classifier guidance scale >= 0 (default: 4)")
-    s.add_argument("--sampler", choices=SAMPLERS, default="unipc",
-                   help="sampler (default: unipc, the most accurate per model call in BENCHMARKS.md's NFE table)")
+    s.add_argument("--sampler", choices=SAMPLERS,
+                   help="sampler (default: unipc, the most accurate per model call in BENCHMARKS.md's NFE table; "
+                        "cfg++: dpm++2m, or ddim with --interval)")
     s.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
     s.add_argument("--spacing", choices=SPACINGS,
                    help="where the steps lie: adm (strided), diffusers' leading/trailing/linspace, logsnr "

@@ -99,7 +99,7 @@ def _call(op: Callable[..., Any], forward: Callable[..., Any], *args: Any) -> An
     time (11 µs a call on the development CPU) than a small kernel takes on a GPU."""
     if (
         _tracing()
-        or torch.autograd._profiler_enabled()
+        or torch._C._autograd._profiler_enabled()
         or (torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args))
     ):
         return op(*args)

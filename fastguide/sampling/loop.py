@@ -27,6 +27,16 @@ from .solvers import VARIANCE_TYPES, StepPlan, check_sampler, plan_steps
 # The samplers CFG++'s renoising carries over to (see _cfg_plus_plus).
 CFG_PLUS_PLUS_SAMPLERS = ("ddim", "euler", "dpm++2m")
 
+
+def default_sampler(cfg_plus_plus: bool = False, interval: bool = False) -> str:
+    """The sampler used when none is named: "unipc", the most accurate per model call in
+    BENCHMARKS.md's NFE table; under CFG++, whose renoising is built for ddim, euler and
+    dpm++2m, "dpm++2m" (the best CFG++ rows of README's sweep), or "ddim" with a guidance
+    interval (2M's unconditional history needs every call guided)."""
+    if not cfg_plus_plus:
+        return "unipc"
+    return "ddim" if interval else "dpm++2m"
+
 Model = Callable[..., Tensor]
 # callback({"i", "t", "x", "denoised"}) after each model call (k-diffusion's convention):
 # i the call's index, t its original timestep, x the new x, denoised the call's x0.
@@ -79,7 +89,7 @@ class GuidedSampler:
         self,
         model: Model,
         *,
-        sampler: str = "unipc",
+        sampler: str | None = None,
         steps: int | str | Sequence[int] = 25,
         spacing: str | None = None,
         rho: float = 7.0,
@@ -111,6 +121,10 @@ class GuidedSampler:
         self.model = model
         self.schedule = schedule or NoiseSchedule.linear()
         _check_steps(steps, self.schedule.is_flow)
+        self.cfg, self.classifier = split_guidance(guidance)
+        if sampler is None:
+            plus_plus = isinstance(self.cfg, CFGPlusPlus)
+            sampler = default_sampler(plus_plus, plus_plus and self.cfg.interval is not None)
         check_sampler(sampler, self.schedule, eta, solver_order)
         if spacing is not None and not isinstance(steps, int):
             raise ValueError(f"spacing={spacing!r} places a step count; steps={steps!r} already names the timesteps")
@@ -121,7 +135,6 @@ class GuidedSampler:
         self.sampler, self.eta, self.variance_type, self.solver_order = sampler, eta, variance_type, solver_order
         self.clip_denoised, self.prediction_type = clip_denoised, prediction_type
         self.dynamic_threshold = dynamic_threshold
-        self.cfg, self.classifier = split_guidance(guidance)
         self.combine: GuidanceCombine | None = self.cfg.combine() if self.cfg is not None else None
         # Batched CFG runs [cond; uncond] in one forward of 2B rows; autoguidance runs B rows
         # through each of two networks.
@@ -558,7 +571,7 @@ def sample(
     shape: Sequence[int],
     *,
     labels: Tensor | None = None,
-    sampler: str = "unipc",
+    sampler: str | None = None,
     steps: int | str | Sequence[int] = 25,
     spacing: str | None = None,
     rho: float = 7.0,
@@ -584,10 +597,11 @@ def sample(
     Args:
         labels: (B,) class indices; required by CFG and classifier guidance.
         sampler: one of fastguide.sampling.solvers.SAMPLERS (its docstring has each one's
-            update): "unipc" (the default: UniPC-2 with its corrector, chosen by the NFE
-            benchmark), "dpm++2m", "dpm++3m", "dpm++2s", "ddim", "euler", "heun" (two
-            model calls per step, as dpm++2s), and with noise "ddpm", "euler-ancestral",
-            "dpm++2m-sde" (VP) or "euler-maruyama" (SiT's SDE, flow schedules).
+            update): "unipc" (UniPC-2 with its corrector), "dpm++2m", "dpm++3m", "dpm++2s",
+            "ddim", "euler", "heun" (two model calls per step, as dpm++2s), and with noise
+            "ddpm", "euler-ancestral", "dpm++2m-sde" (VP) or "euler-maruyama" (SiT's SDE,
+            flow schedules). Default (None): "unipc", chosen by the NFE benchmark, or
+            "dpm++2m" under CFGPlusPlus (see ``default_sampler``).
         steps: a count, ADM's "ddimN", or an explicit list of original timesteps (of
             float times T·σ on a flow schedule).
         spacing: where a count of steps lies: "adm" (ADM's respacing), diffusers'

@@ -92,7 +92,8 @@ SAMPLE = ["sample", "--out", "x.png", "--quiet"]
     (["--guidance", "bogus"], "--guidance: invalid choice: 'bogus'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--guidance", "cfg++", "--scale", "2"], "--scale: expected CFG++'s λ in [0, 1] with --guidance cfg++, got 2.0"),
-    (["--guidance", "cfg++", "--scale", "0.5"], "--sampler: --guidance cfg++ is built for ddim, euler, dpm++2m"),
+    (["--guidance", "cfg++", "--scale", "0.5", "--sampler", "unipc"],
+     "--sampler: --guidance cfg++ is built for ddim, euler, dpm++2m, got unipc"),
     (["--guidance", "cfg++", "--scale", "0.5", "--sampler", "ddim", "--schedule", "linear"],
      "--schedule: applies to --guidance cfg or both, not cfg++"),
     (["--guidance", "none", "--schedule", "linear"], "--schedule: applies to --guidance cfg, cfg++, both"),
@@ -178,8 +179,15 @@ def test_broken_adm_checkpoint(workdir, capsys, kind):
 @pytest.mark.parametrize("kind", ["missing", "folder", "empty", "garbage"])
 def test_broken_classifier_checkpoint(workdir, capsys, kind):
     path = _broken_files(workdir)[kind]
-    fails_with(capsys, workdir, [*SAMPLE, "--classifier-checkpoint", path],
+    fails_with(capsys, workdir, [*SAMPLE, "--guidance", "classifier", "--classifier-checkpoint", path],
                f"--classifier-checkpoint: {BROKEN_MESSAGES[kind]}", path)
+
+
+@pytest.mark.parametrize("guidance", ["cfg", "cfg++", "none"])
+def test_classifier_checkpoint_without_classifier_guidance_is_refused(workdir, capsys, guidance):
+    # It used to be loaded and ignored: the user asked for something the run did not do.
+    fails_with(capsys, workdir, [*SAMPLE, "--guidance", guidance, "--scale", "0.5", "--classifier-checkpoint", "c.pt"],
+               f"--classifier-checkpoint: --guidance {guidance} uses no classifier")
 
 
 def test_broken_digits_checkpoint_folder(workdir, capsys):
@@ -357,9 +365,10 @@ def test_frechet_distance_of_known_gaussians():
 def test_guidance_options_reach_the_sampler(workdir, monkeypatch):
     from fastguide import CFG, CFGPlusPlus
 
-    seen = []
+    seen, samplers = [], []
 
     def generate(model, labels, **options):
+        samplers.append(options["sampler"])
         seen.append(cli._guidance(options["guidance_kind"], options["scale"], options["classifier_scale"], model,
                                   options["cfg_options"]))
         return {0: torch.zeros(len(labels), *model.shape)}
@@ -369,3 +378,7 @@ def test_guidance_options_reach_the_sampler(workdir, monkeypatch):
     assert cli.main([*SAMPLE, "--guidance", "cfg++", "--scale", "0.6", "--sampler", "euler"]) == 0
     assert seen[0] == (CFG(2.0, interval=(0.2, 5.0), tangential=True, schedule="cosine"),)
     assert seen[1] == (CFGPlusPlus(0.6, schedule="constant"),)
+    # --guidance cfg++ alone runs: λ and the sampler default to ones CFG++ takes
+    assert cli.main([*SAMPLE, "--guidance", "cfg++"]) == 0
+    assert seen[2] == (CFGPlusPlus(cli.CFG_PLUS_PLUS_SCALE, schedule="constant"),)
+    assert samplers == ["unipc", "euler", "dpm++2m"]
