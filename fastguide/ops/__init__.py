@@ -5,7 +5,8 @@ Each op is a ``torch.library`` custom op in the ``fastguide`` namespace with a f
 ``torch.compile(fullgraph=True)`` sees one node per call. The public functions below
 validate their arguments (fastguide.ops.validation), pick the backend for the tensors'
 device (fastguide.ops.backends), and call the custom op with that backend's name, so the
-backward runs on the same backend as the forward.
+backward runs on the same backend as the forward. Where nothing needs the op (no tracing,
+transform, profiler or autograd: ``_call``, ``_tracing``) they run its body directly.
 
 Every backend module exposes the same functions: ``attention_forward``,
 ``attention_backward``, ``group_norm_forward``, ``group_norm_backward``,
@@ -14,8 +15,7 @@ and ``guided_step(tensors, step, combine)``, which takes the contract's types
 (fastguide.ops.contract). The torch backend is fastguide.ops.reference; Triton kernels
 live in fastguide.kernels, one module per op; the cuda backend's glue is
 fastguide.ops.cuda_backend (guided_step, group_norm and layer_norm; attention runs as
-under ``auto`` when cuda is chosen). A guided_step call without autograd, outside torch.compile and
-dispatch modes (a sampler's loop), goes straight to the backend (see ``_tracing``).
+under ``auto`` when cuda is chosen).
 """
 
 from __future__ import annotations
@@ -92,18 +92,24 @@ def _empty_like(t: Tensor) -> Tensor:
 
 
 def _call(op: Callable[..., Any], forward: Callable[..., Any], *args: Any) -> Any:
-    """``op(*args)``, the registered custom op, where something needs it: torch.compile or a
-    dispatch mode tracing the call, the profiler (which names ops by it), or autograd
-    (an input that requires grad). Otherwise ``forward(*args)``, the same body called
-    directly: the op's dispatch round trip would do nothing else, and it costs more host
-    time (11 µs a call on the development CPU) than a small kernel takes on a GPU."""
+    """``op(*args)``, the registered custom op, where something needs it: a trace or
+    transform (``_tracing``), a tensor subclass (its dispatch sees ops, not kernels), the
+    profiler (which names ops by it), or autograd (an input that requires grad).
+    Otherwise ``forward(*args)``, the same body called directly: the op's dispatch round
+    trip would do nothing else, and it costs more host time (about 10 µs a call on the
+    development CPU) than a small kernel takes on a GPU."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
     if (
         _tracing()
         or torch._C._autograd._profiler_enabled()
-        or (torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args))
+        or any(type(t) not in _PLAIN_TENSOR_TYPES for t in tensors)
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
     ):
         return op(*args)
     return forward(*args)
+
+
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
 # --------------------------------------------------------------------------------------
@@ -615,14 +621,17 @@ def _guided_step_impl(
 
 
 def _tracing() -> bool:
-    """Whether the tensors are being traced (torch.compile, or a dispatch mode such as fake
-    tensors): then they have no memory to inspect, and a guided_step call must go through
-    the custom op. Otherwise, and without autograd (a sampler's loop runs under no_grad),
-    the call goes straight to the backend: packing the contract into the op's arguments
-    and back costs more host time than the fused step itself takes on a GPU, and the op
-    would do nothing else."""
+    """Whether the tensors are being traced or transformed (torch.compile, a dispatch mode
+    such as fake tensors, torch.jit.trace, or a torch.func transform such as vmap): then
+    they have no plain memory to hand a kernel, and a call must go through the custom op,
+    which those machineries know. Otherwise, and without autograd (a sampler's loop runs
+    under no_grad), a guided_step call goes straight to the backend: packing the contract
+    into the op's arguments and back costs more host time than the fused step itself takes
+    on a GPU, and the op would do nothing else."""
     return (
         torch.compiler.is_compiling()
         or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
         or _python_dispatch._get_current_dispatch_mode() is not None
+        or torch.jit.is_tracing()
+        or torch._C._are_functorch_transforms_active()
     )

@@ -201,3 +201,30 @@ def test_ops_skip_the_custom_op_only_where_nothing_needs_it(op_name, monkeypatch
     assert calls == [op_name] * 2 and with_grad.requires_grad
     for result in (through_op, profiled, with_grad):
         torch.testing.assert_close(result, direct, rtol=0, atol=0)
+
+
+def test_transforms_and_traces_go_through_the_custom_op():
+    # vmap hands the op batched tensors and jit.trace records ops: a kernel called directly
+    # would see neither (vmap failed outright, the trace lost the op).
+    x = torch.randn(4, 3, 8)
+    batched = torch.func.vmap(lambda t: ops.layer_norm(t, 8))(x)
+    torch.testing.assert_close(batched, torch.nn.functional.layer_norm(x, (8,), eps=1e-6))
+    images = torch.randn(3, 2, 8, 4, 4)
+    batched = torch.func.vmap(lambda t: ops.group_norm(t, 4))(images)
+    torch.testing.assert_close(batched, torch.stack([torch.nn.functional.group_norm(i, 4) for i in images]))
+    with pytest.warns(torch.jit.TracerWarning):  # validation reads x's shape as constants
+        traced = torch.jit.trace(lambda t: ops.layer_norm(t, 8), (x,))
+    assert "fastguide::layer_norm" in str(traced.graph)
+
+
+def test_tensor_subclasses_go_through_the_custom_op(monkeypatch):
+    class Tagged(torch.Tensor):
+        pass
+
+    calls = []
+    registered = ops._layer_norm
+    monkeypatch.setattr(ops, "_layer_norm", lambda *args: calls.append(1) or registered(*args))
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        ops.layer_norm(x.as_subclass(Tagged), 8)
+    assert calls == [1]
