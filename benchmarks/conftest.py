@@ -57,23 +57,33 @@ def _time_once(fn, repeats: int = 5) -> float:
 def _device_seconds(fn, repeats: int = 50) -> float | None:
     """Median seconds of fn's device work without its host work: fn captured once in a
     CUDA graph, each replay timed with CUDA events after an L2 flush (as do_bench does).
-    None when fn cannot be captured (a host sync inside it, say)."""
-    graph = torch.cuda.CUDAGraph()
+    None when fn cannot be captured or replayed (a host sync inside it, no memory left)."""
+    stream = torch.cuda.current_stream()
     try:
+        warmup = torch.cuda.Stream()  # capture wants fn warmed up on a side stream first
+        warmup.wait_stream(stream)
+        with torch.cuda.stream(warmup):
+            for _ in range(3):
+                fn()
+        stream.wait_stream(warmup)
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-    except Exception:  # whatever stops a capture (a sync, a CPU tensor) only loses this column
+        flush = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        for start, end in events:
+            flush.zero_()
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        milliseconds = sorted(start.elapsed_time(end) for start, end in events)
+    except Exception:  # whatever stops a capture or a replay only loses this column
+        # a capture that fails inside torch.cuda.graph's exit leaves its side stream current
+        torch.cuda.set_stream(stream)
         torch.cuda.synchronize()
         return None
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-    for start, end in events:
-        flush.zero_()
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    milliseconds = sorted(start.elapsed_time(end) for start, end in events)
     return milliseconds[repeats // 2] * 1e-3
 
 

@@ -71,19 +71,27 @@ export PYTHONUNBUFFERED=1
 nvidia-smi > "$out/device.txt" 2>&1 || true
 "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" >> "$out/device.txt"
 "$py" -c "import fastguide; print('backends', fastguide.available_backends())" >> "$out/device.txt"
-"$py" -m fastguide selfcheck --device cuda | tee "$out/selfcheck.txt"
-FASTGUIDE_BACKEND=cuda "$py" -m fastguide selfcheck --device cuda 2>&1 | tee -a "$out/selfcheck.txt" || true
+# From here every step runs whatever the one before it did, and the exit status is the
+# first failure's: a failed step must not cost the results of the later ones.
 set +e
+status=0
+keep() { [ "$status" -ne 0 ] || status=$1; }
+"$py" -m fastguide selfcheck --device cuda 2>&1 | tee "$out/selfcheck.txt"
+keep "${PIPESTATUS[0]}"
+FASTGUIDE_BACKEND=cuda "$py" -m fastguide selfcheck --device cuda 2>&1 | tee -a "$out/selfcheck.txt"
+keep "${PIPESTATUS[0]}"
 "$py" -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
-tests_status=${PIPESTATUS[0]}
+keep "${PIPESTATUS[0]}"
+mkdir -p "$out/bench"
 for module in "${modules[@]}"; do
     echo "+ $py -m fastguide bench -k $module --out $out/bench/$module  ($(date +%T))"
-    "$py" -m fastguide bench -k "$module" --out "$out/bench/$module" --no-plots 2>&1 | tail -n 3
+    "$py" -m fastguide bench -k "$module" --out "$out/bench/$module" --no-plots 2>&1 \
+        | tee "$out/bench/$module.log" | tail -n 3
+    keep "${PIPESTATUS[0]}"
 done
 # The op tests parametrised over backends (every option, odd shapes) run on the CUDA
 # device here, with every backend that can run: triton and, when it built, cuda.
 "$py" -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_compile.py -q -p no:cacheprovider \
     2>&1 | tee "$out/backend-tests.log"
-backend_status=${PIPESTATUS[0]}
-[ "$tests_status" -ne 0 ] || tests_status=$backend_status
-exit "$tests_status"
+keep "${PIPESTATUS[0]}"
+exit "$status"
