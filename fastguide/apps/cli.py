@@ -260,7 +260,7 @@ def check_sample(args: argparse.Namespace) -> None:
     _check_sample_weights(args, adm)
 
 
-CFG_PLUS_PLUS_SCALE = 0.4  # CFG++'s λ: the best of README's sweep on the digits model
+CFG_PLUS_PLUS_SCALE = 0.4  # CFG++'s λ: the digits UNet's best in README's sweep (the transformer's: 0.2)
 
 
 def _guidance_defaults(args: argparse.Namespace) -> None:
@@ -285,6 +285,9 @@ def _check_cfg_options(args: argparse.Namespace) -> None:
         if args.sampler not in CFG_PLUS_PLUS_SAMPLERS:
             raise UsageError("--sampler", f"--guidance cfg++ is built for {', '.join(CFG_PLUS_PLUS_SAMPLERS)}, "
                                           f"got {args.sampler}")
+        if args.sampler == "dpm++2m" and args.interval is not None:
+            raise UsageError("--interval", "--guidance cfg++ on dpm++2m reads every call's unconditional x0, which "
+                                           "calls outside an interval do not compute: use --sampler ddim or euler")
         for option, on in (("--tangential", args.tangential), ("--schedule", args.schedule != "constant")):
             if on:
                 raise UsageError(option, "applies to --guidance cfg or both, not cfg++ (a constant λ)")
@@ -558,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp16: ADM's use_fp16 (convolutions in fp16); bf16: autocast (default: fp32)")
     s.add_argument("--labels", default="0-9", help="class, range (0-9) or list (1,4,7), cycled (default: 0-9)")
     s.add_argument("--guidance", choices=GUIDANCE, default="cfg",
-                   help="classifier-free (cfg), CFG++ (cfg++, λ = --scale in [0, 1], ddim or euler), "
+                   help="classifier-free (cfg), CFG++ (cfg++, λ = --scale in [0, 1]; ddim, euler or dpm++2m), "
                         "autoguidance (auto: w = --scale, guided by the digits model's weaker guide network, "
                         "Karras et al. 2024), classifier, both or none (default: cfg)")
     s.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="constant",
@@ -570,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tangential damping CFG (TCFG, Kwon et al. 2025) with --guidance cfg or both")
     s.add_argument("--scale", type=float,
                    help="CFG scale w >= 0; 1 = the conditional model, 0 = unconditional (auto: 0 = the guide); "
-                        f"cfg++'s λ in [0, 1] (default: 2; cfg++: {CFG_PLUS_PLUS_SCALE})")
+                        f"cfg++'s λ in [0, 1] (default: 2; cfg++: {CFG_PLUS_PLUS_SCALE}, the digits UNet's best "
+                        "λ in README's sweep, the transformer's was 0.2)")
     s.add_argument("--classifier-scale", type=float, default=4.0, help="classifier guidance scale >= 0 (default: 4)")
     s.add_argument("--sampler", choices=SAMPLERS,
                    help="sampler (default: unipc, the most accurate per model call in BENCHMARKS.md's NFE table; "
@@ -595,9 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Sample the digits model at several guidance scales, for each kind of "
                                         "guidance in --guidances, and score the samples with a separate evaluator.")
     w.add_argument("--guidances", nargs="+", choices=sweep.KINDS, default=["cfg", "classifier"],
-                   help="kinds of guidance, one group of rows each: cfg, cfg++ (λ = --cfgpp-scales, on ddim unless "
-                        "CFG++ is built for --sampler), auto (autoguidance, w = --auto-scales), interval (cfg within "
-                        "--interval), schedule (cfg with --schedule), classifier (default: cfg classifier)")
+                   help="kinds of guidance, one group of rows each: cfg, cfg++ (λ = --cfgpp-scales, on --sampler if "
+                        "CFG++ is built for it, else dpm++2m), auto (autoguidance, w = --auto-scales), interval "
+                        "(cfg within --interval), schedule (cfg with --schedule), classifier (default: cfg classifier)")
     w.add_argument("--scales", type=float, nargs="+", default=[0, 1, 2, 3, 5, 8],
                    help="guidance scales of cfg, interval, schedule and classifier (default: 0 1 2 3 5 8)")
     w.add_argument("--cfgpp-scales", type=float, nargs="+", default=list(sweep.Variants.cfgpp_scales),

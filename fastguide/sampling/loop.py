@@ -122,10 +122,16 @@ class GuidedSampler:
         self.schedule = schedule or NoiseSchedule.linear()
         _check_steps(steps, self.schedule.is_flow)
         self.cfg, self.classifier = split_guidance(guidance)
-        if sampler is None:
+        chosen = sampler is None
+        if chosen:
             plus_plus = isinstance(self.cfg, CFGPlusPlus)
             sampler = default_sampler(plus_plus, plus_plus and self.cfg.interval is not None)
-        check_sampler(sampler, self.schedule, eta, solver_order)
+        try:
+            check_sampler(sampler, self.schedule, eta, solver_order)
+        except ValueError as error:
+            if chosen:  # the user never named this sampler: say where it came from
+                raise ValueError(f"{error} (sampler=None chose {sampler!r} for this guidance; name one)") from None
+            raise
         if spacing is not None and not isinstance(steps, int):
             raise ValueError(f"spacing={spacing!r} places a step count; steps={steps!r} already names the timesteps")
         if isinstance(steps, int) and not isinstance(steps, bool):

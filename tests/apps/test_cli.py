@@ -94,6 +94,8 @@ SAMPLE = ["sample", "--out", "x.png", "--quiet"]
     (["--guidance", "cfg++", "--scale", "2"], "--scale: expected CFG++'s λ in [0, 1] with --guidance cfg++, got 2.0"),
     (["--guidance", "cfg++", "--scale", "0.5", "--sampler", "unipc"],
      "--sampler: --guidance cfg++ is built for ddim, euler, dpm++2m, got unipc"),
+    (["--guidance", "cfg++", "--sampler", "dpm++2m", "--interval", "0.3", "5"],
+     "--interval: --guidance cfg++ on dpm++2m reads every call's unconditional x0"),
     (["--guidance", "cfg++", "--scale", "0.5", "--sampler", "ddim", "--schedule", "linear"],
      "--schedule: applies to --guidance cfg or both, not cfg++"),
     (["--guidance", "none", "--schedule", "linear"], "--schedule: applies to --guidance cfg, cfg++, both"),
@@ -381,4 +383,5 @@ def test_guidance_options_reach_the_sampler(workdir, monkeypatch):
     # --guidance cfg++ alone runs: λ and the sampler default to ones CFG++ takes
     assert cli.main([*SAMPLE, "--guidance", "cfg++"]) == 0
     assert seen[2] == (CFGPlusPlus(cli.CFG_PLUS_PLUS_SCALE, schedule="constant"),)
-    assert samplers == ["unipc", "euler", "dpm++2m"]
+    assert cli.main([*SAMPLE, "--guidance", "cfg++", "--interval", "0.3", "5"]) == 0
+    assert samplers == ["unipc", "euler", "dpm++2m", "ddim"]

@@ -11,8 +11,9 @@ import torch
 from scipy.integrate import solve_ivp
 
 import fastguide
-from fastguide import APG, CFG, ClassifierGuidance, GuidedSampler, NoiseSchedule, sample
+from fastguide import APG, CFG, CFGPlusPlus, ClassifierGuidance, GuidedSampler, NoiseSchedule, sample
 from fastguide.sampling import cuda_graphs
+from fastguide.sampling.loop import default_sampler
 from fastguide.sampling.solvers import FLOW_ONLY, SAMPLERS, VP_ONLY, plan_steps
 from tests.helpers import backends_for, tiny_cfg_unet
 
@@ -836,3 +837,26 @@ def test_dynamic_thresholding_matches_imagen():
             x = math.sqrt(abar_next) * x0 + math.sqrt(1 - abar_next) * eps
     torch.testing.assert_close(got, x, atol=2e-4, rtol=1e-4)
     assert got.abs().max() <= 1.0 + 1e-5
+
+
+def test_defaults_are_the_measured_ones():
+    # unipc and the schedule's own grid: BENCHMARKS.md's NFE table; CFG++ is built for
+    # ddim, euler and dpm++2m, so under it the default is dpm++2m (ddim with an interval).
+    assert GuidedSampler.__init__.__kwdefaults__["sampler"] is None
+    assert GuidedSampler.__init__.__kwdefaults__["spacing"] is None
+    assert NoiseSchedule.linear().default_spacing == "logsnr"
+    assert NoiseSchedule.flow().default_spacing == "linspace"
+    assert (default_sampler(), default_sampler(cfg_plus_plus=True)) == ("unipc", "dpm++2m")
+    assert default_sampler(cfg_plus_plus=True, interval=True) == "ddim"
+
+    def model(x, t, y=None):
+        return x
+
+    def default_for(guidance, **options):
+        return GuidedSampler(model, guidance=guidance, null_label=3, num_classes=4, **options).sampler
+
+    assert default_for(None) == default_for(CFG(2.0)) == "unipc"
+    assert default_for(CFGPlusPlus(0.4)) == "dpm++2m"
+    assert default_for(CFGPlusPlus(0.4, interval=(0.3, 5.0))) == "ddim"
+    with pytest.raises(ValueError, match="sampler=None chose 'dpm\\+\\+2m' for this guidance"):
+        default_for(CFGPlusPlus(0.4), solver_order=2)

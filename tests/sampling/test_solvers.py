@@ -11,8 +11,7 @@ import torch
 import fastguide
 from benchmarks.sampling.nfe import diffusers_error, fastguide_error
 from benchmarks.sampling.oracle import GaussianClasses
-from fastguide import CFG, CFGPlusPlus, GuidedSampler, NoiseSchedule, sample
-from fastguide.sampling.loop import default_sampler
+from fastguide import CFG, GuidedSampler, NoiseSchedule, sample
 from fastguide.sampling.solvers import ORDERS, plan_steps
 
 diffusers = pytest.importorskip("diffusers")
@@ -165,25 +164,6 @@ def test_default_sampler_beats_diffusers_default_per_model_call(budget, fraction
     theirs, their_calls = diffusers_error(oracle, "DPMSolverMultistepScheduler", budget, x_T)
     assert calls == their_calls == budget
     assert ours <= fraction * theirs, (ours, theirs)
-
-
-def test_defaults_are_the_measured_ones():
-    assert GuidedSampler.__init__.__kwdefaults__["sampler"] is None  # default_sampler picks
-    assert default_sampler() == "unipc"
-    assert default_sampler(cfg_plus_plus=True) == "dpm++2m"
-    assert default_sampler(cfg_plus_plus=True, interval=True) == "ddim"
-    def model(x, t, y=None):
-        return x
-
-    def default_for(guidance):
-        return GuidedSampler(model, guidance=guidance, null_label=3, num_classes=4).sampler
-
-    assert default_for(None) == default_for(CFG(2.0)) == "unipc"
-    assert default_for(CFGPlusPlus(0.4)) == "dpm++2m"
-    assert default_for(CFGPlusPlus(0.4, interval=(0.3, 5.0))) == "ddim"
-    assert GuidedSampler.__init__.__kwdefaults__["spacing"] is None  # the schedule's own
-    assert NoiseSchedule.linear().default_spacing == "logsnr"
-    assert NoiseSchedule.flow().default_spacing == "linspace"
 
 
 def test_sampler_and_schedule_mismatches_are_refused():
