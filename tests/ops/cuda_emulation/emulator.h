@@ -199,7 +199,7 @@ inline V shuffle_xor(V value, int offset) {
   const unsigned warp = thread_index.x / 32;
   lanes[thread_index.x] = value;
   wait_at(1 + static_cast<int>(warp));
-  const float result = lanes[warp * 32 + ((thread_index.x % 32) ^ static_cast<unsigned>(offset))];
+  const V result = lanes[warp * 32 + ((thread_index.x % 32) ^ static_cast<unsigned>(offset))];
   wait_at(1 + static_cast<int>(warp));
   return result;
 }
