@@ -14,8 +14,12 @@ def readme_commands() -> list[str]:
 
 def test_ci_runs_the_readme_test_command():
     test_command = next(c for c in readme_commands() if "pytest" in c)
-    runner = test_command.split("&&")[-1].strip()
-    assert runner in (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    *installs, runner = (part.strip() for part in test_command.split("&&"))
+    assert runner in ci
+    for install in installs:  # CI installs every package the README's command does
+        packages = [word for word in install.split("install", 1)[1].split() if not word.startswith("-")]
+        assert packages and all(package in ci for package in packages), install
 
 
 def test_main_job_runs_as_written(tmp_path):

@@ -10,17 +10,22 @@ DDIM, DPMSolverMultistep, UniPCMultistep and Heun schedulers (VP; ADM's betas, D
 its default x0 clipping, which the oracle's unclipped ODE would count as error), FlowMatchEuler
 and FlowMatchHeun (flow) run in their defaults on the same oracle. The digits part compares
 Fréchet distances of the digits model's samples (CFG at 2) between fastguide's default and
-diffusers' DPMSolverMultistepScheduler. k-diffusion is not in the run: its package imports
-torchvision, torchsde and torchdiffeq at import time (see BENCHMARKS.md); its samplers of the
-same names follow the same formulas as diffusers'. Writes DIR/nfe.json, DIR/nfe.md, DIR/nfe.png.
+diffusers' DPMSolverMultistepScheduler. k-diffusion's samplers (VP, on its Karras grid, ρ = 7,
+between the schedule's σ̃ at t = 0 and t = 999) run when it is installed (`pip install --no-deps
+k-diffusion torchsde torchdiffeq trampoline`; see ``kdiffusion_sampling``). Writes
+DIR/nfe.json, DIR/nfe.md, DIR/nfe.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import math
+import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +46,9 @@ SOLVERS = {
 DIFFUSERS_VP = ("DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler")
 DIFFUSERS_FLOW = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 ADM_BETAS = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+# k-diffusion sampler -> (keyword arguments, model calls per step)
+KDIFFUSION = {"sample_euler": ({}, 1), "sample_heun": ({}, 2), "sample_lms": ({}, 1), "sample_dpm_2": ({}, 2),
+              "sample_dpmpp_2m": ({}, 1), "sample_dpmpp_3m_sde": ({"eta": 0.0}, 1)}
 
 
 def steps_for(budget: int, calls_per_step: int) -> int:
@@ -91,6 +99,54 @@ def diffusers_error(oracle: GaussianClasses, name: str, steps: int, x_T: torch.T
     return (x.double() - exact).abs().max().item(), len(scheduler.timesteps)
 
 
+def kdiffusion_sampling() -> types.ModuleType:
+    """k-diffusion's samplers, ``k_diffusion.sampling``. Where the package imports whole, as
+    is; otherwise the module alone: the package's ``__init__`` imports its training stack
+    (scikit-image, clean-fid, CLIP) and ``k_diffusion.utils`` imports torchvision, which does
+    not load beside a CPU build of torch, while the samplers use one helper of utils,
+    ``append_dims`` (trailing singleton dimensions), given here. Raises ImportError when
+    k-diffusion is not installed."""
+    try:
+        return importlib.import_module("k_diffusion.sampling")
+    except (ImportError, RuntimeError) as error:  # RuntimeError: a torchvision built for another torch
+        spec = importlib.util.find_spec("k_diffusion")
+        if spec is None:
+            raise ImportError("k-diffusion is not installed (pip install --no-deps k-diffusion torchsde "
+                              "torchdiffeq trampoline)") from error
+    for name in [name for name in sys.modules if name.split(".")[0] == "k_diffusion"]:
+        del sys.modules[name]  # what the failed import left half-made
+    utils = types.ModuleType("k_diffusion.utils")
+    utils.append_dims = lambda x, dims: x[(...,) + (None,) * (dims - x.ndim)]
+    sys.modules.update({"k_diffusion": importlib.util.module_from_spec(spec), "k_diffusion.utils": utils})
+    return importlib.import_module("k_diffusion.sampling")
+
+
+def _kdiffusion_installed() -> bool:
+    return importlib.util.find_spec("k_diffusion") is not None
+
+
+def kdiffusion_error(oracle: GaussianClasses, name: str, steps: int, x_T: torch.Tensor) -> tuple[float, int]:
+    """One k-diffusion sampler on its Karras grid (ρ = 7, n = steps, from ADM's σ̃ at t = 999 to
+    σ̃ at t = 0, then 0), on the oracle as an EDM denoiser D(x, σ̃) = the guided x̂0 at
+    α = 1/√(1 + σ̃²), σ = σ̃·α; its x starts at x_T/α(999), the same point as the VP runs'."""
+    sampling = kdiffusion_sampling()
+    schedule = NoiseSchedule.linear()
+    edm_sigma = [sigma / alpha for alpha, sigma in (schedule.alpha_sigma(t) for t in (0, 999))]
+    sigmas = sampling.get_sigmas_karras(steps, *edm_sigma, rho=7.0).double()
+    calls = 0
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        alpha = 1.0 / math.sqrt(1.0 + float(sigma[0]) ** 2)
+        return oracle.guided_posterior(x * alpha, alpha, float(sigma[0]) * alpha)[0]
+
+    options, _ = KDIFFUSION[name]
+    x = getattr(sampling, name)(denoiser, x_T * math.sqrt(1.0 + float(sigmas[0]) ** 2), sigmas, disable=True,
+                                **options)
+    return (x - oracle.exact(x_T, schedule, 999)).abs().max().item(), calls
+
+
 def run_oracle(budgets: tuple[int, ...], weights: tuple[float, ...], progress: Callable[[str], None]) -> list[dict]:
     x_T = torch.randn(256, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     rows = []
@@ -111,6 +167,11 @@ def run_oracle(budgets: tuple[int, ...], weights: tuple[float, ...], progress: C
                 error, calls = diffusers_error(oracle, name, steps, x_T)
                 rows.append(dict(path="vp", w=w, impl="diffusers", sampler=name, spacing="default",
                                  budget=budget, calls=calls, error=error))
+        for name, (_, per_step) in KDIFFUSION.items() if _kdiffusion_installed() else ():
+            for budget in budgets:
+                error, calls = kdiffusion_error(oracle, name, steps_for(budget, per_step), x_T)
+                rows.append(dict(path="vp", w=w, impl="k-diffusion", sampler=name.removeprefix("sample_"),
+                                 spacing="karras", budget=budget, calls=calls, error=error))
         for shift in (1.0, 3.0):
             flow = NoiseSchedule.flow(shift)
             for name, (sampler, order, per_step) in SOLVERS.items():
