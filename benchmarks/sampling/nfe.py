@@ -260,7 +260,7 @@ def markdown(rows: list[dict], budgets: tuple[int, ...]) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Error against model calls at w = 3 on the VP path: each solver on its best spacing
-    at 25 calls, and diffusers' schedulers."""
+    at 25 calls, and the peers' (diffusers' schedulers, k-diffusion's samplers) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -275,15 +275,15 @@ def plot(rows: list[dict], path: Path) -> None:
         family = label.rsplit(" (", 1)[0]
         if family not in best or errors.get(25, math.inf) < curves[best[family]].get(25, math.inf):
             best[family] = label
-    figure, axes = plt.subplots(figsize=(7, 5))
-    axes.set_prop_cycle(color=plt.cm.tab20.colors)  # a colour per curve (there are 12)
+    figure, axes = plt.subplots(figsize=(10, 5))
+    axes.set_prop_cycle(color=plt.cm.tab20.colors)  # a colour per curve (up to 18)
     for label in best.values():
         errors = curves[label]
         axes.loglog(sorted(errors), [errors[b] for b in sorted(errors)], marker="o",
-                    linestyle="--" if label.startswith("diffusers") else "-", label=label)
+                    linestyle="-" if label.startswith("fastguide") else "--", label=label)
     axes.set_xlabel("model calls")
     axes.set_ylabel("max |x − x_ODE| (exact Gaussian oracle, CFG w = 3)")
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
