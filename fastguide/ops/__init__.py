@@ -91,25 +91,29 @@ def _empty_like(t: Tensor) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _call(op: Callable[..., Any], forward: Callable[..., Any], *args: Any) -> Any:
-    """``op(*args)``, the registered custom op, where something needs it: a trace or
-    transform (``_tracing``), a tensor subclass (its dispatch sees ops, not kernels), the
-    profiler (which names ops by it), or autograd (an input that requires grad).
-    Otherwise ``forward(*args)``, the same body called directly: the op's dispatch round
-    trip would do nothing else, and it costs more host time (about 10 µs a call on the
-    development CPU) than a small kernel takes on a GPU."""
-    tensors = [a for a in args if isinstance(a, Tensor)]
-    if (
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _needs_op(tensors: Sequence[Tensor]) -> bool:
+    """Whether a call on ``tensors`` must go through its registered custom op whatever
+    autograd needs: a trace or transform (``_tracing``), the profiler (which names ops by
+    it), or a tensor subclass (its dispatch sees ops, not kernels). Otherwise the op's body
+    may run directly: the op's dispatch round trip would do nothing else, and it costs more
+    host time (about 10 µs a call on the development CPU) than a small kernel takes on a GPU."""
+    return (
         _tracing()
         or torch._C._autograd._profiler_enabled()
         or any(type(t) not in _PLAIN_TENSOR_TYPES for t in tensors)
-        or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-    ):
+    )
+
+
+def _call(op: Callable[..., Any], forward: Callable[..., Any], *args: Any) -> Any:
+    """``op(*args)`` where ``_needs_op`` says so or an input requires grad, else
+    ``forward(*args)``, the op's body."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if _needs_op(tensors) or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return op(*args)
     return forward(*args)
-
-
-_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
 # --------------------------------------------------------------------------------------
@@ -604,7 +608,11 @@ def guided_step_prechecked(tensors: StepTensors, step: StepCoefficients, combine
     x = tensors.x
     backend = _resolve("guided_step", x.device, compute_dtype(tensors.model_output, x, tensors.guide),
                        empty=x.numel() == 0)
-    if _tracing() or torch.is_grad_enabled():
+    # Under grad mode at all (not only when an input requires grad) the call goes through
+    # the op, whose declared in-place writes are what autograd checks.
+    given = [t for t in (tensors.model_output, x, tensors.guide, *tensors.history, tensors.noise, tensors.grad)
+             if t is not None]
+    if torch.is_grad_enabled() or _needs_op(given):
         torch.ops.fastguide.guided_step(*contract.pack(tensors, step, combine), backend)
     else:
         _guided_step_impl(tensors, step, combine, backend)
@@ -624,10 +632,8 @@ def _tracing() -> bool:
     """Whether the tensors are being traced or transformed (torch.compile, a dispatch mode
     such as fake tensors, torch.jit.trace, or a torch.func transform such as vmap): then
     they have no plain memory to hand a kernel, and a call must go through the custom op,
-    which those machineries know. Otherwise, and without autograd (a sampler's loop runs
-    under no_grad), a guided_step call goes straight to the backend: packing the contract
-    into the op's arguments and back costs more host time than the fused step itself takes
-    on a GPU, and the op would do nothing else."""
+    which those machineries know (see ``_needs_op``; for guided_step, packing the contract
+    into the op's arguments and back is what a direct call saves)."""
     return (
         torch.compiler.is_compiling()
         or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None

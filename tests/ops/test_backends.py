@@ -228,3 +228,22 @@ def test_tensor_subclasses_go_through_the_custom_op(monkeypatch):
     with torch.no_grad():
         ops.layer_norm(x.as_subclass(Tagged), 8)
     assert calls == [1]
+
+
+def test_guided_step_goes_through_its_op_under_the_profiler_only_when_profiled():
+    # A sampler's no_grad step skips the op's packing round trip, but a profiled one shows
+    # fastguide::guided_step, the same rule as the other ops (ops._needs_op).
+    g = torch.Generator().manual_seed(0)
+    model_output, x = torch.randn(4, 3, 5, 5, generator=g), torch.randn(2, 3, 5, 5, generator=g)
+    step = ops.StepCoefficients(alpha=0.8, sigma=0.6, k_x0=0.9, k_eps=0.4)
+
+    def names(profile):
+        return {event.name for event in profile.events()}
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.no_grad():
+        with torch.profiler.profile(activities=activities) as profiled:
+            traced = ops.guided_step(model_output, x, step, ops.GuidanceCombine(2.0))
+        direct = ops.guided_step(model_output, x, step, ops.GuidanceCombine(2.0))
+    assert "fastguide::guided_step" in names(profiled)
+    torch.testing.assert_close(traced, direct, rtol=0, atol=0)
