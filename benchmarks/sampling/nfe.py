@@ -121,30 +121,23 @@ def kdiffusion_sampling() -> types.ModuleType:
     return importlib.import_module("k_diffusion.sampling")
 
 
-def _kdiffusion_installed() -> bool:
-    return importlib.util.find_spec("k_diffusion") is not None
-
-
 def kdiffusion_error(oracle: GaussianClasses, name: str, steps: int, x_T: torch.Tensor) -> tuple[float, int]:
     """One k-diffusion sampler on its Karras grid (ρ = 7, n = steps, from ADM's σ̃ at t = 999 to
-    σ̃ at t = 0, then 0), on the oracle as an EDM denoiser D(x, σ̃) = the guided x̂0 at
-    α = 1/√(1 + σ̃²), σ = σ̃·α; its x starts at x_T/α(999), the same point as the VP runs'."""
+    σ̃ at t = 0, then 0), the oracle as its denoiser (``edm_denoise``); its x starts at
+    x_T/α(999), the same point as the VP runs'."""
     sampling = kdiffusion_sampling()
     schedule = NoiseSchedule.linear()
     edm_sigma = [sigma / alpha for alpha, sigma in (schedule.alpha_sigma(t) for t in (0, 999))]
     sigmas = sampling.get_sigmas_karras(steps, *edm_sigma, rho=7.0).double()
-    calls = 0
+    calls = []
 
     def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        alpha = 1.0 / math.sqrt(1.0 + float(sigma[0]) ** 2)
-        return oracle.guided_posterior(x * alpha, alpha, float(sigma[0]) * alpha)[0]
+        calls.append(sigma)
+        return oracle.edm_denoise(x, float(sigma[0]))
 
     options, _ = KDIFFUSION[name]
-    x = getattr(sampling, name)(denoiser, x_T * math.sqrt(1.0 + float(sigmas[0]) ** 2), sigmas, disable=True,
-                                **options)
-    return (x - oracle.exact(x_T, schedule, 999)).abs().max().item(), calls
+    x = getattr(sampling, name)(denoiser, x_T / schedule.alpha_sigma(999)[0], sigmas, disable=True, **options)
+    return (x - oracle.exact(x_T, schedule, 999)).abs().max().item(), len(calls)
 
 
 def run_oracle(budgets: tuple[int, ...], weights: tuple[float, ...], progress: Callable[[str], None]) -> list[dict]:
@@ -167,7 +160,8 @@ def run_oracle(budgets: tuple[int, ...], weights: tuple[float, ...], progress: C
                 error, calls = diffusers_error(oracle, name, steps, x_T)
                 rows.append(dict(path="vp", w=w, impl="diffusers", sampler=name, spacing="default",
                                  budget=budget, calls=calls, error=error))
-        for name, (_, per_step) in KDIFFUSION.items() if _kdiffusion_installed() else ():
+        kdiffusion = KDIFFUSION if importlib.util.find_spec("k_diffusion") is not None else {}
+        for name, (_, per_step) in kdiffusion.items():
             for budget in budgets:
                 error, calls = kdiffusion_error(oracle, name, steps_for(budget, per_step), x_T)
                 rows.append(dict(path="vp", w=w, impl="k-diffusion", sampler=name.removeprefix("sample_"),

@@ -13,6 +13,7 @@ in EDM's σ̃ = σ/α with x̃ = x/α on a VP one (dx̃/dσ̃ = ε̂, which hold
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,12 @@ class GaussianClasses:
         """(x̂0, ε̂) of CFG at weight w: u + w·(c − u) of each."""
         (x0_c, eps_c), (x0_u, eps_u) = (self.posterior(x, alpha, sigma, c) for c in (True, False))
         return x0_u + self.w * (x0_c - x0_u), eps_u + self.w * (eps_c - eps_u)
+
+    def edm_denoise(self, x: Tensor, edm_sigma: float) -> Tensor:
+        """The guided x̂0 as EDM's and k-diffusion's denoiser D(x, σ̃) sees it: x = x0 + σ̃·ε
+        (VE coordinates), the VP input α·x at α = 1/√(1 + σ̃²), σ = σ̃·α."""
+        alpha = 1.0 / math.sqrt(1.0 + edm_sigma**2)
+        return self.guided_posterior(x * alpha, alpha, edm_sigma * alpha)[0]
 
     def model(self, schedule: NoiseSchedule, prediction_type: str):
         """model(x, t, y) for a batch [cond; uncond] (label 0, then the null label 1):
