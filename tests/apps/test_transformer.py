@@ -99,3 +99,13 @@ def test_sweep_rows_of_the_transformer():
     assert rows[1]["accuracy"] > rows[0]["accuracy"]
     with pytest.raises(ValueError, match="CFG kinds only"):
         sweep.run([1.0], kinds=("classifier",), samples_per_scale=20, steps=3, progress=False, transformer=True)
+
+
+def test_every_shipped_network_is_in_the_checkout():
+    # The app tests (here, test_cli, test_guide) skip where a network is not built (a user
+    # retraining one); in the repository every one ships, so those skips cannot hide a
+    # missing file in CI.
+    names = {"unet", "classifier", "evaluator", "guide", "transformer"}
+    assert all((digits.WEIGHTS / f"digits_{name}.safetensors").is_file() for name in names)
+    assert digits.transformer_file() == digits.WEIGHTS / "digits_transformer.safetensors"
+    assert digits.guide_file() == digits.WEIGHTS / "digits_guide.safetensors"
