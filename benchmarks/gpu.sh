@@ -18,6 +18,8 @@ out=${1:?usage: benchmarks/gpu.sh OUT [--dry-run]}
 mode=${2:-run}
 root=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-python3}
+# The tests narrow attention's autotuning themselves (tests/conftest.py); benchmarks refuse it.
+unset FASTGUIDE_AUTOTUNE
 cd "$root"
 mkdir -p "$out"
 # The benchmark modules in the order they run: cheapest and most asked-for first, so that a

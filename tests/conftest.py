@@ -1,7 +1,8 @@
 """Test configuration shared by every test module.
 
 - Triton kernels run on CPU tensors under TRITON_INTERPRET=1, which must be set before
-  triton is first imported; on a machine with a GPU they compile for real instead.
+  triton is first imported; on a machine with a GPU they compile for real instead, and
+  the attention kernel autotunes over one config (FASTGUIDE_AUTOTUNE=off).
 - Every test runs with PyTorch's deterministic mode, whose fill_uninitialized_memory
   makes torch.empty return NaN-filled memory: an op that leaves part of its output
   unwritten fails its comparison. Buffers passed in by the tests are poisoned explicitly.
@@ -13,6 +14,8 @@ import os
 import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+# On a GPU, the attention kernel autotunes over one config in tests (benchmarks never do).
+os.environ.setdefault("FASTGUIDE_AUTOTUNE", "off")
 
 import pytest  # noqa: E402
 

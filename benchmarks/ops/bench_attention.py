@@ -58,10 +58,9 @@ def _run(record, impl, shape, dtype, backward):
     flops = 4 * batch * heads * lq * lk * dim
     if backward:
         grad = torch.randn_like(out)
-        record(lambda: torch.autograd.backward(attend(q, k, v), grad), flops=flops * 14 // 4)
+        record(lambda: torch.autograd.backward(attend(q, k, v), grad), flops=flops * 14 // 4, grad=True)
     else:
-        with torch.no_grad():
-            record(lambda: attend(q, k, v), flops=flops)
+        record(lambda: attend(q, k, v), flops=flops)
 
 
 @pytest.mark.parametrize("impl", ["fastguide", "eager", "torch.compile", "sdpa-math"])

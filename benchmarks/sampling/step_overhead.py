@@ -20,6 +20,10 @@ median of ``--repeat`` calls.
                minus that model's own time: everything the loop does around the model
   diffusers    the same step as a diffusers pipeline does it: torch.chunk, the CFG
                combine and DDIMScheduler.step (clip, use_clipped_model_output)
+  sample()/call          fastguide.sample as users call it, anew each time (CFG + DDIM,
+                         25 calls): per model call, minus the model's own time
+  diffusers loop/call    diffusers' loop for the same (set_timesteps, torch.cat of the
+                         2B input, the model, chunk, combine, DDIMScheduler.step)
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import time
 
 import torch
 
-from fastguide import CFG, GuidedSampler, ops
+from fastguide import CFG, GuidedSampler, ops, sample
 from fastguide.ops import reference, validation
 from fastguide.ops.contract import GuidanceCombine, StepCoefficients, StepTensors
 
@@ -82,7 +86,43 @@ def measure(repeat: int) -> dict[str, float]:
     split["dispatch, op"] = split["total, op"] - split["validation"] - split["math"]
     split["loop/call"] = loop_overhead(repeat)
     split["diffusers"] = diffusers_step(repeat)
+    split.update(whole_loops(repeat))
     return split
+
+
+def whole_loops(repeat: int, calls: int = 25) -> dict[str, float]:
+    """Per model call: fastguide.sample and diffusers' DDIM + CFG loop, each minus the model."""
+    fixed = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.1
+
+    def model(x, t, y):
+        return fixed[: len(x)]
+
+    labels, null = torch.tensor([1]), torch.tensor([10])
+    noise = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    model_alone = median_us(lambda: model(fixed, None, None), repeat)
+    rounds = max(1, repeat // calls)
+    found = {}
+    found["sample()/call"] = median_us(
+        lambda: sample(model, (1, 3, 8, 8), labels=labels, sampler="ddim", steps=calls, guidance=CFG(3.0),
+                       noise=noise, null_label=10, num_classes=10), rounds) / calls - model_alone
+    try:
+        import diffusers
+    except ImportError:
+        return found | {"diffusers loop/call": math.nan}
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+
+    @torch.no_grad()
+    def diffusers_loop():
+        scheduler.set_timesteps(calls)
+        latents, labels_in = noise.clone(), torch.cat([labels, null])
+        for t in scheduler.timesteps:
+            cond, uncond = model(torch.cat([latents] * 2), t, labels_in).chunk(2)
+            eps = uncond + 3.0 * (cond - uncond)
+            latents = scheduler.step(eps, t, latents, eta=0.0, use_clipped_model_output=True).prev_sample
+        return latents
+
+    found["diffusers loop/call"] = median_us(diffusers_loop, rounds) / calls - model_alone
+    return found
 
 
 def loop_overhead(repeat: int) -> float:
@@ -131,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, value in split.items():
         print(f"| {name} | {value:.1f} |")
     print(f"| validation + dispatch | {split['validation'] + split['dispatch']:.1f} |")
+    print(f"\nsample() per model call / diffusers' loop's: {split['sample()/call'] / split['diffusers loop/call']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(split, f, indent=2)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastguide.apps import bench, cli
 
@@ -77,10 +78,71 @@ def test_bench_reports_the_cases_that_ran_when_others_fail(tmp_path, capsys):
     assert "| fastguide |" in table and "| eager |" in table
 
 
-def test_table_shows_device_time_beside_call_time_when_measured():
-    timed = dict(median_ms=0.05, rate="", pct=3.0, peak=1.0, device_ms=0.01, device_pct=15.0)
+def test_table_shows_device_time_and_back_to_back_beside_call_time_when_measured():
+    timed = dict(median_ms=0.05, rate="", pct=3.0, peak=1.0, device_ms=0.01, device_pct=15.0, back_to_back_ms=0.02)
     untimed = dict(median_ms=0.07, rate="", pct=None, peak=None, device_ms=None, device_pct=None)
     table = bench.markdown_table({"case": {"fastguide": timed, "eager": untimed}}, "a GPU")
-    assert "| device time |" in table.splitlines()[2]
-    assert "| 0.010 ms (15.0%) |" in table
+    assert "| device time | back to back |" in table.splitlines()[2]
+    assert "| 0.010 ms (15.0%) | 0.020 ms |" in table
     assert "device time" not in bench.markdown_table({"case": {"eager": untimed}}, "a CPU")
+
+
+def test_gpu_call_time_is_do_bench_median(monkeypatch):
+    # do_bench's default return_mode is the mean, which one slow outlier drags up.
+    import triton.testing
+
+    from benchmarks import timing
+
+    asked = {}
+
+    def fake_do_bench(fn, **kwargs):
+        asked.update(kwargs)
+        fn()
+        return 2.0
+
+    monkeypatch.setattr(timing, "DEVICE", torch.device("cuda"))
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    assert timing.call_seconds(lambda: None) == pytest.approx(2e-3)
+    assert asked.get("return_mode") == "median"
+
+
+def test_recorder_times_cases_as_the_sampler_calls_them_under_no_grad():
+    from benchmarks.conftest import Recorder
+
+    class FakeBenchmark:  # pytest-benchmark's fixture: calls fn, keeps extra_info
+        extra_info: dict = {}
+
+        def __call__(self, fn):
+            fn()
+
+    seen = []
+    grad_input = torch.ones(3, requires_grad=True)
+
+    def case():
+        seen.append(torch.is_grad_enabled())
+        return grad_input * 2
+
+    Recorder(FakeBenchmark(), copy_bandwidth=1e9, matmul_rate=1e9)(case, bytes_moved=12)
+    assert seen and not any(seen)
+    seen.clear()
+    Recorder(FakeBenchmark(), copy_bandwidth=1e9, matmul_rate=1e9)(case, grad=True)  # a backward's case
+    assert seen and all(seen)
+
+
+def test_attention_autotunes_over_every_config_unless_told_otherwise(monkeypatch, tmp_path):
+    # Benchmarks run under pytest: importing pytest must not narrow the tuning (it did).
+    from fastguide.kernels import attention
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv(attention.AUTOTUNE_SETTING, raising=False)
+    assert "pytest" in sys.modules
+    assert len(attention._configs()) > 1 and len(attention._configs(for_backward=True)) > 1
+    monkeypatch.setenv(attention.AUTOTUNE_SETTING, "off")
+    assert len(attention._configs()) == 1
+    # ... and the benchmark runner keeps the tests' setting out of the suite's environment.
+    captured = {}
+    monkeypatch.setattr(bench.subprocess, "run", lambda command, **kwargs: captured.update(kwargs) or
+                        subprocess.CompletedProcess(command, 5))
+    with pytest.raises(RuntimeError, match="no benchmark ran"):
+        bench.run_suite(bench.find_benchmarks(), tmp_path, None)
+    assert attention.AUTOTUNE_SETTING not in captured["env"]

@@ -1,0 +1,88 @@
+"""How the benchmarks time a case: three numbers per case on a GPU, one on CPU.
+
+- ``call_seconds``: the median time of one call as a user makes it, host work included
+  (GPU: triton.testing.do_bench, CUDA events around each call after an L2 flush, its
+  median; CPU: the median of a few wall-clock calls).
+- ``back_to_back_seconds`` (GPU): calls issued back to back with no flush and no sync
+  between them, total time / calls. Where the host is slower than the kernels this is the
+  host's time per call; where it is faster, the kernels' steady rate with warm caches.
+- ``device_seconds`` (GPU): the device work alone: the case captured once in a CUDA
+  graph, each replay timed with CUDA events after an L2 flush, the median.
+
+Side by side they tell host cost from kernel time: a call time far above the device time
+is host-bound. Every case runs the way the sampler calls it (``torch.no_grad()``) unless
+it measures a backward (``grad=True`` in the recorder).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Bigger than any GPU's L2 (H100/H200: 50 MB), zeroed before each timed replay.
+L2_FLUSH_BYTES = 256 << 20
+
+
+def call_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
+    """Median seconds of one call of fn on the current device, host work included."""
+    if DEVICE.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return sorted(samples)[len(samples) // 2]
+
+
+def back_to_back_seconds(fn: Callable[[], object], calls: int = 100) -> float:
+    """Seconds per call of ``calls`` calls issued back to back (no flush, no sync between
+    them), after a warm-up: the throughput a loop of such calls gets."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e-3 / calls
+
+
+def device_seconds(fn: Callable[[], object], repeats: int = 50) -> float | None:
+    """Median seconds of fn's device work without its host work: fn captured once in a
+    CUDA graph, each replay timed with CUDA events after an L2 flush (as do_bench does).
+    None when fn cannot be captured or replayed (a host sync inside it, no memory left)."""
+    stream = torch.cuda.current_stream()
+    try:
+        warmup = torch.cuda.Stream()  # capture wants fn warmed up on a side stream first
+        warmup.wait_stream(stream)
+        with torch.cuda.stream(warmup):
+            for _ in range(3):
+                fn()
+        stream.wait_stream(warmup)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=DEVICE)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        for start, end in events:
+            flush.zero_()
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        milliseconds = sorted(start.elapsed_time(end) for start, end in events)
+    except Exception:  # whatever stops a capture or a replay only loses this column
+        # a capture that fails inside torch.cuda.graph's exit leaves its side stream current
+        torch.cuda.set_stream(stream)
+        torch.cuda.synchronize()
+        return None
+    return milliseconds[repeats // 2] * 1e-3
