@@ -7,8 +7,11 @@ the model call, the fused step), and CUDA-graph capture (cuda_graphs.py).
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -135,7 +138,10 @@ class GuidedSampler:
         if spacing is not None and not isinstance(steps, int):
             raise ValueError(f"spacing={spacing!r} places a step count; steps={steps!r} already names the timesteps")
         if isinstance(steps, int) and not isinstance(steps, bool):
-            self.timesteps = self.schedule.spaced_timesteps(steps, spacing or self.schedule.default_spacing, rho)
+            spacing = spacing or self.schedule.default_spacing
+            self.timesteps = list(_PLANS.get_or_make(
+                ("timesteps", self.schedule.cache_key, steps, spacing, rho),
+                lambda: tuple(self.schedule.spaced_timesteps(steps, spacing, rho))))
         else:
             self.timesteps = self.schedule.timesteps(steps)
         self.sampler, self.eta, self.variance_type, self.solver_order = sampler, eta, variance_type, solver_order
@@ -187,13 +193,25 @@ class GuidedSampler:
         variances), each computed once."""
         if learned_variance in self._call_cache:
             return self._call_cache[learned_variance]
+        calls = _PLANS.get_or_make(self._plan_key(learned_variance), lambda: self._planned_calls(learned_variance))
+        self._call_cache[learned_variance] = calls
+        return calls
+
+    def _plan_key(self, learned_variance: bool) -> tuple:
+        """Everything a plan depends on, by value: two samplers with equal keys (e.g. one
+        ``sample`` call after another) share one plan. Guidance enters by its settings,
+        not its networks (a plan holds scalars only)."""
+        return (self.sampler, self.schedule.cache_key, tuple(self.timesteps), self.eta, self.variance_type,
+                self.solver_order, self.clip_denoised, self.prediction_type, self.dynamic_threshold,
+                _settings(self.cfg), _settings(self.classifier), learned_variance)
+
+    def _planned_calls(self, learned_variance: bool) -> tuple[_Call, ...]:
         variance_type = self.variance_type or ("learned_range" if learned_variance else "fixed_small")
         plans = plan_steps(self.sampler, self.schedule, self.timesteps, eta=self.eta, variance_type=variance_type,
                            solver_order=self.solver_order)
         calls = tuple(self._call(plan, learned_variance) for plan in plans)
         for call in calls:
             validation.check_step(call.step)
-        self._call_cache[learned_variance] = calls
         return calls
 
     def _call(self, plan: StepPlan, learned_variance: bool) -> _Call:
@@ -490,6 +508,52 @@ class GuidedSampler:
             for i in range(self.num_calls)
         ]
         return buffers, graphs
+
+
+class _PlanCache:
+    """The most recently made plans (timestep grids, each call's scalars), by the value of
+    what made them: building a GuidedSampler (each ``sample`` call does) costs the plan
+    and its checks once per distinct setting, not per call. Holds scalars only, never a
+    model. An unhashable key (e.g. a setting that cannot be compared by value) is made
+    afresh each time."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._plans: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()  # samplers may be built on several threads
+
+    def get_or_make(self, key: tuple, make: Callable[[], object]):
+        try:
+            hash(key)
+        except TypeError:
+            return make()
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
+        plan = make()  # outside the lock: a plan's checks may raise, and take a while
+        with self._lock:
+            self._plans[key] = plan
+            if len(self._plans) > self.size:
+                self._plans.popitem(last=False)
+        return plan
+
+
+_PLANS = _PlanCache()
+
+
+def _settings(guidance: object) -> tuple | list | None:
+    """A guidance spec's type and settings, its networks left out (the plan never calls
+    them); a list, which no cache takes, when a setting is a function (a CFG schedule may
+    keep state, so its values cannot be reused)."""
+    if guidance is None:
+        return None
+    settings = tuple((field.name, getattr(guidance, field.name)) for field in dataclasses.fields(guidance)
+                     if field.name not in ("guide_model", "classifier"))
+    if any(callable(value) for _, value in settings):
+        return list(settings)
+    return (type(guidance), *settings)
 
 
 def _cfg_plus_plus(step: StepCoefficients) -> StepCoefficients:

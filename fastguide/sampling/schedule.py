@@ -68,6 +68,11 @@ class NoiseSchedule:
     def num_timesteps(self) -> int:
         return self.betas.numel()
 
+    @property
+    def cache_key(self) -> tuple:
+        """Equal for two schedules with the same ᾱ_t (``sample`` reuses a plan by it)."""
+        return ("vp", self.betas.numpy().tobytes())
+
     def alpha_bar(self, t: int) -> float:
         """ᾱ_t; 1.0 for t < 0 (the clean data after the last step)."""
         return 1.0 if t < 0 else float(self.alphas_cumprod[t])
@@ -224,6 +229,10 @@ class FlowSchedule(NoiseSchedule):
 
     def __repr__(self) -> str:
         return f"FlowSchedule(shift={self.shift}, num_timesteps={self._scale})"
+
+    @property
+    def cache_key(self) -> tuple:
+        return ("flow", self.shift, self._scale)
 
     @property
     def num_timesteps(self) -> int:

@@ -860,3 +860,58 @@ def test_defaults_are_the_measured_ones():
     assert default_for(CFGPlusPlus(0.4, interval=(0.3, 5.0))) == "ddim"
     with pytest.raises(ValueError, match="sampler=None chose 'dpm\\+\\+2m' for this guidance"):
         default_for(CFGPlusPlus(0.4), solver_order=2)
+
+
+# --------------------------------------------------------------------------------------
+# The plan cache: sample() called again with the same settings reuses its plan
+# --------------------------------------------------------------------------------------
+
+
+def _label_model(x, t, y):
+    return 0.1 * x + 0.01 * y.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def test_sample_plans_once_per_setting_and_again_for_new_settings(monkeypatch):
+    from fastguide.sampling import loop
+
+    made = []
+    real_plan_steps = loop.plan_steps
+    monkeypatch.setattr(loop, "_PLANS", loop._PlanCache())
+    monkeypatch.setattr(loop, "plan_steps", lambda *a, **k: made.append(a[0]) or real_plan_steps(*a, **k))
+    noise, labels = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
+    run = lambda **kw: sample(_label_model, (2, 3, 4, 4), labels=labels, noise=noise, null_label=10,  # noqa: E731
+                              num_classes=10, **{"guidance": CFG(3.0), "steps": 6, **kw})
+    first = run()
+    assert made == ["unipc"]
+    torch.testing.assert_close(run(), first, rtol=0, atol=0)
+    assert made == ["unipc"]  # the same settings, equal by value: planned once
+    # Every setting the plan depends on makes a new one, with its own result.
+    for changed in (dict(guidance=CFG(4.0)), dict(guidance=CFG(3.0, interval=(0.5, 5.0))), dict(steps=7),
+                    dict(sampler="ddim"), dict(schedule=NoiseSchedule.cosine()), dict(spacing="trailing"),
+                    dict(prediction_type="v_prediction"), dict(clip_denoised=False)):
+        before = len(made)
+        assert not torch.equal(run(**changed), first), changed
+        assert len(made) == before + 1, changed
+    # A schedule function may keep state: its plan is never reused.
+    scheduled = CFG(3.0, schedule=lambda sigma: 2.0)
+    before = len(made)
+    run(guidance=scheduled), run(guidance=scheduled)
+    assert len(made) == before + 2
+
+
+def test_the_plan_cache_holds_no_model():
+    import gc
+    import weakref
+
+    class Model(torch.nn.Module):
+        def forward(self, x, t, y):
+            return 0.1 * x
+
+    guide = Model()
+    model = Model()
+    refs = weakref.ref(model), weakref.ref(guide)
+    sample(model, (1, 3, 4, 4), labels=torch.tensor([0]), guidance=fastguide.AutoGuidance(guide, 2.0), steps=3,
+           num_classes=10)
+    del model, guide
+    gc.collect()
+    assert all(ref() is None for ref in refs)
