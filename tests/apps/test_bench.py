@@ -146,3 +146,14 @@ def test_attention_autotunes_over_every_config_unless_told_otherwise(monkeypatch
     with pytest.raises(RuntimeError, match="no benchmark ran"):
         bench.run_suite(bench.find_benchmarks(), tmp_path, None)
     assert attention.AUTOTUNE_SETTING not in captured["env"]
+
+
+@pytest.mark.parametrize("name, peer", [("DiT-XL/2-256", "official"), ("SD-1.5-UNet", "diffusers")])
+def test_end_to_end_rows_do_the_same_work(name, peer):
+    # The benchmark's rows sample the same thing: fastguide's loop and the written-out peer
+    # loop agree on the same weights and noise (its CPU set: tiny models, 3 steps).
+    from benchmarks.sampling import bench_end_to_end as e2e
+
+    setup = e2e.SETUPS[name]
+    rows = e2e.ROWS[setup.family](setup.cpu, 2)
+    torch.testing.assert_close(rows["fastguide"](), rows[peer](), atol=2e-4, rtol=2e-4)

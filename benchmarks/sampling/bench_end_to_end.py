@@ -1,0 +1,262 @@
+"""End to end at the sizes people sample at: 25 guided DDIM steps (CFG at w = 4, or ADM's
+classifier guidance) of models with random weights in their published configurations.
+
+Models (GPU; the CPU set runs tiny versions of each as a smoke test):
+  DiT-XL/2 at 256 px (32×32 latents) and 512 px (64×64), batch 1, 8, 64 (512 px: 1, 8)
+  ADM-256 (class-conditional) with its noisy classifier, classifier guidance, batch 1, 8
+  a Stable-Diffusion-1.5-size UNet2DConditionModel (64×64 latents, 77 text tokens of 768),
+  batch 1, 8
+
+Rows, each the whole loop (x_T to x_0, no VAE), median of a few runs:
+  fastguide              fastguide.sample, fused ops (the DiT is fastguide.DiT; the
+                         diffusers UNet is accelerate()d)
+  fastguide-cuda_graph   a held GuidedSampler(cuda_graph=True): the loop replayed as graphs
+  official               the official DiT loop's semantics written out ([z; z] with
+                         [y; null], forward_with_cfg's guided eps, the scheduler's step) on
+                         the same fastguide.DiT with plain PyTorch ops (the torch backend);
+                         for ADM, fastguide's loop on plain PyTorch ops
+  diffusers              the pipeline's denoising loop on diffusers' own model
+                         (DiTTransformer2DModel; UNet2DConditionModel) and DDIMScheduler
+  diffusers-max-autotune the same with torch.compile(model, mode="max-autotune")
+
+fastguide's loop calls a text-conditioned UNet through ``PromptTable`` (label 0 the prompt,
+label 1 the negative prompt) until the loop takes conditioning keyword arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+import fastguide
+from benchmarks.conftest import DEVICE
+from fastguide import CFG, ClassifierGuidance, GuidedSampler, NoiseSchedule, sample
+
+W = 4.0
+STEPS = {"cuda": 25, "cpu": 3}[DEVICE.type]
+DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
+NULL_CLASS = 1000
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One model of the table: its family and its settings at each size."""
+
+    name: str
+    family: str  # "dit", "adm" or "sd"
+    gpu: dict  # constructor settings at the published size
+    cpu: dict  # the same family at a smoke-test size
+
+
+SETUPS = {
+    "DiT-XL/2-256": Setup("DiT-XL/2-256", "dit", dict(preset="DiT-XL/2", input_size=32),
+                          dict(preset="DiT-S/8", input_size=16)),
+    "DiT-XL/2-512": Setup("DiT-XL/2-512", "dit", dict(preset="DiT-XL/2", input_size=64),
+                          dict(preset="DiT-S/8", input_size=16)),
+    "ADM-256": Setup("ADM-256", "adm", dict(preset="adm256"), dict(preset="compact")),
+    "SD-1.5-UNet": Setup("SD-1.5-UNet", "sd", dict(channels=(320, 640, 1280, 1280), size=64, heads=8),
+                         dict(channels=(32, 64), size=8, heads=2)),
+}
+GPU_CASES = [("DiT-XL/2-256", b) for b in (1, 8, 64)] + [("DiT-XL/2-512", b) for b in (1, 8)] \
+    + [("ADM-256", b) for b in (1, 8)] + [("SD-1.5-UNet", b) for b in (1, 8)]
+IMPLS = {"dit": ["fastguide", "fastguide-cuda_graph", "official", "diffusers", "diffusers-max-autotune"],
+         "adm": ["fastguide", "official"],
+         "sd": ["fastguide", "fastguide-cuda_graph", "diffusers", "diffusers-max-autotune"]}
+TEXT_TOKENS, TEXT_WIDTH = 77, 768
+
+
+class PromptTable(nn.Module):
+    """A text-conditioned diffusers UNet as ``model(x_t, t, y)``: y = 0 takes the prompt's
+    embeddings, y = 1 the negative prompt's (the null label)."""
+
+    null_class = True
+    num_classes = 1
+
+    def __init__(self, unet: nn.Module, prompt: torch.Tensor, negative: torch.Tensor):
+        super().__init__()
+        self.unet = unet
+        self.register_buffer("table", torch.stack([prompt, negative]))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=self.table[y]).sample
+
+
+def _ddim(schedule: str, beta_start: float = 1e-4, beta_end: float = 0.02):
+    import diffusers
+
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule=schedule, beta_start=beta_start,
+                                        beta_end=beta_end, clip_sample=False, set_alpha_to_one=True,
+                                        timestep_spacing="leading", steps_offset=0)
+    scheduler.set_timesteps(STEPS)
+    return scheduler
+
+
+SD_BETAS = (0.00085, 0.012)  # Stable Diffusion's "scaled_linear" range
+
+
+def _sd_schedule() -> NoiseSchedule:
+    return NoiseSchedule(torch.linspace(SD_BETAS[0] ** 0.5, SD_BETAS[1] ** 0.5, 1000, dtype=torch.float64) ** 2)
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _dit_rows(setup: dict, batch: int) -> dict:
+    import diffusers
+
+    config = fastguide.dit_config(setup["preset"]) | {"input_size": setup["input_size"]}
+    with torch.device(DEVICE):
+        model = fastguide.DiT(**config).to(DTYPE).eval()
+        theirs = diffusers.DiTTransformer2DModel(
+            num_attention_heads=model.num_heads, attention_head_dim=config["hidden_size"] // model.num_heads,
+            in_channels=4, out_channels=model.out_channels, num_layers=len(model.blocks),
+            sample_size=config["input_size"], patch_size=model.patch_size, num_embeds_ada_norm=1000, norm_eps=1e-6,
+        ).to(DTYPE).eval()
+    shape = (batch, 4, config["input_size"], config["input_size"])
+    noise, labels = _noise_and_labels(shape, 1000)
+    scheduler = _ddim("linear")
+    timesteps = scheduler.timesteps.tolist()
+    settings = dict(sampler="ddim", steps=timesteps, guidance=CFG(W), clip_denoised=False)
+
+    @torch.no_grad()
+    def written_out(forward, torch_ops: bool):
+        """DiT's sample.py loop: one forward of [z; z] with [y; null], CFG on eps."""
+        with fastguide.backend("torch") if torch_ops else contextlib.nullcontext():
+            z, y = noise.clone(), torch.cat([labels, torch.full_like(labels, NULL_CLASS)])
+            for t in scheduler.timesteps:
+                out = forward(torch.cat([z, z]), torch.full((2 * batch,), int(t), device=DEVICE), y)
+                cond, uncond = out[:, :4].chunk(2)
+                z = scheduler.step(uncond + W * (cond - uncond), t, z).prev_sample
+        return z
+
+    diffusers_forward = lambda net: lambda x, t, y: net(x, timestep=t, class_labels=y).sample  # noqa: E731
+    graphed = GuidedSampler(model, cuda_graph=True, **settings) if DEVICE.type == "cuda" else None
+    return {
+        "fastguide": lambda: sample(model, shape, labels=labels, noise=noise, **settings),
+        "fastguide-cuda_graph": lambda: graphed(shape, labels=labels, noise=noise),
+        "official": lambda: written_out(model, torch_ops=True),
+        "diffusers": lambda: written_out(diffusers_forward(theirs), torch_ops=False),
+        "diffusers-max-autotune": lambda: written_out(diffusers_forward(_max_autotune(theirs)), torch_ops=False),
+    }
+
+
+def _adm_rows(setup: dict, batch: int) -> dict:
+    flags = fastguide.unet_config(setup["preset"])
+    with torch.device(DEVICE):
+        model = fastguide.create_model(**flags).to(DTYPE).eval()
+        classifier = fastguide.create_classifier(**fastguide.classifier_config(setup["preset"])).to(DTYPE).eval()
+    shape = (batch, model.in_channels, model.image_size, model.image_size)
+    noise, labels = _noise_and_labels(shape, model.num_classes)
+    run = lambda: sample(model, shape, labels=labels, noise=noise, sampler="ddim", steps=STEPS,  # noqa: E731
+                         guidance=ClassifierGuidance(classifier, 1.0))
+
+    def plain():
+        with fastguide.backend("torch"):
+            return run()
+
+    return {"fastguide": run, "official": plain}
+
+
+def _sd_rows(setup: dict, batch: int) -> dict:
+    import diffusers
+
+    channels = setup["channels"]
+    down = ("CrossAttnDownBlock2D",) * (len(channels) - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(channels) - 1)
+    width = TEXT_WIDTH if DEVICE.type == "cuda" else 32
+    with torch.device(DEVICE):
+        theirs = diffusers.UNet2DConditionModel(
+            sample_size=setup["size"], in_channels=4, out_channels=4, block_out_channels=channels,
+            down_block_types=down, up_block_types=up, layers_per_block=2, cross_attention_dim=width,
+            attention_head_dim=setup["heads"], norm_num_groups=min(32, channels[0]),
+        ).to(DTYPE).eval()
+        ours = diffusers.UNet2DConditionModel.from_config(theirs.config).to(DTYPE).eval()
+    ours.load_state_dict(theirs.state_dict())
+    fastguide.accelerate(ours)
+    prompt, negative = (torch.randn(TEXT_TOKENS, width, generator=torch.Generator().manual_seed(s)).to(DEVICE, DTYPE)
+                        for s in (1, 2))
+    model = PromptTable(ours, prompt, negative)
+    shape = (batch, 4, setup["size"], setup["size"])
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(DEVICE, DTYPE)
+    labels = torch.zeros(batch, dtype=torch.long, device=DEVICE)
+    scheduler = _ddim("scaled_linear", *SD_BETAS)
+    settings = dict(sampler="ddim", steps=scheduler.timesteps.tolist(), guidance=CFG(W), clip_denoised=False,
+                    schedule=_sd_schedule())
+    text = torch.cat([prompt.expand(batch, -1, -1), negative.expand(batch, -1, -1)])
+
+    @torch.no_grad()
+    def pipeline_loop(unet):
+        """StableDiffusionPipeline's denoising loop (without the VAE)."""
+        latents = noise.clone()
+        for t in scheduler.timesteps:
+            cond, uncond = unet(torch.cat([latents] * 2), t, encoder_hidden_states=text).sample.chunk(2)
+            latents = scheduler.step(uncond + W * (cond - uncond), t, latents).prev_sample
+        return latents
+
+    graphed = GuidedSampler(model, cuda_graph=True, **settings) if DEVICE.type == "cuda" else None
+    return {
+        "fastguide": lambda: sample(model, shape, labels=labels, noise=noise, **settings),
+        "fastguide-cuda_graph": lambda: graphed(shape, labels=labels, noise=noise),
+        "diffusers": lambda: pipeline_loop(theirs),
+        "diffusers-max-autotune": lambda: pipeline_loop(_max_autotune(theirs)),
+    }
+
+
+_COMPILED: dict[int, nn.Module] = {}
+
+
+def _max_autotune(module: nn.Module) -> nn.Module:
+    if id(module) not in _COMPILED:
+        _COMPILED[id(module)] = torch.compile(module, mode="max-autotune")
+    return _COMPILED[id(module)]
+
+
+def _noise_and_labels(shape: tuple[int, ...], classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(shape, generator=g).to(DEVICE, DTYPE)
+    return noise, torch.randint(0, classes, (shape[0],), generator=g).to(DEVICE)
+
+
+ROWS = {"dit": _dit_rows, "adm": _adm_rows, "sd": _sd_rows}
+
+
+def _run(benchmark, name: str, batch: int, impl: str) -> None:
+    setup = SETUPS[name]
+    if impl not in IMPLS[setup.family]:
+        pytest.skip(f"{impl} has no row for {setup.family}")
+    if DEVICE.type == "cpu" and impl in ("fastguide-cuda_graph", "diffusers-max-autotune"):
+        pytest.skip(f"{impl}: GPU only (graphs need CUDA; max-autotune tunes for minutes)")
+    fn = ROWS[setup.family](setup.gpu if DEVICE.type == "cuda" else setup.cpu, batch)[impl]
+
+    def timed():
+        out = fn()
+        _sync()
+        return out
+
+    timed()  # warm-up: compile, autotune, capture
+    benchmark.pedantic(timed, rounds=3, warmup_rounds=0)
+    benchmark.extra_info.update(model=name, batch=batch, steps=STEPS, device=str(DEVICE))
+
+
+ALL_IMPLS = sorted({impl for impls in IMPLS.values() for impl in impls})
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+@pytest.mark.parametrize("name", list(SETUPS))
+def test_end_to_end_cpu(benchmark, name, impl):
+    if DEVICE.type != "cpu":
+        pytest.skip("CPU set")
+    _run(benchmark, name, 1, impl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+@pytest.mark.parametrize("name, batch", GPU_CASES, ids=[f"{n}-b{b}" for n, b in GPU_CASES])
+def test_end_to_end_gpu(benchmark, name, batch, impl):
+    _run(benchmark, name, batch, impl)
