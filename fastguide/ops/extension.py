@@ -26,7 +26,7 @@ OPS_NAMESPACE = "fastguide_cuda"
 KERNEL_SOURCES = ("guided_step.cu", "group_norm.cu", "layer_norm.cu")  # nvcc; no torch headers
 BINDING_SOURCES = ("bindings.cpp",)  # the host compiler, against torch's headers
 NVCC_FLAGS = ("-O3", "--use_fast_math")  # torch adds the C++ standard its headers need
-# The static check (python -m fastguide.kernels.report): each kernel source on its own,
+# The static check (tools/kernel_report.py): each kernel source on its own,
 # with the half-type restrictions torch's extension builds add, warnings as errors.
 KERNEL_CHECK_FLAGS = (
     "-std=c++17", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
