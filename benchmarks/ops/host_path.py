@@ -18,6 +18,7 @@ import torch
 
 from fastguide import ops
 from fastguide.ops import reference
+from fastguide.ops.contract import GuidanceCombine, StepCoefficients, StepTensors
 
 
 def per_call_us(fn, calls: int) -> float:
@@ -33,7 +34,14 @@ def cases() -> dict[str, tuple]:
     scale, shift = torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
     image, weight, bias = torch.randn(2, 8, 4, 4, generator=g), torch.randn(8, generator=g), torch.randn(8, generator=g)
     q = torch.randn(1, 2, 5, 8, generator=g)
+    x, model_output = torch.randn(1, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    out = torch.empty(2, 3, 8, 8)
+    step = StepCoefficients(alpha=0.8, sigma=0.6, k_x0=0.7, k_eps=0.5, clip_denoised=True)
+    combine = GuidanceCombine(3.0)
     return {
+        "guided_step (CFG + DDIM, 2B out)": (
+            lambda: ops.guided_step(model_output, x, step, combine, out=out),
+            lambda: reference.guided_step(StepTensors(model_output, x, out=out), step, combine)),
         "layer_norm (+ adaLN scale, shift)": (
             lambda: ops.layer_norm(tokens, (8,), scale=scale, shift=shift),
             lambda: reference.layer_norm_forward(tokens, None, None, scale[:, None], shift[:, None], 1e-6)),
