@@ -1,12 +1,13 @@
-// CUDA guided_step: the stats pass (only for CFG rescale, CFG-Zero* and APG) and one
+// CUDA guided_step: the stats pass (CFG rescale, CFG-Zero*, APG, tangential CFG) and one
 // elementwise pass. The math is guided_step.cuh's; this file maps it onto threads.
 //
 // Elementwise pass: grid (chunks of a sample, batch); each thread owns kVec consecutive
 // elements of one sample and moves them as 16-byte vectors (kVec = 16/sizeof(T)) when
 // every pointer and offset allows, else one element at a time. The sample's guidance
-// coefficients are merged from its partial sums once per block, by thread 0.
-// Stats pass: grid (parts, batch); each block sums its chunk of one sample into
-// registers, reduces them over the block with warp shuffles and writes 5 floats.
+// coefficients are merged from its partial moments once per block, by thread 0.
+// Stats pass: grid (parts, batch); each thread sums its elements of one chunk shifted by
+// its first one (ShiftedSums), the block merges the threads' Moments by Chan's formula
+// (warp shuffles, then shared memory) and writes the chunk's partial (8 floats).
 //
 // Bytes it must move: as kernels/guided_step.py (2E model output or E plus E of a guide,
 // E of x and of each history or extra input read; E or 2E written): ~20 FLOPs per element, memory-bound.
@@ -19,15 +20,49 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Merges the lanes' Moments over the warp by xor butterflies, returned to every lane. At
+// each level a group merges with its partner group in lane order (the lower first), so
+// both compute the same bits and the result does not depend on the schedule.
+__device__ __forceinline__ Moments warp_merge_moments(Moments m) {
+  const int lane = threadIdx.x % kWarpSize;
+#pragma unroll
+  for (int offset = 1; offset < kWarpSize; offset *= 2) {
+    const Moments other{__shfl_xor_sync(0xffffffffu, m.count, offset),
+                               __shfl_xor_sync(0xffffffffu, m.mean_c, offset),
+                               __shfl_xor_sync(0xffffffffu, m.mean_v, offset),
+                               __shfl_xor_sync(0xffffffffu, m.m_cc, offset),
+                               __shfl_xor_sync(0xffffffffu, m.m_vv, offset),
+                               __shfl_xor_sync(0xffffffffu, m.m_cv, offset)};
+    m = (lane & offset) ? merge_moments(other, m) : merge_moments(m, other);
+  }
+  return m;
+}
+
+// The block's merged Moments, returned to thread 0 (the threads' sets in thread order).
+__device__ __forceinline__ Moments block_merge_moments(Moments m) {
+  constexpr int kWarps = kThreads / kWarpSize;
+  __shared__ Moments warp_moments[kWarps];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  m = warp_merge_moments(m);
+  if (lane == 0) warp_moments[warp] = m;
+  __syncthreads();
+  if (warp == 0) m = warp_merge_moments(lane < kWarps ? warp_moments[lane] : Moments{});
+  return m;
+}
+
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreads) guided_stats_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
   const int64_t b = blockIdx.y;
   const int64_t per_part = stats_part_elems(p, kVec);
   const int64_t begin = blockIdx.x * per_part;
   const int64_t end = begin + per_part < p.sample_elems ? begin + per_part : p.sample_elems;
-  float acc[kStatsPerSample] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  const int64_t first = begin + static_cast<int64_t>(threadIdx.x) * kVec;
+  // Each thread's first element is its shift, read before the loop (a cached reread; a
+  // shift chosen per element costs the vector path 8 registers).
+  ShiftedSums sums{};
+  if (first < end) stats_inputs_at(p, t, b, first, sums.k_c, sums.k_v);
   // With kVec > 1 the launcher guarantees sample_elems % kVec == 0: no tail.
-  for (int64_t j = begin + static_cast<int64_t>(threadIdx.x) * kVec; j < end; j += kThreads * kVec) {
+  for (int64_t j = first; j < end; j += kThreads * kVec) {
     if constexpr (kVec > 1) {
       const int64_t mo = b * p.mo_sample_stride + j;
       const Vec<T, kVec> c = load_vec<T, kVec>(t.model_output + mo);
@@ -35,17 +70,23 @@ __global__ void __launch_bounds__(kThreads) guided_stats_kernel(GuidedStepParams
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
         const float buffer = p.apg_momentum_on ? t.apg_buffer[b * p.sample_elems + j + i] : 0.0f;
-        accumulate_stats(p, to_float(c.v[i]), to_float(u.v[i]), buffer, acc);
+        const float c_i = to_float(c.v[i]);
+        add_shifted(sums, c_i, guidance_difference(p, c_i, to_float(u.v[i]), buffer));
       }
     } else {
-      accumulate_stats_at(p, t, b, j, acc);
+      accumulate_stats_at(p, t, b, j, sums);
     }
   }
-  block_sum(acc);
-  if (threadIdx.x == 0) {
+  // The part's first element is the reference of the means (read after the loop, so that
+  // it holds no register there).
+  float ref_c = 0.0f, ref_v = 0.0f;
+  if (first < end) stats_inputs_at(p, t, b, begin, ref_c, ref_v);
+  const Moments m = block_merge_moments(shifted_moments(sums, ref_c, ref_v));
+  if (threadIdx.x == 0) {  // thread 0 reads the reference: its part is never empty
     float* out = t.partials + (b * p.parts + blockIdx.x) * kStatsPerSample;
+    const float fields[kStatsPerSample] = {m.count, ref_c, ref_v, m.mean_c, m.mean_v, m.m_cc, m.m_vv, m.m_cv};
 #pragma unroll
-    for (int k = 0; k < kStatsPerSample; ++k) out[k] = acc[k];
+    for (int k = 0; k < kStatsPerSample; ++k) out[k] = fields[k];
   }
 }
 

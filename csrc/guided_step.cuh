@@ -10,7 +10,10 @@
 //   tangential   u ← (u·v₁)v₁ = β(a₀c + a₁u) from the 2×2 Gram matrix of [c; u] (kernels/guided_step.py)
 //   APG          k = min(1, τ/‖v‖), α_c = 1 + (w − 1)·k·(η − 1)·⟨v, c⟩/‖c‖², α_v = (w − 1)·k
 //   rescale      f = φ·std(c)/std(m₀) + 1 − φ
-// all from five sums S = [Σc, Σv, Σc², Σv², Σc·v] per sample. Then per element: x0 and
+// all from the moments of (c, v) per sample: the means μc, μv and the centred co-moment
+// sums Mcc = Σ(c − μc)², Mvv, Mcv, from which std(m₀)² = (α_c²Mcc + 2α_cα_vMcv + α_v²Mvv)/(n − 1)
+// and the Gram entries Σxy = Mxy + n·μx·μy (u = c − v) follow without cancelling when
+// |mean| ≫ std (Moments below). Then per element: x0 and
 // eps by the prediction type's linear map, the optional clip, the classifier eps shift,
 // and x_next = k_x·x + k_x0·x0 + k_eps·eps + Σᵢ k_history[i]·history[i] + k_noise'·noise
 // + k_grad'·grad.
@@ -24,8 +27,8 @@
 namespace fastguide {
 
 enum GuidedStats : int { kStatsNone = 0, kStatsZeroStar = 1, kStatsApg = 2, kStatsPlain = 3, kStatsTangential = 4 };
-constexpr int kStatsPerSample = 5;  // Σc, Σv, Σc², Σv², Σc·v
-constexpr int kMaxParts = 32;       // partial sums per sample written by the stats pass
+constexpr int kStatsPerSample = 8;  // floats of one partial: n, reference (c, v), Moments about it
+constexpr int kMaxParts = 32;       // partials per sample written by the stats pass
 
 // The contract's scalars (fastguide/ops/contract.py): the float fields of StepCoefficients
 // and of GuidanceCombine, in the types' declaration order. The bindings copy the op's
@@ -79,34 +82,103 @@ struct GuidedStepTensors {
   float* apg_buffer;                // fp32 momentum state, null unless apg_momentum_on
   T* out;
   T* x0_out;                        // null unless has_x0_out
-  float* partials;                  // (batch, parts, 5) fp32 partial sums, null unless stats != none
+  float* partials;                  // (batch, parts, 8) fp32 partial moments, null unless stats != none
 };
+
+// The moments of (c, v) over a set of elements: count n, means μc, μv and the centred
+// co-moment sums Mcc = Σ(c − μc)², Mvv = Σ(v − μv)², Mcv = Σ(c − μc)(v − μv). The means
+// are offsets from a reference value (an element) that the holder keeps: exact to the
+// last bit of a spread much smaller than |μ|, and exactly 0 for a constant set. A partial
+// of the stats pass is (n, r_c, r_v, μc − r_c, μv − r_v, Mcc, Mvv, Mcv); the merge over
+// the parts runs in double (sample_coefficients).
+struct Moments {
+  float count, mean_c, mean_v, m_cc, m_vv, m_cv;
+};
+
+// Chan's merge of two sets whose means share a reference: δ = μ_b − μ_a,
+// μ = μ_a + δ·n_b/n, M = M_a + M_b + δ·δ'·n_a·n_b/n. An empty set (all zero) leaves the
+// other exactly as it is, without a branch. Deterministic for a fixed order.
+FG_HOST_DEVICE Moments merge_moments(const Moments& a, const Moments& b) {
+  const float count = a.count + b.count;
+  const float weight_b = b.count / (count > 0.0f ? count : 1.0f), weight = a.count * weight_b;
+  const float delta_c = b.mean_c - a.mean_c, delta_v = b.mean_v - a.mean_v;
+  return {count,
+          a.mean_c + delta_c * weight_b,
+          a.mean_v + delta_v * weight_b,
+          a.m_cc + b.m_cc + delta_c * delta_c * weight,
+          a.m_vv + b.m_vv + delta_v * delta_v * weight,
+          a.m_cv + b.m_cv + delta_c * delta_v * weight};
+}
+
+// One thread's running sums of the stats pass: its elements shifted by its first one
+// (k_c, k_v, set before the first add), so that the differences are exact for nearby values.
+struct ShiftedSums {
+  float count, k_c, k_v, c, v, cc, vv, cv;
+};
+
+FG_HOST_DEVICE void add_shifted(ShiftedSums& s, float c, float v) {
+  const float dc = c - s.k_c, dv = v - s.k_v;
+  s.count += 1.0f;
+  s.c += dc;
+  s.v += dv;
+  s.cc += dc * dc;
+  s.vv += dv * dv;
+  s.cv += dc * dv;
+}
+
+// A thread's moments, means about the reference (ref_c, ref_v): μ − r = (k − r) + S1/n
+// (k − r exact for nearby values), M = S2 − S1·S1'/n. As k is one of the n elements,
+// n(μ − k)² ≤ (n − 1)·M: M loses at most a factor n (the thread's elements, a part's
+// / 256; about 2 for a typical k) to cancellation, where E[x²] − E[x]² loses (μ/σ)².
+FG_HOST_DEVICE Moments shifted_moments(const ShiftedSums& s, float ref_c, float ref_v) {
+  if (s.count == 0.0f) return {};
+  const float inv = 1.0f / s.count;
+  return {s.count, (s.k_c - ref_c) + s.c * inv, (s.k_v - ref_v) + s.v * inv,
+          s.cc - s.c * s.c * inv, s.vv - s.v * s.v * inv, s.cv - s.c * s.v * inv};
+}
 
 struct SampleCoefficients {
   float alpha_c, alpha_v, f;
 };
 
-// (α_c, α_v, f) of one sample from its `parts` partial sums, merged in float64 in a
-// fixed order (deterministic).
+// (α_c, α_v, f) of one sample from its `parts` partials, merged in double in a fixed
+// order (deterministic): about the first part's mean μ₀, S1 = Σ n_p(μ_p − μ₀),
+// S2 = Σ M_p + n_p(μ_p − μ₀)(μ_p − μ₀)', M = S2 − S1·S1'/n (what cancels there is
+// (μ − μ₀)²/σ², nothing next to double's precision). The Gram entries are
+// Σxy = Mxy + n·μx·μy with u = c − v.
 FG_HOST_DEVICE SampleCoefficients sample_coefficients(const GuidedStepParams& p, const float* sample_partials) {
-  double s[kStatsPerSample] = {0.0, 0.0, 0.0, 0.0, 0.0};
+  const double ref_c = double(sample_partials[1]) + sample_partials[3];
+  const double ref_v = double(sample_partials[2]) + sample_partials[4];
+  double n = 0.0, s_c = 0.0, s_v = 0.0, s_cc = 0.0, s_vv = 0.0, s_cv = 0.0;
   for (int part = 0; part < p.parts; ++part) {
-    for (int k = 0; k < kStatsPerSample; ++k) s[k] += static_cast<double>(sample_partials[part * kStatsPerSample + k]);
+    const float* row = sample_partials + part * kStatsPerSample;
+    const double count = row[0];
+    const double d_c = (double(row[1]) + row[3]) - ref_c, d_v = (double(row[2]) + row[4]) - ref_v;
+    n += count;
+    s_c += count * d_c;
+    s_v += count * d_v;
+    s_cc += row[5] + count * d_c * d_c;
+    s_vv += row[6] + count * d_v * d_v;
+    s_cv += row[7] + count * d_c * d_v;
   }
-  const double s_c = s[0], s_v = s[1], s_cc = s[2], s_vv = s[3], s_cv = s[4];
+  const double mean_c = ref_c + s_c / n, mean_v = ref_v + s_v / n;
+  const double m_cc = s_cc - s_c * s_c / n, m_vv = s_vv - s_v * s_v / n, m_cv = s_cv - s_c * s_v / n;
+  const double mean_u = mean_c - mean_v;
+  const double cc = m_cc + n * mean_c * mean_c, vv = m_vv + n * mean_v * mean_v, cv = m_cv + n * mean_c * mean_v;
+  const double cu = (m_cc - m_cv) + n * mean_c * mean_u, uu = (m_cc - 2.0 * m_cv + m_vv) + n * mean_u * mean_u;
   const double w = p.combine.scale;
   double alpha_c = 1.0, alpha_v = w - 1.0, f = 1.0;
   if (p.stats == kStatsZeroStar) {
-    const double s_star = (s_cc - s_cv) / (s_cc - 2.0 * s_cv + s_vv + 1e-8);
+    const double s_star = cu / (uu + 1e-8);
     alpha_c = w + s_star * (1.0 - w);
     alpha_v = s_star * (w - 1.0);
   } else if (p.stats == kStatsTangential) {
     // u ← (u·v₁)v₁ = β(a₀c + a₁u), (a₀, a₁) the top eigenvector of [[c·c, c·u], [c·u, u·u]].
-    const double cu = s_cc - s_cv, uu = s_cc - 2.0 * s_cv + s_vv;
-    const double half_gap = 0.5 * (s_cc - uu);
-    const double top = 0.5 * (s_cc + uu) + sqrt(half_gap * half_gap + cu * cu);
-    const double a0 = half_gap >= 0.0 ? top - uu : cu;  // the better-conditioned of the two forms
-    const double a1 = half_gap >= 0.0 ? cu : top - s_cc;
+    const double half_gap = cv - 0.5 * vv;  // (c·c − u·u)/2
+    const double root = sqrt(half_gap * half_gap + cu * cu);
+    const double top = 0.5 * (cc + uu) + root;
+    const double a0 = half_gap >= 0.0 ? root + half_gap : cu;  // top − u·u or c·u: the form that does not cancel
+    const double a1 = half_gap >= 0.0 ? cu : root - half_gap;  // c·u or top − c·c
     const double denominator = top * (a0 * a0 + a1 * a1);
     const double beta = denominator > 0.0 ? (a0 * cu + a1 * uu) / denominator : 0.0;
     alpha_c = w + (1.0 - w) * beta * (a0 + a1);
@@ -114,20 +186,17 @@ FG_HOST_DEVICE SampleCoefficients sample_coefficients(const GuidedStepParams& p,
   } else if (p.stats == kStatsApg) {
     double clip = 1.0;
     if (p.combine.apg_norm_threshold > 0.0f) {
-      clip = fmin(clip, static_cast<double>(p.combine.apg_norm_threshold) / sqrt(s_vv));
+      clip = fmin(clip, static_cast<double>(p.combine.apg_norm_threshold) / sqrt(vv));
     }
-    alpha_c = 1.0 + (w - 1.0) * clip * (static_cast<double>(p.combine.apg_eta) - 1.0) * s_cv / fmax(s_cc, 1e-24);
+    alpha_c = 1.0 + (w - 1.0) * clip * (static_cast<double>(p.combine.apg_eta) - 1.0) * cv / fmax(cc, 1e-24);
     alpha_v = (w - 1.0) * clip;
   }
   if (p.rescale) {
-    const double n = static_cast<double>(p.sample_elems);
-    const double var_c = (s_cc - s_c * s_c / n) / (n - 1.0);
-    const double s_m = alpha_c * s_c + alpha_v * s_v;
-    const double s_mm = alpha_c * alpha_c * s_cc + 2.0 * alpha_c * alpha_v * s_cv + alpha_v * alpha_v * s_vv;
-    const double var_m = (s_mm - s_m * s_m / n) / (n - 1.0);
+    // (n − 1)·var(m₀) of m₀ = α_c·c + α_v·v; the 1/(n − 1) cancels in the ratio.
+    const double m_mm = alpha_c * alpha_c * m_cc + 2.0 * alpha_c * alpha_v * m_cv + alpha_v * alpha_v * m_vv;
     const double phi = p.combine.rescale;
     // A constant guided prediction (std 0) is left as it is; NaN still propagates.
-    f = var_m <= 0.0 ? 1.0 : phi * sqrt(var_c / var_m) + 1.0 - phi;
+    f = m_mm <= 0.0 ? 1.0 : phi * sqrt(m_cc / m_mm) + 1.0 - phi;
   }
   return {static_cast<float>(alpha_c), static_cast<float>(alpha_v), static_cast<float>(f)};
 }
@@ -222,24 +291,23 @@ FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const Sampl
   return result;
 }
 
-FG_HOST_DEVICE void accumulate_stats(const GuidedStepParams& p, float c, float u, float buffer,
-                                     float (&acc)[kStatsPerSample]) {
-  const float v = guidance_difference(p, c, u, buffer);
-  acc[0] += c;
-  acc[1] += v;
-  acc[2] += c * c;
-  acc[3] += v * v;
-  acc[4] += c * v;
-}
-
-// Adds element j of sample b to the five running sums.
+// c and v = c − u (+ momentum·buffer) of element j of sample b.
 template <typename T>
-FG_HOST_DEVICE void accumulate_stats_at(const GuidedStepParams& p, const GuidedStepTensors<T>& t, int64_t b,
-                                        int64_t j, float (&acc)[kStatsPerSample]) {
-  const float c = to_float(t.model_output[b * p.mo_sample_stride + j]);
+FG_HOST_DEVICE void stats_inputs_at(const GuidedStepParams& p, const GuidedStepTensors<T>& t, int64_t b, int64_t j,
+                                    float& c, float& v) {
+  c = to_float(t.model_output[b * p.mo_sample_stride + j]);
   const float u = to_float(t.uncond[b * p.uncond_sample_stride + j]);
   const float buffer = p.apg_momentum_on ? t.apg_buffer[b * p.sample_elems + j] : 0.0f;
-  accumulate_stats(p, c, u, buffer, acc);
+  v = guidance_difference(p, c, u, buffer);
+}
+
+// Adds element j of sample b to a thread's shifted sums.
+template <typename T>
+FG_HOST_DEVICE void accumulate_stats_at(const GuidedStepParams& p, const GuidedStepTensors<T>& t, int64_t b,
+                                        int64_t j, ShiftedSums& sums) {
+  float c, v;
+  stats_inputs_at(p, t, b, j, c, v);
+  add_shifted(sums, c, v);
 }
 
 // Elements per part of the stats pass: a multiple of `vec`, so vector loads stay aligned.

@@ -11,9 +11,13 @@ is m = f·(α_c·c + α_v·v) with per-sample scalars:
                  α_c = w + (1 − w)β(a₀ + a₁),  α_v = −(1 − w)β·a₁
   APG            k = min(1, τ/‖r‖),  α_c = 1 + (w − 1)·k·(η − 1)·⟨r, c⟩/‖c‖²,  α_v = (w − 1)·k
   CFG rescale    f = φ·std(c)/std(m₀) + 1 − φ, with m₀ = α_c·c + α_v·v
-The per-sample scalars need only five sums S = [Σc, Σv, Σc², Σv², Σc·v]: with
-u = c − v, ⟨c, u⟩ = Σc² − Σcv and ‖u‖² = Σc² − 2Σcv + Σv²; Σm₀ and Σm₀² expand the same
-way. Working on the difference v rather than u keeps these expansions free of
+The per-sample scalars need only the moments of (c, v): the means μc, μv and the centred
+co-moment sums Mcc = Σ(c − μc)², Mvv, Mcv. Then std(m₀)² = (α_c²Mcc + 2α_cα_vMcv +
+α_v²Mvv)/(n − 1), and with u = c − v the Gram entries are Σxy = Mxy + n·μx·μy
+(⟨c, u⟩ = Mcc − Mcv + n·μc·μu, ‖u‖² = Mcc − 2Mcv + Mvv + n·μu²). Centred sums keep the
+variances from cancelling when |mean| ≫ std (a single pass over E[x²] − E[x]² in float32
+keeps no digit of std at mean 1e4, spread 1e-2) and give exact zeros for a constant
+prediction; working on the difference v rather than u keeps the expansions free of
 cancellation when c ≈ u, as it is for trained models.
 Then, per element: x0 and eps from m and x by the prediction type's linear map, the
 optional clip (eps re-derived), the classifier eps shift (x0 re-derived), and
@@ -21,9 +25,10 @@ x_next = k_x·x + k_x0·x0 + k_eps·eps + Σᵢ k_history[i]·history[i] + k_noi
 (up to MAX_HISTORY = 4 history tensors, in four pointer slots).
 
 Passes. Plain CFG: one launch, `_guided_step_kernel`. Variants with reductions: first
-`_guided_stats_kernel` (grid: PARTS chunks × B samples) writes fp32 partial sums, then
-the elementwise kernel merges a sample's ≤ 32 partials in its prologue, in a fixed order
-(deterministic: no atomics). Two launches.
+`_guided_stats_kernel` (grid: PARTS chunks × B samples) writes each chunk's fp32 moments
+(sums shifted by a value near the chunk's mean, accumulated in float32), then the
+elementwise kernel merges a sample's ≤ 32 partials in float64 by Chan's formula in its
+prologue, in a fixed order (deterministic: no atomics). Two launches.
 
 Bytes it must move (E = B·C·HW elements of x, s_t the size of tensor t's dtype):
   elementwise: read 2E of model output (E when unguided; +E for learned variance),
@@ -63,8 +68,20 @@ from fastguide.ops.layout import (
 
 BLOCK = 2048  # elements per program of the elementwise pass (8 per thread at 8 warps)
 NUM_WARPS = 8
-MAX_PARTS = 32  # partial sums per sample in the stats pass
+MAX_PARTS = 32  # partial moments per sample in the stats pass
+STATS_FIELDS = tl.constexpr(8)  # a partial: count, reference (c, v), mean offsets (c, v), co-moments cc, vv, cv
 
+
+@triton.jit
+def _load_c_v(mo_ptr, uncond_ptr, buf_ptr, b, j, mask, mo_sample_stride, uncond_sample_stride, sample_elems,
+              apg_momentum, APG_MOMENTUM: tl.constexpr):
+    """c and v = c − u (+ momentum·buffer) at offsets j of sample b, in fp32."""
+    c = tl.load(mo_ptr + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(uncond_ptr + b * uncond_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
+    v = c - u
+    if APG_MOMENTUM:
+        v += apg_momentum * tl.load(buf_ptr + b * sample_elems + j, mask=mask, other=0.0).to(tl.float32)
+    return c, v
 
 
 @triton.jit
@@ -74,68 +91,113 @@ def _guided_stats_kernel(
     apg_momentum,
     APG_MOMENTUM: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Partial sums [Σc, Σv, Σc², Σv², Σc·v] of one chunk of one sample."""
+    """The moments of (c, v) over one chunk of one sample: its count n, a reference value
+    k, the mean offsets μ − k and the centred co-moment sums Σ(c − μc)², Σ(v − μv)²,
+    Σ(c − μc)(v − μv).
+
+    k is the mean of the chunk's first block (n₀ elements), formed as r + mean(x − r)
+    about the block's first element r, so that a constant block gives k = r exactly. Every
+    element is summed shifted by k (differences of nearby values are exact):
+    S1 = Σ(x − k), S2 = Σ(x − k)(y − k) for x, y ∈ {c, v}, and M = S2 − S1·S1'/n. As
+    S2 = M + n(μ − k)² and n(μ − k)² ≤ (n/n₀ − 1)·M (the first block's share of the
+    spread), M loses at most a factor n/n₀ to cancellation: none for a chunk of one block
+    (up to 64k-element samples), where E[x²] − E[x]² loses (μ/σ)²; a constant chunk gives
+    exact zeros.
+    """
     part = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     start = part * elems_per_part
-    acc_c = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_v = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_cc = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_vv = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_cv = tl.zeros([BLOCK], dtype=tl.float32)
-    for offset in range(0, elems_per_part, BLOCK):
-        j = start + offset + tl.arange(0, BLOCK)
-        mask = (j < sample_elems) & (offset + tl.arange(0, BLOCK) < elems_per_part)
-        c = tl.load(mo_ptr + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(uncond_ptr + b * uncond_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
-        v = c - u
-        if APG_MOMENTUM:
-            v += apg_momentum * tl.load(buf_ptr + b * sample_elems + j, mask=mask, other=0.0).to(tl.float32)
-        acc_c += c
-        acc_v += v
-        acc_cc += c * c
-        acc_vv += v * v
-        acc_cv += c * v
-    out = partial_ptr + (b * PARTS + part) * 5
-    tl.store(out + 0, tl.sum(acc_c, axis=0))
-    tl.store(out + 1, tl.sum(acc_v, axis=0))
-    tl.store(out + 2, tl.sum(acc_cc, axis=0))
-    tl.store(out + 3, tl.sum(acc_vv, axis=0))
-    tl.store(out + 4, tl.sum(acc_cv, axis=0))
+    lanes = tl.arange(0, BLOCK)
+    mask = start + lanes < sample_elems
+    c, v = _load_c_v(mo_ptr, uncond_ptr, buf_ptr, b, start + lanes, mask, mo_sample_stride,
+                     uncond_sample_stride, sample_elems, apg_momentum, APG_MOMENTUM)
+    ref_c = tl.sum(tl.where(lanes == 0, c, 0.0), axis=0)
+    ref_v = tl.sum(tl.where(lanes == 0, v, 0.0), axis=0)
+    first_count = tl.maximum(tl.sum(mask.to(tl.float32), axis=0), 1.0)
+    k_c = ref_c + tl.sum(tl.where(mask, c - ref_c, 0.0), axis=0) / first_count
+    k_v = ref_v + tl.sum(tl.where(mask, v - ref_v, 0.0), axis=0) / first_count
+    dc = tl.where(mask, c - k_c, 0.0)
+    dv = tl.where(mask, v - k_v, 0.0)
+    acc_c = dc
+    acc_v = dv
+    acc_cc = dc * dc
+    acc_vv = dv * dv
+    acc_cv = dc * dv
+    # elems_per_part is a multiple of BLOCK: j stays inside the chunk.
+    for offset in range(BLOCK, elems_per_part, BLOCK):
+        j = start + offset + lanes
+        mask = j < sample_elems
+        c, v = _load_c_v(mo_ptr, uncond_ptr, buf_ptr, b, j, mask, mo_sample_stride,
+                         uncond_sample_stride, sample_elems, apg_momentum, APG_MOMENTUM)
+        dc = tl.where(mask, c - k_c, 0.0)
+        dv = tl.where(mask, v - k_v, 0.0)
+        acc_c += dc
+        acc_v += dv
+        acc_cc += dc * dc
+        acc_vv += dv * dv
+        acc_cv += dc * dv
+    n = tl.minimum(tl.maximum(sample_elems - start, 0), elems_per_part).to(tl.float32)
+    inv_n = 1.0 / tl.maximum(n, 1.0)
+    s_c = tl.sum(acc_c, axis=0)
+    s_v = tl.sum(acc_v, axis=0)
+    out = partial_ptr + (b * PARTS + part) * STATS_FIELDS
+    tl.store(out + 0, n)
+    tl.store(out + 1, k_c)
+    tl.store(out + 2, k_v)
+    tl.store(out + 3, s_c * inv_n)
+    tl.store(out + 4, s_v * inv_n)
+    tl.store(out + 5, tl.sum(acc_cc, axis=0) - s_c * s_c * inv_n)
+    tl.store(out + 6, tl.sum(acc_vv, axis=0) - s_v * s_v * inv_n)
+    tl.store(out + 7, tl.sum(acc_cv, axis=0) - s_c * s_v * inv_n)
 
 
 @triton.jit
 def _sample_coefficients(
-    partial_ptr, b, n_elems,
+    partial_ptr, b,
     w, rescale, apg_eta, apg_norm_threshold,
     STATS: tl.constexpr, RESCALE: tl.constexpr, PARTS: tl.constexpr,
 ):
-    """(α_c, α_v, f) of sample b from its merged partial sums (float64 scalar math)."""
-    parts = tl.arange(0, PARTS)
-    row = partial_ptr + (b * PARTS + parts) * 5
-    s_c = tl.sum(tl.load(row + 0).to(tl.float64), axis=0)
-    s_v = tl.sum(tl.load(row + 1).to(tl.float64), axis=0)
-    s_cc = tl.sum(tl.load(row + 2).to(tl.float64), axis=0)
-    s_vv = tl.sum(tl.load(row + 3).to(tl.float64), axis=0)
-    s_cv = tl.sum(tl.load(row + 4).to(tl.float64), axis=0)
+    """(α_c, α_v, f) of sample b from its chunks' moments, merged in float64 by Chan's
+    formula in a fixed order: μ = Σ n_p μ_p / n, M = Σ M_p + Σ n_p (μ_p − μ)(μ_p − μ)'.
+    The Gram entries follow without cancelling: Σxy = M_xy + n·μx·μy, with u = c − v."""
+    row = partial_ptr + (b * PARTS + tl.arange(0, PARTS)) * STATS_FIELDS
+    counts = tl.load(row + 0).to(tl.float64)  # 0 in the rows of the unused parts
+    part_c = tl.load(row + 1).to(tl.float64) + tl.load(row + 3).to(tl.float64)
+    part_v = tl.load(row + 2).to(tl.float64) + tl.load(row + 4).to(tl.float64)
+    n = tl.sum(counts, axis=0)
+    mean_c = tl.sum(counts * part_c, axis=0) / n
+    mean_v = tl.sum(counts * part_v, axis=0) / n
+    dc = part_c - mean_c
+    dv = part_v - mean_v
+    m_cc = tl.sum(tl.load(row + 5).to(tl.float64) + counts * dc * dc, axis=0)
+    m_vv = tl.sum(tl.load(row + 6).to(tl.float64) + counts * dv * dv, axis=0)
+    m_cv = tl.sum(tl.load(row + 7).to(tl.float64) + counts * dc * dv, axis=0)
+    mean_u = mean_c - mean_v
     w64 = tl.cast(w, tl.float64)
     if STATS == 1:  # CFG-Zero*
-        s_star = (s_cc - s_cv) / (s_cc - 2.0 * s_cv + s_vv + 1e-8)
+        cu = (m_cc - m_cv) + n * mean_c * mean_u
+        uu = (m_cc - 2.0 * m_cv + m_vv) + n * mean_u * mean_u
+        s_star = cu / (uu + 1e-8)
         alpha_c = w64 + s_star * (1.0 - w64)
         alpha_v = s_star * (w64 - 1.0)
     elif STATS == 2:  # APG
+        cc = m_cc + n * mean_c * mean_c
+        vv = m_vv + n * mean_v * mean_v
+        cv = m_cv + n * mean_c * mean_v
         clip = tl.full([], 1.0, tl.float64)
         if apg_norm_threshold > 0:
-            clip = tl.minimum(clip, tl.cast(apg_norm_threshold, tl.float64) / tl.sqrt(s_vv))
-        alpha_c = 1.0 + (w64 - 1.0) * clip * (tl.cast(apg_eta, tl.float64) - 1.0) * s_cv / tl.maximum(s_cc, 1e-24)
+            clip = tl.minimum(clip, tl.cast(apg_norm_threshold, tl.float64) / tl.sqrt(vv))
+        alpha_c = 1.0 + (w64 - 1.0) * clip * (tl.cast(apg_eta, tl.float64) - 1.0) * cv / tl.maximum(cc, 1e-24)
         alpha_v = (w64 - 1.0) * clip
     elif STATS == 4:  # tangential CFG: u ← (u·v₁)v₁ = β·(a₀c + a₁u), a the top eigenvector of [c; u]'s Gram
-        cu = s_cc - s_cv
-        uu = s_cc - 2.0 * s_cv + s_vv
-        half_gap = 0.5 * (s_cc - uu)
-        top = 0.5 * (s_cc + uu) + tl.sqrt(half_gap * half_gap + cu * cu)
-        a0 = tl.where(half_gap >= 0.0, top - uu, cu)  # the better-conditioned of the two forms
-        a1 = tl.where(half_gap >= 0.0, cu, top - s_cc)
+        cc = m_cc + n * mean_c * mean_c
+        cu = (m_cc - m_cv) + n * mean_c * mean_u
+        uu = (m_cc - 2.0 * m_cv + m_vv) + n * mean_u * mean_u
+        half_gap = (m_cv + n * mean_c * mean_v) - 0.5 * (m_vv + n * mean_v * mean_v)  # (c·c − u·u)/2 = c·v − v·v/2
+        root = tl.sqrt(half_gap * half_gap + cu * cu)
+        top = 0.5 * (cc + uu) + root
+        a0 = tl.where(half_gap >= 0.0, root + half_gap, cu)  # top − u·u or c·u: the form that does not cancel
+        a1 = tl.where(half_gap >= 0.0, cu, root - half_gap)  # c·u or top − c·c
         denominator = top * (a0 * a0 + a1 * a1)
         beta = tl.where(denominator > 0.0, (a0 * cu + a1 * uu) / denominator, 0.0)
         alpha_c = w64 + (1.0 - w64) * beta * (a0 + a1)
@@ -145,14 +207,13 @@ def _sample_coefficients(
         alpha_v = w64 - 1.0
     f = tl.full([], 1.0, tl.float64)
     if RESCALE:
-        n = tl.cast(n_elems, tl.float64)
-        var_c = (s_cc - s_c * s_c / n) / (n - 1.0)
-        s_m = alpha_c * s_c + alpha_v * s_v
-        s_mm = alpha_c * alpha_c * s_cc + 2.0 * alpha_c * alpha_v * s_cv + alpha_v * alpha_v * s_vv
-        var_m = (s_mm - s_m * s_m / n) / (n - 1.0)
-        rescaled = tl.cast(rescale, tl.float64) * tl.sqrt(var_c / var_m) + 1.0 - tl.cast(rescale, tl.float64)
-        # A constant guided prediction (std 0) is left as it is; NaN still propagates.
-        f = tl.where(var_m <= 0.0, 1.0, rescaled)
+        # var(m₀) of m₀ = α_c·c + α_v·v from the centred co-moments; the 1/(n − 1) cancels.
+        m_mm = alpha_c * alpha_c * m_cc + 2.0 * alpha_c * alpha_v * m_cv + alpha_v * alpha_v * m_vv
+        # A constant guided prediction (std 0) is left as it is (no 0/0 formed); NaN still propagates.
+        constant = m_mm <= 0.0
+        rescaled = (tl.cast(rescale, tl.float64) * tl.sqrt(m_cc / tl.where(constant, 1.0, m_mm))
+                    + 1.0 - tl.cast(rescale, tl.float64))
+        f = tl.where(constant, 1.0, rescaled)
     return alpha_c.to(tl.float32), alpha_v.to(tl.float32), f.to(tl.float32)
 
 
@@ -188,7 +249,7 @@ def _guided_step_kernel(
             m = u + scale * v
         else:
             alpha_c, alpha_v, f = _sample_coefficients(
-                partial_ptr, b, sample_elems, scale, rescale, apg_eta, apg_norm_threshold,
+                partial_ptr, b, scale, rescale, apg_eta, apg_norm_threshold,
                 STATS, RESCALE, PARTS,
             )
             m = f * (alpha_c * m + alpha_v * v)
@@ -303,8 +364,8 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
     parts_pow2 = triton.next_power_of_2(parts)
     partials = None
     if stats != STATS_NONE:
-        # Unused rows (parts..parts_pow2) must sum to zero in the merge.
-        partials = torch.zeros((batch, parts_pow2, 5), dtype=torch.float32, device=x.device)
+        # Unused rows (parts..parts_pow2) have count 0: they add nothing to the merge.
+        partials = torch.zeros((batch, parts_pow2, STATS_FIELDS), dtype=torch.float32, device=x.device)
         elems_per_part = triton.cdiv(triton.cdiv(sample_elems, parts), BLOCK) * BLOCK
         _guided_stats_kernel[(parts, batch)](
             model_output_in, uncond, work["apg_buffer"], partials,

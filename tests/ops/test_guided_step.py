@@ -16,10 +16,12 @@ from tests.helpers import (
     STEP_SHAPES,
     assert_close,
     backends_for,
+    backends_with_emulation,
     case_inputs,
     poisoned,
     randn,
     run_reference,
+    running_on,
 )
 
 BACKENDS = backends_for("guided_step")
@@ -399,6 +401,80 @@ def test_reduction_variants_when_cond_is_close_to_uncond(backend, case, device):
     with fastguide.backend(backend):
         ops.guided_step(**tensors, step=step, combine=combine)
     assert_close(tensors["out"].cpu(), expected["out"], GUIDED_STEP, torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Per-sample statistics where a single-pass E[x²] − E[x]² would cancel
+# --------------------------------------------------------------------------------------
+
+# x_next = x0 = m: the step returns the guided prediction itself.
+PREDICTION_STEP = StepCoefficients(alpha=0.75, sigma=math.sqrt(1 - 0.75**2), k_x0=1.0, prediction_type="sample")
+REDUCING = {
+    "cfg-rescale": GuidanceCombine(3.0, rescale=0.7),
+    "zero-star": GuidanceCombine(3.0, variant="zero_star"),
+    "apg-clip": GuidanceCombine(3.0, apg_eta=0.3, apg_norm_threshold=0.5, variant="apg"),
+    "tangential": GuidanceCombine(3.0, variant="tangential"),
+    "zero-star-rescale": GuidanceCombine(3.0, rescale=0.7, variant="zero_star"),
+    "apg-rescale": GuidanceCombine(3.0, rescale=0.7, apg_eta=0.3, variant="apg"),
+    "tangential-rescale": GuidanceCombine(3.0, rescale=0.7, variant="tangential"),
+}
+# The torch backend rounds TCFG's float64 projection of u to float32 before rescale's std:
+# at mean 1e4 that alone moves std(m) by ~1e-3 (m off by ~1.5: reference.py's, not a kernel's).
+NOT_ON_TORCH_AT_LARGE_MEAN = ("tangential-rescale",)
+# Odd (the CUDA scalar path, 3 Triton parts), 16-byte vectors, and 32 parts (Triton's of
+# 2 blocks each, the trailing ones empty).
+REDUCTION_SHAPES = [(2, 3, (37, 41)), (2, 4, (36, 40)), (1, 3, (150, 151))]
+
+
+def guided_prediction_step(backend, request, device, model_output, x, combine):
+    """x_next = m on ``backend``, into a poisoned out (CPU tensors for the emulation)."""
+    device = "cpu" if backend == "cuda-emulation" else device
+    out = poisoned(x.shape, x.dtype).to(device)
+    with running_on(backend, request):
+        ops.guided_step(model_output.to(device), x.to(device), PREDICTION_STEP, combine, out=out)
+    return out.cpu()
+
+
+@pytest.mark.parametrize(("backend", "variant"), [
+    (backend, variant) for backend in backends_with_emulation("guided_step") for variant in REDUCING
+    if backend != "torch" or variant not in NOT_ON_TORCH_AT_LARGE_MEAN])
+@pytest.mark.parametrize("shape", REDUCTION_SHAPES, ids=str)
+def test_reductions_at_large_mean_and_small_spread(backend, variant, shape, device, request):
+    # c, u of mean 1e4 and spread 1e-2, where E[x²] − E[x]² in float32 keeps no digit of
+    # the variance. The kernels' m = f·(α_c·c + α_v·v), f ≤ 1, has c and v = c − u exact
+    # and rounds α_c, α_v, f and its three operations once each (≤ 5·2⁻²⁴·|c|); the
+    # statistics, from exact deviations, put a few 2⁻²⁴ into f: within ε·|c|·4 (ε = 2⁻²³,
+    # 4.8e-3) of the float64 result (measured ≤ 0.6·ε·|c|; the old single pass: ~1e3).
+    # The torch backend rounds m first and reduces n float32 values for std, an error
+    # that grows with n (4.2·ε·|c| at n = 68k): 8·ε·|c|.
+    batch, channels, spatial = shape
+    cond = 1e4 + 1e-2 * randn(batch, channels, *spatial, seed=11)
+    uncond = 1e4 + 1e-2 * randn(batch, channels, *spatial, seed=12)
+    model_output = torch.cat([cond, uncond]).float()
+    x = randn(batch, channels, *spatial, seed=13, dtype=torch.float32)
+    combine = REDUCING[variant]
+    expected = reference.guided_step(StepTensors(model_output.double(), x.double()), PREDICTION_STEP, combine)
+    out = guided_prediction_step(backend, request, device, model_output, x, combine)
+    tolerance = (8 if backend == "torch" else 4) * torch.finfo(torch.float32).eps * 1e4
+    assert_close(out, expected, {torch.float32: (tolerance, 0.0)}, torch.float32)
+
+
+@pytest.mark.parametrize("backend", backends_with_emulation("guided_step"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", ["cfg", "zero_star", "apg", "tangential"])
+@pytest.mark.parametrize("shape", REDUCTION_SHAPES[:2], ids=str)
+def test_rescale_leaves_a_constant_guided_prediction_unchanged(backend, dtype, variant, shape, device, request):
+    # c = 0.5, u = 0.2 everywhere: std(m) = 0, so the policy leaves m as it is (f = 1),
+    # where a cancelling variance divides noise by noise (a probe found Triton 0.58 off).
+    batch, channels, spatial = shape
+    model_output = torch.cat([torch.full((batch, channels, *spatial), 0.5),
+                              torch.full((batch, channels, *spatial), 0.2)]).to(dtype)
+    x = randn(batch, channels, *spatial, seed=13, dtype=dtype)
+    combine = GuidanceCombine(3.0, rescale=0.7, apg_eta=0.3 if variant == "apg" else 0.0, variant=variant)
+    unchanged = reference.guided_step(StepTensors(model_output.double(), x.double()), PREDICTION_STEP,
+                                      combine._replace(rescale=0.0))
+    out = guided_prediction_step(backend, request, device, model_output, x, combine)
+    assert_close(out, unchanged, GUIDED_STEP, dtype)
 
 
 @pytest.mark.gpu
