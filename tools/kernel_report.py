@@ -11,6 +11,17 @@ SASS, and tensor-core instructions. ``--check`` exits non-zero on any spill or o
 guided-step main path whose global loads are not all 128-bit, or on fp16/bf16
 attention without tensor-core instructions.
 
+Each row also says how many bytes of loads one SM can have in flight: registers and
+shared memory per block give the resident blocks per SM (``occupancy``), and those blocks'
+threads times the bytes of global loads each thread issues (the LDG widths in its SASS)
+give the bytes in flight. A memory-bound kernel needs, by Little's law, bandwidth ×
+latency / SMs of them in flight to keep HBM busy (``IN_FLIGHT_FLOOR``); ``--check``
+fails on a memory-bound kernel below it, except those listed in ``KNOWN_BELOW_FLOOR``
+(being redesigned), and on a listed kernel that is no longer below it (so the list
+shrinks with every fix). The count is static: every load of the code as if issued before
+the first use, so a kernel with loads behind runtime branches is credited with loads it
+may not make (a kernel below the floor is surely below; one above may not be).
+
 The CUDA kernels of csrc/ (the cuda backend) get the same table: nvcc compiles each
 source on its own for every architecture with warnings as errors (a warning fails the
 report), and ``--check`` also fails on a spill or on a vectorised specialisation
@@ -35,6 +46,8 @@ from pathlib import Path
 
 # The report compiles for real GPUs; the interpreter would replace the kernels.
 os.environ["TRITON_INTERPRET"] = "0"
+# Run as a script (python tools/kernel_report.py): its sibling modules are tools.*.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -44,6 +57,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from fastguide.kernels import attention, group_norm, guided_step, layer_norm  # noqa: E402
 from fastguide.ops import extension  # noqa: E402
 from fastguide.ops.contract import COMBINE_SCALARS, STEP_SCALARS  # noqa: E402
+from tools.occupancy import KNOWN_BELOW_FLOOR, in_flight, in_flight_violations  # noqa: E402
 
 TORCH_TO_TRITON = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
@@ -60,6 +74,7 @@ class Case:
     main_path: bool = False  # held to the 128-bit load rule
     tensor_cores: bool = False  # held to the rule that its dots use HMMA/HGMMA
     num_stages: int = 3
+    memory_bound: bool = True  # held to the in-flight floor (attention, compute-bound, is not)
 
 
 def compile_cubin(case: Case, arch: int) -> tuple[bytes, int]:
@@ -257,6 +272,7 @@ def cases() -> list[Case]:
                 {n: dtype for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")} | {"lse_ptr": "fp32"},
                 dict(PRECISION="ieee", BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, **unit_strides),
                 warps if head_dim == 64 else 8, tensor_cores=dtype != "fp32", num_stages=stages,
+                memory_bound=False,
             ))
     backward_tiles = {"fp16": (64, 64, 4, 2), "bf16": (64, 64, 4, 2), "fp32": (16, 32, 4, 1)}
     for dtype, (block_m, block_n, warps, stages) in backward_tiles.items():
@@ -265,9 +281,10 @@ def cases() -> list[Case]:
         out += [
             Case(f"attention bwd dk,dv D=64 {dtype}", at._backward_dkdv_kernel,
                  tensors | {"dk_ptr": dtype, "dv_ptr": dtype}, blocks, warps, tensor_cores=dtype != "fp32",
-                 num_stages=stages),
+                 num_stages=stages, memory_bound=False),
             Case(f"attention bwd dq D=64 {dtype}", at._backward_dq_kernel,
-                 tensors | {"dq_ptr": dtype}, blocks, warps, tensor_cores=dtype != "fp32", num_stages=stages),
+                 tensors | {"dq_ptr": dtype}, blocks, warps, tensor_cores=dtype != "fp32", num_stages=stages,
+                 memory_bound=False),
         ]
     return out
 
@@ -290,7 +307,9 @@ def run(archs: list[int]) -> list[dict]:
             cubin, shared = compile_cubin(case, arch)
             stats = analyse_cubin(cubin)
             stats["shared_bytes"] += shared
-            rows.append({"kernel": case.name, "arch": f"sm_{arch}", **stats, "violations": violations(case, stats)})
+            stats |= in_flight(arch, stats, case.num_warps * 32)
+            found = violations(case, stats) + in_flight_violations(case.name, arch, stats, case.memory_bound)
+            rows.append({"kernel": case.name, "arch": f"sm_{arch}", **stats, "violations": found})
     return rows
 
 
@@ -340,11 +359,29 @@ def run_cuda(archs: list[int]) -> list[dict]:
                 result = subprocess.run(command, capture_output=True, text=True)
                 if result.returncode != 0:
                     raise RuntimeError(f"nvcc failed on csrc/{source} for sm_{arch}:\n{result.stdout}{result.stderr}")
+                threads = block_threads(source)
                 for mangled, stats in analyse_functions(cubin).items():
                     name = _kernel_name(mangled)
-                    rows.append({"kernel": f"cuda {name}", "arch": f"sm_{arch}", **stats,
-                                 "violations": cuda_violations(name, stats)})
+                    stats |= in_flight(arch, stats, threads, CUDA_MAIN_PATH_VECTORS.get(name.split("<")[0]))
+                    # The floor holds the vectorised instances; kVec = 1 ones serve unaligned tensors.
+                    held = _vector_width(name) > 1
+                    found = cuda_violations(name, stats) + in_flight_violations(f"cuda {name}", arch, stats, held)
+                    rows.append({"kernel": f"cuda {name}", "arch": f"sm_{arch}", **stats, "violations": found})
     return sorted(rows, key=lambda r: (r["kernel"], r["arch"]))
+
+
+# Kernels whose optional inputs are runtime branches: the 16-byte loads of their main path
+# (CFG + DDIM: the conditional and unconditional predictions and x), where the SASS holds
+# the optional ones too (history, noise, gradient, ...).
+CUDA_MAIN_PATH_VECTORS = {"guided_step_kernel": 3}
+
+
+def block_threads(source: str) -> int:
+    """Threads per block of a csrc/ source's kernels: its ``constexpr int kThreads``."""
+    found = re.search(r"constexpr int kThreads = (\d+);", (extension.source_dir() / source).read_text())
+    if found is None:
+        raise RuntimeError(f"csrc/{source} does not declare constexpr int kThreads: the report needs its block size")
+    return int(found.group(1))
 
 
 def check_bindings(torch_include: Path) -> None:
@@ -355,13 +392,15 @@ def check_bindings(torch_include: Path) -> None:
 
 def format_table(rows: list[dict]) -> str:
     header = ("| kernel | arch | regs | spill B | smem B | global loads (bits: n) | global stores | tensor-core "
-              "| issues |")
-    lines = [header, "|" + "---|" * 9]
+              "| blocks/SM | KB in flight/SM | issues |")
+    lines = [header, "|" + "---|" * 11]
     fmt = lambda d: " ".join(f"{w}:{n}" for w, n in sorted(d.items())) or "-"  # noqa: E731
     for r in rows:
+        known = " (known below)" if f"{r['kernel']} {r['arch']}" in KNOWN_BELOW_FLOOR else ""
         lines.append(
             f"| {r['kernel']} | {r['arch']} | {r['registers']} | {r['local_bytes'] + r['stack_bytes']} | "
             f"{r['shared_bytes']} | {fmt(r['loads'])} | {fmt(r['stores'])} | {r['tensor_core']} | "
+            f"{r['blocks_per_sm']} | {r['in_flight_bytes'] / 1024:.0f}{known} | "
             f"{'; '.join(r['violations']) or 'ok'} |"
         )
     return "\n".join(lines)
@@ -371,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python tools/kernel_report.py", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM architectures (default: 80 90)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    parser.add_argument("--check", action="store_true", help="exit 1 on spills or a main path without 128-bit loads")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 on spills, a main path without 128-bit loads, or a memory-bound kernel below "
+                             "the in-flight floor")
     parser.add_argument("--require-nvcc", action="store_true", help="fail, rather than skip csrc/, without nvcc")
     parser.add_argument("--torch-cuda-include", type=Path,
                         help="torch/include of a CUDA build of torch: also check csrc/bindings.cpp against it")
