@@ -282,8 +282,13 @@ def _cfg_rescale(cond: Tensor, guided: Tensor, rescale: float) -> Tensor:
     dims = tuple(range(1, cond.dim()))
     std_guided = guided.std(dim=dims, keepdim=True)
     # A constant guided prediction (std 0, e.g. a freshly built model's zero output) is
-    # left as it is rather than divided by zero; NaN still propagates.
-    ratio = torch.where(std_guided == 0, 1.0, cond.std(dim=dims, keepdim=True) / std_guided)
+    # left as it is rather than divided by zero; NaN still propagates. "Constant" allows
+    # float64 rounding: tangential CFG's SVD projection of a constant u is constant only
+    # to ~√n·ε₆₄ (9e-15 at n = 5760), which would otherwise scale m by std(c)/9e-15. A
+    # float32 input differing by one ulp anywhere stays far above this.
+    elements = math.prod(guided.shape[1:])
+    rounding = 8 * math.sqrt(elements) * torch.finfo(torch.float64).eps * guided.abs().amax(dim=dims, keepdim=True)
+    ratio = torch.where(std_guided <= rounding, 1.0, cond.std(dim=dims, keepdim=True) / std_guided)
     return rescale * guided * ratio + (1.0 - rescale) * guided
 
 
@@ -295,7 +300,12 @@ def guided_prediction(
     Plain CFG: m = u + w·(c − u). CFG-Zero* replaces u by s*·u, tangential CFG by its
     projection onto the top singular direction of [c; u], first; APG replaces the
     combine by its projected form; CFG rescale is applied last to whichever m results.
+    Variants with per-sample reductions run in float64 (and round once at the end): in
+    float32 the reductions cancel at large mean and small spread, where the kernels'
+    shifted sums do not.
     """
+    if (combine.rescale > 0.0 or combine.variant != "cfg") and cond.dtype != torch.float64:
+        return guided_prediction(cond.double(), uncond.double(), combine, apg_buffer).to(cond.dtype)
     if combine.variant == "zero_star":
         uncond = _cfg_zero_star_uncond(cond, uncond)
     elif combine.variant == "tangential":
@@ -503,13 +513,10 @@ def group_norm_forward(
     dtype = compute_dtype(x)
     n, c = x.shape[0], x.shape[1]
     spatial = math.prod(x.shape[2:])
-    # aten's CPU kernel takes x in the layout it suggests for it (which a batch-1 view can
-    # defeat, so it is given explicitly); its CUDA kernel takes the contiguous layout only.
-    layout = torch.channels_last if x.device.type == "cpu" and x.dim() == 4 \
-        and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
+    # aten's kernels take x contiguous: its CUDA kernel takes no other layout, and its CPU
+    # channels_last kernel forms E[x²] − E[x]², which cancels (mean 10, spread 0.01: 0.68 off).
     y, mean, rstd = torch.ops.aten.native_group_norm(
-        x.to(dtype).contiguous(memory_format=layout) if x.shape[0] > 1 else x.to(dtype).contiguous(),
+        x.to(dtype).contiguous(),
         None if weight is None else weight.to(dtype),
         None if bias is None else bias.to(dtype),
         n,

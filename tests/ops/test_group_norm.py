@@ -11,8 +11,10 @@ from tests.helpers import (
     assert_close,
     backend_dtype_params,
     backends_for,
+    backends_with_emulation,
     explicit_group_norm,
     random_inputs,
+    running_on,
 )
 
 BACKENDS = backends_for("group_norm")
@@ -169,3 +171,59 @@ def test_strided_parameters_and_batch_one_views(backend, device):
     with fastguide.backend(backend):
         y = ops.group_norm(view, 8)
     assert_close(y.cpu(), torch.nn.functional.group_norm(view.double(), 8).cpu(), GROUP_NORM, torch.float32)
+
+
+@pytest.mark.parametrize("backend", backends_with_emulation("group_norm"))
+@pytest.mark.parametrize("shape", [(3, 4, 1, 1), (2, 6, 1), (2, 5)], ids=str)
+def test_groups_of_one_value_give_the_bias_as_nn_group_norm(backend, shape, device, request):
+    # One value per group: var 0, x − mean = 0, so y = bias, as torch's nn.GroupNorm gives
+    # (within x·rstd·ε: rstd = eps^-1/2 in the fused x·(rstd·w) + (b − mean·rstd·w)).
+    device = device if backend != "cuda-emulation" else torch.device("cpu")
+    g = torch.Generator().manual_seed(1)
+    norm = torch.nn.GroupNorm(shape[1], shape[1]).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[1], generator=g))
+        norm.bias.copy_(torch.randn(shape[1], generator=g))
+    x = torch.randn(shape, generator=g).to(device).requires_grad_()
+    scale, shift = (torch.randn(shape[:2], generator=g).to(device) for _ in range(2))
+    with running_on(backend, request):
+        y = ops.group_norm(x, shape[1], norm.weight, norm.bias, norm.eps)
+        fused = ops.group_norm(x, shape[1], norm.weight, norm.bias, norm.eps, scale=scale, shift=shift,
+                               activation="silu")
+        (dx,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(y, norm(x), atol=1e-4, rtol=0)
+    ones = (1,) * (len(shape) - 2)  # the spatial dims, each of size 1
+    bias = norm.bias.detach().view(1, shape[1], *ones)
+    scale, shift = (t.view(*t.shape, *ones) for t in (scale, shift))
+    torch.testing.assert_close(y, bias.expand(shape), atol=1e-4, rtol=0)
+    torch.testing.assert_close(fused, torch.nn.functional.silu(bias * (1 + scale) + shift), atol=1e-4, rtol=0)
+    torch.testing.assert_close(dx, torch.zeros_like(dx), atol=1e-4, rtol=0)
+
+
+def test_meta_tensors_give_meta_results():
+    # Models are built and traced on the meta device: no values, only shapes and dtypes.
+    x = torch.empty(2, 8, 4, 4, dtype=torch.float16, device="meta").to(memory_format=torch.channels_last)
+    y = ops.group_norm(x, 4, torch.empty(8, device="meta"), None, scale=torch.empty(2, 8, 1, 1, device="meta"),
+                       activation="silu")
+    assert y.is_meta and y.shape == x.shape and y.dtype == torch.float16
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    leaf = torch.empty(2, 8, 3, device="meta", requires_grad=True)
+    ops.group_norm(leaf, 2).sum().backward()
+    assert leaf.grad.is_meta and leaf.grad.shape == leaf.shape
+
+
+@pytest.mark.parametrize("backend", backends_with_emulation("group_norm"))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("mean", [10.0, 1e4])
+def test_group_norm_statistics_at_large_mean_and_small_spread(backend, channels_last, mean, request):
+    # A cancelling E[x²] − E[x]² (aten's CPU channels_last kernel forms one) loses the
+    # spread; float32 can only be asked for ulp(|x|)·rstd here, the input's own rounding.
+    g = torch.Generator().manual_seed(3)
+    x = (mean + 0.01 * torch.randn(3, 12, 9, 11, generator=g)).float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.functional.group_norm(x.double(), 4, eps=1e-5)
+    with running_on(backend, request):
+        got = ops.group_norm(x, 4, eps=1e-5)
+    tolerance = 4 * torch.finfo(torch.float32).eps * mean / 0.01
+    torch.testing.assert_close(got.double(), expected, atol=tolerance, rtol=0)
