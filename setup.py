@@ -1,11 +1,12 @@
 """Build hook: the pure-Python package always; the CUDA extension only when asked.
 
 `pip install .` needs no compiler and no GPU. `FASTGUIDE_BUILD_CUDA=1 pip install
---no-build-isolation .` compiles every source under csrc/ into the extension
+--no-build-isolation .` compiles csrc/'s sources (as fastguide/ops/extension.py lists them) into the extension
 `fastguide._C` against the installed CUDA build of torch, for the architectures in
 `FASTGUIDE_CUDA_ARCHS` (default "80;90").
 """
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -14,15 +15,19 @@ from setuptools import setup
 ROOT = Path(__file__).parent
 
 
+def build_lists():
+    """fastguide/ops/extension.py, loaded on its own (the package is not importable before
+    it is installed): the one place that names the sources and compiler flags, which the
+    just-in-time build uses too."""
+    spec = importlib.util.spec_from_file_location("_fastguide_extension", ROOT / "fastguide" / "ops" / "extension.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def cuda_extensions():
     if os.environ.get("FASTGUIDE_BUILD_CUDA", "0") != "1":
         return [], {}
-    # The kernels (.cu, compiled by nvcc) and the bindings (.cpp); .cuh headers are included.
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").iterdir() if p.suffix in (".cu", ".cpp"))
-    if not sources:
-        raise RuntimeError(
-            "FASTGUIDE_BUILD_CUDA=1 was given but csrc/ holds no .cu or .cpp sources to build"
-        )
     try:
         import torch
     except ImportError as error:
@@ -31,6 +36,10 @@ def cuda_extensions():
             "first and pass --no-build-isolation to pip"
         ) from error
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+
+    lists = build_lists()
+    # The bindings (host compiler) and the kernels (nvcc); the .cuh headers are included.
+    sources = [f"csrc/{name}" for name in lists.BINDING_SOURCES + lists.KERNEL_SOURCES]
 
     if torch.version.cuda is None:
         raise RuntimeError(
@@ -44,8 +53,8 @@ def cuda_extensions():
     extension = CUDAExtension(
         "fastguide._C",
         sources,
-        # the same flags as fastguide/extension.py's just-in-time build
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-std=c++17", *gencode]},
+        # the just-in-time build's flags; torch adds the C++ standard its headers need
+        extra_compile_args={"cxx": list(lists.HOST_FLAGS), "nvcc": [*lists.NVCC_FLAGS, *gencode]},
     )
     return [extension], {"build_ext": BuildExtension}
 

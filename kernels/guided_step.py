@@ -59,7 +59,10 @@ from fastguide.ops.contract import (
     StepTensors,
 )
 from fastguide.ops.layout import (
+    STATS_APG,
     STATS_NONE,
+    STATS_TANGENTIAL,
+    STATS_ZERO_STAR,
     dense,
     guidance_stats,
     step_format,
@@ -69,6 +72,11 @@ from fastguide.ops.layout import (
 BLOCK = 2048  # elements per program of the elementwise pass (8 per thread at 8 warps)
 NUM_WARPS = 8
 MAX_PARTS = 32  # partial moments per sample in the stats pass
+# The ids the kernels branch on, from their one definition (ops/layout.py, ops/contract.py).
+NO_STATS, ZERO_STAR, APG, TANGENTIAL = (tl.constexpr(i) for i in (STATS_NONE, STATS_ZERO_STAR, STATS_APG,
+                                                                   STATS_TANGENTIAL))
+EPSILON, V_PREDICTION, FLOW_PREDICTION = (tl.constexpr(PREDICTION_TYPES.index(name))
+                                          for name in ("epsilon", "v_prediction", "flow_prediction"))
 STATS_FIELDS = tl.constexpr(8)  # a partial: count, reference (c, v), mean offsets (c, v), co-moments cc, vv, cv
 
 
@@ -174,13 +182,13 @@ def _sample_coefficients(
     m_cv = tl.sum(tl.load(row + 7).to(tl.float64) + counts * dc * dv, axis=0)
     mean_u = mean_c - mean_v
     w64 = tl.cast(w, tl.float64)
-    if STATS == 1:  # CFG-Zero*
+    if STATS == ZERO_STAR:
         cu = (m_cc - m_cv) + n * mean_c * mean_u
         uu = (m_cc - 2.0 * m_cv + m_vv) + n * mean_u * mean_u
         s_star = cu / (uu + 1e-8)
         alpha_c = w64 + s_star * (1.0 - w64)
         alpha_v = s_star * (w64 - 1.0)
-    elif STATS == 2:  # APG
+    elif STATS == APG:
         cc = m_cc + n * mean_c * mean_c
         vv = m_vv + n * mean_v * mean_v
         cv = m_cv + n * mean_c * mean_v
@@ -189,7 +197,7 @@ def _sample_coefficients(
             clip = tl.minimum(clip, tl.cast(apg_norm_threshold, tl.float64) / tl.sqrt(vv))
         alpha_c = 1.0 + (w64 - 1.0) * clip * (tl.cast(apg_eta, tl.float64) - 1.0) * cv / tl.maximum(cc, 1e-24)
         alpha_v = (w64 - 1.0) * clip
-    elif STATS == 4:  # tangential CFG: u ← (u·v₁)v₁ = β·(a₀c + a₁u), a the top eigenvector of [c; u]'s Gram
+    elif STATS == TANGENTIAL:  # u ← (u·v₁)v₁ = β·(a₀c + a₁u), a the top eigenvector of [c; u]'s Gram
         cc = m_cc + n * mean_c * mean_c
         cu = (m_cc - m_cv) + n * mean_c * mean_u
         uu = (m_cc - 2.0 * m_cv + m_vv) + n * mean_u * mean_u
@@ -245,7 +253,7 @@ def _guided_step_kernel(
         if APG_MOMENTUM:
             v += apg_momentum * tl.load(buf_ptr + here, mask=mask, other=0.0).to(tl.float32)
             tl.store(buf_ptr + here, v.to(buf_ptr.dtype.element_ty), mask=mask)
-        if STATS == 0:
+        if STATS == NO_STATS:
             m = u + scale * v
         else:
             alpha_c, alpha_v, f = _sample_coefficients(
@@ -257,13 +265,13 @@ def _guided_step_kernel(
     x = tl.load(x_ptr + here, mask=mask, other=0.0).to(tl.float32)
     # x0 and eps from m as the reference writes them (no term with a zero coefficient,
     # so an infinite x gives what the reference gives).
-    if PREDICTION == 0:  # epsilon
+    if PREDICTION == EPSILON:
         x0 = (x - sigma * m) * inv_alpha
         eps = m
-    elif PREDICTION == 1:  # v_prediction
+    elif PREDICTION == V_PREDICTION:
         x0 = alpha * x - sigma * m
         eps = sigma * x + alpha * m
-    elif PREDICTION == 3:  # flow_prediction (alpha + sigma = 1)
+    elif PREDICTION == FLOW_PREDICTION:  # alpha + sigma = 1
         x0 = x - sigma * m
         eps = x + alpha * m
     else:  # sample
@@ -289,11 +297,11 @@ def _guided_step_kernel(
         x_next += k_eps * eps
     if GUIDED:
         if k_guide_eps != 0.0:  # CFG++: renoise with the guiding prediction's own eps
-            if PREDICTION == 0:
+            if PREDICTION == EPSILON:
                 x_next += k_guide_eps * u
-            elif PREDICTION == 1:
+            elif PREDICTION == V_PREDICTION:
                 x_next += k_guide_eps * (sigma * x + alpha * u)
-            elif PREDICTION == 3:
+            elif PREDICTION == FLOW_PREDICTION:
                 x_next += k_guide_eps * (x + alpha * u)
             else:
                 x_next += k_guide_eps * ((x - alpha * u) * inv_sigma)

@@ -26,6 +26,7 @@ OPS_NAMESPACE = "fastguide_cuda"
 KERNEL_SOURCES = ("guided_step.cu", "group_norm.cu", "layer_norm.cu")  # nvcc; no torch headers
 BINDING_SOURCES = ("bindings.cpp",)  # the host compiler, against torch's headers
 NVCC_FLAGS = ("-O3", "--use_fast_math")  # torch adds the C++ standard its headers need
+HOST_FLAGS = ("-O3",)
 # The static check (tools/kernel_report.py): each kernel source on its own,
 # with the half-type restrictions torch's extension builds add, warnings as errors.
 KERNEL_CHECK_FLAGS = (
@@ -164,7 +165,7 @@ def load() -> None:
         cpp_extension.load(
             name=build_name(OPS_NAMESPACE, [sources]),
             sources=[str(sources / name) for name in BINDING_SOURCES + KERNEL_SOURCES],
-            extra_cflags=["-O3"],  # torch picks the C++ standard its headers need
+            extra_cflags=list(HOST_FLAGS),  # torch picks the C++ standard its headers need
             extra_cuda_cflags=list(NVCC_FLAGS),
             is_python_module=False,
         )
