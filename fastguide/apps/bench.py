@@ -20,7 +20,7 @@ from collections import defaultdict
 from datetime import date
 from pathlib import Path
 
-from .options import Parser, fail
+from .options import Parser, UsageError, check_output_folder, fail
 
 QUICK = "guided_step_cpu or group_norm_cpu"
 
@@ -162,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.benchmarks is not None and not (args.benchmarks / "conftest.py").is_file():
         fail(f"--benchmarks: expected the benchmarks/ folder of a fastguide checkout, got {args.benchmarks}")
-    if args.out.exists() and not args.out.is_dir():
-        fail(f"--out: expected a folder, got the file {args.out}")
+    try:
+        check_output_folder("--out", args.out)  # a folder that is or can be made, in a writable place
+    except UsageError as error:
+        fail(str(error))
     try:
         benchmarks = args.benchmarks or find_benchmarks()
         args.out.mkdir(parents=True, exist_ok=True)

@@ -246,6 +246,7 @@ def check_sample(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise UsageError("--spacing", str(error)) from None
     _guidance_defaults(args)
+    check_sampler_fits("--sampler", args.sampler, args.model)
     check_scale("--scale", args.scale)
     check_scale("--classifier-scale", args.classifier_scale)
     _check_cfg_options(args)
@@ -254,10 +255,35 @@ def check_sample(args: argparse.Namespace) -> None:
     args.label_ids = parse_labels(args.labels, args.num_samples, 1000 if adm else digits.NUM_CLASSES)
     args.device = parse_device(args.device)
     check_backend(args.backend, args.device)
+    if args.precision == "fp16" and args.model == "digits-transformer":  # it would run in fp32 without a word
+        raise UsageError("--precision", "fp16 is ADM's use_fp16 (a UNet's convolutions in fp16), which --model "
+                                        "digits-transformer does not have: use fp32 or bf16 (autocast)")
     check_image_file("--out", args.out, "RGB" if adm else "L")
     if args.npz is not None:
+        check_output_file("--npz", args.npz)  # a folder: np.savez would write FOLDER.npz beside it
         check_output_file("--npz", npz_path(args.npz))
     _check_sample_weights(args, adm)
+
+
+def check_sampler_fits(option: str, sampler: str, model: str) -> None:
+    """``sampler`` runs on the schedule of --model ``model`` (sampling.solvers.check_sampler:
+    ddpm, euler-ancestral and dpm++2m-sde need a variance-preserving schedule,
+    euler-maruyama a flow path)."""
+    from ..sampling.solvers import check_sampler
+
+    schedule = model_schedule(model)
+
+    def fits(name: str) -> bool:
+        try:
+            check_sampler(name, schedule)
+        except ValueError:
+            return False
+        return True
+
+    if not fits(sampler):
+        kind = "flow path" if schedule.is_flow else "variance-preserving schedule"
+        raise UsageError(option, f"expected one of {', '.join(s for s in SAMPLERS if fits(s))} for the {kind} of "
+                                 f"--model {model}, got {sampler}")
 
 
 CFG_PLUS_PLUS_SCALE = 0.4  # CFG++'s λ: the digits UNet's best in README's sweep (the transformer's: 0.2)
@@ -436,6 +462,7 @@ def check_sweep(args: argparse.Namespace) -> None:
         _grid(model_schedule(args.model), args.steps, args.spacing)
     except ValueError as error:
         raise UsageError("--spacing", str(error)) from None
+    check_sampler_fits("--sampler", args.sampler, args.model)
     if args.model == "digits-transformer":
         if {"auto", "classifier"} & set(args.guidances):
             raise UsageError("--guidances", "--model digits-transformer has CFG kinds only (no classifier or guide)")

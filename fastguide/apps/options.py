@@ -131,11 +131,18 @@ def check_modules(command: str, *modules: str) -> None:
 
 
 def check_steps(steps: int, schedule: NoiseSchedule, model: str) -> None:
-    """A sampling step count the model's training schedule can be strided into."""
+    """A sampling step count the model's training schedule can be strided into (at most
+    T/2 of its T timesteps); on a flow path, at most its time scale T (a count is checked
+    before its grid is built, so a huge one is refused at once)."""
+    total = schedule.num_timesteps
+    if schedule.is_flow:
+        if not 1 <= steps <= total:
+            raise UsageError("--steps", f"expected an integer from 1 to {total} for the flow path of --model {model}, "
+                                        f"got {steps}")
+        return
     try:
         schedule.strided_timesteps(steps)
     except ValueError:
-        total = schedule.num_timesteps
         raise UsageError("--steps", f"expected an integer from 1 to {total // 2} for the {total}-timestep "
                                     f"schedule of --model {model}, got {steps}") from None
 

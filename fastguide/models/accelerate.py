@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import types
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -123,6 +124,14 @@ def _head_dim_problem(head_dim: int) -> str | None:
     return None
 
 
+def _eps_skip(eps: object) -> str | None:
+    """Why a norm with this ``eps`` cannot run as the ops (they take a positive finite
+    real number); None when it can."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        return f"eps {eps!r} (fused: a positive finite number)"
+    return None
+
+
 def _group_norm_skip(m: nn.GroupNorm) -> str | None:
     """Why the GroupNorm ``m`` cannot become a FusedGroupNorm; None when it can."""
     if _is_fastguide(m):
@@ -132,9 +141,7 @@ def _group_norm_skip(m: nn.GroupNorm) -> str | None:
         return f"class {cls.__module__}.{cls.__qualname__} (a subclass whose forward may differ)"
     if _has_hooks(m):
         return "hooks registered on it"
-    if not m.eps > 0:
-        return "eps <= 0"
-    return None
+    return _eps_skip(m.eps)
 
 
 def _fusable_norm(m: object) -> str | None:
@@ -308,9 +315,7 @@ def _layer_norm_skip(m: object) -> str | None:
         return "hooks registered on it"
     if len(m.normalized_shape) != 1:
         return f"normalized_shape {tuple(m.normalized_shape)} (fused: the last dim only)"
-    if not m.eps > 0:
-        return "eps <= 0"
-    return None
+    return _eps_skip(m.eps)
 
 
 def _modulation_fuses(x: Tensor, *per_sample: Tensor) -> bool:
@@ -484,10 +489,10 @@ def _check_adm_resblock(m: nn.Module) -> str | Callable[[], None]:
 
 def _fused_adm_attention_forward(self, x: Tensor) -> Tensor:
     batch, channels, *spatial = x.shape
-    x = x.reshape(batch, channels, -1)
+    x = x.flatten(2)  # (B, C, T); a -1 would be ambiguous for an empty batch
     qkv = self.qkv(self.norm(x))
     q, k, v = split_heads(qkv, self.attention.n_heads, self._fastguide_legacy_order)
-    h = ops.attention(q, k, v).transpose(-1, -2).reshape(batch, channels, -1)
+    h = ops.attention(q, k, v).transpose(-1, -2).reshape(x.shape)
     return (x + self.proj_out(h)).reshape(batch, channels, *spatial)
 
 

@@ -13,11 +13,18 @@ class DiffusersUNet(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, null_label: int | None = None):
+        """Checks unet a module with a diffusers ``config`` and null_label None or an int (not
+        a bool) indexing the model's class embeddings."""
         super().__init__()
+        if not isinstance(unet, nn.Module) or not hasattr(unet, "config"):
+            raise TypeError(f"unet must be a diffusers UNet2DModel (an nn.Module with a config), got "
+                            f"{type(unet).__name__}")
         self.unet = unet
         class_embeds = getattr(unet.config, "num_class_embeds", None)
-        if null_label is not None and (class_embeds is None or not 0 <= null_label < class_embeds):
-            raise ValueError(f"null_label must index the model's {class_embeds} class embeddings, got {null_label}")
+        if null_label is not None and (isinstance(null_label, bool) or not isinstance(null_label, int)
+                                       or class_embeds is None or not 0 <= null_label < class_embeds):
+            raise ValueError(f"null_label must be an int indexing the model's {class_embeds} class embeddings, "
+                             f"got {null_label!r}")
         self.null_class = null_label is not None
         self.num_classes = null_label if null_label is not None else class_embeds
 
@@ -40,7 +47,13 @@ class SiTVelocity(nn.Module):
     """
 
     def __init__(self, sit: nn.Module, num_timesteps: int = 1000):
+        """Checks sit callable and num_timesteps a positive int (not a bool): the T of the
+        flow schedule it is sampled on, which the time τ = 1 − t/T divides by."""
         super().__init__()
+        if not callable(sit):
+            raise TypeError(f"sit must be a callable SiT model sit(x, tau, y), got {type(sit).__name__}")
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be a positive int (the flow schedule's T), got {num_timesteps!r}")
         self.sit, self.num_timesteps = sit, num_timesteps
         self.num_classes = getattr(sit, "num_classes", None)
         self.null_class = getattr(sit, "null_class", False)

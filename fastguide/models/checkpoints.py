@@ -99,7 +99,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 
     Raises FileNotFoundError for a missing file, IsADirectoryError for a directory, and
     ValueError naming the path for an empty, truncated or unreadable file or one that does
-    not hold a flat dict of tensors.
+    not hold a flat dict of dense tensors with data (meta and sparse tensors are refused).
     """
     path = Path(path)
     size = _check_path(path)
@@ -114,6 +114,11 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         else:
             found = f"a {type(state).__name__}"
         raise ValueError(f"{path} does not hold a state dict of tensors: it holds {found}")
+    no_data = [f"{k} ({'meta' if v.is_meta else v.layout})" for k, v in state.items()
+               if v.is_meta or v.layout != torch.strided]
+    if no_data:
+        raise ValueError(f"checkpoint file {path} holds tensors without dense data (saved from a model built on the "
+                         f"meta device, or sparse): {_describe(no_data)}")
     return state
 
 
@@ -122,6 +127,10 @@ def save_state_dict(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"checkpoint path {path} is a directory; pass a file name ending .safetensors or .pt")
+    meta = [k for k, v in model.state_dict().items() if v.is_meta]
+    if meta:
+        raise ValueError(f"cannot save {path}: the model's tensors {_describe(meta)} are meta tensors (no data; "
+                         "load weights into it first)")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -140,10 +149,14 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, expand_label_table: b
     """Loads ``path`` into ``model`` strictly; returns the model.
 
     Raises FileNotFoundError for a missing file, IsADirectoryError for a directory, and
-    ValueError naming the path for an unreadable file, for checkpoint tensors that are not
-    float16/bfloat16/float32/float64 where the model's are floating (int, bool, fp8:
-    load_state_dict would cast them silently), for the first few missing and unexpected
-    keys, and for every tensor whose shape differs.
+    ValueError naming the path for an unreadable file or one of tensors without data
+    (meta), for checkpoint tensors that are not float16/bfloat16/float32/float64 where the
+    model's are floating (int, bool, fp8: load_state_dict would cast them silently), for
+    the first few missing and unexpected keys, and for every tensor whose shape differs.
+
+    A model built on the meta device (no data yet, how large models are built) gets the
+    checkpoint's tensors themselves, each cast to the dtype the model declares for it, on
+    the CPU (``load_state_dict(assign=True)``; copying into a meta tensor would keep no data).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_checkpoint(model, path): model must be a torch.nn.Module, got {type(model).__name__}")
@@ -176,5 +189,10 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, expand_label_table: b
         if any(w.startswith(LABEL_TABLE) for w in wrong):
             hint = " (a CFG model's label table has one more row: pass expand_label_table=True)"
         raise ValueError(f"checkpoint {path} has tensors of the wrong shape: {_describe(wrong)}{hint}")
+    if any(v.is_meta for v in expected.values()):
+        state = {k: v.to(dtype=expected[k].dtype, device="cpu" if expected[k].is_meta else expected[k].device)
+                 for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        return model
     model.load_state_dict(state, strict=True)
     return model

@@ -17,16 +17,24 @@ A block, with (shift, scale, gate)×2 = Linear(SiLU(c)) and c = t_emb + y_emb:
 
 LN without affine parameters, eps 1e-6; the per-sample (N, D) modulation broadcasts over
 the tokens. The final layer is Linear(LN(x)·(1 + scale) + shift) and an unpatchify.
+
+Under ``torch.autocast`` the residual stream x stays float32 (the patch embedding plus the
+float32 pos_embed) while the branches and the modulation come out of autocast's Linears in
+bfloat16 or float16; the fused ops cast each branch to the stream's dtype, which is what
+torch's promotion of x + gate·branch gives.
 """
 
 from __future__ import annotations
+
+import math
+from numbers import Integral, Real
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .. import ops
-from .unet import timestep_embedding
+from .unet import autocast_enabled, check_labels, check_timesteps, timestep_embedding
 
 FREQUENCY_EMBEDDING_SIZE = 256  # the sinusoid width fed to the timestep MLP
 NORM_EPS = 1e-6
@@ -192,6 +200,44 @@ class FinalLayer(nn.Module):
         return self.linear(self.norm_final(x, scale=scale, shift=shift))
 
 
+def _check_config(
+    input_size: object, patch_size: object, in_channels: object, hidden_size: object, depth: object,
+    num_heads: object, mlp_ratio: object, class_dropout_prob: object, num_classes: object, learn_sigma: object,
+) -> None:
+    """DiT's constructor arguments, each named when wrong: positive ints (depth may be 0)
+    with patch_size dividing input_size, hidden_size a multiple of 4 (the 2-D sin-cos
+    embedding) and of num_heads, the head dim hidden_size/num_heads one ops.attention
+    takes (a multiple of 8 from 8 to 256), mlp_ratio positive and finite with a hidden
+    width of at least 1, class_dropout_prob in [0, 1], learn_sigma a bool."""
+    for name, value, low in (("input_size", input_size, 1), ("patch_size", patch_size, 1),
+                             ("in_channels", in_channels, 1), ("hidden_size", hidden_size, 1), ("depth", depth, 0),
+                             ("num_heads", num_heads, 1), ("num_classes", num_classes, 1)):
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        if value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
+    if input_size % patch_size:
+        raise ValueError(f"input_size ({input_size}) must be divisible by patch_size ({patch_size})")
+    if hidden_size % 4:
+        raise ValueError(f"hidden_size must be a multiple of 4 (the 2-D sin-cos position embedding), got {hidden_size}")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+    head_dim = hidden_size // num_heads
+    if head_dim % 8 or not 8 <= head_dim <= 256:
+        raise ValueError(f"hidden_size / num_heads (the head dim, {hidden_size} / {num_heads} = {head_dim}) must be a "
+                         "multiple of 8 from 8 to 256 (what ops.attention takes)")
+    for name, value in (("mlp_ratio", mlp_ratio), ("class_dropout_prob", class_dropout_prob)):
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(mlp_ratio) and int(hidden_size * mlp_ratio) >= 1):
+        raise ValueError(f"mlp_ratio must be finite and give an MLP width int(hidden_size·mlp_ratio) of at least 1, "
+                         f"got {mlp_ratio}")
+    if not 0 <= class_dropout_prob <= 1:
+        raise ValueError(f"class_dropout_prob must lie in [0, 1], got {class_dropout_prob}")
+    if not isinstance(learn_sigma, bool):
+        raise TypeError(f"learn_sigma must be a bool, got {type(learn_sigma).__name__} {learn_sigma!r}")
+
+
 class DiT(nn.Module):
     """The official DiT (and SiT: same tree, see fastguide.models.configs), arguments
     keeping the official names. ``forward(x, t, y)`` maps x_t (N, in_channels, H, W) with
@@ -218,8 +264,8 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
     ):
         super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"input_size ({input_size}) must be divisible by patch_size ({patch_size})")
+        _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+                      class_dropout_prob, num_classes, learn_sigma)
         self.input_size, self.patch_size = input_size, patch_size
         self.in_channels, self.learn_sigma = in_channels, learn_sigma
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -275,12 +321,23 @@ class DiT(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """Prediction (N, out_channels, H, W) for x_t (N, C, H, W) at original timesteps t
-        (N,) and labels y (N,) (None: the null label)."""
-        if tuple(x.shape[1:]) != (self.in_channels, self.input_size, self.input_size):
+        (N,) and labels y (N,) (None: the null label); t and y may be 0-d, one for the
+        whole batch. x is floating, in the model's dtype unless autocast is on; labels lie
+        in [0, num_classes), or are ``null_label``."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, self.input_size, self.input_size):
             raise ValueError(f"x must be (N, {self.in_channels}, {self.input_size}, {self.input_size}) "
                              f"(the fixed position embedding sets the size), got {tuple(x.shape)}")
+        dtype = self.x_embedder.proj.weight.dtype
+        if x.dtype != dtype and not autocast_enabled(x.device):
+            raise TypeError(f"x must have the model's dtype {dtype} (or run under torch.autocast), got {x.dtype}")
+        t = check_timesteps(t, x)
         if y is None:
             y = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
+        y = check_labels(y, x, self.num_classes + (1 if self.null_class else 0))
         h = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = (H/p)·(W/p)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         for block in self.blocks:

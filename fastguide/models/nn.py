@@ -85,6 +85,13 @@ class AttentionBlock(nn.Module):
             if channels % num_head_channels != 0:
                 raise ValueError(f"channels ({channels}) must be divisible by num_head_channels ({num_head_channels})")
             self.num_heads = channels // num_head_channels
+        if channels % self.num_heads:
+            raise ValueError(f"channels ({channels}) must be divisible by num_heads ({self.num_heads})")
+        head_dim = channels // self.num_heads
+        if head_dim % 8 or not 8 <= head_dim <= 256:
+            raise ValueError(f"the head dim (channels {channels} / {self.num_heads} heads = {head_dim}) must be a "
+                             "multiple of 8 from 8 to 256 (what ops.attention takes): set num_heads or "
+                             "num_head_channels")
         self.norm = GroupNorm32(channels)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.attention = QKVAttention(self.num_heads, legacy_order=not use_new_attention_order)
@@ -94,7 +101,7 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch, channels, *spatial = x.shape
-        x = x.reshape(batch, channels, -1)
+        x = x.flatten(2)  # (B, C, T); a -1 would be ambiguous for an empty batch
         h = self.proj_out(self.attention(self.qkv(self.norm(x))))
         return (x + h).reshape(batch, channels, *spatial)
 
@@ -111,8 +118,7 @@ class AttentionPool2d(nn.Module):
         self.attention = QKVAttention(embed_dim // num_heads_channels, legacy_order=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, channels = x.shape[:2]
-        x = x.reshape(batch, channels, -1)
+        x = x.flatten(2)  # (B, C, T); a -1 would be ambiguous for an empty batch
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
         x = x + self.positional_embedding[None].to(x.dtype)
         x = self.c_proj(self.attention(self.qkv_proj(x)))

@@ -11,7 +11,8 @@ of the qkv projection. Models take the ORIGINAL timestep (0…999), as ADM's do.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from numbers import Integral, Real
 
 import torch
 import torch.nn as nn
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .. import ops
 from .nn import AttentionBlock, AttentionPool2d, GroupNorm32
 
 
@@ -31,6 +33,78 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
     return embedding
+
+
+def check_timesteps(t: object, x: Tensor) -> Tensor:
+    """t as (N,) for x of batch N: a tensor of real (integer or floating) timesteps on x's
+    device, shaped (N,), or 0-d for one timestep of the whole batch (as diffusers takes it)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"t (timesteps) must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"t (timesteps) must hold real numbers (an integer or floating dtype), got dtype {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"t (timesteps) is on {t.device} but x is on {x.device}")
+    batch = x.shape[0]
+    if t.dim() == 0:
+        return t.expand(batch)
+    if tuple(t.shape) != (batch,):
+        raise ValueError(f"t (timesteps) must have shape ({batch},), one per sample of x, or () for all of them, "
+                         f"got {tuple(t.shape)}")
+    return t
+
+
+def check_labels(y: object, x: Tensor, num_labels: int) -> Tensor:
+    """y as int64 (N,) for x of batch N: an integer tensor on x's device, shaped (N,) or 0-d
+    (one label for the whole batch), each in [0, num_labels). The range is checked where the
+    values can be read without a device sync or a break in a trace (CPU tensors, not under
+    torch.compile, tracing or transforms); on a GPU an index out of range is the
+    embedding's own device-side error."""
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y (class labels) must be a torch.Tensor of integers, got {type(y).__name__}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"y (class labels) must be integer class indices, got dtype {y.dtype}")
+    if y.device != x.device:
+        raise ValueError(f"y (class labels) is on {y.device} but x is on {x.device}")
+    batch = x.shape[0]
+    if y.dim() == 0:
+        y = y.expand(batch)
+    elif tuple(y.shape) != (batch,):
+        raise ValueError(f"y (class labels) must have shape ({batch},), one per sample of x, or () for all of them, "
+                         f"got {tuple(y.shape)}")
+    if y.numel() and y.device.type == "cpu" and type(y) is Tensor and not ops._tracing():
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= num_labels:
+            raise ValueError(f"y (class labels) must lie in [0, {num_labels - 1}], got {low}..{high}")
+    return y.long()  # the embedding takes int64 (or int32) indices only
+
+
+def check_image(x: object, channels: int, multiple: int = 1, size: int | None = None) -> None:
+    """x a floating (N, channels, H, W) tensor, H and W positive multiples of ``multiple``
+    (a UNet's 2^downsamplings, which its skip connections need), or exactly ``size``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"x must be (N, {channels}, H, W), got shape {tuple(x.shape)}")
+    if size is not None and tuple(x.shape[2:]) != (size, size):
+        raise ValueError(f"x must be (N, {channels}, {size}, {size}) (the attention pool's position embedding sets "
+                         f"the size), got shape {tuple(x.shape)}")
+    if any(s < 1 for s in x.shape[2:]):
+        raise ValueError(f"x's height and width must be positive, got shape {tuple(x.shape)}")
+    if any(s % multiple for s in x.shape[2:]):
+        raise ValueError(f"x's height and width must be multiples of {multiple} (the UNet halves them "
+                         f"{multiple.bit_length() - 1} time(s), and its skip connections need the sizes back), "
+                         f"got shape {tuple(x.shape)}")
+
+
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether torch.autocast is on for ``device``'s type (False for types autocast does not
+    know, such as meta)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
 
 
 def _zeroed(module: nn.Module) -> nn.Module:
@@ -162,6 +236,42 @@ def _convert_convs_to_fp16(module: nn.Module) -> None:
         module.half()
 
 
+def _check_config(
+    image_size: object, in_channels: object, model_channels: object, out_channels: object, num_res_blocks: object,
+    attention_resolutions: object, dropout: object, channel_mult: object, num_heads: object,
+    num_head_channels: object,
+) -> None:
+    """The arguments UNet and EncoderUNet share, each named when wrong: positive ints
+    (num_res_blocks may be 0), attention_resolutions a collection of ints, dropout in
+    [0, 1], channel_mult a non-empty sequence of positive numbers whose widths
+    int(mult·model_channels) are multiples of 32 (GroupNorm32's groups), num_heads and
+    num_head_channels positive ints (num_head_channels −1: heads by num_heads)."""
+    for name, value, low in (("image_size", image_size, 1), ("in_channels", in_channels, 1),
+                             ("model_channels", model_channels, 1), ("out_channels", out_channels, 1),
+                             ("num_res_blocks", num_res_blocks, 0), ("num_heads", num_heads, 1)):
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        if value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
+    if isinstance(num_head_channels, bool) or not isinstance(num_head_channels, Integral) \
+            or not (num_head_channels == -1 or num_head_channels >= 1):
+        raise ValueError(f"num_head_channels must be a positive int, or -1 (heads set by num_heads), "
+                         f"got {num_head_channels!r}")
+    if not isinstance(attention_resolutions, Collection) or isinstance(attention_resolutions, str) or not all(
+            isinstance(r, Integral) and not isinstance(r, bool) for r in attention_resolutions):
+        raise TypeError(f"attention_resolutions must be a collection of ints (downsample rates), "
+                        f"got {attention_resolutions!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout <= 1:
+        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+    if not isinstance(channel_mult, Sequence) or not channel_mult or not all(
+            isinstance(m, Real) and not isinstance(m, bool) and 0 < m < math.inf for m in channel_mult):
+        raise ValueError(f"channel_mult must be a non-empty sequence of positive numbers, got {channel_mult!r}")
+    widths = [int(m * model_channels) for m in channel_mult]
+    if any(w < 1 or w % 32 for w in widths):
+        raise ValueError(f"the level widths int(channel_mult·model_channels) must be positive multiples of 32 "
+                         f"(GroupNorm32's 32 groups), got {widths} for model_channels={model_channels}")
+
+
 class _Trunk(nn.Module):
     """What UNet and EncoderUNet share: time embedding, input blocks, middle block."""
 
@@ -221,6 +331,15 @@ class _Trunk(nn.Module):
         """The dtype the blocks run in (float16 after convert_to_fp16)."""
         return self.input_blocks[0][0].weight.dtype
 
+    def _check_dtype(self, x: Tensor) -> None:
+        """x in the dtype the model takes and returns (its time MLP's: float32 in ADM, also
+        under use_fp16; a model cast whole with .double() or .half() takes its own), unless
+        autocast is on."""
+        dtype = self.time_embed[0].weight.dtype
+        if x.dtype != dtype and not autocast_enabled(x.device):
+            raise TypeError(f"x must have the model's input dtype {dtype} (or run under torch.autocast), "
+                            f"got {x.dtype}")
+
     def _embed_time(self, timesteps: Tensor) -> Tensor:
         # The sinusoids in the time MLP's dtype (float32 in ADM, also under use_fp16; a model
         # cast whole with .double() or .half() runs them in its own dtype).
@@ -263,12 +382,23 @@ class UNet(_Trunk):
         super().__init__()
         if dims != 2:
             raise ValueError(f"dims must be 2 (images), got {dims}")
+        _check_config(image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
+                      dropout, channel_mult, num_heads, num_head_channels)
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, Integral)
+                                        or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive int, or None (unconditional), got {num_classes!r}")
+        if isinstance(label_dropout, bool) or not isinstance(label_dropout, Real) or not 0 <= label_dropout <= 1:
+            raise ValueError(f"label_dropout must be a probability in [0, 1], got {label_dropout!r}")
+        if isinstance(num_heads_upsample, bool) or not isinstance(num_heads_upsample, Integral) \
+                or not (num_heads_upsample == -1 or num_heads_upsample >= 1):
+            raise ValueError(f"num_heads_upsample must be a positive int, or -1 (num_heads), "
+                             f"got {num_heads_upsample!r}")
         if (null_class or label_dropout) and num_classes is None:
             raise ValueError("null_class and label_dropout need num_classes")
         if label_dropout and not null_class:
             raise ValueError("label_dropout replaces labels by the null class: set null_class=True")
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
-        self.model_channels, self.num_classes = model_channels, num_classes
+        self.model_channels, self.num_classes, self.channel_mult = model_channels, num_classes, tuple(channel_mult)
         self.null_class, self.label_dropout = null_class, label_dropout
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
@@ -318,11 +448,19 @@ class UNet(_Trunk):
         return self.num_classes
 
     def forward(self, x: Tensor, timesteps: Tensor, y: Tensor | None = None) -> Tensor:
-        """Prediction for x_t (B, C, H, W) at original timesteps (B,) and labels y (B,)."""
+        """Prediction for x_t (B, C, H, W) at original timesteps (B,) and labels y (B,)
+        (timesteps and labels may be 0-d: one for the whole batch). x is floating, in the
+        model's input dtype unless autocast is on; H and W must be multiples of
+        2^(levels − 1), which the skip connections need; labels lie in [0, num_classes),
+        or are num_classes (the null label) with ``null_class``."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass labels y exactly when the model is class-conditional")
+        check_image(x, self.in_channels, 2 ** (len(self.channel_mult) - 1))
+        self._check_dtype(x)
+        timesteps = check_timesteps(timesteps, x)
         emb = self._embed_time(timesteps)
         if y is not None:
+            y = check_labels(y, x, self.num_classes + (1 if self.null_class else 0))
             if self.training and self.label_dropout > 0:
                 dropped = torch.rand(y.shape, device=y.device) < self.label_dropout
                 y = torch.where(dropped, torch.full_like(y, self.num_classes), y)
@@ -371,6 +509,8 @@ class EncoderUNet(_Trunk):
         super().__init__()
         if dims != 2:
             raise ValueError(f"dims must be 2 (images), got {dims}")
+        _check_config(image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
+                      dropout, channel_mult, num_heads, num_head_channels)
         if pool not in self.POOLS:
             raise ValueError(f"pool must be one of {self.POOLS}, got {pool!r}")
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
@@ -402,8 +542,11 @@ class EncoderUNet(_Trunk):
             blocks.apply(_convert_convs_to_fp16)
 
     def forward(self, x: Tensor, timesteps: Tensor) -> Tensor:
-        """Logits (B, out_channels) for x_t at original timesteps."""
-        emb = self._embed_time(timesteps)
+        """Logits (B, out_channels) for x_t (B, C, H, W) at original timesteps (B,) (or 0-d:
+        one for the whole batch); with the attention pool H = W = image_size."""
+        check_image(x, self.in_channels, size=self.image_size if self.pool == "attention" else None)
+        self._check_dtype(x)
+        emb = self._embed_time(check_timesteps(timesteps, x))
         h = x.to(self.dtype)
         spatial = self.pool.startswith("spatial")
         spatial_means = []

@@ -72,8 +72,8 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _resolve(op: str, device: torch.device, dtype: torch.dtype, empty: bool = False) -> str:
     # Under torch.compile this runs at trace time: the backend is fixed per compiled graph.
-    if empty:
-        return "torch"  # nothing to launch: the reference returns the empty result
+    if empty or device.type == "meta":
+        return "torch"  # nothing to launch: the reference returns the empty result, the fakes the meta one
     if dtype not in _KERNEL_DTYPES:
         has_kernel = {name: False for name in _KERNEL_MODULES}
         return backends.resolve(device, has_kernel, f"{op} on {dtype} tensors")
@@ -97,13 +97,15 @@ _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 def _needs_op(tensors: Sequence[Tensor]) -> bool:
     """Whether a call on ``tensors`` must go through its registered custom op whatever
     autograd needs: a trace or transform (``_tracing``), the profiler (which names ops by
-    it), or a tensor subclass (its dispatch sees ops, not kernels). Otherwise the op's body
-    may run directly: the op's dispatch round trip would do nothing else, and it costs more
-    host time (about 10 µs a call on the development CPU) than a small kernel takes on a GPU."""
+    it), a tensor subclass (its dispatch sees ops, not kernels) or a meta tensor (it has no
+    values for a body to read; the op's fake gives the result's shape and dtype, as models
+    built on the meta device need). Otherwise the op's body may run directly: the op's
+    dispatch round trip would do nothing else, and it costs more host time (about 10 µs a
+    call on the development CPU) than a small kernel takes on a GPU."""
     return (
         _tracing()
         or torch._C._autograd._profiler_enabled()
-        or any(type(t) not in _PLAIN_TENSOR_TYPES for t in tensors)
+        or any(type(t) not in _PLAIN_TENSOR_TYPES or t.is_meta for t in tensors)
     )
 
 
@@ -484,16 +486,22 @@ def layer_norm(
 def gated_residual(h: Tensor, branch: Tensor, gate: Tensor) -> Tensor:
     """DiT's gated residual h + gate·branch, one pass (torch.addcmul).
 
-    h, branch: (N, L, D) or (N, D), branch in h's dtype; gate (N, D) or (N, 1, D) per
-    sample, or h's shape per token. Computed in float32 (float64 for float64 inputs)
-    and rounded once to h's dtype. This is already one read of h and branch and one
-    write, the copy-bandwidth floor, so it has no kernel of its own; where a LayerNorm
-    follows, ``gated_residual_layer_norm`` fuses the two. Differentiable.
+    h, branch: (N, L, D) or (N, D); gate (N, D) or (N, 1, D) per sample, or h's shape per
+    token. Computed in float32 (float64 for float64 inputs) and rounded once to h's
+    dtype. This is already one read of h and branch and one write, the copy-bandwidth
+    floor, so it has no kernel of its own; where a LayerNorm follows,
+    ``gated_residual_layer_norm`` fuses the two. Differentiable.
+
+    Mixed dtypes (autocast: a float32 residual stream, a bfloat16 branch from an autocast
+    Linear): the residual stream keeps its dtype and a branch of another floating dtype
+    is cast to it first, which is exact where h is the wider, as under autocast, and
+    there gives what torch's promotion of h + gate·branch gives. gate may be of any
+    floating dtype (read in the compute dtype).
     """
     validation.check_gated_residual(h, branch, gate)
-    if h.dim() == 3 and gate.dim() == 2:
-        gate = gate.unsqueeze(1)
-    return reference.gated_residual(h, branch, gate)
+    # A per-sample gate, (N, D) or (N, 1, D), as (N, 1, D) for (N, L, D) h, (N, D) for (N, D) h.
+    gate = gate.reshape(h.shape[0], *(1,) * (h.dim() - 2), h.shape[-1]) if gate.shape != h.shape else gate
+    return reference.gated_residual(h, branch.to(h.dtype), gate)
 
 
 def gated_residual_layer_norm(
@@ -514,11 +522,12 @@ def gated_residual_layer_norm(
     h_new is rounded to h's dtype and the norm reads that rounded value, so the pair
     equals ``gated_residual`` followed by ``layer_norm``; the fused kernels read h and
     branch once and write h_new and y once (the unfused pair reads h_new back). Shapes
-    as ``gated_residual`` and ``layer_norm``. Differentiable in every tensor.
+    and dtypes as ``gated_residual`` (a branch of another dtype is cast to h's) and
+    ``layer_norm``. Differentiable in every tensor.
     """
     validation.check_gated_residual(h, branch, gate)
     validation.check_layer_norm(h, normalized_shape, weight, bias, eps, scale, shift, x_name="h")
-    tokens = [t.unsqueeze(1) if t.dim() == 2 else t for t in (h, branch)]
+    tokens = [t.unsqueeze(1) if t.dim() == 2 else t for t in (h, branch.to(h.dtype))]
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     h_new, y, _, _ = _call(
         _gated_residual_layer_norm, _gated_residual_layer_norm_forward,

@@ -27,11 +27,21 @@ from .contract import (
 from .reference import ACTIVATIONS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# guided_step's kernels take their scalars (and 1/alpha, 1/sigma) as float32.
+FLOAT32_MAX = torch.finfo(torch.float32).max
+# The path each prediction type's map to x0 and eps assumes (None: any alpha and sigma):
+# v = alpha·eps − sigma·x0 gives x0 = alpha·x − sigma·v only where alpha² + sigma² = 1, a
+# flow velocity eps − x0 gives x0 = x − sigma·v only where alpha + sigma = 1. check_step
+# holds a step's alpha and sigma to it, a sampler its schedule (NoiseSchedule.path).
+PREDICTION_PATHS = {"epsilon": None, "v_prediction": "variance-preserving", "sample": None, "flow_prediction": "flow"}
+PATH_RELATIONS = {"variance-preserving": "alpha² + sigma² = 1", "flow": "alpha + sigma = 1"}
 
 
 def check_tensor(name: str, t: object, ndim_at_least: int | None = None) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), "
@@ -68,6 +78,15 @@ def check_finite(name: str, value: object) -> float:
     return float(value)
 
 
+def check_kernel_scalar(name: str, value: object) -> float:
+    """A finite real number within float32's range, the kernels' scalar type."""
+    value = check_finite(name, value)
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{name} must lie within float32's range (|value| <= {FLOAT32_MAX:.4g}, the kernels' "
+                         f"scalar type), got {value!r}")
+    return value
+
+
 def check_attention(q: object, k: object, v: object, scale: object) -> float:
     """Checks the attention contract; returns the scale (D^-1/2 when None)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -98,14 +117,15 @@ def check_norm_parameters(
     x_name: str, x: Tensor, size: int, weight: object, bias: object, scale: object, shift: object, eps: object
 ) -> None:
     """The checks the norms share, after each checked its own scale and shift: weight and
-    bias None or (size,) tensors, every tensor on x's device, eps positive."""
+    bias None or (size,) tensors, every tensor on x's device, eps positive and within
+    float32's range (the statistics' type on every backend but float64's reference)."""
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             check_tensor(name, t)
             check_shape(name, t, (size,))
     check_same_device([(x_name, x), ("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)])
-    if check_finite("eps", eps) <= 0:
-        raise ValueError(f"eps must be positive, got {eps}")
+    if not 0 < check_finite("eps", eps) <= torch.finfo(torch.float32).max:
+        raise ValueError(f"eps must be positive and within float32's range (the statistics' type), got {eps}")
 
 
 def check_group_norm(
@@ -127,12 +147,6 @@ def check_group_norm(
             f"channels of x ({channels}, dim 1 of shape {tuple(x.shape)}) must be divisible "
             f"by num_groups ({num_groups})"
         )
-    group_size = channels // num_groups * math.prod(x.shape[2:])
-    if group_size == 1 and batch > 0:
-        raise ValueError(
-            f"x of shape {tuple(x.shape)} has 1 value per group with num_groups={num_groups}: "
-            "normalising needs more than one (as torch's group_norm)"
-        )
     for name, t in (("scale", scale), ("shift", shift)):
         if t is not None:
             check_tensor(name, t)
@@ -148,11 +162,12 @@ def check_group_norm(
 
 def check_token_tensor(name: str, t: object, x: Tensor, what: str) -> None:
     """A per-sample or per-token tensor of (N, L, D) or (N, D) x: shape (N, D),
-    (N, 1, D) or x's own shape (the adaLN modulation and the residual gate)."""
+    (N, 1, D) or x's own shape (the adaLN modulation and the residual gate); for an
+    (N, D) x, each sample being one token, all three say the same."""
     check_tensor(name, t)
     n, d = x.shape[0], x.shape[-1]
-    allowed = {(n, d), tuple(x.shape)} | ({(n, 1, d)} if x.dim() == 3 else set())
-    if tuple(t.shape) not in allowed:
+    # Compared with ==, not hashed: under torch.jit.trace, sizes are traced values.
+    if not any(tuple(t.shape) == allowed for allowed in ((n, d), (n, 1, d), tuple(x.shape))):
         per_token = "" if x.dim() == 2 else f" or {tuple(x.shape)} per token"
         raise ValueError(
             f"{name} ({what}) must have shape ({n}, {d}) or ({n}, 1, {d}) per sample{per_token} "
@@ -192,13 +207,13 @@ def check_layer_norm(
 
 
 def check_gated_residual(h: object, branch: object, gate: object) -> None:
+    """h (N, L, D) or (N, D); branch of h's shape, any floating dtype (the ops cast it to
+    h's); gate per sample or per token (``check_token_tensor``); one device."""
     check_tensor("h", h)
     if h.dim() not in (2, 3):
         raise ValueError(f"h must be (N, L, D) or (N, D), got shape {tuple(h.shape)}")
     check_tensor("branch", branch)
     check_shape("branch", branch, tuple(h.shape))
-    if branch.dtype != h.dtype:
-        raise TypeError(f"branch must have h's dtype {h.dtype}, got {branch.dtype}")
     check_token_tensor("gate", gate, h, "residual gate")
     check_same_device([("h", h), ("branch", branch), ("gate", gate)])
 
@@ -229,17 +244,20 @@ def _once_per_object(check):
 
 @_once_per_object
 def check_step(step: object) -> None:
-    """Checks a StepCoefficients on its own (fastguide.ops.contract)."""
+    """Checks a StepCoefficients on its own (fastguide.ops.contract): every scalar finite
+    and within float32's range; alpha and sigma non-negative, on the path the prediction
+    type assumes (PREDICTION_PATHS), and, where the step divides by one (alpha to derive
+    x0 from eps, sigma to derive eps from x0), with a reciprocal finite in float32."""
     if not isinstance(step, StepCoefficients):
         raise TypeError(f"step must be a fastguide.ops.StepCoefficients, got {type(step).__name__}")
     for name in STEP_SCALARS:
-        check_finite(f"step.{name}", getattr(step, name))
+        check_kernel_scalar(f"step.{name}", getattr(step, name))
     if not isinstance(step.k_history, tuple):
         raise TypeError(f"step.k_history must be a tuple of floats, got {type(step.k_history).__name__}")
     if len(step.k_history) > MAX_HISTORY:
         raise ValueError(f"step.k_history may hold at most {MAX_HISTORY} coefficients, got {len(step.k_history)}")
     for i, value in enumerate(step.k_history):
-        check_finite(f"step.k_history[{i}]", value)
+        check_kernel_scalar(f"step.k_history[{i}]", value)
     if step.prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"step.prediction_type must be one of {PREDICTION_TYPES}, got {step.prediction_type!r}")
     if not isinstance(step.clip_denoised, bool):
@@ -247,34 +265,38 @@ def check_step(step: object) -> None:
     if step.alpha < 0:
         raise ValueError(f"step.alpha must be non-negative, got {step.alpha}")
     # alpha = 0 (pure noise, a flow path's start) is fine unless x0 is derived by dividing by it.
-    if step.alpha == 0 and (step.prediction_type == "epsilon" or step.grad_eps_scale != 0):
-        raise ValueError("step.alpha must be positive to derive x0 from eps (prediction_type='epsilon' or "
-                         "grad_eps_scale != 0)")
-    if step.prediction_type == "flow_prediction" and abs(step.alpha + step.sigma - 1) > 1e-6:
-        raise ValueError(f"prediction_type='flow_prediction' needs a flow path, alpha + sigma = 1; got alpha = "
-                         f"{step.alpha}, sigma = {step.sigma} (a variance-preserving schedule?)")
+    if step.alpha * FLOAT32_MAX < 1 and (step.prediction_type == "epsilon" or step.grad_eps_scale != 0):
+        raise ValueError(f"step.alpha must be positive to derive x0 from eps (prediction_type='epsilon' or "
+                         f"grad_eps_scale != 0), with 1/alpha finite in float32, got {step.alpha!r}")
+    path = PREDICTION_PATHS[step.prediction_type]
+    if path is not None:
+        residual = (step.alpha**2 + step.sigma**2 if path == "variance-preserving" else step.alpha + step.sigma) - 1
+        if abs(residual) > 1e-6:
+            raise ValueError(f"prediction_type={step.prediction_type!r} needs a {path} path, {PATH_RELATIONS[path]}; "
+                             f"got alpha = {step.alpha}, sigma = {step.sigma}")
     if step.sigma < 0:
         raise ValueError(f"step.sigma must be non-negative, got {step.sigma}")
-    if step.sigma == 0 and (step.clip_denoised or step.prediction_type == "sample"):
-        raise ValueError(
-            "step.sigma must be positive to derive eps from x0 (clip_denoised or prediction_type='sample')"
-        )
+    if step.sigma * FLOAT32_MAX < 1 and (step.clip_denoised or step.prediction_type == "sample"):
+        raise ValueError(f"step.sigma must be positive to derive eps from x0 (clip_denoised or "
+                         f"prediction_type='sample'), with 1/sigma finite in float32, got {step.sigma!r}")
     if step.log_variance_range is not None:
         if not isinstance(step.log_variance_range, tuple) or len(step.log_variance_range) != 2:
             raise ValueError(f"step.log_variance_range must be (min_log, max_log), got {step.log_variance_range!r}")
         for part, value in zip(("min", "max"), step.log_variance_range):
-            check_finite(f"step.log_variance_range {part}", value)
+            check_kernel_scalar(f"step.log_variance_range {part}", value)
 
 
 @_once_per_object
 def check_combine(combine: object) -> None:
-    """Checks a GuidanceCombine on its own (None, an unguided step, passes)."""
+    """Checks a GuidanceCombine on its own (None, an unguided step, passes): every scalar
+    finite and within float32's range, a known variant, rescale in [0, 1],
+    apg_norm_threshold non-negative, and the APG settings set only for the "apg" variant."""
     if combine is None:
         return
     if not isinstance(combine, GuidanceCombine):
         raise TypeError(f"combine must be a fastguide.ops.GuidanceCombine or None, got {type(combine).__name__}")
     for name in COMBINE_SCALARS:
-        check_finite(f"combine.{name}", getattr(combine, name))
+        check_kernel_scalar(f"combine.{name}", getattr(combine, name))
     if combine.variant not in COMBINE_VARIANTS:
         raise ValueError(f"combine.variant must be one of {COMBINE_VARIANTS}, got {combine.variant!r}")
     if not 0 <= combine.rescale <= 1:
@@ -289,17 +311,32 @@ def check_combine(combine: object) -> None:
                 raise ValueError(f"combine.{name} is set but combine.variant is {combine.variant!r}, not 'apg'")
 
 
-def check_step_tensors(
-    tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None, *, check_memory: bool = True
-) -> None:
-    """Checks the tensors of one step against the (already checked) step and combine;
-    ``check_memory`` also checks how they alias (not possible on traced tensors)."""
-    model_output, x = tensors.model_output, tensors.x
+def check_step_layout(tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None) -> None:
+    """Checks that the tensors of one step have the layout guided_step's kernels read,
+    against the (already checked) step and combine, from shapes, dtypes and devices alone:
+    no tensor data, no host-device sync, and an error message built only on a mismatch,
+    so it costs a few µs (``guided_step_prechecked``'s caller, the sampling loop, runs it
+    every model call; ``check_step_tensors`` runs it first). Checked:
+
+    - x of (B, C, *spatial) and model_output of (2B, …) when guiding without a guide
+      tensor, else (B, …), with C or 2C channels (2C with step.log_variance_range) and x's
+      spatial shape; a guide only with a combine, of (B, C or model_output's channels,
+      *spatial);
+    - history a tuple of one tensor per step.k_history coefficient; history, noise, grad,
+      apg_buffer and x0_out (when given) of x's shape; out (when given) of x's shape or
+      (2B, C, *spatial), both halves of the next [cond; uncond] input;
+    - every tensor dense (strided), floating (float16, bfloat16, float32 or float64) and
+      on x's device;
+    - a tensor given for each nonzero coefficient that reads one (noise, grad,
+      apg_buffer, a guiding prediction for k_guide_eps); combine.rescale at least two
+      elements per sample."""
+    model_output, x, guide, out = tensors.model_output, tensors.x, tensors.guide, tensors.out
     check_tensor("model_output", model_output, ndim_at_least=2)
     check_tensor("x", x, ndim_at_least=2)
-    batch, channels, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
-    rows = model_output.shape[0]
-    if combine is not None and tensors.guide is None:
+    size, device = x.shape, x.device
+    batch, channels, spatial = size[0], size[1], size[2:]
+    rows, predicted = model_output.shape[0], model_output.shape[1]
+    if combine is not None and guide is None:
         if rows != 2 * batch:
             raise ValueError(
                 f"model_output must have batch 2·{batch} = {2 * batch} ([cond; uncond] for x of batch {batch}) "
@@ -308,76 +345,102 @@ def check_step_tensors(
     elif rows != batch:
         reason = "with a separate guide tensor" if combine is not None else "without guidance (combine=None)"
         raise ValueError(f"model_output must have batch {batch} (that of x) {reason}, got {rows}")
-    if model_output.shape[1] not in (channels, 2 * channels) or tuple(model_output.shape[2:]) != spatial:
+    if (predicted != channels and predicted != 2 * channels) or model_output.shape[2:] != spatial:
         raise ValueError(
             f"model_output must have {channels} or {2 * channels} channels and spatial shape "
-            f"{spatial} to match x {tuple(x.shape)}, got {tuple(model_output.shape)}"
+            f"{tuple(spatial)} to match x {tuple(size)}, got {tuple(model_output.shape)}"
         )
-    if tensors.guide is not None:
+    if guide is not None:
         if combine is None:
             raise ValueError("guide was given but combine is None: a guide prediction needs a GuidanceCombine")
-        check_tensor("guide", tensors.guide)
-        if tensors.guide.shape[0] != batch or tensors.guide.shape[1] not in (channels, model_output.shape[1]) \
-                or tuple(tensors.guide.shape[2:]) != spatial:
+        check_tensor("guide", guide)
+        if guide.dim() != x.dim() or guide.shape[0] != batch \
+                or (guide.shape[1] != channels and guide.shape[1] != predicted) or guide.shape[2:] != spatial:
             raise ValueError(
                 f"guide must have shape ({batch}, {channels}, ...) or that of model_output "
-                f"{tuple(model_output.shape)}, got {tuple(tensors.guide.shape)}"
+                f"{tuple(model_output.shape)}, got {tuple(guide.shape)}"
             )
-    if combine is not None and combine.rescale > 0 and math.prod(x.shape[1:]) == 1:
+    if combine is not None and combine.rescale > 0 and math.prod(size[1:]) == 1:
         raise ValueError(
             f"combine.rescale needs at least 2 elements per sample (a standard deviation), got x of shape "
-            f"{tuple(x.shape)}"
+            f"{tuple(size)}"
         )
-    if step.log_variance_range is not None and model_output.shape[1] != 2 * channels:
+    if step.log_variance_range is not None and predicted != 2 * channels:
         raise ValueError(
             f"step.log_variance_range needs a model_output with 2·{channels} channels "
-            f"(prediction then variance), got {model_output.shape[1]}"
+            f"(prediction then variance), got {predicted}"
         )
 
-    if not isinstance(tensors.history, tuple):
-        raise TypeError(f"history must be a tuple of tensors, got {type(tensors.history).__name__}")
-    if len(tensors.history) != len(step.k_history):
-        raise ValueError(
-            f"history holds {len(tensors.history)} tensors but step.k_history {len(step.k_history)} coefficients"
-        )
-    x_shaped = [(f"history[{i}]", h) for i, h in enumerate(tensors.history)]
-    x_shaped += [(name, getattr(tensors, name)) for name in ("noise", "grad", "apg_buffer", "x0_out")]
-    for name, t in x_shaped:
-        if t is not None or name.startswith("history"):
-            check_tensor(name, t)
-            check_shape(name, t, tuple(x.shape))
+    history = tensors.history
+    if not isinstance(history, tuple):
+        raise TypeError(f"history must be a tuple of tensors, got {type(history).__name__}")
+    if len(history) != len(step.k_history):
+        raise ValueError(f"history holds {len(history)} tensors but step.k_history {len(step.k_history)} coefficients")
+    # x-shaped tensors: what check_tensor, check_shape and the device check refuse, tested
+    # inline (no call, no message) on the fast path.
+    for i, t in enumerate(history):
+        if not (isinstance(t, Tensor) and t.layout == torch.strided and t.dtype in FLOAT_DTYPES and t.shape == size
+                and t.device == device):
+            _refuse_x_shaped(f"history[{i}]", t, x)
+    for name in ("noise", "grad", "apg_buffer", "x0_out"):
+        t = getattr(tensors, name)
+        if t is not None and not (isinstance(t, Tensor) and t.layout == torch.strided and t.dtype in FLOAT_DTYPES
+                                  and t.shape == size and t.device == device):
+            _refuse_x_shaped(name, t, x)
+    if out is not None:
+        check_tensor("out", out)
+        if out.shape != size and out.shape != (2 * batch, *size[1:]):
+            raise ValueError(
+                f"out must have shape {tuple(size)} or {(2 * batch, channels) + tuple(spatial)} "
+                f"(both halves of the next [cond; uncond] input), got {tuple(out.shape)}"
+            )
+    for name, t in (("model_output", model_output), ("guide", guide), ("out", out)):
+        if t is not None and t.device != device:
+            _refuse_device(name, t, x)
+
+    if step.k_guide_eps != 0 and combine is None:
+        raise ValueError(f"step.k_guide_eps is {step.k_guide_eps} but there is no guiding prediction (combine is None)")
+    for coefficient, value, tensor_name in (("step.k_noise", step.k_noise, "noise"),
+                                            ("step.k_grad", step.k_grad, "grad"),
+                                            ("step.grad_eps_scale", step.grad_eps_scale, "grad")):
+        if value != 0 and getattr(tensors, tensor_name) is None:
+            raise ValueError(f"{coefficient} is {value} but {tensor_name} was not given")
+    if combine is not None and combine.apg_momentum != 0 and tensors.apg_buffer is None:
+        raise ValueError(f"combine.apg_momentum is {combine.apg_momentum} but apg_buffer was not given")
+
+
+def _refuse_x_shaped(name: str, t: object, x: Tensor) -> None:
+    """The error for an x-shaped tensor of the wrong type, dtype, shape or device."""
+    check_tensor(name, t)
+    check_shape(name, t, tuple(x.shape))
+    _refuse_device(name, t, x)
+
+
+def _refuse_device(name: str, t: Tensor, x: Tensor) -> None:
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+
+
+def check_step_tensors(
+    tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None, *, check_memory: bool = True
+) -> None:
+    """Checks the tensors of one step against the (already checked) step and combine: their
+    layout (``check_step_layout``), that the tensors the step writes do not require grad,
+    and with ``check_memory`` how they alias (not possible on traced tensors)."""
+    check_step_layout(tensors, step, combine)
     for name in ("out", "x0_out", "apg_buffer"):
         written = getattr(tensors, name)
         if written is None:
             continue
-        check_tensor(name, written)
         if written.requires_grad:
             raise ValueError(f"{name} must not require grad: guided_step writes it in place and is not differentiable")
         if check_memory and written.numel() > 1 and torch._debug_has_internal_overlap(written) == 1:
             raise ValueError(f"{name} has elements that share memory (an expanded view?): it must be writable "
                              "element by element")
-    if tensors.out is not None:
-        check_tensor("out", tensors.out)
-        if tuple(tensors.out.shape) not in (tuple(x.shape), (2 * batch, channels) + spatial):
-            raise ValueError(
-                f"out must have shape {tuple(x.shape)} or {(2 * batch, channels) + spatial} "
-                f"(both halves of the next [cond; uncond] input), got {tuple(tensors.out.shape)}"
-            )
-    check_same_device([("model_output", model_output), ("x", x), ("guide", tensors.guide), *x_shaped,
-                       ("out", tensors.out)])
-
     if check_memory:
+        x_shaped = [(f"history[{i}]", h) for i, h in enumerate(tensors.history)]
+        x_shaped += [(name, getattr(tensors, name)) for name in ("noise", "grad", "apg_buffer", "x0_out")]
         _check_aliasing(tensors, x_shaped)
-
-    if step.k_guide_eps != 0 and combine is None:
-        raise ValueError(f"step.k_guide_eps is {step.k_guide_eps} but there is no guiding prediction (combine is None)")
-    needs = [("step.k_noise", step.k_noise, "noise"), ("step.k_grad", step.k_grad, "grad"),
-             ("step.grad_eps_scale", step.grad_eps_scale, "grad")]
-    if combine is not None:
-        needs.append(("combine.apg_momentum", combine.apg_momentum, "apg_buffer"))
-    for coefficient, value, tensor_name in needs:
-        if value != 0 and getattr(tensors, tensor_name) is None:
-            raise ValueError(f"{coefficient} is {value} but {tensor_name} was not given")
 
 
 def _storage(t: Tensor) -> int:

@@ -40,7 +40,8 @@ def test_gpu_script_dry_run_finds_every_test_and_benchmark(tmp_path):
 
 @pytest.mark.parametrize("argv, option", [(["--bogus"], "unrecognized arguments"),
                                           (["--benchmarks", "{tmp}"], "--benchmarks"),
-                                          (["--out", "{tmp}/file"], "--out")])
+                                          (["--out", "{tmp}/file"], "--out"),
+                                          (["--out", "{tmp}/file/results"], "--out: expected a path in a folder")])
 def test_bench_bad_options_exit_2_with_one_line(argv, option, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     argv = [a.format(tmp=tmp_path) for a in argv]
@@ -49,6 +50,16 @@ def test_bench_bad_options_exit_2_with_one_line(argv, option, tmp_path, capsys):
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fastguide: error:") and option in lines[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
+def test_bench_refuses_an_out_folder_it_cannot_create(capsys):
+    # /proc takes no new folders, not even from root (mkdir fails with ENOENT there).
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--out", "/proc/fastguide-bench/results"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastguide: error: --out: cannot write in folder /proc")
 
 
 def test_bench_with_no_case_selected_says_so(tmp_path, capsys):

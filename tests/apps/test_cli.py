@@ -104,9 +104,38 @@ SAMPLE = ["sample", "--out", "x.png", "--quiet"]
     (["--interval", "nan", "1"], "--interval: expected LOW HIGH with 0 <= LOW < HIGH"),
     (["--schedule", "exponential"], "--schedule: invalid choice: 'exponential'"),
     (["--spacing", "uniform"], "--spacing: invalid choice: 'uniform'"),
+    (["--sampler", "euler-maruyama"], "--sampler: expected one of ddim, ddpm, euler, euler-ancestral, heun, dpm++2m, "
+                                      "dpm++2m-sde, dpm++2s, dpm++3m, unipc for the variance-preserving schedule of "
+                                      "--model digits, got euler-maruyama"),
+    (["--model", "digits-transformer", "--sampler", "ddpm"],
+     "--sampler: expected one of ddim, euler, heun, dpm++2m, dpm++2s, dpm++3m, unipc, euler-maruyama for the flow "
+     "path of --model digits-transformer, got ddpm"),
+    (["--model", "adm64", "--checkpoint", "x.pt", "--guidance", "none", "--sampler", "euler-maruyama"],
+     "--sampler: expected one of ddim, ddpm"),
+    (["--model", "digits-transformer", "--steps", "1001"],
+     "--steps: expected an integer from 1 to 1000 for the flow path of --model digits-transformer, got 1001"),
+    (["--model", "digits-transformer", "--steps", str(10**12)], "--steps: expected an integer from 1 to 1000"),
+    (["--model", "digits-transformer", "--precision", "fp16"],
+     "--precision: fp16 is ADM's use_fp16 (a UNet's convolutions in fp16), which --model digits-transformer does "
+     "not have"),
 ])
 def test_sample_refuses_bad_options(workdir, capsys, options, message):
     fails_with(capsys, workdir, [*SAMPLE, *options], message)
+
+
+def test_sample_refuses_a_sampler_off_the_schedule_before_loading_a_model(workdir, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(cli, "load_sampling_model", no_loading)
+    fails_with(capsys, workdir, [*SAMPLE, "--model", "digits-transformer", "--sampler", "dpm++2m-sde"],
+               "--sampler: expected one of", "got dpm++2m-sde")
+
+
+def test_sample_refuses_a_folder_as_npz(workdir, capsys):
+    # np.savez(FOLDER) would write FOLDER.npz beside the folder.
+    (workdir / "samples").mkdir()
+    fails_with(capsys, workdir, [*SAMPLE, "--npz", "samples"], "--npz: expected a file name, got the folder samples")
 
 
 def test_sample_refuses_an_existing_folder_as_output(workdir, capsys):
@@ -246,6 +275,10 @@ def test_digits_train_refuses_zero_steps(tmp_path):
     (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
     (["--plot", "x.xyz"], "--plot: expected a file name ending in ."),
     (["--table", "missing/t.md"], "--table: folder"),
+    (["--model", "digits-transformer", "--sampler", "ddpm"],
+     "--sampler: expected one of ddim, euler, heun, dpm++2m, dpm++2s, dpm++3m, unipc, euler-maruyama for the flow "
+     "path of --model digits-transformer, got ddpm"),
+    (["--sampler", "euler-maruyama"], "--sampler: expected one of ddim, ddpm"),
 ])
 def test_sweep_refuses_bad_options(workdir, capsys, options, message):
     fails_with(capsys, workdir, ["sweep", "--quiet", *options], message)
@@ -319,7 +352,8 @@ def test_train_moves_finished_files_into_place(workdir, monkeypatch):
 
 
 @pytest.mark.parametrize("options", [["--guidance", "classifier"], ["--guidance", "both", "--precision", "bf16"],
-                                     ["--guidance", "none", "--sampler", "ddpm"]])
+                                     ["--guidance", "none", "--sampler", "ddpm"],
+                                     ["--model", "digits-transformer", "--precision", "bf16"]])
 def test_sample_options(tmp_path, options):
     assert cli.main(["sample", "--out", str(tmp_path / "x.png"), *SMALL, *options]) == 0
 

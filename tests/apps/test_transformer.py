@@ -109,3 +109,23 @@ def test_every_shipped_network_is_in_the_checkout():
     assert all((digits.WEIGHTS / f"digits_{name}.safetensors").is_file() for name in names)
     assert digits.transformer_file() == digits.WEIGHTS / "digits_transformer.safetensors"
     assert digits.guide_file() == digits.WEIGHTS / "digits_guide.safetensors"
+
+
+@SHIPPED
+def test_every_shipped_network_runs_under_bf16_autocast():
+    # `fastguide sample --precision bf16` runs each network under CPU/GPU autocast: the fused
+    # ops take its mixed dtypes (a float32 residual stream, bfloat16 branches) and every
+    # output stays within a few bf16 roundings (2^-8) of the float32 forward.
+    models = digits.load()
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(10, 1, 8, 8, generator=g), torch.linspace(0, 999, 10).round().long(), torch.arange(10)
+    calls = {"unet": (models.unet, (x, t, y)), "guide": (models.guide, (x, t, y)),
+             "classifier": (models.classifier, (x, t)), "evaluator": (models.evaluator, (x.clamp(-1, 1),)),
+             "transformer": (models.transformer, (x, t.float(), y))}
+    for name, (network, inputs) in calls.items():
+        with torch.no_grad():
+            expected = network(*inputs)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = network(*inputs)
+        assert got.dtype == torch.bfloat16, name
+        assert (got.float() - expected).abs().max() <= 2**-6 * expected.abs().max(), name

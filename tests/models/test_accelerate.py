@@ -352,6 +352,7 @@ def test_accelerate_adm_attention_in_its_head_order(attention):
     assert model.fastguide_accelerated == {"ADM ResBlock": 1, "ADM AttentionBlock": 1, "GroupNorm": 3}
     assert model.fastguide_skipped == {}
     torch.testing.assert_close(run(model, x, emb), expected, atol=2e-4, rtol=2e-4)
+    assert run(model.attn, x[:0]).shape == (0, 64, 6, 6)  # an empty batch: (B, C, T) without a -1
 
 
 def test_accelerate_leaves_other_adm_attention_math_alone():
@@ -413,6 +414,27 @@ def test_accelerate_group_norm_classes_and_hooks():
     assert type(model[0]).__name__ == "FusedGroupNorm" and model[2] is hooked
     torch.testing.assert_close(run(model, x), expected, atol=1e-5, rtol=1e-5)
     assert len(calls) == 2
+
+
+def test_accelerate_group_norm_with_one_value_per_group_gives_torchs_result():
+    # GroupNorm(4, 4) on (N, 4, 1, 1): each group holds one value (var 0), and torch returns
+    # the bias there; so does the swapped norm (within x·eps^-1/2·ε of the fused form).
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(4, 4), nn.SiLU(), nn.Flatten(),
+                                    nn.Linear(4, 2), nn.GroupNorm(2, 2)), seed=10).eval()
+    x = torch.randn(3, 3, 1, 1)
+    expected = run(model, x)
+    fastguide.accelerate(model)
+    assert model.fastguide_accelerated == {"GroupNorm": 2}
+    torch.testing.assert_close(run(model, x), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("eps", [math.inf, math.nan, -1e-5, True])
+def test_accelerate_leaves_norms_with_an_eps_the_ops_refuse_alone(eps):
+    model = nn.Sequential(nn.GroupNorm(2, 4, eps=eps), nn.LayerNorm(4, eps=eps))
+    fastguide.accelerate(model)
+    assert model.fastguide_accelerated == {}
+    assert model.fastguide_skipped == {"GroupNorm": {f"eps {eps!r} (fused: a positive finite number)": 1}}
+    assert type(model[0]) is nn.GroupNorm
 
 
 def test_accelerate_report_lists_swapped_and_left_alone(caplog):

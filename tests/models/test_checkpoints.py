@@ -101,6 +101,45 @@ def test_a_directory_is_called_a_directory(tmp_path):
         save_state_dict(Tiny(), folder)
 
 
+@pytest.mark.parametrize("kind", ["meta", "sparse"])
+def test_tensors_without_dense_data_are_refused_in_one_line_naming_the_file(tmp_path, kind):
+    # load_state_dict's own error runs to a line per tensor, without the file.
+    state = weights(Tiny(layers=3))
+    state = {k: v.to("meta") if kind == "meta" else v.to_sparse() for k, v in state.items()}
+    torch.save(state, tmp_path / "weights.pt")
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(Tiny(layers=3), tmp_path / "weights.pt")
+    message = str(error.value)
+    assert "\n" not in message and str(tmp_path / "weights.pt") in message
+    assert f"layers.0.weight ({'meta' if kind == 'meta' else 'torch.sparse_coo'})" in message
+    assert "tensors without dense data" in message and "… and 2 more" in message
+
+
+def test_a_model_on_the_meta_device_takes_the_checkpoints_tensors(tmp_path):
+    # Copying into a meta tensor keeps no data (torch only warns): the model gets the tensors,
+    # in the dtypes it declares, on the CPU.
+    source = Tiny(layers=2)
+    source.count.fill_(7)
+    save_state_dict(source.half(), tmp_path / "weights.safetensors")
+    with torch.device("meta"):
+        model = Tiny(layers=2)
+    load_checkpoint(model, tmp_path / "weights.safetensors")
+    for name, tensor in model.state_dict().items():
+        assert tensor.device.type == "cpu", name
+        torch.testing.assert_close(tensor, source.state_dict()[name].to(tensor.dtype), atol=0, rtol=0)
+    assert model.layers[0].weight.dtype == torch.float32 and model.count.dtype == torch.int64
+    assert model.layers[0].weight.requires_grad and isinstance(model.layers[0].weight, nn.Parameter)
+
+
+def test_a_model_on_the_meta_device_cannot_be_saved(tmp_path):
+    with torch.device("meta"):
+        model = Tiny()
+    with pytest.raises(ValueError, match=r"cannot save .*weights.pt: the model's tensors count, layers.0.weight, "
+                                         r".* are meta"):
+        save_state_dict(model, tmp_path / "weights.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_an_empty_file_is_called_empty(tmp_path, suffix):
     path = tmp_path / f"empty{suffix}"

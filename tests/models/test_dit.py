@@ -315,6 +315,98 @@ def test_wrong_input_size_is_named():
         model(torch.randn(1, 4, 16, 16), torch.tensor([1]), torch.tensor([0]))
 
 
+@pytest.mark.parametrize("overrides, error, match", [
+    (dict(patch_size=0), ValueError, "patch_size must be at least 1, got 0"),
+    (dict(patch_size=-2), ValueError, "patch_size must be at least 1, got -2"),
+    (dict(patch_size=3), ValueError, r"input_size \(8\) must be divisible by patch_size \(3\)"),
+    (dict(patch_size=2.0), TypeError, "patch_size must be an int, got float"),
+    (dict(input_size=0), ValueError, "input_size must be at least 1, got 0"),
+    (dict(num_heads=0), ValueError, "num_heads must be at least 1, got 0"),
+    (dict(num_heads=3), ValueError, r"hidden_size \(64\) must be divisible by num_heads \(3\)"),
+    (dict(num_heads=16), ValueError, r"the head dim, 64 / 16 = 4\) must be a multiple of 8"),
+    (dict(hidden_size=66, num_heads=1), ValueError, "hidden_size must be a multiple of 4"),
+    (dict(hidden_size=0), ValueError, "hidden_size must be at least 1, got 0"),
+    (dict(in_channels=0), ValueError, "in_channels must be at least 1, got 0"),
+    (dict(depth=-1), ValueError, "depth must be at least 0, got -1"),
+    (dict(depth=True), TypeError, "depth must be an int, got bool"),
+    (dict(num_classes=0), ValueError, "num_classes must be at least 1, got 0"),
+    (dict(mlp_ratio=math.nan), ValueError, "mlp_ratio must be finite"),
+    (dict(mlp_ratio=0.0), ValueError, r"MLP width int\(hidden_size·mlp_ratio\) of at least 1, got 0.0"),
+    (dict(mlp_ratio="4"), TypeError, "mlp_ratio must be a real number, got str"),
+    (dict(class_dropout_prob=1.5), ValueError, r"class_dropout_prob must lie in \[0, 1\], got 1.5"),
+    (dict(class_dropout_prob=-0.1), ValueError, "class_dropout_prob must lie in"),
+    (dict(learn_sigma=1), TypeError, "learn_sigma must be a bool, got int"),
+])
+def test_bad_constructor_arguments_are_named(overrides, error, match):
+    with pytest.raises(error, match=match):
+        DiT(**{**TINY, **overrides})
+
+
+@pytest.mark.parametrize("inputs, error, match", [
+    (lambda x, t, y: (x, t[:, None], y), ValueError, r"t \(timesteps\) must have shape \(3,\), one per sample"),
+    (lambda x, t, y: (x, t[:2], y), ValueError, r"t \(timesteps\) must have shape \(3,\)"),
+    (lambda x, t, y: (x, 5, y), TypeError, r"t \(timesteps\) must be a torch.Tensor, got int"),
+    (lambda x, t, y: (x, t.bool(), y), TypeError, r"t \(timesteps\) must hold real numbers"),
+    (lambda x, t, y: (x, t.to("meta"), y), ValueError, r"t \(timesteps\) is on meta but x is on cpu"),
+    (lambda x, t, y: (x, t, y.float()), TypeError, r"y \(class labels\) must be integer class indices, got dtype "
+                                                   "torch.float32"),
+    (lambda x, t, y: (x, t, y[:, None]), ValueError, r"y \(class labels\) must have shape \(3,\)"),
+    (lambda x, t, y: (x, t, [0, 1, 2]), TypeError, r"y \(class labels\) must be a torch.Tensor of integers, got list"),
+    (lambda x, t, y: (x, t, torch.tensor([0, 1, 11])), ValueError,
+     r"y \(class labels\) must lie in \[0, 10\], got 0..11"),
+    (lambda x, t, y: (x, t, torch.tensor([-1, 1, 2])), ValueError, r"y \(class labels\) must lie in \[0, 10\]"),
+    (lambda x, t, y: (x.int(), t, y), TypeError, "x must be a floating tensor, got dtype torch.int32"),
+    (lambda x, t, y: (x.double(), t, y), TypeError, "x must have the model's dtype torch.float32"),
+    (lambda x, t, y: (x[0], t, y), ValueError, r"x must be \(N, 4, 8, 8\)"),
+    (lambda x, t, y: (x.numpy(), t, y), TypeError, "x must be a torch.Tensor, got ndarray"),
+])
+def test_bad_inputs_are_named(inputs, error, match):
+    model = tiny_dit()
+    with pytest.raises(error, match=match):
+        model(*inputs(*tiny_inputs(model)))
+
+
+def test_a_label_out_of_range_without_a_null_row_is_named():
+    model = tiny_dit(class_dropout_prob=0.0)
+    x, t, _ = tiny_inputs(model)
+    with pytest.raises(ValueError, match=r"y \(class labels\) must lie in \[0, 9\], got 1..10"):
+        model(x, t, torch.tensor([1, 10, 2]))
+
+
+def test_a_0d_timestep_and_label_apply_to_the_whole_batch():
+    model = tiny_dit()
+    x, _, _ = tiny_inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, torch.tensor(517), torch.tensor(4)),
+                                   model(x, torch.full((3,), 517), torch.full((3,), 4)), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False], ids=["DiT", "SiT"])
+def test_bf16_autocast_matches_the_fp32_forward(learn_sigma):
+    # Under autocast the residual stream stays float32 (patch embedding + pos_embed) while the
+    # attention and MLP branches come out of autocast's Linears in bfloat16: the fused ops cast
+    # each branch to the stream's dtype (what torch's promotion of h + gate·branch gives).
+    # bf16's tolerance is what autocast does to the official forward: the error stays within
+    # twice the plain transcription's own (FlashAttention's rule, as for the ops), plus one
+    # bf16 rounding of the output.
+    model = tiny_dit(learn_sigma=learn_sigma)
+    x, t, y = tiny_inputs(model)
+    with torch.no_grad():
+        expected = model(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, plain = model(x, t, y), plain_dit(model, x, t, y)
+    assert got.shape == expected.shape and got.dtype == plain.dtype == torch.bfloat16
+    assert (got.float() - expected).abs().max() <= 2 * (plain.float() - expected).abs().max() \
+        + 2**-8 * expected.abs().max()
+
+
+def test_a_dit_on_the_meta_device_runs_on_meta_tensors():
+    with torch.device("meta"):
+        model = DiT(**TINY)
+        out = model(torch.empty(2, 4, 8, 8), torch.empty(2), torch.zeros(2, dtype=torch.long))
+    assert out.is_meta and out.shape == (2, 8, 8, 8) and out.dtype == torch.float32
+
+
 def test_official_layout_checkpoint_loads(tmp_path):
     source = tiny_dit(seed=5)
     save_state_dict(source, tmp_path / "dit.pt")

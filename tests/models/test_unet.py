@@ -220,6 +220,38 @@ def test_fp16_mode_bf16_autocast_and_channels_last_stay_close():
         assert (fp16 - expected).abs().max() < 0.02 * expected.abs().max()
 
 
+def _assert_within_autocast_tolerance(got, expected, plain):
+    """bf16's tolerance is what autocast does to ADM's unfused forward (tools/adm_baseline):
+    the error stays within twice that one's (FlashAttention's rule, as for the ops), plus one
+    bf16 rounding of the output."""
+    assert got.shape == expected.shape and got.dtype == plain.dtype
+    assert (got.float() - expected).abs().max() <= 2 * (plain.float() - expected).abs().max() \
+        + 2**-8 * expected.abs().max()
+
+
+@pytest.mark.parametrize("case", list(TINY))
+def test_unet_under_bf16_autocast_matches_the_fp32_forward(case):
+    model = tiny_unet(**TINY[case])
+    x, t, y = tiny_inputs(model)
+    with torch.no_grad():
+        expected = model(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _assert_within_autocast_tolerance(model(x, t, y), expected, plain_unet(model, x, t, y))
+
+
+@pytest.mark.parametrize("pool", EncoderUNet.POOLS)
+def test_classifier_under_bf16_autocast_matches_the_fp32_forward(pool):
+    model = randomize(EncoderUNet(image_size=16, in_channels=3, model_channels=32, out_channels=7,
+                                  num_res_blocks=1, attention_resolutions=(2,), channel_mult=(1, 2),
+                                  num_head_channels=16, use_scale_shift_norm=True, resblock_updown=True,
+                                  pool=pool)).eval()
+    x, t, _ = tiny_inputs(model)
+    with torch.no_grad():
+        expected = model(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _assert_within_autocast_tolerance(model(x, t), expected, plain_classifier(model, x, t))
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for use_checkpoint in (False, True):
@@ -229,6 +261,86 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for plain, checkpointed in zip(*grads):
         torch.testing.assert_close(checkpointed, plain)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (dict(model_channels=0), ValueError, "model_channels must be at least 1, got 0"),
+    (dict(model_channels=48), ValueError, r"int\(channel_mult·model_channels\) must be positive multiples of 32 "
+                                          r"\(GroupNorm32's 32 groups\), got \[48, 96\]"),
+    (dict(in_channels=0), ValueError, "in_channels must be at least 1, got 0"),
+    (dict(out_channels=0), ValueError, "out_channels must be at least 1, got 0"),
+    (dict(image_size=0), ValueError, "image_size must be at least 1, got 0"),
+    (dict(num_res_blocks=-1), ValueError, "num_res_blocks must be at least 0, got -1"),
+    (dict(num_res_blocks=1.0), TypeError, "num_res_blocks must be an int, got float"),
+    (dict(num_heads=0), ValueError, "num_heads must be at least 1, got 0"),
+    (dict(num_head_channels=0), ValueError, r"num_head_channels must be a positive int, or -1"),
+    (dict(num_head_channels=4), ValueError, r"the head dim \(channels 32 / 8 heads = 4\) must be a multiple of 8"),
+    (dict(num_heads=3), ValueError, r"channels \(32\) must be divisible by num_heads \(3\)"),
+    (dict(num_heads_upsample=0), ValueError, r"num_heads_upsample must be a positive int, or -1"),
+    (dict(channel_mult=()), ValueError, "channel_mult must be a non-empty sequence of positive numbers, got ()"),
+    (dict(channel_mult=(1, -2)), ValueError, "channel_mult must be a non-empty sequence of positive numbers"),
+    (dict(attention_resolutions="2"), TypeError, "attention_resolutions must be a collection of ints"),
+    (dict(dropout=1.5), ValueError, r"dropout must be a probability in \[0, 1\], got 1.5"),
+    (dict(num_classes=0), ValueError, "num_classes must be a positive int, or None"),
+    (dict(num_classes=5, null_class=True, label_dropout=-0.5), ValueError, "label_dropout must be a probability"),
+])
+def test_bad_constructor_arguments_are_named(overrides, error, match):
+    with pytest.raises(error, match=match):
+        tiny_unet(**{"out_channels": 3, **overrides})
+
+
+@pytest.mark.parametrize("inputs, error, match", [
+    (lambda x, t, y: (x[:, :, :15, :15], t, y), ValueError,
+     r"x's height and width must be multiples of 2 \(the UNet halves them 1 time\(s\)"),
+    (lambda x, t, y: (x[:, :, :0], t, y), ValueError, "x's height and width must be positive"),
+    (lambda x, t, y: (x.double(), t, y), TypeError, "x must have the model's input dtype torch.float32"),
+    (lambda x, t, y: (x[:, :2], t, y), ValueError, r"x must be \(N, 3, H, W\), got shape \(2, 2, 16, 16\)"),
+    (lambda x, t, y: (x.long(), t, y), TypeError, "x must be a floating tensor, got dtype torch.int64"),
+    (lambda x, t, y: (x, t[:, None], y), ValueError, r"t \(timesteps\) must have shape \(2,\)"),
+    (lambda x, t, y: (x, t.bool(), y), TypeError, r"t \(timesteps\) must hold real numbers"),
+    (lambda x, t, y: (x, t, y.float()), TypeError, r"y \(class labels\) must be integer class indices"),
+    (lambda x, t, y: (x, t, torch.tensor([0, 6])), ValueError, r"y \(class labels\) must lie in \[0, 5\], got 0..6"),
+    (lambda x, t, y: (x, t, torch.tensor([0, 1, 2])), ValueError, r"y \(class labels\) must have shape \(2,\)"),
+])
+def test_bad_inputs_are_named(inputs, error, match):
+    model = tiny_unet(**TINY["scale-shift, updown, legacy order, learned sigma, CFG row"])
+    with pytest.raises(error, match=match):
+        model(*inputs(*tiny_inputs(model)))
+
+
+def test_classifier_inputs_are_named():
+    model = EncoderUNet(16, 3, 32, 4, 1, (2,), channel_mult=(1, 2), num_head_channels=16, pool="attention")
+    x, t, _ = tiny_inputs(model)
+    with pytest.raises(ValueError, match=r"x must be \(N, 3, 16, 16\) \(the attention pool's position embedding"):
+        model(x[:, :, :8, :8], t)
+    with pytest.raises(ValueError, match=r"t \(timesteps\) must have shape \(2,\)"):
+        model(x, t[:1])
+
+
+def test_a_0d_timestep_and_label_apply_to_the_whole_batch():
+    model = tiny_unet(**TINY["scale-shift, updown, legacy order, learned sigma, CFG row"])
+    x, _, _ = tiny_inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, torch.tensor(250), torch.tensor(3)),
+                                   model(x, torch.full((2,), 250), torch.full((2,), 3)), atol=0, rtol=0)
+
+
+def test_an_empty_batch_gives_an_empty_result():
+    # The attention blocks flatten (B, C, H, W) to (B, C, T): with B = 0 a reshape to -1 is ambiguous.
+    unet = tiny_unet(**TINY["scale-shift, updown, legacy order, learned sigma, CFG row"])
+    classifier = EncoderUNet(16, 3, 32, 4, 1, (2,), channel_mult=(1, 2), num_head_channels=16, pool="attention")
+    x, t, y = (v[:0] for v in tiny_inputs(unet))
+    with torch.no_grad():
+        assert unet(x, t, y).shape == (0, 6, 16, 16) and classifier(x, t).shape == (0, 4)
+
+
+def test_models_on_the_meta_device_run_on_meta_tensors():
+    with torch.device("meta"):
+        unet = tiny_unet(**TINY["scale-shift, updown, legacy order, learned sigma, CFG row"])
+        classifier = EncoderUNet(16, 3, 32, 4, 1, (2,), channel_mult=(1, 2), num_head_channels=16, pool="attention")
+        x, t, y = torch.empty(2, 3, 16, 16), torch.empty(2), torch.zeros(2, dtype=torch.long)
+        out, logits = unet(x, t, y), classifier(x, t)
+    assert out.is_meta and out.shape == (2, 6, 16, 16) and logits.is_meta and logits.shape == (2, 4)
 
 
 def test_unknown_preset_and_bad_arguments():

@@ -168,6 +168,65 @@ def test_gated_residual_matches_formula_and_differentiates():
     torch.testing.assert_close(bf16.double(), expected.double(), atol=0, rtol=2**-8)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("branch_dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_a_branch_of_another_dtype_is_cast_to_h(backend, branch_dtype, device, request):
+    # autocast's DiT: a float32 residual stream, bfloat16 branches from autocast Linears. The
+    # stream keeps its dtype; the result is that of the branch cast to it first.
+    device = device_for(backend, device)
+    g = torch.Generator().manual_seed(0)
+    h, branch, per_token = (torch.randn(2, 5, 24, generator=g).to(device) for _ in range(3))
+    gate, scale = (torch.randn(2, 24, generator=g).to(device) for _ in range(2))
+    branch = branch.to(branch_dtype)
+    with running_on(backend, request):
+        out = ops.gated_residual(h, branch, per_token)
+        h_new, y = ops.gated_residual_layer_norm(h, branch, gate, 24, scale=scale.bfloat16(), shift=scale)
+        want_h_new, want_y = ops.gated_residual_layer_norm(h, branch.float(), gate, 24, scale=scale.bfloat16(),
+                                                           shift=scale)
+    assert out.dtype == h_new.dtype == y.dtype == torch.float32
+    torch.testing.assert_close(out, ops.gated_residual(h, branch.float(), per_token), atol=0, rtol=0)
+    torch.testing.assert_close((h_new, y), (want_h_new, want_y), atol=0, rtol=0)
+    leaf = branch.detach().requires_grad_()
+    (grad,) = torch.autograd.grad(ops.gated_residual_layer_norm(h, leaf, gate, 24)[1].sum(), leaf)
+    assert grad.dtype == branch_dtype and grad.shape == branch.shape
+
+
+def test_per_sample_tensors_of_an_n_by_d_x_may_be_n_by_1_by_d():
+    # For (N, D) x each sample is one token: (N, 1, D) is its per-sample shape too.
+    x, branch, gate, scale, shift = (torch.randn(3, 24) for _ in range(5))
+    y = ops.layer_norm(x, 24, scale=scale[:, None], shift=shift[:, None])
+    assert y.shape == (3, 24)
+    torch.testing.assert_close(y, ops.layer_norm(x, 24, scale=scale, shift=shift), atol=0, rtol=0)
+    out = ops.gated_residual(x, branch, gate[:, None])
+    assert out.shape == (3, 24)
+    torch.testing.assert_close(out, x + gate * branch)
+    h_new, y = ops.gated_residual_layer_norm(x, branch, gate[:, None], 24, scale=scale[:, None])
+    torch.testing.assert_close((h_new, y), ops.gated_residual_layer_norm(x, branch, gate, 24, scale=scale))
+
+
+def test_jit_trace_with_per_sample_modulation():
+    # Under torch.jit.trace sizes are traced values, which the shape checks compare, not hash.
+    x, scale, gate = torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 1, 8)
+    with pytest.warns(torch.jit.TracerWarning):
+        traced = torch.jit.trace(lambda a, b, c: ops.gated_residual_layer_norm(a, a, c, 8, scale=b), (x, scale, gate))
+    torch.testing.assert_close(traced(x, scale, gate), ops.gated_residual_layer_norm(x, x, gate, 8, scale=scale))
+
+
+def test_meta_tensors_give_meta_results():
+    # Models are built and traced on the meta device: no values, only shapes and dtypes.
+    meta = {"device": "meta"}
+    x = torch.empty(2, 5, 24, dtype=torch.bfloat16, **meta)
+    y = ops.layer_norm(x, 24, torch.empty(24, **meta), None, scale=torch.empty(2, 24, **meta))
+    assert y.is_meta and y.shape == x.shape and y.dtype == torch.bfloat16
+    h_new, y = ops.gated_residual_layer_norm(x, torch.empty(2, 5, 24, **meta), torch.empty(2, 24, **meta), 24)
+    assert h_new.is_meta and y.is_meta and h_new.shape == y.shape == x.shape and y.dtype == torch.bfloat16
+    leaf = torch.empty(3, 24, **meta, requires_grad=True)
+    ops.layer_norm(leaf, 24, shift=torch.empty(3, 24, **meta)).sum().backward()
+    assert leaf.grad.is_meta and leaf.grad.shape == leaf.shape
+    with fastguide.backend("cuda"):  # an explicit backend: nothing runs, so nothing is missing
+        assert ops.layer_norm(x, 24).is_meta
+
+
 # --------------------------------------------------------------------------------------
 # Gradients
 # --------------------------------------------------------------------------------------
@@ -387,8 +446,11 @@ def test_opcheck():
     (lambda x: ops.layer_norm(x, 72, scale=torch.ones(2, 72, dtype=torch.int32)), TypeError, "scale"),
     (lambda x: ops.layer_norm(x, 72, torch.ones(72, device="meta")), ValueError, "weight is on meta"),
     (lambda x: ops.layer_norm(x, 72, eps=0.0), ValueError, "eps must be positive"),
+    (lambda x: ops.layer_norm(x, 72, eps=1e39), ValueError, "eps must be positive and within float32's range"),
     (lambda x: ops.gated_residual(x, x[:, :3], torch.ones(2, 72)), ValueError, "branch must have shape"),
-    (lambda x: ops.gated_residual(x, x.double(), torch.ones(2, 72)), TypeError, "branch must have h's dtype"),
+    (lambda x: ops.gated_residual(x, x.int(), torch.ones(2, 72)), TypeError, "branch must be a floating tensor"),
+    (lambda x: ops.layer_norm(x[:, 0], 72, scale=torch.ones(2, 2, 72)), ValueError,
+     r"scale \(adaLN modulation\) must have shape \(2, 72\) or \(2, 1, 72\)"),
     (lambda x: ops.gated_residual(x, x, torch.ones(72)), ValueError, r"gate \(residual gate\)"),
     (lambda x: ops.gated_residual_layer_norm(x, x, torch.ones(2, 72), 70), ValueError,
      "the last dim of h"),

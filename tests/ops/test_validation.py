@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastguide import ops
+from fastguide.ops import validation
 
 
 def qkv(b=1, h=2, lq=5, lk=5, d=32, dtype=torch.float32):
@@ -100,10 +101,21 @@ def test_group_norm_bad_activation():
         ops.group_norm(torch.randn(2, 8, 3, 3), 2, activation="gelu")
 
 
-@pytest.mark.parametrize("eps", [0.0, math.nan])
+@pytest.mark.parametrize("eps", [0.0, math.nan, -1e-5, 1e39])
 def test_group_norm_bad_eps(eps):
+    # 1e39 would be inf in the kernels' float32 statistics (and NaN on the reference).
     with pytest.raises(ValueError, match="eps must be"):
         ops.group_norm(torch.randn(2, 8, 3, 3), 2, eps=eps)
+
+
+@pytest.mark.parametrize("op", ["group_norm", "layer_norm"])
+def test_norms_refuse_sparse_tensors(op):
+    x = torch.randn(2, 4, 3)
+    call = (lambda t: ops.group_norm(t, 2)) if op == "group_norm" else (lambda t: ops.layer_norm(t, 3))
+    with pytest.raises(TypeError, match="x must be a dense \\(strided\\) tensor, got layout torch.sparse_coo"):
+        call(x.to_sparse())
+    with pytest.raises(TypeError, match="scale must be a dense"):
+        ops.layer_norm(x, 3, scale=torch.randn(2, 3).to_sparse())
 
 
 def test_group_norm_bad_num_groups():
@@ -255,11 +267,6 @@ def test_guided_step_history_must_be_a_sequence():
         ops.guided_step(*step_inputs(), STEP, CFG, history=None)
 
 
-def test_group_norm_one_value_per_group_is_refused():
-    with pytest.raises(ValueError, match="1 value per group"):
-        ops.group_norm(torch.randn(2, 4, 1, 1), 4)
-
-
 def test_guided_step_renoise_term_needs_a_guiding_prediction():
     model_output, x = step_inputs(rows=2)
     with pytest.raises(ValueError, match="step.k_guide_eps is 0.5 but there is no guiding prediction"):
@@ -285,3 +292,79 @@ def test_guided_step_names_non_tensor_history_and_out():
         ops.guided_step(model_output, x, STEP._replace(k_history=(0.1,)), CFG, history=(None,))
     with pytest.raises(TypeError, match="out must be a torch.Tensor, got list"):
         ops.guided_step(model_output, x, STEP, CFG, out=[1.0])
+
+
+def test_guided_step_prediction_types_hold_alpha_and_sigma_to_their_path():
+    # v = alpha·eps − sigma·x0 inverts only where alpha² + sigma² = 1; off it the samples are
+    # silently off (a flow path's alpha = 0.4, sigma = 0.6 gave x0 8% small), so it is refused.
+    with pytest.raises(ValueError, match=r"'v_prediction' needs a variance-preserving path, alpha² \+ sigma² = 1"):
+        ops.guided_step(*step_inputs(), STEP._replace(alpha=0.4, sigma=0.6, prediction_type="v_prediction"), CFG)
+    ops.guided_step(*step_inputs(), STEP._replace(prediction_type="v_prediction"), CFG)  # 0.8² + 0.6² = 1
+    ops.guided_step(*step_inputs(), STEP._replace(alpha=0.4, sigma=0.6, prediction_type="sample"), CFG)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: (STEP._replace(k_x=1e39), CFG), r"step.k_x must lie within float32's range"),
+    (lambda: (STEP._replace(k_noise=-4e38), CFG), r"step.k_noise must lie within float32's range"),
+    (lambda: (STEP._replace(k_history=(1e39,)), CFG), r"step.k_history\[0\] must lie within float32's range"),
+    (lambda: (STEP, ops.GuidanceCombine(1e300)), r"combine.scale must lie within float32's range"),
+    # 1/alpha and 1/sigma reach the kernels as float32 too.
+    (lambda: (STEP._replace(alpha=1e-39), CFG), "step.alpha must be positive to derive x0 from eps"),
+    (lambda: (STEP._replace(sigma=1e-39, clip_denoised=True), CFG), "step.sigma must be positive to derive eps"),
+])
+def test_guided_step_scalars_must_be_float32_numbers(make, message):
+    step, combine = make()
+    model_output, x = step_inputs()
+    with pytest.raises(ValueError, match=message):
+        ops.guided_step(model_output, x, step, combine, history=[x] * len(step.k_history),
+                        noise=torch.randn_like(x))
+    # At the edges of the range the step runs.
+    ops.guided_step(model_output, x, STEP._replace(k_x=3e38, alpha=3e-38), ops.GuidanceCombine(-3e38))
+
+
+def test_guided_step_refuses_a_learned_variance_guide_beside_a_plain_model_output():
+    # The kernels read the guide in model_output's layout: a (B, 2C) guide beside a (B, C)
+    # model output is read with the wrong channel stride (channels_last x on Triton).
+    model_output, x = step_inputs(rows=2)
+    with pytest.raises(ValueError, match=r"guide must have shape \(2, 3, ...\) or that of model_output"):
+        ops.guided_step(model_output, x, STEP, CFG, guide=torch.randn(2, 6, 4, 4))
+    ops.guided_step(torch.randn(2, 6, 4, 4), x, STEP, CFG, guide=torch.randn(2, 6, 4, 4))  # both learned
+    ops.guided_step(torch.randn(2, 6, 4, 4), x, STEP, CFG, guide=torch.randn(2, 3, 4, 4))
+
+
+def step_layout_tensors(device="cpu"):
+    """The tensors of a guided multistep call as the sampling loop hands them over."""
+    x2 = torch.randn(4, 3, 4, 4, device=device)
+    return ops.StepTensors(torch.randn(4, 6, 4, 4, device=device), x2[:2], None,
+                           (torch.randn(2, 3, 4, 4, device=device),), torch.randn(2, 3, 4, 4, device=device), None,
+                           None, x2, torch.empty(2, 3, 4, 4, device=device))
+
+
+LAYOUT_STEP = STEP._replace(k_x=0.5, k_history=(0.2,), k_noise=0.1)
+
+
+def test_step_layout_reads_no_tensor_data():
+    # It runs every model call of the sampling loop: shapes, dtypes and devices only, so it
+    # passes on meta tensors, which have no data to read or synchronise on.
+    validation.check_step_layout(step_layout_tensors("meta"), LAYOUT_STEP, CFG)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(guide=torch.randn(2, 6, 4, 4)), ValueError, "model_output must have batch 2"),
+    (dict(model_output=torch.randn(4, 5, 4, 4)), ValueError, "model_output must have 3 or 6 channels"),
+    (dict(history=(torch.randn(2, 3, 4, 5),)), ValueError, r"history\[0\] must have shape \(2, 3, 4, 4\)"),
+    (dict(history=(torch.randn(2, 3, 4, 4).int(),)), TypeError, r"history\[0\] must be a floating tensor"),
+    (dict(history=(torch.randn(2, 3, 4, 4).to_sparse(),)), TypeError, r"history\[0\] must be a dense"),
+    (dict(history=(torch.randn(2, 3, 4, 4, device="meta"),)), ValueError, r"history\[0\] is on meta but x is on cpu"),
+    (dict(history=()), ValueError, "history holds 0 tensors but step.k_history 1"),
+    (dict(noise=None), ValueError, "step.k_noise is 0.1 but noise was not given"),
+    (dict(x0_out=torch.empty(2, 3, 4)), ValueError, r"x0_out must have shape \(2, 3, 4, 4\)"),
+    (dict(out=torch.empty(3, 3, 4, 4)), ValueError, "out must have shape"),
+    (dict(model_output=torch.randn(4, 6, 4, 4, device="meta")), ValueError, "model_output is on meta"),
+])
+def test_step_layout_names_what_the_kernels_would_misread(change, error, message):
+    tensors = step_layout_tensors()._replace(**change)
+    with pytest.raises(error, match=message):
+        validation.check_step_layout(tensors, LAYOUT_STEP, CFG)
+    with pytest.raises(error, match=message):  # the op's own per-call check runs the same rules
+        validation.check_step_tensors(tensors, LAYOUT_STEP, CFG)
