@@ -1,8 +1,10 @@
 """CUDA-graph capture of the sampling loop, in three small functions so that a CPU test
 can stand in for them (tests/sampling/test_sampler.py checks the replay bookkeeping).
 
-A captured run holds one graph per model call (each call has its own scalars), all in one
-memory pool: safe because they always replay in capture order, one at a time.
+A captured run holds one graph per stretch of model calls that the host need not step
+into (the whole loop of a deterministic sampler; see GuidedSampler._segments), all in one
+memory pool: safe because they always replay in capture order, one at a time. Each
+call's scalars are baked into its own kernel launches inside the graph.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.contract import GuidanceCombine
+from ..ops.validation import FLOAT32_MAX
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -39,7 +40,10 @@ SCHEDULES = ("constant", "linear", "cosine")
 @dataclass(frozen=True)
 class APG:
     """Adaptive projected guidance settings (Sadat et al. 2024; eta=0 drops the part of
-    the update parallel to the conditional prediction; momentum < 0 as in the paper)."""
+    the update parallel to the conditional prediction; momentum < 0 as in the paper).
+    Checked when built: each a finite number within float32's range (the kernels'
+    scalars), norm_threshold non-negative, momentum in [−1, 1] (beyond, the running
+    average grows geometrically with the steps)."""
 
     eta: float = 0.0
     norm_threshold: float = 0.0
@@ -50,10 +54,20 @@ class APG:
             _check_real(f"APG {name}", getattr(self, name))
         if self.norm_threshold < 0:
             raise ValueError(f"APG norm_threshold must be non-negative (0 turns it off), got {self.norm_threshold}")
+        if not -1 <= self.momentum <= 1:
+            raise ValueError(f"APG momentum must be in [-1, 1] (beyond, its running average grows geometrically), "
+                             f"got {self.momentum}")
 
 
 @dataclass(frozen=True)
 class CFG:
+    """Classifier-free guidance settings (the module docstring has each). Checked when
+    built: scale and rescale finite numbers within float32's range (the kernels' scalars),
+    rescale in [0, 1], interval a pair 0 <= low < high, schedule a known name or a
+    callable, apg an APG, zero_star and tangential bools (at most one variant), and
+    guided_channels a positive int that takes plain CFG; each scheduled weight is checked
+    when the sampler evaluates it."""
+
     scale: float
     rescale: float = 0.0
     interval: tuple[float, float] | None = None
@@ -94,21 +108,28 @@ class CFG:
         """The guidance weight at noise level σ̃, ``progress`` being the normalised diffusion
         time τ = t/(T − 1) (1 at pure noise). Wang et al. 2024's schedules act on w − 1 and
         average to the constant one over τ: "linear" 1 + (w − 1)·2(1 − τ), "cosine"
-        1 + (w − 1)·(cos πτ + 1); a callable gets σ̃ and returns the weight itself."""
+        1 + (w − 1)·(cos πτ + 1); a callable gets σ̃ and returns the weight itself.
+        Each weight must be a finite number within float32's range (the kernels' scalar)."""
         if callable(self.schedule):
             returned = self.schedule(edm_sigma)
             try:
                 weight = float(returned)  # numpy and 0-d torch scalars too
             except (TypeError, ValueError, RuntimeError):
                 weight = math.nan
-            if not math.isfinite(weight) or isinstance(returned, bool):
-                raise ValueError(f"CFG schedule must return a finite number, got {returned!r} at σ̃ = {edm_sigma:.4g}")
+            if not math.isfinite(weight) or abs(weight) > FLOAT32_MAX or isinstance(returned, bool):
+                raise ValueError(f"CFG schedule must return a finite number within float32's range, got "
+                                 f"{returned!r} at σ̃ = {edm_sigma:.4g}")
             return weight
         if self.schedule == "linear":
-            return 1.0 + (self.scale - 1.0) * 2.0 * (1.0 - progress)
-        if self.schedule == "cosine":
-            return 1.0 + (self.scale - 1.0) * (math.cos(math.pi * progress) + 1.0)
-        return self.scale
+            weight = 1.0 + (self.scale - 1.0) * 2.0 * (1.0 - progress)
+        elif self.schedule == "cosine":
+            weight = 1.0 + (self.scale - 1.0) * (math.cos(math.pi * progress) + 1.0)
+        else:
+            return self.scale
+        if not (math.isfinite(weight) and abs(weight) <= FLOAT32_MAX):
+            raise ValueError(f"CFG scale={self.scale!r} with schedule={self.schedule!r} gives the weight {weight!r} "
+                             f"at σ̃ = {edm_sigma:.4g}: it must stay a finite number within float32's range")
+        return weight
 
     def combine(self, scale: float | None = None) -> GuidanceCombine:
         """The combine settings of ops.guided_step for this spec (at weight ``scale``, by
@@ -142,7 +163,11 @@ class AutoGuidance:
     """Autoguidance (Karras et al. 2024): D = D_guide + w·(D_main − D_guide), the guide a
     weaker version of the model (smaller, or trained for fewer steps), both called with the
     conditional labels. The guide's output enters the fused step as its separate guide
-    tensor: no concatenation; outside ``interval`` (EDM's σ̃) only the main model runs."""
+    tensor: no concatenation; outside ``interval`` (EDM's σ̃) only the main model runs.
+    A guide that learns its variance (2C output channels) guides with its first C.
+    Checked when built: guide_model callable, scale a finite number within float32's
+    range, interval a pair 0 <= low < high; the sampler checks the labels against the
+    guide's label table (its num_classes, else label_emb's rows) before any forward."""
 
     guide_model: nn.Module
     scale: float
@@ -166,6 +191,10 @@ class AutoGuidance:
 
 @dataclass(frozen=True)
 class ClassifierGuidance:
+    """Classifier guidance (ADM): the gradient of log p(y | x_t) of a noisy classifier at
+    ``scale``. Checked when built: classifier callable, scale a finite number within
+    float32's range; the labels against its logits when it runs."""
+
     classifier: nn.Module
     scale: float
 
@@ -215,8 +244,11 @@ def _is_real(value: object) -> bool:
 
 
 def _check_real(name: str, value: object) -> None:
+    """A finite number within float32's range: it reaches the kernels as a float32 scalar."""
     if not _is_real(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{name} must lie within float32's range (|value| <= {FLOAT32_MAX:.4g}), got {value!r}")
 
 
 def _check_interval(spec: str, interval: object) -> None:

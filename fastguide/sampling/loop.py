@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import validation
-from ..ops.contract import PREDICTION_TYPES, GuidanceCombine, StepCoefficients, StepTensors
+from ..ops.contract import GuidanceCombine, StepCoefficients, StepTensors
 from . import cuda_graphs
 from .guidance import CFG, AutoGuidance, CFGPlusPlus, split_guidance
 from .schedule import NoiseSchedule
@@ -81,10 +81,13 @@ class GuidedSampler:
 
     With ``cuda_graph=True`` (CUDA only) the first call for a batch shape runs the loop
     once eagerly on a side stream (warm-up: lazy initialisation, autotuning), then
-    captures each model call with its guided_step as one CUDA graph, sharing one memory
-    pool; every call then only copies x_T and the labels in, draws the noise and replays
-    the graphs. The same generator gives the same samples with or without graphs.
-    Classifier guidance (autograd through the classifier) is not captured.
+    captures the model calls with their guided_steps as CUDA graphs sharing one memory
+    pool: one graph for the whole loop of a deterministic sampler, else one per stretch
+    of calls between two that draw noise (see ``_segments``); with a callback, one per
+    call, so that the callback sees every call. Every call then only copies x_T and the
+    labels in, draws the noise and replays the graphs. The same generator gives the same
+    samples with or without graphs. Classifier guidance (autograd through the
+    classifier) is not captured.
     See ``fastguide.sample`` for the arguments.
     """
 
@@ -122,7 +125,7 @@ class GuidedSampler:
         if not callable(model):
             raise TypeError(f"model must be callable as model(x_t, t[, y]), got {type(model).__name__}")
         self.model = model
-        self.schedule = schedule or NoiseSchedule.linear()
+        self.schedule = schedule or _default_schedule()
         _check_steps(steps, self.schedule.is_flow)
         self.cfg, self.classifier = split_guidance(guidance)
         chosen = sampler is None
@@ -135,6 +138,9 @@ class GuidedSampler:
             if chosen:  # the user never named this sampler: say where it came from
                 raise ValueError(f"{error} (sampler=None chose {sampler!r} for this guidance; name one)") from None
             raise
+        if variance_type is not None and sampler != "ddpm":
+            raise ValueError(f"variance_type applies to sampler='ddpm' (the others set their own noise), got "
+                             f"sampler={sampler!r}")
         if spacing is not None and not isinstance(steps, int):
             raise ValueError(f"spacing={spacing!r} places a step count; steps={steps!r} already names the timesteps")
         if isinstance(steps, int) and not isinstance(steps, bool):
@@ -144,6 +150,7 @@ class GuidedSampler:
                 lambda: tuple(self.schedule.spaced_timesteps(steps, spacing, rho))))
         else:
             self.timesteps = self.schedule.timesteps(steps)
+        self.schedule.check_grid(self.timesteps)
         self.sampler, self.eta, self.variance_type, self.solver_order = sampler, eta, variance_type, solver_order
         self.clip_denoised, self.prediction_type = clip_denoised, prediction_type
         self.dynamic_threshold = dynamic_threshold
@@ -160,8 +167,7 @@ class GuidedSampler:
             _check_null_label(self.null_label, model, self.num_classes)
         if self.batched and self.null_label is None:
             raise ValueError("CFG needs a null label: use a model built with null_class=True, or pass null_label=")
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.schedule.check_prediction_type(prediction_type)
         if isinstance(self.cfg, CFGPlusPlus) and dynamic_threshold is not None:
             raise ValueError("dynamic_threshold does not combine with CFGPlusPlus: CFG++ renoises with the "
                              "unconditional prediction, which the thresholded x0 replaces")
@@ -211,7 +217,11 @@ class GuidedSampler:
                            solver_order=self.solver_order)
         calls = tuple(self._call(plan, learned_variance) for plan in plans)
         for call in calls:
-            validation.check_step(call.step)
+            try:
+                validation.check_step(call.step)
+            except ValueError as error:  # say which call of which plan cannot be computed
+                raise ValueError(f"{error}, at the model call at t = {call.t!r} of sampler={self.sampler!r} on "
+                                 f"{self.schedule!r}") from None
         return calls
 
     def _call(self, plan: StepPlan, learned_variance: bool) -> _Call:
@@ -266,6 +276,11 @@ class GuidedSampler:
         if self.num_classes is not None and (labels.min() < 0 or labels.max() >= self.num_classes):
             low, high = labels.min().item(), labels.max().item()
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got {low}..{high}")
+        if isinstance(self.cfg, AutoGuidance):  # the guide gets the same labels: its table must hold them
+            guide_classes = _label_rows(self.cfg.guide_model)
+            if guide_classes is not None and labels.numel() and labels.max() >= guide_classes:
+                raise ValueError(f"labels must lie in [0, {guide_classes}) for AutoGuidance's guide_model (its "
+                                 f"label table), got {labels.max().item()}")
         return labels
 
     @torch.no_grad()
@@ -315,23 +330,31 @@ class GuidedSampler:
         if noise is not None:
             noise = noise.to(dtype)
         x_T = noise if noise is not None else torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        indices = range(self.num_calls)
+        bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            indices = tqdm(indices, desc=f"{self.sampler} sampling")
+            bar = tqdm(total=self.num_calls, desc=f"{self.sampler} sampling")
         # x0 is written only when read: as history, or as the callback's denoised.
         keep_x0 = self.history_length > 0 or callback is not None
         if self.cuda_graph:
-            return self._replay(shape, device, x_T, labels, generator, indices, callback, keep_x0)
+            try:
+                return self._replay(shape, device, x_T, labels, generator, bar, callback, keep_x0)
+            finally:
+                if bar is not None:
+                    bar.close()
 
         x_T = x_T.to(device)
         buffers = self._new_buffers(x_T, labels is not None)
         self._load(buffers, x_T, labels)
         fresh_noise = lambda: torch.randn(shape, generator=generator, device=device, dtype=dtype)  # noqa: E731
-        for i in indices:
+        for i in range(self.num_calls):
             self._model_call(i, buffers, shape, fresh_noise, keep_x0)
             self._report(callback, i, buffers, shape[0])
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
         return buffers.model_input[: shape[0]].clone()
 
     def _new_buffers(self, x_T: Tensor, labelled: bool) -> _Buffers:
@@ -374,7 +397,7 @@ class GuidedSampler:
         # A flow model takes the float time T·σ (diffusers' convention), a discrete one its integer t.
         t_in = torch.full((rows,), t, device=x.device, dtype=torch.float32 if self.schedule.is_flow else torch.long)
         model_output = self._checked_output(self._forward(self.model, model_input[:rows], t_in, labels_in, rows),
-                                            model_input, rows, shape)
+                                            model_input, rows, shape, "model")
         guide = None
         channels_kept = getattr(self.cfg, "guided_channels", None)
         if guided and channels_kept is not None:
@@ -385,7 +408,11 @@ class GuidedSampler:
             model_output[batch:, channels_kept:shape[1]] = model_output[:batch, channels_kept:shape[1]]
         if guided and isinstance(self.cfg, AutoGuidance):  # the guide network on the same rows and labels
             guide = self._checked_output(self._forward(self.cfg.guide_model, x, t_in, labels_in, batch),
-                                         model_input, batch, shape)
+                                         model_input, batch, shape, "AutoGuidance's guide_model")
+            if guide.shape[1] > model_output.shape[1]:
+                # A guide that learns its variance beside a model that does not: its
+                # prediction is its first C channels (as ADM reads a 2C output).
+                guide = guide[:, :shape[1]]
         learned = model_output.shape[1] == 2 * shape[1]
         if self.variance_type == "learned_range" and not learned:
             raise ValueError(f"variance_type='learned_range' needs a model that outputs 2·{shape[1]} channels "
@@ -403,12 +430,21 @@ class GuidedSampler:
         if call.x0_only is not None:
             model_output = self._dynamic_threshold(model_output, x, call, combine, guide, buffers, ring[i % len(ring)])
             combine = guide = None
-        # The loop's own buffers and a checked model output: no per-call validation needed
-        # (the step and combine were checked when the plan was made).
-        ops.guided_step_prechecked(StepTensors(
+        self._step(StepTensors(
             model_output, x, guide, history, draw_noise() if call.step.k_noise else None, grad,
             buffers.apg if combine is not None else None, model_input, ring[i % len(ring)] if keep_x0 else None,
         ), call.step, combine)
+
+    @staticmethod
+    def _step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None) -> None:
+        """The loop's one door to the fused step. The step and combine were checked when the
+        plan was made and the loop owns the buffers, so the op's per-call validation is
+        skipped (``ops.guided_step_prechecked``); what the loop hands over is checked here
+        for the layout the kernels read (``validation.check_step_layout``: shapes, dtypes,
+        devices, no tensor data), so a loop path that builds a tensor the op does not
+        expect fails with the tensor's name instead of a kernel misreading it."""
+        validation.check_step_layout(tensors, step, combine)
+        ops.guided_step_prechecked(tensors, step, combine)
 
     def _unconditional_x0(self, i: int, model_output: Tensor, x: Tensor, guide: Tensor | None, call: _Call,
                           buffers: _Buffers) -> tuple[Tensor, ...]:
@@ -417,8 +453,7 @@ class GuidedSampler:
         unconditional = guide if guide is not None else model_output[len(x):]
         x0_only = StepCoefficients(call.step.alpha, call.step.sigma, k_x0=1.0, prediction_type=self.prediction_type)
         ring = buffers.x0_unconditional
-        ops.guided_step_prechecked(StepTensors(unconditional, x, None, (), None, None, None, ring[i % 2], None),
-                                   x0_only, None)
+        self._step(StepTensors(unconditional, x, None, (), None, None, None, ring[i % 2], None), x0_only, None)
         return (ring[(i - 1) % 2],) if call.step.k_history else ()
 
     @staticmethod
@@ -427,23 +462,25 @@ class GuidedSampler:
             return model(model_input, t_in, labels_in[:rows])
         return model(model_input, t_in)
 
-    def _checked_output(self, model_output: object, model_input: Tensor, rows: int, shape: tuple[int, ...]) -> Tensor:
-        """The model's output, checked: a tensor of (rows, C or 2C, *spatial), with memory of
-        its own (a model that returns its input would be overwritten by the step)."""
+    def _checked_output(self, model_output: object, model_input: Tensor, rows: int, shape: tuple[int, ...],
+                        who: str) -> Tensor:
+        """The output of ``who`` (the model, or AutoGuidance's guide_model), checked: a floating
+        tensor on the input's device of (rows, C or 2C, *spatial), with memory of its own (a
+        network that returns its input would be overwritten by the step)."""
         if not isinstance(model_output, Tensor):
             raise TypeError(
-                f"model must return a tensor (batch, channels, ...), got {type(model_output).__name__}; "
+                f"{who} must return a tensor (batch, channels, ...), got {type(model_output).__name__}; "
                 "wrap a diffusers UNet in fastguide.DiffusersUNet"
             )
         if not model_output.is_floating_point() or model_output.dtype not in validation.FLOAT_DTYPES:
-            raise TypeError(f"model must return a floating tensor, got dtype {model_output.dtype}")
+            raise TypeError(f"{who} must return a floating tensor, got dtype {model_output.dtype}")
         if model_output.device != model_input.device:
-            raise ValueError(f"model must return a tensor on {model_input.device}, got {model_output.device}")
+            raise ValueError(f"{who} must return a tensor on {model_input.device}, got {model_output.device}")
         channels, spatial = shape[1], tuple(shape[2:])
         if model_output.dim() != len(shape) or model_output.shape[0] != rows \
                 or model_output.shape[1] not in (channels, 2 * channels) or tuple(model_output.shape[2:]) != spatial:
             raise ValueError(
-                f"model must return ({rows}, {channels} or {2 * channels}, *{spatial}) for an input of "
+                f"{who} must return ({rows}, {channels} or {2 * channels}, *{spatial}) for an input of "
                 f"{rows} rows, got {tuple(model_output.shape)}"
             )
         if model_output.untyped_storage().data_ptr() == model_input.untyped_storage().data_ptr():
@@ -477,21 +514,33 @@ class GuidedSampler:
     # CUDA graphs
     # ----------------------------------------------------------------------------------
 
-    def _replay(self, shape, device, x_T, labels, generator, indices, callback, keep_x0) -> Tensor:
+    def _segments(self, per_call: bool) -> list[range]:
+        """The model calls captured as one graph each: consecutive calls, up to where the
+        host must act between two of them: before a call that draws noise (drawn outside
+        the graph, from the caller's generator, as eager sampling draws it) and, with a
+        callback (``per_call``), after every call. A deterministic sampler without a
+        callback is one graph for the whole loop."""
+        calls = self._calls(False)
+        starts = [0] + [i for i in range(1, len(calls)) if per_call or calls[i].step.k_noise]
+        return [range(start, end) for start, end in zip(starts, starts[1:] + [len(calls)])]
+
+    def _replay(self, shape, device, x_T, labels, generator, bar, callback, keep_x0) -> Tensor:
         """The loop as CUDA graphs: captured on the first call for this shape, then replayed."""
-        key = (shape, device, labels is not None, keep_x0)
+        key = (shape, device, labels is not None, keep_x0, callback is not None)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(shape, device, x_T, labels, keep_x0)
+            self._graphs[key] = self._capture(shape, device, x_T, labels, keep_x0, per_call=callback is not None)
         buffers, graphs = self._graphs[key]
         self._load(buffers, x_T, labels)
-        for i in indices:
-            if self._calls(False)[i].step.k_noise:  # drawn outside the graph: the same stream as eager
+        for segment, graph in zip(self._segments(per_call=callback is not None), graphs):
+            if self._calls(False)[segment[0]].step.k_noise:  # only a segment's first call draws noise
                 torch.randn(shape, generator=generator, device=device, out=buffers.noise)
-            graphs[i].replay()
-            self._report(callback, i, buffers, shape[0])
+            graph.replay()
+            self._report(callback, segment[-1], buffers, shape[0])
+            if bar is not None:
+                bar.update(len(segment))
         return buffers.model_input[: shape[0]].clone()
 
-    def _capture(self, shape, device, x_T, labels, keep_x0) -> tuple[_Buffers, list]:
+    def _capture(self, shape, device, x_T, labels, keep_x0, per_call: bool) -> tuple[_Buffers, list]:
         buffers = self._new_buffers(x_T.to(device), labels is not None)
         self._load(buffers, x_T, labels)
         static_noise = lambda: buffers.noise  # noqa: E731
@@ -501,12 +550,13 @@ class GuidedSampler:
             for i in range(self.num_calls):
                 self._model_call(i, buffers, shape, static_noise, keep_x0)
         pool = cuda_graphs.graph_pool()
-        graphs = [
-            cuda_graphs.capture_graph(
-                functools.partial(self._model_call, i, buffers, shape, static_noise, keep_x0), pool
-            )
-            for i in range(self.num_calls)
-        ]
+
+        def run(segment: range) -> None:
+            for i in segment:
+                self._model_call(i, buffers, shape, static_noise, keep_x0)
+
+        graphs = [cuda_graphs.capture_graph(functools.partial(run, segment), pool)
+                  for segment in self._segments(per_call)]
         return buffers, graphs
 
 
@@ -541,6 +591,12 @@ class _PlanCache:
 
 
 _PLANS = _PlanCache()
+
+
+@functools.lru_cache(maxsize=1)
+def _default_schedule() -> NoiseSchedule:
+    """ADM's linear schedule, built once (its checks cost more than a short loop's host work)."""
+    return NoiseSchedule.linear()
 
 
 def _settings(guidance: object) -> tuple | list | None:
@@ -601,6 +657,15 @@ def _check_null_label(null_label: object, model, num_classes: int | None) -> Non
     if rows is None and num_classes is not None and null_label > num_classes:
         raise ValueError(f"null_label must index the model's label table: at most num_classes = {num_classes}, "
                          f"got {null_label}")
+
+
+def _label_rows(model) -> int | None:
+    """How many labels a network takes, where it says: its ``num_classes``, else the rows of
+    its label table (``label_emb``, an ADM UNet's nn.Embedding); None when it says neither."""
+    classes = getattr(model, "num_classes", None)
+    if isinstance(classes, int) and not isinstance(classes, bool):
+        return classes
+    return getattr(getattr(model, "label_emb", None), "num_embeddings", None)
 
 
 def _model_null_label(model) -> int | None:

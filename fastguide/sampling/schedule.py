@@ -19,6 +19,9 @@ from numbers import Integral
 import torch
 from torch import Tensor
 
+from ..ops.contract import PREDICTION_TYPES
+from ..ops.validation import PATH_RELATIONS, PREDICTION_PATHS
+
 SPACINGS = ("adm", "leading", "trailing", "linspace", "logsnr", "karras")
 # The "logsnr" grid's last call is at σ̃ ≈ this / steps (or the schedule's σ̃_0 if larger):
 # chosen by the NFE benchmark (benchmarks/sampling/nfe.py), where it beat ending at t = 0
@@ -31,15 +34,36 @@ class NoiseSchedule:
     """ᾱ_t of a discrete VP schedule, held in float64."""
 
     is_flow = False
+    # The relation of α and σ on this path (validation.PATH_RELATIONS): α² + σ² = 1.
+    path = "variance-preserving"
     # Where a count of steps lies when no spacing is named (chosen by the NFE benchmark).
     default_spacing = "logsnr"
 
     def __init__(self, betas: Sequence[float] | Tensor):
-        betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+        """Checks that betas is a non-empty sequence of numbers in (0, 1) whose ᾱ_t is
+        computable in float64: strictly decreasing from below 1 (1 − β rounds to 1 for β
+        below ~1.1e-16, and then σ_t would be 0 or two timesteps one noise level) and above
+        0 at the last timestep (the product underflows)."""
+        try:
+            betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"betas must be a sequence of numbers, got {type(betas).__name__}") from None
         if betas.numel() < 1 or not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("betas must be a non-empty sequence of values in (0, 1)")
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        levels = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod])
+        if not (bool((levels[1:] < levels[:-1]).all()) and alphas_cumprod[-1] > 0):
+            raise ValueError(
+                "betas must give a computable ᾱ_t = Π(1 − β_s) in float64, strictly decreasing from below 1 "
+                "(1 − β rounds to 1 for β below ~1.1e-16) and above 0 at the last timestep (no underflow); got ᾱ "
+                f"from {float(alphas_cumprod[0])!r} to {float(alphas_cumprod[-1])!r}"
+            )
         self.betas = betas
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.alphas_cumprod = alphas_cumprod
+        self._alpha_bars = alphas_cumprod.tolist()  # read per call by the solvers and grid checks
+
+    def __repr__(self) -> str:
+        return f"NoiseSchedule(num_timesteps={self.num_timesteps})"
 
     @classmethod
     def linear(cls, num_timesteps: int = 1000) -> NoiseSchedule:
@@ -51,7 +75,16 @@ class NoiseSchedule:
 
     @classmethod
     def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
-        """Nichol & Dhariwal's cosine schedule, ᾱ(u) = cos²((u + s)/(1 + s)·π/2), β capped."""
+        """Nichol & Dhariwal's cosine schedule, ᾱ(u) = cos²((u + s)/(1 + s)·π/2), β capped at
+        ``max_beta``. Checks num_timesteps a positive int, s a finite non-negative number
+        (the offset), max_beta in (0, 1)."""
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
+        if not _is_real(s) or s < 0:
+            raise ValueError(f"s (the cosine schedule's offset) must be a finite non-negative number, got {s!r}")
+        if not _is_real(max_beta) or not 0 < max_beta < 1:
+            raise ValueError(f"max_beta must be a number in (0, 1), got {max_beta!r}")
+
         def alpha_bar(u: float) -> float:
             return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
 
@@ -68,6 +101,37 @@ class NoiseSchedule:
     def num_timesteps(self) -> int:
         return self.betas.numel()
 
+    def check_prediction_type(self, prediction_type: object) -> None:
+        """Refuses a prediction type this schedule cannot convert to x0 and eps, by the one
+        table of what each needs (validation.PREDICTION_PATHS): "v_prediction" assumes
+        α² + σ² = 1 (a variance-preserving schedule), "flow_prediction" α + σ = 1 (a flow
+        path), "epsilon" and "sample" convert on either."""
+        if not isinstance(prediction_type, str) or prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        needed = PREDICTION_PATHS[prediction_type]
+        if needed is not None and needed != self.path:
+            usable = tuple(name for name, path in PREDICTION_PATHS.items() if path in (None, self.path))
+            raise ValueError(
+                f"prediction_type={prediction_type!r} converts to x0 and eps only on a {needed} schedule "
+                f"({PATH_RELATIONS[needed]}); {self!r} is a {self.path} path: use one of {usable}"
+            )
+
+    def check_grid(self, timesteps: Sequence[float], source: str = "timesteps") -> None:
+        """Refuses a grid of times (descending, as visited) that the solvers cannot step
+        through: each point's log-SNR λ must be finite (but for a first point of pure
+        noise, λ = −∞, a flow path's t = T) and larger than the one before, so that every
+        step has a nonzero λ-length. ``source`` names where the grid came from."""
+        previous = None
+        for t in timesteps:
+            level = self.log_snr(t)
+            if math.isnan(level) or level == math.inf:
+                raise ValueError(f"{source} must lie at noise levels of finite log-SNR on {self!r}, got t = {t!r} "
+                                 f"(log-SNR {level})")
+            if previous is not None and not level > previous[1]:  # a later λ = −∞ included
+                raise ValueError(f"{source} must lower the noise at every step, but t = {previous[0]!r} and "
+                                 f"t = {t!r} lie at one noise level (log-SNR {level!r}) on {self!r} in float64")
+            previous = (t, level)
+
     @property
     def cache_key(self) -> tuple:
         """Equal for two schedules with the same ᾱ_t (``sample`` reuses a plan by it)."""
@@ -75,7 +139,7 @@ class NoiseSchedule:
 
     def alpha_bar(self, t: int) -> float:
         """ᾱ_t; 1.0 for t < 0 (the clean data after the last step)."""
-        return 1.0 if t < 0 else float(self.alphas_cumprod[t])
+        return 1.0 if t < 0 else self._alpha_bars[t]
 
     def alpha_sigma(self, t: int) -> tuple[float, float]:
         """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t))."""
@@ -125,10 +189,11 @@ class NoiseSchedule:
         timesteps, keeping the order.
         """
         total = self.num_timesteps
-        if spacing not in SPACINGS:
+        if not isinstance(spacing, str) or spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= total:
             raise ValueError(f"steps must be an int from 1 to {total} with spacing={spacing!r}, got {steps!r}")
+        _check_rho(rho)
         if spacing == "adm":
             return self.timesteps(steps)
         if spacing == "leading":
@@ -145,12 +210,9 @@ class NoiseSchedule:
             low_end = min(float(levels[0]), -math.log(LOGSNR_FINAL_EDM_SIGMA / steps))
             targets = torch.linspace(high_end, low_end, steps, dtype=torch.float64)
         else:  # karras
-            if not (isinstance(rho, (int, float)) and not isinstance(rho, bool) and math.isfinite(rho) and rho > 0):
-                raise ValueError(f"rho must be a positive number, got {rho!r}")
             levels = torch.sqrt((1 - abar) / abar)  # σ̃_t, increasing in t
             ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-            low, high = float(levels[0]) ** (1 / rho), float(levels[-1]) ** (1 / rho)
-            targets = (high + ramp * (low - high)) ** rho
+            targets = _karras_targets(float(levels[0]), float(levels[-1]), ramp, rho)
         nearest = sorted(int(ts[(levels - target).abs().argmin()]) for target in targets.tolist())
         # Distinct and within [0, T − 1]: push crowded ones up, then back down from the top.
         chosen = []
@@ -195,6 +257,30 @@ class NoiseSchedule:
         return chosen[::-1]
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_rho(rho: object) -> None:
+    if not _is_real(rho) or rho <= 0:
+        raise ValueError(f"rho must be a positive number, got {rho!r}")
+
+
+def _karras_targets(low: float, high: float, ramp: Tensor, rho: float) -> Tensor:
+    """Karras et al.'s σ̃ targets from ``high`` down to ``low``, uniform in σ̃^(1/ρ); refuses
+    a ρ for which that is not computable in float64: σ̃^(1/ρ) overflowing (ρ too small) or
+    equal at both ends (ρ too large, every target one σ̃)."""
+    try:
+        low_root, high_root = low ** (1 / rho), high ** (1 / rho)
+        targets = (high_root + ramp * (low_root - high_root)) ** rho
+    except OverflowError:
+        targets = None
+    if targets is None or not bool(torch.isfinite(targets).all()) or (len(ramp) > 1 and not high_root > low_root):
+        raise ValueError(f"rho={rho!r} cannot place a Karras grid in float64 between σ̃ = {low:.4g} and {high:.4g}: "
+                         "σ̃^(1/ρ) must stay finite and differ at the two ends")
+    return targets
+
+
 def _adm_section(size: int, count: int) -> list[int]:
     """guided-diffusion's ``space_timesteps`` for one section of ``size`` timesteps:
     ``count`` timesteps from 0, a float stride accumulated and rounded half to even."""
@@ -214,18 +300,29 @@ class FlowSchedule(NoiseSchedule):
     A count of steps lies uniformly in σ from 1 down to 1/N ("linspace"), each then moved by
     SD3's time shift σ ← shift·σ/(1 + (shift − 1)·σ) (shift > 1 spends more steps at high
     noise); the step after the last goes to σ = 0.
+
+    The model gets its time in float32 (the sampling loop's), so a grid must also stay
+    strictly decreasing and positive there: ``check_grid``.
     """
 
     is_flow = True
+    # The relation of α and σ on this path (validation.PATH_RELATIONS): α + σ = 1.
+    path = "flow"
     default_spacing = "linspace"
 
     def __init__(self, shift: float = 1.0, num_timesteps: int = 1000):
-        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
+        """Checks num_timesteps a positive int and shift a positive number that can place a
+        grid: the shifted 2-step grid (σ = 1, ½) must be two distinct times of finite,
+        increasing log-SNR, in float64 and in the model's float32 time (with T = 1000, a
+        shift above ~3e7 or below ~1e-48 puts σ = ½ at t = T or at t = 0 there). Each
+        sampler's own grid is checked when it is built."""
+        if not _is_real(shift) or shift <= 0:
             raise ValueError(f"shift must be a positive number, got {shift!r}")
         if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
             raise ValueError(f"num_timesteps must be a positive int (the model's time scale), got {num_timesteps!r}")
         self.shift = float(shift)
         self._scale = num_timesteps
+        self.check_grid([num_timesteps * self.shifted(sigma) for sigma in (1.0, 0.5)], f"shift={shift!r}'s 2-step grid")
 
     def __repr__(self) -> str:
         return f"FlowSchedule(shift={self.shift}, num_timesteps={self._scale})"
@@ -263,16 +360,36 @@ class FlowSchedule(NoiseSchedule):
         return self._scale / (1.0 + math.exp(level))
 
     def shifted(self, sigma: float) -> float:
-        return self.shift * sigma / (1 + (self.shift - 1) * sigma)
+        """shift·σ/(1 + (shift − 1)·σ), written shift·σ/(shift·σ + 1 − σ): the same map, but
+        exactly 1 at σ = 1 and at most 1 for every shift (1 + (shift − 1) rounds away from
+        shift when shift is far from 1)."""
+        return self.shift * sigma / (self.shift * sigma + (1 - sigma))
 
     def spaced_timesteps(self, steps: int, spacing: str = "linspace", rho: float = 7.0) -> list[float]:
-        """``steps`` times T·σ, descending: σ uniform from 1 to 1/N, then shifted."""
+        """``steps`` times T·σ, descending: σ uniform from 1 to 1/N, then shifted; refused
+        where the shift collapses them (``check_grid``)."""
         if spacing != "linspace":
             raise ValueError(f"spacing must be 'linspace' for a flow schedule (uniform in σ, then shifted), "
                              f"got {spacing!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
-        return [self._scale * self.shifted(1 - i / steps) for i in range(steps)]
+        _check_rho(rho)
+        grid = [self._scale * self.shifted(1 - i / steps) for i in range(steps)]
+        self.check_grid(grid, f"the {steps}-step grid of shift={self.shift!r}")
+        return grid
+
+    def check_grid(self, timesteps: Sequence[float], source: str = "timesteps") -> None:
+        """NoiseSchedule.check_grid, and the model's float32 times strictly decreasing and
+        positive (two calls at one model time, or at t = 0, would not be the noise levels
+        the solver steps between)."""
+        super().check_grid(timesteps, source)
+        times = list(timesteps)
+        model_times = torch.tensor(times, dtype=torch.float64).float().tolist()
+        for i, (t, model_time) in enumerate(zip(times, model_times)):
+            if not model_time > 0 or (i > 0 and not model_time < model_times[i - 1]):
+                raise ValueError(f"{source} must stay distinct and positive as the model's float32 times, but "
+                                 f"t = {t!r} is {model_time!r} there (after {times[i - 1] if i else None!r}) "
+                                 f"on {self!r}")
 
     def timesteps(self, steps: int | Sequence[float]) -> list[float]:
         """A count (``spaced_timesteps``) or explicit times in (0, T], visited descending."""

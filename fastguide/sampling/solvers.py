@@ -370,9 +370,15 @@ def _dpm_pp_2s(schedule: NoiseSchedule, t: float, t_next: float) -> list[StepPla
 
 
 def check_sampler(sampler: str, schedule: NoiseSchedule, eta: float = 0.0, solver_order: int | None = None) -> None:
-    """Refuses a sampler the schedule cannot run, with the reason."""
-    if sampler not in SAMPLERS:
+    """Refuses a sampler the schedule cannot run, or a setting it does not take, with the
+    reason: ``sampler`` one of SAMPLERS and meant for the schedule's kind (VP_ONLY,
+    FLOW_ONLY); ``eta`` a number in [0, 1] (0 deterministic, 1 DDPM's posterior variance;
+    beyond, DDIM's noise would exceed σ_t'), nonzero only for "ddim" on a VP schedule;
+    ``solver_order`` None or an int (not a bool) 1, 2 or 3, for "unipc" only."""
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise ValueError(f"eta (DDIM's stochasticity) must be a number in [0, 1], got {eta!r}")
     if schedule.is_flow and sampler in VP_ONLY:
         raise ValueError(f"sampler={sampler!r} needs a variance-preserving schedule; on a flow schedule use one of "
                          f"{tuple(s for s in SAMPLERS if s not in VP_ONLY)}")
@@ -381,11 +387,15 @@ def check_sampler(sampler: str, schedule: NoiseSchedule, eta: float = 0.0, solve
     if schedule.is_flow and eta:
         raise ValueError("eta (DDIM's stochasticity) is defined on variance-preserving schedules; on a flow "
                          "schedule use sampler='euler-maruyama' for a stochastic sampler")
+    if eta and sampler != "ddim":
+        raise ValueError(f"eta (DDIM's stochasticity) applies to sampler='ddim', got sampler={sampler!r}")
     if solver_order is not None:
+        if isinstance(solver_order, bool) or not isinstance(solver_order, int):
+            raise TypeError(f"solver_order must be an int (1, 2 or 3) or None, got {solver_order!r}")
         if sampler != "unipc":
             raise ValueError(f"solver_order applies to sampler='unipc' (the others name their order), got "
                              f"sampler={sampler!r}")
-        if isinstance(solver_order, bool) or solver_order not in (1, 2, 3):
+        if solver_order not in (1, 2, 3):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
 
 

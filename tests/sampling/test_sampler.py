@@ -11,7 +11,9 @@ import torch
 from scipy.integrate import solve_ivp
 
 import fastguide
-from fastguide import APG, CFG, CFGPlusPlus, ClassifierGuidance, GuidedSampler, NoiseSchedule, sample
+from fastguide import APG, CFG, AutoGuidance, CFGPlusPlus, ClassifierGuidance, GuidedSampler, NoiseSchedule, ops, sample
+from fastguide.ops import validation
+from fastguide.ops.contract import GuidanceCombine, StepCoefficients, StepTensors
 from fastguide.sampling import cuda_graphs
 from fastguide.sampling.loop import default_sampler
 from fastguide.sampling.solvers import FLOW_ONLY, SAMPLERS, VP_ONLY, plan_steps
@@ -374,9 +376,10 @@ def test_samples_agree_between_backends(backend):
                                       CFG(3.0, zero_star=True), CFG(4.0, rescale=0.5, tangential=True)], ids=str)
 def test_every_sampler_and_guidance_runs_and_is_reproducible(sampler, guidance):
     model = tiny_cfg_unet()
-    # SiT's SDE runs on a flow path (the tiny UNet stands in for a velocity model); the rest on ADM's.
+    # SiT's SDE runs on a flow path (the tiny UNet stands in for a velocity model); the rest on
+    # ADM's, DDIM with noise (eta applies to it alone).
     path = (dict(schedule=NoiseSchedule.flow(), prediction_type="flow_prediction") if sampler in FLOW_ONLY
-            else dict(eta=0.5))
+            else dict(eta=0.5) if sampler == "ddim" else {})
     run = lambda: sample(model, (2, 3, 8, 8), labels=torch.tensor([0, 2]), sampler=sampler, steps=3,  # noqa: E731
                          guidance=guidance, generator=torch.Generator().manual_seed(9), **path)
     first, second = run(), run()
@@ -461,6 +464,24 @@ BAD_SAMPLER_ARGUMENTS = {
     "int generator": (dict(generator=42), TypeError, "generator must be a torch.Generator"),
     "prediction type typo": (dict(prediction_type="x0"), ValueError, "prediction_type must be one of"),
     "spacing with explicit timesteps": (dict(steps=[900, 100], spacing="trailing"), ValueError, "places a step count"),
+    # v → x0 assumes α² + σ² = 1: on a flow path the samples ended 8% off.
+    "v_prediction on a flow path": (dict(schedule=NoiseSchedule.flow(), prediction_type="v_prediction"), ValueError,
+                                    "'v_prediction' converts to x0 and eps only on a variance-preserving schedule"),
+    "epsilon at a flow path's pure noise": (dict(schedule=NoiseSchedule.flow(), prediction_type="epsilon"), ValueError,
+                                            r"step.alpha must be positive to derive x0 from eps.*at the model call "
+                                            r"at t = 1000.0 of sampler='unipc' on FlowSchedule"),
+    "a grid the shift collapses": (dict(schedule=NoiseSchedule.flow(1e6), prediction_type="flow_prediction", steps=300),
+                                   ValueError, r"the 300-step grid of shift=1000000.0 must stay distinct"),
+    "flow times one in float32": (dict(schedule=NoiseSchedule.flow(), prediction_type="flow_prediction",
+                                       steps=[999.9999999999999, 999.9999999999998]), ValueError, "float32 times"),
+    "solver_order=2.0": (dict(solver_order=2.0), TypeError, "solver_order must be an int"),
+    "eta with a sampler that ignores it": (dict(eta=0.5), ValueError,
+                                           r"eta .* applies to sampler='ddim'.*sampler=None"),
+    "variance_type with ddim": (dict(sampler="ddim", variance_type="fixed_large"), ValueError,
+                                "variance_type applies to sampler='ddpm'"),
+    "rho a string": (dict(rho="7"), ValueError, "rho must be a positive number"),
+    "weight schedule beyond float32": (dict(guidance=CFG(3e38, schedule="linear")), ValueError,
+                                       r"CFG scale=3e\+38 with schedule='linear' gives the weight"),
 }
 
 
@@ -524,6 +545,11 @@ def test_classifier_guidance_errors_name_the_classifier():
     (lambda: CFG(2.0, zero_star=True, tangential=True), "at most one of apg, zero_star and tangential"),
     (lambda: APG(norm_threshold=-1.0), "APG norm_threshold must be non-negative"),
     (lambda: ClassifierGuidance(torch.nn.Identity(), math.nan), "ClassifierGuidance scale must be a finite"),
+    # The scales reach the kernels as float32 scalars.
+    (lambda: CFG(1e300), "CFG scale must lie within float32's range"),
+    (lambda: AutoGuidance(torch.nn.Identity(), -1e39), "AutoGuidance scale must lie within float32's range"),
+    (lambda: APG(eta=1e39), "APG eta must lie within float32's range"),
+    (lambda: APG(momentum=1.5), r"APG momentum must be in \[-1, 1\]"),
 ])
 def test_bad_guidance_specs_are_refused_when_built(make, message):
     with pytest.raises(ValueError, match=message):
@@ -702,6 +728,155 @@ def test_autoguidance_runs_b_rows_through_each_network_and_refuses_a_second_comb
                guidance=(fastguide.AutoGuidance(model("guide"), 2.0), CFG(2.0)))
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("backend", backends_for("guided_step"))
+def test_a_guide_that_learns_its_variance_guides_with_its_first_channels_on_every_backend(backend, layout):
+    # A (B, 2C) guide beside a (B, C) model (learned variance on the weaker network only): its
+    # prediction is its first C channels, as ADM reads a 2C output, on every backend.
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+
+    def main(x, t, y):
+        return torch.tanh(x)
+
+    def learned_guide(x, t, y):
+        both = torch.cat([0.5 * torch.tanh(x) + 0.1, torch.full_like(x, 5.0)], dim=1)
+        return both.contiguous(memory_format=layout)
+
+    def guide(x, t, y):
+        return learned_guide(x, t, y)[:, :3].contiguous()
+
+    def run(g):
+        return sample(main, noise.shape, labels=[0, 1], sampler="dpm++2m", steps=4, noise=noise, clip_denoised=False,
+                      guidance=AutoGuidance(g, 2.5))
+
+    with fastguide.backend("torch"):
+        expected = run(guide)
+    with fastguide.backend(backend):
+        got = run(learned_guide)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_autoguidance_errors_name_the_guide_and_its_labels_are_checked_before_any_forward():
+    calls = []
+
+    def main(x, t, y):
+        calls.append("main")
+        return torch.tanh(x)
+
+    main.num_classes = 5
+
+    def guide(output):
+        def forward(x, t, y):
+            calls.append("guide")
+            return output(x)
+        return forward
+
+    run = lambda g, labels=(0, 1): sample(main, (2, 3, 4, 4), labels=list(labels), steps=2,  # noqa: E731
+                                          guidance=AutoGuidance(g, 2.0))
+    with pytest.raises(ValueError, match=r"AutoGuidance's guide_model must return \(2, 3 or 6, \*\(4, 4\)\)"):
+        run(guide(lambda x: x[:, :2]))
+    with pytest.raises(TypeError, match="AutoGuidance's guide_model must return a tensor"):
+        run(guide(lambda x: (x,)))
+    with pytest.raises(TypeError, match="AutoGuidance's guide_model must return a floating tensor"):
+        run(guide(lambda x: x.long()))
+
+    class TableOnly(torch.nn.Module):  # an ADM-style guide that says its classes by its label table
+        def __init__(self):
+            super().__init__()
+            self.label_emb = torch.nn.Embedding(2, 4)
+
+        def forward(self, x, t, y):
+            calls.append("guide")
+            return x * self.label_emb(y).sum(1).view(-1, 1, 1, 1)
+
+    by_count = guide(torch.tanh)
+    by_count.num_classes = 2
+    calls.clear()
+    for small in (TableOnly(), by_count):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\) for AutoGuidance's guide_model"):
+            run(small, labels=(0, 3))
+    assert calls == []  # refused before the main model ran
+    run(by_count, labels=(0, 1))
+    assert calls == ["main", "guide"] * 2
+
+
+def test_adapter_arguments_are_checked():
+    # SiTVelocity divides the time by num_timesteps: 0 made every output NaN.
+    for bad in (0, -5, True, 2.5):
+        with pytest.raises(ValueError, match="num_timesteps must be a positive int"):
+            fastguide.SiTVelocity(torch.nn.Identity(), num_timesteps=bad)
+    with pytest.raises(TypeError, match="sit must be a callable SiT model"):
+        fastguide.SiTVelocity(3)
+
+    class FakeUNet(torch.nn.Module):
+        config = type("Config", (), {"num_class_embeds": 5})()
+
+    for bad in (True, 4.0, 5, -1):
+        with pytest.raises(ValueError, match="null_label must be an int indexing the model's 5 class embeddings"):
+            fastguide.DiffusersUNet(FakeUNet(), null_label=bad)
+    assert fastguide.DiffusersUNet(FakeUNet(), null_label=4).num_classes == 4
+    with pytest.raises(TypeError, match="unet must be a diffusers UNet2DModel"):
+        fastguide.DiffusersUNet(torch.nn.Identity())
+
+
+def classifier_logits(x, t):
+    return x.flatten(1)[:, :4]
+
+
+def small_main(x, t, y):
+    """The tiny learned-variance UNet's prediction channels only: a C-channel model."""
+    return LOOP_UNET(x, t, y)[:, :3]
+
+
+LOOP_UNET = tiny_cfg_unet()
+small_main.num_classes, small_main.null_class = 4, True
+LOOP_CASES = {
+    "unipc rescale": (LOOP_UNET, dict(sampler="unipc", guidance=CFG(3.0, rescale=0.5))),
+    "ddpm learned variance": (LOOP_UNET, dict(sampler="ddpm", guidance=CFG(3.0))),
+    "cfg++ unconditional history": (LOOP_UNET, dict(sampler="dpm++2m", guidance=CFGPlusPlus(0.6))),
+    "dpm++3m apg interval": (LOOP_UNET, dict(sampler="dpm++3m", guidance=CFG(4.0, apg=APG(momentum=-0.5),
+                                                                                 interval=(0.3, 5.0)))),
+    "ddim eta classifier": (LOOP_UNET, dict(sampler="ddim", eta=0.5,
+                                            guidance=(CFG(2.0), ClassifierGuidance(classifier_logits, 1.0)))),
+    "heun autoguidance": (LOOP_UNET, dict(sampler="heun", guidance=AutoGuidance(tiny_cfg_unet(), 2.0))),
+    "learned guide beside a plain model": (small_main, dict(sampler="ddim", guidance=AutoGuidance(LOOP_UNET, 2.0))),
+    "dpm++2s dynamic threshold channels": (LOOP_UNET, dict(sampler="dpm++2s", dynamic_threshold=0.9,
+                                                           guidance=CFG(3.0, guided_channels=2))),
+}
+
+
+@pytest.mark.parametrize("case", list(LOOP_CASES), ids=str)
+def test_every_step_the_loop_hands_the_op_passes_the_ops_full_validation(monkeypatch, case):
+    # The loop skips the op's per-call checks (guided_step_prechecked); here each call it
+    # makes runs them, aliasing included: what the loop builds is what the op expects.
+    model, kwargs = LOOP_CASES[case]
+    prechecked, seen = ops.guided_step_prechecked, []
+
+    def checked(tensors, step, combine):
+        validation.check_step(step)
+        validation.check_combine(combine)
+        validation.check_step_tensors(tensors, step, combine)
+        seen.append(tensors.guide is not None)
+        prechecked(tensors, step, combine)
+
+    monkeypatch.setattr(ops, "guided_step_prechecked", checked)
+    got = sample(model, (2, 3, 8, 8), labels=[0, 3], steps=4, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert seen and torch.isfinite(got).all()
+    assert any(seen) == isinstance(kwargs["guidance"], AutoGuidance)
+
+
+def test_the_loop_refuses_a_step_layout_the_op_would_misread_before_it_runs():
+    x, out = torch.randn(2, 3, 4, 4), torch.full((2, 3, 4, 4), math.nan)
+    step = StepCoefficients(alpha=0.8, sigma=0.6, k_x0=0.8, k_eps=0.6)
+    with pytest.raises(ValueError, match=r"guide must have shape \(2, 3, ...\) or that of model_output"):
+        GuidedSampler._step(StepTensors(torch.randn(2, 3, 4, 4), x, torch.randn(2, 6, 4, 4), out=out), step,
+                            GuidanceCombine(2.0))
+    with pytest.raises(ValueError, match=r"history\[0\] must have shape \(2, 3, 4, 4\)"):
+        GuidedSampler._step(StepTensors(torch.randn(2, 3, 4, 4), x, history=(torch.randn(2, 3, 4),), out=out),
+                            step._replace(k_history=(0.5,)), None)
+    assert out.isnan().all()  # nothing was written
+
+
 def test_bad_guidance_schedules_are_refused():
     with pytest.raises(ValueError, match="CFG schedule must be one of"):
         CFG(2.0, schedule="exponential")
@@ -783,6 +958,59 @@ def test_graphs_outside_the_guidance_interval_run_the_model_on_b_rows(monkeypatc
         graphed((2, 3, 8, 8), labels=torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
     replay_rows = rows[-len(eager_rows):]
     assert replay_rows == eager_rows and set(eager_rows) == {2, 4}
+
+
+@pytest.mark.parametrize("sampler, eta, callback, graphs", [
+    ("unipc", 0.0, False, 1),   # deterministic: the whole loop is one graph
+    ("ddim", 0.0, True, 6),     # a callback sees every call: one graph each
+    ("ddpm", 0.0, False, 5),    # noise before each call but the first: a graph from each noisy call on
+    ("ddim", 0.5, False, 5),
+])
+def test_graphs_cover_the_loop_in_as_few_pieces_as_the_host_allows(monkeypatch, sampler, eta, callback, graphs):
+    monkeypatch.setattr(cuda_graphs, "GRAPH_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(cuda_graphs, "side_stream", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(cuda_graphs, "graph_pool", lambda: None)
+    captured = []
+    monkeypatch.setattr(cuda_graphs, "capture_graph", lambda step, pool: captured.append(step) or ReplayingGraph(step))
+    model = tiny_cfg_unet()
+    kwargs = dict(sampler=sampler, steps=6, guidance=CFG(3.0), eta=eta)
+    seen = {"graphed": [], "eager": []}
+    results = {}
+    for name, sampler_ in (("graphed", GuidedSampler(model, cuda_graph=True, **kwargs)),
+                           ("eager", GuidedSampler(model, **kwargs))):
+        report = (lambda info, name=name: seen[name].append((info["i"], info["t"], info["x"].clone(),
+                                                              info["denoised"].clone()))) if callback else None
+        for _ in range(2):  # capture, then replay
+            seen[name].clear()
+            results[name] = sampler_((2, 3, 8, 8), labels=torch.tensor([0, 3]), callback=report,
+                                     generator=torch.Generator().manual_seed(4))
+    assert len(captured) == graphs
+    torch.testing.assert_close(results["graphed"], results["eager"], atol=1e-5, rtol=1e-5)
+    assert len(seen["graphed"]) == len(seen["eager"]) == (6 if callback else 0)
+    for (i, t, x, x0), (i_, t_, x_, x0_) in zip(seen["graphed"], seen["eager"]):
+        assert (i, t) == (i_, t_)
+        torch.testing.assert_close((x, x0), (x_, x0_), atol=1e-5, rtol=1e-5)
+
+
+def _sample_compiled(device, **compile_options):
+    model = tiny_cfg_unet().to(device)
+    kwargs = dict(labels=torch.tensor([0, 3], device=device), steps=4, guidance=CFG(3.0),
+                  noise=torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(device))
+    eager = sample(model, (2, 3, 8, 8), **kwargs)
+    compiled = torch.compile(model, **compile_options)
+    for _ in range(2):  # the second run replays what the first compiled (and, on CUDA, recorded)
+        torch.testing.assert_close(sample(compiled, (2, 3, 8, 8), **kwargs), eager, atol=1e-3, rtol=1e-3)
+
+
+def test_a_compiled_model_with_fastguide_ops_inside_samples_as_eager():
+    # aot_eager on CPU (inductor's CPU compile of the UNet takes over a minute here): the
+    # ops trace as custom ops inside the model's graph and the loop runs it.
+    _sample_compiled("cpu", backend="aot_eager", fullgraph=True)
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_compile_with_fastguide_ops_inside_samples_as_eager():
+    _sample_compiled("cuda", mode="reduce-overhead")
 
 
 @pytest.mark.gpu

@@ -2,9 +2,13 @@
 its source (guided_diffusion/respace.py) as the reference. ADM returns a set; fastguide
 lists the same timesteps in descending order (the order they are visited)."""
 
+import math
+import re
+
 import pytest
 
 from fastguide import NoiseSchedule
+from fastguide.ops.contract import PREDICTION_TYPES
 
 SCHEDULE = NoiseSchedule.linear()
 
@@ -126,3 +130,102 @@ def test_logsnr_and_karras_spacings_follow_their_grids():
     assert schedule.spaced_timesteps(50, "logsnr")[-1] == 0  # 0.3/50 is below σ̃_0 = 0.01
     with pytest.raises(ValueError, match="spacing must be one of"):
         schedule.spaced_timesteps(10, "uniform")
+
+
+# --------------------------------------------------------------------------------------
+# What a schedule can compute
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shift", [1e-4, 0.1, 3.0, 7.0, 1e4])
+def test_the_time_shift_starts_every_grid_at_pure_noise(shift):
+    # shift·σ/(1 + (shift − 1)·σ) rounded above 1 at σ = 1 for shifts far from 1 (α < 0 then);
+    # the map is written to give exactly 1 there.
+    flow = NoiseSchedule.flow(shift)
+    assert flow.shifted(1.0) == 1.0 and all(flow.shifted(s / 97) <= 1.0 for s in range(98))
+    assert flow.spaced_timesteps(25)[0] == 1000.0
+    assert flow.shifted(0.25) == pytest.approx(shift * 0.25 / (1 + (shift - 1) * 0.25), rel=1e-15)
+
+
+@pytest.mark.parametrize("shift, message", [
+    (1e-300, "stay distinct and positive as the model's float32 times"),  # σ < 1 underflows to t = 0
+    (1e-50, "stay distinct and positive as the model's float32 times"),
+    (1e8, "stay distinct and positive as the model's float32 times"),  # σ < 1 rounds to t = T in float32
+    (1e20, "lower the noise at every step"),  # ... and to σ = 1 in float64
+    (1e300, "lower the noise at every step"),
+])
+def test_a_shift_that_cannot_place_a_grid_is_refused_when_the_schedule_is_built(shift, message):
+    with pytest.raises(ValueError, match=re.escape(f"shift={shift!r}'s 2-step grid must {message}")):
+        NoiseSchedule.flow(shift)
+
+
+def test_a_grid_the_shift_collapses_is_refused_naming_the_shift_and_the_steps():
+    flow = NoiseSchedule.flow(1e6)  # a 2-step grid fits; 300 steps crowd below float32's resolution at T
+    assert len(flow.spaced_timesteps(5)) == 5
+    with pytest.raises(ValueError, match=r"the 300-step grid of shift=1000000.0 must stay distinct"):
+        flow.spaced_timesteps(300)
+    with pytest.raises(ValueError, match="stay distinct and positive as the model's float32 times"):
+        NoiseSchedule.flow().check_grid([999.9999999999999, 999.9999999999998])
+    with pytest.raises(ValueError, match="must lie at noise levels of finite log-SNR"):
+        NoiseSchedule.flow().check_grid([1e-320])  # σ = 1e-323: λ overflows
+    with pytest.raises(ValueError, match="t = 500 and t = 500 lie at one noise level"):
+        SCHEDULE.check_grid([500, 500])
+    NoiseSchedule.flow().check_grid([1000.0, 500.0, 1e-30])  # pure noise first, then finite λ
+
+
+@pytest.mark.parametrize("betas, error, message", [
+    ([1e-300] * 10, ValueError, "strictly decreasing from below 1"),  # 1 − β rounds to 1: σ = 0
+    ([1e-4, 1e-4, 1e-17, 1e-4], ValueError, "strictly decreasing from below 1"),
+    ([0.9999] * 1000, ValueError, "above 0 at the last timestep"),  # ᾱ underflows: α = 0
+    ("abc", TypeError, "betas must be a sequence of numbers"),
+    ([0.5, 1.0], ValueError, r"betas must be a non-empty sequence of values in \(0, 1\)"),
+])
+def test_betas_must_give_a_computable_alpha_bar(betas, error, message):
+    with pytest.raises(error, match=message):
+        NoiseSchedule(betas)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_timesteps=2.5), "num_timesteps must be a positive int"),
+    (dict(num_timesteps=True), "num_timesteps must be a positive int"),
+    (dict(s=-1.0), r"s \(the cosine schedule's offset\) must be a finite non-negative number"),  # divided by 1 + s
+    (dict(s=math.nan), "s .* must be a finite non-negative number"),
+    (dict(max_beta=1.0), r"max_beta must be a number in \(0, 1\)"),
+])
+def test_cosine_schedule_arguments_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NoiseSchedule.cosine(**kwargs)
+
+
+@pytest.mark.parametrize("rho, message", [
+    (1e-300, "cannot place a Karras grid"),  # σ̃^(1/ρ) overflows
+    (1e300, "cannot place a Karras grid"),  # σ̃^(1/ρ) = 1 at both ends: one σ̃ for every target
+    ("7", "rho must be a positive number"),
+    (0.0, "rho must be a positive number"),
+])
+def test_karras_rho_must_place_a_grid(rho, message):
+    with pytest.raises(ValueError, match=message):
+        SCHEDULE.spaced_timesteps(10, "karras", rho)
+    if isinstance(rho, str):  # a bad rho is refused with any spacing, as any bad argument
+        with pytest.raises(ValueError, match=message):
+            SCHEDULE.spaced_timesteps(10, "logsnr", rho)
+
+
+def test_each_schedule_refuses_the_prediction_types_it_cannot_convert():
+    # One table (validation.PREDICTION_PATHS): v = α·ε − σ·x0 inverts where α² + σ² = 1, a
+    # flow velocity where α + σ = 1; epsilon and sample convert on either path.
+    accepted = {
+        SCHEDULE: ("epsilon", "v_prediction", "sample"),
+        NoiseSchedule.flow(): ("epsilon", "sample", "flow_prediction"),
+    }
+    for schedule, usable in accepted.items():
+        for prediction_type in PREDICTION_TYPES:
+            if prediction_type in usable:
+                schedule.check_prediction_type(prediction_type)
+                continue
+            with pytest.raises(ValueError, match=rf"prediction_type='{prediction_type}' converts to x0 and eps only "
+                                                 rf"on a .* schedule .*use one of \{re.escape(repr(usable))[1:]}"):
+                schedule.check_prediction_type(prediction_type)
+    for bad in ("eps", None, ["epsilon"]):
+        with pytest.raises(ValueError, match="prediction_type must be one of"):
+            SCHEDULE.check_prediction_type(bad)

@@ -207,10 +207,27 @@ def test_sampler_and_schedule_mismatches_are_refused():
         plan_steps("euler-maruyama", NoiseSchedule.linear(), [999, 500])
     with pytest.raises(ValueError, match="solver_order applies to sampler='unipc'"):
         plan_steps("dpm++2m", NoiseSchedule.linear(), [999, 500], solver_order=3)
-    with pytest.raises(ValueError, match="flow_prediction' needs a flow path"):
+    with pytest.raises(ValueError, match="flow_prediction' converts to x0 and eps only on a flow schedule"):
         sample(toy_eps, (1, 1, 2, 2), steps=3, prediction_type="flow_prediction")
     with pytest.raises(ValueError, match="spacing must be 'linspace' for a flow schedule"):
         sample(toy_eps, (1, 1, 2, 2), steps=3, spacing="karras", schedule=flow, prediction_type="flow_prediction")
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    # 2.0 == 2 passed the old membership test, then broke UniPC's range() with a TypeError.
+    (dict(sampler="unipc", solver_order=2.0), TypeError, "solver_order must be an int"),
+    (dict(sampler="unipc", solver_order=True), TypeError, "solver_order must be an int"),
+    (dict(sampler="unipc", solver_order=4), ValueError, "solver_order must be 1, 2 or 3"),
+    # DDIM's η only: the other samplers ignored it; above 1 its noise exceeds σ_t'.
+    (dict(sampler="dpm++2m", eta=0.5), ValueError, r"eta .* applies to sampler='ddim', got sampler='dpm\+\+2m'"),
+    (dict(sampler="ddim", eta=1.5), ValueError, r"eta .* must be a number in \[0, 1\]"),
+    (dict(sampler="ddim", eta=True), ValueError, r"eta .* must be a number in \[0, 1\]"),
+    (dict(sampler=["ddim"]), ValueError, "sampler must be one of"),
+])
+def test_sampler_settings_are_checked_with_the_sampler(kwargs, error, message):
+    sampler = kwargs.pop("sampler")
+    with pytest.raises(error, match=message):
+        plan_steps(sampler, NoiseSchedule.linear(), [999, 500, 100], **kwargs)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler"])
