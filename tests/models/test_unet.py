@@ -120,12 +120,16 @@ def test_legacy_and_new_head_orders_agree_after_permuting_weights():
         torch.testing.assert_close(new(x, t), legacy(x, t), atol=1e-5, rtol=1e-5)
 
 
+def tiny_classifier(pool: str) -> EncoderUNet:
+    return randomize(EncoderUNet(image_size=16, in_channels=3, model_channels=32, out_channels=7,
+                                 num_res_blocks=1, attention_resolutions=(2,), channel_mult=(1, 2),
+                                 num_head_channels=16, use_scale_shift_norm=True, resblock_updown=True,
+                                 pool=pool)).eval()
+
+
 @pytest.mark.parametrize("pool", EncoderUNet.POOLS)
 def test_classifier_matches_plain_and_input_gradient_agrees_across_backends(pool):
-    model = randomize(EncoderUNet(image_size=16, in_channels=3, model_channels=32, out_channels=7,
-                                  num_res_blocks=1, attention_resolutions=(2,), channel_mult=(1, 2),
-                                  num_head_channels=16, use_scale_shift_norm=True, resblock_updown=True,
-                                  pool=pool)).eval()
+    model = tiny_classifier(pool)
     x, t, _ = tiny_inputs(model)
     y = torch.tensor([1, 4])
     with torch.no_grad(), fastguide.backend("torch"):
@@ -241,10 +245,7 @@ def test_unet_under_bf16_autocast_matches_the_fp32_forward(case):
 
 @pytest.mark.parametrize("pool", EncoderUNet.POOLS)
 def test_classifier_under_bf16_autocast_matches_the_fp32_forward(pool):
-    model = randomize(EncoderUNet(image_size=16, in_channels=3, model_channels=32, out_channels=7,
-                                  num_res_blocks=1, attention_resolutions=(2,), channel_mult=(1, 2),
-                                  num_head_channels=16, use_scale_shift_norm=True, resblock_updown=True,
-                                  pool=pool)).eval()
+    model = tiny_classifier(pool)
     x, t, _ = tiny_inputs(model)
     with torch.no_grad():
         expected = model(x, t)
