@@ -34,6 +34,7 @@ from ..ops import backends
 from ..sampling.schedule import SPACINGS, NoiseSchedule
 from ..sampling.solvers import SAMPLERS
 from .options import (
+    MAX_SAMPLES,
     SEED_LIMIT,
     Parser,
     UsageError,
@@ -238,7 +239,7 @@ def check_sample(args: argparse.Namespace) -> None:
     if args.model not in MODELS:
         raise UsageError("--model", f"expected one of {', '.join(MODELS)}, got {args.model!r}")
     adm = args.model in ADM_SCHEDULES
-    check_at_least("--num-samples", args.num_samples)
+    check_at_least("--num-samples", args.num_samples, high=MAX_SAMPLES)
     check_at_least("--batch-size", args.batch_size)
     check_steps(args.steps, model_schedule(args.model), args.model)
     try:
@@ -456,7 +457,7 @@ def check_sweep(args: argparse.Namespace) -> None:
     args.variants = sweep.Variants(tuple(args.cfgpp_scales), args.auto_scales and tuple(args.auto_scales),
                                    _checked_interval(args.interval), args.schedule)
     # within-class diversity needs two samples of one class; labels cycle over the classes
-    check_at_least("--samples-per-scale", args.samples_per_scale, digits.NUM_CLASSES + 1)
+    check_at_least("--samples-per-scale", args.samples_per_scale, digits.NUM_CLASSES + 1, MAX_SAMPLES)
     check_steps(args.steps, digits.schedule(), "digits")
     try:
         _grid(model_schedule(args.model), args.steps, args.spacing)

@@ -66,10 +66,16 @@ def _one_line(error: BaseException) -> str:
 # Checks of single values. Each raises UsageError naming the option.
 
 
-def check_at_least(option: str, value: int, low: int = 1) -> None:
-    """An integer count of at least ``low``."""
-    if value < low:
-        raise UsageError(option, f"expected an integer of at least {low}, got {value}")
+# The most samples one command draws: ten million 256×256 images are 2 TB of uint8, and a
+# count past any machine's memory would hang building its labels before a model ran.
+MAX_SAMPLES = 10_000_000
+
+
+def check_at_least(option: str, value: int, low: int = 1, high: int | None = None) -> None:
+    """An integer count of at least ``low`` (and at most ``high``, when given)."""
+    if value < low or (high is not None and value > high):
+        bound = f"of at least {low}" if high is None else f"between {low} and {high:,}"
+        raise UsageError(option, f"expected an integer {bound}, got {value}")
 
 
 def check_scale(option: str, value: float) -> None:

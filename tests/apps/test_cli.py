@@ -68,7 +68,8 @@ SAMPLE = ["sample", "--out", "x.png", "--quiet"]
     (["--steps", "0"], "--steps: expected an integer from 1 to 500"),
     (["--steps", "-3"], "--steps: expected an integer from 1 to 500"),
     (["--steps", "abc"], "--steps: invalid int value: 'abc'"),
-    (["--num-samples", "0"], "--num-samples: expected an integer of at least 1, got 0"),
+    (["--num-samples", "0"], "--num-samples: expected an integer between 1 and 10,000,000, got 0"),
+    (["--num-samples", str(10**10)], f"--num-samples: expected an integer between 1 and 10,000,000, got {10**10}"),
     (["--batch-size", "-1"], "--batch-size: expected an integer of at least 1, got -1"),
     (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
     (["--device", "cuda:abc"], "--device: expected cpu, cuda or cuda:N, got 'cuda:abc'"),
@@ -269,7 +270,7 @@ def test_digits_train_refuses_zero_steps(tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     (["--scales", "1", "nan"], "--scales: expected a finite number >= 0, got nan"),
-    (["--samples-per-scale", "5"], "--samples-per-scale: expected an integer of at least 11, got 5"),
+    (["--samples-per-scale", "5"], "--samples-per-scale: expected an integer between 11 and 10,000,000, got 5"),
     (["--steps", "600"], "--steps: expected an integer from 1 to 500"),
     (["--seed", "-1"], "--seed: expected an integer from 0 to"),
     (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
