@@ -21,7 +21,7 @@ class Multiprocessor:
 
 SM = {80: Multiprocessor(shared_bytes=164 * 1024), 90: Multiprocessor()}
 # Little's law for HBM: bytes in flight per SM = bandwidth × latency / SMs. The H200 run
-# (2026-11-26, BENCHMARKS.md) gives the latency under load: guided_step's cuda kernel had
+# (2026-11-26) gives the latency under load: guided_step's cuda kernel had
 # 49 KB in flight per SM (4 blocks of 256 threads × three 16-byte loads) and moved
 # 3.23 TB/s, so latency = 49 KB × 132 / 3.23 TB/s ≈ 2.0 µs. 85% of the measured 4.13 TB/s
 # copy rate at that latency needs 3.5 TB/s × 2.0 µs / 132 ≈ 53 KB per SM; the floor

@@ -287,7 +287,7 @@ def check_sampler_fits(option: str, sampler: str, model: str) -> None:
                                  f"--model {model}, got {sampler}")
 
 
-CFG_PLUS_PLUS_SCALE = 0.4  # CFG++'s λ: the digits UNet's best in README's sweep (the transformer's: 0.2)
+CFG_PLUS_PLUS_SCALE = 0.4  # CFG++'s λ: the digits UNet's best in `fastguide sweep` (the transformer's: 0.2)
 
 
 def _guidance_defaults(args: argparse.Namespace) -> None:
@@ -602,10 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=float,
                    help="CFG scale w >= 0; 1 = the conditional model, 0 = unconditional (auto: 0 = the guide); "
                         f"cfg++'s λ in [0, 1] (default: 2; cfg++: {CFG_PLUS_PLUS_SCALE}, the digits UNet's best "
-                        "λ in README's sweep, the transformer's was 0.2)")
+                        "λ in fastguide sweep, the transformer's was 0.2)")
     s.add_argument("--classifier-scale", type=float, default=4.0, help="classifier guidance scale >= 0 (default: 4)")
     s.add_argument("--sampler", choices=SAMPLERS,
-                   help="sampler (default: unipc, the most accurate per model call in BENCHMARKS.md's NFE table; "
+                   help="sampler (default: unipc, the most accurate per model call in fastguide bench --nfe; "
                         "cfg++: dpm++2m, or ddim with --interval)")
     s.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
     s.add_argument("--spacing", choices=SPACINGS,

@@ -1,6 +1,6 @@
 """The compiled extension behind the ``cuda`` backend: find it, or build it.
 
-Two ways to get it (README, "The CUDA C++ backend"):
+Two ways to get it:
 - ahead of time: ``FASTGUIDE_BUILD_CUDA=1 pip install --no-build-isolation .`` builds
   ``fastguide._C`` against the installed torch (setup.py, CUDAExtension with ninja,
   architectures from ``FASTGUIDE_CUDA_ARCHS``, default "80;90");

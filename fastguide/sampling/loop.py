@@ -33,9 +33,9 @@ CFG_PLUS_PLUS_SAMPLERS = ("ddim", "euler", "dpm++2m")
 
 def default_sampler(cfg_plus_plus: bool = False, interval: bool = False) -> str:
     """The sampler used when none is named: "unipc", the most accurate per model call in
-    BENCHMARKS.md's NFE table; under CFG++, whose renoising is built for ddim, euler and
-    dpm++2m, "dpm++2m" (the best CFG++ rows of README's sweep), or "ddim" with a guidance
-    interval (2M's unconditional history needs every call guided)."""
+    the NFE benchmark (benchmarks/sampling/nfe.py); under CFG++, whose renoising is built
+    for ddim, euler and dpm++2m, "dpm++2m" (the best CFG++ rows of `fastguide sweep`), or
+    "ddim" with a guidance interval (2M's unconditional history needs every call guided)."""
     if not cfg_plus_plus:
         return "unipc"
     return "ddim" if interval else "dpm++2m"

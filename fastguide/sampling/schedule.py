@@ -182,7 +182,7 @@ class NoiseSchedule:
                       divides by α ≈ 5·10⁻⁵; ADM's linear one ends at 157) down to the λ of
                       σ̃ = max(σ̃_0, 0.3/N)
                       (fewer steps stop short of the last, nearly clean timesteps, whose
-                      final denoising step costs O(σ̃²); see BENCHMARKS.md's NFE table)
+                      final denoising step costs O(σ̃²); measured by benchmarks/sampling/nfe.py)
           "karras"    Karras et al.'s σ̃ grid with ``rho`` between σ̃_{T−1} and σ̃_0
         The last two pick, for each target, the timestep of nearest λ (or σ̃); where targets
         crowd onto one timestep (the schedule's steep ends), they move to the nearest free
