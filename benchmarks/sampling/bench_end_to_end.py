@@ -228,10 +228,6 @@ ROWS = {"dit": _dit_rows, "adm": _adm_rows, "sd": _sd_rows}
 
 def _run(benchmark, name: str, batch: int, impl: str) -> None:
     setup = SETUPS[name]
-    if impl not in IMPLS[setup.family]:
-        pytest.skip(f"{impl} has no row for {setup.family}")
-    if DEVICE.type == "cpu" and impl in ("fastguide-cuda_graph", "diffusers-max-autotune"):
-        pytest.skip(f"{impl}: GPU only (graphs need CUDA; max-autotune tunes for minutes)")
     fn = ROWS[setup.family](setup.gpu if DEVICE.type == "cuda" else setup.cpu, batch)[impl]
 
     def timed():
@@ -244,11 +240,13 @@ def _run(benchmark, name: str, batch: int, impl: str) -> None:
     benchmark.extra_info.update(model=name, batch=batch, steps=STEPS, device=str(DEVICE))
 
 
-ALL_IMPLS = sorted({impl for impls in IMPLS.values() for impl in impls})
+# The rows each model has; on CPU, without graphs (CUDA only) and max-autotune (minutes).
+GPU_ONLY = ("fastguide-cuda_graph", "diffusers-max-autotune")
+CPU_ROWS = [(name, impl) for name, setup in SETUPS.items() for impl in IMPLS[setup.family] if impl not in GPU_ONLY]
+GPU_ROWS = [(name, batch, impl) for name, batch in GPU_CASES for impl in IMPLS[SETUPS[name].family]]
 
 
-@pytest.mark.parametrize("impl", ALL_IMPLS)
-@pytest.mark.parametrize("name", list(SETUPS))
+@pytest.mark.parametrize("name, impl", CPU_ROWS, ids=[f"{n}-{i}" for n, i in CPU_ROWS])
 def test_end_to_end_cpu(benchmark, name, impl):
     if DEVICE.type != "cpu":
         pytest.skip("CPU set")
@@ -256,7 +254,6 @@ def test_end_to_end_cpu(benchmark, name, impl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ALL_IMPLS)
-@pytest.mark.parametrize("name, batch", GPU_CASES, ids=[f"{n}-b{b}" for n, b in GPU_CASES])
+@pytest.mark.parametrize("name, batch, impl", GPU_ROWS, ids=[f"{n}-b{b}-{i}" for n, b, i in GPU_ROWS])
 def test_end_to_end_gpu(benchmark, name, batch, impl):
     _run(benchmark, name, batch, impl)
