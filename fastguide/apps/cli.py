@@ -292,8 +292,8 @@ CFG_PLUS_PLUS_SCALE = 0.4  # CFG++'s λ: the digits UNet's best in `fastguide sw
 
 def _guidance_defaults(args: argparse.Namespace) -> None:
     """--scale and --sampler when not given: w = 2 (λ = 0.4 under cfg++, whose λ lies in
-    [0, 1]) and unipc (dpm++2m under cfg++, see sampling.loop.default_sampler)."""
-    from ..sampling.loop import default_sampler
+    [0, 1]) and unipc (dpm++2m under cfg++, see sampling.guidance.default_sampler)."""
+    from ..sampling.guidance import default_sampler
 
     plus_plus = args.guidance == "cfg++"
     if args.scale is None:
@@ -307,10 +307,10 @@ def _check_cfg_options(args: argparse.Namespace) -> None:
     if args.guidance == "cfg++":
         if args.scale > 1:
             raise UsageError("--scale", f"expected CFG++'s λ in [0, 1] with --guidance cfg++, got {args.scale}")
-        from ..sampling.loop import CFG_PLUS_PLUS_SAMPLERS
+        from ..sampling.guidance import CFGPlusPlus
 
-        if args.sampler not in CFG_PLUS_PLUS_SAMPLERS:
-            raise UsageError("--sampler", f"--guidance cfg++ is built for {', '.join(CFG_PLUS_PLUS_SAMPLERS)}, "
+        if args.sampler not in CFGPlusPlus.SAMPLERS:
+            raise UsageError("--sampler", f"--guidance cfg++ is built for {', '.join(CFGPlusPlus.SAMPLERS)}, "
                                           f"got {args.sampler}")
         if args.sampler == "dpm++2m" and args.interval is not None:
             raise UsageError("--interval", "--guidance cfg++ on dpm++2m reads every call's unconditional x0, which "

@@ -88,7 +88,7 @@ class Variants:
 
 def _jobs(kinds: tuple[str, ...], scales: list[float], variants: Variants, sampler: str) -> list[dict]:
     """One {kind, guidance (the table's label), sampler, scale} per row, in ``kinds`` order."""
-    from ..sampling.loop import CFG_PLUS_PLUS_SAMPLERS
+    from ..sampling.guidance import CFGPlusPlus
 
     low, high = variants.interval
     labels = {"interval": f"cfg, σ̃ in [{low:g}, {high:g}]", "schedule": f"cfg, {variants.schedule} schedule"}
@@ -96,7 +96,7 @@ def _jobs(kinds: tuple[str, ...], scales: list[float], variants: Variants, sampl
     for kind in kinds:
         kind_scales = {"cfg++": variants.cfgpp_scales, "auto": variants.auto_scales or scales}.get(kind, scales)
         # CFG++ is built for a few samplers only: its rows use --sampler if it is one, else dpm++2m
-        kind_sampler = (sampler if sampler in CFG_PLUS_PLUS_SAMPLERS else "dpm++2m") if kind == "cfg++" else sampler
+        kind_sampler = (sampler if sampler in CFGPlusPlus.SAMPLERS else "dpm++2m") if kind == "cfg++" else sampler
         jobs += [{"kind": kind, "guidance": labels.get(kind, kind), "sampler": kind_sampler, "scale": scale}
                  for scale in kind_scales]
     return jobs

@@ -20,6 +20,10 @@
   noisy classifier, applied as ADM does: a mean shift Σ·s·∇ for ancestral sampling, an
   eps shift −σ_t·s·∇ for the others.
 Both may be given together.
+
+Each is a ``Guidance``: the strategy the sampling loop calls (which branches a model call
+runs, the fused step's combine, any change to the step), so the loop never asks a guidance
+its class and a new method is one class here.
 """
 
 from __future__ import annotations
@@ -31,10 +35,90 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..ops.contract import GuidanceCombine
+from ..ops.contract import GuidanceCombine, StepCoefficients
 from ..ops.validation import FLOAT32_MAX
 
 SCHEDULES = ("constant", "linear", "cosine")
+# The row blocks a batched forward may hold: the conditional and unconditional inputs, and
+# the conditional input through a perturbed network (PAG, skip-layer guidance).
+BRANCHES = ("cond", "uncond", "perturbed")
+
+
+def default_sampler(cfg_plus_plus: bool = False, interval: bool = False) -> str:
+    """The sampler used when none is named: "unipc", the most accurate per model call in
+    the NFE benchmark (benchmarks/sampling/nfe.py); under CFG++, whose renoising is built
+    for ddim, euler and dpm++2m, "dpm++2m" (the best CFG++ rows of `fastguide sweep`), or
+    "ddim" with a guidance interval (2M's unconditional history needs every call guided)."""
+    if not cfg_plus_plus:
+        return "unipc"
+    return "ddim" if interval else "dpm++2m"
+
+
+class Guidance:
+    """What the sampling loop asks of a guidance method, with the defaults of plain
+    conditional sampling. For each model call the loop asks:
+
+    - ``active_at(σ̃)``: whether guidance applies at this call's noise level (EDM's σ̃);
+      where it does not, the forward runs the conditional rows alone;
+    - ``branches``: where it does, the conditioning of each B-row block of the model's
+      one batched forward, in order (names from BRANCHES); the fused step reads the
+      model's output in that layout;
+    - ``guide_network()``: a second network run on the conditional rows, whose output
+      enters the fused step as its separate guide tensor, or None;
+    - ``combine_at(σ̃, τ)``: the fused step's combine at this call (τ = t/(T − 1));
+    - ``step(coefficients)``: its change to the sampler's update (CFG++'s renoising);
+    - ``unconditional_history(sampler)``: whether the solver's history holds the
+      unconditional x0 instead of the guided one (CFG++ on DPM-Solver++(2M));
+    - ``guided_output(output, batch, channels)``: its edit of the model's output before
+      the combine (the official DiT's guidance of some channels).
+
+    and, once, checks its pairing with the sampler (``check_sampler``), the batch
+    (``check_shape``) and the labels (``check_labels``). ``default_sampler`` names the
+    sampler used when none is named.
+    """
+
+    branches: tuple[str, ...] = ("cond",)
+    interval: tuple[float, float] | None = None
+
+    def guide_network(self) -> nn.Module | None:
+        return None
+
+    def active_at(self, edm_sigma: float) -> bool:
+        """Whether guidance applies at noise level σ̃ (always, without an interval)."""
+        return self.interval is None or self.interval[0] <= edm_sigma <= self.interval[1]
+
+    def combine_at(self, edm_sigma: float, progress: float) -> GuidanceCombine:
+        """The fused step's combine at noise level σ̃ and normalised time τ."""
+        return self.combine(self.scale_at(edm_sigma, progress))
+
+    def scale_at(self, edm_sigma: float, progress: float) -> float:
+        raise NotImplementedError
+
+    def combine(self, scale: float | None = None) -> GuidanceCombine:
+        raise NotImplementedError
+
+    def step(self, step: StepCoefficients) -> StepCoefficients:
+        """The sampler's update at a guided call (unchanged by default)."""
+        return step
+
+    def default_sampler(self) -> str:
+        """The sampler used when none is named (see the module function)."""
+        return default_sampler()
+
+    def check_sampler(self, sampler: str, dynamic_threshold: float | None) -> None:
+        """Refuse a sampler (or dynamic thresholding) this guidance cannot be paired with."""
+
+    def unconditional_history(self, sampler: str) -> bool:
+        return False
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """Refuse a batch shape this guidance cannot guide."""
+
+    def check_labels(self, labels: Tensor) -> None:
+        """Refuse labels a network of this guidance cannot take (before any forward)."""
+
+    def guided_output(self, model_output: Tensor, batch: int, channels: int) -> Tensor:
+        return model_output
 
 
 @dataclass(frozen=True)
@@ -60,7 +144,7 @@ class APG:
 
 
 @dataclass(frozen=True)
-class CFG:
+class CFG(Guidance):
     """Classifier-free guidance settings (the module docstring has each). Checked when
     built: scale and rescale finite numbers within float32's range (the kernels' scalars),
     rescale in [0, 1], interval a pair 0 <= low < high, schedule a known name or a
@@ -100,9 +184,23 @@ class CFG:
         if (self.apg is not None) + self.zero_star + self.tangential > 1:
             raise ValueError("CFG takes at most one of apg, zero_star and tangential: they are alternative combines")
 
-    def active_at(self, edm_sigma: float) -> bool:
-        """Whether guidance applies at noise level σ̃ (always, without an interval)."""
-        return self.interval is None or self.interval[0] <= edm_sigma <= self.interval[1]
+    # One forward of 2B rows, [cond; uncond]; the step reads u from its second half.
+    branches = ("cond", "uncond")
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        if self.guided_channels is not None and self.guided_channels > shape[1]:
+            raise ValueError(f"CFG guided_channels must be at most the {shape[1]} channels of shape {shape}, "
+                             f"got {self.guided_channels}")
+
+    def guided_output(self, model_output: Tensor, batch: int, channels: int) -> Tensor:
+        """With ``guided_channels = k``, the official DiT's CFG: the unguided channels take the
+        conditional prediction, u = c there, so u + w·(c − u) = c exactly (on a copy: the
+        model's output may be a tensor it keeps)."""
+        if self.guided_channels is None:
+            return model_output
+        model_output = model_output.clone()
+        model_output[batch:, self.guided_channels:channels] = model_output[:batch, self.guided_channels:channels]
+        return model_output
 
     def scale_at(self, edm_sigma: float, progress: float) -> float:
         """The guidance weight at noise level σ̃, ``progress`` being the normalised diffusion
@@ -148,7 +246,10 @@ class CFGPlusPlus(CFG):
     """CFG++ (Chung et al. 2024) at λ = ``scale`` ∈ [0, 1]: x0 from the guided prediction
     u + λ·(c − u), the renoising from the unconditional prediction alone. For DDIM
     (the paper's Algorithm 1) x' = √ᾱ'·x̂0_λ + √(1 − ᾱ')·ε_∅; Euler's VP form is the same
-    update. Built for the "ddim" and "euler" samplers; the other CFG options apply."""
+    update; DPM-Solver++(2M) extrapolates from the unconditional x0 of the previous call
+    (``step``). Built for the samplers in SAMPLERS; the other CFG options apply."""
+
+    SAMPLERS = ("ddim", "euler", "dpm++2m")
 
     def __post_init__(self):
         super().__post_init__()
@@ -157,9 +258,34 @@ class CFGPlusPlus(CFG):
         if self.schedule != "constant":
             raise ValueError("CFGPlusPlus takes a constant λ: a schedule would leave [0, 1]")
 
+    def step(self, step: StepCoefficients) -> StepCoefficients:
+        """The update as if x were α·x̂0_λ + σ·ε_∅, x0 from the guided prediction and the
+        noise the unconditional prediction's: x' = (k_x0 + α·k_x)·x̂0_λ + (σ·k_x + k_eps)·ε_∅
+        + the rest. For DDIM that is the paper's x' = α'·x̂0_λ + σ'·ε_∅; Euler (VP or flow)
+        gives the same; DPM-Solver++(2M) gives x' = α'·(1 + φ/2r)·x̂0_λ + σ'·ε_∅
+        − α'·φ/2r·x̂0_∅,prev (its history then holds the unconditional x0), the paper's 2M form."""
+        return step._replace(k_x=0.0, k_eps=0.0, k_x0=step.k_x0 + step.alpha * step.k_x,
+                             k_guide_eps=step.sigma * step.k_x + step.k_eps)
+
+    def default_sampler(self) -> str:
+        return default_sampler(cfg_plus_plus=True, interval=self.interval is not None)
+
+    def check_sampler(self, sampler: str, dynamic_threshold: float | None) -> None:
+        if dynamic_threshold is not None:
+            raise ValueError("dynamic_threshold does not combine with CFGPlusPlus: CFG++ renoises with the "
+                             "unconditional prediction, which the thresholded x0 replaces")
+        if sampler not in self.SAMPLERS:
+            raise ValueError(f"CFGPlusPlus is built for the samplers {self.SAMPLERS}, got sampler={sampler!r}")
+        if self.unconditional_history(sampler) and self.interval is not None:
+            raise ValueError("CFGPlusPlus with sampler='dpm++2m' reads the previous call's unconditional x0, which "
+                             "calls outside a guidance interval do not compute: drop the interval or use 'ddim'")
+
+    def unconditional_history(self, sampler: str) -> bool:
+        return sampler == "dpm++2m"
+
 
 @dataclass(frozen=True)
-class AutoGuidance:
+class AutoGuidance(Guidance):
     """Autoguidance (Karras et al. 2024): D = D_guide + w·(D_main − D_guide), the guide a
     weaker version of the model (smaller, or trained for fewer steps), both called with the
     conditional labels. The guide's output enters the fused step as its separate guide
@@ -179,8 +305,15 @@ class AutoGuidance:
         _check_real("AutoGuidance scale", self.scale)
         _check_interval("AutoGuidance", self.interval)
 
-    def active_at(self, edm_sigma: float) -> bool:
-        return self.interval is None or self.interval[0] <= edm_sigma <= self.interval[1]
+    def guide_network(self) -> nn.Module:
+        return self.guide_model
+
+    def check_labels(self, labels: Tensor) -> None:
+        """The guide gets the same labels: its label table must hold them."""
+        guide_classes = label_rows(self.guide_model)
+        if guide_classes is not None and labels.numel() and labels.max() >= guide_classes:
+            raise ValueError(f"labels must lie in [0, {guide_classes}) for AutoGuidance's guide_model (its "
+                             f"label table), got {labels.max().item()}")
 
     def scale_at(self, edm_sigma: float, progress: float) -> float:
         return self.scale
@@ -224,11 +357,11 @@ class ClassifierGuidance:
             return gradient
 
 
-def split_guidance(guidance) -> tuple[CFG | AutoGuidance | None, ClassifierGuidance | None]:
-    """(combine spec, classifier) from None, one spec, or a tuple/list of a CFG (or
-    CFGPlusPlus, or AutoGuidance) and a ClassifierGuidance."""
+def split_guidance(guidance) -> tuple[Guidance | None, ClassifierGuidance | None]:
+    """(combining guidance, classifier) from None, one of them, or a tuple/list of a
+    Guidance (CFG, CFGPlusPlus, AutoGuidance, ...) and a ClassifierGuidance."""
     items = [] if guidance is None else list(guidance) if isinstance(guidance, (tuple, list)) else [guidance]
-    cfg = [g for g in items if isinstance(g, (CFG, AutoGuidance))]  # CFGPlusPlus included
+    cfg = [g for g in items if isinstance(g, Guidance)]
     classifier = [g for g in items if isinstance(g, ClassifierGuidance)]
     if len(cfg) > 1 or len(classifier) > 1 or len(cfg) + len(classifier) != len(items):
         raise TypeError(
@@ -237,6 +370,15 @@ def split_guidance(guidance) -> tuple[CFG | AutoGuidance | None, ClassifierGuida
             f"got {guidance!r}"
         )
     return (cfg[0] if cfg else None), (classifier[0] if classifier else None)
+
+
+def label_rows(model) -> int | None:
+    """How many labels a network takes, where it says: its ``num_classes``, else the rows of
+    its label table (``label_emb``, an ADM UNet's nn.Embedding); None when it says neither."""
+    classes = getattr(model, "num_classes", None)
+    if isinstance(classes, int) and not isinstance(classes, bool):
+        return classes
+    return getattr(getattr(model, "label_emb", None), "num_embeddings", None)
 
 
 def _is_real(value: object) -> bool:

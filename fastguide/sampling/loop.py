@@ -23,22 +23,10 @@ from .. import ops
 from ..ops import validation
 from ..ops.contract import GuidanceCombine, StepCoefficients, StepTensors
 from . import cuda_graphs
-from .guidance import CFG, AutoGuidance, CFGPlusPlus, split_guidance
+from .conditioning import Conditioning, RowConditioning, check_pair
+from .guidance import ClassifierGuidance, Guidance, default_sampler, split_guidance
 from .schedule import NoiseSchedule
 from .solvers import VARIANCE_TYPES, StepPlan, check_sampler, plan_steps
-
-# The samplers CFG++'s renoising carries over to (see _cfg_plus_plus).
-CFG_PLUS_PLUS_SAMPLERS = ("ddim", "euler", "dpm++2m")
-
-
-def default_sampler(cfg_plus_plus: bool = False, interval: bool = False) -> str:
-    """The sampler used when none is named: "unipc", the most accurate per model call in
-    the NFE benchmark (benchmarks/sampling/nfe.py); under CFG++, whose renoising is built
-    for ddim, euler and dpm++2m, "dpm++2m" (the best CFG++ rows of `fastguide sweep`), or
-    "ddim" with a guidance interval (2M's unconditional history needs every call guided)."""
-    if not cfg_plus_plus:
-        return "unipc"
-    return "ddim" if interval else "dpm++2m"
 
 Model = Callable[..., Tensor]
 # callback({"i", "t", "x", "denoised"}) after each model call (k-diffusion's convention):
@@ -63,21 +51,32 @@ class _Call:
 class _Buffers:
     """The tensors one sampling run works in; a captured CUDA graph reads and writes only these."""
 
-    model_input: Tensor  # (rows, C, ...): x_t in its first B rows, [cond; uncond] with CFG
-    labels_in: Tensor | None  # (rows,): the labels, then the null label with CFG
+    model_input: Tensor  # (rows, C, ...): x_t in each B-row block of the guidance's branches
+    conditioning: RowConditioning  # each row's labels and keyword arguments
     x0: list[Tensor]  # a ring of the calls' x0: the solver history (and the callback's denoised)
     x0_unconditional: list[Tensor]  # CFG++ on dpm++2m: the last two calls' unconditional x0
     apg: Tensor | None  # APG's momentum state
     noise: Tensor  # the noise of a graph replay's step, drawn before the replay
+    # rows -> the model's (labels, keyword arguments) for the first rows: views, made once per run
+    arguments: dict[int, tuple[Tensor | None, dict]] = dataclasses.field(default_factory=dict)
+
+    def model_arguments(self, rows: int) -> tuple[Tensor | None, dict]:
+        if rows not in self.arguments:
+            self.arguments[rows] = self.conditioning.arguments(rows)
+        return self.arguments[rows]
 
 
 class GuidedSampler:
     """A guided sampling loop that holds its plan and buffers across calls.
 
-    One model forward per call of the plan: with CFG, on a 2B batch laid out
-    [cond; uncond] with the null label in the second half; ops.guided_step writes x_next
-    into both halves of that input, so no torch.cat ever runs. Multistep solvers keep
-    each call's x0 in a ring of buffers, read back as the next calls' history.
+    One model forward per call of the plan: with guidance, on one batch of a B-row block
+    per branch of the guidance (``Guidance.branches``: [cond; uncond] for CFG), each
+    block's conditioning laid out once per run (``RowConditioning``: the labels, the null
+    label in the unconditional block, the ``cond``/``uncond`` keyword arguments);
+    ops.guided_step writes x_next into every block of that input, so no torch.cat ever
+    runs. The guidance is asked, never inspected: which branches and networks a call
+    runs, its combine, its change to the step. Multistep solvers keep each call's x0 in a
+    ring of buffers, read back as the next calls' history.
 
     With ``cuda_graph=True`` (CUDA only) the first call for a batch shape runs the loop
     once eagerly on a side stream (warm-up: lazy initialisation, autotuning), then
@@ -100,7 +99,7 @@ class GuidedSampler:
         spacing: str | None = None,
         rho: float = 7.0,
         schedule: NoiseSchedule | None = None,
-        guidance=None,
+        guidance: Guidance | ClassifierGuidance | Sequence[Guidance | ClassifierGuidance] | None = None,
         eta: float = 0.0,
         solver_order: int | None = None,
         clip_denoised: bool = True,
@@ -127,11 +126,11 @@ class GuidedSampler:
         self.model = model
         self.schedule = schedule or _default_schedule()
         _check_steps(steps, self.schedule.is_flow)
-        self.cfg, self.classifier = split_guidance(guidance)
+        self.guidance: Guidance | None
+        self.guidance, self.classifier = split_guidance(guidance)
         chosen = sampler is None
         if chosen:
-            plus_plus = isinstance(self.cfg, CFGPlusPlus)
-            sampler = default_sampler(plus_plus, plus_plus and self.cfg.interval is not None)
+            sampler = self.guidance.default_sampler() if self.guidance is not None else default_sampler()
         try:
             check_sampler(sampler, self.schedule, eta, solver_order)
         except ValueError as error:
@@ -154,10 +153,10 @@ class GuidedSampler:
         self.sampler, self.eta, self.variance_type, self.solver_order = sampler, eta, variance_type, solver_order
         self.clip_denoised, self.prediction_type = clip_denoised, prediction_type
         self.dynamic_threshold = dynamic_threshold
-        self.combine: GuidanceCombine | None = self.cfg.combine() if self.cfg is not None else None
-        # Batched CFG runs [cond; uncond] in one forward of 2B rows; autoguidance runs B rows
-        # through each of two networks.
-        self.batched = isinstance(self.cfg, CFG)
+        self.combine: GuidanceCombine | None = self.guidance.combine() if self.guidance is not None else None
+        # The row blocks of a guided forward ([cond; uncond] for CFG; autoguidance runs B rows
+        # through each of two networks).
+        self.branches: tuple[str, ...] = self.guidance.branches if self.guidance is not None else ("cond",)
         validation.check_combine(self.combine)
         self.null_label = null_label if null_label is not None else _model_null_label(model)
         self.num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
@@ -165,26 +164,18 @@ class GuidedSampler:
             raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
         if self.null_label is not None:
             _check_null_label(self.null_label, model, self.num_classes)
-        if self.batched and self.null_label is None:
-            raise ValueError("CFG needs a null label: use a model built with null_class=True, or pass null_label=")
         self.schedule.check_prediction_type(prediction_type)
-        if isinstance(self.cfg, CFGPlusPlus) and dynamic_threshold is not None:
-            raise ValueError("dynamic_threshold does not combine with CFGPlusPlus: CFG++ renoises with the "
-                             "unconditional prediction, which the thresholded x0 replaces")
-        if isinstance(self.cfg, CFGPlusPlus) and sampler not in CFG_PLUS_PLUS_SAMPLERS:
-            raise ValueError(f"CFGPlusPlus is built for the samplers {CFG_PLUS_PLUS_SAMPLERS}, got sampler={sampler!r}")
+        if self.guidance is not None:
+            self.guidance.check_sampler(sampler, dynamic_threshold)
         # CFG++ on DPM-Solver++(2M) extrapolates from the previous call's unconditional x0.
-        self.unconditional_history = isinstance(self.cfg, CFGPlusPlus) and sampler == "dpm++2m"
-        if self.unconditional_history and self.cfg.interval is not None:
-            raise ValueError("CFGPlusPlus with sampler='dpm++2m' reads the previous call's unconditional x0, which "
-                             "calls outside a guidance interval do not compute: drop the interval or use 'ddim'")
+        self.unconditional_history = self.guidance is not None and self.guidance.unconditional_history(sampler)
         if cuda_graph and self.classifier is not None:
             raise ValueError(
                 "cuda_graph=True cannot capture classifier guidance (its gradient runs autograd "
                 "through the classifier); use cuda_graph=False"
             )
         self.cuda_graph = cuda_graph
-        # (shape, device, labelled, keep_x0) -> (buffers, graphs) of the captured runs.
+        # (shape, device, conditioning signature, keep_x0, callback) -> (buffers, graphs) of the captured runs.
         self._graphs: dict[tuple, tuple[_Buffers, list]] = {}
         self._call_cache: dict[bool, tuple[_Call, ...]] = {}
         self._calls(learned_variance=False)  # every call's scalars checked here, once
@@ -209,7 +200,7 @@ class GuidedSampler:
         not its networks (a plan holds scalars only)."""
         return (self.sampler, self.schedule.cache_key, tuple(self.timesteps), self.eta, self.variance_type,
                 self.solver_order, self.clip_denoised, self.prediction_type, self.dynamic_threshold,
-                _settings(self.cfg), _settings(self.classifier), learned_variance)
+                _settings(self.guidance), _settings(self.classifier), learned_variance)
 
     def _planned_calls(self, learned_variance: bool) -> tuple[_Call, ...]:
         variance_type = self.variance_type or ("learned_range" if learned_variance else "fixed_small")
@@ -230,13 +221,11 @@ class GuidedSampler:
                                  clip_denoised=self.clip_denoised, learned_variance=learned_variance,
                                  classifier_scale=scale)
         edm_sigma = self.schedule.edm_sigma(plan.t)
-        guided = self.cfg is not None and self.cfg.active_at(edm_sigma)
         combine = None
-        if guided and isinstance(self.cfg, CFGPlusPlus):
-            step = _cfg_plus_plus(step)
-        if guided:
+        if self.guidance is not None and self.guidance.active_at(edm_sigma):
+            step = self.guidance.step(step)
             progress = min(1.0, plan.t / max(1, self.schedule.num_timesteps - 1))  # a flow path's t reaches T
-            combine = self.cfg.combine(self.cfg.scale_at(edm_sigma, progress))
+            combine = self.guidance.combine_at(edm_sigma, progress)
             validation.check_combine(combine)
         if self.dynamic_threshold is None:
             return _Call(plan.t, step, combine)
@@ -257,10 +246,28 @@ class GuidedSampler:
     # The loop
     # ----------------------------------------------------------------------------------
 
+    def _conditioning(self, labels: Tensor | None, cond: Conditioning | None, uncond: Conditioning | None,
+                      batch: int, device: torch.device) -> RowConditioning:
+        """The run's conditioning checked (before any forward) and laid out once: a block per
+        branch of the guidance, the conditional labels and ``cond`` in "cond" and "perturbed"
+        blocks, the null label and ``uncond`` in "uncond" blocks."""
+        uses_uncond = "uncond" in self.branches
+        cond_leaves, uncond_leaves = check_pair(cond, uncond, batch, uses_uncond)
+        labels = self._check_labels(labels, batch, device)
+        if labels is None and self.classifier is not None:
+            raise ValueError("classifier guidance needs labels (one class index per sample)")
+        if uses_uncond and labels is None and not cond_leaves:
+            raise ValueError("guidance needs labels (one class index per sample) or cond=/uncond= (the model's "
+                             "keyword arguments) to tell its conditional branch from its unconditional one")
+        if uses_uncond and labels is not None and self.null_label is None:
+            raise ValueError("CFG needs a null label: use a model built with null_class=True, or pass null_label=")
+        null_labels = None if labels is None else torch.full_like(labels, self.null_label or 0)
+        blocks = [(null_labels, uncond_leaves if uncond_leaves is not None else cond_leaves) if branch == "uncond"
+                  else (labels, cond_leaves) for branch in self.branches]
+        return RowConditioning.lay_out(blocks, batch, device)
+
     def _check_labels(self, labels: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
         if labels is None:
-            if self.batched or self.classifier is not None:
-                raise ValueError("guidance needs labels (one class index per sample)")
             return None
         try:
             labels = torch.as_tensor(labels, device=device)
@@ -276,11 +283,8 @@ class GuidedSampler:
         if self.num_classes is not None and (labels.min() < 0 or labels.max() >= self.num_classes):
             low, high = labels.min().item(), labels.max().item()
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got {low}..{high}")
-        if isinstance(self.cfg, AutoGuidance):  # the guide gets the same labels: its table must hold them
-            guide_classes = _label_rows(self.cfg.guide_model)
-            if guide_classes is not None and labels.numel() and labels.max() >= guide_classes:
-                raise ValueError(f"labels must lie in [0, {guide_classes}) for AutoGuidance's guide_model (its "
-                                 f"label table), got {labels.max().item()}")
+        if self.guidance is not None:
+            self.guidance.check_labels(labels)
         return labels
 
     @torch.no_grad()
@@ -289,6 +293,8 @@ class GuidedSampler:
         shape: Sequence[int],
         *,
         labels: Tensor | None = None,
+        cond: Conditioning | None = None,
+        uncond: Conditioning | None = None,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
         device: torch.device | str | None = None,
@@ -319,11 +325,9 @@ class GuidedSampler:
                 raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         if self.cuda_graph and device.type not in cuda_graphs.GRAPH_DEVICE_TYPES:
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
-        labels = self._check_labels(labels, shape[0], device)
-        kept = getattr(self.cfg, "guided_channels", None)
-        if kept is not None and kept > shape[1]:
-            raise ValueError(f"CFG guided_channels must be at most the {shape[1]} channels of shape {shape}, "
-                             f"got {kept}")
+        conditioning = self._conditioning(labels, cond, uncond, shape[0], device)
+        if self.guidance is not None:
+            self.guidance.check_shape(shape)
         # The loop works in the model's dtype when all its floating parameters share one,
         # else in the noise's, else in float32; the noise is cast to it.
         dtype = _model_dtype(self.model) or (noise.dtype if noise is not None else torch.float32)
@@ -339,14 +343,14 @@ class GuidedSampler:
         keep_x0 = self.history_length > 0 or callback is not None
         if self.cuda_graph:
             try:
-                return self._replay(shape, device, x_T, labels, generator, bar, callback, keep_x0)
+                return self._replay(shape, device, x_T, conditioning, generator, bar, callback, keep_x0)
             finally:
                 if bar is not None:
                     bar.close()
 
         x_T = x_T.to(device)
-        buffers = self._new_buffers(x_T, labels is not None)
-        self._load(buffers, x_T, labels)
+        buffers = self._new_buffers(x_T, conditioning)
+        self._load(buffers, x_T, conditioning)
         fresh_noise = lambda: torch.randn(shape, generator=generator, device=device, dtype=dtype)  # noqa: E731
         for i in range(self.num_calls):
             self._model_call(i, buffers, shape, fresh_noise, keep_x0)
@@ -357,13 +361,15 @@ class GuidedSampler:
             bar.close()
         return buffers.model_input[: shape[0]].clone()
 
-    def _new_buffers(self, x_T: Tensor, labelled: bool) -> _Buffers:
+    def _new_buffers(self, x_T: Tensor, conditioning: RowConditioning) -> _Buffers:
+        """A run's buffers; ``conditioning`` is used as it is (an eager run's own), or cloned
+        by the caller for a graph that outlives the run."""
         shape, device, dtype = tuple(x_T.shape), x_T.device, x_T.dtype
-        rows = 2 * shape[0] if self.batched else shape[0]
+        rows = len(self.branches) * shape[0]
         momentum = self.combine is not None and self.combine.apg_momentum != 0
         return _Buffers(
             model_input=torch.empty((rows, *shape[1:]), device=device, dtype=dtype),
-            labels_in=torch.empty(rows, dtype=torch.long, device=device) if labelled else None,
+            conditioning=conditioning,
             x0=[torch.empty(shape, device=device, dtype=dtype) for _ in range(self.history_length + 1)],
             x0_unconditional=[torch.empty(shape, device=device, dtype=dtype)
                               for _ in range(2 if self.unconditional_history else 0)],
@@ -371,16 +377,12 @@ class GuidedSampler:
             noise=torch.zeros(shape, device=device, dtype=dtype),
         )
 
-    def _load(self, buffers: _Buffers, x_T: Tensor, labels: Tensor | None) -> None:
-        """Start a run: x_T in every half of the model input, the labels, a fresh APG state."""
-        batch = x_T.shape[0]
-        buffers.model_input[:batch] = x_T
-        if self.batched:
-            buffers.model_input[batch:] = x_T
-        if labels is not None:
-            buffers.labels_in[:batch] = labels
-            if self.batched:
-                buffers.labels_in[batch:] = self.null_label
+    def _load(self, buffers: _Buffers, x_T: Tensor, conditioning: RowConditioning) -> None:
+        """Start a run: x_T in every block of the model input, the conditioning (into a graph's
+        own tensors), a fresh APG state."""
+        buffers.model_input.view(len(self.branches), *x_T.shape).copy_(x_T)
+        if buffers.conditioning is not conditioning:
+            buffers.conditioning.copy_from(conditioning)
         if buffers.apg is not None:
             buffers.apg.zero_()
 
@@ -389,26 +391,24 @@ class GuidedSampler:
     ) -> None:
         """Model call i and its guided_step, in the buffers."""
         batch = shape[0]
-        model_input, labels_in = buffers.model_input, buffers.labels_in
+        model_input = buffers.model_input
         x = model_input[:batch]
         planned = self._calls(False)[i]
         t, guided = planned.t, planned.combine is not None
         rows = model_input.shape[0] if guided else batch
         # A flow model takes the float time T·σ (diffusers' convention), a discrete one its integer t.
         t_in = torch.full((rows,), t, device=x.device, dtype=torch.float32 if self.schedule.is_flow else torch.long)
-        model_output = self._checked_output(self._forward(self.model, model_input[:rows], t_in, labels_in, rows),
-                                            model_input, rows, shape, "model")
+        model_output = self._checked_output(
+            self._forward(self.model, model_input[:rows], t_in, *buffers.model_arguments(rows)),
+            model_input, rows, shape, "model")
         guide = None
-        channels_kept = getattr(self.cfg, "guided_channels", None)
-        if guided and channels_kept is not None:
-            # The official DiT's CFG: the unguided channels take the conditional prediction,
-            # u = c there, so u + w·(c − u) = c exactly (on a copy: the model's output may be
-            # a tensor it keeps).
-            model_output = model_output.clone()
-            model_output[batch:, channels_kept:shape[1]] = model_output[:batch, channels_kept:shape[1]]
-        if guided and isinstance(self.cfg, AutoGuidance):  # the guide network on the same rows and labels
-            guide = self._checked_output(self._forward(self.cfg.guide_model, x, t_in, labels_in, batch),
-                                         model_input, batch, shape, "AutoGuidance's guide_model")
+        if guided:
+            model_output = self.guidance.guided_output(model_output, batch, shape[1])
+        guide_network = self.guidance.guide_network() if guided else None
+        if guide_network is not None:  # a second network on the conditional rows
+            guide = self._checked_output(
+                self._forward(guide_network, x, t_in[:batch], *buffers.model_arguments(batch)),
+                model_input, batch, shape, f"{type(self.guidance).__name__}'s guide_model")
             if guide.shape[1] > model_output.shape[1]:
                 # A guide that learns its variance beside a model that does not: its
                 # prediction is its first C channels (as ADM reads a 2C output).
@@ -426,7 +426,7 @@ class GuidedSampler:
         combine = call.combine
         grad = None
         if call.step.k_grad or call.step.grad_eps_scale:
-            grad = self.classifier.gradient(x, t_in[:batch], labels_in[:batch])
+            grad = self.classifier.gradient(x, t_in[:batch], buffers.conditioning.labels[:batch])
         if call.x0_only is not None:
             model_output = self._dynamic_threshold(model_output, x, call, combine, guide, buffers, ring[i % len(ring)])
             combine = guide = None
@@ -450,21 +450,22 @@ class GuidedSampler:
                           buffers: _Buffers) -> tuple[Tensor, ...]:
         """CFG++ on DPM-Solver++(2M): this call's unconditional x0 into its buffer (one unguided
         x0-only pass over the B unconditional rows), and the previous call's as the history."""
-        unconditional = guide if guide is not None else model_output[len(x):]
+        block = self.branches.index("uncond") if guide is None else 0
+        unconditional = guide if guide is not None else model_output[block * len(x):(block + 1) * len(x)]
         x0_only = StepCoefficients(call.step.alpha, call.step.sigma, k_x0=1.0, prediction_type=self.prediction_type)
         ring = buffers.x0_unconditional
         self._step(StepTensors(unconditional, x, None, (), None, None, None, ring[i % 2], None), x0_only, None)
         return (ring[(i - 1) % 2],) if call.step.k_history else ()
 
     @staticmethod
-    def _forward(model: Model, model_input: Tensor, t_in: Tensor, labels_in: Tensor | None, rows: int) -> object:
-        if labels_in is not None:
-            return model(model_input, t_in, labels_in[:rows])
-        return model(model_input, t_in)
+    def _forward(model: Model, model_input: Tensor, t_in: Tensor, labels: Tensor | None, kwargs: dict) -> object:
+        if labels is not None:
+            return model(model_input, t_in, labels, **kwargs)
+        return model(model_input, t_in, **kwargs)
 
     def _checked_output(self, model_output: object, model_input: Tensor, rows: int, shape: tuple[int, ...],
                         who: str) -> Tensor:
-        """The output of ``who`` (the model, or AutoGuidance's guide_model), checked: a floating
+        """The output of ``who`` (the model, or the guidance's guide_model), checked: a floating
         tensor on the input's device of (rows, C or 2C, *spatial), with memory of its own (a
         network that returns its input would be overwritten by the step)."""
         if not isinstance(model_output, Tensor):
@@ -524,13 +525,14 @@ class GuidedSampler:
         starts = [0] + [i for i in range(1, len(calls)) if per_call or calls[i].step.k_noise]
         return [range(start, end) for start, end in zip(starts, starts[1:] + [len(calls)])]
 
-    def _replay(self, shape, device, x_T, labels, generator, bar, callback, keep_x0) -> Tensor:
-        """The loop as CUDA graphs: captured on the first call for this shape, then replayed."""
-        key = (shape, device, labels is not None, keep_x0, callback is not None)
+    def _replay(self, shape, device, x_T, conditioning, generator, bar, callback, keep_x0) -> Tensor:
+        """The loop as CUDA graphs: captured on the first call for this shape and conditioning
+        layout, then replayed."""
+        key = (shape, device, conditioning.signature, keep_x0, callback is not None)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(shape, device, x_T, labels, keep_x0, per_call=callback is not None)
+            self._graphs[key] = self._capture(shape, device, x_T, conditioning, keep_x0, per_call=callback is not None)
         buffers, graphs = self._graphs[key]
-        self._load(buffers, x_T, labels)
+        self._load(buffers, x_T, conditioning)
         for segment, graph in zip(self._segments(per_call=callback is not None), graphs):
             if self._calls(False)[segment[0]].step.k_noise:  # only a segment's first call draws noise
                 torch.randn(shape, generator=generator, device=device, out=buffers.noise)
@@ -540,9 +542,9 @@ class GuidedSampler:
                 bar.update(len(segment))
         return buffers.model_input[: shape[0]].clone()
 
-    def _capture(self, shape, device, x_T, labels, keep_x0, per_call: bool) -> tuple[_Buffers, list]:
-        buffers = self._new_buffers(x_T.to(device), labels is not None)
-        self._load(buffers, x_T, labels)
+    def _capture(self, shape, device, x_T, conditioning, keep_x0, per_call: bool) -> tuple[_Buffers, list]:
+        buffers = self._new_buffers(x_T.to(device), conditioning.clone())
+        self._load(buffers, x_T, conditioning)
         static_noise = lambda: buffers.noise  # noqa: E731
         # Warm up on a side stream, as torch.cuda.graph asks (lazy initialisation, cuDNN and
         # Triton autotuning, allocator).
@@ -602,25 +604,17 @@ def _default_schedule() -> NoiseSchedule:
 def _settings(guidance: object) -> tuple | list | None:
     """A guidance spec's type and settings, its networks left out (the plan never calls
     them); a list, which no cache takes, when a setting is a function (a CFG schedule may
-    keep state, so its values cannot be reused)."""
+    keep state, so its values cannot be reused) or the spec is not a dataclass (its
+    settings are not known by value)."""
     if guidance is None:
         return None
+    if not dataclasses.is_dataclass(guidance):
+        return [guidance]
     settings = tuple((field.name, getattr(guidance, field.name)) for field in dataclasses.fields(guidance)
                      if field.name not in ("guide_model", "classifier"))
     if any(callable(value) for _, value in settings):
         return list(settings)
     return (type(guidance), *settings)
-
-
-def _cfg_plus_plus(step: StepCoefficients) -> StepCoefficients:
-    """A step in CFG++'s form (Chung et al. 2024): the update as if x were α·x̂0_λ + σ·ε_∅,
-    x0 from the guided prediction and the noise the unconditional prediction's, so
-    x' = (k_x0 + α·k_x)·x̂0_λ + (σ·k_x + k_eps)·ε_∅ + the rest. For DDIM that is the paper's
-    x' = α'·x̂0_λ + σ'·ε_∅; Euler (VP or flow) gives the same; DPM-Solver++(2M) gives
-    x' = α'·(1 + φ/2r)·x̂0_λ + σ'·ε_∅ − α'·φ/2r·x̂0_∅,prev (its history then holds the
-    unconditional x0), the paper's 2M form."""
-    return step._replace(k_x=0.0, k_eps=0.0, k_x0=step.k_x0 + step.alpha * step.k_x,
-                         k_guide_eps=step.sigma * step.k_x + step.k_eps)
 
 
 def _is_real(value: object) -> bool:
@@ -659,13 +653,6 @@ def _check_null_label(null_label: object, model, num_classes: int | None) -> Non
                          f"got {null_label}")
 
 
-def _label_rows(model) -> int | None:
-    """How many labels a network takes, where it says: its ``num_classes``, else the rows of
-    its label table (``label_emb``, an ADM UNet's nn.Embedding); None when it says neither."""
-    classes = getattr(model, "num_classes", None)
-    if isinstance(classes, int) and not isinstance(classes, bool):
-        return classes
-    return getattr(getattr(model, "label_emb", None), "num_embeddings", None)
 
 
 def _model_null_label(model) -> int | None:
@@ -706,12 +693,14 @@ def sample(
     shape: Sequence[int],
     *,
     labels: Tensor | None = None,
+    cond: Conditioning | None = None,
+    uncond: Conditioning | None = None,
     sampler: str | None = None,
     steps: int | str | Sequence[int] = 25,
     spacing: str | None = None,
     rho: float = 7.0,
     schedule: NoiseSchedule | None = None,
-    guidance=None,
+    guidance: Guidance | ClassifierGuidance | Sequence[Guidance | ClassifierGuidance] | None = None,
     eta: float = 0.0,
     solver_order: int | None = None,
     clip_denoised: bool = True,
@@ -727,10 +716,17 @@ def sample(
     device: torch.device | str | None = None,
     cuda_graph: bool = False,
 ) -> Tensor:
-    """Draw samples of ``shape`` from ``model(x_t, t, y) -> prediction`` (ADM's signature).
+    """Draw samples of ``shape`` from ``model(x_t, t[, labels], **cond) -> prediction``.
 
     Args:
-        labels: (B,) class indices; required by CFG and classifier guidance.
+        labels: (B,) class indices, passed as the model's third argument (ADM's and DiT's
+            signature); the unconditional rows of CFG get ``null_label``. Required by
+            classifier guidance.
+        cond, uncond: keyword arguments of the model for its conditional and unconditional
+            rows (e.g. a text encoder's ``encoder_hidden_states`` for a prompt and a negative
+            prompt): dicts of tensors batched on dim 0 (one row broadcasts), or of nested
+            dicts of them (SDXL's ``added_cond_kwargs``), with the same keys. Laid out once
+            per run in the batched forward's blocks. CFG needs labels or cond/uncond.
         sampler: one of fastguide.sampling.solvers.SAMPLERS (its docstring has each one's
             update): "unipc" (UniPC-2 with its corrector), "dpm++2m", "dpm++3m", "dpm++2s",
             "ddim", "euler", "heun" (two model calls per step, as dpm++2s), and with noise
@@ -745,7 +741,8 @@ def sample(
             schedule's own ("logsnr"; "linspace" in σ, shifted, on a flow schedule).
         schedule: the training schedule (default ADM's linear schedule over 1000 steps),
             or a flow path, ``NoiseSchedule.flow(shift)``.
-        guidance: None, ``CFG(...)``, ``ClassifierGuidance(...)`` or a tuple of both.
+        guidance: None, a ``Guidance`` (``CFG(...)``, ``CFGPlusPlus``, ``AutoGuidance``, ...),
+            ``ClassifierGuidance(...)`` or a tuple of a Guidance and a ClassifierGuidance.
         eta: DDIM's stochasticity (0 = deterministic).
         solver_order: UniPC's order p (1, 2 or 3; default 2).
         clip_denoised: clip the predicted x0 to [−1, 1] at every step.
@@ -774,5 +771,5 @@ def sample(
         clip_denoised=clip_denoised, prediction_type=prediction_type, variance_type=variance_type,
         null_label=null_label, num_classes=num_classes, dynamic_threshold=dynamic_threshold, cuda_graph=cuda_graph,
     )
-    return guided_sampler(shape, labels=labels, generator=generator, noise=noise, device=device,
-                          progress=progress, callback=callback)
+    return guided_sampler(shape, labels=labels, cond=cond, uncond=uncond, generator=generator, noise=noise,
+                          device=device, progress=progress, callback=callback)

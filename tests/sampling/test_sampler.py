@@ -1,7 +1,6 @@
 """Samplers against exact oracles (Gaussian data, whose noisy scores are known in closed
 form), against diffusers' schedulers on the same model and noise, and on a tiny UNet."""
 
-import contextlib
 import inspect
 import math
 
@@ -14,8 +13,7 @@ import fastguide
 from fastguide import APG, CFG, AutoGuidance, CFGPlusPlus, ClassifierGuidance, GuidedSampler, NoiseSchedule, ops, sample
 from fastguide.ops import validation
 from fastguide.ops.contract import GuidanceCombine, StepCoefficients, StepTensors
-from fastguide.sampling import cuda_graphs
-from fastguide.sampling.loop import default_sampler
+from fastguide.sampling.guidance import default_sampler
 from fastguide.sampling.solvers import FLOW_ONLY, SAMPLERS, VP_ONLY, plan_steps
 from tests.helpers import backends_for, tiny_cfg_unet
 
@@ -914,35 +912,17 @@ def assert_graph_replays_match_eager(device, sampler, guidance, eta):
     assert len(graphed._graphs) == 1
 
 
-class ReplayingGraph:
-    """A CPU stand-in for a captured CUDA graph: replay() runs the captured step again."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def replay(self):
-        self.step()
-
-
 @pytest.mark.parametrize("sampler, guidance, eta", GRAPH_CASES, ids=str)
-def test_graph_replay_logic_matches_eager_on_cpu(monkeypatch, sampler, guidance, eta):
+def test_graph_replay_logic_matches_eager_on_cpu(cpu_graphs, sampler, guidance, eta):
     # The capture/replay bookkeeping (static buffers, noise drawn outside, labels and x_T
     # copied in per call, graphs reused) with the CUDA parts stood in for: a step that
     # read anything but the static buffers would give the second call wrong samples.
-    monkeypatch.setattr(cuda_graphs, "GRAPH_DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(cuda_graphs, "side_stream", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(cuda_graphs, "graph_pool", lambda: None)
-    monkeypatch.setattr(cuda_graphs, "capture_graph", lambda step, pool: ReplayingGraph(step))
     assert_graph_replays_match_eager("cpu", sampler, guidance, eta)
 
 
-def test_graphs_outside_the_guidance_interval_run_the_model_on_b_rows(monkeypatch):
+def test_graphs_outside_the_guidance_interval_run_the_model_on_b_rows(cpu_graphs):
     # Each call is its own graph, captured with the rows it runs on: outside the interval
     # the replayed forward sees B rows, inside it 2B, as in eager sampling.
-    monkeypatch.setattr(cuda_graphs, "GRAPH_DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(cuda_graphs, "side_stream", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(cuda_graphs, "graph_pool", lambda: None)
-    monkeypatch.setattr(cuda_graphs, "capture_graph", lambda step, pool: ReplayingGraph(step))
     unet, rows = tiny_cfg_unet(), []
 
     def model(x, t, y):
@@ -966,12 +946,8 @@ def test_graphs_outside_the_guidance_interval_run_the_model_on_b_rows(monkeypatc
     ("ddpm", 0.0, False, 5),    # noise before each call but the first: a graph from each noisy call on
     ("ddim", 0.5, False, 5),
 ])
-def test_graphs_cover_the_loop_in_as_few_pieces_as_the_host_allows(monkeypatch, sampler, eta, callback, graphs):
-    monkeypatch.setattr(cuda_graphs, "GRAPH_DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(cuda_graphs, "side_stream", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(cuda_graphs, "graph_pool", lambda: None)
-    captured = []
-    monkeypatch.setattr(cuda_graphs, "capture_graph", lambda step, pool: captured.append(step) or ReplayingGraph(step))
+def test_graphs_cover_the_loop_in_as_few_pieces_as_the_host_allows(cpu_graphs, sampler, eta, callback, graphs):
+    captured = cpu_graphs
     model = tiny_cfg_unet()
     kwargs = dict(sampler=sampler, steps=6, guidance=CFG(3.0), eta=eta)
     seen = {"graphed": [], "eager": []}
