@@ -3,4 +3,42 @@
 Only ``fastguide.ops`` imports these modules. Each module holds the ``@triton.jit``
 kernels of one op and one launch function per kernel; the launchers check nothing
 (ops.py validated the arguments already).
+
+Imported as top-level ``kernels`` -- which happens whenever the checkout's root is on
+``sys.path``: ``python -c``/``python -m fastguide``/``python -m pytest`` run from the root,
+pytest's rootdir insertion -- this folder would shadow Hugging Face's ``kernels``
+package. diffusers and transformers decide that package is available from
+``importlib.util.find_spec("kernels")`` (which finds this folder without running it)
+plus the installed distribution's version (which finds the real one), then run
+``from kernels import CUDAProperties, ...`` and fail on this folder. So under that name
+this module loads whatever ``kernels`` the rest of the import path holds in its place,
+or fails with the ``ModuleNotFoundError`` Python raises when there is none: either way
+the import behaves as if this folder were not on ``sys.path``.
 """
+
+if __name__ == "kernels":
+    import importlib.util
+    import os
+    import sys
+
+    def _import_shadowed_kernels() -> None:
+        """Put the ``kernels`` that sys.path holds beyond this checkout into sys.modules.
+
+        The import system returns ``sys.modules["kernels"]`` once this module has run, so
+        replacing the entry makes ``import kernels`` give the other package.
+        """
+        here = os.path.dirname(os.path.realpath(__file__))
+        checkout = os.path.dirname(here)
+        path = [entry for entry in sys.path if not isinstance(entry, str) or os.path.realpath(entry or ".") != checkout]
+        for finder in sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None)
+            spec = find_spec("kernels", path) if find_spec is not None else None
+            if spec is None or (spec.origin is not None and os.path.dirname(os.path.realpath(spec.origin)) == here):
+                continue
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["kernels"] = module
+            spec.loader.exec_module(module)
+            return
+        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+
+    _import_shadowed_kernels()

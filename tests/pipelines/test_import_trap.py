@@ -1,0 +1,74 @@
+"""The checkout's top-level kernels/ folder (installed as fastguide.kernels) must not shadow
+Hugging Face's ``kernels`` package for anything run from the repository root.
+
+From the root, ``sys.path`` starts with the root (``python -c``, ``python -m fastguide``,
+and pytest, whose rootdir conftest.py puts it there), so ``import kernels`` finds the
+folder first. diffusers and transformers count ``kernels`` as available when
+``importlib.util.find_spec`` finds a module and the ``kernels`` distribution is installed
+(transformers >= 5 requires it), then ``from kernels import CUDAProperties`` failed on
+the folder: resolving ``diffusers.StableDiffusionPipeline`` raised. kernels/__init__.py
+now hands the name to the real package, or fails as "not found" when there is none.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+REPO_KERNELS = ROOT / "kernels"
+
+
+def run_from_root(code: str) -> subprocess.CompletedProcess:
+    """Run ``python -c code`` in the repository root, where sys.path[0] is the root."""
+    env = {name: value for name, value in os.environ.items() if name not in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def is_repo_folder(file: str | None) -> bool:
+    return file is not None and Path(file).resolve().parent == REPO_KERNELS
+
+
+def test_diffusers_pipelines_resolve_from_the_repository_root():
+    for name in ("diffusers", "transformers"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"needs {name}")
+    result = run_from_root(
+        "import diffusers\n"
+        "diffusers.StableDiffusionPipeline\n"
+        "from diffusers import PixArtAlphaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline\n"
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_import_kernels_from_the_repository_root_is_not_the_folder():
+    result = run_from_root(
+        "import sys\n"
+        "assert sys.path[0] == '', sys.path[0]\n"
+        "try:\n"
+        "    import kernels\n"
+        "except ModuleNotFoundError as error:\n"
+        "    assert error.name == 'kernels', error.name\n"
+        "    print('not found')\n"
+        "else:\n"
+        "    print(kernels.__file__)\n"
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    found = result.stdout.strip()
+    assert found == "not found" or not is_repo_folder(found), found
+
+
+def test_import_kernels_under_pytest_is_not_the_folder():
+    # pytest's default import mode puts the root on sys.path (rootdir conftest.py, tests/
+    # is a package), so the folder is the first "kernels" the path finder sees.
+    if str(ROOT) not in [os.path.realpath(entry or ".") for entry in sys.path if isinstance(entry, str)]:
+        pytest.skip("the repository root is not on sys.path in this run")
+    try:
+        import kernels
+    except ModuleNotFoundError as error:
+        assert error.name == "kernels"
+    else:
+        assert not is_repo_folder(kernels.__file__), kernels.__file__
