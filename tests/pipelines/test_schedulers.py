@@ -1,0 +1,309 @@
+"""settings_for against diffusers: for each scheduler config the pipelines ship (or users swap
+in with ``from_config``), diffusers' own loop (set_timesteps, init_noise_sigma,
+scale_model_input, step, as the pipelines run it) and fastguide.sample under the mapped
+settings give the same latents from the same start, to float rounding; every refusal names
+its option and reason."""
+
+import inspect
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastguide
+from fastguide.pipelines.schedulers import SamplerSettings, UnsupportedScheduler, settings_for
+
+diffusers = pytest.importorskip("diffusers")
+# diffusers' set_timesteps hands torch tensors to numpy 2 (its deprecations, not ours)
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
+              pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")]
+
+# The schedulers' configs as the pipelines' hub repositories ship them (no downloads), read
+# with from_config as from_pretrained reads them (keys the class does not take are ignored).
+# runwayml/stable-diffusion-v1-5: PNDM; users swap in others with X.from_config(its config).
+SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, trained_betas=None, clip_sample=False)
+# stabilityai/stable-diffusion-xl-base-1.0
+SDXL = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            clip_sample=False, interpolation_type="linear", prediction_type="epsilon", sample_max_value=1.0,
+            set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, timestep_spacing="leading",
+            trained_betas=None, use_karras_sigmas=False)
+# stabilityai/stable-diffusion-3-medium-diffusers
+SD3 = dict(num_train_timesteps=1000, shift=3.0)
+# PixArt-alpha/PixArt-XL-2-1024-MS and PixArt-Sigma: DPMSolverMultistepScheduler() (the conversion scripts')
+PIXART = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+              algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,
+              timestep_spacing="linspace", steps_offset=0, prediction_type="epsilon")
+# facebook/DiT-XL-2-256 (scripts/convert_dit_to_diffusers.py); its docs swap in DPMSolverMultistep
+DIT = dict(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon", clip_sample=False)
+
+
+def sd15(kind, **overrides):
+    """``kind.from_config`` of SD 1.5's PNDM config, as users swap schedulers in."""
+    return getattr(diffusers, kind).from_config(diffusers.PNDMScheduler.from_config(SD15).config, **overrides)
+
+
+def sdxl(kind="EulerDiscreteScheduler", **overrides):
+    return getattr(diffusers, kind).from_config(diffusers.EulerDiscreteScheduler.from_config(SDXL).config, **overrides)
+
+
+def dit(kind="DDIMScheduler", **overrides):
+    return getattr(diffusers, kind).from_config(diffusers.DDIMScheduler(**DIT).config, **overrides)
+
+
+def pixart(**overrides):
+    return diffusers.DPMSolverMultistepScheduler(**{**PIXART, **overrides})
+
+
+def sd3(kind="FlowMatchEulerDiscreteScheduler", **overrides):
+    return getattr(diffusers, kind).from_config(diffusers.FlowMatchEulerDiscreteScheduler(**SD3).config, **overrides)
+
+
+def toy(x, t):
+    """A smooth deterministic "model" of (x, t), in x's dtype: any prediction type's output."""
+    return (torch.tanh(0.7 * x + 0.3) * (0.5 + t.to(x.dtype).reshape(-1, 1, 1, 1) / 2000) - 0.2 * x).to(x.dtype)
+
+
+def toy_learned(x, t):
+    """toy and ADM's variance interpolation channels in [−1, 1]."""
+    return torch.cat([toy(x, t), torch.tanh(x - 0.2)], dim=1)
+
+
+def run_pipeline_loop(scheduler, noise, model, generator, eta, num_inference_steps, **grid):
+    """The pipelines' loop: set_timesteps as retrieve_timesteps calls it (a count, or custom
+    timesteps or sigmas; mu), latents = noise·init_noise_sigma, then per timestep
+    scale_model_input, the model at t and step, with eta and the generator where step takes
+    them. Returns the starting latents and the last ones."""
+    if "timesteps" in grid or "sigmas" in grid:
+        scheduler.set_timesteps(**grid)
+    else:
+        scheduler.set_timesteps(num_inference_steps, **grid)
+    latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    accepted = inspect.signature(scheduler.step).parameters
+    extra = {key: value for key, value in (("eta", eta), ("generator", generator)) if key in accepted}
+    x = latents
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        x = scheduler.step(model(model_input, t.reshape(1).expand(len(x))), t, x, **extra).prev_sample
+    return latents, x
+
+
+# name: (scheduler factory, settings_for's keyword arguments, the sampler it maps to, model)
+CASES = {
+    # DiT: its DDIM (leading, set_alpha_to_one=True), with η, and the DPM-Solver++ its docs swap in
+    "dit-ddim": (dit, {}, "ddim", toy),
+    "dit-ddim-eta": (dit, dict(eta=1.0), "ddim", toy),
+    "dit-ddim-eta-half": (dit, dict(eta=0.5), "ddim", toy),
+    "dit-dpm++2m": (lambda: dit("DPMSolverMultistepScheduler"), {}, "dpm++2m", toy),
+    # SD 1.5 with the schedulers users swap in (leading, steps_offset 1)
+    "sd15-dpm++2m": (lambda: sd15("DPMSolverMultistepScheduler"), {}, "dpm++2m", toy),
+    "sd15-dpm++3m": (lambda: sd15("DPMSolverMultistepScheduler", solver_order=3), {}, "dpm++3m", toy),
+    "sd15-dpm++1": (lambda: sd15("DPMSolverMultistepScheduler", solver_order=1), {}, "ddim", toy),
+    "sd15-dpm++2m-sde": (lambda: sd15("DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++"), {},
+                         "dpm++2m-sde", toy),
+    "sd15-dpm++2m-euler-at-final": (lambda: sd15("DPMSolverMultistepScheduler", euler_at_final=True), {}, "dpm++2m",
+                                    toy),
+    "sd15-unipc-1": (lambda: sd15("UniPCMultistepScheduler", solver_order=1), {}, "unipc", toy),
+    "sd15-unipc-2": (lambda: sd15("UniPCMultistepScheduler"), {}, "unipc", toy),
+    "sd15-unipc-3": (lambda: sd15("UniPCMultistepScheduler", solver_order=3), {}, "unipc", toy),
+    # from SD 1.5's config as shipped (no timestep_spacing key) the Euler types take their own
+    # default, "linspace", whose fractional times are refused below; on SD's "leading" spacing:
+    "sd15-euler": (lambda: sd15("EulerDiscreteScheduler", timestep_spacing="leading"), {}, "euler", toy),
+    "sd15-euler-ancestral": (lambda: sd15("EulerAncestralDiscreteScheduler", timestep_spacing="leading"), {},
+                             "euler-ancestral", toy),
+    "sd15-heun": (lambda: sd15("HeunDiscreteScheduler", timestep_spacing="leading"), {}, "heun", toy),
+    "sd15-ddpm": (lambda: sd15("DDPMScheduler"), {}, "ddpm", toy),
+    # SDXL's Euler (leading, steps_offset 1), and DPM-Solver++ from its config
+    "sdxl-euler": (sdxl, {}, "euler", toy),
+    "sdxl-euler-ancestral": (lambda: sdxl("EulerAncestralDiscreteScheduler"), {}, "euler-ancestral", toy),
+    "sdxl-dpm++2m": (lambda: sdxl("DPMSolverMultistepScheduler"), {}, "dpm++2m", toy),
+    "sdxl-euler-v": (lambda: sdxl(prediction_type="v_prediction"), {}, "euler", toy),
+    "sdxl-euler-trailing": (lambda: sdxl(timestep_spacing="trailing"), {}, "euler", toy),
+    "sdxl-euler-custom-timesteps": (sdxl, dict(timesteps=[999, 850, 700, 500, 301, 150, 40, 3]), "euler", toy),
+    "sdxl-dpm++2m-custom-timesteps": (lambda: sdxl("DPMSolverMultistepScheduler"),
+                                      dict(timesteps=[999, 800, 600, 400, 200, 5]), "dpm++2m", toy),
+    # PixArt's DPM-Solver++ (linspace), and its SDE variant
+    "pixart-dpm++2m": (pixart, {}, "dpm++2m", toy),
+    "pixart-dpm++2m-sde": (lambda: pixart(algorithm_type="sde-dpmsolver++"), {}, "dpm++2m-sde", toy),
+    "pixart-dpm++3m-v": (lambda: pixart(solver_order=3, prediction_type="v_prediction"), {}, "dpm++3m", toy),
+    # lower_order_final=False changes nothing for order 2 (the last step is first order with
+    # final_sigmas_type="zero"), nor for order 3 from 15 steps
+    "pixart-dpm++2m-no-lower-order-final": (lambda: pixart(lower_order_final=False), {}, "dpm++2m", toy),
+    "pixart-dpm++3m-no-lower-order-final": (lambda: pixart(solver_order=3, lower_order_final=False), {}, "dpm++3m",
+                                            toy),
+    "pixart-dpm++2m-trailing-sample": (lambda: pixart(timestep_spacing="trailing", prediction_type="sample"), {},
+                                       "dpm++2m", toy),
+    # SD3's flow matching (shift 3), Heun on it, dynamic shifting with mu, custom σ's
+    "sd3-euler": (sd3, {}, "euler", toy),
+    "sd3-heun": (lambda: sd3("FlowMatchHeunDiscreteScheduler"), {}, "heun", toy),
+    "sd3-euler-mu": (lambda: sd3(use_dynamic_shifting=True), dict(mu=0.8), "euler", toy),
+    "sd3-euler-sigmas": (sd3, dict(sigmas=[1.0, 0.8, 0.55, 0.3, 0.1]), "euler", toy),
+    "sd3-euler-karras": (lambda: sd3(use_karras_sigmas=True), {}, "euler", toy),
+    "sd3-euler-shift-terminal": (lambda: sd3(shift_terminal=0.02), {}, "euler", toy),
+    # other configs: v-prediction DDIM on trailing (SD 2.x style), DDPM's options, Heun's clip
+    "ddim-trailing-v": (lambda: sd15("DDIMScheduler", timestep_spacing="trailing", set_alpha_to_one=True,
+                                     prediction_type="v_prediction"), {}, "ddim", toy),
+    "ddpm-clip-cosine": (lambda: diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2"), {}, "ddpm", toy),
+    "ddpm-fixed-large": (lambda: diffusers.DDPMScheduler(variance_type="fixed_large", clip_sample=False), {}, "ddpm",
+                         toy),
+    "ddpm-fixed-small-log": (lambda: diffusers.DDPMScheduler(variance_type="fixed_small_log"), {}, "ddpm", toy),
+    "ddpm-learned-range": (lambda: diffusers.DDPMScheduler(variance_type="learned_range"), {}, "ddpm", toy_learned),
+    "ddpm-custom-timesteps": (lambda: diffusers.DDPMScheduler(), dict(timesteps=[990, 700, 420, 200, 60, 0]), "ddpm",
+                              toy),
+    "heun-clip": (lambda: sd15("HeunDiscreteScheduler", clip_sample=True, timestep_spacing="trailing"), {}, "heun",
+                  toy),
+    "euler-linspace-integral": (lambda: sd15("EulerDiscreteScheduler", timestep_spacing="linspace"), {}, "euler", toy),
+    "unipc-trained-betas": (lambda: diffusers.UniPCMultistepScheduler(
+        trained_betas=torch.linspace(2e-4, 0.03, 500).tolist(), num_train_timesteps=500), {}, "unipc", toy),
+}
+# where linspace lands on integer timesteps; where DDIM's trailing grid steps by T // N
+# and DiT's default 250 steps, and order 3 without lower_order_final from 15 steps
+STEPS = {"euler-linspace-integral": (10, 28), "ddim-trailing-v": (8, 25), "dit-ddim": (7, 250),
+         "pixart-dpm++3m-no-lower-order-final": (15, 25)}
+STOCHASTIC = ("dit-ddim-eta", "dit-ddim-eta-half", "sd15-dpm++2m-sde", "sd15-euler-ancestral", "sd15-ddpm",
+              "sdxl-euler-ancestral", "pixart-dpm++2m-sde", "ddpm-clip-cosine", "ddpm-fixed-large",
+              "ddpm-fixed-small-log", "ddpm-learned-range", "ddpm-custom-timesteps")
+
+
+def _step_counts(case: str) -> tuple:
+    """The step counts each case runs at: two, or none (None) where a custom grid fixes it."""
+    options = CASES[case][1]
+    return (None,) if "timesteps" in options or "sigmas" in options else STEPS.get(case, (7, 25))
+
+
+@pytest.mark.parametrize("case, steps", [(case, steps) for case in CASES for steps in _step_counts(case)])
+def test_fastguide_reproduces_the_pipeline_loop(case, steps):
+    make, options, sampler, model = CASES[case]
+    scheduler = make()
+    settings = settings_for(scheduler, steps, **options)
+    assert isinstance(settings, SamplerSettings) and settings.sampler == sampler
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    generator_seed = 7
+    grid = {key: value for key, value in options.items() if key in ("timesteps", "sigmas", "mu")}
+    latents, expected = run_pipeline_loop(scheduler, noise, model, torch.Generator().manual_seed(generator_seed),
+                                          options.get("eta", 0.0), steps, **grid)
+    assert settings.init_noise_sigma == pytest.approx(float(getattr(scheduler, "init_noise_sigma", 1.0)), rel=1e-7)
+    got = fastguide.sample(model, noise.shape, noise=settings.initial_noise(latents),
+                           generator=torch.Generator().manual_seed(generator_seed), **settings.sample_kwargs())
+    assert settings.draws_noise == (case in STOCHASTIC)
+    # diffusers' ᾱ are float32 (σ̃ near t = 0 to ~1e-4 relative) and its updates run in float32:
+    # the largest difference seen is 1.6e-5·max|x| (DDPM's learned range), most are ~1e-6
+    torch.testing.assert_close(got, expected, atol=5e-5 * expected.abs().max().item(), rtol=0)
+
+
+def test_settings_for_leaves_the_scheduler_as_it_was():
+    scheduler = sdxl()
+    scheduler.set_timesteps(4)
+    before = scheduler.timesteps.clone()
+    settings_for(scheduler, 30)
+    assert torch.equal(scheduler.timesteps, before) and scheduler.num_inference_steps == 4
+
+
+def test_settings_name_diffusers_grid_and_schedule():
+    settings = settings_for(sdxl(), 30)
+    scheduler = sdxl()
+    scheduler.set_timesteps(30)
+    assert settings.steps == tuple(int(t) for t in scheduler.timesteps.tolist())
+    assert torch.equal(settings.schedule.betas.float(), scheduler.betas)  # diffusers' own, held in float64
+    # the σ̃-space latents: x_T = α₀·x̃_T, the α of the first timestep (958 for 30 leading steps, offset 1)
+    assert settings.steps[0] == 958
+    assert settings.latent_scale == pytest.approx(math.sqrt(settings.schedule.alpha_bar(958)), rel=1e-6)
+    flow = settings_for(sd3(), 28)
+    assert flow.schedule.is_flow and flow.schedule.shift == 3.0 and flow.steps[0] == 1000.0
+    assert flow.latent_scale == 1.0 and flow.prediction_type == "flow_prediction"
+
+
+def test_the_module_does_not_import_diffusers():
+    code = "import sys, fastguide.pipelines.schedulers; print('diffusers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+# scheduler factory, settings_for's keyword arguments, the option named, a phrase of the reason
+REFUSALS = [
+    (lambda: diffusers.PNDMScheduler.from_config(SD15), {}, None, "pseudo linear multistep"),
+    (lambda: sd15("LMSDiscreteScheduler"), {}, None, "no fastguide sampler reproduces"),
+    (lambda: sd15("KDPM2DiscreteScheduler"), {}, None, "fractional time"),
+    (lambda: sd15("DDIMScheduler"), {}, "set_alpha_to_one=False", "alphas_cumprod[0] = 0.99915"),
+    (lambda: dit(clip_sample=True), {}, "clip_sample=True", "unclipped eps"),
+    (lambda: dit(timestep_spacing="linspace"), {}, "timestep_spacing='linspace'", "t − T // N"),
+    (lambda: dit(timestep_spacing="trailing"), dict(num_inference_steps=30), "timestep_spacing='trailing'",
+     "t − T // N"),
+    (lambda: dit(steps_offset=35), dict(num_inference_steps=30), "steps_offset=35", "lands at t = 2"),
+    (dit, dict(eta=1.5), "eta=1.5", "η in [0, 1]"),
+    (lambda: dit(thresholding=True), {}, "thresholding=True", "dynamic thresholding"),
+    (lambda: dit(rescale_betas_zero_snr=True), {}, "rescale_betas_zero_snr=True", "ᾱ = 0"),
+    (dit, dict(timesteps=[999, 500, 0]), "timesteps=[999, 500, 0]", "takes no timesteps"),
+    (lambda: diffusers.DDPMScheduler(variance_type="learned"), {}, "variance_type='learned'", "raw variance"),
+    (lambda: sd15("DDPMScheduler", variance_type="fixed_large"), {}, "variance_type='fixed_large'",
+     "ends at t = 1 > 0"),
+    (lambda: diffusers.DDPMScheduler(clip_sample_range=2.0), {}, "clip_sample_range=2.0", "[−1, 1]"),
+    (lambda: sd15("DPMSolverMultistepScheduler", use_karras_sigmas=True), {}, "use_karras_sigmas=True",
+     "between the schedule's integer timesteps"),
+    (lambda: sd15("DPMSolverMultistepScheduler", use_lu_lambdas=True), {}, "use_lu_lambdas=True", "between"),
+    (lambda: pixart(final_sigmas_type="sigma_min", algorithm_type="dpmsolver++"), {}, "final_sigmas_type='sigma_min'",
+     "lands on x0"),
+    (lambda: pixart(solver_type="heun"), {}, "solver_type='heun'", "midpoint"),
+    (lambda: pixart(algorithm_type="sde-dpmsolver++", solver_order=3), {}, "solver_order=3", "dpm++2m-sde"),
+    (lambda: pixart(algorithm_type="sde-dpmsolver++", solver_order=1), {}, "solver_order=1", "dpm++2m-sde"),
+    (lambda: pixart(solver_order=3, lower_order_final=False), dict(num_inference_steps=10), "lower_order_final=False",
+     "third order at the step before the last"),
+    (lambda: pixart(use_flow_sigmas=True, prediction_type="flow_prediction"), {}, "use_flow_sigmas=True",
+     "⌊T·σ⌋"),
+    (lambda: pixart(variance_type="learned_range"), {}, "variance_type='learned_range'", "model_output[:, :3]"),
+    (lambda: pixart(prediction_type="flow_prediction"), {}, "prediction_type='flow_prediction'", "maps to fastguide"),
+    (lambda: sd15("UniPCMultistepScheduler", solver_type="bh1"), {}, "solver_type='bh1'", "bh2"),
+    (lambda: sd15("UniPCMultistepScheduler", predict_x0=False), {}, "predict_x0=False", "data-prediction"),
+    (lambda: sd15("UniPCMultistepScheduler", disable_corrector=[0]), {}, "disable_corrector=[0]", "every step"),
+    (lambda: sd15("UniPCMultistepScheduler", lower_order_final=False), {}, "lower_order_final=False",
+     "keeps order p"),
+    (lambda: sd15("UniPCMultistepScheduler", solver_order=4), {}, "solver_order=4", "1, 2 and 3"),
+    (lambda: sd15("EulerDiscreteScheduler"), dict(num_inference_steps=25), "timestep_spacing='linspace'",
+     "fractional times"),
+    (lambda: sd15("HeunDiscreteScheduler"), {}, "timestep_spacing='linspace'", "fractional times"),
+    (lambda: sdxl(use_karras_sigmas=True), {}, "use_karras_sigmas=True", "between"),
+    (lambda: sdxl(use_exponential_sigmas=True), {}, "use_exponential_sigmas=True", "between"),
+    (lambda: sdxl(interpolation_type="log_linear"), {}, "interpolation_type='log_linear'", "log-uniformly"),
+    (lambda: sdxl(final_sigmas_type="sigma_min"), {}, "final_sigmas_type='sigma_min'", "lands on x0"),
+    (lambda: sdxl(timestep_type="continuous", prediction_type="v_prediction"), {}, "timestep_type='continuous'",
+     "¼·log σ̃"),
+    (sdxl, dict(sigmas=[14.6, 5.0, 1.0, 0.1, 0.0]), "sigmas=[14.6, 5.0, 1.0, 0.1, 0.0]", "fractional times"),
+    (lambda: sdxl("EulerAncestralDiscreteScheduler", prediction_type="sample"), {}, "prediction_type='sample'",
+     "maps to fastguide"),
+    (lambda: sd15("HeunDiscreteScheduler", clip_sample=True, clip_sample_range=3.0), {}, "clip_sample_range=3.0",
+     "[−1, 1]"),
+    (lambda: sdxl("EulerAncestralDiscreteScheduler"), dict(generator_in_step=False), "generator_in_step=False",
+     "global RNG"),
+    (lambda: sd3(use_dynamic_shifting=True), {}, "use_dynamic_shifting=True", "pass the mu"),
+    (lambda: sd3(stochastic_sampling=True), {}, "stochastic_sampling=True", "renoises"),
+    (lambda: sd3(invert_sigmas=True), {}, "invert_sigmas=True", "from 0 to 1"),
+    (sd3, dict(sigmas=[1.0, 0.5, 0.2], timesteps=[900.0, 500.0, 100.0]), "timesteps= and sigmas=", "one of them"),
+    (sd3, dict(timesteps=[900.0, 500.0, 100.0]), "timesteps=[900.0, 500.0, 100.0]", "fastguide's flow time is T·σ"),
+    (lambda: sd3("FlowMatchHeunDiscreteScheduler"), dict(mu=0.5), "mu=0.5", "takes no mu"),
+]
+
+
+@pytest.mark.parametrize("make, options, option, reason", REFUSALS,
+                         ids=[f"{i}-{r[2] or 'class'}" for i, r in enumerate(REFUSALS)])
+def test_unreproducible_schedulers_are_refused_with_the_option_and_reason(make, options, option, reason):
+    scheduler = make()
+    options = {"num_inference_steps": 20, **options}
+    steps = None if "timesteps" in options or "sigmas" in options else options["num_inference_steps"]
+    options.pop("num_inference_steps")
+    with pytest.raises(UnsupportedScheduler) as raised:
+        settings_for(scheduler, steps, **options)
+    assert raised.value.option == option
+    assert reason in raised.value.reason and isinstance(raised.value, ValueError)
+    assert type(scheduler).__name__ in str(raised.value)
+
+
+def test_dpm_solver_3m_lower_order_final_is_irrelevant_from_15_steps():
+    # diffusers lowers the step before the last only below 15 steps: above, the flag changes nothing
+    settings = settings_for(pixart(solver_order=3, lower_order_final=False), 15)
+    assert settings.sampler == "dpm++3m"
+
+
+def test_refusals_of_diffusers_own_errors_say_so():
+    with pytest.raises(UnsupportedScheduler, match="set_timesteps.*fails"):
+        settings_for(dit(), 2000)
