@@ -9,7 +9,6 @@ nor the CUDA extension and never touches the CUDA driver.
 """
 
 from . import ops
-from .models.accelerate import accelerate
 from .models.adapters import DiffusersUNet, SiTVelocity
 from .models.checkpoints import load_checkpoint, save_state_dict
 from .models.configs import (
@@ -23,7 +22,8 @@ from .models.dit import DiT
 from .models.unet import EncoderUNet, UNet
 from .ops import reference
 from .ops.backends import available_backends, backend, get_backend, set_backend
-from .sampling.guidance import APG, CFG, AutoGuidance, CFGPlusPlus, ClassifierGuidance
+from .pipelines.accelerate import accelerate
+from .sampling.guidance import APG, CFG, AutoGuidance, CFGPlusPlus, ClassifierGuidance, Guidance
 from .sampling.loop import GuidedSampler, sample
 from .sampling.schedule import NoiseSchedule
 
@@ -39,6 +39,7 @@ __all__ = [
     "DiffusersUNet",
     "SiTVelocity",
     "EncoderUNet",
+    "Guidance",
     "GuidedSampler",
     "NoiseSchedule",
     "UNet",

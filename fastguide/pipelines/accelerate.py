@@ -1,0 +1,142 @@
+"""``fastguide.accelerate(pipe)``: a diffusers pipeline's denoising loop replaced by fastguide's.
+
+On a diffusers pipeline, ``accelerate`` does three things, in place:
+
+1. it swaps fastguide's kernels into the pipeline's denoiser (``unet`` or ``transformer``),
+   as ``fastguide.accelerate(module)`` does for any module;
+2. it replaces the denoising loop: the pipeline's class becomes a subclass whose
+   ``__call__`` keeps the original signature, prompt encoding, latents, VAE decode and
+   outputs (all the pipeline's own methods), and runs the loop between them as
+   ``fastguide.sample``: one batched forward of [cond; uncond] per model call and the fused
+   guidance combine + sampler update (``fastguide::guided_step``);
+3. it reproduces the pipeline's scheduler (``schedulers.settings_for``), so that with the
+   same scheduler, embeddings and latents the latents equal the original's to float
+   rounding.
+
+A call fastguide cannot reproduce (a scheduler or option it has no equal for, an IP-adapter
+image, step callbacks, ...) runs diffusers' own ``__call__``; the reason is logged at INFO
+by the ``fastguide.pipelines`` logger and kept in ``pipe.fastguide_fallback``. Never a
+silently different image.
+
+fastguide's own choices stay open, as options of ``accelerate`` (kept on the pipeline as
+``pipe.fastguide_options``, in diffusers' way of configuring a pipeline once):
+``sampler=`` (with ``spacing=``) samples with a fastguide solver on the scheduler's noise
+schedule instead of reproducing the scheduler; ``guidance=`` a ``fastguide.Guidance`` to use
+instead of the pipeline's CFG (its ``guidance_scale`` then has no effect); ``cuda_graph=True``
+captures the loop as CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..models.accelerate import accelerate as accelerate_module
+from ..sampling.guidance import Guidance
+from ..sampling.loop import GuidedSampler
+from . import recipes
+from .schedulers import UnsupportedScheduler
+
+log = logging.getLogger("fastguide.pipelines")
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """fastguide's choices for an accelerated pipeline (see the module docstring)."""
+
+    sampler: str | None = None
+    spacing: str | None = None
+    guidance: Guidance | None = None
+    cuda_graph: bool = False
+
+
+def accelerate(target, *, sampler: str | None = None, spacing: str | None = None,
+               guidance: Guidance | None = None, cuda_graph: bool = False):
+    """Accelerate a module (fastguide's kernels swapped in, see
+    ``fastguide.models.accelerate.accelerate``) or a diffusers pipeline (also its denoising
+    loop replaced, see this module's docstring). Returns ``target``, changed in place.
+    The keyword options apply to pipelines only."""
+    if isinstance(target, nn.Module):
+        if sampler is not None or spacing is not None or guidance is not None or cuda_graph:
+            raise ValueError("sampler=, spacing=, guidance= and cuda_graph= apply to a diffusers pipeline; "
+                             f"a module ({type(target).__name__}) only has its kernels swapped")
+        return accelerate_module(target)
+    recipe = recipes.recipe_for(target)
+    if recipe is None:
+        raise TypeError(f"accelerate takes a torch.nn.Module or a diffusers pipeline of {recipes.supported()}, "
+                        f"got {type(target).__name__}")
+    if guidance is not None and not isinstance(guidance, Guidance):
+        raise TypeError(f"guidance must be a fastguide Guidance (CFG, CFGPlusPlus, ...) or None, got "
+                        f"{type(guidance).__name__}")
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+    if sampler is None and spacing is not None:
+        raise ValueError("spacing= places fastguide's own sampler's steps: it needs sampler=")
+    accelerate_module(recipe.denoiser_of(target))
+    if not getattr(type(target), "_fastguide_accelerated", False):
+        target.__class__ = _accelerated_class(type(target))
+    target.fastguide_options = PipelineOptions(sampler, spacing, guidance, cuda_graph)
+    target.fastguide_fallback = None
+    target._fastguide_samplers = {}
+    return target
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _accelerated_class(cls: type) -> type:
+    """A subclass of the pipeline's class whose ``__call__`` runs fastguide's loop (one per
+    class, so that isinstance, the pipeline's methods and its components stay as they were)."""
+    if cls not in _CLASSES:
+        original = cls.__call__
+
+        @torch.no_grad()  # as diffusers' own __call__
+        def __call__(self, *args, **kwargs):
+            return _accelerated_call(self, original, args, kwargs)
+
+        __call__.__signature__ = inspect.signature(original)
+        __call__.__doc__ = original.__doc__
+        _CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_fastguide_accelerated": True,
+                                                    "__module__": cls.__module__})
+    return _CLASSES[cls]
+
+
+def _accelerated_call(pipe, original: Callable, args: tuple, kwargs: dict):
+    bound = inspect.signature(original).bind(pipe, *args, **kwargs)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    arguments.pop("self", None)
+    extra = arguments.pop("kwargs", {}) or {}
+    recipe = recipes.recipe_for(pipe)
+    try:
+        if extra:
+            raise recipes.Unsupported(f"the arguments {sorted(extra)} (deprecated step callbacks) are diffusers' own")
+        denoising = recipe.prepare(pipe, arguments, pipe.fastguide_options)
+    except (recipes.Unsupported, UnsupportedScheduler) as reason:
+        pipe.fastguide_fallback = str(reason)
+        log.info("fastguide: %s runs diffusers' own denoising loop: %s", type(pipe).__name__, reason)
+        return original(pipe, *args, **kwargs)
+    pipe.fastguide_fallback = None
+    return denoising.finish(_denoise(pipe, denoising))
+
+
+def _denoise(pipe, denoising: recipes.Denoising) -> Tensor:
+    """fastguide's loop from the pipeline's prepared latents and conditioning."""
+    options = pipe.fastguide_options
+    settings = denoising.sampling
+    key = (tuple(sorted((k, repr(v)) for k, v in settings.items())), denoising.guidance)
+    sampler = pipe._fastguide_samplers.get(key)
+    if sampler is None:
+        sampler = GuidedSampler(denoising.denoiser, guidance=denoising.guidance, cuda_graph=options.cuda_graph,
+                                **settings)
+        if options.cuda_graph:  # graphs are worth keeping only when captured
+            pipe._fastguide_samplers = {key: sampler}
+    progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
+    return sampler(tuple(denoising.noise.shape), noise=denoising.noise, labels=denoising.labels, cond=denoising.cond,
+                   uncond=denoising.uncond, generator=denoising.generator, progress=progress)
+

@@ -1,0 +1,448 @@
+"""Per pipeline: what runs before and after diffusers' denoising loop, with the pipeline's
+own methods, so that fastguide's loop can run in between.
+
+Each recipe's ``prepare(pipe, arguments, options)`` reads the pipeline call's bound
+arguments, refuses (``Unsupported``, before anything runs) what fastguide does not
+reproduce, then does what the pipeline's ``__call__`` does up to its loop (input checks,
+prompt encoding, the scheduler's timesteps, the latents) and returns a ``Denoising``: the
+denoiser as ``model(x_t, t, **kwargs)``, x_T, the conditional and unconditional keyword
+arguments, the guidance, the sampler settings, and ``finish``, which does what the
+pipeline does after its loop (VAE decode, post-processing, the output object).
+
+The pipelines order their CFG batch [uncond; cond]; fastguide's is [cond; uncond], with
+the same per-row computation, so the latents agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..sampling.guidance import CFG, Guidance
+from ..sampling.schedule import NoiseSchedule
+from .schedulers import settings_for
+
+
+class Unsupported(ValueError):
+    """A pipeline call that fastguide's loop does not reproduce; the pipeline runs its own."""
+
+
+@dataclass
+class Denoising:
+    """What fastguide's loop needs from a pipeline call, prepared by the pipeline's methods."""
+
+    denoiser: Callable[..., Tensor]  # model(x_t, t[, labels], **kwargs) -> prediction (C or 2C channels)
+    noise: Tensor  # x_T in fastguide's convention (x = α·x0 + σ·ε)
+    cond: dict
+    uncond: dict | None
+    guidance: Guidance | None
+    sampling: dict  # GuidedSampler's sampler settings
+    generator: object
+    finish: Callable[[Tensor], object]  # the final latents -> the pipeline's output
+    labels: Tensor | None = None  # class labels, the denoiser's third argument
+
+
+@dataclass(frozen=True)
+class Recipe:
+    denoiser_of: Callable[[object], nn.Module]
+    prepare: Callable[[object, dict, object], Denoising]
+
+
+def _refuse_given(arguments: Mapping, names: tuple[str, ...]) -> None:
+    """Unsupported when any of ``names`` is given (not None): what fastguide's loop does not run."""
+    given = [name for name in names if arguments.get(name) is not None]
+    if given:
+        raise Unsupported(f"{', '.join(f'{name}=' for name in given)} ha{'s' if len(given) == 1 else 've'} no "
+                          "counterpart in fastguide's loop")
+
+
+def _module(pipe):
+    """The module the pipeline's class is defined in (its retrieve_timesteps, its output class)."""
+    return sys.modules[type(pipe).__module__]
+
+
+def _sampling(pipe, arguments: Mapping, options, *, eta: float = 0.0, generator_in_step: bool = True,
+              mu: float | None = None) -> tuple[dict, Callable[[Tensor], Tensor]]:
+    """GuidedSampler's settings and the map from the pipeline's starting latents to x_T:
+    the scheduler reproduced (``schedulers.settings_for``), or with ``options.sampler``
+    fastguide's own sampler on the scheduler's noise schedule (x_T the unscaled noise)."""
+    scheduler = pipe.scheduler
+    steps = arguments.get("num_inference_steps")
+    if options.sampler is None:
+        settings = settings_for(scheduler, steps, eta=eta, timesteps=arguments.get("timesteps"),
+                                sigmas=arguments.get("sigmas"), mu=mu, generator_in_step=generator_in_step)
+        if settings.draws_noise and isinstance(arguments.get("generator"), (list, tuple)):
+            raise Unsupported(f"a list of generators with sampler {settings.sampler!r}, which draws noise: fastguide "
+                              "draws each step's noise from one generator")
+        return settings.sample_kwargs(), settings.initial_noise
+    _refuse_given(arguments, ("timesteps", "sigmas"))
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    if type(scheduler).__name__.startswith("FlowMatch"):
+        if scheduler.config.get("use_dynamic_shifting", False):
+            raise Unsupported("sampler= on a flow-matching scheduler with use_dynamic_shifting (its shift depends "
+                              "on the image size)")
+        schedule, prediction_type = NoiseSchedule.flow(float(scheduler.config.shift)), "flow_prediction"
+    else:
+        try:
+            schedule = NoiseSchedule(scheduler.betas.double())
+        except (AttributeError, ValueError) as error:
+            raise Unsupported(f"sampler= needs the scheduler's betas as a VP schedule: {error}") from None
+    sampling = dict(sampler=options.sampler, steps=steps, spacing=options.spacing, schedule=schedule,
+                    prediction_type=prediction_type, clip_denoised=False)
+    return sampling, lambda latents: latents / pipe.scheduler.init_noise_sigma
+
+
+def _guidance(options, scale: float, rescale: float = 0.0) -> Guidance | None:
+    """The accelerate option's guidance, else the pipeline's CFG (on when scale > 1)."""
+    if options.guidance is not None:
+        return options.guidance
+    return CFG(float(scale), rescale=float(rescale)) if scale > 1 else None
+
+
+def _pair(cond: dict, uncond: dict, guided: bool) -> tuple[dict, dict | None]:
+    return cond, (uncond if guided else None)
+
+
+# --------------------------------------------------------------------------------------
+# Stable Diffusion 1.x/2.x
+# --------------------------------------------------------------------------------------
+
+
+def _stable_diffusion(pipe, a: dict, options) -> Denoising:
+    _refuse_given(a, ("ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs",
+                      "callback_on_step_end"))
+    if pipe.unet.config.time_cond_proj_dim is not None:
+        raise Unsupported("a UNet with time_cond_proj_dim (a guidance-scale embedding, as LCM's) is diffusers' own")
+    sampling, x_T = _sampling(pipe, a, options, eta=a["eta"])
+    height, width = a["height"], a["width"]
+    if not height or not width:
+        size = pipe.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        height, width = height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
+    pipe.check_inputs(a["prompt"], height, width, None, a["negative_prompt"], a["prompt_embeds"],
+                      a["negative_prompt_embeds"], None, None, a["callback_on_step_end_tensor_inputs"])
+    pipe._guidance_scale, pipe._guidance_rescale, pipe._clip_skip = a["guidance_scale"], a["guidance_rescale"], \
+        a["clip_skip"]
+    pipe._cross_attention_kwargs, pipe._interrupt = None, False
+    prompt = a["prompt"]
+    batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else a["prompt_embeds"].shape[0]
+    device = pipe._execution_device
+    guided = pipe.do_classifier_free_guidance
+    prompt_embeds, negative_embeds = pipe.encode_prompt(
+        prompt, device, a["num_images_per_prompt"], guided, a["negative_prompt"], prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"], lora_scale=None, clip_skip=a["clip_skip"])
+    _module(pipe).retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
+    latents = pipe.prepare_latents(batch * a["num_images_per_prompt"], pipe.unet.config.in_channels, height, width,
+                                   prompt_embeds.dtype, device, a["generator"], a["latents"])
+    cond, uncond = _pair({"encoder_hidden_states": prompt_embeds}, {"encoder_hidden_states": negative_embeds}, guided)
+
+    def denoiser(x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        return pipe.unet(x, t, return_dict=False, **kwargs)[0]
+
+    def finish(latents: Tensor):
+        output_type = a["output_type"]
+        if output_type != "latent":
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
+                                    generator=a["generator"])[0]
+            image, nsfw = pipe.run_safety_checker(image, device, prompt_embeds.dtype)
+        else:
+            image, nsfw = latents, None
+        denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
+        image = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
+        pipe.maybe_free_model_hooks()
+        if not a["return_dict"]:
+            return image, nsfw
+        return _module(pipe).StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+
+    guidance = _guidance(options, a["guidance_scale"], a["guidance_rescale"])
+    return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, a["generator"], finish)
+
+
+# --------------------------------------------------------------------------------------
+# Stable Diffusion XL
+# --------------------------------------------------------------------------------------
+
+
+def _stable_diffusion_xl(pipe, a: dict, options) -> Denoising:
+    _refuse_given(a, ("ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs",
+                      "callback_on_step_end", "denoising_end"))
+    if pipe.unet.config.time_cond_proj_dim is not None:
+        raise Unsupported("a UNet with time_cond_proj_dim (a guidance-scale embedding, as LCM's) is diffusers' own")
+    height = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
+    width = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+    original_size, target_size = a["original_size"] or (height, width), a["target_size"] or (height, width)
+    prompt = a["prompt"]
+    batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else a["prompt_embeds"].shape[0]
+    rows = batch * a["num_images_per_prompt"]
+    negative_sizes = a["negative_original_size"] is not None and a["negative_target_size"] is not None
+    if negative_sizes and rows > 1:
+        raise Unsupported("negative_original_size/negative_target_size with more than one image: diffusers repeats "
+                          "[negative; positive] time ids row-wise, interleaving them across its CFG halves")
+    sampling, x_T = _sampling(pipe, a, options, eta=a["eta"])
+    pipe.check_inputs(prompt, a["prompt_2"], height, width, None, a["negative_prompt"], a["negative_prompt_2"],
+                      a["prompt_embeds"], a["negative_prompt_embeds"], a["pooled_prompt_embeds"],
+                      a["negative_pooled_prompt_embeds"], None, None, a["callback_on_step_end_tensor_inputs"])
+    pipe._guidance_scale, pipe._guidance_rescale, pipe._clip_skip = a["guidance_scale"], a["guidance_rescale"], \
+        a["clip_skip"]
+    pipe._cross_attention_kwargs, pipe._denoising_end, pipe._interrupt = None, None, False
+    device = pipe._execution_device
+    guided = pipe.do_classifier_free_guidance
+    prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+        prompt=prompt, prompt_2=a["prompt_2"], device=device, num_images_per_prompt=a["num_images_per_prompt"],
+        do_classifier_free_guidance=guided, negative_prompt=a["negative_prompt"],
+        negative_prompt_2=a["negative_prompt_2"], prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["pooled_prompt_embeds"],
+        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"], lora_scale=None, clip_skip=a["clip_skip"])
+    _module(pipe).retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
+    latents = pipe.prepare_latents(rows, pipe.unet.config.in_channels, height, width, prompt_embeds.dtype, device,
+                                   a["generator"], a["latents"])
+    projection = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+    time_ids = pipe._get_add_time_ids(original_size, a["crops_coords_top_left"], target_size,
+                                      dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection).to(device)
+    negative_time_ids = time_ids if not negative_sizes else pipe._get_add_time_ids(
+        a["negative_original_size"], a["negative_crops_coords_top_left"], a["negative_target_size"],
+        dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection).to(device)
+    cond, uncond = _pair(
+        {"encoder_hidden_states": prompt_embeds.to(device),
+         "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids}},
+        {"encoder_hidden_states": None if negative_embeds is None else negative_embeds.to(device),
+         "added_cond_kwargs": {"text_embeds": None if negative_pooled is None else negative_pooled.to(device),
+                               "time_ids": negative_time_ids}}, guided)
+
+    def denoiser(x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        return pipe.unet(x, t, return_dict=False, **kwargs)[0]
+
+    def finish(latents: Tensor):
+        module = _module(pipe)
+        if a["output_type"] == "latent":
+            image = latents
+        else:
+            upcast = pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
+            if upcast:
+                pipe.upcast_vae()
+                latents = latents.to(next(iter(pipe.vae.post_quant_conv.parameters())).dtype)
+            mean, std = getattr(pipe.vae.config, "latents_mean", None), getattr(pipe.vae.config, "latents_std", None)
+            if mean is not None and std is not None:
+                mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+                std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+                latents = latents * std / pipe.vae.config.scaling_factor + mean
+            else:
+                latents = latents / pipe.vae.config.scaling_factor
+            image = pipe.vae.decode(latents.to(module.get_module_execution_device(pipe.vae)), return_dict=False)[0]
+            if upcast:
+                pipe.vae.to(dtype=torch.float16)
+            if pipe.watermark is not None:
+                image = pipe.watermark.apply_watermark(image)
+            image = pipe.image_processor.postprocess(image, output_type=a["output_type"])
+        pipe.maybe_free_model_hooks()
+        return module.StableDiffusionXLPipelineOutput(images=image) if a["return_dict"] else (image,)
+
+    guidance = _guidance(options, a["guidance_scale"], a["guidance_rescale"])
+    return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, a["generator"], finish)
+
+
+# --------------------------------------------------------------------------------------
+# Stable Diffusion 3
+# --------------------------------------------------------------------------------------
+
+
+def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
+    _refuse_given(a, ("ip_adapter_image", "ip_adapter_image_embeds", "joint_attention_kwargs", "callback_on_step_end",
+                      "skip_guidance_layers"))
+    height = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
+    width = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+    pipe.check_inputs(
+        a["prompt"], a["prompt_2"], a["prompt_3"], height, width, negative_prompt=a["negative_prompt"],
+        negative_prompt_2=a["negative_prompt_2"], negative_prompt_3=a["negative_prompt_3"],
+        prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
+        pooled_prompt_embeds=a["pooled_prompt_embeds"],
+        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+        callback_on_step_end_tensor_inputs=a["callback_on_step_end_tensor_inputs"],
+        max_sequence_length=a["max_sequence_length"])
+    pipe._guidance_scale, pipe._skip_layer_guidance_scale = a["guidance_scale"], a["skip_layer_guidance_scale"]
+    pipe._clip_skip, pipe._joint_attention_kwargs, pipe._interrupt = a["clip_skip"], None, False
+    prompt = a["prompt"]
+    batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else a["prompt_embeds"].shape[0]
+    mu = a["mu"]
+    if pipe.scheduler.config.get("use_dynamic_shifting", None) and mu is None:
+        patch = pipe.transformer.config.patch_size
+        latent_h, latent_w = int(height) // pipe.vae_scale_factor, int(width) // pipe.vae_scale_factor
+        config = pipe.scheduler.config
+        mu = _module(pipe).calculate_shift((latent_h // patch) * (latent_w // patch),
+                                           config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                           config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+    sampling, x_T = _sampling(pipe, a, options, generator_in_step=False, mu=mu)
+    device = pipe._execution_device
+    guided = pipe.do_classifier_free_guidance
+    prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+        prompt=prompt, prompt_2=a["prompt_2"], prompt_3=a["prompt_3"], negative_prompt=a["negative_prompt"],
+        negative_prompt_2=a["negative_prompt_2"], negative_prompt_3=a["negative_prompt_3"],
+        do_classifier_free_guidance=guided, prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["pooled_prompt_embeds"],
+        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"], device=device, clip_skip=a["clip_skip"],
+        num_images_per_prompt=a["num_images_per_prompt"], max_sequence_length=a["max_sequence_length"],
+        lora_scale=None)
+    latents = pipe.prepare_latents(batch * a["num_images_per_prompt"], pipe.transformer.config.in_channels, height,
+                                   width, prompt_embeds.dtype, device, a["generator"], a["latents"])
+    scheduler_kwargs = {} if mu is None else {"mu": mu}
+    _module(pipe).retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, sigmas=a["sigmas"],
+                                     **scheduler_kwargs)
+    cond, uncond = _pair({"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled},
+                         {"encoder_hidden_states": negative_embeds, "pooled_projections": negative_pooled}, guided)
+
+    def denoiser(x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        return pipe.transformer(hidden_states=x, timestep=t, return_dict=False, **kwargs)[0]
+
+    def finish(latents: Tensor):
+        if a["output_type"] == "latent":
+            image = latents
+        else:
+            latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            image = pipe.vae.decode(latents, return_dict=False)[0]
+            image = pipe.image_processor.postprocess(image, output_type=a["output_type"])
+        pipe.maybe_free_model_hooks()
+        return _module(pipe).StableDiffusion3PipelineOutput(images=image) if a["return_dict"] else (image,)
+
+    return Denoising(denoiser, x_T(latents), cond, uncond, _guidance(options, a["guidance_scale"]), sampling,
+                     a["generator"], finish)
+
+
+# --------------------------------------------------------------------------------------
+# PixArt-α and PixArt-Σ
+# --------------------------------------------------------------------------------------
+
+
+def _pixart(pipe, a: dict, options) -> Denoising:
+    _refuse_given(a, ("callback",))
+    height = a["height"] or pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    width = a["width"] or pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    module = _module(pipe)
+    original_size = (height, width)
+    if a["use_resolution_binning"]:
+        bins = {128: "ASPECT_RATIO_1024_BIN", 64: "ASPECT_RATIO_512_BIN", 32: "ASPECT_RATIO_256_BIN",
+                256: "ASPECT_RATIO_2048_BIN"}
+        name = bins.get(pipe.transformer.config.sample_size)
+        if name is None or not hasattr(module, name):
+            raise Unsupported(f"resolution binning for sample_size {pipe.transformer.config.sample_size}")
+        height, width = pipe.image_processor.classify_height_width_bin(height, width, ratios=getattr(module, name))
+    pipe.check_inputs(a["prompt"], height, width, a["negative_prompt"], a["callback_steps"], a["prompt_embeds"],
+                      a["negative_prompt_embeds"], a["prompt_attention_mask"], a["negative_prompt_attention_mask"])
+    sampling, x_T = _sampling(pipe, a, options, eta=a["eta"])
+    if sampling.get("variance_type") == "learned_range":
+        raise Unsupported("DDPMScheduler's learned_range variance: PixArt guides its variance channels, fastguide "
+                          "reads the conditional ones")
+    prompt = a["prompt"]
+    batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else a["prompt_embeds"].shape[0]
+    device = pipe._execution_device
+    guided = a["guidance_scale"] > 1.0
+    prompt_embeds, prompt_mask, negative_embeds, negative_mask = pipe.encode_prompt(
+        prompt, guided, negative_prompt=a["negative_prompt"], num_images_per_prompt=a["num_images_per_prompt"],
+        device=device, prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
+        prompt_attention_mask=a["prompt_attention_mask"],
+        negative_prompt_attention_mask=a["negative_prompt_attention_mask"], clean_caption=a["clean_caption"],
+        max_sequence_length=a["max_sequence_length"])
+    module.retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
+    rows = batch * a["num_images_per_prompt"]
+    latents = pipe.prepare_latents(rows, pipe.transformer.config.in_channels, height, width, prompt_embeds.dtype,
+                                   device, a["generator"], a["latents"])
+    added = {"resolution": None, "aspect_ratio": None}
+    if pipe.transformer.config.sample_size == 128:
+        added = {"resolution": torch.tensor([height, width]).repeat(rows, 1).to(prompt_embeds.dtype).to(device),
+                 "aspect_ratio": torch.tensor([float(height / width)]).repeat(rows, 1).to(prompt_embeds.dtype)
+                 .to(device)}
+    cond, uncond = _pair(
+        {"encoder_hidden_states": prompt_embeds, "encoder_attention_mask": prompt_mask, "added_cond_kwargs": added},
+        {"encoder_hidden_states": negative_embeds, "encoder_attention_mask": negative_mask, "added_cond_kwargs": added},
+        guided)
+
+    def denoiser(x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        return pipe.transformer(x, timestep=t, return_dict=False, **kwargs)[0]
+
+    def finish(latents: Tensor):
+        if a["output_type"] == "latent":
+            image = latents
+        else:
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            if a["use_resolution_binning"]:
+                image = pipe.image_processor.resize_and_crop_tensor(image, original_size[1], original_size[0])
+            image = pipe.image_processor.postprocess(image, output_type=a["output_type"])
+        pipe.maybe_free_model_hooks()
+        return _module(pipe).ImagePipelineOutput(images=image) if a["return_dict"] else (image,)
+
+    return Denoising(denoiser, x_T(latents), cond, uncond, _guidance(options, a["guidance_scale"]), sampling,
+                     a["generator"], finish)
+
+
+# --------------------------------------------------------------------------------------
+# DiT (class-conditional)
+# --------------------------------------------------------------------------------------
+
+# DiTPipeline's unconditional class: the extra row of the label table of ImageNet's 1000.
+DIT_NULL_CLASS = 1000
+
+
+def _dit(pipe, a: dict, options) -> Denoising:
+    sampling, x_T = _sampling(pipe, a, options, generator_in_step=False)
+    if sampling.get("variance_type") == "learned_range":
+        raise Unsupported("DDPMScheduler's learned_range variance: DiTPipeline steps on the guided eps alone")
+    labels = a["class_labels"]
+    device = pipe._execution_device
+    size, channels = pipe.transformer.config.sample_size, pipe.transformer.config.in_channels
+    latents = _module(pipe).randn_tensor(shape=(len(labels), channels, size, size), generator=a["generator"],
+                                         device=device, dtype=pipe.transformer.dtype)
+    labels = torch.tensor(labels, device=device).reshape(-1)
+    pipe.scheduler.set_timesteps(a["num_inference_steps"])
+    guidance = options.guidance
+    if guidance is None and a["guidance_scale"] > 1:
+        # DiTPipeline guides the first in_channels (the eps) of its 2C output: all of fastguide's C.
+        guidance = CFG(float(a["guidance_scale"]))
+
+    def denoiser(x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        return pipe.transformer(x, timestep=t, class_labels=labels).sample
+
+    def finish(latents: Tensor):
+        samples = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        samples = (samples / 2 + 0.5).clamp(0, 1)
+        if a["output_type"] != "pt":
+            samples = samples.cpu().permute(0, 2, 3, 1).float().numpy()
+            if a["output_type"] == "pil":
+                samples = pipe.numpy_to_pil(samples)
+        pipe.maybe_free_model_hooks()
+        return _module(pipe).ImagePipelineOutput(images=samples) if a["return_dict"] else (samples,)
+
+    return Denoising(denoiser, x_T(latents), {}, None, guidance, {**sampling, "null_label": DIT_NULL_CLASS},
+                     a["generator"], finish, labels)
+
+
+def _unet(pipe) -> nn.Module:
+    return pipe.unet
+
+
+def _transformer(pipe) -> nn.Module:
+    return pipe.transformer
+
+
+RECIPES = {
+    "StableDiffusionPipeline": Recipe(_unet, _stable_diffusion),
+    "StableDiffusionXLPipeline": Recipe(_unet, _stable_diffusion_xl),
+    "StableDiffusion3Pipeline": Recipe(_transformer, _stable_diffusion_3),
+    "PixArtAlphaPipeline": Recipe(_transformer, _pixart),
+    "PixArtSigmaPipeline": Recipe(_transformer, _pixart),
+    "DiTPipeline": Recipe(_transformer, _dit),
+}
+
+
+def recipe_for(pipe) -> Recipe | None:
+    """The recipe of a diffusers pipeline's class (or of the class it was accelerated from)."""
+    for cls in type(pipe).__mro__:
+        if cls.__module__.startswith("diffusers.") and cls.__name__ in RECIPES:
+            return RECIPES[cls.__name__]
+    return None
+
+
+def supported() -> tuple[str, ...]:
+    return tuple(RECIPES)

@@ -1,0 +1,216 @@
+"""fastguide.accelerate(pipe) on diffusers pipelines built tiny from configs with random
+weights (no downloads; prompt embeddings passed directly, as the pipelines accept): the
+same latents as the original pipeline to float rounding, with the fused step running;
+diffusers' own loop, with the reason kept, where fastguide cannot reproduce a call."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+import fastguide
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")  # the pipelines' modules import their text encoders' classes
+
+LATENT = (2, 4, 8, 8)  # two images of 16×16 pixels through a VAE that halves the size
+
+
+def _vae():
+    return diffusers.AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                                   down_block_types=["DownEncoderBlock2D"] * 2,
+                                   up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=32).eval()
+
+
+def _randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+SD_SCHEDULERS = {
+    "ddim": lambda: diffusers.DDIMScheduler(**SD_BETAS, clip_sample=False, timestep_spacing="leading"),
+    "dpm++2m": lambda: diffusers.DPMSolverMultistepScheduler(**SD_BETAS),
+    "unipc": lambda: diffusers.UniPCMultistepScheduler(**SD_BETAS),
+    "euler": lambda: diffusers.EulerDiscreteScheduler(**SD_BETAS, timestep_spacing="leading"),
+}
+
+
+def stable_diffusion(scheduler):
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=32, attention_head_dim=8).eval()
+    pipe = diffusers.StableDiffusionPipeline(vae=_vae(), text_encoder=None, tokenizer=None, unet=unet,
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+SD_CALL = dict(prompt_embeds=_randn(2, 7, 32, seed=1), negative_prompt_embeds=_randn(2, 7, 32, seed=2),
+               latents=_randn(*LATENT, seed=3), num_inference_steps=8, guidance_scale=5.0, output_type="latent")
+
+
+def stable_diffusion_xl():
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, norm_num_groups=32, attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32).eval()
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
+        scheduler=diffusers.EulerDiscreteScheduler(**SD_BETAS, timestep_spacing="leading"),
+        force_zeros_for_empty_prompt=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+SDXL_CALL = dict(prompt_embeds=_randn(2, 7, 64, seed=1), negative_prompt_embeds=_randn(2, 7, 64, seed=2),
+                 pooled_prompt_embeds=_randn(2, 32, seed=4), negative_pooled_prompt_embeds=_randn(2, 32, seed=5),
+                 latents=_randn(*LATENT, seed=3), num_inference_steps=8, guidance_scale=5.0, height=16, width=16,
+                 guidance_rescale=0.5, output_type="latent")
+
+
+def stable_diffusion_3():
+    torch.manual_seed(0)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64).eval()
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(),
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+        tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+SD3_CALL = dict(prompt_embeds=_randn(2, 7, 32, seed=1), negative_prompt_embeds=_randn(2, 7, 32, seed=2),
+                pooled_prompt_embeds=_randn(2, 64, seed=4), negative_pooled_prompt_embeds=_randn(2, 64, seed=5),
+                latents=_randn(*LATENT, seed=3), num_inference_steps=8, guidance_scale=5.0, height=16, width=16,
+                output_type="latent")
+
+
+def pixart(cls_name):
+    torch.manual_seed(0)
+    transformer = diffusers.PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
+        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6).eval()
+    pipe = getattr(diffusers, cls_name)(tokenizer=None, text_encoder=None, vae=_vae(), transformer=transformer,
+                                        scheduler=diffusers.DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+PIXART_CALL = dict(prompt_embeds=_randn(2, 7, 32, seed=1), negative_prompt_embeds=_randn(2, 7, 32, seed=2),
+                   prompt_attention_mask=torch.ones(2, 7), negative_prompt_attention_mask=torch.ones(2, 7),
+                   negative_prompt=None, latents=_randn(*LATENT, seed=3), num_inference_steps=8, guidance_scale=4.5,
+                   height=16, width=16, use_resolution_binning=False, output_type="latent")
+
+
+def dit(scheduler):
+    torch.manual_seed(0)
+    transformer = diffusers.DiTTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, num_embeds_ada_norm=1000).eval()  # eval: training drops labels at random
+    pipe = diffusers.DiTPipeline(transformer=transformer, vae=_vae(), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+CASES = {  # name: (build the pipeline, its call) — the call's images are latents, or DiT's decoded images
+    **{f"sd-{name}": (lambda make=make: stable_diffusion(make()), SD_CALL) for name, make in SD_SCHEDULERS.items()},
+    "sd-rescale-no-negative-cfg": (lambda: stable_diffusion(SD_SCHEDULERS["unipc"]()),
+                                   {**SD_CALL, "guidance_rescale": 0.7}),
+    "sd-unguided": (lambda: stable_diffusion(SD_SCHEDULERS["dpm++2m"]()), {**SD_CALL, "guidance_scale": 1.0}),
+    "sdxl-euler": (stable_diffusion_xl, SDXL_CALL),
+    "sd3-flow-euler": (stable_diffusion_3, SD3_CALL),
+    "pixart-alpha": (lambda: pixart("PixArtAlphaPipeline"), PIXART_CALL),
+    "pixart-sigma": (lambda: pixart("PixArtSigmaPipeline"), PIXART_CALL),
+    "dit-ddim": (lambda: dit(diffusers.DDIMScheduler(clip_sample=False)),
+                 dict(class_labels=[1, 7], num_inference_steps=8, guidance_scale=4.0, output_type="pt")),
+    "dit-dpm++2m": (lambda: dit(diffusers.DPMSolverMultistepScheduler()),
+                    dict(class_labels=[3, 999], num_inference_steps=8, guidance_scale=4.0, output_type="pt")),
+}
+
+
+def _images(pipe, call: dict) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(11)  # DiT draws its latents from it
+    return pipe(**call, generator=generator).images
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_accelerated_pipeline_gives_the_originals_latents(case):
+    make, call = CASES[case]
+    original = make()
+    expected = _images(original, call)
+    accelerated = fastguide.accelerate(copy.deepcopy(original))
+    assert type(accelerated).__name__ == type(original).__name__ and isinstance(accelerated, type(original))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        got = _images(accelerated, call)
+    assert accelerated.fastguide_fallback is None
+    assert any(event.key == "fastguide::guided_step" for event in profile.key_averages())
+    # float rounding relative to the latents' size (random weights grow them to O(100))
+    torch.testing.assert_close(got, expected, atol=2e-5 * expected.abs().max().item(), rtol=0)
+
+
+def test_outputs_keep_the_pipelines_types():
+    pipe = fastguide.accelerate(stable_diffusion(SD_SCHEDULERS["dpm++2m"]()))
+    call = {**SD_CALL, "num_inference_steps": 3}
+    images = pipe(**{**call, "output_type": "pil"}).images
+    assert len(images) == 2 and type(images[0]).__name__ == "Image"
+    image, nsfw = pipe(**{**call, "output_type": "np"}, return_dict=False)
+    assert image.shape == (2, 16, 16, 3) and nsfw is None
+
+
+def test_what_fastguide_cannot_reproduce_runs_diffusers_loop_and_says_why(caplog):
+    pndm = stable_diffusion(diffusers.PNDMScheduler(**SD_BETAS, skip_prk_steps=True))
+    expected = _images(pndm, SD_CALL)
+    accelerated = fastguide.accelerate(copy.deepcopy(pndm))
+    with caplog.at_level(logging.INFO, logger="fastguide.pipelines"):
+        got = _images(accelerated, SD_CALL)
+    assert "PNDMScheduler" in accelerated.fastguide_fallback and "PNDMScheduler" in caplog.text
+    torch.testing.assert_close(got, expected, atol=2e-5 * expected.abs().max().item(), rtol=0)
+
+    pipe = fastguide.accelerate(stable_diffusion(SD_SCHEDULERS["ddim"]()))
+    seen = []
+    pipe(**SD_CALL, callback_on_step_end=lambda p, i, t, kwargs: seen.append(i) or kwargs)
+    assert "callback_on_step_end=" in pipe.fastguide_fallback and seen == list(range(8))
+    _images(pipe, SD_CALL)
+    assert pipe.fastguide_fallback is None  # the next call that fastguide can run, it runs
+
+
+def test_fastguides_own_sampler_and_guidance_are_options():
+    original = stable_diffusion(SD_SCHEDULERS["ddim"]())
+    reproduced = _images(fastguide.accelerate(copy.deepcopy(original)), SD_CALL)
+    own = fastguide.accelerate(copy.deepcopy(original), sampler="dpm++2m", spacing="karras",
+                               guidance=fastguide.CFG(5.0, apg=fastguide.APG(eta=0.0)))
+    got = _images(own, SD_CALL)
+    assert own.fastguide_fallback is None and not torch.allclose(got, reproduced)
+    # the same as fastguide.sample on the pipeline's UNet, its schedule's betas and its embeddings
+    expected = fastguide.sample(
+        lambda x, t, **kwargs: own.unet(x, t, return_dict=False, **kwargs)[0], LATENT, noise=SD_CALL["latents"],
+        cond={"encoder_hidden_states": SD_CALL["prompt_embeds"]},
+        uncond={"encoder_hidden_states": SD_CALL["negative_prompt_embeds"]},
+        guidance=fastguide.CFG(5.0, apg=fastguide.APG(eta=0.0)), sampler="dpm++2m", spacing="karras", steps=8,
+        schedule=fastguide.NoiseSchedule(original.scheduler.betas.double()), clip_denoised=False)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_accelerate_refuses_what_it_cannot_take():
+    with pytest.raises(ValueError, match="apply to a diffusers pipeline"):
+        fastguide.accelerate(torch.nn.Linear(2, 2), sampler="unipc")
+    with pytest.raises(TypeError, match="torch.nn.Module or a diffusers pipeline"):
+        fastguide.accelerate(object())
+    pipe = stable_diffusion(SD_SCHEDULERS["ddim"]())
+    with pytest.raises(TypeError, match="guidance must be a fastguide Guidance"):
+        fastguide.accelerate(pipe, guidance=7.5)
+    with pytest.raises(ValueError, match="spacing= places fastguide's own sampler's steps"):
+        fastguide.accelerate(pipe, spacing="karras")
