@@ -333,7 +333,7 @@ class GuidedSampler:
         dtype = _model_dtype(self.model) or (noise.dtype if noise is not None else torch.float32)
         if noise is not None:
             noise = noise.to(dtype)
-        x_T = noise if noise is not None else torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        x_T = noise if noise is not None else _randn(shape, generator, device, dtype)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -351,7 +351,7 @@ class GuidedSampler:
         x_T = x_T.to(device)
         buffers = self._new_buffers(x_T, conditioning)
         self._load(buffers, x_T, conditioning)
-        fresh_noise = lambda: torch.randn(shape, generator=generator, device=device, dtype=dtype)  # noqa: E731
+        fresh_noise = lambda: _randn(shape, generator, device, dtype)  # noqa: E731
         for i in range(self.num_calls):
             self._model_call(i, buffers, shape, fresh_noise, keep_x0)
             self._report(callback, i, buffers, shape[0])
@@ -535,7 +535,7 @@ class GuidedSampler:
         self._load(buffers, x_T, conditioning)
         for segment, graph in zip(self._segments(per_call=callback is not None), graphs):
             if self._calls(False)[segment[0]].step.k_noise:  # only a segment's first call draws noise
-                torch.randn(shape, generator=generator, device=device, out=buffers.noise)
+                _randn(shape, generator, device, buffers.noise.dtype, out=buffers.noise)
             graph.replay()
             self._report(callback, segment[-1], buffers, shape[0])
             if bar is not None:
@@ -658,6 +658,17 @@ def _check_null_label(null_label: object, model, num_classes: int | None) -> Non
 def _model_null_label(model) -> int | None:
     """The model's unconditional label, when it has one (fastguide UNet with null_class)."""
     return model.num_classes if getattr(model, "null_class", False) else None
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype,
+           out: Tensor | None = None) -> Tensor:
+    """N(0, I) on ``device`` (into ``out`` when given), drawn on the generator's device (a CPU
+    generator for CUDA samples, as diffusers' randn_tensor draws): the same generator gives
+    the same noise whichever device samples."""
+    if generator is None or generator.device.type == device.type:
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype, out=out)
+    drawn = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+    return drawn.to(device) if out is None else out.copy_(drawn)
 
 
 def _parse_device(device: object) -> torch.device:

@@ -1119,3 +1119,17 @@ def test_the_plan_cache_holds_no_model():
     del model, guide
     gc.collect()
     assert all(ref() is None for ref in refs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_a_cpu_generator_draws_the_same_noise_for_cuda_samples(cuda_graph):
+    # diffusers' randn_tensor draws on the generator's device and moves the noise: so does
+    # the loop, for x_T and every step's noise, eager or replayed.
+    model = tiny_cfg_unet()
+    kwargs = dict(sampler="ddpm", steps=5, guidance=CFG(3.0), labels=torch.tensor([0, 3]))
+    on_cpu = sample(model, (2, 3, 8, 8), generator=torch.Generator().manual_seed(5), **kwargs)
+    on_cuda = GuidedSampler(model.cuda(), cuda_graph=cuda_graph, **{k: v for k, v in kwargs.items() if k != "labels"})
+    for _ in range(2):
+        got = on_cuda((2, 3, 8, 8), labels=kwargs["labels"], generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(got.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
