@@ -138,28 +138,34 @@ void guided_step(const at::Tensor& model_output, const std::optional<at::Tensor>
   p.mo_sample_stride = model_output.numel() / model_output.size(0);
   const at::Tensor* uncond = guide.has_value() ? &*guide : &model_output;
   p.uncond_sample_stride = uncond->numel() / uncond->size(0);
+  p.mo_block = p.batch * p.mo_sample_stride;
   p.var_offset = x.size(1) * (p.mo_sample_stride / model_output.size(1));
-  p.out_half_offset = p.batch * p.sample_elems;
+  p.out_block_offset = p.batch * p.sample_elems;
   p.stats = static_cast<int>(stats);
   p.parts = static_cast<int>(std::clamp<int64_t>((p.sample_elems + 2047) / 2048, 1, kMaxParts));
   p.rescale = p.guided && p.combine.rescale > 0.0f;
+  p.perturbed = p.guided && p.combine.perturbed_scale != 0.0f;
+  TORCH_CHECK(!p.perturbed || (!guide.has_value() && model_output.size(0) == 3 * p.batch),
+              "fastguide_cuda::guided_step: a perturbed prediction needs model_output [c; u; p] and no guide");
   p.apg_momentum_on = apg_buffer.has_value();
   p.clip = clip;
   p.grad_eps = grad.has_value() && p.step.grad_eps_scale != 0.0f;
   p.has_noise = noise.has_value();
   p.has_grad_term = grad.has_value() && p.step.k_grad != 0.0f;
-  p.out_2b = out.size(0) == 2 * p.batch;
+  p.out_2b = out.size(0) >= 2 * p.batch;  // a 2B or 3B out: x_next in each B-row block
+  p.out_3b = out.size(0) == 3 * p.batch;
   p.has_x0_out = x0_out.has_value();
 
   at::Tensor partials;
   if (p.stats != kStatsNone) partials = at::empty({p.batch, p.parts, kStatsPerSample}, x.options().dtype(at::kFloat));
   GuidedStepTensors<void> tensors{};
   tensors.model_output = model_output.data_ptr();
-  // The guiding prediction: a separate tensor, or the model output's second half.
+  // The guiding prediction: a separate tensor, or the model output's second B rows (the
+  // perturbed kernels read u and p of [c; u; p] at p.mo_block offsets from c themselves).
   if (p.guided) {
     tensors.uncond = guide.has_value() ? guide->data_ptr()
                                        : static_cast<const char*>(model_output.data_ptr()) +
-                                             p.batch * p.mo_sample_stride * model_output.element_size();
+                                             p.mo_block * model_output.element_size();
   }
   tensors.x = x.data_ptr();
   for (int i = 0; i < p.num_history; ++i) tensors.history[i] = history[i].data_ptr();

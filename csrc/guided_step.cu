@@ -9,8 +9,13 @@
 // its first one (ShiftedSums), the block merges the threads' Moments by Chan's formula
 // (warp shuffles, then shared memory) and writes the chunk's partial (8 floats).
 //
-// Bytes it must move: as kernels/guided_step.py (2E model output or E plus E of a guide,
-// E of x and of each history or extra input read; E or 2E written): ~20 FLOPs per element, memory-bound.
+// Bytes it must move: as kernels/guided_step.py (2E model output, 3E with a perturbed prediction,
+// or E plus E of a guide; E of x and of each history or extra input read; E, 2E or 3E written):
+// ~20 FLOPs per element, memory-bound.
+//
+// A perturbed prediction (PAG, skip-layer guidance) is a compile-time branch (kPerturbed) of
+// the same kernel bodies, launched as kernels of their own names: the plain instances keep
+// their registers, and their names in the kernel report (tools/kernel_report.py).
 #include <cuda_runtime.h>
 
 #include "guided_step.cuh"
@@ -50,8 +55,8 @@ __device__ __forceinline__ Moments block_merge_moments(Moments m) {
   return m;
 }
 
-template <typename T, int kVec>
-__global__ void __launch_bounds__(kThreads) guided_stats_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
+template <typename T, int kVec, bool kPerturbed>
+__device__ __forceinline__ void guided_stats(const GuidedStepParams& p, const GuidedStepTensors<T>& t) {
   const int64_t b = blockIdx.y;
   const int64_t per_part = stats_part_elems(p, kVec);
   const int64_t begin = blockIdx.x * per_part;
@@ -60,27 +65,35 @@ __global__ void __launch_bounds__(kThreads) guided_stats_kernel(GuidedStepParams
   // Each thread's first element is its shift, read before the loop (a cached reread; a
   // shift chosen per element costs the vector path 8 registers).
   ShiftedSums sums{};
-  if (first < end) stats_inputs_at(p, t, b, first, sums.k_c, sums.k_v);
+  if (first < end) stats_inputs_at<T, kPerturbed>(p, t, b, first, sums.k_c, sums.k_v);
   // With kVec > 1 the launcher guarantees sample_elems % kVec == 0: no tail.
   for (int64_t j = first; j < end; j += kThreads * kVec) {
     if constexpr (kVec > 1) {
       const int64_t mo = b * p.mo_sample_stride + j;
       const Vec<T, kVec> c = load_vec<T, kVec>(t.model_output + mo);
-      const Vec<T, kVec> u = load_vec<T, kVec>(t.uncond + b * p.uncond_sample_stride + j);
+      // With kPerturbed u and p at B-row block offsets from c (stats_inputs_at).
+      const Vec<T, kVec> u =
+          load_vec<T, kVec>(kPerturbed ? t.model_output + mo + p.mo_block : t.uncond + b * p.uncond_sample_stride + j);
+      Vec<T, kVec> perturbed{};
+      if constexpr (kPerturbed) perturbed = load_vec<T, kVec>(t.model_output + mo + 2 * p.mo_block);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
-        const float buffer = p.apg_momentum_on ? t.apg_buffer[b * p.sample_elems + j + i] : 0.0f;
         const float c_i = to_float(c.v[i]);
-        add_shifted(sums, c_i, guidance_difference(p, c_i, to_float(u.v[i]), buffer));
+        if constexpr (kPerturbed) {  // "cfg" only: no APG buffer
+          add_shifted(sums, c_i, perturbed_guidance(p, c_i, c_i - to_float(u.v[i]), to_float(perturbed.v[i])));
+        } else {
+          const float buffer = p.apg_momentum_on ? t.apg_buffer[b * p.sample_elems + j + i] : 0.0f;
+          add_shifted(sums, c_i, guidance_difference(p, c_i, to_float(u.v[i]), buffer));
+        }
       }
     } else {
-      accumulate_stats_at(p, t, b, j, sums);
+      accumulate_stats_at<T, kPerturbed>(p, t, b, j, sums);
     }
   }
   // The part's first element is the reference of the means (read after the loop, so that
   // it holds no register there).
   float ref_c = 0.0f, ref_v = 0.0f;
-  if (first < end) stats_inputs_at(p, t, b, begin, ref_c, ref_v);
+  if (first < end) stats_inputs_at<T, kPerturbed>(p, t, b, begin, ref_c, ref_v);
   const Moments m = block_merge_moments(shifted_moments(sums, ref_c, ref_v));
   if (threadIdx.x == 0) {  // thread 0 reads the reference: its part is never empty
     float* out = t.partials + (b * p.parts + blockIdx.x) * kStatsPerSample;
@@ -90,17 +103,32 @@ __global__ void __launch_bounds__(kThreads) guided_stats_kernel(GuidedStepParams
   }
 }
 
-// kVec elements starting at j, all inside the sample and 16-byte aligned everywhere.
 template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads) guided_stats_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
+  guided_stats<T, kVec, false>(p, t);
+}
+
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads) perturbed_guided_stats_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
+  guided_stats<T, kVec, true>(p, t);
+}
+
+// kVec elements starting at j, all inside the sample and 16-byte aligned everywhere.
+template <typename T, int kVec, bool kPerturbed>
 __device__ __forceinline__ void guided_step_vector(const GuidedStepParams& p, const GuidedStepTensors<T>& t,
                                                    const SampleCoefficients& k, int64_t b, int64_t j) {
   const int64_t here = b * p.sample_elems + j;
   const int64_t mo = b * p.mo_sample_stride + j;
   const Vec<T, kVec> c = load_vec<T, kVec>(t.model_output + mo);
   const Vec<T, kVec> x = load_vec<T, kVec>(t.x + here);
-  Vec<T, kVec> u{}, noise{}, grad{}, var_value{};
+  Vec<T, kVec> u{}, perturbed{}, noise{}, grad{}, var_value{};
   Vec<T, kVec> history[kMaxHistory] = {};
-  if (p.guided) u = load_vec<T, kVec>(t.uncond + b * p.uncond_sample_stride + j);
+  if constexpr (kPerturbed) {  // [c; u; p]: u and p at B-row block offsets from c (stats_inputs_at)
+    u = load_vec<T, kVec>(t.model_output + mo + p.mo_block);
+    perturbed = load_vec<T, kVec>(t.model_output + mo + 2 * p.mo_block);
+  } else if (p.guided) {
+    u = load_vec<T, kVec>(t.uncond + b * p.uncond_sample_stride + j);
+  }
 #pragma unroll
   for (int h = 0; h < kMaxHistory; ++h) {
     if (h < p.num_history) history[h] = load_vec<T, kVec>(t.history[h] + here);
@@ -108,52 +136,68 @@ __device__ __forceinline__ void guided_step_vector(const GuidedStepParams& p, co
   if (p.has_noise) noise = load_vec<T, kVec>(t.noise + here);
   if (p.grad_eps || p.has_grad_term) grad = load_vec<T, kVec>(t.grad + here);
   if (p.learned_var) var_value = load_vec<T, kVec>(t.model_output + p.var_offset + mo);
+  // APG momentum is the "apg" variant's, never with a perturbed prediction ("cfg" only).
+  const bool momentum = !kPerturbed && p.apg_momentum_on;
   float buffer[kVec] = {};
-  if (p.apg_momentum_on) {
+  if (momentum) {
 #pragma unroll
     for (int i = 0; i < kVec; ++i) buffer[i] = t.apg_buffer[here + i];
   }
   Vec<T, kVec> x_next, x0;
 #pragma unroll
   for (int i = 0; i < kVec; ++i) {
-    StepInputs in{to_float(c.v[i]), to_float(u.v[i]), buffer[i], to_float(x.v[i]),
+    StepInputs in{to_float(c.v[i]), to_float(u.v[i]), to_float(perturbed.v[i]), buffer[i], to_float(x.v[i]),
                   to_float(noise.v[i]), to_float(grad.v[i]), to_float(var_value.v[i]), {}};
 #pragma unroll
     for (int h = 0; h < kMaxHistory; ++h) in.history[h] = to_float(history[h].v[i]);
-    const StepOutputs r = guided_element(p, k, in);
+    const StepOutputs r = guided_element<kPerturbed>(p, k, in);
     x_next.v[i] = from_float<T>(r.x_next);
     x0.v[i] = from_float<T>(r.x0);
     buffer[i] = r.buffer;
   }
-  if (p.apg_momentum_on) {
+  if (momentum) {
 #pragma unroll
     for (int i = 0; i < kVec; ++i) t.apg_buffer[here + i] = buffer[i];
   }
   store_vec(t.out + here, x_next);
-  if (p.out_2b) store_vec(t.out + p.out_half_offset + here, x_next);
+  if (p.out_2b) {
+    store_vec(t.out + p.out_block_offset + here, x_next);
+    if (p.out_3b) store_vec(t.out + 2 * p.out_block_offset + here, x_next);
+  }
   if (p.has_x0_out) store_vec(t.x0_out + here, x0);
 }
 
-template <typename T, int kVec>
-__global__ void __launch_bounds__(kThreads) guided_step_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
+template <typename T, int kVec, bool kPerturbed>
+__device__ __forceinline__ void guided_step(const GuidedStepParams& p, const GuidedStepTensors<T>& t) {
   const int64_t b = blockIdx.y;
   __shared__ SampleCoefficients coefficients;
   if (threadIdx.x == 0) {
-    coefficients = p.stats == kStatsNone ? plain_coefficients(p)
-                                         : sample_coefficients(p, t.partials + b * p.parts * kStatsPerSample);
+    coefficients = p.stats == kStatsNone
+                       ? plain_coefficients(p)
+                       : sample_coefficients<kPerturbed>(p, t.partials + b * p.parts * kStatsPerSample);
   }
   __syncthreads();
   const SampleCoefficients k = coefficients;
   const int64_t j = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec;
   if (j + kVec <= p.sample_elems) {
     if constexpr (kVec > 1) {
-      guided_step_vector<T, kVec>(p, t, k, b, j);
+      guided_step_vector<T, kVec, kPerturbed>(p, t, k, b, j);
     } else {
-      guided_step_at(p, t, k, b, j);
+      guided_step_at<T, kPerturbed>(p, t, k, b, j);
     }
   } else {
-    for (int64_t i = j; i < p.sample_elems; ++i) guided_step_at(p, t, k, b, i);
+    for (int64_t i = j; i < p.sample_elems; ++i) guided_step_at<T, kPerturbed>(p, t, k, b, i);
   }
+}
+
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads) guided_step_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
+  guided_step<T, kVec, false>(p, t);
+}
+
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads) perturbed_guided_step_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
+  guided_step<T, kVec, true>(p, t);
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -179,21 +223,22 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
                             t.x0_out};
   bool vectorised = p.sample_elems % kVec == 0 && p.mo_sample_stride % kVec == 0 &&
                     p.uncond_sample_stride % kVec == 0 &&
-                    p.var_offset % kVec == 0 && p.out_half_offset % kVec == 0;
+                    p.var_offset % kVec == 0 && p.out_block_offset % kVec == 0;
   for (const void* ptr : pointers) vectorised = vectorised && (ptr == nullptr || aligned16(ptr));
-  if (p.stats != kStatsNone && vectorised) {
-    launch_kernel(guided_stats_kernel<T, kVec>, stats_grid, kThreads, stream, p, t);
-  } else if (p.stats != kStatsNone) {
-    launch_kernel(guided_stats_kernel<T, 1>, stats_grid, kThreads, stream, p, t);
+  // Each pass's instance: vectorised or element by element, with or without a perturbed branch.
+  using Kernel = void (*)(GuidedStepParams, GuidedStepTensors<T>);
+  if (p.stats != kStatsNone) {
+    const Kernel stats = vectorised
+                             ? (p.perturbed ? perturbed_guided_stats_kernel<T, kVec> : guided_stats_kernel<T, kVec>)
+                             : (p.perturbed ? perturbed_guided_stats_kernel<T, 1> : guided_stats_kernel<T, 1>);
+    launch_kernel(stats, stats_grid, kThreads, stream, p, t);
   }
   const int vec = vectorised ? kVec : 1;
   const int64_t per_block = static_cast<int64_t>(kThreads) * vec;
   const dim3 grid(static_cast<unsigned>((p.sample_elems + per_block - 1) / per_block), static_cast<unsigned>(p.batch));
-  if (vectorised) {
-    launch_kernel(guided_step_kernel<T, kVec>, grid, kThreads, stream, p, t);
-  } else {
-    launch_kernel(guided_step_kernel<T, 1>, grid, kThreads, stream, p, t);
-  }
+  const Kernel step = vectorised ? (p.perturbed ? perturbed_guided_step_kernel<T, kVec> : guided_step_kernel<T, kVec>)
+                                 : (p.perturbed ? perturbed_guided_step_kernel<T, 1> : guided_step_kernel<T, 1>);
+  launch_kernel(step, grid, kThreads, stream, p, t);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -3,9 +3,13 @@
 //
 // With c the model's prediction, u the guiding one (the uncond half of the model output or a
 // separate guide tensor) and v = c − u (for APG with momentum
-// v = c − u + momentum·buffer, the new buffer), every guidance variant is
-// m = f·(α_c·c + α_v·v) with per-sample scalars (kernels/guided_step.py derives them):
+// v = c − u + momentum·buffer, the new buffer), every guidance variant
+// (fastguide/ops/contract.py's GuidanceCombine states them) is m = f·(α_c·c + α_v·v) with
+// per-sample scalars (kernels/guided_step.py derives them):
 //   CFG          α_c = 1, α_v = w − 1, f = 1
+//   PAG / SLG    with the perturbed prediction p (the model output's third B rows), v is the whole
+//                guidance term g = (w − 1)·(c − u) + s·(c − p), m = c + g: α_c = 1, α_v = 1
+//                (a compile-time branch, kPerturbed: kernels of their own)
 //   CFG-Zero*    s* = ⟨c, u⟩/(‖u‖² + 1e-8), α_c = w + s*(1 − w), α_v = s*(w − 1)
 //   tangential   u ← (u·v₁)v₁ = β(a₀c + a₁u) from the 2×2 Gram matrix of [c; u] (kernels/guided_step.py)
 //   APG          k = min(1, τ/‖v‖), α_c = 1 + (w − 1)·k·(η − 1)·⟨v, c⟩/‖c‖², α_v = (w − 1)·k
@@ -38,7 +42,7 @@ struct StepScalars {
   float alpha, sigma, k_x, k_x0, k_eps, k_noise, k_grad, grad_eps_scale, k_guide_eps;
 };
 struct CombineScalars {
-  float scale, rescale, apg_eta, apg_norm_threshold, apg_momentum;
+  float scale, rescale, apg_eta, apg_norm_threshold, apg_momentum, perturbed_scale;
 };
 constexpr int kMaxHistory = 4;  // history pointer slots (contract.MAX_HISTORY)
 
@@ -50,13 +54,14 @@ struct GuidedStepParams {
   int64_t sample_elems;          // elements of one sample of x
   int64_t mo_sample_stride;      // elements between samples of model_output (C' = C or 2C channels)
   int64_t uncond_sample_stride;  // elements between samples of the guiding prediction u
+  int64_t mo_block;              // B·mo_sample_stride: u and p of a [c; u; p] model output, from c's offset
   int64_t var_offset;            // start of the variance channels within a model_output sample
-  int64_t out_half_offset;       // start of out's second half when out is (2B, ...)
+  int64_t out_block_offset;      // start of out's second B-row block when out is (2B, ...) or (3B, ...)
   int stats;                     // GuidedStats
   int parts;                     // partial sums per sample (≤ kMaxParts)
   int num_history;               // history tensors in use (≤ kMaxHistory)
-  bool guided, rescale, apg_momentum_on, clip, grad_eps, learned_var;
-  bool has_noise, has_grad_term, out_2b, has_x0_out;
+  bool guided, rescale, apg_momentum_on, perturbed, clip, grad_eps, learned_var;
+  bool has_noise, has_grad_term, out_2b, out_3b, has_x0_out;  // out_2b: a 2B or 3B out
   StepScalars step;
   CombineScalars combine;
   float k_history[kMaxHistory];
@@ -146,6 +151,7 @@ struct SampleCoefficients {
 // S2 = Σ M_p + n_p(μ_p − μ₀)(μ_p − μ₀)', M = S2 − S1·S1'/n (what cancels there is
 // (μ − μ₀)²/σ², nothing next to double's precision). The Gram entries are
 // Σxy = Mxy + n·μx·μy with u = c − v.
+template <bool kPerturbed>
 FG_HOST_DEVICE SampleCoefficients sample_coefficients(const GuidedStepParams& p, const float* sample_partials) {
   const double ref_c = double(sample_partials[1]) + sample_partials[3];
   const double ref_v = double(sample_partials[2]) + sample_partials[4];
@@ -167,7 +173,8 @@ FG_HOST_DEVICE SampleCoefficients sample_coefficients(const GuidedStepParams& p,
   const double cc = m_cc + n * mean_c * mean_c, vv = m_vv + n * mean_v * mean_v, cv = m_cv + n * mean_c * mean_v;
   const double cu = (m_cc - m_cv) + n * mean_c * mean_u, uu = (m_cc - 2.0 * m_cv + m_vv) + n * mean_u * mean_u;
   const double w = p.combine.scale;
-  double alpha_c = 1.0, alpha_v = w - 1.0, f = 1.0;
+  // Plain CFG; with a perturbed prediction v is the whole guidance term, m₀ = c + v.
+  double alpha_c = 1.0, alpha_v = kPerturbed ? 1.0 : w - 1.0, f = 1.0;
   if (p.stats == kStatsZeroStar) {
     const double s_star = cu / (uu + 1e-8);
     alpha_c = w + s_star * (1.0 - w);
@@ -208,7 +215,7 @@ FG_HOST_DEVICE SampleCoefficients plain_coefficients(const GuidedStepParams& p) 
 
 // One element's inputs and outputs, in fp32. Unused inputs are ignored.
 struct StepInputs {
-  float c, u, buffer, x, noise, grad, var_value;
+  float c, u, perturbed, buffer, x, noise, grad, var_value;
   float history[kMaxHistory];
 };
 struct StepOutputs {
@@ -222,14 +229,28 @@ FG_HOST_DEVICE float guidance_difference(const GuidedStepParams& p, float c, flo
   return v;
 }
 
+// With a perturbed prediction (PAG, SLG): the whole guidance term g = (w − 1)·v + s·(c − p),
+// m = c + g, which the statistics are taken of in place of v.
+FG_HOST_DEVICE float perturbed_guidance(const GuidedStepParams& p, float c, float v, float perturbed) {
+  return (p.combine.scale - 1.0f) * v + p.combine.perturbed_scale * (c - perturbed);
+}
+
+template <bool kPerturbed>
 FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const SampleCoefficients& k, const StepInputs& in) {
   StepOutputs result{0.0f, 0.0f, in.buffer};
   float m = in.c;
   if (p.guided) {
-    const float v = guidance_difference(p, in.c, in.u, in.buffer);
-    result.buffer = v;
-    // Plain CFG as the reference writes it, u + w·(c − u), so that infinities agree.
-    m = p.stats == kStatsNone ? in.u + p.combine.scale * v : k.f * (k.alpha_c * in.c + k.alpha_v * v);
+    if constexpr (kPerturbed) {  // "cfg" only: no APG momentum
+      const float v = in.c - in.u;
+      // As the reference writes it, u + w·(c − u) + s·(c − p), so that infinities agree.
+      m = p.stats == kStatsNone ? in.u + p.combine.scale * v + p.combine.perturbed_scale * (in.c - in.perturbed)
+                                : k.f * (k.alpha_c * in.c + k.alpha_v * perturbed_guidance(p, in.c, v, in.perturbed));
+    } else {
+      const float v = guidance_difference(p, in.c, in.u, in.buffer);
+      result.buffer = v;
+      // Plain CFG as the reference writes it, u + w·(c − u), so that infinities agree.
+      m = p.stats == kStatsNone ? in.u + p.combine.scale * v : k.f * (k.alpha_c * in.c + k.alpha_v * v);
+    }
   }
   // x0 and eps from m with no term of zero coefficient (0·inf would be NaN).
   float x0, eps;
@@ -291,22 +312,31 @@ FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const Sampl
   return result;
 }
 
-// c and v = c − u (+ momentum·buffer) of element j of sample b.
-template <typename T>
+// c and v = c − u (+ momentum·buffer; the whole guidance term with kPerturbed) of element j
+// of sample b. A perturbed prediction comes with the model output [c; u; p]: u and p are read
+// at B-row block offsets from c (one live pointer where three would be), and there is no APG
+// buffer ("cfg" only).
+template <typename T, bool kPerturbed>
 FG_HOST_DEVICE void stats_inputs_at(const GuidedStepParams& p, const GuidedStepTensors<T>& t, int64_t b, int64_t j,
                                     float& c, float& v) {
-  c = to_float(t.model_output[b * p.mo_sample_stride + j]);
-  const float u = to_float(t.uncond[b * p.uncond_sample_stride + j]);
-  const float buffer = p.apg_momentum_on ? t.apg_buffer[b * p.sample_elems + j] : 0.0f;
-  v = guidance_difference(p, c, u, buffer);
+  const int64_t mo = b * p.mo_sample_stride + j;
+  c = to_float(t.model_output[mo]);
+  if constexpr (kPerturbed) {
+    const float u = to_float(t.model_output[mo + p.mo_block]);
+    v = perturbed_guidance(p, c, c - u, to_float(t.model_output[mo + 2 * p.mo_block]));
+  } else {
+    const float u = to_float(t.uncond[b * p.uncond_sample_stride + j]);
+    const float buffer = p.apg_momentum_on ? t.apg_buffer[b * p.sample_elems + j] : 0.0f;
+    v = guidance_difference(p, c, u, buffer);
+  }
 }
 
 // Adds element j of sample b to a thread's shifted sums.
-template <typename T>
+template <typename T, bool kPerturbed>
 FG_HOST_DEVICE void accumulate_stats_at(const GuidedStepParams& p, const GuidedStepTensors<T>& t, int64_t b,
                                         int64_t j, ShiftedSums& sums) {
   float c, v;
-  stats_inputs_at(p, t, b, j, c, v);
+  stats_inputs_at<T, kPerturbed>(p, t, b, j, c, v);
   add_shifted(sums, c, v);
 }
 
@@ -318,15 +348,21 @@ FG_HOST_DEVICE int64_t stats_part_elems(const GuidedStepParams& p, int vec) {
 
 // The whole step for element j of sample b, one element at a time (the kernels' scalar
 // path, and the CPU harness).
-template <typename T>
+template <typename T, bool kPerturbed>
 FG_HOST_DEVICE void guided_step_at(const GuidedStepParams& p, const GuidedStepTensors<T>& t,
                                    const SampleCoefficients& k, int64_t b, int64_t j) {
   const int64_t here = b * p.sample_elems + j;  // offset in every x-shaped tensor
   const int64_t mo = b * p.mo_sample_stride + j;
   StepInputs in{};
   in.c = to_float(t.model_output[mo]);
-  if (p.guided) in.u = to_float(t.uncond[b * p.uncond_sample_stride + j]);
-  if (p.apg_momentum_on) in.buffer = t.apg_buffer[here];
+  if constexpr (kPerturbed) {  // [c; u; p]: u and p at B-row block offsets from c (stats_inputs_at)
+    in.u = to_float(t.model_output[mo + p.mo_block]);
+    in.perturbed = to_float(t.model_output[mo + 2 * p.mo_block]);
+  } else if (p.guided) {
+    in.u = to_float(t.uncond[b * p.uncond_sample_stride + j]);
+  }
+  const bool momentum = !kPerturbed && p.apg_momentum_on;  // APG's, never with a perturbed prediction
+  if (momentum) in.buffer = t.apg_buffer[here];
   in.x = to_float(t.x[here]);
   FG_UNROLL
   for (int i = 0; i < kMaxHistory; ++i) {
@@ -335,10 +371,13 @@ FG_HOST_DEVICE void guided_step_at(const GuidedStepParams& p, const GuidedStepTe
   if (p.has_noise) in.noise = to_float(t.noise[here]);
   if (p.grad_eps || p.has_grad_term) in.grad = to_float(t.grad[here]);
   if (p.learned_var) in.var_value = to_float(t.model_output[p.var_offset + mo]);
-  const StepOutputs r = guided_element(p, k, in);
-  if (p.apg_momentum_on) t.apg_buffer[here] = r.buffer;
+  const StepOutputs r = guided_element<kPerturbed>(p, k, in);
+  if (momentum) t.apg_buffer[here] = r.buffer;
   t.out[here] = from_float<T>(r.x_next);
-  if (p.out_2b) t.out[p.out_half_offset + here] = from_float<T>(r.x_next);
+  if (p.out_2b) {
+    t.out[p.out_block_offset + here] = from_float<T>(r.x_next);
+    if (p.out_3b) t.out[2 * p.out_block_offset + here] = from_float<T>(r.x_next);
+  }
   if (p.has_x0_out) t.x0_out[here] = from_float<T>(r.x0);
 }
 

@@ -3,8 +3,13 @@
 Algorithm. With c the model's prediction and u the guiding one (the uncond half of the
 model output, or a separate guide tensor) and v = c − u (or,
 for APG, the running difference r = c − u + momentum·buffer), every guidance variant
-is m = f·(α_c·c + α_v·v) with per-sample scalars:
+(fastguide.ops.contract.GuidanceCombine states them) is m = f·(α_c·c + α_v·v) with
+per-sample scalars:
   CFG            α_c = 1, α_v = w − 1, f = 1
+  PAG / SLG      with the perturbed prediction p (the model output's third B rows), v is
+                 the whole guidance term g = (w − 1)·(c − u) + s·(c − p), m = c + g:
+                 α_c = 1, α_v = 1 ("cfg" only; a compile-time branch: without p the
+                 launcher passes perturbed_ptr=None, which Triton specialises as a constant)
   CFG-Zero*      s* = ⟨c, u⟩/(‖u‖² + 1e-8),  α_c = w + s*(1 − w),  α_v = s*(w − 1)
   tangential     u ← (u·v₁)v₁ = β(a₀c + a₁u), (a₀, a₁) the top eigenvector of the Gram matrix
                  [[c·c, c·u], [c·u, u·u]] (eigenvalue λ), β = (a₀ c·u + a₁ u·u)/(λ‖a‖²):
@@ -31,11 +36,11 @@ elementwise kernel merges a sample's ≤ 32 partials in float64 by Chan's formul
 prologue, in a fixed order (deterministic: no atomics). Two launches.
 
 Bytes it must move (E = B·C·HW elements of x, s_t the size of tensor t's dtype):
-  elementwise: read 2E of model output (E when unguided; +E for learned variance),
-  E of x, E of each history tensor and of noise / grad used (E of a separate guide in
-  place of the uncond half); write E (2E for a 2B out) of x_next,
-  E of x0 when asked; APG with momentum reads and writes E of its buffer.
-  stats pass: reads c and u again (2E, +E APG buffer).
+  elementwise: read 2E of model output (E when unguided, 3E with a perturbed prediction;
+  +E for learned variance), E of x, E of each history tensor and of noise / grad used
+  (E of a separate guide in place of the uncond half); write E (2E or 3E for a 2B or 3B
+  out) of x_next, E of x0 when asked; APG with momentum reads and writes E of its buffer.
+  stats pass: reads c and u again (2E, +E APG buffer or perturbed prediction).
 FLOPs: ~20 per element, far under any GPU's ratio of FLOPs to bytes: memory-bound.
 
 Layout: every x-shaped tensor shares x's dense layout (contiguous or channels_last) and
@@ -81,22 +86,27 @@ STATS_FIELDS = tl.constexpr(8)  # a partial: count, reference (c, v), mean offse
 
 
 @triton.jit
-def _load_c_v(mo_ptr, uncond_ptr, buf_ptr, b, j, mask, mo_sample_stride, uncond_sample_stride, sample_elems,
-              apg_momentum, APG_MOMENTUM: tl.constexpr):
-    """c and v = c − u (+ momentum·buffer) at offsets j of sample b, in fp32."""
+def _load_c_v(mo_ptr, uncond_ptr, perturbed_ptr, buf_ptr, b, j, mask, mo_sample_stride, uncond_sample_stride,
+              sample_elems, apg_momentum, scale, perturbed_scale,
+              APG_MOMENTUM: tl.constexpr, PERTURBED: tl.constexpr):
+    """c and v = c − u (+ momentum·buffer; or with PERTURBED the whole guidance term
+    (w − 1)·(c − u) + s·(c − p)) at offsets j of sample b, in fp32."""
     c = tl.load(mo_ptr + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(uncond_ptr + b * uncond_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
     v = c - u
     if APG_MOMENTUM:
         v += apg_momentum * tl.load(buf_ptr + b * sample_elems + j, mask=mask, other=0.0).to(tl.float32)
+    if PERTURBED:
+        p = tl.load(perturbed_ptr + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
+        v = (scale - 1.0) * v + perturbed_scale * (c - p)
     return c, v
 
 
 @triton.jit
 def _guided_stats_kernel(
-    mo_ptr, uncond_ptr, buf_ptr, partial_ptr,
+    mo_ptr, uncond_ptr, perturbed_ptr, buf_ptr, partial_ptr,
     sample_elems, mo_sample_stride, uncond_sample_stride, elems_per_part,
-    apg_momentum,
+    apg_momentum, scale, perturbed_scale,
     APG_MOMENTUM: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The moments of (c, v) over one chunk of one sample: its count n, a reference value
@@ -112,13 +122,15 @@ def _guided_stats_kernel(
     (up to 64k-element samples), where E[x²] − E[x]² loses (μ/σ)²; a constant chunk gives
     exact zeros.
     """
+    PERTURBED: tl.constexpr = perturbed_ptr is not None
     part = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     start = part * elems_per_part
     lanes = tl.arange(0, BLOCK)
     mask = start + lanes < sample_elems
-    c, v = _load_c_v(mo_ptr, uncond_ptr, buf_ptr, b, start + lanes, mask, mo_sample_stride,
-                     uncond_sample_stride, sample_elems, apg_momentum, APG_MOMENTUM)
+    c, v = _load_c_v(mo_ptr, uncond_ptr, perturbed_ptr, buf_ptr, b, start + lanes, mask, mo_sample_stride,
+                     uncond_sample_stride, sample_elems, apg_momentum, scale, perturbed_scale,
+                     APG_MOMENTUM, PERTURBED)
     ref_c = tl.sum(tl.where(lanes == 0, c, 0.0), axis=0)
     ref_v = tl.sum(tl.where(lanes == 0, v, 0.0), axis=0)
     first_count = tl.maximum(tl.sum(mask.to(tl.float32), axis=0), 1.0)
@@ -135,8 +147,9 @@ def _guided_stats_kernel(
     for offset in range(BLOCK, elems_per_part, BLOCK):
         j = start + offset + lanes
         mask = j < sample_elems
-        c, v = _load_c_v(mo_ptr, uncond_ptr, buf_ptr, b, j, mask, mo_sample_stride,
-                         uncond_sample_stride, sample_elems, apg_momentum, APG_MOMENTUM)
+        c, v = _load_c_v(mo_ptr, uncond_ptr, perturbed_ptr, buf_ptr, b, j, mask, mo_sample_stride,
+                         uncond_sample_stride, sample_elems, apg_momentum, scale, perturbed_scale,
+                         APG_MOMENTUM, PERTURBED)
         dc = tl.where(mask, c - k_c, 0.0)
         dv = tl.where(mask, v - k_v, 0.0)
         acc_c += dc
@@ -163,7 +176,7 @@ def _guided_stats_kernel(
 def _sample_coefficients(
     partial_ptr, b,
     w, rescale, apg_eta, apg_norm_threshold,
-    STATS: tl.constexpr, RESCALE: tl.constexpr, PARTS: tl.constexpr,
+    STATS: tl.constexpr, RESCALE: tl.constexpr, PERTURBED: tl.constexpr, PARTS: tl.constexpr,
 ):
     """(α_c, α_v, f) of sample b from its chunks' moments, merged in float64 by Chan's
     formula in a fixed order: μ = Σ n_p μ_p / n, M = Σ M_p + Σ n_p (μ_p − μ)(μ_p − μ)'.
@@ -212,7 +225,10 @@ def _sample_coefficients(
         alpha_v = -(1.0 - w64) * beta * a1
     else:  # plain CFG, here only for CFG rescale
         alpha_c = tl.full([], 1.0, tl.float64)
-        alpha_v = w64 - 1.0
+        if PERTURBED:  # v is the whole guidance term: m₀ = c + v
+            alpha_v = tl.full([], 1.0, tl.float64)
+        else:
+            alpha_v = w64 - 1.0
     f = tl.full([], 1.0, tl.float64)
     if RESCALE:
         # var(m₀) of m₀ = α_c·c + α_v·v from the centred co-moments; the 1/(n − 1) cancels.
@@ -227,11 +243,11 @@ def _sample_coefficients(
 
 @triton.jit
 def _guided_step_kernel(
-    mo_ptr, uncond_ptr, x_ptr, h0_ptr, h1_ptr, h2_ptr, h3_ptr, noise_ptr, grad_ptr, buf_ptr, out_ptr, x0_ptr,
-    partial_ptr,
-    sample_elems, mo_sample_stride, uncond_sample_stride, var_offset, out_half_offset,
+    mo_ptr, uncond_ptr, perturbed_ptr, x_ptr, h0_ptr, h1_ptr, h2_ptr, h3_ptr, noise_ptr, grad_ptr, buf_ptr,
+    out_ptr, out_third_ptr, x0_ptr, partial_ptr,
+    sample_elems, mo_sample_stride, uncond_sample_stride, var_offset, out_block_offset,
     # GuidanceCombine's scalars, by name
-    scale, rescale, apg_eta, apg_norm_threshold, apg_momentum,
+    scale, rescale, apg_eta, apg_norm_threshold, apg_momentum, perturbed_scale,
     # StepCoefficients' scalars, by name, and the prediction type's linear maps
     alpha, sigma, k_x, k_x0, k_eps, k_noise, k_grad, grad_eps_scale, k_guide_eps,
     inv_alpha, inv_sigma,
@@ -241,6 +257,10 @@ def _guided_step_kernel(
     NUM_HISTORY: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_GRAD_TERM: tl.constexpr,
     OUT_2B: tl.constexpr, HAS_X0_OUT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # Two branches specialised on a None pointer (Triton makes a None argument a constant)
+    # rather than on flags of their own, so that every other specialisation, the kernel
+    # report's included, stays as it was: a perturbed prediction p, and a 3B out's third block.
+    PERTURBED: tl.constexpr = perturbed_ptr is not None
     b = tl.program_id(1).to(tl.int64)
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = j < sample_elems
@@ -253,12 +273,19 @@ def _guided_step_kernel(
         if APG_MOMENTUM:
             v += apg_momentum * tl.load(buf_ptr + here, mask=mask, other=0.0).to(tl.float32)
             tl.store(buf_ptr + here, v.to(buf_ptr.dtype.element_ty), mask=mask)
+        if PERTURBED:
+            p = tl.load(perturbed_ptr + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
         if STATS == NO_STATS:
-            m = u + scale * v
+            if PERTURBED:  # as the reference writes it, so that infinities agree
+                m = u + scale * v + perturbed_scale * (m - p)
+            else:
+                m = u + scale * v
         else:
+            if PERTURBED:  # the stats pass's v: the whole guidance term
+                v = (scale - 1.0) * v + perturbed_scale * (m - p)
             alpha_c, alpha_v, f = _sample_coefficients(
                 partial_ptr, b, scale, rescale, apg_eta, apg_norm_threshold,
-                STATS, RESCALE, PARTS,
+                STATS, RESCALE, PERTURBED, PARTS,
             )
             m = f * (alpha_c * m + alpha_v * v)
 
@@ -335,8 +362,11 @@ def _guided_step_kernel(
             x_next += k_grad * g
 
     tl.store(out_ptr + here, x_next.to(out_ptr.dtype.element_ty), mask=mask)
+    # The other B-row blocks of a 2B or 3B out (the next [c; u] or [c; u; p] input).
     if OUT_2B:
-        tl.store(out_ptr + out_half_offset + here, x_next.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + out_block_offset + here, x_next.to(out_ptr.dtype.element_ty), mask=mask)
+    if out_third_ptr is not None:
+        tl.store(out_third_ptr + here, x_next.to(out_ptr.dtype.element_ty), mask=mask)
     if HAS_X0_OUT:
         tl.store(x0_ptr + here, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
@@ -358,14 +388,17 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
     guided = combine is not None
     stats = guidance_stats(combine)
     apg_with_momentum = guided and combine.variant == "apg" and combine.apg_momentum != 0.0
+    perturbed = guided and combine.perturbed_scale != 0.0
     mo_sample_stride = model_output[0].numel()
-    # The guiding prediction u: the second half of the model output, or its own tensor.
+    # The guiding prediction u: the model output's second B rows, or its own tensor; the
+    # perturbed one p: its third B rows.
     if guided and tensors.guide is not None:
         uncond = dense(tensors.guide, fmt)
         uncond_sample_stride = uncond[0].numel()
     else:
-        uncond = model_output_in[batch:] if guided else model_output_in
+        uncond = model_output_in[batch:2 * batch] if guided else model_output_in
         uncond_sample_stride = mo_sample_stride
+    perturbed_in = model_output_in[2 * batch:] if perturbed else None
     combine_scalars = {name: float(getattr(combine or _UNGUIDED, name)) for name in COMBINE_SCALARS}
 
     parts = min(MAX_PARTS, triton.cdiv(sample_elems, BLOCK))
@@ -376,9 +409,9 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
         partials = torch.zeros((batch, parts_pow2, STATS_FIELDS), dtype=torch.float32, device=x.device)
         elems_per_part = triton.cdiv(triton.cdiv(sample_elems, parts), BLOCK) * BLOCK
         _guided_stats_kernel[(parts, batch)](
-            model_output_in, uncond, work["apg_buffer"], partials,
+            model_output_in, uncond, perturbed_in, work["apg_buffer"], partials,
             sample_elems, mo_sample_stride, uncond_sample_stride, elems_per_part,
-            combine_scalars["apg_momentum"],
+            combine_scalars["apg_momentum"], combine_scalars["scale"], combine_scalars["perturbed_scale"],
             APG_MOMENTUM=apg_with_momentum, PARTS=parts_pow2, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
 
@@ -386,8 +419,8 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
     k_history = list(step.k_history) + [0.0] * (MAX_HISTORY - len(history))
     log_min, log_max = step.log_variance_range if learned else (0.0, 0.0)
     _guided_step_kernel[(triton.cdiv(sample_elems, BLOCK), batch)](
-        model_output_in, uncond, x_in, *history_slots, noise, grad, work["apg_buffer"], work["out"],
-        work["x0_out"], partials,
+        model_output_in, uncond, perturbed_in, x_in, *history_slots, noise, grad, work["apg_buffer"], work["out"],
+        work["out"][2 * batch:] if tensors.out.shape[0] == 3 * batch else None, work["x0_out"], partials,
         sample_elems, mo_sample_stride, uncond_sample_stride, channels * (mo_sample_stride // model_output.shape[1]),
         batch * sample_elems,
         **combine_scalars,
@@ -401,7 +434,7 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
         GRAD_EPS=grad is not None and step.grad_eps_scale != 0.0, LEARNED_VAR=learned,
         NUM_HISTORY=len(history), HAS_NOISE=noise is not None and step.k_noise != 0.0,
         HAS_GRAD_TERM=grad is not None and step.k_grad != 0.0,
-        OUT_2B=tensors.out.shape[0] == 2 * batch, HAS_X0_OUT=tensors.x0_out is not None,
+        OUT_2B=tensors.out.shape[0] >= 2 * batch, HAS_X0_OUT=tensors.x0_out is not None,
         PARTS=parts_pow2, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     write_back(targets, work)

@@ -109,7 +109,7 @@ def _is_float_arg(kernel: triton.JITFunction, name: str) -> bool:
 
 
 FLOAT_ARGS = {
-    "_guided_stats_kernel": {"apg_momentum"},
+    "_guided_stats_kernel": {"apg_momentum", "scale", "perturbed_scale"},
     # the contract's scalars, by name, and what the launcher derives from them
     "_guided_step_kernel": {
         *STEP_SCALARS, *COMBINE_SCALARS, "inv_alpha", "inv_sigma",
@@ -199,6 +199,15 @@ def cases() -> list[Case]:
         {"mo_ptr": "fp16", "uncond_ptr": "fp16", "x_ptr": "fp16", "buf_ptr": "fp32", "out_ptr": "fp16",
          "partial_ptr": "fp32"},
         dict(GUIDED=True, STATS=2, RESCALE=True, APG_MOMENTUM=True, CLIP=True, GRAD_EPS=False,
+             PREDICTION=0, LEARNED_VAR=False, NUM_HISTORY=0, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
+             HAS_X0_OUT=False, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK),
+        gs.NUM_WARPS,
+    ))
+    out.append(Case(
+        "guided_step pag+rescale fp16", gs._guided_step_kernel,
+        {"mo_ptr": "fp16", "uncond_ptr": "fp16", "perturbed_ptr": "fp16", "x_ptr": "fp16", "out_ptr": "fp16",
+         "out_third_ptr": "fp16", "partial_ptr": "fp32"},
+        dict(GUIDED=True, STATS=1, RESCALE=True, APG_MOMENTUM=False, CLIP=True, GRAD_EPS=False,
              PREDICTION=0, LEARNED_VAR=False, NUM_HISTORY=0, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
              HAS_X0_OUT=False, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK),
         gs.NUM_WARPS,
@@ -371,9 +380,9 @@ def run_cuda(archs: list[int]) -> list[dict]:
 
 
 # Kernels whose optional inputs are runtime branches: the 16-byte loads of their main path
-# (CFG + DDIM: the conditional and unconditional predictions and x), where the SASS holds
-# the optional ones too (history, noise, gradient, ...).
-CUDA_MAIN_PATH_VECTORS = {"guided_step_kernel": 3}
+# (CFG + DDIM: the conditional and unconditional predictions and x; PAG adds the perturbed
+# one), where the SASS holds the optional ones too (history, noise, gradient, ...).
+CUDA_MAIN_PATH_VECTORS = {"guided_step_kernel": 3, "perturbed_guided_step_kernel": 4}
 
 
 def block_threads(source: str) -> int:

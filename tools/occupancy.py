@@ -59,6 +59,8 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "cuda normalize_kernel<fp32, 4, false> sm_90",
     "cuda normalize_kernel<fp32, 4, true> sm_80",
     "cuda normalize_kernel<fp32, 4, true> sm_90",
+    "cuda perturbed_guided_step_kernel<bf16, 8> sm_90",
+    "cuda perturbed_guided_step_kernel<fp16, 8> sm_90",
     "group_norm apply+silu nchw fp16 sm_80",
     "group_norm apply+silu nchw fp16 sm_90",
     "group_norm bwd sums nchw fp16 sm_80",

@@ -580,7 +580,7 @@ def guided_step(
     the tensors are those of ``StepTensors`` (fastguide.ops.contract). With
     x = alpha·x0 + sigma·eps the step computes
 
-        m  = u + w·(c − u)              (or CFG-Zero* / APG, then CFG rescale)
+        m  = u + w·(c − u) + s·(c − p)  (or CFG-Zero* / APG / tangential, then CFG rescale)
         x0, eps from m by step.prediction_type ("epsilon", "v_prediction", "sample")
         x0 ← clamp(x0, −1, 1), eps re-derived           if step.clip_denoised
         eps ← eps − grad_eps_scale·grad, x0 re-derived  if step.grad_eps_scale ≠ 0
@@ -588,13 +588,17 @@ def guided_step(
                  + k_noise·noise + k_grad·grad
 
     where c is the first B rows of model_output and u its second B rows ([cond; uncond],
-    batched CFG) or ``guide`` (a second network's output), both read in place; with
+    batched CFG) or ``guide`` (a second network's output), and, when
+    combine.perturbed_scale = s ≠ 0 (PAG, skip-layer guidance), p its third B rows
+    ([cond; uncond; perturbed], no ``guide``), all read in place; with
     step.log_variance_range the noise and grad coefficients are scaled per element by
-    ADM's learned variance. fastguide.ops.reference.guided_step states each step in full.
+    ADM's learned variance. fastguide.ops.contract.GuidanceCombine states the combine and
+    fastguide.ops.reference.guided_step each step in full.
 
-    x_next goes to ``out`` (shaped like x, or (2B, ...) for both halves of the next
-    [cond; uncond] input; x itself is allowed), x0 to ``x0_out`` when given, and APG's
-    momentum state to ``apg_buffer`` (updated in place). Not differentiable.
+    x_next goes to ``out`` (shaped like x, or (2B, ...) or (3B, ...) for each B-row block
+    of the next [cond; uncond] or [cond; uncond; perturbed] input; x itself, or its first
+    B rows, is allowed), x0 to ``x0_out`` when given, and APG's momentum state to
+    ``apg_buffer`` (updated in place). Not differentiable.
     """
     validation.check_step(step)
     validation.check_combine(combine)

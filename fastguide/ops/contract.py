@@ -3,8 +3,9 @@
     StepCoefficients   one sampler update: x = alpha·x0 + sigma·eps at this step and
                        x_next = k_x·x + k_x0·x0 + k_eps·eps + Σᵢ k_history[i]·history[i]
                                 + k_noise·noise + k_grad·grad
-    GuidanceCombine    how the guided prediction m comes from c and u: m = u + w·(c − u),
-                       or a variant (CFG rescale, CFG-Zero*, APG)
+    GuidanceCombine    how the guided prediction m comes from c, u and (PAG, SLG) p:
+                       m = u + w·(c − u) + s·(c − p), or a variant (CFG rescale,
+                       CFG-Zero*, APG, tangential CFG)
     StepTensors        the step's tensors: the model output, x, the guiding prediction
                        when it is a separate tensor, the solver history, noise, the
                        classifier gradient, and the buffers the step writes
@@ -70,15 +71,19 @@ class StepCoefficients(NamedTuple):
 
 
 class GuidanceCombine(NamedTuple):
-    """The guided prediction m from the model's prediction c and the guiding one u.
+    """The guided prediction m from the model's prediction c, the guiding one u and, for
+    perturbed-attention or skip-layer guidance, the perturbed one p (the same model run
+    with some layers perturbed).
 
-      "cfg":        m = u + w·(c − u)
+      "cfg":        m = u + w·(c − u) + s·(c − p) with s = perturbed_scale (as diffusers' PAG
+                    pipelines and SkipLayerGuidance); s = 0, plain CFG, reads no p.
+                    Only "cfg" takes s ≠ 0
       "zero_star":  CFG-Zero* (Fan et al. 2025): u ← s*·u first, s* = ⟨c, u⟩/(‖u‖² + 1e-8)
       "apg":        adaptive projected guidance (Sadat et al. 2024) with apg_eta,
                     apg_norm_threshold (0 = off) and apg_momentum (state in apg_buffer)
       "tangential": tangential damping CFG (TCFG, Kwon et al. 2025): u ← (u·v₁)·v₁ first,
                     v₁ the top right-singular vector of the per-sample 2×D matrix [c; u]
-    then, when rescale = φ > 0, CFG rescale (Lin et al. 2023):
+    then, when rescale = φ > 0, CFG rescale (Lin et al. 2023), of the whole m:
       m ← φ·m·std(c)/std(m) + (1 − φ)·m.
     """
 
@@ -87,19 +92,22 @@ class GuidanceCombine(NamedTuple):
     apg_eta: float = 0.0
     apg_norm_threshold: float = 0.0
     apg_momentum: float = 0.0
+    perturbed_scale: float = 0.0
     variant: str = "cfg"
 
 
 class StepTensors(NamedTuple):
     """The tensors of one step. x is (B, C, *spatial).
 
-    model_output: (B, C', ...) or, for batched CFG, (2B, C', ...) laid out [c; u]; C' is C,
-        or 2C when the model also outputs ADM's variance interpolation (read from the
-        first B rows). The guiding prediction u is its second half, or ``guide``.
+    model_output: (B, C', ...) or, for batched CFG, (2B, C', ...) laid out [c; u], or with
+        combine.perturbed_scale ≠ 0, (3B, C', ...) laid out [c; u; p]; C' is C, or 2C when
+        the model also outputs ADM's variance interpolation (read from the first B rows).
+        The guiding prediction u is its second B rows, or ``guide`` (not with p).
     guide: (B, C or C', ...): u as a separate tensor (a second network's output).
     history: solver state (earlier x0 or model outputs), each shaped like x.
-    out: x_next, shaped like x or (2B, ...) to fill both halves of the next [c; u] input;
-        may be x itself. x0_out: x0. apg_buffer: APG's momentum state, updated in place.
+    out: x_next, shaped like x or (2B, ...) or (3B, ...), x_next in each B-row block (the
+        next [c; u] or [c; u; p] input); may be x itself. x0_out: x0. apg_buffer: APG's
+        momentum state, updated in place.
     """
 
     model_output: Tensor

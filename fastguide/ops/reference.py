@@ -293,19 +293,26 @@ def _cfg_rescale(cond: Tensor, guided: Tensor, rescale: float) -> Tensor:
 
 
 def guided_prediction(
-    cond: Tensor, uncond: Tensor, combine: GuidanceCombine, apg_buffer: Tensor | None = None
+    cond: Tensor,
+    uncond: Tensor,
+    combine: GuidanceCombine,
+    apg_buffer: Tensor | None = None,
+    perturbed: Tensor | None = None,
 ) -> Tensor:
-    """The guided model prediction m from the cond and uncond predictions (same dtype).
+    """The guided model prediction m from the cond, uncond and (when
+    combine.perturbed_scale ≠ 0) perturbed predictions, all of one dtype
+    (fastguide.ops.contract.GuidanceCombine states the math).
 
-    Plain CFG: m = u + w·(c − u). CFG-Zero* replaces u by s*·u, tangential CFG by its
-    projection onto the top singular direction of [c; u], first; APG replaces the
-    combine by its projected form; CFG rescale is applied last to whichever m results.
-    Variants with per-sample reductions run in float64 (and round once at the end): in
-    float32 the reductions cancel at large mean and small spread, where the kernels'
-    shifted sums do not.
+    Plain CFG: m = u + w·(c − u), plus s·(c − p) for PAG and skip-layer guidance.
+    CFG-Zero* replaces u by s*·u, tangential CFG by its projection onto the top singular
+    direction of [c; u], first; APG replaces the combine by its projected form; CFG
+    rescale is applied last to whichever m results. Variants with per-sample reductions
+    run in float64 (and round once at the end): in float32 the reductions cancel at large
+    mean and small spread, where the kernels' shifted sums do not.
     """
     if (combine.rescale > 0.0 or combine.variant != "cfg") and cond.dtype != torch.float64:
-        return guided_prediction(cond.double(), uncond.double(), combine, apg_buffer).to(cond.dtype)
+        perturbed = None if perturbed is None else perturbed.double()
+        return guided_prediction(cond.double(), uncond.double(), combine, apg_buffer, perturbed).to(cond.dtype)
     if combine.variant == "zero_star":
         uncond = _cfg_zero_star_uncond(cond, uncond)
     elif combine.variant == "tangential":
@@ -315,6 +322,8 @@ def guided_prediction(
         guided = _apg_guided(cond, diff, combine, apg_buffer)
     else:
         guided = uncond + combine.scale * diff
+    if combine.perturbed_scale != 0.0:
+        guided = guided + combine.perturbed_scale * (cond - perturbed)
     if combine.rescale > 0.0:
         guided = _cfg_rescale(cond, guided, combine.rescale)
     return guided
@@ -353,9 +362,10 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
     """Guidance combine and one sampler update: the guided_step contract
     (fastguide.ops.contract states the types).
 
-    1. m = guided_prediction(c, u) with c the first B rows of model_output and u its
-       second B rows or ``guide`` (or m = c when ``combine`` is None); with learned
-       variance (2C channels) guidance acts on the first C channels only.
+    1. m = guided_prediction(c, u, p) with c the first B rows of model_output, u its
+       second B rows or ``guide``, p its third B rows when combine.perturbed_scale ≠ 0
+       (or m = c when ``combine`` is None); with learned variance (2C channels) guidance
+       acts on the first C channels only.
     2. x0, eps from m and x (``denoised_and_eps``).
     3. clip_denoised: x0 ← clamp(x0, −1, 1), eps ← (x − alpha·x0)/sigma.
     4. grad_eps_scale ≠ 0: eps ← eps − grad_eps_scale·grad, x0 ← (x − sigma·eps)/alpha
@@ -367,8 +377,9 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
        variance channels of the first B rows, when log_variance_range = (min, max) is
        given; otherwise k_noise' = k_noise and k_grad' = k_grad.
 
-    x_next is written to ``out`` (both halves when it has 2B rows; a new tensor like x
-    when not given), x0 to ``x0_out`` when given; ``apg_buffer`` is updated in place.
+    x_next is written to ``out`` (each B-row block when it has 2B or 3B rows; a new
+    tensor like x when not given), x0 to ``x0_out`` when given; ``apg_buffer`` is updated
+    in place.
     Returns ``out``.
     """
     model_output, x = tensors.model_output, tensors.x
@@ -381,10 +392,13 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
     m = model_output[:batch, :channels].to(dtype)
     guide_eps = None
     if combine is not None:
-        uncond = (model_output[batch:] if tensors.guide is None else tensors.guide)[:, :channels].to(dtype)
+        uncond = (model_output[batch:2 * batch] if tensors.guide is None else tensors.guide)[:, :channels].to(dtype)
+        perturbed = None
+        if combine.perturbed_scale != 0.0:
+            perturbed = model_output[2 * batch:3 * batch, :channels].to(dtype)
         if step.k_guide_eps != 0.0:
             _, guide_eps = denoised_and_eps(uncond, x_c, step.alpha, step.sigma, step.prediction_type)
-        m = guided_prediction(m, uncond, combine, tensors.apg_buffer)
+        m = guided_prediction(m, uncond, combine, tensors.apg_buffer, perturbed)
 
     alpha, sigma = step.alpha, step.sigma
     x0, eps = denoised_and_eps(m, x_c, alpha, sigma, step.prediction_type)
@@ -422,9 +436,8 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
     )
 
     out = torch.empty_like(x) if tensors.out is None else tensors.out
-    out[:batch].copy_(x_next)
-    if out.shape[0] == 2 * batch:
-        out[batch:].copy_(x_next)
+    for block in out.split(batch):
+        block.copy_(x_next)
     if tensors.x0_out is not None:
         tensors.x0_out.copy_(x0)
     return out

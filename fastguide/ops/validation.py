@@ -290,7 +290,8 @@ def check_step(step: object) -> None:
 def check_combine(combine: object) -> None:
     """Checks a GuidanceCombine on its own (None, an unguided step, passes): every scalar
     finite and within float32's range, a known variant, rescale in [0, 1],
-    apg_norm_threshold non-negative, and the APG settings set only for the "apg" variant."""
+    apg_norm_threshold non-negative, the APG settings set only for the "apg" variant and
+    perturbed_scale only for "cfg"."""
     if combine is None:
         return
     if not isinstance(combine, GuidanceCombine):
@@ -309,6 +310,9 @@ def check_combine(combine: object) -> None:
         for name in ("apg_eta", "apg_norm_threshold", "apg_momentum"):
             if getattr(combine, name) != 0:
                 raise ValueError(f"combine.{name} is set but combine.variant is {combine.variant!r}, not 'apg'")
+    if combine.perturbed_scale != 0 and combine.variant != "cfg":
+        raise ValueError(f"combine.perturbed_scale is {combine.perturbed_scale} but combine.variant is "
+                         f"{combine.variant!r}: a perturbed branch (PAG, skip-layer guidance) combines with 'cfg' only")
 
 
 def check_step_layout(tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None) -> None:
@@ -318,13 +322,15 @@ def check_step_layout(tensors: StepTensors, step: StepCoefficients, combine: Gui
     so it costs a few µs (``guided_step_prechecked``'s caller, the sampling loop, runs it
     every model call; ``check_step_tensors`` runs it first). Checked:
 
-    - x of (B, C, *spatial) and model_output of (2B, …) when guiding without a guide
-      tensor, else (B, …), with C or 2C channels (2C with step.log_variance_range) and x's
-      spatial shape; a guide only with a combine, of (B, C or model_output's channels,
-      *spatial);
+    - x of (B, C, *spatial) and model_output of (3B, …) ([c; u; p]) with
+      combine.perturbed_scale ≠ 0, of (2B, …) when guiding without a guide tensor, else
+      (B, …), with C or 2C channels (2C with step.log_variance_range) and x's spatial
+      shape; a guide only with a combine and without a perturbed branch, of (B, C or
+      model_output's channels, *spatial);
     - history a tuple of one tensor per step.k_history coefficient; history, noise, grad,
-      apg_buffer and x0_out (when given) of x's shape; out (when given) of x's shape or
-      (2B, C, *spatial), both halves of the next [cond; uncond] input;
+      apg_buffer and x0_out (when given) of x's shape; out (when given) of x's shape,
+      (2B, C, *spatial) or (3B, C, *spatial), each B-row block of the next [c; u] or
+      [c; u; p] input;
     - every tensor dense (strided), floating (float16, bfloat16, float32 or float64) and
       on x's device;
     - a tensor given for each nonzero coefficient that reads one (noise, grad,
@@ -336,7 +342,18 @@ def check_step_layout(tensors: StepTensors, step: StepCoefficients, combine: Gui
     size, device = x.shape, x.device
     batch, channels, spatial = size[0], size[1], size[2:]
     rows, predicted = model_output.shape[0], model_output.shape[1]
-    if combine is not None and guide is None:
+    if combine is not None and combine.perturbed_scale != 0:
+        if guide is not None:
+            raise ValueError(
+                f"guide must be None when combine.perturbed_scale is {combine.perturbed_scale}: u and the perturbed "
+                f"prediction p are read from model_output, laid out [c; u; p]"
+            )
+        if rows != 3 * batch:
+            raise ValueError(
+                f"model_output must have batch 3·{batch} = {3 * batch} ([cond; uncond; perturbed] for x of batch "
+                f"{batch}) when combine.perturbed_scale is {combine.perturbed_scale}, got {rows}"
+            )
+    elif combine is not None and guide is None:
         if rows != 2 * batch:
             raise ValueError(
                 f"model_output must have batch 2·{batch} = {2 * batch} ([cond; uncond] for x of batch {batch}) "
@@ -389,10 +406,11 @@ def check_step_layout(tensors: StepTensors, step: StepCoefficients, combine: Gui
             _refuse_x_shaped(name, t, x)
     if out is not None:
         check_tensor("out", out)
-        if out.shape != size and out.shape != (2 * batch, *size[1:]):
+        if out.shape[1:] != size[1:] or out.shape[0] not in (batch, 2 * batch, 3 * batch):
             raise ValueError(
-                f"out must have shape {tuple(size)} or {(2 * batch, channels) + tuple(spatial)} "
-                f"(both halves of the next [cond; uncond] input), got {tuple(out.shape)}"
+                f"out must have shape {tuple(size)}, {(2 * batch, channels) + tuple(spatial)} or "
+                f"{(3 * batch, channels) + tuple(spatial)} (x_next in each B-row block of the next [cond; uncond] "
+                f"or [cond; uncond; perturbed] input), got {tuple(out.shape)}"
             )
     for name, t in (("model_output", model_output), ("guide", guide), ("out", out)):
         if t is not None and t.device != device:
@@ -480,16 +498,17 @@ def _extent(t: Tensor) -> int:
     return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
 
 
-def _x_is_first_half(out: Tensor, x: Tensor) -> bool:
-    """out is (2B, ...) laid out like x, x its first B rows, the second half past x's end."""
+def _x_is_first_block(out: Tensor, x: Tensor) -> bool:
+    """out is (2B, ...) or (3B, ...) laid out like x, x its first B rows, the other
+    blocks past x's end."""
     return (out.data_ptr() == x.data_ptr() and out.dtype == x.dtype and out.stride() == x.stride()
-            and out.shape[0] == 2 * x.shape[0] and out.shape[1:] == x.shape[1:]
+            and out.shape[0] in (2 * x.shape[0], 3 * x.shape[0]) and out.shape[1:] == x.shape[1:]
             and out.stride(0) * x.shape[0] >= _extent(x))
 
 
 def _check_aliasing(tensors: StepTensors, x_shaped: list[tuple[str, Tensor | None]]) -> None:
     """The tensors the step writes may be x-shaped inputs themselves (``out`` may be x, or
-    hold x as its first half), but must not overlap any input in any other way, nor each
+    hold x as its first B-row block), but must not overlap any input in any other way, nor each
     other: the kernels read and write in parallel, so a partial overlap would give wrong
     values on one backend and right ones on another. Runs per call: one storage lookup
     per tensor, and the element check only for views of one storage."""
@@ -506,13 +525,13 @@ def _check_aliasing(tensors: StepTensors, x_shaped: list[tuple[str, Tensor | Non
             # (Not the APG buffer: the reference updates it before it reads x and the rest.)
             elementwise = w_name != "apg_buffer" and name not in ("model_output", "guide", "out", "x0_out",
                                                                   "apg_buffer")
-            if elementwise and (_same_view(w, t) or (w_name == "out" and name == "x" and _x_is_first_half(w, t))):
+            if elementwise and (_same_view(w, t) or (w_name == "out" and name == "x" and _x_is_first_block(w, t))):
                 continue
             if _share_memory(w, t) and w_name == "apg_buffer":
                 raise ValueError(f"apg_buffer overlaps {name} in memory: APG's state must have memory of its own")
             if _share_memory(w, t):
                 raise ValueError(
                     f"{w_name} overlaps {name} in memory: a written tensor may be an input itself "
-                    f"(out=x, or x as the first half of a 2B out) but must not overlap any other input "
+                    f"(out=x, or x as the first block of a 2B or 3B out) but must not overlap any other input "
                     f"or written tensor partially"
                 )

@@ -66,10 +66,26 @@ def test_opcheck_guided_step():
     torch.library.opcheck(torch.ops.fastguide.guided_step.default, (*contract.pack(tensors, step, combine), "torch"))
 
 
+def test_opcheck_and_compile_guided_step_with_a_perturbed_prediction():
+    # PAG / SLG: model_output [c; u; p], x_next into each block of a 3B out.
+    model_output, x = torch.randn(6, 3, 5, 5), torch.randn(2, 3, 5, 5)
+    step = ops.StepCoefficients(alpha=0.8, sigma=0.6, k_x=0.3, k_x0=0.7)
+    combine = ops.GuidanceCombine(3.0, rescale=0.5, perturbed_scale=2.0)
+    tensors = contract.StepTensors(model_output, x, out=torch.empty(6, 3, 5, 5), x0_out=torch.empty(2, 3, 5, 5))
+    torch.library.opcheck(torch.ops.fastguide.guided_step.default, (*contract.pack(tensors, step, combine), "torch"))
+
+    def stepped(model_output, x):
+        return ops.guided_step(model_output, x, step, combine, out=torch.empty(6, 3, 5, 5))
+
+    torch.testing.assert_close(torch.compile(stepped, fullgraph=True, backend="aot_eager")(model_output, x),
+                               stepped(model_output, x))
+
+
 def test_contract_round_trips_through_the_op_arguments():
     tensors = contract.StepTensors(torch.randn(4, 3, 2, 2), torch.randn(2, 3, 2, 2), history=(torch.randn(2, 3, 2, 2),))
     step = ops.StepCoefficients(alpha=0.8, sigma=0.6, k_x0=0.2, k_history=(-0.5,), log_variance_range=(-4.0, -2.0))
-    for combine in (None, ops.GuidanceCombine(3.0, rescale=0.5, variant="zero_star")):
+    for combine in (None, ops.GuidanceCombine(3.0, rescale=0.5, variant="zero_star"),
+                    ops.GuidanceCombine(3.0, rescale=0.5, perturbed_scale=2.0)):
         got_tensors, got_step, got_combine = contract.unpack(contract.pack(tensors, step, combine))
         assert got_step == step and got_combine == combine
         assert got_tensors.history[0] is tensors.history[0] and got_tensors.model_output is tensors.model_output

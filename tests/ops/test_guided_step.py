@@ -244,6 +244,37 @@ def test_apg_without_projection_or_clipping_is_cfg():
     )
 
 
+@pytest.mark.parametrize("phi", [0.0, 0.7])
+def test_perturbed_guidance_matches_diffusers_pag_and_skip_layer_guidance(phi):
+    # diffusers' PAG pipelines and SkipLayerGuidance: m = u + w·(c − u) + s·(c − p), then
+    # rescale_noise_cfg against std(c); here inside a DDIM-like update, model output [c; u; p].
+    from diffusers.guiders.skip_layer_guidance import SkipLayerGuidance
+
+    batch, shape, w, s, alpha, sigma = 3, (4, 6, 5), 5.0, 2.5, 0.6, 0.8
+    cond, x = randn(batch, *shape, seed=0), 1.3 * randn(batch, *shape, seed=3)
+    uncond = 0.7 * randn(batch, *shape, seed=1) + 0.2
+    perturbed = 0.9 * randn(batch, *shape, seed=2) - 0.1
+    guided = uncond + w * (cond - uncond) + s * (cond - perturbed)
+    if phi:
+        std_cond = cond.flatten(1).std(dim=1).reshape(-1, 1, 1, 1)
+        std_guided = guided.flatten(1).std(dim=1).reshape(-1, 1, 1, 1)
+        guided = phi * guided * std_cond / std_guided + (1 - phi) * guided
+    x0 = (x - sigma * guided) / alpha
+    expected = 0.9 * x + 0.4 * x0 + 0.3 * guided
+
+    combine = GuidanceCombine(w, rescale=phi, perturbed_scale=s)
+    step = StepCoefficients(alpha=alpha, sigma=sigma, k_x=0.9, k_x0=0.4, k_eps=0.3)
+    x0_out = poisoned(x.shape)
+    out = reference.guided_step(StepTensors(torch.cat([cond, uncond, perturbed]), x, x0_out=x0_out), step, combine)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x0_out, x0)
+    guider = SkipLayerGuidance(guidance_scale=w, skip_layer_guidance_scale=s, guidance_rescale=phi,
+                               skip_layer_guidance_layers=[0], skip_layer_guidance_start=0.0)
+    guider.set_state(step=1, num_inference_steps=10, timestep=torch.tensor(500))  # inside its SLG interval
+    torch.testing.assert_close(reference.guided_prediction(cond, uncond, combine, perturbed=perturbed),
+                               guider.forward(cond, uncond, perturbed).pred)
+
+
 def test_history_of_three_is_the_written_out_multistep_sum():
     # A third-order multistep update: x_next = k_x·x + k_x0·D + Σⱼ kⱼ·D₋ⱼ over three earlier x0.
     batch, shape = 2, (3, 5, 4)
@@ -404,6 +435,97 @@ def test_reduction_variants_when_cond_is_close_to_uncond(backend, case, device):
 
 
 # --------------------------------------------------------------------------------------
+# A perturbed branch (PAG, skip-layer guidance): model_output [c; u; p]
+# --------------------------------------------------------------------------------------
+
+# Cases as tests.helpers.CASES, plus out_blocks: the B-row blocks of out (3 by default).
+PERTURBED_CASES = {
+    "pag-ddim": dict(combine=GuidanceCombine(4.0, perturbed_scale=2.5), step=dict(k_x0=0.8, k_eps=0.5)),
+    "pag-rescale": dict(combine=GuidanceCombine(4.0, rescale=0.7, perturbed_scale=2.5), step=dict(k_x0=0.8, k_eps=0.5)),
+    # diffusers' PAG without CFG, m = c + s·(c − p), is w = 1.
+    "pag-without-cfg-rescale-2b-out": dict(
+        combine=GuidanceCombine(1.0, rescale=0.5, perturbed_scale=3.0), step=dict(k_x=0.9, k_x0=0.4), out_blocks=2,
+    ),
+    "slg-v-clip-history-x0out-1b-out": dict(
+        combine=GuidanceCombine(3.0, perturbed_scale=1.5),
+        step=dict(prediction_type="v_prediction", clip_denoised=True, k_x=0.3, k_x0=0.6, k_eps=0.2,
+                  k_history=(0.2, -0.1)),
+        x0_out=True, out_blocks=1,
+    ),
+    "pag-rescale-learned-var-noise-renoise": dict(
+        combine=GuidanceCombine(5.0, rescale=0.6, perturbed_scale=2.0),
+        step=dict(k_x=0.6, k_x0=0.3, k_noise=1.0, k_guide_eps=0.2, log_variance_range=(-6.0, -4.5)),
+        learned_variance=True,
+    ),
+}
+# Odd sizes (the CUDA scalar path), 16-byte vectors, and several stats parts per sample.
+PERTURBED_SHAPES = [(1, 3, (1, 1)), (2, 3, (7, 13)), (3, 4, (16, 16)), (1, 4, (72, 72))]
+
+
+def perturbed_case_inputs(case: dict, batch: int, channels: int, spatial: tuple, dtype, device):
+    """``case_inputs`` with a model output of 3B rows [c; u; p] and a poisoned out of
+    ``case["out_blocks"]`` B-row blocks (3 when not given)."""
+    tensors, step, combine = case_inputs(case, batch, channels, spatial, dtype, device)
+    model_channels = tensors["model_output"].shape[1]
+    tensors["model_output"] = randn(3 * batch, model_channels, *spatial, seed=1, dtype=dtype).to(device)
+    tensors["out"] = poisoned((case.get("out_blocks", 3) * batch, channels, *spatial), dtype).to(device)
+    return tensors, step, combine
+
+
+@pytest.mark.parametrize(("backend", "dtype"), [
+    *((backend, dtype) for backend in backends_with_emulation("guided_step")
+      for dtype in (torch.float32, torch.float16, torch.bfloat16)),
+    ("torch", torch.float64),
+], ids=str)
+@pytest.mark.parametrize("shape", PERTURBED_SHAPES, ids=str)
+@pytest.mark.parametrize("case", list(PERTURBED_CASES), ids=str)
+def test_perturbed_guidance_matches_reference_float64(backend, dtype, shape, case, device, request):
+    device = "cpu" if backend == "cuda-emulation" else device
+    tensors, step, combine = perturbed_case_inputs(PERTURBED_CASES[case], *shape, dtype, device)
+    expected = run_reference(tensors, step, combine)
+    with running_on(backend, request):
+        ops.guided_step(**tensors, step=step, combine=combine)
+    assert_outputs_match(tensors, expected)
+
+
+@pytest.mark.parametrize("backend", backends_with_emulation("guided_step"))
+@pytest.mark.parametrize("case", ["pag-rescale", "slg-v-clip-history-x0out-1b-out"])
+def test_perturbed_guidance_channels_last(backend, case, device, request):
+    device = "cpu" if backend == "cuda-emulation" else device
+    tensors, step, combine = perturbed_case_inputs(PERTURBED_CASES[case], 2, 5, (9, 11), torch.float32, device)
+    to_cl = lambda t: t.to(memory_format=torch.channels_last)  # noqa: E731
+    tensors = {name: tuple(map(to_cl, t)) if name == "history" else to_cl(t) for name, t in tensors.items()}
+    expected = run_reference(tensors, step, combine)
+    with running_on(backend, request):
+        ops.guided_step(**tensors, step=step, combine=combine)
+    assert tensors["out"].is_contiguous(memory_format=torch.channels_last)
+    assert_outputs_match(tensors, expected)
+
+
+@pytest.mark.parametrize("backend", backends_with_emulation("guided_step"))
+@pytest.mark.parametrize("perturbed_scale", [0.0, 2.0])
+def test_out_fills_every_block_of_a_3b_next_input_holding_x(backend, perturbed_scale, device, request):
+    # The sampler's next [c; u; p] input, written in place: x is its first B rows.
+    device = "cpu" if backend == "cuda-emulation" else device
+    batch, shape = 3, (4, 5, 6)
+    combine = GuidanceCombine(3.0, rescale=0.5, perturbed_scale=perturbed_scale)
+    rows = 3 * batch if perturbed_scale else 2 * batch
+    model_output = randn(rows, *shape, seed=1, dtype=torch.float32).to(device)
+    next_input = poisoned((3 * batch, *shape), torch.float32).to(device)
+    next_input[:batch] = randn(batch, *shape, seed=0, dtype=torch.float32).to(device)
+    x, x0_out = next_input[:batch], poisoned((batch, *shape), torch.float32).to(device)
+    expected_x0 = poisoned(x.shape)
+    expected = reference.guided_step(StepTensors(model_output.double().cpu(), x.double().cpu(), x0_out=expected_x0),
+                                     STEP, combine)
+    with running_on(backend, request):
+        returned = ops.guided_step(model_output, x, STEP, combine, out=next_input, x0_out=x0_out)
+    assert returned is next_input
+    for block in next_input.cpu().split(batch):
+        assert_close(block, expected, GUIDED_STEP, torch.float32)
+    assert_close(x0_out.cpu(), expected_x0, GUIDED_STEP, torch.float32)
+
+
+# --------------------------------------------------------------------------------------
 # Per-sample statistics where a single-pass E[x²] − E[x]² would cancel
 # --------------------------------------------------------------------------------------
 
@@ -452,6 +574,30 @@ def test_reductions_at_large_mean_and_small_spread(backend, variant, shape, devi
     out = guided_prediction_step(backend, request, device, model_output, x, combine)
     tolerance = 4 * torch.finfo(torch.float32).eps * 1e4
     assert_close(out, expected, {torch.float32: (tolerance, 0.0)}, torch.float32)
+
+
+@pytest.mark.parametrize("backend", backends_with_emulation("guided_step"))
+@pytest.mark.parametrize("predictions", ["mean-1e4", "constant"])
+@pytest.mark.parametrize("shape", REDUCTION_SHAPES, ids=str)
+def test_perturbed_rescale_at_large_mean_and_when_constant(backend, predictions, shape, device, request):
+    # The statistics of c and of the whole guidance term (w − 1)·(c − u) + s·(c − p): at mean
+    # 1e4 and spread 1e-2 within the bound of test_reductions_at_large_mean_and_small_spread;
+    # for constant c, u, p the guided m is constant (std 0), which rescale leaves as it is.
+    batch, channels, spatial = shape
+    combine = GuidanceCombine(3.0, rescale=0.7, perturbed_scale=2.0)
+    x = randn(batch, channels, *spatial, seed=13, dtype=torch.float32)
+    if predictions == "constant":
+        model_output = torch.cat([torch.full((batch, channels, *spatial), v) for v in (0.5, 0.2, 0.3)])
+        expected = reference.guided_step(StepTensors(model_output.double(), x.double()), PREDICTION_STEP,
+                                         combine._replace(rescale=0.0))
+        tolerance = GUIDED_STEP
+    else:
+        model_output = torch.cat([1e4 + 1e-2 * randn(batch, channels, *spatial, seed=seed)
+                                  for seed in (11, 12, 14)]).float()
+        expected = reference.guided_step(StepTensors(model_output.double(), x.double()), PREDICTION_STEP, combine)
+        tolerance = {torch.float32: (4 * torch.finfo(torch.float32).eps * 1e4, 0.0)}
+    out = guided_prediction_step(backend, request, device, model_output, x, combine)
+    assert_close(out, expected, tolerance, torch.float32)
 
 
 @pytest.mark.parametrize(("backend", "dtype"), [

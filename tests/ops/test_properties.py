@@ -6,6 +6,7 @@ values, against the float64 reference and the NaN policy of docs/design.md:
   (NaN or ±inf), every other element is finite and agrees with the reference within the
   op's tolerance; for guided_step's per-sample reductions (CFG rescale, CFG-Zero*, APG,
   tangential CFG) and for GroupNorm's statistics the dependency is the whole sample or group.
+  guided_step runs with and without a perturbed prediction (PAG, SLG: model output [c; u; p]).
 
 guided_step's predictions are also drawn with a large mean and a small spread, and
 constant, where statistics that cancel in float32 would give wrong answers silently.
@@ -77,9 +78,10 @@ def step_cases(draw):
         batch=draw(st.integers(0, 3)), channels=draw(st.integers(1, 4)),
         spatial=(draw(st.integers(0, 6)), draw(st.integers(1, 7))),
         dtype=draw(st.sampled_from([torch.float32, torch.float16])),
-        variant=draw(st.sampled_from(["none", "cfg", "rescale", "zero_star", "tangential", "apg", "apg-momentum"])),
+        variant=draw(st.sampled_from(["none", "cfg", "rescale", "zero_star", "tangential", "apg", "apg-momentum",
+                                      "perturbed", "perturbed-rescale"])),
         layout=draw(st.sampled_from(["contiguous", "channels_last", "strided"])),
-        out=draw(st.sampled_from(["new", "x", "2b"])),
+        out=draw(st.sampled_from(["new", "x", "2b", "3b"])),
         learned=draw(st.booleans()), clip=draw(st.booleans()),
         prediction_type=draw(st.sampled_from(PREDICTION_TYPES)),
         alpha_sigma=draw(st.sampled_from([(0.9, math.sqrt(1 - 0.81)), (0.3, math.sqrt(1 - 0.09))])),
@@ -87,7 +89,8 @@ def step_cases(draw):
         k_history=tuple(draw(coefficients) for _ in range(draw(st.integers(0, 4)))),
         x_spots=draw(spots), output_spots=draw(spots), seed=draw(st.integers(0, 2**16)),
     )
-    case["guide"] = case["variant"] != "none" and draw(st.booleans())
+    # A perturbed prediction is the third B rows of the model output: never beside a guide.
+    case["guide"] = case["variant"] not in ("none", "perturbed", "perturbed-rescale") and draw(st.booleans())
     case["k"]["k_guide_eps"] = draw(coefficients) if case["variant"] != "none" else 0.0  # CFG++'s renoising
     # Mean 1e4 would overflow float16's outputs (and float16 holds no 1e-2 spread there).
     case["predictions"] = draw(st.sampled_from(
@@ -102,12 +105,13 @@ def build_step(case: dict) -> tuple[dict, StepCoefficients, GuidanceCombine | No
     model_channels = 2 * channels if case["learned"] else channels
     variant = case["variant"]
     combine = None if variant == "none" else GuidanceCombine(
-        3.0, rescale=0.6 if variant == "rescale" else 0.0,
+        3.0, rescale=0.6 if variant.endswith("rescale") else 0.0,
         apg_eta=0.3 if variant.startswith("apg") else 0.0,
         apg_momentum=-0.5 if variant == "apg-momentum" else 0.0,
+        perturbed_scale=2.0 if variant.startswith("perturbed") else 0.0,
         variant="apg" if variant.startswith("apg") else variant if variant in ("zero_star", "tangential") else "cfg",
     )
-    rows = 2 * batch if combine is not None and not case["guide"] else batch
+    rows = batch if combine is None or case["guide"] else 3 * batch if combine.perturbed_scale else 2 * batch
 
     def random(*size, scale=1.0):
         return in_layout((torch.randn(size, generator=g) * scale).to(dtype), case["layout"])
@@ -132,8 +136,10 @@ def build_step(case: dict) -> tuple[dict, StepCoefficients, GuidanceCombine | No
     tensors["x0_out"] = torch.full(shape, math.nan, dtype=dtype)
     if case["out"] == "x":
         tensors["out"] = tensors["x"]
-    elif case["out"] == "2b":
-        buffer = in_layout(torch.full((2 * batch, channels, *case["spatial"]), math.nan, dtype=dtype), "contiguous")
+    elif case["out"] in ("2b", "3b"):  # the next input, x its first B rows
+        blocks = 2 if case["out"] == "2b" else 3
+        buffer = in_layout(torch.full((blocks * batch, channels, *case["spatial"]), math.nan, dtype=dtype),
+                           "contiguous")
         buffer[:batch] = tensors["x"]
         tensors["x"], tensors["out"] = buffer[:batch], buffer
     else:
@@ -158,7 +164,7 @@ def test_guided_step_follows_the_reference_and_the_nan_policy(backend, case, req
         return
     expected = {name: tuple(t.double() for t in value) if name == "history" else value.detach().double().clone()
                 for name, value in tensors.items()}
-    if case["out"] == "2b":  # the reference's x is the first half of its own 2B out
+    if case["out"] in ("2b", "3b"):  # the reference's x is the first block of its own out
         expected["x"] = expected["out"][: case["batch"]]
     elif case["out"] == "x":
         expected["out"] = expected["x"]

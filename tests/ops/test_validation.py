@@ -163,7 +163,7 @@ def test_guided_step_non_finite_step_scalar(name, value):
         ops.guided_step(*step_inputs(), STEP._replace(**{name: value}), CFG)
 
 
-@pytest.mark.parametrize("name", ["scale", "rescale", "apg_eta"])
+@pytest.mark.parametrize("name", ["scale", "rescale", "apg_eta", "perturbed_scale"])
 def test_guided_step_non_finite_combine_scalar(name):
     with pytest.raises(ValueError, match=f"combine.{name} must be finite"):
         ops.guided_step(*step_inputs(), STEP, CFG._replace(**{name: math.nan}))
@@ -201,6 +201,40 @@ def test_guided_step_out_shape():
     model_output, x = step_inputs()
     with pytest.raises(ValueError, match="out must have shape"):
         ops.guided_step(model_output, x, STEP, CFG, out=torch.empty(3, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"out must have shape \(2, 3, 4, 4\), \(4, 3, 4, 4\) or \(6, 3, 4, 4\)"):
+        ops.guided_step(model_output, x, STEP, CFG, out=torch.empty(8, 3, 4, 4))
+    with pytest.raises(ValueError, match="out must have shape"):
+        ops.guided_step(model_output, x, STEP, CFG, out=torch.empty(6, 3, 4, 5))
+    ops.guided_step(model_output, x, STEP, CFG, out=torch.empty(6, 3, 4, 4))  # a 3B out, each block x_next
+
+
+# ---- guided_step with a perturbed prediction (PAG, skip-layer guidance) ----------------
+
+PAG = ops.GuidanceCombine(3.0, perturbed_scale=2.0)
+
+
+def test_guided_step_perturbed_prediction_is_the_third_block_of_model_output():
+    model_output, x = step_inputs(rows=4)
+    with pytest.raises(ValueError, match=r"model_output must have batch 3·2 = 6 \(\[cond; uncond; perturbed\] for x "
+                                         r"of batch 2\) when combine.perturbed_scale is 2.0, got 4"):
+        ops.guided_step(model_output, x, STEP, PAG)
+    with pytest.raises(ValueError, match=r"model_output must have batch 2·2 = 4"):  # [c; u; p] without s
+        ops.guided_step(torch.randn(6, 3, 4, 4), x, STEP, CFG)
+    ops.guided_step(torch.randn(6, 3, 4, 4), x, STEP, PAG, out=torch.empty(6, 3, 4, 4))
+
+
+def test_guided_step_perturbed_prediction_refuses_a_separate_guide():
+    model_output, x = step_inputs(rows=6)
+    for rows in (6, 2):  # [c; u; p] or c alone beside the guide
+        with pytest.raises(ValueError, match="guide must be None when combine.perturbed_scale is 2.0"):
+            ops.guided_step(model_output[:rows], x, STEP, PAG, guide=torch.randn(2, 3, 4, 4))
+
+
+@pytest.mark.parametrize("variant", ["zero_star", "apg", "tangential"])
+def test_guided_step_perturbed_prediction_needs_the_cfg_variant(variant):
+    model_output, x = step_inputs(rows=6)
+    with pytest.raises(ValueError, match=f"combine.perturbed_scale is 2.0 but combine.variant is '{variant}'"):
+        ops.guided_step(model_output, x, STEP, PAG._replace(variant=variant))
 
 
 def test_guided_step_noise_shape():
@@ -308,6 +342,8 @@ def test_guided_step_prediction_types_hold_alpha_and_sigma_to_their_path():
     (lambda: (STEP._replace(k_noise=-4e38), CFG), r"step.k_noise must lie within float32's range"),
     (lambda: (STEP._replace(k_history=(1e39,)), CFG), r"step.k_history\[0\] must lie within float32's range"),
     (lambda: (STEP, ops.GuidanceCombine(1e300)), r"combine.scale must lie within float32's range"),
+    (lambda: (STEP, ops.GuidanceCombine(3.0, perturbed_scale=-1e39)),
+     r"combine.perturbed_scale must lie within float32's range"),
     # 1/alpha and 1/sigma reach the kernels as float32 too.
     (lambda: (STEP._replace(alpha=1e-39), CFG), "step.alpha must be positive to derive x0 from eps"),
     (lambda: (STEP._replace(sigma=1e-39, clip_denoised=True), CFG), "step.sigma must be positive to derive eps"),
@@ -368,3 +404,19 @@ def test_step_layout_names_what_the_kernels_would_misread(change, error, message
         validation.check_step_layout(tensors, LAYOUT_STEP, CFG)
     with pytest.raises(error, match=message):  # the op's own per-call check runs the same rules
         validation.check_step_tensors(tensors, LAYOUT_STEP, CFG)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(), r"model_output must have batch 3·2 = 6"),
+    (dict(model_output=torch.randn(6, 6, 4, 4), guide=torch.randn(2, 6, 4, 4)), "guide must be None"),
+    (dict(model_output=torch.randn(6, 6, 4, 4), out=torch.empty(8, 3, 4, 4)), "out must have shape"),
+])
+def test_step_layout_checks_the_perturbed_layout(change, message):
+    # The sampling loop's door checks [c; u; p] as the op does.
+    tensors = step_layout_tensors()._replace(**change)
+    for check in (validation.check_step_layout, validation.check_step_tensors):
+        with pytest.raises(ValueError, match=message):
+            check(tensors, LAYOUT_STEP, PAG)
+    x3 = torch.randn(6, 3, 4, 4)  # the loop's 3B buffer: x its first B rows, out all of it
+    validation.check_step_tensors(step_layout_tensors()._replace(model_output=torch.randn(6, 6, 4, 4), x=x3[:2],
+                                                                 out=x3), LAYOUT_STEP, PAG)
