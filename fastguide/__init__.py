@@ -23,7 +23,16 @@ from .models.unet import EncoderUNet, UNet
 from .ops import reference
 from .ops.backends import available_backends, backend, get_backend, set_backend
 from .pipelines.accelerate import accelerate
-from .sampling.guidance import APG, CFG, AutoGuidance, CFGPlusPlus, ClassifierGuidance, Guidance
+from .sampling.guidance import (
+    APG,
+    CFG,
+    PAG,
+    AutoGuidance,
+    CFGPlusPlus,
+    ClassifierGuidance,
+    Guidance,
+    SkipLayerGuidance,
+)
 from .sampling.loop import GuidedSampler, sample
 from .sampling.schedule import NoiseSchedule
 
@@ -38,10 +47,12 @@ __all__ = [
     "DiT",
     "DiffusersUNet",
     "SiTVelocity",
+    "SkipLayerGuidance",
     "EncoderUNet",
     "Guidance",
     "GuidedSampler",
     "NoiseSchedule",
+    "PAG",
     "UNet",
     "accelerate",
     "available_backends",

@@ -436,8 +436,7 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
     )
 
     out = torch.empty_like(x) if tensors.out is None else tensors.out
-    for block in out.split(batch):
-        block.copy_(x_next)
+    out.unflatten(0, (-1, batch)).copy_(x_next)  # x_next into each B-row block: one copy, broadcast
     if tensors.x0_out is not None:
         tensors.x0_out.copy_(x0)
     return out

@@ -10,20 +10,28 @@ and why; the pipeline then keeps diffusers' loop.
 The grid is diffusers' own: a fresh scheduler of the same class and config runs
 ``set_timesteps`` with the call's arguments as the pipelines' ``retrieve_timesteps`` does (custom timesteps, sigmas and
 mu included), and its timesteps and σ's are checked to be points fastguide's schedule steps
-between. The noise schedule is built from the betas diffusers built (``trained_betas`` or
-``beta_schedule``: linear, scaled_linear, squaredcos_cap_v2, ...; float32 as there), held in
-float64. diffusers is never imported here: the scheduler object brings its class and config.
+between: integer timesteps, or the Euler types' fractional ones, at which diffusers
+interpolates σ̃ linearly in t as fastguide's NoiseSchedule does. The noise schedule is built
+from the betas diffusers built (``trained_betas`` or ``beta_schedule``: linear,
+scaled_linear, squaredcos_cap_v2, ...; float32 as there), held in float64. diffusers is
+never imported here: the scheduler object brings its class and config.
+
+Where the last step lands is ``final_timestep``: −1 (the clean data) but for DDIM with
+set_alpha_to_one=False (timestep 0's ᾱ = alphas_cumprod[0]; or t − T // N where that is a
+timestep) and DPMSolverMultistep/UniPC with final_sigmas_type="sigma_min" (timestep 0's σ̃).
 
 What maps to what (each mapper lists the options it refuses, and why):
-  DDIMScheduler                     "ddim", with the call's eta
+  DDIMScheduler                     "ddim", with the call's eta; set_alpha_to_one → final_timestep
   DDPMScheduler                     "ddpm", with its variance_type; clip_sample → clip_denoised
   DPMSolverMultistepScheduler       dpmsolver++: "dpm++2m" (order 2), "dpm++3m" (order 3),
                                     "ddim" (order 1, whose update is DDIM's);
-                                    sde-dpmsolver++ of order 2: "dpm++2m-sde"
-  UniPCMultistepScheduler           "unipc" (bh2, data prediction), with its solver_order
-  EulerDiscreteScheduler            "euler"
-  EulerAncestralDiscreteScheduler   "euler-ancestral"
-  HeunDiscreteScheduler             "heun"; clip_sample → clip_denoised
+                                    sde-dpmsolver++ of order 2: "dpm++2m-sde";
+                                    final_sigmas_type → final_timestep
+  UniPCMultistepScheduler           "unipc" (bh2, data prediction), with its solver_order;
+                                    final_sigmas_type → final_timestep
+  EulerDiscreteScheduler            "euler" (any spacing: "linspace" at fractional times)
+  EulerAncestralDiscreteScheduler   "euler-ancestral" (likewise)
+  HeunDiscreteScheduler             "heun" (likewise); clip_sample → clip_denoised
   FlowMatchEulerDiscreteScheduler   "euler" on NoiseSchedule.flow(shift), at diffusers' times T·σ
   FlowMatchHeunDiscreteScheduler    "heun" on NoiseSchedule.flow(shift), at diffusers' times T·σ
 
@@ -45,9 +53,9 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..sampling.schedule import NoiseSchedule
-from ..sampling.solvers import LOWER_ORDER_SECOND_BELOW, check_sampler
+from ..sampling.solvers import LOWER_ORDER_SECOND_BELOW, check_final_timestep, check_sampler
 
-# Samplers that draw fresh noise at every step but the last.
+# Samplers that draw fresh noise at every step but a last one onto the clean data.
 STOCHASTIC_SAMPLERS = ("ddpm", "euler-ancestral", "dpm++2m-sde")
 # diffusers' σ's are float32: a σ lies on a timestep when it matches that timestep's σ̃ to
 # float32 rounding; a flow time T·σ matches its σ to float32 rounding of the product.
@@ -70,9 +78,12 @@ class SamplerSettings:
     """What ``fastguide.sample`` / ``GuidedSampler`` take to reproduce a diffusers scheduler
     (``sample_kwargs()``), and how to start from diffusers' latents.
 
-    sampler, steps, schedule, prediction_type, clip_denoised, solver_order, eta, variance_type:
-        fastguide.sample's arguments; ``steps`` is diffusers' grid, explicit (ints on a VP
-        schedule, the float times T·σ on a flow path).
+    sampler, steps, schedule, prediction_type, clip_denoised, solver_order, eta, variance_type,
+    final_timestep:
+        fastguide.sample's arguments; ``steps`` is diffusers' grid, explicit (on a VP schedule
+        ints, and floats where diffusers' Euler types call the model between timesteps; the
+        float times T·σ on a flow path); ``final_timestep`` where the last step lands (−1
+        the clean data, 0 timestep 0's noise level).
     init_noise_sigma: what the pipelines multiply their N(0, I) latents by
         (``scheduler.init_noise_sigma`` once the timesteps are set; DiTPipeline does not).
     latent_scale: fastguide's x_T = latent_scale × the latents diffusers' loop starts from
@@ -88,6 +99,7 @@ class SamplerSettings:
     solver_order: int | None = None
     eta: float = 0.0
     variance_type: str | None = None
+    final_timestep: int = -1
     init_noise_sigma: float = 1.0
     latent_scale: float = 1.0
 
@@ -104,7 +116,8 @@ class SamplerSettings:
         """The keyword arguments of ``fastguide.sample`` / ``GuidedSampler`` these settings fix."""
         return dict(sampler=self.sampler, steps=list(self.steps), schedule=self.schedule,
                     prediction_type=self.prediction_type, clip_denoised=self.clip_denoised,
-                    solver_order=self.solver_order, eta=self.eta, variance_type=self.variance_type)
+                    solver_order=self.solver_order, eta=self.eta, variance_type=self.variance_type,
+                    final_timestep=self.final_timestep)
 
     def initial_noise(self, latents: Tensor) -> Tensor:
         """fastguide's x_T from the latents diffusers' loop starts from (after the pipeline's
@@ -158,6 +171,7 @@ def settings_for(
         check_sampler(settings.sampler, settings.schedule, settings.eta, settings.solver_order)
         settings.schedule.check_prediction_type(settings.prediction_type)
         settings.schedule.check_grid(settings.steps, f"{name}'s timesteps")
+        check_final_timestep(settings.sampler, settings.schedule, settings.steps, settings.final_timestep)
     except ValueError as error:
         raise UnsupportedScheduler(name, None, f"fastguide refuses the settings it maps to: {error}") from None
     if settings.draws_noise and not generator_in_step:
@@ -207,11 +221,10 @@ def _check_flow_sigmas(name: str, config) -> None:
                       "time ⌊T·σ⌋; fastguide calls a flow model at T·σ")
 
 
-def _check_final_sigma(name: str, config) -> None:
-    """final_sigmas_type="sigma_min" ends the grid at timestep 0's σ̃ instead of the clean data."""
-    if config.get("final_sigmas_type", "zero") != "zero":
-        raise _refuse(name, "final_sigmas_type", config.final_sigmas_type, "the last step stops at σ̃ of timestep "
-                      "0, not on the clean data; fastguide's last step always lands on x0")
+def _final_timestep(config) -> int:
+    """final_sigmas_type as fastguide's final_timestep: "zero" ends on the clean data (−1),
+    "sigma_min" at timestep 0's σ̃ = √((1 − ᾱ_0)/ᾱ_0) (0)."""
+    return -1 if config.get("final_sigmas_type", "zero") == "zero" else 0
 
 
 def _check_clip(name: str, config) -> bool:
@@ -267,34 +280,41 @@ def _vp_schedule(placed) -> NoiseSchedule:
     return NoiseSchedule(placed.betas.double())
 
 
-def _integer_timesteps(name: str, placed, call: _Call, times: list[float]) -> tuple[int, ...]:
-    """diffusers' timesteps, checked to be distinct integers descending in [0, T − 1]."""
+def _timesteps(name: str, placed, call: _Call, times: list[float]) -> tuple[float, ...]:
+    """diffusers' timesteps, checked to be distinct, descending and in [0, T − 1]: ints where
+    they are integers, floats where they are fractional (the Euler types' "linspace")."""
     option, value = _grid_option(call, placed.config)
-    fractional = [t for t in times if not float(t).is_integer()]
-    if fractional:
-        raise _refuse(name, option, value, f"diffusers calls the model at fractional times ({fractional[:3]}...) "
-                      "with σ's interpolated between timesteps; fastguide's VP schedules take integer timesteps")
-    ints = [int(t) for t in times]
+    grid = [int(t) if float(t).is_integer() else float(t) for t in times]
     total = placed.config.num_train_timesteps
-    if ints != sorted(set(ints), reverse=True) or ints[-1] < 0 or ints[0] >= total:
-        raise _refuse(name, option, value, f"the timesteps {ints} are not distinct, descending and in "
+    if grid != sorted(set(grid), reverse=True) or grid[-1] < 0 or grid[0] > total - 1:
+        raise _refuse(name, option, value, f"the timesteps {grid} are not distinct, descending and in "
                       f"[0, {total - 1}]; fastguide steps a strictly decreasing grid")
-    return tuple(ints)
+    return tuple(grid)
 
 
-def _check_sigmas_on_grid(name: str, placed, call: _Call, steps: tuple[int, ...], sigmas: list[float]) -> None:
-    """diffusers steps by its σ's: each must be its timestep's σ̃ = √((1 − ᾱ)/ᾱ) (as diffusers
-    computes it, float32) and the last 0 (the clean data), for fastguide's grid to be the same."""
+def _check_sigmas_on_grid(name: str, placed, call: _Call, steps: tuple[float, ...], sigmas: list[float],
+                          final_timestep: int = -1) -> None:
+    """diffusers steps by its σ's: each must be σ̃ = √((1 − ᾱ)/ᾱ) at its time (as diffusers
+    computes it, float32; linearly interpolated in t at a fractional time, as fastguide's
+    NoiseSchedule does) and the last one 0 (the clean data) or, with ``final_timestep`` 0,
+    timestep 0's σ̃, for fastguide's grid to be the same."""
     alphas_cumprod = placed.alphas_cumprod.float()
-    on_grid = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).tolist()
+    table = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).tolist()
+
+    def at(t: float) -> float:
+        k = math.floor(t)
+        return table[k] if t == k else (table[k + 1] - table[k]) * (t - k) + table[k]
+
     option, value = _grid_option(call, placed.config)
     for t, sigma in zip(steps, sigmas):
-        if not math.isclose(sigma, on_grid[t], rel_tol=FLOAT32_RTOL):
-            raise _refuse(name, option, value, f"the σ̃ diffusers steps from at timestep {t} is {sigma!r}, not that "
-                          f"timestep's {on_grid[t]!r}; fastguide steps between the schedule's timesteps")
-    if len(sigmas) != len(steps) + 1 or sigmas[-1] != 0:
-        raise _refuse(name, option, value, f"diffusers' σ's end at {sigmas[-1]!r}, not 0 (the clean data), where "
-                      "fastguide's last step lands")
+        if not math.isclose(sigma, at(t), rel_tol=FLOAT32_RTOL):
+            raise _refuse(name, option, value, f"the σ̃ diffusers steps from at t = {t!r} is {sigma!r}, not the "
+                          f"schedule's σ̃ there, {at(t)!r} (interpolated linearly in t between timesteps), at "
+                          "which fastguide steps")
+    last = 0.0 if final_timestep < 0 else table[final_timestep]
+    if len(sigmas) != len(steps) + 1 or not math.isclose(sigmas[-1], last, rel_tol=FLOAT32_RTOL):
+        raise _refuse(name, option, value, f"diffusers' σ's end at {sigmas[-1]!r}, not at {last!r}, where "
+                      f"fastguide's last step lands (final_timestep={final_timestep})")
 
 
 # --------------------------------------------------------------------------------------
@@ -303,12 +323,16 @@ def _check_sigmas_on_grid(name: str, placed, call: _Call, steps: tuple[int, ...]
 
 
 def _ddim(scheduler, call: _Call) -> SamplerSettings:
-    """DDIMScheduler → "ddim". Refused: clip_sample (diffusers clips x0 but, as the pipelines
-    call step with use_clipped_model_output=False, moves along the unclipped eps; fastguide
-    re-derives eps from the clipped x0), set_alpha_to_one=False (the last step lands at
-    ᾱ = alphas_cumprod[0], not on the clean data), a spacing whose step is not T // N
+    """DDIMScheduler → "ddim". Its last step goes from the grid's last t to t − T // N where
+    that is a timestep (final_timestep = t − T // N), else to ᾱ = 1 (set_alpha_to_one=True:
+    final_timestep = −1, the clean data) or ᾱ = alphas_cumprod[0] (set_alpha_to_one=False,
+    SD 1.5's: final_timestep = 0). Refused: clip_sample (diffusers clips x0 but, as the
+    pipelines call step with use_clipped_model_output=False, moves along the unclipped eps;
+    fastguide re-derives eps from the clipped x0), a spacing whose step is not T // N
     (diffusers steps from t to t − T // N whatever the grid: "linspace", or "trailing" when N
-    does not divide T, leaves the next timestep's noise level), eta outside [0, 1]."""
+    does not divide T, leaves the next timestep's noise level), set_alpha_to_one=False on a
+    grid ending at t = 0 (a last step from timestep 0 to its own noise level), eta outside
+    [0, 1]."""
     name, config = type(scheduler).__name__, scheduler.config
     _check_variance_preserving(name, config, ("epsilon", "v_prediction", "sample"))
     if config.clip_sample:
@@ -318,21 +342,22 @@ def _ddim(scheduler, call: _Call) -> SamplerSettings:
     if not 0 <= call.eta <= 1:
         raise _refuse(name, "eta", call.eta, "fastguide's DDIM takes η in [0, 1] (above 1 the noise exceeds σ_t')")
     placed = _placed(scheduler, call)
-    steps = _integer_timesteps(name, placed, call, placed.timesteps.tolist())
+    steps = _timesteps(name, placed, call, placed.timesteps.tolist())
     stride = config.num_train_timesteps // placed.num_inference_steps
     for t, t_next in zip(steps, steps[1:]):
         if t - stride != t_next:
             raise _refuse(name, "timestep_spacing", config.timestep_spacing, f"diffusers steps from t = {t} to "
                           f"t − T // N = {t - stride}, but calls the model next at t = {t_next}; fastguide steps from "
                           "grid point to grid point")
-    if steps[-1] - stride >= 0:
-        raise _refuse(name, "steps_offset", config.steps_offset, f"the last step lands at t = {steps[-1] - stride}, "
-                      "not on the clean data, where fastguide's last step lands")
-    if not config.set_alpha_to_one:
-        abar = float(placed.alphas_cumprod[0])
-        raise _refuse(name, "set_alpha_to_one", False, f"the last step lands at ᾱ = alphas_cumprod[0] = {abar:.6g} "
-                      "(x = √ᾱ·x0 + √(1 − ᾱ)·eps), not on the clean data (ᾱ = 1), where fastguide's last step lands")
-    return SamplerSettings("ddim", steps, _vp_schedule(placed), config.prediction_type, eta=float(call.eta))
+    final_timestep = steps[-1] - stride
+    if final_timestep < 0:
+        final_timestep = -1 if config.set_alpha_to_one else 0
+    if final_timestep == steps[-1]:
+        raise _refuse(name, "set_alpha_to_one", False, "the grid ends at t = 0, and diffusers' last step goes from "
+                      f"there to ᾱ = alphas_cumprod[0] = {float(placed.alphas_cumprod[0]):.6g}, its own noise level; "
+                      "fastguide's last step must lower the noise")
+    return SamplerSettings("ddim", steps, _vp_schedule(placed), config.prediction_type, eta=float(call.eta),
+                           final_timestep=final_timestep)
 
 
 def _ddpm(scheduler, call: _Call) -> SamplerSettings:
@@ -351,7 +376,7 @@ def _ddpm(scheduler, call: _Call) -> SamplerSettings:
                       "and learned_range (diffusers takes 'learned' as the raw variance, and its 'fixed_large_log' "
                       "takes the square root of a log)")
     placed = _placed(scheduler, call)
-    steps = _integer_timesteps(name, placed, call, placed.timesteps.tolist())
+    steps = _timesteps(name, placed, call, placed.timesteps.tolist())
     if variance_type in ("fixed_large", "learned_range") and steps[-1] != 0:
         raise _refuse(name, "variance_type", variance_type, f"the grid ends at t = {steps[-1]} > 0, where diffusers' "
                       "last step adds noise of variance up to β = 1 − ᾱ_t; fastguide's last step is noiseless")
@@ -361,21 +386,23 @@ def _ddpm(scheduler, call: _Call) -> SamplerSettings:
 
 
 def _dpm_solver_multistep(scheduler, call: _Call) -> SamplerSettings:
-    """DPMSolverMultistepScheduler → "dpm++2m", "dpm++3m", "ddim" (order 1) or "dpm++2m-sde".
-    fastguide's multistep solvers lower the order as diffusers does with lower_order_final and
-    final_sigmas_type="zero": the last step first order (landing on x0, so euler_at_final
-    changes nothing), the one before second order below 15 steps. Refused: the noise-prediction
-    algorithms "dpmsolver"/"sde-dpmsolver", sde-dpmsolver++ of order 1 or 3, solver_type
-    "heun" (fastguide's second-order update is the midpoint one), lower_order_final=False
-    with order 3 below 15 steps (diffusers keeps the third order at the step before the last),
-    σ grids off the timesteps, use_flow_sigmas (diffusers calls the model at ⌊T·σ⌋),
-    variance_type learned/learned_range (diffusers keeps model_output[:, :3]),
-    final_sigmas_type="sigma_min"."""
+    """DPMSolverMultistepScheduler → "dpm++2m", "dpm++3m", "ddim" (order 1) or "dpm++2m-sde",
+    final_sigmas_type "zero" → final_timestep −1, "sigma_min" → 0. fastguide's multistep
+    solvers lower the order as diffusers does with lower_order_final: the last step first
+    order when it lands on x0 (so euler_at_final changes nothing there) or, landing at
+    timestep 0, below 15 steps; the one before second order below 15 steps. Refused: the
+    noise-prediction algorithms "dpmsolver"/"sde-dpmsolver", sde-dpmsolver++ of order 1 or 3,
+    solver_type "heun" (fastguide's second-order update is the midpoint one),
+    lower_order_final=False with order 3 below 15 steps (diffusers keeps the third order at the
+    step before the last), and with final_sigmas_type="sigma_min" the last step's order where
+    it differs from fastguide's: lower_order_final=False below 15 steps (diffusers keeps the
+    solver's order) or euler_at_final=True from 15 (diffusers lowers it to first); σ grids off
+    the timesteps, use_flow_sigmas (diffusers calls the model at ⌊T·σ⌋), variance_type
+    learned/learned_range (diffusers keeps model_output[:, :3])."""
     name, config = type(scheduler).__name__, scheduler.config
     _check_flow_sigmas(name, config)
     _check_variance_preserving(name, config, ("epsilon", "v_prediction", "sample"))
     _check_sigma_spacing(name, config)
-    _check_final_sigma(name, config)
     algorithm, order = config.algorithm_type, config.solver_order
     if algorithm not in ("dpmsolver++", "sde-dpmsolver++"):
         raise _refuse(name, "algorithm_type", algorithm, "fastguide's DPM-Solvers are the data-prediction ones, "
@@ -392,27 +419,41 @@ def _dpm_solver_multistep(scheduler, call: _Call) -> SamplerSettings:
         raise _refuse(name, "variance_type", config.variance_type, "diffusers keeps model_output[:, :3] as the "
                       "prediction, three channels whatever the latents have")
     placed = _placed(scheduler, call)
-    steps = _integer_timesteps(name, placed, call, placed.timesteps.tolist())
-    _check_sigmas_on_grid(name, placed, call, steps, placed.sigmas.tolist())
-    if order == 3 and not config.lower_order_final and len(steps) < LOWER_ORDER_SECOND_BELOW:
+    steps = _timesteps(name, placed, call, placed.timesteps.tolist())
+    final_timestep = _final_timestep(config)
+    _check_sigmas_on_grid(name, placed, call, steps, placed.sigmas.tolist(), final_timestep)
+    few = len(steps) < LOWER_ORDER_SECOND_BELOW
+    if order == 3 and not config.lower_order_final and few:
         raise _refuse(name, "lower_order_final", False, f"below {LOWER_ORDER_SECOND_BELOW} steps ({len(steps)} here) "
                       "diffusers then keeps the third order at the step before the last; fastguide lowers it to the "
                       "second")
+    if order > 1 and final_timestep >= 0:
+        # diffusers' last step to σ̃_0 is first order with euler_at_final or (lower_order_final
+        # and below 15 steps); fastguide's below 15 steps.
+        if few and not (config.lower_order_final or config.euler_at_final):
+            raise _refuse(name, "lower_order_final", False, f"with final_sigmas_type='sigma_min' below "
+                          f"{LOWER_ORDER_SECOND_BELOW} steps ({len(steps)} here) diffusers keeps order {order} at the "
+                          "last step; fastguide lowers it to the first")
+        if not few and config.euler_at_final:
+            raise _refuse(name, "euler_at_final", True, f"with final_sigmas_type='sigma_min' from "
+                          f"{LOWER_ORDER_SECOND_BELOW} steps ({len(steps)} here) diffusers lowers the last step to the "
+                          f"first order; fastguide keeps order {order}")
     sampler = {1: "ddim", 2: "dpm++2m", 3: "dpm++3m"}[order] if algorithm == "dpmsolver++" else "dpm++2m-sde"
-    return SamplerSettings(sampler, steps, _vp_schedule(placed), config.prediction_type)
+    return SamplerSettings(sampler, steps, _vp_schedule(placed), config.prediction_type,
+                           final_timestep=final_timestep)
 
 
 def _unipc(scheduler, call: _Call) -> SamplerSettings:
-    """UniPCMultistepScheduler → "unipc" with its solver_order (1–3). fastguide's UniPC is
-    diffusers' default: B(h) = e^h − 1 ("bh2"), data prediction, the corrector after every
-    step, the order lowered at the last steps (lower_order_final). Refused: solver_type
-    "bh1", predict_x0=False, disable_corrector, solver_p, lower_order_final=False (with order
-    ≥ 2), σ grids off the timesteps, use_flow_sigmas, final_sigmas_type="sigma_min"."""
+    """UniPCMultistepScheduler → "unipc" with its solver_order (1–3), final_sigmas_type
+    "zero" → final_timestep −1, "sigma_min" → 0. fastguide's UniPC is diffusers' default:
+    B(h) = e^h − 1 ("bh2"), data prediction, the corrector after every step, the order
+    lowered at the last steps (lower_order_final). Refused: solver_type "bh1",
+    predict_x0=False, disable_corrector, solver_p, lower_order_final=False (with order ≥ 2),
+    σ grids off the timesteps, use_flow_sigmas."""
     name, config = type(scheduler).__name__, scheduler.config
     _check_flow_sigmas(name, config)
     _check_variance_preserving(name, config, ("epsilon", "v_prediction", "sample"))
     _check_sigma_spacing(name, config)
-    _check_final_sigma(name, config)
     order, disabled, predictor = config.solver_order, config.get("disable_corrector"), config.get("solver_p")
     refusals = (
         ("solver_type", config.solver_type, config.solver_type != "bh2",
@@ -429,24 +470,31 @@ def _unipc(scheduler, call: _Call) -> SamplerSettings:
         if refused:
             raise _refuse(name, option, value, reason)
     placed = _placed(scheduler, call)
-    steps = _integer_timesteps(name, placed, call, placed.timesteps.tolist())
-    _check_sigmas_on_grid(name, placed, call, steps, placed.sigmas.tolist())
-    return SamplerSettings("unipc", steps, _vp_schedule(placed), config.prediction_type, solver_order=order)
+    steps = _timesteps(name, placed, call, placed.timesteps.tolist())
+    final_timestep = _final_timestep(config)
+    _check_sigmas_on_grid(name, placed, call, steps, placed.sigmas.tolist(), final_timestep)
+    return SamplerSettings("unipc", steps, _vp_schedule(placed), config.prediction_type, solver_order=order,
+                           final_timestep=final_timestep)
 
 
 def _sigma_space(sampler: str, prediction_types: tuple[str, ...]) -> Callable[[object, _Call], SamplerSettings]:
     """EulerDiscrete/EulerAncestralDiscrete/HeunDiscrete → "euler"/"euler-ancestral"/"heun"
-    on their grid, from x_T = α₀·(diffusers' latents) (see the module docstring). Refused:
-    σ grids off the timesteps (Karras, exponential, beta, interpolation_type "log_linear",
-    "linspace" spacing where it places fractional times), timestep_type "continuous" (the
-    model's time is ¼·log σ̃), final_sigmas_type "sigma_min", and, for Heun, a clip range
-    other than 1."""
+    on their grid, from x_T = α₀·(diffusers' latents) (see the module docstring); the
+    "linspace" spacing's fractional times (and custom fractional timesteps) as fractional
+    steps, at which both interpolate σ̃ linearly in t. Refused: σ grids off the schedule's
+    σ̃(t) (Karras, exponential, beta, interpolation_type "log_linear", custom sigmas placed
+    by log-σ interpolation), timestep_type "continuous" (the model's time is ¼·log σ̃),
+    final_sigmas_type "sigma_min" (the returned latents are in σ̃-space there), and, for
+    Heun, a clip range other than 1."""
 
     def mapper(scheduler, call: _Call) -> SamplerSettings:
         name, config = type(scheduler).__name__, scheduler.config
         _check_variance_preserving(name, config, prediction_types)
         _check_sigma_spacing(name, config)
-        _check_final_sigma(name, config)
+        if _final_timestep(config) >= 0:
+            raise _refuse(name, "final_sigmas_type", config.final_sigmas_type, "the last step stops at timestep 0's "
+                          "σ̃, where diffusers returns its σ̃-space latents x̃ = x/α_0 (k-diffusion's form): fastguide "
+                          "returns x itself there (final_timestep=0), α_0 = √alphas_cumprod[0] times them")
         if config.get("interpolation_type", "linear") != "linear":
             raise _refuse(name, "interpolation_type", config.interpolation_type, "the σ's lie log-uniformly between "
                           "the schedule's timesteps; fastguide steps between timesteps")
@@ -458,7 +506,7 @@ def _sigma_space(sampler: str, prediction_types: tuple[str, ...]) -> Callable[[o
         times, sigmas = placed.timesteps.tolist(), placed.sigmas.tolist()
         if sampler == "heun":
             times, sigmas = _heun_points(times), _heun_points(sigmas)
-        steps = _integer_timesteps(name, placed, call, times)
+        steps = _timesteps(name, placed, call, times)
         _check_sigmas_on_grid(name, placed, call, steps, sigmas)
         prediction_type = "sample" if config.prediction_type == "original_sample" else config.prediction_type
         return SamplerSettings(sampler, steps, _vp_schedule(placed), prediction_type, clip_denoised=clip,

@@ -16,6 +16,12 @@
   prediction, the renoising from the unconditional one (``k_guide_eps`` of the step).
 - ``AutoGuidance(guide_model, scale)``: Karras et al. 2024, the guide network's output
   as the fused step's separate guide tensor.
+- ``PAG(scale, layers, cfg_scale=1)``: perturbed-attention guidance (Ahn et al. 2024), and
+  ``SkipLayerGuidance(scale, layers, cfg_scale=1)`` (SD3.5's skip-layer guidance): a third
+  branch p, the conditional input through the model perturbed at ``layers`` (identity
+  self-attention; skipped blocks), in the same batched forward as [c; u]:
+  m = u + w·(c − u) + s·(c − p) with CFG, m = c + s·(c − p) without (a model without a null
+  class works).
 - ``ClassifierGuidance(classifier, scale)``: the gradient of log p(y | x_t) through a
   noisy classifier, applied as ADM does: a mean shift Σ·s·∇ for ancestral sampling, an
   eps shift −σ_t·s·∇ for the others.
@@ -35,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..models.perturbation import Perturbation, perturb_attention, skip_blocks
 from ..ops.contract import GuidanceCombine, StepCoefficients
 from ..ops.validation import FLOAT32_MAX
 
@@ -60,9 +67,12 @@ class Guidance:
 
     - ``active_at(σ̃)``: whether guidance applies at this call's noise level (EDM's σ̃);
       where it does not, the forward runs the conditional rows alone;
-    - ``branches``: where it does, the conditioning of each B-row block of the model's
-      one batched forward, in order (names from BRANCHES); the fused step reads the
-      model's output in that layout;
+    - ``branches_at(σ̃)``: where it does, the conditioning of each B-row block of the
+      model's one batched forward, in order (names from BRANCHES), a prefix of
+      ``branches`` (the most it ever runs, which the loop's buffers hold); the fused step
+      reads the model's output in that layout;
+    - ``perturb(model)``: a handle perturbing the "perturbed" block's rows of the model's
+      forward (PAG, skip-layer guidance), installed for a run and removed after, or None;
     - ``guide_network()``: a second network run on the conditional rows, whose output
       enters the fused step as its separate guide tensor, or None;
     - ``combine_at(σ̃, τ)``: the fused step's combine at this call (τ = t/(T − 1));
@@ -81,6 +91,12 @@ class Guidance:
     interval: tuple[float, float] | None = None
 
     def guide_network(self) -> nn.Module | None:
+        return None
+
+    def branches_at(self, edm_sigma: float) -> tuple[str, ...]:
+        return self.branches
+
+    def perturb(self, model: nn.Module) -> Perturbation | None:
         return None
 
     def active_at(self, edm_sigma: float) -> bool:
@@ -323,6 +339,91 @@ class AutoGuidance(Guidance):
 
 
 @dataclass(frozen=True)
+class PerturbedGuidance(Guidance):
+    """Guidance by a perturbed branch (PAG, skip-layer guidance), with or without CFG. The
+    model's one forward runs [c; u; p] (cfg_scale > 1) or [c; p], p the conditional input
+    through the model perturbed at ``layers`` on those rows only (``perturb``), and
+    m = u + w·(c − u) + s·(c − p), or m = c + s·(c − p) = p + (1 + s)·(c − p) without CFG
+    (the fused step's CFG combine with p as the guide). ``interval``: the σ̃ window (EDM's)
+    where the perturbed branch runs (always, without one); outside it the forward runs
+    [c; u] for CFG, or c alone. ``rescale``: CFG rescale of m against std(c). Checked when
+    built: scale, cfg_scale and rescale finite numbers within float32's range, scale
+    non-zero, cfg_scale >= 1 (1 turns CFG off, as diffusers' pipelines do at guidance_scale
+    <= 1), rescale in [0, 1], interval a pair 0 <= low < high."""
+
+    scale: float
+    layers: object
+    cfg_scale: float = 1.0
+    rescale: float = 0.0
+    interval: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for field_name in ("scale", "cfg_scale", "rescale"):
+            _check_real(f"{name} {field_name}", getattr(self, field_name))
+        if self.scale == 0:
+            raise ValueError(f"{name} scale must be non-zero (0 turns the perturbed branch off: use CFG)")
+        if self.cfg_scale < 1:
+            raise ValueError(f"{name} cfg_scale must be >= 1 (1: no CFG branch), got {self.cfg_scale}")
+        if not 0 <= self.rescale <= 1:
+            raise ValueError(f"{name} rescale must be in [0, 1], got {self.rescale}")
+        _check_interval(name, self.interval)
+        if isinstance(self.layers, list):  # settings are compared and hashed by value
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    @property
+    def cfg(self) -> bool:
+        return self.cfg_scale > 1
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        return ("cond", "uncond", "perturbed") if self.cfg else ("cond", "perturbed")
+
+    def perturbing_at(self, edm_sigma: float) -> bool:
+        return self.interval is None or self.interval[0] <= edm_sigma <= self.interval[1]
+
+    def active_at(self, edm_sigma: float) -> bool:
+        return self.cfg or self.perturbing_at(edm_sigma)
+
+    def branches_at(self, edm_sigma: float) -> tuple[str, ...]:
+        return self.branches if self.perturbing_at(edm_sigma) else ("cond", "uncond")
+
+    def combine_at(self, edm_sigma: float, progress: float) -> GuidanceCombine:
+        if not self.perturbing_at(edm_sigma):
+            return GuidanceCombine(self.cfg_scale, self.rescale)
+        return self.combine()
+
+    def combine(self, scale: float | None = None) -> GuidanceCombine:
+        if self.cfg:
+            return GuidanceCombine(self.cfg_scale if scale is None else scale, self.rescale,
+                                   perturbed_scale=self.scale)
+        return GuidanceCombine(1.0 + self.scale, self.rescale)
+
+
+@dataclass(frozen=True)
+class PAG(PerturbedGuidance):
+    """Perturbed-attention guidance (Ahn et al. 2024): p with self-attention made the
+    identity (each token attends only to itself: the output is to_out(to_v(x))) at the
+    self-attention modules whose names ``layers`` (a regular expression or a sequence of
+    them, as diffusers' ``pag_applied_layers``: "mid", "blocks.1", "down_blocks.1") picks.
+    ``scale`` is diffusers' pag_scale, ``cfg_scale`` its guidance_scale."""
+
+    def perturb(self, model: nn.Module) -> Perturbation:
+        return perturb_attention(perturbation_target(model), self.layers)
+
+
+@dataclass(frozen=True)
+class SkipLayerGuidance(PerturbedGuidance):
+    """Skip-layer guidance (Stable Diffusion 3.5): p with the transformer blocks ``layers``
+    (indices, as SD3's ``skip_guidance_layers``) passing their input through. ``scale``
+    is diffusers' skip_layer_guidance_scale; its start/stop fractions of the steps become
+    ``interval`` in σ̃ (the pipeline recipe converts them)."""
+
+    def perturb(self, model: nn.Module) -> Perturbation:
+        return skip_blocks(perturbation_target(model), self.layers)
+
+
+@dataclass(frozen=True)
 class ClassifierGuidance:
     """Classifier guidance (ADM): the gradient of log p(y | x_t) of a noisy classifier at
     ``scale``. Checked when built: classifier callable, scale a finite number within
@@ -370,6 +471,13 @@ def split_guidance(guidance) -> tuple[Guidance | None, ClassifierGuidance | None
             f"got {guidance!r}"
         )
     return (cfg[0] if cfg else None), (classifier[0] if classifier else None)
+
+
+def perturbation_target(model: nn.Module) -> nn.Module:
+    """The network whose layers PAG and skip-layer guidance perturb: the model's
+    ``perturbation_target`` when it wraps one (a pipeline's denoiser adapter, so that layers
+    keep the wrapped network's names), else the model itself."""
+    return getattr(model, "perturbation_target", model)
 
 
 def label_rows(model) -> int | None:

@@ -14,7 +14,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Real
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,10 @@ class _Call:
     combine: GuidanceCombine | None
     # Imagen's dynamic thresholding: the first pass, computing the guided x0 only.
     x0_only: StepCoefficients | None = None
+    # The B-row blocks the forward runs (a prefix of the guidance's branches) and which of
+    # them is the perturbed one (PAG, skip-layer guidance), if any.
+    blocks: int = 1
+    perturbed_block: int | None = None
 
 
 @dataclass
@@ -102,6 +106,7 @@ class GuidedSampler:
         guidance: Guidance | ClassifierGuidance | Sequence[Guidance | ClassifierGuidance] | None = None,
         eta: float = 0.0,
         solver_order: int | None = None,
+        final_timestep: int = -1,
         clip_denoised: bool = True,
         prediction_type: str = "epsilon",
         variance_type: str | None = None,
@@ -125,7 +130,7 @@ class GuidedSampler:
             raise TypeError(f"model must be callable as model(x_t, t[, y]), got {type(model).__name__}")
         self.model = model
         self.schedule = schedule or _default_schedule()
-        _check_steps(steps, self.schedule.is_flow)
+        _check_steps(steps)
         self.guidance: Guidance | None
         self.guidance, self.classifier = split_guidance(guidance)
         chosen = sampler is None
@@ -151,6 +156,8 @@ class GuidedSampler:
             self.timesteps = self.schedule.timesteps(steps)
         self.schedule.check_grid(self.timesteps)
         self.sampler, self.eta, self.variance_type, self.solver_order = sampler, eta, variance_type, solver_order
+        self.final_timestep = final_timestep
+        self._time_dtype = self.schedule.model_time_dtype(self.timesteps)
         self.clip_denoised, self.prediction_type = clip_denoised, prediction_type
         self.dynamic_threshold = dynamic_threshold
         self.combine: GuidanceCombine | None = self.guidance.combine() if self.guidance is not None else None
@@ -175,6 +182,8 @@ class GuidedSampler:
                 "through the classifier); use cuda_graph=False"
             )
         self.cuda_graph = cuda_graph
+        self._perturbation = None  # a run's perturbed layers (see __call__)
+        self._guide_network = self.guidance.guide_network() if self.guidance is not None else None
         # (shape, device, conditioning signature, keep_x0, callback) -> (buffers, graphs) of the captured runs.
         self._graphs: dict[tuple, tuple[_Buffers, list]] = {}
         self._call_cache: dict[bool, tuple[_Call, ...]] = {}
@@ -198,14 +207,15 @@ class GuidedSampler:
         """Everything a plan depends on, by value: two samplers with equal keys (e.g. one
         ``sample`` call after another) share one plan. Guidance enters by its settings,
         not its networks (a plan holds scalars only)."""
-        return (self.sampler, self.schedule.cache_key, tuple(self.timesteps), self.eta, self.variance_type,
+        return (self.sampler, self.schedule.cache_key, tuple(self.timesteps), self.final_timestep, self.eta,
+                self.variance_type,
                 self.solver_order, self.clip_denoised, self.prediction_type, self.dynamic_threshold,
                 _settings(self.guidance), _settings(self.classifier), learned_variance)
 
     def _planned_calls(self, learned_variance: bool) -> tuple[_Call, ...]:
         variance_type = self.variance_type or ("learned_range" if learned_variance else "fixed_small")
         plans = plan_steps(self.sampler, self.schedule, self.timesteps, eta=self.eta, variance_type=variance_type,
-                           solver_order=self.solver_order)
+                           solver_order=self.solver_order, final_timestep=self.final_timestep)
         calls = tuple(self._call(plan, learned_variance) for plan in plans)
         for call in calls:
             try:
@@ -221,17 +231,24 @@ class GuidedSampler:
                                  clip_denoised=self.clip_denoised, learned_variance=learned_variance,
                                  classifier_scale=scale)
         edm_sigma = self.schedule.edm_sigma(plan.t)
-        combine = None
+        combine, blocks, perturbed = None, 1, None
         if self.guidance is not None and self.guidance.active_at(edm_sigma):
             step = self.guidance.step(step)
             progress = min(1.0, plan.t / max(1, self.schedule.num_timesteps - 1))  # a flow path's t reaches T
             combine = self.guidance.combine_at(edm_sigma, progress)
             validation.check_combine(combine)
+            branches = self.guidance.branches_at(edm_sigma)
+            if branches != self.branches[:len(branches)]:
+                raise ValueError(f"{type(self.guidance).__name__}.branches_at must give a prefix of its branches "
+                                 f"{self.branches}, got {branches} at σ̃ = {edm_sigma:.4g}")
+            blocks = len(branches)
+            perturbed = branches.index("perturbed") if "perturbed" in branches else None
         if self.dynamic_threshold is None:
-            return _Call(plan.t, step, combine)
+            return _Call(plan.t, step, combine, blocks=blocks, perturbed_block=perturbed)
         # The thresholded x0 replaces the prediction: the step then reads it as "sample".
         x0_only = StepCoefficients(step.alpha, step.sigma, k_x0=1.0, prediction_type=self.prediction_type)
-        return _Call(plan.t, step._replace(prediction_type="sample", clip_denoised=False), combine, x0_only)
+        return _Call(plan.t, step._replace(prediction_type="sample", clip_denoised=False), combine, x0_only, blocks,
+                     perturbed)
 
     @property
     def num_calls(self) -> int:
@@ -341,24 +358,30 @@ class GuidedSampler:
             bar = tqdm(total=self.num_calls, desc=f"{self.sampler} sampling")
         # x0 is written only when read: as history, or as the callback's denoised.
         keep_x0 = self.history_length > 0 or callback is not None
-        if self.cuda_graph:
-            try:
+        # PAG's and skip-layer guidance's perturbed layers, installed for this run only.
+        self._perturbation = self.guidance.perturb(self.model) if self.guidance is not None else None
+        try:
+            if self.cuda_graph:
                 return self._replay(shape, device, x_T, conditioning, generator, bar, callback, keep_x0)
-            finally:
-                if bar is not None:
-                    bar.close()
+            return self._run(shape, device, x_T, conditioning, generator, bar, callback, keep_x0)
+        finally:
+            if self._perturbation is not None:
+                self._perturbation.remove()
+                self._perturbation = None
+            if bar is not None:
+                bar.close()
 
+    def _run(self, shape, device, x_T, conditioning, generator, bar, callback, keep_x0) -> Tensor:
+        """The loop, eagerly."""
         x_T = x_T.to(device)
         buffers = self._new_buffers(x_T, conditioning)
         self._load(buffers, x_T, conditioning)
-        fresh_noise = lambda: _randn(shape, generator, device, dtype)  # noqa: E731
+        fresh_noise = lambda: _randn(shape, generator, device, x_T.dtype)  # noqa: E731
         for i in range(self.num_calls):
             self._model_call(i, buffers, shape, fresh_noise, keep_x0)
             self._report(callback, i, buffers, shape[0])
             if bar is not None:
                 bar.update()
-        if bar is not None:
-            bar.close()
         return buffers.model_input[: shape[0]].clone()
 
     def _new_buffers(self, x_T: Tensor, conditioning: RowConditioning) -> _Buffers:
@@ -395,16 +418,20 @@ class GuidedSampler:
         x = model_input[:batch]
         planned = self._calls(False)[i]
         t, guided = planned.t, planned.combine is not None
-        rows = model_input.shape[0] if guided else batch
-        # A flow model takes the float time T·σ (diffusers' convention), a discrete one its integer t.
-        t_in = torch.full((rows,), t, device=x.device, dtype=torch.float32 if self.schedule.is_flow else torch.long)
+        rows = planned.blocks * batch
+        if self._perturbation is not None:  # the perturbed block's rows, read by the model's perturbed layers
+            block = planned.perturbed_block
+            self._perturbation.rows = None if block is None else slice(block * batch, (block + 1) * batch)
+        # A flow model, or a grid with fractional times, takes float32 times (diffusers'
+        # convention), a grid of integer timesteps int64 (schedule.model_time_dtype).
+        t_in = torch.full((rows,), t, device=x.device, dtype=self._time_dtype)
         model_output = self._checked_output(
             self._forward(self.model, model_input[:rows], t_in, *buffers.model_arguments(rows)),
             model_input, rows, shape, "model")
         guide = None
         if guided:
             model_output = self.guidance.guided_output(model_output, batch, shape[1])
-        guide_network = self.guidance.guide_network() if guided else None
+        guide_network = self._guide_network if guided else None
         if guide_network is not None:  # a second network on the conditional rows
             guide = self._checked_output(
                 self._forward(guide_network, x, t_in[:batch], *buffers.model_arguments(batch)),
@@ -625,18 +652,17 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _check_steps(steps: object, flow: bool) -> None:
-    """steps: a positive int, ADM's "ddimN" / "N" string, or a sequence of timesteps (ints;
-    numbers on a flow schedule, whose model time is continuous)."""
+def _check_steps(steps: object) -> None:
+    """steps: a positive int, ADM's "ddimN" / "N" string, or a sequence of timesteps
+    (numbers: a VP schedule's fractional ones lie between its timesteps, a flow schedule's
+    time is continuous)."""
     if isinstance(steps, (bool, float)):
         raise TypeError(f"steps must be an int, 'ddimN' or a sequence of timesteps, got {steps!r}")
     if isinstance(steps, (str, int)):
         return  # the schedule checks the count and the string's form
     values = steps.tolist() if isinstance(steps, Tensor) else steps
-    kind = Real if flow else Integral
-    if not isinstance(values, Sequence) or not all(isinstance(t, kind) and not isinstance(t, bool) for t in values):
-        raise TypeError(f"steps given as timesteps must be a sequence of {'numbers' if flow else 'ints'}, "
-                        f"got {steps!r}")
+    if not isinstance(values, Sequence) or not all(isinstance(t, Real) and not isinstance(t, bool) for t in values):
+        raise TypeError(f"steps given as timesteps must be a sequence of numbers, got {steps!r}")
 
 
 def _check_null_label(null_label: object, model, num_classes: int | None) -> None:
@@ -714,6 +740,7 @@ def sample(
     guidance: Guidance | ClassifierGuidance | Sequence[Guidance | ClassifierGuidance] | None = None,
     eta: float = 0.0,
     solver_order: int | None = None,
+    final_timestep: int = -1,
     clip_denoised: bool = True,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
@@ -745,7 +772,10 @@ def sample(
             flow schedules). Default (None): "unipc", chosen by the NFE benchmark, or
             "dpm++2m" under CFGPlusPlus (see ``default_sampler``).
         steps: a count, ADM's "ddimN", or an explicit list of original timesteps (of
-            float times T·σ on a flow schedule).
+            float times T·σ on a flow schedule). On a VP schedule a fractional timestep
+            lies between two integer ones, its σ̃ = σ_t/α_t linearly interpolated in t
+            (diffusers' Euler-type schedulers' "linspace" grids), and the model then gets
+            float32 times; see NoiseSchedule.
         spacing: where a count of steps lies: "adm" (ADM's respacing), diffusers'
             "leading", "trailing" and "linspace", "logsnr" (uniform in log-SNR) or
             "karras" (ρ = ``rho``); see NoiseSchedule.spaced_timesteps. Default: the
@@ -756,6 +786,11 @@ def sample(
             ``ClassifierGuidance(...)`` or a tuple of a Guidance and a ClassifierGuidance.
         eta: DDIM's stochasticity (0 = deterministic).
         solver_order: UniPC's order p (1, 2 or 3; default 2).
+        final_timestep: where the last step lands: -1 (default) the clean data, or an
+            original timestep below the grid's last (VP schedules, every sampler): the
+            samples are then x_t there, α_t·x0 + σ_t·ε (diffusers' DDIM with
+            set_alpha_to_one=False and final_sigmas_type="sigma_min" are 0). See
+            solvers.plan_steps.
         clip_denoised: clip the predicted x0 to [−1, 1] at every step.
         generator, noise: the random stream; ``noise`` is x_T. Same generator, same samples.
         progress: a progress bar over the model calls.
@@ -774,11 +809,11 @@ def sample(
             classifier guidance). Capture costs a warm-up run: hold a ``GuidedSampler`` to
             reuse the graphs across calls.
 
-    Returns x_0 of ``shape``.
+    Returns x_0 of ``shape`` (x at ``final_timestep`` when that is not -1).
     """
     guided_sampler = GuidedSampler(
         model, sampler=sampler, steps=steps, spacing=spacing, rho=rho, schedule=schedule, guidance=guidance, eta=eta,
-        solver_order=solver_order,
+        solver_order=solver_order, final_timestep=final_timestep,
         clip_denoised=clip_denoised, prediction_type=prediction_type, variance_type=variance_type,
         null_label=null_label, num_classes=num_classes, dynamic_threshold=dynamic_threshold, cuda_graph=cuda_graph,
     )

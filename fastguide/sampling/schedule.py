@@ -4,8 +4,9 @@ Every schedule says where x_t = α_t·x_0 + σ_t·ε lies for the time t a model
 with; log-SNR λ_t = log(α_t/σ_t), EDM's σ̃_t = σ_t/α_t, and t = −1 stands for the clean
 data (α = 1, σ = 0) after the last step.
 - ``NoiseSchedule``: α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t), ᾱ_t = Π_{s≤t}(1 − β_s), for integer
-  t = 0 … T−1. Models and classifiers always receive the ORIGINAL t, whatever the number
-  of sampling steps.
+  t = 0 … T−1; between them (a fractional t in (0, T − 1), given as an explicit grid),
+  σ̃_t linearly interpolated in t, as diffusers' Euler-type schedulers do. Models and
+  classifiers always receive the ORIGINAL t, whatever the number of sampling steps.
 - ``FlowSchedule`` (``NoiseSchedule.flow``): the rectified-flow path α = 1 − σ, with the
   model called at the float time t = T·σ (diffusers' FlowMatchEulerDiscreteScheduler).
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from numbers import Integral
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor
@@ -31,7 +32,15 @@ LOGSNR_MAX_EDM_SIGMA = 160.0
 
 
 class NoiseSchedule:
-    """ᾱ_t of a discrete VP schedule, held in float64."""
+    """ᾱ_t of a discrete VP schedule, held in float64.
+
+    At an integer timestep t, α_t = √ᾱ_t and σ_t = √(1 − ᾱ_t). At a fractional t in
+    (k, k + 1), k = ⌊t⌋, EDM's noise level is interpolated linearly in t,
+        σ̃_t = σ̃_k + (t − k)·(σ̃_{k+1} − σ̃_k),  σ̃_k = √((1 − ᾱ_k)/ᾱ_k),
+    (diffusers' ``np.interp(timesteps, arange(T), sigmas)`` in the Euler, Euler-ancestral
+    and Heun schedulers with their "linspace" spacing), and α_t = 1/√(1 + σ̃_t²),
+    σ_t = σ̃_t·α_t, ᾱ_t = α_t². Integer timesteps never go through the interpolation.
+    """
 
     is_flow = False
     # The relation of α and σ on this path (validation.PATH_RELATIONS): α² + σ² = 1.
@@ -61,6 +70,7 @@ class NoiseSchedule:
         self.betas = betas
         self.alphas_cumprod = alphas_cumprod
         self._alpha_bars = alphas_cumprod.tolist()  # read per call by the solvers and grid checks
+        self._edm_sigmas = torch.sqrt((1 - alphas_cumprod) / alphas_cumprod).tolist()  # σ̃_k, interpolated between
 
     def __repr__(self) -> str:
         return f"NoiseSchedule(num_timesteps={self.num_timesteps})"
@@ -137,24 +147,46 @@ class NoiseSchedule:
         """Equal for two schedules with the same ᾱ_t (``sample`` reuses a plan by it)."""
         return ("vp", self.betas.numpy().tobytes())
 
-    def alpha_bar(self, t: int) -> float:
-        """ᾱ_t; 1.0 for t < 0 (the clean data after the last step)."""
-        return 1.0 if t < 0 else self._alpha_bars[t]
+    def _interpolated_edm_sigma(self, t: float) -> float:
+        """σ̃_t = σ̃_k + (t − k)·(σ̃_{k+1} − σ̃_k), k = ⌊t⌋, at a fractional t (np.interp's form)."""
+        k = math.floor(t)
+        low = self._edm_sigmas[k]
+        return (self._edm_sigmas[k + 1] - low) * (t - k) + low
 
-    def alpha_sigma(self, t: int) -> tuple[float, float]:
-        """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t))."""
+    def alpha_bar(self, t: float) -> float:
+        """ᾱ_t; 1.0 for t < 0 (the clean data after the last step); 1/(1 + σ̃_t²) at a
+        fractional t (σ̃_t interpolated, see the class docstring)."""
+        if t < 0:
+            return 1.0
+        if t == math.floor(t):
+            return self._alpha_bars[int(t)]
+        return 1.0 / (1.0 + self._interpolated_edm_sigma(t) ** 2)
+
+    def alpha_sigma(self, t: float) -> tuple[float, float]:
+        """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t)) at an integer t (or t < 0, the clean data);
+        (1/√(1 + σ̃_t²), σ̃_t/√(1 + σ̃_t²)) of the interpolated σ̃_t at a fractional t."""
+        if t >= 0 and t != math.floor(t):
+            edm = self._interpolated_edm_sigma(t)
+            alpha = 1.0 / math.sqrt(1.0 + edm * edm)
+            return alpha, edm * alpha
         abar = self.alpha_bar(t)
         return math.sqrt(abar), math.sqrt(1.0 - abar)
 
-    def log_snr(self, t: int) -> float:
+    def log_snr(self, t: float) -> float:
         """λ_t = log(α_t/σ_t) (+inf for t < 0)."""
         alpha, sigma = self.alpha_sigma(t)
         return math.inf if sigma == 0 else math.log(alpha / sigma)
 
-    def edm_sigma(self, t: int) -> float:
+    def edm_sigma(self, t: float) -> float:
         """σ̃_t = σ_t/α_t, the noise level of EDM and of guidance intervals."""
         alpha, sigma = self.alpha_sigma(t)
         return sigma / alpha
+
+    def model_time_dtype(self, timesteps: Sequence[float]) -> torch.dtype:
+        """The dtype of the time tensor the model is called with over ``timesteps``: int64 on
+        a grid of integer timesteps, float32 where the grid holds a fractional time (what
+        diffusers' Euler-type schedulers hand the UNet: their float32 timesteps)."""
+        return torch.float32 if any(isinstance(t, float) for t in timesteps) else torch.int64
 
     def strided_timesteps(self, steps: int) -> list[int]:
         """ADM's "ddimN" grid (stride ⌈T/N⌉ from t = 0) where one of exactly ``steps`` exists,
@@ -222,12 +254,14 @@ class NoiseSchedule:
             chosen[k] = min(chosen[k], total - 1 if k == steps - 1 else chosen[k + 1] - 1)
         return chosen[::-1]
 
-    def timesteps(self, steps: int | str | Sequence[int]) -> list[int]:
-        """Original timesteps to visit, descending, ending at 0.
+    def timesteps(self, steps: int | str | Sequence[float]) -> list[float]:
+        """Original timesteps to visit, descending.
 
         ``steps`` is a count (evenly spaced over [0, T−1]: ADM's respacing with one
-        section, exactly), ADM's "ddimN" (the smallest integer stride s with exactly N
-        timesteps in range(0, T, s)), or an explicit list.
+        section, exactly, ending at 0), ADM's "ddimN" (the smallest integer stride s with
+        exactly N timesteps in range(0, T, s)), or an explicit list of numbers in [0, T − 1]:
+        those of integer value come back as ints, the fractional ones as floats (their σ̃
+        interpolated between the timesteps around them, see the class docstring).
 
         ADM's grid is reproduced step for step: it accumulates the float stride
         (T − 1)/(N − 1) and rounds each running sum with Python's round(), half to even, so
@@ -249,11 +283,13 @@ class NoiseSchedule:
             chosen = _adm_section(total, steps)
         else:
             values = steps.tolist() if isinstance(steps, Tensor) else list(steps)
-            if not all(isinstance(t, Integral) and not isinstance(t, bool) for t in values):
-                raise TypeError(f"timesteps must be ints (original timesteps), got {values!r}")
-            chosen = sorted({int(t) for t in values})
-            if not chosen or chosen[0] < 0 or chosen[-1] >= total:
+            if not all(isinstance(t, Real) and not isinstance(t, bool) for t in values):
+                raise TypeError(f"timesteps must be numbers (original timesteps, fractional ones between them), "
+                                f"got {values!r}")
+            if not values or not all(0 <= t <= total - 1 for t in values):  # NaN fails too
                 raise ValueError(f"timesteps must lie in [0, {total - 1}], got {list(steps)}")
+            chosen = sorted({int(t) if isinstance(t, Integral) or float(t).is_integer() else float(t)
+                             for t in values})
         return chosen[::-1]
 
 
@@ -377,6 +413,10 @@ class FlowSchedule(NoiseSchedule):
         grid = [self._scale * self.shifted(1 - i / steps) for i in range(steps)]
         self.check_grid(grid, f"the {steps}-step grid of shift={self.shift!r}")
         return grid
+
+    def model_time_dtype(self, timesteps: Sequence[float]) -> torch.dtype:
+        """float32: a flow model takes the float time T·σ (diffusers' convention)."""
+        return torch.float32
 
     def check_grid(self, timesteps: Sequence[float], source: str = "timesteps") -> None:
         """NoiseSchedule.check_grid, and the model's float32 times strictly decreasing and

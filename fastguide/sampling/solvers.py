@@ -1,6 +1,7 @@
 """Solvers: a sampler's whole job is per-step scalars; ops.guided_step moves the bytes.
 
-Each model call goes from time t to t_next (−1 = clean data) and is one call of
+Each model call goes from time t to t_next (−1 = clean data; the last step's t_next is
+``final_timestep``, see ``plan_steps``) and is one call of
     x_next = k_x·x + k_x0·x0 + k_eps·eps + Σⱼ k_history[j]·x0₍ᵢ₋₁₋ⱼ₎ + k_noise·z (+ ADM's mean shift)
 where x0₍ᵢ₋₁₋ⱼ₎ is the x0 of the model call j + 1 calls back (the solver history). Writing
 a, s for α_t, σ_t (x = a·x0 + s·eps), primes for t_next, λ = log(a/s), h = λ' − λ,
@@ -15,7 +16,7 @@ a, s for α_t, σ_t (x = a·x0 + s·eps), primes for t_next, λ = log(a/s), h = 
                         k_x = 1, k_eps = −k_x0 = σ' − σ (diffusers' FlowMatchEuler)
   euler-ancestral (k-diffusion, η = 1; VP): σ_up = σ̃'·√(1 − σ̃'²/σ̃²), σ_down = √(σ̃'² − σ_up²),
                         k_x = a'/a, k_eps = a'·(σ_down − σ̃), k_noise = a'·σ_up
-  heun (EDM's second order, two calls per step, Euler on the last): the first call is
+  heun (EDM's second order, two calls per step, Euler on a last one to x0): the first call is
                         an Euler step to x_E at t'; the second, at (x_E, t'), averages the
                         two slopes. Both slopes are read at x_E, so their difference is
                         (m_A − m_B)/σ̃' and x' = x_E + a'·(σ̃' − σ̃)/(2σ̃')·(m_A − m_B) (VP; on
@@ -46,10 +47,13 @@ a, s for α_t, σ_t (x = a·x0 + s·eps), primes for t_next, λ = log(a/s), h = 
                         the last step, to σ = 0, is the same mean without noise.
 The multistep solvers drop to lower orders where the history is short (the first steps),
 across a step from pure noise (λ = −∞, a flow path's start), at the last step, which is
-first order and lands on the final x0, and, for dpm++3m on fewer than 15 steps and unipc
-always, at the step before it (diffusers' lower_order_final).
+first order and lands on the final x0 (when it lands on a timestep instead, ``final_timestep``
+≥ 0: first order below 15 steps for the dpm++ family, always for unipc, as diffusers'
+lower_order_final with final_sigmas_type="sigma_min"), and, for dpm++3m on fewer than 15
+steps and unipc always, at the step before it (diffusers' lower_order_final).
 A sampler is a choice of these numbers; nothing else differs. A plan holds one entry per
-model call: dpm++2s and heun have two per step (2·steps − 1 calls in all).
+model call: dpm++2s and heun have two per step (2·steps − 1 calls in all when the last
+lands on the clean data, where it is one).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from numbers import Integral
 
 import numpy as np
 
@@ -76,13 +81,15 @@ FLOW_ONLY = ("euler-maruyama",)
 ORDERS = {"ddim": 1, "euler": 1, "heun": 2, "dpm++2m": 2, "dpm++2s": 2, "dpm++3m": 2,
           "unipc-1": 2, "unipc-2": 3, "unipc-3": 3}
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
-# diffusers lowers DPM-Solver++(3M)'s step before the last to second order below this many steps.
+# Below this many steps diffusers lowers DPM-Solver++(3M)'s step before the last to second
+# order, and a DPM-Solver++ last step that lands on a timestep (final_timestep ≥ 0) to first.
 LOWER_ORDER_SECOND_BELOW = 15
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """The scalars of one model call from time t to t_next (−1 = clean data)."""
+    """The scalars of one model call from time t to t_next (−1 = clean data, else a time
+    of the schedule)."""
 
     t: float
     t_next: float
@@ -216,11 +223,12 @@ def _usable_history(log_snrs: Sequence[float], i: int) -> int:
     return count if math.isfinite(log_snrs[i]) else 0
 
 
-def _dpm_multistep(schedule: NoiseSchedule, timesteps: Sequence[float], order: int,
+def _dpm_multistep(schedule: NoiseSchedule, timesteps: Sequence[float], final_timestep: int, order: int,
                    noise: bool = False) -> list[StepPlan]:
-    """DPM-Solver++(2M) or (3M) over the grid (order 2 or 3); with ``noise`` the 2M SDE
-    variant (η = 1): φ₁ = 1 − e^{−2h}, x scaled by e^{−h} more, and noise s'·√φ₁."""
-    points = list(timesteps) + [-1]
+    """DPM-Solver++(2M) or (3M) over the grid (order 2 or 3), its last step to
+    ``final_timestep``; with ``noise`` the 2M SDE variant (η = 1): φ₁ = 1 − e^{−2h}, x
+    scaled by e^{−h} more, and noise s'·√φ₁."""
+    points = list(timesteps) + [final_timestep]
     log_snrs = [schedule.log_snr(t) for t in points]
     steps = len(timesteps)
     plans = []
@@ -231,8 +239,10 @@ def _dpm_multistep(schedule: NoiseSchedule, timesteps: Sequence[float], order: i
         (_, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
         h = log_snrs[i + 1] - log_snrs[i]
         used = min(order, 1 + _usable_history(log_snrs, i))
-        if i == steps - 2 and steps < LOWER_ORDER_SECOND_BELOW:
-            used = min(used, 2)
+        if i >= steps - 2 and steps < LOWER_ORDER_SECOND_BELOW:
+            # the step before the last at most second order; the last (here only when it
+            # lands on a timestep, final_timestep ≥ 0) first order
+            used = min(used, steps - i)
         phi_1 = -math.expm1(-2 * h if noise else -h)
         weights = alpha_next * phi_1 * _unit(0)
         if used >= 2:
@@ -276,9 +286,10 @@ def _unipc_rhos(rks: Sequence[float], hh: float, order: int, corrector: bool) ->
     return np.linalg.solve(matrix[:-1, :-1], rhs[:-1])
 
 
-def _unipc(schedule: NoiseSchedule, timesteps: Sequence[float], order: int) -> list[StepPlan]:
-    """UniPC-p (bh2) with its corrector folded into each next update."""
-    points = list(timesteps) + [-1]
+def _unipc(schedule: NoiseSchedule, timesteps: Sequence[float], final_timestep: int, order: int) -> list[StepPlan]:
+    """UniPC-p (bh2) with its corrector folded into each next update, its last step to
+    ``final_timestep``."""
+    points = list(timesteps) + [final_timestep]
     log_snrs = [schedule.log_snr(t) for t in points]
     steps = len(timesteps)
     plans = []
@@ -324,16 +335,17 @@ def _unipc(schedule: NoiseSchedule, timesteps: Sequence[float], order: int) -> l
 
 def _log_snr_midpoint(schedule: NoiseSchedule, t: float, t_next: float) -> float | None:
     """The time strictly between t_next and t whose λ is closest to the midpoint of λ_t and
-    λ_t_next: exact on a flow path, the nearest grid timestep on a discrete schedule; None
-    when there is none (adjacent timesteps, or a step from pure noise)."""
+    λ_t_next: exact on a flow path, the nearest integer timestep on a discrete schedule (t
+    and t_next may be fractional); None when there is none (no integer strictly between,
+    or a step from pure noise)."""
     target = 0.5 * (schedule.log_snr(t) + schedule.log_snr(t_next))
     if not math.isfinite(target):
         return None
     if schedule.is_flow:
         return schedule.time_of_log_snr(target)
-    if t - t_next < 2:
+    low, high = math.floor(t_next) + 1, math.ceil(t) - 1  # λ falls as t grows: find the first t with λ_t ≤ target
+    if low > high:
         return None
-    low, high = t_next + 1, t - 1  # λ falls as t grows: find the first t with λ_t ≤ target
     while low < high:
         middle = (low + high) // 2
         if schedule.log_snr(middle) <= target:
@@ -399,6 +411,27 @@ def check_sampler(sampler: str, schedule: NoiseSchedule, eta: float = 0.0, solve
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
 
 
+def check_final_timestep(sampler: str, schedule: NoiseSchedule, timesteps: Sequence[float],
+                         final_timestep: int) -> None:
+    """Refuses a ``final_timestep`` the last step cannot land on: it must be an int (not a
+    bool), −1 (the clean data, every sampler) or, for every sampler on a variance-preserving
+    schedule (none on a flow path), an original timestep t_f with 0 ≤ t_f < the grid's last
+    time and a larger log-SNR there (a step of nonzero λ-length)."""
+    if isinstance(final_timestep, bool) or not isinstance(final_timestep, Integral):
+        raise TypeError(f"final_timestep must be an int (-1, the clean data, or an original timestep), got "
+                        f"{final_timestep!r}")
+    if final_timestep == -1:
+        return
+    if schedule.is_flow:
+        raise ValueError(f"final_timestep={final_timestep!r} applies to variance-preserving schedules; on "
+                         f"{schedule!r} sampler={sampler!r} lands on the clean data (final_timestep=-1)")
+    last = timesteps[-1]
+    if not 0 <= final_timestep < last:
+        raise ValueError(f"final_timestep must be -1 (the clean data) or an original timestep in [0, {last!r}) "
+                         f"(below the grid's last time), got {final_timestep!r}")
+    schedule.check_grid([last, final_timestep], f"final_timestep={final_timestep!r} after the grid's last time")
+
+
 def plan_steps(
     sampler: str,
     schedule: NoiseSchedule,
@@ -407,14 +440,24 @@ def plan_steps(
     eta: float = 0.0,
     variance_type: str = "fixed_small",
     solver_order: int | None = None,
+    final_timestep: int = -1,
 ) -> list[StepPlan]:
     """The scalars of each model call of ``sampler`` over ``timesteps`` (descending): one
-    plan per step, two per step but the last for dpm++2s and heun. ``solver_order`` is
-    UniPC's p (default 2, diffusers' default)."""
+    plan per step, two per step for dpm++2s and heun but a last one onto the clean data.
+    ``solver_order`` is UniPC's p (default 2, diffusers' default).
+
+    ``final_timestep`` is where the last step lands: −1 (default) the clean data, α = 1,
+    σ = 0, so the samples are the final x0; an original timestep t_f ≥ 0 below the grid
+    (variance-preserving schedules, every sampler; ``check_final_timestep``) makes the last
+    step an ordinary step of the sampler from the grid's last time to t_f, and the samples
+    x_{t_f} = α_{t_f}·x0 + σ_{t_f}·ε: diffusers' DDIM with set_alpha_to_one=False (t_f = 0,
+    ᾱ = alphas_cumprod[0]) and final_sigmas_type="sigma_min" (t_f = 0, σ̃ = σ̃_0). DDIM's
+    last step is then x' = √ᾱ_{t_f}·x0 + √(1 − ᾱ_{t_f} − σ_η²)·eps + σ_η·z."""
     check_sampler(sampler, schedule, eta, solver_order)
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
-    pairs = list(zip(timesteps, list(timesteps[1:]) + [-1]))
+    check_final_timestep(sampler, schedule, timesteps, final_timestep)
+    pairs = list(zip(timesteps, list(timesteps[1:]) + [final_timestep]))
     if sampler == "ddim":
         return [_ddim(schedule, t, t_next, eta) for t, t_next in pairs]
     if sampler == "euler":
@@ -431,7 +474,7 @@ def plan_steps(
     if sampler == "dpm++2s":
         return [plan for t, t_next in pairs for plan in _dpm_pp_2s(schedule, t, t_next)]
     if sampler == "dpm++2m-sde":
-        return _dpm_multistep(schedule, timesteps, 2, noise=True)
+        return _dpm_multistep(schedule, timesteps, final_timestep, 2, noise=True)
     if sampler == "unipc":
-        return _unipc(schedule, timesteps, solver_order or 2)
-    return _dpm_multistep(schedule, timesteps, 2 if sampler == "dpm++2m" else 3)
+        return _unipc(schedule, timesteps, final_timestep, solver_order or 2)
+    return _dpm_multistep(schedule, timesteps, final_timestep, 2 if sampler == "dpm++2m" else 3)

@@ -98,6 +98,10 @@ CASES = {
     "dit-ddim-eta-half": (dit, dict(eta=0.5), "ddim", toy),
     "dit-dpm++2m": (lambda: dit("DPMSolverMultistepScheduler"), {}, "dpm++2m", toy),
     # SD 1.5 with the schedulers users swap in (leading, steps_offset 1)
+    # DDIM from SD 1.5's config: set_alpha_to_one=False, its last step lands at ᾱ = alphas_cumprod[0]
+    "sd15-ddim": (lambda: sd15("DDIMScheduler"), {}, "ddim", toy),
+    "sd15-ddim-eta": (lambda: sd15("DDIMScheduler"), dict(eta=1.0), "ddim", toy),
+    "sd15-ddim-v": (lambda: sd15("DDIMScheduler", prediction_type="v_prediction"), {}, "ddim", toy),
     "sd15-dpm++2m": (lambda: sd15("DPMSolverMultistepScheduler"), {}, "dpm++2m", toy),
     "sd15-dpm++3m": (lambda: sd15("DPMSolverMultistepScheduler", solver_order=3), {}, "dpm++3m", toy),
     "sd15-dpm++1": (lambda: sd15("DPMSolverMultistepScheduler", solver_order=1), {}, "ddim", toy),
@@ -108,8 +112,30 @@ CASES = {
     "sd15-unipc-1": (lambda: sd15("UniPCMultistepScheduler", solver_order=1), {}, "unipc", toy),
     "sd15-unipc-2": (lambda: sd15("UniPCMultistepScheduler"), {}, "unipc", toy),
     "sd15-unipc-3": (lambda: sd15("UniPCMultistepScheduler", solver_order=3), {}, "unipc", toy),
+    # final_sigmas_type="sigma_min": the last step lands at timestep 0's σ̃ (final_timestep=0)
+    "sd15-dpm++2m-sigma-min": (lambda: sd15("DPMSolverMultistepScheduler", final_sigmas_type="sigma_min"), {},
+                               "dpm++2m", toy),
+    "sd15-dpm++3m-sigma-min": (lambda: sd15("DPMSolverMultistepScheduler", solver_order=3,
+                                            final_sigmas_type="sigma_min"), {}, "dpm++3m", toy),
+    "sd15-dpm++1-sigma-min": (lambda: sd15("DPMSolverMultistepScheduler", solver_order=1,
+                                           final_sigmas_type="sigma_min"), {}, "ddim", toy),
+    "sd15-dpm++2m-sde-sigma-min": (lambda: sd15("DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++",
+                                                final_sigmas_type="sigma_min"), {}, "dpm++2m-sde", toy),
+    # below 15 steps diffusers' last step to σ̃_0 is first order anyway: euler_at_final changes nothing
+    "sd15-dpm++2m-sigma-min-euler-at-final": (lambda: sd15("DPMSolverMultistepScheduler", euler_at_final=True,
+                                                           final_sigmas_type="sigma_min"), {}, "dpm++2m", toy),
+    "sd15-unipc-2-sigma-min": (lambda: sd15("UniPCMultistepScheduler", final_sigmas_type="sigma_min"), {}, "unipc",
+                               toy),
+    "sd15-unipc-3-sigma-min": (lambda: sd15("UniPCMultistepScheduler", solver_order=3, final_sigmas_type="sigma_min"),
+                               {}, "unipc", toy),
     # from SD 1.5's config as shipped (no timestep_spacing key) the Euler types take their own
-    # default, "linspace", whose fractional times are refused below; on SD's "leading" spacing:
+    # default, "linspace", which calls the model at fractional times (σ̃ interpolated in t)
+    "sd15-euler-linspace": (lambda: sd15("EulerDiscreteScheduler"), {}, "euler", toy),
+    "sd15-euler-linspace-v": (lambda: sd15("EulerDiscreteScheduler", prediction_type="v_prediction"), {}, "euler",
+                              toy),
+    "sd15-euler-ancestral-linspace": (lambda: sd15("EulerAncestralDiscreteScheduler"), {}, "euler-ancestral", toy),
+    "sd15-heun-linspace": (lambda: sd15("HeunDiscreteScheduler"), {}, "heun", toy),
+    # and on SD's "leading" spacing:
     "sd15-euler": (lambda: sd15("EulerDiscreteScheduler", timestep_spacing="leading"), {}, "euler", toy),
     "sd15-euler-ancestral": (lambda: sd15("EulerAncestralDiscreteScheduler", timestep_spacing="leading"), {},
                              "euler-ancestral", toy),
@@ -122,6 +148,8 @@ CASES = {
     "sdxl-euler-v": (lambda: sdxl(prediction_type="v_prediction"), {}, "euler", toy),
     "sdxl-euler-trailing": (lambda: sdxl(timestep_spacing="trailing"), {}, "euler", toy),
     "sdxl-euler-custom-timesteps": (sdxl, dict(timesteps=[999, 850, 700, 500, 301, 150, 40, 3]), "euler", toy),
+    "sdxl-heun-custom-fractional-timesteps": (lambda: sdxl("HeunDiscreteScheduler"),
+                                              dict(timesteps=[998.5, 850.25, 700.0, 421.75, 130.5, 0.5]), "heun", toy),
     "sdxl-dpm++2m-custom-timesteps": (lambda: sdxl("DPMSolverMultistepScheduler"),
                                       dict(timesteps=[999, 800, 600, 400, 200, 5]), "dpm++2m", toy),
     # PixArt's DPM-Solver++ (linspace), and its SDE variant
@@ -142,6 +170,8 @@ CASES = {
     "sd3-euler-sigmas": (sd3, dict(sigmas=[1.0, 0.8, 0.55, 0.3, 0.1]), "euler", toy),
     "sd3-euler-karras": (lambda: sd3(use_karras_sigmas=True), {}, "euler", toy),
     "sd3-euler-shift-terminal": (lambda: sd3(shift_terminal=0.02), {}, "euler", toy),
+    # DDIM whose last step t − T // N is a timestep: it lands there (t = 2 for 30 steps)
+    "dit-ddim-steps-offset": (lambda: dit(steps_offset=35), {}, "ddim", toy),
     # other configs: v-prediction DDIM on trailing (SD 2.x style), DDPM's options, Heun's clip
     "ddim-trailing-v": (lambda: sd15("DDIMScheduler", timestep_spacing="trailing", set_alpha_to_one=True,
                                      prediction_type="v_prediction"), {}, "ddim", toy),
@@ -159,12 +189,22 @@ CASES = {
         trained_betas=torch.linspace(2e-4, 0.03, 500).tolist(), num_train_timesteps=500), {}, "unipc", toy),
 }
 # where linspace lands on integer timesteps; where DDIM's trailing grid steps by T // N
-# and DiT's default 250 steps, and order 3 without lower_order_final from 15 steps
+# and DiT's default 250 steps, and order 3 without lower_order_final from 15 steps; SD 1.5's
+# DDIM and the Euler types' fractional linspace grids at odd and even counts; σ̃_0 as the
+# last point with and without the last step's order lowered (below and from 15 steps)
+LINSPACE_COUNTS = (7, 13, 25, 50)
+SIGMA_MIN_COUNTS = (7, 14, 15, 25)
 STEPS = {"euler-linspace-integral": (10, 28), "ddim-trailing-v": (8, 25), "dit-ddim": (7, 250),
-         "pixart-dpm++3m-no-lower-order-final": (15, 25)}
+         "pixart-dpm++3m-no-lower-order-final": (15, 25), "dit-ddim-steps-offset": (30,),
+         "sd15-ddim": (7, 25, 50), "sd15-ddim-eta": (7, 50),
+         "sd15-euler-linspace": LINSPACE_COUNTS, "sd15-euler-ancestral-linspace": LINSPACE_COUNTS,
+         "sd15-heun-linspace": LINSPACE_COUNTS, "sd15-dpm++2m-sigma-min": SIGMA_MIN_COUNTS,
+         "sd15-dpm++3m-sigma-min": SIGMA_MIN_COUNTS, "sd15-dpm++2m-sigma-min-euler-at-final": (7, 14),
+         "sd15-unipc-2-sigma-min": SIGMA_MIN_COUNTS, "sd15-unipc-3-sigma-min": SIGMA_MIN_COUNTS}
 STOCHASTIC = ("dit-ddim-eta", "dit-ddim-eta-half", "sd15-dpm++2m-sde", "sd15-euler-ancestral", "sd15-ddpm",
               "sdxl-euler-ancestral", "pixart-dpm++2m-sde", "ddpm-clip-cosine", "ddpm-fixed-large",
-              "ddpm-fixed-small-log", "ddpm-learned-range", "ddpm-custom-timesteps")
+              "ddpm-fixed-small-log", "ddpm-learned-range", "ddpm-custom-timesteps", "sd15-ddim-eta",
+              "sd15-dpm++2m-sde-sigma-min", "sd15-euler-ancestral-linspace")
 
 
 def _step_counts(case: str) -> tuple:
@@ -225,12 +265,11 @@ REFUSALS = [
     (lambda: diffusers.PNDMScheduler.from_config(SD15), {}, None, "pseudo linear multistep"),
     (lambda: sd15("LMSDiscreteScheduler"), {}, None, "no fastguide sampler reproduces"),
     (lambda: sd15("KDPM2DiscreteScheduler"), {}, None, "fractional time"),
-    (lambda: sd15("DDIMScheduler"), {}, "set_alpha_to_one=False", "alphas_cumprod[0] = 0.99915"),
+    (lambda: dit(set_alpha_to_one=False), {}, "set_alpha_to_one=False", "alphas_cumprod[0] = 0.9999, its own noise"),
     (lambda: dit(clip_sample=True), {}, "clip_sample=True", "unclipped eps"),
     (lambda: dit(timestep_spacing="linspace"), {}, "timestep_spacing='linspace'", "t − T // N"),
     (lambda: dit(timestep_spacing="trailing"), dict(num_inference_steps=30), "timestep_spacing='trailing'",
      "t − T // N"),
-    (lambda: dit(steps_offset=35), dict(num_inference_steps=30), "steps_offset=35", "lands at t = 2"),
     (dit, dict(eta=1.5), "eta=1.5", "η in [0, 1]"),
     (lambda: dit(thresholding=True), {}, "thresholding=True", "dynamic thresholding"),
     (lambda: dit(rescale_betas_zero_snr=True), {}, "rescale_betas_zero_snr=True", "ᾱ = 0"),
@@ -242,8 +281,10 @@ REFUSALS = [
     (lambda: sd15("DPMSolverMultistepScheduler", use_karras_sigmas=True), {}, "use_karras_sigmas=True",
      "between the schedule's integer timesteps"),
     (lambda: sd15("DPMSolverMultistepScheduler", use_lu_lambdas=True), {}, "use_lu_lambdas=True", "between"),
-    (lambda: pixart(final_sigmas_type="sigma_min", algorithm_type="dpmsolver++"), {}, "final_sigmas_type='sigma_min'",
-     "lands on x0"),
+    (lambda: pixart(final_sigmas_type="sigma_min", lower_order_final=False), dict(num_inference_steps=10),
+     "lower_order_final=False", "keeps order 2 at the last step"),
+    (lambda: pixart(final_sigmas_type="sigma_min", euler_at_final=True), {}, "euler_at_final=True",
+     "lowers the last step to the first order"),
     (lambda: pixart(solver_type="heun"), {}, "solver_type='heun'", "midpoint"),
     (lambda: pixart(algorithm_type="sde-dpmsolver++", solver_order=3), {}, "solver_order=3", "dpm++2m-sde"),
     (lambda: pixart(algorithm_type="sde-dpmsolver++", solver_order=1), {}, "solver_order=1", "dpm++2m-sde"),
@@ -259,16 +300,17 @@ REFUSALS = [
     (lambda: sd15("UniPCMultistepScheduler", lower_order_final=False), {}, "lower_order_final=False",
      "keeps order p"),
     (lambda: sd15("UniPCMultistepScheduler", solver_order=4), {}, "solver_order=4", "1, 2 and 3"),
-    (lambda: sd15("EulerDiscreteScheduler"), dict(num_inference_steps=25), "timestep_spacing='linspace'",
-     "fractional times"),
-    (lambda: sd15("HeunDiscreteScheduler"), {}, "timestep_spacing='linspace'", "fractional times"),
+    (lambda: sd15("EulerDiscreteScheduler", final_sigmas_type="sigma_min"), dict(num_inference_steps=25),
+     "final_sigmas_type='sigma_min'", "σ̃-space latents"),
     (lambda: sdxl(use_karras_sigmas=True), {}, "use_karras_sigmas=True", "between"),
     (lambda: sdxl(use_exponential_sigmas=True), {}, "use_exponential_sigmas=True", "between"),
     (lambda: sdxl(interpolation_type="log_linear"), {}, "interpolation_type='log_linear'", "log-uniformly"),
-    (lambda: sdxl(final_sigmas_type="sigma_min"), {}, "final_sigmas_type='sigma_min'", "lands on x0"),
+    (lambda: sdxl(final_sigmas_type="sigma_min"), {}, "final_sigmas_type='sigma_min'", "σ̃-space latents"),
     (lambda: sdxl(timestep_type="continuous", prediction_type="v_prediction"), {}, "timestep_type='continuous'",
      "¼·log σ̃"),
-    (sdxl, dict(sigmas=[14.6, 5.0, 1.0, 0.1, 0.0]), "sigmas=[14.6, 5.0, 1.0, 0.1, 0.0]", "fractional times"),
+    # diffusers places custom σ's at times of log-linearly interpolated log σ̃
+    (sdxl, dict(sigmas=[14.6, 5.0, 1.0, 0.1, 0.0]), "sigmas=[14.6, 5.0, 1.0, 0.1, 0.0]",
+     "interpolated linearly in t"),
     (lambda: sdxl("EulerAncestralDiscreteScheduler", prediction_type="sample"), {}, "prediction_type='sample'",
      "maps to fastguide"),
     (lambda: sd15("HeunDiscreteScheduler", clip_sample=True, clip_sample_range=3.0), {}, "clip_sample_range=3.0",
@@ -307,3 +349,49 @@ def test_dpm_solver_3m_lower_order_final_is_irrelevant_from_15_steps():
 def test_refusals_of_diffusers_own_errors_say_so():
     with pytest.raises(UnsupportedScheduler, match="set_timesteps.*fails"):
         settings_for(dit(), 2000)
+
+
+def test_sd15_swaps_name_their_last_step_and_fractional_times():
+    # DDIM from SD 1.5's config: leading + steps_offset 1 ends at t = 1, then lands at timestep 0's ᾱ
+    ddim = settings_for(sd15("DDIMScheduler"), 50)
+    assert ddim.steps[-1] == 1 and ddim.final_timestep == 0 and ddim.sample_kwargs()["final_timestep"] == 0
+    assert settings_for(sd15("DDIMScheduler", set_alpha_to_one=True), 50).final_timestep == -1
+    assert settings_for(dit(steps_offset=35), 30).final_timestep == 2  # t − T // N = 35 − 33
+    assert settings_for(sd15("UniPCMultistepScheduler", final_sigmas_type="sigma_min"), 20).final_timestep == 0
+    # the Euler types' linspace: diffusers' float32 times, fractional ones as floats, integral ones as ints
+    euler = settings_for(sd15("EulerDiscreteScheduler"), 25)
+    scheduler = sd15("EulerDiscreteScheduler")
+    scheduler.set_timesteps(25)
+    assert list(euler.steps) == scheduler.timesteps.tolist() and euler.final_timestep == -1
+    assert euler.steps[:3] == (999, 957.375, 915.75) and type(euler.steps[0]) is int and euler.steps[-1] == 0
+    assert euler.schedule.model_time_dtype(euler.steps) == torch.float32
+    assert settings_for(sd15("EulerDiscreteScheduler"), 10).steps == (999, 888, 777, 666, 555, 444, 333, 222, 111, 0)
+
+
+@pytest.mark.parametrize("kind", ["EulerDiscreteScheduler", "HeunDiscreteScheduler"])
+def test_the_model_gets_diffusers_float32_times_on_a_linspace_grid(kind):
+    scheduler = sd15(kind)
+    settings = settings_for(scheduler, 13)
+    theirs, ours = [], []
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    run_pipeline_loop(scheduler, noise, lambda x, t: theirs.append(t) or toy(x, t), None, 0.0, 13)
+    fastguide.sample(lambda x, t: ours.append(t) or toy(x, t), noise.shape, noise=noise, **settings.sample_kwargs())
+    assert len(ours) == len(theirs) == (25 if kind == "HeunDiscreteScheduler" else 13)
+    assert all(t.dtype == torch.float32 for t in ours + theirs)
+    assert torch.equal(torch.cat(ours), torch.cat(theirs))
+
+
+def test_euler_sigma_min_is_refused_for_its_sigma_space_latents():
+    """Why final_sigmas_type="sigma_min" stays refused for the Euler types: the trajectory is
+    fastguide's with final_timestep=0, but diffusers returns x̃ = x/α_0 there."""
+    scheduler = sd15("EulerDiscreteScheduler", timestep_spacing="leading", final_sigmas_type="sigma_min")
+    settings = settings_for(sd15("EulerDiscreteScheduler", timestep_spacing="leading"), 9)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    latents, expected = run_pipeline_loop(scheduler, noise, toy, None, 0.0, 9)
+    kwargs = {**settings.sample_kwargs(), "final_timestep": 0}
+    got = fastguide.sample(toy, noise.shape, noise=settings.initial_noise(latents), **kwargs)
+    alpha_0 = math.sqrt(settings.schedule.alpha_bar(0))
+    torch.testing.assert_close(got / alpha_0, expected, atol=5e-5 * expected.abs().max().item(), rtol=0)
+    assert (got - expected).abs().max() > 1e-4 * expected.abs().max()
+    with pytest.raises(UnsupportedScheduler, match="σ̃-space"):
+        settings_for(scheduler, 9)

@@ -446,7 +446,8 @@ def test_learned_variance_is_planned_once():
 
 BAD_SAMPLER_ARGUMENTS = {
     "float labels": (dict(labels=torch.tensor([0.5, 1.7])), TypeError, "labels must be integer class indices"),
-    "float timesteps": (dict(steps=[500.5, 100.0]), TypeError, "sequence of ints"),
+    "timesteps beyond the schedule": (dict(steps=[999.5, 100.0]), ValueError, r"timesteps must lie in \[0, 999\]"),
+    "string timesteps": (dict(steps=["500", 100]), TypeError, "sequence of numbers"),
     "steps=True": (dict(steps=True), TypeError, "steps must be an int"),
     "steps=2.5": (dict(steps=2.5), TypeError, "steps must be an int"),
     "string dynamic_threshold": (dict(dynamic_threshold="0.9"), ValueError, "dynamic_threshold must be"),

@@ -5,7 +5,9 @@ lists the same timesteps in descending order (the order they are visited)."""
 import math
 import re
 
+import numpy as np
 import pytest
+import torch
 
 from fastguide import NoiseSchedule
 from fastguide.ops.contract import PREDICTION_TYPES
@@ -229,3 +231,66 @@ def test_each_schedule_refuses_the_prediction_types_it_cannot_convert():
     for bad in ("eps", None, ["epsilon"]):
         with pytest.raises(ValueError, match="prediction_type must be one of"):
             SCHEDULE.check_prediction_type(bad)
+
+
+# --------------------------------------------------------------------------------------
+# Fractional timesteps: σ̃ interpolated linearly in t (diffusers' Euler-type schedulers)
+# --------------------------------------------------------------------------------------
+
+SD15_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+@pytest.mark.parametrize("steps", [7, 13, 25, 50])
+def test_fractional_times_interpolate_edm_sigma_as_diffusers_does(steps):
+    """diffusers' linspace grid: σ̃(t) = np.interp(t, arange(T), σ̃_k), α = 1/√(1 + σ̃²), σ = σ̃·α."""
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.EulerDiscreteScheduler(**SD15_BETAS)
+    scheduler.set_timesteps(steps)
+    schedule = NoiseSchedule(scheduler.betas.double())
+    times = schedule.timesteps(scheduler.timesteps.tolist())
+    assert any(isinstance(t, float) for t in times) and times == scheduler.timesteps.tolist()
+    # the same formula on fastguide's float64 σ̃ table, written out with numpy
+    abar = schedule.alphas_cumprod.numpy()
+    table = np.sqrt((1 - abar) / abar)
+    for t, expected in zip(times, np.interp(times, np.arange(1000), table)):
+        alpha, sigma = schedule.alpha_sigma(t)
+        k = math.floor(t)
+        assert schedule.edm_sigma(t) == pytest.approx(expected, rel=1e-15)
+        assert alpha == pytest.approx(1 / math.sqrt(1 + expected**2), rel=1e-15)
+        assert sigma == pytest.approx(expected / math.sqrt(1 + expected**2), rel=1e-15)
+        assert schedule.alpha_bar(t) == pytest.approx(alpha**2, rel=1e-15) and alpha**2 + sigma**2 == pytest.approx(1)
+        assert schedule.log_snr(t) == pytest.approx(-math.log(expected), rel=1e-14)
+        if t != k:  # strictly between its neighbours' noise levels
+            assert schedule.edm_sigma(k) < schedule.edm_sigma(t) < schedule.edm_sigma(k + 1)
+    # and diffusers' own σ's: its ᾱ is a float32 cumprod (1e-5 relative near t = 0)
+    ours = torch.tensor([schedule.edm_sigma(t) for t in times], dtype=torch.float64)
+    torch.testing.assert_close(ours, scheduler.sigmas[:-1].double(), rtol=3e-5, atol=0)
+
+
+def test_integer_timesteps_never_go_through_the_interpolation():
+    # bit for bit as before: √ᾱ_t and √(1 − ᾱ_t) of the float64 table, also for an integral float
+    for t in (0, 1, 500, 999):
+        abar = SCHEDULE.alphas_cumprod[t].item()
+        assert SCHEDULE.alpha_sigma(t) == SCHEDULE.alpha_sigma(float(t)) == (math.sqrt(abar), math.sqrt(1 - abar))
+        assert SCHEDULE.alpha_bar(float(t)) == abar
+    assert SCHEDULE.alpha_sigma(-1) == (1.0, 0.0) and SCHEDULE.log_snr(-1) == math.inf
+    # continuous at the timesteps: σ̃ just off t = 500 is σ̃_500 to first order
+    for t in (499.999999, 500.000001):
+        assert SCHEDULE.edm_sigma(t) == pytest.approx(SCHEDULE.edm_sigma(500), rel=1e-8)
+
+
+def test_explicit_timesteps_take_fractional_times():
+    assert SCHEDULE.timesteps([100, 957.375, 999.0, 0.5, 100.0]) == [999, 957.375, 100, 0.5]
+    assert [type(t) for t in SCHEDULE.timesteps([999.0, 957.375, 0])] == [int, float, int]
+    assert SCHEDULE.timesteps(torch.tensor([999.0, 957.375], dtype=torch.float32)) == [999, 957.375]
+    assert SCHEDULE.model_time_dtype([999, 957.375, 0]) == torch.float32
+    assert SCHEDULE.model_time_dtype(SCHEDULE.timesteps([999.0, 500.0])) == torch.int64
+    assert NoiseSchedule.flow().model_time_dtype([1000.0]) == torch.float32
+    SCHEDULE.check_grid([998.5, 998.25, 998, 0.5])
+    for bad in ([999.5], [-0.5, 10], [math.nan], [math.inf], []):
+        with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 999\]"):
+            SCHEDULE.timesteps(bad)
+    for bad in ([True, 10], ["10"]):
+        with pytest.raises(TypeError, match="timesteps must be numbers"):
+            SCHEDULE.timesteps(bad)

@@ -254,3 +254,118 @@ def test_cfg_plus_plus_carries_over_to_a_flow_path(sampler):
         x = (1 - sigma_next) * x0 + sigma_next * eps_u
     # float32 times in the model call (1e-7 relative), as elsewhere
     torch.testing.assert_close(got, x, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# final_timestep: where the last step lands
+# --------------------------------------------------------------------------------------
+
+GRID = [999, 700, 400, 150, 20]
+ONE_STEP = ("ddim", "ddpm", "euler", "euler-ancestral", "heun", "dpm++2s")
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_last_step_to_a_timestep_written_out(eta):
+    """DDIM's last step from t = 20 to t_f = 0 (diffusers' set_alpha_to_one=False):
+    x' = √ᾱ_0·x0 + √(1 − ᾱ_0 − σ_η²)·eps + σ_η·z, σ_η = η·√((1 − ᾱ_0)/(1 − ᾱ_20)·(1 − ᾱ_20/ᾱ_0))."""
+    schedule = NoiseSchedule.linear()
+    last = plan_steps("ddim", schedule, GRID, eta=eta, final_timestep=0)[-1]
+    abar, abar_final = schedule.alphas_cumprod[20].item(), schedule.alphas_cumprod[0].item()
+    sigma_eta = eta * math.sqrt((1 - abar_final) / (1 - abar) * (1 - abar / abar_final))
+    assert (last.t, last.t_next) == (20, 0)
+    assert last.k_x0 == pytest.approx(math.sqrt(abar_final), rel=1e-15)
+    assert last.k_eps == pytest.approx(math.sqrt(1 - abar_final - sigma_eta**2), rel=1e-12)
+    assert last.k_noise == pytest.approx(sigma_eta, rel=1e-15) and last.k_x == 0.0
+    # the default lands on the clean data: x' = x0
+    clean = plan_steps("ddim", schedule, GRID, eta=eta)[-1]
+    assert (clean.t_next, clean.k_x0, clean.k_eps, clean.k_noise) == (-1, 1.0, 0.0, 0.0)
+
+
+def test_ddim_sampling_to_timestep_0_matches_the_loop_written_out():
+    schedule, x_T = NoiseSchedule.linear(), torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1),
+                                                        dtype=torch.float64)
+    got = sample(toy_eps, x_T.shape, sampler="ddim", steps=GRID, final_timestep=0, noise=x_T, clip_denoised=False)
+    x = x_T
+    for t, t_next in zip(GRID, GRID[1:] + [0]):
+        abar, abar_next = schedule.alphas_cumprod[t].item(), schedule.alphas_cumprod[t_next].item()
+        eps = toy_eps(x, torch.full((2,), t))
+        x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+        x = math.sqrt(abar_next) * x0 + math.sqrt(1 - abar_next) * eps
+    torch.testing.assert_close(got, x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sampler", ONE_STEP)
+def test_a_one_step_sampler_lands_on_a_timestep_as_on_any_grid_point(sampler):
+    # The step to t_f is the sampler's ordinary step: the plan over the grid and t_f, less its step onto x0.
+    schedule = NoiseSchedule.linear()
+    assert plan_steps(sampler, schedule, GRID, final_timestep=3) == plan_steps(sampler, schedule, GRID + [3])[:-1]
+
+
+@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++3m", "dpm++2m-sde"])
+def test_a_multistep_last_step_to_a_timestep_is_first_order_below_15_steps(sampler):
+    """diffusers' lower_order_final with final_sigmas_type="sigma_min": below 15 steps the
+    last step is DPM-Solver++'s first-order one, x' = (σ'/σ)·x + α'·(1 − e^{−h})·m₀ (the SDE
+    variant: (σ'/σ)·e^{−h}·x + α'·(1 − e^{−2h})·m₀ + σ'·√(1 − e^{−2h})·z); from 15 steps it
+    keeps the solver's order, as at any grid point."""
+    schedule, noise = NoiseSchedule.linear(), sampler == "dpm++2m-sde"
+    last = plan_steps(sampler, schedule, GRID, final_timestep=0)[-1]
+    (_, sigma), (alpha_f, sigma_f) = schedule.alpha_sigma(20), schedule.alpha_sigma(0)
+    h = schedule.log_snr(0) - schedule.log_snr(20)
+    phi = -math.expm1(-2 * h if noise else -h)
+    assert last.k_history == () and last.k_x0 == pytest.approx(alpha_f * phi, rel=1e-12)
+    assert last.k_x == pytest.approx(sigma_f / sigma * (math.exp(-h) if noise else 1.0), rel=1e-12)
+    assert last.k_noise == pytest.approx(sigma_f * math.sqrt(phi) if noise else 0.0, rel=1e-12)
+    long_grid = schedule.spaced_timesteps(20, "leading")[:-1] + [10]  # 20 steps, from 950 to 10
+    assert len(plan_steps(sampler, schedule, long_grid, final_timestep=3)[-1].k_history) > 0
+    assert plan_steps(sampler, schedule, long_grid, final_timestep=3) == \
+        plan_steps(sampler, schedule, long_grid + [3])[:-1]
+
+
+@pytest.mark.parametrize("final_timestep, error, message", [
+    (20, ValueError, r"final_timestep must be -1 \(the clean data\) or an original timestep in \[0, 20\)"),
+    (500, ValueError, r"in \[0, 20\)"),
+    (-2, ValueError, r"in \[0, 20\)"),
+    (0.0, TypeError, "final_timestep must be an int"),
+    (True, TypeError, "final_timestep must be an int"),
+])
+def test_a_final_timestep_the_last_step_cannot_land_on_is_refused(final_timestep, error, message):
+    with pytest.raises(error, match=message):
+        plan_steps("ddim", NoiseSchedule.linear(), GRID, final_timestep=final_timestep)
+    with pytest.raises(error, match=message):
+        sample(toy_eps, (1, 1, 2, 2), sampler="ddim", steps=GRID, final_timestep=final_timestep)
+
+
+def test_final_timestep_applies_to_variance_preserving_schedules_only():
+    flow = NoiseSchedule.flow()
+    with pytest.raises(ValueError, match=r"final_timestep=0 applies to variance-preserving schedules.*"
+                                         r"sampler='euler' lands on the clean data"):
+        plan_steps("euler", flow, flow.timesteps(4), final_timestep=0)
+    assert plan_steps("euler", flow, flow.timesteps(4), final_timestep=-1)[-1].t_next == -1
+
+
+def test_final_timestep_is_part_of_the_plan():
+    model = toy_eps
+    to_zero = GuidedSampler(model, sampler="ddim", steps=GRID, final_timestep=0)
+    clean = GuidedSampler(model, sampler="ddim", steps=GRID)
+    assert to_zero._calls(False) is not clean._calls(False)
+    assert to_zero._calls(False)[-1].step.k_eps > 0 and clean._calls(False)[-1].step.k_eps == 0
+
+
+def test_fractional_grids_run_every_sampler_and_the_model_gets_float32_times():
+    schedule, grid = NoiseSchedule.linear(), [999, 957.375, 915.75, 500.5, 40.25, 0.5]
+    for sampler in ("ddim", "ddpm", "euler", "euler-ancestral", "heun", "dpm++2m", "dpm++2m-sde", "dpm++2s",
+                    "dpm++3m", "unipc"):
+        times = []
+        x = sample(lambda x, t: times.append(t) or toy_eps(x, t), (1, 1, 2, 2), sampler=sampler, steps=grid,
+                   schedule=schedule, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(x).all() and all(t.dtype == torch.float32 for t in times)
+        calls = [t[0].item() for t in times]
+        assert calls[0] == 999.0 and 957.375 in calls and 0.5 in calls  # the float32 times as given
+    # dpm++2s's second call lies at the integer timestep of λ nearest the midpoint, strictly inside the step
+    to_mid = plan_steps("dpm++2s", schedule, grid)[0]
+    target = 0.5 * (schedule.log_snr(999) + schedule.log_snr(957.375))
+    assert isinstance(to_mid.t_next, int) and 957.375 < to_mid.t_next < 999
+    assert all(abs(schedule.log_snr(to_mid.t_next) - target) <= abs(schedule.log_snr(k) - target)
+               for k in range(958, 999))
+    assert len(plan_steps("dpm++2s", schedule, [1.75, 0.5])) == 3  # the second call at t = 1
+    assert len(plan_steps("dpm++2s", schedule, [1.75, 1.25])) == 2  # no timestep strictly between: one call
