@@ -236,6 +236,11 @@ def check_sample(args: argparse.Namespace) -> None:
     """Every option of ``fastguide sample``; sets args.device and args.label_ids."""
     from . import digits
 
+    if args.pipeline is not None:
+        from . import pipeline_sample
+
+        return pipeline_sample.check(args)
+
     if args.model not in MODELS:
         raise UsageError("--model", f"expected one of {', '.join(MODELS)}, got {args.model!r}")
     adm = args.model in ADM_SCHEDULES
@@ -408,6 +413,10 @@ def _check_guide(args: argparse.Namespace, adm: bool) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    if args.pipeline is not None:
+        from . import pipeline_sample
+
+        return pipeline_sample.run(args)
     rank, world_size, device = _distributed(args.device)
     chosen = backends.backend(args.backend) if args.backend is not None else contextlib.nullcontext()
     with chosen:
@@ -621,6 +630,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=Path("digits.png"), help="PNG grid to write (default: digits.png)")
     s.add_argument("--npz", type=Path, help="also write ADM's .npz (uint8 NHWC arr_0, labels arr_1)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--pipeline", type=Path,
+                   help="a diffusers pipeline saved in this folder (save_pretrained), accelerated, sampled from "
+                        "--prompt instead of the digits model")
+    s.add_argument("--prompt", help="with --pipeline: the text prompt")
+    s.add_argument("--negative-prompt", help="with --pipeline: the negative prompt (default: the pipeline's)")
+    s.add_argument("--pag-scale", type=float,
+                   help="with --pipeline: perturbed-attention guidance scale (loads the pipeline's PAG variant)")
     s.set_defaults(check=check_sample, run=cmd_sample)
 
     w = commands.add_parser("sweep", help="accuracy, Fréchet distance and diversity against guidance scale",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..sampling.guidance import CFG, Guidance
+from ..sampling.guidance import CFG, PAG, Guidance, SkipLayerGuidance
 from ..sampling.schedule import NoiseSchedule
 from .schedulers import settings_for
 
@@ -35,7 +35,7 @@ class Unsupported(ValueError):
 class Denoising:
     """What fastguide's loop needs from a pipeline call, prepared by the pipeline's methods."""
 
-    denoiser: Callable[..., Tensor]  # model(x_t, t[, labels], **kwargs) -> prediction (C or 2C channels)
+    denoiser: Denoiser  # model(x_t, t[, labels], **kwargs) -> prediction (C or 2C channels)
     noise: Tensor  # x_T in fastguide's convention (x = α·x0 + σ·ε)
     cond: dict
     uncond: dict | None
@@ -44,6 +44,39 @@ class Denoising:
     generator: object
     finish: Callable[[Tensor], object]  # the final latents -> the pipeline's output
     labels: Tensor | None = None  # class labels, the denoiser's third argument
+
+
+class Denoiser(nn.Module):
+    """A pipeline's unet or transformer as fastguide's ``model(x_t, t[, labels], **kwargs)``:
+    ``call(network, x_t, t, ...)`` returns its prediction tensor. PAG and skip-layer
+    guidance perturb the network itself (``perturbation_target``), by diffusers' layer names."""
+
+    def __init__(self, network: nn.Module, call: Callable[..., Tensor]):
+        super().__init__()
+        self.network, self.call = network, call
+
+    @property
+    def perturbation_target(self) -> nn.Module:
+        return self.network
+
+    def forward(self, x: Tensor, t: Tensor, *args: Tensor, **kwargs: object) -> Tensor:
+        return self.call(self.network, x, t, *args, **kwargs)
+
+
+def _unet_call(unet: nn.Module, x: Tensor, t: Tensor, **kwargs: object) -> Tensor:
+    return unet(x, t, return_dict=False, **kwargs)[0]
+
+
+def _sd3_call(transformer: nn.Module, x: Tensor, t: Tensor, **kwargs: object) -> Tensor:
+    return transformer(hidden_states=x, timestep=t, return_dict=False, **kwargs)[0]
+
+
+def _pixart_call(transformer: nn.Module, x: Tensor, t: Tensor, **kwargs: object) -> Tensor:
+    return transformer(x, timestep=t, return_dict=False, **kwargs)[0]
+
+
+def _dit_call(transformer: nn.Module, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+    return transformer(x, timestep=t, class_labels=labels).sample
 
 
 @dataclass(frozen=True)
@@ -140,8 +173,7 @@ def _stable_diffusion(pipe, a: dict, options) -> Denoising:
                                    prompt_embeds.dtype, device, a["generator"], a["latents"])
     cond, uncond = _pair({"encoder_hidden_states": prompt_embeds}, {"encoder_hidden_states": negative_embeds}, guided)
 
-    def denoiser(x: Tensor, t: Tensor, **kwargs) -> Tensor:
-        return pipe.unet(x, t, return_dict=False, **kwargs)[0]
+    denoiser = Denoiser(pipe.unet, _unet_call)
 
     def finish(latents: Tensor):
         output_type = a["output_type"]
@@ -213,8 +245,7 @@ def _stable_diffusion_xl(pipe, a: dict, options) -> Denoising:
          "added_cond_kwargs": {"text_embeds": None if negative_pooled is None else negative_pooled.to(device),
                                "time_ids": negative_time_ids}}, guided)
 
-    def denoiser(x: Tensor, t: Tensor, **kwargs) -> Tensor:
-        return pipe.unet(x, t, return_dict=False, **kwargs)[0]
+    denoiser = Denoiser(pipe.unet, _unet_call)
 
     def finish(latents: Tensor):
         module = _module(pipe)
@@ -251,8 +282,11 @@ def _stable_diffusion_xl(pipe, a: dict, options) -> Denoising:
 
 
 def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
-    _refuse_given(a, ("ip_adapter_image", "ip_adapter_image_embeds", "joint_attention_kwargs", "callback_on_step_end",
-                      "skip_guidance_layers"))
+    _refuse_given(a, ("ip_adapter_image", "ip_adapter_image_embeds", "joint_attention_kwargs", "callback_on_step_end"))
+    skip_layers = a.get("skip_guidance_layers")  # StableDiffusion3PAGPipeline has none
+    if skip_layers is not None and (options.sampler is not None or options.guidance is not None):
+        raise Unsupported("skip_guidance_layers= with accelerate(sampler=...) or (guidance=...): its window is a "
+                          "fraction of the scheduler's own steps, and it adds to the pipeline's CFG")
     height = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
     width = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
     pipe.check_inputs(
@@ -263,12 +297,12 @@ def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
         negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
         callback_on_step_end_tensor_inputs=a["callback_on_step_end_tensor_inputs"],
         max_sequence_length=a["max_sequence_length"])
-    pipe._guidance_scale, pipe._skip_layer_guidance_scale = a["guidance_scale"], a["skip_layer_guidance_scale"]
+    pipe._guidance_scale, pipe._skip_layer_guidance_scale = a["guidance_scale"], a.get("skip_layer_guidance_scale")
     pipe._clip_skip, pipe._joint_attention_kwargs, pipe._interrupt = a["clip_skip"], None, False
     prompt = a["prompt"]
     batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else a["prompt_embeds"].shape[0]
-    mu = a["mu"]
-    if pipe.scheduler.config.get("use_dynamic_shifting", None) and mu is None:
+    mu = a.get("mu")  # StableDiffusion3PAGPipeline takes none, and shifts none
+    if "mu" in a and pipe.scheduler.config.get("use_dynamic_shifting", None) and mu is None:
         patch = pipe.transformer.config.patch_size
         latent_h, latent_w = int(height) // pipe.vae_scale_factor, int(width) // pipe.vae_scale_factor
         config = pipe.scheduler.config
@@ -294,8 +328,7 @@ def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
     cond, uncond = _pair({"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled},
                          {"encoder_hidden_states": negative_embeds, "pooled_projections": negative_pooled}, guided)
 
-    def denoiser(x: Tensor, t: Tensor, **kwargs) -> Tensor:
-        return pipe.transformer(hidden_states=x, timestep=t, return_dict=False, **kwargs)[0]
+    denoiser = Denoiser(pipe.transformer, _sd3_call)
 
     def finish(latents: Tensor):
         if a["output_type"] == "latent":
@@ -307,8 +340,25 @@ def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
         pipe.maybe_free_model_hooks()
         return _module(pipe).StableDiffusion3PipelineOutput(images=image) if a["return_dict"] else (image,)
 
-    return Denoising(denoiser, x_T(latents), cond, uncond, _guidance(options, a["guidance_scale"]), sampling,
-                     a["generator"], finish)
+    guidance = _guidance(options, a["guidance_scale"])
+    if skip_layers is not None and guided:
+        guidance = _skip_layer_guidance(a, sampling, skip_layers)
+    return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, a["generator"], finish)
+
+
+def _skip_layer_guidance(a: dict, sampling: dict, layers) -> Guidance:
+    """SD3's skip-layer guidance: after CFG, + s·(c − p) with p the conditional rows through the
+    transformer with ``layers`` skipped, at the steps i with N·start < i < N·stop (of N); those
+    steps' σ̃ (EDM's, strictly decreasing along the grid) bound the strategy's interval."""
+    steps, schedule = list(sampling["steps"]), sampling["schedule"]
+    count = len(steps)
+    chosen = [schedule.edm_sigma(t) for i, t in enumerate(steps)
+              if count * a["skip_layer_guidance_start"] < i < count * a["skip_layer_guidance_stop"]]
+    cfg = CFG(float(a["guidance_scale"]))
+    if not chosen:
+        return cfg
+    return SkipLayerGuidance(float(a["skip_layer_guidance_scale"]), tuple(layers), cfg_scale=cfg.scale,
+                             interval=(min(chosen), max(chosen)))
 
 
 # --------------------------------------------------------------------------------------
@@ -359,8 +409,7 @@ def _pixart(pipe, a: dict, options) -> Denoising:
         {"encoder_hidden_states": negative_embeds, "encoder_attention_mask": negative_mask, "added_cond_kwargs": added},
         guided)
 
-    def denoiser(x: Tensor, t: Tensor, **kwargs) -> Tensor:
-        return pipe.transformer(x, timestep=t, return_dict=False, **kwargs)[0]
+    denoiser = Denoiser(pipe.transformer, _pixart_call)
 
     def finish(latents: Tensor):
         if a["output_type"] == "latent":
@@ -401,8 +450,7 @@ def _dit(pipe, a: dict, options) -> Denoising:
         # DiTPipeline guides the first in_channels (the eps) of its 2C output: all of fastguide's C.
         guidance = CFG(float(a["guidance_scale"]))
 
-    def denoiser(x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
-        return pipe.transformer(x, timestep=t, class_labels=labels).sample
+    denoiser = Denoiser(pipe.transformer, _dit_call)
 
     def finish(latents: Tensor):
         samples = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
@@ -418,6 +466,33 @@ def _dit(pipe, a: dict, options) -> Denoising:
                      a["generator"], finish, labels)
 
 
+# --------------------------------------------------------------------------------------
+# The PAG pipelines: their base pipeline's recipe, with PAG as the guidance
+# --------------------------------------------------------------------------------------
+
+
+def _with_pag(prepare: Callable[[object, dict, object], Denoising]) -> Callable[[object, dict, object], Denoising]:
+    """A PAG pipeline's recipe: its base pipeline's, with the pipeline's CFG (if any) extended
+    by perturbed-attention guidance at ``pipe.pag_applied_layers`` (diffusers' do_perturbed_
+    attention_guidance: pag_scale > 0 and some layers); the rescale applies with CFG only,
+    as there."""
+
+    def prepare_pag(pipe, a: dict, options) -> Denoising:
+        if a["pag_adaptive_scale"] > 0:
+            raise Unsupported("pag_adaptive_scale > 0 (a PAG scale that varies with t) is diffusers' own")
+        layers = pipe.pag_applied_layers
+        if options.guidance is not None or not (a["pag_scale"] > 0 and layers):
+            return prepare(pipe, a, options)
+        denoising = prepare(pipe, a, options)
+        cfg = denoising.guidance
+        denoising.guidance = PAG(float(a["pag_scale"]), (layers,) if isinstance(layers, str) else tuple(layers),
+                                 cfg_scale=cfg.scale if cfg is not None else 1.0,
+                                 rescale=cfg.rescale if cfg is not None else 0.0)
+        return denoising
+
+    return prepare_pag
+
+
 def _unet(pipe) -> nn.Module:
     return pipe.unet
 
@@ -428,6 +503,9 @@ def _transformer(pipe) -> nn.Module:
 
 RECIPES = {
     "StableDiffusionPipeline": Recipe(_unet, _stable_diffusion),
+    "StableDiffusionPAGPipeline": Recipe(_unet, _with_pag(_stable_diffusion)),
+    "StableDiffusionXLPAGPipeline": Recipe(_unet, _with_pag(_stable_diffusion_xl)),
+    "StableDiffusion3PAGPipeline": Recipe(_transformer, _with_pag(_stable_diffusion_3)),
     "StableDiffusionXLPipeline": Recipe(_unet, _stable_diffusion_xl),
     "StableDiffusion3Pipeline": Recipe(_transformer, _stable_diffusion_3),
     "PixArtAlphaPipeline": Recipe(_transformer, _pixart),

@@ -38,15 +38,15 @@ SD_SCHEDULERS = {
 }
 
 
-def stable_diffusion(scheduler):
+def stable_diffusion(scheduler, cls_name="StableDiffusionPipeline", **options):
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, norm_num_groups=32, attention_head_dim=8).eval()
-    pipe = diffusers.StableDiffusionPipeline(vae=_vae(), text_encoder=None, tokenizer=None, unet=unet,
-                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+    pipe = getattr(diffusers, cls_name)(vae=_vae(), text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                                        **options)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -55,7 +55,7 @@ SD_CALL = dict(prompt_embeds=_randn(2, 7, 32, seed=1), negative_prompt_embeds=_r
                latents=_randn(*LATENT, seed=3), num_inference_steps=8, guidance_scale=5.0, output_type="latent")
 
 
-def stable_diffusion_xl():
+def stable_diffusion_xl(cls_name="StableDiffusionXLPipeline", **options):
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -63,10 +63,10 @@ def stable_diffusion_xl():
         cross_attention_dim=64, norm_num_groups=32, attention_head_dim=(2, 4), use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + 32).eval()
-    pipe = diffusers.StableDiffusionXLPipeline(
+    pipe = getattr(diffusers, cls_name)(
         vae=_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
         scheduler=diffusers.EulerDiscreteScheduler(**SD_BETAS, timestep_spacing="leading"),
-        force_zeros_for_empty_prompt=False)
+        force_zeros_for_empty_prompt=False, **options)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -77,15 +77,15 @@ SDXL_CALL = dict(prompt_embeds=_randn(2, 7, 64, seed=1), negative_prompt_embeds=
                  guidance_rescale=0.5, output_type="latent")
 
 
-def stable_diffusion_3():
+def stable_diffusion_3(cls_name="StableDiffusion3Pipeline", **options):
     torch.manual_seed(0)
     transformer = diffusers.SD3Transformer2DModel(
-        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
         num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64).eval()
-    pipe = diffusers.StableDiffusion3Pipeline(
+    pipe = getattr(diffusers, cls_name)(
         transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(),
         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-        tokenizer_3=None)
+        tokenizer_3=None, **options)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -134,6 +134,18 @@ CASES = {  # name: (build the pipeline, its call) — the call's images are late
     "sd3-flow-euler": (stable_diffusion_3, SD3_CALL),
     "pixart-alpha": (lambda: pixart("PixArtAlphaPipeline"), PIXART_CALL),
     "pixart-sigma": (lambda: pixart("PixArtSigmaPipeline"), PIXART_CALL),
+    "sd-pag": (lambda: stable_diffusion(SD_SCHEDULERS["dpm++2m"](), "StableDiffusionPAGPipeline",
+                                        pag_applied_layers=["mid", "up_blocks.1"]),
+               {**SD_CALL, "pag_scale": 2.0, "guidance_rescale": 0.3}),
+    "sd-pag-no-cfg": (lambda: stable_diffusion(SD_SCHEDULERS["ddim"](), "StableDiffusionPAGPipeline"),
+                      {**SD_CALL, "pag_scale": 1.5, "guidance_scale": 1.0}),
+    "sdxl-pag": (lambda: stable_diffusion_xl("StableDiffusionXLPAGPipeline", pag_applied_layers=["down_blocks.1"]),
+                 {**SDXL_CALL, "pag_scale": 2.5}),
+    "sd3-pag": (lambda: stable_diffusion_3("StableDiffusion3PAGPipeline", pag_applied_layers=["blocks.1"]),
+                {**SD3_CALL, "pag_scale": 2.0}),
+    "sd3-skip-layer-guidance": (stable_diffusion_3, {**SD3_CALL, "skip_guidance_layers": [1, 2],
+                                                     "skip_layer_guidance_start": 0.1,
+                                                     "skip_layer_guidance_stop": 0.6}),
     "dit-ddim": (lambda: dit(diffusers.DDIMScheduler(clip_sample=False)),
                  dict(class_labels=[1, 7], num_inference_steps=8, guidance_scale=4.0, output_type="pt")),
     "dit-dpm++2m": (lambda: dit(diffusers.DPMSolverMultistepScheduler()),

@@ -1,0 +1,109 @@
+"""``fastguide sample --pipeline DIR --prompt ...``: a diffusers pipeline saved in a local
+folder, accelerated (``fastguide.accelerate``), sampled from prompts into a PNG grid.
+
+The folder is what ``pipe.save_pretrained(DIR)`` writes (model_index.json and one folder
+per component); nothing is downloaded. ``--pag-scale`` loads the pipeline's PAG variant
+(diffusers' ``AutoPipelineForText2Image`` with ``enable_pag``). The digits-model options
+(--model, --labels, --guidance, ...) do not apply and are refused when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .options import (
+    UsageError,
+    check_at_least,
+    check_image_file,
+    check_scale,
+    check_seed,
+    parse_device,
+)
+
+# Options of the digits models that a pipeline has no use for: (dest, flag, default).
+DIGITS_ONLY = (("model", "--model", "digits"), ("checkpoint", "--checkpoint", None),
+               ("classifier_checkpoint", "--classifier-checkpoint", None), ("labels", "--labels", "0-9"),
+               ("guidance", "--guidance", "cfg"), ("schedule", "--schedule", "constant"),
+               ("interval", "--interval", None), ("tangential", "--tangential", False),
+               ("classifier_scale", "--classifier-scale", 4.0), ("npz", "--npz", None))
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check(args: argparse.Namespace) -> None:
+    """The options of a pipeline run, before anything loads; sets args.device."""
+    given = [flag for dest, flag, default in DIGITS_ONLY if getattr(args, dest) != default]
+    if given:
+        raise UsageError(given[0], "applies to the digits and ADM models, not to --pipeline")
+    folder = Path(args.pipeline)
+    if not (folder / "model_index.json").is_file():
+        raise UsageError("--pipeline", f"expected a folder written by a diffusers pipeline's save_pretrained "
+                                       f"(with model_index.json), got {str(folder)!r}")
+    if args.prompt is None:
+        raise UsageError("--prompt", "is required with --pipeline")
+    check_at_least("--num-samples", args.num_samples, high=10_000)
+    check_at_least("--batch-size", args.batch_size)
+    check_at_least("--steps", args.steps, high=1000)
+    if args.scale is not None:
+        check_scale("--scale", args.scale)
+    if args.pag_scale is not None:
+        check_scale("--pag-scale", args.pag_scale)
+    check_seed("--seed", args.seed)
+    if args.spacing is not None and args.sampler is None:
+        raise UsageError("--spacing", "places fastguide's own sampler's steps: with --pipeline it needs --sampler "
+                                      "(without one, the pipeline's scheduler is reproduced, its steps with it)")
+    args.device = parse_device(args.device)
+    check_image_file("--out", args.out, "RGB")
+
+
+def load(args: argparse.Namespace):
+    """The saved pipeline (its PAG variant with --pag-scale), accelerated, on --device."""
+    import diffusers
+
+    from ..pipelines.accelerate import accelerate
+
+    dtype = DTYPES[args.precision]
+    try:
+        if args.pag_scale is not None:
+            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(args.pipeline, enable_pag=True,
+                                                                      torch_dtype=dtype, local_files_only=True)
+        else:
+            pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=dtype,
+                                                               local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise UsageError("--pipeline" if args.pag_scale is None else "--pag-scale",
+                         f"could not load the pipeline in {str(args.pipeline)!r}: {error}") from None
+    pipe = pipe.to(args.device)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    try:
+        return accelerate(pipe, sampler=args.sampler, spacing=args.spacing)
+    except TypeError as error:
+        raise UsageError("--pipeline", str(error)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Sample --num-samples images in batches of --batch-size (batch b seeded with seed + b)
+    and write them as one PNG grid."""
+    from .cli import save_grid
+
+    pipe = load(args)
+    options = {"num_inference_steps": args.steps, "output_type": "pt"}
+    if args.scale is not None:
+        options["guidance_scale"] = args.scale
+    if args.negative_prompt is not None:
+        options["negative_prompt"] = args.negative_prompt
+    if args.pag_scale is not None:
+        options["pag_scale"] = args.pag_scale
+    images = []
+    for batch, start in enumerate(range(0, args.num_samples, args.batch_size)):
+        count = min(args.batch_size, args.num_samples - start)
+        generator = torch.Generator().manual_seed(args.seed + batch)
+        images.append(pipe(args.prompt, num_images_per_prompt=count, generator=generator, **options).images.cpu())
+    if pipe.fastguide_fallback is not None:
+        print(f"fastguide: diffusers' own loop ran: {pipe.fastguide_fallback}")
+    pixels = torch.cat(images).float() * 2 - 1  # [0, 1] -> save_grid's [-1, 1]
+    save_grid(pixels, args.out, columns=min(10, len(pixels)), scale=1)
+    print(f"wrote {len(pixels)} samples to {args.out}")
+    return 0
