@@ -61,6 +61,10 @@ class _Buffers:
     x0_unconditional: list[Tensor]  # CFG++ on dpm++2m: the last two calls' unconditional x0
     apg: Tensor | None  # APG's momentum state
     noise: Tensor  # the noise of a graph replay's step, drawn before the replay
+    # Each call's model times (rows,): views of one table made with the buffers, so a call
+    # launches no fill (a flow model, or a grid with fractional times, takes float32 times,
+    # diffusers' convention; integer timesteps int64: schedule.model_time_dtype).
+    times: list[Tensor]
     # rows -> the model's (labels, keyword arguments) for the first rows: views, made once per run
     arguments: dict[int, tuple[Tensor | None, dict]] = dataclasses.field(default_factory=dict)
 
@@ -390,6 +394,9 @@ class GuidedSampler:
         shape, device, dtype = tuple(x_T.shape), x_T.device, x_T.dtype
         rows = len(self.branches) * shape[0]
         momentum = self.combine is not None and self.combine.apg_momentum != 0
+        calls = self._calls(False)
+        table = torch.tensor([call.t for call in calls], dtype=self._time_dtype, device=device)
+        table = table[:, None].expand(-1, rows).contiguous()
         return _Buffers(
             model_input=torch.empty((rows, *shape[1:]), device=device, dtype=dtype),
             conditioning=conditioning,
@@ -398,6 +405,7 @@ class GuidedSampler:
                               for _ in range(2 if self.unconditional_history else 0)],
             apg=torch.empty(shape, device=device, dtype=torch.float32) if momentum else None,
             noise=torch.zeros(shape, device=device, dtype=dtype),
+            times=[table[i, :call.blocks * shape[0]] for i, call in enumerate(calls)],
         )
 
     def _load(self, buffers: _Buffers, x_T: Tensor, conditioning: RowConditioning) -> None:
@@ -417,14 +425,12 @@ class GuidedSampler:
         model_input = buffers.model_input
         x = model_input[:batch]
         planned = self._calls(False)[i]
-        t, guided = planned.t, planned.combine is not None
+        guided = planned.combine is not None
         rows = planned.blocks * batch
         if self._perturbation is not None:  # the perturbed block's rows, read by the model's perturbed layers
             block = planned.perturbed_block
             self._perturbation.rows = None if block is None else slice(block * batch, (block + 1) * batch)
-        # A flow model, or a grid with fractional times, takes float32 times (diffusers'
-        # convention), a grid of integer timesteps int64 (schedule.model_time_dtype).
-        t_in = torch.full((rows,), t, device=x.device, dtype=self._time_dtype)
+        t_in = buffers.times[i]
         model_output = self._checked_output(
             self._forward(self.model, model_input[:rows], t_in, *buffers.model_arguments(rows)),
             model_input, rows, shape, "model")
