@@ -226,3 +226,15 @@ def test_accelerate_refuses_what_it_cannot_take():
         fastguide.accelerate(pipe, guidance=7.5)
     with pytest.raises(ValueError, match="spacing= places fastguide's own sampler's steps"):
         fastguide.accelerate(pipe, spacing="karras")
+
+
+@pytest.mark.gpu
+def test_a_graphed_pipeline_on_cuda_gives_the_originals_latents():
+    original = stable_diffusion(SD_SCHEDULERS["dpm++2m"]()).to("cuda")
+    call = {key: value.cuda() if isinstance(value, torch.Tensor) else value for key, value in SD_CALL.items()}
+    expected = original(**call).images
+    graphed = fastguide.accelerate(copy.deepcopy(original), cuda_graph=True)
+    for _ in range(2):  # the first call captures the loop, the second replays it
+        got = graphed(**call).images
+        assert graphed.fastguide_fallback is None
+        torch.testing.assert_close(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
