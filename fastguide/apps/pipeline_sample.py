@@ -10,6 +10,7 @@ per component); nothing is downloaded. ``--pag-scale`` loads the pipeline's PAG 
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 
 import torch
@@ -75,6 +76,8 @@ def load(args: argparse.Namespace):
     except (OSError, ValueError, TypeError) as error:
         raise UsageError("--pipeline" if args.pag_scale is None else "--pag-scale",
                          f"could not load the pipeline in {str(args.pipeline)!r}: {error}") from None
+    if "prompt" not in inspect.signature(type(pipe).__call__).parameters:
+        raise UsageError("--pipeline", f"{type(pipe).__name__} takes no prompt (a class-conditional pipeline)")
     pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=args.quiet)
     try:
@@ -96,13 +99,15 @@ def run(args: argparse.Namespace) -> int:
         options["negative_prompt"] = args.negative_prompt
     if args.pag_scale is not None:
         options["pag_scale"] = args.pag_scale
-    images = []
+    images, fallbacks = [], set()
     for batch, start in enumerate(range(0, args.num_samples, args.batch_size)):
         count = min(args.batch_size, args.num_samples - start)
         generator = torch.Generator().manual_seed(args.seed + batch)
         images.append(pipe(args.prompt, num_images_per_prompt=count, generator=generator, **options).images.cpu())
-    if pipe.fastguide_fallback is not None:
-        print(f"fastguide: diffusers' own loop ran: {pipe.fastguide_fallback}")
+        if pipe.fastguide_fallback is not None:
+            fallbacks.add(pipe.fastguide_fallback)
+    for reason in sorted(fallbacks):
+        print(f"fastguide: diffusers' own loop ran: {reason}")
     pixels = torch.cat(images).float() * 2 - 1  # [0, 1] -> save_grid's [-1, 1]
     save_grid(pixels, args.out, columns=min(10, len(pixels)), scale=1)
     print(f"wrote {len(pixels)} samples to {args.out}")

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from ..models.accelerate import accelerate as accelerate_module
 from ..sampling.guidance import Guidance
 from ..sampling.loop import GuidedSampler
+from ..sampling.schedule import NoiseSchedule
 from . import recipes
 from .schedulers import UnsupportedScheduler
 
@@ -122,6 +123,8 @@ def _accelerated_call(pipe, original: Callable, args: tuple, kwargs: dict):
         log.info("fastguide: %s runs diffusers' own denoising loop: %s", type(pipe).__name__, reason)
         return original(pipe, *args, **kwargs)
     pipe.fastguide_fallback = None
+    steps = denoising.sampling["steps"]
+    pipe._num_timesteps = steps if isinstance(steps, int) else len(steps)  # the pipeline's num_timesteps
     return denoising.finish(_denoise(pipe, denoising))
 
 
@@ -129,7 +132,10 @@ def _denoise(pipe, denoising: recipes.Denoising) -> Tensor:
     """fastguide's loop from the pipeline's prepared latents and conditioning."""
     options = pipe.fastguide_options
     settings = denoising.sampling
-    key = (tuple(sorted((k, repr(v)) for k, v in settings.items())), denoising.guidance)
+    # The sampler (and its captured graphs) is kept for the same settings, schedule (by
+    # value), network and guidance; anything else builds a new one.
+    key = (tuple(sorted((k, v.cache_key if isinstance(v, NoiseSchedule) else repr(v)) for k, v in settings.items())),
+           id(denoising.denoiser.network), denoising.guidance)
     sampler = pipe._fastguide_samplers.get(key)
     if sampler is None:
         sampler = GuidedSampler(denoising.denoiser, guidance=denoising.guidance, cuda_graph=options.cuda_graph,

@@ -15,16 +15,18 @@ the same per-row computation, so the latents agree to float rounding.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..sampling.guidance import CFG, PAG, Guidance, SkipLayerGuidance
 from ..sampling.schedule import NoiseSchedule
-from .schedulers import settings_for
+from .schedulers import STOCHASTIC_SAMPLERS, settings_for
 
 
 class Unsupported(ValueError):
@@ -81,6 +83,8 @@ def _dit_call(transformer: nn.Module, x: Tensor, t: Tensor, labels: Tensor) -> T
 
 @dataclass(frozen=True)
 class Recipe:
+    """A pipeline class's denoiser (for its kernels) and its preparation of a call."""
+
     denoiser_of: Callable[[object], nn.Module]
     prepare: Callable[[object, dict, object], Denoising]
 
@@ -98,27 +102,49 @@ def _module(pipe):
     return sys.modules[type(pipe).__module__]
 
 
+class Sampling(NamedTuple):
+    """GuidedSampler's settings, the map from the pipeline's starting latents to x_T, and the
+    generator of the steps' noise (None for a sampler that draws none)."""
+
+    settings: dict
+    initial_noise: Callable[[Tensor], Tensor]
+    generator: torch.Generator | None
+
+
+def _step_generator(generator: object, draws_noise: bool, sampler: str) -> torch.Generator | None:
+    """The generator the loop draws each step's noise from: none when the sampler draws none
+    (the latents come from the pipeline), refused when a list would have to give it."""
+    if not draws_noise:
+        return None
+    if isinstance(generator, (list, tuple)):
+        raise Unsupported(f"a list of generators with sampler {sampler!r}, which draws noise: fastguide draws each "
+                          "step's noise from one generator")
+    return generator
+
+
 def _sampling(pipe, arguments: Mapping, options, *, eta: float = 0.0, generator_in_step: bool = True,
-              mu: float | None = None) -> tuple[dict, Callable[[Tensor], Tensor]]:
-    """GuidedSampler's settings and the map from the pipeline's starting latents to x_T:
-    the scheduler reproduced (``schedulers.settings_for``), or with ``options.sampler``
-    fastguide's own sampler on the scheduler's noise schedule (x_T the unscaled noise)."""
+              mu: float | None = None, scaled_latents: bool = True) -> Sampling:
+    """The scheduler reproduced (``schedulers.settings_for``), or with ``options.sampler``
+    fastguide's own sampler on the scheduler's noise schedule (x_T the unscaled noise:
+    the latents divided by ``init_noise_sigma`` where the pipeline scaled them by it,
+    ``scaled_latents``; DiTPipeline does not)."""
     scheduler = pipe.scheduler
     steps = arguments.get("num_inference_steps")
     if options.sampler is None:
         settings = settings_for(scheduler, steps, eta=eta, timesteps=arguments.get("timesteps"),
                                 sigmas=arguments.get("sigmas"), mu=mu, generator_in_step=generator_in_step)
-        if settings.draws_noise and isinstance(arguments.get("generator"), (list, tuple)):
-            raise Unsupported(f"a list of generators with sampler {settings.sampler!r}, which draws noise: fastguide "
-                              "draws each step's noise from one generator")
-        return settings.sample_kwargs(), settings.initial_noise
+        generator = _step_generator(arguments.get("generator"), settings.draws_noise, settings.sampler)
+        return Sampling(settings.sample_kwargs(), settings.initial_noise, generator)
     _refuse_given(arguments, ("timesteps", "sigmas"))
+    if eta:
+        raise Unsupported(f"eta={eta} with accelerate(sampler=...): DDIM's eta belongs to the pipeline's scheduler")
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
     if type(scheduler).__name__.startswith("FlowMatch"):
         if scheduler.config.get("use_dynamic_shifting", False):
             raise Unsupported("sampler= on a flow-matching scheduler with use_dynamic_shifting (its shift depends "
                               "on the image size)")
-        schedule, prediction_type = NoiseSchedule.flow(float(scheduler.config.shift)), "flow_prediction"
+        schedule = NoiseSchedule.flow(float(scheduler.config.shift), scheduler.config.num_train_timesteps)
+        prediction_type = "flow_prediction"
     else:
         try:
             schedule = NoiseSchedule(scheduler.betas.double())
@@ -126,18 +152,34 @@ def _sampling(pipe, arguments: Mapping, options, *, eta: float = 0.0, generator_
             raise Unsupported(f"sampler= needs the scheduler's betas as a VP schedule: {error}") from None
     sampling = dict(sampler=options.sampler, steps=steps, spacing=options.spacing, schedule=schedule,
                     prediction_type=prediction_type, clip_denoised=False)
-    return sampling, lambda latents: latents / pipe.scheduler.init_noise_sigma
+    scale = pipe.scheduler.init_noise_sigma if scaled_latents else 1.0
+    generator = _step_generator(arguments.get("generator"), options.sampler in STOCHASTIC_SAMPLERS, options.sampler)
+    return Sampling(sampling, lambda latents: latents / scale, generator)
 
 
 def _guidance(options, scale: float, rescale: float = 0.0) -> Guidance | None:
     """The accelerate option's guidance, else the pipeline's CFG (on when scale > 1)."""
     if options.guidance is not None:
         return options.guidance
+    if scale > 1 and not 0 <= rescale <= 1:
+        raise Unsupported(f"guidance_rescale={rescale} outside [0, 1]: fastguide's CFG rescale takes [0, 1]")
     return CFG(float(scale), rescale=float(rescale)) if scale > 1 else None
 
 
 def _pair(cond: dict, uncond: dict, guided: bool) -> tuple[dict, dict | None]:
+    """The keyword conditioning of the two branches; no unconditional one without CFG."""
     return cond, (uncond if guided else None)
+
+
+def _batch(a: Mapping) -> int:
+    """The prompts' count, as the pipelines read it: one string, a list, or the embeddings' rows."""
+    prompt = a["prompt"]
+    return 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else a["prompt_embeds"].shape[0]
+
+
+def _refuse_guidance_embedding(pipe) -> None:
+    if pipe.unet.config.time_cond_proj_dim is not None:
+        raise Unsupported("a UNet with time_cond_proj_dim (a guidance-scale embedding, as LCM's) is diffusers' own")
 
 
 # --------------------------------------------------------------------------------------
@@ -148,21 +190,22 @@ def _pair(cond: dict, uncond: dict, guided: bool) -> tuple[dict, dict | None]:
 def _stable_diffusion(pipe, a: dict, options) -> Denoising:
     _refuse_given(a, ("ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs",
                       "callback_on_step_end"))
-    if pipe.unet.config.time_cond_proj_dim is not None:
-        raise Unsupported("a UNet with time_cond_proj_dim (a guidance-scale embedding, as LCM's) is diffusers' own")
-    sampling, x_T = _sampling(pipe, a, options, eta=a["eta"])
+    _refuse_guidance_embedding(pipe)
+    sampling, x_T, generator = _sampling(pipe, a, options, eta=a["eta"])
+    size = pipe.unet.config.sample_size
+    default_height, default_width = (size, size) if isinstance(size, int) else tuple(size)
+    default_height, default_width = default_height * pipe.vae_scale_factor, default_width * pipe.vae_scale_factor
     height, width = a["height"], a["width"]
-    if not height or not width:
-        size = pipe.unet.config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        height, width = height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
+    if "pag_scale" in a:  # StableDiffusionPAGPipeline defaults each side on its own
+        height, width = height or default_height, width or default_width
+    elif not height or not width:  # StableDiffusionPipeline defaults both when either is missing
+        height, width = default_height, default_width
     pipe.check_inputs(a["prompt"], height, width, None, a["negative_prompt"], a["prompt_embeds"],
                       a["negative_prompt_embeds"], None, None, a["callback_on_step_end_tensor_inputs"])
     pipe._guidance_scale, pipe._guidance_rescale, pipe._clip_skip = a["guidance_scale"], a["guidance_rescale"], \
         a["clip_skip"]
     pipe._cross_attention_kwargs, pipe._interrupt = None, False
-    prompt = a["prompt"]
-    batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else a["prompt_embeds"].shape[0]
+    prompt, batch = a["prompt"], _batch(a)
     device = pipe._execution_device
     guided = pipe.do_classifier_free_guidance
     prompt_embeds, negative_embeds = pipe.encode_prompt(
@@ -191,7 +234,7 @@ def _stable_diffusion(pipe, a: dict, options) -> Denoising:
         return _module(pipe).StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
 
     guidance = _guidance(options, a["guidance_scale"], a["guidance_rescale"])
-    return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, a["generator"], finish)
+    return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, generator, finish)
 
 
 # --------------------------------------------------------------------------------------
@@ -202,19 +245,17 @@ def _stable_diffusion(pipe, a: dict, options) -> Denoising:
 def _stable_diffusion_xl(pipe, a: dict, options) -> Denoising:
     _refuse_given(a, ("ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs",
                       "callback_on_step_end", "denoising_end"))
-    if pipe.unet.config.time_cond_proj_dim is not None:
-        raise Unsupported("a UNet with time_cond_proj_dim (a guidance-scale embedding, as LCM's) is diffusers' own")
+    _refuse_guidance_embedding(pipe)
     height = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
     width = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
     original_size, target_size = a["original_size"] or (height, width), a["target_size"] or (height, width)
-    prompt = a["prompt"]
-    batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else a["prompt_embeds"].shape[0]
+    prompt, batch = a["prompt"], _batch(a)
     rows = batch * a["num_images_per_prompt"]
     negative_sizes = a["negative_original_size"] is not None and a["negative_target_size"] is not None
     if negative_sizes and rows > 1:
         raise Unsupported("negative_original_size/negative_target_size with more than one image: diffusers repeats "
                           "[negative; positive] time ids row-wise, interleaving them across its CFG halves")
-    sampling, x_T = _sampling(pipe, a, options, eta=a["eta"])
+    sampling, x_T, generator = _sampling(pipe, a, options, eta=a["eta"])
     pipe.check_inputs(prompt, a["prompt_2"], height, width, None, a["negative_prompt"], a["negative_prompt_2"],
                       a["prompt_embeds"], a["negative_prompt_embeds"], a["pooled_prompt_embeds"],
                       a["negative_pooled_prompt_embeds"], None, None, a["callback_on_step_end_tensor_inputs"])
@@ -273,7 +314,7 @@ def _stable_diffusion_xl(pipe, a: dict, options) -> Denoising:
         return module.StableDiffusionXLPipelineOutput(images=image) if a["return_dict"] else (image,)
 
     guidance = _guidance(options, a["guidance_scale"], a["guidance_rescale"])
-    return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, a["generator"], finish)
+    return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, generator, finish)
 
 
 # --------------------------------------------------------------------------------------
@@ -299,17 +340,18 @@ def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
         max_sequence_length=a["max_sequence_length"])
     pipe._guidance_scale, pipe._skip_layer_guidance_scale = a["guidance_scale"], a.get("skip_layer_guidance_scale")
     pipe._clip_skip, pipe._joint_attention_kwargs, pipe._interrupt = a["clip_skip"], None, False
-    prompt = a["prompt"]
-    batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else a["prompt_embeds"].shape[0]
+    prompt, batch = a["prompt"], _batch(a)
     mu = a.get("mu")  # StableDiffusion3PAGPipeline takes none, and shifts none
     if "mu" in a and pipe.scheduler.config.get("use_dynamic_shifting", None) and mu is None:
         patch = pipe.transformer.config.patch_size
         latent_h, latent_w = int(height) // pipe.vae_scale_factor, int(width) // pipe.vae_scale_factor
+        if a["latents"] is not None:  # diffusers reads the size off the latents it denoises
+            latent_h, latent_w = a["latents"].shape[-2:]
         config = pipe.scheduler.config
         mu = _module(pipe).calculate_shift((latent_h // patch) * (latent_w // patch),
                                            config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
                                            config.get("base_shift", 0.5), config.get("max_shift", 1.16))
-    sampling, x_T = _sampling(pipe, a, options, generator_in_step=False, mu=mu)
+    sampling, x_T, generator = _sampling(pipe, a, options, generator_in_step=False, mu=mu)
     device = pipe._execution_device
     guided = pipe.do_classifier_free_guidance
     prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
@@ -342,23 +384,31 @@ def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
 
     guidance = _guidance(options, a["guidance_scale"])
     if skip_layers is not None and guided:
+        if sampling["sampler"] != "euler":
+            raise Unsupported(f"skip_guidance_layers with sampler {sampling['sampler']!r}: diffusers' window counts "
+                              "model calls, fastguide's reproduction counts steps (equal for Euler only)")
         guidance = _skip_layer_guidance(a, sampling, skip_layers)
-    return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, a["generator"], finish)
+    return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, generator, finish)
 
 
 def _skip_layer_guidance(a: dict, sampling: dict, layers) -> Guidance:
     """SD3's skip-layer guidance: after CFG, + s·(c − p) with p the conditional rows through the
     transformer with ``layers`` skipped, at the steps i with N·start < i < N·stop (of N); those
     steps' σ̃ (EDM's, strictly decreasing along the grid) bound the strategy's interval."""
-    steps, schedule = list(sampling["steps"]), sampling["schedule"]
-    count = len(steps)
-    chosen = [schedule.edm_sigma(t) for i, t in enumerate(steps)
-              if count * a["skip_layer_guidance_start"] < i < count * a["skip_layer_guidance_stop"]]
+    sigmas = [sampling["schedule"].edm_sigma(t) for t in sampling["steps"]]
+    count = len(sigmas)
+    start, stop = count * a["skip_layer_guidance_start"], count * a["skip_layer_guidance_stop"]
+    chosen = [i for i in range(count) if start < i < stop]
     cfg = CFG(float(a["guidance_scale"]))
-    if not chosen:
+    if not chosen or not layers or a["skip_layer_guidance_scale"] == 0:
         return cfg
+    # σ̃ falls along the grid: the window's edges lie halfway to the neighbouring steps
+    first, last = chosen[0], chosen[-1]
+    high = (sigmas[first] + sigmas[first - 1]) / 2 if first > 0 and math.isfinite(sigmas[first - 1]) \
+        else 2 * sigmas[first]  # a flow path's pure-noise start has σ̃ = ∞
+    low = (sigmas[last] + sigmas[last + 1]) / 2 if last + 1 < count else sigmas[last] / 2
     return SkipLayerGuidance(float(a["skip_layer_guidance_scale"]), tuple(layers), cfg_scale=cfg.scale,
-                             interval=(min(chosen), max(chosen)))
+                             interval=(low, high))
 
 
 # --------------------------------------------------------------------------------------
@@ -368,6 +418,9 @@ def _skip_layer_guidance(a: dict, sampling: dict, layers) -> Guidance:
 
 def _pixart(pipe, a: dict, options) -> Denoising:
     _refuse_given(a, ("callback",))
+    alpha = _recipe_class(pipe).__name__ == "PixArtAlphaPipeline"
+    if alpha and a["num_inference_steps"] == 1:
+        raise Unsupported("num_inference_steps=1 on PixArtAlphaPipeline: diffusers returns the step's predicted x0")
     height = a["height"] or pipe.transformer.config.sample_size * pipe.vae_scale_factor
     width = a["width"] or pipe.transformer.config.sample_size * pipe.vae_scale_factor
     module = _module(pipe)
@@ -381,12 +434,11 @@ def _pixart(pipe, a: dict, options) -> Denoising:
         height, width = pipe.image_processor.classify_height_width_bin(height, width, ratios=getattr(module, name))
     pipe.check_inputs(a["prompt"], height, width, a["negative_prompt"], a["callback_steps"], a["prompt_embeds"],
                       a["negative_prompt_embeds"], a["prompt_attention_mask"], a["negative_prompt_attention_mask"])
-    sampling, x_T = _sampling(pipe, a, options, eta=a["eta"])
+    sampling, x_T, generator = _sampling(pipe, a, options, eta=a["eta"])
     if sampling.get("variance_type") == "learned_range":
         raise Unsupported("DDPMScheduler's learned_range variance: PixArt guides its variance channels, fastguide "
                           "reads the conditional ones")
-    prompt = a["prompt"]
-    batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else a["prompt_embeds"].shape[0]
+    prompt, batch = a["prompt"], _batch(a)
     device = pipe._execution_device
     guided = a["guidance_scale"] > 1.0
     prompt_embeds, prompt_mask, negative_embeds, negative_mask = pipe.encode_prompt(
@@ -400,7 +452,7 @@ def _pixart(pipe, a: dict, options) -> Denoising:
     latents = pipe.prepare_latents(rows, pipe.transformer.config.in_channels, height, width, prompt_embeds.dtype,
                                    device, a["generator"], a["latents"])
     added = {"resolution": None, "aspect_ratio": None}
-    if pipe.transformer.config.sample_size == 128:
+    if alpha and pipe.transformer.config.sample_size == 128:  # PixArt-α's micro-conditions; Σ has none
         added = {"resolution": torch.tensor([height, width]).repeat(rows, 1).to(prompt_embeds.dtype).to(device),
                  "aspect_ratio": torch.tensor([float(height / width)]).repeat(rows, 1).to(prompt_embeds.dtype)
                  .to(device)}
@@ -415,7 +467,8 @@ def _pixart(pipe, a: dict, options) -> Denoising:
         if a["output_type"] == "latent":
             image = latents
         else:
-            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            image = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor,
+                                    return_dict=False)[0]
             if a["use_resolution_binning"]:
                 image = pipe.image_processor.resize_and_crop_tensor(image, original_size[1], original_size[0])
             image = pipe.image_processor.postprocess(image, output_type=a["output_type"])
@@ -423,7 +476,7 @@ def _pixart(pipe, a: dict, options) -> Denoising:
         return _module(pipe).ImagePipelineOutput(images=image) if a["return_dict"] else (image,)
 
     return Denoising(denoiser, x_T(latents), cond, uncond, _guidance(options, a["guidance_scale"]), sampling,
-                     a["generator"], finish)
+                     generator, finish)
 
 
 # --------------------------------------------------------------------------------------
@@ -435,7 +488,7 @@ DIT_NULL_CLASS = 1000
 
 
 def _dit(pipe, a: dict, options) -> Denoising:
-    sampling, x_T = _sampling(pipe, a, options, generator_in_step=False)
+    sampling, x_T, generator = _sampling(pipe, a, options, generator_in_step=False, scaled_latents=False)
     if sampling.get("variance_type") == "learned_range":
         raise Unsupported("DDPMScheduler's learned_range variance: DiTPipeline steps on the guided eps alone")
     labels = a["class_labels"]
@@ -463,7 +516,7 @@ def _dit(pipe, a: dict, options) -> Denoising:
         return _module(pipe).ImagePipelineOutput(images=samples) if a["return_dict"] else (samples,)
 
     return Denoising(denoiser, x_T(latents), {}, None, guidance, {**sampling, "null_label": DIT_NULL_CLASS},
-                     a["generator"], finish, labels)
+                     generator, finish, labels)
 
 
 # --------------------------------------------------------------------------------------
@@ -483,6 +536,10 @@ def _with_pag(prepare: Callable[[object, dict, object], Denoising]) -> Callable[
         layers = pipe.pag_applied_layers
         if options.guidance is not None or not (a["pag_scale"] > 0 and layers):
             return prepare(pipe, a, options)
+        network = getattr(pipe, "transformer", None)
+        if network is not None and any(getattr(module, "norm_q", None) is not None for module in network.modules()):
+            raise Unsupported("PAG on a transformer with q/k norms (SD3.5): diffusers' PAG attention processors drop "
+                              "the norms, fastguide's perturbation keeps them")
         denoising = prepare(pipe, a, options)
         cfg = denoising.guidance
         denoising.guidance = PAG(float(a["pag_scale"]), (layers,) if isinstance(layers, str) else tuple(layers),
@@ -494,10 +551,12 @@ def _with_pag(prepare: Callable[[object, dict, object], Denoising]) -> Callable[
 
 
 def _unet(pipe) -> nn.Module:
+    """The denoiser of the UNet pipelines."""
     return pipe.unet
 
 
 def _transformer(pipe) -> nn.Module:
+    """The denoiser of the transformer pipelines."""
     return pipe.transformer
 
 
@@ -514,13 +573,21 @@ RECIPES = {
 }
 
 
-def recipe_for(pipe) -> Recipe | None:
-    """The recipe of a diffusers pipeline's class (or of the class it was accelerated from)."""
+def _recipe_class(pipe) -> type:
+    """The class whose ``__call__`` the pipeline runs (past fastguide's accelerated subclass)."""
     for cls in type(pipe).__mro__:
-        if cls.__module__.startswith("diffusers.") and cls.__name__ in RECIPES:
-            return RECIPES[cls.__name__]
-    return None
+        if "__call__" in cls.__dict__ and not cls.__dict__.get("_fastguide_accelerated", False):
+            return cls
+    return type(pipe)
+
+
+def recipe_for(pipe) -> Recipe | None:
+    """The recipe of a diffusers pipeline, when its ``__call__`` is the one a recipe follows
+    (a subclass that overrides ``__call__`` runs code no recipe knows: none)."""
+    cls = _recipe_class(pipe)
+    return RECIPES.get(cls.__name__) if cls.__module__.startswith("diffusers.") else None
 
 
 def supported() -> tuple[str, ...]:
+    """The diffusers pipeline classes with a recipe."""
     return tuple(RECIPES)

@@ -97,7 +97,7 @@ def check_pair(cond: object, uncond: object, batch: int, uses_uncond: bool) -> t
                                  f"{tuple(tensor.shape)}")
         if uncond_leaves is None:
             continue
-        if type(value) is not type(other):
+        if (value is None) != (other is None) or isinstance(value, Tensor) != isinstance(other, Tensor):
             raise ValueError(f"{_named('cond', path)} and {_named('uncond', path)} must both be tensors, None or "
                              f"empty dicts, got {type(value).__name__} and {type(other).__name__}")
         if isinstance(value, Tensor):

@@ -362,9 +362,9 @@ class GuidedSampler:
             bar = tqdm(total=self.num_calls, desc=f"{self.sampler} sampling")
         # x0 is written only when read: as history, or as the callback's denoised.
         keep_x0 = self.history_length > 0 or callback is not None
-        # PAG's and skip-layer guidance's perturbed layers, installed for this run only.
-        self._perturbation = self.guidance.perturb(self.model) if self.guidance is not None else None
         try:
+            # PAG's and skip-layer guidance's perturbed layers, installed for this run only.
+            self._perturbation = self.guidance.perturb(self.model) if self.guidance is not None else None
             if self.cuda_graph:
                 return self._replay(shape, device, x_T, conditioning, generator, bar, callback, keep_x0)
             return self._run(shape, device, x_T, conditioning, generator, bar, callback, keep_x0)

@@ -238,3 +238,42 @@ def test_a_graphed_pipeline_on_cuda_gives_the_originals_latents():
         got = graphed(**call).images
         assert graphed.fastguide_fallback is None
         torch.testing.assert_close(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("case, make, call", [
+    # a deterministic sampler takes its noise from the latents only: a list of generators is fine
+    ("generator list", lambda: stable_diffusion(SD_SCHEDULERS["dpm++2m"]()), {**SD_CALL, "latents": None}),
+    # the PAG pipeline defaults each side on its own (768 x default), the plain one both at once
+    ("pag default width", lambda: stable_diffusion(SD_SCHEDULERS["ddim"](), "StableDiffusionPAGPipeline"),
+     {**SD_CALL, "latents": None, "height": 32, "width": None, "pag_scale": 1.0}),
+    ("plain default size", lambda: stable_diffusion(SD_SCHEDULERS["ddim"]()),
+     {**SD_CALL, "latents": None, "height": 32, "width": None}),
+    # one step inside the skip-layer window (6 steps, 0.01 < i/6 < 0.2: i = 1 only)
+    ("skip-layer window of one step", stable_diffusion_3,
+     {**SD3_CALL, "num_inference_steps": 6, "skip_guidance_layers": [1]}),
+])
+def test_edge_calls_give_the_originals_latents(case, make, call):
+    generators = lambda: [torch.Generator().manual_seed(seed) for seed in (5, 6)]  # noqa: E731
+    original = make()
+    expected = original(**call, generator=generators()).images
+    accelerated = fastguide.accelerate(copy.deepcopy(original))
+    got = accelerated(**call, generator=generators()).images
+    assert accelerated.fastguide_fallback is None and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=2e-5 * expected.abs().max().item(), rtol=0)
+
+
+def test_calls_and_classes_no_recipe_follows_are_left_to_diffusers():
+    pixart_alpha = pixart("PixArtAlphaPipeline")
+    pixart_alpha.scheduler = diffusers.DDIMScheduler()  # its step returns the x0 diffusers takes at one step
+    pixart_alpha = fastguide.accelerate(pixart_alpha)
+    pixart_alpha(**{**PIXART_CALL, "num_inference_steps": 1})
+    assert "num_inference_steps=1" in pixart_alpha.fastguide_fallback
+
+    class Custom(diffusers.StableDiffusionPipeline):
+        def __call__(self, *args, **kwargs):  # code no recipe knows
+            return super().__call__(*args, **kwargs)
+
+    pipe = stable_diffusion(SD_SCHEDULERS["ddim"]())
+    pipe.__class__ = Custom
+    with pytest.raises(TypeError, match="a diffusers pipeline of"):
+        fastguide.accelerate(pipe)
