@@ -533,6 +533,8 @@ def _with_pag(prepare: Callable[[object, dict, object], Denoising]) -> Callable[
     def prepare_pag(pipe, a: dict, options) -> Denoising:
         if a["pag_adaptive_scale"] > 0:
             raise Unsupported("pag_adaptive_scale > 0 (a PAG scale that varies with t) is diffusers' own")
+        # the pipeline's own state, as its __call__ leaves it (pipe.pag_scale, do_perturbed_attention_guidance)
+        pipe._pag_scale, pipe._pag_adaptive_scale = a["pag_scale"], a["pag_adaptive_scale"]
         layers = pipe.pag_applied_layers
         if options.guidance is not None or not (a["pag_scale"] > 0 and layers):
             return prepare(pipe, a, options)

@@ -169,6 +169,9 @@ def test_accelerated_pipeline_gives_the_originals_latents(case):
         got = _images(accelerated, call)
     assert accelerated.fastguide_fallback is None
     assert any(event.key == "fastguide::guided_step" for event in profile.key_averages())
+    for state in ("num_timesteps", "pag_scale"):  # the pipeline's state after a call, as diffusers leaves it
+        if hasattr(type(original), state):
+            assert getattr(accelerated, state) == getattr(original, state)
     # float rounding relative to the latents' size (random weights grow them to O(100))
     torch.testing.assert_close(got, expected, atol=2e-5 * expected.abs().max().item(), rtol=0)
 
