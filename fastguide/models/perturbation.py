@@ -44,7 +44,6 @@ accelerate first.
 
 from __future__ import annotations
 
-import inspect
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -55,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .blocks import argument, block_list, passthrough
 from .dit import Attention as DiTAttention
 from .nn import AttentionBlock, split_heads
 
@@ -179,11 +179,6 @@ def _scatter(out: object, replacement: object, start: int, stop: int, name: str)
                     f"merge with its {type(replacement).__name__}")
 
 
-def _argument(args: tuple, kwargs: dict, index: int, name: str) -> object:
-    """The forward's argument ``name``, ``index``-th positionally (None when not passed)."""
-    return args[index] if len(args) > index else kwargs.get(name)
-
-
 # ---- PAG: identity self-attention -------------------------------------------------------
 
 
@@ -192,8 +187,8 @@ def _identity_diffusers_attention(attn: nn.Module, rows: slice, args: tuple, kwa
     with the layer's spatial_norm, group_norm, residual and rescale, as
     ``PAGIdentitySelfAttnProcessor2_0`` computes its perturbed chunk; a joint (SD3) call
     goes to ``_identity_joint_attention``."""
-    hidden_states = _argument(args, kwargs, 0, "hidden_states")
-    encoder_hidden_states = _argument(args, kwargs, 1, "encoder_hidden_states")
+    hidden_states = argument(args, kwargs, 0, "hidden_states")
+    encoder_hidden_states = argument(args, kwargs, 1, "encoder_hidden_states")
     if encoder_hidden_states is not None:
         if getattr(attn, "add_v_proj", None) is None:
             raise ValueError("perturb_attention perturbs self-attention, but a perturbed diffusers Attention was "
@@ -246,7 +241,7 @@ def _identity_joint_attention(attn: nn.Module, x: Tensor, context: Tensor) -> tu
 def _identity_dit_attention(attn: nn.Module, rows: slice, args: tuple, kwargs: dict) -> Tensor:
     """fastguide DiT ``Attention`` with an identity map: proj(V(x)), V the last third of
     the [Q; K; V] qkv projection (its heads in the order the attention output uses)."""
-    x = _argument(args, kwargs, 0, "x")[rows]
+    x = argument(args, kwargs, 0, "x")[rows]
     width = attn.proj.in_features
     return attn.proj(F.linear(x, attn.qkv.weight[2 * width:], attn.qkv.bias[2 * width:]))
 
@@ -254,7 +249,7 @@ def _identity_dit_attention(attn: nn.Module, rows: slice, args: tuple, kwargs: d
 def _identity_qkv_attention(attention: nn.Module, rows: slice, args: tuple, kwargs: dict) -> Tensor:
     """fastguide UNet ``QKVAttention`` with an identity map: each head's v, (B, C, T) as
     its forward lays out softmax(q·kᵀ/√d)·v."""
-    qkv = _argument(args, kwargs, 0, "qkv")[rows]
+    qkv = argument(args, kwargs, 0, "qkv")[rows]
     batch, width, length = qkv.shape
     _, _, v = split_heads(qkv, attention.num_heads, attention.legacy_order)
     return v.transpose(-1, -2).reshape(batch, width // 3, length)
@@ -333,34 +328,14 @@ def perturb_attention(model: nn.Module, layers: str | Sequence[str], rows: slice
 
 
 def _skip_block(block: nn.Module) -> Replacement:
-    """The replacement of a block that returns its new hidden_states: its input
-    hidden_states (the forward's first argument) on ``rows``."""
-    try:
-        first = next(iter(inspect.signature(block.forward).parameters))
-    except (StopIteration, TypeError, ValueError):
-        first = "hidden_states"
+    """The replacement of a skipped block: its input passed through (``blocks.passthrough``)
+    on ``rows``."""
+    through = passthrough(block)
 
-    def replace(module: nn.Module, rows: slice, args: tuple, kwargs: dict) -> Tensor:
-        return _argument(args, kwargs, 0, first)[rows]
+    def replace(module: nn.Module, rows: slice, args: tuple, kwargs: dict) -> object:
+        out = through(args, kwargs)
+        return out[rows] if isinstance(out, Tensor) else tuple(t[rows] for t in out)
     return replace
-
-
-def _skip_joint_block(block: nn.Module, rows: slice, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
-    """An SD3 joint block's inputs on ``rows``, as it returns its outputs:
-    (encoder_hidden_states, hidden_states)."""
-    hidden_states = _argument(args, kwargs, 0, "hidden_states")
-    encoder_hidden_states = _argument(args, kwargs, 1, "encoder_hidden_states")
-    return encoder_hidden_states[rows], hidden_states[rows]
-
-
-def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    for attribute in ("transformer_blocks", "blocks"):
-        blocks = getattr(model, attribute, None)
-        if isinstance(blocks, nn.ModuleList) and len(blocks):
-            return attribute, blocks
-    raise ValueError(f"model ({type(model).__name__}) has no transformer blocks to skip: skip_blocks skips blocks "
-                     "of a ModuleList `transformer_blocks` (diffusers' SD3, PixArt, DiT) or `blocks` "
-                     "(fastguide's DiT)")
 
 
 def skip_blocks(model: nn.Module, layers: int | Sequence[int], rows: slice | None = None) -> Perturbation:
@@ -378,7 +353,7 @@ def skip_blocks(model: nn.Module, layers: int | Sequence[int], rows: slice | Non
     if not isinstance(indices, Sequence) or not indices or not all(
             isinstance(i, Integral) and not isinstance(i, bool) for i in indices):
         raise TypeError(f"layers must be a block index or a non-empty sequence of them, got {layers!r}")
-    attribute, blocks = _block_list(model)
+    attribute, blocks = block_list(model, "skip_blocks")
     for index in indices:
         if not 0 <= index < len(blocks):
             raise ValueError(f"layers: block {index} does not exist; model.{attribute} holds blocks "
@@ -386,9 +361,7 @@ def skip_blocks(model: nn.Module, layers: int | Sequence[int], rows: slice | Non
     chosen = sorted(set(indices))
     targets = []
     for index in chosen:
-        block = blocks[index]
-        joint = type(block).__name__ == "JointTransformerBlock" and type(block).__module__.startswith("diffusers.")
-        targets.append((f"{attribute}.{index}", block, _skip_joint_block if joint else _skip_block(block)))
+        targets.append((f"{attribute}.{index}", blocks[index], _skip_block(blocks[index])))
     handle = Perturbation("skipped blocks", tuple(name for name, _, _ in targets), rows)
     handle._install(targets)
     return handle

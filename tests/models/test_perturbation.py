@@ -429,7 +429,7 @@ def test_unknown_layers_name_the_layers_there_are():
 def test_models_without_attention_or_blocks():
     with pytest.raises(ValueError, match=r"model \(Sequential\) has no self-attention to perturb"):
         perturb_attention(nn.Sequential(nn.Linear(4, 4)), "0")
-    with pytest.raises(ValueError, match=r"model \(UNet\) has no transformer blocks to skip"):
+    with pytest.raises(ValueError, match=r"model \(UNet\) has no transformer blocks: skip_blocks"):
         skip_blocks(tiny_cfg_unet(), [0])
     with pytest.raises(ValueError, match=r"layers: block 3 does not exist; model\.blocks holds blocks 0\.\.2"):
         skip_blocks(tiny_dit(), [1, 3])

@@ -1,0 +1,69 @@
+"""A model's sequence of transformer blocks, and what a block returns when it passes its input
+through: what skip-layer guidance (perturbation.py) and block caching (block_cache.py) need
+to know of a model's blocks.
+
+Two block forms are known:
+- a block that returns its new hidden states, ``block(hidden_states, ...) -> Tensor``
+  (fastguide's DiT, diffusers' ``BasicTransformerBlock`` in DiT and PixArt);
+- diffusers' SD3 ``JointTransformerBlock``, ``block(hidden_states, encoder_hidden_states,
+  ...) -> (encoder_hidden_states, hidden_states)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch.nn as nn
+from torch import Tensor
+
+# (args, kwargs) of a block's call -> what the block returns when it passes its input through.
+Passthrough = Callable[[tuple, dict], object]
+
+
+def perturbation_target(model: nn.Module) -> nn.Module:
+    """The network whose layers PAG and skip-layer guidance perturb, and whose blocks a block
+    cache skips: the model's ``perturbation_target`` when it wraps one (a pipeline's denoiser
+    adapter, so that layers keep the wrapped network's names), else the model itself."""
+    return getattr(model, "perturbation_target", model)
+
+
+def argument(args: tuple, kwargs: dict, index: int, name: str) -> object:
+    """The forward's argument ``name``, ``index``-th positionally (None when not passed)."""
+    return args[index] if len(args) > index else kwargs.get(name)
+
+
+def block_list(model: nn.Module, purpose: str) -> tuple[str, nn.ModuleList]:
+    """(attribute, blocks): the model's ModuleList ``transformer_blocks`` (diffusers' SD3,
+    PixArt, DiT) or ``blocks`` (fastguide's DiT); ``purpose`` names the caller in the error."""
+    for attribute in ("transformer_blocks", "blocks"):
+        blocks = getattr(model, attribute, None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks):
+            return attribute, blocks
+    raise ValueError(f"model ({type(model).__name__}) has no transformer blocks: {purpose} works on a ModuleList "
+                     "`transformer_blocks` (diffusers' SD3, PixArt, DiT) or `blocks` (fastguide's DiT)")
+
+
+def is_joint_block(block: nn.Module) -> bool:
+    """Whether ``block`` is diffusers' SD3 joint block (two streams in, two out)."""
+    return type(block).__name__ == "JointTransformerBlock" and type(block).__module__.startswith("diffusers.")
+
+
+def passthrough(block: nn.Module) -> Passthrough:
+    """What ``block`` returns when it passes its input through: its first argument
+    (hidden_states, whatever the forward names it), or for an SD3 joint block
+    (encoder_hidden_states, hidden_states), as it orders its outputs."""
+    if is_joint_block(block):
+        return _joint_passthrough
+    try:
+        first = next(iter(inspect.signature(block.forward).parameters))
+    except (StopIteration, TypeError, ValueError):
+        first = "hidden_states"
+
+    def hidden_states(args: tuple, kwargs: dict) -> Tensor:
+        return argument(args, kwargs, 0, first)
+    return hidden_states
+
+
+def _joint_passthrough(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
+    return argument(args, kwargs, 1, "encoder_hidden_states"), argument(args, kwargs, 0, "hidden_states")
