@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import math
 import sys
-import time
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.sampling.oracle import GaussianClasses
+from benchmarks.sampling.study import progress_printer, write_study
 from fastguide import CFG, GuidedSampler, NoiseSchedule
 from fastguide.sampling.schedule import SPACINGS
 
@@ -290,16 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     budgets, weights = ((10, 25), (3.0,)) if args.quick else (BUDGETS, WEIGHTS)
-    started = time.perf_counter()
-    say = lambda message: print(f"[{time.perf_counter() - started:6.1f} s] {message}", flush=True)  # noqa: E731
+    say = progress_printer()
     rows = run_oracle(budgets, weights, say)
     if not args.quick:
         rows += digits_frechet(args.digits_samples, say)
-    (args.out / "nfe.json").write_text(json.dumps({"rows": rows}, indent=1))
-    table = markdown(rows, budgets)
-    (args.out / "nfe.md").write_text(table)
-    plot(rows, args.out / "nfe.png")
-    print(table)
+    write_study(args.out, "nfe", {"rows": rows}, markdown(rows, budgets), lambda path: plot(rows, path))
     return 0
 
 
