@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import fastguide
 from fastguide import DiT, dit_config, load_checkpoint, save_state_dict
+from fastguide.models.diffusers_dit import to_diffusers
 from fastguide.models.dit import sincos_pos_embed_2d
 from tests.helpers import backends_for, randomize
 
@@ -224,49 +225,10 @@ def test_profile_runs_fastguide_ops():
 # --------------------------------------------------------------------------------------
 
 
-def to_diffusers_state_dict(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """The official layout in diffusers' names (diffusers' scripts/convert_dit_to_diffusers.py):
-    every block carries its own copy of the timestep and label embedders, the qkv projection
-    splits into to_q/to_k/to_v, and pos_embed is dropped (diffusers recomputes it)."""
-    out = {"pos_embed.proj.weight": state["x_embedder.proj.weight"],
-           "pos_embed.proj.bias": state["x_embedder.proj.bias"]}
-    for d in range(depth):
-        block, ours = f"transformer_blocks.{d}", f"blocks.{d}"
-        for suffix in ("weight", "bias"):
-            out[f"{block}.norm1.emb.timestep_embedder.linear_1.{suffix}"] = state[f"t_embedder.mlp.0.{suffix}"]
-            out[f"{block}.norm1.emb.timestep_embedder.linear_2.{suffix}"] = state[f"t_embedder.mlp.2.{suffix}"]
-            out[f"{block}.norm1.linear.{suffix}"] = state[f"{ours}.adaLN_modulation.1.{suffix}"]
-            q, k, v = state[f"{ours}.attn.qkv.{suffix}"].chunk(3, dim=0)
-            out[f"{block}.attn1.to_q.{suffix}"], out[f"{block}.attn1.to_k.{suffix}"] = q, k
-            out[f"{block}.attn1.to_v.{suffix}"] = v
-            out[f"{block}.attn1.to_out.0.{suffix}"] = state[f"{ours}.attn.proj.{suffix}"]
-            out[f"{block}.ff.net.0.proj.{suffix}"] = state[f"{ours}.mlp.fc1.{suffix}"]
-            out[f"{block}.ff.net.2.{suffix}"] = state[f"{ours}.mlp.fc2.{suffix}"]
-        out[f"{block}.norm1.emb.class_embedder.embedding_table.weight"] = state["y_embedder.embedding_table.weight"]
-    for suffix in ("weight", "bias"):
-        out[f"proj_out_1.{suffix}"] = state[f"final_layer.adaLN_modulation.1.{suffix}"]
-        out[f"proj_out_2.{suffix}"] = state[f"final_layer.linear.{suffix}"]
-    return out
-
-
 def diffusers_dit(model: DiT):
-    """diffusers' DiTTransformer2DModel holding ``model``'s weights, set to the official
-    math where diffusers' port departs from it (both are diffusers defaults that the
-    official checkpoints were not trained with): its timestep sinusoids divide the
-    exponent by half − 1 (downscale_freq_shift=1) where the official code divides by half,
-    and its MLP LayerNorm takes norm_eps (default 1e-5) where the official one has 1e-6."""
-    diffusers = pytest.importorskip("diffusers")
-    dim = model.pos_embed.shape[-1]
-    theirs = diffusers.DiTTransformer2DModel(
-        num_attention_heads=model.num_heads, attention_head_dim=dim // model.num_heads,
-        in_channels=model.in_channels, out_channels=model.out_channels, num_layers=len(model.blocks),
-        sample_size=model.input_size, patch_size=model.patch_size, num_embeds_ada_norm=model.num_classes,
-        norm_eps=1e-6,
-    )
-    theirs.load_state_dict(to_diffusers_state_dict(model.state_dict(), len(model.blocks)), strict=True)
-    for block in theirs.transformer_blocks:
-        block.norm1.emb.time_proj.downscale_freq_shift = 0
-    return theirs.to(model.pos_embed.dtype).eval()
+    """diffusers' DiTTransformer2DModel holding ``model``'s weights (fastguide.models.diffusers_dit)."""
+    pytest.importorskip("diffusers")
+    return to_diffusers(model)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
