@@ -355,6 +355,10 @@ class UNet(_Trunk):
     guidance; ``label_dropout`` replaces labels by it with that probability in training.
     """
 
+    # The input blocks before ``rest``: the stem convolution and the first residual block,
+    # whose residual block caching watches.
+    FIRST_BLOCKS = 2
+
     def __init__(
         self,
         image_size: int,
@@ -467,15 +471,26 @@ class UNet(_Trunk):
             emb = emb + self.label_emb(y)
         h = x.to(self.dtype)
         skips = []
-        for block in self.input_blocks:
+        for block in self.input_blocks[:self.FIRST_BLOCKS]:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.rest(h, emb, skips).to(x.dtype)
+        out_norm, out_conv = self.out[0], self.out[2]
+        return out_conv(out_norm(h, activation="silu"))
+
+    def rest(self, h: Tensor, emb: Tensor, skips: list[Tensor]) -> Tensor:
+        """The network between its first ``FIRST_BLOCKS`` input blocks and its output head:
+        the other input blocks, the middle block and the output blocks, from the first
+        blocks' output h (``skips`` holding their outputs, the skip connections) to the last
+        output block's features. Block caching (models/block_cache.py) replaces it on reused
+        calls."""
+        for block in self.input_blocks[self.FIRST_BLOCKS:]:
             h = block(h, emb)
             skips.append(h)
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        h = h.to(x.dtype)
-        out_norm, out_conv = self.out[0], self.out[2]
-        return out_conv(out_norm(h, activation="silu"))
+        return h
 
 
 class EncoderUNet(_Trunk):
