@@ -97,13 +97,18 @@ PredictionType prediction_type_from(c10::string_view name) {
   return kSample;
 }
 
-void guided_step(const at::Tensor& model_output, const std::optional<at::Tensor>& guide, const at::Tensor& x,
-                 at::TensorList history, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& grad,
-                 const std::optional<at::Tensor>& apg_buffer, const at::Tensor& out,
-                 const std::optional<at::Tensor>& x0_out, at::ArrayRef<double> step_scalars,
-                 at::ArrayRef<double> k_history, c10::string_view prediction_type, bool clip,
-                 std::optional<at::ArrayRef<double>> log_variance_range,
-                 std::optional<at::ArrayRef<double>> combine_scalars, int64_t stats) {
+// Runs the step; with `similarity`, returns the elementwise pass's per-block sums
+// (batch, blocks, 3) of x̂0_c·x̂0_u, x̂0_c², x̂0_u² (fp32; x̂0_c, x̂0_u the x0 predictions of c
+// and u, each by the step's prediction-type map), which the Python glue merges into
+// cos(x̂0_c, x̂0_u) per sample (fastguide.ops.layout.merge_similarity, as the Triton
+// launcher does).
+std::optional<at::Tensor> guided_step(
+    const at::Tensor& model_output, const std::optional<at::Tensor>& guide, const at::Tensor& x,
+    at::TensorList history, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& grad,
+    const std::optional<at::Tensor>& apg_buffer, const at::Tensor& out, const std::optional<at::Tensor>& x0_out,
+    at::ArrayRef<double> step_scalars, at::ArrayRef<double> k_history, c10::string_view prediction_type, bool clip,
+    std::optional<at::ArrayRef<double>> log_variance_range, std::optional<at::ArrayRef<double>> combine_scalars,
+    int64_t stats, bool similarity) {
   TORCH_CHECK(history.size() == k_history.size() && history.size() <= static_cast<size_t>(kMaxHistory),
               "fastguide_cuda::guided_step: history and k_history must have one length up to ", kMaxHistory);
   check_same(x, model_output, "model_output");
@@ -147,6 +152,8 @@ void guided_step(const at::Tensor& model_output, const std::optional<at::Tensor>
   p.perturbed = p.guided && p.combine.perturbed_scale != 0.0f;
   TORCH_CHECK(!p.perturbed || (!guide.has_value() && model_output.size(0) == 3 * p.batch),
               "fastguide_cuda::guided_step: a perturbed prediction needs model_output [c; u; p] and no guide");
+  TORCH_CHECK(!similarity || (p.guided && !p.perturbed),
+              "fastguide_cuda::guided_step: similarity needs a guided step without a perturbed prediction");
   p.apg_momentum_on = apg_buffer.has_value();
   p.clip = clip;
   p.grad_eps = grad.has_value() && p.step.grad_eps_scale != 0.0f;
@@ -175,7 +182,14 @@ void guided_step(const at::Tensor& model_output, const std::optional<at::Tensor>
   tensors.out = out.data_ptr();
   tensors.x0_out = pointer_or_null(x0_out);
   tensors.partials = partials.defined() ? partials.data_ptr<float>() : nullptr;
+  std::optional<at::Tensor> similarity_partials;
+  if (similarity) {  // one row per block of the elementwise pass, each written by its block
+    similarity_partials = at::empty({p.batch, guided_step_blocks(storage_type(x), p, tensors), kSimilarityFields},
+                                    x.options().dtype(at::kFloat));
+    tensors.similarity_partials = similarity_partials->data_ptr<float>();
+  }
   check_launch(launch_guided_step(storage_type(x), p, tensors, current_stream(x)));
+  return similarity_partials;
 }
 
 bool is_channels_last(const at::Tensor& x) {
@@ -392,7 +406,8 @@ FASTGUIDE_LIBRARY(FASTGUIDE_OPS_NAMESPACE, m) {
   m.def(
       "guided_step(Tensor model_output, Tensor? guide, Tensor x, Tensor[] history, Tensor? noise, Tensor? grad, "
       "Tensor(a!)? apg_buffer, Tensor(b!) out, Tensor(c!)? x0_out, float[] step_scalars, float[] k_history, "
-      "str prediction_type, bool clip, float[]? log_variance_range, float[]? combine_scalars, int stats) -> ()");
+      "str prediction_type, bool clip, float[]? log_variance_range, float[]? combine_scalars, int stats, "
+      "bool similarity) -> Tensor?");
   m.def(
       "group_norm_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, int num_groups, "
       "float eps, bool silu) -> (Tensor, Tensor, Tensor)");

@@ -4,14 +4,20 @@
 // Elementwise pass: grid (chunks of a sample, batch); each thread owns kVec consecutive
 // elements of one sample and moves them as 16-byte vectors (kVec = 16/sizeof(T)) when
 // every pointer and offset allows, else one element at a time. The sample's guidance
-// coefficients are merged from its partial moments once per block, by thread 0.
+// coefficients are merged from its partial moments once per block, by thread 0. With the
+// similarity output (kernels of their own, similarity_guided_step_kernel) each thread also
+// derives the x0 predictions x̂0_c, x̂0_u of its elements' c and u (predicted_x0, from the x
+// it reads anyway) and sums x̂0_c·x̂0_u, x̂0_c², x̂0_u², the block reduces them (warp shuffles,
+// then shared memory) and thread 0 writes the block's three floats; the host merges them
+// in double.
 // Stats pass: grid (parts, batch); each thread sums its elements of one chunk shifted by
 // its first one (ShiftedSums), the block merges the threads' Moments by Chan's formula
 // (warp shuffles, then shared memory) and writes the chunk's partial (8 floats).
 //
 // Bytes it must move: as kernels/guided_step.py (2E model output, 3E with a perturbed prediction,
-// or E plus E of a guide; E of x and of each history or extra input read; E, 2E or 3E written):
-// ~20 FLOPs per element, memory-bound.
+// or E plus E of a guide; E of x and of each history or extra input read; E, 2E or 3E written;
+// the similarity output adds 12 bytes per block of 256·kVec elements and no read):
+// ~20 FLOPs per element (~10 more with the similarity output), memory-bound.
 //
 // A perturbed prediction (PAG, skip-layer guidance) is a compile-time branch (kPerturbed) of
 // the same kernel bodies, launched as kernels of their own names: the plain instances keep
@@ -113,10 +119,12 @@ __global__ void __launch_bounds__(kThreads) perturbed_guided_stats_kernel(Guided
   guided_stats<T, kVec, true>(p, t);
 }
 
-// kVec elements starting at j, all inside the sample and 16-byte aligned everywhere.
-template <typename T, int kVec, bool kPerturbed>
+// kVec elements starting at j, all inside the sample and 16-byte aligned everywhere; with
+// kSimilarity their x0 predictions of c and u are also added to `similarity`.
+template <typename T, int kVec, bool kPerturbed, bool kSimilarity>
 __device__ __forceinline__ void guided_step_vector(const GuidedStepParams& p, const GuidedStepTensors<T>& t,
-                                                   const SampleCoefficients& k, int64_t b, int64_t j) {
+                                                   const SampleCoefficients& k, int64_t b, int64_t j,
+                                                   [[maybe_unused]] SimilaritySums& similarity) {
   const int64_t here = b * p.sample_elems + j;
   const int64_t mo = b * p.mo_sample_stride + j;
   const Vec<T, kVec> c = load_vec<T, kVec>(t.model_output + mo);
@@ -150,6 +158,7 @@ __device__ __forceinline__ void guided_step_vector(const GuidedStepParams& p, co
                   to_float(noise.v[i]), to_float(grad.v[i]), to_float(var_value.v[i]), {}};
 #pragma unroll
     for (int h = 0; h < kMaxHistory; ++h) in.history[h] = to_float(history[h].v[i]);
+    if constexpr (kSimilarity) add_similarity_at(p, similarity, in);
     const StepOutputs r = guided_element<kPerturbed>(p, k, in);
     x_next.v[i] = from_float<T>(r.x_next);
     x0.v[i] = from_float<T>(r.x0);
@@ -167,7 +176,7 @@ __device__ __forceinline__ void guided_step_vector(const GuidedStepParams& p, co
   if (p.has_x0_out) store_vec(t.x0_out + here, x0);
 }
 
-template <typename T, int kVec, bool kPerturbed>
+template <typename T, int kVec, bool kPerturbed, bool kSimilarity>
 __device__ __forceinline__ void guided_step(const GuidedStepParams& p, const GuidedStepTensors<T>& t) {
   const int64_t b = blockIdx.y;
   __shared__ SampleCoefficients coefficients;
@@ -178,29 +187,67 @@ __device__ __forceinline__ void guided_step(const GuidedStepParams& p, const Gui
   }
   __syncthreads();
   const SampleCoefficients k = coefficients;
+  SimilaritySums similarity{};  // this thread's elements' sums (kSimilarity only)
   const int64_t j = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec;
   if (j + kVec <= p.sample_elems) {
     if constexpr (kVec > 1) {
-      guided_step_vector<T, kVec, kPerturbed>(p, t, k, b, j);
+      guided_step_vector<T, kVec, kPerturbed, kSimilarity>(p, t, k, b, j, similarity);
     } else {
-      guided_step_at<T, kPerturbed>(p, t, k, b, j);
+      guided_step_at<T, kPerturbed, kSimilarity>(p, t, k, b, j, similarity);
     }
   } else {
-    for (int64_t i = j; i < p.sample_elems; ++i) guided_step_at<T, kPerturbed>(p, t, k, b, i);
+    for (int64_t i = j; i < p.sample_elems; ++i) guided_step_at<T, kPerturbed, kSimilarity>(p, t, k, b, i, similarity);
+  }
+  if constexpr (kSimilarity) {
+    // Every thread takes part, those past the sample's end with zeros.
+    float sums[kSimilarityFields] = {similarity.cu, similarity.cc, similarity.uu};
+    block_sum(sums);
+    if (threadIdx.x == 0) {
+      float* out = t.similarity_partials + (b * gridDim.x + blockIdx.x) * kSimilarityFields;
+#pragma unroll
+      for (int f = 0; f < kSimilarityFields; ++f) out[f] = sums[f];
+    }
   }
 }
 
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreads) guided_step_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
-  guided_step<T, kVec, false>(p, t);
+  guided_step<T, kVec, false, false>(p, t);
 }
 
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreads) perturbed_guided_step_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
-  guided_step<T, kVec, true>(p, t);
+  guided_step<T, kVec, true, false>(p, t);
+}
+
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads) similarity_guided_step_kernel(GuidedStepParams p,
+                                                                          GuidedStepTensors<T> t) {
+  guided_step<T, kVec, false, true>(p, t);
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// Whether the elementwise pass may move `vec`-element 16-byte vectors: every tensor and
+// every offset in it 16-byte aligned.
+bool vectorised(const GuidedStepParams& p, const GuidedStepTensors<void>& t, int vec) {
+  const void* pointers[] = {t.model_output, t.uncond,     t.x,          t.history[0], t.history[1],
+                            t.history[2],   t.history[3], t.noise,      t.grad,       t.out,
+                            t.x0_out};
+  bool aligned = p.sample_elems % vec == 0 && p.mo_sample_stride % vec == 0 && p.uncond_sample_stride % vec == 0 &&
+                 p.var_offset % vec == 0 && p.out_block_offset % vec == 0;
+  for (const void* ptr : pointers) aligned = aligned && (ptr == nullptr || aligned16(ptr));
+  return aligned;
+}
+
+// Elements of one 16-byte vector of the storage type.
+int vector_elems(StorageType dtype) { return dtype == StorageType::kFloat32 ? 4 : 8; }
+
+// Blocks per sample of the elementwise pass at `vec` elements per thread.
+int64_t step_blocks(const GuidedStepParams& p, int vec) {
+  const int64_t per_block = static_cast<int64_t>(kThreads) * vec;
+  return (p.sample_elems + per_block - 1) / per_block;
+}
 
 template <typename T>
 int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyped, cudaStream_t stream) {
@@ -215,34 +262,36 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
   t.out = static_cast<T*>(untyped.out);
   t.x0_out = static_cast<T*>(untyped.x0_out);
   t.partials = untyped.partials;
-  constexpr int kVec = 16 / sizeof(T);
+  t.similarity_partials = untyped.similarity_partials;
+  constexpr int kVec = 16 / sizeof(T);  // vector_elems of T's StorageType
   const dim3 stats_grid(p.parts, static_cast<unsigned>(p.batch));
-  // The vector path needs every tensor and every offset in it 16-byte aligned.
-  const void* pointers[] = {t.model_output, t.uncond,     t.x,          t.history[0], t.history[1],
-                            t.history[2],   t.history[3], t.noise,      t.grad,       t.out,
-                            t.x0_out};
-  bool vectorised = p.sample_elems % kVec == 0 && p.mo_sample_stride % kVec == 0 &&
-                    p.uncond_sample_stride % kVec == 0 &&
-                    p.var_offset % kVec == 0 && p.out_block_offset % kVec == 0;
-  for (const void* ptr : pointers) vectorised = vectorised && (ptr == nullptr || aligned16(ptr));
-  // Each pass's instance: vectorised or element by element, with or without a perturbed branch.
+  const bool vector = vectorised(p, untyped, kVec);
+  // Each pass's instance: vectorised or element by element, with or without a perturbed
+  // branch (the elementwise pass: or with the similarity sums, never both).
   using Kernel = void (*)(GuidedStepParams, GuidedStepTensors<T>);
   if (p.stats != kStatsNone) {
-    const Kernel stats = vectorised
-                             ? (p.perturbed ? perturbed_guided_stats_kernel<T, kVec> : guided_stats_kernel<T, kVec>)
-                             : (p.perturbed ? perturbed_guided_stats_kernel<T, 1> : guided_stats_kernel<T, 1>);
+    const Kernel stats = vector ? (p.perturbed ? perturbed_guided_stats_kernel<T, kVec> : guided_stats_kernel<T, kVec>)
+                                : (p.perturbed ? perturbed_guided_stats_kernel<T, 1> : guided_stats_kernel<T, 1>);
     launch_kernel(stats, stats_grid, kThreads, stream, p, t);
   }
-  const int vec = vectorised ? kVec : 1;
-  const int64_t per_block = static_cast<int64_t>(kThreads) * vec;
-  const dim3 grid(static_cast<unsigned>((p.sample_elems + per_block - 1) / per_block), static_cast<unsigned>(p.batch));
-  const Kernel step = vectorised ? (p.perturbed ? perturbed_guided_step_kernel<T, kVec> : guided_step_kernel<T, kVec>)
-                                 : (p.perturbed ? perturbed_guided_step_kernel<T, 1> : guided_step_kernel<T, 1>);
+  const dim3 grid(static_cast<unsigned>(step_blocks(p, vector ? kVec : 1)), static_cast<unsigned>(p.batch));
+  const bool similarity = t.similarity_partials != nullptr;
+  const Kernel step = vector ? (p.perturbed    ? perturbed_guided_step_kernel<T, kVec>
+                                : similarity ? similarity_guided_step_kernel<T, kVec>
+                                             : guided_step_kernel<T, kVec>)
+                             : (p.perturbed    ? perturbed_guided_step_kernel<T, 1>
+                                : similarity ? similarity_guided_step_kernel<T, 1>
+                                             : guided_step_kernel<T, 1>);
   launch_kernel(step, grid, kThreads, stream, p, t);
   return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace
+
+int64_t guided_step_blocks(StorageType dtype, const GuidedStepParams& p, const GuidedStepTensors<void>& t) {
+  const int vec = vector_elems(dtype);
+  return step_blocks(p, vectorised(p, t, vec) ? vec : 1);
+}
 
 int launch_guided_step(StorageType dtype, const GuidedStepParams& p, const GuidedStepTensors<void>& t, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);

@@ -21,6 +21,12 @@
 // eps by the prediction type's linear map, the optional clip, the classifier eps shift,
 // and x_next = k_x·x + k_x0·x0 + k_eps·eps + Σᵢ k_history[i]·history[i] + k_noise'·noise
 // + k_grad'·grad.
+// On request (the similarity output) the elementwise pass also derives the x0 predictions
+// x̂0_c and x̂0_u of the c and u it reads, each alone by the step's prediction-type map
+// (predicted_x0, the map it applies to m; no guidance transform, clip or classifier shift),
+// elementwise in fp32 before the products (sums of x·x, x·c, ... would cancel at high
+// noise), sums x̂0_c·x̂0_u, x̂0_c², x̂0_u² (SimilaritySums) and writes each block's sums; the
+// host merges them into cos(x̂0_c, x̂0_u) = Σx̂0_c·x̂0_u/(√Σx̂0_c²·√Σx̂0_u²) per sample, in double.
 #pragma once
 
 #include <cmath>
@@ -88,7 +94,22 @@ struct GuidedStepTensors {
   T* out;
   T* x0_out;                        // null unless has_x0_out
   float* partials;                  // (batch, parts, 8) fp32 partial moments, null unless stats != none
+  float* similarity_partials;       // (batch, blocks, 3) fp32 SimilaritySums of the elementwise pass's
+                                    // blocks, null unless asked (never with a perturbed prediction)
 };
+
+// Σa·b, Σa·a, Σb·b over a set of elements, a = x̂0_c and b = x̂0_u the x0 predictions of c
+// and u: what cos(x̂0_c, x̂0_u) = Σa·b/(√Σa·a·√Σb·b) needs.
+struct SimilaritySums {
+  float cu, cc, uu;
+};
+constexpr int kSimilarityFields = 3;  // floats of one block's SimilaritySums in similarity_partials
+
+FG_HOST_DEVICE void add_similarity(SimilaritySums& s, float x0_c, float x0_u) {
+  s.cu += x0_c * x0_u;
+  s.cc += x0_c * x0_c;
+  s.uu += x0_u * x0_u;
+}
 
 // The moments of (c, v) over a set of elements: count n, means μc, μv and the centred
 // co-moment sums Mcc = Σ(c − μc)², Mvv = Σ(v − μv)², Mcv = Σ(c − μc)(v − μv). The means
@@ -235,6 +256,28 @@ FG_HOST_DEVICE float perturbed_guidance(const GuidedStepParams& p, float c, floa
   return (p.combine.scale - 1.0f) * v + p.combine.perturbed_scale * (c - perturbed);
 }
 
+// x0 from a prediction m of x = alpha·x0 + sigma·eps by the prediction type's linear map,
+// with no term of zero coefficient (0·inf would be NaN), expression for expression as
+// guided_element derives the step's x0 from the guided prediction: the similarity
+// output's x0 of c and of u.
+FG_HOST_DEVICE float predicted_x0(const GuidedStepParams& p, float m, float x) {
+  switch (p.prediction_type) {
+    case kEpsilon:
+      return (x - p.step.sigma * m) * p.inv_alpha;
+    case kVPrediction:
+      return p.step.alpha * x - p.step.sigma * m;
+    case kFlowPrediction:  // m = eps − x0 on a path with alpha + sigma = 1
+      return x - p.step.sigma * m;
+    default:  // kSample
+      return m;
+  }
+}
+
+// The similarity output's terms of one element: the x0 predictions of c and u, each alone.
+FG_HOST_DEVICE void add_similarity_at(const GuidedStepParams& p, SimilaritySums& s, const StepInputs& in) {
+  add_similarity(s, predicted_x0(p, in.c, in.x), predicted_x0(p, in.u, in.x));
+}
+
 template <bool kPerturbed>
 FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const SampleCoefficients& k, const StepInputs& in) {
   StepOutputs result{0.0f, 0.0f, in.buffer};
@@ -253,6 +296,8 @@ FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const Sampl
     }
   }
   // x0 and eps from m with no term of zero coefficient (0·inf would be NaN).
+  // (x0 as predicted_x0 writes it; spelled out here so that the instances without the
+  // similarity output compile as they always did.)
   float x0, eps;
   switch (p.prediction_type) {
     case kEpsilon:
@@ -347,10 +392,12 @@ FG_HOST_DEVICE int64_t stats_part_elems(const GuidedStepParams& p, int vec) {
 }
 
 // The whole step for element j of sample b, one element at a time (the kernels' scalar
-// path, and the CPU harness).
-template <typename T, bool kPerturbed>
+// path, and the CPU harness); with kSimilarity its x0 predictions of c and u are also
+// added to `similarity`.
+template <typename T, bool kPerturbed, bool kSimilarity>
 FG_HOST_DEVICE void guided_step_at(const GuidedStepParams& p, const GuidedStepTensors<T>& t,
-                                   const SampleCoefficients& k, int64_t b, int64_t j) {
+                                   const SampleCoefficients& k, int64_t b, int64_t j,
+                                   [[maybe_unused]] SimilaritySums& similarity) {
   const int64_t here = b * p.sample_elems + j;  // offset in every x-shaped tensor
   const int64_t mo = b * p.mo_sample_stride + j;
   StepInputs in{};
@@ -371,6 +418,7 @@ FG_HOST_DEVICE void guided_step_at(const GuidedStepParams& p, const GuidedStepTe
   if (p.has_noise) in.noise = to_float(t.noise[here]);
   if (p.grad_eps || p.has_grad_term) in.grad = to_float(t.grad[here]);
   if (p.learned_var) in.var_value = to_float(t.model_output[p.var_offset + mo]);
+  if constexpr (kSimilarity) add_similarity_at(p, similarity, in);
   const StepOutputs r = guided_element<kPerturbed>(p, k, in);
   if (momentum) t.apg_buffer[here] = r.buffer;
   t.out[here] = from_float<T>(r.x_next);
@@ -385,5 +433,9 @@ FG_HOST_DEVICE void guided_step_at(const GuidedStepParams& p, const GuidedStepTe
 // (a cudaStream_t). Every x-shaped tensor is of `dtype`, apg_buffer and partials are fp32.
 // Returns 0 or a cudaError_t code.
 int launch_guided_step(StorageType dtype, const GuidedStepParams& p, const GuidedStepTensors<void>& t, void* stream);
+
+// Blocks per sample of the elementwise pass for these tensors (16-byte vectors or not):
+// the rows of t.similarity_partials per sample, which the caller allocates before the launch.
+int64_t guided_step_blocks(StorageType dtype, const GuidedStepParams& p, const GuidedStepTensors<void>& t);
 
 }  // namespace fastguide

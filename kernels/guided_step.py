@@ -34,6 +34,16 @@ Passes. Plain CFG: one launch, `_guided_step_kernel`. Variants with reductions: 
 (sums shifted by a value near the chunk's mean, accumulated in float32), then the
 elementwise kernel merges a sample's ≤ 32 partials in float64 by Chan's formula in its
 prologue, in a fixed order (deterministic: no atomics). Two launches.
+Similarity (the per-sample cosine of the two branches' x0 predictions, asked for with a
+partials pointer; without one Triton specialises it away): the elementwise pass, which
+reads c, u and x anyway, also derives each element's x̂0_c and x̂0_u from x and c, resp.
+u, alone by the step's prediction-type map (`_predicted_x0`, the map it applies to the
+guided prediction m; before any guidance transform, clip or classifier shift), in float32
+and elementwise, before forming the products (expanding them into sums of x·x, x·c, ...
+would cancel catastrophically at high noise), and writes each program's float32
+Σx̂0_c·x̂0_u, Σx̂0_c², Σx̂0_u² to a (B, programs, 3) buffer, which the launcher merges in
+float64 with torch (fastguide.ops.layout.merge_similarity): a few small ops, no pass over
+the data.
 
 Bytes it must move (E = B·C·HW elements of x, s_t the size of tensor t's dtype):
   elementwise: read 2E of model output (E when unguided, 3E with a perturbed prediction;
@@ -41,6 +51,9 @@ Bytes it must move (E = B·C·HW elements of x, s_t the size of tensor t's dtype
   (E of a separate guide in place of the uncond half); write E (2E or 3E for a 2B or 3B
   out) of x_next, E of x0 when asked; APG with momentum reads and writes E of its buffer.
   stats pass: reads c and u again (2E, +E APG buffer or perturbed prediction).
+  similarity: no extra read (x is read for the step); ~10 FLOPs more per element; the
+  elementwise pass writes 12 bytes per program of BLOCK
+  elements (B·⌈C·HW/BLOCK⌉·12 bytes in all), which the merge reads back.
 FLOPs: ~20 per element, far under any GPU's ratio of FLOPs to bytes: memory-bound.
 
 Layout: every x-shaped tensor shares x's dense layout (contiguous or channels_last) and
@@ -70,6 +83,7 @@ from fastguide.ops.layout import (
     STATS_ZERO_STAR,
     dense,
     guidance_stats,
+    merge_similarity,
     step_format,
     write_back,
 )
@@ -242,9 +256,26 @@ def _sample_coefficients(
 
 
 @triton.jit
+def _predicted_x0(m, x, alpha, sigma, inv_alpha, PREDICTION: tl.constexpr):
+    """x0 from a prediction m of x = alpha·x0 + sigma·eps by the prediction type's linear
+    map, as the reference writes it (no term with a zero coefficient, so an infinite x
+    gives what the reference gives): the step's x0 of the guided prediction, and the
+    similarity output's x0 of c and of u."""
+    if PREDICTION == EPSILON:
+        x0 = (x - sigma * m) * inv_alpha
+    elif PREDICTION == V_PREDICTION:
+        x0 = alpha * x - sigma * m
+    elif PREDICTION == FLOW_PREDICTION:  # alpha + sigma = 1
+        x0 = x - sigma * m
+    else:  # sample
+        x0 = m
+    return x0
+
+
+@triton.jit
 def _guided_step_kernel(
     mo_ptr, uncond_ptr, perturbed_ptr, x_ptr, h0_ptr, h1_ptr, h2_ptr, h3_ptr, noise_ptr, grad_ptr, buf_ptr,
-    out_ptr, out_third_ptr, x0_ptr, partial_ptr,
+    out_ptr, out_third_ptr, x0_ptr, partial_ptr, similarity_partial_ptr,
     sample_elems, mo_sample_stride, uncond_sample_stride, var_offset, out_block_offset,
     # GuidanceCombine's scalars, by name
     scale, rescale, apg_eta, apg_norm_threshold, apg_momentum, perturbed_scale,
@@ -257,18 +288,32 @@ def _guided_step_kernel(
     NUM_HISTORY: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_GRAD_TERM: tl.constexpr,
     OUT_2B: tl.constexpr, HAS_X0_OUT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # Two branches specialised on a None pointer (Triton makes a None argument a constant)
+    # Three branches specialised on a None pointer (Triton makes a None argument a constant)
     # rather than on flags of their own, so that every other specialisation, the kernel
-    # report's included, stays as it was: a perturbed prediction p, and a 3B out's third block.
+    # report's included, stays as it was: a perturbed prediction p, a 3B out's third block,
+    # and the similarity output's partial sums.
     PERTURBED: tl.constexpr = perturbed_ptr is not None
+    SIMILARITY: tl.constexpr = similarity_partial_ptr is not None
     b = tl.program_id(1).to(tl.int64)
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = j < sample_elems
     here = b * sample_elems + j  # offset of this element in every x-shaped tensor
 
     m = tl.load(mo_ptr + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
+    if SIMILARITY:  # x first: the x0 predictions of c and u need it (without, x loads as it always did)
+        x = tl.load(x_ptr + here, mask=mask, other=0.0).to(tl.float32)
     if GUIDED:
         u = tl.load(uncond_ptr + b * uncond_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
+        if SIMILARITY:
+            # This program's sums for cos(x̂0_c, x̂0_u): the x0 predictions of c and u as
+            # loaded, each by the step's own map, formed elementwise before the products
+            # (masked lanes: c = u = x = 0, so x0 = 0 and they add nothing).
+            x0_c = _predicted_x0(m, x, alpha, sigma, inv_alpha, PREDICTION)
+            x0_u = _predicted_x0(u, x, alpha, sigma, inv_alpha, PREDICTION)
+            sums = similarity_partial_ptr + (b * tl.num_programs(0) + tl.program_id(0)) * 3
+            tl.store(sums + 0, tl.sum(x0_c * x0_u, axis=0))
+            tl.store(sums + 1, tl.sum(x0_c * x0_c, axis=0))
+            tl.store(sums + 2, tl.sum(x0_u * x0_u, axis=0))
         v = m - u
         if APG_MOMENTUM:
             v += apg_momentum * tl.load(buf_ptr + here, mask=mask, other=0.0).to(tl.float32)
@@ -289,20 +334,18 @@ def _guided_step_kernel(
             )
             m = f * (alpha_c * m + alpha_v * v)
 
-    x = tl.load(x_ptr + here, mask=mask, other=0.0).to(tl.float32)
+    if not SIMILARITY:
+        x = tl.load(x_ptr + here, mask=mask, other=0.0).to(tl.float32)
     # x0 and eps from m as the reference writes them (no term with a zero coefficient,
     # so an infinite x gives what the reference gives).
+    x0 = _predicted_x0(m, x, alpha, sigma, inv_alpha, PREDICTION)
     if PREDICTION == EPSILON:
-        x0 = (x - sigma * m) * inv_alpha
         eps = m
     elif PREDICTION == V_PREDICTION:
-        x0 = alpha * x - sigma * m
         eps = sigma * x + alpha * m
     elif PREDICTION == FLOW_PREDICTION:  # alpha + sigma = 1
-        x0 = x - sigma * m
         eps = x + alpha * m
     else:  # sample
-        x0 = m
         eps = (x - alpha * m) * inv_sigma
     if CLIP:
         x0 = tl.minimum(tl.maximum(x0, -1.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
@@ -372,7 +415,8 @@ def _guided_step_kernel(
 
 
 def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None) -> None:
-    """Launch the stats pass (when a variant needs it) and the elementwise pass."""
+    """Launch the stats pass (when a variant needs it) and the elementwise pass, then merge
+    the similarity's per-program sums (when asked)."""
     x, model_output = tensors.x, tensors.model_output
     batch, channels = x.shape[0], x.shape[1]
     sample_elems = x[0].numel()
@@ -415,12 +459,17 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
             APG_MOMENTUM=apg_with_momentum, PARTS=parts_pow2, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
 
+    programs = triton.cdiv(sample_elems, BLOCK)
+    # Every program writes its row: no initialisation needed.
+    similarity_partials = (None if tensors.similarity is None else
+                           torch.empty((batch, programs, 3), dtype=torch.float32, device=x.device))
     history_slots = history + [None] * (MAX_HISTORY - len(history))
     k_history = list(step.k_history) + [0.0] * (MAX_HISTORY - len(history))
     log_min, log_max = step.log_variance_range if learned else (0.0, 0.0)
-    _guided_step_kernel[(triton.cdiv(sample_elems, BLOCK), batch)](
+    _guided_step_kernel[(programs, batch)](
         model_output_in, uncond, perturbed_in, x_in, *history_slots, noise, grad, work["apg_buffer"], work["out"],
         work["out"][2 * batch:] if tensors.out.shape[0] == 3 * batch else None, work["x0_out"], partials,
+        similarity_partials,
         sample_elems, mo_sample_stride, uncond_sample_stride, channels * (mo_sample_stride // model_output.shape[1]),
         batch * sample_elems,
         **combine_scalars,
@@ -438,6 +487,8 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
         PARTS=parts_pow2, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     write_back(targets, work)
+    if similarity_partials is not None:
+        merge_similarity(similarity_partials, tensors.similarity)
 
 
 # The combine scalars of an unguided step (unused by the kernel; the launch needs values).

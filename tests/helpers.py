@@ -316,3 +316,16 @@ def fails_with(capsys, folder, argv, message, *more):
     assert all(part in err for part in (message, *more)), err
     assert "Traceback" not in err
     assert sorted(folder.rglob("*")) == before
+
+
+def x0_prediction(prediction: torch.Tensor, x: torch.Tensor, step: StepCoefficients) -> torch.Tensor:
+    """The x0 that ``prediction`` implies for x = alpha·x0 + sigma·eps, written out by the
+    step's prediction type: eps x0 = (x − σ·ε)/α; v = α·ε − σ·x0 gives x0 = α·x − σ·v
+    (α² + σ² = 1); a flow velocity v = ε − x0 gives x0 = x − σ·v (α + σ = 1); sample x0."""
+    alpha, sigma = step.alpha, step.sigma
+    return {
+        "epsilon": lambda: (x - sigma * prediction) / alpha,
+        "v_prediction": lambda: alpha * x - sigma * prediction,
+        "flow_prediction": lambda: x - sigma * prediction,
+        "sample": lambda: prediction,
+    }[step.prediction_type]()

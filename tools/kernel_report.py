@@ -185,6 +185,15 @@ def cases() -> list[Case]:
                  HAS_X0_OUT=False, PARTS=1, BLOCK=gs.BLOCK),
             gs.NUM_WARPS, main_path=True,
         ))
+    # CFG + DDIM asking for the similarity output: the same loads, plus each program's sums.
+    out.append(Case(
+        "guided_step cfg+ddim+similarity fp16", gs._guided_step_kernel,
+        {"mo_ptr": "fp16", "uncond_ptr": "fp16", "x_ptr": "fp16", "out_ptr": "fp16", "similarity_partial_ptr": "fp32"},
+        dict(GUIDED=True, STATS=0, RESCALE=False, APG_MOMENTUM=False, CLIP=False, GRAD_EPS=False,
+             PREDICTION=0, LEARNED_VAR=False, NUM_HISTORY=0, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
+             HAS_X0_OUT=False, PARTS=1, BLOCK=gs.BLOCK),
+        gs.NUM_WARPS, main_path=True,
+    ))
     out.append(Case(
         "guided_step all options fp16", gs._guided_step_kernel,
         {n: "fp16" for n in ("mo_ptr", "uncond_ptr", "x_ptr", "h0_ptr", "h1_ptr", "h2_ptr", "h3_ptr",
@@ -381,8 +390,11 @@ def run_cuda(archs: list[int]) -> list[dict]:
 
 # Kernels whose optional inputs are runtime branches: the 16-byte loads of their main path
 # (CFG + DDIM: the conditional and unconditional predictions and x; PAG adds the perturbed
-# one), where the SASS holds the optional ones too (history, noise, gradient, ...).
-CUDA_MAIN_PATH_VECTORS = {"guided_step_kernel": 3, "perturbed_guided_step_kernel": 4}
+# one; the similarity sums add none), where the SASS holds the optional ones too (history,
+# noise, gradient, ...).
+CUDA_MAIN_PATH_VECTORS = {
+    "guided_step_kernel": 3, "perturbed_guided_step_kernel": 4, "similarity_guided_step_kernel": 3,
+}
 
 
 def block_threads(source: str) -> int:

@@ -573,6 +573,7 @@ def guided_step(
     apg_buffer: Tensor | None = None,
     out: Tensor | None = None,
     x0_out: Tensor | None = None,
+    similarity: Tensor | None = None,
 ) -> Tensor:
     """Guidance combine and one sampler update in one op; returns x_next.
 
@@ -599,12 +600,37 @@ def guided_step(
     of the next [cond; uncond] or [cond; uncond; perturbed] input; x itself, or its first
     B rows, is allowed), x0 to ``x0_out`` when given, and APG's momentum state to
     ``apg_buffer`` (updated in place). Not differentiable.
+
+    ``similarity``, an out tensor of shape (B,), float32, contiguous, on x's device,
+    receives per sample b the cosine similarity of the two branches' x0 predictions,
+
+        cos(x̂0_c, x̂0_u) = ⟨x̂0_c, x̂0_u⟩ / (‖x̂0_c‖·‖x̂0_u‖),
+
+    where x̂0_c and x̂0_u are derived elementwise from x and the conditional prediction c,
+    resp. the guiding prediction u, alone by the step's prediction-type map (the one the
+    step applies to the guided prediction: epsilon x0 = (x − σ·c)/α, v_prediction
+    x0 = α·x − σ·c, flow_prediction x0 = x − σ·c, sample x0 = c), over the sample's C
+    prediction channels (never the learned-variance ones), of c and u as the model gave
+    them (before CFG-Zero*, tangential CFG, APG or its momentum touch u) and without
+    clip_denoised or the classifier shift. (Not of c and u themselves: an eps model's two
+    predictions are both ≈ x/σ at high noise; this cosine rises towards 1 as sampling
+    proceeds (measured on the digits eps and flow models), adaptive guidance's criterion,
+    and it is the same whatever the parameterisation.) It is
+    accumulated in float64 (the kernels: each element's x̂0_c and x̂0_u in float32, then
+    float32 sums of their products per program or block of the elementwise pass, which
+    reads c, u and x anyway, merged in float64: no extra pass). It is 0 where
+    ‖x̂0_c‖·‖x̂0_u‖ = 0, and NaN where x̂0_c or x̂0_u holds a NaN or ±inf (a NaN or ±inf in
+    c, u or, unless prediction_type is "sample", x; design.md's NaN policy: the
+    dependency is the whole sample), and on the kernels also where an x0 value's float32
+    square overflows (|value| ≳ 1.8e19; squares that underflow, |value| ≲ 1e-19, lose
+    precision there). Only for a guided step (combine given) with
+    combine.perturbed_scale = 0; otherwise a ValueError.
     """
     validation.check_step(step)
     validation.check_combine(combine)
     if not isinstance(history, (tuple, list)):
         raise TypeError(f"history must be a tuple or list of tensors, got {type(history).__name__}")
-    tensors = StepTensors(model_output, x, guide, tuple(history), noise, grad, apg_buffer, out, x0_out)
+    tensors = StepTensors(model_output, x, guide, tuple(history), noise, grad, apg_buffer, out, x0_out, similarity)
     validation.check_step_tensors(tensors, step, combine, check_memory=not _tracing())
     if out is None:
         out = torch.empty_like(x)

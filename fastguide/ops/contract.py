@@ -8,7 +8,9 @@
                        CFG-Zero*, APG, tangential CFG)
     StepTensors        the step's tensors: the model output, x, the guiding prediction
                        when it is a separate tensor, the solver history, noise, the
-                       classifier gradient, and the buffers the step writes
+                       classifier gradient, and the buffers the step writes (x_next, x0,
+                       APG's state, and on request each sample's cosine of the two
+                       branches' x0 predictions)
 
 fastguide.ops.reference.guided_step states the math. Every backend receives these objects
 (``guided_step(tensors, step, combine)``); samplers and guidance specs build them.
@@ -35,7 +37,7 @@ COMBINE_VARIANTS = ("cfg", "zero_star", "apg", "tangential")
 # 3 needs 2 or 3); the reference has no limit, the contract has this one for all backends.
 MAX_HISTORY = 4
 # The StepTensors fields that the step writes (declared mutated in the schema).
-WRITTEN = ("apg_buffer", "out", "x0_out")
+WRITTEN = ("apg_buffer", "out", "x0_out", "similarity")
 
 
 class StepCoefficients(NamedTuple):
@@ -108,6 +110,16 @@ class StepTensors(NamedTuple):
     out: x_next, shaped like x or (2B, ...) or (3B, ...), x_next in each B-row block (the
         next [c; u] or [c; u; p] input); may be x itself. x0_out: x0. apg_buffer: APG's
         momentum state, updated in place.
+    similarity: (B,) float32, contiguous, on x's device: receives, per sample b, the
+        cosine of the two branches' x0 predictions,
+        cos(x̂0_c, x̂0_u) = ⟨x̂0_c, x̂0_u⟩/(‖x̂0_c‖·‖x̂0_u‖), where x̂0_c and x̂0_u are derived
+        elementwise from x and c, resp. u, alone by the step's prediction-type map (the
+        one StepCoefficients states for m, with its alpha and sigma), over the C prediction
+        channels (never the variance channels) of the predictions as the model gave them
+        (before CFG-Zero*, tangential CFG, APG or momentum, and without clip_denoised or
+        the classifier shift); 0 where ‖x̂0_c‖·‖x̂0_u‖ = 0, NaN where x̂0_c or x̂0_u holds a
+        NaN or ±inf (from c, u or x). Only for a guided step (combine given) without a
+        perturbed prediction (combine.perturbed_scale = 0).
     """
 
     model_output: Tensor
@@ -119,6 +131,7 @@ class StepTensors(NamedTuple):
     apg_buffer: Optional[Tensor] = None
     out: Optional[Tensor] = None
     x0_out: Optional[Tensor] = None
+    similarity: Optional[Tensor] = None
 
 
 def float_fields(cls: type) -> tuple[str, ...]:

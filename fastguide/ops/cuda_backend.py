@@ -21,7 +21,7 @@ from .contract import (
     StepCoefficients,
     StepTensors,
 )
-from .layout import dense, guidance_stats, norm_format, step_format, write_back
+from .layout import dense, guidance_stats, merge_similarity, norm_format, step_format, write_back
 from .reference import group_norm_parameter_grads, layer_norm_parameter_grads
 
 
@@ -44,12 +44,16 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
         name: dense(t, fmt, torch.float32 if name == "apg_buffer" else dtype) for name, t in targets.items()
     }
     guide = dense(tensors.guide, fmt, dtype) if combine is not None else None
-    _ops().guided_step(
+    # With similarity the kernel returns its blocks' sums of x̂0_c·x̂0_u, x̂0_c², x̂0_u²: merged here.
+    similarity_partials = _ops().guided_step(
         dense(model_output, fmt, dtype), guide, dense(x, fmt), [dense(h, fmt, dtype) for h in tensors.history],
         noise, grad, work["apg_buffer"], work["out"], work["x0_out"],
         *STEP_ARGUMENTS.pack(step), *COMBINE_ARGUMENTS.pack(combine)[:1], guidance_stats(combine),
+        tensors.similarity is not None,
     )
     write_back(targets, work)
+    if similarity_partials is not None:
+        merge_similarity(similarity_partials, tensors.similarity)
 
 
 def _fp32(*tensors: Tensor | None) -> list[Tensor | None]:

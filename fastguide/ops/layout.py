@@ -5,7 +5,7 @@ channels_last for 4-D tensors): these helpers give a launcher that layout, makin
 copies only for tensors that are not already dense in it, and write results computed
 in such a copy back into the caller's tensor afterwards (the ops' in-place contract).
 They also say which per-sample reduction a guidance variant needs (both guided_step
-launchers ask).
+launchers ask), and merge the per-program sums of guided_step's similarity output.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .contract import GuidanceCombine
+from .reference import cosine_from_sums
 
 # Per-sample reduction a guided_step variant needs before its elementwise pass.
 STATS_NONE, STATS_ZERO_STAR, STATS_APG, STATS_PLAIN, STATS_TANGENTIAL = 0, 1, 2, 3, 4
@@ -61,3 +62,13 @@ def write_back(targets: dict[str, Tensor | None], work: dict[str, Tensor | None]
     for name, target in targets.items():
         if target is not None and work[name] is not target:
             target.copy_(work[name])
+
+
+def merge_similarity(partials: Tensor, similarity: Tensor) -> None:
+    """similarity[b] = cos(x̂0_c, x̂0_u) of sample b from the elementwise pass's partial
+    sums: partials[b, i] = (Σx̂0_c·x̂0_u, Σx̂0_c·x̂0_c, Σx̂0_u·x̂0_u) over the elements of
+    program (or block) i of sample b, in float32 (x̂0_c, x̂0_u: the x0 predictions of c and
+    u alone, fastguide.ops.reference.x0_similarity). They are summed in float64, in a fixed order (deterministic),
+    and the cosine taken there (fastguide.ops.reference.cosine_from_sums); a few small ops
+    on B·programs·3 values, next to the pass's B·C·HW elements."""
+    similarity.copy_(cosine_from_sums(*partials.sum(dim=1, dtype=torch.float64).unbind(dim=-1)))

@@ -329,6 +329,41 @@ def guided_prediction(
     return guided
 
 
+def cosine_from_sums(cu: Tensor, cc: Tensor, uu: Tensor) -> Tensor:
+    """Per-sample cos(a, b) = Σa·b / (√Σa·a · √Σb·b) from the sums (cu = Σa·b, cc = Σa·a,
+    uu = Σb·b), in their dtype (float64 on every backend): 0 where ‖a‖·‖b‖ = 0, NaN where a
+    sum is not finite. A NaN or ±inf in a or b makes a sum non-finite, and so does a
+    float32 partial sum that overflowed on the kernels (|value| ≳ 1.8e19), where a finite
+    Σa·b over an infinite norm would otherwise read as 0."""
+    norms = cc.sqrt() * uu.sqrt()
+    cosine = torch.where(norms == 0, 0.0, cu / norms)
+    return torch.where(cu.isfinite() & cc.isfinite() & uu.isfinite(), cosine, math.nan)
+
+
+def cosine_similarity(a: Tensor, b: Tensor) -> Tensor:
+    """cos(a_i, b_i) of each sample i over every non-batch element, summed in float64
+    (``cosine_from_sums`` states the zero-norm and NaN cases)."""
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    return cosine_from_sums((a * b).sum(1), (a * a).sum(1), (b * b).sum(1))
+
+
+def x0_similarity(cond: Tensor, uncond: Tensor, x: Tensor, step: StepCoefficients) -> Tensor:
+    """guided_step's similarity output: per sample b, cos(x̂0_c, x̂0_u) of the x0 predictions
+    of the conditional prediction c and the guiding one u, each alone, derived from x by
+    the step's prediction-type map (``denoised_and_eps`` with step.alpha, step.sigma,
+    step.prediction_type; no guidance transform, clip or classifier shift), elementwise in
+    float64 and then the cosine (``cosine_similarity``). cond, uncond: the first C
+    channels, shaped like x.
+
+    The x0 predictions rather than c and u themselves: an eps model's c and u are both
+    ≈ x/σ at high noise (raw cosine ≈ 1 from the first step), its x0 predictions are not;
+    the cosine of the x0 predictions is also the same whichever the parameterisation."""
+    x = x.double()
+    x0_cond, _ = denoised_and_eps(cond.double(), x, step.alpha, step.sigma, step.prediction_type)
+    x0_uncond, _ = denoised_and_eps(uncond.double(), x, step.alpha, step.sigma, step.prediction_type)
+    return cosine_similarity(x0_cond, x0_uncond)
+
+
 def denoised_and_eps(
     m: Tensor, x: Tensor, alpha: float, sigma: float, prediction_type: str
 ) -> tuple[Tensor, Tensor]:
@@ -379,11 +414,17 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
 
     x_next is written to ``out`` (each B-row block when it has 2B or 3B rows; a new
     tensor like x when not given), x0 to ``x0_out`` when given; ``apg_buffer`` is updated
-    in place.
+    in place; ``similarity`` (a guided step only) receives x0_similarity(c, u, x, step) per
+    sample: the cosine of the x0 predictions of c and u as read in step 1 (before any
+    variant transforms u), each by step 2's map alone (no clip, no classifier shift).
     Returns ``out``.
     """
     model_output, x = tensors.model_output, tensors.x
     batch, channels = x.shape[0], x.shape[1]
+    if combine is not None:
+        uncond_rows = (model_output[batch:2 * batch] if tensors.guide is None else tensors.guide)[:, :channels]
+        if tensors.similarity is not None:  # first: samples of no element still get their 0
+            tensors.similarity.copy_(x0_similarity(model_output[:batch, :channels], uncond_rows, x, step))
     if x.numel() == 0:  # nothing to compute (and no per-sample statistics of nothing)
         return torch.empty_like(x) if tensors.out is None else tensors.out
     dtype = compute_dtype(model_output, x, tensors.guide)
@@ -392,7 +433,7 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
     m = model_output[:batch, :channels].to(dtype)
     guide_eps = None
     if combine is not None:
-        uncond = (model_output[batch:2 * batch] if tensors.guide is None else tensors.guide)[:, :channels].to(dtype)
+        uncond = uncond_rows.to(dtype)
         perturbed = None
         if combine.perturbed_scale != 0.0:
             perturbed = model_output[2 * batch:3 * batch, :channels].to(dtype)

@@ -20,6 +20,7 @@ from .contract import (
     MAX_HISTORY,
     PREDICTION_TYPES,
     STEP_SCALARS,
+    WRITTEN,
     GuidanceCombine,
     StepCoefficients,
     StepTensors,
@@ -335,7 +336,9 @@ def check_step_layout(tensors: StepTensors, step: StepCoefficients, combine: Gui
       on x's device;
     - a tensor given for each nonzero coefficient that reads one (noise, grad,
       apg_buffer, a guiding prediction for k_guide_eps); combine.rescale at least two
-      elements per sample."""
+      elements per sample;
+    - similarity (when given) only for a guided step without a perturbed prediction,
+      a contiguous float32 (B,) tensor on x's device (``check_similarity``)."""
     model_output, x, guide, out = tensors.model_output, tensors.x, tensors.guide, tensors.out
     check_tensor("model_output", model_output, ndim_at_least=2)
     check_tensor("x", x, ndim_at_least=2)
@@ -425,6 +428,36 @@ def check_step_layout(tensors: StepTensors, step: StepCoefficients, combine: Gui
             raise ValueError(f"{coefficient} is {value} but {tensor_name} was not given")
     if combine is not None and combine.apg_momentum != 0 and tensors.apg_buffer is None:
         raise ValueError(f"combine.apg_momentum is {combine.apg_momentum} but apg_buffer was not given")
+    if tensors.similarity is not None:
+        check_similarity(tensors.similarity, x, combine)
+
+
+def check_similarity(similarity: object, x: Tensor, combine: GuidanceCombine | None) -> None:
+    """similarity, the per-sample cos(x̂0_c, x̂0_u) of the two branches' x0 predictions that
+    guided_step writes: only with a combine (there is no u otherwise) whose perturbed_scale
+    is 0 (the kernels that read p do not take the sums), and a contiguous float32 tensor
+    of shape (B,) on x's device (the kernels' merge writes it as it is, with no stand-in
+    copy)."""
+    if combine is None:
+        raise ValueError("similarity was given but combine is None: cos(x0_c, x0_u) needs a guided step, with a "
+                         "guiding prediction u")
+    if combine.perturbed_scale != 0:
+        raise ValueError(f"similarity is not available with combine.perturbed_scale = {combine.perturbed_scale} "
+                         "(a perturbed prediction p): give it only when perturbed_scale is 0")
+    if not isinstance(similarity, Tensor):
+        raise TypeError(f"similarity must be a torch.Tensor, got {type(similarity).__name__}")
+    if similarity.layout != torch.strided:
+        raise TypeError(f"similarity must be a dense (strided) tensor, got layout {similarity.layout}")
+    if similarity.dtype != torch.float32:
+        raise TypeError(f"similarity must have dtype torch.float32, got {similarity.dtype}")
+    batch = x.shape[0]
+    if tuple(similarity.shape) != (batch,):
+        raise ValueError(f"similarity must have shape ({batch},), one value per sample of x {tuple(x.shape)}, "
+                         f"got {tuple(similarity.shape)}")
+    if not similarity.is_contiguous():
+        raise ValueError(f"similarity must be contiguous, got strides {similarity.stride()}")
+    if similarity.device != x.device:
+        _refuse_device("similarity", similarity, x)
 
 
 def _refuse_x_shaped(name: str, t: object, x: Tensor) -> None:
@@ -446,7 +479,7 @@ def check_step_tensors(
     layout (``check_step_layout``), that the tensors the step writes do not require grad,
     and with ``check_memory`` how they alias (not possible on traced tensors)."""
     check_step_layout(tensors, step, combine)
-    for name in ("out", "x0_out", "apg_buffer"):
+    for name in WRITTEN:
         written = getattr(tensors, name)
         if written is None:
             continue
@@ -512,7 +545,7 @@ def _check_aliasing(tensors: StepTensors, x_shaped: list[tuple[str, Tensor | Non
     other: the kernels read and write in parallel, so a partial overlap would give wrong
     values on one backend and right ones on another. Runs per call: one storage lookup
     per tensor, and the element check only for views of one storage."""
-    written = [(name, t, _storage(t)) for name in ("out", "x0_out", "apg_buffer")
+    written = [(name, t, _storage(t)) for name in ("out", "x0_out", "apg_buffer", "similarity")
                if (t := getattr(tensors, name)) is not None]
     read = [(name, t, _storage(t)) for name, t in
             (("model_output", tensors.model_output), ("guide", tensors.guide), ("x", tensors.x), *x_shaped)
@@ -522,13 +555,16 @@ def _check_aliasing(tensors: StepTensors, x_shaped: list[tuple[str, Tensor | Non
             if storage != w_storage:
                 continue
             # An x-shaped input is read and written by the same thread, element by element.
-            # (Not the APG buffer: the reference updates it before it reads x and the rest.)
-            elementwise = w_name != "apg_buffer" and name not in ("model_output", "guide", "out", "x0_out",
-                                                                  "apg_buffer")
+            # (Not the APG buffer: the reference updates it before it reads x and the rest;
+            # nor similarity, a per-sample value.)
+            elementwise = w_name in ("out", "x0_out") and name not in ("model_output", "guide", "out", "x0_out",
+                                                                       "apg_buffer", "similarity")
             if elementwise and (_same_view(w, t) or (w_name == "out" and name == "x" and _x_is_first_block(w, t))):
                 continue
             if _share_memory(w, t) and w_name == "apg_buffer":
                 raise ValueError(f"apg_buffer overlaps {name} in memory: APG's state must have memory of its own")
+            if _share_memory(w, t) and w_name == "similarity":
+                raise ValueError(f"similarity overlaps {name} in memory: it must have memory of its own")
             if _share_memory(w, t):
                 raise ValueError(
                     f"{w_name} overlaps {name} in memory: a written tensor may be an input itself "

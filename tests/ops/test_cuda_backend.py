@@ -21,6 +21,7 @@ import torch
 import fastguide
 from fastguide import ops
 from fastguide.ops import contract, extension
+from fastguide.ops.contract import COMBINE_ARGUMENTS, STEP_ARGUMENTS, GuidanceCombine, StepCoefficients
 from tests.helpers import (
     CASES,
     GROUP_NORM,
@@ -36,6 +37,7 @@ from tests.helpers import (
     run_reference,
     three_ops,
     tiny_cfg_unet,
+    x0_prediction,
 )
 from tests.helpers import SHAPES as NORM_SHAPES
 
@@ -124,6 +126,73 @@ def test_guided_step_on_misaligned_tensors(cuda_backend_on_cpu, dtype, case):
     tensors = {name: tuple(map(offset_copy, t)) if name == "history" else offset_copy(t)
                for name, t in tensors.items()}
     run_against_reference(tensors, step, combine)
+
+
+def x0_cosine_of_inputs(tensors: dict, step: StepCoefficients) -> torch.Tensor:
+    """cos(x̂0_c, x̂0_u) per sample in float64 from the inputs: the x0 predictions of c and u
+    (the first C channels of each) by the step's map with x, then their cosine."""
+    batch, channels = tensors["x"].shape[:2]
+    x = tensors["x"].double()
+    model_output = tensors["model_output"].double()
+    uncond = tensors["guide"].double() if "guide" in tensors else model_output[batch:2 * batch]
+    x0_c = x0_prediction(model_output[:batch, :channels], x, step)
+    x0_u = x0_prediction(uncond[:, :channels], x, step)
+    return torch.nn.functional.cosine_similarity(x0_c.flatten(1), x0_u.flatten(1), dim=1)
+
+
+def run_with_similarity(tensors, step, combine):
+    """The step into a NaN-poisoned similarity, checked against the float64 cosine of the
+    x0 predictions (c, u and x read exactly, float32 x0 and sums: the float32 tolerance for
+    every dtype) and its other outputs against the reference."""
+    similarity = poisoned((tensors["x"].shape[0],), torch.float32)
+    expected = run_reference(tensors, step, combine)
+    ops.guided_step(**tensors, step=step, combine=combine, similarity=similarity)
+    assert_close(similarity, x0_cosine_of_inputs(tensors, step), GUIDED_STEP, torch.float32)
+    for name in ("out", "x0_out", "apg_buffer"):
+        if name in tensors:
+            assert_close(tensors[name], expected[name], GUIDED_STEP, tensors[name].dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["cfg-clip-noise", "rescale", "separate-guide", "ddpm-learned-var-grad",
+                                  "cfg-v-prediction", "flow-cfgpp-guide", "cfgpp-renoise-sample-guide-zero-star"])
+def test_similarity_on_misaligned_tensors(cuda_backend_on_cpu, dtype, case):
+    # The element-by-element instance (similarity_guided_step_kernel<T, 1>), 16 blocks per sample.
+    tensors, step, combine = case_inputs(CASES[case], 2, 4, (32, 32), dtype, "cpu")
+    tensors = {name: tuple(map(offset_copy, t)) if name == "history" else offset_copy(t)
+               for name, t in tensors.items()}
+    run_with_similarity(tensors, step, combine)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 4, (48, 48)), (3, 3, (37, 41))], ids=str)
+@pytest.mark.parametrize("case", ["apg-momentum-clip", "flow-cfg-history"])
+def test_similarity_over_many_blocks(cuda_backend_on_cpu, dtype, shape, case):
+    # Vectors over 5 (fp16, bf16) or 9 (fp32) blocks a sample; odd sizes element by element
+    # over 18 blocks, the last one partly past the sample's end.
+    run_with_similarity(*case_inputs(CASES[case], *shape, dtype, "cpu"))
+
+
+def test_bindings_return_one_row_of_sums_per_block_and_refuse_a_perturbed_prediction(host_harness):
+    # fp32 vectors: 256 threads × 4 elements a block, 9216 elements a sample -> 9 blocks.
+    batch, shape = 2, (4, 48, 48)
+    model_output, x = randn(2 * batch, *shape, seed=1, dtype=torch.float32), randn(batch, *shape, seed=0,
+                                                                                     dtype=torch.float32)
+    step = StepCoefficients(alpha=0.8, sigma=0.6, k_x0=1.0)
+
+    def call(model_output, combine):
+        return host_harness.guided_step(model_output, None, x, [], None, None, None, torch.empty_like(x), None,
+                                        *STEP_ARGUMENTS.pack(step), *COMBINE_ARGUMENTS.pack(combine)[:1], 0, True)
+
+    partials = call(model_output, GuidanceCombine(3.0))
+    assert partials.shape == (batch, 9, 3) and partials.dtype == torch.float32
+    # The sums of the x0 predictions' products (epsilon: x0 = (x − σ·c)/α), not of c and u.
+    x0_c, x0_u = (x0_prediction(half.double(), x.double(), step).flatten(1)
+                  for half in (model_output[:batch], model_output[batch:]))
+    sums = torch.stack([(x0_c * x0_u).sum(1), (x0_c * x0_c).sum(1), (x0_u * x0_u).sum(1)], dim=1)
+    torch.testing.assert_close(partials.double().sum(1), sums, rtol=1e-5, atol=1e-3)
+    with pytest.raises(RuntimeError, match="similarity needs a guided step without a perturbed prediction"):
+        call(torch.cat([model_output, model_output[:batch]]), GuidanceCombine(3.0, perturbed_scale=2.0))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

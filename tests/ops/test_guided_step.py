@@ -8,7 +8,7 @@ import torch
 
 import fastguide
 from fastguide import ops
-from fastguide.ops import reference
+from fastguide.ops import contract, reference, validation
 from fastguide.ops.contract import GuidanceCombine, StepCoefficients, StepTensors
 from tests.helpers import (
     CASES,
@@ -22,6 +22,7 @@ from tests.helpers import (
     randn,
     run_reference,
     running_on,
+    x0_prediction,
 )
 
 BACKENDS = backends_for("guided_step")
@@ -632,3 +633,299 @@ def test_guided_step_gpu_large_and_bf16(backend, dtype, shape, case):
     with fastguide.backend(backend):
         ops.guided_step(**tensors, step=step, combine=combine)
     assert_outputs_match(tensors, expected)
+
+
+# --------------------------------------------------------------------------------------
+# The similarity output: cos(x̂0_c, x̂0_u) per sample, the two branches' x0 predictions,
+# summed in the elementwise pass
+# --------------------------------------------------------------------------------------
+
+# c, u and x are read exactly in every storage dtype, and what rounds is float32 (the
+# kernels' x0 predictions and sums, every backend's output): the float32 row of the step's
+# table whatever the inputs.
+SIMILARITY = {dtype: GUIDED_STEP[torch.float32] for dtype in GUIDED_STEP}
+G = GuidanceCombine
+# Every prediction type: epsilon, v_prediction, flow_prediction (also at its pure-noise
+# start, alpha = 0) and sample; [c; u] and a separate guide; a learned-variance (2C)
+# output and guide; u transformed by CFG-Zero*, tangential CFG and APG's momentum after
+# the sums are taken; clip and the classifier shift, which the x0 predictions never see;
+# rescale's stats pass.
+SIMILARITY_CASES = {
+    **{name: CASES[name] for name in [
+        "cfg-ddim", "separate-guide", "ddpm-learned-var-grad", "zero-star-separate-learned-guide",
+        "apg-momentum-clip", "tangential-rescale-guide", "cfgpp-renoise-eps-learned", "rescale", "cfg-and-classifier",
+        "cfg-v-prediction", "cfgpp-renoise-v", "flow-cfg-history", "flow-pure-noise-clip", "flow-cfgpp-guide",
+        "cfgpp-renoise-sample-guide-zero-star",
+    ]},
+    "sample-cfg-clip": dict(combine=G(3.0), step=dict(prediction_type="sample", clip_denoised=True, k_x0=0.7,
+                                                      k_eps=0.6)),
+    "v-apg-momentum-learned-var": dict(
+        combine=G(4.0, apg_eta=0.3, apg_momentum=-0.4, variant="apg"), learned_variance=True,
+        step=dict(prediction_type="v_prediction", k_x=0.2, k_x0=0.6, k_eps=0.3, k_noise=0.5,
+                  log_variance_range=(-5.0, -3.5))),
+}
+# Odd (the CUDA scalar path and its tail), one element per channel, and several CUDA blocks
+# (and 2 Triton programs) per sample on the vector path.
+SIMILARITY_SHAPES = [(3, 3, (5, 7)), (1, 3, (1, 1)), (2, 4, (24, 24))]
+WRITTEN = ("out", "x0_out", "apg_buffer")
+# A step of each prediction type (on the path the type needs).
+SIMILARITY_STEPS = {
+    "epsilon": STEP,
+    "v_prediction": StepCoefficients(alpha=0.6, sigma=0.8, k_x=0.9, k_x0=0.2, prediction_type="v_prediction"),
+    "flow_prediction": StepCoefficients(alpha=0.35, sigma=0.65, k_x=0.9, k_x0=0.2, prediction_type="flow_prediction"),
+    "sample": StepCoefficients(alpha=0.7, sigma=0.714, k_x=0.9, k_x0=0.2, clip_denoised=True,
+                               prediction_type="sample"),
+}
+
+
+def x0_cosine_of_inputs(tensors: dict, step: StepCoefficients) -> torch.Tensor:
+    """cos(x̂0_c, x̂0_u) per sample in float64, written out from the inputs: c the model
+    output's first B rows, u its second B rows or the guide, each over the first C
+    channels, each turned into its x0 prediction with x and the step's alpha, sigma and
+    prediction type, then the cosine."""
+    batch, channels = tensors["x"].shape[:2]
+    x = tensors["x"].cpu().double()
+    model_output = tensors["model_output"].cpu().double()
+    uncond = tensors["guide"].cpu().double() if "guide" in tensors else model_output[batch:2 * batch]
+    x0_c = x0_prediction(model_output[:batch, :channels], x, step)
+    x0_u = x0_prediction(uncond[:, :channels], x, step)
+    return torch.nn.functional.cosine_similarity(x0_c.flatten(1), x0_u.flatten(1), dim=1)
+
+
+def step_with_similarity(backend: str, request, tensors: dict, step, combine) -> torch.Tensor:
+    """The step on ``backend`` into a NaN-poisoned similarity, and again without asking for
+    it on copies of the written tensors: what it writes there must not change, bit for bit.
+    Returns the similarity (on the CPU)."""
+    plain = {name: t.clone() if name in WRITTEN else t for name, t in tensors.items()}
+    similarity = poisoned((tensors["x"].shape[0],), torch.float32).to(tensors["x"].device)
+    with running_on(backend, request):
+        ops.guided_step(**tensors, step=step, combine=combine, similarity=similarity)
+        ops.guided_step(**plain, step=step, combine=combine)
+    for name in WRITTEN:
+        if name in tensors:
+            torch.testing.assert_close(tensors[name], plain[name], rtol=0, atol=0, equal_nan=True,
+                                       msg=f"{name} differs when similarity is asked for")
+    return similarity.cpu()
+
+
+@pytest.mark.parametrize(("backend", "dtype"), [
+    *((backend, dtype) for backend in backends_with_emulation("guided_step")
+      for dtype in (torch.float32, torch.float16, torch.bfloat16)),
+    ("torch", torch.float64),
+], ids=str)
+@pytest.mark.parametrize("shape", SIMILARITY_SHAPES, ids=str)
+@pytest.mark.parametrize("case", list(SIMILARITY_CASES))
+def test_similarity_matches_float64_cosine_of_x0_predictions(backend, dtype, shape, case, device, request):
+    device = "cpu" if backend == "cuda-emulation" else device
+    tensors, step, combine = case_inputs(SIMILARITY_CASES[case], *shape, dtype, device)
+    expected = run_reference(tensors, step, combine)
+    similarity = step_with_similarity(backend, request, tensors, step, combine)
+    assert_outputs_match(tensors, expected)
+    assert_close(similarity, x0_cosine_of_inputs(tensors, step), SIMILARITY, dtype)
+
+
+@pytest.mark.parametrize("backend", backends_with_emulation("guided_step"))
+@pytest.mark.parametrize("case", ["cfg-clip-noise", "apg-momentum-clip", "separate-guide", "tangential-rescale-guide",
+                                  "cfg-v-prediction", "flow-cfgpp-guide", "sample-cfg-clip"])
+def test_similarity_channels_last(backend, case, device, request):
+    device = "cpu" if backend == "cuda-emulation" else device
+    tensors, step, combine = case_inputs({**CASES, **SIMILARITY_CASES}[case], 2, 5, (9, 11), torch.float32, device)
+    to_cl = lambda t: t.to(memory_format=torch.channels_last)  # noqa: E731
+    tensors = {name: tuple(map(to_cl, t)) if name == "history" else to_cl(t) for name, t in tensors.items()}
+    expected = run_reference(tensors, step, combine)
+    similarity = step_with_similarity(backend, request, tensors, step, combine)
+    assert tensors["out"].is_contiguous(memory_format=torch.channels_last)
+    assert_outputs_match(tensors, expected)
+    assert_close(similarity, x0_cosine_of_inputs(tensors, step), SIMILARITY, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", ["cfg-ddim", "separate-guide", "apg-momentum-clip", "ddpm-learned-var-grad",
+                                  "cfg-v-prediction", "flow-cfgpp-guide", "sample-cfg-clip"])
+def test_similarity_gpu_large(backend, dtype, case, request):
+    # Many programs and blocks a sample (65536 elements), the compiled kernels' reductions.
+    tensors, step, combine = case_inputs(SIMILARITY_CASES.get(case, CASES.get(case)), 16, 4, (128, 128), dtype, "cuda")
+    expected = run_reference(tensors, step, combine)
+    similarity = step_with_similarity(backend, request, tensors, step, combine)
+    assert_outputs_match(tensors, expected)
+    assert_close(similarity, x0_cosine_of_inputs(tensors, step), SIMILARITY, dtype)
+
+
+def similarity_on(backend, request, device, model_output, x, combine=GuidanceCombine(3.0), guide=None, step=STEP):
+    """The similarity of one step on ``backend`` (CPU tensors for the emulation)."""
+    device = "cpu" if backend == "cuda-emulation" else device
+    similarity = poisoned((x.shape[0],), torch.float32).to(device)
+    guide = None if guide is None else guide.to(device)
+    with running_on(backend, request):
+        ops.guided_step(model_output.to(device), x.to(device), step, combine, guide=guide, similarity=similarity)
+    return similarity.cpu()
+
+
+@pytest.mark.parametrize("backend", backends_with_emulation("guided_step"))
+@pytest.mark.parametrize("prediction_type", list(SIMILARITY_STEPS))
+def test_similarity_is_the_same_whatever_the_parameterisation(backend, prediction_type, device, request):
+    # Two x0 guesses and an x: each prediction type's c and u that imply exactly them, so
+    # that every parameterisation gives the cosine of the two guesses.
+    step = SIMILARITY_STEPS[prediction_type]
+    alpha, sigma = step.alpha, step.sigma
+    batch, shape = 3, (4, 6, 9)
+    x0_c, x0_u = randn(batch, *shape, seed=1), randn(batch, *shape, seed=2)
+    x0_u = 0.6 * x0_c + 0.8 * x0_u  # cos ≈ 0.6
+    x = alpha * x0_c + sigma * randn(batch, *shape, seed=0)
+
+    def prediction(x0):
+        eps = (x - alpha * x0) / sigma
+        return {"epsilon": eps, "v_prediction": alpha * eps - sigma * x0, "sample": x0,
+                "flow_prediction": eps - x0}[prediction_type]
+
+    cond, uncond = prediction(x0_c).float(), prediction(x0_u).float()
+    got = similarity_on(backend, request, device, torch.cat([cond, uncond]), x.float(), step=step)
+    expected = torch.nn.functional.cosine_similarity(x0_c.flatten(1), x0_u.flatten(1), dim=1)
+    # float32 inputs carry x0 to about 1e-6 relative (the maps divide by alpha or sigma ≈ 0.6).
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-5)
+    assert_close(got, x0_cosine_of_inputs({"model_output": torch.cat([cond, uncond]), "x": x.float()}, step),
+                 SIMILARITY, torch.float32)
+
+
+@pytest.mark.parametrize("backend", backends_with_emulation("guided_step"))
+def test_similarity_of_an_eps_model_at_high_noise_is_of_x0_not_of_eps(backend, device, request):
+    # alpha = 5e-3: x ≈ σ·ε, so c and u, two eps predictions, have a raw cosine of ≈ 1 while
+    # their x0 predictions (x − σ·ε)/α differ (cos ≈ 0.6). x0 must be formed elementwise
+    # before the products: expanding Σ(x − σc)(x − σu)/α² into sums of x·x, x·c, ... would
+    # cancel 1/α² = 4e4 times over in float32.
+    alpha = 5e-3
+    step = StepCoefficients(alpha=alpha, sigma=math.sqrt(1 - alpha**2), k_x0=1.0)
+    sigma = step.sigma
+    batch, shape = 2, (4, 24, 24)
+    x0_c, x0_u = randn(batch, *shape, seed=1), randn(batch, *shape, seed=2)
+    x0_u = 0.6 * x0_c + 0.8 * x0_u
+    x = (alpha * randn(batch, *shape, seed=3) + sigma * randn(batch, *shape, seed=0)).float()
+    cond = ((x.double() - alpha * x0_c) / sigma).float()
+    uncond = ((x.double() - alpha * x0_u) / sigma).float()
+    model_output = torch.cat([cond, uncond])
+    got = similarity_on(backend, request, device, model_output, x, step=step)
+    raw = torch.nn.functional.cosine_similarity(cond.double().flatten(1), uncond.double().flatten(1), dim=1)
+    assert (raw > 0.9999).all() and (got < 0.7).all()
+    assert_close(got, x0_cosine_of_inputs({"model_output": model_output, "x": x}, step), SIMILARITY, torch.float32)
+
+
+@pytest.mark.parametrize("backend", backends_with_emulation("guided_step"))
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])
+@pytest.mark.parametrize("layout", ["batched", "guide"])
+def test_similarity_is_zero_where_an_x0_norm_is_zero(backend, prediction_type, layout, device, request):
+    # Sample 0: x̂0_c = 0; sample 1: x̂0_u = 0 (sample: c = 0, resp. u = 0; epsilon: that
+    # and x = 0); sample 2: both nonzero.
+    step = SIMILARITY_STEPS[prediction_type]
+    batch, shape = 3, (3, 5, 7)
+    cond, uncond = randn(batch, *shape, seed=1), randn(batch, *shape, seed=2)
+    cond[0], uncond[1] = 0.0, 0.0
+    x = randn(batch, *shape, seed=0, dtype=torch.float32)
+    if prediction_type == "epsilon":
+        x[:2] = 0.0
+    if layout == "batched":
+        got = similarity_on(backend, request, device, torch.cat([cond, uncond]).float(), x, step=step)
+    else:
+        got = similarity_on(backend, request, device, cond.float(), x, guide=uncond.float(), step=step)
+    assert got[:2].tolist() == [0.0, 0.0]
+    assert_close(got[2:], x0_cosine_of_inputs({"model_output": cond[2:], "guide": uncond[2:], "x": x[2:]}, step),
+                 SIMILARITY, torch.float32)
+
+
+@pytest.mark.parametrize("backend", backends_with_emulation("guided_step"))
+@pytest.mark.parametrize("prediction_type", list(SIMILARITY_STEPS))
+def test_similarity_is_nan_where_an_x0_prediction_is_not_finite(backend, prediction_type, device, request):
+    # A (2B, 2C) output without log_variance_range: the variance channels are read by no
+    # term, and the similarity never reads them (sample 3's are NaN and infinite). A NaN in
+    # x reaches both x0 predictions, except for sample prediction (x0 = c, x unread).
+    step = SIMILARITY_STEPS[prediction_type]
+    batch, channels, spatial = 4, 3, (5, 7)
+    model_output = randn(2 * batch, 2 * channels, *spatial, seed=1, dtype=torch.float32)
+    model_output[0, 1, 2, 3] = math.nan  # c of sample 0
+    model_output[batch + 1, 2, 4, 6] = -math.inf  # u of sample 1
+    model_output[3, channels:] = math.nan
+    model_output[batch + 3, channels:] = math.inf
+    x = randn(batch, channels, *spatial, seed=0, dtype=torch.float32)
+    x[2, 0, 1, 1] = math.nan
+    got = similarity_on(backend, request, device, model_output, x, step=step)
+    finite = [3] if prediction_type != "sample" else [2, 3]
+    assert got[[i for i in range(batch) if i not in finite]].isnan().all()
+    rows = finite + [batch + i for i in finite]
+    assert_close(got[finite], x0_cosine_of_inputs({"model_output": model_output[rows], "x": x[finite]}, step),
+                 SIMILARITY, torch.float32)
+
+
+@pytest.mark.parametrize("backend", backends_with_emulation("guided_step"))
+def test_similarity_whose_float32_sums_overflow_is_nan_on_the_kernels(backend, device, request):
+    # |c| ~ 1e20, so |x̂0_c| ~ 1e20: its square overflows float32. The kernels' sums are
+    # float32, so they give NaN rather than a finite 0; the reference sums in float64 and
+    # gives the cosine.
+    batch, shape = 2, (3, 5, 7)
+    model_output = torch.cat([1e20 * randn(batch, *shape, seed=1), randn(batch, *shape, seed=2)]).float()
+    x = randn(batch, *shape, seed=0, dtype=torch.float32)
+    got = similarity_on(backend, request, device, model_output, x)
+    if backend == "torch":
+        assert_close(got, x0_cosine_of_inputs({"model_output": model_output, "x": x}, STEP), SIMILARITY,
+                     torch.float32)
+    else:
+        assert got.isnan().all()
+
+
+def test_similarity_of_samples_without_elements_is_zero():
+    x, model_output = torch.empty(2, 0, 3), torch.empty(4, 0, 3)
+    similarity = poisoned((2,), torch.float32)
+    ops.guided_step(model_output, x, STEP, GuidanceCombine(3.0), similarity=similarity)
+    assert similarity.tolist() == [0.0, 0.0]
+
+
+def test_opcheck_guided_step_with_similarity():
+    # The schema declares similarity written: torch.library's checks of schema, fake and
+    # functionalisation (torch.compile's view of the op) hold.
+    model_output, x = torch.randn(4, 6, 5, 5), torch.randn(2, 3, 5, 5)
+    tensors = StepTensors(model_output, x, out=torch.empty(2, 3, 5, 5), similarity=torch.empty(2))
+    step = StepCoefficients(alpha=0.8, sigma=0.6, k_x=0.3, k_x0=0.7)
+    for combine in (GuidanceCombine(3.0), GuidanceCombine(3.0, rescale=0.5, variant="zero_star")):
+        torch.library.opcheck(torch.ops.fastguide.guided_step.default,
+                              (*contract.pack(tensors, step, combine), "torch"))
+
+
+SIMILARITY_INPUTS = (randn(4, 3, 4, 4, seed=1, dtype=torch.float32), randn(2, 3, 4, 4, seed=0, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("combine, similarity, error, message", [
+    (None, torch.empty(2), ValueError, "similarity was given but combine is None"),
+    (GuidanceCombine(3.0, perturbed_scale=2.0), torch.empty(2), ValueError,
+     r"similarity is not available with combine.perturbed_scale = 2.0"),
+    (GuidanceCombine(3.0), [0.0, 0.0], TypeError, "similarity must be a torch.Tensor, got list"),
+    (GuidanceCombine(3.0), torch.empty(2, dtype=torch.float64), TypeError,
+     "similarity must have dtype torch.float32, got torch.float64"),
+    (GuidanceCombine(3.0), torch.empty(2).to_sparse(), TypeError, "similarity must be a dense"),
+    (GuidanceCombine(3.0), torch.empty(3), ValueError, r"similarity must have shape \(2,\), one value per sample"),
+    (GuidanceCombine(3.0), torch.empty(2, 1), ValueError, r"similarity must have shape \(2,\)"),
+    (GuidanceCombine(3.0), torch.empty(4)[::2], ValueError, r"similarity must be contiguous, got strides \(2,\)"),
+    (GuidanceCombine(3.0), torch.empty(2, device="meta"), ValueError, "similarity is on meta but x is on cpu"),
+])
+def test_similarity_validation(combine, similarity, error, message):
+    model_output, x = SIMILARITY_INPUTS
+    if combine is None:
+        model_output = model_output[:2]
+    elif combine.perturbed_scale:
+        model_output = torch.cat([model_output, model_output[:2]])
+    with pytest.raises(error, match=message):
+        ops.guided_step(model_output, x, STEP, combine, similarity=similarity)
+    tensors = StepTensors(model_output, x, out=torch.empty_like(x), similarity=similarity)
+    for check in (validation.check_step_layout, validation.check_step_tensors):  # the sampling loop's door too
+        with pytest.raises(error, match=message):
+            check(tensors, STEP, combine)
+
+
+def test_similarity_must_be_writable_memory_of_its_own():
+    model_output, x = SIMILARITY_INPUTS
+    with pytest.raises(ValueError, match="similarity must not require grad"):
+        ops.guided_step(model_output, x, STEP, GuidanceCombine(3.0), similarity=torch.zeros(2, requires_grad=True))
+    with pytest.raises(ValueError, match="similarity overlaps x in memory"):
+        ops.guided_step(model_output, x, STEP, GuidanceCombine(3.0), similarity=x.view(-1)[5:7])
+    out = torch.empty_like(x)
+    with pytest.raises(ValueError, match="out overlaps similarity in memory"):
+        ops.guided_step(model_output, x, STEP, GuidanceCombine(3.0), out=out, similarity=out.view(-1)[:2])
