@@ -10,6 +10,7 @@ nor the CUDA extension and never touches the CUDA driver.
 
 from . import ops
 from .models.adapters import DiffusersUNet, SiTVelocity
+from .models.block_cache import FirstBlockCache
 from .models.checkpoints import load_checkpoint, save_state_dict
 from .models.configs import (
     classifier_config,
@@ -30,6 +31,7 @@ from .sampling.guidance import (
     AutoGuidance,
     CFGPlusPlus,
     ClassifierGuidance,
+    DeltaReuse,
     Guidance,
     SkipLayerGuidance,
 )
@@ -44,11 +46,13 @@ __all__ = [
     "CFG",
     "CFGPlusPlus",
     "ClassifierGuidance",
+    "DeltaReuse",
     "DiT",
     "DiffusersUNet",
     "SiTVelocity",
     "SkipLayerGuidance",
     "EncoderUNet",
+    "FirstBlockCache",
     "Guidance",
     "GuidedSampler",
     "NoiseSchedule",

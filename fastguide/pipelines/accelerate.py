@@ -22,8 +22,9 @@ fastguide's own choices stay open, as options of ``accelerate`` (kept on the pip
 ``pipe.fastguide_options``, in diffusers' way of configuring a pipeline once):
 ``sampler=`` (with ``spacing=``) samples with a fastguide solver on the scheduler's noise
 schedule instead of reproducing the scheduler; ``guidance=`` a ``fastguide.Guidance`` to use
-instead of the pipeline's CFG (its ``guidance_scale`` then has no effect); ``cuda_graph=True``
-captures the loop as CUDA graphs.
+instead of the pipeline's CFG (its ``guidance_scale`` then has no effect); ``cache=`` a
+``fastguide.FirstBlockCache`` for the denoiser's transformer blocks (DiT, PixArt);
+``cuda_graph=True`` captures the loop as CUDA graphs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.accelerate import accelerate as accelerate_module
+from ..models.block_cache import FirstBlockCache
 from ..sampling.guidance import Guidance
 from ..sampling.loop import GuidedSampler
 from ..sampling.schedule import NoiseSchedule
@@ -54,17 +56,18 @@ class PipelineOptions:
     spacing: str | None = None
     guidance: Guidance | None = None
     cuda_graph: bool = False
+    cache: FirstBlockCache | None = None
 
 
 def accelerate(target, *, sampler: str | None = None, spacing: str | None = None,
-               guidance: Guidance | None = None, cuda_graph: bool = False):
+               guidance: Guidance | None = None, cuda_graph: bool = False, cache: FirstBlockCache | None = None):
     """Accelerate a module (fastguide's kernels swapped in, see
     ``fastguide.models.accelerate.accelerate``) or a diffusers pipeline (also its denoising
     loop replaced, see this module's docstring). Returns ``target``, changed in place.
     The keyword options apply to pipelines only."""
     if isinstance(target, nn.Module):
-        if sampler is not None or spacing is not None or guidance is not None or cuda_graph:
-            raise ValueError("sampler=, spacing=, guidance= and cuda_graph= apply to a diffusers pipeline; "
+        if sampler is not None or spacing is not None or guidance is not None or cuda_graph or cache is not None:
+            raise ValueError("sampler=, spacing=, guidance=, cache= and cuda_graph= apply to a diffusers pipeline; "
                              f"a module ({type(target).__name__}) only has its kernels swapped")
         return accelerate_module(target)
     recipe = recipes.recipe_for(target)
@@ -76,12 +79,14 @@ def accelerate(target, *, sampler: str | None = None, spacing: str | None = None
                         f"{type(guidance).__name__}")
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+    if cache is not None and not isinstance(cache, FirstBlockCache):
+        raise TypeError(f"cache must be a fastguide.FirstBlockCache or None, got {type(cache).__name__}")
     if sampler is None and spacing is not None:
         raise ValueError("spacing= places fastguide's own sampler's steps: it needs sampler=")
     accelerate_module(recipe.denoiser_of(target))
     if not getattr(type(target), "_fastguide_accelerated", False):
         target.__class__ = _accelerated_class(type(target))
-    target.fastguide_options = PipelineOptions(sampler, spacing, guidance, cuda_graph)
+    target.fastguide_options = PipelineOptions(sampler, spacing, guidance, cuda_graph, cache)
     target.fastguide_fallback = None
     target._fastguide_samplers = {}
     return target
@@ -139,7 +144,7 @@ def _denoise(pipe, denoising: recipes.Denoising) -> Tensor:
     sampler = pipe._fastguide_samplers.get(key)
     if sampler is None:
         sampler = GuidedSampler(denoising.denoiser, guidance=denoising.guidance, cuda_graph=options.cuda_graph,
-                                **settings)
+                                cache=options.cache, **settings)
         if options.cuda_graph:  # graphs are worth keeping only when captured
             pipe._fastguide_samplers = {key: sampler}
     progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)

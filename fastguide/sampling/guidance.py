@@ -12,6 +12,14 @@
   ``guided_channels=k`` guides only the first k channels and keeps the conditional
   prediction in the others, as the official DiT sample.py does with k = 3 of its 4 latent
   channels (diffusers' DiTPipeline guides all 4).
+- Guidance at less than two forwards, both CFG options: ``truncate=γ`` (adaptive guidance,
+  Castillo et al. 2023): from the call after the one where every sample's cosine
+  similarity of the x0 predictions of c and u reaches γ, the forward runs the conditional
+  rows alone and the step is unguided (the similarity comes out of the fused step:
+  ``StepTensors.similarity``);
+  ``reuse=DeltaReuse(every=k, order)`` (FasterCache's CFG cache, Lv et al. 2024, and
+  LinearAG-style estimates): the unconditional rows run at every k-th guided call, and at
+  the others u = c − Δ̂, Δ̂ the last computed Δ = c − u or its linear extrapolation.
 - ``CFGPlusPlus(scale)``: CFG++ (Chung et al. 2024), λ ∈ [0, 1]: x0 from the guided
   prediction, the renoising from the unconditional one (``k_guide_eps`` of the step).
 - ``AutoGuidance(guide_model, scale)``: Karras et al. 2024, the guide network's output
@@ -41,6 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..models.blocks import perturbation_target
 from ..models.perturbation import Perturbation, perturb_attention, skip_blocks
 from ..ops.contract import GuidanceCombine, StepCoefficients
 from ..ops.validation import FLOAT32_MAX
@@ -81,6 +90,8 @@ class Guidance:
       unconditional x0 instead of the guided one (CFG++ on DPM-Solver++(2M));
     - ``guided_output(output, batch, channels)``: its edit of the model's output before
       the combine (the official DiT's guidance of some channels).
+    - ``truncate`` and ``reuse``: whether, and how, calls run without the unconditional
+      rows (see the module docstring; None: never).
 
     and, once, checks its pairing with the sampler (``check_sampler``), the batch
     (``check_shape``) and the labels (``check_labels``). ``default_sampler`` names the
@@ -89,6 +100,11 @@ class Guidance:
 
     branches: tuple[str, ...] = ("cond",)
     interval: tuple[float, float] | None = None
+    # Guidance at less than two forwards (CFG's options): the cosine similarity of the x0
+    # predictions of c and u from which the unconditional rows stop, and the reuse of
+    # Δ = c − u between calls.
+    truncate: float | None = None
+    reuse: DeltaReuse | None = None
 
     def guide_network(self) -> nn.Module | None:
         return None
@@ -160,13 +176,47 @@ class APG:
 
 
 @dataclass(frozen=True)
+class DeltaReuse:
+    """Reuse of the guidance delta Δ = c − u across calls (FasterCache's CFG cache, Lv et al.
+    2024; LinearAG-style linear estimates). The unconditional rows run at the guided calls
+    j = 0, k, 2k, ... (j counting guided calls, k = ``every``); at a call j between, the
+    forward runs the conditional rows alone and the combine reads u = c − Δ̂ with
+    - order 0: Δ̂ = Δ_a, the last computed delta (at guided call a);
+    - order 1: Δ̂ = Δ_a + (j − a)/(a − b)·(Δ_a − Δ_b), linear in the call index through the
+      last two computed deltas (Δ_a alone until two exist).
+    Checked when built: every an int >= 2, order 0 or 1."""
+
+    every: int = 2
+    order: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 2:
+            raise ValueError(f"DeltaReuse every must be an int >= 2 (1 would run every call), got {self.every!r}")
+        if self.order not in (0, 1) or isinstance(self.order, bool):
+            raise ValueError(f"DeltaReuse order must be 0 (the last delta) or 1 (linear extrapolation), "
+                             f"got {self.order!r}")
+
+    def estimate(self, guided_index: int, computed: list[int]) -> tuple[tuple[int, float], ...] | None:
+        """At guided call ``guided_index``: None when its unconditional rows run, else Δ̂ as
+        ((k-th last computed delta, weight), ...), ``computed`` the guided calls so far that
+        ran them (in order)."""
+        if guided_index % self.every == 0 or not computed:
+            return None
+        last = computed[-1]
+        if self.order == 0 or len(computed) < 2:
+            return ((0, 1.0),)
+        slope = (guided_index - last) / (last - computed[-2])
+        return ((0, 1.0 + slope), (1, -slope))
+
+
+@dataclass(frozen=True)
 class CFG(Guidance):
     """Classifier-free guidance settings (the module docstring has each). Checked when
     built: scale and rescale finite numbers within float32's range (the kernels' scalars),
     rescale in [0, 1], interval a pair 0 <= low < high, schedule a known name or a
-    callable, apg an APG, zero_star and tangential bools (at most one variant), and
-    guided_channels a positive int that takes plain CFG; each scheduled weight is checked
-    when the sampler evaluates it."""
+    callable, apg an APG, zero_star and tangential bools (at most one variant),
+    guided_channels a positive int that takes plain CFG, truncate a number in (−1, 1],
+    reuse a DeltaReuse; each scheduled weight is checked when the sampler evaluates it."""
 
     scale: float
     rescale: float = 0.0
@@ -176,9 +226,17 @@ class CFG(Guidance):
     tangential: bool = False
     schedule: str | Callable[[float], float] = "constant"
     guided_channels: int | None = None
+    truncate: float | None = None
+    reuse: DeltaReuse | None = None
 
     def __post_init__(self):
         _check_real("CFG scale", self.scale)
+        if self.truncate is not None:
+            _check_real("CFG truncate", self.truncate)
+            if not -1 < self.truncate <= 1:
+                raise ValueError(f"CFG truncate must be a cosine similarity in (-1, 1], got {self.truncate}")
+        if self.reuse is not None and not isinstance(self.reuse, DeltaReuse):
+            raise TypeError(f"CFG reuse must be a fastguide.DeltaReuse or None, got {type(self.reuse).__name__}")
         if self.guided_channels is not None:
             if isinstance(self.guided_channels, bool) or not isinstance(self.guided_channels, int) \
                     or self.guided_channels < 1:
@@ -273,6 +331,9 @@ class CFGPlusPlus(CFG):
             raise ValueError(f"CFGPlusPlus scale λ must be in [0, 1], got {self.scale}")
         if self.schedule != "constant":
             raise ValueError("CFGPlusPlus takes a constant λ: a schedule would leave [0, 1]")
+        if self.truncate is not None:
+            raise ValueError("CFGPlusPlus does not take truncate: its renoising reads the unconditional prediction "
+                             "at every call")
 
     def step(self, step: StepCoefficients) -> StepCoefficients:
         """The update as if x were α·x̂0_λ + σ·ε_∅, x0 from the guided prediction and the
@@ -471,13 +532,6 @@ def split_guidance(guidance) -> tuple[Guidance | None, ClassifierGuidance | None
             f"got {guidance!r}"
         )
     return (cfg[0] if cfg else None), (classifier[0] if classifier else None)
-
-
-def perturbation_target(model: nn.Module) -> nn.Module:
-    """The network whose layers PAG and skip-layer guidance perturb: the model's
-    ``perturbation_target`` when it wraps one (a pipeline's denoiser adapter, so that layers
-    keep the wrapped network's names), else the model itself."""
-    return getattr(model, "perturbation_target", model)
 
 
 def label_rows(model) -> int | None:

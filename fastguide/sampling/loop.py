@@ -8,11 +8,12 @@ the model call, the fused step), and CUDA-graph capture (cuda_graphs.py).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from numbers import Real
 
@@ -20,6 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..models.block_cache import BlockCacheState, FirstBlockCache
+from ..models.blocks import perturbation_target
 from ..ops import validation
 from ..ops.contract import GuidanceCombine, StepCoefficients, StepTensors
 from . import cuda_graphs
@@ -49,6 +52,10 @@ class _Call:
     # them is the perturbed one (PAG, skip-layer guidance), if any.
     blocks: int = 1
     perturbed_block: int | None = None
+    # Delta reuse (DeltaReuse): the ring slot that keeps this call's Δ = c − u for later
+    # calls, and at a call that skips the unconditional rows, u = c − Σ weight·Δ[slot].
+    delta_out: int | None = None
+    delta_in: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -65,8 +72,18 @@ class _Buffers:
     # launches no fill (a flow model, or a grid with fractional times, takes float32 times,
     # diffusers' convention; integer timesteps int64: schedule.model_time_dtype).
     times: list[Tensor]
+    deltas: list[Tensor]  # DeltaReuse: the last two computed Δ = c − u (B, C, ...)
+    uncond_estimate: Tensor | None  # DeltaReuse: u = c − Δ̂ at a call that skips the unconditional rows
+    similarity: Tensor | None  # truncated CFG: each sample's cos(x̂0_c, x̂0_u) at the last guided call (B,)
     # rows -> the model's (labels, keyword arguments) for the first rows: views, made once per run
     arguments: dict[int, tuple[Tensor | None, dict]] = dataclasses.field(default_factory=dict)
+    # Decided during the run: the first call after truncation (truncated CFG), the block
+    # cache's state, each call's rows; with ``calibrated`` (a captured run) the decisions of
+    # the warm-up run are kept and no call reads a tensor on the host.
+    truncated_from: int | None = None
+    block_cache: BlockCacheState | None = None
+    rows: dict[int, int] = dataclasses.field(default_factory=dict)
+    calibrated: bool = False
 
     def model_arguments(self, rows: int) -> tuple[Tensor | None, dict]:
         if rows not in self.arguments:
@@ -117,8 +134,12 @@ class GuidedSampler:
         null_label: int | None = None,
         num_classes: int | None = None,
         dynamic_threshold: float | None = None,
+        cache: FirstBlockCache | None = None,
         cuda_graph: bool = False,
     ):
+        if cache is not None and not isinstance(cache, FirstBlockCache):
+            raise TypeError(f"cache must be a fastguide.FirstBlockCache or None, got {type(cache).__name__}")
+        self.cache = cache
         if variance_type is not None and variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {VARIANCE_TYPES} or None, got {variance_type!r}")
         if dynamic_threshold is not None and not (_is_real(dynamic_threshold) and 0 < dynamic_threshold < 1):
@@ -190,21 +211,25 @@ class GuidedSampler:
         self._guide_network = self.guidance.guide_network() if self.guidance is not None else None
         # (shape, device, conditioning signature, keep_x0, callback) -> (buffers, graphs) of the captured runs.
         self._graphs: dict[tuple, tuple[_Buffers, list]] = {}
-        self._call_cache: dict[bool, tuple[_Call, ...]] = {}
+        self._call_cache: dict[tuple[bool, bool], tuple[_Call, ...]] = {}
         self._calls(learned_variance=False)  # every call's scalars checked here, once
+        # The compute of the last run (see ``last_compute``).
+        self.last_compute: dict[str, int | None] = {}
 
     # ----------------------------------------------------------------------------------
     # The plan: each call's scalars, computed once per sampler
     # ----------------------------------------------------------------------------------
 
-    def _calls(self, learned_variance: bool) -> tuple[_Call, ...]:
+    def _calls(self, learned_variance: bool, guided: bool = True) -> tuple[_Call, ...]:
         """Each model call's scalars, for a model with or without learned variance (the
         model's output says which; the two plans differ only in ADM's learned-range DDPM
-        variances), each computed once."""
-        if learned_variance in self._call_cache:
-            return self._call_cache[learned_variance]
-        calls = _PLANS.get_or_make(self._plan_key(learned_variance), lambda: self._planned_calls(learned_variance))
-        self._call_cache[learned_variance] = calls
+        variances), guided or not (after truncated CFG stops guiding), each computed once."""
+        key = (learned_variance, guided)
+        if key in self._call_cache:
+            return self._call_cache[key]
+        calls = _PLANS.get_or_make((*self._plan_key(learned_variance), guided),
+                                   lambda: self._planned_calls(learned_variance, guided))
+        self._call_cache[key] = calls
         return calls
 
     def _plan_key(self, learned_variance: bool) -> tuple:
@@ -216,11 +241,13 @@ class GuidedSampler:
                 self.solver_order, self.clip_denoised, self.prediction_type, self.dynamic_threshold,
                 _settings(self.guidance), _settings(self.classifier), learned_variance)
 
-    def _planned_calls(self, learned_variance: bool) -> tuple[_Call, ...]:
+    def _planned_calls(self, learned_variance: bool, guided: bool) -> tuple[_Call, ...]:
         variance_type = self.variance_type or ("learned_range" if learned_variance else "fixed_small")
         plans = plan_steps(self.sampler, self.schedule, self.timesteps, eta=self.eta, variance_type=variance_type,
                            solver_order=self.solver_order, final_timestep=self.final_timestep)
-        calls = tuple(self._call(plan, learned_variance) for plan in plans)
+        calls = tuple(self._call(plan, learned_variance, guided) for plan in plans)
+        if guided and self.guidance is not None and self.guidance.reuse is not None:
+            calls = self._reusing_deltas(calls)
         for call in calls:
             try:
                 validation.check_step(call.step)
@@ -229,14 +256,14 @@ class GuidedSampler:
                                  f"{self.schedule!r}") from None
         return calls
 
-    def _call(self, plan: StepPlan, learned_variance: bool) -> _Call:
+    def _call(self, plan: StepPlan, learned_variance: bool, guided: bool) -> _Call:
         scale = self.classifier.scale if self.classifier is not None else 0.0
         step = plan.coefficients(self.schedule, prediction_type=self.prediction_type,
                                  clip_denoised=self.clip_denoised, learned_variance=learned_variance,
                                  classifier_scale=scale)
         edm_sigma = self.schedule.edm_sigma(plan.t)
         combine, blocks, perturbed = None, 1, None
-        if self.guidance is not None and self.guidance.active_at(edm_sigma):
+        if guided and self.guidance is not None and self.guidance.active_at(edm_sigma):
             step = self.guidance.step(step)
             progress = min(1.0, plan.t / max(1, self.schedule.num_timesteps - 1))  # a flow path's t reaches T
             combine = self.guidance.combine_at(edm_sigma, progress)
@@ -253,6 +280,34 @@ class GuidedSampler:
         x0_only = StepCoefficients(step.alpha, step.sigma, k_x0=1.0, prediction_type=self.prediction_type)
         return _Call(plan.t, step._replace(prediction_type="sample", clip_denoised=False), combine, x0_only, blocks,
                      perturbed)
+
+    def _reusing_deltas(self, calls: tuple[_Call, ...]) -> tuple[_Call, ...]:
+        """The guided calls' roles under DeltaReuse: those that run the unconditional rows
+        keep Δ = c − u in a ring of two slots (when a later call reads it); the others run
+        the conditional rows alone, u = c − Δ̂ from the kept deltas."""
+        reuse = self.guidance.reuse
+        computed: list[int] = []  # guided indices of the calls that ran the unconditional rows
+        roles: list[tuple[int, tuple[tuple[int, float], ...] | None]] = []  # (call, estimate)
+        guided_index = 0
+        for i, call in enumerate(calls):
+            if call.combine is None or call.blocks < 2:
+                continue
+            estimate = reuse.estimate(guided_index, computed)
+            if estimate is None:
+                computed.append(guided_index)
+                roles.append((i, None))
+            else:  # "k-th last computed" -> its ring slot
+                roles.append((i, tuple(((len(computed) - 1 - back) % 2, weight) for back, weight in estimate)))
+            guided_index += 1
+        calls = list(calls)
+        slots_read = {i: estimate for i, estimate in roles if estimate is not None}
+        computed_calls = [i for i, estimate in roles if estimate is None]
+        for n, i in enumerate(computed_calls):
+            read_later = any(j > i for j in slots_read)
+            calls[i] = dataclasses.replace(calls[i], delta_out=n % 2 if read_later else None)
+        for i, estimate in slots_read.items():
+            calls[i] = dataclasses.replace(calls[i], blocks=1, perturbed_block=None, delta_in=estimate)
+        return tuple(calls)
 
     @property
     def num_calls(self) -> int:
@@ -381,12 +436,40 @@ class GuidedSampler:
         buffers = self._new_buffers(x_T, conditioning)
         self._load(buffers, x_T, conditioning)
         fresh_noise = lambda: _randn(shape, generator, device, x_T.dtype)  # noqa: E731
-        for i in range(self.num_calls):
-            self._model_call(i, buffers, shape, fresh_noise, keep_x0)
-            self._report(callback, i, buffers, shape[0])
-            if bar is not None:
-                bar.update()
+        with self._caching(buffers):
+            for i in range(self.num_calls):
+                self._model_call(i, buffers, shape, fresh_noise, keep_x0)
+                self._report(callback, i, buffers, shape[0])
+                if bar is not None:
+                    bar.update()
+        self._count(buffers)
         return buffers.model_input[: shape[0]].clone()
+
+    @contextlib.contextmanager
+    def _caching(self, buffers: _Buffers) -> Iterator[None]:
+        """The block cache installed on the model for a run, on the buffers' state (a fresh
+        one for an eager run; a captured run's own, kept with its graphs)."""
+        if self.cache is None:
+            yield
+            return
+        handle = self.cache.install(perturbation_target(self.model), buffers.block_cache)
+        buffers.block_cache = handle.state
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _count(self, buffers: _Buffers) -> None:
+        """``last_compute`` from the run's calls: the model's rows, and with a block cache its
+        rows × blocks evaluated (None without one), the calls that reused the cache, the first
+        call after truncated CFG stopped guiding (None: it did not)."""
+        cache = buffers.block_cache
+        self.last_compute = {
+            "model_rows": sum(buffers.rows.values()),
+            "block_rows": cache.block_rows(buffers.rows) if cache is not None else None,
+            "reused_calls": sum(cache.recorded.get(i, False) for i in buffers.rows) if cache is not None else 0,
+            "truncated_from": buffers.truncated_from,
+        }
 
     def _new_buffers(self, x_T: Tensor, conditioning: RowConditioning) -> _Buffers:
         """A run's buffers; ``conditioning`` is used as it is (an eager run's own), or cloned
@@ -395,6 +478,8 @@ class GuidedSampler:
         rows = len(self.branches) * shape[0]
         momentum = self.combine is not None and self.combine.apg_momentum != 0
         calls = self._calls(False)
+        reuse = any(call.delta_in for call in calls)
+        truncate = self.guidance is not None and self.guidance.truncate is not None
         table = torch.tensor([call.t for call in calls], dtype=self._time_dtype, device=device)
         table = table[:, None].expand(-1, rows).contiguous()
         return _Buffers(
@@ -406,6 +491,9 @@ class GuidedSampler:
             apg=torch.empty(shape, device=device, dtype=torch.float32) if momentum else None,
             noise=torch.zeros(shape, device=device, dtype=dtype),
             times=[table[i, :call.blocks * shape[0]] for i, call in enumerate(calls)],
+            deltas=[torch.empty(shape, device=device, dtype=dtype) for _ in range(2 if reuse else 0)],
+            uncond_estimate=torch.empty(shape, device=device, dtype=dtype) if reuse else None,
+            similarity=torch.empty(shape[0], device=device, dtype=torch.float32) if truncate else None,
         )
 
     def _load(self, buffers: _Buffers, x_T: Tensor, conditioning: RowConditioning) -> None:
@@ -421,16 +509,22 @@ class GuidedSampler:
         self, i: int, buffers: _Buffers, shape: tuple[int, ...], draw_noise: Callable[[], Tensor], keep_x0: bool
     ) -> None:
         """Model call i and its guided_step, in the buffers."""
-        batch = shape[0]
+        batch, channels = shape[0], shape[1]
         model_input = buffers.model_input
         x = model_input[:batch]
-        planned = self._calls(False)[i]
+        guiding = buffers.truncated_from is None or i < buffers.truncated_from  # truncated CFG stops guiding
+        planned = self._calls(False, guiding)[i]
         guided = planned.combine is not None
         rows = planned.blocks * batch
+        buffers.rows[i] = rows
         if self._perturbation is not None:  # the perturbed block's rows, read by the model's perturbed layers
             block = planned.perturbed_block
             self._perturbation.rows = None if block is None else slice(block * batch, (block + 1) * batch)
+        if buffers.block_cache is not None:  # which rows are which branch's, for the cache's per-branch state
+            buffers.block_cache.call, buffers.block_cache.branches = i, self.branches[:planned.blocks]
         t_in = buffers.times[i]
+        if len(t_in) != rows:  # a call that skips rows its plan has (truncated CFG, delta reuse)
+            t_in = t_in[:rows]
         model_output = self._checked_output(
             self._forward(self.model, model_input[:rows], t_in, *buffers.model_arguments(rows)),
             model_input, rows, shape, "model")
@@ -446,11 +540,20 @@ class GuidedSampler:
                 # A guide that learns its variance beside a model that does not: its
                 # prediction is its first C channels (as ADM reads a 2C output).
                 guide = guide[:, :shape[1]]
+        if planned.delta_out is not None:  # Δ = c − u, kept for the calls that skip u
+            torch.sub(model_output[:batch, :channels], model_output[batch:2 * batch, :channels],
+                      out=buffers.deltas[planned.delta_out])
+        if planned.delta_in:  # u = c − Σ weight·Δ[slot], the fused step's guide
+            guide = buffers.uncond_estimate
+            (slot, weight), *others = planned.delta_in
+            torch.sub(model_output[:batch, :channels], buffers.deltas[slot], alpha=weight, out=guide)
+            for slot, weight in others:
+                guide.sub_(buffers.deltas[slot], alpha=weight)
         learned = model_output.shape[1] == 2 * shape[1]
         if self.variance_type == "learned_range" and not learned:
             raise ValueError(f"variance_type='learned_range' needs a model that outputs 2·{shape[1]} channels "
                              f"(prediction then variance), got {model_output.shape[1]}")
-        call = self._calls(learned)[i]
+        call = self._calls(learned, guiding)[i]
 
         ring = buffers.x0
         history = tuple(ring[(i - 1 - j) % len(ring)] for j in range(len(call.step.k_history)))
@@ -460,13 +563,21 @@ class GuidedSampler:
         grad = None
         if call.step.k_grad or call.step.grad_eps_scale:
             grad = self.classifier.gradient(x, t_in[:batch], buffers.conditioning.labels[:batch])
+        # Truncated CFG: each sample's cos(x̂0_c, x̂0_u) out of the fused step (out of its first pass
+        # under dynamic thresholding), read on the host until it stops guiding (a captured run
+        # follows its warm-up run's call instead).
+        similarity = buffers.similarity if combine is not None and not buffers.calibrated else None
         if call.x0_only is not None:
-            model_output = self._dynamic_threshold(model_output, x, call, combine, guide, buffers, ring[i % len(ring)])
+            model_output = self._dynamic_threshold(model_output, x, call, combine, guide, buffers, ring[i % len(ring)],
+                                                   similarity)
             combine = guide = None
         self._step(StepTensors(
             model_output, x, guide, history, draw_noise() if call.step.k_noise else None, grad,
             buffers.apg if combine is not None else None, model_input, ring[i % len(ring)] if keep_x0 else None,
+            similarity=similarity if combine is not None else None,
         ), call.step, combine)
+        if similarity is not None and bool(similarity.min() >= self.guidance.truncate):  # NaN: keeps guiding
+            buffers.truncated_from = i + 1
 
     @staticmethod
     def _step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None) -> None:
@@ -528,14 +639,15 @@ class GuidedSampler:
 
     def _dynamic_threshold(
         self, model_output: Tensor, x: Tensor, call: _Call, combine: GuidanceCombine | None, guide: Tensor | None,
-        buffers: _Buffers, scratch: Tensor,
+        buffers: _Buffers, scratch: Tensor, similarity: Tensor | None,
     ) -> Tensor:
         """Imagen's dynamic thresholding: x0 ← clamp(x0, −s, s)/s with s = max(1, the
         per-sample percentile of |x0|). One extra pass computes the guided x0 (no clip);
         the step then runs on that thresholded x0 as a "sample" prediction, so eps is
         re-derived from it and the rest of the step (classifier shift, update) follows."""
         x0 = ops.guided_step(model_output, x, call.x0_only, combine, guide=guide,
-                             apg_buffer=buffers.apg if combine is not None else None, out=scratch)
+                             apg_buffer=buffers.apg if combine is not None else None, out=scratch,
+                             similarity=similarity)
         flat = x0.abs().flatten(1)
         k = max(1, min(flat.shape[1], math.ceil(self.dynamic_threshold * flat.shape[1])))
         s = flat.kthvalue(k, dim=1).values.clamp_min(1.0).reshape(-1, *([1] * (x0.dim() - 1)))
@@ -566,13 +678,15 @@ class GuidedSampler:
             self._graphs[key] = self._capture(shape, device, x_T, conditioning, keep_x0, per_call=callback is not None)
         buffers, graphs = self._graphs[key]
         self._load(buffers, x_T, conditioning)
-        for segment, graph in zip(self._segments(per_call=callback is not None), graphs):
-            if self._calls(False)[segment[0]].step.k_noise:  # only a segment's first call draws noise
-                _randn(shape, generator, device, buffers.noise.dtype, out=buffers.noise)
-            graph.replay()
-            self._report(callback, segment[-1], buffers, shape[0])
-            if bar is not None:
-                bar.update(len(segment))
+        with self._caching(buffers):  # (a CUDA replay runs no Python; a CPU stand-in does)
+            for segment, graph in zip(self._segments(per_call=callback is not None), graphs):
+                if self._calls(False)[segment[0]].step.k_noise:  # only a segment's first call draws noise
+                    _randn(shape, generator, device, buffers.noise.dtype, out=buffers.noise)
+                graph.replay()
+                self._report(callback, segment[-1], buffers, shape[0])
+                if bar is not None:
+                    bar.update(len(segment))
+        self._count(buffers)
         return buffers.model_input[: shape[0]].clone()
 
     def _capture(self, shape, device, x_T, conditioning, keep_x0, per_call: bool) -> tuple[_Buffers, list]:
@@ -580,18 +694,23 @@ class GuidedSampler:
         self._load(buffers, x_T, conditioning)
         static_noise = lambda: buffers.noise  # noqa: E731
         # Warm up on a side stream, as torch.cuda.graph asks (lazy initialisation, cuDNN and
-        # Triton autotuning, allocator).
-        with cuda_graphs.side_stream(device):
-            for i in range(self.num_calls):
-                self._model_call(i, buffers, shape, static_noise, keep_x0)
-        pool = cuda_graphs.graph_pool()
+        # Triton autotuning, allocator). Its data-dependent decisions (truncated CFG's call,
+        # the block cache's reuses) are kept: the captured graphs follow them.
+        with self._caching(buffers):
+            with cuda_graphs.side_stream(device):
+                for i in range(self.num_calls):
+                    self._model_call(i, buffers, shape, static_noise, keep_x0)
+            buffers.calibrated = True
+            if buffers.block_cache is not None:
+                buffers.block_cache.replaying = True
+            pool = cuda_graphs.graph_pool()
 
-        def run(segment: range) -> None:
-            for i in segment:
-                self._model_call(i, buffers, shape, static_noise, keep_x0)
+            def run(segment: range) -> None:
+                for i in segment:
+                    self._model_call(i, buffers, shape, static_noise, keep_x0)
 
-        graphs = [cuda_graphs.capture_graph(functools.partial(run, segment), pool)
-                  for segment in self._segments(per_call)]
+            graphs = [cuda_graphs.capture_graph(functools.partial(run, segment), pool)
+                      for segment in self._segments(per_call)]
         return buffers, graphs
 
 
@@ -757,6 +876,7 @@ def sample(
     null_label: int | None = None,
     num_classes: int | None = None,
     dynamic_threshold: float | None = None,
+    cache: FirstBlockCache | None = None,
     device: torch.device | str | None = None,
     cuda_graph: bool = False,
 ) -> Tensor:
@@ -790,6 +910,9 @@ def sample(
             or a flow path, ``NoiseSchedule.flow(shift)``.
         guidance: None, a ``Guidance`` (``CFG(...)``, ``CFGPlusPlus``, ``AutoGuidance``, ...),
             ``ClassifierGuidance(...)`` or a tuple of a Guidance and a ClassifierGuidance.
+            CFG at less than two forwards: ``CFG(scale, truncate=γ)`` stops guiding once
+            every sample's cos(x̂0_c, x̂0_u) reaches γ; ``CFG(scale, reuse=DeltaReuse(every=k))``
+            runs the unconditional rows at every k-th guided call only.
         eta: DDIM's stochasticity (0 = deterministic).
         solver_order: UniPC's order p (1, 2 or 3; default 2).
         final_timestep: where the last step lands: -1 (default) the clean data, or an
@@ -810,10 +933,17 @@ def sample(
         num_classes: labels must lie in [0, num_classes) (default: the model's).
         dynamic_threshold: Imagen's dynamic thresholding percentile (e.g. 0.995) instead of
             static clipping: x0 ← clamp(x0, −s, s)/s, s = max(1, that percentile of |x0|).
+        cache: ``FirstBlockCache(threshold)``: skip the model's blocks after its first on
+            calls where the first block's residual changed by less than ``threshold``
+            (fastguide's DiT and UNet, diffusers' DiT and PixArt transformers; see
+            fastguide.models.block_cache). ``GuidedSampler.last_compute`` counts the rows
+            and blocks a run evaluated.
         device: where to sample (default: the noise's, else the model's).
         cuda_graph: capture the loop as CUDA graphs and replay them (CUDA only; not with
             classifier guidance). Capture costs a warm-up run: hold a ``GuidedSampler`` to
-            reuse the graphs across calls.
+            reuse the graphs across calls. The warm-up run's data-dependent decisions
+            (truncated CFG's last guided call, the block cache's reuses) are captured and
+            replayed as they were.
 
     Returns x_0 of ``shape`` (x at ``final_timestep`` when that is not -1).
     """
@@ -821,7 +951,8 @@ def sample(
         model, sampler=sampler, steps=steps, spacing=spacing, rho=rho, schedule=schedule, guidance=guidance, eta=eta,
         solver_order=solver_order, final_timestep=final_timestep,
         clip_denoised=clip_denoised, prediction_type=prediction_type, variance_type=variance_type,
-        null_label=null_label, num_classes=num_classes, dynamic_threshold=dynamic_threshold, cuda_graph=cuda_graph,
+        null_label=null_label, num_classes=num_classes, dynamic_threshold=dynamic_threshold, cache=cache,
+        cuda_graph=cuda_graph,
     )
     return guided_sampler(shape, labels=labels, cond=cond, uncond=uncond, generator=generator, noise=noise,
                           device=device, progress=progress, callback=callback)

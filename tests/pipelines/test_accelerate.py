@@ -219,6 +219,27 @@ def test_fastguides_own_sampler_and_guidance_are_options():
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("case", ["pixart-alpha", "dit-dpm++2m"])
+def test_a_block_cache_reaches_an_accelerated_pipelines_transformer(case, monkeypatch):
+    """cache=FirstBlockCache(t): exact where it never reuses; where it does, the transformer's
+    blocks run fewer rows, and the loop's count says how many."""
+    make, call = CASES[case]
+    plain = _images(fastguide.accelerate(make()), call)
+    never = fastguide.accelerate(make(), cache=fastguide.FirstBlockCache(threshold=1e-30))
+    assert torch.equal(_images(never, call), plain)
+    rows = []
+    block_class = diffusers.models.attention.BasicTransformerBlock
+    forward = block_class.forward
+    monkeypatch.setattr(block_class, "forward",
+                        lambda self, hidden_states, *a, **k: rows.append(len(hidden_states)) or forward(
+                            self, hidden_states, *a, **k))
+    cached = fastguide.accelerate(make(), cache=fastguide.FirstBlockCache(threshold=10.0))
+    got = _images(cached, call)
+    assert cached.fastguide_fallback is None and torch.isfinite(got).all()
+    blocks = len(cached.transformer.transformer_blocks)
+    assert 0 < sum(rows) < blocks * 2 * 2 * call["num_inference_steps"]
+
+
 def test_accelerate_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="apply to a diffusers pipeline"):
         fastguide.accelerate(torch.nn.Linear(2, 2), sampler="unipc")
@@ -229,6 +250,8 @@ def test_accelerate_refuses_what_it_cannot_take():
         fastguide.accelerate(pipe, guidance=7.5)
     with pytest.raises(ValueError, match="spacing= places fastguide's own sampler's steps"):
         fastguide.accelerate(pipe, spacing="karras")
+    with pytest.raises(TypeError, match="cache must be a fastguide.FirstBlockCache"):
+        fastguide.accelerate(pipe, cache=0.1)
 
 
 @pytest.mark.gpu

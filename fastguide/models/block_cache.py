@@ -1,0 +1,294 @@
+"""First-Block Cache: on calls where a network's first block barely changed, skip its other
+blocks and reuse their residual from the last call that ran them.
+
+A sampling loop calls the network at nearby noise levels, and most of its blocks' work
+changes slowly from one call to the next. First-Block Cache (ParaAttention's FBCache, as
+diffusers' ``FirstBlockCacheConfig``) watches the first block's residual r = h₁ − h₀ and
+decides at every model call:
+
+    reuse  ⇔  mean|r − r_ref| / mean|r_ref| < threshold   for every branch the call runs
+    reuse:     h_L = h₁ + R̂                                (the other blocks do not run)
+    compute:   h_L = blocks 2..L (h₁);   then R ← h_L − h₁ and r_ref ← r
+
+R̂ is the last computed R (``order=0``, FBCache's rule), or its linear extrapolation in the
+call index through the last two computed calls a > b (``order=1``, as TaylorSeer
+extrapolates cached features): R̂ = R_a + (i − a)/(a − b)·(R_a − R_b).
+
+r_ref and R are kept per branch: the conditional, unconditional and perturbed rows of a
+guided forward, each a B-row block that the sampling loop names before every call
+(``BlockCacheState.branches``). So the unconditional rows are compared with, and reuse,
+the unconditional rows of their own last computed call, also when calls in between ran
+the conditional rows alone. A call computes all its rows or reuses all of them: a branch
+whose change is small still runs when another branch's is not, and its caches then
+refresh, so the network always evaluates one batch.
+
+Where it installs (``FirstBlockCache.install``):
+- a model with a ModuleList of transformer blocks (fastguide's DiT ``blocks``; diffusers'
+  DiT and PixArt ``transformer_blocks``, whose blocks return their hidden states): block 0
+  is the first block; on a reused call blocks 1..L−2 pass their input through and block
+  L−1 returns it plus R;
+- fastguide's ADM UNet: its first ``UNet.FIRST_BLOCKS`` input blocks (the stem
+  convolution and the first residual block) are the first block, r that residual block's
+  residual; ``UNet.rest``, the network up to the last output block's features, is
+  replaced on a reused call by h₁ + R.
+
+Under CUDA graphs a decision cannot read a tensor on the host, so the decisions of one
+run (the warm-up run before capture) are kept (``BlockCacheState.recorded``) and replayed:
+a captured run reuses at the calls where that run reused. Compute is counted exactly from
+the decisions (``BlockCacheState.block_rows``: rows × blocks evaluated).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .blocks import block_list, is_joint_block, passthrough
+from .unet import UNet
+
+
+@dataclass(frozen=True)
+class FirstBlockCache:
+    """First-Block Cache settings: ``threshold`` > 0, the relative change of the first
+    block's residual, mean|r − r_ref| / mean|r_ref|, below which a call reuses the other
+    blocks' residual (diffusers' FirstBlockCacheConfig default, 0.05; larger reuses more);
+    ``order``: 0 reuses the last computed residual, 1 extrapolates it linearly from the
+    last two (the module docstring)."""
+
+    threshold: float = 0.05
+    order: int = 0
+
+    def __post_init__(self):
+        value = self.threshold
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"FirstBlockCache threshold must be a finite number > 0, got {value!r}")
+        if self.order not in (0, 1) or isinstance(self.order, bool):
+            raise ValueError(f"FirstBlockCache order must be 0 (the last residual) or 1 (extrapolated), "
+                             f"got {self.order!r}")
+
+    def install(self, model: nn.Module, state: BlockCacheState | None = None) -> BlockCacheHandle:
+        """Wrap ``model``'s first block and the rest (see the module docstring) to consult
+        ``state`` (a fresh one by default: a run's caches). Returns the handle, whose
+        ``remove()`` restores the model."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"cache: FirstBlockCache caches a torch.nn.Module's blocks, got {type(model).__name__}")
+        if isinstance(model, UNet):
+            blocks = len(model.input_blocks) + 1 + len(model.output_blocks)
+            state = state or BlockCacheState(self.threshold, blocks, UNet.FIRST_BLOCKS, self.order)
+            handle = BlockCacheHandle(state)
+            handle.wrap(model.input_blocks[UNet.FIRST_BLOCKS - 1], "forward", _first_block(state))
+            handle.wrap(model, "rest", _unet_rest(state))
+            return handle
+        attribute, blocks = block_list(model, "FirstBlockCache")
+        if len(blocks) < 2:
+            raise ValueError(f"cache: FirstBlockCache needs at least 2 blocks to skip any, model.{attribute} holds "
+                             f"{len(blocks)}")
+        for block in blocks:
+            if is_joint_block(block):
+                raise ValueError("cache: FirstBlockCache does not yet cache SD3's joint transformer blocks (two "
+                                 "streams, the last block's context dropped)")
+        state = state or BlockCacheState(self.threshold, len(blocks), 1, self.order)
+        handle = BlockCacheHandle(state)
+        handle.wrap(blocks[0], "forward", _first_block(state))
+        for block in blocks[1:-1]:
+            handle.wrap(block, "forward", _passed_through_when_reused(state, passthrough(block)))
+        handle.wrap(blocks[-1], "forward", _last_block(state, passthrough(blocks[-1])))
+        return handle
+
+
+class BlockCacheState:
+    """One run's block caches and decisions (see the module docstring).
+
+    Set by the sampling loop before each model call: ``call`` (its index in the loop) and
+    ``branches`` (the branch name of each B-row block of the forward, in order).
+    ``recorded``: call index → reused, of the run that decided; with ``replaying`` the
+    decisions come from it instead of the data (a captured run). ``blocks``: the
+    network's blocks, ``first_blocks`` of them evaluated on a reused call; ``order``: R̂'s.
+    """
+
+    def __init__(self, threshold: float, blocks: int, first_blocks: int, order: int = 0):
+        self.threshold, self.blocks, self.first_blocks, self.order = threshold, blocks, first_blocks, order
+        self.call = 0
+        self.branches: tuple[str, ...] = ("cond",)
+        self.recorded: dict[int, bool] = {}
+        self.replaying = False
+        self.reference: dict[str, Tensor] = {}  # branch -> r_ref
+        # branch -> the R of its last computed calls, newest first: [(call, R), ...], at most
+        # order + 1, each kept in one of order + 1 tensors rewritten in place (graph-safe)
+        self.residual: dict[str, list[tuple[int, Tensor]]] = {}
+        self.reusing = False  # the current forward's decision
+        self.first_out: Tensor | None = None  # the current forward's h₁
+
+    def _blocks_of(self, rows: int) -> list[tuple[str, slice]]:
+        """(branch, rows) of each B-row block of a forward of ``rows`` rows."""
+        count = len(self.branches)
+        if rows % count:
+            raise ValueError(f"FirstBlockCache: a forward of {rows} rows cannot hold the {count} equal row blocks "
+                             f"of branches {self.branches}")
+        size = rows // count
+        return [(branch, slice(k * size, (k + 1) * size)) for k, branch in enumerate(self.branches)]
+
+    def decide(self, first_in: Tensor, first_out: Tensor) -> None:
+        """The call's decision, from the first block's input h₀ and output h₁."""
+        residual = _residual(first_out, first_in)
+        blocks = self._blocks_of(residual.shape[0])
+        if self.replaying:
+            if self.call not in self.recorded:
+                raise RuntimeError(f"FirstBlockCache: no recorded decision for model call {self.call} to replay")
+            reuse = self.recorded[self.call]
+        else:
+            reuse = all(branch in self.reference and branch in self.residual
+                        and self.reference[branch].shape == residual[rows].shape for branch, rows in blocks)
+            if reuse:
+                changes = torch.stack([_relative_change(residual[rows], self.reference[branch])
+                                       for branch, rows in blocks])
+                reuse = bool(changes.max() < self.threshold)  # one host read per call
+            self.recorded[self.call] = reuse
+        self.reusing = reuse
+        self.first_out = first_out
+        if reuse:
+            return
+        for branch, block_rows in blocks:
+            _keep(self.reference, branch, residual[block_rows])
+
+    def block_rows(self, rows: dict[int, int]) -> int:
+        """Σ rows × blocks evaluated over the calls ``rows`` (call index → its forward's rows),
+        from the recorded decisions."""
+        return sum(count * (self.first_blocks if self.recorded.get(call) else self.blocks)
+                   for call, count in rows.items())
+
+    def reused(self, h: Tensor) -> Tensor:
+        """h₁ + R, each branch's rows with that branch's R (on a reused call)."""
+        out = torch.empty_like(h)
+        for branch, rows in self._blocks_of(h.shape[0]):
+            kept = self.residual[branch]
+            (last_call, last), *older = kept
+            if not older:
+                torch.add(h[rows], last, out=out[rows])
+                continue
+            previous_call, previous = older[0]
+            slope = (self.call - last_call) / (last_call - previous_call)
+            torch.add(h[rows], last, alpha=1.0 + slope, out=out[rows])
+            out[rows].sub_(previous, alpha=slope)
+        return out
+
+    def computed(self, h_last: Tensor) -> None:
+        """Keep each branch's R = h_L − h₁ after a computed call."""
+        residual = _residual(h_last, self.first_out)
+        for branch, rows in self._blocks_of(h_last.shape[0]):
+            kept = self.residual.setdefault(branch, [])
+            value = residual[rows]
+            if kept and kept[0][0] == self.call:  # the same call again (a captured run's replay)
+                kept.pop(0)
+            if len(kept) > self.order or (kept and kept[-1][1].shape != value.shape):
+                _, tensor = kept.pop()  # the oldest's tensor, rewritten
+                if tensor.shape == value.shape and tensor.dtype == value.dtype:
+                    kept.insert(0, (self.call, tensor.copy_(value)))
+                    continue
+            kept.insert(0, (self.call, value.clone()))
+
+
+class BlockCacheHandle:
+    """What ``FirstBlockCache.install`` wrapped; ``remove()`` restores it (also as a context
+    manager). ``state``: the caches the wrappers consult."""
+
+    def __init__(self, state: BlockCacheState):
+        self.state = state
+        # (owner, attribute, wrapper, whether the owner had the attribute itself, what it was)
+        self._wrapped: list[tuple[object, str, Callable, bool, Callable]] = []
+
+    def wrap(self, owner: object, name: str, make: Callable[[Callable], Callable]) -> None:
+        """Replace ``owner.name`` (a forward or a method) by ``make(owner.name)`` on the instance."""
+        had_own = name in owner.__dict__
+        inner = getattr(owner, name)
+        wrapper = make(inner)
+        setattr(owner, name, wrapper)
+        self._wrapped.append((owner, name, wrapper, had_own, inner))
+
+    def remove(self) -> None:
+        """Put back every attribute this handle replaced (a second call does nothing)."""
+        for owner, name, wrapper, _, _ in self._wrapped:
+            if owner.__dict__.get(name) is not wrapper:
+                raise RuntimeError(f"cannot remove FirstBlockCache from {type(owner).__name__}.{name}: it was "
+                                   "replaced after the cache was installed (remove that first)")
+        for owner, name, _, had_own, inner in reversed(self._wrapped):
+            if had_own:
+                setattr(owner, name, inner)
+            else:
+                delattr(owner, name)
+        self._wrapped.clear()
+
+    def __enter__(self) -> BlockCacheHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+
+def _residual(h: Tensor, h_in: Tensor) -> Tensor:
+    """h − h_in, or h itself where the shapes differ (a block that changes the width)."""
+    return h - h_in if h.shape == h_in.shape else h
+
+
+def _relative_change(residual: Tensor, reference: Tensor) -> Tensor:
+    """mean|r − r_ref| / mean|r_ref| in float32 (a zero reference: infinite, never reused)."""
+    change = (residual.float() - reference.float()).abs().mean()
+    scale = reference.float().abs().mean()
+    return torch.where(scale > 0, change / scale, torch.full_like(change, math.inf))
+
+
+def _keep(store: dict[str, Tensor], key: str, value: Tensor) -> None:
+    """store[key] = value, copied in place when a tensor of its shape is already kept (a
+    captured graph keeps reading the same tensor)."""
+    kept = store.get(key)
+    if kept is None or kept.shape != value.shape or kept.dtype != value.dtype:
+        store[key] = value.clone()
+    else:
+        kept.copy_(value)
+
+
+def _first_block(state: BlockCacheState) -> Callable[[Callable], Callable]:
+    def make(inner: Callable) -> Callable:
+        def forward(*args: object, **kwargs: object) -> Tensor:
+            out = inner(*args, **kwargs)
+            state.decide(args[0] if args else next(iter(kwargs.values())), out)
+            return out
+        return forward
+    return make
+
+
+def _passed_through_when_reused(state: BlockCacheState, through: Callable) -> Callable[[Callable], Callable]:
+    def make(inner: Callable) -> Callable:
+        def forward(*args: object, **kwargs: object) -> object:
+            return through(args, kwargs) if state.reusing else inner(*args, **kwargs)
+        return forward
+    return make
+
+
+def _last_block(state: BlockCacheState, through: Callable) -> Callable[[Callable], Callable]:
+    def make(inner: Callable) -> Callable:
+        def forward(*args: object, **kwargs: object) -> Tensor:
+            if state.reusing:
+                return state.reused(through(args, kwargs))
+            out = inner(*args, **kwargs)
+            state.computed(out)
+            return out
+        return forward
+    return make
+
+
+def _unet_rest(state: BlockCacheState) -> Callable[[Callable], Callable]:
+    def make(inner: Callable) -> Callable:
+        def rest(h: Tensor, emb: Tensor, skips: list[Tensor]) -> Tensor:
+            if state.reusing:
+                return state.reused(h)
+            out = inner(h, emb, skips)
+            state.computed(out)
+            return out
+        return rest
+    return make

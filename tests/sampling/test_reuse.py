@@ -1,0 +1,230 @@
+"""Guidance at less than two forwards: truncated CFG, reuse of the guidance delta, and
+First-Block Cache, through the sampler. Each: exact where it never fires, its compute
+counted exactly, the conditional and unconditional rows kept apart, and captured runs
+(the CPU stand-in for CUDA graphs) following the warm-up run's decisions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastguide
+from fastguide import CFG, DeltaReuse, FirstBlockCache, GuidedSampler
+from fastguide.models import dit
+from fastguide.models.block_cache import BlockCacheState
+from tests.helpers import randomize, tiny_cfg_unet
+
+SCHEDULE = fastguide.NoiseSchedule.linear()
+BATCH = 3
+
+
+def tiny_dit(depth: int = 4) -> fastguide.DiT:
+    return randomize(fastguide.DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=depth,
+                                   num_heads=2, num_classes=4, learn_sigma=False), seed=5).eval()
+
+
+def run(model, guidance=None, cache=None, steps=10, sampler="dpm++2m", seed=0, **kwargs):
+    sampler = GuidedSampler(model, sampler=sampler, steps=steps, schedule=SCHEDULE, guidance=guidance, cache=cache,
+                            **kwargs)
+    noise = torch.randn((BATCH, 3, 8, 8), generator=torch.Generator().manual_seed(seed))
+    out = sampler(noise.shape, labels=torch.tensor([0, 1, 3]), noise=noise)
+    return out, sampler
+
+
+class ShiftedLabels(torch.nn.Module):
+    """model(x, t, y) = f(x, t) + g(y): c − u = g(y) − g(null) is the same at every call, so
+    a reused delta is exact. A DiT-shaped f (so it also has blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_dit()
+        self.offsets = torch.nn.Parameter(torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(1)))
+        self.num_classes = 4
+
+    def forward(self, x, t, y):
+        return self.net(x, t, torch.zeros_like(y)) + self.offsets[y]
+
+
+# ---- exact where nothing fires ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_fn", [tiny_dit, tiny_cfg_unet], ids=["dit", "unet"])
+def test_a_cache_that_never_reuses_is_bit_for_bit_plain_cfg(model_fn):
+    model = model_fn()
+    plain, _ = run(model, CFG(3.0))
+    cached, sampler = run(model, CFG(3.0), cache=FirstBlockCache(threshold=1e-30))
+    assert torch.equal(plain, cached)
+    assert sampler.last_compute["reused_calls"] == 0
+    assert not any("forward" in block.__dict__ for block in model.modules())  # removed after the run
+    assert "rest" not in model.__dict__
+
+
+def test_truncation_that_never_fires_is_bit_for_bit_plain_cfg():
+    model = tiny_dit()
+    plain, _ = run(model, CFG(3.0))
+    truncated, sampler = run(model, CFG(3.0, truncate=1.0))
+    assert sampler.last_compute["truncated_from"] is None
+    assert torch.equal(plain, truncated)
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_reusing_a_constant_delta_is_plain_cfg(order):
+    model = ShiftedLabels()
+    plain, _ = run(model, CFG(3.0), null_label=4)
+    reused, sampler = run(model, CFG(3.0, reuse=DeltaReuse(every=3, order=order)), null_label=4)
+    torch.testing.assert_close(reused, plain, rtol=1e-4, atol=1e-4)
+    assert sampler.last_compute["model_rows"] < 2 * BATCH * sampler.num_calls
+
+
+# ---- the compute, counted exactly ---------------------------------------------------------
+
+
+def test_delta_reuse_runs_the_unconditional_rows_at_every_kth_guided_call():
+    model = tiny_dit()
+    rows = []
+    model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    _, sampler = run(model, CFG(3.0, reuse=DeltaReuse(every=3)), steps=10)
+    assert rows == [2 * BATCH if i % 3 == 0 else BATCH for i in range(sampler.num_calls)]
+    assert sampler.last_compute["model_rows"] == sum(rows)
+
+
+def test_delta_reuse_counts_guided_calls_inside_an_interval():
+    model = tiny_dit()
+    rows = []
+    model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    interval = (0.5, 5.0)
+    _, sampler = run(model, CFG(3.0, interval=interval, reuse=DeltaReuse(every=2)), steps=12)
+    guided = [interval[0] <= SCHEDULE.edm_sigma(t) <= interval[1] for t in sampler.timesteps]
+    expected, j = [], 0
+    for inside in guided:
+        expected.append((2 * BATCH if j % 2 == 0 else BATCH) if inside else BATCH)
+        j += inside
+    assert 0 < sum(guided) < len(guided)
+    assert rows == expected
+
+
+@pytest.mark.parametrize("guidance, sampler", [
+    (CFG(3.0, reuse=DeltaReuse(every=2, order=1)), "ddpm"),  # a learned-variance model, noise drawn
+    (fastguide.CFGPlusPlus(0.6, reuse=DeltaReuse(every=2)), "dpm++2m"),  # its history holds the estimated u's x0
+    (CFG(3.0, reuse=DeltaReuse(every=2), apg=fastguide.APG(momentum=-0.5)), "unipc"),
+], ids=["learned-variance", "cfg++", "apg-momentum"])
+def test_delta_reuse_runs_with_the_other_guidance_options(guidance, sampler):
+    model = tiny_cfg_unet()
+    rows = []
+    model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    out, sampler = run(model, guidance, sampler=sampler, steps=6)
+    assert torch.isfinite(out).all()
+    assert rows == [2 * BATCH if i % 2 == 0 else BATCH for i in range(sampler.num_calls)]
+
+
+def test_truncation_runs_b_rows_from_the_call_after_it_fires():
+    model = tiny_dit()
+    rows = []
+    model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    _, sampler = run(model, CFG(3.0, truncate=-0.99))  # any similarity reaches it at the first call
+    assert sampler.last_compute["truncated_from"] == 1
+    assert rows == [2 * BATCH] + [BATCH] * (sampler.num_calls - 1)
+
+
+def test_truncated_calls_are_unguided():
+    """After truncation the sampler steps on the conditional prediction alone: the same as
+    plain CFG for the first call, then CFG at scale 1 from the second."""
+    model = tiny_dit()
+    truncated, _ = run(model, CFG(3.0, truncate=-0.99))
+    first_guided = CFG(3.0, interval=(SCHEDULE.edm_sigma(SCHEDULE.spaced_timesteps(10, "logsnr")[0]) * 0.999, 1e9))
+    expected, _ = run(model, first_guided)
+    torch.testing.assert_close(truncated, expected, rtol=0, atol=0)
+
+
+def test_block_cache_counts_the_blocks_it_evaluates(monkeypatch):
+    model = tiny_dit(depth=4)
+    evaluated = []
+    forward = dit.DiTBlock.forward
+    monkeypatch.setattr(dit.DiTBlock, "forward", lambda self, h, c: evaluated.append(h.shape[0]) or forward(self, h, c))
+    _, sampler = run(model, CFG(3.0), cache=FirstBlockCache(threshold=1.0), steps=12)
+    compute = sampler.last_compute
+    assert 0 < compute["reused_calls"] < sampler.num_calls
+    assert compute["block_rows"] == sum(evaluated)
+    assert compute["block_rows"] == 2 * BATCH * (4 * sampler.num_calls - 3 * compute["reused_calls"])
+
+
+# ---- conditional and unconditional caches kept apart ---------------------------------------
+
+
+def test_each_branch_keeps_and_reuses_its_own_residual():
+    """The unconditional rows compare against, and reuse, the unconditional rows of their
+    own last computed call, also across a call that ran the conditional rows alone."""
+    state = BlockCacheState(threshold=0.1, blocks=4, first_blocks=1)
+    h0 = torch.randn(4, 5)
+    r_c, r_u = torch.randn(2, 5), 10 * torch.randn(2, 5)
+    R_c, R_u = torch.randn(2, 5), torch.randn(2, 5)
+
+    def forward(call, branches, residual, rest_residual=None):
+        state.call, state.branches = call, branches
+        rows = len(branches) * 2
+        h1 = h0[:rows] + residual
+        state.decide(h0[:rows], h1)
+        if state.reusing:
+            return state.reused(h1)
+        state.computed(h1 + rest_residual)
+        return h1 + rest_residual
+
+    forward(0, ("cond", "uncond"), torch.cat([r_c, r_u]), torch.cat([R_c, R_u]))
+    forward(1, ("cond",), r_c * 1.5, R_c)  # the conditional rows change: computed, cond caches refreshed
+    assert not state.recorded[1]
+    # Call 2: cond as at call 1, uncond as at call 0: both unchanged against their own references.
+    out = forward(2, ("cond", "uncond"), torch.cat([r_c * 1.5, r_u]))
+    assert state.recorded[2]
+    h1 = h0 + torch.cat([r_c * 1.5, r_u])
+    torch.testing.assert_close(out, h1 + torch.cat([R_c, R_u]))
+    # Had the branches shared one cache, the uncond rows (10x the cond residual) would differ.
+    assert (r_u - r_c * 1.5).abs().mean() > 0.1 * (r_c * 1.5).abs().mean()
+
+
+# ---- captured runs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("guidance, cache", [
+    (CFG(3.0, truncate=0.0), None),
+    (CFG(3.0, reuse=DeltaReuse(every=2, order=1)), None),
+    (CFG(3.0), FirstBlockCache(threshold=1.0)),
+], ids=["truncate", "delta-reuse", "first-block-cache"])
+def test_graph_replays_follow_the_warm_up_runs_decisions(cpu_graphs, guidance, cache):
+    model = tiny_dit()
+    eager, eager_sampler = run(model, guidance, cache=cache)
+    graphed = GuidedSampler(model, sampler="dpm++2m", steps=10, schedule=SCHEDULE, guidance=guidance, cache=cache,
+                            cuda_graph=True)
+    noise = torch.randn((BATCH, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 3])
+    first = graphed(noise.shape, labels=labels, noise=noise)
+    torch.testing.assert_close(first, eager, rtol=1e-5, atol=1e-5)
+    assert graphed.last_compute == eager_sampler.last_compute
+    # Another x_T replays the same decisions (no host read inside a captured run).
+    other = torch.randn((BATCH, 3, 8, 8), generator=torch.Generator().manual_seed(7))
+    graphed(noise.shape, labels=labels, noise=other)
+    assert graphed.last_compute == eager_sampler.last_compute
+    assert len(cpu_graphs) >= 1
+
+
+# ---- bad settings -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: CFG(3.0, truncate=1.5), ValueError, "truncate must be a cosine similarity"),
+    (lambda: CFG(3.0, truncate=float("nan")), ValueError, "truncate must be a finite number"),
+    (lambda: CFG(3.0, reuse=2), TypeError, "reuse must be a fastguide.DeltaReuse"),
+    (lambda: DeltaReuse(every=1), ValueError, "every must be an int >= 2"),
+    (lambda: DeltaReuse(order=2), ValueError, "order must be 0"),
+    (lambda: fastguide.CFGPlusPlus(0.5, truncate=0.9), ValueError, "CFGPlusPlus does not take truncate"),
+    (lambda: FirstBlockCache(threshold=0), ValueError, "threshold must be a finite number > 0"),
+    (lambda: GuidedSampler(tiny_dit(), cache=0.1), TypeError, "cache must be a fastguide.FirstBlockCache"),
+])
+def test_bad_settings_are_named(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_a_model_without_blocks_is_refused_before_any_forward():
+    sampler = GuidedSampler(torch.nn.Identity(), steps=4, schedule=SCHEDULE, cache=FirstBlockCache())
+    with pytest.raises(ValueError, match="no transformer blocks: FirstBlockCache"):
+        sampler((1, 3, 8, 8))
