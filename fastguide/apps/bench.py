@@ -1,12 +1,15 @@
 """Run the benchmark suite for this machine and write a report.
 
-    fastguide bench [--out DIR] [--quick] [-k EXPR] [--benchmarks DIR] [--nfe]
+    fastguide bench [--out DIR] [--quick] [-k EXPR] [--benchmarks DIR] [--nfe | --reuse]
 
 Runs benchmarks/ (pytest-benchmark; GPU cases skip without CUDA) in a subprocess and
 writes into DIR: results.json (pytest-benchmark's data, with GB/s, TFLOP/s, % of the
 measured floor and peak memory per case), table.md (each case's implementations side
 by side, as time ratios to fastguide) and one PNG bar chart per case; it prints the table.
-The suite lives in the source checkout (benchmarks/ beside fastguide/).
+The suite lives in the source checkout (benchmarks/ beside fastguide/). ``--nfe`` and
+``--reuse`` run instead the accuracy-per-model-call study (benchmarks/sampling/nfe.py) or
+the quality-against-compute study of guidance at less than two forwards
+(benchmarks/sampling/reuse.py), each writing its own files into DIR.
 """
 
 from __future__ import annotations
@@ -159,7 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nfe", action="store_true",
                         help="instead: accuracy per model call of every solver × spacing against diffusers' "
                              "schedulers (benchmarks/sampling/nfe.py: nfe.json, nfe.md, nfe.png in --out)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="instead: quality against compute of truncated CFG, delta reuse and block caching on "
+                             "the digits models, beside diffusers' cache hooks (benchmarks/sampling/reuse.py: "
+                             "reuse.json, reuse.md, reuse.png in --out)")
     args = parser.parse_args(argv)
+    if args.nfe and args.reuse:
+        fail("--nfe and --reuse are two separate studies: pick one")
     if args.benchmarks is not None and not (args.benchmarks / "conftest.py").is_file():
         fail(f"--benchmarks: expected the benchmarks/ folder of a fastguide checkout, got {args.benchmarks}")
     try:
@@ -169,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         benchmarks = args.benchmarks or find_benchmarks()
         args.out.mkdir(parents=True, exist_ok=True)
-        if args.nfe:
-            command = [sys.executable, "-m", "benchmarks.sampling.nfe", "--out", str(args.out.resolve())]
+        if args.nfe or args.reuse:
+            study = "nfe" if args.nfe else "reuse"
+            command = [sys.executable, "-m", f"benchmarks.sampling.{study}", "--out", str(args.out.resolve())]
             return subprocess.run(command + (["--quick"] if args.quick else []), cwd=benchmarks.parent).returncode
         selection = " and ".join(f"({s})" for s in (QUICK if args.quick else None, args.selection) if s) or None
         data, status = run_suite(benchmarks, args.out, selection)

@@ -26,6 +26,25 @@ def test_quick_benchmark_report(tmp_path):
     assert len(list(tmp_path.glob("*.png"))) == len(bench.group_results(data))
 
 
+def test_reuse_study_at_its_reduced_size(tmp_path):
+    """fastguide bench --reuse --quick: every method on both digits networks, beside
+    diffusers' hooks on the transformer, its compute counted exactly."""
+    assert cli.main(["bench", "--reuse", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "reuse.json").read_text())["rows"]
+    methods = {(r["model"], r["method"]) for r in rows}
+    for model in ("digits UNet", "digits transformer"):
+        for method in ("CFG", "CFG, fewer steps", "truncated CFG", "delta reuse", "FirstBlockCache"):
+            assert (model, method) in methods
+    assert ("digits transformer", "diffusers FirstBlockCacheConfig") in methods
+    compute = {(r["model"], r["method"]): r["compute"] for r in rows}
+    assert compute[("digits UNet", "CFG")] == 1.0
+    assert compute[("digits UNet", "CFG, fewer steps")] == 13 / 25
+    # every 2nd guided call of 25 runs the unconditional rows: 13 · 2B + 12 · B rows of 25 · 2B
+    assert compute[("digits transformer", "delta reuse")] == (13 * 2 + 12) / 50
+    assert all(0 < r["compute"] <= 1 and r["deviation"] >= 0 for r in rows)
+    assert (tmp_path / "reuse.md").read_text().count("### ") == 2 and (tmp_path / "reuse.png").is_file()
+
+
 def test_gpu_script_dry_run_finds_every_test_and_benchmark(tmp_path):
     result = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path), "--dry-run"],
@@ -50,6 +69,12 @@ def test_bench_bad_options_exit_2_with_one_line(argv, option, tmp_path, capsys):
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fastguide: error:") and option in lines[0]
+
+
+def test_bench_takes_one_study_at_a_time(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--nfe", "--reuse", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "pick one" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
