@@ -10,7 +10,7 @@ nor the CUDA extension and never touches the CUDA driver.
 
 from . import ops
 from .models.adapters import DiffusersUNet, SiTVelocity
-from .models.block_cache import FirstBlockCache
+from .models.block_cache import FirstBlockCache, ForecastCache
 from .models.checkpoints import load_checkpoint, save_state_dict
 from .models.configs import (
     classifier_config,
@@ -53,6 +53,7 @@ __all__ = [
     "SkipLayerGuidance",
     "EncoderUNet",
     "FirstBlockCache",
+    "ForecastCache",
     "Guidance",
     "GuidedSampler",
     "NoiseSchedule",

@@ -14,11 +14,13 @@ from the same noise and labels, and is scored by:
 
 Rows: plain CFG at fewer steps (the baseline any saving must beat: the same compute spent
 on fewer calls); truncated CFG (``CFG(w, truncate=γ)``); delta reuse (``CFG(w,
-reuse=DeltaReuse(every=k, order))``); fastguide's First-Block Cache
-(``cache=FirstBlockCache(t, order)``), and delta reuse with it; and on the transformer, diffusers' own cache hooks
-(``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig``) on a diffusers
-``DiTTransformer2DModel`` holding the same weights (fastguide.models.diffusers_dit),
-called by the same loop. Writes DIR/reuse.json, DIR/reuse.md, DIR/reuse.png.
+reuse=DeltaReuse(every=k, order))``); fastguide's First-Block Cache (``cache=
+FirstBlockCache(t, order)``) and its fixed-schedule variant (``cache=ForecastCache(k)``,
+TaylorSeer's rule over the whole block stack), each also with delta reuse; and on the
+transformer, diffusers' own cache hooks (``FirstBlockCacheConfig``, and
+``TaylorSeerCacheConfig`` caching whole blocks) on a diffusers ``DiTTransformer2DModel``
+holding the same weights (fastguide.models.diffusers_dit), called by the same loop.
+Writes DIR/reuse.json, DIR/reuse.md, DIR/reuse.png.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.sampling.study import progress_printer, write_study
-from fastguide import CFG, DeltaReuse, FirstBlockCache, GuidedSampler
+from fastguide import CFG, DeltaReuse, FirstBlockCache, ForecastCache, GuidedSampler
 from fastguide.apps import digits
 from fastguide.apps.sweep import score
 
@@ -44,10 +46,15 @@ THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)
 EXTRAPOLATED_THRESHOLDS = (0.1, 0.2, 0.3, 0.5)
 # Delta reuse (every, order) with First-Block Cache (threshold, order): the two savings multiply.
 COMBINED = (((2, 1), (0.1, 1)), ((2, 1), (0.15, 1)), ((3, 1), (0.15, 1)), ((2, 1), (0.2, 1)))
+FORECAST_EVERY = (2, 3, 4)
+# Delta reuse (every, order) with ForecastCache(every): every 4th guided call runs u, so the
+# computed calls of a forecast every 2nd alternate 2B and B rows.
+FORECAST_COMBINED = (((4, 1), 2),)
 DIFFUSERS_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)
 TAYLORSEER_INTERVALS = (2, 3, 4)
 QUICK = dict(fewer=(13,), truncate=(0.99,), reuse=((2, 1),), thresholds=(0.2,), extrapolated=(0.3,),
-             combined=(((2, 1), (0.15, 1)),), diffusers=(0.2,), taylorseer=(2,))
+             combined=(((2, 1), (0.15, 1)),), forecast=(2,), forecast_combined=(((4, 1), 2),), diffusers=(0.2,),
+             taylorseer=(2,))
 
 
 class _Network:
@@ -168,7 +175,8 @@ def run(samples: int, quick: bool, say: Callable[[str], None]) -> list[dict]:
     labels = torch.arange(samples) % digits.NUM_CLASSES
     noise = torch.randn((samples, 1, digits.IMAGE_SIZE, digits.IMAGE_SIZE), generator=torch.Generator().manual_seed(0))
     settings = QUICK if quick else dict(fewer=FEWER_STEPS, truncate=TRUNCATE, reuse=REUSE, thresholds=THRESHOLDS,
-                                        extrapolated=EXTRAPOLATED_THRESHOLDS, combined=COMBINED)
+                                        extrapolated=EXTRAPOLATED_THRESHOLDS, combined=COMBINED,
+                                        forecast=FORECAST_EVERY, forecast_combined=FORECAST_COMBINED)
 
     def evaluate(network, method, setting, images, compute, reference) -> dict:
         full = 2 * samples * CALLS * network.blocks
@@ -205,6 +213,15 @@ def run(samples: int, quick: bool, say: Callable[[str], None]) -> list[dict]:
             rows.append(evaluate(network, "delta reuse + FirstBlockCache",
                                  f"every={every}, order={order}; threshold={threshold}, order={cache_order}",
                                  images, compute, reference))
+        for every in settings["forecast"]:
+            images, compute = sample_row(network, network.model, labels, noise, cache=ForecastCache(every))
+            rows.append(evaluate(network, "ForecastCache", f"every={every}", images, compute, reference))
+        for (every, order), forecast_every in settings["forecast_combined"]:
+            images, compute = sample_row(network, network.model, labels, noise,
+                                         guidance=CFG(SCALE, reuse=DeltaReuse(every=every, order=order)),
+                                         cache=ForecastCache(forecast_every))
+            rows.append(evaluate(network, "delta reuse + ForecastCache",
+                                 f"every={every}, order={order}; every={forecast_every}", images, compute, reference))
         if network.name == "digits transformer":
             rows += diffusers_rows(network, labels, noise, quick, evaluate, say)
         say(f"{network.name}: {len(rows)} rows so far")

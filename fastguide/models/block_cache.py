@@ -32,6 +32,10 @@ Where it installs (``FirstBlockCache.install``):
   residual; ``UNet.rest``, the network up to the last output block's features, is
   replaced on a reused call by h₁ + R.
 
+``ForecastCache(every, order, warmup)`` replaces the threshold by a fixed schedule
+(TaylorSeer's): every block is skipped on the calls between every k-th, and the whole
+stack's residual h_L − h₀ is extrapolated.
+
 Under CUDA graphs a decision cannot read a tensor on the host, so the decisions of one
 run (the warm-up run before capture) are kept (``BlockCacheState.recorded``) and replayed:
 a captured run reuses at the calls where that run reused. Compute is counted exactly from
@@ -75,30 +79,77 @@ class FirstBlockCache:
         """Wrap ``model``'s first block and the rest (see the module docstring) to consult
         ``state`` (a fresh one by default: a run's caches). Returns the handle, whose
         ``remove()`` restores the model."""
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"cache: FirstBlockCache caches a torch.nn.Module's blocks, got {type(model).__name__}")
-        if isinstance(model, UNet):
-            blocks = len(model.input_blocks) + 1 + len(model.output_blocks)
-            state = state or BlockCacheState(self.threshold, blocks, UNet.FIRST_BLOCKS, self.order)
-            handle = BlockCacheHandle(state)
-            handle.wrap(model.input_blocks[UNet.FIRST_BLOCKS - 1], "forward", _first_block(state))
-            handle.wrap(model, "rest", _unet_rest(state))
-            return handle
-        attribute, blocks = block_list(model, "FirstBlockCache")
-        if len(blocks) < 2:
-            raise ValueError(f"cache: FirstBlockCache needs at least 2 blocks to skip any, model.{attribute} holds "
-                             f"{len(blocks)}")
-        for block in blocks:
-            if is_joint_block(block):
-                raise ValueError("cache: FirstBlockCache does not yet cache SD3's joint transformer blocks (two "
-                                 "streams, the last block's context dropped)")
-        state = state or BlockCacheState(self.threshold, len(blocks), 1, self.order)
+        return _install(model, state, type(self).__name__,
+                        lambda blocks, first: BlockCacheState(self.threshold, blocks, first, self.order))
+
+
+@dataclass(frozen=True)
+class ForecastCache:
+    """A fixed schedule of forecast calls (TaylorSeer's, Liu et al. 2025, at the level of the
+    whole block stack): the first ``warmup`` calls and then every ``every``-th call run the
+    network; the calls between run none of its blocks (but a UNet's first blocks) and take
+    h_L = h_0 + R̂, R̂ the blocks' total residual R = h_L − h_0 extrapolated linearly in the
+    call index from the branch's last two computed calls (``order=1``) or the last one
+    (``order=0``). Static, so it needs no host read and is captured like any plan. Checked
+    when built: every an int >= 2, order 0 or 1, warmup an int >= 1."""
+
+    every: int = 2
+    order: int = 1
+    warmup: int = 2
+
+    def __post_init__(self):
+        for name, low in (("every", 2), ("warmup", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"ForecastCache {name} must be an int >= {low}, got {value!r}")
+        if self.order not in (0, 1) or isinstance(self.order, bool):
+            raise ValueError(f"ForecastCache order must be 0 (the last residual) or 1 (extrapolated), "
+                             f"got {self.order!r}")
+
+    def forecasts(self, call: int) -> bool:
+        """Whether model call ``call`` is forecast (once its branches have a computed call)."""
+        return call >= self.warmup and (call - self.warmup) % self.every != 0
+
+    def install(self, model: nn.Module, state: BlockCacheState | None = None) -> BlockCacheHandle:
+        """As FirstBlockCache.install, with every block of a transformer skipped on a forecast call."""
+        return _install(model, state, type(self).__name__,
+                        lambda blocks, first: BlockCacheState(math.inf, blocks, first, self.order, self.forecasts),
+                        skip_first=True)
+
+
+BlockCacheSettings = FirstBlockCache | ForecastCache
+
+
+def _install(model: nn.Module, state: BlockCacheState | None, name: str,
+             new_state: Callable[[int, int], BlockCacheState], skip_first: bool = False) -> BlockCacheHandle:
+    """The wrappers of a block cache on ``model``: on fastguide's UNet its first blocks
+    decide and ``UNet.rest`` is replaced; on a transformer block list block 0 decides (and
+    with ``skip_first`` passes its input through too on a reused call: the residual is then
+    the whole stack's), the inner blocks pass through, the last adds the residual.
+    ``new_state(blocks, first_blocks)`` makes the state when none is given."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"cache: {name} caches a torch.nn.Module's blocks, got {type(model).__name__}")
+    if isinstance(model, UNet):
+        state = state or new_state(len(model.input_blocks) + 1 + len(model.output_blocks), UNet.FIRST_BLOCKS)
         handle = BlockCacheHandle(state)
-        handle.wrap(blocks[0], "forward", _first_block(state))
-        for block in blocks[1:-1]:
-            handle.wrap(block, "forward", _passed_through_when_reused(state, passthrough(block)))
-        handle.wrap(blocks[-1], "forward", _last_block(state, passthrough(blocks[-1])))
+        handle.wrap(model.input_blocks[UNet.FIRST_BLOCKS - 1], "forward", _first_block(state))
+        handle.wrap(model, "rest", _unet_rest(state))
         return handle
+    attribute, blocks = block_list(model, name)
+    if len(blocks) < 2:
+        raise ValueError(f"cache: {name} needs at least 2 blocks to skip any, model.{attribute} holds {len(blocks)}")
+    for block in blocks:
+        if is_joint_block(block):
+            raise ValueError(f"cache: {name} does not yet cache SD3's joint transformer blocks (two streams, the "
+                             "last block's context dropped)")
+    state = state or new_state(len(blocks), 0 if skip_first else 1)
+    handle = BlockCacheHandle(state)
+    first = _scheduled_first_block(state, passthrough(blocks[0])) if skip_first else _first_block(state)
+    handle.wrap(blocks[0], "forward", first)
+    for block in blocks[1:-1]:
+        handle.wrap(block, "forward", _passed_through_when_reused(state, passthrough(block)))
+    handle.wrap(blocks[-1], "forward", _last_block(state, passthrough(blocks[-1])))
+    return handle
 
 
 class BlockCacheState:
@@ -108,11 +159,14 @@ class BlockCacheState:
     ``branches`` (the branch name of each B-row block of the forward, in order).
     ``recorded``: call index → reused, of the run that decided; with ``replaying`` the
     decisions come from it instead of the data (a captured run). ``blocks``: the
-    network's blocks, ``first_blocks`` of them evaluated on a reused call; ``order``: R̂'s.
+    network's blocks, ``first_blocks`` of them evaluated on a reused call; ``order``: R̂'s;
+    ``schedule(call)``: whether a call reuses, for a fixed schedule (ForecastCache).
     """
 
-    def __init__(self, threshold: float, blocks: int, first_blocks: int, order: int = 0):
+    def __init__(self, threshold: float, blocks: int, first_blocks: int, order: int = 0,
+                 schedule: Callable[[int], bool] | None = None):
         self.threshold, self.blocks, self.first_blocks, self.order = threshold, blocks, first_blocks, order
+        self.schedule = schedule  # a fixed schedule of reused calls (ForecastCache), else the threshold decides
         self.call = 0
         self.branches: tuple[str, ...] = ("cond",)
         self.recorded: dict[int, bool] = {}
@@ -134,9 +188,17 @@ class BlockCacheState:
         return [(branch, slice(k * size, (k + 1) * size)) for k, branch in enumerate(self.branches)]
 
     def decide(self, first_in: Tensor, first_out: Tensor) -> None:
-        """The call's decision, from the first block's input h₀ and output h₁."""
+        """The call's decision, from the first block's input h₀ and output h₁ (the anchor
+        the reused residual is added to; h₀ itself when every block is skipped)."""
+        blocks = self._blocks_of(first_out.shape[0])
+        self.first_out = first_out
+        if self.schedule is not None:  # fixed: no residual compared, nothing read on the host
+            if not self.replaying:
+                self.recorded[self.call] = self.schedule(self.call) and all(
+                    branch in self.residual for branch, _ in blocks)
+            self.reusing = self.recorded[self.call]
+            return
         residual = _residual(first_out, first_in)
-        blocks = self._blocks_of(residual.shape[0])
         if self.replaying:
             if self.call not in self.recorded:
                 raise RuntimeError(f"FirstBlockCache: no recorded decision for model call {self.call} to replay")
@@ -150,7 +212,6 @@ class BlockCacheState:
                 reuse = bool(changes.max() < self.threshold)  # one host read per call
             self.recorded[self.call] = reuse
         self.reusing = reuse
-        self.first_out = first_out
         if reuse:
             return
         for branch, block_rows in blocks:
@@ -258,6 +319,18 @@ def _first_block(state: BlockCacheState) -> Callable[[Callable], Callable]:
             out = inner(*args, **kwargs)
             state.decide(args[0] if args else next(iter(kwargs.values())), out)
             return out
+        return forward
+    return make
+
+
+def _scheduled_first_block(state: BlockCacheState, through: Callable) -> Callable[[Callable], Callable]:
+    """Block 0 when a fixed schedule decides: before it runs, anchored at its input h₀, which
+    it passes through on a reused call."""
+    def make(inner: Callable) -> Callable:
+        def forward(*args: object, **kwargs: object) -> object:
+            h0 = through(args, kwargs)
+            state.decide(h0, h0)
+            return h0 if state.reusing else inner(*args, **kwargs)
         return forward
     return make
 

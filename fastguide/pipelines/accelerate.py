@@ -23,7 +23,8 @@ fastguide's own choices stay open, as options of ``accelerate`` (kept on the pip
 ``sampler=`` (with ``spacing=``) samples with a fastguide solver on the scheduler's noise
 schedule instead of reproducing the scheduler; ``guidance=`` a ``fastguide.Guidance`` to use
 instead of the pipeline's CFG (its ``guidance_scale`` then has no effect); ``cache=`` a
-``fastguide.FirstBlockCache`` for the denoiser's transformer blocks (DiT, PixArt);
+``fastguide.FirstBlockCache`` or ``ForecastCache`` for the denoiser's transformer blocks
+(DiT, PixArt);
 ``cuda_graph=True`` captures the loop as CUDA graphs.
 """
 
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.accelerate import accelerate as accelerate_module
-from ..models.block_cache import FirstBlockCache
+from ..models.block_cache import BlockCacheSettings, FirstBlockCache, ForecastCache
 from ..sampling.guidance import Guidance
 from ..sampling.loop import GuidedSampler
 from ..sampling.schedule import NoiseSchedule
@@ -56,11 +57,11 @@ class PipelineOptions:
     spacing: str | None = None
     guidance: Guidance | None = None
     cuda_graph: bool = False
-    cache: FirstBlockCache | None = None
+    cache: BlockCacheSettings | None = None
 
 
 def accelerate(target, *, sampler: str | None = None, spacing: str | None = None,
-               guidance: Guidance | None = None, cuda_graph: bool = False, cache: FirstBlockCache | None = None):
+               guidance: Guidance | None = None, cuda_graph: bool = False, cache: BlockCacheSettings | None = None):
     """Accelerate a module (fastguide's kernels swapped in, see
     ``fastguide.models.accelerate.accelerate``) or a diffusers pipeline (also its denoising
     loop replaced, see this module's docstring). Returns ``target``, changed in place.
@@ -79,8 +80,9 @@ def accelerate(target, *, sampler: str | None = None, spacing: str | None = None
                         f"{type(guidance).__name__}")
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
-    if cache is not None and not isinstance(cache, FirstBlockCache):
-        raise TypeError(f"cache must be a fastguide.FirstBlockCache or None, got {type(cache).__name__}")
+    if cache is not None and not isinstance(cache, (FirstBlockCache, ForecastCache)):
+        raise TypeError(f"cache must be a fastguide.FirstBlockCache, a fastguide.ForecastCache or None, got "
+                        f"{type(cache).__name__}")
     if sampler is None and spacing is not None:
         raise ValueError("spacing= places fastguide's own sampler's steps: it needs sampler=")
     accelerate_module(recipe.denoiser_of(target))

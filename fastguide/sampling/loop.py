@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..models.block_cache import BlockCacheState, FirstBlockCache
+from ..models.block_cache import BlockCacheSettings, BlockCacheState, FirstBlockCache, ForecastCache
 from ..models.blocks import perturbation_target
 from ..ops import validation
 from ..ops.contract import GuidanceCombine, StepCoefficients, StepTensors
@@ -134,11 +134,12 @@ class GuidedSampler:
         null_label: int | None = None,
         num_classes: int | None = None,
         dynamic_threshold: float | None = None,
-        cache: FirstBlockCache | None = None,
+        cache: BlockCacheSettings | None = None,
         cuda_graph: bool = False,
     ):
-        if cache is not None and not isinstance(cache, FirstBlockCache):
-            raise TypeError(f"cache must be a fastguide.FirstBlockCache or None, got {type(cache).__name__}")
+        if cache is not None and not isinstance(cache, (FirstBlockCache, ForecastCache)):
+            raise TypeError(f"cache must be a fastguide.FirstBlockCache, a fastguide.ForecastCache or None, got "
+                            f"{type(cache).__name__}")
         self.cache = cache
         if variance_type is not None and variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {VARIANCE_TYPES} or None, got {variance_type!r}")
@@ -876,7 +877,7 @@ def sample(
     null_label: int | None = None,
     num_classes: int | None = None,
     dynamic_threshold: float | None = None,
-    cache: FirstBlockCache | None = None,
+    cache: BlockCacheSettings | None = None,
     device: torch.device | str | None = None,
     cuda_graph: bool = False,
 ) -> Tensor:
@@ -934,8 +935,9 @@ def sample(
         dynamic_threshold: Imagen's dynamic thresholding percentile (e.g. 0.995) instead of
             static clipping: x0 ← clamp(x0, −s, s)/s, s = max(1, that percentile of |x0|).
         cache: ``FirstBlockCache(threshold)``: skip the model's blocks after its first on
-            calls where the first block's residual changed by less than ``threshold``
-            (fastguide's DiT and UNet, diffusers' DiT and PixArt transformers; see
+            calls where the first block's residual changed by less than ``threshold``; or
+            ``ForecastCache(every)``: skip them on a fixed schedule, extrapolating their
+            residual (fastguide's DiT and UNet, diffusers' DiT and PixArt transformers; see
             fastguide.models.block_cache). ``GuidedSampler.last_compute`` counts the rows
             and blocks a run evaluated.
         device: where to sample (default: the noise's, else the model's).

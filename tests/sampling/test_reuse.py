@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastguide
-from fastguide import CFG, DeltaReuse, FirstBlockCache, GuidedSampler
+from fastguide import CFG, DeltaReuse, FirstBlockCache, ForecastCache, GuidedSampler
 from fastguide.models import dit
 from fastguide.models.block_cache import BlockCacheState
 from tests.helpers import randomize, tiny_cfg_unet
@@ -57,6 +57,14 @@ def test_a_cache_that_never_reuses_is_bit_for_bit_plain_cfg(model_fn):
     assert sampler.last_compute["reused_calls"] == 0
     assert not any("forward" in block.__dict__ for block in model.modules())  # removed after the run
     assert "rest" not in model.__dict__
+
+
+@pytest.mark.parametrize("model_fn", [tiny_dit, tiny_cfg_unet], ids=["dit", "unet"])
+def test_a_forecast_whose_warmup_covers_the_loop_is_bit_for_bit_plain_cfg(model_fn):
+    model = model_fn()
+    plain, _ = run(model, CFG(3.0))
+    cached, sampler = run(model, CFG(3.0), cache=ForecastCache(every=2, warmup=10))
+    assert torch.equal(plain, cached) and sampler.last_compute["reused_calls"] == 0
 
 
 def test_truncation_that_never_fires_is_bit_for_bit_plain_cfg():
@@ -148,6 +156,36 @@ def test_block_cache_counts_the_blocks_it_evaluates(monkeypatch):
     assert compute["block_rows"] == 2 * BATCH * (4 * sampler.num_calls - 3 * compute["reused_calls"])
 
 
+def test_forecast_cache_skips_every_block_on_its_schedule(monkeypatch):
+    model = tiny_dit(depth=4)
+    evaluated = []
+    forward = dit.DiTBlock.forward
+    monkeypatch.setattr(dit.DiTBlock, "forward", lambda self, h, c: evaluated.append(h.shape[0]) or forward(self, h, c))
+    cache = ForecastCache(every=3, warmup=2)
+    _, sampler = run(model, CFG(3.0), cache=cache, steps=12)
+    forecast = [cache.forecasts(i) for i in range(sampler.num_calls)]
+    assert forecast == [False, False, False, True, True, False, True, True, False, True, True, False]
+    assert sampler.last_compute["reused_calls"] == sum(forecast)
+    assert sum(evaluated) == sampler.last_compute["block_rows"] == 2 * BATCH * 4 * (12 - sum(forecast))
+
+
+def test_an_extrapolated_residual_is_linear_in_the_call_index():
+    """order 1: R̂ at call i = R_a + (i − a)/(a − b)·(R_a − R_b), a > b the last two computed calls."""
+    state = BlockCacheState(threshold=1.0, blocks=3, first_blocks=0, order=1, schedule=lambda call: call == 5)
+    h = torch.randn(2, 4)
+    residuals = {0: torch.randn(2, 4), 2: torch.randn(2, 4)}
+    for call, residual in residuals.items():
+        state.call = call
+        state.decide(h, h)
+        assert not state.reusing
+        state.computed(h + residual)
+    state.call = 5
+    state.decide(h, h)
+    assert state.reusing
+    expected = h + residuals[2] + (5 - 2) / (2 - 0) * (residuals[2] - residuals[0])
+    torch.testing.assert_close(state.reused(h), expected)
+
+
 # ---- conditional and unconditional caches kept apart ---------------------------------------
 
 
@@ -188,7 +226,8 @@ def test_each_branch_keeps_and_reuses_its_own_residual():
     (CFG(3.0, truncate=0.0), None),
     (CFG(3.0, reuse=DeltaReuse(every=2, order=1)), None),
     (CFG(3.0), FirstBlockCache(threshold=1.0)),
-], ids=["truncate", "delta-reuse", "first-block-cache"])
+    (CFG(3.0, reuse=DeltaReuse(every=4, order=1)), ForecastCache(every=2)),
+], ids=["truncate", "delta-reuse", "first-block-cache", "forecast-with-delta-reuse"])
 def test_graph_replays_follow_the_warm_up_runs_decisions(cpu_graphs, guidance, cache):
     model = tiny_dit()
     eager, eager_sampler = run(model, guidance, cache=cache)
@@ -217,6 +256,9 @@ def test_graph_replays_follow_the_warm_up_runs_decisions(cpu_graphs, guidance, c
     (lambda: DeltaReuse(order=2), ValueError, "order must be 0"),
     (lambda: fastguide.CFGPlusPlus(0.5, truncate=0.9), ValueError, "CFGPlusPlus does not take truncate"),
     (lambda: FirstBlockCache(threshold=0), ValueError, "threshold must be a finite number > 0"),
+    (lambda: FirstBlockCache(order=2), ValueError, "order must be 0"),
+    (lambda: ForecastCache(every=1), ValueError, "every must be an int >= 2"),
+    (lambda: ForecastCache(warmup=0), ValueError, "warmup must be an int >= 1"),
     (lambda: GuidedSampler(tiny_dit(), cache=0.1), TypeError, "cache must be a fastguide.FirstBlockCache"),
 ])
 def test_bad_settings_are_named(make, error, match):
