@@ -71,7 +71,7 @@ class FirstBlockCache:
         value = self.threshold
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"FirstBlockCache threshold must be a finite number > 0, got {value!r}")
-        if self.order not in (0, 1) or isinstance(self.order, bool):
+        if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order not in (0, 1):
             raise ValueError(f"FirstBlockCache order must be 0 (the last residual) or 1 (extrapolated), "
                              f"got {self.order!r}")
 
@@ -102,7 +102,7 @@ class ForecastCache:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"ForecastCache {name} must be an int >= {low}, got {value!r}")
-        if self.order not in (0, 1) or isinstance(self.order, bool):
+        if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order not in (0, 1):
             raise ValueError(f"ForecastCache order must be 0 (the last residual) or 1 (extrapolated), "
                              f"got {self.order!r}")
 
@@ -175,8 +175,17 @@ class BlockCacheState:
         # branch -> the R of its last computed calls, newest first: [(call, R), ...], at most
         # order + 1, each kept in one of order + 1 tensors rewritten in place (graph-safe)
         self.residual: dict[str, list[tuple[int, Tensor]]] = {}
+        # Whether the loop's own forward is running: a forward from elsewhere (a callback's)
+        # goes through the wrappers untouched.
+        self.active = False
         self.reusing = False  # the current forward's decision
         self.first_out: Tensor | None = None  # the current forward's h₁
+
+    def begin_run(self) -> None:
+        """Forget the kept residuals and references: every run (and a captured run's capture)
+        starts from none, as the run that recorded the decisions did."""
+        self.reference.clear()
+        self.residual.clear()
 
     def _blocks_of(self, rows: int) -> list[tuple[str, slice]]:
         """(branch, rows) of each B-row block of a forward of ``rows`` rows."""
@@ -317,7 +326,8 @@ def _first_block(state: BlockCacheState) -> Callable[[Callable], Callable]:
     def make(inner: Callable) -> Callable:
         def forward(*args: object, **kwargs: object) -> Tensor:
             out = inner(*args, **kwargs)
-            state.decide(args[0] if args else next(iter(kwargs.values())), out)
+            if state.active:
+                state.decide(args[0] if args else next(iter(kwargs.values())), out)
             return out
         return forward
     return make
@@ -328,6 +338,8 @@ def _scheduled_first_block(state: BlockCacheState, through: Callable) -> Callabl
     it passes through on a reused call."""
     def make(inner: Callable) -> Callable:
         def forward(*args: object, **kwargs: object) -> object:
+            if not state.active:
+                return inner(*args, **kwargs)
             h0 = through(args, kwargs)
             state.decide(h0, h0)
             return h0 if state.reusing else inner(*args, **kwargs)
@@ -338,7 +350,7 @@ def _scheduled_first_block(state: BlockCacheState, through: Callable) -> Callabl
 def _passed_through_when_reused(state: BlockCacheState, through: Callable) -> Callable[[Callable], Callable]:
     def make(inner: Callable) -> Callable:
         def forward(*args: object, **kwargs: object) -> object:
-            return through(args, kwargs) if state.reusing else inner(*args, **kwargs)
+            return through(args, kwargs) if state.active and state.reusing else inner(*args, **kwargs)
         return forward
     return make
 
@@ -346,6 +358,8 @@ def _passed_through_when_reused(state: BlockCacheState, through: Callable) -> Ca
 def _last_block(state: BlockCacheState, through: Callable) -> Callable[[Callable], Callable]:
     def make(inner: Callable) -> Callable:
         def forward(*args: object, **kwargs: object) -> Tensor:
+            if not state.active:
+                return inner(*args, **kwargs)
             if state.reusing:
                 return state.reused(through(args, kwargs))
             out = inner(*args, **kwargs)
@@ -358,6 +372,8 @@ def _last_block(state: BlockCacheState, through: Callable) -> Callable[[Callable
 def _unet_rest(state: BlockCacheState) -> Callable[[Callable], Callable]:
     def make(inner: Callable) -> Callable:
         def rest(h: Tensor, emb: Tensor, skips: list[Tensor]) -> Tensor:
+            if not state.active:
+                return inner(h, emb, skips)
             if state.reusing:
                 return state.reused(h)
             out = inner(h, emb, skips)

@@ -192,7 +192,7 @@ class DeltaReuse:
     def __post_init__(self):
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 2:
             raise ValueError(f"DeltaReuse every must be an int >= 2 (1 would run every call), got {self.every!r}")
-        if self.order not in (0, 1) or isinstance(self.order, bool):
+        if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order not in (0, 1):
             raise ValueError(f"DeltaReuse order must be 0 (the last delta) or 1 (linear extrapolation), "
                              f"got {self.order!r}")
 
@@ -216,7 +216,10 @@ class CFG(Guidance):
     rescale in [0, 1], interval a pair 0 <= low < high, schedule a known name or a
     callable, apg an APG, zero_star and tangential bools (at most one variant),
     guided_channels a positive int that takes plain CFG, truncate a number in (−1, 1],
-    reuse a DeltaReuse; each scheduled weight is checked when the sampler evaluates it."""
+    reuse a DeltaReuse; each scheduled weight is checked when the sampler evaluates it.
+    truncate reads the similarity of the u the combine gets: at a delta-reuse call the
+    estimate c − Δ̂, and with guided_channels u = c in the unguided channels (which raises
+    the similarity)."""
 
     scale: float
     rescale: float = 0.0

@@ -29,7 +29,7 @@ from . import cuda_graphs
 from .conditioning import Conditioning, RowConditioning, check_pair
 from .guidance import ClassifierGuidance, Guidance, default_sampler, split_guidance
 from .schedule import NoiseSchedule
-from .solvers import VARIANCE_TYPES, StepPlan, check_sampler, plan_steps
+from .solvers import TWO_CALL_SAMPLERS, VARIANCE_TYPES, StepPlan, check_sampler, plan_steps
 
 Model = Callable[..., Tensor]
 # callback({"i", "t", "x", "denoised"}) after each model call (k-diffusion's convention):
@@ -83,6 +83,7 @@ class _Buffers:
     truncated_from: int | None = None
     block_cache: BlockCacheState | None = None
     rows: dict[int, int] = dataclasses.field(default_factory=dict)
+    guide_rows: dict[int, int] = dataclasses.field(default_factory=dict)  # the guide network's (autoguidance)
     calibrated: bool = False
 
     def model_arguments(self, rows: int) -> tuple[Tensor | None, dict]:
@@ -200,6 +201,9 @@ class GuidedSampler:
         self.schedule.check_prediction_type(prediction_type)
         if self.guidance is not None:
             self.guidance.check_sampler(sampler, dynamic_threshold)
+            if self.guidance.truncate is not None and sampler in TWO_CALL_SAMPLERS:
+                raise ValueError(f"CFG truncate stops guiding between steps, and sampler={sampler!r} makes two model "
+                                 "calls per step: use a one-call sampler (unipc, dpm++2m, ddim, ...)")
         # CFG++ on DPM-Solver++(2M) extrapolates from the previous call's unconditional x0.
         self.unconditional_history = self.guidance is not None and self.guidance.unconditional_history(sampler)
         if cuda_graph and self.classifier is not None:
@@ -455,18 +459,21 @@ class GuidedSampler:
             return
         handle = self.cache.install(perturbation_target(self.model), buffers.block_cache)
         buffers.block_cache = handle.state
+        handle.state.begin_run()
         try:
             yield
         finally:
             handle.remove()
 
     def _count(self, buffers: _Buffers) -> None:
-        """``last_compute`` from the run's calls: the model's rows, and with a block cache its
-        rows × blocks evaluated (None without one), the calls that reused the cache, the first
-        call after truncated CFG stopped guiding (None: it did not)."""
+        """``last_compute`` from the run's calls: the model's rows, the guide network's
+        (autoguidance; a classifier's gradients are not counted), with a block cache the
+        model's rows × blocks evaluated (None without one), the calls that reused the cache,
+        the first call after truncated CFG stopped guiding (None: it did not)."""
         cache = buffers.block_cache
         self.last_compute = {
             "model_rows": sum(buffers.rows.values()),
+            "guide_rows": sum(buffers.guide_rows.values()),
             "block_rows": cache.block_rows(buffers.rows) if cache is not None else None,
             "reused_calls": sum(cache.recorded.get(i, False) for i in buffers.rows) if cache is not None else 0,
             "truncated_from": buffers.truncated_from,
@@ -521,19 +528,23 @@ class GuidedSampler:
         if self._perturbation is not None:  # the perturbed block's rows, read by the model's perturbed layers
             block = planned.perturbed_block
             self._perturbation.rows = None if block is None else slice(block * batch, (block + 1) * batch)
-        if buffers.block_cache is not None:  # which rows are which branch's, for the cache's per-branch state
-            buffers.block_cache.call, buffers.block_cache.branches = i, self.branches[:planned.blocks]
+        cache = buffers.block_cache
+        if cache is not None:  # which rows are which branch's, for the cache's per-branch state
+            cache.call, cache.branches, cache.active = i, self.branches[:planned.blocks], True
         t_in = buffers.times[i]
         if len(t_in) != rows:  # a call that skips rows its plan has (truncated CFG, delta reuse)
             t_in = t_in[:rows]
         model_output = self._checked_output(
             self._forward(self.model, model_input[:rows], t_in, *buffers.model_arguments(rows)),
             model_input, rows, shape, "model")
+        if cache is not None:
+            cache.active = False
         guide = None
         if guided:
             model_output = self.guidance.guided_output(model_output, batch, shape[1])
         guide_network = self._guide_network if guided else None
         if guide_network is not None:  # a second network on the conditional rows
+            buffers.guide_rows[i] = batch
             guide = self._checked_output(
                 self._forward(guide_network, x, t_in[:batch], *buffers.model_arguments(batch)),
                 model_input, batch, shape, f"{type(self.guidance).__name__}'s guide_model")
@@ -702,8 +713,9 @@ class GuidedSampler:
                 for i in range(self.num_calls):
                     self._model_call(i, buffers, shape, static_noise, keep_x0)
             buffers.calibrated = True
-            if buffers.block_cache is not None:
+            if buffers.block_cache is not None:  # the capture starts, as the warm-up did, from no residuals
                 buffers.block_cache.replaying = True
+                buffers.block_cache.begin_run()
             pool = cuda_graphs.graph_pool()
 
             def run(segment: range) -> None:

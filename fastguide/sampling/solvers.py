@@ -74,6 +74,8 @@ SAMPLERS = ("ddim", "ddpm", "euler", "euler-ancestral", "heun", "dpm++2m", "dpm+
 # that needs a flow path.
 VP_ONLY = ("ddpm", "euler-ancestral", "dpm++2m-sde")
 FLOW_ONLY = ("euler-maruyama",)
+# Samplers that make two model calls per step (the second a corrector or a midpoint).
+TWO_CALL_SAMPLERS = ("heun", "dpm++2s")
 # The global order of accuracy of each deterministic sampler on the probability-flow ODE, as
 # built (and as in diffusers): UniPC-p with its corrector is of order p + 1, but both
 # multistep families warm up with lower orders, and one first-order step (DPM-Solver++(3M)'s

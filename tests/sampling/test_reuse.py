@@ -227,7 +227,10 @@ def test_each_branch_keeps_and_reuses_its_own_residual():
     (CFG(3.0, reuse=DeltaReuse(every=2, order=1)), None),
     (CFG(3.0), FirstBlockCache(threshold=1.0)),
     (CFG(3.0, reuse=DeltaReuse(every=4, order=1)), ForecastCache(every=2)),
-], ids=["truncate", "delta-reuse", "first-block-cache", "forecast-with-delta-reuse"])
+    # order 1 with the unconditional rows every 3rd call: a branch's first reuse follows its
+    # first computed call, which must not extrapolate through the previous run's residuals
+    (CFG(3.0, reuse=DeltaReuse(every=3)), FirstBlockCache(threshold=1.1, order=1)),
+], ids=["truncate", "delta-reuse", "first-block-cache", "forecast-with-delta-reuse", "order-1-with-delta-reuse"])
 def test_graph_replays_follow_the_warm_up_runs_decisions(cpu_graphs, guidance, cache):
     model = tiny_dit()
     eager, eager_sampler = run(model, guidance, cache=cache)
@@ -245,6 +248,27 @@ def test_graph_replays_follow_the_warm_up_runs_decisions(cpu_graphs, guidance, c
     assert len(cpu_graphs) >= 1
 
 
+def test_a_callbacks_own_forward_does_not_touch_the_cache():
+    model = tiny_dit()
+    plain, plain_sampler = run(model, CFG(3.0), cache=FirstBlockCache(threshold=1.0))
+    peeks = []
+    sampler = GuidedSampler(model, sampler="dpm++2m", steps=10, schedule=SCHEDULE, guidance=CFG(3.0),
+                            cache=FirstBlockCache(threshold=1.0))
+    noise = torch.randn((BATCH, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 3])
+    out = sampler(noise.shape, labels=labels, noise=noise,
+                  callback=lambda d: peeks.append(model(d["x"], torch.full((BATCH,), d["t"]), labels)))
+    assert len(peeks) == sampler.num_calls  # an odd batch: no "2 equal row blocks" error
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    assert sampler.last_compute == plain_sampler.last_compute
+
+
+def test_autoguidance_counts_its_guide_networks_rows():
+    guide = tiny_dit()
+    _, sampler = run(tiny_dit(), fastguide.AutoGuidance(guide, 2.0), steps=6)
+    assert sampler.last_compute["model_rows"] == sampler.last_compute["guide_rows"] == BATCH * sampler.num_calls
+
+
 # ---- bad settings -------------------------------------------------------------------------
 
 
@@ -255,6 +279,9 @@ def test_graph_replays_follow_the_warm_up_runs_decisions(cpu_graphs, guidance, c
     (lambda: DeltaReuse(every=1), ValueError, "every must be an int >= 2"),
     (lambda: DeltaReuse(order=2), ValueError, "order must be 0"),
     (lambda: fastguide.CFGPlusPlus(0.5, truncate=0.9), ValueError, "CFGPlusPlus does not take truncate"),
+    (lambda: DeltaReuse(order=1.0), ValueError, "order must be 0"),
+    (lambda: GuidedSampler(tiny_dit(), sampler="heun", guidance=CFG(3.0, truncate=0.9)), ValueError,
+     "two model calls per step"),
     (lambda: FirstBlockCache(threshold=0), ValueError, "threshold must be a finite number > 0"),
     (lambda: FirstBlockCache(order=2), ValueError, "order must be 0"),
     (lambda: ForecastCache(every=1), ValueError, "every must be an int >= 2"),
