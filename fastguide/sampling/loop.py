@@ -532,7 +532,7 @@ class GuidedSampler:
         if cache is not None:  # which rows are which branch's, for the cache's per-branch state
             cache.call, cache.branches, cache.active = i, self.branches[:planned.blocks], True
         t_in = buffers.times[i]
-        if len(t_in) != rows:  # a call that skips rows its plan has (truncated CFG, delta reuse)
+        if t_in.shape[0] != rows:  # a call that skips rows its plan has (truncated CFG, delta reuse)
             t_in = t_in[:rows]
         model_output = self._checked_output(
             self._forward(self.model, model_input[:rows], t_in, *buffers.model_arguments(rows)),
@@ -586,7 +586,7 @@ class GuidedSampler:
         self._step(StepTensors(
             model_output, x, guide, history, draw_noise() if call.step.k_noise else None, grad,
             buffers.apg if combine is not None else None, model_input, ring[i % len(ring)] if keep_x0 else None,
-            similarity=similarity if combine is not None else None,
+            similarity if combine is not None else None,
         ), call.step, combine)
         if similarity is not None and bool(similarity.min() >= self.guidance.truncate):  # NaN: keeps guiding
             buffers.truncated_from = i + 1
