@@ -43,7 +43,8 @@ class SiTVelocity(nn.Module):
 
     A SiT checkpoint built with learn_sigma (8 output channels for 4 latent ones, as the
     released SiT-XL/2) keeps its first ``in_channels`` outputs, as SiT's own sampler does.
-    ``num_classes``, ``null_class`` and ``null_label`` are the wrapped model's.
+    ``num_classes``, ``null_class`` and ``null_label`` are the wrapped model's; PAG,
+    skip-layer guidance and block caches reach its layers (``perturbation_target``).
     """
 
     def __init__(self, sit: nn.Module, num_timesteps: int = 1000):
@@ -59,6 +60,12 @@ class SiTVelocity(nn.Module):
         self.null_class = getattr(sit, "null_class", False)
         if self.null_class:
             self.null_label = sit.null_label
+
+    @property
+    def perturbation_target(self) -> nn.Module:
+        """The wrapped network, whose layers PAG and skip-layer guidance perturb and whose
+        blocks a block cache skips (fastguide.models.blocks.perturbation_target)."""
+        return self.sit
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         tau = 1.0 - t.float() / self.num_timesteps

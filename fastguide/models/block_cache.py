@@ -120,6 +120,24 @@ class ForecastCache:
 BlockCacheSettings = FirstBlockCache | ForecastCache
 
 
+def check_cacheable(model: object, name: str) -> None:
+    """Refuse, naming ``cache``, a model a block cache cannot install on (see the module
+    docstring for those it can)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"cache: {name} caches a torch.nn.Module's blocks, got {type(model).__name__}")
+    if isinstance(model, UNet):
+        return
+    try:
+        attribute, blocks = block_list(model, name)
+    except ValueError as error:
+        raise ValueError(f"cache: {error}") from None
+    if len(blocks) < 2:
+        raise ValueError(f"cache: {name} needs at least 2 blocks to skip any, model.{attribute} holds {len(blocks)}")
+    if any(is_joint_block(block) for block in blocks):
+        raise ValueError(f"cache: {name} does not yet cache SD3's joint transformer blocks (two streams, the last "
+                         "block's context dropped)")
+
+
 def _install(model: nn.Module, state: BlockCacheState | None, name: str,
              new_state: Callable[[int, int], BlockCacheState], skip_first: bool = False) -> BlockCacheHandle:
     """The wrappers of a block cache on ``model``: on fastguide's UNet its first blocks
@@ -127,21 +145,14 @@ def _install(model: nn.Module, state: BlockCacheState | None, name: str,
     with ``skip_first`` passes its input through too on a reused call: the residual is then
     the whole stack's), the inner blocks pass through, the last adds the residual.
     ``new_state(blocks, first_blocks)`` makes the state when none is given."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"cache: {name} caches a torch.nn.Module's blocks, got {type(model).__name__}")
+    check_cacheable(model, name)
     if isinstance(model, UNet):
         state = state or new_state(len(model.input_blocks) + 1 + len(model.output_blocks), UNet.FIRST_BLOCKS)
         handle = BlockCacheHandle(state)
         handle.wrap(model.input_blocks[UNet.FIRST_BLOCKS - 1], "forward", _first_block(state))
         handle.wrap(model, "rest", _unet_rest(state))
         return handle
-    attribute, blocks = block_list(model, name)
-    if len(blocks) < 2:
-        raise ValueError(f"cache: {name} needs at least 2 blocks to skip any, model.{attribute} holds {len(blocks)}")
-    for block in blocks:
-        if is_joint_block(block):
-            raise ValueError(f"cache: {name} does not yet cache SD3's joint transformer blocks (two streams, the "
-                             "last block's context dropped)")
+    _, blocks = block_list(model, name)
     state = state or new_state(len(blocks), 0 if skip_first else 1)
     handle = BlockCacheHandle(state)
     first = _scheduled_first_block(state, passthrough(blocks[0])) if skip_first else _first_block(state)

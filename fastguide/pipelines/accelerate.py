@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.accelerate import accelerate as accelerate_module
-from ..models.block_cache import BlockCacheSettings, FirstBlockCache, ForecastCache
+from ..models.block_cache import BlockCacheSettings, FirstBlockCache, ForecastCache, check_cacheable
 from ..sampling.guidance import Guidance
 from ..sampling.loop import GuidedSampler
 from ..sampling.schedule import NoiseSchedule
@@ -85,6 +85,8 @@ def accelerate(target, *, sampler: str | None = None, spacing: str | None = None
                         f"{type(cache).__name__}")
     if sampler is None and spacing is not None:
         raise ValueError("spacing= places fastguide's own sampler's steps: it needs sampler=")
+    if cache is not None:  # before any change: a denoiser the cache cannot take is refused here, not at a call
+        check_cacheable(recipe.denoiser_of(target), type(cache).__name__)
     accelerate_module(recipe.denoiser_of(target))
     if not getattr(type(target), "_fastguide_accelerated", False):
         target.__class__ = _accelerated_class(type(target))

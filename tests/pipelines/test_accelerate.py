@@ -252,6 +252,10 @@ def test_accelerate_refuses_what_it_cannot_take():
         fastguide.accelerate(pipe, spacing="karras")
     with pytest.raises(TypeError, match="cache must be a fastguide.FirstBlockCache"):
         fastguide.accelerate(pipe, cache=0.1)
+    with pytest.raises(ValueError, match=r"cache: model \(UNet2DConditionModel\) has no transformer blocks"):
+        fastguide.accelerate(pipe, cache=fastguide.FirstBlockCache())
+    with pytest.raises(ValueError, match="joint transformer blocks"):
+        fastguide.accelerate(stable_diffusion_3(), cache=fastguide.ForecastCache())
 
 
 @pytest.mark.gpu

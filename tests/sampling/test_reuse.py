@@ -263,6 +263,18 @@ def test_a_callbacks_own_forward_does_not_touch_the_cache():
     assert sampler.last_compute == plain_sampler.last_compute
 
 
+def test_a_cache_reaches_a_dit_wrapped_as_a_sit_velocity():
+    sit = tiny_dit()
+    wrapped = fastguide.SiTVelocity(sit)
+    flow = dict(sampler="euler", steps=6, schedule=fastguide.NoiseSchedule.flow(), prediction_type="flow_prediction",
+                guidance=CFG(2.0), null_label=4)
+    noise = torch.randn((BATCH, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    plain = fastguide.sample(wrapped, noise.shape, noise=noise, labels=torch.tensor([0, 1, 3]), **flow)
+    sampler = GuidedSampler(wrapped, cache=ForecastCache(every=2), **flow)
+    cached = sampler(noise.shape, noise=noise, labels=torch.tensor([0, 1, 3]))
+    assert sampler.last_compute["reused_calls"] > 0 and not torch.equal(plain, cached)
+
+
 def test_autoguidance_counts_its_guide_networks_rows():
     guide = tiny_dit()
     _, sampler = run(tiny_dit(), fastguide.AutoGuidance(guide, 2.0), steps=6)

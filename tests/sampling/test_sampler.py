@@ -997,6 +997,7 @@ def test_cuda_graph_replays_match_eager_sampling(sampler, guidance, eta):
 
 
 def test_diffusers_class_conditional_unet_through_the_adapter():
+    torch.manual_seed(0)  # the UNet's random weights, whatever ran before
     unet = diffusers.UNet2DModel(
         sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 32),
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
@@ -1018,7 +1019,9 @@ def test_diffusers_class_conditional_unet_through_the_adapter():
             x0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
             eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
             x = math.sqrt(abar_next) * x0 + math.sqrt(1 - abar_next) * eps
-    torch.testing.assert_close(got, x, atol=2e-4, rtol=1e-4)
+    # float32 rounding of eps (~1e-6) reaches x0 = (x − σ·eps)/α amplified by 1/α ≈ 160 at
+    # t = 999, and lands in x after the last step: up to a few 1e-4 per element.
+    torch.testing.assert_close(got, x, atol=1e-3, rtol=1e-4)
     with pytest.raises(ValueError, match="labels must lie in"):
         sample(model, noise.shape, labels=torch.tensor([0, 4]), guidance=CFG(2.0), steps=2)
 
