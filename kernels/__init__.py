@@ -11,9 +11,14 @@ package. diffusers and transformers decide that package is available from
 ``importlib.util.find_spec("kernels")`` (which finds this folder without running it)
 plus the installed distribution's version (which finds the real one), then run
 ``from kernels import CUDAProperties, ...`` and fail on this folder. So under that name
-this module loads whatever ``kernels`` the rest of the import path holds in its place,
-or fails with the ``ModuleNotFoundError`` Python raises when there is none: either way
-the import behaves as if this folder were not on ``sys.path``.
+this module loads whatever ``kernels`` the rest of the import path holds in its place.
+When there is none it must not raise: transformers' availability check imports the name
+once ``find_spec`` found it and lets the error through (every diffusers model import
+failed on a machine with peft and without Hugging Face's ``kernels``). It leaves instead
+an empty module with no ``__file__``, no ``__version__`` and an empty ``__path__``: what
+a PEP 420 namespace folder looks like, which transformers counts as "not installed" and
+diffusers rejects for want of a distribution; ``from kernels import X`` then raises
+ImportError and ``import kernels.x`` ModuleNotFoundError, as with no such package.
 """
 
 if __name__ == "kernels":
@@ -21,8 +26,9 @@ if __name__ == "kernels":
     import os
     import sys
 
-    def _import_shadowed_kernels() -> None:
-        """Put the ``kernels`` that sys.path holds beyond this checkout into sys.modules.
+    def _import_shadowed_kernels() -> bool:
+        """Put the ``kernels`` that sys.path holds beyond this checkout into sys.modules;
+        False when there is none.
 
         The import system returns ``sys.modules["kernels"]`` once this module has run, so
         replacing the entry makes ``import kernels`` give the other package.
@@ -38,7 +44,13 @@ if __name__ == "kernels":
             module = importlib.util.module_from_spec(spec)
             sys.modules["kernels"] = module
             spec.loader.exec_module(module)
-            return
-        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+            return True
+        return False
 
-    _import_shadowed_kernels()
+    if not _import_shadowed_kernels():
+        # The empty stand-in described above: nothing of this folder stays reachable.
+        for _name in [name for name in globals() if not name.startswith("__")]:
+            del globals()[_name]
+        del _name
+        del __file__
+        __path__: list[str] = []

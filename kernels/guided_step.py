@@ -264,7 +264,10 @@ def _predicted_x0(m, x, alpha, sigma, inv_alpha, PREDICTION: tl.constexpr):
     if PREDICTION == EPSILON:
         x0 = (x - sigma * m) * inv_alpha
     elif PREDICTION == V_PREDICTION:
-        x0 = alpha * x - sigma * m
+        # An explicit fma: with the similarity asked for, alpha·x is shared by three x0s and
+        # the compiler's own contraction then rounded the step's x0 differently (the H200
+        # run of 2026-12-04: out not bit-identical with and without the similarity).
+        x0 = tl.fma(alpha, x, -(sigma * m))
     elif PREDICTION == FLOW_PREDICTION:  # alpha + sigma = 1
         x0 = x - sigma * m
     else:  # sample

@@ -7,7 +7,10 @@ folder first. diffusers and transformers count ``kernels`` as available when
 ``importlib.util.find_spec`` finds a module and the ``kernels`` distribution is installed
 (transformers >= 5 requires it), then ``from kernels import CUDAProperties`` failed on
 the folder: resolving ``diffusers.StableDiffusionPipeline`` raised. kernels/__init__.py
-now hands the name to the real package, or fails as "not found" when there is none.
+now hands the name to the real package, or, when there is none, leaves an empty stand-in
+that reads as "not installed" (on the H200 image, without Hugging Face's ``kernels`` and
+with peft, raising there broke every diffusers model import: transformers' availability
+check imports the name and lets the error through).
 """
 
 import importlib.util
@@ -26,6 +29,24 @@ def run_from_root(code: str) -> subprocess.CompletedProcess:
     """Run ``python -c code`` in the repository root, where sys.path[0] is the root."""
     env = {name: value for name, value in os.environ.items() if name not in ("PYTHONSAFEPATH", "PYTHONPATH")}
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+# Prepended to run_from_root's code: hides an installed Hugging Face ``kernels`` (its files
+# and its distribution) so that the run sees a machine without it, as the GPU image is.
+WITHOUT_HUGGINGFACE_KERNELS = """
+import importlib.machinery, importlib.metadata, os
+_find_spec, _version = importlib.machinery.PathFinder.find_spec, importlib.metadata.version
+def _find_spec_here_only(name, path=None, target=None):
+    spec = _find_spec(name, path, target)
+    elsewhere = spec is not None and os.path.dirname(os.path.realpath(spec.origin)) != os.path.realpath("kernels")
+    return None if name == "kernels" and elsewhere else spec
+def _version_without_kernels(name):
+    if name == "kernels":
+        raise importlib.metadata.PackageNotFoundError(name)
+    return _version(name)
+importlib.machinery.PathFinder.find_spec = _find_spec_here_only
+importlib.metadata.version = _version_without_kernels
+"""
 
 
 def is_repo_folder(file: str | None) -> bool:
@@ -54,11 +75,35 @@ def test_import_kernels_from_the_repository_root_is_not_the_folder():
         "    assert error.name == 'kernels', error.name\n"
         "    print('not found')\n"
         "else:\n"
-        "    print(kernels.__file__)\n"
+        "    print(getattr(kernels, '__file__', None))\n"
     )
     assert result.returncode == 0, result.stderr[-4000:]
     found = result.stdout.strip()
-    assert found == "not found" or not is_repo_folder(found), found
+    assert found in ("not found", "None") or not is_repo_folder(found), found
+
+
+def test_without_huggingface_kernels_the_name_reads_as_not_installed():
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("needs transformers")
+    result = run_from_root(
+        WITHOUT_HUGGINGFACE_KERNELS
+        + "from transformers.utils.import_utils import is_kernels_available\n"
+        "assert is_kernels_available() is False\n"
+        "import kernels\n"
+        "assert getattr(kernels, '__file__', None) is None and not hasattr(kernels, '__version__')\n"
+        "try:\n"
+        "    from kernels import attention\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise AssertionError('the folder is reachable as kernels: ' + repr(attention))\n"
+        "try:\n"
+        "    import kernels.group_norm\n"
+        "except ModuleNotFoundError:\n"
+        "    print('not installed')\n"
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip() == "not installed", result.stdout
 
 
 def test_import_kernels_under_pytest_is_not_the_folder():
@@ -71,4 +116,4 @@ def test_import_kernels_under_pytest_is_not_the_folder():
     except ModuleNotFoundError as error:
         assert error.name == "kernels"
     else:
-        assert not is_repo_folder(kernels.__file__), kernels.__file__
+        assert not is_repo_folder(getattr(kernels, "__file__", None)), kernels
