@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One-shot GPU run for a fresh machine with PyTorch and Triton installed and no network:
 # install fastguide from this checkout, build the CUDA extension when csrc/ has sources,
-# run the self-check, the GPU-marked tests, the whole benchmark suite (a module at a time) and
-# the backend-parametrised op tests, and write every result under OUT. On an H200 on
-# 2026-11-26 the GPU tests took 2.2 min, the backend tests 2.3 min and the guided_step,
-# layer_norm and group_norm benchmarks 2.7 min together; the attention benchmark (every SDPA
-# backend, forward and backward, up to L = 16384) takes longer than any other step.
+# run the self-check, the eager loops' profile, the GPU-marked tests, the whole benchmark
+# suite (a module at a time) and the backend-parametrised op tests, and write every result
+# under OUT. On an H200 on 2026-12-04 the install and CUDA build took 1 min, the GPU tests
+# 4.2 min, the guided_step and layer_norm benchmarks 2 min together, group_norm over 2 min,
+# sample and end to end 3 min; the attention benchmark (every SDPA backend, forward and
+# backward, up to L = 16384) takes longer than any other step. No one call of the device
+# tool holds it all: see BENCHMARKS.md for the calls that follow the first.
 #
 #   benchmarks/gpu.sh OUT            the run
 #   benchmarks/gpu.sh OUT --dry-run  print the steps and check that every test and benchmark
@@ -71,7 +73,8 @@ if [ "$mode" = "--dry-run" ]; then
     fi
     echo "+ $py -m fastguide selfcheck --device cuda > $out/selfcheck.txt"
     echo "+ FASTGUIDE_BACKEND=cuda $py -m fastguide selfcheck --device cuda >> $out/selfcheck.txt"
-    echo "+ $py -m pytest tests -m gpu -q > $out/gpu-tests.log"
+    echo "+ $py -m benchmarks.sampling.loop_profile --out $out > $out/loop_profile.log"
+    echo "+ $py -m pytest tests -m gpu -q --durations=15 > $out/gpu-tests.log"
     echo "+ $py -m fastguide bench -k MODULE --out $out/bench/MODULE, for each benchmarks/*/bench_*.py"
     echo "+ $py -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_compile.py -q > $out/backend-tests.log"
     exit 0
@@ -91,7 +94,11 @@ keep() { [ "$status" -ne 0 ] || status=$1; }
 keep "${PIPESTATUS[0]}"
 FASTGUIDE_BACKEND=cuda "$py" -m fastguide selfcheck --device cuda 2>&1 | tee -a "$out/selfcheck.txt"
 keep "${PIPESTATUS[0]}"
-"$py" -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
+# Where the eager loops' time goes (a minute): fastguide's loop against the diffusers-style
+# one, launches and host waits per step and the operators with the most host time.
+"$py" -m benchmarks.sampling.loop_profile --out "$out" 2>&1 | tee "$out/loop_profile.log" | head -n 8
+keep "${PIPESTATUS[0]}"
+"$py" -m pytest tests -m gpu -q -p no:cacheprovider --durations=15 2>&1 | tee "$out/gpu-tests.log"
 keep "${PIPESTATUS[0]}"
 mkdir -p "$out/bench"
 for module in "${modules[@]}"; do

@@ -45,6 +45,19 @@ def test_reuse_study_at_its_reduced_size(tmp_path):
     assert (tmp_path / "reuse.md").read_text().count("### ") == 2 and (tmp_path / "reuse.png").is_file()
 
 
+def test_loop_profile_counts_both_eager_loops(tmp_path):
+    """benchmarks/sampling/loop_profile.py (gpu.sh runs it): both loops timed and profiled,
+    on the same model, with the operators that hold the host's time listed per loop."""
+    pytest.importorskip("diffusers")
+    from benchmarks.sampling import loop_profile
+
+    report = loop_profile.main(["--pairs", "1", "--steps", "2", "--top", "5", "--out", str(tmp_path)])
+    assert report == (tmp_path / "loop_profile.md").read_text()
+    loops = {line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ")}
+    assert {"fastguide", "diffusers"} <= loops
+    assert report.count("Self CPU") >= 2 and "fastguide::group_norm" in report
+
+
 def test_gpu_script_dry_run_finds_every_test_and_benchmark(tmp_path):
     result = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path), "--dry-run"],
