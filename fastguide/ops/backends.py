@@ -7,8 +7,16 @@ Backends:
               in time on first use when not installed prebuilt. It covers guided_step,
               group_norm and layer_norm; other ops run under it as they would under
               ``auto``.
-  ``auto``    (default) CUDA tensor -> triton, else a prebuilt cuda extension, else
-              torch; CPU -> torch. ``auto`` never raises and never starts a build.
+  ``auto``    (default) CUDA tensor -> a prebuilt cuda extension where it has the op,
+              else triton, else torch; inside ``graph_capture()`` (a sampling loop
+              capturing CUDA graphs) triton first; CPU -> torch. ``auto`` never raises
+              and never starts a build.
+
+Why that order (the H200 run of 2026-12-04, BENCHMARKS.md): the Triton kernels had the
+shortest device time in every case measured (the guided step at 85-93% of the copy floor,
+the cuda backend's at 40-87%), but a Triton call costs 45-190 µs of host path more than
+its kernel and a cuda-extension call 0-50 µs, so every eager call was faster on the cuda
+backend. A captured graph pays the host path once and then only device time.
 
 The choice comes from, in order: the innermost ``with fastguide.backend(name):``,
 ``fastguide.set_backend(name)``, the environment variable ``FASTGUIDE_BACKEND``, ``auto``.
@@ -127,6 +135,34 @@ def available_backends() -> dict[str, str | None]:
     return {name: why_not(name, device) for name in CONCRETE_BACKENDS}
 
 
+@contextlib.contextmanager
+def graph_capture() -> Iterator[None]:
+    """Inside the ``with`` block (thread-local), ``auto`` orders the CUDA backends for a
+    graph captured once and replayed: by device time alone, triton first. The sampling
+    loop holds it over its warm-up run and its capture, so that both use the same kernels
+    (a kernel first compiled during a capture would load its module there)."""
+    depth = getattr(_state, "graph_capture", 0)
+    _state.graph_capture = depth + 1
+    try:
+        yield
+    finally:
+        _state.graph_capture = depth
+
+
+def _auto_on_cuda(device: torch.device, has_kernel: dict[str, bool]) -> str:
+    """``auto``'s pick for CUDA tensors: the first of the two accelerated backends, in the
+    order the module docstring explains, that has the kernel and can run."""
+    order = ("triton", "cuda") if getattr(_state, "graph_capture", 0) else ("cuda", "triton")
+    for name in order:
+        if not has_kernel.get(name, False):
+            continue
+        if name == "triton" and why_not("triton", device) is None:
+            return "triton"
+        if name == "cuda" and extension.prebuilt_path() is not None:
+            return "cuda"
+    return "torch"
+
+
 def resolve(device: torch.device, has_kernel: dict[str, bool], what: str = "this op") -> str:
     """The concrete backend that runs an op on ``device``.
 
@@ -138,12 +174,7 @@ def resolve(device: torch.device, has_kernel: dict[str, bool], what: str = "this
     if choice == "cuda" and not has_kernel.get("cuda", False):
         choice = "auto"  # the cuda backend covers some ops; the rest run as under auto
     if choice == "auto":
-        if device.type == "cuda":
-            if has_kernel.get("triton", False) and why_not("triton", device) is None:
-                return "triton"
-            if has_kernel.get("cuda", False) and extension.prebuilt_path() is not None:
-                return "cuda"
-        return "torch"
+        return _auto_on_cuda(device, has_kernel) if device.type == "cuda" else "torch"
     if choice == "torch":
         return "torch"
     reason = why_not(choice, device)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..models.block_cache import BlockCacheSettings, BlockCacheState, FirstBlockCache, ForecastCache
 from ..models.blocks import perturbation_target
-from ..ops import validation
+from ..ops import backends, validation
 from ..ops.contract import GuidanceCombine, StepCoefficients, StepTensors
 from . import cuda_graphs
 from .conditioning import Conditioning, RowConditioning, check_pair
@@ -708,7 +708,8 @@ class GuidedSampler:
         # Warm up on a side stream, as torch.cuda.graph asks (lazy initialisation, cuDNN and
         # Triton autotuning, allocator). Its data-dependent decisions (truncated CFG's call,
         # the block cache's reuses) are kept: the captured graphs follow them.
-        with self._caching(buffers):
+        # auto's backends by device time (ops.backends.graph_capture), the same in both.
+        with self._caching(buffers), backends.graph_capture():
             with cuda_graphs.side_stream(device):
                 for i in range(self.num_calls):
                     self._model_call(i, buffers, shape, static_noise, keep_x0)

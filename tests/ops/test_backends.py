@@ -123,6 +123,31 @@ def test_auto_uses_cuda_only_when_prebuilt(monkeypatch):
         assert backends.resolve(torch.device("cuda"), only_cuda) == "cuda"
 
 
+def test_auto_on_cuda_prefers_the_extension_in_eager_and_triton_for_graphs(monkeypatch):
+    # Eager, a cuda-extension call has the shorter host path; in a captured graph Triton's
+    # kernels have the shorter device time (the H200 run of 2026-12-04, BENCHMARKS.md).
+    monkeypatch.setattr(backends, "why_not", lambda name, device: None)
+    monkeypatch.setattr(extension, "prebuilt_path", lambda: "/site-packages/fastguide/_C.so")
+    cuda = torch.device("cuda")
+    both, only_triton = {"triton": True, "cuda": True}, {"triton": True, "cuda": False}
+    with fastguide.backend("auto"):
+        assert backends.resolve(cuda, both) == "cuda"
+        assert backends.resolve(cuda, only_triton) == "triton"
+        with backends.graph_capture():
+            assert backends.resolve(cuda, both) == "triton"
+            assert backends.resolve(cuda, {"triton": False, "cuda": True}) == "cuda"
+            with backends.graph_capture():
+                assert backends.resolve(cuda, both) == "triton"
+            assert backends.resolve(cuda, both) == "triton"
+        assert backends.resolve(cuda, both) == "cuda"
+        assert backends.resolve(torch.device("cpu"), both) == "torch"
+    with fastguide.backend("cuda"), backends.graph_capture():  # an explicit choice stands
+        assert backends.resolve(cuda, both) == "cuda"
+    monkeypatch.setattr(extension, "prebuilt_path", lambda: None)  # never a just-in-time build
+    with fastguide.backend("auto"):
+        assert backends.resolve(cuda, both) == "triton"
+
+
 def test_resolution_traces_under_fullgraph_compile_without_import_lookups(monkeypatch):
     # resolve() runs while torch.compile traces an op call; torch 2.11's dynamo refuses to
     # trace importlib.util.find_spec (seen on an H200: every fullgraph compile failed under
@@ -132,6 +157,7 @@ def test_resolution_traces_under_fullgraph_compile_without_import_lookups(monkey
 
     monkeypatch.setattr(importlib.util, "find_spec", no_lookup)
     monkeypatch.setattr(backends, "_TRITON_INSTALLED", True)
+    monkeypatch.setattr(extension, "prebuilt_path", lambda: None)  # as on a machine without the build
     cuda = torch.device("cuda")
 
     def resolved_length(x):

@@ -11,8 +11,9 @@ from scipy.integrate import solve_ivp
 
 import fastguide
 from fastguide import APG, CFG, AutoGuidance, CFGPlusPlus, ClassifierGuidance, GuidedSampler, NoiseSchedule, ops, sample
-from fastguide.ops import validation
+from fastguide.ops import backends, validation
 from fastguide.ops.contract import GuidanceCombine, StepCoefficients, StepTensors
+from fastguide.sampling import cuda_graphs
 from fastguide.sampling.guidance import default_sampler
 from fastguide.sampling.solvers import FLOW_ONLY, SAMPLERS, VP_ONLY, plan_steps
 from tests.helpers import backends_for, tiny_cfg_unet
@@ -967,6 +968,32 @@ def test_graphs_cover_the_loop_in_as_few_pieces_as_the_host_allows(cpu_graphs, s
     for (i, t, x, x0), (i_, t_, x_, x0_) in zip(seen["graphed"], seen["eager"]):
         assert (i, t) == (i_, t_)
         torch.testing.assert_close((x, x0), (x_, x0_), atol=1e-5, rtol=1e-5)
+
+
+def test_a_graphed_loop_warms_up_and_captures_with_auto_ordered_for_graphs(cpu_graphs, monkeypatch):
+    # ops.backends.graph_capture over the warm-up run and the capture (the same kernels in
+    # both), and never over an eager run.
+    depths, resolve = [], backends.resolve
+
+    def recording(*args, **kwargs):
+        depths.append(getattr(backends._state, "graph_capture", 0))
+        return resolve(*args, **kwargs)
+
+    monkeypatch.setattr(backends, "resolve", recording)
+    capture = cuda_graphs.capture_graph
+
+    def recording_capture(step, pool):
+        depths.append(("capture", backends._state.graph_capture))
+        return capture(step, pool)
+
+    monkeypatch.setattr(cuda_graphs, "capture_graph", recording_capture)
+    model, kwargs = tiny_cfg_unet(), dict(sampler="ddim", steps=3, guidance=CFG(3.0))
+    GuidedSampler(model, cuda_graph=True, **kwargs)((2, 3, 8, 8), labels=torch.tensor([0, 3]))
+    warm_up = depths[:depths.index(("capture", 1))]
+    assert warm_up and set(warm_up) == {1} and ("capture", 1) in depths
+    depths.clear()
+    sample(model, (2, 3, 8, 8), labels=torch.tensor([0, 3]), **kwargs)
+    assert depths and set(depths) == {0}
 
 
 def _sample_compiled(device, **compile_options):
