@@ -80,7 +80,7 @@ class FirstBlockCache:
         ``state`` (a fresh one by default: a run's caches). Returns the handle, whose
         ``remove()`` restores the model."""
         return _install(model, state, type(self).__name__,
-                        lambda blocks, first: BlockCacheState(self.threshold, blocks, first, self.order))
+                        lambda blocks, first: BlockCacheState(blocks, first, self.order, threshold=self.threshold))
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class ForecastCache:
     def install(self, model: nn.Module, state: BlockCacheState | None = None) -> BlockCacheHandle:
         """As FirstBlockCache.install, with every block of a transformer skipped on a forecast call."""
         return _install(model, state, type(self).__name__,
-                        lambda blocks, first: BlockCacheState(math.inf, blocks, first, self.order, self.forecasts),
+                        lambda blocks, first: BlockCacheState(blocks, first, self.order, schedule=self.forecasts),
                         skip_first=True)
 
 
@@ -170,14 +170,17 @@ class BlockCacheState:
     ``branches`` (the branch name of each B-row block of the forward, in order).
     ``recorded``: call index → reused, of the run that decided; with ``replaying`` the
     decisions come from it instead of the data (a captured run). ``blocks``: the
-    network's blocks, ``first_blocks`` of them evaluated on a reused call; ``order``: R̂'s;
-    ``schedule(call)``: whether a call reuses, for a fixed schedule (ForecastCache).
+    network's blocks, ``first_blocks`` of them evaluated on a reused call; ``order``: R̂'s.
+    One of ``threshold`` (FirstBlockCache: the first block's relative change below which a
+    call reuses) and ``schedule(call)`` (ForecastCache: whether a call reuses) decides.
     """
 
-    def __init__(self, threshold: float, blocks: int, first_blocks: int, order: int = 0,
+    def __init__(self, blocks: int, first_blocks: int, order: int = 0, *, threshold: float | None = None,
                  schedule: Callable[[int], bool] | None = None):
-        self.threshold, self.blocks, self.first_blocks, self.order = threshold, blocks, first_blocks, order
-        self.schedule = schedule  # a fixed schedule of reused calls (ForecastCache), else the threshold decides
+        if (threshold is None) == (schedule is None):
+            raise ValueError("BlockCacheState decides by a threshold or by a schedule: give exactly one")
+        self.blocks, self.first_blocks, self.order = blocks, first_blocks, order
+        self.threshold, self.schedule = threshold, schedule
         self.call = 0
         self.branches: tuple[str, ...] = ("cond",)
         self.recorded: dict[int, bool] = {}

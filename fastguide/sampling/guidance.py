@@ -272,8 +272,9 @@ class CFG(Guidance):
     def guided_output(self, model_output: Tensor, batch: int, channels: int) -> Tensor:
         """With ``guided_channels = k``, the official DiT's CFG: the unguided channels take the
         conditional prediction, u = c there, so u + w·(c − u) = c exactly (on a copy: the
-        model's output may be a tensor it keeps)."""
-        if self.guided_channels is None:
+        model's output may be a tensor it keeps). A call of the conditional rows alone (delta
+        reuse) has no u rows to set: its u estimate c − Δ inherits u = c there from Δ."""
+        if self.guided_channels is None or model_output.shape[0] <= batch:
             return model_output
         model_output = model_output.clone()
         model_output[batch:, self.guided_channels:channels] = model_output[:batch, self.guided_channels:channels]

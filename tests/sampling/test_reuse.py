@@ -84,6 +84,18 @@ def test_reusing_a_constant_delta_is_plain_cfg(order):
     assert sampler.last_compute["model_rows"] < 2 * BATCH * sampler.num_calls
 
 
+def test_reusing_a_constant_delta_keeps_the_unguided_channels_conditional():
+    # guided_channels = 2 of 3: the third channel takes c alone, on the calls that run u
+    # and on those that estimate it (c − Δ, Δ = 0 there).
+    model = ShiftedLabels()
+    plain, _ = run(model, CFG(3.0, guided_channels=2), null_label=4)
+    reused, sampler = run(model, CFG(3.0, guided_channels=2, reuse=DeltaReuse(every=3)), null_label=4)
+    torch.testing.assert_close(reused, plain, rtol=1e-4, atol=1e-4)
+    assert sampler.last_compute["model_rows"] < 2 * BATCH * sampler.num_calls
+    unguided, _ = run(model, CFG(3.0), null_label=4)
+    assert not torch.allclose(plain, unguided, rtol=1e-3, atol=1e-3)  # the channel setting matters here
+
+
 # ---- the compute, counted exactly ---------------------------------------------------------
 
 
@@ -169,9 +181,15 @@ def test_forecast_cache_skips_every_block_on_its_schedule(monkeypatch):
     assert sum(evaluated) == sampler.last_compute["block_rows"] == 2 * BATCH * 4 * (12 - sum(forecast))
 
 
+def test_a_block_cache_state_decides_by_a_threshold_or_a_schedule_never_both():
+    for settings in ({}, dict(threshold=0.1, schedule=lambda call: True)):
+        with pytest.raises(ValueError, match="exactly one"):
+            BlockCacheState(blocks=3, first_blocks=1, **settings)
+
+
 def test_an_extrapolated_residual_is_linear_in_the_call_index():
     """order 1: R̂ at call i = R_a + (i − a)/(a − b)·(R_a − R_b), a > b the last two computed calls."""
-    state = BlockCacheState(threshold=1.0, blocks=3, first_blocks=0, order=1, schedule=lambda call: call == 5)
+    state = BlockCacheState(blocks=3, first_blocks=0, order=1, schedule=lambda call: call == 5)
     h = torch.randn(2, 4)
     residuals = {0: torch.randn(2, 4), 2: torch.randn(2, 4)}
     for call, residual in residuals.items():
