@@ -31,6 +31,13 @@ Where it installs (``FirstBlockCache.install``):
   convolution and the first residual block) are the first block, r that residual block's
   residual; ``UNet.rest``, the network up to the last output block's features, is
   replaced on a reused call by h₁ + R.
+- diffusers' ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL): ``down_blocks[0]`` is the first
+  block and decides on the change of its output features h₁ (downsampled, so no residual
+  of the same shape: r = h₁); the anchor is ``conv_in``'s output h₀, which has the shape
+  of the last up block's output, so R = (last up block's output) − h₀. On a reused call the
+  other down blocks, the mid block and the up blocks pass their input through (a down
+  block with as many skip tensors as it would give) and the last up block returns
+  h₀ + R̂; the output convolutions run. Blocks are counted as down, mid and up blocks.
 
 ``ForecastCache(every, order, warmup)`` replaces the threshold by a fixed schedule
 (TaylorSeer's): every block is skipped on the calls between every k-th, and the whole
@@ -120,12 +127,17 @@ class ForecastCache:
 BlockCacheSettings = FirstBlockCache | ForecastCache
 
 
+def _is_diffusers_unet(model: nn.Module) -> bool:
+    """Whether ``model`` is diffusers' UNet2DConditionModel (its down, mid and up blocks)."""
+    return type(model).__name__ == "UNet2DConditionModel" and type(model).__module__.startswith("diffusers.")
+
+
 def check_cacheable(model: object, name: str) -> None:
     """Refuse, naming ``cache``, a model a block cache cannot install on (see the module
     docstring for those it can)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"cache: {name} caches a torch.nn.Module's blocks, got {type(model).__name__}")
-    if isinstance(model, UNet):
+    if isinstance(model, UNet) or _is_diffusers_unet(model):
         return
     try:
         attribute, blocks = block_list(model, name)
@@ -152,6 +164,8 @@ def _install(model: nn.Module, state: BlockCacheState | None, name: str,
         handle.wrap(model.input_blocks[UNet.FIRST_BLOCKS - 1], "forward", _first_block(state))
         handle.wrap(model, "rest", _unet_rest(state))
         return handle
+    if _is_diffusers_unet(model):
+        return _install_on_diffusers_unet(model, state, new_state, skip_first)
     _, blocks = block_list(model, name)
     state = state or new_state(len(blocks), 0 if skip_first else 1)
     handle = BlockCacheHandle(state)
@@ -159,8 +173,41 @@ def _install(model: nn.Module, state: BlockCacheState | None, name: str,
     handle.wrap(blocks[0], "forward", first)
     for block in blocks[1:-1]:
         handle.wrap(block, "forward", _passed_through_when_reused(state, passthrough(block)))
-    handle.wrap(blocks[-1], "forward", _last_block(state, passthrough(blocks[-1])))
+    handle.wrap(blocks[-1], "forward", _last_block(state))
     return handle
+
+
+def _install_on_diffusers_unet(model: nn.Module, state: BlockCacheState | None,
+                               new_state: Callable[[int, int], BlockCacheState], skip_first: bool) -> BlockCacheHandle:
+    """The wrappers on a UNet2DConditionModel (the module docstring): conv_in keeps the
+    anchor h₀, down_blocks[0] decides, the blocks after it pass through on a reused call,
+    the last up block adds the residual to h₀."""
+    down, up = list(model.down_blocks), list(model.up_blocks)
+    middle = [model.mid_block] if model.mid_block is not None else []
+    state = state or new_state(len(down) + len(middle) + len(up), 0 if skip_first else 1)
+    handle = BlockCacheHandle(state)
+    handle.wrap(model.conv_in, "forward", _anchoring(state))
+    through = _down_block_passthrough(down[0])
+    handle.wrap(down[0], "forward", _scheduled_first_block(state, through) if skip_first else _first_block(state))
+    for block in down[1:]:
+        handle.wrap(block, "forward", _passed_through_when_reused(state, _down_block_passthrough(block)))
+    for block in middle + up[:-1]:
+        handle.wrap(block, "forward", _passed_through_when_reused(state, passthrough(block)))
+    handle.wrap(up[-1], "forward", _last_block(state))
+    return handle
+
+
+def _down_block_passthrough(block: nn.Module) -> Callable[[tuple, dict], tuple[Tensor, tuple[Tensor, ...]]]:
+    """What a diffusers down block returns when it passes its input h through: (h, skips)
+    with as many skip tensors as it gives (one per resnet, one more for a downsampler), so
+    that the up blocks, skipped too, take their usual number of them."""
+    count = len(block.resnets) + (len(block.downsamplers) if getattr(block, "downsamplers", None) else 0)
+    hidden_states = passthrough(block)
+
+    def through(args: tuple, kwargs: dict) -> tuple[Tensor, tuple[Tensor, ...]]:
+        h = hidden_states(args, kwargs)
+        return h, (h,) * count
+    return through
 
 
 class BlockCacheState:
@@ -194,6 +241,9 @@ class BlockCacheState:
         self.active = False
         self.reusing = False  # the current forward's decision
         self.first_out: Tensor | None = None  # the current forward's h₁
+        # The tensor the residual is taken from and added to, when not h₁ (a diffusers UNet's h₀,
+        # set by its conv_in before the first block decides)
+        self.anchor: Tensor | None = None
 
     def begin_run(self) -> None:
         """Forget the kept residuals and references: every run (and a captured run's capture)
@@ -214,7 +264,7 @@ class BlockCacheState:
         """The call's decision, from the first block's input h₀ and output h₁ (the anchor
         the reused residual is added to; h₀ itself when every block is skipped)."""
         blocks = self._blocks_of(first_out.shape[0])
-        self.first_out = first_out
+        self.first_out = first_out if self.anchor is None else self.anchor
         if self.schedule is not None:  # fixed: no residual compared, nothing read on the host
             if not self.replaying:
                 self.recorded[self.call] = self.schedule(self.call) and all(
@@ -338,10 +388,27 @@ def _keep(store: dict[str, Tensor], key: str, value: Tensor) -> None:
 
 def _first_block(state: BlockCacheState) -> Callable[[Callable], Callable]:
     def make(inner: Callable) -> Callable:
+        def forward(*args: object, **kwargs: object) -> object:
+            out = inner(*args, **kwargs)
+            if state.active:
+                state.decide(args[0] if args else next(iter(kwargs.values())), _hidden(out))
+            return out
+        return forward
+    return make
+
+
+def _hidden(out: object) -> Tensor:
+    """A first block's hidden states: its output, or a diffusers down block's (h, skips)[0]."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _anchoring(state: BlockCacheState) -> Callable[[Callable], Callable]:
+    """A diffusers UNet's conv_in: its output h₀ is the anchor of the call's residual."""
+    def make(inner: Callable) -> Callable:
         def forward(*args: object, **kwargs: object) -> Tensor:
             out = inner(*args, **kwargs)
             if state.active:
-                state.decide(args[0] if args else next(iter(kwargs.values())), out)
+                state.anchor = out
             return out
         return forward
     return make
@@ -354,9 +421,9 @@ def _scheduled_first_block(state: BlockCacheState, through: Callable) -> Callabl
         def forward(*args: object, **kwargs: object) -> object:
             if not state.active:
                 return inner(*args, **kwargs)
-            h0 = through(args, kwargs)
-            state.decide(h0, h0)
-            return h0 if state.reusing else inner(*args, **kwargs)
+            passed = through(args, kwargs)
+            state.decide(_hidden(passed), _hidden(passed))
+            return passed if state.reusing else inner(*args, **kwargs)
         return forward
     return make
 
@@ -369,13 +436,15 @@ def _passed_through_when_reused(state: BlockCacheState, through: Callable) -> Ca
     return make
 
 
-def _last_block(state: BlockCacheState, through: Callable) -> Callable[[Callable], Callable]:
+def _last_block(state: BlockCacheState) -> Callable[[Callable], Callable]:
+    """The last block: on a reused call the anchor plus R̂ (a transformer's h₁, which the
+    blocks between passed through; a diffusers UNet's h₀), else its output, R kept."""
     def make(inner: Callable) -> Callable:
         def forward(*args: object, **kwargs: object) -> Tensor:
             if not state.active:
                 return inner(*args, **kwargs)
             if state.reusing:
-                return state.reused(through(args, kwargs))
+                return state.reused(state.first_out)
             out = inner(*args, **kwargs)
             state.computed(out)
             return out

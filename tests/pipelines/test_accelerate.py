@@ -240,6 +240,22 @@ def test_a_block_cache_reaches_an_accelerated_pipelines_transformer(case, monkey
     assert 0 < sum(rows) < blocks * 2 * 2 * call["num_inference_steps"]
 
 
+@pytest.mark.parametrize("make, call", [(lambda: stable_diffusion(SD_SCHEDULERS["ddim"]()), SD_CALL),
+                                        (stable_diffusion_xl, SDXL_CALL)], ids=["sd", "sdxl"])
+def test_a_block_cache_reaches_an_accelerated_pipelines_unet(make, call):
+    """A UNet2DConditionModel's blocks after its first down block are skipped on reused calls
+    (exact where it never reuses)."""
+    plain = _images(fastguide.accelerate(make()), call)
+    never = fastguide.accelerate(make(), cache=fastguide.FirstBlockCache(threshold=1e-30))
+    assert torch.equal(_images(never, call), plain)
+    cached = fastguide.accelerate(make(), cache=fastguide.FirstBlockCache(threshold=10.0))
+    mid_runs = []
+    cached.unet.mid_block.resnets[0].register_forward_hook(lambda *args: mid_runs.append(1))
+    got = _images(cached, call)
+    assert cached.fastguide_fallback is None and torch.isfinite(got).all() and not torch.equal(got, plain)
+    assert 0 < len(mid_runs) < call["num_inference_steps"]
+
+
 def test_accelerate_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="apply to a diffusers pipeline"):
         fastguide.accelerate(torch.nn.Linear(2, 2), sampler="unipc")
@@ -252,8 +268,6 @@ def test_accelerate_refuses_what_it_cannot_take():
         fastguide.accelerate(pipe, spacing="karras")
     with pytest.raises(TypeError, match="cache must be a fastguide.FirstBlockCache"):
         fastguide.accelerate(pipe, cache=0.1)
-    with pytest.raises(ValueError, match=r"cache: model \(UNet2DConditionModel\) has no transformer blocks"):
-        fastguide.accelerate(pipe, cache=fastguide.FirstBlockCache())
     with pytest.raises(ValueError, match="joint transformer blocks"):
         fastguide.accelerate(stable_diffusion_3(), cache=fastguide.ForecastCache())
 

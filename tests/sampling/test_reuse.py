@@ -327,3 +327,87 @@ def test_a_model_without_blocks_is_refused_before_any_forward():
     sampler = GuidedSampler(torch.nn.Identity(), steps=4, schedule=SCHEDULE, cache=FirstBlockCache())
     with pytest.raises(ValueError, match="no transformer blocks: FirstBlockCache"):
         sampler((1, 3, 8, 8))
+
+
+# ---- diffusers' UNet2DConditionModel ------------------------------------------------------
+
+
+class TextUNet(torch.nn.Module):
+    """A tiny SD-style UNet2DConditionModel (random weights) as a fastguide model of
+    ``encoder_hidden_states``; block caches reach it through ``perturbation_target``."""
+
+    def __init__(self):
+        super().__init__()
+        diffusers = pytest.importorskip("diffusers")
+        self.unet = randomize(diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, norm_num_groups=8,
+            attention_head_dim=8), seed=6).eval()
+
+    @property
+    def perturbation_target(self) -> torch.nn.Module:
+        return self.unet
+
+    def forward(self, x, t, encoder_hidden_states):
+        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+def run_text(model, cache=None, steps=8):
+    prompts = torch.randn(2, BATCH, 5, 16, generator=torch.Generator().manual_seed(7))
+    sampler = GuidedSampler(model, sampler="dpm++2m", steps=steps, schedule=SCHEDULE, guidance=CFG(3.0), cache=cache)
+    noise = torch.randn((BATCH, 3, 8, 8), generator=torch.Generator().manual_seed(8))
+    out = sampler(noise.shape, noise=noise, cond={"encoder_hidden_states": prompts[0]},
+                  uncond={"encoder_hidden_states": prompts[1]})
+    return out, sampler
+
+
+@pytest.mark.parametrize("cache", [FirstBlockCache(threshold=1e-30), ForecastCache(every=2, warmup=20)], ids=str)
+def test_a_diffusers_unet_cache_that_never_reuses_is_bit_for_bit_plain_cfg(cache):
+    model = TextUNet()
+    plain, _ = run_text(model)
+    cached, sampler = run_text(model, cache=cache)
+    assert torch.equal(plain, cached) and sampler.last_compute["reused_calls"] == 0
+    assert not any("forward" in module.__dict__ for module in model.modules())  # removed after the run
+
+
+@pytest.mark.parametrize("cache", [FirstBlockCache(threshold=10.0), ForecastCache(every=2, warmup=2)], ids=str)
+def test_a_diffusers_unet_reuse_skips_every_block_after_the_first_and_counts_them(cache):
+    model = TextUNet()
+    ran = {"down_blocks.0": [], "mid_block": [], "up_blocks.1": []}  # counted by a resnet inside each
+    for name in ran:
+        model.unet.get_submodule(f"{name}.resnets.0").register_forward_hook(
+            lambda module, args, out, name=name: ran[name].append(1))
+    plain, _ = run_text(model)
+    ran = {name: calls.clear() or calls for name, calls in ran.items()}
+    cached, sampler = run_text(model, cache=cache)
+    calls, reused = sampler.num_calls, sampler.last_compute["reused_calls"]
+    assert 0 < reused < calls
+    assert len(ran["mid_block"]) == len(ran["up_blocks.1"]) == calls - reused
+    first_runs = calls if isinstance(cache, FirstBlockCache) else calls - reused
+    assert len(ran["down_blocks.0"]) == first_runs
+    blocks = 2 + 1 + 2
+    first = 1 if isinstance(cache, FirstBlockCache) else 0
+    assert sampler.last_compute["block_rows"] == 2 * BATCH * ((calls - reused) * blocks + reused * first)
+    assert torch.isfinite(cached).all() and not torch.equal(cached, plain)
+    # what a reused call takes is the computed calls' output features, not noise: the samples stay near
+    assert (cached - plain).abs().mean() < plain.abs().mean()
+
+
+def test_a_reused_diffusers_unet_call_returns_the_computed_output_for_the_same_input():
+    """R = (last up block's output) − conv_in's output: reusing it on the same input gives the
+    computed output back, up to the rounding of adding and subtracting h₀."""
+    unet = TextUNet().unet
+    x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(9)), torch.tensor([500, 500])
+    context = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(10))
+    with FirstBlockCache(threshold=0.01).install(unet) as handle, torch.no_grad():
+        state = handle.state
+        state.active = True
+        outputs = []
+        for call in range(2):
+            state.call = call
+            outputs.append(unet(x, t, encoder_hidden_states=context, return_dict=False)[0])
+        assert state.recorded == {0: False, 1: True}
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=context, return_dict=False)[0], outputs[0])
