@@ -26,7 +26,8 @@ Where it installs (``FirstBlockCache.install``):
 - a model with a ModuleList of transformer blocks (fastguide's DiT ``blocks``; diffusers'
   DiT and PixArt ``transformer_blocks``, whose blocks return their hidden states): block 0
   is the first block; on a reused call blocks 1..L−2 pass their input through and block
-  L−1 returns it plus R;
+  L−1 returns it plus R; SD3's joint blocks likewise on their image stream, the context
+  stream passed through (the last block drops it, ``context_pre_only``);
 - fastguide's ADM UNet: its first ``UNet.FIRST_BLOCKS`` input blocks (the stem
   convolution and the first residual block) are the first block, r that residual block's
   residual; ``UNet.rest``, the network up to the last output block's features, is
@@ -59,7 +60,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .blocks import block_list, is_joint_block, passthrough
+from .blocks import block_list, hidden_output, passthrough, with_hidden_output
 from .unet import UNet
 
 
@@ -145,9 +146,6 @@ def check_cacheable(model: object, name: str) -> None:
         raise ValueError(f"cache: {error}") from None
     if len(blocks) < 2:
         raise ValueError(f"cache: {name} needs at least 2 blocks to skip any, model.{attribute} holds {len(blocks)}")
-    if any(is_joint_block(block) for block in blocks):
-        raise ValueError(f"cache: {name} does not yet cache SD3's joint transformer blocks (two streams, the last "
-                         "block's context dropped)")
 
 
 def _install(model: nn.Module, state: BlockCacheState | None, name: str,
@@ -161,7 +159,7 @@ def _install(model: nn.Module, state: BlockCacheState | None, name: str,
     if isinstance(model, UNet):
         state = state or new_state(len(model.input_blocks) + 1 + len(model.output_blocks), UNet.FIRST_BLOCKS)
         handle = BlockCacheHandle(state)
-        handle.wrap(model.input_blocks[UNet.FIRST_BLOCKS - 1], "forward", _first_block(state))
+        handle.wrap(model.input_blocks[UNet.FIRST_BLOCKS - 1], "forward", _first_block(state, lambda out: out))
         handle.wrap(model, "rest", _unet_rest(state))
         return handle
     if _is_diffusers_unet(model):
@@ -169,11 +167,13 @@ def _install(model: nn.Module, state: BlockCacheState | None, name: str,
     _, blocks = block_list(model, name)
     state = state or new_state(len(blocks), 0 if skip_first else 1)
     handle = BlockCacheHandle(state)
-    first = _scheduled_first_block(state, passthrough(blocks[0])) if skip_first else _first_block(state)
-    handle.wrap(blocks[0], "forward", first)
+    first, hidden = blocks[0], hidden_output(blocks[0])
+    handle.wrap(first, "forward", _scheduled_first_block(state, passthrough(first), hidden) if skip_first
+                else _first_block(state, hidden))
     for block in blocks[1:-1]:
         handle.wrap(block, "forward", _passed_through_when_reused(state, passthrough(block)))
-    handle.wrap(blocks[-1], "forward", _last_block(state))
+    last = blocks[-1]
+    handle.wrap(last, "forward", _last_block(state, hidden_output(last), with_hidden_output(last)))
     return handle
 
 
@@ -187,13 +187,14 @@ def _install_on_diffusers_unet(model: nn.Module, state: BlockCacheState | None,
     state = state or new_state(len(down) + len(middle) + len(up), 0 if skip_first else 1)
     handle = BlockCacheHandle(state)
     handle.wrap(model.conv_in, "forward", _anchoring(state))
-    through = _down_block_passthrough(down[0])
-    handle.wrap(down[0], "forward", _scheduled_first_block(state, through) if skip_first else _first_block(state))
+    through, hidden = _down_block_passthrough(down[0]), (lambda out: out[0])  # a down block gives (h, skips)
+    handle.wrap(down[0], "forward", _scheduled_first_block(state, through, hidden) if skip_first
+                else _first_block(state, hidden))
     for block in down[1:]:
         handle.wrap(block, "forward", _passed_through_when_reused(state, _down_block_passthrough(block)))
     for block in middle + up[:-1]:
         handle.wrap(block, "forward", _passed_through_when_reused(state, passthrough(block)))
-    handle.wrap(up[-1], "forward", _last_block(state))
+    handle.wrap(up[-1], "forward", _last_block(state, lambda out: out, lambda args, kwargs, h: h))
     return handle
 
 
@@ -386,20 +387,16 @@ def _keep(store: dict[str, Tensor], key: str, value: Tensor) -> None:
         kept.copy_(value)
 
 
-def _first_block(state: BlockCacheState) -> Callable[[Callable], Callable]:
+def _first_block(state: BlockCacheState, hidden: Callable[[object], Tensor]) -> Callable[[Callable], Callable]:
+    """The first block, deciding from its input h₀ and its output's hidden states h₁."""
     def make(inner: Callable) -> Callable:
         def forward(*args: object, **kwargs: object) -> object:
             out = inner(*args, **kwargs)
             if state.active:
-                state.decide(args[0] if args else next(iter(kwargs.values())), _hidden(out))
+                state.decide(args[0] if args else next(iter(kwargs.values())), hidden(out))
             return out
         return forward
     return make
-
-
-def _hidden(out: object) -> Tensor:
-    """A first block's hidden states: its output, or a diffusers down block's (h, skips)[0]."""
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _anchoring(state: BlockCacheState) -> Callable[[Callable], Callable]:
@@ -414,7 +411,8 @@ def _anchoring(state: BlockCacheState) -> Callable[[Callable], Callable]:
     return make
 
 
-def _scheduled_first_block(state: BlockCacheState, through: Callable) -> Callable[[Callable], Callable]:
+def _scheduled_first_block(state: BlockCacheState, through: Callable,
+                           hidden: Callable[[object], Tensor]) -> Callable[[Callable], Callable]:
     """Block 0 when a fixed schedule decides: before it runs, anchored at its input h₀, which
     it passes through on a reused call."""
     def make(inner: Callable) -> Callable:
@@ -422,7 +420,7 @@ def _scheduled_first_block(state: BlockCacheState, through: Callable) -> Callabl
             if not state.active:
                 return inner(*args, **kwargs)
             passed = through(args, kwargs)
-            state.decide(_hidden(passed), _hidden(passed))
+            state.decide(hidden(passed), hidden(passed))
             return passed if state.reusing else inner(*args, **kwargs)
         return forward
     return make
@@ -436,17 +434,19 @@ def _passed_through_when_reused(state: BlockCacheState, through: Callable) -> Ca
     return make
 
 
-def _last_block(state: BlockCacheState) -> Callable[[Callable], Callable]:
+def _last_block(state: BlockCacheState, hidden: Callable[[object], Tensor],
+                with_hidden: Callable[[tuple, dict, Tensor], object]) -> Callable[[Callable], Callable]:
     """The last block: on a reused call the anchor plus R̂ (a transformer's h₁, which the
-    blocks between passed through; a diffusers UNet's h₀), else its output, R kept."""
+    blocks between passed through; a diffusers UNet's h₀) in the block's output form, else
+    its output, R kept from its hidden states."""
     def make(inner: Callable) -> Callable:
-        def forward(*args: object, **kwargs: object) -> Tensor:
+        def forward(*args: object, **kwargs: object) -> object:
             if not state.active:
                 return inner(*args, **kwargs)
             if state.reusing:
-                return state.reused(state.first_out)
+                return with_hidden(args, kwargs, state.reused(state.first_out))
             out = inner(*args, **kwargs)
-            state.computed(out)
+            state.computed(hidden(out))
             return out
         return forward
     return make

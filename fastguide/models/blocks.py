@@ -67,3 +67,21 @@ def passthrough(block: nn.Module) -> Passthrough:
 
 def _joint_passthrough(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
     return argument(args, kwargs, 1, "encoder_hidden_states"), argument(args, kwargs, 0, "hidden_states")
+
+
+def hidden_output(block: nn.Module) -> Callable[[object], Tensor]:
+    """The hidden states among ``block``'s outputs: its output, or an SD3 joint block's second."""
+    if is_joint_block(block):
+        return lambda out: out[1]
+    return lambda out: out
+
+
+def with_hidden_output(block: nn.Module) -> Callable[[tuple, dict, Tensor], object]:
+    """``(args, kwargs, h)`` -> what ``block`` returns with hidden states h: h itself, or for
+    an SD3 joint block (its encoder_hidden_states input, h), the first None when the block
+    drops the context stream (the last block's ``context_pre_only``)."""
+    if not is_joint_block(block):
+        return lambda args, kwargs, h: h
+    if block.context_pre_only:
+        return lambda args, kwargs, h: (None, h)
+    return lambda args, kwargs, h: (argument(args, kwargs, 1, "encoder_hidden_states"), h)

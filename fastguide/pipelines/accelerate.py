@@ -23,8 +23,8 @@ fastguide's own choices stay open, as options of ``accelerate`` (kept on the pip
 ``sampler=`` (with ``spacing=``) samples with a fastguide solver on the scheduler's noise
 schedule instead of reproducing the scheduler; ``guidance=`` a ``fastguide.Guidance`` to use
 instead of the pipeline's CFG (its ``guidance_scale`` then has no effect); ``cache=`` a
-``fastguide.FirstBlockCache`` or ``ForecastCache`` for the denoiser's blocks (DiT and
-PixArt transformer blocks; an SD/SDXL UNet's down, mid and up blocks);
+``fastguide.FirstBlockCache`` or ``ForecastCache`` for the denoiser's blocks (DiT, PixArt
+and SD3 transformer blocks; an SD/SDXL UNet's down, mid and up blocks);
 ``cuda_graph=True`` captures the loop as CUDA graphs.
 """
 

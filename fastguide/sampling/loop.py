@@ -950,8 +950,8 @@ def sample(
         cache: ``FirstBlockCache(threshold)``: skip the model's blocks after its first on
             calls where the first block's residual changed by less than ``threshold``; or
             ``ForecastCache(every)``: skip them on a fixed schedule, extrapolating their
-            residual (fastguide's DiT and UNet, diffusers' DiT and PixArt transformers
-            and SD/SDXL UNets; see fastguide.models.block_cache). ``GuidedSampler.last_compute``
+            residual (fastguide's DiT and UNet, diffusers' DiT, PixArt and SD3
+            transformers and SD/SDXL UNets; see fastguide.models.block_cache). ``GuidedSampler.last_compute``
             counts the rows and blocks a run evaluated.
         device: where to sample (default: the noise's, else the model's).
         cuda_graph: capture the loop as CUDA graphs and replay them (CUDA only; not with

@@ -219,7 +219,7 @@ def test_fastguides_own_sampler_and_guidance_are_options():
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["pixart-alpha", "dit-dpm++2m"])
+@pytest.mark.parametrize("case", ["pixart-alpha", "dit-dpm++2m", "sd3-flow-euler"])
 def test_a_block_cache_reaches_an_accelerated_pipelines_transformer(case, monkeypatch):
     """cache=FirstBlockCache(t): exact where it never reuses; where it does, the transformer's
     blocks run fewer rows, and the loop's count says how many."""
@@ -228,7 +228,8 @@ def test_a_block_cache_reaches_an_accelerated_pipelines_transformer(case, monkey
     never = fastguide.accelerate(make(), cache=fastguide.FirstBlockCache(threshold=1e-30))
     assert torch.equal(_images(never, call), plain)
     rows = []
-    block_class = diffusers.models.attention.BasicTransformerBlock
+    attention = diffusers.models.attention
+    block_class = attention.JointTransformerBlock if case.startswith("sd3") else attention.BasicTransformerBlock
     forward = block_class.forward
     monkeypatch.setattr(block_class, "forward",
                         lambda self, hidden_states, *a, **k: rows.append(len(hidden_states)) or forward(
@@ -256,6 +257,17 @@ def test_a_block_cache_reaches_an_accelerated_pipelines_unet(make, call):
     assert 0 < len(mid_runs) < call["num_inference_steps"]
 
 
+def test_a_forecast_cache_on_sd3s_joint_blocks():
+    """Both streams pass through a forecast call's joint blocks; the last, which drops the
+    context stream, returns (None, h₀ + R̂) as it would return (None, h)."""
+    plain = _images(fastguide.accelerate(stable_diffusion_3()), SD3_CALL)
+    never = fastguide.accelerate(stable_diffusion_3(), cache=fastguide.ForecastCache(every=2, warmup=100))
+    assert torch.equal(_images(never, SD3_CALL), plain)
+    forecast = _images(fastguide.accelerate(stable_diffusion_3(), cache=fastguide.ForecastCache(every=2)), SD3_CALL)
+    assert torch.isfinite(forecast).all() and not torch.equal(forecast, plain)
+    assert (forecast - plain).abs().mean() < plain.abs().mean()
+
+
 def test_accelerate_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="apply to a diffusers pipeline"):
         fastguide.accelerate(torch.nn.Linear(2, 2), sampler="unipc")
@@ -268,8 +280,6 @@ def test_accelerate_refuses_what_it_cannot_take():
         fastguide.accelerate(pipe, spacing="karras")
     with pytest.raises(TypeError, match="cache must be a fastguide.FirstBlockCache"):
         fastguide.accelerate(pipe, cache=0.1)
-    with pytest.raises(ValueError, match="joint transformer blocks"):
-        fastguide.accelerate(stable_diffusion_3(), cache=fastguide.ForecastCache())
 
 
 @pytest.mark.gpu
