@@ -17,16 +17,21 @@ on fewer calls); truncated CFG (``CFG(w, truncate=γ)``); delta reuse (``CFG(w,
 reuse=DeltaReuse(every=k, order))``); fastguide's First-Block Cache (``cache=
 FirstBlockCache(t, order)``) and its fixed-schedule variant (``cache=ForecastCache(k)``,
 TaylorSeer's rule over the whole block stack), each also with delta reuse; and on the
-transformer, diffusers' own cache hooks (``FirstBlockCacheConfig``, and
-``TaylorSeerCacheConfig`` caching whole blocks) on a diffusers ``DiTTransformer2DModel``
-holding the same weights (fastguide.models.diffusers_dit), called by the same loop.
+transformer, diffusers' own cache hooks (``FirstBlockCacheConfig``, ``MagCacheConfig``
+with magnitude ratios calibrated on the same run, and ``TaylorSeerCacheConfig`` caching
+whole blocks) on a diffusers ``DiTTransformer2DModel`` holding the same weights
+(fastguide.models.diffusers_dit), called by the same loop. diffusers' attention-level
+hooks (``PyramidAttentionBroadcastConfig``, ``FasterCacheConfig``) skip attention but
+not blocks, which this count of rows × blocks cannot weigh: they are not rows here.
 Writes DIR/reuse.json, DIR/reuse.md, DIR/reuse.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
+import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -52,9 +57,10 @@ FORECAST_EVERY = (2, 3, 4)
 FORECAST_COMBINED = (((4, 1), 2),)
 DIFFUSERS_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)
 TAYLORSEER_INTERVALS = (2, 3, 4)
+MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.24)
 QUICK = dict(fewer=(13,), truncate=(0.99,), reuse=((2, 1),), thresholds=(0.2,), extrapolated=(0.3,),
              combined=(((2, 1), (0.15, 1)),), forecast=(2,), forecast_combined=(((4, 1), 2),), diffusers=(0.2,),
-             taylorseer=(2,))
+             taylorseer=(2,), magcache=(0.12,))
 
 
 class _Network:
@@ -132,8 +138,10 @@ def diffusers_rows(network: _Network, labels, noise, quick: bool, evaluate, say)
     try:
         from diffusers.hooks import (
             FirstBlockCacheConfig,
+            MagCacheConfig,
             TaylorSeerCacheConfig,
             apply_first_block_cache,
+            apply_mag_cache,
             apply_taylorseer_cache,
         )
     except ImportError as error:
@@ -156,6 +164,10 @@ def diffusers_rows(network: _Network, labels, noise, quick: bool, evaluate, say)
                                                         taylor_factors_dtype=torch.float32,
                                                         cache_identifiers=[r"transformer_blocks\.\d+"]))
                      for k in (QUICK["taylorseer"] if quick else TAYLORSEER_INTERVALS)]
+        ratios = _calibrated_mag_ratios(network, labels, noise, MagCacheConfig, apply_mag_cache)
+        settings += [("diffusers MagCacheConfig", f"threshold={t}", apply_mag_cache,
+                      lambda t=t: MagCacheConfig(threshold=t, num_inference_steps=CALLS, mag_ratios=ratios))
+                     for t in (QUICK["magcache"] if quick else MAGCACHE_THRESHOLDS)]
         for method, setting, apply, config in settings:
             model = DiffusersDiT(to_diffusers(network.model))
             apply(model.transformer, config())
@@ -165,6 +177,25 @@ def diffusers_rows(network: _Network, labels, noise, quick: bool, evaluate, say)
             rows.append(evaluate(network, method, setting, images, compute, reference))
             say(f"{network.name}: {method} {setting}")
     return rows
+
+
+def _calibrated_mag_ratios(network: _Network, labels, noise, config_class, apply) -> list[float]:
+    """MagCache's magnitude ratios for this network and run: one run in its calibration
+    mode, which prints them (the way diffusers hands them over) at its last call."""
+    from fastguide.models.diffusers_dit import DiffusersDiT, to_diffusers
+
+    model = DiffusersDiT(to_diffusers(network.model))
+    apply(model.transformer, config_class(calibrate=True, num_inference_steps=CALLS))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        sample_row(network, _InCacheContext(model), labels, noise)
+    lists = [line for line in printed.getvalue().splitlines() if line.startswith("[")]
+    if not lists:
+        raise RuntimeError(f"MagCache calibration printed no ratios: {printed.getvalue()!r}")
+    ratios = ast.literal_eval(lists[-1])
+    if len(ratios) != CALLS:
+        raise RuntimeError(f"MagCache calibration gave {len(ratios)} ratios for {CALLS} calls")
+    return ratios
 
 
 def run(samples: int, quick: bool, say: Callable[[str], None]) -> list[dict]:

@@ -36,6 +36,7 @@ def test_reuse_study_at_its_reduced_size(tmp_path):
         for method in ("CFG", "CFG, fewer steps", "truncated CFG", "delta reuse", "FirstBlockCache"):
             assert (model, method) in methods
     assert ("digits transformer", "diffusers FirstBlockCacheConfig") in methods
+    assert ("digits transformer", "diffusers MagCacheConfig") in methods  # with ratios calibrated on the run
     compute = {(r["model"], r["method"]): r["compute"] for r in rows}
     assert compute[("digits UNet", "CFG")] == 1.0
     assert compute[("digits UNet", "CFG, fewer steps")] == 13 / 25

@@ -411,3 +411,19 @@ def test_a_reused_diffusers_unet_call_returns_the_computed_output_for_the_same_i
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(unet(x, t, encoder_hidden_states=context, return_dict=False)[0], outputs[0])
+
+
+@pytest.mark.parametrize("cache", [FirstBlockCache(threshold=0.3, order=1), ForecastCache(every=2)], ids=str)
+def test_graph_replays_of_a_diffusers_unet_follow_the_warm_up_runs_decisions(cpu_graphs, cache):
+    model = TextUNet()
+    eager, eager_sampler = run_text(model, cache=cache)
+    assert 0 < eager_sampler.last_compute["reused_calls"] < eager_sampler.num_calls
+    prompts = torch.randn(2, BATCH, 5, 16, generator=torch.Generator().manual_seed(7))
+    conditioning = dict(cond={"encoder_hidden_states": prompts[0]}, uncond={"encoder_hidden_states": prompts[1]})
+    graphed = GuidedSampler(model, sampler="dpm++2m", steps=8, schedule=SCHEDULE, guidance=CFG(3.0), cache=cache,
+                            cuda_graph=True)
+    noise = torch.randn((BATCH, 3, 8, 8), generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(graphed(noise.shape, noise=noise, **conditioning), eager, rtol=1e-5, atol=1e-5)
+    other = torch.randn((BATCH, 3, 8, 8), generator=torch.Generator().manual_seed(9))
+    graphed(noise.shape, noise=other, **conditioning)  # another x_T replays the same decisions
+    assert graphed.last_compute == eager_sampler.last_compute and len(cpu_graphs) >= 1
