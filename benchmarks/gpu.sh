@@ -74,6 +74,7 @@ if [ "$mode" = "--dry-run" ]; then
     echo "+ $py -m fastguide selfcheck --device cuda > $out/selfcheck.txt"
     echo "+ FASTGUIDE_BACKEND=cuda $py -m fastguide selfcheck --device cuda >> $out/selfcheck.txt"
     echo "+ $py -m benchmarks.sampling.loop_profile --out $out > $out/loop_profile.log"
+    echo "+ $py benchmarks/ops/host_path.py --device cuda --rounds 5 > $out/host_path.md"
     echo "+ $py -m pytest tests -m gpu -q --durations=15 > $out/gpu-tests.log"
     echo "+ $py -m fastguide bench -k MODULE --out $out/bench/MODULE, for each benchmarks/*/bench_*.py"
     echo "+ $py -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_compile.py -q > $out/backend-tests.log"
@@ -97,6 +98,10 @@ keep "${PIPESTATUS[0]}"
 # Where the eager loops' time goes (a minute): fastguide's loop against the diffusers-style
 # one, launches and host waits per step and the operators with the most host time.
 "$py" -m benchmarks.sampling.loop_profile --out "$out" 2>&1 | tee "$out/loop_profile.log" | head -n 8
+keep "${PIPESTATUS[0]}"
+# Each op's call split into fastguide's part and its backend's (seconds): where a call's
+# host time beyond the kernel goes.
+"$py" benchmarks/ops/host_path.py --device cuda --rounds 5 2>&1 | tee "$out/host_path.md"
 keep "${PIPESTATUS[0]}"
 "$py" -m pytest tests -m gpu -q -p no:cacheprovider --durations=15 2>&1 | tee "$out/gpu-tests.log"
 keep "${PIPESTATUS[0]}"

@@ -1,10 +1,15 @@
-"""The ops' own host path per call: a call's time minus its reference math's, on tiny
-tensors under no_grad, where the math is a few µs and the rest is validation, backend
-resolution and dispatch (what a launch-bound GPU loop pays per op on top of the launch).
+"""The ops' own host path per call, split from the backend's: on tiny tensors, back to back
+under no_grad, each op called through ``fastguide.ops`` and its backend's function called
+directly with the arguments the op handed it (captured from a first call). The difference
+is fastguide's part (validation, backend resolution, dispatch, the tensors' preparation):
+what a launch-bound loop pays per op on top of the backend's own launch path.
 
-    OMP_NUM_THREADS=1 python benchmarks/ops/host_path.py [--calls 2000] [--rounds 7]
+    OMP_NUM_THREADS=1 python benchmarks/ops/host_path.py [--device cpu|cuda] [--calls 2000] [--rounds 7]
 
-Prints, per op, the medians over the rounds of µs per call. Run two checkouts back to
+On the CPU the backend is ``torch`` (its function is the reference math). On CUDA every
+backend that runs (``triton``; ``cuda`` when the extension is built) gets a row, and one
+ATen launch (a tiny ``torch.add``) is timed beside them as the host's yardstick. Prints,
+per op and backend, the medians over the rounds of µs per call. Run two checkouts back to
 back (PYTHONPATH=<other checkout>) to compare them; absolute CPU times vary ±20%.
 """
 
@@ -13,59 +18,111 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
+import fastguide
 from fastguide import ops
-from fastguide.ops import reference
-from fastguide.ops.contract import GuidanceCombine, StepCoefficients, StepTensors
+from fastguide.ops import backends
+from fastguide.ops.contract import GuidanceCombine, StepCoefficients
+
+# op -> the backend-module function that op's forward calls
+BACKEND_FUNCTIONS = {"guided_step": "guided_step", "layer_norm": "layer_norm_forward",
+                     "group_norm": "group_norm_forward", "attention": "attention_forward"}
 
 
-def per_call_us(fn, calls: int) -> float:
+def per_call_us(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+    """µs per call of ``calls`` back-to-back calls, until the device has run them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def cases() -> dict[str, tuple]:
+def cases(device: torch.device) -> dict[str, tuple[str, Callable[[], object]]]:
+    """name -> (op, a call of it through fastguide.ops) on small random tensors."""
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randn(2, 4, 8, generator=g)
-    scale, shift = torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
-    image, weight, bias = torch.randn(2, 8, 4, 4, generator=g), torch.randn(8, generator=g), torch.randn(8, generator=g)
-    q = torch.randn(1, 2, 5, 8, generator=g)
-    x, model_output = torch.randn(1, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
-    out = torch.empty(2, 3, 8, 8)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device)
+
+    tokens, scale, shift = randn(2, 4, 8), randn(2, 8), randn(2, 8)
+    image, weight, bias = randn(2, 8, 4, 4), randn(8), randn(8)
+    q = randn(1, 2, 5, 8)
+    x, model_output, out = randn(1, 3, 8, 8), randn(2, 3, 8, 8), randn(2, 3, 8, 8)
     step = StepCoefficients(alpha=0.8, sigma=0.6, k_x0=0.7, k_eps=0.5, clip_denoised=True)
     combine = GuidanceCombine(3.0)
     return {
-        "guided_step (CFG + DDIM, 2B out)": (
-            lambda: ops.guided_step(model_output, x, step, combine, out=out),
-            lambda: reference.guided_step(StepTensors(model_output, x, out=out), step, combine)),
-        "layer_norm (+ adaLN scale, shift)": (
-            lambda: ops.layer_norm(tokens, (8,), scale=scale, shift=shift),
-            lambda: reference.layer_norm_forward(tokens, None, None, scale[:, None], shift[:, None], 1e-6)),
-        "group_norm (+ scale-shift, SiLU)": (
-            lambda: ops.group_norm(image, 4, weight, bias, scale=scale, shift=shift, activation="silu"),
-            lambda: reference.group_norm_forward(image, weight, bias, scale, shift, 4, 1e-5, "silu")),
-        "attention": (lambda: ops.attention(q, q, q), lambda: reference.attention_forward(q, q, q, 8 ** -0.5)),
+        "guided_step (CFG + DDIM, 2B out)": ("guided_step", lambda: ops.guided_step(model_output, x, step, combine,
+                                                                                    out=out)),
+        "layer_norm (+ adaLN scale, shift)": ("layer_norm", lambda: ops.layer_norm(tokens, (8,), scale=scale,
+                                                                                   shift=shift)),
+        "group_norm (+ scale-shift, SiLU)": ("group_norm", lambda: ops.group_norm(
+            image, 4, weight, bias, scale=scale, shift=shift, activation="silu")),
+        "attention": ("attention", lambda: ops.attention(q, q, q)),
     }
 
 
-def main() -> None:
+def backend_call(op: str, backend: str, call: Callable[[], object]) -> Callable[[], object]:
+    """The backend's own function for ``op``, bound to the arguments ``call`` hands it."""
+    module = ops._module(backend, op)
+    name = BACKEND_FUNCTIONS[op]
+    function, seen = getattr(module, name), []
+
+    def recording(*args: object, **kwargs: object) -> object:
+        seen.append((args, kwargs))
+        return function(*args, **kwargs)
+
+    setattr(module, name, recording)
+    try:
+        with fastguide.backend(backend):
+            call()
+    finally:
+        setattr(module, name, function)
+    if not seen:
+        raise RuntimeError(f"{op} on backend {backend!r} did not reach {module.__name__}.{name}")
+    args, kwargs = seen[0]
+    return lambda: function(*args, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=7)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
     torch.set_num_threads(1)
-    print("| op | µs per call | reference math | host path |\n|---|---|---|---|")
+    names = ("torch",) if device.type == "cpu" else tuple(
+        name for name in ("triton", "cuda") if backends.why_not(name, device) is None)
+    print(f"Host path per op call on {device} (µs, median of {args.rounds} rounds of {args.calls} calls)\n")
+    print("| op | backend | through fastguide.ops | the backend's function | fastguide's part |\n|---|---|---|---|---|")
     with torch.no_grad():
-        for name, (call, math) in cases().items():
-            for fn in (call, math):  # warm-up
-                per_call_us(fn, 300)
-            rounds = [(per_call_us(call, args.calls), per_call_us(math, args.calls)) for _ in range(args.rounds)]
-            whole, math_only = (statistics.median(r[i] for r in rounds) for i in (0, 1))
-            print(f"| {name} | {whole:.1f} | {math_only:.1f} | {whole - math_only:.1f} |")
+        a = torch.zeros(4, device=device)
+        launch = statistics.median(per_call_us(lambda: torch.add(a, a, out=a), args.calls, device)
+                                   for _ in range(args.rounds))
+        for label, (op, call) in cases(device).items():
+            for backend in names:
+                if not ops._HAS_KERNEL[op].get(backend, backend == "torch"):
+                    continue
+                direct = backend_call(op, backend, call)
+
+                def through_ops(call=call, backend=backend) -> object:
+                    with fastguide.backend(backend):
+                        return call()
+
+                for fn in (through_ops, direct):  # warm-up: compile, autotune, load
+                    per_call_us(fn, 200, device)
+                rounds = [(per_call_us(through_ops, args.calls, device), per_call_us(direct, args.calls, device))
+                          for _ in range(args.rounds)]
+                whole, backend_only = (statistics.median(r[i] for r in rounds) for i in (0, 1))
+                print(f"| {label} | {backend} | {whole:.1f} | {backend_only:.1f} | {whole - backend_only:.1f} |")
+    print(f"\nOne ATen launch (torch.add of 4 elements) on {device}: {launch:.1f} µs")
 
 
 if __name__ == "__main__":

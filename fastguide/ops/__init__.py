@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, Optional
@@ -81,9 +82,9 @@ def _resolve(op: str, device: torch.device, dtype: torch.dtype, empty: bool = Fa
 
 
 def _module(backend: str, op: str) -> ModuleType:
-    if backend == "torch":
-        return importlib.import_module("fastguide.ops.reference")
-    return importlib.import_module(_KERNEL_MODULES[backend][op])
+    name = "fastguide.ops.reference" if backend == "torch" else _KERNEL_MODULES[backend][op]
+    module = sys.modules.get(name)  # once imported, no import machinery per op call
+    return module if module is not None else importlib.import_module(name)
 
 
 def _empty_like(t: Tensor) -> Tensor:

@@ -48,12 +48,21 @@ def _check_name(name: str) -> str:
     return name
 
 
+# (the raw FASTGUIDE_BACKEND value, its backend name): read at every op call, parsed once per value
+_env_parsed: tuple[str | None, str] = (None, "auto")
+
+
 def _env_choice() -> str:
-    name = os.environ.get("FASTGUIDE_BACKEND", "auto").strip().lower() or "auto"
+    global _env_parsed
+    raw = os.environ.get("FASTGUIDE_BACKEND")
+    if raw == _env_parsed[0]:
+        return _env_parsed[1]
+    name = (raw or "auto").strip().lower() or "auto"
     if name not in BACKENDS:
         raise ValueError(
             f"environment variable FASTGUIDE_BACKEND must be one of {BACKENDS}, got {name!r}"
         )
+    _env_parsed = (raw, name)
     return name
 
 

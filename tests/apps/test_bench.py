@@ -59,6 +59,17 @@ def test_loop_profile_counts_both_eager_loops(tmp_path):
     assert report.count("Self CPU") >= 2 and "fastguide::group_norm" in report
 
 
+def test_host_path_splits_each_op_call_into_fastguides_part_and_the_backends(capsys):
+    from benchmarks.ops import host_path
+
+    host_path.main(["--device", "cpu", "--calls", "20", "--rounds", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if "| torch |" in line]
+    assert len(rows) == 4
+    for _, _, whole, backend_only, part in rows:
+        assert float(whole) > 0 and float(backend_only) > 0
+        assert abs(float(whole) - float(backend_only) - float(part)) < 0.15
+
+
 def test_gpu_script_dry_run_finds_every_test_and_benchmark(tmp_path):
     result = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path), "--dry-run"],
