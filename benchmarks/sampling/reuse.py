@@ -20,7 +20,10 @@ TaylorSeer's rule over the whole block stack), each also with delta reuse; and o
 transformer, diffusers' own cache hooks (``FirstBlockCacheConfig``, ``MagCacheConfig``
 with magnitude ratios calibrated on the same run, and ``TaylorSeerCacheConfig`` caching
 whole blocks) on a diffusers ``DiTTransformer2DModel`` holding the same weights
-(fastguide.models.diffusers_dit), called by the same loop. diffusers' attention-level
+(fastguide.models.diffusers_dit), called by the same loop, and cache-dit's DBCache (its
+first block computed, the other three cached: ``DBCacheConfig(Fn_compute_blocks=1,
+Bn_compute_blocks=0)``, cache-dit's own DiT patch) on the same diffusers model, when
+cache-dit is installed (the test extra installs it). diffusers' attention-level
 hooks (``PyramidAttentionBroadcastConfig``, ``FasterCacheConfig``) skip attention but
 not blocks, which this count of rows × blocks cannot weigh: they are not rows here.
 Writes DIR/reuse.json, DIR/reuse.md, DIR/reuse.png.
@@ -58,9 +61,10 @@ FORECAST_COMBINED = (((4, 1), 2),)
 DIFFUSERS_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)
 TAYLORSEER_INTERVALS = (2, 3, 4)
 MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.24)
+DBCACHE_THRESHOLDS = (0.1, 0.2, 0.3, 0.5)
 QUICK = dict(fewer=(13,), truncate=(0.99,), reuse=((2, 1),), thresholds=(0.2,), extrapolated=(0.3,),
              combined=(((2, 1), (0.15, 1)),), forecast=(2,), forecast_combined=(((4, 1), 2),), diffusers=(0.2,),
-             taylorseer=(2,), magcache=(0.12,))
+             taylorseer=(2,), magcache=(0.12,), dbcache=(0.2,))
 
 
 class _Network:
@@ -134,7 +138,8 @@ class _InCacheContext(torch.nn.Module):
 
 
 def diffusers_rows(network: _Network, labels, noise, quick: bool, evaluate, say) -> list[dict]:
-    """diffusers' cache hooks on its DiTTransformer2DModel holding the transformer's weights."""
+    """diffusers' cache hooks on its DiTTransformer2DModel holding the transformer's weights,
+    then cache-dit's DBCache on the same model (deviations from diffusers' uncached run)."""
     try:
         from diffusers.hooks import (
             FirstBlockCacheConfig,
@@ -176,6 +181,39 @@ def diffusers_rows(network: _Network, labels, noise, quick: bool, evaluate, say)
                                          count_blocks=lambda: counted() - start)
             rows.append(evaluate(network, method, setting, images, compute, reference))
             say(f"{network.name}: {method} {setting}")
+    return rows + cache_dit_rows(network, labels, noise, quick, reference, evaluate, say)
+
+
+def cache_dit_rows(network: _Network, labels, noise, quick: bool, reference, evaluate, say) -> list[dict]:
+    """cache-dit's DBCache on the diffusers DiTTransformer2DModel holding the transformer's
+    weights: the first block decides (its residual's relative change below the threshold),
+    the others are cached, after 2 warm-up calls (F1B0, W2)."""
+    try:
+        import cache_dit
+        from cache_dit.caching.patch_functors import DiTPatchFunctor
+    except ImportError as error:
+        say(f"cache-dit is not importable here ({error}): no cache-dit rows")
+        return []
+    from fastguide.models.diffusers_dit import DiffusersDiT, to_diffusers
+
+    rows = []
+    with counting_diffusers_blocks() as counted:
+        for threshold in QUICK["dbcache"] if quick else DBCACHE_THRESHOLDS:
+            model = DiffusersDiT(to_diffusers(network.model))
+            transformer = model.transformer
+            adapter = cache_dit.BlockAdapter(transformer=transformer, blocks=transformer.transformer_blocks,
+                                             forward_pattern=cache_dit.ForwardPattern.Pattern_3,
+                                             patch_functor=DiTPatchFunctor())
+            config = cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0,
+                                             residual_diff_threshold=threshold, max_warmup_steps=2,
+                                             num_inference_steps=CALLS)
+            with contextlib.redirect_stdout(io.StringIO()):  # its adapter reports what it patched
+                cache_dit.enable_cache(adapter, cache_config=config)
+            start = counted()
+            images, compute = sample_row(network, model, labels, noise, count_blocks=lambda: counted() - start)
+            rows.append(evaluate(network, "cache-dit DBCache", f"F1B0, threshold={threshold}", images, compute,
+                                 reference))
+            say(f"{network.name}: cache-dit DBCache {threshold}")
     return rows
 
 
@@ -286,7 +324,8 @@ def plot(rows: list[dict], path: Path) -> None:
             model_rows = [r for r in rows if r["model"] == model]
             for method in dict.fromkeys(r["method"] for r in model_rows):
                 points = sorted((r["compute"], r[metric]) for r in model_rows if r["method"] == method)
-                style = "k--" if method == "CFG, fewer steps" else "o" if method.startswith("diffusers") else "o-"
+                peer = method.startswith(("diffusers", "cache-dit"))
+                style = "k--" if method == "CFG, fewer steps" else "o" if peer else "o-"
                 ax.plot(*zip(*points), style, label=method, markersize=4)
             ax.set_xlabel("compute (block rows / plain CFG at 25 steps)")
             ax.set_ylabel({"frechet": "Fréchet distance", "deviation": "mean |x − x_CFG,25|"}[metric])

@@ -37,6 +37,7 @@ def test_reuse_study_at_its_reduced_size(tmp_path):
             assert (model, method) in methods
     assert ("digits transformer", "diffusers FirstBlockCacheConfig") in methods
     assert ("digits transformer", "diffusers MagCacheConfig") in methods  # with ratios calibrated on the run
+    assert ("digits transformer", "cache-dit DBCache") in methods  # the test extra installs cache-dit
     compute = {(r["model"], r["method"]): r["compute"] for r in rows}
     assert compute[("digits UNet", "CFG")] == 1.0
     assert compute[("digits UNet", "CFG, fewer steps")] == 13 / 25
