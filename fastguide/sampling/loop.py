@@ -111,10 +111,14 @@ class GuidedSampler:
     of calls between two that draw noise (see ``_segments``); with a callback, one per
     call, so that the callback sees every call. Every call then only copies x_T and the
     labels in, draws the noise and replays the graphs. The same generator gives the same
-    samples with or without graphs. Classifier guidance (autograd through the
-    classifier) is not captured.
+    samples with or without graphs. The captures of the ``MAX_CAPTURES`` most recently used
+    shapes are kept (each holds its buffers and its graphs' memory); an older one is
+    released and captured again when next asked for. Classifier guidance (autograd
+    through the classifier) is not captured.
     See ``fastguide.sample`` for the arguments.
     """
+
+    MAX_CAPTURES = 4
 
     def __init__(
         self,
@@ -215,7 +219,7 @@ class GuidedSampler:
         self._perturbation = None  # a run's perturbed layers (see __call__)
         self._guide_network = self.guidance.guide_network() if self.guidance is not None else None
         # (shape, device, conditioning signature, keep_x0, callback) -> (buffers, graphs) of the captured runs.
-        self._graphs: dict[tuple, tuple[_Buffers, list]] = {}
+        self._graphs: collections.OrderedDict[tuple, tuple[_Buffers, list]] = collections.OrderedDict()
         self._call_cache: dict[tuple[bool, bool], tuple[_Call, ...]] = {}
         self._calls(learned_variance=False)  # every call's scalars checked here, once
         # The compute of the last run (see ``last_compute``).
@@ -688,6 +692,9 @@ class GuidedSampler:
         key = (shape, device, conditioning.signature, keep_x0, callback is not None)
         if key not in self._graphs:
             self._graphs[key] = self._capture(shape, device, x_T, conditioning, keep_x0, per_call=callback is not None)
+            if len(self._graphs) > self.MAX_CAPTURES:
+                self._graphs.popitem(last=False)  # the least recently used: its buffers and graph memory go
+        self._graphs.move_to_end(key)
         buffers, graphs = self._graphs[key]
         self._load(buffers, x_T, conditioning)
         with self._caching(buffers):  # (a CUDA replay runs no Python; a CPU stand-in does)

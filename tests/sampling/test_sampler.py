@@ -996,6 +996,25 @@ def test_a_graphed_loop_warms_up_and_captures_with_auto_ordered_for_graphs(cpu_g
     assert depths and set(depths) == {0}
 
 
+def test_a_sampler_keeps_the_captures_of_its_most_recently_used_shapes(cpu_graphs):
+    model = tiny_cfg_unet()
+    sampler = GuidedSampler(model, sampler="ddim", steps=2, guidance=CFG(3.0), cuda_graph=True)
+
+    def draw(batch):
+        return sampler((batch, 3, 8, 8), labels=torch.arange(batch) % 4, generator=torch.Generator().manual_seed(0))
+
+    for batch in range(1, GuidedSampler.MAX_CAPTURES + 1):
+        draw(batch)
+    draw(1)  # a hit: batch 1 becomes the most recent
+    assert len(cpu_graphs) == GuidedSampler.MAX_CAPTURES
+    draw(GuidedSampler.MAX_CAPTURES + 1)  # one more shape: batch 2, the least recent, goes
+    kept = [key[0][0] for key in sampler._graphs]
+    assert kept == [3, 4, 1, GuidedSampler.MAX_CAPTURES + 1]
+    captures = len(cpu_graphs)
+    draw(2)  # released, so captured again
+    assert len(cpu_graphs) == captures + 1 and len(sampler._graphs) == GuidedSampler.MAX_CAPTURES
+
+
 def _sample_compiled(device, **compile_options):
     model = tiny_cfg_unet().to(device)
     kwargs = dict(labels=torch.tensor([0, 3], device=device), steps=4, guidance=CFG(3.0),
