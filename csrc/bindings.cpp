@@ -1,6 +1,7 @@
 // Registers the CUDA kernels as the ops of the `fastguide_cuda` library. fastguide's
 // public ops (fastguide.ops, namespace `fastguide`) call these when the cuda backend is
-// chosen (fastguide/cuda_backend.py prepares dense, same-dtype tensors first), so
+// chosen (fastguide/ops/cuda_backend.py prepares dense tensors first, x-shaped ones in
+// x's dtype; the norms' parameters keep theirs), so
 // torch.compile sees the same `fastguide::` op whichever backend runs under it.
 //
 // Built with -DFASTGUIDE_HOST_HARNESS, the same bindings register the kernels compiled
@@ -206,10 +207,10 @@ GroupNormParams norm_params(const at::Tensor& x, int64_t num_groups, bool silu, 
   p.groups = num_groups;
   p.channels_per_group = p.c / num_groups;
   p.channels_last = is_channels_last(x);
-  p.has_weight = affine.weight != nullptr;
-  p.has_bias = affine.bias != nullptr;
-  p.has_scale = affine.scale != nullptr;
-  p.has_shift = affine.shift != nullptr;
+  p.has_weight = affine.weight.present();
+  p.has_bias = affine.bias.present();
+  p.has_scale = affine.scale.present();
+  p.has_shift = affine.shift.present();
   p.silu = silu;
   p.eps = static_cast<float>(eps);
   // Split each channel's reduction over spatial chunks until ~4 blocks per multiprocessor.
@@ -219,16 +220,25 @@ GroupNormParams norm_params(const at::Tensor& x, int64_t num_groups, bool silu, 
   return p;
 }
 
+// A norm's parameter as the kernels read it: contiguous on x's device, in float32, float16
+// or bfloat16 (its own dtype, which may differ from x's and from the other parameters'),
+// `shaped` as the op needs (`shape` names that in the error).
+Parameter parameter(const at::Tensor& x, const std::optional<at::Tensor>& t, const char* name, bool shaped = true,
+                    const char* shape = "") {
+  if (!t.has_value()) return {nullptr, StorageType::kFloat32};
+  const at::ScalarType dtype = t->scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) && t->is_contiguous() &&
+                  t->device() == x.device() && shaped,
+              "fastguide_cuda: ", name, " must be a contiguous float32, float16 or bfloat16 ", shape, "tensor on ",
+              x.device());
+  return {t->data_ptr(), storage_type(*t)};
+}
+
 GroupNormAffine norm_affine(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
                             const std::optional<at::Tensor>& shift) {
-  for (const auto& [t, name] : {std::pair{&weight, "weight"}, {&bias, "bias"}, {&scale, "scale"}, {&shift, "shift"}}) {
-    if (!t->has_value()) continue;
-    TORCH_CHECK((*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() && (*t)->device() == x.device(),
-                "fastguide_cuda: ", name, " must be a contiguous float32 tensor on ", x.device());
-  }
-  return {pointer_or_null<const float>(weight), pointer_or_null<const float>(bias),
-          pointer_or_null<const float>(scale), pointer_or_null<const float>(shift)};
+  return {parameter(x, weight, "weight"), parameter(x, bias, "bias"), parameter(x, scale, "scale"),
+          parameter(x, shift, "shift")};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward(
@@ -281,8 +291,9 @@ std::tuple<at::Tensor, at::Tensor> group_norm_backward(
   return {dx, sums};
 }
 
-// LayerNorm: x (N, L, D) dense in its storage type; every parameter a contiguous fp32
-// tensor, scale, shift and gate (N, 1, D) per sample or (N, L, D) per token.
+// LayerNorm: x (N, L, D) dense in its storage type; every parameter a contiguous tensor
+// in its own (fp32, fp16 or bf16), scale, shift and gate (N, 1, D) per sample or (N, L, D)
+// per token.
 LayerNormParams layer_norm_params(const at::Tensor& x, double eps, const std::optional<at::Tensor>& scale,
                                   const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& gate) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "fastguide_cuda: x must be a contiguous (N, L, D) tensor");
@@ -306,23 +317,16 @@ LayerNormAffine layer_norm_affine(const at::Tensor& x, const std::optional<at::T
                                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
                                   const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& gate) {
   const int64_t n = x.size(0), tokens = x.size(1), d = x.size(2);
-  for (const auto& [t, name] : {std::pair{&weight, "weight"}, {&bias, "bias"}}) {
-    if (!t->has_value()) continue;
-    TORCH_CHECK((*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() && (*t)->device() == x.device() &&
-                    (*t)->dim() == 1 && (*t)->size(0) == d,
-                "fastguide_cuda: ", name, " must be a contiguous float32 (D,) tensor on ", x.device());
-  }
-  for (const auto& [t, name] : {std::pair{&scale, "scale"}, {&shift, "shift"}, {&gate, "gate"}}) {
-    if (!t->has_value()) continue;
-    TORCH_CHECK((*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() && (*t)->device() == x.device() &&
-                    (*t)->dim() == 3 && (*t)->size(0) == n && ((*t)->size(1) == 1 || (*t)->size(1) == tokens) &&
-                    (*t)->size(2) == d,
-                "fastguide_cuda: ", name, " must be a contiguous float32 (N, 1, D) or (N, L, D) tensor on ",
-                x.device());
-  }
-  return {pointer_or_null<const float>(weight), pointer_or_null<const float>(bias),
-          pointer_or_null<const float>(scale), pointer_or_null<const float>(shift),
-          pointer_or_null<const float>(gate)};
+  const auto columns = [&](const std::optional<at::Tensor>& t, const char* name) {
+    return parameter(x, t, name, t.has_value() && t->dim() == 1 && t->size(0) == d, "(D,) ");
+  };
+  const auto rows = [&](const std::optional<at::Tensor>& t, const char* name) {
+    const bool shaped = t.has_value() && t->dim() == 3 && t->size(0) == n &&
+                        (t->size(1) == 1 || t->size(1) == tokens) && t->size(2) == d;
+    return parameter(x, t, name, shaped, "(N, 1, D) or (N, L, D) ");
+  };
+  return {columns(weight, "weight"), columns(bias, "bias"), rows(scale, "scale"), rows(shift, "shift"),
+          rows(gate, "gate")};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_impl(

@@ -1,5 +1,6 @@
 // Shared by every kernel source (and the CPU emulation): the host/device function macro,
-// fp32 <-> storage conversions, 16-byte vectors and (device only) block reductions.
+// fp32 <-> storage conversions, parameters read in their storage type, 16-byte vectors and
+// (device only) block reductions.
 //
 // Everything outside `#ifdef __CUDACC__` also compiles with a plain C++17 compiler. The
 // CPU emulation of tests/cuda_emulation/ compiles the kernel sources as they are, with
@@ -7,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
@@ -32,16 +34,57 @@ template <>
 FG_HOST_DEVICE float from_float<float>(float v) { return v; }
 
 #ifdef __CUDACC__
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+// Host and device: cuda_fp16.h / cuda_bf16.h convert on both (as the emulation's stand-ins do).
+FG_HOST_DEVICE float to_float(__half v) { return __half2float(v); }
+FG_HOST_DEVICE float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 #endif
 
-// Storage types a launch can take (parameters, statistics and partial sums are fp32).
+// Storage types a launch can take: of x-shaped tensors, and of each parameter tensor on
+// its own (statistics and partial sums are fp32).
 enum class StorageType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// The bits of `from` as a To of the same size.
+template <typename To, typename From>
+FG_HOST_DEVICE To bits_as(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bits_as keeps the size");
+  To to;
+  memcpy(&to, &from, sizeof(to));
+  return to;
+}
+
+// A parameter tensor (a norm's weight, bias, scale, shift, gate) read in its own storage
+// type, whatever x's, and converted to fp32 as it is loaded; data is null when absent.
+// The tag is the same for every thread of a launch. A load is one access of the storage
+// width and a select between the two 16-bit conversions: straight-line code the compiler
+// predicates (a branch per type made it duplicate the unrolled element loops whole).
+struct Parameter {
+  const void* data;
+  StorageType type;
+
+  FG_HOST_DEVICE bool present() const { return data != nullptr; }
+
+  // Element i as fp32, or `absent` when there is no tensor.
+  FG_HOST_DEVICE float load(int64_t i, float absent) const {
+    if (data == nullptr) return absent;
+#ifdef __CUDACC__
+    if (type != StorageType::kFloat32) return widen(static_cast<const uint16_t*>(data)[i]);
+#endif
+    // Plain C++ (bindings.cpp) knows no 16-bit types; it only fills these structs and
+    // never reads a parameter (device memory), so this is reached for fp32 only.
+    return static_cast<const float*>(data)[i];
+  }
+
+#ifdef __CUDACC__
+  // A 16-bit element's bits as fp32: fp16 or bf16, as the tag says.
+  FG_HOST_DEVICE float widen(uint16_t bits) const {
+    return type == StorageType::kBFloat16 ? to_float(bits_as<__nv_bfloat16>(bits)) : to_float(bits_as<__half>(bits));
+  }
+#endif
+};
 
 // N elements of T moved as one aligned access: N·sizeof(T) = 16 bytes gives LDG.E.128.
 template <typename T, int N>

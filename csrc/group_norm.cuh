@@ -28,12 +28,10 @@ struct GroupNormParams {
   float eps;
 };
 
-// fp32 parameters (weight, bias: (C,); scale, shift: (N, C)); null when absent.
+// The parameters, each dense in its own storage type (weight, bias: (C,); scale, shift:
+// (N, C)); data null when absent.
 struct GroupNormAffine {
-  const float* weight;
-  const float* bias;
-  const float* scale;
-  const float* shift;
+  Parameter weight, bias, scale, shift;
 };
 
 // The per-channel constants of the element maps.
@@ -42,8 +40,8 @@ struct ChannelAffine {
 };
 
 FG_HOST_DEVICE ChannelAffine channel_affine(const GroupNormParams& p, const GroupNormAffine& a, int64_t n, int64_t c) {
-  return {a.weight ? a.weight[c] : 1.0f, a.bias ? a.bias[c] : 0.0f,
-          a.scale ? 1.0f + a.scale[n * p.c + c] : 1.0f, a.shift ? a.shift[n * p.c + c] : 0.0f};
+  return {a.weight.load(c, 1.0f), a.bias.load(c, 0.0f), 1.0f + a.scale.load(n * p.c + c, 0.0f),
+          a.shift.load(n * p.c + c, 0.0f)};
 }
 
 // Offset of (n, c, s) in x's memory order, and the channel of flat offset i.

@@ -32,23 +32,34 @@ struct ForwardTensors {
   float* rstd;
 };
 
-// kVec consecutive fp32 parameters from ptr + offset (16-byte vectors when kVec is a
-// multiple of 4: the launcher checked their alignment), or `absent` when ptr is null.
+// kVec consecutive elements of a parameter from element `offset`, as S (its storage type or
+// 16-bit raw bits), in vectors of up to 16 bytes (the launcher checked their alignment).
+template <typename S, int kVec>
+__device__ __forceinline__ void load_bits(const Parameter& param, int64_t offset, S (&out)[kVec]) {
+  constexpr int kPiece = kVec * sizeof(S) > 16 ? static_cast<int>(16 / sizeof(S)) : kVec;
+#pragma unroll
+  for (int q = 0; q < kVec; q += kPiece) {
+    const Vec<S, kPiece> v = load_vec<S, kPiece>(static_cast<const S*>(param.data) + offset + q);
+#pragma unroll
+    for (int i = 0; i < kPiece; ++i) out[q + i] = v.v[i];
+  }
+}
+
+// kVec consecutive elements of a parameter from element `offset` as fp32, or `absent` when
+// there is no tensor: one branch on the storage width, widened as Parameter::load does.
 template <int kVec>
-__device__ __forceinline__ void load_parameters(const float* ptr, int64_t offset, float absent, float (&out)[kVec]) {
-  if (ptr == nullptr) {
+__device__ __forceinline__ void load_parameters(const Parameter& param, int64_t offset, float absent,
+                                                float (&out)[kVec]) {
+  if (!param.present()) {
 #pragma unroll
     for (int i = 0; i < kVec; ++i) out[i] = absent;
-  } else if constexpr (kVec % 4 == 0) {
-#pragma unroll
-    for (int q = 0; q < kVec; q += 4) {
-      const Vec<float, 4> v = load_vec<float, 4>(ptr + offset + q);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) out[q + i] = v.v[i];
-    }
+  } else if (param.type == StorageType::kFloat32) {
+    load_bits<float, kVec>(param, offset, out);
   } else {
+    uint16_t bits[kVec];
+    load_bits<uint16_t, kVec>(param, offset, bits);
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) out[i] = ptr[offset + i];
+    for (int i = 0; i < kVec; ++i) out[i] = param.widen(bits[i]);
   }
 }
 
@@ -209,14 +220,14 @@ __global__ void __launch_bounds__(kThreads) layer_norm_column_sums_kernel(LayerN
 
 bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-// kVec when D and every pointer (the rows of x-shaped tensors, the fp32 parameters, read
-// as float4) allow 16-byte vectors, else 1.
+// kVec when D and every pointer (the rows of x-shaped tensors, the parameters, read kVec
+// at a time in vectors of up to 16 bytes) allow 16-byte vectors, else 1.
 template <typename T>
 int vector_width(const LayerNormParams& p, const LayerNormAffine& a, const void* x, const void* y, const void* z,
                  const void* w) {
   constexpr int kVec = 16 / sizeof(T);
-  const bool parameters = aligned16(a.weight) && aligned16(a.bias) && aligned16(a.scale) && aligned16(a.shift) &&
-                          aligned16(a.gate);
+  const bool parameters = aligned16(a.weight.data) && aligned16(a.bias.data) && aligned16(a.scale.data) &&
+                          aligned16(a.shift.data) && aligned16(a.gate.data);
   return p.d % kVec == 0 && parameters && aligned16(x) && aligned16(y) && aligned16(z) && aligned16(w) ? kVec : 1;
 }
 
@@ -227,7 +238,7 @@ unsigned row_blocks(const LayerNormParams& p) {
 template <typename T, int kVec>
 void launch_forward_vec(const LayerNormParams& p, const LayerNormAffine& a, const ForwardTensors<T>& t,
                         cudaStream_t stream) {
-  if (a.gate != nullptr) {
+  if (a.gate.present()) {
     launch_kernel(layer_norm_forward_kernel<T, kVec, true>, row_blocks(p), kThreads, stream, p, a, t);
   } else {
     launch_kernel(layer_norm_forward_kernel<T, kVec, false>, row_blocks(p), kThreads, stream, p, a, t);

@@ -3,7 +3,8 @@
 // and the CPU harness.
 //
 // x is (N, L, D), dense: R = N·L rows of D elements; row r is token l = r mod L of sample
-// n = r / L. The fp32 parameters: weight, bias (D,); scale, shift and the residual gate
+// n = r / L. The parameters, each dense in its own storage type (fp32, fp16 or bf16,
+// whatever x's) and read as fp32: weight, bias (D,); scale, shift and the residual gate
 // (N, 1, D) per sample or (N, L, D) per token.
 // Forward:  (residual form: x = h + gate·branch, rounded to the storage type, written
 //           as h_new) x̂ = (x − mean)·rstd per row, y = (x̂·w + b)·(1 + scale) + shift.
@@ -29,13 +30,9 @@ struct LayerNormParams {
   float eps;
 };
 
-// fp32 parameters; null when absent (gate: the residual form only).
+// The parameters; data null when absent (gate: the residual form only).
 struct LayerNormAffine {
-  const float* weight;
-  const float* bias;
-  const float* scale;
-  const float* shift;
-  const float* gate;
+  Parameter weight, bias, scale, shift, gate;
 };
 
 // Offset of row `row`'s parameter row in a per-sample (N, 1, D) or per-token (N, L, D) tensor.
@@ -50,9 +47,9 @@ struct ColumnAffine {
 
 FG_HOST_DEVICE ColumnAffine column_affine(const LayerNormParams& p, const LayerNormAffine& a, int64_t row,
                                           int64_t j) {
-  return {a.weight ? a.weight[j] : 1.0f, a.bias ? a.bias[j] : 0.0f,
-          a.scale ? 1.0f + a.scale[parameter_row(p, row, p.scale_per_token) + j] : 1.0f,
-          a.shift ? a.shift[parameter_row(p, row, p.shift_per_token) + j] : 0.0f};
+  return {a.weight.load(j, 1.0f), a.bias.load(j, 0.0f),
+          1.0f + a.scale.load(parameter_row(p, row, p.scale_per_token) + j, 0.0f),
+          a.shift.load(parameter_row(p, row, p.shift_per_token) + j, 0.0f)};
 }
 
 // h + gate·branch in fp32 (the caller rounds it to the storage type).

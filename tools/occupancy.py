@@ -36,7 +36,6 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "cuda dx_kernel<bf16, 8, true> sm_90",
     "cuda dx_kernel<fp16, 8, true> sm_80",
     "cuda dx_kernel<fp16, 8, true> sm_90",
-    "cuda dx_kernel<fp32, 4, false> sm_90",
     "cuda dx_kernel<fp32, 4, true> sm_80",
     "cuda dx_kernel<fp32, 4, true> sm_90",
     "cuda guided_stats_kernel<bf16, 8> sm_90",

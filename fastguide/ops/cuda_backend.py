@@ -3,9 +3,13 @@ of csrc/.
 
 Same functions as every backend module (fastguide.ops calls them). Each makes the
 tensors what the kernels read (dense in one layout, x's storage dtype for every
-x-shaped tensor, fp32 parameters and APG state: copies only where a tensor differs,
+x-shaped tensor, fp32 APG state and norm statistics: copies only where a tensor differs,
 results written back into the caller's tensors), then calls the ``fastguide_cuda`` ops
 that the extension registers (fastguide.ops.extension loads or builds it on first use).
+The norms' parameters (weight, bias, scale, shift, gate) pass in their own dtype, each
+independently of x's: the kernels read float32, float16 and bfloat16 and convert as they
+load, so an fp16/bf16 model costs no cast per call (a float64 parameter alone is copied
+to float32).
 """
 
 from __future__ import annotations
@@ -56,9 +60,20 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
         merge_similarity(similarity_partials, tensors.similarity)
 
 
-def _fp32(*tensors: Tensor | None) -> list[Tensor | None]:
-    """Dense fp32 copies (where needed) of the parameters and statistics the kernels read."""
-    return [None if t is None else t.float().contiguous() for t in tensors]
+# The dtypes the kernels read a norm's parameters in (their own, whatever x's).
+_PARAMETER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _parameters(*tensors: Tensor | None) -> list[Tensor | None]:
+    """The norm parameters as the kernels read them: dense, in their own dtype (a float64
+    one as a float32 copy); no copy for the usual dense float32/float16/bfloat16 ones."""
+    return [None if t is None else (t if t.dtype in _PARAMETER_DTYPES else t.float()).contiguous()
+            for t in tensors]
+
+
+def _statistics(mean: Tensor, rstd: Tensor) -> list[Tensor]:
+    """mean and rstd as the backward kernels read them: dense fp32 (the forward's own)."""
+    return [t.float().contiguous() for t in (mean, rstd)]
 
 
 def group_norm_forward(
@@ -73,7 +88,7 @@ def group_norm_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     x = dense(x, norm_format(x))
     return _ops().group_norm_forward(
-        x, *_fp32(weight, bias, scale, shift), num_groups, float(eps), activation == "silu"
+        x, *_parameters(weight, bias, scale, shift), num_groups, float(eps), activation == "silu"
     )
 
 
@@ -93,7 +108,7 @@ def group_norm_backward(
     fmt = norm_format(x)
     x = dense(x, fmt)
     dx, sums = _ops().group_norm_backward(
-        dense(grad_y, fmt, x.dtype), x, *_fp32(weight, bias, scale, shift, mean, rstd),
+        dense(grad_y, fmt, x.dtype), x, *_parameters(weight, bias, scale, shift), *_statistics(mean, rstd),
         num_groups, activation == "silu",
     )
     return (dx, *group_norm_parameter_grads(sums, weight, bias, scale, shift))
@@ -107,7 +122,7 @@ def layer_norm_forward(
     shift: Tensor | None,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _ops().layer_norm_forward(x.contiguous(), *_fp32(weight, bias, scale, shift), float(eps))
+    return _ops().layer_norm_forward(x.contiguous(), *_parameters(weight, bias, scale, shift), float(eps))
 
 
 def gated_residual_layer_norm_forward(
@@ -121,7 +136,7 @@ def gated_residual_layer_norm_forward(
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _ops().gated_residual_layer_norm_forward(
-        h.contiguous(), branch.contiguous(), *_fp32(gate, weight, bias, scale, shift), float(eps)
+        h.contiguous(), branch.contiguous(), *_parameters(gate, weight, bias, scale, shift), float(eps)
     )
 
 
@@ -137,7 +152,7 @@ def layer_norm_backward(
 ) -> tuple[Tensor | None, ...]:
     x = x.contiguous()
     dx, partials, dscale_tokens, dshift_tokens = _ops().layer_norm_backward(
-        grad_y.to(x.dtype).contiguous(), x, *_fp32(weight, bias, scale, shift, mean, rstd)
+        grad_y.to(x.dtype).contiguous(), x, *_parameters(weight, bias, scale, shift), *_statistics(mean, rstd)
     )
     # Per-token modulation: the kernel wrote its gradients (fp32) element by element.
     return (dx, *layer_norm_parameter_grads(partials, weight, bias, scale, shift, dscale_tokens, dshift_tokens))

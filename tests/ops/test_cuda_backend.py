@@ -14,26 +14,30 @@ and test_group_norm.py, which run the compiled kernels.
 """
 
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import fastguide
 from fastguide import ops
-from fastguide.ops import contract, extension
+from fastguide.ops import contract, cuda_backend, extension
 from fastguide.ops.contract import COMBINE_ARGUMENTS, STEP_ARGUMENTS, GuidanceCombine, StepCoefficients
 from tests.helpers import (
     CASES,
     GROUP_NORM,
     GUIDED_STEP,
+    LAYER_NORM,
     STEP_SHAPES,
     assert_close,
     case_inputs,
     example_inputs,
     explicit_group_norm,
+    explicit_layer_norm,
     poisoned,
     randn,
     random_inputs,
+    random_token_inputs,
     run_reference,
     three_ops,
     tiny_cfg_unet,
@@ -333,3 +337,153 @@ def test_group_norm_groups_whose_float32_statistics_overflow_are_nan(cuda_backen
     y = ops.group_norm(x, 2)
     assert y[0, :32].isnan().all()
     assert_close(y[0, 32:], torch.nn.functional.group_norm(x.double(), 2)[0, 32:], GROUP_NORM, torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Norm parameters read in their own dtype: no cast per call
+# --------------------------------------------------------------------------------------
+
+# Each norm binding's parameters: the position of the first, and their names in order.
+PARAMETER_ARGS = {
+    "group_norm_forward": (1, ("weight", "bias", "scale", "shift")),
+    "group_norm_backward": (2, ("weight", "bias", "scale", "shift")),
+    "layer_norm_forward": (1, ("weight", "bias", "scale", "shift")),
+    "gated_residual_layer_norm_forward": (2, ("gate", "weight", "bias", "scale", "shift")),
+    "layer_norm_backward": (2, ("weight", "bias", "scale", "shift")),
+}
+
+
+@pytest.fixture
+def kernel_parameters(on_cuda_emulation, host_harness):
+    """The cuda backend on its emulation, recording what each norm binding gets as its
+    parameters: a list of (binding, {name: tensor or None})."""
+    seen = []
+
+    def recording(binding):
+        op = getattr(host_harness, binding)
+        first, names = PARAMETER_ARGS[binding]
+
+        def call(*args):
+            seen.append((binding, dict(zip(names, args[first:first + len(names)]))))
+            return op(*args)
+
+        return call
+
+    bindings = SimpleNamespace(**{binding: recording(binding) for binding in PARAMETER_ARGS})
+    with on_cuda_emulation(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cuda_backend, "_ops", lambda: bindings)
+        yield seen
+
+
+def assert_bindings_got_the_parameters_themselves(seen, bindings, given):
+    """The kernels of `bindings` (in call order) read the caller's parameter tensors in
+    place: the same memory in the same dtype, no copy and no cast in the glue."""
+    assert [binding for binding, _ in seen] == bindings
+    for binding, parameters in seen:
+        for name, t in parameters.items():
+            assert t.dtype == given[name].dtype, f"{binding}: {name} cast to {t.dtype}"
+            assert t.data_ptr() == given[name].data_ptr(), f"{binding}: {name} copied"
+
+
+def other_dtypes(dtype):
+    """The two kernel dtypes besides x's, for parameters that differ from x and from each other."""
+    return [d for d in DTYPES if d != dtype]
+
+
+def assert_grads_close(got_grads, wanted, leaves, x, table):
+    """Float64 autograd's gradients, each within the tolerance of the coarser of x's dtype
+    and its own, loosened as a parameter gradient sums over more elements."""
+    for got, want, leaf in zip(got_grads, wanted, leaves):
+        assert got.dtype == leaf.dtype and got.shape == leaf.shape
+        atol, rtol = max(table[x.dtype], table[leaf.dtype])
+        count = max(1, x.numel() // want.numel())
+        torch.testing.assert_close(got.double(), want, atol=atol * count**0.5 * 4, rtol=rtol * 4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+# Odd C and S: element by element; S = 24 and C = 16: 16-byte vectors in both layouts.
+@pytest.mark.parametrize("shape", [(3, 12, 4, (5, 7)), (2, 16, 4, (4, 6))], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_group_norm_reads_parameters_in_their_own_dtype(kernel_parameters, dtype, shape, channels_last):
+    n, c, groups, spatial = shape
+    first, second = other_dtypes(dtype)
+    x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, "cpu", seed=11)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    parameters = [t.to(d) for t, d in zip((weight, bias, scale, shift), (first, second, second, first))]
+    leaves = [t.detach().requires_grad_() for t in (x, *parameters)]
+    grad_y = randn(*x.shape, seed=12, dtype=dtype)
+    y = ops.group_norm(leaves[0], groups, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu")
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    doubles = [t.detach().double().requires_grad_() for t in leaves]
+    expected = explicit_group_norm(doubles[0], groups, *doubles[1:3], doubles[3], doubles[4], "silu")
+    assert_close(y, expected, GROUP_NORM, dtype)
+    assert_grads_close(grads, torch.autograd.grad(expected, doubles, grad_y.double()), leaves, x, GROUP_NORM)
+    assert_bindings_got_the_parameters_themselves(
+        kernel_parameters, ["group_norm_forward", "group_norm_backward"],
+        dict(zip(("weight", "bias", "scale", "shift"), leaves[1:])))
+
+
+# (2, 5, 24): 16-byte vectors of x and of the parameters (8-byte ones of fp16/bf16
+# parameters beside fp32 x); (3, 4, 13): element by element.
+TOKEN_SHAPES = [(2, 5, 24), (3, 4, 13)]
+
+
+@pytest.mark.parametrize("shape", TOKEN_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_norm_reads_parameters_in_their_own_dtype(kernel_parameters, dtype, shape):
+    first, second = other_dtypes(dtype)
+    # A per-token scale beside a per-sample shift.
+    x, weight, bias, scale, shift = random_token_inputs(shape, dtype, "cpu", per_token=(True, False), seed=13)
+    parameters = [t.to(d) for t, d in zip((weight, bias, scale, shift), (first, second, first, second))]
+    leaves = [t.detach().requires_grad_() for t in (x, *parameters)]
+    grad_y = randn(*shape, seed=14, dtype=dtype)
+    y = ops.layer_norm(leaves[0], shape[-1], *leaves[1:3], scale=leaves[3], shift=leaves[4])
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    doubles = [t.detach().double().requires_grad_() for t in leaves]
+    expected = explicit_layer_norm(*doubles)
+    assert_close(y, expected, LAYER_NORM, dtype)
+    assert_grads_close(grads, torch.autograd.grad(expected, doubles, grad_y.double()), leaves, x, LAYER_NORM)
+    assert_bindings_got_the_parameters_themselves(
+        kernel_parameters, ["layer_norm_forward", "layer_norm_backward"],
+        dict(zip(("weight", "bias", "scale", "shift"), leaves[1:])))
+
+
+@pytest.mark.parametrize("shape", TOKEN_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gated_residual_layer_norm_reads_parameters_in_their_own_dtype(kernel_parameters, dtype, shape):
+    first, second = other_dtypes(dtype)
+    # A per-sample scale beside a per-token shift; the gate per sample.
+    h, weight, bias, scale, shift = random_token_inputs(shape, dtype, "cpu", per_token=(False, True), seed=15)
+    branch = randn(*shape, seed=16, dtype=dtype)
+    gate = randn(shape[0], shape[-1], seed=17, dtype=second)
+    parameters = [t.to(d) for t, d in zip((weight, bias, scale, shift), (first, first, second, second))]
+    leaves = [t.detach().requires_grad_() for t in (h, branch, gate, *parameters)]
+    grad_h, grad_y = randn(*shape, seed=18, dtype=dtype), randn(*shape, seed=19, dtype=dtype)
+    h_new, y = ops.gated_residual_layer_norm(leaves[0], leaves[1], leaves[2], shape[-1], *leaves[3:5],
+                                             scale=leaves[5], shift=leaves[6])
+    grads = torch.autograd.grad((h_new, y), leaves, (grad_h, grad_y))
+    d = [t.detach().double().requires_grad_() for t in leaves]
+    h64 = d[0] + d[2].unsqueeze(1) * d[1]
+    # h_new is rounded once to h's dtype, and the norm reads that rounded value.
+    assert_close(h_new, h64, LAYER_NORM, dtype)
+    assert_close(y, explicit_layer_norm(h_new, *parameters), LAYER_NORM, dtype)
+    wanted = torch.autograd.grad((h64, explicit_layer_norm(h64, *d[3:])), d, (grad_h.double(), grad_y.double()))
+    assert_grads_close(grads, wanted, leaves, h, LAYER_NORM)
+    assert_bindings_got_the_parameters_themselves(
+        kernel_parameters, ["gated_residual_layer_norm_forward", "layer_norm_backward"],
+        dict(zip(("gate", "weight", "bias", "scale", "shift"), leaves[2:])))
+
+
+def test_norm_forwards_cast_no_parameter(cuda_backend_on_cpu):
+    # fp16 activations beside fp32, fp16 and bf16 parameters: not one aten::_to_copy in a call.
+    x, weight, bias, scale, shift = random_inputs(2, 16, (4, 6), torch.float16, "cpu")
+    bias = bias.bfloat16()
+    tokens, t_weight, t_bias, t_scale, t_shift = random_token_inputs((2, 5, 24), torch.float16, "cpu")
+    t_weight, t_scale = t_weight.bfloat16(), t_scale.bfloat16()
+    branch, gate = randn(2, 5, 24, seed=1, dtype=torch.float16), randn(2, 24, seed=2, dtype=torch.bfloat16)
+    with torch.profiler.profile() as profile:
+        ops.group_norm(x, 4, weight, bias, scale=scale, shift=shift, activation="silu")
+        ops.layer_norm(tokens, 24, t_weight, t_bias, scale=t_scale, shift=t_shift)
+        ops.gated_residual_layer_norm(tokens, branch, gate, 24, t_weight, t_bias, scale=t_scale, shift=t_shift)
+    assert [event.name for event in profile.events() if event.name == "aten::_to_copy"] == []
