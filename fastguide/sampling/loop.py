@@ -710,7 +710,7 @@ class GuidedSampler:
 
     def _capture(self, shape, device, x_T, conditioning, keep_x0, per_call: bool) -> tuple[_Buffers, list]:
         buffers = self._new_buffers(x_T.to(device), conditioning.clone())
-        self._load(buffers, x_T, conditioning)
+        self._load(buffers, x_T, buffers.conditioning)  # the clone is the graph's copy already
         static_noise = lambda: buffers.noise  # noqa: E731
         # Warm up on a side stream, as torch.cuda.graph asks (lazy initialisation, cuDNN and
         # Triton autotuning, allocator). Its data-dependent decisions (truncated CFG's call,
