@@ -42,6 +42,7 @@ its class and a new method is one class here.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,9 +71,11 @@ def default_sampler(cfg_plus_plus: bool = False, interval: bool = False) -> str:
     return "ddim" if interval else "dpm++2m"
 
 
-class Guidance:
+class Guidance(abc.ABC):
     """What the sampling loop asks of a guidance method, with the defaults of plain
-    conditional sampling. For each model call the loop asks:
+    conditional sampling. A subclass defines ``combine`` (and ``scale_at``, which the
+    default ``combine_at`` reads, or overrides ``combine_at`` itself). For each model
+    call the loop asks:
 
     - ``active_at(σ̃)``: whether guidance applies at this call's noise level (EDM's σ̃);
       where it does not, the forward runs the conditional rows alone;
@@ -124,10 +127,13 @@ class Guidance:
         return self.combine(self.scale_at(edm_sigma, progress))
 
     def scale_at(self, edm_sigma: float, progress: float) -> float:
-        raise NotImplementedError
+        """The guidance weight at noise level σ̃ and normalised time τ."""
+        raise NotImplementedError(f"{type(self).__name__} defines no scale_at(σ̃, τ): define it, or override "
+                                  "combine_at")
 
+    @abc.abstractmethod
     def combine(self, scale: float | None = None) -> GuidanceCombine:
-        raise NotImplementedError
+        """The fused step's combine at weight ``scale`` (None: the method's own)."""
 
     def step(self, step: StepCoefficients) -> StepCoefficients:
         """The sampler's update at a guided call (unchanged by default)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import inspect
 
+import pytest
 import torch
 
 from fastguide import CFG, sample
@@ -52,3 +53,18 @@ def test_the_loop_never_asks_a_guidance_its_class():
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "guidance"
                 for alias in node.names}
     assert imported <= {"ClassifierGuidance", "Guidance", "default_sampler", "split_guidance"}
+
+
+def test_a_guidance_subclass_must_say_its_combine():
+    class Incomplete(Guidance):
+        pass
+
+    with pytest.raises(TypeError, match="combine"):
+        Incomplete()
+
+    class NoSchedule(Guidance):
+        def combine(self, scale=None):
+            return GuidanceCombine(2.0)
+
+    with pytest.raises(NotImplementedError, match="NoSchedule defines no scale_at"):
+        NoSchedule().combine_at(1.0, 0.5)
