@@ -241,7 +241,8 @@ class BlockCacheState:
         # goes through the wrappers untouched.
         self.active = False
         self.reusing = False  # the current forward's decision
-        self.first_out: Tensor | None = None  # the current forward's h₁
+        # The current forward's base, which R is taken from and added to: h₁, or the anchor
+        self.base: Tensor | None = None
         # The tensor the residual is taken from and added to, when not h₁ (a diffusers UNet's h₀,
         # set by its conv_in before the first block decides)
         self.anchor: Tensor | None = None
@@ -265,7 +266,7 @@ class BlockCacheState:
         """The call's decision, from the first block's input h₀ and output h₁ (the anchor
         the reused residual is added to; h₀ itself when every block is skipped)."""
         blocks = self._blocks_of(first_out.shape[0])
-        self.first_out = first_out if self.anchor is None else self.anchor
+        self.base = first_out if self.anchor is None else self.anchor
         if self.schedule is not None:  # fixed: no residual compared, nothing read on the host
             if not self.replaying:
                 self.recorded[self.call] = self.schedule(self.call) and all(
@@ -314,7 +315,7 @@ class BlockCacheState:
 
     def computed(self, h_last: Tensor) -> None:
         """Keep each branch's R = h_L − h₁ after a computed call."""
-        residual = _residual(h_last, self.first_out)
+        residual = _residual(h_last, self.base)
         for branch, rows in self._blocks_of(h_last.shape[0]):
             kept = self.residual.setdefault(branch, [])
             value = residual[rows]
@@ -444,7 +445,7 @@ def _last_block(state: BlockCacheState, hidden: Callable[[object], Tensor],
             if not state.active:
                 return inner(*args, **kwargs)
             if state.reusing:
-                return with_hidden(args, kwargs, state.reused(state.first_out))
+                return with_hidden(args, kwargs, state.reused(state.base))
             out = inner(*args, **kwargs)
             state.computed(hidden(out))
             return out
