@@ -51,22 +51,25 @@ first order and lands on the final x0 (when it lands on a timestep instead, ``fi
 ≥ 0: first order below 15 steps for the dpm++ family, always for unipc, as diffusers'
 lower_order_final with final_sigmas_type="sigma_min"), and, for dpm++3m on fewer than 15
 steps and unipc always, at the step before it (diffusers' lower_order_final).
-A sampler is a choice of these numbers; nothing else differs. A plan holds one entry per
-model call: dpm++2s and heun have two per step (2·steps − 1 calls in all when the last
-lands on the clean data, where it is one).
+A sampler is a choice of these numbers; nothing else differs. Each one below writes its
+update as the formula above reads, a ``Combination`` (combination.py) of X (x), EPS, NOISE
+(z) and mₖ = x0(k), whose coefficients are the plan's k_* (``Combination.kernel_coefficients``).
+A plan holds one entry per model call: dpm++2s and heun have two per step (2·steps − 1
+calls in all when the last lands on the clean data, where it is one).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from numbers import Integral
 
 import numpy as np
 
-from ..ops.contract import MAX_HISTORY, StepCoefficients
-from .schedule import NoiseSchedule
+from ..ops.contract import StepCoefficients
+from .combination import EPS, NOISE, ZERO, Combination, X, x0
+from .schedule import FlowSchedule, NoiseSchedule
 
 SAMPLERS = ("ddim", "ddpm", "euler", "euler-ancestral", "heun", "dpm++2m", "dpm++2m-sde", "dpm++2s", "dpm++3m",
             "unipc", "euler-maruyama")
@@ -127,19 +130,13 @@ class StepPlan:
         )
 
 
-def _with_history(t: float, t_next: float, k_x: float, x0_weights: np.ndarray) -> StepPlan:
-    """A plan from the weights of (m₀, m₁, …): this call's x0, then the history's."""
-    history = tuple(float(w) for w in x0_weights[1:])
-    while history and history[-1] == 0.0:  # no slot for a term that is not there
-        history = history[:-1]
-    return StepPlan(t, t_next, k_x=k_x, k_x0=float(x0_weights[0]), k_history=history)
+# The x0 of this model call and of the two before it, as the papers name them (mₖ = x0(k)).
+m0, m1, m2 = x0(0), x0(1), x0(2)
 
 
-def _unit(k: int) -> np.ndarray:
-    """The weights picking m_k out of (m₀, …, m_MAX_HISTORY)."""
-    weights = np.zeros(MAX_HISTORY + 1)
-    weights[k] = 1.0
-    return weights
+def _plan(t: float, t_next: float, x_next: Combination) -> StepPlan:
+    """The plan of the call from t to t_next whose update is ``x_next``."""
+    return StepPlan(t, t_next, **x_next.kernel_coefficients())
 
 
 # --------------------------------------------------------------------------------------
@@ -148,67 +145,88 @@ def _unit(k: int) -> np.ndarray:
 
 
 def _ddim(schedule: NoiseSchedule, t: float, t_next: float, eta: float) -> StepPlan:
+    """DDIM (Song et al., eq. 12): x' = a'·m₀ + √(s'² − σ_η²)·eps + σ_η·z."""
     alpha_next, sigma_next = schedule.alpha_sigma(t_next)
     sigma_eta = 0.0
     if eta:
         abar, abar_next = schedule.alpha_bar(t), schedule.alpha_bar(t_next)
         sigma_eta = eta * math.sqrt((1 - abar_next) / (1 - abar) * (1 - abar / abar_next))
-    return StepPlan(t, t_next, k_x0=alpha_next,
-                    k_eps=math.sqrt(max(0.0, sigma_next**2 - sigma_eta**2)), k_noise=sigma_eta)
+    x_next = alpha_next * m0 + math.sqrt(max(0.0, sigma_next**2 - sigma_eta**2)) * EPS + sigma_eta * NOISE
+    return _plan(t, t_next, x_next)
 
 
-def _posterior_variance(schedule: NoiseSchedule, t: int, t_next: int) -> float:
+def _posterior_variance(schedule: NoiseSchedule, t: float, t_next: float) -> float:
     abar, abar_next = schedule.alpha_bar(t), schedule.alpha_bar(t_next)
     return (1 - abar / abar_next) * (1 - abar_next) / (1 - abar)
 
 
-def _ddpm(schedule: NoiseSchedule, t: int, t_next: int, variance_type: str, clipped_variance: float) -> StepPlan:
+def _ddpm(schedule: NoiseSchedule, t: float, t_next: float, variance_type: str, clipped_variance: float) -> StepPlan:
+    """DDPM's ancestral step (Ho et al., eq. 7): the posterior mean
+    μ̃ = β·√ᾱ'/(1 − ᾱ)·m₀ + (1 − ᾱ')·√(1 − β)/(1 − ᾱ)·x, plus √Σ·z."""
     abar, abar_next = schedule.alpha_bar(t), schedule.alpha_bar(t_next)
     beta = 1 - abar / abar_next
     posterior = _posterior_variance(schedule, t, t_next)
     # ADM clips the posterior variance of the last step (zero) to that of the one before.
     small = posterior if t_next >= 0 else clipped_variance
-    plan = dict(t=t, t_next=t_next, ancestral=True,
-                k_x0=beta * math.sqrt(abar_next) / (1 - abar), k_x=(1 - abar_next) * math.sqrt(1 - beta) / (1 - abar))
-    if variance_type == "learned_range":
-        return StepPlan(**plan, k_noise=1.0 if t_next >= 0 else 0.0, variance=1.0,
+    mean = beta * math.sqrt(abar_next) / (1 - abar) * m0 + (1 - abar_next) * math.sqrt(1 - beta) / (1 - abar) * X
+    if variance_type == "learned_range":  # the kernel scales z by exp(ℓ/2), ℓ the learned log Σ
+        x_next = mean + NOISE if t_next >= 0 else mean
+        return StepPlan(t, t_next, **x_next.kernel_coefficients(), ancestral=True, variance=1.0,
                         log_variance_range=(math.log(small), math.log(beta)))
     variance = small if variance_type == "fixed_small" or t_next < 0 else beta
-    return StepPlan(**plan, k_noise=math.sqrt(variance) if t_next >= 0 else 0.0, variance=variance)
+    x_next = mean + math.sqrt(variance) * NOISE if t_next >= 0 else mean
+    return StepPlan(t, t_next, **x_next.kernel_coefficients(), ancestral=True, variance=variance)
 
 
 def _euler(schedule: NoiseSchedule, t: float, t_next: float) -> StepPlan:
+    """An Euler step of the probability-flow ODE: in x̃ = x/a and σ̃ on a VP schedule
+    (k-diffusion's sample_euler), in x and σ on a flow path (diffusers' FlowMatchEuler)."""
     (alpha, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
-    if schedule.is_flow:
-        return StepPlan(t, t_next, k_x=1.0, k_x0=sigma - sigma_next, k_eps=sigma_next - sigma)
-    return StepPlan(t, t_next, k_x=alpha_next / alpha, k_eps=alpha_next * (sigma_next / alpha_next - sigma / alpha))
+    if schedule.is_flow:  # dx/dσ = v = eps − x0: x' = x + (σ' − σ)·v
+        return _plan(t, t_next, X + (sigma_next - sigma) * (EPS - m0))
+    # dx̃/dσ̃ = eps: x̃' = x̃ + (σ̃' − σ̃)·eps, and x' = a'·x̃'
+    edm, edm_next = sigma / alpha, sigma_next / alpha_next
+    return _plan(t, t_next, (alpha_next / alpha) * X + alpha_next * (edm_next - edm) * EPS)
 
 
-def _euler_ancestral(schedule: NoiseSchedule, t: int, t_next: int) -> StepPlan:
+def _euler_ancestral(schedule: NoiseSchedule, t: float, t_next: float) -> StepPlan:
+    """k-diffusion's sample_euler_ancestral (η = 1) in x̃ = x/a: down to σ_down by Euler,
+    then up to σ̃' with fresh noise σ_up·z."""
     (alpha, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
     edm, edm_next = sigma / alpha, sigma_next / alpha_next
     up = edm_next * math.sqrt(max(0.0, 1 - edm_next**2 / edm**2))
     down = math.sqrt(max(0.0, edm_next**2 - up**2))
-    return StepPlan(t, t_next, k_x=alpha_next / alpha, k_eps=alpha_next * (down - edm), k_noise=alpha_next * up)
+    # x̃' = x̃ + (σ_down − σ̃)·eps + σ_up·z, and x' = a'·x̃'
+    return _plan(t, t_next, (alpha_next / alpha) * X + alpha_next * (down - edm) * EPS + alpha_next * up * NOISE)
 
 
 def _euler_maruyama(schedule: NoiseSchedule, t: float, t_next: float) -> StepPlan:
+    """SiT's Euler–Maruyama step in its time τ = 1 − σ (dτ = Δ = σ − σ'), diffusion w = σ:
+    drift v + σ·score = (x0 − eps) − eps, noise √(2σ)·√Δ·z (none on the last step)."""
     (_, sigma), (_, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
     delta = sigma - sigma_next
+    drift = m0 - 2 * EPS
     noise = math.sqrt(2 * sigma * delta) if t_next >= 0 else 0.0
-    return StepPlan(t, t_next, k_x=1.0, k_x0=delta, k_eps=-2 * delta, k_noise=noise)
+    return _plan(t, t_next, X + delta * drift + noise * NOISE)
 
 
 def _heun(schedule: NoiseSchedule, t: float, t_next: float) -> list[StepPlan]:
+    """EDM's Heun step (Karras et al., Alg. 1): an Euler call to x_E at t', then a second
+    call at (x_E, t') that averages the two slopes."""
     euler = _euler(schedule, t, t_next)
     if t_next < 0:  # the last step lands on the clean data: Euler there
         return [euler]
     (alpha, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
+    # x' = x_E + (σ̃' − σ̃)/2·(d_B − d_A) in x̃ = x/a, with both slopes read at x_E:
+    # d_A = (x̃_E − m_A)/σ̃' (the first call's eps), d_B = (x̃_E − m_B)/σ̃', so
+    # d_B − d_A = (m_A − m_B)/σ̃'. On a flow path the same in x and σ.
     if schedule.is_flow:
-        weight = (sigma_next - sigma) / (2 * sigma_next)
+        c = (sigma_next - sigma) / (2 * sigma_next)
     else:
-        weight = alpha_next * (sigma_next / alpha_next - sigma / alpha) / (2 * sigma_next / alpha_next)
-    return [euler, StepPlan(t_next, t_next, k_x=1.0, k_x0=-weight, k_history=(weight,))]
+        edm, edm_next = sigma / alpha, sigma_next / alpha_next
+        c = alpha_next * (edm_next - edm) / (2 * edm_next)
+    x_E, m_A, m_B = X, m1, m0  # the second call runs at x_E; m_A is the first call's x0, m_B its own
+    return [euler, _plan(t_next, t_next, x_E + c * (m_A - m_B))]
 
 
 # --------------------------------------------------------------------------------------
@@ -229,14 +247,16 @@ def _dpm_multistep(schedule: NoiseSchedule, timesteps: Sequence[float], final_ti
                    noise: bool = False) -> list[StepPlan]:
     """DPM-Solver++(2M) or (3M) over the grid (order 2 or 3), its last step to
     ``final_timestep``; with ``noise`` the 2M SDE variant (η = 1): φ₁ = 1 − e^{−2h}, x
-    scaled by e^{−h} more, and noise s'·√φ₁."""
+    scaled by e^{−h} more, and noise s'·√φ₁. As diffusers' DPMSolverMultistepScheduler
+    (its dpm_solver_first_order_update and multistep_dpm_solver_{second,third}_order_update,
+    "midpoint")."""
     points = list(timesteps) + [final_timestep]
     log_snrs = [schedule.log_snr(t) for t in points]
     steps = len(timesteps)
     plans = []
     for i, (t, t_next) in enumerate(zip(points, points[1:])):
         if t_next < 0:  # the last step lands on the clean data: first order gives x0
-            plans.append(StepPlan(t, t_next, k_x0=1.0))
+            plans.append(_plan(t, t_next, m0))
             continue
         (_, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
         h = log_snrs[i + 1] - log_snrs[i]
@@ -245,33 +265,35 @@ def _dpm_multistep(schedule: NoiseSchedule, timesteps: Sequence[float], final_ti
             # the step before the last at most second order; the last (here only when it
             # lands on a timestep, final_timestep ≥ 0) first order
             used = min(used, steps - i)
-        phi_1 = -math.expm1(-2 * h if noise else -h)
-        weights = alpha_next * phi_1 * _unit(0)
-        if used >= 2:
+        phi_1 = -math.expm1(-2 * h if noise else -h)  # 1 − e^{−h}; the SDE's 1 − e^{−2h}
+        ratio = sigma_next / sigma * (math.exp(-h) if noise else 1.0)  # s'/s; the SDE's (s'/s)·e^{−h}
+        if used == 1:  # DPM-Solver++(1): x' = (s'/s)·x + a'·φ₁·m₀
+            x_next = ratio * X + alpha_next * phi_1 * m0
+        elif used == 2:  # (2M), the midpoint form
             r0 = (log_snrs[i] - log_snrs[i - 1]) / h
-            d1_0 = (_unit(0) - _unit(1)) / r0
-            if used == 2:
-                weights = weights + 0.5 * alpha_next * phi_1 * d1_0
-            else:
-                r1 = (log_snrs[i - 1] - log_snrs[i - 2]) / h
-                d1_1 = (_unit(1) - _unit(2)) / r1
-                d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi_2 = math.expm1(-h) / h + 1
-                phi_3 = (math.expm1(-h) + h) / h**2 - 0.5
-                weights = weights + alpha_next * phi_2 * d1 - alpha_next * phi_3 * d2
-        plan = _with_history(t, t_next, sigma_next / sigma * (math.exp(-h) if noise else 1.0), weights)
-        plans.append(replace(plan, k_noise=sigma_next * math.sqrt(phi_1)) if noise else plan)
+            d1 = (m0 - m1) / r0
+            x_next = ratio * X + alpha_next * phi_1 * m0 + 0.5 * alpha_next * phi_1 * d1
+        else:  # (3M)
+            r0, r1 = (log_snrs[i] - log_snrs[i - 1]) / h, (log_snrs[i - 1] - log_snrs[i - 2]) / h
+            d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
+            d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            phi_2 = math.expm1(-h) / h + 1
+            phi_3 = (math.expm1(-h) + h) / h**2 - 0.5
+            x_next = ratio * X + alpha_next * phi_1 * m0 + alpha_next * phi_2 * d1 - alpha_next * phi_3 * d2
+        if noise:
+            x_next = x_next + sigma_next * math.sqrt(phi_1) * NOISE
+        plans.append(_plan(t, t_next, x_next))
     return plans
 
 
-def _unipc_rhos(rks: Sequence[float], hh: float, order: int, corrector: bool) -> np.ndarray:
+def _unipc_rhos(rks: Sequence[float], hh: float, order: int, corrector: bool) -> list[float]:
     """UniPC's ρ (bh2): solve Σₖ ρₖ·rₖ^(j−1) = b_j for j = 1 … order, over the earlier
     points' r (and r = 1, this call's, for the corrector), with b_j = hφ_j·j!/B(h)."""
     if order == 1:
-        return np.array([0.5]) if corrector else np.zeros(0)
+        return [0.5] if corrector else []
     if order == 2 and not corrector:
-        return np.array([0.5])
+        return [0.5]
     b_h = math.expm1(hh)
     h_phi_k = math.expm1(hh) / hh - 1
     factorial = 1
@@ -282,51 +304,48 @@ def _unipc_rhos(rks: Sequence[float], hh: float, order: int, corrector: bool) ->
         rhs.append(h_phi_k * factorial / b_h)
         factorial *= j + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
-    matrix, rhs = np.array(rows), np.array(rhs)
+    matrix, vector = np.array(rows), np.array(rhs)
     if corrector:
-        return np.linalg.solve(matrix, rhs)
-    return np.linalg.solve(matrix[:-1, :-1], rhs[:-1])
+        return [float(rho) for rho in np.linalg.solve(matrix, vector)]
+    return [float(rho) for rho in np.linalg.solve(matrix[:-1, :-1], vector[:-1])]
 
 
 def _unipc(schedule: NoiseSchedule, timesteps: Sequence[float], final_timestep: int, order: int) -> list[StepPlan]:
     """UniPC-p (bh2) with its corrector folded into each next update, its last step to
-    ``final_timestep``."""
+    ``final_timestep``. As diffusers' UniPCMultistepScheduler (multistep_uni_p_bh_update
+    and multistep_uni_c_bh_update, predict_x0)."""
     points = list(timesteps) + [final_timestep]
     log_snrs = [schedule.log_snr(t) for t in points]
     steps = len(timesteps)
     plans = []
-    previous = None  # the last predictor: (order, its slopes' weights D_k, ρᵖ, h, a at its end)
+    correction = ZERO  # UniC − UniP of the step that led here, in its own call's symbols
     for i, (t, t_next) in enumerate(zip(points, points[1:])):
-        (alpha, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
-        # The corrector of the step that led here, as weights of (m₀ = this call, m₁, …).
-        correction = np.zeros(MAX_HISTORY + 1)
-        if previous is not None:
-            used, slopes, rhos_p, h_prev = previous
-            hh = -h_prev
-            rhos_c = _unipc_rhos([r for r, _ in slopes], hh, used, corrector=True) if math.isfinite(hh) \
-                else np.array([0.5])
-            b_h = math.expm1(hh)
-            residual = sum(((rc - rp) * slope for rc, rp, (_, slope) in zip(rhos_c[:-1], rhos_p, slopes)),
-                           np.zeros(MAX_HISTORY + 1))
-            # The previous step's m₀, m₁, … are this call's m₁, m₂, …: shift by one.
-            shifted = np.concatenate([[0.0], residual[:-1]])
-            correction = -alpha * b_h * (shifted + rhos_c[-1] * (_unit(0) - _unit(1)))
+        # The step that led here predicted this call's x by UniP; its UniC, which reads this
+        # call's x0 too (at no extra model call), corrects it: x_c = x + (UniC − UniP), in this
+        # call's symbols (the previous call's m₀ is this one's m₁, its x0(−1) this one's m₀).
+        x_c = X + correction.shift()
         if t_next < 0:  # the last step lands on the clean data: x' = m₀, no corrector term survives
-            plans.append(StepPlan(t, t_next, k_x0=1.0))
+            plans.append(_plan(t, t_next, m0))
             continue
+        (_, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
         h = log_snrs[i + 1] - log_snrs[i]
         used = min(order, steps - i, 1 + _usable_history(log_snrs, i))
         hh = -h
-        b_h = math.expm1(hh)
-        slopes = [((log_snrs[i - k] - log_snrs[i]) / h, (_unit(k) - _unit(0)) / ((log_snrs[i - k] - log_snrs[i]) / h))
-                  for k in range(1, used)]
-        rhos_p = _unipc_rhos([r for r, _ in slopes], hh, used, corrector=False)
-        weights = -alpha_next * math.expm1(hh) * _unit(0)
-        for rho, (_, slope) in zip(rhos_p, slopes):
-            weights = weights - alpha_next * b_h * rho * slope
-        ratio = sigma_next / sigma
-        plans.append(_with_history(t, t_next, ratio, weights + ratio * correction))
-        previous = (used, slopes, rhos_p, h)
+        h_phi_1 = math.expm1(hh)  # e^{−h} − 1
+        b_h = math.expm1(hh)  # B(h) of "bh2"
+        rks = [(log_snrs[i - k] - log_snrs[i]) / h for k in range(1, used)]
+        slopes = [(x0(k) - m0) / r_k for k, r_k in enumerate(rks, start=1)]  # Dₖ = (mₖ − m₀)/rₖ
+        rhos_p = _unipc_rhos(rks, hh, used, corrector=False)
+        rhos_c = _unipc_rhos(rks, hh, used, corrector=True)
+        x_first = (sigma_next / sigma) * x_c - alpha_next * h_phi_1 * m0  # the first-order update
+        # UniP-p: x' = (s'/s)·x_c + a'·φ₁·m₀ − a'·B(h)·Σₖ ρᵖₖ·Dₖ
+        uni_p = x_first - alpha_next * b_h * sum((rho * d for rho, d in zip(rhos_p, slopes)), ZERO)
+        # UniC-p: the same with ρᶜ, plus the slope to the next call's x0, D_p = m₋₁ − m₀
+        d_next = x0(-1) - m0
+        uni_c = x_first - alpha_next * b_h * (sum((rho * d for rho, d in zip(rhos_c, slopes)), ZERO)
+                                              + rhos_c[-1] * d_next)
+        plans.append(_plan(t, t_next, uni_p))
+        correction = uni_c - uni_p
     return plans
 
 
@@ -343,7 +362,7 @@ def _log_snr_midpoint(schedule: NoiseSchedule, t: float, t_next: float) -> float
     target = 0.5 * (schedule.log_snr(t) + schedule.log_snr(t_next))
     if not math.isfinite(target):
         return None
-    if schedule.is_flow:
+    if isinstance(schedule, FlowSchedule):
         return schedule.time_of_log_snr(target)
     low, high = math.floor(t_next) + 1, math.ceil(t) - 1  # λ falls as t grows: find the first t with λ_t ≤ target
     if low > high:
@@ -359,23 +378,27 @@ def _log_snr_midpoint(schedule: NoiseSchedule, t: float, t_next: float) -> float
 
 
 def _dpm_pp_2s(schedule: NoiseSchedule, t: float, t_next: float) -> list[StepPlan]:
+    """DPM-Solver++(2S) (Lu et al. 2022, Alg. 1 with r = the midpoint's λ-fraction): a call
+    at (x, t) giving D, one at (u, s) giving D_s."""
     (_, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
     if sigma_next == 0:  # the last step lands on the clean data: first order gives x0
-        return [StepPlan(t, t_next, k_x0=1.0)]
+        return [_plan(t, t_next, m0)]
     h = schedule.log_snr(t_next) - schedule.log_snr(t)
-    phi = -alpha_next * math.expm1(-h)
+    phi = -alpha_next * math.expm1(-h)  # a'·φ₁
     mid = _log_snr_midpoint(schedule, t, t_next)
-    if mid is None:
-        return [StepPlan(t, t_next, k_x=sigma_next / sigma, k_x0=phi)]
+    if mid is None:  # DPM-Solver++(1)
+        return [_plan(t, t_next, (sigma_next / sigma) * X + phi * m0)]
     alpha_mid, sigma_mid = schedule.alpha_sigma(mid)
     rh = schedule.log_snr(mid) - schedule.log_snr(t)
     r = rh / h
-    to_mid = StepPlan(t, mid, k_x=sigma_mid / sigma, k_x0=-alpha_mid * math.expm1(-rh))
-    from_mid = StepPlan(
-        mid, t_next, k_x=sigma_next / sigma_mid, k_x0=phi / (2 * r),
-        k_history=(sigma_next / sigma_mid * alpha_mid * math.expm1(-rh) + phi * (1 - 1 / (2 * r)),),
-    )
-    return [to_mid, from_mid]
+    # The first call, at (x, t), its x0 D = m₀: u = (s_s/s)·x − a_s·(e^{−rh} − 1)·D
+    u = (sigma_mid / sigma) * X - alpha_mid * math.expm1(-rh) * m0
+    # The second call runs at (u, s): X is u, m₀ is D_s and m₁ is D, so the step's start is
+    # x = (s/s_s)·(u + a_s·(e^{−rh} − 1)·D), and x' = (s'/s)·x + φ·(1 − 1/2r)·D + φ/2r·D_s
+    D, D_s = m1, m0
+    x = (sigma / sigma_mid) * (X + alpha_mid * math.expm1(-rh) * D)
+    x_next = (sigma_next / sigma) * x + phi * (1 - 1 / (2 * r)) * D + phi / (2 * r) * D_s
+    return [_plan(t, mid, u), _plan(mid, t_next, x_next)]
 
 
 # --------------------------------------------------------------------------------------
