@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastguide.ops.contract import NormParameters
 from fastguide.ops.layout import norm_format
 from fastguide.ops.reference import group_norm_parameter_grads
 
@@ -308,15 +309,9 @@ def _strides(t: Tensor | None) -> tuple[int, int]:
 
 
 def group_norm_forward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    num_groups: int,
-    eps: float,
-    activation: str | None,
+    x: Tensor, params: NormParameters, num_groups: int, eps: float, activation: str | None
 ) -> tuple[Tensor, Tensor, Tensor]:
+    weight, bias, scale, shift = params
     n, c = x.shape[0], x.shape[1]
     spatial = math.prod(x.shape[2:])
     x, stride_c, stride_s = _layout(x)
@@ -342,22 +337,13 @@ def group_norm_forward(
 
 
 def group_norm_backward(
-    grad_y: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    num_groups: int,
-    eps: float,
-    activation: str | None,
+    dy: Tensor, x: Tensor, params: NormParameters, mean: Tensor, rstd: Tensor, num_groups: int, activation: str | None
 ) -> tuple[Tensor | None, ...]:
+    weight, bias, scale, shift = params
     n, c = x.shape[0], x.shape[1]
     spatial = math.prod(x.shape[2:])
     x, stride_c, stride_s = _layout(x)
-    grad_y = grad_y.contiguous(
+    dy = dy.contiguous(
         memory_format=torch.channels_last if stride_c == 1 and x.dim() == 4 else torch.contiguous_format)
     cfg = _grid(x, num_groups, c // num_groups, spatial)
     dx = torch.empty_like(x)
@@ -370,14 +356,14 @@ def group_norm_backward(
         SPLIT_POW2=cfg["split_pow2"], BLOCK_C=cfg["block_c"], BLOCK_S=cfg["block_s"], num_warps=NUM_WARPS,
     )
     _backward_sums_kernel[grid](
-        x, grad_y, weight, bias, scale, shift, mean, rstd, partials,
+        x, dy, weight, bias, scale, shift, mean, rstd, partials,
         c, spatial, num_groups, c // num_groups, stride_c, stride_s, cfg["s_per_chunk"],
         *_strides(scale), *_strides(shift), **flags,
     )
     _backward_dx_kernel[grid](
-        x, grad_y, dx, weight, bias, scale, shift, mean, rstd, partials, sums,
+        x, dy, dx, weight, bias, scale, shift, mean, rstd, partials, sums,
         c, spatial, num_groups, c // num_groups, stride_c, stride_s, cfg["s_per_chunk"], cfg["split"],
         *_strides(scale), *_strides(shift), **flags,
     )
     # Parameter gradients from the (N, C) sums: O(N·C) work.
-    return (dx, *group_norm_parameter_grads(sums, weight, bias, scale, shift))
+    return (dx, *group_norm_parameter_grads(sums, params))

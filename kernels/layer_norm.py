@@ -33,6 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastguide.ops import reference
+from fastguide.ops.contract import NormParameters
 
 MAX_D = 16384
 TILE = 4096  # elements per program tile (ROWS × BLOCK_D)
@@ -213,47 +214,31 @@ def _launch_forward(
 
 
 def layer_norm_forward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    eps: float,
+    x: Tensor, params: NormParameters, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
+    weight, bias, scale, shift = params
     if x.shape[-1] > MAX_D:
-        return reference.layer_norm_forward(x, weight, bias, scale, shift, eps)
+        return reference.layer_norm_forward(x, params, eps)
     _, y, mean, rstd = _launch_forward(x, None, None, weight, bias, scale, shift, eps)
     return y, mean, rstd
 
 
 def gated_residual_layer_norm_forward(
-    h: Tensor,
-    branch: Tensor,
-    gate: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    eps: float,
+    h: Tensor, branch: Tensor, gate: Tensor, params: NormParameters, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    weight, bias, scale, shift = params
     if h.shape[-1] > MAX_D:
-        return reference.gated_residual_layer_norm_forward(h, branch, gate, weight, bias, scale, shift, eps)
+        return reference.gated_residual_layer_norm_forward(h, branch, gate, params, eps)
     return _launch_forward(h, branch, gate, weight, bias, scale, shift, eps)
 
 
 def layer_norm_backward(
-    grad_y: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
+    grad_y: Tensor, x: Tensor, params: NormParameters, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor | None, ...]:
+    weight, bias, scale, shift = params
     n, length, d = x.shape
     if d > MAX_D:
-        return reference.layer_norm_backward(grad_y, x, weight, bias, scale, shift, mean, rstd)
+        return reference.layer_norm_backward(grad_y, x, params, mean, rstd)
     x, grad_y = x.contiguous(), grad_y.contiguous()
     rows, block_d, warps = _tile(d, backward=True)
     # Split each sample's tokens until ~4 programs per multiprocessor.
@@ -274,4 +259,4 @@ def layer_norm_backward(
         HAS_SHIFT=shift is not None, SCALE_PER_TOKEN=scale_per_token, SHIFT_PER_TOKEN=shift_per_token,
         ROWS=rows, BLOCK_D=block_d, num_warps=warps,
     )
-    return (dx, *reference.layer_norm_parameter_grads(partials, weight, bias, scale, shift, dscale, dshift))
+    return (dx, *reference.layer_norm_parameter_grads(partials, params, dscale, dshift))

@@ -23,7 +23,7 @@ def backends_for(op: str) -> list[str]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     found = ["torch"]
     for name in ("triton", "cuda"):
-        if ops._HAS_KERNEL[op][name] and backends.why_not(name, device) is None:
+        if backends.IMPLEMENTATIONS[name].has_kernel(op) and backends.why_not(name, device) is None:
             found.append(name)
     return found
 
@@ -32,7 +32,8 @@ def backends_with_emulation(op: str) -> list[str]:
     """``backends_for(op)``, plus "cuda-emulation" (the cuda backend on its CPU emulation,
     see ``running_on``) where the op has CUDA kernels that no GPU runs here."""
     names = backends_for(op)
-    return names + (["cuda-emulation"] if op in ops._KERNEL_MODULES["cuda"] and "cuda" not in names else [])
+    emulated = backends.IMPLEMENTATIONS["cuda"].has_kernel(op) and "cuda" not in names
+    return names + (["cuda-emulation"] if emulated else [])
 
 
 @contextlib.contextmanager

@@ -70,7 +70,7 @@ def cases(device: torch.device) -> dict[str, tuple[str, Callable[[], object]]]:
 
 def backend_call(op: str, backend: str, call: Callable[[], object]) -> Callable[[], object]:
     """The backend's own function for ``op``, bound to the arguments ``call`` hands it."""
-    module = ops._module(backend, op)
+    module = backends.IMPLEMENTATIONS[backend].implementation(op)
     name = BACKEND_FUNCTIONS[op]
     function, seen = getattr(module, name), []
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                                    for _ in range(args.rounds))
         for label, (op, call) in cases(device).items():
             for backend in names:
-                if not ops._HAS_KERNEL[op].get(backend, backend == "torch"):
+                if not backends.IMPLEMENTATIONS[backend].has_kernel(op):
                     continue
                 direct = backend_call(op, backend, call)
                 with fastguide.backend(backend):  # chosen once: its context is no part of either time

@@ -37,7 +37,7 @@ import time
 import torch
 
 from fastguide import CFG, GuidedSampler, ops, sample
-from fastguide.ops import reference, validation
+from fastguide.ops import reference
 from fastguide.ops.contract import GuidanceCombine, StepCoefficients, StepTensors
 
 
@@ -62,9 +62,9 @@ def measure(repeat: int) -> dict[str, float]:
     tensors = StepTensors(model_output, x, history=(prev,), out=out, x0_out=x0_out)
 
     def validate():
-        validation.check_step(step)
-        validation.check_combine(combine)
-        validation.check_step_tensors(tensors, step, combine)
+        ops.check_step(step)
+        ops.check_combine(combine)
+        ops.check_step_tensors(tensors, step, combine)
 
     def call():
         ops.guided_step(model_output, x, step, combine, history=(prev,), out=out, x0_out=x0_out)

@@ -81,7 +81,7 @@ def run(device: torch.device, seed: int = 0) -> int:
     print(f"fastguide self-check on {device} (backend setting: {backends.get_backend()})")
     failures = 0
     for name, check in CHECKS.items():
-        backend = ops._resolve(name, device, torch.float32)
+        backend = ops.dispatch.backend_for(name, device, torch.float32)
         error = check(device, torch.Generator().manual_seed(seed))
         ok = error <= TOLERANCE
         failures += not ok

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 from numbers import Integral, Real
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -71,7 +72,7 @@ def check_labels(y: object, x: Tensor, num_labels: int) -> Tensor:
     elif tuple(y.shape) != (batch,):
         raise ValueError(f"y (class labels) must have shape ({batch},), one per sample of x, or () for all of them, "
                          f"got {tuple(y.shape)}")
-    if y.numel() and y.device.type == "cpu" and type(y) is Tensor and not ops._tracing():
+    if y.numel() and y.device.type == "cpu" and type(y) is Tensor and not ops.dispatch.tracing():
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= num_labels:
             raise ValueError(f"y (class labels) must lie in [0, {num_labels - 1}], got {low}..{high}")
@@ -120,7 +121,7 @@ class TimestepBlock(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """nn.Sequential that passes the embedding to the children that take it."""
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # type: ignore[override]  # ADM's (x, emb), not (input)
         for layer in self:
             x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
         return x
@@ -176,6 +177,8 @@ class ResBlock(TimestepBlock):
             GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
         )
         self.updown = up or down
+        self.h_upd: nn.Module
+        self.x_upd: nn.Module
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
         elif down:
@@ -189,6 +192,7 @@ class ResBlock(TimestepBlock):
             GroupNorm32(self.out_channels), nn.SiLU(), nn.Dropout(p=dropout),
             _zeroed(nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)),
         )
+        self.skip_connection: nn.Module
         if self.out_channels == channels:
             self.skip_connection = nn.Identity()
         elif use_conv:
@@ -237,15 +241,16 @@ def _convert_convs_to_fp16(module: nn.Module) -> None:
 
 
 def _check_config(
-    image_size: object, in_channels: object, model_channels: object, out_channels: object, num_res_blocks: object,
-    attention_resolutions: object, dropout: object, channel_mult: object, num_heads: object,
-    num_head_channels: object,
+    image_size: Any, in_channels: Any, model_channels: Any, out_channels: Any, num_res_blocks: Any,
+    attention_resolutions: Any, dropout: Any, channel_mult: Any, num_heads: Any, num_head_channels: Any,
 ) -> None:
     """The arguments UNet and EncoderUNet share, each named when wrong: positive ints
     (num_res_blocks may be 0), attention_resolutions a collection of ints, dropout in
     [0, 1], channel_mult a non-empty sequence of positive numbers whose widths
     int(mult·model_channels) are multiples of 32 (GroupNorm32's groups), num_heads and
     num_head_channels positive ints (num_head_channels −1: heads by num_heads)."""
+    # The type: ignore[operator] below: typeshed's numbers.Integral and numbers.Real declare only
+    # __lt__ and __le__, so mypy refuses ``0 <= value`` on them (the ints and floats here compare fine).
     for name, value, low in (("image_size", image_size, 1), ("in_channels", in_channels, 1),
                              ("model_channels", model_channels, 1), ("out_channels", out_channels, 1),
                              ("num_res_blocks", num_res_blocks, 0), ("num_heads", num_heads, 1)):
@@ -254,17 +259,18 @@ def _check_config(
         if value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}")
     if isinstance(num_head_channels, bool) or not isinstance(num_head_channels, Integral) \
-            or not (num_head_channels == -1 or num_head_channels >= 1):
+            or not (num_head_channels == -1 or num_head_channels >= 1):  # type: ignore[operator]
         raise ValueError(f"num_head_channels must be a positive int, or -1 (heads set by num_heads), "
                          f"got {num_head_channels!r}")
     if not isinstance(attention_resolutions, Collection) or isinstance(attention_resolutions, str) or not all(
             isinstance(r, Integral) and not isinstance(r, bool) for r in attention_resolutions):
         raise TypeError(f"attention_resolutions must be a collection of ints (downsample rates), "
                         f"got {attention_resolutions!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout <= 1:
+    if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout <= 1:  # type: ignore[operator]
         raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
     if not isinstance(channel_mult, Sequence) or not channel_mult or not all(
-            isinstance(m, Real) and not isinstance(m, bool) and 0 < m < math.inf for m in channel_mult):
+            isinstance(m, Real) and not isinstance(m, bool) and 0 < m < math.inf  # type: ignore[operator]
+            for m in channel_mult):
         raise ValueError(f"channel_mult must be a non-empty sequence of positive numbers, got {channel_mult!r}")
     widths = [int(m * model_channels) for m in channel_mult]
     if any(w < 1 or w % 32 for w in widths):
@@ -274,6 +280,8 @@ def _check_config(
 
 class _Trunk(nn.Module):
     """What UNet and EncoderUNet share: time embedding, input blocks, middle block."""
+
+    model_channels: int  # set by the subclass's constructor
 
     def _build_time_embed(self, model_channels: int) -> None:
         emb_dim = model_channels * 4
@@ -301,9 +309,10 @@ class _Trunk(nn.Module):
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
         skip_channels, ds = [ch], 1
         self._feature_size = ch
-        res = dict(dropout=dropout, use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm)
-        attn = dict(num_heads=num_heads, num_head_channels=num_head_channels,
-                    use_new_attention_order=use_new_attention_order, use_checkpoint=use_checkpoint)
+        res: dict[str, Any] = dict(dropout=dropout, use_checkpoint=use_checkpoint,
+                                   use_scale_shift_norm=use_scale_shift_norm)
+        attn: dict[str, Any] = dict(num_heads=num_heads, num_head_channels=num_head_channels,
+                                    use_new_attention_order=use_new_attention_order, use_checkpoint=use_checkpoint)
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, out_channels=int(mult * model_channels), **res)]
@@ -329,13 +338,13 @@ class _Trunk(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the blocks run in (float16 after convert_to_fp16)."""
-        return self.input_blocks[0][0].weight.dtype
+        return cast(nn.Conv2d, cast(TimestepEmbedSequential, self.input_blocks[0])[0]).weight.dtype
 
     def _check_dtype(self, x: Tensor) -> None:
         """x in the dtype the model takes and returns (its time MLP's: float32 in ADM, also
         under use_fp16; a model cast whole with .double() or .half() takes its own), unless
         autocast is on."""
-        dtype = self.time_embed[0].weight.dtype
+        dtype = cast(nn.Linear, self.time_embed[0]).weight.dtype
         if x.dtype != dtype and not autocast_enabled(x.device):
             raise TypeError(f"x must have the model's input dtype {dtype} (or run under torch.autocast), "
                             f"got {x.dtype}")
@@ -344,7 +353,7 @@ class _Trunk(nn.Module):
         # The sinusoids in the time MLP's dtype (float32 in ADM, also under use_fp16; a model
         # cast whole with .double() or .half() runs them in its own dtype).
         sinusoids = timestep_embedding(timesteps, self.model_channels)
-        return self.time_embed(sinusoids.to(self.time_embed[0].weight.dtype))
+        return self.time_embed(sinusoids.to(cast(nn.Linear, self.time_embed[0]).weight.dtype))
 
 
 class UNet(_Trunk):
@@ -358,6 +367,19 @@ class UNet(_Trunk):
     # The input blocks before ``rest``: the stem convolution and the first residual block,
     # whose residual block caching watches.
     FIRST_BLOCKS = 2
+
+    # Declared for the type checker, which cannot infer them from __init__ (its argument checks
+    # narrow ints to numbers.Integral, which defers the method past the ones that read them).
+    image_size: int
+    in_channels: int
+    out_channels: int
+    num_classes: int | None
+    channel_mult: tuple[float, ...]
+    null_class: bool
+    label_dropout: float
+    label_emb: nn.Embedding
+    output_blocks: nn.ModuleList
+    out: nn.Sequential
 
     def __init__(
         self,
@@ -415,7 +437,8 @@ class UNet(_Trunk):
             resblock_updown, use_new_attention_order,
         )
         emb_dim = model_channels * 4
-        res = dict(dropout=dropout, use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm)
+        res: dict[str, Any] = dict(dropout=dropout, use_checkpoint=use_checkpoint,
+                                   use_scale_shift_norm=use_scale_shift_norm)
         self.output_blocks = nn.ModuleList()
         for level, mult in list(enumerate(channel_mult))[::-1]:
             for i in range(num_res_blocks + 1):
@@ -449,6 +472,7 @@ class UNet(_Trunk):
         """The label that means "no class" (classifier-free guidance's unconditional)."""
         if not self.null_class:
             raise ValueError("this model has no null class (construct it with null_class=True)")
+        assert self.num_classes is not None  # null_class needs num_classes (checked when built)
         return self.num_classes
 
     def forward(self, x: Tensor, timesteps: Tensor, y: Tensor | None = None) -> Tensor:
@@ -464,6 +488,7 @@ class UNet(_Trunk):
         timesteps = check_timesteps(timesteps, x)
         emb = self._embed_time(timesteps)
         if y is not None:
+            assert self.num_classes is not None  # y is passed exactly when the model is class-conditional
             y = check_labels(y, x, self.num_classes + (1 if self.null_class else 0))
             if self.training and self.label_dropout > 0:
                 dropped = torch.rand(y.shape, device=y.device) < self.label_dropout

@@ -1,4 +1,8 @@
-"""Which implementation runs an op: the backend switch.
+"""Which implementation runs an op: the backend objects and the switch among them.
+
+Each concrete backend is a ``Backend`` object (``IMPLEMENTATIONS``): the module with each
+op's functions, the dtypes it computes in, why it cannot run on a device, and every reason
+it declines a call (``not_supported_reasons``).
 
 Backends:
   ``torch``   fastguide.ops.reference, plain PyTorch. Runs anywhere; the oracle.
@@ -28,8 +32,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 import threading
 from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 
@@ -100,38 +106,120 @@ def _triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _module_exists(name: str) -> bool:
+    """Whether module ``name`` can be imported, without importing it (a package that is
+    not importable counts as absent: find_spec raises there rather than returning None)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 # Looked up once, at import: finding a spec imports nothing, and resolve() runs while
 # torch.compile traces an op call, where torch 2.11's dynamo refuses to trace find_spec.
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_TRITON_INSTALLED = _module_exists("triton")
+
+OPS = ("attention", "group_norm", "guided_step", "layer_norm")
+# The dtypes the kernels compute in; float64 runs on the reference only.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _why_not_triton(device: torch.device) -> str | None:
-    if not _TRITON_INSTALLED:
-        return "triton is not installed (pip install triton)"
-    if device.type == "cuda":
+class Backend:
+    """One implementation of the ops: which ops it has (each in a module with the op's
+    backend functions, see fastguide.ops), the dtypes and devices they take, and why it
+    declines a call (``not_supported_reasons``). Layouts decline nothing: every backend
+    takes any strides, and the glue makes dense copies where a kernel needs them
+    (fastguide.ops.layout)."""
+
+    name: str
+    modules: dict[str, str]  # op -> the module implementing it
+    dtypes: tuple[torch.dtype, ...]
+
+    def __init__(self) -> None:
+        # A kernel counts as present once its module exists; finding it imports neither
+        # triton nor the extension.
+        self._present = {op: _module_exists(module) for op, module in self.modules.items()}
+
+    def has_kernel(self, op: str) -> bool:
+        return self._present.get(op, False)
+
+    def why_not(self, device: torch.device) -> str | None:
+        """Why this backend cannot run on tensors of ``device`` at all; None when it can."""
         return None
-    if device.type == "cpu":
-        if _triton_interpreter_on():
+
+    def not_supported_reasons(self, op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+        """Every reason this backend declines ``op`` on ``dtype`` tensors of ``device``;
+        empty when it runs it."""
+        reasons = []
+        if not self.has_kernel(op):
+            reasons.append(f"the {self.name} backend has no kernel for {op}")
+        elif dtype not in self.dtypes:
+            reasons.append(f"the {self.name} backend has no kernel for {op} on {dtype} tensors "
+                           f"(it computes in {', '.join(str(d) for d in self.dtypes)})")
+        device_reason = self.why_not(device)
+        return reasons + ([device_reason] if device_reason is not None else [])
+
+    def implementation(self, op: str) -> ModuleType:
+        """The module with ``op``'s functions on this backend."""
+        name = self.modules[op]
+        module = sys.modules.get(name)  # once imported, no import machinery per op call
+        return module if module is not None else importlib.import_module(name)
+
+
+class TorchBackend(Backend):
+    """fastguide.ops.reference: plain PyTorch, any device and floating dtype; the oracle."""
+
+    name = "torch"
+    modules = dict.fromkeys(OPS, "fastguide.ops.reference")
+    dtypes = (*KERNEL_DTYPES, torch.float64)
+
+
+class TritonBackend(Backend):
+    """fastguide.kernels: one module per op; CUDA tensors, or CPU tensors under the
+    interpreter (TRITON_INTERPRET=1)."""
+
+    name = "triton"
+    modules = {op: f"fastguide.kernels.{op}" for op in OPS}
+    dtypes = KERNEL_DTYPES
+
+    def why_not(self, device: torch.device) -> str | None:
+        if not _TRITON_INSTALLED:
+            return "triton is not installed (pip install triton)"
+        if device.type == "cuda":
             return None
-        return "triton runs on CPU tensors only with TRITON_INTERPRET=1 set before import"
-    return f"triton does not run on {device.type} tensors"
+        if device.type == "cpu":
+            if _triton_interpreter_on():
+                return None
+            return "triton runs on CPU tensors only with TRITON_INTERPRET=1 set before import"
+        return f"triton does not run on {device.type} tensors"
 
 
-def _why_not_cuda(device: torch.device) -> str | None:
-    if device.type != "cuda":
-        return f"the cuda backend runs on CUDA tensors only, got a {device.type} tensor"
-    return extension.why_not_available()
+class CudaBackend(Backend):
+    """The extension fastguide._C (csrc/) through fastguide.ops.cuda_backend: CUDA tensors
+    only; guided_step and the two norms."""
+
+    name = "cuda"
+    modules = dict.fromkeys(("group_norm", "guided_step", "layer_norm"), "fastguide.ops.cuda_backend")
+    dtypes = KERNEL_DTYPES
+
+    def why_not(self, device: torch.device) -> str | None:
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors only, got a {device.type} tensor"
+        return extension.why_not_available()
+
+    def ready_without_build(self) -> bool:
+        """Whether the extension is installed prebuilt (``auto`` never starts a build)."""
+        return extension.prebuilt_path() is not None
+
+
+IMPLEMENTATIONS: dict[str, Backend] = {b.name: b for b in (TorchBackend(), TritonBackend(), CudaBackend())}
 
 
 def why_not(name: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot run on tensors of ``device``; None when it can."""
-    if name == "torch":
-        return None
-    if name == "triton":
-        return _why_not_triton(device)
-    if name == "cuda":
-        return _why_not_cuda(device)
-    raise ValueError(f"backend must be one of {CONCRETE_BACKENDS}, got {name!r}")
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"backend must be one of {CONCRETE_BACKENDS}, got {name!r}")
+    return IMPLEMENTATIONS[name].why_not(device)
 
 
 def available_backends() -> dict[str, str | None]:
@@ -158,38 +246,33 @@ def graph_capture() -> Iterator[None]:
         _state.graph_capture = depth
 
 
-def _auto_on_cuda(device: torch.device, has_kernel: dict[str, bool]) -> str:
+def _auto_on_cuda(op: str, device: torch.device, dtype: torch.dtype) -> str:
     """``auto``'s pick for CUDA tensors: the first of the two accelerated backends, in the
-    order the module docstring explains, that has the kernel and can run."""
+    order the module docstring explains, that runs the op without a build."""
     order = ("triton", "cuda") if getattr(_state, "graph_capture", 0) else ("cuda", "triton")
     for name in order:
-        if not has_kernel.get(name, False):
-            continue
-        if name == "triton" and why_not("triton", device) is None:
-            return "triton"
-        if name == "cuda" and extension.prebuilt_path() is not None:
-            return "cuda"
+        backend = IMPLEMENTATIONS[name]
+        if isinstance(backend, CudaBackend):
+            if backend.has_kernel(op) and dtype in backend.dtypes and backend.ready_without_build():
+                return name
+        elif not backend.not_supported_reasons(op, device, dtype):
+            return name
     return "torch"
 
 
-def resolve(device: torch.device, has_kernel: dict[str, bool], what: str = "this op") -> str:
-    """The concrete backend that runs an op on ``device``.
+def resolve(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend that runs ``op`` on ``dtype`` tensors of ``device``.
 
-    ``has_kernel`` says, per non-reference backend, whether it has a kernel for ``what``
-    (the op, and the dtype at hand: kernels land op by op). An explicit choice that cannot
-    run raises RuntimeError naming what is missing; ``auto`` falls back to ``torch``.
+    An explicit choice that cannot run raises RuntimeError with every reason the backend
+    gives; ``auto`` falls back to ``torch``. The cuda backend covers some ops: the others
+    run under it as under ``auto``.
     """
     choice = get_backend()
-    if choice == "cuda" and not has_kernel.get("cuda", False):
-        choice = "auto"  # the cuda backend covers some ops; the rest run as under auto
+    if choice == "cuda" and not IMPLEMENTATIONS["cuda"].has_kernel(op):
+        choice = "auto"
     if choice == "auto":
-        return _auto_on_cuda(device, has_kernel) if device.type == "cuda" else "torch"
-    if choice == "torch":
-        return "torch"
-    reason = why_not(choice, device)
-    if reason is None and not has_kernel.get(choice, False):
-        reason = f"the {choice} backend has no kernel for {what}"
-    if reason is not None:
-        raise RuntimeError(f"backend {choice!r} was requested but cannot run: {reason}")
+        return _auto_on_cuda(op, device, dtype) if device.type == "cuda" else "torch"
+    reasons = IMPLEMENTATIONS[choice].not_supported_reasons(op, device, dtype)
+    if reasons:
+        raise RuntimeError(f"backend {choice!r} was requested but cannot run {op} here: {'; '.join(reasons)}")
     return choice
-

@@ -12,6 +12,9 @@
                        APG's state, and on request each sample's cosine of the two
                        branches' x0 predictions)
 
+NormParameters bundles the norms' optional parameters (weight, bias, scale, shift), so
+that every backend's norm functions take them as one argument.
+
 fastguide.ops.reference.guided_step states the math. Every backend receives these objects
 (``guided_step(tensors, step, combine)``); samplers and guidance specs build them.
 
@@ -31,7 +34,25 @@ from typing import Any, NamedTuple, Optional
 
 from torch import Tensor
 
+
+class NormParameters(NamedTuple):
+    """A norm's optional parameters, each None or a tensor: the elementwise affine
+    (weight, bias), then the modulation (scale, shift): y = (x̂·weight + bias)·(1 + scale)
+    + shift. group_norm's are (C,) and (N, C); layer_norm's (D,) and (N, 1, D) or (N, L, D)."""
+
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    scale: Optional[Tensor]
+    shift: Optional[Tensor]
+
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
+# The path each prediction type's map to x0 and eps assumes (None: any alpha and sigma):
+# v = alpha·eps − sigma·x0 gives x0 = alpha·x − sigma·v only where alpha² + sigma² = 1, a
+# flow velocity eps − x0 gives x0 = x − sigma·v only where alpha + sigma = 1. check_step
+# holds a step's alpha and sigma to it, a sampler its schedule (NoiseSchedule.path).
+PREDICTION_PATHS = {"epsilon": None, "v_prediction": "variance-preserving", "sample": None, "flow_prediction": "flow"}
+PATH_RELATIONS = {"variance-preserving": "alpha² + sigma² = 1", "flow": "alpha + sigma = 1"}
 COMBINE_VARIANTS = ("cfg", "zero_star", "apg", "tangential")
 # The fused kernels read the history through this many pointer slots (a solver of order
 # 3 needs 2 or 3); the reference has no limit, the contract has this one for all backends.
@@ -134,7 +155,7 @@ class StepTensors(NamedTuple):
     similarity: Optional[Tensor] = None
 
 
-def float_fields(cls: type) -> tuple[str, ...]:
+def float_fields(cls: Any) -> tuple[str, ...]:
     """Names of the ``float`` fields of a contract type, in declaration order (the order
     of its packed ``float[]``, and of the matching C++ struct in csrc/guided_step.cuh)."""
     hints = typing.get_type_hints(cls)
@@ -164,7 +185,7 @@ class _OpArguments:
     NamedTuples (construction and hashing cost a fifth of a frozen dataclass's) that
     declare their float fields first: packing slices them off, unpacking is positional."""
 
-    def __init__(self, cls: type, prefix: str, optional: bool = False):
+    def __init__(self, cls: Any, prefix: str, optional: bool = False):
         hints = typing.get_type_hints(cls)
         self.cls, self.optional = cls, optional
         self.scalars = float_fields(cls)

@@ -22,6 +22,7 @@ from .contract import (
     COMBINE_ARGUMENTS,
     STEP_ARGUMENTS,
     GuidanceCombine,
+    NormParameters,
     StepCoefficients,
     StepTensors,
 )
@@ -57,6 +58,7 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
     )
     write_back(targets, work)
     if similarity_partials is not None:
+        assert tensors.similarity is not None  # the kernel returns partials only when asked
         merge_similarity(similarity_partials, tensors.similarity)
 
 
@@ -77,82 +79,46 @@ def _statistics(mean: Tensor, rstd: Tensor) -> list[Tensor]:
 
 
 def group_norm_forward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    num_groups: int,
-    eps: float,
-    activation: str | None,
+    x: Tensor, params: NormParameters, num_groups: int, eps: float, activation: str | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     x = dense(x, norm_format(x))
     return _ops().group_norm_forward(
-        x, *_parameters(weight, bias, scale, shift), num_groups, float(eps), activation == "silu"
+        x, *_parameters(*params), num_groups, float(eps), activation == "silu"
     )
 
 
 def group_norm_backward(
-    grad_y: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    num_groups: int,
-    eps: float,
-    activation: str | None,
+    dy: Tensor, x: Tensor, params: NormParameters, mean: Tensor, rstd: Tensor, num_groups: int, activation: str | None
 ) -> tuple[Tensor | None, ...]:
     fmt = norm_format(x)
     x = dense(x, fmt)
     dx, sums = _ops().group_norm_backward(
-        dense(grad_y, fmt, x.dtype), x, *_parameters(weight, bias, scale, shift), *_statistics(mean, rstd),
+        dense(dy, fmt, x.dtype), x, *_parameters(*params), *_statistics(mean, rstd),
         num_groups, activation == "silu",
     )
-    return (dx, *group_norm_parameter_grads(sums, weight, bias, scale, shift))
+    return (dx, *group_norm_parameter_grads(sums, params))
 
 
 def layer_norm_forward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    eps: float,
+    x: Tensor, params: NormParameters, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _ops().layer_norm_forward(x.contiguous(), *_parameters(weight, bias, scale, shift), float(eps))
+    return _ops().layer_norm_forward(x.contiguous(), *_parameters(*params), float(eps))
 
 
 def gated_residual_layer_norm_forward(
-    h: Tensor,
-    branch: Tensor,
-    gate: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    eps: float,
+    h: Tensor, branch: Tensor, gate: Tensor, params: NormParameters, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _ops().gated_residual_layer_norm_forward(
-        h.contiguous(), branch.contiguous(), *_parameters(gate, weight, bias, scale, shift), float(eps)
+        h.contiguous(), branch.contiguous(), *_parameters(gate, *params), float(eps)
     )
 
 
 def layer_norm_backward(
-    grad_y: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
+    grad_y: Tensor, x: Tensor, params: NormParameters, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor | None, ...]:
     x = x.contiguous()
     dx, partials, dscale_tokens, dshift_tokens = _ops().layer_norm_backward(
-        grad_y.to(x.dtype).contiguous(), x, *_parameters(weight, bias, scale, shift), *_statistics(mean, rstd)
+        grad_y.to(x.dtype).contiguous(), x, *_parameters(*params), *_statistics(mean, rstd)
     )
     # Per-token modulation: the kernel wrote its gradients (fp32) element by element.
-    return (dx, *layer_norm_parameter_grads(partials, weight, bias, scale, shift, dscale_tokens, dshift_tokens))
+    return (dx, *layer_norm_parameter_grads(partials, params, dscale_tokens, dshift_tokens))

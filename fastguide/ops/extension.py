@@ -62,8 +62,9 @@ def nvcc() -> str | None:
 def cuda_include() -> Path:
     """The toolkit's include directory (cuda_runtime_api.h)."""
     candidates = _cuda_homes()
-    if nvcc() is not None:
-        candidates.append(Path(os.path.realpath(nvcc())).parent.parent)
+    compiler = nvcc()
+    if compiler is not None:
+        candidates.append(Path(os.path.realpath(compiler)).parent.parent)
     for home in candidates:
         if (home / "include" / "cuda_runtime_api.h").exists():
             return home / "include"

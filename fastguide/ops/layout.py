@@ -10,6 +10,8 @@ launchers ask), and merge the per-program sums of guided_step's similarity outpu
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 from torch import Tensor
 
@@ -48,6 +50,14 @@ def norm_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+@overload
+def dense(t: Tensor, fmt: torch.memory_format, dtype: torch.dtype | None = None) -> Tensor: ...
+@overload
+def dense(t: None, fmt: torch.memory_format, dtype: torch.dtype | None = None) -> None: ...
+@overload
+def dense(t: Tensor | None, fmt: torch.memory_format, dtype: torch.dtype | None = None) -> Tensor | None: ...
+
+
 def dense(t: Tensor | None, fmt: torch.memory_format, dtype: torch.dtype | None = None) -> Tensor | None:
     """t itself when dense in fmt (and of dtype, when given), else such a copy."""
     if t is None:
@@ -60,8 +70,9 @@ def dense(t: Tensor | None, fmt: torch.memory_format, dtype: torch.dtype | None 
 def write_back(targets: dict[str, Tensor | None], work: dict[str, Tensor | None]) -> None:
     """Copy each result computed in a stand-in (work[name] is not targets[name]) back."""
     for name, target in targets.items():
-        if target is not None and work[name] is not target:
-            target.copy_(work[name])
+        result = work[name]
+        if target is not None and result is not None and result is not target:
+            target.copy_(result)
 
 
 def merge_similarity(partials: Tensor, similarity: Tensor) -> None:

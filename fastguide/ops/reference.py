@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .contract import PREDICTION_TYPES, GuidanceCombine, StepCoefficients, StepTensors
+from .contract import PREDICTION_TYPES, GuidanceCombine, NormParameters, StepCoefficients, StepTensors
 
 ACTIVATIONS = (None, "silu")
 
@@ -96,27 +96,6 @@ def _attention_lse(q: Tensor, k: Tensor, scale: float, rows_per_chunk: int = 256
 # --------------------------------------------------------------------------------------
 
 
-def group_norm(
-    x: Tensor,
-    num_groups: int,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-    *,
-    scale: Tensor | None = None,
-    shift: Tensor | None = None,
-    activation: str | None = None,
-) -> Tensor:
-    """GroupNorm with ADM's scale-shift and an optional SiLU, statistics in float32.
-
-    norm = (x − mean[n, g]) / √(var[n, g] + eps) over the C/G channels of group g and all
-    spatial positions; y = norm·weight[c] + bias[c]; y = y·(1 + scale[n, c]) + shift[n, c];
-    y = silu(y) when activation == "silu". Output in x's dtype and memory format.
-    """
-    y, _, _ = group_norm_forward(x, weight, bias, scale, shift, num_groups, eps, activation)
-    return y
-
-
 def _scale_shift_act(
     y: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str | None
 ) -> Tensor:
@@ -155,7 +134,7 @@ def _modulation_backward(
     scale: Tensor | None,
     shift: Tensor | None,
     activation: str | None = None,
-) -> tuple[Tensor | None, ...]:
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(dx̂, dweight, dbias, dscale, dshift) of y = act(z), z = a·(1 + s) + h, a = x̂·w + b,
     the part of the backward both norms share. The parameters (or None) come in the
     compute dtype, viewed to broadcast against x̂; each gradient is summed to its view's shape:
@@ -261,6 +240,7 @@ def _apg_guided(cond: Tensor, diff: Tensor, combine: GuidanceCombine, buffer: Te
     m = cond + (scale − 1)·(orthogonal + eta·parallel).
     """
     if combine.apg_momentum != 0.0:
+        assert buffer is not None, "APG with momentum keeps its state in apg_buffer (checked at the op)"
         diff = diff + combine.apg_momentum * buffer.to(diff.dtype)
         buffer.copy_(diff)
     if combine.apg_norm_threshold > 0.0:
@@ -323,6 +303,7 @@ def guided_prediction(
     else:
         guided = uncond + combine.scale * diff
     if combine.perturbed_scale != 0.0:
+        assert perturbed is not None, "a perturbed scale reads the third B rows (checked at the op)"
         guided = guided + combine.perturbed_scale * (cond - perturbed)
     if combine.rescale > 0.0:
         guided = _cfg_rescale(cond, guided, combine.rescale)
@@ -525,7 +506,7 @@ def _vjp_recompute(fn, inputs: list[Tensor | None], grad_output: Tensor) -> list
         it = iter(tensors)
         return fn(*(None if t is None else next(it) for t in inputs))
 
-    _, vjp = torch.func.vjp(over_present, *present)
+    vjp = torch.func.vjp(over_present, *present)[1]
     grads = iter(vjp(grad_output))
     return [None if t is None else next(grads) for t in inputs]
 
@@ -540,7 +521,8 @@ def attention_backward(
         dtype = compute_dtype(q)
         inputs = (_unit_last_stride(t.to(dtype)) for t in (grad_out, q, k, v, out))
         grads = cpu_flash_backward(*inputs, lse, 0.0, False, scale=scale)
-        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+        dq, dk, dv = (g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+        return dq, dk, dv
     return attention_backward_by_recompute(grad_out, q, k, v, scale)
 
 
@@ -549,20 +531,21 @@ def attention_backward_by_recompute(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) by differentiating ``attention`` under torch.func (any device)."""
     dq, dk, dv = _vjp_recompute(lambda q_, k_, v_: attention(q_, k_, v_, scale), [q, k, v], grad_out)
+    assert dq is not None and dk is not None and dv is not None  # every input was given
     return dq, dk, dv
 
 
 def group_norm_forward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    num_groups: int,
-    eps: float,
-    activation: str | None,
+    x: Tensor, params: NormParameters, num_groups: int, eps: float, activation: str | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, rstd): ``group_norm`` plus the per-(n, group) statistics, shape (N, G)."""
+    """(y, mean, rstd): GroupNorm with ADM's scale-shift and an optional SiLU, statistics in float32.
+
+    norm = (x − mean[n, g]) / √(var[n, g] + eps) over the C/G channels of group g and all
+    spatial positions; y = norm·weight[c] + bias[c]; y = y·(1 + scale[n, c]) + shift[n, c];
+    y = silu(y) when activation == "silu". Output in x's dtype and memory format; mean and rstd
+    per (n, group), shape (N, G).
+    """
+    weight, bias, scale, shift = params
     dtype = compute_dtype(x)
     n, c = x.shape[0], x.shape[1]
     spatial = math.prod(x.shape[2:])
@@ -584,17 +567,7 @@ def group_norm_forward(
 
 
 def group_norm_backward(
-    grad_y: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    num_groups: int,
-    eps: float,
-    activation: str | None,
+    dy: Tensor, x: Tensor, params: NormParameters, mean: Tensor, rstd: Tensor, num_groups: int, activation: str | None
 ) -> tuple[Tensor | None, ...]:
     """(dx, dweight, dbias, dscale, dshift) from the saved (N, G) mean and rstd.
 
@@ -604,6 +577,7 @@ def group_norm_backward(
       dx = rstd·(dx̂ − mean_group(dx̂) − x̂·mean_group(dx̂·x̂))
     Gradients come back None for inputs that were None.
     """
+    weight, bias, scale, shift = params
     dtype = compute_dtype(x)
     n, c, spatial = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     groups = (n, num_groups, c // num_groups * spatial)
@@ -613,7 +587,7 @@ def group_norm_backward(
         return None if t is None else t.to(dtype).reshape(rows, c, 1)
 
     dx_hat, *grads = _modulation_backward(
-        grad_y.to(dtype).reshape(n, c, spatial), x_hat,
+        dy.to(dtype).reshape(n, c, spatial), x_hat,
         view(weight, 1), view(bias, 1), view(scale, n), view(shift, n), activation,
     )
     dx = _normalization_backward(dx_hat.reshape(groups), x_hat.reshape(groups), rstd)
@@ -622,38 +596,19 @@ def group_norm_backward(
 
 
 def group_norm_parameter_grads(
-    sums: Tensor, weight: Tensor | None, bias: Tensor | None, scale: Tensor | None, shift: Tensor | None
+    sums: Tensor, params: NormParameters
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(dweight, dbias, dscale, dshift) from the kernels' per-channel backward sums
     (N, C, 2) = (A, B), A = Σ_s dz and B = Σ_s dz·x̂ (``norm_parameter_grads`` with
     C = (1 + scale)·A, E = (1 + scale)·B: a per-sample scale is constant over s)."""
     a, b_sums = sums[..., 0], sums[..., 1]
-    one_plus_scale = 1.0 if scale is None else 1.0 + scale.float()
-    return norm_parameter_grads(a, b_sums, one_plus_scale * a, one_plus_scale * b_sums, weight, bias, scale, shift)
+    one_plus_scale = 1.0 if params.scale is None else 1.0 + params.scale.float()
+    return norm_parameter_grads(a, b_sums, one_plus_scale * a, one_plus_scale * b_sums, *params)
 
 
 # --------------------------------------------------------------------------------------
 # layer_norm (DiT's adaLN) and the gated residual
 # --------------------------------------------------------------------------------------
-
-
-def layer_norm(
-    x: Tensor,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-6,
-    *,
-    scale: Tensor | None = None,
-    shift: Tensor | None = None,
-) -> Tensor:
-    """LayerNorm over the last dim with DiT's adaLN modulation, statistics in float32.
-
-    x̂ = (x − mean)/√(var + eps) over the D elements of each row (biased variance);
-    a = x̂·weight + bias; y = a·(1 + scale) + shift. scale and shift broadcast against
-    x: (N, 1, D) per sample, or x's own shape per token. Output in x's dtype.
-    """
-    y, _, _ = layer_norm_forward(x, weight, bias, scale, shift, eps)
-    return y
 
 
 def gated_residual(h: Tensor, branch: Tensor, gate: Tensor) -> Tensor:
@@ -663,32 +618,17 @@ def gated_residual(h: Tensor, branch: Tensor, gate: Tensor) -> Tensor:
     return torch.addcmul(h.to(dtype), gate.to(dtype), branch.to(dtype)).to(h.dtype)
 
 
-def gated_residual_layer_norm(
-    h: Tensor,
-    branch: Tensor,
-    gate: Tensor,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-6,
-    *,
-    scale: Tensor | None = None,
-    shift: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """(h_new, y): h_new = gated_residual(h, branch, gate) in h's dtype, and
-    y = layer_norm(h_new, ...) of that rounded h_new (as the unfused pair computes it)."""
-    h_new, y, _, _ = gated_residual_layer_norm_forward(h, branch, gate, weight, bias, scale, shift, eps)
-    return h_new, y
-
-
 def layer_norm_forward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    eps: float,
+    x: Tensor, params: NormParameters, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, rstd): ``layer_norm`` plus the per-row statistics, shape x.shape[:-1]."""
+    """(y, mean, rstd): LayerNorm over the last dim with DiT's adaLN modulation, statistics in float32.
+
+    x̂ = (x − mean)/√(var + eps) over the D elements of each row (biased variance);
+    a = x̂·weight + bias; y = a·(1 + scale) + shift. scale and shift broadcast against
+    x: (N, 1, D) per sample, or x's own shape per token. Output in x's dtype; mean and rstd per row,
+    shape x.shape[:-1].
+    """
+    weight, bias, scale, shift = params
     dtype = compute_dtype(x)
     d = x.shape[-1]
     y, mean, rstd = torch.ops.aten.native_layer_norm(
@@ -701,29 +641,17 @@ def layer_norm_forward(
 
 
 def gated_residual_layer_norm_forward(
-    h: Tensor,
-    branch: Tensor,
-    gate: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    eps: float,
+    h: Tensor, branch: Tensor, gate: Tensor, params: NormParameters, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(h_new, y, mean, rstd): the gated residual, then ``layer_norm_forward`` of it."""
+    """(h_new, y, mean, rstd): h_new = gated_residual(h, branch, gate) in h's dtype, then
+    ``layer_norm_forward`` of that rounded h_new (as the unfused pair computes it)."""
+    weight, bias, scale, shift = params
     h_new = gated_residual(h, branch, gate).contiguous()
-    return (h_new, *layer_norm_forward(h_new, weight, bias, scale, shift, eps))
+    return (h_new, *layer_norm_forward(h_new, params, eps))
 
 
 def layer_norm_backward(
-    grad_y: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
+    grad_y: Tensor, x: Tensor, params: NormParameters, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor | None, ...]:
     """(dx, dweight, dbias, dscale, dshift) from the saved per-row mean and rstd.
 
@@ -735,36 +663,31 @@ def layer_norm_backward(
     """
     dtype = compute_dtype(x)
     x_hat = _normalized(x.to(dtype), mean, rstd)
-    params = (weight, bias, scale, shift)
-    dx_hat, *grads = _modulation_backward(
-        grad_y.to(dtype), x_hat, *(None if t is None else t.to(dtype) for t in params)
-    )
+    weight, bias, scale, shift = (None if t is None else t.to(dtype) for t in params)
+    dx_hat, *grads = _modulation_backward(grad_y.to(dtype), x_hat, weight, bias, scale, shift)
     dx = _normalization_backward(dx_hat, x_hat, rstd)
     return (dx.to(x.dtype).contiguous(), *_as_parameter_grads(grads, params))
 
 
 def layer_norm_parameter_grads(
-    partials: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    dscale_tokens: Tensor | None = None,
-    dshift_tokens: Tensor | None = None,
+    partials: Tensor, params: NormParameters, dscale_tokens: Tensor | None = None, dshift_tokens: Tensor | None = None
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(dweight, dbias, dscale, dshift) from the kernels' per-sample partial sums
     (N, chunks, 4, D) of (A, B, C, E) over each chunk of a sample's tokens, merged in a
     fixed order (deterministic), by ``norm_parameter_grads``. A per-token scale or shift
     (N, L > 1, D) takes the gradient the kernels wrote element by element
     (dscale_tokens, dshift_tokens). None for inputs that were None."""
+    weight, bias, scale, shift = params
     sums = partials.sum(1)
     per_token = lambda t: t is not None and t.shape[-2] > 1  # noqa: E731
     dweight, dbias, dscale, dshift = norm_parameter_grads(
         sums[:, 0:1], sums[:, 1:2], sums[:, 2], sums[:, 3], weight, bias,
         None if per_token(scale) else scale, None if per_token(shift) else shift,
     )
-    if per_token(scale):
+    if scale is not None and per_token(scale):
+        assert dscale_tokens is not None, "a per-token scale's gradient comes from the kernel"
         dscale = dscale_tokens.to(scale.dtype)
-    if per_token(shift):
+    if shift is not None and per_token(shift):
+        assert dshift_tokens is not None, "a per-token shift's gradient comes from the kernel"
         dshift = dshift_tokens.to(shift.dtype)
     return dweight, dbias, dscale, dshift

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from numbers import Real
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,8 +24,11 @@ from torch import Tensor, nn
 from .. import ops
 from ..models.block_cache import BlockCacheSettings, BlockCacheState, FirstBlockCache, ForecastCache
 from ..models.blocks import perturbation_target
-from ..ops import backends, validation
+from ..models.perturbation import Perturbation
+from ..ops import backends
+from ..ops._guided_step import check_step_layout
 from ..ops.contract import GuidanceCombine, StepCoefficients, StepTensors
+from ..ops.validation import FLOAT_DTYPES
 from . import cuda_graphs
 from .conditioning import Conditioning, RowConditioning, check_pair
 from .guidance import ClassifierGuidance, Guidance, default_sampler, split_guidance
@@ -32,6 +36,10 @@ from .schedule import NoiseSchedule
 from .solvers import TWO_CALL_SAMPLERS, VARIANCE_TYPES, StepPlan, check_sampler, plan_steps
 
 Model = Callable[..., Tensor]
+# What ``guidance=`` takes: None, a Guidance, a ClassifierGuidance, or a tuple or list of one
+# Guidance and one ClassifierGuidance (guidance.split_guidance checks the combination).
+GuidanceSpec = Guidance | ClassifierGuidance | tuple[Guidance | ClassifierGuidance, ...] | \
+    list[Guidance | ClassifierGuidance] | None
 # callback({"i", "t", "x", "denoised"}) after each model call (k-diffusion's convention):
 # i the call's index, t its original timestep, x the new x, denoised the call's x0.
 Callback = Callable[[dict], None]
@@ -41,7 +49,7 @@ Callback = Callable[[dict], None]
 class _Call:
     """Everything one model call of a run needs besides tensors."""
 
-    t: int
+    t: float
     step: StepCoefficients
     # The guidance at this call (its weight may be scheduled); None outside the guidance
     # interval, where batched CFG's forward runs on B rows instead of 2B.
@@ -125,11 +133,11 @@ class GuidedSampler:
         model: Model,
         *,
         sampler: str | None = None,
-        steps: int | str | Sequence[int] = 25,
+        steps: int | str | Sequence[float] = 25,
         spacing: str | None = None,
         rho: float = 7.0,
         schedule: NoiseSchedule | None = None,
-        guidance: Guidance | ClassifierGuidance | Sequence[Guidance | ClassifierGuidance] | None = None,
+        guidance: GuidanceSpec = None,
         eta: float = 0.0,
         solver_order: int | None = None,
         final_timestep: int = -1,
@@ -165,7 +173,7 @@ class GuidedSampler:
         self.guidance: Guidance | None
         self.guidance, self.classifier = split_guidance(guidance)
         chosen = sampler is None
-        if chosen:
+        if sampler is None:
             sampler = self.guidance.default_sampler() if self.guidance is not None else default_sampler()
         try:
             check_sampler(sampler, self.schedule, eta, solver_order)
@@ -195,7 +203,7 @@ class GuidedSampler:
         # The row blocks of a guided forward ([cond; uncond] for CFG; autoguidance runs B rows
         # through each of two networks).
         self.branches: tuple[str, ...] = self.guidance.branches if self.guidance is not None else ("cond",)
-        validation.check_combine(self.combine)
+        ops.check_combine(self.combine)
         self.null_label = null_label if null_label is not None else _model_null_label(model)
         self.num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
         if self.num_classes is not None and not _is_count(self.num_classes):
@@ -216,7 +224,7 @@ class GuidedSampler:
                 "through the classifier); use cuda_graph=False"
             )
         self.cuda_graph = cuda_graph
-        self._perturbation = None  # a run's perturbed layers (see __call__)
+        self._perturbation: Perturbation | None = None  # a run's perturbed layers (see __call__)
         self._guide_network = self.guidance.guide_network() if self.guidance is not None else None
         # (shape, device, conditioning signature, keep_x0, callback) -> (buffers, graphs) of the captured runs.
         self._graphs: collections.OrderedDict[tuple, tuple[_Buffers, list]] = collections.OrderedDict()
@@ -259,7 +267,7 @@ class GuidedSampler:
             calls = self._reusing_deltas(calls)
         for call in calls:
             try:
-                validation.check_step(call.step)
+                ops.check_step(call.step)
             except ValueError as error:  # say which call of which plan cannot be computed
                 raise ValueError(f"{error}, at the model call at t = {call.t!r} of sampler={self.sampler!r} on "
                                  f"{self.schedule!r}") from None
@@ -276,7 +284,7 @@ class GuidedSampler:
             step = self.guidance.step(step)
             progress = min(1.0, plan.t / max(1, self.schedule.num_timesteps - 1))  # a flow path's t reaches T
             combine = self.guidance.combine_at(edm_sigma, progress)
-            validation.check_combine(combine)
+            ops.check_combine(combine)
             branches = self.guidance.branches_at(edm_sigma)
             if branches != self.branches[:len(branches)]:
                 raise ValueError(f"{type(self.guidance).__name__}.branches_at must give a prefix of its branches "
@@ -290,10 +298,11 @@ class GuidedSampler:
         return _Call(plan.t, step._replace(prediction_type="sample", clip_denoised=False), combine, x0_only, blocks,
                      perturbed)
 
-    def _reusing_deltas(self, calls: tuple[_Call, ...]) -> tuple[_Call, ...]:
+    def _reusing_deltas(self, calls: Sequence[_Call]) -> tuple[_Call, ...]:
         """The guided calls' roles under DeltaReuse: those that run the unconditional rows
         keep Δ = c − u in a ring of two slots (when a later call reads it); the others run
         the conditional rows alone, u = c − Δ̂ from the kept deltas."""
+        assert self.guidance is not None and self.guidance.reuse is not None  # (the caller's condition)
         reuse = self.guidance.reuse
         computed: list[int] = []  # guided indices of the calls that ran the unconditional rows
         roles: list[tuple[int, tuple[tuple[int, float], ...] | None]] = []  # (call, estimate)
@@ -545,6 +554,7 @@ class GuidedSampler:
             cache.active = False
         guide = None
         if guided:
+            assert self.guidance is not None  # a call with a combine is a guided one
             model_output = self.guidance.guided_output(model_output, batch, shape[1])
         guide_network = self._guide_network if guided else None
         if guide_network is not None:  # a second network on the conditional rows
@@ -561,6 +571,7 @@ class GuidedSampler:
                       out=buffers.deltas[planned.delta_out])
         if planned.delta_in:  # u = c − Σ weight·Δ[slot], the fused step's guide
             guide = buffers.uncond_estimate
+            assert guide is not None  # made with the buffers of a plan that reuses deltas
             (slot, weight), *others = planned.delta_in
             torch.sub(model_output[:batch, :channels], buffers.deltas[slot], alpha=weight, out=guide)
             for slot, weight in others:
@@ -578,6 +589,8 @@ class GuidedSampler:
         combine = call.combine
         grad = None
         if call.step.k_grad or call.step.grad_eps_scale:
+            # (a step takes a gradient under classifier guidance only, which needs labels)
+            assert self.classifier is not None and buffers.conditioning.labels is not None
             grad = self.classifier.gradient(x, t_in[:batch], buffers.conditioning.labels[:batch])
         # Truncated CFG: each sample's cos(x̂0_c, x̂0_u) out of the fused step (out of its first pass
         # under dynamic thresholding), read on the host until it stops guiding (a captured run
@@ -592,18 +605,21 @@ class GuidedSampler:
             buffers.apg if combine is not None else None, model_input, ring[i % len(ring)] if keep_x0 else None,
             similarity if combine is not None else None,
         ), call.step, combine)
-        if similarity is not None and bool(similarity.min() >= self.guidance.truncate):  # NaN: keeps guiding
-            buffers.truncated_from = i + 1
+        if similarity is not None:
+            # (the buffers hold a similarity under truncated CFG only)
+            assert self.guidance is not None and self.guidance.truncate is not None
+            if bool(similarity.min() >= self.guidance.truncate):  # NaN: keeps guiding
+                buffers.truncated_from = i + 1
 
     @staticmethod
     def _step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None) -> None:
         """The loop's one door to the fused step. The step and combine were checked when the
         plan was made and the loop owns the buffers, so the op's per-call validation is
         skipped (``ops.guided_step_prechecked``); what the loop hands over is checked here
-        for the layout the kernels read (``validation.check_step_layout``: shapes, dtypes,
+        for the layout the kernels read (``check_step_layout``: shapes, dtypes,
         devices, no tensor data), so a loop path that builds a tensor the op does not
         expect fails with the tensor's name instead of a kernel misreading it."""
-        validation.check_step_layout(tensors, step, combine)
+        check_step_layout(tensors, step, combine)
         ops.guided_step_prechecked(tensors, step, combine)
 
     def _unconditional_x0(self, i: int, model_output: Tensor, x: Tensor, guide: Tensor | None, call: _Call,
@@ -633,7 +649,7 @@ class GuidedSampler:
                 f"{who} must return a tensor (batch, channels, ...), got {type(model_output).__name__}; "
                 "wrap a diffusers UNet in fastguide.DiffusersUNet"
             )
-        if not model_output.is_floating_point() or model_output.dtype not in validation.FLOAT_DTYPES:
+        if not model_output.is_floating_point() or model_output.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{who} must return a floating tensor, got dtype {model_output.dtype}")
         if model_output.device != model_input.device:
             raise ValueError(f"{who} must return a tensor on {model_input.device}, got {model_output.device}")
@@ -661,6 +677,7 @@ class GuidedSampler:
         per-sample percentile of |x0|). One extra pass computes the guided x0 (no clip);
         the step then runs on that thresholded x0 as a "sample" prediction, so eps is
         re-derived from it and the rest of the step (classifier shift, update) follows."""
+        assert call.x0_only is not None and self.dynamic_threshold is not None  # the caller's condition
         x0 = ops.guided_step(model_output, x, call.x0_only, combine, guide=guide,
                              apg_buffer=buffers.apg if combine is not None else None, out=scratch,
                              similarity=similarity)
@@ -811,7 +828,7 @@ def _check_steps(steps: object) -> None:
         raise TypeError(f"steps given as timesteps must be a sequence of numbers, got {steps!r}")
 
 
-def _check_null_label(null_label: object, model, num_classes: int | None) -> None:
+def _check_null_label(null_label: object, model: object, num_classes: int | None) -> None:
     """The null label must index the model's label table, or, for a model without one
     that fastguide can see, be a class or the one extra row after num_classes."""
     if not isinstance(null_label, int) or isinstance(null_label, bool) or null_label < 0:
@@ -827,7 +844,7 @@ def _check_null_label(null_label: object, model, num_classes: int | None) -> Non
 
 
 
-def _model_null_label(model) -> int | None:
+def _model_null_label(model: Any) -> int | None:
     """The model's unconditional label, when it has one (fastguide UNet with null_class)."""
     return model.num_classes if getattr(model, "null_class", False) else None
 
@@ -843,7 +860,7 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: to
     return drawn.to(device) if out is None else out.copy_(drawn)
 
 
-def _parse_device(device: object) -> torch.device:
+def _parse_device(device: torch.device | str) -> torch.device:
     try:
         device = torch.device(device)
     except (TypeError, RuntimeError, ValueError):
@@ -853,7 +870,7 @@ def _parse_device(device: object) -> torch.device:
     return device
 
 
-def _model_dtype(model) -> torch.dtype | None:
+def _model_dtype(model: object) -> torch.dtype | None:
     """The dtype all of a module's floating parameters share (None when they do not share
     one, e.g. ADM's use_fp16, or for a plain function)."""
     if isinstance(model, nn.Module):
@@ -863,7 +880,7 @@ def _model_dtype(model) -> torch.dtype | None:
     return None
 
 
-def _model_device(model) -> torch.device:
+def _model_device(model: object) -> torch.device:
     if isinstance(model, nn.Module):
         parameter = next(model.parameters(), None)
         if parameter is not None:
@@ -879,11 +896,11 @@ def sample(
     cond: Conditioning | None = None,
     uncond: Conditioning | None = None,
     sampler: str | None = None,
-    steps: int | str | Sequence[int] = 25,
+    steps: int | str | Sequence[float] = 25,
     spacing: str | None = None,
     rho: float = 7.0,
     schedule: NoiseSchedule | None = None,
-    guidance: Guidance | ClassifierGuidance | Sequence[Guidance | ClassifierGuidance] | None = None,
+    guidance: GuidanceSpec = None,
     eta: float = 0.0,
     solver_order: int | None = None,
     final_timestep: int = -1,

@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from numbers import Integral, Real
+from typing import TypeGuard, cast
 
 import torch
 from torch import Tensor
 
-from ..ops.contract import PREDICTION_TYPES
-from ..ops.validation import PATH_RELATIONS, PREDICTION_PATHS
+from ..ops.contract import PATH_RELATIONS, PREDICTION_PATHS, PREDICTION_TYPES
 
 SPACINGS = ("adm", "leading", "trailing", "linspace", "logsnr", "karras")
 # The "logsnr" grid's last call is at σ̃ ≈ this / steps (or the schedule's σ̃_0 if larger):
@@ -43,7 +43,7 @@ class NoiseSchedule:
     """
 
     is_flow = False
-    # The relation of α and σ on this path (validation.PATH_RELATIONS): α² + σ² = 1.
+    # The relation of α and σ on this path (contract.PATH_RELATIONS): α² + σ² = 1.
     path = "variance-preserving"
     # Where a count of steps lies when no spacing is named (chosen by the NFE benchmark).
     default_spacing = "logsnr"
@@ -113,7 +113,7 @@ class NoiseSchedule:
 
     def check_prediction_type(self, prediction_type: object) -> None:
         """Refuses a prediction type this schedule cannot convert to x0 and eps, by the one
-        table of what each needs (validation.PREDICTION_PATHS): "v_prediction" assumes
+        table of what each needs (contract.PREDICTION_PATHS): "v_prediction" assumes
         α² + σ² = 1 (a variance-preserving schedule), "flow_prediction" α + σ = 1 (a flow
         path), "epsilon" and "sample" convert on either."""
         if not isinstance(prediction_type, str) or prediction_type not in PREDICTION_TYPES:
@@ -188,7 +188,7 @@ class NoiseSchedule:
         diffusers' Euler-type schedulers hand the UNet: their float32 timesteps)."""
         return torch.float32 if any(isinstance(t, float) for t in timesteps) else torch.int64
 
-    def strided_timesteps(self, steps: int) -> list[int]:
+    def strided_timesteps(self, steps: int) -> list[float]:
         """ADM's "ddimN" grid (stride ⌈T/N⌉ from t = 0) where one of exactly ``steps`` exists,
         else ``steps`` timesteps evenly spaced over [0, T − ⌈T/N⌉]. Either way the grid
         stops a stride short of t = T − 1, whose ᾱ can be degenerate (2.4e-9 for the cosine
@@ -202,7 +202,7 @@ class NoiseSchedule:
             top = self.num_timesteps - math.ceil(self.num_timesteps / steps)
             return self.timesteps([round(i * top / max(steps - 1, 1)) for i in range(steps)])
 
-    def spaced_timesteps(self, steps: int, spacing: str = "adm", rho: float = 7.0) -> list[int]:
+    def spaced_timesteps(self, steps: int, spacing: str = "adm", rho: float = 7.0) -> list[float]:
         """``steps`` original timesteps, descending, placed by ``spacing``:
 
           "adm"       ADM's respacing (``timesteps(steps)``)
@@ -229,7 +229,8 @@ class NoiseSchedule:
         if spacing == "adm":
             return self.timesteps(steps)
         if spacing == "leading":
-            return [i * (total // steps) for i in range(steps)][::-1]
+            leading: list[float] = [i * (total // steps) for i in range(steps)]
+            return leading[::-1]
         if spacing == "trailing":
             return [round(total - i * total / steps) - 1 for i in range(steps)]
         if spacing == "linspace":
@@ -247,7 +248,7 @@ class NoiseSchedule:
             targets = _karras_targets(float(levels[0]), float(levels[-1]), ramp, rho)
         nearest = sorted(int(ts[(levels - target).abs().argmin()]) for target in targets.tolist())
         # Distinct and within [0, T − 1]: push crowded ones up, then back down from the top.
-        chosen = []
+        chosen: list[float] = []
         for t in nearest:
             chosen.append(max(t, chosen[-1] + 1) if chosen else t)
         for k in range(steps - 1, -1, -1):
@@ -269,6 +270,7 @@ class NoiseSchedule:
         A count of 1 is ADM's {0} (its one section takes the section's first timestep).
         """
         total = self.num_timesteps
+        chosen: list[float]
         if isinstance(steps, str):
             if not steps.startswith("ddim") or not steps[4:].isdigit():
                 raise ValueError(f"steps must be an int, 'ddimN' or a list of timesteps, got {steps!r}")
@@ -280,8 +282,9 @@ class NoiseSchedule:
         elif isinstance(steps, int) and not isinstance(steps, bool):
             if not 1 <= steps <= total:
                 raise ValueError(f"steps must be between 1 and {total}, got {steps}")
-            chosen = _adm_section(total, steps)
+            chosen = cast("list[float]", _adm_section(total, steps))  # (ints: floats to the type checker)
         else:
+            steps = cast("Sequence[float]", steps)  # (a bool, not iterable, fails in list())
             values = steps.tolist() if isinstance(steps, Tensor) else list(steps)
             if not all(isinstance(t, Real) and not isinstance(t, bool) for t in values):
                 raise TypeError(f"timesteps must be numbers (original timesteps, fractional ones between them), "
@@ -293,7 +296,7 @@ class NoiseSchedule:
         return chosen[::-1]
 
 
-def _is_real(value: object) -> bool:
+def _is_real(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -342,7 +345,7 @@ class FlowSchedule(NoiseSchedule):
     """
 
     is_flow = True
-    # The relation of α and σ on this path (validation.PATH_RELATIONS): α + σ = 1.
+    # The relation of α and σ on this path (contract.PATH_RELATIONS): α + σ = 1.
     path = "flow"
     default_spacing = "linspace"
 
@@ -431,12 +434,13 @@ class FlowSchedule(NoiseSchedule):
                                  f"t = {t!r} is {model_time!r} there (after {times[i - 1] if i else None!r}) "
                                  f"on {self!r}")
 
-    def timesteps(self, steps: int | Sequence[float]) -> list[float]:
+    def timesteps(self, steps: int | str | Sequence[float]) -> list[float]:
         """A count (``spaced_timesteps``) or explicit times in (0, T], visited descending."""
         if isinstance(steps, int) and not isinstance(steps, bool):
             return self.spaced_timesteps(steps)
         if isinstance(steps, str):
             raise ValueError(f"steps must be a count or a list of times for a flow schedule, got {steps!r}")
+        steps = cast("Sequence[float]", steps)  # (a bool, not iterable, fails in list())
         values = steps.tolist() if isinstance(steps, Tensor) else list(steps)
         if not values or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= self._scale
                                   for t in values):

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastguide import ops
-from fastguide.ops import cuda_backend, extension
+from fastguide.ops import cuda_backend, dispatch, extension
 
 EMULATION_DIR = Path(__file__).parent / "cuda_emulation"
 HOST_NAMESPACE = "fastguide_cuda_host"
@@ -56,7 +55,7 @@ def on_cuda_emulation(host_harness) -> Callable[[], AbstractContextManager[None]
     def routed() -> Iterator[None]:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(cuda_backend, "_ops", lambda: host_harness)
-            patch.setattr(ops, "_resolve", lambda op, device, dtype, empty=False: (
+            patch.setattr(dispatch, "backend_for", lambda op, device, dtype, empty=False: (
                 "torch" if op == "attention" or empty else "cuda"))
             yield
 

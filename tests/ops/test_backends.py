@@ -9,13 +9,13 @@ import torch
 
 import fastguide
 from fastguide import ops
-from fastguide.ops import backends, extension
+from fastguide.ops import _attention, _group_norm, _layer_norm, backends, extension
 
 
 def test_default_is_auto_and_cpu_resolves_to_torch(monkeypatch):
     monkeypatch.delenv("FASTGUIDE_BACKEND", raising=False)
     assert fastguide.get_backend() == "auto"
-    assert ops._resolve("attention", torch.device("cpu"), torch.float32) == "torch"
+    assert backends.resolve("attention", torch.device("cpu"), torch.float32) == "torch"
 
 
 def test_set_backend_and_context_manager_nest():
@@ -58,22 +58,42 @@ def test_requested_backend_that_cannot_run_raises_clearly(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x = torch.randn(1, 3, 4, 4)
     with (fastguide.backend("triton"),
-          pytest.raises(RuntimeError, match="backend 'triton'.*cannot run.*TRITON_INTERPRET")):
+          pytest.raises(RuntimeError, match="backend 'triton'.*cannot run group_norm.*TRITON_INTERPRET")):
         ops.group_norm(x, 1)
     with fastguide.backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda'.*CUDA tensors"):
         ops.group_norm(x, 1)
 
 
-def test_auto_never_raises_and_falls_back():
+def _kernels_present(monkeypatch, triton: bool, cuda: bool, op: str = "guided_step") -> None:
+    """Make the triton and cuda backends have, or lack, their kernel for ``op``, and run anywhere."""
+    for name, present in (("triton", triton), ("cuda", cuda)):
+        implementation = backends.IMPLEMENTATIONS[name]
+        monkeypatch.setitem(implementation._present, op, present)
+        monkeypatch.setattr(implementation, "why_not", lambda device: None)
+
+
+def test_auto_never_raises_and_falls_back(monkeypatch):
     with fastguide.backend("auto"):
-        assert backends.resolve(torch.device("cpu"), {"triton": True, "cuda": True}) == "torch"
-        assert backends.resolve(torch.device("cuda"), {"triton": False, "cuda": False}) == "torch"
+        assert backends.resolve("guided_step", torch.device("cpu"), torch.float32) == "torch"
+        _kernels_present(monkeypatch, triton=False, cuda=False)
+        assert backends.resolve("guided_step", torch.device("cuda"), torch.float32) == "torch"
 
 
 def test_explicit_backend_without_kernel_for_op_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with fastguide.backend("triton"), pytest.raises(RuntimeError, match="no kernel for this op"):
-        backends.resolve(torch.device("cpu"), {"triton": False, "cuda": False})
+    monkeypatch.setitem(backends.IMPLEMENTATIONS["triton"]._present, "guided_step", False)
+    with fastguide.backend("triton"), pytest.raises(RuntimeError, match="triton backend has no kernel for guided_step"):
+        backends.resolve("guided_step", torch.device("cpu"), torch.float32)
+
+
+def test_not_supported_reasons_give_every_reason():
+    cuda = backends.IMPLEMENTATIONS["cuda"]
+    reasons = cuda.not_supported_reasons("attention", torch.device("cpu"), torch.float64)
+    assert len(reasons) == 2 and "no kernel for attention" in reasons[0] and "CUDA tensors" in reasons[1]
+    reasons = cuda.not_supported_reasons("group_norm", torch.device("cpu"), torch.float64)
+    assert "on torch.float64 tensors" in reasons[0] and "CUDA tensors" in reasons[1]
+    assert backends.IMPLEMENTATIONS["torch"].not_supported_reasons("group_norm", torch.device("cpu"),
+                                                                   torch.float64) == []
 
 
 def test_import_touches_neither_cuda_nor_triton():
@@ -92,60 +112,64 @@ def test_float64_never_routes_to_kernels(monkeypatch):
     with fastguide.backend("triton"), pytest.raises(RuntimeError, match="no kernel for group_norm on torch.float64"):
         ops.group_norm(x, 2)
     with fastguide.backend("auto"):
-        assert ops._resolve("group_norm", torch.device("cuda"), torch.float64) == "torch"
+        assert backends.resolve("group_norm", torch.device("cuda"), torch.float64) == "torch"
 
 
 def test_missing_kernel_package_means_no_kernel():
     # A module under a package that is not importable counts as absent, not as an error.
-    assert ops._module_exists("fastguide_no_such_package.kernels.attention") is False
-    assert ops._module_exists("fastguide.kernels.guided_step") is True
+    assert backends._module_exists("fastguide_no_such_package.kernels.attention") is False
+    assert backends._module_exists("fastguide.kernels.guided_step") is True
 
 
 def test_cuda_backend_covers_step_and_norm_and_leaves_attention_to_auto(monkeypatch):
-    monkeypatch.setattr(backends, "why_not", lambda name, device: None)
-    assert ops._HAS_KERNEL["guided_step"]["cuda"] and ops._HAS_KERNEL["group_norm"]["cuda"]
-    assert not ops._HAS_KERNEL["attention"]["cuda"]
+    for name in ("triton", "cuda"):
+        monkeypatch.setattr(backends.IMPLEMENTATIONS[name], "why_not", lambda device: None)
+    cuda = backends.IMPLEMENTATIONS["cuda"]
+    assert cuda.has_kernel("guided_step") and cuda.has_kernel("group_norm") and cuda.has_kernel("layer_norm")
+    assert not cuda.has_kernel("attention")
     with fastguide.backend("cuda"):
-        assert ops._resolve("group_norm", torch.device("cuda"), torch.float16) == "cuda"
-        assert ops._resolve("guided_step", torch.device("cuda"), torch.float32) == "cuda"
-        assert ops._resolve("attention", torch.device("cuda"), torch.float16) == "triton"
+        assert backends.resolve("group_norm", torch.device("cuda"), torch.float16) == "cuda"
+        assert backends.resolve("guided_step", torch.device("cuda"), torch.float32) == "cuda"
+        assert backends.resolve("attention", torch.device("cuda"), torch.float16) == "triton"
 
 
 def test_auto_uses_cuda_only_when_prebuilt(monkeypatch):
     # auto never starts a just-in-time build; a prebuilt fastguide._C it does use.
-    monkeypatch.setattr(backends, "why_not", lambda name, device: None)
-    only_cuda = {"triton": False, "cuda": True}
+    _kernels_present(monkeypatch, triton=False, cuda=True)
     monkeypatch.setattr(extension, "prebuilt_path", lambda: None)
     with fastguide.backend("auto"):
-        assert backends.resolve(torch.device("cuda"), only_cuda) == "torch"
+        assert backends.resolve("guided_step", torch.device("cuda"), torch.float16) == "torch"
     monkeypatch.setattr(extension, "prebuilt_path", lambda: "/site-packages/fastguide/_C.so")
     with fastguide.backend("auto"):
-        assert backends.resolve(torch.device("cuda"), only_cuda) == "cuda"
+        assert backends.resolve("guided_step", torch.device("cuda"), torch.float16) == "cuda"
 
 
 def test_auto_on_cuda_prefers_the_extension_in_eager_and_triton_for_graphs(monkeypatch):
     # Eager, a cuda-extension call has the shorter host path; in a captured graph Triton's
     # kernels have the shorter device time (the H200 run of 2026-12-04, BENCHMARKS.md).
-    monkeypatch.setattr(backends, "why_not", lambda name, device: None)
     monkeypatch.setattr(extension, "prebuilt_path", lambda: "/site-packages/fastguide/_C.so")
     cuda = torch.device("cuda")
-    both, only_triton = {"triton": True, "cuda": True}, {"triton": True, "cuda": False}
+
+    def resolve(triton: bool = True, cuda_kernel: bool = True) -> str:
+        _kernels_present(monkeypatch, triton, cuda_kernel)
+        return backends.resolve("guided_step", cuda, torch.float16)
+
     with fastguide.backend("auto"):
-        assert backends.resolve(cuda, both) == "cuda"
-        assert backends.resolve(cuda, only_triton) == "triton"
+        assert resolve() == "cuda"
+        assert resolve(cuda_kernel=False) == "triton"
         with backends.graph_capture():
-            assert backends.resolve(cuda, both) == "triton"
-            assert backends.resolve(cuda, {"triton": False, "cuda": True}) == "cuda"
+            assert resolve() == "triton"
+            assert resolve(triton=False) == "cuda"
             with backends.graph_capture():
-                assert backends.resolve(cuda, both) == "triton"
-            assert backends.resolve(cuda, both) == "triton"
-        assert backends.resolve(cuda, both) == "cuda"
-        assert backends.resolve(torch.device("cpu"), both) == "torch"
+                assert resolve() == "triton"
+            assert resolve() == "triton"
+        assert resolve() == "cuda"
+        assert backends.resolve("guided_step", torch.device("cpu"), torch.float16) == "torch"
     with fastguide.backend("cuda"), backends.graph_capture():  # an explicit choice stands
-        assert backends.resolve(cuda, both) == "cuda"
+        assert resolve() == "cuda"
     monkeypatch.setattr(extension, "prebuilt_path", lambda: None)  # never a just-in-time build
     with fastguide.backend("auto"):
-        assert backends.resolve(cuda, both) == "triton"
+        assert resolve() == "triton"
 
 
 def test_resolution_traces_under_fullgraph_compile_without_import_lookups(monkeypatch):
@@ -161,11 +185,11 @@ def test_resolution_traces_under_fullgraph_compile_without_import_lookups(monkey
     cuda = torch.device("cuda")
 
     def resolved_length(x):
-        return x + len(backends.resolve(cuda, {"triton": True, "cuda": True}, "op"))
+        return x + len(backends.resolve("guided_step", cuda, torch.float32))
 
     x = torch.randn(3)
     with fastguide.backend("auto"):
-        assert backends.resolve(cuda, {"triton": True, "cuda": True}) == "triton"
+        assert backends.resolve("guided_step", cuda, torch.float32) == "triton"
         compiled = torch.compile(resolved_length, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(x), x + len("triton"))
 
@@ -188,28 +212,29 @@ def test_cuda_sources_ship_with_the_package():
     assert {"common.cuh", "guided_step.cuh", "group_norm.cuh"} <= names
 
 
-@pytest.mark.parametrize("op_name", ["_attention", "_group_norm", "_layer_norm", "_gated_residual_layer_norm"])
+@pytest.mark.parametrize("op_name", ["attention", "group_norm", "layer_norm", "gated_residual_layer_norm"])
 def test_ops_skip_the_custom_op_only_where_nothing_needs_it(op_name, monkeypatch):
     # Without autograd, tracing or the profiler a call goes straight to the backend (the
     # custom op's round trip costs host time and does nothing there); with any of them
     # it goes through the registered op. Both give the same numbers.
     calls = []
-    registered = getattr(ops, op_name)
+    module = {"attention": _attention, "group_norm": _group_norm}.get(op_name, _layer_norm)
+    registered = getattr(module, f"{op_name}_op")
 
     def counted(*args):
         calls.append(op_name)
         return registered(*args)
 
-    monkeypatch.setattr(ops, op_name, counted)
+    monkeypatch.setattr(module, f"{op_name}_op", counted)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 5, 8, generator=g) for _ in range(3))
     x, branch = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
     image, scale = torch.randn(2, 8, 3, 3, generator=g), torch.randn(2, 8, generator=g)
     run = {
-        "_attention": lambda: ops.attention(q, k, v),
-        "_group_norm": lambda: ops.group_norm(image, 4, scale=scale, activation="silu"),
-        "_layer_norm": lambda: ops.layer_norm(x, 8, scale=scale),
-        "_gated_residual_layer_norm": lambda: ops.gated_residual_layer_norm(x, branch, scale, 8)[1],
+        "attention": lambda: ops.attention(q, k, v),
+        "group_norm": lambda: ops.group_norm(image, 4, scale=scale, activation="silu"),
+        "layer_norm": lambda: ops.layer_norm(x, 8, scale=scale),
+        "gated_residual_layer_norm": lambda: ops.gated_residual_layer_norm(x, branch, scale, 8)[1],
     }[op_name]
 
     with torch.no_grad():
@@ -248,8 +273,8 @@ def test_tensor_subclasses_go_through_the_custom_op(monkeypatch):
         pass
 
     calls = []
-    registered = ops._layer_norm
-    monkeypatch.setattr(ops, "_layer_norm", lambda *args: calls.append(1) or registered(*args))
+    registered = _layer_norm.layer_norm_op
+    monkeypatch.setattr(_layer_norm, "layer_norm_op", lambda *args: calls.append(1) or registered(*args))
     x = torch.randn(2, 3, 8)
     with torch.no_grad():
         ops.layer_norm(x.as_subclass(Tagged), 8)
@@ -258,7 +283,7 @@ def test_tensor_subclasses_go_through_the_custom_op(monkeypatch):
 
 def test_guided_step_goes_through_its_op_under_the_profiler_only_when_profiled():
     # A sampler's no_grad step skips the op's packing round trip, but a profiled one shows
-    # fastguide::guided_step, the same rule as the other ops (ops._needs_op).
+    # fastguide::guided_step, the same rule as the other ops (ops.dispatch.needs_op).
     g = torch.Generator().manual_seed(0)
     model_output, x = torch.randn(4, 3, 5, 5, generator=g), torch.randn(2, 3, 5, 5, generator=g)
     step = ops.StepCoefficients(alpha=0.8, sigma=0.6, k_x0=0.9, k_eps=0.4)

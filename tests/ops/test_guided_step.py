@@ -8,7 +8,7 @@ import torch
 
 import fastguide
 from fastguide import ops
-from fastguide.ops import contract, reference, validation
+from fastguide.ops import _guided_step, contract, reference
 from fastguide.ops.contract import GuidanceCombine, StepCoefficients, StepTensors
 from tests.helpers import (
     CASES,
@@ -915,7 +915,7 @@ def test_similarity_validation(combine, similarity, error, message):
     with pytest.raises(error, match=message):
         ops.guided_step(model_output, x, STEP, combine, similarity=similarity)
     tensors = StepTensors(model_output, x, out=torch.empty_like(x), similarity=similarity)
-    for check in (validation.check_step_layout, validation.check_step_tensors):  # the sampling loop's door too
+    for check in (_guided_step.check_step_layout, _guided_step.check_step_tensors):  # the sampling loop's door too
         with pytest.raises(error, match=message):
             check(tensors, STEP, combine)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastguide import ops
-from fastguide.ops import validation
+from fastguide.ops import _guided_step
 
 
 def qkv(b=1, h=2, lq=5, lk=5, d=32, dtype=torch.float32):
@@ -382,7 +382,7 @@ LAYOUT_STEP = STEP._replace(k_x=0.5, k_history=(0.2,), k_noise=0.1)
 def test_step_layout_reads_no_tensor_data():
     # It runs every model call of the sampling loop: shapes, dtypes and devices only, so it
     # passes on meta tensors, which have no data to read or synchronise on.
-    validation.check_step_layout(step_layout_tensors("meta"), LAYOUT_STEP, CFG)
+    _guided_step.check_step_layout(step_layout_tensors("meta"), LAYOUT_STEP, CFG)
 
 
 @pytest.mark.parametrize("change, error, message", [
@@ -401,9 +401,9 @@ def test_step_layout_reads_no_tensor_data():
 def test_step_layout_names_what_the_kernels_would_misread(change, error, message):
     tensors = step_layout_tensors()._replace(**change)
     with pytest.raises(error, match=message):
-        validation.check_step_layout(tensors, LAYOUT_STEP, CFG)
+        _guided_step.check_step_layout(tensors, LAYOUT_STEP, CFG)
     with pytest.raises(error, match=message):  # the op's own per-call check runs the same rules
-        validation.check_step_tensors(tensors, LAYOUT_STEP, CFG)
+        _guided_step.check_step_tensors(tensors, LAYOUT_STEP, CFG)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -414,9 +414,9 @@ def test_step_layout_names_what_the_kernels_would_misread(change, error, message
 def test_step_layout_checks_the_perturbed_layout(change, message):
     # The sampling loop's door checks [c; u; p] as the op does.
     tensors = step_layout_tensors()._replace(**change)
-    for check in (validation.check_step_layout, validation.check_step_tensors):
+    for check in (_guided_step.check_step_layout, _guided_step.check_step_tensors):
         with pytest.raises(ValueError, match=message):
             check(tensors, LAYOUT_STEP, PAG)
     x3 = torch.randn(6, 3, 4, 4)  # the loop's 3B buffer: x its first B rows, out all of it
-    validation.check_step_tensors(step_layout_tensors()._replace(model_output=torch.randn(6, 6, 4, 4), x=x3[:2],
+    _guided_step.check_step_tensors(step_layout_tensors()._replace(model_output=torch.randn(6, 6, 4, 4), x=x3[:2],
                                                                  out=x3), LAYOUT_STEP, PAG)

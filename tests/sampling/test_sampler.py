@@ -11,7 +11,7 @@ from scipy.integrate import solve_ivp
 
 import fastguide
 from fastguide import APG, CFG, AutoGuidance, CFGPlusPlus, ClassifierGuidance, GuidedSampler, NoiseSchedule, ops, sample
-from fastguide.ops import backends, validation
+from fastguide.ops import backends
 from fastguide.ops.contract import GuidanceCombine, StepCoefficients, StepTensors
 from fastguide.sampling import cuda_graphs
 from fastguide.sampling.guidance import default_sampler
@@ -853,9 +853,9 @@ def test_every_step_the_loop_hands_the_op_passes_the_ops_full_validation(monkeyp
     prechecked, seen = ops.guided_step_prechecked, []
 
     def checked(tensors, step, combine):
-        validation.check_step(step)
-        validation.check_combine(combine)
-        validation.check_step_tensors(tensors, step, combine)
+        ops.check_step(step)
+        ops.check_combine(combine)
+        ops.check_step_tensors(tensors, step, combine)
         seen.append(tensors.guide is not None)
         prechecked(tensors, step, combine)
 

@@ -214,7 +214,7 @@ def test_karras_rho_must_place_a_grid(rho, message):
 
 
 def test_each_schedule_refuses_the_prediction_types_it_cannot_convert():
-    # One table (validation.PREDICTION_PATHS): v = α·ε − σ·x0 inverts where α² + σ² = 1, a
+    # One table (contract.PREDICTION_PATHS): v = α·ε − σ·x0 inverts where α² + σ² = 1, a
     # flow velocity where α + σ = 1; epsilon and sample convert on either path.
     accepted = {
         SCHEDULE: ("epsilon", "v_prediction", "sample"),
