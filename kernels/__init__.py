@@ -53,4 +53,4 @@ if __name__ == "kernels":
             del globals()[_name]
         del _name
         del __file__
-        __path__: list[str] = []
+        __path__ = []

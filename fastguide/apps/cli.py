@@ -26,6 +26,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,9 +125,11 @@ def load_sampling_model(name: str, checkpoint: Path | None, classifier_checkpoin
     elif name == "digits-transformer":
         folder = checkpoint or digits.WEIGHTS
         models = load_weights("--checkpoint", folder, lambda: digits.load(device, weights=folder))
+        assert models.transformer is not None  # its file exists (_check_transformer)
         bundle = SamplingModel(models.transformer, None, (1, digits.IMAGE_SIZE, digits.IMAGE_SIZE),
                                digits.NUM_CLASSES, model_schedule(name), prediction_type="flow_prediction")
     else:
+        assert checkpoint is not None  # an ADM model's is required (_check_sample_weights)
         unet = load_weights("--checkpoint", checkpoint,
                             lambda: load_checkpoint(create_model(**unet_config(name)), checkpoint))
         classifier = None
@@ -140,7 +143,9 @@ def load_sampling_model(name: str, checkpoint: Path | None, classifier_checkpoin
         if module is not None:
             module.to(device).eval()
             if precision == "fp16" and hasattr(module, "convert_to_fp16"):
-                module.convert_to_fp16()  # ADM's use_fp16: convolutions in fp16, norms in fp32
+                # ADM's use_fp16: convolutions in fp16, norms in fp32 (the ignore: nn.Module's __getattr__
+                # stub gives a tensor or a module, not the method hasattr found)
+                module.convert_to_fp16()  # type: ignore[operator]
     return bundle
 
 
@@ -149,15 +154,19 @@ def _guidance(kind: str, scale: float, classifier_scale: float, model: SamplingM
     """The sampler's guidance specs for --guidance ``kind`` (checked by check_sample);
     ``cfg_options`` (schedule, interval, tangential; for auto, interval only) go to the
     CFG, CFG++ or AutoGuidance spec."""
-    from ..sampling.guidance import CFG, AutoGuidance, CFGPlusPlus, ClassifierGuidance
+    from ..sampling.guidance import CFG, AutoGuidance, CFGPlusPlus, ClassifierGuidance, Guidance
 
     cfg_options = cfg_options or {}
-    cfg = CFG(scale, **cfg_options) if kind in ("cfg", "both") else None
+    cfg: Guidance | None = CFG(scale, **cfg_options) if kind in ("cfg", "both") else None
     if kind == "cfg++":
         cfg = CFGPlusPlus(scale, **cfg_options)
     if kind == "auto":
+        assert model.guide is not None  # checked by check_sample (_check_guide)
         cfg = AutoGuidance(model.guide, scale, **cfg_options)
-    clf = ClassifierGuidance(model.classifier, classifier_scale) if kind in ("classifier", "both") else None
+    clf = None
+    if kind in ("classifier", "both"):
+        assert model.classifier is not None  # checked by check_sample (the digits model has one)
+        clf = ClassifierGuidance(model.classifier, classifier_scale)
     return tuple(g for g in (cfg, clf) if g is not None) or None
 
 
@@ -185,7 +194,8 @@ def save_grid(images: torch.Tensor, path: Path, columns: int, scale: int = 4) ->
     for i in range(n):
         tile = Image.fromarray(pixels[i, :, :, 0] if c == 1 else pixels[i])
         grid.paste(tile, (1 + (i % columns) * (w + 1), 1 + (i // columns) * (h + 1)))
-    grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)
+    # (Image.NEAREST: Pillow sets its resampling names at import, where its type hints do not see them)
+    grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)  # type: ignore[attr-defined]
 
 
 def generate(model: SamplingModel, labels: torch.Tensor, *, guidance_kind: str, scale: float,
@@ -429,7 +439,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if world_size > 1:
         import torch.distributed as dist
 
-        gathered = [None] * world_size if rank == 0 else None
+        gathered: list[Any] | None = [None] * world_size if rank == 0 else None
         dist.gather_object(batches, gathered, dst=0)
         # Every rank waits for the gather to finish before tearing gloo down: a rank that
         # destroys its group while rank 0 still receives aborts ("terminate called ...").
@@ -437,6 +447,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
         if rank != 0:
             return 0
+        assert gathered is not None  # rank 0's
         batches = {index: images for part in gathered for index, images in part.items()}
     images = torch.cat([batches[index] for index in sorted(batches)])
     with atomic_path(args.out) as scratch:

@@ -25,6 +25,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -40,10 +41,10 @@ from ..sampling.schedule import FlowSchedule, NoiseSchedule
 WEIGHTS = Path(__file__).parents[1] / "weights"
 IMAGE_SIZE, NUM_CLASSES, HELD_OUT_PER_CLASS = 8, 10, 30
 
-UNET_FLAGS = dict(image_size=IMAGE_SIZE, num_channels=32, num_res_blocks=1, channel_mult="1,2",
-                  attention_resolutions="4", num_head_channels=32, dropout=0.1, class_cond=True,
-                  num_classes=NUM_CLASSES, learn_sigma=False, in_channels=1, use_scale_shift_norm=True,
-                  resblock_updown=True, null_class=True, label_dropout=0.1)
+UNET_FLAGS: dict[str, Any] = dict(
+    image_size=IMAGE_SIZE, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
+    num_head_channels=32, dropout=0.1, class_cond=True, num_classes=NUM_CLASSES, learn_sigma=False, in_channels=1,
+    use_scale_shift_norm=True, resblock_updown=True, null_class=True, label_dropout=0.1)
 # Karras et al. build their guides smaller and shorter-trained than the main model, with
 # the same conditioning: here 32 instead of 64 channels at 4×4 (0.35 M parameters instead
 # of 0.83 M; GroupNorm's 32 groups rule out narrowing the 32-channel level) and 250
@@ -53,12 +54,13 @@ UNET_FLAGS = dict(image_size=IMAGE_SIZE, num_channels=32, num_res_blocks=1, chan
 GUIDE_FLAGS = {**UNET_FLAGS, "channel_mult": "1,1"}
 GUIDE_STEPS = 250
 # The flow transformer: 16 tokens of 2×2 patches, 0.73 M parameters (the UNet's 0.83 M).
-TRANSFORMER_FLAGS = dict(input_size=IMAGE_SIZE, patch_size=2, in_channels=1, hidden_size=96, depth=4, num_heads=4,
-                         mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=NUM_CLASSES, learn_sigma=False)
+TRANSFORMER_FLAGS: dict[str, Any] = dict(
+    input_size=IMAGE_SIZE, patch_size=2, in_channels=1, hidden_size=96, depth=4, num_heads=4, mlp_ratio=4.0,
+    class_dropout_prob=0.1, num_classes=NUM_CLASSES, learn_sigma=False)
 TRANSFORMER_STEPS = 4000
-CLASSIFIER_FLAGS = dict(image_size=IMAGE_SIZE, classifier_width=32, classifier_depth=1, channel_mult="1,2",
-                        classifier_attention_resolutions="4", classifier_pool="attention",
-                        num_classes=NUM_CLASSES, in_channels=1)
+CLASSIFIER_FLAGS: dict[str, Any] = dict(
+    image_size=IMAGE_SIZE, classifier_width=32, classifier_depth=1, channel_mult="1,2",
+    classifier_attention_resolutions="4", classifier_pool="attention", num_classes=NUM_CLASSES, in_channels=1)
 
 
 def schedule() -> NoiseSchedule:
@@ -209,8 +211,8 @@ class _Run:
     def clean_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(model(x), y)
 
-    def fit(self, name: str, model: nn.Module, steps: int, loss_fn, lr: float) -> float:
-        """AdamW with warmup and cosine decay; returns the smoothed final loss."""
+    def fit(self, name: str, model: nn.Module, steps: int, loss_fn, lr: float) -> float | None:
+        """AdamW with warmup and cosine decay; returns the smoothed final loss (None for 0 steps)."""
         from tqdm.auto import tqdm
 
         model.train()

@@ -18,13 +18,16 @@ Samples are scored by the separate clean evaluator network:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..models.unet import UNet
 from . import digits
 
 
@@ -113,7 +116,7 @@ def run(scales: list[float], *, kinds: tuple[str, ...] = ("cfg", "classifier"), 
     from tqdm.auto import tqdm
 
     from ..sampling.guidance import CFG, AutoGuidance, CFGPlusPlus, ClassifierGuidance
-    from ..sampling.loop import sample
+    from ..sampling.loop import GuidanceSpec, sample
 
     models = digits.load(device)
     if "auto" in kinds and models.guide is None:
@@ -122,6 +125,7 @@ def run(scales: list[float], *, kinds: tuple[str, ...] = ("cfg", "classifier"), 
         raise ValueError(f"the flow transformer sweep needs {digits.transformer_file()} and CFG kinds only, "
                          f"got kinds {kinds}")
     denoiser = models.transformer if transformer else models.unet
+    assert denoiser is not None  # a transformer sweep without the transformer was refused above
     path = dict(schedule=digits.flow_schedule(), prediction_type="flow_prediction") if transformer \
         else dict(schedule=digits.schedule())
     _, _, held_x, _ = digits.load_dataset()
@@ -130,10 +134,10 @@ def run(scales: list[float], *, kinds: tuple[str, ...] = ("cfg", "classifier"), 
     labels = torch.arange(samples_per_scale) % digits.NUM_CLASSES
     shape = (samples_per_scale, 1, digits.IMAGE_SIZE, digits.IMAGE_SIZE)
     unconditional = _Unconditional(models.unet)
-    specs = {
+    specs: dict[str, Callable[[float], GuidanceSpec]] = {
         "cfg": lambda w: CFG(w),
         "cfg++": lambda w: CFGPlusPlus(w),
-        "auto": lambda w: AutoGuidance(models.guide, w),
+        "auto": lambda w: AutoGuidance(cast(UNet, models.guide), w),  # (an "auto" sweep has a guide: checked above)
         "interval": lambda w: CFG(w, interval=variants.interval),
         "schedule": lambda w: CFG(w, schedule=variants.schedule),
         "classifier": lambda w: ClassifierGuidance(models.classifier, w),

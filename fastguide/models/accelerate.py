@@ -43,6 +43,7 @@ import math
 import types
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -169,6 +170,7 @@ def _fused_resnet_block_forward(self, input_tensor: Tensor, temb: Tensor | None,
             temb = F.silu(temb)
         temb = self.time_emb_proj(temb)[:, :, None, None]
     if self.time_embedding_norm == "scale_shift":
+        assert temb is not None  # a scale-shift block is always given its time embedding
         scale, shift = temb.chunk(2, dim=1)
         h = self.norm2(h, scale=scale, shift=shift, activation="silu")
     else:
@@ -257,7 +259,7 @@ def _is_diffusers_attention(m: nn.Module) -> bool:
     return type(m).__name__ == "Attention" and hasattr(m, "set_processor") and hasattr(m, "to_q")
 
 
-def _check_diffusers_attention(m: nn.Module) -> str | Callable[[], None]:
+def _check_diffusers_attention(m: Any) -> str | Callable[[], None]:  # a diffusers Attention
     processor = getattr(m, "processor", None)
     if isinstance(processor, FastguideAttnProcessor):
         return ALREADY
@@ -341,7 +343,7 @@ def _fused_ada_layer_norm_zero_forward(
     return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
-def _check_ada_layer_norm_zero(m: nn.Module) -> str | Callable[[], None]:
+def _check_ada_layer_norm_zero(m: Any) -> str | Callable[[], None]:  # a diffusers AdaLayerNormZero
     if _rebound_by_us(m):
         return ALREADY
     if "forward" in m.__dict__:
@@ -539,6 +541,7 @@ def _check_adm_attention(m: nn.Module) -> str | Callable[[], None]:
     if not (isinstance(qkv, nn.Conv1d) and qkv.kernel_size == (1,) and qkv.out_channels == 3 * qkv.in_channels):
         return "qkv is not a 1x1 Conv1d from C to 3·C channels"
     attention, heads = m.attention, getattr(m.attention, "n_heads", None)
+    assert isinstance(attention, nn.Module)  # one of the submodules named above
     if not isinstance(heads, int) or heads < 1 or qkv.in_channels % heads:
         return "attention has no n_heads dividing the channels"
     if _has_own_tensors(attention) or any(True for _ in attention.children()):
@@ -552,7 +555,7 @@ def _check_adm_attention(m: nn.Module) -> str | Callable[[], None]:
         return "attention is not softmax(q·kᵀ/√d)·v in either ADM head order"
 
     def swap() -> None:
-        m._fastguide_legacy_order = legacy
+        setattr(m, "_fastguide_legacy_order", legacy)  # (nn.Module.__setattr__'s stub takes tensors and modules)
         m.forward = types.MethodType(_fused_adm_attention_forward, m)
     return swap
 
@@ -601,10 +604,12 @@ def accelerate(module: nn.Module) -> nn.Module:
     swapped: Counter[str] = Counter()
     skipped: defaultdict[str, Counter[str]] = defaultdict(Counter)
     _Walk(swapped, skipped).visit(module, None, None)
-    module.fastguide_accelerated = {kind: n for kind, n in swapped.items() if n}
-    module.fastguide_skipped = {kind: dict(reasons) for kind, reasons in skipped.items()}
-    log.info("fastguide.accelerate(%s): %s", type(module).__name__,
-             _describe(module.fastguide_accelerated, module.fastguide_skipped))
+    accelerated = {kind: n for kind, n in swapped.items() if n}
+    left_alone = {kind: dict(reasons) for kind, reasons in skipped.items()}
+    # (setattr: nn.Module.__setattr__'s stub takes tensors and modules only)
+    setattr(module, "fastguide_accelerated", accelerated)
+    setattr(module, "fastguide_skipped", left_alone)
+    log.info("fastguide.accelerate(%s): %s", type(module).__name__, _describe(accelerated, left_alone))
     return module
 
 
@@ -628,6 +633,7 @@ class _Walk:
     def visit(self, m: nn.Module, parent: nn.Module | None, name: str | None) -> None:
         if id(m) in self.seen:  # a module registered under several parents
             if id(m) in self.fused:
+                assert parent is not None and name is not None  # the root is visited first
                 setattr(parent, name, self.fused[id(m)])
             return
         self.seen.add(id(m))
@@ -637,6 +643,7 @@ class _Walk:
                 self.skipped[GROUP_NORM][reason] += 1
             else:
                 self.fused[id(m)] = FusedGroupNorm(m)
+                assert name is not None  # a child: the root module is left alone
                 setattr(parent, name, self.fused[id(m)])
                 self.swapped[GROUP_NORM] += 1
             return

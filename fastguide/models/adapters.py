@@ -29,7 +29,7 @@ class DiffusersUNet(nn.Module):
         self.num_classes = null_label if null_label is not None else class_embeds
 
     @property
-    def null_label(self) -> int:
+    def null_label(self) -> int | None:
         return self.num_classes
 
     def forward(self, x: Tensor, timesteps: Tensor, y: Tensor | None = None) -> Tensor:

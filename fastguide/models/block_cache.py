@@ -55,6 +55,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -177,7 +178,7 @@ def _install(model: nn.Module, state: BlockCacheState | None, name: str,
     return handle
 
 
-def _install_on_diffusers_unet(model: nn.Module, state: BlockCacheState | None,
+def _install_on_diffusers_unet(model: Any, state: BlockCacheState | None,
                                new_state: Callable[[int, int], BlockCacheState], skip_first: bool) -> BlockCacheHandle:
     """The wrappers on a UNet2DConditionModel (the module docstring): conv_in keeps the
     anchor h₀, down_blocks[0] decides, the blocks after it pass through on a reused call,
@@ -198,7 +199,7 @@ def _install_on_diffusers_unet(model: nn.Module, state: BlockCacheState | None,
     return handle
 
 
-def _down_block_passthrough(block: nn.Module) -> Callable[[tuple, dict], tuple[Tensor, tuple[Tensor, ...]]]:
+def _down_block_passthrough(block: Any) -> Callable[[tuple, dict], tuple[Tensor, tuple[Tensor, ...]]]:
     """What a diffusers down block returns when it passes its input h through: (h, skips)
     with as many skip tensors as it gives (one per resnet, one more for a downsampler), so
     that the up blocks, skipped too, take their usual number of them."""
@@ -284,6 +285,7 @@ class BlockCacheState:
             if reuse:
                 changes = torch.stack([_relative_change(residual[rows], self.reference[branch])
                                        for branch, rows in blocks])
+                assert self.threshold is not None  # a state without a schedule has a threshold
                 reuse = bool(changes.max() < self.threshold)  # one host read per call
             self.recorded[self.call] = reuse
         self.reusing = reuse
@@ -315,6 +317,7 @@ class BlockCacheState:
 
     def computed(self, h_last: Tensor) -> None:
         """Keep each branch's R = h_L − h₁ after a computed call."""
+        assert self.base is not None  # set by the call's decide()
         residual = _residual(h_last, self.base)
         for branch, rows in self._blocks_of(h_last.shape[0]):
             kept = self.residual.setdefault(branch, [])
@@ -388,10 +391,10 @@ def _keep(store: dict[str, Tensor], key: str, value: Tensor) -> None:
         kept.copy_(value)
 
 
-def _first_block(state: BlockCacheState, hidden: Callable[[object], Tensor]) -> Callable[[Callable], Callable]:
+def _first_block(state: BlockCacheState, hidden: Callable[[Any], Tensor]) -> Callable[[Callable], Callable]:
     """The first block, deciding from its input h₀ and its output's hidden states h₁."""
     def make(inner: Callable) -> Callable:
-        def forward(*args: object, **kwargs: object) -> object:
+        def forward(*args: Any, **kwargs: Any) -> object:
             out = inner(*args, **kwargs)
             if state.active:
                 state.decide(args[0] if args else next(iter(kwargs.values())), hidden(out))
@@ -413,7 +416,7 @@ def _anchoring(state: BlockCacheState) -> Callable[[Callable], Callable]:
 
 
 def _scheduled_first_block(state: BlockCacheState, through: Callable,
-                           hidden: Callable[[object], Tensor]) -> Callable[[Callable], Callable]:
+                           hidden: Callable[[Any], Tensor]) -> Callable[[Callable], Callable]:
     """Block 0 when a fixed schedule decides: before it runs, anchored at its input h₀, which
     it passes through on a reused call."""
     def make(inner: Callable) -> Callable:
@@ -435,7 +438,7 @@ def _passed_through_when_reused(state: BlockCacheState, through: Callable) -> Ca
     return make
 
 
-def _last_block(state: BlockCacheState, hidden: Callable[[object], Tensor],
+def _last_block(state: BlockCacheState, hidden: Callable[[Any], Tensor],
                 with_hidden: Callable[[tuple, dict, Tensor], object]) -> Callable[[Callable], Callable]:
     """The last block: on a reused call the anchor plus R̂ (a transformer's h₁, which the
     blocks between passed through; a diffusers UNet's h₀) in the block's output form, else
@@ -445,6 +448,7 @@ def _last_block(state: BlockCacheState, hidden: Callable[[object], Tensor],
             if not state.active:
                 return inner(*args, **kwargs)
             if state.reusing:
+                assert state.base is not None  # set by the call's decide()
                 return with_hidden(args, kwargs, state.reused(state.base))
             out = inner(*args, **kwargs)
             state.computed(hidden(out))

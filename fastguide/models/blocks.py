@@ -13,22 +13,23 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch.nn as nn
 from torch import Tensor
 
 # (args, kwargs) of a block's call -> what the block returns when it passes its input through.
-Passthrough = Callable[[tuple, dict], object]
+Passthrough = Callable[[tuple, dict], Any]
 
 
-def perturbation_target(model: nn.Module) -> nn.Module:
+def perturbation_target(model: object) -> Any:
     """The network whose layers PAG and skip-layer guidance perturb, and whose blocks a block
     cache skips: the model's ``perturbation_target`` when it wraps one (a pipeline's denoiser
     adapter, so that layers keep the wrapped network's names), else the model itself."""
     return getattr(model, "perturbation_target", model)
 
 
-def argument(args: tuple, kwargs: dict, index: int, name: str) -> object:
+def argument(args: tuple, kwargs: dict, index: int, name: str) -> Any:
     """The forward's argument ``name``, ``index``-th positionally (None when not passed)."""
     return args[index] if len(args) > index else kwargs.get(name)
 
@@ -69,7 +70,7 @@ def _joint_passthrough(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
     return argument(args, kwargs, 1, "encoder_hidden_states"), argument(args, kwargs, 0, "hidden_states")
 
 
-def hidden_output(block: nn.Module) -> Callable[[object], Tensor]:
+def hidden_output(block: nn.Module) -> Callable[[Any], Tensor]:
     """The hidden states among ``block``'s outputs: its output, or an SD3 joint block's second."""
     if is_joint_block(block):
         return lambda out: out[1]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -140,12 +141,15 @@ def save_state_dict(model: nn.Module, path: str | Path) -> None:
         torch.save(state, path)
 
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
 def _describe(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" … and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, *, expand_label_table: bool = False) -> nn.Module:
+def load_checkpoint(model: ModuleT, path: str | Path, *, expand_label_table: bool = False) -> ModuleT:
     """Loads ``path`` into ``model`` strictly; returns the model.
 
     Raises FileNotFoundError for a missing file, IsADirectoryError for a directory, and

@@ -12,6 +12,8 @@ takes ``norm_eps`` (default 1e-5) where the official one has 1e-6.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from .dit import DiT
@@ -48,7 +50,8 @@ def to_diffusers(model: DiT) -> nn.Module:
     if not isinstance(model, DiT):
         raise TypeError(f"model must be a fastguide.DiT, got {type(model).__name__}")
     width = model.pos_embed.shape[-1]
-    theirs = diffusers.DiTTransformer2DModel(
+    # Any: mypy takes diffusers' top-level names for their no-torch placeholders (utils.dummy_pt_objects)
+    theirs: Any = diffusers.DiTTransformer2DModel(
         num_attention_heads=model.num_heads, attention_head_dim=width // model.num_heads,
         in_channels=model.in_channels, out_channels=model.out_channels, num_layers=len(model.blocks),
         sample_size=model.input_size, patch_size=model.patch_size, num_embeds_ada_norm=model.num_classes,
@@ -66,7 +69,8 @@ class DiffusersDiT(nn.Module):
     def __init__(self, transformer: nn.Module):
         super().__init__()
         self.transformer = transformer
-        self.num_classes = transformer.config.num_embeds_ada_norm
+        # (nn.Module.__getattr__'s stub gives tensors and modules only; config is diffusers' FrozenDict)
+        self.num_classes = transformer.config.num_embeds_ada_norm  # type: ignore[union-attr]
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         return self.transformer(x, timestep=t, class_labels=y).sample

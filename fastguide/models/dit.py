@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -113,7 +114,7 @@ class TimestepEmbedder(nn.Module):
         # The sinusoids are float32 as in the official code; cast to the MLP's dtype so a
         # model cast whole with .half() or .double() runs.
         sinusoids = timestep_embedding(t, self.frequency_embedding_size)
-        return self.mlp(sinusoids.to(self.mlp[0].weight.dtype))
+        return self.mlp(sinusoids.to(cast(nn.Linear, self.mlp[0]).weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -201,8 +202,8 @@ class FinalLayer(nn.Module):
 
 
 def _check_config(
-    input_size: object, patch_size: object, in_channels: object, hidden_size: object, depth: object,
-    num_heads: object, mlp_ratio: object, class_dropout_prob: object, num_classes: object, learn_sigma: object,
+    input_size: Any, patch_size: Any, in_channels: Any, hidden_size: Any, depth: Any,
+    num_heads: Any, mlp_ratio: Any, class_dropout_prob: Any, num_classes: Any, learn_sigma: Any,
 ) -> None:
     """DiT's constructor arguments, each named when wrong: positive ints (depth may be 0)
     with patch_size dividing input_size, hidden_size a multiple of 4 (the 2-D sin-cos
@@ -297,12 +298,14 @@ class DiT(nn.Module):
             self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], grid, self.pos_embed.device)[None])
         proj = self.x_embedder.proj
         nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        assert proj.bias is not None  # a Conv2d built with its default bias=True
         nn.init.zeros_(proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for modulation in [block.adaLN_modulation[-1] for block in self.blocks] + [
+        nn.init.normal_(cast(nn.Linear, self.t_embedder.mlp[0]).weight, std=0.02)
+        nn.init.normal_(cast(nn.Linear, self.t_embedder.mlp[2]).weight, std=0.02)
+        for modulation in [cast(DiTBlock, block).adaLN_modulation[-1] for block in self.blocks] + [
                 self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            assert isinstance(modulation, nn.Linear)
             nn.init.zeros_(modulation.weight)
             nn.init.zeros_(modulation.bias)
 

@@ -97,6 +97,7 @@ class AttentionBlock(nn.Module):
         self.attention = QKVAttention(self.num_heads, legacy_order=not use_new_attention_order)
         self.proj_out = nn.Conv1d(channels, channels, 1)
         nn.init.zeros_(self.proj_out.weight)
+        assert self.proj_out.bias is not None  # a Conv1d built with its default bias=True
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x: Tensor) -> Tensor:

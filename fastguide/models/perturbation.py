@@ -48,6 +48,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from numbers import Integral
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -56,10 +57,11 @@ from torch import Tensor
 
 from .blocks import argument, block_list, passthrough
 from .dit import Attention as DiTAttention
-from .nn import AttentionBlock, split_heads
+from .nn import AttentionBlock, QKVAttention, split_heads
 
-# (module, rows, args, kwargs) -> what the module outputs on ``rows`` when perturbed.
-Replacement = Callable[[nn.Module, slice, tuple, dict], object]
+# (module, rows, args, kwargs) -> what the module outputs on ``rows`` when perturbed; the module
+# is the one the replacement was chosen for (a diffusers Attention, a fastguide DiT Attention, ...).
+Replacement = Callable[[Any, slice, tuple, dict], object]
 
 
 class Perturbation:
@@ -182,7 +184,7 @@ def _scatter(out: object, replacement: object, start: int, stop: int, name: str)
 # ---- PAG: identity self-attention -------------------------------------------------------
 
 
-def _identity_diffusers_attention(attn: nn.Module, rows: slice, args: tuple, kwargs: dict) -> object:
+def _identity_diffusers_attention(attn: Any, rows: slice, args: tuple, kwargs: dict) -> object:
     """diffusers ``Attention`` with an identity attention map on ``rows``: to_out(to_v(x))
     with the layer's spatial_norm, group_norm, residual and rescale, as
     ``PAGIdentitySelfAttnProcessor2_0`` computes its perturbed chunk; a joint (SD3) call
@@ -211,7 +213,7 @@ def _identity_diffusers_attention(attn: nn.Module, rows: slice, args: tuple, kwa
     return x / attn.rescale_output_factor
 
 
-def _identity_joint_attention(attn: nn.Module, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+def _identity_joint_attention(attn: Any, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
     """SD3 joint attention (JointAttnProcessor2_0's projections and q/k norms) whose map is
     the identity on the image-to-image block: image token i attends to itself and to every
     context token; context tokens attend to all tokens as usual. Returns (image output,
@@ -238,7 +240,7 @@ def _identity_joint_attention(attn: nn.Module, x: Tensor, context: Tensor) -> tu
     return image, text
 
 
-def _identity_dit_attention(attn: nn.Module, rows: slice, args: tuple, kwargs: dict) -> Tensor:
+def _identity_dit_attention(attn: DiTAttention, rows: slice, args: tuple, kwargs: dict) -> Tensor:
     """fastguide DiT ``Attention`` with an identity map: proj(V(x)), V the last third of
     the [Q; K; V] qkv projection (its heads in the order the attention output uses)."""
     x = argument(args, kwargs, 0, "x")[rows]
@@ -246,7 +248,7 @@ def _identity_dit_attention(attn: nn.Module, rows: slice, args: tuple, kwargs: d
     return attn.proj(F.linear(x, attn.qkv.weight[2 * width:], attn.qkv.bias[2 * width:]))
 
 
-def _identity_qkv_attention(attention: nn.Module, rows: slice, args: tuple, kwargs: dict) -> Tensor:
+def _identity_qkv_attention(attention: QKVAttention, rows: slice, args: tuple, kwargs: dict) -> Tensor:
     """fastguide UNet ``QKVAttention`` with an identity map: each head's v, (B, C, T) as
     its forward lays out softmax(q·kᵀ/√d)·v."""
     qkv = argument(args, kwargs, 0, "qkv")[rows]
@@ -349,7 +351,8 @@ def skip_blocks(model: nn.Module, layers: int | Sequence[int], rows: slice | Non
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    indices = [layers] if isinstance(layers, Integral) and not isinstance(layers, bool) else layers
+    single = isinstance(layers, Integral) and not isinstance(layers, bool)
+    indices = cast("Sequence[int]", [layers] if single else layers)
     if not isinstance(indices, Sequence) or not indices or not all(
             isinstance(i, Integral) and not isinstance(i, bool) for i in indices):
         raise TypeError(f"layers must be a block index or a non-empty sequence of them, got {layers!r}")

@@ -34,6 +34,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -60,8 +61,9 @@ class PipelineOptions:
     cache: BlockCacheSettings | None = None
 
 
-def accelerate(target, *, sampler: str | None = None, spacing: str | None = None,
-               guidance: Guidance | None = None, cuda_graph: bool = False, cache: BlockCacheSettings | None = None):
+def accelerate(target: Any, *, sampler: str | None = None, spacing: str | None = None,
+               guidance: Guidance | None = None, cuda_graph: bool = False,
+               cache: BlockCacheSettings | None = None) -> Any:
     """Accelerate a module (fastguide's kernels swapped in, see
     ``fastguide.models.accelerate.accelerate``) or a diffusers pipeline (also its denoising
     loop replaced, see this module's docstring). Returns ``target``, changed in place.
@@ -109,7 +111,7 @@ def _accelerated_class(cls: type) -> type:
         def __call__(self, *args, **kwargs):
             return _accelerated_call(self, original, args, kwargs)
 
-        __call__.__signature__ = inspect.signature(original)
+        __call__.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]  # (typeshed lacks it)
         __call__.__doc__ = original.__doc__
         _CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_fastguide_accelerated": True,
                                                     "__module__": cls.__module__})
@@ -123,6 +125,7 @@ def _accelerated_call(pipe, original: Callable, args: tuple, kwargs: dict):
     arguments.pop("self", None)
     extra = arguments.pop("kwargs", {}) or {}
     recipe = recipes.recipe_for(pipe)
+    assert recipe is not None  # accelerate() made this class for a pipeline with a recipe
     try:
         if extra:
             raise recipes.Unsupported(f"the arguments {sorted(extra)} (deprecated step callbacks) are diffusers' own")

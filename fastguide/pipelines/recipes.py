@@ -19,7 +19,7 @@ import math
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -111,7 +111,8 @@ class Sampling(NamedTuple):
     generator: torch.Generator | None
 
 
-def _step_generator(generator: object, draws_noise: bool, sampler: str) -> torch.Generator | None:
+def _step_generator(generator: torch.Generator | list[torch.Generator] | None, draws_noise: bool,
+                    sampler: str) -> torch.Generator | None:
     """The generator the loop draws each step's noise from: none when the sampler draws none
     (the latents come from the pipeline), refused when a list would have to give it."""
     if not draws_noise:
@@ -139,6 +140,7 @@ def _sampling(pipe, arguments: Mapping, options, *, eta: float = 0.0, generator_
     if eta:
         raise Unsupported(f"eta={eta} with accelerate(sampler=...): DDIM's eta belongs to the pipeline's scheduler")
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    schedule: NoiseSchedule
     if type(scheduler).__name__.startswith("FlowMatch"):
         if scheduler.config.get("use_dynamic_shifting", False):
             raise Unsupported("sampler= on a flow-matching scheduler with use_dynamic_shifting (its shift depends "
@@ -451,7 +453,7 @@ def _pixart(pipe, a: dict, options) -> Denoising:
     rows = batch * a["num_images_per_prompt"]
     latents = pipe.prepare_latents(rows, pipe.transformer.config.in_channels, height, width, prompt_embeds.dtype,
                                    device, a["generator"], a["latents"])
-    added = {"resolution": None, "aspect_ratio": None}
+    added: dict[str, Tensor | None] = {"resolution": None, "aspect_ratio": None}
     if alpha and pipe.transformer.config.sample_size == 128:  # PixArt-α's micro-conditions; Σ has none
         added = {"resolution": torch.tensor([height, width]).repeat(rows, 1).to(prompt_embeds.dtype).to(device),
                  "aspect_ratio": torch.tensor([float(height / width)]).repeat(rows, 1).to(prompt_embeds.dtype)
@@ -543,7 +545,7 @@ def _with_pag(prepare: Callable[[object, dict, object], Denoising]) -> Callable[
             raise Unsupported("PAG on a transformer with q/k norms (SD3.5): diffusers' PAG attention processors drop "
                               "the norms, fastguide's perturbation keeps them")
         denoising = prepare(pipe, a, options)
-        cfg = denoising.guidance
+        cfg = cast("CFG | None", denoising.guidance)  # _guidance's: options.guidance is None here
         denoising.guidance = PAG(float(a["pag_scale"]), (layers,) if isinstance(layers, str) else tuple(layers),
                                  cfg_scale=cfg.scale if cfg is not None else 1.0,
                                  rescale=cfg.rescale if cfg is not None else 0.0)

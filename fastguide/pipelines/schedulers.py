@@ -49,6 +49,7 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from torch import Tensor
 
@@ -248,7 +249,7 @@ def _placed(scheduler, call: _Call):
             continue
         if option not in accepted:
             raise _refuse(name, option, value, f"{name}.set_timesteps takes no {option} (diffusers refuses it too)")
-        arguments[option] = list(value) if option != "mu" else value
+        arguments[option] = list(cast("Sequence[float]", value)) if option != "mu" else value
     if call.timesteps is None and call.sigmas is None:
         arguments["num_inference_steps"] = call.num_inference_steps
     placed = type(scheduler).from_config(scheduler.config)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -26,18 +27,20 @@ from torch import Tensor
 Path = tuple[str, ...]
 # The model's keyword arguments: tensors batched on dim 0, None, or nested dicts of them.
 Conditioning = Mapping[str, object]
+# A leaf of a flattened conditioning dict: a tensor batched on dim 0, None, or an empty dict.
+Leaf = Tensor | None | dict
 
 
 def _named(name: str, path: Path) -> str:
     return name + "".join(f"[{key!r}]" for key in path)
 
 
-def flatten(conditioning: object, name: str) -> dict[Path, Tensor | None | dict]:
+def flatten(conditioning: object, name: str) -> dict[Path, Leaf]:
     """The leaves of a conditioning dict by path, checked: string keys, and values that are
     tensors with a batch dim, None, or dicts of them (an empty dict is a leaf)."""
     if not isinstance(conditioning, Mapping):
         raise TypeError(f"{name} must be a dict of the model's keyword arguments, got {type(conditioning).__name__}")
-    leaves: dict[Path, Tensor | None | dict] = {}
+    leaves: dict[Path, Leaf] = {}
 
     def visit(node: Mapping, path: Path) -> None:
         if not node and path:
@@ -73,7 +76,8 @@ def nest(leaves: Mapping[Path, object]) -> dict:
     return root
 
 
-def check_pair(cond: object, uncond: object, batch: int, uses_uncond: bool) -> tuple[dict, dict | None]:
+def check_pair(cond: object, uncond: object, batch: int,
+               uses_uncond: bool) -> tuple[dict[Path, Leaf], dict[Path, Leaf] | None]:
     """cond and uncond flattened and checked against each other and the batch, before any
     forward. ``uses_uncond``: the guidance runs an unconditional block, so keyword
     conditioning needs its unconditional counterpart."""
@@ -101,6 +105,7 @@ def check_pair(cond: object, uncond: object, batch: int, uses_uncond: bool) -> t
             raise ValueError(f"{_named('cond', path)} and {_named('uncond', path)} must both be tensors, None or "
                              f"empty dicts, got {type(value).__name__} and {type(other).__name__}")
         if isinstance(value, Tensor):
+            assert isinstance(other, Tensor)  # checked above: both tensors
             if value.shape[1:] != other.shape[1:]:
                 raise ValueError(f"{_named('cond', path)} and {_named('uncond', path)} must have the same shape past "
                                  f"dim 0, got {tuple(value.shape)} and {tuple(other.shape)}")
@@ -119,23 +124,26 @@ class RowConditioning:
     keyword arguments' leaves, each (rows, ...) or None, the blocks in branch order."""
 
     labels: Tensor | None
-    leaves: dict[Path, Tensor | None | dict]
+    leaves: dict[Path, Leaf]
 
     @classmethod
-    def lay_out(cls, blocks: Sequence[tuple[Tensor | None, Mapping[Path, object]]], batch: int,
+    def lay_out(cls, blocks: Sequence[tuple[Tensor | None, Mapping[Path, Leaf]]], batch: int,
                 device: torch.device) -> RowConditioning:
         """The blocks' (labels, leaves), each broadcast to ``batch`` rows, concatenated on dim 0
         on ``device``. One block is not copied unless it must be broadcast or moved."""
         labels = None
         if blocks[0][0] is not None:
-            labels = torch.cat([block_labels.to(device) for block_labels, _ in blocks]) if len(blocks) > 1 \
-                else blocks[0][0].to(device)
-        leaves: dict[Path, Tensor | None | dict] = {}
+            # (every block has labels when the first has: the null label in unconditional blocks)
+            labels = torch.cat([cast(Tensor, block_labels).to(device) for block_labels, _ in blocks]) \
+                if len(blocks) > 1 else blocks[0][0].to(device)
+        leaves: dict[Path, Leaf] = {}
         for path, first in blocks[0][1].items():
             if not isinstance(first, Tensor):
                 leaves[path] = first
                 continue
-            parts = [leaf[path].to(device).expand(batch, *leaf[path].shape[1:]) for _, leaf in blocks]
+            # check_pair: a leaf that is a tensor in the first block is one in every block
+            tensors = [cast(Tensor, leaf[path]) for _, leaf in blocks]
+            parts = [tensor.to(device).expand(batch, *tensor.shape[1:]) for tensor in tensors]
             leaves[path] = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
         return cls(labels, leaves)
 
@@ -154,10 +162,13 @@ class RowConditioning:
     def copy_from(self, other: RowConditioning) -> None:
         """Load another run's conditioning of the same signature into these tensors."""
         if self.labels is not None:
+            assert other.labels is not None  # the same signature
             self.labels.copy_(other.labels)
         for path, value in self.leaves.items():
             if isinstance(value, Tensor):
-                value.copy_(other.leaves[path])
+                other_value = other.leaves[path]
+                assert isinstance(other_value, Tensor)  # the same signature
+                value.copy_(other_value)
 
     def arguments(self, rows: int) -> tuple[Tensor | None, dict]:
         """The first ``rows`` rows' labels and keyword arguments (views)."""

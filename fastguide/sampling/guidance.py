@@ -44,8 +44,9 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -115,7 +116,7 @@ class Guidance(abc.ABC):
     def branches_at(self, edm_sigma: float) -> tuple[str, ...]:
         return self.branches
 
-    def perturb(self, model: nn.Module) -> Perturbation | None:
+    def perturb(self, model: Callable[..., Tensor]) -> Perturbation | None:
         return None
 
     def active_at(self, edm_sigma: float) -> bool:
@@ -423,7 +424,7 @@ class PerturbedGuidance(Guidance):
     <= 1), rescale in [0, 1], interval a pair 0 <= low < high."""
 
     scale: float
-    layers: object
+    layers: str | int | Sequence[str] | Sequence[int]  # each subclass's (PAG: names, skip-layer: indices)
     cfg_scale: float = 1.0
     rescale: float = 0.0
     interval: tuple[float, float] | None = None
@@ -446,8 +447,9 @@ class PerturbedGuidance(Guidance):
     def cfg(self) -> bool:
         return self.cfg_scale > 1
 
+    # (the type: ignore: Guidance's class attribute, computed here from cfg_scale; nothing assigns it)
     @property
-    def branches(self) -> tuple[str, ...]:
+    def branches(self) -> tuple[str, ...]:  # type: ignore[override]
         return ("cond", "uncond", "perturbed") if self.cfg else ("cond", "perturbed")
 
     def perturbing_at(self, edm_sigma: float) -> bool:
@@ -479,7 +481,9 @@ class PAG(PerturbedGuidance):
     them, as diffusers' ``pag_applied_layers``: "mid", "blocks.1", "down_blocks.1") picks.
     ``scale`` is diffusers' pag_scale, ``cfg_scale`` its guidance_scale."""
 
-    def perturb(self, model: nn.Module) -> Perturbation:
+    layers: str | Sequence[str]
+
+    def perturb(self, model: Callable[..., Tensor]) -> Perturbation:
         return perturb_attention(perturbation_target(model), self.layers)
 
 
@@ -490,7 +494,9 @@ class SkipLayerGuidance(PerturbedGuidance):
     is diffusers' skip_layer_guidance_scale; its start/stop fractions of the steps become
     ``interval`` in σ̃ (the pipeline recipe converts them)."""
 
-    def perturb(self, model: nn.Module) -> Perturbation:
+    layers: int | Sequence[int]
+
+    def perturb(self, model: Callable[..., Tensor]) -> Perturbation:
         return skip_blocks(perturbation_target(model), self.layers)
 
 
@@ -529,7 +535,7 @@ class ClassifierGuidance:
             return gradient
 
 
-def split_guidance(guidance) -> tuple[Guidance | None, ClassifierGuidance | None]:
+def split_guidance(guidance: object) -> tuple[Guidance | None, ClassifierGuidance | None]:
     """(combining guidance, classifier) from None, one of them, or a tuple/list of a
     Guidance (CFG, CFGPlusPlus, AutoGuidance, ...) and a ClassifierGuidance."""
     items = [] if guidance is None else list(guidance) if isinstance(guidance, (tuple, list)) else [guidance]
@@ -544,7 +550,7 @@ def split_guidance(guidance) -> tuple[Guidance | None, ClassifierGuidance | None
     return (cfg[0] if cfg else None), (classifier[0] if classifier else None)
 
 
-def label_rows(model) -> int | None:
+def label_rows(model: object) -> int | None:
     """How many labels a network takes, where it says: its ``num_classes``, else the rows of
     its label table (``label_emb``, an ADM UNet's nn.Embedding); None when it says neither."""
     classes = getattr(model, "num_classes", None)
@@ -553,7 +559,7 @@ def label_rows(model) -> int | None:
     return getattr(getattr(model, "label_emb", None), "num_embeddings", None)
 
 
-def _is_real(value: object) -> bool:
+def _is_real(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
