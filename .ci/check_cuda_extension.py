@@ -9,8 +9,14 @@ from fastguide.ops import extension
 path = extension.prebuilt_path()
 assert path is not None, "fastguide._C is not installed"
 extension.load()
-for op in ("guided_step", "group_norm_forward", "group_norm_backward", "layer_norm_forward",
-           "gated_residual_layer_norm_forward", "layer_norm_backward"):
+for op in (
+    "guided_step",
+    "group_norm_forward",
+    "group_norm_backward",
+    "layer_norm_forward",
+    "gated_residual_layer_norm_forward",
+    "layer_norm_backward",
+):
     name = f"{extension.OPS_NAMESPACE}::{op}"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), f"{name} has no CUDA kernel"
     print(getattr(torch.ops.fastguide_cuda, op).default._schema)

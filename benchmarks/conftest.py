@@ -38,10 +38,13 @@ def on_backend(impl: str, fn):
 
     return pinned
 
+
 def pytest_configure(config):
     if os.environ.get("FASTGUIDE_AUTOTUNE") == "off":
-        raise pytest.UsageError("FASTGUIDE_AUTOTUNE=off narrows the attention kernel's autotuning to one config, "
-                                "which benchmarks must not time: unset it")
+        raise pytest.UsageError(
+            "FASTGUIDE_AUTOTUNE=off narrows the attention kernel's autotuning to one config, "
+            "which benchmarks must not time: unset it"
+        )
 
 
 @pytest.fixture(scope="session")

@@ -71,8 +71,7 @@ def device_seconds(fn: Callable[[], object], repeats: int = 50) -> float | None:
         with torch.cuda.graph(graph):
             fn()
         flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=DEVICE)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(repeats)]
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
         for start, end in events:
             flush.zero_()
             start.record()

@@ -81,11 +81,38 @@ def _bucket(length: int) -> int:
 @triton.autotune(configs=_configs(), **_TUNING)
 @triton.jit
 def _forward_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, so_b, so_h, so_l, so_d,
-    H, Lq, Lk, D, qk_scale_log2,
-    LQ_BUCKET, LK_BUCKET,
-    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    lse_ptr,
+    sq_b,
+    sq_h,
+    sq_l,
+    sq_d,
+    sk_b,
+    sk_h,
+    sk_l,
+    sk_d,
+    sv_b,
+    sv_h,
+    sv_l,
+    sv_d,
+    so_b,
+    so_h,
+    so_l,
+    so_d,
+    H,
+    Lq,
+    Lk,
+    D,
+    qk_scale_log2,
+    LQ_BUCKET,
+    LK_BUCKET,
+    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
@@ -93,8 +120,11 @@ def _forward_kernel(
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < Lq
     d_ok = dims < D
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :] * sq_d,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :] * sq_d,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -115,17 +145,32 @@ def _forward_kernel(
         acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     o = acc / l[:, None]
-    tl.store(o_ptr + b * so_b + h * so_h + rows[:, None] * so_l + dims[None, :] * so_d,
-             o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(
+        o_ptr + b * so_b + h * so_h + rows[:, None] * so_l + dims[None, :] * so_d,
+        o.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
     tl.store(lse_ptr + bh.to(tl.int64) * Lq + rows, (m + tl.log2(l)) * 0.6931471805599453, mask=row_ok)
 
 
 @triton.jit
 def _backward_delta_kernel(
-    o_ptr, do_ptr, delta_ptr,
-    so_b, so_h, so_l, so_d, sdo_b, sdo_h, sdo_l, sdo_d,
-    H, Lq, D,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    o_ptr,
+    do_ptr,
+    delta_ptr,
+    so_b,
+    so_h,
+    so_l,
+    so_d,
+    sdo_b,
+    sdo_h,
+    sdo_l,
+    sdo_d,
+    H,
+    Lq,
+    D,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """Δ = rowsum(dO ∘ O) per query row, in fp32."""
     bh = tl.program_id(1)
@@ -150,11 +195,42 @@ def _probabilities(q, k, lse, qk_scale_log2, col_ok, PRECISION: tl.constexpr):
 @triton.autotune(configs=_configs(for_backward=True), **_TUNING)
 @triton.jit
 def _backward_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, sdo_b, sdo_h, sdo_l, sdo_d,
-    H, Lq, Lk, D, scale, qk_scale_log2,
-    LQ_BUCKET, LK_BUCKET,
-    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    sq_b,
+    sq_h,
+    sq_l,
+    sq_d,
+    sk_b,
+    sk_h,
+    sk_l,
+    sk_d,
+    sv_b,
+    sv_h,
+    sv_l,
+    sv_d,
+    sdo_b,
+    sdo_h,
+    sdo_l,
+    sdo_d,
+    H,
+    Lq,
+    Lk,
+    D,
+    scale,
+    qk_scale_log2,
+    LQ_BUCKET,
+    LK_BUCKET,
+    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dk, dv for one block of BLOCK_N keys, streaming every query block."""
     bh = tl.program_id(1)
@@ -185,20 +261,56 @@ def _backward_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     dk = dk * scale
-    tl.store(dk_ptr + bh.to(tl.int64) * Lk * D + cols[:, None] * D + dims[None, :],
-             dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + bh.to(tl.int64) * Lk * D + cols[:, None] * D + dims[None, :],
-             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(
+        dk_ptr + bh.to(tl.int64) * Lk * D + cols[:, None] * D + dims[None, :],
+        dk.to(dk_ptr.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        dv_ptr + bh.to(tl.int64) * Lk * D + cols[:, None] * D + dims[None, :],
+        dv.to(dv_ptr.dtype.element_ty),
+        mask=kv_mask,
+    )
 
 
 @triton.autotune(configs=_configs(for_backward=True), **_TUNING)
 @triton.jit
 def _backward_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, sdo_b, sdo_h, sdo_l, sdo_d,
-    H, Lq, Lk, D, scale, qk_scale_log2,
-    LQ_BUCKET, LK_BUCKET,
-    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    sq_b,
+    sq_h,
+    sq_l,
+    sq_d,
+    sk_b,
+    sk_h,
+    sk_l,
+    sk_d,
+    sv_b,
+    sv_h,
+    sv_l,
+    sv_d,
+    sdo_b,
+    sdo_h,
+    sdo_l,
+    sdo_d,
+    H,
+    Lq,
+    Lk,
+    D,
+    scale,
+    qk_scale_log2,
+    LQ_BUCKET,
+    LK_BUCKET,
+    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dq for one block of BLOCK_M queries, streaming every key block."""
     bh = tl.program_id(1)
@@ -226,8 +338,11 @@ def _backward_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq = dq * scale
-    tl.store(dq_ptr + bh.to(tl.int64) * Lq * D + rows[:, None] * D + dims[None, :],
-             dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(
+        dq_ptr + bh.to(tl.int64) * Lq * D + rows[:, None] * D + dims[None, :],
+        dq.to(dq_ptr.dtype.element_ty),
+        mask=q_mask,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -252,9 +367,24 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
     lse = torch.empty((batch, heads, lq), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     _forward_kernel[grid](
-        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        heads, lq, lk, head_dim, scale * LOG2E, _bucket(lq), _bucket(lk),
-        PRECISION=_precision(q.dtype), BLOCK_D=_block_d(head_dim),
+        q,
+        k,
+        v,
+        o,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *o.stride(),
+        heads,
+        lq,
+        lk,
+        head_dim,
+        scale * LOG2E,
+        _bucket(lq),
+        _bucket(lk),
+        PRECISION=_precision(q.dtype),
+        BLOCK_D=_block_d(head_dim),
     )
     return o, lse
 
@@ -267,17 +397,44 @@ def attention_backward(
     block_d = _block_d(head_dim)
     delta = torch.empty((batch, heads, lq), dtype=torch.float32, device=q.device)
     _backward_delta_kernel[(triton.cdiv(lq, 64), batch * heads)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, lq, head_dim,
-        BLOCK_D=block_d, BLOCK_M=64,
+        out,
+        grad_out,
+        delta,
+        *out.stride(),
+        *grad_out.stride(),
+        heads,
+        lq,
+        head_dim,
+        BLOCK_D=block_d,
+        BLOCK_M=64,
     )
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     common = (heads, lq, lk, head_dim, scale, scale * LOG2E, _bucket(lq), _bucket(lk))
     constexprs = dict(PRECISION=_precision(q.dtype), BLOCK_D=block_d)
     _backward_dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), batch * heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, *strides, *common, **constexprs,
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dk,
+        dv,
+        *strides,
+        *common,
+        **constexprs,
     )
     _backward_dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)](
-        q, k, v, grad_out, lse, delta, dq, *strides, *common, **constexprs,
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dq,
+        *strides,
+        *common,
+        **constexprs,
     )
     return dq, dk, dv

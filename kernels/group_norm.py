@@ -53,8 +53,9 @@ def _program_group(G, Cg):
 
 
 @triton.jit
-def _tile_offsets(c_start, s_start, group_start_c, Cg, S, stride_c, stride_s,
-                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _tile_offsets(
+    c_start, s_start, group_start_c, Cg, S, stride_c, stride_s, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
+):
     cc = c_start + tl.arange(0, BLOCK_C)
     ss = s_start + tl.arange(0, BLOCK_S)
     mask = (cc < Cg)[:, None] & (ss < S)[None, :]
@@ -64,8 +65,18 @@ def _tile_offsets(c_start, s_start, group_start_c, Cg, S, stride_c, stride_s,
 
 @triton.jit
 def _stats_kernel(
-    x_ptr, partial_ptr, C, S, G, Cg, stride_c, stride_s, s_per_chunk,
-    SPLIT_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    x_ptr,
+    partial_ptr,
+    C,
+    S,
+    G,
+    Cg,
+    stride_c,
+    stride_s,
+    s_per_chunk,
+    SPLIT_POW2: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     group, chunk, n, group_start_c = _program_group(G, Cg)
     base = x_ptr + n.to(tl.int64) * C * S
@@ -75,8 +86,9 @@ def _stats_kernel(
     s_begin = chunk * s_per_chunk
     for c_start in range(0, Cg, BLOCK_C):
         for s_off in range(0, s_per_chunk, BLOCK_S):
-            _, offsets, mask = _tile_offsets(c_start, s_begin + s_off, group_start_c, Cg, S,
-                                             stride_c, stride_s, BLOCK_C, BLOCK_S)
+            _, offsets, mask = _tile_offsets(
+                c_start, s_begin + s_off, group_start_c, Cg, S, stride_c, stride_s, BLOCK_C, BLOCK_S
+            )
             d = tl.where(mask, tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
             acc1 += d
             acc2 += d * d
@@ -86,8 +98,9 @@ def _stats_kernel(
 
 
 @triton.jit
-def _group_mean_rstd(x_ptr, partial_ptr, group, n, group_start_c, C, S, Cg, stride_c, eps,
-                     SPLIT, SPLIT_POW2: tl.constexpr):
+def _group_mean_rstd(
+    x_ptr, partial_ptr, group, n, group_start_c, C, S, Cg, stride_c, eps, SPLIT, SPLIT_POW2: tl.constexpr
+):
     """Merge a group's partial shifted sums, in a fixed order, into (mean, rstd)."""
     chunks = tl.arange(0, SPLIT_POW2)
     valid = chunks < SPLIT
@@ -104,10 +117,24 @@ def _group_mean_rstd(x_ptr, partial_ptr, group, n, group_start_c, C, S, Cg, stri
 
 
 @triton.jit
-def _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, channel, c_mask,
-                    scale_stride_n, scale_stride_c, shift_stride_n, shift_stride_c,
-                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
+def _channel_params(
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    n,
+    channel,
+    c_mask,
+    scale_stride_n,
+    scale_stride_c,
+    shift_stride_n,
+    shift_stride_c,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     w = tl.full([BLOCK_C], 1.0, tl.float32)
     b = tl.zeros([BLOCK_C], dtype=tl.float32)
     one_plus_scale = tl.full([BLOCK_C], 1.0, tl.float32)
@@ -117,25 +144,53 @@ def _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, channel, c_mask,
     if HAS_B:
         b = tl.load(b_ptr + channel, mask=c_mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
-        one_plus_scale += tl.load(scale_ptr + n * scale_stride_n + channel * scale_stride_c,
-                                  mask=c_mask, other=0.0).to(tl.float32)
+        one_plus_scale += tl.load(scale_ptr + n * scale_stride_n + channel * scale_stride_c, mask=c_mask, other=0.0).to(
+            tl.float32
+        )
     if HAS_SHIFT:
-        shift = tl.load(shift_ptr + n * shift_stride_n + channel * shift_stride_c,
-                        mask=c_mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + n * shift_stride_n + channel * shift_stride_c, mask=c_mask, other=0.0).to(
+            tl.float32
+        )
     return w, b, one_plus_scale, shift
 
 
 @triton.jit
 def _apply_kernel(
-    x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, partial_ptr, mean_ptr, rstd_ptr,
-    C, S, G, Cg, stride_c, stride_s, s_per_chunk, SPLIT, eps,
-    scale_stride_n, scale_stride_c, shift_stride_n, shift_stride_c,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    SILU: tl.constexpr, SPLIT_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    partial_ptr,
+    mean_ptr,
+    rstd_ptr,
+    C,
+    S,
+    G,
+    Cg,
+    stride_c,
+    stride_s,
+    s_per_chunk,
+    SPLIT,
+    eps,
+    scale_stride_n,
+    scale_stride_c,
+    shift_stride_n,
+    shift_stride_c,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    SPLIT_POW2: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     group, chunk, n, group_start_c = _program_group(G, Cg)
-    mean, rstd = _group_mean_rstd(x_ptr, partial_ptr, group, n, group_start_c, C, S, Cg,
-                                  stride_c, eps, SPLIT, SPLIT_POW2)
+    mean, rstd = _group_mean_rstd(
+        x_ptr, partial_ptr, group, n, group_start_c, C, S, Cg, stride_c, eps, SPLIT, SPLIT_POW2
+    )
     if chunk == 0:
         tl.store(mean_ptr + group, mean)
         tl.store(rstd_ptr + group, rstd)
@@ -146,17 +201,32 @@ def _apply_kernel(
         c_mask = cc < Cg
         channel = group_start_c + cc
         w, b, one_plus_scale, shift = _channel_params(
-            w_ptr, b_ptr, scale_ptr, shift_ptr, n, channel, c_mask,
-            scale_stride_n, scale_stride_c, shift_stride_n, shift_stride_c,
-            HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+            w_ptr,
+            b_ptr,
+            scale_ptr,
+            shift_ptr,
+            n,
+            channel,
+            c_mask,
+            scale_stride_n,
+            scale_stride_c,
+            shift_stride_n,
+            shift_stride_c,
+            HAS_W,
+            HAS_B,
+            HAS_SCALE,
+            HAS_SHIFT,
+            BLOCK_C,
+        )
         # Fold normalisation, affine and scale-shift into y = x·gain + offset per channel.
         gain = w * one_plus_scale
         offset = b * one_plus_scale + shift
         gain = gain * rstd
         offset = offset - mean * gain
         for s_off in range(0, s_per_chunk, BLOCK_S):
-            _, offsets, mask = _tile_offsets(c_start, s_begin + s_off, group_start_c, Cg, S,
-                                             stride_c, stride_s, BLOCK_C, BLOCK_S)
+            _, offsets, mask = _tile_offsets(
+                c_start, s_begin + s_off, group_start_c, Cg, S, stride_c, stride_s, BLOCK_C, BLOCK_S
+            )
             x = tl.load(x_ptr + sample + offsets, mask=mask, other=0.0).to(tl.float32)
             z = x * gain[:, None] + offset[:, None]
             if SILU:
@@ -178,11 +248,34 @@ def _dz_and_xhat(x, dy, mean, rstd, w, b, one_plus_scale, shift, SILU: tl.conste
 
 @triton.jit
 def _backward_sums_kernel(
-    x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, partial_ptr,
-    C, S, G, Cg, stride_c, stride_s, s_per_chunk,
-    scale_stride_n, scale_stride_c, shift_stride_n, shift_stride_c,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    SILU: tl.constexpr, SPLIT_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    x_ptr,
+    dy_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    mean_ptr,
+    rstd_ptr,
+    partial_ptr,
+    C,
+    S,
+    G,
+    Cg,
+    stride_c,
+    stride_s,
+    s_per_chunk,
+    scale_stride_n,
+    scale_stride_c,
+    shift_stride_n,
+    shift_stride_c,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    SPLIT_POW2: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """Per-chunk A = Σ_s dz and B = Σ_s dz·x̂ for each channel of one group."""
     group, chunk, n, group_start_c = _program_group(G, Cg)
@@ -195,18 +288,34 @@ def _backward_sums_kernel(
         c_mask = cc < Cg
         channel = group_start_c + cc
         w, b, one_plus_scale, shift = _channel_params(
-            w_ptr, b_ptr, scale_ptr, shift_ptr, n, channel, c_mask,
-            scale_stride_n, scale_stride_c, shift_stride_n, shift_stride_c,
-            HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+            w_ptr,
+            b_ptr,
+            scale_ptr,
+            shift_ptr,
+            n,
+            channel,
+            c_mask,
+            scale_stride_n,
+            scale_stride_c,
+            shift_stride_n,
+            shift_stride_c,
+            HAS_W,
+            HAS_B,
+            HAS_SCALE,
+            HAS_SHIFT,
+            BLOCK_C,
+        )
         acc_a = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         for s_off in range(0, s_per_chunk, BLOCK_S):
-            _, offsets, mask = _tile_offsets(c_start, s_begin + s_off, group_start_c, Cg, S,
-                                             stride_c, stride_s, BLOCK_C, BLOCK_S)
+            _, offsets, mask = _tile_offsets(
+                c_start, s_begin + s_off, group_start_c, Cg, S, stride_c, stride_s, BLOCK_C, BLOCK_S
+            )
             x = tl.load(x_ptr + sample + offsets, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + sample + offsets, mask=mask, other=0.0).to(tl.float32)
-            dz, x_hat = _dz_and_xhat(x, dy, mean, rstd, w[:, None], b[:, None],
-                                     one_plus_scale[:, None], shift[:, None], SILU)
+            dz, x_hat = _dz_and_xhat(
+                x, dy, mean, rstd, w[:, None], b[:, None], one_plus_scale[:, None], shift[:, None], SILU
+            )
             acc_a += tl.where(mask, dz, 0.0)
             acc_b += tl.where(mask, dz * x_hat, 0.0)
         out = partial_ptr + ((n * C + channel) * SPLIT_POW2 + chunk) * 2
@@ -216,12 +325,37 @@ def _backward_sums_kernel(
 
 @triton.jit
 def _backward_dx_kernel(
-    x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
-    partial_ptr, sums_ptr,
-    C, S, G, Cg, stride_c, stride_s, s_per_chunk, SPLIT,
-    scale_stride_n, scale_stride_c, shift_stride_n, shift_stride_c,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    SILU: tl.constexpr, SPLIT_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    x_ptr,
+    dy_ptr,
+    dx_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    mean_ptr,
+    rstd_ptr,
+    partial_ptr,
+    sums_ptr,
+    C,
+    S,
+    G,
+    Cg,
+    stride_c,
+    stride_s,
+    s_per_chunk,
+    SPLIT,
+    scale_stride_n,
+    scale_stride_c,
+    shift_stride_n,
+    shift_stride_c,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    SPLIT_POW2: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     group, chunk, n, group_start_c = _program_group(G, Cg)
     mean = tl.load(mean_ptr + group)
@@ -235,9 +369,23 @@ def _backward_dx_kernel(
         c_mask = cc < Cg
         channel = group_start_c + cc
         w, b, one_plus_scale, shift = _channel_params(
-            w_ptr, b_ptr, scale_ptr, shift_ptr, n, channel, c_mask,
-            scale_stride_n, scale_stride_c, shift_stride_n, shift_stride_c,
-            HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+            w_ptr,
+            b_ptr,
+            scale_ptr,
+            shift_ptr,
+            n,
+            channel,
+            c_mask,
+            scale_stride_n,
+            scale_stride_c,
+            shift_stride_n,
+            shift_stride_c,
+            HAS_W,
+            HAS_B,
+            HAS_SCALE,
+            HAS_SHIFT,
+            BLOCK_C,
+        )
         rows = partial_ptr + ((n * C + channel)[:, None] * SPLIT_POW2 + chunks[None, :]) * 2
         valid = c_mask[:, None] & (chunks < SPLIT)[None, :]
         a_sum = tl.sum(tl.load(rows, mask=valid, other=0.0), axis=1)
@@ -259,16 +407,32 @@ def _backward_dx_kernel(
         c_mask = cc < Cg
         channel = group_start_c + cc
         w, b, one_plus_scale, shift = _channel_params(
-            w_ptr, b_ptr, scale_ptr, shift_ptr, n, channel, c_mask,
-            scale_stride_n, scale_stride_c, shift_stride_n, shift_stride_c,
-            HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+            w_ptr,
+            b_ptr,
+            scale_ptr,
+            shift_ptr,
+            n,
+            channel,
+            c_mask,
+            scale_stride_n,
+            scale_stride_c,
+            shift_stride_n,
+            shift_stride_c,
+            HAS_W,
+            HAS_B,
+            HAS_SCALE,
+            HAS_SHIFT,
+            BLOCK_C,
+        )
         for s_off in range(0, s_per_chunk, BLOCK_S):
-            _, offsets, mask = _tile_offsets(c_start, s_begin + s_off, group_start_c, Cg, S,
-                                             stride_c, stride_s, BLOCK_C, BLOCK_S)
+            _, offsets, mask = _tile_offsets(
+                c_start, s_begin + s_off, group_start_c, Cg, S, stride_c, stride_s, BLOCK_C, BLOCK_S
+            )
             x = tl.load(x_ptr + sample + offsets, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + sample + offsets, mask=mask, other=0.0).to(tl.float32)
-            dz, x_hat = _dz_and_xhat(x, dy, mean, rstd, w[:, None], b[:, None],
-                                     one_plus_scale[:, None], shift[:, None], SILU)
+            dz, x_hat = _dz_and_xhat(
+                x, dy, mean, rstd, w[:, None], b[:, None], one_plus_scale[:, None], shift[:, None], SILU
+            )
             dx_hat = dz * (one_plus_scale * w)[:, None]
             dx = rstd * (dx_hat - mean_dxhat - x_hat * mean_dxhat_xhat)
             tl.store(dx_ptr + sample + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -294,8 +458,9 @@ def _grid(x: Tensor, groups: int, channels_per_group: int, spatial: int) -> dict
     split = max(1, min(triton.cdiv(programs_wanted, x.shape[0] * groups), triton.cdiv(spatial, block_s), 64))
     s_per_chunk = triton.cdiv(triton.cdiv(spatial, split), block_s) * block_s
     split = triton.cdiv(spatial, s_per_chunk)
-    return dict(block_c=block_c, block_s=block_s, split=split, split_pow2=triton.next_power_of_2(split),
-                s_per_chunk=s_per_chunk)
+    return dict(
+        block_c=block_c, block_s=block_s, split=split, split_pow2=triton.next_power_of_2(split), s_per_chunk=s_per_chunk
+    )
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -322,16 +487,50 @@ def group_norm_forward(
     partials = torch.empty((n * num_groups, cfg["split_pow2"], 2), dtype=torch.float32, device=x.device)
     grid = (n * num_groups, cfg["split"])
     _stats_kernel[grid](
-        x, partials, c, spatial, num_groups, c // num_groups, stride_c, stride_s, cfg["s_per_chunk"],
-        SPLIT_POW2=cfg["split_pow2"], BLOCK_C=cfg["block_c"], BLOCK_S=cfg["block_s"], num_warps=NUM_WARPS,
+        x,
+        partials,
+        c,
+        spatial,
+        num_groups,
+        c // num_groups,
+        stride_c,
+        stride_s,
+        cfg["s_per_chunk"],
+        SPLIT_POW2=cfg["split_pow2"],
+        BLOCK_C=cfg["block_c"],
+        BLOCK_S=cfg["block_s"],
+        num_warps=NUM_WARPS,
     )
     _apply_kernel[grid](
-        x, y, weight, bias, scale, shift, partials, mean, rstd,
-        c, spatial, num_groups, c // num_groups, stride_c, stride_s, cfg["s_per_chunk"], cfg["split"], eps,
-        *_strides(scale), *_strides(shift),
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None, SILU=activation == "silu",
-        SPLIT_POW2=cfg["split_pow2"], BLOCK_C=cfg["block_c"], BLOCK_S=cfg["block_s"], num_warps=NUM_WARPS,
+        x,
+        y,
+        weight,
+        bias,
+        scale,
+        shift,
+        partials,
+        mean,
+        rstd,
+        c,
+        spatial,
+        num_groups,
+        c // num_groups,
+        stride_c,
+        stride_s,
+        cfg["s_per_chunk"],
+        cfg["split"],
+        eps,
+        *_strides(scale),
+        *_strides(shift),
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
+        SILU=activation == "silu",
+        SPLIT_POW2=cfg["split_pow2"],
+        BLOCK_C=cfg["block_c"],
+        BLOCK_S=cfg["block_s"],
+        num_warps=NUM_WARPS,
     )
     return y, mean, rstd
 
@@ -343,27 +542,67 @@ def group_norm_backward(
     n, c = x.shape[0], x.shape[1]
     spatial = math.prod(x.shape[2:])
     x, stride_c, stride_s = _layout(x)
-    dy = dy.contiguous(
-        memory_format=torch.channels_last if stride_c == 1 and x.dim() == 4 else torch.contiguous_format)
+    dy = dy.contiguous(memory_format=torch.channels_last if stride_c == 1 and x.dim() == 4 else torch.contiguous_format)
     cfg = _grid(x, num_groups, c // num_groups, spatial)
     dx = torch.empty_like(x)
     partials = torch.empty((n * c, cfg["split_pow2"], 2), dtype=torch.float32, device=x.device)
     sums = torch.empty((n, c, 2), dtype=torch.float32, device=x.device)
     grid = (n * num_groups, cfg["split"])
     flags = dict(
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None, SILU=activation == "silu",
-        SPLIT_POW2=cfg["split_pow2"], BLOCK_C=cfg["block_c"], BLOCK_S=cfg["block_s"], num_warps=NUM_WARPS,
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
+        SILU=activation == "silu",
+        SPLIT_POW2=cfg["split_pow2"],
+        BLOCK_C=cfg["block_c"],
+        BLOCK_S=cfg["block_s"],
+        num_warps=NUM_WARPS,
     )
     _backward_sums_kernel[grid](
-        x, dy, weight, bias, scale, shift, mean, rstd, partials,
-        c, spatial, num_groups, c // num_groups, stride_c, stride_s, cfg["s_per_chunk"],
-        *_strides(scale), *_strides(shift), **flags,
+        x,
+        dy,
+        weight,
+        bias,
+        scale,
+        shift,
+        mean,
+        rstd,
+        partials,
+        c,
+        spatial,
+        num_groups,
+        c // num_groups,
+        stride_c,
+        stride_s,
+        cfg["s_per_chunk"],
+        *_strides(scale),
+        *_strides(shift),
+        **flags,
     )
     _backward_dx_kernel[grid](
-        x, dy, dx, weight, bias, scale, shift, mean, rstd, partials, sums,
-        c, spatial, num_groups, c // num_groups, stride_c, stride_s, cfg["s_per_chunk"], cfg["split"],
-        *_strides(scale), *_strides(shift), **flags,
+        x,
+        dy,
+        dx,
+        weight,
+        bias,
+        scale,
+        shift,
+        mean,
+        rstd,
+        partials,
+        sums,
+        c,
+        spatial,
+        num_groups,
+        c // num_groups,
+        stride_c,
+        stride_s,
+        cfg["s_per_chunk"],
+        cfg["split"],
+        *_strides(scale),
+        *_strides(shift),
+        **flags,
     )
     # Parameter gradients from the (N, C) sums: O(N·C) work.
     return (dx, *group_norm_parameter_grads(sums, params))

@@ -92,17 +92,33 @@ BLOCK = 2048  # elements per program of the elementwise pass (8 per thread at 8 
 NUM_WARPS = 8
 MAX_PARTS = 32  # partial moments per sample in the stats pass
 # The ids the kernels branch on, from their one definition (ops/layout.py, ops/contract.py).
-NO_STATS, ZERO_STAR, APG, TANGENTIAL = (tl.constexpr(i) for i in (STATS_NONE, STATS_ZERO_STAR, STATS_APG,
-                                                                   STATS_TANGENTIAL))
-EPSILON, V_PREDICTION, FLOW_PREDICTION = (tl.constexpr(PREDICTION_TYPES.index(name))
-                                          for name in ("epsilon", "v_prediction", "flow_prediction"))
+NO_STATS, ZERO_STAR, APG, TANGENTIAL = (
+    tl.constexpr(i) for i in (STATS_NONE, STATS_ZERO_STAR, STATS_APG, STATS_TANGENTIAL)
+)
+EPSILON, V_PREDICTION, FLOW_PREDICTION = (
+    tl.constexpr(PREDICTION_TYPES.index(name)) for name in ("epsilon", "v_prediction", "flow_prediction")
+)
 STATS_FIELDS = tl.constexpr(8)  # a partial: count, reference (c, v), mean offsets (c, v), co-moments cc, vv, cv
 
 
 @triton.jit
-def _load_c_v(mo_ptr, uncond_ptr, perturbed_ptr, buf_ptr, b, j, mask, mo_sample_stride, uncond_sample_stride,
-              sample_elems, apg_momentum, scale, perturbed_scale,
-              APG_MOMENTUM: tl.constexpr, PERTURBED: tl.constexpr):
+def _load_c_v(
+    mo_ptr,
+    uncond_ptr,
+    perturbed_ptr,
+    buf_ptr,
+    b,
+    j,
+    mask,
+    mo_sample_stride,
+    uncond_sample_stride,
+    sample_elems,
+    apg_momentum,
+    scale,
+    perturbed_scale,
+    APG_MOMENTUM: tl.constexpr,
+    PERTURBED: tl.constexpr,
+):
     """c and v = c − u (+ momentum·buffer; or with PERTURBED the whole guidance term
     (w − 1)·(c − u) + s·(c − p)) at offsets j of sample b, in fp32."""
     c = tl.load(mo_ptr + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
@@ -118,10 +134,21 @@ def _load_c_v(mo_ptr, uncond_ptr, perturbed_ptr, buf_ptr, b, j, mask, mo_sample_
 
 @triton.jit
 def _guided_stats_kernel(
-    mo_ptr, uncond_ptr, perturbed_ptr, buf_ptr, partial_ptr,
-    sample_elems, mo_sample_stride, uncond_sample_stride, elems_per_part,
-    apg_momentum, scale, perturbed_scale,
-    APG_MOMENTUM: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
+    mo_ptr,
+    uncond_ptr,
+    perturbed_ptr,
+    buf_ptr,
+    partial_ptr,
+    sample_elems,
+    mo_sample_stride,
+    uncond_sample_stride,
+    elems_per_part,
+    apg_momentum,
+    scale,
+    perturbed_scale,
+    APG_MOMENTUM: tl.constexpr,
+    PARTS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """The moments of (c, v) over one chunk of one sample: its count n, a reference value
     k, the mean offsets μ − k and the centred co-moment sums Σ(c − μc)², Σ(v − μv)²,
@@ -142,9 +169,23 @@ def _guided_stats_kernel(
     start = part * elems_per_part
     lanes = tl.arange(0, BLOCK)
     mask = start + lanes < sample_elems
-    c, v = _load_c_v(mo_ptr, uncond_ptr, perturbed_ptr, buf_ptr, b, start + lanes, mask, mo_sample_stride,
-                     uncond_sample_stride, sample_elems, apg_momentum, scale, perturbed_scale,
-                     APG_MOMENTUM, PERTURBED)
+    c, v = _load_c_v(
+        mo_ptr,
+        uncond_ptr,
+        perturbed_ptr,
+        buf_ptr,
+        b,
+        start + lanes,
+        mask,
+        mo_sample_stride,
+        uncond_sample_stride,
+        sample_elems,
+        apg_momentum,
+        scale,
+        perturbed_scale,
+        APG_MOMENTUM,
+        PERTURBED,
+    )
     ref_c = tl.sum(tl.where(lanes == 0, c, 0.0), axis=0)
     ref_v = tl.sum(tl.where(lanes == 0, v, 0.0), axis=0)
     first_count = tl.maximum(tl.sum(mask.to(tl.float32), axis=0), 1.0)
@@ -161,9 +202,23 @@ def _guided_stats_kernel(
     for offset in range(BLOCK, elems_per_part, BLOCK):
         j = start + offset + lanes
         mask = j < sample_elems
-        c, v = _load_c_v(mo_ptr, uncond_ptr, perturbed_ptr, buf_ptr, b, j, mask, mo_sample_stride,
-                         uncond_sample_stride, sample_elems, apg_momentum, scale, perturbed_scale,
-                         APG_MOMENTUM, PERTURBED)
+        c, v = _load_c_v(
+            mo_ptr,
+            uncond_ptr,
+            perturbed_ptr,
+            buf_ptr,
+            b,
+            j,
+            mask,
+            mo_sample_stride,
+            uncond_sample_stride,
+            sample_elems,
+            apg_momentum,
+            scale,
+            perturbed_scale,
+            APG_MOMENTUM,
+            PERTURBED,
+        )
         dc = tl.where(mask, c - k_c, 0.0)
         dv = tl.where(mask, v - k_v, 0.0)
         acc_c += dc
@@ -188,9 +243,16 @@ def _guided_stats_kernel(
 
 @triton.jit
 def _sample_coefficients(
-    partial_ptr, b,
-    w, rescale, apg_eta, apg_norm_threshold,
-    STATS: tl.constexpr, RESCALE: tl.constexpr, PERTURBED: tl.constexpr, PARTS: tl.constexpr,
+    partial_ptr,
+    b,
+    w,
+    rescale,
+    apg_eta,
+    apg_norm_threshold,
+    STATS: tl.constexpr,
+    RESCALE: tl.constexpr,
+    PERTURBED: tl.constexpr,
+    PARTS: tl.constexpr,
 ):
     """(α_c, α_v, f) of sample b from its chunks' moments, merged in float64 by Chan's
     formula in a fixed order: μ = Σ n_p μ_p / n, M = Σ M_p + Σ n_p (μ_p − μ)(μ_p − μ)'.
@@ -249,8 +311,11 @@ def _sample_coefficients(
         m_mm = alpha_c * alpha_c * m_cc + 2.0 * alpha_c * alpha_v * m_cv + alpha_v * alpha_v * m_vv
         # A constant guided prediction (std 0) is left as it is (no 0/0 formed); NaN still propagates.
         constant = m_mm <= 0.0
-        rescaled = (tl.cast(rescale, tl.float64) * tl.sqrt(m_cc / tl.where(constant, 1.0, m_mm))
-                    + 1.0 - tl.cast(rescale, tl.float64))
+        rescaled = (
+            tl.cast(rescale, tl.float64) * tl.sqrt(m_cc / tl.where(constant, 1.0, m_mm))
+            + 1.0
+            - tl.cast(rescale, tl.float64)
+        )
         f = tl.where(constant, 1.0, rescaled)
     return alpha_c.to(tl.float32), alpha_v.to(tl.float32), f.to(tl.float32)
 
@@ -277,19 +342,67 @@ def _predicted_x0(m, x, alpha, sigma, inv_alpha, PREDICTION: tl.constexpr):
 
 @triton.jit
 def _guided_step_kernel(
-    mo_ptr, uncond_ptr, perturbed_ptr, x_ptr, h0_ptr, h1_ptr, h2_ptr, h3_ptr, noise_ptr, grad_ptr, buf_ptr,
-    out_ptr, out_third_ptr, x0_ptr, partial_ptr, similarity_partial_ptr,
-    sample_elems, mo_sample_stride, uncond_sample_stride, var_offset, out_block_offset,
+    mo_ptr,
+    uncond_ptr,
+    perturbed_ptr,
+    x_ptr,
+    h0_ptr,
+    h1_ptr,
+    h2_ptr,
+    h3_ptr,
+    noise_ptr,
+    grad_ptr,
+    buf_ptr,
+    out_ptr,
+    out_third_ptr,
+    x0_ptr,
+    partial_ptr,
+    similarity_partial_ptr,
+    sample_elems,
+    mo_sample_stride,
+    uncond_sample_stride,
+    var_offset,
+    out_block_offset,
     # GuidanceCombine's scalars, by name
-    scale, rescale, apg_eta, apg_norm_threshold, apg_momentum, perturbed_scale,
+    scale,
+    rescale,
+    apg_eta,
+    apg_norm_threshold,
+    apg_momentum,
+    perturbed_scale,
     # StepCoefficients' scalars, by name, and the prediction type's linear maps
-    alpha, sigma, k_x, k_x0, k_eps, k_noise, k_grad, grad_eps_scale, k_guide_eps,
-    inv_alpha, inv_sigma,
-    k_h0, k_h1, k_h2, k_h3, log_var_min, log_var_max,
-    GUIDED: tl.constexpr, STATS: tl.constexpr, RESCALE: tl.constexpr, APG_MOMENTUM: tl.constexpr,
-    PREDICTION: tl.constexpr, CLIP: tl.constexpr, GRAD_EPS: tl.constexpr, LEARNED_VAR: tl.constexpr,
-    NUM_HISTORY: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_GRAD_TERM: tl.constexpr,
-    OUT_2B: tl.constexpr, HAS_X0_OUT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
+    alpha,
+    sigma,
+    k_x,
+    k_x0,
+    k_eps,
+    k_noise,
+    k_grad,
+    grad_eps_scale,
+    k_guide_eps,
+    inv_alpha,
+    inv_sigma,
+    k_h0,
+    k_h1,
+    k_h2,
+    k_h3,
+    log_var_min,
+    log_var_max,
+    GUIDED: tl.constexpr,
+    STATS: tl.constexpr,
+    RESCALE: tl.constexpr,
+    APG_MOMENTUM: tl.constexpr,
+    PREDICTION: tl.constexpr,
+    CLIP: tl.constexpr,
+    GRAD_EPS: tl.constexpr,
+    LEARNED_VAR: tl.constexpr,
+    NUM_HISTORY: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    HAS_GRAD_TERM: tl.constexpr,
+    OUT_2B: tl.constexpr,
+    HAS_X0_OUT: tl.constexpr,
+    PARTS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # Three branches specialised on a None pointer (Triton makes a None argument a constant)
     # rather than on flags of their own, so that every other specialisation, the kernel
@@ -332,8 +445,16 @@ def _guided_step_kernel(
             if PERTURBED:  # the stats pass's v: the whole guidance term
                 v = (scale - 1.0) * v + perturbed_scale * (m - p)
             alpha_c, alpha_v, f = _sample_coefficients(
-                partial_ptr, b, scale, rescale, apg_eta, apg_norm_threshold,
-                STATS, RESCALE, PERTURBED, PARTS,
+                partial_ptr,
+                b,
+                scale,
+                rescale,
+                apg_eta,
+                apg_norm_threshold,
+                STATS,
+                RESCALE,
+                PERTURBED,
+                PARTS,
             )
             m = f * (alpha_c * m + alpha_v * v)
 
@@ -351,8 +472,7 @@ def _guided_step_kernel(
     else:  # sample
         eps = (x - alpha * m) * inv_sigma
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -1.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
-                        propagate_nan=tl.PropagateNan.ALL)
+        x0 = tl.minimum(tl.maximum(x0, -1.0, propagate_nan=tl.PropagateNan.ALL), 1.0, propagate_nan=tl.PropagateNan.ALL)
         eps = (x - alpha * x0) * inv_sigma
     if GRAD_EPS or HAS_GRAD_TERM:
         g = tl.load(grad_ptr + here, mask=mask, other=0.0).to(tl.float32)
@@ -443,9 +563,9 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
         uncond = dense(tensors.guide, fmt)
         uncond_sample_stride = uncond[0].numel()
     else:
-        uncond = model_output_in[batch:2 * batch] if guided else model_output_in
+        uncond = model_output_in[batch : 2 * batch] if guided else model_output_in
         uncond_sample_stride = mo_sample_stride
-    perturbed_in = model_output_in[2 * batch:] if perturbed else None
+    perturbed_in = model_output_in[2 * batch :] if perturbed else None
     combine_scalars = {name: float(getattr(combine or _UNGUIDED, name)) for name in COMBINE_SCALARS}
 
     parts = min(MAX_PARTS, triton.cdiv(sample_elems, BLOCK))
@@ -456,38 +576,77 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
         partials = torch.zeros((batch, parts_pow2, STATS_FIELDS), dtype=torch.float32, device=x.device)
         elems_per_part = triton.cdiv(triton.cdiv(sample_elems, parts), BLOCK) * BLOCK
         _guided_stats_kernel[(parts, batch)](
-            model_output_in, uncond, perturbed_in, work["apg_buffer"], partials,
-            sample_elems, mo_sample_stride, uncond_sample_stride, elems_per_part,
-            combine_scalars["apg_momentum"], combine_scalars["scale"], combine_scalars["perturbed_scale"],
-            APG_MOMENTUM=apg_with_momentum, PARTS=parts_pow2, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            model_output_in,
+            uncond,
+            perturbed_in,
+            work["apg_buffer"],
+            partials,
+            sample_elems,
+            mo_sample_stride,
+            uncond_sample_stride,
+            elems_per_part,
+            combine_scalars["apg_momentum"],
+            combine_scalars["scale"],
+            combine_scalars["perturbed_scale"],
+            APG_MOMENTUM=apg_with_momentum,
+            PARTS=parts_pow2,
+            BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
         )
 
     programs = triton.cdiv(sample_elems, BLOCK)
     # Every program writes its row: no initialisation needed.
-    similarity_partials = (None if tensors.similarity is None else
-                           torch.empty((batch, programs, 3), dtype=torch.float32, device=x.device))
+    similarity_partials = (
+        None if tensors.similarity is None else torch.empty((batch, programs, 3), dtype=torch.float32, device=x.device)
+    )
     history_slots = history + [None] * (MAX_HISTORY - len(history))
     k_history = list(step.k_history) + [0.0] * (MAX_HISTORY - len(history))
     log_min, log_max = step.log_variance_range if learned else (0.0, 0.0)
     _guided_step_kernel[(programs, batch)](
-        model_output_in, uncond, perturbed_in, x_in, *history_slots, noise, grad, work["apg_buffer"], work["out"],
-        work["out"][2 * batch:] if tensors.out.shape[0] == 3 * batch else None, work["x0_out"], partials,
+        model_output_in,
+        uncond,
+        perturbed_in,
+        x_in,
+        *history_slots,
+        noise,
+        grad,
+        work["apg_buffer"],
+        work["out"],
+        work["out"][2 * batch :] if tensors.out.shape[0] == 3 * batch else None,
+        work["x0_out"],
+        partials,
         similarity_partials,
-        sample_elems, mo_sample_stride, uncond_sample_stride, channels * (mo_sample_stride // model_output.shape[1]),
+        sample_elems,
+        mo_sample_stride,
+        uncond_sample_stride,
+        channels * (mo_sample_stride // model_output.shape[1]),
         batch * sample_elems,
         **combine_scalars,
         **{name: float(getattr(step, name)) for name in STEP_SCALARS},
-        inv_alpha=1.0 / step.alpha if step.alpha > 0 else 0.0, inv_sigma=1.0 / step.sigma if step.sigma > 0 else 0.0,
-        k_h0=k_history[0], k_h1=k_history[1], k_h2=k_history[2], k_h3=k_history[3],
-        log_var_min=log_min, log_var_max=log_max,
-        GUIDED=guided, STATS=stats, RESCALE=guided and combine.rescale > 0,
-        APG_MOMENTUM=apg_with_momentum, PREDICTION=PREDICTION_TYPES.index(step.prediction_type),
+        inv_alpha=1.0 / step.alpha if step.alpha > 0 else 0.0,
+        inv_sigma=1.0 / step.sigma if step.sigma > 0 else 0.0,
+        k_h0=k_history[0],
+        k_h1=k_history[1],
+        k_h2=k_history[2],
+        k_h3=k_history[3],
+        log_var_min=log_min,
+        log_var_max=log_max,
+        GUIDED=guided,
+        STATS=stats,
+        RESCALE=guided and combine.rescale > 0,
+        APG_MOMENTUM=apg_with_momentum,
+        PREDICTION=PREDICTION_TYPES.index(step.prediction_type),
         CLIP=step.clip_denoised,
-        GRAD_EPS=grad is not None and step.grad_eps_scale != 0.0, LEARNED_VAR=learned,
-        NUM_HISTORY=len(history), HAS_NOISE=noise is not None and step.k_noise != 0.0,
+        GRAD_EPS=grad is not None and step.grad_eps_scale != 0.0,
+        LEARNED_VAR=learned,
+        NUM_HISTORY=len(history),
+        HAS_NOISE=noise is not None and step.k_noise != 0.0,
         HAS_GRAD_TERM=grad is not None and step.k_grad != 0.0,
-        OUT_2B=tensors.out.shape[0] >= 2 * batch, HAS_X0_OUT=tensors.x0_out is not None,
-        PARTS=parts_pow2, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        OUT_2B=tensors.out.shape[0] >= 2 * batch,
+        HAS_X0_OUT=tensors.x0_out is not None,
+        PARTS=parts_pow2,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
     )
     write_back(targets, work)
     if similarity_partials is not None:

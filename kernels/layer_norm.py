@@ -58,11 +58,34 @@ def _param_offsets(n, l, cols, stride_n, stride_l):
 
 @triton.jit
 def _layer_norm_forward_kernel(
-    x_ptr, branch_ptr, gate_ptr, h_new_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
-    R, L, D, eps,
-    gate_stride_n, gate_stride_l, scale_stride_n, scale_stride_l, shift_stride_n, shift_stride_l,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    branch_ptr,
+    gate_ptr,
+    h_new_ptr,
+    y_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    mean_ptr,
+    rstd_ptr,
+    R,
+    L,
+    D,
+    eps,
+    gate_stride_n,
+    gate_stride_l,
+    scale_stride_n,
+    scale_stride_l,
+    shift_stride_n,
+    shift_stride_l,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
@@ -72,8 +95,9 @@ def _layer_norm_forward_kernel(
     rows64 = rows.to(tl.int64)
     n, l = rows64 // L, rows64 % L
     offsets = rows64[:, None] * D + cols[None, :]
-    x = _row_input(x_ptr, branch_ptr, gate_ptr, offsets, _param_offsets(n, l, cols, gate_stride_n, gate_stride_l),
-                   mask, RESIDUAL)
+    x = _row_input(
+        x_ptr, branch_ptr, gate_ptr, offsets, _param_offsets(n, l, cols, gate_stride_n, gate_stride_l), mask, RESIDUAL
+    )
     if RESIDUAL:
         tl.store(h_new_ptr + offsets, x.to(h_new_ptr.dtype.element_ty), mask=mask)
     mean = tl.sum(x, axis=1) / D
@@ -99,12 +123,33 @@ def _layer_norm_forward_kernel(
 
 @triton.jit
 def _layer_norm_backward_kernel(
-    x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
-    dscale_ptr, dshift_ptr, partial_ptr,
-    L, D, tokens_per_program, scale_stride_n, scale_stride_l, shift_stride_n, shift_stride_l,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    SCALE_PER_TOKEN: tl.constexpr, SHIFT_PER_TOKEN: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    dy_ptr,
+    dx_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dscale_ptr,
+    dshift_ptr,
+    partial_ptr,
+    L,
+    D,
+    tokens_per_program,
+    scale_stride_n,
+    scale_stride_l,
+    shift_stride_n,
+    shift_stride_l,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SCALE_PER_TOKEN: tl.constexpr,
+    SHIFT_PER_TOKEN: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dx (and per-token dscale, dshift) of the tokens [chunk·T, (chunk + 1)·T) of sample
     n, and the per-sample partial sums (A, B, C, E) of those tokens."""
@@ -136,16 +181,23 @@ def _layer_norm_backward_kernel(
         x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         da = dy
         if HAS_SCALE:
-            scale = tl.load(scale_ptr + _param_offsets(n, l, cols, scale_stride_n, scale_stride_l),
-                            mask=mask, other=0.0).to(tl.float32)
+            scale = tl.load(
+                scale_ptr + _param_offsets(n, l, cols, scale_stride_n, scale_stride_l), mask=mask, other=0.0
+            ).to(tl.float32)
             da = dy * (1.0 + scale)
         if SCALE_PER_TOKEN:
             dscale = dy * (x_hat * w[None, :] + b[None, :])
-            tl.store(dscale_ptr + _param_offsets(n, l, cols, scale_stride_n, scale_stride_l),
-                     dscale.to(dscale_ptr.dtype.element_ty), mask=mask)
+            tl.store(
+                dscale_ptr + _param_offsets(n, l, cols, scale_stride_n, scale_stride_l),
+                dscale.to(dscale_ptr.dtype.element_ty),
+                mask=mask,
+            )
         if SHIFT_PER_TOKEN:
-            tl.store(dshift_ptr + _param_offsets(n, l, cols, shift_stride_n, shift_stride_l),
-                     dy.to(dshift_ptr.dtype.element_ty), mask=mask)
+            tl.store(
+                dshift_ptr + _param_offsets(n, l, cols, shift_stride_n, shift_stride_l),
+                dy.to(dshift_ptr.dtype.element_ty),
+                mask=mask,
+            )
         dx_hat = da * w[None, :]
         mean_dx_hat = tl.sum(dx_hat, axis=1) / D
         mean_dx_hat_xhat = tl.sum(dx_hat * x_hat, axis=1) / D
@@ -192,8 +244,14 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _launch_forward(
-    x: Tensor, branch: Tensor | None, gate: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-    scale: Tensor | None, shift: Tensor | None, eps: float,
+    x: Tensor,
+    branch: Tensor | None,
+    gate: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    eps: float,
 ) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
     n, length, d = x.shape
     x = x.contiguous()
@@ -205,17 +263,37 @@ def _launch_forward(
     rstd = torch.empty_like(mean)
     rows, block_d, warps = _tile(d)
     _layer_norm_forward_kernel[(triton.cdiv(n * length, rows),)](
-        x, branch, gate, h_new, y, weight, bias, scale, shift, mean, rstd,
-        n * length, length, d, eps, *_strides(gate), *_strides(scale), *_strides(shift),
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None, RESIDUAL=residual, ROWS=rows, BLOCK_D=block_d, num_warps=warps,
+        x,
+        branch,
+        gate,
+        h_new,
+        y,
+        weight,
+        bias,
+        scale,
+        shift,
+        mean,
+        rstd,
+        n * length,
+        length,
+        d,
+        eps,
+        *_strides(gate),
+        *_strides(scale),
+        *_strides(shift),
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
+        RESIDUAL=residual,
+        ROWS=rows,
+        BLOCK_D=block_d,
+        num_warps=warps,
     )
     return h_new, y, mean, rstd
 
 
-def layer_norm_forward(
-    x: Tensor, params: NormParameters, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
+def layer_norm_forward(x: Tensor, params: NormParameters, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     weight, bias, scale, shift = params
     if x.shape[-1] > MAX_D:
         return reference.layer_norm_forward(x, params, eps)
@@ -253,10 +331,31 @@ def layer_norm_backward(
     dscale = torch.empty_like(scale) if scale_per_token else None
     dshift = torch.empty_like(shift) if shift_per_token else None
     _layer_norm_backward_kernel[(n, chunks)](
-        x, grad_y, dx, weight, bias, scale, shift, mean, rstd, dscale, dshift, partials,
-        length, d, tokens, *_strides(scale), *_strides(shift),
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None, SCALE_PER_TOKEN=scale_per_token, SHIFT_PER_TOKEN=shift_per_token,
-        ROWS=rows, BLOCK_D=block_d, num_warps=warps,
+        x,
+        grad_y,
+        dx,
+        weight,
+        bias,
+        scale,
+        shift,
+        mean,
+        rstd,
+        dscale,
+        dshift,
+        partials,
+        length,
+        d,
+        tokens,
+        *_strides(scale),
+        *_strides(shift),
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
+        SCALE_PER_TOKEN=scale_per_token,
+        SHIFT_PER_TOKEN=shift_per_token,
+        ROWS=rows,
+        BLOCK_D=block_d,
+        num_warps=warps,
     )
     return (dx, *reference.layer_norm_parameter_grads(partials, params, dscale, dshift))

@@ -18,6 +18,7 @@ from fastguide.ops.contract import GuidanceCombine, StepCoefficients, StepTensor
 # Backends under test
 # --------------------------------------------------------------------------------------
 
+
 def backends_for(op: str) -> list[str]:
     """Backends that can run ``op`` on this machine's test device (torch always)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,6 +95,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, table: dict, dtyp
 # Inputs
 # --------------------------------------------------------------------------------------
 
+
 def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Every parameter random (ADM zero-initialises output convs, which would hide bugs)."""
     g = torch.Generator().manual_seed(seed)
@@ -105,10 +107,23 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def tiny_cfg_unet():
     """A tiny CFG-ready ADM UNet (learned sigma, null class) with every parameter random."""
-    return randomize(fastguide.UNet(
-        image_size=8, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
-        attention_resolutions=(2,), channel_mult=(1, 2), num_head_channels=16, use_scale_shift_norm=True,
-        resblock_updown=True, num_classes=4, null_class=True), seed=4).eval()
+    return randomize(
+        fastguide.UNet(
+            image_size=8,
+            in_channels=3,
+            model_channels=32,
+            out_channels=6,
+            num_res_blocks=1,
+            attention_resolutions=(2,),
+            channel_mult=(1, 2),
+            num_head_channels=16,
+            use_scale_shift_norm=True,
+            resblock_updown=True,
+            num_classes=4,
+            null_class=True,
+        ),
+        seed=4,
+    ).eval()
 
 
 SHAPES = [
@@ -150,8 +165,13 @@ def random_inputs(n, c, spatial, dtype, device, seed=0):
 def explicit_layer_norm(x, weight, bias, scale, shift, eps=1e-6):
     """F.layer_norm over the last dim in float64, then y·(1 + scale) + shift with an (N, D)
     scale or shift broadcast over the tokens of an (N, L, D) x."""
-    y = F.layer_norm(x.double(), x.shape[-1:], None if weight is None else weight.double(),
-                     None if bias is None else bias.double(), eps)
+    y = F.layer_norm(
+        x.double(),
+        x.shape[-1:],
+        None if weight is None else weight.double(),
+        None if bias is None else bias.double(),
+        eps,
+    )
 
     def tokens(t):
         return t.double().unsqueeze(1) if t.dim() == 2 and x.dim() == 3 else t.double()
@@ -171,8 +191,10 @@ def random_token_inputs(shape, dtype, device, per_token=(False, False), seed=0):
     x = (torch.randn(shape, generator=g) * 2 + 0.5).to(device=device, dtype=dtype)
     weight = (torch.rand(d, generator=g) * 2 + 0.5).to(device)
     bias = torch.randn(d, generator=g).to(device)
-    scale, shift = ((torch.randn(shape if token else (n, d), generator=g) * factor).to(device=device, dtype=dtype)
-                    for token, factor in zip(per_token, (0.5, 1.0)))
+    scale, shift = (
+        (torch.randn(shape if token else (n, d), generator=g) * factor).to(device=device, dtype=dtype)
+        for token, factor in zip(per_token, (0.5, 1.0))
+    )
     return x, weight, bias, scale, shift
 
 
@@ -196,7 +218,10 @@ CASES = {
     "history-of-4-unguided": dict(step=dict(k_x=0.5, k_x0=0.4, k_history=(0.3, -0.2, 0.1, -0.05))),
     "separate-guide": dict(combine=G(3.0), step=dict(k_x0=0.8, k_eps=0.5), guide=True),
     "separate-guide-rescale-history": dict(
-        combine=G(5.0, rescale=0.6), step=dict(k_x=0.7, k_x0=0.4, k_history=(0.2, -0.1)), guide=True, out_2b=True,
+        combine=G(5.0, rescale=0.6),
+        step=dict(k_x=0.7, k_x0=0.4, k_history=(0.2, -0.1)),
+        guide=True,
+        out_2b=True,
     ),
     "classifier-eps-shift": dict(step=dict(clip_denoised=True, grad_eps_scale=0.7, k_x0=0.8, k_eps=0.5)),
     "cfg-and-classifier": dict(combine=G(3.0), step=dict(grad_eps_scale=0.5, k_x0=0.8, k_eps=0.5)),
@@ -208,7 +233,10 @@ CASES = {
     "rescale": dict(combine=G(7.0, rescale=0.7), step=dict(k_x0=0.8, k_eps=0.5)),
     "cfg-zero-star": dict(combine=G(5.0, variant="zero_star"), step=dict(k_x0=0.8, k_eps=0.5)),
     "zero-star-separate-learned-guide": dict(
-        combine=G(4.0, variant="zero_star"), step=dict(k_x0=0.8, k_eps=0.5), guide=True, learned_variance=True,
+        combine=G(4.0, variant="zero_star"),
+        step=dict(k_x0=0.8, k_eps=0.5),
+        guide=True,
+        learned_variance=True,
     ),
     "apg-momentum-clip": dict(
         combine=G(6.0, apg_eta=0.2, apg_norm_threshold=3.0, apg_momentum=-0.5, variant="apg"),
@@ -218,21 +246,36 @@ CASES = {
     "tangential": dict(combine=G(5.0, variant="tangential"), step=dict(k_x0=0.8, k_eps=0.5)),
     "cfgpp-renoise-v": dict(combine=G(0.6), step=dict(prediction_type="v_prediction", k_x0=0.8, k_guide_eps=0.5)),
     "cfgpp-renoise-sample-guide-zero-star": dict(
-        combine=G(0.6, variant="zero_star"), step=dict(prediction_type="sample", k_x0=0.8, k_guide_eps=0.5), guide=True,
+        combine=G(0.6, variant="zero_star"),
+        step=dict(prediction_type="sample", k_x0=0.8, k_guide_eps=0.5),
+        guide=True,
     ),
     "cfgpp-renoise-eps-learned": dict(
-        combine=G(0.8), step=dict(k_x0=0.7, k_guide_eps=0.6, k_noise=0.2, log_variance_range=(-5.0, -3.0)),
+        combine=G(0.8),
+        step=dict(k_x0=0.7, k_guide_eps=0.6, k_noise=0.2, log_variance_range=(-5.0, -3.0)),
         learned_variance=True,
     ),
-    "tangential-rescale-guide": dict(combine=G(4.0, rescale=0.5, variant="tangential"), step=dict(k_x0=0.8, k_eps=0.5),
-                                     guide=True),
+    "tangential-rescale-guide": dict(
+        combine=G(4.0, rescale=0.5, variant="tangential"), step=dict(k_x0=0.8, k_eps=0.5), guide=True
+    ),
     # A flow path (alpha + sigma = 1): a multistep update, its pure-noise start (alpha = 0), CFG++.
-    "flow-cfg-history": dict(combine=G(3.0), path=(0.6, 0.4), step=dict(
-        prediction_type="flow_prediction", k_x=1.0, k_x0=-0.3, k_eps=0.3, k_history=(0.1,)), x0_out=True),
-    "flow-pure-noise-clip": dict(combine=G(2.0), path=(0.0, 1.0), step=dict(
-        prediction_type="flow_prediction", clip_denoised=True, k_x0=0.9, k_eps=0.1)),
-    "flow-cfgpp-guide": dict(combine=G(0.7), path=(0.3, 0.7), guide=True, step=dict(
-        prediction_type="flow_prediction", k_x0=0.5, k_guide_eps=0.5)),
+    "flow-cfg-history": dict(
+        combine=G(3.0),
+        path=(0.6, 0.4),
+        step=dict(prediction_type="flow_prediction", k_x=1.0, k_x0=-0.3, k_eps=0.3, k_history=(0.1,)),
+        x0_out=True,
+    ),
+    "flow-pure-noise-clip": dict(
+        combine=G(2.0),
+        path=(0.0, 1.0),
+        step=dict(prediction_type="flow_prediction", clip_denoised=True, k_x0=0.9, k_eps=0.1),
+    ),
+    "flow-cfgpp-guide": dict(
+        combine=G(0.7),
+        path=(0.3, 0.7),
+        guide=True,
+        step=dict(prediction_type="flow_prediction", k_x0=0.5, k_guide_eps=0.5),
+    ),
 }
 STEP_SHAPES = [(1, 3, (1, 1)), (2, 3, (7, 13)), (5, 4, (16, 16)), (2, 3, (32, 32)), (1, 4, (72, 72))]
 
@@ -267,6 +310,7 @@ def case_inputs(
 
 def as_float64(tensors: dict) -> dict:
     """Float64 CPU copies of a case's tensors (the reference's inputs and outputs)."""
+
     def copy(value):
         if isinstance(value, tuple):
             return tuple(copy(v) for v in value)
@@ -298,8 +342,19 @@ def three_ops(q, k, v, x, weight, bias, scale, shift, model_output, x_t, noise):
 
 def example_inputs(device):
     g = torch.Generator().manual_seed(0)
-    shapes = [(2, 3, 7, 40), (2, 3, 9, 40), (2, 3, 9, 40), (2, 8, 5, 7), (8,), (8,), (2, 8), (2, 8),
-              (4, 3, 6, 6), (2, 3, 6, 6), (2, 3, 6, 6)]
+    shapes = [
+        (2, 3, 7, 40),
+        (2, 3, 9, 40),
+        (2, 3, 9, 40),
+        (2, 8, 5, 7),
+        (8,),
+        (8,),
+        (2, 8),
+        (2, 8),
+        (4, 3, 6, 6),
+        (2, 3, 6, 6),
+        (2, 3, 6, 6),
+    ]
     return [torch.randn(s, generator=g).to(device) for s in shapes]
 
 

@@ -86,8 +86,12 @@ def test_every_named_module_and_dotted_name_resolves(doc):
 @pytest.mark.parametrize("doc", DOCS, ids=lambda d: str(d.relative_to(ROOT)))
 def test_every_named_command_exists(doc):
     parser = cli.build_parser()
-    commands = {name for action in parser._actions for name in (getattr(action, "choices", None) or {})
-                if isinstance(action, argparse._SubParsersAction)}
+    commands = {
+        name
+        for action in parser._actions
+        for name in (getattr(action, "choices", None) or {})
+        if isinstance(action, argparse._SubParsersAction)
+    }
     invoked = r"(?:^|&& |; |python3? -m )fastguide (\w+)"  # a command line, not "from fastguide import"
     named = {m for span in code_spans(doc) for m in re.findall(invoked, span.strip())}
     assert named <= commands, f"{doc.relative_to(ROOT)} names commands fastguide lacks: {sorted(named - commands)}"

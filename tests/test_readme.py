@@ -27,14 +27,20 @@ def test_main_job_runs_as_written(tmp_path):
     main_command = readme_commands()[0]
     cli_args = main_command.split("&&")[-1].split()
     assert cli_args[0] == "fastguide"
-    result = subprocess.run([sys.executable, "-m", "fastguide", *cli_args[1:], "--quiet"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastguide", *cli_args[1:], "--quiet"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "digits.png").is_file()
 
 
 def test_selfcheck_reports_agreement():
-    result = subprocess.run([sys.executable, "-m", "fastguide", "selfcheck"],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastguide", "selfcheck"], capture_output=True, text=True, check=True
+    )
     for op in ("attention", "group_norm", "layer_norm", "guided_step"):
         assert re.search(rf"{op}\s.*\sok$", result.stdout, flags=re.M), result.stdout

@@ -108,5 +108,3 @@ def plain_classifier(model, x, t):
     h = h.reshape(h.shape[0], h.shape[1], -1)
     h = torch.cat([h.mean(dim=-1, keepdim=True), h], dim=-1) + pool.positional_embedding[None]
     return pool.c_proj(plain_qkv_attention(pool.qkv_proj(h), pool.attention.num_heads, legacy=False))[:, :, 0]
-
-

@@ -112,8 +112,16 @@ FLOAT_ARGS = {
     "_guided_stats_kernel": {"apg_momentum", "scale", "perturbed_scale"},
     # the contract's scalars, by name, and what the launcher derives from them
     "_guided_step_kernel": {
-        *STEP_SCALARS, *COMBINE_SCALARS, "inv_alpha", "inv_sigma",
-        "k_h0", "k_h1", "k_h2", "k_h3", "log_var_min", "log_var_max",
+        *STEP_SCALARS,
+        *COMBINE_SCALARS,
+        "inv_alpha",
+        "inv_sigma",
+        "k_h0",
+        "k_h1",
+        "k_h2",
+        "k_h3",
+        "log_var_min",
+        "log_var_max",
     },
     "_apply_kernel": {"eps"},
     "_layer_norm_forward_kernel": {"eps"},
@@ -140,8 +148,9 @@ def analyse_cubin(cubin: bytes) -> dict:
 
 def analyse_functions(cubin: Path) -> dict[str, dict]:
     """analyse_cubin's numbers for each kernel function of a cubin, by mangled name."""
-    usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)],
-                           capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run(
+        [_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
     sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
     resources = {
         name: dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", line))
@@ -177,64 +186,212 @@ def cases() -> list[Case]:
     gs = guided_step
     out: list[Case] = []
     for dtype in ("fp16", "bf16", "fp32"):
-        out.append(Case(
-            f"guided_step cfg+ddim {dtype}", gs._guided_step_kernel,
-            {"mo_ptr": dtype, "uncond_ptr": dtype, "x_ptr": dtype, "out_ptr": dtype},
-            dict(GUIDED=True, STATS=0, RESCALE=False, APG_MOMENTUM=False, CLIP=False, GRAD_EPS=False,
-                 PREDICTION=0, LEARNED_VAR=False, NUM_HISTORY=0, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
-                 HAS_X0_OUT=False, PARTS=1, BLOCK=gs.BLOCK),
-            gs.NUM_WARPS, main_path=True,
-        ))
+        out.append(
+            Case(
+                f"guided_step cfg+ddim {dtype}",
+                gs._guided_step_kernel,
+                {"mo_ptr": dtype, "uncond_ptr": dtype, "x_ptr": dtype, "out_ptr": dtype},
+                dict(
+                    GUIDED=True,
+                    STATS=0,
+                    RESCALE=False,
+                    APG_MOMENTUM=False,
+                    CLIP=False,
+                    GRAD_EPS=False,
+                    PREDICTION=0,
+                    LEARNED_VAR=False,
+                    NUM_HISTORY=0,
+                    HAS_NOISE=False,
+                    HAS_GRAD_TERM=False,
+                    OUT_2B=True,
+                    HAS_X0_OUT=False,
+                    PARTS=1,
+                    BLOCK=gs.BLOCK,
+                ),
+                gs.NUM_WARPS,
+                main_path=True,
+            )
+        )
     # CFG + DDIM asking for the similarity output: the same loads, plus each program's sums.
-    out.append(Case(
-        "guided_step cfg+ddim+similarity fp16", gs._guided_step_kernel,
-        {"mo_ptr": "fp16", "uncond_ptr": "fp16", "x_ptr": "fp16", "out_ptr": "fp16", "similarity_partial_ptr": "fp32"},
-        dict(GUIDED=True, STATS=0, RESCALE=False, APG_MOMENTUM=False, CLIP=False, GRAD_EPS=False,
-             PREDICTION=0, LEARNED_VAR=False, NUM_HISTORY=0, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
-             HAS_X0_OUT=False, PARTS=1, BLOCK=gs.BLOCK),
-        gs.NUM_WARPS, main_path=True,
-    ))
-    out.append(Case(
-        "guided_step all options fp16", gs._guided_step_kernel,
-        {n: "fp16" for n in ("mo_ptr", "uncond_ptr", "x_ptr", "h0_ptr", "h1_ptr", "h2_ptr", "h3_ptr",
-                             "noise_ptr", "grad_ptr", "out_ptr", "x0_ptr")},
-        dict(GUIDED=True, STATS=0, RESCALE=False, APG_MOMENTUM=False, CLIP=True, GRAD_EPS=True,
-             PREDICTION=1, LEARNED_VAR=True, NUM_HISTORY=4, HAS_NOISE=True, HAS_GRAD_TERM=True, OUT_2B=True,
-             HAS_X0_OUT=True, PARTS=1, BLOCK=gs.BLOCK),
-        gs.NUM_WARPS,
-    ))
-    out.append(Case(
-        "guided_step apg+rescale fp16", gs._guided_step_kernel,
-        {"mo_ptr": "fp16", "uncond_ptr": "fp16", "x_ptr": "fp16", "buf_ptr": "fp32", "out_ptr": "fp16",
-         "partial_ptr": "fp32"},
-        dict(GUIDED=True, STATS=2, RESCALE=True, APG_MOMENTUM=True, CLIP=True, GRAD_EPS=False,
-             PREDICTION=0, LEARNED_VAR=False, NUM_HISTORY=0, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
-             HAS_X0_OUT=False, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK),
-        gs.NUM_WARPS,
-    ))
-    out.append(Case(
-        "guided_step pag+rescale fp16", gs._guided_step_kernel,
-        {"mo_ptr": "fp16", "uncond_ptr": "fp16", "perturbed_ptr": "fp16", "x_ptr": "fp16", "out_ptr": "fp16",
-         "out_third_ptr": "fp16", "partial_ptr": "fp32"},
-        dict(GUIDED=True, STATS=1, RESCALE=True, APG_MOMENTUM=False, CLIP=True, GRAD_EPS=False,
-             PREDICTION=0, LEARNED_VAR=False, NUM_HISTORY=0, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
-             HAS_X0_OUT=False, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK),
-        gs.NUM_WARPS,
-    ))
-    out.append(Case(
-        "guided_step tangential+rescale fp16", gs._guided_step_kernel,
-        {"mo_ptr": "fp16", "uncond_ptr": "fp16", "x_ptr": "fp16", "h0_ptr": "fp16", "out_ptr": "fp16",
-         "x0_ptr": "fp16", "partial_ptr": "fp32"},
-        dict(GUIDED=True, STATS=4, RESCALE=True, APG_MOMENTUM=False, CLIP=True, GRAD_EPS=False,
-             PREDICTION=0, LEARNED_VAR=False, NUM_HISTORY=1, HAS_NOISE=False, HAS_GRAD_TERM=False, OUT_2B=True,
-             HAS_X0_OUT=True, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK),
-        gs.NUM_WARPS,
-    ))
-    out.append(Case(
-        "guided_stats apg fp16", gs._guided_stats_kernel,
-        {"mo_ptr": "fp16", "uncond_ptr": "fp16", "buf_ptr": "fp32", "partial_ptr": "fp32"},
-        dict(APG_MOMENTUM=True, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK), gs.NUM_WARPS,
-    ))
+    out.append(
+        Case(
+            "guided_step cfg+ddim+similarity fp16",
+            gs._guided_step_kernel,
+            {
+                "mo_ptr": "fp16",
+                "uncond_ptr": "fp16",
+                "x_ptr": "fp16",
+                "out_ptr": "fp16",
+                "similarity_partial_ptr": "fp32",
+            },
+            dict(
+                GUIDED=True,
+                STATS=0,
+                RESCALE=False,
+                APG_MOMENTUM=False,
+                CLIP=False,
+                GRAD_EPS=False,
+                PREDICTION=0,
+                LEARNED_VAR=False,
+                NUM_HISTORY=0,
+                HAS_NOISE=False,
+                HAS_GRAD_TERM=False,
+                OUT_2B=True,
+                HAS_X0_OUT=False,
+                PARTS=1,
+                BLOCK=gs.BLOCK,
+            ),
+            gs.NUM_WARPS,
+            main_path=True,
+        )
+    )
+    out.append(
+        Case(
+            "guided_step all options fp16",
+            gs._guided_step_kernel,
+            {
+                n: "fp16"
+                for n in (
+                    "mo_ptr",
+                    "uncond_ptr",
+                    "x_ptr",
+                    "h0_ptr",
+                    "h1_ptr",
+                    "h2_ptr",
+                    "h3_ptr",
+                    "noise_ptr",
+                    "grad_ptr",
+                    "out_ptr",
+                    "x0_ptr",
+                )
+            },
+            dict(
+                GUIDED=True,
+                STATS=0,
+                RESCALE=False,
+                APG_MOMENTUM=False,
+                CLIP=True,
+                GRAD_EPS=True,
+                PREDICTION=1,
+                LEARNED_VAR=True,
+                NUM_HISTORY=4,
+                HAS_NOISE=True,
+                HAS_GRAD_TERM=True,
+                OUT_2B=True,
+                HAS_X0_OUT=True,
+                PARTS=1,
+                BLOCK=gs.BLOCK,
+            ),
+            gs.NUM_WARPS,
+        )
+    )
+    out.append(
+        Case(
+            "guided_step apg+rescale fp16",
+            gs._guided_step_kernel,
+            {
+                "mo_ptr": "fp16",
+                "uncond_ptr": "fp16",
+                "x_ptr": "fp16",
+                "buf_ptr": "fp32",
+                "out_ptr": "fp16",
+                "partial_ptr": "fp32",
+            },
+            dict(
+                GUIDED=True,
+                STATS=2,
+                RESCALE=True,
+                APG_MOMENTUM=True,
+                CLIP=True,
+                GRAD_EPS=False,
+                PREDICTION=0,
+                LEARNED_VAR=False,
+                NUM_HISTORY=0,
+                HAS_NOISE=False,
+                HAS_GRAD_TERM=False,
+                OUT_2B=True,
+                HAS_X0_OUT=False,
+                PARTS=gs.MAX_PARTS,
+                BLOCK=gs.BLOCK,
+            ),
+            gs.NUM_WARPS,
+        )
+    )
+    out.append(
+        Case(
+            "guided_step pag+rescale fp16",
+            gs._guided_step_kernel,
+            {
+                "mo_ptr": "fp16",
+                "uncond_ptr": "fp16",
+                "perturbed_ptr": "fp16",
+                "x_ptr": "fp16",
+                "out_ptr": "fp16",
+                "out_third_ptr": "fp16",
+                "partial_ptr": "fp32",
+            },
+            dict(
+                GUIDED=True,
+                STATS=1,
+                RESCALE=True,
+                APG_MOMENTUM=False,
+                CLIP=True,
+                GRAD_EPS=False,
+                PREDICTION=0,
+                LEARNED_VAR=False,
+                NUM_HISTORY=0,
+                HAS_NOISE=False,
+                HAS_GRAD_TERM=False,
+                OUT_2B=True,
+                HAS_X0_OUT=False,
+                PARTS=gs.MAX_PARTS,
+                BLOCK=gs.BLOCK,
+            ),
+            gs.NUM_WARPS,
+        )
+    )
+    out.append(
+        Case(
+            "guided_step tangential+rescale fp16",
+            gs._guided_step_kernel,
+            {
+                "mo_ptr": "fp16",
+                "uncond_ptr": "fp16",
+                "x_ptr": "fp16",
+                "h0_ptr": "fp16",
+                "out_ptr": "fp16",
+                "x0_ptr": "fp16",
+                "partial_ptr": "fp32",
+            },
+            dict(
+                GUIDED=True,
+                STATS=4,
+                RESCALE=True,
+                APG_MOMENTUM=False,
+                CLIP=True,
+                GRAD_EPS=False,
+                PREDICTION=0,
+                LEARNED_VAR=False,
+                NUM_HISTORY=1,
+                HAS_NOISE=False,
+                HAS_GRAD_TERM=False,
+                OUT_2B=True,
+                HAS_X0_OUT=True,
+                PARTS=gs.MAX_PARTS,
+                BLOCK=gs.BLOCK,
+            ),
+            gs.NUM_WARPS,
+        )
+    )
+    out.append(
+        Case(
+            "guided_stats apg fp16",
+            gs._guided_stats_kernel,
+            {"mo_ptr": "fp16", "uncond_ptr": "fp16", "buf_ptr": "fp32", "partial_ptr": "fp32"},
+            dict(APG_MOMENTUM=True, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK),
+            gs.NUM_WARPS,
+        )
+    )
     gn = group_norm
     for layout, strides in (("nchw", {"stride_s": 1}), ("nhwc", {"stride_c": 1})):
         block_c, block_s = (16, gn.TILE // 16)
@@ -242,20 +399,57 @@ def cases() -> list[Case]:
         flags = dict(HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True)
         params = {"w_ptr": "fp32", "b_ptr": "fp32", "scale_ptr": "fp16", "shift_ptr": "fp16"}
         out += [
-            Case(f"group_norm stats {layout} fp16", gn._stats_kernel,
-                 {"x_ptr": "fp16", "partial_ptr": "fp32"}, shape, gn.NUM_WARPS),
-            Case(f"group_norm apply+silu {layout} fp16", gn._apply_kernel,
-                 {"x_ptr": "fp16", "y_ptr": "fp16", "partial_ptr": "fp32", "mean_ptr": "fp32", "rstd_ptr": "fp32",
-                  **params},
-                 {**shape, **flags}, gn.NUM_WARPS),
-            Case(f"group_norm bwd sums {layout} fp16", gn._backward_sums_kernel,
-                 {"x_ptr": "fp16", "dy_ptr": "fp16", "mean_ptr": "fp32", "rstd_ptr": "fp32", "partial_ptr": "fp32",
-                  **params},
-                 {**shape, **flags}, gn.NUM_WARPS),
-            Case(f"group_norm bwd dx {layout} fp16", gn._backward_dx_kernel,
-                 {"x_ptr": "fp16", "dy_ptr": "fp16", "dx_ptr": "fp16", "mean_ptr": "fp32", "rstd_ptr": "fp32",
-                  "partial_ptr": "fp32", "sums_ptr": "fp32", **params},
-                 {**shape, **flags}, gn.NUM_WARPS),
+            Case(
+                f"group_norm stats {layout} fp16",
+                gn._stats_kernel,
+                {"x_ptr": "fp16", "partial_ptr": "fp32"},
+                shape,
+                gn.NUM_WARPS,
+            ),
+            Case(
+                f"group_norm apply+silu {layout} fp16",
+                gn._apply_kernel,
+                {
+                    "x_ptr": "fp16",
+                    "y_ptr": "fp16",
+                    "partial_ptr": "fp32",
+                    "mean_ptr": "fp32",
+                    "rstd_ptr": "fp32",
+                    **params,
+                },
+                {**shape, **flags},
+                gn.NUM_WARPS,
+            ),
+            Case(
+                f"group_norm bwd sums {layout} fp16",
+                gn._backward_sums_kernel,
+                {
+                    "x_ptr": "fp16",
+                    "dy_ptr": "fp16",
+                    "mean_ptr": "fp32",
+                    "rstd_ptr": "fp32",
+                    "partial_ptr": "fp32",
+                    **params,
+                },
+                {**shape, **flags},
+                gn.NUM_WARPS,
+            ),
+            Case(
+                f"group_norm bwd dx {layout} fp16",
+                gn._backward_dx_kernel,
+                {
+                    "x_ptr": "fp16",
+                    "dy_ptr": "fp16",
+                    "dx_ptr": "fp16",
+                    "mean_ptr": "fp32",
+                    "rstd_ptr": "fp32",
+                    "partial_ptr": "fp32",
+                    "sums_ptr": "fp32",
+                    **params,
+                },
+                {**shape, **flags},
+                gn.NUM_WARPS,
+            ),
         ]
     ln = layer_norm
     # DiT-XL's D = 1152 (two rows per program) and a narrow D = 72 (32 rows per program).
@@ -265,17 +459,46 @@ def cases() -> list[Case]:
         modulation = {"scale_ptr": dtype, "shift_ptr": dtype}
         stats = {"mean_ptr": "fp32", "rstd_ptr": "fp32"}
         out += [
-            Case(f"layer_norm adaLN fwd D={d} {dtype}", ln._layer_norm_forward_kernel,
-                 {"x_ptr": dtype, "y_ptr": dtype, **modulation, **stats}, {**flags, "RESIDUAL": False}, warps,
-                 main_path=True),
-            Case(f"layer_norm gated residual+adaLN fwd D={d} {dtype}", ln._layer_norm_forward_kernel,
-                 {"x_ptr": dtype, "branch_ptr": dtype, "gate_ptr": dtype, "h_new_ptr": dtype, "y_ptr": dtype,
-                  **modulation, **stats}, {**flags, "RESIDUAL": True}, warps, main_path=True),
-            Case(f"layer_norm adaLN bwd D={d} {dtype}", ln._layer_norm_backward_kernel,
-                 {"x_ptr": dtype, "dy_ptr": dtype, "dx_ptr": dtype, "w_ptr": "fp32", "b_ptr": "fp32",
-                  **modulation, **stats, "partial_ptr": "fp32"},
-                 {**flags, "HAS_W": True, "HAS_B": True, "SCALE_PER_TOKEN": False, "SHIFT_PER_TOKEN": False},
-                 ln._tile(d, backward=True)[2]),
+            Case(
+                f"layer_norm adaLN fwd D={d} {dtype}",
+                ln._layer_norm_forward_kernel,
+                {"x_ptr": dtype, "y_ptr": dtype, **modulation, **stats},
+                {**flags, "RESIDUAL": False},
+                warps,
+                main_path=True,
+            ),
+            Case(
+                f"layer_norm gated residual+adaLN fwd D={d} {dtype}",
+                ln._layer_norm_forward_kernel,
+                {
+                    "x_ptr": dtype,
+                    "branch_ptr": dtype,
+                    "gate_ptr": dtype,
+                    "h_new_ptr": dtype,
+                    "y_ptr": dtype,
+                    **modulation,
+                    **stats,
+                },
+                {**flags, "RESIDUAL": True},
+                warps,
+                main_path=True,
+            ),
+            Case(
+                f"layer_norm adaLN bwd D={d} {dtype}",
+                ln._layer_norm_backward_kernel,
+                {
+                    "x_ptr": dtype,
+                    "dy_ptr": dtype,
+                    "dx_ptr": dtype,
+                    "w_ptr": "fp32",
+                    "b_ptr": "fp32",
+                    **modulation,
+                    **stats,
+                    "partial_ptr": "fp32",
+                },
+                {**flags, "HAS_W": True, "HAS_B": True, "SCALE_PER_TOKEN": False, "SHIFT_PER_TOKEN": False},
+                ln._tile(d, backward=True)[2],
+            ),
         ]
     at = attention
     unit_strides = {f"s{t}_d": 1 for t in ("q", "k", "v", "o", "do")}
@@ -285,24 +508,43 @@ def cases() -> list[Case]:
         for head_dim in (64, 128) if dtype == "fp32" else (64, 128, 256):
             if head_dim > 128:  # the pruned small-tile config
                 block_m, block_n, warps, stages = 64, 32, 8, 2
-            out.append(Case(
-                f"attention fwd D={head_dim} {dtype}", at._forward_kernel,
-                {n: dtype for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")} | {"lse_ptr": "fp32"},
-                dict(PRECISION="ieee", BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, **unit_strides),
-                warps if head_dim == 64 else 8, tensor_cores=dtype != "fp32", num_stages=stages,
-                memory_bound=False,
-            ))
+            out.append(
+                Case(
+                    f"attention fwd D={head_dim} {dtype}",
+                    at._forward_kernel,
+                    {n: dtype for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")} | {"lse_ptr": "fp32"},
+                    dict(PRECISION="ieee", BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, **unit_strides),
+                    warps if head_dim == 64 else 8,
+                    tensor_cores=dtype != "fp32",
+                    num_stages=stages,
+                    memory_bound=False,
+                )
+            )
     backward_tiles = {"fp16": (64, 64, 4, 2), "bf16": (64, 64, 4, 2), "fp32": (16, 32, 4, 1)}
     for dtype, (block_m, block_n, warps, stages) in backward_tiles.items():
         tensors = {n: dtype for n in ("q_ptr", "k_ptr", "v_ptr", "do_ptr")} | {"lse_ptr": "fp32", "delta_ptr": "fp32"}
         blocks = dict(PRECISION="ieee", BLOCK_D=64, BLOCK_M=block_m, BLOCK_N=block_n, **unit_strides)
         out += [
-            Case(f"attention bwd dk,dv D=64 {dtype}", at._backward_dkdv_kernel,
-                 tensors | {"dk_ptr": dtype, "dv_ptr": dtype}, blocks, warps, tensor_cores=dtype != "fp32",
-                 num_stages=stages, memory_bound=False),
-            Case(f"attention bwd dq D=64 {dtype}", at._backward_dq_kernel,
-                 tensors | {"dq_ptr": dtype}, blocks, warps, tensor_cores=dtype != "fp32", num_stages=stages,
-                 memory_bound=False),
+            Case(
+                f"attention bwd dk,dv D=64 {dtype}",
+                at._backward_dkdv_kernel,
+                tensors | {"dk_ptr": dtype, "dv_ptr": dtype},
+                blocks,
+                warps,
+                tensor_cores=dtype != "fp32",
+                num_stages=stages,
+                memory_bound=False,
+            ),
+            Case(
+                f"attention bwd dq D=64 {dtype}",
+                at._backward_dq_kernel,
+                tensors | {"dq_ptr": dtype},
+                blocks,
+                warps,
+                tensor_cores=dtype != "fp32",
+                num_stages=stages,
+                memory_bound=False,
+            ),
         ]
     return out
 
@@ -341,7 +583,7 @@ def _kernel_name(mangled: str) -> str:
     # Enum template arguments print as "(ns::Enum)1": keep Enum=1.
     demangled = re.sub(r"\((?:\w+::)*(\w+)\)(\d+)", r"\1=\2", demangled)
     signature = demangled.split("(")[0]
-    base = signature[signature.rfind("::", 0, signature.find("<") if "<" in signature else len(signature)) + 2:]
+    base = signature[signature.rfind("::", 0, signature.find("<") if "<" in signature else len(signature)) + 2 :]
     for cpp, short in (("__nv_bfloat16", "bf16"), ("__half", "fp16"), ("float", "fp32")):
         base = re.sub(rf"\b{cpp}\b", short, base)
     return base.replace("void ", "")
@@ -393,7 +635,9 @@ def run_cuda(archs: list[int]) -> list[dict]:
 # one; the similarity sums add none), where the SASS holds the optional ones too (history,
 # noise, gradient, ...).
 CUDA_MAIN_PATH_VECTORS = {
-    "guided_step_kernel": 3, "perturbed_guided_step_kernel": 4, "similarity_guided_step_kernel": 3,
+    "guided_step_kernel": 3,
+    "perturbed_guided_step_kernel": 4,
+    "similarity_guided_step_kernel": 3,
 }
 
 
@@ -412,8 +656,10 @@ def check_bindings(torch_include: Path) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("| kernel | arch | regs | spill B | smem B | global loads (bits: n) | global stores | tensor-core "
-              "| blocks/SM | KB in flight/SM | issues |")
+    header = (
+        "| kernel | arch | regs | spill B | smem B | global loads (bits: n) | global stores | tensor-core "
+        "| blocks/SM | KB in flight/SM | issues |"
+    )
     lines = [header, "|" + "---|" * 11]
     fmt = lambda d: " ".join(f"{w}:{n}" for w, n in sorted(d.items())) or "-"  # noqa: E731
     for r in rows:
@@ -431,12 +677,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python tools/kernel_report.py", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM architectures (default: 80 90)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 on spills, a main path without 128-bit loads, or a memory-bound kernel below "
-                             "the in-flight floor")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 on spills, a main path without 128-bit loads, or a memory-bound kernel below the in-flight floor",
+    )
     parser.add_argument("--require-nvcc", action="store_true", help="fail, rather than skip csrc/, without nvcc")
-    parser.add_argument("--torch-cuda-include", type=Path,
-                        help="torch/include of a CUDA build of torch: also check csrc/bindings.cpp against it")
+    parser.add_argument(
+        "--torch-cuda-include",
+        type=Path,
+        help="torch/include of a CUDA build of torch: also check csrc/bindings.cpp against it",
+    )
     args = parser.parse_args(argv)
     rows = run(args.arch)
     print(f"Triton {triton.__version__}, compiled ahead of time (no GPU needed)\n")
@@ -449,8 +700,9 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(cuda))
         rows += cuda
     elif args.require_nvcc:
-        print("nvcc not found: csrc/ cannot be compiled (put the CUDA toolkit on PATH or set CUDA_HOME)",
-              file=sys.stderr)
+        print(
+            "nvcc not found: csrc/ cannot be compiled (put the CUDA toolkit on PATH or set CUDA_HOME)", file=sys.stderr
+        )
         return 1
     else:
         print("\nnvcc not found: csrc/ skipped")

@@ -120,9 +120,12 @@ def in_flight_violations(name: str, arch: int, stats: dict, memory_bound: bool) 
     below = stats["in_flight_bytes"] < IN_FLIGHT_FLOOR
     known = f"{name} sm_{arch}" in KNOWN_BELOW_FLOOR
     if below and not known:
-        return [f"{stats['in_flight_bytes'] / 1024:.0f} KB in flight per SM, below the "
-                f"{IN_FLIGHT_FLOOR // 1024} KB floor"]
+        return [
+            f"{stats['in_flight_bytes'] / 1024:.0f} KB in flight per SM, below the {IN_FLIGHT_FLOOR // 1024} KB floor"
+        ]
     if known and not below:
-        return [f"listed in KNOWN_BELOW_FLOOR but now {stats['in_flight_bytes'] / 1024:.0f} KB in flight: "
-                "take it off the list"]
+        return [
+            f"listed in KNOWN_BELOW_FLOOR but now {stats['in_flight_bytes'] / 1024:.0f} KB in flight: "
+            "take it off the list"
+        ]
     return []

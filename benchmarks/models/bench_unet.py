@@ -31,8 +31,11 @@ def _model_and_inputs(preset: str, pairs: int, dtype: torch.dtype):
 
 def _run(benchmark, impl, preset, pairs, dtype):
     model, x, t, y = _model_and_inputs(preset, pairs, dtype)
-    forward = {"fastguide": model, "eager": lambda *a: plain_unet(model, *a),
-               "torch.compile": lambda *a: _compiled_plain(model, *a)}[impl]
+    forward = {
+        "fastguide": model,
+        "eager": lambda *a: plain_unet(model, *a),
+        "torch.compile": lambda *a: _compiled_plain(model, *a),
+    }[impl]
     autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
     def step():

@@ -48,8 +48,10 @@ def _run(record, impl, shape, dtype, backward):
     if impl in ("eager", "torch.compile", "sdpa-math") and batch * heads * lq * lk * 4 > 8 << 30:
         pytest.skip("the Lq×Lk score matrix would not fit")
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn((batch, heads, n, dim), generator=g).to(DEVICE, dtype).requires_grad_(backward)
-               for n in (lq, lk, lk))
+    q, k, v = (
+        torch.randn((batch, heads, n, dim), generator=g).to(DEVICE, dtype).requires_grad_(backward)
+        for n in (lq, lk, lk)
+    )
     attend = _attention_fn(impl)
     try:
         out = attend(q, k, v)
@@ -73,8 +75,13 @@ def test_attention_cpu(record, impl, backward):
 
 # ADM 64×64 at batch 2×32: 6 heads at 32×32, 9 at 16×16, 12 at 8×8 (head dim 64); long sequences.
 GPU_SHAPES = [
-    (64, 6, 1024, 1024, 64), (64, 9, 256, 256, 64), (64, 12, 64, 64, 64),
-    (4, 16, 4096, 4096, 64), (4, 16, 4096, 4096, 128), (4, 16, 16384, 16384, 64), (4, 16, 16384, 16384, 128),
+    (64, 6, 1024, 1024, 64),
+    (64, 9, 256, 256, 64),
+    (64, 12, 64, 64, 64),
+    (4, 16, 4096, 4096, 64),
+    (4, 16, 4096, 4096, 128),
+    (4, 16, 16384, 16384, 64),
+    (4, 16, 16384, 16384, 128),
 ]
 
 

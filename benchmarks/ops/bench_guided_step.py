@@ -33,8 +33,9 @@ def fastguide_cfg_ddim(model_output: torch.Tensor, x: torch.Tensor, out: torch.T
     return ops.guided_step(model_output, x, STEP, COMBINE, out=out)
 
 
-STEP = ops.StepCoefficients(alpha=ALPHA, sigma=SIGMA, clip_denoised=True, k_x0=math.sqrt(ABAR_PREV),
-                            k_eps=math.sqrt(1 - ABAR_PREV))
+STEP = ops.StepCoefficients(
+    alpha=ALPHA, sigma=SIGMA, clip_denoised=True, k_x0=math.sqrt(ABAR_PREV), k_eps=math.sqrt(1 - ABAR_PREV)
+)
 COMBINE = ops.GuidanceCombine(W)
 _compiled_eager = torch.compile(eager_cfg_ddim)
 

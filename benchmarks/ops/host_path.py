@@ -28,8 +28,12 @@ from fastguide.ops import backends
 from fastguide.ops.contract import GuidanceCombine, StepCoefficients
 
 # op -> the backend-module function that op's forward calls
-BACKEND_FUNCTIONS = {"guided_step": "guided_step", "layer_norm": "layer_norm_forward",
-                     "group_norm": "group_norm_forward", "attention": "attention_forward"}
+BACKEND_FUNCTIONS = {
+    "guided_step": "guided_step",
+    "layer_norm": "layer_norm_forward",
+    "group_norm": "group_norm_forward",
+    "attention": "attention_forward",
+}
 
 
 def per_call_us(fn: Callable[[], object], calls: int, device: torch.device) -> float:
@@ -58,12 +62,18 @@ def cases(device: torch.device) -> dict[str, tuple[str, Callable[[], object]]]:
     step = StepCoefficients(alpha=0.8, sigma=0.6, k_x0=0.7, k_eps=0.5, clip_denoised=True)
     combine = GuidanceCombine(3.0)
     return {
-        "guided_step (CFG + DDIM, 2B out)": ("guided_step", lambda: ops.guided_step(model_output, x, step, combine,
-                                                                                    out=out)),
-        "layer_norm (+ adaLN scale, shift)": ("layer_norm", lambda: ops.layer_norm(tokens, (8,), scale=scale,
-                                                                                   shift=shift)),
-        "group_norm (+ scale-shift, SiLU)": ("group_norm", lambda: ops.group_norm(
-            image, 4, weight, bias, scale=scale, shift=shift, activation="silu")),
+        "guided_step (CFG + DDIM, 2B out)": (
+            "guided_step",
+            lambda: ops.guided_step(model_output, x, step, combine, out=out),
+        ),
+        "layer_norm (+ adaLN scale, shift)": (
+            "layer_norm",
+            lambda: ops.layer_norm(tokens, (8,), scale=scale, shift=shift),
+        ),
+        "group_norm (+ scale-shift, SiLU)": (
+            "group_norm",
+            lambda: ops.group_norm(image, 4, weight, bias, scale=scale, shift=shift, activation="silu"),
+        ),
         "attention": ("attention", lambda: ops.attention(q, q, q)),
     }
 
@@ -98,14 +108,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(1)
-    names = ("torch",) if device.type == "cpu" else tuple(
-        name for name in ("triton", "cuda") if backends.why_not(name, device) is None)
+    names = (
+        ("torch",)
+        if device.type == "cpu"
+        else tuple(name for name in ("triton", "cuda") if backends.why_not(name, device) is None)
+    )
     print(f"Host path per op call on {device} (µs, median of {args.rounds} rounds of {args.calls} calls)\n")
     print("| op | backend | through fastguide.ops | the backend's function | fastguide's part |\n|---|---|---|---|---|")
     with torch.no_grad():
         a = torch.zeros(4, device=device)
-        launch = statistics.median(per_call_us(lambda: torch.add(a, a, out=a), args.calls, device)
-                                   for _ in range(args.rounds))
+        launch = statistics.median(
+            per_call_us(lambda: torch.add(a, a, out=a), args.calls, device) for _ in range(args.rounds)
+        )
         for label, (op, call) in cases(device).items():
             for backend in names:
                 if not backends.IMPLEMENTATIONS[backend].has_kernel(op):
@@ -114,8 +128,10 @@ def main(argv: list[str] | None = None) -> None:
                 with fastguide.backend(backend):  # chosen once: its context is no part of either time
                     for fn in (call, direct):  # warm-up: compile, autotune, load
                         per_call_us(fn, 200, device)
-                    rounds = [(per_call_us(call, args.calls, device), per_call_us(direct, args.calls, device))
-                              for _ in range(args.rounds)]
+                    rounds = [
+                        (per_call_us(call, args.calls, device), per_call_us(direct, args.calls, device))
+                        for _ in range(args.rounds)
+                    ]
                 whole, backend_only = (statistics.median(r[i] for r in rounds) for i in (0, 1))
                 print(f"| {label} | {backend} | {whole:.1f} | {backend_only:.1f} | {whole - backend_only:.1f} |")
     print(f"\nOne ATen launch (torch.add of 4 elements) on {device}: {launch:.1f} µs")

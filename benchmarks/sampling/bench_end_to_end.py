@@ -53,19 +53,31 @@ class Setup:
 
 
 SETUPS = {
-    "DiT-XL/2-256": Setup("DiT-XL/2-256", "dit", dict(preset="DiT-XL/2", input_size=32),
-                          dict(preset="DiT-S/8", input_size=16)),
-    "DiT-XL/2-512": Setup("DiT-XL/2-512", "dit", dict(preset="DiT-XL/2", input_size=64),
-                          dict(preset="DiT-S/8", input_size=16)),
+    "DiT-XL/2-256": Setup(
+        "DiT-XL/2-256", "dit", dict(preset="DiT-XL/2", input_size=32), dict(preset="DiT-S/8", input_size=16)
+    ),
+    "DiT-XL/2-512": Setup(
+        "DiT-XL/2-512", "dit", dict(preset="DiT-XL/2", input_size=64), dict(preset="DiT-S/8", input_size=16)
+    ),
     "ADM-256": Setup("ADM-256", "adm", dict(preset="adm256"), dict(preset="compact")),
-    "SD-1.5-UNet": Setup("SD-1.5-UNet", "sd", dict(channels=(320, 640, 1280, 1280), size=64, heads=8),
-                         dict(channels=(32, 64), size=8, heads=2)),
+    "SD-1.5-UNet": Setup(
+        "SD-1.5-UNet",
+        "sd",
+        dict(channels=(320, 640, 1280, 1280), size=64, heads=8),
+        dict(channels=(32, 64), size=8, heads=2),
+    ),
 }
-GPU_CASES = [("DiT-XL/2-256", b) for b in (1, 8, 64)] + [("DiT-XL/2-512", b) for b in (1, 8)] \
-    + [("ADM-256", b) for b in (1, 8)] + [("SD-1.5-UNet", b) for b in (1, 8)]
-IMPLS = {"dit": ["fastguide", "fastguide-cuda_graph", "official", "diffusers", "diffusers-max-autotune"],
-         "adm": ["fastguide", "official"],
-         "sd": ["fastguide", "fastguide-cuda_graph", "diffusers", "diffusers-max-autotune"]}
+GPU_CASES = (
+    [("DiT-XL/2-256", b) for b in (1, 8, 64)]
+    + [("DiT-XL/2-512", b) for b in (1, 8)]
+    + [("ADM-256", b) for b in (1, 8)]
+    + [("SD-1.5-UNet", b) for b in (1, 8)]
+)
+IMPLS = {
+    "dit": ["fastguide", "fastguide-cuda_graph", "official", "diffusers", "diffusers-max-autotune"],
+    "adm": ["fastguide", "official"],
+    "sd": ["fastguide", "fastguide-cuda_graph", "diffusers", "diffusers-max-autotune"],
+}
 TEXT_TOKENS, TEXT_WIDTH = 77, 768
 
 
@@ -88,9 +100,16 @@ class PromptTable(nn.Module):
 def _ddim(schedule: str, beta_start: float = 1e-4, beta_end: float = 0.02):
     import diffusers
 
-    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule=schedule, beta_start=beta_start,
-                                        beta_end=beta_end, clip_sample=False, set_alpha_to_one=True,
-                                        timestep_spacing="leading", steps_offset=0)
+    scheduler = diffusers.DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule=schedule,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        timestep_spacing="leading",
+        steps_offset=0,
+    )
     scheduler.set_timesteps(STEPS)
     return scheduler
 
@@ -113,11 +132,21 @@ def _dit_rows(setup: dict, batch: int) -> dict:
     config = fastguide.dit_config(setup["preset"]) | {"input_size": setup["input_size"]}
     with torch.device(DEVICE):
         model = fastguide.DiT(**config).to(DTYPE).eval()
-        theirs = diffusers.DiTTransformer2DModel(
-            num_attention_heads=model.num_heads, attention_head_dim=config["hidden_size"] // model.num_heads,
-            in_channels=4, out_channels=model.out_channels, num_layers=len(model.blocks),
-            sample_size=config["input_size"], patch_size=model.patch_size, num_embeds_ada_norm=1000, norm_eps=1e-6,
-        ).to(DTYPE).eval()
+        theirs = (
+            diffusers.DiTTransformer2DModel(
+                num_attention_heads=model.num_heads,
+                attention_head_dim=config["hidden_size"] // model.num_heads,
+                in_channels=4,
+                out_channels=model.out_channels,
+                num_layers=len(model.blocks),
+                sample_size=config["input_size"],
+                patch_size=model.patch_size,
+                num_embeds_ada_norm=1000,
+                norm_eps=1e-6,
+            )
+            .to(DTYPE)
+            .eval()
+        )
     shape = (batch, 4, config["input_size"], config["input_size"])
     noise, labels = _noise_and_labels(shape, 1000)
     scheduler = _ddim("linear")
@@ -154,8 +183,15 @@ def _adm_rows(setup: dict, batch: int) -> dict:
         classifier = fastguide.create_classifier(**fastguide.classifier_config(setup["preset"])).to(DTYPE).eval()
     shape = (batch, model.in_channels, model.image_size, model.image_size)
     noise, labels = _noise_and_labels(shape, model.num_classes)
-    run = lambda: sample(model, shape, labels=labels, noise=noise, sampler="ddim", steps=STEPS,  # noqa: E731
-                         guidance=ClassifierGuidance(classifier, 1.0))
+    run = lambda: sample(
+        model,
+        shape,
+        labels=labels,
+        noise=noise,
+        sampler="ddim",
+        steps=STEPS,  # noqa: E731
+        guidance=ClassifierGuidance(classifier, 1.0),
+    )
 
     def plain():
         with fastguide.backend("torch"):
@@ -172,23 +208,40 @@ def _sd_rows(setup: dict, batch: int) -> dict:
     up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(channels) - 1)
     width = TEXT_WIDTH if DEVICE.type == "cuda" else 32
     with torch.device(DEVICE):
-        theirs = diffusers.UNet2DConditionModel(
-            sample_size=setup["size"], in_channels=4, out_channels=4, block_out_channels=channels,
-            down_block_types=down, up_block_types=up, layers_per_block=2, cross_attention_dim=width,
-            attention_head_dim=setup["heads"], norm_num_groups=min(32, channels[0]),
-        ).to(DTYPE).eval()
+        theirs = (
+            diffusers.UNet2DConditionModel(
+                sample_size=setup["size"],
+                in_channels=4,
+                out_channels=4,
+                block_out_channels=channels,
+                down_block_types=down,
+                up_block_types=up,
+                layers_per_block=2,
+                cross_attention_dim=width,
+                attention_head_dim=setup["heads"],
+                norm_num_groups=min(32, channels[0]),
+            )
+            .to(DTYPE)
+            .eval()
+        )
         ours = diffusers.UNet2DConditionModel.from_config(theirs.config).to(DTYPE).eval()
     ours.load_state_dict(theirs.state_dict())
     fastguide.accelerate(ours)
-    prompt, negative = (torch.randn(TEXT_TOKENS, width, generator=torch.Generator().manual_seed(s)).to(DEVICE, DTYPE)
-                        for s in (1, 2))
+    prompt, negative = (
+        torch.randn(TEXT_TOKENS, width, generator=torch.Generator().manual_seed(s)).to(DEVICE, DTYPE) for s in (1, 2)
+    )
     model = PromptTable(ours, prompt, negative)
     shape = (batch, 4, setup["size"], setup["size"])
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(DEVICE, DTYPE)
     labels = torch.zeros(batch, dtype=torch.long, device=DEVICE)
     scheduler = _ddim("scaled_linear", *SD_BETAS)
-    settings = dict(sampler="ddim", steps=scheduler.timesteps.tolist(), guidance=CFG(W), clip_denoised=False,
-                    schedule=_sd_schedule())
+    settings = dict(
+        sampler="ddim",
+        steps=scheduler.timesteps.tolist(),
+        guidance=CFG(W),
+        clip_denoised=False,
+        schedule=_sd_schedule(),
+    )
     text = torch.cat([prompt.expand(batch, -1, -1), negative.expand(batch, -1, -1)])
 
     @torch.no_grad()

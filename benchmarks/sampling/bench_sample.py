@@ -22,8 +22,9 @@ diffusers = pytest.importorskip("diffusers")
 
 
 def _ddim_scheduler(steps):
-    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,
-                                        set_alpha_to_one=True, steps_offset=0)
+    scheduler = diffusers.DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", clip_sample=True, set_alpha_to_one=True, steps_offset=0
+    )
     scheduler.set_timesteps(steps)
     return scheduler
 
@@ -44,8 +45,13 @@ def _step_cases(shape, dtype, record, impl):
         latents = scheduler.step(eps, t, model_input[:batch], eta=0.0, use_clipped_model_output=True).prev_sample
         return torch.cat([latents] * 2)
 
-    step = ops.StepCoefficients(alpha=math.sqrt(abar), sigma=math.sqrt(1 - abar), clip_denoised=True,
-                                k_x0=math.sqrt(abar_prev), k_eps=math.sqrt(1 - abar_prev))
+    step = ops.StepCoefficients(
+        alpha=math.sqrt(abar),
+        sigma=math.sqrt(1 - abar),
+        clip_denoised=True,
+        k_x0=math.sqrt(abar_prev),
+        k_eps=math.sqrt(1 - abar_prev),
+    )
 
     def fastguide_way():
         return ops.guided_step(model_output, model_input[:batch], step, ops.GuidanceCombine(W), out=model_input)
@@ -95,13 +101,21 @@ def end_to_end_loops(device: torch.device, pairs: int, steps: int) -> dict:
         return latents
 
     def fastguide_loop():
-        return sample(model, shape, labels=labels, sampler="ddim", steps=scheduler.timesteps.tolist(),
-                      guidance=CFG(W), noise=noise)
+        return sample(
+            model,
+            shape,
+            labels=labels,
+            sampler="ddim",
+            steps=scheduler.timesteps.tolist(),
+            guidance=CFG(W),
+            noise=noise,
+        )
 
     loops = {"fastguide": fastguide_loop, "diffusers": diffusers_loop}
     if device.type == "cuda":
-        graphed = GuidedSampler(model, sampler="ddim", steps=scheduler.timesteps.tolist(), guidance=CFG(W),
-                                cuda_graph=True)
+        graphed = GuidedSampler(
+            model, sampler="ddim", steps=scheduler.timesteps.tolist(), guidance=CFG(W), cuda_graph=True
+        )
         loops["fastguide-cuda_graph"] = lambda: graphed(shape, labels=labels, noise=noise)
     return loops
 

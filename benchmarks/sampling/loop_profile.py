@@ -71,17 +71,23 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
 
     loops = end_to_end_loops(DEVICE, args.pairs, args.steps)
-    summary = [f"Eager sampling loops on {torch.cuda.get_device_name() if on_gpu else 'CPU'}: compact UNet, "
-               f"{args.pairs} pairs, {args.steps} CFG + DDIM steps; median of {args.rounds} runs.", "",
-               "| loop | ms per step | kernel launches per step | host waits per step |", "|---|---|---|---|"]
+    summary = [
+        f"Eager sampling loops on {torch.cuda.get_device_name() if on_gpu else 'CPU'}: compact UNet, "
+        f"{args.pairs} pairs, {args.steps} CFG + DDIM steps; median of {args.rounds} runs.",
+        "",
+        "| loop | ms per step | kernel launches per step | host waits per step |",
+        "|---|---|---|---|",
+    ]
     tables = []
     for name, fn in loops.items():
         fn()  # warm-up: autotuning, the graphs' capture
         synchronize()
         per_step_ms = seconds_per_run(fn, args.rounds) / args.steps * 1e3
         counts, table = profiled(fn, args.steps, args.top)
-        summary.append(f"| {name} | {per_step_ms:.2f} | {counts['launches per step']:.1f} | "
-                       f"{counts['waits per step']:.1f} {counts['waits'] or ''} |")
+        summary.append(
+            f"| {name} | {per_step_ms:.2f} | {counts['launches per step']:.1f} | "
+            f"{counts['waits per step']:.1f} {counts['waits'] or ''} |"
+        )
         tables += [f"### {name}", "", "```", table, "```", ""]
     report = "\n".join(summary + [""] + tables)
     print(report)

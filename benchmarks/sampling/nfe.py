@@ -38,16 +38,27 @@ BUDGETS = (5, 6, 8, 10, 12, 15, 20, 25, 35, 50)
 WEIGHTS = (1.5, 3.0, 6.0)
 # sampler name in the table -> (fastguide sampler, solver_order, model calls per step)
 SOLVERS = {
-    "ddim": ("ddim", None, 1), "euler": ("euler", None, 1), "heun": ("heun", None, 2),
-    "dpm++2m": ("dpm++2m", None, 1), "dpm++2s": ("dpm++2s", None, 2), "dpm++3m": ("dpm++3m", None, 1),
-    "unipc": ("unipc", None, 1), "unipc-3": ("unipc", 3, 1),
+    "ddim": ("ddim", None, 1),
+    "euler": ("euler", None, 1),
+    "heun": ("heun", None, 2),
+    "dpm++2m": ("dpm++2m", None, 1),
+    "dpm++2s": ("dpm++2s", None, 2),
+    "dpm++3m": ("dpm++3m", None, 1),
+    "unipc": ("unipc", None, 1),
+    "unipc-3": ("unipc", 3, 1),
 }
 DIFFUSERS_VP = ("DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler")
 DIFFUSERS_FLOW = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 ADM_BETAS = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 # k-diffusion sampler -> (keyword arguments, model calls per step)
-KDIFFUSION = {"sample_euler": ({}, 1), "sample_heun": ({}, 2), "sample_lms": ({}, 1), "sample_dpm_2": ({}, 2),
-              "sample_dpmpp_2m": ({}, 1), "sample_dpmpp_3m_sde": ({"eta": 0.0}, 1)}
+KDIFFUSION = {
+    "sample_euler": ({}, 1),
+    "sample_heun": ({}, 2),
+    "sample_lms": ({}, 1),
+    "sample_dpm_2": ({}, 2),
+    "sample_dpmpp_2m": ({}, 1),
+    "sample_dpmpp_3m_sde": ({"eta": 0.0}, 1),
+}
 
 
 def steps_for(budget: int, calls_per_step: int) -> int:
@@ -55,19 +66,37 @@ def steps_for(budget: int, calls_per_step: int) -> int:
     return budget if calls_per_step == 1 else (budget + 1) // 2
 
 
-def fastguide_error(oracle: GaussianClasses, schedule: NoiseSchedule, x_T: torch.Tensor, sampler: str,
-                    solver_order: int | None, steps: int, spacing: str) -> tuple[float, int]:
+def fastguide_error(
+    oracle: GaussianClasses,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,
+    sampler: str,
+    solver_order: int | None,
+    steps: int,
+    spacing: str,
+) -> tuple[float, int]:
     prediction_type = "flow_prediction" if schedule.is_flow else "epsilon"
-    runner = GuidedSampler(oracle.model(schedule, prediction_type), sampler=sampler, solver_order=solver_order,
-                           steps=steps, spacing=spacing, schedule=schedule, guidance=CFG(oracle.w),
-                           clip_denoised=False, prediction_type=prediction_type, null_label=1, num_classes=1)
+    runner = GuidedSampler(
+        oracle.model(schedule, prediction_type),
+        sampler=sampler,
+        solver_order=solver_order,
+        steps=steps,
+        spacing=spacing,
+        schedule=schedule,
+        guidance=CFG(oracle.w),
+        clip_denoised=False,
+        prediction_type=prediction_type,
+        null_label=1,
+        num_classes=1,
+    )
     got = runner(x_T.shape, labels=torch.zeros(len(x_T), dtype=torch.long), noise=x_T)
     exact = oracle.exact(x_T, schedule, runner.timesteps[0])
     return (got.double() - exact).abs().max().item(), runner.num_calls
 
 
-def diffusers_error(oracle: GaussianClasses, name: str, steps: int, x_T: torch.Tensor,
-                    shift: float = 1.0) -> tuple[float, int]:
+def diffusers_error(
+    oracle: GaussianClasses, name: str, steps: int, x_T: torch.Tensor, shift: float = 1.0
+) -> tuple[float, int]:
     """One diffusers scheduler in its defaults (ADM's betas on VP), driven by the oracle."""
     import diffusers
 
@@ -110,8 +139,9 @@ def kdiffusion_sampling() -> types.ModuleType:
     except (ImportError, RuntimeError) as error:  # RuntimeError: a torchvision built for another torch
         spec = importlib.util.find_spec("k_diffusion")
         if spec is None:
-            raise ImportError("k-diffusion is not installed (pip install --no-deps k-diffusion torchsde "
-                              "torchdiffeq trampoline)") from error
+            raise ImportError(
+                "k-diffusion is not installed (pip install --no-deps k-diffusion torchsde torchdiffeq trampoline)"
+            ) from error
     for name in [name for name in sys.modules if name.split(".")[0] == "k_diffusion"]:
         del sys.modules[name]  # what the failed import left half-made
     utils = types.ModuleType("k_diffusion.utils")
@@ -148,39 +178,91 @@ def run_oracle(budgets: tuple[int, ...], weights: tuple[float, ...], progress: C
         for name, (sampler, order, per_step) in SOLVERS.items():
             for spacing in SPACINGS:
                 for budget in budgets:
-                    error, calls = fastguide_error(oracle, vp, x_T, sampler, order, steps_for(budget, per_step),
-                                                   spacing)
-                    rows.append(dict(path="vp", w=w, impl="fastguide", sampler=name, spacing=spacing,
-                                     budget=budget, calls=calls, error=error))
+                    error, calls = fastguide_error(
+                        oracle, vp, x_T, sampler, order, steps_for(budget, per_step), spacing
+                    )
+                    rows.append(
+                        dict(
+                            path="vp",
+                            w=w,
+                            impl="fastguide",
+                            sampler=name,
+                            spacing=spacing,
+                            budget=budget,
+                            calls=calls,
+                            error=error,
+                        )
+                    )
             progress(f"vp w={w} {name}")
         for name in DIFFUSERS_VP:
             for budget in budgets:
                 steps = steps_for(budget, 2 if "Heun" in name else 1)
                 error, calls = diffusers_error(oracle, name, steps, x_T)
-                rows.append(dict(path="vp", w=w, impl="diffusers", sampler=name, spacing="default",
-                                 budget=budget, calls=calls, error=error))
+                rows.append(
+                    dict(
+                        path="vp",
+                        w=w,
+                        impl="diffusers",
+                        sampler=name,
+                        spacing="default",
+                        budget=budget,
+                        calls=calls,
+                        error=error,
+                    )
+                )
         kdiffusion = KDIFFUSION if importlib.util.find_spec("k_diffusion") is not None else {}
         for name, (_, per_step) in kdiffusion.items():
             for budget in budgets:
                 error, calls = kdiffusion_error(oracle, name, steps_for(budget, per_step), x_T)
-                rows.append(dict(path="vp", w=w, impl="k-diffusion", sampler=name.removeprefix("sample_"),
-                                 spacing="karras", budget=budget, calls=calls, error=error))
+                rows.append(
+                    dict(
+                        path="vp",
+                        w=w,
+                        impl="k-diffusion",
+                        sampler=name.removeprefix("sample_"),
+                        spacing="karras",
+                        budget=budget,
+                        calls=calls,
+                        error=error,
+                    )
+                )
         for shift in (1.0, 3.0):
             flow = NoiseSchedule.flow(shift)
             for name, (sampler, order, per_step) in SOLVERS.items():
                 if sampler == "ddim":
                     continue  # the same update as euler on a flow path
                 for budget in budgets:
-                    error, calls = fastguide_error(oracle, flow, x_T, sampler, order, steps_for(budget, per_step),
-                                                   "linspace")
-                    rows.append(dict(path=f"flow-shift{shift:g}", w=w, impl="fastguide", sampler=name,
-                                     spacing="linspace", budget=budget, calls=calls, error=error))
+                    error, calls = fastguide_error(
+                        oracle, flow, x_T, sampler, order, steps_for(budget, per_step), "linspace"
+                    )
+                    rows.append(
+                        dict(
+                            path=f"flow-shift{shift:g}",
+                            w=w,
+                            impl="fastguide",
+                            sampler=name,
+                            spacing="linspace",
+                            budget=budget,
+                            calls=calls,
+                            error=error,
+                        )
+                    )
             for name in DIFFUSERS_FLOW:
                 for budget in budgets:
                     steps = steps_for(budget, 2 if "Heun" in name else 1)
                     error, calls = diffusers_error(oracle, name, steps, x_T.float(), shift)
-                    rows.append(dict(path=f"flow-shift{shift:g}", w=w, impl="diffusers", sampler=name,
-                                     spacing="default", budget=budget, calls=calls, error=error))
+                    rows.append(
+                        dict(
+                            path=f"flow-shift{shift:g}",
+                            w=w,
+                            impl="diffusers",
+                            sampler=name,
+                            spacing="default",
+                            budget=budget,
+                            calls=calls,
+                            error=error,
+                        )
+                    )
             progress(f"flow shift={shift:g} w={w}")
     return rows
 
@@ -203,17 +285,26 @@ def digits_frechet(samples: int, progress: Callable[[str], None]) -> list[dict]:
     unet, scale, rows = models.unet, 2.0, []
     for budget in (5, 10, 15, 20, 25):
         images = GuidedSampler(unet, steps=budget, schedule=digits.schedule(), guidance=CFG(scale))(
-            x_T.shape, labels=labels, noise=x_T)
-        rows.append(dict(impl="fastguide", sampler="unipc", spacing="logsnr", budget=budget,
-                         **sweep.score(models, images.clamp(-1, 1), labels, real)))
+            x_T.shape, labels=labels, noise=x_T
+        )
+        rows.append(
+            dict(
+                impl="fastguide",
+                sampler="unipc",
+                spacing="logsnr",
+                budget=budget,
+                **sweep.score(models, images.clamp(-1, 1), labels, real),
+            )
+        )
         progress(f"digits fastguide {budget}")
     null = torch.full_like(labels, unet.num_classes)
     # diffusers' defaults start at t = 999, where the cosine schedule's σ̃ = 2·10⁴ ruins every
     # unclipped sample; lambda_min_clipped=-5.1 is its documented setting for this schedule.
     for variant, options in (("default", {}), ("lambda_min_clipped=-5.1", {"lambda_min_clipped": -5.1})):
         for budget in (10, 20, 25):
-            scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000,
-                                                              beta_schedule="squaredcos_cap_v2", **options)
+            scheduler = diffusers.DPMSolverMultistepScheduler(
+                num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", **options
+            )
             scheduler.set_timesteps(budget)
             x = x_T.clone()
             with torch.no_grad():
@@ -221,8 +312,15 @@ def digits_frechet(samples: int, progress: Callable[[str], None]) -> list[dict]:
                     t_in = torch.full((2 * samples,), int(t))
                     cond, uncond = unet(torch.cat([x, x]), t_in, torch.cat([labels, null])).chunk(2)
                     x = scheduler.step(uncond + scale * (cond - uncond), t, x).prev_sample
-            rows.append(dict(impl="diffusers", sampler="DPMSolverMultistepScheduler", spacing=variant, budget=budget,
-                             **sweep.score(models, x.clamp(-1, 1), labels, real)))
+            rows.append(
+                dict(
+                    impl="diffusers",
+                    sampler="DPMSolverMultistepScheduler",
+                    spacing=variant,
+                    budget=budget,
+                    **sweep.score(models, x.clamp(-1, 1), labels, real),
+                )
+            )
             progress(f"digits diffusers {variant} {budget}")
     return rows
 
@@ -232,9 +330,11 @@ def markdown(rows: list[dict], budgets: tuple[int, ...]) -> str:
     lines = []
     keys = sorted({(r["path"], r["w"]) for r in rows if "path" in r})
     for path, w in keys:
-        lines += [f"\n### {path}, CFG w = {w:g}: max |x − x_ODE| by model calls\n",
-                  "| impl | sampler | spacing | " + " | ".join(str(b) for b in budgets) + " |",
-                  "|---|---|---|" + "---|" * len(budgets)]
+        lines += [
+            f"\n### {path}, CFG w = {w:g}: max |x − x_ODE| by model calls\n",
+            "| impl | sampler | spacing | " + " | ".join(str(b) for b in budgets) + " |",
+            "|---|---|---|" + "---|" * len(budgets),
+        ]
         table: dict[tuple, dict[int, float]] = {}
         for r in rows:
             if r.get("path") == path and r.get("w") == w:
@@ -244,10 +344,16 @@ def markdown(rows: list[dict], budgets: tuple[int, ...]) -> str:
             lines.append(f"| {impl} | {sampler} | {spacing} | {cells} |")
     digit_rows = [r for r in rows if "frechet" in r]
     if digit_rows:
-        lines += ["\n### Digits model, CFG 2: Fréchet distance by model calls\n",
-                  "| impl | sampler | settings | calls | Fréchet distance | accuracy |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['impl']} | {r['sampler']} | {r['spacing']} | {r['budget']} | {r['frechet']:.3f} | "
-                  f"{r['accuracy']:.3f} |" for r in digit_rows]
+        lines += [
+            "\n### Digits model, CFG 2: Fréchet distance by model calls\n",
+            "| impl | sampler | settings | calls | Fréchet distance | accuracy |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['impl']} | {r['sampler']} | {r['spacing']} | {r['budget']} | {r['frechet']:.3f} | "
+            f"{r['accuracy']:.3f} |"
+            for r in digit_rows
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -272,8 +378,13 @@ def plot(rows: list[dict], path: Path) -> None:
     axes.set_prop_cycle(color=plt.cm.tab20.colors)  # a colour per curve (up to 18)
     for label in best.values():
         errors = curves[label]
-        axes.loglog(sorted(errors), [errors[b] for b in sorted(errors)], marker="o",
-                    linestyle="-" if label.startswith("fastguide") else "--", label=label)
+        axes.loglog(
+            sorted(errors),
+            [errors[b] for b in sorted(errors)],
+            marker="o",
+            linestyle="-" if label.startswith("fastguide") else "--",
+            label=label,
+        )
     axes.set_xlabel("model calls")
     axes.set_ylabel("max |x − x_ODE| (exact Gaussian oracle, CFG w = 3)")
     axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))

@@ -54,6 +54,7 @@ class GaussianClasses:
     def model(self, schedule: NoiseSchedule, prediction_type: str):
         """model(x, t, y) for a batch [cond; uncond] (label 0, then the null label 1):
         eps on a VP schedule, the velocity ε − x0 on a flow path."""
+
         def predict(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
             alpha, sigma = schedule.alpha_sigma(t[0].item() if schedule.is_flow else int(t[0]))
             out = torch.empty_like(x)
@@ -61,16 +62,22 @@ class GaussianClasses:
                 x0, eps = self.posterior(x[rows].double(), alpha, sigma, conditional)
                 out[rows] = (eps - x0 if prediction_type == "flow_prediction" else eps).to(x.dtype)
             return out
+
         return predict
 
     def _affine(self, alpha: float, sigma: float, flow: bool) -> tuple[float, float]:
         """(a, b) of the guided ODE's right-hand side a·x + b: v on a flow path (in x, σ),
         ε̂ on a VP one (in x̃, σ̃ with alpha = 1 and sigma = σ̃)."""
+
         def coefficients(mean: float, std: float) -> tuple[float, float, float, float]:
             scale = 1.0 / (alpha**2 * std**2 + sigma**2)
             # x0 = mean + alpha·std²·scale·(x − alpha·mean), eps = sigma·scale·(x − alpha·mean)
-            return (alpha * std**2 * scale, mean - alpha**2 * std**2 * scale * mean,
-                    sigma * scale, -sigma * scale * alpha * mean)
+            return (
+                alpha * std**2 * scale,
+                mean - alpha**2 * std**2 * scale * mean,
+                sigma * scale,
+                -sigma * scale * alpha * mean,
+            )
 
         x0c, x0c_0, epc, epc_0 = coefficients(self.mean_c, self.std_c)
         x0u, x0u_0, epu, epu_0 = coefficients(self.mean_u, self.std_u)

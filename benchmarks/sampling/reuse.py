@@ -62,9 +62,20 @@ DIFFUSERS_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)
 TAYLORSEER_INTERVALS = (2, 3, 4)
 MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.24)
 DBCACHE_THRESHOLDS = (0.1, 0.2, 0.3, 0.5)
-QUICK = dict(fewer=(13,), truncate=(0.99,), reuse=((2, 1),), thresholds=(0.2,), extrapolated=(0.3,),
-             combined=(((2, 1), (0.15, 1)),), forecast=(2,), forecast_combined=(((4, 1), 2),), diffusers=(0.2,),
-             taylorseer=(2,), magcache=(0.12,), dbcache=(0.2,))
+QUICK = dict(
+    fewer=(13,),
+    truncate=(0.99,),
+    reuse=((2, 1),),
+    thresholds=(0.2,),
+    extrapolated=(0.3,),
+    combined=(((2, 1), (0.15, 1)),),
+    forecast=(2,),
+    forecast_combined=(((4, 1), 2),),
+    diffusers=(0.2,),
+    taylorseer=(2,),
+    magcache=(0.12,),
+    dbcache=(0.2,),
+)
 
 
 class _Network:
@@ -79,23 +90,48 @@ def networks(models: digits.DigitsModels) -> list[_Network]:
     unet_blocks = len(unet.input_blocks) + 1 + len(unet.output_blocks)
     return [
         _Network("digits UNet", unet, unet_blocks, schedule=digits.schedule()),
-        _Network("digits transformer", transformer, len(transformer.blocks), schedule=digits.flow_schedule(),
-                 prediction_type="flow_prediction"),
+        _Network(
+            "digits transformer",
+            transformer,
+            len(transformer.blocks),
+            schedule=digits.flow_schedule(),
+            prediction_type="flow_prediction",
+        ),
     ]
 
 
-def sample_row(network: _Network, model, labels: torch.Tensor, noise: torch.Tensor, *, steps: int = CALLS,
-               guidance=None, cache=None, count_blocks: Callable[[], int] | None = None) -> tuple[torch.Tensor, dict]:
+def sample_row(
+    network: _Network,
+    model,
+    labels: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    steps: int = CALLS,
+    guidance=None,
+    cache=None,
+    count_blocks: Callable[[], int] | None = None,
+) -> tuple[torch.Tensor, dict]:
     """Samples and the compute of one row: block_rows from the run's own count, else rows × blocks."""
-    sampler = GuidedSampler(model, steps=steps, guidance=guidance or CFG(SCALE), cache=cache,
-                            null_label=digits.NUM_CLASSES, num_classes=digits.NUM_CLASSES, **network.path)
+    sampler = GuidedSampler(
+        model,
+        steps=steps,
+        guidance=guidance or CFG(SCALE),
+        cache=cache,
+        null_label=digits.NUM_CLASSES,
+        num_classes=digits.NUM_CLASSES,
+        **network.path,
+    )
     images = sampler(noise.shape, labels=labels, noise=noise)
     compute = sampler.last_compute
     block_rows = compute["block_rows"] if compute["block_rows"] is not None else compute["model_rows"] * network.blocks
     if count_blocks is not None:
         block_rows = count_blocks()
-    return images, {"steps": steps, "model_rows": compute["model_rows"], "block_rows": block_rows,
-                    "truncated_from": compute["truncated_from"]}
+    return images, {
+        "steps": steps,
+        "model_rows": compute["model_rows"],
+        "block_rows": block_rows,
+        "truncated_from": compute["truncated_from"],
+    }
 
 
 @contextlib.contextmanager
@@ -158,27 +194,48 @@ def diffusers_rows(network: _Network, labels, noise, quick: bool, evaluate, say)
     with counting_diffusers_blocks() as counted:
         baseline_model = DiffusersDiT(to_diffusers(network.model))
         start = counted()
-        reference, compute = sample_row(network, baseline_model, labels, noise,
-                                        count_blocks=lambda: counted() - start)
+        reference, compute = sample_row(network, baseline_model, labels, noise, count_blocks=lambda: counted() - start)
         rows.append(evaluate(network, "diffusers (no cache)", "-", reference, compute, reference))
-        settings = [("diffusers FirstBlockCacheConfig", f"threshold={t}", apply_first_block_cache,
-                     lambda t=t: FirstBlockCacheConfig(threshold=t))
-                    for t in (QUICK["diffusers"] if quick else DIFFUSERS_THRESHOLDS)]
-        settings += [("diffusers TaylorSeerCacheConfig", f"cache_interval={k}", apply_taylorseer_cache,
-                      lambda k=k: TaylorSeerCacheConfig(cache_interval=k, disable_cache_before_step=2,
-                                                        taylor_factors_dtype=torch.float32,
-                                                        cache_identifiers=[r"transformer_blocks\.\d+"]))
-                     for k in (QUICK["taylorseer"] if quick else TAYLORSEER_INTERVALS)]
+        settings = [
+            (
+                "diffusers FirstBlockCacheConfig",
+                f"threshold={t}",
+                apply_first_block_cache,
+                lambda t=t: FirstBlockCacheConfig(threshold=t),
+            )
+            for t in (QUICK["diffusers"] if quick else DIFFUSERS_THRESHOLDS)
+        ]
+        settings += [
+            (
+                "diffusers TaylorSeerCacheConfig",
+                f"cache_interval={k}",
+                apply_taylorseer_cache,
+                lambda k=k: TaylorSeerCacheConfig(
+                    cache_interval=k,
+                    disable_cache_before_step=2,
+                    taylor_factors_dtype=torch.float32,
+                    cache_identifiers=[r"transformer_blocks\.\d+"],
+                ),
+            )
+            for k in (QUICK["taylorseer"] if quick else TAYLORSEER_INTERVALS)
+        ]
         ratios = _calibrated_mag_ratios(network, labels, noise, MagCacheConfig, apply_mag_cache)
-        settings += [("diffusers MagCacheConfig", f"threshold={t}", apply_mag_cache,
-                      lambda t=t: MagCacheConfig(threshold=t, num_inference_steps=CALLS, mag_ratios=ratios))
-                     for t in (QUICK["magcache"] if quick else MAGCACHE_THRESHOLDS)]
+        settings += [
+            (
+                "diffusers MagCacheConfig",
+                f"threshold={t}",
+                apply_mag_cache,
+                lambda t=t: MagCacheConfig(threshold=t, num_inference_steps=CALLS, mag_ratios=ratios),
+            )
+            for t in (QUICK["magcache"] if quick else MAGCACHE_THRESHOLDS)
+        ]
         for method, setting, apply, config in settings:
             model = DiffusersDiT(to_diffusers(network.model))
             apply(model.transformer, config())
             start = counted()
-            images, compute = sample_row(network, _InCacheContext(model), labels, noise,
-                                         count_blocks=lambda: counted() - start)
+            images, compute = sample_row(
+                network, _InCacheContext(model), labels, noise, count_blocks=lambda: counted() - start
+            )
             rows.append(evaluate(network, method, setting, images, compute, reference))
             say(f"{network.name}: {method} {setting}")
     return rows + cache_dit_rows(network, labels, noise, quick, reference, evaluate, say)
@@ -201,18 +258,26 @@ def cache_dit_rows(network: _Network, labels, noise, quick: bool, reference, eva
         for threshold in QUICK["dbcache"] if quick else DBCACHE_THRESHOLDS:
             model = DiffusersDiT(to_diffusers(network.model))
             transformer = model.transformer
-            adapter = cache_dit.BlockAdapter(transformer=transformer, blocks=transformer.transformer_blocks,
-                                             forward_pattern=cache_dit.ForwardPattern.Pattern_3,
-                                             patch_functor=DiTPatchFunctor())
-            config = cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0,
-                                             residual_diff_threshold=threshold, max_warmup_steps=2,
-                                             num_inference_steps=CALLS)
+            adapter = cache_dit.BlockAdapter(
+                transformer=transformer,
+                blocks=transformer.transformer_blocks,
+                forward_pattern=cache_dit.ForwardPattern.Pattern_3,
+                patch_functor=DiTPatchFunctor(),
+            )
+            config = cache_dit.DBCacheConfig(
+                Fn_compute_blocks=1,
+                Bn_compute_blocks=0,
+                residual_diff_threshold=threshold,
+                max_warmup_steps=2,
+                num_inference_steps=CALLS,
+            )
             with contextlib.redirect_stdout(io.StringIO()):  # its adapter reports what it patched
                 cache_dit.enable_cache(adapter, cache_config=config)
             start = counted()
             images, compute = sample_row(network, model, labels, noise, count_blocks=lambda: counted() - start)
-            rows.append(evaluate(network, "cache-dit DBCache", f"F1B0, threshold={threshold}", images, compute,
-                                 reference))
+            rows.append(
+                evaluate(network, "cache-dit DBCache", f"F1B0, threshold={threshold}", images, compute, reference)
+            )
             say(f"{network.name}: cache-dit DBCache {threshold}")
     return rows
 
@@ -243,15 +308,32 @@ def run(samples: int, quick: bool, say: Callable[[str], None]) -> list[dict]:
         real_features = models.evaluator.features(held_x).numpy()
     labels = torch.arange(samples) % digits.NUM_CLASSES
     noise = torch.randn((samples, 1, digits.IMAGE_SIZE, digits.IMAGE_SIZE), generator=torch.Generator().manual_seed(0))
-    settings = QUICK if quick else dict(fewer=FEWER_STEPS, truncate=TRUNCATE, reuse=REUSE, thresholds=THRESHOLDS,
-                                        extrapolated=EXTRAPOLATED_THRESHOLDS, combined=COMBINED,
-                                        forecast=FORECAST_EVERY, forecast_combined=FORECAST_COMBINED)
+    settings = (
+        QUICK
+        if quick
+        else dict(
+            fewer=FEWER_STEPS,
+            truncate=TRUNCATE,
+            reuse=REUSE,
+            thresholds=THRESHOLDS,
+            extrapolated=EXTRAPOLATED_THRESHOLDS,
+            combined=COMBINED,
+            forecast=FORECAST_EVERY,
+            forecast_combined=FORECAST_COMBINED,
+        )
+    )
 
     def evaluate(network, method, setting, images, compute, reference) -> dict:
         full = 2 * samples * CALLS * network.blocks
-        return {"model": network.name, "method": method, "setting": setting, **compute,
-                "compute": compute["block_rows"] / full, **score(models, images, labels, real_features),
-                "deviation": (images - reference).abs().mean().item()}
+        return {
+            "model": network.name,
+            "method": method,
+            "setting": setting,
+            **compute,
+            "compute": compute["block_rows"] / full,
+            **score(models, images, labels, real_features),
+            "deviation": (images - reference).abs().mean().item(),
+        }
 
     rows = []
     for network in networks(models):
@@ -271,26 +353,53 @@ def run(samples: int, quick: bool, say: Callable[[str], None]) -> list[dict]:
             images, compute = sample_row(network, network.model, labels, noise, cache=FirstBlockCache(threshold))
             rows.append(evaluate(network, "FirstBlockCache", f"threshold={threshold}", images, compute, reference))
         for threshold in settings["extrapolated"]:
-            images, compute = sample_row(network, network.model, labels, noise,
-                                         cache=FirstBlockCache(threshold, order=1))
-            rows.append(evaluate(network, "FirstBlockCache, order 1", f"threshold={threshold}", images, compute,
-                                 reference))
+            images, compute = sample_row(
+                network, network.model, labels, noise, cache=FirstBlockCache(threshold, order=1)
+            )
+            rows.append(
+                evaluate(network, "FirstBlockCache, order 1", f"threshold={threshold}", images, compute, reference)
+            )
         for (every, order), (threshold, cache_order) in settings["combined"]:
-            images, compute = sample_row(network, network.model, labels, noise,
-                                         guidance=CFG(SCALE, reuse=DeltaReuse(every=every, order=order)),
-                                         cache=FirstBlockCache(threshold, order=cache_order))
-            rows.append(evaluate(network, "delta reuse + FirstBlockCache",
-                                 f"every={every}, order={order}; threshold={threshold}, order={cache_order}",
-                                 images, compute, reference))
+            images, compute = sample_row(
+                network,
+                network.model,
+                labels,
+                noise,
+                guidance=CFG(SCALE, reuse=DeltaReuse(every=every, order=order)),
+                cache=FirstBlockCache(threshold, order=cache_order),
+            )
+            rows.append(
+                evaluate(
+                    network,
+                    "delta reuse + FirstBlockCache",
+                    f"every={every}, order={order}; threshold={threshold}, order={cache_order}",
+                    images,
+                    compute,
+                    reference,
+                )
+            )
         for every in settings["forecast"]:
             images, compute = sample_row(network, network.model, labels, noise, cache=ForecastCache(every))
             rows.append(evaluate(network, "ForecastCache", f"every={every}", images, compute, reference))
         for (every, order), forecast_every in settings["forecast_combined"]:
-            images, compute = sample_row(network, network.model, labels, noise,
-                                         guidance=CFG(SCALE, reuse=DeltaReuse(every=every, order=order)),
-                                         cache=ForecastCache(forecast_every))
-            rows.append(evaluate(network, "delta reuse + ForecastCache",
-                                 f"every={every}, order={order}; every={forecast_every}", images, compute, reference))
+            images, compute = sample_row(
+                network,
+                network.model,
+                labels,
+                noise,
+                guidance=CFG(SCALE, reuse=DeltaReuse(every=every, order=order)),
+                cache=ForecastCache(forecast_every),
+            )
+            rows.append(
+                evaluate(
+                    network,
+                    "delta reuse + ForecastCache",
+                    f"every={every}, order={order}; every={forecast_every}",
+                    images,
+                    compute,
+                    reference,
+                )
+            )
         if network.name == "digits transformer":
             rows += diffusers_rows(network, labels, noise, quick, evaluate, say)
         say(f"{network.name}: {len(rows)} rows so far")
@@ -300,12 +409,17 @@ def run(samples: int, quick: bool, say: Callable[[str], None]) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     lines = []
     for model in dict.fromkeys(r["model"] for r in rows):
-        lines += [f"### {model}", "",
-                  "| method | setting | compute | model rows | Fréchet distance | accuracy | deviation |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {model}",
+            "",
+            "| method | setting | compute | model rows | Fréchet distance | accuracy | deviation |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in sorted((r for r in rows if r["model"] == model), key=lambda r: -r["compute"]):
-            lines.append(f"| {r['method']} | {r['setting']} | {r['compute']:.3f} | {r['model_rows']} "
-                         f"| {r['frechet']:.3f} | {r['accuracy']:.3f} | {r['deviation']:.4f} |")
+            lines.append(
+                f"| {r['method']} | {r['setting']} | {r['compute']:.3f} | {r['model_rows']} "
+                f"| {r['frechet']:.3f} | {r['accuracy']:.3f} | {r['deviation']:.4f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -345,8 +459,13 @@ def main(argv: list[str] | None = None) -> int:
     samples = args.samples or (40 if args.quick else 500)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = run(samples, args.quick, progress_printer())
-    write_study(args.out, "reuse", {"samples": samples, "scale": SCALE, "calls": CALLS, "rows": rows},
-                markdown(rows), lambda path: plot(rows, path))
+    write_study(
+        args.out,
+        "reuse",
+        {"samples": samples, "scale": SCALE, "calls": CALLS, "rows": rows},
+        markdown(rows),
+        lambda path: plot(rows, path),
+    )
     return 0
 
 

@@ -102,9 +102,24 @@ def whole_loops(repeat: int, calls: int = 25) -> dict[str, float]:
     model_alone = median_us(lambda: model(fixed, None, None), repeat)
     rounds = max(1, repeat // calls)
     found = {}
-    found["sample()/call"] = median_us(
-        lambda: sample(model, (1, 3, 8, 8), labels=labels, sampler="ddim", steps=calls, guidance=CFG(3.0),
-                       noise=noise, null_label=10, num_classes=10), rounds) / calls - model_alone
+    found["sample()/call"] = (
+        median_us(
+            lambda: sample(
+                model,
+                (1, 3, 8, 8),
+                labels=labels,
+                sampler="ddim",
+                steps=calls,
+                guidance=CFG(3.0),
+                noise=noise,
+                null_label=10,
+                num_classes=10,
+            ),
+            rounds,
+        )
+        / calls
+        - model_alone
+    )
     try:
         import diffusers
     except ImportError:

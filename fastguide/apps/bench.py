@@ -46,8 +46,17 @@ def run_suite(benchmarks: Path, out: Path, selection: str | None) -> tuple[dict,
     """
     results = out / "results.json"
     results.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "pytest", str(benchmarks), "-q", "-p", "no:cacheprovider",
-               "--benchmark-enable", f"--benchmark-json={results}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(benchmarks),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-enable",
+        f"--benchmark-json={results}",
+    ]
     if selection:
         command += ["-k", selection]
     # Benchmarks time the tuned kernels: the tests' one-config setting stays out of the run.
@@ -58,8 +67,11 @@ def run_suite(benchmarks: Path, out: Path, selection: str | None) -> tuple[dict,
     except (OSError, json.JSONDecodeError):  # not written, or cut off with the run
         data = {"benchmarks": []}
     if not data.get("benchmarks"):
-        why = ("pytest could not collect or run the suite" if status in (2, 3, 4)
-               else "the selection ran nothing here: the GPU cases need CUDA, --quick selects CPU cases")
+        why = (
+            "pytest could not collect or run the suite"
+            if status in (2, 3, 4)
+            else "the selection ran nothing here: the GPU cases need CUDA, --quick selects CPU cases"
+        )
         raise RuntimeError(f"no benchmark ran ({why}; pytest exit {status}): {' '.join(command)}")
     return data, status
 
@@ -78,13 +90,24 @@ def group_results(data: dict) -> dict[str, dict[str, dict]]:
         case, impl = _case_and_impl(bench)
         info = bench.get("extra_info", {})
         median_ms = info.get("median_ms", bench["stats"]["median"] * 1e3)
-        rate = (f"{info['GB/s']:.1f} GB/s" if "GB/s" in info
-                else f"{info['TFLOP/s']:.2f} TFLOP/s" if "TFLOP/s" in info else "")
+        rate = (
+            f"{info['GB/s']:.1f} GB/s"
+            if "GB/s" in info
+            else f"{info['TFLOP/s']:.2f} TFLOP/s"
+            if "TFLOP/s" in info
+            else ""
+        )
         pct = info.get("pct_of_copy_bandwidth", info.get("pct_of_matmul_rate"))
         device_pct = info.get("device_pct_of_copy_bandwidth", info.get("device_pct_of_matmul_rate"))
-        cases[case][impl] = dict(median_ms=median_ms, rate=rate, pct=pct, peak=info.get("peak_memory_MB"),
-                                 device_ms=info.get("device_ms"), device_pct=device_pct,
-                                 back_to_back_ms=info.get("back_to_back_ms"))
+        cases[case][impl] = dict(
+            median_ms=median_ms,
+            rate=rate,
+            pct=pct,
+            peak=info.get("peak_memory_MB"),
+            device_ms=info.get("device_ms"),
+            device_pct=device_pct,
+            back_to_back_ms=info.get("back_to_back_ms"),
+        )
     return cases
 
 
@@ -98,8 +121,11 @@ def _fastguide_first(impl: str) -> tuple[bool, str]:
 
 
 def _device_columns(r: dict) -> str:
-    device = "" if r.get("device_ms") is None else f"{r['device_ms']:.3f} ms" + (
-        "" if r.get("device_pct") is None else f" ({r['device_pct']:.1f}%)")
+    device = (
+        ""
+        if r.get("device_ms") is None
+        else f"{r['device_ms']:.3f} ms" + ("" if r.get("device_pct") is None else f" ({r['device_pct']:.1f}%)")
+    )
     back_to_back = "" if r.get("back_to_back_ms") is None else f"{r['back_to_back_ms']:.3f} ms"
     return f" {device} | {back_to_back} |"
 
@@ -109,13 +135,19 @@ def markdown_table(cases: dict[str, dict[str, dict]], machine: str) -> str:
     replay (no host work; its % of the floor in brackets) beside the call's median (host
     work included, L2 flushed), and "back to back" the time per call of calls issued without
     a flush or a sync between them (benchmarks/timing.py)."""
-    device = any(r.get("back_to_back_ms") is not None or r.get("device_ms") is not None
-                 for impls in cases.values() for r in impls.values())
-    lines = [f"Benchmarks on {machine}, {date.today().isoformat()}. Ratio: time / the fastest fastguide "
-             "backend's time (above 1: fastguide is faster).", "",
-             "| case | implementation | median | rate | % of floor | peak memory | ratio to fastguide |"
-             + (" device time | back to back |" if device else ""),
-             "|---|---|---|---|---|---|---|" + ("---|---|" if device else "")]
+    device = any(
+        r.get("back_to_back_ms") is not None or r.get("device_ms") is not None
+        for impls in cases.values()
+        for r in impls.values()
+    )
+    lines = [
+        f"Benchmarks on {machine}, {date.today().isoformat()}. Ratio: time / the fastest fastguide "
+        "backend's time (above 1: fastguide is faster).",
+        "",
+        "| case | implementation | median | rate | % of floor | peak memory | ratio to fastguide |"
+        + (" device time | back to back |" if device else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|" if device else ""),
+    ]
     for case, impls in cases.items():
         ours = min((r["median_ms"] for name, r in impls.items() if _is_ours(name)), default=None)
         for impl in sorted(impls, key=_fastguide_first):
@@ -123,8 +155,10 @@ def markdown_table(cases: dict[str, dict[str, dict]], machine: str) -> str:
             pct = "" if r["pct"] is None else f"{r['pct']:.1f}%"
             peak = "" if r["peak"] is None else f"{r['peak']:.0f} MB"
             ratio = "" if ours is None else f"{r['median_ms'] / ours:.2f}×"
-            lines.append(f"| {case} | {impl} | {r['median_ms']:.3f} ms | {r['rate']} | {pct} | {peak} | {ratio} |"
-                         + (_device_columns(r) if device else ""))
+            lines.append(
+                f"| {case} | {impl} | {r['median_ms']:.3f} ms | {r['rate']} | {pct} | {peak} | {ratio} |"
+                + (_device_columns(r) if device else "")
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -138,8 +172,11 @@ def plot_cases(cases: dict[str, dict[str, dict]], out: Path) -> list[Path]:
     for case, impls in cases.items():
         names = sorted(impls, key=_fastguide_first)
         fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(names)))
-        ax.barh(names, [impls[n]["median_ms"] for n in names],
-                color=["tab:orange" if _is_ours(n) else "tab:blue" for n in names])
+        ax.barh(
+            names,
+            [impls[n]["median_ms"] for n in names],
+            color=["tab:orange" if _is_ours(n) else "tab:blue" for n in names],
+        )
         ax.invert_yaxis()
         ax.set_xlabel("median time (ms)")
         ax.set_title(case, fontsize=8)
@@ -153,19 +190,29 @@ def plot_cases(cases: dict[str, dict[str, dict]], out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="fastguide bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("results") / f"bench-{date.today().isoformat()}",
-                        help="folder for results.json, table.md and the plots (default: results/bench-DATE)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results") / f"bench-{date.today().isoformat()}",
+        help="folder for results.json, table.md and the plots (default: results/bench-DATE)",
+    )
     parser.add_argument("--quick", action="store_true", help=f"only the fast CPU cases ({QUICK})")
     parser.add_argument("-k", dest="selection", help="pytest -k expression selecting cases")
     parser.add_argument("--benchmarks", type=Path, help="the benchmarks/ folder (default: beside the package)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--nfe", action="store_true",
-                        help="instead: accuracy per model call of every solver × spacing against diffusers' "
-                             "schedulers (benchmarks/sampling/nfe.py: nfe.json, nfe.md, nfe.png in --out)")
-    parser.add_argument("--reuse", action="store_true",
-                        help="instead: quality against compute of truncated CFG, delta reuse and block caching on "
-                             "the digits models, beside diffusers' cache hooks (benchmarks/sampling/reuse.py: "
-                             "reuse.json, reuse.md, reuse.png in --out)")
+    parser.add_argument(
+        "--nfe",
+        action="store_true",
+        help="instead: accuracy per model call of every solver × spacing against diffusers' "
+        "schedulers (benchmarks/sampling/nfe.py: nfe.json, nfe.md, nfe.png in --out)",
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="instead: quality against compute of truncated CFG, delta reuse and block caching on "
+        "the digits models, beside diffusers' cache hooks (benchmarks/sampling/reuse.py: "
+        "reuse.json, reuse.md, reuse.png in --out)",
+    )
     args = parser.parse_args(argv)
     if args.nfe and args.reuse:
         fail("--nfe and --reuse are two separate studies: pick one")
@@ -190,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     cases = group_results(data)
     machine = data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "this machine")
     if any("device" in b.get("extra_info", {}) and b["extra_info"]["device"] != "cpu" for b in data["benchmarks"]):
-        machine = next(b["extra_info"]["device"] for b in data["benchmarks"]
-                       if b["extra_info"].get("device", "cpu") != "cpu")
+        machine = next(
+            b["extra_info"]["device"] for b in data["benchmarks"] if b["extra_info"].get("device", "cpu") != "cpu"
+        )
     table = markdown_table(cases, machine)
     (args.out / "table.md").write_text(table)
     if not args.no_plots:
@@ -199,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"written to {args.out}/ (results.json, table.md{'' if args.no_plots else ', *.png'})")
     if status != 0:
-        print(f"fastguide bench: some cases failed (pytest exit {status}); the table holds those that ran",
-              file=sys.stderr)
+        print(
+            f"fastguide bench: some cases failed (pytest exit {status}); the table holds those that ran",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

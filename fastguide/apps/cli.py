@@ -102,8 +102,9 @@ def model_schedule(name: str) -> NoiseSchedule:
     return NoiseSchedule.cosine() if ADM_SCHEDULES[name] == "cosine" else NoiseSchedule.linear()
 
 
-def load_sampling_model(name: str, checkpoint: Path | None, classifier_checkpoint: Path | None,
-                        device: torch.device, precision: str) -> SamplingModel:
+def load_sampling_model(
+    name: str, checkpoint: Path | None, classifier_checkpoint: Path | None, device: torch.device, precision: str
+) -> SamplingModel:
     """The networks of --model ``name`` on ``device``; broken checkpoints raise UsageError."""
     from ..models.checkpoints import load_checkpoint
     from ..models.configs import (
@@ -118,25 +119,43 @@ def load_sampling_model(name: str, checkpoint: Path | None, classifier_checkpoin
         folder = checkpoint or digits.WEIGHTS
         models = load_weights("--checkpoint", folder, lambda: digits.load(device, weights=folder))
         if classifier_checkpoint is not None:
-            load_weights("--classifier-checkpoint", classifier_checkpoint,
-                         lambda: load_checkpoint(models.classifier, classifier_checkpoint))
-        bundle = SamplingModel(models.unet, models.classifier, (1, digits.IMAGE_SIZE, digits.IMAGE_SIZE),
-                               digits.NUM_CLASSES, model_schedule(name), models.guide)
+            load_weights(
+                "--classifier-checkpoint",
+                classifier_checkpoint,
+                lambda: load_checkpoint(models.classifier, classifier_checkpoint),
+            )
+        bundle = SamplingModel(
+            models.unet,
+            models.classifier,
+            (1, digits.IMAGE_SIZE, digits.IMAGE_SIZE),
+            digits.NUM_CLASSES,
+            model_schedule(name),
+            models.guide,
+        )
     elif name == "digits-transformer":
         folder = checkpoint or digits.WEIGHTS
         models = load_weights("--checkpoint", folder, lambda: digits.load(device, weights=folder))
         assert models.transformer is not None  # its file exists (_check_transformer)
-        bundle = SamplingModel(models.transformer, None, (1, digits.IMAGE_SIZE, digits.IMAGE_SIZE),
-                               digits.NUM_CLASSES, model_schedule(name), prediction_type="flow_prediction")
+        bundle = SamplingModel(
+            models.transformer,
+            None,
+            (1, digits.IMAGE_SIZE, digits.IMAGE_SIZE),
+            digits.NUM_CLASSES,
+            model_schedule(name),
+            prediction_type="flow_prediction",
+        )
     else:
         assert checkpoint is not None  # an ADM model's is required (_check_sample_weights)
-        unet = load_weights("--checkpoint", checkpoint,
-                            lambda: load_checkpoint(create_model(**unet_config(name)), checkpoint))
+        unet = load_weights(
+            "--checkpoint", checkpoint, lambda: load_checkpoint(create_model(**unet_config(name)), checkpoint)
+        )
         classifier = None
         if classifier_checkpoint is not None:
             classifier = load_weights(
-                "--classifier-checkpoint", classifier_checkpoint,
-                lambda: load_checkpoint(create_classifier(**classifier_config(name)), classifier_checkpoint))
+                "--classifier-checkpoint",
+                classifier_checkpoint,
+                lambda: load_checkpoint(create_classifier(**classifier_config(name)), classifier_checkpoint),
+            )
         size = unet.image_size
         bundle = SamplingModel(unet, classifier, (3, size, size), 1000, model_schedule(name))
     for module in (bundle.unet, bundle.classifier, bundle.guide):
@@ -149,8 +168,9 @@ def load_sampling_model(name: str, checkpoint: Path | None, classifier_checkpoin
     return bundle
 
 
-def _guidance(kind: str, scale: float, classifier_scale: float, model: SamplingModel,
-              cfg_options: dict | None = None) -> tuple | None:
+def _guidance(
+    kind: str, scale: float, classifier_scale: float, model: SamplingModel, cfg_options: dict | None = None
+) -> tuple | None:
     """The sampler's guidance specs for --guidance ``kind`` (checked by check_sample);
     ``cfg_options`` (schedule, interval, tangential; for auto, interval only) go to the
     CFG, CFG++ or AutoGuidance spec."""
@@ -198,11 +218,25 @@ def save_grid(images: torch.Tensor, path: Path, columns: int, scale: int = 4) ->
     grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)  # type: ignore[attr-defined]
 
 
-def generate(model: SamplingModel, labels: torch.Tensor, *, guidance_kind: str, scale: float,
-             classifier_scale: float, sampler: str, steps: int, seed: int, batch_size: int,
-             device: torch.device, precision: str = "fp32", rank: int = 0, world_size: int = 1,
-             progress: bool = False, cfg_options: dict | None = None,
-             spacing: str | None = None) -> dict[int, torch.Tensor]:
+def generate(
+    model: SamplingModel,
+    labels: torch.Tensor,
+    *,
+    guidance_kind: str,
+    scale: float,
+    classifier_scale: float,
+    sampler: str,
+    steps: int,
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+    cfg_options: dict | None = None,
+    spacing: str | None = None,
+) -> dict[int, torch.Tensor]:
     """{batch index: samples} for this rank's batches (round-robin over ranks). Each batch
     draws from its own seed stream (seed, batch index), so any split of the batches across
     processes gives exactly the images of a single-process run."""
@@ -212,13 +246,22 @@ def generate(model: SamplingModel, labels: torch.Tensor, *, guidance_kind: str, 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     out = {}
     for index in range(rank, -(-len(labels) // batch_size), world_size):
-        batch_labels = labels[index * batch_size:(index + 1) * batch_size].to(device)
+        batch_labels = labels[index * batch_size : (index + 1) * batch_size].to(device)
         generator = torch.Generator(device).manual_seed(seed * SEED_STRIDE + index)
         with autocast:
-            images = sample(model.unet, (len(batch_labels), *model.shape), labels=batch_labels, sampler=sampler,
-                            steps=_grid(model.schedule, steps, spacing), schedule=model.schedule, guidance=guidance,
-                            prediction_type=model.prediction_type, generator=generator, device=device,
-                            progress=progress)
+            images = sample(
+                model.unet,
+                (len(batch_labels), *model.shape),
+                labels=batch_labels,
+                sampler=sampler,
+                steps=_grid(model.schedule, steps, spacing),
+                schedule=model.schedule,
+                guidance=guidance,
+                prediction_type=model.prediction_type,
+                generator=generator,
+                device=device,
+                progress=progress,
+            )
         out[index] = images.float().cpu()
     return out
 
@@ -272,8 +315,11 @@ def check_sample(args: argparse.Namespace) -> None:
     args.device = parse_device(args.device)
     check_backend(args.backend, args.device)
     if args.precision == "fp16" and args.model == "digits-transformer":  # it would run in fp32 without a word
-        raise UsageError("--precision", "fp16 is ADM's use_fp16 (a UNet's convolutions in fp16), which --model "
-                                        "digits-transformer does not have: use fp32 or bf16 (autocast)")
+        raise UsageError(
+            "--precision",
+            "fp16 is ADM's use_fp16 (a UNet's convolutions in fp16), which --model "
+            "digits-transformer does not have: use fp32 or bf16 (autocast)",
+        )
     check_image_file("--out", args.out, "RGB" if adm else "L")
     if args.npz is not None:
         check_output_file("--npz", args.npz)  # a folder: np.savez would write FOLDER.npz beside it
@@ -298,8 +344,11 @@ def check_sampler_fits(option: str, sampler: str, model: str) -> None:
 
     if not fits(sampler):
         kind = "flow path" if schedule.is_flow else "variance-preserving schedule"
-        raise UsageError(option, f"expected one of {', '.join(s for s in SAMPLERS if fits(s))} for the {kind} of "
-                                 f"--model {model}, got {sampler}")
+        raise UsageError(
+            option,
+            f"expected one of {', '.join(s for s in SAMPLERS if fits(s))} for the {kind} of "
+            f"--model {model}, got {sampler}",
+        )
 
 
 CFG_PLUS_PLUS_SCALE = 0.4  # CFG++'s λ: the digits UNet's best in `fastguide sweep` (the transformer's: 0.2)
@@ -325,24 +374,32 @@ def _check_cfg_options(args: argparse.Namespace) -> None:
         from ..sampling.guidance import CFGPlusPlus
 
         if args.sampler not in CFGPlusPlus.SAMPLERS:
-            raise UsageError("--sampler", f"--guidance cfg++ is built for {', '.join(CFGPlusPlus.SAMPLERS)}, "
-                                          f"got {args.sampler}")
+            raise UsageError(
+                "--sampler", f"--guidance cfg++ is built for {', '.join(CFGPlusPlus.SAMPLERS)}, got {args.sampler}"
+            )
         if args.sampler == "dpm++2m" and args.interval is not None:
-            raise UsageError("--interval", "--guidance cfg++ on dpm++2m reads every call's unconditional x0, which "
-                                           "calls outside an interval do not compute: use --sampler ddim or euler")
+            raise UsageError(
+                "--interval",
+                "--guidance cfg++ on dpm++2m reads every call's unconditional x0, which "
+                "calls outside an interval do not compute: use --sampler ddim or euler",
+            )
         for option, on in (("--tangential", args.tangential), ("--schedule", args.schedule != "constant")):
             if on:
                 raise UsageError(option, "applies to --guidance cfg or both, not cfg++ (a constant λ)")
-    cfg_only = [name for name, on in (("--schedule", args.schedule != "constant"),
-                                      ("--tangential", args.tangential)) if on]
+    cfg_only = [
+        name for name, on in (("--schedule", args.schedule != "constant"), ("--tangential", args.tangential)) if on
+    ]
     if cfg_only and args.guidance == "auto":
-        raise UsageError(cfg_only[0], "applies to --guidance cfg or both, not auto (autoguidance takes a constant w; "
-                                      "--interval does apply)")
+        raise UsageError(
+            cfg_only[0],
+            "applies to --guidance cfg or both, not auto (autoguidance takes a constant w; --interval does apply)",
+        )
     if cfg_only and args.guidance not in CFG_KINDS:
         raise UsageError(cfg_only[0], f"applies to --guidance {', '.join(CFG_KINDS)}, got --guidance {args.guidance}")
     if args.interval and args.guidance not in INTERVAL_KINDS:
-        raise UsageError("--interval", f"applies to --guidance {', '.join(INTERVAL_KINDS)}, "
-                                       f"got --guidance {args.guidance}")
+        raise UsageError(
+            "--interval", f"applies to --guidance {', '.join(INTERVAL_KINDS)}, got --guidance {args.guidance}"
+        )
     options: dict = {} if args.guidance == "auto" else {"schedule": args.schedule}
     if args.interval:
         options["interval"] = _checked_interval(args.interval)
@@ -365,8 +422,10 @@ def _check_sample_weights(args: argparse.Namespace, adm: bool) -> None:
 
     if adm:
         if args.checkpoint is None:
-            raise UsageError("--checkpoint", f"expected the guided-diffusion .pt or .safetensors file of "
-                                             f"--model {args.model}, got none")
+            raise UsageError(
+                "--checkpoint",
+                f"expected the guided-diffusion .pt or .safetensors file of --model {args.model}, got none",
+            )
         check_weights_file("--checkpoint", args.checkpoint)
     elif args.checkpoint is not None:
         check_digits_folder("--checkpoint", args.checkpoint)
@@ -374,19 +433,27 @@ def _check_sample_weights(args: argparse.Namespace, adm: bool) -> None:
         _check_transformer(args)
     if args.classifier_checkpoint is not None:
         if args.guidance == "auto":  # the sampler has no autoguidance-plus-classifier mode to put it in
-            raise UsageError("--classifier-checkpoint", "--guidance auto guides with the weaker guide network, "
-                                                        "not a classifier: use --guidance classifier or both")
+            raise UsageError(
+                "--classifier-checkpoint",
+                "--guidance auto guides with the weaker guide network, "
+                "not a classifier: use --guidance classifier or both",
+            )
         if args.guidance not in ("classifier", "both"):  # it would be loaded and never used
-            raise UsageError("--classifier-checkpoint", f"--guidance {args.guidance} uses no classifier: "
-                                                        "use --guidance classifier or both, or leave it out")
+            raise UsageError(
+                "--classifier-checkpoint",
+                f"--guidance {args.guidance} uses no classifier: use --guidance classifier or both, or leave it out",
+            )
         check_weights_file("--classifier-checkpoint", args.classifier_checkpoint)
     if args.guidance == "auto":
         _check_guide(args, adm)
     if not adm:
         return  # the digits model has a null class and a classifier
     if args.guidance in CFG_KINDS and not unet_config(args.model).get("null_class", False):
-        raise UsageError("--guidance", f"{args.guidance} needs a model with a null class, and the released ADM "
-                                       "models have none: use --guidance classifier or none")
+        raise UsageError(
+            "--guidance",
+            f"{args.guidance} needs a model with a null class, and the released ADM "
+            "models have none: use --guidance classifier or none",
+        )
     if args.guidance in ("classifier", "both") and args.classifier_checkpoint is None:
         raise UsageError("--guidance", f"{args.guidance} needs --classifier-checkpoint with --model {args.model}")
 
@@ -398,12 +465,17 @@ def _check_transformer(args: argparse.Namespace) -> None:
 
     weights = digits.transformer_file(args.checkpoint or digits.WEIGHTS)
     if not weights.is_file():
-        raise UsageError("--model", f"digits-transformer needs {weights}, which is missing: "
-                                    f"'fastguide train --only transformer --out {weights.parent}' writes it")
+        raise UsageError(
+            "--model",
+            f"digits-transformer needs {weights}, which is missing: "
+            f"'fastguide train --only transformer --out {weights.parent}' writes it",
+        )
     check_weights_file("--checkpoint", weights)
     if args.guidance not in ("cfg", "cfg++", "none"):
-        raise UsageError("--guidance", f"--model digits-transformer has classifier-free guidance only (cfg, cfg++ "
-                                       f"or none), got {args.guidance}")
+        raise UsageError(
+            "--guidance",
+            f"--model digits-transformer has classifier-free guidance only (cfg, cfg++ or none), got {args.guidance}",
+        )
     if args.classifier_checkpoint is not None:
         raise UsageError("--classifier-checkpoint", "--model digits-transformer has no classifier guidance")
 
@@ -413,12 +485,18 @@ def _check_guide(args: argparse.Namespace, adm: bool) -> None:
     from . import digits
 
     if adm:
-        raise UsageError("--guidance", f"auto needs a weaker guide network, which only --model digits has, not "
-                                       f"{args.model}: use --guidance classifier or none")
+        raise UsageError(
+            "--guidance",
+            f"auto needs a weaker guide network, which only --model digits has, not "
+            f"{args.model}: use --guidance classifier or none",
+        )
     guide = digits.guide_file(args.checkpoint or digits.WEIGHTS)
     if not guide.is_file():
-        raise UsageError("--guidance", f"auto needs the guide network {guide}, which is missing: "
-                                       f"'fastguide train --only guide --out {guide.parent}' adds it")
+        raise UsageError(
+            "--guidance",
+            f"auto needs the guide network {guide}, which is missing: "
+            f"'fastguide train --only guide --out {guide.parent}' adds it",
+        )
     check_weights_file("--checkpoint", guide)
 
 
@@ -431,11 +509,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
     chosen = backends.backend(args.backend) if args.backend is not None else contextlib.nullcontext()
     with chosen:
         model = load_sampling_model(args.model, args.checkpoint, args.classifier_checkpoint, device, args.precision)
-        batches = generate(model, args.label_ids, guidance_kind=args.guidance, scale=args.scale,
-                           classifier_scale=args.classifier_scale, sampler=args.sampler, steps=args.steps,
-                           seed=args.seed, batch_size=args.batch_size, device=device, precision=args.precision,
-                           rank=rank, world_size=world_size, progress=not args.quiet and rank == 0,
-                           cfg_options=args.cfg_options, spacing=args.spacing)
+        batches = generate(
+            model,
+            args.label_ids,
+            guidance_kind=args.guidance,
+            scale=args.scale,
+            classifier_scale=args.classifier_scale,
+            sampler=args.sampler,
+            steps=args.steps,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=device,
+            precision=args.precision,
+            rank=rank,
+            world_size=world_size,
+            progress=not args.quiet and rank == 0,
+            cfg_options=args.cfg_options,
+            spacing=args.spacing,
+        )
     if world_size > 1:
         import torch.distributed as dist
 
@@ -465,17 +556,27 @@ def check_sweep(args: argparse.Namespace) -> None:
     """Every option of ``fastguide sweep``; sets args.device and args.variants."""
     from . import digits, sweep
 
-    for option, scales in (("--scales", args.scales), ("--cfgpp-scales", args.cfgpp_scales),
-                           ("--auto-scales", args.auto_scales or [])):
+    for option, scales in (
+        ("--scales", args.scales),
+        ("--cfgpp-scales", args.cfgpp_scales),
+        ("--auto-scales", args.auto_scales or []),
+    ):
         for scale in scales:
             check_scale(option, scale)
     if "cfg++" in args.guidances and max(args.cfgpp_scales) > 1:
         raise UsageError("--cfgpp-scales", f"expected CFG++'s λ values in [0, 1], got {max(args.cfgpp_scales)}")
     if "auto" in args.guidances and not digits.guide_file().is_file():
-        raise UsageError("--guidances", f"auto needs the guide network {digits.guide_file()}, which is missing: "
-                                        "'fastguide train --only guide' writes it")
-    args.variants = sweep.Variants(tuple(args.cfgpp_scales), args.auto_scales and tuple(args.auto_scales),
-                                   _checked_interval(args.interval), args.schedule)
+        raise UsageError(
+            "--guidances",
+            f"auto needs the guide network {digits.guide_file()}, which is missing: "
+            "'fastguide train --only guide' writes it",
+        )
+    args.variants = sweep.Variants(
+        tuple(args.cfgpp_scales),
+        args.auto_scales and tuple(args.auto_scales),
+        _checked_interval(args.interval),
+        args.schedule,
+    )
     # within-class diversity needs two samples of one class; labels cycle over the classes
     check_at_least("--samples-per-scale", args.samples_per_scale, digits.NUM_CLASSES + 1, MAX_SAMPLES)
     check_steps(args.steps, digits.schedule(), "digits")
@@ -502,10 +603,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from . import sweep
 
     kinds = tuple(dict.fromkeys(args.guidances))  # each kind once, in the order given
-    rows = sweep.run(args.scales, kinds=kinds, variants=args.variants, samples_per_scale=args.samples_per_scale,
-                     steps=_grid(model_schedule(args.model), args.steps, args.spacing), sampler=args.sampler,
-                     seed=args.seed, device=str(args.device), progress=not args.quiet,
-                     transformer=args.model == "digits-transformer")
+    rows = sweep.run(
+        args.scales,
+        kinds=kinds,
+        variants=args.variants,
+        samples_per_scale=args.samples_per_scale,
+        steps=_grid(model_schedule(args.model), args.steps, args.spacing),
+        sampler=args.sampler,
+        seed=args.seed,
+        device=str(args.device),
+        progress=not args.quiet,
+        transformer=args.model == "digits-transformer",
+    )
     table = sweep.markdown(rows)
     print(table)
     if args.table is not None:
@@ -552,12 +661,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.only == "guide":
             record = digits.train_guide(Path(scratch), seed=args.seed, steps=args.guide_steps, record=args.record)
         elif args.only == "transformer":
-            record = digits.train_transformer(Path(scratch), seed=args.seed, steps=args.transformer_steps,
-                                              record=args.record)
+            record = digits.train_transformer(
+                Path(scratch), seed=args.seed, steps=args.transformer_steps, record=args.record
+            )
         else:
-            record = digits.train(Path(scratch), seed=args.seed, unet_steps=args.unet_steps,
-                                  classifier_steps=args.classifier_steps, evaluator_steps=args.evaluator_steps,
-                                  guide_steps=args.guide_steps, transformer_steps=args.transformer_steps)
+            record = digits.train(
+                Path(scratch),
+                seed=args.seed,
+                unet_steps=args.unet_steps,
+                classifier_steps=args.classifier_steps,
+                evaluator_steps=args.evaluator_steps,
+                guide_steps=args.guide_steps,
+                transformer_steps=args.transformer_steps,
+            )
         args.out.mkdir(parents=True, exist_ok=True)
         for file in sorted(Path(scratch).iterdir()):
             os.replace(file, args.out / file.name)
@@ -594,82 +710,161 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fastguide", description="Fast guided diffusion sampling.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    s = commands.add_parser("sample", help="draw guided samples and write a PNG grid and/or an .npz",
-                            description="Draw class-guided samples from the shipped digits model.")
-    s.add_argument("--model", default="digits",
-                   help="digits (shipped with fastguide; default) or a guided-diffusion preset: adm64, adm128, "
-                        "adm256, adm512 (with --checkpoint)")
-    s.add_argument("--checkpoint", type=Path,
-                   help="the model's weights: a guided-diffusion .pt/.safetensors for adm*, a folder written by "
-                        "'fastguide train' for digits")
-    s.add_argument("--classifier-checkpoint", type=Path,
-                   help="the noisy classifier's weights (adm* presets; for digits it replaces the classifier of "
-                        "the --checkpoint folder)")
-    s.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="fp16: ADM's use_fp16 (convolutions in fp16); bf16: autocast (default: fp32)")
+    s = commands.add_parser(
+        "sample",
+        help="draw guided samples and write a PNG grid and/or an .npz",
+        description="Draw class-guided samples from the shipped digits model.",
+    )
+    s.add_argument(
+        "--model",
+        default="digits",
+        help="digits (shipped with fastguide; default) or a guided-diffusion preset: adm64, adm128, "
+        "adm256, adm512 (with --checkpoint)",
+    )
+    s.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="the model's weights: a guided-diffusion .pt/.safetensors for adm*, a folder written by "
+        "'fastguide train' for digits",
+    )
+    s.add_argument(
+        "--classifier-checkpoint",
+        type=Path,
+        help="the noisy classifier's weights (adm* presets; for digits it replaces the classifier of "
+        "the --checkpoint folder)",
+    )
+    s.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="fp16: ADM's use_fp16 (convolutions in fp16); bf16: autocast (default: fp32)",
+    )
     s.add_argument("--labels", default="0-9", help="class, range (0-9) or list (1,4,7), cycled (default: 0-9)")
-    s.add_argument("--guidance", choices=GUIDANCE, default="cfg",
-                   help="classifier-free (cfg), CFG++ (cfg++, λ = --scale in [0, 1]; ddim, euler or dpm++2m), "
-                        "autoguidance (auto: w = --scale, guided by the digits model's weaker guide network, "
-                        "Karras et al. 2024), classifier, both or none (default: cfg)")
-    s.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="constant",
-                   help="guidance weight over the steps (Wang et al. 2024; default: constant)")
-    s.add_argument("--interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help="guide only where EDM's σ̃ lies in [LOW, HIGH] (Kynkäänniemi et al. 2024; cfg, cfg++, "
-                        "both or auto)")
-    s.add_argument("--tangential", action="store_true",
-                   help="tangential damping CFG (TCFG, Kwon et al. 2025) with --guidance cfg or both")
-    s.add_argument("--scale", type=float,
-                   help="CFG scale w >= 0; 1 = the conditional model, 0 = unconditional (auto: 0 = the guide); "
-                        f"cfg++'s λ in [0, 1] (default: 2; cfg++: {CFG_PLUS_PLUS_SCALE}, the digits UNet's best "
-                        "λ in fastguide sweep, the transformer's was 0.2)")
+    s.add_argument(
+        "--guidance",
+        choices=GUIDANCE,
+        default="cfg",
+        help="classifier-free (cfg), CFG++ (cfg++, λ = --scale in [0, 1]; ddim, euler or dpm++2m), "
+        "autoguidance (auto: w = --scale, guided by the digits model's weaker guide network, "
+        "Karras et al. 2024), classifier, both or none (default: cfg)",
+    )
+    s.add_argument(
+        "--schedule",
+        choices=("constant", "linear", "cosine"),
+        default="constant",
+        help="guidance weight over the steps (Wang et al. 2024; default: constant)",
+    )
+    s.add_argument(
+        "--interval",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="guide only where EDM's σ̃ lies in [LOW, HIGH] (Kynkäänniemi et al. 2024; cfg, cfg++, both or auto)",
+    )
+    s.add_argument(
+        "--tangential",
+        action="store_true",
+        help="tangential damping CFG (TCFG, Kwon et al. 2025) with --guidance cfg or both",
+    )
+    s.add_argument(
+        "--scale",
+        type=float,
+        help="CFG scale w >= 0; 1 = the conditional model, 0 = unconditional (auto: 0 = the guide); "
+        f"cfg++'s λ in [0, 1] (default: 2; cfg++: {CFG_PLUS_PLUS_SCALE}, the digits UNet's best "
+        "λ in fastguide sweep, the transformer's was 0.2)",
+    )
     s.add_argument("--classifier-scale", type=float, default=4.0, help="classifier guidance scale >= 0 (default: 4)")
-    s.add_argument("--sampler", choices=SAMPLERS,
-                   help="sampler (default: unipc, the most accurate per model call in fastguide bench --nfe; "
-                        "cfg++: dpm++2m, or ddim with --interval)")
+    s.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        help="sampler (default: unipc, the most accurate per model call in fastguide bench --nfe; "
+        "cfg++: dpm++2m, or ddim with --interval)",
+    )
     s.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
-    s.add_argument("--spacing", choices=SPACINGS,
-                   help="where the steps lie: adm (strided), diffusers' leading/trailing/linspace, logsnr "
-                        "(uniform in log-SNR) or karras (rho 7) (default: the schedule's own, logsnr; uniform "
-                        "in σ, linspace, for --model digits-transformer)")
+    s.add_argument(
+        "--spacing",
+        choices=SPACINGS,
+        help="where the steps lie: adm (strided), diffusers' leading/trailing/linspace, logsnr "
+        "(uniform in log-SNR) or karras (rho 7) (default: the schedule's own, logsnr; uniform "
+        "in σ, linspace, for --model digits-transformer)",
+    )
     s.add_argument("--num-samples", type=int, default=40, help="how many samples (default: 40)")
     s.add_argument("--batch-size", type=int, default=100, help="samples per model batch (default: 100)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    s.add_argument("--backend", choices=backends.BACKENDS,
-                   help="op backend (default: FASTGUIDE_BACKEND if set, else auto)")
+    s.add_argument(
+        "--backend", choices=backends.BACKENDS, help="op backend (default: FASTGUIDE_BACKEND if set, else auto)"
+    )
     s.add_argument("--out", type=Path, default=Path("digits.png"), help="PNG grid to write (default: digits.png)")
     s.add_argument("--npz", type=Path, help="also write ADM's .npz (uint8 NHWC arr_0, labels arr_1)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.add_argument("--pipeline", type=Path,
-                   help="a diffusers pipeline saved in this folder (save_pretrained), accelerated, sampled from "
-                        "--prompt instead of the digits model")
+    s.add_argument(
+        "--pipeline",
+        type=Path,
+        help="a diffusers pipeline saved in this folder (save_pretrained), accelerated, sampled from "
+        "--prompt instead of the digits model",
+    )
     s.add_argument("--prompt", help="with --pipeline: the text prompt")
     s.add_argument("--negative-prompt", help="with --pipeline: the negative prompt (default: the pipeline's)")
-    s.add_argument("--pag-scale", type=float,
-                   help="with --pipeline: perturbed-attention guidance scale (loads the pipeline's PAG variant)")
+    s.add_argument(
+        "--pag-scale",
+        type=float,
+        help="with --pipeline: perturbed-attention guidance scale (loads the pipeline's PAG variant)",
+    )
     s.set_defaults(check=check_sample, run=cmd_sample)
 
-    w = commands.add_parser("sweep", help="accuracy, Fréchet distance and diversity against guidance scale",
-                            description="Sample the digits model at several guidance scales, for each kind of "
-                                        "guidance in --guidances, and score the samples with a separate evaluator.")
-    w.add_argument("--guidances", nargs="+", choices=sweep.KINDS, default=["cfg", "classifier"],
-                   help="kinds of guidance, one group of rows each: cfg, cfg++ (λ = --cfgpp-scales, on --sampler if "
-                        "CFG++ is built for it, else dpm++2m), auto (autoguidance, w = --auto-scales), interval "
-                        "(cfg within --interval), schedule (cfg with --schedule), classifier (default: cfg classifier)")
-    w.add_argument("--scales", type=float, nargs="+", default=[0, 1, 2, 3, 5, 8],
-                   help="guidance scales of cfg, interval, schedule and classifier (default: 0 1 2 3 5 8)")
-    w.add_argument("--cfgpp-scales", type=float, nargs="+", default=list(sweep.Variants.cfgpp_scales),
-                   help="CFG++'s λ values in [0, 1] (default: 0 0.2 0.4 0.6 0.8 1)")
+    w = commands.add_parser(
+        "sweep",
+        help="accuracy, Fréchet distance and diversity against guidance scale",
+        description="Sample the digits model at several guidance scales, for each kind of "
+        "guidance in --guidances, and score the samples with a separate evaluator.",
+    )
+    w.add_argument(
+        "--guidances",
+        nargs="+",
+        choices=sweep.KINDS,
+        default=["cfg", "classifier"],
+        help="kinds of guidance, one group of rows each: cfg, cfg++ (λ = --cfgpp-scales, on --sampler if "
+        "CFG++ is built for it, else dpm++2m), auto (autoguidance, w = --auto-scales), interval "
+        "(cfg within --interval), schedule (cfg with --schedule), classifier (default: cfg classifier)",
+    )
+    w.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=[0, 1, 2, 3, 5, 8],
+        help="guidance scales of cfg, interval, schedule and classifier (default: 0 1 2 3 5 8)",
+    )
+    w.add_argument(
+        "--cfgpp-scales",
+        type=float,
+        nargs="+",
+        default=list(sweep.Variants.cfgpp_scales),
+        help="CFG++'s λ values in [0, 1] (default: 0 0.2 0.4 0.6 0.8 1)",
+    )
     w.add_argument("--auto-scales", type=float, nargs="+", help="autoguidance's w values (default: --scales)")
-    w.add_argument("--interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=list(sweep.DEFAULT_INTERVAL),
-                   help="the interval rows' range of EDM's σ̃ (default: 0.28 5.42, Kynkäänniemi et al.'s EDM2-S)")
-    w.add_argument("--schedule", choices=("linear", "cosine"), default="linear",
-                   help="the schedule rows' guidance weight over the steps (default: linear)")
+    w.add_argument(
+        "--interval",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=list(sweep.DEFAULT_INTERVAL),
+        help="the interval rows' range of EDM's σ̃ (default: 0.28 5.42, Kynkäänniemi et al.'s EDM2-S)",
+    )
+    w.add_argument(
+        "--schedule",
+        choices=("linear", "cosine"),
+        default="linear",
+        help="the schedule rows' guidance weight over the steps (default: linear)",
+    )
     w.add_argument("--samples-per-scale", type=int, default=500)
     w.add_argument("--steps", type=int, default=25)
-    w.add_argument("--model", choices=("digits", "digits-transformer"), default="digits",
-                   help="the UNet, or the flow transformer (CFG kinds only)")
+    w.add_argument(
+        "--model",
+        choices=("digits", "digits-transformer"),
+        default="digits",
+        help="the UNet, or the flow transformer (CFG kinds only)",
+    )
     w.add_argument("--sampler", choices=SAMPLERS, default="unipc")
     w.add_argument("--spacing", choices=SPACINGS, help="where the steps lie (as for sample; default logsnr)")
     w.add_argument("--seed", type=int, default=0)
@@ -685,24 +880,37 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--unet-steps", type=int, default=3000)
     t.add_argument("--classifier-steps", type=int, default=1500)
     t.add_argument("--evaluator-steps", type=int, default=1000)
-    t.add_argument("--guide-steps", type=int, default=digits.GUIDE_STEPS,
-                   help=f"training steps of the autoguidance guide network (default: {digits.GUIDE_STEPS})")
-    t.add_argument("--transformer-steps", type=int, default=digits.TRANSFORMER_STEPS,
-                   help=f"training steps of the flow transformer (default: {digits.TRANSFORMER_STEPS})")
-    t.add_argument("--only", choices=("guide", "transformer"),
-                   help="train just the guide network or the flow transformer into --out, leaving the other "
-                        "networks' files and entries of digits_training.json as they are")
+    t.add_argument(
+        "--guide-steps",
+        type=int,
+        default=digits.GUIDE_STEPS,
+        help=f"training steps of the autoguidance guide network (default: {digits.GUIDE_STEPS})",
+    )
+    t.add_argument(
+        "--transformer-steps",
+        type=int,
+        default=digits.TRANSFORMER_STEPS,
+        help=f"training steps of the flow transformer (default: {digits.TRANSFORMER_STEPS})",
+    )
+    t.add_argument(
+        "--only",
+        choices=("guide", "transformer"),
+        help="train just the guide network or the flow transformer into --out, leaving the other "
+        "networks' files and entries of digits_training.json as they are",
+    )
     t.set_defaults(check=check_train, run=cmd_train)
 
-    c = commands.add_parser("selfcheck", help="check the four ops against their formulas",
-                            description="Run the four ops on this machine (the backend auto picks, or "
-                                        "FASTGUIDE_BACKEND) and compare them with their float64 formulas.")
+    c = commands.add_parser(
+        "selfcheck",
+        help="check the four ops against their formulas",
+        description="Run the four ops on this machine (the backend auto picks, or "
+        "FASTGUIDE_BACKEND) and compare them with their float64 formulas.",
+    )
     c.add_argument("--device", default="cpu", help="device to run the ops on: cpu, cuda or cuda:N (default: cpu)")
     c.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
     c.set_defaults(check=check_selfcheck, run=cmd_selfcheck)
 
-    commands.add_parser("bench", help="run the benchmark suite (options: python -m fastguide bench -h)",
-                        add_help=False)
+    commands.add_parser("bench", help="run the benchmark suite (options: python -m fastguide bench -h)", add_help=False)
     return parser
 
 

@@ -42,9 +42,22 @@ WEIGHTS = Path(__file__).parents[1] / "weights"
 IMAGE_SIZE, NUM_CLASSES, HELD_OUT_PER_CLASS = 8, 10, 30
 
 UNET_FLAGS: dict[str, Any] = dict(
-    image_size=IMAGE_SIZE, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
-    num_head_channels=32, dropout=0.1, class_cond=True, num_classes=NUM_CLASSES, learn_sigma=False, in_channels=1,
-    use_scale_shift_norm=True, resblock_updown=True, null_class=True, label_dropout=0.1)
+    image_size=IMAGE_SIZE,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2",
+    attention_resolutions="4",
+    num_head_channels=32,
+    dropout=0.1,
+    class_cond=True,
+    num_classes=NUM_CLASSES,
+    learn_sigma=False,
+    in_channels=1,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+    null_class=True,
+    label_dropout=0.1,
+)
 # Karras et al. build their guides smaller and shorter-trained than the main model, with
 # the same conditioning: here 32 instead of 64 channels at 4×4 (0.35 M parameters instead
 # of 0.83 M; GroupNorm's 32 groups rule out narrowing the 32-channel level) and 250
@@ -55,12 +68,28 @@ GUIDE_FLAGS = {**UNET_FLAGS, "channel_mult": "1,1"}
 GUIDE_STEPS = 250
 # The flow transformer: 16 tokens of 2×2 patches, 0.73 M parameters (the UNet's 0.83 M).
 TRANSFORMER_FLAGS: dict[str, Any] = dict(
-    input_size=IMAGE_SIZE, patch_size=2, in_channels=1, hidden_size=96, depth=4, num_heads=4, mlp_ratio=4.0,
-    class_dropout_prob=0.1, num_classes=NUM_CLASSES, learn_sigma=False)
+    input_size=IMAGE_SIZE,
+    patch_size=2,
+    in_channels=1,
+    hidden_size=96,
+    depth=4,
+    num_heads=4,
+    mlp_ratio=4.0,
+    class_dropout_prob=0.1,
+    num_classes=NUM_CLASSES,
+    learn_sigma=False,
+)
 TRANSFORMER_STEPS = 4000
 CLASSIFIER_FLAGS: dict[str, Any] = dict(
-    image_size=IMAGE_SIZE, classifier_width=32, classifier_depth=1, channel_mult="1,2",
-    classifier_attention_resolutions="4", classifier_pool="attention", num_classes=NUM_CLASSES, in_channels=1)
+    image_size=IMAGE_SIZE,
+    classifier_width=32,
+    classifier_depth=1,
+    channel_mult="1,2",
+    classifier_attention_resolutions="4",
+    classifier_pool="attention",
+    num_classes=NUM_CLASSES,
+    in_channels=1,
+)
 
 
 def schedule() -> NoiseSchedule:
@@ -94,9 +123,17 @@ class Evaluator(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 32, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(64, 64), nn.SiLU(),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.SiLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, 64),
+            nn.SiLU(),
         )
         self.head = nn.Linear(64, NUM_CLASSES)
 
@@ -219,8 +256,12 @@ class _Run:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
         lr_at = lambda i: lr * min(1.0, (i + 1) / 200) * 0.5 * (1 + math.cos(math.pi * i / steps))  # noqa: E731
         smoothed = None
-        bar = tqdm(_batches(len(self.train_y), self.batch_size, steps, self.g), total=steps, desc=f"train {name}",
-                   disable=not self.progress)
+        bar = tqdm(
+            _batches(len(self.train_y), self.batch_size, steps, self.g),
+            total=steps,
+            desc=f"train {name}",
+            disable=not self.progress,
+        )
         for i, index in enumerate(bar):
             for group in opt.param_groups:
                 group["lr"] = lr_at(i)
@@ -255,20 +296,36 @@ def _save(model: nn.Module, path: Path) -> None:
     save_file(state, str(path))
 
 
-def train(out: Path = WEIGHTS, *, seed: int = 0, unet_steps: int = 3000, classifier_steps: int = 1500,
-          evaluator_steps: int = 1000, guide_steps: int = GUIDE_STEPS, transformer_steps: int = TRANSFORMER_STEPS,
-          batch_size: int = 64, progress: bool = True) -> dict:
+def train(
+    out: Path = WEIGHTS,
+    *,
+    seed: int = 0,
+    unet_steps: int = 3000,
+    classifier_steps: int = 1500,
+    evaluator_steps: int = 1000,
+    guide_steps: int = GUIDE_STEPS,
+    transformer_steps: int = TRANSFORMER_STEPS,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict:
     """Train the five networks deterministically and write fp16 safetensors plus a JSON
     record of the run into ``out``. Returns the record (losses, held-out accuracy).
     Raises ValueError, before any work, for a step count or batch size below 1."""
-    _check_counts(unet_steps=unet_steps, classifier_steps=classifier_steps, evaluator_steps=evaluator_steps,
-                  guide_steps=guide_steps, transformer_steps=transformer_steps, batch_size=batch_size)
+    _check_counts(
+        unet_steps=unet_steps,
+        classifier_steps=classifier_steps,
+        evaluator_steps=evaluator_steps,
+        guide_steps=guide_steps,
+        transformer_steps=transformer_steps,
+        batch_size=batch_size,
+    )
     run, held_x, held_y = _start(seed, batch_size, progress)
     models = build()
     record: dict = {"seed": seed, "train_images": len(run.train_y), "held_out_images": len(held_y)}
     record["unet_loss"] = run.fit("unet", models.unet, unet_steps, run.diffusion_loss, 2e-3)
-    record["classifier_loss"] = run.fit("classifier", models.classifier, classifier_steps,
-                                        run.noisy_classifier_loss, 1e-3)
+    record["classifier_loss"] = run.fit(
+        "classifier", models.classifier, classifier_steps, run.noisy_classifier_loss, 1e-3
+    )
     record["evaluator_loss"] = run.fit("evaluator", models.evaluator, evaluator_steps, run.clean_loss, 2e-3)
     with torch.no_grad():
         record["evaluator_held_out_accuracy"] = (models.evaluator(held_x).argmax(-1) == held_y).float().mean().item()
@@ -279,29 +336,77 @@ def train(out: Path = WEIGHTS, *, seed: int = 0, unet_steps: int = 3000, classif
     return train_transformer(out, seed=seed, steps=transformer_steps, progress=progress, record=record)
 
 
-def train_guide(out: Path = WEIGHTS, *, seed: int = 0, steps: int = GUIDE_STEPS, batch_size: int = 64,
-                progress: bool = True, record: dict | None = None) -> dict:
+def train_guide(
+    out: Path = WEIGHTS,
+    *,
+    seed: int = 0,
+    steps: int = GUIDE_STEPS,
+    batch_size: int = 64,
+    progress: bool = True,
+    record: dict | None = None,
+) -> dict:
     """Train the guide alone, deterministically from ``seed`` (its streams are re-seeded,
     so it comes out the same whether or not the other networks were trained first), and
     write digits_guide.safetensors plus digits_training.json: ``record`` (the other
     networks' entries, kept as they are) with guide_seed, guide_steps and guide_loss set.
     Returns that record. Raises ValueError, before any work, for ``steps`` or
     ``batch_size`` below 1."""
-    return _train_alone("guide", build_guide, "diffusion_loss", 2e-3, guide_file(out), out, seed=seed, steps=steps,
-                        batch_size=batch_size, progress=progress, record=record)
+    return _train_alone(
+        "guide",
+        build_guide,
+        "diffusion_loss",
+        2e-3,
+        guide_file(out),
+        out,
+        seed=seed,
+        steps=steps,
+        batch_size=batch_size,
+        progress=progress,
+        record=record,
+    )
 
 
-def train_transformer(out: Path = WEIGHTS, *, seed: int = 0, steps: int = TRANSFORMER_STEPS, batch_size: int = 128,
-                      progress: bool = True, record: dict | None = None) -> dict:
+def train_transformer(
+    out: Path = WEIGHTS,
+    *,
+    seed: int = 0,
+    steps: int = TRANSFORMER_STEPS,
+    batch_size: int = 128,
+    progress: bool = True,
+    record: dict | None = None,
+) -> dict:
     """Train the flow transformer alone, as ``train_guide`` trains the guide (its own
     re-seeded streams; transformer_seed, transformer_steps and transformer_loss set in the
     record), and write digits_transformer.safetensors plus digits_training.json."""
-    return _train_alone("transformer", build_transformer, "flow_loss", 1e-3, transformer_file(out), out, seed=seed,
-                        steps=steps, batch_size=batch_size, progress=progress, record=record)
+    return _train_alone(
+        "transformer",
+        build_transformer,
+        "flow_loss",
+        1e-3,
+        transformer_file(out),
+        out,
+        seed=seed,
+        steps=steps,
+        batch_size=batch_size,
+        progress=progress,
+        record=record,
+    )
 
 
-def _train_alone(name: str, build_network, loss: str, lr: float, path: Path, out: Path, *, seed: int, steps: int,
-                 batch_size: int, progress: bool, record: dict | None) -> dict:
+def _train_alone(
+    name: str,
+    build_network,
+    loss: str,
+    lr: float,
+    path: Path,
+    out: Path,
+    *,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    progress: bool,
+    record: dict | None,
+) -> dict:
     _check_counts(**{f"{name}_steps": steps, "batch_size": batch_size})
     run, _, _ = _start(seed, batch_size, progress)
     network = build_network()

@@ -102,8 +102,11 @@ def parse_device(text: str, option: str = "--device") -> torch.device:
     if device.type == "cpu":
         return device
     if torch.version.cuda is None and torch.version.hip is None:
-        raise UsageError(option, f"got {text!r}, but this PyTorch ({torch.__version__}) is a CPU-only build: "
-                                 "use --device cpu or install a CUDA build of PyTorch")
+        raise UsageError(
+            option,
+            f"got {text!r}, but this PyTorch ({torch.__version__}) is a CPU-only build: "
+            "use --device cpu or install a CUDA build of PyTorch",
+        )
     if not torch.cuda.is_available():
         raise UsageError(option, f"got {text!r}, but no CUDA device is visible here: use --device cpu")
     count = torch.cuda.device_count()
@@ -143,14 +146,18 @@ def check_steps(steps: int, schedule: NoiseSchedule, model: str) -> None:
     total = schedule.num_timesteps
     if schedule.is_flow:
         if not 1 <= steps <= total:
-            raise UsageError("--steps", f"expected an integer from 1 to {total} for the flow path of --model {model}, "
-                                        f"got {steps}")
+            raise UsageError(
+                "--steps", f"expected an integer from 1 to {total} for the flow path of --model {model}, got {steps}"
+            )
         return
     try:
         schedule.strided_timesteps(steps)
     except ValueError:
-        raise UsageError("--steps", f"expected an integer from 1 to {total // 2} for the {total}-timestep "
-                                    f"schedule of --model {model}, got {steps}") from None
+        raise UsageError(
+            "--steps",
+            f"expected an integer from 1 to {total // 2} for the {total}-timestep "
+            f"schedule of --model {model}, got {steps}",
+        ) from None
 
 
 def parse_labels(text: str, count: int, num_classes: int) -> torch.Tensor:
@@ -224,8 +231,9 @@ def check_image_file(option: str, path: Path, mode: str) -> None:
             return
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    raise UsageError(option, f"expected an image file name that PIL can write (.png, .jpg, .webp, .tif, ...), "
-                             f"got {path.name!r}")
+    raise UsageError(
+        option, f"expected an image file name that PIL can write (.png, .jpg, .webp, .tif, ...), got {path.name!r}"
+    )
 
 
 def check_plot_file(option: str, path: Path) -> None:

@@ -25,11 +25,18 @@ from .options import (
 )
 
 # Options of the digits models that a pipeline has no use for: (dest, flag, default).
-DIGITS_ONLY = (("model", "--model", "digits"), ("checkpoint", "--checkpoint", None),
-               ("classifier_checkpoint", "--classifier-checkpoint", None), ("labels", "--labels", "0-9"),
-               ("guidance", "--guidance", "cfg"), ("schedule", "--schedule", "constant"),
-               ("interval", "--interval", None), ("tangential", "--tangential", False),
-               ("classifier_scale", "--classifier-scale", 4.0), ("npz", "--npz", None))
+DIGITS_ONLY = (
+    ("model", "--model", "digits"),
+    ("checkpoint", "--checkpoint", None),
+    ("classifier_checkpoint", "--classifier-checkpoint", None),
+    ("labels", "--labels", "0-9"),
+    ("guidance", "--guidance", "cfg"),
+    ("schedule", "--schedule", "constant"),
+    ("interval", "--interval", None),
+    ("tangential", "--tangential", False),
+    ("classifier_scale", "--classifier-scale", 4.0),
+    ("npz", "--npz", None),
+)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -40,8 +47,11 @@ def check(args: argparse.Namespace) -> None:
         raise UsageError(given[0], "applies to the digits and ADM models, not to --pipeline")
     folder = Path(args.pipeline)
     if not (folder / "model_index.json").is_file():
-        raise UsageError("--pipeline", f"expected a folder written by a diffusers pipeline's save_pretrained "
-                                       f"(with model_index.json), got {str(folder)!r}")
+        raise UsageError(
+            "--pipeline",
+            f"expected a folder written by a diffusers pipeline's save_pretrained "
+            f"(with model_index.json), got {str(folder)!r}",
+        )
     if args.prompt is None:
         raise UsageError("--prompt", "is required with --pipeline")
     check_at_least("--num-samples", args.num_samples, high=10_000)
@@ -53,8 +63,11 @@ def check(args: argparse.Namespace) -> None:
         check_scale("--pag-scale", args.pag_scale)
     check_seed("--seed", args.seed)
     if args.spacing is not None and args.sampler is None:
-        raise UsageError("--spacing", "places fastguide's own sampler's steps: with --pipeline it needs --sampler "
-                                      "(without one, the pipeline's scheduler is reproduced, its steps with it)")
+        raise UsageError(
+            "--spacing",
+            "places fastguide's own sampler's steps: with --pipeline it needs --sampler "
+            "(without one, the pipeline's scheduler is reproduced, its steps with it)",
+        )
     args.device = parse_device(args.device)
     check_image_file("--out", args.out, "RGB")
 
@@ -68,14 +81,16 @@ def load(args: argparse.Namespace):
     dtype = DTYPES[args.precision]
     try:
         if args.pag_scale is not None:
-            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(args.pipeline, enable_pag=True,
-                                                                      torch_dtype=dtype, local_files_only=True)
+            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
+                args.pipeline, enable_pag=True, torch_dtype=dtype, local_files_only=True
+            )
         else:
-            pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=dtype,
-                                                               local_files_only=True)
+            pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError, TypeError) as error:
-        raise UsageError("--pipeline" if args.pag_scale is None else "--pag-scale",
-                         f"could not load the pipeline in {str(args.pipeline)!r}: {error}") from None
+        raise UsageError(
+            "--pipeline" if args.pag_scale is None else "--pag-scale",
+            f"could not load the pipeline in {str(args.pipeline)!r}: {error}",
+        ) from None
     if "prompt" not in inspect.signature(type(pipe).__call__).parameters:
         raise UsageError("--pipeline", f"{type(pipe).__name__} takes no prompt (a class-conditional pipeline)")
     pipe = pipe.to(args.device)

@@ -34,8 +34,9 @@ def check_group_norm(device: torch.device, g: torch.Generator) -> float:
     scale, shift = torch.randn(2, 96, generator=g).to(device), torch.randn(2, 96, generator=g).to(device)
     y = ops.group_norm(x, 32, weight, bias, scale=scale, shift=shift, activation="silu")
     grouped = x.double().reshape(2, 32, -1)
-    norm = ((grouped - grouped.mean(-1, keepdim=True))
-            / torch.sqrt(grouped.var(-1, unbiased=False, keepdim=True) + 1e-5)).reshape(x.shape)
+    norm = (
+        (grouped - grouped.mean(-1, keepdim=True)) / torch.sqrt(grouped.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    ).reshape(x.shape)
     affine = norm * weight.double()[:, None, None] + bias.double()[:, None, None]
     z = affine * (1 + scale.double()[..., None, None]) + shift.double()[..., None, None]
     return (y.double() - F.silu(z)).abs().max().item()
@@ -47,7 +48,8 @@ def check_layer_norm(device: torch.device, g: torch.Generator) -> float:
     scale, shift = torch.randn(3, 72, generator=g).to(device), torch.randn(3, 72, generator=g).to(device)
     y = ops.layer_norm(x, (72,), None, None, 1e-6, scale=scale, shift=shift)
     norm = (x.double() - x.double().mean(-1, keepdim=True)) / torch.sqrt(
-        x.double().var(-1, unbiased=False, keepdim=True) + 1e-6)
+        x.double().var(-1, unbiased=False, keepdim=True) + 1e-6
+    )
     expected = norm * (1 + scale.double()[:, None]) + shift.double()[:, None]
     return (y.double() - expected).abs().max().item()
 
@@ -57,8 +59,13 @@ def check_guided_step(device: torch.device, g: torch.Generator) -> float:
     abar_t, abar_prev, w = 0.5, 0.7, 4.0
     x = torch.randn(3, 3, 16, 16, generator=g).to(device)
     model_output = torch.randn(6, 3, 16, 16, generator=g).to(device)
-    step = ops.StepCoefficients(alpha=math.sqrt(abar_t), sigma=math.sqrt(1 - abar_t), clip_denoised=True,
-                                k_x0=math.sqrt(abar_prev), k_eps=math.sqrt(1 - abar_prev))
+    step = ops.StepCoefficients(
+        alpha=math.sqrt(abar_t),
+        sigma=math.sqrt(1 - abar_t),
+        clip_denoised=True,
+        k_x0=math.sqrt(abar_prev),
+        k_eps=math.sqrt(1 - abar_prev),
+    )
     x_next = ops.guided_step(model_output, x, step, ops.GuidanceCombine(w))
     cond, uncond = model_output.double().chunk(2)
     eps = uncond + w * (cond - uncond)
@@ -85,10 +92,13 @@ def run(device: torch.device, seed: int = 0) -> int:
         error = check(device, torch.Generator().manual_seed(seed))
         ok = error <= TOLERANCE
         failures += not ok
-        print(f"  {name:<12} backend={backend:<7} max |error| vs float64 formula = {error:.2e}  "
-              f"{'ok' if ok else 'FAIL'}")
-    print("backends here:",
-          ", ".join(f"{n}: {'ok' if r is None else r}" for n, r in backends.available_backends().items()))
+        print(
+            f"  {name:<12} backend={backend:<7} max |error| vs float64 formula = {error:.2e}  {'ok' if ok else 'FAIL'}"
+        )
+    print(
+        "backends here:",
+        ", ".join(f"{n}: {'ok' if r is None else r}" for n, r in backends.available_backends().items()),
+    )
     return 1 if failures else 0
 
 

@@ -38,8 +38,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     values, vectors = np.linalg.eigh(cov_a)
     root_a = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
     middle = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b)
-                 - 2 * np.sqrt(np.clip(middle, 0, None)).sum())
+    return float(
+        ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(np.clip(middle, 0, None)).sum()
+    )
 
 
 def within_class_diversity(features: Tensor, labels: Tensor) -> float:
@@ -58,8 +59,11 @@ def score(models: digits.DigitsModels, images: Tensor, labels: Tensor, real_feat
         evaluator = models.evaluator.cpu()
         features = evaluator.features(images.cpu())
         accuracy = (evaluator.head(features).argmax(-1) == labels).float().mean().item()
-    return {"accuracy": accuracy, "frechet": frechet_distance(features.numpy(), real_features),
-            "diversity": within_class_diversity(features, labels)}
+    return {
+        "accuracy": accuracy,
+        "frechet": frechet_distance(features.numpy(), real_features),
+        "diversity": within_class_diversity(features, labels),
+    }
 
 
 class _Unconditional(torch.nn.Module):
@@ -100,14 +104,26 @@ def _jobs(kinds: tuple[str, ...], scales: list[float], variants: Variants, sampl
         kind_scales = {"cfg++": variants.cfgpp_scales, "auto": variants.auto_scales or scales}.get(kind, scales)
         # CFG++ is built for a few samplers only: its rows use --sampler if it is one, else dpm++2m
         kind_sampler = (sampler if sampler in CFGPlusPlus.SAMPLERS else "dpm++2m") if kind == "cfg++" else sampler
-        jobs += [{"kind": kind, "guidance": labels.get(kind, kind), "sampler": kind_sampler, "scale": scale}
-                 for scale in kind_scales]
+        jobs += [
+            {"kind": kind, "guidance": labels.get(kind, kind), "sampler": kind_sampler, "scale": scale}
+            for scale in kind_scales
+        ]
     return jobs
 
 
-def run(scales: list[float], *, kinds: tuple[str, ...] = ("cfg", "classifier"), variants: Variants = Variants(),
-        samples_per_scale: int = 500, steps: int | list[float] = 25, sampler: str = "unipc", seed: int = 0,
-        device: str = "cpu", progress: bool = True, transformer: bool = False) -> list[dict]:
+def run(
+    scales: list[float],
+    *,
+    kinds: tuple[str, ...] = ("cfg", "classifier"),
+    variants: Variants = Variants(),
+    samples_per_scale: int = 500,
+    steps: int | list[float] = 25,
+    sampler: str = "unipc",
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    transformer: bool = False,
+) -> list[dict]:
     """Rows {kind, guidance, sampler, scale, accuracy, frechet, diversity} for each of
     ``kinds`` (see ``KINDS``), every row from the same seed; ``steps`` a count (on the
     sampler's default grid) or the timesteps. "auto" needs the shipped guide network
@@ -122,12 +138,16 @@ def run(scales: list[float], *, kinds: tuple[str, ...] = ("cfg", "classifier"), 
     if "auto" in kinds and models.guide is None:
         raise ValueError(f"autoguidance needs the guide network {digits.guide_file()}, which is missing")
     if transformer and (models.transformer is None or {"auto", "classifier"} & set(kinds)):
-        raise ValueError(f"the flow transformer sweep needs {digits.transformer_file()} and CFG kinds only, "
-                         f"got kinds {kinds}")
+        raise ValueError(
+            f"the flow transformer sweep needs {digits.transformer_file()} and CFG kinds only, got kinds {kinds}"
+        )
     denoiser = models.transformer if transformer else models.unet
     assert denoiser is not None  # a transformer sweep without the transformer was refused above
-    path = dict(schedule=digits.flow_schedule(), prediction_type="flow_prediction") if transformer \
+    path = (
+        dict(schedule=digits.flow_schedule(), prediction_type="flow_prediction")
+        if transformer
         else dict(schedule=digits.schedule())
+    )
     _, _, held_x, _ = digits.load_dataset()
     with torch.no_grad():
         real_features = models.evaluator.features(held_x.to(device)).cpu().numpy()
@@ -145,9 +165,18 @@ def run(scales: list[float], *, kinds: tuple[str, ...] = ("cfg", "classifier"), 
     rows = []
     for job in tqdm(_jobs(kinds, scales, variants, sampler), desc="guidance sweep", disable=not progress):
         model = unconditional if job["kind"] == "classifier" else denoiser
-        images = sample(model, shape, labels=labels.to(device), sampler=job["sampler"], steps=steps,
-                        guidance=specs[job["kind"]](job["scale"]), null_label=denoiser.null_label,
-                        generator=torch.Generator(device).manual_seed(seed), device=device, **path)
+        images = sample(
+            model,
+            shape,
+            labels=labels.to(device),
+            sampler=job["sampler"],
+            steps=steps,
+            guidance=specs[job["kind"]](job["scale"]),
+            null_label=denoiser.null_label,
+            generator=torch.Generator(device).manual_seed(seed),
+            device=device,
+            **path,
+        )
         rows.append({**job, **score(models, images, labels, real_features)})
     return rows
 
@@ -168,11 +197,14 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| guidance | sampler | scale | accuracy | Fréchet distance | diversity |", "|---|---|---|---|---|---|"]
     for r in rows:
         frechet = f"**{r['frechet']:.3f}**" if best[r["kind"]] is r else f"{r['frechet']:.3f}"
-        lines.append(f"| {r['guidance']} | {r['sampler']} | {r['scale']:g} | {r['accuracy']:.3f} | {frechet} "
-                     f"| {r['diversity']:.3f} |")
+        lines.append(
+            f"| {r['guidance']} | {r['sampler']} | {r['scale']:g} | {r['accuracy']:.3f} | {frechet} "
+            f"| {r['diversity']:.3f} |"
+        )
     symbols = {"cfg++": "λ", "classifier": "s"}  # each kind's name for its scale
-    named = [f"{r['guidance']} at {symbols.get(r['kind'], 'w')} = {r['scale']:g} ({r['frechet']:.3f})"
-             for r in best.values()]
+    named = [
+        f"{r['guidance']} at {symbols.get(r['kind'], 'w')} = {r['scale']:g} ({r['frechet']:.3f})" for r in best.values()
+    ]
     lines += ["", "Lowest Fréchet distance: " + "; ".join(named) + "."]
     return "\n".join(lines) + "\n"
 
@@ -188,11 +220,20 @@ def plot(rows: list[dict], path: Path) -> None:
     for kind in dict.fromkeys(r["kind"] for r in rows):
         kind_rows = [r for r in rows if r["kind"] == kind]
         for ax, metric in zip(axes, ("accuracy", "frechet", "diversity")):
-            ax.plot([r["scale"] for r in kind_rows], [r[metric] for r in kind_rows], styles[kind],
-                    label=kind_rows[0]["guidance"])
+            ax.plot(
+                [r["scale"] for r in kind_rows],
+                [r[metric] for r in kind_rows],
+                styles[kind],
+                label=kind_rows[0]["guidance"],
+            )
             ax.set_xlabel("guidance scale (λ for cfg++)")
-            ax.set_title({"accuracy": "accuracy (fidelity)", "frechet": "Fréchet distance (lower is better)",
-                          "diversity": "within-class diversity"}[metric])
+            ax.set_title(
+                {
+                    "accuracy": "accuracy (fidelity)",
+                    "frechet": "Fréchet distance (lower is better)",
+                    "diversity": "within-class diversity",
+                }[metric]
+            )
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -78,15 +78,23 @@ class FusedGroupNorm(nn.GroupNorm):
     """nn.GroupNorm through ops.group_norm (fp32 statistics), optionally fused with SiLU."""
 
     def __init__(self, source: nn.GroupNorm, activation: str | None = None):
-        super().__init__(source.num_groups, source.num_channels, source.eps, source.affine,
-                         device="meta")
+        super().__init__(source.num_groups, source.num_channels, source.eps, source.affine, device="meta")
         self.weight, self.bias = source.weight, source.bias  # shared, not copied
         self.activation = activation
 
-    def forward(self, x: Tensor, *, scale: Tensor | None = None, shift: Tensor | None = None,
-                activation: str | None = None) -> Tensor:
-        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
-                              scale=scale, shift=shift, activation=activation or self.activation)
+    def forward(
+        self, x: Tensor, *, scale: Tensor | None = None, shift: Tensor | None = None, activation: str | None = None
+    ) -> Tensor:
+        return ops.group_norm(
+            x,
+            self.num_groups,
+            self.weight,
+            self.bias,
+            self.eps,
+            scale=scale,
+            shift=shift,
+            activation=activation or self.activation,
+        )
 
 
 def _is_fastguide(m: object) -> bool:
@@ -96,8 +104,9 @@ def _is_fastguide(m: object) -> bool:
 def _has_hooks(m: nn.Module) -> bool:
     """Hooks that replacing the module would lose: torch's module hooks, accelerate's _hf_hook."""
     return hasattr(m, "_hf_hook") or any(
-        getattr(m, name, None) for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                                            "_backward_pre_hooks"))
+        getattr(m, name, None)
+        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    )
 
 
 def _has_own_tensors(m: nn.Module) -> bool:
@@ -202,6 +211,7 @@ def _check_diffusers_resnet(m: nn.Module) -> str | Callable[[], None]:
 
     def swap() -> None:
         m.forward = types.MethodType(_fused_resnet_block_forward, m)
+
     return swap
 
 
@@ -221,11 +231,23 @@ class FastguideAttnProcessor:
         self.sdpa_scale = type(fallback).__name__ == "AttnProcessor2_0"
         self.qk_norm = type(fallback).__name__ != "AttnProcessor"
 
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
+    def __call__(
+        self,
+        attn,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> Tensor:
         head_dim = attn.inner_dim // attn.heads if hasattr(attn, "inner_dim") else None
-        if (attention_mask is not None or attn.spatial_norm is not None or head_dim is None
-                or _head_dim_problem(head_dim)):
+        if (
+            attention_mask is not None
+            or attn.spatial_norm is not None
+            or head_dim is None
+            or _head_dim_problem(head_dim)
+        ):
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
         spatial = hidden_states.dim() == 4
@@ -267,7 +289,8 @@ def _check_diffusers_attention(m: Any) -> str | Callable[[], None]:  # a diffuse
     if cls.__name__ not in _PLAIN_PROCESSORS or cls.__module__.split(".")[0] != "diffusers":
         return f"processor {cls.__name__}"
     if getattr(m, "added_kv_proj_dim", None) is not None or any(
-            getattr(m, name, None) is not None for name in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")):
+        getattr(m, name, None) is not None for name in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    ):
         return "added-KV projections"
     to_out = getattr(m, "to_out", None)
     if getattr(m, "to_k", None) is None or getattr(m, "to_v", None) is None or to_out is None or len(to_out) != 2:
@@ -285,6 +308,7 @@ def _check_diffusers_attention(m: Any) -> str | Callable[[], None]:  # a diffuse
 
     def swap() -> None:
         m.set_processor(FastguideAttnProcessor(processor))
+
     return swap
 
 
@@ -293,8 +317,17 @@ def _check_diffusers_attention(m: Any) -> str | Callable[[], None]:  # a diffuse
 # The forward signatures the fused forwards below mirror (diffusers 0.42); a class
 # whose forward takes other arguments is a version they do not reproduce.
 _ADA_NORM_ZERO_ARGS = ("self", "x", "timestep", "class_labels", "hidden_dtype", "emb")
-_BLOCK_ARGS = ("self", "hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask",
-               "timestep", "cross_attention_kwargs", "class_labels", "added_cond_kwargs")
+_BLOCK_ARGS = (
+    "self",
+    "hidden_states",
+    "attention_mask",
+    "encoder_hidden_states",
+    "encoder_attention_mask",
+    "timestep",
+    "cross_attention_kwargs",
+    "class_labels",
+    "added_cond_kwargs",
+)
 
 
 def _is_diffusers(m: object, class_name: str) -> bool:
@@ -328,16 +361,27 @@ def _modulation_fuses(x: Tensor, *per_sample: Tensor) -> bool:
 
 
 def _fused_ada_layer_norm_zero_forward(
-    self, x: Tensor, timestep: Tensor | None = None, class_labels: Tensor | None = None,
-    hidden_dtype: torch.dtype | None = None, emb: Tensor | None = None,
+    self,
+    x: Tensor,
+    timestep: Tensor | None = None,
+    class_labels: Tensor | None = None,
+    hidden_dtype: torch.dtype | None = None,
+    emb: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if self.emb is not None:
         emb = self.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
     emb = self.linear(self.silu(emb))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
     if _modulation_fuses(x, scale_msa):
-        x = ops.layer_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps,
-                           scale=scale_msa, shift=shift_msa)
+        x = ops.layer_norm(
+            x,
+            self.norm.normalized_shape,
+            self.norm.weight,
+            self.norm.bias,
+            self.norm.eps,
+            scale=scale_msa,
+            shift=shift_msa,
+        )
     else:
         x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
     return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
@@ -360,13 +404,19 @@ def _check_ada_layer_norm_zero(m: Any) -> str | Callable[[], None]:  # a diffuse
 
     def swap() -> None:
         m.forward = types.MethodType(_fused_ada_layer_norm_zero_forward, m)
+
     return swap
 
 
 def _fused_ada_norm_zero_block_forward(
-    self, hidden_states: Tensor, attention_mask: Tensor | None = None, encoder_hidden_states: Tensor | None = None,
-    encoder_attention_mask: Tensor | None = None, timestep: Tensor | None = None,
-    cross_attention_kwargs: dict | None = None, class_labels: Tensor | None = None,
+    self,
+    hidden_states: Tensor,
+    attention_mask: Tensor | None = None,
+    encoder_hidden_states: Tensor | None = None,
+    encoder_attention_mask: Tensor | None = None,
+    timestep: Tensor | None = None,
+    cross_attention_kwargs: dict | None = None,
+    class_labels: Tensor | None = None,
     added_cond_kwargs: dict | None = None,
 ) -> Tensor:
     """BasicTransformerBlock.forward's ada_norm_zero path without cross-attention:
@@ -378,28 +428,56 @@ def _fused_ada_norm_zero_block_forward(
     Calls with what this path leaves out (chunked feed-forward, GLIGEN, the deprecated
     LoRA scale, whose warning the class forward logs) go to the class forward."""
     if self._chunk_size is not None or any(
-            (cross_attention_kwargs or {}).get(key) is not None for key in ("gligen", "scale")):
-        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                                  timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+        (cross_attention_kwargs or {}).get(key) is not None for key in ("gligen", "scale")
+    ):
+        return type(self).forward(
+            self,
+            hidden_states,
+            attention_mask,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            timestep,
+            cross_attention_kwargs,
+            class_labels,
+            added_cond_kwargs,
+        )
     norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(
-        hidden_states, timestep, class_labels, hidden_dtype=hidden_states.dtype)
-    attn_output = self.attn1(norm_hidden_states,
-                             encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
-                             attention_mask=attention_mask, **(cross_attention_kwargs or {}))
+        hidden_states, timestep, class_labels, hidden_dtype=hidden_states.dtype
+    )
+    attn_output = self.attn1(
+        norm_hidden_states,
+        encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
+        attention_mask=attention_mask,
+        **(cross_attention_kwargs or {}),
+    )
     norm3 = self.norm3
-    if _modulation_fuses(hidden_states, gate_msa, scale_mlp, shift_mlp) and attn_output.shape == hidden_states.shape \
-            and attn_output.dtype == hidden_states.dtype:
+    if (
+        _modulation_fuses(hidden_states, gate_msa, scale_mlp, shift_mlp)
+        and attn_output.shape == hidden_states.shape
+        and attn_output.dtype == hidden_states.dtype
+    ):
         hidden_states, norm_hidden_states = ops.gated_residual_layer_norm(
-            hidden_states, attn_output, gate_msa, norm3.normalized_shape, norm3.weight, norm3.bias, norm3.eps,
-            scale=scale_mlp, shift=shift_mlp)
+            hidden_states,
+            attn_output,
+            gate_msa,
+            norm3.normalized_shape,
+            norm3.weight,
+            norm3.bias,
+            norm3.eps,
+            scale=scale_mlp,
+            shift=shift_mlp,
+        )
     else:
         hidden_states = gate_msa.unsqueeze(1) * attn_output + hidden_states
         if hidden_states.ndim == 4:
             hidden_states = hidden_states.squeeze(1)
         norm_hidden_states = norm3(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     ff_output = self.ff(norm_hidden_states)
-    if _modulation_fuses(hidden_states, gate_mlp) and ff_output.shape == hidden_states.shape \
-            and ff_output.dtype == hidden_states.dtype:
+    if (
+        _modulation_fuses(hidden_states, gate_mlp)
+        and ff_output.shape == hidden_states.shape
+        and ff_output.dtype == hidden_states.dtype
+    ):
         return ops.gated_residual(hidden_states, ff_output, gate_mlp)
     hidden_states = gate_mlp.unsqueeze(1) * ff_output + hidden_states
     return hidden_states.squeeze(1) if hidden_states.ndim == 4 else hidden_states
@@ -430,6 +508,7 @@ def _check_ada_norm_zero_block(m: nn.Module) -> str | Callable[[], None]:
 
     def swap() -> None:
         m.forward = types.MethodType(_fused_ada_norm_zero_block_forward, m)
+
     return swap
 
 
@@ -476,8 +555,9 @@ def _check_adm_resblock(m: nn.Module) -> str | Callable[[], None]:
     ins, outs = m.in_layers, m.out_layers
     if not (type(ins) is nn.Sequential and len(ins) == 3 and type(ins[1]) is nn.SiLU):
         return "in_layers is not [GroupNorm, SiLU, conv]"
-    if not (type(outs) is nn.Sequential and len(outs) == 4 and type(outs[1]) is nn.SiLU
-            and type(outs[2]) is nn.Dropout):
+    if not (
+        type(outs) is nn.Sequential and len(outs) == 4 and type(outs[1]) is nn.SiLU and type(outs[2]) is nn.Dropout
+    ):
         return "out_layers is not [GroupNorm, SiLU, Dropout, conv]"
     for where, norm in (("in_layers[0]", ins[0]), ("out_layers[0]", outs[0])):
         reason = _fusable_norm(norm)
@@ -486,6 +566,7 @@ def _check_adm_resblock(m: nn.Module) -> str | Callable[[], None]:
 
     def swap() -> None:
         m.forward = types.MethodType(_fused_adm_resblock_forward, m)
+
     return swap
 
 
@@ -557,17 +638,26 @@ def _check_adm_attention(m: nn.Module) -> str | Callable[[], None]:
     def swap() -> None:
         setattr(m, "_fastguide_legacy_order", legacy)  # (nn.Module.__setattr__'s stub takes tensors and modules)
         m.forward = types.MethodType(_fused_adm_attention_forward, m)
+
     return swap
 
 
-_FUSED_FORWARDS = (_fused_resnet_block_forward, _fused_adm_resblock_forward, _fused_adm_attention_forward,
-                   _fused_ada_layer_norm_zero_forward, _fused_ada_norm_zero_block_forward)
+_FUSED_FORWARDS = (
+    _fused_resnet_block_forward,
+    _fused_adm_resblock_forward,
+    _fused_adm_attention_forward,
+    _fused_ada_layer_norm_zero_forward,
+    _fused_ada_norm_zero_block_forward,
+)
 
 # In the order they are tried: the first that recognises a module decides its kind.
 _KINDS = (
     (DIFFUSERS_ATTENTION, _is_diffusers_attention, _check_diffusers_attention),
-    (DIFFUSERS_RESNET, lambda m: type(m).__name__ == "ResnetBlock2D" and type(m).__module__.startswith("diffusers."),
-     _check_diffusers_resnet),
+    (
+        DIFFUSERS_RESNET,
+        lambda m: type(m).__name__ == "ResnetBlock2D" and type(m).__module__.startswith("diffusers."),
+        _check_diffusers_resnet,
+    ),
     (DIFFUSERS_ADA_NORM_ZERO_BLOCK, _is_ada_norm_zero_block, _check_ada_norm_zero_block),
     (DIFFUSERS_ADA_NORM_ZERO, lambda m: _is_diffusers(m, "AdaLayerNormZero"), _check_ada_layer_norm_zero),
     (ADM_RESBLOCK, _looks_like_adm_resblock, _check_adm_resblock),
@@ -616,8 +706,13 @@ def accelerate(module: nn.Module) -> nn.Module:
 def _describe(swapped: dict[str, int], skipped: dict[str, dict[str, int]]) -> str:
     """'swapped GroupNorm 12, ...; left alone diffusers Attention 2 (processor X: 2), ...'"""
     done = ", ".join(f"{kind} {n}" for kind, n in swapped.items()) or "nothing"
-    left = ", ".join(f"{kind} {sum(reasons.values())} ({', '.join(f'{r}: {n}' for r, n in reasons.items())})"
-                     for kind, reasons in skipped.items()) or "nothing"
+    left = (
+        ", ".join(
+            f"{kind} {sum(reasons.values())} ({', '.join(f'{r}: {n}' for r, n in reasons.items())})"
+            for kind, reasons in skipped.items()
+        )
+        or "nothing"
+    )
     return f"swapped {done}; left alone {left}"
 
 
@@ -679,8 +774,13 @@ class _Walk:
     def fuse_norm_out(self, parent: nn.Module) -> None:
         """diffusers' models call conv_norm_out then conv_act, always back to back."""
         norm, act = parent._modules.get("conv_norm_out"), parent._modules.get("conv_act")
-        if (type(parent).__module__.split(".")[0] == "diffusers" and type(norm) is FusedGroupNorm
-                and norm.activation is None and any(norm is f for f in self.fused.values())
-                and type(act) is nn.SiLU and not _has_hooks(act)):
+        if (
+            type(parent).__module__.split(".")[0] == "diffusers"
+            and type(norm) is FusedGroupNorm
+            and norm.activation is None
+            and any(norm is f for f in self.fused.values())
+            and type(act) is nn.SiLU
+            and not _has_hooks(act)
+        ):
             parent.conv_norm_out = FusedGroupNorm(norm, "silu")
             parent.conv_act = nn.Identity()

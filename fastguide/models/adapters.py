@@ -17,14 +17,20 @@ class DiffusersUNet(nn.Module):
         a bool) indexing the model's class embeddings."""
         super().__init__()
         if not isinstance(unet, nn.Module) or not hasattr(unet, "config"):
-            raise TypeError(f"unet must be a diffusers UNet2DModel (an nn.Module with a config), got "
-                            f"{type(unet).__name__}")
+            raise TypeError(
+                f"unet must be a diffusers UNet2DModel (an nn.Module with a config), got {type(unet).__name__}"
+            )
         self.unet = unet
         class_embeds = getattr(unet.config, "num_class_embeds", None)
-        if null_label is not None and (isinstance(null_label, bool) or not isinstance(null_label, int)
-                                       or class_embeds is None or not 0 <= null_label < class_embeds):
-            raise ValueError(f"null_label must be an int indexing the model's {class_embeds} class embeddings, "
-                             f"got {null_label!r}")
+        if null_label is not None and (
+            isinstance(null_label, bool)
+            or not isinstance(null_label, int)
+            or class_embeds is None
+            or not 0 <= null_label < class_embeds
+        ):
+            raise ValueError(
+                f"null_label must be an int indexing the model's {class_embeds} class embeddings, got {null_label!r}"
+            )
         self.null_class = null_label is not None
         self.num_classes = null_label if null_label is not None else class_embeds
 

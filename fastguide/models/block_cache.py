@@ -81,15 +81,20 @@ class FirstBlockCache:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"FirstBlockCache threshold must be a finite number > 0, got {value!r}")
         if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order not in (0, 1):
-            raise ValueError(f"FirstBlockCache order must be 0 (the last residual) or 1 (extrapolated), "
-                             f"got {self.order!r}")
+            raise ValueError(
+                f"FirstBlockCache order must be 0 (the last residual) or 1 (extrapolated), got {self.order!r}"
+            )
 
     def install(self, model: nn.Module, state: BlockCacheState | None = None) -> BlockCacheHandle:
         """Wrap ``model``'s first block and the rest (see the module docstring) to consult
         ``state`` (a fresh one by default: a run's caches). Returns the handle, whose
         ``remove()`` restores the model."""
-        return _install(model, state, type(self).__name__,
-                        lambda blocks, first: BlockCacheState(blocks, first, self.order, threshold=self.threshold))
+        return _install(
+            model,
+            state,
+            type(self).__name__,
+            lambda blocks, first: BlockCacheState(blocks, first, self.order, threshold=self.threshold),
+        )
 
 
 @dataclass(frozen=True)
@@ -112,8 +117,9 @@ class ForecastCache:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"ForecastCache {name} must be an int >= {low}, got {value!r}")
         if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order not in (0, 1):
-            raise ValueError(f"ForecastCache order must be 0 (the last residual) or 1 (extrapolated), "
-                             f"got {self.order!r}")
+            raise ValueError(
+                f"ForecastCache order must be 0 (the last residual) or 1 (extrapolated), got {self.order!r}"
+            )
 
     def forecasts(self, call: int) -> bool:
         """Whether model call ``call`` is forecast (once its branches have a computed call)."""
@@ -121,9 +127,13 @@ class ForecastCache:
 
     def install(self, model: nn.Module, state: BlockCacheState | None = None) -> BlockCacheHandle:
         """As FirstBlockCache.install, with every block of a transformer skipped on a forecast call."""
-        return _install(model, state, type(self).__name__,
-                        lambda blocks, first: BlockCacheState(blocks, first, self.order, schedule=self.forecasts),
-                        skip_first=True)
+        return _install(
+            model,
+            state,
+            type(self).__name__,
+            lambda blocks, first: BlockCacheState(blocks, first, self.order, schedule=self.forecasts),
+            skip_first=True,
+        )
 
 
 BlockCacheSettings = FirstBlockCache | ForecastCache
@@ -149,8 +159,13 @@ def check_cacheable(model: object, name: str) -> None:
         raise ValueError(f"cache: {name} needs at least 2 blocks to skip any, model.{attribute} holds {len(blocks)}")
 
 
-def _install(model: nn.Module, state: BlockCacheState | None, name: str,
-             new_state: Callable[[int, int], BlockCacheState], skip_first: bool = False) -> BlockCacheHandle:
+def _install(
+    model: nn.Module,
+    state: BlockCacheState | None,
+    name: str,
+    new_state: Callable[[int, int], BlockCacheState],
+    skip_first: bool = False,
+) -> BlockCacheHandle:
     """The wrappers of a block cache on ``model``: on fastguide's UNet its first blocks
     decide and ``UNet.rest`` is replaced; on a transformer block list block 0 decides (and
     with ``skip_first`` passes its input through too on a reused call: the residual is then
@@ -169,8 +184,11 @@ def _install(model: nn.Module, state: BlockCacheState | None, name: str,
     state = state or new_state(len(blocks), 0 if skip_first else 1)
     handle = BlockCacheHandle(state)
     first, hidden = blocks[0], hidden_output(blocks[0])
-    handle.wrap(first, "forward", _scheduled_first_block(state, passthrough(first), hidden) if skip_first
-                else _first_block(state, hidden))
+    handle.wrap(
+        first,
+        "forward",
+        _scheduled_first_block(state, passthrough(first), hidden) if skip_first else _first_block(state, hidden),
+    )
     for block in blocks[1:-1]:
         handle.wrap(block, "forward", _passed_through_when_reused(state, passthrough(block)))
     last = blocks[-1]
@@ -178,8 +196,9 @@ def _install(model: nn.Module, state: BlockCacheState | None, name: str,
     return handle
 
 
-def _install_on_diffusers_unet(model: Any, state: BlockCacheState | None,
-                               new_state: Callable[[int, int], BlockCacheState], skip_first: bool) -> BlockCacheHandle:
+def _install_on_diffusers_unet(
+    model: Any, state: BlockCacheState | None, new_state: Callable[[int, int], BlockCacheState], skip_first: bool
+) -> BlockCacheHandle:
     """The wrappers on a UNet2DConditionModel (the module docstring): conv_in keeps the
     anchor h₀, down_blocks[0] decides, the blocks after it pass through on a reused call,
     the last up block adds the residual to h₀."""
@@ -189,8 +208,11 @@ def _install_on_diffusers_unet(model: Any, state: BlockCacheState | None,
     handle = BlockCacheHandle(state)
     handle.wrap(model.conv_in, "forward", _anchoring(state))
     through, hidden = _down_block_passthrough(down[0]), (lambda out: out[0])  # a down block gives (h, skips)
-    handle.wrap(down[0], "forward", _scheduled_first_block(state, through, hidden) if skip_first
-                else _first_block(state, hidden))
+    handle.wrap(
+        down[0],
+        "forward",
+        _scheduled_first_block(state, through, hidden) if skip_first else _first_block(state, hidden),
+    )
     for block in down[1:]:
         handle.wrap(block, "forward", _passed_through_when_reused(state, _down_block_passthrough(block)))
     for block in middle + up[:-1]:
@@ -209,6 +231,7 @@ def _down_block_passthrough(block: Any) -> Callable[[tuple, dict], tuple[Tensor,
     def through(args: tuple, kwargs: dict) -> tuple[Tensor, tuple[Tensor, ...]]:
         h = hidden_states(args, kwargs)
         return h, (h,) * count
+
     return through
 
 
@@ -224,8 +247,15 @@ class BlockCacheState:
     call reuses) and ``schedule(call)`` (ForecastCache: whether a call reuses) decides.
     """
 
-    def __init__(self, blocks: int, first_blocks: int, order: int = 0, *, threshold: float | None = None,
-                 schedule: Callable[[int], bool] | None = None):
+    def __init__(
+        self,
+        blocks: int,
+        first_blocks: int,
+        order: int = 0,
+        *,
+        threshold: float | None = None,
+        schedule: Callable[[int], bool] | None = None,
+    ):
         if (threshold is None) == (schedule is None):
             raise ValueError("BlockCacheState decides by a threshold or by a schedule: give exactly one")
         self.blocks, self.first_blocks, self.order = blocks, first_blocks, order
@@ -258,8 +288,10 @@ class BlockCacheState:
         """(branch, rows) of each B-row block of a forward of ``rows`` rows."""
         count = len(self.branches)
         if rows % count:
-            raise ValueError(f"FirstBlockCache: a forward of {rows} rows cannot hold the {count} equal row blocks "
-                             f"of branches {self.branches}")
+            raise ValueError(
+                f"FirstBlockCache: a forward of {rows} rows cannot hold the {count} equal row blocks "
+                f"of branches {self.branches}"
+            )
         size = rows // count
         return [(branch, slice(k * size, (k + 1) * size)) for k, branch in enumerate(self.branches)]
 
@@ -271,7 +303,8 @@ class BlockCacheState:
         if self.schedule is not None:  # fixed: no residual compared, nothing read on the host
             if not self.replaying:
                 self.recorded[self.call] = self.schedule(self.call) and all(
-                    branch in self.residual for branch, _ in blocks)
+                    branch in self.residual for branch, _ in blocks
+                )
             self.reusing = self.recorded[self.call]
             return
         residual = _residual(first_out, first_in)
@@ -280,11 +313,16 @@ class BlockCacheState:
                 raise RuntimeError(f"FirstBlockCache: no recorded decision for model call {self.call} to replay")
             reuse = self.recorded[self.call]
         else:
-            reuse = all(branch in self.reference and branch in self.residual
-                        and self.reference[branch].shape == residual[rows].shape for branch, rows in blocks)
+            reuse = all(
+                branch in self.reference
+                and branch in self.residual
+                and self.reference[branch].shape == residual[rows].shape
+                for branch, rows in blocks
+            )
             if reuse:
-                changes = torch.stack([_relative_change(residual[rows], self.reference[branch])
-                                       for branch, rows in blocks])
+                changes = torch.stack(
+                    [_relative_change(residual[rows], self.reference[branch]) for branch, rows in blocks]
+                )
                 assert self.threshold is not None  # a state without a schedule has a threshold
                 reuse = bool(changes.max() < self.threshold)  # one host read per call
             self.recorded[self.call] = reuse
@@ -297,8 +335,9 @@ class BlockCacheState:
     def block_rows(self, rows: dict[int, int]) -> int:
         """Σ rows × blocks evaluated over the calls ``rows`` (call index → its forward's rows),
         from the recorded decisions."""
-        return sum(count * (self.first_blocks if self.recorded.get(call) else self.blocks)
-                   for call, count in rows.items())
+        return sum(
+            count * (self.first_blocks if self.recorded.get(call) else self.blocks) for call, count in rows.items()
+        )
 
     def reused(self, h: Tensor) -> Tensor:
         """h₁ + R, each branch's rows with that branch's R (on a reused call)."""
@@ -353,8 +392,10 @@ class BlockCacheHandle:
         """Put back every attribute this handle replaced (a second call does nothing)."""
         for owner, name, wrapper, _, _ in self._wrapped:
             if owner.__dict__.get(name) is not wrapper:
-                raise RuntimeError(f"cannot remove FirstBlockCache from {type(owner).__name__}.{name}: it was "
-                                   "replaced after the cache was installed (remove that first)")
+                raise RuntimeError(
+                    f"cannot remove FirstBlockCache from {type(owner).__name__}.{name}: it was "
+                    "replaced after the cache was installed (remove that first)"
+                )
         for owner, name, _, had_own, inner in reversed(self._wrapped):
             if had_own:
                 setattr(owner, name, inner)
@@ -393,32 +434,40 @@ def _keep(store: dict[str, Tensor], key: str, value: Tensor) -> None:
 
 def _first_block(state: BlockCacheState, hidden: Callable[[Any], Tensor]) -> Callable[[Callable], Callable]:
     """The first block, deciding from its input h₀ and its output's hidden states h₁."""
+
     def make(inner: Callable) -> Callable:
         def forward(*args: Any, **kwargs: Any) -> object:
             out = inner(*args, **kwargs)
             if state.active:
                 state.decide(args[0] if args else next(iter(kwargs.values())), hidden(out))
             return out
+
         return forward
+
     return make
 
 
 def _anchoring(state: BlockCacheState) -> Callable[[Callable], Callable]:
     """A diffusers UNet's conv_in: its output h₀ is the anchor of the call's residual."""
+
     def make(inner: Callable) -> Callable:
         def forward(*args: object, **kwargs: object) -> Tensor:
             out = inner(*args, **kwargs)
             if state.active:
                 state.anchor = out
             return out
+
         return forward
+
     return make
 
 
-def _scheduled_first_block(state: BlockCacheState, through: Callable,
-                           hidden: Callable[[Any], Tensor]) -> Callable[[Callable], Callable]:
+def _scheduled_first_block(
+    state: BlockCacheState, through: Callable, hidden: Callable[[Any], Tensor]
+) -> Callable[[Callable], Callable]:
     """Block 0 when a fixed schedule decides: before it runs, anchored at its input h₀, which
     it passes through on a reused call."""
+
     def make(inner: Callable) -> Callable:
         def forward(*args: object, **kwargs: object) -> object:
             if not state.active:
@@ -426,7 +475,9 @@ def _scheduled_first_block(state: BlockCacheState, through: Callable,
             passed = through(args, kwargs)
             state.decide(hidden(passed), hidden(passed))
             return passed if state.reusing else inner(*args, **kwargs)
+
         return forward
+
     return make
 
 
@@ -434,15 +485,19 @@ def _passed_through_when_reused(state: BlockCacheState, through: Callable) -> Ca
     def make(inner: Callable) -> Callable:
         def forward(*args: object, **kwargs: object) -> object:
             return through(args, kwargs) if state.active and state.reusing else inner(*args, **kwargs)
+
         return forward
+
     return make
 
 
-def _last_block(state: BlockCacheState, hidden: Callable[[Any], Tensor],
-                with_hidden: Callable[[tuple, dict, Tensor], object]) -> Callable[[Callable], Callable]:
+def _last_block(
+    state: BlockCacheState, hidden: Callable[[Any], Tensor], with_hidden: Callable[[tuple, dict, Tensor], object]
+) -> Callable[[Callable], Callable]:
     """The last block: on a reused call the anchor plus R̂ (a transformer's h₁, which the
     blocks between passed through; a diffusers UNet's h₀) in the block's output form, else
     its output, R kept from its hidden states."""
+
     def make(inner: Callable) -> Callable:
         def forward(*args: object, **kwargs: object) -> object:
             if not state.active:
@@ -453,7 +508,9 @@ def _last_block(state: BlockCacheState, hidden: Callable[[Any], Tensor],
             out = inner(*args, **kwargs)
             state.computed(hidden(out))
             return out
+
         return forward
+
     return make
 
 
@@ -467,5 +524,7 @@ def _unet_rest(state: BlockCacheState) -> Callable[[Callable], Callable]:
             out = inner(h, emb, skips)
             state.computed(out)
             return out
+
         return rest
+
     return make

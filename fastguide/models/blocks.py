@@ -41,8 +41,10 @@ def block_list(model: nn.Module, purpose: str) -> tuple[str, nn.ModuleList]:
         blocks = getattr(model, attribute, None)
         if isinstance(blocks, nn.ModuleList) and len(blocks):
             return attribute, blocks
-    raise ValueError(f"model ({type(model).__name__}) has no transformer blocks: {purpose} works on a ModuleList "
-                     "`transformer_blocks` (diffusers' SD3, PixArt, DiT) or `blocks` (fastguide's DiT)")
+    raise ValueError(
+        f"model ({type(model).__name__}) has no transformer blocks: {purpose} works on a ModuleList "
+        "`transformer_blocks` (diffusers' SD3, PixArt, DiT) or `blocks` (fastguide's DiT)"
+    )
 
 
 def is_joint_block(block: nn.Module) -> bool:
@@ -63,6 +65,7 @@ def passthrough(block: nn.Module) -> Passthrough:
 
     def hidden_states(args: tuple, kwargs: dict) -> Tensor:
         return argument(args, kwargs, 0, first)
+
     return hidden_states
 
 

@@ -65,14 +65,16 @@ def _read_safetensors(path: Path, size: int, header: int) -> dict[str, Tensor]:
     if 8 + header > size:
         raise ValueError(
             f"checkpoint file {path} is a truncated safetensors file: its header alone is {header} bytes "
-            f"but the file has {size}")
+            f"but the file has {size}"
+        )
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path))
     except Exception as error:  # SafetensorError has no importable base class of its own
         raise ValueError(
-            f"checkpoint file {path} is a truncated or corrupt safetensors file ({_first_line(error)})") from error
+            f"checkpoint file {path} is a truncated or corrupt safetensors file ({_first_line(error)})"
+        ) from error
 
 
 def _read_torch(path: Path) -> object:
@@ -82,17 +84,25 @@ def _read_torch(path: Path) -> object:
     except pickle.UnpicklingError as error:
         # torch's message advises weights_only=False, i.e. running whatever code the file
         # holds; keep only its reason, and do not chain it.
-        reason = next((line.split("WeightsUnpickler error:", 1)[1].strip() for line in str(error).splitlines()
-                       if "WeightsUnpickler error:" in line), "")
+        reason = next(
+            (
+                line.split("WeightsUnpickler error:", 1)[1].strip()
+                for line in str(error).splitlines()
+                if "WeightsUnpickler error:" in line
+            ),
+            "",
+        )
         reason = reason.split(". Please", 1)[0] or type(error).__name__
         raise ValueError(
             f"checkpoint file {path} cannot be read as tensors only ({reason}): it is truncated or corrupt, or "
             "it pickles Python objects besides tensors (a training checkpoint?), which fastguide never "
-            "unpickles; re-save its state dict (torch.save or .safetensors) with code you trust") from None
+            "unpickles; re-save its state dict (torch.save or .safetensors) with code you trust"
+        ) from None
     except Exception as error:
         raise ValueError(
             f"checkpoint file {path} is truncated, corrupt or not a checkpoint: it is neither a safetensors "
-            f"file nor a torch.save file that loads ({_first_line(error)})") from error
+            f"file nor a torch.save file that loads ({_first_line(error)})"
+        ) from error
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -115,11 +125,14 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         else:
             found = f"a {type(state).__name__}"
         raise ValueError(f"{path} does not hold a state dict of tensors: it holds {found}")
-    no_data = [f"{k} ({'meta' if v.is_meta else v.layout})" for k, v in state.items()
-               if v.is_meta or v.layout != torch.strided]
+    no_data = [
+        f"{k} ({'meta' if v.is_meta else v.layout})" for k, v in state.items() if v.is_meta or v.layout != torch.strided
+    ]
     if no_data:
-        raise ValueError(f"checkpoint file {path} holds tensors without dense data (saved from a model built on the "
-                         f"meta device, or sparse): {_describe(no_data)}")
+        raise ValueError(
+            f"checkpoint file {path} holds tensors without dense data (saved from a model built on the "
+            f"meta device, or sparse): {_describe(no_data)}"
+        )
     return state
 
 
@@ -130,8 +143,10 @@ def save_state_dict(model: nn.Module, path: str | Path) -> None:
         raise IsADirectoryError(f"checkpoint path {path} is a directory; pass a file name ending .safetensors or .pt")
     meta = [k for k, v in model.state_dict().items() if v.is_meta]
     if meta:
-        raise ValueError(f"cannot save {path}: the model's tensors {_describe(meta)} are meta tensors (no data; "
-                         "load weights into it first)")
+        raise ValueError(
+            f"cannot save {path}: the model's tensors {_describe(meta)} are meta tensors (no data; "
+            "load weights into it first)"
+        )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -168,12 +183,16 @@ def load_checkpoint(model: ModuleT, path: str | Path, *, expand_label_table: boo
         raise TypeError(f"load_checkpoint(model, path): path must be a str or os.PathLike, got {type(path).__name__}")
     state = read_state_dict(path)
     expected = model.state_dict()
-    not_float = [f"{k} ({state[k].dtype})" for k, v in expected.items()
-                 if k in state and v.is_floating_point() and state[k].dtype not in (v.dtype, *FLOAT_DTYPES)]
+    not_float = [
+        f"{k} ({state[k].dtype})"
+        for k, v in expected.items()
+        if k in state and v.is_floating_point() and state[k].dtype not in (v.dtype, *FLOAT_DTYPES)
+    ]
     if not_float:
         raise ValueError(
             f"checkpoint {path} holds tensors that are not float16/bfloat16/float32/float64 where the model's "
-            f"weights are floating (loading would cast them without a word): {_describe(not_float)}")
+            f"weights are floating (loading would cast them without a word): {_describe(not_float)}"
+        )
     if expand_label_table and LABEL_TABLE in state and LABEL_TABLE in expected:
         table, wanted_rows = state[LABEL_TABLE], expected[LABEL_TABLE].shape[0]
         if table.shape[0] + 1 == wanted_rows:
@@ -186,16 +205,21 @@ def load_checkpoint(model: ModuleT, path: str | Path, *, expand_label_table: boo
             f"{len(missing)} missing keys ({_describe(missing) or 'none'}), "
             f"{len(unexpected)} unexpected keys ({_describe(unexpected) or 'none'})"
         )
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)]
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if tuple(state[k].shape) != tuple(v.shape)
+    ]
     if wrong:
         hint = ""
         if any(w.startswith(LABEL_TABLE) for w in wrong):
             hint = " (a CFG model's label table has one more row: pass expand_label_table=True)"
         raise ValueError(f"checkpoint {path} has tensors of the wrong shape: {_describe(wrong)}{hint}")
     if any(v.is_meta for v in expected.values()):
-        state = {k: v.to(dtype=expected[k].dtype, device="cpu" if expected[k].is_meta else expected[k].device)
-                 for k, v in state.items()}
+        state = {
+            k: v.to(dtype=expected[k].dtype, device="cpu" if expected[k].is_meta else expected[k].device)
+            for k, v in state.items()
+        }
         model.load_state_dict(state, strict=True, assign=True)
         return model
     model.load_state_dict(state, strict=True)

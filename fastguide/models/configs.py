@@ -15,34 +15,89 @@ from __future__ import annotations
 from .unet import EncoderUNet, UNet
 
 _UNET_PRESETS = {
-    "adm64": dict(image_size=64, num_channels=192, num_res_blocks=3, attention_resolutions="32,16,8",
-                  num_head_channels=64, use_new_attention_order=True, dropout=0.1),
-    "adm128": dict(image_size=128, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8",
-                   num_heads=4, dropout=0.0),
-    "adm256": dict(image_size=256, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8",
-                   num_head_channels=64, dropout=0.0),
-    "adm512": dict(image_size=512, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8",
-                   num_head_channels=64, dropout=0.0),
+    "adm64": dict(
+        image_size=64,
+        num_channels=192,
+        num_res_blocks=3,
+        attention_resolutions="32,16,8",
+        num_head_channels=64,
+        use_new_attention_order=True,
+        dropout=0.1,
+    ),
+    "adm128": dict(
+        image_size=128, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8", num_heads=4, dropout=0.0
+    ),
+    "adm256": dict(
+        image_size=256,
+        num_channels=256,
+        num_res_blocks=2,
+        attention_resolutions="32,16,8",
+        num_head_channels=64,
+        dropout=0.0,
+    ),
+    "adm512": dict(
+        image_size=512,
+        num_channels=256,
+        num_res_blocks=2,
+        attention_resolutions="32,16,8",
+        num_head_channels=64,
+        dropout=0.0,
+    ),
     # A small class-conditional model for 16×16 images (fastguide's own digits model).
-    "compact": dict(image_size=16, num_channels=64, num_res_blocks=2, attention_resolutions="8",
-                    channel_mult="1,2,2", num_head_channels=32, dropout=0.1, num_classes=10,
-                    learn_sigma=False, use_fp16=False, null_class=True, in_channels=1),
+    "compact": dict(
+        image_size=16,
+        num_channels=64,
+        num_res_blocks=2,
+        attention_resolutions="8",
+        channel_mult="1,2,2",
+        num_head_channels=32,
+        dropout=0.1,
+        num_classes=10,
+        learn_sigma=False,
+        use_fp16=False,
+        null_class=True,
+        in_channels=1,
+    ),
 }
-_UNET_COMMON = dict(class_cond=True, learn_sigma=True, use_scale_shift_norm=True, resblock_updown=True,
-                    use_fp16=True, num_heads=4, num_head_channels=-1, num_heads_upsample=-1,
-                    use_new_attention_order=False, channel_mult="", use_checkpoint=False)
+_UNET_COMMON = dict(
+    class_cond=True,
+    learn_sigma=True,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+    use_fp16=True,
+    num_heads=4,
+    num_head_channels=-1,
+    num_heads_upsample=-1,
+    use_new_attention_order=False,
+    channel_mult="",
+    use_checkpoint=False,
+)
 
 _CLASSIFIER_PRESETS = {
     "adm64": dict(image_size=64, classifier_depth=4),
     "adm128": dict(image_size=128, classifier_depth=2),
     "adm256": dict(image_size=256, classifier_depth=2),
     "adm512": dict(image_size=512, classifier_depth=2),
-    "compact": dict(image_size=16, classifier_depth=1, classifier_width=32, classifier_attention_resolutions="8",
-                    channel_mult="1,2,2", classifier_use_fp16=False, num_classes=10, in_channels=1),
+    "compact": dict(
+        image_size=16,
+        classifier_depth=1,
+        classifier_width=32,
+        classifier_attention_resolutions="8",
+        channel_mult="1,2,2",
+        classifier_use_fp16=False,
+        num_classes=10,
+        in_channels=1,
+    ),
 }
-_CLASSIFIER_COMMON = dict(classifier_width=128, classifier_attention_resolutions="32,16,8",
-                          classifier_use_scale_shift_norm=True, classifier_resblock_updown=True,
-                          classifier_pool="attention", classifier_use_fp16=True, channel_mult="")
+_CLASSIFIER_COMMON = dict(
+    classifier_width=128,
+    classifier_attention_resolutions="32,16,8",
+    classifier_use_scale_shift_norm=True,
+    classifier_resblock_updown=True,
+    classifier_pool="attention",
+    classifier_use_fp16=True,
+    channel_mult="",
+)
 
 
 # The official DiT sizes (facebookresearch/DiT models.py), each with patch 2, 4 and 8; SiT
@@ -55,7 +110,9 @@ _TRANSFORMER_SIZES = {
 }
 _DIT_PRESETS = {
     f"{family}-{size}/{patch}": dict(**dims, patch_size=patch, learn_sigma=family == "DiT")
-    for family in ("DiT", "SiT") for size, dims in _TRANSFORMER_SIZES.items() for patch in (2, 4, 8)
+    for family in ("DiT", "SiT")
+    for size, dims in _TRANSFORMER_SIZES.items()
+    for patch in (2, 4, 8)
 }
 _DIT_COMMON = dict(input_size=32, in_channels=4, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000)
 

@@ -21,8 +21,10 @@ from .dit import DiT
 
 def diffusers_state_dict(state: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
     """A fastguide (official) DiT state dict in diffusers' DiTTransformer2DModel names."""
-    out = {"pos_embed.proj.weight": state["x_embedder.proj.weight"],
-           "pos_embed.proj.bias": state["x_embedder.proj.bias"]}
+    out = {
+        "pos_embed.proj.weight": state["x_embedder.proj.weight"],
+        "pos_embed.proj.bias": state["x_embedder.proj.bias"],
+    }
     for d in range(depth):
         block, ours = f"transformer_blocks.{d}", f"blocks.{d}"
         for suffix in ("weight", "bias"):
@@ -52,9 +54,14 @@ def to_diffusers(model: DiT) -> nn.Module:
     width = model.pos_embed.shape[-1]
     # Any: mypy takes diffusers' top-level names for their no-torch placeholders (utils.dummy_pt_objects)
     theirs: Any = diffusers.DiTTransformer2DModel(
-        num_attention_heads=model.num_heads, attention_head_dim=width // model.num_heads,
-        in_channels=model.in_channels, out_channels=model.out_channels, num_layers=len(model.blocks),
-        sample_size=model.input_size, patch_size=model.patch_size, num_embeds_ada_norm=model.num_classes,
+        num_attention_heads=model.num_heads,
+        attention_head_dim=width // model.num_heads,
+        in_channels=model.in_channels,
+        out_channels=model.out_channels,
+        num_layers=len(model.blocks),
+        sample_size=model.input_size,
+        patch_size=model.patch_size,
+        num_embeds_ada_norm=model.num_classes,
         norm_eps=1e-6,
     )
     theirs.load_state_dict(diffusers_state_dict(model.state_dict(), len(model.blocks)), strict=True)
@@ -74,5 +81,3 @@ class DiffusersDiT(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         return self.transformer(x, timestep=t, class_labels=y).sample
-
-

@@ -202,17 +202,31 @@ class FinalLayer(nn.Module):
 
 
 def _check_config(
-    input_size: Any, patch_size: Any, in_channels: Any, hidden_size: Any, depth: Any,
-    num_heads: Any, mlp_ratio: Any, class_dropout_prob: Any, num_classes: Any, learn_sigma: Any,
+    input_size: Any,
+    patch_size: Any,
+    in_channels: Any,
+    hidden_size: Any,
+    depth: Any,
+    num_heads: Any,
+    mlp_ratio: Any,
+    class_dropout_prob: Any,
+    num_classes: Any,
+    learn_sigma: Any,
 ) -> None:
     """DiT's constructor arguments, each named when wrong: positive ints (depth may be 0)
     with patch_size dividing input_size, hidden_size a multiple of 4 (the 2-D sin-cos
     embedding) and of num_heads, the head dim hidden_size/num_heads one ops.attention
     takes (a multiple of 8 from 8 to 256), mlp_ratio positive and finite with a hidden
     width of at least 1, class_dropout_prob in [0, 1], learn_sigma a bool."""
-    for name, value, low in (("input_size", input_size, 1), ("patch_size", patch_size, 1),
-                             ("in_channels", in_channels, 1), ("hidden_size", hidden_size, 1), ("depth", depth, 0),
-                             ("num_heads", num_heads, 1), ("num_classes", num_classes, 1)):
+    for name, value, low in (
+        ("input_size", input_size, 1),
+        ("patch_size", patch_size, 1),
+        ("in_channels", in_channels, 1),
+        ("hidden_size", hidden_size, 1),
+        ("depth", depth, 0),
+        ("num_heads", num_heads, 1),
+        ("num_classes", num_classes, 1),
+    ):
         if isinstance(value, bool) or not isinstance(value, Integral):
             raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         if value < low:
@@ -225,14 +239,17 @@ def _check_config(
         raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
     head_dim = hidden_size // num_heads
     if head_dim % 8 or not 8 <= head_dim <= 256:
-        raise ValueError(f"hidden_size / num_heads (the head dim, {hidden_size} / {num_heads} = {head_dim}) must be a "
-                         "multiple of 8 from 8 to 256 (what ops.attention takes)")
+        raise ValueError(
+            f"hidden_size / num_heads (the head dim, {hidden_size} / {num_heads} = {head_dim}) must be a "
+            "multiple of 8 from 8 to 256 (what ops.attention takes)"
+        )
     for name, value in (("mlp_ratio", mlp_ratio), ("class_dropout_prob", class_dropout_prob)):
         if isinstance(value, bool) or not isinstance(value, Real):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     if not (math.isfinite(mlp_ratio) and int(hidden_size * mlp_ratio) >= 1):
-        raise ValueError(f"mlp_ratio must be finite and give an MLP width int(hidden_size·mlp_ratio) of at least 1, "
-                         f"got {mlp_ratio}")
+        raise ValueError(
+            f"mlp_ratio must be finite and give an MLP width int(hidden_size·mlp_ratio) of at least 1, got {mlp_ratio}"
+        )
     if not 0 <= class_dropout_prob <= 1:
         raise ValueError(f"class_dropout_prob must lie in [0, 1], got {class_dropout_prob}")
     if not isinstance(learn_sigma, bool):
@@ -265,8 +282,18 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
     ):
         super().__init__()
-        _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
-                      class_dropout_prob, num_classes, learn_sigma)
+        _check_config(
+            input_size,
+            patch_size,
+            in_channels,
+            hidden_size,
+            depth,
+            num_heads,
+            mlp_ratio,
+            class_dropout_prob,
+            num_classes,
+            learn_sigma,
+        )
         self.input_size, self.patch_size = input_size, patch_size
         self.in_channels, self.learn_sigma = in_channels, learn_sigma
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -304,7 +331,9 @@ class DiT(nn.Module):
         nn.init.normal_(cast(nn.Linear, self.t_embedder.mlp[0]).weight, std=0.02)
         nn.init.normal_(cast(nn.Linear, self.t_embedder.mlp[2]).weight, std=0.02)
         for modulation in [cast(DiTBlock, block).adaLN_modulation[-1] for block in self.blocks] + [
-                self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            self.final_layer.adaLN_modulation[-1],
+            self.final_layer.linear,
+        ]:
             assert isinstance(modulation, nn.Linear)
             nn.init.zeros_(modulation.weight)
             nn.init.zeros_(modulation.bias)
@@ -332,8 +361,10 @@ class DiT(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, self.input_size, self.input_size):
-            raise ValueError(f"x must be (N, {self.in_channels}, {self.input_size}, {self.input_size}) "
-                             f"(the fixed position embedding sets the size), got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must be (N, {self.in_channels}, {self.input_size}, {self.input_size}) "
+                f"(the fixed position embedding sets the size), got {tuple(x.shape)}"
+            )
         dtype = self.x_embedder.proj.weight.dtype
         if x.dtype != dtype and not autocast_enabled(x.device):
             raise TypeError(f"x must have the model's dtype {dtype} (or run under torch.autocast), got {x.dtype}")

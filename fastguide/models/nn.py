@@ -34,8 +34,14 @@ class GroupNorm32(nn.GroupNorm):
         activation: str | None = None,
     ) -> Tensor:
         return ops.group_norm(
-            x, self.num_groups, self.weight, self.bias, self.eps,
-            scale=scale, shift=shift, activation=activation,
+            x,
+            self.num_groups,
+            self.weight,
+            self.bias,
+            self.eps,
+            scale=scale,
+            shift=shift,
+            activation=activation,
         )
 
 
@@ -76,8 +82,9 @@ class QKVAttention(nn.Module):
 class AttentionBlock(nn.Module):
     """ADM's spatial self-attention: x + proj_out(attention(qkv(norm(x))))."""
 
-    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1,
-                 use_new_attention_order: bool = False):
+    def __init__(
+        self, channels: int, num_heads: int = 1, num_head_channels: int = -1, use_new_attention_order: bool = False
+    ):
         super().__init__()
         if num_head_channels == -1:
             self.num_heads = num_heads
@@ -89,9 +96,11 @@ class AttentionBlock(nn.Module):
             raise ValueError(f"channels ({channels}) must be divisible by num_heads ({self.num_heads})")
         head_dim = channels // self.num_heads
         if head_dim % 8 or not 8 <= head_dim <= 256:
-            raise ValueError(f"the head dim (channels {channels} / {self.num_heads} heads = {head_dim}) must be a "
-                             "multiple of 8 from 8 to 256 (what ops.attention takes): set num_heads or "
-                             "num_head_channels")
+            raise ValueError(
+                f"the head dim (channels {channels} / {self.num_heads} heads = {head_dim}) must be a "
+                "multiple of 8 from 8 to 256 (what ops.attention takes): set num_heads or "
+                "num_head_channels"
+            )
         self.norm = GroupNorm32(channels)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.attention = QKVAttention(self.num_heads, legacy_order=not use_new_attention_order)

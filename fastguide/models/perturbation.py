@@ -103,8 +103,7 @@ class Perturbation:
         of them is already perturbed."""
         for name, module, _ in targets:
             if isinstance(module.__dict__.get("forward"), _PerturbedForward):
-                raise ValueError(f"layers: {name!r} is already perturbed by another Perturbation (remove that "
-                                 "first)")
+                raise ValueError(f"layers: {name!r} is already perturbed by another Perturbation (remove that first)")
         for name, module, replace in targets:
             wrapper = _PerturbedForward(self, module, name, replace)
             module.forward = wrapper
@@ -115,8 +114,10 @@ class Perturbation:
         changing nothing, when something replaced one of them after this handle did."""
         for module, wrapper in self._installed:
             if module.__dict__.get("forward") is not wrapper:
-                raise RuntimeError(f"cannot remove the perturbation of {wrapper.name!r}: its forward was replaced "
-                                   "after the perturbation was installed (remove that first)")
+                raise RuntimeError(
+                    f"cannot remove the perturbation of {wrapper.name!r}: its forward was replaced "
+                    "after the perturbation was installed (remove that first)"
+                )
         for module, wrapper in reversed(self._installed):
             if wrapper.had_own_forward:
                 module.forward = wrapper.inner
@@ -152,8 +153,9 @@ class _PerturbedForward:
         batch = _first_tensor(out, self.name).shape[0]
         for bound in (rows.start, rows.stop):
             if bound is not None and not -batch <= bound <= batch:
-                raise ValueError(f"rows {rows!r} reaches past the batch of {batch} rows (perturbed module "
-                                 f"{self.name!r})")
+                raise ValueError(
+                    f"rows {rows!r} reaches past the batch of {batch} rows (perturbed module {self.name!r})"
+                )
         start, stop, _ = rows.indices(batch)
         if start >= stop:
             return out
@@ -177,8 +179,10 @@ def _scatter(out: object, replacement: object, start: int, stop: int, name: str)
         return out.slice_scatter(replacement.to(out.dtype), 0, start, stop)
     if isinstance(out, tuple) and isinstance(replacement, tuple) and len(out) == len(replacement):
         return tuple(o if o is None else _scatter(o, r, start, stop, name) for o, r in zip(out, replacement))
-    raise TypeError(f"perturbed module {name!r} returned {type(out).__name__}, which the perturbation cannot "
-                    f"merge with its {type(replacement).__name__}")
+    raise TypeError(
+        f"perturbed module {name!r} returned {type(out).__name__}, which the perturbation cannot "
+        f"merge with its {type(replacement).__name__}"
+    )
 
 
 # ---- PAG: identity self-attention -------------------------------------------------------
@@ -193,8 +197,10 @@ def _identity_diffusers_attention(attn: Any, rows: slice, args: tuple, kwargs: d
     encoder_hidden_states = argument(args, kwargs, 1, "encoder_hidden_states")
     if encoder_hidden_states is not None:
         if getattr(attn, "add_v_proj", None) is None:
-            raise ValueError("perturb_attention perturbs self-attention, but a perturbed diffusers Attention was "
-                             "called with encoder_hidden_states (cross-attention)")
+            raise ValueError(
+                "perturb_attention perturbs self-attention, but a perturbed diffusers Attention was "
+                "called with encoder_hidden_states (cross-attention)"
+            )
         return _identity_joint_attention(attn, hidden_states[rows], encoder_hidden_states[rows])
     x = residual = hidden_states[rows]
     if attn.spatial_norm is not None:
@@ -226,8 +232,11 @@ def _identity_joint_attention(attn: Any, x: Tensor, context: Tensor) -> tuple[Te
         return out if norm is None else norm(out)
 
     q, k, v = (project(attn.to_q, attn.norm_q, x), project(attn.to_k, attn.norm_k, x), project(attn.to_v, None, x))
-    cq, ck, cv = (project(attn.add_q_proj, attn.norm_added_q, context),
-                  project(attn.add_k_proj, attn.norm_added_k, context), project(attn.add_v_proj, None, context))
+    cq, ck, cv = (
+        project(attn.add_q_proj, attn.norm_added_q, context),
+        project(attn.add_k_proj, attn.norm_added_k, context),
+        project(attn.add_v_proj, None, context),
+    )
     scale = q.shape[-1] ** -0.5
     logits = torch.cat([(q * k).sum(-1, keepdim=True), q @ ck.transpose(-1, -2)], dim=-1) * scale
     weights = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
@@ -245,7 +254,7 @@ def _identity_dit_attention(attn: DiTAttention, rows: slice, args: tuple, kwargs
     the [Q; K; V] qkv projection (its heads in the order the attention output uses)."""
     x = argument(args, kwargs, 0, "x")[rows]
     width = attn.proj.in_features
-    return attn.proj(F.linear(x, attn.qkv.weight[2 * width:], attn.qkv.bias[2 * width:]))
+    return attn.proj(F.linear(x, attn.qkv.weight[2 * width :], attn.qkv.bias[2 * width :]))
 
 
 def _identity_qkv_attention(attention: QKVAttention, rows: slice, args: tuple, kwargs: dict) -> Tensor:
@@ -307,9 +316,11 @@ def perturb_attention(model: nn.Module, layers: str | Sequence[str], rows: slice
         raise TypeError(f"layers must be a layer-name pattern or a non-empty sequence of them, got {layers!r}")
     candidates = _self_attention(model)
     if not candidates:
-        raise ValueError(f"model ({type(model).__name__}) has no self-attention to perturb: perturb_attention "
-                         "perturbs diffusers Attention modules that are not cross-attention, fastguide DiT "
-                         "Attention and fastguide UNet AttentionBlock")
+        raise ValueError(
+            f"model ({type(model).__name__}) has no self-attention to perturb: perturb_attention "
+            "perturbs diffusers Attention modules that are not cross-attention, fastguide DiT "
+            "Attention and fastguide UNet AttentionBlock"
+        )
     chosen: set[str] = set()
     for pattern in patterns:
         try:
@@ -317,8 +328,9 @@ def perturb_attention(model: nn.Module, layers: str | Sequence[str], rows: slice
         except re.error as error:
             raise ValueError(f"layers: {pattern!r} is not a regular expression ({error})") from None
         if not picked:
-            raise ValueError(f"layers: {pattern!r} matches no self-attention module; they are: "
-                             f"{_names(list(candidates))}")
+            raise ValueError(
+                f"layers: {pattern!r} matches no self-attention module; they are: {_names(list(candidates))}"
+            )
         chosen |= picked
     names = tuple(name for name in candidates if name in chosen)
     handle = Perturbation("identity attention", names, rows)
@@ -337,6 +349,7 @@ def _skip_block(block: nn.Module) -> Replacement:
     def replace(module: nn.Module, rows: slice, args: tuple, kwargs: dict) -> object:
         out = through(args, kwargs)
         return out[rows] if isinstance(out, Tensor) else tuple(t[rows] for t in out)
+
     return replace
 
 
@@ -353,14 +366,18 @@ def skip_blocks(model: nn.Module, layers: int | Sequence[int], rows: slice | Non
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     single = isinstance(layers, Integral) and not isinstance(layers, bool)
     indices = cast("Sequence[int]", [layers] if single else layers)
-    if not isinstance(indices, Sequence) or not indices or not all(
-            isinstance(i, Integral) and not isinstance(i, bool) for i in indices):
+    if (
+        not isinstance(indices, Sequence)
+        or not indices
+        or not all(isinstance(i, Integral) and not isinstance(i, bool) for i in indices)
+    ):
         raise TypeError(f"layers must be a block index or a non-empty sequence of them, got {layers!r}")
     attribute, blocks = block_list(model, "skip_blocks")
     for index in indices:
         if not 0 <= index < len(blocks):
-            raise ValueError(f"layers: block {index} does not exist; model.{attribute} holds blocks "
-                             f"0..{len(blocks) - 1}")
+            raise ValueError(
+                f"layers: block {index} does not exist; model.{attribute} holds blocks 0..{len(blocks) - 1}"
+            )
     chosen = sorted(set(indices))
     targets = []
     for index in chosen:

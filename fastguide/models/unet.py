@@ -49,8 +49,10 @@ def check_timesteps(t: object, x: Tensor) -> Tensor:
     if t.dim() == 0:
         return t.expand(batch)
     if tuple(t.shape) != (batch,):
-        raise ValueError(f"t (timesteps) must have shape ({batch},), one per sample of x, or () for all of them, "
-                         f"got {tuple(t.shape)}")
+        raise ValueError(
+            f"t (timesteps) must have shape ({batch},), one per sample of x, or () for all of them, "
+            f"got {tuple(t.shape)}"
+        )
     return t
 
 
@@ -70,8 +72,10 @@ def check_labels(y: object, x: Tensor, num_labels: int) -> Tensor:
     if y.dim() == 0:
         y = y.expand(batch)
     elif tuple(y.shape) != (batch,):
-        raise ValueError(f"y (class labels) must have shape ({batch},), one per sample of x, or () for all of them, "
-                         f"got {tuple(y.shape)}")
+        raise ValueError(
+            f"y (class labels) must have shape ({batch},), one per sample of x, or () for all of them, "
+            f"got {tuple(y.shape)}"
+        )
     if y.numel() and y.device.type == "cpu" and type(y) is Tensor and not ops.dispatch.tracing():
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= num_labels:
@@ -89,14 +93,18 @@ def check_image(x: object, channels: int, multiple: int = 1, size: int | None = 
     if x.dim() != 4 or x.shape[1] != channels:
         raise ValueError(f"x must be (N, {channels}, H, W), got shape {tuple(x.shape)}")
     if size is not None and tuple(x.shape[2:]) != (size, size):
-        raise ValueError(f"x must be (N, {channels}, {size}, {size}) (the attention pool's position embedding sets "
-                         f"the size), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"x must be (N, {channels}, {size}, {size}) (the attention pool's position embedding sets "
+            f"the size), got shape {tuple(x.shape)}"
+        )
     if any(s < 1 for s in x.shape[2:]):
         raise ValueError(f"x's height and width must be positive, got shape {tuple(x.shape)}")
     if any(s % multiple for s in x.shape[2:]):
-        raise ValueError(f"x's height and width must be multiples of {multiple} (the UNet halves them "
-                         f"{multiple.bit_length() - 1} time(s), and its skip connections need the sizes back), "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"x's height and width must be multiples of {multiple} (the UNet halves them "
+            f"{multiple.bit_length() - 1} time(s), and its skip connections need the sizes back), "
+            f"got shape {tuple(x.shape)}"
+        )
 
 
 def autocast_enabled(device: torch.device) -> bool:
@@ -146,8 +154,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
         super().__init__()
-        self.op = (nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=1)
-                   if use_conv else nn.AvgPool2d(2))
+        self.op = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
@@ -189,7 +196,9 @@ class ResBlock(TimestepBlock):
             nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
         )
         self.out_layers = nn.Sequential(
-            GroupNorm32(self.out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+            GroupNorm32(self.out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
             _zeroed(nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)),
         )
         self.skip_connection: nn.Module
@@ -241,8 +250,16 @@ def _convert_convs_to_fp16(module: nn.Module) -> None:
 
 
 def _check_config(
-    image_size: Any, in_channels: Any, model_channels: Any, out_channels: Any, num_res_blocks: Any,
-    attention_resolutions: Any, dropout: Any, channel_mult: Any, num_heads: Any, num_head_channels: Any,
+    image_size: Any,
+    in_channels: Any,
+    model_channels: Any,
+    out_channels: Any,
+    num_res_blocks: Any,
+    attention_resolutions: Any,
+    dropout: Any,
+    channel_mult: Any,
+    num_heads: Any,
+    num_head_channels: Any,
 ) -> None:
     """The arguments UNet and EncoderUNet share, each named when wrong: positive ints
     (num_res_blocks may be 0), attention_resolutions a collection of ints, dropout in
@@ -251,31 +268,51 @@ def _check_config(
     num_head_channels positive ints (num_head_channels −1: heads by num_heads)."""
     # The type: ignore[operator] below: typeshed's numbers.Integral and numbers.Real declare only
     # __lt__ and __le__, so mypy refuses ``0 <= value`` on them (the ints and floats here compare fine).
-    for name, value, low in (("image_size", image_size, 1), ("in_channels", in_channels, 1),
-                             ("model_channels", model_channels, 1), ("out_channels", out_channels, 1),
-                             ("num_res_blocks", num_res_blocks, 0), ("num_heads", num_heads, 1)):
+    for name, value, low in (
+        ("image_size", image_size, 1),
+        ("in_channels", in_channels, 1),
+        ("model_channels", model_channels, 1),
+        ("out_channels", out_channels, 1),
+        ("num_res_blocks", num_res_blocks, 0),
+        ("num_heads", num_heads, 1),
+    ):
         if isinstance(value, bool) or not isinstance(value, Integral):
             raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         if value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}")
-    if isinstance(num_head_channels, bool) or not isinstance(num_head_channels, Integral) \
-            or not (num_head_channels == -1 or num_head_channels >= 1):  # type: ignore[operator]
-        raise ValueError(f"num_head_channels must be a positive int, or -1 (heads set by num_heads), "
-                         f"got {num_head_channels!r}")
-    if not isinstance(attention_resolutions, Collection) or isinstance(attention_resolutions, str) or not all(
-            isinstance(r, Integral) and not isinstance(r, bool) for r in attention_resolutions):
-        raise TypeError(f"attention_resolutions must be a collection of ints (downsample rates), "
-                        f"got {attention_resolutions!r}")
+    if (
+        isinstance(num_head_channels, bool)
+        or not isinstance(num_head_channels, Integral)
+        or not (num_head_channels == -1 or num_head_channels >= 1)  # type: ignore[operator]
+    ):
+        raise ValueError(
+            f"num_head_channels must be a positive int, or -1 (heads set by num_heads), got {num_head_channels!r}"
+        )
+    if (
+        not isinstance(attention_resolutions, Collection)
+        or isinstance(attention_resolutions, str)
+        or not all(isinstance(r, Integral) and not isinstance(r, bool) for r in attention_resolutions)
+    ):
+        raise TypeError(
+            f"attention_resolutions must be a collection of ints (downsample rates), got {attention_resolutions!r}"
+        )
     if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout <= 1:  # type: ignore[operator]
         raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
-    if not isinstance(channel_mult, Sequence) or not channel_mult or not all(
+    if (
+        not isinstance(channel_mult, Sequence)
+        or not channel_mult
+        or not all(
             isinstance(m, Real) and not isinstance(m, bool) and 0 < m < math.inf  # type: ignore[operator]
-            for m in channel_mult):
+            for m in channel_mult
+        )
+    ):
         raise ValueError(f"channel_mult must be a non-empty sequence of positive numbers, got {channel_mult!r}")
     widths = [int(m * model_channels) for m in channel_mult]
     if any(w < 1 or w % 32 for w in widths):
-        raise ValueError(f"the level widths int(channel_mult·model_channels) must be positive multiples of 32 "
-                         f"(GroupNorm32's 32 groups), got {widths} for model_channels={model_channels}")
+        raise ValueError(
+            f"the level widths int(channel_mult·model_channels) must be positive multiples of 32 "
+            f"(GroupNorm32's 32 groups), got {widths} for model_channels={model_channels}"
+        )
 
 
 class _Trunk(nn.Module):
@@ -309,10 +346,15 @@ class _Trunk(nn.Module):
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
         skip_channels, ds = [ch], 1
         self._feature_size = ch
-        res: dict[str, Any] = dict(dropout=dropout, use_checkpoint=use_checkpoint,
-                                   use_scale_shift_norm=use_scale_shift_norm)
-        attn: dict[str, Any] = dict(num_heads=num_heads, num_head_channels=num_head_channels,
-                                    use_new_attention_order=use_new_attention_order, use_checkpoint=use_checkpoint)
+        res: dict[str, Any] = dict(
+            dropout=dropout, use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm
+        )
+        attn: dict[str, Any] = dict(
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            use_new_attention_order=use_new_attention_order,
+            use_checkpoint=use_checkpoint,
+        )
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, out_channels=int(mult * model_channels), **res)]
@@ -323,8 +365,11 @@ class _Trunk(nn.Module):
                 self._feature_size += ch
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
-                down = (ResBlock(ch, emb_dim, out_channels=ch, down=True, **res) if resblock_updown
-                        else Downsample(ch, conv_resample, out_channels=ch))
+                down = (
+                    ResBlock(ch, emb_dim, out_channels=ch, down=True, **res)
+                    if resblock_updown
+                    else Downsample(ch, conv_resample, out_channels=ch)
+                )
                 self.input_blocks.append(TimestepEmbedSequential(down))
                 skip_channels.append(ch)
                 ds *= 2
@@ -346,8 +391,7 @@ class _Trunk(nn.Module):
         autocast is on."""
         dtype = cast(nn.Linear, self.time_embed[0]).weight.dtype
         if x.dtype != dtype and not autocast_enabled(x.device):
-            raise TypeError(f"x must have the model's input dtype {dtype} (or run under torch.autocast), "
-                            f"got {x.dtype}")
+            raise TypeError(f"x must have the model's input dtype {dtype} (or run under torch.autocast), got {x.dtype}")
 
     def _embed_time(self, timesteps: Tensor) -> Tensor:
         # The sinusoids in the time MLP's dtype (float32 in ADM, also under use_fp16; a model
@@ -408,17 +452,32 @@ class UNet(_Trunk):
         super().__init__()
         if dims != 2:
             raise ValueError(f"dims must be 2 (images), got {dims}")
-        _check_config(image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
-                      dropout, channel_mult, num_heads, num_head_channels)
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, Integral)
-                                        or num_classes < 1):
+        _check_config(
+            image_size,
+            in_channels,
+            model_channels,
+            out_channels,
+            num_res_blocks,
+            attention_resolutions,
+            dropout,
+            channel_mult,
+            num_heads,
+            num_head_channels,
+        )
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < 1
+        ):
             raise ValueError(f"num_classes must be a positive int, or None (unconditional), got {num_classes!r}")
         if isinstance(label_dropout, bool) or not isinstance(label_dropout, Real) or not 0 <= label_dropout <= 1:
             raise ValueError(f"label_dropout must be a probability in [0, 1], got {label_dropout!r}")
-        if isinstance(num_heads_upsample, bool) or not isinstance(num_heads_upsample, Integral) \
-                or not (num_heads_upsample == -1 or num_heads_upsample >= 1):
-            raise ValueError(f"num_heads_upsample must be a positive int, or -1 (num_heads), "
-                             f"got {num_heads_upsample!r}")
+        if (
+            isinstance(num_heads_upsample, bool)
+            or not isinstance(num_heads_upsample, Integral)
+            or not (num_heads_upsample == -1 or num_heads_upsample >= 1)
+        ):
+            raise ValueError(
+                f"num_heads_upsample must be a positive int, or -1 (num_heads), got {num_heads_upsample!r}"
+            )
         if (null_class or label_dropout) and num_classes is None:
             raise ValueError("null_class and label_dropout need num_classes")
         if label_dropout and not null_class:
@@ -432,13 +491,24 @@ class UNet(_Trunk):
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes + (1 if null_class else 0), model_channels * 4)
         skip_channels, ch, ds = self._build_trunk(
-            in_channels, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult,
-            conv_resample, use_checkpoint, num_heads, num_head_channels, use_scale_shift_norm,
-            resblock_updown, use_new_attention_order,
+            in_channels,
+            model_channels,
+            num_res_blocks,
+            attention_resolutions,
+            dropout,
+            channel_mult,
+            conv_resample,
+            use_checkpoint,
+            num_heads,
+            num_head_channels,
+            use_scale_shift_norm,
+            resblock_updown,
+            use_new_attention_order,
         )
         emb_dim = model_channels * 4
-        res: dict[str, Any] = dict(dropout=dropout, use_checkpoint=use_checkpoint,
-                                   use_scale_shift_norm=use_scale_shift_norm)
+        res: dict[str, Any] = dict(
+            dropout=dropout, use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm
+        )
         self.output_blocks = nn.ModuleList()
         for level, mult in list(enumerate(channel_mult))[::-1]:
             for i in range(num_res_blocks + 1):
@@ -446,18 +516,27 @@ class UNet(_Trunk):
                 layers: list[nn.Module] = [ResBlock(ch + skip, emb_dim, out_channels=int(model_channels * mult), **res)]
                 ch = int(model_channels * mult)
                 if ds in attention_resolutions:
-                    layers.append(_AttentionBlock(
-                        ch, num_heads=num_heads_upsample, num_head_channels=num_head_channels,
-                        use_new_attention_order=use_new_attention_order, use_checkpoint=use_checkpoint,
-                    ))
+                    layers.append(
+                        _AttentionBlock(
+                            ch,
+                            num_heads=num_heads_upsample,
+                            num_head_channels=num_head_channels,
+                            use_new_attention_order=use_new_attention_order,
+                            use_checkpoint=use_checkpoint,
+                        )
+                    )
                 if level and i == num_res_blocks:
-                    layers.append(ResBlock(ch, emb_dim, out_channels=ch, up=True, **res) if resblock_updown
-                                  else Upsample(ch, conv_resample, out_channels=ch))
+                    layers.append(
+                        ResBlock(ch, emb_dim, out_channels=ch, up=True, **res)
+                        if resblock_updown
+                        else Upsample(ch, conv_resample, out_channels=ch)
+                    )
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(
-            GroupNorm32(ch), nn.SiLU(),
-            _zeroed(nn.Conv2d(int(model_channels * channel_mult[0]), out_channels, 3, padding=1))
+            GroupNorm32(ch),
+            nn.SiLU(),
+            _zeroed(nn.Conv2d(int(model_channels * channel_mult[0]), out_channels, 3, padding=1)),
         )
         if use_fp16:
             self.convert_to_fp16()
@@ -496,7 +575,7 @@ class UNet(_Trunk):
             emb = emb + self.label_emb(y)
         h = x.to(self.dtype)
         skips = []
-        for block in self.input_blocks[:self.FIRST_BLOCKS]:
+        for block in self.input_blocks[: self.FIRST_BLOCKS]:
             h = block(h, emb)
             skips.append(h)
         h = self.rest(h, emb, skips).to(x.dtype)
@@ -509,7 +588,7 @@ class UNet(_Trunk):
         blocks' output h (``skips`` holding their outputs, the skip connections) to the last
         output block's features. Block caching (models/block_cache.py) replaces it on reused
         calls."""
-        for block in self.input_blocks[self.FIRST_BLOCKS:]:
+        for block in self.input_blocks[self.FIRST_BLOCKS :]:
             h = block(h, emb)
             skips.append(h)
         h = self.middle_block(h, emb)
@@ -549,31 +628,58 @@ class EncoderUNet(_Trunk):
         super().__init__()
         if dims != 2:
             raise ValueError(f"dims must be 2 (images), got {dims}")
-        _check_config(image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
-                      dropout, channel_mult, num_heads, num_head_channels)
+        _check_config(
+            image_size,
+            in_channels,
+            model_channels,
+            out_channels,
+            num_res_blocks,
+            attention_resolutions,
+            dropout,
+            channel_mult,
+            num_heads,
+            num_head_channels,
+        )
         if pool not in self.POOLS:
             raise ValueError(f"pool must be one of {self.POOLS}, got {pool!r}")
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
         self.model_channels, self.pool = model_channels, pool
         self._build_time_embed(model_channels)
         _, ch, ds = self._build_trunk(
-            in_channels, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult,
-            conv_resample, use_checkpoint, num_heads, num_head_channels, use_scale_shift_norm,
-            resblock_updown, use_new_attention_order,
+            in_channels,
+            model_channels,
+            num_res_blocks,
+            attention_resolutions,
+            dropout,
+            channel_mult,
+            conv_resample,
+            use_checkpoint,
+            num_heads,
+            num_head_channels,
+            use_scale_shift_norm,
+            resblock_updown,
+            use_new_attention_order,
         )
         if pool == "adaptive":
-            self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.AdaptiveAvgPool2d((1, 1)),
-                                     _zeroed(nn.Conv2d(ch, out_channels, 1)), nn.Flatten())
+            self.out = nn.Sequential(
+                GroupNorm32(ch),
+                nn.SiLU(),
+                nn.AdaptiveAvgPool2d((1, 1)),
+                _zeroed(nn.Conv2d(ch, out_channels, 1)),
+                nn.Flatten(),
+            )
         elif pool == "attention":
             if num_head_channels == -1:
                 raise ValueError("pool='attention' needs num_head_channels")
-            self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(),
-                                     AttentionPool2d(image_size // ds, ch, num_head_channels, out_channels))
+            self.out = nn.Sequential(
+                GroupNorm32(ch), nn.SiLU(), AttentionPool2d(image_size // ds, ch, num_head_channels, out_channels)
+            )
         elif pool == "spatial":
             self.out = nn.Sequential(nn.Linear(self._feature_size, 2048), nn.ReLU(), nn.Linear(2048, out_channels))
         else:
-            self.out = nn.Sequential(nn.Linear(self._feature_size, 2048), GroupNorm32(2048), nn.SiLU(),
-                                     nn.Linear(2048, out_channels))
+            self.out = nn.Sequential(
+                nn.Linear(self._feature_size, 2048), GroupNorm32(2048), nn.SiLU(), nn.Linear(2048, out_channels)
+            )
         if use_fp16:
             self.convert_to_fp16()
 

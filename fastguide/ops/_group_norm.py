@@ -95,7 +95,12 @@ def group_norm_backward_op(
     return norms.backward_outputs(
         x,
         *dispatch.implementation(backend, "group_norm").group_norm_backward(
-            grad_y, x, NormParameters(weight, bias, scale, shift), mean, rstd, num_groups,
+            grad_y,
+            x,
+            NormParameters(weight, bias, scale, shift),
+            mean,
+            rstd,
+            num_groups,
             None if activation == "none" else activation,
         ),
     )

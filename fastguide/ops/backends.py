@@ -65,9 +65,7 @@ def _env_choice() -> str:
         return _env_parsed[1]
     name = (raw or "auto").strip().lower() or "auto"
     if name not in BACKENDS:
-        raise ValueError(
-            f"environment variable FASTGUIDE_BACKEND must be one of {BACKENDS}, got {name!r}"
-        )
+        raise ValueError(f"environment variable FASTGUIDE_BACKEND must be one of {BACKENDS}, got {name!r}")
     _env_parsed = (raw, name)
     return name
 
@@ -154,8 +152,10 @@ class Backend:
         if not self.has_kernel(op):
             reasons.append(f"the {self.name} backend has no kernel for {op}")
         elif dtype not in self.dtypes:
-            reasons.append(f"the {self.name} backend has no kernel for {op} on {dtype} tensors "
-                           f"(it computes in {', '.join(str(d) for d in self.dtypes)})")
+            reasons.append(
+                f"the {self.name} backend has no kernel for {op} on {dtype} tensors "
+                f"(it computes in {', '.join(str(d) for d in self.dtypes)})"
+            )
         device_reason = self.why_not(device)
         return reasons + ([device_reason] if device_reason is not None else [])
 

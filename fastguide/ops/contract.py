@@ -192,7 +192,7 @@ class _OpArguments:
         self.n_scalars = len(self.scalars)
         if cls._fields[: self.n_scalars] != self.scalars:
             raise TypeError(f"{cls.__name__} must declare its float fields before the others")
-        others = cls._fields[self.n_scalars:]
+        others = cls._fields[self.n_scalars :]
         self.schema: list[str] = [f"float[]{'?' if optional else ''} {prefix}_scalars"] if self.scalars else []
         written = 0
         for name in others:
@@ -212,8 +212,9 @@ class _OpArguments:
     def pack(self, obj: Any) -> list:
         if obj is None:
             return [None] * self.count
-        others = [list(v) if sequence and v is not None else v
-                  for v, sequence in zip(obj[self.n_scalars:], self._sequences)]
+        others = [
+            list(v) if sequence and v is not None else v for v, sequence in zip(obj[self.n_scalars :], self._sequences)
+        ]
         return [list(obj[: self.n_scalars]), *others] if self.n_scalars else others
 
     def unpack(self, values: typing.Sequence) -> Any:
@@ -245,6 +246,6 @@ def unpack(arguments: typing.Sequence) -> tuple[StepTensors, StepCoefficients, G
     n_tensors, n_step = TENSOR_ARGUMENTS.count, STEP_ARGUMENTS.count
     return (
         TENSOR_ARGUMENTS.unpack(arguments[:n_tensors]),
-        STEP_ARGUMENTS.unpack(arguments[n_tensors:n_tensors + n_step]),
-        COMBINE_ARGUMENTS.unpack(arguments[n_tensors + n_step:]),
+        STEP_ARGUMENTS.unpack(arguments[n_tensors : n_tensors + n_step]),
+        COMBINE_ARGUMENTS.unpack(arguments[n_tensors + n_step :]),
     )

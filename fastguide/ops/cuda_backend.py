@@ -45,15 +45,22 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
     grad = dense(tensors.grad if step.grad_eps_scale != 0.0 or step.k_grad != 0.0 else None, fmt, dtype)
     momentum = combine is not None and combine.variant == "apg" and combine.apg_momentum != 0.0
     targets = {"out": tensors.out, "x0_out": tensors.x0_out, "apg_buffer": tensors.apg_buffer if momentum else None}
-    work = {
-        name: dense(t, fmt, torch.float32 if name == "apg_buffer" else dtype) for name, t in targets.items()
-    }
+    work = {name: dense(t, fmt, torch.float32 if name == "apg_buffer" else dtype) for name, t in targets.items()}
     guide = dense(tensors.guide, fmt, dtype) if combine is not None else None
     # With similarity the kernel returns its blocks' sums of x̂0_c·x̂0_u, x̂0_c², x̂0_u²: merged here.
     similarity_partials = _ops().guided_step(
-        dense(model_output, fmt, dtype), guide, dense(x, fmt), [dense(h, fmt, dtype) for h in tensors.history],
-        noise, grad, work["apg_buffer"], work["out"], work["x0_out"],
-        *STEP_ARGUMENTS.pack(step), *COMBINE_ARGUMENTS.pack(combine)[:1], guidance_stats(combine),
+        dense(model_output, fmt, dtype),
+        guide,
+        dense(x, fmt),
+        [dense(h, fmt, dtype) for h in tensors.history],
+        noise,
+        grad,
+        work["apg_buffer"],
+        work["out"],
+        work["x0_out"],
+        *STEP_ARGUMENTS.pack(step),
+        *COMBINE_ARGUMENTS.pack(combine)[:1],
+        guidance_stats(combine),
         tensors.similarity is not None,
     )
     write_back(targets, work)
@@ -69,8 +76,7 @@ _PARAMETER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _parameters(*tensors: Tensor | None) -> list[Tensor | None]:
     """The norm parameters as the kernels read them: dense, in their own dtype (a float64
     one as a float32 copy); no copy for the usual dense float32/float16/bfloat16 ones."""
-    return [None if t is None else (t if t.dtype in _PARAMETER_DTYPES else t.float()).contiguous()
-            for t in tensors]
+    return [None if t is None else (t if t.dtype in _PARAMETER_DTYPES else t.float()).contiguous() for t in tensors]
 
 
 def _statistics(mean: Tensor, rstd: Tensor) -> list[Tensor]:
@@ -82,9 +88,7 @@ def group_norm_forward(
     x: Tensor, params: NormParameters, num_groups: int, eps: float, activation: str | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     x = dense(x, norm_format(x))
-    return _ops().group_norm_forward(
-        x, *_parameters(*params), num_groups, float(eps), activation == "silu"
-    )
+    return _ops().group_norm_forward(x, *_parameters(*params), num_groups, float(eps), activation == "silu")
 
 
 def group_norm_backward(
@@ -93,15 +97,17 @@ def group_norm_backward(
     fmt = norm_format(x)
     x = dense(x, fmt)
     dx, sums = _ops().group_norm_backward(
-        dense(dy, fmt, x.dtype), x, *_parameters(*params), *_statistics(mean, rstd),
-        num_groups, activation == "silu",
+        dense(dy, fmt, x.dtype),
+        x,
+        *_parameters(*params),
+        *_statistics(mean, rstd),
+        num_groups,
+        activation == "silu",
     )
     return (dx, *group_norm_parameter_grads(sums, params))
 
 
-def layer_norm_forward(
-    x: Tensor, params: NormParameters, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
+def layer_norm_forward(x: Tensor, params: NormParameters, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     return _ops().layer_norm_forward(x.contiguous(), *_parameters(*params), float(eps))
 
 

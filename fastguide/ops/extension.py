@@ -30,9 +30,15 @@ HOST_FLAGS = ("-O3",)
 # The static check (tools/kernel_report.py): each kernel source on its own,
 # with the half-type restrictions torch's extension builds add, warnings as errors.
 KERNEL_CHECK_FLAGS = (
-    "-std=c++17", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-    "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror",
+    "-std=c++17",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+    "-Werror",
+    "all-warnings",
+    "-Xcompiler",
+    "-Wall,-Wextra,-Werror",
 )
 
 _loaded = False
@@ -76,8 +82,16 @@ def kernel_check_command(source: str, arch: int, cubin: Path) -> list[str]:
     compiler = nvcc()
     if compiler is None:
         raise RuntimeError("nvcc not found (put the CUDA toolkit's bin on PATH, or set CUDA_HOME)")
-    return [compiler, *NVCC_FLAGS, *KERNEL_CHECK_FLAGS, "-cubin", f"-arch=sm_{arch}", "-o", str(cubin),
-            str(source_dir() / source)]
+    return [
+        compiler,
+        *NVCC_FLAGS,
+        *KERNEL_CHECK_FLAGS,
+        "-cubin",
+        f"-arch=sm_{arch}",
+        "-o",
+        str(cubin),
+        str(source_dir() / source),
+    ]
 
 
 def bindings_check_command(torch_include: Path) -> list[str]:
@@ -85,9 +99,21 @@ def bindings_check_command(torch_include: Path) -> list[str]:
     as errors (syntax only: nothing is linked)."""
     cxx = shutil.which("c++") or shutil.which("g++") or "c++"
     standard = "-std=c++20" if "C++20" in (torch_include / "ATen" / "ATen.h").read_text() else "-std=c++17"
-    return [cxx, standard, "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
-            "-isystem", str(torch_include), "-isystem", str(torch_include / "torch" / "csrc" / "api" / "include"),
-            "-isystem", str(cuda_include()), *(str(source_dir() / name) for name in BINDING_SOURCES)]
+    return [
+        cxx,
+        standard,
+        "-fsyntax-only",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-isystem",
+        str(torch_include),
+        "-isystem",
+        str(torch_include / "torch" / "csrc" / "api" / "include"),
+        "-isystem",
+        str(cuda_include()),
+        *(str(source_dir() / name) for name in BINDING_SOURCES),
+    ]
 
 
 def _find_prebuilt() -> str | None:
@@ -133,8 +159,10 @@ def why_not_available() -> str | None:
     reason = why_not_buildable()
     if reason is None:
         return None
-    return ("fastguide._C is not built (FASTGUIDE_BUILD_CUDA=1 pip install --no-build-isolation .) "
-            f"and cannot be built now: {reason}")
+    return (
+        "fastguide._C is not built (FASTGUIDE_BUILD_CUDA=1 pip install --no-build-isolation .) "
+        f"and cannot be built now: {reason}"
+    )
 
 
 def build_name(prefix: str, directories: list[Path]) -> str:

@@ -96,9 +96,7 @@ def _attention_lse(q: Tensor, k: Tensor, scale: float, rows_per_chunk: int = 256
 # --------------------------------------------------------------------------------------
 
 
-def _scale_shift_act(
-    y: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str | None
-) -> Tensor:
+def _scale_shift_act(y: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str | None) -> Tensor:
     if scale is not None:
         y = y * (1 + _per_sample(scale.to(y.dtype), y.dim()))
     if shift is not None:
@@ -345,9 +343,7 @@ def x0_similarity(cond: Tensor, uncond: Tensor, x: Tensor, step: StepCoefficient
     return cosine_similarity(x0_cond, x0_uncond)
 
 
-def denoised_and_eps(
-    m: Tensor, x: Tensor, alpha: float, sigma: float, prediction_type: str
-) -> tuple[Tensor, Tensor]:
+def denoised_and_eps(m: Tensor, x: Tensor, alpha: float, sigma: float, prediction_type: str) -> tuple[Tensor, Tensor]:
     """(x0, eps) from the model prediction m of x = alpha·x0 + sigma·eps."""
     if prediction_type == "epsilon":
         return (x - sigma * m) / alpha, m
@@ -403,7 +399,7 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
     model_output, x = tensors.model_output, tensors.x
     batch, channels = x.shape[0], x.shape[1]
     if combine is not None:
-        uncond_rows = (model_output[batch:2 * batch] if tensors.guide is None else tensors.guide)[:, :channels]
+        uncond_rows = (model_output[batch : 2 * batch] if tensors.guide is None else tensors.guide)[:, :channels]
         if tensors.similarity is not None:  # first: samples of no element still get their 0
             tensors.similarity.copy_(x0_similarity(model_output[:batch, :channels], uncond_rows, x, step))
     if x.numel() == 0:  # nothing to compute (and no per-sample statistics of nothing)
@@ -417,7 +413,7 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
         uncond = uncond_rows.to(dtype)
         perturbed = None
         if combine.perturbed_scale != 0.0:
-            perturbed = model_output[2 * batch:3 * batch, :channels].to(dtype)
+            perturbed = model_output[2 * batch : 3 * batch, :channels].to(dtype)
         if step.k_guide_eps != 0.0:
             _, guide_eps = denoised_and_eps(uncond, x_c, step.alpha, step.sigma, step.prediction_type)
         m = guided_prediction(m, uncond, combine, tensors.apg_buffer, perturbed)
@@ -587,8 +583,13 @@ def group_norm_backward(
         return None if t is None else t.to(dtype).reshape(rows, c, 1)
 
     dx_hat, *grads = _modulation_backward(
-        dy.to(dtype).reshape(n, c, spatial), x_hat,
-        view(weight, 1), view(bias, 1), view(scale, n), view(shift, n), activation,
+        dy.to(dtype).reshape(n, c, spatial),
+        x_hat,
+        view(weight, 1),
+        view(bias, 1),
+        view(scale, n),
+        view(shift, n),
+        activation,
     )
     dx = _normalization_backward(dx_hat.reshape(groups), x_hat.reshape(groups), rstd)
     dx = like_memory_format(dx.reshape(x.shape), x).to(x.dtype)
@@ -618,9 +619,7 @@ def gated_residual(h: Tensor, branch: Tensor, gate: Tensor) -> Tensor:
     return torch.addcmul(h.to(dtype), gate.to(dtype), branch.to(dtype)).to(h.dtype)
 
 
-def layer_norm_forward(
-    x: Tensor, params: NormParameters, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
+def layer_norm_forward(x: Tensor, params: NormParameters, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, rstd): LayerNorm over the last dim with DiT's adaLN modulation, statistics in float32.
 
     x̂ = (x − mean)/√(var + eps) over the D elements of each row (biased variance);
@@ -632,8 +631,11 @@ def layer_norm_forward(
     dtype = compute_dtype(x)
     d = x.shape[-1]
     y, mean, rstd = torch.ops.aten.native_layer_norm(
-        x.to(dtype).contiguous(), [d],
-        None if weight is None else weight.to(dtype), None if bias is None else bias.to(dtype), eps,
+        x.to(dtype).contiguous(),
+        [d],
+        None if weight is None else weight.to(dtype),
+        None if bias is None else bias.to(dtype),
+        eps,
     )
     y, rstd = _nan_where_overflowed(y, rstd.reshape(x.shape[:-1]))
     y = _scale_shift_act(y, scale, shift, None)
@@ -681,8 +683,14 @@ def layer_norm_parameter_grads(
     sums = partials.sum(1)
     per_token = lambda t: t is not None and t.shape[-2] > 1  # noqa: E731
     dweight, dbias, dscale, dshift = norm_parameter_grads(
-        sums[:, 0:1], sums[:, 1:2], sums[:, 2], sums[:, 3], weight, bias,
-        None if per_token(scale) else scale, None if per_token(shift) else shift,
+        sums[:, 0:1],
+        sums[:, 1:2],
+        sums[:, 2],
+        sums[:, 3],
+        weight,
+        bias,
+        None if per_token(scale) else scale,
+        None if per_token(shift) else shift,
     )
     if scale is not None and per_token(scale):
         assert dscale_tokens is not None, "a per-token scale's gradient comes from the kernel"

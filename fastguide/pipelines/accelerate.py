@@ -61,30 +61,42 @@ class PipelineOptions:
     cache: BlockCacheSettings | None = None
 
 
-def accelerate(target: Any, *, sampler: str | None = None, spacing: str | None = None,
-               guidance: Guidance | None = None, cuda_graph: bool = False,
-               cache: BlockCacheSettings | None = None) -> Any:
+def accelerate(
+    target: Any,
+    *,
+    sampler: str | None = None,
+    spacing: str | None = None,
+    guidance: Guidance | None = None,
+    cuda_graph: bool = False,
+    cache: BlockCacheSettings | None = None,
+) -> Any:
     """Accelerate a module (fastguide's kernels swapped in, see
     ``fastguide.models.accelerate.accelerate``) or a diffusers pipeline (also its denoising
     loop replaced, see this module's docstring). Returns ``target``, changed in place.
     The keyword options apply to pipelines only."""
     if isinstance(target, nn.Module):
         if sampler is not None or spacing is not None or guidance is not None or cuda_graph or cache is not None:
-            raise ValueError("sampler=, spacing=, guidance=, cache= and cuda_graph= apply to a diffusers pipeline; "
-                             f"a module ({type(target).__name__}) only has its kernels swapped")
+            raise ValueError(
+                "sampler=, spacing=, guidance=, cache= and cuda_graph= apply to a diffusers pipeline; "
+                f"a module ({type(target).__name__}) only has its kernels swapped"
+            )
         return accelerate_module(target)
     recipe = recipes.recipe_for(target)
     if recipe is None:
-        raise TypeError(f"accelerate takes a torch.nn.Module or a diffusers pipeline of {recipes.supported()}, "
-                        f"got {type(target).__name__}")
+        raise TypeError(
+            f"accelerate takes a torch.nn.Module or a diffusers pipeline of {recipes.supported()}, "
+            f"got {type(target).__name__}"
+        )
     if guidance is not None and not isinstance(guidance, Guidance):
-        raise TypeError(f"guidance must be a fastguide Guidance (CFG, CFGPlusPlus, ...) or None, got "
-                        f"{type(guidance).__name__}")
+        raise TypeError(
+            f"guidance must be a fastguide Guidance (CFG, CFGPlusPlus, ...) or None, got {type(guidance).__name__}"
+        )
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
     if cache is not None and not isinstance(cache, (FirstBlockCache, ForecastCache)):
-        raise TypeError(f"cache must be a fastguide.FirstBlockCache, a fastguide.ForecastCache or None, got "
-                        f"{type(cache).__name__}")
+        raise TypeError(
+            f"cache must be a fastguide.FirstBlockCache, a fastguide.ForecastCache or None, got {type(cache).__name__}"
+        )
     if sampler is None and spacing is not None:
         raise ValueError("spacing= places fastguide's own sampler's steps: it needs sampler=")
     if cache is not None:  # before any change: a denoiser the cache cannot take is refused here, not at a call
@@ -113,8 +125,9 @@ def _accelerated_class(cls: type) -> type:
 
         __call__.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]  # (typeshed lacks it)
         __call__.__doc__ = original.__doc__
-        _CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_fastguide_accelerated": True,
-                                                    "__module__": cls.__module__})
+        _CLASSES[cls] = type(
+            cls.__name__, (cls,), {"__call__": __call__, "_fastguide_accelerated": True, "__module__": cls.__module__}
+        )
     return _CLASSES[cls]
 
 
@@ -146,15 +159,29 @@ def _denoise(pipe, denoising: recipes.Denoising) -> Tensor:
     settings = denoising.sampling
     # The sampler (and its captured graphs) is kept for the same settings, schedule (by
     # value), network and guidance; anything else builds a new one.
-    key = (tuple(sorted((k, v.cache_key if isinstance(v, NoiseSchedule) else repr(v)) for k, v in settings.items())),
-           id(denoising.denoiser.network), denoising.guidance)
+    key = (
+        tuple(sorted((k, v.cache_key if isinstance(v, NoiseSchedule) else repr(v)) for k, v in settings.items())),
+        id(denoising.denoiser.network),
+        denoising.guidance,
+    )
     sampler = pipe._fastguide_samplers.get(key)
     if sampler is None:
-        sampler = GuidedSampler(denoising.denoiser, guidance=denoising.guidance, cuda_graph=options.cuda_graph,
-                                cache=options.cache, **settings)
+        sampler = GuidedSampler(
+            denoising.denoiser,
+            guidance=denoising.guidance,
+            cuda_graph=options.cuda_graph,
+            cache=options.cache,
+            **settings,
+        )
         if options.cuda_graph:  # graphs are worth keeping only when captured
             pipe._fastguide_samplers = {key: sampler}
     progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
-    return sampler(tuple(denoising.noise.shape), noise=denoising.noise, labels=denoising.labels, cond=denoising.cond,
-                   uncond=denoising.uncond, generator=denoising.generator, progress=progress)
-
+    return sampler(
+        tuple(denoising.noise.shape),
+        noise=denoising.noise,
+        labels=denoising.labels,
+        cond=denoising.cond,
+        uncond=denoising.uncond,
+        generator=denoising.generator,
+        progress=progress,
+    )

@@ -93,8 +93,10 @@ def _refuse_given(arguments: Mapping, names: tuple[str, ...]) -> None:
     """Unsupported when any of ``names`` is given (not None): what fastguide's loop does not run."""
     given = [name for name in names if arguments.get(name) is not None]
     if given:
-        raise Unsupported(f"{', '.join(f'{name}=' for name in given)} ha{'s' if len(given) == 1 else 've'} no "
-                          "counterpart in fastguide's loop")
+        raise Unsupported(
+            f"{', '.join(f'{name}=' for name in given)} ha{'s' if len(given) == 1 else 've'} no "
+            "counterpart in fastguide's loop"
+        )
 
 
 def _module(pipe):
@@ -111,20 +113,31 @@ class Sampling(NamedTuple):
     generator: torch.Generator | None
 
 
-def _step_generator(generator: torch.Generator | list[torch.Generator] | None, draws_noise: bool,
-                    sampler: str) -> torch.Generator | None:
+def _step_generator(
+    generator: torch.Generator | list[torch.Generator] | None, draws_noise: bool, sampler: str
+) -> torch.Generator | None:
     """The generator the loop draws each step's noise from: none when the sampler draws none
     (the latents come from the pipeline), refused when a list would have to give it."""
     if not draws_noise:
         return None
     if isinstance(generator, (list, tuple)):
-        raise Unsupported(f"a list of generators with sampler {sampler!r}, which draws noise: fastguide draws each "
-                          "step's noise from one generator")
+        raise Unsupported(
+            f"a list of generators with sampler {sampler!r}, which draws noise: fastguide draws each "
+            "step's noise from one generator"
+        )
     return generator
 
 
-def _sampling(pipe, arguments: Mapping, options, *, eta: float = 0.0, generator_in_step: bool = True,
-              mu: float | None = None, scaled_latents: bool = True) -> Sampling:
+def _sampling(
+    pipe,
+    arguments: Mapping,
+    options,
+    *,
+    eta: float = 0.0,
+    generator_in_step: bool = True,
+    mu: float | None = None,
+    scaled_latents: bool = True,
+) -> Sampling:
     """The scheduler reproduced (``schedulers.settings_for``), or with ``options.sampler``
     fastguide's own sampler on the scheduler's noise schedule (x_T the unscaled noise:
     the latents divided by ``init_noise_sigma`` where the pipeline scaled them by it,
@@ -132,8 +145,15 @@ def _sampling(pipe, arguments: Mapping, options, *, eta: float = 0.0, generator_
     scheduler = pipe.scheduler
     steps = arguments.get("num_inference_steps")
     if options.sampler is None:
-        settings = settings_for(scheduler, steps, eta=eta, timesteps=arguments.get("timesteps"),
-                                sigmas=arguments.get("sigmas"), mu=mu, generator_in_step=generator_in_step)
+        settings = settings_for(
+            scheduler,
+            steps,
+            eta=eta,
+            timesteps=arguments.get("timesteps"),
+            sigmas=arguments.get("sigmas"),
+            mu=mu,
+            generator_in_step=generator_in_step,
+        )
         generator = _step_generator(arguments.get("generator"), settings.draws_noise, settings.sampler)
         return Sampling(settings.sample_kwargs(), settings.initial_noise, generator)
     _refuse_given(arguments, ("timesteps", "sigmas"))
@@ -143,8 +163,9 @@ def _sampling(pipe, arguments: Mapping, options, *, eta: float = 0.0, generator_
     schedule: NoiseSchedule
     if type(scheduler).__name__.startswith("FlowMatch"):
         if scheduler.config.get("use_dynamic_shifting", False):
-            raise Unsupported("sampler= on a flow-matching scheduler with use_dynamic_shifting (its shift depends "
-                              "on the image size)")
+            raise Unsupported(
+                "sampler= on a flow-matching scheduler with use_dynamic_shifting (its shift depends on the image size)"
+            )
         schedule = NoiseSchedule.flow(float(scheduler.config.shift), scheduler.config.num_train_timesteps)
         prediction_type = "flow_prediction"
     else:
@@ -152,8 +173,14 @@ def _sampling(pipe, arguments: Mapping, options, *, eta: float = 0.0, generator_
             schedule = NoiseSchedule(scheduler.betas.double())
         except (AttributeError, ValueError) as error:
             raise Unsupported(f"sampler= needs the scheduler's betas as a VP schedule: {error}") from None
-    sampling = dict(sampler=options.sampler, steps=steps, spacing=options.spacing, schedule=schedule,
-                    prediction_type=prediction_type, clip_denoised=False)
+    sampling = dict(
+        sampler=options.sampler,
+        steps=steps,
+        spacing=options.spacing,
+        schedule=schedule,
+        prediction_type=prediction_type,
+        clip_denoised=False,
+    )
     scale = pipe.scheduler.init_noise_sigma if scaled_latents else 1.0
     generator = _step_generator(arguments.get("generator"), options.sampler in STOCHASTIC_SAMPLERS, options.sampler)
     return Sampling(sampling, lambda latents: latents / scale, generator)
@@ -190,8 +217,7 @@ def _refuse_guidance_embedding(pipe) -> None:
 
 
 def _stable_diffusion(pipe, a: dict, options) -> Denoising:
-    _refuse_given(a, ("ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs",
-                      "callback_on_step_end"))
+    _refuse_given(a, ("ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs", "callback_on_step_end"))
     _refuse_guidance_embedding(pipe)
     sampling, x_T, generator = _sampling(pipe, a, options, eta=a["eta"])
     size = pipe.unet.config.sample_size
@@ -202,20 +228,49 @@ def _stable_diffusion(pipe, a: dict, options) -> Denoising:
         height, width = height or default_height, width or default_width
     elif not height or not width:  # StableDiffusionPipeline defaults both when either is missing
         height, width = default_height, default_width
-    pipe.check_inputs(a["prompt"], height, width, None, a["negative_prompt"], a["prompt_embeds"],
-                      a["negative_prompt_embeds"], None, None, a["callback_on_step_end_tensor_inputs"])
-    pipe._guidance_scale, pipe._guidance_rescale, pipe._clip_skip = a["guidance_scale"], a["guidance_rescale"], \
-        a["clip_skip"]
+    pipe.check_inputs(
+        a["prompt"],
+        height,
+        width,
+        None,
+        a["negative_prompt"],
+        a["prompt_embeds"],
+        a["negative_prompt_embeds"],
+        None,
+        None,
+        a["callback_on_step_end_tensor_inputs"],
+    )
+    pipe._guidance_scale, pipe._guidance_rescale, pipe._clip_skip = (
+        a["guidance_scale"],
+        a["guidance_rescale"],
+        a["clip_skip"],
+    )
     pipe._cross_attention_kwargs, pipe._interrupt = None, False
     prompt, batch = a["prompt"], _batch(a)
     device = pipe._execution_device
     guided = pipe.do_classifier_free_guidance
     prompt_embeds, negative_embeds = pipe.encode_prompt(
-        prompt, device, a["num_images_per_prompt"], guided, a["negative_prompt"], prompt_embeds=a["prompt_embeds"],
-        negative_prompt_embeds=a["negative_prompt_embeds"], lora_scale=None, clip_skip=a["clip_skip"])
+        prompt,
+        device,
+        a["num_images_per_prompt"],
+        guided,
+        a["negative_prompt"],
+        prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"],
+        lora_scale=None,
+        clip_skip=a["clip_skip"],
+    )
     _module(pipe).retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
-    latents = pipe.prepare_latents(batch * a["num_images_per_prompt"], pipe.unet.config.in_channels, height, width,
-                                   prompt_embeds.dtype, device, a["generator"], a["latents"])
+    latents = pipe.prepare_latents(
+        batch * a["num_images_per_prompt"],
+        pipe.unet.config.in_channels,
+        height,
+        width,
+        prompt_embeds.dtype,
+        device,
+        a["generator"],
+        a["latents"],
+    )
     cond, uncond = _pair({"encoder_hidden_states": prompt_embeds}, {"encoder_hidden_states": negative_embeds}, guided)
 
     denoiser = Denoiser(pipe.unet, _unet_call)
@@ -223,8 +278,9 @@ def _stable_diffusion(pipe, a: dict, options) -> Denoising:
     def finish(latents: Tensor):
         output_type = a["output_type"]
         if output_type != "latent":
-            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
-                                    generator=a["generator"])[0]
+            image = pipe.vae.decode(
+                latents / pipe.vae.config.scaling_factor, return_dict=False, generator=a["generator"]
+            )[0]
             image, nsfw = pipe.run_safety_checker(image, device, prompt_embeds.dtype)
         else:
             image, nsfw = latents, None
@@ -245,8 +301,16 @@ def _stable_diffusion(pipe, a: dict, options) -> Denoising:
 
 
 def _stable_diffusion_xl(pipe, a: dict, options) -> Denoising:
-    _refuse_given(a, ("ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs",
-                      "callback_on_step_end", "denoising_end"))
+    _refuse_given(
+        a,
+        (
+            "ip_adapter_image",
+            "ip_adapter_image_embeds",
+            "cross_attention_kwargs",
+            "callback_on_step_end",
+            "denoising_end",
+        ),
+    )
     _refuse_guidance_embedding(pipe)
     height = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
     width = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
@@ -255,38 +319,87 @@ def _stable_diffusion_xl(pipe, a: dict, options) -> Denoising:
     rows = batch * a["num_images_per_prompt"]
     negative_sizes = a["negative_original_size"] is not None and a["negative_target_size"] is not None
     if negative_sizes and rows > 1:
-        raise Unsupported("negative_original_size/negative_target_size with more than one image: diffusers repeats "
-                          "[negative; positive] time ids row-wise, interleaving them across its CFG halves")
+        raise Unsupported(
+            "negative_original_size/negative_target_size with more than one image: diffusers repeats "
+            "[negative; positive] time ids row-wise, interleaving them across its CFG halves"
+        )
     sampling, x_T, generator = _sampling(pipe, a, options, eta=a["eta"])
-    pipe.check_inputs(prompt, a["prompt_2"], height, width, None, a["negative_prompt"], a["negative_prompt_2"],
-                      a["prompt_embeds"], a["negative_prompt_embeds"], a["pooled_prompt_embeds"],
-                      a["negative_pooled_prompt_embeds"], None, None, a["callback_on_step_end_tensor_inputs"])
-    pipe._guidance_scale, pipe._guidance_rescale, pipe._clip_skip = a["guidance_scale"], a["guidance_rescale"], \
-        a["clip_skip"]
+    pipe.check_inputs(
+        prompt,
+        a["prompt_2"],
+        height,
+        width,
+        None,
+        a["negative_prompt"],
+        a["negative_prompt_2"],
+        a["prompt_embeds"],
+        a["negative_prompt_embeds"],
+        a["pooled_prompt_embeds"],
+        a["negative_pooled_prompt_embeds"],
+        None,
+        None,
+        a["callback_on_step_end_tensor_inputs"],
+    )
+    pipe._guidance_scale, pipe._guidance_rescale, pipe._clip_skip = (
+        a["guidance_scale"],
+        a["guidance_rescale"],
+        a["clip_skip"],
+    )
     pipe._cross_attention_kwargs, pipe._denoising_end, pipe._interrupt = None, None, False
     device = pipe._execution_device
     guided = pipe.do_classifier_free_guidance
     prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-        prompt=prompt, prompt_2=a["prompt_2"], device=device, num_images_per_prompt=a["num_images_per_prompt"],
-        do_classifier_free_guidance=guided, negative_prompt=a["negative_prompt"],
-        negative_prompt_2=a["negative_prompt_2"], prompt_embeds=a["prompt_embeds"],
-        negative_prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["pooled_prompt_embeds"],
-        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"], lora_scale=None, clip_skip=a["clip_skip"])
+        prompt=prompt,
+        prompt_2=a["prompt_2"],
+        device=device,
+        num_images_per_prompt=a["num_images_per_prompt"],
+        do_classifier_free_guidance=guided,
+        negative_prompt=a["negative_prompt"],
+        negative_prompt_2=a["negative_prompt_2"],
+        prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"],
+        pooled_prompt_embeds=a["pooled_prompt_embeds"],
+        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+        lora_scale=None,
+        clip_skip=a["clip_skip"],
+    )
     _module(pipe).retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
-    latents = pipe.prepare_latents(rows, pipe.unet.config.in_channels, height, width, prompt_embeds.dtype, device,
-                                   a["generator"], a["latents"])
+    latents = pipe.prepare_latents(
+        rows, pipe.unet.config.in_channels, height, width, prompt_embeds.dtype, device, a["generator"], a["latents"]
+    )
     projection = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
-    time_ids = pipe._get_add_time_ids(original_size, a["crops_coords_top_left"], target_size,
-                                      dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection).to(device)
-    negative_time_ids = time_ids if not negative_sizes else pipe._get_add_time_ids(
-        a["negative_original_size"], a["negative_crops_coords_top_left"], a["negative_target_size"],
-        dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection).to(device)
+    time_ids = pipe._get_add_time_ids(
+        original_size,
+        a["crops_coords_top_left"],
+        target_size,
+        dtype=prompt_embeds.dtype,
+        text_encoder_projection_dim=projection,
+    ).to(device)
+    negative_time_ids = (
+        time_ids
+        if not negative_sizes
+        else pipe._get_add_time_ids(
+            a["negative_original_size"],
+            a["negative_crops_coords_top_left"],
+            a["negative_target_size"],
+            dtype=prompt_embeds.dtype,
+            text_encoder_projection_dim=projection,
+        ).to(device)
+    )
     cond, uncond = _pair(
-        {"encoder_hidden_states": prompt_embeds.to(device),
-         "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids}},
-        {"encoder_hidden_states": None if negative_embeds is None else negative_embeds.to(device),
-         "added_cond_kwargs": {"text_embeds": None if negative_pooled is None else negative_pooled.to(device),
-                               "time_ids": negative_time_ids}}, guided)
+        {
+            "encoder_hidden_states": prompt_embeds.to(device),
+            "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids},
+        },
+        {
+            "encoder_hidden_states": None if negative_embeds is None else negative_embeds.to(device),
+            "added_cond_kwargs": {
+                "text_embeds": None if negative_pooled is None else negative_pooled.to(device),
+                "time_ids": negative_time_ids,
+            },
+        },
+        guided,
+    )
 
     denoiser = Denoiser(pipe.unet, _unet_call)
 
@@ -328,18 +441,28 @@ def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
     _refuse_given(a, ("ip_adapter_image", "ip_adapter_image_embeds", "joint_attention_kwargs", "callback_on_step_end"))
     skip_layers = a.get("skip_guidance_layers")  # StableDiffusion3PAGPipeline has none
     if skip_layers is not None and (options.sampler is not None or options.guidance is not None):
-        raise Unsupported("skip_guidance_layers= with accelerate(sampler=...) or (guidance=...): its window is a "
-                          "fraction of the scheduler's own steps, and it adds to the pipeline's CFG")
+        raise Unsupported(
+            "skip_guidance_layers= with accelerate(sampler=...) or (guidance=...): its window is a "
+            "fraction of the scheduler's own steps, and it adds to the pipeline's CFG"
+        )
     height = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
     width = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
     pipe.check_inputs(
-        a["prompt"], a["prompt_2"], a["prompt_3"], height, width, negative_prompt=a["negative_prompt"],
-        negative_prompt_2=a["negative_prompt_2"], negative_prompt_3=a["negative_prompt_3"],
-        prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
+        a["prompt"],
+        a["prompt_2"],
+        a["prompt_3"],
+        height,
+        width,
+        negative_prompt=a["negative_prompt"],
+        negative_prompt_2=a["negative_prompt_2"],
+        negative_prompt_3=a["negative_prompt_3"],
+        prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"],
         pooled_prompt_embeds=a["pooled_prompt_embeds"],
         negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
         callback_on_step_end_tensor_inputs=a["callback_on_step_end_tensor_inputs"],
-        max_sequence_length=a["max_sequence_length"])
+        max_sequence_length=a["max_sequence_length"],
+    )
     pipe._guidance_scale, pipe._skip_layer_guidance_scale = a["guidance_scale"], a.get("skip_layer_guidance_scale")
     pipe._clip_skip, pipe._joint_attention_kwargs, pipe._interrupt = a["clip_skip"], None, False
     prompt, batch = a["prompt"], _batch(a)
@@ -350,27 +473,53 @@ def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
         if a["latents"] is not None:  # diffusers reads the size off the latents it denoises
             latent_h, latent_w = a["latents"].shape[-2:]
         config = pipe.scheduler.config
-        mu = _module(pipe).calculate_shift((latent_h // patch) * (latent_w // patch),
-                                           config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                                           config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+        mu = _module(pipe).calculate_shift(
+            (latent_h // patch) * (latent_w // patch),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.16),
+        )
     sampling, x_T, generator = _sampling(pipe, a, options, generator_in_step=False, mu=mu)
     device = pipe._execution_device
     guided = pipe.do_classifier_free_guidance
     prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-        prompt=prompt, prompt_2=a["prompt_2"], prompt_3=a["prompt_3"], negative_prompt=a["negative_prompt"],
-        negative_prompt_2=a["negative_prompt_2"], negative_prompt_3=a["negative_prompt_3"],
-        do_classifier_free_guidance=guided, prompt_embeds=a["prompt_embeds"],
-        negative_prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["pooled_prompt_embeds"],
-        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"], device=device, clip_skip=a["clip_skip"],
-        num_images_per_prompt=a["num_images_per_prompt"], max_sequence_length=a["max_sequence_length"],
-        lora_scale=None)
-    latents = pipe.prepare_latents(batch * a["num_images_per_prompt"], pipe.transformer.config.in_channels, height,
-                                   width, prompt_embeds.dtype, device, a["generator"], a["latents"])
+        prompt=prompt,
+        prompt_2=a["prompt_2"],
+        prompt_3=a["prompt_3"],
+        negative_prompt=a["negative_prompt"],
+        negative_prompt_2=a["negative_prompt_2"],
+        negative_prompt_3=a["negative_prompt_3"],
+        do_classifier_free_guidance=guided,
+        prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"],
+        pooled_prompt_embeds=a["pooled_prompt_embeds"],
+        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+        device=device,
+        clip_skip=a["clip_skip"],
+        num_images_per_prompt=a["num_images_per_prompt"],
+        max_sequence_length=a["max_sequence_length"],
+        lora_scale=None,
+    )
+    latents = pipe.prepare_latents(
+        batch * a["num_images_per_prompt"],
+        pipe.transformer.config.in_channels,
+        height,
+        width,
+        prompt_embeds.dtype,
+        device,
+        a["generator"],
+        a["latents"],
+    )
     scheduler_kwargs = {} if mu is None else {"mu": mu}
-    _module(pipe).retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, sigmas=a["sigmas"],
-                                     **scheduler_kwargs)
-    cond, uncond = _pair({"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled},
-                         {"encoder_hidden_states": negative_embeds, "pooled_projections": negative_pooled}, guided)
+    _module(pipe).retrieve_timesteps(
+        pipe.scheduler, a["num_inference_steps"], device, sigmas=a["sigmas"], **scheduler_kwargs
+    )
+    cond, uncond = _pair(
+        {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled},
+        {"encoder_hidden_states": negative_embeds, "pooled_projections": negative_pooled},
+        guided,
+    )
 
     denoiser = Denoiser(pipe.transformer, _sd3_call)
 
@@ -387,8 +536,10 @@ def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
     guidance = _guidance(options, a["guidance_scale"])
     if skip_layers is not None and guided:
         if sampling["sampler"] != "euler":
-            raise Unsupported(f"skip_guidance_layers with sampler {sampling['sampler']!r}: diffusers' window counts "
-                              "model calls, fastguide's reproduction counts steps (equal for Euler only)")
+            raise Unsupported(
+                f"skip_guidance_layers with sampler {sampling['sampler']!r}: diffusers' window counts "
+                "model calls, fastguide's reproduction counts steps (equal for Euler only)"
+            )
         guidance = _skip_layer_guidance(a, sampling, skip_layers)
     return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, generator, finish)
 
@@ -406,11 +557,13 @@ def _skip_layer_guidance(a: dict, sampling: dict, layers) -> Guidance:
         return cfg
     # σ̃ falls along the grid: the window's edges lie halfway to the neighbouring steps
     first, last = chosen[0], chosen[-1]
-    high = (sigmas[first] + sigmas[first - 1]) / 2 if first > 0 and math.isfinite(sigmas[first - 1]) \
-        else 2 * sigmas[first]  # a flow path's pure-noise start has σ̃ = ∞
+    high = (
+        (sigmas[first] + sigmas[first - 1]) / 2 if first > 0 and math.isfinite(sigmas[first - 1]) else 2 * sigmas[first]
+    )  # a flow path's pure-noise start has σ̃ = ∞
     low = (sigmas[last] + sigmas[last + 1]) / 2 if last + 1 < count else sigmas[last] / 2
-    return SkipLayerGuidance(float(a["skip_layer_guidance_scale"]), tuple(layers), cfg_scale=cfg.scale,
-                             interval=(low, high))
+    return SkipLayerGuidance(
+        float(a["skip_layer_guidance_scale"]), tuple(layers), cfg_scale=cfg.scale, interval=(low, high)
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -428,40 +581,72 @@ def _pixart(pipe, a: dict, options) -> Denoising:
     module = _module(pipe)
     original_size = (height, width)
     if a["use_resolution_binning"]:
-        bins = {128: "ASPECT_RATIO_1024_BIN", 64: "ASPECT_RATIO_512_BIN", 32: "ASPECT_RATIO_256_BIN",
-                256: "ASPECT_RATIO_2048_BIN"}
+        bins = {
+            128: "ASPECT_RATIO_1024_BIN",
+            64: "ASPECT_RATIO_512_BIN",
+            32: "ASPECT_RATIO_256_BIN",
+            256: "ASPECT_RATIO_2048_BIN",
+        }
         name = bins.get(pipe.transformer.config.sample_size)
         if name is None or not hasattr(module, name):
             raise Unsupported(f"resolution binning for sample_size {pipe.transformer.config.sample_size}")
         height, width = pipe.image_processor.classify_height_width_bin(height, width, ratios=getattr(module, name))
-    pipe.check_inputs(a["prompt"], height, width, a["negative_prompt"], a["callback_steps"], a["prompt_embeds"],
-                      a["negative_prompt_embeds"], a["prompt_attention_mask"], a["negative_prompt_attention_mask"])
+    pipe.check_inputs(
+        a["prompt"],
+        height,
+        width,
+        a["negative_prompt"],
+        a["callback_steps"],
+        a["prompt_embeds"],
+        a["negative_prompt_embeds"],
+        a["prompt_attention_mask"],
+        a["negative_prompt_attention_mask"],
+    )
     sampling, x_T, generator = _sampling(pipe, a, options, eta=a["eta"])
     if sampling.get("variance_type") == "learned_range":
-        raise Unsupported("DDPMScheduler's learned_range variance: PixArt guides its variance channels, fastguide "
-                          "reads the conditional ones")
+        raise Unsupported(
+            "DDPMScheduler's learned_range variance: PixArt guides its variance channels, fastguide "
+            "reads the conditional ones"
+        )
     prompt, batch = a["prompt"], _batch(a)
     device = pipe._execution_device
     guided = a["guidance_scale"] > 1.0
     prompt_embeds, prompt_mask, negative_embeds, negative_mask = pipe.encode_prompt(
-        prompt, guided, negative_prompt=a["negative_prompt"], num_images_per_prompt=a["num_images_per_prompt"],
-        device=device, prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
+        prompt,
+        guided,
+        negative_prompt=a["negative_prompt"],
+        num_images_per_prompt=a["num_images_per_prompt"],
+        device=device,
+        prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"],
         prompt_attention_mask=a["prompt_attention_mask"],
-        negative_prompt_attention_mask=a["negative_prompt_attention_mask"], clean_caption=a["clean_caption"],
-        max_sequence_length=a["max_sequence_length"])
+        negative_prompt_attention_mask=a["negative_prompt_attention_mask"],
+        clean_caption=a["clean_caption"],
+        max_sequence_length=a["max_sequence_length"],
+    )
     module.retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"])
     rows = batch * a["num_images_per_prompt"]
-    latents = pipe.prepare_latents(rows, pipe.transformer.config.in_channels, height, width, prompt_embeds.dtype,
-                                   device, a["generator"], a["latents"])
+    latents = pipe.prepare_latents(
+        rows,
+        pipe.transformer.config.in_channels,
+        height,
+        width,
+        prompt_embeds.dtype,
+        device,
+        a["generator"],
+        a["latents"],
+    )
     added: dict[str, Tensor | None] = {"resolution": None, "aspect_ratio": None}
     if alpha and pipe.transformer.config.sample_size == 128:  # PixArt-α's micro-conditions; Σ has none
-        added = {"resolution": torch.tensor([height, width]).repeat(rows, 1).to(prompt_embeds.dtype).to(device),
-                 "aspect_ratio": torch.tensor([float(height / width)]).repeat(rows, 1).to(prompt_embeds.dtype)
-                 .to(device)}
+        added = {
+            "resolution": torch.tensor([height, width]).repeat(rows, 1).to(prompt_embeds.dtype).to(device),
+            "aspect_ratio": torch.tensor([float(height / width)]).repeat(rows, 1).to(prompt_embeds.dtype).to(device),
+        }
     cond, uncond = _pair(
         {"encoder_hidden_states": prompt_embeds, "encoder_attention_mask": prompt_mask, "added_cond_kwargs": added},
         {"encoder_hidden_states": negative_embeds, "encoder_attention_mask": negative_mask, "added_cond_kwargs": added},
-        guided)
+        guided,
+    )
 
     denoiser = Denoiser(pipe.transformer, _pixart_call)
 
@@ -469,16 +654,16 @@ def _pixart(pipe, a: dict, options) -> Denoising:
         if a["output_type"] == "latent":
             image = latents
         else:
-            image = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor,
-                                    return_dict=False)[0]
+            image = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
             if a["use_resolution_binning"]:
                 image = pipe.image_processor.resize_and_crop_tensor(image, original_size[1], original_size[0])
             image = pipe.image_processor.postprocess(image, output_type=a["output_type"])
         pipe.maybe_free_model_hooks()
         return _module(pipe).ImagePipelineOutput(images=image) if a["return_dict"] else (image,)
 
-    return Denoising(denoiser, x_T(latents), cond, uncond, _guidance(options, a["guidance_scale"]), sampling,
-                     generator, finish)
+    return Denoising(
+        denoiser, x_T(latents), cond, uncond, _guidance(options, a["guidance_scale"]), sampling, generator, finish
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -496,8 +681,9 @@ def _dit(pipe, a: dict, options) -> Denoising:
     labels = a["class_labels"]
     device = pipe._execution_device
     size, channels = pipe.transformer.config.sample_size, pipe.transformer.config.in_channels
-    latents = _module(pipe).randn_tensor(shape=(len(labels), channels, size, size), generator=a["generator"],
-                                         device=device, dtype=pipe.transformer.dtype)
+    latents = _module(pipe).randn_tensor(
+        shape=(len(labels), channels, size, size), generator=a["generator"], device=device, dtype=pipe.transformer.dtype
+    )
     labels = torch.tensor(labels, device=device).reshape(-1)
     pipe.scheduler.set_timesteps(a["num_inference_steps"])
     guidance = options.guidance
@@ -517,8 +703,17 @@ def _dit(pipe, a: dict, options) -> Denoising:
         pipe.maybe_free_model_hooks()
         return _module(pipe).ImagePipelineOutput(images=samples) if a["return_dict"] else (samples,)
 
-    return Denoising(denoiser, x_T(latents), {}, None, guidance, {**sampling, "null_label": DIT_NULL_CLASS},
-                     generator, finish, labels)
+    return Denoising(
+        denoiser,
+        x_T(latents),
+        {},
+        None,
+        guidance,
+        {**sampling, "null_label": DIT_NULL_CLASS},
+        generator,
+        finish,
+        labels,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -542,13 +737,18 @@ def _with_pag(prepare: Callable[[object, dict, object], Denoising]) -> Callable[
             return prepare(pipe, a, options)
         network = getattr(pipe, "transformer", None)
         if network is not None and any(getattr(module, "norm_q", None) is not None for module in network.modules()):
-            raise Unsupported("PAG on a transformer with q/k norms (SD3.5): diffusers' PAG attention processors drop "
-                              "the norms, fastguide's perturbation keeps them")
+            raise Unsupported(
+                "PAG on a transformer with q/k norms (SD3.5): diffusers' PAG attention processors drop "
+                "the norms, fastguide's perturbation keeps them"
+            )
         denoising = prepare(pipe, a, options)
         cfg = cast("CFG | None", denoising.guidance)  # _guidance's: options.guidance is None here
-        denoising.guidance = PAG(float(a["pag_scale"]), (layers,) if isinstance(layers, str) else tuple(layers),
-                                 cfg_scale=cfg.scale if cfg is not None else 1.0,
-                                 rescale=cfg.rescale if cfg is not None else 0.0)
+        denoising.guidance = PAG(
+            float(a["pag_scale"]),
+            (layers,) if isinstance(layers, str) else tuple(layers),
+            cfg_scale=cfg.scale if cfg is not None else 1.0,
+            rescale=cfg.rescale if cfg is not None else 0.0,
+        )
         return denoising
 
     return prepare_pag

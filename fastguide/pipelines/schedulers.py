@@ -115,10 +115,17 @@ class SamplerSettings:
 
     def sample_kwargs(self) -> dict[str, object]:
         """The keyword arguments of ``fastguide.sample`` / ``GuidedSampler`` these settings fix."""
-        return dict(sampler=self.sampler, steps=list(self.steps), schedule=self.schedule,
-                    prediction_type=self.prediction_type, clip_denoised=self.clip_denoised,
-                    solver_order=self.solver_order, eta=self.eta, variance_type=self.variance_type,
-                    final_timestep=self.final_timestep)
+        return dict(
+            sampler=self.sampler,
+            steps=list(self.steps),
+            schedule=self.schedule,
+            prediction_type=self.prediction_type,
+            clip_denoised=self.clip_denoised,
+            solver_order=self.solver_order,
+            eta=self.eta,
+            variance_type=self.variance_type,
+            final_timestep=self.final_timestep,
+        )
 
     def initial_noise(self, latents: Tensor) -> Tensor:
         """fastguide's x_T from the latents diffusers' loop starts from (after the pipeline's
@@ -163,8 +170,12 @@ def settings_for(
     mapper = _MAPPERS.get(name)
     if mapper is None or not kind.__module__.startswith("diffusers."):
         why = UNMAPPED.get(name, "") if kind.__module__.startswith("diffusers.") else ""
-        raise UnsupportedScheduler(name, None, f"no fastguide sampler reproduces {kind.__module__}.{name}"
-                                   f"{': ' + why if why else ''}; the supported ones are {SUPPORTED_SCHEDULERS}")
+        raise UnsupportedScheduler(
+            name,
+            None,
+            f"no fastguide sampler reproduces {kind.__module__}.{name}"
+            f"{': ' + why if why else ''}; the supported ones are {SUPPORTED_SCHEDULERS}",
+        )
     if timesteps is not None and sigmas is not None:
         raise UnsupportedScheduler(name, "timesteps= and sigmas=", "diffusers' retrieve_timesteps takes one of them")
     settings = mapper(scheduler, _Call(num_inference_steps, timesteps, sigmas, mu, eta))
@@ -176,9 +187,13 @@ def settings_for(
     except ValueError as error:
         raise UnsupportedScheduler(name, None, f"fastguide refuses the settings it maps to: {error}") from None
     if settings.draws_noise and not generator_in_step:
-        raise UnsupportedScheduler(name, "generator_in_step=False", f"sampler {settings.sampler!r} draws noise at "
-                                   "every step, which diffusers then draws from the global RNG (for DiTPipeline, for "
-                                   "both CFG halves): fastguide cannot draw the same")
+        raise UnsupportedScheduler(
+            name,
+            "generator_in_step=False",
+            f"sampler {settings.sampler!r} draws noise at "
+            "every step, which diffusers then draws from the global RNG (for DiTPipeline, for "
+            "both CFG halves): fastguide cannot draw the same",
+        )
     return settings
 
 
@@ -195,12 +210,22 @@ def _check_variance_preserving(name: str, config, prediction_types: tuple[str, .
     """Options every VP scheduler may carry: dynamic thresholding, zero-terminal-SNR betas,
     and prediction types fastguide's VP path has no map for (or diffusers' step has none)."""
     if config.get("thresholding", False):
-        raise _refuse(name, "thresholding", True, "diffusers' dynamic thresholding (x0 clamped to the "
-                      f"{config.get('dynamic_thresholding_ratio')!r} quantile s, s in [1, sample_max_value]) is "
-                      "not fastguide's dynamic_threshold (no upper bound, kthvalue not interpolated quantile)")
+        raise _refuse(
+            name,
+            "thresholding",
+            True,
+            "diffusers' dynamic thresholding (x0 clamped to the "
+            f"{config.get('dynamic_thresholding_ratio')!r} quantile s, s in [1, sample_max_value]) is "
+            "not fastguide's dynamic_threshold (no upper bound, kthvalue not interpolated quantile)",
+        )
     if config.get("rescale_betas_zero_snr", False):
-        raise _refuse(name, "rescale_betas_zero_snr", True, "the rescaled betas reach ᾱ = 0 at the last timestep "
-                      "(diffusers patches it to 2⁻²⁴ where it steps from there); a NoiseSchedule needs ᾱ > 0")
+        raise _refuse(
+            name,
+            "rescale_betas_zero_snr",
+            True,
+            "the rescaled betas reach ᾱ = 0 at the last timestep "
+            "(diffusers patches it to 2⁻²⁴ where it steps from there); a NoiseSchedule needs ᾱ > 0",
+        )
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type not in prediction_types:
         raise _refuse(name, "prediction_type", prediction_type, f"{name} maps to fastguide for {prediction_types}")
@@ -210,16 +235,26 @@ def _check_sigma_spacing(name: str, config) -> None:
     """Karras, exponential, beta and Lu-lambda σ grids fall between the schedule's timesteps."""
     for option in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"):
         if config.get(option, False):
-            raise _refuse(name, option, True, "the σ's fall between the schedule's integer timesteps (diffusers "
-                          "calls the model at interpolated or rounded times); fastguide steps between timesteps")
+            raise _refuse(
+                name,
+                option,
+                True,
+                "the σ's fall between the schedule's integer timesteps (diffusers "
+                "calls the model at interpolated or rounded times); fastguide steps between timesteps",
+            )
 
 
 def _check_flow_sigmas(name: str, config) -> None:
     """The multistep schedulers' flow mode (SANA, Wan): diffusers steps by σ but calls the model
     at the int64-truncated time ⌊T·σ⌋; fastguide calls a flow model at T·σ."""
     if config.get("use_flow_sigmas", False):
-        raise _refuse(name, "use_flow_sigmas", True, "diffusers steps by σ but calls the model at the int64-truncated "
-                      "time ⌊T·σ⌋; fastguide calls a flow model at T·σ")
+        raise _refuse(
+            name,
+            "use_flow_sigmas",
+            True,
+            "diffusers steps by σ but calls the model at the int64-truncated "
+            "time ⌊T·σ⌋; fastguide calls a flow model at T·σ",
+        )
 
 
 def _final_timestep(config) -> int:
@@ -256,8 +291,9 @@ def _placed(scheduler, call: _Call):
     try:
         placed.set_timesteps(**arguments, device="cpu")
     except Exception as error:  # diffusers' own refusal, whatever its type
-        raise UnsupportedScheduler(name, None, f"diffusers' set_timesteps({arguments}) fails: "
-                                   f"{type(error).__name__}: {error}") from None
+        raise UnsupportedScheduler(
+            name, None, f"diffusers' set_timesteps({arguments}) fails: {type(error).__name__}: {error}"
+        ) from None
     return placed
 
 
@@ -288,13 +324,19 @@ def _timesteps(name: str, placed, call: _Call, times: list[float]) -> tuple[floa
     grid = [int(t) if float(t).is_integer() else float(t) for t in times]
     total = placed.config.num_train_timesteps
     if grid != sorted(set(grid), reverse=True) or grid[-1] < 0 or grid[0] > total - 1:
-        raise _refuse(name, option, value, f"the timesteps {grid} are not distinct, descending and in "
-                      f"[0, {total - 1}]; fastguide steps a strictly decreasing grid")
+        raise _refuse(
+            name,
+            option,
+            value,
+            f"the timesteps {grid} are not distinct, descending and in "
+            f"[0, {total - 1}]; fastguide steps a strictly decreasing grid",
+        )
     return tuple(grid)
 
 
-def _check_sigmas_on_grid(name: str, placed, call: _Call, steps: tuple[float, ...], sigmas: list[float],
-                          final_timestep: int = -1) -> None:
+def _check_sigmas_on_grid(
+    name: str, placed, call: _Call, steps: tuple[float, ...], sigmas: list[float], final_timestep: int = -1
+) -> None:
     """diffusers steps by its σ's: each must be σ̃ = √((1 − ᾱ)/ᾱ) at its time (as diffusers
     computes it, float32; linearly interpolated in t at a fractional time, as fastguide's
     NoiseSchedule does) and the last one 0 (the clean data) or, with ``final_timestep`` 0,
@@ -309,13 +351,23 @@ def _check_sigmas_on_grid(name: str, placed, call: _Call, steps: tuple[float, ..
     option, value = _grid_option(call, placed.config)
     for t, sigma in zip(steps, sigmas):
         if not math.isclose(sigma, at(t), rel_tol=FLOAT32_RTOL):
-            raise _refuse(name, option, value, f"the σ̃ diffusers steps from at t = {t!r} is {sigma!r}, not the "
-                          f"schedule's σ̃ there, {at(t)!r} (interpolated linearly in t between timesteps), at "
-                          "which fastguide steps")
+            raise _refuse(
+                name,
+                option,
+                value,
+                f"the σ̃ diffusers steps from at t = {t!r} is {sigma!r}, not the "
+                f"schedule's σ̃ there, {at(t)!r} (interpolated linearly in t between timesteps), at "
+                "which fastguide steps",
+            )
     last = 0.0 if final_timestep < 0 else table[final_timestep]
     if len(sigmas) != len(steps) + 1 or not math.isclose(sigmas[-1], last, rel_tol=FLOAT32_RTOL):
-        raise _refuse(name, option, value, f"diffusers' σ's end at {sigmas[-1]!r}, not at {last!r}, where "
-                      f"fastguide's last step lands (final_timestep={final_timestep})")
+        raise _refuse(
+            name,
+            option,
+            value,
+            f"diffusers' σ's end at {sigmas[-1]!r}, not at {last!r}, where "
+            f"fastguide's last step lands (final_timestep={final_timestep})",
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -337,9 +389,14 @@ def _ddim(scheduler, call: _Call) -> SamplerSettings:
     name, config = type(scheduler).__name__, scheduler.config
     _check_variance_preserving(name, config, ("epsilon", "v_prediction", "sample"))
     if config.clip_sample:
-        raise _refuse(name, "clip_sample", True, "diffusers clips x0 but steps along the model's unclipped eps (the "
-                      "pipelines call step with use_clipped_model_output=False); fastguide's clip_denoised re-derives "
-                      "eps from the clipped x0")
+        raise _refuse(
+            name,
+            "clip_sample",
+            True,
+            "diffusers clips x0 but steps along the model's unclipped eps (the "
+            "pipelines call step with use_clipped_model_output=False); fastguide's clip_denoised re-derives "
+            "eps from the clipped x0",
+        )
     if not 0 <= call.eta <= 1:
         raise _refuse(name, "eta", call.eta, "fastguide's DDIM takes η in [0, 1] (above 1 the noise exceeds σ_t')")
     placed = _placed(scheduler, call)
@@ -347,18 +404,29 @@ def _ddim(scheduler, call: _Call) -> SamplerSettings:
     stride = config.num_train_timesteps // placed.num_inference_steps
     for t, t_next in zip(steps, steps[1:]):
         if t - stride != t_next:
-            raise _refuse(name, "timestep_spacing", config.timestep_spacing, f"diffusers steps from t = {t} to "
-                          f"t − T // N = {t - stride}, but calls the model next at t = {t_next}; fastguide steps from "
-                          "grid point to grid point")
+            raise _refuse(
+                name,
+                "timestep_spacing",
+                config.timestep_spacing,
+                f"diffusers steps from t = {t} to "
+                f"t − T // N = {t - stride}, but calls the model next at t = {t_next}; fastguide steps from "
+                "grid point to grid point",
+            )
     final_timestep = steps[-1] - stride
     if final_timestep < 0:
         final_timestep = -1 if config.set_alpha_to_one else 0
     if final_timestep == steps[-1]:
-        raise _refuse(name, "set_alpha_to_one", False, "the grid ends at t = 0, and diffusers' last step goes from "
-                      f"there to ᾱ = alphas_cumprod[0] = {float(placed.alphas_cumprod[0]):.6g}, its own noise level; "
-                      "fastguide's last step must lower the noise")
-    return SamplerSettings("ddim", steps, _vp_schedule(placed), config.prediction_type, eta=float(call.eta),
-                           final_timestep=final_timestep)
+        raise _refuse(
+            name,
+            "set_alpha_to_one",
+            False,
+            "the grid ends at t = 0, and diffusers' last step goes from "
+            f"there to ᾱ = alphas_cumprod[0] = {float(placed.alphas_cumprod[0]):.6g}, its own noise level; "
+            "fastguide's last step must lower the noise",
+        )
+    return SamplerSettings(
+        "ddim", steps, _vp_schedule(placed), config.prediction_type, eta=float(call.eta), final_timestep=final_timestep
+    )
 
 
 def _ddpm(scheduler, call: _Call) -> SamplerSettings:
@@ -373,17 +441,28 @@ def _ddpm(scheduler, call: _Call) -> SamplerSettings:
     clip = _check_clip(name, config)
     variance_type = config.variance_type
     if variance_type in ("learned", "fixed_large_log"):
-        raise _refuse(name, "variance_type", variance_type, "fastguide's DDPM variances are fixed_small, fixed_large "
-                      "and learned_range (diffusers takes 'learned' as the raw variance, and its 'fixed_large_log' "
-                      "takes the square root of a log)")
+        raise _refuse(
+            name,
+            "variance_type",
+            variance_type,
+            "fastguide's DDPM variances are fixed_small, fixed_large "
+            "and learned_range (diffusers takes 'learned' as the raw variance, and its 'fixed_large_log' "
+            "takes the square root of a log)",
+        )
     placed = _placed(scheduler, call)
     steps = _timesteps(name, placed, call, placed.timesteps.tolist())
     if variance_type in ("fixed_large", "learned_range") and steps[-1] != 0:
-        raise _refuse(name, "variance_type", variance_type, f"the grid ends at t = {steps[-1]} > 0, where diffusers' "
-                      "last step adds noise of variance up to β = 1 − ᾱ_t; fastguide's last step is noiseless")
+        raise _refuse(
+            name,
+            "variance_type",
+            variance_type,
+            f"the grid ends at t = {steps[-1]} > 0, where diffusers' "
+            "last step adds noise of variance up to β = 1 − ᾱ_t; fastguide's last step is noiseless",
+        )
     variance = "fixed_small" if variance_type == "fixed_small_log" else variance_type
-    return SamplerSettings("ddpm", steps, _vp_schedule(placed), config.prediction_type, clip_denoised=clip,
-                           variance_type=variance)
+    return SamplerSettings(
+        "ddpm", steps, _vp_schedule(placed), config.prediction_type, clip_denoised=clip, variance_type=variance
+    )
 
 
 def _dpm_solver_multistep(scheduler, call: _Call) -> SamplerSettings:
@@ -406,42 +485,69 @@ def _dpm_solver_multistep(scheduler, call: _Call) -> SamplerSettings:
     _check_sigma_spacing(name, config)
     algorithm, order = config.algorithm_type, config.solver_order
     if algorithm not in ("dpmsolver++", "sde-dpmsolver++"):
-        raise _refuse(name, "algorithm_type", algorithm, "fastguide's DPM-Solvers are the data-prediction ones, "
-                      "'dpmsolver++' and 'sde-dpmsolver++'")
+        raise _refuse(
+            name,
+            "algorithm_type",
+            algorithm,
+            "fastguide's DPM-Solvers are the data-prediction ones, 'dpmsolver++' and 'sde-dpmsolver++'",
+        )
     if algorithm == "sde-dpmsolver++" and order != 2:
-        raise _refuse(name, "solver_order", order, "fastguide's SDE DPM-Solver++ is the second-order multistep one "
-                      "('dpm++2m-sde')")
+        raise _refuse(
+            name,
+            "solver_order",
+            order,
+            "fastguide's SDE DPM-Solver++ is the second-order multistep one ('dpm++2m-sde')",
+        )
     if order not in (1, 2, 3):
         raise _refuse(name, "solver_order", order, "fastguide's DPM-Solver++ orders are 1 (DDIM), 2 and 3")
     if order > 1 and config.solver_type != "midpoint":
-        raise _refuse(name, "solver_type", config.solver_type, "fastguide's second-order DPM-Solver++ update is the "
-                      "midpoint one")
+        raise _refuse(
+            name, "solver_type", config.solver_type, "fastguide's second-order DPM-Solver++ update is the midpoint one"
+        )
     if config.get("variance_type") is not None:
-        raise _refuse(name, "variance_type", config.variance_type, "diffusers keeps model_output[:, :3] as the "
-                      "prediction, three channels whatever the latents have")
+        raise _refuse(
+            name,
+            "variance_type",
+            config.variance_type,
+            "diffusers keeps model_output[:, :3] as the prediction, three channels whatever the latents have",
+        )
     placed = _placed(scheduler, call)
     steps = _timesteps(name, placed, call, placed.timesteps.tolist())
     final_timestep = _final_timestep(config)
     _check_sigmas_on_grid(name, placed, call, steps, placed.sigmas.tolist(), final_timestep)
     few = len(steps) < LOWER_ORDER_SECOND_BELOW
     if order == 3 and not config.lower_order_final and few:
-        raise _refuse(name, "lower_order_final", False, f"below {LOWER_ORDER_SECOND_BELOW} steps ({len(steps)} here) "
-                      "diffusers then keeps the third order at the step before the last; fastguide lowers it to the "
-                      "second")
+        raise _refuse(
+            name,
+            "lower_order_final",
+            False,
+            f"below {LOWER_ORDER_SECOND_BELOW} steps ({len(steps)} here) "
+            "diffusers then keeps the third order at the step before the last; fastguide lowers it to the "
+            "second",
+        )
     if order > 1 and final_timestep >= 0:
         # diffusers' last step to σ̃_0 is first order with euler_at_final or (lower_order_final
         # and below 15 steps); fastguide's below 15 steps.
         if few and not (config.lower_order_final or config.euler_at_final):
-            raise _refuse(name, "lower_order_final", False, f"with final_sigmas_type='sigma_min' below "
-                          f"{LOWER_ORDER_SECOND_BELOW} steps ({len(steps)} here) diffusers keeps order {order} at the "
-                          "last step; fastguide lowers it to the first")
+            raise _refuse(
+                name,
+                "lower_order_final",
+                False,
+                f"with final_sigmas_type='sigma_min' below "
+                f"{LOWER_ORDER_SECOND_BELOW} steps ({len(steps)} here) diffusers keeps order {order} at the "
+                "last step; fastguide lowers it to the first",
+            )
         if not few and config.euler_at_final:
-            raise _refuse(name, "euler_at_final", True, f"with final_sigmas_type='sigma_min' from "
-                          f"{LOWER_ORDER_SECOND_BELOW} steps ({len(steps)} here) diffusers lowers the last step to the "
-                          f"first order; fastguide keeps order {order}")
+            raise _refuse(
+                name,
+                "euler_at_final",
+                True,
+                f"with final_sigmas_type='sigma_min' from "
+                f"{LOWER_ORDER_SECOND_BELOW} steps ({len(steps)} here) diffusers lowers the last step to the "
+                f"first order; fastguide keeps order {order}",
+            )
     sampler = {1: "ddim", 2: "dpm++2m", 3: "dpm++3m"}[order] if algorithm == "dpmsolver++" else "dpm++2m-sde"
-    return SamplerSettings(sampler, steps, _vp_schedule(placed), config.prediction_type,
-                           final_timestep=final_timestep)
+    return SamplerSettings(sampler, steps, _vp_schedule(placed), config.prediction_type, final_timestep=final_timestep)
 
 
 def _unipc(scheduler, call: _Call) -> SamplerSettings:
@@ -457,15 +563,23 @@ def _unipc(scheduler, call: _Call) -> SamplerSettings:
     _check_sigma_spacing(name, config)
     order, disabled, predictor = config.solver_order, config.get("disable_corrector"), config.get("solver_p")
     refusals = (
-        ("solver_type", config.solver_type, config.solver_type != "bh2",
-         "fastguide's UniPC is the B(h) = e^h − 1 variant ('bh2')"),
+        (
+            "solver_type",
+            config.solver_type,
+            config.solver_type != "bh2",
+            "fastguide's UniPC is the B(h) = e^h − 1 variant ('bh2')",
+        ),
         ("predict_x0", config.predict_x0, not config.predict_x0, "fastguide's UniPC is the data-prediction one"),
         ("disable_corrector", disabled, bool(disabled), "fastguide applies the corrector after every step"),
         ("solver_p", predictor, predictor is not None, "fastguide's predictor is UniP itself"),
         ("solver_order", order, order not in (1, 2, 3), "fastguide's UniPC orders are 1, 2 and 3"),
-        ("lower_order_final", False, not config.lower_order_final and order > 1,
-         "diffusers then keeps order p at the last steps (which, stepping to σ = 0, gives NaN or a singular solve "
-         "in diffusers itself); fastguide lowers it to the steps left"),
+        (
+            "lower_order_final",
+            False,
+            not config.lower_order_final and order > 1,
+            "diffusers then keeps order p at the last steps (which, stepping to σ = 0, gives NaN or a singular solve "
+            "in diffusers itself); fastguide lowers it to the steps left",
+        ),
     )
     for option, value, refused, reason in refusals:
         if refused:
@@ -474,8 +588,9 @@ def _unipc(scheduler, call: _Call) -> SamplerSettings:
     steps = _timesteps(name, placed, call, placed.timesteps.tolist())
     final_timestep = _final_timestep(config)
     _check_sigmas_on_grid(name, placed, call, steps, placed.sigmas.tolist(), final_timestep)
-    return SamplerSettings("unipc", steps, _vp_schedule(placed), config.prediction_type, solver_order=order,
-                           final_timestep=final_timestep)
+    return SamplerSettings(
+        "unipc", steps, _vp_schedule(placed), config.prediction_type, solver_order=order, final_timestep=final_timestep
+    )
 
 
 def _sigma_space(sampler: str, prediction_types: tuple[str, ...]) -> Callable[[object, _Call], SamplerSettings]:
@@ -493,15 +608,28 @@ def _sigma_space(sampler: str, prediction_types: tuple[str, ...]) -> Callable[[o
         _check_variance_preserving(name, config, prediction_types)
         _check_sigma_spacing(name, config)
         if _final_timestep(config) >= 0:
-            raise _refuse(name, "final_sigmas_type", config.final_sigmas_type, "the last step stops at timestep 0's "
-                          "σ̃, where diffusers returns its σ̃-space latents x̃ = x/α_0 (k-diffusion's form): fastguide "
-                          "returns x itself there (final_timestep=0), α_0 = √alphas_cumprod[0] times them")
+            raise _refuse(
+                name,
+                "final_sigmas_type",
+                config.final_sigmas_type,
+                "the last step stops at timestep 0's "
+                "σ̃, where diffusers returns its σ̃-space latents x̃ = x/α_0 (k-diffusion's form): fastguide "
+                "returns x itself there (final_timestep=0), α_0 = √alphas_cumprod[0] times them",
+            )
         if config.get("interpolation_type", "linear") != "linear":
-            raise _refuse(name, "interpolation_type", config.interpolation_type, "the σ's lie log-uniformly between "
-                          "the schedule's timesteps; fastguide steps between timesteps")
+            raise _refuse(
+                name,
+                "interpolation_type",
+                config.interpolation_type,
+                "the σ's lie log-uniformly between the schedule's timesteps; fastguide steps between timesteps",
+            )
         if config.get("timestep_type", "discrete") != "discrete":
-            raise _refuse(name, "timestep_type", config.timestep_type, "diffusers calls the model at ¼·log σ̃; "
-                          "fastguide calls it at the timestep")
+            raise _refuse(
+                name,
+                "timestep_type",
+                config.timestep_type,
+                "diffusers calls the model at ¼·log σ̃; fastguide calls it at the timestep",
+            )
         clip = _check_clip(name, config)
         placed = _placed(scheduler, call)
         times, sigmas = placed.timesteps.tolist(), placed.sigmas.tolist()
@@ -510,9 +638,15 @@ def _sigma_space(sampler: str, prediction_types: tuple[str, ...]) -> Callable[[o
         steps = _timesteps(name, placed, call, times)
         _check_sigmas_on_grid(name, placed, call, steps, sigmas)
         prediction_type = "sample" if config.prediction_type == "original_sample" else config.prediction_type
-        return SamplerSettings(sampler, steps, _vp_schedule(placed), prediction_type, clip_denoised=clip,
-                               init_noise_sigma=float(placed.init_noise_sigma),
-                               latent_scale=1 / math.sqrt(sigmas[0] ** 2 + 1))
+        return SamplerSettings(
+            sampler,
+            steps,
+            _vp_schedule(placed),
+            prediction_type,
+            clip_denoised=clip,
+            init_noise_sigma=float(placed.init_noise_sigma),
+            latent_scale=1 / math.sqrt(sigmas[0] ** 2 + 1),
+        )
 
     return mapper
 
@@ -527,11 +661,19 @@ def _flow_match(sampler: str) -> Callable[[object, _Call], SamplerSettings]:
     def mapper(scheduler, call: _Call) -> SamplerSettings:
         name, config = type(scheduler).__name__, scheduler.config
         if config.get("use_dynamic_shifting", False) and call.mu is None:
-            raise _refuse(name, "use_dynamic_shifting", True, "the shift is exp(mu) of the image size: pass the mu "
-                          "the pipeline computes")
-        for option, reason in (("invert_sigmas", "diffusers runs σ from 0 to 1"),
-                               ("stochastic_sampling", "diffusers renoises x' = (1 − σ')·x0 + σ'·z at every step; "
-                                "no fastguide flow sampler does")):
+            raise _refuse(
+                name,
+                "use_dynamic_shifting",
+                True,
+                "the shift is exp(mu) of the image size: pass the mu the pipeline computes",
+            )
+        for option, reason in (
+            ("invert_sigmas", "diffusers runs σ from 0 to 1"),
+            (
+                "stochastic_sampling",
+                "diffusers renoises x' = (1 − σ')·x0 + σ'·z at every step; no fastguide flow sampler does",
+            ),
+        ):
             if config.get(option, False):
                 raise _refuse(name, option, True, reason)
         placed = _placed(scheduler, call)
@@ -542,11 +684,20 @@ def _flow_match(sampler: str) -> Callable[[object, _Call], SamplerSettings]:
         option, value = _grid_option(call, config)
         for t, sigma in zip(times, sigmas):
             if not math.isclose(t, total * sigma, rel_tol=FLOAT32_RTOL):
-                raise _refuse(name, option, value, f"diffusers calls the model at t = {t!r} but steps from σ = "
-                              f"{sigma!r}; fastguide's flow time is T·σ = {total * sigma!r}")
+                raise _refuse(
+                    name,
+                    option,
+                    value,
+                    f"diffusers calls the model at t = {t!r} but steps from σ = "
+                    f"{sigma!r}; fastguide's flow time is T·σ = {total * sigma!r}",
+                )
         if len(sigmas) != len(times) + 1 or sigmas[-1] != 0:
-            raise _refuse(name, option, value, f"diffusers' σ's end at {sigmas[-1]!r}, not 0 (the clean data), where "
-                          "fastguide's last step lands")
+            raise _refuse(
+                name,
+                option,
+                value,
+                f"diffusers' σ's end at {sigmas[-1]!r}, not 0 (the clean data), where fastguide's last step lands",
+            )
         shift = config.shift
         if call.mu is not None and config.get("use_dynamic_shifting", False):
             shift = math.exp(call.mu) if config.get("time_shift_type", "exponential") == "exponential" else call.mu
@@ -563,21 +714,21 @@ def _flow_match(sampler: str) -> Callable[[object, _Call], SamplerSettings]:
 # fastguide sampler reproduces, with why.
 UNMAPPED = {
     "PNDMScheduler": "its pseudo linear multistep (PLMS: 4th-order Adams–Bashforth on eps, after Runge–Kutta steps "
-                     "unless skip_prk_steps) is not a fastguide sampler, and with set_alpha_to_one=False its last step "
-                     "lands at ᾱ = alphas_cumprod[0], not on the clean data",
+    "unless skip_prk_steps) is not a fastguide sampler, and with set_alpha_to_one=False its last step "
+    "lands at ᾱ = alphas_cumprod[0], not on the clean data",
     "LMSDiscreteScheduler": "its linear multistep in σ̃ (k-diffusion's LMS, order 4) is not a fastguide sampler",
     "DPMSolverSinglestepScheduler": "its singlestep DPM-Solver takes its intermediate model calls at the grid's own "
-                                    "timesteps, grouped by order; fastguide's dpm++2s puts each step's second call "
-                                    "at the timestep nearest the λ-midpoint",
+    "timesteps, grouped by order; fastguide's dpm++2s puts each step's second call "
+    "at the timestep nearest the λ-midpoint",
     "KDPM2DiscreteScheduler": "DPM-Solver-2 calls the model at the geometric mean of two σ̃'s, a fractional time",
     "KDPM2AncestralDiscreteScheduler": "DPM-Solver-2 calls the model at the geometric mean of two σ̃'s, a fractional "
-                                       "time",
+    "time",
     "DEISMultistepScheduler": "DEIS (an exponential integrator with polynomial extrapolation of eps) is not a "
-                              "fastguide sampler",
+    "fastguide sampler",
     "DPMSolverSDEScheduler": "its noise comes from a Brownian tree (torchsde) at σ̃ midpoints; fastguide draws "
-                             "i.i.d. N(0, I) per step",
+    "i.i.d. N(0, I) per step",
     "EDMEulerScheduler": "EDM's preconditioned σ parametrisation (sigma_data, Karras σ's) is not a discrete VP "
-                         "schedule",
+    "schedule",
     "LCMScheduler": "consistency-model steps (boundary-condition skips, renoising) are not a fastguide sampler",
     "TCDScheduler": "consistency-model steps (boundary-condition skips, renoising) are not a fastguide sampler",
 }

@@ -81,8 +81,9 @@ class Combination:
         merged: dict[Symbol, float] = {}
         for symbol, coefficient in self.terms:
             if not isinstance(symbol, Symbol) or symbol.kind not in KINDS:
-                raise TypeError(f"a Combination's symbols are Symbol(kind, calls_back) with kind in {KINDS}, "
-                                f"got {symbol!r}")
+                raise TypeError(
+                    f"a Combination's symbols are Symbol(kind, calls_back) with kind in {KINDS}, got {symbol!r}"
+                )
             merged[symbol] = merged[symbol] + float(coefficient) if symbol in merged else float(coefficient)
         normal = tuple(sorted(((s, c) for s, c in merged.items() if c != 0.0), key=_order))
         object.__setattr__(self, "terms", normal)
@@ -149,10 +150,12 @@ class Combination:
             raise ValueError(
                 f"the fused step cannot express {', '.join(map(str, refused))} in {self}: one call's update reads its "
                 f"own x, eps and noise and the x0 of that call and the {MAX_HISTORY} calls before it (m0 … "
-                f"m{MAX_HISTORY}); a later call's x0 is known only at that call (shift() the combination there)")
+                f"m{MAX_HISTORY}); a later call's x0 is known only at that call (shift() the combination there)"
+            )
         history = tuple(x0s.get(k, 0.0) for k in range(1, max(x0s, default=0) + 1))
-        return KernelCoefficients(k_x=scalars["x"], k_x0=x0s.get(0, 0.0), k_eps=scalars["eps"], k_history=history,
-                                  k_noise=scalars["noise"])
+        return KernelCoefficients(
+            k_x=scalars["x"], k_x0=x0s.get(0, 0.0), k_eps=scalars["eps"], k_history=history, k_noise=scalars["noise"]
+        )
 
     def __str__(self) -> str:
         if not self.terms:

@@ -58,8 +58,10 @@ def flatten(conditioning: object, name: str) -> dict[Path, Leaf]:
                     raise ValueError(f"{_named(name, here)} must be batched on dim 0, got a 0-d tensor")
                 leaves[here] = value
             else:
-                raise TypeError(f"{_named(name, here)} must be a tensor batched on dim 0, a dict of them, or None, "
-                                f"got {type(value).__name__}")
+                raise TypeError(
+                    f"{_named(name, here)} must be a tensor batched on dim 0, a dict of them, or None, "
+                    f"got {type(value).__name__}"
+                )
 
     visit(conditioning, ())
     return leaves
@@ -76,45 +78,62 @@ def nest(leaves: Mapping[Path, object]) -> dict:
     return root
 
 
-def check_pair(cond: object, uncond: object, batch: int,
-               uses_uncond: bool) -> tuple[dict[Path, Leaf], dict[Path, Leaf] | None]:
+def check_pair(
+    cond: object, uncond: object, batch: int, uses_uncond: bool
+) -> tuple[dict[Path, Leaf], dict[Path, Leaf] | None]:
     """cond and uncond flattened and checked against each other and the batch, before any
     forward. ``uses_uncond``: the guidance runs an unconditional block, so keyword
     conditioning needs its unconditional counterpart."""
     cond_leaves = flatten({} if cond is None else cond, "cond")
     uncond_leaves = None if uncond is None else flatten(uncond, "uncond")
     if uses_uncond and cond_leaves and uncond_leaves is None:
-        raise ValueError("guidance with an unconditional branch needs uncond= (the unconditional or negative "
-                         "prompt's keyword arguments, with the same keys as cond)")
+        raise ValueError(
+            "guidance with an unconditional branch needs uncond= (the unconditional or negative "
+            "prompt's keyword arguments, with the same keys as cond)"
+        )
     if uncond_leaves is not None and cond_leaves.keys() != uncond_leaves.keys():
         missing = sorted(_named("cond", p) for p in cond_leaves.keys() - uncond_leaves.keys())
         extra = sorted(_named("uncond", p) for p in uncond_leaves.keys() - cond_leaves.keys())
-        raise ValueError("cond and uncond must have the same keys: "
-                         + "; ".join(f"{' '.join(names)} {which}" for names, which in
-                                     ((missing, "has no counterpart in uncond"),
-                                      (extra, "has no counterpart in cond")) if names))
+        raise ValueError(
+            "cond and uncond must have the same keys: "
+            + "; ".join(
+                f"{' '.join(names)} {which}"
+                for names, which in ((missing, "has no counterpart in uncond"), (extra, "has no counterpart in cond"))
+                if names
+            )
+        )
     for path, value in cond_leaves.items():
         other = None if uncond_leaves is None else uncond_leaves[path]
         for tree, tensor in (("cond", value), ("uncond", other)):
             if isinstance(tensor, Tensor) and tensor.shape[0] not in (1, batch):
-                raise ValueError(f"{_named(tree, path)} must hold 1 or {batch} rows (the batch) on dim 0, got shape "
-                                 f"{tuple(tensor.shape)}")
+                raise ValueError(
+                    f"{_named(tree, path)} must hold 1 or {batch} rows (the batch) on dim 0, got shape "
+                    f"{tuple(tensor.shape)}"
+                )
         if uncond_leaves is None:
             continue
         if (value is None) != (other is None) or isinstance(value, Tensor) != isinstance(other, Tensor):
-            raise ValueError(f"{_named('cond', path)} and {_named('uncond', path)} must both be tensors, None or "
-                             f"empty dicts, got {type(value).__name__} and {type(other).__name__}")
+            raise ValueError(
+                f"{_named('cond', path)} and {_named('uncond', path)} must both be tensors, None or "
+                f"empty dicts, got {type(value).__name__} and {type(other).__name__}"
+            )
         if isinstance(value, Tensor):
             assert isinstance(other, Tensor)  # checked above: both tensors
             if value.shape[1:] != other.shape[1:]:
-                raise ValueError(f"{_named('cond', path)} and {_named('uncond', path)} must have the same shape past "
-                                 f"dim 0, got {tuple(value.shape)} and {tuple(other.shape)}")
+                raise ValueError(
+                    f"{_named('cond', path)} and {_named('uncond', path)} must have the same shape past "
+                    f"dim 0, got {tuple(value.shape)} and {tuple(other.shape)}"
+                )
             if value.dtype != other.dtype:
-                raise ValueError(f"{_named('cond', path)} and {_named('uncond', path)} must have the same dtype, got "
-                                 f"{value.dtype} and {other.dtype}")
+                raise ValueError(
+                    f"{_named('cond', path)} and {_named('uncond', path)} must have the same dtype, got "
+                    f"{value.dtype} and {other.dtype}"
+                )
             if value.device != other.device:
-                raise ValueError(f"{_named('cond', path)} and {_named('uncond', path)} must be on the same device, "
-                                 f"got {value.device} and {other.device}")
+                raise ValueError(
+                    f"{_named('cond', path)} and {_named('uncond', path)} must be on the same device, "
+                    f"got {value.device} and {other.device}"
+                )
     return cond_leaves, uncond_leaves
 
 
@@ -127,15 +146,19 @@ class RowConditioning:
     leaves: dict[Path, Leaf]
 
     @classmethod
-    def lay_out(cls, blocks: Sequence[tuple[Tensor | None, Mapping[Path, Leaf]]], batch: int,
-                device: torch.device) -> RowConditioning:
+    def lay_out(
+        cls, blocks: Sequence[tuple[Tensor | None, Mapping[Path, Leaf]]], batch: int, device: torch.device
+    ) -> RowConditioning:
         """The blocks' (labels, leaves), each broadcast to ``batch`` rows, concatenated on dim 0
         on ``device``. One block is not copied unless it must be broadcast or moved."""
         labels = None
         if blocks[0][0] is not None:
             # (every block has labels when the first has: the null label in unconditional blocks)
-            labels = torch.cat([cast(Tensor, block_labels).to(device) for block_labels, _ in blocks]) \
-                if len(blocks) > 1 else blocks[0][0].to(device)
+            labels = (
+                torch.cat([cast(Tensor, block_labels).to(device) for block_labels, _ in blocks])
+                if len(blocks) > 1
+                else blocks[0][0].to(device)
+            )
         leaves: dict[Path, Leaf] = {}
         for path, first in blocks[0][1].items():
             if not isinstance(first, Tensor):
@@ -150,14 +173,20 @@ class RowConditioning:
     @property
     def signature(self) -> tuple:
         """What a captured graph's static copy depends on: each tensor's place, shape and dtype."""
-        return (None if self.labels is None else tuple(self.labels.shape),
-                tuple((path, tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (path, v is None)
-                      for path, v in self.leaves.items()))
+        return (
+            None if self.labels is None else tuple(self.labels.shape),
+            tuple(
+                (path, tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (path, v is None)
+                for path, v in self.leaves.items()
+            ),
+        )
 
     def clone(self) -> RowConditioning:
         """A copy with storage of its own (a graph's static conditioning)."""
-        return RowConditioning(None if self.labels is None else self.labels.clone(),
-                               {p: v.clone() if isinstance(v, Tensor) else v for p, v in self.leaves.items()})
+        return RowConditioning(
+            None if self.labels is None else self.labels.clone(),
+            {p: v.clone() if isinstance(v, Tensor) else v for p, v in self.leaves.items()},
+        )
 
     def copy_from(self, other: RowConditioning) -> None:
         """Load another run's conditioning of the same signature into these tensors."""

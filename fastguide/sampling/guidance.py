@@ -129,8 +129,7 @@ class Guidance(abc.ABC):
 
     def scale_at(self, edm_sigma: float, progress: float) -> float:
         """The guidance weight at noise level σ̃ and normalised time τ."""
-        raise NotImplementedError(f"{type(self).__name__} defines no scale_at(σ̃, τ): define it, or override "
-                                  "combine_at")
+        raise NotImplementedError(f"{type(self).__name__} defines no scale_at(σ̃, τ): define it, or override combine_at")
 
     @abc.abstractmethod
     def combine(self, scale: float | None = None) -> GuidanceCombine:
@@ -178,8 +177,10 @@ class APG:
         if self.norm_threshold < 0:
             raise ValueError(f"APG norm_threshold must be non-negative (0 turns it off), got {self.norm_threshold}")
         if not -1 <= self.momentum <= 1:
-            raise ValueError(f"APG momentum must be in [-1, 1] (beyond, its running average grows geometrically), "
-                             f"got {self.momentum}")
+            raise ValueError(
+                f"APG momentum must be in [-1, 1] (beyond, its running average grows geometrically), "
+                f"got {self.momentum}"
+            )
 
 
 @dataclass(frozen=True)
@@ -200,8 +201,9 @@ class DeltaReuse:
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 2:
             raise ValueError(f"DeltaReuse every must be an int >= 2 (1 would run every call), got {self.every!r}")
         if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order not in (0, 1):
-            raise ValueError(f"DeltaReuse order must be 0 (the last delta) or 1 (linear extrapolation), "
-                             f"got {self.order!r}")
+            raise ValueError(
+                f"DeltaReuse order must be 0 (the last delta) or 1 (linear extrapolation), got {self.order!r}"
+            )
 
     def estimate(self, guided_index: int, computed: list[int]) -> tuple[tuple[int, float], ...] | None:
         """At guided call ``guided_index``: None when its unconditional rows run, else Δ̂ as
@@ -248,12 +250,17 @@ class CFG(Guidance):
         if self.reuse is not None and not isinstance(self.reuse, DeltaReuse):
             raise TypeError(f"CFG reuse must be a fastguide.DeltaReuse or None, got {type(self.reuse).__name__}")
         if self.guided_channels is not None:
-            if isinstance(self.guided_channels, bool) or not isinstance(self.guided_channels, int) \
-                    or self.guided_channels < 1:
+            if (
+                isinstance(self.guided_channels, bool)
+                or not isinstance(self.guided_channels, int)
+                or self.guided_channels < 1
+            ):
                 raise ValueError(f"CFG guided_channels must be a positive int or None, got {self.guided_channels!r}")
             if self.rescale or self.apg is not None or self.zero_star or self.tangential:
-                raise ValueError("CFG guided_channels (the official DiT's guidance of some channels) takes plain CFG: "
-                                 "rescale, apg, zero_star and tangential reduce over all channels")
+                raise ValueError(
+                    "CFG guided_channels (the official DiT's guidance of some channels) takes plain CFG: "
+                    "rescale, apg, zero_star and tangential reduce over all channels"
+                )
         _check_real("CFG rescale", self.rescale)
         if not 0 <= self.rescale <= 1:
             raise ValueError(f"CFG rescale must be in [0, 1], got {self.rescale}")
@@ -273,8 +280,10 @@ class CFG(Guidance):
 
     def check_shape(self, shape: tuple[int, ...]) -> None:
         if self.guided_channels is not None and self.guided_channels > shape[1]:
-            raise ValueError(f"CFG guided_channels must be at most the {shape[1]} channels of shape {shape}, "
-                             f"got {self.guided_channels}")
+            raise ValueError(
+                f"CFG guided_channels must be at most the {shape[1]} channels of shape {shape}, "
+                f"got {self.guided_channels}"
+            )
 
     def guided_output(self, model_output: Tensor, batch: int, channels: int) -> Tensor:
         """With ``guided_channels = k``, the official DiT's CFG: the unguided channels take the
@@ -284,7 +293,7 @@ class CFG(Guidance):
         if self.guided_channels is None or model_output.shape[0] <= batch:
             return model_output
         model_output = model_output.clone()
-        model_output[batch:, self.guided_channels:channels] = model_output[:batch, self.guided_channels:channels]
+        model_output[batch:, self.guided_channels : channels] = model_output[:batch, self.guided_channels : channels]
         return model_output
 
     def scale_at(self, edm_sigma: float, progress: float) -> float:
@@ -300,8 +309,10 @@ class CFG(Guidance):
             except (TypeError, ValueError, RuntimeError):
                 weight = math.nan
             if not math.isfinite(weight) or abs(weight) > FLOAT32_MAX or isinstance(returned, bool):
-                raise ValueError(f"CFG schedule must return a finite number within float32's range, got "
-                                 f"{returned!r} at σ̃ = {edm_sigma:.4g}")
+                raise ValueError(
+                    f"CFG schedule must return a finite number within float32's range, got "
+                    f"{returned!r} at σ̃ = {edm_sigma:.4g}"
+                )
             return weight
         if self.schedule == "linear":
             weight = 1.0 + (self.scale - 1.0) * 2.0 * (1.0 - progress)
@@ -310,8 +321,10 @@ class CFG(Guidance):
         else:
             return self.scale
         if not (math.isfinite(weight) and abs(weight) <= FLOAT32_MAX):
-            raise ValueError(f"CFG scale={self.scale!r} with schedule={self.schedule!r} gives the weight {weight!r} "
-                             f"at σ̃ = {edm_sigma:.4g}: it must stay a finite number within float32's range")
+            raise ValueError(
+                f"CFG scale={self.scale!r} with schedule={self.schedule!r} gives the weight {weight!r} "
+                f"at σ̃ = {edm_sigma:.4g}: it must stay a finite number within float32's range"
+            )
         return weight
 
     def combine(self, scale: float | None = None) -> GuidanceCombine:
@@ -319,9 +332,14 @@ class CFG(Guidance):
         default the spec's own)."""
         scale = self.scale if scale is None else scale
         if self.apg is not None:
-            return GuidanceCombine(scale, self.rescale, apg_eta=self.apg.eta,
-                                   apg_norm_threshold=self.apg.norm_threshold, apg_momentum=self.apg.momentum,
-                                   variant="apg")
+            return GuidanceCombine(
+                scale,
+                self.rescale,
+                apg_eta=self.apg.eta,
+                apg_norm_threshold=self.apg.norm_threshold,
+                apg_momentum=self.apg.momentum,
+                variant="apg",
+            )
         variant = "zero_star" if self.zero_star else "tangential" if self.tangential else "cfg"
         return GuidanceCombine(scale, self.rescale, variant=variant)
 
@@ -343,8 +361,9 @@ class CFGPlusPlus(CFG):
         if self.schedule != "constant":
             raise ValueError("CFGPlusPlus takes a constant λ: a schedule would leave [0, 1]")
         if self.truncate is not None:
-            raise ValueError("CFGPlusPlus does not take truncate: its renoising reads the unconditional prediction "
-                             "at every call")
+            raise ValueError(
+                "CFGPlusPlus does not take truncate: its renoising reads the unconditional prediction at every call"
+            )
 
     def step(self, step: StepCoefficients) -> StepCoefficients:
         """The update as if x were α·x̂0_λ + σ·ε_∅, x0 from the guided prediction and the
@@ -352,21 +371,26 @@ class CFGPlusPlus(CFG):
         + the rest. For DDIM that is the paper's x' = α'·x̂0_λ + σ'·ε_∅; Euler (VP or flow)
         gives the same; DPM-Solver++(2M) gives x' = α'·(1 + φ/2r)·x̂0_λ + σ'·ε_∅
         − α'·φ/2r·x̂0_∅,prev (its history then holds the unconditional x0), the paper's 2M form."""
-        return step._replace(k_x=0.0, k_eps=0.0, k_x0=step.k_x0 + step.alpha * step.k_x,
-                             k_guide_eps=step.sigma * step.k_x + step.k_eps)
+        return step._replace(
+            k_x=0.0, k_eps=0.0, k_x0=step.k_x0 + step.alpha * step.k_x, k_guide_eps=step.sigma * step.k_x + step.k_eps
+        )
 
     def default_sampler(self) -> str:
         return default_sampler(cfg_plus_plus=True, interval=self.interval is not None)
 
     def check_sampler(self, sampler: str, dynamic_threshold: float | None) -> None:
         if dynamic_threshold is not None:
-            raise ValueError("dynamic_threshold does not combine with CFGPlusPlus: CFG++ renoises with the "
-                             "unconditional prediction, which the thresholded x0 replaces")
+            raise ValueError(
+                "dynamic_threshold does not combine with CFGPlusPlus: CFG++ renoises with the "
+                "unconditional prediction, which the thresholded x0 replaces"
+            )
         if sampler not in self.SAMPLERS:
             raise ValueError(f"CFGPlusPlus is built for the samplers {self.SAMPLERS}, got sampler={sampler!r}")
         if self.unconditional_history(sampler) and self.interval is not None:
-            raise ValueError("CFGPlusPlus with sampler='dpm++2m' reads the previous call's unconditional x0, which "
-                             "calls outside a guidance interval do not compute: drop the interval or use 'ddim'")
+            raise ValueError(
+                "CFGPlusPlus with sampler='dpm++2m' reads the previous call's unconditional x0, which "
+                "calls outside a guidance interval do not compute: drop the interval or use 'ddim'"
+            )
 
     def unconditional_history(self, sampler: str) -> bool:
         return sampler == "dpm++2m"
@@ -400,8 +424,10 @@ class AutoGuidance(Guidance):
         """The guide gets the same labels: its label table must hold them."""
         guide_classes = label_rows(self.guide_model)
         if guide_classes is not None and labels.numel() and labels.max() >= guide_classes:
-            raise ValueError(f"labels must lie in [0, {guide_classes}) for AutoGuidance's guide_model (its "
-                             f"label table), got {labels.max().item()}")
+            raise ValueError(
+                f"labels must lie in [0, {guide_classes}) for AutoGuidance's guide_model (its "
+                f"label table), got {labels.max().item()}"
+            )
 
     def scale_at(self, edm_sigma: float, progress: float) -> float:
         return self.scale
@@ -468,8 +494,7 @@ class PerturbedGuidance(Guidance):
 
     def combine(self, scale: float | None = None) -> GuidanceCombine:
         if self.cfg:
-            return GuidanceCombine(self.cfg_scale if scale is None else scale, self.rescale,
-                                   perturbed_scale=self.scale)
+            return GuidanceCombine(self.cfg_scale if scale is None else scale, self.rescale, perturbed_scale=self.scale)
         return GuidanceCombine(1.0 + self.scale, self.rescale)
 
 
@@ -520,11 +545,15 @@ class ClassifierGuidance:
             x_in = x.detach().requires_grad_(True)
             logits = self.classifier(x_in, timesteps)
             if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != len(labels):
-                raise ValueError(f"the classifier must return logits (batch {len(labels)}, classes), got "
-                                 f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+                raise ValueError(
+                    f"the classifier must return logits (batch {len(labels)}, classes), got "
+                    f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}"
+                )
             if labels.max() >= logits.shape[1]:
-                raise ValueError(f"labels must lie in [0, {logits.shape[1]}) for the classifier's "
-                                 f"{logits.shape[1]} classes, got {labels.max().item()}")
+                raise ValueError(
+                    f"labels must lie in [0, {logits.shape[1]}) for the classifier's "
+                    f"{logits.shape[1]} classes, got {labels.max().item()}"
+                )
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             selected = log_probs[torch.arange(len(labels), device=labels.device), labels]
             gradient = None
@@ -576,5 +605,6 @@ def _check_interval(spec: str, interval: object) -> None:
         return
     pair = tuple(interval) if isinstance(interval, (tuple, list)) else None
     if pair is None or len(pair) != 2 or not all(_is_real(v) for v in pair) or not 0 <= pair[0] < pair[1]:
-        raise ValueError(f"{spec} interval must be a pair (sigma_low, sigma_high) of numbers with 0 <= low < high, "
-                         f"got {interval!r}")
+        raise ValueError(
+            f"{spec} interval must be a pair (sigma_low, sigma_high) of numbers with 0 <= low < high, got {interval!r}"
+        )

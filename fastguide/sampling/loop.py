@@ -38,8 +38,13 @@ from .solvers import TWO_CALL_SAMPLERS, VARIANCE_TYPES, StepPlan, check_sampler,
 Model = Callable[..., Tensor]
 # What ``guidance=`` takes: None, a Guidance, a ClassifierGuidance, or a tuple or list of one
 # Guidance and one ClassifierGuidance (guidance.split_guidance checks the combination).
-GuidanceSpec = Guidance | ClassifierGuidance | tuple[Guidance | ClassifierGuidance, ...] | \
-    list[Guidance | ClassifierGuidance] | None
+GuidanceSpec = (
+    Guidance
+    | ClassifierGuidance
+    | tuple[Guidance | ClassifierGuidance, ...]
+    | list[Guidance | ClassifierGuidance]
+    | None
+)
 # callback({"i", "t", "x", "denoised"}) after each model call (k-diffusion's convention):
 # i the call's index, t its original timestep, x the new x, denoised the call's x0.
 Callback = Callable[[dict], None]
@@ -151,8 +156,10 @@ class GuidedSampler:
         cuda_graph: bool = False,
     ):
         if cache is not None and not isinstance(cache, (FirstBlockCache, ForecastCache)):
-            raise TypeError(f"cache must be a fastguide.FirstBlockCache, a fastguide.ForecastCache or None, got "
-                            f"{type(cache).__name__}")
+            raise TypeError(
+                f"cache must be a fastguide.FirstBlockCache, a fastguide.ForecastCache or None, got "
+                f"{type(cache).__name__}"
+            )
         self.cache = cache
         if variance_type is not None and variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {VARIANCE_TYPES} or None, got {variance_type!r}")
@@ -182,15 +189,19 @@ class GuidedSampler:
                 raise ValueError(f"{error} (sampler=None chose {sampler!r} for this guidance; name one)") from None
             raise
         if variance_type is not None and sampler != "ddpm":
-            raise ValueError(f"variance_type applies to sampler='ddpm' (the others set their own noise), got "
-                             f"sampler={sampler!r}")
+            raise ValueError(
+                f"variance_type applies to sampler='ddpm' (the others set their own noise), got sampler={sampler!r}"
+            )
         if spacing is not None and not isinstance(steps, int):
             raise ValueError(f"spacing={spacing!r} places a step count; steps={steps!r} already names the timesteps")
         if isinstance(steps, int) and not isinstance(steps, bool):
             spacing = spacing or self.schedule.default_spacing
-            self.timesteps = list(_PLANS.get_or_make(
-                ("timesteps", self.schedule.cache_key, steps, spacing, rho),
-                lambda: tuple(self.schedule.spaced_timesteps(steps, spacing, rho))))
+            self.timesteps = list(
+                _PLANS.get_or_make(
+                    ("timesteps", self.schedule.cache_key, steps, spacing, rho),
+                    lambda: tuple(self.schedule.spaced_timesteps(steps, spacing, rho)),
+                )
+            )
         else:
             self.timesteps = self.schedule.timesteps(steps)
         self.schedule.check_grid(self.timesteps)
@@ -214,8 +225,10 @@ class GuidedSampler:
         if self.guidance is not None:
             self.guidance.check_sampler(sampler, dynamic_threshold)
             if self.guidance.truncate is not None and sampler in TWO_CALL_SAMPLERS:
-                raise ValueError(f"CFG truncate stops guiding between steps, and sampler={sampler!r} makes two model "
-                                 "calls per step: use a one-call sampler (unipc, dpm++2m, ddim, ...)")
+                raise ValueError(
+                    f"CFG truncate stops guiding between steps, and sampler={sampler!r} makes two model "
+                    "calls per step: use a one-call sampler (unipc, dpm++2m, ddim, ...)"
+                )
         # CFG++ on DPM-Solver++(2M) extrapolates from the previous call's unconditional x0.
         self.unconditional_history = self.guidance is not None and self.guidance.unconditional_history(sampler)
         if cuda_graph and self.classifier is not None:
@@ -244,8 +257,9 @@ class GuidedSampler:
         key = (learned_variance, guided)
         if key in self._call_cache:
             return self._call_cache[key]
-        calls = _PLANS.get_or_make((*self._plan_key(learned_variance), guided),
-                                   lambda: self._planned_calls(learned_variance, guided))
+        calls = _PLANS.get_or_make(
+            (*self._plan_key(learned_variance), guided), lambda: self._planned_calls(learned_variance, guided)
+        )
         self._call_cache[key] = calls
         return calls
 
@@ -253,15 +267,33 @@ class GuidedSampler:
         """Everything a plan depends on, by value: two samplers with equal keys (e.g. one
         ``sample`` call after another) share one plan. Guidance enters by its settings,
         not its networks (a plan holds scalars only)."""
-        return (self.sampler, self.schedule.cache_key, tuple(self.timesteps), self.final_timestep, self.eta,
-                self.variance_type,
-                self.solver_order, self.clip_denoised, self.prediction_type, self.dynamic_threshold,
-                _settings(self.guidance), _settings(self.classifier), learned_variance)
+        return (
+            self.sampler,
+            self.schedule.cache_key,
+            tuple(self.timesteps),
+            self.final_timestep,
+            self.eta,
+            self.variance_type,
+            self.solver_order,
+            self.clip_denoised,
+            self.prediction_type,
+            self.dynamic_threshold,
+            _settings(self.guidance),
+            _settings(self.classifier),
+            learned_variance,
+        )
 
     def _planned_calls(self, learned_variance: bool, guided: bool) -> tuple[_Call, ...]:
         variance_type = self.variance_type or ("learned_range" if learned_variance else "fixed_small")
-        plans = plan_steps(self.sampler, self.schedule, self.timesteps, eta=self.eta, variance_type=variance_type,
-                           solver_order=self.solver_order, final_timestep=self.final_timestep)
+        plans = plan_steps(
+            self.sampler,
+            self.schedule,
+            self.timesteps,
+            eta=self.eta,
+            variance_type=variance_type,
+            solver_order=self.solver_order,
+            final_timestep=self.final_timestep,
+        )
         calls = tuple(self._call(plan, learned_variance, guided) for plan in plans)
         if guided and self.guidance is not None and self.guidance.reuse is not None:
             calls = self._reusing_deltas(calls)
@@ -269,15 +301,20 @@ class GuidedSampler:
             try:
                 ops.check_step(call.step)
             except ValueError as error:  # say which call of which plan cannot be computed
-                raise ValueError(f"{error}, at the model call at t = {call.t!r} of sampler={self.sampler!r} on "
-                                 f"{self.schedule!r}") from None
+                raise ValueError(
+                    f"{error}, at the model call at t = {call.t!r} of sampler={self.sampler!r} on {self.schedule!r}"
+                ) from None
         return calls
 
     def _call(self, plan: StepPlan, learned_variance: bool, guided: bool) -> _Call:
         scale = self.classifier.scale if self.classifier is not None else 0.0
-        step = plan.coefficients(self.schedule, prediction_type=self.prediction_type,
-                                 clip_denoised=self.clip_denoised, learned_variance=learned_variance,
-                                 classifier_scale=scale)
+        step = plan.coefficients(
+            self.schedule,
+            prediction_type=self.prediction_type,
+            clip_denoised=self.clip_denoised,
+            learned_variance=learned_variance,
+            classifier_scale=scale,
+        )
         edm_sigma = self.schedule.edm_sigma(plan.t)
         combine, blocks, perturbed = None, 1, None
         if guided and self.guidance is not None and self.guidance.active_at(edm_sigma):
@@ -286,17 +323,20 @@ class GuidedSampler:
             combine = self.guidance.combine_at(edm_sigma, progress)
             ops.check_combine(combine)
             branches = self.guidance.branches_at(edm_sigma)
-            if branches != self.branches[:len(branches)]:
-                raise ValueError(f"{type(self.guidance).__name__}.branches_at must give a prefix of its branches "
-                                 f"{self.branches}, got {branches} at σ̃ = {edm_sigma:.4g}")
+            if branches != self.branches[: len(branches)]:
+                raise ValueError(
+                    f"{type(self.guidance).__name__}.branches_at must give a prefix of its branches "
+                    f"{self.branches}, got {branches} at σ̃ = {edm_sigma:.4g}"
+                )
             blocks = len(branches)
             perturbed = branches.index("perturbed") if "perturbed" in branches else None
         if self.dynamic_threshold is None:
             return _Call(plan.t, step, combine, blocks=blocks, perturbed_block=perturbed)
         # The thresholded x0 replaces the prediction: the step then reads it as "sample".
         x0_only = StepCoefficients(step.alpha, step.sigma, k_x0=1.0, prediction_type=self.prediction_type)
-        return _Call(plan.t, step._replace(prediction_type="sample", clip_denoised=False), combine, x0_only, blocks,
-                     perturbed)
+        return _Call(
+            plan.t, step._replace(prediction_type="sample", clip_denoised=False), combine, x0_only, blocks, perturbed
+        )
 
     def _reusing_deltas(self, calls: Sequence[_Call]) -> tuple[_Call, ...]:
         """The guided calls' roles under DeltaReuse: those that run the unconditional rows
@@ -340,8 +380,14 @@ class GuidedSampler:
     # The loop
     # ----------------------------------------------------------------------------------
 
-    def _conditioning(self, labels: Tensor | None, cond: Conditioning | None, uncond: Conditioning | None,
-                      batch: int, device: torch.device) -> RowConditioning:
+    def _conditioning(
+        self,
+        labels: Tensor | None,
+        cond: Conditioning | None,
+        uncond: Conditioning | None,
+        batch: int,
+        device: torch.device,
+    ) -> RowConditioning:
         """The run's conditioning checked (before any forward) and laid out once: a block per
         branch of the guidance, the conditional labels and ``cond`` in "cond" and "perturbed"
         blocks, the null label and ``uncond`` in "uncond" blocks."""
@@ -351,13 +397,19 @@ class GuidedSampler:
         if labels is None and self.classifier is not None:
             raise ValueError("classifier guidance needs labels (one class index per sample)")
         if uses_uncond and labels is None and not cond_leaves:
-            raise ValueError("guidance needs labels (one class index per sample) or cond=/uncond= (the model's "
-                             "keyword arguments) to tell its conditional branch from its unconditional one")
+            raise ValueError(
+                "guidance needs labels (one class index per sample) or cond=/uncond= (the model's "
+                "keyword arguments) to tell its conditional branch from its unconditional one"
+            )
         if uses_uncond and labels is not None and self.null_label is None:
             raise ValueError("CFG needs a null label: use a model built with null_class=True, or pass null_label=")
         null_labels = None if labels is None else torch.full_like(labels, self.null_label or 0)
-        blocks = [(null_labels, uncond_leaves if uncond_leaves is not None else cond_leaves) if branch == "uncond"
-                  else (labels, cond_leaves) for branch in self.branches]
+        blocks = [
+            (null_labels, uncond_leaves if uncond_leaves is not None else cond_leaves)
+            if branch == "uncond"
+            else (labels, cond_leaves)
+            for branch in self.branches
+        ]
         return RowConditioning.lay_out(blocks, batch, device)
 
     def _check_labels(self, labels: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
@@ -507,11 +559,12 @@ class GuidedSampler:
             model_input=torch.empty((rows, *shape[1:]), device=device, dtype=dtype),
             conditioning=conditioning,
             x0=[torch.empty(shape, device=device, dtype=dtype) for _ in range(self.history_length + 1)],
-            x0_unconditional=[torch.empty(shape, device=device, dtype=dtype)
-                              for _ in range(2 if self.unconditional_history else 0)],
+            x0_unconditional=[
+                torch.empty(shape, device=device, dtype=dtype) for _ in range(2 if self.unconditional_history else 0)
+            ],
             apg=torch.empty(shape, device=device, dtype=torch.float32) if momentum else None,
             noise=torch.zeros(shape, device=device, dtype=dtype),
-            times=[table[i, :call.blocks * shape[0]] for i, call in enumerate(calls)],
+            times=[table[i, : call.blocks * shape[0]] for i, call in enumerate(calls)],
             deltas=[torch.empty(shape, device=device, dtype=dtype) for _ in range(2 if reuse else 0)],
             uncond_estimate=torch.empty(shape, device=device, dtype=dtype) if reuse else None,
             similarity=torch.empty(shape[0], device=device, dtype=torch.float32) if truncate else None,
@@ -543,13 +596,17 @@ class GuidedSampler:
             self._perturbation.rows = None if block is None else slice(block * batch, (block + 1) * batch)
         cache = buffers.block_cache
         if cache is not None:  # which rows are which branch's, for the cache's per-branch state
-            cache.call, cache.branches, cache.active = i, self.branches[:planned.blocks], True
+            cache.call, cache.branches, cache.active = i, self.branches[: planned.blocks], True
         t_in = buffers.times[i]
         if t_in.shape[0] != rows:  # a call that skips rows its plan has (truncated CFG, delta reuse)
             t_in = t_in[:rows]
         model_output = self._checked_output(
             self._forward(self.model, model_input[:rows], t_in, *buffers.model_arguments(rows)),
-            model_input, rows, shape, "model")
+            model_input,
+            rows,
+            shape,
+            "model",
+        )
         if cache is not None:
             cache.active = False
         guide = None
@@ -561,14 +618,21 @@ class GuidedSampler:
             buffers.guide_rows[i] = batch
             guide = self._checked_output(
                 self._forward(guide_network, x, t_in[:batch], *buffers.model_arguments(batch)),
-                model_input, batch, shape, f"{type(self.guidance).__name__}'s guide_model")
+                model_input,
+                batch,
+                shape,
+                f"{type(self.guidance).__name__}'s guide_model",
+            )
             if guide.shape[1] > model_output.shape[1]:
                 # A guide that learns its variance beside a model that does not: its
                 # prediction is its first C channels (as ADM reads a 2C output).
-                guide = guide[:, :shape[1]]
+                guide = guide[:, : shape[1]]
         if planned.delta_out is not None:  # Δ = c − u, kept for the calls that skip u
-            torch.sub(model_output[:batch, :channels], model_output[batch:2 * batch, :channels],
-                      out=buffers.deltas[planned.delta_out])
+            torch.sub(
+                model_output[:batch, :channels],
+                model_output[batch : 2 * batch, :channels],
+                out=buffers.deltas[planned.delta_out],
+            )
         if planned.delta_in:  # u = c − Σ weight·Δ[slot], the fused step's guide
             guide = buffers.uncond_estimate
             assert guide is not None  # made with the buffers of a plan that reuses deltas
@@ -578,8 +642,10 @@ class GuidedSampler:
                 guide.sub_(buffers.deltas[slot], alpha=weight)
         learned = model_output.shape[1] == 2 * shape[1]
         if self.variance_type == "learned_range" and not learned:
-            raise ValueError(f"variance_type='learned_range' needs a model that outputs 2·{shape[1]} channels "
-                             f"(prediction then variance), got {model_output.shape[1]}")
+            raise ValueError(
+                f"variance_type='learned_range' needs a model that outputs 2·{shape[1]} channels "
+                f"(prediction then variance), got {model_output.shape[1]}"
+            )
         call = self._calls(learned, guiding)[i]
 
         ring = buffers.x0
@@ -597,14 +663,26 @@ class GuidedSampler:
         # follows its warm-up run's call instead).
         similarity = buffers.similarity if combine is not None and not buffers.calibrated else None
         if call.x0_only is not None:
-            model_output = self._dynamic_threshold(model_output, x, call, combine, guide, buffers, ring[i % len(ring)],
-                                                   similarity)
+            model_output = self._dynamic_threshold(
+                model_output, x, call, combine, guide, buffers, ring[i % len(ring)], similarity
+            )
             combine = guide = None
-        self._step(StepTensors(
-            model_output, x, guide, history, draw_noise() if call.step.k_noise else None, grad,
-            buffers.apg if combine is not None else None, model_input, ring[i % len(ring)] if keep_x0 else None,
-            similarity if combine is not None else None,
-        ), call.step, combine)
+        self._step(
+            StepTensors(
+                model_output,
+                x,
+                guide,
+                history,
+                draw_noise() if call.step.k_noise else None,
+                grad,
+                buffers.apg if combine is not None else None,
+                model_input,
+                ring[i % len(ring)] if keep_x0 else None,
+                similarity if combine is not None else None,
+            ),
+            call.step,
+            combine,
+        )
         if similarity is not None:
             # (the buffers hold a similarity under truncated CFG only)
             assert self.guidance is not None and self.guidance.truncate is not None
@@ -622,12 +700,13 @@ class GuidedSampler:
         check_step_layout(tensors, step, combine)
         ops.guided_step_prechecked(tensors, step, combine)
 
-    def _unconditional_x0(self, i: int, model_output: Tensor, x: Tensor, guide: Tensor | None, call: _Call,
-                          buffers: _Buffers) -> tuple[Tensor, ...]:
+    def _unconditional_x0(
+        self, i: int, model_output: Tensor, x: Tensor, guide: Tensor | None, call: _Call, buffers: _Buffers
+    ) -> tuple[Tensor, ...]:
         """CFG++ on DPM-Solver++(2M): this call's unconditional x0 into its buffer (one unguided
         x0-only pass over the B unconditional rows), and the previous call's as the history."""
         block = self.branches.index("uncond") if guide is None else 0
-        unconditional = guide if guide is not None else model_output[block * len(x):(block + 1) * len(x)]
+        unconditional = guide if guide is not None else model_output[block * len(x) : (block + 1) * len(x)]
         x0_only = StepCoefficients(call.step.alpha, call.step.sigma, k_x0=1.0, prediction_type=self.prediction_type)
         ring = buffers.x0_unconditional
         self._step(StepTensors(unconditional, x, None, (), None, None, None, ring[i % 2], None), x0_only, None)
@@ -639,8 +718,9 @@ class GuidedSampler:
             return model(model_input, t_in, labels, **kwargs)
         return model(model_input, t_in, **kwargs)
 
-    def _checked_output(self, model_output: object, model_input: Tensor, rows: int, shape: tuple[int, ...],
-                        who: str) -> Tensor:
+    def _checked_output(
+        self, model_output: object, model_input: Tensor, rows: int, shape: tuple[int, ...], who: str
+    ) -> Tensor:
         """The output of ``who`` (the model, or the guidance's guide_model), checked: a floating
         tensor on the input's device of (rows, C or 2C, *spatial), with memory of its own (a
         network that returns its input would be overwritten by the step)."""
@@ -654,8 +734,12 @@ class GuidedSampler:
         if model_output.device != model_input.device:
             raise ValueError(f"{who} must return a tensor on {model_input.device}, got {model_output.device}")
         channels, spatial = shape[1], tuple(shape[2:])
-        if model_output.dim() != len(shape) or model_output.shape[0] != rows \
-                or model_output.shape[1] not in (channels, 2 * channels) or tuple(model_output.shape[2:]) != spatial:
+        if (
+            model_output.dim() != len(shape)
+            or model_output.shape[0] != rows
+            or model_output.shape[1] not in (channels, 2 * channels)
+            or tuple(model_output.shape[2:]) != spatial
+        ):
             raise ValueError(
                 f"{who} must return ({rows}, {channels} or {2 * channels}, *{spatial}) for an input of "
                 f"{rows} rows, got {tuple(model_output.shape)}"
@@ -670,23 +754,37 @@ class GuidedSampler:
             callback({"i": i, "t": self._calls(False)[i].t, "x": buffers.model_input[:batch], "denoised": x0})
 
     def _dynamic_threshold(
-        self, model_output: Tensor, x: Tensor, call: _Call, combine: GuidanceCombine | None, guide: Tensor | None,
-        buffers: _Buffers, scratch: Tensor, similarity: Tensor | None,
+        self,
+        model_output: Tensor,
+        x: Tensor,
+        call: _Call,
+        combine: GuidanceCombine | None,
+        guide: Tensor | None,
+        buffers: _Buffers,
+        scratch: Tensor,
+        similarity: Tensor | None,
     ) -> Tensor:
         """Imagen's dynamic thresholding: x0 ← clamp(x0, −s, s)/s with s = max(1, the
         per-sample percentile of |x0|). One extra pass computes the guided x0 (no clip);
         the step then runs on that thresholded x0 as a "sample" prediction, so eps is
         re-derived from it and the rest of the step (classifier shift, update) follows."""
         assert call.x0_only is not None and self.dynamic_threshold is not None  # the caller's condition
-        x0 = ops.guided_step(model_output, x, call.x0_only, combine, guide=guide,
-                             apg_buffer=buffers.apg if combine is not None else None, out=scratch,
-                             similarity=similarity)
+        x0 = ops.guided_step(
+            model_output,
+            x,
+            call.x0_only,
+            combine,
+            guide=guide,
+            apg_buffer=buffers.apg if combine is not None else None,
+            out=scratch,
+            similarity=similarity,
+        )
         flat = x0.abs().flatten(1)
         k = max(1, min(flat.shape[1], math.ceil(self.dynamic_threshold * flat.shape[1])))
         s = flat.kthvalue(k, dim=1).values.clamp_min(1.0).reshape(-1, *([1] * (x0.dim() - 1)))
         thresholded = torch.maximum(torch.minimum(x0, s), -s) / s
         if model_output.shape[1] == 2 * x.shape[1]:  # keep the learned variance channels
-            thresholded = torch.cat([thresholded, model_output[: len(x), x.shape[1]:]], dim=1)
+            thresholded = torch.cat([thresholded, model_output[: len(x), x.shape[1] :]], dim=1)
         return thresholded
 
     # ----------------------------------------------------------------------------------
@@ -747,8 +845,9 @@ class GuidedSampler:
                 for i in segment:
                     self._model_call(i, buffers, shape, static_noise, keep_x0)
 
-            graphs = [cuda_graphs.capture_graph(functools.partial(run, segment), pool)
-                      for segment in self._segments(per_call)]
+            graphs = [
+                cuda_graphs.capture_graph(functools.partial(run, segment), pool) for segment in self._segments(per_call)
+            ]
         return buffers, graphs
 
 
@@ -800,8 +899,11 @@ def _settings(guidance: object) -> tuple | list | None:
         return None
     if not dataclasses.is_dataclass(guidance):
         return [guidance]
-    settings = tuple((field.name, getattr(guidance, field.name)) for field in dataclasses.fields(guidance)
-                     if field.name not in ("guide_model", "classifier"))
+    settings = tuple(
+        (field.name, getattr(guidance, field.name))
+        for field in dataclasses.fields(guidance)
+        if field.name not in ("guide_model", "classifier")
+    )
     if any(callable(value) for _, value in settings):
         return list(settings)
     return (type(guidance), *settings)
@@ -838,10 +940,9 @@ def _check_null_label(null_label: object, model: object, num_classes: int | None
     if rows is not None and null_label >= rows:
         raise ValueError(f"null_label must index the model's label table of {rows} rows, got {null_label}")
     if rows is None and num_classes is not None and null_label > num_classes:
-        raise ValueError(f"null_label must index the model's label table: at most num_classes = {num_classes}, "
-                         f"got {null_label}")
-
-
+        raise ValueError(
+            f"null_label must index the model's label table: at most num_classes = {num_classes}, got {null_label}"
+        )
 
 
 def _model_null_label(model: Any) -> int | None:
@@ -849,8 +950,13 @@ def _model_null_label(model: Any) -> int | None:
     return model.num_classes if getattr(model, "null_class", False) else None
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype,
-           out: Tensor | None = None) -> Tensor:
+def _randn(
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    out: Tensor | None = None,
+) -> Tensor:
     """N(0, I) on ``device`` (into ``out`` when given), drawn on the generator's device (a CPU
     generator for CUDA samples, as diffusers' randn_tensor draws): the same generator gives
     the same noise whichever device samples."""
@@ -987,11 +1093,33 @@ def sample(
     Returns x_0 of ``shape`` (x at ``final_timestep`` when that is not -1).
     """
     guided_sampler = GuidedSampler(
-        model, sampler=sampler, steps=steps, spacing=spacing, rho=rho, schedule=schedule, guidance=guidance, eta=eta,
-        solver_order=solver_order, final_timestep=final_timestep,
-        clip_denoised=clip_denoised, prediction_type=prediction_type, variance_type=variance_type,
-        null_label=null_label, num_classes=num_classes, dynamic_threshold=dynamic_threshold, cache=cache,
+        model,
+        sampler=sampler,
+        steps=steps,
+        spacing=spacing,
+        rho=rho,
+        schedule=schedule,
+        guidance=guidance,
+        eta=eta,
+        solver_order=solver_order,
+        final_timestep=final_timestep,
+        clip_denoised=clip_denoised,
+        prediction_type=prediction_type,
+        variance_type=variance_type,
+        null_label=null_label,
+        num_classes=num_classes,
+        dynamic_threshold=dynamic_threshold,
+        cache=cache,
         cuda_graph=cuda_graph,
     )
-    return guided_sampler(shape, labels=labels, cond=cond, uncond=uncond, generator=generator, noise=noise,
-                          device=device, progress=progress, callback=callback)
+    return guided_sampler(
+        shape,
+        labels=labels,
+        cond=cond,
+        uncond=uncond,
+        generator=generator,
+        noise=noise,
+        device=device,
+        progress=progress,
+        callback=callback,
+    )

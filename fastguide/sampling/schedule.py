@@ -98,8 +98,10 @@ class NoiseSchedule:
         def alpha_bar(u: float) -> float:
             return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
 
-        betas = [min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
-                 for i in range(num_timesteps)]
+        betas = [
+            min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+            for i in range(num_timesteps)
+        ]
         return cls(betas)
 
     @staticmethod
@@ -135,11 +137,14 @@ class NoiseSchedule:
         for t in timesteps:
             level = self.log_snr(t)
             if math.isnan(level) or level == math.inf:
-                raise ValueError(f"{source} must lie at noise levels of finite log-SNR on {self!r}, got t = {t!r} "
-                                 f"(log-SNR {level})")
+                raise ValueError(
+                    f"{source} must lie at noise levels of finite log-SNR on {self!r}, got t = {t!r} (log-SNR {level})"
+                )
             if previous is not None and not level > previous[1]:  # a later λ = −∞ included
-                raise ValueError(f"{source} must lower the noise at every step, but t = {previous[0]!r} and "
-                                 f"t = {t!r} lie at one noise level (log-SNR {level!r}) on {self!r} in float64")
+                raise ValueError(
+                    f"{source} must lower the noise at every step, but t = {previous[0]!r} and "
+                    f"t = {t!r} lie at one noise level (log-SNR {level!r}) on {self!r} in float64"
+                )
             previous = (t, level)
 
     @property
@@ -287,12 +292,12 @@ class NoiseSchedule:
             steps = cast("Sequence[float]", steps)  # (a bool, not iterable, fails in list())
             values = steps.tolist() if isinstance(steps, Tensor) else list(steps)
             if not all(isinstance(t, Real) and not isinstance(t, bool) for t in values):
-                raise TypeError(f"timesteps must be numbers (original timesteps, fractional ones between them), "
-                                f"got {values!r}")
+                raise TypeError(
+                    f"timesteps must be numbers (original timesteps, fractional ones between them), got {values!r}"
+                )
             if not values or not all(0 <= t <= total - 1 for t in values):  # NaN fails too
                 raise ValueError(f"timesteps must lie in [0, {total - 1}], got {list(steps)}")
-            chosen = sorted({int(t) if isinstance(t, Integral) or float(t).is_integer() else float(t)
-                             for t in values})
+            chosen = sorted({int(t) if isinstance(t, Integral) or float(t).is_integer() else float(t) for t in values})
         return chosen[::-1]
 
 
@@ -315,8 +320,10 @@ def _karras_targets(low: float, high: float, ramp: Tensor, rho: float) -> Tensor
     except OverflowError:
         targets = None
     if targets is None or not bool(torch.isfinite(targets).all()) or (len(ramp) > 1 and not high_root > low_root):
-        raise ValueError(f"rho={rho!r} cannot place a Karras grid in float64 between σ̃ = {low:.4g} and {high:.4g}: "
-                         "σ̃^(1/ρ) must stay finite and differ at the two ends")
+        raise ValueError(
+            f"rho={rho!r} cannot place a Karras grid in float64 between σ̃ = {low:.4g} and {high:.4g}: "
+            "σ̃^(1/ρ) must stay finite and differ at the two ends"
+        )
     return targets
 
 
@@ -408,8 +415,9 @@ class FlowSchedule(NoiseSchedule):
         """``steps`` times T·σ, descending: σ uniform from 1 to 1/N, then shifted; refused
         where the shift collapses them (``check_grid``)."""
         if spacing != "linspace":
-            raise ValueError(f"spacing must be 'linspace' for a flow schedule (uniform in σ, then shifted), "
-                             f"got {spacing!r}")
+            raise ValueError(
+                f"spacing must be 'linspace' for a flow schedule (uniform in σ, then shifted), got {spacing!r}"
+            )
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         _check_rho(rho)
@@ -430,9 +438,11 @@ class FlowSchedule(NoiseSchedule):
         model_times = torch.tensor(times, dtype=torch.float64).float().tolist()
         for i, (t, model_time) in enumerate(zip(times, model_times)):
             if not model_time > 0 or (i > 0 and not model_time < model_times[i - 1]):
-                raise ValueError(f"{source} must stay distinct and positive as the model's float32 times, but "
-                                 f"t = {t!r} is {model_time!r} there (after {times[i - 1] if i else None!r}) "
-                                 f"on {self!r}")
+                raise ValueError(
+                    f"{source} must stay distinct and positive as the model's float32 times, but "
+                    f"t = {t!r} is {model_time!r} there (after {times[i - 1] if i else None!r}) "
+                    f"on {self!r}"
+                )
 
     def timesteps(self, steps: int | str | Sequence[float]) -> list[float]:
         """A count (``spaced_timesteps``) or explicit times in (0, T], visited descending."""
@@ -442,8 +452,9 @@ class FlowSchedule(NoiseSchedule):
             raise ValueError(f"steps must be a count or a list of times for a flow schedule, got {steps!r}")
         steps = cast("Sequence[float]", steps)  # (a bool, not iterable, fails in list())
         values = steps.tolist() if isinstance(steps, Tensor) else list(steps)
-        if not values or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= self._scale
-                                  for t in values):
+        if not values or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= self._scale for t in values
+        ):
             raise ValueError(f"timesteps of a flow schedule must be numbers in (0, {self._scale}], got {values!r}")
         return sorted({float(t) for t in values}, reverse=True)
 

@@ -71,8 +71,19 @@ from ..ops.contract import StepCoefficients
 from .combination import EPS, NOISE, ZERO, Combination, X, x0
 from .schedule import FlowSchedule, NoiseSchedule
 
-SAMPLERS = ("ddim", "ddpm", "euler", "euler-ancestral", "heun", "dpm++2m", "dpm++2m-sde", "dpm++2s", "dpm++3m",
-            "unipc", "euler-maruyama")
+SAMPLERS = (
+    "ddim",
+    "ddpm",
+    "euler",
+    "euler-ancestral",
+    "heun",
+    "dpm++2m",
+    "dpm++2m-sde",
+    "dpm++2s",
+    "dpm++3m",
+    "unipc",
+    "euler-maruyama",
+)
 # Samplers that need a variance-preserving schedule (ᾱ, or its σ̃ noise model), and the one
 # that needs a flow path.
 VP_ONLY = ("ddpm", "euler-ancestral", "dpm++2m-sde")
@@ -83,8 +94,17 @@ TWO_CALL_SAMPLERS = ("heun", "dpm++2s")
 # built (and as in diffusers): UniPC-p with its corrector is of order p + 1, but both
 # multistep families warm up with lower orders, and one first-order step (DPM-Solver++(3M)'s
 # first) or one UniP-1 + UniC-1 step (UniPC's first) caps the global order at 2 and 3.
-ORDERS = {"ddim": 1, "euler": 1, "heun": 2, "dpm++2m": 2, "dpm++2s": 2, "dpm++3m": 2,
-          "unipc-1": 2, "unipc-2": 3, "unipc-3": 3}
+ORDERS = {
+    "ddim": 1,
+    "euler": 1,
+    "heun": 2,
+    "dpm++2m": 2,
+    "dpm++2s": 2,
+    "dpm++3m": 2,
+    "unipc-1": 2,
+    "unipc-2": 3,
+    "unipc-3": 3,
+}
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 # Below this many steps diffusers lowers DPM-Solver++(3M)'s step before the last to second
 # order, and a DPM-Solver++ last step that lands on a timestep (final_timestep ≥ 0) to first.
@@ -123,9 +143,17 @@ class StepPlan:
         k_grad = classifier_scale * self.variance if self.ancestral else 0.0
         grad_eps_scale = 0.0 if self.ancestral else classifier_scale * sigma
         return StepCoefficients(
-            alpha=alpha, sigma=sigma, k_x=self.k_x, k_x0=self.k_x0, k_eps=self.k_eps, k_noise=self.k_noise,
-            k_grad=k_grad, grad_eps_scale=grad_eps_scale, k_history=self.k_history,
-            prediction_type=prediction_type, clip_denoised=clip_denoised,
+            alpha=alpha,
+            sigma=sigma,
+            k_x=self.k_x,
+            k_x0=self.k_x0,
+            k_eps=self.k_eps,
+            k_noise=self.k_noise,
+            k_grad=k_grad,
+            grad_eps_scale=grad_eps_scale,
+            k_history=self.k_history,
+            prediction_type=prediction_type,
+            clip_denoised=clip_denoised,
             log_variance_range=self.log_variance_range if learned_variance else None,
         )
 
@@ -171,8 +199,14 @@ def _ddpm(schedule: NoiseSchedule, t: float, t_next: float, variance_type: str, 
     mean = beta * math.sqrt(abar_next) / (1 - abar) * m0 + (1 - abar_next) * math.sqrt(1 - beta) / (1 - abar) * X
     if variance_type == "learned_range":  # the kernel scales z by exp(ℓ/2), ℓ the learned log Σ
         x_next = mean + NOISE if t_next >= 0 else mean
-        return StepPlan(t, t_next, **x_next.kernel_coefficients(), ancestral=True, variance=1.0,
-                        log_variance_range=(math.log(small), math.log(beta)))
+        return StepPlan(
+            t,
+            t_next,
+            **x_next.kernel_coefficients(),
+            ancestral=True,
+            variance=1.0,
+            log_variance_range=(math.log(small), math.log(beta)),
+        )
     variance = small if variance_type == "fixed_small" or t_next < 0 else beta
     x_next = mean + math.sqrt(variance) * NOISE if t_next >= 0 else mean
     return StepPlan(t, t_next, **x_next.kernel_coefficients(), ancestral=True, variance=variance)
@@ -243,8 +277,9 @@ def _usable_history(log_snrs: Sequence[float], i: int) -> int:
     return count if math.isfinite(log_snrs[i]) else 0
 
 
-def _dpm_multistep(schedule: NoiseSchedule, timesteps: Sequence[float], final_timestep: int, order: int,
-                   noise: bool = False) -> list[StepPlan]:
+def _dpm_multistep(
+    schedule: NoiseSchedule, timesteps: Sequence[float], final_timestep: int, order: int, noise: bool = False
+) -> list[StepPlan]:
     """DPM-Solver++(2M) or (3M) over the grid (order 2 or 3), its last step to
     ``final_timestep``; with ``noise`` the 2M SDE variant (η = 1): φ₁ = 1 − e^{−2h}, x
     scaled by e^{−h} more, and noise s'·√φ₁. As diffusers' DPMSolverMultistepScheduler
@@ -342,8 +377,9 @@ def _unipc(schedule: NoiseSchedule, timesteps: Sequence[float], final_timestep: 
         uni_p = x_first - alpha_next * b_h * sum((rho * d for rho, d in zip(rhos_p, slopes)), ZERO)
         # UniC-p: the same with ρᶜ, plus the slope to the next call's x0, D_p = m₋₁ − m₀
         d_next = x0(-1) - m0
-        uni_c = x_first - alpha_next * b_h * (sum((rho * d for rho, d in zip(rhos_c, slopes)), ZERO)
-                                              + rhos_c[-1] * d_next)
+        uni_c = x_first - alpha_next * b_h * (
+            sum((rho * d for rho, d in zip(rhos_c, slopes)), ZERO) + rhos_c[-1] * d_next
+        )
         plans.append(_plan(t, t_next, uni_p))
         correction = uni_c - uni_p
     return plans
@@ -417,43 +453,54 @@ def check_sampler(sampler: str, schedule: NoiseSchedule, eta: float = 0.0, solve
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
         raise ValueError(f"eta (DDIM's stochasticity) must be a number in [0, 1], got {eta!r}")
     if schedule.is_flow and sampler in VP_ONLY:
-        raise ValueError(f"sampler={sampler!r} needs a variance-preserving schedule; on a flow schedule use one of "
-                         f"{tuple(s for s in SAMPLERS if s not in VP_ONLY)}")
+        raise ValueError(
+            f"sampler={sampler!r} needs a variance-preserving schedule; on a flow schedule use one of "
+            f"{tuple(s for s in SAMPLERS if s not in VP_ONLY)}"
+        )
     if not schedule.is_flow and sampler in FLOW_ONLY:
         raise ValueError(f"sampler={sampler!r} (SiT's SDE) needs a flow schedule, NoiseSchedule.flow()")
     if schedule.is_flow and eta:
-        raise ValueError("eta (DDIM's stochasticity) is defined on variance-preserving schedules; on a flow "
-                         "schedule use sampler='euler-maruyama' for a stochastic sampler")
+        raise ValueError(
+            "eta (DDIM's stochasticity) is defined on variance-preserving schedules; on a flow "
+            "schedule use sampler='euler-maruyama' for a stochastic sampler"
+        )
     if eta and sampler != "ddim":
         raise ValueError(f"eta (DDIM's stochasticity) applies to sampler='ddim', got sampler={sampler!r}")
     if solver_order is not None:
         if isinstance(solver_order, bool) or not isinstance(solver_order, int):
             raise TypeError(f"solver_order must be an int (1, 2 or 3) or None, got {solver_order!r}")
         if sampler != "unipc":
-            raise ValueError(f"solver_order applies to sampler='unipc' (the others name their order), got "
-                             f"sampler={sampler!r}")
+            raise ValueError(
+                f"solver_order applies to sampler='unipc' (the others name their order), got sampler={sampler!r}"
+            )
         if solver_order not in (1, 2, 3):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
 
 
-def check_final_timestep(sampler: str, schedule: NoiseSchedule, timesteps: Sequence[float],
-                         final_timestep: int) -> None:
+def check_final_timestep(
+    sampler: str, schedule: NoiseSchedule, timesteps: Sequence[float], final_timestep: int
+) -> None:
     """Refuses a ``final_timestep`` the last step cannot land on: it must be an int (not a
     bool), −1 (the clean data, every sampler) or, for every sampler on a variance-preserving
     schedule (none on a flow path), an original timestep t_f with 0 ≤ t_f < the grid's last
     time and a larger log-SNR there (a step of nonzero λ-length)."""
     if isinstance(final_timestep, bool) or not isinstance(final_timestep, Integral):
-        raise TypeError(f"final_timestep must be an int (-1, the clean data, or an original timestep), got "
-                        f"{final_timestep!r}")
+        raise TypeError(
+            f"final_timestep must be an int (-1, the clean data, or an original timestep), got {final_timestep!r}"
+        )
     if final_timestep == -1:
         return
     if schedule.is_flow:
-        raise ValueError(f"final_timestep={final_timestep!r} applies to variance-preserving schedules; on "
-                         f"{schedule!r} sampler={sampler!r} lands on the clean data (final_timestep=-1)")
+        raise ValueError(
+            f"final_timestep={final_timestep!r} applies to variance-preserving schedules; on "
+            f"{schedule!r} sampler={sampler!r} lands on the clean data (final_timestep=-1)"
+        )
     last = timesteps[-1]
     if not 0 <= final_timestep < last:
-        raise ValueError(f"final_timestep must be -1 (the clean data) or an original timestep in [0, {last!r}) "
-                         f"(below the grid's last time), got {final_timestep!r}")
+        raise ValueError(
+            f"final_timestep must be -1 (the clean data) or an original timestep in [0, {last!r}) "
+            f"(below the grid's last time), got {final_timestep!r}"
+        )
     schedule.check_grid([last, final_timestep], f"final_timestep={final_timestep!r} after the grid's last time")
 
 

@@ -74,7 +74,10 @@ def test_host_path_splits_each_op_call_into_fastguides_part_and_the_backends(cap
 def test_gpu_script_dry_run_finds_every_test_and_benchmark(tmp_path):
     result = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path), "--dry-run"],
-        capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        check=True,
     )
     found = re.search(r"collected: (\d+) tests, (\d+) of them GPU-marked, (\d+) benchmarks", result.stdout)
     assert found, result.stdout
@@ -83,10 +86,15 @@ def test_gpu_script_dry_run_finds_every_test_and_benchmark(tmp_path):
     assert "-m fastguide bench" in result.stdout
 
 
-@pytest.mark.parametrize("argv, option", [(["--bogus"], "unrecognized arguments"),
-                                          (["--benchmarks", "{tmp}"], "--benchmarks"),
-                                          (["--out", "{tmp}/file"], "--out"),
-                                          (["--out", "{tmp}/file/results"], "--out: expected a path in a folder")])
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--bogus"], "unrecognized arguments"),
+        (["--benchmarks", "{tmp}"], "--benchmarks"),
+        (["--out", "{tmp}/file"], "--out"),
+        (["--out", "{tmp}/file/results"], "--out: expected a path in a folder"),
+    ],
+)
 def test_bench_bad_options_exit_2_with_one_line(argv, option, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     argv = [a.format(tmp=tmp_path) for a in argv]
@@ -203,8 +211,11 @@ def test_attention_autotunes_over_every_config_unless_told_otherwise(monkeypatch
     assert len(attention._configs()) == 1
     # ... and the benchmark runner keeps the tests' setting out of the suite's environment.
     captured = {}
-    monkeypatch.setattr(bench.subprocess, "run", lambda command, **kwargs: captured.update(kwargs) or
-                        subprocess.CompletedProcess(command, 5))
+    monkeypatch.setattr(
+        bench.subprocess,
+        "run",
+        lambda command, **kwargs: captured.update(kwargs) or subprocess.CompletedProcess(command, 5),
+    )
     with pytest.raises(RuntimeError, match="no benchmark ran"):
         bench.run_suite(bench.find_benchmarks(), tmp_path, None)
     assert attention.AUTOTUNE_SETTING not in captured["env"]

@@ -30,18 +30,26 @@ def test_sample_writes_a_png_grid_and_adm_npz(tmp_path):
     assert data["arr_1"].tolist() == [i % 10 for i in range(12)]
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--model", "imagenet"],
-     "--model: expected one of digits, digits-transformer, adm64, adm128, adm256, adm512, got 'imagenet'"),
-    (["--labels", "3-12"], "--labels: expected classes in 0..9, got '3-12'"),
-    (["--steps", "-2"], "--steps: expected an integer from 1 to 500"),
-    (["--out", "/nonexistent-folder/x.png"], "--out: folder /nonexistent-folder does not exist"),
-    (["--model", "adm64"], "--checkpoint: expected the guided-diffusion .pt or .safetensors file of --model adm64"),
-    (["--model", "adm64", "--checkpoint", "/nonexistent.pt"], "--checkpoint: /nonexistent.pt does not exist"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            ["--model", "imagenet"],
+            "--model: expected one of digits, digits-transformer, adm64, adm128, adm256, adm512, got 'imagenet'",
+        ),
+        (["--labels", "3-12"], "--labels: expected classes in 0..9, got '3-12'"),
+        (["--steps", "-2"], "--steps: expected an integer from 1 to 500"),
+        (["--out", "/nonexistent-folder/x.png"], "--out: folder /nonexistent-folder does not exist"),
+        (["--model", "adm64"], "--checkpoint: expected the guided-diffusion .pt or .safetensors file of --model adm64"),
+        (["--model", "adm64", "--checkpoint", "/nonexistent.pt"], "--checkpoint: /nonexistent.pt does not exist"),
+    ],
+)
 def test_bad_options_exit_with_one_line(tmp_path, options, message):
-    result = subprocess.run([sys.executable, "-m", "fastguide", "sample", "--out", str(tmp_path / "x.png"), *options],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastguide", "sample", "--out", str(tmp_path / "x.png"), *options],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("fastguide: error: ")
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr
@@ -54,72 +62,100 @@ def test_bad_options_exit_with_one_line(tmp_path, options, message):
 # Each test runs in an empty tmp_path (the working directory), so a default output path
 # would land there too.
 
-needs_cpu_only_torch = pytest.mark.skipif(torch.version.cuda is not None or torch.version.hip is not None,
-                                          reason="checks the message of a CPU-only build of PyTorch")
-
+needs_cpu_only_torch = pytest.mark.skipif(
+    torch.version.cuda is not None or torch.version.hip is not None,
+    reason="checks the message of a CPU-only build of PyTorch",
+)
 
 
 SAMPLE = ["sample", "--out", "x.png", "--quiet"]
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--steps", "600"], "--steps: expected an integer from 1 to 500 for the 1000-timestep schedule of --model "
-                         "digits, got 600"),
-    (["--steps", "0"], "--steps: expected an integer from 1 to 500"),
-    (["--steps", "-3"], "--steps: expected an integer from 1 to 500"),
-    (["--steps", "abc"], "--steps: invalid int value: 'abc'"),
-    (["--num-samples", "0"], "--num-samples: expected an integer between 1 and 10,000,000, got 0"),
-    (["--num-samples", str(10**10)], f"--num-samples: expected an integer between 1 and 10,000,000, got {10**10}"),
-    (["--batch-size", "-1"], "--batch-size: expected an integer of at least 1, got -1"),
-    (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
-    (["--device", "cuda:abc"], "--device: expected cpu, cuda or cuda:N, got 'cuda:abc'"),
-    (["--device", "mps"], "--device: expected cpu, cuda or cuda:N, got 'mps'"),
-    (["--scale", "nan"], "--scale: expected a finite number >= 0, got nan"),
-    (["--scale", "inf"], "--scale: expected a finite number >= 0, got inf"),
-    (["--scale", "-1"], "--scale: expected a finite number >= 0, got -1.0"),
-    (["--classifier-scale", "nan"], "--classifier-scale: expected a finite number >= 0, got nan"),
-    (["--out", "x.xyz"], "--out: expected an image file name that PIL can write"),
-    (["--out", "x"], "--out: expected an image file name that PIL can write"),
-    (["--out", "missing/x.png"], "--out: folder"),
-    (["--npz", "missing/x.npz"], "--npz: folder"),
-    (["--seed", str(2**70)], f"--seed: expected an integer from 0 to {(2**64 - 1) // 1_000_003}, got {2**70}"),
-    (["--seed", "-1"], "--seed: expected an integer from 0 to"),
-    (["--backend", "bogus"], "--backend: invalid choice: 'bogus'"),
-    (["--labels", "3-12"], "--labels: expected classes in 0..9, got '3-12'"),
-    (["--labels", "x"], "--labels: expected a class, a range like 0-9 or a list like 1,4,7, got 'x'"),
-    (["--model", "imagenet"],
-     "--model: expected one of digits, digits-transformer, adm64, adm128, adm256, adm512, got 'imagenet'"),
-    (["--sampler", "bogus"], "--sampler: invalid choice: 'bogus'"),
-    (["--guidance", "bogus"], "--guidance: invalid choice: 'bogus'"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--guidance", "cfg++", "--scale", "2"], "--scale: expected CFG++'s λ in [0, 1] with --guidance cfg++, got 2.0"),
-    (["--guidance", "cfg++", "--scale", "0.5", "--sampler", "unipc"],
-     "--sampler: --guidance cfg++ is built for ddim, euler, dpm++2m, got unipc"),
-    (["--guidance", "cfg++", "--sampler", "dpm++2m", "--interval", "0.3", "5"],
-     "--interval: --guidance cfg++ on dpm++2m reads every call's unconditional x0"),
-    (["--guidance", "cfg++", "--scale", "0.5", "--sampler", "ddim", "--schedule", "linear"],
-     "--schedule: applies to --guidance cfg or both, not cfg++"),
-    (["--guidance", "none", "--schedule", "linear"], "--schedule: applies to --guidance cfg, cfg++, both"),
-    (["--guidance", "classifier", "--tangential"], "--tangential: applies to --guidance cfg, cfg++, both"),
-    (["--interval", "3", "1"], "--interval: expected LOW HIGH with 0 <= LOW < HIGH"),
-    (["--interval", "nan", "1"], "--interval: expected LOW HIGH with 0 <= LOW < HIGH"),
-    (["--schedule", "exponential"], "--schedule: invalid choice: 'exponential'"),
-    (["--spacing", "uniform"], "--spacing: invalid choice: 'uniform'"),
-    (["--sampler", "euler-maruyama"], "--sampler: expected one of ddim, ddpm, euler, euler-ancestral, heun, dpm++2m, "
-                                      "dpm++2m-sde, dpm++2s, dpm++3m, unipc for the variance-preserving schedule of "
-                                      "--model digits, got euler-maruyama"),
-    (["--model", "digits-transformer", "--sampler", "ddpm"],
-     "--sampler: expected one of ddim, euler, heun, dpm++2m, dpm++2s, dpm++3m, unipc, euler-maruyama for the flow "
-     "path of --model digits-transformer, got ddpm"),
-    (["--model", "adm64", "--checkpoint", "x.pt", "--guidance", "none", "--sampler", "euler-maruyama"],
-     "--sampler: expected one of ddim, ddpm"),
-    (["--model", "digits-transformer", "--steps", "1001"],
-     "--steps: expected an integer from 1 to 1000 for the flow path of --model digits-transformer, got 1001"),
-    (["--model", "digits-transformer", "--steps", str(10**12)], "--steps: expected an integer from 1 to 1000"),
-    (["--model", "digits-transformer", "--precision", "fp16"],
-     "--precision: fp16 is ADM's use_fp16 (a UNet's convolutions in fp16), which --model digits-transformer does "
-     "not have"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            ["--steps", "600"],
+            "--steps: expected an integer from 1 to 500 for the 1000-timestep schedule of --model digits, got 600",
+        ),
+        (["--steps", "0"], "--steps: expected an integer from 1 to 500"),
+        (["--steps", "-3"], "--steps: expected an integer from 1 to 500"),
+        (["--steps", "abc"], "--steps: invalid int value: 'abc'"),
+        (["--num-samples", "0"], "--num-samples: expected an integer between 1 and 10,000,000, got 0"),
+        (["--num-samples", str(10**10)], f"--num-samples: expected an integer between 1 and 10,000,000, got {10**10}"),
+        (["--batch-size", "-1"], "--batch-size: expected an integer of at least 1, got -1"),
+        (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
+        (["--device", "cuda:abc"], "--device: expected cpu, cuda or cuda:N, got 'cuda:abc'"),
+        (["--device", "mps"], "--device: expected cpu, cuda or cuda:N, got 'mps'"),
+        (["--scale", "nan"], "--scale: expected a finite number >= 0, got nan"),
+        (["--scale", "inf"], "--scale: expected a finite number >= 0, got inf"),
+        (["--scale", "-1"], "--scale: expected a finite number >= 0, got -1.0"),
+        (["--classifier-scale", "nan"], "--classifier-scale: expected a finite number >= 0, got nan"),
+        (["--out", "x.xyz"], "--out: expected an image file name that PIL can write"),
+        (["--out", "x"], "--out: expected an image file name that PIL can write"),
+        (["--out", "missing/x.png"], "--out: folder"),
+        (["--npz", "missing/x.npz"], "--npz: folder"),
+        (["--seed", str(2**70)], f"--seed: expected an integer from 0 to {(2**64 - 1) // 1_000_003}, got {2**70}"),
+        (["--seed", "-1"], "--seed: expected an integer from 0 to"),
+        (["--backend", "bogus"], "--backend: invalid choice: 'bogus'"),
+        (["--labels", "3-12"], "--labels: expected classes in 0..9, got '3-12'"),
+        (["--labels", "x"], "--labels: expected a class, a range like 0-9 or a list like 1,4,7, got 'x'"),
+        (
+            ["--model", "imagenet"],
+            "--model: expected one of digits, digits-transformer, adm64, adm128, adm256, adm512, got 'imagenet'",
+        ),
+        (["--sampler", "bogus"], "--sampler: invalid choice: 'bogus'"),
+        (["--guidance", "bogus"], "--guidance: invalid choice: 'bogus'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (
+            ["--guidance", "cfg++", "--scale", "2"],
+            "--scale: expected CFG++'s λ in [0, 1] with --guidance cfg++, got 2.0",
+        ),
+        (
+            ["--guidance", "cfg++", "--scale", "0.5", "--sampler", "unipc"],
+            "--sampler: --guidance cfg++ is built for ddim, euler, dpm++2m, got unipc",
+        ),
+        (
+            ["--guidance", "cfg++", "--sampler", "dpm++2m", "--interval", "0.3", "5"],
+            "--interval: --guidance cfg++ on dpm++2m reads every call's unconditional x0",
+        ),
+        (
+            ["--guidance", "cfg++", "--scale", "0.5", "--sampler", "ddim", "--schedule", "linear"],
+            "--schedule: applies to --guidance cfg or both, not cfg++",
+        ),
+        (["--guidance", "none", "--schedule", "linear"], "--schedule: applies to --guidance cfg, cfg++, both"),
+        (["--guidance", "classifier", "--tangential"], "--tangential: applies to --guidance cfg, cfg++, both"),
+        (["--interval", "3", "1"], "--interval: expected LOW HIGH with 0 <= LOW < HIGH"),
+        (["--interval", "nan", "1"], "--interval: expected LOW HIGH with 0 <= LOW < HIGH"),
+        (["--schedule", "exponential"], "--schedule: invalid choice: 'exponential'"),
+        (["--spacing", "uniform"], "--spacing: invalid choice: 'uniform'"),
+        (
+            ["--sampler", "euler-maruyama"],
+            "--sampler: expected one of ddim, ddpm, euler, euler-ancestral, heun, dpm++2m, "
+            "dpm++2m-sde, dpm++2s, dpm++3m, unipc for the variance-preserving schedule of "
+            "--model digits, got euler-maruyama",
+        ),
+        (
+            ["--model", "digits-transformer", "--sampler", "ddpm"],
+            "--sampler: expected one of ddim, euler, heun, dpm++2m, dpm++2s, dpm++3m, unipc, euler-maruyama "
+            "for the flow path of --model digits-transformer, got ddpm",
+        ),
+        (
+            ["--model", "adm64", "--checkpoint", "x.pt", "--guidance", "none", "--sampler", "euler-maruyama"],
+            "--sampler: expected one of ddim, ddpm",
+        ),
+        (
+            ["--model", "digits-transformer", "--steps", "1001"],
+            "--steps: expected an integer from 1 to 1000 for the flow path of --model digits-transformer, got 1001",
+        ),
+        (["--model", "digits-transformer", "--steps", str(10**12)], "--steps: expected an integer from 1 to 1000"),
+        (
+            ["--model", "digits-transformer", "--precision", "fp16"],
+            "--precision: fp16 is ADM's use_fp16 (a UNet's convolutions in fp16), which --model "
+            "digits-transformer does not have",
+        ),
+    ],
+)
 def test_sample_refuses_bad_options(workdir, capsys, options, message):
     fails_with(capsys, workdir, [*SAMPLE, *options], message)
 
@@ -129,8 +165,13 @@ def test_sample_refuses_a_sampler_off_the_schedule_before_loading_a_model(workdi
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(cli, "load_sampling_model", no_loading)
-    fails_with(capsys, workdir, [*SAMPLE, "--model", "digits-transformer", "--sampler", "dpm++2m-sde"],
-               "--sampler: expected one of", "got dpm++2m-sde")
+    fails_with(
+        capsys,
+        workdir,
+        [*SAMPLE, "--model", "digits-transformer", "--sampler", "dpm++2m-sde"],
+        "--sampler: expected one of",
+        "got dpm++2m-sde",
+    )
 
 
 def test_sample_refuses_a_folder_as_npz(workdir, capsys):
@@ -147,16 +188,24 @@ def test_sample_refuses_an_existing_folder_as_output(workdir, capsys):
 @needs_cpu_only_torch
 @pytest.mark.parametrize("command", [SAMPLE, ["selfcheck"], ["sweep", "--quiet"]])
 def test_cuda_on_a_cpu_build_of_torch(workdir, capsys, command):
-    fails_with(capsys, workdir, [*command, "--device", "cuda"],
-               "--device: got 'cuda', but this PyTorch (" + torch.__version__ + ") is a CPU-only build")
+    fails_with(
+        capsys,
+        workdir,
+        [*command, "--device", "cuda"],
+        "--device: got 'cuda', but this PyTorch (" + torch.__version__ + ") is a CPU-only build",
+    )
 
 
 def test_backend_that_cannot_run_says_why(workdir, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton then cannot run on CPU tensors
     reason = backends.why_not("triton", torch.device("cpu"))
     assert reason is not None
-    fails_with(capsys, workdir, [*SAMPLE, "--backend", "triton"],
-               f"--backend: the triton backend cannot run on cpu here: {reason}")
+    fails_with(
+        capsys,
+        workdir,
+        [*SAMPLE, "--backend", "triton"],
+        f"--backend: the triton backend cannot run on cpu here: {reason}",
+    )
     monkeypatch.setenv("FASTGUIDE_BACKEND", "triton")
     fails_with(capsys, workdir, SAMPLE, f"FASTGUIDE_BACKEND: the triton backend cannot run on cpu here: {reason}")
     fails_with(capsys, workdir, ["selfcheck"], "FASTGUIDE_BACKEND: the triton backend cannot run on cpu here")
@@ -169,9 +218,11 @@ def test_bad_backend_variable(workdir, capsys, monkeypatch):
 
 def _fake_generate(record):
     """Stands in for cli.generate: records the backend in force, returns blank samples."""
+
     def generate(model, labels, **options):
         record.append(backends.get_backend())
         return {0: torch.zeros(len(labels), *model.shape)}
+
     return generate
 
 
@@ -204,55 +255,85 @@ BROKEN_MESSAGES = {
 @pytest.mark.parametrize("kind", ["missing", "folder", "empty"])
 def test_broken_adm_checkpoint(workdir, capsys, kind):
     path = _broken_files(workdir)[kind]
-    fails_with(capsys, workdir, [*SAMPLE, "--model", "adm64", "--checkpoint", path, "--guidance", "none"],
-               f"--checkpoint: {BROKEN_MESSAGES[kind]}")
+    fails_with(
+        capsys,
+        workdir,
+        [*SAMPLE, "--model", "adm64", "--checkpoint", path, "--guidance", "none"],
+        f"--checkpoint: {BROKEN_MESSAGES[kind]}",
+    )
 
 
 @pytest.mark.parametrize("kind", ["missing", "folder", "empty", "garbage"])
 def test_broken_classifier_checkpoint(workdir, capsys, kind):
     path = _broken_files(workdir)[kind]
-    fails_with(capsys, workdir, [*SAMPLE, "--guidance", "classifier", "--classifier-checkpoint", path],
-               f"--classifier-checkpoint: {BROKEN_MESSAGES[kind]}", path)
+    fails_with(
+        capsys,
+        workdir,
+        [*SAMPLE, "--guidance", "classifier", "--classifier-checkpoint", path],
+        f"--classifier-checkpoint: {BROKEN_MESSAGES[kind]}",
+        path,
+    )
 
 
 @pytest.mark.parametrize("guidance", ["cfg", "cfg++", "none"])
 def test_classifier_checkpoint_without_classifier_guidance_is_refused(workdir, capsys, guidance):
     # It used to be loaded and ignored: the user asked for something the run did not do.
-    fails_with(capsys, workdir, [*SAMPLE, "--guidance", guidance, "--scale", "0.5", "--classifier-checkpoint", "c.pt"],
-               f"--classifier-checkpoint: --guidance {guidance} uses no classifier")
+    fails_with(
+        capsys,
+        workdir,
+        [*SAMPLE, "--guidance", guidance, "--scale", "0.5", "--classifier-checkpoint", "c.pt"],
+        f"--classifier-checkpoint: --guidance {guidance} uses no classifier",
+    )
 
 
 def test_broken_digits_checkpoint_folder(workdir, capsys):
     files = _broken_files(workdir)
     fails_with(capsys, workdir, [*SAMPLE, "--checkpoint", "missing"], "--checkpoint: missing does not exist")
-    fails_with(capsys, workdir, [*SAMPLE, "--checkpoint", files["garbage"]],
-               "--checkpoint: expected a folder written by 'fastguide train', got the file garbage.pt")
-    fails_with(capsys, workdir, [*SAMPLE, "--checkpoint", files["folder"]],
-               "--checkpoint: folder.pt/digits_unet.safetensors does not exist")
+    fails_with(
+        capsys,
+        workdir,
+        [*SAMPLE, "--checkpoint", files["garbage"]],
+        "--checkpoint: expected a folder written by 'fastguide train', got the file garbage.pt",
+    )
+    fails_with(
+        capsys,
+        workdir,
+        [*SAMPLE, "--checkpoint", files["folder"]],
+        "--checkpoint: folder.pt/digits_unet.safetensors does not exist",
+    )
     weights = workdir / "weights"
     weights.mkdir()
     for name in ("unet", "classifier", "evaluator"):
-        (weights / f"digits_{name}.safetensors").write_bytes((digits.WEIGHTS / f"digits_{name}.safetensors")
-                                                             .read_bytes()[:200])
-    fails_with(capsys, workdir, [*SAMPLE, "--checkpoint", "weights"],
-               "--checkpoint: ", "weights/digits_unet.safetensors")
+        (weights / f"digits_{name}.safetensors").write_bytes(
+            (digits.WEIGHTS / f"digits_{name}.safetensors").read_bytes()[:200]
+        )
+    fails_with(
+        capsys, workdir, [*SAMPLE, "--checkpoint", "weights"], "--checkpoint: ", "weights/digits_unet.safetensors"
+    )
 
 
 def test_adm_guidance_needs_what_the_model_has(workdir, capsys):
     _broken_files(workdir)  # garbage.pt: the options are refused before it is read
     adm = [*SAMPLE, "--model", "adm64", "--checkpoint", "garbage.pt"]
     fails_with(capsys, workdir, [*adm, "--guidance", "cfg"], "--guidance: cfg needs a model with a null class")
-    fails_with(capsys, workdir, [*adm, "--guidance", "classifier"],
-               "--guidance: classifier needs --classifier-checkpoint with --model adm64")
+    fails_with(
+        capsys,
+        workdir,
+        [*adm, "--guidance", "classifier"],
+        "--guidance: classifier needs --classifier-checkpoint with --model adm64",
+    )
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--unet-steps", "0"], "--unet-steps: expected an integer of at least 1, got 0"),
-    (["--classifier-steps", "-5"], "--classifier-steps: expected an integer of at least 1, got -5"),
-    (["--evaluator-steps", "0"], "--evaluator-steps: expected an integer of at least 1, got 0"),
-    (["--seed", "-1"], "--seed: expected an integer from 0 to 18446744073709551615, got -1"),
-    (["--seed", str(2**64)], "--seed: expected an integer from 0 to 18446744073709551615"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--unet-steps", "0"], "--unet-steps: expected an integer of at least 1, got 0"),
+        (["--classifier-steps", "-5"], "--classifier-steps: expected an integer of at least 1, got -5"),
+        (["--evaluator-steps", "0"], "--evaluator-steps: expected an integer of at least 1, got 0"),
+        (["--seed", "-1"], "--seed: expected an integer from 0 to 18446744073709551615, got -1"),
+        (["--seed", str(2**64)], "--seed: expected an integer from 0 to 18446744073709551615"),
+    ],
+)
 def test_train_refuses_bad_options(workdir, capsys, options, message):
     fails_with(capsys, workdir, ["train", "--out", "weights", *options], message)
 
@@ -268,28 +349,36 @@ def test_digits_train_refuses_zero_steps(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--scales", "1", "nan"], "--scales: expected a finite number >= 0, got nan"),
-    (["--samples-per-scale", "5"], "--samples-per-scale: expected an integer between 11 and 10,000,000, got 5"),
-    (["--steps", "600"], "--steps: expected an integer from 1 to 500"),
-    (["--seed", "-1"], "--seed: expected an integer from 0 to"),
-    (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
-    (["--plot", "x.xyz"], "--plot: expected a file name ending in ."),
-    (["--table", "missing/t.md"], "--table: folder"),
-    (["--model", "digits-transformer", "--sampler", "ddpm"],
-     "--sampler: expected one of ddim, euler, heun, dpm++2m, dpm++2s, dpm++3m, unipc, euler-maruyama for the flow "
-     "path of --model digits-transformer, got ddpm"),
-    (["--sampler", "euler-maruyama"], "--sampler: expected one of ddim, ddpm"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--scales", "1", "nan"], "--scales: expected a finite number >= 0, got nan"),
+        (["--samples-per-scale", "5"], "--samples-per-scale: expected an integer between 11 and 10,000,000, got 5"),
+        (["--steps", "600"], "--steps: expected an integer from 1 to 500"),
+        (["--seed", "-1"], "--seed: expected an integer from 0 to"),
+        (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
+        (["--plot", "x.xyz"], "--plot: expected a file name ending in ."),
+        (["--table", "missing/t.md"], "--table: folder"),
+        (
+            ["--model", "digits-transformer", "--sampler", "ddpm"],
+            "--sampler: expected one of ddim, euler, heun, dpm++2m, dpm++2s, dpm++3m, unipc, euler-maruyama "
+            "for the flow path of --model digits-transformer, got ddpm",
+        ),
+        (["--sampler", "euler-maruyama"], "--sampler: expected one of ddim, ddpm"),
+    ],
+)
 def test_sweep_refuses_bad_options(workdir, capsys, options, message):
     fails_with(capsys, workdir, ["sweep", "--quiet", *options], message)
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
-    (["--seed", "-1"], "--seed: expected an integer from 0 to"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
+        (["--seed", "-1"], "--seed: expected an integer from 0 to"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
 def test_selfcheck_refuses_bad_options(workdir, capsys, options, message):
     from fastguide.apps import selfcheck
 
@@ -349,12 +438,21 @@ def test_train_moves_finished_files_into_place(workdir, monkeypatch):
     assert list(workdir.iterdir()) == []
     assert cli.main(["train", "--out", "new/weights"]) == 0
     assert [p.relative_to(workdir).as_posix() for p in sorted(workdir.rglob("*"))] == [
-        "new", "new/weights", "new/weights/digits_unet.safetensors"]
+        "new",
+        "new/weights",
+        "new/weights/digits_unet.safetensors",
+    ]
 
 
-@pytest.mark.parametrize("options", [["--guidance", "classifier"], ["--guidance", "both", "--precision", "bf16"],
-                                     ["--guidance", "none", "--sampler", "ddpm"],
-                                     ["--model", "digits-transformer", "--precision", "bf16"]])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--guidance", "classifier"],
+        ["--guidance", "both", "--precision", "bf16"],
+        ["--guidance", "none", "--sampler", "ddpm"],
+        ["--model", "digits-transformer", "--precision", "bf16"],
+    ],
+)
 def test_sample_options(tmp_path, options):
     assert cli.main(["sample", "--out", str(tmp_path / "x.png"), *SMALL, *options]) == 0
 
@@ -367,9 +465,24 @@ def test_two_processes_give_the_single_process_samples(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={port}", "-m", "fastguide", *options, "--npz", str(merged), "--out", str(tmp_path / "b.png")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "-m",
+            "fastguide",
+            *options,
+            "--npz",
+            str(merged),
+            "--out",
+            str(tmp_path / "b.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"},  # loopback only, whatever the hostname resolves to
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -406,8 +519,11 @@ def test_guidance_options_reach_the_sampler(workdir, monkeypatch):
 
     def generate(model, labels, **options):
         samplers.append(options["sampler"])
-        seen.append(cli._guidance(options["guidance_kind"], options["scale"], options["classifier_scale"], model,
-                                  options["cfg_options"]))
+        seen.append(
+            cli._guidance(
+                options["guidance_kind"], options["scale"], options["classifier_scale"], model, options["cfg_options"]
+            )
+        )
         return {0: torch.zeros(len(labels), *model.shape)}
 
     monkeypatch.setattr(cli, "generate", generate)

@@ -11,9 +11,7 @@ from fastguide import AutoGuidance
 from fastguide.apps import cli, digits, sweep
 from tests.helpers import fails_with
 
-pytestmark = pytest.mark.skipif(
-    not digits.guide_file().is_file(), reason="the digits guide weights are not built"
-)
+pytestmark = pytest.mark.skipif(not digits.guide_file().is_file(), reason="the digits guide weights are not built")
 SMALL = ["--num-samples", "12", "--steps", "6", "--batch-size", "4", "--quiet"]
 NETWORKS = ("unet", "classifier", "evaluator")
 
@@ -54,8 +52,15 @@ def test_train_only_guide_keeps_the_other_networks_and_their_record(tmp_path, mo
 
 
 def test_guide_is_the_same_trained_alone_or_after_the_others(tmp_path):
-    digits.train(tmp_path / "all", unet_steps=2, classifier_steps=2, evaluator_steps=2, guide_steps=3,
-                 transformer_steps=2, progress=False)
+    digits.train(
+        tmp_path / "all",
+        unet_steps=2,
+        classifier_steps=2,
+        evaluator_steps=2,
+        guide_steps=3,
+        transformer_steps=2,
+        progress=False,
+    )
     alone = digits.train_guide(tmp_path / "alone", steps=3, progress=False)
     assert digits.guide_file(tmp_path / "all").read_bytes() == digits.guide_file(tmp_path / "alone").read_bytes()
     assert json.loads((tmp_path / "all" / "digits_training.json").read_text())["guide_loss"] == alone["guide_loss"]
@@ -67,18 +72,27 @@ def test_train_only_guide_refuses_a_broken_record(workdir, capsys):
 
     (workdir / "weights").mkdir()
     (workdir / "weights" / "digits_training.json").write_text("[1, 2]")
-    fails_with(capsys, workdir, ["train", "--only", "guide", "--out", "weights"],
-               "--out: expected weights/digits_training.json to hold a JSON object, got list")
+    fails_with(
+        capsys,
+        workdir,
+        ["train", "--only", "guide", "--out", "weights"],
+        "--out: expected weights/digits_training.json to hold a JSON object, got list",
+    )
     fails_with(capsys, workdir, ["train", "--only", "unet", "--out", "weights"], "--only: invalid choice: 'unet'")
-    fails_with(capsys, workdir, ["train", "--guide-steps", "0", "--out", "weights"],
-               "--guide-steps: expected an integer of at least 1, got 0")
-
+    fails_with(
+        capsys,
+        workdir,
+        ["train", "--guide-steps", "0", "--out", "weights"],
+        "--guide-steps: expected an integer of at least 1, got 0",
+    )
 
 
 def test_sample_with_autoguidance(tmp_path):
     out = tmp_path / "x.png"
-    assert cli.main(["sample", "--guidance", "auto", "--scale", "2", "--interval", "0.3", "5", "--out", str(out),
-                     *SMALL]) == 0
+    assert (
+        cli.main(["sample", "--guidance", "auto", "--scale", "2", "--interval", "0.3", "5", "--out", str(out), *SMALL])
+        == 0
+    )
     assert out.is_file()
 
 
@@ -86,8 +100,11 @@ def test_auto_options_reach_the_sampler(workdir, monkeypatch):
     seen = []
 
     def generate(model, labels, **options):
-        seen.append(cli._guidance(options["guidance_kind"], options["scale"], options["classifier_scale"], model,
-                                  options["cfg_options"]))
+        seen.append(
+            cli._guidance(
+                options["guidance_kind"], options["scale"], options["classifier_scale"], model, options["cfg_options"]
+            )
+        )
         return {0: torch.zeros(len(labels), *model.shape)}
 
     monkeypatch.setattr(cli, "generate", generate)
@@ -103,34 +120,63 @@ def test_auto_options_reach_the_sampler(workdir, monkeypatch):
 def test_auto_refuses_what_it_cannot_do(workdir, capsys):
 
     sample = ["sample", "--out", "x.png", "--quiet", "--guidance", "auto"]
-    fails_with(capsys, workdir, [*sample, "--schedule", "cosine"],
-               "--schedule: applies to --guidance cfg or both, not auto")
+    fails_with(
+        capsys, workdir, [*sample, "--schedule", "cosine"], "--schedule: applies to --guidance cfg or both, not auto"
+    )
     fails_with(capsys, workdir, [*sample, "--tangential"], "--tangential: applies to --guidance cfg or both, not auto")
-    fails_with(capsys, workdir, [*sample, "--classifier-checkpoint", "c.pt"],
-               "--classifier-checkpoint: --guidance auto guides with the weaker guide network, not a classifier")
+    fails_with(
+        capsys,
+        workdir,
+        [*sample, "--classifier-checkpoint", "c.pt"],
+        "--classifier-checkpoint: --guidance auto guides with the weaker guide network, not a classifier",
+    )
     (workdir / "m.pt").write_bytes(b"garbage")  # refused before it is read
-    fails_with(capsys, workdir, [*sample, "--model", "adm64", "--checkpoint", "m.pt"],
-               "--guidance: auto needs a weaker guide network, which only --model digits has")
-    fails_with(capsys, workdir, ["sample", "--out", "x.png", "--guidance", "classifier", "--interval", "0.2", "4"],
-               "--interval: applies to --guidance cfg, cfg++, both, auto, got --guidance classifier")
+    fails_with(
+        capsys,
+        workdir,
+        [*sample, "--model", "adm64", "--checkpoint", "m.pt"],
+        "--guidance: auto needs a weaker guide network, which only --model digits has",
+    )
+    fails_with(
+        capsys,
+        workdir,
+        ["sample", "--out", "x.png", "--guidance", "classifier", "--interval", "0.2", "4"],
+        "--interval: applies to --guidance cfg, cfg++, both, auto, got --guidance classifier",
+    )
     old = _shipped_copy(workdir / "old")
-    fails_with(capsys, workdir, [*sample, "--checkpoint", "old"],
-               f"--guidance: auto needs the guide network {digits.guide_file(old.relative_to(workdir))}, which is "
-               "missing: 'fastguide train --only guide --out old' adds it")
-    assert cli.main(["sample", "--out", "x.png", "--quiet", "--checkpoint", "old", "--num-samples", "2",
-                     "--steps", "2"]) == 0  # cfg needs no guide
+    fails_with(
+        capsys,
+        workdir,
+        [*sample, "--checkpoint", "old"],
+        f"--guidance: auto needs the guide network {digits.guide_file(old.relative_to(workdir))}, which is "
+        "missing: 'fastguide train --only guide --out old' adds it",
+    )
+    assert (
+        cli.main(["sample", "--out", "x.png", "--quiet", "--checkpoint", "old", "--num-samples", "2", "--steps", "2"])
+        == 0
+    )  # cfg needs no guide
     assert digits.load(weights=old).guide is None
 
 
 def test_sweep_rows_of_every_kind():
-    variants = sweep.Variants(cfgpp_scales=(0.0, 0.5), auto_scales=(1.0, 2.0), interval=(0.3, 5.0),
-                              schedule="cosine")
-    rows = sweep.run([0.0, 3.0], kinds=sweep.KINDS, variants=variants, samples_per_scale=20, steps=4,
-                     sampler="unipc", progress=False)
+    variants = sweep.Variants(cfgpp_scales=(0.0, 0.5), auto_scales=(1.0, 2.0), interval=(0.3, 5.0), schedule="cosine")
+    rows = sweep.run(
+        [0.0, 3.0], kinds=sweep.KINDS, variants=variants, samples_per_scale=20, steps=4, sampler="unipc", progress=False
+    )
     assert [(r["kind"], r["scale"]) for r in rows] == [
-        ("cfg", 0.0), ("cfg", 3.0), ("cfg++", 0.0), ("cfg++", 0.5), ("auto", 1.0), ("auto", 2.0),
-        ("interval", 0.0), ("interval", 3.0), ("schedule", 0.0), ("schedule", 3.0),
-        ("classifier", 0.0), ("classifier", 3.0)]
+        ("cfg", 0.0),
+        ("cfg", 3.0),
+        ("cfg++", 0.0),
+        ("cfg++", 0.5),
+        ("auto", 1.0),
+        ("auto", 2.0),
+        ("interval", 0.0),
+        ("interval", 3.0),
+        ("schedule", 0.0),
+        ("schedule", 3.0),
+        ("classifier", 0.0),
+        ("classifier", 3.0),
+    ]
     assert {r["sampler"] for r in rows if r["kind"] == "cfg++"} == {"dpm++2m"}  # CFG++ has no unipc form
     assert {r["sampler"] for r in rows if r["kind"] != "cfg++"} == {"unipc"}
     by = {(r["kind"], r["scale"]): r for r in rows}
@@ -149,8 +195,10 @@ def test_sweep_rows_of_every_kind():
 
 
 def test_best_rows_pick_the_lowest_frechet_distance_of_each_kind():
-    rows = [{"kind": k, "frechet": f, "scale": s} for k, f, s in
-            [("cfg", 3.0, 0), ("cfg", 1.0, 1), ("cfg", 2.0, 2), ("auto", 5.0, 1), ("auto", 4.0, 2)]]
+    rows = [
+        {"kind": k, "frechet": f, "scale": s}
+        for k, f, s in [("cfg", 3.0, 0), ("cfg", 1.0, 1), ("cfg", 2.0, 2), ("auto", 5.0, 1), ("auto", 4.0, 2)]
+    ]
     best = sweep.best_rows(rows)
     assert list(best) == ["cfg", "auto"]
     assert (best["cfg"]["scale"], best["auto"]["scale"]) == (1, 2)
@@ -159,8 +207,12 @@ def test_best_rows_pick_the_lowest_frechet_distance_of_each_kind():
 def test_sweep_command_options(workdir, capsys, monkeypatch):
 
     sweep_ = ["sweep", "--quiet"]
-    fails_with(capsys, workdir, [*sweep_, "--guidances", "cfg++", "--cfgpp-scales", "0.5", "1.5"],
-               "--cfgpp-scales: expected CFG++'s λ values in [0, 1], got 1.5")
+    fails_with(
+        capsys,
+        workdir,
+        [*sweep_, "--guidances", "cfg++", "--cfgpp-scales", "0.5", "1.5"],
+        "--cfgpp-scales: expected CFG++'s λ values in [0, 1], got 1.5",
+    )
     fails_with(capsys, workdir, [*sweep_, "--auto-scales", "-1"], "--auto-scales: expected a finite number >= 0")
     fails_with(capsys, workdir, [*sweep_, "--interval", "2", "1"], "--interval: expected LOW HIGH with 0 <= LOW < HIGH")
     fails_with(capsys, workdir, [*sweep_, "--guidances", "bogus"], "--guidances: invalid choice: 'bogus'")
@@ -169,13 +221,39 @@ def test_sweep_command_options(workdir, capsys, monkeypatch):
 
     def run(scales, **options):
         seen.update(options, scales=scales)
-        return [{"kind": "cfg", "guidance": "cfg", "sampler": "dpm++2m", "scale": 1.0, "accuracy": 1.0,
-                 "frechet": 2.0, "diversity": 3.0}]
+        return [
+            {
+                "kind": "cfg",
+                "guidance": "cfg",
+                "sampler": "dpm++2m",
+                "scale": 1.0,
+                "accuracy": 1.0,
+                "frechet": 2.0,
+                "diversity": 3.0,
+            }
+        ]
 
     monkeypatch.setattr(sweep, "run", run)
     monkeypatch.setattr(sweep, "plot", lambda rows, path: path.write_bytes(b"png"))
-    assert cli.main([*sweep_, "--guidances", "auto", "cfg", "auto", "--auto-scales", "1.5", "2", "--schedule",
-                     "cosine", "--table", "t.md"]) == 0
+    assert (
+        cli.main(
+            [
+                *sweep_,
+                "--guidances",
+                "auto",
+                "cfg",
+                "auto",
+                "--auto-scales",
+                "1.5",
+                "2",
+                "--schedule",
+                "cosine",
+                "--table",
+                "t.md",
+            ]
+        )
+        == 0
+    )
     assert seen["kinds"] == ("auto", "cfg") and seen["scales"] == [0, 1, 2, 3, 5, 8]
     assert seen["variants"] == sweep.Variants(auto_scales=(1.5, 2.0), schedule="cosine")
     assert "**2.000**" in (workdir / "t.md").read_text()

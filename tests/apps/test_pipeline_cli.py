@@ -23,49 +23,104 @@ def pipeline_folder(tmp_path_factory):
         vocab[letter], vocab[letter + "</w>"] = len(vocab), len(vocab) + 1
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                                           model_max_length=16)
+    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
     torch.manual_seed(0)
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=32, attention_head_dim=8)
-    vae = diffusers.AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
-                                  down_block_types=["DownEncoderBlock2D"] * 2,
-                                  up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=32)
-    scheduler = diffusers.DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012,
-                                                      beta_schedule="scaled_linear")
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=32,
+        attention_head_dim=8,
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=32,
+    )
+    scheduler = diffusers.DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(folder / "pipeline")
     return folder / "pipeline"
 
 
-@pytest.mark.parametrize("extra", [[], ["--pag-scale", "2.0"], ["--sampler", "unipc", "--spacing", "logsnr"]],
-                         ids=["cfg", "pag", "own-sampler"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--pag-scale", "2.0"], ["--sampler", "unipc", "--spacing", "logsnr"]],
+    ids=["cfg", "pag", "own-sampler"],
+)
 def test_sample_from_a_saved_pipeline_writes_a_png(pipeline_folder, tmp_path, capsys, extra):
     from PIL import Image
 
     out = tmp_path / "prompt.png"
-    code = main(["sample", "--pipeline", str(pipeline_folder), "--prompt", "a cat", "--negative-prompt", "blurry",
-                 "--steps", "3", "--num-samples", "3", "--batch-size", "2", "--scale", "5", "--out", str(out),
-                 "--quiet", *extra])
+    code = main(
+        [
+            "sample",
+            "--pipeline",
+            str(pipeline_folder),
+            "--prompt",
+            "a cat",
+            "--negative-prompt",
+            "blurry",
+            "--steps",
+            "3",
+            "--num-samples",
+            "3",
+            "--batch-size",
+            "2",
+            "--scale",
+            "5",
+            "--out",
+            str(out),
+            "--quiet",
+            *extra,
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and "wrote 3 samples" in printed and "own loop ran" not in printed  # fastguide's loop ran
     with Image.open(out) as image:
         assert image.mode == "RGB" and image.size == (3 * 17 + 1, 17 + 1)  # three 16×16 tiles in a row, 1-pixel gaps
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--labels", "3"], "--labels: applies to the digits and ADM models, not to --pipeline"),
-    ([], "--prompt: is required with --pipeline"),
-    (["--prompt", "x", "--spacing", "karras"], "--spacing: places fastguide's own sampler's steps"),
-    (["--prompt", "x", "--steps", "0"], "--steps"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--labels", "3"], "--labels: applies to the digits and ADM models, not to --pipeline"),
+        ([], "--prompt: is required with --pipeline"),
+        (["--prompt", "x", "--spacing", "karras"], "--spacing: places fastguide's own sampler's steps"),
+        (["--prompt", "x", "--steps", "0"], "--steps"),
+    ],
+)
 def test_bad_pipeline_options_exit_2_with_one_line(pipeline_folder, capsys, arguments, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["sample", "--pipeline", str(pipeline_folder), *arguments])

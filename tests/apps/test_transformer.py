@@ -67,19 +67,30 @@ def test_sample_cli_draws_from_the_transformer(workdir):
 def test_shipped_transformer_follows_its_labels_under_cfg():
     models = digits.load()
     labels = torch.arange(40) % 10
-    images = sample(models.transformer, (40, 1, 8, 8), labels=labels, steps=10, schedule=NoiseSchedule.flow(),
-                    prediction_type="flow_prediction", guidance=CFG(3.0), generator=torch.Generator().manual_seed(0))
+    images = sample(
+        models.transformer,
+        (40, 1, 8, 8),
+        labels=labels,
+        steps=10,
+        schedule=NoiseSchedule.flow(),
+        prediction_type="flow_prediction",
+        guidance=CFG(3.0),
+        generator=torch.Generator().manual_seed(0),
+    )
     with torch.no_grad():
         accuracy = (models.evaluator(images).argmax(-1) == labels).float().mean().item()
     assert accuracy > 0.8
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--guidance", "classifier"], "--guidance: --model digits-transformer has classifier-free guidance only"),
-    (["--guidance", "auto"], "--model digits-transformer has classifier-free guidance only"),
-    (["--spacing", "karras"], "--spacing: spacing must be 'linspace' for a flow schedule"),
-    (["--spacing", "adm"], "--spacing: spacing must be 'linspace' for a flow schedule"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--guidance", "classifier"], "--guidance: --model digits-transformer has classifier-free guidance only"),
+        (["--guidance", "auto"], "--model digits-transformer has classifier-free guidance only"),
+        (["--spacing", "karras"], "--spacing: spacing must be 'linspace' for a flow schedule"),
+        (["--spacing", "adm"], "--spacing: spacing must be 'linspace' for a flow schedule"),
+    ],
+)
 def test_sample_cli_refuses_what_the_transformer_lacks(capsys, workdir, options, message):
     if not digits.transformer_file().is_file():
         pytest.skip("the flow transformer is not built")
@@ -88,8 +99,12 @@ def test_sample_cli_refuses_what_the_transformer_lacks(capsys, workdir, options,
 
 def test_sample_cli_names_the_missing_transformer(capsys, workdir):
     folder = _shipped_copy(workdir / "weights")
-    fails_with(capsys, workdir, ["sample", "--model", "digits-transformer", "--checkpoint", str(folder), *SMALL],
-               "'fastguide train --only transformer")
+    fails_with(
+        capsys,
+        workdir,
+        ["sample", "--model", "digits-transformer", "--checkpoint", str(folder), *SMALL],
+        "'fastguide train --only transformer",
+    )
 
 
 @SHIPPED
@@ -119,9 +134,13 @@ def test_every_shipped_network_runs_under_bf16_autocast():
     models = digits.load()
     g = torch.Generator().manual_seed(0)
     x, t, y = torch.randn(10, 1, 8, 8, generator=g), torch.linspace(0, 999, 10).round().long(), torch.arange(10)
-    calls = {"unet": (models.unet, (x, t, y)), "guide": (models.guide, (x, t, y)),
-             "classifier": (models.classifier, (x, t)), "evaluator": (models.evaluator, (x.clamp(-1, 1),)),
-             "transformer": (models.transformer, (x, t.float(), y))}
+    calls = {
+        "unet": (models.unet, (x, t, y)),
+        "guide": (models.guide, (x, t, y)),
+        "classifier": (models.classifier, (x, t)),
+        "evaluator": (models.evaluator, (x.clamp(-1, 1),)),
+        "transformer": (models.transformer, (x, t.float(), y)),
+    }
     for name, (network, inputs) in calls.items():
         with torch.no_grad():
             expected = network(*inputs)

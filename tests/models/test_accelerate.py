@@ -19,9 +19,16 @@ ap = pytest.importorskip("diffusers.models.attention_processor")
 
 def tiny_diffusers_unet(time_norm: str) -> nn.Module:
     model = diffusers.UNet2DModel(
-        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=32, attention_head_dim=16, resnet_time_scale_shift=time_norm,
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=32,
+        attention_head_dim=16,
+        resnet_time_scale_shift=time_norm,
     )
     return randomize(model, seed=3).eval()
 
@@ -109,8 +116,9 @@ class AdmStyleBlock(nn.Module):
         self.res = nn.Module()
         self.res.in_layers = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
         self.res.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb, 2 * ch))
-        self.res.out_layers = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Dropout(0.0),
-                                            nn.Conv2d(ch, ch, 3, padding=1))
+        self.res.out_layers = nn.Sequential(
+            nn.GroupNorm(32, ch), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(ch, ch, 3, padding=1)
+        )
         self.res.skip_connection = nn.Identity()
         self.res.use_scale_shift_norm = True
         self.res.forward = self._res_forward
@@ -150,7 +158,6 @@ def test_accelerate_adm_structured_modules():
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4)
 
 
-
 # ---- what accelerate() leaves alone ---------------------------------------------------
 
 
@@ -172,9 +179,19 @@ class HalvingProcessor:
 
 
 def added_kv_attention(processor):
-    return ap.Attention(32, cross_attention_dim=32, heads=2, dim_head=16, added_kv_proj_dim=24, norm_num_groups=8,
-                        cross_attention_norm="group_norm", cross_attention_norm_num_groups=8, bias=True,
-                        upcast_softmax=True, processor=processor)
+    return ap.Attention(
+        32,
+        cross_attention_dim=32,
+        heads=2,
+        dim_head=16,
+        added_kv_proj_dim=24,
+        norm_num_groups=8,
+        cross_attention_norm="group_norm",
+        cross_attention_norm_num_groups=8,
+        bias=True,
+        upcast_softmax=True,
+        processor=processor,
+    )
 
 
 def ip_adapter_attention():
@@ -187,23 +204,56 @@ x4, text, image_tokens = attention_inputs()
 ATTN2_0, CROSS = ap.AttnProcessor2_0, {"encoder_hidden_states": text}
 LEFT_ALONE = {
     # name: (constructor, call arguments, the reason accelerate reports)
-    "AttnAddedKVProcessor": (lambda: added_kv_attention(ap.AttnAddedKVProcessor()), (x4,), CROSS,
-                             "processor AttnAddedKVProcessor"),
-    "AttnAddedKVProcessor2_0": (lambda: added_kv_attention(ap.AttnAddedKVProcessor2_0()), (x4,), CROSS,
-                                "processor AttnAddedKVProcessor2_0"),
+    "AttnAddedKVProcessor": (
+        lambda: added_kv_attention(ap.AttnAddedKVProcessor()),
+        (x4,),
+        CROSS,
+        "processor AttnAddedKVProcessor",
+    ),
+    "AttnAddedKVProcessor2_0": (
+        lambda: added_kv_attention(ap.AttnAddedKVProcessor2_0()),
+        (x4,),
+        CROSS,
+        "processor AttnAddedKVProcessor2_0",
+    ),
     "added-KV module, plain processor": (
-        lambda: ap.Attention(32, cross_attention_dim=24, heads=2, dim_head=16, added_kv_proj_dim=24,
-                             norm_num_groups=8, processor=ATTN2_0()),
-        (x4,), CROSS, "added-KV projections"),
-    "IPAdapterAttnProcessor2_0": (ip_adapter_attention, (x4,), {"encoder_hidden_states": (text, [image_tokens])},
-                                  "processor IPAdapterAttnProcessor2_0"),
-    "custom processor": (lambda: ap.Attention(32, heads=2, dim_head=16, norm_num_groups=8,
-                                              processor=HalvingProcessor()),
-                         (x4,), {}, "processor HalvingProcessor"),
-    "spatial_norm": (lambda: ap.Attention(32, heads=2, dim_head=16, spatial_norm_dim=4, processor=ATTN2_0()),
-                     (x4,), {"temb": torch.randn(2, 4, 2, 2)}, "spatial_norm"),
-    "head_dim 12": (lambda: ap.Attention(24, heads=2, dim_head=12, processor=ATTN2_0()),
-                    (torch.randn(2, 24, 4, 4),), {}, "head_dim 12 (ops.attention takes multiples of 8 up to 256)"),
+        lambda: ap.Attention(
+            32,
+            cross_attention_dim=24,
+            heads=2,
+            dim_head=16,
+            added_kv_proj_dim=24,
+            norm_num_groups=8,
+            processor=ATTN2_0(),
+        ),
+        (x4,),
+        CROSS,
+        "added-KV projections",
+    ),
+    "IPAdapterAttnProcessor2_0": (
+        ip_adapter_attention,
+        (x4,),
+        {"encoder_hidden_states": (text, [image_tokens])},
+        "processor IPAdapterAttnProcessor2_0",
+    ),
+    "custom processor": (
+        lambda: ap.Attention(32, heads=2, dim_head=16, norm_num_groups=8, processor=HalvingProcessor()),
+        (x4,),
+        {},
+        "processor HalvingProcessor",
+    ),
+    "spatial_norm": (
+        lambda: ap.Attention(32, heads=2, dim_head=16, spatial_norm_dim=4, processor=ATTN2_0()),
+        (x4,),
+        {"temb": torch.randn(2, 4, 2, 2)},
+        "spatial_norm",
+    ),
+    "head_dim 12": (
+        lambda: ap.Attention(24, heads=2, dim_head=12, processor=ATTN2_0()),
+        (torch.randn(2, 24, 4, 4),),
+        {},
+        "head_dim 12 (ops.attention takes multiples of 8 up to 256)",
+    ),
 }
 
 
@@ -218,20 +268,31 @@ def test_accelerate_leaves_other_attention_processors_alone(case):
     assert torch.equal(run(attn, *args, **kwargs), expected)  # bit for bit: nothing under it was touched
     assert attn.fastguide_accelerated == {}
     norms = sum(isinstance(m, nn.GroupNorm) for m in attn.modules())
-    assert attn.fastguide_skipped == {"diffusers Attention": {reason: 1},
-                                      **({"GroupNorm": {"inside a module left alone": norms}} if norms else {})}
+    assert attn.fastguide_skipped == {
+        "diffusers Attention": {reason: 1},
+        **({"GroupNorm": {"inside a module left alone": norms}} if norms else {}),
+    }
 
 
 PLAIN = {
     # name: (processor, Attention options, call kwargs beyond the (B, C, H, W) input)
-    "2_0 self, residual, rescale": (ATTN2_0, dict(norm_num_groups=8, residual_connection=True,
-                                                  rescale_output_factor=2.0, bias=True), {}),
-    "2_0 cross, norm_cross, qk norm": (ATTN2_0, dict(cross_attention_dim=24, cross_attention_norm="layer_norm",
-                                                     qk_norm="layer_norm"), CROSS),
+    "2_0 self, residual, rescale": (
+        ATTN2_0,
+        dict(norm_num_groups=8, residual_connection=True, rescale_output_factor=2.0, bias=True),
+        {},
+    ),
+    "2_0 cross, norm_cross, qk norm": (
+        ATTN2_0,
+        dict(cross_attention_dim=24, cross_attention_norm="layer_norm", qk_norm="layer_norm"),
+        CROSS,
+    ),
     "2_0 scale_qk=False (SDPA ignores attn.scale)": (ATTN2_0, dict(scale_qk=False), {}),
     "classic scale_qk=False (uses attn.scale)": (ap.AttnProcessor, dict(scale_qk=False, upcast_attention=True), {}),
-    "classic cross, qk norm (which it ignores)": (ap.AttnProcessor, dict(cross_attention_dim=24, qk_norm="layer_norm"),
-                                                   CROSS),
+    "classic cross, qk norm (which it ignores)": (
+        ap.AttnProcessor,
+        dict(cross_attention_dim=24, qk_norm="layer_norm"),
+        CROSS,
+    ),
 }
 
 
@@ -244,8 +305,10 @@ def test_accelerate_swaps_plain_attention_processors(case, backend):
     expected = run(attn, x4, **kwargs)
     fastguide.accelerate(attn)
     assert type(attn.processor).__name__ == "FastguideAttnProcessor"
-    assert attn.fastguide_accelerated == {"diffusers Attention": 1, **({"GroupNorm": 1} if "norm_num_groups" in options
-                                                                        else {})}
+    assert attn.fastguide_accelerated == {
+        "diffusers Attention": 1,
+        **({"GroupNorm": 1} if "norm_num_groups" in options else {}),
+    }
     assert attn.fastguide_skipped == {}
     assert list(attn.state_dict()) == keys
     with fastguide.backend(backend):
@@ -302,11 +365,13 @@ class GlideStyleModel(nn.Module):
     def __init__(self, ch=64, emb=32, encoder_channels=48, attention_norm=None):
         super().__init__()
         self.res = nn.Module()
-        self.res.in_layers = nn.Sequential(GroupNorm32(32, ch, swish=1.0), nn.Identity(),
-                                           nn.Conv2d(ch, ch, 3, padding=1))
+        self.res.in_layers = nn.Sequential(
+            GroupNorm32(32, ch, swish=1.0), nn.Identity(), nn.Conv2d(ch, ch, 3, padding=1)
+        )
         self.res.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb, 2 * ch))
-        self.res.out_layers = nn.Sequential(GroupNorm32(32, ch, swish=0.0), nn.SiLU(), nn.Dropout(0.0),
-                                            nn.Conv2d(ch, ch, 3, padding=1))
+        self.res.out_layers = nn.Sequential(
+            GroupNorm32(32, ch, swish=0.0), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(ch, ch, 3, padding=1)
+        )
         self.res.skip_connection = nn.Identity()
         self.res.use_scale_shift_norm = True
         self.res.forward = self._res_forward
@@ -328,8 +393,11 @@ def test_accelerate_leaves_glide_blocks_alone(attention_norm):
     norm = nn.GroupNorm(32, 64) if attention_norm == "nn.GroupNorm" else None
     model = randomize(GlideStyleModel(attention_norm=norm), seed=6).eval()
     g = torch.Generator().manual_seed(1)
-    x, emb, encoder_out = torch.randn(2, 64, 6, 6, generator=g), torch.randn(2, 32, generator=g), torch.randn(
-        2, 48, 5, generator=g)
+    x, emb, encoder_out = (
+        torch.randn(2, 64, 6, 6, generator=g),
+        torch.randn(2, 32, generator=g),
+        torch.randn(2, 48, 5, generator=g),
+    )
     expected = run(model, x, emb, encoder_out)
     assert (run(model.attn, x, None) - run(model.attn, x, encoder_out)).abs().max() > 1e-2  # encoder_out matters
     fastguide.accelerate(model)
@@ -361,7 +429,8 @@ def test_accelerate_leaves_other_adm_attention_math_alone():
     expected = run(model.attn, x)
     fastguide.accelerate(model)
     assert model.fastguide_skipped["ADM AttentionBlock"] == {
-        "attention is not softmax(q·kᵀ/√d)·v in either ADM head order": 1}
+        "attention is not softmax(q·kᵀ/√d)·v in either ADM head order": 1
+    }
     assert torch.equal(run(model.attn, x), expected)
 
 
@@ -403,14 +472,19 @@ def test_accelerate_group_norm_classes_and_hooks():
     hooked = nn.GroupNorm(8, 32)
     calls = []
     hooked.register_forward_hook(lambda *_: calls.append(1))
-    model = randomize(nn.Sequential(AdmGroupNorm32(8, 32), nn.Conv2d(32, 32, 1), hooked,
-                                    GroupNorm32(8, 32, swish=1.0)), seed=9).eval()
+    model = randomize(
+        nn.Sequential(AdmGroupNorm32(8, 32), nn.Conv2d(32, 32, 1), hooked, GroupNorm32(8, 32, swish=1.0)), seed=9
+    ).eval()
     x = torch.randn(2, 32, 5, 5)
     expected = run(model, x)
     fastguide.accelerate(model)
     assert model.fastguide_accelerated == {"GroupNorm": 1}
-    assert model.fastguide_skipped == {"GroupNorm": {
-        "hooks registered on it": 1, f"class {__name__}.GroupNorm32 (a subclass whose forward may differ)": 1}}
+    assert model.fastguide_skipped == {
+        "GroupNorm": {
+            "hooks registered on it": 1,
+            f"class {__name__}.GroupNorm32 (a subclass whose forward may differ)": 1,
+        }
+    }
     assert type(model[0]).__name__ == "FusedGroupNorm" and model[2] is hooked
     torch.testing.assert_close(run(model, x), expected, atol=1e-5, rtol=1e-5)
     assert len(calls) == 2
@@ -419,8 +493,12 @@ def test_accelerate_group_norm_classes_and_hooks():
 def test_accelerate_group_norm_with_one_value_per_group_gives_torchs_result():
     # GroupNorm(4, 4) on (N, 4, 1, 1): each group holds one value (var 0), and torch returns
     # the bias there; so does the swapped norm (within x·eps^-1/2·ε of the fused form).
-    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(4, 4), nn.SiLU(), nn.Flatten(),
-                                    nn.Linear(4, 2), nn.GroupNorm(2, 2)), seed=10).eval()
+    model = randomize(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 1), nn.GroupNorm(4, 4), nn.SiLU(), nn.Flatten(), nn.Linear(4, 2), nn.GroupNorm(2, 2)
+        ),
+        seed=10,
+    ).eval()
     x = torch.randn(3, 3, 1, 1)
     expected = run(model, x)
     fastguide.accelerate(model)
@@ -447,10 +525,15 @@ def test_accelerate_report_lists_swapped_and_left_alone(caplog):
     expected = run(model, x, t).sample
     with caplog.at_level(logging.INFO, logger="fastguide.models.accelerate"):
         fastguide.accelerate(model)
-    assert model.fastguide_accelerated == {"diffusers ResnetBlock2D": resnets, "diffusers Attention": attentions - 1,
-                                           "GroupNorm": norms - 1}
-    assert model.fastguide_skipped == {"diffusers Attention": {"processor HalvingProcessor": 1},
-                                       "GroupNorm": {"inside a module left alone": 1}}
+    assert model.fastguide_accelerated == {
+        "diffusers ResnetBlock2D": resnets,
+        "diffusers Attention": attentions - 1,
+        "GroupNorm": norms - 1,
+    }
+    assert model.fastguide_skipped == {
+        "diffusers Attention": {"processor HalvingProcessor": 1},
+        "GroupNorm": {"inside a module left alone": 1},
+    }
     assert type(custom.group_norm) is nn.GroupNorm
     message = caplog.records[-1].getMessage()
     assert f"diffusers Attention {attentions - 1}" in message and "processor HalvingProcessor: 1" in message

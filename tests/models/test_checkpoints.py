@@ -46,8 +46,9 @@ def no_weights_only_false_advice(error: BaseException) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool,
-                                   torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize(
+    "dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2]
+)
 def test_non_float_tensors_for_float_weights_are_refused(tmp_path, suffix, dtype):
     model = Tiny()
     before = weights(model)
@@ -66,8 +67,11 @@ def test_the_first_few_offending_keys_are_named(tmp_path):
     model = Tiny(layers=4)
     state = {k: (v.to(torch.int8) if v.is_floating_point() else v) for k, v in weights(model).items()}
     torch.save(state, tmp_path / "ints.pt")
-    with pytest.raises(ValueError, match=r"ints\.pt.*layers\.0\.weight \(torch\.int8\), layers\.0\.bias "
-                                         r"\(torch\.int8\).* and 3 more"):
+    with pytest.raises(
+        ValueError,
+        match=r"ints\.pt.*layers\.0\.weight \(torch\.int8\), layers\.0\.bias "
+        r"\(torch\.int8\).* and 3 more",
+    ):
         load_checkpoint(model, tmp_path / "ints.pt")
 
 
@@ -134,8 +138,11 @@ def test_a_model_on_the_meta_device_takes_the_checkpoints_tensors(tmp_path):
 def test_a_model_on_the_meta_device_cannot_be_saved(tmp_path):
     with torch.device("meta"):
         model = Tiny()
-    with pytest.raises(ValueError, match=r"cannot save .*weights.pt: the model's tensors count, layers.0.weight, "
-                                         r".* are meta"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot save .*weights.pt: the model's tensors count, layers.0.weight, "
+        r".* are meta",
+    ):
         save_state_dict(model, tmp_path / "weights.pt")
     assert list(tmp_path.iterdir()) == []
 
@@ -177,8 +184,9 @@ def test_a_file_that_is_no_checkpoint_says_so(tmp_path):
 def test_pickled_objects_are_refused_without_advising_an_unsafe_load(tmp_path):
     path = tmp_path / "train_state.pt"
     torch.save({"model": weights(Tiny()), "args": argparse.Namespace(lr=1e-4)}, path)
-    with pytest.raises(ValueError, match=r"train_state\.pt cannot be read as tensors only .*argparse\.Namespace"
-                       ) as info:
+    with pytest.raises(
+        ValueError, match=r"train_state\.pt cannot be read as tensors only .*argparse\.Namespace"
+    ) as info:
         load_checkpoint(Tiny(), path)
     no_weights_only_false_advice(info.value)
 

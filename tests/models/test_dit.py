@@ -66,7 +66,8 @@ def plain_dit(model: DiT, x, t, y):
 
     for block in model.blocks:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = linear(
-            F.silu(c), block.adaLN_modulation[1]).chunk(6, dim=1)
+            F.silu(c), block.adaLN_modulation[1]
+        ).chunk(6, dim=1)
         a = modulate(h, shift_msa, scale_msa)
         batch, tokens, _ = a.shape
         q, k, v = linear(a, block.attn.qkv).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
@@ -94,13 +95,23 @@ def test_state_dict_matches_official_dit_xl2_listing():
 
 
 def test_constructor_defaults_are_dit_xl2():
-    assert dit_config("DiT-XL/2") == dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
-                                          num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
-                                          learn_sigma=True)
+    assert dit_config("DiT-XL/2") == dict(
+        input_size=32,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        num_classes=1000,
+        learn_sigma=True,
+    )
     with torch.device("meta"):
         default, preset = DiT(), DiT(**dit_config("DiT-XL/2"))
-    assert [(k, v.shape) for k, v in default.state_dict().items()] == \
-           [(k, v.shape) for k, v in preset.state_dict().items()]
+    assert [(k, v.shape) for k, v in default.state_dict().items()] == [
+        (k, v.shape) for k, v in preset.state_dict().items()
+    ]
 
 
 SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
@@ -112,8 +123,12 @@ SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12
 def test_presets(family, size, patch):
     config = dit_config(f"{family}-{size}/{patch}")
     depth, hidden, heads = SIZES[size]
-    assert (config["depth"], config["hidden_size"], config["num_heads"], config["patch_size"]) == \
-           (depth, hidden, heads, patch)
+    assert (config["depth"], config["hidden_size"], config["num_heads"], config["patch_size"]) == (
+        depth,
+        hidden,
+        heads,
+        patch,
+    )
     assert config["learn_sigma"] is (family == "DiT")
     with torch.device("meta"):
         model = DiT(**config)
@@ -138,8 +153,9 @@ def test_fresh_model_is_adaln_zero_and_pos_embed_is_frozen_sincos():
     expected = torch.empty(grid * grid, 64, dtype=torch.float64)
     for i in range(grid):
         for j in range(grid):
-            expected[i * grid + j] = torch.cat([torch.sin(j * omega), torch.cos(j * omega),
-                                                torch.sin(i * omega), torch.cos(i * omega)])
+            expected[i * grid + j] = torch.cat(
+                [torch.sin(j * omega), torch.cos(j * omega), torch.sin(i * omega), torch.cos(i * omega)]
+            )
     assert torch.equal(model.pos_embed[0], expected.float())
     assert torch.equal(sincos_pos_embed_2d(64, grid), expected.float())
 
@@ -277,51 +293,68 @@ def test_wrong_input_size_is_named():
         model(torch.randn(1, 4, 16, 16), torch.tensor([1]), torch.tensor([0]))
 
 
-@pytest.mark.parametrize("overrides, error, match", [
-    (dict(patch_size=0), ValueError, "patch_size must be at least 1, got 0"),
-    (dict(patch_size=-2), ValueError, "patch_size must be at least 1, got -2"),
-    (dict(patch_size=3), ValueError, r"input_size \(8\) must be divisible by patch_size \(3\)"),
-    (dict(patch_size=2.0), TypeError, "patch_size must be an int, got float"),
-    (dict(input_size=0), ValueError, "input_size must be at least 1, got 0"),
-    (dict(num_heads=0), ValueError, "num_heads must be at least 1, got 0"),
-    (dict(num_heads=3), ValueError, r"hidden_size \(64\) must be divisible by num_heads \(3\)"),
-    (dict(num_heads=16), ValueError, r"the head dim, 64 / 16 = 4\) must be a multiple of 8"),
-    (dict(hidden_size=66, num_heads=1), ValueError, "hidden_size must be a multiple of 4"),
-    (dict(hidden_size=0), ValueError, "hidden_size must be at least 1, got 0"),
-    (dict(in_channels=0), ValueError, "in_channels must be at least 1, got 0"),
-    (dict(depth=-1), ValueError, "depth must be at least 0, got -1"),
-    (dict(depth=True), TypeError, "depth must be an int, got bool"),
-    (dict(num_classes=0), ValueError, "num_classes must be at least 1, got 0"),
-    (dict(mlp_ratio=math.nan), ValueError, "mlp_ratio must be finite"),
-    (dict(mlp_ratio=0.0), ValueError, r"MLP width int\(hidden_size·mlp_ratio\) of at least 1, got 0.0"),
-    (dict(mlp_ratio="4"), TypeError, "mlp_ratio must be a real number, got str"),
-    (dict(class_dropout_prob=1.5), ValueError, r"class_dropout_prob must lie in \[0, 1\], got 1.5"),
-    (dict(class_dropout_prob=-0.1), ValueError, "class_dropout_prob must lie in"),
-    (dict(learn_sigma=1), TypeError, "learn_sigma must be a bool, got int"),
-])
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(patch_size=0), ValueError, "patch_size must be at least 1, got 0"),
+        (dict(patch_size=-2), ValueError, "patch_size must be at least 1, got -2"),
+        (dict(patch_size=3), ValueError, r"input_size \(8\) must be divisible by patch_size \(3\)"),
+        (dict(patch_size=2.0), TypeError, "patch_size must be an int, got float"),
+        (dict(input_size=0), ValueError, "input_size must be at least 1, got 0"),
+        (dict(num_heads=0), ValueError, "num_heads must be at least 1, got 0"),
+        (dict(num_heads=3), ValueError, r"hidden_size \(64\) must be divisible by num_heads \(3\)"),
+        (dict(num_heads=16), ValueError, r"the head dim, 64 / 16 = 4\) must be a multiple of 8"),
+        (dict(hidden_size=66, num_heads=1), ValueError, "hidden_size must be a multiple of 4"),
+        (dict(hidden_size=0), ValueError, "hidden_size must be at least 1, got 0"),
+        (dict(in_channels=0), ValueError, "in_channels must be at least 1, got 0"),
+        (dict(depth=-1), ValueError, "depth must be at least 0, got -1"),
+        (dict(depth=True), TypeError, "depth must be an int, got bool"),
+        (dict(num_classes=0), ValueError, "num_classes must be at least 1, got 0"),
+        (dict(mlp_ratio=math.nan), ValueError, "mlp_ratio must be finite"),
+        (dict(mlp_ratio=0.0), ValueError, r"MLP width int\(hidden_size·mlp_ratio\) of at least 1, got 0.0"),
+        (dict(mlp_ratio="4"), TypeError, "mlp_ratio must be a real number, got str"),
+        (dict(class_dropout_prob=1.5), ValueError, r"class_dropout_prob must lie in \[0, 1\], got 1.5"),
+        (dict(class_dropout_prob=-0.1), ValueError, "class_dropout_prob must lie in"),
+        (dict(learn_sigma=1), TypeError, "learn_sigma must be a bool, got int"),
+    ],
+)
 def test_bad_constructor_arguments_are_named(overrides, error, match):
     with pytest.raises(error, match=match):
         DiT(**{**TINY, **overrides})
 
 
-@pytest.mark.parametrize("inputs, error, match", [
-    (lambda x, t, y: (x, t[:, None], y), ValueError, r"t \(timesteps\) must have shape \(3,\), one per sample"),
-    (lambda x, t, y: (x, t[:2], y), ValueError, r"t \(timesteps\) must have shape \(3,\)"),
-    (lambda x, t, y: (x, 5, y), TypeError, r"t \(timesteps\) must be a torch.Tensor, got int"),
-    (lambda x, t, y: (x, t.bool(), y), TypeError, r"t \(timesteps\) must hold real numbers"),
-    (lambda x, t, y: (x, t.to("meta"), y), ValueError, r"t \(timesteps\) is on meta but x is on cpu"),
-    (lambda x, t, y: (x, t, y.float()), TypeError, r"y \(class labels\) must be integer class indices, got dtype "
-                                                   "torch.float32"),
-    (lambda x, t, y: (x, t, y[:, None]), ValueError, r"y \(class labels\) must have shape \(3,\)"),
-    (lambda x, t, y: (x, t, [0, 1, 2]), TypeError, r"y \(class labels\) must be a torch.Tensor of integers, got list"),
-    (lambda x, t, y: (x, t, torch.tensor([0, 1, 11])), ValueError,
-     r"y \(class labels\) must lie in \[0, 10\], got 0..11"),
-    (lambda x, t, y: (x, t, torch.tensor([-1, 1, 2])), ValueError, r"y \(class labels\) must lie in \[0, 10\]"),
-    (lambda x, t, y: (x.int(), t, y), TypeError, "x must be a floating tensor, got dtype torch.int32"),
-    (lambda x, t, y: (x.double(), t, y), TypeError, "x must have the model's dtype torch.float32"),
-    (lambda x, t, y: (x[0], t, y), ValueError, r"x must be \(N, 4, 8, 8\)"),
-    (lambda x, t, y: (x.numpy(), t, y), TypeError, "x must be a torch.Tensor, got ndarray"),
-])
+@pytest.mark.parametrize(
+    "inputs, error, match",
+    [
+        (lambda x, t, y: (x, t[:, None], y), ValueError, r"t \(timesteps\) must have shape \(3,\), one per sample"),
+        (lambda x, t, y: (x, t[:2], y), ValueError, r"t \(timesteps\) must have shape \(3,\)"),
+        (lambda x, t, y: (x, 5, y), TypeError, r"t \(timesteps\) must be a torch.Tensor, got int"),
+        (lambda x, t, y: (x, t.bool(), y), TypeError, r"t \(timesteps\) must hold real numbers"),
+        (lambda x, t, y: (x, t.to("meta"), y), ValueError, r"t \(timesteps\) is on meta but x is on cpu"),
+        (
+            lambda x, t, y: (x, t, y.float()),
+            TypeError,
+            r"y \(class labels\) must be integer class indices, got dtype "
+            "torch.float32",
+        ),
+        (lambda x, t, y: (x, t, y[:, None]), ValueError, r"y \(class labels\) must have shape \(3,\)"),
+        (
+            lambda x, t, y: (x, t, [0, 1, 2]),
+            TypeError,
+            r"y \(class labels\) must be a torch.Tensor of integers, got list",
+        ),
+        (
+            lambda x, t, y: (x, t, torch.tensor([0, 1, 11])),
+            ValueError,
+            r"y \(class labels\) must lie in \[0, 10\], got 0..11",
+        ),
+        (lambda x, t, y: (x, t, torch.tensor([-1, 1, 2])), ValueError, r"y \(class labels\) must lie in \[0, 10\]"),
+        (lambda x, t, y: (x.int(), t, y), TypeError, "x must be a floating tensor, got dtype torch.int32"),
+        (lambda x, t, y: (x.double(), t, y), TypeError, "x must have the model's dtype torch.float32"),
+        (lambda x, t, y: (x[0], t, y), ValueError, r"x must be \(N, 4, 8, 8\)"),
+        (lambda x, t, y: (x.numpy(), t, y), TypeError, "x must be a torch.Tensor, got ndarray"),
+    ],
+)
 def test_bad_inputs_are_named(inputs, error, match):
     model = tiny_dit()
     with pytest.raises(error, match=match):
@@ -339,8 +372,12 @@ def test_a_0d_timestep_and_label_apply_to_the_whole_batch():
     model = tiny_dit()
     x, _, _ = tiny_inputs(model)
     with torch.no_grad():
-        torch.testing.assert_close(model(x, torch.tensor(517), torch.tensor(4)),
-                                   model(x, torch.full((3,), 517), torch.full((3,), 4)), atol=0, rtol=0)
+        torch.testing.assert_close(
+            model(x, torch.tensor(517), torch.tensor(4)),
+            model(x, torch.full((3,), 517), torch.full((3,), 4)),
+            atol=0,
+            rtol=0,
+        )
 
 
 @pytest.mark.parametrize("learn_sigma", [True, False], ids=["DiT", "SiT"])
@@ -358,8 +395,9 @@ def test_bf16_autocast_matches_the_fp32_forward(learn_sigma):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got, plain = model(x, t, y), plain_dit(model, x, t, y)
     assert got.shape == expected.shape and got.dtype == plain.dtype == torch.bfloat16
-    assert (got.float() - expected).abs().max() <= 2 * (plain.float() - expected).abs().max() \
-        + 2**-8 * expected.abs().max()
+    assert (got.float() - expected).abs().max() <= 2 * (
+        plain.float() - expected
+    ).abs().max() + 2**-8 * expected.abs().max()
 
 
 def test_a_dit_on_the_meta_device_runs_on_meta_tensors():
@@ -387,8 +425,16 @@ def test_sample_with_cfg_uses_the_null_row_and_learned_variance():
         return model(x, t, y)
 
     def draw(model, **extra):
-        return fastguide.sample(model, (2, 4, 8, 8), labels=torch.tensor([1, 7]), guidance=fastguide.CFG(3.0),
-                                sampler="ddpm", steps=4, generator=torch.Generator().manual_seed(0), **extra)
+        return fastguide.sample(
+            model,
+            (2, 4, 8, 8),
+            labels=torch.tensor([1, 7]),
+            guidance=fastguide.CFG(3.0),
+            sampler="ddpm",
+            steps=4,
+            generator=torch.Generator().manual_seed(0),
+            **extra,
+        )
 
     with torch.no_grad():
         out = draw(model)
@@ -415,8 +461,15 @@ def tiny_diffusers_dit(seed: int = 4):
     every weight random."""
     diffusers = pytest.importorskip("diffusers")
     model = diffusers.DiTTransformer2DModel(
-        num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    )
     return randomize(model, seed).eval()
 
 
@@ -439,8 +492,11 @@ def test_accelerate_diffusers_dit_keeps_outputs_and_gradients(dtype, floor):
     reference, exact = copy.deepcopy(model), copy.deepcopy(model).double()
     keys = list(model.state_dict())
     assert fastguide.accelerate(model) is model
-    assert model.fastguide_accelerated == {"diffusers Attention": 2, "diffusers BasicTransformerBlock": 2,
-                                           "diffusers AdaLayerNormZero": 2}
+    assert model.fastguide_accelerated == {
+        "diffusers Attention": 2,
+        "diffusers BasicTransformerBlock": 2,
+        "diffusers AdaLayerNormZero": 2,
+    }
     assert model.fastguide_skipped == INLINE_NORM_OUT
     assert list(model.state_dict()) == keys
     x, t, y = diffusers_inputs(dtype)
@@ -448,8 +504,11 @@ def test_accelerate_diffusers_dit_keeps_outputs_and_gradients(dtype, floor):
     # path; the accelerated path must be as close to float64 as diffusers' own in this dtype
     # (the floor covers gradients that are zero in exact arithmetic, e.g. to_k's bias, which
     # the softmax cancels: both paths give rounding noise there).
-    for got, want, truth in zip(outputs_and_gradients(model, x, t, y), outputs_and_gradients(reference, x, t, y),
-                                outputs_and_gradients(exact, x.double(), t, y)):
+    for got, want, truth in zip(
+        outputs_and_gradients(model, x, t, y),
+        outputs_and_gradients(reference, x, t, y),
+        outputs_and_gradients(exact, x.double(), t, y),
+    ):
         allowed = 1.5 * (want.double() - truth).abs().max() + floor
         assert (got.double() - truth).abs().max() <= allowed
 
@@ -489,8 +548,12 @@ def test_accelerate_leaves_unusual_ada_norm_zero_modules_alone():
     assert "forward" not in first.__dict__ and "forward" not in second.norm1.__dict__
     x, t, y = diffusers_inputs()
     with torch.no_grad():
-        torch.testing.assert_close(model(x, timestep=t, class_labels=y).sample,
-                                   reference(x, timestep=t, class_labels=y).sample, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(
+            model(x, timestep=t, class_labels=y).sample,
+            reference(x, timestep=t, class_labels=y).sample,
+            atol=2e-5,
+            rtol=2e-5,
+        )
 
 
 def test_accelerated_block_hands_chunked_feed_forward_to_diffusers():
@@ -501,8 +564,12 @@ def test_accelerated_block_hands_chunked_feed_forward_to_diffusers():
     fastguide.accelerate(model)
     x, t, y = diffusers_inputs()
     with torch.no_grad():
-        torch.testing.assert_close(model(x, timestep=t, class_labels=y).sample,
-                                   reference(x, timestep=t, class_labels=y).sample, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(
+            model(x, timestep=t, class_labels=y).sample,
+            reference(x, timestep=t, class_labels=y).sample,
+            atol=2e-5,
+            rtol=2e-5,
+        )
 
 
 def test_sit_samples_through_the_flow_schedule_as_its_own_euler_ode():
@@ -521,8 +588,17 @@ def test_sit_samples_through_the_flow_schedule_as_its_own_euler_ode():
             out = model(torch.cat([x, x]), tau.expand(4), labels_in)
             cond, uncond = out.chunk(2)
             x = x + (tau_next - tau) * (uncond + scale * (cond - uncond))
-    got = fastguide.sample(fastguide.SiTVelocity(model), x_T.shape, labels=labels, sampler="euler", steps=points - 1,
-                           schedule=fastguide.NoiseSchedule.flow(), prediction_type="flow_prediction",
-                           guidance=fastguide.CFG(scale), noise=x_T, clip_denoised=False)
+    got = fastguide.sample(
+        fastguide.SiTVelocity(model),
+        x_T.shape,
+        labels=labels,
+        sampler="euler",
+        steps=points - 1,
+        schedule=fastguide.NoiseSchedule.flow(),
+        prediction_type="flow_prediction",
+        guidance=fastguide.CFG(scale),
+        noise=x_T,
+        clip_denoised=False,
+    )
     # The loop hands the model float32 times (diffusers' convention): 1e-7 relative in τ.
     torch.testing.assert_close(got, x, atol=1e-5, rtol=1e-5)

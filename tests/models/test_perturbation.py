@@ -32,8 +32,9 @@ def generator(seed: int) -> torch.Generator:
 
 
 def tiny_dit() -> fastguide.DiT:
-    model = fastguide.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4,
-                          num_classes=10)
+    model = fastguide.DiT(
+        input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4, num_classes=10
+    )
     pos_embed = model.pos_embed.detach().clone()
     randomize(model, seed=5)
     with torch.no_grad():
@@ -42,13 +43,19 @@ def tiny_dit() -> fastguide.DiT:
 
 
 def dit_inputs(rows: int) -> dict:
-    return dict(x=torch.randn(rows, 4, 8, 8, generator=generator(1), dtype=torch.float64),
-                t=torch.arange(rows) * 97 % 1000, y=torch.arange(rows) % 11)
+    return dict(
+        x=torch.randn(rows, 4, 8, 8, generator=generator(1), dtype=torch.float64),
+        t=torch.arange(rows) * 97 % 1000,
+        y=torch.arange(rows) % 11,
+    )
 
 
 def unet_inputs(rows: int) -> dict:
-    return dict(x=torch.randn(rows, 3, 8, 8, generator=generator(2), dtype=torch.float64),
-                timesteps=torch.arange(rows) * 131 % 1000, y=torch.arange(rows) % 5)
+    return dict(
+        x=torch.randn(rows, 3, 8, 8, generator=generator(2), dtype=torch.float64),
+        timesteps=torch.arange(rows) * 131 % 1000,
+        y=torch.arange(rows) % 5,
+    )
 
 
 def call(model: nn.Module, inputs: dict, **extra) -> torch.Tensor:
@@ -76,45 +83,81 @@ pag_utils = pytest.importorskip("diffusers.pipelines.pag.pag_utils")
 def tiny_unet2d() -> nn.Module:
     # attention_head_dim is the head count in UNet2DConditionModel: head dims 32/4, 64/4.
     model = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=32)
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=32,
+    )
     return randomize(model, seed=3).eval()
 
 
 def unet2d_inputs(rows: int) -> dict:
     g = generator(4)
-    return dict(sample=torch.randn(rows, 4, 8, 8, generator=g), timestep=torch.tensor(321),
-                encoder_hidden_states=torch.randn(rows, 5, 16, generator=g))
+    return dict(
+        sample=torch.randn(rows, 4, 8, 8, generator=g),
+        timestep=torch.tensor(321),
+        encoder_hidden_states=torch.randn(rows, 5, 16, generator=g),
+    )
 
 
 def tiny_sd3(**config) -> nn.Module:
     model = diffusers.SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
-        pos_embed_max_size=8, **config)
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        out_channels=4,
+        pos_embed_max_size=8,
+        **config,
+    )
     return randomize(model, seed=6).eval()
 
 
 def sd3_inputs(rows: int) -> dict:
     g = generator(7)
-    return dict(hidden_states=torch.randn(rows, 4, 8, 8, generator=g),
-                encoder_hidden_states=torch.randn(rows, 5, 16, generator=g),
-                pooled_projections=torch.randn(rows, 8, generator=g), timestep=torch.arange(rows) * 113.0 % 1000)
+    return dict(
+        hidden_states=torch.randn(rows, 4, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(rows, 5, 16, generator=g),
+        pooled_projections=torch.randn(rows, 8, generator=g),
+        timestep=torch.arange(rows) * 113.0 % 1000,
+    )
 
 
 def tiny_pixart() -> nn.Module:
     model = diffusers.PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=12, use_additional_conditions=False)
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=16,
+        sample_size=8,
+        patch_size=2,
+        caption_channels=12,
+        use_additional_conditions=False,
+    )
     return randomize(model, seed=8).eval()
 
 
 def pixart_inputs(rows: int) -> dict:
     g = generator(9)
-    return dict(hidden_states=torch.randn(rows, 4, 8, 8, generator=g),
-                encoder_hidden_states=torch.randn(rows, 5, 12, generator=g), timestep=torch.arange(rows) * 89 % 1000,
-                added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    return dict(
+        hidden_states=torch.randn(rows, 4, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(rows, 5, 12, generator=g),
+        timestep=torch.arange(rows) * 89 % 1000,
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+    )
 
 
 def as_float64(inputs: dict) -> dict:
@@ -123,13 +166,28 @@ def as_float64(inputs: dict) -> dict:
 
 DIFFUSERS_MODELS = {
     # name: (model, inputs, PAG processors (with CFG, without), layers, the pipeline attribute)
-    "unet2d": (tiny_unet2d, unet2d_inputs, ("PAGCFGIdentitySelfAttnProcessor2_0", "PAGIdentitySelfAttnProcessor2_0"),
-               ["mid", "up_blocks.1.attentions.1"], "unet"),
+    "unet2d": (
+        tiny_unet2d,
+        unet2d_inputs,
+        ("PAGCFGIdentitySelfAttnProcessor2_0", "PAGIdentitySelfAttnProcessor2_0"),
+        ["mid", "up_blocks.1.attentions.1"],
+        "unet",
+    ),
     # block 2, the last, is context_pre_only: its context output skips to_add_out
-    "sd3": (tiny_sd3, sd3_inputs, ("PAGCFGJointAttnProcessor2_0", "PAGJointAttnProcessor2_0"), ["blocks.1", "blocks.2"],
-            "transformer"),
-    "pixart": (tiny_pixart, pixart_inputs, ("PAGCFGIdentitySelfAttnProcessor2_0", "PAGIdentitySelfAttnProcessor2_0"),
-               "blocks.(0|1)", "transformer"),
+    "sd3": (
+        tiny_sd3,
+        sd3_inputs,
+        ("PAGCFGJointAttnProcessor2_0", "PAGJointAttnProcessor2_0"),
+        ["blocks.1", "blocks.2"],
+        "transformer",
+    ),
+    "pixart": (
+        tiny_pixart,
+        pixart_inputs,
+        ("PAGCFGIdentitySelfAttnProcessor2_0", "PAGIdentitySelfAttnProcessor2_0"),
+        "blocks.(0|1)",
+        "transformer",
+    ),
 }
 
 
@@ -180,8 +238,11 @@ def masked_joint_attention(attn, hidden_states, encoder_hidden_states):
         return t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2)
 
     q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
-    cq, ck, cv = (split(attn.add_q_proj(encoder_hidden_states)), split(attn.add_k_proj(encoder_hidden_states)),
-                  split(attn.add_v_proj(encoder_hidden_states)))
+    cq, ck, cv = (
+        split(attn.add_q_proj(encoder_hidden_states)),
+        split(attn.add_k_proj(encoder_hidden_states)),
+        split(attn.add_v_proj(encoder_hidden_states)),
+    )
     if attn.norm_q is not None:
         q, k, cq, ck = attn.norm_q(q), attn.norm_k(k), attn.norm_added_q(cq), attn.norm_added_k(ck)
     q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
@@ -218,8 +279,8 @@ def test_pag_on_sd3_with_qk_norms_and_dual_attention():
     for layer in ("attn", "attn2"):
         getattr(reference.transformer_blocks[0], layer).set_processor(WrittenOutIdentityAttention())
     expected = call(reference, rows_of(inputs, slice(2 * B, 3 * B)))
-    torch.testing.assert_close(got[2 * B:], expected, rtol=1e-12, atol=1e-12)
-    assert torch.equal(got[:2 * B], plain[:2 * B])
+    torch.testing.assert_close(got[2 * B :], expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[: 2 * B], plain[: 2 * B])
     assert torch.equal(call(model, inputs), plain)
 
 
@@ -235,7 +296,7 @@ def test_skip_blocks_matches_sd3_skip_layers(layers, batch):
         got = call(model, inputs)
     expected = call(model, rows_of(inputs, perturbed), skip_layers=layers)
     torch.testing.assert_close(got[perturbed], expected, rtol=1e-12, atol=1e-12)
-    assert torch.equal(got[:batch - B], plain[:batch - B])
+    assert torch.equal(got[: batch - B], plain[: batch - B])
     assert (got[perturbed] - plain[perturbed]).abs().max() > 1e-3
     assert torch.equal(call(model, inputs), plain)
     assert_plain(model)
@@ -262,7 +323,7 @@ def test_skip_blocks_on_pixart_and_dit(name):
     getattr(reference, blocks)[1] = PassThrough()
     expected = call(reference, rows_of(inputs, perturbed))
     torch.testing.assert_close(got[perturbed], expected, rtol=1e-12, atol=1e-12)
-    assert torch.equal(got[:2 * B], plain[:2 * B])
+    assert torch.equal(got[: 2 * B], plain[: 2 * B])
     assert torch.equal(call(model, inputs), plain)
     assert_plain(model)
 
@@ -310,10 +371,11 @@ def test_pag_on_fastguide_dit():
     got = call(model, inputs)
     handle.remove()
     reference.blocks[1].attn = IdentityDiTAttention(reference.blocks[1].attn)
-    torch.testing.assert_close(got[2 * B:], call(reference, rows_of(inputs, slice(2 * B, None))),
-                               rtol=1e-12, atol=1e-12)
-    assert torch.equal(got[:2 * B], plain[:2 * B])
-    assert (got[2 * B:] - plain[2 * B:]).abs().max() > 1e-3
+    torch.testing.assert_close(
+        got[2 * B :], call(reference, rows_of(inputs, slice(2 * B, None))), rtol=1e-12, atol=1e-12
+    )
+    assert torch.equal(got[: 2 * B], plain[: 2 * B])
+    assert (got[2 * B :] - plain[2 * B :]).abs().max() > 1e-3
     assert torch.equal(call(model, inputs), plain)
     assert_plain(model)
 
@@ -333,10 +395,11 @@ def test_pag_on_fastguide_unet(new_order):
     handle.remove()
     for block in (reference.middle_block[1], reference.output_blocks[1][1]):
         block.attention = IdentityQKVAttention(block.attention)
-    torch.testing.assert_close(got[2 * B:], call(reference, rows_of(inputs, slice(2 * B, None))),
-                               rtol=1e-12, atol=1e-12)
-    assert torch.equal(got[:2 * B], plain[:2 * B])
-    assert (got[2 * B:] - plain[2 * B:]).abs().max() > 1e-3
+    torch.testing.assert_close(
+        got[2 * B :], call(reference, rows_of(inputs, slice(2 * B, None))), rtol=1e-12, atol=1e-12
+    )
+    assert torch.equal(got[: 2 * B], plain[: 2 * B])
+    assert (got[2 * B :] - plain[2 * B :]).abs().max() > 1e-3
     assert torch.equal(call(model, inputs), plain)
     assert_plain(model)
 
@@ -355,8 +418,11 @@ def test_rows_are_read_at_each_call():
     handle.remove()
     reference.blocks[2].attn = IdentityDiTAttention(reference.blocks[2].attn)
     perturbed = call(reference, inputs)
-    for rows, got in ((slice(2 * B, 3 * B), outputs[2 * B]), (slice(0, B), outputs[0]),
-                      (slice(3 * B - 1, 3 * B), outputs[-1])):
+    for rows, got in (
+        (slice(2 * B, 3 * B), outputs[2 * B]),
+        (slice(0, B), outputs[0]),
+        (slice(3 * B - 1, 3 * B), outputs[-1]),
+    ):
         torch.testing.assert_close(got[rows], perturbed[rows], rtol=1e-12, atol=1e-12)
         others = torch.ones(3 * B, dtype=torch.bool)
         others[rows] = False
@@ -380,8 +446,9 @@ def test_pag_composes_with_accelerate(order):
     torch.testing.assert_close(call(model, inputs), expected, rtol=1e-4, atol=1e-4)
     handle.remove()
     torch.testing.assert_close(call(model, inputs), plain, rtol=1e-4, atol=1e-4)
-    assert all(type(m.processor).__name__ == "FastguideAttnProcessor"
-               for m in model.modules() if isinstance(m, ap.Attention))
+    assert all(
+        type(m.processor).__name__ == "FastguideAttnProcessor" for m in model.modules() if isinstance(m, ap.Attention)
+    )
 
 
 @pytest.mark.gpu
@@ -418,8 +485,11 @@ def test_cuda_graph_replays_the_rows_set_at_capture():
 
 def test_unknown_layers_name_the_layers_there_are():
     model = tiny_unet2d()
-    with pytest.raises(ValueError, match=r"layers: 'down\.block_1' matches no self-attention module; they are: "
-                                         r"down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1, "):
+    with pytest.raises(
+        ValueError,
+        match=r"layers: 'down\.block_1' matches no self-attention module; they are: "
+        r"down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1, ",
+    ):
         perturb_attention(model, "down.block_1")
     with pytest.raises(ValueError, match=r"layers: '\(' is not a regular expression"):
         perturb_attention(model, ["mid", "("])
@@ -483,8 +553,17 @@ def test_install_and_remove_errors():
 def test_layer_names_select_what_diffusers_selects(layers):
     # diffusers' quirk kept: "blocks.1" also picks blocks 10 and 11 (anchor it for block 1 alone).
     model = diffusers.PixArtTransformer2DModel(
-        num_attention_heads=1, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=12,
-        cross_attention_dim=8, sample_size=4, patch_size=2, caption_channels=8, use_additional_conditions=False)
+        num_attention_heads=1,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=12,
+        cross_attention_dim=8,
+        sample_size=4,
+        patch_size=2,
+        caption_channels=8,
+        use_additional_conditions=False,
+    )
     _, expected = diffusers_pag(model, layers, True, DIFFUSERS_MODELS["pixart"][2], "transformer")
     with perturb_attention(model, layers) as handle:
         assert handle.layers == expected

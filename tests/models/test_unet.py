@@ -25,17 +25,35 @@ BACKENDS = sorted(set(backends_for("group_norm")) & set(backends_for("attention"
 
 TINY = {
     "scale-shift, updown, legacy order, learned sigma, CFG row": dict(
-        use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=False,
-        num_head_channels=16, out_channels=6, num_classes=5, null_class=True),
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        use_new_attention_order=False,
+        num_head_channels=16,
+        out_channels=6,
+        num_classes=5,
+        null_class=True,
+    ),
     "plain norm, conv resample, new order, heads": dict(
-        use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=True, num_heads=2,
-        out_channels=3, num_classes=None),
+        use_scale_shift_norm=False,
+        resblock_updown=False,
+        use_new_attention_order=True,
+        num_heads=2,
+        out_channels=3,
+        num_classes=None,
+    ),
 }
 
 
 def tiny_unet(**overrides) -> UNet:
-    args = dict(image_size=16, in_channels=3, model_channels=32, num_res_blocks=1,
-                attention_resolutions=(1, 2), channel_mult=(1, 2), dropout=0.0)
+    args = dict(
+        image_size=16,
+        in_channels=3,
+        model_channels=32,
+        num_res_blocks=1,
+        attention_resolutions=(1, 2),
+        channel_mult=(1, 2),
+        dropout=0.0,
+    )
     return randomize(UNet(**{**args, **overrides})).eval()
 
 
@@ -51,11 +69,14 @@ def tiny_inputs(model, batch=2, seed=1):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("listing, factory, preset", [
-    ("adm64-unet-keys.txt", create_model, unet_config("adm64")),
-    ("adm256-unet-keys.txt", create_model, unet_config("adm256")),
-    ("adm64-classifier-keys.txt", create_classifier, classifier_config("adm64")),
-])
+@pytest.mark.parametrize(
+    "listing, factory, preset",
+    [
+        ("adm64-unet-keys.txt", create_model, unet_config("adm64")),
+        ("adm256-unet-keys.txt", create_model, unet_config("adm256")),
+        ("adm64-classifier-keys.txt", create_classifier, classifier_config("adm64")),
+    ],
+)
 def test_state_dict_matches_adm_listing(listing, factory, preset):
     with torch.device("meta"):
         model = factory(**preset)
@@ -106,8 +127,17 @@ def _permute_qkv_rows_to_new_order(weight: torch.Tensor, heads: int) -> torch.Te
 
 def test_legacy_and_new_head_orders_agree_after_permuting_weights():
     legacy = tiny_unet(use_new_attention_order=False, num_head_channels=16, out_channels=3)
-    new = UNet(image_size=16, in_channels=3, model_channels=32, num_res_blocks=1, attention_resolutions=(1, 2),
-               channel_mult=(1, 2), use_new_attention_order=True, num_head_channels=16, out_channels=3).eval()
+    new = UNet(
+        image_size=16,
+        in_channels=3,
+        model_channels=32,
+        num_res_blocks=1,
+        attention_resolutions=(1, 2),
+        channel_mult=(1, 2),
+        use_new_attention_order=True,
+        num_head_channels=16,
+        out_channels=3,
+    ).eval()
     state = legacy.state_dict()
     for name, module in legacy.named_modules():
         if isinstance(module, fastguide.models.nn.AttentionBlock):
@@ -121,10 +151,21 @@ def test_legacy_and_new_head_orders_agree_after_permuting_weights():
 
 
 def tiny_classifier(pool: str) -> EncoderUNet:
-    return randomize(EncoderUNet(image_size=16, in_channels=3, model_channels=32, out_channels=7,
-                                 num_res_blocks=1, attention_resolutions=(2,), channel_mult=(1, 2),
-                                 num_head_channels=16, use_scale_shift_norm=True, resblock_updown=True,
-                                 pool=pool)).eval()
+    return randomize(
+        EncoderUNet(
+            image_size=16,
+            in_channels=3,
+            model_channels=32,
+            out_channels=7,
+            num_res_blocks=1,
+            attention_resolutions=(2,),
+            channel_mult=(1, 2),
+            num_head_channels=16,
+            use_scale_shift_norm=True,
+            resblock_updown=True,
+            pool=pool,
+        )
+    ).eval()
 
 
 @pytest.mark.parametrize("pool", EncoderUNet.POOLS)
@@ -161,9 +202,19 @@ def test_checkpoint_round_trip(tmp_path, suffix):
     model = tiny_unet(**TINY["scale-shift, updown, legacy order, learned sigma, CFG row"])
     path = tmp_path / f"model{suffix}"
     save_state_dict(model, path)
-    fresh = UNet(**{**dict(image_size=16, in_channels=3, model_channels=32, num_res_blocks=1,
-                           attention_resolutions=(1, 2), channel_mult=(1, 2)),
-                    **TINY["scale-shift, updown, legacy order, learned sigma, CFG row"]}).eval()
+    fresh = UNet(
+        **{
+            **dict(
+                image_size=16,
+                in_channels=3,
+                model_channels=32,
+                num_res_blocks=1,
+                attention_resolutions=(1, 2),
+                channel_mult=(1, 2),
+            ),
+            **TINY["scale-shift, updown, legacy order, learned sigma, CFG row"],
+        }
+    ).eval()
     load_checkpoint(fresh, path)
     x, t, y = tiny_inputs(model)
     with torch.no_grad():
@@ -229,8 +280,9 @@ def _assert_within_autocast_tolerance(got, expected, plain):
     the error stays within twice that one's (FlashAttention's rule, as for the ops), plus one
     bf16 rounding of the output."""
     assert got.shape == expected.shape and got.dtype == plain.dtype
-    assert (got.float() - expected).abs().max() <= 2 * (plain.float() - expected).abs().max() \
-        + 2**-8 * expected.abs().max()
+    assert (got.float() - expected).abs().max() <= 2 * (
+        plain.float() - expected
+    ).abs().max() + 2**-8 * expected.abs().max()
 
 
 @pytest.mark.parametrize("case", list(TINY))
@@ -264,45 +316,62 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed, plain)
 
 
-@pytest.mark.parametrize("overrides, error, match", [
-    (dict(model_channels=0), ValueError, "model_channels must be at least 1, got 0"),
-    (dict(model_channels=48), ValueError, r"int\(channel_mult·model_channels\) must be positive multiples of 32 "
-                                          r"\(GroupNorm32's 32 groups\), got \[48, 96\]"),
-    (dict(in_channels=0), ValueError, "in_channels must be at least 1, got 0"),
-    (dict(out_channels=0), ValueError, "out_channels must be at least 1, got 0"),
-    (dict(image_size=0), ValueError, "image_size must be at least 1, got 0"),
-    (dict(num_res_blocks=-1), ValueError, "num_res_blocks must be at least 0, got -1"),
-    (dict(num_res_blocks=1.0), TypeError, "num_res_blocks must be an int, got float"),
-    (dict(num_heads=0), ValueError, "num_heads must be at least 1, got 0"),
-    (dict(num_head_channels=0), ValueError, r"num_head_channels must be a positive int, or -1"),
-    (dict(num_head_channels=4), ValueError, r"the head dim \(channels 32 / 8 heads = 4\) must be a multiple of 8"),
-    (dict(num_heads=3), ValueError, r"channels \(32\) must be divisible by num_heads \(3\)"),
-    (dict(num_heads_upsample=0), ValueError, r"num_heads_upsample must be a positive int, or -1"),
-    (dict(channel_mult=()), ValueError, "channel_mult must be a non-empty sequence of positive numbers, got ()"),
-    (dict(channel_mult=(1, -2)), ValueError, "channel_mult must be a non-empty sequence of positive numbers"),
-    (dict(attention_resolutions="2"), TypeError, "attention_resolutions must be a collection of ints"),
-    (dict(dropout=1.5), ValueError, r"dropout must be a probability in \[0, 1\], got 1.5"),
-    (dict(num_classes=0), ValueError, "num_classes must be a positive int, or None"),
-    (dict(num_classes=5, null_class=True, label_dropout=-0.5), ValueError, "label_dropout must be a probability"),
-])
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(model_channels=0), ValueError, "model_channels must be at least 1, got 0"),
+        (
+            dict(model_channels=48),
+            ValueError,
+            r"int\(channel_mult·model_channels\) must be positive multiples of 32 "
+            r"\(GroupNorm32's 32 groups\), got \[48, 96\]",
+        ),
+        (dict(in_channels=0), ValueError, "in_channels must be at least 1, got 0"),
+        (dict(out_channels=0), ValueError, "out_channels must be at least 1, got 0"),
+        (dict(image_size=0), ValueError, "image_size must be at least 1, got 0"),
+        (dict(num_res_blocks=-1), ValueError, "num_res_blocks must be at least 0, got -1"),
+        (dict(num_res_blocks=1.0), TypeError, "num_res_blocks must be an int, got float"),
+        (dict(num_heads=0), ValueError, "num_heads must be at least 1, got 0"),
+        (dict(num_head_channels=0), ValueError, r"num_head_channels must be a positive int, or -1"),
+        (dict(num_head_channels=4), ValueError, r"the head dim \(channels 32 / 8 heads = 4\) must be a multiple of 8"),
+        (dict(num_heads=3), ValueError, r"channels \(32\) must be divisible by num_heads \(3\)"),
+        (dict(num_heads_upsample=0), ValueError, r"num_heads_upsample must be a positive int, or -1"),
+        (dict(channel_mult=()), ValueError, "channel_mult must be a non-empty sequence of positive numbers, got ()"),
+        (dict(channel_mult=(1, -2)), ValueError, "channel_mult must be a non-empty sequence of positive numbers"),
+        (dict(attention_resolutions="2"), TypeError, "attention_resolutions must be a collection of ints"),
+        (dict(dropout=1.5), ValueError, r"dropout must be a probability in \[0, 1\], got 1.5"),
+        (dict(num_classes=0), ValueError, "num_classes must be a positive int, or None"),
+        (dict(num_classes=5, null_class=True, label_dropout=-0.5), ValueError, "label_dropout must be a probability"),
+    ],
+)
 def test_bad_constructor_arguments_are_named(overrides, error, match):
     with pytest.raises(error, match=match):
         tiny_unet(**{"out_channels": 3, **overrides})
 
 
-@pytest.mark.parametrize("inputs, error, match", [
-    (lambda x, t, y: (x[:, :, :15, :15], t, y), ValueError,
-     r"x's height and width must be multiples of 2 \(the UNet halves them 1 time\(s\)"),
-    (lambda x, t, y: (x[:, :, :0], t, y), ValueError, "x's height and width must be positive"),
-    (lambda x, t, y: (x.double(), t, y), TypeError, "x must have the model's input dtype torch.float32"),
-    (lambda x, t, y: (x[:, :2], t, y), ValueError, r"x must be \(N, 3, H, W\), got shape \(2, 2, 16, 16\)"),
-    (lambda x, t, y: (x.long(), t, y), TypeError, "x must be a floating tensor, got dtype torch.int64"),
-    (lambda x, t, y: (x, t[:, None], y), ValueError, r"t \(timesteps\) must have shape \(2,\)"),
-    (lambda x, t, y: (x, t.bool(), y), TypeError, r"t \(timesteps\) must hold real numbers"),
-    (lambda x, t, y: (x, t, y.float()), TypeError, r"y \(class labels\) must be integer class indices"),
-    (lambda x, t, y: (x, t, torch.tensor([0, 6])), ValueError, r"y \(class labels\) must lie in \[0, 5\], got 0..6"),
-    (lambda x, t, y: (x, t, torch.tensor([0, 1, 2])), ValueError, r"y \(class labels\) must have shape \(2,\)"),
-])
+@pytest.mark.parametrize(
+    "inputs, error, match",
+    [
+        (
+            lambda x, t, y: (x[:, :, :15, :15], t, y),
+            ValueError,
+            r"x's height and width must be multiples of 2 \(the UNet halves them 1 time\(s\)",
+        ),
+        (lambda x, t, y: (x[:, :, :0], t, y), ValueError, "x's height and width must be positive"),
+        (lambda x, t, y: (x.double(), t, y), TypeError, "x must have the model's input dtype torch.float32"),
+        (lambda x, t, y: (x[:, :2], t, y), ValueError, r"x must be \(N, 3, H, W\), got shape \(2, 2, 16, 16\)"),
+        (lambda x, t, y: (x.long(), t, y), TypeError, "x must be a floating tensor, got dtype torch.int64"),
+        (lambda x, t, y: (x, t[:, None], y), ValueError, r"t \(timesteps\) must have shape \(2,\)"),
+        (lambda x, t, y: (x, t.bool(), y), TypeError, r"t \(timesteps\) must hold real numbers"),
+        (lambda x, t, y: (x, t, y.float()), TypeError, r"y \(class labels\) must be integer class indices"),
+        (
+            lambda x, t, y: (x, t, torch.tensor([0, 6])),
+            ValueError,
+            r"y \(class labels\) must lie in \[0, 5\], got 0..6",
+        ),
+        (lambda x, t, y: (x, t, torch.tensor([0, 1, 2])), ValueError, r"y \(class labels\) must have shape \(2,\)"),
+    ],
+)
 def test_bad_inputs_are_named(inputs, error, match):
     model = tiny_unet(**TINY["scale-shift, updown, legacy order, learned sigma, CFG row"])
     with pytest.raises(error, match=match):
@@ -322,8 +391,12 @@ def test_a_0d_timestep_and_label_apply_to_the_whole_batch():
     model = tiny_unet(**TINY["scale-shift, updown, legacy order, learned sigma, CFG row"])
     x, _, _ = tiny_inputs(model)
     with torch.no_grad():
-        torch.testing.assert_close(model(x, torch.tensor(250), torch.tensor(3)),
-                                   model(x, torch.full((2,), 250), torch.full((2,), 3)), atol=0, rtol=0)
+        torch.testing.assert_close(
+            model(x, torch.tensor(250), torch.tensor(3)),
+            model(x, torch.full((2,), 250), torch.full((2,), 3)),
+            atol=0,
+            rtol=0,
+        )
 
 
 def test_an_empty_batch_gives_an_empty_result():

@@ -55,8 +55,11 @@ def on_cuda_emulation(host_harness) -> Callable[[], AbstractContextManager[None]
     def routed() -> Iterator[None]:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(cuda_backend, "_ops", lambda: host_harness)
-            patch.setattr(dispatch, "backend_for", lambda op, device, dtype, empty=False: (
-                "torch" if op == "attention" or empty else "cuda"))
+            patch.setattr(
+                dispatch,
+                "backend_for",
+                lambda op, device, dtype, empty=False: "torch" if op == "attention" or empty else "cuda",
+            )
             yield
 
     return routed

@@ -102,8 +102,15 @@ def test_attention_gradcheck_float64():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "shape",
-    [(1, 2, 7, 7, 32), (2, 1, 77, 20, 40), (1, 1, 130, 66, 64), (2, 4, 77, 200, 40),
-     (1, 1, 1025, 64, 128), (1, 2, 1, 7, 80), (1, 1, 200, 1, 24)],
+    [
+        (1, 2, 7, 7, 32),
+        (2, 1, 77, 20, 40),
+        (1, 1, 130, 66, 64),
+        (2, 4, 77, 200, 40),
+        (1, 1, 1025, 64, 128),
+        (1, 2, 1, 7, 80),
+        (1, 1, 200, 1, 24),
+    ],
     ids=str,
 )
 def test_attention_backward_matches_autograd_of_formula(backend, dtype, shape, device):
@@ -179,8 +186,9 @@ def test_attention_gpu_large_and_bf16(dtype, shape):
     grad_out = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
     qd, kd, vd = (t[:1, :2].detach().double().requires_grad_() for t in (q, k, v))
-    wanted = torch.autograd.grad(explicit_attention(qd, kd, vd, shape[-1] ** -0.5), (qd, kd, vd),
-                                 grad_out[:1, :2].double())
+    wanted = torch.autograd.grad(
+        explicit_attention(qd, kd, vd, shape[-1] ** -0.5), (qd, kd, vd), grad_out[:1, :2].double()
+    )
     for got, want in zip((dq, dk, dv), wanted):
         assert_close(got[:1, :2], want, ATTENTION, dtype)
 

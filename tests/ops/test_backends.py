@@ -57,8 +57,10 @@ def test_available_backends_reports_reasons():
 def test_requested_backend_that_cannot_run_raises_clearly(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x = torch.randn(1, 3, 4, 4)
-    with (fastguide.backend("triton"),
-          pytest.raises(RuntimeError, match="backend 'triton'.*cannot run group_norm.*TRITON_INTERPRET")):
+    with (
+        fastguide.backend("triton"),
+        pytest.raises(RuntimeError, match="backend 'triton'.*cannot run group_norm.*TRITON_INTERPRET"),
+    ):
         ops.group_norm(x, 1)
     with fastguide.backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda'.*CUDA tensors"):
         ops.group_norm(x, 1)
@@ -92,8 +94,9 @@ def test_not_supported_reasons_give_every_reason():
     assert len(reasons) == 2 and "no kernel for attention" in reasons[0] and "CUDA tensors" in reasons[1]
     reasons = cuda.not_supported_reasons("group_norm", torch.device("cpu"), torch.float64)
     assert "on torch.float64 tensors" in reasons[0] and "CUDA tensors" in reasons[1]
-    assert backends.IMPLEMENTATIONS["torch"].not_supported_reasons("group_norm", torch.device("cpu"),
-                                                                   torch.float64) == []
+    assert (
+        backends.IMPLEMENTATIONS["torch"].not_supported_reasons("group_norm", torch.device("cpu"), torch.float64) == []
+    )
 
 
 def test_import_touches_neither_cuda_nor_triton():

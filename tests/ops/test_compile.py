@@ -24,8 +24,10 @@ def test_backward_compiles_fullgraph():
     q, k, v, x, weight, bias, scale, shift = (t.double().requires_grad_() for t in example_inputs("cpu")[:8])
 
     def loss(q, k, v, x, weight, bias, scale, shift):
-        return ops.attention(q, k, v).square().sum() + ops.group_norm(
-            x, 4, weight, bias, scale=scale, shift=shift, activation="silu").square().sum()
+        return (
+            ops.attention(q, k, v).square().sum()
+            + ops.group_norm(x, 4, weight, bias, scale=scale, shift=shift, activation="silu").square().sum()
+        )
 
     inputs = (q, k, v, x, weight, bias, scale, shift)
     eager = torch.autograd.grad(loss(*inputs), inputs)
@@ -59,9 +61,19 @@ def test_opcheck_guided_step():
     history = (torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5))
     out, x0_out = torch.empty(4, 3, 5, 5), torch.empty(2, 3, 5, 5)
     tensors = contract.StepTensors(model_output, x, None, history, noise, grad, buffer, out, x0_out)
-    step = ops.StepCoefficients(alpha=0.8, sigma=0.6, k_x=0.3, k_x0=0.2, k_eps=2.0, k_noise=0.1, k_grad=0.2,
-                                grad_eps_scale=0.5, k_history=(-0.5, 0.25), clip_denoised=True,
-                                log_variance_range=(-4.0, -2.0))
+    step = ops.StepCoefficients(
+        alpha=0.8,
+        sigma=0.6,
+        k_x=0.3,
+        k_x0=0.2,
+        k_eps=2.0,
+        k_noise=0.1,
+        k_grad=0.2,
+        grad_eps_scale=0.5,
+        k_history=(-0.5, 0.25),
+        clip_denoised=True,
+        log_variance_range=(-4.0, -2.0),
+    )
     combine = ops.GuidanceCombine(3.0, apg_eta=0.1, apg_momentum=-0.3, variant="apg")
     torch.library.opcheck(torch.ops.fastguide.guided_step.default, (*contract.pack(tensors, step, combine), "torch"))
 
@@ -77,15 +89,19 @@ def test_opcheck_and_compile_guided_step_with_a_perturbed_prediction():
     def stepped(model_output, x):
         return ops.guided_step(model_output, x, step, combine, out=torch.empty(6, 3, 5, 5))
 
-    torch.testing.assert_close(torch.compile(stepped, fullgraph=True, backend="aot_eager")(model_output, x),
-                               stepped(model_output, x))
+    torch.testing.assert_close(
+        torch.compile(stepped, fullgraph=True, backend="aot_eager")(model_output, x), stepped(model_output, x)
+    )
 
 
 def test_contract_round_trips_through_the_op_arguments():
     tensors = contract.StepTensors(torch.randn(4, 3, 2, 2), torch.randn(2, 3, 2, 2), history=(torch.randn(2, 3, 2, 2),))
     step = ops.StepCoefficients(alpha=0.8, sigma=0.6, k_x0=0.2, k_history=(-0.5,), log_variance_range=(-4.0, -2.0))
-    for combine in (None, ops.GuidanceCombine(3.0, rescale=0.5, variant="zero_star"),
-                    ops.GuidanceCombine(3.0, rescale=0.5, perturbed_scale=2.0)):
+    for combine in (
+        None,
+        ops.GuidanceCombine(3.0, rescale=0.5, variant="zero_star"),
+        ops.GuidanceCombine(3.0, rescale=0.5, perturbed_scale=2.0),
+    ):
         got_tensors, got_step, got_combine = contract.unpack(contract.pack(tensors, step, combine))
         assert got_step == step and got_combine == combine
         assert got_tensors.history[0] is tensors.history[0] and got_tensors.model_output is tensors.model_output
@@ -95,8 +111,14 @@ def test_guided_step_bumps_version_of_written_tensors():
     model_output, x = torch.randn(4, 3, 5, 5), torch.randn(2, 3, 5, 5)
     out, x0_out = torch.empty(2, 3, 5, 5), torch.empty(2, 3, 5, 5)
     before = out._version, x0_out._version
-    ops.guided_step(model_output, x, ops.StepCoefficients(alpha=0.8, sigma=0.6, k_x0=1.0), ops.GuidanceCombine(2.0),
-                    out=out, x0_out=x0_out)
+    ops.guided_step(
+        model_output,
+        x,
+        ops.StepCoefficients(alpha=0.8, sigma=0.6, k_x0=1.0),
+        ops.GuidanceCombine(2.0),
+        out=out,
+        x0_out=x0_out,
+    )
     assert out._version > before[0] and x0_out._version > before[1]
 
 
@@ -119,6 +141,7 @@ def test_guided_step_under_fake_tensors_goes_through_the_op():
 
     with torch.no_grad(), FakeTensorMode():
         x, model_output = torch.empty(2, 3, 4, 4), torch.empty(4, 3, 4, 4)
-        out = ops.guided_step(model_output, x, ops.StepCoefficients(alpha=0.8, sigma=0.6, k_x0=1.0),
-                              ops.GuidanceCombine(2.0))
+        out = ops.guided_step(
+            model_output, x, ops.StepCoefficients(alpha=0.8, sigma=0.6, k_x0=1.0), ops.GuidanceCombine(2.0)
+        )
     assert out.shape == x.shape

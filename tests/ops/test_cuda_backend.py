@@ -76,8 +76,10 @@ def test_guided_step_matches_reference(cuda_backend_on_cpu, dtype, shape, case):
     run_against_reference(*case_inputs(CASES[case], *shape, dtype, "cpu"))
 
 
-@pytest.mark.parametrize("case", ["cfg-clip-noise", "rescale", "apg-momentum-clip", "ddpm-learned-var-grad",
-                                  "history-of-3", "separate-guide"])
+@pytest.mark.parametrize(
+    "case",
+    ["cfg-clip-noise", "rescale", "apg-momentum-clip", "ddpm-learned-var-grad", "history-of-3", "separate-guide"],
+)
 def test_guided_step_channels_last(cuda_backend_on_cpu, case):
     tensors, step, combine = case_inputs(CASES[case], 2, 5, (9, 11), torch.float32, "cpu")
     to_cl = lambda t: t.to(memory_format=torch.channels_last)  # noqa: E731
@@ -121,14 +123,14 @@ def offset_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", ["cfg-clip-noise", "rescale", "dpm2m-history-x0out", "history-of-4-unguided",
-                                  "separate-guide"])
+@pytest.mark.parametrize(
+    "case", ["cfg-clip-noise", "rescale", "dpm2m-history-x0out", "history-of-4-unguided", "separate-guide"]
+)
 def test_guided_step_on_misaligned_tensors(cuda_backend_on_cpu, dtype, case):
     # 16-byte vectors are only used when every pointer allows them: the emulation reports a
     # misaligned vector access as the GPU fault it would be.
     tensors, step, combine = case_inputs(CASES[case], 2, 4, (16, 16), dtype, "cpu")
-    tensors = {name: tuple(map(offset_copy, t)) if name == "history" else offset_copy(t)
-               for name, t in tensors.items()}
+    tensors = {name: tuple(map(offset_copy, t)) if name == "history" else offset_copy(t) for name, t in tensors.items()}
     run_against_reference(tensors, step, combine)
 
 
@@ -138,7 +140,7 @@ def x0_cosine_of_inputs(tensors: dict, step: StepCoefficients) -> torch.Tensor:
     batch, channels = tensors["x"].shape[:2]
     x = tensors["x"].double()
     model_output = tensors["model_output"].double()
-    uncond = tensors["guide"].double() if "guide" in tensors else model_output[batch:2 * batch]
+    uncond = tensors["guide"].double() if "guide" in tensors else model_output[batch : 2 * batch]
     x0_c = x0_prediction(model_output[:batch, :channels], x, step)
     x0_u = x0_prediction(uncond[:, :channels], x, step)
     return torch.nn.functional.cosine_similarity(x0_c.flatten(1), x0_u.flatten(1), dim=1)
@@ -158,13 +160,22 @@ def run_with_similarity(tensors, step, combine):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", ["cfg-clip-noise", "rescale", "separate-guide", "ddpm-learned-var-grad",
-                                  "cfg-v-prediction", "flow-cfgpp-guide", "cfgpp-renoise-sample-guide-zero-star"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "cfg-clip-noise",
+        "rescale",
+        "separate-guide",
+        "ddpm-learned-var-grad",
+        "cfg-v-prediction",
+        "flow-cfgpp-guide",
+        "cfgpp-renoise-sample-guide-zero-star",
+    ],
+)
 def test_similarity_on_misaligned_tensors(cuda_backend_on_cpu, dtype, case):
     # The element-by-element instance (similarity_guided_step_kernel<T, 1>), 16 blocks per sample.
     tensors, step, combine = case_inputs(CASES[case], 2, 4, (32, 32), dtype, "cpu")
-    tensors = {name: tuple(map(offset_copy, t)) if name == "history" else offset_copy(t)
-               for name, t in tensors.items()}
+    tensors = {name: tuple(map(offset_copy, t)) if name == "history" else offset_copy(t) for name, t in tensors.items()}
     run_with_similarity(tensors, step, combine)
 
 
@@ -180,19 +191,36 @@ def test_similarity_over_many_blocks(cuda_backend_on_cpu, dtype, shape, case):
 def test_bindings_return_one_row_of_sums_per_block_and_refuse_a_perturbed_prediction(host_harness):
     # fp32 vectors: 256 threads × 4 elements a block, 9216 elements a sample -> 9 blocks.
     batch, shape = 2, (4, 48, 48)
-    model_output, x = randn(2 * batch, *shape, seed=1, dtype=torch.float32), randn(batch, *shape, seed=0,
-                                                                                     dtype=torch.float32)
+    model_output, x = (
+        randn(2 * batch, *shape, seed=1, dtype=torch.float32),
+        randn(batch, *shape, seed=0, dtype=torch.float32),
+    )
     step = StepCoefficients(alpha=0.8, sigma=0.6, k_x0=1.0)
 
     def call(model_output, combine):
-        return host_harness.guided_step(model_output, None, x, [], None, None, None, torch.empty_like(x), None,
-                                        *STEP_ARGUMENTS.pack(step), *COMBINE_ARGUMENTS.pack(combine)[:1], 0, True)
+        return host_harness.guided_step(
+            model_output,
+            None,
+            x,
+            [],
+            None,
+            None,
+            None,
+            torch.empty_like(x),
+            None,
+            *STEP_ARGUMENTS.pack(step),
+            *COMBINE_ARGUMENTS.pack(combine)[:1],
+            0,
+            True,
+        )
 
     partials = call(model_output, GuidanceCombine(3.0))
     assert partials.shape == (batch, 9, 3) and partials.dtype == torch.float32
     # The sums of the x0 predictions' products (epsilon: x0 = (x − σ·c)/α), not of c and u.
-    x0_c, x0_u = (x0_prediction(half.double(), x.double(), step).flatten(1)
-                  for half in (model_output[:batch], model_output[batch:]))
+    x0_c, x0_u = (
+        x0_prediction(half.double(), x.double(), step).flatten(1)
+        for half in (model_output[:batch], model_output[batch:])
+    )
     sums = torch.stack([(x0_c * x0_u).sum(1), (x0_c * x0_c).sum(1), (x0_u * x0_u).sum(1)], dim=1)
     torch.testing.assert_close(partials.double().sum(1), sums, rtol=1e-5, atol=1e-3)
     with pytest.raises(RuntimeError, match="similarity needs a guided step without a perturbed prediction"):
@@ -212,9 +240,13 @@ def test_group_norm_on_misaligned_tensors(cuda_backend_on_cpu, dtype):
 def test_samples_agree_with_torch_backend(on_cuda_emulation):
     # The whole sampler on a tiny UNet: its GroupNorms and steps on the cuda backend.
     model = tiny_cfg_unet()
-    kwargs = dict(labels=torch.tensor([1]), sampler="dpm++2m", steps=[600, 300, 100],
-                  noise=torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(6)),
-                  guidance=fastguide.CFG(3.0, rescale=0.5))
+    kwargs = dict(
+        labels=torch.tensor([1]),
+        sampler="dpm++2m",
+        steps=[600, 300, 100],
+        noise=torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(6)),
+        guidance=fastguide.CFG(3.0, rescale=0.5),
+    )
     with fastguide.backend("torch"):
         expected = fastguide.sample(model, (1, 3, 8, 8), **kwargs)
     with on_cuda_emulation():
@@ -261,8 +293,9 @@ def test_group_norm_one_group_of_many_channels(cuda_backend_on_cpu, channels_las
     expected = explicit_group_norm(doubles[0], 1, *doubles[1:3], doubles[3], doubles[4], "silu")
     assert_close(y, expected, GROUP_NORM, torch.float32)
     grad_y = torch.randn(x.shape)
-    for got, want in zip(torch.autograd.grad(y, leaves, grad_y),
-                         torch.autograd.grad(expected, doubles, grad_y.double())):
+    for got, want in zip(
+        torch.autograd.grad(y, leaves, grad_y), torch.autograd.grad(expected, doubles, grad_y.double())
+    ):
         count = x.numel() // want.numel()
         atol, rtol = GROUP_NORM[torch.float32]
         torch.testing.assert_close(got.double(), want, atol=atol * max(1, count) ** 0.5, rtol=rtol * 4)
@@ -320,15 +353,17 @@ def test_ops_compile_fullgraph_on_the_cuda_backend(cuda_backend_on_cpu):
     x, weight, bias, scale, shift = (t.detach().requires_grad_() for t in inputs[3:8])
 
     def loss(*leaves):
-        return ops.group_norm(leaves[0], 4, *leaves[1:3], scale=leaves[3], shift=leaves[4],
-                              activation="silu").square().sum()
+        return (
+            ops.group_norm(leaves[0], 4, *leaves[1:3], scale=leaves[3], shift=leaves[4], activation="silu")
+            .square()
+            .sum()
+        )
 
     leaves = (x, weight, bias, scale, shift)
     eager_grads = torch.autograd.grad(loss(*leaves), leaves)
     compiled_grads = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(*leaves), leaves)
     for e, c in zip(eager_grads, compiled_grads):
         torch.testing.assert_close(c, e)
-
 
 
 def test_group_norm_groups_whose_float32_statistics_overflow_are_nan(cuda_backend_on_cpu):
@@ -364,7 +399,7 @@ def kernel_parameters(on_cuda_emulation, host_harness):
         first, names = PARAMETER_ARGS[binding]
 
         def call(*args):
-            seen.append((binding, dict(zip(names, args[first:first + len(names)]))))
+            seen.append((binding, dict(zip(names, args[first : first + len(names)]))))
             return op(*args)
 
         return call
@@ -420,8 +455,10 @@ def test_group_norm_reads_parameters_in_their_own_dtype(kernel_parameters, dtype
     assert_close(y, expected, GROUP_NORM, dtype)
     assert_grads_close(grads, torch.autograd.grad(expected, doubles, grad_y.double()), leaves, x, GROUP_NORM)
     assert_bindings_got_the_parameters_themselves(
-        kernel_parameters, ["group_norm_forward", "group_norm_backward"],
-        dict(zip(("weight", "bias", "scale", "shift"), leaves[1:])))
+        kernel_parameters,
+        ["group_norm_forward", "group_norm_backward"],
+        dict(zip(("weight", "bias", "scale", "shift"), leaves[1:])),
+    )
 
 
 # (2, 5, 24): 16-byte vectors of x and of the parameters (8-byte ones of fp16/bf16
@@ -445,8 +482,10 @@ def test_layer_norm_reads_parameters_in_their_own_dtype(kernel_parameters, dtype
     assert_close(y, expected, LAYER_NORM, dtype)
     assert_grads_close(grads, torch.autograd.grad(expected, doubles, grad_y.double()), leaves, x, LAYER_NORM)
     assert_bindings_got_the_parameters_themselves(
-        kernel_parameters, ["layer_norm_forward", "layer_norm_backward"],
-        dict(zip(("weight", "bias", "scale", "shift"), leaves[1:])))
+        kernel_parameters,
+        ["layer_norm_forward", "layer_norm_backward"],
+        dict(zip(("weight", "bias", "scale", "shift"), leaves[1:])),
+    )
 
 
 @pytest.mark.parametrize("shape", TOKEN_SHAPES, ids=str)
@@ -460,8 +499,9 @@ def test_gated_residual_layer_norm_reads_parameters_in_their_own_dtype(kernel_pa
     parameters = [t.to(d) for t, d in zip((weight, bias, scale, shift), (first, first, second, second))]
     leaves = [t.detach().requires_grad_() for t in (h, branch, gate, *parameters)]
     grad_h, grad_y = randn(*shape, seed=18, dtype=dtype), randn(*shape, seed=19, dtype=dtype)
-    h_new, y = ops.gated_residual_layer_norm(leaves[0], leaves[1], leaves[2], shape[-1], *leaves[3:5],
-                                             scale=leaves[5], shift=leaves[6])
+    h_new, y = ops.gated_residual_layer_norm(
+        leaves[0], leaves[1], leaves[2], shape[-1], *leaves[3:5], scale=leaves[5], shift=leaves[6]
+    )
     grads = torch.autograd.grad((h_new, y), leaves, (grad_h, grad_y))
     d = [t.detach().double().requires_grad_() for t in leaves]
     h64 = d[0] + d[2].unsqueeze(1) * d[1]
@@ -471,8 +511,10 @@ def test_gated_residual_layer_norm_reads_parameters_in_their_own_dtype(kernel_pa
     wanted = torch.autograd.grad((h64, explicit_layer_norm(h64, *d[3:])), d, (grad_h.double(), grad_y.double()))
     assert_grads_close(grads, wanted, leaves, h, LAYER_NORM)
     assert_bindings_got_the_parameters_themselves(
-        kernel_parameters, ["gated_residual_layer_norm_forward", "layer_norm_backward"],
-        dict(zip(("gate", "weight", "bias", "scale", "shift"), leaves[2:])))
+        kernel_parameters,
+        ["gated_residual_layer_norm_forward", "layer_norm_backward"],
+        dict(zip(("gate", "weight", "bias", "scale", "shift"), leaves[2:])),
+    )
 
 
 def test_norm_forwards_cast_no_parameter(cuda_backend_on_cpu):

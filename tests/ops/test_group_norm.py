@@ -188,8 +188,9 @@ def test_groups_of_one_value_give_the_bias_as_nn_group_norm(backend, shape, devi
     scale, shift = (torch.randn(shape[:2], generator=g).to(device) for _ in range(2))
     with running_on(backend, request):
         y = ops.group_norm(x, shape[1], norm.weight, norm.bias, norm.eps)
-        fused = ops.group_norm(x, shape[1], norm.weight, norm.bias, norm.eps, scale=scale, shift=shift,
-                               activation="silu")
+        fused = ops.group_norm(
+            x, shape[1], norm.weight, norm.bias, norm.eps, scale=scale, shift=shift, activation="silu"
+        )
         (dx,) = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(y, norm(x), atol=1e-4, rtol=0)
     ones = (1,) * (len(shape) - 2)  # the spatial dims, each of size 1
@@ -203,8 +204,9 @@ def test_groups_of_one_value_give_the_bias_as_nn_group_norm(backend, shape, devi
 def test_meta_tensors_give_meta_results():
     # Models are built and traced on the meta device: no values, only shapes and dtypes.
     x = torch.empty(2, 8, 4, 4, dtype=torch.float16, device="meta").to(memory_format=torch.channels_last)
-    y = ops.group_norm(x, 4, torch.empty(8, device="meta"), None, scale=torch.empty(2, 8, 1, 1, device="meta"),
-                       activation="silu")
+    y = ops.group_norm(
+        x, 4, torch.empty(8, device="meta"), None, scale=torch.empty(2, 8, 1, 1, device="meta"), activation="silu"
+    )
     assert y.is_meta and y.shape == x.shape and y.dtype == torch.float16
     assert y.is_contiguous(memory_format=torch.channels_last)
     leaf = torch.empty(2, 8, 3, device="meta", requires_grad=True)

@@ -60,8 +60,14 @@ def test_ddim_with_cfg_matches_written_out_step(clip, eta):
     sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
     expected = x0 * math.sqrt(a_prev) + math.sqrt(1 - a_prev - sigma**2) * eps + sigma * noise
 
-    step = StepCoefficients(alpha=math.sqrt(a_t), sigma=math.sqrt(1 - a_t), clip_denoised=clip,
-                            k_x0=math.sqrt(a_prev), k_eps=math.sqrt(1 - a_prev - sigma**2), k_noise=sigma)
+    step = StepCoefficients(
+        alpha=math.sqrt(a_t),
+        sigma=math.sqrt(1 - a_t),
+        clip_denoised=clip,
+        k_x0=math.sqrt(a_prev),
+        k_eps=math.sqrt(1 - a_prev - sigma**2),
+        k_noise=sigma,
+    )
     out = reference.guided_step(StepTensors(model_output, x, noise=noise), step, GuidanceCombine(w))
     torch.testing.assert_close(out, expected)
 
@@ -89,8 +95,16 @@ def test_ddpm_learned_variance_with_cfg_and_classifier_mean_shift():
     mean = mean + torch.exp(log_variance) * (s * grad)
     expected = mean + torch.exp(0.5 * log_variance) * noise
 
-    step = StepCoefficients(alpha=math.sqrt(a_t), sigma=math.sqrt(1 - a_t), clip_denoised=True, k_x0=coef1,
-                            k_x=coef2, k_noise=1.0, k_grad=s, log_variance_range=(min_log, max_log))
+    step = StepCoefficients(
+        alpha=math.sqrt(a_t),
+        sigma=math.sqrt(1 - a_t),
+        clip_denoised=True,
+        k_x0=coef1,
+        k_x=coef2,
+        k_noise=1.0,
+        k_grad=s,
+        log_variance_range=(min_log, max_log),
+    )
     out = reference.guided_step(StepTensors(model_output, x, noise=noise, grad=grad), step, GuidanceCombine(w))
     torch.testing.assert_close(out, expected)
 
@@ -128,13 +142,19 @@ def test_dpm_solver_pp_2m_matches_written_out_steps():
 
     # The same with guided_step: a sampler only computes the k's; x0 carries to prev.
     prev, cfg = poisoned(x.shape), GuidanceCombine(w)
-    first = StepCoefficients(alpha=alpha[t0], sigma=sigma[t0], k_x=sigma[t1] / sigma[t0],
-                             k_x0=-alpha[t1] * math.expm1(-h1))
+    first = StepCoefficients(
+        alpha=alpha[t0], sigma=sigma[t0], k_x=sigma[t1] / sigma[t0], k_x0=-alpha[t1] * math.expm1(-h1)
+    )
     x1_op = reference.guided_step(StepTensors(toy_guided_model(x, t0), x, x0_out=prev), first, cfg)
     torch.testing.assert_close(prev, d0)
     phi = -alpha[t2] * math.expm1(-h2)
-    second = StepCoefficients(alpha=alpha[t1], sigma=sigma[t1], k_x=sigma[t2] / sigma[t1],
-                              k_x0=phi * (1 + 1 / (2 * r)), k_history=(-phi / (2 * r),))
+    second = StepCoefficients(
+        alpha=alpha[t1],
+        sigma=sigma[t1],
+        k_x=sigma[t2] / sigma[t1],
+        k_x0=phi * (1 + 1 / (2 * r)),
+        k_history=(-phi / (2 * r),),
+    )
     x2_op = reference.guided_step(StepTensors(toy_guided_model(x1_op, t1), x1_op, history=(prev,)), second, cfg)
     torch.testing.assert_close(x1_op, x1)
     torch.testing.assert_close(x2_op, x2_expected)
@@ -152,8 +172,13 @@ def test_classifier_eps_shift_follows_adm_order():
     eps = eps - math.sqrt(1 - a_t) * s * grad
     x0 = math.sqrt(1 / a_t) * x - math.sqrt(1 / a_t - 1) * eps
     x0_out, eps_out = poisoned(x.shape), None
-    step = StepCoefficients(alpha=math.sqrt(a_t), sigma=math.sqrt(1 - a_t), clip_denoised=True,
-                            grad_eps_scale=math.sqrt(1 - a_t) * s, k_eps=1.0)
+    step = StepCoefficients(
+        alpha=math.sqrt(a_t),
+        sigma=math.sqrt(1 - a_t),
+        clip_denoised=True,
+        grad_eps_scale=math.sqrt(1 - a_t) * s,
+        k_eps=1.0,
+    )
     eps_out = reference.guided_step(StepTensors(model_output, x, grad=grad, x0_out=x0_out), step)
     torch.testing.assert_close(eps_out, eps)
     torch.testing.assert_close(x0_out, x0)
@@ -212,8 +237,7 @@ def test_apg_matches_sadat_et_al_over_two_steps():
         unit = cond / cond.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
         parallel = (diff * unit).flatten(1).sum(1).reshape(-1, 1, 1, 1) * unit
         expected = cond + (w - 1) * ((diff - parallel) + eta * parallel)
-        combine = GuidanceCombine(w, apg_eta=eta, apg_norm_threshold=threshold, apg_momentum=momentum,
-                                  variant="apg")
+        combine = GuidanceCombine(w, apg_eta=eta, apg_norm_threshold=threshold, apg_momentum=momentum, variant="apg")
         got = reference.guided_prediction(cond, uncond, combine, buffer)
         torch.testing.assert_close(got, expected)
         torch.testing.assert_close(buffer, running)
@@ -269,11 +293,18 @@ def test_perturbed_guidance_matches_diffusers_pag_and_skip_layer_guidance(phi):
     out = reference.guided_step(StepTensors(torch.cat([cond, uncond, perturbed]), x, x0_out=x0_out), step, combine)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(x0_out, x0)
-    guider = SkipLayerGuidance(guidance_scale=w, skip_layer_guidance_scale=s, guidance_rescale=phi,
-                               skip_layer_guidance_layers=[0], skip_layer_guidance_start=0.0)
+    guider = SkipLayerGuidance(
+        guidance_scale=w,
+        skip_layer_guidance_scale=s,
+        guidance_rescale=phi,
+        skip_layer_guidance_layers=[0],
+        skip_layer_guidance_start=0.0,
+    )
     guider.set_state(step=1, num_inference_steps=10, timestep=torch.tensor(500))  # inside its SLG interval
-    torch.testing.assert_close(reference.guided_prediction(cond, uncond, combine, perturbed=perturbed),
-                               guider.forward(cond, uncond, perturbed).pred)
+    torch.testing.assert_close(
+        reference.guided_prediction(cond, uncond, combine, perturbed=perturbed),
+        guider.forward(cond, uncond, perturbed).pred,
+    )
 
 
 def test_history_of_three_is_the_written_out_multistep_sum():
@@ -317,8 +348,9 @@ def test_out_fills_both_halves_of_next_input_and_x0_out(backend, device):
         returned = ops.guided_step(model_output, x, STEP, GuidanceCombine(3.0), out=next_input, x0_out=x0_out)
     assert returned is next_input
     expected_x0 = poisoned(x.shape)
-    expected = reference.guided_step(StepTensors(model_output.double().cpu(), x.double().cpu(), x0_out=expected_x0),
-                                     STEP, GuidanceCombine(3.0))
+    expected = reference.guided_step(
+        StepTensors(model_output.double().cpu(), x.double().cpu(), x0_out=expected_x0), STEP, GuidanceCombine(3.0)
+    )
     assert_close(next_input[:batch].cpu(), expected, GUIDED_STEP, torch.float16)
     assert_close(next_input[batch:].cpu(), expected, GUIDED_STEP, torch.float16)
     assert_close(x0_out.cpu(), expected_x0, GUIDED_STEP, torch.float32)
@@ -329,8 +361,9 @@ def test_out_may_be_x_itself(backend, device):
     x = randn(2, 3, 8, 8, seed=0, dtype=torch.float32).to(device)
     model_output = randn(4, 3, 8, 8, seed=1, dtype=torch.float32).to(device)
     step = StepCoefficients(alpha=0.9, sigma=math.sqrt(1 - 0.81), k_x=0.5, k_eps=0.25)
-    expected = reference.guided_step(StepTensors(model_output.double().cpu(), x.double().cpu()), step,
-                                     GuidanceCombine(2.0))
+    expected = reference.guided_step(
+        StepTensors(model_output.double().cpu(), x.double().cpu()), step, GuidanceCombine(2.0)
+    )
     with fastguide.backend(backend):
         ops.guided_step(model_output, x, step, GuidanceCombine(2.0), out=x)
     assert_close(x.cpu(), expected, GUIDED_STEP, torch.float32)
@@ -343,12 +376,27 @@ def test_inputs_are_not_modified(backend, device):
     model_output = randn(2, 6, 4, 4, seed=9, dtype=torch.float32).to(device)
     copies = {name: t.clone() for name, t in tensors.items()}
     mo_copy = model_output.clone()
-    step = StepCoefficients(alpha=0.8, sigma=0.6, grad_eps_scale=0.3, k_x=1.0, k_history=(0.5, -0.2, 0.1),
-                            k_noise=0.1, k_grad=0.2, log_variance_range=(-3.0, -1.0), clip_denoised=True)
+    step = StepCoefficients(
+        alpha=0.8,
+        sigma=0.6,
+        grad_eps_scale=0.3,
+        k_x=1.0,
+        k_history=(0.5, -0.2, 0.1),
+        k_noise=0.1,
+        k_grad=0.2,
+        log_variance_range=(-3.0, -1.0),
+        clip_denoised=True,
+    )
     with fastguide.backend(backend):
         ops.guided_step(
-            model_output, tensors["x"], step, GuidanceCombine(2.0, rescale=0.3), guide=tensors["guide"],
-            history=[tensors["h0"], tensors["h1"], tensors["h2"]], noise=tensors["noise"], grad=tensors["grad"],
+            model_output,
+            tensors["x"],
+            step,
+            GuidanceCombine(2.0, rescale=0.3),
+            guide=tensors["guide"],
+            history=[tensors["h0"], tensors["h1"], tensors["h2"]],
+            noise=tensors["noise"],
+            grad=tensors["grad"],
         )
     for name, t in tensors.items():
         assert torch.equal(t, copies[name]), name
@@ -379,8 +427,9 @@ def test_guided_step_matches_reference_float64(backend, dtype, shape, case, devi
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["cfg-clip-noise", "rescale", "apg-momentum-clip", "cfg-zero-star", "history-of-3",
-                                  "separate-guide"])
+@pytest.mark.parametrize(
+    "case", ["cfg-clip-noise", "rescale", "apg-momentum-clip", "cfg-zero-star", "history-of-3", "separate-guide"]
+)
 def test_guided_step_channels_last(backend, case, device):
     tensors, step, combine = case_inputs(CASES[case], 2, 5, (9, 11), torch.float32, device)
     to_cl = lambda t: t.to(memory_format=torch.channels_last)  # noqa: E731
@@ -445,13 +494,17 @@ PERTURBED_CASES = {
     "pag-rescale": dict(combine=GuidanceCombine(4.0, rescale=0.7, perturbed_scale=2.5), step=dict(k_x0=0.8, k_eps=0.5)),
     # diffusers' PAG without CFG, m = c + s·(c − p), is w = 1.
     "pag-without-cfg-rescale-2b-out": dict(
-        combine=GuidanceCombine(1.0, rescale=0.5, perturbed_scale=3.0), step=dict(k_x=0.9, k_x0=0.4), out_blocks=2,
+        combine=GuidanceCombine(1.0, rescale=0.5, perturbed_scale=3.0),
+        step=dict(k_x=0.9, k_x0=0.4),
+        out_blocks=2,
     ),
     "slg-v-clip-history-x0out-1b-out": dict(
         combine=GuidanceCombine(3.0, perturbed_scale=1.5),
-        step=dict(prediction_type="v_prediction", clip_denoised=True, k_x=0.3, k_x0=0.6, k_eps=0.2,
-                  k_history=(0.2, -0.1)),
-        x0_out=True, out_blocks=1,
+        step=dict(
+            prediction_type="v_prediction", clip_denoised=True, k_x=0.3, k_x0=0.6, k_eps=0.2, k_history=(0.2, -0.1)
+        ),
+        x0_out=True,
+        out_blocks=1,
     ),
     "pag-rescale-learned-var-noise-renoise": dict(
         combine=GuidanceCombine(5.0, rescale=0.6, perturbed_scale=2.0),
@@ -473,11 +526,18 @@ def perturbed_case_inputs(case: dict, batch: int, channels: int, spatial: tuple,
     return tensors, step, combine
 
 
-@pytest.mark.parametrize(("backend", "dtype"), [
-    *((backend, dtype) for backend in backends_with_emulation("guided_step")
-      for dtype in (torch.float32, torch.float16, torch.bfloat16)),
-    ("torch", torch.float64),
-], ids=str)
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    [
+        *(
+            (backend, dtype)
+            for backend in backends_with_emulation("guided_step")
+            for dtype in (torch.float32, torch.float16, torch.bfloat16)
+        ),
+        ("torch", torch.float64),
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("shape", PERTURBED_SHAPES, ids=str)
 @pytest.mark.parametrize("case", list(PERTURBED_CASES), ids=str)
 def test_perturbed_guidance_matches_reference_float64(backend, dtype, shape, case, device, request):
@@ -516,8 +576,9 @@ def test_out_fills_every_block_of_a_3b_next_input_holding_x(backend, perturbed_s
     next_input[:batch] = randn(batch, *shape, seed=0, dtype=torch.float32).to(device)
     x, x0_out = next_input[:batch], poisoned((batch, *shape), torch.float32).to(device)
     expected_x0 = poisoned(x.shape)
-    expected = reference.guided_step(StepTensors(model_output.double().cpu(), x.double().cpu(), x0_out=expected_x0),
-                                     STEP, combine)
+    expected = reference.guided_step(
+        StepTensors(model_output.double().cpu(), x.double().cpu(), x0_out=expected_x0), STEP, combine
+    )
     with running_on(backend, request):
         returned = ops.guided_step(model_output, x, STEP, combine, out=next_input, x0_out=x0_out)
     assert returned is next_input
@@ -589,35 +650,46 @@ def test_perturbed_rescale_at_large_mean_and_when_constant(backend, predictions,
     x = randn(batch, channels, *spatial, seed=13, dtype=torch.float32)
     if predictions == "constant":
         model_output = torch.cat([torch.full((batch, channels, *spatial), v) for v in (0.5, 0.2, 0.3)])
-        expected = reference.guided_step(StepTensors(model_output.double(), x.double()), PREDICTION_STEP,
-                                         combine._replace(rescale=0.0))
+        expected = reference.guided_step(
+            StepTensors(model_output.double(), x.double()), PREDICTION_STEP, combine._replace(rescale=0.0)
+        )
         tolerance = GUIDED_STEP
     else:
-        model_output = torch.cat([1e4 + 1e-2 * randn(batch, channels, *spatial, seed=seed)
-                                  for seed in (11, 12, 14)]).float()
+        model_output = torch.cat(
+            [1e4 + 1e-2 * randn(batch, channels, *spatial, seed=seed) for seed in (11, 12, 14)]
+        ).float()
         expected = reference.guided_step(StepTensors(model_output.double(), x.double()), PREDICTION_STEP, combine)
         tolerance = {torch.float32: (4 * torch.finfo(torch.float32).eps * 1e4, 0.0)}
     out = guided_prediction_step(backend, request, device, model_output, x, combine)
     assert_close(out, expected, tolerance, torch.float32)
 
 
-@pytest.mark.parametrize(("backend", "dtype"), [
-    *((backend, dtype) for backend in backends_with_emulation("guided_step")
-      for dtype in (torch.float32, torch.float16, torch.bfloat16)),
-    ("torch", torch.float64),  # tangential's float64 SVD leaves u constant only to ~1e-17
-], ids=str)
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    [
+        *(
+            (backend, dtype)
+            for backend in backends_with_emulation("guided_step")
+            for dtype in (torch.float32, torch.float16, torch.bfloat16)
+        ),
+        ("torch", torch.float64),  # tangential's float64 SVD leaves u constant only to ~1e-17
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("variant", ["cfg", "zero_star", "apg", "tangential"])
 @pytest.mark.parametrize("shape", REDUCTION_SHAPES[:2], ids=str)
 def test_rescale_leaves_a_constant_guided_prediction_unchanged(backend, dtype, variant, shape, device, request):
     # c = 0.5, u = 0.2 everywhere: std(m) = 0, so the policy leaves m as it is (f = 1),
     # where a cancelling variance divides noise by noise (a probe found Triton 0.58 off).
     batch, channels, spatial = shape
-    model_output = torch.cat([torch.full((batch, channels, *spatial), 0.5),
-                              torch.full((batch, channels, *spatial), 0.2)]).to(dtype)
+    model_output = torch.cat(
+        [torch.full((batch, channels, *spatial), 0.5), torch.full((batch, channels, *spatial), 0.2)]
+    ).to(dtype)
     x = randn(batch, channels, *spatial, seed=13, dtype=dtype)
     combine = GuidanceCombine(3.0, rescale=0.7, apg_eta=0.3 if variant == "apg" else 0.0, variant=variant)
-    unchanged = reference.guided_step(StepTensors(model_output.double(), x.double()), PREDICTION_STEP,
-                                      combine._replace(rescale=0.0))
+    unchanged = reference.guided_step(
+        StepTensors(model_output.double(), x.double()), PREDICTION_STEP, combine._replace(rescale=0.0)
+    )
     out = guided_prediction_step(backend, request, device, model_output, x, combine)
     assert_close(out, unchanged, GUIDED_STEP, dtype)
 
@@ -651,18 +723,36 @@ G = GuidanceCombine
 # the sums are taken; clip and the classifier shift, which the x0 predictions never see;
 # rescale's stats pass.
 SIMILARITY_CASES = {
-    **{name: CASES[name] for name in [
-        "cfg-ddim", "separate-guide", "ddpm-learned-var-grad", "zero-star-separate-learned-guide",
-        "apg-momentum-clip", "tangential-rescale-guide", "cfgpp-renoise-eps-learned", "rescale", "cfg-and-classifier",
-        "cfg-v-prediction", "cfgpp-renoise-v", "flow-cfg-history", "flow-pure-noise-clip", "flow-cfgpp-guide",
-        "cfgpp-renoise-sample-guide-zero-star",
-    ]},
-    "sample-cfg-clip": dict(combine=G(3.0), step=dict(prediction_type="sample", clip_denoised=True, k_x0=0.7,
-                                                      k_eps=0.6)),
+    **{
+        name: CASES[name]
+        for name in [
+            "cfg-ddim",
+            "separate-guide",
+            "ddpm-learned-var-grad",
+            "zero-star-separate-learned-guide",
+            "apg-momentum-clip",
+            "tangential-rescale-guide",
+            "cfgpp-renoise-eps-learned",
+            "rescale",
+            "cfg-and-classifier",
+            "cfg-v-prediction",
+            "cfgpp-renoise-v",
+            "flow-cfg-history",
+            "flow-pure-noise-clip",
+            "flow-cfgpp-guide",
+            "cfgpp-renoise-sample-guide-zero-star",
+        ]
+    },
+    "sample-cfg-clip": dict(
+        combine=G(3.0), step=dict(prediction_type="sample", clip_denoised=True, k_x0=0.7, k_eps=0.6)
+    ),
     "v-apg-momentum-learned-var": dict(
-        combine=G(4.0, apg_eta=0.3, apg_momentum=-0.4, variant="apg"), learned_variance=True,
-        step=dict(prediction_type="v_prediction", k_x=0.2, k_x0=0.6, k_eps=0.3, k_noise=0.5,
-                  log_variance_range=(-5.0, -3.5))),
+        combine=G(4.0, apg_eta=0.3, apg_momentum=-0.4, variant="apg"),
+        learned_variance=True,
+        step=dict(
+            prediction_type="v_prediction", k_x=0.2, k_x0=0.6, k_eps=0.3, k_noise=0.5, log_variance_range=(-5.0, -3.5)
+        ),
+    ),
 }
 # Odd (the CUDA scalar path and its tail), one element per channel, and several CUDA blocks
 # (and 2 Triton programs) per sample on the vector path.
@@ -673,8 +763,7 @@ SIMILARITY_STEPS = {
     "epsilon": STEP,
     "v_prediction": StepCoefficients(alpha=0.6, sigma=0.8, k_x=0.9, k_x0=0.2, prediction_type="v_prediction"),
     "flow_prediction": StepCoefficients(alpha=0.35, sigma=0.65, k_x=0.9, k_x0=0.2, prediction_type="flow_prediction"),
-    "sample": StepCoefficients(alpha=0.7, sigma=0.714, k_x=0.9, k_x0=0.2, clip_denoised=True,
-                               prediction_type="sample"),
+    "sample": StepCoefficients(alpha=0.7, sigma=0.714, k_x=0.9, k_x0=0.2, clip_denoised=True, prediction_type="sample"),
 }
 
 
@@ -686,7 +775,7 @@ def x0_cosine_of_inputs(tensors: dict, step: StepCoefficients) -> torch.Tensor:
     batch, channels = tensors["x"].shape[:2]
     x = tensors["x"].cpu().double()
     model_output = tensors["model_output"].cpu().double()
-    uncond = tensors["guide"].cpu().double() if "guide" in tensors else model_output[batch:2 * batch]
+    uncond = tensors["guide"].cpu().double() if "guide" in tensors else model_output[batch : 2 * batch]
     x0_c = x0_prediction(model_output[:batch, :channels], x, step)
     x0_u = x0_prediction(uncond[:, :channels], x, step)
     return torch.nn.functional.cosine_similarity(x0_c.flatten(1), x0_u.flatten(1), dim=1)
@@ -703,16 +792,29 @@ def step_with_similarity(backend: str, request, tensors: dict, step, combine) ->
         ops.guided_step(**plain, step=step, combine=combine)
     for name in WRITTEN:
         if name in tensors:
-            torch.testing.assert_close(tensors[name], plain[name], rtol=0, atol=0, equal_nan=True,
-                                       msg=f"{name} differs when similarity is asked for")
+            torch.testing.assert_close(
+                tensors[name],
+                plain[name],
+                rtol=0,
+                atol=0,
+                equal_nan=True,
+                msg=f"{name} differs when similarity is asked for",
+            )
     return similarity.cpu()
 
 
-@pytest.mark.parametrize(("backend", "dtype"), [
-    *((backend, dtype) for backend in backends_with_emulation("guided_step")
-      for dtype in (torch.float32, torch.float16, torch.bfloat16)),
-    ("torch", torch.float64),
-], ids=str)
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    [
+        *(
+            (backend, dtype)
+            for backend in backends_with_emulation("guided_step")
+            for dtype in (torch.float32, torch.float16, torch.bfloat16)
+        ),
+        ("torch", torch.float64),
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("shape", SIMILARITY_SHAPES, ids=str)
 @pytest.mark.parametrize("case", list(SIMILARITY_CASES))
 def test_similarity_matches_float64_cosine_of_x0_predictions(backend, dtype, shape, case, device, request):
@@ -725,8 +827,18 @@ def test_similarity_matches_float64_cosine_of_x0_predictions(backend, dtype, sha
 
 
 @pytest.mark.parametrize("backend", backends_with_emulation("guided_step"))
-@pytest.mark.parametrize("case", ["cfg-clip-noise", "apg-momentum-clip", "separate-guide", "tangential-rescale-guide",
-                                  "cfg-v-prediction", "flow-cfgpp-guide", "sample-cfg-clip"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "cfg-clip-noise",
+        "apg-momentum-clip",
+        "separate-guide",
+        "tangential-rescale-guide",
+        "cfg-v-prediction",
+        "flow-cfgpp-guide",
+        "sample-cfg-clip",
+    ],
+)
 def test_similarity_channels_last(backend, case, device, request):
     device = "cpu" if backend == "cuda-emulation" else device
     tensors, step, combine = case_inputs({**CASES, **SIMILARITY_CASES}[case], 2, 5, (9, 11), torch.float32, device)
@@ -742,8 +854,18 @@ def test_similarity_channels_last(backend, case, device, request):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("case", ["cfg-ddim", "separate-guide", "apg-momentum-clip", "ddpm-learned-var-grad",
-                                  "cfg-v-prediction", "flow-cfgpp-guide", "sample-cfg-clip"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "cfg-ddim",
+        "separate-guide",
+        "apg-momentum-clip",
+        "ddpm-learned-var-grad",
+        "cfg-v-prediction",
+        "flow-cfgpp-guide",
+        "sample-cfg-clip",
+    ],
+)
 def test_similarity_gpu_large(backend, dtype, case, request):
     # Many programs and blocks a sample (65536 elements), the compiled kernels' reductions.
     tensors, step, combine = case_inputs(SIMILARITY_CASES.get(case, CASES.get(case)), 16, 4, (128, 128), dtype, "cuda")
@@ -777,16 +899,21 @@ def test_similarity_is_the_same_whatever_the_parameterisation(backend, predictio
 
     def prediction(x0):
         eps = (x - alpha * x0) / sigma
-        return {"epsilon": eps, "v_prediction": alpha * eps - sigma * x0, "sample": x0,
-                "flow_prediction": eps - x0}[prediction_type]
+        return {"epsilon": eps, "v_prediction": alpha * eps - sigma * x0, "sample": x0, "flow_prediction": eps - x0}[
+            prediction_type
+        ]
 
     cond, uncond = prediction(x0_c).float(), prediction(x0_u).float()
     got = similarity_on(backend, request, device, torch.cat([cond, uncond]), x.float(), step=step)
     expected = torch.nn.functional.cosine_similarity(x0_c.flatten(1), x0_u.flatten(1), dim=1)
     # float32 inputs carry x0 to about 1e-6 relative (the maps divide by alpha or sigma ≈ 0.6).
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-5)
-    assert_close(got, x0_cosine_of_inputs({"model_output": torch.cat([cond, uncond]), "x": x.float()}, step),
-                 SIMILARITY, torch.float32)
+    assert_close(
+        got,
+        x0_cosine_of_inputs({"model_output": torch.cat([cond, uncond]), "x": x.float()}, step),
+        SIMILARITY,
+        torch.float32,
+    )
 
 
 @pytest.mark.parametrize("backend", backends_with_emulation("guided_step"))
@@ -829,8 +956,12 @@ def test_similarity_is_zero_where_an_x0_norm_is_zero(backend, prediction_type, l
     else:
         got = similarity_on(backend, request, device, cond.float(), x, guide=uncond.float(), step=step)
     assert got[:2].tolist() == [0.0, 0.0]
-    assert_close(got[2:], x0_cosine_of_inputs({"model_output": cond[2:], "guide": uncond[2:], "x": x[2:]}, step),
-                 SIMILARITY, torch.float32)
+    assert_close(
+        got[2:],
+        x0_cosine_of_inputs({"model_output": cond[2:], "guide": uncond[2:], "x": x[2:]}, step),
+        SIMILARITY,
+        torch.float32,
+    )
 
 
 @pytest.mark.parametrize("backend", backends_with_emulation("guided_step"))
@@ -852,8 +983,12 @@ def test_similarity_is_nan_where_an_x0_prediction_is_not_finite(backend, predict
     finite = [3] if prediction_type != "sample" else [2, 3]
     assert got[[i for i in range(batch) if i not in finite]].isnan().all()
     rows = finite + [batch + i for i in finite]
-    assert_close(got[finite], x0_cosine_of_inputs({"model_output": model_output[rows], "x": x[finite]}, step),
-                 SIMILARITY, torch.float32)
+    assert_close(
+        got[finite],
+        x0_cosine_of_inputs({"model_output": model_output[rows], "x": x[finite]}, step),
+        SIMILARITY,
+        torch.float32,
+    )
 
 
 @pytest.mark.parametrize("backend", backends_with_emulation("guided_step"))
@@ -866,8 +1001,7 @@ def test_similarity_whose_float32_sums_overflow_is_nan_on_the_kernels(backend, d
     x = randn(batch, *shape, seed=0, dtype=torch.float32)
     got = similarity_on(backend, request, device, model_output, x)
     if backend == "torch":
-        assert_close(got, x0_cosine_of_inputs({"model_output": model_output, "x": x}, STEP), SIMILARITY,
-                     torch.float32)
+        assert_close(got, x0_cosine_of_inputs({"model_output": model_output, "x": x}, STEP), SIMILARITY, torch.float32)
     else:
         assert got.isnan().all()
 
@@ -886,26 +1020,38 @@ def test_opcheck_guided_step_with_similarity():
     tensors = StepTensors(model_output, x, out=torch.empty(2, 3, 5, 5), similarity=torch.empty(2))
     step = StepCoefficients(alpha=0.8, sigma=0.6, k_x=0.3, k_x0=0.7)
     for combine in (GuidanceCombine(3.0), GuidanceCombine(3.0, rescale=0.5, variant="zero_star")):
-        torch.library.opcheck(torch.ops.fastguide.guided_step.default,
-                              (*contract.pack(tensors, step, combine), "torch"))
+        torch.library.opcheck(
+            torch.ops.fastguide.guided_step.default, (*contract.pack(tensors, step, combine), "torch")
+        )
 
 
 SIMILARITY_INPUTS = (randn(4, 3, 4, 4, seed=1, dtype=torch.float32), randn(2, 3, 4, 4, seed=0, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("combine, similarity, error, message", [
-    (None, torch.empty(2), ValueError, "similarity was given but combine is None"),
-    (GuidanceCombine(3.0, perturbed_scale=2.0), torch.empty(2), ValueError,
-     r"similarity is not available with combine.perturbed_scale = 2.0"),
-    (GuidanceCombine(3.0), [0.0, 0.0], TypeError, "similarity must be a torch.Tensor, got list"),
-    (GuidanceCombine(3.0), torch.empty(2, dtype=torch.float64), TypeError,
-     "similarity must have dtype torch.float32, got torch.float64"),
-    (GuidanceCombine(3.0), torch.empty(2).to_sparse(), TypeError, "similarity must be a dense"),
-    (GuidanceCombine(3.0), torch.empty(3), ValueError, r"similarity must have shape \(2,\), one value per sample"),
-    (GuidanceCombine(3.0), torch.empty(2, 1), ValueError, r"similarity must have shape \(2,\)"),
-    (GuidanceCombine(3.0), torch.empty(4)[::2], ValueError, r"similarity must be contiguous, got strides \(2,\)"),
-    (GuidanceCombine(3.0), torch.empty(2, device="meta"), ValueError, "similarity is on meta but x is on cpu"),
-])
+@pytest.mark.parametrize(
+    "combine, similarity, error, message",
+    [
+        (None, torch.empty(2), ValueError, "similarity was given but combine is None"),
+        (
+            GuidanceCombine(3.0, perturbed_scale=2.0),
+            torch.empty(2),
+            ValueError,
+            r"similarity is not available with combine.perturbed_scale = 2.0",
+        ),
+        (GuidanceCombine(3.0), [0.0, 0.0], TypeError, "similarity must be a torch.Tensor, got list"),
+        (
+            GuidanceCombine(3.0),
+            torch.empty(2, dtype=torch.float64),
+            TypeError,
+            "similarity must have dtype torch.float32, got torch.float64",
+        ),
+        (GuidanceCombine(3.0), torch.empty(2).to_sparse(), TypeError, "similarity must be a dense"),
+        (GuidanceCombine(3.0), torch.empty(3), ValueError, r"similarity must have shape \(2,\), one value per sample"),
+        (GuidanceCombine(3.0), torch.empty(2, 1), ValueError, r"similarity must have shape \(2,\)"),
+        (GuidanceCombine(3.0), torch.empty(4)[::2], ValueError, r"similarity must be contiguous, got strides \(2,\)"),
+        (GuidanceCombine(3.0), torch.empty(2, device="meta"), ValueError, "similarity is on meta but x is on cpu"),
+    ],
+)
 def test_similarity_validation(combine, similarity, error, message):
     model_output, x = SIMILARITY_INPUTS
     if combine is None:

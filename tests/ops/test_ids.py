@@ -23,8 +23,9 @@ def snake(cpp_name: str, prefix: str) -> str:
 
 
 def test_guidance_stats_ids_match():
-    python = {name.removeprefix("STATS_").lower(): value for name, value in vars(layout).items()
-              if name.startswith("STATS_")}
+    python = {
+        name.removeprefix("STATS_").lower(): value for name, value in vars(layout).items() if name.startswith("STATS_")
+    }
     cpp = {snake(name, "kStats"): value for name, value in cpp_enum("GuidedStats").items()}
     assert cpp == python and len(python) == 5
 
@@ -37,7 +38,8 @@ def test_prediction_ids_match():
 def test_setup_builds_the_sources_and_flags_of_the_just_in_time_build():
     setup = (ROOT / "setup.py").read_text()
     assert "KERNEL_SOURCES" in setup and "BINDING_SOURCES" in setup and "NVCC_FLAGS" in setup
-    assert not re.search(r"\.cu\b|\.cpp\b|-O3|--use_fast_math|-std=", setup.split('"""', 2)[2]), \
+    assert not re.search(r"\.cu\b|\.cpp\b|-O3|--use_fast_math|-std=", setup.split('"""', 2)[2]), (
         "setup.py must take its sources and flags from fastguide/ops/extension.py"
+    )
     on_disk = {p.name for p in (ROOT / "csrc").iterdir() if p.suffix in (".cu", ".cpp")}
     assert on_disk == set(extension.KERNEL_SOURCES + extension.BINDING_SOURCES)

@@ -55,8 +55,9 @@ def eager_in_dtype(x, weight, bias, scale, shift, eps=1e-6):
     """What plain PyTorch computes in x's dtype (a DiT's modulate(norm(x))): the error the
     kernels are held to (at most twice it)."""
     dtype = x.dtype
-    y = F.layer_norm(x, x.shape[-1:], None if weight is None else weight.to(dtype),
-                     None if bias is None else bias.to(dtype), eps)
+    y = F.layer_norm(
+        x, x.shape[-1:], None if weight is None else weight.to(dtype), None if bias is None else bias.to(dtype), eps
+    )
 
     def tokens(t):
         return t.unsqueeze(1) if t.dim() == 2 and x.dim() == 3 else t
@@ -131,9 +132,13 @@ def test_layer_norm_matches_formula(backend, dtype, shape, variant, device, requ
     with running_on(backend, request):
         y = ops.layer_norm(x, (shape[-1],), weight, bias, 1e-6, scale=scale, shift=shift)
     assert y.dtype == dtype and y.shape == x.shape
-    assert_within_twice_torch(y, explicit_layer_norm(x, weight, bias, scale, shift),
-                              eager_in_dtype(x, weight, bias, scale, shift), dtype,
-                              strict=not interpreter_truncates(backend, dtype, device))
+    assert_within_twice_torch(
+        y,
+        explicit_layer_norm(x, weight, bias, scale, shift),
+        eager_in_dtype(x, weight, bias, scale, shift),
+        dtype,
+        strict=not interpreter_truncates(backend, dtype, device),
+    )
 
 
 @pytest.mark.parametrize("backend, dtype", backend_dtypes(), ids=str)
@@ -153,8 +158,13 @@ def test_gated_residual_layer_norm_matches_formula(backend, dtype, shape, per_to
     assert_close(h_new, sum64, LAYER_NORM, dtype)
     assert_close(h_new, sum64.to(dtype), {dtype: (0, 0) if dtype == torch.float64 else LAYER_NORM[dtype]}, dtype)
     expected = explicit_layer_norm(h_new, weight, bias, scale, shift)
-    assert_within_twice_torch(y, expected, eager_in_dtype(h_new, weight, bias, scale, shift), dtype,
-                              strict=not interpreter_truncates(backend, dtype, device))
+    assert_within_twice_torch(
+        y,
+        expected,
+        eager_in_dtype(h_new, weight, bias, scale, shift),
+        dtype,
+        strict=not interpreter_truncates(backend, dtype, device),
+    )
 
 
 def test_gated_residual_matches_formula_and_differentiates():
@@ -183,8 +193,9 @@ def test_a_branch_of_another_dtype_is_cast_to_h(backend, branch_dtype, device, r
     with running_on(backend, request):
         out = ops.gated_residual(h, branch, per_token)
         h_new, y = ops.gated_residual_layer_norm(h, branch, gate, 24, scale=scale.bfloat16(), shift=scale)
-        want_h_new, want_y = ops.gated_residual_layer_norm(h, branch.float(), gate, 24, scale=scale.bfloat16(),
-                                                           shift=scale)
+        want_h_new, want_y = ops.gated_residual_layer_norm(
+            h, branch.float(), gate, 24, scale=scale.bfloat16(), shift=scale
+        )
     assert out.dtype == h_new.dtype == y.dtype == torch.float32
     torch.testing.assert_close(out, ops.gated_residual(h, branch.float(), per_token), atol=0, rtol=0)
     torch.testing.assert_close((h_new, y), (want_h_new, want_y), atol=0, rtol=0)
@@ -245,9 +256,17 @@ def assert_grads_close(got_grads, wanted, leaves, x, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("shape, variant", [((2, 7, 72), "per-sample"), ((2, 257, 72), "mixed-affine"),
-                                            ((3, 1, 72), "per-token-affine"), ((3, 72), "mixed-affine"),
-                                            ((1, 3, 1152), "per-token-affine")], ids=str)
+@pytest.mark.parametrize(
+    "shape, variant",
+    [
+        ((2, 7, 72), "per-sample"),
+        ((2, 257, 72), "mixed-affine"),
+        ((3, 1, 72), "per-token-affine"),
+        ((3, 72), "mixed-affine"),
+        ((1, 3, 1152), "per-token-affine"),
+    ],
+    ids=str,
+)
 def test_layer_norm_backward_matches_autograd_of_formula(backend, dtype, shape, variant, device, request):
     device = device_for(backend, device)
     x, weight, bias, scale, shift = inputs(shape, dtype, device, variant, seed=3)
@@ -278,8 +297,9 @@ def test_gated_residual_layer_norm_backward(backend, dtype, device, request):
     leaves = [t.detach().requires_grad_() for t in (x, branch, gate, weight, bias, scale, shift)]
     grad_h, grad_y = (torch.randn(shape, generator=g).to(device=device, dtype=dtype) for _ in range(2))
     with running_on(backend, request):
-        h_new, y = ops.gated_residual_layer_norm(leaves[0], leaves[1], leaves[2], shape[-1], *leaves[3:5],
-                                                 scale=leaves[5], shift=leaves[6])
+        h_new, y = ops.gated_residual_layer_norm(
+            leaves[0], leaves[1], leaves[2], shape[-1], *leaves[3:5], scale=leaves[5], shift=leaves[6]
+        )
         grads = torch.autograd.grad((h_new, y), leaves, (grad_h, grad_y))
     d = [t.detach().double().requires_grad_() for t in leaves]
     h64 = d[0] + d[2].unsqueeze(1) * d[1]
@@ -290,13 +310,17 @@ def test_gated_residual_layer_norm_backward(backend, dtype, device, request):
 
 def test_gradcheck_float64():
     g = torch.Generator().manual_seed(7)
-    leaves = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
-              for s in [(2, 3, 6), (6,), (6,), (2, 6), (2, 3, 6), (2, 3, 6), (2, 6)]]
+    leaves = [
+        torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
+        for s in [(2, 3, 6), (6,), (6,), (2, 6), (2, 3, 6), (2, 3, 6), (2, 6)]
+    ]
     x, weight, bias, scale, shift, branch, gate = leaves
     assert torch.autograd.gradcheck(
-        lambda *t: ops.layer_norm(t[0], 6, t[1], t[2], scale=t[3], shift=t[4]), (x, weight, bias, scale, shift))
+        lambda *t: ops.layer_norm(t[0], 6, t[1], t[2], scale=t[3], shift=t[4]), (x, weight, bias, scale, shift)
+    )
     assert torch.autograd.gradcheck(
-        lambda *t: ops.gated_residual_layer_norm(t[0], t[1], t[2], 6, scale=t[3]), (x, branch, gate, scale))
+        lambda *t: ops.gated_residual_layer_norm(t[0], t[1], t[2], 6, scale=t[3]), (x, branch, gate, scale)
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -322,6 +346,7 @@ def test_strided_and_transposed_views(backend, device, request):
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_misaligned_tensors(backend, dtype, device, request):
     device = device_for(backend, device)
+
     # The CUDA kernels use 16-byte vectors only when every row pointer allows them; the
     # emulation reports a misaligned vector access as the fault a GPU would raise.
     def offset_copy(t):
@@ -363,8 +388,9 @@ def test_empty_inputs(backend, device, request):
     device = device_for(backend, device)
     with running_on(backend, request):
         y = ops.layer_norm(torch.empty(0, 3, 8, device=device), 8, scale=torch.empty(0, 8, device=device))
-        h_new, z = ops.gated_residual_layer_norm(*(torch.empty(2, 0, 8, device=device) for _ in range(2)),
-                                                 torch.randn(2, 8, device=device), 8)
+        h_new, z = ops.gated_residual_layer_norm(
+            *(torch.empty(2, 0, 8, device=device) for _ in range(2)), torch.randn(2, 8, device=device), 8
+        )
     assert y.shape == (0, 3, 8) and h_new.shape == z.shape == (2, 0, 8)
 
 
@@ -420,13 +446,17 @@ def test_opcheck():
     g = torch.Generator().manual_seed(0)
     x, branch = (torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
     weight, bias = (torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    per_sample, per_token = (torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
-                             for s in ((2, 1, 8), (2, 3, 8)))
-    torch.library.opcheck(torch.ops.fastguide.layer_norm.default,
-                          (x, weight, bias, per_sample, per_token, 1e-6, "torch"))
+    per_sample, per_token = (
+        torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((2, 1, 8), (2, 3, 8))
+    )
+    torch.library.opcheck(
+        torch.ops.fastguide.layer_norm.default, (x, weight, bias, per_sample, per_token, 1e-6, "torch")
+    )
     torch.library.opcheck(torch.ops.fastguide.layer_norm.default, (x, None, None, None, per_sample, 1e-5, "torch"))
-    torch.library.opcheck(torch.ops.fastguide.gated_residual_layer_norm.default,
-                          (x, branch, per_sample, weight, None, per_token, None, 1e-6, "torch"))
+    torch.library.opcheck(
+        torch.ops.fastguide.gated_residual_layer_norm.default,
+        (x, branch, per_sample, weight, None, per_token, None, 1e-6, "torch"),
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -434,31 +464,39 @@ def test_opcheck():
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda x: ops.layer_norm(x, (71,)), ValueError, r"normalized_shape must be \(72,\)"),
-    (lambda x: ops.layer_norm(x, (7, 72)), ValueError, "normalized_shape"),
-    (lambda x: ops.layer_norm(x, 72.0), TypeError, "normalized_shape"),
-    (lambda x: ops.layer_norm(x, "72"), TypeError, "normalized_shape"),
-    (lambda x: ops.layer_norm(x[None], 72), ValueError, r"x must be \(N, L, D\) or \(N, D\)"),
-    (lambda x: ops.layer_norm(x.int(), 72), TypeError, "x must be a floating tensor"),
-    (lambda x: ops.layer_norm(x, 72, torch.ones(71)), ValueError, r"weight must have shape \(72,\)"),
-    (lambda x: ops.layer_norm(x, 72, None, torch.ones(2, 72)), ValueError, "bias must have shape"),
-    (lambda x: ops.layer_norm(x, 72, scale=torch.ones(2, 3, 72)), ValueError, r"scale \(adaLN modulation\)"),
-    (lambda x: ops.layer_norm(x, 72, shift=torch.ones(3, 72)), ValueError, "shift"),
-    (lambda x: ops.layer_norm(x, 72, scale=torch.ones(2, 72, dtype=torch.int32)), TypeError, "scale"),
-    (lambda x: ops.layer_norm(x, 72, torch.ones(72, device="meta")), ValueError, "weight is on meta"),
-    (lambda x: ops.layer_norm(x, 72, eps=0.0), ValueError, "eps must be positive"),
-    (lambda x: ops.layer_norm(x, 72, eps=1e39), ValueError, "eps must be positive and within float32's range"),
-    (lambda x: ops.gated_residual(x, x[:, :3], torch.ones(2, 72)), ValueError, "branch must have shape"),
-    (lambda x: ops.gated_residual(x, x.int(), torch.ones(2, 72)), TypeError, "branch must be a floating tensor"),
-    (lambda x: ops.layer_norm(x[:, 0], 72, scale=torch.ones(2, 2, 72)), ValueError,
-     r"scale \(adaLN modulation\) must have shape \(2, 72\) or \(2, 1, 72\)"),
-    (lambda x: ops.gated_residual(x, x, torch.ones(72)), ValueError, r"gate \(residual gate\)"),
-    (lambda x: ops.gated_residual_layer_norm(x, x, torch.ones(2, 72), 70), ValueError,
-     "the last dim of h"),
-    (lambda x: ops.gated_residual_layer_norm(x, x, torch.ones(2, 72, device="meta"), 72), ValueError,
-     "gate is on meta"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda x: ops.layer_norm(x, (71,)), ValueError, r"normalized_shape must be \(72,\)"),
+        (lambda x: ops.layer_norm(x, (7, 72)), ValueError, "normalized_shape"),
+        (lambda x: ops.layer_norm(x, 72.0), TypeError, "normalized_shape"),
+        (lambda x: ops.layer_norm(x, "72"), TypeError, "normalized_shape"),
+        (lambda x: ops.layer_norm(x[None], 72), ValueError, r"x must be \(N, L, D\) or \(N, D\)"),
+        (lambda x: ops.layer_norm(x.int(), 72), TypeError, "x must be a floating tensor"),
+        (lambda x: ops.layer_norm(x, 72, torch.ones(71)), ValueError, r"weight must have shape \(72,\)"),
+        (lambda x: ops.layer_norm(x, 72, None, torch.ones(2, 72)), ValueError, "bias must have shape"),
+        (lambda x: ops.layer_norm(x, 72, scale=torch.ones(2, 3, 72)), ValueError, r"scale \(adaLN modulation\)"),
+        (lambda x: ops.layer_norm(x, 72, shift=torch.ones(3, 72)), ValueError, "shift"),
+        (lambda x: ops.layer_norm(x, 72, scale=torch.ones(2, 72, dtype=torch.int32)), TypeError, "scale"),
+        (lambda x: ops.layer_norm(x, 72, torch.ones(72, device="meta")), ValueError, "weight is on meta"),
+        (lambda x: ops.layer_norm(x, 72, eps=0.0), ValueError, "eps must be positive"),
+        (lambda x: ops.layer_norm(x, 72, eps=1e39), ValueError, "eps must be positive and within float32's range"),
+        (lambda x: ops.gated_residual(x, x[:, :3], torch.ones(2, 72)), ValueError, "branch must have shape"),
+        (lambda x: ops.gated_residual(x, x.int(), torch.ones(2, 72)), TypeError, "branch must be a floating tensor"),
+        (
+            lambda x: ops.layer_norm(x[:, 0], 72, scale=torch.ones(2, 2, 72)),
+            ValueError,
+            r"scale \(adaLN modulation\) must have shape \(2, 72\) or \(2, 1, 72\)",
+        ),
+        (lambda x: ops.gated_residual(x, x, torch.ones(72)), ValueError, r"gate \(residual gate\)"),
+        (lambda x: ops.gated_residual_layer_norm(x, x, torch.ones(2, 72), 70), ValueError, "the last dim of h"),
+        (
+            lambda x: ops.gated_residual_layer_norm(x, x, torch.ones(2, 72, device="meta"), 72),
+            ValueError,
+            "gate is on meta",
+        ),
+    ],
+)
 def test_invalid_arguments_name_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call(torch.randn(2, 7, 72))
@@ -487,12 +525,18 @@ def test_layer_norm_gpu_dit_sizes(backend, dtype, shape, variant):
         y = ops.layer_norm(args[0], shape[-1], *args[1:3], scale=args[3], shift=args[4])
         h_new, z = ops.gated_residual_layer_norm(x, branch, gate, shape[-1], weight, bias, scale=scale, shift=shift)
         grads = torch.autograd.grad(y, leaves, grad_y)
-    assert_within_twice_torch(y, explicit_layer_norm(x, weight, bias, scale, shift),
-                              eager_in_dtype(x, weight, bias, scale, shift), dtype)
-    assert_within_twice_torch(z, explicit_layer_norm(h_new, weight, bias, scale, shift),
-                              eager_in_dtype(h_new, weight, bias, scale, shift), dtype)
+    assert_within_twice_torch(
+        y, explicit_layer_norm(x, weight, bias, scale, shift), eager_in_dtype(x, weight, bias, scale, shift), dtype
+    )
+    assert_within_twice_torch(
+        z,
+        explicit_layer_norm(h_new, weight, bias, scale, shift),
+        eager_in_dtype(h_new, weight, bias, scale, shift),
+        dtype,
+    )
     doubles = [t.detach().double().requires_grad_() for t in leaves]
     full = iter(doubles)
-    wanted = torch.autograd.grad(explicit_layer_norm(*[next(full) if p else None for p in present]), doubles,
-                                 grad_y.double())
+    wanted = torch.autograd.grad(
+        explicit_layer_norm(*[next(full) if p else None for p in present]), doubles, grad_y.double()
+    )
     assert_grads_close(grads, wanted, leaves, x, dtype)

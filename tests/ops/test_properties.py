@@ -26,8 +26,12 @@ from fastguide.ops import reference
 from fastguide.ops.contract import PREDICTION_TYPES, GuidanceCombine, NormParameters, StepCoefficients, StepTensors
 from tests.helpers import ATTENTION, GROUP_NORM, GUIDED_STEP, LAYER_NORM, backends_with_emulation, running_on
 
-SETTINGS = settings(max_examples=80, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=80,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 NON_FINITE = [math.nan, math.inf, -math.inf]
 
 
@@ -75,26 +79,46 @@ PREDICTIONS = {"random": None, "mean-10": (10.0, 1e-2), "mean-1e4": (1e4, 1e-2),
 @st.composite
 def step_cases(draw):
     case = dict(
-        batch=draw(st.integers(0, 3)), channels=draw(st.integers(1, 4)),
+        batch=draw(st.integers(0, 3)),
+        channels=draw(st.integers(1, 4)),
         spatial=(draw(st.integers(0, 6)), draw(st.integers(1, 7))),
         dtype=draw(st.sampled_from([torch.float32, torch.float16])),
-        variant=draw(st.sampled_from(["none", "cfg", "rescale", "zero_star", "tangential", "apg", "apg-momentum",
-                                      "perturbed", "perturbed-rescale"])),
+        variant=draw(
+            st.sampled_from(
+                [
+                    "none",
+                    "cfg",
+                    "rescale",
+                    "zero_star",
+                    "tangential",
+                    "apg",
+                    "apg-momentum",
+                    "perturbed",
+                    "perturbed-rescale",
+                ]
+            )
+        ),
         layout=draw(st.sampled_from(["contiguous", "channels_last", "strided"])),
         out=draw(st.sampled_from(["new", "x", "2b", "3b"])),
-        learned=draw(st.booleans()), clip=draw(st.booleans()),
+        learned=draw(st.booleans()),
+        clip=draw(st.booleans()),
         prediction_type=draw(st.sampled_from(PREDICTION_TYPES)),
         alpha_sigma=draw(st.sampled_from([(0.9, math.sqrt(1 - 0.81)), (0.3, math.sqrt(1 - 0.09))])),
         k={name: draw(coefficients) for name in ("k_x", "k_x0", "k_eps", "k_noise", "k_grad", "grad_eps_scale")},
         k_history=tuple(draw(coefficients) for _ in range(draw(st.integers(0, 4)))),
-        x_spots=draw(spots), output_spots=draw(spots), seed=draw(st.integers(0, 2**16)),
+        x_spots=draw(spots),
+        output_spots=draw(spots),
+        seed=draw(st.integers(0, 2**16)),
     )
     # A perturbed prediction is the third B rows of the model output: never beside a guide.
     case["guide"] = case["variant"] not in ("none", "perturbed", "perturbed-rescale") and draw(st.booleans())
     case["k"]["k_guide_eps"] = draw(coefficients) if case["variant"] != "none" else 0.0  # CFG++'s renoising
     # Mean 1e4 would overflow float16's outputs (and float16 holds no 1e-2 spread there).
-    case["predictions"] = draw(st.sampled_from(
-        list(PREDICTIONS) if case["dtype"] == torch.float32 else [k for k in PREDICTIONS if k != "mean-1e4"]))
+    case["predictions"] = draw(
+        st.sampled_from(
+            list(PREDICTIONS) if case["dtype"] == torch.float32 else [k for k in PREDICTIONS if k != "mean-1e4"]
+        )
+    )
     return case
 
 
@@ -104,12 +128,21 @@ def build_step(case: dict) -> tuple[dict, StepCoefficients, GuidanceCombine | No
     shape = (batch, channels, *case["spatial"])
     model_channels = 2 * channels if case["learned"] else channels
     variant = case["variant"]
-    combine = None if variant == "none" else GuidanceCombine(
-        3.0, rescale=0.6 if variant.endswith("rescale") else 0.0,
-        apg_eta=0.3 if variant.startswith("apg") else 0.0,
-        apg_momentum=-0.5 if variant == "apg-momentum" else 0.0,
-        perturbed_scale=2.0 if variant.startswith("perturbed") else 0.0,
-        variant="apg" if variant.startswith("apg") else variant if variant in ("zero_star", "tangential") else "cfg",
+    combine = (
+        None
+        if variant == "none"
+        else GuidanceCombine(
+            3.0,
+            rescale=0.6 if variant.endswith("rescale") else 0.0,
+            apg_eta=0.3 if variant.startswith("apg") else 0.0,
+            apg_momentum=-0.5 if variant == "apg-momentum" else 0.0,
+            perturbed_scale=2.0 if variant.startswith("perturbed") else 0.0,
+            variant="apg"
+            if variant.startswith("apg")
+            else variant
+            if variant in ("zero_star", "tangential")
+            else "cfg",
+        )
     )
     rows = batch if combine is None or case["guide"] else 3 * batch if combine.perturbed_scale else 2 * batch
 
@@ -138,8 +171,9 @@ def build_step(case: dict) -> tuple[dict, StepCoefficients, GuidanceCombine | No
         tensors["out"] = tensors["x"]
     elif case["out"] in ("2b", "3b"):  # the next input, x its first B rows
         blocks = 2 if case["out"] == "2b" else 3
-        buffer = in_layout(torch.full((blocks * batch, channels, *case["spatial"]), math.nan, dtype=dtype),
-                           "contiguous")
+        buffer = in_layout(
+            torch.full((blocks * batch, channels, *case["spatial"]), math.nan, dtype=dtype), "contiguous"
+        )
         buffer[:batch] = tensors["x"]
         tensors["x"], tensors["out"] = buffer[:batch], buffer
     else:
@@ -147,9 +181,15 @@ def build_step(case: dict) -> tuple[dict, StepCoefficients, GuidanceCombine | No
     alpha, sigma = case["alpha_sigma"]
     if case["prediction_type"] == "flow_prediction":
         sigma = 1.0 - alpha  # a flow path's point at the same alpha
-    step = StepCoefficients(alpha=alpha, sigma=sigma, **case["k"], k_history=case["k_history"],
-                            prediction_type=case["prediction_type"], clip_denoised=case["clip"],
-                            log_variance_range=(-5.0, -2.0) if case["learned"] else None)
+    step = StepCoefficients(
+        alpha=alpha,
+        sigma=sigma,
+        **case["k"],
+        k_history=case["k_history"],
+        prediction_type=case["prediction_type"],
+        clip_denoised=case["clip"],
+        log_variance_range=(-5.0, -2.0) if case["learned"] else None,
+    )
     return tensors, step, combine
 
 
@@ -162,14 +202,17 @@ def test_guided_step_follows_the_reference_and_the_nan_policy(backend, case, req
         with pytest.raises(ValueError, match="rescale needs at least 2 elements"):
             ops.guided_step(**tensors, step=step, combine=combine)
         return
-    expected = {name: tuple(t.double() for t in value) if name == "history" else value.detach().double().clone()
-                for name, value in tensors.items()}
+    expected = {
+        name: tuple(t.double() for t in value) if name == "history" else value.detach().double().clone()
+        for name, value in tensors.items()
+    }
     if case["out"] in ("2b", "3b"):  # the reference's x is the first block of its own out
         expected["x"] = expected["out"][: case["batch"]]
     elif case["out"] == "x":
         expected["out"] = expected["x"]
-    inputs_before = {name: t.clone() for name, t in tensors.items()
-                     if name in ("model_output", "guide", "noise", "grad")}
+    inputs_before = {
+        name: t.clone() for name, t in tensors.items() if name in ("model_output", "guide", "noise", "grad")
+    }
     reference.guided_step(StepTensors(**expected), step, combine)
     with running_on(backend, request):
         ops.guided_step(**tensors, step=step, combine=combine)
@@ -193,8 +236,8 @@ def test_guided_step_refuses_partial_overlap_and_takes_disjoint_views(views):
     length, x_at, out_at = views
     g = torch.Generator().manual_seed(length)
     buffer = torch.randn(4 * length, generator=g)
-    x = buffer[x_at:x_at + length].view(1, 1, 1, length)
-    out = buffer[out_at:out_at + length].view(1, 1, 1, length)
+    x = buffer[x_at : x_at + length].view(1, 1, 1, length)
+    out = buffer[out_at : out_at + length].view(1, 1, 1, length)
     model_output = torch.randn(2, 1, 1, length, generator=g)
     step, combine = StepCoefficients(alpha=0.8, sigma=0.6, k_x=0.5, k_eps=0.4), GuidanceCombine(2.0)
     expected = reference.guided_step(StepTensors(model_output.double(), x.double()), step, combine)
@@ -215,12 +258,17 @@ def test_guided_step_refuses_partial_overlap_and_takes_disjoint_views(views):
 def norm_cases(draw):
     groups = draw(st.integers(1, 4))
     return dict(
-        batch=draw(st.integers(0, 3)), groups=groups, channels=groups * draw(st.integers(1, 3)),
+        batch=draw(st.integers(0, 3)),
+        groups=groups,
+        channels=groups * draw(st.integers(1, 3)),
         spatial=(draw(st.integers(0, 5)), draw(st.integers(1, 6))),
         dtype=draw(st.sampled_from([torch.float32, torch.float16])),
         layout=draw(st.sampled_from(["contiguous", "channels_last", "strided"])),
-        affine=draw(st.booleans()), scale_shift=draw(st.booleans()),
-        activation=draw(st.sampled_from([None, "silu"])), x_spots=draw(spots), seed=draw(st.integers(0, 2**16)),
+        affine=draw(st.booleans()),
+        scale_shift=draw(st.booleans()),
+        activation=draw(st.sampled_from([None, "silu"])),
+        x_spots=draw(spots),
+        seed=draw(st.integers(0, 2**16)),
     )
 
 
@@ -235,7 +283,7 @@ def test_group_norm_follows_the_reference_and_the_nan_policy(backend, case, requ
     if c // case["groups"] * math.prod(case["spatial"]) == 1 and n > 0:
         # A group of one value: var 0, so y = b; but rstd = eps^-1/2 and the kernels' and
         # aten's x·(rstd·w) + (b − mean·rstd·w) cancel with an error relative to |x|·rstd.
-        atol *= 1 + x.abs().max().item() * 1e-5 ** -0.5
+        atol *= 1 + x.abs().max().item() * 1e-5**-0.5
     inject(x, case["x_spots"])
     weight = torch.rand(c, generator=g) + 0.5 if case["affine"] else None
     bias = torch.randn(c, generator=g) if case["affine"] else None
@@ -255,8 +303,10 @@ def test_group_norm_follows_the_reference_and_the_nan_policy(backend, case, requ
     if finite_input:
         x64 = x.detach().double().requires_grad_()
         (dx64,) = torch.autograd.grad(
-            reference.group_norm_forward(x64, params64, case["groups"], 1e-5, case["activation"])[0], x64,
-            grad_y.double())
+            reference.group_norm_forward(x64, params64, case["groups"], 1e-5, case["activation"])[0],
+            x64,
+            grad_y.double(),
+        )
         torch.testing.assert_close(dx.double(), dx64, atol=10 * atol * (1 + dx64.abs().max().item()), rtol=10 * rtol)
 
 
@@ -268,11 +318,16 @@ def test_group_norm_follows_the_reference_and_the_nan_policy(backend, case, requ
 @st.composite
 def layer_norm_cases(draw):
     return dict(
-        batch=draw(st.integers(0, 3)), tokens=draw(st.sampled_from([None, 0, 1, 2, 5])), d=draw(st.integers(1, 40)),
+        batch=draw(st.integers(0, 3)),
+        tokens=draw(st.sampled_from([None, 0, 1, 2, 5])),
+        d=draw(st.integers(1, 40)),
         dtype=draw(st.sampled_from([torch.float32, torch.float16])),
-        layout=draw(st.sampled_from(["contiguous", "strided"])), affine=draw(st.booleans()),
-        scale=draw(st.sampled_from([None, "sample", "token"])), shift=draw(st.sampled_from([None, "sample", "token"])),
-        residual=draw(st.sampled_from([None, "sample", "token"])), x_spots=draw(spots),
+        layout=draw(st.sampled_from(["contiguous", "strided"])),
+        affine=draw(st.booleans()),
+        scale=draw(st.sampled_from([None, "sample", "token"])),
+        shift=draw(st.sampled_from([None, "sample", "token"])),
+        residual=draw(st.sampled_from([None, "sample", "token"])),
+        x_spots=draw(spots),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -290,8 +345,11 @@ def test_layer_norm_follows_the_reference_and_the_nan_policy(backend, case, requ
     bias = torch.randn(d, generator=g) if case["affine"] else None
 
     def per(kind, factor=1.0):  # a per-sample (N, D) or a per-token x-shaped tensor
-        return None if kind is None else (torch.randn(shape if kind == "token" else (n, d), generator=g)
-                                          * factor).to(dtype)
+        return (
+            None
+            if kind is None
+            else (torch.randn(shape if kind == "token" else (n, d), generator=g) * factor).to(dtype)
+        )
 
     scale, shift, gate = per(case["scale"], 0.5), per(case["shift"]), per(case["residual"])
     branch = None if gate is None else torch.randn(shape, generator=g).to(dtype)
@@ -321,10 +379,15 @@ def test_layer_norm_follows_the_reference_and_the_nan_policy(backend, case, requ
 @st.composite
 def attention_cases(draw):
     return dict(
-        batch=draw(st.integers(0, 2)), heads=draw(st.integers(1, 2)), lq=draw(st.integers(1, 9)),
-        lk=draw(st.integers(1, 9)), head_dim=draw(st.sampled_from([8, 16, 32])),
-        dtype=draw(st.sampled_from([torch.float32, torch.float16])), packed=draw(st.booleans()),
-        nan_in=draw(st.sampled_from([None, "q", "k", "v"])), spot=draw(st.integers(0, 10**6)),
+        batch=draw(st.integers(0, 2)),
+        heads=draw(st.integers(1, 2)),
+        lq=draw(st.integers(1, 9)),
+        lk=draw(st.integers(1, 9)),
+        head_dim=draw(st.sampled_from([8, 16, 32])),
+        dtype=draw(st.sampled_from([torch.float32, torch.float16])),
+        packed=draw(st.booleans()),
+        nan_in=draw(st.sampled_from([None, "q", "k", "v"])),
+        spot=draw(st.integers(0, 10**6)),
         seed=draw(st.integers(0, 2**16)),
     )
 

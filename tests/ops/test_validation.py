@@ -10,8 +10,11 @@ from fastguide.ops import _guided_step
 
 
 def qkv(b=1, h=2, lq=5, lk=5, d=32, dtype=torch.float32):
-    return (torch.randn(b, h, lq, d, dtype=dtype), torch.randn(b, h, lk, d, dtype=dtype),
-            torch.randn(b, h, lk, d, dtype=dtype))
+    return (
+        torch.randn(b, h, lq, d, dtype=dtype),
+        torch.randn(b, h, lk, d, dtype=dtype),
+        torch.randn(b, h, lk, d, dtype=dtype),
+    )
 
 
 # ---- attention ------------------------------------------------------------------------
@@ -174,8 +177,7 @@ def test_guided_step_history_checks():
     with pytest.raises(ValueError, match="history holds 1 tensors but step.k_history 2 coefficients"):
         ops.guided_step(model_output, x, STEP._replace(k_history=(0.5, 0.2)), CFG, history=[x])
     with pytest.raises(ValueError, match=r"history\[1\] must have shape \(2, 3, 4, 4\)"):
-        ops.guided_step(model_output, x, STEP._replace(k_history=(0.5, 0.2)), CFG,
-                        history=[x, torch.randn(2, 3, 4, 5)])
+        ops.guided_step(model_output, x, STEP._replace(k_history=(0.5, 0.2)), CFG, history=[x, torch.randn(2, 3, 4, 5)])
     with pytest.raises(ValueError, match="at most 4 coefficients"):
         ops.guided_step(model_output, x, STEP._replace(k_history=(0.1,) * 5), CFG, history=[x] * 5)
     with pytest.raises(TypeError, match="k_history must be a tuple"):
@@ -215,8 +217,11 @@ PAG = ops.GuidanceCombine(3.0, perturbed_scale=2.0)
 
 def test_guided_step_perturbed_prediction_is_the_third_block_of_model_output():
     model_output, x = step_inputs(rows=4)
-    with pytest.raises(ValueError, match=r"model_output must have batch 3·2 = 6 \(\[cond; uncond; perturbed\] for x "
-                                         r"of batch 2\) when combine.perturbed_scale is 2.0, got 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"model_output must have batch 3·2 = 6 \(\[cond; uncond; perturbed\] for x "
+        r"of batch 2\) when combine.perturbed_scale is 2.0, got 4",
+    ):
         ops.guided_step(model_output, x, STEP, PAG)
     with pytest.raises(ValueError, match=r"model_output must have batch 2·2 = 4"):  # [c; u; p] without s
         ops.guided_step(torch.randn(6, 3, 4, 4), x, STEP, CFG)
@@ -337,23 +342,27 @@ def test_guided_step_prediction_types_hold_alpha_and_sigma_to_their_path():
     ops.guided_step(*step_inputs(), STEP._replace(alpha=0.4, sigma=0.6, prediction_type="sample"), CFG)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: (STEP._replace(k_x=1e39), CFG), r"step.k_x must lie within float32's range"),
-    (lambda: (STEP._replace(k_noise=-4e38), CFG), r"step.k_noise must lie within float32's range"),
-    (lambda: (STEP._replace(k_history=(1e39,)), CFG), r"step.k_history\[0\] must lie within float32's range"),
-    (lambda: (STEP, ops.GuidanceCombine(1e300)), r"combine.scale must lie within float32's range"),
-    (lambda: (STEP, ops.GuidanceCombine(3.0, perturbed_scale=-1e39)),
-     r"combine.perturbed_scale must lie within float32's range"),
-    # 1/alpha and 1/sigma reach the kernels as float32 too.
-    (lambda: (STEP._replace(alpha=1e-39), CFG), "step.alpha must be positive to derive x0 from eps"),
-    (lambda: (STEP._replace(sigma=1e-39, clip_denoised=True), CFG), "step.sigma must be positive to derive eps"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: (STEP._replace(k_x=1e39), CFG), r"step.k_x must lie within float32's range"),
+        (lambda: (STEP._replace(k_noise=-4e38), CFG), r"step.k_noise must lie within float32's range"),
+        (lambda: (STEP._replace(k_history=(1e39,)), CFG), r"step.k_history\[0\] must lie within float32's range"),
+        (lambda: (STEP, ops.GuidanceCombine(1e300)), r"combine.scale must lie within float32's range"),
+        (
+            lambda: (STEP, ops.GuidanceCombine(3.0, perturbed_scale=-1e39)),
+            r"combine.perturbed_scale must lie within float32's range",
+        ),
+        # 1/alpha and 1/sigma reach the kernels as float32 too.
+        (lambda: (STEP._replace(alpha=1e-39), CFG), "step.alpha must be positive to derive x0 from eps"),
+        (lambda: (STEP._replace(sigma=1e-39, clip_denoised=True), CFG), "step.sigma must be positive to derive eps"),
+    ],
+)
 def test_guided_step_scalars_must_be_float32_numbers(make, message):
     step, combine = make()
     model_output, x = step_inputs()
     with pytest.raises(ValueError, match=message):
-        ops.guided_step(model_output, x, step, combine, history=[x] * len(step.k_history),
-                        noise=torch.randn_like(x))
+        ops.guided_step(model_output, x, step, combine, history=[x] * len(step.k_history), noise=torch.randn_like(x))
     # At the edges of the range the step runs.
     ops.guided_step(model_output, x, STEP._replace(k_x=3e38, alpha=3e-38), ops.GuidanceCombine(-3e38))
 
@@ -371,9 +380,17 @@ def test_guided_step_refuses_a_learned_variance_guide_beside_a_plain_model_outpu
 def step_layout_tensors(device="cpu"):
     """The tensors of a guided multistep call as the sampling loop hands them over."""
     x2 = torch.randn(4, 3, 4, 4, device=device)
-    return ops.StepTensors(torch.randn(4, 6, 4, 4, device=device), x2[:2], None,
-                           (torch.randn(2, 3, 4, 4, device=device),), torch.randn(2, 3, 4, 4, device=device), None,
-                           None, x2, torch.empty(2, 3, 4, 4, device=device))
+    return ops.StepTensors(
+        torch.randn(4, 6, 4, 4, device=device),
+        x2[:2],
+        None,
+        (torch.randn(2, 3, 4, 4, device=device),),
+        torch.randn(2, 3, 4, 4, device=device),
+        None,
+        None,
+        x2,
+        torch.empty(2, 3, 4, 4, device=device),
+    )
 
 
 LAYOUT_STEP = STEP._replace(k_x=0.5, k_history=(0.2,), k_noise=0.1)
@@ -385,19 +402,26 @@ def test_step_layout_reads_no_tensor_data():
     _guided_step.check_step_layout(step_layout_tensors("meta"), LAYOUT_STEP, CFG)
 
 
-@pytest.mark.parametrize("change, error, message", [
-    (dict(guide=torch.randn(2, 6, 4, 4)), ValueError, "model_output must have batch 2"),
-    (dict(model_output=torch.randn(4, 5, 4, 4)), ValueError, "model_output must have 3 or 6 channels"),
-    (dict(history=(torch.randn(2, 3, 4, 5),)), ValueError, r"history\[0\] must have shape \(2, 3, 4, 4\)"),
-    (dict(history=(torch.randn(2, 3, 4, 4).int(),)), TypeError, r"history\[0\] must be a floating tensor"),
-    (dict(history=(torch.randn(2, 3, 4, 4).to_sparse(),)), TypeError, r"history\[0\] must be a dense"),
-    (dict(history=(torch.randn(2, 3, 4, 4, device="meta"),)), ValueError, r"history\[0\] is on meta but x is on cpu"),
-    (dict(history=()), ValueError, "history holds 0 tensors but step.k_history 1"),
-    (dict(noise=None), ValueError, "step.k_noise is 0.1 but noise was not given"),
-    (dict(x0_out=torch.empty(2, 3, 4)), ValueError, r"x0_out must have shape \(2, 3, 4, 4\)"),
-    (dict(out=torch.empty(3, 3, 4, 4)), ValueError, "out must have shape"),
-    (dict(model_output=torch.randn(4, 6, 4, 4, device="meta")), ValueError, "model_output is on meta"),
-])
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(guide=torch.randn(2, 6, 4, 4)), ValueError, "model_output must have batch 2"),
+        (dict(model_output=torch.randn(4, 5, 4, 4)), ValueError, "model_output must have 3 or 6 channels"),
+        (dict(history=(torch.randn(2, 3, 4, 5),)), ValueError, r"history\[0\] must have shape \(2, 3, 4, 4\)"),
+        (dict(history=(torch.randn(2, 3, 4, 4).int(),)), TypeError, r"history\[0\] must be a floating tensor"),
+        (dict(history=(torch.randn(2, 3, 4, 4).to_sparse(),)), TypeError, r"history\[0\] must be a dense"),
+        (
+            dict(history=(torch.randn(2, 3, 4, 4, device="meta"),)),
+            ValueError,
+            r"history\[0\] is on meta but x is on cpu",
+        ),
+        (dict(history=()), ValueError, "history holds 0 tensors but step.k_history 1"),
+        (dict(noise=None), ValueError, "step.k_noise is 0.1 but noise was not given"),
+        (dict(x0_out=torch.empty(2, 3, 4)), ValueError, r"x0_out must have shape \(2, 3, 4, 4\)"),
+        (dict(out=torch.empty(3, 3, 4, 4)), ValueError, "out must have shape"),
+        (dict(model_output=torch.randn(4, 6, 4, 4, device="meta")), ValueError, "model_output is on meta"),
+    ],
+)
 def test_step_layout_names_what_the_kernels_would_misread(change, error, message):
     tensors = step_layout_tensors()._replace(**change)
     with pytest.raises(error, match=message):
@@ -406,11 +430,14 @@ def test_step_layout_names_what_the_kernels_would_misread(change, error, message
         _guided_step.check_step_tensors(tensors, LAYOUT_STEP, CFG)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(), r"model_output must have batch 3·2 = 6"),
-    (dict(model_output=torch.randn(6, 6, 4, 4), guide=torch.randn(2, 6, 4, 4)), "guide must be None"),
-    (dict(model_output=torch.randn(6, 6, 4, 4), out=torch.empty(8, 3, 4, 4)), "out must have shape"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(), r"model_output must have batch 3·2 = 6"),
+        (dict(model_output=torch.randn(6, 6, 4, 4), guide=torch.randn(2, 6, 4, 4)), "guide must be None"),
+        (dict(model_output=torch.randn(6, 6, 4, 4), out=torch.empty(8, 3, 4, 4)), "out must have shape"),
+    ],
+)
 def test_step_layout_checks_the_perturbed_layout(change, message):
     # The sampling loop's door checks [c; u; p] as the op does.
     tensors = step_layout_tensors()._replace(**change)
@@ -418,5 +445,6 @@ def test_step_layout_checks_the_perturbed_layout(change, message):
         with pytest.raises(ValueError, match=message):
             check(tensors, LAYOUT_STEP, PAG)
     x3 = torch.randn(6, 3, 4, 4)  # the loop's 3B buffer: x its first B rows, out all of it
-    _guided_step.check_step_tensors(step_layout_tensors()._replace(model_output=torch.randn(6, 6, 4, 4), x=x3[:2],
-                                                                 out=x3), LAYOUT_STEP, PAG)
+    _guided_step.check_step_tensors(
+        step_layout_tensors()._replace(model_output=torch.randn(6, 6, 4, 4), x=x3[:2], out=x3), LAYOUT_STEP, PAG
+    )

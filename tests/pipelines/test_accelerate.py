@@ -20,9 +20,15 @@ LATENT = (2, 4, 8, 8)  # two images of 16×16 pixels through a VAE that halves t
 
 
 def _vae():
-    return diffusers.AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
-                                   down_block_types=["DownEncoderBlock2D"] * 2,
-                                   up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=32).eval()
+    return diffusers.AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=32,
+    ).eval()
 
 
 def _randn(*shape, seed):
@@ -41,85 +47,193 @@ SD_SCHEDULERS = {
 def stable_diffusion(scheduler, cls_name="StableDiffusionPipeline", **options):
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=32, attention_head_dim=8).eval()
-    pipe = getattr(diffusers, cls_name)(vae=_vae(), text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
-                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-                                        **options)
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=32,
+        attention_head_dim=8,
+    ).eval()
+    pipe = getattr(diffusers, cls_name)(
+        vae=_vae(),
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        **options,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-SD_CALL = dict(prompt_embeds=_randn(2, 7, 32, seed=1), negative_prompt_embeds=_randn(2, 7, 32, seed=2),
-               latents=_randn(*LATENT, seed=3), num_inference_steps=8, guidance_scale=5.0, output_type="latent")
+SD_CALL = dict(
+    prompt_embeds=_randn(2, 7, 32, seed=1),
+    negative_prompt_embeds=_randn(2, 7, 32, seed=2),
+    latents=_randn(*LATENT, seed=3),
+    num_inference_steps=8,
+    guidance_scale=5.0,
+    output_type="latent",
+)
 
 
 def stable_diffusion_xl(cls_name="StableDiffusionXLPipeline", **options):
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, norm_num_groups=32, attention_head_dim=(2, 4), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * 8 + 32).eval()
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        norm_num_groups=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    ).eval()
     pipe = getattr(diffusers, cls_name)(
-        vae=_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
+        vae=_vae(),
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        unet=unet,
         scheduler=diffusers.EulerDiscreteScheduler(**SD_BETAS, timestep_spacing="leading"),
-        force_zeros_for_empty_prompt=False, **options)
+        force_zeros_for_empty_prompt=False,
+        **options,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-SDXL_CALL = dict(prompt_embeds=_randn(2, 7, 64, seed=1), negative_prompt_embeds=_randn(2, 7, 64, seed=2),
-                 pooled_prompt_embeds=_randn(2, 32, seed=4), negative_pooled_prompt_embeds=_randn(2, 32, seed=5),
-                 latents=_randn(*LATENT, seed=3), num_inference_steps=8, guidance_scale=5.0, height=16, width=16,
-                 guidance_rescale=0.5, output_type="latent")
+SDXL_CALL = dict(
+    prompt_embeds=_randn(2, 7, 64, seed=1),
+    negative_prompt_embeds=_randn(2, 7, 64, seed=2),
+    pooled_prompt_embeds=_randn(2, 32, seed=4),
+    negative_pooled_prompt_embeds=_randn(2, 32, seed=5),
+    latents=_randn(*LATENT, seed=3),
+    num_inference_steps=8,
+    guidance_scale=5.0,
+    height=16,
+    width=16,
+    guidance_rescale=0.5,
+    output_type="latent",
+)
 
 
 def stable_diffusion_3(cls_name="StableDiffusion3Pipeline", **options):
     torch.manual_seed(0)
     transformer = diffusers.SD3Transformer2DModel(
-        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64).eval()
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+    ).eval()
     pipe = getattr(diffusers, cls_name)(
-        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(),
-        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-        tokenizer_3=None, **options)
+        transformer=transformer,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+        **options,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-SD3_CALL = dict(prompt_embeds=_randn(2, 7, 32, seed=1), negative_prompt_embeds=_randn(2, 7, 32, seed=2),
-                pooled_prompt_embeds=_randn(2, 64, seed=4), negative_pooled_prompt_embeds=_randn(2, 64, seed=5),
-                latents=_randn(*LATENT, seed=3), num_inference_steps=8, guidance_scale=5.0, height=16, width=16,
-                output_type="latent")
+SD3_CALL = dict(
+    prompt_embeds=_randn(2, 7, 32, seed=1),
+    negative_prompt_embeds=_randn(2, 7, 32, seed=2),
+    pooled_prompt_embeds=_randn(2, 64, seed=4),
+    negative_pooled_prompt_embeds=_randn(2, 64, seed=5),
+    latents=_randn(*LATENT, seed=3),
+    num_inference_steps=8,
+    guidance_scale=5.0,
+    height=16,
+    width=16,
+    output_type="latent",
+)
 
 
 def pixart(cls_name):
     torch.manual_seed(0)
     transformer = diffusers.PixArtTransformer2DModel(
-        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
-        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
-        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6).eval()
-    pipe = getattr(diffusers, cls_name)(tokenizer=None, text_encoder=None, vae=_vae(), transformer=transformer,
-                                        scheduler=diffusers.DPMSolverMultistepScheduler())
+        sample_size=8,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        caption_channels=32,
+        in_channels=4,
+        cross_attention_dim=24,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    ).eval()
+    pipe = getattr(diffusers, cls_name)(
+        tokenizer=None,
+        text_encoder=None,
+        vae=_vae(),
+        transformer=transformer,
+        scheduler=diffusers.DPMSolverMultistepScheduler(),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-PIXART_CALL = dict(prompt_embeds=_randn(2, 7, 32, seed=1), negative_prompt_embeds=_randn(2, 7, 32, seed=2),
-                   prompt_attention_mask=torch.ones(2, 7), negative_prompt_attention_mask=torch.ones(2, 7),
-                   negative_prompt=None, latents=_randn(*LATENT, seed=3), num_inference_steps=8, guidance_scale=4.5,
-                   height=16, width=16, use_resolution_binning=False, output_type="latent")
+PIXART_CALL = dict(
+    prompt_embeds=_randn(2, 7, 32, seed=1),
+    negative_prompt_embeds=_randn(2, 7, 32, seed=2),
+    prompt_attention_mask=torch.ones(2, 7),
+    negative_prompt_attention_mask=torch.ones(2, 7),
+    negative_prompt=None,
+    latents=_randn(*LATENT, seed=3),
+    num_inference_steps=8,
+    guidance_scale=4.5,
+    height=16,
+    width=16,
+    use_resolution_binning=False,
+    output_type="latent",
+)
 
 
 def dit(scheduler):
     torch.manual_seed(0)
     transformer = diffusers.DiTTransformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, attention_head_dim=8,
-        num_attention_heads=2, num_embeds_ada_norm=1000).eval()  # eval: training drops labels at random
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        num_embeds_ada_norm=1000,
+    ).eval()  # eval: training drops labels at random
     pipe = diffusers.DiTPipeline(transformer=transformer, vae=_vae(), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -127,29 +241,45 @@ def dit(scheduler):
 
 CASES = {  # name: (build the pipeline, its call) — the call's images are latents, or DiT's decoded images
     **{f"sd-{name}": (lambda make=make: stable_diffusion(make()), SD_CALL) for name, make in SD_SCHEDULERS.items()},
-    "sd-rescale-no-negative-cfg": (lambda: stable_diffusion(SD_SCHEDULERS["unipc"]()),
-                                   {**SD_CALL, "guidance_rescale": 0.7}),
+    "sd-rescale-no-negative-cfg": (
+        lambda: stable_diffusion(SD_SCHEDULERS["unipc"]()),
+        {**SD_CALL, "guidance_rescale": 0.7},
+    ),
     "sd-unguided": (lambda: stable_diffusion(SD_SCHEDULERS["dpm++2m"]()), {**SD_CALL, "guidance_scale": 1.0}),
     "sdxl-euler": (stable_diffusion_xl, SDXL_CALL),
     "sd3-flow-euler": (stable_diffusion_3, SD3_CALL),
     "pixart-alpha": (lambda: pixart("PixArtAlphaPipeline"), PIXART_CALL),
     "pixart-sigma": (lambda: pixart("PixArtSigmaPipeline"), PIXART_CALL),
-    "sd-pag": (lambda: stable_diffusion(SD_SCHEDULERS["dpm++2m"](), "StableDiffusionPAGPipeline",
-                                        pag_applied_layers=["mid", "up_blocks.1"]),
-               {**SD_CALL, "pag_scale": 2.0, "guidance_rescale": 0.3}),
-    "sd-pag-no-cfg": (lambda: stable_diffusion(SD_SCHEDULERS["ddim"](), "StableDiffusionPAGPipeline"),
-                      {**SD_CALL, "pag_scale": 1.5, "guidance_scale": 1.0}),
-    "sdxl-pag": (lambda: stable_diffusion_xl("StableDiffusionXLPAGPipeline", pag_applied_layers=["down_blocks.1"]),
-                 {**SDXL_CALL, "pag_scale": 2.5}),
-    "sd3-pag": (lambda: stable_diffusion_3("StableDiffusion3PAGPipeline", pag_applied_layers=["blocks.1"]),
-                {**SD3_CALL, "pag_scale": 2.0}),
-    "sd3-skip-layer-guidance": (stable_diffusion_3, {**SD3_CALL, "skip_guidance_layers": [1, 2],
-                                                     "skip_layer_guidance_start": 0.1,
-                                                     "skip_layer_guidance_stop": 0.6}),
-    "dit-ddim": (lambda: dit(diffusers.DDIMScheduler(clip_sample=False)),
-                 dict(class_labels=[1, 7], num_inference_steps=8, guidance_scale=4.0, output_type="pt")),
-    "dit-dpm++2m": (lambda: dit(diffusers.DPMSolverMultistepScheduler()),
-                    dict(class_labels=[3, 999], num_inference_steps=8, guidance_scale=4.0, output_type="pt")),
+    "sd-pag": (
+        lambda: stable_diffusion(
+            SD_SCHEDULERS["dpm++2m"](), "StableDiffusionPAGPipeline", pag_applied_layers=["mid", "up_blocks.1"]
+        ),
+        {**SD_CALL, "pag_scale": 2.0, "guidance_rescale": 0.3},
+    ),
+    "sd-pag-no-cfg": (
+        lambda: stable_diffusion(SD_SCHEDULERS["ddim"](), "StableDiffusionPAGPipeline"),
+        {**SD_CALL, "pag_scale": 1.5, "guidance_scale": 1.0},
+    ),
+    "sdxl-pag": (
+        lambda: stable_diffusion_xl("StableDiffusionXLPAGPipeline", pag_applied_layers=["down_blocks.1"]),
+        {**SDXL_CALL, "pag_scale": 2.5},
+    ),
+    "sd3-pag": (
+        lambda: stable_diffusion_3("StableDiffusion3PAGPipeline", pag_applied_layers=["blocks.1"]),
+        {**SD3_CALL, "pag_scale": 2.0},
+    ),
+    "sd3-skip-layer-guidance": (
+        stable_diffusion_3,
+        {**SD3_CALL, "skip_guidance_layers": [1, 2], "skip_layer_guidance_start": 0.1, "skip_layer_guidance_stop": 0.6},
+    ),
+    "dit-ddim": (
+        lambda: dit(diffusers.DDIMScheduler(clip_sample=False)),
+        dict(class_labels=[1, 7], num_inference_steps=8, guidance_scale=4.0, output_type="pt"),
+    ),
+    "dit-dpm++2m": (
+        lambda: dit(diffusers.DPMSolverMultistepScheduler()),
+        dict(class_labels=[3, 999], num_inference_steps=8, guidance_scale=4.0, output_type="pt"),
+    ),
 }
 
 
@@ -205,17 +335,28 @@ def test_what_fastguide_cannot_reproduce_runs_diffusers_loop_and_says_why(caplog
 def test_fastguides_own_sampler_and_guidance_are_options():
     original = stable_diffusion(SD_SCHEDULERS["ddim"]())
     reproduced = _images(fastguide.accelerate(copy.deepcopy(original)), SD_CALL)
-    own = fastguide.accelerate(copy.deepcopy(original), sampler="dpm++2m", spacing="karras",
-                               guidance=fastguide.CFG(5.0, apg=fastguide.APG(eta=0.0)))
+    own = fastguide.accelerate(
+        copy.deepcopy(original),
+        sampler="dpm++2m",
+        spacing="karras",
+        guidance=fastguide.CFG(5.0, apg=fastguide.APG(eta=0.0)),
+    )
     got = _images(own, SD_CALL)
     assert own.fastguide_fallback is None and not torch.allclose(got, reproduced)
     # the same as fastguide.sample on the pipeline's UNet, its schedule's betas and its embeddings
     expected = fastguide.sample(
-        lambda x, t, **kwargs: own.unet(x, t, return_dict=False, **kwargs)[0], LATENT, noise=SD_CALL["latents"],
+        lambda x, t, **kwargs: own.unet(x, t, return_dict=False, **kwargs)[0],
+        LATENT,
+        noise=SD_CALL["latents"],
         cond={"encoder_hidden_states": SD_CALL["prompt_embeds"]},
         uncond={"encoder_hidden_states": SD_CALL["negative_prompt_embeds"]},
-        guidance=fastguide.CFG(5.0, apg=fastguide.APG(eta=0.0)), sampler="dpm++2m", spacing="karras", steps=8,
-        schedule=fastguide.NoiseSchedule(original.scheduler.betas.double()), clip_denoised=False)
+        guidance=fastguide.CFG(5.0, apg=fastguide.APG(eta=0.0)),
+        sampler="dpm++2m",
+        spacing="karras",
+        steps=8,
+        schedule=fastguide.NoiseSchedule(original.scheduler.betas.double()),
+        clip_denoised=False,
+    )
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
@@ -231,9 +372,11 @@ def test_a_block_cache_reaches_an_accelerated_pipelines_transformer(case, monkey
     attention = diffusers.models.attention
     block_class = attention.JointTransformerBlock if case.startswith("sd3") else attention.BasicTransformerBlock
     forward = block_class.forward
-    monkeypatch.setattr(block_class, "forward",
-                        lambda self, hidden_states, *a, **k: rows.append(len(hidden_states)) or forward(
-                            self, hidden_states, *a, **k))
+    monkeypatch.setattr(
+        block_class,
+        "forward",
+        lambda self, hidden_states, *a, **k: rows.append(len(hidden_states)) or forward(self, hidden_states, *a, **k),
+    )
     cached = fastguide.accelerate(make(), cache=fastguide.FirstBlockCache(threshold=10.0))
     got = _images(cached, call)
     assert cached.fastguide_fallback is None and torch.isfinite(got).all()
@@ -241,8 +384,11 @@ def test_a_block_cache_reaches_an_accelerated_pipelines_transformer(case, monkey
     assert 0 < sum(rows) < blocks * 2 * 2 * call["num_inference_steps"]
 
 
-@pytest.mark.parametrize("make, call", [(lambda: stable_diffusion(SD_SCHEDULERS["ddim"]()), SD_CALL),
-                                        (stable_diffusion_xl, SDXL_CALL)], ids=["sd", "sdxl"])
+@pytest.mark.parametrize(
+    "make, call",
+    [(lambda: stable_diffusion(SD_SCHEDULERS["ddim"]()), SD_CALL), (stable_diffusion_xl, SDXL_CALL)],
+    ids=["sd", "sdxl"],
+)
 def test_a_block_cache_reaches_an_accelerated_pipelines_unet(make, call):
     """A UNet2DConditionModel's blocks after its first down block are skipped on reused calls
     (exact where it never reuses)."""
@@ -294,18 +440,30 @@ def test_a_graphed_pipeline_on_cuda_gives_the_originals_latents():
         torch.testing.assert_close(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
 
 
-@pytest.mark.parametrize("case, make, call", [
-    # a deterministic sampler takes its noise from the latents only: a list of generators is fine
-    ("generator list", lambda: stable_diffusion(SD_SCHEDULERS["dpm++2m"]()), {**SD_CALL, "latents": None}),
-    # the PAG pipeline defaults each side on its own (768 x default), the plain one both at once
-    ("pag default width", lambda: stable_diffusion(SD_SCHEDULERS["ddim"](), "StableDiffusionPAGPipeline"),
-     {**SD_CALL, "latents": None, "height": 32, "width": None, "pag_scale": 1.0}),
-    ("plain default size", lambda: stable_diffusion(SD_SCHEDULERS["ddim"]()),
-     {**SD_CALL, "latents": None, "height": 32, "width": None}),
-    # one step inside the skip-layer window (6 steps, 0.01 < i/6 < 0.2: i = 1 only)
-    ("skip-layer window of one step", stable_diffusion_3,
-     {**SD3_CALL, "num_inference_steps": 6, "skip_guidance_layers": [1]}),
-])
+@pytest.mark.parametrize(
+    "case, make, call",
+    [
+        # a deterministic sampler takes its noise from the latents only: a list of generators is fine
+        ("generator list", lambda: stable_diffusion(SD_SCHEDULERS["dpm++2m"]()), {**SD_CALL, "latents": None}),
+        # the PAG pipeline defaults each side on its own (768 x default), the plain one both at once
+        (
+            "pag default width",
+            lambda: stable_diffusion(SD_SCHEDULERS["ddim"](), "StableDiffusionPAGPipeline"),
+            {**SD_CALL, "latents": None, "height": 32, "width": None, "pag_scale": 1.0},
+        ),
+        (
+            "plain default size",
+            lambda: stable_diffusion(SD_SCHEDULERS["ddim"]()),
+            {**SD_CALL, "latents": None, "height": 32, "width": None},
+        ),
+        # one step inside the skip-layer window (6 steps, 0.01 < i/6 < 0.2: i = 1 only)
+        (
+            "skip-layer window of one step",
+            stable_diffusion_3,
+            {**SD3_CALL, "num_inference_steps": 6, "skip_guidance_layers": [1]},
+        ),
+    ],
+)
 def test_edge_calls_give_the_originals_latents(case, make, call):
     generators = lambda: [torch.Generator().manual_seed(seed) for seed in (5, 6)]  # noqa: E731
     original = make()

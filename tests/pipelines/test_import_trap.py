@@ -86,8 +86,7 @@ def test_without_huggingface_kernels_the_name_reads_as_not_installed():
     if importlib.util.find_spec("transformers") is None:
         pytest.skip("needs transformers")
     result = run_from_root(
-        WITHOUT_HUGGINGFACE_KERNELS
-        + "from transformers.utils.import_utils import is_kernels_available\n"
+        WITHOUT_HUGGINGFACE_KERNELS + "from transformers.utils.import_utils import is_kernels_available\n"
         "assert is_kernels_available() is False\n"
         "import kernels\n"
         "assert getattr(kernels, '__file__', None) is None and not hasattr(kernels, '__version__')\n"

@@ -17,25 +17,58 @@ from fastguide.pipelines.schedulers import SamplerSettings, UnsupportedScheduler
 
 diffusers = pytest.importorskip("diffusers")
 # diffusers' set_timesteps hands torch tensors to numpy 2 (its deprecations, not ours)
-pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
-              pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
+    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context"),
+]
 
 # The schedulers' configs as the pipelines' hub repositories ship them (no downloads), read
 # with from_config as from_pretrained reads them (keys the class does not take are ignored).
 # runwayml/stable-diffusion-v1-5: PNDM; users swap in others with X.from_config(its config).
-SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, trained_betas=None, clip_sample=False)
+SD15 = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    trained_betas=None,
+    clip_sample=False,
+)
 # stabilityai/stable-diffusion-xl-base-1.0
-SDXL = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            clip_sample=False, interpolation_type="linear", prediction_type="epsilon", sample_max_value=1.0,
-            set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, timestep_spacing="leading",
-            trained_betas=None, use_karras_sigmas=False)
+SDXL = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    interpolation_type="linear",
+    prediction_type="epsilon",
+    sample_max_value=1.0,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    timestep_spacing="leading",
+    trained_betas=None,
+    use_karras_sigmas=False,
+)
 # stabilityai/stable-diffusion-3-medium-diffusers
 SD3 = dict(num_train_timesteps=1000, shift=3.0)
 # PixArt-alpha/PixArt-XL-2-1024-MS and PixArt-Sigma: DPMSolverMultistepScheduler() (the conversion scripts')
-PIXART = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-              algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,
-              timestep_spacing="linspace", steps_offset=0, prediction_type="epsilon")
+PIXART = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    algorithm_type="dpmsolver++",
+    solver_order=2,
+    solver_type="midpoint",
+    lower_order_final=True,
+    timestep_spacing="linspace",
+    steps_offset=0,
+    prediction_type="epsilon",
+)
 # facebook/DiT-XL-2-256 (scripts/convert_dit_to_diffusers.py); its docs swap in DPMSolverMultistep
 DIT = dict(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon", clip_sample=False)
 
@@ -105,40 +138,79 @@ CASES = {
     "sd15-dpm++2m": (lambda: sd15("DPMSolverMultistepScheduler"), {}, "dpm++2m", toy),
     "sd15-dpm++3m": (lambda: sd15("DPMSolverMultistepScheduler", solver_order=3), {}, "dpm++3m", toy),
     "sd15-dpm++1": (lambda: sd15("DPMSolverMultistepScheduler", solver_order=1), {}, "ddim", toy),
-    "sd15-dpm++2m-sde": (lambda: sd15("DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++"), {},
-                         "dpm++2m-sde", toy),
-    "sd15-dpm++2m-euler-at-final": (lambda: sd15("DPMSolverMultistepScheduler", euler_at_final=True), {}, "dpm++2m",
-                                    toy),
+    "sd15-dpm++2m-sde": (
+        lambda: sd15("DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++"),
+        {},
+        "dpm++2m-sde",
+        toy,
+    ),
+    "sd15-dpm++2m-euler-at-final": (
+        lambda: sd15("DPMSolverMultistepScheduler", euler_at_final=True),
+        {},
+        "dpm++2m",
+        toy,
+    ),
     "sd15-unipc-1": (lambda: sd15("UniPCMultistepScheduler", solver_order=1), {}, "unipc", toy),
     "sd15-unipc-2": (lambda: sd15("UniPCMultistepScheduler"), {}, "unipc", toy),
     "sd15-unipc-3": (lambda: sd15("UniPCMultistepScheduler", solver_order=3), {}, "unipc", toy),
     # final_sigmas_type="sigma_min": the last step lands at timestep 0's σ̃ (final_timestep=0)
-    "sd15-dpm++2m-sigma-min": (lambda: sd15("DPMSolverMultistepScheduler", final_sigmas_type="sigma_min"), {},
-                               "dpm++2m", toy),
-    "sd15-dpm++3m-sigma-min": (lambda: sd15("DPMSolverMultistepScheduler", solver_order=3,
-                                            final_sigmas_type="sigma_min"), {}, "dpm++3m", toy),
-    "sd15-dpm++1-sigma-min": (lambda: sd15("DPMSolverMultistepScheduler", solver_order=1,
-                                           final_sigmas_type="sigma_min"), {}, "ddim", toy),
-    "sd15-dpm++2m-sde-sigma-min": (lambda: sd15("DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++",
-                                                final_sigmas_type="sigma_min"), {}, "dpm++2m-sde", toy),
+    "sd15-dpm++2m-sigma-min": (
+        lambda: sd15("DPMSolverMultistepScheduler", final_sigmas_type="sigma_min"),
+        {},
+        "dpm++2m",
+        toy,
+    ),
+    "sd15-dpm++3m-sigma-min": (
+        lambda: sd15("DPMSolverMultistepScheduler", solver_order=3, final_sigmas_type="sigma_min"),
+        {},
+        "dpm++3m",
+        toy,
+    ),
+    "sd15-dpm++1-sigma-min": (
+        lambda: sd15("DPMSolverMultistepScheduler", solver_order=1, final_sigmas_type="sigma_min"),
+        {},
+        "ddim",
+        toy,
+    ),
+    "sd15-dpm++2m-sde-sigma-min": (
+        lambda: sd15("DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++", final_sigmas_type="sigma_min"),
+        {},
+        "dpm++2m-sde",
+        toy,
+    ),
     # below 15 steps diffusers' last step to σ̃_0 is first order anyway: euler_at_final changes nothing
-    "sd15-dpm++2m-sigma-min-euler-at-final": (lambda: sd15("DPMSolverMultistepScheduler", euler_at_final=True,
-                                                           final_sigmas_type="sigma_min"), {}, "dpm++2m", toy),
-    "sd15-unipc-2-sigma-min": (lambda: sd15("UniPCMultistepScheduler", final_sigmas_type="sigma_min"), {}, "unipc",
-                               toy),
-    "sd15-unipc-3-sigma-min": (lambda: sd15("UniPCMultistepScheduler", solver_order=3, final_sigmas_type="sigma_min"),
-                               {}, "unipc", toy),
+    "sd15-dpm++2m-sigma-min-euler-at-final": (
+        lambda: sd15("DPMSolverMultistepScheduler", euler_at_final=True, final_sigmas_type="sigma_min"),
+        {},
+        "dpm++2m",
+        toy,
+    ),
+    "sd15-unipc-2-sigma-min": (
+        lambda: sd15("UniPCMultistepScheduler", final_sigmas_type="sigma_min"),
+        {},
+        "unipc",
+        toy,
+    ),
+    "sd15-unipc-3-sigma-min": (
+        lambda: sd15("UniPCMultistepScheduler", solver_order=3, final_sigmas_type="sigma_min"),
+        {},
+        "unipc",
+        toy,
+    ),
     # from SD 1.5's config as shipped (no timestep_spacing key) the Euler types take their own
     # default, "linspace", which calls the model at fractional times (σ̃ interpolated in t)
     "sd15-euler-linspace": (lambda: sd15("EulerDiscreteScheduler"), {}, "euler", toy),
-    "sd15-euler-linspace-v": (lambda: sd15("EulerDiscreteScheduler", prediction_type="v_prediction"), {}, "euler",
-                              toy),
+    "sd15-euler-linspace-v": (lambda: sd15("EulerDiscreteScheduler", prediction_type="v_prediction"), {}, "euler", toy),
     "sd15-euler-ancestral-linspace": (lambda: sd15("EulerAncestralDiscreteScheduler"), {}, "euler-ancestral", toy),
     "sd15-heun-linspace": (lambda: sd15("HeunDiscreteScheduler"), {}, "heun", toy),
     # and on SD's "leading" spacing:
     "sd15-euler": (lambda: sd15("EulerDiscreteScheduler", timestep_spacing="leading"), {}, "euler", toy),
-    "sd15-euler-ancestral": (lambda: sd15("EulerAncestralDiscreteScheduler", timestep_spacing="leading"), {},
-                             "euler-ancestral", toy),
+    "sd15-euler-ancestral": (
+        lambda: sd15("EulerAncestralDiscreteScheduler", timestep_spacing="leading"),
+        {},
+        "euler-ancestral",
+        toy,
+    ),
     "sd15-heun": (lambda: sd15("HeunDiscreteScheduler", timestep_spacing="leading"), {}, "heun", toy),
     "sd15-ddpm": (lambda: sd15("DDPMScheduler"), {}, "ddpm", toy),
     # SDXL's Euler (leading, steps_offset 1), and DPM-Solver++ from its config
@@ -148,10 +220,18 @@ CASES = {
     "sdxl-euler-v": (lambda: sdxl(prediction_type="v_prediction"), {}, "euler", toy),
     "sdxl-euler-trailing": (lambda: sdxl(timestep_spacing="trailing"), {}, "euler", toy),
     "sdxl-euler-custom-timesteps": (sdxl, dict(timesteps=[999, 850, 700, 500, 301, 150, 40, 3]), "euler", toy),
-    "sdxl-heun-custom-fractional-timesteps": (lambda: sdxl("HeunDiscreteScheduler"),
-                                              dict(timesteps=[998.5, 850.25, 700.0, 421.75, 130.5, 0.5]), "heun", toy),
-    "sdxl-dpm++2m-custom-timesteps": (lambda: sdxl("DPMSolverMultistepScheduler"),
-                                      dict(timesteps=[999, 800, 600, 400, 200, 5]), "dpm++2m", toy),
+    "sdxl-heun-custom-fractional-timesteps": (
+        lambda: sdxl("HeunDiscreteScheduler"),
+        dict(timesteps=[998.5, 850.25, 700.0, 421.75, 130.5, 0.5]),
+        "heun",
+        toy,
+    ),
+    "sdxl-dpm++2m-custom-timesteps": (
+        lambda: sdxl("DPMSolverMultistepScheduler"),
+        dict(timesteps=[999, 800, 600, 400, 200, 5]),
+        "dpm++2m",
+        toy,
+    ),
     # PixArt's DPM-Solver++ (linspace), and its SDE variant
     "pixart-dpm++2m": (pixart, {}, "dpm++2m", toy),
     "pixart-dpm++2m-sde": (lambda: pixart(algorithm_type="sde-dpmsolver++"), {}, "dpm++2m-sde", toy),
@@ -159,10 +239,18 @@ CASES = {
     # lower_order_final=False changes nothing for order 2 (the last step is first order with
     # final_sigmas_type="zero"), nor for order 3 from 15 steps
     "pixart-dpm++2m-no-lower-order-final": (lambda: pixart(lower_order_final=False), {}, "dpm++2m", toy),
-    "pixart-dpm++3m-no-lower-order-final": (lambda: pixart(solver_order=3, lower_order_final=False), {}, "dpm++3m",
-                                            toy),
-    "pixart-dpm++2m-trailing-sample": (lambda: pixart(timestep_spacing="trailing", prediction_type="sample"), {},
-                                       "dpm++2m", toy),
+    "pixart-dpm++3m-no-lower-order-final": (
+        lambda: pixart(solver_order=3, lower_order_final=False),
+        {},
+        "dpm++3m",
+        toy,
+    ),
+    "pixart-dpm++2m-trailing-sample": (
+        lambda: pixart(timestep_spacing="trailing", prediction_type="sample"),
+        {},
+        "dpm++2m",
+        toy,
+    ),
     # SD3's flow matching (shift 3), Heun on it, dynamic shifting with mu, custom σ's
     "sd3-euler": (sd3, {}, "euler", toy),
     "sd3-heun": (lambda: sd3("FlowMatchHeunDiscreteScheduler"), {}, "heun", toy),
@@ -173,20 +261,44 @@ CASES = {
     # DDIM whose last step t − T // N is a timestep: it lands there (t = 2 for 30 steps)
     "dit-ddim-steps-offset": (lambda: dit(steps_offset=35), {}, "ddim", toy),
     # other configs: v-prediction DDIM on trailing (SD 2.x style), DDPM's options, Heun's clip
-    "ddim-trailing-v": (lambda: sd15("DDIMScheduler", timestep_spacing="trailing", set_alpha_to_one=True,
-                                     prediction_type="v_prediction"), {}, "ddim", toy),
+    "ddim-trailing-v": (
+        lambda: sd15(
+            "DDIMScheduler", timestep_spacing="trailing", set_alpha_to_one=True, prediction_type="v_prediction"
+        ),
+        {},
+        "ddim",
+        toy,
+    ),
     "ddpm-clip-cosine": (lambda: diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2"), {}, "ddpm", toy),
-    "ddpm-fixed-large": (lambda: diffusers.DDPMScheduler(variance_type="fixed_large", clip_sample=False), {}, "ddpm",
-                         toy),
+    "ddpm-fixed-large": (
+        lambda: diffusers.DDPMScheduler(variance_type="fixed_large", clip_sample=False),
+        {},
+        "ddpm",
+        toy,
+    ),
     "ddpm-fixed-small-log": (lambda: diffusers.DDPMScheduler(variance_type="fixed_small_log"), {}, "ddpm", toy),
     "ddpm-learned-range": (lambda: diffusers.DDPMScheduler(variance_type="learned_range"), {}, "ddpm", toy_learned),
-    "ddpm-custom-timesteps": (lambda: diffusers.DDPMScheduler(), dict(timesteps=[990, 700, 420, 200, 60, 0]), "ddpm",
-                              toy),
-    "heun-clip": (lambda: sd15("HeunDiscreteScheduler", clip_sample=True, timestep_spacing="trailing"), {}, "heun",
-                  toy),
+    "ddpm-custom-timesteps": (
+        lambda: diffusers.DDPMScheduler(),
+        dict(timesteps=[990, 700, 420, 200, 60, 0]),
+        "ddpm",
+        toy,
+    ),
+    "heun-clip": (
+        lambda: sd15("HeunDiscreteScheduler", clip_sample=True, timestep_spacing="trailing"),
+        {},
+        "heun",
+        toy,
+    ),
     "euler-linspace-integral": (lambda: sd15("EulerDiscreteScheduler", timestep_spacing="linspace"), {}, "euler", toy),
-    "unipc-trained-betas": (lambda: diffusers.UniPCMultistepScheduler(
-        trained_betas=torch.linspace(2e-4, 0.03, 500).tolist(), num_train_timesteps=500), {}, "unipc", toy),
+    "unipc-trained-betas": (
+        lambda: diffusers.UniPCMultistepScheduler(
+            trained_betas=torch.linspace(2e-4, 0.03, 500).tolist(), num_train_timesteps=500
+        ),
+        {},
+        "unipc",
+        toy,
+    ),
 }
 # where linspace lands on integer timesteps; where DDIM's trailing grid steps by T // N
 # and DiT's default 250 steps, and order 3 without lower_order_final from 15 steps; SD 1.5's
@@ -194,17 +306,40 @@ CASES = {
 # last point with and without the last step's order lowered (below and from 15 steps)
 LINSPACE_COUNTS = (7, 13, 25, 50)
 SIGMA_MIN_COUNTS = (7, 14, 15, 25)
-STEPS = {"euler-linspace-integral": (10, 28), "ddim-trailing-v": (8, 25), "dit-ddim": (7, 250),
-         "pixart-dpm++3m-no-lower-order-final": (15, 25), "dit-ddim-steps-offset": (30,),
-         "sd15-ddim": (7, 25, 50), "sd15-ddim-eta": (7, 50),
-         "sd15-euler-linspace": LINSPACE_COUNTS, "sd15-euler-ancestral-linspace": LINSPACE_COUNTS,
-         "sd15-heun-linspace": LINSPACE_COUNTS, "sd15-dpm++2m-sigma-min": SIGMA_MIN_COUNTS,
-         "sd15-dpm++3m-sigma-min": SIGMA_MIN_COUNTS, "sd15-dpm++2m-sigma-min-euler-at-final": (7, 14),
-         "sd15-unipc-2-sigma-min": SIGMA_MIN_COUNTS, "sd15-unipc-3-sigma-min": SIGMA_MIN_COUNTS}
-STOCHASTIC = ("dit-ddim-eta", "dit-ddim-eta-half", "sd15-dpm++2m-sde", "sd15-euler-ancestral", "sd15-ddpm",
-              "sdxl-euler-ancestral", "pixart-dpm++2m-sde", "ddpm-clip-cosine", "ddpm-fixed-large",
-              "ddpm-fixed-small-log", "ddpm-learned-range", "ddpm-custom-timesteps", "sd15-ddim-eta",
-              "sd15-dpm++2m-sde-sigma-min", "sd15-euler-ancestral-linspace")
+STEPS = {
+    "euler-linspace-integral": (10, 28),
+    "ddim-trailing-v": (8, 25),
+    "dit-ddim": (7, 250),
+    "pixart-dpm++3m-no-lower-order-final": (15, 25),
+    "dit-ddim-steps-offset": (30,),
+    "sd15-ddim": (7, 25, 50),
+    "sd15-ddim-eta": (7, 50),
+    "sd15-euler-linspace": LINSPACE_COUNTS,
+    "sd15-euler-ancestral-linspace": LINSPACE_COUNTS,
+    "sd15-heun-linspace": LINSPACE_COUNTS,
+    "sd15-dpm++2m-sigma-min": SIGMA_MIN_COUNTS,
+    "sd15-dpm++3m-sigma-min": SIGMA_MIN_COUNTS,
+    "sd15-dpm++2m-sigma-min-euler-at-final": (7, 14),
+    "sd15-unipc-2-sigma-min": SIGMA_MIN_COUNTS,
+    "sd15-unipc-3-sigma-min": SIGMA_MIN_COUNTS,
+}
+STOCHASTIC = (
+    "dit-ddim-eta",
+    "dit-ddim-eta-half",
+    "sd15-dpm++2m-sde",
+    "sd15-euler-ancestral",
+    "sd15-ddpm",
+    "sdxl-euler-ancestral",
+    "pixart-dpm++2m-sde",
+    "ddpm-clip-cosine",
+    "ddpm-fixed-large",
+    "ddpm-fixed-small-log",
+    "ddpm-learned-range",
+    "ddpm-custom-timesteps",
+    "sd15-ddim-eta",
+    "sd15-dpm++2m-sde-sigma-min",
+    "sd15-euler-ancestral-linspace",
+)
 
 
 def _step_counts(case: str) -> tuple:
@@ -222,11 +357,17 @@ def test_fastguide_reproduces_the_pipeline_loop(case, steps):
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     generator_seed = 7
     grid = {key: value for key, value in options.items() if key in ("timesteps", "sigmas", "mu")}
-    latents, expected = run_pipeline_loop(scheduler, noise, model, torch.Generator().manual_seed(generator_seed),
-                                          options.get("eta", 0.0), steps, **grid)
+    latents, expected = run_pipeline_loop(
+        scheduler, noise, model, torch.Generator().manual_seed(generator_seed), options.get("eta", 0.0), steps, **grid
+    )
     assert settings.init_noise_sigma == pytest.approx(float(getattr(scheduler, "init_noise_sigma", 1.0)), rel=1e-7)
-    got = fastguide.sample(model, noise.shape, noise=settings.initial_noise(latents),
-                           generator=torch.Generator().manual_seed(generator_seed), **settings.sample_kwargs())
+    got = fastguide.sample(
+        model,
+        noise.shape,
+        noise=settings.initial_noise(latents),
+        generator=torch.Generator().manual_seed(generator_seed),
+        **settings.sample_kwargs(),
+    )
     assert settings.draws_noise == (case in STOCHASTIC)
     # diffusers' ᾱ are float32 (σ̃ near t = 0 to ~1e-4 relative) and its updates run in float32:
     # the largest difference seen is 1.6e-5·max|x| (DDPM's learned range), most are ~1e-6
@@ -268,55 +409,96 @@ REFUSALS = [
     (lambda: dit(set_alpha_to_one=False), {}, "set_alpha_to_one=False", "alphas_cumprod[0] = 0.9999, its own noise"),
     (lambda: dit(clip_sample=True), {}, "clip_sample=True", "unclipped eps"),
     (lambda: dit(timestep_spacing="linspace"), {}, "timestep_spacing='linspace'", "t − T // N"),
-    (lambda: dit(timestep_spacing="trailing"), dict(num_inference_steps=30), "timestep_spacing='trailing'",
-     "t − T // N"),
+    (
+        lambda: dit(timestep_spacing="trailing"),
+        dict(num_inference_steps=30),
+        "timestep_spacing='trailing'",
+        "t − T // N",
+    ),
     (dit, dict(eta=1.5), "eta=1.5", "η in [0, 1]"),
     (lambda: dit(thresholding=True), {}, "thresholding=True", "dynamic thresholding"),
     (lambda: dit(rescale_betas_zero_snr=True), {}, "rescale_betas_zero_snr=True", "ᾱ = 0"),
     (dit, dict(timesteps=[999, 500, 0]), "timesteps=[999, 500, 0]", "takes no timesteps"),
     (lambda: diffusers.DDPMScheduler(variance_type="learned"), {}, "variance_type='learned'", "raw variance"),
-    (lambda: sd15("DDPMScheduler", variance_type="fixed_large"), {}, "variance_type='fixed_large'",
-     "ends at t = 1 > 0"),
+    (
+        lambda: sd15("DDPMScheduler", variance_type="fixed_large"),
+        {},
+        "variance_type='fixed_large'",
+        "ends at t = 1 > 0",
+    ),
     (lambda: diffusers.DDPMScheduler(clip_sample_range=2.0), {}, "clip_sample_range=2.0", "[−1, 1]"),
-    (lambda: sd15("DPMSolverMultistepScheduler", use_karras_sigmas=True), {}, "use_karras_sigmas=True",
-     "between the schedule's integer timesteps"),
+    (
+        lambda: sd15("DPMSolverMultistepScheduler", use_karras_sigmas=True),
+        {},
+        "use_karras_sigmas=True",
+        "between the schedule's integer timesteps",
+    ),
     (lambda: sd15("DPMSolverMultistepScheduler", use_lu_lambdas=True), {}, "use_lu_lambdas=True", "between"),
-    (lambda: pixart(final_sigmas_type="sigma_min", lower_order_final=False), dict(num_inference_steps=10),
-     "lower_order_final=False", "keeps order 2 at the last step"),
-    (lambda: pixart(final_sigmas_type="sigma_min", euler_at_final=True), {}, "euler_at_final=True",
-     "lowers the last step to the first order"),
+    (
+        lambda: pixart(final_sigmas_type="sigma_min", lower_order_final=False),
+        dict(num_inference_steps=10),
+        "lower_order_final=False",
+        "keeps order 2 at the last step",
+    ),
+    (
+        lambda: pixart(final_sigmas_type="sigma_min", euler_at_final=True),
+        {},
+        "euler_at_final=True",
+        "lowers the last step to the first order",
+    ),
     (lambda: pixart(solver_type="heun"), {}, "solver_type='heun'", "midpoint"),
     (lambda: pixart(algorithm_type="sde-dpmsolver++", solver_order=3), {}, "solver_order=3", "dpm++2m-sde"),
     (lambda: pixart(algorithm_type="sde-dpmsolver++", solver_order=1), {}, "solver_order=1", "dpm++2m-sde"),
-    (lambda: pixart(solver_order=3, lower_order_final=False), dict(num_inference_steps=10), "lower_order_final=False",
-     "third order at the step before the last"),
-    (lambda: pixart(use_flow_sigmas=True, prediction_type="flow_prediction"), {}, "use_flow_sigmas=True",
-     "⌊T·σ⌋"),
+    (
+        lambda: pixart(solver_order=3, lower_order_final=False),
+        dict(num_inference_steps=10),
+        "lower_order_final=False",
+        "third order at the step before the last",
+    ),
+    (lambda: pixart(use_flow_sigmas=True, prediction_type="flow_prediction"), {}, "use_flow_sigmas=True", "⌊T·σ⌋"),
     (lambda: pixart(variance_type="learned_range"), {}, "variance_type='learned_range'", "model_output[:, :3]"),
     (lambda: pixart(prediction_type="flow_prediction"), {}, "prediction_type='flow_prediction'", "maps to fastguide"),
     (lambda: sd15("UniPCMultistepScheduler", solver_type="bh1"), {}, "solver_type='bh1'", "bh2"),
     (lambda: sd15("UniPCMultistepScheduler", predict_x0=False), {}, "predict_x0=False", "data-prediction"),
     (lambda: sd15("UniPCMultistepScheduler", disable_corrector=[0]), {}, "disable_corrector=[0]", "every step"),
-    (lambda: sd15("UniPCMultistepScheduler", lower_order_final=False), {}, "lower_order_final=False",
-     "keeps order p"),
+    (lambda: sd15("UniPCMultistepScheduler", lower_order_final=False), {}, "lower_order_final=False", "keeps order p"),
     (lambda: sd15("UniPCMultistepScheduler", solver_order=4), {}, "solver_order=4", "1, 2 and 3"),
-    (lambda: sd15("EulerDiscreteScheduler", final_sigmas_type="sigma_min"), dict(num_inference_steps=25),
-     "final_sigmas_type='sigma_min'", "σ̃-space latents"),
+    (
+        lambda: sd15("EulerDiscreteScheduler", final_sigmas_type="sigma_min"),
+        dict(num_inference_steps=25),
+        "final_sigmas_type='sigma_min'",
+        "σ̃-space latents",
+    ),
     (lambda: sdxl(use_karras_sigmas=True), {}, "use_karras_sigmas=True", "between"),
     (lambda: sdxl(use_exponential_sigmas=True), {}, "use_exponential_sigmas=True", "between"),
     (lambda: sdxl(interpolation_type="log_linear"), {}, "interpolation_type='log_linear'", "log-uniformly"),
     (lambda: sdxl(final_sigmas_type="sigma_min"), {}, "final_sigmas_type='sigma_min'", "σ̃-space latents"),
-    (lambda: sdxl(timestep_type="continuous", prediction_type="v_prediction"), {}, "timestep_type='continuous'",
-     "¼·log σ̃"),
+    (
+        lambda: sdxl(timestep_type="continuous", prediction_type="v_prediction"),
+        {},
+        "timestep_type='continuous'",
+        "¼·log σ̃",
+    ),
     # diffusers places custom σ's at times of log-linearly interpolated log σ̃
-    (sdxl, dict(sigmas=[14.6, 5.0, 1.0, 0.1, 0.0]), "sigmas=[14.6, 5.0, 1.0, 0.1, 0.0]",
-     "interpolated linearly in t"),
-    (lambda: sdxl("EulerAncestralDiscreteScheduler", prediction_type="sample"), {}, "prediction_type='sample'",
-     "maps to fastguide"),
-    (lambda: sd15("HeunDiscreteScheduler", clip_sample=True, clip_sample_range=3.0), {}, "clip_sample_range=3.0",
-     "[−1, 1]"),
-    (lambda: sdxl("EulerAncestralDiscreteScheduler"), dict(generator_in_step=False), "generator_in_step=False",
-     "global RNG"),
+    (sdxl, dict(sigmas=[14.6, 5.0, 1.0, 0.1, 0.0]), "sigmas=[14.6, 5.0, 1.0, 0.1, 0.0]", "interpolated linearly in t"),
+    (
+        lambda: sdxl("EulerAncestralDiscreteScheduler", prediction_type="sample"),
+        {},
+        "prediction_type='sample'",
+        "maps to fastguide",
+    ),
+    (
+        lambda: sd15("HeunDiscreteScheduler", clip_sample=True, clip_sample_range=3.0),
+        {},
+        "clip_sample_range=3.0",
+        "[−1, 1]",
+    ),
+    (
+        lambda: sdxl("EulerAncestralDiscreteScheduler"),
+        dict(generator_in_step=False),
+        "generator_in_step=False",
+        "global RNG",
+    ),
     (lambda: sd3(use_dynamic_shifting=True), {}, "use_dynamic_shifting=True", "pass the mu"),
     (lambda: sd3(stochastic_sampling=True), {}, "stochastic_sampling=True", "renoises"),
     (lambda: sd3(invert_sigmas=True), {}, "invert_sigmas=True", "from 0 to 1"),
@@ -326,8 +508,9 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("make, options, option, reason", REFUSALS,
-                         ids=[f"{i}-{r[2] or 'class'}" for i, r in enumerate(REFUSALS)])
+@pytest.mark.parametrize(
+    "make, options, option, reason", REFUSALS, ids=[f"{i}-{r[2] or 'class'}" for i, r in enumerate(REFUSALS)]
+)
 def test_unreproducible_schedulers_are_refused_with_the_option_and_reason(make, options, option, reason):
     scheduler = make()
     options = {"num_inference_steps": 20, **options}

@@ -16,8 +16,13 @@ def step(combination, x, eps, noise, x0s):
     """What the fused step computes from the combination's k_*: k_x·x + k_x0·m₀ + k_eps·eps +
     Σⱼ k_history[j]·mⱼ₊₁ + k_noise·z, with x0s = (m₀, m₁, …)."""
     k = combination.kernel_coefficients()
-    return (k["k_x"] * x + k["k_x0"] * x0s[0] + k["k_eps"] * eps + k["k_noise"] * noise
-            + sum(w * m for w, m in zip(k["k_history"], x0s[1:])))
+    return (
+        k["k_x"] * x
+        + k["k_x0"] * x0s[0]
+        + k["k_eps"] * eps
+        + k["k_noise"] * noise
+        + sum(w * m for w, m in zip(k["k_history"], x0s[1:]))
+    )
 
 
 def test_symbols_evaluate_to_one_coefficient_each():
@@ -45,7 +50,12 @@ def test_a_symbol_named_twice_is_one_term_and_zero_terms_drop():
     assert 0.0 * x0(3) == ZERO and (x0(0) + x0(3) - x0(3)).kernel_coefficients()["k_history"] == ()
     # the terms are listed x, m₀, m₁, …, eps, noise whatever the order they were written in
     assert [s for s, _ in (NOISE + EPS + x0(1) + x0(0) + X).terms] == [
-        Symbol("x"), Symbol("x0", 0), Symbol("x0", 1), Symbol("eps"), Symbol("noise")]
+        Symbol("x"),
+        Symbol("x0", 0),
+        Symbol("x0", 1),
+        Symbol("eps"),
+        Symbol("noise"),
+    ]
 
 
 def a_sum():
@@ -63,8 +73,12 @@ def test_evaluation_is_linear(seed):
         return sum((rng.uniform(-2, 2) * s for s in rng.sample(symbols, 4)), ZERO)
 
     a, b, c = random_combination(), random_combination(), rng.uniform(-3, 3)
-    values = dict(x=rng.gauss(0, 1), eps=rng.gauss(0, 1), noise=rng.gauss(0, 1),
-                  x0s=[rng.gauss(0, 1) for _ in range(MAX_HISTORY + 1)])
+    values = dict(
+        x=rng.gauss(0, 1),
+        eps=rng.gauss(0, 1),
+        noise=rng.gauss(0, 1),
+        x0s=[rng.gauss(0, 1) for _ in range(MAX_HISTORY + 1)],
+    )
     at = lambda comb: step(comb, **values)  # noqa: E731
     assert at(a + b) == pytest.approx(at(a) + at(b), rel=1e-12, abs=1e-12)
     assert at(a - b) == pytest.approx(at(a) - at(b), rel=1e-12, abs=1e-12)
@@ -73,14 +87,17 @@ def test_evaluation_is_linear(seed):
     assert at(a / c) == pytest.approx(at(a) / c, rel=1e-12, abs=1e-12)
 
 
-@pytest.mark.parametrize("operation", [
-    lambda: X * EPS,  # a product of two combinations is not linear
-    lambda: X + 1.0,  # the step has no constant term
-    lambda: 1.0 - X,
-    lambda: X * "2",
-    lambda: X / X,
-    lambda: True * X,
-])
+@pytest.mark.parametrize(
+    "operation",
+    [
+        lambda: X * EPS,  # a product of two combinations is not linear
+        lambda: X + 1.0,  # the step has no constant term
+        lambda: 1.0 - X,
+        lambda: X * "2",
+        lambda: X / X,
+        lambda: True * X,
+    ],
+)
 def test_what_is_not_a_linear_combination_is_a_type_error(operation):
     with pytest.raises(TypeError):
         operation()
@@ -110,14 +127,17 @@ def test_shift_restates_a_value_in_the_next_calls_symbols():
         a.shift(1.0)
 
 
-@pytest.mark.parametrize("combination, named", [
-    (X.shift(), r"x\[1\]"),  # the previous call's x: the step reads only its own
-    (EPS.shift(), r"eps\[1\]"),
-    (2.0 * x0(0) + NOISE.shift(), r"noise\[1\]"),
-    (x0(-1), r"m\[-1\]"),  # the next call's x0, not known yet
-    (x0(MAX_HISTORY + 1), f"m{MAX_HISTORY + 1}"),  # beyond the kernel's history slots
-    (x0(MAX_HISTORY).shift(), f"m{MAX_HISTORY + 1}"),
-])
+@pytest.mark.parametrize(
+    "combination, named",
+    [
+        (X.shift(), r"x\[1\]"),  # the previous call's x: the step reads only its own
+        (EPS.shift(), r"eps\[1\]"),
+        (2.0 * x0(0) + NOISE.shift(), r"noise\[1\]"),
+        (x0(-1), r"m\[-1\]"),  # the next call's x0, not known yet
+        (x0(MAX_HISTORY + 1), f"m{MAX_HISTORY + 1}"),  # beyond the kernel's history slots
+        (x0(MAX_HISTORY).shift(), f"m{MAX_HISTORY + 1}"),
+    ],
+)
 def test_a_term_the_step_cannot_read_is_refused(combination, named):
     with pytest.raises(ValueError, match=f"the fused step cannot express {named} in"):
         combination.kernel_coefficients()

@@ -43,13 +43,20 @@ NOISE = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(5))
 COMMON = dict(sampler="dpm++2m", steps=4, noise=NOISE)
 
 
-@pytest.mark.parametrize("guidance", [CFG(3.0), CFG(2.5, rescale=0.5, interval=(0.3, 5.0)),
-                                      fastguide.CFGPlusPlus(0.4)], ids=str)
+@pytest.mark.parametrize(
+    "guidance", [CFG(3.0), CFG(2.5, rescale=0.5, interval=(0.3, 5.0)), fastguide.CFGPlusPlus(0.4)], ids=str
+)
 def test_keyword_conditioning_equals_the_labels_it_encodes(guidance):
     model = ContextModel()
     by_labels = sample(model.unet, NOISE.shape, labels=LABELS, guidance=guidance, **COMMON)
-    by_keywords = sample(model, NOISE.shape, cond={"context": one_hot(LABELS)},
-                         uncond={"context": one_hot(torch.full_like(LABELS, NULL))}, guidance=guidance, **COMMON)
+    by_keywords = sample(
+        model,
+        NOISE.shape,
+        cond={"context": one_hot(LABELS)},
+        uncond={"context": one_hot(torch.full_like(LABELS, NULL))},
+        guidance=guidance,
+        **COMMON,
+    )
     torch.testing.assert_close(by_keywords, by_labels, atol=0, rtol=0)
 
 
@@ -67,8 +74,17 @@ def test_conditioning_is_laid_out_once_per_run_and_a_row_broadcasts():
     model.calls.clear()
     full = sample(model, NOISE.shape, cond=cond, uncond=batch_rows, guidance=guidance, **COMMON)
     torch.testing.assert_close(broadcast, full, atol=0, rtol=0)
-    assert not torch.allclose(full, sample(model, NOISE.shape, cond={**cond, "extra": {"shift": torch.zeros(3, 1)}},
-                                           uncond=batch_rows, guidance=guidance, **COMMON))
+    assert not torch.allclose(
+        full,
+        sample(
+            model,
+            NOISE.shape,
+            cond={**cond, "extra": {"shift": torch.zeros(3, 1)}},
+            uncond=batch_rows,
+            guidance=guidance,
+            **COMMON,
+        ),
+    )
 
 
 def test_labels_and_keywords_together_and_unguided_keywords():
@@ -77,43 +93,83 @@ def test_labels_and_keywords_together_and_unguided_keywords():
 
     tiny = tiny_cfg_unet()
     gain = torch.tensor([1.0, 0.5, 2.0])
-    got = sample(model, NOISE.shape, labels=LABELS, cond={"gain": gain}, uncond={"gain": gain.flip(0)},
-                 guidance=CFG(2.0), null_label=NULL, **COMMON)
-    expected = sample(lambda x, t, y: tiny(x, t, y) * torch.cat([gain, gain.flip(0)]).reshape(-1, 1, 1, 1),
-                      NOISE.shape, labels=LABELS, guidance=CFG(2.0), null_label=NULL, **COMMON)
+    got = sample(
+        model,
+        NOISE.shape,
+        labels=LABELS,
+        cond={"gain": gain},
+        uncond={"gain": gain.flip(0)},
+        guidance=CFG(2.0),
+        null_label=NULL,
+        **COMMON,
+    )
+    expected = sample(
+        lambda x, t, y: tiny(x, t, y) * torch.cat([gain, gain.flip(0)]).reshape(-1, 1, 1, 1),
+        NOISE.shape,
+        labels=LABELS,
+        guidance=CFG(2.0),
+        null_label=NULL,
+        **COMMON,
+    )
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
     # Unguided: uncond is not needed; cond reaches the model on the B rows.
     unguided = sample(model, NOISE.shape, labels=LABELS, cond={"gain": gain}, **COMMON)
-    torch.testing.assert_close(unguided, sample(lambda x, t, y: tiny(x, t, y) * gain.reshape(-1, 1, 1, 1),
-                                                NOISE.shape, labels=LABELS, **COMMON), atol=0, rtol=0)
+    torch.testing.assert_close(
+        unguided,
+        sample(lambda x, t, y: tiny(x, t, y) * gain.reshape(-1, 1, 1, 1), NOISE.shape, labels=LABELS, **COMMON),
+        atol=0,
+        rtol=0,
+    )
 
 
 def test_autoguidance_guide_gets_the_conditional_keywords():
     main, guide = ContextModel(), ContextModel()
     guidance = fastguide.AutoGuidance(guide, 2.0)
     got = sample(main, NOISE.shape, cond={"context": one_hot(LABELS)}, guidance=guidance, **COMMON)
-    expected = sample(main.unet, NOISE.shape, labels=LABELS, guidance=fastguide.AutoGuidance(guide.unet, 2.0),
-                      **COMMON)
+    expected = sample(main.unet, NOISE.shape, labels=LABELS, guidance=fastguide.AutoGuidance(guide.unet, 2.0), **COMMON)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
     assert {rows for rows, _, _ in guide.calls} == {3}
 
 
 BAD = {  # name: (cond, uncond, error type, message)
-    "mismatched keys": ({"context": one_hot(LABELS)}, {"ctx": one_hot(LABELS)}, ValueError,
-                        r"cond\['context'\] has no counterpart in uncond.*uncond\['ctx'\] has no counterpart in cond"),
-    "nested keys": ({"context": one_hot(LABELS), "extra": {"shift": torch.ones(3, 1)}},
-                    {"context": one_hot(LABELS), "extra": {"scale": torch.ones(3, 1)}}, ValueError,
-                    r"cond\['extra'\]\['shift'\] has no counterpart"),
-    "batch": ({"context": one_hot(LABELS[:2])}, {"context": one_hot(LABELS)}, ValueError,
-              r"cond\['context'\] must hold 1 or 3 rows"),
-    "shape past dim 0": ({"context": one_hot(LABELS)}, {"context": torch.zeros(3, 6)}, ValueError,
-                         "same shape past dim 0"),
+    "mismatched keys": (
+        {"context": one_hot(LABELS)},
+        {"ctx": one_hot(LABELS)},
+        ValueError,
+        r"cond\['context'\] has no counterpart in uncond.*uncond\['ctx'\] has no counterpart in cond",
+    ),
+    "nested keys": (
+        {"context": one_hot(LABELS), "extra": {"shift": torch.ones(3, 1)}},
+        {"context": one_hot(LABELS), "extra": {"scale": torch.ones(3, 1)}},
+        ValueError,
+        r"cond\['extra'\]\['shift'\] has no counterpart",
+    ),
+    "batch": (
+        {"context": one_hot(LABELS[:2])},
+        {"context": one_hot(LABELS)},
+        ValueError,
+        r"cond\['context'\] must hold 1 or 3 rows",
+    ),
+    "shape past dim 0": (
+        {"context": one_hot(LABELS)},
+        {"context": torch.zeros(3, 6)},
+        ValueError,
+        "same shape past dim 0",
+    ),
     "dtype": ({"context": one_hot(LABELS)}, {"context": one_hot(LABELS).double()}, ValueError, "same dtype"),
-    "device": ({"context": one_hot(LABELS)}, {"context": one_hot(LABELS).to("meta")}, ValueError,
-               "same device, got cpu and meta"),
+    "device": (
+        {"context": one_hot(LABELS)},
+        {"context": one_hot(LABELS).to("meta")},
+        ValueError,
+        "same device, got cpu and meta",
+    ),
     "no uncond": ({"context": one_hot(LABELS)}, None, ValueError, "needs uncond="),
-    "not a tensor": ({"context": [1, 2, 3]}, {"context": [1, 2, 3]}, TypeError,
-                     r"cond\['context'\] must be a tensor batched on dim 0"),
+    "not a tensor": (
+        {"context": [1, 2, 3]},
+        {"context": [1, 2, 3]},
+        TypeError,
+        r"cond\['context'\] must be a tensor batched on dim 0",
+    ),
     "not a dict": (one_hot(LABELS), None, TypeError, "cond must be a dict of the model's keyword arguments"),
     "0-d": ({"context": torch.tensor(1.0)}, {"context": torch.tensor(1.0)}, ValueError, "must be batched on dim 0"),
     "tensor against None": ({"context": one_hot(LABELS)}, {"context": None}, ValueError, "must both be tensors"),
@@ -133,18 +189,27 @@ def test_guidance_without_any_conditioning_is_refused():
     with pytest.raises(ValueError, match="guidance needs labels .* or cond=/uncond="):
         sample(lambda x, t: x, NOISE.shape, guidance=CFG(2.0), **COMMON)
     with pytest.raises(ValueError, match="classifier guidance needs labels"):
-        sample(lambda x, t: x, NOISE.shape, cond={"context": one_hot(LABELS)},
-               guidance=fastguide.ClassifierGuidance(lambda x, t: x.flatten(1), 1.0), **COMMON)
+        sample(
+            lambda x, t: x,
+            NOISE.shape,
+            cond={"context": one_hot(LABELS)},
+            guidance=fastguide.ClassifierGuidance(lambda x, t: x.flatten(1), 1.0),
+            **COMMON,
+        )
 
 
 def test_sampler_and_sample_take_cond_and_uncond():
     model = ContextModel()
     sampler = GuidedSampler(model, sampler="ddim", steps=3, guidance=CFG(2.0))
-    kwargs = dict(cond={"context": one_hot(LABELS)}, uncond={"context": one_hot(torch.full_like(LABELS, NULL))},
-                  noise=NOISE)
-    torch.testing.assert_close(sampler(NOISE.shape, **kwargs),
-                               sample(model, NOISE.shape, sampler="ddim", steps=3, guidance=CFG(2.0), **kwargs),
-                               atol=0, rtol=0)
+    kwargs = dict(
+        cond={"context": one_hot(LABELS)}, uncond={"context": one_hot(torch.full_like(LABELS, NULL))}, noise=NOISE
+    )
+    torch.testing.assert_close(
+        sampler(NOISE.shape, **kwargs),
+        sample(model, NOISE.shape, sampler="ddim", steps=3, guidance=CFG(2.0), **kwargs),
+        atol=0,
+        rtol=0,
+    )
 
 
 def _graphed_against_eager(device: str) -> None:
@@ -153,11 +218,18 @@ def _graphed_against_eager(device: str) -> None:
     graphed, eager = GuidedSampler(model, cuda_graph=True, **kwargs), GuidedSampler(model, **kwargs)
     for seed, labels in ((0, [0, 3, 1]), (1, [2, 1, 0])):  # the second call replays with new conditioning
         labels = torch.tensor(labels, device=device)
-        conditioning = dict(cond={"context": one_hot(labels), "extra": {"shift": labels[:, None] / 10}},
-                            uncond={"context": one_hot(torch.full_like(labels[:1], NULL)),
-                                    "extra": {"shift": torch.zeros(1, 1, device=device)}})
-        run = lambda s: s((3, 3, 8, 8), generator=torch.Generator(device).manual_seed(seed),  # noqa: E731
-                          **conditioning)
+        conditioning = dict(
+            cond={"context": one_hot(labels), "extra": {"shift": labels[:, None] / 10}},
+            uncond={
+                "context": one_hot(torch.full_like(labels[:1], NULL)),
+                "extra": {"shift": torch.zeros(1, 1, device=device)},
+            },
+        )
+        run = lambda s: s(
+            (3, 3, 8, 8),
+            generator=torch.Generator(device).manual_seed(seed),  # noqa: E731
+            **conditioning,
+        )
         torch.testing.assert_close(run(graphed), run(eager), atol=1e-5, rtol=1e-5)
     assert len(graphed._graphs) == 1
 

@@ -19,8 +19,19 @@ NULL = 4
 
 
 def tiny_dit():
-    return randomize(fastguide.DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=3, num_heads=2,
-                                   num_classes=4, learn_sigma=False), seed=3).eval()
+    return randomize(
+        fastguide.DiT(
+            input_size=8,
+            patch_size=2,
+            in_channels=3,
+            hidden_size=32,
+            depth=3,
+            num_heads=2,
+            num_classes=4,
+            learn_sigma=False,
+        ),
+        seed=3,
+    ).eval()
 
 
 def written_out_ddim(model, perturbed, noise, labels, timesteps, w, s, window=None):
@@ -47,6 +58,7 @@ def _perturbed_forward(model, install):
         with install(model) as handle:
             handle.rows = slice(0, len(x))
             return model(x, t, y)
+
     return forward
 
 
@@ -56,20 +68,37 @@ LABELS = torch.tensor([1, 3])
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-@pytest.mark.parametrize("make, guidance", [
-    (tiny_cfg_unet, lambda w: PAG(2.0, "input_blocks|middle_block", cfg_scale=w)),
-    (tiny_dit, lambda w: PAG(1.5, r"blocks\.1\.", cfg_scale=w)),
-    (tiny_dit, lambda w: SkipLayerGuidance(2.5, [1, 2], cfg_scale=w)),
-], ids=["pag-unet", "pag-dit", "slg-dit"])
+@pytest.mark.parametrize(
+    "make, guidance",
+    [
+        (tiny_cfg_unet, lambda w: PAG(2.0, "input_blocks|middle_block", cfg_scale=w)),
+        (tiny_dit, lambda w: PAG(1.5, r"blocks\.1\.", cfg_scale=w)),
+        (tiny_dit, lambda w: SkipLayerGuidance(2.5, [1, 2], cfg_scale=w)),
+    ],
+    ids=["pag-unet", "pag-dit", "slg-dit"],
+)
 def test_perturbed_guidance_equals_three_forwards_written_out(make, guidance, cfg_scale):
     model = make()
     spec = guidance(cfg_scale)
-    install = (lambda m: perturb_attention(m, spec.layers)) if isinstance(spec, PAG) \
+    install = (
+        (lambda m: perturb_attention(m, spec.layers))
+        if isinstance(spec, PAG)
         else (lambda m: skip_blocks(m, spec.layers))
-    got = sample(model, NOISE.shape, labels=LABELS, guidance=spec, sampler="ddim", steps=TIMESTEPS, noise=NOISE,
-                 clip_denoised=False, null_label=NULL)
-    expected = written_out_ddim(model, _perturbed_forward(model, install), NOISE, LABELS, TIMESTEPS, cfg_scale,
-                                spec.scale)
+    )
+    got = sample(
+        model,
+        NOISE.shape,
+        labels=LABELS,
+        guidance=spec,
+        sampler="ddim",
+        steps=TIMESTEPS,
+        noise=NOISE,
+        clip_denoised=False,
+        null_label=NULL,
+    )
+    expected = written_out_ddim(
+        model, _perturbed_forward(model, install), NOISE, LABELS, TIMESTEPS, cfg_scale, spec.scale
+    )
     # float32 rounding of one 3B forward against separate B-row ones (~1e-6 of the output)
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
     # the run's perturbation is removed: the model is its plain self again
@@ -84,13 +113,23 @@ def test_the_perturbed_branch_runs_only_inside_its_window():
     rows = []
     model.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
     spec = SkipLayerGuidance(2.0, [1], cfg_scale=3.0, interval=window)
-    got = sample(model, NOISE.shape, labels=LABELS, guidance=spec, sampler="ddim", steps=TIMESTEPS, noise=NOISE,
-                 clip_denoised=False, null_label=NULL)
+    got = sample(
+        model,
+        NOISE.shape,
+        labels=LABELS,
+        guidance=spec,
+        sampler="ddim",
+        steps=TIMESTEPS,
+        noise=NOISE,
+        clip_denoised=False,
+        null_label=NULL,
+    )
     inside = [window[0] <= SCHEDULE.edm_sigma(t) <= window[1] for t in TIMESTEPS]
     assert rows == [6 if on else 4 for on in inside] and any(inside) and not all(inside)
     rows.clear()
-    expected = written_out_ddim(model, _perturbed_forward(model, lambda m: skip_blocks(m, [1])), NOISE, LABELS,
-                                TIMESTEPS, 3.0, 2.0, window)
+    expected = written_out_ddim(
+        model, _perturbed_forward(model, lambda m: skip_blocks(m, [1])), NOISE, LABELS, TIMESTEPS, 3.0, 2.0, window
+    )
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
 

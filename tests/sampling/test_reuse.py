@@ -19,13 +19,25 @@ BATCH = 3
 
 
 def tiny_dit(depth: int = 4) -> fastguide.DiT:
-    return randomize(fastguide.DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=depth,
-                                   num_heads=2, num_classes=4, learn_sigma=False), seed=5).eval()
+    return randomize(
+        fastguide.DiT(
+            input_size=8,
+            patch_size=2,
+            in_channels=3,
+            hidden_size=32,
+            depth=depth,
+            num_heads=2,
+            num_classes=4,
+            learn_sigma=False,
+        ),
+        seed=5,
+    ).eval()
 
 
 def run(model, guidance=None, cache=None, steps=10, sampler="dpm++2m", seed=0, **kwargs):
-    sampler = GuidedSampler(model, sampler=sampler, steps=steps, schedule=SCHEDULE, guidance=guidance, cache=cache,
-                            **kwargs)
+    sampler = GuidedSampler(
+        model, sampler=sampler, steps=steps, schedule=SCHEDULE, guidance=guidance, cache=cache, **kwargs
+    )
     noise = torch.randn((BATCH, 3, 8, 8), generator=torch.Generator().manual_seed(seed))
     out = sampler(noise.shape, labels=torch.tensor([0, 1, 3]), noise=noise)
     return out, sampler
@@ -123,11 +135,15 @@ def test_delta_reuse_counts_guided_calls_inside_an_interval():
     assert rows == expected
 
 
-@pytest.mark.parametrize("guidance, sampler", [
-    (CFG(3.0, reuse=DeltaReuse(every=2, order=1)), "ddpm"),  # a learned-variance model, noise drawn
-    (fastguide.CFGPlusPlus(0.6, reuse=DeltaReuse(every=2)), "dpm++2m"),  # its history holds the estimated u's x0
-    (CFG(3.0, reuse=DeltaReuse(every=2), apg=fastguide.APG(momentum=-0.5)), "unipc"),
-], ids=["learned-variance", "cfg++", "apg-momentum"])
+@pytest.mark.parametrize(
+    "guidance, sampler",
+    [
+        (CFG(3.0, reuse=DeltaReuse(every=2, order=1)), "ddpm"),  # a learned-variance model, noise drawn
+        (fastguide.CFGPlusPlus(0.6, reuse=DeltaReuse(every=2)), "dpm++2m"),  # its history holds the estimated u's x0
+        (CFG(3.0, reuse=DeltaReuse(every=2), apg=fastguide.APG(momentum=-0.5)), "unipc"),
+    ],
+    ids=["learned-variance", "cfg++", "apg-momentum"],
+)
 def test_delta_reuse_runs_with_the_other_guidance_options(guidance, sampler):
     model = tiny_cfg_unet()
     rows = []
@@ -240,20 +256,25 @@ def test_each_branch_keeps_and_reuses_its_own_residual():
 # ---- captured runs ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("guidance, cache", [
-    (CFG(3.0, truncate=0.0), None),
-    (CFG(3.0, reuse=DeltaReuse(every=2, order=1)), None),
-    (CFG(3.0), FirstBlockCache(threshold=1.0)),
-    (CFG(3.0, reuse=DeltaReuse(every=4, order=1)), ForecastCache(every=2)),
-    # order 1 with the unconditional rows every 3rd call: a branch's first reuse follows its
-    # first computed call, which must not extrapolate through the previous run's residuals
-    (CFG(3.0, reuse=DeltaReuse(every=3)), FirstBlockCache(threshold=1.1, order=1)),
-], ids=["truncate", "delta-reuse", "first-block-cache", "forecast-with-delta-reuse", "order-1-with-delta-reuse"])
+@pytest.mark.parametrize(
+    "guidance, cache",
+    [
+        (CFG(3.0, truncate=0.0), None),
+        (CFG(3.0, reuse=DeltaReuse(every=2, order=1)), None),
+        (CFG(3.0), FirstBlockCache(threshold=1.0)),
+        (CFG(3.0, reuse=DeltaReuse(every=4, order=1)), ForecastCache(every=2)),
+        # order 1 with the unconditional rows every 3rd call: a branch's first reuse follows its
+        # first computed call, which must not extrapolate through the previous run's residuals
+        (CFG(3.0, reuse=DeltaReuse(every=3)), FirstBlockCache(threshold=1.1, order=1)),
+    ],
+    ids=["truncate", "delta-reuse", "first-block-cache", "forecast-with-delta-reuse", "order-1-with-delta-reuse"],
+)
 def test_graph_replays_follow_the_warm_up_runs_decisions(cpu_graphs, guidance, cache):
     model = tiny_dit()
     eager, eager_sampler = run(model, guidance, cache=cache)
-    graphed = GuidedSampler(model, sampler="dpm++2m", steps=10, schedule=SCHEDULE, guidance=guidance, cache=cache,
-                            cuda_graph=True)
+    graphed = GuidedSampler(
+        model, sampler="dpm++2m", steps=10, schedule=SCHEDULE, guidance=guidance, cache=cache, cuda_graph=True
+    )
     noise = torch.randn((BATCH, 3, 8, 8), generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1, 3])
     first = graphed(noise.shape, labels=labels, noise=noise)
@@ -270,12 +291,17 @@ def test_a_callbacks_own_forward_does_not_touch_the_cache():
     model = tiny_dit()
     plain, plain_sampler = run(model, CFG(3.0), cache=FirstBlockCache(threshold=1.0))
     peeks = []
-    sampler = GuidedSampler(model, sampler="dpm++2m", steps=10, schedule=SCHEDULE, guidance=CFG(3.0),
-                            cache=FirstBlockCache(threshold=1.0))
+    sampler = GuidedSampler(
+        model, sampler="dpm++2m", steps=10, schedule=SCHEDULE, guidance=CFG(3.0), cache=FirstBlockCache(threshold=1.0)
+    )
     noise = torch.randn((BATCH, 3, 8, 8), generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1, 3])
-    out = sampler(noise.shape, labels=labels, noise=noise,
-                  callback=lambda d: peeks.append(model(d["x"], torch.full((BATCH,), d["t"]), labels)))
+    out = sampler(
+        noise.shape,
+        labels=labels,
+        noise=noise,
+        callback=lambda d: peeks.append(model(d["x"], torch.full((BATCH,), d["t"]), labels)),
+    )
     assert len(peeks) == sampler.num_calls  # an odd batch: no "2 equal row blocks" error
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
     assert sampler.last_compute == plain_sampler.last_compute
@@ -284,8 +310,14 @@ def test_a_callbacks_own_forward_does_not_touch_the_cache():
 def test_a_cache_reaches_a_dit_wrapped_as_a_sit_velocity():
     sit = tiny_dit()
     wrapped = fastguide.SiTVelocity(sit)
-    flow = dict(sampler="euler", steps=6, schedule=fastguide.NoiseSchedule.flow(), prediction_type="flow_prediction",
-                guidance=CFG(2.0), null_label=4)
+    flow = dict(
+        sampler="euler",
+        steps=6,
+        schedule=fastguide.NoiseSchedule.flow(),
+        prediction_type="flow_prediction",
+        guidance=CFG(2.0),
+        null_label=4,
+    )
     noise = torch.randn((BATCH, 3, 8, 8), generator=torch.Generator().manual_seed(0))
     plain = fastguide.sample(wrapped, noise.shape, noise=noise, labels=torch.tensor([0, 1, 3]), **flow)
     sampler = GuidedSampler(wrapped, cache=ForecastCache(every=2), **flow)
@@ -302,22 +334,28 @@ def test_autoguidance_counts_its_guide_networks_rows():
 # ---- bad settings -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make, error, match", [
-    (lambda: CFG(3.0, truncate=1.5), ValueError, "truncate must be a cosine similarity"),
-    (lambda: CFG(3.0, truncate=float("nan")), ValueError, "truncate must be a finite number"),
-    (lambda: CFG(3.0, reuse=2), TypeError, "reuse must be a fastguide.DeltaReuse"),
-    (lambda: DeltaReuse(every=1), ValueError, "every must be an int >= 2"),
-    (lambda: DeltaReuse(order=2), ValueError, "order must be 0"),
-    (lambda: fastguide.CFGPlusPlus(0.5, truncate=0.9), ValueError, "CFGPlusPlus does not take truncate"),
-    (lambda: DeltaReuse(order=1.0), ValueError, "order must be 0"),
-    (lambda: GuidedSampler(tiny_dit(), sampler="heun", guidance=CFG(3.0, truncate=0.9)), ValueError,
-     "two model calls per step"),
-    (lambda: FirstBlockCache(threshold=0), ValueError, "threshold must be a finite number > 0"),
-    (lambda: FirstBlockCache(order=2), ValueError, "order must be 0"),
-    (lambda: ForecastCache(every=1), ValueError, "every must be an int >= 2"),
-    (lambda: ForecastCache(warmup=0), ValueError, "warmup must be an int >= 1"),
-    (lambda: GuidedSampler(tiny_dit(), cache=0.1), TypeError, "cache must be a fastguide.FirstBlockCache"),
-])
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: CFG(3.0, truncate=1.5), ValueError, "truncate must be a cosine similarity"),
+        (lambda: CFG(3.0, truncate=float("nan")), ValueError, "truncate must be a finite number"),
+        (lambda: CFG(3.0, reuse=2), TypeError, "reuse must be a fastguide.DeltaReuse"),
+        (lambda: DeltaReuse(every=1), ValueError, "every must be an int >= 2"),
+        (lambda: DeltaReuse(order=2), ValueError, "order must be 0"),
+        (lambda: fastguide.CFGPlusPlus(0.5, truncate=0.9), ValueError, "CFGPlusPlus does not take truncate"),
+        (lambda: DeltaReuse(order=1.0), ValueError, "order must be 0"),
+        (
+            lambda: GuidedSampler(tiny_dit(), sampler="heun", guidance=CFG(3.0, truncate=0.9)),
+            ValueError,
+            "two model calls per step",
+        ),
+        (lambda: FirstBlockCache(threshold=0), ValueError, "threshold must be a finite number > 0"),
+        (lambda: FirstBlockCache(order=2), ValueError, "order must be 0"),
+        (lambda: ForecastCache(every=1), ValueError, "every must be an int >= 2"),
+        (lambda: ForecastCache(warmup=0), ValueError, "warmup must be an int >= 1"),
+        (lambda: GuidedSampler(tiny_dit(), cache=0.1), TypeError, "cache must be a fastguide.FirstBlockCache"),
+    ],
+)
 def test_bad_settings_are_named(make, error, match):
     with pytest.raises(error, match=match):
         make()
@@ -339,11 +377,21 @@ class TextUNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
         diffusers = pytest.importorskip("diffusers")
-        self.unet = randomize(diffusers.UNet2DConditionModel(
-            sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, norm_num_groups=8,
-            attention_head_dim=8), seed=6).eval()
+        self.unet = randomize(
+            diffusers.UNet2DConditionModel(
+                sample_size=8,
+                in_channels=3,
+                out_channels=3,
+                layers_per_block=1,
+                block_out_channels=(32, 64),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=16,
+                norm_num_groups=8,
+                attention_head_dim=8,
+            ),
+            seed=6,
+        ).eval()
 
     @property
     def perturbation_target(self) -> torch.nn.Module:
@@ -357,8 +405,12 @@ def run_text(model, cache=None, steps=8):
     prompts = torch.randn(2, BATCH, 5, 16, generator=torch.Generator().manual_seed(7))
     sampler = GuidedSampler(model, sampler="dpm++2m", steps=steps, schedule=SCHEDULE, guidance=CFG(3.0), cache=cache)
     noise = torch.randn((BATCH, 3, 8, 8), generator=torch.Generator().manual_seed(8))
-    out = sampler(noise.shape, noise=noise, cond={"encoder_hidden_states": prompts[0]},
-                  uncond={"encoder_hidden_states": prompts[1]})
+    out = sampler(
+        noise.shape,
+        noise=noise,
+        cond={"encoder_hidden_states": prompts[0]},
+        uncond={"encoder_hidden_states": prompts[1]},
+    )
     return out, sampler
 
 
@@ -377,7 +429,8 @@ def test_a_diffusers_unet_reuse_skips_every_block_after_the_first_and_counts_the
     ran = {"down_blocks.0": [], "mid_block": [], "up_blocks.1": []}  # counted by a resnet inside each
     for name in ran:
         model.unet.get_submodule(f"{name}.resnets.0").register_forward_hook(
-            lambda module, args, out, name=name: ran[name].append(1))
+            lambda module, args, out, name=name: ran[name].append(1)
+        )
     plain, _ = run_text(model)
     ran = {name: calls.clear() or calls for name, calls in ran.items()}
     cached, sampler = run_text(model, cache=cache)
@@ -420,8 +473,9 @@ def test_graph_replays_of_a_diffusers_unet_follow_the_warm_up_runs_decisions(cpu
     assert 0 < eager_sampler.last_compute["reused_calls"] < eager_sampler.num_calls
     prompts = torch.randn(2, BATCH, 5, 16, generator=torch.Generator().manual_seed(7))
     conditioning = dict(cond={"encoder_hidden_states": prompts[0]}, uncond={"encoder_hidden_states": prompts[1]})
-    graphed = GuidedSampler(model, sampler="dpm++2m", steps=8, schedule=SCHEDULE, guidance=CFG(3.0), cache=cache,
-                            cuda_graph=True)
+    graphed = GuidedSampler(
+        model, sampler="dpm++2m", steps=8, schedule=SCHEDULE, guidance=CFG(3.0), cache=cache, cuda_graph=True
+    )
     noise = torch.randn((BATCH, 3, 8, 8), generator=torch.Generator().manual_seed(8))
     torch.testing.assert_close(graphed(noise.shape, noise=noise, **conditioning), eager, rtol=1e-5, atol=1e-5)
     other = torch.randn((BATCH, 3, 8, 8), generator=torch.Generator().manual_seed(9))

@@ -71,8 +71,11 @@ class GaussianMixture:
         var = alpha**2 * self.stds**2 + sigma**2  # (K,)
         diff = x[:, None].double() - alpha * self.means[None]
         d = x[0].numel()
-        return (torch.log(self.weights) - 0.5 * d * torch.log(2 * math.pi * var)
-                - 0.5 * diff.flatten(2).square().sum(-1) / var)  # (B, K)
+        return (
+            torch.log(self.weights)
+            - 0.5 * d * torch.log(2 * math.pi * var)
+            - 0.5 * diff.flatten(2).square().sum(-1) / var
+        )  # (B, K)
 
     def eps(self, x, t, component=None):
         """E[ε | x_t] = −σ ∇ log p_t, of the mixture or of one component."""
@@ -101,7 +104,7 @@ class MixtureModel(torch.nn.Module):
         for i in range(len(x)):
             label = None if y is None or int(y[i]) == self.num_classes else int(y[i])
             comp = None if label is None else torch.tensor([label])
-            out[i] = self.mixture.eps(x[i:i + 1], t[i], comp)[0]
+            out[i] = self.mixture.eps(x[i : i + 1], t[i], comp)[0]
         return out
 
 
@@ -113,12 +116,13 @@ class ExactClassifier(torch.nn.Module):
         self.mixture = mixture
 
     def forward(self, x, t):
-        return torch.stack([self.mixture.log_components(x[i:i + 1], t[i])[0] for i in range(len(x))]).float()
+        return torch.stack([self.mixture.log_components(x[i : i + 1], t[i])[0] for i in range(len(x))]).float()
 
 
 MIXTURE = GaussianMixture(
     means=[np.full((1, 2, 2), -0.5), np.full((1, 2, 2), 0.4) * np.array([[1, -1], [1, 1]])],
-    stds=[0.15, 0.25], weights=[0.3, 0.7],
+    stds=[0.15, 0.25],
+    weights=[0.3, 0.7],
 )
 
 
@@ -127,9 +131,15 @@ MIXTURE = GaussianMixture(
 def test_many_steps_sample_the_true_mixture(sampler):
     n = 3000
     model = MixtureModel(MIXTURE)
-    batched = lambda x, t, y=None: torch.cat([MIXTURE.eps(x[i:i + 500], t[0]) for i in range(0, len(x), 500)])  # noqa: E731
-    samples = sample(batched, (n, 1, 2, 2), sampler=sampler, steps=200 if sampler != "ddpm" else 1000,
-                     clip_denoised=False, generator=torch.Generator().manual_seed(0)).double()
+    batched = lambda x, t, y=None: torch.cat([MIXTURE.eps(x[i : i + 500], t[0]) for i in range(0, len(x), 500)])  # noqa: E731
+    samples = sample(
+        batched,
+        (n, 1, 2, 2),
+        sampler=sampler,
+        steps=200 if sampler != "ddpm" else 1000,
+        clip_denoised=False,
+        generator=torch.Generator().manual_seed(0),
+    ).double()
     assert model.num_classes == 2
     component = MIXTURE.log_components(samples, 0).argmax(-1)
     weight = (component == 1).double().mean()
@@ -151,6 +161,7 @@ def gaussian_cfg_exact(x_T, w, t_max, mean_c, std_c, mean_u, std_u):
     Every sampler's last step is the same exact denoiser at t = 0 (x0 = x̃ − σ̃·eps), so
     the ODE runs to σ̃₀ = σ̃(t=0) and the denoiser is applied there.
     """
+
     def coefficients(s):
         a = s * ((1 - w) / (std_u**2 + s**2) + w / (std_c**2 + s**2))
         b = s * ((1 - w) * mean_u / (std_u**2 + s**2) + w * mean_c / (std_c**2 + s**2))
@@ -178,8 +189,16 @@ def gaussian_cfg_error(sampler, steps, w=3.0, mean_c=0.6, std_c=0.5, mean_u=0.0,
 
     x_T = torch.linspace(-2.5, 2.5, 11, dtype=torch.float64).reshape(11, 1, 1, 1)
     # ADM's time-uniform grid, which ends with a model call at t = 0 (as these tests measured).
-    runner = GuidedSampler(model, sampler=sampler, steps=steps, spacing="adm", guidance=CFG(w), clip_denoised=False,
-                           null_label=1, num_classes=1)
+    runner = GuidedSampler(
+        model,
+        sampler=sampler,
+        steps=steps,
+        spacing="adm",
+        guidance=CFG(w),
+        clip_denoised=False,
+        null_label=1,
+        num_classes=1,
+    )
     got = runner(x_T.shape, labels=torch.zeros(11, dtype=torch.long), noise=x_T.float())
     exact = gaussian_cfg_exact(x_T, w, runner.timesteps[0], mean_c, std_c, mean_u, std_u)
     return (got.double() - exact).abs().max().item()
@@ -258,8 +277,9 @@ def test_classifier_guidance_equals_cfg_at_one_plus_s_step_for_step():
     common = dict(sampler="ddim", steps=8, clip_denoised=False, noise=noise, labels=labels)
 
     conditional = lambda x, t, y: model(x, t, y)  # noqa: E731
-    classifier = sample(conditional, noise.shape, guidance=ClassifierGuidance(ExactClassifier(MIXTURE), s),
-                        null_label=2, **common)
+    classifier = sample(
+        conditional, noise.shape, guidance=ClassifierGuidance(ExactClassifier(MIXTURE), s), null_label=2, **common
+    )
     cfg = sample(model, noise.shape, guidance=CFG(1 + s), **common)
     torch.testing.assert_close(classifier, cfg, atol=2e-5, rtol=2e-5)
 
@@ -288,8 +308,9 @@ def _run_diffusers(scheduler, x_T, timesteps, extra_step_kwargs=None, learned=Fa
 
 
 def test_ddim_matches_diffusers():
-    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,
-                                        set_alpha_to_one=True, steps_offset=0)
+    scheduler = diffusers.DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", clip_sample=True, set_alpha_to_one=True, steps_offset=0
+    )
     scheduler.set_timesteps(20)
     timesteps = scheduler.timesteps.tolist()
     x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -299,20 +320,23 @@ def test_ddim_matches_diffusers():
 
 
 def test_dpm_solver_pp_2m_matches_diffusers():
-    scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
-                                                      algorithm_type="dpmsolver++", solver_order=2)
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", algorithm_type="dpmsolver++", solver_order=2
+    )
     scheduler.set_timesteps(15)
     timesteps = scheduler.timesteps.tolist()
     x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     expected = _run_diffusers(scheduler, x_T, timesteps)
-    got = sample(lambda x, t: toy_eps(x, t), x_T.shape, sampler="dpm++2m", steps=timesteps, noise=x_T,
-                 clip_denoised=False)
+    got = sample(
+        lambda x, t: toy_eps(x, t), x_T.shape, sampler="dpm++2m", steps=timesteps, noise=x_T, clip_denoised=False
+    )
     torch.testing.assert_close(got, expected, atol=5e-5, rtol=1e-5)
 
 
 def test_ddpm_learned_range_matches_diffusers():
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
-                                        variance_type="learned_range", clip_sample=True)
+    scheduler = diffusers.DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range", clip_sample=True
+    )
     scheduler.set_timesteps(25)
     timesteps = scheduler.timesteps.tolist()
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
@@ -321,8 +345,9 @@ def test_ddpm_learned_range_matches_diffusers():
     def model(x, t):
         return torch.cat([toy_eps(x, t), torch.tanh(x - 0.2)], dim=1)
 
-    got = sample(model, x_T.shape, sampler="ddpm", steps=timesteps, noise=x_T,
-                 generator=torch.Generator().manual_seed(7))
+    got = sample(
+        model, x_T.shape, sampler="ddpm", steps=timesteps, noise=x_T, generator=torch.Generator().manual_seed(7)
+    )
     torch.testing.assert_close(got, expected, atol=5e-5, rtol=1e-5)
 
 
@@ -359,9 +384,13 @@ def test_samples_agree_between_backends(backend):
     # Starting at t = 600 (α ≈ 0.5) keeps fp32 differences between the backends' UNet
     # forwards from being amplified by 1/α_T ≈ 157; three steps run DPM-Solver++'s
     # second-order (prev) path.
-    kwargs = dict(labels=torch.tensor([1]), sampler="dpm++2m", steps=[600, 300, 100],
-                  noise=torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(6)),
-                  guidance=CFG(3.0, rescale=0.5))
+    kwargs = dict(
+        labels=torch.tensor([1]),
+        sampler="dpm++2m",
+        steps=[600, 300, 100],
+        noise=torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(6)),
+        guidance=CFG(3.0, rescale=0.5),
+    )
     with fastguide.backend("torch"):
         expected = sample(model, (1, 3, 8, 8), **kwargs)
     with fastguide.backend(backend):
@@ -370,17 +399,39 @@ def test_samples_agree_between_backends(backend):
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-@pytest.mark.parametrize("guidance", [None, CFG(2.0), CFG(5.0, rescale=0.7, interval=(0.3, 5.0)),
-                                      CFG(4.0, apg=APG(eta=0.0, norm_threshold=2.0, momentum=-0.5)),
-                                      CFG(3.0, zero_star=True), CFG(4.0, rescale=0.5, tangential=True)], ids=str)
+@pytest.mark.parametrize(
+    "guidance",
+    [
+        None,
+        CFG(2.0),
+        CFG(5.0, rescale=0.7, interval=(0.3, 5.0)),
+        CFG(4.0, apg=APG(eta=0.0, norm_threshold=2.0, momentum=-0.5)),
+        CFG(3.0, zero_star=True),
+        CFG(4.0, rescale=0.5, tangential=True),
+    ],
+    ids=str,
+)
 def test_every_sampler_and_guidance_runs_and_is_reproducible(sampler, guidance):
     model = tiny_cfg_unet()
     # SiT's SDE runs on a flow path (the tiny UNet stands in for a velocity model); the rest on
     # ADM's, DDIM with noise (eta applies to it alone).
-    path = (dict(schedule=NoiseSchedule.flow(), prediction_type="flow_prediction") if sampler in FLOW_ONLY
-            else dict(eta=0.5) if sampler == "ddim" else {})
-    run = lambda: sample(model, (2, 3, 8, 8), labels=torch.tensor([0, 2]), sampler=sampler, steps=3,  # noqa: E731
-                         guidance=guidance, generator=torch.Generator().manual_seed(9), **path)
+    path = (
+        dict(schedule=NoiseSchedule.flow(), prediction_type="flow_prediction")
+        if sampler in FLOW_ONLY
+        else dict(eta=0.5)
+        if sampler == "ddim"
+        else {}
+    )
+    run = lambda: sample(
+        model,
+        (2, 3, 8, 8),
+        labels=torch.tensor([0, 2]),
+        sampler=sampler,
+        steps=3,  # noqa: E731
+        guidance=guidance,
+        generator=torch.Generator().manual_seed(9),
+        **path,
+    )
     first, second = run(), run()
     assert torch.isfinite(first).all()
     torch.testing.assert_close(first, second, rtol=0, atol=0)
@@ -422,8 +473,13 @@ def test_callback_sees_every_model_call(sampler):
     def callback(info):
         seen.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in info.items()})
 
-    kwargs = dict(labels=torch.tensor([0, 3]), sampler=sampler, steps=4, guidance=CFG(3.0),
-                  noise=torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)))
+    kwargs = dict(
+        labels=torch.tensor([0, 3]),
+        sampler=sampler,
+        steps=4,
+        guidance=CFG(3.0),
+        noise=torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)),
+    )
     final = sample(model, (2, 3, 8, 8), callback=callback, **kwargs)
     assert [info["i"] for info in seen] == list(range(4))
     assert [info["t"] for info in seen] == SCHEDULE.spaced_timesteps(4, SCHEDULE.default_spacing)
@@ -465,23 +521,48 @@ BAD_SAMPLER_ARGUMENTS = {
     "prediction type typo": (dict(prediction_type="x0"), ValueError, "prediction_type must be one of"),
     "spacing with explicit timesteps": (dict(steps=[900, 100], spacing="trailing"), ValueError, "places a step count"),
     # v → x0 assumes α² + σ² = 1: on a flow path the samples ended 8% off.
-    "v_prediction on a flow path": (dict(schedule=NoiseSchedule.flow(), prediction_type="v_prediction"), ValueError,
-                                    "'v_prediction' converts to x0 and eps only on a variance-preserving schedule"),
-    "epsilon at a flow path's pure noise": (dict(schedule=NoiseSchedule.flow(), prediction_type="epsilon"), ValueError,
-                                            r"step.alpha must be positive to derive x0 from eps.*at the model call "
-                                            r"at t = 1000.0 of sampler='unipc' on FlowSchedule"),
-    "a grid the shift collapses": (dict(schedule=NoiseSchedule.flow(1e6), prediction_type="flow_prediction", steps=300),
-                                   ValueError, r"the 300-step grid of shift=1000000.0 must stay distinct"),
-    "flow times one in float32": (dict(schedule=NoiseSchedule.flow(), prediction_type="flow_prediction",
-                                       steps=[999.9999999999999, 999.9999999999998]), ValueError, "float32 times"),
+    "v_prediction on a flow path": (
+        dict(schedule=NoiseSchedule.flow(), prediction_type="v_prediction"),
+        ValueError,
+        "'v_prediction' converts to x0 and eps only on a variance-preserving schedule",
+    ),
+    "epsilon at a flow path's pure noise": (
+        dict(schedule=NoiseSchedule.flow(), prediction_type="epsilon"),
+        ValueError,
+        r"step.alpha must be positive to derive x0 from eps.*at the model call "
+        r"at t = 1000.0 of sampler='unipc' on FlowSchedule",
+    ),
+    "a grid the shift collapses": (
+        dict(schedule=NoiseSchedule.flow(1e6), prediction_type="flow_prediction", steps=300),
+        ValueError,
+        r"the 300-step grid of shift=1000000.0 must stay distinct",
+    ),
+    "flow times one in float32": (
+        dict(
+            schedule=NoiseSchedule.flow(),
+            prediction_type="flow_prediction",
+            steps=[999.9999999999999, 999.9999999999998],
+        ),
+        ValueError,
+        "float32 times",
+    ),
     "solver_order=2.0": (dict(solver_order=2.0), TypeError, "solver_order must be an int"),
-    "eta with a sampler that ignores it": (dict(eta=0.5), ValueError,
-                                           r"eta .* applies to sampler='ddim'.*sampler=None"),
-    "variance_type with ddim": (dict(sampler="ddim", variance_type="fixed_large"), ValueError,
-                                "variance_type applies to sampler='ddpm'"),
+    "eta with a sampler that ignores it": (
+        dict(eta=0.5),
+        ValueError,
+        r"eta .* applies to sampler='ddim'.*sampler=None",
+    ),
+    "variance_type with ddim": (
+        dict(sampler="ddim", variance_type="fixed_large"),
+        ValueError,
+        "variance_type applies to sampler='ddpm'",
+    ),
     "rho a string": (dict(rho="7"), ValueError, "rho must be a positive number"),
-    "weight schedule beyond float32": (dict(guidance=CFG(3e38, schedule="linear")), ValueError,
-                                       r"CFG scale=3e\+38 with schedule='linear' gives the weight"),
+    "weight schedule beyond float32": (
+        dict(guidance=CFG(3e38, schedule="linear")),
+        ValueError,
+        r"CFG scale=3e\+38 with schedule='linear' gives the weight",
+    ),
 }
 
 
@@ -501,12 +582,19 @@ def test_bad_sampler_arguments_are_refused_before_any_forward(case):
     assert not calls
 
 
-@pytest.mark.parametrize("model, kwargs, error, message", [
-    (lambda x, t: (x,), {}, TypeError, "model must return a tensor"),
-    (lambda x, t: x[:, :2], {}, ValueError, "model must return"),
-    (lambda x, t: torch.tanh(x), dict(sampler="ddpm", variance_type="learned_range"), ValueError,
-     "variance_type='learned_range' needs a model that outputs 2·3 channels"),
-])
+@pytest.mark.parametrize(
+    "model, kwargs, error, message",
+    [
+        (lambda x, t: (x,), {}, TypeError, "model must return a tensor"),
+        (lambda x, t: x[:, :2], {}, ValueError, "model must return"),
+        (
+            lambda x, t: torch.tanh(x),
+            dict(sampler="ddpm", variance_type="learned_range"),
+            ValueError,
+            "variance_type='learned_range' needs a model that outputs 2·3 channels",
+        ),
+    ],
+)
 def test_bad_model_outputs_are_named(model, kwargs, error, message):
     with pytest.raises(error, match=message):
         sample(model, (1, 3, 8, 8), steps=3, **kwargs)
@@ -537,20 +625,23 @@ def test_classifier_guidance_errors_name_the_classifier():
         sample(model, (2, 3, 8, 8), labels=[0, 3], steps=2, guidance=few)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: CFG(math.nan), "CFG scale must be a finite number"),
-    (lambda: CFG(2.0, rescale=1.5), r"CFG rescale must be in \[0, 1\]"),
-    (lambda: CFG(2.0, interval=(1.0, 2.0, 3.0)), "CFG interval must be a pair"),
-    (lambda: CFG(2.0, interval="ab"), "CFG interval must be a pair"),
-    (lambda: CFG(2.0, zero_star=True, tangential=True), "at most one of apg, zero_star and tangential"),
-    (lambda: APG(norm_threshold=-1.0), "APG norm_threshold must be non-negative"),
-    (lambda: ClassifierGuidance(torch.nn.Identity(), math.nan), "ClassifierGuidance scale must be a finite"),
-    # The scales reach the kernels as float32 scalars.
-    (lambda: CFG(1e300), "CFG scale must lie within float32's range"),
-    (lambda: AutoGuidance(torch.nn.Identity(), -1e39), "AutoGuidance scale must lie within float32's range"),
-    (lambda: APG(eta=1e39), "APG eta must lie within float32's range"),
-    (lambda: APG(momentum=1.5), r"APG momentum must be in \[-1, 1\]"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: CFG(math.nan), "CFG scale must be a finite number"),
+        (lambda: CFG(2.0, rescale=1.5), r"CFG rescale must be in \[0, 1\]"),
+        (lambda: CFG(2.0, interval=(1.0, 2.0, 3.0)), "CFG interval must be a pair"),
+        (lambda: CFG(2.0, interval="ab"), "CFG interval must be a pair"),
+        (lambda: CFG(2.0, zero_star=True, tangential=True), "at most one of apg, zero_star and tangential"),
+        (lambda: APG(norm_threshold=-1.0), "APG norm_threshold must be non-negative"),
+        (lambda: ClassifierGuidance(torch.nn.Identity(), math.nan), "ClassifierGuidance scale must be a finite"),
+        # The scales reach the kernels as float32 scalars.
+        (lambda: CFG(1e300), "CFG scale must lie within float32's range"),
+        (lambda: AutoGuidance(torch.nn.Identity(), -1e39), "AutoGuidance scale must lie within float32's range"),
+        (lambda: APG(eta=1e39), "APG eta must lie within float32's range"),
+        (lambda: APG(momentum=1.5), r"APG momentum must be in \[-1, 1\]"),
+    ],
+)
 def test_bad_guidance_specs_are_refused_when_built(make, message):
     with pytest.raises(ValueError, match=message):
         make()
@@ -559,10 +650,25 @@ def test_bad_guidance_specs_are_refused_when_built(make, message):
 def test_fresh_model_with_rescale_samples_without_nan():
     # A freshly built ADM model outputs zeros (zero-initialised output layer): CFG rescale's
     # std ratio is 0/0 there; the guard leaves the prediction as it is.
-    model = fastguide.UNet(image_size=8, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-                           attention_resolutions=(), channel_mult=(1,), num_classes=4, null_class=True).eval()
-    got = sample(model, (2, 3, 8, 8), labels=torch.tensor([0, 1]), steps=3, guidance=CFG(3.0, rescale=0.7),
-                 generator=torch.Generator().manual_seed(0))
+    model = fastguide.UNet(
+        image_size=8,
+        in_channels=3,
+        model_channels=32,
+        out_channels=3,
+        num_res_blocks=1,
+        attention_resolutions=(),
+        channel_mult=(1,),
+        num_classes=4,
+        null_class=True,
+    ).eval()
+    got = sample(
+        model,
+        (2, 3, 8, 8),
+        labels=torch.tensor([0, 1]),
+        steps=3,
+        guidance=CFG(3.0, rescale=0.7),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.isfinite(got).all()
 
 
@@ -576,14 +682,27 @@ def test_guidance_weight_schedules_equal_a_written_out_ddim_loop(schedule):
         y, t = (v.double().reshape(-1, 1, 1, 1) for v in (y, t))
         return torch.tanh(0.5 * x + 0.1 * y) * (0.3 + t / 2000)
 
-    got = sample(model, noise.shape, labels=torch.tensor([1, 2]), sampler="ddim", steps=timesteps, noise=noise,
-                 guidance=CFG(w, schedule=schedule), null_label=0)
+    got = sample(
+        model,
+        noise.shape,
+        labels=torch.tensor([1, 2]),
+        sampler="ddim",
+        steps=timesteps,
+        noise=noise,
+        guidance=CFG(w, schedule=schedule),
+        null_label=0,
+    )
     x = noise.clone()
     for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
         abar, abar_prev = SCHEDULE.alpha_bar(t), SCHEDULE.alpha_bar(t_prev)
         sigma_edm, tau = math.sqrt((1 - abar) / abar), t / 999
-        weight = {"linear": 1 + (w - 1) * 2 * (1 - tau), "cosine": 1 + (w - 1) * (math.cos(math.pi * tau) + 1)}.get(
-            schedule, None) if isinstance(schedule, str) else schedule(sigma_edm)
+        weight = (
+            {"linear": 1 + (w - 1) * 2 * (1 - tau), "cosine": 1 + (w - 1) * (math.cos(math.pi * tau) + 1)}.get(
+                schedule, None
+            )
+            if isinstance(schedule, str)
+            else schedule(sigma_edm)
+        )
         out = model(torch.cat([x, x]), torch.full((4,), t), torch.tensor([1, 2, 0, 0]))
         eps = out[2:] + weight * (out[:2] - out[2:])
         x0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
@@ -601,8 +720,14 @@ def test_cfg_plus_plus_on_ddim_is_the_papers_algorithm_and_euler_is_the_same_upd
         y, t = (v.double().reshape(-1, 1, 1, 1) for v in (y, t))
         return torch.tanh(0.5 * x - 0.2 * y) * (0.4 + t / 1500)
 
-    kwargs = dict(labels=torch.tensor([1, 2]), steps=timesteps, noise=noise, guidance=fastguide.CFGPlusPlus(lam),
-                  null_label=0, clip_denoised=False)
+    kwargs = dict(
+        labels=torch.tensor([1, 2]),
+        steps=timesteps,
+        noise=noise,
+        guidance=fastguide.CFGPlusPlus(lam),
+        null_label=0,
+        clip_denoised=False,
+    )
     ddim = sample(model, noise.shape, sampler="ddim", **kwargs)
     x = noise.clone()
     for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
@@ -634,8 +759,17 @@ def test_cfg_plus_plus_on_dpm_solver_pp_2m_is_the_written_out_algorithm():
         y, t = (v.double().reshape(-1, 1, 1, 1) for v in (y, t))
         return torch.tanh(0.5 * x - 0.2 * y) * (0.4 + t / 1500)
 
-    got = sample(model, noise.shape, sampler="dpm++2m", labels=torch.tensor([1, 2]), steps=timesteps, noise=noise,
-                 guidance=fastguide.CFGPlusPlus(lam), null_label=0, clip_denoised=False)
+    got = sample(
+        model,
+        noise.shape,
+        sampler="dpm++2m",
+        labels=torch.tensor([1, 2]),
+        steps=timesteps,
+        noise=noise,
+        guidance=fastguide.CFGPlusPlus(lam),
+        null_label=0,
+        clip_denoised=False,
+    )
     edm = [SCHEDULE.edm_sigma(t) for t in timesteps] + [0.0]
     x_tilde = noise / SCHEDULE.alpha_sigma(timesteps[0])[0]
     previous_uncond = None
@@ -657,8 +791,15 @@ def test_cfg_plus_plus_on_dpm_solver_pp_2m_is_the_written_out_algorithm():
         previous_uncond = uncond
     torch.testing.assert_close(got, x_tilde)
     with pytest.raises(ValueError, match="drop the interval"):
-        sample(model, noise.shape, sampler="dpm++2m", labels=torch.tensor([1, 2]), steps=timesteps,
-               guidance=fastguide.CFGPlusPlus(lam, interval=(0.5, 5.0)), null_label=0)
+        sample(
+            model,
+            noise.shape,
+            sampler="dpm++2m",
+            labels=torch.tensor([1, 2]),
+            steps=timesteps,
+            guidance=fastguide.CFGPlusPlus(lam, interval=(0.5, 5.0)),
+            null_label=0,
+        )
 
 
 def test_guided_channels_is_the_official_dit_forward_with_cfg():
@@ -679,8 +820,17 @@ def test_guided_channels_is_the_official_dit_forward_with_cfg():
         return torch.cat([torch.cat([half, half]), rest], dim=1)[: len(x)]
 
     def run(model, **guidance):
-        return sample(model, noise.shape, labels=torch.tensor([1, 2]), sampler="ddpm", steps=timesteps, noise=noise,
-                      clip_denoised=False, generator=torch.Generator().manual_seed(2), **guidance)
+        return sample(
+            model,
+            noise.shape,
+            labels=torch.tensor([1, 2]),
+            sampler="ddpm",
+            steps=timesteps,
+            noise=noise,
+            clip_denoised=False,
+            generator=torch.Generator().manual_seed(2),
+            **guidance,
+        )
 
     got = run(model, guidance=CFG(scale, guided_channels=3), null_label=0)
     torch.testing.assert_close(got, run(forward_with_cfg))
@@ -699,8 +849,16 @@ def test_autoguidance_with_a_blurrier_guide_is_the_written_out_ddim_loop():
     main, guide, w, timesteps = MixtureModel(MIXTURE), MixtureModel(blurry), 2.5, [999, 700, 400, 150, 20]
     noise = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     labels = torch.tensor([0, 1, 1])
-    got = sample(main, noise.shape, labels=labels, sampler="ddim", steps=timesteps, noise=noise,
-                 guidance=fastguide.AutoGuidance(guide, w), clip_denoised=False)
+    got = sample(
+        main,
+        noise.shape,
+        labels=labels,
+        sampler="ddim",
+        steps=timesteps,
+        noise=noise,
+        guidance=fastguide.AutoGuidance(guide, w),
+        clip_denoised=False,
+    )
     x = noise.clone()
     for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
         abar, abar_prev = SCHEDULE.alpha_bar(t), SCHEDULE.alpha_bar(t_prev)
@@ -719,13 +877,19 @@ def test_autoguidance_runs_b_rows_through_each_network_and_refuses_a_second_comb
         def forward(x, t, y):
             calls.append((name, len(x)))
             return torch.tanh(x)
+
         return forward
 
     sample(model("main"), (2, 3, 4, 4), labels=[0, 1], steps=3, guidance=fastguide.AutoGuidance(model("guide"), 2.0))
     assert calls == [("main", 2), ("guide", 2)] * 3
     with pytest.raises(TypeError, match="a tuple of one of each"):
-        sample(model("main"), (2, 3, 4, 4), labels=[0, 1], steps=3,
-               guidance=(fastguide.AutoGuidance(model("guide"), 2.0), CFG(2.0)))
+        sample(
+            model("main"),
+            (2, 3, 4, 4),
+            labels=[0, 1],
+            steps=3,
+            guidance=(fastguide.AutoGuidance(model("guide"), 2.0), CFG(2.0)),
+        )
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
@@ -746,8 +910,16 @@ def test_a_guide_that_learns_its_variance_guides_with_its_first_channels_on_ever
         return learned_guide(x, t, y)[:, :3].contiguous()
 
     def run(g):
-        return sample(main, noise.shape, labels=[0, 1], sampler="dpm++2m", steps=4, noise=noise, clip_denoised=False,
-                      guidance=AutoGuidance(g, 2.5))
+        return sample(
+            main,
+            noise.shape,
+            labels=[0, 1],
+            sampler="dpm++2m",
+            steps=4,
+            noise=noise,
+            clip_denoised=False,
+            guidance=AutoGuidance(g, 2.5),
+        )
 
     with fastguide.backend("torch"):
         expected = run(guide)
@@ -769,10 +941,16 @@ def test_autoguidance_errors_name_the_guide_and_its_labels_are_checked_before_an
         def forward(x, t, y):
             calls.append("guide")
             return output(x)
+
         return forward
 
-    run = lambda g, labels=(0, 1): sample(main, (2, 3, 4, 4), labels=list(labels), steps=2,  # noqa: E731
-                                          guidance=AutoGuidance(g, 2.0))
+    run = lambda g, labels=(0, 1): sample(
+        main,
+        (2, 3, 4, 4),
+        labels=list(labels),
+        steps=2,  # noqa: E731
+        guidance=AutoGuidance(g, 2.0),
+    )
     with pytest.raises(ValueError, match=r"AutoGuidance's guide_model must return \(2, 3 or 6, \*\(4, 4\)\)"):
         run(guide(lambda x: x[:, :2]))
     with pytest.raises(TypeError, match="AutoGuidance's guide_model must return a tensor"):
@@ -834,14 +1012,20 @@ LOOP_CASES = {
     "unipc rescale": (LOOP_UNET, dict(sampler="unipc", guidance=CFG(3.0, rescale=0.5))),
     "ddpm learned variance": (LOOP_UNET, dict(sampler="ddpm", guidance=CFG(3.0))),
     "cfg++ unconditional history": (LOOP_UNET, dict(sampler="dpm++2m", guidance=CFGPlusPlus(0.6))),
-    "dpm++3m apg interval": (LOOP_UNET, dict(sampler="dpm++3m", guidance=CFG(4.0, apg=APG(momentum=-0.5),
-                                                                                 interval=(0.3, 5.0)))),
-    "ddim eta classifier": (LOOP_UNET, dict(sampler="ddim", eta=0.5,
-                                            guidance=(CFG(2.0), ClassifierGuidance(classifier_logits, 1.0)))),
+    "dpm++3m apg interval": (
+        LOOP_UNET,
+        dict(sampler="dpm++3m", guidance=CFG(4.0, apg=APG(momentum=-0.5), interval=(0.3, 5.0))),
+    ),
+    "ddim eta classifier": (
+        LOOP_UNET,
+        dict(sampler="ddim", eta=0.5, guidance=(CFG(2.0), ClassifierGuidance(classifier_logits, 1.0))),
+    ),
     "heun autoguidance": (LOOP_UNET, dict(sampler="heun", guidance=AutoGuidance(tiny_cfg_unet(), 2.0))),
     "learned guide beside a plain model": (small_main, dict(sampler="ddim", guidance=AutoGuidance(LOOP_UNET, 2.0))),
-    "dpm++2s dynamic threshold channels": (LOOP_UNET, dict(sampler="dpm++2s", dynamic_threshold=0.9,
-                                                           guidance=CFG(3.0, guided_channels=2))),
+    "dpm++2s dynamic threshold channels": (
+        LOOP_UNET,
+        dict(sampler="dpm++2s", dynamic_threshold=0.9, guidance=CFG(3.0, guided_channels=2)),
+    ),
 }
 
 
@@ -869,11 +1053,15 @@ def test_the_loop_refuses_a_step_layout_the_op_would_misread_before_it_runs():
     x, out = torch.randn(2, 3, 4, 4), torch.full((2, 3, 4, 4), math.nan)
     step = StepCoefficients(alpha=0.8, sigma=0.6, k_x0=0.8, k_eps=0.6)
     with pytest.raises(ValueError, match=r"guide must have shape \(2, 3, ...\) or that of model_output"):
-        GuidedSampler._step(StepTensors(torch.randn(2, 3, 4, 4), x, torch.randn(2, 6, 4, 4), out=out), step,
-                            GuidanceCombine(2.0))
+        GuidedSampler._step(
+            StepTensors(torch.randn(2, 3, 4, 4), x, torch.randn(2, 6, 4, 4), out=out), step, GuidanceCombine(2.0)
+        )
     with pytest.raises(ValueError, match=r"history\[0\] must have shape \(2, 3, 4, 4\)"):
-        GuidedSampler._step(StepTensors(torch.randn(2, 3, 4, 4), x, history=(torch.randn(2, 3, 4),), out=out),
-                            step._replace(k_history=(0.5,)), None)
+        GuidedSampler._step(
+            StepTensors(torch.randn(2, 3, 4, 4), x, history=(torch.randn(2, 3, 4),), out=out),
+            step._replace(k_history=(0.5,)),
+            None,
+        )
     assert out.isnan().all()  # nothing was written
 
 
@@ -938,30 +1126,43 @@ def test_graphs_outside_the_guidance_interval_run_the_model_on_b_rows(cpu_graphs
     graphed = GuidedSampler(model, cuda_graph=True, **kwargs)
     for _ in range(2):  # the capture run (warm-up + capture), then a pure replay
         graphed((2, 3, 8, 8), labels=torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
-    replay_rows = rows[-len(eager_rows):]
+    replay_rows = rows[-len(eager_rows) :]
     assert replay_rows == eager_rows and set(eager_rows) == {2, 4}
 
 
-@pytest.mark.parametrize("sampler, eta, callback, graphs", [
-    ("unipc", 0.0, False, 1),   # deterministic: the whole loop is one graph
-    ("ddim", 0.0, True, 6),     # a callback sees every call: one graph each
-    ("ddpm", 0.0, False, 5),    # noise before each call but the first: a graph from each noisy call on
-    ("ddim", 0.5, False, 5),
-])
+@pytest.mark.parametrize(
+    "sampler, eta, callback, graphs",
+    [
+        ("unipc", 0.0, False, 1),  # deterministic: the whole loop is one graph
+        ("ddim", 0.0, True, 6),  # a callback sees every call: one graph each
+        ("ddpm", 0.0, False, 5),  # noise before each call but the first: a graph from each noisy call on
+        ("ddim", 0.5, False, 5),
+    ],
+)
 def test_graphs_cover_the_loop_in_as_few_pieces_as_the_host_allows(cpu_graphs, sampler, eta, callback, graphs):
     captured = cpu_graphs
     model = tiny_cfg_unet()
     kwargs = dict(sampler=sampler, steps=6, guidance=CFG(3.0), eta=eta)
     seen = {"graphed": [], "eager": []}
     results = {}
-    for name, sampler_ in (("graphed", GuidedSampler(model, cuda_graph=True, **kwargs)),
-                           ("eager", GuidedSampler(model, **kwargs))):
-        report = (lambda info, name=name: seen[name].append((info["i"], info["t"], info["x"].clone(),
-                                                              info["denoised"].clone()))) if callback else None
+    for name, sampler_ in (
+        ("graphed", GuidedSampler(model, cuda_graph=True, **kwargs)),
+        ("eager", GuidedSampler(model, **kwargs)),
+    ):
+        report = (
+            (
+                lambda info, name=name: seen[name].append(
+                    (info["i"], info["t"], info["x"].clone(), info["denoised"].clone())
+                )
+            )
+            if callback
+            else None
+        )
         for _ in range(2):  # capture, then replay
             seen[name].clear()
-            results[name] = sampler_((2, 3, 8, 8), labels=torch.tensor([0, 3]), callback=report,
-                                     generator=torch.Generator().manual_seed(4))
+            results[name] = sampler_(
+                (2, 3, 8, 8), labels=torch.tensor([0, 3]), callback=report, generator=torch.Generator().manual_seed(4)
+            )
     assert len(captured) == graphs
     torch.testing.assert_close(results["graphed"], results["eager"], atol=1e-5, rtol=1e-5)
     assert len(seen["graphed"]) == len(seen["eager"]) == (6 if callback else 0)
@@ -989,7 +1190,7 @@ def test_a_graphed_loop_warms_up_and_captures_with_auto_ordered_for_graphs(cpu_g
     monkeypatch.setattr(cuda_graphs, "capture_graph", recording_capture)
     model, kwargs = tiny_cfg_unet(), dict(sampler="ddim", steps=3, guidance=CFG(3.0))
     GuidedSampler(model, cuda_graph=True, **kwargs)((2, 3, 8, 8), labels=torch.tensor([0, 3]))
-    warm_up = depths[:depths.index(("capture", 1))]
+    warm_up = depths[: depths.index(("capture", 1))]
     assert warm_up and set(warm_up) == {1} and ("capture", 1) in depths
     depths.clear()
     sample(model, (2, 3, 8, 8), labels=torch.tensor([0, 3]), **kwargs)
@@ -1017,13 +1218,22 @@ def test_a_sampler_keeps_the_captures_of_its_most_recently_used_shapes(cpu_graph
 
 def _sample_compiled(device, **compile_options):
     model = tiny_cfg_unet().to(device)
-    kwargs = dict(labels=torch.tensor([0, 3], device=device), steps=4, guidance=CFG(3.0),
-                  noise=torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(device))
+    kwargs = dict(
+        labels=torch.tensor([0, 3], device=device),
+        steps=4,
+        guidance=CFG(3.0),
+        noise=torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(device),
+    )
     eager = sample(model, (2, 3, 8, 8), **kwargs)
     compiled = torch.compile(model, **compile_options)
     for run in ("compiling", "replaying"):  # the second run replays what the first compiled (and, on CUDA, recorded)
-        torch.testing.assert_close(sample(compiled, (2, 3, 8, 8), **kwargs), eager, atol=1e-3, rtol=1e-3,
-                                   msg=lambda message, run=run: f"the {run} run: {message}")
+        torch.testing.assert_close(
+            sample(compiled, (2, 3, 8, 8), **kwargs),
+            eager,
+            atol=1e-3,
+            rtol=1e-3,
+            msg=lambda message, run=run: f"the {run} run: {message}",
+        )
 
 
 def test_a_compiled_model_with_fastguide_ops_inside_samples_as_eager():
@@ -1046,9 +1256,15 @@ def test_cuda_graph_replays_match_eager_sampling(sampler, guidance, eta):
 def test_diffusers_class_conditional_unet_through_the_adapter():
     torch.manual_seed(0)  # the UNet's random weights, whatever ran before
     unet = diffusers.UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 32),
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=32, num_class_embeds=5,
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=32,
+        num_class_embeds=5,
     ).eval()
     model = fastguide.DiffusersUNet(unet, null_label=4)
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(8))
@@ -1077,8 +1293,9 @@ def test_dynamic_thresholding_matches_imagen():
     model, p, w = tiny_cfg_unet(), 0.9, 6.0
     labels = torch.tensor([1, 2])
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(11))
-    got = sample(model, noise.shape, labels=labels, sampler="ddim", steps=3, guidance=CFG(w), noise=noise,
-                 dynamic_threshold=p)
+    got = sample(
+        model, noise.shape, labels=labels, sampler="ddim", steps=3, guidance=CFG(w), noise=noise, dynamic_threshold=p
+    )
     x, timesteps = noise.clone(), SCHEDULE.spaced_timesteps(3, SCHEDULE.default_spacing)
     with torch.no_grad():
         for t, t_next in zip(timesteps, timesteps[1:] + [-1]):
@@ -1134,16 +1351,30 @@ def test_sample_plans_once_per_setting_and_again_for_new_settings(monkeypatch):
     monkeypatch.setattr(loop, "_PLANS", loop._PlanCache())
     monkeypatch.setattr(loop, "plan_steps", lambda *a, **k: made.append(a[0]) or real_plan_steps(*a, **k))
     noise, labels = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
-    run = lambda **kw: sample(_label_model, (2, 3, 4, 4), labels=labels, noise=noise, null_label=10,  # noqa: E731
-                              num_classes=10, **{"guidance": CFG(3.0), "steps": 6, **kw})
+    run = lambda **kw: sample(
+        _label_model,
+        (2, 3, 4, 4),
+        labels=labels,
+        noise=noise,
+        null_label=10,  # noqa: E731
+        num_classes=10,
+        **{"guidance": CFG(3.0), "steps": 6, **kw},
+    )
     first = run()
     assert made == ["unipc"]
     torch.testing.assert_close(run(), first, rtol=0, atol=0)
     assert made == ["unipc"]  # the same settings, equal by value: planned once
     # Every setting the plan depends on makes a new one, with its own result.
-    for changed in (dict(guidance=CFG(4.0)), dict(guidance=CFG(3.0, interval=(0.5, 5.0))), dict(steps=7),
-                    dict(sampler="ddim"), dict(schedule=NoiseSchedule.cosine()), dict(spacing="trailing"),
-                    dict(prediction_type="v_prediction"), dict(clip_denoised=False)):
+    for changed in (
+        dict(guidance=CFG(4.0)),
+        dict(guidance=CFG(3.0, interval=(0.5, 5.0))),
+        dict(steps=7),
+        dict(sampler="ddim"),
+        dict(schedule=NoiseSchedule.cosine()),
+        dict(spacing="trailing"),
+        dict(prediction_type="v_prediction"),
+        dict(clip_denoised=False),
+    ):
         before = len(made)
         assert not torch.equal(run(**changed), first), changed
         assert len(made) == before + 1, changed
@@ -1165,8 +1396,14 @@ def test_the_plan_cache_holds_no_model():
     guide = Model()
     model = Model()
     refs = weakref.ref(model), weakref.ref(guide)
-    sample(model, (1, 3, 4, 4), labels=torch.tensor([0]), guidance=fastguide.AutoGuidance(guide, 2.0), steps=3,
-           num_classes=10)
+    sample(
+        model,
+        (1, 3, 4, 4),
+        labels=torch.tensor([0]),
+        guidance=fastguide.AutoGuidance(guide, 2.0),
+        steps=3,
+        num_classes=10,
+    )
     del model, guide
     gc.collect()
     assert all(ref() is None for ref in refs)

@@ -18,7 +18,7 @@ SCHEDULE = NoiseSchedule.linear()
 def adm_space_timesteps(num_timesteps: int, section_counts: str) -> set[int]:
     """guided-diffusion's space_timesteps, statement for statement."""
     if section_counts.startswith("ddim"):
-        desired_count = int(section_counts[len("ddim"):])
+        desired_count = int(section_counts[len("ddim") :])
         for i in range(1, num_timesteps):
             if len(range(0, num_timesteps, i)) == desired_count:
                 return set(range(0, num_timesteps, i))
@@ -71,6 +71,7 @@ def test_every_ddim_count_matches_adm_or_is_refused_where_adm_refuses():
 def test_the_comparison_covers_the_half_way_cases():
     """Where i·999/(N−1) is k + ½, rounding the product (half to even) and rounding ADM's
     running sum disagree for hundreds of N; the tests above would catch either."""
+
     def product_grid(n):
         return descending({round(i * 999 / (n - 1)) for i in range(n)})
 
@@ -96,8 +97,9 @@ def test_other_schedule_lengths_match_adm(total):
 @pytest.mark.parametrize("steps", [1, 7, 25, 50, 333])
 def test_diffusers_spacings_match_diffusers(spacing, steps):
     diffusers = pytest.importorskip("diffusers")
-    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", timestep_spacing=spacing,
-                                        steps_offset=0)
+    scheduler = diffusers.DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", timestep_spacing=spacing, steps_offset=0
+    )
     scheduler.set_timesteps(steps)
     assert NoiseSchedule.linear().spaced_timesteps(steps, spacing) == scheduler.timesteps.tolist()
 
@@ -149,13 +151,16 @@ def test_the_time_shift_starts_every_grid_at_pure_noise(shift):
     assert flow.shifted(0.25) == pytest.approx(shift * 0.25 / (1 + (shift - 1) * 0.25), rel=1e-15)
 
 
-@pytest.mark.parametrize("shift, message", [
-    (1e-300, "stay distinct and positive as the model's float32 times"),  # σ < 1 underflows to t = 0
-    (1e-50, "stay distinct and positive as the model's float32 times"),
-    (1e8, "stay distinct and positive as the model's float32 times"),  # σ < 1 rounds to t = T in float32
-    (1e20, "lower the noise at every step"),  # ... and to σ = 1 in float64
-    (1e300, "lower the noise at every step"),
-])
+@pytest.mark.parametrize(
+    "shift, message",
+    [
+        (1e-300, "stay distinct and positive as the model's float32 times"),  # σ < 1 underflows to t = 0
+        (1e-50, "stay distinct and positive as the model's float32 times"),
+        (1e8, "stay distinct and positive as the model's float32 times"),  # σ < 1 rounds to t = T in float32
+        (1e20, "lower the noise at every step"),  # ... and to σ = 1 in float64
+        (1e300, "lower the noise at every step"),
+    ],
+)
 def test_a_shift_that_cannot_place_a_grid_is_refused_when_the_schedule_is_built(shift, message):
     with pytest.raises(ValueError, match=re.escape(f"shift={shift!r}'s 2-step grid must {message}")):
         NoiseSchedule.flow(shift)
@@ -175,36 +180,45 @@ def test_a_grid_the_shift_collapses_is_refused_naming_the_shift_and_the_steps():
     NoiseSchedule.flow().check_grid([1000.0, 500.0, 1e-30])  # pure noise first, then finite λ
 
 
-@pytest.mark.parametrize("betas, error, message", [
-    ([1e-300] * 10, ValueError, "strictly decreasing from below 1"),  # 1 − β rounds to 1: σ = 0
-    ([1e-4, 1e-4, 1e-17, 1e-4], ValueError, "strictly decreasing from below 1"),
-    ([0.9999] * 1000, ValueError, "above 0 at the last timestep"),  # ᾱ underflows: α = 0
-    ("abc", TypeError, "betas must be a sequence of numbers"),
-    ([0.5, 1.0], ValueError, r"betas must be a non-empty sequence of values in \(0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "betas, error, message",
+    [
+        ([1e-300] * 10, ValueError, "strictly decreasing from below 1"),  # 1 − β rounds to 1: σ = 0
+        ([1e-4, 1e-4, 1e-17, 1e-4], ValueError, "strictly decreasing from below 1"),
+        ([0.9999] * 1000, ValueError, "above 0 at the last timestep"),  # ᾱ underflows: α = 0
+        ("abc", TypeError, "betas must be a sequence of numbers"),
+        ([0.5, 1.0], ValueError, r"betas must be a non-empty sequence of values in \(0, 1\)"),
+    ],
+)
 def test_betas_must_give_a_computable_alpha_bar(betas, error, message):
     with pytest.raises(error, match=message):
         NoiseSchedule(betas)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_timesteps=2.5), "num_timesteps must be a positive int"),
-    (dict(num_timesteps=True), "num_timesteps must be a positive int"),
-    (dict(s=-1.0), r"s \(the cosine schedule's offset\) must be a finite non-negative number"),  # divided by 1 + s
-    (dict(s=math.nan), "s .* must be a finite non-negative number"),
-    (dict(max_beta=1.0), r"max_beta must be a number in \(0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_timesteps=2.5), "num_timesteps must be a positive int"),
+        (dict(num_timesteps=True), "num_timesteps must be a positive int"),
+        (dict(s=-1.0), r"s \(the cosine schedule's offset\) must be a finite non-negative number"),  # divided by 1 + s
+        (dict(s=math.nan), "s .* must be a finite non-negative number"),
+        (dict(max_beta=1.0), r"max_beta must be a number in \(0, 1\)"),
+    ],
+)
 def test_cosine_schedule_arguments_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         NoiseSchedule.cosine(**kwargs)
 
 
-@pytest.mark.parametrize("rho, message", [
-    (1e-300, "cannot place a Karras grid"),  # σ̃^(1/ρ) overflows
-    (1e300, "cannot place a Karras grid"),  # σ̃^(1/ρ) = 1 at both ends: one σ̃ for every target
-    ("7", "rho must be a positive number"),
-    (0.0, "rho must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "rho, message",
+    [
+        (1e-300, "cannot place a Karras grid"),  # σ̃^(1/ρ) overflows
+        (1e300, "cannot place a Karras grid"),  # σ̃^(1/ρ) = 1 at both ends: one σ̃ for every target
+        ("7", "rho must be a positive number"),
+        (0.0, "rho must be a positive number"),
+    ],
+)
 def test_karras_rho_must_place_a_grid(rho, message):
     with pytest.raises(ValueError, match=message):
         SCHEDULE.spaced_timesteps(10, "karras", rho)
@@ -225,8 +239,11 @@ def test_each_schedule_refuses_the_prediction_types_it_cannot_convert():
             if prediction_type in usable:
                 schedule.check_prediction_type(prediction_type)
                 continue
-            with pytest.raises(ValueError, match=rf"prediction_type='{prediction_type}' converts to x0 and eps only "
-                                                 rf"on a .* schedule .*use one of \{re.escape(repr(usable))[1:]}"):
+            with pytest.raises(
+                ValueError,
+                match=rf"prediction_type='{prediction_type}' converts to x0 and eps only "
+                rf"on a .* schedule .*use one of \{re.escape(repr(usable))[1:]}",
+            ):
                 schedule.check_prediction_type(prediction_type)
     for bad in ("eps", None, ["epsilon"]):
         with pytest.raises(ValueError, match="prediction_type must be one of"):

@@ -38,17 +38,25 @@ def run_diffusers(scheduler, x_T, model, generator=None):
 
 CASES = {  # name: (scheduler, our sampler and options, noise)
     "dpm++3m": (lambda: diffusers.DPMSolverMultistepScheduler(**ADM_BETAS, solver_order=3), dict(sampler="dpm++3m")),
-    "unipc-1": (lambda: diffusers.UniPCMultistepScheduler(**ADM_BETAS, solver_order=1),
-                dict(sampler="unipc", solver_order=1)),
+    "unipc-1": (
+        lambda: diffusers.UniPCMultistepScheduler(**ADM_BETAS, solver_order=1),
+        dict(sampler="unipc", solver_order=1),
+    ),
     "unipc-2": (lambda: diffusers.UniPCMultistepScheduler(**ADM_BETAS), dict(sampler="unipc")),
-    "unipc-3": (lambda: diffusers.UniPCMultistepScheduler(**ADM_BETAS, solver_order=3),
-                dict(sampler="unipc", solver_order=3)),
-    "dpm++2m-sde": (lambda: diffusers.DPMSolverMultistepScheduler(**ADM_BETAS, algorithm_type="sde-dpmsolver++"),
-                    dict(sampler="dpm++2m-sde")),
+    "unipc-3": (
+        lambda: diffusers.UniPCMultistepScheduler(**ADM_BETAS, solver_order=3),
+        dict(sampler="unipc", solver_order=3),
+    ),
+    "dpm++2m-sde": (
+        lambda: diffusers.DPMSolverMultistepScheduler(**ADM_BETAS, algorithm_type="sde-dpmsolver++"),
+        dict(sampler="dpm++2m-sde"),
+    ),
     # Karras-style schedulers on integer timesteps ("leading"), where the grids coincide.
     "heun": (lambda: diffusers.HeunDiscreteScheduler(**ADM_BETAS, timestep_spacing="leading"), dict(sampler="heun")),
-    "euler-ancestral": (lambda: diffusers.EulerAncestralDiscreteScheduler(**ADM_BETAS, timestep_spacing="leading"),
-                        dict(sampler="euler-ancestral")),
+    "euler-ancestral": (
+        lambda: diffusers.EulerAncestralDiscreteScheduler(**ADM_BETAS, timestep_spacing="leading"),
+        dict(sampler="euler-ancestral"),
+    ),
 }
 
 
@@ -64,8 +72,15 @@ def test_vp_solvers_match_diffusers(case, steps):
     x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=dtype)
     expected = run_diffusers(scheduler, x_T, toy_eps, torch.Generator().manual_seed(7))
     timesteps = sorted({int(t) for t in scheduler.timesteps.tolist()}, reverse=True)
-    got = sample(toy_eps, x_T.shape, steps=timesteps, noise=x_T, clip_denoised=False,
-                 generator=torch.Generator().manual_seed(7), **options)
+    got = sample(
+        toy_eps,
+        x_T.shape,
+        steps=timesteps,
+        noise=x_T,
+        clip_denoised=False,
+        generator=torch.Generator().manual_seed(7),
+        **options,
+    )
     # diffusers' alphas_cumprod are float32 and its multistep update runs in float32
     torch.testing.assert_close(got, expected, atol=2e-4 * expected.abs().max().item(), rtol=0)
 
@@ -83,19 +98,34 @@ def test_flow_euler_and_heun_match_diffusers_flow_match_schedulers(sampler, shif
     x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     expected = run_diffusers(scheduler, x_T, velocity)
     times = sorted(set(scheduler.timesteps.tolist()), reverse=True)
-    got = sample(velocity, x_T.shape, sampler=sampler, steps=times, noise=x_T, clip_denoised=False,
-                 schedule=NoiseSchedule.flow(shift), prediction_type="flow_prediction")
+    got = sample(
+        velocity,
+        x_T.shape,
+        sampler=sampler,
+        steps=times,
+        noise=x_T,
+        clip_denoised=False,
+        schedule=NoiseSchedule.flow(shift),
+        prediction_type="flow_prediction",
+    )
     # Heun's second call reads the slope difference as (x0_A − x0_B)/σ': rounding grows by
     # 1/σ' at diffusers' last time, σ = 0.001.
     torch.testing.assert_close(got, expected, atol=1e-6 if sampler == "euler" else 5e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("k_diffusion") is None, reason="k-diffusion is not installed "
-                    "(pip install --no-deps k-diffusion torchsde torchdiffeq trampoline)")
-@pytest.mark.parametrize("ours, theirs, steps", [
-    ("euler", "sample_euler", 12), ("ddim", "sample_euler", 12), ("heun", "sample_heun", 8),
-    ("dpm++2m", "sample_dpmpp_2m", 12),
-])
+@pytest.mark.skipif(
+    importlib.util.find_spec("k_diffusion") is None,
+    reason="k-diffusion is not installed (pip install --no-deps k-diffusion torchsde torchdiffeq trampoline)",
+)
+@pytest.mark.parametrize(
+    "ours, theirs, steps",
+    [
+        ("euler", "sample_euler", 12),
+        ("ddim", "sample_euler", 12),
+        ("heun", "sample_heun", 8),
+        ("dpm++2m", "sample_dpmpp_2m", 12),
+    ],
+)
 @pytest.mark.parametrize("spacing", ["logsnr", "karras"])
 def test_vp_solvers_match_kdiffusion_on_the_same_grid(ours, theirs, steps, spacing):
     # k-diffusion integrates x/α in σ̃ = σ/α with a denoiser D(x, σ̃); on fastguide's grid's
@@ -105,8 +135,17 @@ def test_vp_solvers_match_kdiffusion_on_the_same_grid(ours, theirs, steps, spaci
     sampling = kdiffusion_sampling()
     oracle, schedule = GaussianClasses(3.0), NoiseSchedule.linear()
     x_T = torch.randn(64, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    runner = GuidedSampler(oracle.model(schedule, "epsilon"), sampler=ours, steps=steps, spacing=spacing,
-                           schedule=schedule, guidance=CFG(3.0), clip_denoised=False, null_label=1, num_classes=1)
+    runner = GuidedSampler(
+        oracle.model(schedule, "epsilon"),
+        sampler=ours,
+        steps=steps,
+        spacing=spacing,
+        schedule=schedule,
+        guidance=CFG(3.0),
+        clip_denoised=False,
+        null_label=1,
+        num_classes=1,
+    )
     ours_x = runner(x_T.shape, labels=torch.zeros(64, dtype=torch.long), noise=x_T)
     edm = [sigma / alpha for alpha, sigma in (schedule.alpha_sigma(int(t)) for t in runner.timesteps)]
     sigmas = torch.tensor([*edm, 0.0], dtype=torch.float64)
@@ -116,8 +155,9 @@ def test_vp_solvers_match_kdiffusion_on_the_same_grid(ours, theirs, steps, spaci
         calls.append(sigma)
         return oracle.edm_denoise(x, float(sigma[0]))
 
-    theirs_x = getattr(sampling, theirs)(denoiser, x_T / schedule.alpha_sigma(int(runner.timesteps[0]))[0], sigmas,
-                                         disable=True)
+    theirs_x = getattr(sampling, theirs)(
+        denoiser, x_T / schedule.alpha_sigma(int(runner.timesteps[0]))[0], sigmas, disable=True
+    )
     assert len(calls) == runner.num_calls
     torch.testing.assert_close(ours_x, theirs_x, rtol=0, atol=1e-12)
 
@@ -129,8 +169,15 @@ def test_flow_schedule_calls_the_model_at_float_times_and_shifts_its_grid():
         seen.append(t.clone())
         return torch.zeros_like(x)
 
-    sample(velocity, (2, 1, 2, 2), sampler="euler", steps=4, schedule=NoiseSchedule.flow(3.0),
-           prediction_type="flow_prediction", clip_denoised=False)
+    sample(
+        velocity,
+        (2, 1, 2, 2),
+        sampler="euler",
+        steps=4,
+        schedule=NoiseSchedule.flow(3.0),
+        prediction_type="flow_prediction",
+        clip_denoised=False,
+    )
     sigmas = [1 - i / 4 for i in range(4)]
     expected = [1000 * 3 * s / (1 + 2 * s) for s in sigmas]
     assert all(t.dtype == torch.float32 for t in seen)
@@ -157,8 +204,17 @@ def test_euler_maruyama_is_sits_sde_with_its_mean_last_step():
         x = x + drift * dt
         if i < steps - 1:
             x = x + math.sqrt(2 * sigma) * torch.randn(x.shape, generator=generator, dtype=x.dtype) * math.sqrt(dt)
-    got = sample(velocity, x_T.shape, sampler="euler-maruyama", steps=steps, schedule=flow, noise=x_T,
-                 prediction_type="flow_prediction", clip_denoised=False, generator=torch.Generator().manual_seed(11))
+    got = sample(
+        velocity,
+        x_T.shape,
+        sampler="euler-maruyama",
+        steps=steps,
+        schedule=flow,
+        noise=x_T,
+        prediction_type="flow_prediction",
+        clip_denoised=False,
+        generator=torch.Generator().manual_seed(11),
+    )
     # The loop hands the model its time as float32 (diffusers' convention): 1e-7 relative in t.
     torch.testing.assert_close(got, x, atol=1e-7, rtol=1e-7)
 
@@ -170,11 +226,24 @@ def _flow_error_at_last_time(sampler, solver_order, count, oracle):
     times = [flow.time_of_log_snr(level) for level in torch.linspace(-2.0, 2.0, count).tolist()]
     x_T = torch.linspace(-2.5, 2.5, 11, dtype=torch.float64).reshape(11, 1, 1, 1)
     seen = []
-    runner = GuidedSampler(oracle.model(flow, "flow_prediction"), sampler=sampler, solver_order=solver_order,
-                           steps=times, schedule=flow, guidance=CFG(oracle.w), clip_denoised=False,
-                           prediction_type="flow_prediction", null_label=1, num_classes=1)
-    runner(x_T.shape, labels=torch.zeros(11, dtype=torch.long), noise=x_T,
-           callback=lambda info: seen.append(info["x"].clone()))
+    runner = GuidedSampler(
+        oracle.model(flow, "flow_prediction"),
+        sampler=sampler,
+        solver_order=solver_order,
+        steps=times,
+        schedule=flow,
+        guidance=CFG(oracle.w),
+        clip_denoised=False,
+        prediction_type="flow_prediction",
+        null_label=1,
+        num_classes=1,
+    )
+    runner(
+        x_T.shape,
+        labels=torch.zeros(11, dtype=torch.long),
+        noise=x_T,
+        callback=lambda info: seen.append(info["x"].clone()),
+    )
     return (seen[-2].double() - oracle.exact(x_T, flow, times[0], times[-1])).abs().max().item()
 
 
@@ -213,17 +282,20 @@ def test_sampler_and_schedule_mismatches_are_refused():
         sample(toy_eps, (1, 1, 2, 2), steps=3, spacing="karras", schedule=flow, prediction_type="flow_prediction")
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    # 2.0 == 2 passed the old membership test, then broke UniPC's range() with a TypeError.
-    (dict(sampler="unipc", solver_order=2.0), TypeError, "solver_order must be an int"),
-    (dict(sampler="unipc", solver_order=True), TypeError, "solver_order must be an int"),
-    (dict(sampler="unipc", solver_order=4), ValueError, "solver_order must be 1, 2 or 3"),
-    # DDIM's η only: the other samplers ignored it; above 1 its noise exceeds σ_t'.
-    (dict(sampler="dpm++2m", eta=0.5), ValueError, r"eta .* applies to sampler='ddim', got sampler='dpm\+\+2m'"),
-    (dict(sampler="ddim", eta=1.5), ValueError, r"eta .* must be a number in \[0, 1\]"),
-    (dict(sampler="ddim", eta=True), ValueError, r"eta .* must be a number in \[0, 1\]"),
-    (dict(sampler=["ddim"]), ValueError, "sampler must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        # 2.0 == 2 passed the old membership test, then broke UniPC's range() with a TypeError.
+        (dict(sampler="unipc", solver_order=2.0), TypeError, "solver_order must be an int"),
+        (dict(sampler="unipc", solver_order=True), TypeError, "solver_order must be an int"),
+        (dict(sampler="unipc", solver_order=4), ValueError, "solver_order must be 1, 2 or 3"),
+        # DDIM's η only: the other samplers ignored it; above 1 its noise exceeds σ_t'.
+        (dict(sampler="dpm++2m", eta=0.5), ValueError, r"eta .* applies to sampler='ddim', got sampler='dpm\+\+2m'"),
+        (dict(sampler="ddim", eta=1.5), ValueError, r"eta .* must be a number in \[0, 1\]"),
+        (dict(sampler="ddim", eta=True), ValueError, r"eta .* must be a number in \[0, 1\]"),
+        (dict(sampler=["ddim"]), ValueError, "sampler must be one of"),
+    ],
+)
 def test_sampler_settings_are_checked_with_the_sampler(kwargs, error, message):
     sampler = kwargs.pop("sampler")
     with pytest.raises(error, match=message):
@@ -241,9 +313,19 @@ def test_cfg_plus_plus_carries_over_to_a_flow_path(sampler):
         y, t = (v.double().reshape(-1, 1, 1, 1) for v in (y, t))
         return torch.tanh(0.5 * x - 0.2 * y) * (0.4 + t / 1500) - 0.3 * x
 
-    got = sample(velocity, x_T.shape, sampler=sampler, labels=torch.tensor([1, 2]), steps=times, noise=x_T,
-                 schedule=flow, prediction_type="flow_prediction", guidance=fastguide.CFGPlusPlus(lam),
-                 null_label=0, clip_denoised=False)
+    got = sample(
+        velocity,
+        x_T.shape,
+        sampler=sampler,
+        labels=torch.tensor([1, 2]),
+        steps=times,
+        noise=x_T,
+        schedule=flow,
+        prediction_type="flow_prediction",
+        guidance=fastguide.CFGPlusPlus(lam),
+        null_label=0,
+        clip_denoised=False,
+    )
     x = x_T.clone()
     for t, t_next in zip(times, times[1:] + [0.0]):
         sigma, sigma_next = t / 1000, t_next / 1000
@@ -282,8 +364,10 @@ def test_ddim_last_step_to_a_timestep_written_out(eta):
 
 
 def test_ddim_sampling_to_timestep_0_matches_the_loop_written_out():
-    schedule, x_T = NoiseSchedule.linear(), torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1),
-                                                        dtype=torch.float64)
+    schedule, x_T = (
+        NoiseSchedule.linear(),
+        torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+    )
     got = sample(toy_eps, x_T.shape, sampler="ddim", steps=GRID, final_timestep=0, noise=x_T, clip_denoised=False)
     x = x_T
     for t, t_next in zip(GRID, GRID[1:] + [0]):
@@ -317,17 +401,22 @@ def test_a_multistep_last_step_to_a_timestep_is_first_order_below_15_steps(sampl
     assert last.k_noise == pytest.approx(sigma_f * math.sqrt(phi) if noise else 0.0, rel=1e-12)
     long_grid = schedule.spaced_timesteps(20, "leading")[:-1] + [10]  # 20 steps, from 950 to 10
     assert len(plan_steps(sampler, schedule, long_grid, final_timestep=3)[-1].k_history) > 0
-    assert plan_steps(sampler, schedule, long_grid, final_timestep=3) == \
-        plan_steps(sampler, schedule, long_grid + [3])[:-1]
+    assert (
+        plan_steps(sampler, schedule, long_grid, final_timestep=3)
+        == plan_steps(sampler, schedule, long_grid + [3])[:-1]
+    )
 
 
-@pytest.mark.parametrize("final_timestep, error, message", [
-    (20, ValueError, r"final_timestep must be -1 \(the clean data\) or an original timestep in \[0, 20\)"),
-    (500, ValueError, r"in \[0, 20\)"),
-    (-2, ValueError, r"in \[0, 20\)"),
-    (0.0, TypeError, "final_timestep must be an int"),
-    (True, TypeError, "final_timestep must be an int"),
-])
+@pytest.mark.parametrize(
+    "final_timestep, error, message",
+    [
+        (20, ValueError, r"final_timestep must be -1 \(the clean data\) or an original timestep in \[0, 20\)"),
+        (500, ValueError, r"in \[0, 20\)"),
+        (-2, ValueError, r"in \[0, 20\)"),
+        (0.0, TypeError, "final_timestep must be an int"),
+        (True, TypeError, "final_timestep must be an int"),
+    ],
+)
 def test_a_final_timestep_the_last_step_cannot_land_on_is_refused(final_timestep, error, message):
     with pytest.raises(error, match=message):
         plan_steps("ddim", NoiseSchedule.linear(), GRID, final_timestep=final_timestep)
@@ -337,8 +426,11 @@ def test_a_final_timestep_the_last_step_cannot_land_on_is_refused(final_timestep
 
 def test_final_timestep_applies_to_variance_preserving_schedules_only():
     flow = NoiseSchedule.flow()
-    with pytest.raises(ValueError, match=r"final_timestep=0 applies to variance-preserving schedules.*"
-                                         r"sampler='euler' lands on the clean data"):
+    with pytest.raises(
+        ValueError,
+        match=r"final_timestep=0 applies to variance-preserving schedules.*"
+        r"sampler='euler' lands on the clean data",
+    ):
         plan_steps("euler", flow, flow.timesteps(4), final_timestep=0)
     assert plan_steps("euler", flow, flow.timesteps(4), final_timestep=-1)[-1].t_next == -1
 
@@ -353,11 +445,27 @@ def test_final_timestep_is_part_of_the_plan():
 
 def test_fractional_grids_run_every_sampler_and_the_model_gets_float32_times():
     schedule, grid = NoiseSchedule.linear(), [999, 957.375, 915.75, 500.5, 40.25, 0.5]
-    for sampler in ("ddim", "ddpm", "euler", "euler-ancestral", "heun", "dpm++2m", "dpm++2m-sde", "dpm++2s",
-                    "dpm++3m", "unipc"):
+    for sampler in (
+        "ddim",
+        "ddpm",
+        "euler",
+        "euler-ancestral",
+        "heun",
+        "dpm++2m",
+        "dpm++2m-sde",
+        "dpm++2s",
+        "dpm++3m",
+        "unipc",
+    ):
         times = []
-        x = sample(lambda x, t: times.append(t) or toy_eps(x, t), (1, 1, 2, 2), sampler=sampler, steps=grid,
-                   schedule=schedule, generator=torch.Generator().manual_seed(0))
+        x = sample(
+            lambda x, t: times.append(t) or toy_eps(x, t),
+            (1, 1, 2, 2),
+            sampler=sampler,
+            steps=grid,
+            schedule=schedule,
+            generator=torch.Generator().manual_seed(0),
+        )
         assert torch.isfinite(x).all() and all(t.dtype == torch.float32 for t in times)
         calls = [t[0].item() for t in times]
         assert calls[0] == 999.0 and 957.375 in calls and 0.5 in calls  # the float32 times as given
@@ -365,7 +473,8 @@ def test_fractional_grids_run_every_sampler_and_the_model_gets_float32_times():
     to_mid = plan_steps("dpm++2s", schedule, grid)[0]
     target = 0.5 * (schedule.log_snr(999) + schedule.log_snr(957.375))
     assert isinstance(to_mid.t_next, int) and 957.375 < to_mid.t_next < 999
-    assert all(abs(schedule.log_snr(to_mid.t_next) - target) <= abs(schedule.log_snr(k) - target)
-               for k in range(958, 999))
+    assert all(
+        abs(schedule.log_snr(to_mid.t_next) - target) <= abs(schedule.log_snr(k) - target) for k in range(958, 999)
+    )
     assert len(plan_steps("dpm++2s", schedule, [1.75, 0.5])) == 3  # the second call at t = 1
     assert len(plan_steps("dpm++2s", schedule, [1.75, 1.25])) == 2  # no timestep strictly between: one call

@@ -43,15 +43,22 @@ def test_a_new_guidance_is_one_class():
 
 
 def test_the_loop_never_asks_a_guidance_its_class():
-    guidance_classes = {name for name, value in vars(guidance_module).items()
-                        if inspect.isclass(value) and value.__module__ == guidance_module.__name__}
+    guidance_classes = {
+        name
+        for name, value in vars(guidance_module).items()
+        if inspect.isclass(value) and value.__module__ == guidance_module.__name__
+    }
     tree = ast.parse(inspect.getsource(loop))
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "type", "issubclass"):
             named = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
             assert not named & guidance_classes, ast.unparse(node)
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "guidance"
-                for alias in node.names}
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "guidance"
+        for alias in node.names
+    }
     assert imported <= {"ClassifierGuidance", "Guidance", "default_sampler", "split_guidance"}
 
 

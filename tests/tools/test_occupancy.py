@@ -5,15 +5,18 @@ import pytest
 from tools import occupancy
 
 
-@pytest.mark.parametrize("registers, threads, shared, blocks", [
-    (32, 256, 0, 8),        # the thread limit: 2048 / 256
-    (30, 256, 0, 8),        # registers round up to 8 a thread (256 a warp): still 32
-    (64, 256, 0, 4),        # 64 × 256 × 4 = 65536
-    (110, 256, 0, 2),       # 112 × 32 = 3584 a warp -> 18 warps -> 2 blocks of 8
-    (255, 256, 0, 1),
-    (16, 32, 0, 32),        # the block limit
-    (32, 128, 100 * 1024, 2),  # shared memory: 228 KB / (100 KB + 1 KB reserved)
-])
+@pytest.mark.parametrize(
+    "registers, threads, shared, blocks",
+    [
+        (32, 256, 0, 8),  # the thread limit: 2048 / 256
+        (30, 256, 0, 8),  # registers round up to 8 a thread (256 a warp): still 32
+        (64, 256, 0, 4),  # 64 × 256 × 4 = 65536
+        (110, 256, 0, 2),  # 112 × 32 = 3584 a warp -> 18 warps -> 2 blocks of 8
+        (255, 256, 0, 1),
+        (16, 32, 0, 32),  # the block limit
+        (32, 128, 100 * 1024, 2),  # shared memory: 228 KB / (100 KB + 1 KB reserved)
+    ],
+)
 def test_occupancy_on_hopper(registers, threads, shared, blocks):
     assert occupancy.occupancy(90, registers, threads, shared) == blocks
 
