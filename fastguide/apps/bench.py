@@ -59,8 +59,14 @@ def run_suite(benchmarks: Path, out: Path, selection: str | None) -> tuple[dict,
     ]
     if selection:
         command += ["-k", selection]
-    # Benchmarks time the tuned kernels: the tests' one-config setting stays out of the run.
-    env = {name: value for name, value in os.environ.items() if name != "FASTGUIDE_AUTOTUNE"}
+    # Benchmarks time the tuned kernels: the tests' one-config setting stays out of the run;
+    # and they run alone: a run started from a pytest-xdist worker (the tests) does not
+    # inherit its worker variables, by which pytest-benchmark would disable itself.
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name != "FASTGUIDE_AUTOTUNE" and not name.startswith("PYTEST_XDIST")
+    }
     status = subprocess.run(command, cwd=benchmarks.parent, env=env).returncode
     try:
         data = json.loads(results.read_text())

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from .diffusers_attention import enter_tokens
 from .nn import GroupNorm32, split_heads
 
 log = logging.getLogger(__name__)
@@ -249,13 +250,7 @@ class FastguideAttnProcessor:
             or _head_dim_problem(head_dim)
         ):
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        residual = hidden_states
-        spatial = hidden_states.dim() == 4
-        if spatial:
-            batch, channels, height, width = hidden_states.shape
-            hidden_states = hidden_states.reshape(batch, channels, height * width).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        hidden_states, leave = enter_tokens(attn, hidden_states, residual=hidden_states)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
@@ -269,12 +264,7 @@ class FastguideAttnProcessor:
                 k = attn.norm_k(k)
         out = ops.attention(q, k, v, scale=None if self.sdpa_scale else attn.scale)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(q.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if spatial:
-            out = out.transpose(-1, -2).reshape(batch, channels, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return leave(attn.to_out[1](attn.to_out[0](out)))
 
 
 def _is_diffusers_attention(m: nn.Module) -> bool:

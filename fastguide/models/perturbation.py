@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .blocks import argument, block_list, passthrough
+from .diffusers_attention import enter_tokens
 from .dit import Attention as DiTAttention
 from .nn import AttentionBlock, QKVAttention, split_heads
 
@@ -205,18 +206,8 @@ def _identity_diffusers_attention(attn: Any, rows: slice, args: tuple, kwargs: d
     x = residual = hidden_states[rows]
     if attn.spatial_norm is not None:
         x = attn.spatial_norm(x, kwargs["temb"][rows])
-    spatial = x.dim() == 4
-    if spatial:
-        batch, channels, height, width = x.shape
-        x = x.view(batch, channels, height * width).transpose(1, 2)
-    if attn.group_norm is not None:
-        x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
-    x = attn.to_out[1](attn.to_out[0](attn.to_v(x)))
-    if spatial:
-        x = x.transpose(-1, -2).reshape(batch, channels, height, width)
-    if attn.residual_connection:
-        x = x + residual
-    return x / attn.rescale_output_factor
+    tokens, leave = enter_tokens(attn, x, residual)
+    return leave(attn.to_out[1](attn.to_out[0](attn.to_v(tokens))))
 
 
 def _identity_joint_attention(attn: Any, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
