@@ -19,8 +19,7 @@
 // and the Gram entries Σxy = Mxy + n·μx·μy (u = c − v) follow without cancelling when
 // |mean| ≫ std (Moments below). Then per element: x0 and
 // eps by the prediction type's linear map, the optional clip, the classifier eps shift,
-// and x_next = k_x·x + k_x0·x0 + k_eps·eps + Σᵢ k_history[i]·history[i] + k_noise'·noise
-// + k_grad'·grad.
+// and x_next, the linear combination fastguide.ops.contract.StepCoefficients writes out.
 // On request (the similarity output) the elementwise pass also derives the x0 predictions
 // x̂0_c and x̂0_u of the c and u it reads, each alone by the step's prediction-type map
 // (predicted_x0, the map it applies to m; no guidance transform, clip or classifier shift),

@@ -25,9 +25,9 @@ keeps no digit of std at mean 1e4, spread 1e-2) and give exact zeros for a const
 prediction; working on the difference v rather than u keeps the expansions free of
 cancellation when c ≈ u, as it is for trained models.
 Then, per element: x0 and eps from m and x by the prediction type's linear map, the
-optional clip (eps re-derived), the classifier eps shift (x0 re-derived), and
-x_next = k_x·x + k_x0·x0 + k_eps·eps + Σᵢ k_history[i]·history[i] + k_noise'·noise + k_grad'·grad
-(up to MAX_HISTORY = 4 history tensors, in four pointer slots).
+optional clip (eps re-derived), the classifier eps shift (x0 re-derived), and x_next,
+the linear combination fastguide.ops.contract.StepCoefficients writes out (up to
+MAX_HISTORY = 4 history tensors, in four pointer slots).
 
 Passes. Plain CFG: one launch, `_guided_step_kernel`. Variants with reductions: first
 `_guided_stats_kernel` (grid: PARTS chunks × B samples) writes each chunk's fp32 moments

@@ -1,8 +1,7 @@
 """The guided_step contract as three small frozen types, and the op schema derived from them.
 
-    StepCoefficients   one sampler update: x = alpha·x0 + sigma·eps at this step and
-                       x_next = k_x·x + k_x0·x0 + k_eps·eps + Σᵢ k_history[i]·history[i]
-                                + k_noise·noise + k_grad·grad
+    StepCoefficients   one sampler update's scalars; its docstring writes out the update
+                       (the one place it is written out: the kernels' headers refer to it)
     GuidanceCombine    how the guided prediction m comes from c, u and (PAG, SLG) p:
                        m = u + w·(c − u) + s·(c − p), or a variant (CFG rescale,
                        CFG-Zero*, APG, tangential CFG)
