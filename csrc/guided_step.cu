@@ -179,14 +179,21 @@ __device__ __forceinline__ void guided_step_vector(const GuidedStepParams& p, co
 template <typename T, int kVec, bool kPerturbed, bool kSimilarity>
 __device__ __forceinline__ void guided_step(const GuidedStepParams& p, const GuidedStepTensors<T>& t) {
   const int64_t b = blockIdx.y;
-  __shared__ SampleCoefficients coefficients;
-  if (threadIdx.x == 0) {
-    coefficients = p.stats == kStatsNone
-                       ? plain_coefficients(p)
-                       : sample_coefficients<kPerturbed>(p, t.partials + b * p.parts * kStatsPerSample);
+  // Plain CFG's coefficients come from the scale alone: each thread takes them itself, so
+  // no barrier stands before its loads. A variant merges its sample's partials once per
+  // block (thread 0) and shares them; p.stats is the whole grid's, so every thread of a
+  // block takes the same branch to the barrier.
+  SampleCoefficients k;
+  if (p.stats == kStatsNone) {
+    k = plain_coefficients(p);
+  } else {
+    __shared__ SampleCoefficients coefficients;
+    if (threadIdx.x == 0) {
+      coefficients = sample_coefficients<kPerturbed>(p, t.partials + b * p.parts * kStatsPerSample);
+    }
+    __syncthreads();
+    k = coefficients;
   }
-  __syncthreads();
-  const SampleCoefficients k = coefficients;
   SimilaritySums similarity{};  // this thread's elements' sums (kSimilarity only)
   const int64_t j = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec;
   if (j + kVec <= p.sample_elems) {
