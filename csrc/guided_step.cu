@@ -120,8 +120,10 @@ __global__ void __launch_bounds__(kThreads) perturbed_guided_stats_kernel(Guided
 }
 
 // kVec elements starting at j, all inside the sample and 16-byte aligned everywhere; with
-// kSimilarity their x0 predictions of c and u are also added to `similarity`.
-template <typename T, int kVec, bool kPerturbed, bool kSimilarity>
+// kSimilarity their x0 predictions of c and u are also added to `similarity`. Only the
+// first kHistorySlots history tensors are read (the launcher picks kHistorySlots ≥
+// num_history): the slots beyond hold no registers.
+template <typename T, int kVec, bool kPerturbed, bool kSimilarity, int kHistorySlots>
 __device__ __forceinline__ void guided_step_vector(const GuidedStepParams& p, const GuidedStepTensors<T>& t,
                                                    const SampleCoefficients& k, int64_t b, int64_t j,
                                                    [[maybe_unused]] SimilaritySums& similarity) {
@@ -138,7 +140,7 @@ __device__ __forceinline__ void guided_step_vector(const GuidedStepParams& p, co
     u = load_vec<T, kVec>(t.uncond + b * p.uncond_sample_stride + j);
   }
 #pragma unroll
-  for (int h = 0; h < kMaxHistory; ++h) {
+  for (int h = 0; h < kHistorySlots; ++h) {
     if (h < p.num_history) history[h] = load_vec<T, kVec>(t.history[h] + here);
   }
   if (p.has_noise) noise = load_vec<T, kVec>(t.noise + here);
@@ -176,7 +178,7 @@ __device__ __forceinline__ void guided_step_vector(const GuidedStepParams& p, co
   if (p.has_x0_out) store_vec(t.x0_out + here, x0);
 }
 
-template <typename T, int kVec, bool kPerturbed, bool kSimilarity>
+template <typename T, int kVec, bool kPerturbed, bool kSimilarity, int kHistorySlots = kMaxHistory>
 __device__ __forceinline__ void guided_step(const GuidedStepParams& p, const GuidedStepTensors<T>& t) {
   const int64_t b = blockIdx.y;
   // Plain CFG's coefficients come from the scale alone: each thread takes them itself, so
@@ -198,7 +200,7 @@ __device__ __forceinline__ void guided_step(const GuidedStepParams& p, const Gui
   const int64_t j = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec;
   if (j + kVec <= p.sample_elems) {
     if constexpr (kVec > 1) {
-      guided_step_vector<T, kVec, kPerturbed, kSimilarity>(p, t, k, b, j, similarity);
+      guided_step_vector<T, kVec, kPerturbed, kSimilarity, kHistorySlots>(p, t, k, b, j, similarity);
     } else {
       guided_step_at<T, kPerturbed, kSimilarity>(p, t, k, b, j, similarity);
     }
@@ -217,9 +219,11 @@ __device__ __forceinline__ void guided_step(const GuidedStepParams& p, const Gui
   }
 }
 
-template <typename T, int kVec>
+// The plain elementwise pass, specialised by how many history slots it reads: 0 (one-step
+// samplers), 2 (the multistep solvers of order ≤ 3) or all kMaxHistory.
+template <typename T, int kVec, int kHistorySlots>
 __global__ void __launch_bounds__(kThreads) guided_step_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
-  guided_step<T, kVec, false, false>(p, t);
+  guided_step<T, kVec, false, false, kHistorySlots>(p, t);
 }
 
 template <typename T, int kVec>
@@ -283,12 +287,16 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
   }
   const dim3 grid(static_cast<unsigned>(step_blocks(p, vector ? kVec : 1)), static_cast<unsigned>(p.batch));
   const bool similarity = t.similarity_partials != nullptr;
+  const Kernel plain = !vector               ? guided_step_kernel<T, 1, kMaxHistory>
+                       : p.num_history == 0 ? guided_step_kernel<T, kVec, 0>
+                       : p.num_history <= 2 ? guided_step_kernel<T, kVec, 2>
+                                            : guided_step_kernel<T, kVec, kMaxHistory>;
   const Kernel step = vector ? (p.perturbed    ? perturbed_guided_step_kernel<T, kVec>
                                 : similarity ? similarity_guided_step_kernel<T, kVec>
-                                             : guided_step_kernel<T, kVec>)
+                                             : plain)
                              : (p.perturbed    ? perturbed_guided_step_kernel<T, 1>
                                 : similarity ? similarity_guided_step_kernel<T, 1>
-                                             : guided_step_kernel<T, 1>);
+                                             : plain);
   launch_kernel(step, grid, kThreads, stream, p, t);
   return static_cast<int>(cudaGetLastError());
 }
