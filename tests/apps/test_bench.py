@@ -62,13 +62,32 @@ def test_loop_profile_counts_both_eager_loops(tmp_path):
 
 def test_host_path_splits_each_op_call_into_fastguides_part_and_the_backends(capsys):
     from benchmarks.ops import host_path
+    from fastguide.ops import reference
 
+    functions = {name: getattr(reference, name) for name in host_path.BACKEND_FUNCTIONS.values()}
     host_path.main(["--device", "cpu", "--calls", "20", "--rounds", "1"])
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if "| torch |" in line]
     assert len(rows) == 4
-    for _, _, whole, backend_only, part in rows:
-        assert float(whole) > 0 and float(backend_only) > 0
-        assert abs(float(whole) - float(backend_only) - float(part)) < 0.15
+    assert all(float(value) > 0 for row in rows for value in row[2:])
+    assert all(getattr(reference, name) is function for name, function in functions.items())  # stubs removed
+
+
+def test_host_path_times_fastguides_part_without_running_the_backend(monkeypatch):
+    # The third column's call runs everything of the op but the backend's function, which a
+    # stub replaces: the real one is not called, and the op still returns its results.
+    from benchmarks.ops import host_path
+    from fastguide.ops import reference
+
+    calls = []
+    real = reference.layer_norm_forward
+    monkeypatch.setattr(reference, "layer_norm_forward", lambda *args: calls.append(1) or real(*args))
+    op, call = host_path.cases(torch.device("cpu"))["layer_norm (+ adaLN scale, shift)"]
+    direct, stubbed = host_path.backend_call(op, "torch", call)
+    calls.clear()
+    torch.testing.assert_close(stubbed(), call())
+    assert calls == [1]  # the plain call's, not the stubbed one's
+    direct()
+    assert calls == [1, 1]
 
 
 def test_gpu_script_dry_run_finds_every_test_and_benchmark(tmp_path):
