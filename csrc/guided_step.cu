@@ -3,8 +3,9 @@
 //
 // Elementwise pass: grid (chunks of a sample, batch); each thread owns kVec consecutive
 // elements of one sample and moves them as 16-byte vectors (kVec = 16/sizeof(T)) when
-// every pointer and offset allows, else one element at a time. The sample's guidance
-// coefficients are merged from its partial moments once per block, by thread 0. With the
+// every pointer and offset allows, else one element at a time. A variant's guidance
+// coefficients are merged from the sample's partial moments once per block, by thread 0
+// (plain CFG's each thread takes from the scale). With the
 // similarity output (kernels of their own, similarity_guided_step_kernel) each thread also
 // derives the x0 predictions x̂0_c, x̂0_u of its elements' c and u (predicted_x0, from the x
 // it reads anyway) and sums x̂0_c·x̂0_u, x̂0_c², x̂0_u², the block reduces them (warp shuffles,
@@ -220,7 +221,9 @@ __device__ __forceinline__ void guided_step(const GuidedStepParams& p, const Gui
 }
 
 // The plain elementwise pass, specialised by how many history slots it reads: 0 (one-step
-// samplers), 2 (the multistep solvers of order ≤ 3) or all kMaxHistory.
+// samplers), 2 (heun's and dpm++2s's second calls, dpm++2m/3m, unipc-2) or all kMaxHistory
+// (unipc-3, whose folded corrector reads three).
+static_assert(kMaxHistory >= 2, "the two-slot instance reads history[0] and history[1]");
 template <typename T, int kVec, int kHistorySlots>
 __global__ void __launch_bounds__(kThreads) guided_step_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
   guided_step<T, kVec, false, false, kHistorySlots>(p, t);

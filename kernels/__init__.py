@@ -2,7 +2,7 @@
 
 Only ``fastguide.ops`` imports these modules. Each module holds the ``@triton.jit``
 kernels of one op and one launch function per kernel; the launchers check nothing
-(ops.py validated the arguments already).
+(fastguide.ops validated the arguments already).
 
 Imported as top-level ``kernels`` -- which happens whenever the checkout's root is on
 ``sys.path``: ``python -c``/``python -m fastguide``/``python -m pytest`` run from the root,

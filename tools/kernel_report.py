@@ -574,7 +574,7 @@ def run(archs: list[int]) -> list[dict]:
 
 
 def _kernel_name(mangled: str) -> str:
-    """'guided_step_kernel<fp16, 8>' from a mangled CUDA kernel name."""
+    """'guided_step_kernel<fp16, 8, 0>' from a mangled CUDA kernel name."""
     try:
         demangled = subprocess.run(["c++filt", mangled], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -590,7 +590,7 @@ def _kernel_name(mangled: str) -> str:
 
 
 def _vector_width(name: str) -> int:
-    """The kernel's bare integer template argument (its kVec), else 1."""
+    """The kernel's first bare integer template argument (its kVec), else 1."""
     found = re.findall(r"(?<=[<,] )(\d+)(?=[,>])", name)
     return int(found[0]) if found else 1
 

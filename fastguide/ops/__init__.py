@@ -30,7 +30,14 @@ backend's implementation. Every backend implementation has the same functions:
 
 from ._attention import attention
 from ._group_norm import group_norm
-from ._guided_step import check_combine, check_step, check_step_tensors, guided_step, guided_step_prechecked
+from ._guided_step import (
+    check_combine,
+    check_step,
+    check_step_layout,
+    check_step_tensors,
+    guided_step,
+    guided_step_prechecked,
+)
 from ._layer_norm import gated_residual, gated_residual_layer_norm, layer_norm
 from .contract import GuidanceCombine, StepCoefficients, StepTensors
 
@@ -41,6 +48,7 @@ __all__ = [
     "attention",
     "check_combine",
     "check_step",
+    "check_step_layout",
     "check_step_tensors",
     "gated_residual",
     "gated_residual_layer_norm",

@@ -87,7 +87,6 @@ def group_norm_backward_op(
     mean: Tensor,
     rstd: Tensor,
     num_groups: int,
-    eps: float,
     activation: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -107,7 +106,7 @@ def group_norm_backward_op(
 
 
 @group_norm_backward_op.register_fake
-def _(grad_y, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, activation, backend):
+def _(grad_y, x, weight, bias, scale, shift, mean, rstd, num_groups, activation, backend):
     return norms.backward_fake(x, weight, bias, scale, shift)
 
 
@@ -115,13 +114,11 @@ def _group_norm_setup_context(ctx, inputs, output):
     x, weight, bias, scale, shift, num_groups, eps, activation, backend = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-    ctx.num_groups, ctx.eps, ctx.activation, ctx.backend = num_groups, eps, activation, backend
+    ctx.num_groups, ctx.activation, ctx.backend = num_groups, activation, backend
 
 
 def _group_norm_grad(ctx, grad_y, grad_mean, grad_rstd):
-    grads = norms.grads(
-        group_norm_backward_op, grad_y, ctx.saved_tensors, ctx.num_groups, ctx.eps, ctx.activation, ctx.backend
-    )
+    grads = norms.grads(group_norm_backward_op, grad_y, ctx.saved_tensors, ctx.num_groups, ctx.activation, ctx.backend)
     return (*grads, None, None, None, None)
 
 
@@ -141,7 +138,7 @@ def group_norm(
 ) -> Tensor:
     """GroupNorm, then ADM's scale-shift, then an optional SiLU, in one op.
 
-    y = silu?((x − mean)/√(var + eps)·weight + bias)·(1 + scale) + shift), statistics per
+    y = silu?(((x − mean)/√(var + eps)·weight + bias)·(1 + scale) + shift), statistics per
     (sample, group) in float32 whatever x's dtype (ADM's GroupNorm32).
 
     Args:

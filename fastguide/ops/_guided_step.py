@@ -441,7 +441,7 @@ torch.library.define("fastguide::guided_step", contract.guided_step_schema())
 
 
 @torch.library.impl("fastguide::guided_step", "default")
-def _guided_step(*arguments):
+def _guided_step_default(*arguments):
     _guided_step_impl(*contract.unpack(arguments[:-1]), arguments[-1])
 
 

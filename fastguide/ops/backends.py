@@ -264,11 +264,12 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend that runs ``op`` on ``dtype`` tensors of ``device``.
 
     An explicit choice that cannot run raises RuntimeError with every reason the backend
-    gives; ``auto`` falls back to ``torch``. The cuda backend covers some ops: the others
-    run under it as under ``auto``.
+    gives; ``auto`` falls back to ``torch``. The cuda backend covers some ops and dtypes:
+    the others (attention, float64) run under it as under ``auto``.
     """
     choice = get_backend()
-    if choice == "cuda" and not IMPLEMENTATIONS["cuda"].has_kernel(op):
+    cuda = IMPLEMENTATIONS["cuda"]
+    if choice == "cuda" and (not cuda.has_kernel(op) or dtype not in cuda.dtypes):
         choice = "auto"
     if choice == "auto":
         return _auto_on_cuda(op, device, dtype) if device.type == "cuda" else "torch"

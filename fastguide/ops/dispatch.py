@@ -16,7 +16,9 @@ from . import backends
 
 
 def backend_for(op: str, device: torch.device, dtype: torch.dtype, empty: bool = False) -> str:
-    """The concrete backend that runs ``op`` on ``dtype`` tensors of ``device``."""
+    """The concrete backend that runs ``op`` on ``device`` computing in ``dtype`` (the
+    tensors' dtype; for guided_step the compute dtype of its inputs, float32 for fp16
+    ones); "torch" for an empty call or meta tensors."""
     # Under torch.compile this runs at trace time: the backend is fixed per compiled graph.
     if empty or device.type == "meta":
         return "torch"  # nothing to launch: the reference returns the empty result, the fakes the meta one

@@ -23,7 +23,7 @@ def backward_outputs(
 
 
 def backward_fake(x: Tensor, *params: Tensor | None) -> tuple[Tensor, ...]:
-    """The fake of a norm backward op's results (as ``_norm_backward_outputs``)."""
+    """The fake of a norm backward op's results (as ``backward_outputs``)."""
     return (like_memory_format(dispatch.empty_like(x), x),) + tuple(
         x.new_empty(0) if t is None else dispatch.empty_like(t) for t in params
     )

@@ -8,7 +8,9 @@ The second half of the module is this backend's side of the interface that
 ``fastguide.ops`` calls on every backend (``attention_forward``/``_backward``,
 ``group_norm_forward``/``_backward``, ``layer_norm_forward``/``_backward``,
 ``gated_residual_layer_norm_forward``, ``guided_step``): forwards that also return the
-statistics a fused backward would save, and backwards that recompute the forward under torch.func.vjp.
+statistics a fused backward would save, and backwards: the norms' analytic, from the saved
+statistics; attention's through aten's flash-attention backward on CPU, elsewhere by
+recomputing the forward under torch.func.vjp.
 """
 
 from __future__ import annotations
@@ -647,7 +649,6 @@ def gated_residual_layer_norm_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(h_new, y, mean, rstd): h_new = gated_residual(h, branch, gate) in h's dtype, then
     ``layer_norm_forward`` of that rounded h_new (as the unfused pair computes it)."""
-    weight, bias, scale, shift = params
     h_new = gated_residual(h, branch, gate).contiguous()
     return (h_new, *layer_norm_forward(h_new, params, eps))
 

@@ -26,7 +26,6 @@ from ..models.block_cache import BlockCacheSettings, BlockCacheState, FirstBlock
 from ..models.blocks import perturbation_target
 from ..models.perturbation import Perturbation
 from ..ops import backends
-from ..ops._guided_step import check_step_layout
 from ..ops.contract import GuidanceCombine, StepCoefficients, StepTensors
 from ..ops.validation import FLOAT_DTYPES
 from . import cuda_graphs
@@ -697,7 +696,7 @@ class GuidedSampler:
         for the layout the kernels read (``check_step_layout``: shapes, dtypes,
         devices, no tensor data), so a loop path that builds a tensor the op does not
         expect fails with the tensor's name instead of a kernel misreading it."""
-        check_step_layout(tensors, step, combine)
+        ops.check_step_layout(tensors, step, combine)
         ops.guided_step_prechecked(tensors, step, combine)
 
     def _unconditional_x0(

@@ -116,6 +116,10 @@ def test_float64_never_routes_to_kernels(monkeypatch):
         ops.group_norm(x, 2)
     with fastguide.backend("auto"):
         assert backends.resolve("group_norm", torch.device("cuda"), torch.float64) == "torch"
+    with fastguide.backend("cuda"):  # the cuda backend's ops and dtypes only; the rest as under auto
+        assert backends.resolve("group_norm", torch.device("cuda"), torch.float64) == "torch"
+        assert backends.resolve("guided_step", torch.device("cpu"), torch.float64) == "torch"
+        assert ops.group_norm(x, 2).dtype == torch.float64
 
 
 def test_missing_kernel_package_means_no_kernel():
