@@ -159,6 +159,10 @@ class Backend:
         device_reason = self.why_not(device)
         return reasons + ([device_reason] if device_reason is not None else [])
 
+    def runs_under_auto(self, op: str, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether ``auto`` may pick this backend for the call: it runs it as things stand."""
+        return not self.not_supported_reasons(op, device, dtype)
+
     def implementation(self, op: str) -> ModuleType:
         """The module with ``op``'s functions on this backend."""
         name = self.modules[op]
@@ -207,9 +211,9 @@ class CudaBackend(Backend):
             return f"the cuda backend runs on CUDA tensors only, got a {device.type} tensor"
         return extension.why_not_available()
 
-    def ready_without_build(self) -> bool:
-        """Whether the extension is installed prebuilt (``auto`` never starts a build)."""
-        return extension.prebuilt_path() is not None
+    def runs_under_auto(self, op: str, device: torch.device, dtype: torch.dtype) -> bool:
+        """Only with the extension installed prebuilt: ``auto`` never starts a build."""
+        return self.has_kernel(op) and dtype in self.dtypes and extension.prebuilt_path() is not None
 
 
 IMPLEMENTATIONS: dict[str, Backend] = {b.name: b for b in (TorchBackend(), TritonBackend(), CudaBackend())}
@@ -251,11 +255,7 @@ def _auto_on_cuda(op: str, device: torch.device, dtype: torch.dtype) -> str:
     order the module docstring explains, that runs the op without a build."""
     order = ("triton", "cuda") if getattr(_state, "graph_capture", 0) else ("cuda", "triton")
     for name in order:
-        backend = IMPLEMENTATIONS[name]
-        if isinstance(backend, CudaBackend):
-            if backend.has_kernel(op) and dtype in backend.dtypes and backend.ready_without_build():
-                return name
-        elif not backend.not_supported_reasons(op, device, dtype):
+        if IMPLEMENTATIONS[name].runs_under_auto(op, device, dtype):
             return name
     return "torch"
 
