@@ -133,7 +133,9 @@ std::optional<at::Tensor> guided_step(
   derive_step_constants(p);
   p.num_history = static_cast<int>(history.size());
   for (int i = 0; i < p.num_history; ++i) p.k_history[i] = static_cast<float>(k_history[i]);
-  p.learned_var = log_variance_range.has_value();
+  // The learned variance scales the noise and gradient terms alone: without them it is not
+  // read (and the step can run a CommonReads instance).
+  p.learned_var = log_variance_range.has_value() && (noise.has_value() || (grad.has_value() && p.step.k_grad != 0.0f));
   if (p.learned_var) {
     TORCH_CHECK(log_variance_range->size() == 2, "fastguide_cuda::guided_step: log_variance_range is (min, max)");
     p.log_var_min = static_cast<float>((*log_variance_range)[0]);
@@ -256,9 +258,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward(
   at::Tensor rstd = at::empty({p.n, p.groups}, fp32);
   at::Tensor partials = at::empty({p.n, p.c, p.chunks, 2}, fp32);
   at::Tensor shifts = at::empty({p.n, p.c}, fp32);
+  at::Tensor maps = at::empty({p.n, p.c, 2}, fp32);
   check_launch(launch_group_norm_forward(storage_type(x), p, x.data_ptr(), affine, y.data_ptr(),
                                          mean.data_ptr<float>(), rstd.data_ptr<float>(), partials.data_ptr<float>(),
-                                         shifts.data_ptr<float>(), current_stream(x)));
+                                         shifts.data_ptr<float>(), maps.data_ptr<float>(), current_stream(x)));
   return {y, mean, rstd};
 }
 
@@ -283,11 +286,11 @@ std::tuple<at::Tensor, at::Tensor> group_norm_backward(
   at::Tensor dx = at::empty_like(x);
   at::Tensor sums = at::empty({p.n, p.c, 2}, fp32);
   at::Tensor partials = at::empty({p.n, p.c, p.chunks, 2}, fp32);
-  at::Tensor group_sums = at::empty({p.n, p.groups, 2}, fp32);
+  at::Tensor maps = at::empty({p.n, p.c, 4}, fp32);
   check_launch(launch_group_norm_backward(storage_type(x), p, grad_y.data_ptr(), x.data_ptr(), affine,
                                           mean.data_ptr<float>(), rstd.data_ptr<float>(), dx.data_ptr(),
-                                          sums.data_ptr<float>(), partials.data_ptr<float>(),
-                                          group_sums.data_ptr<float>(), current_stream(x)));
+                                          sums.data_ptr<float>(), partials.data_ptr<float>(), maps.data_ptr<float>(),
+                                          current_stream(x)));
   return {dx, sums};
 }
 

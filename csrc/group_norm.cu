@@ -3,18 +3,30 @@
 //
 // Forward, three launches:
 //   1. channel_sums_kernel: per (n, c, spatial chunk) the shifted sums Σ(x − K), Σ(x − K)²;
-//   2. forward_statistics_kernel: a warp per (n, g) merges them into mean and rstd;
-//   3. normalize_kernel: elementwise y, 16-byte vectors when the layout allows.
+//   2. forward_statistics_kernel: a warp per (n, g) merges them into mean and rstd, and
+//      folds them with the channel's affine constants into its map x ↦ z (group_norm.cuh);
+//   3. normalize_kernel: y = act(z) elementwise, 16-byte vectors when the layout allows.
 // Backward, three launches of the same shapes: channel_sums_kernel (Σdz, Σdz·x̂),
-// backward_group_kernel (per (n, g) S1, S2 and the (N, C) sums), dx_kernel.
+// backward_group_kernel (per (n, g) S1, S2, the (N, C) sums and each channel's maps for
+// z and dx), dx_kernel.
 // The per-group merges run a warp per (n, g).
 // The per-channel reduction reads NCHW along s (a block per (n, c) chunk, 16-byte
 // vectors) and channels_last across c (a warp spans 32 consecutive channels, the block's
 // 8 warps stride over s), so global reads are coalesced in both layouts.
+// The elementwise passes run block (tile, n) over kUnroll·kThreads vectors of sample n:
+// thread t takes vectors tile·kTile + t + k·kThreads (k < kUnroll), so each load is one of
+// a warp's 32 consecutive vectors, and it issues all its loads before any math, which puts
+// kUnroll (normalize) or 2·kUnroll (dx) 16-byte loads per thread in flight (Little's law,
+// tools/occupancy.py). Per element they read the channel's precomputed maps (one or two
+// 8-byte loads, of an O(N·C) table that stays in cache) instead of its weight, bias,
+// scale, shift, mean and rstd, and find the channel by stepping from the thread's first
+// vector rather than dividing per vector (ThreadVectors).
 //
 // Bytes it must move: forward reads x twice and writes y (3·E·s_x); backward reads x and
 // dy twice and writes dx (5·E·s_x); O(N·C) besides. ~10 FLOPs per element: memory-bound.
 #include <cuda_runtime.h>
+
+#include <type_traits>
 
 #include "group_norm.cuh"
 
@@ -144,8 +156,9 @@ __global__ void __launch_bounds__(kThreads) channel_sums_nhwc_kernel(GroupNormPa
 // (float64 sums, reduced with shuffles), so a few large groups (G = 1) stay parallel.
 constexpr int kGroupsPerBlock = kThreads / kWarpSize;
 
-__global__ void __launch_bounds__(kThreads) forward_statistics_kernel(GroupNormParams p, const float* partials,
-                                                                      const float* shifts, float* mean, float* rstd) {
+__global__ void __launch_bounds__(kThreads) forward_statistics_kernel(GroupNormParams p, GroupNormAffine a,
+                                                                      const float* partials, const float* shifts,
+                                                                      float* mean, float* rstd, LinearMap* maps) {
   const int64_t group = static_cast<int64_t>(blockIdx.x) * kGroupsPerBlock + threadIdx.x / kWarpSize;
   if (group >= p.n * p.groups) return;  // the whole warp: no shuffle is left waiting
   const int64_t n = group / p.groups, first = (group % p.groups) * p.channels_per_group;
@@ -162,13 +175,22 @@ __global__ void __launch_bounds__(kThreads) forward_statistics_kernel(GroupNormP
     const double deviation = channel_mean - group_mean;
     m2 += channel_m2 + static_cast<double>(p.s) * deviation * deviation;
   }
-  m2 = warp_sum(m2);
-  if (lane == 0) finish_statistics(p, group_mean, m2, mean[group], rstd[group]);
+  m2 = warp_sum(m2);  // on every lane, as is group_mean: each lane writes its channels' maps
+  float mean_out, rstd_out;
+  const double group_rstd = finish_statistics(p, group_mean, m2, mean_out, rstd_out);
+  if (lane == 0) {
+    mean[group] = mean_out;
+    rstd[group] = rstd_out;
+  }
+  for (int64_t c = first + lane; c < first + p.channels_per_group; c += kWarpSize) {
+    maps[n * p.c + c] = pre_activation_map(channel_affine(p, a, n, c), group_mean, group_rstd);
+  }
 }
 
 __global__ void __launch_bounds__(kThreads) backward_group_kernel(GroupNormParams p, GroupNormAffine a,
+                                                                  const float* mean, const float* rstd,
                                                                   const float* partials, float* sums,
-                                                                  float* group_sums) {
+                                                                  LinearMap* maps) {
   const int64_t group = static_cast<int64_t>(blockIdx.x) * kGroupsPerBlock + threadIdx.x / kWarpSize;
   if (group >= p.n * p.groups) return;  // the whole warp: no shuffle is left waiting
   const int64_t n = group / p.groups, first = (group % p.groups) * p.channels_per_group;
@@ -178,84 +200,127 @@ __global__ void __launch_bounds__(kThreads) backward_group_kernel(GroupNormParam
     s1 += s1_term;
     s2 += s2_term;
   }
-  s1 = warp_sum(s1);
+  s1 = warp_sum(s1);  // on every lane: each lane writes its channels' maps
   s2 = warp_sum(s2);
-  if (threadIdx.x % kWarpSize == 0) {
-    // S1/(Cg·S) and S2/(Cg·S), as backward_dx takes them.
-    const double elements = static_cast<double>(p.channels_per_group) * static_cast<double>(p.s);
-    group_sums[2 * group] = static_cast<float>(s1 / elements);
-    group_sums[2 * group + 1] = static_cast<float>(s2 / elements);
+  const double elements = static_cast<double>(p.channels_per_group) * static_cast<double>(p.s);
+  const double group_mean = mean[group], group_rstd = rstd[group];
+  const LinearMap dx = dx_map(group_mean, group_rstd, s1 / elements, s2 / elements);
+  for (int64_t c = first + threadIdx.x % kWarpSize; c < first + p.channels_per_group; c += kWarpSize) {
+    maps[2 * (n * p.c + c)] = pre_activation_map(channel_affine(p, a, n, c), group_mean, group_rstd);
+    maps[2 * (n * p.c + c) + 1] = dx;
   }
 }
 
-// Elementwise passes over x in memory order. A vector of kVec elements never crosses a
-// sample, and shares one channel (NCHW, s % kVec == 0: its constants are loaded once) or
-// holds kVec consecutive channels (channels_last, C % kVec == 0).
-struct ElementContext {
-  ChannelAffine affine;
-  float mean, rstd, mean_s1, mean_s2;
+// The elementwise passes (see the top of the file). A vector of kVec elements never crosses
+// a sample, and shares one channel (NCHW, S % kVec == 0: one map per vector) or holds kVec
+// consecutive channels (channels_last, C % kVec == 0: kVec maps).
+constexpr int kUnroll = 4;
+constexpr int64_t kTile = kThreads * kUnroll;  // vectors per block
+// normalize_kernel's register cap: 5 blocks a SM keep 80 KB in flight (uncapped, sm_90 bf16
+// took 57 registers: 4 blocks, 64 KB). dx_kernel, with 2·kUnroll vectors a thread, keeps
+// 3–4 blocks (96–128 KB) uncapped.
+constexpr int kNormalizeBlocks = 5;
+
+// A thread's vectors within its sample, first + k·kThreads (k < kUnroll), and the (first)
+// channel of each, or −1 past the sample's end; the same in every sample. One division per
+// thread, none per vector: vector v is (v / d, v % d) with d = S/kVec (NCHW: the quotient
+// is the channel) or d = C/kVec (channels_last: kVec × the remainder is), and kThreads
+// vectors further on adds (kThreads / d, kThreads % d), with at most one carry.
+template <int kVec, bool kChannelsLast>
+struct ThreadVectors {
+  int64_t first;
+  int channel[kUnroll];  // 2·C < 2³¹: map indices stay int
+
+  __device__ __forceinline__ explicit ThreadVectors(const GroupNormParams& p) {
+    const int64_t vectors = p.c * p.s / kVec;
+    const int64_t d = (kChannelsLast ? p.c : p.s) / kVec;
+    first = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
+    int64_t q = first / d, r = first % d;
+    const int step_q = d > kThreads ? 0 : kThreads / static_cast<int>(d);
+    const int step_r = d > kThreads ? kThreads : kThreads % static_cast<int>(d);
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      channel[k] = first + k * kThreads < vectors ? static_cast<int>(kChannelsLast ? r * kVec : q) : -1;
+      q += step_q;
+      r += step_r;
+      if (r >= d) {
+        r -= d;
+        ++q;
+      }
+    }
+  }
+
+  __device__ __forceinline__ bool valid(int k) const { return channel[k] >= 0; }
+  // Element offset of vector k within its sample.
+  __device__ __forceinline__ int64_t offset(int k) const { return (first + k * kThreads) * kVec; }
+  // The map of element `lane` of vector k, among a sample's maps spaced `stride` apart.
+  __device__ __forceinline__ const LinearMap& map(const LinearMap* maps, int stride, int k, int lane) const {
+    return maps[stride * (channel[k] + (kChannelsLast ? lane : 0))];
+  }
 };
 
-__device__ __forceinline__ ElementContext element_context(const GroupNormParams& p, const GroupNormAffine& a,
-                                                          const float* mean, const float* rstd,
-                                                          const float* group_sums, int64_t n, int64_t c) {
-  const int64_t group = n * p.groups + c / p.channels_per_group;
-  ElementContext ctx{channel_affine(p, a, n, c), mean[group], rstd[group], 0.0f, 0.0f};
-  if (group_sums != nullptr) {
-    ctx.mean_s1 = group_sums[2 * group];
-    ctx.mean_s2 = group_sums[2 * group + 1];
-  }
-  return ctx;
+// The vector at p, or zeros when !valid. Loaded as 32-bit words where it can be: zeros and
+// a predicated load merged per 16-bit element would take a register per element.
+template <typename T, int kVec>
+__device__ __forceinline__ Vec<T, kVec> load_if(const T* p, bool valid) {
+  using Word = std::conditional_t<sizeof(T) * kVec % sizeof(uint32_t) == 0, uint32_t, T>;
+  constexpr int kWords = sizeof(T) * kVec / sizeof(Word);
+  Vec<Word, kWords> words = {};
+  if (valid) words = load_vec<Word, kWords>(reinterpret_cast<const Word*>(p));
+  return bits_as<Vec<T, kVec>>(words);
 }
 
-// Calls element(lane, ctx) for each lane of the vector starting at flat offset i.
-template <int kVec, bool kChannelsLast, typename Element>
-__device__ __forceinline__ void for_each_lane(const GroupNormParams& p, const GroupNormAffine& a, const float* mean,
-                                              const float* rstd, const float* group_sums, int64_t i,
-                                              Element element) {
-  const int64_t n = i / (p.c * p.s);
-  const int64_t c0 = kChannelsLast ? i % p.c : (i / p.s) % p.c;
-  if constexpr (!kChannelsLast) {
-    const ElementContext ctx = element_context(p, a, mean, rstd, group_sums, n, c0);
+template <typename T, int kVec, bool kChannelsLast>
+__global__ void __launch_bounds__(kThreads, kNormalizeBlocks)
+    normalize_kernel(GroupNormParams p, const T* x, const LinearMap* maps, T* y) {
+  const ThreadVectors<kVec, kChannelsLast> mine(p);
+  for (int64_t n = blockIdx.y; n < p.n; n += gridDim.y) {
+    const int64_t sample = n * p.c * p.s;
+    const LinearMap* sample_maps = maps + n * p.c;
+    Vec<T, kVec> in[kUnroll];
 #pragma unroll
-    for (int lane = 0; lane < kVec; ++lane) element(lane, ctx);
-  } else {
+    for (int k = 0; k < kUnroll; ++k) in[k] = load_if<T, kVec>(x + sample + mine.offset(k), mine.valid(k));
 #pragma unroll
-    for (int lane = 0; lane < kVec; ++lane) element(lane, element_context(p, a, mean, rstd, group_sums, n, c0 + lane));
+    for (int k = 0; k < kUnroll; ++k) {
+      if (!mine.valid(k)) continue;
+      Vec<T, kVec> out;
+#pragma unroll
+      for (int lane = 0; lane < kVec; ++lane) {
+        const LinearMap& z = mine.map(sample_maps, 1, k, lane);
+        out.v[lane] = from_float<T>(activate(p, z(to_float(in[k].v[lane]))));
+      }
+      store_vec(y + sample + mine.offset(k), out);
+    }
   }
 }
 
 template <typename T, int kVec, bool kChannelsLast>
-__global__ void __launch_bounds__(kThreads) normalize_kernel(GroupNormParams p, const T* x, GroupNormAffine a,
-                                                             const float* mean, const float* rstd, T* y) {
-  const int64_t total = p.n * p.c * p.s;
-  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads * kVec) {
-    const Vec<T, kVec> in = load_vec<T, kVec>(x + i);
-    Vec<T, kVec> out;
-    for_each_lane<kVec, kChannelsLast>(p, a, mean, rstd, nullptr, i, [&](int lane, const ElementContext& ctx) {
-      out.v[lane] = from_float<T>(normalize_element(p, ctx.affine, to_float(in.v[lane]), ctx.mean, ctx.rstd));
-    });
-    store_vec(y + i, out);
-  }
-}
-
-template <typename T, int kVec, bool kChannelsLast>
-__global__ void __launch_bounds__(kThreads) dx_kernel(GroupNormParams p, const T* dy, const T* x, GroupNormAffine a,
-                                                      const float* mean, const float* rstd, const float* group_sums,
-                                                      T* dx) {
-  const int64_t total = p.n * p.c * p.s;
-  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads * kVec) {
-    const Vec<T, kVec> x_in = load_vec<T, kVec>(x + i);
-    const Vec<T, kVec> dy_in = load_vec<T, kVec>(dy + i);
-    Vec<T, kVec> out;
-    for_each_lane<kVec, kChannelsLast>(p, a, mean, rstd, group_sums, i, [&](int lane, const ElementContext& ctx) {
-      const float x_hat = (to_float(x_in.v[lane]) - ctx.mean) * ctx.rstd;
-      const float dz = backward_dz(p, ctx.affine, to_float(dy_in.v[lane]), x_hat);
-      out.v[lane] = from_float<T>(backward_dx(ctx.affine, dz, x_hat, ctx.rstd, ctx.mean_s1, ctx.mean_s2));
-    });
-    store_vec(dx + i, out);
+__global__ void __launch_bounds__(kThreads) dx_kernel(GroupNormParams p, const T* dy, const T* x,
+                                                      const LinearMap* maps, T* dx) {
+  const ThreadVectors<kVec, kChannelsLast> mine(p);
+  for (int64_t n = blockIdx.y; n < p.n; n += gridDim.y) {
+    const int64_t sample = n * p.c * p.s;
+    const LinearMap* sample_maps = maps + 2 * n * p.c;  // (z map, dx map) per channel
+    Vec<T, kVec> x_in[kUnroll], dy_in[kUnroll];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      x_in[k] = load_if<T, kVec>(x + sample + mine.offset(k), mine.valid(k));
+      dy_in[k] = load_if<T, kVec>(dy + sample + mine.offset(k), mine.valid(k));
+    }
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      if (!mine.valid(k)) continue;
+      Vec<T, kVec> out;
+#pragma unroll
+      for (int lane = 0; lane < kVec; ++lane) {
+        const LinearMap& z = mine.map(sample_maps, 2, k, lane);
+        const LinearMap& dx_rest = mine.map(sample_maps + 1, 2, k, lane);
+        const float x_value = to_float(x_in[k].v[lane]);
+        const float dz = backward_dz_at(p, to_float(dy_in[k].v[lane]), z(x_value));
+        out.v[lane] = from_float<T>(fmaf(dz, z.gain, dx_rest(x_value)));
+      }
+      store_vec(dx + sample + mine.offset(k), out);
+    }
   }
 }
 
@@ -270,10 +335,10 @@ int vector_width(const GroupNormParams& p, const void* a, const void* b, const v
   return runs && aligned ? kVec : 1;
 }
 
-unsigned elementwise_blocks(const GroupNormParams& p, int vec) {
-  const int64_t vectors = (p.n * p.c * p.s + vec - 1) / vec;
-  const int64_t blocks = (vectors + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < 65536 ? blocks : 65536);  // grid-stride beyond
+// (tiles of a sample, samples); the grid's 65535 rows stride over more samples.
+dim3 elementwise_grid(const GroupNormParams& p, int vec) {
+  const int64_t tiles = (p.c * p.s / vec + kTile - 1) / kTile;
+  return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.n < 65535 ? p.n : 65535));
 }
 
 template <typename T, SumsMode kMode>
@@ -295,42 +360,43 @@ unsigned group_blocks(const GroupNormParams& p) {
 
 template <typename T>
 int forward_typed(const GroupNormParams& p, const T* x, const GroupNormAffine& a, T* y, float* mean, float* rstd,
-                  float* partials, float* shifts, cudaStream_t stream) {
+                  float* partials, float* shifts, LinearMap* maps, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const int vec = vector_width<T>(p, x, y, nullptr);
   launch_channel_sums(p, ChannelSumsArgs<T, SumsMode::kMoments>{x, nullptr, a, nullptr, nullptr, partials, shifts},
                       vec, stream);
-  launch_kernel(forward_statistics_kernel, group_blocks(p), kThreads, stream, p, partials, shifts, mean, rstd);
-  const unsigned blocks = elementwise_blocks(p, vec);
+  launch_kernel(forward_statistics_kernel, group_blocks(p), kThreads, stream, p, a, partials, shifts, mean, rstd,
+                maps);
+  const dim3 grid = elementwise_grid(p, vec);
   if (vec == kVec && p.channels_last) {
-    launch_kernel(normalize_kernel<T, kVec, true>, blocks, kThreads, stream, p, x, a, mean, rstd, y);
+    launch_kernel(normalize_kernel<T, kVec, true>, grid, kThreads, stream, p, x, maps, y);
   } else if (vec == kVec) {
-    launch_kernel(normalize_kernel<T, kVec, false>, blocks, kThreads, stream, p, x, a, mean, rstd, y);
+    launch_kernel(normalize_kernel<T, kVec, false>, grid, kThreads, stream, p, x, maps, y);
   } else if (p.channels_last) {
-    launch_kernel(normalize_kernel<T, 1, true>, blocks, kThreads, stream, p, x, a, mean, rstd, y);
+    launch_kernel(normalize_kernel<T, 1, true>, grid, kThreads, stream, p, x, maps, y);
   } else {
-    launch_kernel(normalize_kernel<T, 1, false>, blocks, kThreads, stream, p, x, a, mean, rstd, y);
+    launch_kernel(normalize_kernel<T, 1, false>, grid, kThreads, stream, p, x, maps, y);
   }
   return static_cast<int>(cudaGetLastError());
 }
 
 template <typename T>
 int backward_typed(const GroupNormParams& p, const T* dy, const T* x, const GroupNormAffine& a, const float* mean,
-                   const float* rstd, T* dx, float* sums, float* partials, float* group_sums, cudaStream_t stream) {
+                   const float* rstd, T* dx, float* sums, float* partials, LinearMap* maps, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const int vec = vector_width<T>(p, x, dy, dx);
   launch_channel_sums(p, ChannelSumsArgs<T, SumsMode::kBackward>{x, dy, a, mean, rstd, partials, nullptr}, vec,
                       stream);
-  launch_kernel(backward_group_kernel, group_blocks(p), kThreads, stream, p, a, partials, sums, group_sums);
-  const unsigned blocks = elementwise_blocks(p, vec);
+  launch_kernel(backward_group_kernel, group_blocks(p), kThreads, stream, p, a, mean, rstd, partials, sums, maps);
+  const dim3 grid = elementwise_grid(p, vec);
   if (vec == kVec && p.channels_last) {
-    launch_kernel(dx_kernel<T, kVec, true>, blocks, kThreads, stream, p, dy, x, a, mean, rstd, group_sums, dx);
+    launch_kernel(dx_kernel<T, kVec, true>, grid, kThreads, stream, p, dy, x, maps, dx);
   } else if (vec == kVec) {
-    launch_kernel(dx_kernel<T, kVec, false>, blocks, kThreads, stream, p, dy, x, a, mean, rstd, group_sums, dx);
+    launch_kernel(dx_kernel<T, kVec, false>, grid, kThreads, stream, p, dy, x, maps, dx);
   } else if (p.channels_last) {
-    launch_kernel(dx_kernel<T, 1, true>, blocks, kThreads, stream, p, dy, x, a, mean, rstd, group_sums, dx);
+    launch_kernel(dx_kernel<T, 1, true>, grid, kThreads, stream, p, dy, x, maps, dx);
   } else {
-    launch_kernel(dx_kernel<T, 1, false>, blocks, kThreads, stream, p, dy, x, a, mean, rstd, group_sums, dx);
+    launch_kernel(dx_kernel<T, 1, false>, grid, kThreads, stream, p, dy, x, maps, dx);
   }
   return static_cast<int>(cudaGetLastError());
 }
@@ -338,35 +404,39 @@ int backward_typed(const GroupNormParams& p, const T* dy, const T* x, const Grou
 }  // namespace
 
 int launch_group_norm_forward(StorageType dtype, const GroupNormParams& p, const void* x, const GroupNormAffine& a,
-                              void* y, float* mean, float* rstd, float* partials, float* shifts, void* stream) {
+                              void* y, float* mean, float* rstd, float* partials, float* shifts, float* maps,
+                              void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  LinearMap* m = reinterpret_cast<LinearMap*>(maps);
   switch (dtype) {
     case StorageType::kFloat32:
-      return forward_typed(p, static_cast<const float*>(x), a, static_cast<float*>(y), mean, rstd, partials, shifts, s);
+      return forward_typed(p, static_cast<const float*>(x), a, static_cast<float*>(y), mean, rstd, partials, shifts, m,
+                           s);
     case StorageType::kFloat16:
       return forward_typed(p, static_cast<const __half*>(x), a, static_cast<__half*>(y), mean, rstd, partials, shifts,
-                           s);
+                           m, s);
     case StorageType::kBFloat16:
       return forward_typed(p, static_cast<const __nv_bfloat16*>(x), a, static_cast<__nv_bfloat16*>(y), mean, rstd,
-                           partials, shifts, s);
+                           partials, shifts, m, s);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
 int launch_group_norm_backward(StorageType dtype, const GroupNormParams& p, const void* dy, const void* x,
                                const GroupNormAffine& a, const float* mean, const float* rstd, void* dx, float* sums,
-                               float* partials, float* group_sums, void* stream) {
+                               float* partials, float* maps, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  LinearMap* m = reinterpret_cast<LinearMap*>(maps);
   switch (dtype) {
     case StorageType::kFloat32:
       return backward_typed(p, static_cast<const float*>(dy), static_cast<const float*>(x), a, mean, rstd,
-                            static_cast<float*>(dx), sums, partials, group_sums, s);
+                            static_cast<float*>(dx), sums, partials, m, s);
     case StorageType::kFloat16:
       return backward_typed(p, static_cast<const __half*>(dy), static_cast<const __half*>(x), a, mean, rstd,
-                            static_cast<__half*>(dx), sums, partials, group_sums, s);
+                            static_cast<__half*>(dx), sums, partials, m, s);
     case StorageType::kBFloat16:
       return backward_typed(p, static_cast<const __nv_bfloat16*>(dy), static_cast<const __nv_bfloat16*>(x), a, mean,
-                            rstd, static_cast<__nv_bfloat16*>(dx), sums, partials, group_sums, s);
+                            rstd, static_cast<__nv_bfloat16*>(dx), sums, partials, m, s);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

@@ -12,6 +12,12 @@
 //   dshift = A, dscale = w·B + b·A, dbias = Σ_n (1 + scale)·A, dweight = Σ_n (1 + scale)·B,
 //   dx = rstd·(dz·(1 + scale)·w − (S1 + x̂·S2)/(Cg·S)) with, per (n, g),
 //   S1 = Σ_{c∈g} w(1 + scale)·A and S2 = Σ_{c∈g} w(1 + scale)·B.
+// The elementwise passes read per-(n, c) linear maps (LinearMap) that the per-group merges
+// fold in float64 from all of that, so an element costs one or two FMAs (+ SiLU) and
+// 8-byte loads of cached constants rather than six parameter loads:
+//   z = x·gain + offset, gain = rstd·w·(1 + scale), offset = (b − mean·rstd·w)·(1 + scale) + shift;
+//   dx = dz·gain + x·slope + intercept, slope = −rstd²·S2/(Cg·S),
+//        intercept = −rstd·S1/(Cg·S) − mean·slope.
 #pragma once
 
 #include <cmath>
@@ -54,25 +60,41 @@ FG_HOST_DEVICE int64_t channel_of(const GroupNormParams& p, int64_t i) {
 
 FG_HOST_DEVICE float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
-// y from x (forward element map).
-FG_HOST_DEVICE float normalize_element(const GroupNormParams& p, const ChannelAffine& k, float x, float mean,
-                                       float rstd) {
-  const float z = ((x - mean) * rstd * k.w + k.b) * k.one_plus_scale + k.shift;
-  return p.silu ? z * sigmoid(z) : z;
-}
+// y from the pre-activation z.
+FG_HOST_DEVICE float activate(const GroupNormParams& p, float z) { return p.silu ? z * sigmoid(z) : z; }
 
-// dz = dy·silu'(z) at the pre-activation z recomputed from x̂; silu'(z) = σ(z)·(1 + z·(1 − σ(z))).
-FG_HOST_DEVICE float backward_dz(const GroupNormParams& p, const ChannelAffine& k, float dy, float x_hat) {
+// dz = dy·silu'(z) (or dy); silu'(z) = σ(z)·(1 + z·(1 − σ(z))).
+FG_HOST_DEVICE float backward_dz_at(const GroupNormParams& p, float dy, float z) {
   if (!p.silu) return dy;
-  const float z = (x_hat * k.w + k.b) * k.one_plus_scale + k.shift;
   const float sig = sigmoid(z);
   return dy * sig * (1.0f + z * (1.0f - sig));
 }
 
-// dx from dz and x̂, given the group's S1/(Cg·S) and S2/(Cg·S).
-FG_HOST_DEVICE float backward_dx(const ChannelAffine& k, float dz, float x_hat, float rstd, float mean_s1,
-                                 float mean_s2) {
-  return rstd * (dz * k.one_plus_scale * k.w - mean_s1 - x_hat * mean_s2);
+// dz at the pre-activation z recomputed from x̂ (the per-channel sums).
+FG_HOST_DEVICE float backward_dz(const GroupNormParams& p, const ChannelAffine& k, float dy, float x_hat) {
+  return backward_dz_at(p, dy, (x_hat * k.w + k.b) * k.one_plus_scale + k.shift);
+}
+
+// x ↦ x·gain + offset: a channel's constants as the elementwise passes read them, one
+// 8-byte load each (8-byte aligned only, so two of them never fuse into a 16-byte load).
+struct alignas(8) LinearMap {
+  float gain, offset;
+
+  FG_HOST_DEVICE float operator()(float x) const { return fmaf(x, gain, offset); }
+};
+
+// x ↦ z of channel k, from its group's mean and rstd (float64, each constant rounded once;
+// a NaN rstd gives NaN).
+FG_HOST_DEVICE LinearMap pre_activation_map(const ChannelAffine& k, double mean, double rstd) {
+  const double gain = rstd * k.w * k.one_plus_scale;
+  const double offset = (k.b - mean * rstd * k.w) * k.one_plus_scale + k.shift;
+  return {static_cast<float>(gain), static_cast<float>(offset)};
+}
+
+// x ↦ dx − dz·gain of a channel of the group with S1/(Cg·S) = mean_s1, S2/(Cg·S) = mean_s2.
+FG_HOST_DEVICE LinearMap dx_map(double mean, double rstd, double mean_s1, double mean_s2) {
+  const double slope = -rstd * rstd * mean_s2;
+  return {static_cast<float>(slope), static_cast<float>(-rstd * mean_s1 - mean * slope)};
 }
 
 // The per-channel sums: forward Σ(x − K), Σ(x − K)²; backward Σdz, Σdz·x̂.
@@ -120,13 +142,15 @@ FG_HOST_DEVICE void channel_moments(const GroupNormParams& p, const float* parti
 
 // A group's mean and rstd from Chan's merge of its channels (equal counts S):
 // mean = Σ_c mean_c / Cg, M2 = Σ_c [m2_c + S·(mean_c − mean)²], var = M2/(Cg·S).
-FG_HOST_DEVICE void finish_statistics(const GroupNormParams& p, double mean, double m2, float& mean_out,
-                                      float& rstd_out) {
+// Returns rstd in float64.
+FG_HOST_DEVICE double finish_statistics(const GroupNormParams& p, double mean, double m2, float& mean_out,
+                                        float& rstd_out) {
   const double variance = m2 / (static_cast<double>(p.s) * static_cast<double>(p.channels_per_group));
   mean_out = static_cast<float>(mean);
   // Statistics that overflowed float32 partial sums (or met a NaN) give NaN, on every backend.
-  rstd_out = variance < HUGE_VAL ? static_cast<float>(1.0 / sqrt(fmax(variance, 0.0) + static_cast<double>(p.eps)))
-                                 : NAN;
+  const double rstd = variance < HUGE_VAL ? 1.0 / sqrt(fmax(variance, 0.0) + static_cast<double>(p.eps)) : NAN;
+  rstd_out = static_cast<float>(rstd);
+  return rstd;
 }
 
 // Channel c's merged (A, B) = (Σ_s dz, Σ_s dz·x̂), written to sums (N, C, 2), and its terms
@@ -143,15 +167,17 @@ FG_HOST_DEVICE void channel_backward_terms(const GroupNormParams& p, const Group
   s2_term = factor * sum_dz_xhat;
 }
 
-// Forward: y (x's layout), mean and rstd (N, G). Workspace: partials (N, C, chunks, 2)
-// and shifts (N, C), fp32; x, y of `dtype`. Returns 0 or a cudaError_t.
+// Forward: y (x's layout), mean and rstd (N, G). Workspace: partials (N, C, chunks, 2),
+// shifts (N, C) and maps (N, C, 2) (a LinearMap per channel), fp32; x, y of `dtype`.
+// Returns 0 or a cudaError_t.
 int launch_group_norm_forward(StorageType dtype, const GroupNormParams& p, const void* x, const GroupNormAffine& a,
-                              void* y, float* mean, float* rstd, float* partials, float* shifts, void* stream);
+                              void* y, float* mean, float* rstd, float* partials, float* shifts, float* maps,
+                              void* stream);
 
 // Backward: dx (x's layout) and sums (N, C, 2) = (A, B) for the parameter gradients.
-// Workspace: partials (N, C, chunks, 2), group_sums (N, G, 2), fp32.
+// Workspace: partials (N, C, chunks, 2) and maps (N, C, 4) (two LinearMaps per channel), fp32.
 int launch_group_norm_backward(StorageType dtype, const GroupNormParams& p, const void* dy, const void* x,
                                const GroupNormAffine& a, const float* mean, const float* rstd, void* dx,
-                               float* sums, float* partials, float* group_sums, void* stream);
+                               float* sums, float* partials, float* maps, void* stream);
 
 }  // namespace fastguide

@@ -1,11 +1,13 @@
 // CUDA guided_step: the stats pass (CFG rescale, CFG-Zero*, APG, tangential CFG) and one
 // elementwise pass. The math is guided_step.cuh's; this file maps it onto threads.
 //
-// Elementwise pass: grid (chunks of a sample, batch); each thread owns kVec consecutive
-// elements of one sample and moves them as 16-byte vectors (kVec = 16/sizeof(T)) when
-// every pointer and offset allows, else one element at a time. A variant's guidance
+// Elementwise pass: grid (chunks of a sample, batch). When every pointer and offset allows,
+// each thread moves 16-byte vectors (kVec = 16/sizeof(T) elements): two of each input
+// (CommonReads instances: the common steps, their optional inputs fixed at compile time,
+// every load issued before the math) or one (RuntimeReads: every variant, each optional
+// input a runtime branch); else one element at a time. A variant's guidance
 // coefficients are merged from the sample's partial moments once per block, by thread 0
-// (plain CFG's each thread takes from the scale). With the
+// (plain CFG's each thread takes from the scale, with no barrier). With the
 // similarity output (kernels of their own, similarity_guided_step_kernel) each thread also
 // derives the x0 predictions x̂0_c, x̂0_u of its elements' c and u (predicted_x0, from the x
 // it reads anyway) and sums x̂0_c·x̂0_u, x̂0_c², x̂0_u², the block reduces them (warp shuffles,
@@ -120,66 +122,85 @@ __global__ void __launch_bounds__(kThreads) perturbed_guided_stats_kernel(Guided
   guided_stats<T, kVec, true>(p, t);
 }
 
-// kVec elements starting at j, all inside the sample and 16-byte aligned everywhere; with
-// kSimilarity their x0 predictions of c and u are also added to `similarity`. Only the
-// first kHistorySlots history tensors are read (the launcher picks kHistorySlots ≥
-// num_history): the slots beyond hold no registers.
-template <typename T, int kVec, bool kPerturbed, bool kSimilarity, int kHistorySlots>
-__device__ __forceinline__ void guided_step_vector(const GuidedStepParams& p, const GuidedStepTensors<T>& t,
-                                                   const SampleCoefficients& k, int64_t b, int64_t j,
-                                                   [[maybe_unused]] SimilaritySums& similarity) {
-  const int64_t here = b * p.sample_elems + j;
-  const int64_t mo = b * p.mo_sample_stride + j;
-  const Vec<T, kVec> c = load_vec<T, kVec>(t.model_output + mo);
-  const Vec<T, kVec> x = load_vec<T, kVec>(t.x + here);
-  Vec<T, kVec> u{}, perturbed{}, noise{}, grad{}, var_value{};
-  Vec<T, kVec> history[kMaxHistory] = {};
-  if constexpr (kPerturbed) {  // [c; u; p]: u and p at B-row block offsets from c (stats_inputs_at)
-    u = load_vec<T, kVec>(t.model_output + mo + p.mo_block);
-    perturbed = load_vec<T, kVec>(t.model_output + mo + 2 * p.mo_block);
-  } else if (p.guided) {
-    u = load_vec<T, kVec>(t.uncond + b * p.uncond_sample_stride + j);
-  }
-#pragma unroll
-  for (int h = 0; h < kHistorySlots; ++h) {
-    if (h < p.num_history) history[h] = load_vec<T, kVec>(t.history[h] + here);
-  }
-  if (p.has_noise) noise = load_vec<T, kVec>(t.noise + here);
-  if (p.grad_eps || p.has_grad_term) grad = load_vec<T, kVec>(t.grad + here);
-  if (p.learned_var) var_value = load_vec<T, kVec>(t.model_output + p.var_offset + mo);
+// kUnroll vectors of kVec elements, the r-th at j + r·kThreads·kVec (a warp's vectors stay
+// adjacent), 16-byte aligned everywhere; with kSimilarity their x0 predictions of c and u
+// are also added to `similarity`. Every load of the kUnroll vectors is issued before any
+// math, so each thread keeps kUnroll × (its inputs) 16-byte loads in flight: what hides
+// HBM's latency with the few blocks an SM holds (tools/occupancy.py). A vector past the
+// sample's end (its last block) reads the sample's last vector instead and writes and sums
+// nothing: one code path, no tail loop. Only the first kHistorySlots history tensors are
+// read (the launcher picks kHistorySlots ≥ num_history), and `Reads` says which other
+// optional inputs exist: what is absent holds no registers.
+template <typename T, int kVec, int kUnroll, bool kPerturbed, bool kSimilarity, int kHistorySlots, typename Reads>
+__device__ __forceinline__ void guided_step_vectors(const GuidedStepParams& p, const GuidedStepTensors<T>& t,
+                                                    const SampleCoefficients& k, int64_t b, int64_t j,
+                                                    [[maybe_unused]] SimilaritySums& similarity) {
+  using V = Vec<T, kVec>;
+  constexpr int64_t kStride = static_cast<int64_t>(kThreads) * kVec;
+  const int64_t last = p.sample_elems - kVec;  // the sample's last vector (sample_elems % kVec == 0)
   // APG momentum is the "apg" variant's, never with a perturbed prediction ("cfg" only).
-  const bool momentum = !kPerturbed && p.apg_momentum_on;
-  float buffer[kVec] = {};
-  if (momentum) {
+  const bool momentum = !kPerturbed && Reads::momentum(p);
+  V c[kUnroll], x[kUnroll], u[kUnroll] = {}, perturbed[kUnroll] = {}, noise[kUnroll] = {}, grad[kUnroll] = {},
+                            var_value[kUnroll] = {};
+  V history[kUnroll][kMaxHistory] = {};
+  float buffer[kUnroll][kVec] = {};
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) buffer[i] = t.apg_buffer[here + i];
-  }
-  Vec<T, kVec> x_next, x0;
+  for (int r = 0; r < kUnroll; ++r) {
+    const int64_t at = j + r * kStride <= last ? j + r * kStride : last;
+    const int64_t here = b * p.sample_elems + at;
+    const int64_t mo = b * p.mo_sample_stride + at;
+    c[r] = load_vec<T, kVec>(t.model_output + mo);
+    x[r] = load_vec<T, kVec>(t.x + here);
+    if constexpr (kPerturbed) {  // [c; u; p]: u and p at B-row block offsets from c (stats_inputs_at)
+      u[r] = load_vec<T, kVec>(t.model_output + mo + p.mo_block);
+      perturbed[r] = load_vec<T, kVec>(t.model_output + mo + 2 * p.mo_block);
+    } else if (p.guided) {
+      u[r] = load_vec<T, kVec>(t.uncond + b * p.uncond_sample_stride + at);
+    }
 #pragma unroll
-  for (int i = 0; i < kVec; ++i) {
-    StepInputs in{to_float(c.v[i]), to_float(u.v[i]), to_float(perturbed.v[i]), buffer[i], to_float(x.v[i]),
-                  to_float(noise.v[i]), to_float(grad.v[i]), to_float(var_value.v[i]), {}};
+    for (int h = 0; h < kHistorySlots; ++h) {
+      if (h < p.num_history) history[r][h] = load_vec<T, kVec>(t.history[h] + here);
+    }
+    if (Reads::noise(p)) noise[r] = load_vec<T, kVec>(t.noise + here);
+    if (Reads::grad_eps(p) || Reads::grad_term(p)) grad[r] = load_vec<T, kVec>(t.grad + here);
+    if (Reads::learned_var(p)) var_value[r] = load_vec<T, kVec>(t.model_output + p.var_offset + mo);
+    if (momentum) {
 #pragma unroll
-    for (int h = 0; h < kMaxHistory; ++h) in.history[h] = to_float(history[h].v[i]);
-    if constexpr (kSimilarity) add_similarity_at(p, similarity, in);
-    const StepOutputs r = guided_element<kPerturbed>(p, k, in);
-    x_next.v[i] = from_float<T>(r.x_next);
-    x0.v[i] = from_float<T>(r.x0);
-    buffer[i] = r.buffer;
+      for (int i = 0; i < kVec; ++i) buffer[r][i] = t.apg_buffer[here + i];
+    }
   }
-  if (momentum) {
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) t.apg_buffer[here + i] = buffer[i];
+  for (int r = 0; r < kUnroll; ++r) {
+    if (j + r * kStride > last) break;  // past the sample's end (and so is every later r)
+    const int64_t here = b * p.sample_elems + j + r * kStride;
+    V x_next, x0;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      StepInputs in{to_float(c[r].v[i]),    to_float(u[r].v[i]), to_float(perturbed[r].v[i]),
+                    buffer[r][i],           to_float(x[r].v[i]), to_float(noise[r].v[i]),
+                    to_float(grad[r].v[i]), to_float(var_value[r].v[i]), {}};
+#pragma unroll
+      for (int h = 0; h < kMaxHistory; ++h) in.history[h] = to_float(history[r][h].v[i]);
+      if constexpr (kSimilarity) add_similarity_at(p, similarity, in);
+      const StepOutputs result = guided_element<kPerturbed, Reads>(p, k, in);
+      x_next.v[i] = from_float<T>(result.x_next);
+      x0.v[i] = from_float<T>(result.x0);
+      buffer[r][i] = result.buffer;
+    }
+    if (momentum) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) t.apg_buffer[here + i] = buffer[r][i];
+    }
+    store_vec(t.out + here, x_next);
+    if (p.out_2b) {
+      store_vec(t.out + p.out_block_offset + here, x_next);
+      if (p.out_3b) store_vec(t.out + 2 * p.out_block_offset + here, x_next);
+    }
+    if (p.has_x0_out) store_vec(t.x0_out + here, x0);
   }
-  store_vec(t.out + here, x_next);
-  if (p.out_2b) {
-    store_vec(t.out + p.out_block_offset + here, x_next);
-    if (p.out_3b) store_vec(t.out + 2 * p.out_block_offset + here, x_next);
-  }
-  if (p.has_x0_out) store_vec(t.x0_out + here, x0);
 }
 
-template <typename T, int kVec, bool kPerturbed, bool kSimilarity, int kHistorySlots = kMaxHistory>
+template <typename T, int kVec, bool kPerturbed, bool kSimilarity, int kHistorySlots, typename Reads>
 __device__ __forceinline__ void guided_step(const GuidedStepParams& p, const GuidedStepTensors<T>& t) {
   const int64_t b = blockIdx.y;
   // Plain CFG's coefficients come from the scale alone: each thread takes them itself, so
@@ -187,7 +208,7 @@ __device__ __forceinline__ void guided_step(const GuidedStepParams& p, const Gui
   // block (thread 0) and shares them; p.stats is the whole grid's, so every thread of a
   // block takes the same branch to the barrier.
   SampleCoefficients k;
-  if (p.stats == kStatsNone) {
+  if (!Reads::reduced(p)) {
     k = plain_coefficients(p);
   } else {
     __shared__ SampleCoefficients coefficients;
@@ -198,15 +219,13 @@ __device__ __forceinline__ void guided_step(const GuidedStepParams& p, const Gui
     k = coefficients;
   }
   SimilaritySums similarity{};  // this thread's elements' sums (kSimilarity only)
-  const int64_t j = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec;
-  if (j + kVec <= p.sample_elems) {
-    if constexpr (kVec > 1) {
-      guided_step_vector<T, kVec, kPerturbed, kSimilarity, kHistorySlots>(p, t, k, b, j, similarity);
-    } else {
-      guided_step_at<T, kPerturbed, kSimilarity>(p, t, k, b, j, similarity);
-    }
+  if constexpr (kVec > 1) {
+    constexpr int kUnroll = Reads::kVectorsPerThread;
+    const int64_t j = (static_cast<int64_t>(blockIdx.x) * kUnroll * kThreads + threadIdx.x) * kVec;
+    guided_step_vectors<T, kVec, kUnroll, kPerturbed, kSimilarity, kHistorySlots, Reads>(p, t, k, b, j, similarity);
   } else {
-    for (int64_t i = j; i < p.sample_elems; ++i) guided_step_at<T, kPerturbed, kSimilarity>(p, t, k, b, i, similarity);
+    const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+    if (j < p.sample_elems) guided_step_at<T, kPerturbed, kSimilarity>(p, t, k, b, j, similarity);
   }
   if constexpr (kSimilarity) {
     // Every thread takes part, those past the sample's end with zeros.
@@ -220,24 +239,27 @@ __device__ __forceinline__ void guided_step(const GuidedStepParams& p, const Gui
   }
 }
 
-// The plain elementwise pass, specialised by how many history slots it reads: 0 (one-step
-// samplers), 2 (heun's and dpm++2s's second calls, dpm++2m/3m, unipc-2) or all kMaxHistory
-// (unipc-3, whose folded corrector reads three).
+// The elementwise pass, specialised by what it reads (`Reads`: RuntimeReads, every
+// variant; CommonReads<kNoise>, the common steps, with or without noise) and by how many
+// history slots: 0 (one-step samplers), 2 (heun's and dpm++2s's second calls, dpm++2m/3m,
+// unipc-2) or all kMaxHistory (unipc-3, whose folded corrector reads three).
 static_assert(kMaxHistory >= 2, "the two-slot instance reads history[0] and history[1]");
-template <typename T, int kVec, int kHistorySlots>
+template <typename T, int kVec, int kHistorySlots, typename Reads>
 __global__ void __launch_bounds__(kThreads) guided_step_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
-  guided_step<T, kVec, false, false, kHistorySlots>(p, t);
+  guided_step<T, kVec, false, false, kHistorySlots, Reads>(p, t);
 }
 
-template <typename T, int kVec>
+// With a perturbed prediction (PAG, skip-layer guidance).
+template <typename T, int kVec, int kHistorySlots, typename Reads>
 __global__ void __launch_bounds__(kThreads) perturbed_guided_step_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
-  guided_step<T, kVec, true, false>(p, t);
+  guided_step<T, kVec, true, false, kHistorySlots, Reads>(p, t);
 }
 
-template <typename T, int kVec>
+// With the similarity output (truncated CFG).
+template <typename T, int kVec, int kHistorySlots, typename Reads>
 __global__ void __launch_bounds__(kThreads) similarity_guided_step_kernel(GuidedStepParams p,
                                                                           GuidedStepTensors<T> t) {
-  guided_step<T, kVec, false, true>(p, t);
+  guided_step<T, kVec, false, true, kHistorySlots, Reads>(p, t);
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -257,10 +279,54 @@ bool vectorised(const GuidedStepParams& p, const GuidedStepTensors<void>& t, int
 // Elements of one 16-byte vector of the storage type.
 int vector_elems(StorageType dtype) { return dtype == StorageType::kFloat32 ? 4 : 8; }
 
-// Blocks per sample of the elementwise pass at `vec` elements per thread.
-int64_t step_blocks(const GuidedStepParams& p, int vec) {
-  const int64_t per_block = static_cast<int64_t>(kThreads) * vec;
+// Blocks per sample of the elementwise pass: each thread moves `vectors` 16-byte vectors
+// of `vec` elements (vec > 1), or one element (vec = 1).
+int64_t step_blocks(const GuidedStepParams& p, int vec, int vectors) {
+  const int64_t per_block = static_cast<int64_t>(kThreads) * (vec > 1 ? vec * vectors : 1);
   return (p.sample_elems + per_block - 1) / per_block;
+}
+
+template <typename T>
+using Kernel = void (*)(GuidedStepParams, GuidedStepTensors<T>);
+
+// History slots of the instance for `history` history tensors: the fewest of 0, 2 and all.
+int history_slots(int history) { return history == 0 ? 0 : history <= 2 ? 2 : kMaxHistory; }
+
+// The elementwise instance with kHistorySlots slots: with a perturbed prediction, with the
+// similarity sums (never both), or plain.
+template <typename T, int kVec, int kHistorySlots, typename Reads>
+Kernel<T> kind_kernel(const GuidedStepParams& p, bool similarity) {
+  if (p.perturbed) return perturbed_guided_step_kernel<T, kVec, kHistorySlots, Reads>;
+  if (similarity) return similarity_guided_step_kernel<T, kVec, kHistorySlots, Reads>;
+  return guided_step_kernel<T, kVec, kHistorySlots, Reads>;
+}
+
+// A CommonReads instance, with the fewest history slots that hold the step's history.
+template <typename T, int kVec, typename Reads>
+Kernel<T> common_kernel(const GuidedStepParams& p, bool similarity) {
+  switch (history_slots(p.num_history)) {
+    case 0:
+      return kind_kernel<T, kVec, 0, Reads>(p, similarity);
+    case 2:
+      return kind_kernel<T, kVec, 2, Reads>(p, similarity);
+    default:
+      return kind_kernel<T, kVec, kMaxHistory, Reads>(p, similarity);
+  }
+}
+
+// A RuntimeReads instance (every variant): the plain pass with the fewest history slots,
+// the perturbed and similarity passes with all of them.
+template <typename T, int kVec>
+Kernel<T> runtime_kernel(const GuidedStepParams& p, bool similarity) {
+  if (p.perturbed || similarity) return kind_kernel<T, kVec, kMaxHistory, RuntimeReads>(p, similarity);
+  switch (history_slots(p.num_history)) {
+    case 0:
+      return guided_step_kernel<T, kVec, 0, RuntimeReads>;
+    case 2:
+      return guided_step_kernel<T, kVec, 2, RuntimeReads>;
+    default:
+      return guided_step_kernel<T, kVec, kMaxHistory, RuntimeReads>;
+  }
 }
 
 template <typename T>
@@ -280,26 +346,26 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
   constexpr int kVec = 16 / sizeof(T);  // vector_elems of T's StorageType
   const dim3 stats_grid(p.parts, static_cast<unsigned>(p.batch));
   const bool vector = vectorised(p, untyped, kVec);
-  // Each pass's instance: vectorised or element by element, with or without a perturbed
-  // branch (the elementwise pass: or with the similarity sums, never both).
-  using Kernel = void (*)(GuidedStepParams, GuidedStepTensors<T>);
   if (p.stats != kStatsNone) {
-    const Kernel stats = vector ? (p.perturbed ? perturbed_guided_stats_kernel<T, kVec> : guided_stats_kernel<T, kVec>)
-                                : (p.perturbed ? perturbed_guided_stats_kernel<T, 1> : guided_stats_kernel<T, 1>);
+    const Kernel<T> stats =
+        vector ? (p.perturbed ? perturbed_guided_stats_kernel<T, kVec> : guided_stats_kernel<T, kVec>)
+               : (p.perturbed ? perturbed_guided_stats_kernel<T, 1> : guided_stats_kernel<T, 1>);
     launch_kernel(stats, stats_grid, kThreads, stream, p, t);
   }
-  const dim3 grid(static_cast<unsigned>(step_blocks(p, vector ? kVec : 1)), static_cast<unsigned>(p.batch));
   const bool similarity = t.similarity_partials != nullptr;
-  const Kernel plain = !vector               ? guided_step_kernel<T, 1, kMaxHistory>
-                       : p.num_history == 0 ? guided_step_kernel<T, kVec, 0>
-                       : p.num_history <= 2 ? guided_step_kernel<T, kVec, 2>
-                                            : guided_step_kernel<T, kVec, kMaxHistory>;
-  const Kernel step = vector ? (p.perturbed    ? perturbed_guided_step_kernel<T, kVec>
-                                : similarity ? similarity_guided_step_kernel<T, kVec>
-                                             : plain)
-                             : (p.perturbed    ? perturbed_guided_step_kernel<T, 1>
-                                : similarity ? similarity_guided_step_kernel<T, 1>
-                                             : plain);
+  // Vectorised: a CommonReads instance where it serves (with or without noise), else a
+  // RuntimeReads one; element by element: RuntimeReads, every history slot.
+  Kernel<T> step = kind_kernel<T, 1, kMaxHistory, RuntimeReads>(p, similarity);
+  int vectors = 1;
+  if (vector && common_reads(p)) {
+    step = p.has_noise ? common_kernel<T, kVec, CommonReads<true>>(p, similarity)
+                       : common_kernel<T, kVec, CommonReads<false>>(p, similarity);
+    vectors = CommonReads<false>::kVectorsPerThread;
+  } else if (vector) {
+    step = runtime_kernel<T, kVec>(p, similarity);
+    vectors = RuntimeReads::kVectorsPerThread;
+  }
+  const dim3 grid(static_cast<unsigned>(step_blocks(p, vector ? kVec : 1, vectors)), static_cast<unsigned>(p.batch));
   launch_kernel(step, grid, kThreads, stream, p, t);
   return static_cast<int>(cudaGetLastError());
 }
@@ -308,7 +374,9 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
 
 int64_t guided_step_blocks(StorageType dtype, const GuidedStepParams& p, const GuidedStepTensors<void>& t) {
   const int vec = vector_elems(dtype);
-  return step_blocks(p, vectorised(p, t, vec) ? vec : 1);
+  if (!vectorised(p, t, vec)) return step_blocks(p, 1, 1);
+  const bool common = common_reads(p);
+  return step_blocks(p, vec, common ? CommonReads<false>::kVectorsPerThread : RuntimeReads::kVectorsPerThread);
 }
 
 int launch_guided_step(StorageType dtype, const GuidedStepParams& p, const GuidedStepTensors<void>& t, void* stream) {

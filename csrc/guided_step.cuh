@@ -75,6 +75,40 @@ struct GuidedStepParams {
   float inv_alpha, inv_sigma;  // 1/alpha, 1/sigma (0 when sigma = 0), once per step
 };
 
+// Which optional inputs and branches an elementwise instance has. RuntimeReads: what the
+// parameters say, each a runtime branch (every variant; the scalar path). CommonReads: the
+// common steps (plain CFG or no guidance; no reduction, APG momentum, classifier gradient
+// or learned variance; noise or none as kNoise says), where those branches are constants:
+// the loads they guard, and the registers that would wait on those loads, are compiled
+// away, so that each thread has room for two vectors of every input in flight. (A reduction
+// adds no load, but its barrier and thread 0's double-precision merge, whose subroutine
+// calls made nvcc spill the vectors it had loaded early.) common_reads says when a
+// CommonReads instance computes what RuntimeReads would.
+struct RuntimeReads {
+  // One vector per input: with two, every optional input's registers halve the blocks an SM
+  // holds (sm_90, bf16: 62 → 114 registers), and the bytes in flight stay where they were.
+  static constexpr int kVectorsPerThread = 1;
+  FG_HOST_DEVICE static bool reduced(const GuidedStepParams& p) { return p.stats != kStatsNone; }
+  FG_HOST_DEVICE static bool momentum(const GuidedStepParams& p) { return p.apg_momentum_on; }
+  FG_HOST_DEVICE static bool grad_eps(const GuidedStepParams& p) { return p.grad_eps; }
+  FG_HOST_DEVICE static bool grad_term(const GuidedStepParams& p) { return p.has_grad_term; }
+  FG_HOST_DEVICE static bool learned_var(const GuidedStepParams& p) { return p.learned_var; }
+  FG_HOST_DEVICE static bool noise(const GuidedStepParams& p) { return p.has_noise; }
+};
+template <bool kNoise>
+struct CommonReads {
+  static constexpr int kVectorsPerThread = 2;  // 16-byte vectors per input per thread
+  FG_HOST_DEVICE static constexpr bool reduced(const GuidedStepParams&) { return false; }
+  FG_HOST_DEVICE static constexpr bool momentum(const GuidedStepParams&) { return false; }
+  FG_HOST_DEVICE static constexpr bool grad_eps(const GuidedStepParams&) { return false; }
+  FG_HOST_DEVICE static constexpr bool grad_term(const GuidedStepParams&) { return false; }
+  FG_HOST_DEVICE static constexpr bool learned_var(const GuidedStepParams&) { return false; }
+  FG_HOST_DEVICE static constexpr bool noise(const GuidedStepParams&) { return kNoise; }
+};
+inline bool common_reads(const GuidedStepParams& p) {
+  return p.stats == kStatsNone && !p.apg_momentum_on && !p.grad_eps && !p.has_grad_term && !p.learned_var;
+}
+
 // The reciprocals the step divides by, once per step on the host.
 inline void derive_step_constants(GuidedStepParams& p) {
   p.inv_alpha = p.step.alpha > 0.0f ? 1.0f / p.step.alpha : 0.0f;
@@ -243,9 +277,10 @@ struct StepOutputs {
 };
 
 // v = c − u, plus momentum·buffer for APG with momentum (the new buffer).
+template <typename Reads = RuntimeReads>
 FG_HOST_DEVICE float guidance_difference(const GuidedStepParams& p, float c, float u, float buffer) {
   float v = c - u;
-  if (p.apg_momentum_on) v += p.combine.apg_momentum * buffer;
+  if (Reads::momentum(p)) v += p.combine.apg_momentum * buffer;
   return v;
 }
 
@@ -277,7 +312,7 @@ FG_HOST_DEVICE void add_similarity_at(const GuidedStepParams& p, SimilaritySums&
   add_similarity(s, predicted_x0(p, in.c, in.x), predicted_x0(p, in.u, in.x));
 }
 
-template <bool kPerturbed>
+template <bool kPerturbed, typename Reads = RuntimeReads>
 FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const SampleCoefficients& k, const StepInputs& in) {
   StepOutputs result{0.0f, 0.0f, in.buffer};
   float m = in.c;
@@ -285,13 +320,14 @@ FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const Sampl
     if constexpr (kPerturbed) {  // "cfg" only: no APG momentum
       const float v = in.c - in.u;
       // As the reference writes it, u + w·(c − u) + s·(c − p), so that infinities agree.
-      m = p.stats == kStatsNone ? in.u + p.combine.scale * v + p.combine.perturbed_scale * (in.c - in.perturbed)
-                                : k.f * (k.alpha_c * in.c + k.alpha_v * perturbed_guidance(p, in.c, v, in.perturbed));
+      m = !Reads::reduced(p)
+              ? in.u + p.combine.scale * v + p.combine.perturbed_scale * (in.c - in.perturbed)
+              : k.f * (k.alpha_c * in.c + k.alpha_v * perturbed_guidance(p, in.c, v, in.perturbed));
     } else {
-      const float v = guidance_difference(p, in.c, in.u, in.buffer);
+      const float v = guidance_difference<Reads>(p, in.c, in.u, in.buffer);
       result.buffer = v;
       // Plain CFG as the reference writes it, u + w·(c − u), so that infinities agree.
-      m = p.stats == kStatsNone ? in.u + p.combine.scale * v : k.f * (k.alpha_c * in.c + k.alpha_v * v);
+      m = !Reads::reduced(p) ? in.u + p.combine.scale * v : k.f * (k.alpha_c * in.c + k.alpha_v * v);
     }
   }
   // x0 and eps from m with no term of zero coefficient (0·inf would be NaN).
@@ -320,7 +356,7 @@ FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const Sampl
     x0 = x0 != x0 ? x0 : fminf(fmaxf(x0, -1.0f), 1.0f);  // fminf/fmaxf would drop a NaN
     eps = (in.x - p.step.alpha * x0) * p.inv_sigma;
   }
-  if (p.grad_eps) {
+  if (Reads::grad_eps(p)) {
     eps -= p.step.grad_eps_scale * in.grad;
     x0 = (in.x - p.step.sigma * eps) * p.inv_alpha;
   }
@@ -337,7 +373,7 @@ FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const Sampl
     x_next += p.step.k_guide_eps * guide_eps;
   }
   float noise_coef = p.step.k_noise, grad_coef = p.step.k_grad;
-  if (p.learned_var) {
+  if (Reads::learned_var(p)) {
     // ADM's learned range: ℓ = frac·max + (1 − frac)·min, frac = (v + 1)/2.
     const float frac = (in.var_value + 1.0f) * 0.5f;
     const float log_var = frac * p.log_var_max + (1.0f - frac) * p.log_var_min;
@@ -349,8 +385,8 @@ FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const Sampl
   for (int i = 0; i < kMaxHistory; ++i) {
     if (i < p.num_history && p.k_history[i] != 0.0f) x_next += p.k_history[i] * in.history[i];
   }
-  if (p.has_noise) x_next += noise_coef * in.noise;
-  if (p.has_grad_term) x_next += grad_coef * in.grad;
+  if (Reads::noise(p)) x_next += noise_coef * in.noise;
+  if (Reads::grad_term(p)) x_next += grad_coef * in.grad;
   result.x_next = x_next;
   result.x0 = x0;
   return result;
@@ -433,8 +469,9 @@ FG_HOST_DEVICE void guided_step_at(const GuidedStepParams& p, const GuidedStepTe
 // Returns 0 or a cudaError_t code.
 int launch_guided_step(StorageType dtype, const GuidedStepParams& p, const GuidedStepTensors<void>& t, void* stream);
 
-// Blocks per sample of the elementwise pass for these tensors (16-byte vectors or not):
-// the rows of t.similarity_partials per sample, which the caller allocates before the launch.
+// Blocks per sample of the elementwise pass with the similarity output for these tensors
+// (16-byte vectors or not): the rows of t.similarity_partials per sample, which the caller
+// allocates before the launch.
 int64_t guided_step_blocks(StorageType dtype, const GuidedStepParams& p, const GuidedStepTensors<void>& t);
 
 }  // namespace fastguide

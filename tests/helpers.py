@@ -216,6 +216,11 @@ CASES = {
     "dpm2m-history-x0out": dict(combine=G(2.0), step=dict(k_x=0.9, k_x0=0.4, k_history=(-0.1,)), x0_out=True),
     "history-of-3": dict(combine=G(2.0), step=dict(k_x=0.9, k_x0=0.4, k_history=(-0.3, 0.2, -0.05)), x0_out=True),
     "history-of-4-unguided": dict(step=dict(k_x=0.5, k_x0=0.4, k_history=(0.3, -0.2, 0.1, -0.05))),
+    "cfg-noise-history-of-2": dict(combine=G(3.0), step=dict(k_x=0.8, k_x0=0.3, k_noise=0.4, k_history=(0.2, -0.1))),
+    # A learned variance range with no noise or gradient to scale (DDIM on ADM): it changes nothing.
+    "ddim-learned-range-unused": dict(
+        combine=G(3.0), step=dict(k_x0=0.8, k_eps=0.5, log_variance_range=(-6.0, -4.5)), learned_variance=True
+    ),
     "separate-guide": dict(combine=G(3.0), step=dict(k_x0=0.8, k_eps=0.5), guide=True),
     "separate-guide-rescale-history": dict(
         combine=G(5.0, rescale=0.6),

@@ -189,7 +189,8 @@ def test_similarity_over_many_blocks(cuda_backend_on_cpu, dtype, shape, case):
 
 
 def test_bindings_return_one_row_of_sums_per_block_and_refuse_a_perturbed_prediction(host_harness):
-    # fp32 vectors: 256 threads × 4 elements a block, 9216 elements a sample -> 9 blocks.
+    # fp32 vectors, plain CFG (a CommonReads instance): 256 threads × 2 vectors × 4 elements
+    # a block, 9216 elements a sample -> 5 blocks, the last half full.
     batch, shape = 2, (4, 48, 48)
     model_output, x = (
         randn(2 * batch, *shape, seed=1, dtype=torch.float32),
@@ -215,7 +216,7 @@ def test_bindings_return_one_row_of_sums_per_block_and_refuse_a_perturbed_predic
         )
 
     partials = call(model_output, GuidanceCombine(3.0))
-    assert partials.shape == (batch, 9, 3) and partials.dtype == torch.float32
+    assert partials.shape == (batch, 5, 3) and partials.dtype == torch.float32
     # The sums of the x0 predictions' products (epsilon: x0 = (x − σ·c)/α), not of c and u.
     x0_c, x0_u = (
         x0_prediction(half.double(), x.double(), step).flatten(1)

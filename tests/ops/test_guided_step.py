@@ -506,6 +506,9 @@ PERTURBED_CASES = {
         x0_out=True,
         out_blocks=1,
     ),
+    "pag-ancestral-history-of-1": dict(
+        combine=GuidanceCombine(3.0, perturbed_scale=2.0), step=dict(k_x=0.6, k_x0=0.3, k_noise=0.7, k_history=(0.1,))
+    ),
     "pag-rescale-learned-var-noise-renoise": dict(
         combine=GuidanceCombine(5.0, rescale=0.6, perturbed_scale=2.0),
         step=dict(k_x=0.6, k_x0=0.3, k_noise=1.0, k_guide_eps=0.2, log_variance_range=(-6.0, -4.5)),
