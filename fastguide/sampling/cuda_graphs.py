@@ -2,9 +2,10 @@
 can stand in for them (tests/sampling/test_sampler.py checks the replay bookkeeping).
 
 A captured run holds one graph per stretch of model calls that the host need not step
-into (the whole loop of a deterministic sampler; see GuidedSampler._segments), all in one
-memory pool: safe because they always replay in capture order, one at a time. Each
-call's scalars are baked into its own kernel launches inside the graph.
+into (the whole loop, unless a callback must see each call or the noise comes from a
+host-side generator; see GuidedSampler._segments), all in one memory pool: safe because
+they always replay in capture order, one at a time. Each call's scalars are baked into
+its own kernel launches inside the graph.
 """
 
 from __future__ import annotations
@@ -16,6 +17,26 @@ import torch
 
 # Device types whose loops can be captured.
 GRAPH_DEVICE_TYPES = ("cuda",)
+# Whether this torch's graphs replay draws from a generator registered with them
+# (CUDAGraph.register_generator_state: a replay reads the generator's seed and offset and
+# advances the offset as the captured draws would have). Then a captured loop draws its
+# noise inside the graph; else before each replay, on the host's side.
+GRAPH_SAFE_GENERATORS = hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+
+
+def draws_inside(generator: torch.Generator | None, device: torch.device) -> bool:
+    """Whether a captured loop on ``device`` draws its noise inside its graph: from a
+    generator on that device (the caller's, or the device's default), when the graphs can
+    hold one. A CPU generator for CUDA samples draws on the host, outside."""
+    on_device = generator is None or generator.device.type == device.type
+    return GRAPH_SAFE_GENERATORS and on_device
+
+
+def default_generator(device: torch.device) -> torch.Generator:
+    """The generator torch draws from on ``device`` when none is given."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
 
 
 @contextlib.contextmanager
@@ -35,9 +56,12 @@ def graph_pool():
     return torch.cuda.graph_pool_handle()
 
 
-def capture_graph(fn: Callable[[], object], pool) -> "torch.cuda.CUDAGraph":
-    """``fn`` captured as one CUDA graph in ``pool``."""
+def capture_graph(fn: Callable[[], object], pool, generator: torch.Generator | None = None) -> "torch.cuda.CUDAGraph":
+    """``fn`` captured as one CUDA graph in ``pool``; its draws from ``generator`` (when
+    given) replay from that generator's state at the time of each replay."""
     graph = torch.cuda.CUDAGraph()
+    if generator is not None:
+        graph.register_generator_state(generator)
     with torch.cuda.graph(graph, pool=pool):
         fn()
     return graph

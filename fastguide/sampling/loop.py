@@ -79,7 +79,7 @@ class _Buffers:
     x0: list[Tensor]  # a ring of the calls' x0: the solver history (and the callback's denoised)
     x0_unconditional: list[Tensor]  # CFG++ on dpm++2m: the last two calls' unconditional x0
     apg: Tensor | None  # APG's momentum state
-    noise: Tensor  # the noise of a graph replay's step, drawn before the replay
+    noise: Tensor  # the noise of a graph replay's step, drawn before the replay or inside it
     # Each call's model times (rows,): views of one table made with the buffers, so a call
     # launches no fill (a flow model, or a grid with fractional times, takes float32 times,
     # diffusers' convention; integer timesteps int64: schedule.model_time_dtype).
@@ -97,6 +97,9 @@ class _Buffers:
     rows: dict[int, int] = dataclasses.field(default_factory=dict)
     guide_rows: dict[int, int] = dataclasses.field(default_factory=dict)  # the guide network's (autoguidance)
     calibrated: bool = False
+    # A captured run that draws its noise inside its graphs draws it from this generator, on
+    # the sample's device, loaded with the caller's generator's state before each replay.
+    noise_generator: torch.Generator | None = None
 
     def model_arguments(self, rows: int) -> tuple[Tensor | None, dict]:
         if rows not in self.arguments:
@@ -790,42 +793,60 @@ class GuidedSampler:
     # CUDA graphs
     # ----------------------------------------------------------------------------------
 
-    def _segments(self, per_call: bool) -> list[range]:
+    def _segments(self, per_call: bool, noise_inside: bool) -> list[range]:
         """The model calls captured as one graph each: consecutive calls, up to where the
-        host must act between two of them: before a call that draws noise (drawn outside
-        the graph, from the caller's generator, as eager sampling draws it) and, with a
-        callback (``per_call``), after every call. A deterministic sampler without a
-        callback is one graph for the whole loop."""
+        host must act between two of them: with a callback (``per_call``), after every
+        call; with noise from a host-side generator (not ``noise_inside``), before each
+        call that draws noise (drawn outside the graph, as eager sampling draws it). Else
+        the whole loop is one graph."""
         calls = self._calls(False)
-        starts = [0] + [i for i in range(1, len(calls)) if per_call or calls[i].step.k_noise]
+        starts = [0] + [i for i in range(1, len(calls)) if per_call or (calls[i].step.k_noise and not noise_inside)]
         return [range(start, end) for start, end in zip(starts, starts[1:] + [len(calls)])]
 
     def _replay(self, shape, device, x_T, conditioning, generator, bar, callback, keep_x0) -> Tensor:
         """The loop as CUDA graphs: captured on the first call for this shape and conditioning
         layout, then replayed."""
-        key = (shape, device, conditioning.signature, keep_x0, callback is not None)
+        per_call, inside = callback is not None, cuda_graphs.draws_inside(generator, device)
+        key = (shape, device, conditioning.signature, keep_x0, per_call, inside)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(shape, device, x_T, conditioning, keep_x0, per_call=callback is not None)
+            self._graphs[key] = self._capture(shape, device, x_T, conditioning, keep_x0, per_call, inside)
             if len(self._graphs) > self.MAX_CAPTURES:
                 self._graphs.popitem(last=False)  # the least recently used: its buffers and graph memory go
         self._graphs.move_to_end(key)
         buffers, graphs = self._graphs[key]
         self._load(buffers, x_T, conditioning)
+        caller = generator if generator is not None else cuda_graphs.default_generator(device)
         with self._caching(buffers):  # (a CUDA replay runs no Python; a CPU stand-in does)
-            for segment, graph in zip(self._segments(per_call=callback is not None), graphs):
-                if self._calls(False)[segment[0]].step.k_noise:  # only a segment's first call draws noise
+            for segment, graph in zip(self._segments(per_call, inside), graphs):
+                if buffers.noise_generator is not None:
+                    # The graph draws from its own generator: the caller's state in, and
+                    # back out advanced, as eager draws would leave it.
+                    buffers.noise_generator.set_state(caller.get_state())
+                elif self._calls(False)[segment[0]].step.k_noise:  # only a segment's first call draws
                     _randn(shape, generator, device, buffers.noise.dtype, out=buffers.noise)
                 graph.replay()
+                if buffers.noise_generator is not None:
+                    caller.set_state(buffers.noise_generator.get_state())
                 self._report(callback, segment[-1], buffers, shape[0])
                 if bar is not None:
                     bar.update(len(segment))
         self._count(buffers)
         return buffers.model_input[: shape[0]].clone()
 
-    def _capture(self, shape, device, x_T, conditioning, keep_x0, per_call: bool) -> tuple[_Buffers, list]:
+    def _capture(
+        self, shape, device, x_T, conditioning, keep_x0, per_call: bool, noise_inside: bool
+    ) -> tuple[_Buffers, list]:
         buffers = self._new_buffers(x_T.to(device), conditioning.clone())
         self._load(buffers, x_T, buffers.conditioning)  # the clone is the graph's copy already
-        static_noise = lambda: buffers.noise  # noqa: E731
+        if noise_inside:  # each noisy call draws into the static buffer, inside the graph
+            buffers.noise_generator = torch.Generator(device)
+            noise_generator = buffers.noise_generator
+
+            def noise() -> Tensor:
+                return _randn(shape, noise_generator, device, buffers.noise.dtype, out=buffers.noise)
+
+        else:  # drawn before each replay
+            noise = lambda: buffers.noise  # noqa: E731
         # Warm up on a side stream, as torch.cuda.graph asks (lazy initialisation, cuDNN and
         # Triton autotuning, allocator). Its data-dependent decisions (truncated CFG's call,
         # the block cache's reuses) are kept: the captured graphs follow them.
@@ -833,7 +854,7 @@ class GuidedSampler:
         with self._caching(buffers), backends.graph_capture():
             with cuda_graphs.side_stream(device):
                 for i in range(self.num_calls):
-                    self._model_call(i, buffers, shape, static_noise, keep_x0)
+                    self._model_call(i, buffers, shape, noise, keep_x0)
             buffers.calibrated = True
             if buffers.block_cache is not None:  # the capture starts, as the warm-up did, from no residuals
                 buffers.block_cache.replaying = True
@@ -842,10 +863,11 @@ class GuidedSampler:
 
             def run(segment: range) -> None:
                 for i in segment:
-                    self._model_call(i, buffers, shape, static_noise, keep_x0)
+                    self._model_call(i, buffers, shape, noise, keep_x0)
 
             graphs = [
-                cuda_graphs.capture_graph(functools.partial(run, segment), pool) for segment in self._segments(per_call)
+                cuda_graphs.capture_graph(functools.partial(run, segment), pool, buffers.noise_generator)
+                for segment in self._segments(per_call, noise_inside)
             ]
         return buffers, graphs
 
@@ -1087,7 +1109,9 @@ def sample(
             classifier guidance). Capture costs a warm-up run: hold a ``GuidedSampler`` to
             reuse the graphs across calls. The warm-up run's data-dependent decisions
             (truncated CFG's last guided call, the block cache's reuses) are captured and
-            replayed as they were.
+            replayed as they were. The whole loop is one graph, its noise drawn inside from
+            the generator's state (a CPU generator draws before each noisy call instead,
+            one graph per stretch between two; a callback, one graph per call).
 
     Returns x_0 of ``shape`` (x at ``final_timestep`` when that is not -1).
     """

@@ -1097,8 +1097,11 @@ def assert_graph_replays_match_eager(device, sampler, guidance, eta):
     eager = GuidedSampler(model, **kwargs)
     for seed, labels in ((0, [0, 3]), (1, [2, 1])):  # the second call replays the captured graphs
         labels = torch.tensor(labels, device=device)
-        run = lambda s: s((2, 3, 8, 8), labels=labels, generator=torch.Generator(device).manual_seed(seed))  # noqa: E731
-        torch.testing.assert_close(run(graphed), run(eager), atol=1e-5, rtol=1e-5)
+        generators = [torch.Generator(device).manual_seed(seed) for _ in range(2)]
+        results = [s((2, 3, 8, 8), labels=labels, generator=g) for s, g in zip((graphed, eager), generators)]
+        torch.testing.assert_close(*results, atol=1e-5, rtol=1e-5)
+        # The noise drawn inside the graphs left the caller's generator where eager draws leave it.
+        assert torch.equal(generators[0].get_state(), generators[1].get_state())
     assert len(graphed._graphs) == 1
 
 
@@ -1108,6 +1111,20 @@ def test_graph_replay_logic_matches_eager_on_cpu(cpu_graphs, sampler, guidance, 
     # copied in per call, graphs reused) with the CUDA parts stood in for: a step that
     # read anything but the static buffers would give the second call wrong samples.
     assert_graph_replays_match_eager("cpu", sampler, guidance, eta)
+
+
+def test_a_graphed_loop_draws_from_the_default_generator_as_eager_sampling_does(cpu_graphs):
+    model = tiny_cfg_unet()
+    kwargs = dict(sampler="ddpm", steps=4, guidance=CFG(3.0))
+    graphed, eager = GuidedSampler(model, cuda_graph=True, **kwargs), GuidedSampler(model, **kwargs)
+    for seed in (0, 1):  # capture, then replay
+        results, states = [], []
+        for sampler in (graphed, eager):
+            torch.manual_seed(seed)
+            results.append(sampler((2, 3, 8, 8), labels=torch.tensor([0, 3])))
+            states.append(torch.get_rng_state())
+        torch.testing.assert_close(*results, atol=1e-5, rtol=1e-5)
+        assert torch.equal(*states)
 
 
 def test_graphs_outside_the_guidance_interval_run_the_model_on_b_rows(cpu_graphs):
@@ -1131,20 +1148,27 @@ def test_graphs_outside_the_guidance_interval_run_the_model_on_b_rows(cpu_graphs
 
 
 @pytest.mark.parametrize(
-    "sampler, eta, callback, graphs",
+    "sampler, eta, callback, inside, graphs",
     [
-        ("unipc", 0.0, False, 1),  # deterministic: the whole loop is one graph
-        ("ddim", 0.0, True, 6),  # a callback sees every call: one graph each
-        ("ddpm", 0.0, False, 5),  # noise before each call but the first: a graph from each noisy call on
-        ("ddim", 0.5, False, 5),
+        ("unipc", 0.0, False, True, 1),  # deterministic: the whole loop is one graph
+        ("ddim", 0.0, True, True, 6),  # a callback sees every call: one graph each
+        ("ddpm", 0.0, False, True, 1),  # noise drawn inside the graph: still one
+        ("ddim", 0.5, False, True, 1),
+        # Graphs that cannot hold a generator: the noise is drawn before each noisy call
+        # (every call but the first), so a graph from each on.
+        ("ddpm", 0.0, False, False, 5),
+        ("ddim", 0.5, False, False, 5),
     ],
 )
-def test_graphs_cover_the_loop_in_as_few_pieces_as_the_host_allows(cpu_graphs, sampler, eta, callback, graphs):
+def test_graphs_cover_the_loop_in_as_few_pieces_as_the_host_allows(
+    cpu_graphs, monkeypatch, sampler, eta, callback, inside, graphs
+):
+    monkeypatch.setattr(cuda_graphs, "GRAPH_SAFE_GENERATORS", inside)
     captured = cpu_graphs
     model = tiny_cfg_unet()
     kwargs = dict(sampler=sampler, steps=6, guidance=CFG(3.0), eta=eta)
     seen = {"graphed": [], "eager": []}
-    results = {}
+    results, states = {}, {}
     for name, sampler_ in (
         ("graphed", GuidedSampler(model, cuda_graph=True, **kwargs)),
         ("eager", GuidedSampler(model, **kwargs)),
@@ -1160,11 +1184,13 @@ def test_graphs_cover_the_loop_in_as_few_pieces_as_the_host_allows(cpu_graphs, s
         )
         for _ in range(2):  # capture, then replay
             seen[name].clear()
-            results[name] = sampler_(
-                (2, 3, 8, 8), labels=torch.tensor([0, 3]), callback=report, generator=torch.Generator().manual_seed(4)
-            )
+            generator = torch.Generator().manual_seed(4)
+            results[name] = sampler_((2, 3, 8, 8), labels=torch.tensor([0, 3]), callback=report, generator=generator)
+            states[name] = generator.get_state()
     assert len(captured) == graphs
     torch.testing.assert_close(results["graphed"], results["eager"], atol=1e-5, rtol=1e-5)
+    # The caller's generator is left where eager sampling leaves it.
+    assert torch.equal(states["graphed"], states["eager"])
     assert len(seen["graphed"]) == len(seen["eager"]) == (6 if callback else 0)
     for (i, t, x, x0), (i_, t_, x_, x0_) in zip(seen["graphed"], seen["eager"]):
         assert (i, t) == (i_, t_)
@@ -1183,9 +1209,9 @@ def test_a_graphed_loop_warms_up_and_captures_with_auto_ordered_for_graphs(cpu_g
     monkeypatch.setattr(backends, "resolve", recording)
     capture = cuda_graphs.capture_graph
 
-    def recording_capture(step, pool):
+    def recording_capture(step, pool, generator=None):
         depths.append(("capture", backends._state.graph_capture))
-        return capture(step, pool)
+        return capture(step, pool, generator)
 
     monkeypatch.setattr(cuda_graphs, "capture_graph", recording_capture)
     model, kwargs = tiny_cfg_unet(), dict(sampler="ddim", steps=3, guidance=CFG(3.0))
