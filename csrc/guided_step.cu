@@ -14,7 +14,8 @@
 // then shared memory) and thread 0 writes the block's three floats; the host merges them
 // in double.
 // Stats pass: grid (parts, batch); each thread sums its elements of one chunk shifted by
-// its first one (ShiftedSums), the block merges the threads' Moments by Chan's formula
+// its first one (ShiftedSums), loading two 16-byte vectors of each input before the math
+// of an iteration when vectorised, the block merges the threads' Moments by Chan's formula
 // (warp shuffles, then shared memory) and writes the chunk's partial (8 floats).
 //
 // Bytes it must move: as kernels/guided_step.py (2E model output, 3E with a perturbed prediction,
@@ -64,7 +65,10 @@ __device__ __forceinline__ Moments block_merge_moments(Moments m) {
   return m;
 }
 
-template <typename T, int kVec, bool kPerturbed>
+// kMomentum: APG's momentum buffer is read (a compile-time branch: a runtime one between
+// the loads and the math kept nvcc from issuing the second vector's loads before the
+// first's math). The scalar path (kVec = 1) reads p.apg_momentum_on, which equals it.
+template <typename T, int kVec, bool kPerturbed, bool kMomentum>
 __device__ __forceinline__ void guided_stats(const GuidedStepParams& p, const GuidedStepTensors<T>& t) {
   const int64_t b = blockIdx.y;
   const int64_t per_part = stats_part_elems(p, kVec);
@@ -75,29 +79,49 @@ __device__ __forceinline__ void guided_stats(const GuidedStepParams& p, const Gu
   // shift chosen per element costs the vector path 8 registers).
   ShiftedSums sums{};
   if (first < end) stats_inputs_at<T, kPerturbed>(p, t, b, first, sums.k_c, sums.k_v);
-  // With kVec > 1 the launcher guarantees sample_elems % kVec == 0: no tail.
-  for (int64_t j = first; j < end; j += kThreads * kVec) {
-    if constexpr (kVec > 1) {
-      const int64_t mo = b * p.mo_sample_stride + j;
-      const Vec<T, kVec> c = load_vec<T, kVec>(t.model_output + mo);
-      // With kPerturbed u and p at B-row block offsets from c (stats_inputs_at).
-      const Vec<T, kVec> u =
-          load_vec<T, kVec>(kPerturbed ? t.model_output + mo + p.mo_block : t.uncond + b * p.uncond_sample_stride + j);
-      Vec<T, kVec> perturbed{};
-      if constexpr (kPerturbed) perturbed = load_vec<T, kVec>(t.model_output + mo + 2 * p.mo_block);
+  if constexpr (kVec > 1) {
+    // Two vectors of each input an iteration, all loaded before the math, so that a
+    // thread keeps twice the bytes in flight; past the part's end the second vector
+    // rereads the first and adds nothing. (The launcher guarantees sample_elems % kVec
+    // == 0: no partial vector.)
+    constexpr int64_t kStride = static_cast<int64_t>(kThreads) * kVec;
+    for (int64_t j = first; j < end; j += 2 * kStride) {
+      const bool second = j + kStride < end;
+      const int64_t at[2] = {j, second ? j + kStride : j};
+      Vec<T, kVec> c[2], u[2], perturbed[2] = {};
+      float buffer[2][kVec] = {};
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        const float c_i = to_float(c.v[i]);
-        if constexpr (kPerturbed) {  // "cfg" only: no APG buffer
-          add_shifted(sums, c_i, perturbed_guidance(p, c_i, c_i - to_float(u.v[i]), to_float(perturbed.v[i])));
-        } else {
-          const float buffer = p.apg_momentum_on ? t.apg_buffer[b * p.sample_elems + j + i] : 0.0f;
-          add_shifted(sums, c_i, guidance_difference(p, c_i, to_float(u.v[i]), buffer));
+      for (int r = 0; r < 2; ++r) {
+        const int64_t mo = b * p.mo_sample_stride + at[r];
+        c[r] = load_vec<T, kVec>(t.model_output + mo);
+        // With kPerturbed u and p at B-row block offsets from c (stats_inputs_at).
+        u[r] = load_vec<T, kVec>(kPerturbed ? t.model_output + mo + p.mo_block
+                                            : t.uncond + b * p.uncond_sample_stride + at[r]);
+        if constexpr (kPerturbed) perturbed[r] = load_vec<T, kVec>(t.model_output + mo + 2 * p.mo_block);
+        if constexpr (kMomentum) {
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) buffer[r][i] = t.apg_buffer[b * p.sample_elems + at[r] + i];
         }
       }
-    } else {
-      accumulate_stats_at<T, kPerturbed>(p, t, b, j, sums);
+      // (The second vector is added or not by a select, not a branch: behind a branch nvcc
+      // sank its loads below the first vector's math.)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          const float c_i = to_float(c[r].v[i]);
+          float v_i = c_i - to_float(u[r].v[i]);
+          if constexpr (kPerturbed) {  // "cfg" only: no APG buffer
+            v_i = perturbed_guidance(p, c_i, v_i, to_float(perturbed[r].v[i]));
+          } else if constexpr (kMomentum) {  // guidance_difference's, with the flag known
+            v_i += p.combine.apg_momentum * buffer[r][i];
+          }
+          add_shifted_if(sums, c_i, v_i, r == 0 || second);
+        }
+      }
     }
+  } else {
+    for (int64_t j = first; j < end; j += kThreads) accumulate_stats_at<T, kPerturbed>(p, t, b, j, sums);
   }
   // The part's first element is the reference of the means (read after the loop, so that
   // it holds no register there).
@@ -112,14 +136,14 @@ __device__ __forceinline__ void guided_stats(const GuidedStepParams& p, const Gu
   }
 }
 
-template <typename T, int kVec>
+template <typename T, int kVec, bool kMomentum>
 __global__ void __launch_bounds__(kThreads) guided_stats_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
-  guided_stats<T, kVec, false>(p, t);
+  guided_stats<T, kVec, false, kMomentum>(p, t);
 }
 
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreads) perturbed_guided_stats_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
-  guided_stats<T, kVec, true>(p, t);
+  guided_stats<T, kVec, true, false>(p, t);
 }
 
 // kUnroll vectors of kVec elements, the r-th at j + r·kThreads·kVec (a warp's vectors stay
@@ -348,8 +372,9 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
   const bool vector = vectorised(p, untyped, kVec);
   if (p.stats != kStatsNone) {
     const Kernel<T> stats =
-        vector ? (p.perturbed ? perturbed_guided_stats_kernel<T, kVec> : guided_stats_kernel<T, kVec>)
-               : (p.perturbed ? perturbed_guided_stats_kernel<T, 1> : guided_stats_kernel<T, 1>);
+        p.perturbed          ? (vector ? perturbed_guided_stats_kernel<T, kVec> : perturbed_guided_stats_kernel<T, 1>)
+        : p.apg_momentum_on ? (vector ? guided_stats_kernel<T, kVec, true> : guided_stats_kernel<T, 1, true>)
+                            : (vector ? guided_stats_kernel<T, kVec, false> : guided_stats_kernel<T, 1, false>);
     launch_kernel(stats, stats_grid, kThreads, stream, p, t);
   }
   const bool similarity = t.similarity_partials != nullptr;

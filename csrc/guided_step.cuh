@@ -185,6 +185,18 @@ FG_HOST_DEVICE void add_shifted(ShiftedSums& s, float c, float v) {
   s.cv += dc * dv;
 }
 
+// add_shifted when `take`, else nothing, by selects rather than a branch (the same
+// operations when taken, and an infinite c or v left out adds no NaN).
+FG_HOST_DEVICE void add_shifted_if(ShiftedSums& s, float c, float v, bool take) {
+  const float dc = take ? c - s.k_c : 0.0f, dv = take ? v - s.k_v : 0.0f;
+  s.count += take ? 1.0f : 0.0f;
+  s.c += dc;
+  s.v += dv;
+  s.cc += dc * dc;
+  s.vv += dv * dv;
+  s.cv += dc * dv;
+}
+
 // A thread's moments, means about the reference (ref_c, ref_v): μ − r = (k − r) + S1/n
 // (k − r exact for nearby values), M = S2 − S1·S1'/n. As k is one of the n elements,
 // n(μ − k)² ≤ (n − 1)·M: M loses at most a factor n (the thread's elements, a part's

@@ -31,8 +31,6 @@ IN_FLIGHT_FLOOR = 64 * 1024
 # #22's redesigns lift: too few blocks resident (registers) or too few bytes per thread.
 # --check fails on any other kernel below the floor, and on one of these once above it.
 KNOWN_BELOW_FLOOR: set[str] = {
-    "cuda guided_stats_kernel<bf16, 8> sm_90",
-    "cuda guided_stats_kernel<fp16, 8> sm_90",
     # guided_step's RuntimeReads instances (csrc/guided_step.cuh): the variants with a
     # reduction, APG momentum, a classifier gradient or ADM's learned variance with noise.
     # Every optional input a runtime branch, one vector per input per thread (two would
@@ -70,14 +68,6 @@ KNOWN_BELOW_FLOOR: set[str] = {
     # blocks a SM, 60 KB in flight, above the ~53 KB the H200 needs but under the floor.
     "guided_step cfg+ddim+similarity fp16 sm_80",
     "guided_step cfg+ddim+similarity fp16 sm_90",
-    "group_norm apply+silu nchw fp16 sm_80",
-    "group_norm apply+silu nchw fp16 sm_90",
-    "group_norm bwd sums nchw fp16 sm_80",
-    "group_norm bwd sums nchw fp16 sm_90",
-    "group_norm stats nchw fp16 sm_80",
-    "group_norm stats nchw fp16 sm_90",
-    "group_norm stats nhwc fp16 sm_80",
-    "group_norm stats nhwc fp16 sm_90",
     "layer_norm adaLN bwd D=72 fp16 sm_80",
 }
 

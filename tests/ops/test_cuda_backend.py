@@ -114,6 +114,15 @@ def test_reduction_variants_when_cond_is_close_to_uncond(cuda_backend_on_cpu, ca
     run_against_reference(tensors, step, combine, names=("out",))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["rescale", "apg-momentum-clip", "tangential-rescale-guide"])
+def test_reduction_variants_on_parts_of_several_strides(cuda_backend_on_cpu, dtype, case):
+    # 4·176² = 123904 elements a sample: 32 parts of 3872, so a stats thread's loop reads two
+    # vectors an iteration, the second past the part's end for some threads.
+    tensors, step, combine = case_inputs(CASES[case], 2, 4, (176, 176), dtype, "cpu")
+    run_against_reference(tensors, step, combine, names=("out",))
+
+
 def offset_copy(t: torch.Tensor) -> torch.Tensor:
     """t's values in a tensor whose data starts one element past a 16-byte boundary."""
     storage = torch.empty(t.numel() + 1, dtype=t.dtype)
