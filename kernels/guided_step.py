@@ -90,6 +90,11 @@ from fastguide.ops.layout import (
 
 BLOCK = 2048  # elements per program of the elementwise pass (8 per thread at 8 warps)
 NUM_WARPS = 8
+# The elementwise pass with the similarity sums: 16 elements a thread (two 16-byte vectors
+# of each fp16 input in flight). Its x0 predictions and sums take 48 registers at 8 warps,
+# 5 blocks an SM and 60 KB in flight; at 4 warps 71 registers, 7 blocks and 84 KB
+# (tools/kernel_report.py, sm_90). BLOCK stays, so the rows of sums per sample do too.
+SIMILARITY_WARPS = 4
 MAX_PARTS = 32  # partial moments per sample in the stats pass
 # The ids the kernels branch on, from their one definition (ops/layout.py, ops/contract.py).
 NO_STATS, ZERO_STAR, APG, TANGENTIAL = (
@@ -646,7 +651,7 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
         HAS_X0_OUT=tensors.x0_out is not None,
         PARTS=parts_pow2,
         BLOCK=BLOCK,
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS if similarity_partials is None else SIMILARITY_WARPS,
     )
     write_back(targets, work)
     if similarity_partials is not None:

@@ -241,7 +241,7 @@ def cases() -> list[Case]:
                 PARTS=1,
                 BLOCK=gs.BLOCK,
             ),
-            gs.NUM_WARPS,
+            gs.SIMILARITY_WARPS,
             main_path=True,
         )
     )

@@ -63,11 +63,6 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "cuda similarity_guided_step_kernel<fp16, 8, 4, RuntimeReads> sm_90",
     "cuda similarity_guided_step_kernel<fp32, 4, 4, RuntimeReads> sm_80",
     "cuda similarity_guided_step_kernel<fp32, 4, 4, RuntimeReads> sm_90",
-    # Triton's elementwise pass with the similarity output: 48 registers (40 without; the x0
-    # predictions of c and u and the three block sums live beside c, u and x) leave 5
-    # blocks a SM, 60 KB in flight, above the ~53 KB the H200 needs but under the floor.
-    "guided_step cfg+ddim+similarity fp16 sm_80",
-    "guided_step cfg+ddim+similarity fp16 sm_90",
     "layer_norm adaLN bwd D=72 fp16 sm_80",
 }
 
