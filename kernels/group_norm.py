@@ -3,12 +3,22 @@
 Forward, for x (N, C, S) grouped into G groups of Cg = C/G channels:
   mean, var per (n, g) over Cg·S elements (fp32);  x̂ = (x − mean)·rstd
   z = (x̂·w[c] + b[c])·(1 + scale[n, c]) + shift[n, c];  y = silu(z) or z.
-Two launches, each on a grid of (N·G) × SPLIT programs, every program owning one
-spatial chunk of one group, so that batch 1–2 still fills the GPU:
-  1. `_stats_kernel`: shifted sums Σ(x − K), Σ(x − K)² of the chunk, K = the group's
-     first element (the shift keeps E[x²] − E[x]² from cancelling when |mean| ≫ std);
-  2. `_apply_kernel`: merges the group's SPLIT partials in a fixed order, writes mean
-     and rstd (chunk 0 only, saved for backward), normalises and writes y.
+Two launches, each program owning one chunk of the data, so that batch 1–2 still fills
+the GPU (`launch_config` sizes the chunks):
+  1. statistics: shifted sums Σ(x − K), Σ(x − K)² of a piece of each group, K = the
+     group's first element (the shift keeps E[x²] − E[x]² from cancelling when
+     |mean| ≫ std). NCHW, `_stats_contiguous_kernel`: a group is one contiguous run of
+     Cg·S elements, read as a flat array in chunks. channels_last, `_stats_rows_kernel`:
+     a group's channels are a sliver of Cg elements every C (16–32 bytes in SD's
+     UNets), so a program reads whole rows of ROW_CHANNELS consecutive channels (128 B
+     of fp16) over a spatial chunk instead, whatever groups they belong to, and folds
+     each channel's sums into its group's; a group whose channels straddle programs
+     gets one part from each.
+  2. `_apply_kernel`: merges the group's partials (chunks × parts) in a fixed order,
+     writes mean and rstd (the group's first program only, saved for backward),
+     normalises and writes y. Its programs own a spatial chunk of some of one group's
+     channels: NCHW tiles are channel rows (up to SLAB contiguous elements), channels_last
+     tiles up to 16 channels of a group by a spatial run.
 Bytes: read x twice, write y: 3·E·s_x, plus O(N·C) parameters (E = N·C·S).
 FLOPs ~10 per element (+4 with SiLU): memory-bound.
 
@@ -18,13 +28,23 @@ B[n, c] = Σ_s dz·x̂:
   dshift = A;  dscale = w·B + b·A;  dbias = Σ_n (1 + scale)·A;  dweight = Σ_n (1 + scale)·B
   dx = rstd·(dx̂ − mean_g(dx̂) − x̂·mean_g(dx̂·x̂)),  dx̂ = dz·(1 + scale)·w, where
   Σ_g dx̂ = Σ_{c∈g} w(1 + scale)·A and Σ_g dx̂·x̂ = Σ_{c∈g} w(1 + scale)·B.
-Two launches on the same grid: `_backward_sums_kernel` writes per-chunk (A, B);
-`_backward_dx_kernel` merges them, writes dx and (chunk 0) the merged (A, B), from
-which the (N, C)-sized parameter gradients follow in a few tiny torch ops.
+Two launches on apply's grid: `_backward_sums_kernel` writes per-chunk (A, B) of its
+channels; `_backward_dx_kernel` merges those of the whole group, writes dx and (the
+group's first program) the merged (A, B), from which the (N, C)-sized parameter
+gradients follow in a few tiny torch ops.
 Bytes: read x and dy twice, write dx: 5·E·s_x.
 
+Loads in flight: a memory-bound kernel needs ~64 KB of loads in flight per SM on an
+H200 (Little's law; tools/occupancy.py, checked by tools/kernel_report.py). Each loop
+step therefore loads several slabs (SLAB elements, one 16-byte vector per thread)
+before any arithmetic on them. The statistics and backward sums add a step's slabs
+together first, which needs all their loads. Apply has nothing to add, so it loads a
+step ahead of its arithmetic. Written plainly, the compiler issues each 16-byte load
+just before the arithmetic that needs it, leaving one load in flight per thread.
+
 Layouts: NCHW (stride_c = S, stride_s = 1) and channels_last (stride_c = 1,
-stride_s = C) through the same kernels; Triton specialises the stride that is 1.
+stride_s = C) through the same apply and backward kernels; Triton specialises the
+stride that is 1.
 """
 
 from __future__ import annotations
@@ -41,72 +61,186 @@ from fastguide.ops.layout import norm_format
 from fastguide.ops.reference import group_norm_parameter_grads
 
 NUM_WARPS = 4
-TILE = 2048  # elements per (channel-block × spatial-block) tile
+# Elements of one slab, the unit of every tile: one 16-byte vector per thread of fp16/bf16
+# (two of fp32) at NUM_WARPS warps. A step of a loop loads several slabs before it uses
+# any, so that each thread has several 16-byte loads in flight (Little's law: an H200
+# needs ~64 KB of loads in flight per SM; tools/occupancy.py).
+SLAB = 1024
+STATS_UNROLL = 4  # slabs a statistics step loads
+APPLY_UNROLL = 4  # slabs an apply step loads (one step ahead of its arithmetic)
+BACKWARD_UNROLL = 2  # slabs a backward-sums step loads, each of x and dy
+ROW_CHANNELS = 64  # channels_last statistics: channels a program reads (128 B of fp16)
+MAX_SPLIT = 64  # chunks a group's reduction is split into, at most
 
 
 @triton.jit
-def _program_group(G, Cg):
-    """(group = n·G + g, spatial chunk, n, first channel) of this program."""
-    group = tl.program_id(0)
-    n = group // G
-    return group, tl.program_id(1), n, (group % G) * Cg
+def _program_group(G, Cg, channels_per_program):
+    """(group = n·G + g, spatial chunk, n, the group's first channel, and the range
+    [c_first, c_last) of the group's channels this program owns)."""
+    programs_per_group = tl.cdiv(Cg, channels_per_program)
+    group = tl.program_id(0) // programs_per_group
+    c_first = (tl.program_id(0) % programs_per_group) * channels_per_program
+    c_last = tl.minimum(c_first + channels_per_program, Cg)
+    return group, tl.program_id(1), group // G, (group % G) * Cg, c_first, c_last
 
 
 @triton.jit
 def _tile_offsets(
-    c_start, s_start, group_start_c, Cg, S, stride_c, stride_s, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
+    c_start, s_start, group_start_c, c_last, s_end, stride_c, stride_s, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
 ):
+    """Offsets and mask of the tile at (c_start, s_start) of a group: its channels below
+    c_last (the end of the program's channels), spatial positions below s_end (the end of
+    the program's chunk)."""
     cc = c_start + tl.arange(0, BLOCK_C)
     ss = s_start + tl.arange(0, BLOCK_S)
-    mask = (cc < Cg)[:, None] & (ss < S)[None, :]
+    mask = (cc < c_last)[:, None] & (ss < s_end)[None, :]
     offsets = (group_start_c + cc).to(tl.int64)[:, None] * stride_c + ss.to(tl.int64)[None, :] * stride_s
-    return cc, offsets, mask
+    return offsets, mask
 
 
 @triton.jit
-def _stats_kernel(
+def _slab_offsets(
+    c_start,
+    s_start,
+    group_start_c,
+    c_last,
+    s_end,
+    stride_c,
+    stride_s,
+    UNROLL: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """_tile_offsets of UNROLL tiles side by side along the spatial axis, stacked as
+    [UNROLL, BLOCK_C, BLOCK_S]: tile u starts at s_start + u·BLOCK_S."""
+    cc = c_start + tl.arange(0, BLOCK_C)
+    ss = s_start + tl.arange(0, UNROLL)[:, None] * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
+    mask = (cc < c_last)[None, :, None] & (ss < s_end)[:, None, :]
+    offsets = (group_start_c + cc).to(tl.int64)[None, :, None] * stride_c + ss.to(tl.int64)[:, None, :] * stride_s
+    return offsets, mask
+
+
+@triton.jit
+def _stats_contiguous_kernel(
+    x_ptr,
+    partial_ptr,
+    Cg,
+    S,
+    e_per_chunk,
+    SPLIT_POW2: tl.constexpr,
+    BLOCK: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """NCHW: a group's Cg·S elements are one contiguous run, read as a flat array in
+    chunks of e_per_chunk elements, UNROLL × BLOCK of them a step."""
+    group = tl.program_id(0)
+    chunk = tl.program_id(1)
+    count = Cg * S
+    base = x_ptr + group.to(tl.int64) * count
+    shift = tl.load(base).to(tl.float32)
+    begin = chunk * e_per_chunk
+    end = tl.minimum(begin + e_per_chunk, count)
+    acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(begin, end, BLOCK * UNROLL):
+        index = start + tl.arange(0, UNROLL)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        mask = index < end
+        d = tl.where(mask, tl.load(base + index, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
+        # The UNROLL rows sit in each thread's registers (BLOCK ≥ its threads' vectors): their
+        # sum needs every load of the step, so all are issued before any arithmetic.
+        acc1 += tl.sum(d, axis=0)
+        acc2 += tl.sum(d * d, axis=0)
+    out = partial_ptr + (group * SPLIT_POW2 + chunk) * 2
+    tl.store(out, tl.sum(acc1, axis=0))
+    tl.store(out + 1, tl.sum(acc2, axis=0))
+
+
+@triton.jit
+def _stats_rows_kernel(
     x_ptr,
     partial_ptr,
     C,
     S,
     G,
     Cg,
-    stride_c,
-    stride_s,
     s_per_chunk,
     SPLIT_POW2: tl.constexpr,
+    PARTS: tl.constexpr,
+    GROUP_SLOTS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
-    group, chunk, n, group_start_c = _program_group(G, Cg)
-    base = x_ptr + n.to(tl.int64) * C * S
-    shift = tl.load(base + group_start_c.to(tl.int64) * stride_c).to(tl.float32)
-    acc1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    """channels_last: a program reads BLOCK_C consecutive channels (whole rows, not one
+    group's few channels) of one sample over one spatial chunk, UNROLL × BLOCK_S positions
+    a step, whatever groups the channels belong to, and writes each group's share of its
+    sums as one of that group's PARTS."""
+    blocks = tl.cdiv(C, BLOCK_C)
+    n = tl.program_id(0) // blocks
+    block = tl.program_id(0) % blocks
+    chunk = tl.program_id(1)
+    c0 = block * BLOCK_C
+    channel = c0 + tl.arange(0, BLOCK_C)
+    c_mask = channel < C
+    group_of_c = channel // Cg
+    sample = x_ptr + n.to(tl.int64) * C * S
+    # Each channel is shifted by its group's K, x[n, s = 0, first channel of the group].
+    shift = tl.load(sample + group_of_c * Cg, mask=c_mask, other=0.0).to(tl.float32)
     s_begin = chunk * s_per_chunk
-    for c_start in range(0, Cg, BLOCK_C):
-        for s_off in range(0, s_per_chunk, BLOCK_S):
-            _, offsets, mask = _tile_offsets(
-                c_start, s_begin + s_off, group_start_c, Cg, S, stride_c, stride_s, BLOCK_C, BLOCK_S
-            )
-            d = tl.where(mask, tl.load(base + offsets, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
-            acc1 += d
-            acc2 += d * d
-    out = partial_ptr + (group * SPLIT_POW2 + chunk) * 2
-    tl.store(out, tl.sum(tl.sum(acc1, axis=1), axis=0))
-    tl.store(out + 1, tl.sum(tl.sum(acc2, axis=1), axis=0))
+    s_end = tl.minimum(s_begin + s_per_chunk, S)
+    acc1 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    rows = tl.arange(0, UNROLL)[:, None] * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
+    tile = rows[:, :, None] * C + channel[None, None, :]
+    for start in range(s_begin, s_end, BLOCK_S * UNROLL):
+        mask = (start + rows < s_end)[:, :, None] & c_mask[None, None, :]
+        x = tl.load(sample + tl.cast(start, tl.int64) * C + tile, mask=mask, other=0.0)
+        d = tl.where(mask, x.to(tl.float32) - shift[None, None, :], 0.0)
+        # As in the NCHW kernel: the UNROLL slabs are in registers, all loaded before the sum.
+        acc1 += tl.sum(d, axis=0)
+        acc2 += tl.sum(d * d, axis=0)
+    per_channel1 = tl.sum(acc1, axis=0)
+    per_channel2 = tl.sum(acc2, axis=0)
+    # Fold the channels into the (at most GROUP_SLOTS) groups they belong to.
+    first_group = c0 // Cg
+    slot = tl.arange(0, GROUP_SLOTS)
+    hit = ((group_of_c - first_group)[:, None] == slot[None, :]) & c_mask[:, None]
+    group_sum1 = tl.sum(tl.where(hit, per_channel1[:, None], 0.0), axis=0)
+    group_sum2 = tl.sum(tl.where(hit, per_channel2[:, None], 0.0), axis=0)
+    g = first_group + slot
+    valid = (g < G) & (g * Cg < c0 + BLOCK_C)
+    part = block - (g * Cg) // BLOCK_C
+    out = partial_ptr + (((n * G + g) * PARTS + part) * SPLIT_POW2 + chunk) * 2
+    tl.store(out, group_sum1, mask=valid)
+    tl.store(out + 1, group_sum2, mask=valid)
 
 
 @triton.jit
 def _group_mean_rstd(
-    x_ptr, partial_ptr, group, n, group_start_c, C, S, Cg, stride_c, eps, SPLIT, SPLIT_POW2: tl.constexpr
+    x_ptr,
+    partial_ptr,
+    group,
+    n,
+    group_start_c,
+    C,
+    S,
+    Cg,
+    stride_c,
+    eps,
+    SPLIT,
+    stats_block_c,
+    SPLIT_POW2: tl.constexpr,
+    PARTS: tl.constexpr,
 ):
-    """Merge a group's partial shifted sums, in a fixed order, into (mean, rstd)."""
+    """Merge a group's partial shifted sums (its SPLIT chunks × the parts of its channels
+    that different stats programs read), in a fixed order, into (mean, rstd)."""
     chunks = tl.arange(0, SPLIT_POW2)
-    valid = chunks < SPLIT
-    rows = partial_ptr + (group * SPLIT_POW2 + chunks) * 2
-    s1 = tl.sum(tl.load(rows, mask=valid, other=0.0), axis=0)
-    s2 = tl.sum(tl.load(rows + 1, mask=valid, other=0.0), axis=0)
+    parts = tl.arange(0, PARTS)
+    group_parts = (group_start_c + Cg - 1) // stats_block_c - group_start_c // stats_block_c + 1
+    valid = (parts < group_parts)[:, None] & (chunks < SPLIT)[None, :]
+    rows = partial_ptr + ((group * PARTS + parts)[:, None] * SPLIT_POW2 + chunks[None, :]) * 2
+    s1 = tl.sum(tl.sum(tl.load(rows, mask=valid, other=0.0), axis=1), axis=0)
+    s2 = tl.sum(tl.sum(tl.load(rows + 1, mask=valid, other=0.0), axis=1), axis=0)
     count = (Cg * S).to(tl.float32)
     shift = tl.load(x_ptr + n.to(tl.int64) * C * S + group_start_c.to(tl.int64) * stride_c).to(tl.float32)
     mean_shifted = s1 / count
@@ -171,8 +305,10 @@ def _apply_kernel(
     Cg,
     stride_c,
     stride_s,
+    channels_per_program,
     s_per_chunk,
-    SPLIT,
+    STATS_SPLIT,
+    stats_block_c,
     eps,
     scale_stride_n,
     scale_stride_c,
@@ -183,22 +319,38 @@ def _apply_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     SILU: tl.constexpr,
-    SPLIT_POW2: tl.constexpr,
+    STATS_SPLIT_POW2: tl.constexpr,
+    PARTS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
-    group, chunk, n, group_start_c = _program_group(G, Cg)
+    group, chunk, n, group_start_c, c_first, c_last = _program_group(G, Cg, channels_per_program)
     mean, rstd = _group_mean_rstd(
-        x_ptr, partial_ptr, group, n, group_start_c, C, S, Cg, stride_c, eps, SPLIT, SPLIT_POW2
+        x_ptr,
+        partial_ptr,
+        group,
+        n,
+        group_start_c,
+        C,
+        S,
+        Cg,
+        stride_c,
+        eps,
+        STATS_SPLIT,
+        stats_block_c,
+        STATS_SPLIT_POW2,
+        PARTS,
     )
-    if chunk == 0:
+    if (chunk == 0) & (c_first == 0):
         tl.store(mean_ptr + group, mean)
         tl.store(rstd_ptr + group, rstd)
     sample = n.to(tl.int64) * C * S
     s_begin = chunk * s_per_chunk
-    for c_start in range(0, Cg, BLOCK_C):
+    s_end = tl.minimum(s_begin + s_per_chunk, S)
+    for c_start in range(c_first, c_last, BLOCK_C):
         cc = c_start + tl.arange(0, BLOCK_C)
-        c_mask = cc < Cg
+        c_mask = cc < c_last
         channel = group_start_c + cc
         w, b, one_plus_scale, shift = _channel_params(
             w_ptr,
@@ -223,15 +375,33 @@ def _apply_kernel(
         offset = b * one_plus_scale + shift
         gain = gain * rstd
         offset = offset - mean * gain
-        for s_off in range(0, s_per_chunk, BLOCK_S):
-            _, offsets, mask = _tile_offsets(
-                c_start, s_begin + s_off, group_start_c, Cg, S, stride_c, stride_s, BLOCK_C, BLOCK_S
+        # One step ahead: step k loads tile k (UNROLL slabs), then normalises and writes
+        # tile k − 1, so a tile's loads are in flight during the previous tile's arithmetic.
+        # (Written plainly, the compiler issues each 16-byte load just before the
+        # arithmetic that needs it: one load in flight per thread.)
+        x = tl.zeros([BLOCK_C, BLOCK_S * UNROLL], dtype=x_ptr.dtype.element_ty)
+        for s_off in range(s_begin, s_end + BLOCK_S * UNROLL, BLOCK_S * UNROLL):
+            offsets, mask = _tile_offsets(
+                c_start, s_off, group_start_c, c_last, s_end, stride_c, stride_s, BLOCK_C, BLOCK_S * UNROLL
             )
-            x = tl.load(x_ptr + sample + offsets, mask=mask, other=0.0).to(tl.float32)
-            z = x * gain[:, None] + offset[:, None]
-            if SILU:
-                z = z * tl.sigmoid(z)
-            tl.store(y_ptr + sample + offsets, z.to(y_ptr.dtype.element_ty), mask=mask)
+            x_next = tl.load(x_ptr + sample + offsets, mask=mask, other=0.0)
+            if s_off > s_begin:
+                offsets, mask = _tile_offsets(
+                    c_start,
+                    s_off - BLOCK_S * UNROLL,
+                    group_start_c,
+                    c_last,
+                    s_end,
+                    stride_c,
+                    stride_s,
+                    BLOCK_C,
+                    BLOCK_S * UNROLL,
+                )
+                z = x.to(tl.float32) * gain[:, None] + offset[:, None]
+                if SILU:
+                    z = z * tl.sigmoid(z)
+                tl.store(y_ptr + sample + offsets, z.to(y_ptr.dtype.element_ty), mask=mask)
+            x = x_next
 
 
 @triton.jit
@@ -263,6 +433,7 @@ def _backward_sums_kernel(
     Cg,
     stride_c,
     stride_s,
+    channels_per_program,
     s_per_chunk,
     scale_stride_n,
     scale_stride_c,
@@ -276,16 +447,18 @@ def _backward_sums_kernel(
     SPLIT_POW2: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
-    """Per-chunk A = Σ_s dz and B = Σ_s dz·x̂ for each channel of one group."""
-    group, chunk, n, group_start_c = _program_group(G, Cg)
+    """Per-chunk A = Σ_s dz and B = Σ_s dz·x̂ for each of the program's channels."""
+    group, chunk, n, group_start_c, c_first, c_last = _program_group(G, Cg, channels_per_program)
     mean = tl.load(mean_ptr + group)
     rstd = tl.load(rstd_ptr + group)
     sample = n.to(tl.int64) * C * S
     s_begin = chunk * s_per_chunk
-    for c_start in range(0, Cg, BLOCK_C):
+    s_end = tl.minimum(s_begin + s_per_chunk, S)
+    for c_start in range(c_first, c_last, BLOCK_C):
         cc = c_start + tl.arange(0, BLOCK_C)
-        c_mask = cc < Cg
+        c_mask = cc < c_last
         channel = group_start_c + cc
         w, b, one_plus_scale, shift = _channel_params(
             w_ptr,
@@ -307,17 +480,27 @@ def _backward_sums_kernel(
         )
         acc_a = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-        for s_off in range(0, s_per_chunk, BLOCK_S):
-            _, offsets, mask = _tile_offsets(
-                c_start, s_begin + s_off, group_start_c, Cg, S, stride_c, stride_s, BLOCK_C, BLOCK_S
+        for s_off in range(s_begin, s_end, BLOCK_S * UNROLL):
+            offsets, mask = _slab_offsets(
+                c_start, s_off, group_start_c, c_last, s_end, stride_c, stride_s, UNROLL, BLOCK_C, BLOCK_S
             )
             x = tl.load(x_ptr + sample + offsets, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + sample + offsets, mask=mask, other=0.0).to(tl.float32)
             dz, x_hat = _dz_and_xhat(
-                x, dy, mean, rstd, w[:, None], b[:, None], one_plus_scale[:, None], shift[:, None], SILU
+                x,
+                dy,
+                mean,
+                rstd,
+                w[None, :, None],
+                b[None, :, None],
+                one_plus_scale[None, :, None],
+                shift[None, :, None],
+                SILU,
             )
-            acc_a += tl.where(mask, dz, 0.0)
-            acc_b += tl.where(mask, dz * x_hat, 0.0)
+            # The UNROLL slabs sit in each thread's registers: their sum needs every load of
+            # the step, so all are issued before any arithmetic.
+            acc_a += tl.sum(tl.where(mask, dz, 0.0), axis=0)
+            acc_b += tl.sum(tl.where(mask, dz * x_hat, 0.0), axis=0)
         out = partial_ptr + ((n * C + channel) * SPLIT_POW2 + chunk) * 2
         tl.store(out, tl.sum(acc_a, axis=1), mask=c_mask)
         tl.store(out + 1, tl.sum(acc_b, axis=1), mask=c_mask)
@@ -342,6 +525,7 @@ def _backward_dx_kernel(
     Cg,
     stride_c,
     stride_s,
+    channels_per_program,
     s_per_chunk,
     SPLIT,
     scale_stride_n,
@@ -357,11 +541,11 @@ def _backward_dx_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    group, chunk, n, group_start_c = _program_group(G, Cg)
+    group, chunk, n, group_start_c, c_first, c_last = _program_group(G, Cg, channels_per_program)
     mean = tl.load(mean_ptr + group)
     rstd = tl.load(rstd_ptr + group)
     chunks = tl.arange(0, SPLIT_POW2)
-    # Group sums Σ dx̂ and Σ dx̂·x̂ from the merged per-channel (A, B).
+    # Group sums Σ dx̂ and Σ dx̂·x̂ from the merged per-channel (A, B) of all its channels.
     sum_dxhat = tl.full([], 0.0, tl.float32)
     sum_dxhat_xhat = tl.full([], 0.0, tl.float32)
     for c_start in range(0, Cg, BLOCK_C):
@@ -390,7 +574,7 @@ def _backward_dx_kernel(
         valid = c_mask[:, None] & (chunks < SPLIT)[None, :]
         a_sum = tl.sum(tl.load(rows, mask=valid, other=0.0), axis=1)
         b_sum = tl.sum(tl.load(rows + 1, mask=valid, other=0.0), axis=1)
-        if chunk == 0:
+        if (chunk == 0) & (c_first == 0):
             tl.store(sums_ptr + (n * C + channel) * 2, a_sum, mask=c_mask)
             tl.store(sums_ptr + (n * C + channel) * 2 + 1, b_sum, mask=c_mask)
         factor = tl.where(c_mask, w * one_plus_scale, 0.0)
@@ -402,9 +586,10 @@ def _backward_dx_kernel(
 
     sample = n.to(tl.int64) * C * S
     s_begin = chunk * s_per_chunk
-    for c_start in range(0, Cg, BLOCK_C):
+    s_end = tl.minimum(s_begin + s_per_chunk, S)
+    for c_start in range(c_first, c_last, BLOCK_C):
         cc = c_start + tl.arange(0, BLOCK_C)
-        c_mask = cc < Cg
+        c_mask = cc < c_last
         channel = group_start_c + cc
         w, b, one_plus_scale, shift = _channel_params(
             w_ptr,
@@ -425,8 +610,8 @@ def _backward_dx_kernel(
             BLOCK_C,
         )
         for s_off in range(0, s_per_chunk, BLOCK_S):
-            _, offsets, mask = _tile_offsets(
-                c_start, s_begin + s_off, group_start_c, Cg, S, stride_c, stride_s, BLOCK_C, BLOCK_S
+            offsets, mask = _tile_offsets(
+                c_start, s_begin + s_off, group_start_c, c_last, s_end, stride_c, stride_s, BLOCK_C, BLOCK_S
             )
             x = tl.load(x_ptr + sample + offsets, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + sample + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -450,17 +635,85 @@ def _layout(x: Tensor) -> tuple[Tensor, int, int]:
     return x.contiguous(), math.prod(x.shape[2:]), 1
 
 
-def _grid(x: Tensor, groups: int, channels_per_group: int, spatial: int) -> dict:
-    """Tile shape and the split of each (n, group) over spatial chunks."""
-    block_c = min(triton.next_power_of_2(channels_per_group), 16)
-    block_s = max(16, min(TILE // block_c, triton.next_power_of_2(spatial)))
-    programs_wanted = 4 * _multiprocessors(x.device)
-    split = max(1, min(triton.cdiv(programs_wanted, x.shape[0] * groups), triton.cdiv(spatial, block_s), 64))
-    s_per_chunk = triton.cdiv(triton.cdiv(spatial, split), block_s) * block_s
-    split = triton.cdiv(spatial, s_per_chunk)
+def launch_config(
+    batch: int, channels: int, groups: int, spatial: int, channels_last: bool, multiprocessors: int
+) -> dict:
+    """Tiles and grids of the four launches for x of (batch, channels, spatial) in groups
+    (tools/kernel_report.py compiles what this picks for its representative shape).
+
+    Each launch aims at 4 programs per SM, so that batch 1–2 still fills the GPU: the
+    statistics split each group (NCHW) or each block of channels (channels_last) into
+    chunks; apply and backward split each group's spatial extent into chunks of whole
+    steps and, if that is not enough, its channels among programs.
+    """
+    cg = channels // groups
+    wanted = 4 * multiprocessors
+    n_groups = max(batch * groups, 1)
+    if channels_last:
+        # Whole rows of up to ROW_CHANNELS channels, whatever groups they belong to.
+        row_c = min(ROW_CHANNELS, triton.next_power_of_2(channels))
+        row_s = max(1, SLAB // row_c)
+        blocks = triton.cdiv(channels, row_c)
+        s_chunk = _chunk(spatial, row_s * STATS_UNROLL, wanted // max(batch * blocks, 1))
+        stats_split = triton.cdiv(spatial, s_chunk)
+        stats = dict(
+            grid=(batch * blocks, stats_split),
+            chunk=s_chunk,
+            block_c=row_c,  # a group's channels span at most PARTS of these blocks
+            meta=dict(
+                PARTS=triton.next_power_of_2(min(blocks, (cg + row_c - 2) // row_c + 1)),
+                GROUP_SLOTS=triton.next_power_of_2(min(groups, (row_c + cg - 2) // cg + 1)),
+                BLOCK_C=row_c,
+                BLOCK_S=row_s,
+                UNROLL=STATS_UNROLL,
+            ),
+        )
+        # Apply and backward: one group's channels (up to 16) by a spatial run.
+        block_c = min(triton.next_power_of_2(cg), 16)
+        block_s = max(1, SLAB // block_c)
+    else:
+        # A group is one contiguous run of cg·spatial elements: a flat array.
+        e_chunk = _chunk(cg * spatial, SLAB * STATS_UNROLL, wanted // n_groups)
+        stats_split = triton.cdiv(cg * spatial, e_chunk)
+        stats = dict(
+            grid=(n_groups, stats_split),
+            chunk=e_chunk,
+            block_c=channels,  # every group in one part
+            meta=dict(BLOCK=SLAB, UNROLL=STATS_UNROLL),
+        )
+        # Apply and backward: channel rows, as long as the spatial extent allows.
+        block_s = min(triton.next_power_of_2(spatial), SLAB)
+        block_c = min(triton.next_power_of_2(cg), SLAB // block_s)
+    stats["split"] = stats_split
+    stats["meta"]["SPLIT_POW2"] = triton.next_power_of_2(stats_split)
+    s_chunk = _chunk(spatial, block_s * APPLY_UNROLL, wanted // n_groups)
+    split = triton.cdiv(spatial, s_chunk)
+    channel_blocks = triton.cdiv(cg, block_c)
+    per_group = max(1, min(channel_blocks, wanted // (n_groups * split)))
+    channels_per_program = channel_blocks // per_group * block_c
+    split_pow2 = triton.next_power_of_2(split)
     return dict(
-        block_c=block_c, block_s=block_s, split=split, split_pow2=triton.next_power_of_2(split), s_per_chunk=s_per_chunk
+        stats=stats,
+        grid=(n_groups * triton.cdiv(cg, channels_per_program), split),
+        split=split,
+        s_per_chunk=s_chunk,
+        channels_per_program=channels_per_program,
+        apply=dict(
+            STATS_SPLIT_POW2=stats["meta"]["SPLIT_POW2"],
+            PARTS=stats["meta"].get("PARTS", 1),
+            BLOCK_C=block_c,
+            BLOCK_S=block_s,
+            UNROLL=APPLY_UNROLL,
+        ),
+        backward_sums=dict(SPLIT_POW2=split_pow2, BLOCK_C=block_c, BLOCK_S=block_s, UNROLL=BACKWARD_UNROLL),
+        backward_dx=dict(SPLIT_POW2=split_pow2, BLOCK_C=block_c, BLOCK_S=block_s * 2),
     )
+
+
+def _chunk(extent: int, step: int, wanted: int) -> int:
+    """A chunk of whole steps: about extent / wanted, at least one step, at most MAX_SPLIT chunks."""
+    most = triton.cdiv(triton.cdiv(extent, MAX_SPLIT), step) * step
+    return max(step, most, extent // max(wanted, 1) // step * step)
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -480,28 +733,25 @@ def group_norm_forward(
     n, c = x.shape[0], x.shape[1]
     spatial = math.prod(x.shape[2:])
     x, stride_c, stride_s = _layout(x)
-    cfg = _grid(x, num_groups, c // num_groups, spatial)
+    cfg = launch_config(n, c, num_groups, spatial, stride_c == 1, _multiprocessors(x.device))
+    stats = cfg["stats"]
     y = torch.empty_like(x)
     mean = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    partials = torch.empty((n * num_groups, cfg["split_pow2"], 2), dtype=torch.float32, device=x.device)
-    grid = (n * num_groups, cfg["split"])
-    _stats_kernel[grid](
-        x,
-        partials,
-        c,
-        spatial,
-        num_groups,
-        c // num_groups,
-        stride_c,
-        stride_s,
-        cfg["s_per_chunk"],
-        SPLIT_POW2=cfg["split_pow2"],
-        BLOCK_C=cfg["block_c"],
-        BLOCK_S=cfg["block_s"],
-        num_warps=NUM_WARPS,
+    partials = torch.empty(
+        (n * num_groups, stats["meta"].get("PARTS", 1), stats["meta"]["SPLIT_POW2"], 2),
+        dtype=torch.float32,
+        device=x.device,
     )
-    _apply_kernel[grid](
+    if stride_c == 1:
+        _stats_rows_kernel[stats["grid"]](
+            x, partials, c, spatial, num_groups, c // num_groups, stats["chunk"], **stats["meta"], num_warps=NUM_WARPS
+        )
+    else:
+        _stats_contiguous_kernel[stats["grid"]](
+            x, partials, c // num_groups, spatial, stats["chunk"], **stats["meta"], num_warps=NUM_WARPS
+        )
+    _apply_kernel[cfg["grid"]](
         x,
         y,
         weight,
@@ -517,8 +767,10 @@ def group_norm_forward(
         c // num_groups,
         stride_c,
         stride_s,
+        cfg["channels_per_program"],
         cfg["s_per_chunk"],
-        cfg["split"],
+        stats["split"],
+        stats["block_c"],
         eps,
         *_strides(scale),
         *_strides(shift),
@@ -527,9 +779,7 @@ def group_norm_forward(
         HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None,
         SILU=activation == "silu",
-        SPLIT_POW2=cfg["split_pow2"],
-        BLOCK_C=cfg["block_c"],
-        BLOCK_S=cfg["block_s"],
+        **cfg["apply"],
         num_warps=NUM_WARPS,
     )
     return y, mean, rstd
@@ -543,23 +793,19 @@ def group_norm_backward(
     spatial = math.prod(x.shape[2:])
     x, stride_c, stride_s = _layout(x)
     dy = dy.contiguous(memory_format=torch.channels_last if stride_c == 1 and x.dim() == 4 else torch.contiguous_format)
-    cfg = _grid(x, num_groups, c // num_groups, spatial)
+    cfg = launch_config(n, c, num_groups, spatial, stride_c == 1, _multiprocessors(x.device))
     dx = torch.empty_like(x)
-    partials = torch.empty((n * c, cfg["split_pow2"], 2), dtype=torch.float32, device=x.device)
+    partials = torch.empty((n * c, cfg["backward_sums"]["SPLIT_POW2"], 2), dtype=torch.float32, device=x.device)
     sums = torch.empty((n, c, 2), dtype=torch.float32, device=x.device)
-    grid = (n * num_groups, cfg["split"])
     flags = dict(
         HAS_W=weight is not None,
         HAS_B=bias is not None,
         HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None,
         SILU=activation == "silu",
-        SPLIT_POW2=cfg["split_pow2"],
-        BLOCK_C=cfg["block_c"],
-        BLOCK_S=cfg["block_s"],
         num_warps=NUM_WARPS,
     )
-    _backward_sums_kernel[grid](
+    _backward_sums_kernel[cfg["grid"]](
         x,
         dy,
         weight,
@@ -575,12 +821,14 @@ def group_norm_backward(
         c // num_groups,
         stride_c,
         stride_s,
+        cfg["channels_per_program"],
         cfg["s_per_chunk"],
         *_strides(scale),
         *_strides(shift),
         **flags,
+        **cfg["backward_sums"],
     )
-    _backward_dx_kernel[grid](
+    _backward_dx_kernel[cfg["grid"]](
         x,
         dy,
         dx,
@@ -598,11 +846,13 @@ def group_norm_backward(
         c // num_groups,
         stride_c,
         stride_s,
+        cfg["channels_per_program"],
         cfg["s_per_chunk"],
         cfg["split"],
         *_strides(scale),
         *_strides(shift),
         **flags,
+        **cfg["backward_dx"],
     )
     # Parameter gradients from the (N, C) sums: O(N·C) work.
     return (dx, *group_norm_parameter_grads(sums, params))
