@@ -105,10 +105,13 @@ __device__ __forceinline__ void guided_stats(const GuidedStepParams& p, const Gu
       }
       // (The second vector is added or not by a select, not a branch: behind a branch nvcc
       // sank its loads below the first vector's math.)
+      // Element by element across the two vectors, so that the first math already
+      // needs both (nvcc issued the second vector's loads after the first's math when
+      // the first vector's elements came first).
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
+      for (int i = 0; i < kVec; ++i) {
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) {
+        for (int r = 0; r < 2; ++r) {
           const float c_i = to_float(c[r].v[i]);
           float v_i = c_i - to_float(u[r].v[i]);
           if constexpr (kPerturbed) {  // "cfg" only: no APG buffer
@@ -266,7 +269,8 @@ __device__ __forceinline__ void guided_step(const GuidedStepParams& p, const Gui
 // The elementwise pass, specialised by what it reads (`Reads`: RuntimeReads, every
 // variant; CommonReads<kNoise>, the common steps, with or without noise) and by how many
 // history slots: 0 (one-step samplers), 2 (heun's and dpm++2s's second calls, dpm++2m/3m,
-// unipc-2) or all kMaxHistory (unipc-3, whose folded corrector reads three).
+// unipc-2) or, RuntimeReads only, all kMaxHistory (unipc-3, whose folded corrector reads
+// three).
 static_assert(kMaxHistory >= 2, "the two-slot instance reads history[0] and history[1]");
 template <typename T, int kVec, int kHistorySlots, typename Reads>
 __global__ void __launch_bounds__(kThreads) guided_step_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
@@ -325,17 +329,16 @@ Kernel<T> kind_kernel(const GuidedStepParams& p, bool similarity) {
   return guided_step_kernel<T, kVec, kHistorySlots, Reads>;
 }
 
+// Whether a CommonReads instance serves this step: common_reads, and at most two history
+// tensors (three or four, unipc-3's corrector alone, run RuntimeReads: 18 fewer
+// instances to compile).
+bool runs_common(const GuidedStepParams& p) { return common_reads(p) && p.num_history <= 2; }
+
 // A CommonReads instance, with the fewest history slots that hold the step's history.
 template <typename T, int kVec, typename Reads>
 Kernel<T> common_kernel(const GuidedStepParams& p, bool similarity) {
-  switch (history_slots(p.num_history)) {
-    case 0:
-      return kind_kernel<T, kVec, 0, Reads>(p, similarity);
-    case 2:
-      return kind_kernel<T, kVec, 2, Reads>(p, similarity);
-    default:
-      return kind_kernel<T, kVec, kMaxHistory, Reads>(p, similarity);
-  }
+  return p.num_history == 0 ? kind_kernel<T, kVec, 0, Reads>(p, similarity)
+                            : kind_kernel<T, kVec, 2, Reads>(p, similarity);
 }
 
 // A RuntimeReads instance (every variant): the plain pass with the fewest history slots,
@@ -382,7 +385,7 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
   // RuntimeReads one; element by element: RuntimeReads, every history slot.
   Kernel<T> step = kind_kernel<T, 1, kMaxHistory, RuntimeReads>(p, similarity);
   int vectors = 1;
-  if (vector && common_reads(p)) {
+  if (vector && runs_common(p)) {
     step = p.has_noise ? common_kernel<T, kVec, CommonReads<true>>(p, similarity)
                        : common_kernel<T, kVec, CommonReads<false>>(p, similarity);
     vectors = CommonReads<false>::kVectorsPerThread;
@@ -400,7 +403,7 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
 int64_t guided_step_blocks(StorageType dtype, const GuidedStepParams& p, const GuidedStepTensors<void>& t) {
   const int vec = vector_elems(dtype);
   if (!vectorised(p, t, vec)) return step_blocks(p, 1, 1);
-  const bool common = common_reads(p);
+  const bool common = runs_common(p);
   return step_blocks(p, vec, common ? CommonReads<false>::kVectorsPerThread : RuntimeReads::kVectorsPerThread);
 }
 
