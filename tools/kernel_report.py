@@ -13,14 +13,18 @@ attention without tensor-core instructions.
 
 Each row also says how many bytes of loads one SM can have in flight: registers and
 shared memory per block give the resident blocks per SM (``occupancy``), and those blocks'
-threads times the bytes of global loads each thread issues (the LDG widths in its SASS)
-give the bytes in flight. A memory-bound kernel needs, by Little's law, bandwidth ×
-latency / SMs of them in flight to keep HBM busy (``IN_FLIGHT_FLOOR``); ``--check``
-fails on a memory-bound kernel below it, except those listed in ``KNOWN_BELOW_FLOOR``
-(being redesigned), and on a listed kernel that is no longer below it (so the list
-shrinks with every fix). The count is static: every load of the code as if issued before
-the first use, so a kernel with loads behind runtime branches is credited with loads it
-may not make (a kernel below the floor is surely below; one above may not be).
+threads times the bytes each thread has in flight at once give the bytes in flight. A
+thread's bytes at once are its widest global loads (LDG.E.128 in a vectorised kernel) issued
+before it uses any of them: the largest such run in the function's SASS
+(``loads_issued_together``, the "widest loads together" column beside the total counts),
+so loads issued one pair at a time in a loop, or repeated on a peeled or tail path, count
+once. A memory-bound kernel needs, by Little's law, bandwidth × latency / SMs of them in
+flight to keep HBM busy (``IN_FLIGHT_FLOOR``); ``--check`` fails on a memory-bound kernel
+below it, except those listed in ``KNOWN_BELOW_FLOOR`` (being redesigned), and on a listed
+kernel that is no longer below it (so the list shrinks with every fix). The count is
+static: a run may pass guarded branches into optional loads that a common call skips
+(CUDA_MAIN_PATH_VECTORS caps those kernels), and it ends conservatively at every jump
+target, so a kernel whose loads straddle one may have more in flight than counted.
 
 The CUDA kernels of csrc/ (the cuda backend) get the same table: nvcc compiles each
 source on its own for every architecture with warnings as errors (a warning fails the
@@ -57,7 +61,13 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from fastguide.kernels import attention, group_norm, guided_step, layer_norm  # noqa: E402
 from fastguide.ops import extension  # noqa: E402
 from fastguide.ops.contract import COMBINE_SCALARS, STEP_SCALARS  # noqa: E402
-from tools.occupancy import KNOWN_BELOW_FLOOR, in_flight, in_flight_violations  # noqa: E402
+from tools.occupancy import (  # noqa: E402
+    KNOWN_BELOW_FLOOR,
+    access_bits,
+    in_flight,
+    in_flight_violations,
+    loads_issued_together,
+)
 
 TORCH_TO_TRITON = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
@@ -159,26 +169,22 @@ def analyse_functions(cubin: Path) -> dict[str, dict]:
     bodies = dict(re.findall(r"Function : ([\w$.]+)\n(.*?)(?=\n\s*Function : |\Z)", sass, flags=re.S))
     found = {}
     for name, res in resources.items():
-        opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", bodies.get(name, ""))
-        widths = lambda op: Counter(_width(o) for o in opcodes if o.split(".")[0] == op)  # noqa: E731
+        body = bodies.get(name, "")
+        opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", body)
+        widths = lambda op: Counter(access_bits(o) for o in opcodes if o.split(".")[0] == op)  # noqa: E731
+        loads = dict(widths("LDG"))
         found[name] = {
             "registers": int(res.get("REG", 0)),
             "local_bytes": int(res.get("LOCAL", 0)),
             "stack_bytes": int(res.get("STACK", 0)),
             "shared_bytes": int(res.get("SHARED", 0)),
-            "loads": dict(widths("LDG")),
+            "loads": loads,
+            # of the widest loads, the most a thread issues before it uses one of them
+            "loads_together": loads_issued_together(body.splitlines(), max(loads, default=128)),
             "stores": dict(widths("STG")),
             "tensor_core": sum(1 for o in opcodes if o.split(".")[0] in ("HMMA", "HGMMA", "WGMMA")),
         }
     return found
-
-
-def _width(opcode: str) -> int:
-    """Access width in bits of an LDG/STG opcode (LDG.E.128 -> 128; no suffix -> 32)."""
-    for part in opcode.split("."):
-        if part in ("64", "128", "U8", "S8", "U16", "S16"):
-            return {"U8": 8, "S8": 8, "U16": 16, "S16": 16}.get(part, int(part) if part.isdigit() else 32)
-    return 32
 
 
 def cases() -> list[Case]:
@@ -624,6 +630,7 @@ def run_cuda(archs: list[int], only: str = "") -> list[dict]:
                 threads = block_threads(source)
                 for mangled, stats in analyse_functions(cubin).items():
                     name = _kernel_name(mangled)
+                    # At most the main path's vectors, where it has a cap: see CUDA_MAIN_PATH_VECTORS.
                     stats |= in_flight(arch, stats, threads, main_path_vectors(name))
                     # The floor holds the vectorised instances; kVec = 1 ones serve unaligned tensors.
                     held = _vector_width(name) > 1
@@ -637,7 +644,10 @@ def run_cuda(archs: list[int], only: str = "") -> list[dict]:
 # one; the similarity sums add none), where the SASS holds the optional ones too (history,
 # noise, gradient, ...). guided_step's RuntimeReads instances move one vector per input
 # per thread; its CommonReads instances have no optional load left but the history their
-# slots hold, so their SASS counts (every slot in use).
+# slots hold, so their SASS counts (every slot in use). The report counts
+# min(this, the SASS's run of loads issued together): the run may take in optional loads
+# on a guarded path a common call skips (hence the cap), and the main path's own loads may
+# be issued fewer at a time than it reads (hence the run).
 CUDA_MAIN_PATH_VECTORS = {
     "guided_step_kernel": 3,
     "perturbed_guided_step_kernel": 4,
@@ -668,16 +678,24 @@ def check_bindings(torch_include: Path) -> None:
 
 def format_table(rows: list[dict]) -> str:
     header = (
-        "| kernel | arch | regs | spill B | smem B | global loads (bits: n) | global stores | tensor-core "
-        "| blocks/SM | KB in flight/SM | issues |"
+        "| kernel | arch | regs | spill B | smem B | global loads (bits: n) | widest loads together "
+        "| global stores | tensor-core | blocks/SM | KB in flight/SM | issues |"
     )
-    lines = [header, "|" + "---|" * 11]
+    lines = [header, "|" + "---|" * 12]
     fmt = lambda d: " ".join(f"{w}:{n}" for w, n in sorted(d.items())) or "-"  # noqa: E731
+
+    def together(r: dict) -> str:
+        """bits:run of the widest loads, and the main path's count where that is fewer."""
+        if not r["loads"]:
+            return "-"
+        shown = f"{max(r['loads'])}:{r['loads_together']}"
+        return shown + (f" (main path {r['loads_counted']})" if r["loads_counted"] < r["loads_together"] else "")
+
     for r in rows:
         known = " (known below)" if f"{r['kernel']} {r['arch']}" in KNOWN_BELOW_FLOOR else ""
         lines.append(
             f"| {r['kernel']} | {r['arch']} | {r['registers']} | {r['local_bytes'] + r['stack_bytes']} | "
-            f"{r['shared_bytes']} | {fmt(r['loads'])} | {fmt(r['stores'])} | {r['tensor_core']} | "
+            f"{r['shared_bytes']} | {fmt(r['loads'])} | {together(r)} | {fmt(r['stores'])} | {r['tensor_core']} | "
             f"{r['blocks_per_sm']} | {r['in_flight_bytes'] / 1024:.0f}{known} | "
             f"{'; '.join(r['violations']) or 'ok'} |"
         )

@@ -1,11 +1,20 @@
 """How many bytes of loads a kernel keeps in flight per SM, from what a compiler reports
-(registers, shared memory, the LDG instructions of its SASS), against the floor that
-Little's law sets for a memory-bound kernel. Used by tools/kernel_report.py; plain
-arithmetic, no GPU and no compiler needed.
+(registers, shared memory, the SASS of each function), against the floor that Little's law
+sets for a memory-bound kernel. Used by tools/kernel_report.py; plain arithmetic and SASS
+text, no GPU and no compiler needed.
+
+A thread's bytes in flight are not every load of its SASS: a load's bytes stop being in
+flight once the thread waits for them, at the first instruction that reads (or overwrites)
+the registers it fills. ``loads_issued_together`` walks one function's SASS and returns the
+largest run of its widest global loads (LDG.E.128 in a vectorised kernel) issued before
+any of them is used; bytes per thread = width × that run. So a loop body that loads two
+vectors, does math on them and then loads two more counts 2, not 4, and loads that appear
+twice in the SASS (a peeled first loop pass, a tail path beside the main one) count once.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -64,6 +73,55 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "cuda similarity_guided_step_kernel<fp32, 4, 4, RuntimeReads> sm_80",
     "cuda similarity_guided_step_kernel<fp32, 4, 4, RuntimeReads> sm_90",
     "layer_norm adaLN bwd D=72 fp16 sm_80",
+    # Found by the honest count (2026-12-05: loads issued before their first use, not every
+    # load of the SASS), with what the SASS shows. Triton guided_step with a rescale: the
+    # model outputs go out together, x only after the rescale factor's fp64 division.
+    "guided_step pag+rescale fp16 sm_80",  # 3: mo, uncond, perturbed
+    "guided_step pag+rescale fp16 sm_90",
+    "guided_step tangential+rescale fp16 sm_80",  # 2 before the division, 1 after
+    "guided_step tangential+rescale fp16 sm_90",
+    # A peeled first loop pass holds half the loads: 4 at a time, not 8.
+    "guided_stats apg fp16 sm_80",
+    "guided_stats apg fp16 sm_90",
+    "group_norm apply+silu nhwc fp16 sm_80",
+    "group_norm apply+silu nhwc fp16 sm_90",
+    "group_norm bwd sums nhwc fp16 sm_80",  # the loop itself: 2 at a time
+    "group_norm bwd sums nhwc fp16 sm_90",
+    "group_norm bwd dx nhwc fp16 sm_80",  # the loop itself: 2 at a time
+    "group_norm bwd dx nhwc fp16 sm_90",
+    # Triton layer_norm: the statistics pass loads x alone (4 vectors at D=1152, two rows);
+    # the backward stages w and b through shared memory before its 6 loads (at 2 blocks/SM).
+    "layer_norm adaLN fwd D=1152 bf16 sm_90",
+    "layer_norm adaLN fwd D=1152 fp16 sm_90",
+    "layer_norm adaLN fwd D=72 fp16 sm_90",  # 4, then 5 in the normalising pass
+    "layer_norm adaLN bwd D=1152 bf16 sm_80",
+    "layer_norm adaLN bwd D=1152 bf16 sm_90",
+    "layer_norm adaLN bwd D=1152 fp16 sm_80",
+    "layer_norm adaLN bwd D=1152 fp16 sm_90",
+    "layer_norm adaLN bwd D=72 fp16 sm_90",
+    # CUDA layer_norm: each pass of the row loop loads x and dy (dx), or x, branch and gate
+    # (the gated forward), and uses them before the next pass: 3 at a time (fp32: 2, then a
+    # runtime branch on the parameters' storage type).
+    "cuda layer_norm_dx_kernel<bf16, 8> sm_80",
+    "cuda layer_norm_dx_kernel<bf16, 8> sm_90",
+    "cuda layer_norm_dx_kernel<fp16, 8> sm_80",
+    "cuda layer_norm_dx_kernel<fp16, 8> sm_90",
+    "cuda layer_norm_dx_kernel<fp32, 4> sm_80",
+    "cuda layer_norm_dx_kernel<fp32, 4> sm_90",
+    "cuda layer_norm_forward_kernel<bf16, 8, true> sm_80",
+    "cuda layer_norm_forward_kernel<bf16, 8, true> sm_90",
+    "cuda layer_norm_forward_kernel<fp16, 8, true> sm_80",
+    "cuda layer_norm_forward_kernel<fp16, 8, true> sm_90",
+    "cuda layer_norm_forward_kernel<fp32, 4, true> sm_80",
+    "cuda layer_norm_forward_kernel<fp32, 4, true> sm_90",
+    # CUDA stats passes in fp32: the first vector's inputs, its math, then the second's.
+    "cuda guided_stats_kernel<fp32, 4, true> sm_80",  # 2 + 2
+    "cuda perturbed_guided_stats_kernel<fp32, 4> sm_80",  # 3 + 3
+    "cuda perturbed_guided_stats_kernel<fp32, 4> sm_90",
+    # sm_90 issues the two history slots' loads first and repacks them (PRMT) before it
+    # loads c, u and x: 6 at a time, at 2 blocks/SM (103 and 109 registers).
+    "cuda similarity_guided_step_kernel<bf16, 8, 2, CommonReads<false>> sm_90",
+    "cuda similarity_guided_step_kernel<bf16, 8, 2, CommonReads<true>> sm_90",
 }
 
 
@@ -79,21 +137,123 @@ def occupancy(arch: int, registers: int, threads: int, shared_bytes: int) -> int
     return min(sm.blocks, sm.threads // (warps * 32), by_registers, by_shared)
 
 
-def load_bytes_per_thread(loads: dict[int, int]) -> int:
-    """Bytes of data one thread loads: its widest global loads (the data vectors), Σ width/8
-    over them; narrower loads beside them are parameters (a weight, a coefficient), whose
-    few bytes are shared by every thread and soon in cache."""
-    widest = max(loads, default=0)
-    return widest // 8 * loads.get(widest, 0)
+def access_bits(opcode: str) -> int:
+    """Access width in bits of a load or store opcode (LDG.E.128 -> 128; no suffix -> 32)."""
+    for part in opcode.split("."):
+        if part in ("64", "128", "U8", "S8", "U16", "S16"):
+            return {"U8": 8, "S8": 8, "U16": 16, "S16": 16}.get(part, int(part) if part.isdigit() else 32)
+    return 32
+
+
+# One SASS instruction as cuobjdump prints it: "/*0320*/  @!P0 LDG.E.128 R4, desc[UR4][R20.64] ;"
+# -> address, guard predicate (or None), opcode, operands. A guarded load may be issued and a
+# guarded use may wait, so both count as if they run.
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+# R0..R254 (not RZ, UR4, SR_TID or P0); ".64" marks the pair R4,R5 of a 64-bit address.
+_REGISTER = re.compile(r"\bR(\d+)(\.64)?")
+# The scan reads the SASS in address order, which is the order of execution only between
+# jumps: an unguarded jump, call, return or exit ends a run. A guarded BRA or EXIT (@P0 EXIT,
+# a bounds check after the loads are issued) does not: the threads that stay go on to the
+# next instruction with their loads still in flight. A guarded call still ends the run.
+_JUMPS = ("BRA", "BRX", "JMP", "JMX", "CALL", "RET", "EXIT")
+# Their hexadecimal operands are addresses execution can arrive at from elsewhere (BSSY's and
+# WARPSYNC's: where diverged threads rejoin). A run ends at any instruction there, as threads
+# arriving by the jump need not have issued its loads.
+_TARGETING = _JUMPS + ("BSSY", "WARPSYNC")
+_DOUBLE = ("DADD", "DFMA", "DMUL", "DMNMX", "DSETP")  # fp64 arithmetic: every register a pair
+
+
+def _widths(opcode: str) -> tuple[int, int]:
+    """How many registers an instruction's first operand (its destination) and each of the
+    others name, where the opcode says: LDG.E.128 R8 fills R8..R11, STG.E.64 [..], R4 reads
+    R4,R5, DADD's operands are pairs, CS2R R12, SRZ zeroes R12 and R13, and a conversion
+    names its destination type first (F2F.F64.F32: a pair from one register; a lone type is
+    the side of its kind: I2F.U64 reads a pair, F2I.U64 writes one). IMAD.WIDE writes a pair."""
+    parts = opcode.split(".")
+    if parts[0].startswith(("LD", "ST", "ATOM", "RED")):
+        data = -(-access_bits(opcode) // 32)
+        return data, data
+    if parts[0] in _DOUBLE:
+        return 2, 2
+    if parts[0] == "CS2R":
+        return (1 if "32" in parts else 2), 1
+    if parts[0] == "IMAD" and "WIDE" in parts:
+        return 2, 1  # a 64-bit result (and addend: _registers)
+    if parts[0] in ("F2F", "F2I", "I2F", "I2I"):
+        types = re.findall(r"\.([FSU])(\d+)", opcode)
+        if len(types) == 1 and (types[0][0] == "F") != (parts[0][2] == "F"):
+            types = [("", "32"), types[0]]  # the lone type is the source's
+        destination, source = (types + [("", "32")] * 2)[:2]
+        return int(destination[1]) // 32 or 1, int(source[1]) // 32 or 1
+    return 1, 1
+
+
+def _registers(opcode: str, operands: str) -> set[int]:
+    """The registers an instruction names, read or written, each operand as wide as it is."""
+    destination, source = _widths(opcode)
+    found = set()
+    listed = operands.split(",")
+    for index, operand in enumerate(listed):
+        for match in _REGISTER.finditer(operand):
+            if match.group(2) or "[" in operand[: match.start()]:  # an address: its own width
+                count = 2 if match.group(2) else 1
+            elif opcode.startswith("IMAD.WIDE") and index == len(listed) - 1:
+                count = 2  # IMAD.WIDE R4, R2, R3, R6: R6,R7 added to R2 × R3
+            else:
+                count = source if index else destination
+            first = int(match.group(1))
+            found |= set(range(first, first + count))
+    return found
+
+
+def loads_issued_together(sass: list[str], bits: int = 128) -> int:
+    """The most ``bits``-wide global loads (LDG) of one function's SASS that a thread has in
+    flight together: the largest run of them issued before the first instruction that reads
+    or overwrites a register any of them fills (there the thread waits for the data).
+
+    Loads of other widths neither start nor end a run (a use of their registers is not a use
+    of the run's); stores read their data operand like any other instruction. A run also ends
+    at control flow (see _JUMPS and _TARGETING) and at a tensor-core or matrix-fragment
+    instruction (HMMA, LDSM), whose register tuples this scan does not model.
+    """
+    instructions = [m.groups() for m in map(_INSTRUCTION.search, sass) if m]
+    targets = {
+        int(address, 16)
+        for _, _, opcode, operands in instructions
+        if opcode.split(".")[0] in _TARGETING
+        for address in re.findall(r"0x([0-9a-f]+)", operands)
+    }
+    largest = run = 0
+    waiting: set[int] = set()  # the registers the run's loads fill
+    for address, guard, opcode, operands in instructions:
+        base = opcode.split(".")[0]
+        touched = _registers(opcode, operands)
+        jumps = base in _JUMPS and not (guard and base in ("BRA", "EXIT"))
+        unmodelled = "MMA" in base or base in ("LDSM", "STSM")
+        if int(address, 16) in targets or jumps or unmodelled or touched & waiting:
+            largest, run, waiting = max(largest, run), 0, set()
+        if base == "LDG" and access_bits(opcode) == bits:
+            run += 1
+            waiting |= _registers(opcode, operands.split(",")[0])  # its destination
+    return max(largest, run)
 
 
 def in_flight(arch: int, stats: dict, threads: int, vectors: int | None = None) -> dict:
-    """Resident blocks per SM and the bytes of loads their threads have in flight.
-    ``vectors``: the 16-byte loads of a thread's main path, where the SASS also holds
-    loads behind runtime branches (counted from the SASS otherwise)."""
+    """Resident blocks per SM and the bytes of loads their threads have in flight: each thread
+    its widest global loads (the data vectors; narrower loads beside them are parameters,
+    a weight or a coefficient, shared by every thread and soon in cache) issued together,
+    ``stats["loads_together"]`` of them (``loads_issued_together``). ``vectors``: at most
+    that many of them, where the SASS also holds loads behind runtime branches that the
+    common call does not take."""
     blocks = occupancy(arch, stats["registers"], threads, stats["shared_bytes"])
-    per_thread = 16 * vectors if vectors is not None else load_bytes_per_thread(stats["loads"])
-    return {"threads": threads, "blocks_per_sm": blocks, "in_flight_bytes": blocks * threads * per_thread}
+    widest = max(stats["loads"], default=0)
+    together = stats["loads_together"] if vectors is None else min(vectors, stats["loads_together"])
+    return {
+        "threads": threads,
+        "blocks_per_sm": blocks,
+        "loads_counted": together,
+        "in_flight_bytes": blocks * threads * widest // 8 * together,
+    }
 
 
 def in_flight_violations(name: str, arch: int, stats: dict, memory_bound: bool) -> list[str]:

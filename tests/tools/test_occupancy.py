@@ -1,4 +1,5 @@
-"""The static report's occupancy and in-flight arithmetic, against NVIDIA's occupancy rules."""
+"""The static report's occupancy and in-flight arithmetic, against NVIDIA's occupancy rules, and its
+scan of a function's SASS for the loads a thread issues before it uses any (hand-written SASS)."""
 
 import pytest
 
@@ -27,11 +28,16 @@ def test_ampere_has_less_shared_memory():
 
 
 def test_in_flight_bytes_and_the_floor(monkeypatch):
-    # The H200 run's cuda guided_step: 4 blocks of 256 threads, three 16-byte loads each.
-    stats = {"registers": 64, "shared_bytes": 0, "loads": {128: 3, 32: 6}}  # c, u, x and six scalars
+    # The H200 run's cuda guided_step: 4 blocks of 256 threads, three 16-byte loads in flight.
+    stats = {"registers": 64, "shared_bytes": 0, "loads": {128: 3, 32: 6}, "loads_together": 3}  # c, u, x
     found = occupancy.in_flight(90, stats, threads=256)
-    assert occupancy.in_flight(90, {**stats, "loads": {128: 10, 32: 6}}, threads=256, vectors=3) == found
-    assert found == {"threads": 256, "blocks_per_sm": 4, "in_flight_bytes": 4 * 256 * 48}
+    assert found == {"threads": 256, "blocks_per_sm": 4, "loads_counted": 3, "in_flight_bytes": 4 * 256 * 48}
+    # A main-path cap counts at most its vectors, and no more than the SASS issues together.
+    assert occupancy.in_flight(90, {**stats, "loads_together": 10}, threads=256, vectors=3) == found
+    assert occupancy.in_flight(90, {**stats, "loads_together": 2}, threads=256, vectors=3)["loads_counted"] == 2
+    # Only the widest loads count, each its own width: two 64-bit loads together are 16 bytes.
+    narrow = occupancy.in_flight(90, {**stats, "loads": {64: 5, 16: 9}, "loads_together": 2}, threads=256)
+    assert narrow["in_flight_bytes"] == 4 * 256 * 16
     stats |= found
     assert "below the 64 KB floor" in occupancy.in_flight_violations("k", 90, stats, memory_bound=True)[0]
     assert occupancy.in_flight_violations("k", 90, stats, memory_bound=False) == []
@@ -39,5 +45,117 @@ def test_in_flight_bytes_and_the_floor(monkeypatch):
     assert occupancy.in_flight_violations("k", 90, stats, memory_bound=True) == []
     stats["in_flight_bytes"] = 96 * 1024  # fixed: the list must shrink
     assert "take it off the list" in occupancy.in_flight_violations("k", 90, stats, memory_bound=True)[0]
-    assert occupancy.load_bytes_per_thread({128: 2, 32: 3, 16: 1}) == 32
-    assert occupancy.load_bytes_per_thread({16: 4, 32: 15}) == 60 and occupancy.load_bytes_per_thread({}) == 0
+
+
+def sass(text: str) -> list[str]:
+    """cuobjdump -sass lines from "ADDRESS INSTRUCTION" lines (hex addresses, as it prints them)."""
+    lines = []
+    for line in text.strip().splitlines():
+        address, instruction = line.split(None, 1)
+        lines.append(f"        /*{int(address, 16):04x}*/                   {instruction} ;  /* 0x0000000000000000 */")
+    return lines
+
+
+FOUR_THEN_USE = """
+    0010 LDG.E.128 R4, desc[UR4][R2.64]
+    0020 LDG.E.128 R8, desc[UR4][R2.64+0x10]
+    0030 LDG.E.128 R12, desc[UR4][R2.64+0x20]
+    0040 LDG.E.128 R16, desc[UR4][R2.64+0x30]
+    0050 FADD R20, R4, R19
+    0060 EXIT
+"""
+
+
+def test_a_run_of_loads_issued_before_their_first_use():
+    assert occupancy.loads_issued_together(sass(FOUR_THEN_USE)) == 4
+    # load, use, load, use: one at a time, though the SASS holds two
+    one_at_a_time = """
+        0010 LDG.E.128 R4, desc[UR4][R2.64]
+        0020 FFMA R20, R5, R5, R20
+        0030 LDG.E.128 R8, desc[UR4][R2.64+0x10]
+        0040 FFMA R20, R11, R11, R20
+    """
+    assert occupancy.loads_issued_together(sass(one_at_a_time)) == 1
+    # a pair, math on it, then the next pair (a loop body): 2, not 4
+    pairs = """
+        0010 LDG.E.128 R4, desc[UR4][R2.64]
+        0020 LDG.E.128 R8, desc[UR4][R2.64+0x10]
+        0030 HADD2.F32 R20, -RZ, R4.H0_H0
+        0040 LDG.E.128 R12, desc[UR4][R2.64+0x20]
+        0050 LDG.E.128 R16, desc[UR4][R2.64+0x30]
+        0060 HADD2.F32 R21, -RZ, R16.H1_H1
+    """
+    assert occupancy.loads_issued_together(sass(pairs)) == 2
+
+
+def test_registers_as_wide_as_their_operands():
+    # LDG.E.128 R8 fills R8..R11: reading R11 waits for the second load
+    read_r11 = FOUR_THEN_USE.replace("0030 LDG", "0028 FADD R20, R20, R11\n0030 LDG")
+    assert occupancy.loads_issued_together(sass(read_r11)) == 2
+    # R2.64, the address pair R2,R3, is no loaded register: reusing and rewriting it is no use
+    reused = """
+        0010 LDG.E.128 R4, desc[UR4][R2.64]
+        0020 IADD3 R2, P0, R2, 0x1000, RZ
+        0030 IMAD.WIDE.U32 R2, R20, 0x10, R2
+        0040 LDG.E.128 R8, desc[UR4][R2.64]
+        0050 MOV R3, R21
+        0060 LDG.E.128 R12, desc[UR4][R2.64+0x10]
+    """
+    assert occupancy.loads_issued_together(sass(reused)) == 3
+    # a load addressed by a pair that a load filled (a pointer read from memory) waits for it
+    dependent = reused.replace("[R2.64]\n        0050", "[R6.64]\n        0050")
+    assert occupancy.loads_issued_together(sass(dependent)) == 2
+    # a conversion to fp64 writes a pair (R24,R25) from one register: R27, not R28 of the load
+    conversion = """
+        0010 LDG.E R27, desc[UR4][R2.64+0x40]
+        0020 LDG.E.128 R28, desc[UR4][R2.64]
+        0030 F2F.F64.F32 R24, R27
+        0040 LDG.E.128 R32, desc[UR4][R2.64+0x10]
+    """
+    assert occupancy.loads_issued_together(sass(conversion)) == 2
+    # a shared-memory address [R3+0x10] is one register, whatever the width of the data
+    shared = FOUR_THEN_USE.replace("0030 LDG", "0028 STS.128 [R3+0x10], R20\n0030 LDG")
+    assert occupancy.loads_issued_together(sass(shared)) == 4
+
+
+def test_predicated_instructions_count_as_if_they_run():
+    guarded = FOUR_THEN_USE.replace("LDG", "@!P0 LDG").replace("0050 FADD", "0050 @P1 FADD")
+    assert occupancy.loads_issued_together(sass(guarded)) == 4
+    # a guarded use waits like any other: it ends the run
+    guarded_use = FOUR_THEN_USE.replace("0030 LDG.E.128 R12", "0025 @P1 FMUL R20, R9, R9\n0030 LDG.E.128 R12")
+    assert occupancy.loads_issued_together(sass(guarded_use)) == 2
+
+
+def test_loads_of_other_widths_stores_and_control_flow():
+    # a 32-bit load neither counts nor ends a run, and a use of its register is no use of the run's
+    narrow = FOUR_THEN_USE.replace("0030 LDG", "0024 LDG.E R24, desc[UR4][R26.64]\n0028 FADD R25, R24, R24\n0030 LDG")
+    assert occupancy.loads_issued_together(sass(narrow)) == 4
+    # ... but one that overwrites a loaded register does
+    clobber = FOUR_THEN_USE.replace("0030 LDG", "0028 LDG.E R6, desc[UR4][R26.64]\n0030 LDG")
+    assert occupancy.loads_issued_together(sass(clobber)) == 2
+    # a store reads its data: storing R8..R11 of the second load ends the run
+    stored = FOUR_THEN_USE.replace("0030 LDG", "0028 STG.E.128 desc[UR4][R24.64], R8\n0030 LDG")
+    assert occupancy.loads_issued_together(sass(stored)) == 2
+    # a store whose data comes from elsewhere does not
+    elsewhere = FOUR_THEN_USE.replace("0030 LDG", "0028 STG.E.64 desc[UR4][R24.64], R20\n0030 LDG")
+    assert occupancy.loads_issued_together(sass(elsewhere)) == 4
+    # a jump ends a run: the next instruction in the listing is not the next one run ...
+    jump = FOUR_THEN_USE.replace("0030 LDG", "0028 BRA 0x40\n0030 LDG")
+    assert occupancy.loads_issued_together(sass(jump)) == 2
+    # ... and so does a jump's target, reached by threads that skipped the loads before it
+    target = FOUR_THEN_USE.replace("0060 EXIT", "0060 @P0 BRA 0x30\n0070 EXIT")
+    assert occupancy.loads_issued_together(sass(target)) == 2
+    # a guarded EXIT (a bounds check) or branch leaves the threads that stay, or fall through,
+    # with their loads in flight
+    bounds = FOUR_THEN_USE.replace("0030 LDG", "0028 @P0 EXIT\n0030 LDG")
+    assert occupancy.loads_issued_together(sass(bounds)) == 4
+    assert occupancy.loads_issued_together(sass(bounds.replace("@P0 EXIT", "@!P0 BRA 0x100"))) == 4
+    assert occupancy.loads_issued_together(sass(bounds.replace("@P0 EXIT", "CALL.REL.NOINC 0x100"))) == 2
+
+
+def test_the_width_of_the_run():
+    loads = FOUR_THEN_USE.replace("LDG.E.128 R12", "LDG.E.64 R12").replace("LDG.E.128 R16", "LDG.E.64 R16")
+    assert occupancy.loads_issued_together(sass(loads)) == 2
+    assert occupancy.loads_issued_together(sass(loads), bits=64) == 2
+    assert occupancy.access_bits("LDG.E.128") == 128 and occupancy.access_bits("LDG.E.U16") == 16
+    assert occupancy.access_bits("LDG.E") == 32 and occupancy.access_bits("STG.E.64") == 64
