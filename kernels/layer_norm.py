@@ -98,6 +98,11 @@ def _layer_norm_forward_kernel(
     x = _row_input(
         x_ptr, branch_ptr, gate_ptr, offsets, _param_offsets(n, l, cols, gate_stride_n, gate_stride_l), mask, RESIDUAL
     )
+    # The modulation's loads go out with x's, before the reductions wait on x.
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + _param_offsets(n, l, cols, scale_stride_n, scale_stride_l), mask=mask, other=0.0)
+    if HAS_SHIFT:
+        shift = tl.load(shift_ptr + _param_offsets(n, l, cols, shift_stride_n, shift_stride_l), mask=mask, other=0.0)
     if RESIDUAL:
         tl.store(h_new_ptr + offsets, x.to(h_new_ptr.dtype.element_ty), mask=mask)
     mean = tl.sum(x, axis=1) / D
@@ -113,10 +118,8 @@ def _layer_norm_forward_kernel(
     if HAS_B:
         y = y + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SCALE:
-        scale = tl.load(scale_ptr + _param_offsets(n, l, cols, scale_stride_n, scale_stride_l), mask=mask, other=0.0)
         y = y * (1.0 + scale.to(tl.float32))
     if HAS_SHIFT:
-        shift = tl.load(shift_ptr + _param_offsets(n, l, cols, shift_stride_n, shift_stride_l), mask=mask, other=0.0)
         y = y + shift.to(tl.float32)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
