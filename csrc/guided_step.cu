@@ -119,7 +119,7 @@ __device__ __forceinline__ void guided_stats(const GuidedStepParams& p, const Gu
           } else if constexpr (kMomentum) {  // guidance_difference's, with the flag known
             v_i += p.combine.apg_momentum * buffer[r][i];
           }
-          add_shifted_if(sums, c_i, v_i, r == 0 || second);
+          add_shifted(sums, c_i, v_i, r == 0 || second);
         }
       }
     }
