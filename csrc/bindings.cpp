@@ -300,6 +300,9 @@ std::tuple<at::Tensor, at::Tensor> group_norm_backward(
 LayerNormParams layer_norm_params(const at::Tensor& x, double eps, const std::optional<at::Tensor>& scale,
                                   const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& gate) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "fastguide_cuda: x must be a contiguous (N, L, D) tensor");
+  // The kernels index a row's columns with int (fewer registers than int64).
+  TORCH_CHECK(x.size(2) < (int64_t{1} << 30), "fastguide_cuda: the normalized size D must be below 2^30, got ",
+              x.size(2));
   LayerNormParams p{};
   p.rows = x.size(0) * x.size(1);
   p.tokens = x.size(1);

@@ -2,9 +2,10 @@
 // math is layer_norm.cuh's; this file maps it onto threads.
 //
 // Forward, one launch: a warp per row (8 rows per block). Pass 1 reads the row (16-byte
-// vectors when D and the pointers allow) for its shifted sums, reduced with shuffles;
-// pass 2 reads it again (from L1/L2: a row is at most a few KB) and writes y (and h_new
-// in the residual form, whose h + gate·branch both passes recompute identically).
+// vectors when D and the pointers allow; several a lane issued together, see kBlocksPerSM)
+// for its shifted sums, reduced with shuffles; pass 2 reads it again (from L1: a row is at
+// most a few KB) and writes y (and h_new in the residual form, whose h + gate·branch both
+// passes recompute identically).
 // Backward, two launches: layer_norm_dx_kernel, a warp per row (Σdx̂ and Σdx̂·x̂, then dx
 // and the per-token dscale, dshift); layer_norm_column_sums_kernel, a thread per (column,
 // sample, token chunk) summing (A, B, C, E) over its tokens, coalesced across columns.
@@ -63,58 +64,137 @@ __device__ __forceinline__ void load_parameters(const Parameter& param, int64_t 
   }
 }
 
-// The constants of columns j .. j + kVec − 1 of `row` (column_affine, vectorised).
+// The forward's map of columns j .. j + kVec − 1 of `row`, folded per column: y = x̂·gain +
+// offset with gain = w·(1 + scale), offset = b·(1 + scale) + shift. Two values an element
+// stay live, not four, which keeps the loads of a whole pass in registers.
 template <int kVec>
-__device__ __forceinline__ void column_affines(const LayerNormParams& p, const LayerNormAffine& a, int64_t row,
-                                               int64_t j, ColumnAffine (&k)[kVec]) {
-  float w[kVec], b[kVec], scale[kVec], shift[kVec];
-  load_parameters<kVec>(a.weight, j, 1.0f, w);
-  load_parameters<kVec>(a.bias, j, 0.0f, b);
+__device__ __forceinline__ void modulation(const LayerNormParams& p, const LayerNormAffine& a, int64_t row, int j,
+                                           float (&gain)[kVec], float (&offset)[kVec]) {
+  float scale[kVec], shift[kVec];
   load_parameters<kVec>(a.scale, parameter_row(p, row, p.scale_per_token) + j, 0.0f, scale);
+  load_parameters<kVec>(a.weight, j, 1.0f, gain);
+  load_parameters<kVec>(a.bias, j, 0.0f, offset);
   load_parameters<kVec>(a.shift, parameter_row(p, row, p.shift_per_token) + j, 0.0f, shift);
 #pragma unroll
-  for (int i = 0; i < kVec; ++i) k[i] = {w[i], b[i], 1.0f + scale[i], shift[i]};
-}
-
-// kVec input elements of `row` from column j: x, or h + gate·branch rounded to T.
-template <typename T, int kVec, bool kResidual>
-__device__ __forceinline__ void load_input(const LayerNormParams& p, const LayerNormAffine& a,
-                                           const ForwardTensors<T>& t, int64_t row, int64_t j, float (&v)[kVec]) {
-  const int64_t offset = row * p.d + j;
-  const Vec<T, kVec> x = load_vec<T, kVec>(t.x + offset);
-  if constexpr (kResidual) {
-    const Vec<T, kVec> branch = load_vec<T, kVec>(t.branch + offset);
-    float gate[kVec];
-    load_parameters<kVec>(a.gate, parameter_row(p, row, p.gate_per_token) + j, 0.0f, gate);
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) {
-      // Rounded as stored: the norm sees the h_new the caller gets.
-      v[i] = to_float(from_float<T>(residual_element(to_float(x.v[i]), gate[i], to_float(branch.v[i]))));
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) v[i] = to_float(x.v[i]);
+  for (int i = 0; i < kVec; ++i) {
+    gain[i] *= 1.0f + scale[i];
+    offset[i] = offset[i] * (1.0f + scale[i]) + shift[i];
   }
 }
 
+// dx̂ = dy·c of columns j .. j + kVec − 1 of `row`: c = (1 + scale)·w.
+template <int kVec>
+__device__ __forceinline__ void dx_hat_coefficients(const LayerNormParams& p, const LayerNormAffine& a, int64_t row,
+                                                    int j, float (&c)[kVec]) {
+  float scale[kVec];
+  load_parameters<kVec>(a.scale, parameter_row(p, row, p.scale_per_token) + j, 0.0f, scale);
+  load_parameters<kVec>(a.weight, j, 1.0f, c);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) c[i] *= 1.0f + scale[i];
+}
+
+// One pass of a lane's row loop: kGroup vectors kWarpSize·kVec columns apart, from `base`.
+// A vector past the row's end rereads the pass's first (in bounds) and is used for nothing,
+// so every pass issues all its loads before any math, with one code path and no tail loop.
+// Columns are int: bindings.cpp checked D < 2^30.
+template <int kGroup, int kVec>
+struct RowPass {
+  int column[kGroup];
+  bool valid[kGroup];
+
+  __device__ __forceinline__ RowPass(int base, int d) {
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      const int j = base + g * kWarpSize * kVec;
+      valid[g] = j < d;
+      column[g] = valid[g] ? j : base;
+    }
+  }
+};
+
+// The row loops' shape. The first pass reads the row from HBM: 6 vectors a lane, all issued
+// before their first use (x alone: 6 of it; two inputs, h and branch or x and dy: 3 of
+// each), at the 3 blocks of 256 threads an SM holds at up to 80 registers a thread
+// (__launch_bounds__): 18 KB a block, 72 KB an SM in flight. The second pass rereads the
+// row from L1 with the parameters beside it, 2 vectors of each input at a time, which
+// keeps its registers within that bound. A row of DiT's width 1152 in bf16 is 4.5 vectors
+// a lane.
+constexpr int kBlocksPerSM = 3;
+constexpr int kFirstPassVectors = 6;
+constexpr int kRereadGroup = 2;
+
+// The forward's input vectors of one pass: x (h in the residual form) and branch.
+template <typename T, int kVec, bool kResidual, int kGroup>
+struct InputVectors {
+  Vec<T, kVec> x[kGroup], branch[kGroup];
+
+  __device__ __forceinline__ InputVectors(const ForwardTensors<T>& t, int64_t row_offset,
+                                          const RowPass<kGroup, kVec>& pass) {
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) x[g] = load_vec<T, kVec>(t.x + row_offset + pass.column[g]);
+    if constexpr (kResidual) {
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) branch[g] = load_vec<T, kVec>(t.branch + row_offset + pass.column[g]);
+    }
+  }
+
+  // Vector g's elements as fp32: x, or h + gate·branch rounded to T (the gate read here,
+  // after the data vectors are in flight).
+  __device__ __forceinline__ void element_values(const LayerNormParams& p, const LayerNormAffine& a, int64_t row,
+                                                 int64_t j, int g, float (&v)[kVec]) const {
+    if constexpr (kResidual) {
+      float gate[kVec];
+      load_parameters<kVec>(a.gate, parameter_row(p, row, p.gate_per_token) + j, 0.0f, gate);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        // Rounded as stored: the norm sees the h_new the caller gets.
+        v[i] = to_float(from_float<T>(residual_element(to_float(x[g].v[i]), gate[i], to_float(branch[g].v[i]))));
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) v[i] = to_float(x[g].v[i]);
+    }
+  }
+};
+
+// The row's first input element, the statistics' shift K: x, or h + gate·branch rounded to T.
+template <typename T, bool kResidual>
+__device__ __forceinline__ float first_element(const LayerNormParams& p, const LayerNormAffine& a,
+                                               const ForwardTensors<T>& t, int64_t row) {
+  const float x = to_float(t.x[row * p.d]);
+  if constexpr (kResidual) {
+    const float gate = a.gate.load(parameter_row(p, row, p.gate_per_token), 0.0f);
+    return to_float(from_float<T>(residual_element(x, gate, to_float(t.branch[row * p.d]))));
+  }
+  return x;
+}
+
 template <typename T, int kVec, bool kResidual>
-__global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(LayerNormParams p, LayerNormAffine a,
-                                                                      ForwardTensors<T> t) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
+    layer_norm_forward_kernel(LayerNormParams p, LayerNormAffine a, ForwardTensors<T> t) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;
   if (row >= p.rows) return;  // the whole warp: no shuffle is left waiting
   const int lane = threadIdx.x % kWarpSize;
-  float first[1];
-  load_input<T, 1, kResidual>(p, a, t, row, 0, first);
-  const float shift = first[0];
+  const int64_t row_offset = row * p.d;
+  const int d = static_cast<int>(p.d);
+  constexpr int kGroup = kResidual ? kFirstPassVectors / 2 : kFirstPassVectors;
+  const float shift = first_element<T, kResidual>(p, a, t, row);
   float sum = 0.0f, sum_sq = 0.0f;
-  for (int64_t j = static_cast<int64_t>(lane) * kVec; j < p.d; j += kWarpSize * kVec) {
-    float v[kVec];
-    load_input<T, kVec, kResidual>(p, a, t, row, j, v);
+#pragma unroll 1  // a pass holds the loads in flight; unrolling more costs registers
+  for (int base = lane * kVec; base < d; base += kGroup * kWarpSize * kVec) {
+    const RowPass<kGroup, kVec> pass(base, d);
+    const InputVectors<T, kVec, kResidual, kGroup> in(t, row_offset, pass);
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) {
-      const float d = v[i] - shift;
-      sum += d;
-      sum_sq += d * d;
+    for (int g = 0; g < kGroup; ++g) {
+      if (!pass.valid[g]) continue;
+      float v[kVec];
+      in.element_values(p, a, row, pass.column[g], g, v);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        const float d = v[i] - shift;
+        sum += d;
+        sum_sq += d * d;
+      }
     }
   }
   sum = warp_sum(sum);
@@ -125,20 +205,28 @@ __global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(LayerNormP
     t.mean[row] = mean;
     t.rstd[row] = rstd;
   }
-  for (int64_t j = static_cast<int64_t>(lane) * kVec; j < p.d; j += kWarpSize * kVec) {
-    float v[kVec];
-    load_input<T, kVec, kResidual>(p, a, t, row, j, v);
-    ColumnAffine k[kVec];
-    column_affines<kVec>(p, a, row, j, k);
-    Vec<T, kVec> out;
+#pragma unroll 1
+  for (int base = lane * kVec; base < d; base += kRereadGroup * kWarpSize * kVec) {
+    const RowPass<kRereadGroup, kVec> pass(base, d);
+    const InputVectors<T, kVec, kResidual, kRereadGroup> in(t, row_offset, pass);
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) out.v[i] = from_float<T>(modulate_element(k[i], (v[i] - mean) * rstd));
-    store_vec(t.y + row * p.d + j, out);
-    if constexpr (kResidual) {
-      Vec<T, kVec> h_new;
+    for (int g = 0; g < kRereadGroup; ++g) {
+      if (!pass.valid[g]) continue;
+      const int j = pass.column[g];
+      float v[kVec];
+      in.element_values(p, a, row, j, g, v);
+      float gain[kVec], offset[kVec];
+      modulation<kVec>(p, a, row, j, gain, offset);
+      Vec<T, kVec> out;
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) h_new.v[i] = from_float<T>(v[i]);
-      store_vec(t.h_new + row * p.d + j, h_new);
+      for (int i = 0; i < kVec; ++i) out.v[i] = from_float<T>((v[i] - mean) * rstd * gain[i] + offset[i]);
+      store_vec(t.y + row_offset + j, out);
+      if constexpr (kResidual) {
+        Vec<T, kVec> h_new;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) h_new.v[i] = from_float<T>(v[i]);
+        store_vec(t.h_new + row_offset + j, h_new);
+      }
     }
   }
 }
@@ -155,44 +243,94 @@ struct BackwardTensors {
   float* partials;  // (N, chunks, 4, D)
 };
 
+// Per-token dscale = dy·(x̂·w + b) and dshift = dy (fp32) of columns j .. j + kVec − 1,
+// where the modulation is per token (the tensors are null otherwise). x and dy are read
+// again (from L1): holding them for this rarer path would cost the main one registers.
 template <typename T, int kVec>
-__global__ void __launch_bounds__(kThreads) layer_norm_dx_kernel(LayerNormParams p, LayerNormAffine a,
-                                                                 BackwardTensors<T> t) {
+__device__ __forceinline__ void per_token_gradients(const LayerNormParams& p, const LayerNormAffine& a,
+                                                    const BackwardTensors<T>& t, int64_t row, int j, float mean,
+                                                    float rstd) {
+  const int64_t offset = row * p.d + j;
+  const Vec<T, kVec> x = load_vec<T, kVec>(t.x + offset), dy = load_vec<T, kVec>(t.dy + offset);
+  float w[kVec], b[kVec];
+  load_parameters<kVec>(a.weight, j, 1.0f, w);
+  load_parameters<kVec>(a.bias, j, 0.0f, b);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+    const float grad = to_float(dy.v[i]);
+    if (t.dscale != nullptr) t.dscale[offset + i] = grad * ((to_float(x.v[i]) - mean) * rstd * w[i] + b[i]);
+    if (t.dshift != nullptr) t.dshift[offset + i] = grad;
+  }
+}
+
+// The backward's input vectors of one pass: x and dy, all issued together.
+template <typename T, int kVec, int kGroup>
+struct GradientVectors {
+  Vec<T, kVec> x[kGroup], dy[kGroup];
+
+  __device__ __forceinline__ GradientVectors(const BackwardTensors<T>& t, int64_t row_offset,
+                                             const RowPass<kGroup, kVec>& pass) {
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      x[g] = load_vec<T, kVec>(t.x + row_offset + pass.column[g]);
+      dy[g] = load_vec<T, kVec>(t.dy + row_offset + pass.column[g]);
+    }
+  }
+};
+
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
+    layer_norm_dx_kernel(LayerNormParams p, LayerNormAffine a, BackwardTensors<T> t) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;
   if (row >= p.rows) return;  // the whole warp: no shuffle is left waiting
   const int lane = threadIdx.x % kWarpSize;
+  const int64_t row_offset = row * p.d;
+  const int d = static_cast<int>(p.d);
+  constexpr int kGroup = kFirstPassVectors / 2;  // x and dy
   const float mean = t.mean[row], rstd = t.rstd[row];
   float sum = 0.0f, sum_xhat = 0.0f;
-  for (int64_t j = static_cast<int64_t>(lane) * kVec; j < p.d; j += kWarpSize * kVec) {
-    const Vec<T, kVec> x = load_vec<T, kVec>(t.x + row * p.d + j);
-    const Vec<T, kVec> dy = load_vec<T, kVec>(t.dy + row * p.d + j);
-    ColumnAffine k[kVec];
-    column_affines<kVec>(p, a, row, j, k);
+#pragma unroll 1  // a pass holds the loads in flight; unrolling more costs registers
+  for (int base = lane * kVec; base < d; base += kGroup * kWarpSize * kVec) {
+    const RowPass<kGroup, kVec> pass(base, d);
+    const GradientVectors<T, kVec, kGroup> in(t, row_offset, pass);
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) {
-      const float dx_hat = layer_norm_dx_hat(k[i], to_float(dy.v[i]));
-      sum += dx_hat;
-      sum_xhat += dx_hat * (to_float(x.v[i]) - mean) * rstd;
+    for (int g = 0; g < kGroup; ++g) {
+      if (!pass.valid[g]) continue;
+      float c[kVec];
+      dx_hat_coefficients<kVec>(p, a, row, pass.column[g], c);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        const float dx_hat = to_float(in.dy[g].v[i]) * c[i];
+        sum += dx_hat;
+        sum_xhat += dx_hat * (to_float(in.x[g].v[i]) - mean) * rstd;
+      }
     }
   }
   const float count = static_cast<float>(p.d);
   const float mean_dx_hat = warp_sum(sum) / count;
   const float mean_dx_hat_xhat = warp_sum(sum_xhat) / count;
-  for (int64_t j = static_cast<int64_t>(lane) * kVec; j < p.d; j += kWarpSize * kVec) {
-    const Vec<T, kVec> x = load_vec<T, kVec>(t.x + row * p.d + j);
-    const Vec<T, kVec> dy = load_vec<T, kVec>(t.dy + row * p.d + j);
-    ColumnAffine k[kVec];
-    column_affines<kVec>(p, a, row, j, k);
-    Vec<T, kVec> dx;
+#pragma unroll 1
+  for (int base = lane * kVec; base < d; base += kRereadGroup * kWarpSize * kVec) {
+    const RowPass<kRereadGroup, kVec> pass(base, d);
+    const GradientVectors<T, kVec, kRereadGroup> in(t, row_offset, pass);
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) {
-      const float x_hat = (to_float(x.v[i]) - mean) * rstd;
-      const float g = to_float(dy.v[i]);
-      dx.v[i] = from_float<T>(layer_norm_dx(layer_norm_dx_hat(k[i], g), x_hat, rstd, mean_dx_hat, mean_dx_hat_xhat));
-      if (t.dscale != nullptr) t.dscale[row * p.d + j + i] = g * (x_hat * k[i].w + k[i].b);
-      if (t.dshift != nullptr) t.dshift[row * p.d + j + i] = g;
+    for (int g = 0; g < kRereadGroup; ++g) {
+      if (!pass.valid[g]) continue;
+      const int j = pass.column[g];
+      float c[kVec];
+      dx_hat_coefficients<kVec>(p, a, row, j, c);
+      Vec<T, kVec> dx;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        const float x_hat = (to_float(in.x[g].v[i]) - mean) * rstd;
+        const float dx_hat = to_float(in.dy[g].v[i]) * c[i];
+        dx.v[i] = from_float<T>(layer_norm_dx(dx_hat, x_hat, rstd, mean_dx_hat, mean_dx_hat_xhat));
+      }
+      store_vec(t.dx + row_offset + j, dx);
+      if (t.dscale != nullptr || t.dshift != nullptr) {
+        per_token_gradients<T, kVec>(p, a, t, row, j, mean, rstd);
+      }
     }
-    store_vec(t.dx + row * p.d + j, dx);
   }
 }
 

@@ -55,11 +55,6 @@ FG_HOST_DEVICE ColumnAffine column_affine(const LayerNormParams& p, const LayerN
 // h + gate·branch in fp32 (the caller rounds it to the storage type).
 FG_HOST_DEVICE float residual_element(float h, float gate, float branch) { return h + gate * branch; }
 
-// y from x̂ (forward element map).
-FG_HOST_DEVICE float modulate_element(const ColumnAffine& k, float x_hat) {
-  return (x_hat * k.w + k.b) * k.one_plus_scale + k.shift;
-}
-
 // A row's mean and rstd from its shifted sums s1 = Σ(x − K), s2 = Σ(x − K)² (float64 for
 // the one subtraction that can cancel).
 FG_HOST_DEVICE void row_statistics(const LayerNormParams& p, float shift, float s1, float s2, float& mean_out,
@@ -72,9 +67,6 @@ FG_HOST_DEVICE void row_statistics(const LayerNormParams& p, float shift, float 
   rstd_out = variance < HUGE_VAL ? static_cast<float>(1.0 / sqrt(fmax(variance, 0.0) + static_cast<double>(p.eps)))
                                  : NAN;
 }
-
-// dx̂ = dy·(1 + scale)·w of one element.
-FG_HOST_DEVICE float layer_norm_dx_hat(const ColumnAffine& k, float dy) { return dy * k.one_plus_scale * k.w; }
 
 // dx from dx̂ and x̂, given the row's mean_D(dx̂) and mean_D(dx̂·x̂).
 FG_HOST_DEVICE float layer_norm_dx(float dx_hat, float x_hat, float rstd, float mean_dx_hat, float mean_dx_hat_xhat) {

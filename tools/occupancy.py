@@ -99,21 +99,6 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "layer_norm adaLN bwd D=1152 fp16 sm_80",
     "layer_norm adaLN bwd D=1152 fp16 sm_90",
     "layer_norm adaLN bwd D=72 fp16 sm_90",
-    # CUDA layer_norm: each pass of the row loop loads x and dy (dx), or x, branch and gate
-    # (the gated forward), and uses them before the next pass: 3 at a time (fp32: 2, then a
-    # runtime branch on the parameters' storage type).
-    "cuda layer_norm_dx_kernel<bf16, 8> sm_80",
-    "cuda layer_norm_dx_kernel<bf16, 8> sm_90",
-    "cuda layer_norm_dx_kernel<fp16, 8> sm_80",
-    "cuda layer_norm_dx_kernel<fp16, 8> sm_90",
-    "cuda layer_norm_dx_kernel<fp32, 4> sm_80",
-    "cuda layer_norm_dx_kernel<fp32, 4> sm_90",
-    "cuda layer_norm_forward_kernel<bf16, 8, true> sm_80",
-    "cuda layer_norm_forward_kernel<bf16, 8, true> sm_90",
-    "cuda layer_norm_forward_kernel<fp16, 8, true> sm_80",
-    "cuda layer_norm_forward_kernel<fp16, 8, true> sm_90",
-    "cuda layer_norm_forward_kernel<fp32, 4, true> sm_80",
-    "cuda layer_norm_forward_kernel<fp32, 4, true> sm_90",
     # CUDA stats passes in fp32: the first vector's inputs, its math, then the second's.
     "cuda guided_stats_kernel<fp32, 4, true> sm_80",  # 2 + 2
     "cuda perturbed_guided_stats_kernel<fp32, 4> sm_80",  # 3 + 3

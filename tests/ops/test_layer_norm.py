@@ -142,7 +142,7 @@ def test_layer_norm_matches_formula(backend, dtype, shape, variant, device, requ
 
 
 @pytest.mark.parametrize("backend, dtype", backend_dtypes(), ids=str)
-@pytest.mark.parametrize("shape", [(2, 7, 72), (2, 257, 72), (3, 72)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 7, 72), (2, 257, 72), (3, 72), (1, 3, 1160)], ids=str)
 @pytest.mark.parametrize("per_token_gate", [False, True])
 def test_gated_residual_layer_norm_matches_formula(backend, dtype, shape, per_token_gate, device, request):
     device = device_for(backend, device)
