@@ -31,9 +31,10 @@ MAX_HISTORY = 4 history tensors, in four pointer slots).
 
 Passes. Plain CFG: one launch, `_guided_step_kernel`. Variants with reductions: first
 `_guided_stats_kernel` (grid: PARTS chunks × B samples) writes each chunk's fp32 moments
-(sums shifted by a value near the chunk's mean, accumulated in float32), then the
-elementwise kernel merges a sample's ≤ 32 partials in float64 by Chan's formula in its
-prologue, in a fixed order (deterministic: no atomics). Two launches.
+(sums shifted by a value near the chunk's mean, accumulated in float32), then
+`_coefficients_kernel` (one program per sample) merges a sample's ≤ 32 partials in
+float64 by Chan's formula, in a fixed order (deterministic: no atomics), into its
+(α_c, α_v, f), which the elementwise kernel reads. Three launches.
 Similarity (the per-sample cosine of the two branches' x0 predictions, asked for with a
 partials pointer; without one Triton specialises it away): the elementwise pass, which
 reads c, u and x anyway, also derives each element's x̂0_c and x̂0_u from x and c, resp.
@@ -108,16 +109,12 @@ STATS_FIELDS = tl.constexpr(8)  # a partial: count, reference (c, v), mean offse
 
 @triton.jit
 def _load_c_v(
-    mo_ptr,
-    uncond_ptr,
-    perturbed_ptr,
-    buf_ptr,
-    b,
+    c_row,
+    u_row,
+    p_row,
+    r_row,
     j,
     mask,
-    mo_sample_stride,
-    uncond_sample_stride,
-    sample_elems,
     apg_momentum,
     scale,
     perturbed_scale,
@@ -125,14 +122,15 @@ def _load_c_v(
     PERTURBED: tl.constexpr,
 ):
     """c and v = c − u (+ momentum·buffer; or with PERTURBED the whole guidance term
-    (w − 1)·(c − u) + s·(c − p)) at offsets j of sample b, in fp32."""
-    c = tl.load(mo_ptr + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(uncond_ptr + b * uncond_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
+    (w − 1)·(c − u) + s·(c − p)) at offsets j of one sample's rows of c, u, p and the APG
+    buffer r, in fp32."""
+    c = tl.load(c_row + j, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_row + j, mask=mask, other=0.0).to(tl.float32)
     v = c - u
     if APG_MOMENTUM:
-        v += apg_momentum * tl.load(buf_ptr + b * sample_elems + j, mask=mask, other=0.0).to(tl.float32)
+        v += apg_momentum * tl.load(r_row + j, mask=mask, other=0.0).to(tl.float32)
     if PERTURBED:
-        p = tl.load(perturbed_ptr + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
+        p = tl.load(p_row + j, mask=mask, other=0.0).to(tl.float32)
         v = (scale - 1.0) * v + perturbed_scale * (c - p)
     return c, v
 
@@ -173,23 +171,18 @@ def _guided_stats_kernel(
     b = tl.program_id(1).to(tl.int64)
     start = part * elems_per_part
     lanes = tl.arange(0, BLOCK)
+    # The sample's rows of c, u, p and the APG buffer (absent ones stay None).
+    c_row = mo_ptr + b * mo_sample_stride
+    u_row = uncond_ptr + b * uncond_sample_stride
+    p_row = perturbed_ptr
+    if PERTURBED:
+        p_row += b * mo_sample_stride
+    r_row = buf_ptr
+    if APG_MOMENTUM:
+        r_row += b * sample_elems
     mask = start + lanes < sample_elems
     c, v = _load_c_v(
-        mo_ptr,
-        uncond_ptr,
-        perturbed_ptr,
-        buf_ptr,
-        b,
-        start + lanes,
-        mask,
-        mo_sample_stride,
-        uncond_sample_stride,
-        sample_elems,
-        apg_momentum,
-        scale,
-        perturbed_scale,
-        APG_MOMENTUM,
-        PERTURBED,
+        c_row, u_row, p_row, r_row, start + lanes, mask, apg_momentum, scale, perturbed_scale, APG_MOMENTUM, PERTURBED
     )
     ref_c = tl.sum(tl.where(lanes == 0, c, 0.0), axis=0)
     ref_v = tl.sum(tl.where(lanes == 0, v, 0.0), axis=0)
@@ -203,21 +196,23 @@ def _guided_stats_kernel(
     acc_cc = dc * dc
     acc_vv = dv * dv
     acc_cv = dc * dv
-    # elems_per_part is a multiple of BLOCK: j stays inside the chunk.
-    for offset in range(BLOCK, elems_per_part, BLOCK):
+    # Two blocks an iteration, both loaded before either is summed: twice the bytes in
+    # flight per thread. The second may lie past the chunk's end (masked off).
+    chunk_end = tl.minimum(start + elems_per_part, sample_elems)
+    for offset in range(BLOCK, elems_per_part, 2 * BLOCK):
         j = start + offset + lanes
-        mask = j < sample_elems
+        mask = j < chunk_end
+        mask_next = j + BLOCK < chunk_end
         c, v = _load_c_v(
-            mo_ptr,
-            uncond_ptr,
-            perturbed_ptr,
-            buf_ptr,
-            b,
-            j,
-            mask,
-            mo_sample_stride,
-            uncond_sample_stride,
-            sample_elems,
+            c_row, u_row, p_row, r_row, j, mask, apg_momentum, scale, perturbed_scale, APG_MOMENTUM, PERTURBED
+        )
+        c_next, v_next = _load_c_v(
+            c_row,
+            u_row,
+            p_row,
+            r_row,
+            j + BLOCK,
+            mask_next,
             apg_momentum,
             scale,
             perturbed_scale,
@@ -226,11 +221,13 @@ def _guided_stats_kernel(
         )
         dc = tl.where(mask, c - k_c, 0.0)
         dv = tl.where(mask, v - k_v, 0.0)
-        acc_c += dc
-        acc_v += dv
-        acc_cc += dc * dc
-        acc_vv += dv * dv
-        acc_cv += dc * dv
+        dc_next = tl.where(mask_next, c_next - k_c, 0.0)
+        dv_next = tl.where(mask_next, v_next - k_v, 0.0)
+        acc_c += dc + dc_next
+        acc_v += dv + dv_next
+        acc_cc += dc * dc + dc_next * dc_next
+        acc_vv += dv * dv + dv_next * dv_next
+        acc_cv += dc * dv + dc_next * dv_next
     n = tl.minimum(tl.maximum(sample_elems - start, 0), elems_per_part).to(tl.float32)
     inv_n = 1.0 / tl.maximum(n, 1.0)
     s_c = tl.sum(acc_c, axis=0)
@@ -247,10 +244,10 @@ def _guided_stats_kernel(
 
 
 @triton.jit
-def _sample_coefficients(
+def _coefficients_kernel(
     partial_ptr,
-    b,
-    w,
+    coefficient_ptr,
+    scale,
     rescale,
     apg_eta,
     apg_norm_threshold,
@@ -259,9 +256,13 @@ def _sample_coefficients(
     PERTURBED: tl.constexpr,
     PARTS: tl.constexpr,
 ):
-    """(α_c, α_v, f) of sample b from its chunks' moments, merged in float64 by Chan's
-    formula in a fixed order: μ = Σ n_p μ_p / n, M = Σ M_p + Σ n_p (μ_p − μ)(μ_p − μ)'.
-    The Gram entries follow without cancelling: Σxy = M_xy + n·μx·μy, with u = c − v."""
+    """One program per sample b: its (α_c, α_v, f) from its chunks' moments, merged in
+    float64 by Chan's formula in a fixed order: μ = Σ n_p μ_p / n, M = Σ M_p +
+    Σ n_p (μ_p − μ)(μ_p − μ)'. The Gram entries follow without cancelling: Σxy = M_xy +
+    n·μx·μy, with u = c − v. Written to coefficient_ptr[b, 0:3] for the elementwise pass,
+    which reads three floats where merging 32 partials in float64 in each of its programs
+    would hold the registers its loads need."""
+    b = tl.program_id(0).to(tl.int64)
     row = partial_ptr + (b * PARTS + tl.arange(0, PARTS)) * STATS_FIELDS
     counts = tl.load(row + 0).to(tl.float64)  # 0 in the rows of the unused parts
     part_c = tl.load(row + 1).to(tl.float64) + tl.load(row + 3).to(tl.float64)
@@ -275,7 +276,7 @@ def _sample_coefficients(
     m_vv = tl.sum(tl.load(row + 6).to(tl.float64) + counts * dv * dv, axis=0)
     m_cv = tl.sum(tl.load(row + 7).to(tl.float64) + counts * dc * dv, axis=0)
     mean_u = mean_c - mean_v
-    w64 = tl.cast(w, tl.float64)
+    w64 = tl.cast(scale, tl.float64)
     if STATS == ZERO_STAR:
         cu = (m_cc - m_cv) + n * mean_c * mean_u
         uu = (m_cc - 2.0 * m_cv + m_vv) + n * mean_u * mean_u
@@ -322,7 +323,9 @@ def _sample_coefficients(
             - tl.cast(rescale, tl.float64)
         )
         f = tl.where(constant, 1.0, rescaled)
-    return alpha_c.to(tl.float32), alpha_v.to(tl.float32), f.to(tl.float32)
+    tl.store(coefficient_ptr + b * 3 + 0, alpha_c.to(tl.float32))
+    tl.store(coefficient_ptr + b * 3 + 1, alpha_v.to(tl.float32))
+    tl.store(coefficient_ptr + b * 3 + 2, f.to(tl.float32))
 
 
 @triton.jit
@@ -361,7 +364,7 @@ def _guided_step_kernel(
     out_ptr,
     out_third_ptr,
     x0_ptr,
-    partial_ptr,
+    coefficient_ptr,
     similarity_partial_ptr,
     sample_elems,
     mo_sample_stride,
@@ -406,7 +409,6 @@ def _guided_step_kernel(
     HAS_GRAD_TERM: tl.constexpr,
     OUT_2B: tl.constexpr,
     HAS_X0_OUT: tl.constexpr,
-    PARTS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # Three branches specialised on a None pointer (Triton makes a None argument a constant)
@@ -421,7 +423,11 @@ def _guided_step_kernel(
     here = b * sample_elems + j  # offset of this element in every x-shaped tensor
 
     m = tl.load(mo_ptr + b * mo_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
-    if SIMILARITY:  # x first: the x0 predictions of c and u need it (without, x loads as it always did)
+    # x first where something comes between the model outputs and the step: the similarity's
+    # x0 predictions of c and u need it, and a reduction's use of its coefficients would
+    # otherwise stand before its load (without either, x loads as it always did).
+    X_FIRST: tl.constexpr = SIMILARITY or STATS != NO_STATS
+    if X_FIRST:
         x = tl.load(x_ptr + here, mask=mask, other=0.0).to(tl.float32)
     if GUIDED:
         u = tl.load(uncond_ptr + b * uncond_sample_stride + j, mask=mask, other=0.0).to(tl.float32)
@@ -449,21 +455,13 @@ def _guided_step_kernel(
         else:
             if PERTURBED:  # the stats pass's v: the whole guidance term
                 v = (scale - 1.0) * v + perturbed_scale * (m - p)
-            alpha_c, alpha_v, f = _sample_coefficients(
-                partial_ptr,
-                b,
-                scale,
-                rescale,
-                apg_eta,
-                apg_norm_threshold,
-                STATS,
-                RESCALE,
-                PERTURBED,
-                PARTS,
-            )
+            # The sample's (α_c, α_v, f), from `_coefficients_kernel`.
+            alpha_c = tl.load(coefficient_ptr + b * 3 + 0)
+            alpha_v = tl.load(coefficient_ptr + b * 3 + 1)
+            f = tl.load(coefficient_ptr + b * 3 + 2)
             m = f * (alpha_c * m + alpha_v * v)
 
-    if not SIMILARITY:
+    if not X_FIRST:
         x = tl.load(x_ptr + here, mask=mask, other=0.0).to(tl.float32)
     # x0 and eps from m as the reference writes them (no term with a zero coefficient,
     # so an infinite x gives what the reference gives).
@@ -575,7 +573,7 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
 
     parts = min(MAX_PARTS, triton.cdiv(sample_elems, BLOCK))
     parts_pow2 = triton.next_power_of_2(parts)
-    partials = None
+    partials = coefficients = None
     if stats != STATS_NONE:
         # Unused rows (parts..parts_pow2) have count 0: they add nothing to the merge.
         partials = torch.zeros((batch, parts_pow2, STATS_FIELDS), dtype=torch.float32, device=x.device)
@@ -598,6 +596,20 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
             BLOCK=BLOCK,
             num_warps=NUM_WARPS,
         )
+        coefficients = torch.empty((batch, 3), dtype=torch.float32, device=x.device)
+        _coefficients_kernel[(batch,)](
+            partials,
+            coefficients,
+            combine_scalars["scale"],
+            combine_scalars["rescale"],
+            combine_scalars["apg_eta"],
+            combine_scalars["apg_norm_threshold"],
+            STATS=stats,
+            RESCALE=combine.rescale > 0,
+            PERTURBED=perturbed,
+            PARTS=parts_pow2,
+            num_warps=1,
+        )
 
     programs = triton.cdiv(sample_elems, BLOCK)
     # Every program writes its row: no initialisation needed.
@@ -619,7 +631,7 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
         work["out"],
         work["out"][2 * batch :] if tensors.out.shape[0] == 3 * batch else None,
         work["x0_out"],
-        partials,
+        coefficients,
         similarity_partials,
         sample_elems,
         mo_sample_stride,
@@ -649,7 +661,6 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
         HAS_GRAD_TERM=grad is not None and step.k_grad != 0.0,
         OUT_2B=tensors.out.shape[0] >= 2 * batch,
         HAS_X0_OUT=tensors.x0_out is not None,
-        PARTS=parts_pow2,
         BLOCK=BLOCK,
         num_warps=NUM_WARPS if similarity_partials is None else SIMILARITY_WARPS,
     )

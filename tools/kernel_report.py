@@ -120,6 +120,7 @@ def _is_float_arg(kernel: triton.JITFunction, name: str) -> bool:
 
 FLOAT_ARGS = {
     "_guided_stats_kernel": {"apg_momentum", "scale", "perturbed_scale"},
+    "_coefficients_kernel": {"scale", "rescale", "apg_eta", "apg_norm_threshold"},
     # the contract's scalars, by name, and what the launcher derives from them
     "_guided_step_kernel": {
         *STEP_SCALARS,
@@ -211,7 +212,6 @@ def cases() -> list[Case]:
                     HAS_GRAD_TERM=False,
                     OUT_2B=True,
                     HAS_X0_OUT=False,
-                    PARTS=1,
                     BLOCK=gs.BLOCK,
                 ),
                 gs.NUM_WARPS,
@@ -244,7 +244,6 @@ def cases() -> list[Case]:
                 HAS_GRAD_TERM=False,
                 OUT_2B=True,
                 HAS_X0_OUT=False,
-                PARTS=1,
                 BLOCK=gs.BLOCK,
             ),
             gs.SIMILARITY_WARPS,
@@ -285,7 +284,6 @@ def cases() -> list[Case]:
                 HAS_GRAD_TERM=True,
                 OUT_2B=True,
                 HAS_X0_OUT=True,
-                PARTS=1,
                 BLOCK=gs.BLOCK,
             ),
             gs.NUM_WARPS,
@@ -301,7 +299,7 @@ def cases() -> list[Case]:
                 "x_ptr": "fp16",
                 "buf_ptr": "fp32",
                 "out_ptr": "fp16",
-                "partial_ptr": "fp32",
+                "coefficient_ptr": "fp32",
             },
             dict(
                 GUIDED=True,
@@ -317,7 +315,6 @@ def cases() -> list[Case]:
                 HAS_GRAD_TERM=False,
                 OUT_2B=True,
                 HAS_X0_OUT=False,
-                PARTS=gs.MAX_PARTS,
                 BLOCK=gs.BLOCK,
             ),
             gs.NUM_WARPS,
@@ -334,7 +331,7 @@ def cases() -> list[Case]:
                 "x_ptr": "fp16",
                 "out_ptr": "fp16",
                 "out_third_ptr": "fp16",
-                "partial_ptr": "fp32",
+                "coefficient_ptr": "fp32",
             },
             dict(
                 GUIDED=True,
@@ -350,7 +347,6 @@ def cases() -> list[Case]:
                 HAS_GRAD_TERM=False,
                 OUT_2B=True,
                 HAS_X0_OUT=False,
-                PARTS=gs.MAX_PARTS,
                 BLOCK=gs.BLOCK,
             ),
             gs.NUM_WARPS,
@@ -367,7 +363,7 @@ def cases() -> list[Case]:
                 "h0_ptr": "fp16",
                 "out_ptr": "fp16",
                 "x0_ptr": "fp16",
-                "partial_ptr": "fp32",
+                "coefficient_ptr": "fp32",
             },
             dict(
                 GUIDED=True,
@@ -383,7 +379,6 @@ def cases() -> list[Case]:
                 HAS_GRAD_TERM=False,
                 OUT_2B=True,
                 HAS_X0_OUT=True,
-                PARTS=gs.MAX_PARTS,
                 BLOCK=gs.BLOCK,
             ),
             gs.NUM_WARPS,
@@ -396,6 +391,26 @@ def cases() -> list[Case]:
             {"mo_ptr": "fp16", "uncond_ptr": "fp16", "buf_ptr": "fp32", "partial_ptr": "fp32"},
             dict(APG_MOMENTUM=True, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK),
             gs.NUM_WARPS,
+        )
+    )
+    out.append(
+        Case(
+            "guided_stats rescale fp16",
+            gs._guided_stats_kernel,
+            {"mo_ptr": "fp16", "uncond_ptr": "fp16", "partial_ptr": "fp32"},
+            dict(APG_MOMENTUM=False, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK),
+            gs.NUM_WARPS,
+        )
+    )
+    # The per-sample merge of the partials into (α_c, α_v, f): one program a sample, 1 KB read.
+    out.append(
+        Case(
+            "guided_step coefficients tangential+rescale",
+            gs._coefficients_kernel,
+            {"partial_ptr": "fp32", "coefficient_ptr": "fp32"},
+            dict(STATS=4, RESCALE=True, PERTURBED=False, PARTS=gs.MAX_PARTS),
+            1,
+            memory_bound=False,
         )
     )
     gn = group_norm

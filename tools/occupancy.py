@@ -74,15 +74,13 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "cuda similarity_guided_step_kernel<fp32, 4, 4, RuntimeReads> sm_90",
     "layer_norm adaLN bwd D=72 fp16 sm_80",
     # Found by the honest count (2026-12-05: loads issued before their first use, not every
-    # load of the SASS), with what the SASS shows. Triton guided_step with a rescale: the
-    # model outputs go out together, x only after the rescale factor's fp64 division.
-    "guided_step pag+rescale fp16 sm_80",  # 3: mo, uncond, perturbed
-    "guided_step pag+rescale fp16 sm_90",
-    "guided_step tangential+rescale fp16 sm_80",  # 2 before the division, 1 after
-    "guided_step tangential+rescale fp16 sm_90",
+    # load of the SASS), with what the SASS shows. Triton's stats pass without APG momentum
+    # loads two blocks of c and u (4 vectors) before summing them, but its five per-element
+    # accumulators take 80 registers: 3 blocks an SM, 48 KB (with momentum: 8 vectors at
+    # 2 blocks, 64 KB).
+    "guided_stats rescale fp16 sm_80",
+    "guided_stats rescale fp16 sm_90",
     # A peeled first loop pass holds half the loads: 4 at a time, not 8.
-    "guided_stats apg fp16 sm_80",
-    "guided_stats apg fp16 sm_90",
     "group_norm apply+silu nhwc fp16 sm_80",
     "group_norm apply+silu nhwc fp16 sm_90",
     "group_norm bwd sums nhwc fp16 sm_80",  # the loop itself: 2 at a time

@@ -621,7 +621,9 @@ def guided_prediction_step(backend, request, device, model_output, x, combine):
 
 @pytest.mark.parametrize("backend", backends_with_emulation("guided_step"))
 @pytest.mark.parametrize("variant", list(REDUCING))
-@pytest.mark.parametrize("shape", REDUCTION_SHAPES, ids=str)
+# (1, 3, (300, 301)): 5 blocks of 2048 a stats chunk, so the stats loop's last pair of
+# blocks has its second past the chunk's end.
+@pytest.mark.parametrize("shape", [*REDUCTION_SHAPES, (1, 3, (300, 301))], ids=str)
 def test_reductions_at_large_mean_and_small_spread(backend, variant, shape, device, request):
     # c, u of mean 1e4 and spread 1e-2, where E[x²] − E[x]² in float32 keeps no digit of
     # the variance. The kernels' m = f·(α_c·c + α_v·v), f ≤ 1, has c and v = c − u exact
