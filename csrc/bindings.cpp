@@ -166,8 +166,11 @@ std::optional<at::Tensor> guided_step(
   p.out_3b = out.size(0) == 3 * p.batch;
   p.has_x0_out = x0_out.has_value();
 
-  at::Tensor partials;
-  if (p.stats != kStatsNone) partials = at::empty({p.batch, p.parts, kStatsPerSample}, x.options().dtype(at::kFloat));
+  at::Tensor partials, coefficients;
+  if (p.stats != kStatsNone) {
+    partials = at::empty({p.batch, p.parts, kStatsPerSample}, x.options().dtype(at::kFloat));
+    coefficients = at::empty({p.batch, kCoefficientFields}, x.options().dtype(at::kFloat));
+  }
   GuidedStepTensors<void> tensors{};
   tensors.model_output = model_output.data_ptr();
   // The guiding prediction: a separate tensor, or the model output's second B rows (the
@@ -185,6 +188,7 @@ std::optional<at::Tensor> guided_step(
   tensors.out = out.data_ptr();
   tensors.x0_out = pointer_or_null(x0_out);
   tensors.partials = partials.defined() ? partials.data_ptr<float>() : nullptr;
+  tensors.coefficients = coefficients.defined() ? coefficients.data_ptr<float>() : nullptr;
   std::optional<at::Tensor> similarity_partials;
   if (similarity) {  // one row per block of the elementwise pass, each written by its block
     similarity_partials = at::empty({p.batch, guided_step_blocks(storage_type(x), p, tensors), kSimilarityFields},

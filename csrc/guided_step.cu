@@ -3,17 +3,19 @@
 //
 // Elementwise pass: grid (chunks of a sample, batch). When every pointer and offset allows,
 // each thread moves 16-byte vectors (kVec = 16/sizeof(T) elements): two of each input
-// (CommonReads instances: the common steps, their optional inputs fixed at compile time,
-// every load issued before the math) or one (RuntimeReads: every variant, each optional
-// input a runtime branch); else one element at a time. A variant's guidance
-// coefficients are merged from the sample's partial moments once per block, by thread 0
-// (plain CFG's each thread takes from the scale, with no barrier). With the
+// (CommonReads instances: the common steps, with or without a reduction, their optional
+// inputs fixed at compile time, every load issued before the math) or one (RuntimeReads:
+// APG momentum, classifier guidance, a learned variance, 3-4 history tensors; each
+// optional input a runtime branch); else one element at a time. A reduction's guidance
+// coefficients are merged from the sample's partial moments once per sample, by
+// sample_coefficients_kernel, and read as three floats (plain CFG's each thread takes from
+// the scale): no barrier stands before the loads. With the
 // similarity output (kernels of their own, similarity_guided_step_kernel) each thread also
 // derives the x0 predictions x̂0_c, x̂0_u of its elements' c and u (predicted_x0, from the x
 // it reads anyway) and sums x̂0_c·x̂0_u, x̂0_c², x̂0_u², the block reduces them (warp shuffles,
 // then shared memory) and thread 0 writes the block's three floats; the host merges them
 // in double.
-// Stats pass: grid (parts, batch); each thread sums its elements of one chunk shifted by
+// Stats pass: grid (parts, batch), then sample_coefficients_kernel; each thread sums its elements of one chunk shifted by
 // its first one (ShiftedSums), loading two 16-byte vectors of each input before the math
 // of an iteration when vectorised, the block merges the threads' Moments by Chan's formula
 // (warp shuffles, then shared memory) and writes the chunk's partial (8 floats).
@@ -149,6 +151,21 @@ __global__ void __launch_bounds__(kThreads) perturbed_guided_stats_kernel(Guided
   guided_stats<T, kVec, true, false>(p, t);
 }
 
+// One thread per sample b: its (α_c, α_v, f) from the stats pass's partials
+// (sample_coefficients: float64, a fixed order), for the elementwise pass. Merged there,
+// by thread 0 of every block, the merge stood behind a barrier before any load, and its
+// double-precision calls took the registers the loads need.
+template <bool kPerturbed>
+__global__ void __launch_bounds__(kWarpSize) sample_coefficients_kernel(GuidedStepParams p, GuidedStepTensors<void> t) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
+  if (b >= p.batch) return;
+  const SampleCoefficients k = sample_coefficients<kPerturbed>(p, t.partials + b * p.parts * kStatsPerSample);
+  float* out = t.coefficients + b * kCoefficientFields;
+  out[0] = k.alpha_c;
+  out[1] = k.alpha_v;
+  out[2] = k.f;
+}
+
 // kUnroll vectors of kVec elements, the r-th at j + r·kThreads·kVec (a warp's vectors stay
 // adjacent), 16-byte aligned everywhere; with kSimilarity their x0 predictions of c and u
 // are also added to `similarity`. Every load of the kUnroll vectors is issued before any
@@ -230,20 +247,13 @@ __device__ __forceinline__ void guided_step_vectors(const GuidedStepParams& p, c
 template <typename T, int kVec, bool kPerturbed, bool kSimilarity, int kHistorySlots, typename Reads>
 __device__ __forceinline__ void guided_step(const GuidedStepParams& p, const GuidedStepTensors<T>& t) {
   const int64_t b = blockIdx.y;
-  // Plain CFG's coefficients come from the scale alone: each thread takes them itself, so
-  // no barrier stands before its loads. A variant merges its sample's partials once per
-  // block (thread 0) and shares them; p.stats is the whole grid's, so every thread of a
-  // block takes the same branch to the barrier.
-  SampleCoefficients k;
-  if (!Reads::reduced(p)) {
-    k = plain_coefficients(p);
-  } else {
-    __shared__ SampleCoefficients coefficients;
-    if (threadIdx.x == 0) {
-      coefficients = sample_coefficients<kPerturbed>(p, t.partials + b * p.parts * kStatsPerSample);
-    }
-    __syncthreads();
-    k = coefficients;
+  // Plain CFG's coefficients come from the scale alone; a variant's, merged once per sample
+  // by sample_coefficients_kernel, are three floats every thread reads (the same address
+  // across the block: one cached line). No barrier stands before the loads.
+  SampleCoefficients k = plain_coefficients(p);
+  if (reduced(p)) {
+    const float* merged = t.coefficients + b * kCoefficientFields;
+    k = {merged[0], merged[1], merged[2]};
   }
   SimilaritySums similarity{};  // this thread's elements' sums (kSimilarity only)
   if constexpr (kVec > 1) {
@@ -341,7 +351,7 @@ Kernel<T> common_kernel(const GuidedStepParams& p, bool similarity) {
                             : kind_kernel<T, kVec, 2, Reads>(p, similarity);
 }
 
-// A RuntimeReads instance (every variant): the plain pass with the fewest history slots,
+// A RuntimeReads instance (every step): the plain pass with the fewest history slots,
 // the perturbed and similarity passes with all of them.
 template <typename T, int kVec>
 Kernel<T> runtime_kernel(const GuidedStepParams& p, bool similarity) {
@@ -369,6 +379,7 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
   t.out = static_cast<T*>(untyped.out);
   t.x0_out = static_cast<T*>(untyped.x0_out);
   t.partials = untyped.partials;
+  t.coefficients = untyped.coefficients;
   t.similarity_partials = untyped.similarity_partials;
   constexpr int kVec = 16 / sizeof(T);  // vector_elems of T's StorageType
   const dim3 stats_grid(p.parts, static_cast<unsigned>(p.batch));
@@ -379,6 +390,9 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
         : p.apg_momentum_on ? (vector ? guided_stats_kernel<T, kVec, true> : guided_stats_kernel<T, 1, true>)
                             : (vector ? guided_stats_kernel<T, kVec, false> : guided_stats_kernel<T, 1, false>);
     launch_kernel(stats, stats_grid, kThreads, stream, p, t);
+    const unsigned merge_blocks = static_cast<unsigned>((p.batch + kWarpSize - 1) / kWarpSize);
+    launch_kernel(p.perturbed ? sample_coefficients_kernel<true> : sample_coefficients_kernel<false>, merge_blocks,
+                  kWarpSize, stream, p, untyped);
   }
   const bool similarity = t.similarity_partials != nullptr;
   // Vectorised: a CommonReads instance where it serves (with or without noise), else a

@@ -75,20 +75,18 @@ struct GuidedStepParams {
   float inv_alpha, inv_sigma;  // 1/alpha, 1/sigma (0 when sigma = 0), once per step
 };
 
-// Which optional inputs and branches an elementwise instance has. RuntimeReads: what the
-// parameters say, each a runtime branch (every variant; the scalar path). CommonReads: the
-// common steps (plain CFG or no guidance; no reduction, APG momentum, classifier gradient
-// or learned variance; noise or none as kNoise says), where those branches are constants:
-// the loads they guard, and the registers that would wait on those loads, are compiled
-// away, so that each thread has room for two vectors of every input in flight. (A reduction
-// adds no load, but its barrier and thread 0's double-precision merge, whose subroutine
-// calls made nvcc spill the vectors it had loaded early.) common_reads says when a
-// CommonReads instance computes what RuntimeReads would.
+// Which optional inputs an elementwise instance has. RuntimeReads: what the parameters say,
+// each a runtime branch (every step; the scalar path). CommonReads: the common steps (no
+// APG momentum, classifier gradient or learned variance; noise or none as kNoise says),
+// where those branches are constants: the loads they guard, and the registers that would
+// wait on those loads, are compiled away, so that each thread has room for two vectors of
+// every input in flight. A reduction (rescale, CFG-Zero*, APG, tangential) adds no load,
+// only its sample's three coefficients (sample_coefficients_kernel merges them), so both
+// serve it. common_reads says when a CommonReads instance computes what RuntimeReads would.
 struct RuntimeReads {
   // One vector per input: with two, every optional input's registers halve the blocks an SM
   // holds (sm_90, bf16: 62 → 114 registers), and the bytes in flight stay where they were.
   static constexpr int kVectorsPerThread = 1;
-  FG_HOST_DEVICE static bool reduced(const GuidedStepParams& p) { return p.stats != kStatsNone; }
   FG_HOST_DEVICE static bool momentum(const GuidedStepParams& p) { return p.apg_momentum_on; }
   FG_HOST_DEVICE static bool grad_eps(const GuidedStepParams& p) { return p.grad_eps; }
   FG_HOST_DEVICE static bool grad_term(const GuidedStepParams& p) { return p.has_grad_term; }
@@ -98,15 +96,18 @@ struct RuntimeReads {
 template <bool kNoise>
 struct CommonReads {
   static constexpr int kVectorsPerThread = 2;  // 16-byte vectors per input per thread
-  FG_HOST_DEVICE static constexpr bool reduced(const GuidedStepParams&) { return false; }
   FG_HOST_DEVICE static constexpr bool momentum(const GuidedStepParams&) { return false; }
   FG_HOST_DEVICE static constexpr bool grad_eps(const GuidedStepParams&) { return false; }
   FG_HOST_DEVICE static constexpr bool grad_term(const GuidedStepParams&) { return false; }
   FG_HOST_DEVICE static constexpr bool learned_var(const GuidedStepParams&) { return false; }
   FG_HOST_DEVICE static constexpr bool noise(const GuidedStepParams&) { return kNoise; }
 };
+// Whether the step's guidance is a reduction variant's m = f·(α_c·c + α_v·v), with the
+// sample's coefficients from the stats pass.
+FG_HOST_DEVICE bool reduced(const GuidedStepParams& p) { return p.stats != kStatsNone; }
+
 inline bool common_reads(const GuidedStepParams& p) {
-  return p.stats == kStatsNone && !p.apg_momentum_on && !p.grad_eps && !p.has_grad_term && !p.learned_var;
+  return !p.apg_momentum_on && !p.grad_eps && !p.has_grad_term && !p.learned_var;
 }
 
 // The reciprocals the step divides by, once per step on the host.
@@ -127,6 +128,7 @@ struct GuidedStepTensors {
   T* out;
   T* x0_out;                        // null unless has_x0_out
   float* partials;                  // (batch, parts, 8) fp32 partial moments, null unless stats != none
+  float* coefficients;              // (batch, 3) fp32 SampleCoefficients of the merged partials, likewise
   float* similarity_partials;       // (batch, blocks, 3) fp32 SimilaritySums of the elementwise pass's
                                     // blocks, null unless asked (never with a perturbed prediction)
 };
@@ -203,6 +205,7 @@ FG_HOST_DEVICE Moments shifted_moments(const ShiftedSums& s, float ref_c, float 
 struct SampleCoefficients {
   float alpha_c, alpha_v, f;
 };
+constexpr int kCoefficientFields = 3;  // floats of one sample's SampleCoefficients in `coefficients`
 
 // (α_c, α_v, f) of one sample from its `parts` partials, merged in double in a fixed
 // order (deterministic): about the first part's mean μ₀, S1 = Σ n_p(μ_p − μ₀),
@@ -324,14 +327,14 @@ FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const Sampl
     if constexpr (kPerturbed) {  // "cfg" only: no APG momentum
       const float v = in.c - in.u;
       // As the reference writes it, u + w·(c − u) + s·(c − p), so that infinities agree.
-      m = !Reads::reduced(p)
+      m = !reduced(p)
               ? in.u + p.combine.scale * v + p.combine.perturbed_scale * (in.c - in.perturbed)
               : k.f * (k.alpha_c * in.c + k.alpha_v * perturbed_guidance(p, in.c, v, in.perturbed));
     } else {
       const float v = guidance_difference<Reads>(p, in.c, in.u, in.buffer);
       result.buffer = v;
       // Plain CFG as the reference writes it, u + w·(c − u), so that infinities agree.
-      m = !Reads::reduced(p) ? in.u + p.combine.scale * v : k.f * (k.alpha_c * in.c + k.alpha_v * v);
+      m = !reduced(p) ? in.u + p.combine.scale * v : k.f * (k.alpha_c * in.c + k.alpha_v * v);
     }
   }
   // x0 and eps from m with no term of zero coefficient (0·inf would be NaN).
