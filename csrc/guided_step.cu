@@ -67,6 +67,28 @@ __device__ __forceinline__ Moments block_merge_moments(Moments m) {
   return m;
 }
 
+// kVec consecutive values of the fp32 APG momentum buffer, in 16-byte vectors (the launcher
+// checked its alignment; kVec is 4 or 8).
+template <int kVec>
+__device__ __forceinline__ void load_buffer(const float* from, float (&values)[kVec]) {
+#pragma unroll
+  for (int q = 0; q < kVec; q += 4) {
+    const Vec<float, 4> v = load_vec<float, 4>(from + q);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) values[q + i] = v.v[i];
+  }
+}
+template <int kVec>
+__device__ __forceinline__ void store_buffer(float* to, const float (&values)[kVec]) {
+#pragma unroll
+  for (int q = 0; q < kVec; q += 4) {
+    Vec<float, 4> v;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v.v[i] = values[q + i];
+    store_vec(to + q, v);
+  }
+}
+
 // kMomentum: APG's momentum buffer is read (a compile-time branch: a runtime one between
 // the loads and the math kept nvcc from issuing the second vector's loads before the
 // first's math). The scalar path (kVec = 1) reads p.apg_momentum_on, which equals it.
@@ -101,8 +123,7 @@ __device__ __forceinline__ void guided_stats(const GuidedStepParams& p, const Gu
                                             : t.uncond + b * p.uncond_sample_stride + at[r]);
         if constexpr (kPerturbed) perturbed[r] = load_vec<T, kVec>(t.model_output + mo + 2 * p.mo_block);
         if constexpr (kMomentum) {
-#pragma unroll
-          for (int i = 0; i < kVec; ++i) buffer[r][i] = t.apg_buffer[b * p.sample_elems + at[r] + i];
+          load_buffer<kVec>(t.apg_buffer + b * p.sample_elems + at[r], buffer[r]);
         }
       }
       // (The second vector is added or not by a select, not a branch: behind a branch nvcc
@@ -209,8 +230,7 @@ __device__ __forceinline__ void guided_step_vectors(const GuidedStepParams& p, c
     if (Reads::grad_eps(p) || Reads::grad_term(p)) grad[r] = load_vec<T, kVec>(t.grad + here);
     if (Reads::learned_var(p)) var_value[r] = load_vec<T, kVec>(t.model_output + p.var_offset + mo);
     if (momentum) {
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) buffer[r][i] = t.apg_buffer[here + i];
+      load_buffer<kVec>(t.apg_buffer + here, buffer[r]);
     }
   }
 #pragma unroll
@@ -232,8 +252,7 @@ __device__ __forceinline__ void guided_step_vectors(const GuidedStepParams& p, c
       buffer[r][i] = result.buffer;
     }
     if (momentum) {
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) t.apg_buffer[here + i] = buffer[r][i];
+      store_buffer<kVec>(t.apg_buffer + here, buffer[r]);
     }
     store_vec(t.out + here, x_next);
     if (p.out_2b) {
@@ -305,9 +324,8 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // Whether the elementwise pass may move `vec`-element 16-byte vectors: every tensor and
 // every offset in it 16-byte aligned.
 bool vectorised(const GuidedStepParams& p, const GuidedStepTensors<void>& t, int vec) {
-  const void* pointers[] = {t.model_output, t.uncond,     t.x,          t.history[0], t.history[1],
-                            t.history[2],   t.history[3], t.noise,      t.grad,       t.out,
-                            t.x0_out};
+  const void* pointers[] = {t.model_output, t.uncond, t.x,     t.history[0], t.history[1], t.history[2],
+                            t.history[3],   t.noise,  t.grad,  t.out,        t.x0_out,     t.apg_buffer};
   bool aligned = p.sample_elems % vec == 0 && p.mo_sample_stride % vec == 0 && p.uncond_sample_stride % vec == 0 &&
                  p.var_offset % vec == 0 && p.out_block_offset % vec == 0;
   for (const void* ptr : pointers) aligned = aligned && (ptr == nullptr || aligned16(ptr));

@@ -57,6 +57,7 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "cuda guided_step_kernel<fp16, 8, 2, RuntimeReads> sm_90",
     "cuda guided_step_kernel<fp16, 8, 4, RuntimeReads> sm_80",
     "cuda guided_step_kernel<fp16, 8, 4, RuntimeReads> sm_90",
+    "cuda guided_step_kernel<fp32, 4, 0, RuntimeReads> sm_90",  # 42 registers: 5 blocks, 60 KB
     "cuda guided_step_kernel<fp32, 4, 2, RuntimeReads> sm_80",
     "cuda guided_step_kernel<fp32, 4, 2, RuntimeReads> sm_90",
     "cuda guided_step_kernel<fp32, 4, 4, RuntimeReads> sm_80",
@@ -97,7 +98,8 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "layer_norm adaLN bwd D=1152 fp16 sm_90",
     "layer_norm adaLN bwd D=72 fp16 sm_90",
     # CUDA stats passes in fp32: the first vector's inputs, its math, then the second's.
-    "cuda guided_stats_kernel<fp32, 4, true> sm_80",  # 2 + 2
+    "cuda guided_stats_kernel<fp32, 4, true> sm_80",  # 3 + 3 (c, u and the momentum buffer)
+    "cuda guided_stats_kernel<fp32, 4, true> sm_90",
     "cuda perturbed_guided_stats_kernel<fp32, 4> sm_80",  # 3 + 3
     "cuda perturbed_guided_stats_kernel<fp32, 4> sm_90",
     # sm_90 issues the two history slots' loads first and repacks them (PRMT) before it

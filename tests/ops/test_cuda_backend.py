@@ -143,6 +143,15 @@ def test_guided_step_on_misaligned_tensors(cuda_backend_on_cpu, dtype, case):
     run_against_reference(tensors, step, combine)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_guided_step_with_only_the_apg_buffer_misaligned(cuda_backend_on_cpu, dtype):
+    # The momentum buffer is read and written in 16-byte vectors too: one misaligned buffer
+    # sends the step to the element path (else the emulation raises the GPU's fault).
+    tensors, step, combine = case_inputs(CASES["apg-momentum-clip"], 2, 4, (16, 16), dtype, "cpu")
+    tensors["apg_buffer"] = offset_copy(tensors["apg_buffer"])
+    run_against_reference(tensors, step, combine)
+
+
 def x0_cosine_of_inputs(tensors: dict, step: StepCoefficients) -> torch.Tensor:
     """cos(x̂0_c, x̂0_u) per sample in float64 from the inputs: the x0 predictions of c and u
     (the first C channels of each) by the step's map with x, then their cosine."""
