@@ -474,10 +474,13 @@ def cases() -> list[Case]:
             ),
         ]
     ln = layer_norm
-    # DiT-XL's D = 1152 (two rows per program) and a narrow D = 72 (32 rows per program).
+    # DiT-XL's D = 1152 (forward: 7 rows in 64 segments of 128; backward: 2 rows of 2048)
+    # and a narrow D = 72 (forward: 7 rows in 64 segments of 8; backward: 32 rows of 128).
     for d, dtype in ((1152, "bf16"), (1152, "fp16"), (72, "fp16")):
-        rows, block_d, warps = ln._tile(d)
-        flags = dict(HAS_W=False, HAS_B=False, HAS_SCALE=True, HAS_SHIFT=True, ROWS=rows, BLOCK_D=block_d)
+        segment, segments, rows_pow2, warps = ln.forward_tile(d)
+        forward = dict(D=d, SEGMENT=segment, SEGMENTS=segments, ROWS_POW2=rows_pow2)
+        rows, block_d, backward_warps = ln.backward_tile(d)
+        flags = dict(HAS_W=False, HAS_B=False, HAS_SCALE=True, HAS_SHIFT=True)
         modulation = {"scale_ptr": dtype, "shift_ptr": dtype}
         stats = {"mean_ptr": "fp32", "rstd_ptr": "fp32"}
         out += [
@@ -485,7 +488,7 @@ def cases() -> list[Case]:
                 f"layer_norm adaLN fwd D={d} {dtype}",
                 ln._layer_norm_forward_kernel,
                 {"x_ptr": dtype, "y_ptr": dtype, **modulation, **stats},
-                {**flags, "RESIDUAL": False},
+                {**flags, **forward, "RESIDUAL": False},
                 warps,
                 main_path=True,
             ),
@@ -501,7 +504,7 @@ def cases() -> list[Case]:
                     **modulation,
                     **stats,
                 },
-                {**flags, "RESIDUAL": True},
+                {**flags, **forward, "RESIDUAL": True},
                 warps,
                 main_path=True,
             ),
@@ -518,8 +521,16 @@ def cases() -> list[Case]:
                     **stats,
                     "partial_ptr": "fp32",
                 },
-                {**flags, "HAS_W": True, "HAS_B": True, "SCALE_PER_TOKEN": False, "SHIFT_PER_TOKEN": False},
-                ln._tile(d, backward=True)[2],
+                {
+                    **flags,
+                    "HAS_W": True,
+                    "HAS_B": True,
+                    "SCALE_PER_TOKEN": False,
+                    "SHIFT_PER_TOKEN": False,
+                    "ROWS": rows,
+                    "BLOCK_D": block_d,
+                },
+                backward_warps,
             ),
         ]
     at = attention
