@@ -4,9 +4,10 @@
 // Elementwise pass: grid (chunks of a sample, batch). When every pointer and offset allows,
 // each thread moves 16-byte vectors (kVec = 16/sizeof(T) elements): two of each input
 // (CommonReads instances: the common steps, with or without a reduction, their optional
-// inputs fixed at compile time, every load issued before the math) or one (RuntimeReads:
-// APG momentum, classifier guidance, a learned variance, 3-4 history tensors; each
-// optional input a runtime branch); else one element at a time. A reduction's guidance
+// inputs fixed at compile time, every load issued before the math; ADM's ancestral step
+// with its learned variance included) or one (RuntimeReads: APG momentum, classifier
+// guidance, 3-4 history tensors; each optional input a runtime branch); else one element
+// at a time. A reduction's guidance
 // coefficients are merged from the sample's partial moments once per sample, by
 // sample_coefficients_kernel, and read as three floats (plain CFG's each thread takes from
 // the scale): no barrier stands before the loads. With the
@@ -296,7 +297,7 @@ __device__ __forceinline__ void guided_step(const GuidedStepParams& p, const Gui
 }
 
 // The elementwise pass, specialised by what it reads (`Reads`: RuntimeReads, every
-// variant; CommonReads<kNoise>, the common steps, with or without noise) and by how many
+// variant; CommonReads<kNoise, kLearnedVar>, the common steps, with or without noise) and by how many
 // history slots: 0 (one-step samplers), 2 (heun's and dpm++2s's second calls, dpm++2m/3m,
 // unipc-2) or, RuntimeReads only, all kMaxHistory (unipc-3, whose folded corrector reads
 // three).
@@ -359,8 +360,13 @@ Kernel<T> kind_kernel(const GuidedStepParams& p, bool similarity) {
 
 // Whether a CommonReads instance serves this step: common_reads, and at most two history
 // tensors (three or four, unipc-3's corrector alone, run RuntimeReads: 18 fewer
-// instances to compile).
-bool runs_common(const GuidedStepParams& p) { return common_reads(p) && p.num_history <= 2; }
+// instances to compile); a learned variance (ADM's ancestral step) in the plain pass with
+// no history only: the instances it would need beside those spill or take 84-106
+// registers (sm_90, two slots) and serve rarer steps.
+bool runs_common(const GuidedStepParams& p, bool similarity) {
+  return common_reads(p) && p.num_history <= 2 &&
+         !(p.learned_var && (p.perturbed || similarity || p.num_history > 0));
+}
 
 // A CommonReads instance, with the fewest history slots that hold the step's history.
 template <typename T, int kVec, typename Reads>
@@ -417,9 +423,13 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
   // RuntimeReads one; element by element: RuntimeReads, every history slot.
   Kernel<T> step = kind_kernel<T, 1, kMaxHistory, RuntimeReads>(p, similarity);
   int vectors = 1;
-  if (vector && runs_common(p)) {
-    step = p.has_noise ? common_kernel<T, kVec, CommonReads<true>>(p, similarity)
-                       : common_kernel<T, kVec, CommonReads<false>>(p, similarity);
+  if (vector && runs_common(p, similarity)) {
+    if (p.learned_var) {  // the plain pass, no history (runs_common)
+      step = guided_step_kernel<T, kVec, 0, CommonReads<true, true>>;
+    } else {
+      step = p.has_noise ? common_kernel<T, kVec, CommonReads<true>>(p, similarity)
+                         : common_kernel<T, kVec, CommonReads<false>>(p, similarity);
+    }
     vectors = CommonReads<false>::kVectorsPerThread;
   } else if (vector) {
     step = runtime_kernel<T, kVec>(p, similarity);
@@ -435,7 +445,7 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
 int64_t guided_step_blocks(StorageType dtype, const GuidedStepParams& p, const GuidedStepTensors<void>& t) {
   const int vec = vector_elems(dtype);
   if (!vectorised(p, t, vec)) return step_blocks(p, 1, 1);
-  const bool common = runs_common(p);
+  const bool common = runs_common(p, true);  // asked for the similarity output's rows
   return step_blocks(p, vec, common ? CommonReads<false>::kVectorsPerThread : RuntimeReads::kVectorsPerThread);
 }
 

@@ -93,13 +93,17 @@ struct RuntimeReads {
   FG_HOST_DEVICE static bool learned_var(const GuidedStepParams& p) { return p.learned_var; }
   FG_HOST_DEVICE static bool noise(const GuidedStepParams& p) { return p.has_noise; }
 };
-template <bool kNoise>
+// kLearnedVar (with kNoise only; the plain pass with no history only, runs_common): ADM's
+// learned variance scales the noise, its channels read beside the prediction (ancestral
+// sampling of an ADM model).
+template <bool kNoise, bool kLearnedVar = false>
 struct CommonReads {
+  static_assert(kNoise || !kLearnedVar, "a learned variance without noise to scale is not read");
   static constexpr int kVectorsPerThread = 2;  // 16-byte vectors per input per thread
   FG_HOST_DEVICE static constexpr bool momentum(const GuidedStepParams&) { return false; }
   FG_HOST_DEVICE static constexpr bool grad_eps(const GuidedStepParams&) { return false; }
   FG_HOST_DEVICE static constexpr bool grad_term(const GuidedStepParams&) { return false; }
-  FG_HOST_DEVICE static constexpr bool learned_var(const GuidedStepParams&) { return false; }
+  FG_HOST_DEVICE static constexpr bool learned_var(const GuidedStepParams&) { return kLearnedVar; }
   FG_HOST_DEVICE static constexpr bool noise(const GuidedStepParams&) { return kNoise; }
 };
 // Whether the step's guidance is a reduction variant's m = f·(α_c·c + α_v·v), with the
@@ -107,7 +111,7 @@ struct CommonReads {
 FG_HOST_DEVICE bool reduced(const GuidedStepParams& p) { return p.stats != kStatsNone; }
 
 inline bool common_reads(const GuidedStepParams& p) {
-  return !p.apg_momentum_on && !p.grad_eps && !p.has_grad_term && !p.learned_var;
+  return !p.apg_momentum_on && !p.grad_eps && !p.has_grad_term && (!p.learned_var || p.has_noise);
 }
 
 // The reciprocals the step divides by, once per step on the host.

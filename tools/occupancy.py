@@ -41,8 +41,8 @@ IN_FLIGHT_FLOOR = 64 * 1024
 # --check fails on any other kernel below the floor, and on one of these once above it.
 KNOWN_BELOW_FLOOR: set[str] = {
     # guided_step's RuntimeReads instances (csrc/guided_step.cuh): the steps with APG
-    # momentum, a classifier gradient, ADM's learned variance with noise, or 3-4 history
-    # tensors. Every optional input a runtime branch, one vector per input per thread (two
+    # momentum, a classifier gradient, ADM's learned variance beside history or a perturbed
+    # prediction, or 3-4 history tensors. Every optional input a runtime branch, one vector per input per thread (two
     # take 83-201 registers); the common steps' CommonReads instances, reductions included,
     # are above.
     "cuda guided_step_kernel<bf16, 8, 0, RuntimeReads> sm_80",
@@ -106,8 +106,8 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "cuda perturbed_guided_stats_kernel<fp32, 4> sm_90",
     # sm_90 issues the two history slots' loads first and repacks them (PRMT) before it
     # loads c, u and x: 6 at a time, at 2 blocks/SM (103 and 109 registers).
-    "cuda similarity_guided_step_kernel<bf16, 8, 2, CommonReads<false>> sm_90",
-    "cuda similarity_guided_step_kernel<bf16, 8, 2, CommonReads<true>> sm_90",
+    "cuda similarity_guided_step_kernel<bf16, 8, 2, CommonReads<false, false>> sm_90",
+    "cuda similarity_guided_step_kernel<bf16, 8, 2, CommonReads<true, false>> sm_90",
 }
 
 
