@@ -16,10 +16,11 @@
 // it reads anyway) and sums x̂0_c·x̂0_u, x̂0_c², x̂0_u², the block reduces them (warp shuffles,
 // then shared memory) and thread 0 writes the block's three floats; the host merges them
 // in double.
-// Stats pass: grid (parts, batch), then sample_coefficients_kernel; each thread sums its elements of one chunk shifted by
+// Stats pass: grid (parts, batch); each thread sums its elements of one chunk shifted by
 // its first one (ShiftedSums), loading two 16-byte vectors of each input before the math
 // of an iteration when vectorised, the block merges the threads' Moments by Chan's formula
-// (warp shuffles, then shared memory) and writes the chunk's partial (8 floats).
+// (warp shuffles, then shared memory) and writes the chunk's partial (8 floats). Then
+// sample_coefficients_kernel merges each sample's partials into its coefficients.
 //
 // Bytes it must move: as kernels/guided_step.py (2E model output, 3E with a perturbed prediction,
 // or E plus E of a guide; E of x and of each history or extra input read; E, 2E or 3E written;
