@@ -36,11 +36,15 @@ Bytes: read x and dy twice, write dx: 5·E·s_x.
 
 Loads in flight: a memory-bound kernel needs ~64 KB of loads in flight per SM on an
 H200 (Little's law; tools/occupancy.py, checked by tools/kernel_report.py). Each loop
-step therefore loads several slabs (SLAB elements, one 16-byte vector per thread)
-before any arithmetic on them. The statistics and backward sums add a step's slabs
-together first, which needs all their loads. Apply has nothing to add, so it loads a
-step ahead of its arithmetic. Written plainly, the compiler issues each 16-byte load
-just before the arithmetic that needs it, leaving one load in flight per thread.
+step therefore issues all its loads, several slabs (SLAB elements, one 16-byte vector per
+thread) of each input, before any arithmetic on them. Written plainly, the compiler
+issues each 16-byte load just before the arithmetic that needs it. The statistics and
+backward sums add a step's slabs together first, which needs all their loads. Apply and
+dx have nothing to add: their step branches between its loads and its arithmetic (a full
+step stores under the channel mask alone, the chunk's last step may be partial), and the
+compiler keeps arithmetic below a branch whose two arms begin differently. Loading a step
+ahead of its arithmetic would hold two steps of data in registers: with channels_last's
+per-channel parameters (8 channels a thread), too many for enough resident blocks.
 
 Layouts: NCHW (stride_c = S, stride_s = 1) and channels_last (stride_c = 1,
 stride_s = C) through the same apply and backward kernels; Triton specialises the
@@ -67,7 +71,7 @@ NUM_WARPS = 4
 # needs ~64 KB of loads in flight per SM; tools/occupancy.py).
 SLAB = 1024
 STATS_UNROLL = 4  # slabs a statistics step loads
-APPLY_UNROLL = 4  # slabs an apply step loads (one step ahead of its arithmetic)
+APPLY_UNROLL = 4  # slabs an apply step loads; a dx step loads as many of x and of dy
 BACKWARD_UNROLL = 2  # slabs a backward-sums step loads, each of x and dy
 ROW_CHANNELS = 64  # channels_last statistics: channels a program reads (128 B of fp16)
 MAX_SPLIT = 64  # chunks a group's reduction is split into, at most
@@ -85,20 +89,6 @@ def _program_group(G, Cg, channels_per_program):
 
 
 @triton.jit
-def _tile_offsets(
-    c_start, s_start, group_start_c, c_last, s_end, stride_c, stride_s, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
-):
-    """Offsets and mask of the tile at (c_start, s_start) of a group: its channels below
-    c_last (the end of the program's channels), spatial positions below s_end (the end of
-    the program's chunk)."""
-    cc = c_start + tl.arange(0, BLOCK_C)
-    ss = s_start + tl.arange(0, BLOCK_S)
-    mask = (cc < c_last)[:, None] & (ss < s_end)[None, :]
-    offsets = (group_start_c + cc).to(tl.int64)[:, None] * stride_c + ss.to(tl.int64)[None, :] * stride_s
-    return offsets, mask
-
-
-@triton.jit
 def _slab_offsets(
     c_start,
     s_start,
@@ -111,8 +101,10 @@ def _slab_offsets(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    """_tile_offsets of UNROLL tiles side by side along the spatial axis, stacked as
-    [UNROLL, BLOCK_C, BLOCK_S]: tile u starts at s_start + u·BLOCK_S."""
+    """Offsets and mask of UNROLL tiles of a group side by side along the spatial axis,
+    stacked as [UNROLL, BLOCK_C, BLOCK_S]: tile u holds channels c_start + [0, BLOCK_C) (those
+    below c_last, the end of the program's channels) at positions s_start + u·BLOCK_S +
+    [0, BLOCK_S) (those below s_end, the end of the program's chunk)."""
     cc = c_start + tl.arange(0, BLOCK_C)
     ss = s_start + tl.arange(0, UNROLL)[:, None] * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
     mask = (cc < c_last)[None, :, None] & (ss < s_end)[:, None, :]
@@ -269,6 +261,7 @@ def _channel_params(
     HAS_SHIFT: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """w[c], b[c], 1 + scale[n, c] and shift[n, c] of the given channels (1, 0, 1, 0 where absent)."""
     w = tl.full([BLOCK_C], 1.0, tl.float32)
     b = tl.zeros([BLOCK_C], dtype=tl.float32)
     one_plus_scale = tl.full([BLOCK_C], 1.0, tl.float32)
@@ -286,6 +279,29 @@ def _channel_params(
             tl.float32
         )
     return w, b, one_plus_scale, shift
+
+
+@triton.jit
+def _step_offsets(stride_c, stride_s, BLOCK_C: tl.constexpr, STEP: tl.constexpr):
+    """int32 offsets of a BLOCK_C × STEP tile from its first element: channel c, position s
+    at c·stride_c + s·stride_s (a step's start, added to a 64-bit pointer, moves)."""
+    return tl.arange(0, BLOCK_C)[:, None] * stride_c + tl.arange(0, STEP)[None, :] * stride_s
+
+
+@triton.jit
+def _program_start(n, C, S, group_start_c, c_start, s_begin, stride_c, stride_s):
+    """Offset (int64) of the program's first element of channel group_start_c + c_start."""
+    return n.to(tl.int64) * C * S + (group_start_c + c_start).to(tl.int64) * stride_c + s_begin.to(tl.int64) * stride_s
+
+
+@triton.jit
+def _normalize(x, gain, offset, SILU: tl.constexpr):
+    """y = x·gain + offset (normalisation, affine and scale-shift folded per channel), then
+    SiLU, y·σ(y), written y / (1 + e^−y)."""
+    y = x.to(tl.float32) * gain[:, None] + offset[:, None]
+    if SILU:
+        y = y / (1.0 + tl.exp(-y))
+    return y
 
 
 @triton.jit
@@ -345,20 +361,21 @@ def _apply_kernel(
     if (chunk == 0) & (c_first == 0):
         tl.store(mean_ptr + group, mean)
         tl.store(rstd_ptr + group, rstd)
-    sample = n.to(tl.int64) * C * S
+    STEP: tl.constexpr = BLOCK_S * UNROLL
     s_begin = chunk * s_per_chunk
-    s_end = tl.minimum(s_begin + s_per_chunk, S)
+    s_len = tl.minimum(s_per_chunk, S - s_begin)
+    cc = tl.arange(0, BLOCK_C)
+    ss = tl.arange(0, STEP)
+    tile = _step_offsets(stride_c, stride_s, BLOCK_C, STEP)
     for c_start in range(c_first, c_last, BLOCK_C):
-        cc = c_start + tl.arange(0, BLOCK_C)
-        c_mask = cc < c_last
-        channel = group_start_c + cc
+        c_mask = cc < c_last - c_start
         w, b, one_plus_scale, shift = _channel_params(
             w_ptr,
             b_ptr,
             scale_ptr,
             shift_ptr,
             n,
-            channel,
+            group_start_c + c_start + cc,
             c_mask,
             scale_stride_n,
             scale_stride_c,
@@ -371,49 +388,32 @@ def _apply_kernel(
             BLOCK_C,
         )
         # Fold normalisation, affine and scale-shift into y = x·gain + offset per channel.
-        gain = w * one_plus_scale
-        offset = b * one_plus_scale + shift
-        gain = gain * rstd
-        offset = offset - mean * gain
-        # One step ahead: step k loads tile k (UNROLL slabs), then normalises and writes
-        # tile k − 1, so a tile's loads are in flight during the previous tile's arithmetic.
-        # (Written plainly, the compiler issues each 16-byte load just before the
-        # arithmetic that needs it: one load in flight per thread.)
-        x = tl.zeros([BLOCK_C, BLOCK_S * UNROLL], dtype=x_ptr.dtype.element_ty)
-        for s_off in range(s_begin, s_end + BLOCK_S * UNROLL, BLOCK_S * UNROLL):
-            offsets, mask = _tile_offsets(
-                c_start, s_off, group_start_c, c_last, s_end, stride_c, stride_s, BLOCK_C, BLOCK_S * UNROLL
-            )
-            x_next = tl.load(x_ptr + sample + offsets, mask=mask, other=0.0)
-            if s_off > s_begin:
-                offsets, mask = _tile_offsets(
-                    c_start,
-                    s_off - BLOCK_S * UNROLL,
-                    group_start_c,
-                    c_last,
-                    s_end,
-                    stride_c,
-                    stride_s,
-                    BLOCK_C,
-                    BLOCK_S * UNROLL,
-                )
-                z = x.to(tl.float32) * gain[:, None] + offset[:, None]
-                if SILU:
-                    z = z * tl.sigmoid(z)
-                tl.store(y_ptr + sample + offsets, z.to(y_ptr.dtype.element_ty), mask=mask)
-            x = x_next
+        gain = w * one_plus_scale * rstd
+        offset = b * one_plus_scale + shift - mean * gain
+        start = _program_start(n, C, S, group_start_c, c_start, s_begin, stride_c, stride_s)
+        xs = x_ptr + start
+        ys = y_ptr + start
+        for s_off in range(0, s_len, STEP):
+            step_start = tl.cast(s_off, tl.int64) * stride_s  # from the program's first element
+            mask = c_mask[:, None] & (ss < s_len - s_off)[None, :]
+            x = tl.load(xs + step_start + tile, mask=mask, other=0.0)
+            # A full step stores under the channel mask alone; the chunk's last step may be
+            # partial. The branch also keeps the step's UNROLL loads ahead of the arithmetic:
+            # its arms begin differently (the tl.where changes no value, masked lanes load
+            # 0), so the compiler cannot merge them and move the arithmetic up between loads.
+            if s_len - s_off >= STEP:
+                y = _normalize(x, gain, offset, SILU)
+                tl.store(ys + step_start + tile, y.to(y_ptr.dtype.element_ty), mask=c_mask[:, None])
+            else:
+                y = _normalize(tl.where(mask, x, 0.0), gain, offset, SILU)
+                tl.store(ys + step_start + tile, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _dz_and_xhat(x, dy, mean, rstd, w, b, one_plus_scale, shift, SILU: tl.constexpr):
-    """(dz, x̂) of a tile; per-channel vectors are already broadcast to the tile."""
-    x_hat = (x - mean) * rstd
-    dz = dy
-    if SILU:
-        z = (x_hat * w + b) * one_plus_scale + shift
-        sig = tl.sigmoid(z)
-        dz = dy * sig * (1.0 + z * (1.0 - sig))
-    return dz, x_hat
+def _silu_grad(dy, z):
+    """dy·silu'(z), silu'(z) = σ(z)·(1 + z·(1 − σ(z)))."""
+    sig = tl.sigmoid(z)
+    return dy * sig * (1.0 + z * (1.0 - sig))
 
 
 @triton.jit
@@ -486,24 +486,31 @@ def _backward_sums_kernel(
             )
             x = tl.load(x_ptr + sample + offsets, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + sample + offsets, mask=mask, other=0.0).to(tl.float32)
-            dz, x_hat = _dz_and_xhat(
-                x,
-                dy,
-                mean,
-                rstd,
-                w[None, :, None],
-                b[None, :, None],
-                one_plus_scale[None, :, None],
-                shift[None, :, None],
-                SILU,
-            )
+            x_hat = (x - mean) * rstd
+            dz = dy
+            if SILU:
+                # z as written, not folded into x̂·gain + offset as in dx: folded, the
+                # compiler issues this step's four sm_80 loads as three, then one.
+                z = (x_hat * w[None, :, None] + b[None, :, None]) * one_plus_scale[None, :, None] + shift[None, :, None]
+                dz = _silu_grad(dy, z)
             # The UNROLL slabs sit in each thread's registers: their sum needs every load of
-            # the step, so all are issued before any arithmetic.
+            # the step, so all are issued before the arithmetic.
             acc_a += tl.sum(tl.where(mask, dz, 0.0), axis=0)
             acc_b += tl.sum(tl.where(mask, dz * x_hat, 0.0), axis=0)
         out = partial_ptr + ((n * C + channel) * SPLIT_POW2 + chunk) * 2
         tl.store(out, tl.sum(acc_a, axis=1), mask=c_mask)
         tl.store(out + 1, tl.sum(acc_b, axis=1), mask=c_mask)
+
+
+@triton.jit
+def _input_grad(x, dy, mean, rstd, gain, offset, mean_dxhat, mean_dxhat_xhat, SILU: tl.constexpr):
+    """dx = rstd·(dx̂ − mean_g(dx̂) − x̂·mean_g(dx̂·x̂)) with dx̂ = dz·gain, x̂ = (x − mean)·rstd
+    and dz = dy·silu'(x̂·gain + offset) (dz = dy without SiLU)."""
+    x_hat = (x.to(tl.float32) - mean) * rstd
+    dz = dy.to(tl.float32)
+    if SILU:
+        dz = _silu_grad(dz, x_hat * gain[:, None] + offset[:, None])
+    return rstd * (dz * gain[:, None] - mean_dxhat - x_hat * mean_dxhat_xhat)
 
 
 @triton.jit
@@ -540,18 +547,19 @@ def _backward_dx_kernel(
     SPLIT_POW2: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     group, chunk, n, group_start_c, c_first, c_last = _program_group(G, Cg, channels_per_program)
     mean = tl.load(mean_ptr + group)
     rstd = tl.load(rstd_ptr + group)
     chunks = tl.arange(0, SPLIT_POW2)
+    cc = tl.arange(0, BLOCK_C)
     # Group sums Σ dx̂ and Σ dx̂·x̂ from the merged per-channel (A, B) of all its channels.
     sum_dxhat = tl.full([], 0.0, tl.float32)
     sum_dxhat_xhat = tl.full([], 0.0, tl.float32)
     for c_start in range(0, Cg, BLOCK_C):
-        cc = c_start + tl.arange(0, BLOCK_C)
-        c_mask = cc < Cg
-        channel = group_start_c + cc
+        c_mask = cc < Cg - c_start
+        channel = group_start_c + c_start + cc
         w, b, one_plus_scale, shift = _channel_params(
             w_ptr,
             b_ptr,
@@ -577,27 +585,27 @@ def _backward_dx_kernel(
         if (chunk == 0) & (c_first == 0):
             tl.store(sums_ptr + (n * C + channel) * 2, a_sum, mask=c_mask)
             tl.store(sums_ptr + (n * C + channel) * 2 + 1, b_sum, mask=c_mask)
-        factor = tl.where(c_mask, w * one_plus_scale, 0.0)
+        factor = tl.where(c_mask, w * one_plus_scale, 0.0)  # dx̂ = dz·(1 + scale)·w
         sum_dxhat += tl.sum(factor * a_sum, axis=0)
         sum_dxhat_xhat += tl.sum(factor * b_sum, axis=0)
     count = (Cg * S).to(tl.float32)
     mean_dxhat = sum_dxhat / count
     mean_dxhat_xhat = sum_dxhat_xhat / count
 
-    sample = n.to(tl.int64) * C * S
+    STEP: tl.constexpr = BLOCK_S * UNROLL
     s_begin = chunk * s_per_chunk
-    s_end = tl.minimum(s_begin + s_per_chunk, S)
+    s_len = tl.minimum(s_per_chunk, S - s_begin)
+    ss = tl.arange(0, STEP)
+    tile = _step_offsets(stride_c, stride_s, BLOCK_C, STEP)
     for c_start in range(c_first, c_last, BLOCK_C):
-        cc = c_start + tl.arange(0, BLOCK_C)
-        c_mask = cc < c_last
-        channel = group_start_c + cc
+        c_mask = cc < c_last - c_start
         w, b, one_plus_scale, shift = _channel_params(
             w_ptr,
             b_ptr,
             scale_ptr,
             shift_ptr,
             n,
-            channel,
+            group_start_c + c_start + cc,
             c_mask,
             scale_stride_n,
             scale_stride_c,
@@ -609,18 +617,26 @@ def _backward_dx_kernel(
             HAS_SHIFT,
             BLOCK_C,
         )
-        for s_off in range(0, s_per_chunk, BLOCK_S):
-            offsets, mask = _tile_offsets(
-                c_start, s_begin + s_off, group_start_c, c_last, s_end, stride_c, stride_s, BLOCK_C, BLOCK_S
-            )
-            x = tl.load(x_ptr + sample + offsets, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + sample + offsets, mask=mask, other=0.0).to(tl.float32)
-            dz, x_hat = _dz_and_xhat(
-                x, dy, mean, rstd, w[:, None], b[:, None], one_plus_scale[:, None], shift[:, None], SILU
-            )
-            dx_hat = dz * (one_plus_scale * w)[:, None]
-            dx = rstd * (dx_hat - mean_dxhat - x_hat * mean_dxhat_xhat)
-            tl.store(dx_ptr + sample + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        gain, offset = w * one_plus_scale, b * one_plus_scale + shift  # z = x̂·gain + offset
+        start = _program_start(n, C, S, group_start_c, c_start, s_begin, stride_c, stride_s)
+        xs = x_ptr + start
+        dys = dy_ptr + start
+        dxs = dx_ptr + start
+        for s_off in range(0, s_len, STEP):
+            step_start = tl.cast(s_off, tl.int64) * stride_s  # from the program's first element
+            mask = c_mask[:, None] & (ss < s_len - s_off)[None, :]
+            x = tl.load(xs + step_start + tile, mask=mask, other=0.0)
+            dy = tl.load(dys + step_start + tile, mask=mask, other=0.0)
+            # As in apply: full steps store under the channel mask, and the branch keeps the
+            # step's loads (UNROLL slabs of x, UNROLL of dy) ahead of its arithmetic.
+            if s_len - s_off >= STEP:
+                dx = _input_grad(x, dy, mean, rstd, gain, offset, mean_dxhat, mean_dxhat_xhat, SILU)
+                tl.store(dxs + step_start + tile, dx.to(dx_ptr.dtype.element_ty), mask=c_mask[:, None])
+            else:
+                dx = _input_grad(
+                    tl.where(mask, x, 0.0), dy, mean, rstd, gain, offset, mean_dxhat, mean_dxhat_xhat, SILU
+                )
+                tl.store(dxs + step_start + tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------
@@ -644,7 +660,9 @@ def launch_config(
     Each launch aims at 4 programs per SM, so that batch 1–2 still fills the GPU: the
     statistics split each group (NCHW) or each block of channels (channels_last) into
     chunks; apply and backward split each group's spatial extent into chunks of whole
-    steps and, if that is not enough, its channels among programs.
+    steps (an apply or dx step: APPLY_UNROLL slabs; a backward-sums step divides it), so
+    only a group's last chunk can end in a partial step, and, if that is not enough, its
+    channels among programs.
     """
     cg = channels // groups
     wanted = 4 * multiprocessors
@@ -706,7 +724,7 @@ def launch_config(
             UNROLL=APPLY_UNROLL,
         ),
         backward_sums=dict(SPLIT_POW2=split_pow2, BLOCK_C=block_c, BLOCK_S=block_s, UNROLL=BACKWARD_UNROLL),
-        backward_dx=dict(SPLIT_POW2=split_pow2, BLOCK_C=block_c, BLOCK_S=block_s * 2),
+        backward_dx=dict(SPLIT_POW2=split_pow2, BLOCK_C=block_c, BLOCK_S=block_s, UNROLL=APPLY_UNROLL),
     )
 
 

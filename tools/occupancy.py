@@ -80,13 +80,15 @@ KNOWN_BELOW_FLOOR: set[str] = {
     # 2 blocks, 64 KB).
     "guided_stats rescale fp16 sm_80",
     "guided_stats rescale fp16 sm_90",
-    # A peeled first loop pass holds half the loads: 4 at a time, not 8.
+    # Triton group_norm channels_last: a thread's 16-byte vectors are 8 channels, whose
+    # parameters it holds beside the data. Apply issues a step's 4 vectors together, at 96
+    # registers on sm_80: 5 blocks, 40 KB (64 registers on sm_90). The backward sums' step
+    # (2 vectors of x, 2 of dy) takes 128 registers on sm_80 (4 blocks, 32 KB); on sm_90,
+    # at 96, its loop issues them 2 and 2 (the 4 counted are w's and b's). Steps of 8
+    # vectors take 160-250 registers, and spill under a 128-register cap.
     "group_norm apply+silu nhwc fp16 sm_80",
-    "group_norm apply+silu nhwc fp16 sm_90",
-    "group_norm bwd sums nhwc fp16 sm_80",  # the loop itself: 2 at a time
+    "group_norm bwd sums nhwc fp16 sm_80",
     "group_norm bwd sums nhwc fp16 sm_90",
-    "group_norm bwd dx nhwc fp16 sm_80",  # the loop itself: 2 at a time
-    "group_norm bwd dx nhwc fp16 sm_90",
     # Triton layer_norm: at D=72 the forward's tile is 64 segments of 8 (7 rows) in one
     # warp, 4 loads a thread at 25 blocks (the SM's 32-block limit near): 50 KB; the
     # backward pads a row to a power of two (1152 to 2048: 44% of its lanes idle, which
