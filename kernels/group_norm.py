@@ -14,11 +14,16 @@ the GPU (`launch_config` sizes the chunks):
      of fp16) over a spatial chunk instead, whatever groups they belong to, and folds
      each channel's sums into its group's; a group whose channels straddle programs
      gets one part from each.
-  2. `_apply_kernel`: merges the group's partials (chunks × parts) in a fixed order,
-     writes mean and rstd (the group's first program only, saved for backward),
+  2. NCHW, `_apply_kernel`: merges the group's partials (chunks × parts) in a fixed
+     order, writes mean and rstd (the group's first program only, saved for backward),
      normalises and writes y. Its programs own a spatial chunk of some of one group's
-     channels: NCHW tiles are channel rows (up to SLAB contiguous elements), channels_last
-     tiles up to 16 channels of a group by a spatial run.
+     channels, in tiles of channel rows (up to SLAB contiguous elements).
+     channels_last, two launches: `_channel_maps_kernel` (a program per group) merges the
+     partials, writes mean and rstd, and folds them with each channel's affine and
+     scale-shift into its map z = x·gain[n, c] + offset[n, c]; `_apply_rows_kernel` then
+     reads the statistics' whole rows of ROW_CHANNELS channels over a spatial chunk, so
+     its loads are 16-byte vectors whatever the group size (the channels of one group in
+     SD's UNets, 10-40, are a 20-80-byte sliver every C).
 Bytes: read x twice, write y: 3·E·s_x, plus O(N·C) parameters (E = N·C·S).
 FLOPs ~10 per element (+4 with SiLU): memory-bound.
 
@@ -28,7 +33,8 @@ B[n, c] = Σ_s dz·x̂:
   dshift = A;  dscale = w·B + b·A;  dbias = Σ_n (1 + scale)·A;  dweight = Σ_n (1 + scale)·B
   dx = rstd·(dx̂ − mean_g(dx̂) − x̂·mean_g(dx̂·x̂)),  dx̂ = dz·(1 + scale)·w, where
   Σ_g dx̂ = Σ_{c∈g} w(1 + scale)·A and Σ_g dx̂·x̂ = Σ_{c∈g} w(1 + scale)·B.
-Two launches on apply's grid: `_backward_sums_kernel` writes per-chunk (A, B) of its
+Two launches on the NCHW apply's grid (in both layouts, programs own some of a group's
+channels over a spatial run): `_backward_sums_kernel` writes per-chunk (A, B) of its
 channels; `_backward_dx_kernel` merges those of the whole group, writes dx and (the
 group's first program) the merged (A, B), from which the (N, C)-sized parameter
 gradients follow in a few tiny torch ops.
@@ -410,6 +416,137 @@ def _apply_kernel(
 
 
 @triton.jit
+def _channel_maps_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    partial_ptr,
+    mean_ptr,
+    rstd_ptr,
+    gain_ptr,
+    offset_ptr,
+    C,
+    S,
+    G,
+    Cg,
+    STATS_SPLIT,
+    stats_block_c,
+    eps,
+    scale_stride_n,
+    scale_stride_c,
+    shift_stride_n,
+    shift_stride_c,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    STATS_SPLIT_POW2: tl.constexpr,
+    PARTS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """channels_last: a program per (n, g) merges the group's partials into (mean, rstd),
+    writes them, and folds them with each of the group's channels' affine and scale-shift
+    into that channel's map z = x·gain[n, c] + offset[n, c]:
+    gain = w·(1 + scale)·rstd, offset = b·(1 + scale) + shift − mean·gain."""
+    group = tl.program_id(0)
+    n = group // G
+    group_start_c = (group % G) * Cg
+    mean, rstd = _group_mean_rstd(
+        x_ptr,
+        partial_ptr,
+        group,
+        n,
+        group_start_c,
+        C,
+        S,
+        Cg,
+        1,
+        eps,
+        STATS_SPLIT,
+        stats_block_c,
+        STATS_SPLIT_POW2,
+        PARTS,
+    )
+    tl.store(mean_ptr + group, mean)
+    tl.store(rstd_ptr + group, rstd)
+    for c_start in range(0, Cg, BLOCK_C):
+        cc = c_start + tl.arange(0, BLOCK_C)
+        c_mask = cc < Cg
+        channel = group_start_c + cc
+        w, b, one_plus_scale, shift = _channel_params(
+            w_ptr,
+            b_ptr,
+            scale_ptr,
+            shift_ptr,
+            n,
+            channel,
+            c_mask,
+            scale_stride_n,
+            scale_stride_c,
+            shift_stride_n,
+            shift_stride_c,
+            HAS_W,
+            HAS_B,
+            HAS_SCALE,
+            HAS_SHIFT,
+            BLOCK_C,
+        )
+        gain = w * one_plus_scale * rstd
+        offset = b * one_plus_scale + shift - mean * gain
+        tl.store(gain_ptr + n * C + channel, gain, mask=c_mask)
+        tl.store(offset_ptr + n * C + channel, offset, mask=c_mask)
+
+
+@triton.jit
+def _apply_rows_kernel(
+    x_ptr,
+    y_ptr,
+    gain_ptr,
+    offset_ptr,
+    C,
+    S,
+    s_per_chunk,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """channels_last: y = act(x·gain[n, c] + offset[n, c]) over whole rows of BLOCK_C
+    consecutive channels (whatever groups they belong to) of one sample, over one spatial
+    chunk, UNROLL × BLOCK_S positions a step. Rows, not a group's few channels, so that a
+    thread's loads are 16-byte vectors whatever the group size (SD's groups of 10, 20 or
+    40 channels are 20-80 bytes)."""
+    blocks = tl.cdiv(C, BLOCK_C)
+    n = tl.program_id(0) // blocks
+    c0 = (tl.program_id(0) % blocks) * BLOCK_C
+    cc = tl.arange(0, BLOCK_C)
+    c_mask = cc < C - c0
+    gain = tl.load(gain_ptr + n * C + c0 + cc, mask=c_mask, other=0.0)
+    offset = tl.load(offset_ptr + n * C + c0 + cc, mask=c_mask, other=0.0)
+    STEP: tl.constexpr = BLOCK_S * UNROLL
+    s_begin = tl.program_id(1) * s_per_chunk
+    s_len = tl.minimum(s_per_chunk, S - s_begin)
+    ss = tl.arange(0, STEP)
+    tile = _step_offsets(1, C, BLOCK_C, STEP)
+    start = _program_start(n, C, S, c0, 0, s_begin, 1, C)
+    xs = x_ptr + start
+    ys = y_ptr + start
+    for s_off in range(0, s_len, STEP):
+        step_start = tl.cast(s_off, tl.int64) * C
+        mask = c_mask[:, None] & (ss < s_len - s_off)[None, :]
+        x = tl.load(xs + step_start + tile, mask=mask, other=0.0)
+        # As in _apply_kernel: the branch keeps the step's loads ahead of its arithmetic.
+        if s_len - s_off >= STEP:
+            y = _normalize(x, gain, offset, SILU)
+            tl.store(ys + step_start + tile, y.to(y_ptr.dtype.element_ty), mask=c_mask[:, None])
+        else:
+            y = _normalize(tl.where(mask, x, 0.0), gain, offset, SILU)
+            tl.store(ys + step_start + tile, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _silu_grad(dy, z):
     """dy·silu'(z), silu'(z) = σ(z)·(1 + z·(1 − σ(z)))."""
     sig = tl.sigmoid(z)
@@ -654,7 +791,7 @@ def _layout(x: Tensor) -> tuple[Tensor, int, int]:
 def launch_config(
     batch: int, channels: int, groups: int, spatial: int, channels_last: bool, multiprocessors: int
 ) -> dict:
-    """Tiles and grids of the four launches for x of (batch, channels, spatial) in groups
+    """Tiles and grids of the launches for x of (batch, channels, spatial) in groups
     (tools/kernel_report.py compiles what this picks for its representative shape).
 
     Each launch aims at 4 programs per SM, so that batch 1–2 still fills the GPU: the
@@ -662,7 +799,10 @@ def launch_config(
     chunks; apply and backward split each group's spatial extent into chunks of whole
     steps (an apply or dx step: APPLY_UNROLL slabs; a backward-sums step divides it), so
     only a group's last chunk can end in a partial step, and, if that is not enough, its
-    channels among programs.
+    channels among programs. channels_last's apply is two launches instead, "maps" (a
+    program per group) and "rows" (the statistics' blocks of channels, in spatial chunks
+    of whole steps); "grid", "split", "s_per_chunk" and "channels_per_program" are then
+    the backward's.
     """
     cg = channels // groups
     wanted = 4 * multiprocessors
@@ -686,7 +826,16 @@ def launch_config(
                 UNROLL=STATS_UNROLL,
             ),
         )
-        # Apply and backward: one group's channels (up to 16) by a spatial run.
+        # Apply: after a launch that folds each group's statistics into per-channel maps
+        # (a program per (n, g)), the same whole rows as the statistics.
+        a_chunk = _chunk(spatial, row_s * APPLY_UNROLL, wanted // max(batch * blocks, 1))
+        rows = dict(
+            grid=(batch * blocks, triton.cdiv(spatial, a_chunk)),
+            chunk=a_chunk,
+            meta=dict(BLOCK_C=row_c, BLOCK_S=row_s, UNROLL=APPLY_UNROLL),
+        )
+        maps = dict(grid=(n_groups,), meta=dict(BLOCK_C=min(triton.next_power_of_2(cg), SLAB)))
+        # Backward: one group's channels (up to 16) by a spatial run.
         block_c = min(triton.next_power_of_2(cg), 16)
         block_s = max(1, SLAB // block_c)
     else:
@@ -710,8 +859,14 @@ def launch_config(
     per_group = max(1, min(channel_blocks, wanted // (n_groups * split)))
     channels_per_program = channel_blocks // per_group * block_c
     split_pow2 = triton.next_power_of_2(split)
+    if channels_last:
+        maps["meta"].update(STATS_SPLIT_POW2=stats["meta"]["SPLIT_POW2"], PARTS=stats["meta"]["PARTS"])
+        layout_specific = dict(maps=maps, rows=rows)
+    else:
+        layout_specific = {}
     return dict(
         stats=stats,
+        **layout_specific,
         grid=(n_groups * triton.cdiv(cg, channels_per_program), split),
         split=split,
         s_per_chunk=s_chunk,
@@ -765,13 +920,65 @@ def group_norm_forward(
         _stats_rows_kernel[stats["grid"]](
             x, partials, c, spatial, num_groups, c // num_groups, stats["chunk"], **stats["meta"], num_warps=NUM_WARPS
         )
+        _apply_rows(x, y, params, partials, mean, rstd, cfg, num_groups, eps, activation)
     else:
         _stats_contiguous_kernel[stats["grid"]](
             x, partials, c // num_groups, spatial, stats["chunk"], **stats["meta"], num_warps=NUM_WARPS
         )
-    _apply_kernel[cfg["grid"]](
+        _apply_kernel[cfg["grid"]](
+            x,
+            y,
+            weight,
+            bias,
+            scale,
+            shift,
+            partials,
+            mean,
+            rstd,
+            c,
+            spatial,
+            num_groups,
+            c // num_groups,
+            stride_c,
+            stride_s,
+            cfg["channels_per_program"],
+            cfg["s_per_chunk"],
+            stats["split"],
+            stats["block_c"],
+            eps,
+            *_strides(scale),
+            *_strides(shift),
+            HAS_W=weight is not None,
+            HAS_B=bias is not None,
+            HAS_SCALE=scale is not None,
+            HAS_SHIFT=shift is not None,
+            SILU=activation == "silu",
+            **cfg["apply"],
+            num_warps=NUM_WARPS,
+        )
+    return y, mean, rstd
+
+
+def _apply_rows(
+    x: Tensor,
+    y: Tensor,
+    params: NormParameters,
+    partials: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    cfg: dict,
+    num_groups: int,
+    eps: float,
+    activation: str | None,
+) -> None:
+    """channels_last's apply: per-channel maps of each group (writing mean and rstd), then
+    y over whole rows of channels."""
+    weight, bias, scale, shift = params
+    n, c = x.shape[0], x.shape[1]
+    spatial = math.prod(x.shape[2:])
+    maps = torch.empty((2, n, c), dtype=torch.float32, device=x.device)  # gain, offset
+    _channel_maps_kernel[cfg["maps"]["grid"]](
         x,
-        y,
         weight,
         bias,
         scale,
@@ -779,16 +986,14 @@ def group_norm_forward(
         partials,
         mean,
         rstd,
+        maps[0],
+        maps[1],
         c,
         spatial,
         num_groups,
         c // num_groups,
-        stride_c,
-        stride_s,
-        cfg["channels_per_program"],
-        cfg["s_per_chunk"],
-        stats["split"],
-        stats["block_c"],
+        cfg["stats"]["split"],
+        cfg["stats"]["block_c"],
         eps,
         *_strides(scale),
         *_strides(shift),
@@ -796,11 +1001,22 @@ def group_norm_forward(
         HAS_B=bias is not None,
         HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None,
-        SILU=activation == "silu",
-        **cfg["apply"],
+        **cfg["maps"]["meta"],
         num_warps=NUM_WARPS,
     )
-    return y, mean, rstd
+    rows = cfg["rows"]
+    _apply_rows_kernel[rows["grid"]](
+        x,
+        y,
+        maps[0],
+        maps[1],
+        c,
+        spatial,
+        rows["chunk"],
+        SILU=activation == "silu",
+        **rows["meta"],
+        num_warps=NUM_WARPS,
+    )
 
 
 def group_norm_backward(

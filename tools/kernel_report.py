@@ -135,6 +135,7 @@ FLOAT_ARGS = {
         "log_var_max",
     },
     "_apply_kernel": {"eps"},
+    "_channel_maps_kernel": {"eps"},
     "_layer_norm_forward_kernel": {"eps"},
     "_forward_kernel": {"qk_scale_log2"},
     "_backward_dkdv_kernel": {"scale", "qk_scale_log2"},
@@ -441,6 +442,14 @@ def cases() -> list[Case]:
                 },
                 {**cfg["apply"], **strides, **flags},
                 gn.NUM_WARPS,
+            )
+            if layout == "nchw"
+            else Case(
+                f"group_norm apply+silu {layout} fp16",
+                gn._apply_rows_kernel,
+                {"x_ptr": "fp16", "y_ptr": "fp16", "gain_ptr": "fp32", "offset_ptr": "fp32"},
+                {**cfg["rows"]["meta"], "SILU": True},
+                gn.NUM_WARPS,
             ),
             Case(
                 f"group_norm bwd sums {layout} fp16",
@@ -473,6 +482,25 @@ def cases() -> list[Case]:
                 gn.NUM_WARPS,
             ),
         ]
+    # channels_last's per-channel maps: a program per group, O(N·C) bytes.
+    out.append(
+        Case(
+            "group_norm maps nhwc",
+            gn._channel_maps_kernel,
+            {
+                "x_ptr": "fp16",
+                "partial_ptr": "fp32",
+                "mean_ptr": "fp32",
+                "rstd_ptr": "fp32",
+                "gain_ptr": "fp32",
+                "offset_ptr": "fp32",
+                **params,
+            },
+            {**cfg["maps"]["meta"], **flags},
+            gn.NUM_WARPS,
+            memory_bound=False,
+        )
+    )
     ln = layer_norm
     # DiT-XL's D = 1152 (forward: 7 rows in 64 segments of 128; backward: 2 rows of 2048)
     # and a narrow D = 72 (forward: 7 rows in 64 segments of 8; backward: 32 rows of 128).
