@@ -18,7 +18,9 @@ to about 1e-6 relative; TF32 (about 1e-3) only when the user opts in through
 torch.backends.cuda.matmul.allow_tf32, as for torch.matmul.
 
 Any Lq, Lk ≥ 1 (masked tails); head dims up to 256 (ADM-128 uses 192 and 256), padded
-inside to a power of two;
+inside to a power of two. The forward specialises on Lk being a multiple of the key block
+(EVEN_N, every self-attention shape of the models here) and on D filling its padded width
+(EVEN_D): its main loop then loads k and v without masks and skips the −inf select;
 q, k, v, dO with arbitrary strides (views of a packed qkv projection are read in place).
 """
 
@@ -78,7 +80,54 @@ def _bucket(length: int) -> int:
     return min(triton.next_power_of_2(length), 4096)
 
 
+@triton.jit
+def _key_block(ptrs, keys, d_ok, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
+    """The BLOCK_N × BLOCK_D block of k or v at ptrs, rows from `keys` on (unless EVEN_N,
+    which promises none) and columns from D on (unless EVEN_D) read as 0."""
+    if not EVEN_N:
+        block = tl.load(ptrs, mask=(tl.arange(0, BLOCK_N) < keys)[:, None] & d_ok[None, :], other=0.0)
+    elif EVEN_D:
+        block = tl.load(ptrs)
+    else:
+        block = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return block
+
+
+@triton.jit
+def _softmax_step(
+    q,
+    k_ptrs,
+    v_ptrs,
+    keys,
+    d_ok,
+    m,
+    l,
+    acc,
+    qk_scale_log2,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):
+    """One key block of the online softmax over its first `keys` keys (the rest −inf in s;
+    EVEN_N: every key of the block is one):
+        s = q·kᵀ·scale·log2 e;  m' = max(m, rowmax s);  p = 2^(s − m')
+        l' = l·2^(m − m') + rowsum p;  acc' = acc·2^(m − m') + p·v."""
+    k = _key_block(k_ptrs, keys, d_ok, BLOCK_N, EVEN_N, EVEN_D)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
+    if not EVEN_N:
+        s = tl.where((tl.arange(0, BLOCK_N) < keys)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    correction = tl.exp2(m - m_new)
+    l = l * correction + tl.sum(p, axis=1)
+    v = _key_block(v_ptrs, keys, d_ok, BLOCK_N, EVEN_N, EVEN_D)
+    acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l, acc
+
+
 @triton.autotune(configs=_configs(), **_TUNING)
+@triton.heuristics({"EVEN_N": lambda args: args["Lk"] % args["BLOCK_N"] == 0})
 @triton.jit
 def _forward_kernel(
     q_ptr,
@@ -110,6 +159,8 @@ def _forward_kernel(
     LQ_BUCKET,
     LK_BUCKET,
     PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -128,22 +179,28 @@ def _forward_kernel(
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    k_base = k_ptr + b * sk_b + h * sk_h
-    v_base = v_ptr + b * sv_b + h * sv_h
+    k_block = k_ptr + b * sk_b + h * sk_h + tl.arange(0, BLOCK_N)[:, None] * sk_l + dims[None, :] * sk_d
+    v_block = v_ptr + b * sv_b + h * sv_h + tl.arange(0, BLOCK_N)[:, None] * sv_l + dims[None, :] * sv_d
+    # With EVEN_N (Lk a multiple of BLOCK_N: every self-attention shape of the models here)
+    # no key block takes a column mask or a −inf select, and with EVEN_D too their loads
+    # are plain, which the pipeliner issues stages ahead. (Peeling the one block that
+    # crosses Lk instead doubles the loop body: the fp32 and D = 256 tiles then spill.)
     for start in range(0, Lk, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < Lk
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * sk_l + dims[None, :] * sk_d, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        correction = tl.exp2(m - m_new)
-        l = l * correction + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols[:, None] * sv_l + dims[None, :] * sv_d, mask=kv_mask, other=0.0)
-        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l, acc = _softmax_step(
+            q,
+            k_block + start * sk_l,
+            v_block + start * sv_l,
+            Lk - start,
+            d_ok,
+            m,
+            l,
+            acc,
+            qk_scale_log2,
+            PRECISION,
+            BLOCK_N,
+            EVEN_N,
+            EVEN_D,
+        )
     o = acc / l[:, None]
     tl.store(
         o_ptr + b * so_b + h * so_h + rows[:, None] * so_l + dims[None, :] * so_d,
@@ -384,6 +441,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
         _bucket(lq),
         _bucket(lk),
         PRECISION=_precision(q.dtype),
+        EVEN_D=head_dim == _block_d(head_dim),
         BLOCK_D=_block_d(head_dim),
     )
     return o, lse

@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
 
 from fastguide.kernels import attention, group_norm, guided_step, layer_norm  # noqa: E402
 from fastguide.ops import extension  # noqa: E402
@@ -77,7 +77,7 @@ class Case:
     """One specialisation of one kernel: argument types by name, constexpr values."""
 
     name: str
-    kernel: triton.JITFunction | Autotuner
+    kernel: triton.JITFunction | Autotuner | Heuristics
     pointers: dict[str, str]  # pointer arg -> element type ("fp16", ...); absent ones: None
     constexprs: dict[str, object]
     num_warps: int
@@ -90,7 +90,9 @@ class Case:
 def compile_cubin(case: Case, arch: int) -> tuple[bytes, int]:
     """(cubin, dynamic shared memory bytes): the one call into triton's AOT API, which
     moves between releases."""
-    kernel = case.kernel.fn if isinstance(case.kernel, Autotuner) else case.kernel
+    kernel = case.kernel
+    while isinstance(kernel, (Autotuner, Heuristics)):  # the case's constexprs stand for both
+        kernel = kernel.fn
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
         if name in case.constexprs:
@@ -574,7 +576,15 @@ def cases() -> list[Case]:
                     f"attention fwd D={head_dim} {dtype}",
                     at._forward_kernel,
                     {n: dtype for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")} | {"lse_ptr": "fp32"},
-                    dict(PRECISION="ieee", BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, **unit_strides),
+                    dict(
+                        PRECISION="ieee",
+                        EVEN_D=True,
+                        EVEN_N=True,
+                        BLOCK_D=head_dim,
+                        BLOCK_M=block_m,
+                        BLOCK_N=block_n,
+                        **unit_strides,
+                    ),
                     warps if head_dim == 64 else 8,
                     tensor_cores=dtype != "fp32",
                     num_stages=stages,

@@ -12,9 +12,11 @@ from tests.helpers import ATTENTION, assert_close, backend_dtype_params, backend
 
 BACKENDS = backends_for("attention")
 # (batch, heads, Lq, Lk, head_dim): every L in {1, 7, 64, 77, 200, 1025} and D in
-# {8, 24, 32, 40, 64, 80, 128} at least once, Lq ≠ Lk, B·H up to 8.
+# {8, 24, 32, 40, 64, 80, 128} at least once, Lq ≠ Lk, B·H up to 8; Lk a multiple of the
+# key block with D a power of two (the forward's unmasked loop) and with D not.
 SHAPES = [
     (1, 1, 1, 1, 32),
+    (2, 2, 50, 96, 64),
     (2, 3, 7, 7, 40),
     (1, 2, 77, 13, 64),
     (2, 1, 64, 200, 80),
