@@ -33,11 +33,13 @@ B[n, c] = Σ_s dz·x̂:
   dshift = A;  dscale = w·B + b·A;  dbias = Σ_n (1 + scale)·A;  dweight = Σ_n (1 + scale)·B
   dx = rstd·(dx̂ − mean_g(dx̂) − x̂·mean_g(dx̂·x̂)),  dx̂ = dz·(1 + scale)·w, where
   Σ_g dx̂ = Σ_{c∈g} w(1 + scale)·A and Σ_g dx̂·x̂ = Σ_{c∈g} w(1 + scale)·B.
-Two launches on the NCHW apply's grid (in both layouts, programs own some of a group's
-channels over a spatial run): `_backward_sums_kernel` writes per-chunk (A, B) of its
-channels; `_backward_dx_kernel` merges those of the whole group, writes dx and (the
-group's first program) the merged (A, B), from which the (N, C)-sized parameter
-gradients follow in a few tiny torch ops.
+NCHW, two launches on apply's grid: `_backward_sums_kernel` writes per-chunk (A, B) of
+its channels; `_backward_dx_kernel` merges those of the whole group, writes dx and (the
+group's first program) the merged (A, B). channels_last, three, reading whole rows as
+the forward does: `_rows_backward_sums_kernel` (per-chunk (A, B) of 64 channels),
+`_backward_maps_kernel` (a program per group: the merged (A, B), and dx folded into
+dz·α + x·β + γ with per-channel α and per-group β, γ) and `_rows_backward_dx_kernel`.
+The (N, C)-sized parameter gradients follow from the merged (A, B) in a few tiny torch ops.
 Bytes: read x and dy twice, write dx: 5·E·s_x.
 
 Loads in flight: a memory-bound kernel needs ~64 KB of loads in flight per SM on an
@@ -50,11 +52,11 @@ dx have nothing to add: their step branches between its loads and its arithmetic
 step stores under the channel mask alone, the chunk's last step may be partial), and the
 compiler keeps arithmetic below a branch whose two arms begin differently. Loading a step
 ahead of its arithmetic would hold two steps of data in registers: with channels_last's
-per-channel parameters (8 channels a thread), too many for enough resident blocks.
+per-channel terms (8 channels a thread), too many for enough resident blocks.
 
-Layouts: NCHW (stride_c = S, stride_s = 1) and channels_last (stride_c = 1,
-stride_s = C) through the same apply and backward kernels; Triton specialises the
-stride that is 1.
+Layouts: the NCHW apply and backward kernels take the layout's strides (stride_c = S,
+stride_s = 1; Triton specialises the 1); the channels_last ones (stride_c = 1,
+stride_s = C) are kernels of their own, whose tiles are whole rows.
 """
 
 from __future__ import annotations
@@ -640,6 +642,18 @@ def _backward_sums_kernel(
 
 
 @triton.jit
+def _merged_channel_sums(partial_ptr, n, C, channel, c_mask, SPLIT, SPLIT_POW2: tl.constexpr):
+    """(A, B) of the given channels of sample n: their SPLIT per-chunk partials, added in
+    chunk order (deterministic)."""
+    chunks = tl.arange(0, SPLIT_POW2)
+    rows = partial_ptr + ((n * C + channel)[:, None] * SPLIT_POW2 + chunks[None, :]) * 2
+    valid = c_mask[:, None] & (chunks < SPLIT)[None, :]
+    return tl.sum(tl.load(rows, mask=valid, other=0.0), axis=1), tl.sum(
+        tl.load(rows + 1, mask=valid, other=0.0), axis=1
+    )
+
+
+@triton.jit
 def _input_grad(x, dy, mean, rstd, gain, offset, mean_dxhat, mean_dxhat_xhat, SILU: tl.constexpr):
     """dx = rstd·(dx̂ − mean_g(dx̂) − x̂·mean_g(dx̂·x̂)) with dx̂ = dz·gain, x̂ = (x − mean)·rstd
     and dz = dy·silu'(x̂·gain + offset) (dz = dy without SiLU)."""
@@ -689,7 +703,6 @@ def _backward_dx_kernel(
     group, chunk, n, group_start_c, c_first, c_last = _program_group(G, Cg, channels_per_program)
     mean = tl.load(mean_ptr + group)
     rstd = tl.load(rstd_ptr + group)
-    chunks = tl.arange(0, SPLIT_POW2)
     cc = tl.arange(0, BLOCK_C)
     # Group sums Σ dx̂ and Σ dx̂·x̂ from the merged per-channel (A, B) of all its channels.
     sum_dxhat = tl.full([], 0.0, tl.float32)
@@ -715,10 +728,7 @@ def _backward_dx_kernel(
             HAS_SHIFT,
             BLOCK_C,
         )
-        rows = partial_ptr + ((n * C + channel)[:, None] * SPLIT_POW2 + chunks[None, :]) * 2
-        valid = c_mask[:, None] & (chunks < SPLIT)[None, :]
-        a_sum = tl.sum(tl.load(rows, mask=valid, other=0.0), axis=1)
-        b_sum = tl.sum(tl.load(rows + 1, mask=valid, other=0.0), axis=1)
+        a_sum, b_sum = _merged_channel_sums(partial_ptr, n, C, channel, c_mask, SPLIT, SPLIT_POW2)
         if (chunk == 0) & (c_first == 0):
             tl.store(sums_ptr + (n * C + channel) * 2, a_sum, mask=c_mask)
             tl.store(sums_ptr + (n * C + channel) * 2 + 1, b_sum, mask=c_mask)
@@ -776,6 +786,240 @@ def _backward_dx_kernel(
                 tl.store(dxs + step_start + tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _rows_backward_sums_kernel(
+    x_ptr,
+    dy_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    mean_ptr,
+    rstd_ptr,
+    partial_ptr,
+    C,
+    S,
+    G,
+    Cg,
+    s_per_chunk,
+    scale_stride_n,
+    scale_stride_c,
+    shift_stride_n,
+    shift_stride_c,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    SPLIT_POW2: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """channels_last: per-chunk A = Σ_s dz and B = Σ_s dz·x̂ of BLOCK_C consecutive channels
+    (whole rows, as the statistics read them) of one sample, UNROLL × BLOCK_S positions a
+    step, with x̂ = (x − mean)·rstd and z = x̂·w(1 + scale) + b(1 + scale) + shift of each
+    channel's own group."""
+    blocks = tl.cdiv(C, BLOCK_C)
+    n = tl.program_id(0) // blocks
+    chunk = tl.program_id(1)
+    channel = (tl.program_id(0) % blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = channel < C
+    group_of_c = n * G + channel // Cg
+    mean = tl.load(mean_ptr + group_of_c, mask=c_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + group_of_c, mask=c_mask, other=0.0)
+    w, b, one_plus_scale, shift = _channel_params(
+        w_ptr,
+        b_ptr,
+        scale_ptr,
+        shift_ptr,
+        n,
+        channel,
+        c_mask,
+        scale_stride_n,
+        scale_stride_c,
+        shift_stride_n,
+        shift_stride_c,
+        HAS_W,
+        HAS_B,
+        HAS_SCALE,
+        HAS_SHIFT,
+        BLOCK_C,
+    )
+    gain = w * one_plus_scale
+    offset = b * one_plus_scale + shift
+    sample = x_ptr + n.to(tl.int64) * C * S
+    dy_sample = dy_ptr + n.to(tl.int64) * C * S
+    s_begin = chunk * s_per_chunk
+    s_end = tl.minimum(s_begin + s_per_chunk, S)
+    acc_a = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    rows = tl.arange(0, UNROLL)[:, None] * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
+    tile = rows[:, :, None] * C + channel[None, None, :]
+    for start in range(s_begin, s_end, BLOCK_S * UNROLL):
+        mask = (start + rows < s_end)[:, :, None] & c_mask[None, None, :]
+        step = tl.cast(start, tl.int64) * C
+        x = tl.load(sample + step + tile, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_sample + step + tile, mask=mask, other=0.0).to(tl.float32)
+        x_hat = (x - mean[None, None, :]) * rstd[None, None, :]
+        dz = dy
+        if SILU:
+            dz = _silu_grad(dy, x_hat * gain[None, None, :] + offset[None, None, :])
+        # As in the statistics: the UNROLL slabs' sum needs every load of the step first.
+        acc_a += tl.sum(tl.where(mask, dz, 0.0), axis=0)
+        acc_b += tl.sum(tl.where(mask, dz * x_hat, 0.0), axis=0)
+    out = partial_ptr + ((n * C + channel) * SPLIT_POW2 + chunk) * 2
+    tl.store(out, tl.sum(acc_a, axis=0), mask=c_mask)
+    tl.store(out + 1, tl.sum(acc_b, axis=0), mask=c_mask)
+
+
+@triton.jit
+def _backward_maps_kernel(
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    mean_ptr,
+    rstd_ptr,
+    partial_ptr,
+    sums_ptr,
+    maps_ptr,
+    group_terms_ptr,
+    N,
+    C,
+    S,
+    G,
+    Cg,
+    SPLIT,
+    scale_stride_n,
+    scale_stride_c,
+    shift_stride_n,
+    shift_stride_c,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SPLIT_POW2: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """channels_last: a program per (n, g) merges its channels' per-chunk (A, B) in a fixed
+    order and writes them (for the parameter gradients), with the maps that turn dx into
+    one fused multiply-add per term,
+        z = x·α + o,  dx = rstd·(dz·gain − m1 − x̂·m2) = dz·α + x·β + γ,
+    gain = w(1 + scale), α = rstd·gain and o = b(1 + scale) + shift − mean·α per channel
+    (maps, (2, N, C)); β = −rstd²·m2 and γ = rstd·(rstd·m2·mean − m1) per group (group
+    terms, (2, N·G)), from m1 = mean_g(dx̂) = Σ_c gain·A / (Cg·S), m2 = mean_g(dx̂·x̂) =
+    Σ_c gain·B / (Cg·S)."""
+    group = tl.program_id(0)
+    n = group // G
+    group_start_c = (group % G) * Cg
+    mean = tl.load(mean_ptr + group)
+    rstd = tl.load(rstd_ptr + group)
+    cc = tl.arange(0, BLOCK_C)
+    sum_dxhat = tl.full([], 0.0, tl.float32)
+    sum_dxhat_xhat = tl.full([], 0.0, tl.float32)
+    for c_start in range(0, Cg, BLOCK_C):
+        c_mask = cc < Cg - c_start
+        channel = group_start_c + c_start + cc
+        w, b, one_plus_scale, shift = _channel_params(
+            w_ptr,
+            b_ptr,
+            scale_ptr,
+            shift_ptr,
+            n,
+            channel,
+            c_mask,
+            scale_stride_n,
+            scale_stride_c,
+            shift_stride_n,
+            shift_stride_c,
+            HAS_W,
+            HAS_B,
+            HAS_SCALE,
+            HAS_SHIFT,
+            BLOCK_C,
+        )
+        a_sum, b_sum = _merged_channel_sums(partial_ptr, n, C, channel, c_mask, SPLIT, SPLIT_POW2)
+        tl.store(sums_ptr + (n * C + channel) * 2, a_sum, mask=c_mask)
+        tl.store(sums_ptr + (n * C + channel) * 2 + 1, b_sum, mask=c_mask)
+        gain = tl.where(c_mask, w * one_plus_scale, 0.0)  # dx̂ = dz·gain
+        sum_dxhat += tl.sum(gain * a_sum, axis=0)
+        sum_dxhat_xhat += tl.sum(gain * b_sum, axis=0)
+        alpha = rstd * gain
+        tl.store(maps_ptr + n * C + channel, alpha, mask=c_mask)
+        tl.store(maps_ptr + N * C + n * C + channel, b * one_plus_scale + shift - mean * alpha, mask=c_mask)
+    count = (Cg * S).to(tl.float32)
+    m1 = sum_dxhat / count
+    m2 = sum_dxhat_xhat / count
+    tl.store(group_terms_ptr + group, -rstd * rstd * m2)
+    tl.store(group_terms_ptr + N * G + group, rstd * (rstd * m2 * mean - m1))
+
+
+@triton.jit
+def _rows_dx(x, dy, alpha, offset, beta, gamma, SILU: tl.constexpr):
+    """dx = dz·α + x·β + γ, dz = dy·silu'(x·α + o) (dz = dy without SiLU), per channel (axis 0)."""
+    x = x.to(tl.float32)
+    dz = dy.to(tl.float32)
+    if SILU:
+        dz = _silu_grad(dz, x * alpha[:, None] + offset[:, None])
+    return dz * alpha[:, None] + x * beta[:, None] + gamma[:, None]
+
+
+@triton.jit
+def _rows_backward_dx_kernel(
+    x_ptr,
+    dy_ptr,
+    dx_ptr,
+    maps_ptr,
+    group_terms_ptr,
+    N,
+    C,
+    S,
+    G,
+    Cg,
+    s_per_chunk,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """channels_last: dx over whole rows of BLOCK_C channels of one sample and one spatial
+    chunk, from each channel's maps and its group's terms (_backward_maps_kernel), as
+    _apply_rows_kernel writes y."""
+    blocks = tl.cdiv(C, BLOCK_C)
+    n = tl.program_id(0) // blocks
+    c0 = (tl.program_id(0) % blocks) * BLOCK_C
+    cc = tl.arange(0, BLOCK_C)
+    c_mask = cc < C - c0
+    maps = maps_ptr + n * C + c0 + cc
+    alpha = tl.load(maps, mask=c_mask, other=0.0)
+    offset = tl.load(maps + N * C, mask=c_mask, other=0.0)
+    group_terms = group_terms_ptr + n * G + (c0 + cc) // Cg
+    beta = tl.load(group_terms, mask=c_mask, other=0.0)
+    gamma = tl.load(group_terms + N * G, mask=c_mask, other=0.0)
+    STEP: tl.constexpr = BLOCK_S * UNROLL
+    s_begin = tl.program_id(1) * s_per_chunk
+    s_len = tl.minimum(s_per_chunk, S - s_begin)
+    ss = tl.arange(0, STEP)
+    tile = _step_offsets(1, C, BLOCK_C, STEP)
+    start = _program_start(n, C, S, c0, 0, s_begin, 1, C)
+    xs = x_ptr + start
+    dys = dy_ptr + start
+    dxs = dx_ptr + start
+    for s_off in range(0, s_len, STEP):
+        step_start = tl.cast(s_off, tl.int64) * C
+        mask = c_mask[:, None] & (ss < s_len - s_off)[None, :]
+        x = tl.load(xs + step_start + tile, mask=mask, other=0.0)
+        dy = tl.load(dys + step_start + tile, mask=mask, other=0.0)
+        # As in _apply_kernel: the branch keeps the step's loads ahead of its arithmetic.
+        if s_len - s_off >= STEP:
+            dx = _rows_dx(x, dy, alpha, offset, beta, gamma, SILU)
+            tl.store(dxs + step_start + tile, dx.to(dx_ptr.dtype.element_ty), mask=c_mask[:, None])
+        else:
+            dx = _rows_dx(tl.where(mask, x, 0.0), dy, alpha, offset, beta, gamma, SILU)
+            tl.store(dxs + step_start + tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
@@ -794,92 +1038,94 @@ def launch_config(
     """Tiles and grids of the launches for x of (batch, channels, spatial) in groups
     (tools/kernel_report.py compiles what this picks for its representative shape).
 
-    Each launch aims at 4 programs per SM, so that batch 1–2 still fills the GPU: the
-    statistics split each group (NCHW) or each block of channels (channels_last) into
-    chunks; apply and backward split each group's spatial extent into chunks of whole
-    steps (an apply or dx step: APPLY_UNROLL slabs; a backward-sums step divides it), so
-    only a group's last chunk can end in a partial step, and, if that is not enough, its
-    channels among programs. channels_last's apply is two launches instead, "maps" (a
-    program per group) and "rows" (the statistics' blocks of channels, in spatial chunks
-    of whole steps); "grid", "split", "s_per_chunk" and "channels_per_program" are then
-    the backward's.
-    """
-    cg = channels // groups
-    wanted = 4 * multiprocessors
-    n_groups = max(batch * groups, 1)
+    Each launch aims at 4 programs per SM, so that batch 1–2 still fills the GPU, and splits
+    the spatial extent into chunks of whole loop steps, so that only the last chunk can end
+    in a partial step."""
     if channels_last:
-        # Whole rows of up to ROW_CHANNELS channels, whatever groups they belong to.
-        row_c = min(ROW_CHANNELS, triton.next_power_of_2(channels))
-        row_s = max(1, SLAB // row_c)
-        blocks = triton.cdiv(channels, row_c)
-        s_chunk = _chunk(spatial, row_s * STATS_UNROLL, wanted // max(batch * blocks, 1))
-        stats_split = triton.cdiv(spatial, s_chunk)
-        stats = dict(
-            grid=(batch * blocks, stats_split),
-            chunk=s_chunk,
-            block_c=row_c,  # a group's channels span at most PARTS of these blocks
-            meta=dict(
-                PARTS=triton.next_power_of_2(min(blocks, (cg + row_c - 2) // row_c + 1)),
-                GROUP_SLOTS=triton.next_power_of_2(min(groups, (row_c + cg - 2) // cg + 1)),
-                BLOCK_C=row_c,
-                BLOCK_S=row_s,
-                UNROLL=STATS_UNROLL,
-            ),
-        )
-        # Apply: after a launch that folds each group's statistics into per-channel maps
-        # (a program per (n, g)), the same whole rows as the statistics.
-        a_chunk = _chunk(spatial, row_s * APPLY_UNROLL, wanted // max(batch * blocks, 1))
-        rows = dict(
-            grid=(batch * blocks, triton.cdiv(spatial, a_chunk)),
-            chunk=a_chunk,
-            meta=dict(BLOCK_C=row_c, BLOCK_S=row_s, UNROLL=APPLY_UNROLL),
-        )
-        maps = dict(grid=(n_groups,), meta=dict(BLOCK_C=min(triton.next_power_of_2(cg), SLAB)))
-        # Backward: one group's channels (up to 16) by a spatial run.
-        block_c = min(triton.next_power_of_2(cg), 16)
-        block_s = max(1, SLAB // block_c)
-    else:
-        # A group is one contiguous run of cg·spatial elements: a flat array.
-        e_chunk = _chunk(cg * spatial, SLAB * STATS_UNROLL, wanted // n_groups)
-        stats_split = triton.cdiv(cg * spatial, e_chunk)
-        stats = dict(
-            grid=(n_groups, stats_split),
-            chunk=e_chunk,
-            block_c=channels,  # every group in one part
-            meta=dict(BLOCK=SLAB, UNROLL=STATS_UNROLL),
-        )
-        # Apply and backward: channel rows, as long as the spatial extent allows.
-        block_s = min(triton.next_power_of_2(spatial), SLAB)
-        block_c = min(triton.next_power_of_2(cg), SLAB // block_s)
-    stats["split"] = stats_split
-    stats["meta"]["SPLIT_POW2"] = triton.next_power_of_2(stats_split)
+        return _rows_config(batch, channels, groups, spatial, 4 * multiprocessors)
+    return _nchw_config(batch, channels, groups, spatial, 4 * multiprocessors)
+
+
+def _nchw_config(batch: int, channels: int, groups: int, spatial: int, wanted: int) -> dict:
+    """NCHW: the statistics read each group as a flat array in chunks; apply and backward
+    programs own a spatial chunk of a group's channel rows (split among programs too, if
+    the chunks are not enough)."""
+    cg = channels // groups
+    n_groups = max(batch * groups, 1)
+    e_chunk = _chunk(cg * spatial, SLAB * STATS_UNROLL, wanted // n_groups)
+    stats_split = triton.cdiv(cg * spatial, e_chunk)
+    stats = dict(
+        grid=(n_groups, stats_split),
+        chunk=e_chunk,
+        split=stats_split,
+        block_c=channels,  # every group in one part
+        meta=dict(BLOCK=SLAB, UNROLL=STATS_UNROLL, SPLIT_POW2=triton.next_power_of_2(stats_split)),
+    )
+    # Channel rows, as long as the spatial extent allows.
+    block_s = min(triton.next_power_of_2(spatial), SLAB)
+    block_c = min(triton.next_power_of_2(cg), SLAB // block_s)
     s_chunk = _chunk(spatial, block_s * APPLY_UNROLL, wanted // n_groups)
     split = triton.cdiv(spatial, s_chunk)
     channel_blocks = triton.cdiv(cg, block_c)
     per_group = max(1, min(channel_blocks, wanted // (n_groups * split)))
     channels_per_program = channel_blocks // per_group * block_c
     split_pow2 = triton.next_power_of_2(split)
-    if channels_last:
-        maps["meta"].update(STATS_SPLIT_POW2=stats["meta"]["SPLIT_POW2"], PARTS=stats["meta"]["PARTS"])
-        layout_specific = dict(maps=maps, rows=rows)
-    else:
-        layout_specific = {}
     return dict(
         stats=stats,
-        **layout_specific,
         grid=(n_groups * triton.cdiv(cg, channels_per_program), split),
         split=split,
         s_per_chunk=s_chunk,
         channels_per_program=channels_per_program,
         apply=dict(
             STATS_SPLIT_POW2=stats["meta"]["SPLIT_POW2"],
-            PARTS=stats["meta"].get("PARTS", 1),
+            PARTS=1,
             BLOCK_C=block_c,
             BLOCK_S=block_s,
             UNROLL=APPLY_UNROLL,
         ),
         backward_sums=dict(SPLIT_POW2=split_pow2, BLOCK_C=block_c, BLOCK_S=block_s, UNROLL=BACKWARD_UNROLL),
         backward_dx=dict(SPLIT_POW2=split_pow2, BLOCK_C=block_c, BLOCK_S=block_s, UNROLL=APPLY_UNROLL),
+    )
+
+
+def _rows_config(batch: int, channels: int, groups: int, spatial: int, wanted: int) -> dict:
+    """channels_last: the passes over x read whole rows of up to ROW_CHANNELS channels,
+    whatever groups they belong to, over spatial chunks ("stats", "rows": apply and dx;
+    "backward_sums"); between them, a program per (n, g) folds its group's sums into
+    per-channel maps ("maps", "backward_maps")."""
+    cg = channels // groups
+    n_groups = max(batch * groups, 1)
+    row_c = min(ROW_CHANNELS, triton.next_power_of_2(channels))
+    row_s = max(1, SLAB // row_c)
+    blocks = triton.cdiv(channels, row_c)
+    per_block = wanted // max(batch * blocks, 1)
+
+    def chunked(unroll: int, meta: dict) -> dict:
+        chunk = _chunk(spatial, row_s * unroll, per_block)
+        split = triton.cdiv(spatial, chunk)
+        meta = dict(meta, BLOCK_C=row_c, BLOCK_S=row_s, UNROLL=unroll)
+        return dict(grid=(batch * blocks, split), chunk=chunk, split=split, meta=meta)
+
+    stats = chunked(STATS_UNROLL, {})
+    split_pow2 = triton.next_power_of_2(stats["split"])
+    stats["block_c"] = row_c  # a group's channels span at most PARTS of these blocks
+    parts = triton.next_power_of_2(min(blocks, (cg + row_c - 2) // row_c + 1))
+    stats["meta"].update(
+        SPLIT_POW2=split_pow2,
+        PARTS=parts,
+        GROUP_SLOTS=triton.next_power_of_2(min(groups, (row_c + cg - 2) // cg + 1)),
+    )
+    sums = chunked(BACKWARD_UNROLL, {})
+    sums["meta"]["SPLIT_POW2"] = triton.next_power_of_2(sums["split"])
+    group_block = min(triton.next_power_of_2(cg), SLAB)
+    return dict(
+        stats=stats,
+        maps=dict(grid=(n_groups,), meta=dict(STATS_SPLIT_POW2=split_pow2, PARTS=parts, BLOCK_C=group_block)),
+        rows=chunked(APPLY_UNROLL, {}),
+        backward_sums=sums,
+        backward_maps=dict(
+            grid=(n_groups,), split=sums["split"], meta=dict(SPLIT_POW2=sums["meta"]["SPLIT_POW2"], BLOCK_C=group_block)
+        ),
     )
 
 
@@ -1019,6 +1265,98 @@ def _apply_rows(
     )
 
 
+def _rows_backward(
+    dy: Tensor,
+    x: Tensor,
+    dx: Tensor,
+    sums: Tensor,
+    params: NormParameters,
+    mean: Tensor,
+    rstd: Tensor,
+    cfg: dict,
+    num_groups: int,
+    activation: str | None,
+) -> None:
+    """channels_last's backward: per-chunk (A, B) over whole rows of channels, then a
+    program per group merges them into `sums` and the maps of dx, then dx over whole rows."""
+    weight, bias, scale, shift = params
+    n, c = x.shape[0], x.shape[1]
+    spatial = math.prod(x.shape[2:])
+    flags = dict(
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
+    )
+    silu = activation == "silu"
+    sums_cfg = cfg["backward_sums"]
+    partials = torch.empty((n * c, sums_cfg["meta"]["SPLIT_POW2"], 2), dtype=torch.float32, device=x.device)
+    _rows_backward_sums_kernel[sums_cfg["grid"]](
+        x,
+        dy,
+        weight,
+        bias,
+        scale,
+        shift,
+        mean,
+        rstd,
+        partials,
+        c,
+        spatial,
+        num_groups,
+        c // num_groups,
+        sums_cfg["chunk"],
+        *_strides(scale),
+        *_strides(shift),
+        **flags,
+        SILU=silu,
+        **sums_cfg["meta"],
+        num_warps=NUM_WARPS,
+    )
+    maps = torch.empty((2, n, c), dtype=torch.float32, device=x.device)  # α, o
+    group_terms = torch.empty((2, n * num_groups), dtype=torch.float32, device=x.device)  # β, γ
+    _backward_maps_kernel[cfg["backward_maps"]["grid"]](
+        weight,
+        bias,
+        scale,
+        shift,
+        mean,
+        rstd,
+        partials,
+        sums,
+        maps,
+        group_terms,
+        n,
+        c,
+        spatial,
+        num_groups,
+        c // num_groups,
+        cfg["backward_maps"]["split"],
+        *_strides(scale),
+        *_strides(shift),
+        **flags,
+        **cfg["backward_maps"]["meta"],
+        num_warps=NUM_WARPS,
+    )
+    rows = cfg["rows"]
+    _rows_backward_dx_kernel[rows["grid"]](
+        x,
+        dy,
+        dx,
+        maps,
+        group_terms,
+        n,
+        c,
+        spatial,
+        num_groups,
+        c // num_groups,
+        rows["chunk"],
+        SILU=silu,
+        **rows["meta"],
+        num_warps=NUM_WARPS,
+    )
+
+
 def group_norm_backward(
     dy: Tensor, x: Tensor, params: NormParameters, mean: Tensor, rstd: Tensor, num_groups: int, activation: str | None
 ) -> tuple[Tensor | None, ...]:
@@ -1029,8 +1367,11 @@ def group_norm_backward(
     dy = dy.contiguous(memory_format=torch.channels_last if stride_c == 1 and x.dim() == 4 else torch.contiguous_format)
     cfg = launch_config(n, c, num_groups, spatial, stride_c == 1, _multiprocessors(x.device))
     dx = torch.empty_like(x)
-    partials = torch.empty((n * c, cfg["backward_sums"]["SPLIT_POW2"], 2), dtype=torch.float32, device=x.device)
     sums = torch.empty((n, c, 2), dtype=torch.float32, device=x.device)
+    if stride_c == 1:
+        _rows_backward(dy, x, dx, sums, params, mean, rstd, cfg, num_groups, activation)
+        return (dx, *group_norm_parameter_grads(sums, params))
+    partials = torch.empty((n * c, cfg["backward_sums"]["SPLIT_POW2"], 2), dtype=torch.float32, device=x.device)
     flags = dict(
         HAS_W=weight is not None,
         HAS_B=bias is not None,

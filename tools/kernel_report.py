@@ -466,6 +466,21 @@ def cases() -> list[Case]:
                 },
                 {**cfg["backward_sums"], **strides, **flags},
                 gn.NUM_WARPS,
+            )
+            if layout == "nchw"
+            else Case(
+                f"group_norm bwd sums {layout} fp16",
+                gn._rows_backward_sums_kernel,
+                {
+                    "x_ptr": "fp16",
+                    "dy_ptr": "fp16",
+                    "mean_ptr": "fp32",
+                    "rstd_ptr": "fp32",
+                    "partial_ptr": "fp32",
+                    **params,
+                },
+                {**cfg["backward_sums"]["meta"], **flags},
+                gn.NUM_WARPS,
             ),
             Case(
                 f"group_norm bwd dx {layout} fp16",
@@ -482,10 +497,18 @@ def cases() -> list[Case]:
                 },
                 {**cfg["backward_dx"], **strides, **flags},
                 gn.NUM_WARPS,
+            )
+            if layout == "nchw"
+            else Case(
+                f"group_norm bwd dx {layout} fp16",
+                gn._rows_backward_dx_kernel,
+                {"x_ptr": "fp16", "dy_ptr": "fp16", "dx_ptr": "fp16", "maps_ptr": "fp32", "group_terms_ptr": "fp32"},
+                {**cfg["rows"]["meta"], "SILU": True},
+                gn.NUM_WARPS,
             ),
         ]
-    # channels_last's per-channel maps: a program per group, O(N·C) bytes.
-    out.append(
+    # channels_last's per-channel maps, forward and backward: a program per group, O(N·C) bytes.
+    out += [
         Case(
             "group_norm maps nhwc",
             gn._channel_maps_kernel,
@@ -501,8 +524,24 @@ def cases() -> list[Case]:
             {**cfg["maps"]["meta"], **flags},
             gn.NUM_WARPS,
             memory_bound=False,
-        )
-    )
+        ),
+        Case(
+            "group_norm bwd maps nhwc",
+            gn._backward_maps_kernel,
+            {
+                "mean_ptr": "fp32",
+                "rstd_ptr": "fp32",
+                "partial_ptr": "fp32",
+                "sums_ptr": "fp32",
+                "maps_ptr": "fp32",
+                "group_terms_ptr": "fp32",
+                **params,
+            },
+            {**cfg["backward_maps"]["meta"], **flags},
+            gn.NUM_WARPS,
+            memory_bound=False,
+        ),
+    ]
     ln = layer_norm
     # DiT-XL's D = 1152 (forward: 7 rows in 64 segments of 128; backward: 2 rows of 2048)
     # and a narrow D = 72 (forward: 7 rows in 64 segments of 8; backward: 32 rows of 128).

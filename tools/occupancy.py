@@ -80,13 +80,12 @@ KNOWN_BELOW_FLOOR: set[str] = {
     # 2 blocks, 64 KB).
     "guided_stats rescale fp16 sm_80",
     "guided_stats rescale fp16 sm_90",
-    # Triton group_norm channels_last. Apply reads whole rows of 64 channels, a step of 4
-    # vectors a thread beside the 8 channels' gain and offset: 68 registers on sm_80 (7
-    # blocks, 56 KB; 64 and 8 blocks on sm_90); a step of 8 vectors takes 128-136. The
-    # backward sums' step (2 vectors of x, 2 of dy, 8 channels' parameters) takes 128
-    # registers on sm_80 (4 blocks, 32 KB); on sm_90, at 96, its loop issues them 2 and 2
-    # (the 4 counted are w's and b's). Steps of 8 vectors take 160-250 registers, and
-    # spill under a 128-register cap.
+    # Triton group_norm channels_last reads whole rows of 64 channels, a thread's 16-byte
+    # vectors 8 channels whose per-channel terms it holds beside the data. Apply: a step of
+    # 4 vectors at 68 registers on sm_80 (7 blocks, 56 KB; 64 and 8 blocks on sm_90); a step
+    # of 8 takes 128-136. Backward sums: 2 vectors each of x and dy with 4 terms a channel,
+    # 95-96 registers (5 blocks, 40 KB); a step of 4 each takes 128 and the compiler issues
+    # only 4-5 of them together.
     "group_norm apply+silu nhwc fp16 sm_80",
     "group_norm bwd sums nhwc fp16 sm_80",
     "group_norm bwd sums nhwc fp16 sm_90",

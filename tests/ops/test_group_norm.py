@@ -97,6 +97,27 @@ def test_group_norm_backward_matches_autograd_of_formula(backend, dtype, shape, 
         torch.testing.assert_close(got.double(), want, atol=atol * max(1, count) ** 0.5, rtol=rtol * 4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_norm_channels_last_backward_without_silu_or_bias(backend, device):
+    # Groups of 10 channels (SD's first blocks: 320 in 32), 80 = 64 + 16 channels (a partial
+    # block of rows), no SiLU, no bias, a shift without a scale.
+    n, c, groups = 2, 80, 8
+    x, weight, _, _, shift = random_inputs(n, c, (6, 11), torch.float32, device, seed=5)
+    x = x.to(memory_format=torch.channels_last)
+    leaves = [t.detach().requires_grad_() for t in (x, weight, shift)]
+    grad_y = torch.randn(x.shape, device=device)
+    with fastguide.backend(backend):
+        y = ops.group_norm(leaves[0], groups, leaves[1], None, shift=leaves[2])
+        grads = torch.autograd.grad(y, leaves, grad_y)
+    doubles = [t.detach().double().requires_grad_() for t in leaves]
+    expected = explicit_group_norm(
+        doubles[0], groups, doubles[1], torch.zeros(c, dtype=torch.float64, device=device), None, doubles[2], None
+    )
+    wanted = torch.autograd.grad(expected, doubles, grad_y.double())
+    for got, want in zip(grads, wanted):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
 def test_group_norm_without_affine_matches_formula():
     x = torch.randn(3, 12, 4, 4, dtype=torch.float64)
     expected = explicit_group_norm(x, 4, torch.ones(12), torch.zeros(12), None, None, None)
