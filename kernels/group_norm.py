@@ -33,13 +33,13 @@ B[n, c] = Σ_s dz·x̂:
   dshift = A;  dscale = w·B + b·A;  dbias = Σ_n (1 + scale)·A;  dweight = Σ_n (1 + scale)·B
   dx = rstd·(dx̂ − mean_g(dx̂) − x̂·mean_g(dx̂·x̂)),  dx̂ = dz·(1 + scale)·w, where
   Σ_g dx̂ = Σ_{c∈g} w(1 + scale)·A and Σ_g dx̂·x̂ = Σ_{c∈g} w(1 + scale)·B.
-NCHW, two launches on apply's grid: `_backward_sums_kernel` writes per-chunk (A, B) of
-its channels; `_backward_dx_kernel` merges those of the whole group, writes dx and (the
-group's first program) the merged (A, B). channels_last, three, reading whole rows as
-the forward does: `_rows_backward_sums_kernel` (per-chunk (A, B) of 64 channels),
-`_backward_maps_kernel` (a program per group: the merged (A, B), and dx folded into
-dz·α + x·β + γ with per-channel α and per-group β, γ) and `_rows_backward_dx_kernel`.
-The (N, C)-sized parameter gradients follow from the merged (A, B) in a few tiny torch ops.
+Three launches, as the CUDA backend's: per-chunk (A, B) of each channel
+(`_backward_sums_kernel`, NCHW, on apply's grid; `_rows_backward_sums_kernel`,
+channels_last, over whole rows of 64 channels); `_backward_maps_kernel`, a program per
+group, merges them in a fixed order and folds dx into dz·α + x·β + γ (per-channel α, per-
+group β and γ); dx from those maps (`_backward_dx_kernel`, NCHW; `_rows_backward_dx_kernel`,
+channels_last, whole rows). The (N, C)-sized parameter gradients follow from the merged
+(A, B) in a few tiny torch ops.
 Bytes: read x and dy twice, write dx: 5·E·s_x.
 
 Loads in flight: a memory-bound kernel needs ~64 KB of loads in flight per SM on an
@@ -654,14 +654,13 @@ def _merged_channel_sums(partial_ptr, n, C, channel, c_mask, SPLIT, SPLIT_POW2: 
 
 
 @triton.jit
-def _input_grad(x, dy, mean, rstd, gain, offset, mean_dxhat, mean_dxhat_xhat, SILU: tl.constexpr):
-    """dx = rstd·(dx̂ − mean_g(dx̂) − x̂·mean_g(dx̂·x̂)) with dx̂ = dz·gain, x̂ = (x − mean)·rstd
-    and dz = dy·silu'(x̂·gain + offset) (dz = dy without SiLU)."""
-    x_hat = (x.to(tl.float32) - mean) * rstd
+def _dx_from_maps(x, dy, alpha, offset, beta, gamma, SILU: tl.constexpr):
+    """dx = dz·α + x·β + γ, dz = dy·silu'(x·α + o) (dz = dy without SiLU), per channel (axis 0)."""
+    x = x.to(tl.float32)
     dz = dy.to(tl.float32)
     if SILU:
-        dz = _silu_grad(dz, x_hat * gain[:, None] + offset[:, None])
-    return rstd * (dz * gain[:, None] - mean_dxhat - x_hat * mean_dxhat_xhat)
+        dz = _silu_grad(dz, x * alpha[:, None] + offset[:, None])
+    return dz * alpha[:, None] + x * beta[:, None] + gamma[:, None]
 
 
 @triton.jit
@@ -669,14 +668,9 @@ def _backward_dx_kernel(
     x_ptr,
     dy_ptr,
     dx_ptr,
-    w_ptr,
-    b_ptr,
-    scale_ptr,
-    shift_ptr,
-    mean_ptr,
-    rstd_ptr,
-    partial_ptr,
-    sums_ptr,
+    maps_ptr,
+    group_terms_ptr,
+    N,
     C,
     S,
     G,
@@ -685,60 +679,17 @@ def _backward_dx_kernel(
     stride_s,
     channels_per_program,
     s_per_chunk,
-    SPLIT,
-    scale_stride_n,
-    scale_stride_c,
-    shift_stride_n,
-    shift_stride_c,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
     SILU: tl.constexpr,
-    SPLIT_POW2: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     UNROLL: tl.constexpr,
 ):
+    """NCHW: dx of the program's channels of one group over a spatial chunk, from each
+    channel's maps and the group's terms (_backward_maps_kernel)."""
     group, chunk, n, group_start_c, c_first, c_last = _program_group(G, Cg, channels_per_program)
-    mean = tl.load(mean_ptr + group)
-    rstd = tl.load(rstd_ptr + group)
     cc = tl.arange(0, BLOCK_C)
-    # Group sums Σ dx̂ and Σ dx̂·x̂ from the merged per-channel (A, B) of all its channels.
-    sum_dxhat = tl.full([], 0.0, tl.float32)
-    sum_dxhat_xhat = tl.full([], 0.0, tl.float32)
-    for c_start in range(0, Cg, BLOCK_C):
-        c_mask = cc < Cg - c_start
-        channel = group_start_c + c_start + cc
-        w, b, one_plus_scale, shift = _channel_params(
-            w_ptr,
-            b_ptr,
-            scale_ptr,
-            shift_ptr,
-            n,
-            channel,
-            c_mask,
-            scale_stride_n,
-            scale_stride_c,
-            shift_stride_n,
-            shift_stride_c,
-            HAS_W,
-            HAS_B,
-            HAS_SCALE,
-            HAS_SHIFT,
-            BLOCK_C,
-        )
-        a_sum, b_sum = _merged_channel_sums(partial_ptr, n, C, channel, c_mask, SPLIT, SPLIT_POW2)
-        if (chunk == 0) & (c_first == 0):
-            tl.store(sums_ptr + (n * C + channel) * 2, a_sum, mask=c_mask)
-            tl.store(sums_ptr + (n * C + channel) * 2 + 1, b_sum, mask=c_mask)
-        factor = tl.where(c_mask, w * one_plus_scale, 0.0)  # dx̂ = dz·(1 + scale)·w
-        sum_dxhat += tl.sum(factor * a_sum, axis=0)
-        sum_dxhat_xhat += tl.sum(factor * b_sum, axis=0)
-    count = (Cg * S).to(tl.float32)
-    mean_dxhat = sum_dxhat / count
-    mean_dxhat_xhat = sum_dxhat_xhat / count
-
+    beta = tl.full([BLOCK_C], 0.0, tl.float32) + tl.load(group_terms_ptr + group)
+    gamma = tl.full([BLOCK_C], 0.0, tl.float32) + tl.load(group_terms_ptr + N * G + group)
     STEP: tl.constexpr = BLOCK_S * UNROLL
     s_begin = chunk * s_per_chunk
     s_len = tl.minimum(s_per_chunk, S - s_begin)
@@ -746,25 +697,9 @@ def _backward_dx_kernel(
     tile = _step_offsets(stride_c, stride_s, BLOCK_C, STEP)
     for c_start in range(c_first, c_last, BLOCK_C):
         c_mask = cc < c_last - c_start
-        w, b, one_plus_scale, shift = _channel_params(
-            w_ptr,
-            b_ptr,
-            scale_ptr,
-            shift_ptr,
-            n,
-            group_start_c + c_start + cc,
-            c_mask,
-            scale_stride_n,
-            scale_stride_c,
-            shift_stride_n,
-            shift_stride_c,
-            HAS_W,
-            HAS_B,
-            HAS_SCALE,
-            HAS_SHIFT,
-            BLOCK_C,
-        )
-        gain, offset = w * one_plus_scale, b * one_plus_scale + shift  # z = x̂·gain + offset
+        maps = maps_ptr + n * C + group_start_c + c_start + cc
+        alpha = tl.load(maps, mask=c_mask, other=0.0)
+        offset = tl.load(maps + N * C, mask=c_mask, other=0.0)
         start = _program_start(n, C, S, group_start_c, c_start, s_begin, stride_c, stride_s)
         xs = x_ptr + start
         dys = dy_ptr + start
@@ -777,12 +712,10 @@ def _backward_dx_kernel(
             # As in apply: full steps store under the channel mask, and the branch keeps the
             # step's loads (UNROLL slabs of x, UNROLL of dy) ahead of its arithmetic.
             if s_len - s_off >= STEP:
-                dx = _input_grad(x, dy, mean, rstd, gain, offset, mean_dxhat, mean_dxhat_xhat, SILU)
+                dx = _dx_from_maps(x, dy, alpha, offset, beta, gamma, SILU)
                 tl.store(dxs + step_start + tile, dx.to(dx_ptr.dtype.element_ty), mask=c_mask[:, None])
             else:
-                dx = _input_grad(
-                    tl.where(mask, x, 0.0), dy, mean, rstd, gain, offset, mean_dxhat, mean_dxhat_xhat, SILU
-                )
+                dx = _dx_from_maps(tl.where(mask, x, 0.0), dy, alpha, offset, beta, gamma, SILU)
                 tl.store(dxs + step_start + tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -902,8 +835,8 @@ def _backward_maps_kernel(
     SPLIT_POW2: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """channels_last: a program per (n, g) merges its channels' per-chunk (A, B) in a fixed
-    order and writes them (for the parameter gradients), with the maps that turn dx into
+    """A program per (n, g) merges its channels' per-chunk (A, B) in a fixed order and
+    writes them (for the parameter gradients), with the maps that turn dx into
     one fused multiply-add per term,
         z = x·α + o,  dx = rstd·(dz·gain − m1 − x̂·m2) = dz·α + x·β + γ,
     gain = w(1 + scale), α = rstd·gain and o = b(1 + scale) + shift − mean·α per channel
@@ -956,16 +889,6 @@ def _backward_maps_kernel(
 
 
 @triton.jit
-def _rows_dx(x, dy, alpha, offset, beta, gamma, SILU: tl.constexpr):
-    """dx = dz·α + x·β + γ, dz = dy·silu'(x·α + o) (dz = dy without SiLU), per channel (axis 0)."""
-    x = x.to(tl.float32)
-    dz = dy.to(tl.float32)
-    if SILU:
-        dz = _silu_grad(dz, x * alpha[:, None] + offset[:, None])
-    return dz * alpha[:, None] + x * beta[:, None] + gamma[:, None]
-
-
-@triton.jit
 def _rows_backward_dx_kernel(
     x_ptr,
     dy_ptr,
@@ -1013,10 +936,10 @@ def _rows_backward_dx_kernel(
         dy = tl.load(dys + step_start + tile, mask=mask, other=0.0)
         # As in _apply_kernel: the branch keeps the step's loads ahead of its arithmetic.
         if s_len - s_off >= STEP:
-            dx = _rows_dx(x, dy, alpha, offset, beta, gamma, SILU)
+            dx = _dx_from_maps(x, dy, alpha, offset, beta, gamma, SILU)
             tl.store(dxs + step_start + tile, dx.to(dx_ptr.dtype.element_ty), mask=c_mask[:, None])
         else:
-            dx = _rows_dx(tl.where(mask, x, 0.0), dy, alpha, offset, beta, gamma, SILU)
+            dx = _dx_from_maps(tl.where(mask, x, 0.0), dy, alpha, offset, beta, gamma, SILU)
             tl.store(dxs + step_start + tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -1084,7 +1007,12 @@ def _nchw_config(batch: int, channels: int, groups: int, spatial: int, wanted: i
             UNROLL=APPLY_UNROLL,
         ),
         backward_sums=dict(SPLIT_POW2=split_pow2, BLOCK_C=block_c, BLOCK_S=block_s, UNROLL=BACKWARD_UNROLL),
-        backward_dx=dict(SPLIT_POW2=split_pow2, BLOCK_C=block_c, BLOCK_S=block_s, UNROLL=APPLY_UNROLL),
+        backward_maps=dict(
+            grid=(n_groups,),
+            split=split,
+            meta=dict(SPLIT_POW2=split_pow2, BLOCK_C=min(triton.next_power_of_2(cg), SLAB)),
+        ),
+        backward_dx=dict(BLOCK_C=block_c, BLOCK_S=block_s, UNROLL=APPLY_UNROLL),
     )
 
 
@@ -1265,23 +1193,19 @@ def _apply_rows(
     )
 
 
-def _rows_backward(
-    dy: Tensor,
-    x: Tensor,
-    dx: Tensor,
-    sums: Tensor,
-    params: NormParameters,
-    mean: Tensor,
-    rstd: Tensor,
-    cfg: dict,
-    num_groups: int,
-    activation: str | None,
-) -> None:
-    """channels_last's backward: per-chunk (A, B) over whole rows of channels, then a
-    program per group merges them into `sums` and the maps of dx, then dx over whole rows."""
+def group_norm_backward(
+    dy: Tensor, x: Tensor, params: NormParameters, mean: Tensor, rstd: Tensor, num_groups: int, activation: str | None
+) -> tuple[Tensor | None, ...]:
+    """Three launches: per-chunk (A, B) of each channel; a program per group that merges
+    them and folds dx into per-channel maps; dx. channels_last's passes over x read whole
+    rows of channels, NCHW's the channel rows of one group."""
     weight, bias, scale, shift = params
     n, c = x.shape[0], x.shape[1]
     spatial = math.prod(x.shape[2:])
+    x, stride_c, stride_s = _layout(x)
+    channels_last = stride_c == 1  # (or a spatial size of 1, where the two layouts coincide)
+    dy = dy.contiguous(memory_format=torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format)
+    cfg = launch_config(n, c, num_groups, spatial, channels_last, _multiprocessors(x.device))
     flags = dict(
         HAS_W=weight is not None,
         HAS_B=bias is not None,
@@ -1289,30 +1213,43 @@ def _rows_backward(
         HAS_SHIFT=shift is not None,
     )
     silu = activation == "silu"
-    sums_cfg = cfg["backward_sums"]
-    partials = torch.empty((n * c, sums_cfg["meta"]["SPLIT_POW2"], 2), dtype=torch.float32, device=x.device)
-    _rows_backward_sums_kernel[sums_cfg["grid"]](
-        x,
-        dy,
-        weight,
-        bias,
-        scale,
-        shift,
-        mean,
-        rstd,
-        partials,
-        c,
-        spatial,
-        num_groups,
-        c // num_groups,
-        sums_cfg["chunk"],
-        *_strides(scale),
-        *_strides(shift),
-        **flags,
-        SILU=silu,
-        **sums_cfg["meta"],
-        num_warps=NUM_WARPS,
-    )
+    sums_meta = cfg["backward_sums"]["meta"] if channels_last else cfg["backward_sums"]
+    partials = torch.empty((n * c, sums_meta["SPLIT_POW2"], 2), dtype=torch.float32, device=x.device)
+    tensors = (x, dy, weight, bias, scale, shift, mean, rstd, partials)
+    if channels_last:
+        _rows_backward_sums_kernel[cfg["backward_sums"]["grid"]](
+            *tensors,
+            c,
+            spatial,
+            num_groups,
+            c // num_groups,
+            cfg["backward_sums"]["chunk"],
+            *_strides(scale),
+            *_strides(shift),
+            **flags,
+            SILU=silu,
+            **sums_meta,
+            num_warps=NUM_WARPS,
+        )
+    else:
+        _backward_sums_kernel[cfg["grid"]](
+            *tensors,
+            c,
+            spatial,
+            num_groups,
+            c // num_groups,
+            stride_c,
+            stride_s,
+            cfg["channels_per_program"],
+            cfg["s_per_chunk"],
+            *_strides(scale),
+            *_strides(shift),
+            **flags,
+            SILU=silu,
+            **sums_meta,
+            num_warps=NUM_WARPS,
+        )
+    sums = torch.empty((n, c, 2), dtype=torch.float32, device=x.device)
     maps = torch.empty((2, n, c), dtype=torch.float32, device=x.device)  # α, o
     group_terms = torch.empty((2, n * num_groups), dtype=torch.float32, device=x.device)  # β, γ
     _backward_maps_kernel[cfg["backward_maps"]["grid"]](
@@ -1338,96 +1275,44 @@ def _rows_backward(
         **cfg["backward_maps"]["meta"],
         num_warps=NUM_WARPS,
     )
-    rows = cfg["rows"]
-    _rows_backward_dx_kernel[rows["grid"]](
-        x,
-        dy,
-        dx,
-        maps,
-        group_terms,
-        n,
-        c,
-        spatial,
-        num_groups,
-        c // num_groups,
-        rows["chunk"],
-        SILU=silu,
-        **rows["meta"],
-        num_warps=NUM_WARPS,
-    )
-
-
-def group_norm_backward(
-    dy: Tensor, x: Tensor, params: NormParameters, mean: Tensor, rstd: Tensor, num_groups: int, activation: str | None
-) -> tuple[Tensor | None, ...]:
-    weight, bias, scale, shift = params
-    n, c = x.shape[0], x.shape[1]
-    spatial = math.prod(x.shape[2:])
-    x, stride_c, stride_s = _layout(x)
-    dy = dy.contiguous(memory_format=torch.channels_last if stride_c == 1 and x.dim() == 4 else torch.contiguous_format)
-    cfg = launch_config(n, c, num_groups, spatial, stride_c == 1, _multiprocessors(x.device))
     dx = torch.empty_like(x)
-    sums = torch.empty((n, c, 2), dtype=torch.float32, device=x.device)
-    if stride_c == 1:
-        _rows_backward(dy, x, dx, sums, params, mean, rstd, cfg, num_groups, activation)
-        return (dx, *group_norm_parameter_grads(sums, params))
-    partials = torch.empty((n * c, cfg["backward_sums"]["SPLIT_POW2"], 2), dtype=torch.float32, device=x.device)
-    flags = dict(
-        HAS_W=weight is not None,
-        HAS_B=bias is not None,
-        HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None,
-        SILU=activation == "silu",
-        num_warps=NUM_WARPS,
-    )
-    _backward_sums_kernel[cfg["grid"]](
-        x,
-        dy,
-        weight,
-        bias,
-        scale,
-        shift,
-        mean,
-        rstd,
-        partials,
-        c,
-        spatial,
-        num_groups,
-        c // num_groups,
-        stride_c,
-        stride_s,
-        cfg["channels_per_program"],
-        cfg["s_per_chunk"],
-        *_strides(scale),
-        *_strides(shift),
-        **flags,
-        **cfg["backward_sums"],
-    )
-    _backward_dx_kernel[cfg["grid"]](
-        x,
-        dy,
-        dx,
-        weight,
-        bias,
-        scale,
-        shift,
-        mean,
-        rstd,
-        partials,
-        sums,
-        c,
-        spatial,
-        num_groups,
-        c // num_groups,
-        stride_c,
-        stride_s,
-        cfg["channels_per_program"],
-        cfg["s_per_chunk"],
-        cfg["split"],
-        *_strides(scale),
-        *_strides(shift),
-        **flags,
-        **cfg["backward_dx"],
-    )
+    if channels_last:
+        rows = cfg["rows"]
+        _rows_backward_dx_kernel[rows["grid"]](
+            x,
+            dy,
+            dx,
+            maps,
+            group_terms,
+            n,
+            c,
+            spatial,
+            num_groups,
+            c // num_groups,
+            rows["chunk"],
+            SILU=silu,
+            **rows["meta"],
+            num_warps=NUM_WARPS,
+        )
+    else:
+        _backward_dx_kernel[cfg["grid"]](
+            x,
+            dy,
+            dx,
+            maps,
+            group_terms,
+            n,
+            c,
+            spatial,
+            num_groups,
+            c // num_groups,
+            stride_c,
+            stride_s,
+            cfg["channels_per_program"],
+            cfg["s_per_chunk"],
+            SILU=silu,
+            **cfg["backward_dx"],
+            num_warps=NUM_WARPS,
+        )
     # Parameter gradients from the (N, C) sums: O(N·C) work.
     return (dx, *group_norm_parameter_grads(sums, params))

@@ -485,16 +485,7 @@ def cases() -> list[Case]:
             Case(
                 f"group_norm bwd dx {layout} fp16",
                 gn._backward_dx_kernel,
-                {
-                    "x_ptr": "fp16",
-                    "dy_ptr": "fp16",
-                    "dx_ptr": "fp16",
-                    "mean_ptr": "fp32",
-                    "rstd_ptr": "fp32",
-                    "partial_ptr": "fp32",
-                    "sums_ptr": "fp32",
-                    **params,
-                },
+                {"x_ptr": "fp16", "dy_ptr": "fp16", "dx_ptr": "fp16", "maps_ptr": "fp32", "group_terms_ptr": "fp32"},
                 {**cfg["backward_dx"], **strides, **flags},
                 gn.NUM_WARPS,
             )
@@ -507,7 +498,8 @@ def cases() -> list[Case]:
                 gn.NUM_WARPS,
             ),
         ]
-    # channels_last's per-channel maps, forward and backward: a program per group, O(N·C) bytes.
+    # The per-channel maps (channels_last's forward, both layouts' backward): a program per
+    # group, O(N·C) bytes.
     out += [
         Case(
             "group_norm maps nhwc",
