@@ -93,7 +93,11 @@ KNOWN_BELOW_FLOOR: set[str] = {
     # warp, 4 loads a thread at 25 blocks (the SM's 32-block limit near): 50 KB; the
     # backward pads a row to a power of two (1152 to 2048: 44% of its lanes idle, which
     # this count does not see) and stages w and b through shared memory before its 6 loads
-    # (at 2 blocks/SM).
+    # (at 2 blocks/SM). Tried 2026-12-05: a row as two power-of-two pieces (1024 + 128, no
+    # idle lane) with a per-sample scale folded into the columns' constants takes 153
+    # registers at 4 warps (24 KB really in flight, against ~27 now) and spills at 16; the
+    # per-column sums and five tile-sized values held per element are the limit, so the
+    # way up is another split of the work (the column sums apart), not another tile.
     "layer_norm adaLN fwd D=72 fp16 sm_80",
     "layer_norm adaLN fwd D=72 fp16 sm_90",
     "layer_norm adaLN bwd D=1152 bf16 sm_80",
