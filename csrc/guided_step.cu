@@ -298,7 +298,8 @@ __device__ __forceinline__ void guided_step(const GuidedStepParams& p, const Gui
 }
 
 // The elementwise pass, specialised by what it reads (`Reads`: RuntimeReads, every
-// variant; CommonReads<kNoise, kLearnedVar>, the common steps, with or without noise) and by how many
+// variant; CommonReads<kNoise, kLearnedVar>, the common steps, with or without noise;
+// MomentumReads<kNoise>, APG's momentum) and by how many
 // history slots: 0 (one-step samplers), 2 (heun's and dpm++2s's second calls, dpm++2m/3m,
 // unipc-2) or, RuntimeReads only, all kMaxHistory (unipc-3, whose folded corrector reads
 // three).
@@ -306,6 +307,15 @@ static_assert(kMaxHistory >= 2, "the two-slot instance reads history[0] and hist
 template <typename T, int kVec, int kHistorySlots, typename Reads>
 __global__ void __launch_bounds__(kThreads) guided_step_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
   guided_step<T, kVec, false, false, kHistorySlots, Reads>(p, t);
+}
+
+// APG's momentum (MomentumReads), a kernel of its own for its register bound: at 2 blocks
+// an SM (≤ 128 registers) nvcc keeps the fp16 two-slot instance's values in registers,
+// where uncapped it spills a few. A bound on guided_step_kernel itself would move every
+// other instance's registers.
+template <typename T, int kVec, int kHistorySlots, bool kNoise>
+__global__ void __launch_bounds__(kThreads, 2) momentum_guided_step_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
+  guided_step<T, kVec, false, false, kHistorySlots, MomentumReads<kNoise>>(p, t);
 }
 
 // With a perturbed prediction (PAG, skip-layer guidance).
@@ -376,6 +386,20 @@ Kernel<T> common_kernel(const GuidedStepParams& p, bool similarity) {
                             : kind_kernel<T, kVec, 2, Reads>(p, similarity);
 }
 
+// Whether a MomentumReads instance serves this step: APG's momentum in the plain pass
+// (APG never has a perturbed prediction; no similarity output) with at most two history
+// tensors.
+bool runs_momentum(const GuidedStepParams& p, bool similarity) {
+  return momentum_reads(p) && p.num_history <= 2 && !p.perturbed && !similarity;
+}
+
+// The MomentumReads instance with the fewest history slots (0 or 2) that hold the step's.
+template <typename T, int kVec, bool kNoise>
+Kernel<T> momentum_kernel(const GuidedStepParams& p) {
+  return p.num_history == 0 ? momentum_guided_step_kernel<T, kVec, 0, kNoise>
+                            : momentum_guided_step_kernel<T, kVec, 2, kNoise>;
+}
+
 // A RuntimeReads instance (every step): the plain pass with the fewest history slots,
 // the perturbed and similarity passes with all of them.
 template <typename T, int kVec>
@@ -420,8 +444,9 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
                   kWarpSize, stream, p, untyped);
   }
   const bool similarity = t.similarity_partials != nullptr;
-  // Vectorised: a CommonReads instance where it serves (with or without noise), else a
-  // RuntimeReads one; element by element: RuntimeReads, every history slot.
+  // Vectorised: a CommonReads instance where it serves (with or without noise), a
+  // MomentumReads one for APG's momentum, else a RuntimeReads one; element by element:
+  // RuntimeReads, every history slot.
   Kernel<T> step = kind_kernel<T, 1, kMaxHistory, RuntimeReads>(p, similarity);
   int vectors = 1;
   if (vector && runs_common(p, similarity)) {
@@ -432,6 +457,9 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
                          : common_kernel<T, kVec, CommonReads<false>>(p, similarity);
     }
     vectors = CommonReads<false>::kVectorsPerThread;
+  } else if (vector && runs_momentum(p, similarity)) {
+    step = p.has_noise ? momentum_kernel<T, kVec, true>(p) : momentum_kernel<T, kVec, false>(p);
+    vectors = MomentumReads<false>::kVectorsPerThread;
   } else if (vector) {
     step = runtime_kernel<T, kVec>(p, similarity);
     vectors = RuntimeReads::kVectorsPerThread;

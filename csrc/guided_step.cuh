@@ -106,12 +106,29 @@ struct CommonReads {
   FG_HOST_DEVICE static constexpr bool learned_var(const GuidedStepParams&) { return kLearnedVar; }
   FG_HOST_DEVICE static constexpr bool noise(const GuidedStepParams&) { return kNoise; }
 };
+// APG with momentum (no gradient, no learned variance; noise or none fixed at compile
+// time): the fp32 buffer read and written beside the step's other inputs, two vectors of
+// each a thread, as CommonReads.
+template <bool kNoise>
+struct MomentumReads {
+  static constexpr int kVectorsPerThread = 2;
+  FG_HOST_DEVICE static constexpr bool momentum(const GuidedStepParams&) { return true; }
+  FG_HOST_DEVICE static constexpr bool grad_eps(const GuidedStepParams&) { return false; }
+  FG_HOST_DEVICE static constexpr bool grad_term(const GuidedStepParams&) { return false; }
+  FG_HOST_DEVICE static constexpr bool learned_var(const GuidedStepParams&) { return false; }
+  FG_HOST_DEVICE static constexpr bool noise(const GuidedStepParams&) { return kNoise; }
+};
 // Whether the step's guidance is a reduction variant's m = f·(α_c·c + α_v·v), with the
 // sample's coefficients from the stats pass.
 FG_HOST_DEVICE bool reduced(const GuidedStepParams& p) { return p.stats != kStatsNone; }
 
 inline bool common_reads(const GuidedStepParams& p) {
   return !p.apg_momentum_on && !p.grad_eps && !p.has_grad_term && (!p.learned_var || p.has_noise);
+}
+
+// When a MomentumReads instance computes what RuntimeReads would.
+inline bool momentum_reads(const GuidedStepParams& p) {
+  return p.apg_momentum_on && !p.grad_eps && !p.has_grad_term && !p.learned_var;
 }
 
 // The reciprocals the step divides by, once per step on the host.

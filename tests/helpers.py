@@ -247,6 +247,14 @@ CASES = {
         combine=G(6.0, apg_eta=0.2, apg_norm_threshold=3.0, apg_momentum=-0.5, variant="apg"),
         step=dict(k_x0=0.8, k_eps=0.5),
     ),
+    # The momentum step's own instances: with noise and no history, with two and no noise.
+    "apg-momentum-noise": dict(
+        combine=G(5.0, apg_momentum=0.3, variant="apg"), step=dict(k_x0=0.8, k_eps=0.4, k_noise=0.3)
+    ),
+    "apg-momentum-history-of-2": dict(
+        combine=G(5.0, apg_eta=0.5, apg_momentum=-0.4, variant="apg"),
+        step=dict(k_x=0.8, k_x0=0.3, k_history=(0.2, -0.1)),
+    ),
     "apg-rescale-2b-out": dict(combine=G(6.0, rescale=0.5, variant="apg"), step=dict(k_x0=0.8, k_eps=0.5), out_2b=True),
     "tangential": dict(combine=G(5.0, variant="tangential"), step=dict(k_x0=0.8, k_eps=0.5)),
     "cfgpp-renoise-v": dict(combine=G(0.6), step=dict(prediction_type="v_prediction", k_x0=0.8, k_guide_eps=0.5)),
