@@ -229,7 +229,7 @@ __device__ __forceinline__ void guided_step_vectors(const GuidedStepParams& p, c
       if (h < p.num_history) history[r][h] = load_vec<T, kVec>(t.history[h] + here);
     }
     if (Reads::noise(p)) noise[r] = load_vec<T, kVec>(t.noise + here);
-    if (Reads::grad_eps(p) || Reads::grad_term(p)) grad[r] = load_vec<T, kVec>(t.grad + here);
+    if (Reads::reads_grad(p)) grad[r] = load_vec<T, kVec>(t.grad + here);
     if (Reads::learned_var(p)) var_value[r] = load_vec<T, kVec>(t.model_output + p.var_offset + mo);
     if (momentum) {
       load_buffer<kVec>(t.apg_buffer + here, buffer[r]);
@@ -299,7 +299,8 @@ __device__ __forceinline__ void guided_step(const GuidedStepParams& p, const Gui
 
 // The elementwise pass, specialised by what it reads (`Reads`: RuntimeReads, every
 // variant; CommonReads<kNoise, kLearnedVar>, the common steps, with or without noise;
-// MomentumReads<kNoise>, APG's momentum) and by how many
+// GradReads<kNoise, kLearnedVar>, classifier guidance; MomentumReads<kNoise>, APG's
+// momentum) and by how many
 // history slots: 0 (one-step samplers), 2 (heun's and dpm++2s's second calls, dpm++2m/3m,
 // unipc-2) or, RuntimeReads only, all kMaxHistory (unipc-3, whose folded corrector reads
 // three).
@@ -393,6 +394,23 @@ bool runs_momentum(const GuidedStepParams& p, bool similarity) {
   return momentum_reads(p) && p.num_history <= 2 && !p.perturbed && !similarity;
 }
 
+// Whether a GradReads instance serves this step: classifier guidance in the plain pass
+// with no history (ADM's samplers: DDPM and DDIM, one step each).
+bool runs_grad(const GuidedStepParams& p, bool similarity) {
+  return grad_reads(p) && p.num_history == 0 && !p.perturbed && !similarity;
+}
+
+// The GradReads instance for the step's noise and learned variance.
+template <typename T, int kVec>
+Kernel<T> grad_kernel(const GuidedStepParams& p) {
+  if (p.has_noise) {
+    return p.learned_var ? guided_step_kernel<T, kVec, 0, GradReads<true, true>>
+                         : guided_step_kernel<T, kVec, 0, GradReads<true, false>>;
+  }
+  return p.learned_var ? guided_step_kernel<T, kVec, 0, GradReads<false, true>>
+                       : guided_step_kernel<T, kVec, 0, GradReads<false, false>>;
+}
+
 // The MomentumReads instance with the fewest history slots (0 or 2) that hold the step's.
 template <typename T, int kVec, bool kNoise>
 Kernel<T> momentum_kernel(const GuidedStepParams& p) {
@@ -445,8 +463,8 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
   }
   const bool similarity = t.similarity_partials != nullptr;
   // Vectorised: a CommonReads instance where it serves (with or without noise), a
-  // MomentumReads one for APG's momentum, else a RuntimeReads one; element by element:
-  // RuntimeReads, every history slot.
+  // GradReads one for classifier guidance, a MomentumReads one for APG's momentum, else a
+  // RuntimeReads one; element by element: RuntimeReads, every history slot.
   Kernel<T> step = kind_kernel<T, 1, kMaxHistory, RuntimeReads>(p, similarity);
   int vectors = 1;
   if (vector && runs_common(p, similarity)) {
@@ -457,6 +475,9 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
                          : common_kernel<T, kVec, CommonReads<false>>(p, similarity);
     }
     vectors = CommonReads<false>::kVectorsPerThread;
+  } else if (vector && runs_grad(p, similarity)) {
+    step = grad_kernel<T, kVec>(p);
+    vectors = GradReads<false, false>::kVectorsPerThread;
   } else if (vector && runs_momentum(p, similarity)) {
     step = p.has_noise ? momentum_kernel<T, kVec, true>(p) : momentum_kernel<T, kVec, false>(p);
     vectors = MomentumReads<false>::kVectorsPerThread;

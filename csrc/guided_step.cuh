@@ -90,6 +90,7 @@ struct RuntimeReads {
   FG_HOST_DEVICE static bool momentum(const GuidedStepParams& p) { return p.apg_momentum_on; }
   FG_HOST_DEVICE static bool grad_eps(const GuidedStepParams& p) { return p.grad_eps; }
   FG_HOST_DEVICE static bool grad_term(const GuidedStepParams& p) { return p.has_grad_term; }
+  FG_HOST_DEVICE static bool reads_grad(const GuidedStepParams& p) { return p.grad_eps || p.has_grad_term; }
   FG_HOST_DEVICE static bool learned_var(const GuidedStepParams& p) { return p.learned_var; }
   FG_HOST_DEVICE static bool noise(const GuidedStepParams& p) { return p.has_noise; }
 };
@@ -103,6 +104,7 @@ struct CommonReads {
   FG_HOST_DEVICE static constexpr bool momentum(const GuidedStepParams&) { return false; }
   FG_HOST_DEVICE static constexpr bool grad_eps(const GuidedStepParams&) { return false; }
   FG_HOST_DEVICE static constexpr bool grad_term(const GuidedStepParams&) { return false; }
+  FG_HOST_DEVICE static constexpr bool reads_grad(const GuidedStepParams&) { return false; }
   FG_HOST_DEVICE static constexpr bool learned_var(const GuidedStepParams&) { return kLearnedVar; }
   FG_HOST_DEVICE static constexpr bool noise(const GuidedStepParams&) { return kNoise; }
 };
@@ -115,7 +117,22 @@ struct MomentumReads {
   FG_HOST_DEVICE static constexpr bool momentum(const GuidedStepParams&) { return true; }
   FG_HOST_DEVICE static constexpr bool grad_eps(const GuidedStepParams&) { return false; }
   FG_HOST_DEVICE static constexpr bool grad_term(const GuidedStepParams&) { return false; }
+  FG_HOST_DEVICE static constexpr bool reads_grad(const GuidedStepParams&) { return false; }
   FG_HOST_DEVICE static constexpr bool learned_var(const GuidedStepParams&) { return false; }
+  FG_HOST_DEVICE static constexpr bool noise(const GuidedStepParams&) { return kNoise; }
+};
+// Classifier guidance (ADM's gradient on eps or on the mean; no APG momentum), with its
+// learned variance and noise or without, fixed at compile time: the gradient read beside
+// the step's other inputs, two vectors of each a thread. Which of its two uses the step
+// makes stays a runtime choice: it moves no load.
+template <bool kNoise, bool kLearnedVar>
+struct GradReads {
+  static constexpr int kVectorsPerThread = 2;
+  FG_HOST_DEVICE static constexpr bool momentum(const GuidedStepParams&) { return false; }
+  FG_HOST_DEVICE static bool grad_eps(const GuidedStepParams& p) { return p.grad_eps; }
+  FG_HOST_DEVICE static bool grad_term(const GuidedStepParams& p) { return p.has_grad_term; }
+  FG_HOST_DEVICE static constexpr bool reads_grad(const GuidedStepParams&) { return true; }
+  FG_HOST_DEVICE static constexpr bool learned_var(const GuidedStepParams&) { return kLearnedVar; }
   FG_HOST_DEVICE static constexpr bool noise(const GuidedStepParams&) { return kNoise; }
 };
 // Whether the step's guidance is a reduction variant's m = f·(α_c·c + α_v·v), with the
@@ -125,6 +142,9 @@ FG_HOST_DEVICE bool reduced(const GuidedStepParams& p) { return p.stats != kStat
 inline bool common_reads(const GuidedStepParams& p) {
   return !p.apg_momentum_on && !p.grad_eps && !p.has_grad_term && (!p.learned_var || p.has_noise);
 }
+
+// When a GradReads instance computes what RuntimeReads would.
+inline bool grad_reads(const GuidedStepParams& p) { return (p.grad_eps || p.has_grad_term) && !p.apg_momentum_on; }
 
 // When a MomentumReads instance computes what RuntimeReads would.
 inline bool momentum_reads(const GuidedStepParams& p) {

@@ -230,6 +230,14 @@ CASES = {
     ),
     "classifier-eps-shift": dict(step=dict(clip_denoised=True, grad_eps_scale=0.7, k_x0=0.8, k_eps=0.5)),
     "cfg-and-classifier": dict(combine=G(3.0), step=dict(grad_eps_scale=0.5, k_x0=0.8, k_eps=0.5)),
+    # Classifier guidance's other instances: noise without a learned variance, and a
+    # learned variance (scaling the gradient term) without noise.
+    "ddpm-classifier-noise": dict(step=dict(k_x=0.6, k_x0=0.3, k_noise=0.8, k_grad=1.5)),
+    "learned-var-grad-term-no-noise": dict(
+        combine=G(2.5),
+        step=dict(k_x=0.6, k_x0=0.3, k_grad=2.0, log_variance_range=(-6.0, -4.5)),
+        learned_variance=True,
+    ),
     "ddpm-learned-var-grad": dict(
         combine=G(3.0),
         step=dict(clip_denoised=True, k_x=0.6, k_x0=0.3, k_noise=1.0, k_grad=2.0, log_variance_range=(-6.0, -4.5)),

@@ -738,8 +738,8 @@ def run_cuda(archs: list[int], only: str = "") -> list[dict]:
 # (CFG + DDIM: the conditional and unconditional predictions and x; PAG adds the perturbed
 # one; the similarity sums add none), where the SASS holds the optional ones too (history,
 # noise, gradient, ...). guided_step's RuntimeReads instances move one vector per input
-# per thread; its CommonReads instances have no optional load left but the history their
-# slots hold, so their SASS counts (every slot in use). The report counts
+# per thread; its CommonReads and GradReads instances have no optional load left but the
+# history their slots hold, so their SASS counts (every slot in use). The report counts
 # min(this, the SASS's run of loads issued together): the run may take in optional loads
 # on a guarded path a common call skips (hence the cap), and the main path's own loads may
 # be issued fewer at a time than it reads (hence the run).
@@ -752,7 +752,7 @@ CUDA_MAIN_PATH_VECTORS = {
 
 def main_path_vectors(name: str) -> int | None:
     """The 16-byte loads of a CUDA kernel's main path, where its SASS would overstate them."""
-    if "CommonReads" in name:
+    if "CommonReads" in name or "GradReads" in name:
         return None
     return CUDA_MAIN_PATH_VECTORS.get(name.split("<")[0])
 

@@ -40,12 +40,13 @@ IN_FLIGHT_FLOOR = 64 * 1024
 # #22's redesigns lift: too few blocks resident (registers) or too few bytes per thread.
 # --check fails on any other kernel below the floor, and on one of these once above it.
 KNOWN_BELOW_FLOOR: set[str] = {
-    # guided_step's RuntimeReads instances (csrc/guided_step.cuh): the steps with a
-    # classifier gradient, ADM's learned variance beside history or a perturbed prediction,
-    # 3-4 history tensors, or APG momentum beside any of those (alone, with noise or two
-    # history tensors, it runs momentum_guided_step_kernel: 80-168 KB). Every optional
-    # input a runtime branch, one vector per input per thread (two take 83-201 registers);
-    # the common steps' CommonReads instances, reductions included, are above.
+    # guided_step's RuntimeReads instances (csrc/guided_step.cuh): the steps with ADM's
+    # learned variance beside history or a perturbed prediction, 3-4 history tensors, a
+    # classifier gradient beside history or APG momentum, or APG momentum beside more than
+    # noise and two history tensors. Every optional input a runtime branch, one vector per
+    # input per thread (two take 83-201 registers); the common steps' CommonReads
+    # instances (reductions included), classifier guidance's GradReads and APG momentum's
+    # MomentumReads are above (80-192 KB).
     "cuda guided_step_kernel<bf16, 8, 0, RuntimeReads> sm_80",
     "cuda guided_step_kernel<bf16, 8, 0, RuntimeReads> sm_90",
     "cuda guided_step_kernel<bf16, 8, 2, RuntimeReads> sm_80",
