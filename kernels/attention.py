@@ -20,7 +20,8 @@ torch.backends.cuda.matmul.allow_tf32, as for torch.matmul.
 Any Lq, Lk ≥ 1 (masked tails); head dims up to 256 (ADM-128 uses 192 and 256), padded
 inside to a power of two. The forward specialises on Lk being a multiple of the key block
 (EVEN_N, every self-attention shape of the models here) and on D filling its padded width
-(EVEN_D): its main loop then loads k and v without masks and skips the −inf select;
+(EVEN_D): its main loop then loads k and v without masks and skips the −inf select; the
+backward's loops likewise (dk, dv on Lq in whole query blocks, EVEN_M; dq on EVEN_N);
 q, k, v, dO with arbitrary strides (views of a packed qkv projection are read in place).
 """
 
@@ -81,11 +82,12 @@ def _bucket(length: int) -> int:
 
 
 @triton.jit
-def _key_block(ptrs, keys, d_ok, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
-    """The BLOCK_N × BLOCK_D block of k or v at ptrs, rows from `keys` on (unless EVEN_N,
-    which promises none) and columns from D on (unless EVEN_D) read as 0."""
-    if not EVEN_N:
-        block = tl.load(ptrs, mask=(tl.arange(0, BLOCK_N) < keys)[:, None] & d_ok[None, :], other=0.0)
+def _rows_block(ptrs, rows_left, d_ok, BLOCK: tl.constexpr, EVEN_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """The BLOCK × BLOCK_D block of q, k, v or dO at ptrs, its rows from `rows_left` on
+    (unless EVEN_ROWS, which promises none) and its columns from D on (unless EVEN_D: the
+    head dim fills BLOCK_D) read as 0."""
+    if not EVEN_ROWS:
+        block = tl.load(ptrs, mask=(tl.arange(0, BLOCK) < rows_left)[:, None] & d_ok[None, :], other=0.0)
     elif EVEN_D:
         block = tl.load(ptrs)
     else:
@@ -113,7 +115,7 @@ def _softmax_step(
     EVEN_N: every key of the block is one):
         s = q·kᵀ·scale·log2 e;  m' = max(m, rowmax s);  p = 2^(s − m')
         l' = l·2^(m − m') + rowsum p;  acc' = acc·2^(m − m') + p·v."""
-    k = _key_block(k_ptrs, keys, d_ok, BLOCK_N, EVEN_N, EVEN_D)
+    k = _rows_block(k_ptrs, keys, d_ok, BLOCK_N, EVEN_N, EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
     if not EVEN_N:
         s = tl.where((tl.arange(0, BLOCK_N) < keys)[None, :], s, float("-inf"))
@@ -121,7 +123,7 @@ def _softmax_step(
     p = tl.exp2(s - m_new[:, None])
     correction = tl.exp2(m - m_new)
     l = l * correction + tl.sum(p, axis=1)
-    v = _key_block(v_ptrs, keys, d_ok, BLOCK_N, EVEN_N, EVEN_D)
+    v = _rows_block(v_ptrs, keys, d_ok, BLOCK_N, EVEN_N, EVEN_D)
     acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l, acc
 
@@ -242,14 +244,18 @@ def _backward_delta_kernel(
 
 
 @triton.jit
-def _probabilities(q, k, lse, qk_scale_log2, col_ok, PRECISION: tl.constexpr):
-    """p = exp(q·kᵀ·scale − lse), as 2^(s·log2 e − lse·log2 e); masked columns give 0."""
+def _probabilities(q, k, lse, qk_scale_log2, col_ok, PRECISION: tl.constexpr, EVEN_N: tl.constexpr):
+    """p = exp(q·kᵀ·scale − lse), as 2^(s·log2 e − lse·log2 e); masked columns give 0
+    (EVEN_N: every column is a key)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
     p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
-    return tl.where(col_ok[None, :], p, 0.0)
+    if not EVEN_N:
+        p = tl.where(col_ok[None, :], p, 0.0)
+    return p
 
 
 @triton.autotune(configs=_configs(for_backward=True), **_TUNING)
+@triton.heuristics({"EVEN_M": lambda args: args["Lq"] % args["BLOCK_M"] == 0})
 @triton.jit
 def _backward_dkdv_kernel(
     q_ptr,
@@ -285,11 +291,14 @@ def _backward_dkdv_kernel(
     LQ_BUCKET,
     LK_BUCKET,
     PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """dk, dv for one block of BLOCK_N keys, streaming every query block."""
+    """dk, dv for one block of BLOCK_N keys, streaming every query block (with EVEN_M, Lq
+    a multiple of BLOCK_M, and EVEN_D, without masks in the loop)."""
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -301,18 +310,23 @@ def _backward_dkdv_kernel(
     v = tl.load(v_ptr + b * sv_b + h * sv_h + cols[:, None] * sv_l + dims[None, :] * sv_d, mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    q_base = q_ptr + b * sq_b + h * sq_h
-    do_base = do_ptr + b * sdo_b + h * sdo_h
+    q_block = q_ptr + b * sq_b + h * sq_h + tl.arange(0, BLOCK_M)[:, None] * sq_l + dims[None, :] * sq_d
+    do_block = do_ptr + b * sdo_b + h * sdo_h + tl.arange(0, BLOCK_M)[:, None] * sdo_l + dims[None, :] * sdo_d
     for start in range(0, Lq, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < Lq
-        q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + rows[:, None] * sq_l + dims[None, :] * sq_d, mask=q_mask, other=0.0)
-        do = tl.load(do_base + rows[:, None] * sdo_l + dims[None, :] * sdo_d, mask=q_mask, other=0.0)
-        lse = tl.load(lse_ptr + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
-        delta = tl.load(delta_ptr + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
-        p = _probabilities(q, k, lse, qk_scale_log2, col_ok, PRECISION)
-        p = tl.where(row_ok[:, None], p, 0.0)
+        q = _rows_block(q_block + start * sq_l, Lq - start, d_ok, BLOCK_M, EVEN_M, EVEN_D)
+        do = _rows_block(do_block + start * sdo_l, Lq - start, d_ok, BLOCK_M, EVEN_M, EVEN_D)
+        if EVEN_M:
+            lse = tl.load(lse_ptr + bh.to(tl.int64) * Lq + rows)
+            delta = tl.load(delta_ptr + bh.to(tl.int64) * Lq + rows)
+        else:
+            lse = tl.load(lse_ptr + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
+            delta = tl.load(delta_ptr + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
+        # A block of keys past Lk has p = 0 in its columns; rows past Lq, 0 in their rows.
+        p = _probabilities(q, k, lse, qk_scale_log2, col_ok, PRECISION, False)
+        if not EVEN_M:
+            p = tl.where(row_ok[:, None], p, 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -331,6 +345,7 @@ def _backward_dkdv_kernel(
 
 
 @triton.autotune(configs=_configs(for_backward=True), **_TUNING)
+@triton.heuristics({"EVEN_N": lambda args: args["Lk"] % args["BLOCK_N"] == 0})
 @triton.jit
 def _backward_dq_kernel(
     q_ptr,
@@ -365,11 +380,14 @@ def _backward_dq_kernel(
     LQ_BUCKET,
     LK_BUCKET,
     PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """dq for one block of BLOCK_M queries, streaming every key block."""
+    """dq for one block of BLOCK_M queries, streaming every key block (with EVEN_N and
+    EVEN_D, without masks in the loop)."""
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -382,15 +400,13 @@ def _backward_dq_kernel(
     lse = tl.load(lse_ptr + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    k_base = k_ptr + b * sk_b + h * sk_h
-    v_base = v_ptr + b * sv_b + h * sv_h
+    k_block = k_ptr + b * sk_b + h * sk_h + tl.arange(0, BLOCK_N)[:, None] * sk_l + dims[None, :] * sk_d
+    v_block = v_ptr + b * sv_b + h * sv_h + tl.arange(0, BLOCK_N)[:, None] * sv_l + dims[None, :] * sv_d
     for start in range(0, Lk, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < Lk
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * sk_l + dims[None, :] * sk_d, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * sv_l + dims[None, :] * sv_d, mask=kv_mask, other=0.0)
-        p = _probabilities(q, k, lse, qk_scale_log2, col_ok, PRECISION)
+        col_ok = start + tl.arange(0, BLOCK_N) < Lk
+        k = _rows_block(k_block + start * sk_l, Lk - start, d_ok, BLOCK_N, EVEN_N, EVEN_D)
+        v = _rows_block(v_block + start * sv_l, Lk - start, d_ok, BLOCK_N, EVEN_N, EVEN_D)
+        p = _probabilities(q, k, lse, qk_scale_log2, col_ok, PRECISION, EVEN_N)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -469,7 +485,7 @@ def attention_backward(
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     common = (heads, lq, lk, head_dim, scale, scale * LOG2E, _bucket(lq), _bucket(lk))
-    constexprs = dict(PRECISION=_precision(q.dtype), BLOCK_D=block_d)
+    constexprs = dict(PRECISION=_precision(q.dtype), EVEN_D=head_dim == block_d, BLOCK_D=block_d)
     _backward_dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), batch * heads)](
         q,
         k,

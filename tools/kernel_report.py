@@ -625,7 +625,16 @@ def cases() -> list[Case]:
     backward_tiles = {"fp16": (64, 64, 4, 2), "bf16": (64, 64, 4, 2), "fp32": (16, 32, 4, 1)}
     for dtype, (block_m, block_n, warps, stages) in backward_tiles.items():
         tensors = {n: dtype for n in ("q_ptr", "k_ptr", "v_ptr", "do_ptr")} | {"lse_ptr": "fp32", "delta_ptr": "fp32"}
-        blocks = dict(PRECISION="ieee", BLOCK_D=64, BLOCK_M=block_m, BLOCK_N=block_n, **unit_strides)
+        blocks = dict(
+            PRECISION="ieee",
+            EVEN_D=True,
+            EVEN_M=True,
+            EVEN_N=True,
+            BLOCK_D=64,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            **unit_strides,
+        )
         out += [
             Case(
                 f"attention bwd dk,dv D=64 {dtype}",

@@ -112,6 +112,7 @@ def test_attention_gradcheck_float64():
         (1, 1, 1025, 64, 128),
         (1, 2, 1, 7, 80),
         (1, 1, 200, 1, 24),
+        (1, 2, 64, 96, 64),  # whole query and key blocks, D a power of two: the unmasked loops
     ],
     ids=str,
 )
