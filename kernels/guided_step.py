@@ -136,6 +136,12 @@ def _load_c_v(
 
 
 @triton.jit
+def _fold(x, BLOCK: tl.constexpr):
+    """x's sums over runs of 8 consecutive lanes ([BLOCK // 8]): a thread's own elements."""
+    return tl.sum(tl.reshape(x, [BLOCK // 8, 8]), axis=1)
+
+
+@triton.jit
 def _guided_stats_kernel(
     mo_ptr,
     uncond_ptr,
@@ -191,11 +197,11 @@ def _guided_stats_kernel(
     k_v = ref_v + tl.sum(tl.where(mask, v - ref_v, 0.0), axis=0) / first_count
     dc = tl.where(mask, c - k_c, 0.0)
     dv = tl.where(mask, v - k_v, 0.0)
-    acc_c = dc
-    acc_v = dv
-    acc_cc = dc * dc
-    acc_vv = dv * dv
-    acc_cv = dc * dv
+    acc_c = _fold(dc, BLOCK)
+    acc_v = _fold(dv, BLOCK)
+    acc_cc = _fold(dc * dc, BLOCK)
+    acc_vv = _fold(dv * dv, BLOCK)
+    acc_cv = _fold(dc * dv, BLOCK)
     # Two blocks an iteration, both loaded before either is summed: twice the bytes in
     # flight per thread. The second may lie past the chunk's end (masked off).
     chunk_end = tl.minimum(start + elems_per_part, sample_elems)
@@ -223,11 +229,11 @@ def _guided_stats_kernel(
         dv = tl.where(mask, v - k_v, 0.0)
         dc_next = tl.where(mask_next, c_next - k_c, 0.0)
         dv_next = tl.where(mask_next, v_next - k_v, 0.0)
-        acc_c += dc + dc_next
-        acc_v += dv + dv_next
-        acc_cc += dc * dc + dc_next * dc_next
-        acc_vv += dv * dv + dv_next * dv_next
-        acc_cv += dc * dv + dc_next * dv_next
+        acc_c += _fold(dc + dc_next, BLOCK)
+        acc_v += _fold(dv + dv_next, BLOCK)
+        acc_cc += _fold(dc * dc + dc_next * dc_next, BLOCK)
+        acc_vv += _fold(dv * dv + dv_next * dv_next, BLOCK)
+        acc_cv += _fold(dc * dv + dc_next * dv_next, BLOCK)
     n = tl.minimum(tl.maximum(sample_elems - start, 0), elems_per_part).to(tl.float32)
     inv_n = 1.0 / tl.maximum(n, 1.0)
     s_c = tl.sum(acc_c, axis=0)

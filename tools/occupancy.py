@@ -75,13 +75,6 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "cuda similarity_guided_step_kernel<fp32, 4, 4, RuntimeReads> sm_80",
     "cuda similarity_guided_step_kernel<fp32, 4, 4, RuntimeReads> sm_90",
     "layer_norm adaLN bwd D=72 fp16 sm_80",
-    # Found by the honest count (2026-12-05: loads issued before their first use, not every
-    # load of the SASS), with what the SASS shows. Triton's stats pass without APG momentum
-    # loads two blocks of c and u (4 vectors) before summing them, but its five per-element
-    # accumulators take 80 registers: 3 blocks an SM, 48 KB (with momentum: 8 vectors at
-    # 2 blocks, 64 KB).
-    "guided_stats rescale fp16 sm_80",
-    "guided_stats rescale fp16 sm_90",
     # Triton group_norm channels_last reads whole rows of 64 channels, a thread's 16-byte
     # vectors 8 channels whose per-channel terms it holds beside the data. Apply: a step of
     # 4 vectors at 68 registers on sm_80 (7 blocks, 56 KB; 64 and 8 blocks on sm_90); a step
