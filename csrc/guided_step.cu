@@ -5,9 +5,9 @@
 // each thread moves 16-byte vectors (kVec = 16/sizeof(T) elements): two of each input
 // (CommonReads instances: the common steps, with or without a reduction, their optional
 // inputs fixed at compile time, every load issued before the math; ADM's ancestral step
-// with its learned variance included) or one (RuntimeReads: APG momentum, classifier
-// guidance, 3-4 history tensors; each optional input a runtime branch); else one element
-// at a time. A reduction's guidance
+// with its learned variance included; GradReads: classifier guidance; MomentumReads: APG
+// momentum) or one (RuntimeReads: 3-4 history tensors and the rarer mixes; each optional
+// input a runtime branch); else one element at a time. A reduction's guidance
 // coefficients are merged from the sample's partial moments once per sample, by
 // sample_coefficients_kernel, and read as three floats (plain CFG's each thread takes from
 // the scale): no barrier stands before the loads. With the

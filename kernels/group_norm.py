@@ -3,8 +3,8 @@
 Forward, for x (N, C, S) grouped into G groups of Cg = C/G channels:
   mean, var per (n, g) over Cg·S elements (fp32);  x̂ = (x − mean)·rstd
   z = (x̂·w[c] + b[c])·(1 + scale[n, c]) + shift[n, c];  y = silu(z) or z.
-Two launches, each program owning one chunk of the data, so that batch 1–2 still fills
-the GPU (`launch_config` sizes the chunks):
+Two launches (channels_last: three), each program owning one chunk of the data, so that
+batch 1–2 still fills the GPU (`launch_config` sizes the chunks):
   1. statistics: shifted sums Σ(x − K), Σ(x − K)² of a piece of each group, K = the
      group's first element (the shift keeps E[x²] − E[x]² from cancelling when
      |mean| ≫ std). NCHW, `_stats_contiguous_kernel`: a group is one contiguous run of
@@ -628,8 +628,8 @@ def _backward_sums_kernel(
             x_hat = (x - mean) * rstd
             dz = dy
             if SILU:
-                # z as written, not folded into x̂·gain + offset as in dx: folded, the
-                # compiler issues this step's four sm_80 loads as three, then one.
+                # z as written, not folded into x·α + o as in dx: folded, the compiler
+                # issues this step's four sm_80 loads as three, then one.
                 z = (x_hat * w[None, :, None] + b[None, :, None]) * one_plus_scale[None, :, None] + shift[None, :, None]
                 dz = _silu_grad(dy, z)
             # The UNROLL slabs sit in each thread's registers: their sum needs every load of
@@ -1010,7 +1010,7 @@ def _nchw_config(batch: int, channels: int, groups: int, spatial: int, wanted: i
         backward_maps=dict(
             grid=(n_groups,),
             split=split,
-            meta=dict(SPLIT_POW2=split_pow2, BLOCK_C=min(triton.next_power_of_2(cg), SLAB)),
+            meta=dict(SPLIT_POW2=split_pow2, BLOCK_C=_merge_block(cg, split_pow2)),
         ),
         backward_dx=dict(BLOCK_C=block_c, BLOCK_S=block_s, UNROLL=APPLY_UNROLL),
     )
@@ -1045,16 +1045,27 @@ def _rows_config(batch: int, channels: int, groups: int, spatial: int, wanted: i
     )
     sums = chunked(BACKWARD_UNROLL, {})
     sums["meta"]["SPLIT_POW2"] = triton.next_power_of_2(sums["split"])
-    group_block = min(triton.next_power_of_2(cg), SLAB)
     return dict(
         stats=stats,
-        maps=dict(grid=(n_groups,), meta=dict(STATS_SPLIT_POW2=split_pow2, PARTS=parts, BLOCK_C=group_block)),
+        maps=dict(
+            grid=(n_groups,),
+            meta=dict(STATS_SPLIT_POW2=split_pow2, PARTS=parts, BLOCK_C=min(triton.next_power_of_2(cg), SLAB)),
+        ),
         rows=chunked(APPLY_UNROLL, {}),
         backward_sums=sums,
         backward_maps=dict(
-            grid=(n_groups,), split=sums["split"], meta=dict(SPLIT_POW2=sums["meta"]["SPLIT_POW2"], BLOCK_C=group_block)
+            grid=(n_groups,),
+            split=sums["split"],
+            meta=dict(SPLIT_POW2=sums["meta"]["SPLIT_POW2"], BLOCK_C=_merge_block(cg, sums["meta"]["SPLIT_POW2"])),
         ),
     )
+
+
+def _merge_block(cg: int, split_pow2: int) -> int:
+    """Channels a step of _backward_maps_kernel merges: its [channels, chunks] tile of
+    partials at most SLAB elements (8 a thread), so a group of many channels split into
+    many chunks (G = 1) does not spill."""
+    return max(1, min(triton.next_power_of_2(cg), SLAB // split_pow2))
 
 
 def _chunk(extent: int, step: int, wanted: int) -> int:

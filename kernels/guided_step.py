@@ -137,7 +137,9 @@ def _load_c_v(
 
 @triton.jit
 def _fold(x, BLOCK: tl.constexpr):
-    """x's sums over runs of 8 consecutive lanes ([BLOCK // 8]): a thread's own elements."""
+    """x's sums over runs of 8 consecutive lanes ([BLOCK // 8]). Where a thread holds 8
+    consecutive elements (16-bit inputs in 16-byte vectors) the sums stay in the thread;
+    otherwise the compiler moves lanes between threads, with the same result."""
     return tl.sum(tl.reshape(x, [BLOCK // 8, 8]), axis=1)
 
 

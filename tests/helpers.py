@@ -255,9 +255,13 @@ CASES = {
         combine=G(6.0, apg_eta=0.2, apg_norm_threshold=3.0, apg_momentum=-0.5, variant="apg"),
         step=dict(k_x0=0.8, k_eps=0.5),
     ),
-    # The momentum step's own instances: with noise and no history, with two and no noise.
+    # The momentum step's own instances: with noise and no history, with two and no noise,
+    # with noise and one history tensor (two slots, one in use).
     "apg-momentum-noise": dict(
         combine=G(5.0, apg_momentum=0.3, variant="apg"), step=dict(k_x0=0.8, k_eps=0.4, k_noise=0.3)
+    ),
+    "apg-momentum-noise-history-of-1": dict(
+        combine=G(4.0, apg_momentum=0.5, variant="apg"), step=dict(k_x=0.8, k_x0=0.3, k_noise=0.4, k_history=(0.15,))
     ),
     "apg-momentum-history-of-2": dict(
         combine=G(5.0, apg_eta=0.5, apg_momentum=-0.4, variant="apg"),
