@@ -323,8 +323,9 @@ def _backward_dkdv_kernel(
         else:
             lse = tl.load(lse_ptr + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
             delta = tl.load(delta_ptr + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
-        # A block of keys past Lk has p = 0 in its columns; rows past Lq, 0 in their rows.
-        p = _probabilities(q, k, lse, qk_scale_log2, col_ok, PRECISION, False)
+        # Rows past Lq get p = 0. Columns of keys past Lk (k read as 0: p finite) are left
+        # as they are: they feed only the rows of dk and dv that are never stored.
+        p = _probabilities(q, k, lse, qk_scale_log2, col_ok, PRECISION, True)
         if not EVEN_M:
             p = tl.where(row_ok[:, None], p, 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
