@@ -250,3 +250,31 @@ def test_group_norm_statistics_at_large_mean_and_small_spread(backend, channels_
         got = ops.group_norm(x, 4, eps=1e-5)
     tolerance = 4 * torch.finfo(torch.float32).eps * mean / 0.01
     torch.testing.assert_close(got.double(), expected, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("backend", backends_with_emulation("group_norm"))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("mean", [10.0, 1e3])
+def test_group_norm_backward_at_large_mean_and_small_spread(backend, channels_last, mean, request):
+    # The kernels fold dx into dy·α + x·β + γ per channel (γ cancels x·β's mean part), so
+    # they lose about ε·|mean|/σ of dx's scale, as the forward's x·gain + offset does; a
+    # form that cancelled E[x²] − E[x]² would lose (|mean|/σ)² and fail here.
+    n, c, groups, spread = 3, 12, 4, 0.01
+    g = torch.Generator().manual_seed(7)
+    x = (mean + spread * torch.randn(n, c, 9, 11, generator=g)).float()
+    weight, bias = 1 + 0.5 * torch.randn(c, generator=g), torch.randn(c, generator=g)
+    grad_y = torch.randn(x.shape, generator=g)
+    if channels_last:
+        x, grad_y = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad_y))
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    with running_on(backend, request):
+        y = ops.group_norm(leaves[0], groups, leaves[1], leaves[2], eps=1e-5, activation="silu")
+        grads = torch.autograd.grad(y, leaves, grad_y)
+    doubles = [t.detach().double().requires_grad_() for t in leaves]
+    expected = explicit_group_norm(doubles[0], groups, doubles[1], doubles[2], None, None, "silu", eps=1e-5)
+    wanted = torch.autograd.grad(expected, doubles, grad_y.double())
+    eps32 = torch.finfo(torch.float32).eps
+    for got, want in zip(grads, wanted):
+        # relative to each gradient's own scale (float32 autograd of F.group_norm loses as much)
+        tolerance = 8 * eps32 * (mean / spread) * want.abs().max().item()
+        torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=0)
