@@ -72,13 +72,25 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return kept or configs
 
 
-_TUNING = dict(key=["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "PRECISION"], prune_configs_by={"early_config_prune": _prune})
+# The alignments are in the key because the heuristics' EVEN_M / EVEN_N (a length that is a
+# multiple of the config's block) change the kernel: a config tuned on whole blocks is not
+# the best for a ragged length of the same bucket, nor the other way round.
+_TUNING = dict(
+    key=["LQ_BUCKET", "LK_BUCKET", "LQ_ALIGN", "LK_ALIGN", "BLOCK_D", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 
 
 def _bucket(length: int) -> int:
     """Autotune key for a sequence length: powers of two up to 4096, so new lengths
     reuse a tuned config instead of re-tuning."""
     return min(triton.next_power_of_2(length), 4096)
+
+
+def _alignment(length: int) -> int:
+    """Autotune key for a length's block alignment: its largest power-of-two divisor up to
+    128, the largest block, so that every config's "length % BLOCK == 0" is fixed by it."""
+    return min(length & -length, 128)
 
 
 @triton.jit
@@ -160,6 +172,8 @@ def _forward_kernel(
     qk_scale_log2,
     LQ_BUCKET,
     LK_BUCKET,
+    LQ_ALIGN,
+    LK_ALIGN,
     PRECISION: tl.constexpr,
     EVEN_D: tl.constexpr,
     EVEN_N: tl.constexpr,
@@ -290,6 +304,8 @@ def _backward_dkdv_kernel(
     qk_scale_log2,
     LQ_BUCKET,
     LK_BUCKET,
+    LQ_ALIGN,
+    LK_ALIGN,
     PRECISION: tl.constexpr,
     EVEN_D: tl.constexpr,
     EVEN_M: tl.constexpr,
@@ -380,6 +396,8 @@ def _backward_dq_kernel(
     qk_scale_log2,
     LQ_BUCKET,
     LK_BUCKET,
+    LQ_ALIGN,
+    LK_ALIGN,
     PRECISION: tl.constexpr,
     EVEN_D: tl.constexpr,
     EVEN_N: tl.constexpr,
@@ -457,6 +475,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
         scale * LOG2E,
         _bucket(lq),
         _bucket(lk),
+        _alignment(lq),
+        _alignment(lk),
         PRECISION=_precision(q.dtype),
         EVEN_D=head_dim == _block_d(head_dim),
         BLOCK_D=_block_d(head_dim),
@@ -485,7 +505,7 @@ def attention_backward(
     )
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    common = (heads, lq, lk, head_dim, scale, scale * LOG2E, _bucket(lq), _bucket(lk))
+    common = (heads, lq, lk, head_dim, scale, scale * LOG2E, _bucket(lq), _bucket(lk), _alignment(lq), _alignment(lk))
     constexprs = dict(PRECISION=_precision(q.dtype), EVEN_D=head_dim == block_d, BLOCK_D=block_d)
     _backward_dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), batch * heads)](
         q,
