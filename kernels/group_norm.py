@@ -3,8 +3,13 @@
 Forward, for x (N, C, S) grouped into G groups of Cg = C/G channels:
   mean, var per (n, g) over Cg·S elements (fp32);  x̂ = (x − mean)·rstd
   z = (x̂·w[c] + b[c])·(1 + scale[n, c]) + shift[n, c];  y = silu(z) or z.
-Two launches (channels_last: three), each program owning one chunk of the data, so that
-batch 1–2 still fills the GPU (`launch_config` sizes the chunks):
+NCHW with many groups of moderate size (`fused_config`): one launch, `_group_kernel`,
+whose programs each take whole groups one at a time, read a group once for its statistics
+and again, from L2, to normalise it: HBM sees x once (2·E·s_x). A persistent grid of a
+few programs an SM bounds the groups in flight, so that a group is still in L2 when its
+program reads it the second time.
+Otherwise two launches (channels_last: three), each program owning one chunk of the data,
+so that batch 1–2 still fills the GPU (`launch_config` sizes the chunks):
   1. statistics: shifted sums Σ(x − K), Σ(x − K)² of a piece of each group, K = the
      group's first element (the shift keeps E[x²] − E[x]² from cancelling when
      |mean| ≫ std). NCHW, `_stats_contiguous_kernel`: a group is one contiguous run of
@@ -24,7 +29,8 @@ batch 1–2 still fills the GPU (`launch_config` sizes the chunks):
      reads the statistics' whole rows of ROW_CHANNELS channels over a spatial chunk, so
      its loads are 16-byte vectors whatever the group size (the channels of one group in
      SD's UNets, 10-40, are a 20-80-byte sliver every C).
-Bytes: read x twice, write y: 3·E·s_x, plus O(N·C) parameters (E = N·C·S).
+Bytes: read x twice, write y: 3·E·s_x (the second read from L2 when x is smaller than it,
+or in the one-pass kernel), plus O(N·C) parameters (E = N·C·S).
 FLOPs ~10 per element (+4 with SiLU): memory-bound.
 
 Backward, with dz = dy·silu'(z) (silu'(z) = σ(z)·(1 + z·(1 − σ(z))), taken at the
@@ -83,6 +89,22 @@ APPLY_UNROLL = 4  # slabs an apply step loads; a dx step loads as many of x and 
 BACKWARD_UNROLL = 2  # slabs a backward-sums step loads, each of x and dy
 ROW_CHANNELS = 64  # channels_last statistics: channels a program reads (128 B of fp16)
 MAX_SPLIT = 64  # chunks a group's reduction is split into, at most
+# NCHW in one pass over HBM (_group_kernel): programs of FUSED_WARPS warps, tiles of
+# FUSED_SLAB elements (one 16-byte vector a thread of fp16). Its statistics read HBM,
+# FUSED_STATS_UNROLL slabs a step: 2 programs an SM keep 2·256·8·16 B = 64 KB of loads in
+# flight. Its normalising pass reads L2, FUSED_APPLY_UNROLL slabs a step: 16 KB an SM
+# against L2's shorter latency. (More slabs there cost the statistics' loads: at 4, sm_90's
+# compiler issues only 5 of their 8 together; at 8, 8 warps' 128 registers spill.)
+# It runs where every program has a group and the groups in flight, FUSED_PROGRAMS_PER_SM
+# ·SMs of them, fit in FUSED_L2_BYTES, half the 50 MB L2 of an H100/H200: between a
+# program's two reads of its group, the others bring in about that many bytes (the groups
+# that programs in their statistics read, the y that those normalising write).
+FUSED_WARPS = 8
+FUSED_SLAB = 2048
+FUSED_STATS_UNROLL = 8
+FUSED_APPLY_UNROLL = 2
+FUSED_PROGRAMS_PER_SM = 2
+FUSED_L2_BYTES = 24 * 2**20
 
 
 @triton.jit
@@ -121,6 +143,29 @@ def _slab_offsets(
 
 
 @triton.jit
+def _shifted_sums(base, begin, end, shift, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
+    """Σ(x − K), Σ(x − K)² over the contiguous elements [begin, end) of base, K = shift,
+    UNROLL × BLOCK elements a step: whole steps unmasked, then the partial one."""
+    STEP: tl.constexpr = BLOCK * UNROLL
+    step = tl.arange(0, UNROLL)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+    whole_end = begin + (end - begin) // STEP * STEP
+    for start in range(begin, whole_end, STEP):
+        d = tl.load(base + start + step).to(tl.float32) - shift
+        # The UNROLL rows sit in each thread's registers (BLOCK ≥ its threads' vectors): their
+        # sum needs every load of the step, so all are issued before any arithmetic.
+        acc1 += tl.sum(d, axis=0)
+        acc2 += tl.sum(d * d, axis=0)
+    if whole_end < end:
+        mask = whole_end + step < end
+        d = tl.where(mask, tl.load(base + whole_end + step, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
+        acc1 += tl.sum(d, axis=0)
+        acc2 += tl.sum(d * d, axis=0)
+    return tl.sum(acc1, axis=0), tl.sum(acc2, axis=0)
+
+
+@triton.jit
 def _stats_contiguous_kernel(
     x_ptr,
     partial_ptr,
@@ -137,22 +182,13 @@ def _stats_contiguous_kernel(
     chunk = tl.program_id(1)
     count = Cg * S
     base = x_ptr + group.to(tl.int64) * count
-    shift = tl.load(base).to(tl.float32)
     begin = chunk * e_per_chunk
-    end = tl.minimum(begin + e_per_chunk, count)
-    acc1 = tl.zeros([BLOCK], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(begin, end, BLOCK * UNROLL):
-        index = start + tl.arange(0, UNROLL)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-        mask = index < end
-        d = tl.where(mask, tl.load(base + index, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
-        # The UNROLL rows sit in each thread's registers (BLOCK ≥ its threads' vectors): their
-        # sum needs every load of the step, so all are issued before any arithmetic.
-        acc1 += tl.sum(d, axis=0)
-        acc2 += tl.sum(d * d, axis=0)
+    sum1, sum2 = _shifted_sums(
+        base, begin, tl.minimum(begin + e_per_chunk, count), tl.load(base).to(tl.float32), BLOCK, UNROLL
+    )
     out = partial_ptr + (group * SPLIT_POW2 + chunk) * 2
-    tl.store(out, tl.sum(acc1, axis=0))
-    tl.store(out + 1, tl.sum(acc2, axis=0))
+    tl.store(out, sum1)
+    tl.store(out + 1, sum2)
 
 
 @triton.jit
@@ -241,10 +277,17 @@ def _group_mean_rstd(
     rows = partial_ptr + ((group * PARTS + parts)[:, None] * SPLIT_POW2 + chunks[None, :]) * 2
     s1 = tl.sum(tl.sum(tl.load(rows, mask=valid, other=0.0), axis=1), axis=0)
     s2 = tl.sum(tl.sum(tl.load(rows + 1, mask=valid, other=0.0), axis=1), axis=0)
-    count = (Cg * S).to(tl.float32)
     shift = tl.load(x_ptr + n.to(tl.int64) * C * S + group_start_c.to(tl.int64) * stride_c).to(tl.float32)
-    mean_shifted = s1 / count
-    var = s2 / count - mean_shifted * mean_shifted
+    return _mean_rstd(s1, s2, shift, Cg * S, eps)
+
+
+@triton.jit
+def _mean_rstd(s1, s2, shift, count, eps):
+    """(mean, rstd) of a group from its shifted sums s1 = Σ(x − K), s2 = Σ(x − K)² over
+    count elements, K = shift: var = s2/count − (s1/count)², which cancels little since K,
+    one of the group's values, lies within a few standard deviations of the mean."""
+    mean_shifted = s1 / tl.cast(count, tl.float32)
+    var = s2 / tl.cast(count, tl.float32) - mean_shifted * mean_shifted
     # Statistics that overflowed float32 (or met a NaN) give NaN, on every backend.
     rstd = tl.where(var < float("inf"), 1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps), float("nan"))
     return shift + mean_shifted, rstd
@@ -299,7 +342,8 @@ def _step_offsets(stride_c, stride_s, BLOCK_C: tl.constexpr, STEP: tl.constexpr)
 @triton.jit
 def _program_start(n, C, S, group_start_c, c_start, s_begin, stride_c, stride_s):
     """Offset (int64) of the program's first element of channel group_start_c + c_start."""
-    return n.to(tl.int64) * C * S + (group_start_c + c_start).to(tl.int64) * stride_c + s_begin.to(tl.int64) * stride_s
+    first = tl.cast(n, tl.int64) * C * S + tl.cast(group_start_c + c_start, tl.int64) * stride_c
+    return first + tl.cast(s_begin, tl.int64) * stride_s
 
 
 @triton.jit
@@ -313,27 +357,25 @@ def _normalize(x, gain, offset, SILU: tl.constexpr):
 
 
 @triton.jit
-def _apply_kernel(
+def _apply_channels(
     x_ptr,
     y_ptr,
     w_ptr,
     b_ptr,
     scale_ptr,
     shift_ptr,
-    partial_ptr,
-    mean_ptr,
-    rstd_ptr,
+    mean,
+    rstd,
+    n,
     C,
     S,
-    G,
-    Cg,
+    group_start_c,
+    c_first,
+    c_last,
+    s_begin,
+    s_len,
     stride_c,
     stride_s,
-    channels_per_program,
-    s_per_chunk,
-    STATS_SPLIT,
-    stats_block_c,
-    eps,
     scale_stride_n,
     scale_stride_c,
     shift_stride_n,
@@ -343,35 +385,14 @@ def _apply_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     SILU: tl.constexpr,
-    STATS_SPLIT_POW2: tl.constexpr,
-    PARTS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     UNROLL: tl.constexpr,
 ):
-    group, chunk, n, group_start_c, c_first, c_last = _program_group(G, Cg, channels_per_program)
-    mean, rstd = _group_mean_rstd(
-        x_ptr,
-        partial_ptr,
-        group,
-        n,
-        group_start_c,
-        C,
-        S,
-        Cg,
-        stride_c,
-        eps,
-        STATS_SPLIT,
-        stats_block_c,
-        STATS_SPLIT_POW2,
-        PARTS,
-    )
-    if (chunk == 0) & (c_first == 0):
-        tl.store(mean_ptr + group, mean)
-        tl.store(rstd_ptr + group, rstd)
+    """y = act(x·gain + offset) on channels [c_first, c_last) of the group that starts at
+    channel group_start_c of sample n, positions [s_begin, s_begin + s_len), in tiles of
+    BLOCK_C channel rows × UNROLL·BLOCK_S positions."""
     STEP: tl.constexpr = BLOCK_S * UNROLL
-    s_begin = chunk * s_per_chunk
-    s_len = tl.minimum(s_per_chunk, S - s_begin)
     cc = tl.arange(0, BLOCK_C)
     ss = tl.arange(0, STEP)
     tile = _step_offsets(stride_c, stride_s, BLOCK_C, STEP)
@@ -415,6 +436,179 @@ def _apply_kernel(
             else:
                 y = _normalize(tl.where(mask, x, 0.0), gain, offset, SILU)
                 tl.store(ys + step_start + tile, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _apply_kernel(
+    x_ptr,
+    y_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    partial_ptr,
+    mean_ptr,
+    rstd_ptr,
+    C,
+    S,
+    G,
+    Cg,
+    stride_c,
+    stride_s,
+    channels_per_program,
+    s_per_chunk,
+    STATS_SPLIT,
+    stats_block_c,
+    eps,
+    scale_stride_n,
+    scale_stride_c,
+    shift_stride_n,
+    shift_stride_c,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    STATS_SPLIT_POW2: tl.constexpr,
+    PARTS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """NCHW, the second pass: a program merges its group's partial sums into (mean, rstd)
+    (the group's first program writes them) and normalises its channels of the group over
+    its spatial chunk."""
+    group, chunk, n, group_start_c, c_first, c_last = _program_group(G, Cg, channels_per_program)
+    mean, rstd = _group_mean_rstd(
+        x_ptr,
+        partial_ptr,
+        group,
+        n,
+        group_start_c,
+        C,
+        S,
+        Cg,
+        stride_c,
+        eps,
+        STATS_SPLIT,
+        stats_block_c,
+        STATS_SPLIT_POW2,
+        PARTS,
+    )
+    if (chunk == 0) & (c_first == 0):
+        tl.store(mean_ptr + group, mean)
+        tl.store(rstd_ptr + group, rstd)
+    s_begin = chunk * s_per_chunk
+    _apply_channels(
+        x_ptr,
+        y_ptr,
+        w_ptr,
+        b_ptr,
+        scale_ptr,
+        shift_ptr,
+        mean,
+        rstd,
+        n,
+        C,
+        S,
+        group_start_c,
+        c_first,
+        c_last,
+        s_begin,
+        tl.minimum(s_per_chunk, S - s_begin),
+        stride_c,
+        stride_s,
+        scale_stride_n,
+        scale_stride_c,
+        shift_stride_n,
+        shift_stride_c,
+        HAS_W,
+        HAS_B,
+        HAS_SCALE,
+        HAS_SHIFT,
+        SILU,
+        BLOCK_C,
+        BLOCK_S,
+        UNROLL,
+    )
+
+
+@triton.jit
+def _group_kernel(
+    x_ptr,
+    y_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    mean_ptr,
+    rstd_ptr,
+    C,
+    S,
+    G,
+    Cg,
+    groups,
+    eps,
+    scale_stride_n,
+    scale_stride_c,
+    shift_stride_n,
+    shift_stride_c,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    STATS_BLOCK: tl.constexpr,
+    STATS_UNROLL: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """NCHW in one pass over HBM: program p of P takes the groups p, p + P, ... of the N·G,
+    one at a time: it reads a group's Cg·S contiguous elements for its shifted sums (HBM),
+    writes its mean and rstd, then reads the group again to normalise it (L2). The grid,
+    FUSED_PROGRAMS_PER_SM programs an SM, bounds the groups in flight, so that between a
+    program's two reads of an element the GPU brings about P groups' bytes into L2."""
+    for group in range(tl.program_id(0), groups, tl.num_programs(0)):
+        n = group // G
+        base = x_ptr + tl.cast(group, tl.int64) * Cg * S
+        shift = tl.load(base).to(tl.float32)
+        sum1, sum2 = _shifted_sums(base, 0, Cg * S, shift, STATS_BLOCK, STATS_UNROLL)
+        mean, rstd = _mean_rstd(sum1, sum2, shift, Cg * S, eps)
+        tl.store(mean_ptr + group, mean)
+        tl.store(rstd_ptr + group, rstd)
+        _apply_channels(
+            x_ptr,
+            y_ptr,
+            w_ptr,
+            b_ptr,
+            scale_ptr,
+            shift_ptr,
+            mean,
+            rstd,
+            n,
+            C,
+            S,
+            (group % G) * Cg,
+            0,
+            Cg,
+            0,
+            S,
+            S,
+            1,
+            scale_stride_n,
+            scale_stride_c,
+            shift_stride_n,
+            shift_stride_c,
+            HAS_W,
+            HAS_B,
+            HAS_SCALE,
+            HAS_SHIFT,
+            SILU,
+            BLOCK_C,
+            BLOCK_S,
+            UNROLL,
+        )
 
 
 @triton.jit
@@ -956,17 +1150,52 @@ def _layout(x: Tensor) -> tuple[Tensor, int, int]:
 
 
 def launch_config(
-    batch: int, channels: int, groups: int, spatial: int, channels_last: bool, multiprocessors: int
+    batch: int,
+    channels: int,
+    groups: int,
+    spatial: int,
+    channels_last: bool,
+    multiprocessors: int,
+    element_size: int,
 ) -> dict:
-    """Tiles and grids of the launches for x of (batch, channels, spatial) in groups
-    (tools/kernel_report.py compiles what this picks for its representative shape).
+    """Tiles and grids of the launches for x of (batch, channels, spatial) in groups, of
+    element_size bytes (tools/kernel_report.py compiles what this picks for its
+    representative shapes).
 
-    Each launch aims at 4 programs per SM, so that batch 1–2 still fills the GPU, and splits
-    the spatial extent into chunks of whole loop steps, so that only the last chunk can end
-    in a partial step."""
+    NCHW takes the one-pass kernel where it fits ("fused", else None; `fused_config`).
+    Otherwise each launch aims at 4 programs per SM, so that batch 1–2 still fills the GPU,
+    and splits the spatial extent into chunks of whole loop steps, so that only the last
+    chunk can end in a partial step."""
     if channels_last:
         return _rows_config(batch, channels, groups, spatial, 4 * multiprocessors)
-    return _nchw_config(batch, channels, groups, spatial, 4 * multiprocessors)
+    config = _nchw_config(batch, channels, groups, spatial, 4 * multiprocessors)
+    config["fused"] = fused_config(batch, channels, groups, spatial, multiprocessors, element_size)
+    return config
+
+
+def fused_config(
+    batch: int, channels: int, groups: int, spatial: int, multiprocessors: int, element_size: int
+) -> dict | None:
+    """The NCHW one-pass launch (_group_kernel), or None where it does not fit: fewer groups
+    than its FUSED_PROGRAMS_PER_SM·SMs programs (the two-pass launches split groups to fill
+    the GPU; their second read hits L2 anyway when x is that small), or groups too large
+    for that many to stay in FUSED_L2_BYTES of L2 between a group's two reads."""
+    cg = channels // groups
+    programs = FUSED_PROGRAMS_PER_SM * multiprocessors
+    if batch * groups < programs or programs * cg * spatial * element_size > FUSED_L2_BYTES:
+        return None
+    block_s = min(triton.next_power_of_2(spatial), FUSED_SLAB)
+    block_c = min(triton.next_power_of_2(cg), FUSED_SLAB // block_s)
+    return dict(
+        grid=(programs,),
+        meta=dict(
+            STATS_BLOCK=FUSED_SLAB,
+            STATS_UNROLL=FUSED_STATS_UNROLL,
+            BLOCK_C=block_c,
+            BLOCK_S=block_s,
+            UNROLL=FUSED_APPLY_UNROLL,
+        ),
+    )
 
 
 def _nchw_config(batch: int, channels: int, groups: int, spatial: int, wanted: int) -> dict:
@@ -1091,11 +1320,38 @@ def group_norm_forward(
     n, c = x.shape[0], x.shape[1]
     spatial = math.prod(x.shape[2:])
     x, stride_c, stride_s = _layout(x)
-    cfg = launch_config(n, c, num_groups, spatial, stride_c == 1, _multiprocessors(x.device))
+    cfg = launch_config(n, c, num_groups, spatial, stride_c == 1, _multiprocessors(x.device), x.element_size())
     stats = cfg["stats"]
     y = torch.empty_like(x)
     mean = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
+    if cfg.get("fused") is not None:  # NCHW in one pass
+        _group_kernel[cfg["fused"]["grid"]](
+            x,
+            y,
+            weight,
+            bias,
+            scale,
+            shift,
+            mean,
+            rstd,
+            c,
+            spatial,
+            num_groups,
+            c // num_groups,
+            n * num_groups,
+            eps,
+            *_strides(scale),
+            *_strides(shift),
+            HAS_W=weight is not None,
+            HAS_B=bias is not None,
+            HAS_SCALE=scale is not None,
+            HAS_SHIFT=shift is not None,
+            SILU=activation == "silu",
+            **cfg["fused"]["meta"],
+            num_warps=FUSED_WARPS,
+        )
+        return y, mean, rstd
     partials = torch.empty(
         (n * num_groups, stats["meta"].get("PARTS", 1), stats["meta"]["SPLIT_POW2"], 2),
         dtype=torch.float32,
@@ -1216,7 +1472,7 @@ def group_norm_backward(
     x, stride_c, stride_s = _layout(x)
     channels_last = stride_c == 1  # (or a spatial size of 1, where the two layouts coincide)
     dy = dy.contiguous(memory_format=torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format)
-    cfg = launch_config(n, c, num_groups, spatial, channels_last, _multiprocessors(x.device))
+    cfg = launch_config(n, c, num_groups, spatial, channels_last, _multiprocessors(x.device), x.element_size())
     flags = dict(
         HAS_W=weight is not None,
         HAS_B=bias is not None,

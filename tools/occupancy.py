@@ -225,14 +225,19 @@ def loads_issued_together(sass: list[str], bits: int = 128) -> int:
     return max(largest, run)
 
 
-def in_flight(arch: int, stats: dict, threads: int, vectors: int | None = None) -> dict:
+def in_flight(
+    arch: int, stats: dict, threads: int, vectors: int | None = None, programs_per_sm: int | None = None
+) -> dict:
     """Resident blocks per SM and the bytes of loads their threads have in flight: each thread
     its widest global loads (the data vectors; narrower loads beside them are parameters,
     a weight or a coefficient, shared by every thread and soon in cache) issued together,
     ``stats["loads_together"]`` of them (``loads_issued_together``). ``vectors``: at most
     that many of them, where the SASS also holds loads behind runtime branches that the
-    common call does not take."""
+    common call does not take. ``programs_per_sm``: a persistent grid's programs per SM, which
+    bound the resident blocks whatever the registers allow."""
     blocks = occupancy(arch, stats["registers"], threads, stats["shared_bytes"])
+    if programs_per_sm is not None:
+        blocks = min(blocks, programs_per_sm)
     widest = max(stats["loads"], default=0)
     together = stats["loads_together"] if vectors is None else min(vectors, stats["loads_together"])
     return {

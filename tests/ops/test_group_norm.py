@@ -1,10 +1,14 @@
 """group_norm: every backend against F.group_norm in float64 with scale-shift and SiLU written out."""
 
+import importlib
+import math
+
 import pytest
 import torch
 
 import fastguide
 from fastguide import ops
+from fastguide.ops.contract import NormParameters
 from tests.helpers import (
     GROUP_NORM,
     SHAPES,
@@ -278,3 +282,33 @@ def test_group_norm_backward_at_large_mean_and_small_spread(backend, channels_la
         # relative to each gradient's own scale (float32 autograd of F.group_norm loses as much)
         tolerance = 8 * eps32 * (mean / spread) * want.abs().max().item()
         torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=0)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend (a GPU, or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass", "one-pass"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    # a group of one partial statistics step; of exactly one whole step (16384 elements);
+    # of a whole step and a partial one; channels of 3 positions, 8 to a tile
+    "shape",
+    [(2, 320, 32, (32, 32)), (3, 8, 2, (64, 64)), (2, 64, 4, (33, 35)), (5, 160, 32, (1, 3))],
+    ids=str,
+)
+def test_triton_nchw_forward_in_one_pass_and_in_two(one_pass, dtype, shape, monkeypatch, device):
+    # The launcher picks the one-pass kernel (_group_kernel) where the groups in flight fit
+    # its L2 budget, the two launches otherwise: each path, forced, on the same inputs.
+    kernels = importlib.import_module("fastguide.kernels.group_norm")
+    monkeypatch.setattr(kernels, "FUSED_PROGRAMS_PER_SM", 1)
+    monkeypatch.setattr(kernels, "FUSED_L2_BYTES", 2**40 if one_pass else 0)
+    n, c, groups, spatial = shape
+    taken = kernels.launch_config(n, c, groups, math.prod(spatial), False, 2, 2)["fused"]
+    assert (taken is not None) == one_pass
+    x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, device, seed=11)
+    params = NormParameters(weight, bias, scale, shift)
+    y, mean, rstd = kernels.group_norm_forward(x, params, groups, 1e-5, "silu")
+    assert_close(y, explicit_group_norm(x, groups, weight, bias, scale, shift, "silu"), GROUP_NORM, dtype)
+    # the saved statistics, which the backward reads
+    grouped = x.double().reshape(n, groups, -1)
+    torch.testing.assert_close(mean.double(), grouped.mean(-1), atol=1e-5, rtol=1e-5)
+    want_rstd = (grouped.var(-1, unbiased=False) + 1e-5).rsqrt()
+    torch.testing.assert_close(rstd.double(), want_rstd, atol=0, rtol=1e-5)
