@@ -1,7 +1,8 @@
 // CUDA GroupNorm (+ scale-shift, SiLU), forward and backward. The math is group_norm.cuh's;
 // this file maps it onto threads.
 //
-// Forward, three launches:
+// Forward, NCHW with enough groups that each fits a block's registers (64 KB): one launch,
+// group_in_registers_kernel, which reads x once. Otherwise three launches:
 //   1. channel_sums_kernel: per (n, c, spatial chunk) the shifted sums Σ(x − K), Σ(x − K)²;
 //   2. forward_statistics_kernel: a warp per (n, g) merges them into mean and rstd, and
 //      folds them with the channel's affine constants into its map x ↦ z (group_norm.cuh);
@@ -294,6 +295,101 @@ __global__ void __launch_bounds__(kThreads, kNormalizeBlocks)
   }
 }
 
+// NCHW, one pass: block n·G + g holds its group's Cg·S contiguous elements in registers,
+// kGroupVectors 16-byte vectors a thread (64 KB: 32768 fp16/bf16 or 16384 fp32 elements),
+// all loaded before any math. It sums them (shifted, as channel_sums does) for the mean
+// and variance, folds each of the group's channels into its map z = x·gain + offset (a
+// thread a channel, into shared memory), and writes y from the same registers: x crosses
+// HBM once (2·E·s_x in all).
+// __launch_bounds__(kThreads, 2): 2 blocks an SM, 128 KB of loads in flight.
+constexpr int kGroupVectors = 16;
+constexpr int kGroupChannels = kThreads;  // at most a channel a thread for the maps
+
+// Marks a held vector's bits as changed (an empty asm on each 32-bit word), so that nvcc
+// converts it to float again where it is used next rather than keeping the conversions
+// of an earlier use alive: with bf16 on sm_90 it kept them, 16-bit halves, and spilled.
+template <typename V>
+__device__ __forceinline__ void reconvert(V& v) {
+  auto words = bits_as<Vec<uint32_t, sizeof(V) / sizeof(uint32_t)>>(v);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(uint32_t)); ++i) asm volatile("" : "+r"(words.v[i]));
+  v = bits_as<V>(words);
+}
+
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads, 2)
+    group_in_registers_kernel(GroupNormParams p, GroupNormAffine a, const T* x, T* y, float* mean, float* rstd) {
+  __shared__ LinearMap maps[kGroupChannels];
+  __shared__ float shared_shift;
+  __shared__ double group_mean, group_rstd;  // thread 0's, for every thread
+  // n and the first channel by 32-bit division (a 64-bit one is a subroutine call, whose
+  // frame would spill the held data): the grid has N·G < 2^31 blocks. The launcher's
+  // bounds make count ≤ kGroupVectors·kThreads·kVec, hence S and Cg, an int too.
+  const int groups = static_cast<int>(p.groups);
+  const int n = static_cast<int>(blockIdx.x) / groups;
+  const int first_channel = static_cast<int>(blockIdx.x) % groups * static_cast<int>(p.channels_per_group);
+  const int64_t group = blockIdx.x;
+  const int count = static_cast<int>(p.channels_per_group * p.s), s = static_cast<int>(p.s);
+  const int vectors = count / kVec;  // S, hence count, is a multiple of kVec
+  const T* in = x + group * count;
+  T* out = y + group * count;
+  Vec<T, kVec> held[kGroupVectors];
+#pragma unroll
+  for (int k = 0; k < kGroupVectors; ++k) {
+    const int v = k * kThreads + static_cast<int>(threadIdx.x);
+    held[k] = load_if<T, kVec>(in + v * kVec, v < vectors);  // zeros past the group add nothing
+  }
+  // Shifted sums Σ(x − K), Σ(x − K)², K = the group's first element (as the three-launch
+  // path): within a few standard deviations of the mean, so little cancels. K comes from
+  // thread 0's registers through the barrier, which every thread meets with all its loads
+  // issued (read from memory, nvcc would start the sums as soon as K arrived).
+  if (threadIdx.x == 0) shared_shift = to_float(held[0].v[0]);
+  __syncthreads();
+  const float shift = shared_shift;
+  float sums[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int k = 0; k < kGroupVectors; ++k) {
+    const bool valid = k * kThreads + static_cast<int>(threadIdx.x) < vectors;
+#pragma unroll
+    for (int lane = 0; lane < kVec; ++lane) {
+      const float d = valid ? to_float(held[k].v[lane]) - shift : 0.0f;
+      sums[0] += d;
+      sums[1] += d * d;
+    }
+  }
+  block_sum(sums);
+  if (threadIdx.x == 0) {
+    // In float with the hardware's approximate reciprocal and rsqrt (2 ulp): an IEEE
+    // division or a float64 sqrt is a subroutine call too.
+    const float inv_count = __fdividef(1.0f, static_cast<float>(count));
+    const float offset = sums[0] * inv_count;
+    const float variance = sums[1] * inv_count - offset * offset;
+    // Statistics that overflowed float32 (or met a NaN) give NaN, on every backend
+    // (checked before the clamp: fmaxf would turn a NaN into 0).
+    const float rstd_f = variance < INFINITY ? rsqrtf(fmaxf(variance, 0.0f) + p.eps) : NAN;
+    mean[group] = shift + offset;
+    rstd[group] = rstd_f;
+    group_mean = static_cast<double>(shift) + static_cast<double>(offset);
+    group_rstd = rstd_f;
+  }
+  __syncthreads();
+  if (threadIdx.x < p.channels_per_group) {
+    maps[threadIdx.x] = pre_activation_map(channel_affine(p, a, n, first_channel + threadIdx.x), group_mean, group_rstd);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < kGroupVectors; ++k) {
+    const int v = k * kThreads + static_cast<int>(threadIdx.x);
+    if (v >= vectors) continue;
+    reconvert(held[k]);
+    const LinearMap z = maps[v * kVec / s];  // a vector is one channel's: S is a multiple of kVec
+    Vec<T, kVec> result;
+#pragma unroll
+    for (int lane = 0; lane < kVec; ++lane) result.v[lane] = from_float<T>(activate(p, z(to_float(held[k].v[lane]))));
+    store_vec(out + v * kVec, result);
+  }
+}
+
 template <typename T, int kVec, bool kChannelsLast>
 __global__ void __launch_bounds__(kThreads) dx_kernel(GroupNormParams p, const T* dy, const T* x,
                                                       const LinearMap* maps, T* dx) {
@@ -363,6 +459,12 @@ int forward_typed(const GroupNormParams& p, const T* x, const GroupNormAffine& a
                   float* partials, float* shifts, LinearMap* maps, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const int vec = vector_width<T>(p, x, y, nullptr);
+  if (p.group_in_registers && vec == kVec && p.channels_per_group <= kGroupChannels &&
+      p.channels_per_group * p.s <= static_cast<int64_t>(kGroupVectors) * kThreads * kVec) {
+    launch_kernel(group_in_registers_kernel<T, kVec>, static_cast<unsigned>(p.n * p.groups), kThreads, stream, p, a,
+                  x, y, mean, rstd);
+    return static_cast<int>(cudaGetLastError());
+  }
   launch_channel_sums(p, ChannelSumsArgs<T, SumsMode::kMoments>{x, nullptr, a, nullptr, nullptr, partials, shifts},
                       vec, stream);
   launch_kernel(forward_statistics_kernel, group_blocks(p), kThreads, stream, p, a, partials, shifts, mean, rstd,

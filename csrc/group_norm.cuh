@@ -31,6 +31,9 @@ struct GroupNormParams {
   int64_t n, c, s, groups, channels_per_group;
   int chunks;  // spatial chunks per channel in the per-channel reduction
   bool channels_last, has_weight, has_bias, has_scale, has_shift, silu;
+  // NCHW with at least two groups an SM: the forward holds each group in one block's
+  // registers where it fits (64 KB, at most a channel a thread) and x's vectors align.
+  bool group_in_registers;
   float eps;
 };
 

@@ -322,7 +322,7 @@ def test_group_norm_one_group_of_many_channels(cuda_backend_on_cpu, channels_las
 
 def test_group_norm_mean_far_from_zero(cuda_backend_on_cpu):
     # |mean| = 25·std: Σx² − (Σx)²/n in fp32 would lose ~1e-4 of the variance; the
-    # shifted sums must not.
+    # shifted sums must not (64 groups: held in registers, group_in_registers_kernel).
     x, weight, bias, _, _ = random_inputs(2, 64, (16, 16), torch.float32, "cpu")
     x = x + 50.0
     y = ops.group_norm(x, 32, weight, bias)
@@ -385,12 +385,17 @@ def test_ops_compile_fullgraph_on_the_cuda_backend(cuda_backend_on_cpu):
         torch.testing.assert_close(c, e)
 
 
-def test_group_norm_groups_whose_float32_statistics_overflow_are_nan(cuda_backend_on_cpu):
-    x = torch.randn(2, 64, 3, 3, generator=torch.Generator().manual_seed(0))
+# (2, 64, 3, 3): the three launches; (8, 64, 4, 4): 16 groups (two an emulated SM) of
+# 16-byte vectors, held in one block's registers (group_in_registers_kernel).
+@pytest.mark.parametrize("shape", [(2, 64, 3, 3), (8, 64, 4, 4)], ids=str)
+def test_group_norm_groups_whose_float32_statistics_overflow_are_nan(cuda_backend_on_cpu, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     x[0, :32] *= 1e20
     y = ops.group_norm(x, 2)
     assert y[0, :32].isnan().all()
-    assert_close(y[0, 32:], torch.nn.functional.group_norm(x.double(), 2)[0, 32:], GROUP_NORM, torch.float32)
+    expected = torch.nn.functional.group_norm(x.double(), 2)
+    assert_close(y[0, 32:], expected[0, 32:], GROUP_NORM, torch.float32)
+    assert_close(y[1:], expected[1:], GROUP_NORM, torch.float32)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,7 +1,13 @@
 // Stand-in for the CUDA runtime header under the CPU emulation (see emulator.h).
 #pragma once
 
+#include <cmath>
+
 #include "emulator.h"
+
+// The hardware's approximate float division and reciprocal square root, exact here.
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 
 using cudaStream_t = void*;
 enum cudaError_t : int { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMisalignedAddress = 716 };
