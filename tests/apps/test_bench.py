@@ -53,7 +53,9 @@ def test_loop_profile_counts_both_eager_loops(tmp_path):
     pytest.importorskip("diffusers")
     from benchmarks.sampling import loop_profile
 
-    report = loop_profile.main(["--pairs", "1", "--steps", "2", "--top", "5", "--out", str(tmp_path)])
+    # The top 20 operators by self time: under a loaded CI machine the convolutions slow
+    # more than the Python around them, and the op's own time fell out of a top 5.
+    report = loop_profile.main(["--pairs", "1", "--steps", "2", "--top", "20", "--out", str(tmp_path)])
     assert report == (tmp_path / "loop_profile.md").read_text()
     loops = {line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ")}
     assert {"fastguide", "diffusers"} <= loops
