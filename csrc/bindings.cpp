@@ -223,7 +223,9 @@ GroupNormParams norm_params(const at::Tensor& x, int64_t num_groups, bool silu, 
   const int64_t blocks = p.channels_last ? p.n * ((p.c + 31) / 32) : p.n * p.c;
   const int64_t wanted = (4 * static_cast<int64_t>(multiprocessors(x)) + blocks - 1) / blocks;
   p.chunks = static_cast<int>(std::clamp<int64_t>(std::min(wanted, (p.s + 255) / 256), 1, 32));
-  p.group_in_registers = !p.channels_last && p.n * p.groups >= 2 * static_cast<int64_t>(multiprocessors(x));
+  // (a block per group: the grid's x holds fewer than 2^31)
+  p.group_in_registers = !p.channels_last && p.n * p.groups >= 2 * static_cast<int64_t>(multiprocessors(x)) &&
+                         p.n * p.groups < (int64_t{1} << 31);
   return p;
 }
 

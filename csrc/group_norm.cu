@@ -339,10 +339,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int v = k * kThreads + static_cast<int>(threadIdx.x);
     held[k] = load_if<T, kVec>(in + v * kVec, v < vectors);  // zeros past the group add nothing
   }
-  // Shifted sums Σ(x − K), Σ(x − K)², K = the group's first element (as the three-launch
-  // path): within a few standard deviations of the mean, so little cancels. K comes from
-  // thread 0's registers through the barrier, which every thread meets with all its loads
-  // issued (read from memory, nvcc would start the sums as soon as K arrived).
+  // Shifted sums Σ(x − K), Σ(x − K)², K = the group's first element, in float32 as the
+  // Triton kernels do: K is within a few standard deviations of the mean, so little
+  // cancels. (The three launches shift each channel by its own first element and merge
+  // in float64, so a group whose channel means lie ~1e19 apart overflows to NaN here
+  // alone.) K comes from thread 0's registers through the barrier, which every thread
+  // meets with all its loads issued (read from memory, nvcc would start the sums as
+  // soon as K arrived).
   if (threadIdx.x == 0) shared_shift = to_float(held[0].v[0]);
   __syncthreads();
   const float shift = shared_shift;

@@ -1157,10 +1157,12 @@ def launch_config(
     channels_last: bool,
     multiprocessors: int,
     element_size: int,
+    l2_budget: int | None = None,
 ) -> dict:
     """Tiles and grids of the launches for x of (batch, channels, spatial) in groups, of
     element_size bytes (tools/kernel_report.py compiles what this picks for its
-    representative shapes).
+    representative shapes); l2_budget: the L2 bytes the one-pass kernel may fill
+    (FUSED_L2_BYTES when None).
 
     NCHW takes the one-pass kernel where it fits ("fused", else None; `fused_config`).
     Otherwise each launch aims at 4 programs per SM, so that batch 1–2 still fills the GPU,
@@ -1169,22 +1171,33 @@ def launch_config(
     if channels_last:
         return _rows_config(batch, channels, groups, spatial, 4 * multiprocessors)
     config = _nchw_config(batch, channels, groups, spatial, 4 * multiprocessors)
-    config["fused"] = fused_config(batch, channels, groups, spatial, multiprocessors, element_size)
+    config["fused"] = fused_config(
+        batch,
+        channels,
+        groups,
+        spatial,
+        multiprocessors,
+        element_size,
+        FUSED_L2_BYTES if l2_budget is None else l2_budget,
+    )
     return config
 
 
 def fused_config(
-    batch: int, channels: int, groups: int, spatial: int, multiprocessors: int, element_size: int
+    batch: int, channels: int, groups: int, spatial: int, multiprocessors: int, element_size: int, l2_budget: int
 ) -> dict | None:
     """The NCHW one-pass launch (_group_kernel), or None where it does not fit: fewer groups
     than its FUSED_PROGRAMS_PER_SM·SMs programs (the two-pass launches split groups to fill
     the GPU; their second read hits L2 anyway when x is that small), or groups too large
-    for that many to stay in FUSED_L2_BYTES of L2 between a group's two reads."""
+    for that many to stay in l2_budget bytes of L2 between a group's two reads."""
     cg = channels // groups
     programs = FUSED_PROGRAMS_PER_SM * multiprocessors
-    if batch * groups < programs or programs * cg * spatial * element_size > FUSED_L2_BYTES:
+    if batch * groups < programs or programs * cg * spatial * element_size > l2_budget:
         return None
-    block_s = min(triton.next_power_of_2(spatial), FUSED_SLAB)
+    # The normalising pass's tiles: a step (UNROLL tiles along s) no longer than the
+    # channel's row where it can, so short rows (S = 1024: 32×32) fill it with more
+    # channels instead of masking half its lanes.
+    block_s = min(max(1, triton.next_power_of_2(spatial) // FUSED_APPLY_UNROLL), FUSED_SLAB)
     block_c = min(triton.next_power_of_2(cg), FUSED_SLAB // block_s)
     return dict(
         grid=(programs,),
@@ -1303,6 +1316,16 @@ def _chunk(extent: int, step: int, wanted: int) -> int:
     return max(step, most, extent // max(wanted, 1) // step * step)
 
 
+def _l2_budget(device: torch.device) -> int:
+    """The L2 bytes the one-pass kernel may fill: FUSED_L2_BYTES, or half the device's L2
+    where that is smaller (an A10's 6 MB, a T4's 4 MB)."""
+    if device.type == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+        if l2 > 0:
+            return min(FUSED_L2_BYTES, l2 // 2)
+    return FUSED_L2_BYTES
+
+
 def _multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -1320,7 +1343,9 @@ def group_norm_forward(
     n, c = x.shape[0], x.shape[1]
     spatial = math.prod(x.shape[2:])
     x, stride_c, stride_s = _layout(x)
-    cfg = launch_config(n, c, num_groups, spatial, stride_c == 1, _multiprocessors(x.device), x.element_size())
+    cfg = launch_config(
+        n, c, num_groups, spatial, stride_c == 1, _multiprocessors(x.device), x.element_size(), _l2_budget(x.device)
+    )
     stats = cfg["stats"]
     y = torch.empty_like(x)
     mean = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)

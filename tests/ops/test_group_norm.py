@@ -289,19 +289,31 @@ def test_group_norm_backward_at_large_mean_and_small_spread(backend, channels_la
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize(
     # a group of one partial statistics step; of exactly one whole step (16384 elements);
-    # of a whole step and a partial one; channels of 3 positions, 8 to a tile
+    # of a whole step and a partial one; channels of 3 positions, 8 to a tile; 9 groups
+    # (the 2 programs take 5 and 4); rows of 4900 positions (a whole normalising step and
+    # a partial one)
     "shape",
-    [(2, 320, 32, (32, 32)), (3, 8, 2, (64, 64)), (2, 64, 4, (33, 35)), (5, 160, 32, (1, 3))],
+    [
+        (2, 320, 32, (32, 32)),
+        (3, 8, 2, (64, 64)),
+        (2, 64, 4, (33, 35)),
+        (5, 160, 32, (1, 3)),
+        (3, 24, 3, (9, 8)),
+        (1, 4, 2, (70, 70)),
+    ],
     ids=str,
 )
 def test_triton_nchw_forward_in_one_pass_and_in_two(one_pass, dtype, shape, monkeypatch, device):
     # The launcher picks the one-pass kernel (_group_kernel) where the groups in flight fit
     # its L2 budget, the two launches otherwise: each path, forced, on the same inputs.
     kernels = importlib.import_module("fastguide.kernels.group_norm")
+    # 2 programs (on a GPU too, whose SMs would outnumber these shapes' groups)
+    monkeypatch.setattr(kernels, "_multiprocessors", lambda device: 2)
     monkeypatch.setattr(kernels, "FUSED_PROGRAMS_PER_SM", 1)
     monkeypatch.setattr(kernels, "FUSED_L2_BYTES", 2**40 if one_pass else 0)
+    monkeypatch.setattr(kernels, "_l2_budget", lambda device: kernels.FUSED_L2_BYTES)
     n, c, groups, spatial = shape
-    taken = kernels.launch_config(n, c, groups, math.prod(spatial), False, 2, 2)["fused"]
+    taken = kernels.launch_config(n, c, groups, math.prod(spatial), False, 2, dtype.itemsize)["fused"]
     assert (taken is not None) == one_pass
     x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, device, seed=11)
     params = NormParameters(weight, bias, scale, shift)
