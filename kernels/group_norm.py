@@ -96,7 +96,8 @@ MAX_SPLIT = 64  # chunks a group's reduction is split into, at most
 # against L2's shorter latency. (More slabs there cost the statistics' loads: at 4, sm_90's
 # compiler issues only 5 of their 8 together; at 8, 8 warps' 128 registers spill.)
 # It runs where every program has a group and the groups in flight, FUSED_PROGRAMS_PER_SM
-# ·SMs of them, fit in FUSED_L2_BYTES, half the 50 MB L2 of an H100/H200: between a
+# ·SMs of them, fit in FUSED_L2_BYTES, half the 50 MB L2 of an H100/H200 (half the device's
+# L2 where that is less: `_l2_budget`): between a
 # program's two reads of its group, the others bring in about that many bytes (the groups
 # that programs in their statistics read, the y that those normalising write).
 FUSED_WARPS = 8
@@ -1150,37 +1151,19 @@ def _layout(x: Tensor) -> tuple[Tensor, int, int]:
 
 
 def launch_config(
-    batch: int,
-    channels: int,
-    groups: int,
-    spatial: int,
-    channels_last: bool,
-    multiprocessors: int,
-    element_size: int,
-    l2_budget: int | None = None,
+    batch: int, channels: int, groups: int, spatial: int, channels_last: bool, multiprocessors: int
 ) -> dict:
-    """Tiles and grids of the launches for x of (batch, channels, spatial) in groups, of
-    element_size bytes (tools/kernel_report.py compiles what this picks for its
-    representative shapes); l2_budget: the L2 bytes the one-pass kernel may fill
-    (FUSED_L2_BYTES when None).
+    """Tiles and grids of the two- and three-launch passes for x of (batch, channels,
+    spatial) in groups (tools/kernel_report.py compiles what this picks for its
+    representative shape; the NCHW forward runs `fused_config`'s one launch instead where
+    that fits).
 
-    NCHW takes the one-pass kernel where it fits ("fused", else None; `fused_config`).
-    Otherwise each launch aims at 4 programs per SM, so that batch 1–2 still fills the GPU,
-    and splits the spatial extent into chunks of whole loop steps, so that only the last
-    chunk can end in a partial step."""
+    Each launch aims at 4 programs per SM, so that batch 1–2 still fills the GPU, and splits
+    the spatial extent into chunks of whole loop steps, so that only the last chunk can end
+    in a partial step."""
     if channels_last:
         return _rows_config(batch, channels, groups, spatial, 4 * multiprocessors)
-    config = _nchw_config(batch, channels, groups, spatial, 4 * multiprocessors)
-    config["fused"] = fused_config(
-        batch,
-        channels,
-        groups,
-        spatial,
-        multiprocessors,
-        element_size,
-        FUSED_L2_BYTES if l2_budget is None else l2_budget,
-    )
-    return config
+    return _nchw_config(batch, channels, groups, spatial, 4 * multiprocessors)
 
 
 def fused_config(
@@ -1343,15 +1326,15 @@ def group_norm_forward(
     n, c = x.shape[0], x.shape[1]
     spatial = math.prod(x.shape[2:])
     x, stride_c, stride_s = _layout(x)
-    cfg = launch_config(
-        n, c, num_groups, spatial, stride_c == 1, _multiprocessors(x.device), x.element_size(), _l2_budget(x.device)
-    )
-    stats = cfg["stats"]
+    multiprocessors = _multiprocessors(x.device)
     y = torch.empty_like(x)
     mean = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    if cfg.get("fused") is not None:  # NCHW in one pass
-        _group_kernel[cfg["fused"]["grid"]](
+    fused = None
+    if stride_c != 1:  # NCHW: in one pass where it fits
+        fused = fused_config(n, c, num_groups, spatial, multiprocessors, x.element_size(), _l2_budget(x.device))
+    if fused is not None:
+        _group_kernel[fused["grid"]](
             x,
             y,
             weight,
@@ -1373,10 +1356,12 @@ def group_norm_forward(
             HAS_SCALE=scale is not None,
             HAS_SHIFT=shift is not None,
             SILU=activation == "silu",
-            **cfg["fused"]["meta"],
+            **fused["meta"],
             num_warps=FUSED_WARPS,
         )
         return y, mean, rstd
+    cfg = launch_config(n, c, num_groups, spatial, stride_c == 1, multiprocessors)
+    stats = cfg["stats"]
     partials = torch.empty(
         (n * num_groups, stats["meta"].get("PARTS", 1), stats["meta"]["SPLIT_POW2"], 2),
         dtype=torch.float32,
@@ -1497,7 +1482,7 @@ def group_norm_backward(
     x, stride_c, stride_s = _layout(x)
     channels_last = stride_c == 1  # (or a spatial size of 1, where the two layouts coincide)
     dy = dy.contiguous(memory_format=torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format)
-    cfg = launch_config(n, c, num_groups, spatial, channels_last, _multiprocessors(x.device), x.element_size())
+    cfg = launch_config(n, c, num_groups, spatial, channels_last, _multiprocessors(x.device))
     flags = dict(
         HAS_W=weight is not None,
         HAS_B=bias is not None,

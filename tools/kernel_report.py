@@ -422,7 +422,7 @@ def cases() -> list[Case]:
     # What the launchers pick for SD-1.5's first GroupNorm (320 channels in 32 groups of a
     # 64×64 latent) at batch 2, on an H200's 132 SMs: the same call, so the same tiles.
     for layout, strides in (("nchw", {"stride_s": 1}), ("nhwc", {"stride_c": 1})):
-        cfg = gn.launch_config(2, 320, 32, 64 * 64, channels_last=layout == "nhwc", multiprocessors=132, element_size=2)
+        cfg = gn.launch_config(2, 320, 32, 64 * 64, channels_last=layout == "nhwc", multiprocessors=132)
         flags = dict(HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True)
         params = {"w_ptr": "fp32", "b_ptr": "fp32", "scale_ptr": "fp16", "shift_ptr": "fp16"}
         out += [
@@ -502,10 +502,10 @@ def cases() -> list[Case]:
         ]
     # The per-channel maps (channels_last's forward, both layouts' backward): a program per
     # group, O(N·C) bytes; the same SD shape, channels_last.
-    cfg = gn.launch_config(2, 320, 32, 64 * 64, channels_last=True, multiprocessors=132, element_size=2)
+    cfg = gn.launch_config(2, 320, 32, 64 * 64, channels_last=True, multiprocessors=132)
     # NCHW in one pass: what the launcher picks at issue 22's large shape (64×256×64×64 in
     # 32 groups), where a group's second read comes from L2.
-    fused = gn.launch_config(64, 256, 32, 64 * 64, channels_last=False, multiprocessors=132, element_size=2)["fused"]
+    fused = gn.fused_config(64, 256, 32, 64 * 64, multiprocessors=132, element_size=2, l2_budget=gn.FUSED_L2_BYTES)
     out += [
         Case(
             "group_norm one-pass+silu nchw fp16",

@@ -310,10 +310,10 @@ def test_triton_nchw_forward_in_one_pass_and_in_two(one_pass, dtype, shape, monk
     # 2 programs (on a GPU too, whose SMs would outnumber these shapes' groups)
     monkeypatch.setattr(kernels, "_multiprocessors", lambda device: 2)
     monkeypatch.setattr(kernels, "FUSED_PROGRAMS_PER_SM", 1)
-    monkeypatch.setattr(kernels, "FUSED_L2_BYTES", 2**40 if one_pass else 0)
-    monkeypatch.setattr(kernels, "_l2_budget", lambda device: kernels.FUSED_L2_BYTES)
+    budget = 2**40 if one_pass else 0
+    monkeypatch.setattr(kernels, "_l2_budget", lambda device: budget)
     n, c, groups, spatial = shape
-    taken = kernels.launch_config(n, c, groups, math.prod(spatial), False, 2, dtype.itemsize)["fused"]
+    taken = kernels.fused_config(n, c, groups, math.prod(spatial), 2, dtype.itemsize, budget)
     assert (taken is not None) == one_pass
     x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, device, seed=11)
     params = NormParameters(weight, bias, scale, shift)
