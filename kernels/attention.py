@@ -23,10 +23,17 @@ inside to a power of two. The forward specialises on Lk being a multiple of the 
 (EVEN_D): its main loop then loads k and v without masks and skips the −inf select; the
 backward's loops likewise (dk, dv on Lq in whole query blocks, EVEN_M; dq on EVEN_N);
 q, k, v, dO with arbitrary strides (views of a packed qkv projection are read in place).
+
+On Hopper (sm_90 and newer, Triton ≥ 3.4) the fp16/bf16 forward up to D = 128 reads q, k
+and v through tensor descriptors of their [B, H, L, D] views instead (TMA: a tile an
+instruction, zero-filled past L and D, so no load needs a mask), its key loop over whole
+blocks and the block that crosses Lk peeled off: ``_forward_tma_kernel``, chosen by
+``tma_not_supported_reasons`` and the FASTGUIDE_ATTENTION_TMA setting.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -34,10 +41,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+try:  # host-side tensor descriptors (TMA on Hopper) arrived in Triton 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
 LOG2E = 1.4426950408889634
 # "off": autotune over one config (tests, where the tuning time would dominate); read once,
 # when this module is imported.
 AUTOTUNE_SETTING = "FASTGUIDE_AUTOTUNE"
+# Whether the forward reads q, k, v through tensor descriptors (_forward_tma_kernel):
+# "auto" where they reach TMA hardware (sm_90 and newer), "off" never, "on" wherever Triton
+# has them (on older GPUs and the interpreter Triton lowers them to plain loads: for tests
+# and A/B runs). Read once, when this module is imported.
+TMA_SETTING = "FASTGUIDE_ATTENTION_TMA"
+tma_mode = os.environ.get(TMA_SETTING, "auto")
 
 
 def _configs(for_backward: bool = False) -> list[triton.Config]:
@@ -108,36 +126,66 @@ def _rows_block(ptrs, rows_left, d_ok, BLOCK: tl.constexpr, EVEN_ROWS: tl.conste
 
 
 @triton.jit
-def _softmax_step(
+def _softmax_update(
     q,
-    k_ptrs,
-    v_ptrs,
+    k,
+    v,
     keys,
-    d_ok,
     m,
     l,
     acc,
     qk_scale_log2,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
 ):
-    """One key block of the online softmax over its first `keys` keys (the rest −inf in s;
-    EVEN_N: every key of the block is one):
+    """One key block of the online softmax, k and v already loaded, over its first `keys`
+    keys (MASK_KEYS: the rest get −inf in s; otherwise every key of the block is one):
         s = q·kᵀ·scale·log2 e;  m' = max(m, rowmax s);  p = 2^(s − m')
         l' = l·2^(m − m') + rowsum p;  acc' = acc·2^(m − m') + p·v."""
-    k = _rows_block(k_ptrs, keys, d_ok, BLOCK_N, EVEN_N, EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
-    if not EVEN_N:
+    if MASK_KEYS:
         s = tl.where((tl.arange(0, BLOCK_N) < keys)[None, :], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
     p = tl.exp2(s - m_new[:, None])
     correction = tl.exp2(m - m_new)
     l = l * correction + tl.sum(p, axis=1)
-    v = _rows_block(v_ptrs, keys, d_ok, BLOCK_N, EVEN_N, EVEN_D)
     acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l, acc
+
+
+@triton.jit
+def _store_output(
+    o_ptr,
+    lse_ptr,
+    so_b,
+    so_h,
+    so_l,
+    so_d,
+    b,
+    h,
+    bh,
+    row0,
+    Lq,
+    D,
+    m,
+    l,
+    acc,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """o = acc / l for the block's rows below Lq and its columns below D; the natural-log
+    row log-sum-exp lse = (m + log2 l)·ln 2."""
+    rows = row0 + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < Lq
+    o = acc / l[:, None]
+    tl.store(
+        o_ptr + b * so_b + h * so_h + rows[:, None] * so_l + dims[None, :] * so_d,
+        o.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (dims < D)[None, :],
+    )
+    tl.store(lse_ptr + bh.to(tl.int64) * Lq + rows, (m + tl.log2(l)) * 0.6931471805599453, mask=row_ok)
 
 
 @triton.autotune(configs=_configs(), **_TUNING)
@@ -202,28 +250,103 @@ def _forward_kernel(
     # are plain, which the pipeliner issues stages ahead. (Peeling the one block that
     # crosses Lk instead doubles the loop body: the fp32 and D = 256 tiles then spill.)
     for start in range(0, Lk, BLOCK_N):
-        m, l, acc = _softmax_step(
-            q,
-            k_block + start * sk_l,
-            v_block + start * sv_l,
-            Lk - start,
-            d_ok,
-            m,
-            l,
-            acc,
-            qk_scale_log2,
-            PRECISION,
-            BLOCK_N,
-            EVEN_N,
-            EVEN_D,
-        )
-    o = acc / l[:, None]
-    tl.store(
-        o_ptr + b * so_b + h * so_h + rows[:, None] * so_l + dims[None, :] * so_d,
-        o.to(o_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
+        k = _rows_block(k_block + start * sk_l, Lk - start, d_ok, BLOCK_N, EVEN_N, EVEN_D)
+        v = _rows_block(v_block + start * sv_l, Lk - start, d_ok, BLOCK_N, EVEN_N, EVEN_D)
+        m, l, acc = _softmax_update(q, k, v, Lk - start, m, l, acc, qk_scale_log2, PRECISION, BLOCK_N, not EVEN_N)
+    _store_output(
+        o_ptr, lse_ptr, so_b, so_h, so_l, so_d, b, h, bh, tl.program_id(0) * BLOCK_M, Lq, D, m, l, acc, BLOCK_M, BLOCK_D
     )
-    tl.store(lse_ptr + bh.to(tl.int64) * Lq + rows, (m + tl.log2(l)) * 0.6931471805599453, mask=row_ok)
+
+
+def _set_block_shapes(args: dict) -> None:
+    """Autotuner pre-hook of the TMA forward: a descriptor's box is the tile the config
+    loads ([1, 1, BLOCK_M or BLOCK_N, BLOCK_D] of the [B, H, L, D] tensor)."""
+    args["q_desc"].block_shape = [1, 1, args["BLOCK_M"], args["BLOCK_D"]]
+    for name in ("k_desc", "v_desc"):
+        args[name].block_shape = [1, 1, args["BLOCK_N"], args["BLOCK_D"]]
+
+
+def _tma_configs() -> list[triton.Config]:
+    """The tensor-core tiles of ``_configs`` (fp16/bf16 and D ≤ 128 only take this path),
+    each setting its descriptors' boxes; one small tile under the interpreter or with
+    autotuning off."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get(AUTOTUNE_SETTING) == "off":
+        tiles = [(32, 32, 4, 1)]
+    else:
+        tiles = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 2)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes)
+        for m, n, w, s in tiles
+    ]
+
+
+@triton.autotune(configs=_tma_configs(), **_TUNING)
+@triton.jit
+def _forward_tma_kernel(
+    q_desc,
+    k_desc,
+    v_desc,
+    o_ptr,
+    lse_ptr,
+    so_b,
+    so_h,
+    so_l,
+    so_d,
+    H,
+    Lq,
+    Lk,
+    D,
+    qk_scale_log2,
+    LQ_BUCKET,
+    LK_BUCKET,
+    LQ_ALIGN,
+    LK_ALIGN,
+    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The forward with q, k and v read through tensor descriptors of their [B, H, L, D]
+    views (on Hopper, TMA: one instruction a tile, into shared memory in the layout the
+    tensor cores read, pipelined num_stages deep). The hardware fills rows past L and
+    columns past D with zeros, so no load has a mask. The key loop runs over whole blocks
+    with no −inf select; the one block that crosses Lk (Lk not a multiple of BLOCK_N) is
+    peeled off after it and takes the select."""
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    row0 = tl.program_id(0) * BLOCK_M
+    q = q_desc.load([b, h, row0, 0]).reshape(BLOCK_M, BLOCK_D)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    whole = Lk - Lk % BLOCK_N
+    for start in range(0, whole, BLOCK_N):
+        k = k_desc.load([b, h, start, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = v_desc.load([b, h, start, 0]).reshape(BLOCK_N, BLOCK_D)
+        m, l, acc = _softmax_update(q, k, v, BLOCK_N, m, l, acc, qk_scale_log2, PRECISION, BLOCK_N, False)
+    if whole < Lk:
+        k = k_desc.load([b, h, whole, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = v_desc.load([b, h, whole, 0]).reshape(BLOCK_N, BLOCK_D)
+        m, l, acc = _softmax_update(q, k, v, Lk - whole, m, l, acc, qk_scale_log2, PRECISION, BLOCK_N, True)
+    _store_output(
+        o_ptr,
+        lse_ptr,
+        so_b,
+        so_h,
+        so_l,
+        so_d,
+        b.to(tl.int64),
+        h.to(tl.int64),
+        bh,
+        row0,
+        Lq,
+        D,
+        m,
+        l,
+        acc,
+        BLOCK_M,
+        BLOCK_D,
+    )
 
 
 @triton.jit
@@ -452,12 +575,69 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _has_descriptors() -> bool:
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    return TensorDescriptor is not None and version >= (3, 4)
+
+
+def tma_not_supported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
+    """Why the forward reads q, k and v through pointers rather than tensor descriptors
+    (an empty list: it takes ``_forward_tma_kernel``)."""
+    if tma_mode not in ("auto", "on", "off"):
+        raise ValueError(f"{TMA_SETTING} must be 'auto', 'on' or 'off', got {tma_mode!r}")
+    reasons = []
+    if tma_mode == "off":
+        reasons.append(f"{TMA_SETTING}=off")
+    if not _has_descriptors():
+        reasons.append(f"Triton {triton.__version__} has no host tensor descriptors (3.4 and newer)")
+    if tma_mode == "auto" and (q.device.type != "cuda" or _capability(q.device) < (9, 0)):
+        reasons.append("TMA needs an sm_90 (Hopper) or newer GPU")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"{q.dtype} runs the pointer kernel's FMA tiles (TMA serves the tensor-core tiles)")
+    if q.shape[-1] > 128:
+        reasons.append(f"head dim {q.shape[-1]} > 128 takes the pointer kernel's small tiles")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
+            reasons.append(f"{name} is not a descriptor's layout (unit last stride, 16-byte aligned start and strides)")
+    return reasons
+
+
+def _descriptor(t: Tensor, block_d: int) -> TensorDescriptor:
+    """A [B, H, L, D] descriptor of t; the autotuner's pre-hook sets the box per config."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, block_d])
+
+
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     batch, heads, lq, head_dim = q.shape
     lk = k.shape[2]
     o = torch.empty((batch, heads, lq, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, lq), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    if not tma_not_supported_reasons(q, k, v):
+        block_d = _block_d(head_dim)
+        _forward_tma_kernel[grid](
+            *(_descriptor(t, block_d) for t in (q, k, v)),
+            o,
+            lse,
+            *o.stride(),
+            heads,
+            lq,
+            lk,
+            head_dim,
+            scale * LOG2E,
+            _bucket(lq),
+            _bucket(lk),
+            _alignment(lq),
+            _alignment(lk),
+            PRECISION=_precision(q.dtype),
+            BLOCK_D=block_d,
+        )
+        return o, lse
     _forward_kernel[grid](
         q,
         k,

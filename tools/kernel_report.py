@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # The report compiles for real GPUs; the interpreter would replace the kernels.
@@ -86,6 +86,8 @@ class Case:
     num_stages: int = 3
     memory_bound: bool = True  # held to the in-flight floor (attention, compute-bound, is not)
     programs_per_sm: int | None = None  # a persistent grid's programs per SM (caps resident blocks)
+    # tensor-descriptor arg -> (element type, box); on sm_90 held to the rule that it loads by TMA
+    descriptors: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
 
 
 def compile_cubin(case: Case, arch: int) -> tuple[bytes, int]:
@@ -98,6 +100,9 @@ def compile_cubin(case: Case, arch: int) -> tuple[bytes, int]:
     for index, name in enumerate(kernel.arg_names):
         if name in case.constexprs:
             signature[name] = "constexpr"
+        elif name in case.descriptors:
+            dtype, box = case.descriptors[name]
+            signature[name] = f"tensordesc<{dtype}[{','.join(map(str, box))}]>"
         elif name.endswith("_ptr"):
             if name in case.pointers:
                 signature[name] = TORCH_TO_TRITON[case.pointers[name]]
@@ -189,6 +194,7 @@ def analyse_functions(cubin: Path) -> dict[str, dict]:
             "loads_together": loads_issued_together(body.splitlines(), max(loads, default=128)),
             "stores": dict(widths("STG")),
             "tensor_core": sum(1 for o in opcodes if o.split(".")[0] in ("HMMA", "HGMMA", "WGMMA")),
+            "tma_loads": sum(1 for o in opcodes if o.split(".")[0] == "UTMALDG"),
         }
     return found
 
@@ -636,6 +642,27 @@ def cases() -> list[Case]:
                     memory_bound=False,
                 )
             )
+    # The TMA forward at the same tensor-core tiles (it takes fp16/bf16 up to D = 128 only).
+    for dtype in ("fp16", "bf16"):
+        for head_dim in (64, 128):
+            block_m, block_n, stages = tiles[dtype][0], tiles[dtype][1], tiles[dtype][3]
+            out.append(
+                Case(
+                    f"attention fwd tma D={head_dim} {dtype}",
+                    at._forward_tma_kernel,
+                    {"o_ptr": dtype, "lse_ptr": "fp32"},
+                    dict(PRECISION="ieee", BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, **unit_strides),
+                    4 if head_dim == 64 else 8,
+                    tensor_cores=True,
+                    num_stages=stages,
+                    memory_bound=False,
+                    descriptors={
+                        "q_desc": (dtype, (1, 1, block_m, head_dim)),
+                        "k_desc": (dtype, (1, 1, block_n, head_dim)),
+                        "v_desc": (dtype, (1, 1, block_n, head_dim)),
+                    },
+                )
+            )
     backward_tiles = {"fp16": (64, 64, 4, 2), "bf16": (64, 64, 4, 2), "fp32": (16, 32, 4, 1)}
     for dtype, (block_m, block_n, warps, stages) in backward_tiles.items():
         tensors = {n: dtype for n in ("q_ptr", "k_ptr", "v_ptr", "do_ptr")} | {"lse_ptr": "fp32", "delta_ptr": "fp32"}
@@ -674,7 +701,7 @@ def cases() -> list[Case]:
     return out
 
 
-def violations(case: Case, stats: dict) -> list[str]:
+def violations(case: Case, stats: dict, arch: int) -> list[str]:
     found = []
     if stats["local_bytes"] or stats["stack_bytes"]:
         found.append(f"spills: {stats['local_bytes']} B local, {stats['stack_bytes']} B stack")
@@ -682,6 +709,8 @@ def violations(case: Case, stats: dict) -> list[str]:
         found.append(f"main path global loads not all 128-bit: {stats['loads']}")
     if case.tensor_cores and not stats["tensor_core"]:
         found.append("no tensor-core instructions (HMMA/HGMMA) in the SASS")
+    if case.descriptors and arch >= 90 and not stats["tma_loads"]:
+        found.append("tensor descriptors but no TMA loads (UTMALDG) in the SASS")
     return found
 
 
@@ -689,11 +718,13 @@ def run(archs: list[int], only: str = "") -> list[dict]:
     rows = []
     for case in (c for c in cases() if only in c.name):
         for arch in archs:
+            if case.descriptors and arch < 90:
+                continue  # below sm_90 descriptors lower to plain loads, and the launcher never takes them
             cubin, shared = compile_cubin(case, arch)
             stats = analyse_cubin(cubin)
             stats["shared_bytes"] += shared
             stats |= in_flight(arch, stats, case.num_warps * 32, programs_per_sm=case.programs_per_sm)
-            found = violations(case, stats) + in_flight_violations(case.name, arch, stats, case.memory_bound)
+            found = violations(case, stats, arch) + in_flight_violations(case.name, arch, stats, case.memory_bound)
             rows.append({"kernel": case.name, "arch": f"sm_{arch}", **stats, "violations": found})
     return rows
 
@@ -802,6 +833,11 @@ def format_table(rows: list[dict]) -> str:
     lines = [header, "|" + "---|" * 12]
     fmt = lambda d: " ".join(f"{w}:{n}" for w, n in sorted(d.items())) or "-"  # noqa: E731
 
+    def loads(r: dict) -> str:
+        """LDG widths, and the TMA loads (UTMALDG) where there are any."""
+        tma = f"tma:{r['tma_loads']}" if r.get("tma_loads") else ""
+        return " ".join(part for part in (fmt(r["loads"]) if r["loads"] else "", tma) if part) or "-"
+
     def together(r: dict) -> str:
         """bits:run of the widest loads, and the main path's count where that is fewer."""
         if not r["loads"]:
@@ -813,7 +849,7 @@ def format_table(rows: list[dict]) -> str:
         known = " (known below)" if f"{r['kernel']} {r['arch']}" in KNOWN_BELOW_FLOOR else ""
         lines.append(
             f"| {r['kernel']} | {r['arch']} | {r['registers']} | {r['local_bytes'] + r['stack_bytes']} | "
-            f"{r['shared_bytes']} | {fmt(r['loads'])} | {together(r)} | {fmt(r['stores'])} | {r['tensor_core']} | "
+            f"{r['shared_bytes']} | {loads(r)} | {together(r)} | {fmt(r['stores'])} | {r['tensor_core']} | "
             f"{r['blocks_per_sm']} | {r['in_flight_bytes'] / 1024:.0f}{known} | "
             f"{'; '.join(r['violations']) or 'ok'} |"
         )

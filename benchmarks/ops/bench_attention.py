@@ -1,5 +1,8 @@
 """attention vs eager softmax(q·kᵀ)·v, torch.compile of it, and every SDPA backend the
-machine has (flash, efficient, math, cuDNN), forward and forward+backward.
+machine has (flash, efficient, math, cuDNN), forward and forward+backward. On Hopper,
+"fastguide" reads q, k, v by TMA (kernels.attention._forward_tma_kernel) and
+"fastguide-pointer" is the same op held to the pointer kernel, forward only: the A/B of
+the two loads.
 
 FLOPs: forward 4·B·H·Lq·Lk·D; forward + backward 14·B·H·Lq·Lk·D (the backward's five
 matmuls, as FlashAttention counts it). Reported as TFLOP/s.
@@ -11,6 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.conftest import DEVICE
 from fastguide import ops
+from fastguide.kernels import attention as attention_kernels
 
 
 def eager_attention(q, k, v):
@@ -25,12 +29,23 @@ SDPA_BACKENDS = {
     "sdpa-math": SDPBackend.MATH,
     "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
 }
-IMPLS = ["fastguide", "eager", "torch.compile", *SDPA_BACKENDS]
+IMPLS = ["fastguide", "fastguide-pointer", "eager", "torch.compile", *SDPA_BACKENDS]
+
+
+def pointer_attention(q, k, v):
+    """ops.attention with the TMA forward off (FASTGUIDE_ATTENTION_TMA=off for this call)."""
+    previous, attention_kernels.tma_mode = attention_kernels.tma_mode, "off"
+    try:
+        return ops.attention(q, k, v)
+    finally:
+        attention_kernels.tma_mode = previous
 
 
 def _attention_fn(impl):
     if impl == "fastguide":
         return ops.attention
+    if impl == "fastguide-pointer":
+        return pointer_attention
     if impl == "eager":
         return eager_attention
     if impl == "torch.compile":
@@ -52,6 +67,13 @@ def _run(record, impl, shape, dtype, backward):
         torch.randn((batch, heads, n, dim), generator=g).to(DEVICE, dtype).requires_grad_(backward)
         for n in (lq, lk, lk)
     )
+    if impl == "fastguide-pointer":
+        if backward:
+            pytest.skip("the TMA path is the forward's alone")
+        if attention_kernels.tma_not_supported_reasons(q, k, v):
+            pytest.skip(
+                f"fastguide runs the pointer kernel here: {attention_kernels.tma_not_supported_reasons(q, k, v)}"
+            )
     attend = _attention_fn(impl)
     try:
         out = attend(q, k, v)

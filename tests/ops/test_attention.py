@@ -174,9 +174,13 @@ def test_attention_backward_with_strided_views(backend, device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tma", ["auto", "off"])  # on Hopper fp16/bf16 take TMA loads unless off
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(4, 16, 4096, 4096, 128), (64, 4, 1024, 1024, 64), (2, 8, 1000, 77, 80)], ids=str)
-def test_attention_gpu_large_and_bf16(dtype, shape):
+def test_attention_gpu_large_and_bf16(dtype, shape, tma, monkeypatch):
+    from fastguide.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "tma_mode", tma)
     q, k, v = (t.requires_grad_() for t in random_qkv(shape, dtype, "cuda", generator_seed=2))
     with fastguide.backend("triton"):
         out = ops.attention(q, k, v)
@@ -222,3 +226,88 @@ def test_a_single_nan_key_makes_its_rows_nan_on_every_backend():
         with fastguide.backend(backend):
             out = ops.attention(q, k, v)
         assert torch.isnan(out[0, 1]).all() and torch.isfinite(out[0, 0]).all(), backend
+
+
+# --------------------------------------------------------------------------------------
+# The TMA forward (tensor descriptors): the interpreter runs it under FASTGUIDE_ATTENTION_TMA
+# "on"; a GPU's tests take it under "auto" on sm_90 too (every fp16/bf16 case above).
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tma_forward(monkeypatch):
+    """The triton backend's forward forced onto _forward_tma_kernel: the pointer kernel
+    fails if the launcher reaches it."""
+    if "triton" not in BACKENDS:
+        pytest.skip("no triton backend on this machine")
+    from fastguide.kernels import attention as kernels
+
+    if not kernels._has_descriptors():
+        pytest.skip(f"Triton {kernels.triton.__version__} has no host tensor descriptors")
+
+    class Unreachable:
+        def __getitem__(self, grid):
+            raise AssertionError("the pointer kernel ran where the TMA kernel should have")
+
+    monkeypatch.setattr(kernels, "tma_mode", "on")
+    monkeypatch.setattr(kernels, "_forward_kernel", Unreachable())
+    return kernels
+
+
+TMA_DTYPES = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])  # interpreter: bf16 dot
+
+
+@pytest.mark.parametrize("dtype", TMA_DTYPES)
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[-1] <= 128], ids=str)
+def test_tma_forward_matches_explicit_formula(tma_forward, dtype, shape, device):
+    q, k, v = random_qkv(shape, dtype, device, generator_seed=3)
+    scale = 0.7 * shape[-1] ** -0.5
+    assert tma_forward.tma_not_supported_reasons(q, k, v) == []
+    out, lse = tma_forward.attention_forward(q, k, v, scale)
+    expected = explicit_attention(q, k, v, scale)
+    assert_close(out, expected, ATTENTION, dtype)
+    plain = torch.softmax((q @ k.transpose(-1, -2)).float() * scale, dim=-1).to(dtype) @ v
+    assert (out.double() - expected).abs().max() <= 2 * (plain.double() - expected).abs().max() + 1e-6
+    scores = q.double() @ k.double().transpose(-1, -2) * scale
+    assert_close(lse, torch.logsumexp(scores, dim=-1), ATTENTION, torch.float32)
+
+
+def test_tma_forward_reads_packed_qkv_views_and_propagates_nan(tma_forward, device):
+    # Views of one packed (B, L, 3, H, D) projection: strides (3·L·H·D, D, 3·H·D, 1), k and
+    # v starting H·D and 2·H·D elements in; lengths that are not multiples of any block.
+    batch, length, heads, dim = 2, 45, 3, 40
+    packed = torch.randn(batch, length, 3, heads, dim, generator=torch.Generator().manual_seed(4))
+    packed = packed.to(device=device, dtype=torch.float16)
+    q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+    assert tma_forward.tma_not_supported_reasons(q, k, v) == []
+    out, _ = tma_forward.attention_forward(q, k, v, dim**-0.5)
+    assert_close(out, explicit_attention(q, k, v, dim**-0.5), ATTENTION, torch.float16)
+    # A NaN key poisons every row of its head; a NaN query only its own row.
+    packed[1, 44, 1, 2, 5] = math.nan  # the last key of head 2 (the peeled block's)
+    packed[0, 3, 0, 0, 0] = math.nan  # query 3 of head 0
+    out, _ = tma_forward.attention_forward(q, k, v, dim**-0.5)
+    assert out[1, 2].isnan().all() and out[0, 0, 3].isnan().all()
+    assert torch.isfinite(out[0, 0, [0, 1, 2, 4]]).all() and torch.isfinite(out[1, :2]).all()
+
+
+def test_tma_not_supported_reasons_name_each_cause(monkeypatch):
+    from fastguide.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "_has_descriptors", lambda: True)
+    monkeypatch.setattr(kernels, "tma_mode", "on")
+    q = torch.randn(1, 2, 16, 64, dtype=torch.float16)
+    assert kernels.tma_not_supported_reasons(q, q, q) == []
+    assert any("float32" in r for r in kernels.tma_not_supported_reasons(q.float(), q.float(), q.float()))
+    wide = torch.randn(1, 2, 16, 192, dtype=torch.float16)
+    assert any("head dim 192" in r for r in kernels.tma_not_supported_reasons(wide, wide, wide))
+    transposed = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # unit stride on L, not D
+    assert any(r.startswith("k is not") for r in kernels.tma_not_supported_reasons(q, transposed, q))
+    shifted = torch.randn(1, 2, 16 * 64 + 4, dtype=torch.float16)[..., 4:].view(1, 2, 16, 64)  # 8-byte start
+    assert any(r.startswith("v is not") for r in kernels.tma_not_supported_reasons(q, q, shifted))
+    monkeypatch.setattr(kernels, "tma_mode", "auto")
+    assert any("sm_90" in r for r in kernels.tma_not_supported_reasons(q, q, q))  # a CPU tensor
+    monkeypatch.setattr(kernels, "tma_mode", "off")
+    assert kernels.tma_not_supported_reasons(q, q, q) == [f"{kernels.TMA_SETTING}=off"]
+    monkeypatch.setattr(kernels, "tma_mode", "yes")
+    with pytest.raises(ValueError, match="FASTGUIDE_ATTENTION_TMA must be 'auto', 'on' or 'off'"):
+        kernels.tma_not_supported_reasons(q, q, q)
