@@ -27,12 +27,16 @@ mkdir -p "$out"
 # The benchmark modules in the order they run: the kernels' device times first, then the
 # sampling loop and end to end at real size, attention last, so that a run cut short by the
 # device tool's limit still returns every module it finished.
-modules=(bench_guided_step bench_layer_norm bench_group_norm bench_sample bench_end_to_end bench_unet bench_attention)
+# attention_targets is bench_attention's target rows (forward: fastguide by TMA and by
+# pointers against the SDPA kernels), which the full sweep at the end rarely reaches.
+modules=(bench_guided_step bench_layer_norm bench_group_norm attention_targets bench_sample bench_end_to_end bench_unet bench_attention)
 # End to end without its max-autotune rows (each compile tunes for minutes): run those in a
 # call of their own, fastguide bench -k "end_to_end and max-autotune".
 selection() {
     case "$1" in
         bench_end_to_end) echo "bench_end_to_end and not max-autotune" ;;
+        attention_targets) echo "bench_attention and targets" ;;
+        bench_attention) echo "bench_attention and not targets" ;;
         *) echo "$1" ;;
     esac
 }

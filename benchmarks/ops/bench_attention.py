@@ -114,3 +114,17 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 def test_attention_gpu(record, impl, dtype, shape, backward):
     _run(record, impl, shape, dtype, backward)
+
+
+# The issue's targets, forward only (a few minutes where the sweep above takes far longer):
+# ADM-64's three attention shapes at batch 2×32 and L = 4096, D = 128; gpu.sh runs these
+# beside the other op kernels and the sweep last.
+TARGET_SHAPES = [(64, 6, 1024, 1024, 64), (64, 9, 256, 256, 64), (64, 12, 64, 64, 64), (4, 16, 4096, 4096, 128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["fastguide", "fastguide-pointer", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", TARGET_SHAPES, ids=str)
+def test_attention_targets_gpu(record, impl, dtype, shape):
+    _run(record, impl, shape, dtype, backward=False)
