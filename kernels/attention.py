@@ -2,9 +2,10 @@
 
 Forward, per (batch·head, block of BLOCK_M queries): stream blocks of BLOCK_N keys and
 values through an online softmax in base 2,
-    s = q·kᵀ·scale·log2(e);  m' = max(m, rowmax s);  p = 2^(s − m')
+    s = q·kᵀ;  m' = max(m, c·rowmax s);  p = 2^(c·s − m')   (c = scale·log2 e ≥ 0)
     l = l·2^(m − m') + rowsum p;  acc = acc·2^(m − m') + p·v
 then o = acc / l and the row log-sum-exp lse = (m + log2 l)·ln 2 (natural log) is saved.
+(A negative scale runs as (−q)·kᵀ·|scale|.)
 Backward, from lse and Δ = rowsum(dO ∘ O) (no Lq×Lk matrix in memory):
     p = exp(q·kᵀ·scale − lse);  dv = Σ pᵀ·dO;  dp = dO·vᵀ;  ds = p∘(dp − Δ)
     dk = Σ dsᵀ·q·scale  (one program per key block: no atomics)
@@ -140,14 +141,23 @@ def _softmax_update(
     MASK_KEYS: tl.constexpr,
 ):
     """One key block of the online softmax, k and v already loaded, over its first `keys`
-    keys (MASK_KEYS: the rest get −inf in s; otherwise every key of the block is one):
-        s = q·kᵀ·scale·log2 e;  m' = max(m, rowmax s);  p = 2^(s − m')
-        l' = l·2^(m − m') + rowsum p;  acc' = acc·2^(m − m') + p·v."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
+    keys (MASK_KEYS: the rest are left out of the max and get p = 0; otherwise every key
+    of the block is one), with c = scale·log2 e ≥ 0:
+        s = q·kᵀ;  m' = max(m, c·rowmax s);  p = 2^(c·s − m')
+        l' = l·2^(m − m') + rowsum p;  acc' = acc·2^(m − m') + p·v.
+    c ≥ 0 lets the scale leave the max (c·rowmax s = rowmax c·s) and join the exponent's
+    subtraction in one FMA a score. (The masked keys' p is set to 0 rather than their s to
+    −inf: at c = 0, −inf·c would be NaN.)"""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MASK_KEYS:
-        s = tl.where((tl.arange(0, BLOCK_N) < keys)[None, :], s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, axis=1))
-    p = tl.exp2(s - m_new[:, None])
+        is_key = (tl.arange(0, BLOCK_N) < keys)[None, :]
+        s_max = tl.max(tl.where(is_key, s, float("-inf")), axis=1)
+    else:
+        s_max = tl.max(s, axis=1)
+    m_new = tl.maximum(m, s_max * qk_scale_log2)
+    p = tl.exp2(s * qk_scale_log2 - m_new[:, None])
+    if MASK_KEYS:
+        p = tl.where(is_key, p, 0.0)
     correction = tl.exp2(m - m_new)
     l = l * correction + tl.sum(p, axis=1)
     acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -613,6 +623,8 @@ def _descriptor(t: Tensor, block_d: int) -> TensorDescriptor:
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    if scale < 0:  # the kernels take scale ≥ 0 (_softmax_update); (−q)·kᵀ·|scale| is exact
+        q, scale = -q, -scale
     batch, heads, lq, head_dim = q.shape
     lk = k.shape[2]
     o = torch.empty((batch, heads, lq, head_dim), dtype=q.dtype, device=q.device)

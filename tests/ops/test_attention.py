@@ -200,6 +200,19 @@ def test_attention_gpu_large_and_bf16(dtype, shape, tma, monkeypatch):
         assert_close(got[:1, :2], want, ATTENTION, dtype)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.3])
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params("attention", [torch.float32, torch.float16]))
+def test_zero_and_negative_scales(backend, dtype, scale, device):
+    # The kernels fold a scale ≥ 0 into the exponent's FMA; a negative one runs as (−q)·kᵀ·|scale|,
+    # and at 0 every key weighs the same (a ragged last key block: masked keys must stay out).
+    q, k, v = random_qkv((2, 2, 33, 77, 40), dtype, device, generator_seed=5)
+    with fastguide.backend(backend):
+        out = ops.attention(q, k, v, scale=scale)
+    assert_close(out, explicit_attention(q, k, v, scale), ATTENTION, dtype)
+    if scale == 0.0:
+        assert_close(out, v.double().mean(dim=2, keepdim=True).expand_as(out), ATTENTION, dtype)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_heads_give_an_empty_result(backend, device):
     q, k = torch.randn(2, 0, 5, 16).to(device), torch.randn(2, 0, 7, 16).to(device)
@@ -268,6 +281,15 @@ def test_tma_forward_matches_explicit_formula(tma_forward, dtype, shape, device)
     assert_close(out, expected, ATTENTION, dtype)
     plain = torch.softmax((q @ k.transpose(-1, -2)).float() * scale, dim=-1).to(dtype) @ v
     assert (out.double() - expected).abs().max() <= 2 * (plain.double() - expected).abs().max() + 1e-6
+    scores = q.double() @ k.double().transpose(-1, -2) * scale
+    assert_close(lse, torch.logsumexp(scores, dim=-1), ATTENTION, torch.float32)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.3])
+def test_tma_forward_zero_and_negative_scales(tma_forward, scale, device):
+    q, k, v = random_qkv((2, 2, 33, 77, 40), torch.float16, device, generator_seed=5)
+    out, lse = tma_forward.attention_forward(q, k, v, scale)
+    assert_close(out, explicit_attention(q, k, v, scale), ATTENTION, torch.float16)
     scores = q.double() @ k.double().transpose(-1, -2) * scale
     assert_close(lse, torch.logsumexp(scores, dim=-1), ATTENTION, torch.float32)
 
