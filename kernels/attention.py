@@ -94,10 +94,8 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 # The alignments are in the key because the heuristics' EVEN_M / EVEN_N (a length that is a
 # multiple of the config's block) change the kernel: a config tuned on whole blocks is not
 # the best for a ragged length of the same bucket, nor the other way round.
-_TUNING = dict(
-    key=["LQ_BUCKET", "LK_BUCKET", "LQ_ALIGN", "LK_ALIGN", "BLOCK_D", "PRECISION"],
-    prune_configs_by={"early_config_prune": _prune},
-)
+_TUNING_KEY = ["LQ_BUCKET", "LK_BUCKET", "LQ_ALIGN", "LK_ALIGN", "BLOCK_D", "PRECISION"]
+_TUNING = dict(key=_TUNING_KEY, prune_configs_by={"early_config_prune": _prune})
 
 
 def _bucket(length: int) -> int:
@@ -290,7 +288,9 @@ def _tma_configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_tma_configs(), **_TUNING)
+# No early prune: every TMA config is a tensor-core tile, and _prune reads q_ptr, which this
+# kernel does not take.
+@triton.autotune(configs=_tma_configs(), key=_TUNING_KEY)
 @triton.jit
 def _forward_tma_kernel(
     q_desc,
@@ -612,14 +612,19 @@ def tma_not_supported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
     if q.shape[-1] > 128:
         reasons.append(f"head dim {q.shape[-1]} > 128 takes the pointer kernel's small tiles")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
+        # A size-1 dim's stride is never used (_descriptor replaces it); a 0 stride (an
+        # expanded dim) is not one TMA takes.
+        strides = [s for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1]
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s <= 0 or s * t.element_size() % 16 for s in strides):
             reasons.append(f"{name} is not a descriptor's layout (unit last stride, 16-byte aligned start and strides)")
     return reasons
 
 
 def _descriptor(t: Tensor, block_d: int) -> TensorDescriptor:
-    """A [B, H, L, D] descriptor of t; the autotuner's pre-hook sets the box per config."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, block_d])
+    """A [B, H, L, D] descriptor of t; the autotuner's pre-hook sets the box per config.
+    A size-1 dim gets a 16-byte stride (any aligned one will do: only index 0 is read)."""
+    strides = [s if n > 1 else 16 // t.element_size() for s, n in zip(t.stride()[:-1], t.shape[:-1])]
+    return TensorDescriptor(t, list(t.shape), [*strides, 1], [1, 1, 16, block_d])
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:

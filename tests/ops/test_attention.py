@@ -312,6 +312,15 @@ def test_tma_forward_reads_packed_qkv_views_and_propagates_nan(tma_forward, devi
     assert torch.isfinite(out[0, 0, [0, 1, 2, 4]]).all() and torch.isfinite(out[1, :2]).all()
 
 
+def test_tma_forward_ignores_the_stride_of_a_size_one_dim(tma_forward, device):
+    # A batch of one whose batch stride (7 elements) no descriptor could take: never used.
+    storage = torch.randn(2 * 40 * 64, generator=torch.Generator().manual_seed(6)).to(device, torch.float16)
+    q = storage.as_strided((1, 2, 40, 64), (7, 40 * 64, 64, 1))
+    assert tma_forward.tma_not_supported_reasons(q, q, q) == []
+    out, _ = tma_forward.attention_forward(q, q, q, 0.125)
+    assert_close(out, explicit_attention(q, q, q, 0.125), ATTENTION, torch.float16)
+
+
 def test_tma_not_supported_reasons_name_each_cause(monkeypatch):
     from fastguide.kernels import attention as kernels
 
@@ -326,6 +335,8 @@ def test_tma_not_supported_reasons_name_each_cause(monkeypatch):
     assert any(r.startswith("k is not") for r in kernels.tma_not_supported_reasons(q, transposed, q))
     shifted = torch.randn(1, 2, 16 * 64 + 4, dtype=torch.float16)[..., 4:].view(1, 2, 16, 64)  # 8-byte start
     assert any(r.startswith("v is not") for r in kernels.tma_not_supported_reasons(q, q, shifted))
+    expanded = torch.randn(1, 1, 16, 64, dtype=torch.float16).expand(1, 2, 16, 64)  # a 0 head stride
+    assert any(r.startswith("k is not") for r in kernels.tma_not_supported_reasons(q, expanded, q))
     monkeypatch.setattr(kernels, "tma_mode", "auto")
     assert any("sm_90" in r for r in kernels.tma_not_supported_reasons(q, q, q))  # a CPU tensor
     monkeypatch.setattr(kernels, "tma_mode", "off")
@@ -333,3 +344,28 @@ def test_tma_not_supported_reasons_name_each_cause(monkeypatch):
     monkeypatch.setattr(kernels, "tma_mode", "yes")
     with pytest.raises(ValueError, match="FASTGUIDE_ATTENTION_TMA must be 'auto', 'on' or 'off'"):
         kernels.tma_not_supported_reasons(q, q, q)
+
+
+def test_every_autotuned_kernel_prunes_with_its_own_arguments(monkeypatch):
+    # The tests tune over one config (tests/conftest.py), which Triton's autotuner never
+    # prunes; outside them it prunes the full list with the kernel's own named arguments,
+    # so a prune that reads an argument its kernel does not take fails only there.
+    from triton.runtime.autotuner import Autotuner
+
+    from fastguide.kernels import attention as kernels
+
+    monkeypatch.delenv(kernels.AUTOTUNE_SETTING, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tuned = {name: k for name, k in vars(kernels).items() if isinstance(k, Autotuner)}
+    assert set(tuned) == {"_forward_kernel", "_forward_tma_kernel", "_backward_dkdv_kernel", "_backward_dq_kernel"}
+    for name, kernel in tuned.items():
+        configs = kernels._tma_configs() if "tma" in name else kernels._configs(for_backward="backward" in name)
+        assert len(configs) > 1
+        if kernel.early_config_prune is None:
+            continue
+        for dtype, head_dim in ((torch.float16, 64), (torch.float32, 64), (torch.float16, 256)):
+            named = {
+                arg: torch.empty(1, dtype=dtype) if arg.endswith(("_ptr", "_desc")) else 1 for arg in kernel.arg_names
+            }
+            kept = kernel.early_config_prune(configs, named, BLOCK_D=head_dim, PRECISION="ieee")
+            assert 0 < len(kept) <= len(configs), name
