@@ -144,6 +144,22 @@ def _slab_offsets(
 
 
 @triton.jit
+def _pairwise_row_sums(a, b, COLS: tl.constexpr, ROWS: tl.constexpr):
+    """Σ over the last axis of a and b ([COLS, ROWS], ROWS a power of two held in each
+    thread's registers), added as a tree of pairs. tl.sum there is a chain on Triton 3.6
+    (an FMA into one accumulator row after row), which lets its ptxas issue only the first
+    5 of 8 rows' loads before the math (GroupNorm's one-pass stats: 40 of 64 KB in flight
+    an SM); with the tree, Triton 3.6 and 3.9 both issue all 8 first. The split pairs are
+    a thread's own registers: no data moves."""
+    if ROWS == 1:
+        return tl.reshape(a, [COLS]), tl.reshape(b, [COLS])
+    else:
+        a0, a1 = tl.split(tl.reshape(a, [COLS, ROWS // 2, 2]))
+        b0, b1 = tl.split(tl.reshape(b, [COLS, ROWS // 2, 2]))
+        return _pairwise_row_sums(a0 + a1, b0 + b1, COLS, ROWS // 2)
+
+
+@triton.jit
 def _shifted_sums(base, begin, end, shift, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
     """Σ(x − K), Σ(x − K)² over the contiguous elements [begin, end) of base, K = shift,
     UNROLL × BLOCK elements a step: whole steps unmasked, then the partial one."""
@@ -154,10 +170,11 @@ def _shifted_sums(base, begin, end, shift, BLOCK: tl.constexpr, UNROLL: tl.const
     whole_end = begin + (end - begin) // STEP * STEP
     for start in range(begin, whole_end, STEP):
         d = tl.load(base + start + step).to(tl.float32) - shift
-        # The UNROLL rows sit in each thread's registers (BLOCK ≥ its threads' vectors): their
-        # sum needs every load of the step, so all are issued before any arithmetic.
-        acc1 += tl.sum(d, axis=0)
-        acc2 += tl.sum(d * d, axis=0)
+        # The UNROLL rows sit in each thread's registers (BLOCK ≥ its threads' vectors); a
+        # pairwise sum of them needs every load of the step, so all are issued first.
+        step1, step2 = _pairwise_row_sums(tl.trans(d), tl.trans(d * d), BLOCK, UNROLL)
+        acc1 += step1
+        acc2 += step2
     if whole_end < end:
         mask = whole_end + step < end
         d = tl.where(mask, tl.load(base + whole_end + step, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
@@ -190,6 +207,30 @@ def _stats_contiguous_kernel(
     out = partial_ptr + (group * SPLIT_POW2 + chunk) * 2
     tl.store(out, sum1)
     tl.store(out + 1, sum2)
+
+
+@triton.jit
+def _pairwise_slab_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexpr, COUNT: tl.constexpr):
+    """(x − K) and (x − K)² summed elementwise over COUNT slabs of BLOCK_S positions ×
+    the channels, the slabs at slab, slab + BLOCK_S·C, ... (positions from rows_left on
+    read as K: they add 0), as a tree of pairs. Each slab is its own load of a 2-D tile,
+    one 16-byte vector a thread: as one 3-D [COUNT, BLOCK_S, BLOCK_C] load, Triton 3.6
+    and 3.9 disagreed on which axis stays in a thread (one of them spread the COUNT axis
+    over lanes: 126-128 registers, 16 KB in flight an SM); this way both keep every slab
+    in registers and issue all COUNT loads before the adds (63 registers, 64 KB)."""
+    if COUNT == 1:
+        rows = tl.arange(0, BLOCK_S)
+        mask = (rows < rows_left)[:, None] & c_mask[None, :]
+        x = tl.load(slab + rows[:, None] * C + channel[None, :], mask=mask, other=0.0)
+        d = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
+        return d, d * d
+    else:
+        HALF: tl.constexpr = COUNT // 2
+        a1, a2 = _pairwise_slab_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S, HALF)
+        b1, b2 = _pairwise_slab_sums(
+            slab + HALF * BLOCK_S * C, rows_left - HALF * BLOCK_S, C, channel, c_mask, shift, BLOCK_S, HALF
+        )
+        return a1 + b1, a2 + b2
 
 
 @triton.jit
@@ -227,15 +268,12 @@ def _stats_rows_kernel(
     s_end = tl.minimum(s_begin + s_per_chunk, S)
     acc1 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
-    rows = tl.arange(0, UNROLL)[:, None] * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
-    tile = rows[:, :, None] * C + channel[None, None, :]
     for start in range(s_begin, s_end, BLOCK_S * UNROLL):
-        mask = (start + rows < s_end)[:, :, None] & c_mask[None, None, :]
-        x = tl.load(sample + tl.cast(start, tl.int64) * C + tile, mask=mask, other=0.0)
-        d = tl.where(mask, x.to(tl.float32) - shift[None, None, :], 0.0)
-        # As in the NCHW kernel: the UNROLL slabs are in registers, all loaded before the sum.
-        acc1 += tl.sum(d, axis=0)
-        acc2 += tl.sum(d * d, axis=0)
+        slab1, slab2 = _pairwise_slab_sums(
+            sample + tl.cast(start, tl.int64) * C, s_end - start, C, channel, c_mask, shift, BLOCK_S, UNROLL
+        )
+        acc1 += slab1
+        acc2 += slab2
     per_channel1 = tl.sum(acc1, axis=0)
     per_channel2 = tl.sum(acc2, axis=0)
     # Fold the channels into the (at most GROUP_SLOTS) groups they belong to.
