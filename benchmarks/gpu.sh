@@ -81,7 +81,7 @@ if [ "$mode" = "--dry-run" ]; then
     echo "+ $py benchmarks/ops/host_path.py --device cuda --rounds 5 > $out/host_path.md"
     echo "+ $py -m pytest tests -m gpu -q --durations=15 > $out/gpu-tests.log"
     echo "+ $py -m fastguide bench -k MODULE --out $out/bench/MODULE, for each benchmarks/*/bench_*.py"
-    echo "+ $py -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_compile.py -q > $out/backend-tests.log"
+    echo "+ $py -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_attention.py tests/ops/test_compile.py -q > $out/backend-tests.log"
     exit 0
 fi
 
@@ -117,8 +117,9 @@ for module in "${modules[@]}"; do
     keep "${PIPESTATUS[0]}"
 done
 # The op tests parametrised over backends (every option, odd shapes) run on the CUDA
-# device here, with every backend that can run: triton and, when it built, cuda.
-"$py" -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_compile.py -q -p no:cacheprovider \
+# device here, with every backend that can run: triton and, when it built, cuda; the
+# attention tests' odd shapes and packed views reach the TMA forward on real hardware.
+"$py" -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_attention.py tests/ops/test_compile.py -q -p no:cacheprovider \
     2>&1 | tee "$out/backend-tests.log"
 keep "${PIPESTATUS[0]}"
 exit "$status"

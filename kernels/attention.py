@@ -56,7 +56,9 @@ AUTOTUNE_SETTING = "FASTGUIDE_AUTOTUNE"
 # has them (on older GPUs and the interpreter Triton lowers them to plain loads: for tests
 # and A/B runs). Read once, when this module is imported.
 TMA_SETTING = "FASTGUIDE_ATTENTION_TMA"
-tma_mode = os.environ.get(TMA_SETTING, "auto")
+tma_mode = os.environ.get(TMA_SETTING, "auto").strip().lower()
+_TMA_MODES = ("auto", "on", "off")
+_TMA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _configs(for_backward: bool = False) -> list[triton.Config]:
@@ -268,7 +270,10 @@ def _forward_kernel(
 
 def _set_block_shapes(args: dict) -> None:
     """Autotuner pre-hook of the TMA forward: a descriptor's box is the tile the config
-    loads ([1, 1, BLOCK_M or BLOCK_N, BLOCK_D] of the [B, H, L, D] tensor)."""
+    loads ([1, 1, BLOCK_M or BLOCK_N, BLOCK_D] of the [B, H, L, D] tensor). The hook sees
+    the call's arguments through the autotuner object, where Triton keeps them for the
+    length of a call: like every autotuned Triton kernel, this one is not to be launched
+    from several Python threads at once."""
     args["q_desc"].block_shape = [1, 1, args["BLOCK_M"], args["BLOCK_D"]]
     for name in ("k_desc", "v_desc"):
         args[name].block_shape = [1, 1, args["BLOCK_N"], args["BLOCK_D"]]
@@ -590,16 +595,36 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+@functools.cache
 def _has_descriptors() -> bool:
     version = tuple(int(part) for part in triton.__version__.split(".")[:2])
     return TensorDescriptor is not None and version >= (3, 4)
 
 
+def _check_tma_mode() -> None:
+    if tma_mode not in _TMA_MODES:
+        raise ValueError(f"{TMA_SETTING} must be 'auto', 'on' or 'off', got {tma_mode!r}")
+
+
+def _descriptor_layout(t: Tensor) -> bool:
+    """Whether a [B, H, L, D] descriptor can describe t: a unit last stride, a 16-byte
+    aligned start, and the other strides positive multiples of 16 bytes (a size-1 dim's
+    stride is never used: _descriptor replaces it; a 0 stride, an expanded dim, TMA does
+    not take)."""
+    (s0, s1, s2, s3), (n0, n1, n2, _), unit = t.stride(), t.shape, 16 // t.element_size()
+    return (
+        s3 == 1
+        and t.data_ptr() % 16 == 0
+        and (n0 == 1 or (s0 > 0 and s0 % unit == 0))
+        and (n1 == 1 or (s1 > 0 and s1 % unit == 0))
+        and (n2 == 1 or (s2 > 0 and s2 % unit == 0))
+    )
+
+
 def tma_not_supported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
     """Why the forward reads q, k and v through pointers rather than tensor descriptors
     (an empty list: it takes ``_forward_tma_kernel``)."""
-    if tma_mode not in ("auto", "on", "off"):
-        raise ValueError(f"{TMA_SETTING} must be 'auto', 'on' or 'off', got {tma_mode!r}")
+    _check_tma_mode()
     reasons = []
     if tma_mode == "off":
         reasons.append(f"{TMA_SETTING}=off")
@@ -607,17 +632,25 @@ def tma_not_supported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
         reasons.append(f"Triton {triton.__version__} has no host tensor descriptors (3.4 and newer)")
     if tma_mode == "auto" and (q.device.type != "cuda" or _capability(q.device) < (9, 0)):
         reasons.append("TMA needs an sm_90 (Hopper) or newer GPU")
-    if q.dtype not in (torch.float16, torch.bfloat16):
+    if q.dtype not in _TMA_DTYPES:
         reasons.append(f"{q.dtype} runs the pointer kernel's FMA tiles (TMA serves the tensor-core tiles)")
     if q.shape[-1] > 128:
         reasons.append(f"head dim {q.shape[-1]} > 128 takes the pointer kernel's small tiles")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        # A size-1 dim's stride is never used (_descriptor replaces it); a 0 stride (an
-        # expanded dim) is not one TMA takes.
-        strides = [s for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1]
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s <= 0 or s * t.element_size() % 16 for s in strides):
+        if not _descriptor_layout(t):
             reasons.append(f"{name} is not a descriptor's layout (unit last stride, 16-byte aligned start and strides)")
     return reasons
+
+
+def _takes_tma(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """``not tma_not_supported_reasons(q, k, v)``, as the launcher asks it on every call:
+    without building the messages, the cheap tests first."""
+    _check_tma_mode()
+    if tma_mode == "off" or q.dtype not in _TMA_DTYPES or q.shape[3] > 128 or not _has_descriptors():
+        return False
+    if tma_mode == "auto" and (q.device.type != "cuda" or _capability(q.device) < (9, 0)):
+        return False
+    return _descriptor_layout(q) and _descriptor_layout(k) and _descriptor_layout(v)
 
 
 def _descriptor(t: Tensor, block_d: int) -> TensorDescriptor:
@@ -635,7 +668,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
     o = torch.empty((batch, heads, lq, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, lq), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    if not tma_not_supported_reasons(q, k, v):
+    if _takes_tma(q, k, v):
         block_d = _block_d(head_dim)
         _forward_tma_kernel[grid](
             *(_descriptor(t, block_d) for t in (q, k, v)),

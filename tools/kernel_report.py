@@ -153,6 +153,7 @@ FLOAT_ARGS = {
     "_channel_maps_kernel": {"eps"},
     "_layer_norm_forward_kernel": {"eps"},
     "_forward_kernel": {"qk_scale_log2"},
+    "_forward_tma_kernel": {"qk_scale_log2"},
     "_backward_dkdv_kernel": {"scale", "qk_scale_log2"},
     "_backward_dq_kernel": {"scale", "qk_scale_log2"},
 }
@@ -892,6 +893,14 @@ def main(argv: list[str] | None = None) -> int:
         help="torch/include of a CUDA build of torch: also check csrc/bindings.cpp against it",
     )
     args = parser.parse_args(argv)
+    if args.check and not args.triton_only and not _is_list_triton():
+        print(
+            f"KNOWN_BELOW_FLOOR (tools/occupancy.py) was made with Triton {KNOWN_BELOW_FLOOR_TRITON}, this is "
+            f"Triton {triton.__version__}: re-derive the list under it and set KNOWN_BELOW_FLOOR_TRITON "
+            "(or run a second Triton with --triton-only)",
+            file=sys.stderr,
+        )
+        return 1
     rows = run(args.arch, args.only)
     print(f"Triton {triton.__version__}, compiled ahead of time (no GPU needed)\n")
     print(format_table(rows))

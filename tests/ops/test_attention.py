@@ -174,13 +174,9 @@ def test_attention_backward_with_strided_views(backend, device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tma", ["auto", "off"])  # on Hopper fp16/bf16 take TMA loads unless off
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(4, 16, 4096, 4096, 128), (64, 4, 1024, 1024, 64), (2, 8, 1000, 77, 80)], ids=str)
-def test_attention_gpu_large_and_bf16(dtype, shape, tma, monkeypatch):
-    from fastguide.kernels import attention as kernels
-
-    monkeypatch.setattr(kernels, "tma_mode", tma)
+def test_attention_gpu_large_and_bf16(dtype, shape):
     q, k, v = (t.requires_grad_() for t in random_qkv(shape, dtype, "cuda", generator_seed=2))
     with fastguide.backend("triton"):
         out = ops.attention(q, k, v)
@@ -321,29 +317,64 @@ def test_tma_forward_ignores_the_stride_of_a_size_one_dim(tma_forward, device):
     assert_close(out, explicit_attention(q, q, q, 0.125), ATTENTION, torch.float16)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(4, 16, 4096, 4096, 128), (64, 4, 1024, 1024, 64), (3, 5, 77, 333, 40)], ids=str)
+def test_tma_and_pointer_forwards_agree_on_every_head_gpu(dtype, shape, monkeypatch):
+    # On real TMA hardware: the descriptor kernel (taken by "auto" on sm_90) against the
+    # pointer kernel over every batch and head, and both against float64 on the last head.
+    from fastguide.kernels import attention as kernels
+
+    q, k, v = random_qkv(shape, dtype, "cuda", generator_seed=7)
+    scale = 0.9 * shape[-1] ** -0.5
+    hopper = torch.cuda.get_device_capability() >= (9, 0) and kernels._has_descriptors()
+    monkeypatch.setattr(kernels, "tma_mode", "auto")
+    assert (kernels.tma_not_supported_reasons(q, k, v) == []) == hopper
+    monkeypatch.setattr(kernels, "tma_mode", "on")
+    by_descriptors, lse = kernels.attention_forward(q, k, v, scale)
+    monkeypatch.setattr(kernels, "tma_mode", "off")
+    by_pointers, lse_pointers = kernels.attention_forward(q, k, v, scale)
+    assert_close(by_descriptors, by_pointers, ATTENTION, dtype)
+    assert_close(lse, lse_pointers, ATTENTION, torch.float32)
+    expected = explicit_attention(q[-1:, -1:], k[-1:, -1:], v[-1:, -1:], scale)
+    for out in (by_descriptors, by_pointers):
+        assert_close(out[-1:, -1:], expected, ATTENTION, dtype)
+
+
 def test_tma_not_supported_reasons_name_each_cause(monkeypatch):
     from fastguide.kernels import attention as kernels
+
+    def reasons(q, k, v):
+        found = kernels.tma_not_supported_reasons(q, k, v)
+        assert kernels._takes_tma(q, k, v) == (not found)  # the launcher's own test agrees
+        return found
 
     monkeypatch.setattr(kernels, "_has_descriptors", lambda: True)
     monkeypatch.setattr(kernels, "tma_mode", "on")
     q = torch.randn(1, 2, 16, 64, dtype=torch.float16)
-    assert kernels.tma_not_supported_reasons(q, q, q) == []
-    assert any("float32" in r for r in kernels.tma_not_supported_reasons(q.float(), q.float(), q.float()))
+    assert reasons(q, q, q) == []
+    assert any("float32" in r for r in reasons(q.float(), q.float(), q.float()))
     wide = torch.randn(1, 2, 16, 192, dtype=torch.float16)
-    assert any("head dim 192" in r for r in kernels.tma_not_supported_reasons(wide, wide, wide))
+    assert any("head dim 192" in r for r in reasons(wide, wide, wide))
     transposed = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # unit stride on L, not D
-    assert any(r.startswith("k is not") for r in kernels.tma_not_supported_reasons(q, transposed, q))
+    assert any(r.startswith("k is not") for r in reasons(q, transposed, q))
     shifted = torch.randn(1, 2, 16 * 64 + 4, dtype=torch.float16)[..., 4:].view(1, 2, 16, 64)  # 8-byte start
-    assert any(r.startswith("v is not") for r in kernels.tma_not_supported_reasons(q, q, shifted))
+    assert any(r.startswith("v is not") for r in reasons(q, q, shifted))
     expanded = torch.randn(1, 1, 16, 64, dtype=torch.float16).expand(1, 2, 16, 64)  # a 0 head stride
-    assert any(r.startswith("k is not") for r in kernels.tma_not_supported_reasons(q, expanded, q))
+    assert any(r.startswith("k is not") for r in reasons(q, expanded, q))
+    odd_rows = torch.randn(1, 2, 16, 68, dtype=torch.float16)[..., :64]  # rows 136 bytes apart
+    assert any(r.startswith("q is not") for r in reasons(odd_rows, q, q))
+    monkeypatch.setattr(kernels, "_has_descriptors", lambda: False)
+    assert any("host tensor descriptors" in r for r in reasons(q, q, q))
+    monkeypatch.setattr(kernels, "_has_descriptors", lambda: True)
     monkeypatch.setattr(kernels, "tma_mode", "auto")
-    assert any("sm_90" in r for r in kernels.tma_not_supported_reasons(q, q, q))  # a CPU tensor
+    assert any("sm_90" in r for r in reasons(q, q, q))  # a CPU tensor
     monkeypatch.setattr(kernels, "tma_mode", "off")
-    assert kernels.tma_not_supported_reasons(q, q, q) == [f"{kernels.TMA_SETTING}=off"]
+    assert reasons(q, q, q) == [f"{kernels.TMA_SETTING}=off"]
     monkeypatch.setattr(kernels, "tma_mode", "yes")
-    with pytest.raises(ValueError, match="FASTGUIDE_ATTENTION_TMA must be 'auto', 'on' or 'off'"):
-        kernels.tma_not_supported_reasons(q, q, q)
+    for ask in (kernels.tma_not_supported_reasons, kernels._takes_tma):
+        with pytest.raises(ValueError, match="FASTGUIDE_ATTENTION_TMA must be 'auto', 'on' or 'off'"):
+            ask(q, q, q)
 
 
 def test_every_autotuned_kernel_prunes_with_its_own_arguments(monkeypatch):
