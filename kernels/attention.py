@@ -28,7 +28,8 @@ q, k, v, dO with arbitrary strides (views of a packed qkv projection are read in
 On Hopper (sm_90 and newer, Triton ≥ 3.4) the fp16/bf16 forward up to D = 128 reads q, k
 and v through tensor descriptors of their [B, H, L, D] views instead (TMA: a tile an
 instruction, zero-filled past L and D, so no load needs a mask), its key loop over whole
-blocks and the block that crosses Lk peeled off: ``_forward_tma_kernel``, chosen by
+blocks and the block that crosses Lk peeled off, o stored by TMA too:
+``_forward_tma_kernel``, chosen by
 ``tma_not_supported_reasons`` and the FASTGUIDE_ATTENTION_TMA setting.
 """
 
@@ -274,7 +275,8 @@ def _set_block_shapes(args: dict) -> None:
     the call's arguments through the autotuner object, where Triton keeps them for the
     length of a call: like every autotuned Triton kernel, this one is not to be launched
     from several Python threads at once."""
-    args["q_desc"].block_shape = [1, 1, args["BLOCK_M"], args["BLOCK_D"]]
+    for name in ("q_desc", "o_desc"):
+        args[name].block_shape = [1, 1, args["BLOCK_M"], args["BLOCK_D"]]
     for name in ("k_desc", "v_desc"):
         args[name].block_shape = [1, 1, args["BLOCK_N"], args["BLOCK_D"]]
 
@@ -301,12 +303,8 @@ def _forward_tma_kernel(
     q_desc,
     k_desc,
     v_desc,
-    o_ptr,
+    o_desc,
     lse_ptr,
-    so_b,
-    so_h,
-    so_l,
-    so_d,
     H,
     Lq,
     Lk,
@@ -326,7 +324,8 @@ def _forward_tma_kernel(
     tensor cores read, pipelined num_stages deep). The hardware fills rows past L and
     columns past D with zeros, so no load has a mask. The key loop runs over whole blocks
     with no −inf select; the one block that crosses Lk (Lk not a multiple of BLOCK_N) is
-    peeled off after it and takes the select."""
+    peeled off after it and takes the select. o goes back through its own descriptor (one
+    TMA store from shared memory; the hardware drops rows past Lq and columns past D)."""
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     row0 = tl.program_id(0) * BLOCK_M
@@ -343,25 +342,10 @@ def _forward_tma_kernel(
         k = k_desc.load([b, h, whole, 0]).reshape(BLOCK_N, BLOCK_D)
         v = v_desc.load([b, h, whole, 0]).reshape(BLOCK_N, BLOCK_D)
         m, l, acc = _softmax_update(q, k, v, Lk - whole, m, l, acc, qk_scale_log2, PRECISION, BLOCK_N, True)
-    _store_output(
-        o_ptr,
-        lse_ptr,
-        so_b,
-        so_h,
-        so_l,
-        so_d,
-        b.to(tl.int64),
-        h.to(tl.int64),
-        bh,
-        row0,
-        Lq,
-        D,
-        m,
-        l,
-        acc,
-        BLOCK_M,
-        BLOCK_D,
-    )
+    o = acc / l[:, None]
+    o_desc.store([b, h, row0, 0], o.to(o_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    rows = row0 + tl.arange(0, BLOCK_M)
+    tl.store(lse_ptr + bh.to(tl.int64) * Lq + rows, (m + tl.log2(l)) * 0.6931471805599453, mask=rows < Lq)
 
 
 @triton.jit
@@ -654,7 +638,8 @@ def _takes_tma(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 
 def _descriptor(t: Tensor, block_d: int) -> TensorDescriptor:
-    """A [B, H, L, D] descriptor of t; the autotuner's pre-hook sets the box per config.
+    """A [B, H, L, D] descriptor of t (q, k, v or o); the autotuner's pre-hook sets the box
+    per config.
     A size-1 dim gets a 16-byte stride (any aligned one will do: only index 0 is read)."""
     strides = [s if n > 1 else 16 // t.element_size() for s, n in zip(t.stride()[:-1], t.shape[:-1])]
     return TensorDescriptor(t, list(t.shape), [*strides, 1], [1, 1, 16, block_d])
@@ -671,10 +656,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
     if _takes_tma(q, k, v):
         block_d = _block_d(head_dim)
         _forward_tma_kernel[grid](
-            *(_descriptor(t, block_d) for t in (q, k, v)),
-            o,
+            *(_descriptor(t, block_d) for t in (q, k, v, o)),
             lse,
-            *o.stride(),
             heads,
             lq,
             lk,

@@ -657,7 +657,7 @@ def cases() -> list[Case]:
                 Case(
                     f"attention fwd tma D={head_dim} {dtype}",
                     at._forward_tma_kernel,
-                    {"o_ptr": dtype, "lse_ptr": "fp32"},
+                    {"lse_ptr": "fp32"},
                     dict(PRECISION="ieee", BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, **unit_strides),
                     4 if head_dim == 64 else 8,
                     tensor_cores=True,
@@ -667,6 +667,7 @@ def cases() -> list[Case]:
                         "q_desc": (dtype, (1, 1, block_m, head_dim)),
                         "k_desc": (dtype, (1, 1, block_n, head_dim)),
                         "v_desc": (dtype, (1, 1, block_n, head_dim)),
+                        "o_desc": (dtype, (1, 1, block_m, head_dim)),
                     },
                 )
             )

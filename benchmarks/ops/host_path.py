@@ -79,7 +79,7 @@ def cases(device: torch.device) -> dict[str, tuple[str, Callable[[], object]]]:
             lambda: ops.group_norm(image, 4, weight, bias, scale=scale, shift=shift, activation="silu"),
         ),
         "attention": ("attention", lambda: ops.attention(q, q, q)),
-        # fp16 takes the TMA forward on sm_90 (three tensor descriptors built a call)
+        # fp16 takes the TMA forward on sm_90 (four tensor descriptors built a call)
         "attention, fp16": ("attention", lambda: ops.attention(q16, q16, q16)),
     }
 
