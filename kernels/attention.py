@@ -653,47 +653,25 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
     o = torch.empty((batch, heads, lq, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, lq), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    block_d = _block_d(head_dim)
+    sizes = (heads, lq, lk, head_dim, scale * LOG2E, _bucket(lq), _bucket(lk), _alignment(lq), _alignment(lk))
     if _takes_tma(q, k, v):
-        block_d = _block_d(head_dim)
-        _forward_tma_kernel[grid](
-            *(_descriptor(t, block_d) for t in (q, k, v, o)),
+        descriptors = (_descriptor(t, block_d) for t in (q, k, v, o))
+        _forward_tma_kernel[grid](*descriptors, lse, *sizes, PRECISION=_precision(q.dtype), BLOCK_D=block_d)
+    else:
+        strides = (*q.stride(), *k.stride(), *v.stride(), *o.stride())
+        _forward_kernel[grid](
+            q,
+            k,
+            v,
+            o,
             lse,
-            heads,
-            lq,
-            lk,
-            head_dim,
-            scale * LOG2E,
-            _bucket(lq),
-            _bucket(lk),
-            _alignment(lq),
-            _alignment(lk),
+            *strides,
+            *sizes,
             PRECISION=_precision(q.dtype),
+            EVEN_D=head_dim == block_d,
             BLOCK_D=block_d,
         )
-        return o, lse
-    _forward_kernel[grid](
-        q,
-        k,
-        v,
-        o,
-        lse,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *o.stride(),
-        heads,
-        lq,
-        lk,
-        head_dim,
-        scale * LOG2E,
-        _bucket(lq),
-        _bucket(lk),
-        _alignment(lq),
-        _alignment(lk),
-        PRECISION=_precision(q.dtype),
-        EVEN_D=head_dim == _block_d(head_dim),
-        BLOCK_D=_block_d(head_dim),
-    )
     return o, lse
 
 
