@@ -8,6 +8,10 @@ whose programs each take whole groups one at a time, read a group once for its s
 and again, from L2, to normalise it: HBM sees x once (2·E·s_x). A persistent grid of a
 few programs an SM bounds the groups in flight, so that a group is still in L2 when its
 program reads it the second time.
+channels_last where 2·lag samples fit L2 (`rows_fused_config`): one launch too,
+`_rows_group_kernel`, whose programs take the statistics and normalising tiles of the
+three-launch path below by ticket, a sample's normalising after all its statistics; HBM
+sees x once there as well.
 Otherwise two launches (channels_last: three), each program owning one chunk of the data,
 so that batch 1–2 still fills the GPU (`launch_config` sizes the chunks):
   1. statistics: shifted sums Σ(x − K), Σ(x − K)² of a piece of each group, K = the
@@ -106,6 +110,12 @@ FUSED_STATS_UNROLL = 8
 FUSED_APPLY_UNROLL = 2
 FUSED_PROGRAMS_PER_SM = 2
 FUSED_L2_BYTES = 24 * 2**20
+# channels_last in one pass (_rows_group_kernel): a program per tile of the statistics
+# and normalising passes, taken by ticket; ROWS_FUSED_PROGRAMS_PER_SM of them resident an
+# SM (7 at ROWS_FUSED_MAX_REGISTERS, its register cap: each branch alone needs 63 and 72,
+# but ptxas gives the two together 96, 5 programs an SM; at 64 it spills).
+ROWS_FUSED_PROGRAMS_PER_SM = 7
+ROWS_FUSED_MAX_REGISTERS = 72
 
 
 @triton.jit
@@ -234,9 +244,12 @@ def _pairwise_slab_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.
 
 
 @triton.jit
-def _stats_rows_kernel(
+def _rows_stats_task(
     x_ptr,
     partial_ptr,
+    n,
+    block,
+    chunk,
     C,
     S,
     G,
@@ -249,19 +262,15 @@ def _stats_rows_kernel(
     BLOCK_S: tl.constexpr,
     UNROLL: tl.constexpr,
 ):
-    """channels_last: a program reads BLOCK_C consecutive channels (whole rows, not one
-    group's few channels) of one sample over one spatial chunk, UNROLL × BLOCK_S positions
-    a step, whatever groups the channels belong to, and writes each group's share of its
-    sums as one of that group's PARTS."""
-    blocks = tl.cdiv(C, BLOCK_C)
-    n = tl.program_id(0) // blocks
-    block = tl.program_id(0) % blocks
-    chunk = tl.program_id(1)
+    """channels_last statistics of one tile: channels [block·BLOCK_C, (block + 1)·BLOCK_C)
+    (whole rows, not one group's few channels) of sample n over spatial chunk `chunk`,
+    UNROLL × BLOCK_S positions a step, whatever groups the channels belong to; writes each
+    group's share of its sums as one of that group's PARTS."""
     c0 = block * BLOCK_C
     channel = c0 + tl.arange(0, BLOCK_C)
     c_mask = channel < C
     group_of_c = channel // Cg
-    sample = x_ptr + n.to(tl.int64) * C * S
+    sample = x_ptr + tl.cast(n, tl.int64) * C * S
     # Each channel is shifted by its group's K, x[n, s = 0, first channel of the group].
     shift = tl.load(sample + group_of_c * Cg, mask=c_mask, other=0.0).to(tl.float32)
     s_begin = chunk * s_per_chunk
@@ -288,6 +297,45 @@ def _stats_rows_kernel(
     out = partial_ptr + (((n * G + g) * PARTS + part) * SPLIT_POW2 + chunk) * 2
     tl.store(out, group_sum1, mask=valid)
     tl.store(out + 1, group_sum2, mask=valid)
+
+
+@triton.jit
+def _stats_rows_kernel(
+    x_ptr,
+    partial_ptr,
+    C,
+    S,
+    G,
+    Cg,
+    s_per_chunk,
+    SPLIT_POW2: tl.constexpr,
+    PARTS: tl.constexpr,
+    GROUP_SLOTS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """channels_last: a program per tile of _rows_stats_task (channel block, sample) ×
+    spatial chunk."""
+    blocks = tl.cdiv(C, BLOCK_C)
+    _rows_stats_task(
+        x_ptr,
+        partial_ptr,
+        tl.program_id(0) // blocks,
+        tl.program_id(0) % blocks,
+        tl.program_id(1),
+        C,
+        S,
+        G,
+        Cg,
+        s_per_chunk,
+        SPLIT_POW2,
+        PARTS,
+        GROUP_SLOTS,
+        BLOCK_C,
+        BLOCK_S,
+        UNROLL,
+    )
 
 
 @triton.jit
@@ -735,6 +783,44 @@ def _channel_maps_kernel(
 
 
 @triton.jit
+def _rows_apply_task(
+    x_ptr,
+    y_ptr,
+    gain,
+    offset,
+    n,
+    c0,
+    C,
+    S,
+    s_begin,
+    s_len,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """channels_last: y = act(x·gain[c] + offset[c]) over channels [c0, c0 + BLOCK_C) of
+    sample n (whole rows, whatever groups they belong to), positions [s_begin, s_begin +
+    s_len), UNROLL × BLOCK_S positions a step."""
+    c_mask = tl.arange(0, BLOCK_C) < C - c0
+    STEP: tl.constexpr = BLOCK_S * UNROLL
+    ss = tl.arange(0, STEP)
+    tile = _step_offsets(1, C, BLOCK_C, STEP)
+    start = _program_start(n, C, S, c0, 0, s_begin, 1, C)
+    for s_off in range(0, s_len, STEP):
+        here = start + tl.cast(s_off, tl.int64) * C  # the step's first element
+        mask = c_mask[:, None] & (ss < s_len - s_off)[None, :]
+        x = tl.load(x_ptr + here + tile, mask=mask, other=0.0)
+        # As in _apply_kernel: the branch keeps the step's loads ahead of its arithmetic.
+        if s_len - s_off >= STEP:
+            y = _normalize(x, gain, offset, SILU)
+            tl.store(y_ptr + here + tile, y.to(y_ptr.dtype.element_ty), mask=c_mask[:, None])
+        else:
+            y = _normalize(tl.where(mask, x, 0.0), gain, offset, SILU)
+            tl.store(y_ptr + here + tile, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _apply_rows_kernel(
     x_ptr,
     y_ptr,
@@ -750,35 +836,289 @@ def _apply_rows_kernel(
 ):
     """channels_last: y = act(x·gain[n, c] + offset[n, c]) over whole rows of BLOCK_C
     consecutive channels (whatever groups they belong to) of one sample, over one spatial
-    chunk, UNROLL × BLOCK_S positions a step. Rows, not a group's few channels, so that a
-    thread's loads are 16-byte vectors whatever the group size (SD's groups of 10, 20 or
-    40 channels are 20-80 bytes)."""
+    chunk (_rows_apply_task). Rows, not a group's few channels, so that a thread's loads
+    are 16-byte vectors whatever the group size (SD's groups of 10, 20 or 40 channels are
+    20-80 bytes)."""
     blocks = tl.cdiv(C, BLOCK_C)
     n = tl.program_id(0) // blocks
     c0 = (tl.program_id(0) % blocks) * BLOCK_C
-    cc = tl.arange(0, BLOCK_C)
-    c_mask = cc < C - c0
-    gain = tl.load(gain_ptr + n * C + c0 + cc, mask=c_mask, other=0.0)
-    offset = tl.load(offset_ptr + n * C + c0 + cc, mask=c_mask, other=0.0)
-    STEP: tl.constexpr = BLOCK_S * UNROLL
+    c_mask = tl.arange(0, BLOCK_C) < C - c0
+    gain = tl.load(gain_ptr + n * C + c0 + tl.arange(0, BLOCK_C), mask=c_mask, other=0.0)
+    offset = tl.load(offset_ptr + n * C + c0 + tl.arange(0, BLOCK_C), mask=c_mask, other=0.0)
     s_begin = tl.program_id(1) * s_per_chunk
     s_len = tl.minimum(s_per_chunk, S - s_begin)
-    ss = tl.arange(0, STEP)
-    tile = _step_offsets(1, C, BLOCK_C, STEP)
-    start = _program_start(n, C, S, c0, 0, s_begin, 1, C)
-    xs = x_ptr + start
-    ys = y_ptr + start
-    for s_off in range(0, s_len, STEP):
-        step_start = tl.cast(s_off, tl.int64) * C
-        mask = c_mask[:, None] & (ss < s_len - s_off)[None, :]
-        x = tl.load(xs + step_start + tile, mask=mask, other=0.0)
-        # As in _apply_kernel: the branch keeps the step's loads ahead of its arithmetic.
-        if s_len - s_off >= STEP:
-            y = _normalize(x, gain, offset, SILU)
-            tl.store(ys + step_start + tile, y.to(y_ptr.dtype.element_ty), mask=c_mask[:, None])
-        else:
-            y = _normalize(tl.where(mask, x, 0.0), gain, offset, SILU)
-            tl.store(ys + step_start + tile, y.to(y_ptr.dtype.element_ty), mask=mask)
+    _rows_apply_task(x_ptr, y_ptr, gain, offset, n, c0, C, S, s_begin, s_len, SILU, BLOCK_C, BLOCK_S, UNROLL)
+
+
+@triton.jit
+def _ticket_task(ticket, N, tasks, lag):
+    """(is a statistics task, sample n, task index in [0, tasks)) of a ticket of
+    _rows_group_kernel. A sample has `tasks` statistics tasks and as many normalising
+    ones; the tickets run the statistics of samples 0 .. lag − 1, then slot by slot the
+    statistics of sample k and the normalising of sample k − lag (k = lag .. N − 1), then
+    the normalising of the last `lag` samples. So every statistics task of a sample comes
+    before its normalising tasks, 2·lag·tasks tickets apart."""
+    head = lag * tasks
+    middle = (N - lag) * 2 * tasks
+    u = ticket - head  # in the slots (past the head)
+    slot = lag + u // (2 * tasks)
+    r = u % (2 * tasks)
+    v = u - middle  # in the tail
+    in_head = ticket < head
+    in_middle = (u >= 0) & (u < middle)
+    stats_half = r < tasks
+    is_stats = in_head | (in_middle & stats_half)
+    n = tl.where(
+        in_head, ticket // tasks, tl.where(in_middle, tl.where(stats_half, slot, slot - lag), N - lag + v // tasks)
+    )
+    task = tl.where(in_head, ticket % tasks, tl.where(in_middle, tl.where(stats_half, r, r - tasks), v % tasks))
+    return is_stats, n, task
+
+
+@triton.jit
+def _sample_mean_rstd(
+    x_ptr,
+    partial_ptr,
+    mean_ptr,
+    rstd_ptr,
+    n,
+    C,
+    S,
+    G,
+    Cg,
+    split,
+    eps,
+    SPLIT_POW2: tl.constexpr,
+    PARTS: tl.constexpr,
+    GROUP_BLOCK: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Merge the partial sums of every group of sample n (its `split` chunks × the PARTS
+    of its channels that different BLOCK_C-channel tiles read), in a fixed order, into its
+    mean and rstd, and store them: GROUP_BLOCK groups at a time. The loads bypass L1 (.cg):
+    other programs wrote the partials during this launch."""
+    parts = tl.arange(0, PARTS)[None, :, None]
+    chunks = tl.arange(0, SPLIT_POW2)[None, None, :]
+    for g0 in range(0, G, GROUP_BLOCK):
+        g = g0 + tl.arange(0, GROUP_BLOCK)
+        g_mask = g < G
+        first_c = g * Cg
+        group_parts = (first_c + Cg - 1) // BLOCK_C - first_c // BLOCK_C + 1
+        valid = g_mask[:, None, None] & (parts < group_parts[:, None, None]) & (chunks < split)
+        rows = partial_ptr + (((n * G + g)[:, None, None] * PARTS + parts) * SPLIT_POW2 + chunks) * 2
+        s1 = tl.sum(tl.sum(tl.load(rows, mask=valid, other=0.0, cache_modifier=".cg"), axis=2), axis=1)
+        s2 = tl.sum(tl.sum(tl.load(rows + 1, mask=valid, other=0.0, cache_modifier=".cg"), axis=2), axis=1)
+        shift = tl.load(x_ptr + tl.cast(n, tl.int64) * C * S + first_c, mask=g_mask, other=0.0).to(tl.float32)
+        mean, rstd = _mean_rstd(s1, s2, shift, Cg * S, eps)
+        tl.store(mean_ptr + n * G + g, mean, mask=g_mask)
+        tl.store(rstd_ptr + n * G + g, rstd, mask=g_mask)
+
+
+@triton.jit
+def _sample_channel_maps(
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    mean_ptr,
+    rstd_ptr,
+    maps_ptr,
+    n,
+    N,
+    C,
+    G,
+    Cg,
+    scale_stride_n,
+    scale_stride_c,
+    shift_stride_n,
+    shift_stride_c,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    MAP_BLOCK: tl.constexpr,
+):
+    """Every channel's map of sample n, z = x·gain + offset (as _channel_maps_kernel's),
+    into maps_ptr[0, n] (gain) and maps_ptr[1, n] (offset), MAP_BLOCK channels at a time,
+    from the mean and rstd this program has just stored (read past L1: .cg)."""
+    for c_start in range(0, C, MAP_BLOCK):
+        channel = c_start + tl.arange(0, MAP_BLOCK)
+        c_mask = channel < C
+        group = n * G + channel // Cg
+        mean = tl.load(mean_ptr + group, mask=c_mask, other=0.0, cache_modifier=".cg")
+        rstd = tl.load(rstd_ptr + group, mask=c_mask, other=0.0, cache_modifier=".cg")
+        w, b, one_plus_scale, shift = _channel_params(
+            w_ptr,
+            b_ptr,
+            scale_ptr,
+            shift_ptr,
+            n,
+            channel,
+            c_mask,
+            scale_stride_n,
+            scale_stride_c,
+            shift_stride_n,
+            shift_stride_c,
+            HAS_W,
+            HAS_B,
+            HAS_SCALE,
+            HAS_SHIFT,
+            MAP_BLOCK,
+        )
+        gain = w * one_plus_scale * rstd
+        tl.store(maps_ptr + n * C + channel, gain, mask=c_mask)
+        tl.store(maps_ptr + (N + n) * C + channel, b * one_plus_scale + shift - mean * gain, mask=c_mask)
+
+
+@triton.jit
+def _rows_group_kernel(
+    x_ptr,
+    y_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    partial_ptr,
+    mean_ptr,
+    rstd_ptr,
+    maps_ptr,
+    counter_ptr,
+    N,
+    C,
+    S,
+    G,
+    Cg,
+    s_per_chunk,
+    split,
+    lag,
+    eps,
+    scale_stride_n,
+    scale_stride_c,
+    shift_stride_n,
+    shift_stride_c,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    SPLIT_POW2: tl.constexpr,
+    PARTS: tl.constexpr,
+    GROUP_SLOTS: tl.constexpr,
+    GROUP_BLOCK: tl.constexpr,
+    MAP_BLOCK: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    STATS_UNROLL: tl.constexpr,
+    APPLY_UNROLL: tl.constexpr,
+):
+    """channels_last in one pass over HBM. A sample's rows hold every group's channels, so
+    no program can own a group; its tiles (BLOCK_C channels × a spatial chunk) are shared
+    out instead, each twice: a statistics task (_rows_stats_task), then, once every
+    statistics task of the sample is done, a normalising task (_rows_apply_task) that reads
+    the tile again, from L2.
+
+    The programs draw tickets (counter_ptr[N]) in the order of _ticket_task, so a sample's
+    normalising waits only for statistics tasks drawn before it by running programs, which
+    wait for nothing: no deadlock, however many programs are resident. counter_ptr[n]
+    counts sample n's finished statistics tasks (release: a task's partials are visible to
+    whoever sees its count); the last one merges the sample's mean and rstd and adds one
+    more; its normalising tasks wait (acquire) for tasks + 1."""
+    blocks = tl.cdiv(C, BLOCK_C)
+    tasks = blocks * split
+    # The launch order of programs is not their ticket order: a ticket is drawn at the start.
+    ticket = tl.atomic_add(counter_ptr + N, 1)
+    is_stats, n, task = _ticket_task(ticket, N, tasks, lag)
+    block = task % blocks
+    chunk = task // blocks
+    if is_stats:
+        _rows_stats_task(
+            x_ptr,
+            partial_ptr,
+            n,
+            block,
+            chunk,
+            C,
+            S,
+            G,
+            Cg,
+            s_per_chunk,
+            SPLIT_POW2,
+            PARTS,
+            GROUP_SLOTS,
+            BLOCK_C,
+            BLOCK_S,
+            STATS_UNROLL,
+        )
+        tl.debug_barrier()  # every thread's partials stored before the release
+        if tl.atomic_add(counter_ptr + n, 1, sem="acq_rel") == tasks - 1:
+            _sample_mean_rstd(
+                x_ptr,
+                partial_ptr,
+                mean_ptr,
+                rstd_ptr,
+                n,
+                C,
+                S,
+                G,
+                Cg,
+                split,
+                eps,
+                SPLIT_POW2,
+                PARTS,
+                GROUP_BLOCK,
+                BLOCK_C,
+            )
+            tl.debug_barrier()  # the mean and rstd stored before the maps read them
+            _sample_channel_maps(
+                w_ptr,
+                b_ptr,
+                scale_ptr,
+                shift_ptr,
+                mean_ptr,
+                rstd_ptr,
+                maps_ptr,
+                n,
+                N,
+                C,
+                G,
+                Cg,
+                scale_stride_n,
+                scale_stride_c,
+                shift_stride_n,
+                shift_stride_c,
+                HAS_W,
+                HAS_B,
+                HAS_SCALE,
+                HAS_SHIFT,
+                MAP_BLOCK,
+            )
+            tl.debug_barrier()  # every thread's maps stored before the release
+            tl.atomic_add(counter_ptr + n, 1, sem="release")
+    else:
+        while tl.atomic_add(counter_ptr + n, 0, sem="acquire") <= tasks:
+            pass
+        s_begin = chunk * s_per_chunk
+        c0 = block * BLOCK_C
+        channel = c0 + tl.arange(0, BLOCK_C)
+        c_mask = channel < C
+        gain = tl.load(maps_ptr + n * C + channel, mask=c_mask, other=0.0, cache_modifier=".cg")
+        offset = tl.load(maps_ptr + (N + n) * C + channel, mask=c_mask, other=0.0, cache_modifier=".cg")
+        _rows_apply_task(
+            x_ptr,
+            y_ptr,
+            gain,
+            offset,
+            n,
+            c0,
+            C,
+            S,
+            s_begin,
+            tl.minimum(s_per_chunk, S - s_begin),
+            SILU,
+            BLOCK_C,
+            BLOCK_S,
+            APPLY_UNROLL,
+        )
 
 
 @triton.jit
@@ -1232,6 +1572,51 @@ def fused_config(
     )
 
 
+def rows_fused_config(
+    batch: int, channels: int, groups: int, spatial: int, multiprocessors: int, element_size: int, l2_budget: int
+) -> dict | None:
+    """The channels_last one-pass launch (_rows_group_kernel), or None where a sample is
+    too large for it: between the statistics read and the normalising read of a tile,
+    the programs read the next `lag` samples' statistics and write `lag` samples' y, and
+    2·lag samples must fit in l2_budget bytes (lag ≥ 1).
+
+    Tiles as _rows_config's (whole rows of up to ROW_CHANNELS channels); a sample's rows
+    are cut into chunks of whole steps so that the 2·lag·tasks tickets between a sample's
+    statistics and its normalising keep every program busy, which is when its
+    statistics are done before its normalising starts."""
+    lag = min(batch, l2_budget // max(2 * channels * spatial * element_size, 1))
+    if lag < 1:
+        return None
+    programs = ROWS_FUSED_PROGRAMS_PER_SM * multiprocessors
+    row_c = min(ROW_CHANNELS, triton.next_power_of_2(channels))
+    row_s = max(1, SLAB // row_c)
+    blocks = triton.cdiv(channels, row_c)
+    step = row_s * max(STATS_UNROLL, APPLY_UNROLL)
+    chunk = _chunk(spatial, step, triton.cdiv(programs, 2 * lag * blocks))
+    split = triton.cdiv(spatial, chunk)
+    cg = channels // groups
+    split_pow2 = triton.next_power_of_2(split)
+    parts = triton.next_power_of_2(min(blocks, (cg + row_c - 2) // row_c + 1))
+    return dict(
+        grid=(2 * batch * blocks * split,),  # a program per ticket
+        lag=lag,
+        chunk=chunk,
+        split=split,
+        meta=dict(
+            SPLIT_POW2=split_pow2,
+            PARTS=parts,
+            GROUP_SLOTS=triton.next_power_of_2(min(groups, (row_c + cg - 2) // cg + 1)),
+            # a merge step's [groups, parts, chunks] tile at most SLAB partials
+            GROUP_BLOCK=max(1, min(triton.next_power_of_2(groups), SLAB // 2 // (parts * split_pow2))),
+            MAP_BLOCK=min(triton.next_power_of_2(channels), SLAB),
+            BLOCK_C=row_c,
+            BLOCK_S=row_s,
+            STATS_UNROLL=STATS_UNROLL,
+            APPLY_UNROLL=APPLY_UNROLL,
+        ),
+    )
+
+
 def _nchw_config(batch: int, channels: int, groups: int, spatial: int, wanted: int) -> dict:
     """NCHW: the statistics read each group as a flat array in chunks; apply and backward
     programs own a spatial chunk of a group's channel rows (split among programs too, if
@@ -1368,9 +1753,14 @@ def group_norm_forward(
     y = torch.empty_like(x)
     mean = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    fused = None
+    fused = rows = None
     if stride_c != 1:  # NCHW: in one pass where it fits
         fused = fused_config(n, c, num_groups, spatial, multiprocessors, x.element_size(), _l2_budget(x.device))
+    else:  # channels_last: likewise
+        rows = rows_fused_config(n, c, num_groups, spatial, multiprocessors, x.element_size(), _l2_budget(x.device))
+    if rows is not None:
+        _rows_in_one_pass(x, y, params, mean, rstd, rows, num_groups, eps, activation)
+        return y, mean, rstd
     if fused is not None:
         _group_kernel[fused["grid"]](
             x,
@@ -1446,6 +1836,59 @@ def group_norm_forward(
             num_warps=NUM_WARPS,
         )
     return y, mean, rstd
+
+
+def _rows_in_one_pass(
+    x: Tensor,
+    y: Tensor,
+    params: NormParameters,
+    mean: Tensor,
+    rstd: Tensor,
+    cfg: dict,
+    num_groups: int,
+    eps: float,
+    activation: str | None,
+) -> None:
+    """channels_last's forward as one launch of _rows_group_kernel (rows_fused_config)."""
+    weight, bias, scale, shift = params
+    n, c = x.shape[0], x.shape[1]
+    meta = cfg["meta"]
+    partials = torch.empty((n * num_groups, meta["PARTS"], meta["SPLIT_POW2"], 2), dtype=torch.float32, device=x.device)
+    maps = torch.empty((2, n, c), dtype=torch.float32, device=x.device)  # gain, offset
+    # finished statistics tasks of each sample, then the ticket counter
+    counters = torch.zeros(n + 1, dtype=torch.int32, device=x.device)
+    _rows_group_kernel[cfg["grid"]](
+        x,
+        y,
+        weight,
+        bias,
+        scale,
+        shift,
+        partials,
+        mean,
+        rstd,
+        maps,
+        counters,
+        n,
+        c,
+        math.prod(x.shape[2:]),
+        num_groups,
+        c // num_groups,
+        cfg["chunk"],
+        cfg["split"],
+        cfg["lag"],
+        eps,
+        *_strides(scale),
+        *_strides(shift),
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
+        SILU=activation == "silu",
+        **meta,
+        num_warps=NUM_WARPS,
+        maxnreg=ROWS_FUSED_MAX_REGISTERS,
+    )
 
 
 def _apply_rows(

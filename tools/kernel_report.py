@@ -75,7 +75,7 @@ from tools.occupancy import (  # noqa: E402
     loads_issued_together,
 )
 
-TORCH_TO_TRITON = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+TORCH_TO_TRITON = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "i32": "*i32"}
 
 
 @dataclass
@@ -92,6 +92,7 @@ class Case:
     num_stages: int = 3
     memory_bound: bool = True  # held to the in-flight floor (attention, compute-bound, is not)
     programs_per_sm: int | None = None  # a persistent grid's programs per SM (caps resident blocks)
+    maxnreg: int | None = None  # the launch's register cap, where it sets one
     # tensor-descriptor arg -> (element type, box); on sm_90 held to the rule that it loads by TMA
     descriptors: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
 
@@ -124,6 +125,8 @@ def compile_cubin(case: Case, arch: int) -> tuple[bytes, int]:
     constexprs.update({n: None for n, t in signature.items() if t == "constexpr" and n not in constexprs})
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": case.num_warps, "num_stages": case.num_stages}
+    if case.maxnreg is not None:
+        options["maxnreg"] = case.maxnreg
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     return compiled.asm["cubin"], compiled.metadata.shared
 
@@ -150,6 +153,7 @@ FLOAT_ARGS = {
     },
     "_apply_kernel": {"eps"},
     "_group_kernel": {"eps"},
+    "_rows_group_kernel": {"eps"},
     "_channel_maps_kernel": {"eps"},
     "_layer_norm_forward_kernel": {"eps"},
     "_forward_kernel": {"qk_scale_log2"},
@@ -519,7 +523,26 @@ def cases() -> list[Case]:
     # NCHW in one pass: what the launcher picks at issue 22's large shape (64×256×64×64 in
     # 32 groups), where a group's second read comes from L2.
     fused = gn.fused_config(64, 256, 32, 64 * 64, multiprocessors=132, element_size=2, l2_budget=gn.FUSED_L2_BYTES)
+    # channels_last in one pass, at the same shape.
+    rows = gn.rows_fused_config(64, 256, 32, 64 * 64, multiprocessors=132, element_size=2, l2_budget=gn.FUSED_L2_BYTES)
     out += [
+        Case(
+            "group_norm one-pass+silu nhwc fp16",
+            gn._rows_group_kernel,
+            {
+                "x_ptr": "fp16",
+                "y_ptr": "fp16",
+                "partial_ptr": "fp32",
+                "mean_ptr": "fp32",
+                "rstd_ptr": "fp32",
+                "maps_ptr": "fp32",
+                "counter_ptr": "i32",
+                **params,
+            },
+            {**rows["meta"], **flags},
+            gn.NUM_WARPS,
+            maxnreg=gn.ROWS_FUSED_MAX_REGISTERS,
+        ),
         Case(
             "group_norm one-pass+silu nchw fp16",
             gn._group_kernel,

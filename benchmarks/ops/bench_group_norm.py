@@ -2,11 +2,12 @@
 and torch.compile of that eager code, on the same tensors.
 
 Floor: read x once and write y once: 2·E elements (E = N·C·H·W). The forward reads x
-twice (statistics, then normalise); only where the second read hits L2 (the Triton NCHW
-one-pass kernel, or an x smaller than L2) can it pass 2/3 of copy speed.
-`test_group_norm_one_pass_gpu` times the Triton NCHW forward at the large shape with its
-one-pass kernel and forced onto the two launches, on the same tensors: whether the second
-read of the one-pass kernel hits L2 shows as the difference.
+twice (statistics, then normalise); only where the second read hits L2 (the Triton
+one-pass kernels, or an x smaller than L2) can it pass 2/3 of copy speed.
+`test_group_norm_one_pass_gpu` times the Triton forward at the large shape with its
+one-pass kernel and forced onto the two launches (channels_last: three), on the same
+tensors, in both layouts: whether the one-pass kernels' second read hits L2 shows as the
+difference.
 """
 
 import importlib
@@ -72,8 +73,10 @@ def test_group_norm_gpu(record, impl, dtype, shape, channels_last):
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["one-pass", "two-pass"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_group_norm_one_pass_gpu(record, path, dtype, monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_one_pass_gpu(record, path, dtype, channels_last, monkeypatch):
     kernels = importlib.import_module("fastguide.kernels.group_norm")
     if path == "two-pass":
-        monkeypatch.setattr(kernels, "_l2_budget", lambda device: 0)  # no room: the two launches
-    _run(record, "fastguide-triton", (64, 256, 64, 64), dtype)
+        # no room in L2: NCHW's two launches, channels_last's three
+        monkeypatch.setattr(kernels, "_l2_budget", lambda device: 0)
+    _run(record, "fastguide-triton", (64, 256, 64, 64), dtype, channels_last)

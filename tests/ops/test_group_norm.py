@@ -5,9 +5,12 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fastguide
 from fastguide import ops
+from fastguide.kernels.group_norm import _ticket_task
 from fastguide.ops.contract import NormParameters
 from tests.helpers import (
     GROUP_NORM,
@@ -324,3 +327,100 @@ def test_triton_nchw_forward_in_one_pass_and_in_two(one_pass, dtype, shape, monk
     torch.testing.assert_close(mean.double(), grouped.mean(-1), atol=1e-5, rtol=1e-5)
     want_rstd = (grouped.var(-1, unbiased=False) + 1e-5).rsqrt()
     torch.testing.assert_close(rstd.double(), want_rstd, atol=0, rtol=1e-5)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend (a GPU, or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("one_pass", [False, True], ids=["three-launch", "one-pass"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    # SD's 320 channels in 32 groups of 10 (groups straddle the 64-channel tiles); one
+    # group of 3 channels; 160 channels of 3 positions (groups of 5, 3 tiles, one partial);
+    # a 70×70 image split into chunks (the last one partial); 4 groups of 24 channels (a
+    # tile of 64 holds 2 and part of a third) over 33×35
+    "shape",
+    [(2, 320, 32, (16, 16)), (3, 3, 1, (9, 8)), (5, 160, 32, (1, 3)), (1, 4, 2, (70, 70)), (3, 96, 4, (33, 35))],
+    ids=str,
+)
+def test_triton_channels_last_forward_in_one_pass_and_in_three(one_pass, dtype, shape, monkeypatch, device):
+    # The launcher picks the one-pass kernel (_rows_group_kernel) where 2·lag samples fit
+    # its L2 budget, the three launches otherwise: each path, forced, on the same inputs.
+    kernels = importlib.import_module("fastguide.kernels.group_norm")
+    monkeypatch.setattr(kernels, "_multiprocessors", lambda device: 2)
+    budget = 2**40 if one_pass else 0
+    monkeypatch.setattr(kernels, "_l2_budget", lambda device: budget)
+    n, c, groups, spatial = shape
+    taken = kernels.rows_fused_config(n, c, groups, math.prod(spatial), 2, dtype.itemsize, budget)
+    assert (taken is not None) == one_pass
+    x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, device, seed=13)
+    x = x.to(memory_format=torch.channels_last)
+    params = NormParameters(weight, bias, scale, shift)
+    y, mean, rstd = kernels.group_norm_forward(x, params, groups, 1e-5, "silu")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, explicit_group_norm(x, groups, weight, bias, scale, shift, "silu"), GROUP_NORM, dtype)
+    grouped = x.double().permute(0, 2, 3, 1).reshape(n, -1, groups, c // groups).transpose(1, 2).reshape(n, groups, -1)
+    torch.testing.assert_close(mean.double(), grouped.mean(-1), atol=1e-5, rtol=1e-5)
+    want_rstd = (grouped.var(-1, unbiased=False) + 1e-5).rsqrt()
+    torch.testing.assert_close(rstd.double(), want_rstd, atol=0, rtol=1e-5)
+
+
+@triton.jit
+def _tickets_kernel(out_ptr, N, tasks, lag):
+    """(is statistics, sample, task) of ticket t at out[t]."""
+    t = tl.program_id(0)
+    is_stats, n, task = _ticket_task(t, N, tasks, lag)
+    tl.store(out_ptr + 3 * t, is_stats.to(tl.int32))
+    tl.store(out_ptr + 3 * t + 1, n)
+    tl.store(out_ptr + 3 * t + 2, task)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend (a GPU, or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("batch, tasks, lag", [(1, 5, 1), (4, 3, 1), (4, 3, 4), (7, 2, 3), (9, 16, 2)])
+def test_one_pass_tickets_put_every_sample_statistics_before_its_normalising(batch, tasks, lag, device):
+    # _ticket_task's order is what keeps _rows_group_kernel from deadlocking: a program
+    # that waits for a sample's statistics holds a later ticket than all of them. Each
+    # (pass, sample, task) once; a sample's statistics all before its normalising; and
+    # from a sample's first statistics ticket to its last normalising one, at most lag + 1
+    # samples' statistics and lag + 1 samples' normalising (what the L2 budget counts).
+    total = 2 * batch * tasks
+    out = torch.full((total, 3), -1, dtype=torch.int32, device=device)
+    _tickets_kernel[(total,)](out, batch, tasks, lag)
+    rows = [tuple(r) for r in out.tolist()]
+    assert sorted(rows) == sorted((s, n, k) for s in (0, 1) for n in range(batch) for k in range(tasks))
+    for n in range(batch):
+        stats = [t for t, (s, m, _) in enumerate(rows) if s == 1 and m == n]
+        normalising = [t for t, (s, m, _) in enumerate(rows) if s == 0 and m == n]
+        assert max(stats) < min(normalising)
+        between = rows[min(stats) : max(normalising) + 1]
+        assert len({m for s, m, _ in between if s == 1}) <= lag + 1
+        assert len({m for s, m, _ in between if s == 0}) <= lag + 1
+
+
+def test_one_pass_channels_last_config_falls_back_where_two_samples_overflow_l2():
+    kernels = importlib.import_module("fastguide.kernels.group_norm")
+    sample = 320 * 128 * 128 * 2  # SDXL's first GroupNorm, fp16: 10 MB a sample
+    fits = kernels.rows_fused_config(2, 320, 32, 128 * 128, 132, 2, 2 * sample)
+    assert fits is not None and fits["lag"] == 1
+    assert kernels.rows_fused_config(2, 320, 32, 128 * 128, 132, 2, 2 * sample - 1) is None
+    many = kernels.rows_fused_config(64, 256, 32, 64 * 64, 132, 2, kernels.FUSED_L2_BYTES)
+    assert many["lag"] == kernels.FUSED_L2_BYTES // (2 * 256 * 64 * 64 * 2)
+    # a program per ticket: both passes of every tile of every sample
+    assert many["grid"] == (2 * 64 * 4 * many["split"],)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_channels_last_one_pass_agrees_with_three_launches_gpu(dtype, monkeypatch):
+    # Real concurrency (the interpreter runs one program at a time): 64 samples, 4096
+    # tickets taken by programs in whatever order the GPU runs them, five times over.
+    kernels = importlib.import_module("fastguide.kernels.group_norm")
+    x, weight, bias, scale, shift = random_inputs(64, 256, (32, 32), dtype, "cuda", seed=17)
+    x = x.to(memory_format=torch.channels_last)
+    params = NormParameters(weight, bias, scale, shift)
+    assert kernels.rows_fused_config(64, 256, 32, 1024, 132, 2, kernels._l2_budget(x.device)) is not None
+    runs = [kernels.group_norm_forward(x, params, 32, 1e-5, "silu") for _ in range(5)]
+    monkeypatch.setattr(kernels, "_l2_budget", lambda device: 0)
+    y3, mean3, rstd3 = kernels.group_norm_forward(x, params, 32, 1e-5, "silu")
+    for y, mean, rstd in runs:
+        torch.testing.assert_close(mean, mean3, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(rstd, rstd3, atol=0, rtol=1e-5)
+        torch.testing.assert_close(y.float(), y3.float(), **dict(zip(("atol", "rtol"), GROUP_NORM[dtype])))
