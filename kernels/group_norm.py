@@ -8,7 +8,7 @@ whose programs each take whole groups one at a time, read a group once for its s
 and again, from L2, to normalise it: HBM sees x once (2·E·s_x). A persistent grid of a
 few programs an SM bounds the groups in flight, so that a group is still in L2 when its
 program reads it the second time.
-channels_last where 2·lag samples fit L2 (`rows_fused_config`): one launch too,
+channels_last where a window of samples fits L2 (`rows_fused_config`): one launch too,
 `_rows_group_kernel`, whose programs take the statistics and normalising tiles of the
 three-launch path below by ticket, a sample's normalising after all its statistics; HBM
 sees x once there as well.
@@ -116,6 +116,7 @@ FUSED_L2_BYTES = 24 * 2**20
 # but ptxas gives the two together 96, 5 programs an SM; at 64 it spills).
 ROWS_FUSED_PROGRAMS_PER_SM = 7
 ROWS_FUSED_MAX_REGISTERS = 72
+COUNTER_LINE = 32  # int32s of a 128-byte line: the ticket counter's, apart from the samples'.
 
 
 @triton.jit
@@ -154,19 +155,32 @@ def _slab_offsets(
 
 
 @triton.jit
+def _half_row_sums(a, b, COLS: tl.constexpr, ROWS: tl.constexpr):
+    """a and b ([COLS, ROWS]) with each pair of rows (2i, 2i + 1) added: [COLS, ROWS // 2]."""
+    a0, a1 = tl.split(tl.reshape(a, [COLS, ROWS // 2, 2]))
+    b0, b1 = tl.split(tl.reshape(b, [COLS, ROWS // 2, 2]))
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
 def _pairwise_row_sums(a, b, COLS: tl.constexpr, ROWS: tl.constexpr):
-    """Σ over the last axis of a and b ([COLS, ROWS], ROWS a power of two held in each
-    thread's registers), added as a tree of pairs. tl.sum there is a chain on Triton 3.6
-    (an FMA into one accumulator row after row), which lets its ptxas issue only the first
-    5 of 8 rows' loads before the math (GroupNorm's one-pass stats: 40 of 64 KB in flight
-    an SM); with the tree, Triton 3.6 and 3.9 both issue all 8 first. The split pairs are
-    a thread's own registers: no data moves."""
-    if ROWS == 1:
-        return tl.reshape(a, [COLS]), tl.reshape(b, [COLS])
-    else:
-        a0, a1 = tl.split(tl.reshape(a, [COLS, ROWS // 2, 2]))
-        b0, b1 = tl.split(tl.reshape(b, [COLS, ROWS // 2, 2]))
-        return _pairwise_row_sums(a0 + a1, b0 + b1, COLS, ROWS // 2)
+    """Σ over the last axis of a and b ([COLS, ROWS], ROWS a power of two up to 16 held in
+    each thread's registers), added as a tree of pairs. tl.sum there is a chain on Triton
+    3.6 (an FMA into one accumulator row after row), which lets its ptxas issue only the
+    first 5 of 8 rows' loads before the math (GroupNorm's one-pass stats: 40 of 64 KB in
+    flight an SM); with the tree, Triton 3.6 and 3.9 both issue all 8 first. The split
+    pairs are a thread's own registers: no data moves. (Level by level, not recursive:
+    Triton 3.2 cannot hash a JIT function that calls itself.)"""
+    tl.static_assert(ROWS <= 16, "ROWS: a power of two up to 16")
+    if ROWS >= 16:
+        a, b = _half_row_sums(a, b, COLS, 16)
+    if ROWS >= 8:
+        a, b = _half_row_sums(a, b, COLS, 8)
+    if ROWS >= 4:
+        a, b = _half_row_sums(a, b, COLS, 4)
+    if ROWS >= 2:
+        a, b = _half_row_sums(a, b, COLS, 2)
+    return tl.reshape(a, [COLS]), tl.reshape(b, [COLS])
 
 
 @triton.jit
@@ -220,26 +234,53 @@ def _stats_contiguous_kernel(
 
 
 @triton.jit
+def _slab_terms(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexpr):
+    """(x − K) and (x − K)² of one slab: BLOCK_S positions from slab × the channels (the
+    positions from rows_left on read as K: they add 0), one 2-D load."""
+    rows = tl.arange(0, BLOCK_S)
+    mask = (rows < rows_left)[:, None] & c_mask[None, :]
+    x = tl.load(slab + rows[:, None] * C + channel[None, :], mask=mask, other=0.0)
+    d = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
+    return d, d * d
+
+
+@triton.jit
+def _slab_pair_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexpr):
+    """_slab_terms of the slabs at slab and slab + BLOCK_S·C, added."""
+    a1, a2 = _slab_terms(slab, rows_left, C, channel, c_mask, shift, BLOCK_S)
+    b1, b2 = _slab_terms(slab + BLOCK_S * C, rows_left - BLOCK_S, C, channel, c_mask, shift, BLOCK_S)
+    return a1 + b1, a2 + b2
+
+
+@triton.jit
+def _slab_quad_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexpr):
+    """_slab_pair_sums of slabs 0-1 and 2-3, added."""
+    a1, a2 = _slab_pair_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S)
+    b1, b2 = _slab_pair_sums(slab + 2 * BLOCK_S * C, rows_left - 2 * BLOCK_S, C, channel, c_mask, shift, BLOCK_S)
+    return a1 + b1, a2 + b2
+
+
+@triton.jit
 def _pairwise_slab_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexpr, COUNT: tl.constexpr):
-    """(x − K) and (x − K)² summed elementwise over COUNT slabs of BLOCK_S positions ×
-    the channels, the slabs at slab, slab + BLOCK_S·C, ... (positions from rows_left on
-    read as K: they add 0), as a tree of pairs. Each slab is its own load of a 2-D tile,
-    one 16-byte vector a thread: as one 3-D [COUNT, BLOCK_S, BLOCK_C] load, Triton 3.6
-    and 3.9 disagreed on which axis stays in a thread (one of them spread the COUNT axis
-    over lanes: 126-128 registers, 16 KB in flight an SM); this way both keep every slab
-    in registers and issue all COUNT loads before the adds (63 registers, 64 KB)."""
+    """(x − K) and (x − K)² summed elementwise over COUNT (1, 2, 4 or 8) slabs of BLOCK_S
+    positions × the channels, the slabs at slab, slab + BLOCK_S·C, ... (positions from
+    rows_left on read as K: they add 0), as a tree of pairs. Each slab is its own load of
+    a 2-D tile, one 16-byte vector a thread: as one 3-D [COUNT, BLOCK_S, BLOCK_C] load,
+    Triton 3.6 and 3.9 disagreed on which axis stays in a thread (one of them spread the
+    COUNT axis over lanes: 126-128 registers, 16 KB in flight an SM); this way both keep
+    every slab in registers and issue all COUNT loads before the adds (63 registers,
+    64 KB). (Spelled out by level, not recursive: Triton 3.2 cannot hash a JIT function
+    that calls itself.)"""
+    tl.static_assert((COUNT == 1 or COUNT == 2) or (COUNT == 4 or COUNT == 8), "COUNT: 1, 2, 4 or 8")
     if COUNT == 1:
-        rows = tl.arange(0, BLOCK_S)
-        mask = (rows < rows_left)[:, None] & c_mask[None, :]
-        x = tl.load(slab + rows[:, None] * C + channel[None, :], mask=mask, other=0.0)
-        d = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
-        return d, d * d
+        return _slab_terms(slab, rows_left, C, channel, c_mask, shift, BLOCK_S)
+    elif COUNT == 2:
+        return _slab_pair_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S)
+    elif COUNT == 4:
+        return _slab_quad_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S)
     else:
-        HALF: tl.constexpr = COUNT // 2
-        a1, a2 = _pairwise_slab_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S, HALF)
-        b1, b2 = _pairwise_slab_sums(
-            slab + HALF * BLOCK_S * C, rows_left - HALF * BLOCK_S, C, channel, c_mask, shift, BLOCK_S, HALF
-        )
+        a1, a2 = _slab_quad_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S)
+        b1, b2 = _slab_quad_sums(slab + 4 * BLOCK_S * C, rows_left - 4 * BLOCK_S, C, channel, c_mask, shift, BLOCK_S)
         return a1 + b1, a2 + b2
 
 
@@ -982,7 +1023,8 @@ def _rows_group_kernel(
     mean_ptr,
     rstd_ptr,
     maps_ptr,
-    counter_ptr,
+    ticket_ptr,
+    done_ptr,
     N,
     C,
     S,
@@ -1017,16 +1059,18 @@ def _rows_group_kernel(
     statistics task of the sample is done, a normalising task (_rows_apply_task) that reads
     the tile again, from L2.
 
-    The programs draw tickets (counter_ptr[N]) in the order of _ticket_task, so a sample's
+    The programs draw tickets (ticket_ptr) in the order of _ticket_task, so a sample's
     normalising waits only for statistics tasks drawn before it by running programs, which
-    wait for nothing: no deadlock, however many programs are resident. counter_ptr[n]
-    counts sample n's finished statistics tasks (release: a task's partials are visible to
-    whoever sees its count); the last one merges the sample's mean and rstd and adds one
-    more; its normalising tasks wait (acquire) for tasks + 1."""
+    wait for nothing: no deadlock, however many programs are resident. done_ptr[n] counts
+    sample n's finished statistics tasks (release: a task's partials are visible to
+    whoever sees its count); the last one merges the sample's mean, rstd and maps and adds
+    one more; its normalising tasks wait (acquire) for tasks + 1."""
     blocks = tl.cdiv(C, BLOCK_C)
     tasks = blocks * split
     # The launch order of programs is not their ticket order: a ticket is drawn at the start.
-    ticket = tl.atomic_add(counter_ptr + N, 1)
+    # Relaxed: the ticket orders work, it publishes no data (and acq_rel would cost an
+    # invalidation of the SM's L1 at every program's start).
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="relaxed")
     is_stats, n, task = _ticket_task(ticket, N, tasks, lag)
     block = task % blocks
     chunk = task // blocks
@@ -1050,7 +1094,7 @@ def _rows_group_kernel(
             STATS_UNROLL,
         )
         tl.debug_barrier()  # every thread's partials stored before the release
-        if tl.atomic_add(counter_ptr + n, 1, sem="acq_rel") == tasks - 1:
+        if tl.atomic_add(done_ptr + n, 1, sem="acq_rel") == tasks - 1:
             _sample_mean_rstd(
                 x_ptr,
                 partial_ptr,
@@ -1093,9 +1137,9 @@ def _rows_group_kernel(
                 MAP_BLOCK,
             )
             tl.debug_barrier()  # every thread's maps stored before the release
-            tl.atomic_add(counter_ptr + n, 1, sem="release")
+            tl.atomic_add(done_ptr + n, 1, sem="release")
     else:
-        while tl.atomic_add(counter_ptr + n, 0, sem="acquire") <= tasks:
+        while tl.atomic_add(done_ptr + n, 0, sem="acquire") <= tasks:
             pass
         s_begin = chunk * s_per_chunk
         c0 = block * BLOCK_C
@@ -1575,23 +1619,27 @@ def fused_config(
 def rows_fused_config(
     batch: int, channels: int, groups: int, spatial: int, multiprocessors: int, element_size: int, l2_budget: int
 ) -> dict | None:
-    """The channels_last one-pass launch (_rows_group_kernel), or None where a sample is
-    too large for it: between the statistics read and the normalising read of a tile,
-    the programs read the next `lag` samples' statistics and write `lag` samples' y, and
-    2·lag samples must fit in l2_budget bytes (lag ≥ 1).
+    """The channels_last one-pass launch (_rows_group_kernel), or None where it does not
+    fit: channels not a multiple of 16 (rows that are not whole 16-byte vectors take
+    scalar loads, which spill under its register cap), or a sample too large. Between a
+    tile's statistics read (slot k of _ticket_task) and its normalising read (slot
+    k + lag), L2 holds the x of about 2·lag samples (those read for statistics and not yet
+    normalised) and the y of lag − 1: 3·lag − 1 samples, which must fit in l2_budget bytes
+    (lag ≥ 1: two samples).
 
     Tiles as _rows_config's (whole rows of up to ROW_CHANNELS channels); a sample's rows
     are cut into chunks of whole steps so that the 2·lag·tasks tickets between a sample's
-    statistics and its normalising keep every program busy, which is when its
+    statistics and its normalising keep every resident program busy, which is when its
     statistics are done before its normalising starts."""
-    lag = min(batch, l2_budget // max(2 * channels * spatial * element_size, 1))
-    if lag < 1:
+    sample_bytes = channels * spatial * element_size
+    lag = min(batch, (l2_budget // max(sample_bytes, 1) + 1) // 3)
+    if channels % 16 or lag < 1:
         return None
     programs = ROWS_FUSED_PROGRAMS_PER_SM * multiprocessors
     row_c = min(ROW_CHANNELS, triton.next_power_of_2(channels))
     row_s = max(1, SLAB // row_c)
     blocks = triton.cdiv(channels, row_c)
-    step = row_s * max(STATS_UNROLL, APPLY_UNROLL)
+    step = row_s * math.lcm(STATS_UNROLL, APPLY_UNROLL)  # whole steps of both passes
     chunk = _chunk(spatial, step, triton.cdiv(programs, 2 * lag * blocks))
     split = triton.cdiv(spatial, chunk)
     cg = channels // groups
@@ -1606,7 +1654,7 @@ def rows_fused_config(
             SPLIT_POW2=split_pow2,
             PARTS=parts,
             GROUP_SLOTS=triton.next_power_of_2(min(groups, (row_c + cg - 2) // cg + 1)),
-            # a merge step's [groups, parts, chunks] tile at most SLAB partials
+            # a merge step's [groups, parts, chunks] tile at most SLAB / 2 partials
             GROUP_BLOCK=max(1, min(triton.next_power_of_2(groups), SLAB // 2 // (parts * split_pow2))),
             MAP_BLOCK=min(triton.next_power_of_2(channels), SLAB),
             BLOCK_C=row_c,
@@ -1855,8 +1903,12 @@ def _rows_in_one_pass(
     meta = cfg["meta"]
     partials = torch.empty((n * num_groups, meta["PARTS"], meta["SPLIT_POW2"], 2), dtype=torch.float32, device=x.device)
     maps = torch.empty((2, n, c), dtype=torch.float32, device=x.device)  # gain, offset
-    # finished statistics tasks of each sample, then the ticket counter
-    counters = torch.zeros(n + 1, dtype=torch.int32, device=x.device)
+    # The ticket counter, then a line on (many programs draw tickets while others poll
+    # their sample's count) each sample's finished statistics tasks.
+    counters = torch.zeros(COUNTER_LINE + n, dtype=torch.int32, device=x.device)
+    assert 1 <= cfg["lag"] <= n, "_ticket_task's order needs 1 <= lag <= batch"
+    # The register cap is an NVIDIA option (AMD's Triton rejects it).
+    cap = {"maxnreg": ROWS_FUSED_MAX_REGISTERS} if torch.version.hip is None else {}
     _rows_group_kernel[cfg["grid"]](
         x,
         y,
@@ -1869,6 +1921,7 @@ def _rows_in_one_pass(
         rstd,
         maps,
         counters,
+        counters[COUNTER_LINE:],
         n,
         c,
         math.prod(x.shape[2:]),
@@ -1887,7 +1940,7 @@ def _rows_in_one_pass(
         SILU=activation == "silu",
         **meta,
         num_warps=NUM_WARPS,
-        maxnreg=ROWS_FUSED_MAX_REGISTERS,
+        **cap,
     )
 
 

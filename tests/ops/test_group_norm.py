@@ -334,16 +334,16 @@ def test_triton_nchw_forward_in_one_pass_and_in_two(one_pass, dtype, shape, monk
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize(
     # SD's 320 channels in 32 groups of 10 (groups straddle the 64-channel tiles); one
-    # group of 3 channels; 160 channels of 3 positions (groups of 5, 3 tiles, one partial);
-    # a 70×70 image split into chunks (the last one partial); 4 groups of 24 channels (a
-    # tile of 64 holds 2 and part of a third) over 33×35
+    # group of 16 channels; 160 channels of 3 positions (groups of 5, 3 tiles, one
+    # partial); a 70×70 image split into chunks (the last one partial); 4 groups of 24
+    # channels (a tile of 64 holds 2 and part of a third) over 33×35
     "shape",
-    [(2, 320, 32, (16, 16)), (3, 3, 1, (9, 8)), (5, 160, 32, (1, 3)), (1, 4, 2, (70, 70)), (3, 96, 4, (33, 35))],
+    [(2, 320, 32, (16, 16)), (3, 16, 1, (9, 8)), (5, 160, 32, (1, 3)), (1, 16, 2, (70, 70)), (3, 96, 4, (33, 35))],
     ids=str,
 )
 def test_triton_channels_last_forward_in_one_pass_and_in_three(one_pass, dtype, shape, monkeypatch, device):
-    # The launcher picks the one-pass kernel (_rows_group_kernel) where 2·lag samples fit
-    # its L2 budget, the three launches otherwise: each path, forced, on the same inputs.
+    # The launcher picks the one-pass kernel (_rows_group_kernel) where 3·lag − 1 samples
+    # fit its L2 budget, the three launches otherwise: each path, forced, on the same inputs.
     kernels = importlib.import_module("fastguide.kernels.group_norm")
     monkeypatch.setattr(kernels, "_multiprocessors", lambda device: 2)
     budget = 2**40 if one_pass else 0
@@ -395,14 +395,17 @@ def test_one_pass_tickets_put_every_sample_statistics_before_its_normalising(bat
         assert len({m for s, m, _ in between if s == 0}) <= lag + 1
 
 
-def test_one_pass_channels_last_config_falls_back_where_two_samples_overflow_l2():
+def test_one_pass_channels_last_config_falls_back_where_it_does_not_fit():
     kernels = importlib.import_module("fastguide.kernels.group_norm")
     sample = 320 * 128 * 128 * 2  # SDXL's first GroupNorm, fp16: 10 MB a sample
     fits = kernels.rows_fused_config(2, 320, 32, 128 * 128, 132, 2, 2 * sample)
     assert fits is not None and fits["lag"] == 1
     assert kernels.rows_fused_config(2, 320, 32, 128 * 128, 132, 2, 2 * sample - 1) is None
+    # rows that are not whole 16-byte vectors: the three launches
+    assert kernels.rows_fused_config(2, 72, 8, 64 * 64, 132, 2, 2**40) is None
     many = kernels.rows_fused_config(64, 256, 32, 64 * 64, 132, 2, kernels.FUSED_L2_BYTES)
-    assert many["lag"] == kernels.FUSED_L2_BYTES // (2 * 256 * 64 * 64 * 2)
+    # 3·lag − 1 samples of 2 MB within 24 MB
+    assert many["lag"] == 4
     # a program per ticket: both passes of every tile of every sample
     assert many["grid"] == (2 * 64 * 4 * many["split"],)
 
