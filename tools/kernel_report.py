@@ -1,12 +1,14 @@
 """Static report of every kernel, compiled ahead of time for sm_80 and sm_90.
 
     python tools/kernel_report.py [--arch 80 90] [--json PATH] [--check]
-        [--require-nvcc] [--torch-cuda-include DIR] [--triton-only]
+        [--require-nvcc] [--torch-cuda-include DIR] [--triton-only] [--compile-only]
 
 The report is the installed Triton's: CI runs it again under the GPU image's Triton (3.6,
 the one torch 2.11 pins) with --triton-only, since Triton releases lay out and schedule the
 same kernel differently (3.6 spread one GroupNorm tile's unrolled axis over lanes, at
-twice the registers, where 3.9 kept it in a thread).
+twice the registers, where 3.9 kept it in a thread), and under the oldest Triton
+supported (3.2) with --compile-only: every kernel must compile there (3.2 could not hash a
+JIT function that calls itself), but no rule is held to its SASS.
 
 Runs on a machine without a GPU: Triton compiles for a GPUTarget and ships cuobjdump.
 For each Triton kernel, in representative specialisations (16-byte aligned pointers and
@@ -42,6 +44,7 @@ torch) the host compiler also checks csrc/bindings.cpp against it.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -52,6 +55,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 # The report compiles for real GPUs; the interpreter would replace the kernels.
 os.environ["TRITON_INTERPRET"] = "0"
@@ -59,9 +63,16 @@ os.environ["TRITON_INTERPRET"] = "0"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton  # noqa: E402
+import triton.runtime.autotuner  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
+
+# Triton before 3.3 (3.2, the floor pyproject names) asks the active GPU driver for the
+# autotuner's timer when an autotuned kernel is defined, which raises where there is no
+# GPU; the report compiles and never times, so it answers for the driver.
+if not isinstance(getattr(Autotuner, "do_bench", None), property):
+    triton.runtime.autotuner.driver = SimpleNamespace(active=SimpleNamespace(get_benchmarker=lambda: None))
 
 from fastguide.kernels import attention, group_norm, guided_step, layer_norm  # noqa: E402
 from fastguide.ops import extension  # noqa: E402
@@ -123,7 +134,10 @@ def compile_cubin(case: Case, arch: int) -> tuple[bytes, int]:
             attrs[(index,)] = [["tt.divisibility", 16]]
     constexprs = {n: value for n, value in case.constexprs.items() if n in kernel.arg_names}
     constexprs.update({n: None for n, t in signature.items() if t == "constexpr" and n not in constexprs})
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    if "constexprs" in inspect.signature(ASTSource).parameters:
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    else:  # Triton 3.2: constants by name; its attribute descriptor (the 16-divisibility) is left out
+        source = ASTSource(fn=kernel, signature=signature, constants=constexprs)
     options = {"num_warps": case.num_warps, "num_stages": case.num_stages}
     if case.maxnreg is not None:
         options["maxnreg"] = case.maxnreg
@@ -751,19 +765,25 @@ def _is_list_triton() -> bool:
     return triton.__version__.split(".")[:2] == KNOWN_BELOW_FLOOR_TRITON.split(".")
 
 
-def run(archs: list[int], only: str = "") -> list[dict]:
+def run(archs: list[int], only: str = "", compile_only: bool = False) -> list[dict]:
+    """A row per case and architecture; with compile_only, the rules are not applied (an
+    older Triton, whose SASS is not what the GPU runs, only has to compile every kernel)
+    and the TMA cases are left out where this Triton has no tensor descriptors (< 3.4,
+    where the launcher never takes them)."""
     rows = []
     for case in (c for c in cases() if only in c.name):
         for arch in archs:
-            if case.descriptors and arch < 90:
+            if case.descriptors and (arch < 90 or attention.TensorDescriptor is None):
                 continue  # below sm_90 descriptors lower to plain loads, and the launcher never takes them
             cubin, shared = compile_cubin(case, arch)
             stats = analyse_cubin(cubin)
             stats["shared_bytes"] += shared
             stats |= in_flight(arch, stats, case.num_warps * 32, programs_per_sm=case.programs_per_sm)
-            found = violations(case, stats, arch) + in_flight_violations(
-                case.name, arch, stats, case.memory_bound, list_compiler=_is_list_triton()
-            )
+            found = []
+            if not compile_only:
+                found = violations(case, stats, arch) + in_flight_violations(
+                    case.name, arch, stats, case.memory_bound, list_compiler=_is_list_triton()
+                )
             rows.append({"kernel": case.name, "arch": f"sm_{arch}", **stats, "violations": found})
     return rows
 
@@ -913,11 +933,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require-nvcc", action="store_true", help="fail, rather than skip csrc/, without nvcc")
     parser.add_argument("--triton-only", action="store_true", help="skip csrc/ (for a second run under another Triton)")
     parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="only compile the Triton kernels, no rules (for the oldest Triton supported, 3.2); implies --triton-only",
+    )
+    parser.add_argument(
         "--torch-cuda-include",
         type=Path,
         help="torch/include of a CUDA build of torch: also check csrc/bindings.cpp against it",
     )
     args = parser.parse_args(argv)
+    args.triton_only |= args.compile_only
     if args.check and not args.triton_only and not _is_list_triton():
         print(
             f"KNOWN_BELOW_FLOOR (tools/occupancy.py) was made with Triton {KNOWN_BELOW_FLOOR_TRITON}, this is "
@@ -926,7 +952,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    rows = run(args.arch, args.only)
+    rows = run(args.arch, args.only, args.compile_only)
     print(f"Triton {triton.__version__}, compiled ahead of time (no GPU needed)\n")
     print(format_table(rows))
     if args.triton_only:
