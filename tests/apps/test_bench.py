@@ -69,7 +69,7 @@ def test_host_path_splits_each_op_call_into_fastguides_part_and_the_backends(cap
     functions = {name: getattr(reference, name) for name in host_path.BACKEND_FUNCTIONS.values()}
     host_path.main(["--device", "cpu", "--calls", "20", "--rounds", "1"])
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if "| torch |" in line]
-    assert len(rows) == len(host_path.cases(torch.device("cpu"))) == 5
+    assert len(rows) == len(host_path.cases(torch.device("cpu"))) == 6
     assert all(float(value) > 0 for row in rows for value in row[2:])
     assert all(getattr(reference, name) is function for name, function in functions.items())  # stubs removed
 
