@@ -95,31 +95,41 @@ nvidia-smi > "$out/device.txt" 2>&1 || true
 set +e
 status=0
 keep() { [ "$status" -ne 0 ] || status=$1; }
-"$py" -m fastguide selfcheck --device cuda 2>&1 | tee "$out/selfcheck.txt"
+# Each step stops after STEP_LIMIT seconds (GPU_SH_STEP_LIMIT; the longest, the GPU tests,
+# took 4.2 min on the H200), so that a kernel that hangs costs its own step, not the run's
+# later ones: killing the process ends its kernels.
+step_limit=${GPU_SH_STEP_LIMIT:-420}
+bounded() {
+    timeout -k 10 "$step_limit" "$@"
+    local rc=$?
+    [ "$rc" -ne 124 ] || echo "gpu.sh: stopped after ${step_limit} s: $*" >&2
+    return "$rc"
+}
+bounded "$py" -m fastguide selfcheck --device cuda 2>&1 | tee "$out/selfcheck.txt"
 keep "${PIPESTATUS[0]}"
-FASTGUIDE_BACKEND=cuda "$py" -m fastguide selfcheck --device cuda 2>&1 | tee -a "$out/selfcheck.txt"
+FASTGUIDE_BACKEND=cuda bounded "$py" -m fastguide selfcheck --device cuda 2>&1 | tee -a "$out/selfcheck.txt"
 keep "${PIPESTATUS[0]}"
 # Where the eager loops' time goes (a minute): fastguide's loop against the diffusers-style
 # one, launches and host waits per step and the operators with the most host time.
-"$py" -m benchmarks.sampling.loop_profile --out "$out" 2>&1 | tee "$out/loop_profile.log" | head -n 8
+bounded "$py" -m benchmarks.sampling.loop_profile --out "$out" 2>&1 | tee "$out/loop_profile.log" | head -n 8
 keep "${PIPESTATUS[0]}"
 # Each op's call split into fastguide's part and its backend's (seconds): where a call's
 # host time beyond the kernel goes.
-"$py" benchmarks/ops/host_path.py --device cuda --rounds 5 2>&1 | tee "$out/host_path.md"
+bounded "$py" benchmarks/ops/host_path.py --device cuda --rounds 5 2>&1 | tee "$out/host_path.md"
 keep "${PIPESTATUS[0]}"
-"$py" -m pytest tests -m gpu -q -p no:cacheprovider --durations=15 2>&1 | tee "$out/gpu-tests.log"
+bounded "$py" -m pytest tests -m gpu -q -p no:cacheprovider --durations=15 2>&1 | tee "$out/gpu-tests.log"
 keep "${PIPESTATUS[0]}"
 mkdir -p "$out/bench"
 for module in "${modules[@]}"; do
     echo "+ $py -m fastguide bench -k \"$(selection "$module")\" --out $out/bench/$module  ($(date +%T))"
-    "$py" -m fastguide bench -k "$(selection "$module")" --out "$out/bench/$module" --no-plots 2>&1 \
+    bounded "$py" -m fastguide bench -k "$(selection "$module")" --out "$out/bench/$module" --no-plots 2>&1 \
         | tee "$out/bench/$module.log" | tail -n 3
     keep "${PIPESTATUS[0]}"
 done
 # The op tests parametrised over backends (every option, odd shapes) run on the CUDA
 # device here, with every backend that can run: triton and, when it built, cuda; the
 # attention tests' odd shapes and packed views reach the TMA forward on real hardware.
-"$py" -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_attention.py tests/ops/test_compile.py -q -p no:cacheprovider \
+bounded "$py" -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_attention.py tests/ops/test_compile.py -q -p no:cacheprovider \
     2>&1 | tee "$out/backend-tests.log"
 keep "${PIPESTATUS[0]}"
 exit "$status"
