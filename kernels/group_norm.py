@@ -111,11 +111,11 @@ FUSED_APPLY_UNROLL = 2
 FUSED_PROGRAMS_PER_SM = 2
 FUSED_L2_BYTES = 24 * 2**20
 # channels_last in one pass (_rows_group_kernel): a program per tile of the statistics
-# and normalising passes, taken by ticket; ROWS_FUSED_PROGRAMS_PER_SM of them resident an
-# SM (7 at ROWS_FUSED_MAX_REGISTERS, its register cap: each branch alone needs 63 and 72,
-# but ptxas gives the two together 96, 5 programs an SM; at 64 it spills).
-ROWS_FUSED_PROGRAMS_PER_SM = 7
+# and normalising passes, taken by ticket, at most ROWS_FUSED_MAX_REGISTERS registers a
+# thread (each branch alone needs 63 and 72, but ptxas gives the two together 96, 5
+# programs an SM; at 64 it spills), so 7 programs fit an SM's 64K registers.
 ROWS_FUSED_MAX_REGISTERS = 72
+ROWS_FUSED_PROGRAMS_PER_SM = 2**16 // (NUM_WARPS * 32 * ROWS_FUSED_MAX_REGISTERS)
 COUNTER_LINE = 32  # int32s of a 128-byte line: the ticket counter's, apart from the samples'.
 
 
@@ -461,6 +461,52 @@ def _channel_params(
 
 
 @triton.jit
+def _folded_maps(
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    mean,
+    rstd,
+    n,
+    channel,
+    c_mask,
+    scale_stride_n,
+    scale_stride_c,
+    shift_stride_n,
+    shift_stride_c,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """(gain, offset) of the given channels of sample n: normalisation (its group's mean and
+    rstd), affine and scale-shift folded into z = x·gain + offset,
+    gain = w·(1 + scale)·rstd, offset = b·(1 + scale) + shift − mean·gain."""
+    w, b, one_plus_scale, shift = _channel_params(
+        w_ptr,
+        b_ptr,
+        scale_ptr,
+        shift_ptr,
+        n,
+        channel,
+        c_mask,
+        scale_stride_n,
+        scale_stride_c,
+        shift_stride_n,
+        shift_stride_c,
+        HAS_W,
+        HAS_B,
+        HAS_SCALE,
+        HAS_SHIFT,
+        BLOCK_C,
+    )
+    gain = w * one_plus_scale * rstd
+    return gain, b * one_plus_scale + shift - mean * gain
+
+
+@triton.jit
 def _step_offsets(stride_c, stride_s, BLOCK_C: tl.constexpr, STEP: tl.constexpr):
     """int32 offsets of a BLOCK_C × STEP tile from its first element: channel c, position s
     at c·stride_c + s·stride_s (a step's start, added to a 64-bit pointer, moves)."""
@@ -526,11 +572,13 @@ def _apply_channels(
     tile = _step_offsets(stride_c, stride_s, BLOCK_C, STEP)
     for c_start in range(c_first, c_last, BLOCK_C):
         c_mask = cc < c_last - c_start
-        w, b, one_plus_scale, shift = _channel_params(
+        gain, offset = _folded_maps(
             w_ptr,
             b_ptr,
             scale_ptr,
             shift_ptr,
+            mean,
+            rstd,
             n,
             group_start_c + c_start + cc,
             c_mask,
@@ -544,9 +592,6 @@ def _apply_channels(
             HAS_SHIFT,
             BLOCK_C,
         )
-        # Fold normalisation, affine and scale-shift into y = x·gain + offset per channel.
-        gain = w * one_plus_scale * rstd
-        offset = b * one_plus_scale + shift - mean * gain
         start = _program_start(n, C, S, group_start_c, c_start, s_begin, stride_c, stride_s)
         xs = x_ptr + start
         ys = y_ptr + start
@@ -799,11 +844,13 @@ def _channel_maps_kernel(
         cc = c_start + tl.arange(0, BLOCK_C)
         c_mask = cc < Cg
         channel = group_start_c + cc
-        w, b, one_plus_scale, shift = _channel_params(
+        gain, offset = _folded_maps(
             w_ptr,
             b_ptr,
             scale_ptr,
             shift_ptr,
+            mean,
+            rstd,
             n,
             channel,
             c_mask,
@@ -817,8 +864,6 @@ def _channel_maps_kernel(
             HAS_SHIFT,
             BLOCK_C,
         )
-        gain = w * one_plus_scale * rstd
-        offset = b * one_plus_scale + shift - mean * gain
         tl.store(gain_ptr + n * C + channel, gain, mask=c_mask)
         tl.store(offset_ptr + n * C + channel, offset, mask=c_mask)
 
@@ -988,11 +1033,13 @@ def _sample_channel_maps(
         group = n * G + channel // Cg
         mean = tl.load(mean_ptr + group, mask=c_mask, other=0.0, cache_modifier=".cg")
         rstd = tl.load(rstd_ptr + group, mask=c_mask, other=0.0, cache_modifier=".cg")
-        w, b, one_plus_scale, shift = _channel_params(
+        gain, offset = _folded_maps(
             w_ptr,
             b_ptr,
             scale_ptr,
             shift_ptr,
+            mean,
+            rstd,
             n,
             channel,
             c_mask,
@@ -1006,9 +1053,8 @@ def _sample_channel_maps(
             HAS_SHIFT,
             MAP_BLOCK,
         )
-        gain = w * one_plus_scale * rstd
         tl.store(maps_ptr + n * C + channel, gain, mask=c_mask)
-        tl.store(maps_ptr + (N + n) * C + channel, b * one_plus_scale + shift - mean * gain, mask=c_mask)
+        tl.store(maps_ptr + (N + n) * C + channel, offset, mask=c_mask)
 
 
 @triton.jit

@@ -70,10 +70,9 @@ def _run(record, impl, shape, dtype, backward):
     if impl == "fastguide-pointer":
         if backward:
             pytest.skip("the TMA path is the forward's alone")
-        if attention_kernels.tma_not_supported_reasons(q, k, v):
-            pytest.skip(
-                f"fastguide runs the pointer kernel here: {attention_kernels.tma_not_supported_reasons(q, k, v)}"
-            )
+        reasons = attention_kernels.tma_not_supported_reasons(q, k, v)
+        if reasons:
+            pytest.skip(f"fastguide runs the pointer kernel here: {reasons}")
     attend = _attention_fn(impl)
     try:
         out = attend(q, k, v)
