@@ -110,6 +110,16 @@ FUSED_STATS_UNROLL = 8
 FUSED_APPLY_UNROLL = 2
 FUSED_PROGRAMS_PER_SM = 2
 FUSED_L2_BYTES = 24 * 2**20
+# The NCHW backward in one pass over HBM (_group_backward_kernel): one program of
+# BACKWARD_FUSED_WARPS warps an SM, tiles of BACKWARD_FUSED_SLAB elements (a 16-byte
+# vector a thread of fp16), BACKWARD_FUSED_UNROLL slabs each of x and dy a step:
+# 512·8·16 B = 64 KB of loads in flight an SM. One program an SM, not two, because each
+# keeps two tensors of its group in L2: at 64×256×64×64 fp16, 132 groups' x and dy are
+# 17 MB, within FUSED_L2_BYTES.
+BACKWARD_FUSED_WARPS = 16
+BACKWARD_FUSED_SLAB = 4096
+BACKWARD_FUSED_UNROLL = 4
+BACKWARD_FUSED_PROGRAMS_PER_SM = 1
 # channels_last in one pass (_rows_group_kernel): a program per tile of the statistics
 # and normalising passes, taken by ticket, at most ROWS_FUSED_MAX_REGISTERS registers a
 # thread (each branch alone needs 63 and 72, but ptxas gives the two together 96, 5
@@ -1219,6 +1229,53 @@ def _silu_grad(dy, z):
 
 
 @triton.jit
+def _channel_block_sums(
+    x_ptr,
+    dy_ptr,
+    mean,
+    rstd,
+    w,
+    b,
+    one_plus_scale,
+    shift,
+    c_start,
+    group_start_c,
+    c_last,
+    s_begin,
+    s_end,
+    stride_c,
+    stride_s,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """A = Σ_s dz and B = Σ_s dz·x̂ over positions [s_begin, s_end) of the group's channels
+    [c_start, c_start + BLOCK_C) (those below c_last), x̂ = (x − mean)·rstd, dz = dy
+    (times silu'(z) with SiLU): [BLOCK_C] each. x_ptr and dy_ptr point at the sample."""
+    acc_a = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    for s_off in range(s_begin, s_end, BLOCK_S * UNROLL):
+        offsets, mask = _slab_offsets(
+            c_start, s_off, group_start_c, c_last, s_end, stride_c, stride_s, UNROLL, BLOCK_C, BLOCK_S
+        )
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x_hat = (x - mean) * rstd
+        dz = dy
+        if SILU:
+            # z as written, not folded into x·α + o as in dx: folded, the compiler
+            # issues this step's four sm_80 loads as three, then one.
+            z = (x_hat * w[None, :, None] + b[None, :, None]) * one_plus_scale[None, :, None] + shift[None, :, None]
+            dz = _silu_grad(dy, z)
+        # The UNROLL slabs sit in each thread's registers: their sum needs every load of
+        # the step, so all are issued before the arithmetic.
+        acc_a += tl.sum(tl.where(mask, dz, 0.0), axis=0)
+        acc_b += tl.sum(tl.where(mask, dz * x_hat, 0.0), axis=0)
+    return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1)
+
+
+@triton.jit
 def _backward_sums_kernel(
     x_ptr,
     dy_ptr,
@@ -1280,28 +1337,30 @@ def _backward_sums_kernel(
             HAS_SHIFT,
             BLOCK_C,
         )
-        acc_a = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-        acc_b = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-        for s_off in range(s_begin, s_end, BLOCK_S * UNROLL):
-            offsets, mask = _slab_offsets(
-                c_start, s_off, group_start_c, c_last, s_end, stride_c, stride_s, UNROLL, BLOCK_C, BLOCK_S
-            )
-            x = tl.load(x_ptr + sample + offsets, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + sample + offsets, mask=mask, other=0.0).to(tl.float32)
-            x_hat = (x - mean) * rstd
-            dz = dy
-            if SILU:
-                # z as written, not folded into x·α + o as in dx: folded, the compiler
-                # issues this step's four sm_80 loads as three, then one.
-                z = (x_hat * w[None, :, None] + b[None, :, None]) * one_plus_scale[None, :, None] + shift[None, :, None]
-                dz = _silu_grad(dy, z)
-            # The UNROLL slabs sit in each thread's registers: their sum needs every load of
-            # the step, so all are issued before the arithmetic.
-            acc_a += tl.sum(tl.where(mask, dz, 0.0), axis=0)
-            acc_b += tl.sum(tl.where(mask, dz * x_hat, 0.0), axis=0)
+        a_sum, b_sum = _channel_block_sums(
+            x_ptr + sample,
+            dy_ptr + sample,
+            mean,
+            rstd,
+            w,
+            b,
+            one_plus_scale,
+            shift,
+            c_start,
+            group_start_c,
+            c_last,
+            s_begin,
+            s_end,
+            stride_c,
+            stride_s,
+            SILU,
+            BLOCK_C,
+            BLOCK_S,
+            UNROLL,
+        )
         out = partial_ptr + ((n * C + channel) * SPLIT_POW2 + chunk) * 2
-        tl.store(out, tl.sum(acc_a, axis=1), mask=c_mask)
-        tl.store(out + 1, tl.sum(acc_b, axis=1), mask=c_mask)
+        tl.store(out, a_sum, mask=c_mask)
+        tl.store(out + 1, b_sum, mask=c_mask)
 
 
 @triton.jit
@@ -1324,6 +1383,42 @@ def _dx_from_maps(x, dy, alpha, offset, beta, gamma, SILU: tl.constexpr):
     if SILU:
         dz = _silu_grad(dz, x * alpha[:, None] + offset[:, None])
     return dz * alpha[:, None] + x * beta[:, None] + gamma[:, None]
+
+
+@triton.jit
+def _channel_block_dx(
+    xs,
+    dys,
+    dxs,
+    alpha,
+    offset,
+    beta,
+    gamma,
+    c_mask,
+    s_len,
+    stride_c,
+    stride_s,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    STEP: tl.constexpr,
+):
+    """dx = dz·α + x·β + γ (_dx_from_maps) of BLOCK_C channels (those in c_mask) over s_len
+    positions from xs, dys and dxs (each the block's first element), STEP positions a step."""
+    ss = tl.arange(0, STEP)
+    tile = _step_offsets(stride_c, stride_s, BLOCK_C, STEP)
+    for s_off in range(0, s_len, STEP):
+        step_start = tl.cast(s_off, tl.int64) * stride_s  # from the block's first element
+        mask = c_mask[:, None] & (ss < s_len - s_off)[None, :]
+        x = tl.load(xs + step_start + tile, mask=mask, other=0.0)
+        dy = tl.load(dys + step_start + tile, mask=mask, other=0.0)
+        # As in apply: full steps store under the channel mask, and the branch keeps the
+        # step's loads (the slabs of x and of dy) ahead of its arithmetic.
+        if s_len - s_off >= STEP:
+            dx = _dx_from_maps(x, dy, alpha, offset, beta, gamma, SILU)
+            tl.store(dxs + step_start + tile, dx.to(dxs.dtype.element_ty), mask=c_mask[:, None])
+        else:
+            dx = _dx_from_maps(tl.where(mask, x, 0.0), dy, alpha, offset, beta, gamma, SILU)
+            tl.store(dxs + step_start + tile, dx.to(dxs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -1356,30 +1451,28 @@ def _backward_dx_kernel(
     STEP: tl.constexpr = BLOCK_S * UNROLL
     s_begin = chunk * s_per_chunk
     s_len = tl.minimum(s_per_chunk, S - s_begin)
-    ss = tl.arange(0, STEP)
-    tile = _step_offsets(stride_c, stride_s, BLOCK_C, STEP)
     for c_start in range(c_first, c_last, BLOCK_C):
         c_mask = cc < c_last - c_start
         maps = maps_ptr + n * C + group_start_c + c_start + cc
         alpha = tl.load(maps, mask=c_mask, other=0.0)
         offset = tl.load(maps + N * C, mask=c_mask, other=0.0)
         start = _program_start(n, C, S, group_start_c, c_start, s_begin, stride_c, stride_s)
-        xs = x_ptr + start
-        dys = dy_ptr + start
-        dxs = dx_ptr + start
-        for s_off in range(0, s_len, STEP):
-            step_start = tl.cast(s_off, tl.int64) * stride_s  # from the program's first element
-            mask = c_mask[:, None] & (ss < s_len - s_off)[None, :]
-            x = tl.load(xs + step_start + tile, mask=mask, other=0.0)
-            dy = tl.load(dys + step_start + tile, mask=mask, other=0.0)
-            # As in apply: full steps store under the channel mask, and the branch keeps the
-            # step's loads (UNROLL slabs of x, UNROLL of dy) ahead of its arithmetic.
-            if s_len - s_off >= STEP:
-                dx = _dx_from_maps(x, dy, alpha, offset, beta, gamma, SILU)
-                tl.store(dxs + step_start + tile, dx.to(dx_ptr.dtype.element_ty), mask=c_mask[:, None])
-            else:
-                dx = _dx_from_maps(tl.where(mask, x, 0.0), dy, alpha, offset, beta, gamma, SILU)
-                tl.store(dxs + step_start + tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        _channel_block_dx(
+            x_ptr + start,
+            dy_ptr + start,
+            dx_ptr + start,
+            alpha,
+            offset,
+            beta,
+            gamma,
+            c_mask,
+            s_len,
+            stride_c,
+            stride_s,
+            SILU,
+            BLOCK_C,
+            STEP,
+        )
 
 
 @triton.jit
@@ -1470,6 +1563,15 @@ def _rows_backward_sums_kernel(
 
 
 @triton.jit
+def _group_terms(sum_dxhat, sum_dxhat_xhat, mean, rstd, count):
+    """A group's (β, γ) of dx = dz·α + x·β + γ (_backward_maps_kernel) from its Σ dx̂ and
+    Σ dx̂·x̂ over its count elements."""
+    m1 = sum_dxhat / count.to(tl.float32)
+    m2 = sum_dxhat_xhat / count.to(tl.float32)
+    return -rstd * rstd * m2, rstd * (rstd * m2 * mean - m1)
+
+
+@triton.jit
 def _backward_maps_kernel(
     w_ptr,
     b_ptr,
@@ -1544,11 +1646,9 @@ def _backward_maps_kernel(
         alpha = rstd * gain
         tl.store(maps_ptr + n * C + channel, alpha, mask=c_mask)
         tl.store(maps_ptr + N * C + n * C + channel, b * one_plus_scale + shift - mean * alpha, mask=c_mask)
-    count = (Cg * S).to(tl.float32)
-    m1 = sum_dxhat / count
-    m2 = sum_dxhat_xhat / count
-    tl.store(group_terms_ptr + group, -rstd * rstd * m2)
-    tl.store(group_terms_ptr + N * G + group, rstd * (rstd * m2 * mean - m1))
+    beta, gamma = _group_terms(sum_dxhat, sum_dxhat_xhat, mean, rstd, Cg * S)
+    tl.store(group_terms_ptr + group, beta)
+    tl.store(group_terms_ptr + N * G + group, gamma)
 
 
 @triton.jit
@@ -1586,24 +1686,157 @@ def _rows_backward_dx_kernel(
     STEP: tl.constexpr = BLOCK_S * UNROLL
     s_begin = tl.program_id(1) * s_per_chunk
     s_len = tl.minimum(s_per_chunk, S - s_begin)
-    ss = tl.arange(0, STEP)
-    tile = _step_offsets(1, C, BLOCK_C, STEP)
     start = _program_start(n, C, S, c0, 0, s_begin, 1, C)
-    xs = x_ptr + start
-    dys = dy_ptr + start
-    dxs = dx_ptr + start
-    for s_off in range(0, s_len, STEP):
-        step_start = tl.cast(s_off, tl.int64) * C
-        mask = c_mask[:, None] & (ss < s_len - s_off)[None, :]
-        x = tl.load(xs + step_start + tile, mask=mask, other=0.0)
-        dy = tl.load(dys + step_start + tile, mask=mask, other=0.0)
-        # As in _apply_kernel: the branch keeps the step's loads ahead of its arithmetic.
-        if s_len - s_off >= STEP:
-            dx = _dx_from_maps(x, dy, alpha, offset, beta, gamma, SILU)
-            tl.store(dxs + step_start + tile, dx.to(dx_ptr.dtype.element_ty), mask=c_mask[:, None])
-        else:
-            dx = _dx_from_maps(tl.where(mask, x, 0.0), dy, alpha, offset, beta, gamma, SILU)
-            tl.store(dxs + step_start + tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    _channel_block_dx(
+        x_ptr + start,
+        dy_ptr + start,
+        dx_ptr + start,
+        alpha,
+        offset,
+        beta,
+        gamma,
+        c_mask,
+        s_len,
+        1,
+        C,
+        SILU,
+        BLOCK_C,
+        STEP,
+    )
+
+
+@triton.jit
+def _group_backward_kernel(
+    x_ptr,
+    dy_ptr,
+    dx_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    mean_ptr,
+    rstd_ptr,
+    sums_ptr,
+    C,
+    S,
+    G,
+    Cg,
+    groups,
+    scale_stride_n,
+    scale_stride_c,
+    shift_stride_n,
+    shift_stride_c,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """NCHW backward in one pass over HBM, as _group_kernel is the forward: program p of P
+    takes the groups p, p + P, ... of the N·G, one at a time. It reads the group's x and dy
+    (HBM) for each channel's A = Σ dz and B = Σ dz·x̂, which it stores (the parameter
+    gradients' sums) and folds into the group's (β, γ) as _backward_maps_kernel does; then
+    it reads x and dy again (L2) to write dx = dz·α + x·β + γ. The grid, BACKWARD_FUSED_
+    PROGRAMS_PER_SM programs an SM, bounds the groups in flight so that their x and dy stay
+    in L2 between the two reads: 2·E of HBM reads where the three launches read 4·E."""
+    cc = tl.arange(0, BLOCK_C)
+    for group in range(tl.program_id(0), groups, tl.num_programs(0)):
+        n = group // G
+        group_start_c = (group % G) * Cg
+        mean = tl.load(mean_ptr + group)
+        rstd = tl.load(rstd_ptr + group)
+        sample = tl.cast(n, tl.int64) * C * S
+        sum_dxhat = tl.full([], 0.0, tl.float32)
+        sum_dxhat_xhat = tl.full([], 0.0, tl.float32)
+        for c_start in range(0, Cg, BLOCK_C):
+            c_mask = cc < Cg - c_start
+            channel = group_start_c + c_start + cc
+            w, b, one_plus_scale, shift = _channel_params(
+                w_ptr,
+                b_ptr,
+                scale_ptr,
+                shift_ptr,
+                n,
+                channel,
+                c_mask,
+                scale_stride_n,
+                scale_stride_c,
+                shift_stride_n,
+                shift_stride_c,
+                HAS_W,
+                HAS_B,
+                HAS_SCALE,
+                HAS_SHIFT,
+                BLOCK_C,
+            )
+            a_sum, b_sum = _channel_block_sums(
+                x_ptr + sample,
+                dy_ptr + sample,
+                mean,
+                rstd,
+                w,
+                b,
+                one_plus_scale,
+                shift,
+                c_start,
+                group_start_c,
+                Cg,
+                0,
+                S,
+                S,
+                1,
+                SILU,
+                BLOCK_C,
+                BLOCK_S,
+                UNROLL,
+            )
+            tl.store(sums_ptr + (n * C + channel) * 2, a_sum, mask=c_mask)
+            tl.store(sums_ptr + (n * C + channel) * 2 + 1, b_sum, mask=c_mask)
+            gain = tl.where(c_mask, w * one_plus_scale, 0.0)  # dx̂ = dz·gain
+            sum_dxhat += tl.sum(gain * a_sum, axis=0)
+            sum_dxhat_xhat += tl.sum(gain * b_sum, axis=0)
+        beta, gamma = _group_terms(sum_dxhat, sum_dxhat_xhat, mean, rstd, Cg * S)
+        for c_start in range(0, Cg, BLOCK_C):
+            c_mask = cc < Cg - c_start
+            w, b, one_plus_scale, shift = _channel_params(
+                w_ptr,
+                b_ptr,
+                scale_ptr,
+                shift_ptr,
+                n,
+                group_start_c + c_start + cc,
+                c_mask,
+                scale_stride_n,
+                scale_stride_c,
+                shift_stride_n,
+                shift_stride_c,
+                HAS_W,
+                HAS_B,
+                HAS_SCALE,
+                HAS_SHIFT,
+                BLOCK_C,
+            )
+            alpha = rstd * (w * one_plus_scale)
+            start = _program_start(n, C, S, group_start_c, c_start, 0, S, 1)
+            _channel_block_dx(
+                x_ptr + start,
+                dy_ptr + start,
+                dx_ptr + start,
+                alpha,
+                b * one_plus_scale + shift - mean * alpha,
+                tl.full([BLOCK_C], 0.0, tl.float32) + beta,
+                tl.full([BLOCK_C], 0.0, tl.float32) + gamma,
+                c_mask,
+                S,
+                S,
+                1,
+                SILU,
+                BLOCK_C,
+                BLOCK_S * UNROLL,
+            )
 
 
 # --------------------------------------------------------------------------------------
@@ -1660,6 +1893,22 @@ def fused_config(
             UNROLL=FUSED_APPLY_UNROLL,
         ),
     )
+
+
+def backward_fused_config(
+    batch: int, channels: int, groups: int, spatial: int, multiprocessors: int, element_size: int, l2_budget: int
+) -> dict | None:
+    """The NCHW backward's one launch (_group_backward_kernel), or None where it does not
+    fit: fewer groups than its programs, or groups whose x and dy, for every program at
+    once, exceed l2_budget bytes (fused_config's rule, with two tensors read twice)."""
+    cg = channels // groups
+    programs = BACKWARD_FUSED_PROGRAMS_PER_SM * multiprocessors
+    if batch * groups < programs or programs * 2 * cg * spatial * element_size > l2_budget:
+        return None
+    # A step (UNROLL slabs along s) no longer than a channel's row where it can, as fused_config's.
+    block_s = min(max(1, triton.next_power_of_2(spatial) // BACKWARD_FUSED_UNROLL), BACKWARD_FUSED_SLAB)
+    block_c = min(triton.next_power_of_2(cg), BACKWARD_FUSED_SLAB // block_s)
+    return dict(grid=(programs,), meta=dict(BLOCK_C=block_c, BLOCK_S=block_s, UNROLL=BACKWARD_FUSED_UNROLL))
 
 
 def rows_fused_config(
@@ -2053,16 +2302,16 @@ def _apply_rows(
 def group_norm_backward(
     dy: Tensor, x: Tensor, params: NormParameters, mean: Tensor, rstd: Tensor, num_groups: int, activation: str | None
 ) -> tuple[Tensor | None, ...]:
-    """Three launches: per-chunk (A, B) of each channel; a program per group that merges
-    them and folds dx into per-channel maps; dx. channels_last's passes over x read whole
-    rows of channels, NCHW's the channel rows of one group."""
+    """NCHW where its groups fit L2: one launch (_group_backward_kernel). Otherwise three:
+    per-chunk (A, B) of each channel; a program per group that merges them and folds dx
+    into per-channel maps; dx. channels_last's passes over x read whole rows of channels,
+    NCHW's the channel rows of one group."""
     weight, bias, scale, shift = params
     n, c = x.shape[0], x.shape[1]
     spatial = math.prod(x.shape[2:])
     x, stride_c, stride_s = _layout(x)
     channels_last = stride_c == 1  # (or a spatial size of 1, where the two layouts coincide)
     dy = dy.contiguous(memory_format=torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format)
-    cfg = launch_config(n, c, num_groups, spatial, channels_last, _multiprocessors(x.device))
     flags = dict(
         HAS_W=weight is not None,
         HAS_B=bias is not None,
@@ -2070,6 +2319,39 @@ def group_norm_backward(
         HAS_SHIFT=shift is not None,
     )
     silu = activation == "silu"
+    sums = torch.empty((n, c, 2), dtype=torch.float32, device=x.device)
+    dx = torch.empty_like(x)
+    fused = None
+    if not channels_last:
+        fused = backward_fused_config(
+            n, c, num_groups, spatial, _multiprocessors(x.device), x.element_size(), _l2_budget(x.device)
+        )
+    if fused is not None:
+        _group_backward_kernel[fused["grid"]](
+            x,
+            dy,
+            dx,
+            weight,
+            bias,
+            scale,
+            shift,
+            mean,
+            rstd,
+            sums,
+            c,
+            spatial,
+            num_groups,
+            c // num_groups,
+            n * num_groups,
+            *_strides(scale),
+            *_strides(shift),
+            **flags,
+            SILU=silu,
+            **fused["meta"],
+            num_warps=BACKWARD_FUSED_WARPS,
+        )
+        return (dx, *group_norm_parameter_grads(sums, params))
+    cfg = launch_config(n, c, num_groups, spatial, channels_last, _multiprocessors(x.device))
     sums_meta = cfg["backward_sums"]["meta"] if channels_last else cfg["backward_sums"]
     partials = torch.empty((n * c, sums_meta["SPLIT_POW2"], 2), dtype=torch.float32, device=x.device)
     tensors = (x, dy, weight, bias, scale, shift, mean, rstd, partials)
@@ -2106,7 +2388,6 @@ def group_norm_backward(
             **sums_meta,
             num_warps=NUM_WARPS,
         )
-    sums = torch.empty((n, c, 2), dtype=torch.float32, device=x.device)
     maps = torch.empty((2, n, c), dtype=torch.float32, device=x.device)  # α, o
     group_terms = torch.empty((2, n * num_groups), dtype=torch.float32, device=x.device)  # β, γ
     _backward_maps_kernel[cfg["backward_maps"]["grid"]](
@@ -2132,7 +2413,6 @@ def group_norm_backward(
         **cfg["backward_maps"]["meta"],
         num_warps=NUM_WARPS,
     )
-    dx = torch.empty_like(x)
     if channels_last:
         rows = cfg["rows"]
         _rows_backward_dx_kernel[rows["grid"]](

@@ -537,6 +537,9 @@ def cases() -> list[Case]:
     # NCHW in one pass: what the launcher picks at issue 22's large shape (64×256×64×64 in
     # 32 groups), where a group's second read comes from L2.
     fused = gn.fused_config(64, 256, 32, 64 * 64, multiprocessors=132, element_size=2, l2_budget=gn.FUSED_L2_BYTES)
+    backward = gn.backward_fused_config(
+        64, 256, 32, 64 * 64, multiprocessors=132, element_size=2, l2_budget=gn.FUSED_L2_BYTES
+    )
     # channels_last in one pass, at the same shape.
     rows = gn.rows_fused_config(64, 256, 32, 64 * 64, multiprocessors=132, element_size=2, l2_budget=gn.FUSED_L2_BYTES)
     out += [
@@ -565,6 +568,22 @@ def cases() -> list[Case]:
             {**fused["meta"], **flags},
             gn.FUSED_WARPS,
             programs_per_sm=gn.FUSED_PROGRAMS_PER_SM,
+        ),
+        Case(
+            "group_norm bwd one-pass+silu nchw fp16",
+            gn._group_backward_kernel,
+            {
+                "x_ptr": "fp16",
+                "dy_ptr": "fp16",
+                "dx_ptr": "fp16",
+                "mean_ptr": "fp32",
+                "rstd_ptr": "fp32",
+                "sums_ptr": "fp32",
+                **params,
+            },
+            {**backward["meta"], **flags},
+            gn.BACKWARD_FUSED_WARPS,
+            programs_per_sm=gn.BACKWARD_FUSED_PROGRAMS_PER_SM,
         ),
         Case(
             "group_norm maps nhwc",

@@ -8,6 +8,12 @@ one-pass kernels, or an x smaller than L2) can it pass 2/3 of copy speed.
 one-pass kernel and forced onto the two launches (channels_last: three), on the same
 tensors, in both layouts: whether the one-pass kernels' second read hits L2 shows as the
 difference.
+
+The backward's floor: read x and dy once, write dx once: 3·E (the O(N·C) parameter
+gradients aside). `test_group_norm_backward_gpu` times the backward alone (the forward's
+graph kept) against eager autograd and torch.compile's; at NCHW, `fastguide-triton` takes
+the one-pass kernel where it fits and `fastguide-triton-three-launch` is it forced onto
+the three launches, which read x and dy twice.
 """
 
 import importlib
@@ -37,7 +43,8 @@ CPU_SHAPES = [(2, 128, 32, 32)]
 GPU_SHAPES = [(2, 320, 64, 64), (16, 512, 32, 32), (64, 256, 64, 64)]
 
 
-def _run(record, impl, shape, dtype, channels_last=False):
+def _inputs(shape, dtype, channels_last):
+    """(x, weight, bias, scale, shift) on DEVICE, from a fixed seed."""
     g = torch.Generator().manual_seed(0)
     n, c = shape[:2]
     x = torch.randn(shape, generator=g).to(DEVICE, dtype)
@@ -45,12 +52,32 @@ def _run(record, impl, shape, dtype, channels_last=False):
         x = x.to(memory_format=torch.channels_last)
     weight, bias = torch.rand(c, generator=g).to(DEVICE) + 0.5, torch.randn(c, generator=g).to(DEVICE)
     scale, shift = (torch.randn(n, c, generator=g).to(DEVICE, dtype) for _ in range(2))
+    return x, weight, bias, scale, shift
+
+
+def _norm(impl):
     if impl.startswith("fastguide"):
-        fn = on_backend(impl, fastguide_norm)
-    else:
-        fn = {"eager": eager_norm, "torch.compile": _compiled_eager}[impl]
-    fn(x, weight, bias, scale, shift)
-    record(lambda: fn(x, weight, bias, scale, shift), bytes_moved=2 * x.numel() * x.element_size())
+        return on_backend(impl, fastguide_norm)
+    return {"eager": eager_norm, "torch.compile": _compiled_eager}[impl]
+
+
+def _run(record, impl, shape, dtype, channels_last=False):
+    inputs = _inputs(shape, dtype, channels_last)
+    fn = _norm(impl)
+    fn(*inputs)
+    record(lambda: fn(*inputs), bytes_moved=2 * inputs[0].numel() * inputs[0].element_size())
+
+
+def _run_backward(record, impl, shape, dtype, channels_last):
+    leaves = [t.requires_grad_() for t in _inputs(shape, dtype, channels_last)]
+    with torch.enable_grad():
+        y = _norm(impl)(*leaves)
+    dy = torch.randn_like(y)
+    record(
+        lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True),
+        bytes_moved=3 * y.numel() * y.element_size(),
+        grad=True,
+    )
 
 
 @pytest.mark.parametrize("impl", ["fastguide", "eager", "torch.compile"])
@@ -80,3 +107,17 @@ def test_group_norm_one_pass_gpu(record, path, dtype, channels_last, monkeypatch
         # no room in L2: NCHW's two launches, channels_last's three
         monkeypatch.setattr(kernels, "_l2_budget", lambda device: 0)
     _run(record, "fastguide-triton", (64, 256, 64, 64), dtype, channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "impl", ["fastguide-triton", "fastguide-triton-three-launch", "fastguide-cuda", "eager", "torch.compile"]
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_backward_gpu(record, impl, dtype, channels_last, monkeypatch):
+    if impl == "fastguide-triton-three-launch":
+        kernels = importlib.import_module("fastguide.kernels.group_norm")
+        monkeypatch.setattr(kernels, "_l2_budget", lambda device: 0)
+        impl = "fastguide-triton"
+    _run_backward(record, impl, (64, 256, 64, 64), dtype, channels_last)

@@ -287,34 +287,45 @@ def test_group_norm_backward_at_large_mean_and_small_spread(backend, channels_la
         torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=0)
 
 
+# NCHW shapes for the one-pass kernels, forward and backward, at 2 programs: groups of 10
+# channels (a tile holds 16); 4096 positions (the forward's statistics: one whole step of
+# 16384 elements); 33×35 (partial steps; the backward's 2 tiles of 8 channels a group);
+# channels of 3 positions; 9 groups (the 2 programs take 5 and 4); rows of 4900 positions
+# (a whole normalising step and a partial one).
+NCHW_ONE_PASS_SHAPES = [
+    (2, 320, 32, (32, 32)),
+    (3, 8, 2, (64, 64)),
+    (2, 64, 4, (33, 35)),
+    (5, 160, 32, (1, 3)),
+    (3, 24, 3, (9, 8)),
+    (1, 4, 2, (70, 70)),
+]
+
+
+def _forced_path(monkeypatch, one_pass: bool):
+    """The Triton kernels module on 2 SMs (on a GPU too, whose SMs would outnumber these
+    shapes' groups), with an L2 budget that takes its one-pass kernels or none: (module,
+    budget)."""
+    kernels = importlib.import_module("fastguide.kernels.group_norm")
+    monkeypatch.setattr(kernels, "_multiprocessors", lambda device: 2)
+    budget = 2**40 if one_pass else 0
+    monkeypatch.setattr(kernels, "_l2_budget", lambda device: budget)
+    return kernels, budget
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend (a GPU, or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass", "one-pass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize(
-    # a group of one partial statistics step; of exactly one whole step (16384 elements);
-    # of a whole step and a partial one; channels of 3 positions, 8 to a tile; 9 groups
-    # (the 2 programs take 5 and 4); rows of 4900 positions (a whole normalising step and
-    # a partial one)
     "shape",
-    [
-        (2, 320, 32, (32, 32)),
-        (3, 8, 2, (64, 64)),
-        (2, 64, 4, (33, 35)),
-        (5, 160, 32, (1, 3)),
-        (3, 24, 3, (9, 8)),
-        (1, 4, 2, (70, 70)),
-    ],
+    NCHW_ONE_PASS_SHAPES,
     ids=str,
 )
 def test_triton_nchw_forward_in_one_pass_and_in_two(one_pass, dtype, shape, monkeypatch, device):
     # The launcher picks the one-pass kernel (_group_kernel) where the groups in flight fit
     # its L2 budget, the two launches otherwise: each path, forced, on the same inputs.
-    kernels = importlib.import_module("fastguide.kernels.group_norm")
-    # 2 programs (on a GPU too, whose SMs would outnumber these shapes' groups)
-    monkeypatch.setattr(kernels, "_multiprocessors", lambda device: 2)
-    monkeypatch.setattr(kernels, "FUSED_PROGRAMS_PER_SM", 1)
-    budget = 2**40 if one_pass else 0
-    monkeypatch.setattr(kernels, "_l2_budget", lambda device: budget)
+    kernels, budget = _forced_path(monkeypatch, one_pass)
+    monkeypatch.setattr(kernels, "FUSED_PROGRAMS_PER_SM", 1)  # 2 programs
     n, c, groups, spatial = shape
     taken = kernels.fused_config(n, c, groups, math.prod(spatial), 2, dtype.itemsize, budget)
     assert (taken is not None) == one_pass
@@ -344,10 +355,7 @@ def test_triton_nchw_forward_in_one_pass_and_in_two(one_pass, dtype, shape, monk
 def test_triton_channels_last_forward_in_one_pass_and_in_three(one_pass, dtype, shape, monkeypatch, device):
     # The launcher picks the one-pass kernel (_rows_group_kernel) where 3·lag − 1 samples
     # fit its L2 budget, the three launches otherwise: each path, forced, on the same inputs.
-    kernels = importlib.import_module("fastguide.kernels.group_norm")
-    monkeypatch.setattr(kernels, "_multiprocessors", lambda device: 2)
-    budget = 2**40 if one_pass else 0
-    monkeypatch.setattr(kernels, "_l2_budget", lambda device: budget)
+    kernels, budget = _forced_path(monkeypatch, one_pass)
     n, c, groups, spatial = shape
     taken = kernels.rows_fused_config(n, c, groups, math.prod(spatial), 2, dtype.itemsize, budget)
     assert (taken is not None) == one_pass
@@ -361,6 +369,53 @@ def test_triton_channels_last_forward_in_one_pass_and_in_three(one_pass, dtype, 
     torch.testing.assert_close(mean.double(), grouped.mean(-1), atol=1e-5, rtol=1e-5)
     want_rstd = (grouped.var(-1, unbiased=False) + 1e-5).rsqrt()
     torch.testing.assert_close(rstd.double(), want_rstd, atol=0, rtol=1e-5)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend (a GPU, or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("one_pass", [False, True], ids=["three-launch", "one-pass"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    NCHW_ONE_PASS_SHAPES,
+    ids=str,
+)
+def test_triton_nchw_backward_in_one_pass_and_in_three(one_pass, dtype, shape, monkeypatch, device):
+    # The launcher picks the one-pass backward (_group_backward_kernel) where the groups in
+    # flight fit its L2 budget, the three launches otherwise: each path, forced, on the
+    # same inputs, every gradient against float64 autograd, outputs poisoned with NaN.
+    kernels, budget = _forced_path(monkeypatch, one_pass)
+    n, c, groups, spatial = shape
+    taken = kernels.backward_fused_config(n, c, groups, math.prod(spatial), 2, dtype.itemsize, budget)
+    assert (taken is not None) == one_pass
+    x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, device, seed=19)
+    params = NormParameters(weight, bias, scale, shift)
+    _, mean, rstd = kernels.group_norm_forward(x, params, groups, 1e-5, "silu")
+    dy = torch.randn(x.shape, dtype=dtype, device=device)
+    empty, empty_like = torch.empty, torch.empty_like
+    with monkeypatch.context() as poison:
+        poison.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+        poison.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
+        grads = kernels.group_norm_backward(dy, x, params, mean, rstd, groups, "silu")
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, scale, shift)]
+    expected = explicit_group_norm(leaves[0], groups, *leaves[1:3], leaves[3], leaves[4], "silu")
+    wanted = torch.autograd.grad(expected, leaves, dy.double())
+    atol, rtol = GROUP_NORM[dtype]
+    for got, want in zip(grads, wanted):
+        assert got.shape == want.shape
+        count = x.numel() // want.numel()  # a parameter gradient sums N·S elements
+        torch.testing.assert_close(got.double(), want, atol=atol * count**0.5, rtol=rtol * 4)
+
+
+def test_one_pass_nchw_backward_config_falls_back_where_it_does_not_fit():
+    kernels = importlib.import_module("fastguide.kernels.group_norm")
+    # issue 22's shape: 132 groups' x and dy (128 KB each group) in 24 MB
+    big = kernels.backward_fused_config(64, 256, 32, 64 * 64, 132, 2, kernels.FUSED_L2_BYTES)
+    assert big is not None and big["grid"] == (132 * kernels.BACKWARD_FUSED_PROGRAMS_PER_SM,)
+    group_pair = 2 * 8 * 64 * 64 * 2
+    assert kernels.backward_fused_config(64, 256, 32, 64 * 64, 132, 2, 132 * group_pair) is not None
+    assert kernels.backward_fused_config(64, 256, 32, 64 * 64, 132, 2, 132 * group_pair - 1) is None
+    # fewer groups than programs: the three launches split the groups to fill the GPU
+    assert kernels.backward_fused_config(4, 256, 32, 64 * 64, 132, 2, 2**40) is None
 
 
 @triton.jit
@@ -408,6 +463,26 @@ def test_one_pass_channels_last_config_falls_back_where_it_does_not_fit():
     assert many["lag"] == 4
     # a program per ticket: both passes of every tile of every sample
     assert many["grid"] == (2 * 64 * 4 * many["split"],)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_nchw_backward_one_pass_agrees_with_three_launches_gpu(dtype, monkeypatch):
+    # The GPU's grid (an SM's program each) over 2048 groups: deterministic, and as the three launches.
+    kernels = importlib.import_module("fastguide.kernels.group_norm")
+    x, weight, bias, scale, shift = random_inputs(64, 256, (32, 32), dtype, "cuda", seed=23)
+    params = NormParameters(weight, bias, scale, shift)
+    _, mean, rstd = kernels.group_norm_forward(x, params, 32, 1e-5, "silu")
+    dy = torch.randn_like(x)
+    assert kernels.backward_fused_config(64, 256, 32, 1024, 132, 2, kernels._l2_budget(x.device)) is not None
+    runs = [kernels.group_norm_backward(dy, x, params, mean, rstd, 32, "silu") for _ in range(3)]
+    monkeypatch.setattr(kernels, "_l2_budget", lambda device: 0)
+    three = kernels.group_norm_backward(dy, x, params, mean, rstd, 32, "silu")
+    for run in runs:
+        for got, first in zip(run, runs[0]):
+            assert torch.equal(got, first)
+    for got, want in zip(runs[0], three):
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
