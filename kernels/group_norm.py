@@ -50,7 +50,11 @@ group, merges them in a fixed order and folds dx into dz·α + x·β + γ (per-c
 group β and γ); dx from those maps (`_backward_dx_kernel`, NCHW; `_rows_backward_dx_kernel`,
 channels_last, whole rows). The (N, C)-sized parameter gradients follow from the merged
 (A, B) in a few tiny torch ops.
-Bytes: read x and dy twice, write dx: 5·E·s_x.
+Bytes: read x and dy twice, write dx: 5·E·s_x. NCHW with many groups of moderate size
+(`backward_fused_config`) runs one launch instead, `_group_backward_kernel`, whose
+programs take whole groups as the forward's `_group_kernel` does: (A, B) of each channel
+from a first read of the group's x and dy, then dx from a second read, from L2: HBM sees
+3·E·s_x.
 
 Loads in flight: a memory-bound kernel needs ~64 KB of loads in flight per SM on an
 H200 (Little's law; tools/occupancy.py, checked by tools/kernel_report.py). Each loop
@@ -111,13 +115,13 @@ FUSED_APPLY_UNROLL = 2
 FUSED_PROGRAMS_PER_SM = 2
 FUSED_L2_BYTES = 24 * 2**20
 # The NCHW backward in one pass over HBM (_group_backward_kernel): one program of
-# BACKWARD_FUSED_WARPS warps an SM, tiles of BACKWARD_FUSED_SLAB elements (a 16-byte
-# vector a thread of fp16), BACKWARD_FUSED_UNROLL slabs each of x and dy a step:
-# 512·8·16 B = 64 KB of loads in flight an SM. One program an SM, not two, because each
-# keeps two tensors of its group in L2: at 64×256×64×64 fp16, 132 groups' x and dy are
-# 17 MB, within FUSED_L2_BYTES.
+# BACKWARD_FUSED_WARPS warps an SM, tiles of BACKWARD_FUSED_SLAB_BYTES (a 16-byte vector
+# a thread, whatever the dtype: two in fp32 spilled at 128 registers), BACKWARD_FUSED_
+# UNROLL slabs each of x and dy a step: 512·8·16 B = 64 KB of loads in flight an SM. One
+# program an SM, not two, because each keeps two tensors of its group in L2: at
+# 64×256×64×64 fp16, 132 groups' x and dy are 17 MB, within FUSED_L2_BYTES.
 BACKWARD_FUSED_WARPS = 16
-BACKWARD_FUSED_SLAB = 4096
+BACKWARD_FUSED_SLAB_BYTES = 16 * 32 * BACKWARD_FUSED_WARPS
 BACKWARD_FUSED_UNROLL = 4
 BACKWARD_FUSED_PROGRAMS_PER_SM = 1
 # channels_last in one pass (_rows_group_kernel): a program per tile of the statistics
@@ -138,30 +142,6 @@ def _program_group(G, Cg, channels_per_program):
     c_first = (tl.program_id(0) % programs_per_group) * channels_per_program
     c_last = tl.minimum(c_first + channels_per_program, Cg)
     return group, tl.program_id(1), group // G, (group % G) * Cg, c_first, c_last
-
-
-@triton.jit
-def _slab_offsets(
-    c_start,
-    s_start,
-    group_start_c,
-    c_last,
-    s_end,
-    stride_c,
-    stride_s,
-    UNROLL: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    """Offsets and mask of UNROLL tiles of a group side by side along the spatial axis,
-    stacked as [UNROLL, BLOCK_C, BLOCK_S]: tile u holds channels c_start + [0, BLOCK_C) (those
-    below c_last, the end of the program's channels) at positions s_start + u·BLOCK_S +
-    [0, BLOCK_S) (those below s_end, the end of the program's chunk)."""
-    cc = c_start + tl.arange(0, BLOCK_C)
-    ss = s_start + tl.arange(0, UNROLL)[:, None] * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
-    mask = (cc < c_last)[None, :, None] & (ss < s_end)[:, None, :]
-    offsets = (group_start_c + cc).to(tl.int64)[None, :, None] * stride_c + ss.to(tl.int64)[:, None, :] * stride_s
-    return offsets, mask
 
 
 @triton.jit
@@ -1229,6 +1209,42 @@ def _silu_grad(dy, z):
 
 
 @triton.jit
+def _backward_slab_terms(
+    x_ptr,
+    dy_ptr,
+    rows,
+    c_mask,
+    s_start,
+    s_end,
+    stride_s,
+    mean,
+    rstd,
+    w,
+    b,
+    one_plus_scale,
+    shift,
+    SILU: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """dz and dz·x̂ of one slab, 0 where masked: the channels whose rows start at `rows`
+    (int64 offsets, those in c_mask) × positions s_start + [0, BLOCK_S) (those below s_end);
+    one 2-D load each of x and dy."""
+    ss = s_start + tl.arange(0, BLOCK_S)
+    mask = c_mask[:, None] & (ss < s_end)[None, :]
+    offsets = rows[:, None] + ss.to(tl.int64)[None, :] * stride_s
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    x_hat = (x - mean) * rstd
+    dz = dy
+    if SILU:
+        # z as written, not folded into x·α + o as in dx: folded, the compiler issues the
+        # three-launch sums' sm_80 loads as three, then one.
+        z = (x_hat * w[:, None] + b[:, None]) * one_plus_scale[:, None] + shift[:, None]
+        dz = _silu_grad(dy, z)
+    return tl.where(mask, dz, 0.0), tl.where(mask, dz * x_hat, 0.0)
+
+
+@triton.jit
 def _channel_block_sums(
     x_ptr,
     dy_ptr,
@@ -1252,26 +1268,80 @@ def _channel_block_sums(
 ):
     """A = Σ_s dz and B = Σ_s dz·x̂ over positions [s_begin, s_end) of the group's channels
     [c_start, c_start + BLOCK_C) (those below c_last), x̂ = (x − mean)·rstd, dz = dy
-    (times silu'(z) with SiLU): [BLOCK_C] each. x_ptr and dy_ptr point at the sample."""
+    (times silu'(z) with SiLU): [BLOCK_C] each. x_ptr and dy_ptr point at the sample.
+    A step loads UNROLL (1, 2 or 4) slabs, each its own 2-D load of x and of dy, and adds
+    them as a tree of pairs: as one 3-D [UNROLL, BLOCK_C, BLOCK_S] load, Triton 3.6 spread
+    the UNROLL axis over the warps of a 16-warp program and summed it through 64 KB of
+    shared memory (200 B of spills); this way every slab stays in its threads' registers,
+    and the sum needs every load of the step, so all are issued before the arithmetic."""
+    tl.static_assert((UNROLL == 1 or UNROLL == 2) or UNROLL == 4, "UNROLL: 1, 2 or 4")
+    cc = c_start + tl.arange(0, BLOCK_C)
+    c_mask = cc < c_last
+    rows = (group_start_c + cc).to(tl.int64) * stride_c
     acc_a = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for s_off in range(s_begin, s_end, BLOCK_S * UNROLL):
-        offsets, mask = _slab_offsets(
-            c_start, s_off, group_start_c, c_last, s_end, stride_c, stride_s, UNROLL, BLOCK_C, BLOCK_S
+        a, q = _backward_slab_terms(
+            x_ptr, dy_ptr, rows, c_mask, s_off, s_end, stride_s, mean, rstd, w, b, one_plus_scale, shift, SILU, BLOCK_S
         )
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        x_hat = (x - mean) * rstd
-        dz = dy
-        if SILU:
-            # z as written, not folded into x·α + o as in dx: folded, the compiler
-            # issues this step's four sm_80 loads as three, then one.
-            z = (x_hat * w[None, :, None] + b[None, :, None]) * one_plus_scale[None, :, None] + shift[None, :, None]
-            dz = _silu_grad(dy, z)
-        # The UNROLL slabs sit in each thread's registers: their sum needs every load of
-        # the step, so all are issued before the arithmetic.
-        acc_a += tl.sum(tl.where(mask, dz, 0.0), axis=0)
-        acc_b += tl.sum(tl.where(mask, dz * x_hat, 0.0), axis=0)
+        if UNROLL >= 2:
+            a1, q1 = _backward_slab_terms(
+                x_ptr,
+                dy_ptr,
+                rows,
+                c_mask,
+                s_off + BLOCK_S,
+                s_end,
+                stride_s,
+                mean,
+                rstd,
+                w,
+                b,
+                one_plus_scale,
+                shift,
+                SILU,
+                BLOCK_S,
+            )
+            if UNROLL == 4:
+                a2, q2 = _backward_slab_terms(
+                    x_ptr,
+                    dy_ptr,
+                    rows,
+                    c_mask,
+                    s_off + 2 * BLOCK_S,
+                    s_end,
+                    stride_s,
+                    mean,
+                    rstd,
+                    w,
+                    b,
+                    one_plus_scale,
+                    shift,
+                    SILU,
+                    BLOCK_S,
+                )
+                a3, q3 = _backward_slab_terms(
+                    x_ptr,
+                    dy_ptr,
+                    rows,
+                    c_mask,
+                    s_off + 3 * BLOCK_S,
+                    s_end,
+                    stride_s,
+                    mean,
+                    rstd,
+                    w,
+                    b,
+                    one_plus_scale,
+                    shift,
+                    SILU,
+                    BLOCK_S,
+                )
+                a, q = (a + a1) + (a2 + a3), (q + q1) + (q2 + q3)
+            else:
+                a, q = a + a1, q + q1
+        acc_a += a
+        acc_b += q
     return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1)
 
 
@@ -1739,9 +1809,9 @@ def _group_backward_kernel(
     takes the groups p, p + P, ... of the N·G, one at a time. It reads the group's x and dy
     (HBM) for each channel's A = Σ dz and B = Σ dz·x̂, which it stores (the parameter
     gradients' sums) and folds into the group's (β, γ) as _backward_maps_kernel does; then
-    it reads x and dy again (L2) to write dx = dz·α + x·β + γ. The grid, BACKWARD_FUSED_
-    PROGRAMS_PER_SM programs an SM, bounds the groups in flight so that their x and dy stay
-    in L2 between the two reads: 2·E of HBM reads where the three launches read 4·E."""
+    it reads x and dy again (L2) to write dx = dz·α + x·β + γ. The grid (one program an
+    SM: BACKWARD_FUSED_PROGRAMS_PER_SM) bounds the groups in flight so that their x and dy
+    stay in L2 between the two reads: 2·E of HBM reads where the three launches read 4·E."""
     cc = tl.arange(0, BLOCK_C)
     for group in range(tl.program_id(0), groups, tl.num_programs(0)):
         n = group // G
@@ -1870,17 +1940,17 @@ def launch_config(
 def fused_config(
     batch: int, channels: int, groups: int, spatial: int, multiprocessors: int, element_size: int, l2_budget: int
 ) -> dict | None:
-    """The NCHW one-pass launch (_group_kernel), or None where it does not fit: fewer groups
-    than its FUSED_PROGRAMS_PER_SM·SMs programs (the two-pass launches split groups to fill
-    the GPU; their second read hits L2 anyway when x is that small), or groups too large
-    for that many to stay in l2_budget bytes of L2 between a group's two reads."""
+    """The NCHW one-pass launch (_group_kernel), or None where it does not fit: groups that
+    leave its FUSED_PROGRAMS_PER_SM·SMs programs idle (`_rounds_pay`, against the two
+    launches' 3·E of traffic to its 2·E), or groups too large for that many to stay in
+    l2_budget bytes of L2 between a group's two reads."""
     cg = channels // groups
     programs = FUSED_PROGRAMS_PER_SM * multiprocessors
-    if batch * groups < programs or programs * cg * spatial * element_size > l2_budget:
+    if not _rounds_pay(batch * groups, programs, 3 / 2) or programs * cg * spatial * element_size > l2_budget:
         return None
-    # The normalising pass's tiles: a step (UNROLL tiles along s) no longer than the
-    # channel's row where it can, so short rows (S = 1024: 32×32) fill it with more
-    # channels instead of masking half its lanes.
+    # The normalising pass's tiles: a step (UNROLL tiles along s) of the channel's row
+    # rounded up to a power of two, where a slab allows, so short rows (S = 1024: 32×32)
+    # fill it with more channels instead of masking most of its lanes.
     block_s = min(max(1, triton.next_power_of_2(spatial) // FUSED_APPLY_UNROLL), FUSED_SLAB)
     block_c = min(triton.next_power_of_2(cg), FUSED_SLAB // block_s)
     return dict(
@@ -1899,16 +1969,32 @@ def backward_fused_config(
     batch: int, channels: int, groups: int, spatial: int, multiprocessors: int, element_size: int, l2_budget: int
 ) -> dict | None:
     """The NCHW backward's one launch (_group_backward_kernel), or None where it does not
-    fit: fewer groups than its programs, or groups whose x and dy, for every program at
-    once, exceed l2_budget bytes (fused_config's rule, with two tensors read twice)."""
+    fit: groups that leave its programs idle (`_rounds_pay`, against the three launches' 5·E
+    of traffic to its 3·E), groups whose x and dy, for every program at once, exceed
+    l2_budget bytes (fused_config's rule, with two tensors read twice), or rows too short
+    for a slab's row to be a whole 16-byte vector (S < 4 vectors: a tile of many channels
+    of a few positions each spills)."""
     cg = channels // groups
     programs = BACKWARD_FUSED_PROGRAMS_PER_SM * multiprocessors
-    if batch * groups < programs or programs * 2 * cg * spatial * element_size > l2_budget:
+    if not _rounds_pay(batch * groups, programs, 5 / 3) or programs * 2 * cg * spatial * element_size > l2_budget:
         return None
-    # A step (UNROLL slabs along s) no longer than a channel's row where it can, as fused_config's.
-    block_s = min(max(1, triton.next_power_of_2(spatial) // BACKWARD_FUSED_UNROLL), BACKWARD_FUSED_SLAB)
-    block_c = min(triton.next_power_of_2(cg), BACKWARD_FUSED_SLAB // block_s)
+    slab = BACKWARD_FUSED_SLAB_BYTES // element_size
+    # A step (UNROLL slabs along s) of the row rounded up to a power of two, as fused_config's.
+    block_s = min(triton.next_power_of_2(spatial) // BACKWARD_FUSED_UNROLL, slab)
+    if block_s * element_size < 16:
+        return None
+    block_c = min(triton.next_power_of_2(cg), slab // block_s)
     return dict(grid=(programs,), meta=dict(BLOCK_C=block_c, BLOCK_S=block_s, UNROLL=BACKWARD_FUSED_UNROLL))
+
+
+def _rounds_pay(groups: int, programs: int, traffic_ratio: float) -> bool:
+    """Whether a persistent grid that takes whole groups, a round of `programs` at a time,
+    beats launches that split the groups evenly over the GPU but move traffic_ratio times
+    its bytes: there is a full round, and the rounds keep more than 1 / traffic_ratio of the
+    programs busy (133 groups on 132 programs take two rounds, the second nearly idle).
+    A model of bandwidth-bound time, not a measurement."""
+    rounds = -(-groups // programs)
+    return groups >= programs and groups * traffic_ratio > rounds * programs
 
 
 def rows_fused_config(

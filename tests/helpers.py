@@ -139,8 +139,14 @@ SHAPES = [
 
 
 def explicit_group_norm(x, groups, weight, bias, scale, shift, activation, eps=1e-5):
-    """F.group_norm in float64, then y·(1 + scale) + shift and silu(y) = y·sigmoid(y)."""
-    y = F.group_norm(x.double(), groups, weight.double(), bias.double(), eps)
+    """F.group_norm in float64 (without its affine), then y·weight + bias, y·(1 + scale) +
+    shift and silu(y) = y·sigmoid(y); each parameter may be None."""
+    y = F.group_norm(x.double(), groups, eps=eps)
+    channels = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.double().reshape(channels)
+    if bias is not None:
+        y = y + bias.double().reshape(channels)
     view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
     if scale is not None:
         y = y * (1 + scale.double().reshape(view))

@@ -117,6 +117,8 @@ def test_group_norm_one_pass_gpu(record, path, dtype, channels_last, monkeypatch
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_group_norm_backward_gpu(record, impl, dtype, channels_last, monkeypatch):
     if impl == "fastguide-triton-three-launch":
+        if channels_last:
+            pytest.skip("channels_last's backward is the three launches already")
         kernels = importlib.import_module("fastguide.kernels.group_norm")
         monkeypatch.setattr(kernels, "_l2_budget", lambda device: 0)
         impl = "fastguide-triton"

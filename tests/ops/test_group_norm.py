@@ -287,11 +287,10 @@ def test_group_norm_backward_at_large_mean_and_small_spread(backend, channels_la
         torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=0)
 
 
-# NCHW shapes for the one-pass kernels, forward and backward, at 2 programs: groups of 10
-# channels (a tile holds 16); 4096 positions (the forward's statistics: one whole step of
-# 16384 elements); 33×35 (partial steps; the backward's 2 tiles of 8 channels a group);
-# channels of 3 positions; 9 groups (the 2 programs take 5 and 4); rows of 4900 positions
-# (a whole normalising step and a partial one).
+# NCHW shapes for the one-pass forward at 2 programs: groups of 10 channels (a tile holds
+# 16); a group of exactly one whole statistics step (16384 elements); 33×35 (partial
+# steps); channels of 3 positions; 9 groups (the 2 programs take 5 and 4); rows of 4900
+# positions (a whole normalising step and a partial one).
 NCHW_ONE_PASS_SHAPES = [
     (2, 320, 32, (32, 32)),
     (3, 8, 2, (64, 64)),
@@ -300,17 +299,33 @@ NCHW_ONE_PASS_SHAPES = [
     (3, 24, 3, (9, 8)),
     (1, 4, 2, (70, 70)),
 ]
+# The backward's: rows of at least 4 16-byte vectors (shorter ones take the three
+# launches); 25 positions (fp16: a row of 32, 8 to a slab, in 4 slabs a step).
+NCHW_BACKWARD_ONE_PASS_SHAPES = [s for s in NCHW_ONE_PASS_SHAPES if math.prod(s[3]) > 16] + [(5, 160, 32, (5, 5))]
 
 
-def _forced_path(monkeypatch, one_pass: bool):
+class _LaunchCount:
+    """A Triton kernel that counts its launches (kernel[grid](...))."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def _forced_path(monkeypatch, one_pass: bool, kernel_name: str):
     """The Triton kernels module on 2 SMs (on a GPU too, whose SMs would outnumber these
-    shapes' groups), with an L2 budget that takes its one-pass kernels or none: (module,
-    budget)."""
+    shapes' groups), with an L2 budget that takes its one-pass kernels or none, and its
+    one-pass kernel `kernel_name` counting launches: (module, budget, counter)."""
     kernels = importlib.import_module("fastguide.kernels.group_norm")
     monkeypatch.setattr(kernels, "_multiprocessors", lambda device: 2)
     budget = 2**40 if one_pass else 0
     monkeypatch.setattr(kernels, "_l2_budget", lambda device: budget)
-    return kernels, budget
+    counter = _LaunchCount(getattr(kernels, kernel_name))
+    monkeypatch.setattr(kernels, kernel_name, counter)
+    return kernels, budget, counter
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend (a GPU, or TRITON_INTERPRET=1)")
@@ -324,7 +339,7 @@ def _forced_path(monkeypatch, one_pass: bool):
 def test_triton_nchw_forward_in_one_pass_and_in_two(one_pass, dtype, shape, monkeypatch, device):
     # The launcher picks the one-pass kernel (_group_kernel) where the groups in flight fit
     # its L2 budget, the two launches otherwise: each path, forced, on the same inputs.
-    kernels, budget = _forced_path(monkeypatch, one_pass)
+    kernels, budget, one_pass_kernel = _forced_path(monkeypatch, one_pass, "_group_kernel")
     monkeypatch.setattr(kernels, "FUSED_PROGRAMS_PER_SM", 1)  # 2 programs
     n, c, groups, spatial = shape
     taken = kernels.fused_config(n, c, groups, math.prod(spatial), 2, dtype.itemsize, budget)
@@ -332,6 +347,7 @@ def test_triton_nchw_forward_in_one_pass_and_in_two(one_pass, dtype, shape, monk
     x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, device, seed=11)
     params = NormParameters(weight, bias, scale, shift)
     y, mean, rstd = kernels.group_norm_forward(x, params, groups, 1e-5, "silu")
+    assert one_pass_kernel.launches == one_pass
     assert_close(y, explicit_group_norm(x, groups, weight, bias, scale, shift, "silu"), GROUP_NORM, dtype)
     # the saved statistics, which the backward reads
     grouped = x.double().reshape(n, groups, -1)
@@ -355,7 +371,7 @@ def test_triton_nchw_forward_in_one_pass_and_in_two(one_pass, dtype, shape, monk
 def test_triton_channels_last_forward_in_one_pass_and_in_three(one_pass, dtype, shape, monkeypatch, device):
     # The launcher picks the one-pass kernel (_rows_group_kernel) where 3·lag − 1 samples
     # fit its L2 budget, the three launches otherwise: each path, forced, on the same inputs.
-    kernels, budget = _forced_path(monkeypatch, one_pass)
+    kernels, budget, one_pass_kernel = _forced_path(monkeypatch, one_pass, "_rows_group_kernel")
     n, c, groups, spatial = shape
     taken = kernels.rows_fused_config(n, c, groups, math.prod(spatial), 2, dtype.itemsize, budget)
     assert (taken is not None) == one_pass
@@ -363,6 +379,7 @@ def test_triton_channels_last_forward_in_one_pass_and_in_three(one_pass, dtype, 
     x = x.to(memory_format=torch.channels_last)
     params = NormParameters(weight, bias, scale, shift)
     y, mean, rstd = kernels.group_norm_forward(x, params, groups, 1e-5, "silu")
+    assert one_pass_kernel.launches == one_pass
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert_close(y, explicit_group_norm(x, groups, weight, bias, scale, shift, "silu"), GROUP_NORM, dtype)
     grouped = x.double().permute(0, 2, 3, 1).reshape(n, -1, groups, c // groups).transpose(1, 2).reshape(n, groups, -1)
@@ -371,39 +388,72 @@ def test_triton_channels_last_forward_in_one_pass_and_in_three(one_pass, dtype, 
     torch.testing.assert_close(rstd.double(), want_rstd, atol=0, rtol=1e-5)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend (a GPU, or TRITON_INTERPRET=1)")
-@pytest.mark.parametrize("one_pass", [False, True], ids=["three-launch", "one-pass"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize(
-    "shape",
-    NCHW_ONE_PASS_SHAPES,
-    ids=str,
-)
-def test_triton_nchw_backward_in_one_pass_and_in_three(one_pass, dtype, shape, monkeypatch, device):
-    # The launcher picks the one-pass backward (_group_backward_kernel) where the groups in
-    # flight fit its L2 budget, the three launches otherwise: each path, forced, on the
-    # same inputs, every gradient against float64 autograd, outputs poisoned with NaN.
-    kernels, budget = _forced_path(monkeypatch, one_pass)
+def _check_nchw_backward(kernels, shape, dtype, present, activation, monkeypatch, device):
+    """kernels.group_norm_backward with the parameters named in `present` (of weight, bias,
+    scale, shift), outputs poisoned with NaN, against float64 autograd of the formula."""
     n, c, groups, spatial = shape
-    taken = kernels.backward_fused_config(n, c, groups, math.prod(spatial), 2, dtype.itemsize, budget)
-    assert (taken is not None) == one_pass
-    x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, device, seed=19)
-    params = NormParameters(weight, bias, scale, shift)
-    _, mean, rstd = kernels.group_norm_forward(x, params, groups, 1e-5, "silu")
+    x, *params = random_inputs(n, c, spatial, dtype, device, seed=19)
+    params = NormParameters(*(t if name in present else None for name, t in zip(NormParameters._fields, params)))
+    _, mean, rstd = kernels.group_norm_forward(x, params, groups, 1e-5, activation)
     dy = torch.randn(x.shape, dtype=dtype, device=device)
     empty, empty_like = torch.empty, torch.empty_like
     with monkeypatch.context() as poison:
         poison.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
         poison.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
-        grads = kernels.group_norm_backward(dy, x, params, mean, rstd, groups, "silu")
-    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, scale, shift)]
-    expected = explicit_group_norm(leaves[0], groups, *leaves[1:3], leaves[3], leaves[4], "silu")
-    wanted = torch.autograd.grad(expected, leaves, dy.double())
+        grads = kernels.group_norm_backward(dy, x, params, mean, rstd, groups, activation)
+    leaves = [None if t is None else t.detach().double().requires_grad_() for t in (x, *params)]
+    expected = explicit_group_norm(leaves[0], groups, *leaves[1:3], leaves[3], leaves[4], activation)
+    wanted = torch.autograd.grad(expected, [t for t in leaves if t is not None], dy.double())
     atol, rtol = GROUP_NORM[dtype]
-    for got, want in zip(grads, wanted):
+    assert [g is None for g in grads] == [t is None for t in leaves]
+    for got, want in zip([g for g in grads if g is not None], wanted):
         assert got.shape == want.shape
         count = x.numel() // want.numel()  # a parameter gradient sums N·S elements
         torch.testing.assert_close(got.double(), want, atol=atol * count**0.5, rtol=rtol * 4)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend (a GPU, or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("one_pass", [False, True], ids=["three-launch", "one-pass"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", NCHW_BACKWARD_ONE_PASS_SHAPES, ids=str)
+def test_triton_nchw_backward_in_one_pass_and_in_three(one_pass, dtype, shape, monkeypatch, device):
+    # The launcher picks the one-pass backward (_group_backward_kernel) where the groups in
+    # flight fit its L2 budget, the three launches otherwise: each path, forced, on the
+    # same inputs, every gradient against float64 autograd.
+    kernels, budget, one_pass_kernel = _forced_path(monkeypatch, one_pass, "_group_backward_kernel")
+    n, c, groups, spatial = shape
+    taken = kernels.backward_fused_config(n, c, groups, math.prod(spatial), 2, dtype.itemsize, budget)
+    assert (taken is not None) == one_pass
+    _check_nchw_backward(kernels, shape, dtype, NormParameters._fields, "silu", monkeypatch, device)
+    assert one_pass_kernel.launches == one_pass
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend (a GPU, or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("one_pass", [False, True], ids=["three-launch", "one-pass"])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize(
+    "present", [(), ("weight", "shift"), ("bias", "scale"), NormParameters._fields], ids=lambda p: "+".join(p) or "none"
+)
+def test_triton_nchw_backward_over_many_steps_and_parameter_sets(one_pass, activation, present, monkeypatch, device):
+    # Slabs of 256 bytes: a row of 4900 positions takes 19 whole steps and a partial one
+    # (the default slab covers it in one); each subset of the parameters, with and without SiLU.
+    kernels, _, one_pass_kernel = _forced_path(monkeypatch, one_pass, "_group_backward_kernel")
+    monkeypatch.setattr(kernels, "BACKWARD_FUSED_SLAB_BYTES", 256)
+    _check_nchw_backward(kernels, (1, 4, 2, (70, 70)), torch.float32, present, activation, monkeypatch, device)
+    assert one_pass_kernel.launches == one_pass
+
+
+def test_one_pass_nchw_forward_config_takes_groups_that_keep_its_programs_busy():
+    kernels = importlib.import_module("fastguide.kernels.group_norm")
+    programs = kernels.FUSED_PROGRAMS_PER_SM * 132
+    taken = kernels.fused_config(64, 256, 32, 64 * 64, 132, 2, kernels.FUSED_L2_BYTES)
+    assert taken is not None and taken["grid"] == (programs,)
+    # groups of 32×32 positions: one round exactly; one group more (a second round nearly
+    # idle: the two launches' 3·E spread evenly beat it); a second round 3/4 full
+    assert kernels.fused_config(programs, 32, 1, 32 * 32, 132, 2, 2**40) is not None
+    assert kernels.fused_config(programs + 1, 32, 1, 32 * 32, 132, 2, 2**40) is None
+    assert kernels.fused_config(programs * 7 // 4, 32, 1, 32 * 32, 132, 2, 2**40) is not None
+    assert kernels.fused_config(programs - 1, 32, 1, 32 * 32, 132, 2, 2**40) is None
 
 
 def test_one_pass_nchw_backward_config_falls_back_where_it_does_not_fit():
@@ -411,11 +461,21 @@ def test_one_pass_nchw_backward_config_falls_back_where_it_does_not_fit():
     # issue 22's shape: 132 groups' x and dy (128 KB each group) in 24 MB
     big = kernels.backward_fused_config(64, 256, 32, 64 * 64, 132, 2, kernels.FUSED_L2_BYTES)
     assert big is not None and big["grid"] == (132 * kernels.BACKWARD_FUSED_PROGRAMS_PER_SM,)
+    # a 16-byte vector a thread in each dtype: tiles of 4096 fp16, 2048 fp32 elements
+    assert big["meta"]["BLOCK_C"] * big["meta"]["BLOCK_S"] == 4096
+    fp32 = kernels.backward_fused_config(64, 256, 32, 32 * 32, 132, 4, kernels.FUSED_L2_BYTES)
+    assert fp32["meta"]["BLOCK_C"] * fp32["meta"]["BLOCK_S"] == 2048
     group_pair = 2 * 8 * 64 * 64 * 2
     assert kernels.backward_fused_config(64, 256, 32, 64 * 64, 132, 2, 132 * group_pair) is not None
     assert kernels.backward_fused_config(64, 256, 32, 64 * 64, 132, 2, 132 * group_pair - 1) is None
     # fewer groups than programs: the three launches split the groups to fill the GPU
     assert kernels.backward_fused_config(4, 256, 32, 64 * 64, 132, 2, 2**40) is None
+    # a second round of 1 group in 132 (5·E spread evenly beats it); of 100 in 132 (3·E does)
+    assert kernels.backward_fused_config(133, 32, 1, 64 * 64, 132, 2, 2**40) is None
+    assert kernels.backward_fused_config(232, 32, 1, 64 * 64, 132, 2, 2**40) is not None
+    # rows shorter than 4 16-byte vectors (fp16: 17 positions round up to 32, 8 a slab)
+    assert kernels.backward_fused_config(64, 256, 32, 16, 132, 2, 2**40) is None
+    assert kernels.backward_fused_config(64, 256, 32, 17, 132, 2, 2**40) is not None
 
 
 @triton.jit
@@ -475,7 +535,10 @@ def test_nchw_backward_one_pass_agrees_with_three_launches_gpu(dtype, monkeypatc
     _, mean, rstd = kernels.group_norm_forward(x, params, 32, 1e-5, "silu")
     dy = torch.randn_like(x)
     assert kernels.backward_fused_config(64, 256, 32, 1024, 132, 2, kernels._l2_budget(x.device)) is not None
+    counter = _LaunchCount(kernels._group_backward_kernel)
+    monkeypatch.setattr(kernels, "_group_backward_kernel", counter)
     runs = [kernels.group_norm_backward(dy, x, params, mean, rstd, 32, "silu") for _ in range(3)]
+    assert counter.launches == 3
     monkeypatch.setattr(kernels, "_l2_budget", lambda device: 0)
     three = kernels.group_norm_backward(dy, x, params, mean, rstd, 32, "silu")
     for run in runs:
