@@ -16,13 +16,18 @@ On a diffusers pipeline, ``accelerate`` does three things, in place:
 A call fastguide cannot reproduce (a scheduler or option it has no equal for, an IP-adapter
 image, step callbacks, ...) runs diffusers' own ``__call__``; the reason is logged at INFO
 by the ``fastguide.pipelines`` logger and kept in ``pipe.fastguide_fallback``. Never a
-silently different image.
+silently different image: the generators are put back as the call found them, so the
+fallback draws what diffusers alone would; and where the pipeline was accelerated with
+options of fastguide's own (``sampler=``, ``guidance=``, ``cache=``), which diffusers'
+loop does not have, the fallback warns that they did not apply.
 
 fastguide's own choices stay open, as options of ``accelerate`` (kept on the pipeline as
 ``pipe.fastguide_options``, in diffusers' way of configuring a pipeline once):
 ``sampler=`` (with ``spacing=``) samples with a fastguide solver on the scheduler's noise
 schedule instead of reproducing the scheduler; ``guidance=`` a ``fastguide.Guidance`` to use
-instead of the pipeline's CFG (its ``guidance_scale`` then has no effect); ``cache=`` a
+instead of the pipeline's CFG (its ``guidance_scale``, and a PAG pipeline's ``pag_scale``,
+then have no effect; the negative prompt is encoded where the guidance has an unconditional
+branch); ``cache=`` a
 ``fastguide.FirstBlockCache`` or ``ForecastCache`` for the denoiser's blocks (DiT, PixArt
 and SD3 transformer blocks; an SD/SDXL UNet's down, mid and up blocks);
 ``cuda_graph=True`` captures the loop as CUDA graphs.
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +49,8 @@ from ..models.accelerate import accelerate as accelerate_module
 from ..models.block_cache import BlockCacheSettings, FirstBlockCache, ForecastCache, check_cacheable
 from ..sampling.guidance import Guidance
 from ..sampling.loop import GuidedSampler
-from ..sampling.schedule import NoiseSchedule
+from ..sampling.schedule import SPACINGS, NoiseSchedule
+from ..sampling.solvers import SAMPLERS
 from . import recipes
 from .schedulers import UnsupportedScheduler
 
@@ -99,6 +106,11 @@ def accelerate(
         )
     if sampler is None and spacing is not None:
         raise ValueError("spacing= places fastguide's own sampler's steps: it needs sampler=")
+    # the names now, not at the first call (after the kernels, the class and a prompt's encoding)
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS} or None, got {sampler!r}")
+    if spacing is not None and spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS} or None, got {spacing!r}")
     if cache is not None:  # before any change: a denoiser the cache cannot take is refused here, not at a call
         check_cacheable(recipe.denoiser_of(target), type(cache).__name__)
     accelerate_module(recipe.denoiser_of(target))
@@ -139,18 +151,41 @@ def _accelerated_call(pipe, original: Callable, args: tuple, kwargs: dict):
     extra = arguments.pop("kwargs", {}) or {}
     recipe = recipes.recipe_for(pipe)
     assert recipe is not None  # accelerate() made this class for a pipeline with a recipe
+    options = pipe.fastguide_options
+    generators = _generator_states(arguments.get("generator"))
     try:
         if extra:
-            raise recipes.Unsupported(f"the arguments {sorted(extra)} (deprecated step callbacks) are diffusers' own")
-        denoising = recipe.prepare(pipe, arguments, pipe.fastguide_options)
+            raise recipes.Unsupported(
+                f"the arguments {sorted(extra)} are not parameters of {type(pipe).__name__}.__call__ "
+                "(diffusers' deprecated step callbacks, or a misspelling, which diffusers ignores)"
+            )
+        denoising = recipe.prepare(pipe, arguments, options)
     except (recipes.Unsupported, UnsupportedScheduler) as reason:
+        for generator, state in generators:  # as the call found them: diffusers draws what it alone would
+            generator.set_state(state)
         pipe.fastguide_fallback = str(reason)
         log.info("fastguide: %s runs diffusers' own denoising loop: %s", type(pipe).__name__, reason)
+        own = [f"{name}=" for name in ("sampler", "guidance", "cache") if getattr(options, name) is not None]
+        if own:
+            warnings.warn(
+                f"fastguide: this {type(pipe).__name__} call runs diffusers' own loop ({reason}), "
+                f"without accelerate's {', '.join(own)}",
+                stacklevel=3,
+            )
         return original(pipe, *args, **kwargs)
     pipe.fastguide_fallback = None
     steps = denoising.sampling["steps"]
-    pipe._num_timesteps = steps if isinstance(steps, int) else len(steps)  # the pipeline's num_timesteps
+    # the pipeline's num_timesteps: its scheduler's steps where fastguide reproduces them (a
+    # Heun scheduler counts each of its two stages), fastguide's own sampler's otherwise
+    own_steps = steps if isinstance(steps, int) else len(steps)
+    pipe._num_timesteps = own_steps if options.sampler is not None else len(pipe.scheduler.timesteps)
     return denoising.finish(_denoise(pipe, denoising))
+
+
+def _generator_states(generator: object) -> list[tuple[torch.Generator, Tensor]]:
+    """The call's generator(s), each with its state before the call."""
+    generators = generator if isinstance(generator, (list, tuple)) else [generator]
+    return [(g, g.get_state()) for g in generators if isinstance(g, torch.Generator)]
 
 
 def _denoise(pipe, denoising: recipes.Denoising) -> Tensor:

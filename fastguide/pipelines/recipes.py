@@ -90,8 +90,9 @@ class Recipe:
 
 
 def _refuse_given(arguments: Mapping, names: tuple[str, ...]) -> None:
-    """Unsupported when any of ``names`` is given (not None): what fastguide's loop does not run."""
-    given = [name for name in names if arguments.get(name) is not None]
+    """Unsupported when any of ``names`` is given (not None, and not an empty dict, which
+    diffusers reads as none): what fastguide's loop does not run."""
+    given = [name for name in names if arguments.get(name) is not None and arguments.get(name) != {}]
     if given:
         raise Unsupported(
             f"{', '.join(f'{name}=' for name in given)} ha{'s' if len(given) == 1 else 've'} no "
@@ -105,12 +106,15 @@ def _module(pipe):
 
 
 class Sampling(NamedTuple):
-    """GuidedSampler's settings, the map from the pipeline's starting latents to x_T, and the
-    generator of the steps' noise (None for a sampler that draws none)."""
+    """GuidedSampler's settings, the map from the pipeline's starting latents to x_T, the
+    generator of the steps' noise (None for a sampler that draws none), and whether the
+    reproduced scheduler's scale_model_input rescales the latents (the σ-space schedulers:
+    Euler, Heun, ...)."""
 
     settings: dict
     initial_noise: Callable[[Tensor], Tensor]
     generator: torch.Generator | None
+    scaled_input: bool = False
 
 
 def _step_generator(
@@ -155,7 +159,7 @@ def _sampling(
             generator_in_step=generator_in_step,
         )
         generator = _step_generator(arguments.get("generator"), settings.draws_noise, settings.sampler)
-        return Sampling(settings.sample_kwargs(), settings.initial_noise, generator)
+        return Sampling(settings.sample_kwargs(), settings.initial_noise, generator, settings.latent_scale != 1.0)
     _refuse_given(arguments, ("timesteps", "sigmas"))
     if eta:
         raise Unsupported(f"eta={eta} with accelerate(sampler=...): DDIM's eta belongs to the pipeline's scheduler")
@@ -181,9 +185,14 @@ def _sampling(
         prediction_type=prediction_type,
         clip_denoised=False,
     )
-    scale = pipe.scheduler.init_noise_sigma if scaled_latents else 1.0
     generator = _step_generator(arguments.get("generator"), options.sampler in STOCHASTIC_SAMPLERS, options.sampler)
-    return Sampling(sampling, lambda latents: latents / scale, generator)
+
+    def initial_noise(latents: Tensor) -> Tensor:
+        # init_noise_sigma as prepare_latents used it: set by this call's set_timesteps,
+        # which runs after this function (before it, it holds the previous call's)
+        return latents / pipe.scheduler.init_noise_sigma if scaled_latents else latents
+
+    return Sampling(sampling, initial_noise, generator)
 
 
 def _guidance(options, scale: float, rescale: float = 0.0) -> Guidance | None:
@@ -193,6 +202,15 @@ def _guidance(options, scale: float, rescale: float = 0.0) -> Guidance | None:
     if scale > 1 and not 0 <= rescale <= 1:
         raise Unsupported(f"guidance_rescale={rescale} outside [0, 1]: fastguide's CFG rescale takes [0, 1]")
     return CFG(float(scale), rescale=float(rescale)) if scale > 1 else None
+
+
+def _guided(pipeline_cfg: bool, options) -> bool:
+    """Whether the call needs the unconditional branch (the negative prompt's embeddings):
+    the pipeline's own CFG, or an accelerate(guidance=...) that guides with it, whatever the
+    call's guidance_scale."""
+    if options.guidance is not None:
+        return "uncond" in options.guidance.branches
+    return pipeline_cfg
 
 
 def _pair(cond: dict, uncond: dict, guided: bool) -> tuple[dict, dict | None]:
@@ -219,7 +237,8 @@ def _refuse_guidance_embedding(pipe) -> None:
 def _stable_diffusion(pipe, a: dict, options) -> Denoising:
     _refuse_given(a, ("ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs", "callback_on_step_end"))
     _refuse_guidance_embedding(pipe)
-    sampling, x_T, generator = _sampling(pipe, a, options, eta=a["eta"])
+    sampling, x_T, generator, _ = _sampling(pipe, a, options, eta=a["eta"])
+    guidance = _guidance(options, a["guidance_scale"], a["guidance_rescale"])  # (refusals before anything runs)
     size = pipe.unet.config.sample_size
     default_height, default_width = (size, size) if isinstance(size, int) else tuple(size)
     default_height, default_width = default_height * pipe.vae_scale_factor, default_width * pipe.vae_scale_factor
@@ -248,7 +267,7 @@ def _stable_diffusion(pipe, a: dict, options) -> Denoising:
     pipe._cross_attention_kwargs, pipe._interrupt = None, False
     prompt, batch = a["prompt"], _batch(a)
     device = pipe._execution_device
-    guided = pipe.do_classifier_free_guidance
+    guided = _guided(pipe.do_classifier_free_guidance, options)
     prompt_embeds, negative_embeds = pipe.encode_prompt(
         prompt,
         device,
@@ -291,7 +310,6 @@ def _stable_diffusion(pipe, a: dict, options) -> Denoising:
             return image, nsfw
         return _module(pipe).StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
 
-    guidance = _guidance(options, a["guidance_scale"], a["guidance_rescale"])
     return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, generator, finish)
 
 
@@ -323,7 +341,8 @@ def _stable_diffusion_xl(pipe, a: dict, options) -> Denoising:
             "negative_original_size/negative_target_size with more than one image: diffusers repeats "
             "[negative; positive] time ids row-wise, interleaving them across its CFG halves"
         )
-    sampling, x_T, generator = _sampling(pipe, a, options, eta=a["eta"])
+    sampling, x_T, generator, _ = _sampling(pipe, a, options, eta=a["eta"])
+    guidance = _guidance(options, a["guidance_scale"], a["guidance_rescale"])  # (refusals before anything runs)
     pipe.check_inputs(
         prompt,
         a["prompt_2"],
@@ -347,7 +366,7 @@ def _stable_diffusion_xl(pipe, a: dict, options) -> Denoising:
     )
     pipe._cross_attention_kwargs, pipe._denoising_end, pipe._interrupt = None, None, False
     device = pipe._execution_device
-    guided = pipe.do_classifier_free_guidance
+    guided = _guided(pipe.do_classifier_free_guidance, options)
     prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
         prompt=prompt,
         prompt_2=a["prompt_2"],
@@ -428,7 +447,6 @@ def _stable_diffusion_xl(pipe, a: dict, options) -> Denoising:
         pipe.maybe_free_model_hooks()
         return module.StableDiffusionXLPipelineOutput(images=image) if a["return_dict"] else (image,)
 
-    guidance = _guidance(options, a["guidance_scale"], a["guidance_rescale"])
     return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, generator, finish)
 
 
@@ -480,9 +498,14 @@ def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
             config.get("base_shift", 0.5),
             config.get("max_shift", 1.16),
         )
-    sampling, x_T, generator = _sampling(pipe, a, options, generator_in_step=False, mu=mu)
+    sampling, x_T, generator, _ = _sampling(pipe, a, options, generator_in_step=False, mu=mu)
+    if skip_layers is not None and pipe.do_classifier_free_guidance and sampling["sampler"] != "euler":
+        raise Unsupported(
+            f"skip_guidance_layers with sampler {sampling['sampler']!r}: diffusers' window counts "
+            "model calls, fastguide's reproduction counts steps (equal for Euler only)"
+        )
     device = pipe._execution_device
-    guided = pipe.do_classifier_free_guidance
+    guided = _guided(pipe.do_classifier_free_guidance, options)
     prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
         prompt=prompt,
         prompt_2=a["prompt_2"],
@@ -535,11 +558,6 @@ def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
 
     guidance = _guidance(options, a["guidance_scale"])
     if skip_layers is not None and guided:
-        if sampling["sampler"] != "euler":
-            raise Unsupported(
-                f"skip_guidance_layers with sampler {sampling['sampler']!r}: diffusers' window counts "
-                "model calls, fastguide's reproduction counts steps (equal for Euler only)"
-            )
         guidance = _skip_layer_guidance(a, sampling, skip_layers)
     return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, generator, finish)
 
@@ -602,7 +620,7 @@ def _pixart(pipe, a: dict, options) -> Denoising:
         a["prompt_attention_mask"],
         a["negative_prompt_attention_mask"],
     )
-    sampling, x_T, generator = _sampling(pipe, a, options, eta=a["eta"])
+    sampling, x_T, generator, _ = _sampling(pipe, a, options, eta=a["eta"])
     if sampling.get("variance_type") == "learned_range":
         raise Unsupported(
             "DDPMScheduler's learned_range variance: PixArt guides its variance channels, fastguide "
@@ -610,7 +628,7 @@ def _pixart(pipe, a: dict, options) -> Denoising:
         )
     prompt, batch = a["prompt"], _batch(a)
     device = pipe._execution_device
-    guided = a["guidance_scale"] > 1.0
+    guided = _guided(a["guidance_scale"] > 1.0, options)
     prompt_embeds, prompt_mask, negative_embeds, negative_mask = pipe.encode_prompt(
         prompt,
         guided,
@@ -675,7 +693,12 @@ DIT_NULL_CLASS = 1000
 
 
 def _dit(pipe, a: dict, options) -> Denoising:
-    sampling, x_T, generator = _sampling(pipe, a, options, generator_in_step=False, scaled_latents=False)
+    sampling, x_T, generator, scaled_input = _sampling(pipe, a, options, generator_in_step=False, scaled_latents=False)
+    if scaled_input:
+        raise Unsupported(
+            f"DiTPipeline with {type(pipe.scheduler).__name__}: its loop steps the scheduler on "
+            "scale_model_input's output, which this scheduler rescales (fastguide's Euler would differ)"
+        )
     if sampling.get("variance_type") == "learned_range":
         raise Unsupported("DDPMScheduler's learned_range variance: DiTPipeline steps on the guided eps alone")
     labels = a["class_labels"]

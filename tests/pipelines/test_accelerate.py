@@ -426,6 +426,10 @@ def test_accelerate_refuses_what_it_cannot_take():
         fastguide.accelerate(pipe, spacing="karras")
     with pytest.raises(TypeError, match="cache must be a fastguide.FirstBlockCache"):
         fastguide.accelerate(pipe, cache=0.1)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        fastguide.accelerate(pipe, sampler="bogus")
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        fastguide.accelerate(pipe, sampler="unipc", spacing="bogus")
 
 
 @pytest.mark.gpu
@@ -489,3 +493,58 @@ def test_calls_and_classes_no_recipe_follows_are_left_to_diffusers():
     pipe.__class__ = Custom
     with pytest.raises(TypeError, match="a diffusers pipeline of"):
         fastguide.accelerate(pipe)
+
+
+def test_fastguides_own_sampler_starts_from_unit_noise_whatever_the_previous_call():
+    # An Euler scheduler's init_noise_sigma depends on the steps of the last set_timesteps:
+    # x_T must be read with this call's, not the previous call's.
+    make = lambda: fastguide.accelerate(stable_diffusion(SD_SCHEDULERS["euler"]()), sampler="unipc")  # noqa: E731
+    call = {**SD_CALL, "latents": None}
+    fresh = _images(make(), call)
+    reused = make()
+    _images(reused, {**call, "num_inference_steps": 3})
+    torch.testing.assert_close(_images(reused, call), fresh, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "case, make, call",
+    [
+        # refused (fastguide's rescale takes [0, 1]) after the latents would have been drawn
+        ("sd rescale outside [0, 1]", lambda: stable_diffusion(SD_SCHEDULERS["ddim"]()), {"guidance_rescale": 1.5}),
+        ("sdxl rescale outside [0, 1]", stable_diffusion_xl, {**SDXL_CALL, "guidance_rescale": 1.5}),
+        # diffusers' DiT loop steps on scale_model_input's output (an Euler scheduler rescales it)
+        (
+            "dit euler",
+            lambda: dit(diffusers.EulerDiscreteScheduler(timestep_spacing="trailing")),
+            dict(class_labels=[1, 7], num_inference_steps=4, guidance_scale=4.0, output_type="pt"),
+        ),
+    ],
+)
+def test_a_fallback_draws_the_latents_diffusers_would(case, make, call):
+    # latents=None: the generator draws them; a fallback starts from the generator as the call found it
+    call = {**SD_CALL, **call, "latents": None} if "class_labels" not in call else call
+    original = make()
+    expected = _images(original, call)
+    accelerated = fastguide.accelerate(copy.deepcopy(original))
+    got = _images(accelerated, call)
+    assert accelerated.fastguide_fallback is not None
+    torch.testing.assert_close(got, expected, atol=2e-5 * expected.abs().max().item(), rtol=0)
+
+
+def test_a_fallback_warns_that_fastguides_own_options_did_not_apply():
+    pipe = fastguide.accelerate(stable_diffusion(SD_SCHEDULERS["ddim"]()), sampler="dpm++2m")
+    with pytest.warns(UserWarning, match="without accelerate's sampler="):
+        pipe(**SD_CALL, callback_on_step_end=lambda p, i, t, kwargs: kwargs)
+    # an empty cross_attention_kwargs is diffusers' none: no fallback
+    pipe(**SD_CALL, cross_attention_kwargs={})
+    assert pipe.fastguide_fallback is None
+
+
+def test_guidance_option_guides_whatever_the_calls_guidance_scale():
+    # accelerate(guidance=CFG(...)): the negative prompt is encoded, and the pipeline's
+    # guidance_scale (1: diffusers would not guide) has no effect
+    original = stable_diffusion(SD_SCHEDULERS["ddim"]())
+    guided = fastguide.accelerate(copy.deepcopy(original), guidance=fastguide.CFG(5.0))
+    torch.testing.assert_close(
+        _images(guided, {**SD_CALL, "guidance_scale": 1.0}), _images(original, SD_CALL), atol=2e-5, rtol=0
+    )
