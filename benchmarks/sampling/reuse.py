@@ -96,6 +96,7 @@ def networks(models: digits.DigitsModels) -> list[_Network]:
             len(transformer.blocks),
             schedule=digits.flow_schedule(),
             prediction_type="flow_prediction",
+            clip_denoised=True,  # pixels in [−1, 1] (a flow path's default is no clip: latents)
         ),
     ]
 

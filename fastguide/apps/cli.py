@@ -258,6 +258,7 @@ def generate(
                 schedule=model.schedule,
                 guidance=guidance,
                 prediction_type=model.prediction_type,
+                clip_denoised=True,  # every --model draws pixels in [−1, 1], the flow one too
                 generator=generator,
                 device=device,
                 progress=progress,

@@ -144,7 +144,7 @@ def run(
     denoiser = models.transformer if transformer else models.unet
     assert denoiser is not None  # a transformer sweep without the transformer was refused above
     path = (
-        dict(schedule=digits.flow_schedule(), prediction_type="flow_prediction")
+        dict(schedule=digits.flow_schedule(), prediction_type="flow_prediction", clip_denoised=True)  # pixels
         if transformer
         else dict(schedule=digits.schedule())
     )

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from numbers import Real
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,7 @@ from ..ops.validation import FLOAT_DTYPES
 from . import cuda_graphs
 from .conditioning import Conditioning, RowConditioning, check_pair
 from .guidance import ClassifierGuidance, Guidance, default_sampler, split_guidance
-from .schedule import NoiseSchedule
+from .schedule import KARRAS_RHO, FlowSchedule, NoiseSchedule
 from .solvers import TWO_CALL_SAMPLERS, VARIANCE_TYPES, StepPlan, check_sampler, plan_steps
 
 Model = Callable[..., Tensor]
@@ -142,13 +142,13 @@ class GuidedSampler:
         sampler: str | None = None,
         steps: int | str | Sequence[float] = 25,
         spacing: str | None = None,
-        rho: float = 7.0,
+        rho: float | None = None,
         schedule: NoiseSchedule | None = None,
         guidance: GuidanceSpec = None,
         eta: float = 0.0,
         solver_order: int | None = None,
         final_timestep: int = -1,
-        clip_denoised: bool = True,
+        clip_denoised: bool | None = None,
         prediction_type: str = "epsilon",
         variance_type: str | None = None,
         null_label: int | None = None,
@@ -169,9 +169,10 @@ class GuidedSampler:
             raise ValueError(f"dynamic_threshold must be a percentile in (0, 1) or None, got {dynamic_threshold!r}")
         if not _is_real(eta) or eta < 0:
             raise ValueError(f"eta must be a finite non-negative number, got {eta!r}")
-        for name, flag in (("clip_denoised", clip_denoised), ("cuda_graph", cuda_graph)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        if clip_denoised is not None and not isinstance(clip_denoised, bool):
+            raise TypeError(f"clip_denoised must be a bool or None, got {type(clip_denoised).__name__}")
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
         if schedule is not None and not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a fastguide.NoiseSchedule or None, got {type(schedule).__name__}")
         if not callable(model):
@@ -196,12 +197,16 @@ class GuidedSampler:
             )
         if spacing is not None and not isinstance(steps, int):
             raise ValueError(f"spacing={spacing!r} places a step count; steps={steps!r} already names the timesteps")
-        if isinstance(steps, int) and not isinstance(steps, bool):
-            spacing = spacing or self.schedule.default_spacing
+        counted = isinstance(steps, int) and not isinstance(steps, bool)
+        grid = (spacing or self.schedule.default_spacing) if counted else None
+        if rho is not None and grid != "karras":
+            raise ValueError(f"rho={rho!r} shapes spacing='karras' only; this grid is {grid or steps!r}")
+        rho = KARRAS_RHO if rho is None else rho
+        if grid is not None:
             self.timesteps = list(
                 _PLANS.get_or_make(
-                    ("timesteps", self.schedule.cache_key, steps, spacing, rho),
-                    lambda: tuple(self.schedule.spaced_timesteps(steps, spacing, rho)),
+                    ("timesteps", self.schedule.cache_key, steps, grid, rho),
+                    lambda: tuple(self.schedule.spaced_timesteps(cast(int, steps), grid, rho)),
                 )
             )
         else:
@@ -210,6 +215,10 @@ class GuidedSampler:
         self.sampler, self.eta, self.variance_type, self.solver_order = sampler, eta, variance_type, solver_order
         self.final_timestep = final_timestep
         self._time_dtype = self.schedule.model_time_dtype(self.timesteps)
+        # None: clip on VP schedules (guided-diffusion's default, for [−1, 1] pixel data), not
+        # on flow paths (latent models: SD3, SiT, whose references never clip)
+        if clip_denoised is None:
+            clip_denoised = not isinstance(self.schedule, FlowSchedule)
         self.clip_denoised, self.prediction_type = clip_denoised, prediction_type
         self.dynamic_threshold = dynamic_threshold
         self.combine: GuidanceCombine | None = self.guidance.combine() if self.guidance is not None else None
@@ -394,6 +403,12 @@ class GuidedSampler:
         branch of the guidance, the conditional labels and ``cond`` in "cond" and "perturbed"
         blocks, the null label and ``uncond`` in "uncond" blocks."""
         uses_uncond = "uncond" in self.branches
+        if uncond is not None and not uses_uncond:
+            raise ValueError(
+                "uncond= is the unconditional branch's conditioning, and this guidance has none "
+                f"({type(self.guidance).__name__ if self.guidance is not None else 'no guidance'}): "
+                "guidance=CFG(scale) guides with it"
+            )
         cond_leaves, uncond_leaves = check_pair(cond, uncond, batch, uses_uncond)
         labels = self._check_labels(labels, batch, device)
         if labels is None and self.classifier is not None:
@@ -1025,13 +1040,13 @@ def sample(
     sampler: str | None = None,
     steps: int | str | Sequence[float] = 25,
     spacing: str | None = None,
-    rho: float = 7.0,
+    rho: float | None = None,
     schedule: NoiseSchedule | None = None,
     guidance: GuidanceSpec = None,
     eta: float = 0.0,
     solver_order: int | None = None,
     final_timestep: int = -1,
-    clip_denoised: bool = True,
+    clip_denoised: bool | None = None,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
     progress: bool = False,
@@ -1085,7 +1100,10 @@ def sample(
             samples are then x_t there, α_t·x0 + σ_t·ε (diffusers' DDIM with
             set_alpha_to_one=False and final_sigmas_type="sigma_min" are 0). See
             solvers.plan_steps.
-        clip_denoised: clip the predicted x0 to [−1, 1] at every step.
+        clip_denoised: clip the predicted x0 to [−1, 1] at every step; None (default): on a
+            VP schedule (guided-diffusion's default, for pixel data in [−1, 1]), not on a
+            flow path (latent models). Pass False for a latent model on a VP schedule
+            (DiT, SD), as their own samplers do.
         generator, noise: the random stream; ``noise`` is x_T. Same generator, same samples.
         progress: a progress bar over the model calls.
         callback: called after each model call with a dict {"i", "t", "x", "denoised"}

@@ -18,12 +18,14 @@ from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import TypeGuard, cast
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..ops.contract import PATH_RELATIONS, PREDICTION_PATHS, PREDICTION_TYPES
 
 SPACINGS = ("adm", "leading", "trailing", "linspace", "logsnr", "karras")
+KARRAS_RHO = 7.0  # Karras et al.'s ρ, the default of spacing="karras"
 # The "logsnr" grid's last call is at σ̃ ≈ this / steps (or the schedule's σ̃_0 if larger):
 # chosen by the NFE benchmark (benchmarks/sampling/nfe.py), where it beat ending at t = 0
 # from 8 to 25 calls and cost little at 50.
@@ -207,7 +209,7 @@ class NoiseSchedule:
             top = self.num_timesteps - math.ceil(self.num_timesteps / steps)
             return self.timesteps([round(i * top / max(steps - 1, 1)) for i in range(steps)])
 
-    def spaced_timesteps(self, steps: int, spacing: str = "adm", rho: float = 7.0) -> list[float]:
+    def spaced_timesteps(self, steps: int, spacing: str = "adm", rho: float = KARRAS_RHO) -> list[float]:
         """``steps`` original timesteps, descending, placed by ``spacing``:
 
           "adm"       ADM's respacing (``timesteps(steps)``)
@@ -236,10 +238,14 @@ class NoiseSchedule:
         if spacing == "leading":
             leading: list[float] = [i * (total // steps) for i in range(steps)]
             return leading[::-1]
+        # trailing and linspace with numpy's arange and linspace, as diffusers computes them:
+        # their float roundings decide ties (linspace(0, 999, 27)[13] = 499.4999... there,
+        # 499.5000... in torch; arange's step is taken from its first two values)
         if spacing == "trailing":
-            return [round(total - i * total / steps) - 1 for i in range(steps)]
+            trailing = np.round(np.arange(total, 0, -total / steps)).astype(np.int64) - 1
+            return [int(t) for t in trailing[:steps]]  # (diffusers' own grid gains a −1 at some N)
         if spacing == "linspace":
-            return [round(v) for v in torch.linspace(0, total - 1, steps, dtype=torch.float64).tolist()][::-1]
+            return [int(t) for t in np.linspace(0, total - 1, steps).round()[::-1]]
         ts = torch.arange(total, dtype=torch.float64)
         abar = self.alphas_cumprod
         if spacing == "logsnr":
@@ -298,6 +304,8 @@ class NoiseSchedule:
             if not values or not all(0 <= t <= total - 1 for t in values):  # NaN fails too
                 raise ValueError(f"timesteps must lie in [0, {total - 1}], got {list(steps)}")
             chosen = sorted({int(t) if isinstance(t, Integral) or float(t).is_integer() else float(t) for t in values})
+            if len(chosen) < len(values):
+                raise ValueError(f"timesteps must be distinct (a step between equal times is none), got {list(steps)}")
         return chosen[::-1]
 
 
@@ -411,7 +419,7 @@ class FlowSchedule(NoiseSchedule):
         shift when shift is far from 1)."""
         return self.shift * sigma / (self.shift * sigma + (1 - sigma))
 
-    def spaced_timesteps(self, steps: int, spacing: str = "linspace", rho: float = 7.0) -> list[float]:
+    def spaced_timesteps(self, steps: int, spacing: str = "linspace", rho: float = KARRAS_RHO) -> list[float]:
         """``steps`` times T·σ, descending: σ uniform from 1 to 1/N, then shifted; refused
         where the shift collapses them (``check_grid``)."""
         if spacing != "linspace":
@@ -456,6 +464,8 @@ class FlowSchedule(NoiseSchedule):
             isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= self._scale for t in values
         ):
             raise ValueError(f"timesteps of a flow schedule must be numbers in (0, {self._scale}], got {values!r}")
+        if len({float(t) for t in values}) < len(values):
+            raise ValueError(f"timesteps must be distinct (a step between equal times is none), got {values!r}")
         return sorted({float(t) for t in values}, reverse=True)
 
     def strided_timesteps(self, steps: int) -> list[float]:

@@ -74,6 +74,7 @@ def test_shipped_transformer_follows_its_labels_under_cfg():
         steps=10,
         schedule=NoiseSchedule.flow(),
         prediction_type="flow_prediction",
+        clip_denoised=True,
         guidance=CFG(3.0),
         generator=torch.Generator().manual_seed(0),
     )

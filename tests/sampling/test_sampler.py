@@ -557,7 +557,20 @@ BAD_SAMPLER_ARGUMENTS = {
         ValueError,
         "variance_type applies to sampler='ddpm'",
     ),
-    "rho a string": (dict(rho="7"), ValueError, "rho must be a positive number"),
+    "rho a string": (dict(rho="7", spacing="karras"), ValueError, "rho must be a positive number"),
+    "rho without karras": (dict(rho=3.0, spacing="logsnr"), ValueError, "rho=3.0 shapes spacing='karras' only"),
+    "rho with explicit timesteps": (dict(rho=3.0, steps=[999, 500]), ValueError, "shapes spacing='karras' only"),
+    "repeated timesteps": (dict(steps=[999, 500, 500, 0]), ValueError, "timesteps must be distinct"),
+    "repeated flow times": (
+        dict(schedule=NoiseSchedule.flow(), prediction_type="flow_prediction", steps=[1000.0, 500.0, 500.0]),
+        ValueError,
+        "timesteps must be distinct",
+    ),
+    "uncond without guidance": (
+        dict(labels=None, cond={"c": torch.ones(2, 1)}, uncond={"c": torch.zeros(2, 1)}),
+        ValueError,
+        "uncond= is the unconditional branch's conditioning",
+    ),
     "weight schedule beyond float32": (
         dict(guidance=CFG(3e38, schedule="linear")),
         ValueError,

@@ -94,7 +94,9 @@ def test_other_schedule_lengths_match_adm(total):
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
-@pytest.mark.parametrize("steps", [1, 7, 25, 50, 333])
+# 27 (linspace), 48 and 96 (trailing): counts where torch's linspace or a product in place
+# of numpy's arange rounded a timestep the other way
+@pytest.mark.parametrize("steps", [1, 7, 25, 27, 48, 50, 96, 333])
 def test_diffusers_spacings_match_diffusers(spacing, steps):
     diffusers = pytest.importorskip("diffusers")
     scheduler = diffusers.DDIMScheduler(
@@ -298,7 +300,9 @@ def test_integer_timesteps_never_go_through_the_interpolation():
 
 
 def test_explicit_timesteps_take_fractional_times():
-    assert SCHEDULE.timesteps([100, 957.375, 999.0, 0.5, 100.0]) == [999, 957.375, 100, 0.5]
+    assert SCHEDULE.timesteps([100, 957.375, 999.0, 0.5]) == [999, 957.375, 100, 0.5]  # visited descending
+    with pytest.raises(ValueError, match="timesteps must be distinct"):
+        SCHEDULE.timesteps([100, 999.0, 100.0])  # 100 and 100.0: one time
     assert [type(t) for t in SCHEDULE.timesteps([999.0, 957.375, 0])] == [int, float, int]
     assert SCHEDULE.timesteps(torch.tensor([999.0, 957.375], dtype=torch.float32)) == [999, 957.375]
     assert SCHEDULE.model_time_dtype([999, 957.375, 0]) == torch.float32
