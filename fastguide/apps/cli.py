@@ -146,15 +146,20 @@ def load_sampling_model(
         )
     else:
         assert checkpoint is not None  # an ADM model's is required (_check_sample_weights)
+        # The presets hold the releases' use_fp16=True; --precision decides it here (fp16:
+        # ADM's fp16 convolutions, converted below; fp32: the model in fp32, as its help says).
         unet = load_weights(
-            "--checkpoint", checkpoint, lambda: load_checkpoint(create_model(**unet_config(name)), checkpoint)
+            "--checkpoint",
+            checkpoint,
+            lambda: load_checkpoint(create_model(**{**unet_config(name), "use_fp16": False}), checkpoint),
         )
         classifier = None
         if classifier_checkpoint is not None:
+            flags = {**classifier_config(name), "classifier_use_fp16": False}
             classifier = load_weights(
                 "--classifier-checkpoint",
                 classifier_checkpoint,
-                lambda: load_checkpoint(create_classifier(**classifier_config(name)), classifier_checkpoint),
+                lambda: load_checkpoint(create_classifier(**flags), classifier_checkpoint),
             )
         size = unet.image_size
         bundle = SamplingModel(unet, classifier, (3, size, size), 1000, model_schedule(name))
@@ -294,6 +299,9 @@ def check_sample(args: argparse.Namespace) -> None:
         from . import pipeline_sample
 
         return pipeline_sample.check(args)
+    for dest, flag in (("prompt", "--prompt"), ("negative_prompt", "--negative-prompt"), ("pag_scale", "--pag-scale")):
+        if getattr(args, dest) is not None:
+            raise UsageError(flag, "applies to --pipeline only (the digits and ADM models take --labels)")
 
     if args.model not in MODELS:
         raise UsageError("--model", f"expected one of {', '.join(MODELS)}, got {args.model!r}")

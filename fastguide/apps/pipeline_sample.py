@@ -10,6 +10,7 @@ per component); nothing is downloaded. ``--pag-scale`` loads the pipeline's PAG 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from .options import (
     UsageError,
     check_at_least,
+    check_backend,
     check_image_file,
     check_scale,
     check_seed,
@@ -69,6 +71,7 @@ def check(args: argparse.Namespace) -> None:
             "(without one, the pipeline's scheduler is reproduced, its steps with it)",
         )
     args.device = parse_device(args.device)
+    check_backend(args.backend, args.device)
     check_image_file("--out", args.out, "RGB")
 
 
@@ -104,8 +107,14 @@ def load(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     """Sample --num-samples images in batches of --batch-size (batch b seeded with seed + b)
     and write them as one PNG grid."""
+    from ..ops import backends
     from .cli import save_grid
 
+    with backends.backend(args.backend) if args.backend is not None else contextlib.nullcontext():
+        return _sample(args, save_grid)
+
+
+def _sample(args: argparse.Namespace, save_grid) -> int:
     pipe = load(args)
     options = {"num_inference_steps": args.steps, "output_type": "pt"}
     if args.scale is not None:

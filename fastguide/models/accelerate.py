@@ -37,10 +37,10 @@ Parameters are shared, not copied: state dicts keep their keys.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
-import types
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -82,6 +82,7 @@ class FusedGroupNorm(nn.GroupNorm):
         super().__init__(source.num_groups, source.num_channels, source.eps, source.affine, device="meta")
         self.weight, self.bias = source.weight, source.bias  # shared, not copied
         self.activation = activation
+        self.train(source.training)  # in the mode of the model it joins
 
     def forward(
         self, x: Tensor, *, scale: Tensor | None = None, shift: Tensor | None = None, activation: str | None = None
@@ -125,8 +126,11 @@ def _takes_exactly(forward: Callable, count: int) -> bool:
 
 
 def _rebound_by_us(m: nn.Module) -> bool:
+    """Whether m's forward is one of ours, bound as functools.partial(fused_forward, m): a
+    partial of a module-level function pickles by name (a bound method of a function that
+    is not m's class's does not: torch.save would write it, torch.load fail)."""
     forward = m.__dict__.get("forward")
-    return getattr(forward, "__func__", None) in _FUSED_FORWARDS
+    return getattr(forward, "func", None) in _FUSED_FORWARDS
 
 
 def _head_dim_problem(head_dim: int) -> str | None:
@@ -211,7 +215,7 @@ def _check_diffusers_resnet(m: nn.Module) -> str | Callable[[], None]:
             return f"{name}: {reason}"
 
     def swap() -> None:
-        m.forward = types.MethodType(_fused_resnet_block_forward, m)
+        m.forward = functools.partial(_fused_resnet_block_forward, m)
 
     return swap
 
@@ -393,7 +397,7 @@ def _check_ada_layer_norm_zero(m: Any) -> str | Callable[[], None]:  # a diffuse
         return "linear does not give 6 modulations of the normalised width"
 
     def swap() -> None:
-        m.forward = types.MethodType(_fused_ada_layer_norm_zero_forward, m)
+        m.forward = functools.partial(_fused_ada_layer_norm_zero_forward, m)
 
     return swap
 
@@ -497,7 +501,7 @@ def _check_ada_norm_zero_block(m: nn.Module) -> str | Callable[[], None]:
         return f"norm3: {reason}"
 
     def swap() -> None:
-        m.forward = types.MethodType(_fused_ada_norm_zero_block_forward, m)
+        m.forward = functools.partial(_fused_ada_norm_zero_block_forward, m)
 
     return swap
 
@@ -555,7 +559,7 @@ def _check_adm_resblock(m: nn.Module) -> str | Callable[[], None]:
             return f"{where}: {reason}"
 
     def swap() -> None:
-        m.forward = types.MethodType(_fused_adm_resblock_forward, m)
+        m.forward = functools.partial(_fused_adm_resblock_forward, m)
 
     return swap
 
@@ -627,7 +631,7 @@ def _check_adm_attention(m: nn.Module) -> str | Callable[[], None]:
 
     def swap() -> None:
         setattr(m, "_fastguide_legacy_order", legacy)  # (nn.Module.__setattr__'s stub takes tensors and modules)
-        m.forward = types.MethodType(_fused_adm_attention_forward, m)
+        m.forward = functools.partial(_fused_adm_attention_forward, m)
 
     return swap
 

@@ -101,7 +101,9 @@ _CLASSIFIER_COMMON = dict(
 
 
 # The official DiT sizes (facebookresearch/DiT models.py), each with patch 2, 4 and 8; SiT
-# (willisma/SiT) has the same architectures, trained as a flow without a learned variance.
+# (willisma/SiT) has the same architectures, trained as a flow. Both keep learn_sigma's 2C
+# output channels: SiT's train.py defaults to it, and its sample.py builds the released
+# SiT-XL-2-256x256.pt with it (SiT's sampler, as SiTVelocity, reads the first C).
 _TRANSFORMER_SIZES = {
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
     "L": dict(depth=24, hidden_size=1024, num_heads=16),
@@ -109,7 +111,7 @@ _TRANSFORMER_SIZES = {
     "S": dict(depth=12, hidden_size=384, num_heads=6),
 }
 _DIT_PRESETS = {
-    f"{family}-{size}/{patch}": dict(**dims, patch_size=patch, learn_sigma=family == "DiT")
+    f"{family}-{size}/{patch}": dict(**dims, patch_size=patch, learn_sigma=True)
     for family in ("DiT", "SiT")
     for size, dims in _TRANSFORMER_SIZES.items()
     for patch in (2, 4, 8)
@@ -137,7 +139,8 @@ def classifier_config(name: str) -> dict:
 def dit_config(name: str) -> dict:
     """``DiT`` constructor arguments of an official model, "DiT-XL/2" … "DiT-S/8" or
     "SiT-XL/2" … "SiT-S/8", for 256×256 images (32×32 latents; pass input_size=64 for
-    512×512). SiT presets have learn_sigma=False."""
+    512×512). Every preset has learn_sigma=True (2C output channels), as the released
+    checkpoints; pass learn_sigma=False for a SiT trained without it."""
     return _preset(name, _DIT_PRESETS, _DIT_COMMON, "DiT")
 
 

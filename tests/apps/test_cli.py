@@ -536,3 +536,30 @@ def test_guidance_options_reach_the_sampler(workdir, monkeypatch):
     assert seen[2] == (CFGPlusPlus(cli.CFG_PLUS_PLUS_SCALE, schedule="constant"),)
     assert cli.main([*SAMPLE, "--guidance", "cfg++", "--interval", "0.3", "5"]) == 0
     assert samplers == ["unipc", "euler", "dpm++2m", "ddim"]
+
+
+@pytest.mark.parametrize("precision, convolutions", [("fp32", {torch.float32}), ("fp16", {torch.float16})])
+def test_adm_models_take_the_precision_asked_for(precision, convolutions, monkeypatch):
+    # The presets hold the releases' use_fp16=True; --precision fp32 must still give fp32
+    # convolutions (built on the meta device, the checkpoint's loading skipped).
+    import fastguide.models.checkpoints as checkpoints
+    import fastguide.models.configs as configs
+
+    build_model, build_classifier = configs.create_model, configs.create_classifier
+
+    def on_meta(build):
+        def built(**flags):
+            with torch.device("meta"):
+                return build(**flags)
+
+        return built
+
+    monkeypatch.setattr(configs, "create_model", on_meta(build_model))
+    monkeypatch.setattr(configs, "create_classifier", on_meta(build_classifier))
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda module, path, **kwargs: module)
+    bundle = cli.load_sampling_model("adm64", "model.pt", "classifier.pt", torch.device("meta"), precision)
+    for network in (bundle.unet, bundle.classifier):
+        kernels = {
+            p.dtype for name, p in network.named_parameters() if name.startswith("input_blocks") and p.dim() == 4
+        }
+        assert kernels == convolutions  # (ADM's fp16 keeps its norms in fp32)

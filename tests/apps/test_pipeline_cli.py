@@ -119,6 +119,7 @@ def test_sample_from_a_saved_pipeline_writes_a_png(pipeline_folder, tmp_path, ca
         ([], "--prompt: is required with --pipeline"),
         (["--prompt", "x", "--spacing", "karras"], "--spacing: places fastguide's own sampler's steps"),
         (["--prompt", "x", "--steps", "0"], "--steps"),
+        (["--prompt", "x", "--backend", "cuda"], "--backend: the cuda backend cannot run on cpu"),
     ],
 )
 def test_bad_pipeline_options_exit_2_with_one_line(pipeline_folder, capsys, arguments, message):
@@ -133,3 +134,10 @@ def test_a_folder_without_a_pipeline_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["sample", "--pipeline", str(tmp_path), "--prompt", "x"])
     assert exit_info.value.code == 2 and "--pipeline: expected a folder written by" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--prompt", "--negative-prompt", "--pag-scale"])
+def test_pipeline_options_without_a_pipeline_are_refused(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", flag, "3", "--out", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 2 and f"{flag}: applies to --pipeline only" in capsys.readouterr().err

@@ -559,3 +559,20 @@ def test_accelerate_fastguide_unet_is_already_fastguide():
     assert set(model.fastguide_skipped) <= {"ADM ResBlock", "ADM AttentionBlock", "GroupNorm"}
     assert all(set(reasons) == {"already fastguide"} for reasons in model.fastguide_skipped.values())
     assert torch.equal(run(model, x, t, y), expected)
+
+
+def test_an_accelerated_module_saves_and_loads_with_torch():
+    # The fused forwards are bound as partials of module-level functions, which pickle by
+    # name (torch.save of a bound method of a foreign function wrote, and torch.load failed).
+    import io
+
+    from diffusers.models.resnet import ResnetBlock2D
+
+    block = fastguide.accelerate(ResnetBlock2D(in_channels=32, temb_channels=16, groups=8).eval())
+    x, temb = torch.randn(2, 32, 8, 8), torch.randn(2, 16)
+    buffer = io.BytesIO()
+    torch.save(block, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.forward.args[0] is loaded  # bound to the loaded block, not to the saved one
+    torch.testing.assert_close(loaded(x, temb), block(x, temb), atol=0, rtol=0)
