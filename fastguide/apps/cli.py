@@ -308,7 +308,7 @@ def check_sample(args: argparse.Namespace) -> None:
     adm = args.model in ADM_SCHEDULES
     check_at_least("--num-samples", args.num_samples, high=MAX_SAMPLES)
     check_at_least("--batch-size", args.batch_size)
-    check_steps(args.steps, model_schedule(args.model), args.model)
+    check_steps(args.steps, model_schedule(args.model), args.model, args.spacing)
     try:
         _grid(model_schedule(args.model), args.steps, args.spacing)
     except ValueError as error:
@@ -588,7 +588,7 @@ def check_sweep(args: argparse.Namespace) -> None:
     )
     # within-class diversity needs two samples of one class; labels cycle over the classes
     check_at_least("--samples-per-scale", args.samples_per_scale, digits.NUM_CLASSES + 1, MAX_SAMPLES)
-    check_steps(args.steps, digits.schedule(), "digits")
+    check_steps(args.steps, digits.schedule(), "digits", args.spacing)
     try:
         _grid(model_schedule(args.model), args.steps, args.spacing)
     except ValueError as error:
@@ -793,7 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--spacing",
         choices=SPACINGS,
-        help="where the steps lie: adm (strided), diffusers' leading/trailing/linspace, logsnr "
+        help="where the steps lie: adm (ADM's strided ddimN grid, at most T/2 steps: unlike the API's "
+        "spacing='adm', ADM's N respacing), diffusers' leading/trailing/linspace, logsnr "
         "(uniform in log-SNR) or karras (rho 7) (default: the schedule's own, logsnr; uniform "
         "in σ, linspace, for --model digits-transformer)",
     )

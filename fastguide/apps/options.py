@@ -139,15 +139,16 @@ def check_modules(command: str, *modules: str) -> None:
         raise UsageError(command, f"needs {', '.join(missing)}: pip install 'fastguide[train]'")
 
 
-def check_steps(steps: int, schedule: NoiseSchedule, model: str) -> None:
-    """A sampling step count the model's training schedule can be strided into (at most
-    T/2 of its T timesteps); on a flow path, at most its time scale T (a count is checked
-    before its grid is built, so a huge one is refused at once)."""
+def check_steps(steps: int, schedule: NoiseSchedule, model: str, spacing: str | None = None) -> None:
+    """A sampling step count for --spacing: the strided grid ("adm" on a VP schedule) takes
+    at most T/2 of the T timesteps, every other grid (and a flow path) at most T (a count is
+    checked before its grid is built, so a huge one is refused at once)."""
     total = schedule.num_timesteps
-    if schedule.is_flow:
+    if schedule.is_flow or spacing != "adm":
         if not 1 <= steps <= total:
+            path = "flow path" if schedule.is_flow else f"{total}-timestep schedule"
             raise UsageError(
-                "--steps", f"expected an integer from 1 to {total} for the flow path of --model {model}, got {steps}"
+                "--steps", f"expected an integer from 1 to {total} for the {path} of --model {model}, got {steps}"
             )
         return
     try:

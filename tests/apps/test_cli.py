@@ -38,7 +38,7 @@ def test_sample_writes_a_png_grid_and_adm_npz(tmp_path):
             "--model: expected one of digits, digits-transformer, adm64, adm128, adm256, adm512, got 'imagenet'",
         ),
         (["--labels", "3-12"], "--labels: expected classes in 0..9, got '3-12'"),
-        (["--steps", "-2"], "--steps: expected an integer from 1 to 500"),
+        (["--steps", "-2"], "--steps: expected an integer from 1 to 1000"),
         (["--out", "/nonexistent-folder/x.png"], "--out: folder /nonexistent-folder does not exist"),
         (["--model", "adm64"], "--checkpoint: expected the guided-diffusion .pt or .safetensors file of --model adm64"),
         (["--model", "adm64", "--checkpoint", "/nonexistent.pt"], "--checkpoint: /nonexistent.pt does not exist"),
@@ -75,11 +75,16 @@ SAMPLE = ["sample", "--out", "x.png", "--quiet"]
     "options, message",
     [
         (
-            ["--steps", "600"],
+            ["--steps", "1001"],
+            "--steps: expected an integer from 1 to 1000 for the 1000-timestep schedule of --model digits, got 1001",
+        ),
+        # the strided grid takes at most T/2 steps; the others (the default logsnr) up to T
+        (
+            ["--spacing", "adm", "--steps", "600"],
             "--steps: expected an integer from 1 to 500 for the 1000-timestep schedule of --model digits, got 600",
         ),
-        (["--steps", "0"], "--steps: expected an integer from 1 to 500"),
-        (["--steps", "-3"], "--steps: expected an integer from 1 to 500"),
+        (["--steps", "0"], "--steps: expected an integer from 1 to 1000"),
+        (["--steps", "-3"], "--steps: expected an integer from 1 to 1000"),
         (["--steps", "abc"], "--steps: invalid int value: 'abc'"),
         (["--num-samples", "0"], "--num-samples: expected an integer between 1 and 10,000,000, got 0"),
         (["--num-samples", str(10**10)], f"--num-samples: expected an integer between 1 and 10,000,000, got {10**10}"),
@@ -354,7 +359,7 @@ def test_digits_train_refuses_zero_steps(tmp_path):
     [
         (["--scales", "1", "nan"], "--scales: expected a finite number >= 0, got nan"),
         (["--samples-per-scale", "5"], "--samples-per-scale: expected an integer between 11 and 10,000,000, got 5"),
-        (["--steps", "600"], "--steps: expected an integer from 1 to 500"),
+        (["--steps", "1001"], "--steps: expected an integer from 1 to 1000"),
         (["--seed", "-1"], "--seed: expected an integer from 0 to"),
         (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
         (["--plot", "x.xyz"], "--plot: expected a file name ending in ."),
