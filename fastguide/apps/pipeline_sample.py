@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import json
 from pathlib import Path
 
 import torch
@@ -70,9 +71,30 @@ def check(args: argparse.Namespace) -> None:
             "places fastguide's own sampler's steps: with --pipeline it needs --sampler "
             "(without one, the pipeline's scheduler is reproduced, its steps with it)",
         )
+    if args.sampler is not None:
+        _check_sampler_fits(args.sampler, folder)
     args.device = parse_device(args.device)
     check_backend(args.backend, args.device)
     check_image_file("--out", args.out, "RGB")
+
+
+def _check_sampler_fits(sampler: str, folder: Path) -> None:
+    """--sampler runs on the saved scheduler's kind of path (read from its config, before
+    anything loads): a FlowMatch scheduler's flow path, any other's variance-preserving
+    schedule (sampling.solvers.check_sampler)."""
+    from ..sampling.schedule import NoiseSchedule
+    from ..sampling.solvers import check_sampler
+
+    config = folder / "scheduler" / "scheduler_config.json"
+    try:
+        name = json.loads(config.read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        return  # loading the pipeline names what is wrong with its scheduler
+    flow = str(name).startswith("FlowMatch")
+    try:
+        check_sampler(sampler, NoiseSchedule.flow() if flow else NoiseSchedule.linear())
+    except ValueError as error:
+        raise UsageError("--sampler", f"{error} ({name}'s {'flow path' if flow else 'schedule'})") from None
 
 
 def load(args: argparse.Namespace):

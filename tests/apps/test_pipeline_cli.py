@@ -120,6 +120,8 @@ def test_sample_from_a_saved_pipeline_writes_a_png(pipeline_folder, tmp_path, ca
         (["--prompt", "x", "--spacing", "karras"], "--spacing: places fastguide's own sampler's steps"),
         (["--prompt", "x", "--steps", "0"], "--steps"),
         (["--prompt", "x", "--backend", "cuda"], "--backend: the cuda backend cannot run on cpu"),
+        # a flow sampler for SD's variance-preserving scheduler: refused before the pipeline loads
+        (["--prompt", "x", "--sampler", "euler-maruyama"], "--sampler: "),
     ],
 )
 def test_bad_pipeline_options_exit_2_with_one_line(pipeline_folder, capsys, arguments, message):
