@@ -1633,6 +1633,17 @@ def _rows_backward_sums_kernel(
 
 
 @triton.jit
+def _stored_channel_sums(sums_ptr, n, C, channel, c_mask, a_sum, b_sum, w, one_plus_scale):
+    """Store the channels' (A, B) at sums_ptr[n, c] (the parameter gradients read them) and
+    return gain = w·(1 + scale) (0 off c_mask; dx̂ = dz·gain) with the channels' shares of
+    the group's Σ dx̂ = Σ gain·A and Σ dx̂·x̂ = Σ gain·B."""
+    tl.store(sums_ptr + (n * C + channel) * 2, a_sum, mask=c_mask)
+    tl.store(sums_ptr + (n * C + channel) * 2 + 1, b_sum, mask=c_mask)
+    gain = tl.where(c_mask, w * one_plus_scale, 0.0)
+    return gain, tl.sum(gain * a_sum, axis=0), tl.sum(gain * b_sum, axis=0)
+
+
+@triton.jit
 def _group_terms(sum_dxhat, sum_dxhat_xhat, mean, rstd, count):
     """A group's (β, γ) of dx = dz·α + x·β + γ (_backward_maps_kernel) from its Σ dx̂ and
     Σ dx̂·x̂ over its count elements."""
@@ -1708,11 +1719,9 @@ def _backward_maps_kernel(
             BLOCK_C,
         )
         a_sum, b_sum = _merged_channel_sums(partial_ptr, n, C, channel, c_mask, SPLIT, SPLIT_POW2)
-        tl.store(sums_ptr + (n * C + channel) * 2, a_sum, mask=c_mask)
-        tl.store(sums_ptr + (n * C + channel) * 2 + 1, b_sum, mask=c_mask)
-        gain = tl.where(c_mask, w * one_plus_scale, 0.0)  # dx̂ = dz·gain
-        sum_dxhat += tl.sum(gain * a_sum, axis=0)
-        sum_dxhat_xhat += tl.sum(gain * b_sum, axis=0)
+        gain, dxhat, dxhat_xhat = _stored_channel_sums(sums_ptr, n, C, channel, c_mask, a_sum, b_sum, w, one_plus_scale)
+        sum_dxhat += dxhat
+        sum_dxhat_xhat += dxhat_xhat
         alpha = rstd * gain
         tl.store(maps_ptr + n * C + channel, alpha, mask=c_mask)
         tl.store(maps_ptr + N * C + n * C + channel, b * one_plus_scale + shift - mean * alpha, mask=c_mask)
@@ -1863,11 +1872,11 @@ def _group_backward_kernel(
                 BLOCK_S,
                 UNROLL,
             )
-            tl.store(sums_ptr + (n * C + channel) * 2, a_sum, mask=c_mask)
-            tl.store(sums_ptr + (n * C + channel) * 2 + 1, b_sum, mask=c_mask)
-            gain = tl.where(c_mask, w * one_plus_scale, 0.0)  # dx̂ = dz·gain
-            sum_dxhat += tl.sum(gain * a_sum, axis=0)
-            sum_dxhat_xhat += tl.sum(gain * b_sum, axis=0)
+            _, dxhat, dxhat_xhat = _stored_channel_sums(
+                sums_ptr, n, C, channel, c_mask, a_sum, b_sum, w, one_plus_scale
+            )
+            sum_dxhat += dxhat
+            sum_dxhat_xhat += dxhat_xhat
         beta, gamma = _group_terms(sum_dxhat, sum_dxhat_xhat, mean, rstd, Cg * S)
         for c_start in range(0, Cg, BLOCK_C):
             c_mask = cc < Cg - c_start
