@@ -91,6 +91,43 @@ __device__ __forceinline__ void store_buffer(float* to, const float (&values)[kV
   }
 }
 
+// kVectors vectors of each input of the stats pass, at j, j + kThreads·kVec, ..., added to
+// `sums`: all loaded before any math, so that a thread keeps kVectors times its inputs'
+// bytes in flight. Element by element across the vectors, so that the first math already
+// needs every vector (nvcc issued a later vector's loads after the first's math when the
+// first vector's elements came first).
+template <typename T, int kVec, int kVectors, bool kPerturbed, bool kMomentum>
+__device__ __forceinline__ void add_stats_vectors(const GuidedStepParams& p, const GuidedStepTensors<T>& t,
+                                                  int64_t b, int64_t j, ShiftedSums& sums) {
+  constexpr int64_t kStride = static_cast<int64_t>(kThreads) * kVec;
+  const T* c_at = t.model_output + b * p.mo_sample_stride + j;
+  // With kPerturbed u and p at B-row block offsets from c (stats_inputs_at).
+  const T* u_at = kPerturbed ? c_at + p.mo_block : t.uncond + b * p.uncond_sample_stride + j;
+  Vec<T, kVec> c[kVectors], u[kVectors], perturbed[kVectors] = {};
+  float buffer[kVectors][kVec] = {};
+#pragma unroll
+  for (int r = 0; r < kVectors; ++r) {
+    c[r] = load_vec<T, kVec>(c_at + r * kStride);
+    u[r] = load_vec<T, kVec>(u_at + r * kStride);
+    if constexpr (kPerturbed) perturbed[r] = load_vec<T, kVec>(c_at + 2 * p.mo_block + r * kStride);
+    if constexpr (kMomentum) load_buffer<kVec>(t.apg_buffer + b * p.sample_elems + j + r * kStride, buffer[r]);
+  }
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+#pragma unroll
+    for (int r = 0; r < kVectors; ++r) {
+      const float c_i = to_float(c[r].v[i]);
+      float v_i = c_i - to_float(u[r].v[i]);
+      if constexpr (kPerturbed) {  // "cfg" only: no APG buffer
+        v_i = perturbed_guidance(p, c_i, v_i, to_float(perturbed[r].v[i]));
+      } else if constexpr (kMomentum) {  // guidance_difference's, with the flag known
+        v_i += p.combine.apg_momentum * buffer[r][i];
+      }
+      add_shifted(sums, c_i, v_i);
+    }
+  }
+}
+
 // kMomentum: APG's momentum buffer is read (a compile-time branch: a runtime one between
 // the loads and the math kept nvcc from issuing the second vector's loads before the
 // first's math). The scalar path (kVec = 1) reads p.apg_momentum_on, which equals it.
@@ -106,48 +143,15 @@ __device__ __forceinline__ void guided_stats(const GuidedStepParams& p, const Gu
   ShiftedSums sums{};
   if (first < end) stats_inputs_at<T, kPerturbed>(p, t, b, first, sums.k_c, sums.k_v);
   if constexpr (kVec > 1) {
-    // Two vectors of each input an iteration, all loaded before the math, so that a
-    // thread keeps twice the bytes in flight; past the part's end the second vector
-    // rereads the first and adds nothing. (The launcher guarantees sample_elems % kVec
-    // == 0: no partial vector.)
+    // Two vectors of each input an iteration, then at most one more: every load of an
+    // iteration is unconditional and a constant offset from the first, so that the
+    // compiler issues them all before the math (behind a select of the second vector's
+    // address, or a branch, it issued the first vector's math in between). (The launcher
+    // guarantees sample_elems % kVec == 0: no partial vector.)
     constexpr int64_t kStride = static_cast<int64_t>(kThreads) * kVec;
-    for (int64_t j = first; j < end; j += 2 * kStride) {
-      const bool second = j + kStride < end;
-      const int64_t at[2] = {j, second ? j + kStride : j};
-      Vec<T, kVec> c[2], u[2], perturbed[2] = {};
-      float buffer[2][kVec] = {};
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t mo = b * p.mo_sample_stride + at[r];
-        c[r] = load_vec<T, kVec>(t.model_output + mo);
-        // With kPerturbed u and p at B-row block offsets from c (stats_inputs_at).
-        u[r] = load_vec<T, kVec>(kPerturbed ? t.model_output + mo + p.mo_block
-                                            : t.uncond + b * p.uncond_sample_stride + at[r]);
-        if constexpr (kPerturbed) perturbed[r] = load_vec<T, kVec>(t.model_output + mo + 2 * p.mo_block);
-        if constexpr (kMomentum) {
-          load_buffer<kVec>(t.apg_buffer + b * p.sample_elems + at[r], buffer[r]);
-        }
-      }
-      // (The second vector is added or not by a select, not a branch: behind a branch nvcc
-      // sank its loads below the first vector's math.)
-      // Element by element across the two vectors, so that the first math already
-      // needs both (nvcc issued the second vector's loads after the first's math when
-      // the first vector's elements came first).
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const float c_i = to_float(c[r].v[i]);
-          float v_i = c_i - to_float(u[r].v[i]);
-          if constexpr (kPerturbed) {  // "cfg" only: no APG buffer
-            v_i = perturbed_guidance(p, c_i, v_i, to_float(perturbed[r].v[i]));
-          } else if constexpr (kMomentum) {  // guidance_difference's, with the flag known
-            v_i += p.combine.apg_momentum * buffer[r][i];
-          }
-          add_shifted(sums, c_i, v_i, r == 0 || second);
-        }
-      }
-    }
+    int64_t j = first;
+    for (; j + kStride < end; j += 2 * kStride) add_stats_vectors<T, kVec, 2, kPerturbed, kMomentum>(p, t, b, j, sums);
+    if (j < end) add_stats_vectors<T, kVec, 1, kPerturbed, kMomentum>(p, t, b, j, sums);
   } else {
     for (int64_t j = first; j < end; j += kThreads) accumulate_stats_at<T, kPerturbed>(p, t, b, j, sums);
   }

@@ -218,13 +218,10 @@ struct ShiftedSums {
   float count, k_c, k_v, c, v, cc, vv, cv;
 };
 
-// Adds (c, v) to the sums when `take`, else nothing, by selects rather than a branch: the
-// stats pass's second vector past its part's end is left out without one (behind a branch
-// nvcc issued its loads after the first vector's math), and an infinite c or v left out
-// adds no NaN. With take = true the operations are the plain ones.
-FG_HOST_DEVICE void add_shifted(ShiftedSums& s, float c, float v, bool take = true) {
-  const float dc = take ? c - s.k_c : 0.0f, dv = take ? v - s.k_v : 0.0f;
-  s.count += take ? 1.0f : 0.0f;
+// Adds (c, v) to the shifted sums.
+FG_HOST_DEVICE void add_shifted(ShiftedSums& s, float c, float v) {
+  const float dc = c - s.k_c, dv = v - s.k_v;
+  s.count += 1.0f;
   s.c += dc;
   s.v += dv;
   s.cc += dc * dc;

@@ -110,11 +110,6 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "layer_norm adaLN bwd D=1152 fp16 sm_80",
     "layer_norm adaLN bwd D=1152 fp16 sm_90",
     "layer_norm adaLN bwd D=72 fp16 sm_90",
-    # CUDA stats passes in fp32: the first vector's inputs, its math, then the second's.
-    "cuda guided_stats_kernel<fp32, 4, true> sm_80",  # 3 + 3 (c, u and the momentum buffer)
-    "cuda guided_stats_kernel<fp32, 4, true> sm_90",
-    "cuda perturbed_guided_stats_kernel<fp32, 4> sm_80",  # 3 + 3
-    "cuda perturbed_guided_stats_kernel<fp32, 4> sm_90",
     # sm_90 issues the two history slots' loads first and repacks them (PRMT) before it
     # loads c, u and x: 6 at a time, at 2 blocks/SM (103 and 109 registers).
     "cuda similarity_guided_step_kernel<bf16, 8, 2, CommonReads<false, false>> sm_90",

@@ -118,9 +118,17 @@ def test_reduction_variants_when_cond_is_close_to_uncond(cuda_backend_on_cpu, ca
 @pytest.mark.parametrize("case", ["rescale", "apg-momentum-clip", "tangential-rescale-guide"])
 def test_reduction_variants_on_parts_of_several_strides(cuda_backend_on_cpu, dtype, case):
     # 4·176² = 123904 elements a sample: 32 parts of 3872, so a stats thread's loop reads two
-    # vectors an iteration, the second past the part's end for some threads.
+    # vectors an iteration, then one more for some threads (every dtype's vector).
     tensors, step, combine = case_inputs(CASES[case], 2, 4, (176, 176), dtype, "cpu")
     run_against_reference(tensors, step, combine, names=("out",))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_perturbed_reduction_on_parts_of_several_strides(cuda_backend_on_cpu, dtype):
+    # As above, for the perturbed stats kernel: model_output [c; u; p] (PAG with rescale).
+    tensors, step, combine = case_inputs(CASES["rescale"], 2, 4, (176, 176), dtype, "cpu")
+    tensors["model_output"] = randn(6, 4, 176, 176, seed=1, dtype=dtype)
+    run_against_reference(tensors, step, combine._replace(perturbed_scale=2.5), names=("out",))
 
 
 def offset_copy(t: torch.Tensor) -> torch.Tensor:
