@@ -197,9 +197,9 @@ __global__ void __launch_bounds__(kWarpSize) sample_coefficients_kernel(GuidedSt
 // adjacent), 16-byte aligned everywhere; with kSimilarity their x0 predictions of c and u
 // are also added to `similarity`. Every load of the kUnroll vectors is issued before any
 // math, so each thread keeps kUnroll × (its inputs) 16-byte loads in flight: what hides
-// HBM's latency with the few blocks an SM holds (tools/occupancy.py). A vector past the
-// sample's end (its last block) reads the sample's last vector instead and writes and sums
-// nothing: one code path, no tail loop. Only the first kHistorySlots history tensors are
+// HBM's latency with the few blocks an SM holds (tools/occupancy.py). Every vector lies
+// within the sample (guided_step calls it with kUnroll = 1 in the sample's last block), so
+// each load is a constant offset from the first. Only the first kHistorySlots history tensors are
 // read (the launcher picks kHistorySlots ≥ num_history), and `Reads` says which other
 // optional inputs exist: what is absent holds no registers.
 template <typename T, int kVec, int kUnroll, bool kPerturbed, bool kSimilarity, int kHistorySlots, typename Reads>
@@ -208,7 +208,6 @@ __device__ __forceinline__ void guided_step_vectors(const GuidedStepParams& p, c
                                                     [[maybe_unused]] SimilaritySums& similarity) {
   using V = Vec<T, kVec>;
   constexpr int64_t kStride = static_cast<int64_t>(kThreads) * kVec;
-  const int64_t last = p.sample_elems - kVec;  // the sample's last vector (sample_elems % kVec == 0)
   // APG momentum is the "apg" variant's, never with a perturbed prediction ("cfg" only).
   const bool momentum = !kPerturbed && Reads::momentum(p);
   V c[kUnroll], x[kUnroll], u[kUnroll] = {}, perturbed[kUnroll] = {}, noise[kUnroll] = {}, grad[kUnroll] = {},
@@ -217,7 +216,7 @@ __device__ __forceinline__ void guided_step_vectors(const GuidedStepParams& p, c
   float buffer[kUnroll][kVec] = {};
 #pragma unroll
   for (int r = 0; r < kUnroll; ++r) {
-    const int64_t at = j + r * kStride <= last ? j + r * kStride : last;
+    const int64_t at = j + r * kStride;
     const int64_t here = b * p.sample_elems + at;
     const int64_t mo = b * p.mo_sample_stride + at;
     c[r] = load_vec<T, kVec>(t.model_output + mo);
@@ -241,7 +240,6 @@ __device__ __forceinline__ void guided_step_vectors(const GuidedStepParams& p, c
   }
 #pragma unroll
   for (int r = 0; r < kUnroll; ++r) {
-    if (j + r * kStride > last) break;  // past the sample's end (and so is every later r)
     const int64_t here = b * p.sample_elems + j + r * kStride;
     V x_next, x0;
 #pragma unroll
@@ -283,8 +281,15 @@ __device__ __forceinline__ void guided_step(const GuidedStepParams& p, const Gui
   SimilaritySums similarity{};  // this thread's elements' sums (kSimilarity only)
   if constexpr (kVec > 1) {
     constexpr int kUnroll = Reads::kVectorsPerThread;
+    constexpr int64_t kStride = static_cast<int64_t>(kThreads) * kVec;
     const int64_t j = (static_cast<int64_t>(blockIdx.x) * kUnroll * kThreads + threadIdx.x) * kVec;
-    guided_step_vectors<T, kVec, kUnroll, kPerturbed, kSimilarity, kHistorySlots, Reads>(p, t, k, b, j, similarity);
+    const int64_t last = p.sample_elems - kVec;  // the sample's last vector (sample_elems % kVec == 0)
+    if (j + (kUnroll - 1) * kStride <= last) {
+      guided_step_vectors<T, kVec, kUnroll, kPerturbed, kSimilarity, kHistorySlots, Reads>(p, t, k, b, j, similarity);
+    } else if (j <= last) {  // the sample's last block, where only a thread's first vector lies within it
+      static_assert(kUnroll <= 2, "the last block's path moves one vector a thread");
+      guided_step_vectors<T, kVec, 1, kPerturbed, kSimilarity, kHistorySlots, Reads>(p, t, k, b, j, similarity);
+    }
   } else {
     const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
     if (j < p.sample_elems) guided_step_at<T, kPerturbed, kSimilarity>(p, t, k, b, j, similarity);

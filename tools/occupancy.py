@@ -62,7 +62,8 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "cuda guided_step_kernel<fp16, 8, 2, RuntimeReads> sm_90",
     "cuda guided_step_kernel<fp16, 8, 4, RuntimeReads> sm_80",
     "cuda guided_step_kernel<fp16, 8, 4, RuntimeReads> sm_90",
-    "cuda guided_step_kernel<fp32, 4, 0, RuntimeReads> sm_90",  # 42 registers: 5 blocks, 60 KB
+    "cuda guided_step_kernel<fp32, 4, 0, RuntimeReads> sm_80",  # 44 registers: 5 blocks, 60 KB
+    "cuda guided_step_kernel<fp32, 4, 0, RuntimeReads> sm_90",
     "cuda guided_step_kernel<fp32, 4, 2, RuntimeReads> sm_80",
     "cuda guided_step_kernel<fp32, 4, 2, RuntimeReads> sm_90",
     "cuda guided_step_kernel<fp32, 4, 4, RuntimeReads> sm_80",
@@ -110,10 +111,6 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "layer_norm adaLN bwd D=1152 fp16 sm_80",
     "layer_norm adaLN bwd D=1152 fp16 sm_90",
     "layer_norm adaLN bwd D=72 fp16 sm_90",
-    # sm_90 issues the two history slots' loads first and repacks them (PRMT) before it
-    # loads c, u and x: 6 at a time, at 2 blocks/SM (103 and 109 registers).
-    "cuda similarity_guided_step_kernel<bf16, 8, 2, CommonReads<false, false>> sm_90",
-    "cuda similarity_guided_step_kernel<bf16, 8, 2, CommonReads<true, false>> sm_90",
 }
 
 
