@@ -5,7 +5,8 @@
   with CFG rescale (Lin et al. 2023), a guidance interval in EDM's σ̃ (Kynkäänniemi et
   al. 2024: outside it the forward runs on the conditional half only), and one of
   adaptive projected guidance (Sadat et al. 2024), CFG-Zero*'s optimised unconditional
-  scale (Fan et al. 2025) or tangential damping (TCFG, Kwon et al. 2025: u projected onto
+  scale (Fan et al. 2025; with ``zero_init_steps=K`` also its zero-init: the first K model
+  calls take a zero prediction and run no forward) or tangential damping (TCFG, Kwon et al. 2025: u projected onto
   the top singular direction of [c; u], computed in the fused step's reduction pass);
   ``schedule`` varies the weight over the steps ("linear", "cosine": Wang et al. 2024, or
   a callable of σ̃), evaluated per step on the host as a scalar into the op;
@@ -109,6 +110,8 @@ class Guidance(abc.ABC):
     # Δ = c − u between calls.
     truncate: float | None = None
     reuse: DeltaReuse | None = None
+    # CFG-Zero*'s zero-init: the first calls whose prediction is zero (no forward runs).
+    zero_init_steps: int = 0
 
     def guide_network(self) -> nn.Module | None:
         return None
@@ -225,7 +228,13 @@ class CFG(Guidance):
     rescale in [0, 1], interval a pair 0 <= low < high, schedule a known name or a
     callable, apg an APG, zero_star and tangential bools (at most one variant),
     guided_channels a positive int that takes plain CFG, truncate a number in (−1, 1],
-    reuse a DeltaReuse; each scheduled weight is checked when the sampler evaluates it.
+    reuse a DeltaReuse, zero_init_steps an int >= 0 that takes zero_star; each scheduled
+    weight is checked when the sampler evaluates it.
+    zero_init_steps = K is CFG-Zero*'s zero-init (Fan et al. 2025, §4.2; diffusers'
+    ClassifierFreeZeroStarGuidance, whose default is K = 1): the first K model calls take
+    the prediction 0 in place of the guided one, as diffusers' guider returns it, and skip
+    the forward. The paper sets the velocity of a flow model to zero there, so the sample
+    stays x_T through an Euler step; on a VP schedule the solver steps with ε̂ = 0.
     truncate reads the similarity of the u the combine gets: at a delta-reuse call the
     estimate c − Δ̂, and with guided_channels u = c in the unguided channels (which raises
     the similarity)."""
@@ -240,9 +249,20 @@ class CFG(Guidance):
     guided_channels: int | None = None
     truncate: float | None = None
     reuse: DeltaReuse | None = None
+    zero_init_steps: int = 0
 
     def __post_init__(self):
         _check_real("CFG scale", self.scale)
+        if (
+            isinstance(self.zero_init_steps, bool)
+            or not isinstance(self.zero_init_steps, int)
+            or self.zero_init_steps < 0
+        ):
+            raise ValueError(f"CFG zero_init_steps must be an int >= 0, got {self.zero_init_steps!r}")
+        if self.zero_init_steps and not self.zero_star:
+            raise ValueError(
+                "CFG zero_init_steps is CFG-Zero*'s zero-init (Fan et al. 2025): set zero_star=True with it"
+            )
         if self.truncate is not None:
             _check_real("CFG truncate", self.truncate)
             if not -1 < self.truncate <= 1:
@@ -295,6 +315,13 @@ class CFG(Guidance):
         model_output = model_output.clone()
         model_output[batch:, self.guided_channels : channels] = model_output[:batch, self.guided_channels : channels]
         return model_output
+
+    def check_sampler(self, sampler: str, dynamic_threshold: float | None) -> None:
+        if self.zero_init_steps and sampler == "ddpm":
+            raise ValueError(
+                "CFG zero_init_steps skips the first calls' forwards, and sampler='ddpm' may read a variance the "
+                "model learns beside its prediction: use another sampler (ddim, euler, ...)"
+            )
 
     def scale_at(self, edm_sigma: float, progress: float) -> float:
         """The guidance weight at noise level σ̃, ``progress`` being the normalised diffusion
@@ -363,6 +390,11 @@ class CFGPlusPlus(CFG):
         if self.truncate is not None:
             raise ValueError(
                 "CFGPlusPlus does not take truncate: its renoising reads the unconditional prediction at every call"
+            )
+        if self.zero_init_steps:
+            raise ValueError(
+                "CFGPlusPlus does not take zero_init_steps: its renoising reads the unconditional prediction "
+                "at every call"
             )
 
     def step(self, step: StepCoefficients) -> StepCoefficients:

@@ -60,7 +60,8 @@ class _Call:
     combine: GuidanceCombine | None
     # Imagen's dynamic thresholding: the first pass, computing the guided x0 only.
     x0_only: StepCoefficients | None = None
-    # The B-row blocks the forward runs (a prefix of the guidance's branches) and which of
+    # The B-row blocks the forward runs (a prefix of the guidance's branches; 0 at a call of
+    # CFG-Zero*'s zero-init, whose prediction is zero and which runs no forward) and which of
     # them is the perturbed one (PAG, skip-layer guidance), if any.
     blocks: int = 1
     perturbed_block: int | None = None
@@ -86,6 +87,7 @@ class _Buffers:
     times: list[Tensor]
     deltas: list[Tensor]  # DeltaReuse: the last two computed Δ = c − u (B, C, ...)
     uncond_estimate: Tensor | None  # DeltaReuse: u = c − Δ̂ at a call that skips the unconditional rows
+    zero_prediction: Tensor | None  # CFG-Zero*'s zero-init: the prediction of its calls (B, C, ...), zeros
     similarity: Tensor | None  # truncated CFG: each sample's cos(x̂0_c, x̂0_u) at the last guided call (B,)
     # rows -> the model's (labels, keyword arguments) for the first rows: views, made once per run
     arguments: dict[int, tuple[Tensor | None, dict]] = dataclasses.field(default_factory=dict)
@@ -305,7 +307,14 @@ class GuidedSampler:
             solver_order=self.solver_order,
             final_timestep=self.final_timestep,
         )
-        calls = tuple(self._call(plan, learned_variance, guided) for plan in plans)
+        zeroed = self.guidance.zero_init_steps if self.guidance is not None else 0
+        if zeroed >= len(plans):
+            raise ValueError(
+                f"CFG zero_init_steps={zeroed} zeroes every one of the {len(plans)} model calls of "
+                f"sampler={self.sampler!r} on these timesteps: it must be fewer"
+            )
+        calls = tuple(self._call(plan, learned_variance, guided and k >= zeroed) for k, plan in enumerate(plans))
+        calls = tuple(dataclasses.replace(call, blocks=0) if k < zeroed else call for k, call in enumerate(calls))
         if guided and self.guidance is not None and self.guidance.reuse is not None:
             calls = self._reusing_deltas(calls)
         for call in calls:
@@ -569,6 +578,7 @@ class GuidedSampler:
         momentum = self.combine is not None and self.combine.apg_momentum != 0
         calls = self._calls(False)
         reuse = any(call.delta_in for call in calls)
+        zeroed = any(call.blocks == 0 for call in calls)
         truncate = self.guidance is not None and self.guidance.truncate is not None
         table = torch.tensor([call.t for call in calls], dtype=self._time_dtype, device=device)
         table = table[:, None].expand(-1, rows).contiguous()
@@ -584,6 +594,7 @@ class GuidedSampler:
             times=[table[i, : call.blocks * shape[0]] for i, call in enumerate(calls)],
             deltas=[torch.empty(shape, device=device, dtype=dtype) for _ in range(2 if reuse else 0)],
             uncond_estimate=torch.empty(shape, device=device, dtype=dtype) if reuse else None,
+            zero_prediction=torch.zeros(shape, device=device, dtype=dtype) if zeroed else None,
             similarity=torch.empty(shape[0], device=device, dtype=torch.float32) if truncate else None,
         )
 
@@ -608,24 +619,14 @@ class GuidedSampler:
         guided = planned.combine is not None
         rows = planned.blocks * batch
         buffers.rows[i] = rows
-        if self._perturbation is not None:  # the perturbed block's rows, read by the model's perturbed layers
-            block = planned.perturbed_block
-            self._perturbation.rows = None if block is None else slice(block * batch, (block + 1) * batch)
-        cache = buffers.block_cache
-        if cache is not None:  # which rows are which branch's, for the cache's per-branch state
-            cache.call, cache.branches, cache.active = i, self.branches[: planned.blocks], True
         t_in = buffers.times[i]
         if t_in.shape[0] != rows:  # a call that skips rows its plan has (truncated CFG, delta reuse)
             t_in = t_in[:rows]
-        model_output = self._checked_output(
-            self._forward(self.model, model_input[:rows], t_in, *buffers.model_arguments(rows)),
-            model_input,
-            rows,
-            shape,
-            "model",
-        )
-        if cache is not None:
-            cache.active = False
+        if rows:
+            model_output = self._model_output(i, planned, buffers, t_in, shape)
+        else:  # CFG-Zero*'s zero-init: the prediction is zero, no forward runs
+            assert buffers.zero_prediction is not None  # made with the buffers of a plan that zeroes calls
+            model_output = buffers.zero_prediction
         guide = None
         if guided:
             assert self.guidance is not None  # a call with a combine is a guided one
@@ -705,6 +706,28 @@ class GuidedSampler:
             assert self.guidance is not None and self.guidance.truncate is not None
             if bool(similarity.min() >= self.guidance.truncate):  # NaN: keeps guiding
                 buffers.truncated_from = i + 1
+
+    def _model_output(self, i: int, planned: _Call, buffers: _Buffers, t_in: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """Model call i's forward on the first ``t_in.shape[0]`` rows of the model input, with the
+        perturbed rows and the block cache told which rows are which branch's."""
+        batch, rows = shape[0], t_in.shape[0]
+        if self._perturbation is not None:  # the perturbed block's rows, read by the model's perturbed layers
+            block = planned.perturbed_block
+            self._perturbation.rows = None if block is None else slice(block * batch, (block + 1) * batch)
+        cache = buffers.block_cache
+        if cache is not None:  # which rows are which branch's, for the cache's per-branch state
+            cache.call, cache.branches, cache.active = i, self.branches[: planned.blocks], True
+        model_input = buffers.model_input
+        model_output = self._checked_output(
+            self._forward(self.model, model_input[:rows], t_in, *buffers.model_arguments(rows)),
+            model_input,
+            rows,
+            shape,
+            "model",
+        )
+        if cache is not None:
+            cache.active = False
+        return model_output
 
     @staticmethod
     def _step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None) -> None:
