@@ -168,7 +168,12 @@ class APG:
     the update parallel to the conditional prediction; momentum < 0 as in the paper).
     Checked when built: each a finite number within float32's range (the kernels'
     scalars), norm_threshold non-negative, momentum in [−1, 1] (beyond, the running
-    average grows geometrically with the steps)."""
+    average grows geometrically with the steps).
+
+    The guided prediction is the paper's, m = c + (w − 1)·(Δ⊥ + η·Δ∥), on the model's output
+    as it comes (ε, v or a velocity), as diffusers' AdaptiveProjectedGuidance reads it. That
+    guider's default (use_original_formulation=False) is u + w·(Δ⊥ + η·Δ∥), another
+    prediction at the same w: its use_original_formulation=True at scale w − 1 is this one."""
 
     eta: float = 0.0
     norm_threshold: float = 0.0

@@ -243,6 +243,23 @@ def test_apg_matches_sadat_et_al_over_two_steps():
         torch.testing.assert_close(buffer, running)
 
 
+def test_apg_is_diffusers_original_formulation_at_scale_w_minus_one():
+    # diffusers' normalized_guidance with use_original_formulation=True: c + s·(Δ⊥ + η·Δ∥);
+    # the paper's w is s + 1. Its momentum buffer runs as ours over the steps.
+    from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+
+    w, eta, threshold, momentum = 5.0, 0.4, 3.0, -0.6
+    buffer = torch.zeros(2, 4, 6, 6, dtype=torch.float64)
+    peer_buffer = MomentumBuffer(momentum)
+    combine = GuidanceCombine(w, apg_eta=eta, apg_norm_threshold=threshold, apg_momentum=momentum, variant="apg")
+    for step in range(3):
+        cond, uncond = randn(2, 4, 6, 6, seed=10 + 2 * step), randn(2, 4, 6, 6, seed=11 + 2 * step)
+        peer = normalized_guidance(
+            cond, uncond, w - 1, peer_buffer, eta=eta, norm_threshold=threshold, use_original_formulation=True
+        )
+        torch.testing.assert_close(reference.guided_prediction(cond, uncond, combine, buffer), peer)
+
+
 def test_tangential_cfg_matches_kwon_et_al_and_diffusers():
     # TCFG: u ← (u·v₁)v₁ with v₁ the top right-singular vector of the per-sample [c; u].
     from diffusers.guiders.tangential_classifier_free_guidance import normalized_guidance
