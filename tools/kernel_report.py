@@ -619,9 +619,10 @@ def cases() -> list[Case]:
         ),
     ]
     ln = layer_norm
-    # DiT-XL's D = 1152 (forward: 7 rows in 64 segments of 128; backward: 2 rows of 2048)
-    # and a narrow D = 72 (forward: 7 rows in 64 segments of 8; backward: 32 rows of 128).
-    for d, dtype in ((1152, "bf16"), (1152, "fp16"), (72, "fp16")):
+    # DiT-XL's D = 1152 (forward: 7 rows in 64 segments of 128; backward: 2 rows of 2048),
+    # the digits transformer's D = 96 (forward: 10 rows in 32 segments of 32) and a narrow
+    # odd D = 72 (forward: 6 rows in 32 segments of 16; backward: 32 rows of 128).
+    for d, dtype in ((1152, "bf16"), (1152, "fp16"), (96, "fp16"), (72, "fp16")):
         segment, segments, rows_pow2, warps = ln.forward_tile(d)
         forward = dict(D=d, SEGMENT=segment, SEGMENTS=segments, ROWS_POW2=rows_pow2)
         rows, block_d, backward_warps = ln.backward_tile(d)

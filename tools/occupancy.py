@@ -95,15 +95,18 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "group_norm one-pass+silu nhwc fp16 sm_90",
     "group_norm bwd sums nhwc fp16 sm_80",
     "group_norm bwd sums nhwc fp16 sm_90",
-    # Triton layer_norm: at D=72 the forward's tile is 64 segments of 8 (7 rows) in one
-    # warp, 4 loads a thread at 25 blocks (the SM's 32-block limit near): 50 KB; the
-    # backward pads a row to a power of two (1152 to 2048: 44% of its lanes idle, which
-    # this count does not see) and stages w and b through shared memory before its 6 loads
-    # (at 2 blocks/SM). Tried 2026-12-05: a row as two power-of-two pieces (1024 + 128, no
-    # idle lane) with a per-sample scale folded into the columns' constants takes 153
-    # registers at 4 warps (24 KB really in flight, against ~27 now) and spills at 16; the
-    # per-column sums and five tile-sized values held per element are the limit, so the
-    # way up is another split of the work (the column sums apart), not another tile.
+    # Triton layer_norm: at the narrow odd D=72 the forward's tile is 32 segments of 16 (6
+    # rows) in one warp, 4 loads a thread at 72 registers (28 blocks): 56 KB, of which 84%
+    # real loads (the digits transformer's D=96 is at 64 KB since the gather is held to 8
+    # values a thread; D=72's other tiles give 50-64 KB counted, 45-49 KB real); the
+    # backward (D=72 and 96 alike: rows of 128) pads a row to a power of two (1152 to 2048:
+    # 44% of its lanes idle, which this count does not see) and stages w and b through
+    # shared memory before its 6 loads (at 2 blocks/SM). Tried 2026-12-05: a row as two
+    # power-of-two pieces (1024 + 128, no idle lane) with a per-sample scale folded into
+    # the columns' constants takes 153 registers at 4 warps (24 KB really in flight,
+    # against ~27 now) and spills at 16; the per-column sums and five tile-sized values
+    # held per element are the limit, so the way up is another split of the work (the
+    # column sums apart), not another tile.
     "layer_norm adaLN fwd D=72 fp16 sm_80",
     "layer_norm adaLN fwd D=72 fp16 sm_90",
     "layer_norm adaLN bwd D=1152 bf16 sm_80",
@@ -111,6 +114,8 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "layer_norm adaLN bwd D=1152 fp16 sm_80",
     "layer_norm adaLN bwd D=1152 fp16 sm_90",
     "layer_norm adaLN bwd D=72 fp16 sm_90",
+    "layer_norm adaLN bwd D=96 fp16 sm_80",
+    "layer_norm adaLN bwd D=96 fp16 sm_90",
 }
 
 

@@ -26,7 +26,7 @@ LOW = [torch.float32, torch.float16, torch.bfloat16]
 # (N, L, D) and (N, D): odd widths (72 below a warp's vector sweep, DiT-XL's 1152, 13 no
 # multiple of a 16-byte vector), one token, a token count past a power of two, and x
 # without a token dim.
-SHAPES = [(2, 7, 72), (3, 1, 72), (2, 257, 72), (2, 5, 1152), (2, 9, 13), (3, 72)]
+SHAPES = [(2, 7, 72), (3, 1, 72), (2, 257, 72), (2, 5, 1152), (2, 9, 13), (3, 72), (2, 11, 96)]
 # (scale per token, shift per token, affine): None drops both modulations.
 VARIANTS = {
     "plain": (None, False),
@@ -407,6 +407,26 @@ def test_triton_rows_wider_than_its_tile_run_on_the_reference(monkeypatch):
     with fastguide.backend("triton"):
         y = ops.layer_norm(x, 72, weight, bias, scale=scale, shift=shift)
     assert_close(y, explicit_layer_norm(x, weight, bias, scale, shift), LAYER_NORM, torch.float32)
+
+
+def test_triton_forward_tiles_hold_whole_rows_and_a_light_row_gather():
+    # Every width's tile: whole rows of K segments, ROWS_POW2 the rows' power of two, and
+    # the [ROWS_POW2, SEGMENTS] gather at most MAX_GATHER_PER_THREAD values a thread (DiT's
+    # 1152 as 7 rows of 9 segments of 128 on 16 warps; the digits transformer's 96 as 10
+    # rows of 3 segments of 32 on 2 warps).
+    pytest.importorskip("triton")
+    from fastguide.kernels import layer_norm as triton_layer_norm
+
+    assert triton_layer_norm.forward_tile(1152) == (128, 64, 8, 16)
+    assert triton_layer_norm.forward_tile(96) == (32, 32, 16, 2)
+    for d in range(1, 4097):
+        segment, segments, rows_pow2, warps = triton_layer_norm.forward_tile(d)
+        per_row = -(-d // segment)
+        rows = segments // per_row
+        assert rows >= 1 and segments <= triton_layer_norm.MAX_SEGMENTS, d
+        assert rows_pow2 >= rows > rows_pow2 // 2, d
+        gather = rows_pow2 * segments / (warps * 32)
+        assert rows == 1 or gather <= triton_layer_norm.MAX_GATHER_PER_THREAD, d
 
 
 # --------------------------------------------------------------------------------------
