@@ -256,8 +256,9 @@ MAX_GATHER_PER_THREAD = 8
 def forward_tile(d: int) -> tuple[int, int, int, int]:
     """(SEGMENT, SEGMENTS, ROWS_POW2, num_warps) of the forward's [SEGMENTS, SEGMENT] tile
     for rows of d: of the power-of-two segments (K = ⌈d/SEGMENT⌉ a row, K ≤ MAX_SEGMENTS)
-    and tiles up to FORWARD_TILE elements, the one with the most real elements, then
-    16-byte vectors (8 elements of a 16-bit type), then the larger tile. d = 1152: segments
+    and tiles up to FORWARD_TILE elements, the one with the most real elements among
+    those whose row gather is light (MAX_GATHER_PER_THREAD), then 16-byte vectors (8
+    elements of a 16-bit type), then the larger tile. d = 1152: segments
     of 128, 9 a row, 7 rows in 64 segments (98% of the tile; a power-of-two row of 2048
     holds 56%)."""
     candidates = []
