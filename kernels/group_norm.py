@@ -125,10 +125,15 @@ BACKWARD_FUSED_SLAB_BYTES = 16 * 32 * BACKWARD_FUSED_WARPS
 BACKWARD_FUSED_UNROLL = 4
 BACKWARD_FUSED_PROGRAMS_PER_SM = 1
 # channels_last in one pass (_rows_group_kernel): a program per tile of the statistics
-# and normalising passes, taken by ticket, at most ROWS_FUSED_MAX_REGISTERS registers a
-# thread (each branch alone needs 63 and 72, but ptxas gives the two together 96, 5
-# programs an SM; at 64 it spills), so 7 programs fit an SM's 64K registers.
-ROWS_FUSED_MAX_REGISTERS = 72
+# and normalising passes, taken by ticket, ROWS_FUSED_STATS_UNROLL and ROWS_FUSED_APPLY_
+# UNROLL slabs a step (a 16-byte vector a thread each), at most ROWS_FUSED_MAX_REGISTERS
+# registers a thread (uncapped, ptxas takes 139 on sm_90), so 4 programs fit an SM's 64K
+# registers: 4·128 threads × 8 vectors × 16 B = 64 KB in flight in either pass. (At 4
+# slabs and 72 registers, 7 programs kept 56 KB; the statistics issue all 8 loads of a
+# whole step together only since whole steps read without a position mask.)
+ROWS_FUSED_STATS_UNROLL = 8
+ROWS_FUSED_APPLY_UNROLL = 8
+ROWS_FUSED_MAX_REGISTERS = 128
 ROWS_FUSED_PROGRAMS_PER_SM = 2**16 // (NUM_WARPS * 32 * ROWS_FUSED_MAX_REGISTERS)
 COUNTER_LINE = 32  # int32s of a 128-byte line: the ticket counter's, apart from the samples'.
 
@@ -224,37 +229,45 @@ def _stats_contiguous_kernel(
 
 
 @triton.jit
-def _slab_terms(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexpr):
+def _slab_terms(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexpr, FULL: tl.constexpr):
     """(x − K) and (x − K)² of one slab: BLOCK_S positions from slab × the channels (the
-    positions from rows_left on read as K: they add 0), one 2-D load."""
+    positions from rows_left on read as K: they add 0; with FULL every position is read
+    and rows_left is not), one 2-D load."""
     rows = tl.arange(0, BLOCK_S)
-    mask = (rows < rows_left)[:, None] & c_mask[None, :]
-    x = tl.load(slab + rows[:, None] * C + channel[None, :], mask=mask, other=0.0)
-    d = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
+    if FULL:
+        x = tl.load(slab + rows[:, None] * C + channel[None, :], mask=c_mask[None, :], other=0.0)
+        d = tl.where(c_mask[None, :], x.to(tl.float32) - shift[None, :], 0.0)
+    else:
+        mask = (rows < rows_left)[:, None] & c_mask[None, :]
+        x = tl.load(slab + rows[:, None] * C + channel[None, :], mask=mask, other=0.0)
+        d = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
     return d, d * d
 
 
 @triton.jit
-def _slab_pair_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexpr):
+def _slab_pair_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexpr, FULL: tl.constexpr):
     """_slab_terms of the slabs at slab and slab + BLOCK_S·C, added."""
-    a1, a2 = _slab_terms(slab, rows_left, C, channel, c_mask, shift, BLOCK_S)
-    b1, b2 = _slab_terms(slab + BLOCK_S * C, rows_left - BLOCK_S, C, channel, c_mask, shift, BLOCK_S)
+    a1, a2 = _slab_terms(slab, rows_left, C, channel, c_mask, shift, BLOCK_S, FULL)
+    b1, b2 = _slab_terms(slab + BLOCK_S * C, rows_left - BLOCK_S, C, channel, c_mask, shift, BLOCK_S, FULL)
     return a1 + b1, a2 + b2
 
 
 @triton.jit
-def _slab_quad_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexpr):
+def _slab_quad_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexpr, FULL: tl.constexpr):
     """_slab_pair_sums of slabs 0-1 and 2-3, added."""
-    a1, a2 = _slab_pair_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S)
-    b1, b2 = _slab_pair_sums(slab + 2 * BLOCK_S * C, rows_left - 2 * BLOCK_S, C, channel, c_mask, shift, BLOCK_S)
+    a1, a2 = _slab_pair_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S, FULL)
+    b1, b2 = _slab_pair_sums(slab + 2 * BLOCK_S * C, rows_left - 2 * BLOCK_S, C, channel, c_mask, shift, BLOCK_S, FULL)
     return a1 + b1, a2 + b2
 
 
 @triton.jit
-def _pairwise_slab_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexpr, COUNT: tl.constexpr):
+def _pairwise_slab_sums(
+    slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexpr, COUNT: tl.constexpr, FULL: tl.constexpr
+):
     """(x − K) and (x − K)² summed elementwise over COUNT (1, 2, 4 or 8) slabs of BLOCK_S
     positions × the channels, the slabs at slab, slab + BLOCK_S·C, ... (positions from
-    rows_left on read as K: they add 0), as a tree of pairs. Each slab is its own load of
+    rows_left on read as K: they add 0; with FULL every position is read), as a tree of
+    pairs. Each slab is its own load of
     a 2-D tile, one 16-byte vector a thread: as one 3-D [COUNT, BLOCK_S, BLOCK_C] load,
     Triton 3.6 and 3.9 disagreed on which axis stays in a thread (one of them spread the
     COUNT axis over lanes: 126-128 registers, 16 KB in flight an SM); this way both keep
@@ -263,14 +276,16 @@ def _pairwise_slab_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.
     that calls itself.)"""
     tl.static_assert((COUNT == 1 or COUNT == 2) or (COUNT == 4 or COUNT == 8), "COUNT: 1, 2, 4 or 8")
     if COUNT == 1:
-        return _slab_terms(slab, rows_left, C, channel, c_mask, shift, BLOCK_S)
+        return _slab_terms(slab, rows_left, C, channel, c_mask, shift, BLOCK_S, FULL)
     elif COUNT == 2:
-        return _slab_pair_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S)
+        return _slab_pair_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S, FULL)
     elif COUNT == 4:
-        return _slab_quad_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S)
+        return _slab_quad_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S, FULL)
     else:
-        a1, a2 = _slab_quad_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S)
-        b1, b2 = _slab_quad_sums(slab + 4 * BLOCK_S * C, rows_left - 4 * BLOCK_S, C, channel, c_mask, shift, BLOCK_S)
+        a1, a2 = _slab_quad_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S, FULL)
+        b1, b2 = _slab_quad_sums(
+            slab + 4 * BLOCK_S * C, rows_left - 4 * BLOCK_S, C, channel, c_mask, shift, BLOCK_S, FULL
+        )
         return a1 + b1, a2 + b2
 
 
@@ -308,9 +323,27 @@ def _rows_stats_task(
     s_end = tl.minimum(s_begin + s_per_chunk, S)
     acc1 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
-    for start in range(s_begin, s_end, BLOCK_S * UNROLL):
+    STEP: tl.constexpr = BLOCK_S * UNROLL
+    whole_end = s_begin + (s_end - s_begin) // STEP * STEP
+    # Whole steps read without a position mask: under one, ptxas issued only 4 of a step's 8
+    # predicated loads before the math.
+    for start in range(s_begin, whole_end, STEP):
         slab1, slab2 = _pairwise_slab_sums(
-            sample + tl.cast(start, tl.int64) * C, s_end - start, C, channel, c_mask, shift, BLOCK_S, UNROLL
+            sample + tl.cast(start, tl.int64) * C, STEP, C, channel, c_mask, shift, BLOCK_S, UNROLL, True
+        )
+        acc1 += slab1
+        acc2 += slab2
+    if whole_end < s_end:
+        slab1, slab2 = _pairwise_slab_sums(
+            sample + tl.cast(whole_end, tl.int64) * C,
+            s_end - whole_end,
+            C,
+            channel,
+            c_mask,
+            shift,
+            BLOCK_S,
+            UNROLL,
+            False,
         )
         acc1 += slab1
         acc2 += slab2
@@ -2029,7 +2062,7 @@ def rows_fused_config(
     row_c = min(ROW_CHANNELS, triton.next_power_of_2(channels))
     row_s = max(1, SLAB // row_c)
     blocks = triton.cdiv(channels, row_c)
-    step = row_s * math.lcm(STATS_UNROLL, APPLY_UNROLL)  # whole steps of both passes
+    step = row_s * math.lcm(ROWS_FUSED_STATS_UNROLL, ROWS_FUSED_APPLY_UNROLL)  # whole steps of both passes
     chunk = _chunk(spatial, step, triton.cdiv(programs, 2 * lag * blocks))
     split = triton.cdiv(spatial, chunk)
     cg = channels // groups
@@ -2049,8 +2082,8 @@ def rows_fused_config(
             MAP_BLOCK=min(triton.next_power_of_2(channels), SLAB),
             BLOCK_C=row_c,
             BLOCK_S=row_s,
-            STATS_UNROLL=STATS_UNROLL,
-            APPLY_UNROLL=APPLY_UNROLL,
+            STATS_UNROLL=ROWS_FUSED_STATS_UNROLL,
+            APPLY_UNROLL=ROWS_FUSED_APPLY_UNROLL,
         ),
     )
 

@@ -86,13 +86,6 @@ KNOWN_BELOW_FLOOR: set[str] = {
     # 95-96 registers (5 blocks, 40 KB); a step of 4 each takes 128 and the compiler issues
     # only 4-5 of them together.
     "group_norm apply+silu nhwc fp16 sm_80",
-    # The channels_last one-pass kernel (HBM reads x once where the three launches read it
-    # twice): its statistics and normalising branches alone take 63 and 72 registers (4
-    # loads a thread), together capped at 72 (7 programs, 56 KB; ptxas's own choice is 96,
-    # 40 KB; at 64 it spills). The ticket's scalars sit in per-thread registers where
-    # program ids would be uniform ones.
-    "group_norm one-pass+silu nhwc fp16 sm_80",
-    "group_norm one-pass+silu nhwc fp16 sm_90",
     "group_norm bwd sums nhwc fp16 sm_80",
     "group_norm bwd sums nhwc fp16 sm_90",
     # Triton layer_norm: at the narrow odd D=72 the forward's tile is 32 segments of 16 (6
