@@ -238,8 +238,16 @@ class CFG(Guidance):
     zero_init_steps = K is CFG-Zero*'s zero-init (Fan et al. 2025, §4.2; diffusers'
     ClassifierFreeZeroStarGuidance, whose default is K = 1): the first K model calls take
     the prediction 0 in place of the guided one, as diffusers' guider returns it, and skip
-    the forward. The paper sets the velocity of a flow model to zero there, so the sample
-    stays x_T through an Euler step; on a VP schedule the solver steps with ε̂ = 0.
+    the forward; the solver steps from it as from any prediction, with no rescale. The
+    paper sets the velocity of a flow model to zero there, so the sample stays x_T through
+    Euler steps (without clip_denoised or dynamic thresholding, which would clip the x0 = x
+    it implies). On a VP schedule ε̂ = 0 implies x0 = x/α, which clip_denoised (VP's
+    default) clips before the step re-derives ε̂ from it, as for any prediction
+    (diffusers' DDIM with clip_sample keeps ε̂ = 0 instead: use clip_denoised=False to
+    match its unclipped schedulers). A ForecastCache's warmup counts the zeroed calls.
+    Refused beside classifier guidance (its gradient would move the zero prediction) and
+    with sampler='ddpm' unless variance_type is fixed (a skipped forward gives no learned
+    variance).
     truncate reads the similarity of the u the combine gets: at a delta-reuse call the
     estimate c − Δ̂, and with guided_channels u = c in the unguided channels (which raises
     the similarity)."""
@@ -320,13 +328,6 @@ class CFG(Guidance):
         model_output = model_output.clone()
         model_output[batch:, self.guided_channels : channels] = model_output[:batch, self.guided_channels : channels]
         return model_output
-
-    def check_sampler(self, sampler: str, dynamic_threshold: float | None) -> None:
-        if self.zero_init_steps and sampler == "ddpm":
-            raise ValueError(
-                "CFG zero_init_steps skips the first calls' forwards, and sampler='ddpm' may read a variance the "
-                "model learns beside its prediction: use another sampler (ddim, euler, ...)"
-            )
 
     def scale_at(self, edm_sigma: float, progress: float) -> float:
         """The guidance weight at noise level σ̃, ``progress`` being the normalised diffusion

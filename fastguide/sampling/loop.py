@@ -237,6 +237,8 @@ class GuidedSampler:
         self.schedule.check_prediction_type(prediction_type)
         if self.guidance is not None:
             self.guidance.check_sampler(sampler, dynamic_threshold)
+            if self.guidance.zero_init_steps:
+                _check_zero_init(sampler, variance_type, self.classifier)
             if self.guidance.truncate is not None and sampler in TWO_CALL_SAMPLERS:
                 raise ValueError(
                     f"CFG truncate stops guiding between steps, and sampler={sampler!r} makes two model "
@@ -966,6 +968,23 @@ def _settings(guidance: object) -> tuple | list | None:
     if any(callable(value) for _, value in settings):
         return list(settings)
     return (type(guidance), *settings)
+
+
+def _check_zero_init(sampler: str, variance_type: str | None, classifier: ClassifierGuidance | None) -> None:
+    """Refuse what a zeroed call (no forward, the prediction 0) cannot serve: a classifier's
+    gradient would shift the zero prediction, and DDPM's learned variance comes from a
+    forward."""
+    if classifier is not None:
+        raise ValueError(
+            "CFG zero_init_steps takes the prediction 0 at its first calls, which ClassifierGuidance's "
+            "gradient would shift: drop one of them"
+        )
+    if sampler == "ddpm" and variance_type not in ("fixed_small", "fixed_large"):
+        raise ValueError(
+            "CFG zero_init_steps skips the first calls' forwards, and sampler='ddpm' may read a variance the "
+            "model learns beside its prediction: pass variance_type='fixed_small' or 'fixed_large', or use "
+            "another sampler (ddim, euler, ...)"
+        )
 
 
 def _is_real(value: object) -> bool:

@@ -10,7 +10,16 @@ import pytest
 import torch
 from diffusers.guiders import ClassifierFreeZeroStarGuidance
 
-from fastguide import CFG, CFGPlusPlus, FirstBlockCache, ForecastCache, GuidedSampler, NoiseSchedule, sample
+from fastguide import (
+    CFG,
+    CFGPlusPlus,
+    ClassifierGuidance,
+    FirstBlockCache,
+    ForecastCache,
+    GuidedSampler,
+    NoiseSchedule,
+    sample,
+)
 from tests.helpers import tiny_cfg_unet
 
 NULL = 3  # the toy model's null label
@@ -149,7 +158,16 @@ def test_bad_zero_init_settings_are_refused(make, match):
 def test_zero_init_is_refused_where_it_cannot_apply():
     x_T = torch.randn(1, 3, 8, 8)
     common = dict(labels=torch.tensor([0]), null_label=NULL, noise=x_T)
+    guidance = CFG(3.0, zero_star=True, zero_init_steps=1)
     with pytest.raises(ValueError, match="sampler='ddpm' may read a variance"):
-        sample(toy_model, x_T.shape, guidance=CFG(3.0, zero_star=True, zero_init_steps=1), sampler="ddpm", **common)
+        sample(toy_model, x_T.shape, guidance=guidance, sampler="ddpm", **common)
+    # A fixed variance needs no forward: DDPM runs, its zeroed call stepping on ε̂ = 0.
+    got = sample(
+        toy_model, x_T.shape, guidance=guidance, sampler="ddpm", variance_type="fixed_small", steps=4, **common
+    )
+    assert torch.isfinite(got).all()
+    classifier = ClassifierGuidance(lambda x, t: torch.log_softmax(x.flatten(1)[:, :4], dim=1), 1.0)
+    with pytest.raises(ValueError, match="which ClassifierGuidance's gradient would shift"):
+        sample(toy_model, x_T.shape, guidance=(guidance, classifier), sampler="ddim", steps=4, **common)
     with pytest.raises(ValueError, match="zeroes every one of the 4 model calls"):
         sample(toy_model, x_T.shape, guidance=CFG(3.0, zero_star=True, zero_init_steps=4), steps=4, **common)
