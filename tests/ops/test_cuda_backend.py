@@ -123,12 +123,37 @@ def test_reduction_variants_on_parts_of_several_strides(cuda_backend_on_cpu, dty
     run_against_reference(tensors, step, combine, names=("out",))
 
 
+def stats_tail_mask(part: int, dtype: torch.dtype) -> torch.Tensor:
+    """The positions of a stats part that its single last vectors read, not the loop of two
+    vectors an iteration (csrc/guided_step.cu's guided_stats: 256 threads of 16-byte vectors)."""
+    vec = 16 // dtype.itemsize
+    stride = 256 * vec
+    tail = torch.zeros(part, dtype=torch.bool)
+    for thread in range(256):
+        j = thread * vec
+        while j + stride < part:
+            j += 2 * stride
+        if j < part:
+            tail[j : j + vec] = True
+    return tail
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_perturbed_reduction_on_parts_of_several_strides(cuda_backend_on_cpu, dtype):
-    # As above, for the perturbed stats kernel: model_output [c; u; p] (PAG with rescale).
+@pytest.mark.parametrize("perturbed", [False, True], ids=["cfg", "pag"])
+def test_stats_tail_vectors_are_summed(cuda_backend_on_cpu, dtype, perturbed):
+    # The rescale's std(c)/std(m) over parts of 3872 (see above) where the single last
+    # vectors hold a large c and m = 0 (u = c·w/(w − 1), p = c): std(c) comes from them,
+    # std(m) from the rest, so a pass that left them out is far off in every dtype (the
+    # plain and the perturbed stats kernels).
     tensors, step, combine = case_inputs(CASES["rescale"], 2, 4, (176, 176), dtype, "cpu")
-    tensors["model_output"] = randn(6, 4, 176, 176, seed=1, dtype=dtype)
-    run_against_reference(tensors, step, combine._replace(perturbed_scale=2.5), names=("out",))
+    w = combine.scale
+    tail = stats_tail_mask(3872, dtype).repeat(32).reshape(4, 176, 176)
+    c = randn(2, 4, 176, 176, seed=1) * torch.where(tail, 30.0, 1.0)
+    u = torch.where(tail, c * w / (w - 1), randn(2, 4, 176, 176, seed=2))
+    blocks = [c, u, torch.where(tail, c, randn(2, 4, 176, 176, seed=3))] if perturbed else [c, u]
+    tensors["model_output"] = torch.cat(blocks).to(dtype)
+    combine = combine._replace(perturbed_scale=2.5) if perturbed else combine
+    run_against_reference(tensors, step, combine, names=("out",))
 
 
 def offset_copy(t: torch.Tensor) -> torch.Tensor:
