@@ -19,6 +19,7 @@ import torch
 
 from .options import (
     UsageError,
+    atomic_path,
     check_at_least,
     check_backend,
     check_image_file,
@@ -155,6 +156,7 @@ def _sample(args: argparse.Namespace, save_grid) -> int:
     for reason in sorted(fallbacks):
         print(f"fastguide: diffusers' own loop ran: {reason}")
     pixels = torch.cat(images).float() * 2 - 1  # [0, 1] -> save_grid's [-1, 1]
-    save_grid(pixels, args.out, columns=min(10, len(pixels)), scale=1)
+    with atomic_path(args.out) as scratch:  # never a partial PNG at --out
+        save_grid(pixels, scratch, columns=min(10, len(pixels)), scale=1)
     print(f"wrote {len(pixels)} samples to {args.out}")
     return 0

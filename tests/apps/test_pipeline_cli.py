@@ -112,6 +112,25 @@ def test_sample_from_a_saved_pipeline_writes_a_png(pipeline_folder, tmp_path, ca
         assert image.mode == "RGB" and image.size == (3 * 17 + 1, 17 + 1)  # three 16×16 tiles in a row, 1-pixel gaps
 
 
+def test_a_grid_that_fails_to_write_leaves_the_old_file(pipeline_folder, tmp_path, monkeypatch):
+    # The grid is written beside --out and moved over it: a write that dies midway leaves
+    # the previous file as it was and no scratch file behind.
+    from fastguide.apps import cli
+
+    out = tmp_path / "prompt.png"
+    out.write_bytes(b"previous")
+
+    def broken_save_grid(images, path, columns, scale=4):
+        path.write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cli, "save_grid", broken_save_grid)
+    arguments = ["sample", "--pipeline", str(pipeline_folder), "--prompt", "a cat", "--steps", "2"]
+    with pytest.raises(OSError, match="disk full"):
+        main([*arguments, "--num-samples", "1", "--out", str(out), "--quiet"])
+    assert out.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["prompt.png"]
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
