@@ -244,10 +244,12 @@ def _layer_norm_backward_kernel(
 
 # The forward tile: at most this many segments (the row gather is a [rows, segments]
 # select) and about FORWARD_TILE elements, 512 a warp (16 a thread). The gather's select
-# holds ROWS_POW2·SEGMENTS / threads values a thread: at most MAX_GATHER_PER_THREAD (the
-# digits transformer's D = 96 as 21 rows of 3 segments of 32 held 16 a thread, 90
-# registers and 40 KB in flight an SM on sm_90; as 10 rows of 3 on 2 warps, 8: 64
-# registers, 64 KB).
+# holds ROWS_POW2·SEGMENTS / threads values a thread: at most MAX_GATHER_PER_THREAD, and
+# among equal tiles of at least a warp's 512 elements the fewest (the digits
+# transformer's D = 96 as 21 rows of 3 segments of 32 held 16 a thread, 90 registers and
+# 40 KB in flight an SM on sm_90; as 5 rows on one warp, 4: 64 registers, 64 KB; D = 112
+# as 64 rows of 128 on 16 warps held 8, one program an SM, 32 KB; as 4 rows on one warp,
+# 64 KB).
 MAX_SEGMENTS = 64
 FORWARD_TILE = 8192
 MAX_GATHER_PER_THREAD = 8
@@ -258,7 +260,8 @@ def forward_tile(d: int) -> tuple[int, int, int, int]:
     for rows of d: of the power-of-two segments (K = ⌈d/SEGMENT⌉ a row, K ≤ MAX_SEGMENTS)
     and tiles up to FORWARD_TILE elements, the one with the most real elements among
     those whose row gather is light (MAX_GATHER_PER_THREAD), then 16-byte vectors (8
-    elements of a 16-bit type), then the larger tile. d = 1152: segments
+    elements of a 16-bit type), then a warp's 512 elements at least, then the lighter
+    gather, then the larger tile. d = 1152: segments
     of 128, 9 a row, 7 rows in 64 segments (98% of the tile; a power-of-two row of 2048
     holds 56%)."""
     candidates = []
@@ -271,8 +274,10 @@ def forward_tile(d: int) -> tuple[int, int, int, int]:
             rows_pow2 = triton.next_power_of_2(segments // k)
             warps = min(16, max(1, segments * segment // 512))
             used = (segments // k) * d / (segments * segment)
-            light = rows_pow2 * segments <= MAX_GATHER_PER_THREAD * warps * 32 or segments == k
-            key = (light, round(used, 3), min(segment, 8), segments * segment)
+            gather = rows_pow2 * segments / (warps * 32)  # the gather's values a thread
+            light = gather <= MAX_GATHER_PER_THREAD or segments == k
+            tile = segments * segment
+            key = (light, round(used, 3), min(segment, 8), min(tile, 512), -gather, tile)
             candidates.append((key, segment, segments, rows_pow2, warps))
             segments *= 2
         segment *= 2

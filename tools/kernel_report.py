@@ -620,7 +620,7 @@ def cases() -> list[Case]:
     ]
     ln = layer_norm
     # DiT-XL's D = 1152 (forward: 7 rows in 64 segments of 128; backward: 2 rows of 2048),
-    # the digits transformer's D = 96 (forward: 10 rows in 32 segments of 32) and a narrow
+    # the digits transformer's D = 96 (forward: 5 rows in 16 segments of 32) and a narrow
     # odd D = 72 (forward: 6 rows in 32 segments of 16; backward: 32 rows of 128).
     for d, dtype in ((1152, "bf16"), (1152, "fp16"), (96, "fp16"), (72, "fp16")):
         segment, segments, rows_pow2, warps = ln.forward_tile(d)
