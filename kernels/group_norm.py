@@ -125,14 +125,14 @@ BACKWARD_FUSED_SLAB_BYTES = 16 * 32 * BACKWARD_FUSED_WARPS
 BACKWARD_FUSED_UNROLL = 4
 BACKWARD_FUSED_PROGRAMS_PER_SM = 1
 # channels_last in one pass (_rows_group_kernel): a program per tile of the statistics
-# and normalising passes, taken by ticket, ROWS_FUSED_STATS_UNROLL and ROWS_FUSED_APPLY_
-# UNROLL slabs a step (a 16-byte vector a thread each), at most ROWS_FUSED_MAX_REGISTERS
+# and normalising passes, taken by ticket, each step ROWS_FUSED_VECTORS 16-byte vectors a
+# thread in either pass (8 slabs of a 16-bit type, 4 of fp32, whose slab is two vectors a
+# thread: 8 slabs of it spilled under the cap on sm_90), at most ROWS_FUSED_MAX_REGISTERS
 # registers a thread (uncapped, ptxas takes 139 on sm_90), so 4 programs fit an SM's 64K
 # registers: 4·128 threads × 8 vectors × 16 B = 64 KB in flight in either pass. (At 4
 # slabs and 72 registers, 7 programs kept 56 KB; the statistics issue all 8 loads of a
 # whole step together only since whole steps read without a position mask.)
-ROWS_FUSED_STATS_UNROLL = 8
-ROWS_FUSED_APPLY_UNROLL = 8
+ROWS_FUSED_VECTORS = 8
 ROWS_FUSED_MAX_REGISTERS = 128
 ROWS_FUSED_PROGRAMS_PER_SM = 2**16 // (NUM_WARPS * 32 * ROWS_FUSED_MAX_REGISTERS)
 COUNTER_LINE = 32  # int32s of a 128-byte line: the ticket counter's, apart from the samples'.
@@ -2062,7 +2062,9 @@ def rows_fused_config(
     row_c = min(ROW_CHANNELS, triton.next_power_of_2(channels))
     row_s = max(1, SLAB // row_c)
     blocks = triton.cdiv(channels, row_c)
-    step = row_s * math.lcm(ROWS_FUSED_STATS_UNROLL, ROWS_FUSED_APPLY_UNROLL)  # whole steps of both passes
+    # slabs a step: ROWS_FUSED_VECTORS vectors a thread, a slab being SLAB elements over the program's threads
+    unroll = max(1, ROWS_FUSED_VECTORS * NUM_WARPS * 32 * 16 // (SLAB * element_size))
+    step = row_s * unroll  # whole steps of both passes
     chunk = _chunk(spatial, step, triton.cdiv(programs, 2 * lag * blocks))
     split = triton.cdiv(spatial, chunk)
     cg = channels // groups
@@ -2082,8 +2084,8 @@ def rows_fused_config(
             MAP_BLOCK=min(triton.next_power_of_2(channels), SLAB),
             BLOCK_C=row_c,
             BLOCK_S=row_s,
-            STATS_UNROLL=ROWS_FUSED_STATS_UNROLL,
-            APPLY_UNROLL=ROWS_FUSED_APPLY_UNROLL,
+            STATS_UNROLL=unroll,
+            APPLY_UNROLL=unroll,
         ),
     )
 

@@ -540,27 +540,33 @@ def cases() -> list[Case]:
     backward = gn.backward_fused_config(
         64, 256, 32, 64 * 64, multiprocessors=132, element_size=2, l2_budget=gn.FUSED_L2_BYTES
     )
-    # channels_last in one pass, at the same shape.
-    rows = gn.rows_fused_config(64, 256, 32, 64 * 64, multiprocessors=132, element_size=2, l2_budget=gn.FUSED_L2_BYTES)
+    # channels_last in one pass, at the same shape, in fp16 and fp32 (whose steps take half
+    # the slabs: a slab is two vectors a thread).
+    for dtype, size in (("fp16", 2), ("fp32", 4)):
+        rows = gn.rows_fused_config(
+            64, 256, 32, 64 * 64, multiprocessors=132, element_size=size, l2_budget=gn.FUSED_L2_BYTES
+        )
+        out.append(
+            Case(
+                f"group_norm one-pass+silu nhwc {dtype}",
+                gn._rows_group_kernel,
+                {
+                    "x_ptr": dtype,
+                    "y_ptr": dtype,
+                    "partial_ptr": "fp32",
+                    "mean_ptr": "fp32",
+                    "rstd_ptr": "fp32",
+                    "maps_ptr": "fp32",
+                    "ticket_ptr": "i32",
+                    "done_ptr": "i32",
+                    **params,
+                },
+                {**rows["meta"], **flags},
+                gn.NUM_WARPS,
+                maxnreg=gn.ROWS_FUSED_MAX_REGISTERS,
+            )
+        )
     out += [
-        Case(
-            "group_norm one-pass+silu nhwc fp16",
-            gn._rows_group_kernel,
-            {
-                "x_ptr": "fp16",
-                "y_ptr": "fp16",
-                "partial_ptr": "fp32",
-                "mean_ptr": "fp32",
-                "rstd_ptr": "fp32",
-                "maps_ptr": "fp32",
-                "ticket_ptr": "i32",
-                "done_ptr": "i32",
-                **params,
-            },
-            {**rows["meta"], **flags},
-            gn.NUM_WARPS,
-            maxnreg=gn.ROWS_FUSED_MAX_REGISTERS,
-        ),
         Case(
             "group_norm one-pass+silu nchw fp16",
             gn._group_kernel,
