@@ -199,9 +199,9 @@ __global__ void __launch_bounds__(kWarpSize) sample_coefficients_kernel(GuidedSt
 // math, so each thread keeps kUnroll × (its inputs) 16-byte loads in flight: what hides
 // HBM's latency with the few blocks an SM holds (tools/occupancy.py). Every vector lies
 // within the sample (guided_step calls it with kUnroll = 1 in the sample's last block), so
-// each load is a constant offset from the first. Only the first kHistorySlots history tensors are
-// read (the launcher picks kHistorySlots ≥ num_history), and `Reads` says which other
-// optional inputs exist: what is absent holds no registers.
+// each load is a constant offset from the first. Only the first kHistorySlots history
+// tensors are read (the launcher picks kHistorySlots ≥ num_history), and `Reads` says which
+// other optional inputs exist: what is absent holds no registers.
 template <typename T, int kVec, int kUnroll, bool kPerturbed, bool kSimilarity, int kHistorySlots, typename Reads>
 __device__ __forceinline__ void guided_step_vectors(const GuidedStepParams& p, const GuidedStepTensors<T>& t,
                                                     const SampleCoefficients& k, int64_t b, int64_t j,

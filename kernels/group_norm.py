@@ -235,12 +235,11 @@ def _slab_terms(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexp
     and rows_left is not), one 2-D load."""
     rows = tl.arange(0, BLOCK_S)
     if FULL:
-        x = tl.load(slab + rows[:, None] * C + channel[None, :], mask=c_mask[None, :], other=0.0)
-        d = tl.where(c_mask[None, :], x.to(tl.float32) - shift[None, :], 0.0)
+        mask = c_mask[None, :]
     else:
         mask = (rows < rows_left)[:, None] & c_mask[None, :]
-        x = tl.load(slab + rows[:, None] * C + channel[None, :], mask=mask, other=0.0)
-        d = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
+    x = tl.load(slab + rows[:, None] * C + channel[None, :], mask=mask, other=0.0)
+    d = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
     return d, d * d
 
 
@@ -267,13 +266,12 @@ def _pairwise_slab_sums(
     """(x − K) and (x − K)² summed elementwise over COUNT (1, 2, 4 or 8) slabs of BLOCK_S
     positions × the channels, the slabs at slab, slab + BLOCK_S·C, ... (positions from
     rows_left on read as K: they add 0; with FULL every position is read), as a tree of
-    pairs. Each slab is its own load of
-    a 2-D tile, one 16-byte vector a thread: as one 3-D [COUNT, BLOCK_S, BLOCK_C] load,
-    Triton 3.6 and 3.9 disagreed on which axis stays in a thread (one of them spread the
-    COUNT axis over lanes: 126-128 registers, 16 KB in flight an SM); this way both keep
-    every slab in registers and issue all COUNT loads before the adds (63 registers,
-    64 KB). (Spelled out by level, not recursive: Triton 3.2 cannot hash a JIT function
-    that calls itself.)"""
+    pairs. Each slab is its own load of a 2-D tile, one 16-byte vector a thread: as one 3-D
+    [COUNT, BLOCK_S, BLOCK_C] load, Triton 3.6 and 3.9 disagreed on which axis stays in a
+    thread (one of them spread the COUNT axis over lanes: 126-128 registers, 16 KB in flight
+    an SM); this way both keep every slab in registers and issue all COUNT loads before the
+    adds (63 registers, 64 KB). (Spelled out by level, not recursive: Triton 3.2 cannot hash
+    a JIT function that calls itself.)"""
     tl.static_assert((COUNT == 1 or COUNT == 2) or (COUNT == 4 or COUNT == 8), "COUNT: 1, 2, 4 or 8")
     if COUNT == 1:
         return _slab_terms(slab, rows_left, C, channel, c_mask, shift, BLOCK_S, FULL)

@@ -315,8 +315,12 @@ class GuidedSampler:
                 f"CFG zero_init_steps={zeroed} zeroes every one of the {len(plans)} model calls of "
                 f"sampler={self.sampler!r} on these timesteps: it must be fewer"
             )
-        calls = tuple(self._call(plan, learned_variance, guided and k >= zeroed) for k, plan in enumerate(plans))
-        calls = tuple(dataclasses.replace(call, blocks=0) if k < zeroed else call for k, call in enumerate(calls))
+        calls = tuple(
+            dataclasses.replace(self._call(plan, learned_variance, False), blocks=0)  # no forward
+            if k < zeroed
+            else self._call(plan, learned_variance, guided)
+            for k, plan in enumerate(plans)
+        )
         if guided and self.guidance is not None and self.guidance.reuse is not None:
             calls = self._reusing_deltas(calls)
         for call in calls:
