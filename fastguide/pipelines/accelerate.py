@@ -25,9 +25,9 @@ fastguide's own choices stay open, as options of ``accelerate`` (kept on the pip
 ``pipe.fastguide_options``, in diffusers' way of configuring a pipeline once):
 ``sampler=`` (with ``spacing=``) samples with a fastguide solver on the scheduler's noise
 schedule instead of reproducing the scheduler; ``guidance=`` a ``fastguide.Guidance`` to use
-instead of the pipeline's CFG (its ``guidance_scale``, and a PAG pipeline's ``pag_scale``,
-then have no effect; the negative prompt is encoded where the guidance has an unconditional
-branch); ``cache=`` a
+instead of the pipeline's CFG (its ``guidance_scale`` and ``guidance_rescale``, and a PAG
+pipeline's ``pag_scale``, then have no effect, and a call that passes them is warned; the
+negative prompt is encoded where the guidance has an unconditional branch); ``cache=`` a
 ``fastguide.FirstBlockCache`` or ``ForecastCache`` for the denoiser's blocks (DiT, PixArt
 and SD3 transformer blocks; an SD/SDXL UNet's down, mid and up blocks);
 ``cuda_graph=True`` captures the loop as CUDA graphs.
@@ -123,6 +123,9 @@ def accelerate(
 
 
 _CLASSES: dict[type, type] = {}
+# A call's arguments that set the pipeline's own guidance, which accelerate(guidance=...)
+# replaces: given with it, they are warned of, not silently dropped.
+PIPELINE_GUIDANCE_ARGUMENTS = frozenset({"guidance_scale", "guidance_rescale", "pag_scale"})
 
 
 def _accelerated_class(cls: type) -> type:
@@ -145,6 +148,7 @@ def _accelerated_class(cls: type) -> type:
 
 def _accelerated_call(pipe, original: Callable, args: tuple, kwargs: dict):
     bound = inspect.signature(original).bind(pipe, *args, **kwargs)
+    given = set(bound.arguments)
     bound.apply_defaults()
     arguments = dict(bound.arguments)
     arguments.pop("self", None)
@@ -174,6 +178,13 @@ def _accelerated_call(pipe, original: Callable, args: tuple, kwargs: dict):
             )
         return original(pipe, *args, **kwargs)
     pipe.fastguide_fallback = None
+    overridden = sorted(given & PIPELINE_GUIDANCE_ARGUMENTS) if options.guidance is not None else []
+    if overridden:
+        warnings.warn(
+            f"fastguide: {', '.join(f'{name}=' for name in overridden)} of this {type(pipe).__name__} call "
+            f"have no effect: accelerate(guidance={type(options.guidance).__name__}(...)) guides instead",
+            stacklevel=3,
+        )
     steps = denoising.sampling["steps"]
     # the pipeline's num_timesteps: its scheduler's steps where fastguide reproduces them (a
     # Heun scheduler counts each of its two stages), fastguide's own sampler's otherwise

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import pytest
 import torch
@@ -341,7 +342,8 @@ def test_fastguides_own_sampler_and_guidance_are_options():
         spacing="karras",
         guidance=fastguide.CFG(5.0, apg=fastguide.APG(eta=0.0)),
     )
-    got = _images(own, SD_CALL)
+    with pytest.warns(UserWarning, match=r"guidance_scale= of this StableDiffusionPipeline call have no effect"):
+        got = _images(own, SD_CALL)
     assert own.fastguide_fallback is None and not torch.allclose(got, reproduced)
     # the same as fastguide.sample on the pipeline's UNet, its schedule's betas and its embeddings
     expected = fastguide.sample(
@@ -545,6 +547,22 @@ def test_guidance_option_guides_whatever_the_calls_guidance_scale():
     # guidance_scale (1: diffusers would not guide) has no effect
     original = stable_diffusion(SD_SCHEDULERS["ddim"]())
     guided = fastguide.accelerate(copy.deepcopy(original), guidance=fastguide.CFG(5.0))
-    torch.testing.assert_close(
-        _images(guided, {**SD_CALL, "guidance_scale": 1.0}), _images(original, SD_CALL), atol=2e-5, rtol=0
-    )
+    with pytest.warns(UserWarning, match="have no effect: accelerate"):
+        got = _images(guided, {**SD_CALL, "guidance_scale": 1.0})
+    torch.testing.assert_close(got, _images(original, SD_CALL), atol=2e-5, rtol=0)
+    # not given, the pipeline's guidance arguments raise no warning
+    without = {k: v for k, v in SD_CALL.items() if k != "guidance_scale"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guided(**without, generator=torch.Generator().manual_seed(11))
+    assert not [w for w in caught if "no effect" in str(w.message)]
+
+
+def test_guidance_option_warns_of_a_pag_pipelines_own_scales():
+    """A PAG pipeline's pag_scale and guidance_rescale, given beside accelerate(guidance=...),
+    have no effect: the call says so rather than dropping them silently."""
+    make, call = CASES["sd-pag"]
+    pipe = fastguide.accelerate(make(), guidance=fastguide.CFG(3.0))
+    with pytest.warns(UserWarning, match=r"guidance_rescale=, guidance_scale=, pag_scale= of this Stable"):
+        _images(pipe, call)
+    assert pipe.fastguide_fallback is None
