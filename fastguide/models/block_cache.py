@@ -7,6 +7,8 @@ diffusers' ``FirstBlockCacheConfig``) watches the first block's residual r = h�
 decides at every model call:
 
     reuse  ⇔  mean|r − r_ref| / mean|r_ref| < threshold   for every branch the call runs
+              (0 where r = r_ref: rows whose first block skip-layer guidance skips have
+              r = 0 at every call and leave the decision to the other branches)
     reuse:     h_L = h₁ + R̂                                (the other blocks do not run)
     compute:   h_L = blocks 2..L (h₁);   then R ← h_L − h₁ and r_ref ← r
 
@@ -27,8 +29,10 @@ Where it installs (``FirstBlockCache.install``):
   DiT and PixArt ``transformer_blocks``, whose blocks return their hidden states): block 0
   is the first block; on a reused call blocks 1..L−2 pass their input through and block
   L−1 returns it plus R; SD3's joint blocks likewise on their image stream, the context
-  stream passed through (the last block drops it, ``context_pre_only``);
-- fastguide's ADM UNet: its first ``UNet.FIRST_BLOCKS`` input blocks (the stem
+  stream passed through (the last block drops it, ``context_pre_only``). A block's hidden
+  states are its first parameter, however it is called; blocks that return anything else
+  than one tensor (Flux's pairs) are refused at their first output;
+- fastguide's ADM UNet (with num_res_blocks ≥ 1): its first ``UNet.FIRST_BLOCKS`` input blocks (the stem
   convolution and the first residual block) are the first block, r that residual block's
   residual; ``UNet.rest``, the network up to the last output block's features, is
   replaced on a reused call by h₁ + R.
@@ -149,7 +153,14 @@ def check_cacheable(model: object, name: str) -> None:
     docstring for those it can)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"cache: {name} caches a torch.nn.Module's blocks, got {type(model).__name__}")
-    if isinstance(model, UNet) or _is_diffusers_unet(model):
+    if isinstance(model, UNet):
+        if model.num_res_blocks < 1:  # input_blocks[1] would downsample: h₁ and rest's output differ in shape
+            raise ValueError(
+                f"cache: {name} watches the residual of an ADM UNet's first residual block at full "
+                "resolution, and this UNet has none (num_res_blocks=0)"
+            )
+        return
+    if _is_diffusers_unet(model):
         return
     try:
         attribute, blocks = block_list(model, name)
@@ -175,7 +186,8 @@ def _install(
     if isinstance(model, UNet):
         state = state or new_state(len(model.input_blocks) + 1 + len(model.output_blocks), UNet.FIRST_BLOCKS)
         handle = BlockCacheHandle(state)
-        handle.wrap(model.input_blocks[UNet.FIRST_BLOCKS - 1], "forward", _first_block(state, lambda out: out))
+        first = model.input_blocks[UNet.FIRST_BLOCKS - 1]
+        handle.wrap(first, "forward", _first_block(state, passthrough(first), lambda out: out))
         handle.wrap(model, "rest", _unet_rest(state))
         return handle
     if _is_diffusers_unet(model):
@@ -187,7 +199,9 @@ def _install(
     handle.wrap(
         first,
         "forward",
-        _scheduled_first_block(state, passthrough(first), hidden) if skip_first else _first_block(state, hidden),
+        _scheduled_first_block(state, passthrough(first), hidden)
+        if skip_first
+        else _first_block(state, passthrough(first), hidden),
     )
     for block in blocks[1:-1]:
         handle.wrap(block, "forward", _passed_through_when_reused(state, passthrough(block)))
@@ -211,7 +225,7 @@ def _install_on_diffusers_unet(
     handle.wrap(
         down[0],
         "forward",
-        _scheduled_first_block(state, through, hidden) if skip_first else _first_block(state, hidden),
+        _scheduled_first_block(state, through, hidden) if skip_first else _first_block(state, through, hidden),
     )
     for block in down[1:]:
         handle.wrap(block, "forward", _passed_through_when_reused(state, _down_block_passthrough(block)))
@@ -416,10 +430,13 @@ def _residual(h: Tensor, h_in: Tensor) -> Tensor:
 
 
 def _relative_change(residual: Tensor, reference: Tensor) -> Tensor:
-    """mean|r − r_ref| / mean|r_ref| in float32 (a zero reference: infinite, never reused)."""
+    """mean|r − r_ref| / mean|r_ref| in float32: 0 where r equals r_ref (also both zero, as
+    on rows whose first block is skipped by skip-layer guidance, which then leave the
+    decision to the other branches), infinite where only the reference is zero."""
     change = (residual.float() - reference.float()).abs().mean()
     scale = reference.float().abs().mean()
-    return torch.where(scale > 0, change / scale, torch.full_like(change, math.inf))
+    relative = torch.where(scale > 0, change / scale, torch.full_like(change, math.inf))
+    return torch.where(change > 0, relative, torch.zeros_like(change))
 
 
 def _keep(store: dict[str, Tensor], key: str, value: Tensor) -> None:
@@ -432,14 +449,17 @@ def _keep(store: dict[str, Tensor], key: str, value: Tensor) -> None:
         kept.copy_(value)
 
 
-def _first_block(state: BlockCacheState, hidden: Callable[[Any], Tensor]) -> Callable[[Callable], Callable]:
-    """The first block, deciding from its input h₀ and its output's hidden states h₁."""
+def _first_block(
+    state: BlockCacheState, through: Callable, hidden: Callable[[Any], Tensor]
+) -> Callable[[Callable], Callable]:
+    """The first block, deciding from its input h₀ (the hidden states among its arguments,
+    as ``through`` finds them, whatever their position) and its output's hidden states h₁."""
 
     def make(inner: Callable) -> Callable:
         def forward(*args: Any, **kwargs: Any) -> object:
             out = inner(*args, **kwargs)
             if state.active:
-                state.decide(args[0] if args else next(iter(kwargs.values())), hidden(out))
+                state.decide(hidden(through(args, kwargs)), hidden(out))
             return out
 
         return forward

@@ -74,10 +74,23 @@ def _joint_passthrough(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
 
 
 def hidden_output(block: nn.Module) -> Callable[[Any], Tensor]:
-    """The hidden states among ``block``'s outputs: its output, or an SD3 joint block's second."""
+    """The hidden states among ``block``'s outputs: its output, or an SD3 joint block's
+    second. Another block that returns anything but one tensor (Flux's, CogVideoX's pairs)
+    is refused at its first output: which of its outputs are the hidden states is not
+    known."""
     if is_joint_block(block):
         return lambda out: out[1]
-    return lambda out: out
+    name = type(block).__name__
+
+    def hidden(out: Any) -> Tensor:
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"cache: {name} returned {type(out).__name__}: a block cache takes blocks "
+                "that return their hidden states as one tensor (or diffusers' SD3 joint blocks)"
+            )
+        return out
+
+    return hidden
 
 
 def with_hidden_output(block: nn.Module) -> Callable[[tuple, dict, Tensor], object]:

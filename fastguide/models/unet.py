@@ -419,6 +419,7 @@ class UNet(_Trunk):
     out_channels: int
     num_classes: int | None
     channel_mult: tuple[float, ...]
+    num_res_blocks: int
     null_class: bool
     label_dropout: float
     label_emb: nn.Embedding
@@ -484,6 +485,7 @@ class UNet(_Trunk):
             raise ValueError("label_dropout replaces labels by the null class: set null_class=True")
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
         self.model_channels, self.num_classes, self.channel_mult = model_channels, num_classes, tuple(channel_mult)
+        self.num_res_blocks = num_res_blocks
         self.null_class, self.label_dropout = null_class, label_dropout
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads

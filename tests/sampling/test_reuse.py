@@ -367,6 +367,116 @@ def test_a_model_without_blocks_is_refused_before_any_forward():
         sampler((1, 3, 8, 8))
 
 
+def test_a_unet_without_a_full_resolution_residual_block_is_refused():
+    """num_res_blocks=0: the UNet's second input block downsamples (or is absent), so no
+    residual of h₁'s shape exists for the cache to keep."""
+    for channel_mult in ((1, 2), (1,)):
+        unet = fastguide.UNet(
+            image_size=8,
+            in_channels=3,
+            model_channels=32,
+            out_channels=3,
+            num_res_blocks=0,
+            attention_resolutions=(),
+            channel_mult=channel_mult,
+            num_classes=4,
+            null_class=True,
+        )
+        for cache in (FirstBlockCache(), ForecastCache()):
+            sampler = GuidedSampler(unet, steps=4, schedule=SCHEDULE, guidance=CFG(3.0), cache=cache)
+            with pytest.raises(ValueError, match="num_res_blocks=0"):
+                sampler((1, 3, 8, 8), labels=torch.tensor([1]))
+
+
+class TupleBlocks(torch.nn.Module):
+    """Blocks that return (context, hidden states), as Flux's do: the cache cannot tell
+    which output is the hidden states."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 8)
+
+        def forward(self, hidden_states, context):
+            return context, hidden_states + self.linear(hidden_states)
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(self.Block() for _ in range(3))
+
+    def forward(self, x, t):
+        h, context = x.reshape(x.shape[0], -1, 8), torch.zeros(x.shape[0], 1, 8)
+        for block in self.blocks:
+            context, h = block(h, context)
+        return h.reshape(x.shape)
+
+
+@pytest.mark.parametrize("cache", [FirstBlockCache(), ForecastCache()], ids=["first-block", "forecast"])
+def test_blocks_that_return_a_tuple_are_refused_by_name(cache):
+    sampler = GuidedSampler(TupleBlocks(), steps=4, schedule=SCHEDULE, cache=cache)
+    with pytest.raises(TypeError, match="Block returned tuple: a block cache takes blocks"):
+        sampler((1, 2, 4, 4))
+
+
+class KeywordBlocks(torch.nn.Module):
+    """Blocks called with keywords, the hidden states not first: block(c=..., x=h). Keeps
+    the hidden states each call gives its first block."""
+
+    class Block(torch.nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            self.linear = randomize(torch.nn.Linear(8, 8), seed=seed)
+
+        def forward(self, x, c):
+            return x + torch.tanh(self.linear(x) + c)
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(self.Block(seed) for seed in range(4))
+        self.first_inputs: list[torch.Tensor] = []
+
+    def forward(self, x, t):
+        h = x.reshape(x.shape[0], -1, 8)
+        c = torch.ones_like(h) * t.float().reshape(-1, 1, 1) / 1000  # h's shape: only identity tells them apart
+        self.first_inputs.append(h)
+        for block in self.blocks:
+            h = block(c=c, x=h)
+        return h.reshape(x.shape)
+
+
+def test_the_first_blocks_input_is_its_hidden_states_whatever_the_argument_order():
+    model = KeywordBlocks()
+    seen = []
+    state_decide = BlockCacheState.decide
+
+    def decide(self, h0, h1):
+        seen.append(h0)
+        return state_decide(self, h0, h1)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(BlockCacheState, "decide", decide)
+        GuidedSampler(model, steps=3, schedule=SCHEDULE, cache=FirstBlockCache())((2, 2, 4, 4))
+    assert len(seen) == len(model.first_inputs) == 3
+    assert all(h0 is h for h0, h in zip(seen, model.first_inputs))
+
+
+def test_rows_whose_first_block_is_skipped_leave_the_decision_to_the_others():
+    """Skip-layer guidance on block 0: the perturbed rows' first residual is 0 at every call,
+    which says nothing changed; the conditional rows decide, and the cache still reuses."""
+    guidance = fastguide.SkipLayerGuidance(2.0, layers=[0])
+    _, sampler = run(tiny_dit(), guidance, FirstBlockCache(threshold=1.0))
+    assert sampler.last_compute["reused_calls"] > 0
+    state = BlockCacheState(threshold=0.5, blocks=4, first_blocks=1)
+    h0 = torch.randn(4, 5)
+    for call, scale in enumerate((1.0, 1.01)):  # cond rows barely change, perturbed rows are h0
+        state.call, state.branches = call, ("cond", "perturbed")
+        h1 = torch.cat([h0[:2] + scale, h0[2:]])
+        state.decide(h0, h1)
+        if not state.reusing:
+            state.computed(h1 + 1)
+    assert state.recorded == {0: False, 1: True}
+
+
 # ---- diffusers' UNet2DConditionModel ------------------------------------------------------
 
 
