@@ -47,7 +47,7 @@ import abc
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeGuard
+from numbers import Real
 
 import torch
 from torch import Tensor, nn
@@ -181,7 +181,7 @@ class APG:
 
     def __post_init__(self):
         for name in ("eta", "norm_threshold", "momentum"):
-            _check_real(f"APG {name}", getattr(self, name))
+            _set_real(self, name, f"APG {name}")
         if self.norm_threshold < 0:
             raise ValueError(f"APG norm_threshold must be non-negative (0 turns it off), got {self.norm_threshold}")
         if not -1 <= self.momentum <= 1:
@@ -265,7 +265,7 @@ class CFG(Guidance):
     zero_init_steps: int = 0
 
     def __post_init__(self):
-        _check_real("CFG scale", self.scale)
+        _set_real(self, "scale", "CFG scale")
         if (
             isinstance(self.zero_init_steps, bool)
             or not isinstance(self.zero_init_steps, int)
@@ -277,7 +277,7 @@ class CFG(Guidance):
                 "CFG zero_init_steps is CFG-Zero*'s zero-init (Fan et al. 2025): set zero_star=True with it"
             )
         if self.truncate is not None:
-            _check_real("CFG truncate", self.truncate)
+            _set_real(self, "truncate", "CFG truncate")
             if not -1 < self.truncate <= 1:
                 raise ValueError(f"CFG truncate must be a cosine similarity in (-1, 1], got {self.truncate}")
         if self.reuse is not None and not isinstance(self.reuse, DeltaReuse):
@@ -294,10 +294,10 @@ class CFG(Guidance):
                     "CFG guided_channels (the official DiT's guidance of some channels) takes plain CFG: "
                     "rescale, apg, zero_star and tangential reduce over all channels"
                 )
-        _check_real("CFG rescale", self.rescale)
+        _set_real(self, "rescale", "CFG rescale")
         if not 0 <= self.rescale <= 1:
             raise ValueError(f"CFG rescale must be in [0, 1], got {self.rescale}")
-        _check_interval("CFG", self.interval)
+        _set_interval(self, "CFG")
         if not callable(self.schedule) and self.schedule not in SCHEDULES:
             raise ValueError(f"CFG schedule must be one of {SCHEDULES} or a callable of σ̃, got {self.schedule!r}")
         if self.apg is not None and not isinstance(self.apg, APG):
@@ -452,8 +452,8 @@ class AutoGuidance(Guidance):
     def __post_init__(self):
         if not callable(self.guide_model):
             raise TypeError(f"AutoGuidance guide_model must be callable, got {type(self.guide_model).__name__}")
-        _check_real("AutoGuidance scale", self.scale)
-        _check_interval("AutoGuidance", self.interval)
+        _set_real(self, "scale", "AutoGuidance scale")
+        _set_interval(self, "AutoGuidance")
 
     def guide_network(self) -> nn.Module:
         return self.guide_model
@@ -496,14 +496,14 @@ class PerturbedGuidance(Guidance):
     def __post_init__(self):
         name = type(self).__name__
         for field_name in ("scale", "cfg_scale", "rescale"):
-            _check_real(f"{name} {field_name}", getattr(self, field_name))
+            _set_real(self, field_name, f"{name} {field_name}")
         if self.scale == 0:
             raise ValueError(f"{name} scale must be non-zero (0 turns the perturbed branch off: use CFG)")
         if self.cfg_scale < 1:
             raise ValueError(f"{name} cfg_scale must be >= 1 (1: no CFG branch), got {self.cfg_scale}")
         if not 0 <= self.rescale <= 1:
             raise ValueError(f"{name} rescale must be in [0, 1], got {self.rescale}")
-        _check_interval(name, self.interval)
+        _set_interval(self, name)
         if isinstance(self.layers, list):  # settings are compared and hashed by value
             object.__setattr__(self, "layers", tuple(self.layers))
 
@@ -575,7 +575,7 @@ class ClassifierGuidance:
     def __post_init__(self):
         if not callable(self.classifier):
             raise TypeError(f"ClassifierGuidance classifier must be callable, got {type(self.classifier).__name__}")
-        _check_real("ClassifierGuidance scale", self.scale)
+        _set_real(self, "scale", "ClassifierGuidance scale")
 
     def gradient(self, x: Tensor, timesteps: Tensor, labels: Tensor) -> Tensor:
         """∇ₓ log softmax(classifier(x_t, t))[y], unscaled (the sampler applies the scale)."""
@@ -626,19 +626,27 @@ def label_rows(model: object) -> int | None:
     return getattr(getattr(model, "label_emb", None), "num_embeddings", None)
 
 
-def _is_real(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _is_real(value: object) -> bool:
+    """A finite real number: a Python int or float, or another Real (NumPy's scalars), not a bool."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_real(name: str, value: object) -> None:
-    """A finite number within float32's range: it reaches the kernels as a float32 scalar."""
+def _set_real(settings: object, field: str, name: str) -> None:
+    """Check that the field is a finite number within float32's range (it reaches the
+    kernels as a float32 scalar) and hold it as a Python float (a NumPy scalar too)."""
+    value = getattr(settings, field)
     if not _is_real(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if abs(value) > FLOAT32_MAX:
+    number = float(value)
+    if abs(number) > FLOAT32_MAX:
         raise ValueError(f"{name} must lie within float32's range (|value| <= {FLOAT32_MAX:.4g}), got {value!r}")
+    object.__setattr__(settings, field, number)  # (the settings are frozen dataclasses)
 
 
-def _check_interval(spec: str, interval: object) -> None:
+def _set_interval(settings: object, spec: str) -> None:
+    """Check ``settings.interval`` (None, or a pair 0 <= low < high) and hold it as a tuple
+    of floats: a list given would stay the caller's to change, unchecked, and unhashable."""
+    interval = getattr(settings, "interval")
     if interval is None:
         return
     pair = tuple(interval) if isinstance(interval, (tuple, list)) else None
@@ -646,3 +654,4 @@ def _check_interval(spec: str, interval: object) -> None:
         raise ValueError(
             f"{spec} interval must be a pair (sigma_low, sigma_high) of numbers with 0 <= low < high, got {interval!r}"
         )
+    object.__setattr__(settings, "interval", (float(pair[0]), float(pair[1])))

@@ -15,7 +15,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any, cast
 
 import torch
@@ -171,6 +171,7 @@ class GuidedSampler:
             raise ValueError(f"dynamic_threshold must be a percentile in (0, 1) or None, got {dynamic_threshold!r}")
         if not _is_real(eta) or eta < 0:
             raise ValueError(f"eta must be a finite non-negative number, got {eta!r}")
+        eta = float(eta)  # (a NumPy scalar too)
         if clip_denoised is not None and not isinstance(clip_denoised, bool):
             raise TypeError(f"clip_denoised must be a bool or None, got {type(clip_denoised).__name__}")
         if not isinstance(cuda_graph, bool):
@@ -181,6 +182,8 @@ class GuidedSampler:
             raise TypeError(f"model must be callable as model(x_t, t[, y]), got {type(model).__name__}")
         self.model = model
         self.schedule = schedule or _default_schedule()
+        if isinstance(steps, Integral) and not isinstance(steps, bool):
+            steps = int(steps)  # a NumPy integer counts steps as an int does
         _check_steps(steps)
         self.guidance: Guidance | None
         self.guidance, self.classifier = split_guidance(guidance)
@@ -222,7 +225,7 @@ class GuidedSampler:
         if clip_denoised is None:
             clip_denoised = not isinstance(self.schedule, FlowSchedule)
         self.clip_denoised, self.prediction_type = clip_denoised, prediction_type
-        self.dynamic_threshold = dynamic_threshold
+        self.dynamic_threshold = float(dynamic_threshold) if dynamic_threshold is not None else None
         self.combine: GuidanceCombine | None = self.guidance.combine() if self.guidance is not None else None
         # The row blocks of a guided forward ([cond; uncond] for CFG; autoguidance runs B rows
         # through each of two networks).
@@ -254,7 +257,8 @@ class GuidedSampler:
         self.cuda_graph = cuda_graph
         self._perturbation: Perturbation | None = None  # a run's perturbed layers (see __call__)
         self._guide_network = self.guidance.guide_network() if self.guidance is not None else None
-        # (shape, device, conditioning signature, keep_x0, callback) -> (buffers, graphs) of the captured runs.
+        # (shape, device, dtype, conditioning signature, keep_x0, callback, noise inside) ->
+        # (buffers, graphs) of the captured runs.
         self._graphs: collections.OrderedDict[tuple, tuple[_Buffers, list]] = collections.OrderedDict()
         self._call_cache: dict[tuple[bool, bool], tuple[_Call, ...]] = {}
         self._calls(learned_variance=False)  # every call's scalars checked here, once
@@ -461,6 +465,12 @@ class GuidedSampler:
         if self.num_classes is not None and (labels.min() < 0 or labels.max() >= self.num_classes):
             low, high = labels.min().item(), labels.max().item()
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got {low}..{high}")
+        # A label table the model shows (an ADM UNet's label_emb) bounds them too, also
+        # without num_classes: an index past it would fail inside the embedding (on CUDA, a
+        # device-side assert).
+        rows = getattr(getattr(self.model, "label_emb", None), "num_embeddings", None)
+        if isinstance(rows, int) and labels.numel() and labels.max() >= rows:
+            raise ValueError(f"labels must index the model's label table of {rows} rows, got {labels.max().item()}")
         if self.guidance is not None:
             self.guidance.check_labels(labels)
         return labels
@@ -795,9 +805,22 @@ class GuidedSampler:
         return model_output
 
     def _report(self, callback: Callback | None, i: int, buffers: _Buffers, batch: int) -> None:
-        if callback is not None:
-            x0 = buffers.x0[i % len(buffers.x0)]
-            callback({"i": i, "t": self._calls(False)[i].t, "x": buffers.model_input[:batch], "denoised": x0})
+        """The callback after call i. Its x is the next call's input itself: an in-place edit
+        (an inpainting blend, as k-diffusion's callbacks make) carries into every row block
+        of that call's forward. Its denoised is the solver's history: an edit is refused."""
+        if callback is None:
+            return
+        x, x0 = buffers.model_input[:batch], buffers.x0[i % len(buffers.x0)]
+        x_version, x0_version = x._version, x0._version  # (a view shares its base's counter)
+        callback({"i": i, "t": self._calls(False)[i].t, "x": x, "denoised": x0})
+        if x0._version != x0_version:
+            raise RuntimeError(
+                "callback changed its 'denoised' in place, which the solver reads again (its history): "
+                "change a copy (d['denoised'].clone())"
+            )
+        if x._version != x_version and len(buffers.model_input) > batch:
+            blocks = buffers.model_input.unflatten(0, (-1, batch))
+            blocks[1:].copy_(x.expand_as(blocks[1:]))
 
     def _dynamic_threshold(
         self,
@@ -851,7 +874,8 @@ class GuidedSampler:
         """The loop as CUDA graphs: captured on the first call for this shape and conditioning
         layout, then replayed."""
         per_call, inside = callback is not None, cuda_graphs.draws_inside(generator, device)
-        key = (shape, device, conditioning.signature, keep_x0, per_call, inside)
+        # x_T's dtype is the buffers' (a model without one parameter dtype samples in the noise's)
+        key = (shape, device, x_T.dtype, conditioning.signature, keep_x0, per_call, inside)
         if key not in self._graphs:
             self._graphs[key] = self._capture(shape, device, x_T, conditioning, keep_x0, per_call, inside)
             if len(self._graphs) > self.MAX_CAPTURES:
@@ -992,7 +1016,8 @@ def _check_zero_init(sampler: str, variance_type: str | None, classifier: Classi
 
 
 def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite real number (NumPy's scalars included), not a bool."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_count(value: object) -> bool:
@@ -1154,6 +1179,8 @@ def sample(
         progress: a progress bar over the model calls.
         callback: called after each model call with a dict {"i", "t", "x", "denoised"}
             (k-diffusion's convention; the tensors are the loop's buffers: copy to keep).
+            x is the next call's input: an in-place edit (an inpainting blend) carries into
+            it; denoised is the solver's history and must not be changed.
         prediction_type: "epsilon", "v_prediction", "sample" or "flow_prediction"
             (the velocity ε − x0 of a flow path; diffusers' name).
         variance_type: for "ddpm": "fixed_small", "fixed_large" or "learned_range"

@@ -496,6 +496,67 @@ def test_callback_sees_every_model_call(sampler):
     torch.testing.assert_close(sample(model, (2, 3, 8, 8), **kwargs), final, rtol=0, atol=0)
 
 
+def test_a_callbacks_in_place_edit_of_x_reaches_every_row_block_of_the_next_forward():
+    """An inpainting-style blend of x in the callback: the next forward's conditional and
+    unconditional rows both see it, so the sample equals the same loop written out with
+    the edit applied to x."""
+    inputs = []
+
+    def model(x, t, y):
+        inputs.append(x.clone())
+        return 0.1 * x + 0.01 * y.float().reshape(-1, 1, 1, 1)
+
+    def blend(d):
+        if d["i"] == 0:
+            d["x"][..., :2] = 0.5  # the known region
+
+    kwargs = dict(labels=torch.tensor([0, 2]), sampler="ddim", steps=3, guidance=CFG(3.0), null_label=4)
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    sample(model, noise.shape, noise=noise, callback=blend, **kwargs)
+    second = inputs[1]  # [cond; uncond] rows of the call after the edit
+    assert torch.equal(second[:2], second[2:])
+    assert (second[..., :2] == 0.5).all()
+
+
+def test_a_callback_may_not_change_the_solvers_history():
+    def scribble(d):
+        d["denoised"].zero_()
+
+    with pytest.raises(RuntimeError, match="changed its 'denoised' in place"):
+        sample(lambda x, t: 0.1 * x, (1, 3, 4, 4), sampler="dpm++2m", steps=3, callback=scribble)
+
+
+def test_labels_are_checked_against_a_label_table_without_num_classes():
+    class Table(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.label_emb = torch.nn.Embedding(5, 3)
+
+        def forward(self, x, t, y):
+            return x * self.label_emb(y).sum(1).reshape(-1, 1, 1, 1)
+
+    with pytest.raises(ValueError, match="labels must index the model's label table of 5 rows, got 9"):
+        sample(Table(), (2, 3, 4, 4), steps=2, labels=torch.tensor([0, 9]))
+
+
+def test_numpy_scalars_are_numbers():
+    """A NumPy scalar where a number is asked (a scale, eta, a step count) is taken as one."""
+    guidance = CFG(np.float32(3.0), rescale=np.float64(0.5), interval=[np.float32(0.5), 5])
+    assert guidance == CFG(3.0, rescale=0.5, interval=(0.5, 5.0)) and type(guidance.scale) is float
+    noise = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    model = lambda x, t: 0.1 * x  # noqa: E731
+    got = sample(model, noise.shape, noise=noise, sampler="ddim", steps=np.int64(4), eta=np.float32(0.0))
+    torch.testing.assert_close(got, sample(model, noise.shape, noise=noise, sampler="ddim", steps=4), rtol=0, atol=0)
+
+
+def test_an_interval_given_as_a_list_is_the_guidances_own():
+    interval = [0.5, 5.0]
+    guidance = CFG(3.0, interval=interval)
+    interval[0] = 7.0  # the caller's list: no longer the guidance's
+    assert guidance.interval == (0.5, 5.0)
+    hash(guidance)  # a setting is a key (accelerate's kept samplers)
+
+
 def test_learned_variance_is_planned_once():
     # A model with learned sigma under ADM's learned-range DDPM: one plan, computed once.
     model = tiny_cfg_unet()
@@ -1240,6 +1301,18 @@ def test_a_graphed_loop_warms_up_and_captures_with_auto_ordered_for_graphs(cpu_g
     depths.clear()
     sample(model, (2, 3, 8, 8), labels=torch.tensor([0, 3]), **kwargs)
     assert depths and set(depths) == {0}
+
+
+def test_a_graphed_sampler_captures_again_for_noise_of_another_dtype(cpu_graphs):
+    """A model without one parameter dtype samples in the noise's: a float64 call after a
+    float32 capture is not squeezed through the float32 buffers."""
+    model = lambda x, t: 0.1 * x + 0.001 * x**2  # noqa: E731
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    graphed = GuidedSampler(model, steps=5, cuda_graph=True)
+    graphed(noise.shape, noise=noise.float())
+    got = graphed(noise.shape, noise=noise)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, sample(model, noise.shape, steps=5, noise=noise), rtol=0, atol=0)
 
 
 def test_a_sampler_keeps_the_captures_of_its_most_recently_used_shapes(cpu_graphs):
