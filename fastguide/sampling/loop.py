@@ -811,14 +811,14 @@ class GuidedSampler:
         if callback is None:
             return
         x, x0 = buffers.model_input[:batch], buffers.x0[i % len(buffers.x0)]
-        x_version, x0_version = x._version, x0._version  # (a view shares its base's counter)
+        x_version, x0_version = _version(x), _version(x0)
         callback({"i": i, "t": self._calls(False)[i].t, "x": x, "denoised": x0})
-        if x0._version != x0_version:
+        if x0_version is not None and x0._version != x0_version:
             raise RuntimeError(
                 "callback changed its 'denoised' in place, which the solver reads again (its history): "
                 "change a copy (d['denoised'].clone())"
             )
-        if x._version != x_version and len(buffers.model_input) > batch:
+        if len(buffers.model_input) > batch and (x_version is None or x._version != x_version):
             blocks = buffers.model_input.unflatten(0, (-1, batch))
             blocks[1:].copy_(x.expand_as(blocks[1:]))
 
@@ -1013,6 +1013,12 @@ def _check_zero_init(sampler: str, variance_type: str | None, classifier: Classi
             "model learns beside its prediction: pass variance_type='fixed_small' or 'fixed_large', or use "
             "another sampler (ddim, euler, ...)"
         )
+
+
+def _version(t: Tensor) -> int | None:
+    """t's version counter (a view shares its base's), which every in-place change bumps;
+    None for an inference tensor (a run under torch.inference_mode), which keeps none."""
+    return None if t.is_inference() else t._version
 
 
 def _is_real(value: object) -> bool:
