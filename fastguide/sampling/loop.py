@@ -331,8 +331,15 @@ class GuidedSampler:
             try:
                 ops.check_step(call.step)
             except ValueError as error:  # say which call of which plan cannot be computed
+                hint = (
+                    " (a flow path's noise end has no x0 for an eps prediction: a velocity model takes "
+                    "prediction_type='flow_prediction')"
+                    if isinstance(self.schedule, FlowSchedule) and self.prediction_type == "epsilon"
+                    else ""
+                )
                 raise ValueError(
-                    f"{error}, at the model call at t = {call.t!r} of sampler={self.sampler!r} on {self.schedule!r}"
+                    f"{error}, at the model call at t = {call.t!r} of sampler={self.sampler!r} on "
+                    f"{self.schedule!r}{hint}"
                 ) from None
         return calls
 

@@ -600,7 +600,7 @@ BAD_SAMPLER_ARGUMENTS = {
         dict(schedule=NoiseSchedule.flow(), prediction_type="epsilon"),
         ValueError,
         r"step.alpha must be positive to derive x0 from eps.*at the model call "
-        r"at t = 1000.0 of sampler='unipc' on FlowSchedule",
+        r"at t = 1000.0 of sampler='unipc' on FlowSchedule.*takes prediction_type='flow_prediction'",
     ),
     "a grid the shift collapses": (
         dict(schedule=NoiseSchedule.flow(1e6), prediction_type="flow_prediction", steps=300),
