@@ -111,6 +111,46 @@ def _has_hooks(m: nn.Module) -> bool:
     )
 
 
+def _hooked(m: nn.Module, skipped: dict[str, object]) -> str | None:
+    """Why the fused forward of ``m`` would drop hooks: some of the ``skipped`` submodules
+    (name: module), which it does not call, have them; None when none has."""
+    hooked = [name for name, child in skipped.items() if isinstance(child, nn.Module) and _has_hooks(child)]
+    return f"hooks registered on {', '.join(hooked)}, which the fused forward does not call" if hooked else None
+
+
+def _own_forward_problem(m: nn.Module) -> str | None:
+    """Why the forward of a module recognised by its structure (an ADM block, from any code
+    base) may not be the one the fused forward reproduces: one set on the instance, or a
+    subclass's override of the block's forward or of the _forward it checkpoints (ADM's
+    blocks define both in one class, below an abstract TimestepBlock.forward at most);
+    None when neither."""
+    if "forward" in m.__dict__:  # accelerate's hooks, patches: not the forward we reproduce
+        return "forward replaced on the instance"
+    owners = {}
+    for name in ("forward", "_forward"):
+        concrete = [  # the classes defining it, base-most last
+            c
+            for c in type(m).__mro__
+            if c is not nn.Module
+            and name in c.__dict__
+            and not getattr(c.__dict__[name], "__isabstractmethod__", False)
+        ]
+        # one function assigned in a subclass (forward = Base.forward) is no override
+        distinct = [
+            c for i, c in enumerate(concrete) if all(c.__dict__[name] is not d.__dict__[name] for d in concrete[:i])
+        ]
+        if len(distinct) > 1:
+            return f"{distinct[0].__qualname__}.{name} overrides {distinct[1].__qualname__}'s"
+        owners[name] = concrete[-1] if concrete else None
+    if owners["_forward"] is not None and owners["_forward"] is not owners["forward"]:
+        forward_owner, inner_owner = owners["forward"], owners["_forward"]
+        return (
+            f"forward from {getattr(forward_owner, '__qualname__', None)} and _forward from "
+            f"{inner_owner.__qualname__} (a subclass's override)"
+        )
+    return None
+
+
 def _has_own_tensors(m: nn.Module) -> bool:
     return any(t is not None for t in (*m._parameters.values(), *m._buffers.values()))
 
@@ -213,6 +253,9 @@ def _check_diffusers_resnet(m: nn.Module) -> str | Callable[[], None]:
         reason = _fusable_norm(getattr(m, name, None))
         if reason:
             return f"{name}: {reason}"
+    reason = _hooked(m, {"nonlinearity": m.nonlinearity})  # (fused into the norms)
+    if reason:
+        return reason
 
     def swap() -> None:
         m.forward = functools.partial(_fused_resnet_block_forward, m)
@@ -534,6 +577,9 @@ def _check_adm_resblock(m: nn.Module) -> str | Callable[[], None]:
         return ALREADY
     if hasattr(m, "_hf_hook"):
         return "an accelerate hook wraps its forward"
+    reason = _own_forward_problem(m)
+    if reason:
+        return reason
     names = {name for name, child in m._modules.items() if child is not None}
     required = {"in_layers", "emb_layers", "out_layers", "skip_connection"}
     if not required <= names <= required | {"h_upd", "x_upd"} or ("h_upd" in names) != ("x_upd" in names):
@@ -557,6 +603,10 @@ def _check_adm_resblock(m: nn.Module) -> str | Callable[[], None]:
         reason = _fusable_norm(norm)
         if reason:
             return f"{where}: {reason}"
+    # the fused forward calls the layers one by one, the SiLUs fused into the norms
+    reason = _hooked(m, {"in_layers": ins, "in_layers[1]": ins[1], "out_layers": outs, "out_layers[1]": outs[1]})
+    if reason:
+        return reason
 
     def swap() -> None:
         m.forward = functools.partial(_fused_adm_resblock_forward, m)
@@ -603,6 +653,9 @@ def _check_adm_attention(m: nn.Module) -> str | Callable[[], None]:
         return ALREADY
     if hasattr(m, "_hf_hook"):
         return "an accelerate hook wraps its forward"
+    reason = _own_forward_problem(m)
+    if reason:
+        return reason
     names = {name for name, child in m._modules.items() if child is not None}
     if names != {"norm", "qkv", "attention", "proj_out"}:
         return f"submodules {sorted(names)} (not ADM's)"
@@ -623,6 +676,9 @@ def _check_adm_attention(m: nn.Module) -> str | Callable[[], None]:
         return "attention has parameters, buffers or submodules"
     head_dim = qkv.in_channels // heads
     reason = _head_dim_problem(head_dim)
+    if reason:
+        return reason
+    reason = _hooked(m, {"attention": attention})  # ops.attention runs in its place
     if reason:
         return reason
     legacy = _adm_head_order(attention, heads, head_dim)

@@ -1,5 +1,6 @@
 """accelerate(): swapping fastguide ops into existing UNets leaves their outputs unchanged."""
 
+import abc
 import copy
 import logging
 import math
@@ -108,39 +109,54 @@ class LinearQKVAttention(NewOrderQKVAttention):
         return torch.einsum("bcs,bds,bdt->bct", v, k, q.softmax(dim=1)).reshape(batch, -1, length) / length
 
 
+class AdmResBlock(nn.Module):
+    """An ADM ResBlock (scale-shift) from its layers, its forward written as ADM's."""
+
+    def __init__(self, in_layers, out_layers, ch=64, emb=32):
+        super().__init__()
+        self.in_layers = in_layers
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb, 2 * ch))
+        self.out_layers = out_layers
+        self.skip_connection = nn.Identity()
+        self.use_scale_shift_norm = True
+
+    def forward(self, x, emb):  # (ADM's checkpoints _forward)
+        return self._forward(x, emb)
+
+    def _forward(self, x, emb):
+        scale, shift = self.emb_layers(emb)[..., None, None].chunk(2, dim=1)
+        h = self.out_layers[0](self.in_layers(x)) * (1 + scale) + shift
+        return self.skip_connection(x) + self.out_layers[1:](h)
+
+
+class AdmAttentionBlock(nn.Module):
+    """An ADM AttentionBlock, its forward written as ADM's."""
+
+    def __init__(self, ch=64, attention=LegacyQKVAttention):
+        super().__init__()
+        self.norm = nn.GroupNorm(32, ch)
+        self.qkv = nn.Conv1d(ch, 3 * ch, 1)
+        self.attention = attention(n_heads=4)
+        self.proj_out = nn.Conv1d(ch, ch, 1)
+
+    def forward(self, x):
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        return (x + self.proj_out(self.attention(self.qkv(self.norm(x))))).reshape(b, c, *spatial)
+
+
 class AdmStyleBlock(nn.Module):
-    """An ADM ResBlock (scale-shift) followed by an ADM AttentionBlock, written as ADM does."""
+    """An ADM ResBlock (scale-shift) followed by an ADM AttentionBlock."""
 
     def __init__(self, ch=64, emb=32, attention=LegacyQKVAttention):
         super().__init__()
-        self.res = nn.Module()
-        self.res.in_layers = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
-        self.res.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb, 2 * ch))
-        self.res.out_layers = nn.Sequential(
-            nn.GroupNorm(32, ch), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(ch, ch, 3, padding=1)
+        self.res = AdmResBlock(
+            nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1)),
+            nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(ch, ch, 3, padding=1)),
+            ch,
+            emb,
         )
-        self.res.skip_connection = nn.Identity()
-        self.res.use_scale_shift_norm = True
-        self.res.forward = self._res_forward
-        self.attn = nn.Module()
-        self.attn.norm = nn.GroupNorm(32, ch)
-        self.attn.qkv = nn.Conv1d(ch, 3 * ch, 1)
-        self.attn.attention = attention(n_heads=4)
-        self.attn.proj_out = nn.Conv1d(ch, ch, 1)
-        self.attn.forward = self._attn_forward
-
-    def _res_forward(self, x, emb):
-        r = self.res
-        h = r.in_layers(x)
-        scale, shift = r.emb_layers(emb)[..., None, None].chunk(2, dim=1)
-        h = r.out_layers[0](h) * (1 + scale) + shift
-        return r.skip_connection(x) + r.out_layers[1:](h)
-
-    def _attn_forward(self, x):
-        a = self.attn
-        b, c, *spatial = x.shape
-        x = x.reshape(b, c, -1)
-        return (x + a.proj_out(a.attention(a.qkv(a.norm(x))))).reshape(b, c, *spatial)
+        self.attn = AdmAttentionBlock(ch, attention)
 
     def forward(self, x, emb):
         return self.attn(self.res(x, emb))
@@ -364,25 +380,14 @@ class GlideStyleModel(nn.Module):
 
     def __init__(self, ch=64, emb=32, encoder_channels=48, attention_norm=None):
         super().__init__()
-        self.res = nn.Module()
-        self.res.in_layers = nn.Sequential(
-            GroupNorm32(32, ch, swish=1.0), nn.Identity(), nn.Conv2d(ch, ch, 3, padding=1)
+        self.res = AdmResBlock(
+            nn.Sequential(GroupNorm32(32, ch, swish=1.0), nn.Identity(), nn.Conv2d(ch, ch, 3, padding=1)),
+            nn.Sequential(GroupNorm32(32, ch, swish=0.0), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(ch, ch, 3, padding=1)),
+            ch,
+            emb,
         )
-        self.res.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb, 2 * ch))
-        self.res.out_layers = nn.Sequential(
-            GroupNorm32(32, ch, swish=0.0), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(ch, ch, 3, padding=1)
-        )
-        self.res.skip_connection = nn.Identity()
-        self.res.use_scale_shift_norm = True
-        self.res.forward = self._res_forward
         self.attn = GlideAttentionBlock(ch, 4, encoder_channels, attention_norm or GroupNorm32(32, ch, swish=0.0))
         self.out = nn.Sequential(GroupNorm32(32, ch, swish=1.0), nn.Identity(), nn.Conv2d(ch, 3, 3, padding=1))
-
-    def _res_forward(self, x, emb):
-        r = self.res
-        scale, shift = r.emb_layers(emb)[..., None, None].chunk(2, dim=1)
-        h = r.out_layers[0](r.in_layers(x)) * (1 + scale) + shift
-        return r.skip_connection(x) + r.out_layers[1:](h)
 
     def forward(self, x, emb, encoder_out):
         return self.out(self.attn(self.res(x, emb), encoder_out))
@@ -432,6 +437,105 @@ def test_accelerate_leaves_other_adm_attention_math_alone():
         "attention is not softmax(q·kᵀ/√d)·v in either ADM head order": 1
     }
     assert torch.equal(run(model.attn, x), expected)
+
+
+class HalvedResBlock(AdmResBlock):
+    """A subclass whose own forward differs from ADM's: the structure alone says nothing."""
+
+    def forward(self, x, emb):
+        return 0.5 * super().forward(x, emb)
+
+
+def _patched(block):
+    forward = block.forward
+    block.forward = lambda x, emb: forward(x, 0 * emb)
+    return block
+
+
+def _silenced(module):
+    module.register_forward_hook(lambda m, args, out: torch.zeros_like(out))
+    return module
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (lambda model: _patched(model.res), "forward replaced on the instance"),
+        (lambda model: _silenced(model.res.in_layers[1]), "hooks registered on in_layers[1], which the fused"),
+        (lambda model: _silenced(model.res.out_layers), "hooks registered on out_layers, which the fused"),
+        (lambda model: _silenced(model.attn.attention), "hooks registered on attention, which the fused"),
+    ],
+    ids=["patched forward", "hooked SiLU", "hooked out_layers", "hooked attention"],
+)
+def test_accelerate_leaves_an_adm_block_with_a_changed_forward_or_hooked_layers_alone(change, reason):
+    """An ADM block is recognised by its structure; a forward patched on the instance, or
+    hooks on the layers the fused forward does not call, would be silently dropped."""
+    model = randomize(AdmStyleBlock(), seed=5).eval()
+    change(model)
+    x, emb = torch.randn(2, 64, 6, 6), torch.randn(2, 32)
+    expected = run(model, x, emb)
+    fastguide.accelerate(model)
+    skipped = {why for reasons in model.fastguide_skipped.values() for why in reasons}
+    assert any(why.startswith(reason) for why in skipped), skipped
+    torch.testing.assert_close(run(model, x, emb), expected, atol=2e-4, rtol=2e-4)
+
+
+class HalvedInner(AdmResBlock):
+    def _forward(self, x, emb):
+        return 0.5 * super()._forward(x, emb)
+
+
+class AbstractStep(nn.Module):
+    """As ADM's TimestepBlock: an abstract forward its blocks define."""
+
+    @abc.abstractmethod
+    def forward(self, x, emb): ...
+
+
+class StepResBlock(AbstractStep, AdmResBlock):
+    forward = AdmResBlock.forward
+    _forward = AdmResBlock._forward
+
+
+@pytest.mark.parametrize(
+    "cls, reason",
+    [
+        (HalvedResBlock, "HalvedResBlock.forward overrides AdmResBlock's"),
+        (HalvedInner, "HalvedInner._forward overrides AdmResBlock's"),
+        (StepResBlock, None),
+    ],
+    ids=["forward", "_forward", "below an abstract forward"],
+)
+def test_accelerate_leaves_an_adm_subclass_overriding_its_forward_alone(cls, reason):
+    block = randomize(
+        cls(
+            nn.Sequential(nn.GroupNorm(32, 64), nn.SiLU(), nn.Conv2d(64, 64, 3, padding=1)),
+            nn.Sequential(nn.GroupNorm(32, 64), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(64, 64, 3, padding=1)),
+        ),
+        seed=3,
+    ).eval()
+    x, emb = torch.randn(2, 64, 6, 6), torch.randn(2, 32)
+    expected = run(block, x, emb)
+    fastguide.accelerate(block)
+    if reason is None:
+        assert block.fastguide_accelerated["ADM ResBlock"] == 1
+    else:
+        assert block.fastguide_skipped["ADM ResBlock"] == {reason: 1}
+    torch.testing.assert_close(run(block, x, emb), expected, atol=2e-4, rtol=2e-4)
+
+
+def test_accelerate_leaves_a_resnet_with_a_hooked_nonlinearity_alone():
+    from diffusers.models.resnet import ResnetBlock2D
+
+    block = randomize(ResnetBlock2D(in_channels=32, temb_channels=16, groups=8), seed=2).eval()
+    _silenced(block.nonlinearity)
+    x, temb = torch.randn(2, 32, 4, 4), torch.randn(2, 16)
+    expected = run(block, x, temb)
+    fastguide.accelerate(block)
+    assert block.fastguide_skipped["diffusers ResnetBlock2D"] == {
+        "hooks registered on nonlinearity, which the fused forward does not call": 1
+    }
+    torch.testing.assert_close(run(block, x, temb), expected, atol=0, rtol=0)
 
 
 class IndexedSequential(nn.Module):
