@@ -17,7 +17,8 @@ A call fastguide cannot reproduce (a scheduler or option it has no equal for, an
 image, step callbacks, ...) runs diffusers' own ``__call__``; the reason is logged at INFO
 by the ``fastguide.pipelines`` logger and kept in ``pipe.fastguide_fallback``. Never a
 silently different image: the generators are put back as the call found them, so the
-fallback draws what diffusers alone would; and where the pipeline was accelerated with
+fallback draws what diffusers alone would (and an accelerated call leaves them where
+diffusers' loop would, its draws for a last zero-variance step included); and where the pipeline was accelerated with
 options of fastguide's own (``sampler=``, ``guidance=``, ``cache=``), which diffusers'
 loop does not have, the fallback warns that they did not apply.
 
@@ -222,7 +223,7 @@ def _denoise(pipe, denoising: recipes.Denoising) -> Tensor:
         if options.cuda_graph:  # graphs are worth keeping only when captured
             pipe._fastguide_samplers = {key: sampler}
     progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
-    return sampler(
+    latents = sampler(
         tuple(denoising.noise.shape),
         noise=denoising.noise,
         labels=denoising.labels,
@@ -231,3 +232,11 @@ def _denoise(pipe, denoising: recipes.Denoising) -> Tensor:
         generator=denoising.generator,
         progress=progress,
     )
+    generator = denoising.generator
+    if isinstance(generator, torch.Generator):
+        # diffusers' stochastic schedulers also draw the noise their last step multiplies by
+        # 0: drawn here too (as fastguide's loop draws, in its dtype on the generator's
+        # device), the generator ends the call where diffusers' leaves it
+        for _ in range(denoising.draws - sampler.noise_draws):
+            torch.randn(latents.shape, generator=generator, device=generator.device, dtype=latents.dtype)
+    return latents

@@ -46,6 +46,10 @@ class Denoising:
     generator: object
     finish: Callable[[Tensor], object]  # the final latents -> the pipeline's output
     labels: Tensor | None = None  # class labels, the denoiser's third argument
+    # N(0, I) tensors diffusers' loop draws from ``generator``: the draws fastguide's loop
+    # does not need (a last step's zero-variance noise) are made after it, so that the
+    # generator ends where diffusers leaves it
+    draws: int = 0
 
 
 class Denoiser(nn.Module):
@@ -115,6 +119,7 @@ class Sampling(NamedTuple):
     initial_noise: Callable[[Tensor], Tensor]
     generator: torch.Generator | None
     scaled_input: bool = False
+    draws: int = 0  # the N(0, I) tensors diffusers' loop draws from the generator (SamplerSettings.diffusers_draws)
 
 
 def _step_generator(
@@ -159,7 +164,13 @@ def _sampling(
             generator_in_step=generator_in_step,
         )
         generator = _step_generator(arguments.get("generator"), settings.draws_noise, settings.sampler)
-        return Sampling(settings.sample_kwargs(), settings.initial_noise, generator, settings.latent_scale != 1.0)
+        return Sampling(
+            settings.sample_kwargs(),
+            settings.initial_noise,
+            generator,
+            settings.latent_scale != 1.0,
+            settings.diffusers_draws if generator is not None else 0,
+        )
     _refuse_given(arguments, ("timesteps", "sigmas"))
     if eta:
         raise Unsupported(f"eta={eta} with accelerate(sampler=...): DDIM's eta belongs to the pipeline's scheduler")
@@ -237,7 +248,7 @@ def _refuse_guidance_embedding(pipe) -> None:
 def _stable_diffusion(pipe, a: dict, options) -> Denoising:
     _refuse_given(a, ("ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs", "callback_on_step_end"))
     _refuse_guidance_embedding(pipe)
-    sampling, x_T, generator, _ = _sampling(pipe, a, options, eta=a["eta"])
+    sampling, x_T, generator, _, draws = _sampling(pipe, a, options, eta=a["eta"])
     guidance = _guidance(options, a["guidance_scale"], a["guidance_rescale"])  # (refusals before anything runs)
     size = pipe.unet.config.sample_size
     default_height, default_width = (size, size) if isinstance(size, int) else tuple(size)
@@ -310,7 +321,7 @@ def _stable_diffusion(pipe, a: dict, options) -> Denoising:
             return image, nsfw
         return _module(pipe).StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
 
-    return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, generator, finish)
+    return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, generator, finish, draws=draws)
 
 
 # --------------------------------------------------------------------------------------
@@ -341,7 +352,7 @@ def _stable_diffusion_xl(pipe, a: dict, options) -> Denoising:
             "negative_original_size/negative_target_size with more than one image: diffusers repeats "
             "[negative; positive] time ids row-wise, interleaving them across its CFG halves"
         )
-    sampling, x_T, generator, _ = _sampling(pipe, a, options, eta=a["eta"])
+    sampling, x_T, generator, _, draws = _sampling(pipe, a, options, eta=a["eta"])
     guidance = _guidance(options, a["guidance_scale"], a["guidance_rescale"])  # (refusals before anything runs)
     pipe.check_inputs(
         prompt,
@@ -447,7 +458,7 @@ def _stable_diffusion_xl(pipe, a: dict, options) -> Denoising:
         pipe.maybe_free_model_hooks()
         return module.StableDiffusionXLPipelineOutput(images=image) if a["return_dict"] else (image,)
 
-    return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, generator, finish)
+    return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, generator, finish, draws=draws)
 
 
 # --------------------------------------------------------------------------------------
@@ -498,7 +509,7 @@ def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
             config.get("base_shift", 0.5),
             config.get("max_shift", 1.16),
         )
-    sampling, x_T, generator, _ = _sampling(pipe, a, options, generator_in_step=False, mu=mu)
+    sampling, x_T, generator, _, draws = _sampling(pipe, a, options, generator_in_step=False, mu=mu)
     if skip_layers is not None and pipe.do_classifier_free_guidance and sampling["sampler"] != "euler":
         raise Unsupported(
             f"skip_guidance_layers with sampler {sampling['sampler']!r}: diffusers' window counts "
@@ -559,7 +570,7 @@ def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
     guidance = _guidance(options, a["guidance_scale"])
     if skip_layers is not None and guided:
         guidance = _skip_layer_guidance(a, sampling, skip_layers)
-    return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, generator, finish)
+    return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, generator, finish, draws=draws)
 
 
 def _skip_layer_guidance(a: dict, sampling: dict, layers) -> Guidance:
@@ -620,7 +631,7 @@ def _pixart(pipe, a: dict, options) -> Denoising:
         a["prompt_attention_mask"],
         a["negative_prompt_attention_mask"],
     )
-    sampling, x_T, generator, _ = _sampling(pipe, a, options, eta=a["eta"])
+    sampling, x_T, generator, _, draws = _sampling(pipe, a, options, eta=a["eta"])
     if sampling.get("variance_type") == "learned_range":
         raise Unsupported(
             "DDPMScheduler's learned_range variance: PixArt guides its variance channels, fastguide "
@@ -680,7 +691,15 @@ def _pixart(pipe, a: dict, options) -> Denoising:
         return _module(pipe).ImagePipelineOutput(images=image) if a["return_dict"] else (image,)
 
     return Denoising(
-        denoiser, x_T(latents), cond, uncond, _guidance(options, a["guidance_scale"]), sampling, generator, finish
+        denoiser,
+        x_T(latents),
+        cond,
+        uncond,
+        _guidance(options, a["guidance_scale"]),
+        sampling,
+        generator,
+        finish,
+        draws=draws,
     )
 
 
@@ -693,7 +712,9 @@ DIT_NULL_CLASS = 1000
 
 
 def _dit(pipe, a: dict, options) -> Denoising:
-    sampling, x_T, generator, scaled_input = _sampling(pipe, a, options, generator_in_step=False, scaled_latents=False)
+    sampling, x_T, generator, scaled_input, draws = _sampling(
+        pipe, a, options, generator_in_step=False, scaled_latents=False
+    )
     if scaled_input:
         raise Unsupported(
             f"DiTPipeline with {type(pipe.scheduler).__name__}: its loop steps the scheduler on "
@@ -736,6 +757,7 @@ def _dit(pipe, a: dict, options) -> Denoising:
         generator,
         finish,
         labels,
+        draws,
     )
 
 

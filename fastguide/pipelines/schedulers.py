@@ -45,6 +45,7 @@ three, 1 for the others), and both loops end on the clean latents (α = 1 there)
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -112,6 +113,18 @@ class SamplerSettings:
         samples (each library draws in the dtype it steps in: diffusers' DPM-Solver SDE in
         float32, the others in the model output's)."""
         return self.sampler in STOCHASTIC_SAMPLERS or self.eta > 0
+
+    @property
+    def diffusers_draws(self) -> int:
+        """The N(0, I) tensors diffusers' loop draws from the generator in the call: one a
+        step for DDIM with eta, Euler ancestral and DPM-Solver SDE (also at a last step whose
+        noise is multiplied by 0, which fastguide does not draw); DDPM's one a step from
+        t > 0; none for the others."""
+        if not self.draws_noise:
+            return 0
+        if self.sampler == "ddpm":
+            return sum(1 for t in self.steps if t > 0)
+        return len(self.steps)
 
     def sample_kwargs(self) -> dict[str, object]:
         """The keyword arguments of ``fastguide.sample`` / ``GuidedSampler`` these settings fix."""
@@ -273,9 +286,11 @@ def _check_clip(name: str, config) -> bool:
 
 
 def _placed(scheduler, call: _Call):
-    """A fresh scheduler of ``scheduler``'s class and config (the original keeps its state)
-    after ``set_timesteps`` with the call's arguments, as the pipelines' ``retrieve_timesteps``
-    calls it: diffusers' own grid, its σ's and init_noise_sigma."""
+    """A copy of ``scheduler`` (the original keeps its state) after ``set_timesteps`` with
+    the call's arguments, as the pipelines' ``retrieve_timesteps`` calls it: diffusers' own
+    grid, its σ's and init_noise_sigma. A copy, not ``from_config``: that rebuilds from the
+    options given at construction and drops later changes of the others (the steps_offset a
+    StableDiffusionPipeline sets on its scheduler, a register_to_config)."""
     name = type(scheduler).__name__
     accepted = inspect.signature(scheduler.set_timesteps).parameters
     arguments: dict[str, object] = {}
@@ -287,7 +302,7 @@ def _placed(scheduler, call: _Call):
         arguments[option] = list(cast("Sequence[float]", value)) if option != "mu" else value
     if call.timesteps is None and call.sigmas is None:
         arguments["num_inference_steps"] = call.num_inference_steps
-    placed = type(scheduler).from_config(scheduler.config)
+    placed = copy.deepcopy(scheduler)
     try:
         placed.set_timesteps(**arguments, device="cpu")
     except Exception as error:  # diffusers' own refusal, whatever its type

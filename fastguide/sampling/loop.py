@@ -408,6 +408,12 @@ class GuidedSampler:
     def num_calls(self) -> int:
         return len(self._calls(False))
 
+    @property
+    def noise_draws(self) -> int:
+        """The N(0, I) tensors of the sample's shape a run draws from its generator: one for
+        each call whose step adds noise (a last step onto clean data adds none)."""
+        return sum(1 for call in self._calls(False) if call.step.k_noise)
+
     @functools.cached_property
     def history_length(self) -> int:
         """The most history tensors any call reads."""

@@ -307,6 +307,59 @@ def test_accelerated_pipeline_gives_the_originals_latents(case):
     torch.testing.assert_close(got, expected, atol=2e-5 * expected.abs().max().item(), rtol=0)
 
 
+def _close(got, expected):
+    """float rounding relative to the latents' size (random weights grow them to O(100))"""
+    torch.testing.assert_close(got, expected, atol=2e-5 * expected.abs().max().item(), rtol=0)
+
+
+def _changed_after_construction(name):
+    if name == "steps_offset set by the pipeline":  # StableDiffusionPipeline sets it to 1 in its config
+        return stable_diffusion(
+            diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+        )
+    pipe = stable_diffusion(diffusers.EulerDiscreteScheduler(**SD_BETAS))
+    pipe.scheduler.register_to_config(timestep_spacing="trailing")  # an option left at its default ("linspace")
+    return pipe
+
+
+@pytest.mark.parametrize("name", ["steps_offset set by the pipeline", "register_to_config"])
+def test_a_scheduler_config_changed_after_construction_is_followed(name):
+    original = _changed_after_construction(name)
+    expected = _images(original, SD_CALL)
+    accelerated = fastguide.accelerate(copy.deepcopy(original))
+    got = _images(accelerated, SD_CALL)
+    assert accelerated.fastguide_fallback is None
+    _close(got, expected)
+
+
+STOCHASTIC = {
+    "ddim-eta": (lambda: SD_SCHEDULERS["ddim"](), {"eta": 0.7}),
+    "euler-ancestral": (lambda: diffusers.EulerAncestralDiscreteScheduler(**SD_BETAS), {}),
+    "dpm++2m-sde": (lambda: diffusers.DPMSolverMultistepScheduler(**SD_BETAS, algorithm_type="sde-dpmsolver++"), {}),
+    # "leading" with steps_offset ends at t = 1, where diffusers' DDPM still draws
+    "ddpm-ends-above-0": (lambda: diffusers.DDPMScheduler(**SD_BETAS, timestep_spacing="leading"), {}),
+}
+
+
+@pytest.mark.parametrize("case", STOCHASTIC)
+def test_a_stochastic_call_leaves_the_generator_where_diffusers_does(case):
+    """diffusers also draws the noise its last step multiplies by 0: a second call from the
+    same generator (its latents drawn from it) starts where diffusers' would."""
+    make, extra = STOCHASTIC[case]
+    original = stable_diffusion(make())
+    accelerated = fastguide.accelerate(copy.deepcopy(original))
+    call = {**SD_CALL, **extra, "latents": None, "num_inference_steps": 4}
+    results = {}
+    for name, pipe in (("diffusers", original), ("fastguide", accelerated)):
+        generator = torch.Generator().manual_seed(0)
+        results[name] = [pipe(**call, generator=generator).images for _ in range(2)], generator.get_state()
+    assert accelerated.fastguide_fallback is None
+    (expected, state), (got, got_state) = results["diffusers"], results["fastguide"]
+    for a, b in zip(got, expected):
+        _close(a, b)
+    assert torch.equal(got_state, state)
+
+
 def test_outputs_keep_the_pipelines_types():
     pipe = fastguide.accelerate(stable_diffusion(SD_SCHEDULERS["dpm++2m"]()))
     call = {**SD_CALL, "num_inference_steps": 3}
