@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections import Counter
 from pathlib import Path
 from typing import TypeVar
 
@@ -137,7 +138,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 
 def save_state_dict(model: nn.Module, path: str | Path) -> None:
-    """Writes the model's weights as ``.safetensors`` (or ``.pt`` for any other suffix)."""
+    """Writes the model's weights as ``.safetensors`` (or ``.pt`` for any other suffix);
+    tensors that share memory (tied weights) are written as copies each."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"checkpoint path {path} is a directory; pass a file name ending .safetensors or .pt")
@@ -148,6 +150,10 @@ def save_state_dict(model: nn.Module, path: str | Path) -> None:
             "load weights into it first)"
         )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # safetensors refuses tensors that share memory (tied weights, views of one buffer):
+    # each of those is written as its own copy, which loads back into every name
+    storages = Counter(t.untyped_storage().data_ptr() for t in state.values())
+    state = {k: t.clone() if storages[t.untyped_storage().data_ptr()] > 1 else t for k, t in state.items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
@@ -171,7 +177,10 @@ def load_checkpoint(model: ModuleT, path: str | Path, *, expand_label_table: boo
     ValueError naming the path for an unreadable file or one of tensors without data
     (meta), for checkpoint tensors that are not float16/bfloat16/float32/float64 where the
     model's are floating (int, bool, fp8: load_state_dict would cast them silently), for
-    the first few missing and unexpected keys, and for every tensor whose shape differs.
+    floating tensors where the model's are not (an integer buffer: they would be truncated),
+    for a model on meta whose non-persistent buffers (which no checkpoint holds) are meta
+    too, for the first few missing and unexpected keys, and for every tensor whose shape
+    differs.
 
     A model built on the meta device (no data yet, how large models are built) gets the
     checkpoint's tensors themselves, each cast to the dtype the model declares for it, on
@@ -183,6 +192,25 @@ def load_checkpoint(model: ModuleT, path: str | Path, *, expand_label_table: boo
         raise TypeError(f"load_checkpoint(model, path): path must be a str or os.PathLike, got {type(path).__name__}")
     state = read_state_dict(path)
     expected = model.state_dict()
+    # A checkpoint holds no non-persistent buffers: on a model built on meta they would stay
+    # without data, and the model would fail at its first forward.
+    kept = set(expected)
+    unfilled = [name for name, t in model.named_buffers() if t.is_meta and name not in kept]
+    if unfilled:
+        raise ValueError(
+            f"cannot load {path} into the model: its non-persistent buffers {_describe(unfilled)} are meta "
+            "tensors, which no checkpoint fills (build the model with them on a device)"
+        )
+    not_integer = [
+        f"{k} ({state[k].dtype} into {v.dtype})"
+        for k, v in expected.items()
+        if k in state and not v.is_floating_point() and state[k].is_floating_point()
+    ]
+    if not_integer:
+        raise ValueError(
+            f"checkpoint {path} holds floating tensors where the model's are not (loading would truncate "
+            f"them without a word): {_describe(not_integer)}"
+        )
     not_float = [
         f"{k} ({state[k].dtype})"
         for k, v in expected.items()

@@ -88,6 +88,50 @@ def test_integer_buffers_and_other_float_dtypes_still_load(tmp_path, suffix):
     torch.testing.assert_close(model.layers[0].weight, state["layers.0.weight"].float(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_float_tensor_for_an_integer_buffer_is_refused(tmp_path, suffix):
+    state = weights(Tiny())
+    state["count"] = torch.tensor(3.7)  # load_state_dict would store 3
+    path = tmp_path / f"float-count{suffix}"
+    write(state, path)
+    with pytest.raises(ValueError, match=r"floating tensors where the model's are not .*count \(torch.float32 into"):
+        load_checkpoint(Tiny(), path)
+
+
+class WithRunningTable(Tiny):
+    """A model with a non-persistent buffer: no checkpoint holds it."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.arange(4.0), persistent=False)
+
+
+def test_a_meta_model_whose_non_persistent_buffers_no_checkpoint_fills_is_refused(tmp_path):
+    save_state_dict(WithRunningTable(), tmp_path / "weights.safetensors")
+    with torch.device("meta"):
+        model = WithRunningTable()
+    with pytest.raises(ValueError, match="non-persistent buffers table are meta tensors"):
+        load_checkpoint(model, tmp_path / "weights.safetensors")
+    load_checkpoint(WithRunningTable(), tmp_path / "weights.safetensors")  # built on a device: loads
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encode = nn.Linear(3, 3, bias=False)
+        self.decode = nn.Linear(3, 3, bias=False)
+        self.decode.weight = self.encode.weight
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_tied_weights_save_and_load(tmp_path, suffix):
+    source = Tied()
+    save_state_dict(source, tmp_path / f"tied{suffix}")
+    model = load_checkpoint(Tied(), tmp_path / f"tied{suffix}")
+    assert model.decode.weight is model.encode.weight
+    torch.testing.assert_close(model.encode.weight, source.encode.weight, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------
 # Paths and damaged files
 # --------------------------------------------------------------------------------------
