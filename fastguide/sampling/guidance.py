@@ -580,7 +580,9 @@ class ClassifierGuidance:
     def gradient(self, x: Tensor, timesteps: Tensor, labels: Tensor) -> Tensor:
         """∇ₓ log softmax(classifier(x_t, t))[y], unscaled (the sampler applies the scale)."""
         with torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
+            # in the classifier's own dtype where its weights share one (an fp32 classifier
+            # guiding an fp16 model), the gradient back in x's
+            x_in = x.detach().to(parameter_dtype(self.classifier) or x.dtype).requires_grad_(True)
             logits = self.classifier(x_in, timesteps)
             if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != len(labels):
                 raise ValueError(
@@ -599,7 +601,17 @@ class ClassifierGuidance:
                 (gradient,) = torch.autograd.grad(selected.sum(), x_in, allow_unused=True)
             if gradient is None:
                 raise ValueError("the classifier's output does not depend on x: there is no gradient to guide with")
-            return gradient
+            return gradient.to(x.dtype)
+
+
+def parameter_dtype(model: object) -> torch.dtype | None:
+    """The dtype all of a module's floating parameters share (None when they do not share
+    one, e.g. ADM's use_fp16, or for a plain function)."""
+    if isinstance(model, nn.Module):
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if len(dtypes) == 1:
+            return dtypes.pop()
+    return None
 
 
 def split_guidance(guidance: object) -> tuple[Guidance | None, ClassifierGuidance | None]:

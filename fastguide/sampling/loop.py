@@ -30,7 +30,7 @@ from ..ops.contract import GuidanceCombine, StepCoefficients, StepTensors
 from ..ops.validation import FLOAT_DTYPES
 from . import cuda_graphs
 from .conditioning import Conditioning, RowConditioning, check_pair
-from .guidance import ClassifierGuidance, Guidance, default_sampler, split_guidance
+from .guidance import ClassifierGuidance, Guidance, default_sampler, parameter_dtype, split_guidance
 from .schedule import KARRAS_RHO, FlowSchedule, NoiseSchedule
 from .solvers import TWO_CALL_SAMPLERS, VARIANCE_TYPES, StepPlan, check_sampler, plan_steps
 
@@ -531,7 +531,7 @@ class GuidedSampler:
             self.guidance.check_shape(shape)
         # The loop works in the model's dtype when all its floating parameters share one,
         # else in the noise's, else in float32; the noise is cast to it.
-        dtype = _model_dtype(self.model) or (noise.dtype if noise is not None else torch.float32)
+        dtype = parameter_dtype(self.model) or (noise.dtype if noise is not None else torch.float32)
         if noise is not None:
             noise = noise.to(dtype)
         x_T = noise if noise is not None else _randn(shape, generator, device, dtype)
@@ -1100,16 +1100,6 @@ def _parse_device(device: torch.device | str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} was asked for but no CUDA device is available here")
     return device
-
-
-def _model_dtype(model: object) -> torch.dtype | None:
-    """The dtype all of a module's floating parameters share (None when they do not share
-    one, e.g. ADM's use_fp16, or for a plain function)."""
-    if isinstance(model, nn.Module):
-        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-        if len(dtypes) == 1:
-            return dtypes.pop()
-    return None
 
 
 def _model_device(model: object) -> torch.device:

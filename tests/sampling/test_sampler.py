@@ -1,6 +1,7 @@
 """Samplers against exact oracles (Gaussian data, whose noisy scores are known in closed
 form), against diffusers' schedulers on the same model and noise, and on a tiny UNet."""
 
+import copy
 import inspect
 import math
 
@@ -696,6 +697,42 @@ def test_loop_dtype_follows_the_model():
     model = tiny_cfg_unet().double()
     got = sample(model, (1, 3, 8, 8), labels=[0], steps=2, noise=torch.randn(1, 3, 8, 8))
     assert got.dtype == torch.float64
+
+
+class LinearClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = randomize(torch.nn.Linear(48, 4), seed=1)
+
+    def forward(self, x, t):
+        return self.linear(x.flatten(1))
+
+
+class PointwiseModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = randomize(torch.nn.Conv2d(3, 3, 1), seed=2)
+
+    def forward(self, x, t, y):
+        return self.conv(x)
+
+
+def test_a_float32_classifier_guides_a_float16_model():
+    """The classifier sees x in its own weights' dtype; its gradient steps the model's x in
+    the model's dtype, as with a float32 model (to fp16 rounding)."""
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(
+        noise=noise,
+        labels=torch.tensor([1, 3]),
+        steps=3,
+        sampler="ddim",
+        guidance=ClassifierGuidance(LinearClassifier(), 2.0),
+    )
+    model = PointwiseModel()
+    expected = sample(model, noise.shape, **kwargs)
+    got = sample(copy.deepcopy(model).half(), noise.shape, **kwargs)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
 
 
 def test_classifier_guidance_errors_name_the_classifier():
