@@ -59,7 +59,7 @@ def test_the_loop_never_asks_a_guidance_its_class():
         if isinstance(node, ast.ImportFrom) and node.module == "guidance"
         for alias in node.names
     }
-    assert imported <= {"ClassifierGuidance", "Guidance", "default_sampler", "split_guidance"}
+    assert imported <= {"ClassifierGuidance", "Guidance", "default_sampler", "parameter_dtype", "split_guidance"}
 
 
 def test_a_guidance_subclass_must_say_its_combine():
