@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import dispatch
 from .reference import compute_dtype
-from .validation import check_finite, check_same_device, check_tensor
+from .validation import check_kernel_scalar, check_same_device, check_tensor
 
 
 def check_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> float:
@@ -36,7 +36,7 @@ def check_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> flo
         raise ValueError(f"head_dim (last dim of q, k, v) must be a multiple of 8 from 8 to 256, got {head_dim}")
     if scale is None:
         return head_dim**-0.5
-    return check_finite("scale", scale)
+    return check_kernel_scalar("scale", scale)
 
 
 def _attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:

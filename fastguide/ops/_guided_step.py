@@ -318,9 +318,24 @@ def check_step_tensors(
     tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None, *, check_memory: bool = True
 ) -> None:
     """Checks the tensors of one step against the (already checked) step and combine: their
-    layout (``check_step_layout``), that the tensors the step writes do not require grad,
-    and with ``check_memory`` how they alias (not possible on traced tensors)."""
+    layout (``check_step_layout``), that under grad mode none it reads requires grad and
+    the tensors it writes do not, and with ``check_memory`` how they alias (not possible on
+    traced tensors)."""
     check_step_layout(tensors, step, combine)
+    if torch.is_grad_enabled():  # (the backends' kernels record no graph: none may take a gradient through it)
+        for name, t in (
+            ("model_output", tensors.model_output),
+            ("x", tensors.x),
+            ("guide", tensors.guide),
+            *((f"history[{i}]", h) for i, h in enumerate(tensors.history)),
+            ("noise", tensors.noise),
+            ("grad", tensors.grad),
+        ):
+            if t is not None and t.requires_grad:
+                raise ValueError(
+                    f"{name} requires grad, and guided_step is not differentiable: call it under "
+                    "torch.no_grad() or pass a detached tensor"
+                )
     for name in WRITTEN:
         written = getattr(tensors, name)
         if written is None:

@@ -78,12 +78,17 @@ def check_norm_parameters(
     eps: float,
 ) -> None:
     """The checks the norms share, after each checked its own scale and shift: weight and
-    bias None or (size,) tensors, every tensor on x's device, eps positive and within
-    float32's range (the statistics' type on every backend but float64's reference)."""
+    bias None or (size,) tensors, every tensor on x's device, eps within float32's normal
+    range (the statistics' type on every backend but float64's reference)."""
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             check_tensor(name, t)
             check_shape(name, t, (size,))
     check_same_device([(x_name, x), ("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)])
-    if not 0 < check_finite("eps", eps) <= torch.finfo(torch.float32).max:
-        raise ValueError(f"eps must be positive and within float32's range (the statistics' type), got {eps}")
+    if not torch.finfo(torch.float32).tiny <= check_finite("eps", eps) <= torch.finfo(torch.float32).max:
+        # (below float32's smallest normal number eps rounds to 0 or a subnormal there, and a
+        # constant group's variance + eps to 0: NaN from finite input)
+        raise ValueError(
+            f"eps must be positive and within float32's normal range [{torch.finfo(torch.float32).tiny:.4g}, "
+            f"{torch.finfo(torch.float32).max:.4g}] (the statistics' type), got {eps}"
+        )

@@ -400,3 +400,14 @@ def test_every_autotuned_kernel_prunes_with_its_own_arguments(monkeypatch):
             }
             kept = kernel.early_config_prune(configs, named, BLOCK_D=head_dim, PRECISION="ieee")
             assert 0 < len(kept) <= len(configs), name
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or "triton" not in BACKENDS, reason="the Triton interpreter on CPU")
+def test_the_interpreter_declines_bf16_attention():
+    """Its bf16 tl.dot is wrong (8e8 off on unit inputs): declined with the reason, never a
+    silent wrong answer; auto runs the reference."""
+    q = torch.randn(1, 1, 16, 16, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    with fastguide.backend("triton"), pytest.raises(RuntimeError, match="bf16 tl.dot wrongly"):
+        ops.attention(q, q, q)
+    with fastguide.backend("auto"):
+        assert_close(ops.attention(q, q, q), reference.attention(q, q, q), ATTENTION, torch.bfloat16)

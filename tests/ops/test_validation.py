@@ -58,6 +58,12 @@ def test_attention_non_finite_scale():
         ops.attention(*qkv(), scale=math.inf)
 
 
+def test_attention_scale_beyond_float32():
+    # finite in Python, inf in the kernels' float32 (NaN rows, differently on each backend)
+    with pytest.raises(ValueError, match="scale must lie within float32's range"):
+        ops.attention(*qkv(), scale=1e39)
+
+
 def test_attention_not_a_tensor():
     q, k, v = qkv()
     with pytest.raises(TypeError, match="v must be a torch.Tensor"):
@@ -104,9 +110,10 @@ def test_group_norm_bad_activation():
         ops.group_norm(torch.randn(2, 8, 3, 3), 2, activation="gelu")
 
 
-@pytest.mark.parametrize("eps", [0.0, math.nan, -1e-5, 1e39])
+@pytest.mark.parametrize("eps", [0.0, math.nan, -1e-5, 1e39, 1e-50])
 def test_group_norm_bad_eps(eps):
-    # 1e39 would be inf in the kernels' float32 statistics (and NaN on the reference).
+    # 1e39 would be inf in the kernels' float32 statistics (and NaN on the reference); 1e-50
+    # rounds to 0 there, and a constant group's variance + eps with it: NaN from finite input.
     with pytest.raises(ValueError, match="eps must be"):
         ops.group_norm(torch.randn(2, 8, 3, 3), 2, eps=eps)
 
@@ -286,13 +293,25 @@ def test_guided_step_bad_alpha_sigma():
         ops.guided_step(*step_inputs(), STEP._replace(sigma=0.0, clip_denoised=True), CFG)
 
 
+@pytest.mark.parametrize("name", ["model_output", "x"])
+def test_guided_step_refuses_inputs_that_require_grad_under_grad_mode(name):
+    """Not differentiable on any backend: a gradient through it would be the torch
+    backend's alone (the kernels record no graph)."""
+    model_output, x = step_inputs()
+    given = {"model_output": model_output, "x": x}
+    given[name] = given[name].clone().requires_grad_()
+    with pytest.raises(ValueError, match=f"{name} requires grad, and guided_step is not differentiable"):
+        ops.guided_step(given["model_output"], given["x"], STEP, CFG)
+    with torch.no_grad():
+        ops.guided_step(given["model_output"], given["x"], STEP, CFG)
+
+
 def test_guided_step_written_tensors_must_be_writable_and_own_their_memory():
     model_output, x = step_inputs()
     with pytest.raises(ValueError, match="out has elements that share memory"):
         ops.guided_step(model_output, x, STEP, CFG, out=torch.zeros(1, 3, 1, 1).expand(2, 3, 4, 4))
     with pytest.raises(ValueError, match="out must not require grad"):
-        leaf = torch.randn(2, 3, 4, 4, requires_grad=True)
-        ops.guided_step(model_output, leaf, STEP, CFG, out=leaf)
+        ops.guided_step(model_output, x, STEP, CFG, out=torch.randn(2, 3, 4, 4, requires_grad=True))
     apg = ops.GuidanceCombine(3.0, apg_momentum=-0.5, variant="apg")
     for alias in ("x", "noise"):
         noise = torch.randn(2, 3, 4, 4)
