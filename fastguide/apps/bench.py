@@ -44,7 +44,7 @@ def run_suite(benchmarks: Path, out: Path, selection: str | None) -> tuple[dict,
     A run where some cases failed still reports the others (and the caller exits non-zero);
     a run where none ran raises RuntimeError.
     """
-    results = out / "results.json"
+    results = out.resolve() / "results.json"  # (pytest runs from the checkout, not the caller's folder)
     results.unlink(missing_ok=True)
     command = [
         sys.executable,

@@ -35,8 +35,10 @@ from ..ops import backends
 from ..sampling.schedule import SPACINGS, NoiseSchedule
 from ..sampling.solvers import SAMPLERS
 from .options import (
+    DEFAULT_GRID,
     MAX_SAMPLES,
     SEED_LIMIT,
+    SEED_STRIDE,
     Parser,
     UsageError,
     atomic_path,
@@ -63,7 +65,6 @@ from .options import (
 GUIDANCE = ("cfg", "cfg++", "auto", "classifier", "both", "none")
 CFG_KINDS = ("cfg", "cfg++", "both")  # the kinds --schedule and --tangential apply to
 INTERVAL_KINDS = (*CFG_KINDS, "auto")  # AutoGuidance takes an interval too, but a constant w
-SEED_STRIDE = 1_000_003  # sample's batch i draws from seed * SEED_STRIDE + i
 
 
 # ---------------------------------------------------------------------------------------
@@ -329,7 +330,10 @@ def check_sample(args: argparse.Namespace) -> None:
             "fp16 is ADM's use_fp16 (a UNet's convolutions in fp16), which --model "
             "digits-transformer does not have: use fp32 or bf16 (autocast)",
         )
-    check_image_file("--out", args.out, "RGB" if adm else "L")
+    if args.out is None and args.npz is None:
+        args.out = DEFAULT_GRID
+    if args.out is not None:
+        check_image_file("--out", args.out, "RGB" if adm else "L")
     if args.npz is not None:
         check_output_file("--npz", args.npz)  # a folder: np.savez would write FOLDER.npz beside it
         check_output_file("--npz", npz_path(args.npz))
@@ -550,14 +554,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         assert gathered is not None  # rank 0's
         batches = {index: images for part in gathered for index, images in part.items()}
     images = torch.cat([batches[index] for index in sorted(batches)])
-    with atomic_path(args.out) as scratch:
-        save_grid(images, scratch, columns=min(10, len(images)))
-    print(f"wrote {len(images)} samples to {args.out}")
-    if args.npz is not None:
+    if args.npz is not None:  # first: the samples themselves, whatever happens to the grid
         target = npz_path(args.npz)
         with atomic_path(target) as scratch:
             np.savez(scratch, to_uint8_nhwc(images), args.label_ids.numpy())
         print(f"wrote {target} (arr_0: uint8 NHWC images, arr_1: labels)")
+    if args.out is not None:
+        with atomic_path(args.out) as scratch:
+            save_grid(images, scratch, columns=min(10, len(images)))
+        print(f"wrote {len(images)} samples to {args.out}")
     return 0
 
 
@@ -588,7 +593,7 @@ def check_sweep(args: argparse.Namespace) -> None:
     )
     # within-class diversity needs two samples of one class; labels cycle over the classes
     check_at_least("--samples-per-scale", args.samples_per_scale, digits.NUM_CLASSES + 1, MAX_SAMPLES)
-    check_steps(args.steps, digits.schedule(), "digits", args.spacing)
+    check_steps(args.steps, model_schedule(args.model), args.model, args.spacing)
     try:
         _grid(model_schedule(args.model), args.steps, args.spacing)
     except ValueError as error:
@@ -722,13 +727,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = commands.add_parser(
         "sample",
         help="draw guided samples and write a PNG grid and/or an .npz",
-        description="Draw class-guided samples from the shipped digits model.",
+        description="Draw class-guided samples from the shipped digits models or an ADM checkpoint, or "
+        "prompted samples from a saved diffusers pipeline (--pipeline).",
     )
     s.add_argument(
         "--model",
         default="digits",
-        help="digits (shipped with fastguide; default) or a guided-diffusion preset: adm64, adm128, "
-        "adm256, adm512 (with --checkpoint)",
+        help="digits (the shipped UNet; default), digits-transformer (the shipped flow transformer) or a "
+        "guided-diffusion preset: adm64, adm128, adm256, adm512 (with --checkpoint)",
     )
     s.add_argument(
         "--checkpoint",
@@ -799,14 +805,22 @@ def build_parser() -> argparse.ArgumentParser:
         "in σ, linspace, for --model digits-transformer)",
     )
     s.add_argument("--num-samples", type=int, default=40, help="how many samples (default: 40)")
-    s.add_argument("--batch-size", type=int, default=100, help="samples per model batch (default: 100)")
+    s.add_argument(
+        "--batch-size",
+        type=int,
+        default=100,
+        help="samples per model batch (default: 100); batch i draws from the seed stream (seed, i), so a "
+        "run's images depend on it (not on the number of processes)",
+    )
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     s.add_argument(
         "--backend", choices=backends.BACKENDS, help="op backend (default: FASTGUIDE_BACKEND if set, else auto)"
     )
-    s.add_argument("--out", type=Path, default=Path("digits.png"), help="PNG grid to write (default: digits.png)")
-    s.add_argument("--npz", type=Path, help="also write ADM's .npz (uint8 NHWC arr_0, labels arr_1)")
+    s.add_argument(
+        "--out", type=Path, help=f"image grid to write (default: {DEFAULT_GRID}, or none when --npz is given)"
+    )
+    s.add_argument("--npz", type=Path, help="write ADM's .npz (uint8 NHWC arr_0, labels arr_1), before any grid")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument(
         "--pipeline",

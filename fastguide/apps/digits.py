@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.checkpoints import load_checkpoint
+from ..models.checkpoints import load_checkpoint, write_safetensors
 from ..models.configs import create_classifier, create_model
 from ..models.dit import DiT
 from ..models.unet import EncoderUNet, UNet
@@ -290,10 +290,8 @@ def _start(seed: int, batch_size: int, progress: bool) -> tuple[_Run, Tensor, Te
 
 
 def _save(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
     state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
+    write_safetensors(state, path)
 
 
 def train(

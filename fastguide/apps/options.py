@@ -22,9 +22,12 @@ from typing import NoReturn, TypeVar
 import torch
 
 from ..ops import backends
+from ..ops.validation import FLOAT32_MAX
 from ..sampling.schedule import NoiseSchedule
 
+DEFAULT_GRID = Path("digits.png")  # sample's --out when neither it nor --npz is given
 SEED_LIMIT = 2**64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+SEED_STRIDE = 1_000_003  # a run's batch i draws from seed * SEED_STRIDE + i: runs of other seeds never share one
 T = TypeVar("T")
 
 
@@ -79,10 +82,11 @@ def check_at_least(option: str, value: int, low: int = 1, high: int | None = Non
 
 
 def check_scale(option: str, value: float) -> None:
-    """A guidance scale: finite and non-negative (0 turns guidance off; a negative scale
-    would steer samples away from the requested class)."""
-    if not math.isfinite(value) or value < 0:
-        raise UsageError(option, f"expected a finite number >= 0, got {value}")
+    """A guidance scale: finite, non-negative (0 turns guidance off; a negative scale would
+    steer samples away from the requested class) and within float32's range (the kernels'
+    scalar type)."""
+    if not math.isfinite(value) or not 0 <= value <= FLOAT32_MAX:
+        raise UsageError(option, f"expected a finite number from 0 to {FLOAT32_MAX:.4g}, got {value}")
 
 
 def check_seed(option: str, seed: int, high: int = SEED_LIMIT) -> None:
@@ -271,7 +275,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """A scratch path beside ``path`` with the same suffix (writers infer the format from
     it) that replaces ``path`` when the block succeeds and is removed when it fails, so
     ``path`` never holds an empty or partial file."""
-    scratch = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.part{path.suffix}")
+    # The stem cut to what leaves the scratch name within a file system's 255 bytes.
+    stem = path.stem.encode()[: 255 - len(f"..{'0' * 8}.part{path.suffix}".encode())].decode(errors="ignore")
+    scratch = path.with_name(f".{stem}.{secrets.token_hex(4)}.part{path.suffix}")
     try:
         yield scratch
         os.replace(scratch, path)

@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 
 from .options import (
+    DEFAULT_GRID,
+    SEED_LIMIT,
+    SEED_STRIDE,
     UsageError,
     atomic_path,
     check_at_least,
@@ -65,7 +68,8 @@ def check(args: argparse.Namespace) -> None:
         check_scale("--scale", args.scale)
     if args.pag_scale is not None:
         check_scale("--pag-scale", args.pag_scale)
-    check_seed("--seed", args.seed)
+    batches = -(-args.num_samples // args.batch_size)
+    check_seed("--seed", args.seed, high=(SEED_LIMIT + 1 - batches) // SEED_STRIDE)
     if args.spacing is not None and args.sampler is None:
         raise UsageError(
             "--spacing",
@@ -76,6 +80,8 @@ def check(args: argparse.Namespace) -> None:
         _check_sampler_fits(args.sampler, folder)
     args.device = parse_device(args.device)
     check_backend(args.backend, args.device)
+    if args.out is None:
+        args.out = DEFAULT_GRID
     check_image_file("--out", args.out, "RGB")
 
 
@@ -128,7 +134,8 @@ def load(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Sample --num-samples images in batches of --batch-size (batch b seeded with seed + b)
+    """Sample --num-samples images in batches of --batch-size (batch b seeded with
+    seed · SEED_STRIDE + b, as the digits models' batches: runs of other seeds share none)
     and write them as one PNG grid."""
     from ..ops import backends
     from .cli import save_grid
@@ -149,7 +156,7 @@ def _sample(args: argparse.Namespace, save_grid) -> int:
     images, fallbacks = [], set()
     for batch, start in enumerate(range(0, args.num_samples, args.batch_size)):
         count = min(args.batch_size, args.num_samples - start)
-        generator = torch.Generator().manual_seed(args.seed + batch)
+        generator = torch.Generator().manual_seed(args.seed * SEED_STRIDE + batch)
         images.append(pipe(args.prompt, num_images_per_prompt=count, generator=generator, **options).images.cpu())
         if pipe.fastguide_fallback is not None:
             fallbacks.add(pipe.fastguide_fallback)

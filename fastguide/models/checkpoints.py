@@ -155,11 +155,20 @@ def save_state_dict(model: nn.Module, path: str | Path) -> None:
     storages = Counter(t.untyped_storage().data_ptr() for t in state.values())
     state = {k: t.clone() if storages[t.untyped_storage().data_ptr()] > 1 else t for k, t in state.items()}
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, str(path))
+        write_safetensors(state, path)
     else:
         torch.save(state, path)
+
+
+def write_safetensors(state: dict[str, Tensor], path: Path) -> None:
+    """``state`` as a .safetensors file at ``path``, with the permissions of any file the
+    user writes (safetensors creates its files readable by the owner alone: 0600)."""
+    from safetensors.torch import save_file
+
+    save_file(state, str(path))
+    umask = os.umask(0)  # (read by setting it: there is no other way)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)

@@ -169,6 +169,20 @@ def test_bench_reports_the_cases_that_ran_when_others_fail(tmp_path, capsys):
     assert "| fastguide |" in table and "| eager |" in table
 
 
+def test_bench_takes_an_out_folder_relative_to_the_callers_folder(tmp_path, monkeypatch, capsys):
+    """pytest runs from the checkout: the results land in the caller's --out all the same."""
+    suite = tmp_path / "suite" / "benchmarks"
+    suite.mkdir(parents=True)
+    (suite / "conftest.py").write_text("")
+    (suite.parent / "pytest.ini").write_text("[pytest]\npython_files = bench_*.py\n")
+    (suite / "bench_one.py").write_text("def test_sum(benchmark):\n    benchmark(sum, range(10))\n")
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    monkeypatch.chdir(caller)
+    assert bench.main(["--benchmarks", str(suite), "--out", "results", "--no-plots"]) == 0
+    assert (caller / "results" / "table.md").is_file() and not (suite.parent / "results").exists()
+
+
 def test_table_shows_device_time_and_back_to_back_beside_call_time_when_measured():
     timed = dict(median_ms=0.05, rate="", pct=3.0, peak=1.0, device_ms=0.01, device_pct=15.0, back_to_back_ms=0.02)
     untimed = dict(median_ms=0.07, rate="", pct=None, peak=None, device_ms=None, device_pct=None)

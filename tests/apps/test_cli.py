@@ -92,10 +92,10 @@ SAMPLE = ["sample", "--out", "x.png", "--quiet"]
         (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
         (["--device", "cuda:abc"], "--device: expected cpu, cuda or cuda:N, got 'cuda:abc'"),
         (["--device", "mps"], "--device: expected cpu, cuda or cuda:N, got 'mps'"),
-        (["--scale", "nan"], "--scale: expected a finite number >= 0, got nan"),
-        (["--scale", "inf"], "--scale: expected a finite number >= 0, got inf"),
-        (["--scale", "-1"], "--scale: expected a finite number >= 0, got -1.0"),
-        (["--classifier-scale", "nan"], "--classifier-scale: expected a finite number >= 0, got nan"),
+        (["--scale", "nan"], "--scale: expected a finite number from 0 to 3.403e+38, got nan"),
+        (["--scale", "inf"], "--scale: expected a finite number from 0 to 3.403e+38, got inf"),
+        (["--scale", "-1"], "--scale: expected a finite number from 0 to 3.403e+38, got -1.0"),
+        (["--classifier-scale", "nan"], "--classifier-scale: expected a finite number from 0 to 3.403e+38, got nan"),
         (["--out", "x.xyz"], "--out: expected an image file name that PIL can write"),
         (["--out", "x"], "--out: expected an image file name that PIL can write"),
         (["--out", "missing/x.png"], "--out: folder"),
@@ -129,6 +129,7 @@ SAMPLE = ["sample", "--out", "x.png", "--quiet"]
             "--schedule: applies to --guidance cfg or both, not cfg++",
         ),
         (["--guidance", "none", "--schedule", "linear"], "--schedule: applies to --guidance cfg, cfg++, both"),
+        (["--scale", "1e39"], "--scale: expected a finite number from 0 to 3.403e+38, got 1e+39"),
         (["--guidance", "classifier", "--tangential"], "--tangential: applies to --guidance cfg, cfg++, both"),
         (["--interval", "3", "1"], "--interval: expected LOW HIGH with 0 <= LOW < HIGH"),
         (["--interval", "nan", "1"], "--interval: expected LOW HIGH with 0 <= LOW < HIGH"),
@@ -357,7 +358,11 @@ def test_digits_train_refuses_zero_steps(tmp_path):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (["--scales", "1", "nan"], "--scales: expected a finite number >= 0, got nan"),
+        (["--scales", "1", "nan"], "--scales: expected a finite number from 0 to 3.403e+38, got nan"),
+        (
+            ["--model", "digits-transformer", "--steps", "1001"],
+            "--steps: expected an integer from 1 to 1000 for the flow path of --model digits-transformer",
+        ),
         (["--samples-per-scale", "5"], "--samples-per-scale: expected an integer between 11 and 10,000,000, got 5"),
         (["--steps", "1001"], "--steps: expected an integer from 1 to 1000"),
         (["--seed", "-1"], "--seed: expected an integer from 0 to"),
@@ -408,7 +413,9 @@ def test_failed_sample_leaves_no_file(workdir, monkeypatch):
     monkeypatch.setattr(cli, "save_grid", broken_save)
     with pytest.raises(OSError, match="disk full"):
         cli.main([*SAMPLE, "--npz", "x.npz"])
-    assert sorted(p.name for p in workdir.iterdir()) == ["x.png"]
+    # the grid as it was (no partial file); the .npz, written first, holds the samples
+    assert sorted(p.name for p in workdir.iterdir()) == ["x.npz", "x.png"]
+    assert (workdir / "x.png").read_bytes() == b"the previous grid"
     assert (workdir / "x.png").read_bytes() == b"the previous grid"
 
 
@@ -427,6 +434,29 @@ def test_npz_name_without_suffix_gets_npz_appended(workdir, monkeypatch):
     assert cli.main([*SAMPLE, "--num-samples", "3", "--npz", "samples"]) == 0
     assert sorted(p.name for p in workdir.iterdir()) == ["samples.npz", "x.png"]
     assert np.load(workdir / "samples.npz")["arr_1"].tolist() == [0, 1, 2]
+
+
+def test_npz_alone_writes_no_grid_and_comes_first(workdir, monkeypatch):
+    """An .npz run (an FID batch) writes no grid unless --out asks for one; with both, the
+    samples are on disk before the grid is drawn."""
+    monkeypatch.setattr(cli, "generate", _fake_generate([]))
+    assert cli.main(["sample", "--quiet", "--num-samples", "3", "--npz", "samples.npz"]) == 0
+    assert sorted(p.name for p in workdir.iterdir()) == ["samples.npz"]
+
+    def no_grid(*args, **kwargs):
+        raise OSError("the grid failed")
+
+    monkeypatch.setattr(cli, "save_grid", no_grid)
+    with pytest.raises(OSError, match="the grid failed"):
+        cli.main([*SAMPLE, "--num-samples", "3", "--npz", "more.npz"])
+    assert (workdir / "more.npz").is_file() and not (workdir / "x.png").exists()
+
+
+def test_a_long_output_name_is_written(workdir, monkeypatch):
+    monkeypatch.setattr(cli, "generate", _fake_generate([]))
+    name = "d" * 246 + ".png"  # 250 bytes: the scratch name beside it must stay within 255
+    assert cli.main(["sample", "--quiet", "--num-samples", "2", "--out", name]) == 0
+    assert sorted(p.name for p in workdir.iterdir()) == [name]
 
 
 def test_train_moves_finished_files_into_place(workdir, monkeypatch):

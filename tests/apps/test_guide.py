@@ -213,7 +213,7 @@ def test_sweep_command_options(workdir, capsys, monkeypatch):
         [*sweep_, "--guidances", "cfg++", "--cfgpp-scales", "0.5", "1.5"],
         "--cfgpp-scales: expected CFG++'s λ values in [0, 1], got 1.5",
     )
-    fails_with(capsys, workdir, [*sweep_, "--auto-scales", "-1"], "--auto-scales: expected a finite number >= 0")
+    fails_with(capsys, workdir, [*sweep_, "--auto-scales", "-1"], "--auto-scales: expected a finite number from 0 to")
     fails_with(capsys, workdir, [*sweep_, "--interval", "2", "1"], "--interval: expected LOW HIGH with 0 <= LOW < HIGH")
     fails_with(capsys, workdir, [*sweep_, "--guidances", "bogus"], "--guidances: invalid choice: 'bogus'")
     fails_with(capsys, workdir, [*sweep_, "--schedule", "constant"], "--schedule: invalid choice: 'constant'")

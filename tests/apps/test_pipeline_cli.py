@@ -138,6 +138,8 @@ def test_a_grid_that_fails_to_write_leaves_the_old_file(pipeline_folder, tmp_pat
         ([], "--prompt: is required with --pipeline"),
         (["--prompt", "x", "--spacing", "karras"], "--spacing: places fastguide's own sampler's steps"),
         (["--prompt", "x", "--steps", "0"], "--steps"),
+        (["--prompt", "x", "--scale", "1e39"], "--scale: expected a finite number from 0 to"),
+        (["--prompt", "x", "--seed", str(2**64 - 1), "--num-samples", "2", "--batch-size", "1"], "--seed: expected"),
         (["--prompt", "x", "--backend", "cuda"], "--backend: the cuda backend cannot run on cpu"),
         # a flow sampler for SD's variance-preserving scheduler: refused before the pipeline loads
         (["--prompt", "x", "--sampler", "euler-maruyama"], "--sampler: "),
