@@ -63,6 +63,7 @@ from .options import (
 )
 
 GUIDANCE = ("cfg", "cfg++", "auto", "classifier", "both", "none")
+CLASSIFIER_SCALE = 4.0  # --classifier-scale's default
 CFG_KINDS = ("cfg", "cfg++", "both")  # the kinds --schedule and --tangential apply to
 INTERVAL_KINDS = (*CFG_KINDS, "auto")  # AutoGuidance takes an interval too, but a constant w
 
@@ -368,10 +369,17 @@ CFG_PLUS_PLUS_SCALE = 0.4  # CFG++'s λ: the digits UNet's best in `fastguide sw
 
 
 def _guidance_defaults(args: argparse.Namespace) -> None:
-    """--scale and --sampler when not given: w = 2 (λ = 0.4 under cfg++, whose λ lies in
-    [0, 1]) and unipc (dpm++2m under cfg++, see sampling.guidance.default_sampler)."""
+    """--scale, --classifier-scale and --sampler when not given: w = 2 (λ = 0.4 under
+    cfg++, whose λ lies in [0, 1]), 4, and unipc (dpm++2m under cfg++, see
+    sampling.guidance.default_sampler); a scale the --guidance does not use is refused."""
     from ..sampling.guidance import default_sampler
 
+    if args.scale is not None and args.guidance in ("none", "classifier"):
+        raise UsageError("--scale", f"applies to --guidance cfg, cfg++, auto, both, not {args.guidance}")
+    if args.classifier_scale is not None and args.guidance not in ("classifier", "both"):
+        raise UsageError("--classifier-scale", f"applies to --guidance classifier, both, not {args.guidance}")
+    if args.classifier_scale is None:
+        args.classifier_scale = CLASSIFIER_SCALE
     plus_plus = args.guidance == "cfg++"
     if args.scale is None:
         args.scale = CFG_PLUS_PLUS_SCALE if plus_plus else 2.0
@@ -788,7 +796,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"cfg++'s λ in [0, 1] (default: 2; cfg++: {CFG_PLUS_PLUS_SCALE}, the digits UNet's best "
         "λ in fastguide sweep, the transformer's was 0.2)",
     )
-    s.add_argument("--classifier-scale", type=float, default=4.0, help="classifier guidance scale >= 0 (default: 4)")
+    s.add_argument(
+        "--classifier-scale",
+        type=float,
+        help=f"classifier guidance scale >= 0 with --guidance classifier or both (default: {CLASSIFIER_SCALE:g})",
+    )
     s.add_argument(
         "--sampler",
         choices=SAMPLERS,

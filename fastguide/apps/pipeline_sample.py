@@ -41,7 +41,7 @@ DIGITS_ONLY = (
     ("schedule", "--schedule", "constant"),
     ("interval", "--interval", None),
     ("tangential", "--tangential", False),
-    ("classifier_scale", "--classifier-scale", 4.0),
+    ("classifier_scale", "--classifier-scale", None),
     ("npz", "--npz", None),
 )
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -95,7 +95,14 @@ SAMPLE = ["sample", "--out", "x.png", "--quiet"]
         (["--scale", "nan"], "--scale: expected a finite number from 0 to 3.403e+38, got nan"),
         (["--scale", "inf"], "--scale: expected a finite number from 0 to 3.403e+38, got inf"),
         (["--scale", "-1"], "--scale: expected a finite number from 0 to 3.403e+38, got -1.0"),
-        (["--classifier-scale", "nan"], "--classifier-scale: expected a finite number from 0 to 3.403e+38, got nan"),
+        (
+            ["--guidance", "classifier", "--classifier-scale", "nan"],
+            "--classifier-scale: expected a finite number from 0 to 3.403e+38, got nan",
+        ),
+        # a scale the guidance does not use would be ignored without a word
+        (["--guidance", "none", "--scale", "3"], "--scale: applies to --guidance cfg, cfg++, auto, both, not none"),
+        (["--guidance", "classifier", "--scale", "3"], "--scale: applies to --guidance cfg, cfg++, auto, both"),
+        (["--classifier-scale", "7"], "--classifier-scale: applies to --guidance classifier, both, not cfg"),
         (["--out", "x.xyz"], "--out: expected an image file name that PIL can write"),
         (["--out", "x"], "--out: expected an image file name that PIL can write"),
         (["--out", "missing/x.png"], "--out: folder"),
@@ -287,7 +294,14 @@ def test_classifier_checkpoint_without_classifier_guidance_is_refused(workdir, c
     fails_with(
         capsys,
         workdir,
-        [*SAMPLE, "--guidance", guidance, "--scale", "0.5", "--classifier-checkpoint", "c.pt"],
+        [
+            *SAMPLE,
+            "--guidance",
+            guidance,
+            *(["--scale", "0.5"] if guidance == "cfg++" else []),
+            "--classifier-checkpoint",
+            "c.pt",
+        ],
         f"--classifier-checkpoint: --guidance {guidance} uses no classifier",
     )
 
