@@ -56,9 +56,11 @@ class NoiseSchedule:
         below ~1.1e-16, and then σ_t would be 0 or two timesteps one noise level) and above
         0 at the last timestep (the product underflows)."""
         try:
-            betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+            betas = torch.as_tensor(betas, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"betas must be a sequence of numbers, got {type(betas).__name__}") from None
+        if betas.dim() != 1:  # (flattening a (T, 1) or a batch of schedules would guess)
+            raise ValueError(f"betas must be 1-D, one β a timestep, got shape {tuple(betas.shape)}")
         if betas.numel() < 1 or not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("betas must be a non-empty sequence of values in (0, 1)")
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)

@@ -190,6 +190,8 @@ def test_a_grid_the_shift_collapses_is_refused_naming_the_shift_and_the_steps():
         ([0.9999] * 1000, ValueError, "above 0 at the last timestep"),  # ᾱ underflows: α = 0
         ("abc", TypeError, "betas must be a sequence of numbers"),
         ([0.5, 1.0], ValueError, r"betas must be a non-empty sequence of values in \(0, 1\)"),
+        ([[1e-4], [2e-2]], ValueError, r"betas must be 1-D, one β a timestep, got shape \(2, 1\)"),
+        (0.01, ValueError, r"betas must be 1-D, one β a timestep, got shape \(\)"),
     ],
 )
 def test_betas_must_give_a_computable_alpha_bar(betas, error, message):
