@@ -32,10 +32,10 @@ Where it installs (``FirstBlockCache.install``):
   stream passed through (the last block drops it, ``context_pre_only``). A block's hidden
   states are its first parameter, however it is called; blocks that return anything else
   than one tensor (Flux's pairs) are refused at their first output;
-- fastguide's ADM UNet (with num_res_blocks ≥ 1): its first ``UNet.FIRST_BLOCKS`` input blocks (the stem
-  convolution and the first residual block) are the first block, r that residual block's
-  residual; ``UNet.rest``, the network up to the last output block's features, is
-  replaced on a reused call by h₁ + R.
+- fastguide's ADM UNet (with num_res_blocks ≥ 1): its first ``UNet.FIRST_BLOCKS`` input
+  blocks (the stem convolution and the first residual block) are the first block, r that
+  residual block's residual; ``UNet.rest``, the network up to the last output block's
+  features, is replaced on a reused call by h₁ + R.
 - diffusers' ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL): ``down_blocks[0]`` is the first
   block and decides on the change of its output features h₁ (downsampled, so no residual
   of the same shape: r = h₁); the anchor is ``conv_in``'s output h₀, which has the shape

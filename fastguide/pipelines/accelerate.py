@@ -18,9 +18,10 @@ image, step callbacks, ...) runs diffusers' own ``__call__``; the reason is logg
 by the ``fastguide.pipelines`` logger and kept in ``pipe.fastguide_fallback``. Never a
 silently different image: the generators are put back as the call found them, so the
 fallback draws what diffusers alone would (and an accelerated call leaves them where
-diffusers' loop would, its draws for a last zero-variance step included); and where the pipeline was accelerated with
-options of fastguide's own (``sampler=``, ``guidance=``, ``cache=``), which diffusers'
-loop does not have, the fallback warns that they did not apply.
+diffusers' loop would, its draws for a last zero-variance step included); and where the
+pipeline was accelerated with options of fastguide's own (``sampler=``, ``guidance=``,
+``cache=``), which diffusers' loop does not have, the fallback warns that they did not
+apply.
 
 fastguide's own choices stay open, as options of ``accelerate`` (kept on the pipeline as
 ``pipe.fastguide_options``, in diffusers' way of configuring a pipeline once):

@@ -499,8 +499,7 @@ def test_callback_sees_every_model_call(sampler):
 
 def test_a_callbacks_in_place_edit_of_x_reaches_every_row_block_of_the_next_forward():
     """An inpainting-style blend of x in the callback: the next forward's conditional and
-    unconditional rows both see it, so the sample equals the same loop written out with
-    the edit applied to x."""
+    unconditional rows both see it."""
     inputs = []
 
     def model(x, t, y):
