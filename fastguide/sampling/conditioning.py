@@ -172,10 +172,11 @@ class RowConditioning:
 
     @property
     def signature(self) -> tuple:
-        """What a captured graph's static copy depends on: each tensor's place, shape and dtype."""
+        """What a captured graph's static copy depends on: each tensor's place, shape and dtype
+        (a set: keyword arguments given in another order are the same layout)."""
         return (
             None if self.labels is None else tuple(self.labels.shape),
-            tuple(
+            frozenset(
                 (path, tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (path, v is None)
                 for path, v in self.leaves.items()
             ),

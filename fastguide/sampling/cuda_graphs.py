@@ -11,7 +11,8 @@ its own kernel launches inside the graph.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -46,9 +47,25 @@ def side_stream(device: torch.device) -> Iterator[None]:
     current = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
     side.wait_stream(current)
-    with torch.cuda.stream(side):
-        yield
-    current.wait_stream(side)
+    try:
+        with torch.cuda.stream(side):
+            yield
+    finally:  # a warm-up that raised leaves no side-stream work unordered
+        current.wait_stream(side)
+
+
+def weights_fingerprint(modules: Iterable[torch.nn.Module]) -> tuple:
+    """Where each module's parameters and buffers live (address, dtype, shape), and whether
+    it is training. A graph reads a weight at the address it was captured with, so weights
+    that moved (``model.half().float()``, offloading and back, ``load_state_dict(...,
+    assign=True)``) need a new capture; an in-place update keeps the address and needs none."""
+    return tuple(
+        (
+            module.training,
+            *((t.data_ptr(), t.dtype, t.shape) for t in itertools.chain(module.parameters(), module.buffers())),
+        )
+        for module in modules
+    )
 
 
 def graph_pool():

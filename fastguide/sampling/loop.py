@@ -130,8 +130,9 @@ class GuidedSampler:
     labels in, draws the noise and replays the graphs. The same generator gives the same
     samples with or without graphs. The captures of the ``MAX_CAPTURES`` most recently used
     shapes are kept (each holds its buffers and its graphs' memory); an older one is
-    released and captured again when next asked for. Classifier guidance (autograd
-    through the classifier) is not captured.
+    released and captured again when next asked for; weights given new storage (e.g.
+    ``model.half().float()``) drop every capture. Classifier guidance (autograd through
+    the classifier) is not captured.
     See ``fastguide.sample`` for the arguments.
     """
 
@@ -260,6 +261,7 @@ class GuidedSampler:
         # (shape, device, dtype, conditioning signature, keep_x0, callback, noise inside) ->
         # (buffers, graphs) of the captured runs.
         self._graphs: collections.OrderedDict[tuple, tuple[_Buffers, list]] = collections.OrderedDict()
+        self._graph_weights: tuple = ()  # where the captures' weights live (cuda_graphs.weights_fingerprint)
         self._call_cache: dict[tuple[bool, bool], tuple[_Call, ...]] = {}
         self._calls(learned_variance=False)  # every call's scalars checked here, once
         # The compute of the last run (see ``last_compute``).
@@ -889,14 +891,22 @@ class GuidedSampler:
         per_call, inside = callback is not None, cuda_graphs.draws_inside(generator, device)
         # x_T's dtype is the buffers' (a model without one parameter dtype samples in the noise's)
         key = (shape, device, x_T.dtype, conditioning.signature, keep_x0, per_call, inside)
+        networks = (self.model, self._guide_network)
+        weights = cuda_graphs.weights_fingerprint(m for m in networks if isinstance(m, torch.nn.Module))
+        if weights != self._graph_weights:  # weights moved: every capture reads the old addresses
+            self._graphs.clear()
+            self._graph_weights = weights
+        caller = generator if generator is not None else cuda_graphs.default_generator(device)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(shape, device, x_T, conditioning, keep_x0, per_call, inside)
-            if len(self._graphs) > self.MAX_CAPTURES:
-                self._graphs.popitem(last=False)  # the least recently used: its buffers and graph memory go
+            if len(self._graphs) >= self.MAX_CAPTURES:
+                # the least recently used goes (its buffers and graph memory) before a new one is made
+                self._graphs.popitem(last=False)
+            # Outside inference mode, so that the static tensors serve calls outside it too.
+            with torch.inference_mode(False), torch.no_grad():
+                self._graphs[key] = self._capture(shape, device, x_T, conditioning, caller, keep_x0, per_call, inside)
         self._graphs.move_to_end(key)
         buffers, graphs = self._graphs[key]
         self._load(buffers, x_T, conditioning)
-        caller = generator if generator is not None else cuda_graphs.default_generator(device)
         with self._caching(buffers):  # (a CUDA replay runs no Python; a CPU stand-in does)
             for segment, graph in zip(self._segments(per_call, inside), graphs):
                 if buffers.noise_generator is not None:
@@ -915,19 +925,29 @@ class GuidedSampler:
         return buffers.model_input[: shape[0]].clone()
 
     def _capture(
-        self, shape, device, x_T, conditioning, keep_x0, per_call: bool, noise_inside: bool
+        self, shape, device, x_T, conditioning, caller: torch.Generator, keep_x0, per_call: bool, noise_inside: bool
     ) -> tuple[_Buffers, list]:
+        """A warm-up run, which draws from a copy of the ``caller`` generator's state the noise
+        an eager run would (its data-dependent decisions are the graphs'), then the graphs."""
         buffers = self._new_buffers(x_T.to(device), conditioning.clone())
         self._load(buffers, x_T, buffers.conditioning)  # the clone is the graph's copy already
         if noise_inside:  # each noisy call draws into the static buffer, inside the graph
             buffers.noise_generator = torch.Generator(device)
             noise_generator = buffers.noise_generator
+            noise_generator.set_state(caller.get_state())
 
             def noise() -> Tensor:
                 return _randn(shape, noise_generator, device, buffers.noise.dtype, out=buffers.noise)
 
+            warm_up_noise = noise
         else:  # drawn before each replay
             noise = lambda: buffers.noise  # noqa: E731
+            warm_up_generator = torch.Generator(caller.device)
+            warm_up_generator.set_state(caller.get_state())
+
+            def warm_up_noise() -> Tensor:
+                return _randn(shape, warm_up_generator, device, buffers.noise.dtype, out=buffers.noise)
+
         # Warm up on a side stream, as torch.cuda.graph asks (lazy initialisation, cuDNN and
         # Triton autotuning, allocator). Its data-dependent decisions (truncated CFG's call,
         # the block cache's reuses) are kept: the captured graphs follow them.
@@ -935,7 +955,7 @@ class GuidedSampler:
         with self._caching(buffers), backends.graph_capture():
             with cuda_graphs.side_stream(device):
                 for i in range(self.num_calls):
-                    self._model_call(i, buffers, shape, noise, keep_x0)
+                    self._model_call(i, buffers, shape, warm_up_noise, keep_x0)
             buffers.calibrated = True
             if buffers.block_cache is not None:  # the capture starts, as the warm-up did, from no residuals
                 buffers.block_cache.replaying = True

@@ -234,6 +234,19 @@ def _graphed_against_eager(device: str) -> None:
     assert len(graphed._graphs) == 1
 
 
+def test_keyword_conditioning_in_another_order_replays_the_same_capture(cpu_graphs):
+    model = ContextModel()
+    sampler = GuidedSampler(model, sampler="ddim", steps=3, guidance=CFG(2.0), cuda_graph=True)
+    context, shift = one_hot(LABELS), LABELS[:, None] / 10
+    null = one_hot(torch.full_like(LABELS, NULL))
+    for cond, uncond in (
+        ({"context": context, "extra": {"shift": shift}}, {"context": null, "extra": {"shift": 0 * shift}}),
+        ({"extra": {"shift": shift}, "context": context}, {"extra": {"shift": 0 * shift}, "context": null}),
+    ):
+        sampler(NOISE.shape, cond=cond, uncond=uncond, noise=NOISE)
+    assert len(sampler._graphs) == 1
+
+
 def test_graph_replays_read_each_runs_conditioning_on_cpu(cpu_graphs):
     _graphed_against_eager("cpu")
 

@@ -12,6 +12,7 @@ import fastguide
 from fastguide import CFG, DeltaReuse, FirstBlockCache, ForecastCache, GuidedSampler
 from fastguide.models import dit
 from fastguide.models.block_cache import BlockCacheState
+from fastguide.sampling import cuda_graphs
 from tests.helpers import randomize, tiny_cfg_unet
 
 SCHEDULE = fastguide.NoiseSchedule.linear()
@@ -285,6 +286,22 @@ def test_graph_replays_follow_the_warm_up_runs_decisions(cpu_graphs, guidance, c
     graphed(noise.shape, labels=labels, noise=other)
     assert graphed.last_compute == eager_sampler.last_compute
     assert len(cpu_graphs) >= 1
+
+
+@pytest.mark.parametrize("inside", [True, False], ids=["noise-inside", "noise-on-host"])
+def test_a_stochastic_graphed_run_decides_on_the_callers_noise(cpu_graphs, monkeypatch, inside):
+    # The warm-up run, whose decisions the graphs keep, draws what an eager run with the
+    # caller's generator draws: truncated CFG stops at the same call as eager sampling.
+    monkeypatch.setattr(cuda_graphs, "GRAPH_SAFE_GENERATORS", inside)
+    model, labels = tiny_dit(), torch.tensor([0, 1, 3])
+    kwargs = dict(sampler="ddpm", steps=10, schedule=SCHEDULE, guidance=CFG(3.0, truncate=0.995))
+    eager, graphed = GuidedSampler(model, **kwargs), GuidedSampler(model, cuda_graph=True, **kwargs)
+    generators = [torch.Generator().manual_seed(0) for _ in range(2)]
+    results = [s((BATCH, 3, 8, 8), labels=labels, generator=g) for s, g in zip((eager, graphed), generators)]
+    assert eager.last_compute["truncated_from"] not in (None, 0, eager.num_calls)
+    assert graphed.last_compute == eager.last_compute
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(generators[0].get_state(), generators[1].get_state())
 
 
 def test_a_callbacks_own_forward_does_not_touch_the_cache():

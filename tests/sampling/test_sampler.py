@@ -1373,6 +1373,47 @@ def test_a_sampler_keeps_the_captures_of_its_most_recently_used_shapes(cpu_graph
     assert len(cpu_graphs) == captures + 1 and len(sampler._graphs) == GuidedSampler.MAX_CAPTURES
 
 
+def test_a_graphed_sampler_captures_again_when_the_weights_move(cpu_graphs):
+    # A graph reads each weight at its captured address: weights given new storage (a dtype
+    # round trip, load_state_dict(assign=True)) drop the captures; an in-place update does not.
+    model = tiny_cfg_unet()
+    sampler = GuidedSampler(model, sampler="ddim", steps=2, guidance=CFG(3.0), cuda_graph=True)
+
+    def draw():
+        return sampler((2, 3, 8, 8), labels=torch.tensor([0, 3]), generator=torch.Generator().manual_seed(0))
+
+    draw()
+    captures = len(cpu_graphs)
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.5)
+    draw()
+    assert len(cpu_graphs) == captures
+    model.double().float()
+    draw()
+    assert len(cpu_graphs) == 2 * captures and len(sampler._graphs) == 1
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    draw()
+    assert len(cpu_graphs) == 3 * captures
+    model.train()
+    draw()
+    assert len(cpu_graphs) == 4 * captures
+
+
+def test_a_loop_captured_under_inference_mode_replays_outside_it(cpu_graphs):
+    model = tiny_cfg_unet()
+    kwargs = dict(sampler="ddim", steps=3, guidance=CFG(3.0))
+    graphed, eager = GuidedSampler(model, cuda_graph=True, **kwargs), GuidedSampler(model, **kwargs)
+
+    def draw(sampler):
+        return sampler((2, 3, 8, 8), labels=torch.tensor([0, 3]), generator=torch.Generator().manual_seed(0))
+
+    with torch.inference_mode():
+        inside = draw(graphed)
+    torch.testing.assert_close(draw(graphed), draw(eager), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inside, draw(eager), rtol=1e-5, atol=1e-5)
+    assert len(graphed._graphs) == 1
+
+
 def _sample_compiled(device, **compile_options):
     model = tiny_cfg_unet().to(device)
     kwargs = dict(
