@@ -38,6 +38,12 @@ class DiffusersUNet(nn.Module):
     def null_label(self) -> int | None:
         return self.num_classes
 
+    @property
+    def perturbation_target(self) -> nn.Module:
+        """The wrapped UNet, whose layers PAG perturbs by their own names ("mid_block", not
+        "unet.mid_block"; fastguide.models.blocks.perturbation_target)."""
+        return self.unet
+
     def forward(self, x: Tensor, timesteps: Tensor, y: Tensor | None = None) -> Tensor:
         return self.unet(x, timesteps, class_labels=y).sample
 

@@ -33,7 +33,8 @@ regular output at the chosen layers is computed and dropped (a small cost: a thi
 batch at a few layers). ``handle.rows`` is read at call time: setting it re-installs
 nothing; a Python slice resolved against the batch size gives fixed shapes and no host
 sync, so a CUDA graph captures one rows value; torch.compile guards on it and on the
-instance forward (a rows value, an install or a remove it has not seen recompiles).
+instance forward (a rows value, an install or a remove it has not seen recompiles; the
+sampler installs a removed handle's own wrappers again, ``reinstall()``, so its runs do not).
 
 ``fastguide.accelerate()`` composes in either order with attention perturbations
 (diffusers ``Attention``: accelerate swaps the processor under the instance forward;
@@ -44,6 +45,7 @@ accelerate first.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -63,6 +65,8 @@ from .nn import AttentionBlock, QKVAttention, split_heads
 # (module, rows, args, kwargs) -> what the module outputs on ``rows`` when perturbed; the module
 # is the one the replacement was chosen for (a diffusers Attention, a fastguide DiT Attention, ...).
 Replacement = Callable[[Any, slice, tuple, dict], object]
+# A module to perturb: (its name, the module, its replacement).
+Target = tuple[str, nn.Module, Replacement]
 
 
 class Perturbation:
@@ -77,11 +81,15 @@ class Perturbation:
     removes itself on exit.
     """
 
-    def __init__(self, kind: str, layers: tuple[str, ...], rows: slice | None):
+    def __init__(
+        self, kind: str, layers: tuple[str, ...], rows: slice | None, select: Callable[[], list[Target]] | None = None
+    ):
         self.kind = kind
         self.layers = layers
         self.rows = rows
         self._installed: list[tuple[nn.Module, _PerturbedForward]] = []
+        self._wrappers: list[_PerturbedForward] = []  # the first install's, kept for reinstall()
+        self._select = select  # the targets the layers pick now
 
     @property
     def rows(self) -> slice | None:
@@ -99,16 +107,37 @@ class Perturbation:
                 raise ValueError(f"rows must be a contiguous slice (step 1), got {rows!r}")
         self._rows = rows
 
-    def _install(self, targets: Sequence[tuple[str, nn.Module, Replacement]]) -> None:
+    def _install(self, targets: Sequence[Target]) -> None:
         """Wrap the forward of every (name, module, replacement) target, or of none when one
         of them is already perturbed."""
         for name, module, _ in targets:
             if isinstance(module.__dict__.get("forward"), _PerturbedForward):
                 raise ValueError(f"layers: {name!r} is already perturbed by another Perturbation (remove that first)")
-        for name, module, replace in targets:
-            wrapper = _PerturbedForward(self, module, name, replace)
-            module.forward = wrapper
-            self._installed.append((module, wrapper))
+        self._wrappers = [_PerturbedForward(self, module, name, replace) for name, module, replace in targets]
+        for wrapper in self._wrappers:
+            wrapper.module.forward = wrapper
+            self._installed.append((wrapper.module, wrapper))
+
+    def reinstall(self) -> bool:
+        """After ``remove()``, put the very wrapper objects of the first install back, so that
+        a torch.compile'd model (which guards on each perturbed module's forward) does not
+        recompile; ``rows`` is kept. Only where the layers still pick the same modules and
+        their forwards are as they were at the first install: else False, changing nothing
+        (make a new handle). True, doing nothing, while installed."""
+        if self._installed:
+            return True
+        if self._select is None or not self._wrappers:
+            return False
+        picked = [(name, module) for name, module, _ in self._select()]
+        if len(picked) != len(self._wrappers) or any(
+            name != wrapper.name or module is not wrapper.module or not wrapper.forward_unchanged()
+            for (name, module), wrapper in zip(picked, self._wrappers)
+        ):
+            return False
+        for wrapper in self._wrappers:
+            wrapper.module.forward = wrapper
+            self._installed.append((wrapper.module, wrapper))
+        return True
 
     def remove(self) -> None:
         """Put back every forward this handle replaced (a second call does nothing). Fails,
@@ -145,6 +174,14 @@ class _PerturbedForward:
         self.handle, self.module, self.name, self.replace = handle, module, name, replace
         self.had_own_forward = "forward" in module.__dict__
         self.inner = module.forward
+        self.class_forward = type(module).forward
+
+    def forward_unchanged(self) -> bool:
+        """Whether the module's forward is (while this wrapper is not installed) the one it wrapped."""
+        own = self.module.__dict__.get("forward")
+        if self.had_own_forward:
+            return own is self.inner
+        return own is None and type(self.module).forward is self.class_forward
 
     def __call__(self, *args: object, **kwargs: object) -> object:
         out = self.inner(*args, **kwargs)
@@ -186,6 +223,16 @@ def _scatter(out: object, replacement: object, start: int, stop: int, name: str)
     )
 
 
+def _installed(kind: str, model: object, select: Callable[[], list[Target]], rows: slice | None) -> Perturbation:
+    """A handle of ``kind`` installed on the targets ``select`` picks in ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    targets = select()
+    handle = Perturbation(kind, tuple(name for name, _, _ in targets), rows, select)
+    handle._install(targets)
+    return handle
+
+
 # ---- PAG: identity self-attention -------------------------------------------------------
 
 
@@ -199,15 +246,29 @@ def _identity_diffusers_attention(attn: Any, rows: slice, args: tuple, kwargs: d
     if encoder_hidden_states is not None:
         if getattr(attn, "add_v_proj", None) is None:
             raise ValueError(
-                "perturb_attention perturbs self-attention, but a perturbed diffusers Attention was "
-                "called with encoder_hidden_states (cross-attention)"
+                "perturb_attention perturbs self-attention and SD3's joint attention, but a perturbed "
+                f"diffusers Attention (processor {type(attn.processor).__name__}) was called with "
+                "encoder_hidden_states, which its processor attends to"
             )
+        problem = _joint_problem(attn)
+        if problem:
+            raise ValueError(f"perturb_attention cannot perturb this joint attention: {problem}")
         return _identity_joint_attention(attn, hidden_states[rows], encoder_hidden_states[rows])
     x = residual = hidden_states[rows]
     if attn.spatial_norm is not None:
         x = attn.spatial_norm(x, kwargs["temb"][rows])
     tokens, leave = enter_tokens(attn, x, residual)
     return leave(attn.to_out[1](attn.to_out[0](attn.to_v(tokens))))
+
+
+def _joint_problem(attn: Any) -> str | None:
+    """Why the identity map of ``_identity_joint_attention`` is not this layer's (None when it
+    is): it writes out SD3's ``JointAttnProcessor2_0``; another processor on added K/V
+    projections (HunyuanVideo's, with a text mask and rotary embeddings) computes something else."""
+    processor = type(getattr(attn, "processor", None)).__name__
+    if processor != "JointAttnProcessor2_0":
+        return f"processor {processor} (the identity map is written for SD3's JointAttnProcessor2_0)"
+    return None
 
 
 def _identity_joint_attention(attn: Any, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
@@ -278,10 +339,13 @@ def _matches(layer: str, name: str) -> bool:
     """diffusers' PAG layer test (``PAGMixin._set_pag_attn_processor``): ``re.search(layer,
     name)``, unless the last dot-parts of both are the same number. As there, "blocks.1"
     also matches "transformer_blocks.10.attn" (the attention's name ends in "attn", so the
-    number test never applies): anchor it, r"blocks\\.1\\.", for block 1 alone."""
+    number test never applies): anchor it, r"blocks\\.1\\.", for block 1 alone. A pattern
+    that is a whole name ("mid_block.attentions.0") picks that module."""
     last_layer, last_name = layer.split(".")[-1], name.split(".")[-1]
     fake_integral = last_layer.isnumeric() and last_name.isnumeric() and last_layer == last_name
-    return re.search(layer, name) is not None and not fake_integral
+    if fake_integral:  # (diffusers refuses the whole name too; taken here, as it is unambiguous)
+        return re.fullmatch(layer, name) is not None
+    return re.search(layer, name) is not None
 
 
 def _names(names: Sequence[str], limit: int = 40) -> str:
@@ -297,11 +361,15 @@ def perturb_attention(model: nn.Module, layers: str | Sequence[str], rows: slice
     ("mid", "blocks.1", "down_blocks.1", "blocks.(1|2)"); each must pick at least one.
     ``rows``: the initial ``handle.rows`` (None: none perturbed until set).
     Works on diffusers models (any ``Attention`` that is not cross-attention, e.g.
-    UNet2DConditionModel's attn1, SD3's joint attn, PixArt's attn1) and fastguide's DiT
-    and UNet. Returns the handle; ``handle.remove()`` undoes it.
+    UNet2DConditionModel's attn1, PixArt's attn1, and SD3's joint attn under its
+    ``JointAttnProcessor2_0``; other joint attention is refused) and fastguide's DiT and
+    UNet. Returns the handle; ``handle.remove()`` undoes it.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return _installed("identity attention", model, functools.partial(_attention_targets, model, layers), rows)
+
+
+def _attention_targets(model: nn.Module, layers: str | Sequence[str]) -> list[Target]:
+    """The self-attention modules the patterns ``layers`` pick, checked, in the model's order."""
     patterns = [layers] if isinstance(layers, str) else layers
     if not isinstance(patterns, Sequence) or not patterns or not all(isinstance(p, str) for p in patterns):
         raise TypeError(f"layers must be a layer-name pattern or a non-empty sequence of them, got {layers!r}")
@@ -324,9 +392,15 @@ def perturb_attention(model: nn.Module, layers: str | Sequence[str], rows: slice
             )
         chosen |= picked
     names = tuple(name for name in candidates if name in chosen)
-    handle = Perturbation("identity attention", names, rows)
-    handle._install([(name, *candidates[name]) for name in names])
-    return handle
+    for name in names:
+        module = candidates[name][0]
+        if getattr(module, "add_v_proj", None) is not None:
+            problem = _joint_problem(module)
+            if problem:
+                raise ValueError(
+                    f"layers: {name!r} is joint attention that perturb_attention cannot perturb: {problem}"
+                )
+    return [(name, *candidates[name]) for name in names]
 
 
 # ---- SLG: skipped blocks ----------------------------------------------------------------
@@ -353,8 +427,11 @@ def skip_blocks(model: nn.Module, layers: int | Sequence[int], rows: slice | Non
     (encoder_hidden_states, hidden_states), as ``SD3Transformer2DModel``'s ``skip_layers``
     leaves both. ``rows``: the initial ``handle.rows``. Returns the handle.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return _installed("skipped blocks", model, functools.partial(_block_targets, model, layers), rows)
+
+
+def _block_targets(model: nn.Module, layers: int | Sequence[int]) -> list[Target]:
+    """The blocks at indices ``layers`` of the model's block list, checked, in order."""
     single = isinstance(layers, Integral) and not isinstance(layers, bool)
     indices = cast("Sequence[int]", [layers] if single else layers)
     if (
@@ -369,10 +446,4 @@ def skip_blocks(model: nn.Module, layers: int | Sequence[int], rows: slice | Non
             raise ValueError(
                 f"layers: block {index} does not exist; model.{attribute} holds blocks 0..{len(blocks) - 1}"
             )
-    chosen = sorted(set(indices))
-    targets = []
-    for index in chosen:
-        targets.append((f"{attribute}.{index}", blocks[index], _skip_block(blocks[index])))
-    handle = Perturbation("skipped blocks", tuple(name for name, _, _ in targets), rows)
-    handle._install(targets)
-    return handle
+    return [(f"{attribute}.{index}", blocks[index], _skip_block(blocks[index])) for index in sorted(set(indices))]

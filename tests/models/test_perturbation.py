@@ -549,6 +549,59 @@ def test_install_and_remove_errors():
     assert isinstance(first, Perturbation) and "removed" in repr(first)
 
 
+def test_joint_attention_other_than_sd3s_is_refused():
+    # Added K/V projections under another processor (HunyuanVideo's masks the text and
+    # rotates q and k) are not the joint attention whose identity map is written out.
+    processor = ap.AttnAddedKVProcessor2_0()
+    attn = ap.Attention(query_dim=32, heads=2, dim_head=16, added_kv_proj_dim=32, processor=processor)
+    model = nn.ModuleDict({"attn": attn})
+    with pytest.raises(ValueError, match=r"layers: 'attn' is joint attention .*processor AttnAddedKVProcessor2_0"):
+        perturb_attention(model, "attn")
+    assert_plain(model)
+    # A joint layer whose processor is swapped after the install is refused when called.
+
+    class OwnJointProcessor(ap.JointAttnProcessor2_0):
+        pass
+
+    sd3 = tiny_sd3()
+    with perturb_attention(sd3, r"transformer_blocks\.0\.attn$", rows=slice(1, 2)):
+        sd3.transformer_blocks[0].attn.set_processor(OwnJointProcessor())
+        with pytest.raises(ValueError, match="cannot perturb this joint attention: processor OwnJointProcessor"):
+            sd3(**sd3_inputs(2))
+
+
+def test_a_self_attention_layer_called_with_encoder_hidden_states_names_its_processor():
+    # (CogVideoX's attn1: its processor attends to the text concatenated into one stream)
+    attn = ap.Attention(query_dim=16, heads=2, dim_head=8)
+    with perturb_attention(nn.ModuleDict({"attn": attn}), "attn", rows=slice(1, 2)):
+        with pytest.raises(ValueError, match=r"\(processor AttnProcessor2_0\) was called with encoder_hidden_states"):
+            attn(torch.randn(2, 4, 16), encoder_hidden_states=torch.randn(2, 3, 16))
+
+
+def test_a_whole_layer_name_ending_in_a_number_picks_that_layer():
+    model = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        num_class_embeds=5,
+    )
+    with perturb_attention(model, "mid_block.attentions.0") as handle:
+        assert handle.layers == ("mid_block.attentions.0",)
+    # diffusers' number rule otherwise kept: "attentions.0" ends in the number its matches end in
+    with pytest.raises(ValueError, match=r"layers: 'attentions\.0' matches no self-attention module"):
+        perturb_attention(model, "attentions.0")
+    # The adapter's PAG layers are the UNet's own names.
+    handle = fastguide.PAG(2.0, r"^mid_block\.").perturb(fastguide.DiffusersUNet(model, null_label=4))
+    assert handle.layers == ("mid_block.attentions.0",)
+    handle.remove()
+    assert_plain(model)
+
+
 @pytest.mark.parametrize("layers", ["blocks.1", r"blocks\.1\.", "attn1", "transformer_blocks.(2|11)"])
 def test_layer_names_select_what_diffusers_selects(layers):
     # diffusers' quirk kept: "blocks.1" also picks blocks 10 and 11 (anchor it for block 1 alone).

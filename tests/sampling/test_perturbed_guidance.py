@@ -4,6 +4,7 @@ u + w·(c − u) + s·(c − p): equal to the update written out with three sepa
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -144,3 +145,38 @@ def test_pag_without_cfg_needs_no_null_label_and_specs_are_checked():
         SkipLayerGuidance(1.0, [1], rescale=2.0)
     with pytest.raises(ValueError, match="SkipLayerGuidance interval"):
         SkipLayerGuidance(1.0, [1], interval=(3.0, 1.0))
+
+
+def test_a_sampler_installs_the_same_perturbation_each_run_while_it_can():
+    # The same wrapper objects every run (a torch.compile'd model guards on them); a module
+    # replaced between runs gets a new perturbation, never the old module's.
+    model, forwards = tiny_dit(), []
+    kwargs = dict(sampler="ddim", steps=2, schedule=SCHEDULE, guidance=PAG(2.0, r"blocks\.1\."))
+    sampler = fastguide.GuidedSampler(model, **kwargs)
+    noise, labels = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
+
+    def draw(sampler_, callback=None):
+        return sampler_(noise.shape, labels=labels, noise=noise, callback=callback)
+
+    for _ in range(2):
+        draw(sampler, lambda info: forwards.append(model.blocks[1].attn.__dict__["forward"]))
+        assert "forward" not in model.blocks[1].attn.__dict__  # removed after each run
+    assert forwards[0] is forwards[-1]
+    model.blocks[1].attn = randomize(copy.deepcopy(model.blocks[1].attn), seed=9)
+    torch.testing.assert_close(draw(sampler), draw(fastguide.GuidedSampler(model, **kwargs)), rtol=0, atol=0)
+
+
+def test_a_compiled_model_is_compiled_once_for_every_perturbed_run():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = torch.compile(tiny_dit(), backend="eager")
+        for guidance in (PAG(2.0, r"blocks\.1\."), SkipLayerGuidance(2.0, [1], interval=(0.0, 1e9))):
+            sampler = fastguide.GuidedSampler(compiled, sampler="euler", steps=2, schedule=SCHEDULE, guidance=guidance)
+            for _ in range(3):
+                sampler((2, 3, 8, 8), labels=torch.tensor([1, 2]), generator=torch.Generator().manual_seed(0))
+        assert counters["stats"]["unique_graphs"] == 2  # one a guidance
+    finally:
+        torch._dynamo.reset()
