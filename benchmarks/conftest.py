@@ -10,6 +10,8 @@ back-to-back calls, device time alone) is benchmarks/timing.py's; every case run
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import resource
 
@@ -18,6 +20,7 @@ import torch
 
 import fastguide
 from benchmarks.timing import DEVICE, back_to_back_seconds, call_seconds, device_seconds
+from fastguide.apps.bench import PARTIAL_RESULTS
 from fastguide.ops import backends
 
 # fastguide's rows on a GPU: one per backend with kernels for the op ("fastguide" = auto).
@@ -37,6 +40,22 @@ def on_backend(impl: str, fn):
             return fn(*args, **kwargs)
 
     return pinned
+
+
+def compiled(fn, **options):
+    """torch.compile of ``fn`` for one case, as a user compiling for one shape gets it:
+    dynamo's caches emptied first, static shapes. (A compiled function shared by a module's
+    cases compiles again for each shape and grad mode, compiles its second shape for dynamic
+    shapes, and past dynamo's recompile limit runs eager with only a log line.)"""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False, **options)
+
+
+def no_recompiles():
+    """Around a timing: a torch.compile'd function that would compile again raises instead
+    of being timed compiling, or falling back to eager (torch >= 2.6; earlier, nothing)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("fail_on_recompile") if set_stance is not None else contextlib.nullcontext()
 
 
 def pytest_configure(config):
@@ -81,9 +100,12 @@ class Recorder:
     def __call__(self, fn, *, bytes_moved: int | None = None, flops: int | None = None, grad: bool = False) -> None:
         """Time fn with pytest-benchmark (and, on GPU, its device time alone and back-to-back
         calls); record rates, floors, memory. fn runs under no_grad unless ``grad``: a case
-        timing a backward."""
+        timing a backward. One call first, in the same grad mode, warms up (compiles,
+        autotunes); a compiled fn that would compile again while timed fails the case."""
         with torch.set_grad_enabled(grad):
-            self._measure(fn, bytes_moved, flops)
+            fn()
+            with no_recompiles():
+                self._measure(fn, bytes_moved, flops)
 
     def _measure(self, fn, bytes_moved: int | None, flops: int | None) -> None:
         if DEVICE.type == "cuda":
@@ -118,6 +140,19 @@ class Recorder:
             info["pct_of_matmul_rate"] = 100 * flops / seconds / self.matmul_rate
             if device is not None:
                 info["device_pct_of_matmul_rate"] = 100 * flops / device / self.matmul_rate
+
+
+@pytest.fixture(autouse=True)
+def _append_finished_case(request):
+    """Each timed case appended, as it finishes, to the JSON-lines file that ``fastguide
+    bench`` names in FASTGUIDE_BENCH_PARTIAL: pytest-benchmark writes its JSON only when the
+    session ends, which a run stopped by a time limit never reaches."""
+    yield
+    path = os.environ.get(PARTIAL_RESULTS)
+    stats = getattr(request.node.funcargs.get("benchmark"), "stats", None)
+    if path and stats is not None:
+        with open(path, "a") as partial:
+            partial.write(json.dumps(stats.as_dict(include_data=False), default=str) + "\n")
 
 
 @pytest.fixture

@@ -13,8 +13,10 @@
 #   benchmarks/gpu.sh OUT --dry-run  print the steps and check that every test and benchmark
 #                                    is collected (works on a machine without a GPU)
 #
-# The device tool returns at most 8 files: pack OUT afterwards, e.g.
-#   benchmarks/gpu.sh /tmp/fg && tar czf "$OUT/gpu-results.tgz" -C /tmp fg
+# The device tool returns at most 8 files: pack OUT afterwards, and give the run its time
+# (GPU_SH_TIME seconds: every step ends in time, so nothing is left running on the GPU
+# once it returns; an outer `timeout` would kill gpu.sh but not the step it waits on), e.g.
+#   GPU_SH_TIME=540 bash benchmarks/gpu.sh /tmp/fg; tar czf "$OUT/gpu-results.tgz" -C /tmp fg
 set -euo pipefail
 out=${1:?usage: benchmarks/gpu.sh OUT [--dry-run]}
 mode=${2:-run}
@@ -30,11 +32,12 @@ mkdir -p "$out"
 # attention_targets is bench_attention's target rows (forward: fastguide by TMA and by
 # pointers against the SDPA kernels), which the full sweep at the end rarely reaches.
 modules=(bench_guided_step bench_layer_norm bench_group_norm attention_targets bench_sample bench_end_to_end bench_unet bench_attention)
-# End to end without its max-autotune rows (each compile tunes for minutes): run those in a
-# call of their own, fastguide bench -k "end_to_end and max-autotune".
+# End to end and the UNet without their max-autotune rows (each compile tunes for minutes):
+# run those in a call of their own, fastguide bench -k "max-autotune".
 selection() {
     case "$1" in
         bench_end_to_end) echo "bench_end_to_end and not max-autotune" ;;
+        bench_unet) echo "bench_unet and not max-autotune" ;;
         attention_targets) echo "bench_attention and targets" ;;
         bench_attention) echo "bench_attention and not targets" ;;
         *) echo "$1" ;;
@@ -97,12 +100,21 @@ status=0
 keep() { [ "$status" -ne 0 ] || status=$1; }
 # Each step stops after STEP_LIMIT seconds (GPU_SH_STEP_LIMIT; the longest, the GPU tests,
 # took 4.2 min on the H200), so that a kernel that hangs costs its own step, not the run's
-# later ones: killing the process ends its kernels.
+# later ones: killing the process ends its kernels. With GPU_SH_TIME, no step runs past
+# that many seconds from the start (15 s kept for the packing after), and a step with
+# under 20 s left does not start.
 step_limit=${GPU_SH_STEP_LIMIT:-420}
+deadline=$((SECONDS + ${GPU_SH_TIME:-1000000} - 15))
 bounded() {
-    timeout -k 10 "$step_limit" "$@"
+    local limit=$((deadline - SECONDS))
+    if [ "$limit" -lt 20 ]; then
+        echo "gpu.sh: no time left (GPU_SH_TIME): skipped $*" >&2
+        return 124
+    fi
+    [ "$limit" -le "$step_limit" ] || limit=$step_limit
+    timeout -k 5 "$limit" "$@"
     local rc=$?
-    [ "$rc" -ne 124 ] || echo "gpu.sh: stopped after ${step_limit} s: $*" >&2
+    [ "$rc" -ne 124 ] || echo "gpu.sh: stopped after ${limit} s: $*" >&2
     return "$rc"
 }
 bounded "$py" -m fastguide selfcheck --device cuda 2>&1 | tee "$out/selfcheck.txt"
@@ -111,8 +123,9 @@ FASTGUIDE_BACKEND=cuda bounded "$py" -m fastguide selfcheck --device cuda 2>&1 |
 keep "${PIPESTATUS[0]}"
 # Where the eager loops' time goes (a minute): fastguide's loop against the diffusers-style
 # one, launches and host waits per step and the operators with the most host time.
-bounded "$py" -m benchmarks.sampling.loop_profile --out "$out" 2>&1 | tee "$out/loop_profile.log" | head -n 8
-keep "${PIPESTATUS[0]}"
+bounded "$py" -m benchmarks.sampling.loop_profile --out "$out" > "$out/loop_profile.log" 2>&1
+keep "$?"
+tail -n 8 "$out/loop_profile.log"
 # Each op's call split into fastguide's part and its backend's (seconds): where a call's
 # host time beyond the kernel goes.
 bounded "$py" benchmarks/ops/host_path.py --device cuda --rounds 5 2>&1 | tee "$out/host_path.md"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.conftest import DEVICE
+from benchmarks.conftest import DEVICE, compiled
 from fastguide import ops
 from fastguide.kernels import attention as attention_kernels
 
@@ -22,7 +22,6 @@ def eager_attention(q, k, v):
     return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
-_compiled_eager = torch.compile(eager_attention)
 SDPA_BACKENDS = {
     "sdpa-flash": SDPBackend.FLASH_ATTENTION,
     "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -49,7 +48,7 @@ def _attention_fn(impl):
     if impl == "eager":
         return eager_attention
     if impl == "torch.compile":
-        return _compiled_eager
+        return compiled(eager_attention)
 
     def sdpa(q, k, v):
         with sdpa_kernel([SDPA_BACKENDS[impl]]):

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.conftest import DEVICE, GPU_FASTGUIDE_IMPLS, on_backend
+from benchmarks.conftest import DEVICE, GPU_FASTGUIDE_IMPLS, compiled, on_backend
 from fastguide import ops
 
 W, ABAR_T, ABAR_PREV = 5.0, 0.5, 0.6
@@ -37,7 +37,6 @@ STEP = ops.StepCoefficients(
     alpha=ALPHA, sigma=SIGMA, clip_denoised=True, k_x0=math.sqrt(ABAR_PREV), k_eps=math.sqrt(1 - ABAR_PREV)
 )
 COMBINE = ops.GuidanceCombine(W)
-_compiled_eager = torch.compile(eager_cfg_ddim)
 
 CPU_SHAPES = [(8, 3, 64, 64)]
 GPU_SHAPES = [(64, 3, 256, 256), (16, 4, 128, 128)]
@@ -55,11 +54,8 @@ def _run(record, impl, shape, dtype):
     if impl.startswith("fastguide"):
         fn = on_backend(impl, lambda: fastguide_cfg_ddim(model_output, x, out))
     else:
-        fn = {
-            "eager": lambda: eager_cfg_ddim(model_output, x),
-            "torch.compile": lambda: _compiled_eager(model_output, x),
-        }[impl]
-    fn()  # compile / warm up outside the timing
+        step = {"eager": eager_cfg_ddim, "torch.compile": compiled(eager_cfg_ddim)}[impl]
+        fn = lambda: step(model_output, x)  # noqa: E731
     record(fn, bytes_moved=5 * x.numel() * x.element_size())
 
 

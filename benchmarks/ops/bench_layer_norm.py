@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import DEVICE, GPU_FASTGUIDE_IMPLS, on_backend
+from benchmarks.conftest import DEVICE, GPU_FASTGUIDE_IMPLS, compiled, on_backend
 from fastguide import ops
 
 
@@ -50,9 +50,6 @@ def peer_modulated_norm():
     return run
 
 
-_compiled_norm = torch.compile(eager_modulated_norm)
-_compiled_seam = torch.compile(eager_seam)
-
 # (N, L, D): DiT-XL/2 at 256² (256 tokens) and 512² (1024 tokens), batch 2·8 (CFG), and a
 # narrow width; CPU runs one small case of each.
 CPU_SHAPES = [(2, 64, 384)]
@@ -74,8 +71,7 @@ def _run_norm(record, impl, shape, dtype):
     elif impl == "peer":
         fn = peer_modulated_norm()
     else:
-        fn = {"eager": eager_modulated_norm, "torch.compile": _compiled_norm}[impl]
-    fn(x, scale, shift)
+        fn = eager_modulated_norm if impl == "eager" else compiled(eager_modulated_norm)
     record(lambda: fn(x, scale, shift), bytes_moved=2 * x.numel() * x.element_size())
 
 
@@ -84,17 +80,17 @@ def _run_seam(record, impl, shape, dtype):
     if impl.startswith("fastguide"):
         fn = on_backend(impl, fastguide_seam)
     else:
-        fn = {"eager": eager_seam, "torch.compile": _compiled_seam}[impl]
-    fn(h, branch, gate, scale, shift)
+        fn = eager_seam if impl == "eager" else compiled(eager_seam)
     record(lambda: fn(h, branch, gate, scale, shift), bytes_moved=4 * h.numel() * h.element_size())
 
 
 @pytest.mark.parametrize("impl", ["fastguide", "eager", "torch.compile"])
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=str)
-@pytest.mark.parametrize("run", [_run_norm, _run_seam], ids=["layer_norm", "gated_residual_layer_norm"])
-def test_layer_norm_cpu(record, run, impl, shape):
+@pytest.mark.parametrize("op", ["layer_norm", "gated_residual_layer_norm"])
+def test_layer_norm_cpu(record, op, impl, shape):
     if DEVICE.type != "cpu":
         pytest.skip("CPU set")
+    run = _run_norm if op == "layer_norm" else _run_seam
     run(record, impl, shape, torch.float32)
 
 

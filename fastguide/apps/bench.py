@@ -6,6 +6,8 @@ Runs benchmarks/ (pytest-benchmark; GPU cases skip without CUDA) in a subprocess
 writes into DIR: results.json (pytest-benchmark's data, with GB/s, TFLOP/s, % of the
 measured floor and peak memory per case), table.md (each case's implementations side
 by side, as time ratios to fastguide) and one PNG bar chart per case; it prints the table.
+Each case is also appended to results.partial.jsonl as it finishes: a run stopped by a
+time limit (SIGTERM, as ``timeout`` sends) reports the cases it finished from there.
 The suite lives in the source checkout (benchmarks/ beside fastguide/). ``--nfe`` and
 ``--reuse`` run instead the accuracy-per-model-call study (benchmarks/sampling/nfe.py) or
 the quality-against-compute study of guidance at less than two forwards
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections import defaultdict
@@ -26,6 +29,8 @@ from pathlib import Path
 from .options import Parser, UsageError, check_output_folder, fail
 
 QUICK = "guided_step_cpu or group_norm_cpu"
+# The file benchmarks/conftest.py appends each finished case to (JSON lines), from the environment.
+PARTIAL_RESULTS = "FASTGUIDE_BENCH_PARTIAL"
 
 
 def find_benchmarks() -> Path:
@@ -45,7 +50,9 @@ def run_suite(benchmarks: Path, out: Path, selection: str | None) -> tuple[dict,
     a run where none ran raises RuntimeError.
     """
     results = out.resolve() / "results.json"  # (pytest runs from the checkout, not the caller's folder)
+    partial = out.resolve() / "results.partial.jsonl"
     results.unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
     command = [
         sys.executable,
         "-m",
@@ -67,11 +74,20 @@ def run_suite(benchmarks: Path, out: Path, selection: str | None) -> tuple[dict,
         for name, value in os.environ.items()
         if name != "FASTGUIDE_AUTOTUNE" and not name.startswith("PYTEST_XDIST")
     }
-    status = subprocess.run(command, cwd=benchmarks.parent, env=env).returncode
+    env[PARTIAL_RESULTS] = str(partial)
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        status = subprocess.run(command, cwd=benchmarks.parent, env=env).returncode
+    except _Stopped:  # (subprocess.run has killed pytest)
+        status = 124
+        print("fastguide bench: stopped (SIGTERM); reporting the cases that finished", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     try:
         data = json.loads(results.read_text())
-    except (OSError, json.JSONDecodeError):  # not written, or cut off with the run
-        data = {"benchmarks": []}
+    except (OSError, json.JSONDecodeError):  # not written: pytest stopped before its session ended
+        data = {"benchmarks": _finished_cases(partial), "partial": True}
+        results.write_text(json.dumps(data, indent=2))
     if not data.get("benchmarks"):
         why = (
             "pytest could not collect or run the suite"
@@ -80,6 +96,30 @@ def run_suite(benchmarks: Path, out: Path, selection: str | None) -> tuple[dict,
         )
         raise RuntimeError(f"no benchmark ran ({why}; pytest exit {status}): {' '.join(command)}")
     return data, status
+
+
+class _Stopped(Exception):
+    """SIGTERM arrived while the suite ran."""
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise _Stopped
+
+
+def _finished_cases(partial: Path) -> list[dict]:
+    """The cases benchmarks/conftest.py appended as each finished (a last line cut off by
+    the stop is left out)."""
+    cases: list[dict] = []
+    try:
+        lines = partial.read_text().splitlines()
+    except OSError:
+        return cases
+    for line in lines:
+        try:
+            cases.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return cases
 
 
 def _case_and_impl(bench: dict) -> tuple[str, str]:
@@ -222,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.nfe and args.reuse:
         fail("--nfe and --reuse are two separate studies: pick one")
+    if (args.nfe or args.reuse) and (args.selection is not None or args.no_plots):
+        option = "-k" if args.selection is not None else "--no-plots"
+        fail(f"{option} applies to the benchmark suite; --{'nfe' if args.nfe else 'reuse'} runs a study without it")
     if args.benchmarks is not None and not (args.benchmarks / "conftest.py").is_file():
         fail(f"--benchmarks: expected the benchmarks/ folder of a fastguide checkout, got {args.benchmarks}")
     try:
@@ -252,6 +295,13 @@ def main(argv: list[str] | None = None) -> int:
         plot_cases(cases, args.out)
     print(table)
     print(f"written to {args.out}/ (results.json, table.md{'' if args.no_plots else ', *.png'})")
+    if data.get("partial"):
+        print(
+            f"fastguide bench: the run stopped early; results.json holds the {len(data['benchmarks'])} cases "
+            "that finished",
+            file=sys.stderr,
+        )
+        return 1
     if status != 0:
         print(
             f"fastguide bench: some cases failed (pytest exit {status}); the table holds those that ran",

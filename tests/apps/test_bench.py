@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,43 @@ def test_quick_benchmark_report(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "| fastguide |" in table and "1.00×" in table
     assert len(list(tmp_path.glob("*.png"))) == len(bench.group_results(data))
+    # each case was also appended as it finished, for a run stopped before its end
+    finished = (tmp_path / "results.partial.jsonl").read_text().splitlines()
+    names = sorted(b["fullname"] for b in data["benchmarks"])
+    assert sorted(json.loads(line)["fullname"] for line in finished) == names
+
+
+def test_a_stopped_run_reports_the_cases_it_finished(tmp_path):
+    """SIGTERM (a time limit) while the suite runs: the table holds the finished cases, the
+    exit status says the run stopped."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "conftest.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom benchmarks.conftest import _append_finished_case\n"
+    )
+    (tmp_path / "pytest.ini").write_text("[pytest]\npython_files = bench_*.py\n")
+    (suite / "bench_slow.py").write_text(
+        "import time\nimport pytest\n\n"
+        "@pytest.mark.parametrize('impl', ['fastguide', 'eager'])\n"
+        "def test_sum(benchmark, impl):\n"
+        "    benchmark(sum, range(100))\n\n"
+        "def test_hangs(benchmark):\n"
+        "    time.sleep(600)\n"
+    )
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fastguide", "bench", "--benchmarks", str(suite), "--out", str(out), "--no-plots"]
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+        partial = out / "results.partial.jsonl"
+        deadline = time.monotonic() + 120
+        while not (partial.is_file() and len(partial.read_text().splitlines()) == 2):
+            assert time.monotonic() < deadline and run.poll() is None, "the two quick cases did not finish"
+            time.sleep(0.2)
+        run.terminate()
+        stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 1 and "stopped early" in stderr
+    data = json.loads((out / "results.json").read_text())
+    assert data["partial"] and sorted(b["params"]["impl"] for b in data["benchmarks"]) == ["eager", "fastguide"]
+    assert "| fastguide |" in (out / "table.md").read_text()
 
 
 def test_reuse_study_at_its_reduced_size(tmp_path):
@@ -130,6 +168,13 @@ def test_bench_takes_one_study_at_a_time(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--nfe", "--reuse", "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "pick one" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [["-k", "attention"], ["--no-plots"]], ids=["-k", "--no-plots"])
+def test_bench_refuses_suite_options_beside_a_study(option, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--nfe", *option, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and f"{option[0]} applies to the benchmark suite" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
@@ -265,3 +310,24 @@ def test_end_to_end_rows_do_the_same_work(name, peer):
     setup = e2e.SETUPS[name]
     rows = e2e.ROWS[setup.family](setup.cpu, 2)
     torch.testing.assert_close(rows["fastguide"](), rows[peer](), atol=2e-4, rtol=2e-4)
+
+
+def test_a_compiled_case_that_would_compile_again_while_timed_fails():
+    # Timed eager code, or a compile, under the torch.compile label is what this prevents.
+    from benchmarks.conftest import Recorder, compiled
+
+    class CallingBenchmark:
+        extra_info: dict = {}
+
+        def __call__(self, fn):
+            fn()
+
+    if not hasattr(torch.compiler, "set_stance"):
+        pytest.skip("torch < 2.6 has no fail_on_recompile stance")
+    sizes = iter([3, 4])  # the warm-up's shape, then another
+    double = compiled(lambda x: x * 2, backend="eager")
+    try:
+        with pytest.raises(RuntimeError, match="recompile"):
+            Recorder(CallingBenchmark(), copy_bandwidth=1e9, matmul_rate=1e9)(lambda: double(torch.ones(next(sizes))))
+    finally:
+        torch._dynamo.reset()
