@@ -110,8 +110,9 @@ class SamplerSettings:
         """Whether the sampler draws noise. Both loops then draw one N(0, I) tensor of the
         latents' shape per noisy step, in the same order: the same generator, handed to
         ``scheduler.step`` by the pipeline and to ``fastguide.sample``, gives the same
-        samples (each library draws in the dtype it steps in: diffusers' DPM-Solver SDE in
-        float32, the others in the model output's)."""
+        samples (both draw in the latents' dtype, but DPM-Solver SDE's noise, which both
+        draw in float32 for half-precision latents; float64 latents, rare in a pipeline,
+        draw float64 in fastguide, as k-diffusion does, and float32 in diffusers)."""
         return self.sampler in STOCHASTIC_SAMPLERS or self.eta > 0
 
     @property

@@ -32,7 +32,7 @@ from . import cuda_graphs
 from .conditioning import Conditioning, RowConditioning, check_pair
 from .guidance import ClassifierGuidance, Guidance, default_sampler, parameter_dtype, split_guidance
 from .schedule import KARRAS_RHO, FlowSchedule, NoiseSchedule
-from .solvers import TWO_CALL_SAMPLERS, VARIANCE_TYPES, StepPlan, check_sampler, plan_steps
+from .solvers import FLOAT32_NOISE_SAMPLERS, TWO_CALL_SAMPLERS, VARIANCE_TYPES, StepPlan, check_sampler, plan_steps
 
 Model = Callable[..., Tensor]
 # What ``guidance=`` takes: None, a Guidance, a ClassifierGuidance, or a tuple or list of one
@@ -567,12 +567,16 @@ class GuidedSampler:
         self._kept_perturbation = self.guidance.perturb(self.model) if self.guidance is not None else None
         return self._kept_perturbation
 
+    def _drawn_in(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a loop in ``dtype`` draws its noise in (see FLOAT32_NOISE_SAMPLERS)."""
+        return torch.promote_types(dtype, torch.float32) if self.sampler in FLOAT32_NOISE_SAMPLERS else dtype
+
     def _run(self, shape, device, x_T, conditioning, generator, bar, callback, keep_x0) -> Tensor:
         """The loop, eagerly."""
         x_T = x_T.to(device)
         buffers = self._new_buffers(x_T, conditioning)
         self._load(buffers, x_T, conditioning)
-        fresh_noise = lambda: _randn(shape, generator, device, x_T.dtype)  # noqa: E731
+        fresh_noise = lambda: _randn(shape, generator, device, x_T.dtype, drawn_in=self._drawn_in(x_T.dtype))  # noqa: E731
         with self._caching(buffers):
             for i in range(self.num_calls):
                 self._model_call(i, buffers, shape, fresh_noise, keep_x0)
@@ -924,7 +928,14 @@ class GuidedSampler:
                     # back out advanced, as eager draws would leave it.
                     buffers.noise_generator.set_state(caller.get_state())
                 elif self._calls(False)[segment[0]].step.k_noise:  # only a segment's first call draws
-                    _randn(shape, generator, device, buffers.noise.dtype, out=buffers.noise)
+                    _randn(
+                        shape,
+                        generator,
+                        device,
+                        buffers.noise.dtype,
+                        buffers.noise,
+                        self._drawn_in(buffers.noise.dtype),
+                    )
                 graph.replay()
                 if buffers.noise_generator is not None:
                     caller.set_state(buffers.noise_generator.get_state())
@@ -941,13 +952,14 @@ class GuidedSampler:
         an eager run would (its data-dependent decisions are the graphs'), then the graphs."""
         buffers = self._new_buffers(x_T.to(device), conditioning.clone())
         self._load(buffers, x_T, buffers.conditioning)  # the clone is the graph's copy already
+        drawn_in = self._drawn_in(buffers.noise.dtype)
         if noise_inside:  # each noisy call draws into the static buffer, inside the graph
             buffers.noise_generator = torch.Generator(device)
             noise_generator = buffers.noise_generator
             noise_generator.set_state(caller.get_state())
 
             def noise() -> Tensor:
-                return _randn(shape, noise_generator, device, buffers.noise.dtype, out=buffers.noise)
+                return _randn(shape, noise_generator, device, buffers.noise.dtype, buffers.noise, drawn_in)
 
             warm_up_noise = noise
         else:  # drawn before each replay
@@ -956,7 +968,7 @@ class GuidedSampler:
             warm_up_generator.set_state(caller.get_state())
 
             def warm_up_noise() -> Tensor:
-                return _randn(shape, warm_up_generator, device, buffers.noise.dtype, out=buffers.noise)
+                return _randn(shape, warm_up_generator, device, buffers.noise.dtype, buffers.noise, drawn_in)
 
         # Warm up on a side stream, as torch.cuda.graph asks (lazy initialisation, cuDNN and
         # Triton autotuning, allocator). Its data-dependent decisions (truncated CFG's call,
@@ -1112,14 +1124,18 @@ def _randn(
     device: torch.device,
     dtype: torch.dtype,
     out: Tensor | None = None,
+    drawn_in: torch.dtype | None = None,
 ) -> Tensor:
-    """N(0, I) on ``device`` (into ``out`` when given), drawn on the generator's device (a CPU
-    generator for CUDA samples, as diffusers' randn_tensor draws): the same generator gives
-    the same noise whichever device samples."""
-    if generator is None or generator.device.type == device.type:
+    """N(0, I) of ``dtype`` on ``device`` (into ``out`` when given), drawn on the generator's
+    device (a CPU generator for CUDA samples, as diffusers' randn_tensor draws), in
+    ``drawn_in`` (default: ``dtype``) then cast: the same generator gives the same noise
+    whichever device samples."""
+    draw_device = device if generator is None else generator.device
+    drawn_in = drawn_in or dtype
+    if draw_device.type == device.type and drawn_in == dtype:
         return torch.randn(shape, generator=generator, device=device, dtype=dtype, out=out)
-    drawn = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
-    return drawn.to(device) if out is None else out.copy_(drawn)
+    drawn = torch.randn(shape, generator=generator, device=draw_device, dtype=drawn_in)
+    return drawn.to(device, dtype) if out is None else out.copy_(drawn)
 
 
 def _parse_device(device: torch.device | str) -> torch.device:

@@ -56,7 +56,8 @@ class NoiseSchedule:
         below ~1.1e-16, and then σ_t would be 0 or two timesteps one noise level) and above
         0 at the last timestep (the product underflows)."""
         try:
-            betas = torch.as_tensor(betas, dtype=torch.float64)
+            # a copy of the values on the CPU: no autograd history, no device of the caller's
+            betas = torch.as_tensor(betas, dtype=torch.float64).detach().to("cpu", copy=True)
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"betas must be a sequence of numbers, got {type(betas).__name__}") from None
         if betas.dim() != 1:  # (flattening a (T, 1) or a batch of schedules would guess)

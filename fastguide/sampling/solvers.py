@@ -90,6 +90,11 @@ VP_ONLY = ("ddpm", "euler-ancestral", "dpm++2m-sde")
 FLOW_ONLY = ("euler-maruyama",)
 # Samplers that make two model calls per step (the second a corrector or a midpoint).
 TWO_CALL_SAMPLERS = ("heun", "dpm++2s")
+# Samplers whose noise is drawn in at least float32 (then cast to the loop's dtype), as
+# diffusers' DPM-Solver SDE draws it whatever the latents' dtype: the same generator then
+# gives a float16 loop diffusers' noise (k-diffusion draws in x's dtype, float64 included).
+# The others draw in the loop's dtype, as diffusers' DDPM, DDIM and Euler ancestral do.
+FLOAT32_NOISE_SAMPLERS = ("dpm++2m-sde",)
 # The global order of accuracy of each deterministic sampler on the probability-flow ODE, as
 # built (and as in diffusers): UniPC-p with its corrector is of order p + 1, but both
 # multistep families warm up with lower orders, and one first-order step (DPM-Solver++(3M)'s
@@ -194,7 +199,10 @@ def _ddpm(schedule: NoiseSchedule, t: float, t_next: float, variance_type: str, 
     abar, abar_next = schedule.alpha_bar(t), schedule.alpha_bar(t_next)
     beta = 1 - abar / abar_next
     posterior = _posterior_variance(schedule, t, t_next)
-    # ADM clips the posterior variance of the last step (zero) to that of the one before.
+    # ADM clips the posterior log-variance of the last step (log 0) to that of the one before
+    # (learned_range interpolates from it); its fixed_large variance there is that clipped
+    # one, its fixed_small variance the unclipped 0, so classifier guidance's mean shift
+    # Σ·s·∇ is zero at that step.
     small = posterior if t_next >= 0 else clipped_variance
     mean = beta * math.sqrt(abar_next) / (1 - abar) * m0 + (1 - abar_next) * math.sqrt(1 - beta) / (1 - abar) * X
     if variance_type == "learned_range":  # the kernel scales z by exp(ℓ/2), ℓ the learned log Σ
@@ -207,7 +215,10 @@ def _ddpm(schedule: NoiseSchedule, t: float, t_next: float, variance_type: str, 
             variance=1.0,
             log_variance_range=(math.log(small), math.log(beta)),
         )
-    variance = small if variance_type == "fixed_small" or t_next < 0 else beta
+    if variance_type == "fixed_small":
+        variance = posterior  # (0 at the last step)
+    else:
+        variance = beta if t_next >= 0 else clipped_variance
     x_next = mean + math.sqrt(variance) * NOISE if t_next >= 0 else mean
     return StepPlan(t, t_next, **x_next.kernel_coefficients(), ancestral=True, variance=variance)
 

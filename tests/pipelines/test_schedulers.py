@@ -374,6 +374,32 @@ def test_fastguide_reproduces_the_pipeline_loop(case, steps):
     torch.testing.assert_close(got, expected, atol=5e-5 * expected.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("case", STOCHASTIC)
+def test_stochastic_half_precision_loops_draw_the_pipelines_noise(case):
+    # Each library's draws in float16: DPM-Solver SDE's in float32 (then cast), the others
+    # in the latents' dtype. 75 elements: CPU randn gives float16 the float32 numbers only
+    # at counts that are multiples of 16.
+    make, options, _, model = CASES[case]
+    scheduler = make()
+    steps = 7
+    settings = settings_for(scheduler, steps, **options)
+    noise = torch.randn(1, 3, 5, 5, generator=torch.Generator().manual_seed(3)).half()
+    grid = {key: value for key, value in options.items() if key in ("timesteps", "sigmas", "mu")}
+    latents, expected = run_pipeline_loop(
+        scheduler, noise, model, torch.Generator().manual_seed(7), options.get("eta", 0.0), steps, **grid
+    )
+    got = fastguide.sample(
+        model,
+        noise.shape,
+        noise=settings.initial_noise(latents),
+        generator=torch.Generator().manual_seed(7),
+        **settings.sample_kwargs(),
+    )
+    assert got.dtype == expected.dtype == torch.float16
+    # float16 rounding of every step's update: ~3e-3·max|x| at most where the noise agrees
+    torch.testing.assert_close(got.float(), expected.float(), atol=1e-2 * expected.abs().max().item(), rtol=0)
+
+
 def test_settings_for_leaves_the_scheduler_as_it_was():
     scheduler = sdxl()
     scheduler.set_timesteps(4)

@@ -716,6 +716,58 @@ class PointwiseModel(torch.nn.Module):
         return self.conv(x)
 
 
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_classifier_guided_ddpm_is_adms_condition_mean_on_a_respaced_grid(variance_type):
+    # guided-diffusion: mean + Σ·s·∇log p(y|x_t), Σ its model variance: fixed_small's is the
+    # posterior variance, 0 at the last step; fixed_large's is β, posterior_variance[1] there.
+    schedule, steps, scale = NoiseSchedule.linear(), [999, 666, 333, 0], 3.0
+
+    def eps_model(x, t, y=None):
+        return torch.tanh(0.7 * x + 0.3) * 0.8
+
+    class Classifier(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.stack([x.flatten(1).sum(1), -0.5 * x.flatten(1).sum(1)], 1)
+
+    x_T = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = torch.tensor([0, 1])
+    got = sample(
+        eps_model,
+        x_T.shape,
+        sampler="ddpm",
+        variance_type=variance_type,
+        steps=steps,
+        schedule=schedule,
+        clip_denoised=False,
+        guidance=ClassifierGuidance(Classifier(), scale),
+        labels=labels,
+        noise=x_T,
+        generator=torch.Generator().manual_seed(9),
+    )
+    abar = [schedule.alpha_bar(t) for t in steps[::-1]]  # the respaced process, index 0 at t = 0
+    abar_prev = [1.0, *abar[:-1]]
+    betas = [1 - a / p for a, p in zip(abar, abar_prev)]
+    posterior = [b * (1 - p) / (1 - a) for b, a, p in zip(betas, abar, abar_prev)]
+    if variance_type == "fixed_small":
+        variance = posterior
+        log_variance = [math.log(posterior[1]), *map(math.log, posterior[1:])]  # ADM's clipped log
+    else:
+        variance = [posterior[1], *betas[1:]]
+        log_variance = list(map(math.log, variance))
+    g, x = torch.Generator().manual_seed(9), x_T.clone()
+    for i in range(len(steps) - 1, -1, -1):
+        a, p, b = abar[i], abar_prev[i], betas[i]
+        x0 = (x - math.sqrt(1 - a) * eps_model(x, None)) / math.sqrt(a)
+        mean = b * math.sqrt(p) / (1 - a) * x0 + (1 - p) * math.sqrt(1 - b) / (1 - a) * x
+        leaf = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            log_p = torch.log_softmax(Classifier()(leaf, None).float(), -1)[torch.arange(2), labels].sum()
+            grad = torch.autograd.grad(log_p, leaf)[0].double()
+        mean = mean + variance[i] * scale * grad
+        x = mean + math.exp(0.5 * log_variance[i]) * torch.randn(x.shape, generator=g, dtype=x.dtype) if i else mean
+    torch.testing.assert_close(got, x, rtol=1e-10, atol=1e-10)
+
+
 def test_a_float32_classifier_guides_a_float16_model():
     """The classifier sees x in its own weights' dtype; its gradient steps the model's x in
     the model's dtype, as with a float32 model (to fp16 rounding)."""

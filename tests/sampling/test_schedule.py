@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import fastguide.sampling.solvers
 from fastguide import NoiseSchedule
 from fastguide.ops.contract import PREDICTION_TYPES
 
@@ -197,6 +198,20 @@ def test_a_grid_the_shift_collapses_is_refused_naming_the_shift_and_the_steps():
 def test_betas_must_give_a_computable_alpha_bar(betas, error, message):
     with pytest.raises(error, match=message):
         NoiseSchedule(betas)
+
+
+def test_a_schedule_holds_its_own_copy_of_the_betas():
+    # a tensor that requires grad, or that its owner edits afterwards, is taken by value
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64, requires_grad=True)
+    schedule = NoiseSchedule(betas)
+    expected = NoiseSchedule.linear()
+    assert schedule.cache_key == expected.cache_key and not schedule.betas.requires_grad
+    owned = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    schedule = NoiseSchedule(owned)
+    owned.mul_(2)
+    assert schedule.cache_key == expected.cache_key
+    plan = fastguide.sampling.solvers.plan_steps("ddim", schedule, [999, 499, 0])
+    assert plan == fastguide.sampling.solvers.plan_steps("ddim", expected, [999, 499, 0])
 
 
 @pytest.mark.parametrize(
