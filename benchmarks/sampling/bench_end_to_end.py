@@ -13,8 +13,10 @@ Rows, each the whole loop (x_T to x_0, no VAE), median of a few runs:
   fastguide-cuda_graph   a held GuidedSampler(cuda_graph=True): the loop replayed as graphs
   official               the official DiT loop's semantics written out ([z; z] with
                          [y; null], forward_with_cfg's guided eps, the scheduler's step) on
-                         the same fastguide.DiT with plain PyTorch ops (the torch backend);
-                         for ADM, fastguide's loop on plain PyTorch ops
+                         the same fastguide.DiT on the torch backend (whose attention, the
+                         reference, runs in float32 and adds a log-sum-exp pass: heavier
+                         than DiT's own SDPA); for ADM, fastguide's loop (its step on the
+                         torch backend) over ADM's own forwards (tools/adm_baseline.py)
   diffusers              the pipeline's denoising loop on diffusers' own model
                          (DiTTransformer2DModel; UNet2DConditionModel) and DDIMScheduler
   diffusers-max-autotune the same with torch.compile(model, mode="max-autotune")
@@ -35,6 +37,7 @@ from torch import nn
 import fastguide
 from benchmarks.conftest import DEVICE
 from fastguide import CFG, ClassifierGuidance, GuidedSampler, NoiseSchedule, sample
+from tools.adm_baseline import plain_classifier, plain_unet
 
 W = 4.0
 STEPS = {"cuda": 25, "cpu": 3}[DEVICE.type]
@@ -183,21 +186,38 @@ def _adm_rows(setup: dict, batch: int) -> dict:
         classifier = fastguide.create_classifier(**fastguide.classifier_config(setup["preset"])).to(DTYPE).eval()
     shape = (batch, model.in_channels, model.image_size, model.image_size)
     noise, labels = _noise_and_labels(shape, model.num_classes)
-    run = lambda: sample(
-        model,
-        shape,
-        labels=labels,
-        noise=noise,
-        sampler="ddim",
-        steps=STEPS,  # noqa: E731
-        guidance=ClassifierGuidance(classifier, 1.0),
-    )
 
-    def plain():
+    def run(model, classifier):
+        return sample(
+            model,
+            shape,
+            labels=labels,
+            noise=noise,
+            sampler="ddim",
+            steps=STEPS,
+            guidance=ClassifierGuidance(classifier, 1.0),
+        )
+
+    def official():
+        # ADM's own forwards (guided-diffusion's ops, einsum attention in the model's dtype)
+        # over the same weights; the step on the torch backend
         with fastguide.backend("torch"):
-            return run()
+            return run(PlainADM(model, plain_unet), PlainADM(classifier, plain_classifier))
 
-    return {"fastguide": run, "official": plain}
+    return {"fastguide": lambda: run(model, classifier), "official": official}
+
+
+class PlainADM(nn.Module):
+    """An ADM network's forward as guided-diffusion writes it (tools/adm_baseline.py), over
+    the network's own weights."""
+
+    def __init__(self, network: nn.Module, forward):
+        super().__init__()
+        self.network, self.plain_forward = network, forward
+        self.num_classes = getattr(network, "num_classes", None)
+
+    def forward(self, *args):
+        return self.plain_forward(self.network, *args)
 
 
 def _sd_rows(setup: dict, batch: int) -> dict:

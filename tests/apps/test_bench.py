@@ -301,7 +301,9 @@ def test_attention_autotunes_over_every_config_unless_told_otherwise(monkeypatch
     assert attention.AUTOTUNE_SETTING not in captured["env"]
 
 
-@pytest.mark.parametrize("name, peer", [("DiT-XL/2-256", "official"), ("SD-1.5-UNet", "diffusers")])
+@pytest.mark.parametrize(
+    "name, peer", [("DiT-XL/2-256", "official"), ("ADM-256", "official"), ("SD-1.5-UNet", "diffusers")]
+)
 def test_end_to_end_rows_do_the_same_work(name, peer):
     # The benchmark's rows sample the same thing: fastguide's loop and the written-out peer
     # loop agree on the same weights and noise (its CPU set: tiny models, 3 steps).
