@@ -36,7 +36,8 @@ class DiffusersUNet(nn.Module):
 
     @property
     def null_label(self) -> int | None:
-        return self.num_classes
+        """The unconditional class index, or None when the model was given none."""
+        return self.num_classes if self.null_class else None
 
     @property
     def perturbation_target(self) -> nn.Module:

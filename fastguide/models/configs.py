@@ -42,6 +42,7 @@ _UNET_PRESETS = {
         attention_resolutions="32,16,8",
         num_head_channels=64,
         dropout=0.0,
+        use_fp16=False,  # (the one released model sampled in float32: guided-diffusion's README)
     ),
     # A small class-conditional model for 16×16 images (fastguide's own digits model).
     "compact": dict(

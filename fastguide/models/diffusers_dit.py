@@ -52,6 +52,21 @@ def to_diffusers(model: DiT) -> nn.Module:
     if not isinstance(model, DiT):
         raise TypeError(f"model must be a fastguide.DiT, got {type(model).__name__}")
     width = model.pos_embed.shape[-1]
+    # What DiTTransformer2DModel cannot hold: it always has the null class row, a 4× MLP
+    # and at least one block.
+    first: Any = model.blocks[0] if len(model.blocks) else None
+    mlp_width = None if first is None else first.mlp.fc1.out_features
+    problems = [
+        problem
+        for problem, present in (
+            ("no blocks (depth=0)", not len(model.blocks)),
+            (f"an MLP of {mlp_width} for width {width} (mlp_ratio != 4)", mlp_width not in (None, 4 * width)),
+            ("no null class (class_dropout_prob=0)", not model.null_class),
+        )
+        if present
+    ]
+    if problems:
+        raise ValueError(f"model cannot be a diffusers DiTTransformer2DModel: it has {'; '.join(problems)}")
     # Any: mypy takes diffusers' top-level names for their no-torch placeholders (utils.dummy_pt_objects)
     theirs: Any = diffusers.DiTTransformer2DModel(
         num_attention_heads=model.num_heads,
@@ -77,7 +92,13 @@ class DiffusersDiT(nn.Module):
         super().__init__()
         self.transformer = transformer
         # (nn.Module.__getattr__'s stub gives tensors and modules only; config is diffusers' FrozenDict)
-        self.num_classes = transformer.config.num_embeds_ada_norm  # type: ignore[union-attr]
+        self.num_classes: int = transformer.config.num_embeds_ada_norm  # type: ignore[union-attr,assignment]
+        # diffusers' label table always has the null class, row num_classes (DiTPipeline's 1000)
+        self.null_class = True
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         return self.transformer(x, timestep=t, class_labels=y).sample

@@ -247,6 +247,39 @@ def diffusers_dit(model: DiT):
     return to_diffusers(model)
 
 
+@pytest.mark.parametrize(
+    "overrides, problem",
+    [
+        (dict(class_dropout_prob=0.0), r"no null class \(class_dropout_prob=0\)"),
+        (dict(mlp_ratio=2.0), r"mlp_ratio != 4"),
+        (dict(depth=0), r"no blocks \(depth=0\)"),
+    ],
+)
+def test_a_dit_diffusers_cannot_hold_is_refused(overrides, problem):
+    pytest.importorskip("diffusers")
+    with pytest.raises(ValueError, match="cannot be a diffusers DiTTransformer2DModel: it has .*" + problem):
+        to_diffusers(tiny_dit(**overrides))
+
+
+def test_a_diffusers_dit_is_guided_with_its_null_class():
+    from fastguide.models.diffusers_dit import DiffusersDiT
+
+    model = tiny_dit(seed=3)
+    theirs = DiffusersDiT(diffusers_dit(model))
+    assert theirs.null_class and theirs.null_label == model.num_classes
+    kwargs = dict(sampler="ddim", steps=3, guidance=fastguide.CFG(3.0), labels=torch.tensor([1, 2]))
+    noise = torch.randn(
+        2, model.in_channels, model.input_size, model.input_size, generator=torch.Generator().manual_seed(0)
+    )
+    with fastguide.backend("torch"):
+        torch.testing.assert_close(
+            fastguide.sample(theirs, noise.shape, noise=noise, **kwargs),
+            fastguide.sample(model, noise.shape, noise=noise, **kwargs),
+            rtol=1e-4,
+            atol=1e-4,
+        )
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
 def test_matches_diffusers_dit_transformer(dtype, tol):
     model = tiny_dit(seed=3).to(dtype)

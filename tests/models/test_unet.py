@@ -84,6 +84,16 @@ def test_state_dict_matches_adm_listing(listing, factory, preset):
     assert lines == (REFERENCE / listing).read_text().splitlines()
 
 
+def test_presets_sample_in_the_precision_of_the_released_models():
+    # guided-diffusion's README: --use_fp16 True for the 64, 128 and 256 models, False for 512
+    assert {name: unet_config(name)["use_fp16"] for name in ("adm64", "adm128", "adm256", "adm512")} == {
+        "adm64": True,
+        "adm128": True,
+        "adm256": True,
+        "adm512": False,
+    }
+
+
 def test_timestep_embedding_matches_formula():
     t = torch.tensor([0, 1, 17, 999])
     emb = timestep_embedding(t, 10)

@@ -1164,6 +1164,8 @@ def test_adapter_arguments_are_checked():
         with pytest.raises(ValueError, match="null_label must be an int indexing the model's 5 class embeddings"):
             fastguide.DiffusersUNet(FakeUNet(), null_label=bad)
     assert fastguide.DiffusersUNet(FakeUNet(), null_label=4).num_classes == 4
+    assert fastguide.DiffusersUNet(FakeUNet(), null_label=4).null_label == 4
+    assert fastguide.DiffusersUNet(FakeUNet()).null_label is None  # (not a row past the table)
     with pytest.raises(TypeError, match="unet must be a diffusers UNet2DModel"):
         fastguide.DiffusersUNet(torch.nn.Identity())
 
