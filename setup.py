@@ -3,7 +3,8 @@
 `pip install .` needs no compiler and no GPU. `FASTGUIDE_BUILD_CUDA=1 pip install
 --no-build-isolation .` compiles csrc/'s sources (as fastguide/ops/extension.py lists them) into the extension
 `fastguide._C` against the installed CUDA build of torch, for the architectures in
-`FASTGUIDE_CUDA_ARCHS` (default "80;90").
+`FASTGUIDE_CUDA_ARCHS` (default "80;90"; 80 at least), with the newest one's PTX for
+newer GPUs.
 """
 
 import importlib.util
@@ -48,8 +49,17 @@ def cuda_extensions():
     if CUDA_HOME is None:
         raise RuntimeError("FASTGUIDE_BUILD_CUDA=1 needs the CUDA toolkit (nvcc): none found, set CUDA_HOME")
 
-    archs = os.environ.get("FASTGUIDE_CUDA_ARCHS", "80;90").split(";")
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+    archs = [a.strip() for a in os.environ.get("FASTGUIDE_CUDA_ARCHS", "80;90").split(";") if a.strip()]
+    if not archs or not all(a.isdigit() and int(a) >= 80 for a in archs):
+        raise RuntimeError(
+            f"FASTGUIDE_CUDA_ARCHS must list compute capabilities of 80 or more (the kernels use "
+            f"sm_80's bfloat16 arithmetic and cp.async), e.g. '80;90', got {os.environ['FASTGUIDE_CUDA_ARCHS']!r}"
+        )
+    # Machine code for each, and the newest one's PTX, which the driver compiles for GPUs
+    # newer than every listed one (sm_100, sm_120) instead of failing with "no kernel image".
+    newest = max(archs, key=int)
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    gencode.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
     extension = CUDAExtension(
         "fastguide._C",
         sources,

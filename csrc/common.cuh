@@ -134,6 +134,12 @@ inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cuda
 #endif
 
 constexpr int kWarpSize = 32;
+// The most blocks a grid has along y (CUDA's limit); the CPU emulation builds with a small
+// one, so that the tests run the loops that stride over more rows than the grid has.
+#ifndef FASTGUIDE_MAX_GRID_Y
+#define FASTGUIDE_MAX_GRID_Y 65535
+#endif
+constexpr int64_t kMaxGridY = FASTGUIDE_MAX_GRID_Y;
 
 // Sum of `value` over the warp, returned to every lane (float or double).
 template <typename V>

@@ -434,10 +434,10 @@ int vector_width(const GroupNormParams& p, const void* a, const void* b, const v
   return runs && aligned ? kVec : 1;
 }
 
-// (tiles of a sample, samples); the grid's 65535 rows stride over more samples.
+// (tiles of a sample, samples); the grid's kMaxGridY rows stride over more samples.
 dim3 elementwise_grid(const GroupNormParams& p, int vec) {
   const int64_t tiles = (p.c * p.s / vec + kTile - 1) / kTile;
-  return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.n < 65535 ? p.n : 65535));
+  return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.n < kMaxGridY ? p.n : kMaxGridY));
 }
 
 template <typename T, SumsMode kMode>

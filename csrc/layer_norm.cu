@@ -334,26 +334,31 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   }
 }
 
-// Block (column block + column_blocks·chunk, n): thread → column; loops over the chunk's tokens.
+// Block (column block + column_blocks·chunk, sample): thread → column; loops over the
+// chunk's tokens. The grid's kMaxGridY rows stride over more samples (a 2-D (N, D) input has N
+// samples of one token).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) layer_norm_column_sums_kernel(LayerNormParams p, LayerNormAffine a,
                                                                           BackwardTensors<T> t) {
   const int64_t column_blocks = (p.d + kThreads - 1) / kThreads;
   const int64_t j = (blockIdx.x % column_blocks) * kThreads + threadIdx.x;
-  const int64_t chunk = blockIdx.x / column_blocks, n = blockIdx.y;
+  const int64_t chunk = blockIdx.x / column_blocks;
   if (j >= p.d) return;
   const int64_t per_chunk = (p.tokens + p.chunks - 1) / p.chunks;
   const int64_t begin = chunk * per_chunk;
   const int64_t end = begin + per_chunk < p.tokens ? begin + per_chunk : p.tokens;
-  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int64_t l = begin; l < end; ++l) {
-    const int64_t row = n * p.tokens + l;
-    const float x_hat = (to_float(t.x[row * p.d + j]) - t.mean[row]) * t.rstd[row];
-    add_column_sums(column_affine(p, a, row, j), to_float(t.dy[row * p.d + j]), x_hat, acc);
-  }
-  float* out = t.partials + (n * p.chunks + chunk) * 4 * p.d + j;
+  const int64_t samples = p.rows / p.tokens;
+  for (int64_t n = blockIdx.y; n < samples; n += gridDim.y) {
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t l = begin; l < end; ++l) {
+      const int64_t row = n * p.tokens + l;
+      const float x_hat = (to_float(t.x[row * p.d + j]) - t.mean[row]) * t.rstd[row];
+      add_column_sums(column_affine(p, a, row, j), to_float(t.dy[row * p.d + j]), x_hat, acc);
+    }
+    float* out = t.partials + (n * p.chunks + chunk) * 4 * p.d + j;
 #pragma unroll
-  for (int k = 0; k < 4; ++k) out[k * p.d] = acc[k];
+    for (int k = 0; k < 4; ++k) out[k * p.d] = acc[k];
+  }
 }
 
 bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -405,7 +410,8 @@ int backward_typed(const LayerNormParams& p, const LayerNormAffine& a, const Bac
     launch_kernel(layer_norm_dx_kernel<T, 1>, row_blocks(p), kThreads, stream, p, a, t);
   }
   const int64_t column_blocks = (p.d + kThreads - 1) / kThreads;
-  const dim3 grid(static_cast<unsigned>(column_blocks * p.chunks), static_cast<unsigned>(p.rows / p.tokens));
+  const int64_t samples = p.rows / p.tokens;
+  const dim3 grid(static_cast<unsigned>(column_blocks * p.chunks), static_cast<unsigned>(samples < kMaxGridY ? samples : kMaxGridY));
   launch_kernel(layer_norm_column_sums_kernel<T>, grid, kThreads, stream, p, a, t);
   return static_cast<int>(cudaGetLastError());
 }

@@ -114,6 +114,34 @@ def _alignment(length: int) -> int:
 
 
 @triton.jit
+def _tile(L, H, BLOCK: tl.constexpr, LARGE: tl.constexpr):
+    """(first index along L, b·H + h, b, h) of this program's tile, BLOCK rows of one (b, h)
+    (b and h in int64, as the offsets they start). The grid is (tiles, batch·heads), but
+    for a LARGE launch one axis, a head's tiles next to each other (they share its K and V
+    in L2): axis 1 stops at 65535 programs, which batch·heads can pass (AnimateDiff's
+    temporal attention at 512²: 8192 sequences × 8 heads)."""
+    if LARGE:
+        tiles = tl.cdiv(L, BLOCK)
+        bh = tl.program_id(0) // tiles
+        start = (tl.program_id(0) % tiles) * BLOCK
+    else:
+        bh = tl.program_id(1)
+        start = tl.program_id(0) * BLOCK
+    return start, bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+
+@triton.jit
+def _at(index, stride, LARGE: tl.constexpr):
+    """index·stride, an element offset: in int64 for a LARGE launch (a tensor whose offsets
+    pass 2^31, e.g. a packed (B, L, 3, H, D) view, stride 3·H·D, from L ≈ 140k tokens at
+    H·D = 5120), else in int32 (registers: the backward's tiles are at the limit on sm_80)."""
+    if LARGE:
+        return tl.cast(index, tl.int64) * stride
+    else:
+        return index * stride
+
+
+@triton.jit
 def _rows_block(ptrs, rows_left, d_ok, BLOCK: tl.constexpr, EVEN_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
     """The BLOCK × BLOCK_D block of q, k, v or dO at ptrs, its rows from `rows_left` on
     (unless EVEN_ROWS, which promises none) and its columns from D on (unless EVEN_D: the
@@ -184,6 +212,7 @@ def _store_output(
     acc,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    LARGE: tl.constexpr,
 ):
     """o = acc / l for the block's rows below Lq and its columns below D; the natural-log
     row log-sum-exp lse = (m + log2 l)·ln 2."""
@@ -192,7 +221,7 @@ def _store_output(
     row_ok = rows < Lq
     o = acc / l[:, None]
     tl.store(
-        o_ptr + b * so_b + h * so_h + rows[:, None] * so_l + dims[None, :] * so_d,
+        o_ptr + b * so_b + h * so_h + _at(rows, so_l, LARGE)[:, None] + dims[None, :] * so_d,
         o.to(o_ptr.dtype.element_ty),
         mask=row_ok[:, None] & (dims < D)[None, :],
     )
@@ -239,15 +268,15 @@ def _forward_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    LARGE: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0, bh, b, h = _tile(Lq, H, BLOCK_M, LARGE)
+    rows = row0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < Lq
     d_ok = dims < D
     q = tl.load(
-        q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :] * sq_d,
+        q_ptr + b * sq_b + h * sq_h + _at(rows, sq_l, LARGE)[:, None] + dims[None, :] * sq_d,
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
@@ -261,12 +290,10 @@ def _forward_kernel(
     # are plain, which the pipeliner issues stages ahead. (Peeling the one block that
     # crosses Lk instead doubles the loop body: the fp32 and D = 256 tiles then spill.)
     for start in range(0, Lk, BLOCK_N):
-        k = _rows_block(k_block + start * sk_l, Lk - start, d_ok, BLOCK_N, EVEN_N, EVEN_D)
-        v = _rows_block(v_block + start * sv_l, Lk - start, d_ok, BLOCK_N, EVEN_N, EVEN_D)
+        k = _rows_block(k_block + _at(start, sk_l, LARGE), Lk - start, d_ok, BLOCK_N, EVEN_N, EVEN_D)
+        v = _rows_block(v_block + _at(start, sv_l, LARGE), Lk - start, d_ok, BLOCK_N, EVEN_N, EVEN_D)
         m, l, acc = _softmax_update(q, k, v, Lk - start, m, l, acc, qk_scale_log2, PRECISION, BLOCK_N, not EVEN_N)
-    _store_output(
-        o_ptr, lse_ptr, so_b, so_h, so_l, so_d, b, h, bh, tl.program_id(0) * BLOCK_M, Lq, D, m, l, acc, BLOCK_M, BLOCK_D
-    )
+    _store_output(o_ptr, lse_ptr, so_b, so_h, so_l, so_d, b, h, bh, row0, Lq, D, m, l, acc, BLOCK_M, BLOCK_D, LARGE)
 
 
 def _set_block_shapes(args: dict) -> None:
@@ -318,6 +345,7 @@ def _forward_tma_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    LARGE: tl.constexpr,
 ):
     """The forward with q, k and v read through tensor descriptors of their [B, H, L, D]
     views (on Hopper, TMA: one instruction a tile, into shared memory in the layout the
@@ -326,9 +354,8 @@ def _forward_tma_kernel(
     with no −inf select; the one block that crosses Lk (Lk not a multiple of BLOCK_N) is
     peeled off after it and takes the select. o goes back through its own descriptor (one
     TMA store from shared memory; the hardware drops rows past Lq and columns past D)."""
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
-    row0 = tl.program_id(0) * BLOCK_M
+    row0, bh, b64, h64 = _tile(Lq, H, BLOCK_M, LARGE)
+    b, h = b64.to(tl.int32), h64.to(tl.int32)  # (a descriptor takes int32 coordinates)
     q = q_desc.load([b, h, row0, 0]).reshape(BLOCK_M, BLOCK_D)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -366,15 +393,16 @@ def _backward_delta_kernel(
     D,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    LARGE: tl.constexpr,
 ):
     """Δ = rowsum(dO ∘ O) per query row, in fp32."""
-    bh = tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0, bh, b, h = _tile(Lq, H, BLOCK_M, LARGE)
+    rows = row0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     mask = (rows < Lq)[:, None] & (dims < D)[None, :]
-    o = tl.load(o_ptr + b * so_b + h * so_h + rows[:, None] * so_l + dims[None, :] * so_d, mask=mask, other=0.0)
-    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + rows[:, None] * sdo_l + dims[None, :] * sdo_d, mask=mask, other=0.0)
+    o_rows, do_rows = _at(rows, so_l, LARGE)[:, None], _at(rows, sdo_l, LARGE)[:, None]
+    o = tl.load(o_ptr + b * so_b + h * so_h + o_rows + dims[None, :] * so_d, mask=mask, other=0.0)
+    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + do_rows + dims[None, :] * sdo_d, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(delta_ptr + bh.to(tl.int64) * Lq + rows, delta, mask=rows < Lq)
 
@@ -434,18 +462,19 @@ def _backward_dkdv_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    LARGE: tl.constexpr,
 ):
     """dk, dv for one block of BLOCK_N keys, streaming every query block (with EVEN_M, Lq
     a multiple of BLOCK_M, and EVEN_D, without masks in the loop)."""
-    bh = tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0, bh, b, h = _tile(Lk, H, BLOCK_N, LARGE)
+    cols = col0 + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     col_ok = cols < Lk
     d_ok = dims < D
     kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + b * sk_b + h * sk_h + cols[:, None] * sk_l + dims[None, :] * sk_d, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * sv_b + h * sv_h + cols[:, None] * sv_l + dims[None, :] * sv_d, mask=kv_mask, other=0.0)
+    k_rows, v_rows = _at(cols, sk_l, LARGE)[:, None], _at(cols, sv_l, LARGE)[:, None]
+    k = tl.load(k_ptr + b * sk_b + h * sk_h + k_rows + dims[None, :] * sk_d, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * sv_b + h * sv_h + v_rows + dims[None, :] * sv_d, mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     q_block = q_ptr + b * sq_b + h * sq_h + tl.arange(0, BLOCK_M)[:, None] * sq_l + dims[None, :] * sq_d
@@ -453,8 +482,8 @@ def _backward_dkdv_kernel(
     for start in range(0, Lq, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < Lq
-        q = _rows_block(q_block + start * sq_l, Lq - start, d_ok, BLOCK_M, EVEN_M, EVEN_D)
-        do = _rows_block(do_block + start * sdo_l, Lq - start, d_ok, BLOCK_M, EVEN_M, EVEN_D)
+        q = _rows_block(q_block + _at(start, sq_l, LARGE), Lq - start, d_ok, BLOCK_M, EVEN_M, EVEN_D)
+        do = _rows_block(do_block + _at(start, sdo_l, LARGE), Lq - start, d_ok, BLOCK_M, EVEN_M, EVEN_D)
         if EVEN_M:
             lse = tl.load(lse_ptr + bh.to(tl.int64) * Lq + rows)
             delta = tl.load(delta_ptr + bh.to(tl.int64) * Lq + rows)
@@ -472,12 +501,12 @@ def _backward_dkdv_kernel(
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     dk = dk * scale
     tl.store(
-        dk_ptr + bh.to(tl.int64) * Lk * D + cols[:, None] * D + dims[None, :],
+        dk_ptr + bh.to(tl.int64) * Lk * D + _at(cols, D, LARGE)[:, None] + dims[None, :],
         dk.to(dk_ptr.dtype.element_ty),
         mask=kv_mask,
     )
     tl.store(
-        dv_ptr + bh.to(tl.int64) * Lk * D + cols[:, None] * D + dims[None, :],
+        dv_ptr + bh.to(tl.int64) * Lk * D + _at(cols, D, LARGE)[:, None] + dims[None, :],
         dv.to(dv_ptr.dtype.element_ty),
         mask=kv_mask,
     )
@@ -526,18 +555,19 @@ def _backward_dq_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    LARGE: tl.constexpr,
 ):
     """dq for one block of BLOCK_M queries, streaming every key block (with EVEN_N and
     EVEN_D, without masks in the loop)."""
-    bh = tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0, bh, b, h = _tile(Lq, H, BLOCK_M, LARGE)
+    rows = row0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < Lq
     d_ok = dims < D
     q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :] * sq_d, mask=q_mask, other=0.0)
-    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + rows[:, None] * sdo_l + dims[None, :] * sdo_d, mask=q_mask, other=0.0)
+    q_rows, do_rows = _at(rows, sq_l, LARGE)[:, None], _at(rows, sdo_l, LARGE)[:, None]
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + q_rows + dims[None, :] * sq_d, mask=q_mask, other=0.0)
+    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + do_rows + dims[None, :] * sdo_d, mask=q_mask, other=0.0)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -545,15 +575,15 @@ def _backward_dq_kernel(
     v_block = v_ptr + b * sv_b + h * sv_h + tl.arange(0, BLOCK_N)[:, None] * sv_l + dims[None, :] * sv_d
     for start in range(0, Lk, BLOCK_N):
         col_ok = start + tl.arange(0, BLOCK_N) < Lk
-        k = _rows_block(k_block + start * sk_l, Lk - start, d_ok, BLOCK_N, EVEN_N, EVEN_D)
-        v = _rows_block(v_block + start * sv_l, Lk - start, d_ok, BLOCK_N, EVEN_N, EVEN_D)
+        k = _rows_block(k_block + _at(start, sk_l, LARGE), Lk - start, d_ok, BLOCK_N, EVEN_N, EVEN_D)
+        v = _rows_block(v_block + _at(start, sv_l, LARGE), Lk - start, d_ok, BLOCK_N, EVEN_N, EVEN_D)
         p = _probabilities(q, k, lse, qk_scale_log2, col_ok, PRECISION, EVEN_N)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq = dq * scale
     tl.store(
-        dq_ptr + bh.to(tl.int64) * Lq * D + rows[:, None] * D + dims[None, :],
+        dq_ptr + bh.to(tl.int64) * Lq * D + _at(rows, D, LARGE)[:, None] + dims[None, :],
         dq.to(dq_ptr.dtype.element_ty),
         mask=q_mask,
     )
@@ -645,6 +675,23 @@ def _descriptor(t: Tensor, block_d: int) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), [*strides, 1], [1, 1, 16, block_d])
 
 
+# CUDA's limit on a grid's y axis, and the largest element offset int32 holds.
+_MAX_GRID_Y = 65535
+_MAX_INT32_OFFSET = 2**31 - 1
+
+
+def _large(heads_total: int, *tensors: Tensor) -> bool:
+    """Whether a launch takes the kernels' LARGE form (see _tile, _at): batch·heads past the
+    grid's y axis, or a tensor whose last element lies past int32's offsets."""
+    reach = max(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) for t in tensors)
+    return heads_total > _MAX_GRID_Y or reach > _MAX_INT32_OFFSET
+
+
+def _grid(tiles: int, heads_total: int, large: bool) -> tuple[int, ...]:
+    """(tiles, batch·heads), or all on axis 0 for a LARGE launch (see _tile)."""
+    return (tiles * heads_total,) if large else (tiles, heads_total)
+
+
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     if scale < 0:  # the kernels take scale ≥ 0 (_softmax_update); (−q)·kᵀ·|scale| is exact
         q, scale = -q, -scale
@@ -652,12 +699,15 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
     lk = k.shape[2]
     o = torch.empty((batch, heads, lq, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, lq), dtype=torch.float32, device=q.device)
-    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    large = _large(batch * heads, q, k, v, o)
+    grid = lambda meta: _grid(triton.cdiv(lq, meta["BLOCK_M"]), batch * heads, large)  # noqa: E731
     block_d = _block_d(head_dim)
     sizes = (heads, lq, lk, head_dim, scale * LOG2E, _bucket(lq), _bucket(lk), _alignment(lq), _alignment(lk))
     if _takes_tma(q, k, v):
         descriptors = (_descriptor(t, block_d) for t in (q, k, v, o))
-        _forward_tma_kernel[grid](*descriptors, lse, *sizes, PRECISION=_precision(q.dtype), BLOCK_D=block_d)
+        _forward_tma_kernel[grid](
+            *descriptors, lse, *sizes, PRECISION=_precision(q.dtype), BLOCK_D=block_d, LARGE=large
+        )
     else:
         strides = (*q.stride(), *k.stride(), *v.stride(), *o.stride())
         _forward_kernel[grid](
@@ -671,6 +721,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
             PRECISION=_precision(q.dtype),
             EVEN_D=head_dim == block_d,
             BLOCK_D=block_d,
+            LARGE=large,
         )
     return o, lse
 
@@ -682,7 +733,9 @@ def attention_backward(
     lk = k.shape[2]
     block_d = _block_d(head_dim)
     delta = torch.empty((batch, heads, lq), dtype=torch.float32, device=q.device)
-    _backward_delta_kernel[(triton.cdiv(lq, 64), batch * heads)](
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    large = _large(batch * heads, q, k, v, out, grad_out, dq, dk, dv)
+    _backward_delta_kernel[_grid(triton.cdiv(lq, 64), batch * heads, large)](
         out,
         grad_out,
         delta,
@@ -693,12 +746,12 @@ def attention_backward(
         head_dim,
         BLOCK_D=block_d,
         BLOCK_M=64,
+        LARGE=large,
     )
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     common = (heads, lq, lk, head_dim, scale, scale * LOG2E, _bucket(lq), _bucket(lk), _alignment(lq), _alignment(lk))
-    constexprs = dict(PRECISION=_precision(q.dtype), EVEN_D=head_dim == block_d, BLOCK_D=block_d)
-    _backward_dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), batch * heads)](
+    constexprs = dict(PRECISION=_precision(q.dtype), EVEN_D=head_dim == block_d, BLOCK_D=block_d, LARGE=large)
+    _backward_dkdv_kernel[lambda meta: _grid(triton.cdiv(lk, meta["BLOCK_N"]), batch * heads, large)](
         q,
         k,
         v,
@@ -711,7 +764,7 @@ def attention_backward(
         *common,
         **constexprs,
     )
-    _backward_dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)](
+    _backward_dq_kernel[lambda meta: _grid(triton.cdiv(lq, meta["BLOCK_M"]), batch * heads, large)](
         q,
         k,
         v,

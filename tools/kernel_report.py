@@ -686,7 +686,8 @@ def cases() -> list[Case]:
             ),
         ]
     at = attention
-    unit_strides = {f"s{t}_d": 1 for t in ("q", "k", "v", "o", "do")}
+    # unit head-dim strides, and the usual launch (not attention._large's: int32 offsets, a 2-D grid)
+    unit_strides = {f"s{t}_d": 1 for t in ("q", "k", "v", "o", "do")} | {"LARGE": False}
     # (BLOCK_M, BLOCK_N, warps, stages): a tensor-core config, and fp32's own small tiles.
     tiles = {"fp16": (128, 64, 4, 3), "bf16": (128, 64, 4, 3), "fp32": (64, 32, 8, 2)}
     for dtype, (block_m, block_n, warps, stages) in tiles.items():

@@ -74,7 +74,7 @@ def get_backend() -> str:
     """The backend name in force here: ``auto``, ``torch``, ``triton`` or ``cuda``."""
     stack = getattr(_state, "stack", None)
     if stack:
-        return stack[-1]
+        return stack[-1][0]
     if _global_choice is not None:
         return _global_choice
     return _env_choice()
@@ -93,11 +93,15 @@ def backend(name: str) -> Iterator[None]:
     stack = getattr(_state, "stack", None)
     if stack is None:
         stack = _state.stack = []
-    stack.append(name)
+    entry = [name]  # this block's own: removed by identity, so that blocks that interleave
+    stack.append(entry)  # (generators, tasks on one thread) each remove their own
     try:
         yield
     finally:
-        stack.pop()
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is entry:
+                del stack[i]
+                break
 
 
 def _triton_interpreter_on() -> bool:

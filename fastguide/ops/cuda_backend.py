@@ -2,8 +2,8 @@
 of csrc/.
 
 Same functions as every backend module (fastguide.ops calls them). Each makes the
-tensors what the kernels read (dense in one layout, x's storage dtype for every
-x-shaped tensor, fp32 APG state and norm statistics: copies only where a tensor differs,
+tensors what the kernels read (dense in one layout, one dtype for every x-shaped
+tensor (``_step_dtype``), fp32 APG state and norm statistics: copies only where a tensor differs,
 results written back into the caller's tensors), then calls the ``fastguide_cuda`` ops
 that the extension registers (fastguide.ops.extension loads or builds it on first use).
 The norms' parameters (weight, bias, scale, shift, gate) pass in their own dtype, each
@@ -13,6 +13,8 @@ to float32).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -36,22 +38,33 @@ def _ops():
     return getattr(torch.ops, extension.OPS_NAMESPACE)
 
 
+def _step_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """The one dtype the kernel reads and writes every x-shaped tensor in: the widest of
+    theirs (float16 beside bfloat16: float32), float32 at most (the kernels' widest). So no
+    input is rounded below its own precision and no output is computed below its own (an
+    fp32 model output beside bf16 x, an fp32 ``out``), as the other backends compute; one
+    dtype throughout costs no copy."""
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors if t is not None))
+    return torch.float32 if dtype == torch.float64 else dtype
+
+
 def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None) -> None:
     x, model_output = tensors.x, tensors.model_output
     fmt = step_format(x, model_output.shape[1] != x.shape[1])
-    dtype = x.dtype
     # Inputs the step does not use stay behind: the kernel reads only what it is given.
-    noise = dense(tensors.noise if step.k_noise != 0.0 else None, fmt, dtype)
-    grad = dense(tensors.grad if step.grad_eps_scale != 0.0 or step.k_grad != 0.0 else None, fmt, dtype)
+    noise = tensors.noise if step.k_noise != 0.0 else None
+    grad = tensors.grad if step.grad_eps_scale != 0.0 or step.k_grad != 0.0 else None
+    guide = tensors.guide if combine is not None else None
+    dtype = _step_dtype(x, model_output, guide, noise, grad, tensors.out, tensors.x0_out, *tensors.history)
+    noise, grad, guide = (dense(t, fmt, dtype) for t in (noise, grad, guide))
     momentum = combine is not None and combine.variant == "apg" and combine.apg_momentum != 0.0
     targets = {"out": tensors.out, "x0_out": tensors.x0_out, "apg_buffer": tensors.apg_buffer if momentum else None}
     work = {name: dense(t, fmt, torch.float32 if name == "apg_buffer" else dtype) for name, t in targets.items()}
-    guide = dense(tensors.guide, fmt, dtype) if combine is not None else None
     # With similarity the kernel returns its blocks' sums of x̂0_c·x̂0_u, x̂0_c², x̂0_u²: merged here.
     similarity_partials = _ops().guided_step(
         dense(model_output, fmt, dtype),
         guide,
-        dense(x, fmt),
+        dense(x, fmt, dtype),
         [dense(h, fmt, dtype) for h in tensors.history],
         noise,
         grad,

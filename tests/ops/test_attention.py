@@ -196,6 +196,53 @@ def test_attention_gpu_large_and_bf16(dtype, shape):
         assert_close(got[:1, :2], want, ATTENTION, dtype)
 
 
+@pytest.mark.parametrize("backend", [b for b in backends_for("attention") if b == "triton"])
+def test_the_large_launch_form_computes_the_same(backend, device, monkeypatch):
+    # The kernels' LARGE form (one grid axis, int64 offsets), which batch·heads past 65535
+    # or offsets past 2^31 take, here on small tensors (the limit lowered to 1).
+    from fastguide.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "_MAX_GRID_Y", 1)
+    assert kernels._large(2 * 3, torch.empty(1))
+    q, k, v = (t.requires_grad_() for t in random_qkv((2, 3, 37, 45, 16), torch.float32, device, generator_seed=5))
+    with fastguide.backend(backend):
+        out = ops.attention(q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected = explicit_attention(qd, kd, vd, 16**-0.5)
+    assert_close(out, expected, ATTENTION, torch.float32)
+    for got, want in zip(grads, torch.autograd.grad(expected, (qd, kd, vd), torch.ones_like(expected))):
+        assert_close(got, want, ATTENTION, torch.float32)
+
+
+@pytest.mark.gpu
+def test_attention_gpu_past_the_grid_and_int32_limits():
+    # batch·heads = 65536 programs a tile (AnimateDiff's temporal attention at 512², CFG
+    # batch 2: 8192 sequences of 16 frames × 8 heads), past CUDA's 65535 on grid axis 1;
+    # and a row stride whose (L − 1)·stride passes 2^31 elements (a 4 GiB view).
+    q, k, v = (t.requires_grad_() for t in random_qkv((8192, 8, 16, 16, 64), torch.float16, "cuda", generator_seed=3))
+    with fastguide.backend("triton"):
+        out = ops.attention(q, k, v)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    last = (slice(-1, None), slice(-1, None))  # the last programs' sequence
+    qd, kd, vd = (t[last].detach().double().requires_grad_() for t in (q, k, v))
+    expected = explicit_attention(qd, kd, vd, 64**-0.5)
+    assert_close(out[last], expected, ATTENTION, torch.float16)
+    wanted = torch.autograd.grad(expected, (qd, kd, vd), torch.ones_like(expected))
+    for got, want in zip((dq, dk, dv), wanted):
+        assert_close(got[last], want, ATTENTION, torch.float16)
+    stride = 2**30 + 64
+    storage = torch.zeros(2 * stride + 64, dtype=torch.float16, device="cuda")
+    wide = storage.as_strided((1, 1, 3, 64), (0, 0, stride, 1))
+    wide.copy_(torch.randn(1, 1, 3, 64, generator=torch.Generator().manual_seed(4)).to("cuda", torch.float16))
+    keys, values = (t.to("cuda", torch.float16) for t in torch.randn(2, 1, 1, 5, 64).unbind(0))
+    with fastguide.backend("triton"):
+        out = ops.attention(wide, keys, values)
+    assert_close(
+        out, explicit_attention(wide.double(), keys.double(), values.double(), 64**-0.5), ATTENTION, torch.float16
+    )
+
+
 @pytest.mark.parametrize("scale", [0.0, -0.3])
 @pytest.mark.parametrize("backend, dtype", backend_dtype_params("attention", [torch.float32, torch.float16]))
 def test_zero_and_negative_scales(backend, dtype, scale, device):

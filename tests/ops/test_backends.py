@@ -29,6 +29,25 @@ def test_set_backend_and_context_manager_nest():
     assert fastguide.get_backend() == "torch"
 
 
+def test_backend_blocks_that_interleave_each_remove_their_own(monkeypatch):
+    # Two generators on one thread, each in its own block: the first to leave takes its
+    # entry away, not the other's.
+    monkeypatch.delenv("FASTGUIDE_BACKEND", raising=False)
+
+    def inside(name):
+        with fastguide.backend(name):
+            yield
+            yield fastguide.get_backend()
+
+    a, b = inside("torch"), inside("triton")
+    next(a), next(b)
+    assert next(a) == "triton"  # (the innermost block entered is the one in force)
+    next(a, None)  # a leaves its block
+    assert next(b) == "triton"
+    next(b, None)
+    assert fastguide.get_backend() == "auto"
+
+
 def test_environment_variable_chooses_backend(monkeypatch):
     monkeypatch.setenv("FASTGUIDE_BACKEND", "torch")
     assert fastguide.get_backend() == "torch"

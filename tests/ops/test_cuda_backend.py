@@ -97,6 +97,23 @@ def test_guided_step_strided_outputs_and_mixed_dtypes(cuda_backend_on_cpu):
     run_against_reference(tensors, step, combine)
 
 
+@pytest.mark.parametrize("x_dtype, other_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)])
+def test_guided_step_computes_mixed_dtypes_in_the_widest(cuda_backend_on_cpu, x_dtype, other_dtype):
+    # A float32 model output beside bfloat16 x (or bf16 beside fp16) is not rounded to x's
+    # dtype first, as the other backends read it: with u ≈ c at w = 7.5 that rounding cost
+    # 0.05, and a float32 output past float16's range turned into inf − inf = NaN.
+    tensors, step, combine = case_inputs(CASES["cfg-clip-noise"], 2, 3, (8, 8), x_dtype, "cpu")
+    conditional = tensors["model_output"][:2].to(other_dtype)
+    offset = 1e-3 * randn(*conditional.shape, seed=8, dtype=torch.float32).to(other_dtype)
+    tensors["model_output"] = torch.cat([conditional, conditional - offset])
+    tensors["out"] = poisoned(tuple(tensors["out"].shape), other_dtype)
+    run_against_reference(tensors, step, GuidanceCombine(7.5))
+    if other_dtype == torch.float32:
+        tensors["model_output"] = torch.cat([torch.full_like(conditional, 1e5), torch.full_like(conditional, 1e5 - 1)])
+        ops.guided_step(**tensors, step=step, combine=combine)
+        assert torch.isfinite(tensors["out"]).all()
+
+
 def test_guided_step_in_place_on_x(cuda_backend_on_cpu):
     tensors, step, combine = case_inputs(CASES["cfg-clip-noise"], 2, 3, (8, 8), torch.float32, "cpu")
     expected = run_reference(tensors, step, combine)

@@ -16,6 +16,8 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 struct uint3 {
@@ -155,7 +157,12 @@ inline void run_block(Block& b) {
 }
 
 // Runs body as every thread of every block of the grid (1-D blocks, as csrc/ launches).
+// A grid past CUDA's limits along y or z (65535 blocks) fails, as its launch would.
 inline void run_grid(dim3 grid, dim3 threads, std::function<void()> body) {
+  if (grid.y > 65535 || grid.z > 65535) {
+    throw std::runtime_error("cuda emulation: a grid of " + std::to_string(grid.y) + " x " + std::to_string(grid.z) +
+                             " blocks along y x z, past CUDA's 65535");
+  }
   constexpr unsigned kWarp = 32;
   Block b;
   b.body = std::move(body);
