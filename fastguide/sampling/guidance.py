@@ -170,10 +170,15 @@ class APG:
     scalars), norm_threshold non-negative, momentum in [−1, 1] (beyond, the running
     average grows geometrically with the steps).
 
-    The guided prediction is the paper's, m = c + (w − 1)·(Δ⊥ + η·Δ∥), on the model's output
-    as it comes (ε, v or a velocity), as diffusers' AdaptiveProjectedGuidance reads it. That
-    guider's default (use_original_formulation=False) is u + w·(Δ⊥ + η·Δ∥), another
-    prediction at the same w: its use_original_formulation=True at scale w − 1 is this one."""
+    The guided prediction is the paper's formula, m = c + (w − 1)·(Δ⊥ + η·Δ∥), on the model's
+    output as it comes (ε, v or a velocity), as diffusers' AdaptiveProjectedGuidance reads it.
+    That guider's default (use_original_formulation=False) is u + w·(Δ⊥ + η·Δ∥), another
+    prediction at the same w: its use_original_formulation=True at scale w − 1 is this one.
+    The paper writes the update for the denoiser's x0 prediction D; on an ε-model the two
+    differ: ε_c ≈ x/σ is mostly the noise, so a Δ along x0_c (the oversaturating part) is
+    nearly orthogonal to ε_c and η = 0 removes little of it (a synthetic check at w = 7.5
+    kept 91–99.7% of CFG's x0 saturation). The paper's effect needs an x0-predicting
+    ("sample") model."""
 
     eta: float = 0.0
     norm_threshold: float = 0.0
@@ -235,6 +240,9 @@ class CFG(Guidance):
     guided_channels a positive int that takes plain CFG, truncate a number in (−1, 1],
     reuse a DeltaReuse, zero_init_steps an int >= 0 that takes zero_star; each scheduled
     weight is checked when the sampler evaluates it.
+    zero_star's scale s* = ⟨c, u⟩/‖u‖² (per sample) is on the model's output, as diffusers'
+    guider computes it; the paper derives it for flow velocities. On ε outputs c and u
+    share the x/σ part, so s* ≈ 1 and it is close to plain CFG.
     zero_init_steps = K is CFG-Zero*'s zero-init (Fan et al. 2025, §4.2; diffusers'
     ClassifierFreeZeroStarGuidance, whose default is K = 1): the first K model calls take
     the prediction 0 in place of the guided one, as diffusers' guider returns it, and skip
@@ -480,9 +488,12 @@ class PerturbedGuidance(Guidance):
     model's one forward runs [c; u; p] (cfg_scale > 1) or [c; p], p the conditional input
     through the model perturbed at ``layers`` on those rows only (``perturb``), and
     m = u + w·(c − u) + s·(c − p), or m = c + s·(c − p) = p + (1 + s)·(c − p) without CFG
-    (the fused step's CFG combine with p as the guide). ``interval``: the σ̃ window (EDM's)
+    (the fused step's CFG combine with p as the guide), as diffusers' PAG pipelines compute
+    it (diffusers' PAG and skip-layer guiders at guidance_scale 1 return p + s·(c − p):
+    their s is this s + 1). ``interval``: the σ̃ window (EDM's)
     where the perturbed branch runs (always, without one); outside it the forward runs
-    [c; u] for CFG, or c alone. ``rescale``: CFG rescale of m against std(c). Checked when
+    [c; u] for CFG, or c alone. ``rescale``: CFG rescale of m against std(c), also without
+    CFG (the pipelines rescale only with it: their recipes pass it so). Checked when
     built: scale, cfg_scale and rescale finite numbers within float32's range, scale
     non-zero, cfg_scale >= 1 (1 turns CFG off, as diffusers' pipelines do at guidance_scale
     <= 1), rescale in [0, 1], interval a pair 0 <= low < high."""
