@@ -603,8 +603,10 @@ def _skip_layer_guidance(a: dict, sampling: dict, layers) -> Guidance:
 def _pixart(pipe, a: dict, options) -> Denoising:
     _refuse_given(a, ("callback",))
     alpha = _recipe_class(pipe).__name__ == "PixArtAlphaPipeline"
-    if alpha and a["num_inference_steps"] == 1:
-        raise Unsupported("num_inference_steps=1 on PixArtAlphaPipeline: diffusers returns the step's predicted x0")
+    custom = a["timesteps"] if a["timesteps"] is not None else a["sigmas"]
+    if alpha and (a["num_inference_steps"] == 1 or (custom is not None and len(custom) == 1)):
+        # (diffusers counts the steps after its custom schedule: a one-step loop)
+        raise Unsupported("one step on PixArtAlphaPipeline: diffusers returns the step's predicted x0")
     height = a["height"] or pipe.transformer.config.sample_size * pipe.vae_scale_factor
     width = a["width"] or pipe.transformer.config.sample_size * pipe.vae_scale_factor
     module = _module(pipe)

@@ -339,6 +339,8 @@ def _timesteps(name: str, placed, call: _Call, times: list[float]) -> tuple[floa
     option, value = _grid_option(call, placed.config)
     grid = [int(t) if float(t).is_integer() else float(t) for t in times]
     total = placed.config.num_train_timesteps
+    if not grid:  # (timesteps=[], or one σ for an Euler type: the final one)
+        raise _refuse(name, option, value, "no steps: diffusers' loop returns the starting latents")
     if grid != sorted(set(grid), reverse=True) or grid[-1] < 0 or grid[0] > total - 1:
         raise _refuse(
             name,

@@ -384,6 +384,11 @@ def test_what_fastguide_cannot_reproduce_runs_diffusers_loop_and_says_why(caplog
     assert "callback_on_step_end=" in pipe.fastguide_fallback and seen == list(range(8))
     _images(pipe, SD_CALL)
     assert pipe.fastguide_fallback is None  # the next call that fastguide can run, it runs
+    # An empty custom schedule: diffusers' loop runs no step; fastguide's refusal says so.
+    euler = fastguide.accelerate(stable_diffusion(SD_SCHEDULERS["euler"]()))
+    call = {key: value for key, value in SD_CALL.items() if key != "num_inference_steps"}
+    got = _images(euler, {**call, "sigmas": [14.6]})
+    assert "no steps" in euler.fastguide_fallback and torch.isfinite(got).all()
 
 
 def test_fastguides_own_sampler_and_guidance_are_options():
@@ -538,7 +543,10 @@ def test_calls_and_classes_no_recipe_follows_are_left_to_diffusers():
     pixart_alpha.scheduler = diffusers.DDIMScheduler()  # its step returns the x0 diffusers takes at one step
     pixart_alpha = fastguide.accelerate(pixart_alpha)
     pixart_alpha(**{**PIXART_CALL, "num_inference_steps": 1})
-    assert "num_inference_steps=1" in pixart_alpha.fastguide_fallback
+    assert "one step on PixArtAlphaPipeline" in pixart_alpha.fastguide_fallback
+    pixart_alpha.scheduler = diffusers.EulerDiscreteScheduler()  # (takes custom timesteps)
+    pixart_alpha(**{**PIXART_CALL, "timesteps": [901]})  # one step, whatever num_inference_steps says
+    assert "one step on PixArtAlphaPipeline" in pixart_alpha.fastguide_fallback
 
     class Custom(diffusers.StableDiffusionPipeline):
         def __call__(self, *args, **kwargs):  # code no recipe knows
