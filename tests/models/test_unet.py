@@ -59,7 +59,7 @@ def tiny_unet(**overrides) -> UNet:
 
 def tiny_inputs(model, batch=2, seed=1):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, model.in_channels, 16, 16, generator=g)
+    x = torch.randn(batch, model.in_channels, model.image_size, model.image_size, generator=g)
     t = torch.tensor([3, 901][:batch] + [500] * max(0, batch - 2))
     num_classes = getattr(model, "num_classes", None)
     y = None if num_classes is None else torch.arange(batch) % (num_classes + 1)
@@ -186,11 +186,13 @@ def test_classifier_matches_plain_and_input_gradient_agrees_across_backends(pool
     with torch.no_grad(), fastguide.backend("torch"):
         torch.testing.assert_close(model(x, t), plain_classifier(model, x, t), atol=2e-4, rtol=2e-4)
 
+    # One sample through the other backends (the Triton interpreter's time grows with the
+    # groups: ~15 s a sample on the development CPU); batching has tests of its own.
     def input_gradient(backend):
-        x_in = x.clone().requires_grad_()
+        x_in = x[:1].clone().requires_grad_()
         with fastguide.backend(backend):
-            log_probs = torch.log_softmax(model(x_in, t), dim=-1)
-            return torch.autograd.grad(log_probs[torch.arange(2), y].sum(), x_in)[0]
+            log_probs = torch.log_softmax(model(x_in, t[:1]), dim=-1)
+            return torch.autograd.grad(log_probs[0, y[0]], x_in)[0]
 
     expected = input_gradient("torch")
     assert expected.abs().max() > 0
