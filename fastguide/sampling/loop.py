@@ -576,7 +576,8 @@ class GuidedSampler:
         x_T = x_T.to(device)
         buffers = self._new_buffers(x_T, conditioning)
         self._load(buffers, x_T, conditioning)
-        fresh_noise = lambda: _randn(shape, generator, device, x_T.dtype, drawn_in=self._drawn_in(x_T.dtype))  # noqa: E731
+        drawn_in = self._drawn_in(x_T.dtype)
+        fresh_noise = lambda: _randn(shape, generator, device, x_T.dtype, drawn_in=drawn_in)  # noqa: E731
         with self._caching(buffers):
             for i in range(self.num_calls):
                 self._model_call(i, buffers, shape, fresh_noise, keep_x0)
