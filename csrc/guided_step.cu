@@ -133,7 +133,7 @@ __device__ __forceinline__ void add_stats_vectors(const GuidedStepParams& p, con
 // first's math). The scalar path (kVec = 1) reads p.apg_momentum_on, which equals it.
 template <typename T, int kVec, bool kPerturbed, bool kMomentum>
 __device__ __forceinline__ void guided_stats(const GuidedStepParams& p, const GuidedStepTensors<T>& t) {
-  const int64_t b = blockIdx.y;
+  const int64_t b = p.first_sample + blockIdx.y;
   const int64_t per_part = stats_part_elems(p, kVec);
   const int64_t begin = blockIdx.x * per_part;
   const int64_t end = begin + per_part < p.sample_elems ? begin + per_part : p.sample_elems;
@@ -269,7 +269,7 @@ __device__ __forceinline__ void guided_step_vectors(const GuidedStepParams& p, c
 
 template <typename T, int kVec, bool kPerturbed, bool kSimilarity, int kHistorySlots, typename Reads>
 __device__ __forceinline__ void guided_step(const GuidedStepParams& p, const GuidedStepTensors<T>& t) {
-  const int64_t b = blockIdx.y;
+  const int64_t b = p.first_sample + blockIdx.y;
   // Plain CFG's coefficients come from the scale alone; a variant's, merged once per sample
   // by sample_coefficients_kernel, are three floats every thread reads (the same address
   // across the block: one cached line). No barrier stands before the loads.
@@ -442,6 +442,18 @@ Kernel<T> runtime_kernel(const GuidedStepParams& p, bool similarity) {
   }
 }
 
+// Calls launch(params, samples) once per kMaxGridY samples, params.first_sample set: a
+// grid's y axis holds at most 65535 rows (a loop over samples inside the kernels cost the
+// tuned instances registers and blocks an SM).
+template <typename Launch>
+void for_each_launch(const GuidedStepParams& p, Launch launch) {
+  for (int64_t first = 0; first < p.batch; first += kMaxGridY) {
+    GuidedStepParams rows = p;
+    rows.first_sample = first;
+    launch(rows, static_cast<unsigned>(p.batch - first < kMaxGridY ? p.batch - first : kMaxGridY));
+  }
+}
+
 template <typename T>
 int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyped, cudaStream_t stream) {
   GuidedStepTensors<T> t{};
@@ -458,14 +470,15 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
   t.coefficients = untyped.coefficients;
   t.similarity_partials = untyped.similarity_partials;
   constexpr int kVec = 16 / sizeof(T);  // vector_elems of T's StorageType
-  const dim3 stats_grid(p.parts, static_cast<unsigned>(p.batch));
   const bool vector = vectorised(p, untyped, kVec);
   if (p.stats != kStatsNone) {
     const Kernel<T> stats =
         p.perturbed          ? (vector ? perturbed_guided_stats_kernel<T, kVec> : perturbed_guided_stats_kernel<T, 1>)
         : p.apg_momentum_on ? (vector ? guided_stats_kernel<T, kVec, true> : guided_stats_kernel<T, 1, true>)
                             : (vector ? guided_stats_kernel<T, kVec, false> : guided_stats_kernel<T, 1, false>);
-    launch_kernel(stats, stats_grid, kThreads, stream, p, t);
+    for_each_launch(p, [&](const GuidedStepParams& rows, unsigned samples) {
+      launch_kernel(stats, dim3(static_cast<unsigned>(p.parts), samples), kThreads, stream, rows, t);
+    });
     const unsigned merge_blocks = static_cast<unsigned>((p.batch + kWarpSize - 1) / kWarpSize);
     launch_kernel(p.perturbed ? sample_coefficients_kernel<true> : sample_coefficients_kernel<false>, merge_blocks,
                   kWarpSize, stream, p, untyped);
@@ -494,8 +507,10 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
     step = runtime_kernel<T, kVec>(p, similarity);
     vectors = RuntimeReads::kVectorsPerThread;
   }
-  const dim3 grid(static_cast<unsigned>(step_blocks(p, vector ? kVec : 1, vectors)), static_cast<unsigned>(p.batch));
-  launch_kernel(step, grid, kThreads, stream, p, t);
+  const unsigned blocks = static_cast<unsigned>(step_blocks(p, vector ? kVec : 1, vectors));
+  for_each_launch(p, [&](const GuidedStepParams& rows, unsigned samples) {
+    launch_kernel(step, dim3(blocks, samples), kThreads, stream, rows, t);
+  });
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -56,6 +56,7 @@ enum PredictionType : int { kEpsilon = 0, kVPrediction = 1, kSample = 2, kFlowPr
 // Everything a launch needs besides the pointers. Offsets are in elements.
 struct GuidedStepParams {
   int64_t batch;
+  int64_t first_sample;          // the sample of the grid's row 0 (a launch takes ≤ kMaxGridY samples)
   int64_t sample_elems;          // elements of one sample of x
   int64_t mo_sample_stride;      // elements between samples of model_output (C' = C or 2C channels)
   int64_t uncond_sample_stride;  // elements between samples of the guiding prediction u

@@ -30,7 +30,7 @@ the linear combination fastguide.ops.contract.StepCoefficients writes out (up to
 MAX_HISTORY = 4 history tensors, in four pointer slots).
 
 Passes. Plain CFG: one launch, `_guided_step_kernel`. Variants with reductions: first
-`_guided_stats_kernel` (grid: PARTS chunks × B samples) writes each chunk's fp32 moments
+`_guided_stats_kernel` (grid: B samples × PARTS chunks) writes each chunk's fp32 moments
 (sums shifted by a value near the chunk's mean, accumulated in float32), then
 `_coefficients_kernel` (one program per sample) merges a sample's ≤ 32 partials in
 float64 by Chan's formula, in a fixed order (deterministic: no atomics), into its
@@ -175,8 +175,9 @@ def _guided_stats_kernel(
     exact zeros.
     """
     PERTURBED: tl.constexpr = perturbed_ptr is not None
-    part = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    # Samples on grid axis 0, the ≤ PARTS parts on axis 1 (which stops at 65535).
+    b = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
     start = part * elems_per_part
     lanes = tl.arange(0, BLOCK)
     # The sample's rows of c, u, p and the APG buffer (absent ones stay None).
@@ -425,8 +426,12 @@ def _guided_step_kernel(
     # and the similarity output's partial sums.
     PERTURBED: tl.constexpr = perturbed_ptr is not None
     SIMILARITY: tl.constexpr = similarity_partial_ptr is not None
-    b = tl.program_id(1).to(tl.int64)
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # One grid axis of blocks × samples (axis 1 would stop at 65535 samples): program
+    # b·blocks + i moves the sample's i-th block.
+    blocks = tl.cdiv(sample_elems, BLOCK)
+    program = tl.program_id(0)
+    b = (program // blocks).to(tl.int64)
+    j = (program % blocks) * BLOCK + tl.arange(0, BLOCK)
     mask = j < sample_elems
     here = b * sample_elems + j  # offset of this element in every x-shaped tensor
 
@@ -445,7 +450,7 @@ def _guided_step_kernel(
             # (masked lanes: c = u = x = 0, so x0 = 0 and they add nothing).
             x0_c = _predicted_x0(m, x, alpha, sigma, inv_alpha, PREDICTION)
             x0_u = _predicted_x0(u, x, alpha, sigma, inv_alpha, PREDICTION)
-            sums = similarity_partial_ptr + (b * tl.num_programs(0) + tl.program_id(0)) * 3
+            sums = similarity_partial_ptr + program.to(tl.int64) * 3
             tl.store(sums + 0, tl.sum(x0_c * x0_u, axis=0))
             tl.store(sums + 1, tl.sum(x0_c * x0_c, axis=0))
             tl.store(sums + 2, tl.sum(x0_u * x0_u, axis=0))
@@ -586,7 +591,7 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
         # Unused rows (parts..parts_pow2) have count 0: they add nothing to the merge.
         partials = torch.zeros((batch, parts_pow2, STATS_FIELDS), dtype=torch.float32, device=x.device)
         elems_per_part = triton.cdiv(triton.cdiv(sample_elems, parts), BLOCK) * BLOCK
-        _guided_stats_kernel[(parts, batch)](
+        _guided_stats_kernel[(batch, parts)](
             model_output_in,
             uncond,
             perturbed_in,
@@ -627,7 +632,7 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
     history_slots = history + [None] * (MAX_HISTORY - len(history))
     k_history = list(step.k_history) + [0.0] * (MAX_HISTORY - len(history))
     log_min, log_max = step.log_variance_range if learned else (0.0, 0.0)
-    _guided_step_kernel[(programs, batch)](
+    _guided_step_kernel[(programs * batch,)](
         model_output_in,
         uncond,
         perturbed_in,

@@ -897,6 +897,22 @@ def test_similarity_gpu_large(backend, dtype, case, request):
     assert_close(similarity, x0_cosine_of_inputs(tensors, step), SIMILARITY, dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("case", ["cfg-ddim", "rescale", "apg-momentum-clip", "ddpm-learned-var-grad"])
+def test_guided_step_gpu_past_the_grid_limit(backend, case, request):
+    # 70000 small samples (a digits sweep in one batch): past the 65535 blocks of a grid's
+    # y axis, which the kernels once put the batch on; the stats pass and the similarity's
+    # per-block sums too.
+    tensors, step, combine = case_inputs(
+        SIMILARITY_CASES.get(case, CASES.get(case)), 70000, 3, (4, 4), torch.float16, "cuda"
+    )
+    expected = run_reference(tensors, step, combine)
+    similarity = step_with_similarity(backend, request, tensors, step, combine)
+    assert_outputs_match(tensors, expected)
+    assert_close(similarity, x0_cosine_of_inputs(tensors, step), SIMILARITY, torch.float16)
+
+
 def similarity_on(backend, request, device, model_output, x, combine=GuidanceCombine(3.0), guide=None, step=STEP):
     """The similarity of one step on ``backend`` (CPU tensors for the emulation)."""
     device = "cpu" if backend == "cuda-emulation" else device
