@@ -8,7 +8,9 @@ transformer (a 4-block fastguide.DiT) with CFG at w = 2 and the default sampler 
 from the same noise and labels, and is scored by:
 - compute, counted exactly, not timed: model rows × blocks evaluated (``GuidedSampler.
   last_compute``; for diffusers' hooks, the rows each block actually ran), relative to
-  plain CFG at 25 steps (1.0 = 2B rows through every block at 25 calls);
+  plain CFG at 25 steps (1.0 = 2B rows through every block at 25 calls); every block
+  weighs the same, which the DiT's equal blocks do but the UNet's do not (its first two
+  blocks, which a cache always runs, are 6.5% of its FLOPs: BENCHMARKS.md);
 - the Fréchet distance and accuracy of the project's evaluator (fastguide.apps.sweep.score);
 - deviation: mean |x − x_ref| from the same network's plain CFG at 25 steps, same noise.
 

@@ -13,8 +13,11 @@ decides at every model call:
     compute:   h_L = blocks 2..L (h₁);   then R ← h_L − h₁ and r_ref ← r
 
 R̂ is the last computed R (``order=0``, FBCache's rule), or its linear extrapolation in the
-call index through the last two computed calls a > b (``order=1``, as TaylorSeer
-extrapolates cached features): R̂ = R_a + (i − a)/(a − b)·(R_a − R_b).
+model time t through the last two computed calls a > b (``order=1``, as TaylorSeer
+extrapolates cached features): R̂ = R_a + (t_i − t_a)/(t_a − t_b)·(R_a − R_b), R_a alone
+where t_a = t_b (two-call samplers such as heun call the network twice at one t; in the
+call index their calls would not be evenly spaced). The sampling loop records each call's
+t (``BlockCacheState.times``); a state used without it extrapolates in the call index.
 
 r_ref and R are kept per branch: the conditional, unconditional and perturbed rows of a
 guided forward, each a B-row block that the sampling loop names before every call
@@ -59,6 +62,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -67,6 +71,16 @@ from torch import Tensor
 
 from .blocks import block_list, hidden_output, passthrough, with_hidden_output
 from .unet import UNet
+
+
+def _set_order(settings: FirstBlockCache | ForecastCache) -> None:
+    """Check ``settings.order`` (0: the last residual, 1: extrapolated) and hold it as an int."""
+    order = settings.order
+    if isinstance(order, bool) or not isinstance(order, Integral) or order not in (0, 1):
+        raise ValueError(
+            f"{type(settings).__name__} order must be 0 (the last residual) or 1 (extrapolated), got {order!r}"
+        )
+    object.__setattr__(settings, "order", int(order))
 
 
 @dataclass(frozen=True)
@@ -82,12 +96,10 @@ class FirstBlockCache:
 
     def __post_init__(self):
         value = self.threshold
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"FirstBlockCache threshold must be a finite number > 0, got {value!r}")
-        if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order not in (0, 1):
-            raise ValueError(
-                f"FirstBlockCache order must be 0 (the last residual) or 1 (extrapolated), got {self.order!r}"
-            )
+        object.__setattr__(self, "threshold", float(value))  # (a NumPy scalar too; frozen dataclass)
+        _set_order(self)
 
     def install(self, model: nn.Module, state: BlockCacheState | None = None) -> BlockCacheHandle:
         """Wrap ``model``'s first block and the rest (see the module docstring) to consult
@@ -107,8 +119,8 @@ class ForecastCache:
     whole block stack): the first ``warmup`` calls and then every ``every``-th call run the
     network; the calls between run none of its blocks (but a UNet's first blocks) and take
     h_L = h_0 + R̂, R̂ the blocks' total residual R = h_L − h_0 extrapolated linearly in the
-    call index from the branch's last two computed calls (``order=1``) or the last one
-    (``order=0``). Static, so it needs no host read and is captured like any plan. Checked
+    model time from the branch's last two computed calls (``order=1``, the module
+    docstring) or the last one (``order=0``). Static, so it needs no host read and is captured like any plan. Checked
     when built: every an int >= 2, order 0 or 1, warmup an int >= 1."""
 
     every: int = 2
@@ -118,12 +130,10 @@ class ForecastCache:
     def __post_init__(self):
         for name, low in (("every", 2), ("warmup", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
                 raise ValueError(f"ForecastCache {name} must be an int >= {low}, got {value!r}")
-        if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order not in (0, 1):
-            raise ValueError(
-                f"ForecastCache order must be 0 (the last residual) or 1 (extrapolated), got {self.order!r}"
-            )
+            object.__setattr__(self, name, int(value))  # (a NumPy integer too; frozen dataclass)
+        _set_order(self)
 
     def forecasts(self, call: int) -> bool:
         """Whether model call ``call`` is forecast (once its branches have a computed call)."""
@@ -275,6 +285,7 @@ class BlockCacheState:
         self.blocks, self.first_blocks, self.order = blocks, first_blocks, order
         self.threshold, self.schedule = threshold, schedule
         self.call = 0
+        self.times: dict[int, float] = {}  # call index → its model time t (set by the loop)
         self.branches: tuple[str, ...] = ("cond",)
         self.recorded: dict[int, bool] = {}
         self.replaying = False
@@ -363,7 +374,10 @@ class BlockCacheState:
                 torch.add(h[rows], last, out=out[rows])
                 continue
             previous_call, previous = older[0]
-            slope = (self.call - last_call) / (last_call - previous_call)
+            t_now, t_last, t_previous = (
+                self.times.get(call, float(call)) for call in (self.call, last_call, previous_call)
+            )
+            slope = 0.0 if t_last == t_previous else (t_now - t_last) / (t_last - t_previous)
             torch.add(h[rows], last, alpha=1.0 + slope, out=out[rows])
             out[rows].sub_(previous, alpha=slope)
         return out

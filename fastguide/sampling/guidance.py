@@ -47,7 +47,7 @@ import abc
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor, nn
@@ -123,8 +123,9 @@ class Guidance(abc.ABC):
         return None
 
     def active_at(self, edm_sigma: float) -> bool:
-        """Whether guidance applies at noise level σ̃ (always, without an interval)."""
-        return self.interval is None or self.interval[0] <= edm_sigma <= self.interval[1]
+        """Whether guidance applies at noise level σ̃: always without an interval, else for
+        σ̃ in (low, high], half-open as Kynkäänniemi et al. define it."""
+        return self.interval is None or self.interval[0] < edm_sigma <= self.interval[1]
 
     def combine_at(self, edm_sigma: float, progress: float) -> GuidanceCombine:
         """The fused step's combine at noise level σ̃ and normalised time τ."""
@@ -203,31 +204,37 @@ class DeltaReuse:
     j = 0, k, 2k, ... (j counting guided calls, k = ``every``); at a call j between, the
     forward runs the conditional rows alone and the combine reads u = c − Δ̂ with
     - order 0: Δ̂ = Δ_a, the last computed delta (at guided call a);
-    - order 1: Δ̂ = Δ_a + (j − a)/(a − b)·(Δ_a − Δ_b), linear in the call index through the
-      last two computed deltas (Δ_a alone until two exist).
+    - order 1: Δ̂ = Δ_a + (t_j − t_a)/(t_a − t_b)·(Δ_a − Δ_b), linear in the model time t
+      through the last two computed deltas (Δ_a alone until two exist, or where t_a = t_b:
+      a two-call sampler such as heun calls the network twice at one t, so its calls are
+      not evenly spaced in the call index).
     Checked when built: every an int >= 2, order 0 or 1."""
 
     every: int = 2
     order: int = 0
 
     def __post_init__(self):
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 2:
+        if isinstance(self.every, bool) or not isinstance(self.every, Integral) or self.every < 2:
             raise ValueError(f"DeltaReuse every must be an int >= 2 (1 would run every call), got {self.every!r}")
-        if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order not in (0, 1):
+        if not isinstance(self.order, Integral) or isinstance(self.order, bool) or self.order not in (0, 1):
             raise ValueError(
                 f"DeltaReuse order must be 0 (the last delta) or 1 (linear extrapolation), got {self.order!r}"
             )
+        object.__setattr__(self, "every", int(self.every))  # (a NumPy integer too; frozen dataclass)
+        object.__setattr__(self, "order", int(self.order))
 
-    def estimate(self, guided_index: int, computed: list[int]) -> tuple[tuple[int, float], ...] | None:
+    def estimate(
+        self, guided_index: int, computed: list[int], times: Sequence[float]
+    ) -> tuple[tuple[int, float], ...] | None:
         """At guided call ``guided_index``: None when its unconditional rows run, else Δ̂ as
         ((k-th last computed delta, weight), ...), ``computed`` the guided calls so far that
-        ran them (in order)."""
+        ran them (in order), ``times[g]`` guided call g's model time."""
         if guided_index % self.every == 0 or not computed:
             return None
-        last = computed[-1]
-        if self.order == 0 or len(computed) < 2:
+        t_now, t_last = times[guided_index], times[computed[-1]]
+        if self.order == 0 or len(computed) < 2 or t_last == times[computed[-2]]:
             return ((0, 1.0),)
-        slope = (guided_index - last) / (last - computed[-2])
+        slope = (t_now - t_last) / (t_last - times[computed[-2]])
         return ((0, 1.0 + slope), (1, -slope))
 
 
@@ -528,7 +535,7 @@ class PerturbedGuidance(Guidance):
         return ("cond", "uncond", "perturbed") if self.cfg else ("cond", "perturbed")
 
     def perturbing_at(self, edm_sigma: float) -> bool:
-        return self.interval is None or self.interval[0] <= edm_sigma <= self.interval[1]
+        return self.interval is None or self.interval[0] < edm_sigma <= self.interval[1]
 
     def active_at(self, edm_sigma: float) -> bool:
         return self.cfg or self.perturbing_at(edm_sigma)
@@ -667,14 +674,22 @@ def _set_real(settings: object, field: str, name: str) -> None:
 
 
 def _set_interval(settings: object, spec: str) -> None:
-    """Check ``settings.interval`` (None, or a pair 0 <= low < high) and hold it as a tuple
-    of floats: a list given would stay the caller's to change, unchecked, and unhashable."""
+    """Check ``settings.interval`` (None, or a pair 0 <= low < high, high may be +inf: the
+    guided σ̃ are those in (low, high]) and hold it as a tuple of floats: a list given would
+    stay the caller's to change, unchecked, and unhashable."""
     interval = getattr(settings, "interval")
     if interval is None:
         return
     pair = tuple(interval) if isinstance(interval, (tuple, list)) else None
-    if pair is None or len(pair) != 2 or not all(_is_real(v) for v in pair) or not 0 <= pair[0] < pair[1]:
+    if (
+        pair is None
+        or len(pair) != 2
+        or not _is_real(pair[0])
+        or not (_is_real(pair[1]) or pair[1] == math.inf)
+        or not 0 <= pair[0] < pair[1]
+    ):
         raise ValueError(
-            f"{spec} interval must be a pair (sigma_low, sigma_high) of numbers with 0 <= low < high, got {interval!r}"
+            f"{spec} interval must be a pair (sigma_low, sigma_high) of numbers with 0 <= low < high "
+            f"(low finite, high finite or inf), got {interval!r}"
         )
     object.__setattr__(settings, "interval", (float(pair[0]), float(pair[1])))

@@ -385,12 +385,14 @@ class GuidedSampler:
         assert self.guidance is not None and self.guidance.reuse is not None  # (the caller's condition)
         reuse = self.guidance.reuse
         computed: list[int] = []  # guided indices of the calls that ran the unconditional rows
+        times: list[float] = []  # each guided call's model time, by guided index
         roles: list[tuple[int, tuple[tuple[int, float], ...] | None]] = []  # (call, estimate)
         guided_index = 0
         for i, call in enumerate(calls):
             if call.combine is None or call.blocks < 2:
                 continue
-            estimate = reuse.estimate(guided_index, computed)
+            times.append(call.t)
+            estimate = reuse.estimate(guided_index, computed, times)
             if estimate is None:
                 computed.append(guided_index)
                 roles.append((i, None))
@@ -763,6 +765,7 @@ class GuidedSampler:
         cache = buffers.block_cache
         if cache is not None:  # which rows are which branch's, for the cache's per-branch state
             cache.call, cache.branches, cache.active = i, self.branches[: planned.blocks], True
+            cache.times[i] = planned.t  # what an extrapolated residual is linear in
         model_input = buffers.model_input
         model_output = self._checked_output(
             self._forward(self.model, model_input[:rows], t_in, *buffers.model_arguments(rows)),

@@ -97,6 +97,33 @@ def test_reusing_a_constant_delta_is_plain_cfg(order):
     assert sampler.last_compute["model_rows"] < 2 * BATCH * sampler.num_calls
 
 
+@pytest.mark.parametrize("sampler", ["dpm++2m", "heun"])
+def test_an_order_1_delta_is_extrapolated_in_the_model_time(sampler):
+    # heun calls the network twice at one t: in the call index its calls are not evenly
+    # spaced, and the estimate was half a step off; where the last two computed deltas share
+    # a t, the last one alone
+    guided = GuidedSampler(
+        tiny_dit(), sampler=sampler, steps=6, schedule=SCHEDULE, guidance=CFG(3.0, reuse=DeltaReuse(every=2, order=1))
+    )
+    calls = guided._calls(False)
+    ring: dict[int, float] = {}  # slot -> the model time of the delta it holds
+    checked = 0
+    for call in calls:
+        if call.delta_in:
+            (newest, weight), *older = call.delta_in
+            if older:
+                (oldest, oldest_weight) = older[0]
+                t_a, t_b = ring[newest], ring[oldest]
+                slope = (call.t - t_a) / (t_a - t_b)
+                assert weight == pytest.approx(1 + slope) and oldest_weight == pytest.approx(-slope)
+                checked += 1
+            else:
+                assert weight == 1.0
+        if call.delta_out is not None:
+            ring[call.delta_out] = call.t
+    assert checked >= 1
+
+
 def test_reusing_a_constant_delta_keeps_the_unguided_channels_conditional():
     # guided_channels = 2 of 3: the third channel takes c alone, on the calls that run u
     # and on those that estimate it (c − Δ, Δ = 0 there).
@@ -127,13 +154,27 @@ def test_delta_reuse_counts_guided_calls_inside_an_interval():
     model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     interval = (0.5, 5.0)
     _, sampler = run(model, CFG(3.0, interval=interval, reuse=DeltaReuse(every=2)), steps=12)
-    guided = [interval[0] <= SCHEDULE.edm_sigma(t) <= interval[1] for t in sampler.timesteps]
+    guided = [interval[0] < SCHEDULE.edm_sigma(t) <= interval[1] for t in sampler.timesteps]
     expected, j = [], 0
     for inside in guided:
         expected.append((2 * BATCH if j % 2 == 0 else BATCH) if inside else BATCH)
         j += inside
     assert 0 < sum(guided) < len(guided)
     assert rows == expected
+
+
+def test_the_guidance_interval_is_half_open_as_in_the_paper():
+    # Kynkäänniemi et al. guide σ̃ in (σ_lo, σ_hi]: a call at σ_lo itself is unguided
+    probe = GuidedSampler(tiny_dit(), sampler="ddim", steps=6, schedule=SCHEDULE)
+    sigmas = [SCHEDULE.edm_sigma(t) for t in probe.timesteps]
+    rows = []
+    model = tiny_dit()
+    model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    run(model, CFG(3.0, interval=(sigmas[3], sigmas[1])), steps=6, sampler="ddim")
+    assert rows == [2 * BATCH if i in (1, 2) else BATCH for i in range(6)]
+    rows.clear()
+    run(model, CFG(3.0, interval=(sigmas[3], float("inf"))), steps=6, sampler="ddim")
+    assert rows == [2 * BATCH if i < 3 else BATCH for i in range(6)]
 
 
 @pytest.mark.parametrize(
@@ -204,9 +245,16 @@ def test_a_block_cache_state_decides_by_a_threshold_or_a_schedule_never_both():
             BlockCacheState(blocks=3, first_blocks=1, **settings)
 
 
-def test_an_extrapolated_residual_is_linear_in_the_call_index():
-    """order 1: R̂ at call i = R_a + (i − a)/(a − b)·(R_a − R_b), a > b the last two computed calls."""
+@pytest.mark.parametrize(
+    "times",
+    [{}, {0: 1000.0, 2: 800.0, 5: 200.0}, {0: 800.0, 2: 800.0, 5: 600.0}],
+    ids=["no times: the call index", "the model times", "two calls at one time"],
+)
+def test_an_extrapolated_residual_is_linear_in_the_model_time(times):
+    """order 1: R̂ at call i = R_a + (t_i − t_a)/(t_a − t_b)·(R_a − R_b), a > b the last two
+    computed calls (R_a alone where t_a = t_b, as heun's two calls at one t)."""
     state = BlockCacheState(blocks=3, first_blocks=0, order=1, schedule=lambda call: call == 5)
+    state.times.update(times)
     h = torch.randn(2, 4)
     residuals = {0: torch.randn(2, 4), 2: torch.randn(2, 4)}
     for call, residual in residuals.items():
@@ -217,8 +265,30 @@ def test_an_extrapolated_residual_is_linear_in_the_call_index():
     state.call = 5
     state.decide(h, h)
     assert state.reusing
-    expected = h + residuals[2] + (5 - 2) / (2 - 0) * (residuals[2] - residuals[0])
+    t = {call: times.get(call, float(call)) for call in (0, 2, 5)}
+    slope = 0.0 if t[2] == t[0] else (t[5] - t[2]) / (t[2] - t[0])
+    expected = h + residuals[2] + slope * (residuals[2] - residuals[0])
     torch.testing.assert_close(state.reused(h), expected)
+
+
+def test_the_loop_tells_the_cache_each_calls_model_time(monkeypatch):
+    # heun calls the network twice at one t: the cache extrapolates in t, not in the call index
+    states = []
+    original = BlockCacheState.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        states.append(self)
+
+    monkeypatch.setattr(BlockCacheState, "__init__", recording)
+    _, sampler = run(tiny_dit(), CFG(3.0), cache=ForecastCache(every=2, order=1), sampler="heun", steps=4)
+    (state,) = states
+    times = [float(t) for t in sampler.timesteps]
+    assert (
+        sorted(set(state.times.values()), reverse=True)
+        == sorted(set(times), reverse=True)[: len(set(state.times.values()))]
+    )
+    assert len(state.times) == sampler.num_calls and len(set(state.times.values())) < sampler.num_calls
 
 
 # ---- conditional and unconditional caches kept apart ---------------------------------------
@@ -376,6 +446,19 @@ def test_autoguidance_counts_its_guide_networks_rows():
 def test_bad_settings_are_named(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_numpy_scalars_are_taken_as_python_numbers():
+    import numpy as np
+
+    settings = [
+        (FirstBlockCache(np.float32(0.1), order=np.int64(1)), dict(threshold=0.10000000149011612, order=1)),
+        (ForecastCache(every=np.int64(3), warmup=np.int32(2)), dict(every=3, warmup=2)),
+        (DeltaReuse(every=np.int64(2), order=np.int64(1)), dict(every=2, order=1)),
+    ]
+    for made, expected in settings:
+        for name, value in expected.items():
+            assert getattr(made, name) == value and type(getattr(made, name)) is type(value)
 
 
 def test_a_model_without_blocks_is_refused_before_any_forward():
