@@ -13,11 +13,12 @@ decides at every model call:
     compute:   h_L = blocks 2..L (h₁);   then R ← h_L − h₁ and r_ref ← r
 
 R̂ is the last computed R (``order=0``, FBCache's rule), or its linear extrapolation in the
-model time t through the last two computed calls a > b (``order=1``, as TaylorSeer
-extrapolates cached features): R̂ = R_a + (t_i − t_a)/(t_a − t_b)·(R_a − R_b), R_a alone
-where t_a = t_b (two-call samplers such as heun call the network twice at one t; in the
-call index their calls would not be evenly spaced). The sampling loop records each call's
-t (``BlockCacheState.times``); a state used without it extrapolates in the call index.
+call's position p through the last two computed calls a > b (``order=1``, as TaylorSeer
+extrapolates cached features in the step index): R̂ = R_a + (p_i − p_a)/(p_a − p_b)·(R_a − R_b),
+R_a alone where p_a = p_b. p is the step index, which the two calls a step of heun makes
+at one t share (``BlockCacheState.positions``, set by the sampling loop: the number of
+distinct model times before the call's; in the call index two-call samplers' calls would
+not be evenly spaced); a state used without positions takes the call index.
 
 r_ref and R are kept per branch: the conditional, unconditional and perturbed rows of a
 guided forward, each a B-row block that the sampling loop names before every call
@@ -119,7 +120,7 @@ class ForecastCache:
     whole block stack): the first ``warmup`` calls and then every ``every``-th call run the
     network; the calls between run none of its blocks (but a UNet's first blocks) and take
     h_L = h_0 + R̂, R̂ the blocks' total residual R = h_L − h_0 extrapolated linearly in the
-    model time from the branch's last two computed calls (``order=1``, the module
+    step index from the branch's last two computed calls (``order=1``, the module
     docstring) or the last one (``order=0``). Static, so it needs no host read and is captured like any plan. Checked
     when built: every an int >= 2, order 0 or 1, warmup an int >= 1."""
 
@@ -285,7 +286,7 @@ class BlockCacheState:
         self.blocks, self.first_blocks, self.order = blocks, first_blocks, order
         self.threshold, self.schedule = threshold, schedule
         self.call = 0
-        self.times: dict[int, float] = {}  # call index → its model time t (set by the loop)
+        self.positions: dict[int, int] = {}  # call index → its step index (set by the loop)
         self.branches: tuple[str, ...] = ("cond",)
         self.recorded: dict[int, bool] = {}
         self.replaying = False
@@ -374,10 +375,8 @@ class BlockCacheState:
                 torch.add(h[rows], last, out=out[rows])
                 continue
             previous_call, previous = older[0]
-            t_now, t_last, t_previous = (
-                self.times.get(call, float(call)) for call in (self.call, last_call, previous_call)
-            )
-            slope = 0.0 if t_last == t_previous else (t_now - t_last) / (t_last - t_previous)
+            p_now, p_last, p_previous = (self.positions.get(c, c) for c in (self.call, last_call, previous_call))
+            slope = 0.0 if p_last == p_previous else (p_now - p_last) / (p_last - p_previous)
             torch.add(h[rows], last, alpha=1.0 + slope, out=out[rows])
             out[rows].sub_(previous, alpha=slope)
         return out

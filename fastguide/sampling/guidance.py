@@ -204,10 +204,10 @@ class DeltaReuse:
     j = 0, k, 2k, ... (j counting guided calls, k = ``every``); at a call j between, the
     forward runs the conditional rows alone and the combine reads u = c − Δ̂ with
     - order 0: Δ̂ = Δ_a, the last computed delta (at guided call a);
-    - order 1: Δ̂ = Δ_a + (t_j − t_a)/(t_a − t_b)·(Δ_a − Δ_b), linear in the model time t
-      through the last two computed deltas (Δ_a alone until two exist, or where t_a = t_b:
-      a two-call sampler such as heun calls the network twice at one t, so its calls are
-      not evenly spaced in the call index).
+    - order 1: Δ̂ = Δ_a + (p_j − p_a)/(p_a − p_b)·(Δ_a − Δ_b), linear in the step index p
+      through the last two computed deltas (Δ_a alone until two exist, or where p_a = p_b);
+      heun's two calls a step, at one t, share a p (in the call index a two-call sampler's
+      calls would not be evenly spaced).
     Checked when built: every an int >= 2, order 0 or 1."""
 
     every: int = 2
@@ -224,17 +224,17 @@ class DeltaReuse:
         object.__setattr__(self, "order", int(self.order))
 
     def estimate(
-        self, guided_index: int, computed: list[int], times: Sequence[float]
+        self, guided_index: int, computed: list[int], positions: Sequence[int]
     ) -> tuple[tuple[int, float], ...] | None:
         """At guided call ``guided_index``: None when its unconditional rows run, else Δ̂ as
         ((k-th last computed delta, weight), ...), ``computed`` the guided calls so far that
-        ran them (in order), ``times[g]`` guided call g's model time."""
+        ran them (in order), ``positions[g]`` guided call g's step index."""
         if guided_index % self.every == 0 or not computed:
             return None
-        t_now, t_last = times[guided_index], times[computed[-1]]
-        if self.order == 0 or len(computed) < 2 or t_last == times[computed[-2]]:
+        now, last = positions[guided_index], positions[computed[-1]]
+        if self.order == 0 or len(computed) < 2 or last == positions[computed[-2]]:
             return ((0, 1.0),)
-        slope = (t_now - t_last) / (t_last - times[computed[-2]])
+        slope = (now - last) / (last - positions[computed[-2]])
         return ((0, 1.0 + slope), (1, -slope))
 
 

@@ -69,6 +69,10 @@ class _Call:
     # calls, and at a call that skips the unconditional rows, u = c − Σ weight·Δ[slot].
     delta_out: int | None = None
     delta_in: tuple[tuple[int, float], ...] = ()
+    # Where the call stands along the run: the number of distinct model times before its own,
+    # so a step index that two calls at one t (heun's) share; what the caches' and delta
+    # reuse's order-1 estimates are linear in.
+    position: int = 0
 
 
 @dataclass
@@ -328,6 +332,10 @@ class GuidedSampler:
             else self._call(plan, learned_variance, guided)
             for k, plan in enumerate(plans)
         )
+        positions: dict[float, int] = {}
+        calls = tuple(
+            dataclasses.replace(call, position=positions.setdefault(call.t, len(positions))) for call in calls
+        )
         if guided and self.guidance is not None and self.guidance.reuse is not None:
             calls = self._reusing_deltas(calls)
         for call in calls:
@@ -385,14 +393,14 @@ class GuidedSampler:
         assert self.guidance is not None and self.guidance.reuse is not None  # (the caller's condition)
         reuse = self.guidance.reuse
         computed: list[int] = []  # guided indices of the calls that ran the unconditional rows
-        times: list[float] = []  # each guided call's model time, by guided index
+        positions: list[int] = []  # each guided call's position, by guided index
         roles: list[tuple[int, tuple[tuple[int, float], ...] | None]] = []  # (call, estimate)
         guided_index = 0
         for i, call in enumerate(calls):
             if call.combine is None or call.blocks < 2:
                 continue
-            times.append(call.t)
-            estimate = reuse.estimate(guided_index, computed, times)
+            positions.append(call.position)
+            estimate = reuse.estimate(guided_index, computed, positions)
             if estimate is None:
                 computed.append(guided_index)
                 roles.append((i, None))
@@ -765,7 +773,7 @@ class GuidedSampler:
         cache = buffers.block_cache
         if cache is not None:  # which rows are which branch's, for the cache's per-branch state
             cache.call, cache.branches, cache.active = i, self.branches[: planned.blocks], True
-            cache.times[i] = planned.t  # what an extrapolated residual is linear in
+            cache.positions[i] = planned.position  # what an extrapolated residual is linear in
         model_input = buffers.model_input
         model_output = self._checked_output(
             self._forward(self.model, model_input[:rows], t_in, *buffers.model_arguments(rows)),

@@ -98,29 +98,31 @@ def test_reusing_a_constant_delta_is_plain_cfg(order):
 
 
 @pytest.mark.parametrize("sampler", ["dpm++2m", "heun"])
-def test_an_order_1_delta_is_extrapolated_in_the_model_time(sampler):
-    # heun calls the network twice at one t: in the call index its calls are not evenly
-    # spaced, and the estimate was half a step off; where the last two computed deltas share
-    # a t, the last one alone
+def test_an_order_1_delta_is_extrapolated_in_the_step_index(sampler):
+    # heun calls the network twice at one t, at one step index: in the call index its calls
+    # are not evenly spaced, and the estimate was half a step off; where the last two
+    # computed deltas share a step index, the last one alone
     guided = GuidedSampler(
         tiny_dit(), sampler=sampler, steps=6, schedule=SCHEDULE, guidance=CFG(3.0, reuse=DeltaReuse(every=2, order=1))
     )
     calls = guided._calls(False)
-    ring: dict[int, float] = {}  # slot -> the model time of the delta it holds
+    positions = {call.t: call.position for call in calls}
+    assert sorted(positions.values()) == list(range(len(positions)))
+    ring: dict[int, int] = {}  # slot -> the step index of the delta it holds
     checked = 0
     for call in calls:
         if call.delta_in:
             (newest, weight), *older = call.delta_in
             if older:
                 (oldest, oldest_weight) = older[0]
-                t_a, t_b = ring[newest], ring[oldest]
-                slope = (call.t - t_a) / (t_a - t_b)
+                p_a, p_b = ring[newest], ring[oldest]
+                slope = (call.position - p_a) / (p_a - p_b)
                 assert weight == pytest.approx(1 + slope) and oldest_weight == pytest.approx(-slope)
                 checked += 1
             else:
                 assert weight == 1.0
         if call.delta_out is not None:
-            ring[call.delta_out] = call.t
+            ring[call.delta_out] = call.position
     assert checked >= 1
 
 
@@ -246,15 +248,15 @@ def test_a_block_cache_state_decides_by_a_threshold_or_a_schedule_never_both():
 
 
 @pytest.mark.parametrize(
-    "times",
-    [{}, {0: 1000.0, 2: 800.0, 5: 200.0}, {0: 800.0, 2: 800.0, 5: 600.0}],
-    ids=["no times: the call index", "the model times", "two calls at one time"],
+    "positions",
+    [{}, {0: 0, 2: 1, 5: 3}, {0: 1, 2: 1, 5: 2}],
+    ids=["no positions: the call index", "step indices", "two calls at one step"],
 )
-def test_an_extrapolated_residual_is_linear_in_the_model_time(times):
-    """order 1: R̂ at call i = R_a + (t_i − t_a)/(t_a − t_b)·(R_a − R_b), a > b the last two
-    computed calls (R_a alone where t_a = t_b, as heun's two calls at one t)."""
+def test_an_extrapolated_residual_is_linear_in_the_step_index(positions):
+    """order 1: R̂ at call i = R_a + (p_i − p_a)/(p_a − p_b)·(R_a − R_b), a > b the last two
+    computed calls (R_a alone where p_a = p_b, as heun's two calls at one t)."""
     state = BlockCacheState(blocks=3, first_blocks=0, order=1, schedule=lambda call: call == 5)
-    state.times.update(times)
+    state.positions.update(positions)
     h = torch.randn(2, 4)
     residuals = {0: torch.randn(2, 4), 2: torch.randn(2, 4)}
     for call, residual in residuals.items():
@@ -265,14 +267,16 @@ def test_an_extrapolated_residual_is_linear_in_the_model_time(times):
     state.call = 5
     state.decide(h, h)
     assert state.reusing
-    t = {call: times.get(call, float(call)) for call in (0, 2, 5)}
-    slope = 0.0 if t[2] == t[0] else (t[5] - t[2]) / (t[2] - t[0])
+    p = {call: positions.get(call, call) for call in (0, 2, 5)}
+    slope = 0.0 if p[2] == p[0] else (p[5] - p[2]) / (p[2] - p[0])
     expected = h + residuals[2] + slope * (residuals[2] - residuals[0])
     torch.testing.assert_close(state.reused(h), expected)
 
 
-def test_the_loop_tells_the_cache_each_calls_model_time(monkeypatch):
-    # heun calls the network twice at one t: the cache extrapolates in t, not in the call index
+@pytest.mark.parametrize("sampler, shared", [("dpm++2m", False), ("heun", True)])
+def test_the_loop_tells_the_cache_each_calls_step_index(monkeypatch, sampler, shared):
+    # heun calls the network twice at one t, which share a step index; a one-call sampler's
+    # step index is its call index
     states = []
     original = BlockCacheState.__init__
 
@@ -281,14 +285,16 @@ def test_the_loop_tells_the_cache_each_calls_model_time(monkeypatch):
         states.append(self)
 
     monkeypatch.setattr(BlockCacheState, "__init__", recording)
-    _, sampler = run(tiny_dit(), CFG(3.0), cache=ForecastCache(every=2, order=1), sampler="heun", steps=4)
+    _, guided = run(tiny_dit(), CFG(3.0), cache=ForecastCache(every=2, order=1), sampler=sampler, steps=4)
     (state,) = states
-    times = [float(t) for t in sampler.timesteps]
-    assert (
-        sorted(set(state.times.values()), reverse=True)
-        == sorted(set(times), reverse=True)[: len(set(state.times.values()))]
+    calls = guided._calls(False)
+    assert state.positions == {i: call.position for i, call in enumerate(calls)}
+    ts = [call.t for call in calls]
+    assert all(
+        (ts[i] == ts[j]) == (state.positions[i] == state.positions[j]) for i in range(len(ts)) for j in range(len(ts))
     )
-    assert len(state.times) == sampler.num_calls and len(set(state.times.values())) < sampler.num_calls
+    assert (len(set(state.positions.values())) < len(calls)) == shared
+    assert sorted(state.positions.values()) == list(state.positions.values())
 
 
 # ---- conditional and unconditional caches kept apart ---------------------------------------
