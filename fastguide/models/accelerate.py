@@ -738,6 +738,9 @@ def accelerate(module: nn.Module) -> nn.Module:
     Outputs are unchanged within floating-point tolerance (GroupNorm and LayerNorm statistics
     become float32 in every dtype, as ADM computes them; attention accumulates in float32);
     what is left alone is bit-identical. Gradient checkpointing inside rebound ADM blocks is not kept.
+    There is no undo: keep a copy (``copy.deepcopy``) or load the model again for the original
+    modules. diffusers' ``set_default_attn_processor()`` refuses an accelerated model (its
+    attention processors are fastguide's); ``set_attn_processor(AttnProcessor2_0())`` works.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"accelerate takes a torch.nn.Module, got {type(module).__name__}")

@@ -158,7 +158,7 @@ def _accelerated_call(pipe, original: Callable, args: tuple, kwargs: dict):
     recipe = recipes.recipe_for(pipe)
     assert recipe is not None  # accelerate() made this class for a pipeline with a recipe
     options = pipe.fastguide_options
-    generators = _generator_states(arguments.get("generator"))
+    generators = _generator_states(arguments.get("generator"), pipe._execution_device)
     try:
         if extra:
             raise recipes.Unsupported(
@@ -176,7 +176,7 @@ def _accelerated_call(pipe, original: Callable, args: tuple, kwargs: dict):
             warnings.warn(
                 f"fastguide: this {type(pipe).__name__} call runs diffusers' own loop ({reason}), "
                 f"without accelerate's {', '.join(own)}",
-                stacklevel=3,
+                stacklevel=4,  # the caller's line: past _accelerated_call, __call__ and no_grad's wrapper
             )
         return original(pipe, *args, **kwargs)
     pipe.fastguide_fallback = None
@@ -185,7 +185,7 @@ def _accelerated_call(pipe, original: Callable, args: tuple, kwargs: dict):
         warnings.warn(
             f"fastguide: {', '.join(f'{name}=' for name in overridden)} of this {type(pipe).__name__} call "
             f"have no effect: accelerate(guidance={type(options.guidance).__name__}(...)) guides instead",
-            stacklevel=3,
+            stacklevel=4,  # the caller's line: past _accelerated_call, __call__ and no_grad's wrapper
         )
     steps = denoising.sampling["steps"]
     # the pipeline's num_timesteps: its scheduler's steps where fastguide reproduces them (a
@@ -195,8 +195,14 @@ def _accelerated_call(pipe, original: Callable, args: tuple, kwargs: dict):
     return denoising.finish(_denoise(pipe, denoising))
 
 
-def _generator_states(generator: object) -> list[tuple[torch.Generator, Tensor]]:
-    """The call's generator(s), each with its state before the call."""
+def _generator_states(generator: object, device: torch.device) -> list[tuple[torch.Generator, Tensor]]:
+    """The call's generator(s), each with its state before the call; without one, the global
+    generator of ``device`` (the pipeline's), which diffusers' randn_tensor then draws from."""
+    if generator is None:
+        device = torch.device(device)
+        generator = (
+            torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
+        )
     generators = generator if isinstance(generator, (list, tuple)) else [generator]
     return [(g, g.get_state()) for g in generators if isinstance(g, torch.Generator)]
 
@@ -234,10 +240,12 @@ def _denoise(pipe, denoising: recipes.Denoising) -> Tensor:
         progress=progress,
     )
     generator = denoising.generator
-    if isinstance(generator, torch.Generator):
-        # diffusers' stochastic schedulers also draw the noise their last step multiplies by
-        # 0: drawn here too (as fastguide's loop draws, in its dtype on the generator's
-        # device), the generator ends the call where diffusers' leaves it
-        for _ in range(denoising.draws - sampler.noise_draws):
-            torch.randn(latents.shape, generator=generator, device=generator.device, dtype=latents.dtype)
+    # diffusers' stochastic schedulers also draw the noise their last step multiplies by 0:
+    # drawn here too (as fastguide's loop draws, in its dtype on the generator's device, or
+    # without a generator from the latents' device's global RNG, as diffusers' randn_tensor),
+    # the generator ends the call where diffusers' leaves it
+    for _ in range(denoising.draws - sampler.noise_draws):
+        assert generator is None or isinstance(generator, torch.Generator)  # (a list draws nothing: _step_generator)
+        device = latents.device if generator is None else generator.device
+        torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
     return latents

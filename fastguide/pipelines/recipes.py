@@ -169,7 +169,7 @@ def _sampling(
             settings.initial_noise,
             generator,
             settings.latent_scale != 1.0,
-            settings.diffusers_draws if generator is not None else 0,
+            settings.diffusers_draws if settings.draws_noise else 0,  # from the global RNG without a generator
         )
     _refuse_given(arguments, ("timesteps", "sigmas"))
     if eta:
@@ -210,9 +210,10 @@ def _guidance(options, scale: float, rescale: float = 0.0) -> Guidance | None:
     """The accelerate option's guidance, else the pipeline's CFG (on when scale > 1)."""
     if options.guidance is not None:
         return options.guidance
-    if scale > 1 and not 0 <= rescale <= 1:
-        raise Unsupported(f"guidance_rescale={rescale} outside [0, 1]: fastguide's CFG rescale takes [0, 1]")
-    return CFG(float(scale), rescale=float(rescale)) if scale > 1 else None
+    if scale > 1 and rescale > 1:
+        raise Unsupported(f"guidance_rescale={rescale} above 1: fastguide's CFG rescale takes [0, 1]")
+    # diffusers rescales only where guidance_rescale > 0: a negative one is none
+    return CFG(float(scale), rescale=max(0.0, float(rescale))) if scale > 1 else None
 
 
 def _guided(pipeline_cfg: bool, options) -> bool:
@@ -344,17 +345,8 @@ def _stable_diffusion_xl(pipe, a: dict, options) -> Denoising:
     height = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
     width = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
     original_size, target_size = a["original_size"] or (height, width), a["target_size"] or (height, width)
-    prompt, batch = a["prompt"], _batch(a)
-    rows = batch * a["num_images_per_prompt"]
-    negative_sizes = a["negative_original_size"] is not None and a["negative_target_size"] is not None
-    if negative_sizes and rows > 1:
-        raise Unsupported(
-            "negative_original_size/negative_target_size with more than one image: diffusers repeats "
-            "[negative; positive] time ids row-wise, interleaving them across its CFG halves"
-        )
-    sampling, x_T, generator, _, draws = _sampling(pipe, a, options, eta=a["eta"])
-    guidance = _guidance(options, a["guidance_scale"], a["guidance_rescale"])  # (refusals before anything runs)
-    pipe.check_inputs(
+    prompt = a["prompt"]
+    pipe.check_inputs(  # (diffusers' errors first: the batch below reads prompt or prompt_embeds)
         prompt,
         a["prompt_2"],
         height,
@@ -370,6 +362,15 @@ def _stable_diffusion_xl(pipe, a: dict, options) -> Denoising:
         None,
         a["callback_on_step_end_tensor_inputs"],
     )
+    rows = _batch(a) * a["num_images_per_prompt"]
+    negative_sizes = a["negative_original_size"] is not None and a["negative_target_size"] is not None
+    if negative_sizes and rows > 1:
+        raise Unsupported(
+            "negative_original_size/negative_target_size with more than one image: diffusers repeats "
+            "[negative; positive] time ids row-wise, interleaving them across its CFG halves"
+        )
+    sampling, x_T, generator, _, draws = _sampling(pipe, a, options, eta=a["eta"])
+    guidance = _guidance(options, a["guidance_scale"], a["guidance_rescale"])  # (refusals before anything runs)
     pipe._guidance_scale, pipe._guidance_rescale, pipe._clip_skip = (
         a["guidance_scale"],
         a["guidance_rescale"],

@@ -341,16 +341,22 @@ STOCHASTIC = {
 }
 
 
+@pytest.mark.parametrize("global_rng", [False, True], ids=["generator", "no generator"])
 @pytest.mark.parametrize("case", STOCHASTIC)
-def test_a_stochastic_call_leaves_the_generator_where_diffusers_does(case):
+def test_a_stochastic_call_leaves_the_generator_where_diffusers_does(case, global_rng):
     """diffusers also draws the noise its last step multiplies by 0: a second call from the
-    same generator (its latents drawn from it) starts where diffusers' would."""
+    same generator (its latents drawn from it), or without one from the global RNG, starts
+    where diffusers' would."""
     make, extra = STOCHASTIC[case]
     original = stable_diffusion(make())
     accelerated = fastguide.accelerate(copy.deepcopy(original))
     call = {**SD_CALL, **extra, "latents": None, "num_inference_steps": 4}
     results = {}
     for name, pipe in (("diffusers", original), ("fastguide", accelerated)):
+        if global_rng:
+            torch.manual_seed(0)
+            results[name] = [pipe(**call).images for _ in range(2)], torch.get_rng_state()
+            continue
         generator = torch.Generator().manual_seed(0)
         results[name] = [pipe(**call, generator=generator).images for _ in range(2)], generator.get_state()
     assert accelerated.fastguide_fallback is None
@@ -572,7 +578,7 @@ def test_fastguides_own_sampler_starts_from_unit_noise_whatever_the_previous_cal
 @pytest.mark.parametrize(
     "case, make, call",
     [
-        # refused (fastguide's rescale takes [0, 1]) after the latents would have been drawn
+        # refused (fastguide's rescale takes [0, 1]) before the recipe draws the latents
         ("sd rescale outside [0, 1]", lambda: stable_diffusion(SD_SCHEDULERS["ddim"]()), {"guidance_rescale": 1.5}),
         ("sdxl rescale outside [0, 1]", stable_diffusion_xl, {**SDXL_CALL, "guidance_rescale": 1.5}),
         # diffusers' DiT loop steps on scale_model_input's output (an Euler scheduler rescales it)
@@ -594,10 +600,58 @@ def test_a_fallback_draws_the_latents_diffusers_would(case, make, call):
     torch.testing.assert_close(got, expected, atol=2e-5 * expected.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("global_rng", [False, True], ids=["generator", "no generator"])
+def test_a_refusal_after_the_recipe_drew_the_latents_puts_the_generator_back(global_rng):
+    from fastguide.pipelines import recipes
+
+    def images(pipe, call):
+        if not global_rng:
+            return _images(pipe, call)
+        torch.manual_seed(11)
+        return pipe(**call).images
+
+    original = stable_diffusion(SD_SCHEDULERS["ddim"]())
+    call = {**SD_CALL, "latents": None}
+    expected = images(original, call)
+    accelerated = fastguide.accelerate(copy.deepcopy(original))
+    draw = accelerated.prepare_latents
+    refusals = []
+
+    def draw_then_refuse(*args, **kwargs):  # the recipe's draw, then a refusal; diffusers' own draw
+        latents = draw(*args, **kwargs)
+        if not refusals:
+            refusals.append(True)
+            raise recipes.Unsupported("a refusal after the draw")
+        return latents
+
+    accelerated.prepare_latents = draw_then_refuse
+    got = images(accelerated, call)
+    assert accelerated.fastguide_fallback == "a refusal after the draw"
+    torch.testing.assert_close(got, expected, atol=2e-5 * expected.abs().max().item(), rtol=0)
+
+
+def test_a_call_without_a_prompt_gets_diffusers_own_error():
+    call = {k: v for k, v in SDXL_CALL.items() if k not in ("prompt_embeds", "pooled_prompt_embeds")}
+    for pipe in (stable_diffusion_xl(), fastguide.accelerate(stable_diffusion_xl())):
+        with pytest.raises(ValueError, match="Provide either `prompt` or `prompt_embeds`"):
+            pipe(**call)
+
+
+def test_a_negative_guidance_rescale_is_none_as_in_diffusers():
+    original = stable_diffusion(SD_SCHEDULERS["ddim"]())
+    call = {**SD_CALL, "guidance_rescale": -0.5}
+    expected = _images(original, {**SD_CALL, "guidance_rescale": 0.0})
+    accelerated = fastguide.accelerate(copy.deepcopy(original))
+    got = _images(accelerated, call)
+    assert accelerated.fastguide_fallback is None
+    _close(got, expected)
+
+
 def test_a_fallback_warns_that_fastguides_own_options_did_not_apply():
     pipe = fastguide.accelerate(stable_diffusion(SD_SCHEDULERS["ddim"]()), sampler="dpm++2m")
-    with pytest.warns(UserWarning, match="without accelerate's sampler="):
+    with pytest.warns(UserWarning, match="without accelerate's sampler=") as record:
         pipe(**SD_CALL, callback_on_step_end=lambda p, i, t, kwargs: kwargs)
+    assert record[0].filename == __file__  # the caller's line
     # an empty cross_attention_kwargs is diffusers' none: no fallback
     pipe(**SD_CALL, cross_attention_kwargs={})
     assert pipe.fastguide_fallback is None
@@ -608,8 +662,9 @@ def test_guidance_option_guides_whatever_the_calls_guidance_scale():
     # guidance_scale (1: diffusers would not guide) has no effect
     original = stable_diffusion(SD_SCHEDULERS["ddim"]())
     guided = fastguide.accelerate(copy.deepcopy(original), guidance=fastguide.CFG(5.0))
-    with pytest.warns(UserWarning, match="have no effect: accelerate"):
+    with pytest.warns(UserWarning, match="have no effect: accelerate") as record:
         got = _images(guided, {**SD_CALL, "guidance_scale": 1.0})
+    assert record[0].filename == __file__  # the caller's line (_images)
     torch.testing.assert_close(got, _images(original, SD_CALL), atol=2e-5, rtol=0)
     # not given, the pipeline's guidance arguments raise no warning
     without = {k: v for k, v in SD_CALL.items() if k != "guidance_scale"}
