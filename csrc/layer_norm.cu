@@ -157,16 +157,24 @@ struct InputVectors {
   }
 };
 
-// The row's first input element, the statistics' shift K: x, or h + gate·branch rounded to T.
-template <typename T, bool kResidual>
-__device__ __forceinline__ float first_element(const LayerNormParams& p, const LayerNormAffine& a,
-                                               const ForwardTensors<T>& t, int64_t row) {
-  const float x = to_float(t.x[row * p.d]);
-  if constexpr (kResidual) {
-    const float gate = a.gate.load(parameter_row(p, row, p.gate_per_token), 0.0f);
-    return to_float(from_float<T>(residual_element(x, gate, to_float(t.branch[row * p.d]))));
-  }
-  return x;
+// A row's mean and rstd from each lane's sums of its `count` elements shifted by its own K:
+// s1 = Σ(x − K), s2 = Σ(x − K)². In float64: the lane's mean μ_l = K + s1/n_l and
+// M2_l = s2 − s1²/n_l (the one subtraction that can cancel: by (K − μ_l)²·n_l/M2_l, small
+// for K a mean of the lane's elements), then the row's μ = Σ n_l·μ_l / D and
+// M2 = Σ (M2_l + n_l·(μ_l − μ)²) over the warp (Chan et al.'s merge: no cancellation).
+// Every lane gets the result.
+__device__ __forceinline__ void row_statistics(const LayerNormParams& p, float shift, float s1, float s2, int count,
+                                               float& mean_out, float& rstd_out) {
+  const double n = static_cast<double>(count);
+  const double lane_mean = count > 0 ? static_cast<double>(shift) + static_cast<double>(s1) / n : 0.0;
+  const double lane_m2 = count > 0 ? static_cast<double>(s2) - static_cast<double>(s1) * static_cast<double>(s1) / n
+                                   : 0.0;
+  const double mean = warp_sum(n * lane_mean) / static_cast<double>(p.d);
+  const double deviation = lane_mean - mean;
+  const double variance = warp_sum(fmax(lane_m2, 0.0) + n * deviation * deviation) / static_cast<double>(p.d);
+  mean_out = static_cast<float>(mean);
+  // Statistics that overflowed float32 (or met a NaN or ±inf) give a NaN row, on every backend.
+  rstd_out = variance < HUGE_VAL ? static_cast<float>(1.0 / sqrt(variance + static_cast<double>(p.eps))) : NAN;
 }
 
 template <typename T, int kVec, bool kResidual>
@@ -178,17 +186,36 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   const int64_t row_offset = row * p.d;
   const int d = static_cast<int>(p.d);
   constexpr int kGroup = kResidual ? kFirstPassVectors / 2 : kFirstPassVectors;
-  const float shift = first_element<T, kResidual>(p, a, t, row);
-  float sum = 0.0f, sum_sq = 0.0f;
+  // Each lane sums its elements shifted by K, the mean of its first pass's elements (a shift
+  // far from the lane's mean, such as an outlier channel's value, cancels catastrophically
+  // in Σ(x − K)² − (Σ(x − K))²/n: the row's first element once was K); the lanes' moments
+  // then merge exactly (row_statistics).
+  float shift = 0.0f, sum = 0.0f, sum_sq = 0.0f;
+  int count = 0;
 #pragma unroll 1  // a pass holds the loads in flight; unrolling more costs registers
   for (int base = lane * kVec; base < d; base += kGroup * kWarpSize * kVec) {
     const RowPass<kGroup, kVec> pass(base, d);
     const InputVectors<T, kVec, kResidual, kGroup> in(t, row_offset, pass);
+    if (count == 0) {  // the lane's first pass (its first vector is valid: base < d)
+      float first_sum = 0.0f;
+      int first_count = 0;
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        if (!pass.valid[g]) continue;
+        float v[kVec];
+        in.element_values(p, a, row, pass.column[g], g, v);
+        first_count += kVec;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) first_sum += v[i];
+      }
+      shift = first_sum / static_cast<float>(first_count);
+    }
 #pragma unroll
     for (int g = 0; g < kGroup; ++g) {
       if (!pass.valid[g]) continue;
       float v[kVec];
       in.element_values(p, a, row, pass.column[g], g, v);
+      count += kVec;
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
         const float d = v[i] - shift;
@@ -197,10 +224,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
       }
     }
   }
-  sum = warp_sum(sum);
-  sum_sq = warp_sum(sum_sq);
   float mean, rstd;
-  row_statistics(p, shift, sum, sum_sq, mean, rstd);
+  row_statistics(p, shift, sum, sum_sq, count, mean, rstd);
   if (lane == 0) {
     t.mean[row] = mean;
     t.rstd[row] = rstd;

@@ -55,19 +55,6 @@ FG_HOST_DEVICE ColumnAffine column_affine(const LayerNormParams& p, const LayerN
 // h + gate·branch in fp32 (the caller rounds it to the storage type).
 FG_HOST_DEVICE float residual_element(float h, float gate, float branch) { return h + gate * branch; }
 
-// A row's mean and rstd from its shifted sums s1 = Σ(x − K), s2 = Σ(x − K)² (float64 for
-// the one subtraction that can cancel).
-FG_HOST_DEVICE void row_statistics(const LayerNormParams& p, float shift, float s1, float s2, float& mean_out,
-                                   float& rstd_out) {
-  const double count = static_cast<double>(p.d);
-  const double mean_shifted = static_cast<double>(s1) / count;
-  const double variance = static_cast<double>(s2) / count - mean_shifted * mean_shifted;
-  mean_out = static_cast<float>(static_cast<double>(shift) + mean_shifted);
-  // Statistics that overflowed float32 (or met a NaN or ±inf) give a NaN row, on every backend.
-  rstd_out = variance < HUGE_VAL ? static_cast<float>(1.0 / sqrt(fmax(variance, 0.0) + static_cast<double>(p.eps)))
-                                 : NAN;
-}
-
 // dx from dx̂ and x̂, given the row's mean_D(dx̂) and mean_D(dx̂·x̂).
 FG_HOST_DEVICE float layer_norm_dx(float dx_hat, float x_hat, float rstd, float mean_dx_hat, float mean_dx_hat_xhat) {
   return rstd * (dx_hat - mean_dx_hat - x_hat * mean_dx_hat_xhat);

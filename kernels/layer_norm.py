@@ -103,7 +103,7 @@ def _layer_norm_forward_kernel(
     ROWS: tl.constexpr = SEGMENTS // K
     segment = tl.arange(0, SEGMENTS)
     segment_row = segment // K
-    rows = tl.program_id(0) * ROWS + segment_row
+    rows = tl.program_id(0).to(tl.int64) * ROWS + segment_row  # (R may pass 2^31 at a small D)
     cols = (segment % K)[:, None] * SEGMENT + tl.arange(0, SEGMENT)[None, :]
     row_mask = (segment_row < ROWS) & (rows < R)
     mask = row_mask[:, None] & (cols < D)
@@ -128,7 +128,7 @@ def _layer_norm_forward_kernel(
     var = tl.sum(tl.where(belongs, tl.sum(centred * centred, axis=1)[None, :], 0.0), axis=1) / D
     # Statistics that overflowed float32 (or met a NaN or ±inf) give a NaN row, on every backend.
     rstd = tl.where(var < float("inf"), 1.0 / tl.sqrt(var + eps), float("nan"))
-    out_rows = tl.program_id(0) * ROWS + row
+    out_rows = tl.program_id(0).to(tl.int64) * ROWS + row
     out_mask = (row < ROWS) & (out_rows < R)
     tl.store(mean_ptr + out_rows, mean, mask=out_mask)
     tl.store(rstd_ptr + out_rows, rstd, mask=out_mask)

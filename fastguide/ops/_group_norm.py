@@ -139,7 +139,8 @@ def group_norm(
     """GroupNorm, then ADM's scale-shift, then an optional SiLU, in one op.
 
     y = silu?(((x − mean)/√(var + eps)·weight + bias)·(1 + scale) + shift), statistics per
-    (sample, group) in float32 whatever x's dtype (ADM's GroupNorm32).
+    (sample, group) in float32 for float16, bfloat16 and float32 x (ADM's GroupNorm32), in
+    float64 for float64 x (which the torch backend alone takes).
 
     Args:
         x: (N, C, *spatial), contiguous or channels_last.

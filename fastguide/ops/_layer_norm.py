@@ -20,10 +20,10 @@ from .reference import compute_dtype
 from .validation import check_norm_parameters, check_same_device, check_shape, check_tensor
 
 
-def check_token_tensor(name: str, t: Tensor, x: Tensor, what: str) -> None:
-    """A per-sample or per-token tensor of (N, L, D) or (N, D) x: shape (N, D),
-    (N, 1, D) or x's own shape (the adaLN modulation and the residual gate); for an
-    (N, D) x, each sample being one token, all three say the same."""
+def check_token_tensor(name: str, t: Tensor, x: Tensor, what: str, x_name: str = "x") -> None:
+    """A per-sample or per-token tensor of (N, L, D) or (N, D) x (the argument ``x_name``):
+    shape (N, D), (N, 1, D) or x's own shape (the adaLN modulation and the residual gate);
+    for an (N, D) x, each sample being one token, all three say the same."""
     check_tensor(name, t)
     n, d = x.shape[0], x.shape[-1]
     # Compared with ==, not hashed: under torch.jit.trace, sizes are traced values.
@@ -31,7 +31,7 @@ def check_token_tensor(name: str, t: Tensor, x: Tensor, what: str) -> None:
         per_token = "" if x.dim() == 2 else f" or {tuple(x.shape)} per token"
         raise ValueError(
             f"{name} ({what}) must have shape ({n}, {d}) or ({n}, 1, {d}) per sample{per_token} "
-            f"for x of shape {tuple(x.shape)}, got {tuple(t.shape)}"
+            f"for {x_name} of shape {tuple(x.shape)}, got {tuple(t.shape)}"
         )
 
 
@@ -65,7 +65,7 @@ def check_layer_norm(
         )
     for name, t in (("scale", scale), ("shift", shift)):
         if t is not None:
-            check_token_tensor(name, t, x, "adaLN modulation")
+            check_token_tensor(name, t, x, "adaLN modulation", x_name)
     check_norm_parameters(x_name, x, d, weight, bias, scale, shift, eps)
 
 
@@ -77,7 +77,7 @@ def check_gated_residual(h: Tensor, branch: Tensor, gate: Tensor) -> None:
         raise ValueError(f"h must be (N, L, D) or (N, D), got shape {tuple(h.shape)}")
     check_tensor("branch", branch)
     check_shape("branch", branch, tuple(h.shape))
-    check_token_tensor("gate", gate, h, "residual gate")
+    check_token_tensor("gate", gate, h, "residual gate", "h")
     check_same_device([("h", h), ("branch", branch), ("gate", gate)])
 
 

@@ -536,7 +536,8 @@ def attention_backward_by_recompute(
 def group_norm_forward(
     x: Tensor, params: NormParameters, num_groups: int, eps: float, activation: str | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, rstd): GroupNorm with ADM's scale-shift and an optional SiLU, statistics in float32.
+    """(y, mean, rstd): GroupNorm with ADM's scale-shift and an optional SiLU, statistics in
+    float32 (float64 for float64 inputs).
 
     norm = (x − mean[n, g]) / √(var[n, g] + eps) over the C/G channels of group g and all
     spatial positions; y = norm·weight[c] + bias[c]; y = y·(1 + scale[n, c]) + shift[n, c];
@@ -622,7 +623,8 @@ def gated_residual(h: Tensor, branch: Tensor, gate: Tensor) -> Tensor:
 
 
 def layer_norm_forward(x: Tensor, params: NormParameters, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, rstd): LayerNorm over the last dim with DiT's adaLN modulation, statistics in float32.
+    """(y, mean, rstd): LayerNorm over the last dim with DiT's adaLN modulation, statistics in
+    float32 (float64 for float64 inputs).
 
     x̂ = (x − mean)/√(var + eps) over the D elements of each row (biased variance);
     a = x̂·weight + bias; y = a·(1 + scale) + shift. scale and shift broadcast against
