@@ -196,33 +196,32 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   for (int base = lane * kVec; base < d; base += kGroup * kWarpSize * kVec) {
     const RowPass<kGroup, kVec> pass(base, d);
     const InputVectors<T, kVec, kResidual, kGroup> in(t, row_offset, pass);
-    if (count == 0) {  // the lane's first pass (its first vector is valid: base < d)
-      float first_sum = 0.0f;
-      int first_count = 0;
+    // f(v) for every input value of the pass's valid vectors
+    const auto each_value = [&](auto&& f) {
 #pragma unroll
       for (int g = 0; g < kGroup; ++g) {
         if (!pass.valid[g]) continue;
         float v[kVec];
         in.element_values(p, a, row, pass.column[g], g, v);
-        first_count += kVec;
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) first_sum += v[i];
+        for (int i = 0; i < kVec; ++i) f(v[i]);
       }
+    };
+    if (count == 0) {  // the lane's first pass (its first vector is valid: base < d)
+      float first_sum = 0.0f;
+      int first_count = 0;
+      each_value([&](float v) {
+        first_sum += v;
+        ++first_count;
+      });
       shift = first_sum / static_cast<float>(first_count);
     }
-#pragma unroll
-    for (int g = 0; g < kGroup; ++g) {
-      if (!pass.valid[g]) continue;
-      float v[kVec];
-      in.element_values(p, a, row, pass.column[g], g, v);
-      count += kVec;
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        const float d = v[i] - shift;
-        sum += d;
-        sum_sq += d * d;
-      }
-    }
+    each_value([&](float v) {
+      const float deviation = v - shift;
+      sum += deviation;
+      sum_sq += deviation * deviation;
+      ++count;
+    });
   }
   float mean, rstd;
   row_statistics(p, shift, sum, sum_sq, count, mean, rstd);
