@@ -50,6 +50,7 @@ def run_suite(benchmarks: Path, out: Path, selection: str | None) -> tuple[dict,
     a run where none ran raises RuntimeError.
     """
     results = out.resolve() / "results.json"  # (pytest runs from the checkout, not the caller's folder)
+    benchmarks = benchmarks.resolve()  # (likewise: a relative one names a path from the caller's folder)
     partial = out.resolve() / "results.partial.jsonl"
     results.unlink(missing_ok=True)
     partial.unlink(missing_ok=True)

@@ -2,7 +2,8 @@
 
     fastguide sample   guided samples from the shipped digits model
     fastguide sweep    accuracy, Fréchet distance and diversity against guidance scale
-    fastguide train    retrain the digits model, its noisy classifier, its evaluator and its guide
+    fastguide train    retrain the digits model, its noisy classifier, its evaluator, its guide and
+                       the flow transformer
     fastguide bench    the benchmark suite (python -m fastguide bench)
     fastguide selfcheck  the four ops against their formulas
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from ..ops import backends
+from ..ops.validation import FLOAT32_MAX
 from ..sampling.schedule import SPACINGS, NoiseSchedule
 from ..sampling.solvers import SAMPLERS
 from .options import (
@@ -63,6 +65,7 @@ from .options import (
 )
 
 GUIDANCE = ("cfg", "cfg++", "auto", "classifier", "both", "none")
+DIGITS_NETWORKS = ("unet", "classifier", "evaluator")  # what a --checkpoint folder of --model digits holds
 CLASSIFIER_SCALE = 4.0  # --classifier-scale's default
 CFG_KINDS = ("cfg", "cfg++", "both")  # the kinds --schedule and --tangential apply to
 INTERVAL_KINDS = (*CFG_KINDS, "auto")  # AutoGuidance takes an interval too, but a constant w
@@ -136,10 +139,9 @@ def load_sampling_model(
         )
     elif name == "digits-transformer":
         folder = checkpoint or digits.WEIGHTS
-        models = load_weights("--checkpoint", folder, lambda: digits.load(device, weights=folder))
-        assert models.transformer is not None  # its file exists (_check_transformer)
+        transformer = load_weights("--checkpoint", folder, lambda: digits.load_transformer(device, folder))
         bundle = SamplingModel(
-            models.transformer,
+            transformer,
             None,
             (1, digits.IMAGE_SIZE, digits.IMAGE_SIZE),
             digits.NUM_CLASSES,
@@ -210,12 +212,15 @@ def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images: torch.Tensor, path: Path, columns: int, scale: int = 4) -> None:
-    """A PNG grid of samples, each upscaled ``scale``× (nearest) with a 1-pixel gap."""
+def save_grid(images: torch.Tensor, path: Path, columns: int, scale: int | None = None) -> None:
+    """A PNG grid of samples, each upscaled ``scale``× (nearest) with a 1-pixel gap; by
+    default as many times as brings a side to 32 pixels (the 8×8 digits 4×, ADM's images
+    not at all: 100 samples of adm512 upscaled 4× would be a 1.3 GB image)."""
     from PIL import Image
 
     pixels = to_uint8_nhwc(images)
     n, h, w, c = pixels.shape
+    scale = scale if scale is not None else max(1, 32 // max(h, w))
     rows = -(-n // columns)
     grid = Image.new("L" if c == 1 else "RGB", (columns * (w + 1) + 1, rows * (h + 1) + 1), color=255)
     for i in range(n):
@@ -421,6 +426,11 @@ def _check_cfg_options(args: argparse.Namespace) -> None:
         raise UsageError(
             "--interval", f"applies to --guidance {', '.join(INTERVAL_KINDS)}, got --guidance {args.guidance}"
         )
+    if args.schedule != "constant" and 1 + 2 * (args.scale - 1) > FLOAT32_MAX:
+        # (the linear and cosine schedules peak at 1 + 2(w − 1), which must stay a float32)
+        raise UsageError(
+            "--scale", f"--schedule {args.schedule} peaks at 1 + 2(w − 1), past float32's range for w = {args.scale}"
+        )
     options: dict = {} if args.guidance == "auto" else {"schedule": args.schedule}
     if args.interval:
         options["interval"] = _checked_interval(args.interval)
@@ -448,8 +458,10 @@ def _check_sample_weights(args: argparse.Namespace, adm: bool) -> None:
                 f"expected the guided-diffusion .pt or .safetensors file of --model {args.model}, got none",
             )
         check_weights_file("--checkpoint", args.checkpoint)
-    elif args.checkpoint is not None:
-        check_digits_folder("--checkpoint", args.checkpoint)
+    elif args.checkpoint is not None:  # (digits-transformer reads its own network alone: _check_transformer)
+        check_digits_folder(
+            "--checkpoint", args.checkpoint, () if args.model == "digits-transformer" else DIGITS_NETWORKS
+        )
     if args.model == "digits-transformer":
         _check_transformer(args)
     if args.classifier_checkpoint is not None:
@@ -587,11 +599,14 @@ def check_sweep(args: argparse.Namespace) -> None:
             check_scale(option, scale)
     if "cfg++" in args.guidances and max(args.cfgpp_scales) > 1:
         raise UsageError("--cfgpp-scales", f"expected CFG++'s λ values in [0, 1], got {max(args.cfgpp_scales)}")
-    if "auto" in args.guidances and not digits.guide_file().is_file():
+    weights = args.checkpoint or digits.WEIGHTS
+    if args.checkpoint is not None:
+        check_digits_folder("--checkpoint", args.checkpoint)
+    if "auto" in args.guidances and not digits.guide_file(weights).is_file():
         raise UsageError(
             "--guidances",
-            f"auto needs the guide network {digits.guide_file()}, which is missing: "
-            "'fastguide train --only guide' writes it",
+            f"auto needs the guide network {digits.guide_file(weights)}, which is missing: "
+            f"'fastguide train --only guide --out {weights}' writes it",
         )
     args.variants = sweep.Variants(
         tuple(args.cfgpp_scales),
@@ -599,6 +614,14 @@ def check_sweep(args: argparse.Namespace) -> None:
         _checked_interval(args.interval),
         args.schedule,
     )
+    for option, kind, given in (
+        ("--cfgpp-scales", "cfg++", args.cfgpp_scales != list(sweep.Variants.cfgpp_scales)),
+        ("--auto-scales", "auto", args.auto_scales is not None),
+        ("--interval", "interval", args.interval != list(sweep.DEFAULT_INTERVAL)),
+        ("--schedule", "schedule", args.schedule != "linear"),
+    ):
+        if given and kind not in args.guidances:  # an option with no row to act on
+            raise UsageError(option, f"applies to the {kind} rows: add {kind} to --guidances")
     # within-class diversity needs two samples of one class; labels cycle over the classes
     check_at_least("--samples-per-scale", args.samples_per_scale, digits.NUM_CLASSES + 1, MAX_SAMPLES)
     check_steps(args.steps, model_schedule(args.model), args.model, args.spacing)
@@ -610,8 +633,16 @@ def check_sweep(args: argparse.Namespace) -> None:
     if args.model == "digits-transformer":
         if {"auto", "classifier"} & set(args.guidances):
             raise UsageError("--guidances", "--model digits-transformer has CFG kinds only (no classifier or guide)")
-        if not digits.transformer_file().is_file():
-            raise UsageError("--model", f"digits-transformer needs {digits.transformer_file()}, which is missing")
+        if not digits.transformer_file(weights).is_file():
+            raise UsageError(
+                "--model", f"digits-transformer needs {digits.transformer_file(weights)}, which is missing"
+            )
+    try:  # the held-out images must be ones no swept network saw
+        digits.held_out_seed(
+            weights, ("guide",) * ("auto" in args.guidances) + ("transformer",) * (args.model == "digits-transformer")
+        )
+    except ValueError as error:
+        raise UsageError("--checkpoint", str(error)) from None
     check_seed("--seed", args.seed)
     args.device = parse_device(args.device)
     check_backend(None, args.device)
@@ -622,7 +653,7 @@ def check_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from . import sweep
+    from . import digits, sweep
 
     kinds = tuple(dict.fromkeys(args.guidances))  # each kind once, in the order given
     rows = sweep.run(
@@ -636,6 +667,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         device=str(args.device),
         progress=not args.quiet,
         transformer=args.model == "digits-transformer",
+        weights=args.checkpoint or digits.WEIGHTS,
     )
     table = sweep.markdown(rows)
     print(table)
@@ -649,8 +681,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def check_train(args: argparse.Namespace) -> None:
-    """Every option of ``fastguide train``; with --only guide, sets args.record to --out's
-    digits_training.json (empty when there is none)."""
+    """Every option of ``fastguide train``; with --only guide or transformer, sets
+    args.record to --out's digits_training.json (empty when there is none)."""
     check_at_least("--unet-steps", args.unet_steps)
     check_at_least("--classifier-steps", args.classifier_steps)
     check_at_least("--evaluator-steps", args.evaluator_steps)
@@ -901,8 +933,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="digits",
         help="the UNet, or the flow transformer (CFG kinds only)",
     )
+    w.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="a folder written by 'fastguide train' (default: the shipped weights); scored against the "
+        "held-out images of the split its networks were trained on",
+    )
     w.add_argument("--sampler", choices=SAMPLERS, default="unipc")
-    w.add_argument("--spacing", choices=SPACINGS, help="where the steps lie (as for sample; default logsnr)")
+    w.add_argument(
+        "--spacing",
+        choices=SPACINGS,
+        help="where the steps lie (as for sample; default: logsnr, linspace for --model digits-transformer)",
+    )
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--device", default="cpu")
     w.add_argument("--table", type=Path, help="also write the markdown table here")

@@ -1,6 +1,6 @@
 """fastguide's own guided model: handwritten digits (scikit-learn's 1,797 8×8 images).
 
-Four networks, trained by ``fastguide train`` with a fixed seed, ship as fp16
+Five networks, trained by ``fastguide train`` with a fixed seed, ship as fp16
 safetensors in fastguide/weights/ so that ``fastguide sample`` works right after install:
 - ``unet``: a compact class-conditional ADM UNet with a null class and label dropout
   (classifier-free guidance ready), eps-prediction on the cosine schedule;
@@ -9,8 +9,9 @@ safetensors in fastguide/weights/ so that ``fastguide sample`` works right after
   accuracy and 64-d features score samples (fidelity, Fréchet distance, diversity);
 - ``guide``: a weaker version of ``unet`` for autoguidance (Karras et al. 2024): the same
   conditioning and schedule, fewer channels at 4×4 and a fraction of the training steps.
-  It trains on its own seed-derived streams (``fastguide train --only guide``), so adding
-  or retraining it leaves the other three networks as they are;
+  Its streams are re-seeded from the same seed before it trains (``fastguide train --only
+  guide``: the batches, noise and timesteps the UNet's training drew first), so adding or
+  retraining it leaves the other networks as they are;
 - ``transformer``: a small class-conditional flow-matching transformer (SiT-style: a
   ``fastguide.DiT`` over 2×2 patches, velocity ε − x0 on ``NoiseSchedule.flow()``, label
   dropout for CFG), trained on its own streams as the guide is
@@ -184,12 +185,36 @@ def load(device: torch.device | str = "cpu", weights: Path = WEIGHTS) -> DigitsM
         load_checkpoint(getattr(models, name), weights / f"digits_{name}.safetensors")
     if guide_file(weights).is_file():
         models.guide = load_checkpoint(build_guide(), guide_file(weights))
-    if transformer_file(weights).is_file():
-        models.transformer = load_checkpoint(build_transformer(), transformer_file(weights))
-    for model in (models.unet, models.classifier, models.evaluator, models.guide, models.transformer):
+    for model in (models.unet, models.classifier, models.evaluator, models.guide):
         if model is not None:
             model.to(device).float().eval()
+    if transformer_file(weights).is_file():
+        models.transformer = load_transformer(device, weights)
     return models
+
+
+def load_transformer(device: torch.device | str = "cpu", weights: Path = WEIGHTS) -> DiT:
+    """The flow transformer of ``weights`` alone (a folder of ``fastguide train --only
+    transformer`` holds no other network), in eval mode, float32, on ``device``."""
+    return load_checkpoint(build_transformer(), transformer_file(weights)).to(device).float().eval()
+
+
+def held_out_seed(weights: Path = WEIGHTS, networks: tuple[str, ...] = ()) -> int:
+    """The seed of the train/held-out split (``load_dataset``) that the main networks of
+    ``weights`` (and ``networks``, of "guide" and "transformer") were trained on, from its
+    digits_training.json (0 without one): a score against the held-out images is honest
+    only for networks that never saw them. ValueError where they were trained on different
+    splits."""
+    path = weights / "digits_training.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    keys = ("seed", *(f"{name}_seed" for name in networks))
+    seeds = {name: record[name] for name in keys if name in record}
+    if len(set(seeds.values())) > 1:
+        raise ValueError(
+            f"the networks in {weights} were trained on different train/held-out splits ({seeds} in {path.name}): "
+            "train them with one --seed"
+        )
+    return next(iter(seeds.values()), 0)
 
 
 def _batches(n: int, batch_size: int, steps: int, g: torch.Generator):
@@ -249,7 +274,8 @@ class _Run:
         return F.cross_entropy(model(x), y)
 
     def fit(self, name: str, model: nn.Module, steps: int, loss_fn, lr: float) -> float | None:
-        """AdamW with warmup and cosine decay; returns the smoothed final loss (None for 0 steps)."""
+        """AdamW with warmup and cosine decay; returns the smoothed final loss (None only for 0
+        steps, which the callers refuse)."""
         from tqdm.auto import tqdm
 
         model.train()
@@ -308,7 +334,9 @@ def train(
 ) -> dict:
     """Train the five networks deterministically and write fp16 safetensors plus a JSON
     record of the run into ``out``. Returns the record (losses, held-out accuracy).
-    Raises ValueError, before any work, for a step count or batch size below 1."""
+    ``batch_size`` is the UNet's, classifier's, evaluator's and guide's; the transformer trains
+    at its own (``train_transformer``'s 128, as the shipped one did). Raises ValueError,
+    before any work, for a step count or batch size below 1."""
     _check_counts(
         unet_steps=unet_steps,
         classifier_steps=classifier_steps,

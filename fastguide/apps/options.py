@@ -136,11 +136,12 @@ def check_backend(choice: str | None, device: torch.device) -> None:
         raise UsageError(option, f"the {choice} backend cannot run on {device.type} here: {reason}")
 
 
-def check_modules(command: str, *modules: str) -> None:
-    """The optional packages a subcommand needs are installed."""
+def check_modules(command: str, *modules: str, extra: str = "train") -> None:
+    """The optional packages a subcommand (or option) needs are installed: else the extra
+    that installs them."""
     missing = [name for name in modules if importlib.util.find_spec(name) is None]
     if missing:
-        raise UsageError(command, f"needs {', '.join(missing)}: pip install 'fastguide[train]'")
+        raise UsageError(command, f"needs {', '.join(missing)}: pip install 'fastguide[{extra}]'")
 
 
 def check_steps(steps: int, schedule: NoiseSchedule, model: str, spacing: str | None = None) -> None:
@@ -170,7 +171,8 @@ def parse_labels(text: str, count: int, num_classes: int) -> torch.Tensor:
     try:
         if "-" in text:
             low, high = (int(v) for v in text.split("-"))
-            values = list(range(low, high + 1))
+            # (bounded before the range is built: 0-1000000000000 would fill the memory)
+            values = list(range(low, high + 1)) if 0 <= low <= high < num_classes else []
         else:
             values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -195,13 +197,16 @@ def check_weights_file(option: str, path: Path) -> None:
         raise UsageError(option, f"expected a .pt or .safetensors file, got the empty file {path}")
 
 
-def check_digits_folder(option: str, path: Path) -> None:
-    """A folder written by ``fastguide train``, holding the three digits networks."""
+def check_digits_folder(
+    option: str, path: Path, networks: tuple[str, ...] = ("unet", "classifier", "evaluator")
+) -> None:
+    """A folder written by ``fastguide train``, holding the digits ``networks`` (the three
+    main ones by default)."""
     if not path.exists():
         raise UsageError(option, f"{path} does not exist")
     if not path.is_dir():
         raise UsageError(option, f"expected a folder written by 'fastguide train', got the file {path}")
-    for name in ("unet", "classifier", "evaluator"):
+    for name in networks:
         check_weights_file(option, path / f"digits_{name}.safetensors")
 
 

@@ -26,6 +26,7 @@ from .options import (
     check_at_least,
     check_backend,
     check_image_file,
+    check_modules,
     check_scale,
     check_seed,
     parse_device,
@@ -52,6 +53,7 @@ def check(args: argparse.Namespace) -> None:
     given = [flag for dest, flag, default in DIGITS_ONLY if getattr(args, dest) != default]
     if given:
         raise UsageError(given[0], "applies to the digits and ADM models, not to --pipeline")
+    check_modules("--pipeline", "diffusers", "transformers", extra="diffusers")
     folder = Path(args.pipeline)
     if not (folder / "model_index.json").is_file():
         raise UsageError(
@@ -75,6 +77,12 @@ def check(args: argparse.Namespace) -> None:
             "--spacing",
             "places fastguide's own sampler's steps: with --pipeline it needs --sampler "
             "(without one, the pipeline's scheduler is reproduced, its steps with it)",
+        )
+    if args.spacing == "adm":  # the CLI's adm is the models' strided grid, which accelerate() does not place
+        raise UsageError(
+            "--spacing",
+            "adm (ADM's strided ddimN grid) applies to the digits and ADM models; a pipeline's sampler "
+            "takes leading, trailing, linspace, logsnr or karras",
         )
     if args.sampler is not None:
         _check_sampler_fits(args.sampler, folder)
@@ -118,7 +126,8 @@ def load(args: argparse.Namespace):
             )
         else:
             pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, TypeError) as error:
+    except (OSError, ValueError, TypeError, AttributeError, ImportError) as error:
+        # (AttributeError: a pipeline class this diffusers does not have, as a newer one saves)
         raise UsageError(
             "--pipeline" if args.pag_scale is None else "--pag-scale",
             f"could not load the pipeline in {str(args.pipeline)!r}: {error}",

@@ -32,7 +32,11 @@ from . import digits
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to the rows of a and of b."""
+    """Fréchet distance between Gaussians fitted to the rows of a and of b (unbiased
+    covariances, as pytorch-fid); NaN where a feature is not finite (samples that overflowed
+    at a huge scale), which numpy's eigensolver would not converge on."""
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     values, vectors = np.linalg.eigh(cov_a)
@@ -123,23 +127,33 @@ def run(
     device: str = "cpu",
     progress: bool = True,
     transformer: bool = False,
+    weights: Path = digits.WEIGHTS,
 ) -> list[dict]:
     """Rows {kind, guidance, sampler, scale, accuracy, frechet, diversity} for each of
     ``kinds`` (see ``KINDS``), every row from the same seed; ``steps`` a count (on the
-    sampler's default grid) or the timesteps. "auto" needs the shipped guide network
-    (ValueError without it). ``transformer``: sample the flow transformer instead of the
-    UNet (CFG kinds only: it has no classifier or guide)."""
+    sampler's default grid) or the timesteps. "auto" needs the guide network (ValueError
+    without it). ``transformer``: sample the flow transformer instead of the UNet (CFG
+    kinds only: it has no classifier or guide). ``weights``: the folder of the networks
+    (the shipped ones by default); the images scored against are the held-out ones of the
+    split they were trained on (``digits.held_out_seed``). ValueError, before any
+    sampling, for an unknown kind or fewer samples per scale than two of a class."""
     from tqdm.auto import tqdm
 
     from ..sampling.guidance import CFG, AutoGuidance, CFGPlusPlus, ClassifierGuidance
     from ..sampling.loop import GuidanceSpec, sample
 
-    models = digits.load(device)
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if unknown:
+        raise ValueError(f"kinds must be among {KINDS}, got {unknown}")
+    if samples_per_scale < digits.NUM_CLASSES + 1:  # within-class diversity needs two of a class
+        raise ValueError(f"samples_per_scale must be at least {digits.NUM_CLASSES + 1}, got {samples_per_scale}")
+    split_seed = digits.held_out_seed(weights, ("guide",) * ("auto" in kinds) + ("transformer",) * transformer)
+    models = digits.load(device, weights)
     if "auto" in kinds and models.guide is None:
-        raise ValueError(f"autoguidance needs the guide network {digits.guide_file()}, which is missing")
+        raise ValueError(f"autoguidance needs the guide network {digits.guide_file(weights)}, which is missing")
     if transformer and (models.transformer is None or {"auto", "classifier"} & set(kinds)):
         raise ValueError(
-            f"the flow transformer sweep needs {digits.transformer_file()} and CFG kinds only, got kinds {kinds}"
+            f"the flow transformer sweep needs {digits.transformer_file(weights)} and CFG kinds only, got kinds {kinds}"
         )
     denoiser = models.transformer if transformer else models.unet
     assert denoiser is not None  # a transformer sweep without the transformer was refused above
@@ -148,7 +162,7 @@ def run(
         if transformer
         else dict(schedule=digits.schedule())
     )
-    _, _, held_x, _ = digits.load_dataset()
+    _, _, held_x, _ = digits.load_dataset(split_seed)
     with torch.no_grad():
         real_features = models.evaluator.features(held_x.to(device)).cpu().numpy()
     labels = torch.arange(samples_per_scale) % digits.NUM_CLASSES

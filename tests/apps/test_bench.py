@@ -214,17 +214,20 @@ def test_bench_reports_the_cases_that_ran_when_others_fail(tmp_path, capsys):
     assert "| fastguide |" in table and "| eager |" in table
 
 
-def test_bench_takes_an_out_folder_relative_to_the_callers_folder(tmp_path, monkeypatch, capsys):
-    """pytest runs from the checkout: the results land in the caller's --out all the same."""
+@pytest.mark.parametrize("relative_suite", [False, True], ids=["absolute --benchmarks", "relative --benchmarks"])
+def test_bench_takes_folders_relative_to_the_callers_folder(tmp_path, monkeypatch, capsys, relative_suite):
+    """pytest runs from the checkout: the results land in the caller's --out all the same,
+    and a relative --benchmarks names the suite from the caller's folder."""
     suite = tmp_path / "suite" / "benchmarks"
     suite.mkdir(parents=True)
     (suite / "conftest.py").write_text("")
     (suite.parent / "pytest.ini").write_text("[pytest]\npython_files = bench_*.py\n")
     (suite / "bench_one.py").write_text("def test_sum(benchmark):\n    benchmark(sum, range(10))\n")
-    caller = tmp_path / "caller"
-    caller.mkdir()
+    caller = tmp_path if relative_suite else tmp_path / "caller"
+    caller.mkdir(exist_ok=True)
     monkeypatch.chdir(caller)
-    assert bench.main(["--benchmarks", str(suite), "--out", "results", "--no-plots"]) == 0
+    given = "suite/benchmarks" if relative_suite else str(suite)
+    assert bench.main(["--benchmarks", given, "--out", "results", "--no-plots"]) == 0
     assert (caller / "results" / "table.md").is_file() and not (suite.parent / "results").exists()
 
 

@@ -20,6 +20,14 @@ pytestmark = pytest.mark.skipif(
 SMALL = ["--num-samples", "12", "--steps", "6", "--batch-size", "4", "--quiet"]
 
 
+def test_the_grid_upscales_small_samples_only(tmp_path):
+    sizes = {}
+    for side in (8, 64):
+        cli.save_grid(torch.rand(3, 3, side, side) * 2 - 1, tmp_path / f"{side}.png", columns=3)
+        sizes[side] = Image.open(tmp_path / f"{side}.png").size
+    assert sizes == {8: ((3 * 9 + 1) * 4, (9 + 1) * 4), 64: (3 * 65 + 1, 65 + 1)}
+
+
 def test_sample_writes_a_png_grid_and_adm_npz(tmp_path):
     png, npz = tmp_path / "digits.png", tmp_path / "digits.npz"
     assert cli.main(["sample", "--out", str(png), "--npz", str(npz), *SMALL]) == 0
@@ -111,6 +119,8 @@ SAMPLE = ["sample", "--out", "x.png", "--quiet"]
         (["--seed", "-1"], "--seed: expected an integer from 0 to"),
         (["--backend", "bogus"], "--backend: invalid choice: 'bogus'"),
         (["--labels", "3-12"], "--labels: expected classes in 0..9, got '3-12'"),
+        (["--labels", "0-1000000000000"], "--labels: expected classes in 0..9, got '0-1000000000000'"),
+        (["--scale", "3e38", "--schedule", "linear"], "--scale: --schedule linear peaks at 1 + 2(w − 1)"),
         (["--labels", "x"], "--labels: expected a class, a range like 0-9 or a list like 1,4,7, got 'x'"),
         (
             ["--model", "imagenet"],
@@ -389,6 +399,11 @@ def test_digits_train_refuses_zero_steps(tmp_path):
             "for the flow path of --model digits-transformer, got ddpm",
         ),
         (["--sampler", "euler-maruyama"], "--sampler: expected one of ddim, ddpm"),
+        (["--guidances", "cfg", "--auto-scales", "1.5"], "--auto-scales: applies to the auto rows"),
+        (["--guidances", "cfg", "--cfgpp-scales", "0.3"], "--cfgpp-scales: applies to the cfg++ rows"),
+        (["--guidances", "cfg", "--schedule", "cosine"], "--schedule: applies to the schedule rows"),
+        (["--guidances", "cfg", "--interval", "0.1", "3"], "--interval: applies to the interval rows"),
+        (["--checkpoint", "missing"], "--checkpoint: missing does not exist"),
     ],
 )
 def test_sweep_refuses_bad_options(workdir, capsys, options, message):
@@ -548,6 +563,71 @@ def test_sweep_shows_guidance_raising_accuracy():
     by = {(r["guidance"], r["scale"]): r for r in rows}
     assert by[("cfg", 4.0)]["accuracy"] > by[("cfg", 0.0)]["accuracy"]
     assert by[("classifier", 4.0)]["accuracy"] > by[("classifier", 0.0)]["accuracy"]
+
+
+def test_sweep_refuses_networks_trained_on_different_splits(workdir, capsys):
+    import json
+    import shutil
+
+    folder = workdir / "weights"
+    shutil.copytree(digits.WEIGHTS, folder)
+    record = json.loads((folder / "digits_training.json").read_text())
+    (folder / "digits_training.json").write_text(json.dumps({**record, "guide_seed": 7}))
+    message = "--checkpoint: the networks in weights were trained on different train/held-out splits"
+    fails_with(capsys, workdir, ["sweep", "--quiet", "--checkpoint", "weights", "--guidances", "auto"], message)
+    assert digits.held_out_seed(folder) == record["seed"]  # the guide unused: its seed does not matter
+
+
+def test_a_sweep_scores_against_the_held_out_images_of_the_training_seed(monkeypatch, tmp_path):
+    import json
+    import shutil
+
+    from fastguide.apps import sweep
+
+    folder = tmp_path / "weights"
+    shutil.copytree(digits.WEIGHTS, folder)
+    record = json.loads((folder / "digits_training.json").read_text())
+    (folder / "digits_training.json").write_text(
+        json.dumps({**record, "seed": 7, "guide_seed": 7, "transformer_seed": 7})
+    )
+    seeds = []
+    load_dataset = digits.load_dataset
+    monkeypatch.setattr(digits, "load_dataset", lambda seed=0: seeds.append(seed) or load_dataset(seed))
+    sweep.run([0.0], kinds=("cfg",), samples_per_scale=11, steps=2, progress=False, weights=folder)
+    assert seeds == [7]
+
+
+@pytest.mark.parametrize(
+    "arguments, match",
+    [
+        (dict(kinds=("cfg", "bogus")), r"kinds must be among .* got \['bogus'\]"),
+        (dict(samples_per_scale=5), "samples_per_scale must be at least 11, got 5"),
+    ],
+)
+def test_sweep_run_checks_its_arguments_before_sampling(arguments, match):
+    from fastguide.apps import sweep
+
+    with pytest.raises(ValueError, match=match):
+        sweep.run([1.0], progress=False, **arguments)
+
+
+def test_frechet_distance_matches_scipys_matrix_square_root():
+    # covariances that do not commute: an eigenvalue pairing that ignores orientation
+    # agrees with the formula only when they do
+    from scipy import linalg
+
+    from fastguide.apps.sweep import frechet_distance
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(400, 6)) @ rng.normal(size=(6, 6))
+    b = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6)) + rng.normal(size=6)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b).real
+    expected = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+    b[3, 2] = np.inf  # samples that overflowed: NaN, not numpy's LinAlgError
+    assert np.isnan(frechet_distance(a, b))
 
 
 def test_frechet_distance_of_known_gaussians():

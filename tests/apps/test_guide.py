@@ -243,6 +243,7 @@ def test_sweep_command_options(workdir, capsys, monkeypatch):
                 "auto",
                 "cfg",
                 "auto",
+                "schedule",
                 "--auto-scales",
                 "1.5",
                 "2",
@@ -254,7 +255,7 @@ def test_sweep_command_options(workdir, capsys, monkeypatch):
         )
         == 0
     )
-    assert seen["kinds"] == ("auto", "cfg") and seen["scales"] == [0, 1, 2, 3, 5, 8]
+    assert seen["kinds"] == ("auto", "cfg", "schedule") and seen["scales"] == [0, 1, 2, 3, 5, 8]
     assert seen["variants"] == sweep.Variants(auto_scales=(1.5, 2.0), schedule="cosine")
     assert "**2.000**" in (workdir / "t.md").read_text()
     monkeypatch.setattr(digits, "guide_file", lambda weights=None: workdir / "missing.safetensors")

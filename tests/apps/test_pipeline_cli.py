@@ -137,6 +137,7 @@ def test_a_grid_that_fails_to_write_leaves_the_old_file(pipeline_folder, tmp_pat
         (["--labels", "3"], "--labels: applies to the digits and ADM models, not to --pipeline"),
         ([], "--prompt: is required with --pipeline"),
         (["--prompt", "x", "--spacing", "karras"], "--spacing: places fastguide's own sampler's steps"),
+        (["--prompt", "x", "--sampler", "unipc", "--spacing", "adm"], "--spacing: adm (ADM's strided ddimN grid)"),
         (["--prompt", "x", "--steps", "0"], "--steps"),
         (["--prompt", "x", "--scale", "1e39"], "--scale: expected a finite number from 0 to"),
         (["--prompt", "x", "--seed", str(2**64 - 1), "--num-samples", "2", "--batch-size", "1"], "--seed: expected"),
@@ -151,6 +152,34 @@ def test_bad_pipeline_options_exit_2_with_one_line(pipeline_folder, capsys, argu
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert message in error and len(error.splitlines()) == 1
+
+
+def test_a_pipeline_class_this_diffusers_lacks_is_one_line(pipeline_folder, tmp_path, capsys):
+    import json
+    import shutil
+
+    folder = tmp_path / "newer"
+    shutil.copytree(pipeline_folder, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "PipelineOfANewerDiffusers"}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--pipeline", str(folder), "--prompt", "x", "--out", str(tmp_path / "x.png")])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "--pipeline: could not load the pipeline" in error
+    assert len(error.splitlines()) == 1
+
+
+def test_a_missing_diffusers_is_named(pipeline_folder, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else find_spec(name, *a)
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--pipeline", str(pipeline_folder), "--prompt", "x"])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "--pipeline: needs diffusers: pip install 'fastguide[diffusers]'" in error
 
 
 def test_a_folder_without_a_pipeline_is_refused(tmp_path, capsys):

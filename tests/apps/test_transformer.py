@@ -109,6 +109,16 @@ def test_sample_cli_names_the_missing_transformer(capsys, workdir):
 
 
 @SHIPPED
+def test_sample_cli_takes_a_folder_holding_the_transformer_alone(workdir):
+    # what 'fastguide train --only transformer --out DIR' writes: no UNet, classifier or evaluator
+    folder = workdir / "only-transformer"
+    folder.mkdir()
+    shutil.copy(digits.transformer_file(), folder)
+    arguments = ["sample", "--model", "digits-transformer", "--checkpoint", str(folder), "--out", "x.png", *SMALL]
+    assert cli.main(arguments) == 0 and (workdir / "x.png").is_file()
+
+
+@SHIPPED
 def test_sweep_rows_of_the_transformer():
     rows = sweep.run([0.0, 3.0], kinds=("cfg",), samples_per_scale=20, steps=6, progress=False, transformer=True)
     assert [row["scale"] for row in rows] == [0.0, 3.0]
