@@ -388,11 +388,14 @@ def test_triton_channels_last_forward_in_one_pass_and_in_three(one_pass, dtype, 
     torch.testing.assert_close(rstd.double(), want_rstd, atol=0, rtol=1e-5)
 
 
-def _check_nchw_backward(kernels, shape, dtype, present, activation, monkeypatch, device):
+def _check_nchw_backward(kernels, shape, dtype, present, activation, monkeypatch, device, channels_last=False):
     """kernels.group_norm_backward with the parameters named in `present` (of weight, bias,
-    scale, shift), outputs poisoned with NaN, against float64 autograd of the formula."""
+    scale, shift), outputs poisoned with NaN, against float64 autograd of the formula (x
+    channels_last where asked)."""
     n, c, groups, spatial = shape
     x, *params = random_inputs(n, c, spatial, dtype, device, seed=19)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
     params = NormParameters(*(t if name in present else None for name, t in zip(NormParameters._fields, params)))
     _, mean, rstd = kernels.group_norm_forward(x, params, groups, 1e-5, activation)
     dy = torch.randn(x.shape, dtype=dtype, device=device)
@@ -441,6 +444,46 @@ def test_triton_nchw_backward_over_many_steps_and_parameter_sets(one_pass, activ
     monkeypatch.setattr(kernels, "BACKWARD_FUSED_SLAB_BYTES", 256)
     _check_nchw_backward(kernels, (1, 4, 2, (70, 70)), torch.float32, present, activation, monkeypatch, device)
     assert one_pass_kernel.launches == one_pass
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend (a GPU, or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("one_pass", [False, True], ids=["three-launch", "one-pass"])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize(
+    "present", [(), ("shift",), ("bias", "scale"), ("weight", "scale")], ids=lambda p: "+".join(p) or "none"
+)
+def test_triton_channels_last_over_parameter_sets(one_pass, activation, present, monkeypatch, device):
+    # The channels_last kernels' branches for each absent parameter, forward (one pass or
+    # three launches) and backward, each against float64 autograd of the formula.
+    kernels, _, one_pass_kernel = _forced_path(monkeypatch, one_pass, "_rows_group_kernel")
+    shape = (3, 32, 4, (5, 7))
+    n, c, groups, spatial = shape
+    x, *given = random_inputs(n, c, spatial, torch.float32, device, seed=23)
+    x = x.to(memory_format=torch.channels_last)
+    params = NormParameters(*(t if name in present else None for name, t in zip(NormParameters._fields, given)))
+    y, _, _ = kernels.group_norm_forward(x, params, groups, 1e-5, activation)
+    assert one_pass_kernel.launches == one_pass
+    assert_close(y, explicit_group_norm(x, groups, *params, activation), GROUP_NORM, torch.float32)
+    _check_nchw_backward(kernels, shape, torch.float32, present, activation, monkeypatch, device, channels_last=True)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend (a GPU, or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("batch", [3, 5])
+def test_triton_channels_last_one_pass_interleaves_statistics_and_normalising(batch, monkeypatch, device):
+    # An L2 budget of two samples: lag 1, so the tickets alternate between a sample's
+    # statistics and the normalising of the one before (with the whole batch in flight,
+    # every statistics ticket ran first)
+    kernels, _, one_pass_kernel = _forced_path(monkeypatch, True, "_rows_group_kernel")
+    c, groups, spatial = 16, 4, (5, 7)
+    budget = 2 * c * math.prod(spatial) * 4
+    monkeypatch.setattr(kernels, "_l2_budget", lambda device: budget)
+    taken = kernels.rows_fused_config(batch, c, groups, math.prod(spatial), 2, 4, budget)
+    assert taken is not None and taken["lag"] == 1
+    x, weight, bias, scale, shift = random_inputs(batch, c, spatial, torch.float32, device, seed=29)
+    x = x.to(memory_format=torch.channels_last)
+    y, _, _ = kernels.group_norm_forward(x, NormParameters(weight, bias, scale, shift), groups, 1e-5, "silu")
+    assert one_pass_kernel.launches
+    assert_close(y, explicit_group_norm(x, groups, weight, bias, scale, shift, "silu"), GROUP_NORM, torch.float32)
 
 
 def test_one_pass_nchw_forward_config_takes_groups_that_keep_its_programs_busy():
