@@ -11,7 +11,8 @@ Backends:
               in time on first use when not installed prebuilt. It covers guided_step,
               group_norm and layer_norm; other ops run under it as they would under
               ``auto``.
-  ``auto``    (default) CUDA tensor -> a prebuilt cuda extension where it has the op,
+  ``auto``    (default) CUDA tensor -> a prebuilt cuda extension where it has the op
+              (on a GPU of compute capability 8.0 or newer, what it is built for),
               else triton, else torch; inside ``graph_capture()`` (a sampling loop
               capturing CUDA graphs) triton first; CPU -> torch. ``auto`` never raises
               and never starts a build.
@@ -220,11 +221,39 @@ class CudaBackend(Backend):
     def why_not(self, device: torch.device) -> str | None:
         if device.type != "cuda":
             return f"the cuda backend runs on CUDA tensors only, got a {device.type} tensor"
-        return extension.why_not_available()
+        return _older_than_sm80(device.index) or extension.why_not_available()
 
     def runs_under_auto(self, op: str, device: torch.device, dtype: torch.dtype) -> bool:
-        """Only with the extension installed prebuilt: ``auto`` never starts a build."""
-        return self.has_kernel(op) and dtype in self.dtypes and extension.prebuilt_path() is not None
+        """Only with the extension installed prebuilt (``auto`` never starts a build) and a
+        GPU it is built for."""
+        return (
+            self.has_kernel(op)
+            and dtype in self.dtypes
+            and extension.prebuilt_path() is not None
+            and _older_than_sm80(device.index) is None
+        )
+
+
+_SM80_REASONS: dict[int | None, str | None] = {}  # device index -> _older_than_sm80's answer
+
+
+def _older_than_sm80(index: int | None) -> str | None:
+    """Why CUDA device ``index`` (None: the current one) cannot run the extension's
+    kernels: they are built for sm_80 and newer (bfloat16 arithmetic, cp.async; setup.py);
+    None when it can. Kept per device after the first eager call; torch.compile, which
+    resolves the backend while it traces, folds get_device_properties to a constant."""
+    if index in _SM80_REASONS:
+        return _SM80_REASONS[index]
+    properties = torch.cuda.get_device_properties(index)
+    reason = (
+        f"the cuda backend's kernels need compute capability 8.0 or newer, this GPU has "
+        f"{properties.major}.{properties.minor}"
+        if properties.major < 8
+        else None
+    )
+    if not torch.compiler.is_compiling():  # (no side effect in a traced function)
+        _SM80_REASONS[index] = reason
+    return reason
 
 
 IMPLEMENTATIONS: dict[str, Backend] = {b.name: b for b in (TorchBackend(), TritonBackend(), CudaBackend())}

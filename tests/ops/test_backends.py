@@ -12,6 +12,33 @@ from fastguide import ops
 from fastguide.ops import _attention, _group_norm, _layer_norm, backends, extension
 
 
+@pytest.fixture(autouse=True)
+def cuda_device_of_sm90_where_none(monkeypatch):
+    """Resolving for CUDA tensors on a machine without CUDA: device 0 reads as sm_90 (the
+    cuda backend asks for the compute capability)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(backends, "_SM80_REASONS", {None: None, 0: None})
+
+
+def test_the_cuda_backend_needs_sm80_and_auto_passes_it_over_on_older_gpus(monkeypatch):
+    from types import SimpleNamespace
+
+    _kernels_present(monkeypatch, triton=True, cuda=True)
+    monkeypatch.setattr(extension, "prebuilt_path", lambda: "/site-packages/fastguide/_C.so")
+    for capability, picked in (((7, 5), "triton"), ((8, 0), "cuda"), ((9, 0), "cuda")):
+        monkeypatch.setattr(backends, "_SM80_REASONS", {})
+        properties = SimpleNamespace(major=capability[0], minor=capability[1])
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: properties)
+        with fastguide.backend("auto"):
+            assert backends.resolve("guided_step", torch.device("cuda", 0), torch.float16) == picked
+        assert backends._SM80_REASONS.keys() == {0}  # asked once per device
+        cuda = backends.IMPLEMENTATIONS["cuda"]  # its own why_not (the helper above stubs the instance's)
+        reason = type(cuda).why_not(cuda, torch.device("cuda", 0))
+        assert (reason is not None and "compute capability 8.0 or newer, this GPU has 7.5" in reason) == (
+            picked == "triton"
+        )
+
+
 def test_default_is_auto_and_cpu_resolves_to_torch(monkeypatch):
     monkeypatch.delenv("FASTGUIDE_BACKEND", raising=False)
     assert fastguide.get_backend() == "auto"
