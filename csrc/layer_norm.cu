@@ -15,6 +15,8 @@
 // (5·E·s_x). ~8 FLOPs per element: memory-bound.
 #include <cuda_runtime.h>
 
+#include <cfloat>
+
 #include "layer_norm.cuh"
 
 namespace fastguide {
@@ -173,8 +175,11 @@ __device__ __forceinline__ void row_statistics(const LayerNormParams& p, float s
   const double deviation = lane_mean - mean;
   const double variance = warp_sum(fmax(lane_m2, 0.0) + n * deviation * deviation) / static_cast<double>(p.d);
   mean_out = static_cast<float>(mean);
-  // Statistics that overflowed float32 (or met a NaN or ±inf) give a NaN row, on every backend.
-  rstd_out = variance < HUGE_VAL ? static_cast<float>(1.0 / sqrt(variance + static_cast<double>(p.eps))) : NAN;
+  // A row whose float32 statistics overflow (its Σx or Σ(x − μ)² past float32's range, as the
+  // other backends sum them; or a NaN or ±inf) is NaN, on every backend: float64 holds them.
+  const double d = static_cast<double>(p.d);
+  const bool representable = fabs(mean * d) <= static_cast<double>(FLT_MAX) && variance * d <= static_cast<double>(FLT_MAX);
+  rstd_out = representable ? static_cast<float>(1.0 / sqrt(variance + static_cast<double>(p.eps))) : NAN;
 }
 
 template <typename T, int kVec, bool kResidual>

@@ -814,7 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         nargs=2,
         metavar=("LOW", "HIGH"),
-        help="guide only where EDM's σ̃ lies in [LOW, HIGH] (Kynkäänniemi et al. 2024; cfg, cfg++, both or auto)",
+        help="guide only where EDM's σ̃ lies in (LOW, HIGH] (Kynkäänniemi et al. 2024; cfg, cfg++, both or auto)",
     )
     s.add_argument(
         "--tangential",

@@ -18,6 +18,7 @@ Samples are scored by the separate clean evaluator network:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,7 @@ def _jobs(kinds: tuple[str, ...], scales: list[float], variants: Variants, sampl
     from ..sampling.guidance import CFGPlusPlus
 
     low, high = variants.interval
-    labels = {"interval": f"cfg, σ̃ in [{low:g}, {high:g}]", "schedule": f"cfg, {variants.schedule} schedule"}
+    labels = {"interval": f"cfg, σ̃ in ({low:g}, {high:g}]", "schedule": f"cfg, {variants.schedule} schedule"}
     jobs = []
     for kind in kinds:
         kind_scales = {"cfg++": variants.cfgpp_scales, "auto": variants.auto_scales or scales}.get(kind, scales)
@@ -196,10 +197,12 @@ def run(
 
 
 def best_rows(rows: list[dict]) -> dict[str, dict]:
-    """{kind: its row with the lowest Fréchet distance}, in the rows' order of kinds."""
+    """{kind: its row with the lowest Fréchet distance}, in the rows' order of kinds; a NaN
+    distance (samples that overflowed) is never the lowest unless every row of the kind has one."""
     best: dict[str, dict] = {}
     for row in rows:
-        if row["kind"] not in best or row["frechet"] < best[row["kind"]]["frechet"]:
+        held = best.get(row["kind"])
+        if held is None or (not math.isnan(row["frechet"]) and not row["frechet"] >= held["frechet"]):
             best[row["kind"]] = row
     return best
 

@@ -15,8 +15,8 @@ decides at every model call:
 R̂ is the last computed R (``order=0``, FBCache's rule), or its linear extrapolation in the
 call's position p through the last two computed calls a > b (``order=1``, as TaylorSeer
 extrapolates cached features in the step index): R̂ = R_a + (p_i − p_a)/(p_a − p_b)·(R_a − R_b),
-R_a alone where p_a = p_b. p is the step index, which the two calls a step of heun makes
-at one t share (``BlockCacheState.positions``, set by the sampling loop: the number of
+R_a alone where p_a = p_b. p is the step index, which heun's two consecutive calls at one
+t (a step's second, the next step's first) share (``BlockCacheState.positions``, set by the sampling loop: the number of
 distinct model times before the call's; in the call index two-call samplers' calls would
 not be evenly spaced); a state used without positions takes the call index.
 

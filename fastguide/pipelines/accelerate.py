@@ -200,9 +200,12 @@ def _generator_states(generator: object, device: torch.device) -> list[tuple[tor
     generator of ``device`` (the pipeline's), which diffusers' randn_tensor then draws from."""
     if generator is None:
         device = torch.device(device)
-        generator = (
-            torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
-        )
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            generator = torch.cuda.default_generators[index]
+        elif device.type == "cpu":
+            generator = torch.default_generator
+        # (another device's global generator, which diffusers would draw from: not kept)
     generators = generator if isinstance(generator, (list, tuple)) else [generator]
     return [(g, g.get_state()) for g in generators if isinstance(g, torch.Generator)]
 

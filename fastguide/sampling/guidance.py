@@ -206,8 +206,8 @@ class DeltaReuse:
     - order 0: Δ̂ = Δ_a, the last computed delta (at guided call a);
     - order 1: Δ̂ = Δ_a + (p_j − p_a)/(p_a − p_b)·(Δ_a − Δ_b), linear in the step index p
       through the last two computed deltas (Δ_a alone until two exist, or where p_a = p_b);
-      heun's two calls a step, at one t, share a p (in the call index a two-call sampler's
-      calls would not be evenly spaced).
+      heun's two consecutive calls at one t (a step's second, the next step's first) share
+      a p (in the call index a two-call sampler's calls would not be evenly spaced).
     Checked when built: every an int >= 2, order 0 or 1."""
 
     every: int = 2

@@ -202,6 +202,11 @@ def test_best_rows_pick_the_lowest_frechet_distance_of_each_kind():
     best = sweep.best_rows(rows)
     assert list(best) == ["cfg", "auto"]
     assert (best["cfg"]["scale"], best["auto"]["scale"]) == (1, 2)
+    # a NaN distance (samples that overflowed at a huge scale) is never the lowest, first or not
+    nan = float("nan")
+    rows = [{"kind": "cfg", "frechet": f, "scale": s} for f, s in [(nan, 100), (5.0, 1), (nan, 50), (4.0, 2)]]
+    assert sweep.best_rows(rows)["cfg"]["scale"] == 2
+    assert sweep.best_rows(rows[:1])["cfg"]["scale"] == 100  # every row NaN: the first
 
 
 def test_sweep_command_options(workdir, capsys, monkeypatch):

@@ -414,6 +414,20 @@ def test_rows_with_an_outlier_or_a_large_mean(backend, dtype, case, width, devic
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("width", [13, 72])
+def test_rows_whose_sums_overflow_float32_are_nan_on_every_backend(backend, width, device, request):
+    # ±1e38 in turn: each value fits, the variance does not (the cuda kernel merges its
+    # lanes in float64, which holds it: it checks the float32 range)
+    device = device_for(backend, device)
+    x = torch.randn(2, width, generator=torch.Generator().manual_seed(2))
+    x[0] = torch.tensor([1e38, -1e38]).repeat(width)[:width]
+    with running_on(backend, request):
+        y = ops.layer_norm(x.to(device), width).cpu()
+    assert y[0].isnan().all()
+    assert_close(y[1], F.layer_norm(x[1].double(), (width,), eps=1e-6), LAYER_NORM, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_inputs(backend, device, request):
     device = device_for(backend, device)
     with running_on(backend, request):
