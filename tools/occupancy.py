@@ -79,6 +79,27 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "cuda similarity_guided_step_kernel<fp32, 4, 4, RuntimeReads> sm_80",
     "cuda similarity_guided_step_kernel<fp32, 4, 4, RuntimeReads> sm_90",
     "layer_norm adaLN bwd D=72 fp16 sm_80",
+    # Listed 2026-12-06, once the report held every csrc/ kernel that streams a tensor (it
+    # had skipped kernels without a kVec template argument). channel_sums_nhwc_kernel, the
+    # cuda backend's channels_last statistics and backward sums: a thread a channel of a
+    # warp's 32, scalar 16-bit loads (a 64-byte row a warp), the backward form reading x
+    # and dy beside four sums a channel, 2 loads issued together; 16-byte vectors over 8
+    # channels a thread, as Triton's rows kernels read, would lift it.
+    # layer_norm_column_sums_kernel, every cuda LayerNorm backward: a thread a (column,
+    # sample, token chunk) walking its tokens one element at a time (x, dy and the row's
+    # mean and rstd), 2-4 loads together; several tokens in flight a thread would lift it.
+    "cuda channel_sums_nhwc_kernel<bf16, SumsMode=0> sm_80",
+    "cuda channel_sums_nhwc_kernel<bf16, SumsMode=1> sm_80",
+    "cuda channel_sums_nhwc_kernel<bf16, SumsMode=1> sm_90",
+    "cuda channel_sums_nhwc_kernel<fp16, SumsMode=0> sm_80",
+    "cuda channel_sums_nhwc_kernel<fp16, SumsMode=1> sm_80",
+    "cuda channel_sums_nhwc_kernel<fp16, SumsMode=1> sm_90",
+    "cuda layer_norm_column_sums_kernel<bf16> sm_80",
+    "cuda layer_norm_column_sums_kernel<bf16> sm_90",
+    "cuda layer_norm_column_sums_kernel<fp16> sm_80",
+    "cuda layer_norm_column_sums_kernel<fp16> sm_90",
+    "cuda layer_norm_column_sums_kernel<fp32> sm_80",
+    "cuda layer_norm_column_sums_kernel<fp32> sm_90",
     # Triton group_norm channels_last reads whole rows of 64 channels, a thread's 16-byte
     # vectors 8 channels whose per-channel terms it holds beside the data. Apply: a step of
     # 4 vectors at 68 registers on sm_80 (7 blocks, 56 KB; 64 and 8 blocks on sm_90); a step
@@ -112,15 +133,19 @@ KNOWN_BELOW_FLOOR: set[str] = {
 }
 
 
+SUB_PARTITIONS = 4  # an SM's register file is four files, a warp's registers all in one
+
+
 def occupancy(arch: int, registers: int, threads: int, shared_bytes: int) -> int:
     """Resident blocks per SM: the fewest that registers (allocated per warp in units of
-    256), threads, the block limit or shared memory (plus 1 KB the system reserves per
-    block) allow."""
+    256, whole warps in each of the SM's four register files, as NVIDIA's occupancy
+    calculator counts), threads, the block limit or shared memory (plus 1 KB the system
+    reserves per block, rounded up to 128 bytes) allow."""
     sm = SM[arch]
     warps = -(-threads // 32)
     registers_per_warp = -(-max(registers, 1) * 32 // 256) * 256
-    by_registers = (sm.registers // registers_per_warp) // warps
-    by_shared = sm.shared_bytes // (shared_bytes + 1024) if shared_bytes else sm.blocks
+    by_registers = (sm.registers // SUB_PARTITIONS // registers_per_warp) * SUB_PARTITIONS // warps
+    by_shared = sm.shared_bytes // (-(-(shared_bytes + 1024) // 128) * 128) if shared_bytes else sm.blocks
     return min(sm.blocks, sm.threads // (warps * 32), by_registers, by_shared)
 
 
@@ -246,6 +271,18 @@ def in_flight(
         "loads_counted": together,
         "in_flight_bytes": blocks * threads * widest // 8 * together,
     }
+
+
+def stale_known_below_floor(rows: list[dict], archs: list[int], cuda_ran: bool) -> list[str]:
+    """KNOWN_BELOW_FLOOR entries that name no kernel of a full report (every Triton case,
+    and every csrc/ kernel when ``cuda_ran``, on ``archs``): a renamed or removed kernel,
+    or a typo, which would otherwise stay on a list that must shrink."""
+    seen = {f"{row['kernel']} {row['arch']}" for row in rows}
+    return sorted(
+        entry
+        for entry in KNOWN_BELOW_FLOOR
+        if entry not in seen and int(entry.rsplit("sm_", 1)[1]) in archs and (cuda_ran or not entry.startswith("cuda "))
+    )
 
 
 def in_flight_violations(

@@ -16,6 +16,12 @@ from tools import occupancy
         (255, 256, 0, 1),
         (16, 32, 0, 32),  # the block limit
         (32, 128, 100 * 1024, 2),  # shared memory: 228 KB / (100 KB + 1 KB reserved)
+        # a warp's registers lie in one of the SM's four files: 88 × 32 = 2816 a warp, 5 warps
+        # a file (not 65536 // 2816 = 23), so 20 one-warp blocks; 100 -> 3328, 4 a file, 8 blocks of 2
+        (88, 32, 0, 20),
+        (100, 64, 0, 8),
+        # shared memory plus the 1 KB reserved rounds up to 128 bytes: 46624 -> 46720, 4 blocks not 5
+        (32, 128, 45600, 4),
     ],
 )
 def test_occupancy_on_hopper(registers, threads, shared, blocks):
@@ -164,3 +170,16 @@ def test_the_width_of_the_run():
     assert occupancy.loads_issued_together(sass(loads), bits=64) == 2
     assert occupancy.access_bits("LDG.E.128") == 128 and occupancy.access_bits("LDG.E.U16") == 16
     assert occupancy.access_bits("LDG.E") == 32 and occupancy.access_bits("STG.E.64") == 64
+
+
+def test_a_stale_entry_of_the_known_list_is_named(monkeypatch):
+    monkeypatch.setattr(
+        occupancy, "KNOWN_BELOW_FLOOR", {"a kernel sm_80", "gone kernel sm_80", "cuda k<fp16, 8> sm_90", "b sm_90"}
+    )
+    rows = [{"kernel": "a kernel", "arch": "sm_80"}, {"kernel": "b", "arch": "sm_90"}]
+    assert occupancy.stale_known_below_floor(rows, [80, 90], cuda_ran=False) == ["gone kernel sm_80"]
+    assert occupancy.stale_known_below_floor(rows, [80, 90], cuda_ran=True) == [
+        "cuda k<fp16, 8> sm_90",
+        "gone kernel sm_80",
+    ]
+    assert occupancy.stale_known_below_floor(rows, [90], cuda_ran=True) == ["cuda k<fp16, 8> sm_90"]
