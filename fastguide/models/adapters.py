@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -81,6 +82,6 @@ class SiTVelocity(nn.Module):
         return self.sit
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        tau = 1.0 - t.float() / self.num_timesteps
+        tau = 1.0 - t.to(torch.promote_types(x.dtype, torch.float32)) / self.num_timesteps  # (float64 for float64 x)
         velocity = self.sit(x, tau, y)
         return -velocity[:, : x.shape[1]]

@@ -249,15 +249,49 @@ def load_checkpoint(model: ModuleT, path: str | Path, *, expand_label_table: boo
     ]
     if wrong:
         hint = ""
-        if any(w.startswith(LABEL_TABLE) for w in wrong):
-            hint = " (a CFG model's label table has one more row: pass expand_label_table=True)"
+        if LABEL_TABLE in state and LABEL_TABLE in expected:
+            rows, wanted_rows = state[LABEL_TABLE].shape[0], expected[LABEL_TABLE].shape[0]
+            if rows + 1 == wanted_rows and not expand_label_table:
+                hint = " (a CFG model's label table has one more row: pass expand_label_table=True)"
+            elif rows != wanted_rows:
+                hint = f" (the checkpoint's label table has {rows} rows, the model's {wanted_rows}: other classes)"
         raise ValueError(f"checkpoint {path} has tensors of the wrong shape: {_describe(wrong)}{hint}")
+    tied = _tied_names(model)
+    differing = [names for names in tied if not all(torch.equal(state[names[0]], state[n]) for n in names[1:])]
+    if differing:
+        raise ValueError(
+            f"checkpoint {path} holds different values for weights the model ties (one tensor under "
+            f"several names): {_describe([' = '.join(names) for names in differing])}"
+        )
     if any(v.is_meta for v in expected.values()):
         state = {
             k: v.to(dtype=expected[k].dtype, device="cpu" if expected[k].is_meta else expected[k].device)
             for k, v in state.items()
         }
         model.load_state_dict(state, strict=True, assign=True)
+        _retie(model, tied)  # (assign gave each name a tensor of its own)
         return model
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _tied_names(model: nn.Module) -> list[list[str]]:
+    """The state-dict names that share one tensor (tied weights), in groups of two or more."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _retie(model: nn.Module, tied: list[list[str]]) -> None:
+    """Point every name of each tied group at its first name's (loaded) tensor again."""
+    for first, *others in tied:
+        tensor = model.get_parameter(first) if _is_parameter(model, first) else model.get_buffer(first)
+        for name in others:
+            owner_name, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(owner_name), attribute, tensor)
+
+
+def _is_parameter(model: nn.Module, name: str) -> bool:
+    owner_name, _, attribute = name.rpartition(".")
+    return attribute in model.get_submodule(owner_name)._parameters

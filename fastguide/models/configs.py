@@ -133,7 +133,11 @@ def unet_config(name: str) -> dict:
 
 
 def classifier_config(name: str) -> dict:
-    """ADM script flags of a released noisy classifier; pass them to ``create_classifier``."""
+    """ADM script flags of a released noisy classifier; pass them to ``create_classifier``.
+    ``classifier_use_fp16`` is True, as the classifiers were trained and as the README's
+    fast (25-step DDIM) sampling command runs them; its other sampling commands leave it
+    at False (fp32 convolutions), which ``{**classifier_config(name),
+    "classifier_use_fp16": False}`` gives (the CLI's choice beside an fp32 model)."""
     return _preset(name, _CLASSIFIER_PRESETS, _CLASSIFIER_COMMON, "classifier")
 
 

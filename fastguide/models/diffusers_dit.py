@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .dit import DiT
@@ -80,6 +81,14 @@ def to_diffusers(model: DiT) -> nn.Module:
         norm_eps=1e-6,
     )
     theirs.load_state_dict(diffusers_state_dict(model.state_dict(), len(model.blocks)), strict=True)
+    # diffusers builds its own sincos position table: a model whose pos_embed is another
+    # (changed, or trained) would silently become a different network
+    table = theirs.pos_embed.pos_embed
+    if not torch.allclose(model.pos_embed.detach().to(table), table, rtol=1e-5, atol=1e-6):
+        raise ValueError(
+            "model cannot be a diffusers DiTTransformer2DModel: its pos_embed is not the fixed 2-D sincos table "
+            "diffusers builds (diffusers holds no other)"
+        )
     for block in theirs.transformer_blocks:
         block.norm1.emb.time_proj.downscale_freq_shift = 0
     return theirs.to(device=model.pos_embed.device, dtype=model.pos_embed.dtype).eval()

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..models.adapters import SiTVelocity
 from ..models.block_cache import BlockCacheSettings, BlockCacheState, FirstBlockCache, ForecastCache
 from ..models.blocks import perturbation_target
 from ..models.perturbation import Perturbation
@@ -187,6 +188,11 @@ class GuidedSampler:
             raise TypeError(f"model must be callable as model(x_t, t[, y]), got {type(model).__name__}")
         self.model = model
         self.schedule = schedule or _default_schedule()
+        if isinstance(model, SiTVelocity) and model.num_timesteps != self.schedule.num_timesteps:
+            raise ValueError(
+                f"SiTVelocity(num_timesteps={model.num_timesteps}) divides the time by the T of the schedule it "
+                f"is sampled on, which has T = {self.schedule.num_timesteps}: build it with that T"
+            )
         if isinstance(steps, Integral) and not isinstance(steps, bool):
             steps = int(steps)  # a NumPy integer counts steps as an int does
         _check_steps(steps)

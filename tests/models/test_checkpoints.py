@@ -123,13 +123,41 @@ class Tied(nn.Module):
         self.decode.weight = self.encode.weight
 
 
+@pytest.mark.parametrize("on_meta", [False, True], ids=["cpu model", "meta model"])
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-def test_tied_weights_save_and_load(tmp_path, suffix):
+def test_tied_weights_save_and_load(tmp_path, suffix, on_meta):
     source = Tied()
     save_state_dict(source, tmp_path / f"tied{suffix}")
-    model = load_checkpoint(Tied(), tmp_path / f"tied{suffix}")
-    assert model.decode.weight is model.encode.weight
+    with torch.device("meta" if on_meta else "cpu"):
+        target = Tied()
+    model = load_checkpoint(target, tmp_path / f"tied{suffix}")
+    assert model.decode.weight is model.encode.weight  # still one tensor (assign gave two)
+    assert isinstance(model.decode.weight, nn.Parameter) and not model.encode.weight.is_meta
     torch.testing.assert_close(model.encode.weight, source.encode.weight, rtol=0, atol=0)
+
+
+class Labelled(nn.Module):
+    def __init__(self, classes):
+        super().__init__()
+        self.label_emb = nn.Embedding(classes, 4)
+
+
+def test_a_label_table_of_other_classes_is_named_as_such(tmp_path):
+    save_state_dict(Labelled(5), tmp_path / "five.safetensors")
+    with pytest.raises(ValueError, match=r"one more row: pass expand_label_table=True"):
+        load_checkpoint(Labelled(6), tmp_path / "five.safetensors")
+    assert load_checkpoint(Labelled(6), tmp_path / "five.safetensors", expand_label_table=True) is not None
+    for expand in (False, True):  # expand_label_table adds one row, not six
+        with pytest.raises(ValueError, match=r"label table has 5 rows, the model's 11: other classes"):
+            load_checkpoint(Labelled(11), tmp_path / "five.safetensors", expand_label_table=expand)
+
+
+def test_different_values_for_tied_weights_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"encode.weight": torch.zeros(3, 3), "decode.weight": torch.ones(3, 3)}, str(tmp_path / "t.safetensors"))
+    with pytest.raises(ValueError, match=r"different values for weights the model ties.*encode.weight = decode.weight"):
+        load_checkpoint(Tied(), tmp_path / "t.safetensors")
 
 
 # --------------------------------------------------------------------------------------

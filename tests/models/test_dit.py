@@ -261,6 +261,15 @@ def test_a_dit_diffusers_cannot_hold_is_refused(overrides, problem):
         to_diffusers(tiny_dit(**overrides))
 
 
+def test_a_dit_with_another_position_table_is_refused():
+    pytest.importorskip("diffusers")
+    model = tiny_dit()
+    with torch.no_grad():
+        model.pos_embed.add_(0.1)  # no longer the sincos table diffusers rebuilds
+    with pytest.raises(ValueError, match="its pos_embed is not the fixed 2-D sincos table"):
+        to_diffusers(model)
+
+
 def test_a_diffusers_dit_is_guided_with_its_null_class():
     from fastguide.models.diffusers_dit import DiffusersDiT
 

@@ -1156,6 +1156,16 @@ def test_adapter_arguments_are_checked():
             fastguide.SiTVelocity(torch.nn.Identity(), num_timesteps=bad)
     with pytest.raises(TypeError, match="sit must be a callable SiT model"):
         fastguide.SiTVelocity(3)
+    # its T must be the schedule's, or τ = 1 − t/T is wrong everywhere
+    sit = fastguide.SiTVelocity(lambda x, tau, y: x, num_timesteps=1000)
+    with pytest.raises(ValueError, match=r"SiTVelocity\(num_timesteps=1000\).*T = 500"):
+        fastguide.GuidedSampler(sit, schedule=fastguide.NoiseSchedule.flow(num_timesteps=500), sampler="euler")
+    # τ in the model's precision: float64 for float64 x
+    seen = {}
+    fastguide.SiTVelocity(lambda x, tau, y: seen.update(tau=tau) or x)(
+        torch.zeros(1, 2, dtype=torch.float64), torch.tensor([333]), None
+    )
+    assert seen["tau"].dtype == torch.float64 and seen["tau"].item() == 1 - 333 / 1000
 
     class FakeUNet(torch.nn.Module):
         config = type("Config", (), {"num_class_embeds": 5})()
