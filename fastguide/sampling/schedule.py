@@ -151,6 +151,9 @@ class NoiseSchedule:
                     f"t = {t!r} lie at one noise level (log-SNR {level!r}) on {self!r} in float64"
                 )
             previous = (t, level)
+        times = list(timesteps)
+        if self.model_time_dtype(times) == torch.float32:  # fractional times reach the model as float32
+            _check_float32_times(times, source, self, positive=self.is_flow)  # (a flow's t = 0: pure data)
 
     @property
     def cache_key(self) -> tuple:
@@ -204,11 +207,16 @@ class NoiseSchedule:
         stops a stride short of t = T − 1, whose ᾱ can be degenerate (2.4e-9 for the cosine
         schedule: a step from there divides by α ≈ 5e-5, and ADM's eps-form classifier
         guidance, which re-derives x0 unclipped, then saturates every sample)."""
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise ValueError(f"steps must be an int, got {steps!r}")
         try:
             return self.timesteps(f"ddim{steps}")
         except ValueError:
-            if not isinstance(steps, int) or not 1 <= steps <= self.num_timesteps // 2:
-                raise ValueError(f"steps must be between 1 and {self.num_timesteps // 2}, got {steps}") from None
+            if not 1 <= steps <= self.num_timesteps // 2:
+                raise ValueError(
+                    f"steps must be between 1 and {self.num_timesteps // 2}, or a count with a ddimN grid "
+                    f"(ADM's stride; {self.num_timesteps} is one), got {steps}"
+                ) from None
             top = self.num_timesteps - math.ceil(self.num_timesteps / steps)
             return self.timesteps([round(i * top / max(steps - 1, 1)) for i in range(steps)])
 
@@ -221,8 +229,9 @@ class NoiseSchedule:
           "linspace"  diffusers': round of N points evenly spaced over [0, T − 1]
           "logsnr"    uniform in log-SNR λ from λ_{T−1} (or from σ̃ = 160 where the schedule
                       goes beyond: the cosine's σ̃_{T−1} = 2·10⁴, where a data-prediction step
-                      divides by α ≈ 5·10⁻⁵; ADM's linear one ends at 157) down to the λ of
-                      σ̃ = max(σ̃_0, 0.3/N)
+                      divides by α ≈ 5·10⁻⁵; ADM's linear one ends at 157; crowded steps
+                      stay at or below its timestep) down to the λ of σ̃ = max(σ̃_0, 0.3/N)
+                      (σ̃_0 where the schedule never reaches 0.3/N)
                       (fewer steps stop short of the last, nearly clean timesteps, whose
                       final denoising step costs O(σ̃²); measured by benchmarks/sampling/nfe.py)
           "karras"    Karras et al.'s σ̃ grid with ``rho`` between σ̃_{T−1} and σ̃_0
@@ -251,22 +260,30 @@ class NoiseSchedule:
             return [int(t) for t in np.linspace(0, total - 1, steps).round()[::-1]]
         ts = torch.arange(total, dtype=torch.float64)
         abar = self.alphas_cumprod
+        top = total - 1  # the highest timestep the grid may take
         if spacing == "logsnr":
             levels = 0.5 * torch.log(abar / (1 - abar))  # λ_t, decreasing in t
             high_end = max(float(levels[-1]), -math.log(LOGSNR_MAX_EDM_SIGMA))
             low_end = min(float(levels[0]), -math.log(LOGSNR_FINAL_EDM_SIGMA / steps))
+            if low_end <= high_end:  # the schedule never reaches σ̃ = 0.3/N: down to its σ̃_0
+                low_end = float(levels[0])
+            if high_end > float(levels[-1]):
+                # capped at σ̃ = 160: crowded targets may not climb past its timestep (where
+                # there is room below it), onto the σ̃ the cap keeps out
+                capped = int(ts[(levels - high_end).abs().argmin()])
+                top = capped if capped + 1 >= steps else top
             targets = torch.linspace(high_end, low_end, steps, dtype=torch.float64)
         else:  # karras
             levels = torch.sqrt((1 - abar) / abar)  # σ̃_t, increasing in t
             ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
             targets = _karras_targets(float(levels[0]), float(levels[-1]), ramp, rho)
         nearest = sorted(int(ts[(levels - target).abs().argmin()]) for target in targets.tolist())
-        # Distinct and within [0, T − 1]: push crowded ones up, then back down from the top.
+        # Distinct and within [0, top]: push crowded ones up, then back down from the top.
         chosen: list[float] = []
         for t in nearest:
             chosen.append(max(t, chosen[-1] + 1) if chosen else t)
         for k in range(steps - 1, -1, -1):
-            chosen[k] = min(chosen[k], total - 1 if k == steps - 1 else chosen[k + 1] - 1)
+            chosen[k] = min(chosen[k], top if k == steps - 1 else chosen[k + 1] - 1)
         return chosen[::-1]
 
     def timesteps(self, steps: int | str | Sequence[float]) -> list[float]:
@@ -298,6 +315,10 @@ class NoiseSchedule:
                 raise ValueError(f"steps must be between 1 and {total}, got {steps}")
             chosen = cast("list[float]", _adm_section(total, steps))  # (ints: floats to the type checker)
         else:
+            if isinstance(steps, Tensor) and steps.dim() != 1:
+                raise TypeError(
+                    f"timesteps as a tensor must be 1-D (the times to visit), got shape {tuple(steps.shape)}"
+                )
             steps = cast("Sequence[float]", steps)  # (a bool, not iterable, fails in list())
             values = steps.tolist() if isinstance(steps, Tensor) else list(steps)
             if not all(isinstance(t, Real) and not isinstance(t, bool) for t in values):
@@ -312,8 +333,23 @@ class NoiseSchedule:
         return chosen[::-1]
 
 
+def _check_float32_times(times: list[float], source: str, schedule: object, positive: bool) -> None:
+    """The model's float32 times strictly decreasing (two calls at one model time would not
+    be the noise levels the solver steps between), and positive where ``positive`` (a flow
+    path's t = 0 is pure data)."""
+    model_times = torch.tensor(times, dtype=torch.float64).float().tolist()
+    for i, (t, model_time) in enumerate(zip(times, model_times)):
+        if (positive and not model_time > 0) or (i > 0 and not model_time < model_times[i - 1]):
+            what = "distinct and positive" if positive else "distinct"
+            raise ValueError(
+                f"{source} must stay {what} as the model's float32 times, but t = {t!r} is {model_time!r} "
+                f"there (after {times[i - 1] if i else None!r}) on {schedule!r}"
+            )
+
+
 def _is_real(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite real number, a NumPy scalar included (not a bool)."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_rho(rho: object) -> None:
@@ -444,16 +480,7 @@ class FlowSchedule(NoiseSchedule):
         """NoiseSchedule.check_grid, and the model's float32 times strictly decreasing and
         positive (two calls at one model time, or at t = 0, would not be the noise levels
         the solver steps between)."""
-        super().check_grid(timesteps, source)
-        times = list(timesteps)
-        model_times = torch.tensor(times, dtype=torch.float64).float().tolist()
-        for i, (t, model_time) in enumerate(zip(times, model_times)):
-            if not model_time > 0 or (i > 0 and not model_time < model_times[i - 1]):
-                raise ValueError(
-                    f"{source} must stay distinct and positive as the model's float32 times, but "
-                    f"t = {t!r} is {model_time!r} there (after {times[i - 1] if i else None!r}) "
-                    f"on {self!r}"
-                )
+        super().check_grid(timesteps, source)  # (its float32 model times, which must be positive)
 
     def timesteps(self, steps: int | str | Sequence[float]) -> list[float]:
         """A count (``spaced_timesteps``) or explicit times in (0, T], visited descending."""
@@ -464,8 +491,8 @@ class FlowSchedule(NoiseSchedule):
         steps = cast("Sequence[float]", steps)  # (a bool, not iterable, fails in list())
         values = steps.tolist() if isinstance(steps, Tensor) else list(steps)
         if not values or not all(
-            isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= self._scale for t in values
-        ):
+            isinstance(t, Real) and not isinstance(t, bool) and 0 < t <= self._scale for t in values
+        ):  # (a NumPy scalar is a number too)
             raise ValueError(f"timesteps of a flow schedule must be numbers in (0, {self._scale}], got {values!r}")
         if len({float(t) for t in values}) < len(values):
             raise ValueError(f"timesteps must be distinct (a step between equal times is none), got {values!r}")

@@ -135,6 +135,14 @@ def test_logsnr_and_karras_spacings_follow_their_grids():
         last = schedule.spaced_timesteps(count, "logsnr")[-1]
         assert abs(schedule.edm_sigma(last) - 0.3 / count) < 0.3 / count * 0.25
     assert schedule.spaced_timesteps(50, "logsnr")[-1] == 0  # 0.3/50 is below σ̃_0 = 0.01
+    # many steps crowd at the cosine's steep cap: they stay at or below its timestep (they
+    # once climbed to 999, σ̃ = 2·10⁴, from 107 steps on)
+    for count in (107, 250, 500):
+        assert cosine.spaced_timesteps(count, "logsnr")[0] == top
+    # a schedule that never reaches σ̃ = 0.3/N: the grid still runs down to its σ̃_0
+    flat = NoiseSchedule(torch.full((1000,), 1e-6, dtype=torch.float64))
+    chosen = flat.spaced_timesteps(5, "logsnr")
+    assert chosen[0] == 999 and chosen[-1] == 0 and chosen == sorted(chosen, reverse=True)
     with pytest.raises(ValueError, match="spacing must be one of"):
         schedule.spaced_timesteps(10, "uniform")
 
@@ -332,3 +340,22 @@ def test_explicit_timesteps_take_fractional_times():
     for bad in ([True, 10], ["10"]):
         with pytest.raises(TypeError, match="timesteps must be numbers"):
             SCHEDULE.timesteps(bad)
+
+
+def test_numbers_of_every_kind_and_clear_refusals():
+    import numpy as np
+
+    flow, vp = NoiseSchedule.flow(), NoiseSchedule.linear()
+    assert flow.timesteps(np.array([1000, 500])) == [1000.0, 500.0]  # NumPy scalars are numbers
+    assert vp.spaced_timesteps(5, "karras", np.float32(7)) == vp.spaced_timesteps(5, "karras", 7.0)
+    with pytest.raises(ValueError, match="steps must be an int, got True"):
+        vp.strided_timesteps(True)
+    assert len(vp.strided_timesteps(1000)) == 1000  # ddim1000 exists, past T/2
+    with pytest.raises(ValueError, match="or a count with a ddimN grid"):
+        vp.strided_timesteps(600)
+    with pytest.raises(TypeError, match="timesteps as a tensor must be 1-D"):
+        vp.timesteps(torch.tensor(5))
+    # fractional times reach the model as float32: two that round to one are refused
+    with pytest.raises(ValueError, match="must stay distinct as the model's float32 times"):
+        vp.check_grid(vp.timesteps([500.000001, 500]))
+    vp.check_grid(vp.timesteps([500.5, 500, 0]))  # distinct, and t = 0 is fine on a VP path
