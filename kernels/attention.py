@@ -15,8 +15,9 @@ Bytes: q, k, v, o (and dO, dq, dk, dv) once each, plus K/V re-reads per query bl
 
 Precision: fp16 and bf16 run on the tensor cores with fp32 accumulation and softmax.
 fp32 inputs are multiplied in full fp32 (input_precision "ieee") by default, accurate
-to about 1e-6 relative; TF32 (about 1e-3) only when the user opts in through
-torch.backends.cuda.matmul.allow_tf32, as for torch.matmul.
+to about 1e-6 relative; TF32 (about 1e-3) only when the user opts in, as for torch.matmul:
+torch.backends.cuda.matmul.fp32_precision = "tf32" (or torch.backends.fp32_precision; torch
+2.9 on), or torch.backends.cuda.matmul.allow_tf32 = True.
 
 Any Lq, Lk ≥ 1 (masked tails); head dims up to 256 (ADM-128 uses 192 and 256), padded
 inside to a power of two. The forward specialises on Lk being a multiple of the key block
@@ -596,8 +597,18 @@ def _backward_dq_kernel(
 
 def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return "tf32" if _tf32_allowed() else "ieee"
     return "ieee"  # fp16/bf16 dots run on the tensor cores whatever this says
+
+
+def _tf32_allowed() -> bool:
+    """Whether the user lets float32 matmuls run in TF32: torch's fp32_precision setting
+    where it exists (2.9 on; "none" inherits the global one, by default not TF32), else
+    allow_tf32 (reading allow_tf32 raises once the newer setting was used)."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
 def _block_d(head_dim: int) -> int:

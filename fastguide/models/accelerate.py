@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from ..ops.validation import norm_eps_in_range
 from .diffusers_attention import enter_tokens
 from .nn import GroupNorm32, split_heads
 
@@ -180,10 +181,14 @@ def _head_dim_problem(head_dim: int) -> str | None:
 
 
 def _eps_skip(eps: object) -> str | None:
-    """Why a norm with this ``eps`` cannot run as the ops (they take a positive finite
-    real number); None when it can."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
-        return f"eps {eps!r} (fused: a positive finite number)"
+    """Why a norm with this ``eps`` cannot run as the ops (they take a real number within
+    float32's normal range, ``norm_eps_in_range``); None when it can."""
+    if (
+        isinstance(eps, bool)
+        or not isinstance(eps, (int, float))
+        or not (0 < eps < math.inf and norm_eps_in_range(eps))
+    ):
+        return f"eps {eps!r} (fused: a number within float32's normal range)"
     return None
 
 
@@ -224,7 +229,8 @@ def _fused_resnet_block_forward(self, input_tensor: Tensor, temb: Tensor | None,
             temb = F.silu(temb)
         temb = self.time_emb_proj(temb)[:, :, None, None]
     if self.time_embedding_norm == "scale_shift":
-        assert temb is not None  # a scale-shift block is always given its time embedding
+        if temb is None:  # (diffusers' own block fails on it too, less clearly)
+            raise ValueError("temb must be given to a ResnetBlock2D with time_embedding_norm='scale_shift'")
         scale, shift = temb.chunk(2, dim=1)
         h = self.norm2(h, scale=scale, shift=shift, activation="silu")
     else:
@@ -271,7 +277,8 @@ class FastguideAttnProcessor:
     AttnProcessor2_0's scaled_dot_product_attention uses it (it ignores attn.scale), and
     norm_q/norm_k apply as AttnProcessor2_0 applies them (AttnProcessor ignores them).
     Calls it cannot run the same way (an attention mask, spatial_norm, an unsupported
-    head_dim) go to ``fallback``, the processor it replaced.
+    head_dim, a context whose batch is not the hidden states': diffusers raises or
+    broadcasts there, never mixes samples) go to ``fallback``, the processor it replaced.
     """
 
     def __init__(self, fallback):
@@ -295,6 +302,7 @@ class FastguideAttnProcessor:
             or attn.spatial_norm is not None
             or head_dim is None
             or _head_dim_problem(head_dim)
+            or (encoder_hidden_states is not None and encoder_hidden_states.shape[0] != hidden_states.shape[0])
         ):
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         hidden_states, leave = enter_tokens(attn, hidden_states, residual=hidden_states)

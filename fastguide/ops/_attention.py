@@ -6,12 +6,16 @@ fastguide.kernels.attention (the cuda backend has none: attention runs there as 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from . import dispatch
 from .reference import compute_dtype
-from .validation import check_kernel_scalar, check_same_device, check_tensor
+from .validation import FLOAT32_MAX, check_kernel_scalar, check_same_device, check_tensor
+
+SCALE_MAX = FLOAT32_MAX / math.log2(math.e)  # the kernels' exponent is q·k·scale·log2 e, in float32
 
 
 def check_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> float:
@@ -36,7 +40,10 @@ def check_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> flo
         raise ValueError(f"head_dim (last dim of q, k, v) must be a multiple of 8 from 8 to 256, got {head_dim}")
     if scale is None:
         return head_dim**-0.5
-    return check_kernel_scalar("scale", scale)
+    scale = check_kernel_scalar("scale", scale)
+    if abs(scale) > SCALE_MAX:  # (the kernels fold log2 e into the scale: past this it overflows to inf)
+        raise ValueError(f"scale must lie within ±{SCALE_MAX:.4g} (float32's range over log2 e), got {scale!r}")
+    return scale
 
 
 def _attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Real
 
 import torch
 from torch import Tensor
@@ -49,7 +50,8 @@ def check_shape(name: str, t: Tensor | None, expected: tuple[int, ...]) -> None:
 
 
 def check_finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite real number (a NumPy scalar too, not a bool), as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
@@ -85,10 +87,15 @@ def check_norm_parameters(
             check_tensor(name, t)
             check_shape(name, t, (size,))
     check_same_device([(x_name, x), ("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)])
-    if not torch.finfo(torch.float32).tiny <= check_finite("eps", eps) <= torch.finfo(torch.float32).max:
-        # (below float32's smallest normal number eps rounds to 0 or a subnormal there, and a
-        # constant group's variance + eps to 0: NaN from finite input)
+    if not norm_eps_in_range(check_finite("eps", eps)):
         raise ValueError(
             f"eps must be positive and within float32's normal range [{torch.finfo(torch.float32).tiny:.4g}, "
             f"{torch.finfo(torch.float32).max:.4g}] (the statistics' type), got {eps}"
         )
+
+
+def norm_eps_in_range(eps: float) -> bool:
+    """Whether the norms take ``eps``: within float32's normal range (below its smallest
+    normal number eps rounds to 0 or a subnormal there, and a constant group's variance +
+    eps to 0: NaN from finite input)."""
+    return torch.finfo(torch.float32).tiny <= eps <= torch.finfo(torch.float32).max

@@ -342,6 +342,18 @@ def test_accelerate_masked_calls_go_to_the_replaced_processor():
     assert torch.equal(run(attn, x4, encoder_hidden_states=text, attention_mask=mask), expected)
 
 
+def test_accelerate_a_context_of_another_batch_goes_to_the_replaced_processor():
+    # one context for two samples: AttnProcessor2_0 returns a batch-1 result, AttnProcessor
+    # raises; viewed with the hidden states' batch, the context's tokens were split between
+    # the samples, silently
+    attn = randomize(ap.Attention(32, cross_attention_dim=24, heads=2, dim_head=16), seed=4).eval()
+    context, tokens = text[:1], torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(3))
+    expected = run(attn, tokens, encoder_hidden_states=context)
+    fastguide.accelerate(attn)
+    got = run(attn, tokens, encoder_hidden_states=context)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+
+
 class GroupNorm32(nn.GroupNorm):
     """As GLIDE's GroupNorm32: float32, then an optional swish. Not a plain GroupNorm."""
 
@@ -610,13 +622,24 @@ def test_accelerate_group_norm_with_one_value_per_group_gives_torchs_result():
     torch.testing.assert_close(run(model, x), expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("eps", [math.inf, math.nan, -1e-5, True])
+@pytest.mark.parametrize("eps", [math.inf, math.nan, -1e-5, True, 1e-40, 1e39])
 def test_accelerate_leaves_norms_with_an_eps_the_ops_refuse_alone(eps):
     model = nn.Sequential(nn.GroupNorm(2, 4, eps=eps), nn.LayerNorm(4, eps=eps))
     fastguide.accelerate(model)
     assert model.fastguide_accelerated == {}
-    assert model.fastguide_skipped == {"GroupNorm": {f"eps {eps!r} (fused: a positive finite number)": 1}}
+    assert model.fastguide_skipped == {"GroupNorm": {f"eps {eps!r} (fused: a number within float32's normal range)": 1}}
     assert type(model[0]) is nn.GroupNorm
+
+
+def test_a_scale_shift_resnet_without_its_time_embedding_is_named():
+    block = diffusers.models.resnet.ResnetBlock2D(
+        in_channels=8, out_channels=8, temb_channels=16, groups=4, time_embedding_norm="scale_shift"
+    )
+    fastguide.accelerate(block)
+    with pytest.raises(
+        ValueError, match="temb must be given to a ResnetBlock2D with time_embedding_norm='scale_shift'"
+    ):
+        block(torch.randn(1, 8, 4, 4), None)
 
 
 def test_accelerate_report_lists_swapped_and_left_alone(caplog):

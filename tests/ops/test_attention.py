@@ -243,6 +243,31 @@ def test_attention_gpu_past_the_grid_and_int32_limits():
     )
 
 
+@pytest.fixture
+def restore_fp32_precision():
+    """Puts torch's float32 matmul precision settings back as they were."""
+    saved = torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    yield
+    torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "triton"])
+def test_tf32_follows_torchs_newer_precision_setting(backend, device, restore_fp32_precision):
+    # torch 2.9's fp32_precision: once set, reading allow_tf32 raises, which every float32
+    # call on the Triton backend once did
+    from fastguide.kernels import attention as kernels
+
+    assert not kernels._tf32_allowed()
+    torch.backends.fp32_precision = "tf32"
+    assert kernels._tf32_allowed() and kernels._precision(torch.float32) == "tf32"
+    q, k, v = random_qkv((1, 2, 9, 17, 32), torch.float32, device, generator_seed=2)
+    with fastguide.backend(backend):
+        out = ops.attention(q, k, v)
+    torch.testing.assert_close(out.double(), explicit_attention(q, k, v, 32**-0.5), atol=2e-3, rtol=2e-3)
+    torch.backends.cuda.matmul.fp32_precision = "ieee"  # the matmul setting overrides the global one
+    assert not kernels._tf32_allowed()
+
+
 @pytest.mark.parametrize("scale", [0.0, -0.3])
 @pytest.mark.parametrize("backend, dtype", backend_dtype_params("attention", [torch.float32, torch.float16]))
 def test_zero_and_negative_scales(backend, dtype, scale, device):

@@ -62,6 +62,16 @@ def test_attention_scale_beyond_float32():
     # finite in Python, inf in the kernels' float32 (NaN rows, differently on each backend)
     with pytest.raises(ValueError, match="scale must lie within float32's range"):
         ops.attention(*qkv(), scale=1e39)
+    # within float32, but not once the kernels fold log2 e into it (NaN rows on Triton)
+    with pytest.raises(ValueError, match=r"scale must lie within ±2\.359e\+38 \(float32's range over log2 e\)"):
+        ops.attention(*qkv(), scale=3e38)
+
+
+def test_attention_takes_a_numpy_scale():
+    import numpy as np
+
+    q, k, v = qkv()
+    torch.testing.assert_close(ops.attention(q, k, v, scale=np.float32(0.5)), ops.attention(q, k, v, scale=0.5))
 
 
 def test_attention_not_a_tensor():
