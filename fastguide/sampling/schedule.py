@@ -392,7 +392,9 @@ class FlowSchedule(NoiseSchedule):
 
     A count of steps lies uniformly in σ from 1 down to 1/N ("linspace"), each then moved by
     SD3's time shift σ ← shift·σ/(1 + (shift − 1)·σ) (shift > 1 spends more steps at high
-    noise); the step after the last goes to σ = 0.
+    noise); the step after the last goes to σ = 0. That is the grid Flux's pipeline hands
+    its scheduler, not FlowMatchEulerDiscreteScheduler's own default (SD3's: from 1 to the
+    shifted 1/T, shifted again), which a diffusers pipeline accelerated keeps as its own.
 
     The model gets its time in float32 (the sampling loop's), so a grid must also stay
     strictly decreasing and positive there: ``check_grid``.
