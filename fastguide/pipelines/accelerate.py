@@ -52,7 +52,7 @@ from ..models.block_cache import BlockCacheSettings, FirstBlockCache, ForecastCa
 from ..sampling.guidance import Guidance
 from ..sampling.loop import GuidedSampler
 from ..sampling.schedule import SPACINGS, NoiseSchedule
-from ..sampling.solvers import SAMPLERS
+from ..sampling.solvers import FLOAT32_NOISE_SAMPLERS, SAMPLERS
 from . import recipes
 from .schedulers import UnsupportedScheduler
 
@@ -166,6 +166,15 @@ def _accelerated_call(pipe, original: Callable, args: tuple, kwargs: dict):
                 "(diffusers' deprecated step callbacks, or a misspelling, which diffusers ignores)"
             )
         denoising = recipe.prepare(pipe, arguments, options)
+        if (
+            options.sampler is None
+            and denoising.noise.dtype == torch.float64
+            and denoising.sampling["sampler"] in FLOAT32_NOISE_SAMPLERS
+        ):
+            raise recipes.Unsupported(
+                f"float64 latents with the scheduler's {denoising.sampling['sampler']}: diffusers draws its noise "
+                "in float32 whatever the latents' dtype, fastguide's loop in float64 (as k-diffusion)"
+            )
     except (recipes.Unsupported, UnsupportedScheduler) as reason:
         for generator, state in generators:  # as the call found them: diffusers draws what it alone would
             generator.set_state(state)

@@ -228,7 +228,8 @@ class GuidedSampler:
         else:
             self.timesteps = self.schedule.timesteps(steps)
         self.schedule.check_grid(self.timesteps)
-        self.sampler, self.eta, self.variance_type, self.solver_order = sampler, eta, variance_type, solver_order
+        self.sampler, self.eta, self.variance_type = sampler, eta, variance_type
+        self.solver_order = _as_int(solver_order)
         self.final_timestep = final_timestep
         self._time_dtype = self.schedule.model_time_dtype(self.timesteps)
         # None: clip on VP schedules (guided-diffusion's default, for [−1, 1] pixel data), not
@@ -242,8 +243,8 @@ class GuidedSampler:
         # through each of two networks).
         self.branches: tuple[str, ...] = self.guidance.branches if self.guidance is not None else ("cond",)
         ops.check_combine(self.combine)
-        self.null_label = null_label if null_label is not None else _model_null_label(model)
-        self.num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
+        self.null_label = _as_int(null_label) if null_label is not None else _model_null_label(model)
+        self.num_classes = _as_int(num_classes) if num_classes is not None else getattr(model, "num_classes", None)
         if self.num_classes is not None and not _is_count(self.num_classes):
             raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
         if self.null_label is not None:
@@ -525,11 +526,13 @@ class GuidedSampler:
             raise TypeError(f"shape must be a sequence (batch, channels, ...), got {shape!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        shape = tuple(shape)
+        shape = tuple(_as_int(n) for n in shape)
         if len(shape) < 2:
             raise ValueError(f"shape must be (batch, channels, ...), got {shape}")
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be a bool, got {progress!r}")
         if not all(_is_count(n) for n in shape):
             raise ValueError(f"shape must hold positive ints (batch, channels, ...), got {shape}")
         if device is not None:
@@ -858,9 +861,12 @@ class GuidedSampler:
         if callback is None:
             return
         x, x0 = buffers.model_input[:batch], buffers.x0[i % len(buffers.x0)]
+        if x0.is_inference():  # (a run under inference_mode: no version counter) a copy that has one
+            with torch.inference_mode(False):
+                x0 = x0.clone()
         x_version, x0_version = _version(x), _version(x0)
         callback({"i": i, "t": self._calls(False)[i].t, "x": x, "denoised": x0})
-        if x0_version is not None and x0._version != x0_version:
+        if x0._version != x0_version:
             raise RuntimeError(
                 "callback changed its 'denoised' in place, which the solver reads again (its history): "
                 "change a copy (d['denoised'].clone())"
@@ -1099,6 +1105,12 @@ def _is_real(value: object) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _as_int(value: Any) -> Any:
+    """A NumPy integer as the Python int it is (what the checks and the plan keys take);
+    anything else as it is, for the checks to judge."""
+    return int(value) if isinstance(value, Integral) and not isinstance(value, bool) else value
+
+
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -1249,6 +1261,10 @@ def sample(
             flow path (latent models). Pass False for a latent model on a VP schedule
             (DiT, SD), as their own samplers do.
         generator, noise: the random stream; ``noise`` is x_T. Same generator, same samples.
+            The loop's state (x, the solver's x0 history) is in the model's dtype where its
+            floating parameters share one (a bf16 model: bf16 state; ``model.float()`` under
+            autocast keeps it in float32), else in the noise's, else float32; the noise is
+            cast to it.
         progress: a progress bar over the model calls.
         callback: called after each model call with a dict {"i", "t", "x", "denoised"}
             (k-diffusion's convention; the tensors are the loop's buffers: copy to keep).

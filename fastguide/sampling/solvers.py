@@ -478,7 +478,7 @@ def check_sampler(sampler: str, schedule: NoiseSchedule, eta: float = 0.0, solve
     if eta and sampler != "ddim":
         raise ValueError(f"eta (DDIM's stochasticity) applies to sampler='ddim', got sampler={sampler!r}")
     if solver_order is not None:
-        if isinstance(solver_order, bool) or not isinstance(solver_order, int):
+        if isinstance(solver_order, bool) or not isinstance(solver_order, Integral):
             raise TypeError(f"solver_order must be an int (1, 2 or 3) or None, got {solver_order!r}")
         if sampler != "unipc":
             raise ValueError(

@@ -366,6 +366,20 @@ def test_a_stochastic_call_leaves_the_generator_where_diffusers_does(case, globa
     assert torch.equal(got_state, state)
 
 
+def test_float64_latents_with_the_sde_solver_run_diffusers_loop():
+    # diffusers' DPM-Solver SDE draws its noise in float32 whatever the latents; fastguide's
+    # loop draws float64 noise for float64 latents (as k-diffusion): other noise, other images
+    make, extra = STOCHASTIC["dpm++2m-sde"]
+    original = stable_diffusion(make()).to(torch.float64)
+    call = {**SD_CALL, **extra, "latents": None, "num_inference_steps": 4}
+    call = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in call.items()}
+    expected = _images(original, call)
+    accelerated = fastguide.accelerate(copy.deepcopy(original))
+    got = _images(accelerated, call)
+    assert "draws its noise in float32" in accelerated.fastguide_fallback
+    _close(got, expected)
+
+
 def test_outputs_keep_the_pipelines_types():
     pipe = fastguide.accelerate(stable_diffusion(SD_SCHEDULERS["dpm++2m"]()))
     call = {**SD_CALL, "num_inference_steps": 3}

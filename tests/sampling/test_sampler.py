@@ -525,8 +525,23 @@ def test_a_callback_may_not_change_the_solvers_history():
     def scribble(d):
         d["denoised"].zero_()
 
-    with pytest.raises(RuntimeError, match="changed its 'denoised' in place"):
-        sample(lambda x, t: 0.1 * x, (1, 3, 4, 4), sampler="dpm++2m", steps=3, callback=scribble)
+    for mode in (torch.no_grad, torch.inference_mode):  # inference tensors keep no version counter
+        with mode(), pytest.raises(RuntimeError, match="changed its 'denoised' in place"):
+            sample(lambda x, t: 0.1 * x, (1, 3, 4, 4), sampler="dpm++2m", steps=3, callback=scribble)
+    # a callback that only reads gets the same samples as none
+    seen = []
+    with torch.inference_mode():
+        noise = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+        plain = sample(lambda x, t: 0.1 * x, noise.shape, noise=noise, sampler="dpm++2m", steps=3)
+        read = sample(
+            lambda x, t: 0.1 * x,
+            noise.shape,
+            noise=noise,
+            sampler="dpm++2m",
+            steps=3,
+            callback=lambda d: seen.append(d),
+        )
+    assert torch.equal(plain, read) and len(seen) == 3
 
 
 def test_labels_are_checked_against_a_label_table_without_num_classes():
@@ -550,6 +565,16 @@ def test_numpy_scalars_are_numbers():
     model = lambda x, t: 0.1 * x  # noqa: E731
     got = sample(model, noise.shape, noise=noise, sampler="ddim", steps=np.int64(4), eta=np.float32(0.0))
     torch.testing.assert_close(got, sample(model, noise.shape, noise=noise, sampler="ddim", steps=4), rtol=0, atol=0)
+    # integer counts and labels too: shape, solver_order, null_label, num_classes
+    shape = tuple(np.array([1, 3, 4, 4]))
+    got = sample(model, shape, noise=noise, sampler="unipc", steps=4, solver_order=np.int64(2))
+    torch.testing.assert_close(got, sample(model, noise.shape, noise=noise, sampler="unipc", steps=4, solver_order=2))
+    guided = GuidedSampler(
+        lambda x, t, y: 0.1 * x, steps=3, guidance=CFG(2.0), null_label=np.int64(10), num_classes=np.int64(10)
+    )
+    assert type(guided.null_label) is int and type(guided.num_classes) is int
+    with pytest.raises(TypeError, match="progress must be a bool, got 'no'"):
+        sample(model, noise.shape, noise=noise, steps=2, progress="no")
 
 
 def test_an_interval_given_as_a_list_is_the_guidances_own():
