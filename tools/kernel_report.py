@@ -81,10 +81,12 @@ from tools.occupancy import (  # noqa: E402
     KNOWN_BELOW_FLOOR,
     KNOWN_BELOW_FLOOR_TRITON,
     access_bits,
+    held_to_floor,
     in_flight,
     in_flight_violations,
     loads_issued_together,
     stale_known_below_floor,
+    vector_template,
 )
 
 TORCH_TO_TRITON = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "i32": "*i32"}
@@ -835,26 +837,11 @@ def _kernel_name(mangled: str) -> str:
 
 def _vector_width(name: str) -> int:
     """The kernel's first bare integer template argument (its kVec), else 1."""
-    return _vector_template(name) or 1
+    return vector_template(name) or 1
 
 
-def _vector_template(name: str) -> int | None:
-    """The kernel's first bare integer template argument (its kVec), None without one."""
-    found = re.findall(r"(?<=[<,] )(\d+)(?=[,>])", name)
-    return int(found[0]) if found else None
-
-
-# csrc/ kernels that merge per-group or per-sample partials (a buffer of O(N·G) or O(N)
-# floats, not a tensor of the op's size): not memory-bound, no floor.
-CUDA_MERGES = ("forward_statistics_kernel", "backward_group_kernel", "sample_coefficients_kernel")
 # csrc/ kernels launched with other than their source's kThreads threads a block.
 CUDA_BLOCK_THREADS = {"sample_coefficients_kernel": 32}  # one thread a sample, a warp a block
-
-
-def held_to_floor(name: str) -> bool:
-    """Whether a csrc/ kernel is held to the in-flight floor: every one that streams a
-    tensor, but its kVec = 1 instances (they serve unaligned tensors) and the merges."""
-    return name.split("<")[0] not in CUDA_MERGES and _vector_template(name) != 1
 
 
 def cuda_violations(name: str, stats: dict) -> list[str]:

@@ -273,6 +273,24 @@ def in_flight(
     }
 
 
+def vector_template(name: str) -> int | None:
+    """A csrc/ kernel's first bare integer template argument, its kVec ('guided_step_kernel<fp16,
+    8, 0, CommonReads<...>>' -> 8); None without one."""
+    found = re.findall(r"(?<=[<,] )(\d+)(?=[,>])", name)
+    return int(found[0]) if found else None
+
+
+# csrc/ kernels that merge per-group or per-sample partials (a buffer of O(N·G) or O(N)
+# floats, not a tensor of the op's size): not memory-bound, no floor.
+CUDA_MERGES = ("forward_statistics_kernel", "backward_group_kernel", "sample_coefficients_kernel")
+
+
+def held_to_floor(name: str) -> bool:
+    """Whether a csrc/ kernel is held to the in-flight floor: every one that streams a
+    tensor, but its kVec = 1 instances (they serve unaligned tensors) and the merges."""
+    return name.split("<")[0] not in CUDA_MERGES and vector_template(name) != 1
+
+
 def stale_known_below_floor(rows: list[dict], archs: list[int], cuda_ran: bool) -> list[str]:
     """KNOWN_BELOW_FLOOR entries that name no kernel of a full report (every Triton case,
     and every csrc/ kernel when ``cuda_ran``, on ``archs``): a renamed or removed kernel,

@@ -183,3 +183,22 @@ def test_a_stale_entry_of_the_known_list_is_named(monkeypatch):
         "gone kernel sm_80",
     ]
     assert occupancy.stale_known_below_floor(rows, [90], cuda_ran=True) == ["cuda k<fp16, 8> sm_90"]
+
+
+@pytest.mark.parametrize(
+    "name, held",
+    [
+        ("guided_step_kernel<fp16, 8, 0, CommonReads<false, false>>", True),
+        ("guided_step_kernel<fp16, 1, 4, RuntimeReads>", False),  # kVec = 1: unaligned tensors
+        ("channel_sums_nchw_kernel<fp16, SumsMode=0, 8>", True),
+        # no kVec template argument, yet a whole tensor streamed: held (it once was not)
+        ("channel_sums_nhwc_kernel<fp16, SumsMode=1>", True),
+        ("layer_norm_column_sums_kernel<bf16>", True),
+        # merges of per-group or per-sample partials
+        ("forward_statistics_kernel", False),
+        ("backward_group_kernel", False),
+        ("sample_coefficients_kernel<true>", False),
+    ],
+)
+def test_every_csrc_kernel_that_streams_a_tensor_is_held_to_the_floor(name, held):
+    assert occupancy.held_to_floor(name) is held
