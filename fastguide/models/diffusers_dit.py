@@ -82,9 +82,11 @@ def to_diffusers(model: DiT) -> nn.Module:
     )
     theirs.load_state_dict(diffusers_state_dict(model.state_dict(), len(model.blocks)), strict=True)
     # diffusers builds its own sincos position table: a model whose pos_embed is another
-    # (changed, or trained) would silently become a different network
+    # (changed, or trained) would silently become a different network. Held to fp16's
+    # rounding of the table (5e-4 on values in [−1, 1]): weights shipped in fp16, as the
+    # digits transformer's, round it so.
     table = theirs.pos_embed.pos_embed
-    if not torch.allclose(model.pos_embed.detach().to(table), table, rtol=1e-5, atol=1e-6):
+    if not torch.allclose(model.pos_embed.detach().to(table), table, rtol=0, atol=1e-3):
         raise ValueError(
             "model cannot be a diffusers DiTTransformer2DModel: its pos_embed is not the fixed 2-D sincos table "
             "diffusers builds (diffusers holds no other)"

@@ -184,7 +184,7 @@ def test_sweep_rows_of_every_kind():
     assert by[("cfg", 0.0)]["frechet"] == by[("classifier", 0.0)]["frechet"]  # the same unconditional samples
     assert by[("interval", 0.0)]["frechet"] != by[("cfg", 0.0)]["frechet"]  # conditional outside the interval
     table = sweep.markdown(rows)
-    assert "| cfg, σ̃ in [0.3, 5] | unipc | 3 |" in table and "| cfg, cosine schedule | unipc | 0 |" in table
+    assert "| cfg, σ̃ in (0.3, 5] | unipc | 3 |" in table and "| cfg, cosine schedule | unipc | 0 |" in table
     assert "| cfg++ | dpm++2m | 0.5 |" in table
     assert table.count("**") == 2 * len(sweep.KINDS)  # one bold Fréchet distance per kind
     summary = table.strip().splitlines()[-1]
