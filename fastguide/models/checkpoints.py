@@ -285,13 +285,8 @@ def _tied_names(model: nn.Module) -> list[list[str]]:
 
 def _retie(model: nn.Module, tied: list[list[str]]) -> None:
     """Point every name of each tied group at its first name's (loaded) tensor again."""
+    loaded = model.state_dict(keep_vars=True)  # (the Parameter or buffer itself under each name)
     for first, *others in tied:
-        tensor = model.get_parameter(first) if _is_parameter(model, first) else model.get_buffer(first)
         for name in others:
             owner_name, _, attribute = name.rpartition(".")
-            setattr(model.get_submodule(owner_name), attribute, tensor)
-
-
-def _is_parameter(model: nn.Module, name: str) -> bool:
-    owner_name, _, attribute = name.rpartition(".")
-    return attribute in model.get_submodule(owner_name)._parameters
+            setattr(model.get_submodule(owner_name), attribute, loaded[first])
