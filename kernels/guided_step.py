@@ -97,6 +97,11 @@ NUM_WARPS = 8
 # (tools/kernel_report.py, sm_90). BLOCK stays, so the rows of sums per sample do too.
 SIMILARITY_WARPS = 4
 MAX_PARTS = 32  # partial moments per sample in the stats pass
+# Offsets within a sample are int32 (fewer registers) unless they could pass 2³¹ − 1: a
+# sample of LARGE_SAMPLE elements or more compiles the kernels' LARGE variant, with int64
+# offsets. The margin: the stats pass's parts, each rounded up to whole blocks, reach up to
+# MAX_PARTS blocks past the sample's end, and each reads one block beyond its chunk.
+LARGE_SAMPLE = 2**31 - 1 - (MAX_PARTS + 2) * BLOCK
 # The ids the kernels branch on, from their one definition (ops/layout.py, ops/contract.py).
 NO_STATS, ZERO_STAR, APG, TANGENTIAL = (
     tl.constexpr(i) for i in (STATS_NONE, STATS_ZERO_STAR, STATS_APG, STATS_TANGENTIAL)
@@ -160,6 +165,7 @@ def _guided_stats_kernel(
     APG_MOMENTUM: tl.constexpr,
     PARTS: tl.constexpr,
     BLOCK: tl.constexpr,
+    LARGE: tl.constexpr,
 ):
     """The moments of (c, v) over one chunk of one sample: its count n, a reference value
     k, the mean offsets μ − k and the centred co-moment sums Σ(c − μc)², Σ(v − μv)²,
@@ -178,7 +184,7 @@ def _guided_stats_kernel(
     # Samples on grid axis 0, the ≤ PARTS parts on axis 1 (which stops at 65535).
     b = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
-    start = part * elems_per_part
+    start = part.to(tl.int64) * elems_per_part if LARGE else part * elems_per_part
     lanes = tl.arange(0, BLOCK)
     # The sample's rows of c, u, p and the APG buffer (absent ones stay None).
     c_row = mo_ptr + b * mo_sample_stride
@@ -419,6 +425,7 @@ def _guided_step_kernel(
     OUT_2B: tl.constexpr,
     HAS_X0_OUT: tl.constexpr,
     BLOCK: tl.constexpr,
+    LARGE: tl.constexpr,
 ):
     # Three branches specialised on a None pointer (Triton makes a None argument a constant)
     # rather than on flags of their own, so that every other specialisation, the kernel
@@ -431,7 +438,8 @@ def _guided_step_kernel(
     blocks = tl.cdiv(sample_elems, BLOCK)
     program = tl.program_id(0)
     b = (program // blocks).to(tl.int64)
-    j = (program % blocks) * BLOCK + tl.arange(0, BLOCK)
+    block = program % blocks
+    j = (block.to(tl.int64) if LARGE else block) * BLOCK + tl.arange(0, BLOCK)
     mask = j < sample_elems
     here = b * sample_elems + j  # offset of this element in every x-shaped tensor
 
@@ -607,6 +615,7 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
             APG_MOMENTUM=apg_with_momentum,
             PARTS=parts_pow2,
             BLOCK=BLOCK,
+            LARGE=sample_elems >= LARGE_SAMPLE,
             num_warps=NUM_WARPS,
         )
         coefficients = torch.empty((batch, 3), dtype=torch.float32, device=x.device)
@@ -675,6 +684,7 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
         OUT_2B=tensors.out.shape[0] >= 2 * batch,
         HAS_X0_OUT=tensors.x0_out is not None,
         BLOCK=BLOCK,
+        LARGE=sample_elems >= LARGE_SAMPLE,
         num_warps=NUM_WARPS if similarity_partials is None else SIMILARITY_WARPS,
     )
     write_back(targets, work)

@@ -252,6 +252,7 @@ def cases() -> list[Case]:
                     OUT_2B=True,
                     HAS_X0_OUT=False,
                     BLOCK=gs.BLOCK,
+                    LARGE=False,
                 ),
                 gs.NUM_WARPS,
                 main_path=True,
@@ -284,6 +285,7 @@ def cases() -> list[Case]:
                 OUT_2B=True,
                 HAS_X0_OUT=False,
                 BLOCK=gs.BLOCK,
+                LARGE=False,
             ),
             gs.SIMILARITY_WARPS,
             main_path=True,
@@ -324,6 +326,7 @@ def cases() -> list[Case]:
                 OUT_2B=True,
                 HAS_X0_OUT=True,
                 BLOCK=gs.BLOCK,
+                LARGE=False,
             ),
             gs.NUM_WARPS,
         )
@@ -355,6 +358,7 @@ def cases() -> list[Case]:
                 OUT_2B=True,
                 HAS_X0_OUT=False,
                 BLOCK=gs.BLOCK,
+                LARGE=False,
             ),
             gs.NUM_WARPS,
         )
@@ -387,6 +391,7 @@ def cases() -> list[Case]:
                 OUT_2B=True,
                 HAS_X0_OUT=False,
                 BLOCK=gs.BLOCK,
+                LARGE=False,
             ),
             gs.NUM_WARPS,
         )
@@ -419,6 +424,7 @@ def cases() -> list[Case]:
                 OUT_2B=True,
                 HAS_X0_OUT=True,
                 BLOCK=gs.BLOCK,
+                LARGE=False,
             ),
             gs.NUM_WARPS,
         )
@@ -428,7 +434,7 @@ def cases() -> list[Case]:
             "guided_stats apg fp16",
             gs._guided_stats_kernel,
             {"mo_ptr": "fp16", "uncond_ptr": "fp16", "buf_ptr": "fp32", "partial_ptr": "fp32"},
-            dict(APG_MOMENTUM=True, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK),
+            dict(APG_MOMENTUM=True, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK, LARGE=False),
             gs.NUM_WARPS,
         )
     )
@@ -437,7 +443,7 @@ def cases() -> list[Case]:
             "guided_stats rescale fp16",
             gs._guided_stats_kernel,
             {"mo_ptr": "fp16", "uncond_ptr": "fp16", "partial_ptr": "fp32"},
-            dict(APG_MOMENTUM=False, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK),
+            dict(APG_MOMENTUM=False, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK, LARGE=False),
             gs.NUM_WARPS,
         )
     )

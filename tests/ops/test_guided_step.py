@@ -1,6 +1,7 @@
 """guided_step: the reference against sampler formulas written out independently, and
 every backend against the reference in float64 for every option and variant."""
 
+import importlib
 import math
 
 import pytest
@@ -911,6 +912,21 @@ def test_guided_step_gpu_past_the_grid_limit(backend, case, request):
     similarity = step_with_similarity(backend, request, tensors, step, combine)
     assert_outputs_match(tensors, expected)
     assert_close(similarity, x0_cosine_of_inputs(tensors, step), SIMILARITY, torch.float16)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton backend here")
+@pytest.mark.parametrize("case", ["apg-momentum-clip", "tangential-rescale-guide", "ddpm-learned-var-grad"])
+# (1, 3, (300, 301)): 5 blocks a stats chunk, the stats loop's int64 offsets.
+@pytest.mark.parametrize("shape", [(2, 3, (5, 7)), (1, 3, (300, 301))], ids=str)
+def test_triton_large_sample_variant_matches_reference(case, shape, device, request, monkeypatch):
+    # A sample of 2³¹ elements (int64 offsets within it) cannot run here: its LARGE variant
+    # of both kernels runs on small samples instead.
+    monkeypatch.setattr(importlib.import_module("fastguide.kernels.guided_step"), "LARGE_SAMPLE", 0)
+    tensors, step, combine = case_inputs(SIMILARITY_CASES.get(case, CASES.get(case)), *shape, torch.float32, device)
+    expected = run_reference(tensors, step, combine)
+    similarity = step_with_similarity("triton", request, tensors, step, combine)
+    assert_outputs_match(tensors, expected)
+    assert_close(similarity, x0_cosine_of_inputs(tensors, step), SIMILARITY, torch.float32)
 
 
 def similarity_on(backend, request, device, model_output, x, combine=GuidanceCombine(3.0), guide=None, step=STEP):
