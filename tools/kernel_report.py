@@ -44,6 +44,7 @@ torch) the host compiler also checks csrc/bindings.cpp against it.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import inspect
 import json
 import os
@@ -867,22 +868,29 @@ def run_cuda(archs: list[int], only: str = "") -> list[dict]:
     """Compile each csrc/ kernel source with nvcc (warnings as errors) and analyse every kernel."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for source in (s for s in extension.KERNEL_SOURCES if only in s):
-            for arch in archs:
-                cubin = Path(tmp) / f"{source}.sm_{arch}.cubin"
-                command = extension.kernel_check_command(source, arch, cubin)
-                result = subprocess.run(command, capture_output=True, text=True)
-                if result.returncode != 0:
-                    raise RuntimeError(f"nvcc failed on csrc/{source} for sm_{arch}:\n{result.stdout}{result.stderr}")
-                threads = block_threads(source)
-                for mangled, stats in analyse_functions(cubin).items():
-                    name = _kernel_name(mangled)
-                    # At most the main path's vectors, where it has a cap: see CUDA_MAIN_PATH_VECTORS.
-                    block = CUDA_BLOCK_THREADS.get(name.split("<")[0], threads)
-                    stats |= in_flight(arch, stats, block, main_path_vectors(name))
-                    held = held_to_floor(name)
-                    found = cuda_violations(name, stats) + in_flight_violations(f"cuda {name}", arch, stats, held)
-                    rows.append({"kernel": f"cuda {name}", "arch": f"sm_{arch}", **stats, "violations": found})
+        jobs = [(source, arch) for source in extension.KERNEL_SOURCES if only in source for arch in archs]
+
+        def compile_source(job: tuple[str, int]) -> Path:
+            source, arch = job
+            cubin = Path(tmp) / f"{source}.sm_{arch}.cubin"
+            result = subprocess.run(extension.kernel_check_command(source, arch, cubin), capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"nvcc failed on csrc/{source} for sm_{arch}:\n{result.stdout}{result.stderr}")
+            return cubin
+
+        # One nvcc per core at a time: each is single-threaded, and they take most of the report's time.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            cubins = list(pool.map(compile_source, jobs))
+        for (source, arch), cubin in zip(jobs, cubins):
+            threads = block_threads(source)
+            for mangled, stats in analyse_functions(cubin).items():
+                name = _kernel_name(mangled)
+                # At most the main path's vectors, where it has a cap: see CUDA_MAIN_PATH_VECTORS.
+                block = CUDA_BLOCK_THREADS.get(name.split("<")[0], threads)
+                stats |= in_flight(arch, stats, block, main_path_vectors(name))
+                held = held_to_floor(name)
+                found = cuda_violations(name, stats) + in_flight_violations(f"cuda {name}", arch, stats, held)
+                rows.append({"kernel": f"cuda {name}", "arch": f"sm_{arch}", **stats, "violations": found})
     return sorted(rows, key=lambda r: (r["kernel"], r["arch"]))
 
 
