@@ -368,11 +368,18 @@ def perturb_attention(model: nn.Module, layers: str | Sequence[str], rows: slice
     return _installed("identity attention", model, functools.partial(_attention_targets, model, layers), rows)
 
 
-def _attention_targets(model: nn.Module, layers: str | Sequence[str]) -> list[Target]:
-    """The self-attention modules the patterns ``layers`` pick, checked, in the model's order."""
+def attention_patterns(layers: object) -> tuple[str, ...]:
+    """``layers`` of ``perturb_attention`` (a pattern or a non-empty sequence of them) as a
+    tuple of patterns; TypeError for anything else."""
     patterns = [layers] if isinstance(layers, str) else layers
     if not isinstance(patterns, Sequence) or not patterns or not all(isinstance(p, str) for p in patterns):
         raise TypeError(f"layers must be a layer-name pattern or a non-empty sequence of them, got {layers!r}")
+    return tuple(patterns)
+
+
+def _attention_targets(model: nn.Module, layers: str | Sequence[str]) -> list[Target]:
+    """The self-attention modules the patterns ``layers`` pick, checked, in the model's order."""
+    patterns = attention_patterns(layers)
     candidates = _self_attention(model)
     if not candidates:
         raise ValueError(
@@ -430,8 +437,9 @@ def skip_blocks(model: nn.Module, layers: int | Sequence[int], rows: slice | Non
     return _installed("skipped blocks", model, functools.partial(_block_targets, model, layers), rows)
 
 
-def _block_targets(model: nn.Module, layers: int | Sequence[int]) -> list[Target]:
-    """The blocks at indices ``layers`` of the model's block list, checked, in order."""
+def block_indices(layers: object) -> tuple[int, ...]:
+    """``layers`` of ``skip_blocks`` (a block index or a non-empty sequence of them) as a
+    tuple of ints; TypeError for anything else (bools included)."""
     single = isinstance(layers, Integral) and not isinstance(layers, bool)
     indices = cast("Sequence[int]", [layers] if single else layers)
     if (
@@ -440,6 +448,12 @@ def _block_targets(model: nn.Module, layers: int | Sequence[int]) -> list[Target
         or not all(isinstance(i, Integral) and not isinstance(i, bool) for i in indices)
     ):
         raise TypeError(f"layers must be a block index or a non-empty sequence of them, got {layers!r}")
+    return tuple(int(i) for i in indices)
+
+
+def _block_targets(model: nn.Module, layers: int | Sequence[int]) -> list[Target]:
+    """The blocks at indices ``layers`` of the model's block list, checked, in order."""
+    indices = block_indices(layers)
     attribute, blocks = block_list(model, "skip_blocks")
     for index in indices:
         if not 0 <= index < len(blocks):

@@ -84,6 +84,8 @@ class Combination:
                 raise TypeError(
                     f"a Combination's symbols are Symbol(kind, calls_back) with kind in {KINDS}, got {symbol!r}"
                 )
+            if isinstance(symbol.calls_back, bool) or not isinstance(symbol.calls_back, int):
+                raise TypeError(f"a Symbol's calls_back must be an int, got {symbol!r}")
             merged[symbol] = merged[symbol] + float(coefficient) if symbol in merged else float(coefficient)
         normal = tuple(sorted(((s, c) for s, c in merged.items() if c != 0.0), key=_order))
         object.__setattr__(self, "terms", normal)

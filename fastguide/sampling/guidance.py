@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.blocks import perturbation_target
-from ..models.perturbation import Perturbation, perturb_attention, skip_blocks
+from ..models.perturbation import Perturbation, attention_patterns, block_indices, perturb_attention, skip_blocks
 from ..ops.contract import GuidanceCombine, StepCoefficients
 from ..ops.validation import FLOAT32_MAX
 
@@ -167,6 +167,8 @@ class Guidance(abc.ABC):
 class APG:
     """Adaptive projected guidance settings (Sadat et al. 2024; eta=0 drops the part of
     the update parallel to the conditional prediction; momentum < 0 as in the paper).
+    The default eta is 0 (the parallel part dropped); diffusers' AdaptiveProjectedGuidance
+    defaults to eta=1.0 (all of it kept): pass that to port diffusers settings.
     Checked when built: each a finite number within float32's range (the kernels'
     scalars), norm_threshold non-negative, momentum in [−1, 1] (beyond, the running
     average grows geometrically with the steps).
@@ -522,8 +524,13 @@ class PerturbedGuidance(Guidance):
         if not 0 <= self.rescale <= 1:
             raise ValueError(f"{name} rescale must be in [0, 1], got {self.rescale}")
         _set_interval(self, name)
-        if isinstance(self.layers, list):  # settings are compared and hashed by value
-            object.__setattr__(self, "layers", tuple(self.layers))
+        # Checked now rather than at the first forward; a sequence becomes a tuple, as
+        # settings are compared and hashed by value.
+        object.__setattr__(self, "layers", self._checked_layers())
+
+    @abc.abstractmethod
+    def _checked_layers(self) -> str | int | tuple[str, ...] | tuple[int, ...]:
+        """``layers`` checked: one layer as given, a sequence as a tuple (TypeError else)."""
 
     @property
     def cfg(self) -> bool:
@@ -564,6 +571,10 @@ class PAG(PerturbedGuidance):
 
     layers: str | Sequence[str]
 
+    def _checked_layers(self) -> str | tuple[str, ...]:
+        patterns = attention_patterns(self.layers)
+        return self.layers if isinstance(self.layers, str) else patterns
+
     def perturb(self, model: Callable[..., Tensor]) -> Perturbation:
         return perturb_attention(perturbation_target(model), self.layers)
 
@@ -576,6 +587,10 @@ class SkipLayerGuidance(PerturbedGuidance):
     ``interval`` in σ̃ (the pipeline recipe converts them)."""
 
     layers: int | Sequence[int]
+
+    def _checked_layers(self) -> int | tuple[int, ...]:
+        indices = block_indices(self.layers)
+        return indices[0] if isinstance(self.layers, Integral) else indices
 
     def perturb(self, model: Callable[..., Tensor]) -> Perturbation:
         return skip_blocks(perturbation_target(model), self.layers)

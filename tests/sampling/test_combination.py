@@ -114,6 +114,9 @@ def test_combinations_are_immutable_values():
         Combination(((Symbol("sigma"), 1.0),))
     with pytest.raises(TypeError, match="calls_back must be an int"):
         x0(1.0)
+    for calls_back in (1.5, True):  # a hand-built Symbol is checked as x0() checks its argument
+        with pytest.raises(TypeError, match="calls_back must be an int"):
+            Combination(((Symbol("x0", calls_back), 1.0),))
 
 
 def test_shift_restates_a_value_in_the_next_calls_symbols():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,6 +146,16 @@ def test_pag_without_cfg_needs_no_null_label_and_specs_are_checked():
         SkipLayerGuidance(1.0, [1], rescale=2.0)
     with pytest.raises(ValueError, match="SkipLayerGuidance interval"):
         SkipLayerGuidance(1.0, [1], interval=(3.0, 1.0))
+    # layers when built, not at the first forward; sequences (NumPy's included) become tuples
+    for bad in ([], "7", [1, True], np.array([1.5])):
+        with pytest.raises(TypeError, match="layers must be a block index"):
+            SkipLayerGuidance(1.0, bad)
+    for bad in ([], 3, ["mid", 3]):
+        with pytest.raises(TypeError, match="layers must be a layer-name pattern"):
+            PAG(1.0, bad)
+    assert SkipLayerGuidance(1.0, [np.int64(2), 1]).layers == (2, 1)
+    assert SkipLayerGuidance(1.0, np.int64(2)).layers == 2 and PAG(1.0, ["mid"]).layers == ("mid",)
+    assert hash(SkipLayerGuidance(1.0, [2])) == hash(SkipLayerGuidance(1.0, (2,)))
 
 
 def test_a_sampler_installs_the_same_perturbation_each_run_while_it_can():
