@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.sampling.oracle import GaussianClasses
-from benchmarks.sampling.study import progress_printer, write_study
+from benchmarks.sampling.study import at_least, progress_printer, write_study
 from fastguide import CFG, GuidedSampler, NoiseSchedule
 from fastguide.sampling.schedule import SPACINGS
 
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("nfe-results"))
     parser.add_argument("--quick", action="store_true", help="w = 3 and 10 and 25 calls only, no digits")
-    parser.add_argument("--digits-samples", type=int, default=500)
+    parser.add_argument("--digits-samples", type=at_least(2), default=500)  # a Fréchet distance needs a covariance
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     budgets, weights = ((10, 25), (3.0,)) if args.quick else (BUDGETS, WEIGHTS)

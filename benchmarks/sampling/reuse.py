@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.sampling.study import progress_printer, write_study
+from benchmarks.sampling.study import at_least, progress_printer, write_study
 from fastguide import CFG, DeltaReuse, FirstBlockCache, ForecastCache, GuidedSampler
 from fastguide.apps import digits
 from fastguide.apps.sweep import score
@@ -457,9 +457,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("reuse-results"))
     parser.add_argument("--quick", action="store_true", help="one setting per method, 40 samples (CI)")
-    parser.add_argument("--samples", type=int, default=None, help="samples per row (default 500; 40 with --quick)")
+    parser.add_argument(
+        "--samples",
+        type=at_least(2),  # a Fréchet distance needs a covariance
+        default=None,
+        help="samples per row (default 500; 40 with --quick)",
+    )
     args = parser.parse_args(argv)
-    samples = args.samples or (40 if args.quick else 500)
+    samples = args.samples if args.samples is not None else 40 if args.quick else 500
     args.out.mkdir(parents=True, exist_ok=True)
     rows = run(samples, args.quick, progress_printer())
     write_study(

@@ -1,8 +1,10 @@
 """What the sampling studies (nfe.py, reuse.py) share: progress lines with the time since the
-start, and their three outputs (NAME.json, NAME.md, NAME.png) written in one place."""
+start, their three outputs (NAME.json, NAME.md, NAME.png) written in one place, and the
+argparse type of their sample counts."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Callable
@@ -21,3 +23,18 @@ def write_study(out: Path, name: str, data: dict, table: str, draw: Callable[[Pa
     (out / f"{name}.md").write_text(table)
     draw(out / f"{name}.png")
     print(table)
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``low`` (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {low}, got {value}")
+        return value
+
+    return parse

@@ -49,14 +49,15 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def within_class_diversity(features: Tensor, labels: Tensor) -> float:
-    """Mean pairwise L2 distance of features within each class, averaged over classes."""
+    """Mean pairwise L2 distance of features within each class, averaged over the classes
+    with two or more members (NaN where none has)."""
     distances = []
     for label in labels.unique():
         members = features[labels == label]
         if len(members) > 1:
             pairwise = torch.cdist(members, members)
             distances.append(pairwise.sum() / (len(members) * (len(members) - 1)))
-    return float(torch.stack(distances).mean())
+    return float(torch.stack(distances).mean()) if distances else float("nan")
 
 
 def score(models: digits.DigitsModels, images: Tensor, labels: Tensor, real_features: np.ndarray) -> dict:

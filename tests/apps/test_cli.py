@@ -1,5 +1,6 @@
 """The fastguide command: the main job on CPU, bad options, multi-process sampling, the sweep."""
 
+import math
 import os
 import socket
 import subprocess
@@ -639,6 +640,16 @@ def test_frechet_distance_of_known_gaussians():
     # ‖μ‖² + tr(I + 4I − 2·2I) = 1 + 3·(1 + 4 − 4) = 4
     assert frechet_distance(a, b) == pytest.approx(4.0, abs=0.15)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_within_class_diversity_averages_the_classes_with_a_pair():
+    from fastguide.apps.sweep import within_class_diversity
+
+    features = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [9.0, 9.0]])
+    # class 0: one pair at distance 5; class 1: one member, no pair; class 2: one member
+    assert within_class_diversity(features, torch.tensor([0, 0, 1, 2])) == pytest.approx(5.0)
+    # no class with two members (fewer samples than a study's classes): NaN, not a crash
+    assert math.isnan(within_class_diversity(features, torch.tensor([0, 1, 2, 3])))
 
 
 def test_guidance_options_reach_the_sampler(workdir, monkeypatch):
