@@ -93,6 +93,13 @@ export PYTHONUNBUFFERED=1
 nvidia-smi > "$out/device.txt" 2>&1 || true
 "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" >> "$out/device.txt"
 "$py" -c "import fastguide; print('backends', fastguide.available_backends())" >> "$out/device.txt"
+# The peers the comparisons need (the GPU image has none: carry their wheels and put them on
+# PYTHONPATH, as the device tool's README says); without one its rows skip or fail, and
+# device.txt says which were missing.
+for peer in diffusers k_diffusion liger_kernel; do
+    "$py" -c "import $peer; print('$peer', getattr($peer, '__version__', '?'))" >> "$out/device.txt" 2>/dev/null ||
+        echo "$peer: not installed (its peer rows skip)" >> "$out/device.txt"
+done
 # From here every step runs whatever the one before it did, and the exit status is the
 # first failure's: a failed step must not cost the results of the later ones.
 set +e

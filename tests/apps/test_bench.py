@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -240,6 +241,20 @@ def test_table_shows_device_time_and_back_to_back_beside_call_time_when_measured
     assert "device time" not in bench.markdown_table({"case": {"eager": untimed}}, "a CPU")
 
 
+def test_ratio_is_taken_against_the_rows_users_can_choose():
+    def row(ms):
+        return dict(median_ms=ms, rate="", pct=None, peak=None)
+
+    # a forced kernel path (the pointer attention kernel) faster than the default: no base
+    cases = {"case": {"fastguide": row(2.0), "fastguide-pointer": row(1.0), "sdpa-flash": row(1.5)}}
+    table = bench.markdown_table(cases, "a GPU")
+    assert "| sdpa-flash | 1.500 ms |  |  |  | 0.75× |" in table
+    assert "| fastguide-pointer | 1.000 ms |  |  |  | 0.50× |" in table
+    # among the selectable rows, the fastest (a backend, or graphs)
+    cases = {"case": {"fastguide-triton": row(3.0), "fastguide-cuda": row(2.0), "eager": row(4.0)}}
+    assert "| eager | 4.000 ms |  |  |  | 2.00× |" in bench.markdown_table(cases, "a GPU")
+
+
 def test_gpu_call_time_is_do_bench_median(monkeypatch):
     # do_bench's default return_mode is the mean, which one slow outlier drags up.
     import triton.testing
@@ -262,8 +277,10 @@ def test_gpu_call_time_is_do_bench_median(monkeypatch):
 def test_recorder_times_cases_as_the_sampler_calls_them_under_no_grad():
     from benchmarks.conftest import Recorder
 
-    class FakeBenchmark:  # pytest-benchmark's fixture: calls fn, keeps extra_info
-        extra_info: dict = {}
+    class FakeBenchmark:  # pytest-benchmark's fixture: calls fn, keeps extra_info and stats
+        def __init__(self):
+            self.extra_info: dict = {}
+            self.stats = None  # as with --benchmark-disable
 
         def __call__(self, fn):
             fn()
@@ -280,6 +297,12 @@ def test_recorder_times_cases_as_the_sampler_calls_them_under_no_grad():
     seen.clear()
     Recorder(FakeBenchmark(), copy_bandwidth=1e9, matmul_rate=1e9)(case, grad=True)  # a backward's case
     assert seen and all(seen)
+    # On the CPU, the table's median is pytest-benchmark's over its rounds, not a few calls.
+    measured = FakeBenchmark()
+    measured.stats = types.SimpleNamespace(stats=types.SimpleNamespace(median=0.004))
+    Recorder(measured, copy_bandwidth=1e9, matmul_rate=1e9)(case, bytes_moved=12)
+    assert measured.extra_info["median_ms"] == pytest.approx(4.0)
+    assert measured.extra_info["GB/s"] == pytest.approx(12 / 0.004 / 1e9)
 
 
 def test_attention_autotunes_over_every_config_unless_told_otherwise(monkeypatch, tmp_path):
