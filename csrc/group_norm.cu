@@ -297,8 +297,8 @@ __global__ void __launch_bounds__(kThreads, kNormalizeBlocks)
 
 // NCHW, one pass: block n·G + g holds its group's Cg·S contiguous elements in registers,
 // kGroupVectors 16-byte vectors a thread (64 KB: 32768 fp16/bf16 or 16384 fp32 elements),
-// all loaded before any math. It sums them (shifted, as channel_sums does) for the mean
-// and variance, folds each of the group's channels into its map z = x·gain + offset (a
+// all loaded before any math. It sums them twice from the registers (an estimate of the
+// mean, then the deviations from it) for the mean and variance, folds each of the group's channels into its map z = x·gain + offset (a
 // thread a channel, into shared memory), and writes y from the same registers: x crosses
 // HBM once (2·E·s_x in all).
 // __launch_bounds__(kThreads, 2): 2 blocks an SM, 128 KB of loads in flight.
@@ -320,7 +320,7 @@ template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreads, 2)
     group_in_registers_kernel(GroupNormParams p, GroupNormAffine a, const T* x, T* y, float* mean, float* rstd) {
   __shared__ LinearMap maps[kGroupChannels];
-  __shared__ float shared_shift;
+  __shared__ float shared_estimate;
   __shared__ double group_mean, group_rstd;  // thread 0's, for every thread
   // n and the first channel by 32-bit division (a 64-bit one is a subroutine call, whose
   // frame would spill the held data): the grid has N·G < 2^31 blocks. The launcher's
@@ -339,40 +339,50 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int v = k * kThreads + static_cast<int>(threadIdx.x);
     held[k] = load_if<T, kVec>(in + v * kVec, v < vectors);  // zeros past the group add nothing
   }
-  // Shifted sums Σ(x − K), Σ(x − K)², K = the group's first element, in float32 as the
-  // Triton kernels do: K is within a few standard deviations of the mean, so little
-  // cancels. (The three launches shift each channel by its own first element and merge
-  // in float64, so a group whose channel means lie ~1e19 apart overflows to NaN here
-  // alone.) K comes from thread 0's registers through the barrier, which every thread
-  // meets with all its loads issued (read from memory, nvcc would start the sums as
-  // soon as K arrived).
-  if (threadIdx.x == 0) shared_shift = to_float(held[0].v[0]);
+  // The statistics in two passes over the held data (the corrected two-pass algorithm):
+  // an estimate m̂ of the mean, from each thread's first vector (up to kThreads·kVec
+  // elements: cheaper in registers than all of them, and as good a reference), then the
+  // sums of d = x − m̂ over the group, which give mean = m̂ + Σd/n and
+  // var = Σd²/n − (Σd/n)². Σd/n, m̂'s error, is small beside the spread, so nothing
+  // cancels: neither at a large mean with a small spread (m̂ and x agree in their leading
+  // digits, so x − m̂ is exact) nor with an outlier, which a shift by one element (the
+  // group's first, as this kernel once did) made the reference every d² is taken from
+  // (an outlier first in its group: 2e-4 relative error in rstd). Sums that overflow
+  // float32 give NaN statistics, as every backend's do.
+  __syncthreads();  // every thread's loads issued before any math
+  float first[1] = {0.0f};
+#pragma unroll
+  for (int lane = 0; lane < kVec; ++lane) first[0] += to_float(held[0].v[lane]);  // zeros past the group
+  block_sum(first);
+  // In float with the hardware's approximate reciprocal (2 ulp): an IEEE division is a
+  // subroutine call, whose frame would spill the held data.
+  const float inv_count = __fdividef(1.0f, static_cast<float>(count));
+  if (threadIdx.x == 0) shared_estimate = first[0] * __fdividef(1.0f, static_cast<float>((vectors < kThreads ? vectors : kThreads) * kVec));
   __syncthreads();
-  const float shift = shared_shift;
+  const float estimate = shared_estimate;
   float sums[2] = {0.0f, 0.0f};
 #pragma unroll
   for (int k = 0; k < kGroupVectors; ++k) {
     const bool valid = k * kThreads + static_cast<int>(threadIdx.x) < vectors;
+    reconvert(held[k]);  // converted again, not kept as floats from the first pass
 #pragma unroll
     for (int lane = 0; lane < kVec; ++lane) {
-      const float d = valid ? to_float(held[k].v[lane]) - shift : 0.0f;
+      const float d = valid ? to_float(held[k].v[lane]) - estimate : 0.0f;
       sums[0] += d;
       sums[1] += d * d;
     }
   }
   block_sum(sums);
   if (threadIdx.x == 0) {
-    // In float with the hardware's approximate reciprocal and rsqrt (2 ulp): an IEEE
-    // division or a float64 sqrt is a subroutine call too.
-    const float inv_count = __fdividef(1.0f, static_cast<float>(count));
+    // rsqrt with the hardware's approximation (2 ulp): a float64 sqrt is a subroutine call too.
     const float offset = sums[0] * inv_count;
     const float variance = sums[1] * inv_count - offset * offset;
     // Statistics that overflowed float32 (or met a NaN) give NaN, on every backend
     // (checked before the clamp: fmaxf would turn a NaN into 0).
     const float rstd_f = variance < INFINITY ? rsqrtf(fmaxf(variance, 0.0f) + p.eps) : NAN;
-    mean[group] = shift + offset;
+    group_mean = static_cast<double>(estimate) + static_cast<double>(offset);
+    mean[group] = static_cast<float>(group_mean);
     rstd[group] = rstd_f;
-    group_mean = static_cast<double>(shift) + static_cast<double>(offset);
     group_rstd = rstd_f;
   }
   __syncthreads();

@@ -16,13 +16,14 @@ Otherwise two launches (channels_last: three), each program owning one chunk of 
 so that batch 1–2 still fills the GPU (`launch_config` sizes the chunks):
   1. statistics: shifted sums Σ(x − K), Σ(x − K)² of a piece of each group, K = the
      group's first element (the shift keeps E[x²] − E[x]² from cancelling when
-     |mean| ≫ std). NCHW, `_stats_contiguous_kernel`: a group is one contiguous run of
-     Cg·S elements, read as a flat array in chunks. channels_last, `_stats_rows_kernel`:
-     a group's channels are a sliver of Cg elements every C (16–32 bytes in SD's
-     UNets), so a program reads whole rows of ROW_CHANNELS consecutive channels (128 B
-     of fp16) over a spatial chunk instead, whatever groups they belong to, and folds
-     each channel's sums into its group's; a group whose channels straddle programs
-     gets one part from each.
+     |mean| ≫ std; not when K itself is an outlier, far from the mean in standard
+     deviations: a known loss, docs/design.md, GroupNorm). NCHW,
+     `_stats_contiguous_kernel`: a group is one contiguous run of Cg·S elements, read
+     as a flat array in chunks. channels_last, `_stats_rows_kernel`: a group's channels
+     are a sliver of Cg elements every C (16–32 bytes in SD's UNets), so a program reads
+     whole rows of ROW_CHANNELS consecutive channels (128 B of fp16) over a spatial chunk
+     instead, whatever groups they belong to, and folds each channel's sums into its
+     group's; a group whose channels straddle programs gets one part from each.
   2. NCHW, `_apply_kernel`: merges the group's partials (chunks × parts) in a fixed
      order, writes mean and rstd (the group's first program only, saved for backward),
      normalises and writes y. Its programs own a spatial chunk of some of one group's
@@ -433,8 +434,9 @@ def _group_mean_rstd(
 @triton.jit
 def _mean_rstd(s1, s2, shift, count, eps):
     """(mean, rstd) of a group from its shifted sums s1 = Σ(x − K), s2 = Σ(x − K)² over
-    count elements, K = shift: var = s2/count − (s1/count)², which cancels little since K,
-    one of the group's values, lies within a few standard deviations of the mean."""
+    count elements, K = shift: var = s2/count − (s1/count)², which cancels little where K,
+    one of the group's values, lies within a few standard deviations of the mean (an
+    outlier K loses about (|K − mean|/std)²·2⁻²⁴ of var, relatively: a known loss)."""
     mean_shifted = s1 / tl.cast(count, tl.float32)
     var = s2 / tl.cast(count, tl.float32) - mean_shifted * mean_shifted
     # Statistics that overflowed float32 (or met a NaN) give NaN, on every backend.

@@ -261,6 +261,36 @@ def test_group_norm_statistics_at_large_mean_and_small_spread(backend, channels_
 
 @pytest.mark.parametrize("backend", backends_with_emulation("group_norm"))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+# batch 1 and 8: the cuda backend's three launches and its group-in-registers kernel
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("outlier", [1e3, 1e4])
+def test_group_norm_with_an_outlier_first_in_its_group(backend, channels_last, batch, outlier, request):
+    # One element far from its group (the first, where a statistics pass may take its
+    # shift from): the variance must not cancel. Held to PyTorch's own float32 error.
+    # The cuda group-in-registers kernel (NCHW, N·G ≥ 2 SMs: batch 8 in the emulation)
+    # takes two passes over the registers; every other kernel still shifts its sums by the
+    # group's or the channel's first element and misses by 100-2000x (2026-12-06: up to
+    # 6e-3 against 3e-5): marked, strictly, until the redesign of issue 22 lands.
+    in_registers = backend == "cuda-emulation" and batch == 8 and not channels_last
+    if backend != "torch" and not in_registers:
+        request.applymarker(
+            pytest.mark.xfail(strict=True, reason="statistics shifted by the group's or channel's first element")
+        )
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(batch, 32, 16, 16, generator=g)
+    x[:, ::4, 0, 0] = outlier  # 8 groups of 4 channels: each group's first element
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.functional.group_norm(x.double(), 8, eps=1e-5)
+    with running_on(backend, request):
+        got = ops.group_norm(x, 8, eps=1e-5)
+    ours = (got.double() - expected).abs().max()
+    theirs = (torch.nn.functional.group_norm(x, 8, eps=1e-5).double() - expected).abs().max()
+    assert ours <= 2 * theirs + 1e-6, f"error {ours:.3g} exceeds twice PyTorch's {theirs:.3g}"
+
+
+@pytest.mark.parametrize("backend", backends_with_emulation("group_norm"))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("mean", [10.0, 1e3])
 def test_group_norm_backward_at_large_mean_and_small_spread(backend, channels_last, mean, request):
     # The kernels fold dx into dy·α + x·β + γ per channel (γ cancels x·β's mean part), so
