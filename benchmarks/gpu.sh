@@ -96,9 +96,11 @@ nvidia-smi > "$out/device.txt" 2>&1 || true
 # The peers the comparisons need (the GPU image has none: carry their wheels and put them on
 # PYTHONPATH, as the device tool's README says); without one its rows skip or fail, and
 # device.txt says which were missing.
-for peer in diffusers k_diffusion liger_kernel; do
-    "$py" -c "import $peer; print('$peer', getattr($peer, '__version__', '?'))" >> "$out/device.txt" 2>/dev/null ||
-        echo "$peer: not installed (its peer rows skip)" >> "$out/device.txt"
+# (k_diffusion's package __init__ imports what its samplers do not need: its samplers are
+# what the comparisons use.)
+for peer in diffusers k_diffusion.sampling liger_kernel; do
+    "$py" -c "import $peer as p; print('$peer', getattr(p, '__version__', ''))" >> "$out/device.txt" 2>/dev/null ||
+        echo "$peer: not importable (its rows skip or fail)" >> "$out/device.txt"
 done
 # From here every step runs whatever the one before it did, and the exit status is the
 # first failure's: a failed step must not cost the results of the later ones.

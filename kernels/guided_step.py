@@ -435,11 +435,11 @@ def _guided_step_kernel(
     SIMILARITY: tl.constexpr = similarity_partial_ptr is not None
     # One grid axis of blocks × samples (axis 1 would stop at 65535 samples): program
     # b·blocks + i moves the sample's i-th block.
-    blocks = tl.cdiv(sample_elems, BLOCK)
+    # (LARGE: the block count in int64 too, as cdiv's sample_elems + BLOCK − 1 would wrap)
+    blocks = tl.cdiv(sample_elems.to(tl.int64) if LARGE else sample_elems, BLOCK)
     program = tl.program_id(0)
     b = (program // blocks).to(tl.int64)
-    block = program % blocks
-    j = (block.to(tl.int64) if LARGE else block) * BLOCK + tl.arange(0, BLOCK)
+    j = (program % blocks) * BLOCK + tl.arange(0, BLOCK)
     mask = j < sample_elems
     here = b * sample_elems + j  # offset of this element in every x-shaped tensor
 

@@ -879,7 +879,7 @@ def run_cuda(archs: list[int], only: str = "") -> list[dict]:
             return cubin
 
         # One nvcc per core at a time: each is single-threaded, and they take most of the report's time.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
             cubins = list(pool.map(compile_source, jobs))
         for (source, arch), cubin in zip(jobs, cubins):
             threads = block_threads(source)
