@@ -298,9 +298,9 @@ __global__ void __launch_bounds__(kThreads, kNormalizeBlocks)
 // NCHW, one pass: block n·G + g holds its group's Cg·S contiguous elements in registers,
 // kGroupVectors 16-byte vectors a thread (64 KB: 32768 fp16/bf16 or 16384 fp32 elements),
 // all loaded before any math. It sums them twice from the registers (an estimate of the
-// mean, then the deviations from it) for the mean and variance, folds each of the group's channels into its map z = x·gain + offset (a
-// thread a channel, into shared memory), and writes y from the same registers: x crosses
-// HBM once (2·E·s_x in all).
+// mean, then the deviations from it) for the mean and variance, folds each of the group's
+// channels into its map z = x·gain + offset (a thread a channel, into shared memory), and
+// writes y from the same registers: x crosses HBM once (2·E·s_x in all).
 // __launch_bounds__(kThreads, 2): 2 blocks an SM, 128 KB of loads in flight.
 constexpr int kGroupVectors = 16;
 constexpr int kGroupChannels = kThreads;  // at most a channel a thread for the maps
@@ -357,7 +357,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   // In float with the hardware's approximate reciprocal (2 ulp): an IEEE division is a
   // subroutine call, whose frame would spill the held data.
   const float inv_count = __fdividef(1.0f, static_cast<float>(count));
-  if (threadIdx.x == 0) shared_estimate = first[0] * __fdividef(1.0f, static_cast<float>((vectors < kThreads ? vectors : kThreads) * kVec));
+  const int first_elements = (vectors < kThreads ? vectors : kThreads) * kVec;  // the valid ones
+  if (threadIdx.x == 0) shared_estimate = first[0] * __fdividef(1.0f, static_cast<float>(first_elements));
   __syncthreads();
   const float estimate = shared_estimate;
   float sums[2] = {0.0f, 0.0f};
