@@ -14,15 +14,16 @@ three-launch path below by ticket, a sample's normalising after all its statisti
 sees x once there as well.
 Otherwise two launches (channels_last: three), each program owning one chunk of the data,
 so that batch 1–2 still fills the GPU (`launch_config` sizes the chunks):
-  1. statistics: shifted sums Σ(x − K), Σ(x − K)² of a piece of each group, K = the
-     group's first element (the shift keeps E[x²] − E[x]² from cancelling when
-     |mean| ≫ std; not when K itself is an outlier, far from the mean in standard
-     deviations: a known loss, docs/design.md, GroupNorm). NCHW,
+  1. statistics: the moments (count, mean, M2 = Σ(d − mean)²) of d = x − K over a piece
+     of each group, K = the group's first element (which keeps the means small where
+     |mean| ≫ std). Each lane keeps a running mean and M2, merged step by step with the
+     step's own (Chan et al.), and the lanes, channels and pieces merge the same way: no
+     sum of squares cancels, whatever K is (an outlier too). NCHW,
      `_stats_contiguous_kernel`: a group is one contiguous run of Cg·S elements, read
      as a flat array in chunks. channels_last, `_stats_rows_kernel`: a group's channels
      are a sliver of Cg elements every C (16–32 bytes in SD's UNets), so a program reads
      whole rows of ROW_CHANNELS consecutive channels (128 B of fp16) over a spatial chunk
-     instead, whatever groups they belong to, and folds each channel's sums into its
+     instead, whatever groups they belong to, and merges each channel's moments into its
      group's; a group whose channels straddle programs gets one part from each.
   2. NCHW, `_apply_kernel`: merges the group's partials (chunks × parts) in a fixed
      order, writes mean and rstd (the group's first program only, saved for backward),
@@ -136,6 +137,9 @@ BACKWARD_FUSED_PROGRAMS_PER_SM = 1
 ROWS_FUSED_VECTORS = 8
 ROWS_FUSED_MAX_REGISTERS = 128
 ROWS_FUSED_PROGRAMS_PER_SM = 2**16 // (NUM_WARPS * 32 * ROWS_FUSED_MAX_REGISTERS)
+# A statistics partial: (count, mean, M2 = Σ(x − mean)²) of its elements, the kernels'
+# `* 3` (count at 0, mean at 1, M2 at 2).
+MOMENTS = 3
 COUNTER_LINE = 32  # int32s of a 128-byte line: the ticket counter's, apart from the samples'.
 
 
@@ -151,56 +155,110 @@ def _program_group(G, Cg, channels_per_program):
 
 
 @triton.jit
-def _half_row_sums(a, b, COLS: tl.constexpr, ROWS: tl.constexpr):
-    """a and b ([COLS, ROWS]) with each pair of rows (2i, 2i + 1) added: [COLS, ROWS // 2]."""
+def _half_row_sum(a, COLS: tl.constexpr, ROWS: tl.constexpr):
+    """a ([COLS, ROWS]) with each pair of rows (2i, 2i + 1) added: [COLS, ROWS // 2]."""
     a0, a1 = tl.split(tl.reshape(a, [COLS, ROWS // 2, 2]))
-    b0, b1 = tl.split(tl.reshape(b, [COLS, ROWS // 2, 2]))
-    return a0 + a1, b0 + b1
+    return a0 + a1
 
 
 @triton.jit
-def _pairwise_row_sums(a, b, COLS: tl.constexpr, ROWS: tl.constexpr):
-    """Σ over the last axis of a and b ([COLS, ROWS], ROWS a power of two up to 16 held in
-    each thread's registers), added as a tree of pairs. tl.sum there is a chain on Triton
-    3.6 (an FMA into one accumulator row after row), which lets its ptxas issue only the
-    first 5 of 8 rows' loads before the math (GroupNorm's one-pass stats: 40 of 64 KB in
-    flight an SM); with the tree, Triton 3.6 and 3.9 both issue all 8 first. The split
-    pairs are a thread's own registers: no data moves. (Level by level, not recursive:
-    Triton 3.2 cannot hash a JIT function that calls itself.)"""
+def _pairwise_row_sum(a, COLS: tl.constexpr, ROWS: tl.constexpr):
+    """Σ over the last axis of a ([COLS, ROWS], ROWS a power of two up to 16 held in each
+    thread's registers), added as a tree of pairs. tl.sum there is a chain on Triton 3.6
+    (an FMA into one accumulator row after row), which lets its ptxas issue only the first
+    5 of 8 rows' loads before the math (GroupNorm's one-pass stats: 40 of 64 KB in flight
+    an SM); with the tree, Triton 3.6 and 3.9 both issue all 8 first. The split pairs are
+    a thread's own registers: no data moves. (Level by level, not recursive: Triton 3.2
+    cannot hash a JIT function that calls itself.)"""
     tl.static_assert(ROWS <= 16, "ROWS: a power of two up to 16")
     if ROWS >= 16:
-        a, b = _half_row_sums(a, b, COLS, 16)
+        a = _half_row_sum(a, COLS, 16)
     if ROWS >= 8:
-        a, b = _half_row_sums(a, b, COLS, 8)
+        a = _half_row_sum(a, COLS, 8)
     if ROWS >= 4:
-        a, b = _half_row_sums(a, b, COLS, 4)
+        a = _half_row_sum(a, COLS, 4)
     if ROWS >= 2:
-        a, b = _half_row_sums(a, b, COLS, 2)
-    return tl.reshape(a, [COLS]), tl.reshape(b, [COLS])
+        a = _half_row_sum(a, COLS, 2)
+    return tl.reshape(a, [COLS])
 
 
 @triton.jit
-def _shifted_sums(base, begin, end, shift, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
-    """Σ(x − K), Σ(x − K)² over the contiguous elements [begin, end) of base, K = shift,
-    UNROLL × BLOCK elements a step: whole steps unmasked, then the partial one."""
+def _merge_two(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """(count, mean, M2) of the union of two sets given by theirs, M2 = Σ(x − mean)² (Chan,
+    Golub and LeVeque): n = na + nb, δ = mean_b − mean_a, mean = mean_a + δ·nb/n,
+    M2 = M2a + M2b + δ²·na·nb/n. Every term is ≥ 0: nothing cancels. An empty set (count 0)
+    changes nothing."""
+    count = count_a + count_b
+    share_b = count_b / tl.maximum(count, 1.0)
+    delta = mean_b - mean_a
+    return count, mean_a + delta * share_b, m2_a + m2_b + delta * delta * count_a * share_b
+
+
+@triton.jit
+def _merge_moments(count, mean, m2, AXIS: tl.constexpr):
+    """(count, mean, M2) of the union of the sets along AXIS, each given by its count, mean
+    and M2 = Σ(x − mean)²: n = Σ nk, mean = Σ (nk/n)·mean_k, M2 = Σ [M2k + nk·(mean_k − mean)²]
+    (every term ≥ 0; the weights nk/n ≤ 1 keep Σ nk·mean_k from overflowing). Sets of count
+    0 add nothing, whatever their mean."""
+    total = tl.sum(count, axis=AXIS)
+    weight = count / tl.maximum(tl.expand_dims(total, AXIS), 1.0)
+    merged_mean = tl.sum(tl.where(count > 0, weight * mean, 0.0), axis=AXIS)
+    deviation = mean - tl.expand_dims(merged_mean, AXIS)
+    merged_m2 = tl.sum(tl.where(count > 0, m2 + count * deviation * deviation, 0.0), axis=AXIS)
+    return total, merged_mean, merged_m2
+
+
+@triton.jit
+def _merge_step(mean, m2, steps, step_mean, step_m2, STEP_COUNT: tl.constexpr):
+    """_merge_two of a thread's running lanes (steps·STEP_COUNT elements each so far) and
+    one whole step's (STEP_COUNT more): the shares are scalars, the same for every lane."""
+    k = tl.cast(steps, tl.float32)
+    share = 1.0 / (k + 1.0)
+    delta = step_mean - mean
+    return mean + delta * share, m2 + step_m2 + delta * delta * (STEP_COUNT * k * share)
+
+
+@triton.jit
+def _contiguous_moments(base, begin, end, shift, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
+    """(count, mean, M2 = Σ(d − mean)²) of d = x − K over the contiguous elements
+    [begin, end) of base, K = shift, UNROLL × BLOCK elements a step: whole steps unmasked,
+    then the partial one. Each lane (one of BLOCK) keeps the running mean and M2 of its
+    elements; a step's UNROLL values of a lane, in its thread's registers, give their own
+    mean and then Σ(d − that mean)², merged into the lane's (_merge_step). M2 never cancels
+    (a sum of squares of deviations from a shift, Σd² − (Σd)²/n, loses (|K − mean|/σ)²·2⁻²⁴
+    of var: 100× float32 error at an outlier K); the shift keeps the means small, so that
+    their rounding in each merge (2⁻²⁴·|mean of d|) stays within float32's error of x itself
+    at a large mean and small spread."""
     STEP: tl.constexpr = BLOCK * UNROLL
     step = tl.arange(0, UNROLL)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    acc1 = tl.zeros([BLOCK], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
-    whole_end = begin + (end - begin) // STEP * STEP
+    mean = tl.zeros([BLOCK], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK], dtype=tl.float32)
+    whole_steps = (end - begin) // STEP
+    whole_end = begin + whole_steps * STEP
     for start in range(begin, whole_end, STEP):
-        d = tl.load(base + start + step).to(tl.float32) - shift
-        # The UNROLL rows sit in each thread's registers (BLOCK ≥ its threads' vectors); a
-        # pairwise sum of them needs every load of the step, so all are issued first.
-        step1, step2 = _pairwise_row_sums(tl.trans(d), tl.trans(d * d), BLOCK, UNROLL)
-        acc1 += step1
-        acc2 += step2
+        x = tl.trans(tl.load(base + start + step).to(tl.float32) - shift)
+        # The UNROLL values of a lane sit in its thread's registers (BLOCK ≥ its threads'
+        # vectors); a pairwise sum of them needs every load of the step, so all are issued first.
+        step_mean = _pairwise_row_sum(x, BLOCK, UNROLL) * (1.0 / UNROLL)
+        deviation = x - step_mean[:, None]
+        step_m2 = _pairwise_row_sum(deviation * deviation, BLOCK, UNROLL)
+        mean, m2 = _merge_step(mean, m2, (start - begin) // STEP, step_mean, step_m2, UNROLL)
+    # The lanes, of whole_steps·UNROLL elements each, merged (_merge_moments at equal counts).
+    lane_count = tl.cast(whole_steps * UNROLL, tl.float32)
+    merged_mean = tl.sum(mean, axis=0) * (1.0 / BLOCK)
+    lane_deviation = mean - merged_mean
+    merged_m2 = tl.sum(m2 + lane_count * lane_deviation * lane_deviation, axis=0)
+    count = lane_count * BLOCK
     if whole_end < end:
+        # The partial step's own moments, in two passes over its values in registers.
         mask = whole_end + step < end
-        d = tl.where(mask, tl.load(base + whole_end + step, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
-        acc1 += tl.sum(d, axis=0)
-        acc2 += tl.sum(d * d, axis=0)
-    return tl.sum(acc1, axis=0), tl.sum(acc2, axis=0)
+        x = tl.where(mask, tl.load(base + whole_end + step, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
+        valid = tl.cast(end - whole_end, tl.float32)
+        tail_mean = tl.sum(tl.sum(x, axis=1), axis=0) / valid
+        tail_deviation = tl.where(mask, x - tail_mean, 0.0)
+        tail_m2 = tl.sum(tl.sum(tail_deviation * tail_deviation, axis=1), axis=0)
+        count, merged_mean, merged_m2 = _merge_two(count, merged_mean, merged_m2, valid, tail_mean, tail_m2)
+    return count, merged_mean, merged_m2
 
 
 @triton.jit
@@ -215,77 +273,112 @@ def _stats_contiguous_kernel(
     UNROLL: tl.constexpr,
 ):
     """NCHW: a group's Cg·S elements are one contiguous run, read as a flat array in
-    chunks of e_per_chunk elements, UNROLL × BLOCK of them a step."""
+    chunks of e_per_chunk elements, UNROLL × BLOCK of them a step; a program writes its
+    chunk's (count, mean, M2) of x − K, K = the group's first element."""
     group = tl.program_id(0)
     chunk = tl.program_id(1)
     count = Cg * S
     base = x_ptr + group.to(tl.int64) * count
     begin = chunk * e_per_chunk
-    sum1, sum2 = _shifted_sums(
+    partial_count, partial_mean, partial_m2 = _contiguous_moments(
         base, begin, tl.minimum(begin + e_per_chunk, count), tl.load(base).to(tl.float32), BLOCK, UNROLL
     )
-    out = partial_ptr + (group * SPLIT_POW2 + chunk) * 2
-    tl.store(out, sum1)
-    tl.store(out + 1, sum2)
+    out = partial_ptr + (group * SPLIT_POW2 + chunk) * 3
+    tl.store(out, partial_count)
+    tl.store(out + 1, partial_mean)
+    tl.store(out + 2, partial_m2)
 
 
 @triton.jit
-def _slab_terms(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexpr, FULL: tl.constexpr):
-    """(x − K) and (x − K)² of one slab: BLOCK_S positions from slab × the channels (the
-    positions from rows_left on read as K: they add 0; with FULL every position is read
-    and rows_left is not), one 2-D load."""
+def _slab(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexpr, FULL: tl.constexpr):
+    """x − K of one slab in float32 (K = shift, per channel): BLOCK_S positions from slab ×
+    the channels, one 2-D load (the positions from rows_left on, and channels past C, read
+    as 0 − K; with FULL every position is read and rows_left is not)."""
     rows = tl.arange(0, BLOCK_S)
     if FULL:
         mask = c_mask[None, :]
     else:
         mask = (rows < rows_left)[:, None] & c_mask[None, :]
-    x = tl.load(slab + rows[:, None] * C + channel[None, :], mask=mask, other=0.0)
-    d = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
-    return d, d * d
+    return tl.load(slab + rows[:, None] * C + channel[None, :], mask=mask, other=0.0).to(tl.float32) - shift[None, :]
 
 
 @triton.jit
-def _slab_pair_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexpr, FULL: tl.constexpr):
-    """_slab_terms of the slabs at slab and slab + BLOCK_S·C, added."""
-    a1, a2 = _slab_terms(slab, rows_left, C, channel, c_mask, shift, BLOCK_S, FULL)
-    b1, b2 = _slab_terms(slab + BLOCK_S * C, rows_left - BLOCK_S, C, channel, c_mask, shift, BLOCK_S, FULL)
-    return a1 + b1, a2 + b2
+def _halves_merged(mean_a, m2_a, mean_b, m2_b, EACH: tl.constexpr):
+    """_merge_two of two sets of EACH elements each: mean = (mean_a + mean_b)/2,
+    M2 = M2a + M2b + δ²·EACH/2."""
+    delta = mean_b - mean_a
+    return (mean_a + mean_b) * 0.5, m2_a + m2_b + delta * delta * (0.5 * EACH)
 
 
 @triton.jit
-def _slab_quad_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexpr, FULL: tl.constexpr):
-    """_slab_pair_sums of slabs 0-1 and 2-3, added."""
-    a1, a2 = _slab_pair_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S, FULL)
-    b1, b2 = _slab_pair_sums(slab + 2 * BLOCK_S * C, rows_left - 2 * BLOCK_S, C, channel, c_mask, shift, BLOCK_S, FULL)
-    return a1 + b1, a2 + b2
+def _slab_pair_moments(slab, C, channel, c_mask, shift, BLOCK_S: tl.constexpr):
+    """Each lane's (mean, M2) over the slabs at slab and slab + BLOCK_S·C."""
+    a = _slab(slab, 0, C, channel, c_mask, shift, BLOCK_S, True)
+    b = _slab(slab + BLOCK_S * C, 0, C, channel, c_mask, shift, BLOCK_S, True)
+    delta = b - a
+    return (a + b) * 0.5, delta * delta * 0.5
 
 
 @triton.jit
-def _pairwise_slab_sums(
-    slab, rows_left, C, channel, c_mask, shift, BLOCK_S: tl.constexpr, COUNT: tl.constexpr, FULL: tl.constexpr
-):
-    """(x − K) and (x − K)² summed elementwise over COUNT (1, 2, 4 or 8) slabs of BLOCK_S
-    positions × the channels, the slabs at slab, slab + BLOCK_S·C, ... (positions from
-    rows_left on read as K: they add 0; with FULL every position is read), as a tree of
-    pairs. Each slab is its own load of a 2-D tile, one 16-byte vector a thread: as one 3-D
-    [COUNT, BLOCK_S, BLOCK_C] load, Triton 3.6 and 3.9 disagreed on which axis stays in a
-    thread (one of them spread the COUNT axis over lanes: 126-128 registers, 16 KB in flight
-    an SM); this way both keep every slab in registers and issue all COUNT loads before the
-    adds (63 registers, 64 KB). (Spelled out by level, not recursive: Triton 3.2 cannot hash
-    a JIT function that calls itself.)"""
+def _slab_quad_moments(slab, C, channel, c_mask, shift, BLOCK_S: tl.constexpr):
+    """Each lane's (mean, M2) over the 4 slabs from slab: two pairs, merged."""
+    mean_a, m2_a = _slab_pair_moments(slab, C, channel, c_mask, shift, BLOCK_S)
+    mean_b, m2_b = _slab_pair_moments(slab + 2 * BLOCK_S * C, C, channel, c_mask, shift, BLOCK_S)
+    return _halves_merged(mean_a, m2_a, mean_b, m2_b, 2)
+
+
+@triton.jit
+def _step_slab_moments(slab, C, channel, c_mask, shift, BLOCK_S: tl.constexpr, COUNT: tl.constexpr):
+    """Each lane's (mean, M2) of x − K (K = shift, per channel) over a whole step's COUNT
+    (1, 2, 4 or 8) slabs of BLOCK_S
+    positions × the channels, the slabs at slab, slab + BLOCK_S·C, ..., merged as a tree
+    of pairs of equal counts. Each slab is its own load of a 2-D tile, one 16-byte vector
+    a thread: as one 3-D [COUNT, BLOCK_S, BLOCK_C] load, Triton 3.6 and 3.9 disagreed on
+    which axis stays in a thread (one of them spread the COUNT axis over lanes: 126-128
+    registers, 16 KB in flight an SM); this way both keep every slab in registers and
+    issue all COUNT loads before the arithmetic. (Spelled out by level, not recursive:
+    Triton 3.2 cannot hash a JIT function that calls itself.)"""
     tl.static_assert((COUNT == 1 or COUNT == 2) or (COUNT == 4 or COUNT == 8), "COUNT: 1, 2, 4 or 8")
     if COUNT == 1:
-        return _slab_terms(slab, rows_left, C, channel, c_mask, shift, BLOCK_S, FULL)
+        x = _slab(slab, 0, C, channel, c_mask, shift, BLOCK_S, True)
+        return x, tl.zeros_like(x)
     elif COUNT == 2:
-        return _slab_pair_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S, FULL)
+        return _slab_pair_moments(slab, C, channel, c_mask, shift, BLOCK_S)
     elif COUNT == 4:
-        return _slab_quad_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S, FULL)
+        return _slab_quad_moments(slab, C, channel, c_mask, shift, BLOCK_S)
     else:
-        a1, a2 = _slab_quad_sums(slab, rows_left, C, channel, c_mask, shift, BLOCK_S, FULL)
-        b1, b2 = _slab_quad_sums(
-            slab + 4 * BLOCK_S * C, rows_left - 4 * BLOCK_S, C, channel, c_mask, shift, BLOCK_S, FULL
-        )
-        return a1 + b1, a2 + b2
+        mean_a, m2_a = _slab_quad_moments(slab, C, channel, c_mask, shift, BLOCK_S)
+        mean_b, m2_b = _slab_quad_moments(slab + 4 * BLOCK_S * C, C, channel, c_mask, shift, BLOCK_S)
+        return _halves_merged(mean_a, m2_a, mean_b, m2_b, 4)
+
+
+@triton.jit
+def _tail_slab_sums(
+    slab,
+    rows_left,
+    C,
+    channel,
+    c_mask,
+    shift,
+    center,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    COUNT: tl.constexpr,
+):
+    """A partial step's lanes, d = x − K (K = shift, per channel): Σ(d − center) and
+    Σ(d − center)² over the positions of its COUNT slabs below rows_left."""
+    rows = tl.arange(0, BLOCK_S)
+    sum1 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    sum2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    # A loop, not unrolled: the slabs one at a time keep the registers of the whole steps'
+    # loop the kernel's peak (unrolled, the 4 slabs' loads together took 16 more: 56 KB in
+    # flight an SM instead of 64).
+    for j in range(COUNT):
+        x = _slab(slab + j * BLOCK_S * C, rows_left - j * BLOCK_S, C, channel, c_mask, shift, BLOCK_S, False)
+        deviation = tl.where((rows + j * BLOCK_S < rows_left)[:, None], x - center, 0.0)
+        sum1 += deviation
+        sum2 += deviation * deviation
+    return sum1, sum2
 
 
 @triton.jit
@@ -309,8 +402,8 @@ def _rows_stats_task(
 ):
     """channels_last statistics of one tile: channels [block·BLOCK_C, (block + 1)·BLOCK_C)
     (whole rows, not one group's few channels) of sample n over spatial chunk `chunk`,
-    UNROLL × BLOCK_S positions a step, whatever groups the channels belong to; writes each
-    group's share of its sums as one of that group's PARTS."""
+    UNROLL × BLOCK_S positions a step, whatever groups the channels belong to; writes the
+    (count, mean, M2) of x − K of each group's share as one of that group's PARTS."""
     c0 = block * BLOCK_C
     channel = c0 + tl.arange(0, BLOCK_C)
     c_mask = channel < C
@@ -320,46 +413,60 @@ def _rows_stats_task(
     shift = tl.load(sample + group_of_c * Cg, mask=c_mask, other=0.0).to(tl.float32)
     s_begin = chunk * s_per_chunk
     s_end = tl.minimum(s_begin + s_per_chunk, S)
-    acc1 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    # Each lane, a (position row, channel) of the slab, keeps the running mean and M2 of its
+    # elements, merged step by step (_merge_step).
+    mean = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
     STEP: tl.constexpr = BLOCK_S * UNROLL
-    whole_end = s_begin + (s_end - s_begin) // STEP * STEP
+    whole_steps = (s_end - s_begin) // STEP
+    whole_end = s_begin + whole_steps * STEP
     # Whole steps read without a position mask: under one, ptxas issued only 4 of a step's 8
     # predicated loads before the math.
     for start in range(s_begin, whole_end, STEP):
-        slab1, slab2 = _pairwise_slab_sums(
-            sample + tl.cast(start, tl.int64) * C, STEP, C, channel, c_mask, shift, BLOCK_S, UNROLL, True
+        step_mean, step_m2 = _step_slab_moments(
+            sample + tl.cast(start, tl.int64) * C, C, channel, c_mask, shift, BLOCK_S, UNROLL
         )
-        acc1 += slab1
-        acc2 += slab2
+        mean, m2 = _merge_step(mean, m2, (start - s_begin) // STEP, step_mean, step_m2, UNROLL)
+    # Each channel's lanes, of whole_steps·UNROLL elements each, merged (_merge_moments at
+    # equal counts).
+    lane_count = tl.cast(whole_steps * UNROLL, tl.float32)
+    channel_mean = tl.sum(mean, axis=0) * (1.0 / BLOCK_S)
+    lane_deviation = mean - channel_mean[None, :]
+    channel_m2 = tl.sum(m2 + lane_count * lane_deviation * lane_deviation, axis=0)
+    channel_count = tl.zeros([BLOCK_C], dtype=tl.float32) + lane_count * BLOCK_S
     if whole_end < s_end:
-        slab1, slab2 = _pairwise_slab_sums(
-            sample + tl.cast(whole_end, tl.int64) * C,
-            s_end - whole_end,
-            C,
-            channel,
-            c_mask,
-            shift,
-            BLOCK_S,
-            UNROLL,
-            False,
+        # The partial step's own moments of each channel in two passes (its mean, then the
+        # deviations from it): once a program, so its second read (from L1) costs nothing
+        # that matters.
+        tail = sample + tl.cast(whole_end, tl.int64) * C
+        positions = tl.cast(s_end - whole_end, tl.float32)
+        sums, _ = _tail_slab_sums(tail, s_end - whole_end, C, channel, c_mask, shift, 0.0, BLOCK_S, BLOCK_C, UNROLL)
+        tail_mean = tl.sum(sums, axis=0) / positions
+        # (The rounding δ of m adds n·δ² to Σ(d − m)², relatively (δ/σ)²: nothing to correct.)
+        _, squares = _tail_slab_sums(
+            tail, s_end - whole_end, C, channel, c_mask, shift, tail_mean[None, :], BLOCK_S, BLOCK_C, UNROLL
         )
-        acc1 += slab1
-        acc2 += slab2
-    per_channel1 = tl.sum(acc1, axis=0)
-    per_channel2 = tl.sum(acc2, axis=0)
+        tail_m2 = tl.sum(squares, axis=0)
+        channel_count, channel_mean, channel_m2 = _merge_two(
+            channel_count, channel_mean, channel_m2, positions, tail_mean, tail_m2
+        )
     # Fold the channels into the (at most GROUP_SLOTS) groups they belong to.
     first_group = c0 // Cg
     slot = tl.arange(0, GROUP_SLOTS)
     hit = ((group_of_c - first_group)[:, None] == slot[None, :]) & c_mask[:, None]
-    group_sum1 = tl.sum(tl.where(hit, per_channel1[:, None], 0.0), axis=0)
-    group_sum2 = tl.sum(tl.where(hit, per_channel2[:, None], 0.0), axis=0)
+    group_count, group_mean, group_m2 = _merge_moments(
+        tl.where(hit, channel_count[:, None], 0.0),
+        tl.where(hit, channel_mean[:, None], 0.0),
+        tl.where(hit, channel_m2[:, None], 0.0),
+        0,
+    )
     g = first_group + slot
-    valid = (g < G) & (g * Cg < c0 + BLOCK_C)
+    in_tile = (g < G) & (g * Cg < c0 + BLOCK_C)
     part = block - (g * Cg) // BLOCK_C
-    out = partial_ptr + (((n * G + g) * PARTS + part) * SPLIT_POW2 + chunk) * 2
-    tl.store(out, group_sum1, mask=valid)
-    tl.store(out + 1, group_sum2, mask=valid)
+    out = partial_ptr + (((n * G + g) * PARTS + part) * SPLIT_POW2 + chunk) * 3
+    tl.store(out, group_count, mask=in_tile)
+    tl.store(out + 1, group_mean, mask=in_tile)
+    tl.store(out + 2, group_m2, mask=in_tile)
 
 
 @triton.jit
@@ -418,30 +525,33 @@ def _group_mean_rstd(
     SPLIT_POW2: tl.constexpr,
     PARTS: tl.constexpr,
 ):
-    """Merge a group's partial shifted sums (its SPLIT chunks × the parts of its channels
-    that different stats programs read), in a fixed order, into (mean, rstd)."""
+    """Merge a group's partial (count, mean, M2) of x − K (its SPLIT chunks × the parts of
+    its channels that different stats programs read), in a fixed order, into (mean, rstd);
+    K = the group's first element, x[n, first channel, s = 0]."""
     chunks = tl.arange(0, SPLIT_POW2)
     parts = tl.arange(0, PARTS)
     group_parts = (group_start_c + Cg - 1) // stats_block_c - group_start_c // stats_block_c + 1
     valid = (parts < group_parts)[:, None] & (chunks < SPLIT)[None, :]
-    rows = partial_ptr + ((group * PARTS + parts)[:, None] * SPLIT_POW2 + chunks[None, :]) * 2
-    s1 = tl.sum(tl.sum(tl.load(rows, mask=valid, other=0.0), axis=1), axis=0)
-    s2 = tl.sum(tl.sum(tl.load(rows + 1, mask=valid, other=0.0), axis=1), axis=0)
+    rows = partial_ptr + ((group * PARTS + parts)[:, None] * SPLIT_POW2 + chunks[None, :]) * 3
+    count, mean, m2 = _merge_moments(
+        tl.load(rows, mask=valid, other=0.0),
+        tl.load(rows + 1, mask=valid, other=0.0),
+        tl.load(rows + 2, mask=valid, other=0.0),
+        1,
+    )
+    count, mean, m2 = _merge_moments(count, mean, m2, 0)
     shift = tl.load(x_ptr + n.to(tl.int64) * C * S + group_start_c.to(tl.int64) * stride_c).to(tl.float32)
-    return _mean_rstd(s1, s2, shift, Cg * S, eps)
+    return _mean_rstd(shift, mean, m2, count, eps)
 
 
 @triton.jit
-def _mean_rstd(s1, s2, shift, count, eps):
-    """(mean, rstd) of a group from its shifted sums s1 = Σ(x − K), s2 = Σ(x − K)² over
-    count elements, K = shift: var = s2/count − (s1/count)², which cancels little where K,
-    one of the group's values, lies within a few standard deviations of the mean (an
-    outlier K loses about (|K − mean|/std)²·2⁻²⁴ of var, relatively: a known loss)."""
-    mean_shifted = s1 / tl.cast(count, tl.float32)
-    var = s2 / tl.cast(count, tl.float32) - mean_shifted * mean_shifted
+def _mean_rstd(shift, mean, m2, count, eps):
+    """(mean, rstd) of a group from the mean and M2 = Σ(d − mean)² of d = x − K over count
+    elements, K = shift: mean of x = K + mean, var = M2/count, rstd = 1/√(var + eps)."""
+    var = m2 / count
     # Statistics that overflowed float32 (or met a NaN) give NaN, on every backend.
-    rstd = tl.where(var < float("inf"), 1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps), float("nan"))
-    return shift + mean_shifted, rstd
+    rstd = tl.where(var < float("inf"), 1.0 / tl.sqrt(var + eps), float("nan"))
+    return shift + mean, rstd
 
 
 @triton.jit
@@ -671,7 +781,7 @@ def _apply_kernel(
     BLOCK_S: tl.constexpr,
     UNROLL: tl.constexpr,
 ):
-    """NCHW, the second pass: a program merges its group's partial sums into (mean, rstd)
+    """NCHW, the second pass: a program merges its group's partial moments into (mean, rstd)
     (the group's first program writes them) and normalises its channels of the group over
     its spatial chunk."""
     group, chunk, n, group_start_c, c_first, c_last = _program_group(G, Cg, channels_per_program)
@@ -761,7 +871,7 @@ def _group_kernel(
     UNROLL: tl.constexpr,
 ):
     """NCHW in one pass over HBM: program p of P takes the groups p, p + P, ... of the N·G,
-    one at a time: it reads a group's Cg·S contiguous elements for its shifted sums (HBM),
+    one at a time: it reads a group's Cg·S contiguous elements for its moments (HBM),
     writes its mean and rstd, then reads the group again to normalise it (L2). The grid,
     FUSED_PROGRAMS_PER_SM programs an SM, bounds the groups in flight, so that between a
     program's two reads of an element the GPU brings about P groups' bytes into L2."""
@@ -769,8 +879,8 @@ def _group_kernel(
         n = group // G
         base = x_ptr + tl.cast(group, tl.int64) * Cg * S
         shift = tl.load(base).to(tl.float32)
-        sum1, sum2 = _shifted_sums(base, 0, Cg * S, shift, STATS_BLOCK, STATS_UNROLL)
-        mean, rstd = _mean_rstd(sum1, sum2, shift, Cg * S, eps)
+        count, mean, m2 = _contiguous_moments(base, 0, Cg * S, shift, STATS_BLOCK, STATS_UNROLL)
+        mean, rstd = _mean_rstd(shift, mean, m2, count, eps)
         tl.store(mean_ptr + group, mean)
         tl.store(rstd_ptr + group, rstd)
         _apply_channels(
@@ -1002,7 +1112,7 @@ def _sample_mean_rstd(
     GROUP_BLOCK: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Merge the partial sums of every group of sample n (its `split` chunks × the PARTS
+    """Merge the partial (count, mean, M2) of x − K of every group of sample n (its `split` chunks × the PARTS
     of its channels that different BLOCK_C-channel tiles read), in a fixed order, into its
     mean and rstd, and store them: GROUP_BLOCK groups at a time. The loads bypass L1 (.cg):
     other programs wrote the partials during this launch."""
@@ -1014,11 +1124,17 @@ def _sample_mean_rstd(
         first_c = g * Cg
         group_parts = (first_c + Cg - 1) // BLOCK_C - first_c // BLOCK_C + 1
         valid = g_mask[:, None, None] & (parts < group_parts[:, None, None]) & (chunks < split)
-        rows = partial_ptr + (((n * G + g)[:, None, None] * PARTS + parts) * SPLIT_POW2 + chunks) * 2
-        s1 = tl.sum(tl.sum(tl.load(rows, mask=valid, other=0.0, cache_modifier=".cg"), axis=2), axis=1)
-        s2 = tl.sum(tl.sum(tl.load(rows + 1, mask=valid, other=0.0, cache_modifier=".cg"), axis=2), axis=1)
+        rows = partial_ptr + (((n * G + g)[:, None, None] * PARTS + parts) * SPLIT_POW2 + chunks) * 3
+        count, mean, m2 = _merge_moments(
+            tl.load(rows, mask=valid, other=0.0, cache_modifier=".cg"),
+            tl.load(rows + 1, mask=valid, other=0.0, cache_modifier=".cg"),
+            tl.load(rows + 2, mask=valid, other=0.0, cache_modifier=".cg"),
+            2,
+        )
+        count, mean, m2 = _merge_moments(count, mean, m2, 1)
         shift = tl.load(x_ptr + tl.cast(n, tl.int64) * C * S + first_c, mask=g_mask, other=0.0).to(tl.float32)
-        mean, rstd = _mean_rstd(s1, s2, shift, Cg * S, eps)
+        # A group past G merges nothing (count 0): its var is 0/0, and its store is masked.
+        mean, rstd = _mean_rstd(shift, mean, m2, count, eps)
         tl.store(mean_ptr + n * G + g, mean, mask=g_mask)
         tl.store(rstd_ptr + n * G + g, rstd, mask=g_mask)
 
@@ -2264,7 +2380,7 @@ def group_norm_forward(
     cfg = launch_config(n, c, num_groups, spatial, stride_c == 1, multiprocessors)
     stats = cfg["stats"]
     partials = torch.empty(
-        (n * num_groups, stats["meta"].get("PARTS", 1), stats["meta"]["SPLIT_POW2"], 2),
+        (n * num_groups, stats["meta"].get("PARTS", 1), stats["meta"]["SPLIT_POW2"], MOMENTS),
         dtype=torch.float32,
         device=x.device,
     )
@@ -2326,7 +2442,9 @@ def _rows_in_one_pass(
     weight, bias, scale, shift = params
     n, c = x.shape[0], x.shape[1]
     meta = cfg["meta"]
-    partials = torch.empty((n * num_groups, meta["PARTS"], meta["SPLIT_POW2"], 2), dtype=torch.float32, device=x.device)
+    partials = torch.empty(
+        (n * num_groups, meta["PARTS"], meta["SPLIT_POW2"], MOMENTS), dtype=torch.float32, device=x.device
+    )
     maps = torch.empty((2, n, c), dtype=torch.float32, device=x.device)  # gain, offset
     # The ticket counter, then a line on (many programs draw tickets while others poll
     # their sample's count) each sample's finished statistics tasks.

@@ -267,15 +267,14 @@ def test_group_norm_statistics_at_large_mean_and_small_spread(backend, channels_
 def test_group_norm_with_an_outlier_first_in_its_group(backend, channels_last, batch, outlier, request):
     # One element far from its group (the first, where a statistics pass may take its
     # shift from): the variance must not cancel. Held to PyTorch's own float32 error.
-    # The cuda group-in-registers kernel (NCHW, N·G ≥ 2 SMs: batch 8 in the emulation)
-    # takes two passes over the registers; every other kernel still shifts its sums by the
-    # group's or the channel's first element and misses by 100-2000x (2026-12-06: up to
-    # 6e-3 against 3e-5): marked, strictly, until the redesign of issue 22 lands.
+    # The Triton kernels merge per-step moments (Chan et al.), as does the cuda group-in-
+    # registers kernel (NCHW, N·G ≥ 2 SMs: batch 8 in the emulation) in two passes over its
+    # registers; the cuda three-launch path still shifts its sums by each thread's first
+    # element and misses by 100-2000x (2026-12-06: up to 6e-3 against 3e-5): marked,
+    # strictly, until the redesign of issue 22 reaches it.
     in_registers = backend == "cuda-emulation" and batch == 8 and not channels_last
-    if backend != "torch" and not in_registers:
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="statistics shifted by the group's or channel's first element")
-        )
+    if backend == "cuda-emulation" and not in_registers:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="statistics shifted by a thread's first element"))
     g = torch.Generator().manual_seed(4)
     x = torch.randn(batch, 32, 16, 16, generator=g)
     x[:, ::4, 0, 0] = outlier  # 8 groups of 4 channels: each group's first element
@@ -416,6 +415,46 @@ def test_triton_channels_last_forward_in_one_pass_and_in_three(one_pass, dtype, 
     torch.testing.assert_close(mean.double(), grouped.mean(-1), atol=1e-5, rtol=1e-5)
     want_rstd = (grouped.var(-1, unbiased=False) + 1e-5).rsqrt()
     torch.testing.assert_close(rstd.double(), want_rstd, atol=0, rtol=1e-5)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend (a GPU, or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize(
+    "layout, one_pass, kernel_name",
+    [
+        ("nchw", False, "_group_kernel"),
+        ("nchw", True, "_group_kernel"),
+        ("nhwc", False, "_rows_group_kernel"),
+        ("nhwc", True, "_rows_group_kernel"),
+    ],
+    ids=["nchw-two-launch", "nchw-one-pass", "nhwc-three-launch", "nhwc-one-pass"],
+)
+@pytest.mark.parametrize("data", ["outlier-first", "outlier-last", "large-mean"])
+def test_triton_forward_statistics_on_every_path(layout, one_pass, kernel_name, data, monkeypatch, device):
+    # Each forward path's statistics (whole steps, partial ones, several chunks and, on
+    # channels_last, groups split over tiles), forced, against float64: an outlier where a
+    # shift is taken from (each group's first element) or far from it, held to twice
+    # PyTorch's own float32 error; a large mean of small spread, to the input's rounding.
+    kernels, budget, one_pass_kernel = _forced_path(monkeypatch, one_pass, kernel_name)
+    n, c, groups, spatial = (2, 64, 4, (33, 35)) if layout == "nchw" else (3, 96, 4, (33, 35))
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(n, c, *spatial, generator=g)
+    if data == "large-mean":
+        x = 1e4 + 0.01 * x
+    else:
+        row, col = (0, 0) if data == "outlier-first" else (spatial[0] - 1, spatial[1] - 1)
+        x[:, :: c // groups, row, col] = 1e4
+    x = x.to(device)
+    if layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    y, _, _ = kernels.group_norm_forward(x, NormParameters(None, None, None, None), groups, 1e-5, None)
+    assert one_pass_kernel.launches == one_pass
+    expected = torch.nn.functional.group_norm(x.double(), groups, eps=1e-5)
+    ours = (y.double() - expected).abs().max().item()
+    if data == "large-mean":
+        assert ours <= 4 * torch.finfo(torch.float32).eps * 1e4 / 0.01
+    else:
+        theirs = (torch.nn.functional.group_norm(x, groups, eps=1e-5).double() - expected).abs().max().item()
+        assert ours <= 2 * theirs + 1e-6, f"error {ours:.3g} exceeds twice PyTorch's {theirs:.3g}"
 
 
 def _check_nchw_backward(kernels, shape, dtype, present, activation, monkeypatch, device, channels_last=False):
