@@ -263,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward(
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({p.n, p.groups}, fp32);
   at::Tensor rstd = at::empty({p.n, p.groups}, fp32);
-  at::Tensor partials = at::empty({p.n, p.c, p.chunks, 2}, fp32);
+  at::Tensor partials = at::empty({p.n, p.c, p.chunks, kMomentFields}, fp32);
   at::Tensor shifts = at::empty({p.n, p.c}, fp32);
   at::Tensor maps = at::empty({p.n, p.c, 2}, fp32);
   check_launch(launch_group_norm_forward(storage_type(x), p, x.data_ptr(), affine, y.data_ptr(),

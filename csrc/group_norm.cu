@@ -3,7 +3,8 @@
 //
 // Forward, NCHW with enough groups that each fits a block's registers (64 KB): one launch,
 // group_in_registers_kernel, which reads x once. Otherwise three launches:
-//   1. channel_sums_kernel: per (n, c, spatial chunk) the shifted sums Σ(x − K), Σ(x − K)²;
+//   1. channel_sums_kernel: per (n, c, spatial chunk) the moments (count, mean, M2) of
+//      x − K, K the channel's first element, merged over threads by Chan's formula;
 //   2. forward_statistics_kernel: a warp per (n, g) merges them into mean and rstd, and
 //      folds them with the channel's affine constants into its map x ↦ z (group_norm.cuh);
 //   3. normalize_kernel: y = act(z) elementwise, 16-byte vectors when the layout allows.
@@ -36,8 +37,120 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kRows = kThreads / kWarpSize;  // channels_last: warps striding over s
+// Loads a thread issues before the math of a forward statistics step: 4 vectors of 16 B
+// (NCHW), 16 single elements (channels_last).
+constexpr int kMomentStep = 4;
+constexpr int kRowMomentStep = 16;
+// Blocks an SM the channels_last statistics keep resident (≤ 32 registers a thread): with
+// kRowMomentStep loads of 16 bits, 64 KB in flight an SM.
+constexpr int kRowMomentBlocks = 8;
 
 enum class SumsMode { kMoments, kBackward };
+
+// The moments of a set of values d: its count, mean and M2 = Σ(d − mean)².
+struct Moments {
+  float count, mean, m2;
+};
+
+// Chan, Golub and LeVeque's merge of two sets' moments: n = na + nb, δ = mean_b − mean_a,
+// mean = mean_a + δ·nb/n, M2 = M2a + M2b + δ²·na·nb/n. Every term is ≥ 0, so nothing
+// cancels (sums of squares from a shift K, Σd² − (Σd)²/n, lose (|K − mean|/σ)²·2⁻²⁴ of
+// var: an outlier at K cancelled it); an empty b (count 0) leaves a as it is.
+__device__ __forceinline__ Moments merge_moments(const Moments& a, const Moments& b) {
+  const float count = a.count + b.count;
+  // The hardware's approximate division (2 ulp, in a weight only): an IEEE division is a
+  // subroutine call.
+  const float share = count > 0.0f ? __fdividef(b.count, count) : 0.0f;
+  const float delta = b.mean - a.mean;
+  return {count, a.mean + delta * share, a.m2 + b.m2 + delta * delta * a.count * share};
+}
+
+// A vector's moments of d = x − K in two passes over its kVec values (their mean, then
+// the deviations from it), merged into acc.
+template <typename T, int kVec>
+__device__ __forceinline__ void add_vector_moments(const Vec<T, kVec>& x, float shift, Moments& acc) {
+  float d[kVec];
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+    d[i] = to_float(x.v[i]) - shift;
+    sum += d[i];
+  }
+  const float mean = sum * (1.0f / kVec);
+  float m2 = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) m2 += (d[i] - mean) * (d[i] - mean);
+  acc = merge_moments(acc, {static_cast<float>(kVec), mean, m2});
+}
+
+// The moments of x − K (K = shift) over one thread's positions first, first + stride, ...
+// below end, each a vector of kVec elements at x + offset(position). kStep positions a
+// step, all loaded before any math; a step's moments come from its values in registers in
+// two passes (their mean, then the deviations from it) and merge into the running ones
+// with the share 1/(k + 1) of the k-th step (equal counts: no division by a count that
+// depends on the data, so the steps pipeline); the last, partial step a vector at a time.
+template <typename T, int kVec, int kStep, typename Offset>
+__device__ __forceinline__ Moments strided_moments(const T* x, Offset offset, int64_t first, int64_t end,
+                                                   int64_t stride, float shift) {
+  constexpr float kStepCount = static_cast<float>(kStep * kVec);
+  Moments acc{};
+  float steps = 0.0f;
+  int64_t position = first;
+  for (; position + (kStep - 1) * stride < end; position += kStep * stride) {
+    Vec<T, kVec> held[kStep];
+#pragma unroll
+    for (int u = 0; u < kStep; ++u) held[u] = load_vec<T, kVec>(x + offset(position + u * stride));
+    float sum = 0.0f;
+#pragma unroll
+    for (int u = 0; u < kStep; ++u) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) sum += to_float(held[u].v[i]) - shift;
+    }
+    const float step_mean = sum * (1.0f / kStepCount);
+    float step_m2 = 0.0f;
+#pragma unroll
+    for (int u = 0; u < kStep; ++u) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        const float deviation = (to_float(held[u].v[i]) - shift) - step_mean;
+        step_m2 += deviation * deviation;
+      }
+    }
+    const float share = __fdividef(1.0f, steps + 1.0f);
+    const float delta = step_mean - acc.mean;
+    acc.mean += delta * share;
+    acc.m2 += step_m2 + delta * delta * (kStepCount * steps * share);
+    steps += 1.0f;
+  }
+  acc.count = steps * kStepCount;
+  for (; position < end; position += stride) add_vector_moments(load_vec<T, kVec>(x + offset(position)), shift, acc);
+  return acc;
+}
+
+// The moments of a warp's lanes, merged by a butterfly of shuffles: on every lane.
+__device__ __forceinline__ Moments warp_merge_moments(Moments m) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const Moments other{__shfl_xor_sync(0xffffffffu, m.count, offset), __shfl_xor_sync(0xffffffffu, m.mean, offset),
+                        __shfl_xor_sync(0xffffffffu, m.m2, offset)};
+    m = merge_moments(m, other);
+  }
+  return m;
+}
+
+// The moments of the whole block's threads (blockDim.x a multiple of 32), returned to
+// thread 0 only.
+__device__ __forceinline__ Moments block_merge_moments(Moments m) {
+  __shared__ Moments warp_moments[kWarpSize];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  m = warp_merge_moments(m);
+  if (lane == 0) warp_moments[warp] = m;
+  __syncthreads();
+  const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+  if (warp == 0) m = warp_merge_moments(lane < warps ? warp_moments[lane] : Moments{});
+  return m;
+}
 
 // Context of one channel's reduction: the channel's affine constants and group statistics.
 struct ChannelContext {
@@ -52,9 +165,14 @@ struct ChannelSumsArgs {
   GroupNormAffine affine;
   const float* mean;      // backward only
   const float* rstd;      // backward only
-  float* partials;        // (N, C, chunks, 2)
+  float* partials;        // forward (N, C, chunks, kMomentFields); backward (N, C, chunks, 2)
   float* shifts;          // (N, C), forward only
 };
+
+// A thread's accumulator: the forward's moments of x − K (K = the channel's first element,
+// which keeps the means small at a large mean), the backward's (Σdz, Σdz·x̂).
+template <SumsMode kMode>
+using ChannelAccumulator = std::conditional_t<kMode == SumsMode::kMoments, Moments, float[2]>;
 
 template <typename T, SumsMode kMode>
 __device__ __forceinline__ ChannelContext channel_context(const GroupNormParams& p, const ChannelSumsArgs<T, kMode>& a,
@@ -71,25 +189,39 @@ __device__ __forceinline__ ChannelContext channel_context(const GroupNormParams&
   return ctx;
 }
 
-template <typename T, SumsMode kMode>
-__device__ __forceinline__ void add_element(const GroupNormParams& p, const ChannelContext& ctx, float x, float dy,
-                                            float (&acc)[2]) {
+template <typename T, int kVec>
+__device__ __forceinline__ void add_backward_vector(const GroupNormParams& p, const ChannelContext& ctx,
+                                                    const Vec<T, kVec>& x, const Vec<T, kVec>& dy, float (&acc)[2]) {
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+    add_backward_sums(p, ctx.affine, to_float(dy.v[i]), to_float(x.v[i]), ctx.mean, ctx.rstd, acc);
+  }
+}
+
+// The block's accumulators merged, on thread 0.
+template <SumsMode kMode>
+__device__ __forceinline__ void block_merge(ChannelAccumulator<kMode>& acc) {
   if constexpr (kMode == SumsMode::kMoments) {
-    add_moments(x, ctx.shift, acc);
+    acc = block_merge_moments(acc);
   } else {
-    add_backward_sums(p, ctx.affine, dy, x, ctx.mean, ctx.rstd, acc);
+    block_sum(acc);
   }
 }
 
 template <typename T, SumsMode kMode>
 __device__ __forceinline__ void write_channel_sums(const GroupNormParams& p, const ChannelSumsArgs<T, kMode>& a,
                                                    const ChannelContext& ctx, int64_t n, int64_t c, int chunk,
-                                                   const float (&acc)[2]) {
-  float* out = a.partials + ((n * p.c + c) * p.chunks + chunk) * 2;
-  out[0] = acc[0];
-  out[1] = acc[1];
+                                                   const ChannelAccumulator<kMode>& acc) {
   if constexpr (kMode == SumsMode::kMoments) {
+    float* out = a.partials + ((n * p.c + c) * p.chunks + chunk) * kMomentFields;
+    out[0] = acc.count;
+    out[1] = acc.mean;
+    out[2] = acc.m2;
     if (chunk == 0) a.shifts[n * p.c + c] = ctx.shift;
+  } else {
+    float* out = a.partials + ((n * p.c + c) * p.chunks + chunk) * 2;
+    out[0] = acc[0];
+    out[1] = acc[1];
   }
 }
 
@@ -103,22 +235,24 @@ __global__ void __launch_bounds__(kThreads) channel_sums_nchw_kernel(GroupNormPa
   const int64_t begin = chunk * per_chunk;
   const int64_t end = begin + per_chunk < p.s ? begin + per_chunk : p.s;
   const int64_t base = element_offset(p, n, c, 0);
-  float acc[2] = {0.0f, 0.0f};
+  ChannelAccumulator<kMode> acc{};
   // With kVec > 1 the launcher guarantees s % kVec == 0: no tail.
-  for (int64_t s = begin + static_cast<int64_t>(threadIdx.x) * kVec; s < end; s += kThreads * kVec) {
-    const Vec<T, kVec> x = load_vec<T, kVec>(a.x + base + s);
-    Vec<T, kVec> dy{};
-    if constexpr (kMode == SumsMode::kBackward) dy = load_vec<T, kVec>(a.dy + base + s);
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) add_element<T, kMode>(p, ctx, to_float(x.v[i]), to_float(dy.v[i]), acc);
+  const int64_t first = begin + static_cast<int64_t>(threadIdx.x) * kVec;
+  if constexpr (kMode == SumsMode::kMoments) {
+    acc = strided_moments<T, kVec, kVec == 1 ? kRowMomentStep : kMomentStep>(
+        a.x, [base](int64_t s) { return base + s; }, first, end, kThreads * kVec, ctx.shift);
+  } else {
+    for (int64_t s = first; s < end; s += kThreads * kVec) {
+      add_backward_vector<T, kVec>(p, ctx, load_vec<T, kVec>(a.x + base + s), load_vec<T, kVec>(a.dy + base + s), acc);
+    }
   }
-  block_sum(acc);
+  block_merge<kMode>(acc);
   if (threadIdx.x == 0) write_channel_sums(p, a, ctx, n, c, chunk, acc);
 }
 
 // channels_last: block (n·tiles + tile, chunk); lane → channel tile·32 + lane, warp → rows.
 template <typename T, SumsMode kMode>
-__global__ void __launch_bounds__(kThreads) channel_sums_nhwc_kernel(GroupNormParams p, ChannelSumsArgs<T, kMode> a) {
+__global__ void __launch_bounds__(kThreads, kMode == SumsMode::kMoments ? kRowMomentBlocks : 1) channel_sums_nhwc_kernel(GroupNormParams p, ChannelSumsArgs<T, kMode> a) {
   const int64_t tiles = (p.c + kWarpSize - 1) / kWarpSize;
   const int64_t n = blockIdx.x / tiles;
   const int64_t c = (blockIdx.x % tiles) * kWarpSize + threadIdx.x % kWarpSize;
@@ -130,24 +264,37 @@ __global__ void __launch_bounds__(kThreads) channel_sums_nhwc_kernel(GroupNormPa
   const int64_t per_chunk = chunk_positions(p, 1);
   const int64_t begin = chunk * per_chunk;
   const int64_t end = begin + per_chunk < p.s ? begin + per_chunk : p.s;
-  float acc[2] = {0.0f, 0.0f};
-  if (active) {
+  ChannelAccumulator<kMode> acc{};
+  if constexpr (kMode == SumsMode::kMoments) {
+    if (active) {
+      acc = strided_moments<T, 1, kRowMomentStep>(
+          a.x, [&p, n, c](int64_t s) { return element_offset(p, n, c, s); }, begin + row, end, kRows, ctx.shift);
+    }
+  } else if (active) {
     for (int64_t s = begin + row; s < end; s += kRows) {
       const int64_t offset = element_offset(p, n, c, s);
-      const float dy = kMode == SumsMode::kBackward ? to_float(a.dy[offset]) : 0.0f;
-      add_element<T, kMode>(p, ctx, to_float(a.x[offset]), dy, acc);
+      add_backward_vector<T, 1>(p, ctx, Vec<T, 1>{{a.x[offset]}}, Vec<T, 1>{{a.dy[offset]}}, acc);
     }
   }
-  __shared__ float rows[kRows][2][kWarpSize];
-  rows[row][0][threadIdx.x % kWarpSize] = acc[0];
-  rows[row][1][threadIdx.x % kWarpSize] = acc[1];
+  // The rows' accumulators of each channel merged by row 0, in row order.
+  __shared__ ChannelAccumulator<kMode> rows[kRows][kWarpSize];
+  if constexpr (kMode == SumsMode::kMoments) {
+    rows[row][threadIdx.x % kWarpSize] = acc;
+  } else {
+    rows[row][threadIdx.x % kWarpSize][0] = acc[0];
+    rows[row][threadIdx.x % kWarpSize][1] = acc[1];
+  }
   __syncthreads();
   if (row == 0 && active) {
-    float total[2] = {0.0f, 0.0f};
+    ChannelAccumulator<kMode> total{};
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      total[0] += rows[r][0][threadIdx.x];
-      total[1] += rows[r][1][threadIdx.x];
+      if constexpr (kMode == SumsMode::kMoments) {
+        total = merge_moments(total, rows[r][threadIdx.x]);
+      } else {
+        total[0] += rows[r][threadIdx.x][0];
+        total[1] += rows[r][threadIdx.x][1];
+      }
     }
     write_channel_sums(p, a, ctx, n, c, chunk, total);
   }

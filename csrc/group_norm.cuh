@@ -100,12 +100,10 @@ FG_HOST_DEVICE LinearMap dx_map(double mean, double rstd, double mean_s1, double
   return {static_cast<float>(slope), static_cast<float>(-rstd * mean_s1 - mean * slope)};
 }
 
-// The per-channel sums: forward Σ(x − K), Σ(x − K)²; backward Σdz, Σdz·x̂.
-FG_HOST_DEVICE void add_moments(float x, float shift, float (&acc)[2]) {
-  const float d = x - shift;
-  acc[0] += d;
-  acc[1] += d * d;
-}
+// The forward's per-channel partials: (count, mean, M2 = Σ(d − mean)²) of d = x − K.
+constexpr int kMomentFields = 3;
+
+// The backward's per-channel sums Σdz, Σdz·x̂.
 FG_HOST_DEVICE void add_backward_sums(const GroupNormParams& p, const ChannelAffine& k, float dy, float x, float mean,
                                       float rstd, float (&acc)[2]) {
   const float x_hat = (x - mean) * rstd;
@@ -120,7 +118,8 @@ FG_HOST_DEVICE int64_t chunk_positions(const GroupNormParams& p, int vec) {
   return (per_chunk + vec - 1) / vec * vec;
 }
 
-// Sum of the `chunks` partial pairs of channel (n, c): partials are (N, C, chunks, 2).
+// Sum of the `chunks` partial pairs of channel (n, c) (the backward's): partials are
+// (N, C, chunks, 2).
 FG_HOST_DEVICE void channel_totals(const GroupNormParams& p, const float* partials, int64_t n, int64_t c,
                                    double& first, double& second) {
   first = 0.0;
@@ -132,15 +131,26 @@ FG_HOST_DEVICE void channel_totals(const GroupNormParams& p, const float* partia
   }
 }
 
-// Channel c's mean and within-channel sum of squared deviations (float64), from its
-// shifted sums and its shift K.
+// Channel c's mean and M2 = Σ(x − mean)² (float64), from its chunks' (count, mean, M2) of
+// x − K (partials (N, C, chunks, kMomentFields)) and its shift K, merged by Chan's formula
+// in two passes over the chunks: mean = Σ n_k·mean_k / n, M2 = Σ [M2_k + n_k·(mean_k − mean)²].
 FG_HOST_DEVICE void channel_moments(const GroupNormParams& p, const float* partials, const float* shifts, int64_t n,
                                     int64_t c, double& mean, double& m2) {
-  double d1, d2;
-  channel_totals(p, partials, n, c, d1, d2);
-  const double count = static_cast<double>(p.s);
-  mean = static_cast<double>(shifts[n * p.c + c]) + d1 / count;
-  m2 = d2 - d1 * d1 / count;
+  const float* row = partials + (n * p.c + c) * p.chunks * kMomentFields;
+  double count = 0.0, weighted = 0.0;
+  for (int k = 0; k < p.chunks; ++k) {
+    const float* chunk = row + kMomentFields * k;
+    count += static_cast<double>(chunk[0]);
+    weighted += static_cast<double>(chunk[0]) * static_cast<double>(chunk[1]);
+  }
+  const double offset = weighted / count;  // count = S ≥ 1
+  m2 = 0.0;
+  for (int k = 0; k < p.chunks; ++k) {
+    const float* chunk = row + kMomentFields * k;
+    const double deviation = static_cast<double>(chunk[1]) - offset;
+    m2 += static_cast<double>(chunk[2]) + static_cast<double>(chunk[0]) * deviation * deviation;
+  }
+  mean = static_cast<double>(shifts[n * p.c + c]) + offset;
 }
 
 // A group's mean and rstd from Chan's merge of its channels (equal counts S):
@@ -170,7 +180,7 @@ FG_HOST_DEVICE void channel_backward_terms(const GroupNormParams& p, const Group
   s2_term = factor * sum_dz_xhat;
 }
 
-// Forward: y (x's layout), mean and rstd (N, G). Workspace: partials (N, C, chunks, 2),
+// Forward: y (x's layout), mean and rstd (N, G). Workspace: partials (N, C, chunks, kMomentFields),
 // shifts (N, C) and maps (N, C, 2) (a LinearMap per channel), fp32; x, y of `dtype`.
 // Returns 0 or a cudaError_t.
 int launch_group_norm_forward(StorageType dtype, const GroupNormParams& p, const void* x, const GroupNormAffine& a,

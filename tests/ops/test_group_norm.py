@@ -266,15 +266,11 @@ def test_group_norm_statistics_at_large_mean_and_small_spread(backend, channels_
 @pytest.mark.parametrize("outlier", [1e3, 1e4])
 def test_group_norm_with_an_outlier_first_in_its_group(backend, channels_last, batch, outlier, request):
     # One element far from its group (the first, where a statistics pass may take its
-    # shift from): the variance must not cancel. Held to PyTorch's own float32 error.
-    # The Triton kernels merge per-step moments (Chan et al.), as does the cuda group-in-
-    # registers kernel (NCHW, N·G ≥ 2 SMs: batch 8 in the emulation) in two passes over its
-    # registers; the cuda three-launch path still shifts its sums by each thread's first
-    # element and misses by 100-2000x (2026-12-06: up to 6e-3 against 3e-5): marked,
-    # strictly, until the redesign of issue 22 reaches it.
-    in_registers = backend == "cuda-emulation" and batch == 8 and not channels_last
-    if backend == "cuda-emulation" and not in_registers:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="statistics shifted by a thread's first element"))
+    # shift from): the variance must not cancel. Held to PyTorch's own float32 error. Every
+    # path merges moments rather than sums from a shift (Chan et al.; the cuda group-in-
+    # registers kernel, NCHW at N·G ≥ 2 SMs, batch 8 in the emulation, takes two passes
+    # over its registers); the shifted sums they replaced missed by 100-2000x (2026-12-06:
+    # up to 6e-3 against 3e-5).
     g = torch.Generator().manual_seed(4)
     x = torch.randn(batch, 32, 16, 16, generator=g)
     x[:, ::4, 0, 0] = outlier  # 8 groups of 4 channels: each group's first element
@@ -286,6 +282,39 @@ def test_group_norm_with_an_outlier_first_in_its_group(backend, channels_last, b
     ours = (got.double() - expected).abs().max()
     theirs = (torch.nn.functional.group_norm(x, 8, eps=1e-5).double() - expected).abs().max()
     assert ours <= 2 * theirs + 1e-6, f"error {ours:.3g} exceeds twice PyTorch's {theirs:.3g}"
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+# 96×100: whole statistics steps of a thread (16-byte vectors on NCHW) and a partial one;
+# 97×101: NCHW's single-element path
+@pytest.mark.parametrize("spatial", [(96, 100), (97, 101)], ids=str)
+@pytest.mark.parametrize("data", ["outlier-first", "outlier-last", "large-mean"])
+def test_cuda_three_launch_statistics(channels_last, spatial, data, cuda_backend_on_cpu):
+    # The cuda backend's per-channel statistics (channel_sums_*_kernel's moments, merged
+    # over steps, threads, rows and chunks), on the emulation, against float64: an outlier
+    # where the channel's shift is taken from or far from it, to twice PyTorch's float32
+    # error plus 2 ulp of the largest output (float32 moments merged through a block's
+    # tree of ~11 levels round M2 by a few ulp: 2026-12-06, 3.7e-5 against PyTorch's
+    # 1.4e-5 at |y| up to 196, 1.6 ulp; the shifted sums they replaced missed by 100x+);
+    # a large mean of small spread, to the input's rounding.
+    g = torch.Generator().manual_seed(29)
+    x = torch.randn(1, 8, *spatial, generator=g)
+    if data == "large-mean":
+        x = 1e4 + 0.01 * x
+    else:
+        row, col = (0, 0) if data == "outlier-first" else (spatial[0] - 1, spatial[1] - 1)
+        x[:, ::4, row, col] = 1e4
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.functional.group_norm(x.double(), 2, eps=1e-5)
+    ours = (ops.group_norm(x, 2, eps=1e-5).double() - expected).abs().max().item()
+    eps32 = torch.finfo(torch.float32).eps
+    if data == "large-mean":
+        assert ours <= 4 * eps32 * 1e4 / 0.01
+    else:
+        theirs = (torch.nn.functional.group_norm(x, 2, eps=1e-5).double() - expected).abs().max().item()
+        bound = 2 * theirs + 2 * eps32 * expected.abs().max().item()
+        assert ours <= bound, f"error {ours:.3g} exceeds twice PyTorch's {theirs:.3g} plus 2 ulp"
 
 
 @pytest.mark.parametrize("backend", backends_with_emulation("group_norm"))
