@@ -42,7 +42,8 @@ constexpr int kRows = kThreads / kWarpSize;  // channels_last: warps striding ov
 constexpr int kMomentStep = 4;
 constexpr int kRowMomentStep = 16;
 // Blocks an SM the channels_last statistics keep resident (≤ 32 registers a thread): with
-// kRowMomentStep loads of 16 bits, 64 KB in flight an SM.
+// kRowMomentStep loads of 16 bits, 64 KB in flight an SM. (NCHW's steps, without a bound,
+// take 42-56 registers: 4-5 blocks, 64-80 KB; bound to 6 or 8 blocks, they spill.)
 constexpr int kRowMomentBlocks = 8;
 
 enum class SumsMode { kMoments, kBackward };
@@ -252,7 +253,8 @@ __global__ void __launch_bounds__(kThreads) channel_sums_nchw_kernel(GroupNormPa
 
 // channels_last: block (n·tiles + tile, chunk); lane → channel tile·32 + lane, warp → rows.
 template <typename T, SumsMode kMode>
-__global__ void __launch_bounds__(kThreads, kMode == SumsMode::kMoments ? kRowMomentBlocks : 1) channel_sums_nhwc_kernel(GroupNormParams p, ChannelSumsArgs<T, kMode> a) {
+__global__ void __launch_bounds__(kThreads, kMode == SumsMode::kMoments ? kRowMomentBlocks : 1)
+    channel_sums_nhwc_kernel(GroupNormParams p, ChannelSumsArgs<T, kMode> a) {
   const int64_t tiles = (p.c + kWarpSize - 1) / kWarpSize;
   const int64_t n = blockIdx.x / tiles;
   const int64_t c = (blockIdx.x % tiles) * kWarpSize + threadIdx.x % kWarpSize;
