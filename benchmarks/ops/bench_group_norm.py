@@ -1,5 +1,8 @@
-"""group_norm + scale-shift + SiLU vs the eager way (F.group_norm, scale-shift, F.silu)
-and torch.compile of that eager code, on the same tensors.
+"""group_norm + scale-shift + SiLU vs the eager way (F.group_norm, scale-shift, F.silu),
+torch.compile of that eager code, and a peer fused GroupNorm (Liger-Kernel's Triton
+GroupNorm with its affine, then the scale-shift and SiLU eagerly) when it is installed, on
+the same tensors. Liger reads NCHW: a channels_last x is copied to it first (its
+`ensure_contiguous`), which its channels_last rows pay, as its users would.
 
 Floor: read x once and write y once: 2·E elements (E = N·C·H·W). The forward reads x
 twice (statistics, then normalise); only where the second read hits L2 (the Triton
@@ -37,6 +40,21 @@ def fastguide_norm(x, weight, bias, scale, shift):
     return ops.group_norm(x, GROUPS, weight, bias, scale=scale, shift=shift, activation="silu")
 
 
+def peer_norm():
+    """Liger-Kernel's fused GroupNorm (affine), then the scale-shift and SiLU eagerly;
+    skips when absent."""
+    try:
+        from liger_kernel.ops.group_norm import LigerGroupNormFunction
+    except ImportError:
+        pytest.skip("peer not installed (pip install liger-kernel)")
+
+    def run(x, weight, bias, scale, shift):
+        h = LigerGroupNormFunction.apply(x, weight, bias, x.shape[1], GROUPS, 1e-5)
+        return F.silu(h * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
+
+    return run
+
+
 CPU_SHAPES = [(2, 128, 32, 32)]
 GPU_SHAPES = [(2, 320, 64, 64), (16, 512, 32, 32), (64, 256, 64, 64)]
 
@@ -56,6 +74,8 @@ def _inputs(shape, dtype, channels_last):
 def _norm(impl):
     if impl.startswith("fastguide"):
         return on_backend(impl, fastguide_norm)
+    if impl == "peer":
+        return peer_norm()
     return eager_norm if impl == "eager" else compiled(eager_norm)
 
 
@@ -86,7 +106,7 @@ def test_group_norm_cpu(record, impl, shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", [*GPU_FASTGUIDE_IMPLS, "eager", "torch.compile"])
+@pytest.mark.parametrize("impl", [*GPU_FASTGUIDE_IMPLS, "eager", "torch.compile", "peer"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -110,7 +130,7 @@ def test_group_norm_one_pass_gpu(record, impl, dtype, channels_last, monkeypatch
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "impl", ["fastguide-triton", "fastguide-triton-three-launch", "fastguide-cuda", "eager", "torch.compile"]
+    "impl", ["fastguide-triton", "fastguide-triton-three-launch", "fastguide-cuda", "eager", "torch.compile", "peer"]
 )
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

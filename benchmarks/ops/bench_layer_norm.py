@@ -1,7 +1,7 @@
 """layer_norm + adaLN modulation (DiT's modulate(norm(x), shift, scale)) and the fused
 gated residual + norm seam, against the eager way, torch.compile of that eager code, and
-a peer fused LayerNorm (Liger-Kernel's Triton LayerNorm, then the modulation eagerly) when
-it is installed, on the same tensors.
+a peer fused LayerNorm (Liger-Kernel's Triton LayerNorm, then the modulation eagerly; for
+the seam, the gated residual eagerly before it) when it is installed, on the same tensors.
 
 Floors: layer_norm reads x once and writes y once: 2·E elements (E = N·L·D), which the
 fused kernels move exactly (a row is read once into registers). gated_residual_layer_norm
@@ -57,6 +57,17 @@ def peer_modulated_norm():
     return run
 
 
+def peer_seam():
+    """The gated residual eagerly, then peer_modulated_norm; skips when the peer is absent."""
+    norm = peer_modulated_norm()
+
+    def run(h, branch, gate, scale, shift):
+        h = h + gate.unsqueeze(1) * branch
+        return h, norm(h, scale, shift)
+
+    return run
+
+
 # (N, L, D): DiT-XL/2 at 256² (256 tokens) and 512² (1024 tokens), batch 2·8 (CFG), and a
 # narrow width; CPU runs one small case of each.
 CPU_SHAPES = [(2, 64, 384)]
@@ -86,6 +97,8 @@ def _run_seam(record, impl, shape, dtype):
     h, branch, gate, scale, shift = _inputs(shape, dtype)
     if impl.startswith("fastguide"):
         fn = on_backend(impl, fastguide_seam)
+    elif impl == "peer":
+        fn = peer_seam()
     else:
         fn = eager_seam if impl == "eager" else compiled(eager_seam)
     record(lambda: fn(h, branch, gate, scale, shift), bytes_moved=4 * h.numel() * h.element_size())
@@ -110,7 +123,7 @@ def test_layer_norm_gpu(record, impl, dtype, shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", [*GPU_FASTGUIDE_IMPLS, "eager", "torch.compile"])
+@pytest.mark.parametrize("impl", [*GPU_FASTGUIDE_IMPLS, "eager", "torch.compile", "peer"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 def test_gated_residual_layer_norm_gpu(record, impl, dtype, shape):
