@@ -187,7 +187,7 @@ def _merge_two(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     """(count, mean, M2) of the union of two sets given by theirs, M2 = Σ(x − mean)² (Chan,
     Golub and LeVeque): n = na + nb, δ = mean_b − mean_a, mean = mean_a + δ·nb/n,
     M2 = M2a + M2b + δ²·na·nb/n. Every term is ≥ 0: nothing cancels. An empty set (count 0)
-    changes nothing."""
+    of finite mean changes nothing."""
     count = count_a + count_b
     share_b = count_b / tl.maximum(count, 1.0)
     delta = mean_b - mean_a
