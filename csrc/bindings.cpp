@@ -206,6 +206,9 @@ bool is_channels_last(const at::Tensor& x) {
 GroupNormParams norm_params(const at::Tensor& x, int64_t num_groups, bool silu, double eps,
                             const GroupNormAffine& affine) {
   TORCH_CHECK(x.is_contiguous() || is_channels_last(x), "fastguide_cuda: x must be contiguous or channels_last");
+  // The per-channel statistics run a block per (n, c) (NCHW) in the grid's x, below 2^31.
+  TORCH_CHECK(x.size(0) * x.size(1) < (int64_t{1} << 31), "fastguide_cuda: group_norm needs batch × channels below ",
+              "2^31, got ", x.size(0), " × ", x.size(1));
   GroupNormParams p{};
   p.n = x.size(0);
   p.c = x.size(1);

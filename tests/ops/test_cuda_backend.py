@@ -306,6 +306,14 @@ def test_group_norm_on_misaligned_tensors(cuda_backend_on_cpu, dtype):
     assert not dx.isnan().any()
 
 
+def test_group_norm_bindings_refuse_a_grid_past_2_to_the_31(host_harness):
+    # A block per (n, c) in the statistics grid's x: batch × channels of 2^31 would wrap
+    # it. An empty tensor of that shape costs no memory and reaches the check.
+    x = torch.empty(2**16, 2**15, 0, 1)
+    with pytest.raises(RuntimeError, match="batch × channels below 2\\^31"):
+        host_harness.group_norm_forward(x, None, None, None, None, 2**15, 1e-5, False)
+
+
 def test_samples_agree_with_torch_backend(on_cuda_emulation):
     # The whole sampler on a tiny UNet: its GroupNorms and steps on the cuda backend.
     model = tiny_cfg_unet()
