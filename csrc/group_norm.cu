@@ -4,7 +4,8 @@
 // Forward, NCHW with enough groups that each fits a block's registers (64 KB): one launch,
 // group_in_registers_kernel, which reads x once. Otherwise three launches:
 //   1. channel_sums_kernel: per (n, c, spatial chunk) the moments (count, mean, M2) of
-//      x − K, K the channel's first element, merged over threads by Chan's formula;
+//      x − K, K the median of the channel's first, middle and last elements, merged
+//      over threads by Chan's formula;
 //   2. forward_statistics_kernel: a warp per (n, g) merges them into mean and rstd, and
 //      folds them with the channel's affine constants into its map x ↦ z (group_norm.cuh);
 //   3. normalize_kernel: y = act(z) elementwise, 16-byte vectors when the layout allows.
@@ -41,9 +42,11 @@ constexpr int kRows = kThreads / kWarpSize;  // channels_last: warps striding ov
 // (NCHW), 16 single elements (channels_last).
 constexpr int kMomentStep = 4;
 constexpr int kRowMomentStep = 16;
-// Blocks an SM the channels_last statistics keep resident (≤ 32 registers a thread): with
-// kRowMomentStep loads of 16 bits, 64 KB in flight an SM. (NCHW's steps, without a bound,
-// take 42-56 registers: 4-5 blocks, 64-80 KB; bound to 6 or 8 blocks, they spill.)
+// Blocks an SM the channels_last statistics of a 16-bit x keep resident (≤ 32 registers a
+// thread): with kRowMomentStep loads of 16 bits, 64 KB in flight an SM. (fp32's loads are
+// twice as wide: unbound, its 40 registers and 6 blocks hold 96 KB; bound, it spilled.) (NCHW's 16-bit vector steps,
+// without a bound, take 42-56 registers: 4-5 blocks, 64-80 KB; bound to 6 or 8 blocks,
+// they spill. Its fp32 and single-element steps take 28-38.)
 constexpr int kRowMomentBlocks = 8;
 
 enum class SumsMode { kMoments, kBackward };
@@ -56,14 +59,18 @@ struct Moments {
 // Chan, Golub and LeVeque's merge of two sets' moments: n = na + nb, δ = mean_b − mean_a,
 // mean = mean_a + δ·nb/n, M2 = M2a + M2b + δ²·na·nb/n. Every term is ≥ 0, so nothing
 // cancels (sums of squares from a shift K, Σd² − (Σd)²/n, lose (|K − mean|/σ)²·2⁻²⁴ of
-// var: an outlier at K cancelled it); an empty b (count 0) leaves a as it is.
+// var: an outlier at K cancelled it). An empty side is returned past, not merged: δ²·na
+// can overflow float where the term δ²·na·nb/n is 0 or finite (inf·0 would make finite
+// statistics NaN), which is also why na·nb/n is formed before δ² multiplies it.
 __device__ __forceinline__ Moments merge_moments(const Moments& a, const Moments& b) {
+  if (b.count == 0.0f) return a;
+  if (a.count == 0.0f) return b;
   const float count = a.count + b.count;
   // The hardware's approximate division (2 ulp, in a weight only): an IEEE division is a
   // subroutine call.
-  const float share = count > 0.0f ? __fdividef(b.count, count) : 0.0f;
+  const float share = __fdividef(b.count, count);
   const float delta = b.mean - a.mean;
-  return {count, a.mean + delta * share, a.m2 + b.m2 + delta * delta * a.count * share};
+  return {count, a.mean + delta * share, a.m2 + b.m2 + delta * delta * (a.count * share)};
 }
 
 // A vector's moments of d = x − K in two passes over its kVec values (their mean, then
@@ -170,7 +177,7 @@ struct ChannelSumsArgs {
   float* shifts;          // (N, C), forward only
 };
 
-// A thread's accumulator: the forward's moments of x − K (K = the channel's first element,
+// A thread's accumulator: the forward's moments of x − K (K = median_of_three of the channel,
 // which keeps the means small at a large mean), the backward's (Σdz, Σdz·x̂).
 template <SumsMode kMode>
 using ChannelAccumulator = std::conditional_t<kMode == SumsMode::kMoments, Moments, float[2]>;
@@ -180,7 +187,9 @@ __device__ __forceinline__ ChannelContext channel_context(const GroupNormParams&
                                                           int64_t n, int64_t c) {
   ChannelContext ctx{};
   if constexpr (kMode == SumsMode::kMoments) {
-    ctx.shift = to_float(a.x[element_offset(p, n, c, 0)]);
+    const T* x = a.x;
+    ctx.shift = median_of_three(to_float(x[element_offset(p, n, c, 0)]), to_float(x[element_offset(p, n, c, p.s / 2)]),
+                                to_float(x[element_offset(p, n, c, p.s - 1)]));
   } else {
     ctx.affine = channel_affine(p, a.affine, n, c);
     const int64_t group = n * p.groups + c / p.channels_per_group;
@@ -253,7 +262,7 @@ __global__ void __launch_bounds__(kThreads) channel_sums_nchw_kernel(GroupNormPa
 
 // channels_last: block (n·tiles + tile, chunk); lane → channel tile·32 + lane, warp → rows.
 template <typename T, SumsMode kMode>
-__global__ void __launch_bounds__(kThreads, kMode == SumsMode::kMoments ? kRowMomentBlocks : 1)
+__global__ void __launch_bounds__(kThreads, kMode == SumsMode::kMoments && sizeof(T) == 2 ? kRowMomentBlocks : 1)
     channel_sums_nhwc_kernel(GroupNormParams p, ChannelSumsArgs<T, kMode> a) {
   const int64_t tiles = (p.c + kWarpSize - 1) / kWarpSize;
   const int64_t n = blockIdx.x / tiles;

@@ -5,9 +5,12 @@
 // grouped into G groups of Cg = C/G channels.
 // Forward:  x̂ = (x − mean)·rstd per (n, g), a = x̂·w[c] + b[c],
 //           z = a·(1 + scale[n, c]) + shift[n, c], y = silu(z) or z.
-//   Statistics: per (n, c) the shifted sums Σ(x − K), Σ(x − K)² with K = x[n, c, 0]
-//   (the shift keeps E[x²] − E[x]² from cancelling when |mean| ≫ std), merged per group
-//   in float64 with Chan's formula (equal counts S per channel).
+//   Statistics: per (n, c, spatial chunk) the moments (count, mean, M2 = Σ(d − mean)²) of
+//   d = x − K, K = the median of x[n, c, 0], x[n, c, S/2] and x[n, c, S − 1] (the shift
+//   keeps the means small when |mean| ≫ std, and is no single outlier), each
+//   thread's merged over its steps and the threads over the block by Chan's formula (no
+//   sum of squares cancels, whatever K is); the chunks and then the group's channels
+//   merged the same way in float64.
 // Backward: dz = dy·silu'(z) (or dy), A[n, c] = Σ_s dz, B[n, c] = Σ_s dz·x̂,
 //   dshift = A, dscale = w·B + b·A, dbias = Σ_n (1 + scale)·A, dweight = Σ_n (1 + scale)·B,
 //   dx = rstd·(dz·(1 + scale)·w − (S1 + x̂·S2)/(Cg·S)) with, per (n, g),
@@ -102,6 +105,13 @@ FG_HOST_DEVICE LinearMap dx_map(double mean, double rstd, double mean_s1, double
 
 // The forward's per-channel partials: (count, mean, M2 = Σ(d − mean)²) of d = x − K.
 constexpr int kMomentFields = 3;
+
+// A channel's shift K: the median of its first, middle and last elements, so that one
+// outlier among them is not K. The moments of x − K merge their means with a rounding of
+// 2⁻²⁴·|mean of x − K| each: with an outlier at K that is up to 2⁻²⁴·√n·σ a merge (a
+// shift of 0 would give 2⁻²⁴·|mean| instead, past the input's own rounding when
+// |mean| ≫ σ).
+FG_HOST_DEVICE float median_of_three(float a, float b, float c) { return fmaxf(fminf(a, b), fminf(fmaxf(a, b), c)); }
 
 // The backward's per-channel sums Σdz, Σdz·x̂.
 FG_HOST_DEVICE void add_backward_sums(const GroupNormParams& p, const ChannelAffine& k, float dy, float x, float mean,

@@ -15,8 +15,9 @@ sees x once there as well.
 Otherwise two launches (channels_last: three), each program owning one chunk of the data,
 so that batch 1–2 still fills the GPU (`launch_config` sizes the chunks):
   1. statistics: the moments (count, mean, M2 = Σ(d − mean)²) of d = x − K over a piece
-     of each group, K = the group's first element (which keeps the means small where
-     |mean| ≫ std). Each lane keeps a running mean and M2, merged step by step with the
+     of each group, K = the median of its first channel's first, middle and last
+     elements (`_group_shift`: small means where |mean| ≫ std, and no single outlier).
+     Each lane keeps a running mean and M2, merged step by step with the
      step's own (Chan et al.), and the lanes, channels and pieces merge the same way: no
      sum of squares cancels, whatever K is (an outlier too). NCHW,
      `_stats_contiguous_kernel`: a group is one contiguous run of Cg·S elements, read
@@ -137,9 +138,11 @@ BACKWARD_FUSED_PROGRAMS_PER_SM = 1
 ROWS_FUSED_VECTORS = 8
 ROWS_FUSED_MAX_REGISTERS = 128
 ROWS_FUSED_PROGRAMS_PER_SM = 2**16 // (NUM_WARPS * 32 * ROWS_FUSED_MAX_REGISTERS)
-# A statistics partial: (count, mean, M2 = Σ(x − mean)²) of its elements, the kernels'
-# `* 3` (count at 0, mean at 1, M2 at 2).
-MOMENTS = 3
+# A statistics partial, the kernels'
+# `* 4`: the (count, mean, M2 = Σ(d − mean)²) of its elements' d = x − K at 0, 1, 2, and
+# the group's shift K at 3 (the mergers read it from the group's first partial, rather
+# than load and take the median of three elements of x again).
+PARTIAL_FIELDS = 4
 COUNTER_LINE = 32  # int32s of a 128-byte line: the ticket counter's, apart from the samples'.
 
 
@@ -191,7 +194,8 @@ def _merge_two(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     count = count_a + count_b
     share_b = count_b / tl.maximum(count, 1.0)
     delta = mean_b - mean_a
-    return count, mean_a + delta * share_b, m2_a + m2_b + delta * delta * count_a * share_b
+    # na·nb/n formed before δ² multiplies it: δ²·na alone can overflow where the term is finite.
+    return count, mean_a + delta * share_b, m2_a + m2_b + delta * delta * (count_a * share_b)
 
 
 @triton.jit
@@ -216,6 +220,19 @@ def _merge_step(mean, m2, steps, step_mean, step_m2, STEP_COUNT: tl.constexpr):
     share = 1.0 / (k + 1.0)
     delta = step_mean - mean
     return mean + delta * share, m2 + step_m2 + delta * delta * (STEP_COUNT * k * share)
+
+
+@triton.jit
+def _group_shift(first_channel, S, stride_s):
+    """K of a group: the median of its first channel's first, middle and last elements
+    (first_channel points at x[n, c0, s = 0]; positions stride_s apart), so that one outlier
+    among them is not K. The moments of x − K merge their means with a rounding of
+    2⁻²⁴·|mean of x − K| each: with an outlier at K that is up to 2⁻²⁴·√n·σ a merge; a
+    shift of 0 would give 2⁻²⁴·|mean|, past the input's own rounding when |mean| ≫ σ."""
+    a = tl.load(first_channel).to(tl.float32)
+    b = tl.load(first_channel + tl.cast(S // 2, tl.int64) * stride_s).to(tl.float32)
+    c = tl.load(first_channel + tl.cast(S - 1, tl.int64) * stride_s).to(tl.float32)
+    return tl.maximum(tl.minimum(a, b), tl.minimum(tl.maximum(a, b), c))
 
 
 @triton.jit
@@ -274,19 +291,21 @@ def _stats_contiguous_kernel(
 ):
     """NCHW: a group's Cg·S elements are one contiguous run, read as a flat array in
     chunks of e_per_chunk elements, UNROLL × BLOCK of them a step; a program writes its
-    chunk's (count, mean, M2) of x − K, K = the group's first element."""
+    chunk's (count, mean, M2) of x − K and K, K = _group_shift of the group."""
     group = tl.program_id(0)
     chunk = tl.program_id(1)
     count = Cg * S
     base = x_ptr + group.to(tl.int64) * count
     begin = chunk * e_per_chunk
+    shift = _group_shift(base, S, 1)
     partial_count, partial_mean, partial_m2 = _contiguous_moments(
-        base, begin, tl.minimum(begin + e_per_chunk, count), tl.load(base).to(tl.float32), BLOCK, UNROLL
+        base, begin, tl.minimum(begin + e_per_chunk, count), shift, BLOCK, UNROLL
     )
-    out = partial_ptr + (group * SPLIT_POW2 + chunk) * 3
+    out = partial_ptr + (group * SPLIT_POW2 + chunk) * 4
     tl.store(out, partial_count)
     tl.store(out + 1, partial_mean)
     tl.store(out + 2, partial_m2)
+    tl.store(out + 3, shift)
 
 
 @triton.jit
@@ -403,14 +422,15 @@ def _rows_stats_task(
     """channels_last statistics of one tile: channels [block·BLOCK_C, (block + 1)·BLOCK_C)
     (whole rows, not one group's few channels) of sample n over spatial chunk `chunk`,
     UNROLL × BLOCK_S positions a step, whatever groups the channels belong to; writes the
-    (count, mean, M2) of x − K of each group's share as one of that group's PARTS."""
+    (count, mean, M2) of x − K of each group's share, and K, as one of that group's PARTS."""
     c0 = block * BLOCK_C
     channel = c0 + tl.arange(0, BLOCK_C)
     c_mask = channel < C
     group_of_c = channel // Cg
     sample = x_ptr + tl.cast(n, tl.int64) * C * S
-    # Each channel is shifted by its group's K, x[n, s = 0, first channel of the group].
-    shift = tl.load(sample + group_of_c * Cg, mask=c_mask, other=0.0).to(tl.float32)
+    # Each channel is shifted by its group's K (_group_shift; the channels past C, whose
+    # terms the fold below drops, by the last group's, read within the sample).
+    shift = _group_shift(sample + tl.minimum(group_of_c, G - 1) * Cg, S, C)
     s_begin = chunk * s_per_chunk
     s_end = tl.minimum(s_begin + s_per_chunk, S)
     # Each lane, a (position row, channel) of the slab, keeps the running mean and M2 of its
@@ -463,10 +483,11 @@ def _rows_stats_task(
     g = first_group + slot
     in_tile = (g < G) & (g * Cg < c0 + BLOCK_C)
     part = block - (g * Cg) // BLOCK_C
-    out = partial_ptr + (((n * G + g) * PARTS + part) * SPLIT_POW2 + chunk) * 3
+    out = partial_ptr + (((n * G + g) * PARTS + part) * SPLIT_POW2 + chunk) * 4
     tl.store(out, group_count, mask=in_tile)
     tl.store(out + 1, group_mean, mask=in_tile)
     tl.store(out + 2, group_m2, mask=in_tile)
+    tl.store(out + 3, _group_shift(sample + tl.minimum(g, G - 1) * Cg, S, C), mask=in_tile)
 
 
 @triton.jit
@@ -510,15 +531,10 @@ def _stats_rows_kernel(
 
 @triton.jit
 def _group_mean_rstd(
-    x_ptr,
     partial_ptr,
     group,
-    n,
     group_start_c,
-    C,
-    S,
     Cg,
-    stride_c,
     eps,
     SPLIT,
     stats_block_c,
@@ -527,12 +543,12 @@ def _group_mean_rstd(
 ):
     """Merge a group's partial (count, mean, M2) of x − K (its SPLIT chunks × the parts of
     its channels that different stats programs read), in a fixed order, into (mean, rstd);
-    K = the group's first element, x[n, first channel, s = 0]."""
+    K from the group's first partial."""
     chunks = tl.arange(0, SPLIT_POW2)
     parts = tl.arange(0, PARTS)
     group_parts = (group_start_c + Cg - 1) // stats_block_c - group_start_c // stats_block_c + 1
     valid = (parts < group_parts)[:, None] & (chunks < SPLIT)[None, :]
-    rows = partial_ptr + ((group * PARTS + parts)[:, None] * SPLIT_POW2 + chunks[None, :]) * 3
+    rows = partial_ptr + ((group * PARTS + parts)[:, None] * SPLIT_POW2 + chunks[None, :]) * 4
     count, mean, m2 = _merge_moments(
         tl.load(rows, mask=valid, other=0.0),
         tl.load(rows + 1, mask=valid, other=0.0),
@@ -540,8 +556,7 @@ def _group_mean_rstd(
         1,
     )
     count, mean, m2 = _merge_moments(count, mean, m2, 0)
-    shift = tl.load(x_ptr + n.to(tl.int64) * C * S + group_start_c.to(tl.int64) * stride_c).to(tl.float32)
-    return _mean_rstd(shift, mean, m2, count, eps)
+    return _mean_rstd(tl.load(partial_ptr + group * (PARTS * SPLIT_POW2 * 4) + 3), mean, m2, count, eps)
 
 
 @triton.jit
@@ -786,20 +801,7 @@ def _apply_kernel(
     its spatial chunk."""
     group, chunk, n, group_start_c, c_first, c_last = _program_group(G, Cg, channels_per_program)
     mean, rstd = _group_mean_rstd(
-        x_ptr,
-        partial_ptr,
-        group,
-        n,
-        group_start_c,
-        C,
-        S,
-        Cg,
-        stride_c,
-        eps,
-        STATS_SPLIT,
-        stats_block_c,
-        STATS_SPLIT_POW2,
-        PARTS,
+        partial_ptr, group, group_start_c, Cg, eps, STATS_SPLIT, stats_block_c, STATS_SPLIT_POW2, PARTS
     )
     if (chunk == 0) & (c_first == 0):
         tl.store(mean_ptr + group, mean)
@@ -878,7 +880,7 @@ def _group_kernel(
     for group in range(tl.program_id(0), groups, tl.num_programs(0)):
         n = group // G
         base = x_ptr + tl.cast(group, tl.int64) * Cg * S
-        shift = tl.load(base).to(tl.float32)
+        shift = _group_shift(base, S, 1)
         count, mean, m2 = _contiguous_moments(base, 0, Cg * S, shift, STATS_BLOCK, STATS_UNROLL)
         mean, rstd = _mean_rstd(shift, mean, m2, count, eps)
         tl.store(mean_ptr + group, mean)
@@ -956,20 +958,7 @@ def _channel_maps_kernel(
     n = group // G
     group_start_c = (group % G) * Cg
     mean, rstd = _group_mean_rstd(
-        x_ptr,
-        partial_ptr,
-        group,
-        n,
-        group_start_c,
-        C,
-        S,
-        Cg,
-        1,
-        eps,
-        STATS_SPLIT,
-        stats_block_c,
-        STATS_SPLIT_POW2,
-        PARTS,
+        partial_ptr, group, group_start_c, Cg, eps, STATS_SPLIT, stats_block_c, STATS_SPLIT_POW2, PARTS
     )
     tl.store(mean_ptr + group, mean)
     tl.store(rstd_ptr + group, rstd)
@@ -1096,13 +1085,10 @@ def _ticket_task(ticket, N, tasks, lag):
 
 @triton.jit
 def _sample_mean_rstd(
-    x_ptr,
     partial_ptr,
     mean_ptr,
     rstd_ptr,
     n,
-    C,
-    S,
     G,
     Cg,
     split,
@@ -1112,10 +1098,11 @@ def _sample_mean_rstd(
     GROUP_BLOCK: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Merge the partial (count, mean, M2) of x − K of every group of sample n (its `split` chunks × the PARTS
-    of its channels that different BLOCK_C-channel tiles read), in a fixed order, into its
-    mean and rstd, and store them: GROUP_BLOCK groups at a time. The loads bypass L1 (.cg):
-    other programs wrote the partials during this launch."""
+    """Merge the partial (count, mean, M2) of x − K of every group of sample n (K from the
+    group's first partial; its `split` chunks × the PARTS of its channels that different
+    BLOCK_C-channel tiles read), in a fixed order, into its mean and rstd, and store them:
+    GROUP_BLOCK groups at a time. The loads bypass L1 (.cg): other programs wrote the
+    partials during this launch."""
     parts = tl.arange(0, PARTS)[None, :, None]
     chunks = tl.arange(0, SPLIT_POW2)[None, None, :]
     for g0 in range(0, G, GROUP_BLOCK):
@@ -1124,7 +1111,7 @@ def _sample_mean_rstd(
         first_c = g * Cg
         group_parts = (first_c + Cg - 1) // BLOCK_C - first_c // BLOCK_C + 1
         valid = g_mask[:, None, None] & (parts < group_parts[:, None, None]) & (chunks < split)
-        rows = partial_ptr + (((n * G + g)[:, None, None] * PARTS + parts) * SPLIT_POW2 + chunks) * 3
+        rows = partial_ptr + (((n * G + g)[:, None, None] * PARTS + parts) * SPLIT_POW2 + chunks) * 4
         count, mean, m2 = _merge_moments(
             tl.load(rows, mask=valid, other=0.0, cache_modifier=".cg"),
             tl.load(rows + 1, mask=valid, other=0.0, cache_modifier=".cg"),
@@ -1132,7 +1119,8 @@ def _sample_mean_rstd(
             2,
         )
         count, mean, m2 = _merge_moments(count, mean, m2, 1)
-        shift = tl.load(x_ptr + tl.cast(n, tl.int64) * C * S + first_c, mask=g_mask, other=0.0).to(tl.float32)
+        first_partial = partial_ptr + (n * G + g) * PARTS * SPLIT_POW2 * 4
+        shift = tl.load(first_partial + 3, mask=g_mask, other=0.0, cache_modifier=".cg")
         # A group past G merges nothing (count 0): its var is 0/0, and its store is masked.
         mean, rstd = _mean_rstd(shift, mean, m2, count, eps)
         tl.store(mean_ptr + n * G + g, mean, mask=g_mask)
@@ -1281,13 +1269,10 @@ def _rows_group_kernel(
         tl.debug_barrier()  # every thread's partials stored before the release
         if tl.atomic_add(done_ptr + n, 1, sem="acq_rel") == tasks - 1:
             _sample_mean_rstd(
-                x_ptr,
                 partial_ptr,
                 mean_ptr,
                 rstd_ptr,
                 n,
-                C,
-                S,
                 G,
                 Cg,
                 split,
@@ -2380,7 +2365,7 @@ def group_norm_forward(
     cfg = launch_config(n, c, num_groups, spatial, stride_c == 1, multiprocessors)
     stats = cfg["stats"]
     partials = torch.empty(
-        (n * num_groups, stats["meta"].get("PARTS", 1), stats["meta"]["SPLIT_POW2"], MOMENTS),
+        (n * num_groups, stats["meta"].get("PARTS", 1), stats["meta"]["SPLIT_POW2"], PARTIAL_FIELDS),
         dtype=torch.float32,
         device=x.device,
     )
@@ -2443,7 +2428,7 @@ def _rows_in_one_pass(
     n, c = x.shape[0], x.shape[1]
     meta = cfg["meta"]
     partials = torch.empty(
-        (n * num_groups, meta["PARTS"], meta["SPLIT_POW2"], MOMENTS), dtype=torch.float32, device=x.device
+        (n * num_groups, meta["PARTS"], meta["SPLIT_POW2"], PARTIAL_FIELDS), dtype=torch.float32, device=x.device
     )
     maps = torch.empty((2, n, c), dtype=torch.float32, device=x.device)  # gain, offset
     # The ticket counter, then a line on (many programs draw tickets while others poll

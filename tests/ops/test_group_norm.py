@@ -289,38 +289,81 @@ def test_group_norm_with_an_outlier_first_in_its_group(backend, channels_last, b
     assert ours <= bound, f"error {ours:.3g} exceeds twice PyTorch's {theirs:.3g} plus 2 ulp"
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-# 96×100: whole statistics steps of a thread (16-byte vectors on NCHW) and a partial one;
-# 97×101: NCHW's single-element path
-@pytest.mark.parametrize("spatial", [(96, 100), (97, 101)], ids=str)
+# (layout, dtype, shape): at N·C ≥ 32 the emulation's 8 SMs get one chunk a channel, so a
+# thread takes 2+ whole statistics steps and a partial one: NCHW's 16-byte vectors (fp32,
+# fp16), its single elements (129×131), channels_last's 16-element steps. N·G < 16 keeps
+# the group-in-registers kernel out.
+CUDA_STATISTICS_CASES = [
+    ("nchw", torch.float32, (1, 32, 128, 100)),
+    ("nchw", torch.float32, (1, 32, 129, 131)),
+    ("nchw", torch.float16, (1, 32, 128, 160)),
+    ("nhwc", torch.float32, (1, 8, 96, 100)),
+    ("nhwc", torch.float32, (1, 8, 97, 101)),
+    ("nhwc", torch.bfloat16, (1, 8, 96, 100)),
+]
+
+
+@pytest.mark.parametrize("layout, dtype, shape", CUDA_STATISTICS_CASES, ids=str)
 @pytest.mark.parametrize("data", ["outlier-first", "outlier-last", "large-mean"])
-def test_cuda_three_launch_statistics(channels_last, spatial, data, cuda_backend_on_cpu):
+def test_cuda_three_launch_statistics(layout, dtype, shape, data, host_harness):
     # The cuda backend's per-channel statistics (channel_sums_*_kernel's moments, merged
-    # over steps, threads, rows and chunks), on the emulation, against float64: an outlier
-    # where the channel's shift is taken from or far from it, to twice PyTorch's float32
-    # error plus 2 ulp of the largest output (float32 moments merged through a block's
-    # tree of ~11 levels round M2 by a few ulp: 2026-12-06, 3.7e-5 against 1.4e-5 at |y|
-    # up to 196; the shifted sums they replaced missed by 100x+); a large mean of small
-    # spread, to the input's rounding.
+    # over steps, threads, rows and chunks), on the emulation, against float64: the mean
+    # and rstd it returns, and y, with an outlier where the channel's shift is taken from
+    # or far from it, or a large mean of small spread (fp32: 16-bit types cannot hold it).
+    # y to twice PyTorch's error plus 2 ulp of the largest output (float32 moments merged
+    # through a block's tree of ~11 levels round M2 by a few ulp: 2026-12-06, 3.7e-5
+    # against 1.4e-5 at |y| up to 196; the shifted sums they replaced missed by 100x+).
+    if data == "large-mean" and dtype != torch.float32:
+        pytest.skip("a mean of 1e4 with a spread of 0.01 needs float32")
+    n, c, *spatial = shape
+    groups = c // 4
     g = torch.Generator().manual_seed(29)
-    x = torch.randn(1, 8, *spatial, generator=g)
+    x = torch.randn(n, c, *spatial, generator=g)
     if data == "large-mean":
         x = 1e4 + 0.01 * x
     else:
         row, col = (0, 0) if data == "outlier-first" else (spatial[0] - 1, spatial[1] - 1)
         x[:, ::4, row, col] = 1e4
-    if channels_last:
+    x = x.to(dtype)
+    if layout == "nhwc":
         x = x.contiguous(memory_format=torch.channels_last)
-    expected = torch.nn.functional.group_norm(x.double(), 2, eps=1e-5)
-    ours = (ops.group_norm(x, 2, eps=1e-5).double() - expected).abs().max().item()
+    y, mean, rstd = host_harness.group_norm_forward(x, None, None, None, None, groups, 1e-5, False)
+    grouped = x.double().permute(0, 2, 3, 1).reshape(n, -1, groups, 4).transpose(1, 2).reshape(n, groups, -1)
+    want_mean, want_var = grouped.mean(-1), grouped.var(-1, unbiased=False)
     eps32 = torch.finfo(torch.float32).eps
+    # the mean to 1e-5 of the spread beside float32's rounding of it; rstd to 1e-5
+    mean_error = (mean.double() - want_mean).abs()
+    assert (mean_error <= 1e-5 * want_var.sqrt() + 4 * eps32 * want_mean.abs()).all(), mean_error.max()
+    torch.testing.assert_close(rstd.double(), (want_var + 1e-5).rsqrt(), atol=0, rtol=1e-5)
+    expected = torch.nn.functional.group_norm(x.double(), groups, eps=1e-5)
+    ours = (y.double() - expected).abs().max().item()
     if data == "large-mean":
         assert ours <= 4 * eps32 * 1e4 / 0.01
     else:
         # PyTorch's error on NCHW: its CPU channels_last kernel cancels E[x²] − E[x]²
-        theirs = (torch.nn.functional.group_norm(x.contiguous(), 2, eps=1e-5).double() - expected).abs().max().item()
-        bound = 2 * theirs + 2 * eps32 * expected.abs().max().item()
+        theirs = (torch.nn.functional.group_norm(x.contiguous(), groups, eps=1e-5).double() - expected).abs().max()
+        bound = 2 * theirs.item() + 2 * torch.finfo(dtype).eps * expected.abs().max().item()
         assert ours <= bound, f"error {ours:.3g} exceeds twice PyTorch's {theirs:.3g} plus 2 ulp"
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("backend", backends_with_emulation("group_norm"))
+def test_group_norm_statistics_stay_finite_past_a_huge_outlier(backend, channels_last, request):
+    # An outlier of 3e18 at a channel's shift and one of 1e19 in a partial step: the
+    # variance (≤ 1e38/n) is finite in float32, so the statistics must be too. A merge that
+    # multiplied δ² by a count before its share (δ²·na overflows) or merged an empty side
+    # (inf·0) made them NaN.
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(1, 8, 97, 101, generator=g)
+    x.view(1, 8, -1)[0, 0, 0] = 3e18
+    x.view(1, 8, -1)[0, 4, -1] = 1e19
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with running_on(backend, request):
+        got = ops.group_norm(x, 2, eps=1e-5)
+    expected = torch.nn.functional.group_norm(x.double(), 2, eps=1e-5)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", backends_with_emulation("group_norm"))
