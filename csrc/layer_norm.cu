@@ -8,7 +8,8 @@
 // passes recompute identically).
 // Backward, two launches: layer_norm_dx_kernel, a warp per row (Σdx̂ and Σdx̂·x̂, then dx
 // and the per-token dscale, dshift); layer_norm_column_sums_kernel, a thread per (column,
-// sample, token chunk) summing (A, B, C, E) over its tokens, coalesced across columns.
+// sample, token chunk) summing (A, B, C, E) over its tokens, 4 a step, coalesced across
+// columns.
 //
 // Bytes it must move: forward reads x and writes y (2·E·s_x; residual form reads h and
 // branch, writes h_new and y: 4·E·s_x); backward reads x and dy twice and writes dx
@@ -363,6 +364,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   }
 }
 
+// Tokens a column-sums thread loads before the math of a step (x, dy, mean and rstd each):
+// 16 loads at 64 registers (8 tokens took 80 and a stack frame).
+constexpr int kColumnTokens = 4;
+
 // Block (column block + column_blocks·chunk, sample): thread → column; loops over the
 // chunk's tokens. The grid's kMaxGridY rows stride over more samples (a 2-D (N, D) input has N
 // samples of one token).
@@ -379,7 +384,24 @@ __global__ void __launch_bounds__(kThreads) layer_norm_column_sums_kernel(LayerN
   const int64_t samples = p.rows / p.tokens;
   for (int64_t n = blockIdx.y; n < samples; n += gridDim.y) {
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int64_t l = begin; l < end; ++l) {
+    int64_t l = begin;
+    // kColumnTokens tokens a step, all their loads issued before the math.
+    for (; l + kColumnTokens <= end; l += kColumnTokens) {
+      float x[kColumnTokens], dy[kColumnTokens], mean[kColumnTokens], rstd[kColumnTokens];
+#pragma unroll
+      for (int u = 0; u < kColumnTokens; ++u) {
+        const int64_t row = n * p.tokens + l + u;
+        x[u] = to_float(t.x[row * p.d + j]);
+        dy[u] = to_float(t.dy[row * p.d + j]);
+        mean[u] = t.mean[row];
+        rstd[u] = t.rstd[row];
+      }
+#pragma unroll
+      for (int u = 0; u < kColumnTokens; ++u) {
+        add_column_sums(column_affine(p, a, n * p.tokens + l + u, j), dy[u], (x[u] - mean[u]) * rstd[u], acc);
+      }
+    }
+    for (; l < end; ++l) {
       const int64_t row = n * p.tokens + l;
       const float x_hat = (to_float(t.x[row * p.d + j]) - t.mean[row]) * t.rstd[row];
       add_column_sums(column_affine(p, a, row, j), to_float(t.dy[row * p.d + j]), x_hat, acc);

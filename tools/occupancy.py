@@ -87,8 +87,10 @@ KNOWN_BELOW_FLOOR: set[str] = {
     # channels a thread, as Triton's rows kernels read, would lift it. (The forward form,
     # since its moments redesign, issues 16 loads a step at 8 blocks: 64 KB, off the list.)
     # layer_norm_column_sums_kernel, every cuda LayerNorm backward: a thread a (column,
-    # sample, token chunk) walking its tokens one element at a time (x, dy and the row's
-    # mean and rstd), 2-4 loads together; several tokens in flight a thread would lift it.
+    # sample, token chunk) walking its tokens, 4 a step (x, dy and the row's mean and rstd
+    # loaded together: 16 loads), 16-bit x at 32 KB (fp32, 64 KB, is off the list); 8
+    # tokens a step spilled at 80 registers; 8 columns a thread in 16-byte vectors would
+    # lift it.
     "cuda channel_sums_nhwc_kernel<bf16, SumsMode=1> sm_80",
     "cuda channel_sums_nhwc_kernel<bf16, SumsMode=1> sm_90",
     "cuda channel_sums_nhwc_kernel<fp16, SumsMode=1> sm_80",
@@ -97,8 +99,6 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "cuda layer_norm_column_sums_kernel<bf16> sm_90",
     "cuda layer_norm_column_sums_kernel<fp16> sm_80",
     "cuda layer_norm_column_sums_kernel<fp16> sm_90",
-    "cuda layer_norm_column_sums_kernel<fp32> sm_80",
-    "cuda layer_norm_column_sums_kernel<fp32> sm_90",
     # Triton group_norm channels_last reads whole rows of 64 channels, a thread's 16-byte
     # vectors 8 channels whose per-channel terms it holds beside the data. Apply: a step of
     # 4 vectors at 68 registers on sm_80 (7 blocks, 56 KB; 64 and 8 blocks on sm_90); a step
