@@ -59,9 +59,10 @@ struct Moments {
 // Chan, Golub and LeVeque's merge of two sets' moments: n = na + nb, δ = mean_b − mean_a,
 // mean = mean_a + δ·nb/n, M2 = M2a + M2b + δ²·na·nb/n. Every term is ≥ 0, so nothing
 // cancels (sums of squares from a shift K, Σd² − (Σd)²/n, lose (|K − mean|/σ)²·2⁻²⁴ of
-// var: an outlier at K cancelled it). An empty side is returned past, not merged: δ²·na
-// can overflow float where the term δ²·na·nb/n is 0 or finite (inf·0 would make finite
-// statistics NaN), which is also why na·nb/n is formed before δ² multiplies it.
+// var: an outlier at K cancelled it). The term is formed as δ·(δ·(na·nb/n)), and an empty
+// side is returned past, not merged: δ² alone overflows float past |δ| = 1.8e19 where the
+// term is 0 or finite (inf·0 made finite statistics NaN; the chunks and channels merge in
+// float64, so a group's statistics can be finite where a thread's δ² is not).
 __device__ __forceinline__ Moments merge_moments(const Moments& a, const Moments& b) {
   if (b.count == 0.0f) return a;
   if (a.count == 0.0f) return b;
@@ -70,7 +71,7 @@ __device__ __forceinline__ Moments merge_moments(const Moments& a, const Moments
   // subroutine call.
   const float share = __fdividef(b.count, count);
   const float delta = b.mean - a.mean;
-  return {count, a.mean + delta * share, a.m2 + b.m2 + delta * delta * (a.count * share)};
+  return {count, a.mean + delta * share, a.m2 + b.m2 + delta * (delta * (a.count * share))};
 }
 
 // A vector's moments of d = x − K in two passes over its kVec values (their mean, then
@@ -127,7 +128,7 @@ __device__ __forceinline__ Moments strided_moments(const T* x, Offset offset, in
     const float share = __fdividef(1.0f, steps + 1.0f);
     const float delta = step_mean - acc.mean;
     acc.mean += delta * share;
-    acc.m2 += step_m2 + delta * delta * (kStepCount * steps * share);
+    acc.m2 += step_m2 + delta * (delta * (kStepCount * steps * share));  // the first step: δ·(δ·0), not δ²·0
     steps += 1.0f;
   }
   acc.count = steps * kStepCount;

@@ -190,12 +190,12 @@ def _merge_two(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     """(count, mean, M2) of the union of two sets given by theirs, M2 = Σ(x − mean)² (Chan,
     Golub and LeVeque): n = na + nb, δ = mean_b − mean_a, mean = mean_a + δ·nb/n,
     M2 = M2a + M2b + δ²·na·nb/n. Every term is ≥ 0: nothing cancels. An empty set (count 0)
-    of finite mean changes nothing."""
+    changes nothing while δ is finite."""
     count = count_a + count_b
     share_b = count_b / tl.maximum(count, 1.0)
     delta = mean_b - mean_a
-    # na·nb/n formed before δ² multiplies it: δ²·na alone can overflow where the term is finite.
-    return count, mean_a + delta * share_b, m2_a + m2_b + delta * delta * (count_a * share_b)
+    # δ·(δ·(na·nb/n)): δ² alone overflows float past |δ| = 1.8e19 where the term is finite or 0.
+    return count, mean_a + delta * share_b, m2_a + m2_b + delta * (delta * (count_a * share_b))
 
 
 @triton.jit
@@ -219,7 +219,7 @@ def _merge_step(mean, m2, steps, step_mean, step_m2, STEP_COUNT: tl.constexpr):
     k = tl.cast(steps, tl.float32)
     share = 1.0 / (k + 1.0)
     delta = step_mean - mean
-    return mean + delta * share, m2 + step_m2 + delta * delta * (STEP_COUNT * k * share)
+    return mean + delta * share, m2 + step_m2 + delta * (delta * (STEP_COUNT * k * share))
 
 
 @triton.jit
@@ -326,7 +326,7 @@ def _halves_merged(mean_a, m2_a, mean_b, m2_b, EACH: tl.constexpr):
     """_merge_two of two sets of EACH elements each: mean = (mean_a + mean_b)/2,
     M2 = M2a + M2b + δ²·EACH/2."""
     delta = mean_b - mean_a
-    return (mean_a + mean_b) * 0.5, m2_a + m2_b + delta * delta * (0.5 * EACH)
+    return (mean_a + mean_b) * 0.5, m2_a + m2_b + delta * (delta * (0.5 * EACH))
 
 
 @triton.jit
@@ -335,7 +335,7 @@ def _slab_pair_moments(slab, C, channel, c_mask, shift, BLOCK_S: tl.constexpr):
     a = _slab(slab, 0, C, channel, c_mask, shift, BLOCK_S, True)
     b = _slab(slab + BLOCK_S * C, 0, C, channel, c_mask, shift, BLOCK_S, True)
     delta = b - a
-    return (a + b) * 0.5, delta * delta * 0.5
+    return (a + b) * 0.5, delta * (delta * 0.5)
 
 
 @triton.jit

@@ -266,11 +266,13 @@ def test_group_norm_statistics_at_large_mean_and_small_spread(backend, channels_
 @pytest.mark.parametrize("outlier", [1e3, 1e4])
 def test_group_norm_with_an_outlier_first_in_its_group(backend, channels_last, batch, outlier, request):
     # One element far from its group (the first, where a statistics pass may take its
-    # shift from): the variance must not cancel. Held to twice PyTorch's float32 error
-    # plus 2 ulp (below). Every path merges moments rather than sums from a shift (Chan et
-    # al.; the cuda group-in-registers kernel, NCHW at N·G ≥ 2 SMs, batch 8 in the
-    # emulation, takes two passes over its registers); the shifted sums they replaced
-    # missed by 100-2000x (2026-12-06: up to 6e-3 against 3e-5).
+    # shift from; two of the three elements the kernels' shift is the median of make it the
+    # shift: test_triton_forward_statistics_on_every_path, test_cuda_three_launch_statistics):
+    # the variance must not cancel. Held to twice PyTorch's float32 error plus 2 ulp (below).
+    # Every path merges moments rather than sums from a shift (Chan et al.; the cuda group-
+    # in-registers kernel, NCHW at N·G ≥ 2 SMs, batch 8 in the emulation, takes two passes
+    # over its registers); the shifted sums they replaced missed by 100-2000x (2026-12-06:
+    # up to 6e-3 against 3e-5).
     g = torch.Generator().manual_seed(4)
     x = torch.randn(batch, 32, 16, 16, generator=g)
     x[:, ::4, 0, 0] = outlier  # 8 groups of 4 channels: each group's first element
@@ -289,6 +291,18 @@ def test_group_norm_with_an_outlier_first_in_its_group(backend, channels_last, b
     assert ours <= bound, f"error {ours:.3g} exceeds twice PyTorch's {theirs:.3g} plus 2 ulp"
 
 
+def _with_outliers(x: torch.Tensor, data: str, first_channels: slice) -> torch.Tensor:
+    """x with 1e4 in each of the given channels: at its first element ("outlier-first"),
+    its last ("outlier-last"), or its first and middle ("outlier-at-shift": two of the
+    three elements whose median the kernels shift by, so the shift is the outlier)."""
+    x = x.clone()
+    flat = x.view(x.shape[0], x.shape[1], -1)
+    positions = {"outlier-first": [0], "outlier-last": [-1], "outlier-at-shift": [0, flat.shape[-1] // 2]}[data]
+    for position in positions:
+        flat[:, first_channels, position] = 1e4
+    return x
+
+
 # (layout, dtype, shape): at N·C ≥ 32 the emulation's 8 SMs get one chunk a channel, so a
 # thread takes 2+ whole statistics steps and a partial one: NCHW's 16-byte vectors (fp32,
 # fp16), its single elements (129×131), channels_last's 16-element steps. N·G < 16 keeps
@@ -304,12 +318,13 @@ CUDA_STATISTICS_CASES = [
 
 
 @pytest.mark.parametrize("layout, dtype, shape", CUDA_STATISTICS_CASES, ids=str)
-@pytest.mark.parametrize("data", ["outlier-first", "outlier-last", "large-mean"])
+@pytest.mark.parametrize("data", ["outlier-first", "outlier-at-shift", "outlier-last", "large-mean"])
 def test_cuda_three_launch_statistics(layout, dtype, shape, data, host_harness):
     # The cuda backend's per-channel statistics (channel_sums_*_kernel's moments, merged
     # over steps, threads, rows and chunks), on the emulation, against float64: the mean
-    # and rstd it returns, and y, with an outlier where the channel's shift is taken from
-    # or far from it, or a large mean of small spread (fp32: 16-bit types cannot hold it).
+    # and rstd it returns, and y, with an outlier among the elements the channel's shift is
+    # the median of, two there (the shift is the outlier), or far from them, or a large
+    # mean of small spread (fp32: 16-bit types cannot hold it).
     # y to twice PyTorch's error plus 2 ulp of the largest output (float32 moments merged
     # through a block's tree of ~11 levels round M2 by a few ulp: 2026-12-06, 3.7e-5
     # against 1.4e-5 at |y| up to 196; the shifted sums they replaced missed by 100x+).
@@ -319,11 +334,7 @@ def test_cuda_three_launch_statistics(layout, dtype, shape, data, host_harness):
     groups = c // 4
     g = torch.Generator().manual_seed(29)
     x = torch.randn(n, c, *spatial, generator=g)
-    if data == "large-mean":
-        x = 1e4 + 0.01 * x
-    else:
-        row, col = (0, 0) if data == "outlier-first" else (spatial[0] - 1, spatial[1] - 1)
-        x[:, ::4, row, col] = 1e4
+    x = 1e4 + 0.01 * x if data == "large-mean" else _with_outliers(x, data, slice(None, None, 4))
     x = x.to(dtype)
     if layout == "nhwc":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -344,6 +355,23 @@ def test_cuda_three_launch_statistics(layout, dtype, shape, data, host_harness):
         theirs = (torch.nn.functional.group_norm(x.contiguous(), groups, eps=1e-5).double() - expected).abs().max()
         bound = 2 * theirs.item() + 2 * torch.finfo(dtype).eps * expected.abs().max().item()
         assert ours <= bound, f"error {ours:.3g} exceeds twice PyTorch's {theirs:.3g} plus 2 ulp"
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_statistics_stay_finite_past_a_run_of_huge_values(channels_last, host_harness):
+    # A quarter of a channel at 2e19 (whole statistics steps of it): a thread's first step
+    # merged δ²·0 with δ² = inf, NaN, where every partial and the float64 merges of chunks
+    # and channels are finite (the group's var ~2e37). Cuda alone: Triton merges a group's
+    # M2 in float32, which overflows here (NaN by the policy).
+    g = torch.Generator().manual_seed(37)
+    x = torch.randn(1, 8, 128, 160, generator=g)
+    x.view(1, 8, -1)[0, 0, 15360:] = 2e19
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    _, mean, rstd = host_harness.group_norm_forward(x, None, None, None, None, 2, 1e-5, False)
+    grouped = x.double().permute(0, 2, 3, 1).reshape(1, -1, 2, 4).transpose(1, 2).reshape(1, 2, -1)
+    torch.testing.assert_close(rstd.double(), (grouped.var(-1, unbiased=False) + 1e-5).rsqrt(), atol=0, rtol=1e-5)
+    torch.testing.assert_close(mean.double(), grouped.mean(-1), atol=0, rtol=1e-5)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -522,18 +550,20 @@ STATISTICS_SHAPES = {
     "data, dtype",
     [
         ("outlier-first", torch.float32),
+        ("outlier-at-shift", torch.float32),
         ("outlier-last", torch.float32),
         ("large-mean", torch.float32),
-        ("outlier-first", torch.float16),
+        ("outlier-at-shift", torch.float16),
     ],
-    ids=["outlier-first-fp32", "outlier-last-fp32", "large-mean-fp32", "outlier-first-fp16"],
+    ids=lambda value: value if isinstance(value, str) else str(value).removeprefix("torch.").replace("float", "fp"),
 )
 def test_triton_forward_statistics_on_every_path(
     layout, one_pass, kernel_name, extent, data, dtype, monkeypatch, device
 ):
     # Each forward path's statistics (whole steps, partial ones, several chunks and, on
-    # channels_last, groups split over tiles), forced, against float64: an outlier where a
-    # shift is taken from (each group's first element) or far from it, held to twice
+    # channels_last, groups split over tiles), forced, against float64: an outlier among
+    # the elements a group's shift is the median of, two there (the shift is the outlier),
+    # or one far from them, held to twice
     # PyTorch's own error (on NCHW: its CPU channels_last kernel cancels E[x²] − E[x]²)
     # plus 2 ulp of the largest output (see the test above); a large mean of small
     # spread, to the input's rounding.
@@ -542,11 +572,7 @@ def test_triton_forward_statistics_on_every_path(
     n, c, groups, spatial = STATISTICS_SHAPES[layout, extent]
     g = torch.Generator().manual_seed(23)
     x = torch.randn(n, c, *spatial, generator=g)
-    if data == "large-mean":
-        x = 1e4 + 0.01 * x
-    else:
-        row, col = (0, 0) if data == "outlier-first" else (spatial[0] - 1, spatial[1] - 1)
-        x[:, :: c // groups, row, col] = 1e4
+    x = 1e4 + 0.01 * x if data == "large-mean" else _with_outliers(x, data, slice(None, None, c // groups))
     x = x.to(device, dtype)
     if layout == "nhwc":
         x = x.to(memory_format=torch.channels_last)
