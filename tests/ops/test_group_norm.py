@@ -588,6 +588,30 @@ def test_triton_forward_statistics_on_every_path(
         assert ours <= bound, f"error {ours:.3g} exceeds twice PyTorch's {theirs:.3g} plus 2 ulp"
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend (a GPU, or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize(
+    "layout, kernel_name", [("nchw", "_group_kernel"), ("nhwc", "_rows_group_kernel")], ids=["nchw", "nhwc"]
+)
+def test_triton_one_pass_statistics_stay_finite_past_a_huge_outlier(layout, kernel_name, monkeypatch, device):
+    # test_group_norm_statistics_stay_finite_past_a_huge_outlier's outliers (3e18 at a
+    # group's first element, 1e19 at another's last) on the one-pass kernels, forced.
+    kernels, _, one_pass_kernel = _forced_path(monkeypatch, True, kernel_name)
+    monkeypatch.setattr(kernels, "FUSED_PROGRAMS_PER_SM", 1)
+    n, c, groups, spatial = STATISTICS_SHAPES[layout, "long"]
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(n, c, *spatial, generator=g)
+    x.view(n, c, -1)[0, 0, 0] = 3e18
+    x.view(n, c, -1)[0, c // groups, -1] = 1e19
+    x = x.to(device)
+    if layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    y, _, _ = kernels.group_norm_forward(x, NormParameters(None, None, None, None), groups, 1e-5, None)
+    assert one_pass_kernel.launches == 1
+    expected = torch.nn.functional.group_norm(x.double(), groups, eps=1e-5)
+    assert y.isfinite().all()
+    torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
+
+
 def _check_nchw_backward(kernels, shape, dtype, present, activation, monkeypatch, device, channels_last=False):
     """kernels.group_norm_backward with the parameters named in `present` (of weight, bias,
     scale, shift), outputs poisoned with NaN, against float64 autograd of the formula (x
