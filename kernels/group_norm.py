@@ -135,6 +135,11 @@ BACKWARD_FUSED_PROGRAMS_PER_SM = 1
 # registers: 4·128 threads × 8 vectors × 16 B = 64 KB in flight in either pass. (At 4
 # slabs and 72 registers, 7 programs kept 56 KB; the statistics issue all 8 loads of a
 # whole step together only since whole steps read without a position mask.)
+# The NCHW apply kernel at most APPLY_MAX_REGISTERS registers a thread, so 8 programs fit
+# an SM: 8·128 threads × 4 16-byte vectors (fp16; fp32: 8) = 64 KB in flight. (Uncapped,
+# Triton 3.6's ptxas took 72 on sm_90 once the kernel read the shift from the partials:
+# 7 programs, 56 KB; 3.9 took 60. Capped, neither spills, fp32 included.)
+APPLY_MAX_REGISTERS = 64
 ROWS_FUSED_VECTORS = 8
 ROWS_FUSED_MAX_REGISTERS = 128
 ROWS_FUSED_PROGRAMS_PER_SM = 2**16 // (NUM_WARPS * 32 * ROWS_FUSED_MAX_REGISTERS)
@@ -2408,6 +2413,8 @@ def group_norm_forward(
             SILU=activation == "silu",
             **cfg["apply"],
             num_warps=NUM_WARPS,
+            # The register cap is an NVIDIA option (AMD's Triton rejects it).
+            **({"maxnreg": APPLY_MAX_REGISTERS} if torch.version.hip is None else {}),
         )
     return y, mean, rstd
 

@@ -487,6 +487,7 @@ def cases() -> list[Case]:
                 },
                 {**cfg["apply"], **strides, **flags},
                 gn.NUM_WARPS,
+                maxnreg=gn.APPLY_MAX_REGISTERS,
             )
             if layout == "nchw"
             else Case(
