@@ -43,10 +43,10 @@ constexpr int kRows = kThreads / kWarpSize;  // channels_last: warps striding ov
 constexpr int kMomentStep = 4;
 constexpr int kRowMomentStep = 16;
 // Blocks an SM the channels_last statistics of a 16-bit x keep resident (≤ 32 registers a
-// thread): with kRowMomentStep loads of 16 bits, 64 KB in flight an SM. (fp32's loads are
-// twice as wide: unbound, its 40 registers and 6 blocks hold 96 KB; bound, it spilled.) (NCHW's 16-bit vector steps,
-// without a bound, take 42-56 registers: 4-5 blocks, 64-80 KB; bound to 6 or 8 blocks,
-// they spill. Its fp32 and single-element steps take 28-38.)
+// thread): with kRowMomentStep loads of 16 bits, 64 KB in flight an SM. Unbound: fp32's
+// channels_last (40-48 registers, 5-6 blocks: 80-96 KB; bound, it spilled) and every NCHW
+// step (16-bit vectors 42-56 registers, 4-5 blocks: 64-80 KB, spilling when bound to 6 or
+// 8 blocks; fp32 and single elements 28-38).
 constexpr int kRowMomentBlocks = 8;
 
 enum class SumsMode { kMoments, kBackward };
