@@ -322,9 +322,13 @@ LayerNormParams layer_norm_params(const at::Tensor& x, double eps, const std::op
   p.scale_per_token = per_token(scale);
   p.shift_per_token = per_token(shift);
   p.gate_per_token = per_token(gate);
-  // Backward column sums: split each sample's tokens until ~4 blocks per multiprocessor.
-  const int64_t blocks = std::max<int64_t>(x.size(0) * ((p.d + 255) / 256), 1);
-  const int64_t wanted = (4 * static_cast<int64_t>(multiprocessors(x)) + blocks - 1) / blocks;
+  // Backward column sums: split each sample's tokens until the grid fills each
+  // multiprocessor once, 8 blocks of 64 (what it holds of that kernel, at up to 128
+  // registers a thread; a thread takes a 16-byte vector of columns where the tensors allow
+  // it, which this counts on). More chunks would only add partials: each is 16·D bytes.
+  const int64_t column_threads = (p.d * x.element_size() + 15) / 16;
+  const int64_t blocks = std::max<int64_t>(x.size(0) * ((column_threads + 63) / 64), 1);
+  const int64_t wanted = (8 * static_cast<int64_t>(multiprocessors(x)) + blocks - 1) / blocks;
   p.chunks = static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(wanted, p.tokens), 1, 64));
   return p;
 }

@@ -15,7 +15,9 @@
 // The per-group merges run a warp per (n, g).
 // The per-channel reduction reads NCHW along s (a block per (n, c) chunk, 16-byte
 // vectors) and channels_last across c (a warp spans 32 consecutive channels, the block's
-// 8 warps stride over s), so global reads are coalesced in both layouts.
+// 8 warps stride over s; the backward's 32 channel pairs where C and the alignment allow:
+// channel_moments_nhwc_kernel, channel_sums_nhwc_kernel), so global reads are coalesced
+// in both layouts.
 // The elementwise passes run block (tile, n) over kUnroll·kThreads vectors of sample n:
 // thread t takes vectors tile·kTile + t + k·kThreads (k < kUnroll), so each load is one of
 // a warp's 32 consecutive vectors, and it issues all its loads before any math, which puts
@@ -42,6 +44,11 @@ constexpr int kRows = kThreads / kWarpSize;  // channels_last: warps striding ov
 // (NCHW), 16 single elements (channels_last).
 constexpr int kMomentStep = 4;
 constexpr int kRowMomentStep = 16;
+// Bytes of x and dy a channels_last backward sums step loads before the math (16 loads of
+// a 16-bit channel pair, 8 of an fp32 one), at kRowSumsBlocks blocks an SM (≤ 64
+// registers a thread): 64 KB in flight.
+constexpr int kRowSumsBytes = 64;
+constexpr int kRowSumsBlocks = 4;
 // Blocks an SM the channels_last statistics of a 16-bit x keep resident (≤ 32 registers a
 // thread): with kRowMomentStep loads of 16 bits, 64 KB in flight an SM. Unbound: fp32's
 // channels_last (40-48 registers, 5-6 blocks: 80-96 KB; bound, it spilled) and every NCHW
@@ -209,6 +216,25 @@ __device__ __forceinline__ void add_backward_vector(const GroupNormParams& p, co
   }
 }
 
+// One thread's walk over `count` vectors of kVec elements of x and of dy, `pitch` elements
+// apart, handed to add(x, dy): kStep vectors a step, those of x and dy all loaded before
+// the math; the rest one at a time.
+template <typename T, int kVec, int kStep, typename Add>
+__device__ __forceinline__ void strided_pairs(const T* x, const T* dy, int64_t count, int64_t pitch, Add add) {
+  int64_t i = 0;
+  for (; i + kStep <= count; i += kStep, x += kStep * pitch, dy += kStep * pitch) {
+    Vec<T, kVec> xs[kStep], dys[kStep];
+#pragma unroll
+    for (int u = 0; u < kStep; ++u) {
+      xs[u] = load_vec<T, kVec>(x + u * pitch);
+      dys[u] = load_vec<T, kVec>(dy + u * pitch);
+    }
+#pragma unroll
+    for (int u = 0; u < kStep; ++u) add(xs[u], dys[u]);
+  }
+  for (; i < count; ++i, x += pitch, dy += pitch) add(load_vec<T, kVec>(x), load_vec<T, kVec>(dy));
+}
+
 // The block's accumulators merged, on thread 0.
 template <SumsMode kMode>
 __device__ __forceinline__ void block_merge(ChannelAccumulator<kMode>& acc) {
@@ -261,55 +287,98 @@ __global__ void __launch_bounds__(kThreads) channel_sums_nchw_kernel(GroupNormPa
   if (threadIdx.x == 0) write_channel_sums(p, a, ctx, n, c, chunk, acc);
 }
 
-// channels_last: block (n·tiles + tile, chunk); lane → channel tile·32 + lane, warp → rows.
-template <typename T, SumsMode kMode>
-__global__ void __launch_bounds__(kThreads, kMode == SumsMode::kMoments && sizeof(T) == 2 ? kRowMomentBlocks : 1)
-    channel_sums_nhwc_kernel(GroupNormParams p, ChannelSumsArgs<T, kMode> a) {
-  const int64_t tiles = (p.c + kWarpSize - 1) / kWarpSize;
+// channels_last: block (n·tiles + tile, chunk); lane → kChannels adjacent channels from
+// (tile·32 + lane)·kChannels, a vector of each row, warp → rows. The forward's moments take
+// a channel a thread; the backward's sums a pair where it can (see channel_sums_nhwc_kernel).
+template <typename T, SumsMode kMode, int kChannels>
+__device__ __forceinline__ void channel_rows(const GroupNormParams& p, const ChannelSumsArgs<T, kMode>& a) {
+  static_assert(kMode == SumsMode::kBackward || kChannels == 1, "the forward's moments take a channel a thread");
+  const int64_t tiles = (p.c + kWarpSize * kChannels - 1) / (kWarpSize * kChannels);
+  const int lane = threadIdx.x % kWarpSize;
   const int64_t n = blockIdx.x / tiles;
-  const int64_t c = (blockIdx.x % tiles) * kWarpSize + threadIdx.x % kWarpSize;
+  const int64_t c = ((blockIdx.x % tiles) * kWarpSize + lane) * kChannels;  // the thread's first channel
   const int row = threadIdx.x / kWarpSize;
   const int chunk = blockIdx.y;
-  const bool active = c < p.c;
-  ChannelContext ctx{};
-  if (active) ctx = channel_context(p, a, n, c);
+  const bool active = c < p.c;  // with kChannels > 1 the launcher guarantees C % kChannels == 0
+  ChannelContext ctx[kChannels] = {};
+  if (active) {
+#pragma unroll
+    for (int i = 0; i < kChannels; ++i) ctx[i] = channel_context(p, a, n, c + i);
+  }
   const int64_t per_chunk = chunk_positions(p, 1);
   const int64_t begin = chunk * per_chunk;
   const int64_t end = begin + per_chunk < p.s ? begin + per_chunk : p.s;
-  ChannelAccumulator<kMode> acc{};
+  const auto offset = [&p, n, c](int64_t s) { return element_offset(p, n, c, s); };
+  ChannelAccumulator<kMode> acc[kChannels] = {};
   if constexpr (kMode == SumsMode::kMoments) {
-    if (active) {
-      acc = strided_moments<T, 1, kRowMomentStep>(
-          a.x, [&p, n, c](int64_t s) { return element_offset(p, n, c, s); }, begin + row, end, kRows, ctx.shift);
+    if (active) acc[0] = strided_moments<T, 1, kRowMomentStep>(a.x, offset, begin + row, end, kRows, ctx[0].shift);
+  } else if (active && begin + row < end) {
+    // kRowSumsBytes of x and dy a step.
+    constexpr int kStep = kRowSumsBytes / (2 * kChannels * static_cast<int>(sizeof(T)));
+    // z = (x̂·w + b)·(1 + scale) + shift as x̂·gain + offset: two constants a channel held, not four.
+    LinearMap folded[kChannels];
+#pragma unroll
+    for (int i = 0; i < kChannels; ++i) {
+      const ChannelAffine& k = ctx[i].affine;
+      folded[i] = {k.w * k.one_plus_scale, fmaf(k.b, k.one_plus_scale, k.shift)};
     }
-  } else if (active) {
-    for (int64_t s = begin + row; s < end; s += kRows) {
-      const int64_t offset = element_offset(p, n, c, s);
-      add_backward_vector<T, 1>(p, ctx, Vec<T, 1>{{a.x[offset]}}, Vec<T, 1>{{a.dy[offset]}}, acc);
-    }
+    const int64_t first = offset(begin + row);
+    strided_pairs<T, kChannels, kStep>(
+        a.x + first, a.dy + first, (end - begin - row + kRows - 1) / kRows, kRows * p.c,
+        [&](const Vec<T, kChannels>& x, const Vec<T, kChannels>& dy) {
+#pragma unroll
+          for (int i = 0; i < kChannels; ++i) {
+            const float x_hat = (to_float(x.v[i]) - ctx[i].mean) * ctx[i].rstd;
+            const float dz = backward_dz_at(p, to_float(dy.v[i]), fmaf(x_hat, folded[i].gain, folded[i].offset));
+            acc[i][0] += dz;
+            acc[i][1] += dz * x_hat;
+          }
+        });
   }
   // The rows' accumulators of each channel merged by row 0, in row order.
-  __shared__ ChannelAccumulator<kMode> rows[kRows][kWarpSize];
-  if constexpr (kMode == SumsMode::kMoments) {
-    rows[row][threadIdx.x % kWarpSize] = acc;
-  } else {
-    rows[row][threadIdx.x % kWarpSize][0] = acc[0];
-    rows[row][threadIdx.x % kWarpSize][1] = acc[1];
+  __shared__ ChannelAccumulator<kMode> rows[kRows][kWarpSize][kChannels];
+#pragma unroll
+  for (int i = 0; i < kChannels; ++i) {
+    if constexpr (kMode == SumsMode::kMoments) {
+      rows[row][lane][i] = acc[i];
+    } else {
+      rows[row][lane][i][0] = acc[i][0];
+      rows[row][lane][i][1] = acc[i][1];
+    }
   }
   __syncthreads();
   if (row == 0 && active) {
-    ChannelAccumulator<kMode> total{};
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      if constexpr (kMode == SumsMode::kMoments) {
-        total = merge_moments(total, rows[r][threadIdx.x]);
-      } else {
-        total[0] += rows[r][threadIdx.x][0];
-        total[1] += rows[r][threadIdx.x][1];
+    for (int i = 0; i < kChannels; ++i) {
+      ChannelAccumulator<kMode> total{};
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if constexpr (kMode == SumsMode::kMoments) {
+          total = merge_moments(total, rows[r][lane][i]);
+        } else {
+          total[0] += rows[r][lane][i][0];
+          total[1] += rows[r][lane][i][1];
+        }
       }
+      write_channel_sums(p, a, ctx[i], n, c + i, chunk, total);
     }
-    write_channel_sums(p, a, ctx, n, c, chunk, total);
   }
+}
+
+// The forward's channels_last statistics.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 2 ? kRowMomentBlocks : 1)
+    channel_moments_nhwc_kernel(GroupNormParams p, ChannelSumsArgs<T, SumsMode::kMoments> a) {
+  channel_rows<T, SumsMode::kMoments, 1>(p, a);
+}
+
+// The backward's channels_last sums, kVec channels a thread: pairs (a warp's 128 bytes of a
+// 16-bit row, 256 of an fp32 one) where C is even and x and dy are aligned to a pair, else
+// one. Bound to kRowSumsBlocks so a step's 16 loads stay in flight at 4 blocks.
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads, kRowSumsBlocks)
+    channel_sums_nhwc_kernel(GroupNormParams p, ChannelSumsArgs<T, SumsMode::kBackward> a) {
+  channel_rows<T, SumsMode::kBackward, kVec>(p, a);
 }
 
 // The per-group merges: a warp per (n, g), its lanes striding over the group's channels
@@ -593,7 +662,8 @@ __global__ void __launch_bounds__(kThreads) dx_kernel(GroupNormParams p, const T
   }
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+bool aligned_to(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+bool aligned16(const void* ptr) { return aligned_to(ptr, 16); }
 
 // kVec when the layout and the pointers allow 16-byte vectors, else 1.
 template <typename T>
@@ -614,8 +684,19 @@ template <typename T, SumsMode kMode>
 void launch_channel_sums(const GroupNormParams& p, const ChannelSumsArgs<T, kMode>& a, int vec, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   if (p.channels_last) {
-    const dim3 grid(static_cast<unsigned>(p.n * ((p.c + kWarpSize - 1) / kWarpSize)), p.chunks);
-    launch_kernel(channel_sums_nhwc_kernel<T, kMode>, grid, kThreads, stream, p, a);
+    // The backward reads channel pairs where C and x and dy allow.
+    const bool pairs = kMode == SumsMode::kBackward && p.c % 2 == 0 && aligned_to(a.x, 2 * sizeof(T)) &&
+                       aligned_to(a.dy, 2 * sizeof(T));
+    const int channels = pairs ? 2 : 1;
+    const int64_t tiles = (p.c + kWarpSize * channels - 1) / (kWarpSize * channels);
+    const dim3 grid(static_cast<unsigned>(p.n * tiles), p.chunks);
+    if constexpr (kMode == SumsMode::kMoments) {
+      launch_kernel(channel_moments_nhwc_kernel<T>, grid, kThreads, stream, p, a);
+    } else if (pairs) {
+      launch_kernel(channel_sums_nhwc_kernel<T, 2>, grid, kThreads, stream, p, a);
+    } else {
+      launch_kernel(channel_sums_nhwc_kernel<T, 1>, grid, kThreads, stream, p, a);
+    }
   } else if (vec == kVec) {
     launch_kernel(channel_sums_nchw_kernel<T, kMode, kVec>, dim3(static_cast<unsigned>(p.n * p.c), p.chunks), kThreads, stream, p, a);
   } else {

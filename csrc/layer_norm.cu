@@ -7,9 +7,9 @@
 // most a few KB) and writes y (and h_new in the residual form, whose h + gate·branch both
 // passes recompute identically).
 // Backward, two launches: layer_norm_dx_kernel, a warp per row (Σdx̂ and Σdx̂·x̂, then dx
-// and the per-token dscale, dshift); layer_norm_column_sums_kernel, a thread per (column,
-// sample, token chunk) summing (A, B, C, E) over its tokens, 4 a step, coalesced across
-// columns.
+// and the per-token dscale, dshift); layer_norm_column_sums_kernel, a thread per (16-byte
+// vector of columns, or one column where D or the pointers forbid it; sample; token chunk)
+// summing (A, B, C, E) over its tokens, 4 a step, coalesced across columns.
 //
 // Bytes it must move: forward reads x and writes y (2·E·s_x; residual form reads h and
 // branch, writes h_new and y: 4·E·s_x); backward reads x and dy twice and writes dx
@@ -364,18 +364,38 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   }
 }
 
-// Tokens a column-sums thread loads before the math of a step (x, dy, mean and rstd each):
-// 16 loads at 64 registers (8 tokens took 80 and a stack frame).
+// The column sums' shape: a thread takes kVec adjacent columns (a 16-byte vector of x and
+// of dy a token where D and the pointers allow, else one column) and walks its chunk's
+// tokens kColumnTokens at a time, the x, dy, mean and rstd of all of them loaded before the
+// math: 16-bit x reads 8 vectors (128 bytes) a step. Blocks are 64 threads, so a row of
+// DiT's 1152 columns (144 vectors) leaves 48 of 192 threads idle, not 112 of 256.
 constexpr int kColumnTokens = 4;
+constexpr int kColumnThreads = 64;
 
-// Block (column block + column_blocks·chunk, sample): thread → column; loops over the
-// chunk's tokens. The grid's kMaxGridY rows stride over more samples (a 2-D (N, D) input has N
-// samples of one token).
-template <typename T>
-__global__ void __launch_bounds__(kThreads) layer_norm_column_sums_kernel(LayerNormParams p, LayerNormAffine a,
-                                                                          BackwardTensors<T> t) {
-  const int64_t column_blocks = (p.d + kThreads - 1) / kThreads;
-  const int64_t j = (blockIdx.x % column_blocks) * kThreads + threadIdx.x;
+// kVec floats from `values` to out[0 .. kVec), in 16-byte vectors where kVec allows (the
+// partials' rows are D floats and D is a multiple of kVec, so they are aligned).
+template <int kVec>
+__device__ __forceinline__ void store_floats(float* out, const float (&values)[kVec]) {
+  constexpr int kPiece = kVec < 4 ? kVec : 4;
+#pragma unroll
+  for (int q = 0; q < kVec; q += kPiece) {
+    Vec<float, kPiece> v;
+#pragma unroll
+    for (int i = 0; i < kPiece; ++i) v.v[i] = values[q + i];
+    store_vec(out + q, v);
+  }
+}
+
+// Block (column block + column_blocks·chunk, sample): thread → columns j .. j + kVec − 1;
+// loops over the chunk's tokens, adding each element's (A, B, C, E) (add_column_sums). The
+// grid's kMaxGridY rows stride over more samples (a 2-D (N, D) input has N samples of one
+// token). Only the scale of the adaLN constants enters these sums: per sample it is loaded
+// once a sample, per token once a token.
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kColumnThreads) layer_norm_column_sums_kernel(LayerNormParams p, LayerNormAffine a,
+                                                                                BackwardTensors<T> t) {
+  const int64_t column_blocks = (p.d / kVec + kColumnThreads - 1) / kColumnThreads;
+  const int64_t j = ((blockIdx.x % column_blocks) * kColumnThreads + threadIdx.x) * kVec;
   const int64_t chunk = blockIdx.x / column_blocks;
   if (j >= p.d) return;
   const int64_t per_chunk = (p.tokens + p.chunks - 1) / p.chunks;
@@ -383,32 +403,51 @@ __global__ void __launch_bounds__(kThreads) layer_norm_column_sums_kernel(LayerN
   const int64_t end = begin + per_chunk < p.tokens ? begin + per_chunk : p.tokens;
   const int64_t samples = p.rows / p.tokens;
   for (int64_t n = blockIdx.y; n < samples; n += gridDim.y) {
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    int64_t l = begin;
-    // kColumnTokens tokens a step, all their loads issued before the math.
-    for (; l + kColumnTokens <= end; l += kColumnTokens) {
-      float x[kColumnTokens], dy[kColumnTokens], mean[kColumnTokens], rstd[kColumnTokens];
+    float acc[kVec][4] = {};  // column j + i's (A, B, C, E)
+    float sample_scale[kVec];
+    load_parameters<kVec>(a.scale, parameter_row(p, n * p.tokens, false) + j, 0.0f, sample_scale);
+    // Tokens [l, l + count) of sample n: their loads first, then the math.
+    const auto add_tokens = [&](int64_t l, auto count) {
+      constexpr int kCount = decltype(count)::value;
+      Vec<T, kVec> x[kCount], dy[kCount];
+      float mean[kCount], rstd[kCount];
 #pragma unroll
-      for (int u = 0; u < kColumnTokens; ++u) {
+      for (int u = 0; u < kCount; ++u) {
         const int64_t row = n * p.tokens + l + u;
-        x[u] = to_float(t.x[row * p.d + j]);
-        dy[u] = to_float(t.dy[row * p.d + j]);
+        x[u] = load_vec<T, kVec>(t.x + row * p.d + j);
+        dy[u] = load_vec<T, kVec>(t.dy + row * p.d + j);
         mean[u] = t.mean[row];
         rstd[u] = t.rstd[row];
       }
 #pragma unroll
-      for (int u = 0; u < kColumnTokens; ++u) {
-        add_column_sums(column_affine(p, a, n * p.tokens + l + u, j), dy[u], (x[u] - mean[u]) * rstd[u], acc);
+      for (int u = 0; u < kCount; ++u) {
+        float scale[kVec];
+        if (p.scale_per_token) {
+          load_parameters<kVec>(a.scale, (n * p.tokens + l + u) * p.d + j, 0.0f, scale);
+        } else {
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) scale[i] = sample_scale[i];
+        }
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          const float x_hat = (to_float(x[u].v[i]) - mean[u]) * rstd[u];
+          // The sums read only 1 + scale of a column's constants.
+          const ColumnAffine k{1.0f, 0.0f, 1.0f + scale[i], 0.0f};
+          add_column_sums(k, to_float(dy[u].v[i]), x_hat, acc[i]);
+        }
       }
-    }
-    for (; l < end; ++l) {
-      const int64_t row = n * p.tokens + l;
-      const float x_hat = (to_float(t.x[row * p.d + j]) - t.mean[row]) * t.rstd[row];
-      add_column_sums(column_affine(p, a, row, j), to_float(t.dy[row * p.d + j]), x_hat, acc);
-    }
+    };
+    int64_t l = begin;
+    for (; l + kColumnTokens <= end; l += kColumnTokens) add_tokens(l, std::integral_constant<int, kColumnTokens>{});
+    for (; l < end; ++l) add_tokens(l, std::integral_constant<int, 1>{});
     float* out = t.partials + (n * p.chunks + chunk) * 4 * p.d + j;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) out[k * p.d] = acc[k];
+    for (int k = 0; k < 4; ++k) {
+      float sums[kVec];
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) sums[i] = acc[i][k];
+      store_floats<kVec>(out + k * p.d, sums);
+    }
   }
 }
 
@@ -460,10 +499,17 @@ int backward_typed(const LayerNormParams& p, const LayerNormAffine& a, const Bac
   } else {
     launch_kernel(layer_norm_dx_kernel<T, 1>, row_blocks(p), kThreads, stream, p, a, t);
   }
-  const int64_t column_blocks = (p.d + kThreads - 1) / kThreads;
+  // The column sums read x, dy and the per-token scale: vectors when those allow.
+  const int column_vec = vector_width<T>(p, a, t.x, t.dy, nullptr, nullptr);
+  const int64_t column_blocks = (p.d / column_vec + kColumnThreads - 1) / kColumnThreads;
   const int64_t samples = p.rows / p.tokens;
-  const dim3 grid(static_cast<unsigned>(column_blocks * p.chunks), static_cast<unsigned>(samples < kMaxGridY ? samples : kMaxGridY));
-  launch_kernel(layer_norm_column_sums_kernel<T>, grid, kThreads, stream, p, a, t);
+  const dim3 grid(static_cast<unsigned>(column_blocks * p.chunks),
+                  static_cast<unsigned>(samples < kMaxGridY ? samples : kMaxGridY));
+  if (column_vec == kVec) {
+    launch_kernel(layer_norm_column_sums_kernel<T, kVec>, grid, kColumnThreads, stream, p, a, t);
+  } else {
+    launch_kernel(layer_norm_column_sums_kernel<T, 1>, grid, kColumnThreads, stream, p, a, t);
+  }
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -36,9 +36,11 @@ target, so a kernel whose loads straddle one may have more in flight than counte
 The CUDA kernels of csrc/ (the cuda backend) get the same table: nvcc compiles each
 source on its own for every architecture with warnings as errors (a warning fails the
 report), and ``--check`` also fails on a spill or on a vectorised specialisation
-without 128-bit loads and stores. Without nvcc that part is skipped, unless
-``--require-nvcc``. With ``--torch-cuda-include`` (torch/include of a CUDA build of
-torch) the host compiler also checks csrc/bindings.cpp against it.
+without loads (and, where it writes a tensor, stores) of its kVec elements at once: 16
+bytes in every kernel but the channels_last backward sums, which read channel pairs.
+Without nvcc that part is skipped, unless ``--require-nvcc``. With
+``--torch-cuda-include`` (torch/include of a CUDA build of torch) the host compiler also
+checks csrc/bindings.cpp against it.
 """
 
 from __future__ import annotations
@@ -849,7 +851,19 @@ def _vector_width(name: str) -> int:
 
 
 # csrc/ kernels launched with other than their source's kThreads threads a block.
-CUDA_BLOCK_THREADS = {"sample_coefficients_kernel": 32}  # one thread a sample, a warp a block
+CUDA_BLOCK_THREADS = {
+    "sample_coefficients_kernel": 32,  # one thread a sample, a warp a block
+    "layer_norm_column_sums_kernel": 64,  # kColumnThreads
+}
+
+
+ELEMENT_BITS = {"fp16": 16, "bf16": 16, "fp32": 32}
+
+
+def _vector_bits(name: str) -> int:
+    """Bits of a kernel's kVec elements: its first template type's width times kVec."""
+    element = next((bits for short, bits in ELEMENT_BITS.items() if re.search(rf"<{short}\b", name)), 16)
+    return _vector_width(name) * element
 
 
 def cuda_violations(name: str, stats: dict) -> list[str]:
@@ -857,11 +871,12 @@ def cuda_violations(name: str, stats: dict) -> list[str]:
     if stats["local_bytes"] or stats["stack_bytes"]:
         found.append(f"spills: {stats['local_bytes']} B local, {stats['stack_bytes']} B stack")
     if _vector_width(name) > 1:
-        if 128 not in stats["loads"]:
-            found.append("vectorised specialisation without 128-bit loads")
+        bits = _vector_bits(name)
+        if bits not in stats["loads"]:
+            found.append(f"vectorised specialisation without {bits}-bit loads")
         writes_elements = "stats" not in name and "sums" not in name  # reductions write O(N·C)
-        if writes_elements and 128 not in stats["stores"]:
-            found.append("vectorised specialisation without 128-bit stores")
+        if writes_elements and bits not in stats["stores"]:
+            found.append(f"vectorised specialisation without {bits}-bit stores")
     return found
 
 

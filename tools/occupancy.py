@@ -79,26 +79,6 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "cuda similarity_guided_step_kernel<fp32, 4, 4, RuntimeReads> sm_80",
     "cuda similarity_guided_step_kernel<fp32, 4, 4, RuntimeReads> sm_90",
     "layer_norm adaLN bwd D=72 fp16 sm_80",
-    # Listed 2026-12-06, once the report held every csrc/ kernel that streams a tensor (it
-    # had skipped kernels without a kVec template argument). channel_sums_nhwc_kernel, the
-    # cuda backend's channels_last statistics and backward sums: a thread a channel of a
-    # warp's 32, scalar 16-bit loads (a 64-byte row a warp), the backward form reading x
-    # and dy beside four sums a channel, 2 loads issued together; 16-byte vectors over 8
-    # channels a thread, as Triton's rows kernels read, would lift it. (The forward form,
-    # since its moments redesign, issues 16 loads a step at 8 blocks: 64 KB, off the list.)
-    # layer_norm_column_sums_kernel, every cuda LayerNorm backward: a thread a (column,
-    # sample, token chunk) walking its tokens, 4 a step (x, dy and the row's mean and rstd
-    # loaded together: 16 loads), 16-bit x at 32 KB (fp32, 64 KB, is off the list); 8
-    # tokens a step spilled at 80 registers; 8 columns a thread in 16-byte vectors would
-    # lift it.
-    "cuda channel_sums_nhwc_kernel<bf16, SumsMode=1> sm_80",
-    "cuda channel_sums_nhwc_kernel<bf16, SumsMode=1> sm_90",
-    "cuda channel_sums_nhwc_kernel<fp16, SumsMode=1> sm_80",
-    "cuda channel_sums_nhwc_kernel<fp16, SumsMode=1> sm_90",
-    "cuda layer_norm_column_sums_kernel<bf16> sm_80",
-    "cuda layer_norm_column_sums_kernel<bf16> sm_90",
-    "cuda layer_norm_column_sums_kernel<fp16> sm_80",
-    "cuda layer_norm_column_sums_kernel<fp16> sm_90",
     # Triton group_norm channels_last reads whole rows of 64 channels, a thread's 16-byte
     # vectors 8 channels whose per-channel terms it holds beside the data. Apply: a step of
     # 4 vectors at 68 registers on sm_80 (7 blocks, 56 KB; 64 and 8 blocks on sm_90); a step

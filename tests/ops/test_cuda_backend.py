@@ -296,14 +296,27 @@ def test_bindings_return_one_row_of_sums_per_block_and_refuse_a_perturbed_predic
         call(torch.cat([model_output, model_output[:batch]]), GuidanceCombine(3.0, perturbed_scale=2.0))
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_group_norm_on_misaligned_tensors(cuda_backend_on_cpu, dtype):
+def test_group_norm_on_misaligned_tensors(cuda_backend_on_cpu, dtype, channels_last):
+    # x and dy one element past a 16-byte boundary: no vector (nor, channels_last, a
+    # channel pair of the backward sums) may be read from them.
+    def misaligned(t):
+        if not channels_last:
+            return offset_copy(t)
+        return offset_copy(t.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
+
     x, weight, bias, scale, shift = random_inputs(2, 64, (16, 16), dtype, "cpu")
-    x = offset_copy(x).requires_grad_()
+    x = misaligned(x).requires_grad_()
     y = ops.group_norm(x, 32, weight, bias, scale=scale, shift=shift, activation="silu")
     assert_close(y, explicit_group_norm(x.detach(), 32, weight, bias, scale, shift, "silu"), GROUP_NORM, dtype)
-    (dx,) = torch.autograd.grad(y, x, offset_copy(torch.randn(x.shape).to(dtype)))
-    assert not dx.isnan().any()
+    grad_y = misaligned(torch.randn(x.shape).to(dtype))
+    (dx,) = torch.autograd.grad(y, x, grad_y)
+    x64 = x.detach().double().requires_grad_()
+    expected = explicit_group_norm(x64, 32, weight.double(), bias.double(), scale.double(), shift.double(), "silu")
+    (wanted,) = torch.autograd.grad(expected, x64, grad_y.double())
+    atol, rtol = GROUP_NORM[dtype]
+    torch.testing.assert_close(dx.double(), wanted, atol=atol, rtol=rtol * 4)
 
 
 def test_group_norm_bindings_refuse_a_grid_past_2_to_the_31(host_harness):

@@ -192,8 +192,8 @@ def test_a_stale_entry_of_the_known_list_is_named(monkeypatch):
         ("guided_step_kernel<fp16, 1, 4, RuntimeReads>", False),  # kVec = 1: unaligned tensors
         ("channel_sums_nchw_kernel<fp16, SumsMode=0, 8>", True),
         # no kVec template argument, yet a whole tensor streamed: held (it once was not)
-        ("channel_sums_nhwc_kernel<fp16, SumsMode=1>", True),
-        ("layer_norm_column_sums_kernel<bf16>", True),
+        ("channel_moments_nhwc_kernel<fp16>", True),
+        ("layer_norm_column_sums_kernel<bf16, 8>", True),
         # merges of per-group or per-sample partials
         ("forward_statistics_kernel", False),
         ("backward_group_kernel", False),
