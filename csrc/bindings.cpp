@@ -203,8 +203,10 @@ bool is_channels_last(const at::Tensor& x) {
   return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// lane_channels: the channels a lane of the channels_last per-channel pass reads (the
+// backward's pairs: 2 where C is even; the forward's statistics: 1).
 GroupNormParams norm_params(const at::Tensor& x, int64_t num_groups, bool silu, double eps,
-                            const GroupNormAffine& affine) {
+                            const GroupNormAffine& affine, int64_t lane_channels) {
   TORCH_CHECK(x.is_contiguous() || is_channels_last(x), "fastguide_cuda: x must be contiguous or channels_last");
   // The per-channel statistics run a block per (n, c) (NCHW) in the grid's x, below 2^31.
   TORCH_CHECK(x.size(0) * x.size(1) < (int64_t{1} << 31), "fastguide_cuda: group_norm needs batch × channels below ",
@@ -223,7 +225,8 @@ GroupNormParams norm_params(const at::Tensor& x, int64_t num_groups, bool silu, 
   p.silu = silu;
   p.eps = static_cast<float>(eps);
   // Split each channel's reduction over spatial chunks until ~4 blocks per multiprocessor.
-  const int64_t blocks = p.channels_last ? p.n * ((p.c + 31) / 32) : p.n * p.c;
+  const int64_t tile = 32 * lane_channels;
+  const int64_t blocks = p.channels_last ? p.n * ((p.c + tile - 1) / tile) : p.n * p.c;
   const int64_t wanted = (4 * static_cast<int64_t>(multiprocessors(x)) + blocks - 1) / blocks;
   p.chunks = static_cast<int>(std::clamp<int64_t>(std::min(wanted, (p.s + 255) / 256), 1, 32));
   // (a block per group: the grid's x holds fewer than 2^31)
@@ -261,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward(
   const c10::cuda::CUDAGuard guard(x.device());
 #endif
   const GroupNormAffine affine = norm_affine(x, weight, bias, scale, shift);
-  const GroupNormParams p = norm_params(x, num_groups, silu, eps, affine);
+  const GroupNormParams p = norm_params(x, num_groups, silu, eps, affine, 1);
   const auto fp32 = x.options().dtype(at::kFloat);
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({p.n, p.groups}, fp32);
@@ -291,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> group_norm_backward(
   const c10::cuda::CUDAGuard guard(x.device());
 #endif
   const GroupNormAffine affine = norm_affine(x, weight, bias, scale, shift);
-  const GroupNormParams p = norm_params(x, num_groups, silu, 0.0, affine);
+  const GroupNormParams p = norm_params(x, num_groups, silu, 0.0, affine, x.size(1) % 2 == 0 ? 2 : 1);
   const auto fp32 = x.options().dtype(at::kFloat);
   at::Tensor dx = at::empty_like(x);
   at::Tensor sums = at::empty({p.n, p.c, 2}, fp32);
@@ -323,9 +326,10 @@ LayerNormParams layer_norm_params(const at::Tensor& x, double eps, const std::op
   p.shift_per_token = per_token(shift);
   p.gate_per_token = per_token(gate);
   // Backward column sums: split each sample's tokens until the grid fills each
-  // multiprocessor once, 8 blocks of 64 (what it holds of that kernel, at up to 128
-  // registers a thread; a thread takes a 16-byte vector of columns where the tensors allow
-  // it, which this counts on). More chunks would only add partials: each is 16·D bytes.
+  // multiprocessor about once: 8 blocks of 64, what an SM holds of the 16-bit vector
+  // instance at 124-128 registers a thread (fp32's holds 10), a thread a 16-byte vector of
+  // columns, which the tensors allow almost always. More chunks would only add partials
+  // (16·D bytes a chunk and sample).
   const int64_t column_threads = (p.d * x.element_size() + 15) / 16;
   const int64_t blocks = std::max<int64_t>(x.size(0) * ((column_threads + 63) / 64), 1);
   const int64_t wanted = (8 * static_cast<int64_t>(multiprocessors(x)) + blocks - 1) / blocks;

@@ -499,8 +499,9 @@ int backward_typed(const LayerNormParams& p, const LayerNormAffine& a, const Bac
   } else {
     launch_kernel(layer_norm_dx_kernel<T, 1>, row_blocks(p), kThreads, stream, p, a, t);
   }
-  // The column sums read x, dy and the per-token scale: vectors when those allow.
-  const int column_vec = vector_width<T>(p, a, t.x, t.dy, nullptr, nullptr);
+  // The column sums read x, dy and the scale of all the parameters: vectors when those allow.
+  const int column_vec =
+      p.d % kVec == 0 && aligned16(t.x) && aligned16(t.dy) && aligned16(a.scale.data) ? kVec : 1;
   const int64_t column_blocks = (p.d / column_vec + kColumnThreads - 1) / kColumnThreads;
   const int64_t samples = p.rows / p.tokens;
   const dim3 grid(static_cast<unsigned>(column_blocks * p.chunks),

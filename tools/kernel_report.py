@@ -36,8 +36,8 @@ target, so a kernel whose loads straddle one may have more in flight than counte
 The CUDA kernels of csrc/ (the cuda backend) get the same table: nvcc compiles each
 source on its own for every architecture with warnings as errors (a warning fails the
 report), and ``--check`` also fails on a spill or on a vectorised specialisation
-without loads (and, where it writes a tensor, stores) of its kVec elements at once: 16
-bytes in every kernel but the channels_last backward sums, which read channel pairs.
+without 16-byte loads (and, where it writes a tensor, stores), or, in the channels_last
+backward sums, which read channel pairs, loads of a pair (``occupancy.vector_bits``).
 Without nvcc that part is skipped, unless ``--require-nvcc``. With
 ``--torch-cuda-include`` (torch/include of a CUDA build of torch) the host compiler also
 checks csrc/bindings.cpp against it.
@@ -89,6 +89,7 @@ from tools.occupancy import (  # noqa: E402
     in_flight_violations,
     loads_issued_together,
     stale_known_below_floor,
+    vector_bits,
     vector_template,
 )
 
@@ -857,21 +858,12 @@ CUDA_BLOCK_THREADS = {
 }
 
 
-ELEMENT_BITS = {"fp16": 16, "bf16": 16, "fp32": 32}
-
-
-def _vector_bits(name: str) -> int:
-    """Bits of a kernel's kVec elements: its first template type's width times kVec."""
-    element = next((bits for short, bits in ELEMENT_BITS.items() if re.search(rf"<{short}\b", name)), 16)
-    return _vector_width(name) * element
-
-
 def cuda_violations(name: str, stats: dict) -> list[str]:
     found = []
     if stats["local_bytes"] or stats["stack_bytes"]:
         found.append(f"spills: {stats['local_bytes']} B local, {stats['stack_bytes']} B stack")
     if _vector_width(name) > 1:
-        bits = _vector_bits(name)
+        bits = vector_bits(name)
         if bits not in stats["loads"]:
             found.append(f"vectorised specialisation without {bits}-bit loads")
         writes_elements = "stats" not in name and "sums" not in name  # reductions write O(N·C)
@@ -985,7 +977,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="exit 1 on spills, a main path without 128-bit loads, or a memory-bound kernel below the in-flight floor",
+        help=(
+            "exit 1 on spills, a main path or vectorised kernel without its vector-width loads, "
+            "or a memory-bound kernel below the in-flight floor"
+        ),
     )
     parser.add_argument(
         "--only",

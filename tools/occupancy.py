@@ -259,6 +259,25 @@ def vector_template(name: str) -> int | None:
     return int(found[0]) if found else None
 
 
+# csrc/ kernels whose vectors are narrower than 16 bytes: the channels_last GroupNorm
+# backward sums read kVec = 2 adjacent channels (a pair) of a row a lane.
+NARROW_VECTOR_KERNELS = ("channel_sums_nhwc_kernel",)
+ELEMENT_BITS = {"fp16": 16, "bf16": 16, "fp32": 32}
+
+
+def vector_bits(name: str) -> int:
+    """Width in bits of a vectorised csrc/ kernel's data loads (and stores): 128, 16-byte
+    vectors, but in NARROW_VECTOR_KERNELS its kVec elements of its storage type (the first
+    template argument): 'channel_sums_nhwc_kernel<bf16, 2>' -> 32."""
+    base, _, arguments = name.partition("<")
+    if base not in NARROW_VECTOR_KERNELS:
+        return 128
+    element = arguments.split(",")[0].strip()
+    if element not in ELEMENT_BITS or vector_template(name) is None:
+        raise ValueError(f"{name}: a narrow-vector kernel names its storage type and kVec first")
+    return vector_template(name) * ELEMENT_BITS[element]
+
+
 # csrc/ kernels that merge per-group or per-sample partials (a buffer of O(N·G) or O(N)
 # floats, not a tensor of the op's size): not memory-bound, no floor.
 CUDA_MERGES = ("forward_statistics_kernel", "backward_group_kernel", "sample_coefficients_kernel")
@@ -266,7 +285,8 @@ CUDA_MERGES = ("forward_statistics_kernel", "backward_group_kernel", "sample_coe
 
 def held_to_floor(name: str) -> bool:
     """Whether a csrc/ kernel is held to the in-flight floor: every one that streams a
-    tensor, but its kVec = 1 instances (they serve unaligned tensors) and the merges."""
+    tensor, but its kVec = 1 instances (they serve unaligned tensors and sizes no vector
+    divides) and the merges."""
     return name.split("<")[0] not in CUDA_MERGES and vector_template(name) != 1
 
 

@@ -264,6 +264,11 @@ def assert_grads_close(got_grads, wanted, leaves, x, dtype):
         # enough tokens that the cuda column sums' chunks hold whole steps of 4 tokens, with
         # a per-token scale in the sums
         ((2, 300, 72), "per-token-affine"),
+        # the same on the element-by-element column sums (13 columns: no 16-byte vector)
+        ((2, 300, 13), "per-token-affine"),
+        # more samples than the emulated grid's 3 rows: the column sums' loop over samples,
+        # each with its own per-sample scale (which the sums read only beside a weight)
+        ((5, 40, 72), "mixed-affine"),
         ((3, 1, 72), "per-token-affine"),
         ((3, 72), "mixed-affine"),
         ((1, 3, 1152), "per-token-affine"),
@@ -350,28 +355,38 @@ def test_strided_and_transposed_views(backend, device, request):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-def test_misaligned_tensors(backend, dtype, device, request):
+@pytest.mark.parametrize("misaligned", ["rows-and-weight", "weight"])
+def test_misaligned_tensors(backend, dtype, misaligned, device, request):
     device = device_for(backend, device)
 
-    # The CUDA kernels use 16-byte vectors only when every row pointer allows them; the
-    # emulation reports a misaligned vector access as the fault a GPU would raise.
+    # The CUDA kernels use 16-byte vectors only when every pointer they read in vectors
+    # allows them; the emulation reports a misaligned vector access as the fault a GPU
+    # would raise. A misaligned weight alone leaves the backward's column sums (which do
+    # not read it) on vectors while the rows go element by element.
     def offset_copy(t):
         storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
         view = storage[1:].view(t.shape)
         view.copy_(t)
         return view
 
+    rows = offset_copy if misaligned == "rows-and-weight" else (lambda t: t)
     x, weight, bias, scale, shift = inputs((2, 5, 64), dtype, device, "mixed-affine")
     weight = offset_copy(weight)  # a float32 parameter off its 16-byte boundary (read as float4)
-    branch, gate = offset_copy(x * 0.5), torch.randn(2, 64, device=device).to(dtype)
-    x = offset_copy(x).requires_grad_()
+    branch, gate = rows(x * 0.5), torch.randn(2, 64, device=device).to(dtype)
+    x = rows(x)
+    leaves = [t.requires_grad_() for t in (x, weight, bias, scale, shift)]
+    grad_y = rows(torch.randn(x.shape, device=device).to(dtype))
     with running_on(backend, request):
         y = ops.layer_norm(x, 64, weight, bias, scale=scale, shift=shift)
-        (dx,) = torch.autograd.grad(y, x, offset_copy(torch.randn(x.shape, device=device).to(dtype)))
-        h_new, z = ops.gated_residual_layer_norm(x.detach(), branch, gate, 64, weight, bias, scale=scale)
-    assert_close(y, explicit_layer_norm(x.detach(), weight, bias, scale, shift), LAYER_NORM, dtype)
-    assert not dx.isnan().any()
-    assert_close(z, explicit_layer_norm(h_new, weight, bias, scale, None), LAYER_NORM, dtype)
+        grads = torch.autograd.grad(y, leaves, grad_y)
+        h_new, z = ops.gated_residual_layer_norm(
+            x.detach(), branch, gate, 64, weight.detach(), bias.detach(), scale=scale.detach()
+        )
+    assert_close(y, explicit_layer_norm(*(t.detach() for t in leaves)), LAYER_NORM, dtype)
+    doubles = [t.detach().double().requires_grad_() for t in leaves]
+    wanted = torch.autograd.grad(explicit_layer_norm(*doubles), doubles, grad_y.double())
+    assert_grads_close(grads, wanted, leaves, x, dtype)
+    assert_close(z, explicit_layer_norm(h_new, weight.detach(), bias.detach(), scale.detach(), None), LAYER_NORM, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

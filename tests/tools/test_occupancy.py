@@ -191,9 +191,9 @@ def test_a_stale_entry_of_the_known_list_is_named(monkeypatch):
         ("guided_step_kernel<fp16, 8, 0, CommonReads<false, false>>", True),
         ("guided_step_kernel<fp16, 1, 4, RuntimeReads>", False),  # kVec = 1: unaligned tensors
         ("channel_sums_nchw_kernel<fp16, SumsMode=0, 8>", True),
+        ("layer_norm_column_sums_kernel<bf16, 8>", True),
         # no kVec template argument, yet a whole tensor streamed: held (it once was not)
         ("channel_moments_nhwc_kernel<fp16>", True),
-        ("layer_norm_column_sums_kernel<bf16, 8>", True),
         # merges of per-group or per-sample partials
         ("forward_statistics_kernel", False),
         ("backward_group_kernel", False),
@@ -202,3 +202,24 @@ def test_a_stale_entry_of_the_known_list_is_named(monkeypatch):
 )
 def test_every_csrc_kernel_that_streams_a_tensor_is_held_to_the_floor(name, held):
     assert occupancy.held_to_floor(name) is held
+
+
+@pytest.mark.parametrize(
+    "name, bits",
+    [
+        ("guided_step_kernel<fp16, 8, 0, CommonReads<false, false>>", 128),
+        ("normalize_kernel<fp32, 4, true>", 128),
+        # every kernel but the narrow ones is held to 16-byte vectors, whatever its kVec
+        ("layer_norm_forward_kernel<fp16, 4, true>", 128),
+        # the channels_last backward sums read channel pairs
+        ("channel_sums_nhwc_kernel<bf16, 2>", 32),
+        ("channel_sums_nhwc_kernel<fp32, 2>", 64),
+    ],
+)
+def test_vectorised_kernels_are_held_to_their_vector_width(name, bits):
+    assert occupancy.vector_bits(name) == bits
+
+
+def test_a_narrow_vector_kernel_must_name_its_type_and_width():
+    with pytest.raises(ValueError, match="storage type and kVec"):
+        occupancy.vector_bits("channel_sums_nhwc_kernel<T, SumsMode=1>")
