@@ -167,8 +167,11 @@ class Guidance(abc.ABC):
 class APG:
     """Adaptive projected guidance settings (Sadat et al. 2024; eta=0 drops the part of
     the update parallel to the conditional prediction; momentum < 0 as in the paper).
-    The default eta is 0 (the parallel part dropped); diffusers' AdaptiveProjectedGuidance
-    defaults to eta=1.0 (all of it kept): pass that to port diffusers settings.
+    The defaults differ from diffusers' AdaptiveProjectedGuidance: eta 0 here (the parallel
+    part dropped; theirs 1.0, all of it kept) and norm_threshold 0 here (no clipping; their
+    adaptive_projected_guidance_rescale is 15.0): pass eta=1.0, norm_threshold=15.0 to port
+    diffusers settings. eta outside [0, 1] is taken as given (the paper uses [0, 1]; a
+    negative eta reverses the parallel part).
     Checked when built: each a finite number within float32's range (the kernels'
     scalars), norm_threshold non-negative, momentum in [−1, 1] (beyond, the running
     average grows geometrically with the steps).
@@ -400,7 +403,11 @@ class CFGPlusPlus(CFG):
     u + λ·(c − u), the renoising from the unconditional prediction alone. For DDIM
     (the paper's Algorithm 1) x' = √ᾱ'·x̂0_λ + √(1 − ᾱ')·ε_∅; Euler's VP form is the same
     update; DPM-Solver++(2M) extrapolates from the unconditional x0 of the previous call
-    (``step``). Built for the samplers in SAMPLERS; the other CFG options apply."""
+    (``step``). Built for the samplers in SAMPLERS. Of the other CFG options, interval,
+    rescale and guided_channels apply; apg, zero_star and tangential are refused: each
+    replaces the combine with one the paper does not define at λ ≤ 1 (APG's
+    c + (λ − 1)·(Δ⊥ + η·Δ∥) is neither u at λ = 0 nor c at λ = 1), while the renoising would
+    still read the untransformed u."""
 
     SAMPLERS = ("ddim", "euler", "dpm++2m")
 
@@ -419,6 +426,12 @@ class CFGPlusPlus(CFG):
                 "CFGPlusPlus does not take zero_init_steps: its renoising reads the unconditional prediction "
                 "at every call"
             )
+        for name in ("apg", "zero_star", "tangential"):
+            if getattr(self, name) not in (None, False):
+                raise ValueError(
+                    f"CFGPlusPlus does not take {name}: CFG++ interpolates u + λ·(c − u) and renoises with u, "
+                    f"and {name} would replace the one but not the other"
+                )
 
     def step(self, step: StepCoefficients) -> StepCoefficients:
         """The update as if x were α·x̂0_λ + σ·ε_∅, x0 from the guided prediction and the
@@ -556,8 +569,15 @@ class PerturbedGuidance(Guidance):
         return self.combine()
 
     def combine(self, scale: float | None = None) -> GuidanceCombine:
+        """The combine at CFG weight ``scale`` (None: cfg_scale); without CFG there is no
+        CFG weight to set, and a scale is refused rather than ignored."""
         if self.cfg:
             return GuidanceCombine(self.cfg_scale if scale is None else scale, self.rescale, perturbed_scale=self.scale)
+        if scale is not None:
+            raise ValueError(
+                f"{type(self).__name__} without CFG (cfg_scale 1) has no CFG weight: combine() takes no scale, "
+                f"got {scale}"
+            )
         return GuidanceCombine(1.0 + self.scale, self.rescale)
 
 

@@ -18,7 +18,8 @@ a, s for α_t, σ_t (x = a·x0 + s·eps), primes for t_next, λ = log(a/s), h = 
                         k_x = a'/a, k_eps = a'·(σ_down − σ̃), k_noise = a'·σ_up
   heun (EDM's second order, two calls per step, Euler on a last one to x0): the first call is
                         an Euler step to x_E at t'; the second, at (x_E, t'), averages the
-                        two slopes. Both slopes are read at x_E, so their difference is
+                        two slopes. The first slope, EDM's d at x, equals (x̃_E − m_A)/σ̃'
+                        (x_E is the Euler step along it), so the slopes differ by
                         (m_A − m_B)/σ̃' and x' = x_E + a'·(σ̃' − σ̃)/(2σ̃')·(m_A − m_B) (VP; on
                         a flow path (σ' − σ)/(2σ') in place of a'·(σ̃' − σ̃)/(2σ̃')).
   dpm++2m, dpm++3m (Lu et al. 2022, DPM-Solver++ multistep; diffusers' formulas):

@@ -836,6 +836,13 @@ def test_classifier_guidance_errors_name_the_classifier():
         (lambda: AutoGuidance(torch.nn.Identity(), -1e39), "AutoGuidance scale must lie within float32's range"),
         (lambda: APG(eta=1e39), "APG eta must lie within float32's range"),
         (lambda: APG(momentum=1.5), r"APG momentum must be in \[-1, 1\]"),
+        # CFG++ interpolates u + λ·(c − u) and renoises with u: a combine that replaces the
+        # interpolation would leave the renoising on the untransformed u
+        (lambda: fastguide.CFGPlusPlus(0.5, apg=APG()), "CFGPlusPlus does not take apg"),
+        (lambda: fastguide.CFGPlusPlus(0.5, zero_star=True), "CFGPlusPlus does not take zero_star"),
+        (lambda: fastguide.CFGPlusPlus(0.5, tangential=True), "CFGPlusPlus does not take tangential"),
+        # without CFG a perturbed guidance has no CFG weight to set
+        (lambda: fastguide.SkipLayerGuidance(2.0, [7]).combine(9.0), "without CFG .* takes no scale"),
     ],
 )
 def test_bad_guidance_specs_are_refused_when_built(make, message):
