@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from ..models.accelerate import accelerate as accelerate_module
 from ..models.block_cache import BlockCacheSettings, FirstBlockCache, ForecastCache, check_cacheable
+from ..sampling.conditioning import flatten
 from ..sampling.guidance import Guidance
 from ..sampling.loop import GuidedSampler
 from ..sampling.schedule import SPACINGS, NoiseSchedule
@@ -142,10 +143,34 @@ def _accelerated_class(cls: type) -> type:
 
         __call__.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]  # (typeshed lacks it)
         __call__.__doc__ = original.__doc__
+
+        def __reduce__(self):
+            # pickle finds classes by name, and this one's name is the original's: pickled
+            # as the original class's object with its state, accelerated again when loaded
+            # (the loop's cache of samplers is rebuilt at the next call).
+            state = {name: value for name, value in self.__dict__.items() if name != "_fastguide_samplers"}
+            return _unpickle_accelerated, (cls, state)
+
         _CLASSES[cls] = type(
-            cls.__name__, (cls,), {"__call__": __call__, "_fastguide_accelerated": True, "__module__": cls.__module__}
+            cls.__name__,
+            (cls,),
+            {
+                "__call__": __call__,
+                "__reduce__": __reduce__,
+                "_fastguide_accelerated": True,
+                "__module__": cls.__module__,
+            },
         )
     return _CLASSES[cls]
+
+
+def _unpickle_accelerated(cls: type, state: dict) -> Any:
+    """An accelerated pipeline from its original class and its state (``__reduce__``)."""
+    pipe: Any = object.__new__(cls)
+    pipe.__dict__.update(state)
+    pipe.__dict__["_fastguide_samplers"] = {}
+    pipe.__class__ = _accelerated_class(cls)
+    return pipe
 
 
 def _accelerated_call(pipe, original: Callable, args: tuple, kwargs: dict):
@@ -158,6 +183,7 @@ def _accelerated_call(pipe, original: Callable, args: tuple, kwargs: dict):
     recipe = recipes.recipe_for(pipe)
     assert recipe is not None  # accelerate() made this class for a pipeline with a recipe
     options = pipe.fastguide_options
+    pipe.fastguide_fallback = None  # this call's, whatever an earlier one set (even one that raised)
     generators = _generator_states(arguments.get("generator"), pipe._execution_device)
     try:
         if extra:
@@ -188,7 +214,8 @@ def _accelerated_call(pipe, original: Callable, args: tuple, kwargs: dict):
                 stacklevel=4,  # the caller's line: past _accelerated_call, __call__ and no_grad's wrapper
             )
         return original(pipe, *args, **kwargs)
-    pipe.fastguide_fallback = None
+    if arguments.get("latents") is not None:
+        _check_latent_rows(denoising)
     overridden = sorted(given & PIPELINE_GUIDANCE_ARGUMENTS) if options.guidance is not None else []
     if overridden:
         warnings.warn(
@@ -202,6 +229,21 @@ def _accelerated_call(pipe, original: Callable, args: tuple, kwargs: dict):
     own_steps = steps if isinstance(steps, int) else len(steps)
     pipe._num_timesteps = own_steps if options.sampler is not None else len(pipe.scheduler.timesteps)
     return denoising.finish(_denoise(pipe, denoising))
+
+
+def _check_latent_rows(denoising: recipes.Denoising) -> None:
+    """Refuse ``latents`` of another batch than the conditioning's (the prompts times
+    num_images_per_prompt), naming the argument (the loop's own check would name its
+    conditioning's keys)."""
+    rows = {
+        leaf.shape[0] for leaf in flatten(denoising.cond, "cond").values() if isinstance(leaf, Tensor) and leaf.dim()
+    } - {1}
+    latents = denoising.noise.shape[0]
+    if rows and latents not in rows:
+        raise ValueError(
+            f"latents must hold {min(rows)} rows (the prompts times num_images_per_prompt) on dim 0, "
+            f"got shape {tuple(denoising.noise.shape)}"
+        )
 
 
 def _generator_states(generator: object, device: torch.device) -> list[tuple[torch.Generator, Tensor]]:

@@ -15,6 +15,7 @@ the same per-row computation, so the latents agree to float rounding.
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 from collections.abc import Callable, Mapping
@@ -172,7 +173,9 @@ def _sampling(
             settings.diffusers_draws if settings.draws_noise else 0,  # from the global RNG without a generator
         )
     _refuse_given(arguments, ("timesteps", "sigmas"))
-    if eta:
+    # diffusers passes eta only to a scheduler whose step takes it (DDIM's): elsewhere it is
+    # ignored, by diffusers' loop and so by this one
+    if eta and "eta" in inspect.signature(scheduler.step).parameters:
         raise Unsupported(f"eta={eta} with accelerate(sampler=...): DDIM's eta belongs to the pipeline's scheduler")
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
     schedule: NoiseSchedule

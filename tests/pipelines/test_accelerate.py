@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import pickle
 import warnings
 
 import pytest
@@ -696,3 +697,43 @@ def test_guidance_option_warns_of_a_pag_pipelines_own_scales():
     with pytest.warns(UserWarning, match=r"guidance_rescale=, guidance_scale=, pag_scale= of this Stable"):
         _images(pipe, call)
     assert pipe.fastguide_fallback is None
+
+
+def test_an_accelerated_pipeline_pickles_as_an_accelerated_pipeline():
+    # pickle finds a class by its name, which the accelerated class shares with the
+    # original: the pipeline pickles as the original's object and is accelerated again
+    # when loaded (as a spawned worker receives it)
+    original = stable_diffusion(SD_SCHEDULERS["ddim"]())
+    pipe = fastguide.accelerate(copy.deepcopy(original), sampler="dpm++2m")
+    expected = _images(pipe, SD_CALL)
+    loaded = pickle.loads(pickle.dumps(pipe))
+    assert type(loaded) is type(pipe) and loaded.fastguide_options == pipe.fastguide_options
+    assert torch.equal(_images(loaded, SD_CALL), expected) and loaded.fastguide_fallback is None
+
+
+def test_fallback_says_this_calls_reason_even_after_a_call_that_raised():
+    pipe = fastguide.accelerate(stable_diffusion(SD_SCHEDULERS["ddim"]()))
+    pipe(**SD_CALL, callback_on_step_end=lambda p, i, t, kwargs: kwargs)
+    assert "callback_on_step_end=" in pipe.fastguide_fallback
+    with pytest.raises(ValueError):
+        pipe(**{**SD_CALL, "latents": None}, height=20, width=20)  # diffusers' own check refuses 20
+    assert pipe.fastguide_fallback is None
+
+
+def test_latents_of_another_batch_are_refused_by_name():
+    pipe = fastguide.accelerate(stable_diffusion(SD_SCHEDULERS["ddim"]()))
+    latents = torch.cat([SD_CALL["latents"], SD_CALL["latents"][:1]])
+    with pytest.raises(ValueError, match=r"latents must hold 2 rows \(the prompts times num_images_per_prompt\)"):
+        pipe(**{**SD_CALL, "latents": latents})
+
+
+def test_eta_on_a_scheduler_without_it_is_ignored_as_diffusers_does():
+    # diffusers passes eta only to a scheduler whose step takes it (DDIM); with sampler=,
+    # fastguide's loop runs on the others as it would without eta
+    pipe = fastguide.accelerate(stable_diffusion(SD_SCHEDULERS["dpm++2m"]()), sampler="unipc")
+    expected = _images(pipe, SD_CALL)
+    assert torch.equal(_images(pipe, {**SD_CALL, "eta": 0.3}), expected) and pipe.fastguide_fallback is None
+    ddim = fastguide.accelerate(stable_diffusion(SD_SCHEDULERS["ddim"]()), sampler="unipc")
+    with pytest.warns(UserWarning, match="without accelerate's sampler="):
+        _images(ddim, {**SD_CALL, "eta": 0.3})
+    assert "eta=0.3" in ddim.fastguide_fallback
