@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -45,8 +46,10 @@ GuidanceSpec = (
     | list[Guidance | ClassifierGuidance]
     | None
 )
-# callback({"i", "t", "x", "denoised"}) after each model call (k-diffusion's convention):
-# i the call's index, t its original timestep, x the new x, denoised the call's x0.
+# callback({"i", "t", "x", "denoised"}) after each model call, k-diffusion-like but not its
+# convention: i the call's index (Heun's two calls a step are two), t its original
+# timestep (not k-diffusion's sigma), x the new x (after the update, where k-diffusion's
+# is before it), denoised the call's x0.
 Callback = Callable[[dict], None]
 
 
@@ -142,6 +145,24 @@ class GuidedSampler:
     """
 
     MAX_CAPTURES = 4
+    # Its settings, fixed when it is built: its plan of calls is made from them then, so a
+    # later assignment would be ignored; it is refused instead (build another GuidedSampler:
+    # equal settings share their plans, so that costs little).
+    SETTINGS = frozenset(
+        {
+            "model", "schedule", "guidance", "classifier", "sampler", "timesteps", "eta", "variance_type",
+            "solver_order", "final_timestep", "clip_denoised", "prediction_type", "dynamic_threshold", "combine",
+            "branches", "null_label", "num_classes", "unconditional_history", "cuda_graph", "cache",
+        }
+    )  # fmt: skip
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in self.SETTINGS and getattr(self, "_built", False):
+            raise AttributeError(
+                f"GuidedSampler.{name} is fixed when the sampler is built (its plan is made from it): "
+                f"build a new GuidedSampler with {name}=..."
+            )
+        super().__setattr__(name, value)
 
     def __init__(
         self,
@@ -175,6 +196,11 @@ class GuidedSampler:
             raise ValueError(f"variance_type must be one of {VARIANCE_TYPES} or None, got {variance_type!r}")
         if dynamic_threshold is not None and not (_is_real(dynamic_threshold) and 0 < dynamic_threshold < 1):
             raise ValueError(f"dynamic_threshold must be a percentile in (0, 1) or None, got {dynamic_threshold!r}")
+        if dynamic_threshold is not None and clip_denoised:
+            raise ValueError(
+                "clip_denoised=True and dynamic_threshold both clip x0 (the threshold replaces the static "
+                "clip to [-1, 1]): pass one of them"
+            )
         if not _is_real(eta) or eta < 0:
             raise ValueError(f"eta must be a finite non-negative number, got {eta!r}")
         eta = float(eta)  # (a NumPy scalar too)
@@ -195,6 +221,8 @@ class GuidedSampler:
             )
         if isinstance(steps, Integral) and not isinstance(steps, bool):
             steps = int(steps)  # a NumPy integer counts steps as an int does
+        elif isinstance(steps, np.ndarray):
+            steps = steps.tolist()  # timesteps in a NumPy array, read as a tensor of them is
         _check_steps(steps)
         self.guidance: Guidance | None
         self.guidance, self.classifier = split_guidance(guidance)
@@ -278,6 +306,7 @@ class GuidedSampler:
         self._calls(learned_variance=False)  # every call's scalars checked here, once
         # The compute of the last run (see ``last_compute``).
         self.last_compute: dict[str, int | None] = {}
+        self._built = True  # SETTINGS fixed from here on
 
     # ----------------------------------------------------------------------------------
     # The plan: each call's scalars, computed once per sampler
@@ -490,6 +519,8 @@ class GuidedSampler:
             raise TypeError(f"labels must be integer class indices, got {labels!r}") from None
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
+        if labels.dim() > 1:
+            raise ValueError(f"labels must have shape ({batch},): one class per sample, got {tuple(labels.shape)}")
         labels = labels.long().flatten()
         if labels.numel() != batch:
             raise ValueError(f"labels must hold one class per sample ({batch}), got {labels.numel()}")
@@ -542,8 +573,10 @@ class GuidedSampler:
         if device.type == "meta":
             raise ValueError("device must hold data (cpu, cuda, ...): sampling on 'meta' tensors computes nothing")
         if noise is not None:
-            if not isinstance(noise, Tensor) or not noise.is_floating_point():
-                raise TypeError(f"noise must be a floating tensor (x_T), got {getattr(noise, 'dtype', type(noise))}")
+            if not isinstance(noise, Tensor):
+                raise TypeError(f"noise must be a torch.Tensor (x_T), got {type(noise).__name__}")
+            if not noise.is_floating_point():
+                raise TypeError(f"noise must be a floating tensor (x_T), got dtype {noise.dtype}")
             if tuple(noise.shape) != shape:
                 raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         if self.cuda_graph and device.type not in cuda_graphs.GRAPH_DEVICE_TYPES:
@@ -1116,9 +1149,9 @@ def _is_count(value: object) -> bool:
 
 
 def _check_steps(steps: object) -> None:
-    """steps: a positive int, ADM's "ddimN" / "N" string, or a sequence of timesteps
-    (numbers: a VP schedule's fractional ones lie between its timesteps, a flow schedule's
-    time is continuous)."""
+    """steps: a positive int, ADM's "ddimN" string, or a sequence of timesteps (numbers: a
+    VP schedule's fractional ones lie between its timesteps, a flow schedule's time is
+    continuous; a tensor or NumPy array of them is read as its list)."""
     if isinstance(steps, (bool, float)):
         raise TypeError(f"steps must be an int, 'ddimN' or a sequence of timesteps, got {steps!r}")
     if isinstance(steps, (str, int)):
@@ -1126,6 +1159,8 @@ def _check_steps(steps: object) -> None:
     values = steps.tolist() if isinstance(steps, Tensor) else steps
     if not isinstance(values, Sequence) or not all(isinstance(t, Real) and not isinstance(t, bool) for t in values):
         raise TypeError(f"steps given as timesteps must be a sequence of numbers, got {steps!r}")
+    if not values:
+        raise ValueError("steps given as timesteps must name at least one, got an empty sequence")
 
 
 def _check_null_label(null_label: object, model: object, num_classes: int | None) -> None:
@@ -1267,9 +1302,11 @@ def sample(
             cast to it.
         progress: a progress bar over the model calls.
         callback: called after each model call with a dict {"i", "t", "x", "denoised"}
-            (k-diffusion's convention; the tensors are the loop's buffers: copy to keep).
-            x is the next call's input: an in-place edit (an inpainting blend) carries into
-            it; denoised is the solver's history and must not be changed.
+            (k-diffusion-like, not its convention: i counts model calls, two a step for
+            Heun; t is the original timestep, where k-diffusion passes sigma; x is after
+            the update; the tensors are the loop's buffers: copy to keep). x is the next
+            call's input: an in-place edit (an inpainting blend) carries into it; denoised
+            is the solver's history and must not be changed.
         prediction_type: "epsilon", "v_prediction", "sample" or "flow_prediction"
             (the velocity ε − x0 of a flow path; diffusers' name).
         variance_type: for "ddpm": "fixed_small", "fixed_large" or "learned_range"

@@ -224,7 +224,8 @@ class NoiseSchedule:
         """``steps`` original timesteps, descending, placed by ``spacing``:
 
           "adm"       ADM's respacing (``timesteps(steps)``)
-          "leading"   diffusers': i·⌊T/N⌋ for i < N
+          "leading"   diffusers': i·⌊T/N⌋ for i < N (with steps_offset = 0: Stable
+                      Diffusion's scheduler config adds 1 to each, which explicit steps give)
           "trailing"  diffusers': round(T − i·T/N) − 1 for i < N (starts at T − 1)
           "linspace"  diffusers': round of N points evenly spaced over [0, T − 1]
           "logsnr"    uniform in log-SNR λ from λ_{T−1} (or from σ̃ = 160 where the schedule

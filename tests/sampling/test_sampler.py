@@ -611,7 +611,16 @@ BAD_SAMPLER_ARGUMENTS = {
     "string labels": (dict(labels="cat"), TypeError, "labels must be integer class indices"),
     "negative labels": (dict(labels=[-1, 0]), ValueError, "labels must be non-negative"),
     "schedule by name": (dict(schedule="cosine"), TypeError, "schedule must be a fastguide.NoiseSchedule"),
-    "numpy noise": (dict(noise=__import__("numpy").zeros((2, 3, 8, 8))), TypeError, "noise must be a floating tensor"),
+    "numpy noise": (dict(noise=__import__("numpy").zeros((2, 3, 8, 8))), TypeError, "noise must be a torch.Tensor"),
+    "integer noise": (dict(noise=torch.zeros(2, 3, 8, 8, dtype=torch.int64)), TypeError, "noise must be a floating"),
+    "labels of two dims": (dict(labels=torch.tensor([[0], [1]])), ValueError, r"labels must have shape \(2,\)"),
+    "empty timesteps": (dict(steps=[]), ValueError, "must name at least one"),
+    # the threshold replaces the static clip: both given, one would be ignored
+    "clip_denoised with dynamic_threshold": (
+        dict(clip_denoised=True, dynamic_threshold=0.9),
+        ValueError,
+        "clip_denoised=True and dynamic_threshold both clip x0",
+    ),
     "int generator": (dict(generator=42), TypeError, "generator must be a torch.Generator"),
     "prediction type typo": (dict(prediction_type="x0"), ValueError, "prediction_type must be one of"),
     "spacing with explicit timesteps": (dict(steps=[900, 100], spacing="trailing"), ValueError, "places a step count"),
@@ -1732,3 +1741,19 @@ def test_a_cpu_generator_draws_the_same_noise_for_cuda_samples(cuda_graph):
     for _ in range(2):
         got = on_cuda((2, 3, 8, 8), labels=kwargs["labels"], generator=torch.Generator().manual_seed(5))
         torch.testing.assert_close(got.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
+
+
+def test_a_built_samplers_settings_are_fixed():
+    # its plan is made from them when it is built: an assignment would be ignored
+    guided = GuidedSampler(tiny_cfg_unet(), sampler="ddim", steps=3, guidance=CFG(2.0))
+    for name, value in (("guidance", CFG(7.0)), ("timesteps", [999, 0]), ("sampler", "unipc"), ("eta", 1.0)):
+        with pytest.raises(AttributeError, match=f"GuidedSampler.{name} is fixed when the sampler is built"):
+            setattr(guided, name, value)
+    guided.last_compute = {}  # its state, not a setting, stays assignable
+
+
+def test_timesteps_as_a_numpy_array_are_their_list():
+    model = tiny_cfg_unet()
+    kwargs = dict(sampler="ddim", labels=torch.tensor([1]), generator=None, noise=torch.randn(1, 3, 8, 8))
+    got = sample(model, (1, 3, 8, 8), steps=np.array([999, 500, 0]), **kwargs)
+    torch.testing.assert_close(got, sample(model, (1, 3, 8, 8), steps=[999, 500, 0], **kwargs), atol=0, rtol=0)
