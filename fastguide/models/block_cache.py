@@ -87,8 +87,9 @@ def _set_order(settings: FirstBlockCache | ForecastCache) -> None:
 @dataclass(frozen=True)
 class FirstBlockCache:
     """First-Block Cache settings: ``threshold`` > 0, the relative change of the first
-    block's residual, mean|r − r_ref| / mean|r_ref|, below which a call reuses the other
-    blocks' residual (diffusers' FirstBlockCacheConfig default, 0.05; larger reuses more);
+    block's residual, mean|r − r_ref| / mean|r_ref| over the batch's rows of each branch (all
+    rows compute or all reuse), below which a call reuses the other blocks' residual
+    (diffusers' FirstBlockCacheConfig default, 0.05; larger reuses more);
     ``order``: 0 reuses the last computed residual, 1 extrapolates it linearly from the
     last two (the module docstring)."""
 
@@ -105,7 +106,9 @@ class FirstBlockCache:
     def install(self, model: nn.Module, state: BlockCacheState | None = None) -> BlockCacheHandle:
         """Wrap ``model``'s first block and the rest (see the module docstring) to consult
         ``state`` (a fresh one by default: a run's caches). Returns the handle, whose
-        ``remove()`` restores the model."""
+        ``remove()`` restores the model. The wrappers decide only while ``state.active``,
+        with ``state.call`` and ``state.branches`` set for each forward, which
+        ``GuidedSampler`` (``cache=``) does; outside it the model runs as it was."""
         return _install(
             model,
             state,
@@ -445,11 +448,13 @@ def _residual(h: Tensor, h_in: Tensor) -> Tensor:
 def _relative_change(residual: Tensor, reference: Tensor) -> Tensor:
     """mean|r − r_ref| / mean|r_ref| in float32: 0 where r equals r_ref (also both zero, as
     on rows whose first block is skipped by skip-layer guidance, which then leave the
-    decision to the other branches), infinite where only the reference is zero."""
+    decision to the other branches), infinite where only the reference is zero, NaN or
+    infinite where either holds a NaN or an inf meets an inf (no threshold passes either:
+    the call computes)."""
     change = (residual.float() - reference.float()).abs().mean()
     scale = reference.float().abs().mean()
     relative = torch.where(scale > 0, change / scale, torch.full_like(change, math.inf))
-    return torch.where(change > 0, relative, torch.zeros_like(change))
+    return torch.where(change != 0, relative, torch.zeros_like(change))
 
 
 def _keep(store: dict[str, Tensor], key: str, value: Tensor) -> None:

@@ -32,7 +32,10 @@ pipeline's ``pag_scale``, then have no effect, and a call that passes them is wa
 negative prompt is encoded where the guidance has an unconditional branch); ``cache=`` a
 ``fastguide.FirstBlockCache`` or ``ForecastCache`` for the denoiser's blocks (DiT, PixArt
 and SD3 transformer blocks; an SD/SDXL UNet's down, mid and up blocks);
-``cuda_graph=True`` captures the loop as CUDA graphs.
+``cuda_graph=True`` captures the loop as CUDA graphs. The capture is kept across calls of
+one shape, whatever their prompts, so the data-dependent decisions it holds (a
+``FirstBlockCache``'s reuse, truncated CFG's stop) are then those of the first call's
+warm-up run: a fixed schedule calibrated on that call.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@
   similarity of the x0 predictions of c and u reaches γ, the forward runs the conditional
   rows alone and the step is unguided (the similarity comes out of the fused step:
   ``StepTensors.similarity``);
-  ``reuse=DeltaReuse(every=k, order)`` (FasterCache's CFG cache, Lv et al. 2024, and
+  ``reuse=DeltaReuse(every=k, order)`` (FasterCache-style, Lv et al. 2024: the plain Δ
+  reuse of its CFG cache, without its frequency weighting or timestep range; and
   LinearAG-style estimates): the unconditional rows run at every k-th guided call, and at
   the others u = c − Δ̂, Δ̂ the last computed Δ = c − u or its linear extrapolation.
 - ``CFGPlusPlus(scale)``: CFG++ (Chung et al. 2024), λ ∈ [0, 1]: x0 from the guided
@@ -204,8 +205,10 @@ class APG:
 
 @dataclass(frozen=True)
 class DeltaReuse:
-    """Reuse of the guidance delta Δ = c − u across calls (FasterCache's CFG cache, Lv et al.
-    2024; LinearAG-style linear estimates). The unconditional rows run at the guided calls
+    """Reuse of the guidance delta Δ = c − u across calls (FasterCache-style, Lv et al. 2024:
+    the plain Δ reuse of its CFG cache, without its split of Δ into weighted low and high
+    frequencies or its timestep range, so reuse starts at the second guided call;
+    LinearAG-style linear estimates). The unconditional rows run at the guided calls
     j = 0, k, 2k, ... (j counting guided calls, k = ``every``); at a call j between, the
     forward runs the conditional rows alone and the combine reads u = c − Δ̂ with
     - order 0: Δ̂ = Δ_a, the last computed delta (at guided call a);

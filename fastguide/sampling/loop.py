@@ -802,7 +802,8 @@ class GuidedSampler:
         if similarity is not None:
             # (the buffers hold a similarity under truncated CFG only)
             assert self.guidance is not None and self.guidance.truncate is not None
-            if bool(similarity.min() >= self.guidance.truncate):  # NaN: keeps guiding
+            # NaN keeps guiding; at the last call there is no later one to stop guiding
+            if i + 1 < self.num_calls and bool(similarity.min() >= self.guidance.truncate):
                 buffers.truncated_from = i + 1
 
     def _model_output(self, i: int, planned: _Call, buffers: _Buffers, t_in: Tensor, shape: tuple[int, ...]) -> Tensor:

@@ -204,6 +204,22 @@ def test_truncation_runs_b_rows_from_the_call_after_it_fires():
     _, sampler = run(model, CFG(3.0, truncate=-0.99))  # any similarity reaches it at the first call
     assert sampler.last_compute["truncated_from"] == 1
     assert rows == [2 * BATCH] + [BATCH] * (sampler.num_calls - 1)
+    # reached at the last call, it has no later call to stop guiding: it did not fire
+    rows.clear()
+    _, sampler = run(model, CFG(3.0, truncate=-0.99), steps=1)
+    assert sampler.last_compute["truncated_from"] is None and rows == [2 * BATCH]
+
+
+def test_a_nan_in_the_first_blocks_residual_makes_the_call_compute():
+    # no threshold passes a NaN change: a NaN residual (or reference) must not read as
+    # "unchanged", which would reuse a stale residual for the rest of the run
+    from fastguide.models.block_cache import _relative_change
+
+    one, nan, inf = torch.ones(4), torch.tensor([1.0, float("nan"), 1.0, 1.0]), torch.tensor([1.0, float("inf"), 1, 1])
+    for residual, reference in ((nan, one), (one, nan), (inf, inf)):
+        assert not bool(_relative_change(residual, reference) < float("inf"))  # NaN or inf: computes
+    assert _relative_change(one, one) == 0 and _relative_change(torch.zeros(4), torch.zeros(4)) == 0
+    assert _relative_change(one, torch.zeros(4)).isinf() and _relative_change(2 * one, one) == 1
 
 
 def test_truncated_calls_are_unguided():
