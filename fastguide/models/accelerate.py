@@ -220,6 +220,8 @@ def _fusable_norm(m: object) -> str | None:
 def _fused_resnet_block_forward(self, input_tensor: Tensor, temb: Tensor | None, *args, **kwargs) -> Tensor:
     h = self.norm1(input_tensor, activation="silu")
     if self.upsample is not None:
+        if h.shape[0] >= 64:  # diffusers' own: upsample_nearest_nhwc fails on large batches (its #984)
+            input_tensor, h = input_tensor.contiguous(), h.contiguous()
         input_tensor, h = self.upsample(input_tensor), self.upsample(h)
     elif self.downsample is not None:
         input_tensor, h = self.downsample(input_tensor), self.downsample(h)
@@ -239,6 +241,8 @@ def _fused_resnet_block_forward(self, input_tensor: Tensor, temb: Tensor | None,
         h = self.norm2(h, activation="silu")
     h = self.conv2(self.dropout(h))
     if self.conv_shortcut is not None:
+        if self.training:  # diffusers' own: DDP's gradient strides (its #12975)
+            input_tensor = input_tensor.contiguous()
         input_tensor = self.conv_shortcut(input_tensor)
     return (input_tensor + h) / self.output_scale_factor
 
@@ -489,11 +493,13 @@ def _fused_ada_norm_zero_block_forward(
     norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(
         hidden_states, timestep, class_labels, hidden_dtype=hidden_states.dtype
     )
+    # (a None "gligen" entry, which the class forward pops before attn1, popped here too)
+    attention_kwargs = {key: value for key, value in (cross_attention_kwargs or {}).items() if key != "gligen"}
     attn_output = self.attn1(
         norm_hidden_states,
         encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
         attention_mask=attention_mask,
-        **(cross_attention_kwargs or {}),
+        **attention_kwargs,
     )
     norm3 = self.norm3
     if (
@@ -745,7 +751,10 @@ def accelerate(module: nn.Module) -> nn.Module:
 
     Outputs are unchanged within floating-point tolerance (GroupNorm and LayerNorm statistics
     become float32 in every dtype, as ADM computes them; attention accumulates in float32);
-    what is left alone is bit-identical. Gradient checkpointing inside rebound ADM blocks is not kept.
+    what is left alone is bit-identical. One dtype differs under CUDA autocast: torch's
+    GroupNorm and LayerNorm return float32 there (autocast's float32 list), the fused ones
+    the input's dtype (the values round where the next autocast op would round them).
+    Gradient checkpointing inside rebound ADM blocks is not kept.
     There is no undo: keep a copy (``copy.deepcopy``) or load the model again for the original
     modules. diffusers' ``set_default_attn_processor()`` refuses an accelerated model (its
     attention processors are fastguide's); ``set_attn_processor(AttnProcessor2_0())`` works.

@@ -22,7 +22,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-LABEL_TABLE = "label_emb.weight"
+# The label tables of ADM's UNets and DiT/SiT: a CFG model's has one more row (the null class).
+LABEL_TABLES = ("label_emb.weight", "y_embedder.embedding_table.weight")
 
 # The dtypes a float weight may be stored in: load_state_dict casts anything else (int,
 # bool, fp8, complex) into the model's float tensors without a word.
@@ -120,12 +121,19 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         return _read_safetensors(path, size, header)
     state = _read_torch(path)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        hint = ""
         if isinstance(state, dict):
             found = _describe([f"{k!r} ({type(v).__name__})" for k, v in state.items()])
             found = f"a dict of {found}"
+            if state and all(isinstance(v, dict) for v in state.values()):
+                chosen = "ema" if "ema" in state else next(iter(state))
+                hint = (
+                    f" (a training checkpoint's state dicts: save the one to sample with on its own, e.g. "
+                    f"torch.save(torch.load(path)[{chosen!r}], new_path); DiT's and SiT's find_model take 'ema')"
+                )
         else:
             found = f"a {type(state).__name__}"
-        raise ValueError(f"{path} does not hold a state dict of tensors: it holds {found}")
+        raise ValueError(f"{path} does not hold a state dict of tensors: it holds {found}{hint}")
     no_data = [
         f"{k} ({'meta' if v.is_meta else v.layout})" for k, v in state.items() if v.is_meta or v.layout != torch.strided
     ]
@@ -230,17 +238,25 @@ def load_checkpoint(model: ModuleT, path: str | Path, *, expand_label_table: boo
             f"checkpoint {path} holds tensors that are not float16/bfloat16/float32/float64 where the model's "
             f"weights are floating (loading would cast them without a word): {_describe(not_float)}"
         )
-    if expand_label_table and LABEL_TABLE in state and LABEL_TABLE in expected:
-        table, wanted_rows = state[LABEL_TABLE], expected[LABEL_TABLE].shape[0]
+    label_table = next((name for name in LABEL_TABLES if name in expected), None)
+    if expand_label_table and label_table is None:
+        raise ValueError(
+            f"expand_label_table=True: the model has no label table ({' or '.join(LABEL_TABLES)}) to expand"
+        )
+    if expand_label_table and label_table in state:
+        table, wanted_rows = state[label_table], expected[label_table].shape[0]
         if table.shape[0] + 1 == wanted_rows:
-            state[LABEL_TABLE] = torch.cat([table, table.mean(dim=0, keepdim=True)])
+            state[label_table] = torch.cat([table, table.mean(dim=0, keepdim=True)])
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
+        hint = ""
+        if missing == [label_table] and not unexpected:
+            hint = " (an unconditional checkpoint: build the model without labels, e.g. unet_config('adm256-uncond'))"
         raise ValueError(
             f"checkpoint {path} does not match the model: "
             f"{len(missing)} missing keys ({_describe(missing) or 'none'}), "
-            f"{len(unexpected)} unexpected keys ({_describe(unexpected) or 'none'})"
+            f"{len(unexpected)} unexpected keys ({_describe(unexpected) or 'none'}){hint}"
         )
     wrong = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
@@ -249,8 +265,8 @@ def load_checkpoint(model: ModuleT, path: str | Path, *, expand_label_table: boo
     ]
     if wrong:
         hint = ""
-        if LABEL_TABLE in state and LABEL_TABLE in expected:
-            rows, wanted_rows = state[LABEL_TABLE].shape[0], expected[LABEL_TABLE].shape[0]
+        if label_table is not None:
+            rows, wanted_rows = state[label_table].shape[0], expected[label_table].shape[0]
             if rows + 1 == wanted_rows and not expand_label_table:
                 hint = " (a CFG model's label table has one more row: pass expand_label_table=True)"
             elif rows != wanted_rows:

@@ -152,6 +152,40 @@ def test_a_label_table_of_other_classes_is_named_as_such(tmp_path):
             load_checkpoint(Labelled(11), tmp_path / "five.safetensors", expand_label_table=expand)
 
 
+class DiTLabelled(nn.Module):
+    """DiT's and SiT's label table, under its own name."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.y_embedder = nn.Module()
+        self.y_embedder.embedding_table = nn.Embedding(classes, 4)
+
+
+def test_a_dits_label_table_expands_too_and_a_model_without_one_refuses_to(tmp_path):
+    save_state_dict(DiTLabelled(5), tmp_path / "dit.safetensors")
+    with pytest.raises(ValueError, match=r"one more row: pass expand_label_table=True"):
+        load_checkpoint(DiTLabelled(6), tmp_path / "dit.safetensors")
+    model = load_checkpoint(DiTLabelled(6), tmp_path / "dit.safetensors", expand_label_table=True)
+    table = model.y_embedder.embedding_table.weight
+    torch.testing.assert_close(table[5], table[:5].mean(0))
+    save_state_dict(Tiny(), tmp_path / "tiny.safetensors")
+    with pytest.raises(ValueError, match=r"expand_label_table=True: the model has no label table"):
+        load_checkpoint(Tiny(), tmp_path / "tiny.safetensors", expand_label_table=True)
+
+
+def test_an_unconditional_checkpoint_in_a_conditional_model_says_so(tmp_path):
+    class Conditional(nn.Module):
+        def __init__(self, labelled):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 1)
+            if labelled:
+                self.label_emb = nn.Embedding(3, 1)
+
+    save_state_dict(Conditional(False), tmp_path / "uncond.safetensors")
+    with pytest.raises(ValueError, match=r"1 missing keys \(label_emb.weight\).*an unconditional checkpoint"):
+        load_checkpoint(Conditional(True), tmp_path / "uncond.safetensors")
+
+
 def test_different_values_for_tied_weights_are_refused(tmp_path):
     from safetensors.torch import save_file
 
@@ -267,6 +301,10 @@ def test_a_dict_of_more_than_tensors_is_described(tmp_path):
     path = tmp_path / "nested.pt"
     torch.save({"model": weights(Tiny()), "step": 10}, path)
     with pytest.raises(ValueError, match=r"nested\.pt does not hold a state dict of tensors: .*'model' \(dict\)"):
+        read_state_dict(path)
+    # a training checkpoint of state dicts (DiT's {"model", "ema", "opt"}): the one to save
+    torch.save({"model": weights(Tiny()), "ema": weights(Tiny())}, path)
+    with pytest.raises(ValueError, match=r"torch.save\(torch.load\(path\)\['ema'\], new_path\)"):
         read_state_dict(path)
 
 
