@@ -105,25 +105,33 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
+# A tiny ADM UNet's and classifier's shared flags (8×8 images, two levels).
+TINY_ADM = dict(
+    image_size=8,
+    in_channels=3,
+    model_channels=32,
+    num_res_blocks=1,
+    attention_resolutions=(2,),
+    channel_mult=(1, 2),
+    num_head_channels=16,
+)
+
+
+def tiny_unet(seed: int = 4, **flags):
+    """A tiny ADM UNet (learned sigma) with every parameter random; ``flags`` add to
+    TINY_ADM (num_classes, null_class: without them, an unconditional model)."""
+    unet = fastguide.UNet(**TINY_ADM, out_channels=6, use_scale_shift_norm=True, resblock_updown=True, **flags)
+    return randomize(unet, seed=seed).eval()
+
+
 def tiny_cfg_unet():
     """A tiny CFG-ready ADM UNet (learned sigma, null class) with every parameter random."""
-    return randomize(
-        fastguide.UNet(
-            image_size=8,
-            in_channels=3,
-            model_channels=32,
-            out_channels=6,
-            num_res_blocks=1,
-            attention_resolutions=(2,),
-            channel_mult=(1, 2),
-            num_head_channels=16,
-            use_scale_shift_norm=True,
-            resblock_updown=True,
-            num_classes=4,
-            null_class=True,
-        ),
-        seed=4,
-    ).eval()
+    return tiny_unet(num_classes=4, null_class=True)
+
+
+def tiny_classifier(classes: int = 4, seed: int = 6):
+    """A tiny ADM noisy classifier (attention pooling) of ``classes`` logits."""
+    return randomize(fastguide.EncoderUNet(**TINY_ADM, out_channels=classes, pool="attention"), seed=seed).eval()
 
 
 SHAPES = [

@@ -90,8 +90,15 @@ class SamplingModel:
     prediction_type: str = "epsilon"
 
 
+LABELS_DEFAULT = "0-9"
 # The released ADM models' training schedules (their noise_schedule flags).
-ADM_SCHEDULES = {"adm64": "cosine", "adm128": "linear", "adm256": "linear", "adm512": "linear"}
+ADM_SCHEDULES = {
+    "adm64": "cosine",
+    "adm128": "linear",
+    "adm256": "linear",
+    "adm256-uncond": "linear",  # unconditional: its labels are the classifier's
+    "adm512": "linear",
+}
 # digits-transformer: the digits' flow-matching transformer (velocity on a flow path).
 MODELS = ("digits", "digits-transformer", *ADM_SCHEDULES)
 
@@ -255,6 +262,8 @@ def generate(
     from ..sampling.loop import sample
 
     guidance = _guidance(guidance_kind, scale, classifier_scale, model, cfg_options)
+    # an unconditional model's labels are the classifier's: without it, none
+    labelled = uses_labels(model, guidance_kind)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     out = {}
     for index in range(rank, -(-len(labels) // batch_size), world_size):
@@ -264,7 +273,7 @@ def generate(
             images = sample(
                 model.unet,
                 (len(batch_labels), *model.shape),
-                labels=batch_labels,
+                labels=batch_labels if labelled else None,
                 sampler=sampler,
                 steps=_grid(model.schedule, steps, spacing),
                 schedule=model.schedule,
@@ -277,6 +286,18 @@ def generate(
             )
         out[index] = images.float().cpu()
     return out
+
+
+def _unet_flags(name: str) -> dict:
+    """ADM's script flags of --model ``name`` (an ADM preset)."""
+    from ..models.configs import unet_config
+
+    return unet_config(name)
+
+
+def uses_labels(model: SamplingModel, guidance_kind: str) -> bool:
+    """Whether a run reads its labels: a class-conditional model's, or a classifier's."""
+    return getattr(model.unet, "num_classes", None) is not None or guidance_kind in ("classifier", "both")
 
 
 def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
@@ -328,6 +349,14 @@ def check_sample(args: argparse.Namespace) -> None:
     batches = -(-args.num_samples // args.batch_size)
     check_seed("--seed", args.seed, high=(SEED_LIMIT + 1 - batches) // SEED_STRIDE)
     args.label_ids = parse_labels(args.labels, args.num_samples, 1000 if adm else digits.NUM_CLASSES)
+    # an unconditional model (adm256-uncond) reads labels only through classifier guidance
+    args.unconditional = (
+        adm and not _unet_flags(args.model)["class_cond"] and args.guidance not in ("classifier", "both")
+    )
+    if args.unconditional and args.labels != LABELS_DEFAULT:
+        raise UsageError(
+            "--labels", f"--model {args.model} is unconditional: labels apply with --guidance classifier only"
+        )
     args.device = parse_device(args.device)
     check_backend(args.backend, args.device)
     if args.precision == "fp16" and args.model == "digits-transformer":  # it would run in fp32 without a word
@@ -577,8 +606,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.npz is not None:  # first: the samples themselves, whatever happens to the grid
         target = npz_path(args.npz)
         with atomic_path(target) as scratch:
-            np.savez(scratch, to_uint8_nhwc(images), args.label_ids.numpy())
-        print(f"wrote {target} (arr_0: uint8 NHWC images, arr_1: labels)")
+            if args.unconditional:  # as ADM's image_sample writes an unconditional model's
+                np.savez(scratch, to_uint8_nhwc(images))
+            else:
+                np.savez(scratch, to_uint8_nhwc(images), args.label_ids.numpy())
+        print(f"wrote {target} (arr_0: uint8 NHWC images{'' if args.unconditional else ', arr_1: labels'})")
     if args.out is not None:
         with atomic_path(args.out) as scratch:
             save_grid(images, scratch, columns=min(10, len(images)))
@@ -774,7 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default="digits",
         help="digits (the shipped UNet; default), digits-transformer (the shipped flow transformer) or a "
-        "guided-diffusion preset: adm64, adm128, adm256, adm512 (with --checkpoint)",
+        "guided-diffusion preset: adm64, adm128, adm256, adm256-uncond, adm512 (with --checkpoint)",
     )
     s.add_argument(
         "--checkpoint",
@@ -794,7 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="fp16: ADM's use_fp16 (convolutions in fp16); bf16: autocast (default: fp32)",
     )
-    s.add_argument("--labels", default="0-9", help="class, range (0-9) or list (1,4,7), cycled (default: 0-9)")
+    s.add_argument("--labels", default=LABELS_DEFAULT, help="class, range (0-9) or list (1,4,7), cycled (default: 0-9)")
     s.add_argument(
         "--guidance",
         choices=GUIDANCE,

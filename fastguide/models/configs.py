@@ -60,6 +60,9 @@ _UNET_PRESETS = {
         in_channels=1,
     ),
 }
+# 256x256_diffusion_uncond.pt: adm256 without the label table, sampled with the 256
+# classifier's guidance (the README's scale 10).
+_UNET_PRESETS["adm256-uncond"] = {**_UNET_PRESETS["adm256"], "class_cond": False}
 _UNET_COMMON = dict(
     class_cond=True,
     learn_sigma=True,
@@ -78,6 +81,7 @@ _CLASSIFIER_PRESETS = {
     "adm64": dict(image_size=64, classifier_depth=4),
     "adm128": dict(image_size=128, classifier_depth=2),
     "adm256": dict(image_size=256, classifier_depth=2),
+    "adm256-uncond": dict(image_size=256, classifier_depth=2),  # the 256 classifier guides it
     "adm512": dict(image_size=512, classifier_depth=2),
     "compact": dict(
         image_size=16,
@@ -127,8 +131,9 @@ def _preset(name: str, table: dict, common: dict, kind: str) -> dict:
 
 
 def unet_config(name: str) -> dict:
-    """ADM script flags of a released UNet ("adm64", "adm128", "adm256", "adm512") or
-    fastguide's "compact" preset; pass them to ``create_model``."""
+    """ADM script flags of a released UNet ("adm64", "adm128", "adm256", "adm512", the
+    unconditional "adm256-uncond") or fastguide's "compact" preset; pass them to
+    ``create_model``."""
     return _preset(name, _UNET_PRESETS, _UNET_COMMON, "UNet")
 
 

@@ -27,6 +27,7 @@ from ..models.adapters import SiTVelocity
 from ..models.block_cache import BlockCacheSettings, BlockCacheState, FirstBlockCache, ForecastCache
 from ..models.blocks import perturbation_target
 from ..models.perturbation import Perturbation
+from ..models.unet import UNet
 from ..ops import backends
 from ..ops.contract import GuidanceCombine, StepCoefficients, StepTensors
 from ..ops.validation import FLOAT_DTYPES
@@ -494,6 +495,10 @@ class GuidedSampler:
         labels = self._check_labels(labels, batch, device)
         if labels is None and self.classifier is not None:
             raise ValueError("classifier guidance needs labels (one class index per sample)")
+        if labels is not None and not _takes_labels(self.model) and self.classifier is None:
+            raise ValueError(
+                "labels: the model is unconditional (num_classes None) and no classifier guidance reads them"
+            )
         if uses_uncond and labels is None and not cond_leaves:
             raise ValueError(
                 "guidance needs labels (one class index per sample) or cond=/uncond= (the model's "
@@ -854,7 +859,10 @@ class GuidedSampler:
 
     @staticmethod
     def _forward(model: Model, model_input: Tensor, t_in: Tensor, labels: Tensor | None, kwargs: dict) -> object:
-        if labels is not None:
+        """model(x_t, t, labels, **kwargs); the labels left out where there are none or the
+        model takes none (``_takes_labels``: ADM's unconditional models, whose labels are
+        the classifier's)."""
+        if labels is not None and _takes_labels(model):
             return model(model_input, t_in, labels, **kwargs)
         return model(model_input, t_in, **kwargs)
 
@@ -1177,6 +1185,12 @@ def _check_null_label(null_label: object, model: object, num_classes: int | None
         raise ValueError(
             f"null_label must index the model's label table: at most num_classes = {num_classes}, got {null_label}"
         )
+
+
+def _takes_labels(model: object) -> bool:
+    """Whether ``model`` takes labels: every model but an unconditional ADM UNet
+    (``class_cond=False``: num_classes None), whose labels, given, are the classifier's."""
+    return not (isinstance(model, UNet) and model.num_classes is None)
 
 
 def _model_null_label(model: Any) -> int | None:

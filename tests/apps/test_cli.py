@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fastguide
 from fastguide.apps import cli, digits
 from fastguide.ops import backends
 from tests.helpers import fails_with
@@ -44,7 +45,8 @@ def test_sample_writes_a_png_grid_and_adm_npz(tmp_path):
     [
         (
             ["--model", "imagenet"],
-            "--model: expected one of digits, digits-transformer, adm64, adm128, adm256, adm512, got 'imagenet'",
+            "--model: expected one of digits, digits-transformer, adm64, adm128, adm256, adm256-uncond, adm512, "
+            "got 'imagenet'",
         ),
         (["--labels", "3-12"], "--labels: expected classes in 0..9, got '3-12'"),
         (["--steps", "-2"], "--steps: expected an integer from 1 to 1000"),
@@ -125,7 +127,8 @@ SAMPLE = ["sample", "--out", "x.png", "--quiet"]
         (["--labels", "x"], "--labels: expected a class, a range like 0-9 or a list like 1,4,7, got 'x'"),
         (
             ["--model", "imagenet"],
-            "--model: expected one of digits, digits-transformer, adm64, adm128, adm256, adm512, got 'imagenet'",
+            "--model: expected one of digits, digits-transformer, adm64, adm128, adm256, adm256-uncond, adm512, "
+            "got 'imagenet'",
         ),
         (["--sampler", "bogus"], "--sampler: invalid choice: 'bogus'"),
         (["--guidance", "bogus"], "--guidance: invalid choice: 'bogus'"),
@@ -703,3 +706,28 @@ def test_adm_models_take_the_precision_asked_for(precision, convolutions, monkey
             p.dtype for name, p in network.named_parameters() if name.startswith("input_blocks") and p.dim() == 4
         }
         assert kernels == convolutions  # (ADM's fp16 keeps its norms in fp32)
+
+
+def test_an_unconditional_adm_model_reads_labels_through_its_classifier_only(workdir, monkeypatch, capsys):
+    # --model adm256-uncond (256x256_diffusion_uncond.pt): unguided, no labels reach the
+    # model and the .npz holds images only, as ADM writes it; with the classifier, the
+    # labels are the classifier's (a tiny pair stands in for the released networks)
+    from tests.helpers import tiny_classifier, tiny_unet
+
+    bundle = cli.SamplingModel(tiny_unet(), tiny_classifier(), (3, 8, 8), 1000, cli.model_schedule("adm256-uncond"))
+    monkeypatch.setattr(cli, "load_sampling_model", lambda *args: bundle)
+    for name in ("model.pt", "classifier.pt"):
+        fastguide.save_state_dict(torch.nn.Linear(1, 1), workdir / name)
+    run = ["sample", "--model", "adm256-uncond", "--checkpoint", "model.pt", "--quiet", "--steps", "3"]
+    run += ["--num-samples", "4", "--batch-size", "4", "--sampler", "ddim"]
+    assert cli.main([*run, "--guidance", "none", "--npz", "uncond.npz"]) == 0
+    assert list(np.load("uncond.npz")) == ["arr_0"] and np.load("uncond.npz")["arr_0"].shape == (4, 8, 8, 3)
+    guided = ["--guidance", "classifier", "--classifier-checkpoint", "classifier.pt", "--labels", "0-3"]
+    assert cli.main([*run, *guided, "--npz", "guided.npz"]) == 0
+    assert np.load("guided.npz")["arr_1"].tolist() == [0, 1, 2, 3]
+    fails_with(
+        capsys,
+        workdir,
+        [*run, "--guidance", "none", "--labels", "3"],
+        "--labels: --model adm256-uncond is unconditional: labels apply with --guidance classifier only",
+    )

@@ -16,7 +16,7 @@ from fastguide.models.configs import (
     unet_config,
 )
 from fastguide.models.unet import timestep_embedding
-from tests.helpers import backends_for, randomize
+from tests.helpers import TINY_ADM, backends_for, randomize
 from tools.adm_baseline import plain_classifier, plain_unet
 
 REFERENCE = Path(__file__).resolve().parent / "data"  # ADM state-dict listings (data/README.md)
@@ -161,20 +161,9 @@ def test_legacy_and_new_head_orders_agree_after_permuting_weights():
 
 
 def tiny_classifier(pool: str) -> EncoderUNet:
+    flags = {**TINY_ADM, "image_size": 16}
     return randomize(
-        EncoderUNet(
-            image_size=16,
-            in_channels=3,
-            model_channels=32,
-            out_channels=7,
-            num_res_blocks=1,
-            attention_resolutions=(2,),
-            channel_mult=(1, 2),
-            num_head_channels=16,
-            use_scale_shift_norm=True,
-            resblock_updown=True,
-            pool=pool,
-        )
+        EncoderUNet(**flags, out_channels=7, use_scale_shift_norm=True, resblock_updown=True, pool=pool)
     ).eval()
 
 

@@ -17,7 +17,7 @@ from fastguide.ops.contract import GuidanceCombine, StepCoefficients, StepTensor
 from fastguide.sampling import cuda_graphs
 from fastguide.sampling.guidance import default_sampler
 from fastguide.sampling.solvers import FLOW_ONLY, SAMPLERS, VP_ONLY, plan_steps
-from tests.helpers import backends_for, randomize, tiny_cfg_unet
+from tests.helpers import backends_for, randomize, tiny_cfg_unet, tiny_classifier, tiny_unet
 
 SCHEDULE = NoiseSchedule.linear()
 
@@ -1757,3 +1757,19 @@ def test_timesteps_as_a_numpy_array_are_their_list():
     kwargs = dict(sampler="ddim", labels=torch.tensor([1]), generator=None, noise=torch.randn(1, 3, 8, 8))
     got = sample(model, (1, 3, 8, 8), steps=np.array([999, 500, 0]), **kwargs)
     torch.testing.assert_close(got, sample(model, (1, 3, 8, 8), steps=[999, 500, 0], **kwargs), atol=0, rtol=0)
+
+
+def test_an_unconditional_adm_unet_takes_classifier_guidance_without_labels():
+    # ADM's 256x256_diffusion_uncond with the 256 classifier: the labels are the
+    # classifier's; the UNet (class_cond=False) takes none
+    unet, classifier = tiny_unet(seed=5), tiny_classifier()
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(labels=torch.tensor([1, 3]), noise=noise, sampler="ddim", steps=3)
+    guided = sample(unet, noise.shape, guidance=ClassifierGuidance(classifier, 2.0), **kwargs)
+    written_out = sample(
+        lambda x, t, y: unet(x, t), noise.shape, guidance=ClassifierGuidance(classifier, 2.0), **kwargs
+    )
+    torch.testing.assert_close(guided, written_out, atol=0, rtol=0)
+    assert not torch.equal(guided, sample(unet, noise.shape, noise=noise, sampler="ddim", steps=3))
+    with pytest.raises(ValueError, match="the model is unconditional .* no classifier guidance reads them"):
+        sample(unet, noise.shape, **kwargs)
