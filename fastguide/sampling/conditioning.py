@@ -1,7 +1,8 @@
 """The conditioning of the model's batched forward, laid out once per run.
 
 The sampler calls ``model(x_t, t, labels, **kwargs)`` (``labels`` left out when there are
-none). A guided forward runs several B-row blocks at once, each with its own conditioning
+none, or when the model is an unconditional ADM UNet, whose labels are its classifier's
+guidance's alone). A guided forward runs several B-row blocks at once, each with its own conditioning
 (``Guidance.branches``): [cond; uncond] for CFG, [cond; uncond; perturbed] for PAG. The
 blocks' labels and keyword arguments are concatenated on dim 0 once, before the loop, into
 ``RowConditioning``; each call passes views of its first ``rows`` rows (all blocks while
