@@ -130,7 +130,8 @@ def _sync():
 
 
 def _dit_rows(setup: dict, batch: int) -> dict:
-    import diffusers
+    # its rows are built side by side with diffusers' (the same weights): without diffusers, skipped
+    diffusers = pytest.importorskip("diffusers", reason="diffusers not installed (pip install diffusers)")
 
     config = fastguide.dit_config(setup["preset"]) | {"input_size": setup["input_size"]}
     with torch.device(DEVICE):
@@ -223,7 +224,8 @@ class PlainADM(nn.Module):
 
 
 def _sd_rows(setup: dict, batch: int) -> dict:
-    import diffusers
+    # its rows are built side by side with diffusers' (the same weights): without diffusers, skipped
+    diffusers = pytest.importorskip("diffusers", reason="diffusers not installed (pip install diffusers)")
 
     channels = setup["channels"]
     down = ("CrossAttnDownBlock2D",) * (len(channels) - 1) + ("DownBlock2D",)

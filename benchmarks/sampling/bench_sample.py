@@ -7,25 +7,37 @@ chunk, combine, scheduler step) on the same model and noise; on a GPU also with 
 loop captured as CUDA graphs (a GuidedSampler held across calls, cuda_graph=True).
 """
 
+import importlib.util
 import math
 
 import pytest
 import torch
 
 from benchmarks.conftest import DEVICE
-from fastguide import CFG, GuidedSampler, ops, sample
+from fastguide import CFG, GuidedSampler, NoiseSchedule, ops, sample
 from fastguide.models.configs import create_model, unet_config
 
 W = 4.0
+# DDIMScheduler's linear betas; its grid (steps_offset=0) is the "leading" spacing. fastguide's
+# rows take them from here, so they run where diffusers is not installed (the GPU image).
+SCHEDULE = NoiseSchedule.linear()
 
-diffusers = pytest.importorskip("diffusers")
+
+def _ddim_timesteps(steps: int) -> list[int]:
+    return [int(t) for t in SCHEDULE.spaced_timesteps(steps, "leading")]
 
 
 def _ddim_scheduler(steps):
+    """diffusers' DDIMScheduler on those betas and grid (None without diffusers)."""
+    if importlib.util.find_spec("diffusers") is None:
+        return None
+    import diffusers
+
     scheduler = diffusers.DDIMScheduler(
         num_train_timesteps=1000, beta_schedule="linear", clip_sample=True, set_alpha_to_one=True, steps_offset=0
     )
     scheduler.set_timesteps(steps)
+    assert scheduler.timesteps.tolist() == _ddim_timesteps(steps)
     return scheduler
 
 
@@ -34,10 +46,12 @@ def _step_cases(shape, dtype, record, impl):
     batch = shape[0]
     model_output = torch.randn((2 * batch, *shape[1:]), generator=g).to(DEVICE, dtype)
     model_input = torch.randn((2 * batch, *shape[1:]), generator=g).to(DEVICE, dtype)
-    scheduler = _ddim_scheduler(25)
-    t = int(scheduler.timesteps[5])
+    scheduler = _ddim_scheduler(25) if impl == "diffusers" else None
+    if impl == "diffusers" and scheduler is None:
+        pytest.skip("diffusers not installed (pip install diffusers)")
+    t = _ddim_timesteps(25)[5]
     t_prev = t - 1000 // 25
-    abar, abar_prev = (float(scheduler.alphas_cumprod[i]) for i in (t, t_prev))
+    abar, abar_prev = SCHEDULE.alpha_bar(t), SCHEDULE.alpha_bar(t_prev)
 
     def diffusers_way():
         cond, uncond = model_output.chunk(2)
@@ -86,6 +100,7 @@ def end_to_end_loops(device: torch.device, pairs: int, steps: int) -> dict:
     shape = (batch, model.in_channels, model.image_size, model.image_size)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     labels = (torch.arange(batch) % model.num_classes).to(device)
+    timesteps = _ddim_timesteps(steps)
     scheduler = _ddim_scheduler(steps)
 
     @torch.no_grad()
@@ -105,22 +120,25 @@ def end_to_end_loops(device: torch.device, pairs: int, steps: int) -> dict:
             shape,
             labels=labels,
             sampler="ddim",
-            steps=scheduler.timesteps.tolist(),
+            steps=timesteps,
             guidance=CFG(W),
             noise=noise,
         )
 
-    loops = {"fastguide": fastguide_loop, "diffusers": diffusers_loop}
+    loops = {"fastguide": fastguide_loop}
+    if scheduler is not None:  # (without diffusers, fastguide's loops alone)
+        loops["diffusers"] = diffusers_loop
     if device.type == "cuda":
-        graphed = GuidedSampler(
-            model, sampler="ddim", steps=scheduler.timesteps.tolist(), guidance=CFG(W), cuda_graph=True
-        )
+        graphed = GuidedSampler(model, sampler="ddim", steps=timesteps, guidance=CFG(W), cuda_graph=True)
         loops["fastguide-cuda_graph"] = lambda: graphed(shape, labels=labels, noise=noise)
     return loops
 
 
 def _end_to_end(benchmark, impl, pairs, steps):
-    fn = end_to_end_loops(DEVICE, pairs, steps)[impl]
+    loops = end_to_end_loops(DEVICE, pairs, steps)
+    if impl not in loops:
+        pytest.skip("diffusers not installed (pip install diffusers)")
+    fn = loops[impl]
 
     def timed():  # until the samples exist: the H200 run of 2026-12-04 timed a graphed loop's
         out = fn()  # enqueueing (19 ms) in its first round and its execution (83 ms) after

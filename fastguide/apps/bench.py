@@ -16,6 +16,7 @@ the quality-against-compute study of guidance at less than two forwards
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -26,9 +27,10 @@ from collections import defaultdict
 from datetime import date
 from pathlib import Path
 
-from .options import Parser, UsageError, check_output_folder, fail
+from .options import Parser, UsageError, atomic_path, check_output_folder, fail
 
 QUICK = "guided_step_cpu or group_norm_cpu"
+INTERRUPTED = 130  # the exit status of a run stopped by Ctrl-C, as a shell reports SIGINT
 # The file benchmarks/conftest.py appends each finished case to (JSON lines), from the environment.
 PARTIAL_RESULTS = "FASTGUIDE_BENCH_PARTIAL"
 
@@ -82,6 +84,9 @@ def run_suite(benchmarks: Path, out: Path, selection: str | None) -> tuple[dict,
     except _Stopped:  # (subprocess.run has killed pytest)
         status = 124
         print("fastguide bench: stopped (SIGTERM); reporting the cases that finished", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C (pytest got it too, and subprocess.run has ended it)
+        status = INTERRUPTED
+        print("fastguide bench: interrupted; reporting the cases that finished", file=sys.stderr)
     finally:
         signal.signal(signal.SIGTERM, previous)
     try:
@@ -90,11 +95,14 @@ def run_suite(benchmarks: Path, out: Path, selection: str | None) -> tuple[dict,
         data = {"benchmarks": _finished_cases(partial), "partial": True}
         results.write_text(json.dumps(data, indent=2))
     if not data.get("benchmarks"):
-        why = (
-            "pytest could not collect or run the suite"
-            if status in (2, 3, 4)
-            else "the selection ran nothing here: the GPU cases need CUDA, --quick selects CPU cases"
-        )
+        if status in (2, 3, 4):
+            why = "pytest could not collect or run the suite"
+        elif status == 1:
+            why = "every selected case failed or skipped: see pytest's output above"
+        elif status in (124, INTERRUPTED):
+            why = "stopped before any case finished"
+        else:
+            why = "the selection ran nothing here: the GPU cases need CUDA, --quick selects CPU cases"
         raise RuntimeError(f"no benchmark ran ({why}; pytest exit {status}): {' '.join(command)}")
     return data, status
 
@@ -280,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         check_output_folder("--out", args.out)  # a folder that is or can be made, in a writable place
     except UsageError as error:
         fail(str(error))
+    missing = [name for name in ("pytest", "pytest_benchmark") if importlib.util.find_spec(name) is None]
+    if missing:
+        fail(f"the benchmark suite runs on {' and '.join(missing)}, not installed here: pip install 'fastguide[test]'")
     try:
         benchmarks = args.benchmarks or find_benchmarks()
         args.out.mkdir(parents=True, exist_ok=True)
@@ -299,18 +310,22 @@ def main(argv: list[str] | None = None) -> int:
             b["extra_info"]["device"] for b in data["benchmarks"] if b["extra_info"].get("device", "cpu") != "cpu"
         )
     table = markdown_table(cases, machine)
-    (args.out / "table.md").write_text(table)
-    if not args.no_plots:
+    with atomic_path(args.out / "table.md") as scratch:
+        scratch.write_text(table)
+    plots = not args.no_plots and importlib.util.find_spec("matplotlib") is not None
+    if plots:
         plot_cases(cases, args.out)
+    elif not args.no_plots:
+        print("fastguide bench: plots skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     print(table)
-    print(f"written to {args.out}/ (results.json, table.md{'' if args.no_plots else ', *.png'})")
+    print(f"written to {args.out}/ (results.json, table.md{', *.png' if plots else ''})")
     if data.get("partial"):
         print(
             f"fastguide bench: the run stopped early; results.json holds the {len(data['benchmarks'])} cases "
             "that finished",
             file=sys.stderr,
         )
-        return 1
+        return INTERRUPTED if status == INTERRUPTED else 1
     if status != 0:
         print(
             f"fastguide bench: some cases failed (pytest exit {status}); the table holds those that ran",

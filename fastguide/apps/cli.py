@@ -745,10 +745,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(dir=existing_ancestor(args.out), prefix=".fastguide-train-") as scratch:
         if args.only == "guide":
-            record = digits.train_guide(Path(scratch), seed=args.seed, steps=args.guide_steps, record=args.record)
+            record = digits.train_guide(
+                Path(scratch), seed=args.seed, steps=args.guide_steps, progress=not args.quiet, record=args.record
+            )
         elif args.only == "transformer":
             record = digits.train_transformer(
-                Path(scratch), seed=args.seed, steps=args.transformer_steps, record=args.record
+                Path(scratch), seed=args.seed, steps=args.transformer_steps, progress=not args.quiet, record=args.record
             )
         else:
             record = digits.train(
@@ -759,6 +761,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 evaluator_steps=args.evaluator_steps,
                 guide_steps=args.guide_steps,
                 transformer_steps=args.transformer_steps,
+                progress=not args.quiet,
             )
         args.out.mkdir(parents=True, exist_ok=True)
         for file in sorted(Path(scratch).iterdir()):
@@ -985,11 +988,18 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(check=check_sweep, run=cmd_sweep)
 
     t = commands.add_parser("train", help="retrain the digits model (needs scikit-learn)")
-    t.add_argument("--out", type=Path, default=Path("digits-weights"), help="folder for the weights")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--unet-steps", type=int, default=3000)
-    t.add_argument("--classifier-steps", type=int, default=1500)
-    t.add_argument("--evaluator-steps", type=int, default=1000)
+    t.add_argument(
+        "--out", type=Path, default=Path("digits-weights"), help="folder for the weights (default: digits-weights)"
+    )
+    t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    t.add_argument("--unet-steps", type=int, default=3000, help="training steps of the UNet (default: 3000)")
+    t.add_argument(
+        "--classifier-steps", type=int, default=1500, help="training steps of the classifier (default: 1500)"
+    )
+    t.add_argument(
+        "--evaluator-steps", type=int, default=1000, help="training steps of the evaluator CNN (default: 1000)"
+    )
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument(
         "--guide-steps",
         type=int,
@@ -1029,7 +1039,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
-        return cmd_bench(rest)  # the suite runner parses its own options
+        try:
+            return cmd_bench(rest)  # the suite runner parses its own options
+        except KeyboardInterrupt:  # (the suite reports its finished cases itself; the studies stop here)
+            print("fastguide: interrupted", file=sys.stderr)
+            return 130
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

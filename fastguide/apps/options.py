@@ -171,6 +171,8 @@ def parse_labels(text: str, count: int, num_classes: int) -> torch.Tensor:
     try:
         if "-" in text:
             low, high = (int(v) for v in text.split("-"))
+            if low > high:
+                raise UsageError("--labels", f"expected a range LOW-HIGH with LOW <= HIGH, got {text!r}")
             # (bounded before the range is built: 0-1000000000000 would fill the memory)
             values = list(range(low, high + 1)) if 0 <= low <= high < num_classes else []
         else:

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -32,9 +33,12 @@ def test_quick_benchmark_report(tmp_path):
     assert sorted(json.loads(line)["fullname"] for line in finished) == names
 
 
-def test_a_stopped_run_reports_the_cases_it_finished(tmp_path):
-    """SIGTERM (a time limit) while the suite runs: the table holds the finished cases, the
-    exit status says the run stopped."""
+@pytest.mark.parametrize(
+    "stop, status, said", [(signal.SIGTERM, 1, "stopped early"), (signal.SIGINT, 130, "interrupted")]
+)
+def test_a_stopped_run_reports_the_cases_it_finished(tmp_path, stop, status, said):
+    """SIGTERM (a time limit) or Ctrl-C while the suite runs: the table holds the finished
+    cases, the exit status says the run stopped (Ctrl-C's as a shell reports it)."""
     suite = tmp_path / "suite"
     suite.mkdir()
     (suite / "conftest.py").write_text(
@@ -57,9 +61,9 @@ def test_a_stopped_run_reports_the_cases_it_finished(tmp_path):
         while not (partial.is_file() and len(partial.read_text().splitlines()) == 2):
             assert time.monotonic() < deadline and run.poll() is None, "the two quick cases did not finish"
             time.sleep(0.2)
-        run.terminate()
+        run.send_signal(stop)
         stdout, stderr = run.communicate(timeout=60)
-    assert run.returncode == 1 and "stopped early" in stderr
+    assert run.returncode == status and said in stderr and "Traceback" not in stderr
     data = json.loads((out / "results.json").read_text())
     assert data["partial"] and sorted(b["params"]["impl"] for b in data["benchmarks"]) == ["eager", "fastguide"]
     assert "| fastguide |" in (out / "table.md").read_text()
@@ -191,6 +195,31 @@ def test_bench_refuses_an_out_folder_it_cannot_create(capsys):
 def test_bench_with_no_case_selected_says_so(tmp_path, capsys):
     assert bench.main(["-k", "no_such_case", "--out", str(tmp_path), "--no-plots"]) == 1
     assert "no benchmark ran" in capsys.readouterr().err
+
+
+def test_bench_whose_every_case_failed_says_so(tmp_path, capsys):
+    suite = tmp_path / "benchmarks"
+    suite.mkdir()
+    (suite / "conftest.py").write_text("")
+    (tmp_path / "pytest.ini").write_text("[pytest]\npython_files = bench_*.py\n")
+    (suite / "bench_broken.py").write_text("def test_broken(benchmark):\n    raise RuntimeError('no')\n")
+    assert bench.main(["--benchmarks", str(suite), "--out", str(tmp_path / "out"), "--no-plots"]) == 1
+    assert "every selected case failed or skipped" in capsys.readouterr().err
+
+
+def test_bench_without_matplotlib_skips_its_plots(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name))
+    suite = tmp_path / "benchmarks"
+    suite.mkdir()
+    (suite / "conftest.py").write_text("")
+    (tmp_path / "pytest.ini").write_text("[pytest]\npython_files = bench_*.py\n")
+    (suite / "bench_one.py").write_text("def test_sum(benchmark):\n    benchmark(sum, range(10))\n")
+    assert bench.main(["--benchmarks", str(suite), "--out", str(tmp_path / "out")]) == 0
+    assert "plots skipped: matplotlib is not installed" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("*.png")) and (tmp_path / "out" / "table.md").is_file()
 
 
 def test_bench_reports_the_cases_that_ran_when_others_fail(tmp_path, capsys):

@@ -49,6 +49,7 @@ def test_sample_writes_a_png_grid_and_adm_npz(tmp_path):
             "got 'imagenet'",
         ),
         (["--labels", "3-12"], "--labels: expected classes in 0..9, got '3-12'"),
+        (["--labels", "3-1"], "--labels: expected a range LOW-HIGH with LOW <= HIGH, got '3-1'"),
         (["--steps", "-2"], "--steps: expected an integer from 1 to 1000"),
         (["--out", "/nonexistent-folder/x.png"], "--out: folder /nonexistent-folder does not exist"),
         (["--model", "adm64"], "--checkpoint: expected the guided-diffusion .pt or .safetensors file of --model adm64"),
@@ -493,7 +494,10 @@ def test_a_long_output_name_is_written(workdir, monkeypatch):
 
 
 def test_train_moves_finished_files_into_place(workdir, monkeypatch):
+    progress = []
+
     def fake_train(out, **options):
+        progress.append(options["progress"])
         (out / "digits_unet.safetensors").write_bytes(b"weights")
         if options["unet_steps"] == 1:
             raise RuntimeError("interrupted mid-training")
@@ -504,7 +508,8 @@ def test_train_moves_finished_files_into_place(workdir, monkeypatch):
     with pytest.raises(RuntimeError):
         cli.main(["train", "--out", "new/weights", "--unet-steps", "1"])
     assert list(workdir.iterdir()) == []
-    assert cli.main(["train", "--out", "new/weights"]) == 0
+    assert cli.main(["train", "--out", "new/weights", "--quiet"]) == 0
+    assert progress == [True, False]  # --quiet turns the progress bars off
     assert [p.relative_to(workdir).as_posix() for p in sorted(workdir.rglob("*"))] == [
         "new",
         "new/weights",
