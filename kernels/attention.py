@@ -606,6 +606,8 @@ def _tf32_allowed() -> bool:
     where it exists (2.9 on; "none" inherits the global one, by default not TF32), else
     allow_tf32 (reading allow_tf32 raises once the newer setting was used)."""
     precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision == "none":  # inherits the global setting (a release may not resolve it here)
+        precision = getattr(torch.backends, "fp32_precision", "none")
     if precision is not None:
         return precision == "tf32"
     return bool(torch.backends.cuda.matmul.allow_tf32)

@@ -4,6 +4,8 @@ formula). The reference is fastguide.ops.reference.attention_forward; the kernel
 fastguide.kernels.attention (the cuda backend has none: attention runs there as under
 ``auto``)."""
 
+# (custom_op reads these string annotations: torch 2.5 and 2.6 resolve them in torch's own
+# namespace, so the signatures name only Tensor, builtins and typing's Optional)
 from __future__ import annotations
 
 import math

@@ -4,6 +4,8 @@ autograd formula). The reference is fastguide.ops.reference.group_norm_forward a
 group_norm_backward; the kernels are fastguide.kernels.group_norm (Triton) and
 csrc/group_norm.cu (through fastguide.ops.cuda_backend)."""
 
+# (custom_op reads these string annotations: torch 2.5 and 2.6 resolve them in torch's own
+# namespace, so the signatures spell Optional[Tensor], never Tensor | None or a local name)
 from __future__ import annotations
 
 from typing import Optional

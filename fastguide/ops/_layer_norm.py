@@ -6,6 +6,8 @@ backward op and both autograd formulas). The references are in fastguide.ops.ref
 are fastguide.kernels.layer_norm (Triton) and csrc/layer_norm.cu (through
 fastguide.ops.cuda_backend)."""
 
+# (custom_op reads these string annotations: torch 2.5 and 2.6 resolve them in torch's own
+# namespace, so the signatures spell Optional[Tensor], never Tensor | None or a local name)
 from __future__ import annotations
 
 from collections.abc import Sequence
