@@ -266,7 +266,14 @@ def generate(
     labelled = uses_labels(model, guidance_kind)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     out = {}
-    for index in range(rank, -(-len(labels) // batch_size), world_size):
+    batches = range(rank, -(-len(labels) // batch_size), world_size)
+    # one bar over the model calls of a single batch, over the batches of several
+    batch_bar = progress and len(batches) > 1
+    if batch_bar:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"{len(labels)} samples, batches of {batch_size}")  # type: ignore[assignment]
+    for index in batches:
         batch_labels = labels[index * batch_size : (index + 1) * batch_size].to(device)
         generator = torch.Generator(device).manual_seed(seed * SEED_STRIDE + index)
         with autocast:
@@ -282,7 +289,7 @@ def generate(
                 clip_denoised=True,  # every --model draws pixels in [−1, 1], the flow one too
                 generator=generator,
                 device=device,
-                progress=progress,
+                progress=progress and not batch_bar,
             )
         out[index] = images.float().cpu()
     return out
@@ -721,6 +728,17 @@ def check_train(args: argparse.Namespace) -> None:
     check_at_least("--guide-steps", args.guide_steps)
     check_at_least("--transformer-steps", args.transformer_steps)
     check_seed("--seed", args.seed)
+    if args.only is not None:  # the other networks' step counts would be ignored: refused
+        import inspect
+
+        from . import digits
+
+        trains = {"guide": "guide_steps", "transformer": "transformer_steps"}[args.only]
+        defaults = inspect.signature(digits.train).parameters
+        for name in ("unet_steps", "classifier_steps", "evaluator_steps", "guide_steps", "transformer_steps"):
+            if name != trains and getattr(args, name) != defaults[name].default:
+                option = "--" + name.replace("_", "-")
+                raise UsageError(option, f"trains a network that --only {args.only} leaves as it is")
     check_output_folder("--out", args.out)
     check_modules("train", "sklearn")
     args.record = read_training_record(args.out / "digits_training.json") if args.only is not None else None

@@ -367,6 +367,15 @@ def test_adm_guidance_needs_what_the_model_has(workdir, capsys):
         (["--evaluator-steps", "0"], "--evaluator-steps: expected an integer of at least 1, got 0"),
         (["--seed", "-1"], "--seed: expected an integer from 0 to 18446744073709551615, got -1"),
         (["--seed", str(2**64)], "--seed: expected an integer from 0 to 18446744073709551615"),
+        # another network's steps beside --only: ignored, so refused
+        (
+            ["--only", "guide", "--unet-steps", "10"],
+            "--unet-steps: trains a network that --only guide leaves as it is",
+        ),
+        (
+            ["--only", "transformer", "--guide-steps", "10"],
+            "--guide-steps: trains a network that --only transformer leaves as it is",
+        ),
     ],
 )
 def test_train_refuses_bad_options(workdir, capsys, options, message):
