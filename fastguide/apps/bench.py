@@ -54,6 +54,8 @@ def run_suite(benchmarks: Path, out: Path, selection: str | None) -> tuple[dict,
     results = out.resolve() / "results.json"  # (pytest runs from the checkout, not the caller's folder)
     benchmarks = benchmarks.resolve()  # (likewise: a relative one names a path from the caller's folder)
     partial = out.resolve() / "results.partial.jsonl"
+    if results.exists():
+        print(f"fastguide bench: replacing the results of an earlier run in {out}", file=sys.stderr)
     results.unlink(missing_ok=True)
     partial.unlink(missing_ok=True)
     command = [

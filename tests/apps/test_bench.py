@@ -388,3 +388,16 @@ def test_a_compiled_case_that_would_compile_again_while_timed_fails():
             Recorder(CallingBenchmark(), copy_bandwidth=1e9, matmul_rate=1e9)(lambda: double(torch.ones(next(sizes))))
     finally:
         torch._dynamo.reset()
+
+
+def test_bench_says_when_it_replaces_an_earlier_runs_results(tmp_path, capsys):
+    suite = tmp_path / "benchmarks"
+    suite.mkdir()
+    (suite / "conftest.py").write_text("")
+    (tmp_path / "pytest.ini").write_text("[pytest]\npython_files = bench_*.py\n")
+    (suite / "bench_one.py").write_text("def test_sum(benchmark):\n    benchmark(sum, range(10))\n")
+    argv = ["--benchmarks", str(suite), "--out", str(tmp_path / "out"), "--no-plots"]
+    assert bench.main(argv) == 0
+    assert "replacing" not in capsys.readouterr().err
+    assert bench.main(argv) == 0
+    assert "replacing the results of an earlier run" in capsys.readouterr().err
