@@ -197,12 +197,23 @@ def test_bench_with_no_case_selected_says_so(tmp_path, capsys):
     assert "no benchmark ran" in capsys.readouterr().err
 
 
-def test_bench_whose_every_case_failed_says_so(tmp_path, capsys):
-    suite = tmp_path / "benchmarks"
-    suite.mkdir()
+def tiny_suite(folder: Path, bench_files: dict[str, str]) -> Path:
+    """A benchmarks/ folder in ``folder`` (with the pytest.ini that collects bench_*.py)
+    holding ``bench_files`` (name -> source)."""
+    suite = folder / "benchmarks"
+    suite.mkdir(parents=True)
     (suite / "conftest.py").write_text("")
-    (tmp_path / "pytest.ini").write_text("[pytest]\npython_files = bench_*.py\n")
-    (suite / "bench_broken.py").write_text("def test_broken(benchmark):\n    raise RuntimeError('no')\n")
+    (folder / "pytest.ini").write_text("[pytest]\npython_files = bench_*.py\n")
+    for name, source in bench_files.items():
+        (suite / name).write_text(source)
+    return suite
+
+
+ONE_CASE = {"bench_one.py": "def test_sum(benchmark):\n    benchmark(sum, range(10))\n"}
+
+
+def test_bench_whose_every_case_failed_says_so(tmp_path, capsys):
+    suite = tiny_suite(tmp_path, {"bench_broken.py": "def test_broken(benchmark):\n    raise RuntimeError('no')\n"})
     assert bench.main(["--benchmarks", str(suite), "--out", str(tmp_path / "out"), "--no-plots"]) == 1
     assert "every selected case failed or skipped" in capsys.readouterr().err
 
@@ -212,11 +223,7 @@ def test_bench_without_matplotlib_skips_its_plots(tmp_path, capsys, monkeypatch)
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name))
-    suite = tmp_path / "benchmarks"
-    suite.mkdir()
-    (suite / "conftest.py").write_text("")
-    (tmp_path / "pytest.ini").write_text("[pytest]\npython_files = bench_*.py\n")
-    (suite / "bench_one.py").write_text("def test_sum(benchmark):\n    benchmark(sum, range(10))\n")
+    suite = tiny_suite(tmp_path, ONE_CASE)
     assert bench.main(["--benchmarks", str(suite), "--out", str(tmp_path / "out")]) == 0
     assert "plots skipped: matplotlib is not installed" in capsys.readouterr().err
     assert not list((tmp_path / "out").glob("*.png")) and (tmp_path / "out" / "table.md").is_file()
@@ -224,17 +231,16 @@ def test_bench_without_matplotlib_skips_its_plots(tmp_path, capsys, monkeypatch)
 
 def test_bench_reports_the_cases_that_ran_when_others_fail(tmp_path, capsys):
     # A failing case (one SDPA backend, one dtype on one GPU) must not lose the others' numbers.
-    suite = tmp_path / "benchmarks"
-    suite.mkdir()
-    (suite / "conftest.py").write_text("")
-    (tmp_path / "pytest.ini").write_text("[pytest]\npython_files = bench_*.py\n")
-    (suite / "bench_mixed.py").write_text(
-        "import pytest\n\n"
-        "@pytest.mark.parametrize('impl', ['fastguide', 'eager'])\n"
-        "def test_sum(benchmark, impl):\n"
-        "    benchmark(sum, range(100))\n\n"
-        "def test_broken(benchmark):\n"
-        "    raise RuntimeError('this case cannot run here')\n"
+    suite = tiny_suite(
+        tmp_path,
+        {
+            "bench_mixed.py": "import pytest\n\n"
+            "@pytest.mark.parametrize('impl', ['fastguide', 'eager'])\n"
+            "def test_sum(benchmark, impl):\n"
+            "    benchmark(sum, range(100))\n\n"
+            "def test_broken(benchmark):\n"
+            "    raise RuntimeError('this case cannot run here')\n"
+        },
     )
     out = tmp_path / "out"
     assert bench.main(["--benchmarks", str(suite), "--out", str(out), "--no-plots"]) == 1
@@ -248,11 +254,7 @@ def test_bench_reports_the_cases_that_ran_when_others_fail(tmp_path, capsys):
 def test_bench_takes_folders_relative_to_the_callers_folder(tmp_path, monkeypatch, capsys, relative_suite):
     """pytest runs from the checkout: the results land in the caller's --out all the same,
     and a relative --benchmarks names the suite from the caller's folder."""
-    suite = tmp_path / "suite" / "benchmarks"
-    suite.mkdir(parents=True)
-    (suite / "conftest.py").write_text("")
-    (suite.parent / "pytest.ini").write_text("[pytest]\npython_files = bench_*.py\n")
-    (suite / "bench_one.py").write_text("def test_sum(benchmark):\n    benchmark(sum, range(10))\n")
+    suite = tiny_suite(tmp_path / "suite", ONE_CASE)
     caller = tmp_path if relative_suite else tmp_path / "caller"
     caller.mkdir(exist_ok=True)
     monkeypatch.chdir(caller)
@@ -391,11 +393,7 @@ def test_a_compiled_case_that_would_compile_again_while_timed_fails():
 
 
 def test_bench_says_when_it_replaces_an_earlier_runs_results(tmp_path, capsys):
-    suite = tmp_path / "benchmarks"
-    suite.mkdir()
-    (suite / "conftest.py").write_text("")
-    (tmp_path / "pytest.ini").write_text("[pytest]\npython_files = bench_*.py\n")
-    (suite / "bench_one.py").write_text("def test_sum(benchmark):\n    benchmark(sum, range(10))\n")
+    suite = tiny_suite(tmp_path, ONE_CASE)
     argv = ["--benchmarks", str(suite), "--out", str(tmp_path / "out"), "--no-plots"]
     assert bench.main(argv) == 0
     assert "replacing" not in capsys.readouterr().err
