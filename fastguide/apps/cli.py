@@ -91,6 +91,7 @@ class SamplingModel:
 
 
 LABELS_DEFAULT = "0-9"
+SWEEP_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0)  # fastguide sweep --scales
 # The released ADM models' training schedules (their noise_schedule flags).
 ADM_SCHEDULES = {
     "adm64": "cosine",
@@ -661,6 +662,10 @@ def check_sweep(args: argparse.Namespace) -> None:
     ):
         if given and kind not in args.guidances:  # an option with no row to act on
             raise UsageError(option, f"applies to the {kind} rows: add {kind} to --guidances")
+    # --scales: the rows of every kind but cfg++ (its --cfgpp-scales) and auto given --auto-scales
+    reads_scales = [k for k in args.guidances if k != "cfg++" and not (k == "auto" and args.auto_scales is not None)]
+    if tuple(args.scales) != SWEEP_SCALES and not reads_scales:
+        raise UsageError("--scales", f"no row of --guidances {' '.join(args.guidances)} reads it")
     # within-class diversity needs two samples of one class; labels cycle over the classes
     check_at_least("--samples-per-scale", args.samples_per_scale, digits.NUM_CLASSES + 1, MAX_SAMPLES)
     check_steps(args.steps, model_schedule(args.model), args.model, args.spacing)
@@ -953,7 +958,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scales",
         type=float,
         nargs="+",
-        default=[0, 1, 2, 3, 5, 8],
+        default=list(SWEEP_SCALES),
         help="guidance scales of cfg, interval, schedule and classifier (default: 0 1 2 3 5 8)",
     )
     w.add_argument(

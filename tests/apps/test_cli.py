@@ -417,6 +417,7 @@ def test_digits_train_refuses_zero_steps(tmp_path):
         (["--guidances", "cfg", "--cfgpp-scales", "0.3"], "--cfgpp-scales: applies to the cfg++ rows"),
         (["--guidances", "cfg", "--schedule", "cosine"], "--schedule: applies to the schedule rows"),
         (["--guidances", "cfg", "--interval", "0.1", "3"], "--interval: applies to the interval rows"),
+        (["--guidances", "cfg++", "--scales", "1", "2"], "--scales: no row of --guidances cfg++ reads it"),
         (["--checkpoint", "missing"], "--checkpoint: missing does not exist"),
     ],
 )
