@@ -17,15 +17,20 @@ plus O(N·L·D) for per-token modulation. ~8 FLOPs per element: memory-bound.
 Backward, with dy the gradient of y, da = dy·(1 + scale), dx̂ = da·w:
   dx = rstd·(dx̂ − mean_D(dx̂) − x̂·mean_D(dx̂·x̂))
   per-token dshift = dy, dscale = dy·(x̂·w + b) (written elementwise);
-  per-sample sums over each program's tokens A = Σdy, B = Σdy·x̂, C = Σda, E = Σda·x̂,
-  from which reference.layer_norm_parameter_grads forms dweight, dbias and the per-sample
-  dscale, dshift in a few (N, D)-sized torch ops (merged in a fixed order: deterministic;
-  the same formulas as group_norm's, reference.norm_parameter_grads).
-One launch on an (N, token chunks) grid, so the sums never mix samples.
-Bytes: read x and dy, write dx: 3·E·s_x.
+  per-sample sums over each chunk of a sample's tokens A = Σdy, B = Σdy·x̂, C = Σda,
+  E = Σda·x̂, from which reference.layer_norm_parameter_grads forms dweight, dbias and the
+  per-sample dscale, dshift in a few (N, D)-sized torch ops (merged in a fixed order:
+  deterministic; the same formulas as group_norm's, reference.norm_parameter_grads).
+Two launches, as the cuda backend's: _layer_norm_dx_kernel on the forward's tile (whole
+rows in registers, the row sums gathered per row), and _layer_norm_column_sums_kernel on
+(column block, token chunk, sample) programs, so the sums never mix samples.
+Bytes: read x and dy twice, write dx: 5·E·s_x. One launch could read them once (3·E), but
+then every thread holds its columns' running sums beside the row: at DiT's width that took
+128 registers and a row padded to 2048, 27 KB really in flight an SM where the floor asks
+64 (tools/occupancy.py); apart, each kernel holds 72-112 KB.
 
 Rows are held whole in registers: D ≤ MAX_D. Wider rows (no DiT has them) run on the
-reference formulas. The backward pads each row to a power of two (ROWS × BLOCK_D).
+reference formulas.
 """
 
 from __future__ import annotations
@@ -39,7 +44,14 @@ from fastguide.ops import reference
 from fastguide.ops.contract import NormParameters
 
 MAX_D = 16384
-TILE = 4096  # elements per program tile of the backward (ROWS × BLOCK_D)
+COLUMN_TOKENS = 8  # tokens a step of the column sums (column_tile)
+# The column sums' one-warp programs the grid aims at an SM: what one holds of them is 16-20
+# under Triton 3.9, which issues 10-14 of a lane's 16-byte loads together, and 24-28 under
+# the GPU image's 3.6, which issues 6-7 (24 of those: 72 KB in flight, 16: 48). Each
+# writes its 4 sums of COLUMNS columns (4 KB), so more programs add partials: DiT's
+# 16 × 1024 × 1152 on 132 SMs takes 32 chunks of 32 tokens, 9.4 MB beside the 75 MB of x
+# and dy (16 a SM: 7.7 MB; 32: 12.7 MB).
+COLUMN_PROGRAMS_PER_SM = 24
 
 
 @triton.jit
@@ -59,6 +71,19 @@ def _param_offsets(n, l, cols, stride_n, stride_l):
     """Offsets of an (N, 1 | L, D) parameter at rows (n, l) ([R]) and columns cols (2-D,
     [R or 1, C]): an [R, C] tile."""
     return (n * stride_n + l * stride_l)[:, None] + cols
+
+
+@triton.jit
+def _segments_to_row(belongs, per_segment):
+    """[ROWS_POW2] sums over each row's segments of a [SEGMENTS] value (belongs[r, j]:
+    segment j is row r's)."""
+    return tl.sum(tl.where(belongs, per_segment[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _row_to_segments(belongs, per_row):
+    """The [SEGMENTS] value each segment takes from its row's entry of a [ROWS_POW2] one."""
+    return tl.sum(tl.where(belongs, per_row[:, None], 0.0), axis=0)
 
 
 @triton.jit
@@ -123,16 +148,16 @@ def _layer_norm_forward_kernel(
     # Segment j belongs to the program's row j // K.
     row = tl.arange(0, ROWS_POW2)
     belongs = segment_row[None, :] == row[:, None]
-    mean = tl.sum(tl.where(belongs, tl.sum(x, axis=1)[None, :], 0.0), axis=1) / D
-    centred = tl.where(mask, x - tl.sum(tl.where(belongs, mean[:, None], 0.0), axis=0)[:, None], 0.0)
-    var = tl.sum(tl.where(belongs, tl.sum(centred * centred, axis=1)[None, :], 0.0), axis=1) / D
+    mean = _segments_to_row(belongs, tl.sum(x, axis=1)) / D
+    centred = tl.where(mask, x - _row_to_segments(belongs, mean)[:, None], 0.0)
+    var = _segments_to_row(belongs, tl.sum(centred * centred, axis=1)) / D
     # Statistics that overflowed float32 (or met a NaN or ±inf) give a NaN row, on every backend.
     rstd = tl.where(var < float("inf"), 1.0 / tl.sqrt(var + eps), float("nan"))
     out_rows = tl.program_id(0).to(tl.int64) * ROWS + row
     out_mask = (row < ROWS) & (out_rows < R)
     tl.store(mean_ptr + out_rows, mean, mask=out_mask)
     tl.store(rstd_ptr + out_rows, rstd, mask=out_mask)
-    y = centred * tl.sum(tl.where(belongs, rstd[:, None], 0.0), axis=0)[:, None]
+    y = centred * _row_to_segments(belongs, rstd)[:, None]
     if HAS_W:
         y = y * tl.load(w_ptr + cols, mask=mask, other=1.0).to(tl.float32)
     if HAS_B:
@@ -145,22 +170,19 @@ def _layer_norm_forward_kernel(
 
 
 @triton.jit
-def _layer_norm_backward_kernel(
+def _layer_norm_dx_kernel(
     x_ptr,
     dy_ptr,
     dx_ptr,
     w_ptr,
     b_ptr,
     scale_ptr,
-    shift_ptr,
     mean_ptr,
     rstd_ptr,
     dscale_ptr,
     dshift_ptr,
-    partial_ptr,
+    R,
     L,
-    D,
-    tokens_per_program,
     scale_stride_n,
     scale_stride_l,
     shift_stride_n,
@@ -168,73 +190,139 @@ def _layer_norm_backward_kernel(
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
     SCALE_PER_TOKEN: tl.constexpr,
     SHIFT_PER_TOKEN: tl.constexpr,
-    ROWS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    D: tl.constexpr,
+    SEGMENT: tl.constexpr,
+    SEGMENTS: tl.constexpr,
+    ROWS_POW2: tl.constexpr,
 ):
-    """dx (and per-token dscale, dshift) of the tokens [chunk·T, (chunk + 1)·T) of sample
-    n, and the per-sample partial sums (A, B, C, E) of those tokens."""
-    n = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_D)
-    col_mask = cols < D
-    w = tl.full([BLOCK_D], 1.0, tl.float32)
-    b = tl.zeros([BLOCK_D], dtype=tl.float32)
+    """dx (and the per-token dscale, dshift) of a program's rows, laid out as the
+    forward's [SEGMENTS, SEGMENT] tile (row r: segments r·K .. r·K + K − 1). Each segment
+    loads its row's mean and rstd itself; the two row sums (Σdx̂, Σdx̂·x̂) are segment sums
+    gathered per row and sent back to the segments."""
+    K: tl.constexpr = (D + SEGMENT - 1) // SEGMENT
+    ROWS: tl.constexpr = SEGMENTS // K
+    segment = tl.arange(0, SEGMENTS)
+    segment_row = segment // K
+    rows = tl.program_id(0).to(tl.int64) * ROWS + segment_row
+    cols = (segment % K)[:, None] * SEGMENT + tl.arange(0, SEGMENT)[None, :]
+    row_mask = (segment_row < ROWS) & (rows < R)
+    mask = row_mask[:, None] & (cols < D)
+    n, l = rows // L, rows % L
+    offsets = rows[:, None] * D + cols
+    # Every load of the tile goes out before the first reduction waits on one.
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + _param_offsets(n, l, cols, scale_stride_n, scale_stride_l), mask=mask, other=0.0)
     if HAS_W:
-        w = tl.load(w_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
-    if HAS_B:
-        b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    acc_dy = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_dy_xhat = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_da = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_da_xhat = tl.zeros([BLOCK_D], dtype=tl.float32)
-    first = chunk * tokens_per_program
-    for start in range(0, tokens_per_program, ROWS):
-        l = (first + start + tl.arange(0, ROWS)).to(tl.int64)
-        row_mask = (l < L) & (l < first + tokens_per_program)
-        mask = row_mask[:, None] & col_mask[None, :]
+        w = tl.load(w_ptr + cols, mask=mask, other=1.0).to(tl.float32)
+    x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    if SHIFT_PER_TOKEN:
+        tl.store(
+            dshift_ptr + _param_offsets(n, l, cols, shift_stride_n, shift_stride_l),
+            dy.to(dshift_ptr.dtype.element_ty),
+            mask=mask,
+        )
+    if SCALE_PER_TOKEN:
+        affine = x_hat
+        if HAS_W:
+            affine = affine * w
+        if HAS_B:
+            affine = affine + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        dscale = dy * affine
+        tl.store(
+            dscale_ptr + _param_offsets(n, l, cols, scale_stride_n, scale_stride_l),
+            dscale.to(dscale_ptr.dtype.element_ty),
+            mask=mask,
+        )
+    dx_hat = dy
+    if HAS_SCALE:
+        dx_hat = dx_hat * (1.0 + scale.to(tl.float32))
+    if HAS_W:
+        dx_hat = dx_hat * w
+    # Segment j belongs to the program's row j // K.
+    row = tl.arange(0, ROWS_POW2)
+    belongs = segment_row[None, :] == row[:, None]
+    mean_dx_hat = _row_to_segments(belongs, _segments_to_row(belongs, tl.sum(dx_hat, axis=1)) / D)
+    mean_dx_hat_x_hat = _row_to_segments(belongs, _segments_to_row(belongs, tl.sum(dx_hat * x_hat, axis=1)) / D)
+    dx = rstd[:, None] * (dx_hat - mean_dx_hat[:, None] - x_hat * mean_dx_hat_x_hat[:, None])
+    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layer_norm_column_sums_kernel(
+    x_ptr,
+    dy_ptr,
+    scale_ptr,
+    mean_ptr,
+    rstd_ptr,
+    partial_ptr,
+    L,
+    D,
+    tokens_per_chunk,
+    chunks,
+    scale_stride_n,
+    scale_stride_l,
+    HAS_SCALE: tl.constexpr,
+    SCALE_PER_TOKEN: tl.constexpr,
+    TOKENS: tl.constexpr,
+    COLUMNS: tl.constexpr,
+):
+    """The per-sample partial sums A = Σdy, B = Σdy·x̂, C = Σda, E = Σda·x̂ (da =
+    dy·(1 + scale)) over one chunk of a sample's tokens, for COLUMNS columns: program
+    (column block, chunk, sample), flattened with the column block fastest. A step reads a
+    [TOKENS, COLUMNS] tile of x and dy (a warp's lanes across the columns, so each lane sums
+    its tokens itself) with the tokens' mean and rstd. Under a per-sample scale C and E are
+    (1 + scale)·A and (1 + scale)·B, formed once at the end: two sums a column, not four."""
+    column_blocks = tl.cdiv(D, COLUMNS)
+    program = tl.program_id(0).to(tl.int64)
+    block = program % column_blocks
+    chunk = (program // column_blocks) % chunks
+    n = program // (column_blocks * chunks)
+    cols = block * COLUMNS + tl.arange(0, COLUMNS)
+    col_mask = cols < D
+    acc_dy = tl.zeros([COLUMNS], dtype=tl.float32)
+    acc_dy_x_hat = tl.zeros([COLUMNS], dtype=tl.float32)
+    if SCALE_PER_TOKEN:
+        acc_da = tl.zeros([COLUMNS], dtype=tl.float32)
+        acc_da_x_hat = tl.zeros([COLUMNS], dtype=tl.float32)
+    first = chunk * tokens_per_chunk
+    end = tl.minimum(first + tokens_per_chunk, L)
+    for start in range(first, end, TOKENS):
+        l = start + tl.arange(0, TOKENS)
+        token_mask = l < end
+        mask = token_mask[:, None] & col_mask[None, :]
         rows = n * L + l
         offsets = rows[:, None] * D + cols[None, :]
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
-        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        mean = tl.load(mean_ptr + rows, mask=token_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=token_mask, other=0.0)
         x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        da = dy
-        if HAS_SCALE:
+        acc_dy += tl.sum(dy, axis=0)
+        acc_dy_x_hat += tl.sum(dy * x_hat, axis=0)
+        if SCALE_PER_TOKEN:
             scale = tl.load(
                 scale_ptr + _param_offsets(n, l, cols[None, :], scale_stride_n, scale_stride_l), mask=mask, other=0.0
-            ).to(tl.float32)
-            da = dy * (1.0 + scale)
-        if SCALE_PER_TOKEN:
-            dscale = dy * (x_hat * w[None, :] + b[None, :])
-            tl.store(
-                dscale_ptr + _param_offsets(n, l, cols[None, :], scale_stride_n, scale_stride_l),
-                dscale.to(dscale_ptr.dtype.element_ty),
-                mask=mask,
             )
-        if SHIFT_PER_TOKEN:
-            tl.store(
-                dshift_ptr + _param_offsets(n, l, cols[None, :], shift_stride_n, shift_stride_l),
-                dy.to(dshift_ptr.dtype.element_ty),
-                mask=mask,
-            )
-        dx_hat = da * w[None, :]
-        mean_dx_hat = tl.sum(dx_hat, axis=1) / D
-        mean_dx_hat_xhat = tl.sum(dx_hat * x_hat, axis=1) / D
-        dx = rstd[:, None] * (dx_hat - mean_dx_hat[:, None] - x_hat * mean_dx_hat_xhat[:, None])
-        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        acc_dy += tl.sum(dy, axis=0)
-        acc_dy_xhat += tl.sum(dy * x_hat, axis=0)
-        acc_da += tl.sum(da, axis=0)
-        acc_da_xhat += tl.sum(da * x_hat, axis=0)
-    out = partial_ptr + (n * tl.num_programs(1) + chunk) * 4 * D + cols
+            da = dy * (1.0 + scale.to(tl.float32))
+            acc_da += tl.sum(da, axis=0)
+            acc_da_x_hat += tl.sum(da * x_hat, axis=0)
+    if not SCALE_PER_TOKEN:
+        gain = tl.full([COLUMNS], 1.0, tl.float32)
+        if HAS_SCALE:
+            gain += tl.load(scale_ptr + n * scale_stride_n + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc_da = gain * acc_dy
+        acc_da_x_hat = gain * acc_dy_x_hat
+    out = partial_ptr + (n * chunks + chunk) * 4 * D + cols
     tl.store(out, acc_dy, mask=col_mask)
-    tl.store(out + D, acc_dy_xhat, mask=col_mask)
+    tl.store(out + D, acc_dy_x_hat, mask=col_mask)
     tl.store(out + 2 * D, acc_da, mask=col_mask)
-    tl.store(out + 3 * D, acc_da_xhat, mask=col_mask)
+    tl.store(out + 3 * D, acc_da_x_hat, mask=col_mask)
 
 
 # --------------------------------------------------------------------------------------
@@ -285,13 +373,15 @@ def forward_tile(d: int) -> tuple[int, int, int, int]:
     return segment, segments, rows_pow2, warps
 
 
-def backward_tile(d: int) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_D, num_warps) of the backward: whole rows padded to a power of two,
-    about TILE elements per program, 16 elements a thread (it holds five tile-sized values
-    per element: no spills)."""
-    block_d = triton.next_power_of_2(d)
-    rows = max(1, TILE // block_d)
-    return rows, block_d, min(16, max(4, rows * block_d // 512))
+def column_tile(element_bytes: int) -> tuple[int, int]:
+    """(TOKENS, COLUMNS) of the column sums' one-warp programs: each of a warp's 32 lanes
+    takes a 16-byte vector of columns (COLUMNS = 32·16/element_bytes: 256 in 16-bit, 128
+    in fp32) over COLUMN_TOKENS tokens a step, so its tokens' mean and rstd are 16-byte
+    loads too, and its 8 vectors each of x and dy a step go out together. A row narrower
+    than COLUMNS leaves lanes idle (the digits transformer's 96 in 16-bit: 12 of 32; the
+    static report counts every lane); tokens spread over lanes instead would read the
+    statistics a float at a time. DiT's 1152 columns are 4.5 blocks."""
+    return COLUMN_TOKENS, 32 * 16 // element_bytes
 
 
 def _strides(t: Tensor | None) -> tuple[int, int]:
@@ -385,44 +475,63 @@ def layer_norm_backward(
     if d > MAX_D:
         return reference.layer_norm_backward(grad_y, x, params, mean, rstd)
     x, grad_y = x.contiguous(), grad_y.contiguous()
-    rows, block_d, warps = backward_tile(d)
-    # Split each sample's tokens until ~4 programs per multiprocessor.
-    wanted = triton.cdiv(4 * _multiprocessors(x.device), n)
-    chunks = max(1, min(wanted, triton.cdiv(length, rows)))
-    tokens = triton.cdiv(triton.cdiv(length, chunks), rows) * rows
-    chunks = triton.cdiv(length, tokens)
-    dx = torch.empty_like(x)
-    partials = torch.empty((n, chunks, 4, d), dtype=torch.float32, device=x.device)
     scale_per_token = scale is not None and scale.shape[1] > 1
     shift_per_token = shift is not None and shift.shape[1] > 1
+    dx = torch.empty_like(x)
     dscale = torch.empty_like(scale) if scale_per_token else None
     dshift = torch.empty_like(shift) if shift_per_token else None
-    _layer_norm_backward_kernel[(n, chunks)](
+    segment, segments, rows_pow2, warps = forward_tile(d)
+    rows = segments // triton.cdiv(d, segment)
+    _layer_norm_dx_kernel[(triton.cdiv(n * length, rows),)](
         x,
         grad_y,
         dx,
         weight,
         bias,
         scale,
-        shift,
         mean,
         rstd,
         dscale,
         dshift,
-        partials,
+        n * length,
         length,
-        d,
-        tokens,
         *_strides(scale),
         *_strides(shift),
         HAS_W=weight is not None,
         HAS_B=bias is not None,
         HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None,
         SCALE_PER_TOKEN=scale_per_token,
         SHIFT_PER_TOKEN=shift_per_token,
-        ROWS=rows,
-        BLOCK_D=block_d,
+        D=d,
+        SEGMENT=segment,
+        SEGMENTS=segments,
+        ROWS_POW2=rows_pow2,
         num_warps=warps,
+    )
+    tokens, columns = column_tile(x.element_size())
+    column_blocks = triton.cdiv(d, columns)
+    # Split each sample's tokens until ~COLUMN_PROGRAMS_PER_SM one-warp programs an SM.
+    wanted = triton.cdiv(COLUMN_PROGRAMS_PER_SM * _multiprocessors(x.device), n * column_blocks)
+    chunks = max(1, min(wanted, triton.cdiv(length, tokens)))
+    per_chunk = triton.cdiv(triton.cdiv(length, chunks), tokens) * tokens
+    chunks = triton.cdiv(length, per_chunk)
+    partials = torch.empty((n, chunks, 4, d), dtype=torch.float32, device=x.device)
+    _layer_norm_column_sums_kernel[(column_blocks * chunks * n,)](
+        x,
+        grad_y,
+        scale,
+        mean,
+        rstd,
+        partials,
+        length,
+        d,
+        per_chunk,
+        chunks,
+        *_strides(scale),
+        HAS_SCALE=scale is not None,
+        SCALE_PER_TOKEN=scale_per_token,
+        TOKENS=tokens,
+        COLUMNS=columns,
+        num_warps=1,
     )
     return (dx, *reference.layer_norm_parameter_grads(partials, params, dscale, dshift))

@@ -78,7 +78,6 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "cuda similarity_guided_step_kernel<fp16, 8, 4, RuntimeReads> sm_90",
     "cuda similarity_guided_step_kernel<fp32, 4, 4, RuntimeReads> sm_80",
     "cuda similarity_guided_step_kernel<fp32, 4, 4, RuntimeReads> sm_90",
-    "layer_norm adaLN bwd D=72 fp16 sm_80",
     # Triton group_norm channels_last reads whole rows of 64 channels, a thread's 16-byte
     # vectors 8 channels whose per-channel terms it holds beside the data. Apply: a step of
     # 4 vectors at 68 registers on sm_80 (7 blocks, 56 KB; 64 and 8 blocks on sm_90); a step
@@ -88,27 +87,12 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "group_norm apply+silu nhwc fp16 sm_80",
     "group_norm bwd sums nhwc fp16 sm_80",
     "group_norm bwd sums nhwc fp16 sm_90",
-    # Triton layer_norm: at the narrow odd D=72 the forward's tile is 32 segments of 16 (6
+    # Triton layer_norm's forward at the narrow odd D=72: its tile is 32 segments of 16 (6
     # rows) in one warp, 4 loads a thread at 72 registers (28 blocks): 56 KB, of which 84%
     # real loads (the digits transformer's D=96 is at 64 KB since the gather is held to 8
-    # values a thread; D=72's other tiles give 50-64 KB counted, 45-49 KB real); the
-    # backward (D=72 and 96 alike: rows of 128) pads a row to a power of two (1152 to 2048:
-    # 44% of its lanes idle, which this count does not see) and stages w and b through
-    # shared memory before its 6 loads (at 2 blocks/SM). Tried 2026-12-05: a row as two
-    # power-of-two pieces (1024 + 128, no idle lane) with a per-sample scale folded into
-    # the columns' constants takes 153 registers at 4 warps (24 KB really in flight,
-    # against ~27 now) and spills at 16; the per-column sums and five tile-sized values
-    # held per element are the limit, so the way up is another split of the work (the
-    # column sums apart), not another tile.
+    # values a thread; D=72's other tiles give 50-64 KB counted, 45-49 KB real).
     "layer_norm adaLN fwd D=72 fp16 sm_80",
     "layer_norm adaLN fwd D=72 fp16 sm_90",
-    "layer_norm adaLN bwd D=1152 bf16 sm_80",
-    "layer_norm adaLN bwd D=1152 bf16 sm_90",
-    "layer_norm adaLN bwd D=1152 fp16 sm_80",
-    "layer_norm adaLN bwd D=1152 fp16 sm_90",
-    "layer_norm adaLN bwd D=72 fp16 sm_90",
-    "layer_norm adaLN bwd D=96 fp16 sm_80",
-    "layer_norm adaLN bwd D=96 fp16 sm_90",
 }
 
 
@@ -134,6 +118,15 @@ def access_bits(opcode: str) -> int:
         if part in ("64", "128", "U8", "S8", "U16", "S16"):
             return {"U8": 8, "S8": 8, "U16": 16, "S16": 16}.get(part, int(part) if part.isdigit() else 32)
     return 32
+
+
+def vector_loads_only(loads: dict[int, int], row_stat_loads: int = 0) -> bool:
+    """Whether a main path's global loads ({bits: count}) are 16-byte vectors, but for at
+    most row_stat_loads 32-bit ones: per-row statistics (a float a row, such as the mean
+    and rstd a LayerNorm backward reads beside each row), whose rows a thread holds too
+    few of, or too far apart, for a vector."""
+    narrow = {bits: n for bits, n in loads.items() if bits != 128}
+    return 128 in loads and all(bits == 32 and n <= row_stat_loads for bits, n in narrow.items())
 
 
 # One SASS instruction as cuobjdump prints it: "/*0320*/  @!P0 LDG.E.128 R4, desc[UR4][R20.64] ;"

@@ -223,3 +223,18 @@ def test_vectorised_kernels_are_held_to_their_vector_width(name, bits):
 def test_a_narrow_vector_kernel_must_name_its_type_and_width():
     with pytest.raises(ValueError, match="storage type and kVec"):
         occupancy.vector_bits("channel_sums_nhwc_kernel<T, SumsMode=1>")
+
+
+@pytest.mark.parametrize(
+    "loads, row_stat_loads, ok",
+    [
+        ({128: 10}, 0, True),
+        ({128: 10, 32: 4}, 0, False),  # scalar loads on a main path
+        ({128: 10, 32: 4}, 4, True),  # a float a row of statistics, as the case allows
+        ({128: 10, 32: 5}, 4, False),  # more than it allows
+        ({128: 10, 64: 1}, 4, False),  # the allowance is for 32-bit floats alone
+        ({32: 2}, 4, False),  # no vector loads at all
+    ],
+)
+def test_main_path_loads_are_vectors_but_for_allowed_row_statistics(loads, row_stat_loads, ok):
+    assert occupancy.vector_loads_only(loads, row_stat_loads) is ok
