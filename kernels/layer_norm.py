@@ -26,8 +26,9 @@ rows in registers, the row sums gathered per row), and _layer_norm_column_sums_k
 (column block, token chunk, sample) programs, so the sums never mix samples.
 Bytes: read x and dy twice, write dx: 5·E·s_x. One launch could read them once (3·E), but
 then every thread holds its columns' running sums beside the row: at DiT's width that took
-128 registers and a row padded to 2048, 27 KB really in flight an SM where the floor asks
-64 (tools/occupancy.py); apart, each kernel holds 72-112 KB.
+128 registers and a row padded to 2048, ~27 KB really in flight an SM where the floor asks
+64 (tools/occupancy.py); apart, the dx holds 88 KB there and the column sums 100-120
+(Triton 3.9; BENCHMARKS.md has 3.6's).
 
 Rows are held whole in registers: D ≤ MAX_D. Wider rows (no DiT has them) run on the
 reference formulas.
@@ -49,8 +50,8 @@ COLUMN_TOKENS = 8  # tokens a step of the column sums (column_tile)
 # under Triton 3.9, which issues 10-14 of a lane's 16-byte loads together, and 24-28 under
 # the GPU image's 3.6, which issues 6-7 (24 of those: 72 KB in flight, 16: 48). Each
 # writes its 4 sums of COLUMNS columns (4 KB), so more programs add partials: DiT's
-# 16 × 1024 × 1152 on 132 SMs takes 32 chunks of 32 tokens, 9.4 MB beside the 75 MB of x
-# and dy (16 a SM: 7.7 MB; 32: 12.7 MB).
+# 16 × 1024 × 1152 on 132 SMs takes 32 chunks of 32 tokens (chunks are whole multiples
+# of 16), 9.4 MB beside the 75 MB of x and dy (16 a SM: 22 of 48 tokens, 6.5 MB).
 COLUMN_PROGRAMS_PER_SM = 24
 
 
@@ -262,13 +263,13 @@ def _layer_norm_column_sums_kernel(
     rstd_ptr,
     partial_ptr,
     L,
-    D,
     tokens_per_chunk,
     chunks,
     scale_stride_n,
     scale_stride_l,
     HAS_SCALE: tl.constexpr,
     SCALE_PER_TOKEN: tl.constexpr,
+    D: tl.constexpr,
     TOKENS: tl.constexpr,
     COLUMNS: tl.constexpr,
 ):
@@ -371,6 +372,14 @@ def forward_tile(d: int) -> tuple[int, int, int, int]:
         segment *= 2
     _, segment, segments, rows_pow2, warps = max(candidates)
     return segment, segments, rows_pow2, warps
+
+
+def dx_warps(forward_warps: int) -> int:
+    """Warps of the backward's dx program on the forward's tile: at most 8. dx holds two
+    float32 values an element (x̂ and dx̂) where the forward holds one, so at the forward's
+    16 warps for DiT's width (16 elements a thread) it takes 74 registers and one block fits
+    an SM, 48 KB in flight; at 8 (32 elements a thread) 128, two blocks, 88 KB (Triton 3.9)."""
+    return min(forward_warps, 8)
 
 
 def column_tile(element_bytes: int) -> tuple[int, int]:
@@ -506,14 +515,16 @@ def layer_norm_backward(
         SEGMENT=segment,
         SEGMENTS=segments,
         ROWS_POW2=rows_pow2,
-        num_warps=warps,
+        num_warps=dx_warps(warps),
     )
     tokens, columns = column_tile(x.element_size())
     column_blocks = triton.cdiv(d, columns)
     # Split each sample's tokens until ~COLUMN_PROGRAMS_PER_SM one-warp programs an SM.
     wanted = triton.cdiv(COLUMN_PROGRAMS_PER_SM * _multiprocessors(x.device), n * column_blocks)
     chunks = max(1, min(wanted, triton.cdiv(length, tokens)))
-    per_chunk = triton.cdiv(triton.cdiv(length, chunks), tokens) * tokens
+    # Chunks of a multiple of 16 tokens: the compiler then knows (with L a multiple of 16, as
+    # DiT's are) that each step's tokens start 16-aligned, so their mean and rstd are vectors.
+    per_chunk = triton.cdiv(triton.cdiv(length, chunks), 16) * 16
     chunks = triton.cdiv(length, per_chunk)
     partials = torch.empty((n, chunks, 4, d), dtype=torch.float32, device=x.device)
     _layer_norm_column_sums_kernel[(column_blocks * chunks * n,)](
@@ -524,12 +535,12 @@ def layer_norm_backward(
         rstd,
         partials,
         length,
-        d,
         per_chunk,
         chunks,
         *_strides(scale),
         HAS_SCALE=scale is not None,
         SCALE_PER_TOKEN=scale_per_token,
+        D=d,
         TOKENS=tokens,
         COLUMNS=columns,
         num_warps=1,

@@ -33,6 +33,7 @@ VARIANTS = {
     "per-sample": ((False, False), False),
     "per-token-affine": ((True, True), True),
     "mixed-affine": ((False, True), True),
+    "token-scale": ((True, False), False),
 }
 
 
@@ -275,6 +276,10 @@ def assert_grads_close(got_grads, wanted, leaves, x, dtype):
         # DiT's width under a per-sample scale, which the Triton column sums apply once at
         # the end: 4.5 column blocks, and token chunks of which the last is a partial step
         ((2, 20, 1152), "mixed-affine"),
+        # a per-token scale in the Triton column sums over several column blocks (3 in fp32)
+        # and chunks at once, and a per-token scale beside a per-sample shift
+        ((2, 37, 300), "per-token-affine"),
+        ((2, 37, 300), "token-scale"),
         # An odd width that pads (13 in a row of 16) and a power of two that does not (64).
         ((2, 9, 13), "per-sample"),
         ((2, 5, 64), "plain"),
