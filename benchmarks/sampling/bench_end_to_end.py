@@ -7,7 +7,11 @@ Models (GPU; the CPU set runs tiny versions of each as a smoke test):
   a Stable-Diffusion-1.5-size UNet2DConditionModel (64×64 latents, 77 text tokens of 768),
   batch 1, 8
 
-Rows, each the whole loop (x_T to x_0, no VAE), median of a few runs:
+Rows, each the whole loop (x_T to x_0, no VAE), median of a few runs, with its rate against
+the FLOP floor: the matrix products, convolutions and attention of the loop's forwards
+(and, under classifier guidance, the classifier's forward and backward), counted once per
+model and batch over the peer row with torch's FLOP formulas (FlopCount) (attention on SDPA's math
+path, which it counts on every device), as TFLOP/s and % of the measured matmul rate:
   fastguide              fastguide.sample, fused ops (the DiT is fastguide.DiT; the
                          diffusers UNet is accelerate()d)
   fastguide-cuda_graph   a held GuidedSampler(cuda_graph=True): the loop replayed as graphs
@@ -33,6 +37,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 import fastguide
 from benchmarks.conftest import DEVICE, compiled, no_recompiles
@@ -296,11 +303,43 @@ def _noise_and_labels(shape: tuple[int, ...], classes: int) -> tuple[torch.Tenso
 
 
 ROWS = {"dit": _dit_rows, "adm": _adm_rows, "sd": _sd_rows}
+# The row whose FLOPs are the floor: each family's written-out peer loop, plain torch ops.
+PEER = {"dit": "official", "adm": "official", "sd": "diffusers"}
+_FLOPS: dict[tuple[str, int], int] = {}
 
 
-def _run(benchmark, name: str, batch: int, impl: str) -> None:
+class FlopCount(TorchDispatchMode):
+    """The FLOPs of the ops run under it that torch's FlopCounterMode knows (matrix
+    products, convolutions, attention, their backwards: flop_registry), without that mode's
+    module tracking, whose hooks refuse torch.autograd.grad (classifier guidance's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
+def loop_flops(rows: dict, family: str) -> int:
+    """The FLOPs of one run of the family's peer row, SDPA on its math path (its fused CPU
+    kernel is not in the counter's registry)."""
+    with FlopCount() as counter, sdpa_kernel(SDPBackend.MATH):
+        rows[PEER[family]]()
+    return counter.total
+
+
+def _run(benchmark, name: str, batch: int, impl: str, matmul_rate: float) -> None:
     setup = SETUPS[name]
-    fn = ROWS[setup.family](setup.gpu if DEVICE.type == "cuda" else setup.cpu, batch)[impl]
+    rows = ROWS[setup.family](setup.gpu if DEVICE.type == "cuda" else setup.cpu, batch)
+    fn = rows[impl]
+    if (name, batch) not in _FLOPS:  # the same work in every row of a model and batch
+        _FLOPS[name, batch] = loop_flops(rows, setup.family)
 
     def timed():
         out = fn()
@@ -310,7 +349,16 @@ def _run(benchmark, name: str, batch: int, impl: str) -> None:
     timed()  # warm-up: compile, autotune, capture
     with no_recompiles():
         benchmark.pedantic(timed, rounds=3, warmup_rounds=0)
-    benchmark.extra_info.update(model=name, batch=batch, steps=STEPS, device=str(DEVICE))
+    flops, seconds = _FLOPS[name, batch], benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        model=name,
+        batch=batch,
+        steps=STEPS,
+        device=str(DEVICE),
+        median_ms=seconds * 1e3,
+        flops_floor=flops,
+        **{"TFLOP/s": flops / seconds / 1e12, "pct_of_matmul_rate": 100 * flops / seconds / matmul_rate},
+    )
 
 
 # The rows each model has; on CPU, without graphs (CUDA only) and max-autotune (minutes).
@@ -320,13 +368,13 @@ GPU_ROWS = [(name, batch, impl) for name, batch in GPU_CASES for impl in IMPLS[S
 
 
 @pytest.mark.parametrize("name, impl", CPU_ROWS, ids=[f"{n}-{i}" for n, i in CPU_ROWS])
-def test_end_to_end_cpu(benchmark, name, impl):
+def test_end_to_end_cpu(benchmark, matmul_rate, name, impl):
     if DEVICE.type != "cpu":
         pytest.skip("CPU set")
-    _run(benchmark, name, 1, impl)
+    _run(benchmark, name, 1, impl, matmul_rate)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name, batch, impl", GPU_ROWS, ids=[f"{n}-b{b}-{i}" for n, b, i in GPU_ROWS])
-def test_end_to_end_gpu(benchmark, name, batch, impl):
-    _run(benchmark, name, batch, impl)
+def test_end_to_end_gpu(benchmark, matmul_rate, name, batch, impl):
+    _run(benchmark, name, batch, impl, matmul_rate)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastguide
 from fastguide.apps import bench, cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -369,6 +370,26 @@ def test_end_to_end_rows_do_the_same_work(name, peer):
     setup = e2e.SETUPS[name]
     rows = e2e.ROWS[setup.family](setup.cpu, 2)
     torch.testing.assert_close(rows["fastguide"](), rows[peer](), atol=2e-4, rtol=2e-4)
+
+
+def test_end_to_end_flop_floor_is_the_loops_forwards():
+    # The floor is the model work of the whole loop: STEPS forwards of the 2B batch [z; z]
+    # (CFG), counted over the peer row; a step's own arithmetic adds nothing to it.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.sampling import bench_end_to_end as e2e
+
+    pytest.importorskip("diffusers")
+    setup = e2e.SETUPS["DiT-XL/2-256"].cpu
+    batch = 2
+    config = fastguide.dit_config(setup["preset"]) | {"input_size": setup["input_size"]}
+    model = fastguide.DiT(**config).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad(), fastguide.backend("torch"):
+        model(torch.randn(2 * batch, 4, 16, 16), torch.full((2 * batch,), 500), torch.arange(2 * batch))
+    one_forward = counter.get_total_flops()
+    assert one_forward > 0
+    assert e2e.loop_flops(e2e.ROWS["dit"](setup, batch), "dit") == e2e.STEPS * one_forward
 
 
 def test_a_compiled_case_that_would_compile_again_while_timed_fails():
