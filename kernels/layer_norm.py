@@ -27,7 +27,7 @@ rows in registers, the row sums gathered per row), and _layer_norm_column_sums_k
 Bytes: read x and dy twice, write dx: 5·E·s_x. One launch could read them once (3·E), but
 then every thread holds its columns' running sums beside the row: at DiT's width that took
 128 registers and a row padded to 2048, ~27 KB really in flight an SM where the floor asks
-64 (tools/occupancy.py); apart, the dx holds 88 KB there and the column sums 100-120
+64 (tools/occupancy.py); apart, the dx holds 80-96 KB there and the column sums 100-120
 (Triton 3.9; BENCHMARKS.md has 3.6's).
 
 Rows are held whole in registers: D ≤ MAX_D. Wider rows (no DiT has them) run on the
@@ -45,6 +45,9 @@ from fastguide.ops import reference
 from fastguide.ops.contract import NormParameters
 
 MAX_D = 16384
+# The 8-warp dx launch's register cap: two blocks an SM. Triton 3.6 (the GPU image's) takes
+# 140-145 unbounded at DiT's width on sm_90, one block: 32 KB in flight, not 64.
+DX_MAX_REGISTERS = 128
 COLUMN_TOKENS = 8  # tokens a step of the column sums (column_tile)
 # The column sums' one-warp programs the grid aims at an SM: what one holds of them is 16-20
 # under Triton 3.9, which issues 10-14 of a lane's 16-byte loads together, and 24-28 under
@@ -209,7 +212,10 @@ def _layer_norm_dx_kernel(
     rows = tl.program_id(0).to(tl.int64) * ROWS + segment_row
     cols = (segment % K)[:, None] * SEGMENT + tl.arange(0, SEGMENT)[None, :]
     row_mask = (segment_row < ROWS) & (rows < R)
-    mask = row_mask[:, None] & (cols < D)
+    if D % SEGMENT == 0:  # no partial segment: a row's mask is its segments' (fewer predicates)
+        mask = row_mask[:, None] & (cols >= 0)
+    else:
+        mask = row_mask[:, None] & (cols < D)
     n, l = rows // L, rows % L
     offsets = rows[:, None] * D + cols
     # Every load of the tile goes out before the first reduction waits on one.
@@ -221,7 +227,11 @@ def _layer_norm_dx_kernel(
         scale = tl.load(scale_ptr + _param_offsets(n, l, cols, scale_stride_n, scale_stride_l), mask=mask, other=0.0)
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=mask, other=1.0).to(tl.float32)
-    x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    # Off the rows, x, mean and rstd load as 0, so x̂ = 0; a partial segment's columns past D
+    # would take −mean·rstd.
+    x_hat = (x - mean[:, None]) * rstd[:, None]
+    if D % SEGMENT != 0:
+        x_hat = tl.where(mask, x_hat, 0.0)
     if SHIFT_PER_TOKEN:
         tl.store(
             dshift_ptr + _param_offsets(n, l, cols, shift_stride_n, shift_stride_l),
@@ -374,12 +384,15 @@ def forward_tile(d: int) -> tuple[int, int, int, int]:
     return segment, segments, rows_pow2, warps
 
 
-def dx_warps(forward_warps: int) -> int:
-    """Warps of the backward's dx program on the forward's tile: at most 8. dx holds two
-    float32 values an element (x̂ and dx̂) where the forward holds one, so at the forward's
-    16 warps for DiT's width (16 elements a thread) it takes 74 registers and one block fits
-    an SM, 48 KB in flight; at 8 (32 elements a thread) 128, two blocks, 88 KB (Triton 3.9)."""
-    return min(forward_warps, 8)
+def dx_launch(forward_warps: int) -> tuple[int, int | None]:
+    """(num_warps, maxnreg) of the backward's dx program on the forward's tile: at most 8
+    warps. dx holds two float32 values an element (x̂ and dx̂) where the forward holds one,
+    so at the forward's 16 warps for DiT's width (16 elements a thread) it takes 74
+    registers and one block fits an SM, 48 KB in flight; at 8 (32 elements a thread),
+    capped at DX_MAX_REGISTERS, two blocks: 80-96 KB (Triton 3.9), 64 KB (3.6). Narrower
+    programs go uncapped (a cap lets the compiler take more: 86 registers where 72 do)."""
+    warps = min(forward_warps, 8)
+    return warps, DX_MAX_REGISTERS if warps == 8 else None
 
 
 def column_tile(element_bytes: int) -> tuple[int, int]:
@@ -491,6 +504,7 @@ def layer_norm_backward(
     dshift = torch.empty_like(shift) if shift_per_token else None
     segment, segments, rows_pow2, warps = forward_tile(d)
     rows = segments // triton.cdiv(d, segment)
+    dx_warps, dx_registers = dx_launch(warps)
     _layer_norm_dx_kernel[(triton.cdiv(n * length, rows),)](
         x,
         grad_y,
@@ -515,15 +529,17 @@ def layer_norm_backward(
         SEGMENT=segment,
         SEGMENTS=segments,
         ROWS_POW2=rows_pow2,
-        num_warps=dx_warps(warps),
+        num_warps=dx_warps,
+        **({"maxnreg": dx_registers} if dx_registers is not None and torch.version.hip is None else {}),
     )
     tokens, columns = column_tile(x.element_size())
     column_blocks = triton.cdiv(d, columns)
     # Split each sample's tokens until ~COLUMN_PROGRAMS_PER_SM one-warp programs an SM.
     wanted = triton.cdiv(COLUMN_PROGRAMS_PER_SM * _multiprocessors(x.device), n * column_blocks)
     chunks = max(1, min(wanted, triton.cdiv(length, tokens)))
-    # Chunks of a multiple of 16 tokens: the compiler then knows (with L a multiple of 16, as
-    # DiT's are) that each step's tokens start 16-aligned, so their mean and rstd are vectors.
+    # Chunks of a multiple of 16 tokens: Triton specialises an int argument divisible by 16,
+    # so (with L a multiple of 16, as DiT's are) it knows each step's 8 tokens start 8-aligned
+    # and reads their mean and rstd as 16-byte vectors.
     per_chunk = triton.cdiv(triton.cdiv(length, chunks), 16) * 16
     chunks = triton.cdiv(length, per_chunk)
     partials = torch.empty((n, chunks, 4, d), dtype=torch.float32, device=x.device)

@@ -690,10 +690,12 @@ def cases() -> list[Case]:
                     **stats,
                 },
                 {**forward, **flags, "SCALE_PER_TOKEN": False, "SHIFT_PER_TOKEN": False},
-                ln.dx_warps(warps),
+                ln.dx_launch(warps)[0],
                 main_path=True,
-                # each of a thread's segments loads its row's mean and rstd
-                row_stat_loads=2 * segments * segment // (8 * ln.dx_warps(warps) * 32),
+                # each of a thread's segments loads its row's mean and rstd: a thread's 16-byte
+                # vectors (8 of a 16-bit row, segments of at least 8) each in its own segment
+                row_stat_loads=2 * segments * segment // (8 * ln.dx_launch(warps)[0] * 32),
+                maxnreg=ln.dx_launch(warps)[1],
             ),
         ]
         out.append(

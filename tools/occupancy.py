@@ -96,17 +96,9 @@ KNOWN_BELOW_FLOOR: set[str] = {
 }
 # Kernels below the floor only as another Triton release ("major.minor") compiles them,
 # held under it as KNOWN_BELOW_FLOOR's entries are (never called stale: the list's Triton
-# decides that). The GPU image's 3.6 gives the Triton LayerNorm dx at DiT's width 136-147
-# registers at 8 warps on sm_90 (3.9: 128), so one block an SM: 32 KB. Capped at 128 it
-# spills 8 bytes in bf16; at 16 warps it takes 77-79 and issues only 4 loads together
-# (32 KB as well). At the narrow D=72 it issues 4 of the 6 loads together on sm_90 (56 KB).
-KNOWN_BELOW_FLOOR_UNDER: dict[str, set[str]] = {
-    "3.6": {
-        "layer_norm adaLN bwd dx D=72 fp16 sm_90",
-        "layer_norm adaLN bwd dx D=1152 bf16 sm_90",
-        "layer_norm adaLN bwd dx D=1152 fp16 sm_90",
-    }
-}
+# decides that). The GPU image's 3.6 issues 4 of the Triton LayerNorm dx's 6 loads together
+# at the narrow D=72 on sm_90 (56 KB; 3.9: 6, 84 KB).
+KNOWN_BELOW_FLOOR_UNDER: dict[str, set[str]] = {"3.6": {"layer_norm adaLN bwd dx D=72 fp16 sm_90"}}
 
 
 SUB_PARTITIONS = 4  # an SM's register file is four files, a warp's registers all in one
@@ -297,13 +289,14 @@ def held_to_floor(name: str) -> bool:
 
 
 def stale_known_below_floor(rows: list[dict], archs: list[int], cuda_ran: bool) -> list[str]:
-    """KNOWN_BELOW_FLOOR entries that name no kernel of a full report (every Triton case,
-    and every csrc/ kernel when ``cuda_ran``, on ``archs``): a renamed or removed kernel,
-    or a typo, which would otherwise stay on a list that must shrink."""
+    """KNOWN_BELOW_FLOOR (and KNOWN_BELOW_FLOOR_UNDER) entries that name no kernel of a full
+    report (every Triton case, and every csrc/ kernel when ``cuda_ran``, on ``archs``): a
+    renamed or removed kernel, or a typo, which would otherwise stay on a list that must
+    shrink."""
     seen = {f"{row['kernel']} {row['arch']}" for row in rows}
     return sorted(
         entry
-        for entry in KNOWN_BELOW_FLOOR
+        for entry in KNOWN_BELOW_FLOOR.union(*KNOWN_BELOW_FLOOR_UNDER.values())
         if entry not in seen and int(entry.rsplit("sm_", 1)[1]) in archs and (cuda_ran or not entry.startswith("cuda "))
     )
 

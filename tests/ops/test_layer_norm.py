@@ -274,7 +274,7 @@ def assert_grads_close(got_grads, wanted, leaves, x, dtype):
         ((3, 72), "mixed-affine"),
         ((1, 3, 1152), "per-token-affine"),
         # DiT's width under a per-sample scale, which the Triton column sums apply once at
-        # the end: 4.5 column blocks, and token chunks of which the last is a partial step
+        # the end: 4.5 column blocks in 16-bit, and token chunks, the last a partial step
         ((2, 20, 1152), "mixed-affine"),
         # a per-token scale in the Triton column sums over several column blocks (3 in fp32)
         # and chunks at once, and a per-token scale beside a per-sample shift

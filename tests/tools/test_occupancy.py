@@ -56,8 +56,10 @@ def test_in_flight_bytes_and_the_floor(monkeypatch):
     stats["in_flight_bytes"] = 16 * 1024
     assert occupancy.in_flight_violations("k", 90, stats, memory_bound=True, list_compiler=False) == []
     assert "below the 64 KB floor" in occupancy.in_flight_violations("j", 90, stats, True, list_compiler=False)[0]
-    # Another Triton's own entries (KNOWN_BELOW_FLOOR_UNDER), passed by the report under it.
+    # Another Triton's own entries (KNOWN_BELOW_FLOOR_UNDER), passed by the report under it:
+    # ``known`` is the whole list then, not an addition to KNOWN_BELOW_FLOOR.
     assert occupancy.in_flight_violations("j", 90, stats, True, list_compiler=False, known={"j sm_90"}) == []
+    assert occupancy.in_flight_violations("k", 90, stats, True, list_compiler=False, known={"j sm_90"}) != []
 
 
 def sass(text: str) -> list[str]:
@@ -178,6 +180,7 @@ def test_a_stale_entry_of_the_known_list_is_named(monkeypatch):
     monkeypatch.setattr(
         occupancy, "KNOWN_BELOW_FLOOR", {"a kernel sm_80", "gone kernel sm_80", "cuda k<fp16, 8> sm_90", "b sm_90"}
     )
+    monkeypatch.setattr(occupancy, "KNOWN_BELOW_FLOOR_UNDER", {})
     rows = [{"kernel": "a kernel", "arch": "sm_80"}, {"kernel": "b", "arch": "sm_90"}]
     assert occupancy.stale_known_below_floor(rows, [80, 90], cuda_ran=False) == ["gone kernel sm_80"]
     assert occupancy.stale_known_below_floor(rows, [80, 90], cuda_ran=True) == [
@@ -185,6 +188,9 @@ def test_a_stale_entry_of_the_known_list_is_named(monkeypatch):
         "gone kernel sm_80",
     ]
     assert occupancy.stale_known_below_floor(rows, [90], cuda_ran=True) == ["cuda k<fp16, 8> sm_90"]
+    # another Triton's own entries too, whichever Triton runs the report
+    monkeypatch.setattr(occupancy, "KNOWN_BELOW_FLOOR_UNDER", {"3.6": {"b sm_90", "typo sm_90"}})
+    assert occupancy.stale_known_below_floor(rows, [90], cuda_ran=True) == ["cuda k<fp16, 8> sm_90", "typo sm_90"]
 
 
 @pytest.mark.parametrize(
