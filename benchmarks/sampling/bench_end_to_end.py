@@ -10,8 +10,8 @@ Models (GPU; the CPU set runs tiny versions of each as a smoke test):
 Rows, each the whole loop (x_T to x_0, no VAE), median of a few runs, with its rate against
 the FLOP floor: the matrix products, convolutions and attention of the loop's forwards
 (and, under classifier guidance, the classifier's forward and backward), counted once per
-model and batch over the peer row with torch's FLOP formulas (FlopCount) (attention on SDPA's math
-path, which it counts on every device), as TFLOP/s and % of the measured matmul rate:
+model and batch over the peer row with torch's FLOP formulas and fastguide's attention
+(FlopCount), as TFLOP/s and % of the measured matmul rate:
   fastguide              fastguide.sample, fused ops (the DiT is fastguide.DiT; the
                          diffusers UNet is accelerate()d)
   fastguide-cuda_graph   a held GuidedSampler(cuda_graph=True): the loop replayed as graphs
@@ -308,10 +308,20 @@ PEER = {"dit": "official", "adm": "official", "sd": "diffusers"}
 _FLOPS: dict[tuple[str, int], int] = {}
 
 
+def attention_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool = False) -> int:
+    """The matrix products of attention over (..., L, D) q, k, v: S = QKᵀ and O = PV, 2·Lq·Lk·D
+    each a head; its backward's dV, dP, dQ and dK, twice that (SDPA's counts in torch)."""
+    heads = q.numel() // (q.shape[-2] * q.shape[-1])
+    forward = 2 * heads * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+    return 2 * forward if backward else forward
+
+
 class FlopCount(TorchDispatchMode):
-    """The FLOPs of the ops run under it that torch's FlopCounterMode knows (matrix
-    products, convolutions, attention, their backwards: flop_registry), without that mode's
-    module tracking, whose hooks refuse torch.autograd.grad (classifier guidance's)."""
+    """The FLOPs of the ops run under it: those in torch's FLOP formulas (flop_registry:
+    matrix products, convolutions, the SDPA kernels, their backwards) and fastguide's own
+    attention ops, which the mode sees whole. Other ops count 0 (FlopCounterMode would
+    decompose them). Not FlopCounterMode itself: its module hooks refuse
+    torch.autograd.grad (classifier guidance's)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -320,16 +330,21 @@ class FlopCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        count = flop_registry.get(func._overloadpacket)
-        if count is not None:
-            self.total += count(*args, **kwargs, out_val=out)
+        packet = func._overloadpacket
+        if packet is torch.ops.fastguide.attention:
+            self.total += attention_flops(*args[:3])
+        elif packet is torch.ops.fastguide.attention_backward:
+            self.total += attention_flops(*args[1:4], backward=True)
+        elif packet in flop_registry:
+            self.total += flop_registry[packet](*args, **kwargs, out_val=out)
         return out
 
 
 def loop_flops(rows: dict, family: str) -> int:
-    """The FLOPs of one run of the family's peer row, SDPA on its math path (its fused CPU
-    kernel is not in the counter's registry)."""
-    with FlopCount() as counter, sdpa_kernel(SDPBackend.MATH):
+    """The FLOPs of one run of the family's peer row. On CPU, SDPA on its math path (its
+    fused CPU kernel is not in the registry); CUDA's flash and efficient kernels are."""
+    math_path = sdpa_kernel(SDPBackend.MATH) if DEVICE.type == "cpu" else contextlib.nullcontext()
+    with FlopCount() as counter, math_path:
         rows[PEER[family]]()
     return counter.total
 
@@ -338,7 +353,9 @@ def _run(benchmark, name: str, batch: int, impl: str, matmul_rate: float) -> Non
     setup = SETUPS[name]
     rows = ROWS[setup.family](setup.gpu if DEVICE.type == "cuda" else setup.cpu, batch)
     fn = rows[impl]
-    if (name, batch) not in _FLOPS:  # the same work in every row of a model and batch
+    # the same work in every row of a model and batch; not counted where nothing is timed
+    # (pytest's default --benchmark-disable runs each case once as a smoke test)
+    if (name, batch) not in _FLOPS and not benchmark.disabled:
         _FLOPS[name, batch] = loop_flops(rows, setup.family)
 
     def timed():
@@ -349,12 +366,11 @@ def _run(benchmark, name: str, batch: int, impl: str, matmul_rate: float) -> Non
     timed()  # warm-up: compile, autotune, capture
     with no_recompiles():
         benchmark.pedantic(timed, rounds=3, warmup_rounds=0)
+    benchmark.extra_info.update(model=name, batch=batch, steps=STEPS, device=str(DEVICE))
+    if benchmark.disabled:
+        return
     flops, seconds = _FLOPS[name, batch], benchmark.stats.stats.median
     benchmark.extra_info.update(
-        model=name,
-        batch=batch,
-        steps=STEPS,
-        device=str(DEVICE),
         median_ms=seconds * 1e3,
         flops_floor=flops,
         **{"TFLOP/s": flops / seconds / 1e12, "pct_of_matmul_rate": 100 * flops / seconds / matmul_rate},

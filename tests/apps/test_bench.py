@@ -372,9 +372,25 @@ def test_end_to_end_rows_do_the_same_work(name, peer):
     torch.testing.assert_close(rows["fastguide"](), rows[peer](), atol=2e-4, rtol=2e-4)
 
 
+def test_end_to_end_attention_flops_are_sdpas():
+    # fastguide's attention op, which the floor's counter sees whole, counts as torch
+    # counts SDPA (its math path: two batched matrix products), cross-attention included.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.sampling import bench_end_to_end as e2e
+
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 11, 8), torch.randn(2, 3, 11, 8)
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert e2e.attention_flops(q, k, v) == counter.get_total_flops() == 2 * 6 * 5 * 11 * 16
+
+
 def test_end_to_end_flop_floor_is_the_loops_forwards():
     # The floor is the model work of the whole loop: STEPS forwards of the 2B batch [z; z]
-    # (CFG), counted over the peer row; a step's own arithmetic adds nothing to it.
+    # (CFG), its linear layers and patch embedding (torch's count) and, in closed form, each
+    # block's attention over the tokens; a step's own arithmetic adds nothing.
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmarks.sampling import bench_end_to_end as e2e
@@ -387,9 +403,11 @@ def test_end_to_end_flop_floor_is_the_loops_forwards():
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad(), fastguide.backend("torch"):
         model(torch.randn(2 * batch, 4, 16, 16), torch.full((2 * batch,), 500), torch.arange(2 * batch))
-    one_forward = counter.get_total_flops()
-    assert one_forward > 0
-    assert e2e.loop_flops(e2e.ROWS["dit"](setup, batch), "dit") == e2e.STEPS * one_forward
+    layers = counter.get_total_flops()
+    assert layers > 0 and "fastguide" not in str(counter.get_flop_counts())  # its attention unseen
+    tokens = (setup["input_size"] // model.patch_size) ** 2
+    attention = len(model.blocks) * 4 * (2 * batch) * tokens**2 * config["hidden_size"]
+    assert e2e.loop_flops(e2e.ROWS["dit"](setup, batch), "dit") == e2e.STEPS * (layers + attention)
 
 
 def test_a_compiled_case_that_would_compile_again_while_timed_fails():
