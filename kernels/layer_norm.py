@@ -540,7 +540,7 @@ def layer_norm_backward(
     # Chunks of a multiple of 16 tokens: Triton specialises an int argument divisible by 16,
     # so (with L a multiple of 16, as DiT's are) it knows each step's 8 tokens start 8-aligned
     # and reads their mean and rstd as 16-byte vectors.
-    per_chunk = triton.cdiv(triton.cdiv(length, chunks), 16) * 16
+    per_chunk = max(1, triton.cdiv(triton.cdiv(length, chunks), 16)) * 16
     chunks = triton.cdiv(length, per_chunk)
     partials = torch.empty((n, chunks, 4, d), dtype=torch.float32, device=x.device)
     _layer_norm_column_sums_kernel[(column_blocks * chunks * n,)](

@@ -464,6 +464,22 @@ def test_empty_inputs(backend, device, request):
     assert y.shape == (0, 3, 8) and h_new.shape == z.shape == (2, 0, 8)
 
 
+def test_triton_backward_of_samples_without_tokens():
+    # The ops route empty inputs to the torch backend; the kernels' launcher, called
+    # directly, still gives empty dx and a zero per-sample dscale (it divided by zero).
+    if "triton" not in BACKENDS:
+        pytest.skip("triton does not run here")
+    from fastguide.kernels import layer_norm as triton_layer_norm
+
+    x, scale = torch.randn(2, 0, 72), torch.randn(2, 1, 72)
+    stats = torch.empty(2, 0)
+    dx, dweight, dbias, dscale, dshift = triton_layer_norm.layer_norm_backward(
+        torch.randn(2, 0, 72), x, NormParameters(None, None, scale, None), stats, stats
+    )
+    assert dx.shape == (2, 0, 72) and dweight is None and dbias is None and dshift is None
+    assert torch.equal(dscale, torch.zeros_like(scale))
+
+
 def test_triton_rows_wider_than_its_tile_run_on_the_reference(monkeypatch):
     if "triton" not in BACKENDS:
         pytest.skip("triton does not run here")
