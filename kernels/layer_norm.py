@@ -45,6 +45,11 @@ from fastguide.ops import reference
 from fastguide.ops.contract import NormParameters
 
 MAX_D = 16384
+# The plain forward's one-warp programs (narrow rows) at most this many registers: all 32
+# blocks an SM holds fit (at D=72 the compiler took 72, 28 blocks, 56 KB in flight; capped,
+# 64 KB, no spill under Triton 3.6 or 3.9). The residual form, 4 more loads a thread, is
+# above the floor uncapped (84-96 KB) and spills capped.
+NARROW_FORWARD_MAX_REGISTERS = 64
 # The 8-warp dx launch's register cap: two blocks an SM. Triton 3.6 (the GPU image's) takes
 # 140-145 unbounded at DiT's width on sm_90, one block: 32 KB in flight, not 64.
 DX_MAX_REGISTERS = 128
@@ -440,6 +445,7 @@ def _launch_forward(
     rstd = torch.empty_like(mean)
     segment, segments, rows_pow2, warps = forward_tile(d)
     rows = segments // triton.cdiv(d, segment)
+    capped = warps == 1 and not residual and torch.version.hip is None
     _layer_norm_forward_kernel[(triton.cdiv(n * length, rows),)](
         x,
         branch,
@@ -468,6 +474,7 @@ def _launch_forward(
         SEGMENTS=segments,
         ROWS_POW2=rows_pow2,
         num_warps=warps,
+        **({"maxnreg": NARROW_FORWARD_MAX_REGISTERS} if capped else {}),
     )
     return h_new, y, mean, rstd
 

@@ -660,6 +660,7 @@ def cases() -> list[Case]:
                 {**flags, **forward, "RESIDUAL": False},
                 warps,
                 main_path=True,
+                maxnreg=ln.NARROW_FORWARD_MAX_REGISTERS if warps == 1 else None,
             ),
             Case(
                 f"layer_norm gated residual+adaLN fwd D={d} {dtype}",

@@ -87,12 +87,6 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "group_norm apply+silu nhwc fp16 sm_80",
     "group_norm bwd sums nhwc fp16 sm_80",
     "group_norm bwd sums nhwc fp16 sm_90",
-    # Triton layer_norm's forward at the narrow odd D=72: its tile is 32 segments of 16 (6
-    # rows) in one warp, 4 loads a thread at 72 registers (28 blocks): 56 KB, of which 84%
-    # real loads (the digits transformer's D=96 is at 64 KB since the gather is held to 8
-    # values a thread; D=72's other tiles give 50-64 KB counted, 45-49 KB real).
-    "layer_norm adaLN fwd D=72 fp16 sm_80",
-    "layer_norm adaLN fwd D=72 fp16 sm_90",
 }
 # Kernels below the floor only as another Triton release ("major.minor") compiles them,
 # held under it as KNOWN_BELOW_FLOOR's entries are (never called stale: the list's Triton
