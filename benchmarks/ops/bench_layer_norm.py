@@ -6,7 +6,10 @@ the seam, the gated residual eagerly before it) when it is installed, on the sam
 Floors: layer_norm reads x once and writes y once: 2·E elements (E = N·L·D), which the
 fused kernels move exactly (a row is read once into registers). gated_residual_layer_norm
 reads h and branch and writes h_new and y: 4·E elements; the eager pair moves 7·E
-(h + gate·branch: 3·E, the norm 2·E, the modulation 2·E or more).
+(h + gate·branch: 3·E, the norm 2·E, the modulation 2·E or more). The backward (DiT
+training, the gradient through x and the per-sample scale and shift) reads x and dy and
+writes dx: 3·E; fastguide's two launches (dx, then the column sums) read x and dy twice,
+5·E, so they top out at 60% of that floor.
 """
 
 import pytest
@@ -104,14 +107,34 @@ def _run_seam(record, impl, shape, dtype):
     record(lambda: fn(h, branch, gate, scale, shift), bytes_moved=4 * h.numel() * h.element_size())
 
 
+def _run_norm_backward(record, impl, shape, dtype):
+    x, _, _, scale, shift = _inputs(shape, dtype)
+    leaves = [t.requires_grad_() for t in (x, scale, shift)]
+    if impl.startswith("fastguide"):
+        fn = on_backend(impl, fastguide_modulated_norm)
+    elif impl == "peer":
+        fn = peer_modulated_norm()
+    else:
+        fn = eager_modulated_norm if impl == "eager" else compiled(eager_modulated_norm)
+    with torch.enable_grad():
+        y = fn(*leaves)
+    dy = torch.randn_like(y)
+    # the backward alone: the forward's graph kept, its gradient taken again each call
+    record(
+        lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True),
+        bytes_moved=3 * x.numel() * x.element_size(),
+        grad=True,
+    )
+
+
 @pytest.mark.parametrize("impl", ["fastguide", "eager", "torch.compile"])
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=str)
-@pytest.mark.parametrize("op", ["layer_norm", "gated_residual_layer_norm"])
+@pytest.mark.parametrize("op", ["layer_norm", "gated_residual_layer_norm", "layer_norm_backward"])
 def test_layer_norm_cpu(record, op, impl, shape):
     if DEVICE.type != "cpu":
         pytest.skip("CPU set")
-    run = _run_norm if op == "layer_norm" else _run_seam
-    run(record, impl, shape, torch.float32)
+    run = {"layer_norm": _run_norm, "gated_residual_layer_norm": _run_seam, "layer_norm_backward": _run_norm_backward}
+    run[op](record, impl, shape, torch.float32)
 
 
 @pytest.mark.gpu
@@ -128,3 +151,10 @@ def test_layer_norm_gpu(record, impl, dtype, shape):
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 def test_gated_residual_layer_norm_gpu(record, impl, dtype, shape):
     _run_seam(record, impl, shape, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", [*GPU_FASTGUIDE_IMPLS, "eager", "torch.compile", "peer"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_layer_norm_backward_gpu(record, impl, dtype):
+    _run_norm_backward(record, impl, (16, 1024, 1152), dtype)
