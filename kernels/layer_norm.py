@@ -45,10 +45,12 @@ from fastguide.ops import reference
 from fastguide.ops.contract import NormParameters
 
 MAX_D = 16384
-# The plain forward's one-warp programs (narrow rows) at most this many registers: all 32
-# blocks an SM holds fit (at D=72 the compiler took 72, 28 blocks, 56 KB in flight; capped,
-# 64 KB, no spill under Triton 3.6 or 3.9). The residual form, 4 more loads a thread, is
-# above the floor uncapped (84-96 KB) and spills capped.
+# The plain forward's one-warp programs (rows up to 512 wide) at most this many registers
+# where x is 16-bit and there is no weight or bias (DiT's adaLN form): all 32 blocks an SM
+# holds fit (at D=72 the compiler took 72, 28 blocks, 56 KB in flight; capped, 64 KB, no
+# spill under Triton 3.6 or 3.9, nor at 8-512 columns under 3.9). fp32, or a weight and
+# bias, spill 8-128 bytes capped; the residual form (4 more loads a thread) holds 72-96 KB
+# uncapped and spills capped.
 NARROW_FORWARD_MAX_REGISTERS = 64
 # The 8-warp dx launch's register cap: two blocks an SM. Triton 3.6 (the GPU image's) takes
 # 140-145 unbounded at DiT's width on sm_90, one block: 32 KB in flight, not 64.
@@ -389,15 +391,15 @@ def forward_tile(d: int) -> tuple[int, int, int, int]:
     return segment, segments, rows_pow2, warps
 
 
-def dx_launch(forward_warps: int) -> tuple[int, int | None]:
+def dx_launch(d: int, element_bytes: int, forward_warps: int) -> tuple[int, int | None]:
     """(num_warps, maxnreg) of the backward's dx program on the forward's tile: at most 8
     warps. dx holds two float32 values an element (x̂ and dx̂) where the forward holds one,
-    so at the forward's 16 warps for DiT's width (16 elements a thread) it takes 74
+    so at the forward's 16 warps for DiT-XL's width 1152 (16 elements a thread) it takes 74
     registers and one block fits an SM, 48 KB in flight; at 8 (32 elements a thread),
-    capped at DX_MAX_REGISTERS, two blocks: 80-96 KB (Triton 3.9), 64 KB (3.6). Narrower
-    programs go uncapped (a cap lets the compiler take more: 86 registers where 72 do)."""
-    warps = min(forward_warps, 8)
-    return warps, DX_MAX_REGISTERS if warps == 8 else None
+    capped at DX_MAX_REGISTERS, two blocks: 80-96 KB (Triton 3.9), 64 KB (3.6). The cap is
+    held to what was checked, that width in 16 bits: elsewhere it spilled (D=384: 8-64
+    bytes; D=12288 and up) or cost bytes in flight (D=768 under 3.9: 60-72 KB to 48)."""
+    return min(forward_warps, 8), DX_MAX_REGISTERS if (d, element_bytes) == (1152, 2) else None
 
 
 def column_tile(element_bytes: int) -> tuple[int, int]:
@@ -445,7 +447,14 @@ def _launch_forward(
     rstd = torch.empty_like(mean)
     segment, segments, rows_pow2, warps = forward_tile(d)
     rows = segments // triton.cdiv(d, segment)
-    capped = warps == 1 and not residual and torch.version.hip is None
+    capped = (
+        warps == 1
+        and not residual
+        and x.element_size() == 2
+        and weight is None
+        and bias is None
+        and torch.version.hip is None
+    )
     _layer_norm_forward_kernel[(triton.cdiv(n * length, rows),)](
         x,
         branch,
@@ -511,7 +520,7 @@ def layer_norm_backward(
     dshift = torch.empty_like(shift) if shift_per_token else None
     segment, segments, rows_pow2, warps = forward_tile(d)
     rows = segments // triton.cdiv(d, segment)
-    dx_warps, dx_registers = dx_launch(warps)
+    dx_warps, dx_registers = dx_launch(d, x.element_size(), warps)
     _layer_norm_dx_kernel[(triton.cdiv(n * length, rows),)](
         x,
         grad_y,

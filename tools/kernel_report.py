@@ -649,6 +649,7 @@ def cases() -> list[Case]:
     for d, dtype in ((1152, "bf16"), (1152, "fp16"), (96, "fp16"), (72, "fp16")):
         segment, segments, rows_pow2, warps = ln.forward_tile(d)
         forward = dict(D=d, SEGMENT=segment, SEGMENTS=segments, ROWS_POW2=rows_pow2)
+        dx_warps, dx_registers = ln.dx_launch(d, 2, warps)
         flags = dict(HAS_W=False, HAS_B=False, HAS_SCALE=True, HAS_SHIFT=True)
         modulation = {"scale_ptr": dtype, "shift_ptr": dtype}
         stats = {"mean_ptr": "fp32", "rstd_ptr": "fp32"}
@@ -691,12 +692,12 @@ def cases() -> list[Case]:
                     **stats,
                 },
                 {**forward, **flags, "SCALE_PER_TOKEN": False, "SHIFT_PER_TOKEN": False},
-                ln.dx_launch(warps)[0],
+                dx_warps,
                 main_path=True,
                 # each of a thread's segments loads its row's mean and rstd: a thread's 16-byte
                 # vectors (8 of a 16-bit row, segments of at least 8) each in its own segment
-                row_stat_loads=2 * segments * segment // (8 * ln.dx_launch(warps)[0] * 32),
-                maxnreg=ln.dx_launch(warps)[1],
+                row_stat_loads=2 * segments * segment // (8 * dx_warps * 32),
+                maxnreg=dx_registers,
             ),
         ]
         out.append(
@@ -848,7 +849,7 @@ def run(archs: list[int], only: str = "", compile_only: bool = False) -> list[di
                     stats,
                     case.memory_bound,
                     list_compiler=_is_list_triton(),
-                    known=_known_below_floor(),
+                    own=KNOWN_BELOW_FLOOR_UNDER.get(_triton_release(), set()),
                 )
             rows.append({"kernel": case.name, "arch": f"sm_{arch}", **stats, "violations": found})
     return rows

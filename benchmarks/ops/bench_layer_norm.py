@@ -38,7 +38,8 @@ def fastguide_seam(h, branch, gate, scale, shift):
 
 
 def peer_modulated_norm():
-    """Liger-Kernel's fused LayerNorm, then the modulation eagerly; skips when absent."""
+    """Liger-Kernel's fused LayerNorm, then the modulation eagerly; skips when absent. (Its
+    backward forms the identity affine's dW and dB too, work the other rows skip.)"""
     try:
         from liger_kernel.ops.layer_norm import LigerLayerNormFunction
     except ImportError:
