@@ -391,6 +391,13 @@ def forward_tile(d: int) -> tuple[int, int, int, int]:
     return segment, segments, rows_pow2, warps
 
 
+def forward_register_cap(warps: int, residual: bool, element_bytes: int, affine: bool) -> int | None:
+    """The forward launch's maxnreg, or None: NARROW_FORWARD_MAX_REGISTERS for the plain
+    form's one-warp programs in 16 bits without weight or bias, the form it was checked on."""
+    checked = warps == 1 and not residual and element_bytes == 2 and not affine
+    return NARROW_FORWARD_MAX_REGISTERS if checked else None
+
+
 def dx_launch(d: int, element_bytes: int, forward_warps: int) -> tuple[int, int | None]:
     """(num_warps, maxnreg) of the backward's dx program on the forward's tile: at most 8
     warps. dx holds two float32 values an element (x̂ and dx̂) where the forward holds one,
@@ -447,14 +454,7 @@ def _launch_forward(
     rstd = torch.empty_like(mean)
     segment, segments, rows_pow2, warps = forward_tile(d)
     rows = segments // triton.cdiv(d, segment)
-    capped = (
-        warps == 1
-        and not residual
-        and x.element_size() == 2
-        and weight is None
-        and bias is None
-        and torch.version.hip is None
-    )
+    cap = forward_register_cap(warps, residual, x.element_size(), affine=weight is not None or bias is not None)
     _layer_norm_forward_kernel[(triton.cdiv(n * length, rows),)](
         x,
         branch,
@@ -483,7 +483,7 @@ def _launch_forward(
         SEGMENTS=segments,
         ROWS_POW2=rows_pow2,
         num_warps=warps,
-        **({"maxnreg": NARROW_FORWARD_MAX_REGISTERS} if capped else {}),
+        **({"maxnreg": cap} if cap is not None and torch.version.hip is None else {}),
     )
     return h_new, y, mean, rstd
 

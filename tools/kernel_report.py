@@ -661,7 +661,7 @@ def cases() -> list[Case]:
                 {**flags, **forward, "RESIDUAL": False},
                 warps,
                 main_path=True,
-                maxnreg=ln.NARROW_FORWARD_MAX_REGISTERS if warps == 1 else None,
+                maxnreg=ln.forward_register_cap(warps, residual=False, element_bytes=2, affine=False),
             ),
             Case(
                 f"layer_norm gated residual+adaLN fwd D={d} {dtype}",

@@ -86,14 +86,18 @@ def _inputs(shape, dtype):
     return x, branch, gate, scale, shift
 
 
+def _modulated_norm(impl):
+    """modulate(norm(x), shift, scale) as the row ``impl`` computes it."""
+    if impl.startswith("fastguide"):
+        return on_backend(impl, fastguide_modulated_norm)
+    if impl == "peer":
+        return peer_modulated_norm()
+    return eager_modulated_norm if impl == "eager" else compiled(eager_modulated_norm)
+
+
 def _run_norm(record, impl, shape, dtype):
     x, _, _, scale, shift = _inputs(shape, dtype)
-    if impl.startswith("fastguide"):
-        fn = on_backend(impl, fastguide_modulated_norm)
-    elif impl == "peer":
-        fn = peer_modulated_norm()
-    else:
-        fn = eager_modulated_norm if impl == "eager" else compiled(eager_modulated_norm)
+    fn = _modulated_norm(impl)
     record(lambda: fn(x, scale, shift), bytes_moved=2 * x.numel() * x.element_size())
 
 
@@ -111,12 +115,7 @@ def _run_seam(record, impl, shape, dtype):
 def _run_norm_backward(record, impl, shape, dtype):
     x, _, _, scale, shift = _inputs(shape, dtype)
     leaves = [t.requires_grad_() for t in (x, scale, shift)]
-    if impl.startswith("fastguide"):
-        fn = on_backend(impl, fastguide_modulated_norm)
-    elif impl == "peer":
-        fn = peer_modulated_norm()
-    else:
-        fn = eager_modulated_norm if impl == "eager" else compiled(eager_modulated_norm)
+    fn = _modulated_norm(impl)
     with torch.enable_grad():
         y = fn(*leaves)
     dy = torch.randn_like(y)
