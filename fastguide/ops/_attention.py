@@ -60,12 +60,14 @@ def _(q, k, v, scale, backend):
     return dispatch.empty_like(q), torch.empty(q.shape[:-1], dtype=compute_dtype(q), device=q.device)
 
 
-@torch.library.custom_op("fastguide::attention_backward", mutates_args=())
-def attention_backward_op(
+def _attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = dispatch.implementation(backend, "attention").attention_backward(grad_out, q, k, v, out, lse, scale)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+attention_backward_op = torch.library.custom_op("fastguide::attention_backward", mutates_args=())(_attention_backward)
 
 
 @attention_backward_op.register_fake
@@ -82,11 +84,15 @@ def _attention_setup_context(ctx, inputs, output):
 
 def _attention_grad(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(grad_out, q, k, v, out, lse, ctx.scale, ctx.backend)
+    dq, dk, dv = dispatch.call(
+        attention_backward_op, _attention_backward, None, grad_out, q, k, v, out, lse, ctx.scale, ctx.backend
+    )
     return dq, dk, dv, None, None
 
 
-attention_op.register_autograd(_attention_grad, setup_context=_attention_setup_context)
+_attention_autograd = dispatch.register_autograd(
+    attention_op, _attention_forward, _attention_grad, _attention_setup_context
+)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
@@ -102,5 +108,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Te
     """
     scale = check_attention(q, k, v, scale)
     backend = dispatch.backend_for("attention", q.device, q.dtype, empty=q.numel() == 0)
-    out, _ = dispatch.call(attention_op, _attention_forward, q, k, v, scale, backend)
+    out, _ = dispatch.call(attention_op, _attention_forward, _attention_autograd, q, k, v, scale, backend)
     return out

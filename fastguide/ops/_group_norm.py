@@ -78,8 +78,7 @@ def _(x, weight, bias, scale, shift, num_groups, eps, activation, backend):
     return y, stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("fastguide::group_norm_backward", mutates_args=())
-def group_norm_backward_op(
+def _group_norm_backward(
     grad_y: Tensor,
     x: Tensor,
     weight: Optional[Tensor],
@@ -107,6 +106,11 @@ def group_norm_backward_op(
     )
 
 
+group_norm_backward_op = torch.library.custom_op("fastguide::group_norm_backward", mutates_args=())(
+    _group_norm_backward
+)
+
+
 @group_norm_backward_op.register_fake
 def _(grad_y, x, weight, bias, scale, shift, mean, rstd, num_groups, activation, backend):
     return norms.backward_fake(x, weight, bias, scale, shift)
@@ -120,11 +124,21 @@ def _group_norm_setup_context(ctx, inputs, output):
 
 
 def _group_norm_grad(ctx, grad_y, grad_mean, grad_rstd):
-    grads = norms.grads(group_norm_backward_op, grad_y, ctx.saved_tensors, ctx.num_groups, ctx.activation, ctx.backend)
+    grads = norms.grads(
+        group_norm_backward_op,
+        _group_norm_backward,
+        grad_y,
+        ctx.saved_tensors,
+        ctx.num_groups,
+        ctx.activation,
+        ctx.backend,
+    )
     return (*grads, None, None, None, None)
 
 
-group_norm_op.register_autograd(_group_norm_grad, setup_context=_group_norm_setup_context)
+_group_norm_autograd = dispatch.register_autograd(
+    group_norm_op, _group_norm_forward, _group_norm_grad, _group_norm_setup_context
+)
 
 
 def group_norm(
@@ -161,6 +175,7 @@ def group_norm(
     y, _, _ = dispatch.call(
         group_norm_op,
         _group_norm_forward,
+        _group_norm_autograd,
         x,
         weight,
         bias,

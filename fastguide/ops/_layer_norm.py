@@ -111,8 +111,7 @@ def _(x, weight, bias, scale, shift, eps, backend):
     return (dispatch.empty_like(x), *_layer_norm_stats_fake(x))
 
 
-@torch.library.custom_op("fastguide::layer_norm_backward", mutates_args=())
-def layer_norm_backward_op(
+def _layer_norm_backward(
     grad_y: Tensor,
     x: Tensor,
     weight: Optional[Tensor],
@@ -132,6 +131,11 @@ def layer_norm_backward_op(
     )
 
 
+layer_norm_backward_op = torch.library.custom_op("fastguide::layer_norm_backward", mutates_args=())(
+    _layer_norm_backward
+)
+
+
 @layer_norm_backward_op.register_fake
 def _(grad_y, x, weight, bias, scale, shift, mean, rstd, backend):
     return norms.backward_fake(x, weight, bias, scale, shift)
@@ -145,10 +149,13 @@ def _layer_norm_setup_context(ctx, inputs, output):
 
 
 def _layer_norm_grad(ctx, grad_y, grad_mean, grad_rstd):
-    return (*norms.grads(layer_norm_backward_op, grad_y, ctx.saved_tensors, ctx.backend), None, None)
+    grads = norms.grads(layer_norm_backward_op, _layer_norm_backward, grad_y, ctx.saved_tensors, ctx.backend)
+    return (*grads, None, None)
 
 
-layer_norm_op.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup_context)
+_layer_norm_autograd = dispatch.register_autograd(
+    layer_norm_op, _layer_norm_forward, _layer_norm_grad, _layer_norm_setup_context
+)
 
 
 def _gated_residual_layer_norm_forward(
@@ -191,7 +198,9 @@ def _gated_residual_layer_norm_grad(ctx, grad_h_new, grad_y, grad_mean, grad_rst
     h_new, branch, gate, *norm_saved = ctx.saved_tensors
     if grad_y is None:
         grad_y = torch.zeros_like(h_new)
-    dx, *param_grads = norms.grads(layer_norm_backward_op, grad_y, (h_new, *norm_saved), ctx.backend)
+    dx, *param_grads = norms.grads(
+        layer_norm_backward_op, _layer_norm_backward, grad_y, (h_new, *norm_saved), ctx.backend
+    )
     dtype = compute_dtype(h_new)
     total = dx.to(dtype) if grad_h_new is None else dx.to(dtype) + grad_h_new.to(dtype)
     dbranch = (total * gate.to(dtype)).to(branch.dtype)
@@ -199,8 +208,11 @@ def _gated_residual_layer_norm_grad(ctx, grad_h_new, grad_y, grad_mean, grad_rst
     return (total.to(h_new.dtype), dbranch, dgate, *param_grads, None, None)
 
 
-gated_residual_layer_norm_op.register_autograd(
-    _gated_residual_layer_norm_grad, setup_context=_gated_residual_layer_norm_setup_context
+_gated_residual_layer_norm_autograd = dispatch.register_autograd(
+    gated_residual_layer_norm_op,
+    _gated_residual_layer_norm_forward,
+    _gated_residual_layer_norm_grad,
+    _gated_residual_layer_norm_setup_context,
 )
 
 
@@ -243,6 +255,7 @@ def layer_norm(
     y, _, _ = dispatch.call(
         layer_norm_op,
         _layer_norm_forward,
+        _layer_norm_autograd,
         tokens,
         weight,
         bias,
@@ -303,6 +316,7 @@ def gated_residual_layer_norm(
     h_new, y, _, _ = dispatch.call(
         gated_residual_layer_norm_op,
         _gated_residual_layer_norm_forward,
+        _gated_residual_layer_norm_autograd,
         *tokens,
         _as_tokens(gate),
         weight,

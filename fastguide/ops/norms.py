@@ -5,7 +5,8 @@ backward ops take (grad_y, x, weight, bias, scale, shift, mean, rstd, *options) 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -29,8 +30,11 @@ def backward_fake(x: Tensor, *params: Tensor | None) -> tuple[Tensor, ...]:
     )
 
 
-def grads(backward_op, grad_y: Tensor, saved: Sequence[Tensor | None], *options) -> tuple[Tensor | None, ...]:
-    """(dx, dweight, dbias, dscale, dshift) by a norm's backward op from the saved
-    (x, weight, bias, scale, shift, mean, rstd); None for each parameter that was None."""
-    dx, *param_grads = backward_op(grad_y, *saved, *options)
+def grads(
+    backward_op, backward: Callable[..., Any], grad_y: Tensor, saved: Sequence[Tensor | None], *options
+) -> tuple[Tensor | None, ...]:
+    """(dx, dweight, dbias, dscale, dshift) by a norm's backward op (or ``backward``, its
+    body, where ``dispatch.call`` says nothing needs the op) from the saved (x, weight,
+    bias, scale, shift, mean, rstd); None for each parameter that was None."""
+    dx, *param_grads = dispatch.call(backward_op, backward, None, grad_y, *saved, *options)
     return (dx, *(None if t is None else g for t, g in zip(saved[1:5], param_grads)))

@@ -8,8 +8,9 @@ The second half of the module is this backend's side of the interface that
 ``fastguide.ops`` calls on every backend (``attention_forward``/``_backward``,
 ``group_norm_forward``/``_backward``, ``layer_norm_forward``/``_backward``,
 ``gated_residual_layer_norm_forward``, ``guided_step``): forwards that also return the
-statistics a fused backward would save, and backwards: the norms' analytic, from the saved
-statistics; attention's through aten's flash-attention backward on CPU, elsewhere by
+statistics a fused backward would save, and backwards: the norms' from the saved
+statistics, the modulation and activation written out and the normalisation through aten's
+native backward; attention's through aten's flash-attention backward on CPU, elsewhere by
 recomputing the forward under torch.func.vjp.
 """
 
@@ -31,6 +32,12 @@ def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         return torch.float64
     return torch.float32
+
+
+def in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in ``dtype``; t itself when it already is (a ``.to`` that changes nothing still
+    costs a dispatcher round trip, which the CPU path pays on every op call)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def like_memory_format(y: Tensor, x: Tensor) -> Tensor:
@@ -62,16 +69,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Te
     dtype = compute_dtype(q)
     if q.numel() == 0 or k.numel() == 0:  # aten's CPU kernel divides by zero on empty heads
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    qc, kc = q.to(dtype), k.to(dtype)
-    o = F.scaled_dot_product_attention(qc, kc, v.to(dtype), scale=scale)
-    return _nan_rows_of_a_single_key(_nan_rows_of_q(o, q), qc, kc).to(q.dtype)
+    qc, kc = in_dtype(q, dtype), in_dtype(k, dtype)
+    o = F.scaled_dot_product_attention(qc, kc, in_dtype(v, dtype), scale=scale)
+    (o,) = _nan_rows_of_q([o], q)
+    return in_dtype(_nan_rows_of_a_single_key(o, qc, kc), q.dtype)
 
 
-def _nan_rows_of_q(t: Tensor, q: Tensor) -> Tensor:
-    """t with the rows of queries holding a NaN or ±inf set to NaN: such a row's scores are
-    NaN or infinities of both signs, so IEEE softmax gives NaN (aten's CPU kernel returns
-    a finite row there)."""
-    return t.masked_fill(~torch.isfinite(q).all(dim=-1, keepdim=t.dim() == q.dim()), float("nan"))
+def _may_hold_nonfinite(t: Tensor) -> bool:
+    """False only where t holds no NaN or ±inf, decided on the host for a CPU tensor: its
+    sum is finite (one NaN or infinity makes it NaN or infinite; a sum that overflows only
+    sends the caller down its exact path). Elsewhere True without reading t: a branch on
+    device data would wait for the device, which a CUDA graph capture refuses."""
+    return t.device.type != "cpu" or not math.isfinite(float(t.sum(dtype=compute_dtype(t))))
+
+
+def _nan_rows_of_q(outputs: list[Tensor], q: Tensor) -> list[Tensor]:
+    """The outputs ((..., Lq, D) or (..., Lq)) with the rows of queries holding a NaN or ±inf
+    set to NaN: such a row's scores are NaN or infinities of both signs, so IEEE softmax
+    gives NaN (aten's CPU kernel returns a finite row there)."""
+    if not _may_hold_nonfinite(q):
+        return outputs
+    bad_rows = ~torch.isfinite(q).all(dim=-1)
+    return [t.masked_fill(bad_rows if t.dim() < q.dim() else bad_rows[..., None], float("nan")) for t in outputs]
 
 
 def _nan_rows_of_a_single_key(t: Tensor, q: Tensor, k: Tensor) -> Tensor:
@@ -99,26 +118,32 @@ def _attention_lse(q: Tensor, k: Tensor, scale: float, rows_per_chunk: int = 256
 
 
 def _scale_shift_act(y: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str | None) -> Tensor:
+    """act(y·(1 + scale) + shift), scale and shift (or None) broadcast per sample."""
+    # (in the peers' order, a product then a sum: DiT's and diffusers' own rounding)
     if scale is not None:
-        y = y * (1 + _per_sample(scale.to(y.dtype), y.dim()))
+        y = y * (1 + _per_sample(in_dtype(scale, y.dtype), y.dim()))
     if shift is not None:
-        y = y + _per_sample(shift.to(y.dtype), y.dim())
+        y = y + _per_sample(in_dtype(shift, y.dtype), y.dim())
     if activation == "silu":
         y = F.silu(y)
     return y
 
 
-def _nan_where_overflowed(y_rows: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    """(y_rows, rstd) with every normalised row (…, k) whose rstd (…) is 0 set to NaN.
+def _nan_where_overflowed(y: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """(y, rstd) with every normalised row of y whose rstd is 0 set to NaN: y viewed as
+    rows (rstd's shape, k), a row a GroupNorm group or a LayerNorm row.
 
     Statistics that overflow the compute dtype give rstd = 0 in aten (1/√inf): the
     contract makes such a row or group NaN, as the kernels do (docs/design.md, NaN and Inf).
     """
+    # On CPU the host reads the count (one reduction, and no fill in the common case);
+    # elsewhere the fill is unconditional: a branch on device data would wait for the
+    # device, which a CUDA graph capture refuses.
+    if rstd.numel() == 0 or (rstd.device.type == "cpu" and int(torch.count_nonzero(rstd)) == rstd.numel()):
+        return y, rstd
     overflowed = rstd == 0
-    if overflowed.any():
-        y_rows = y_rows.masked_fill(overflowed.unsqueeze(-1), float("nan"))
-        rstd = rstd.masked_fill(overflowed, float("nan"))
-    return y_rows, rstd
+    y_rows = y.reshape(*rstd.shape, -1).masked_fill(overflowed.unsqueeze(-1), float("nan"))
+    return y_rows.reshape(y.shape), rstd.masked_fill(overflowed, float("nan"))
 
 
 def _normalized(x_rows: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
@@ -126,46 +151,36 @@ def _normalized(x_rows: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
     return (x_rows - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
 
 
-def _modulation_backward(
-    dy: Tensor,
-    x_hat: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    activation: str | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """(dx̂, dweight, dbias, dscale, dshift) of y = act(z), z = a·(1 + s) + h, a = x̂·w + b,
-    the part of the backward both norms share. The parameters (or None) come in the
-    compute dtype, viewed to broadcast against x̂; each gradient is summed to its view's shape:
-      dz = dy·act'(z);  dh = Σ dz;  ds = Σ dz·a;  da = dz·(1 + s)
-      db = Σ da;  dw = Σ da·x̂;  dx̂ = da·w
-    """
+def _affine(x_hat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """a = x̂·w + b, weight and bias (or None) viewed to broadcast against x̂."""
+    if weight is not None and bias is not None:
+        return torch.addcmul(bias, x_hat, weight)
     a = x_hat if weight is None else x_hat * weight
-    if bias is not None:
-        a = a + bias
+    return a if bias is None else a + bias
+
+
+def _modulation_backward(
+    dy: Tensor, a: Tensor | None, scale: Tensor | None, shift: Tensor | None, activation: str | None = None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(da, dscale, dshift) of y = act(z), z = a·(1 + s) + h, the part of the backward both
+    norms share; the normalisation's own backward (aten's) takes da from there. a = x̂·w + b
+    is needed for ds and the activation's derivative (None where neither is asked for).
+    scale and shift (or None) come in the compute dtype, viewed to broadcast against dy;
+    each gradient is summed to its view's shape:
+      dz = dy·act'(z);  dh = Σ dz;  ds = Σ dz·a;  da = dz·(1 + s)
+    """
     dz = dy
     if activation == "silu":
+        assert a is not None, "the activation's derivative needs a"
         z = a if scale is None else a * (1 + scale)
-        if shift is not None:
-            z = z + shift
-        sig = torch.sigmoid(z)
-        dz = dz * sig * (1 + z * (1 - sig))
+        dz = torch.ops.aten.silu_backward(dz, z if shift is None else z + shift)
     dshift = None if shift is None else dz.sum_to_size(shift.shape)
-    dscale = None if scale is None else (dz * a).sum_to_size(scale.shape)
+    dscale = None
+    if scale is not None:
+        assert a is not None, "the scale's gradient needs a"
+        dscale = (dz * a).sum_to_size(scale.shape)
     da = dz if scale is None else dz * (1 + scale)
-    dbias = None if bias is None else da.sum_to_size(bias.shape)
-    dweight = None if weight is None else (da * x_hat).sum_to_size(weight.shape)
-    dx_hat = da if weight is None else da * weight
-    return dx_hat, dweight, dbias, dscale, dshift
-
-
-def _normalization_backward(dx_hat: Tensor, x_hat: Tensor, rstd: Tensor) -> Tensor:
-    """dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)), the means over each row (…, k) that
-    was normalised with its rstd (…)."""
-    return rstd.unsqueeze(-1) * (
-        dx_hat - dx_hat.mean(-1, keepdim=True) - x_hat * (dx_hat * x_hat).mean(-1, keepdim=True)
-    )
+    return da, dscale, dshift
 
 
 def _as_parameter_grads(grads, params) -> tuple[Tensor | None, ...]:
@@ -479,7 +494,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
     dtype = compute_dtype(q)
     if q.numel() == 0 or k.numel() == 0:  # aten's CPU kernel divides by zero on empty heads
         return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(q.shape[:-1], dtype=dtype)
-    qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
+    qc, kc, vc = (in_dtype(t, dtype) for t in (q, k, v))
     cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if q.device.type == "cpu" and cpu_flash is not None:
         # aten's CPU flash kernel returns the log-sum-exp it already computed.
@@ -487,9 +502,9 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
     else:
         o = F.scaled_dot_product_attention(qc, kc, vc, scale=scale)
         lse = _attention_lse(qc, kc, scale)
-    o, lse = _nan_rows_of_q(o, q), _nan_rows_of_q(lse, q)
+    o, lse = _nan_rows_of_q([o, lse], q)
     o, lse = _nan_rows_of_a_single_key(o, qc, kc), _nan_rows_of_a_single_key(lse, qc, kc)
-    return o.to(q.dtype).contiguous(), lse.to(dtype).contiguous()
+    return in_dtype(o, q.dtype).contiguous(), in_dtype(lse, dtype).contiguous()
 
 
 def _vjp_recompute(fn, inputs: list[Tensor | None], grad_output: Tensor) -> list[Tensor | None]:
@@ -551,18 +566,18 @@ def group_norm_forward(
     # aten's kernels take x contiguous: its CUDA kernel takes no other layout, and its CPU
     # channels_last kernel forms E[x²] − E[x]², which cancels (mean 10, spread 0.01: 0.68 off).
     y, mean, rstd = torch.ops.aten.native_group_norm(
-        x.to(dtype).contiguous(),
-        None if weight is None else weight.to(dtype),
-        None if bias is None else bias.to(dtype),
+        in_dtype(x, dtype).contiguous(),
+        None if weight is None else in_dtype(weight, dtype),
+        None if bias is None else in_dtype(bias, dtype),
         n,
         c,
         spatial,
         num_groups,
         eps,
     )
-    y_groups, rstd = _nan_where_overflowed(y.reshape(n, num_groups, c // num_groups * spatial), rstd)
-    y = like_memory_format(_scale_shift_act(y_groups.reshape(y.shape), scale, shift, activation), x).to(x.dtype)
-    return y, mean, rstd
+    y, rstd = _nan_where_overflowed(y, rstd)
+    y = like_memory_format(_scale_shift_act(y, scale, shift, activation), x)
+    return in_dtype(y, x.dtype), mean, rstd
 
 
 def group_norm_backward(
@@ -574,29 +589,40 @@ def group_norm_backward(
       dz = dy·act'(z);  dh = Σ_hw dz;  ds = Σ_hw dz·a;  da = dz·(1 + s)
       db = Σ_{n,hw} da;  dw = Σ_{n,hw} da·x̂;  dx̂ = da·w
       dx = rstd·(dx̂ − mean_group(dx̂) − x̂·mean_group(dx̂·x̂))
-    Gradients come back None for inputs that were None.
+    The last two lines are aten's native_group_norm_backward (one pass on the CPU; the
+    kernels' split is the same math). Gradients come back None for inputs that were None.
     """
     weight, bias, scale, shift = params
     dtype = compute_dtype(x)
     n, c, spatial = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    groups = (n, num_groups, c // num_groups * spatial)
-    x_hat = _normalized(x.to(dtype).reshape(groups), mean, rstd).reshape(n, c, spatial)
+    x_rows = in_dtype(x, dtype).contiguous().reshape(n, c, spatial)
 
     def view(t: Tensor | None, rows: int) -> Tensor | None:  # (C,) or (N, C) against (N, C, HW)
-        return None if t is None else t.to(dtype).reshape(rows, c, 1)
+        return None if t is None else in_dtype(t, dtype).reshape(rows, c, 1)
 
-    dx_hat, *grads = _modulation_backward(
-        dy.to(dtype).reshape(n, c, spatial),
-        x_hat,
-        view(weight, 1),
-        view(bias, 1),
-        view(scale, n),
-        view(shift, n),
-        activation,
+    a = None
+    if scale is not None or activation is not None:
+        group_rows = x_rows.reshape(n, num_groups, c // num_groups * spatial)
+        a = _affine(_normalized(group_rows, mean, rstd).reshape(n, c, spatial), view(weight, 1), view(bias, 1))
+    dy_rows = in_dtype(dy, dtype).contiguous().reshape(n, c, spatial)
+    da, dscale, dshift = _modulation_backward(dy_rows, a, view(scale, n), view(shift, n), activation)
+    dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
+        da.contiguous(),
+        x_rows,
+        mean,
+        rstd,
+        None if weight is None else in_dtype(weight, dtype),
+        n,
+        c,
+        spatial,
+        num_groups,
+        # (aten's CPU kernel cannot form dbias without a weight: "tensor does not have a device")
+        [True, weight is not None, weight is not None and bias is not None],
     )
-    dx = _normalization_backward(dx_hat.reshape(groups), x_hat.reshape(groups), rstd)
-    dx = like_memory_format(dx.reshape(x.shape), x).to(x.dtype)
-    return (dx, *_as_parameter_grads(grads, (weight, bias, scale, shift)))
+    if bias is not None and weight is None:
+        dbias = da.sum((0, 2))
+    dx = in_dtype(like_memory_format(dx.reshape(x.shape), x), x.dtype)
+    return (dx, *_as_parameter_grads((dweight, dbias, dscale, dshift), params))
 
 
 def group_norm_parameter_grads(
@@ -635,15 +661,15 @@ def layer_norm_forward(x: Tensor, params: NormParameters, eps: float) -> tuple[T
     dtype = compute_dtype(x)
     d = x.shape[-1]
     y, mean, rstd = torch.ops.aten.native_layer_norm(
-        x.to(dtype).contiguous(),
+        in_dtype(x, dtype).contiguous(),
         [d],
-        None if weight is None else weight.to(dtype),
-        None if bias is None else bias.to(dtype),
+        None if weight is None else in_dtype(weight, dtype),
+        None if bias is None else in_dtype(bias, dtype),
         eps,
     )
     y, rstd = _nan_where_overflowed(y, rstd.reshape(x.shape[:-1]))
     y = _scale_shift_act(y, scale, shift, None)
-    return y.to(x.dtype).contiguous(), mean.reshape(x.shape[:-1]), rstd
+    return in_dtype(y, x.dtype).contiguous(), mean.reshape(x.shape[:-1]), rstd
 
 
 def gated_residual_layer_norm_forward(
@@ -664,14 +690,26 @@ def layer_norm_backward(
       dh = Σ dy and ds = Σ dy·a over the dims h and s broadcast over (tokens for a
       per-sample modulation); da = dy·(1 + s); db = Σ_rows da; dw = Σ_rows da·x̂;
       dx̂ = da·w;  dx = rstd·(dx̂ − mean_D(dx̂) − x̂·mean_D(dx̂·x̂)).
-    Gradients come back None for inputs that were None.
+    From da on, aten's native_layer_norm_backward. Gradients come back None for inputs
+    that were None.
     """
     dtype = compute_dtype(x)
-    x_hat = _normalized(x.to(dtype), mean, rstd)
-    weight, bias, scale, shift = (None if t is None else t.to(dtype) for t in params)
-    dx_hat, *grads = _modulation_backward(grad_y.to(dtype), x_hat, weight, bias, scale, shift)
-    dx = _normalization_backward(dx_hat, x_hat, rstd)
-    return (dx.to(x.dtype).contiguous(), *_as_parameter_grads(grads, params))
+    weight, bias, scale, shift = (None if t is None else in_dtype(t, dtype) for t in params)
+    xc = in_dtype(x, dtype).contiguous()
+    a = None if scale is None else _affine(_normalized(xc, mean, rstd), weight, bias)
+    da, dscale, dshift = _modulation_backward(in_dtype(grad_y, dtype), a, scale, shift)
+    stats_shape = (*x.shape[:-1], 1)  # aten's
+    dx, dweight, dbias = torch.ops.aten.native_layer_norm_backward(
+        da.contiguous(),
+        xc,
+        [x.shape[-1]],
+        mean.reshape(stats_shape),
+        rstd.reshape(stats_shape),
+        weight,
+        bias,
+        [True, weight is not None, bias is not None],
+    )
+    return (in_dtype(dx, x.dtype).contiguous(), *_as_parameter_grads((dweight, dbias, dscale, dshift), params))
 
 
 def layer_norm_parameter_grads(

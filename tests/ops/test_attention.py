@@ -298,6 +298,22 @@ def test_non_finite_query_rows_are_nan(backend, device):
     assert torch.isfinite(out[0, 0, [0, 2, 3]]).all()
 
 
+def test_query_rows_whose_values_sum_past_float32_or_to_an_infinity_are_checked_exactly():
+    # The CPU reference skips its per-row check where q's sum is finite. A lone +inf makes
+    # the sum +inf (not NaN), and finite values of 3e38 make it overflow: both rows must
+    # still come out as the policy says (NaN; the others finite).
+    q, k, v = (torch.randn(1, 1, 4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    huge = q.clone()
+    huge[0, 0, :, 0] = 3e38
+    huge[0, 0, :, 1:] = 0.0  # scores 3e38·k, finite where k's first column is small
+    k[0, 0, :, 0] = 1e-39
+    out = ops.attention(huge, k, v)
+    assert torch.isfinite(out).all()
+    q[0, 0, 2, 5] = math.inf
+    out = ops.attention(q, k, v)
+    assert out[0, 0, 2].isnan().all() and torch.isfinite(out[0, 0, [0, 1, 3]]).all()
+
+
 def test_a_single_nan_key_makes_its_rows_nan_on_every_backend():
     # IEEE softmax of one NaN score is NaN; aten's CPU flash kernel returns a zero row there.
     q, k, v = (torch.randn(1, 2, 3, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))

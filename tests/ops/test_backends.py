@@ -267,9 +267,10 @@ def test_cuda_sources_ship_with_the_package():
 
 @pytest.mark.parametrize("op_name", ["attention", "group_norm", "layer_norm", "gated_residual_layer_norm"])
 def test_ops_skip_the_custom_op_only_where_nothing_needs_it(op_name, monkeypatch):
-    # Without autograd, tracing or the profiler a call goes straight to the backend (the
-    # custom op's round trip costs host time and does nothing there); with any of them
-    # it goes through the registered op. Both give the same numbers.
+    # Without tracing or the profiler a call goes straight to the backend (the custom
+    # op's round trip costs host time and does nothing there), through the op's autograd
+    # formula as a torch.autograd.Function where an input requires grad; with either it
+    # goes through the registered op. All give the same numbers, and the same gradients.
     calls = []
     module = {"attention": _attention, "group_norm": _group_norm}.get(op_name, _layer_norm)
     registered = getattr(module, f"{op_name}_op")
@@ -298,13 +299,28 @@ def test_ops_skip_the_custom_op_only_where_nothing_needs_it(op_name, monkeypatch
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
         profiled = run()
     assert calls == [op_name]
-    scale.requires_grad_()
-    q.requires_grad_()
-    image.requires_grad_()
+    leaves = [t.requires_grad_() for t in ((q, k, v) if op_name == "attention" else (scale, x, branch, image))]
     with_grad = run()
-    assert calls == [op_name] * 2 and with_grad.requires_grad
+    node = with_grad.grad_fn
+    while type(node).__name__ == "ViewBackward0":  # the norms' reshape back to x's shape
+        node = node.next_functions[0][0]
+    name = "".join(word.title() for word in op_name.split("_")) + "Backward"  # group_norm: GroupNormBackward
+    assert calls == [op_name] and type(node).__name__ == name
     for result in (through_op, profiled, with_grad):
         torch.testing.assert_close(result, direct, rtol=0, atol=0)
+    # the op's own autograd (under the profiler) against the Function's, on one output grad
+    dy = torch.randn(with_grad.shape, generator=g)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        with_op = run()
+    assert calls == [op_name] * 2
+    used = [t for t in leaves if t.requires_grad]
+    eager_grads = torch.autograd.grad(with_grad, used, dy, allow_unused=True)
+    op_grads = torch.autograd.grad(with_op, used, dy, allow_unused=True)
+    assert sum(grad is not None for grad in op_grads) >= 1
+    for eager_grad, op_grad in zip(eager_grads, op_grads):
+        assert (eager_grad is None) == (op_grad is None)
+        if op_grad is not None:
+            torch.testing.assert_close(eager_grad, op_grad, rtol=0, atol=0)
 
 
 def test_transforms_and_traces_go_through_the_custom_op():
@@ -351,3 +367,22 @@ def test_guided_step_goes_through_its_op_under_the_profiler_only_when_profiled()
         direct = ops.guided_step(model_output, x, step, ops.GuidanceCombine(2.0))
     assert "fastguide::guided_step" in names(profiled)
     torch.testing.assert_close(traced, direct, rtol=0, atol=0)
+
+
+def test_the_reference_branches_on_no_device_data_off_the_cpu():
+    # On a device, a branch on tensor data waits for the device (and a CUDA graph capture
+    # refuses it): the reference's NaN policy masks unconditionally there. Meta tensors
+    # have no data at all, so any read raises.
+    from fastguide.ops import reference
+    from fastguide.ops.contract import NormParameters
+
+    x = torch.empty(2, 8, 3, 3, device="meta")
+    y, mean, rstd = reference.group_norm_forward(x, NormParameters(None, None, None, None), 4, 1e-5, "silu")
+    assert y.shape == x.shape and rstd.shape == (2, 4)
+    tokens = torch.empty(2, 5, 8, device="meta")
+    y, mean, rstd = reference.layer_norm_forward(tokens, NormParameters(None, None, None, None), 1e-6)
+    assert y.shape == tokens.shape and rstd.shape == (2, 5)
+    q = torch.empty(2, 3, 5, 8, device="meta")
+    o, lse = reference.attention_forward(q, q, q, 0.3)
+    assert o.shape == q.shape and lse.shape == (2, 3, 5)
+    assert reference.attention(q, q, q).shape == q.shape
