@@ -127,13 +127,23 @@ def test_host_path_times_fastguides_part_without_running_the_backend(monkeypatch
     calls = []
     real = reference.layer_norm_forward
     monkeypatch.setattr(reference, "layer_norm_forward", lambda *args: calls.append(1) or real(*args))
-    op, call = host_path.cases(torch.device("cpu"))["layer_norm (+ adaLN scale, shift)"]
+    op, call, _ = host_path.cases(torch.device("cpu"))["layer_norm (+ adaLN scale, shift)"]
     direct, stubbed = host_path.backend_call(op, "torch", call)
     calls.clear()
     torch.testing.assert_close(stubbed(), call())
     assert calls == [1]  # the plain call's, not the stubbed one's
     direct()
     assert calls == [1, 1]
+
+
+def test_host_path_peer_column_computes_what_the_op_computes():
+    # The eager-PyTorch column is the peer only if it does the op's work: the same results.
+    from benchmarks.ops import host_path
+
+    with torch.no_grad():
+        for label, (_, call, eager) in host_path.cases(torch.device("cpu")).items():
+            ours = call().clone()  # (guided_step's is its out tensor, which eager rewrites)
+            torch.testing.assert_close(eager(), ours, msg=label)
 
 
 def test_gpu_script_dry_run_finds_every_test_and_benchmark(tmp_path):
