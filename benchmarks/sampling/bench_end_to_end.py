@@ -16,11 +16,11 @@ model and batch over the peer row with torch's FLOP formulas and fastguide's att
                          diffusers UNet is accelerate()d)
   fastguide-cuda_graph   a held GuidedSampler(cuda_graph=True): the loop replayed as graphs
   official               the official DiT loop's semantics written out ([z; z] with
-                         [y; null], forward_with_cfg's guided eps, the scheduler's step) on
-                         the same fastguide.DiT on the torch backend (whose attention, the
-                         reference, runs in float32 and adds a log-sum-exp pass: heavier
-                         than DiT's own SDPA); for ADM, fastguide's loop (its step on the
-                         torch backend) over ADM's own forwards (tools/adm_baseline.py)
+                         [y; null], forward_with_cfg's guided eps, the scheduler's step)
+                         over DiT's own forward (tools/dit_baseline.py: the official
+                         models.py in torch.nn.functional, SDPA attention) on the same
+                         weights; for ADM, fastguide's loop (its step on the torch
+                         backend) over ADM's own forwards (tools/adm_baseline.py)
   diffusers              the pipeline's denoising loop on diffusers' own model
                          (DiTTransformer2DModel; UNet2DConditionModel) and DDIMScheduler
   diffusers-max-autotune the same with torch.compile(model, mode="max-autotune")
@@ -45,6 +45,7 @@ import fastguide
 from benchmarks.conftest import DEVICE, compiled, no_recompiles
 from fastguide import CFG, ClassifierGuidance, GuidedSampler, NoiseSchedule, sample
 from tools.adm_baseline import plain_classifier, plain_unet
+from tools.dit_baseline import plain_dit
 
 W = 4.0
 STEPS = {"cuda": 25, "cpu": 3}[DEVICE.type]
@@ -165,14 +166,13 @@ def _dit_rows(setup: dict, batch: int) -> dict:
     settings = dict(sampler="ddim", steps=timesteps, guidance=CFG(W), clip_denoised=False)
 
     @torch.no_grad()
-    def written_out(forward, torch_ops: bool):
+    def written_out(forward):
         """DiT's sample.py loop: one forward of [z; z] with [y; null], CFG on eps."""
-        with fastguide.backend("torch") if torch_ops else contextlib.nullcontext():
-            z, y = noise.clone(), torch.cat([labels, torch.full_like(labels, NULL_CLASS)])
-            for t in scheduler.timesteps:
-                out = forward(torch.cat([z, z]), torch.full((2 * batch,), int(t), device=DEVICE), y)
-                cond, uncond = out[:, :4].chunk(2)
-                z = scheduler.step(uncond + W * (cond - uncond), t, z).prev_sample
+        z, y = noise.clone(), torch.cat([labels, torch.full_like(labels, NULL_CLASS)])
+        for t in scheduler.timesteps:
+            out = forward(torch.cat([z, z]), torch.full((2 * batch,), int(t), device=DEVICE), y)
+            cond, uncond = out[:, :4].chunk(2)
+            z = scheduler.step(uncond + W * (cond - uncond), t, z).prev_sample
         return z
 
     diffusers_forward = lambda net: lambda x, t, y: net(x, timestep=t, class_labels=y).sample  # noqa: E731
@@ -183,9 +183,9 @@ def _dit_rows(setup: dict, batch: int) -> dict:
     return {
         "fastguide": lambda: sample(model, shape, labels=labels, noise=noise, **settings),
         "fastguide-cuda_graph": lambda: graphed(shape, labels=labels, noise=noise),
-        "official": lambda: written_out(model, torch_ops=True),
-        "diffusers": lambda: written_out(diffusers_forward(theirs), torch_ops=False),
-        "diffusers-max-autotune": lambda: written_out(diffusers_forward(autotuned), torch_ops=False),
+        "official": lambda: written_out(lambda x, t, y: plain_dit(model, x, t, y)),
+        "diffusers": lambda: written_out(diffusers_forward(theirs)),
+        "diffusers-max-autotune": lambda: written_out(diffusers_forward(autotuned)),
     }
 
 

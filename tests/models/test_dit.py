@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastguide
 from fastguide import DiT, dit_config, load_checkpoint, save_state_dict
 from fastguide.models.diffusers_dit import to_diffusers
 from fastguide.models.dit import sincos_pos_embed_2d
 from tests.helpers import backends_for, randomize
+from tools.dit_baseline import plain_dit
 
 REFERENCE = Path(__file__).resolve().parent / "data"  # state-dict listings (data/README.md)
 BACKENDS = sorted(set(backends_for("layer_norm")) & set(backends_for("attention")))
@@ -40,46 +40,6 @@ def tiny_inputs(model: DiT, batch: int = 3, seed: int = 1, dtype: torch.dtype = 
     t = torch.tensor([0, 517, 999, 3, 250][:batch])
     y = torch.arange(batch) % (model.num_classes + 1)  # the null row included
     return x, t, y
-
-
-def plain_dit(model: DiT, x, t, y):
-    """The official DiT forward written out with torch.nn.functional (facebookresearch/DiT
-    models.py): modulate(LN(x), shift, scale), timm attention, GELU-tanh MLP, einsum
-    unpatchify. Differentiable, so it also gives reference gradients."""
-    p, dim = model.patch_size, model.pos_embed.shape[-1]
-    heads, head_dim = model.num_heads, dim // model.num_heads
-    proj = model.x_embedder.proj
-    h = F.conv2d(x, proj.weight, proj.bias, stride=p).flatten(2).transpose(1, 2) + model.pos_embed
-    half = 128
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
-    args = t[:, None].float() * freqs[None]
-    sinusoids = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(x.dtype)
-    mlp = model.t_embedder.mlp
-    c = F.linear(F.silu(F.linear(sinusoids, mlp[0].weight, mlp[0].bias)), mlp[2].weight, mlp[2].bias)
-    c = c + model.y_embedder.embedding_table.weight[y]
-
-    def modulate(v, shift, scale):
-        return F.layer_norm(v, (dim,), eps=1e-6) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-    def linear(v, layer):
-        return F.linear(v, layer.weight, layer.bias)
-
-    for block in model.blocks:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = linear(
-            F.silu(c), block.adaLN_modulation[1]
-        ).chunk(6, dim=1)
-        a = modulate(h, shift_msa, scale_msa)
-        batch, tokens, _ = a.shape
-        q, k, v = linear(a, block.attn.qkv).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        attn = torch.softmax(q @ k.transpose(-1, -2) * head_dim**-0.5, dim=-1) @ v
-        h = h + gate_msa.unsqueeze(1) * linear(attn.transpose(1, 2).reshape(batch, tokens, dim), block.attn.proj)
-        m = F.gelu(linear(modulate(h, shift_mlp, scale_mlp), block.mlp.fc1), approximate="tanh")
-        h = h + gate_mlp.unsqueeze(1) * linear(m, block.mlp.fc2)
-    shift, scale = linear(F.silu(c), model.final_layer.adaLN_modulation[1]).chunk(2, dim=1)
-    out = linear(modulate(h, shift, scale), model.final_layer.linear)
-    grid, channels = int(out.shape[1] ** 0.5), model.out_channels
-    out = torch.einsum("nhwpqc->nchpwq", out.reshape(out.shape[0], grid, grid, p, p, channels))
-    return out.reshape(out.shape[0], channels, grid * p, grid * p)
 
 
 # --------------------------------------------------------------------------------------
