@@ -18,6 +18,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # guided_step's kernels take their scalars (and 1/alpha, 1/sigma) as float32.
 FLOAT32_MAX = torch.finfo(torch.float32).max
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # its smallest normal number
 
 
 def check_tensor(name: str, t: object, ndim_at_least: int | None = None) -> Tensor:
@@ -37,20 +38,25 @@ def check_tensor(name: str, t: object, ndim_at_least: int | None = None) -> Tens
 def check_same_device(named: Sequence[tuple[str, Tensor | None]]) -> None:
     present = [(n, t) for n, t in named if t is not None]
     first_name, first = present[0]
+    device = first.device
     for name, t in present[1:]:
-        if t.device != first.device:
+        if t.device != device:
             raise ValueError(
                 f"{name} is on {t.device} but {first_name} is on {first.device}; all tensors must be on one device"
             )
 
 
 def check_shape(name: str, t: Tensor | None, expected: tuple[int, ...]) -> None:
-    if t is not None and tuple(t.shape) != tuple(expected):
+    if t is not None and t.shape != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
 def check_finite(name: str, value: object) -> float:
     """A finite real number (a NumPy scalar too, not a bool), as a Python float."""
+    if type(value) is float:  # the common case, without the abstract class's check
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+        return value
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value):
@@ -98,4 +104,4 @@ def norm_eps_in_range(eps: float) -> bool:
     """Whether the norms take ``eps``: within float32's normal range (below its smallest
     normal number eps rounds to 0 or a subnormal there, and a constant group's variance +
     eps to 0: NaN from finite input)."""
-    return torch.finfo(torch.float32).tiny <= eps <= torch.finfo(torch.float32).max
+    return FLOAT32_TINY <= eps <= FLOAT32_MAX
