@@ -590,10 +590,10 @@ def group_norm_backward(
       db = Σ_{n,hw} da;  dw = Σ_{n,hw} da·x̂;  dx̂ = da·w
       dx = rstd·(dx̂ − mean_group(dx̂) − x̂·mean_group(dx̂·x̂))
     The last two lines are aten's native_group_norm_backward (one pass on the CPU; the
-    kernels' split is the same math). aten forms them from uncentred sums, so for float32
-    data whose mean is 1e4–1e5 times its spread dx's error is up to 2× the centred
-    formula's: PyTorch's own GroupNorm backward's. Gradients come back None for inputs
-    that were None.
+    kernels' split is the same math), handed x̂ with mean 0 and rstd 1 and its dx scaled
+    by rstd after: aten forms them from uncentred sums of its input, which for float32 x
+    whose mean is 1e4–1e5 times its spread doubled dx's error. Gradients come back None
+    for inputs that were None.
     """
     weight, bias, scale, shift = params
     dtype = compute_dtype(x)
@@ -603,17 +603,16 @@ def group_norm_backward(
     def view(t: Tensor | None, rows: int) -> Tensor | None:  # (C,) or (N, C) against (N, C, HW)
         return None if t is None else in_dtype(t, dtype).reshape(rows, c, 1)
 
-    a = None
-    if scale is not None or activation is not None:
-        group_rows = x_rows.reshape(n, num_groups, c // num_groups * spatial)
-        a = _affine(_normalized(group_rows, mean, rstd).reshape(n, c, spatial), view(weight, 1), view(bias, 1))
+    groups = (n, num_groups, c // num_groups * spatial)
+    x_hat = _normalized(x_rows.reshape(groups), mean, rstd).reshape(n, c, spatial)
+    a = None if scale is None and activation is None else _affine(x_hat, view(weight, 1), view(bias, 1))
     dy_rows = in_dtype(dy, dtype).contiguous().reshape(n, c, spatial)
     da, dscale, dshift = _modulation_backward(dy_rows, a, view(scale, n), view(shift, n), activation)
-    dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
+    dx_hat_units, dweight, dbias = torch.ops.aten.native_group_norm_backward(
         da.contiguous(),
-        x_rows,
-        mean,
-        rstd,
+        x_hat,
+        torch.zeros_like(mean),
+        torch.ones_like(rstd),
         None if weight is None else in_dtype(weight, dtype),
         n,
         c,
@@ -624,7 +623,8 @@ def group_norm_backward(
     )
     if bias is not None and weight is None:
         dbias = da.sum((0, 2))
-    dx = in_dtype(like_memory_format(dx.reshape(x.shape), x), x.dtype)
+    dx = (dx_hat_units.reshape(groups) * rstd.unsqueeze(-1)).reshape(x.shape)
+    dx = in_dtype(like_memory_format(dx, x), x.dtype)
     return (dx, *_as_parameter_grads((dweight, dbias, dscale, dshift), params))
 
 
@@ -693,26 +693,29 @@ def layer_norm_backward(
       dh = Σ dy and ds = Σ dy·a over the dims h and s broadcast over (tokens for a
       per-sample modulation); da = dy·(1 + s); db = Σ_rows da; dw = Σ_rows da·x̂;
       dx̂ = da·w;  dx = rstd·(dx̂ − mean_D(dx̂) − x̂·mean_D(dx̂·x̂)).
-    From da on, aten's native_layer_norm_backward (uncentred sums: PyTorch's own accuracy,
-    as ``group_norm_backward`` says). Gradients come back None for inputs that were None.
+    From da on, aten's native_layer_norm_backward, handed x̂ with mean 0 and rstd 1 (as
+    ``group_norm_backward`` says why). Gradients come back None for inputs that were None.
     """
     dtype = compute_dtype(x)
     weight, bias, scale, shift = (None if t is None else in_dtype(t, dtype) for t in params)
-    xc = in_dtype(x, dtype).contiguous()
-    a = None if scale is None else _affine(_normalized(xc, mean, rstd), weight, bias)
+    x_hat = _normalized(in_dtype(x, dtype), mean, rstd)
+    a = None if scale is None else _affine(x_hat, weight, bias)
     da, dscale, dshift = _modulation_backward(in_dtype(grad_y, dtype), a, scale, shift)
-    stats_shape = (*x.shape[:-1], 1)  # aten's
-    dx, dweight, dbias = torch.ops.aten.native_layer_norm_backward(
+    stats = rstd.unsqueeze(-1)  # aten's (..., 1)
+    dx_hat_units, dweight, dbias = torch.ops.aten.native_layer_norm_backward(
         da.contiguous(),
-        xc,
+        x_hat.contiguous(),
         [x.shape[-1]],
-        mean.reshape(stats_shape),
-        rstd.reshape(stats_shape),
+        torch.zeros_like(stats),
+        torch.ones_like(stats),
         weight,
         bias,
         [True, weight is not None, bias is not None],
     )
-    return (in_dtype(dx, x.dtype).contiguous(), *_as_parameter_grads((dweight, dbias, dscale, dshift), params))
+    return (
+        in_dtype(dx_hat_units * stats, x.dtype).contiguous(),
+        *_as_parameter_grads((dweight, dbias, dscale, dshift), params),
+    )
 
 
 def layer_norm_parameter_grads(
