@@ -42,6 +42,17 @@ def on_backend(impl: str, fn):
     return pinned
 
 
+def row_function(impl: str, fastguide_fn, peer, eager_fn):
+    """The function a benchmark row times: ``fastguide_fn`` on the backend ``impl`` names
+    (``on_backend``), ``peer()`` for "peer" (built only there: it may import or skip),
+    ``eager_fn`` for "eager", else its torch.compile (``compiled``)."""
+    if impl.startswith("fastguide"):
+        return on_backend(impl, fastguide_fn)
+    if impl == "peer":
+        return peer()
+    return eager_fn if impl == "eager" else compiled(eager_fn)
+
+
 def compiled(fn, **options):
     """torch.compile of ``fn`` for one case, as a user compiling for one shape gets it:
     dynamo's caches emptied first, static shapes. (A compiled function shared by a module's

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import DEVICE, GPU_FASTGUIDE_IMPLS, compiled, on_backend
+from benchmarks.conftest import DEVICE, GPU_FASTGUIDE_IMPLS, row_function
 from fastguide import ops
 
 GROUPS = 32
@@ -72,11 +72,7 @@ def _inputs(shape, dtype, channels_last):
 
 
 def _norm(impl):
-    if impl.startswith("fastguide"):
-        return on_backend(impl, fastguide_norm)
-    if impl == "peer":
-        return peer_norm()
-    return eager_norm if impl == "eager" else compiled(eager_norm)
+    return row_function(impl, fastguide_norm, peer_norm, eager_norm)
 
 
 def _run(record, impl, shape, dtype, channels_last=False):

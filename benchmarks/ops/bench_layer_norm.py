@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import DEVICE, GPU_FASTGUIDE_IMPLS, compiled, on_backend
+from benchmarks.conftest import DEVICE, GPU_FASTGUIDE_IMPLS, row_function
 from fastguide import ops
 
 
@@ -88,11 +88,7 @@ def _inputs(shape, dtype):
 
 def _modulated_norm(impl):
     """modulate(norm(x), shift, scale) as the row ``impl`` computes it."""
-    if impl.startswith("fastguide"):
-        return on_backend(impl, fastguide_modulated_norm)
-    if impl == "peer":
-        return peer_modulated_norm()
-    return eager_modulated_norm if impl == "eager" else compiled(eager_modulated_norm)
+    return row_function(impl, fastguide_modulated_norm, peer_modulated_norm, eager_modulated_norm)
 
 
 def _run_norm(record, impl, shape, dtype):
@@ -103,12 +99,7 @@ def _run_norm(record, impl, shape, dtype):
 
 def _run_seam(record, impl, shape, dtype):
     h, branch, gate, scale, shift = _inputs(shape, dtype)
-    if impl.startswith("fastguide"):
-        fn = on_backend(impl, fastguide_seam)
-    elif impl == "peer":
-        fn = peer_seam()
-    else:
-        fn = eager_seam if impl == "eager" else compiled(eager_seam)
+    fn = row_function(impl, fastguide_seam, peer_seam, eager_seam)
     record(lambda: fn(h, branch, gate, scale, shift), bytes_moved=4 * h.numel() * h.element_size())
 
 

@@ -84,12 +84,9 @@ def register_autograd(
         setup_context(ctx, args, output)
         return output
 
-    def function_backward(ctx: Any, *grads: Any) -> Any:
-        return backward(ctx, *grads)
-
     # named after the op (_group_norm_forward: GroupNorm), so a graph's node reads GroupNormBackward
     name = "".join(word.title() for word in forward.__name__.strip("_").removesuffix("_forward").split("_"))
-    methods = {"forward": staticmethod(function_forward), "backward": staticmethod(function_backward)}
+    methods = {"forward": staticmethod(function_forward), "backward": staticmethod(backward)}
     return type(name, (torch.autograd.Function,), methods)
 
 
