@@ -194,10 +194,19 @@ class _PerturbedForward:
                 raise ValueError(
                     f"rows {rows!r} reaches past the batch of {batch} rows (perturbed module {self.name!r})"
                 )
-        start, stop, _ = rows.indices(batch)
+        start, stop = _bound(rows.start, batch, 0), _bound(rows.stop, batch, batch)
         if start >= stop:
             return out
         return _scatter(out, self.replace(self.module, slice(start, stop), args, kwargs), start, stop, self.name)
+
+
+def _bound(bound: int | None, batch: int, default: int) -> int:
+    """A slice bound within [-batch, batch] as a row index in [0, batch], as
+    ``slice.indices`` gives it (which torch.compile before 2.13 cannot trace: a graph break
+    that skipped the whole compiled forward)."""
+    if bound is None:
+        return default
+    return bound + batch if bound < 0 else bound
 
 
 def _first_tensor(out: object, name: str) -> Tensor:
