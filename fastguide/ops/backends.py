@@ -31,6 +31,7 @@ Nothing here touches the CUDA driver at import time: availability is probed lazi
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -118,9 +119,31 @@ def _module_exists(name: str) -> bool:
         return False
 
 
-# Looked up once, at import: finding a spec imports nothing, and resolve() runs while
-# torch.compile traces an op call, where torch 2.11's dynamo refuses to trace find_spec.
+# The oldest Triton the kernels compile under (pyproject.toml's triton>=3.2; CI compiles
+# every kernel under 3.2). torch 2.5 pins Triton 3.1, whose frontend rejects them.
+OLDEST_TRITON = (3, 2)
+
+
+def _triton_release() -> tuple[int, int] | None:
+    """(major, minor) of the installed Triton from its distribution's metadata, without
+    importing it; None when no distribution named triton says (a source build, or the
+    nightlies' pytorch-triton), which is then taken as new enough."""
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    parts = version.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return None
+
+
+# Looked up once, at import: finding a spec or a version imports nothing, and resolve()
+# runs while torch.compile traces an op call, where torch 2.11's dynamo refuses to trace
+# find_spec.
 _TRITON_INSTALLED = _module_exists("triton")
+_TRITON_RELEASE = _triton_release() if _TRITON_INSTALLED else None
 
 OPS = ("attention", "group_norm", "guided_step", "layer_norm")
 # The dtypes the kernels compute in; float64 runs on the reference only.
@@ -194,6 +217,12 @@ class TritonBackend(Backend):
     def why_not(self, device: torch.device) -> str | None:
         if not _TRITON_INSTALLED:
             return "triton is not installed (pip install triton)"
+        if _TRITON_RELEASE is not None and _TRITON_RELEASE < OLDEST_TRITON:
+            found, oldest = (".".join(map(str, v)) for v in (_TRITON_RELEASE, OLDEST_TRITON))
+            return (
+                f"triton {found} is installed; the kernels need triton {oldest} or newer "
+                f"(pip install 'triton>={oldest}')"
+            )
         if device.type == "cuda":
             return None
         if device.type == "cpu":

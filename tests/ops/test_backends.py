@@ -1,5 +1,6 @@
 """The backend switch: set_backend, the context manager, FASTGUIDE_BACKEND, availability."""
 
+import importlib.metadata
 import importlib.util
 import subprocess
 import sys
@@ -223,6 +224,43 @@ def test_auto_on_cuda_prefers_the_extension_in_eager_and_triton_for_graphs(monke
     monkeypatch.setattr(extension, "prebuilt_path", lambda: None)  # never a just-in-time build
     with fastguide.backend("auto"):
         assert resolve() == "triton"
+
+
+def test_a_triton_older_than_the_kernels_need_is_declined_with_its_version(monkeypatch):
+    # torch 2.5 pins Triton 3.1, whose frontend rejects the kernels: auto falls back to the
+    # torch backend and an explicit choice says which Triton is there and which is needed.
+    monkeypatch.setattr(backends, "_TRITON_INSTALLED", True)
+    monkeypatch.setattr(extension, "prebuilt_path", lambda: None)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(backends, "_TRITON_RELEASE", (3, 1))
+    assert backends.why_not("triton", cuda) == (
+        "triton 3.1 is installed; the kernels need triton 3.2 or newer (pip install 'triton>=3.2')"
+    )
+    with fastguide.backend("auto"):
+        assert backends.resolve("guided_step", cuda, torch.float16) == "torch"
+    with fastguide.backend("triton"), pytest.raises(RuntimeError, match=r"triton 3\.1 is installed; the kernels need"):
+        backends.resolve("guided_step", cuda, torch.float16)
+    for release in ((3, 2), (4, 0), None):  # None: a build that names no release
+        monkeypatch.setattr(backends, "_TRITON_RELEASE", release)
+        assert backends.why_not("triton", cuda) is None
+        with fastguide.backend("auto"):
+            assert backends.resolve("guided_step", cuda, torch.float16) == "triton"
+
+
+@pytest.mark.parametrize(
+    "version, release", [("3.1.0", (3, 1)), ("3.6.0+git9f2a", (3, 6)), ("10.12", (10, 12)), ("nightly", None)]
+)
+def test_triton_release_read_from_its_metadata(monkeypatch, version, release):
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
+    assert backends._triton_release() == release
+
+
+def test_triton_release_is_unknown_without_a_triton_distribution(monkeypatch):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert backends._triton_release() is None
 
 
 def test_resolution_traces_under_fullgraph_compile_without_import_lookups(monkeypatch):
