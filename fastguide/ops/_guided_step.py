@@ -535,11 +535,13 @@ def guided_step(
     check_combine(combine)
     if not isinstance(history, (tuple, list)):
         raise TypeError(f"history must be a tuple or list of tensors, got {type(history).__name__}")
-    tensors = StepTensors(model_output, x, guide, tuple(history), noise, grad, apg_buffer, out, x0_out, similarity)
+    past = tuple(history)
+    tensors = StepTensors(model_output, x, guide, past, noise, grad, apg_buffer, out, x0_out, similarity)
     check_step_tensors(tensors, step, combine, check_memory=not dispatch.tracing())
     if out is None:
         out = torch.empty_like(x)
-        tensors = tensors._replace(out=out)
+        # a new tuple, not tensors._replace(out=out): torch 2.5's dynamo cannot trace _replace
+        tensors = StepTensors(model_output, x, guide, past, noise, grad, apg_buffer, out, x0_out, similarity)
     guided_step_prechecked(tensors, step, combine)
     return out
 

@@ -71,8 +71,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Te
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
     qc, kc = in_dtype(q, dtype), in_dtype(k, dtype)
     o = F.scaled_dot_product_attention(qc, kc, in_dtype(v, dtype), scale=scale)
-    (o,) = _nan_rows_of_q([o], q)
-    return in_dtype(_nan_rows_of_a_single_key(o, qc, kc), q.dtype)
+    (o,) = _nan_rows([o], qc, kc, scale)
+    return in_dtype(o, q.dtype)
 
 
 def _may_hold_nonfinite(t: Tensor) -> bool:
@@ -83,6 +83,15 @@ def _may_hold_nonfinite(t: Tensor) -> bool:
     return t.device.type != "cpu" or not math.isfinite(float(t.sum(dtype=compute_dtype(t))))
 
 
+def _nan_rows(outputs: list[Tensor], q: Tensor, k: Tensor, scale: float) -> list[Tensor]:
+    """The attention outputs ((..., Lq, D) or (..., Lq)) with NaN in every row that IEEE
+    softmax makes NaN and aten's SDPA kernels may not: the rows of queries holding a NaN or
+    ±inf, the rows with a NaN or +inf score against a key holding one, and a NaN score
+    against a single key."""
+    outputs = _nan_rows_of_keys(_nan_rows_of_q(outputs, q), q, k, scale)
+    return [_nan_rows_of_a_single_key(t, q, k) for t in outputs]
+
+
 def _nan_rows_of_q(outputs: list[Tensor], q: Tensor) -> list[Tensor]:
     """The outputs ((..., Lq, D) or (..., Lq)) with the rows of queries holding a NaN or ±inf
     set to NaN: such a row's scores are NaN or infinities of both signs, so IEEE softmax
@@ -90,6 +99,25 @@ def _nan_rows_of_q(outputs: list[Tensor], q: Tensor) -> list[Tensor]:
     if not _may_hold_nonfinite(q):
         return outputs
     bad_rows = ~torch.isfinite(q).all(dim=-1)
+    return [t.masked_fill(bad_rows if t.dim() < q.dim() else bad_rows[..., None], float("nan")) for t in outputs]
+
+
+def _nan_rows_of_keys(
+    outputs: list[Tensor], q: Tensor, k: Tensor, scale: float, rows_per_chunk: int = 256
+) -> list[Tensor]:
+    """The outputs with NaN in the rows whose score q·k·scale against a key holding a NaN or
+    ±inf is NaN or +inf (torch 2.5's CPU kernel returns a zero row there in float64). Only
+    on the CPU, when k's sum is not finite: the scores against those keys alone, over
+    query chunks. Left to SDPA's kernels on a device, where the check, which cannot branch
+    on the data there, would cost a second q·kᵀ."""
+    if k.device.type != "cpu" or not _may_hold_nonfinite(k):
+        return outputs
+    k_bad = k.masked_fill(torch.isfinite(k).all(dim=-1, keepdim=True), 0.0)  # finite keys score 0
+    chunks = []
+    for q_chunk in q.split(rows_per_chunk, dim=-2):
+        scores = torch.matmul(q_chunk, k_bad.transpose(-1, -2)) * scale
+        chunks.append((scores.isnan() | (scores == math.inf)).any(dim=-1))
+    bad_rows = torch.cat(chunks, dim=-1)
     return [t.masked_fill(bad_rows if t.dim() < q.dim() else bad_rows[..., None], float("nan")) for t in outputs]
 
 
@@ -502,8 +530,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
     else:
         o = F.scaled_dot_product_attention(qc, kc, vc, scale=scale)
         lse = _attention_lse(qc, kc, scale)
-    o, lse = _nan_rows_of_q([o, lse], q)
-    o, lse = _nan_rows_of_a_single_key(o, qc, kc), _nan_rows_of_a_single_key(lse, qc, kc)
+    o, lse = _nan_rows([o, lse], qc, kc, scale)
     return in_dtype(o, q.dtype).contiguous(), in_dtype(lse, dtype).contiguous()
 
 

@@ -325,6 +325,36 @@ def test_a_single_nan_key_makes_its_rows_nan_on_every_backend():
         assert torch.isnan(out[0, 1]).all() and torch.isfinite(out[0, 0]).all(), backend
 
 
+@pytest.mark.parametrize("scale", [0.5, -0.5])
+@pytest.mark.parametrize("forward", ["attention", "attention_forward"])
+def test_the_reference_makes_rows_nan_where_a_non_finite_key_makes_a_score_nan_or_inf(monkeypatch, forward, scale):
+    # torch 2.5's CPU SDPA returns a zero row in float64 where a key holds a NaN: the
+    # reference must not rely on the kernel. Here SDPA (and the flash kernel that returns
+    # the log-sum-exp) see the keys with their non-finite values zeroed, as such a kernel
+    # would; the rows must still follow IEEE softmax: NaN where a score against a bad key
+    # is NaN or +inf, finite where it is -inf (weight 0).
+    g = torch.Generator().manual_seed(0)
+    q = torch.rand(1, 2, 4, 8, generator=g, dtype=torch.float64) + 0.5  # positive: the signs below hold
+    k, v = (torch.randn(1, 2, 5, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    q[0, 0, 3] = -q[0, 0, 3]  # a row that sees the +inf key below as -inf (with scale > 0)
+    k[0, 0, 1, 4] = math.inf  # head 0: a score of +inf on rows 0-2, -inf on row 3
+    k[0, 1, 2, 0] = math.nan  # head 1: NaN scores on every row
+    sdpa, flash = torch.nn.functional.scaled_dot_product_attention, reference._unit_last_stride
+    monkeypatch.setattr(
+        reference.F, "scaled_dot_product_attention", lambda q, k, v, **kw: sdpa(q, k.nan_to_num(0, 0, 0), v, **kw)
+    )
+    monkeypatch.setattr(reference, "_unit_last_stride", lambda t: flash(t).nan_to_num(0, 0, 0))
+    if forward == "attention":
+        outputs = [reference.attention(q, k, v, scale=scale)]
+    else:
+        outputs = list(reference.attention_forward(q, k, v, scale))
+    nan_rows = [0, 1, 2] if scale > 0 else [3]
+    finite_rows = [3] if scale > 0 else [0, 1, 2]
+    for out in outputs:
+        assert torch.isnan(out[0, 0, nan_rows]).all() and torch.isfinite(out[0, 0, finite_rows]).all()
+        assert torch.isnan(out[0, 1]).all()
+
+
 # --------------------------------------------------------------------------------------
 # The TMA forward (tensor descriptors): the interpreter runs it under FASTGUIDE_ATTENTION_TMA
 # "on"; a GPU's tests take it under "auto" on sm_90 too (every fp16/bf16 case above).
