@@ -110,6 +110,15 @@ def _module(pipe):
     return sys.modules[type(pipe).__module__]
 
 
+def _dit_returns_tensors() -> bool:
+    """Whether DiTPipeline returns output_type="pt" as a tensor (B, C, H, W), as diffusers
+    does from 0.41; before, every output type but "pil" came back as a numpy (B, H, W, C)."""
+    import diffusers
+
+    major, minor = (int(part) for part in diffusers.__version__.split(".")[:2])
+    return (major, minor) >= (0, 41)
+
+
 class Sampling(NamedTuple):
     """GuidedSampler's settings, the map from the pipeline's starting latents to x_T, the
     generator of the steps' noise (None for a sampler that draws none), and whether the
@@ -746,7 +755,7 @@ def _dit(pipe, a: dict, options) -> Denoising:
     def finish(latents: Tensor):
         samples = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
         samples = (samples / 2 + 0.5).clamp(0, 1)
-        if a["output_type"] != "pt":
+        if a["output_type"] != "pt" or not _dit_returns_tensors():
             samples = samples.cpu().permute(0, 2, 3, 1).float().numpy()
             if a["output_type"] == "pil":
                 samples = pipe.numpy_to_pil(samples)

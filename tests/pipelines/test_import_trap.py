@@ -86,8 +86,11 @@ def test_without_huggingface_kernels_the_name_reads_as_not_installed():
     if importlib.util.find_spec("transformers") is None:
         pytest.skip("needs transformers")
     result = run_from_root(
-        WITHOUT_HUGGINGFACE_KERNELS + "from transformers.utils.import_utils import is_kernels_available\n"
-        "assert is_kernels_available() is False\n"
+        WITHOUT_HUGGINGFACE_KERNELS + "from transformers.utils import import_utils\n"
+        "if not hasattr(import_utils, 'is_kernels_available'):\n"
+        "    print('transformers looks for no kernels package')\n"
+        "    raise SystemExit(0)\n"
+        "assert import_utils.is_kernels_available() is False\n"
         "import kernels\n"
         "assert getattr(kernels, '__file__', None) is None and not hasattr(kernels, '__version__')\n"
         "try:\n"
@@ -102,6 +105,8 @@ def test_without_huggingface_kernels_the_name_reads_as_not_installed():
         "    print('not installed')\n"
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    if result.stdout.strip() == "transformers looks for no kernels package":
+        pytest.skip("this transformers is older than its check for Hugging Face's kernels package")
     assert result.stdout.strip() == "not installed", result.stdout
 
 
