@@ -103,6 +103,8 @@ def test_available_backends_reports_reasons():
 
 def test_requested_backend_that_cannot_run_raises_clearly(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(backends, "_TRITON_INSTALLED", True)  # a Triton the kernels take
+    monkeypatch.setattr(backends, "_TRITON_RELEASE", backends.OLDEST_TRITON)
     x = torch.randn(1, 3, 4, 4)
     with (
         fastguide.backend("triton"),
@@ -270,8 +272,11 @@ def test_resolution_traces_under_fullgraph_compile_without_import_lookups(monkey
     def no_lookup(*args, **kwargs):
         raise AssertionError("find_spec called while resolving a backend")
 
+    import torch._dynamo  # noqa: F401  (before the patch: torch 2.5 imports it lazily, and it calls find_spec)
+
     monkeypatch.setattr(importlib.util, "find_spec", no_lookup)
     monkeypatch.setattr(backends, "_TRITON_INSTALLED", True)
+    monkeypatch.setattr(backends, "_TRITON_RELEASE", backends.OLDEST_TRITON)
     monkeypatch.setattr(extension, "prebuilt_path", lambda: None)  # as on a machine without the build
     cuda = torch.device("cuda")
 
