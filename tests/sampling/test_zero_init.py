@@ -5,7 +5,6 @@ driving diffusers' schedulers on the same model."""
 
 from __future__ import annotations
 
-import diffusers
 import pytest
 import torch
 
@@ -22,6 +21,7 @@ from fastguide import (
 from tests.helpers import tiny_cfg_unet
 
 # the peer: diffusers' guiders arrived in 0.35
+diffusers = pytest.importorskip("diffusers")
 ClassifierFreeZeroStarGuidance = pytest.importorskip(
     "diffusers.guiders", reason="a diffusers with guiders (0.35+)"
 ).ClassifierFreeZeroStarGuidance
