@@ -202,8 +202,8 @@ class _PerturbedForward:
 
 def _bound(bound: int | None, batch: int, default: int) -> int:
     """A slice bound within [-batch, batch] as a row index in [0, batch], as
-    ``slice.indices`` gives it (which torch.compile before 2.13 cannot trace: a graph break
-    that skipped the whole compiled forward)."""
+    ``slice.indices`` gives it (which torch 2.11's dynamo, the GPU image's, cannot trace: a
+    graph break that sent the whole compiled forward back to eager)."""
     if bound is None:
         return default
     return bound + batch if bound < 0 else bound

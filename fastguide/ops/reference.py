@@ -107,9 +107,9 @@ def _nan_rows_of_keys(
 ) -> list[Tensor]:
     """The outputs with NaN in the rows whose score q·k·scale against a key holding a NaN or
     ±inf is NaN or +inf (torch 2.5's CPU kernel returns a zero row there in float64). Only
-    on the CPU, when k's sum is not finite: the scores against those keys alone, over
-    query chunks. Left to SDPA's kernels on a device, where the check, which cannot branch
-    on the data there, would cost a second q·kᵀ."""
+    on the CPU, when k's sum is not finite (the rare case pays a second q·kᵀ, with the
+    finite keys zeroed, over query chunks). Left to SDPA's kernels on a device, where the
+    check cannot branch on the data and every call would pay that q·kᵀ."""
     if k.device.type != "cpu" or not _may_hold_nonfinite(k):
         return outputs
     k_bad = k.masked_fill(torch.isfinite(k).all(dim=-1, keepdim=True), 0.0)  # finite keys score 0
