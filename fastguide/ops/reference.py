@@ -16,6 +16,7 @@ recomputing the forward under torch.func.vjp.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -85,50 +86,48 @@ def _may_hold_nonfinite(t: Tensor) -> bool:
 
 def _nan_rows(outputs: list[Tensor], q: Tensor, k: Tensor, scale: float) -> list[Tensor]:
     """The attention outputs ((..., Lq, D) or (..., Lq)) with NaN in every row that IEEE
-    softmax makes NaN and aten's SDPA kernels may not: the rows of queries holding a NaN or
-    ±inf, the rows with a NaN or +inf score against a key holding one, and a NaN score
-    against a single key."""
-    outputs = _nan_rows_of_keys(_nan_rows_of_q(outputs, q), q, k, scale)
-    return [_nan_rows_of_a_single_key(t, q, k) for t in outputs]
-
-
-def _nan_rows_of_q(outputs: list[Tensor], q: Tensor) -> list[Tensor]:
-    """The outputs ((..., Lq, D) or (..., Lq)) with the rows of queries holding a NaN or ±inf
-    set to NaN: such a row's scores are NaN or infinities of both signs, so IEEE softmax
-    gives NaN (aten's CPU kernel returns a finite row there)."""
-    if not _may_hold_nonfinite(q):
+    softmax makes NaN and aten's SDPA kernels may not (the three rules below), one fill
+    per output."""
+    rules = (_rows_of_bad_queries(q), _rows_scoring_bad_keys(q, k, scale), _rows_of_one_nan_score(q, k))
+    masks = [mask for mask in rules if mask is not None]
+    if not masks:
         return outputs
-    bad_rows = ~torch.isfinite(q).all(dim=-1)
+    bad_rows = functools.reduce(torch.logical_or, masks)  # (..., Lq)
     return [t.masked_fill(bad_rows if t.dim() < q.dim() else bad_rows[..., None], float("nan")) for t in outputs]
 
 
-def _nan_rows_of_keys(
-    outputs: list[Tensor], q: Tensor, k: Tensor, scale: float, rows_per_chunk: int = 256
-) -> list[Tensor]:
-    """The outputs with NaN in the rows whose score q·k·scale against a key holding a NaN or
-    ±inf is NaN or +inf (torch 2.5's CPU kernel returns a zero row there in float64). Only
-    on the CPU, when k's sum is not finite (the rare case pays a second q·kᵀ, with the
-    finite keys zeroed, over query chunks). Left to SDPA's kernels on a device, where the
-    check cannot branch on the data and every call would pay that q·kᵀ."""
+def _rows_of_bad_queries(q: Tensor) -> Tensor | None:
+    """The rows of queries holding a NaN or ±inf (None where none can): such a row's scores
+    are NaN or infinities of both signs, so IEEE softmax gives NaN (aten's CPU kernel
+    returns a finite row there)."""
+    if not _may_hold_nonfinite(q):
+        return None
+    return ~torch.isfinite(q).all(dim=-1)
+
+
+def _rows_scoring_bad_keys(q: Tensor, k: Tensor, scale: float, rows_per_chunk: int = 256) -> Tensor | None:
+    """The rows whose score q·k·scale against a key holding a NaN or ±inf is NaN or +inf
+    (torch 2.5's CPU kernel returns a zero row there in float64). Only on the CPU, when k's
+    sum is not finite (the rare case pays a second q·kᵀ, with the finite keys zeroed, over
+    query chunks). Left to SDPA's kernels on a device (None), where the check cannot branch
+    on the data and every call would pay that q·kᵀ."""
     if k.device.type != "cpu" or not _may_hold_nonfinite(k):
-        return outputs
+        return None
     k_bad = k.masked_fill(torch.isfinite(k).all(dim=-1, keepdim=True), 0.0)  # finite keys score 0
     chunks = []
     for q_chunk in q.split(rows_per_chunk, dim=-2):
         scores = torch.matmul(q_chunk, k_bad.transpose(-1, -2)) * scale
         chunks.append((scores.isnan() | (scores == math.inf)).any(dim=-1))
-    bad_rows = torch.cat(chunks, dim=-1)
-    return [t.masked_fill(bad_rows if t.dim() < q.dim() else bad_rows[..., None], float("nan")) for t in outputs]
+    return torch.cat(chunks, dim=-1)
 
 
-def _nan_rows_of_a_single_key(t: Tensor, q: Tensor, k: Tensor) -> Tensor:
-    """t with NaN in the rows whose one score q·k is NaN, when there is a single key: IEEE
+def _rows_of_one_nan_score(q: Tensor, k: Tensor) -> Tensor | None:
+    """With a single key, the rows whose one score q·k is NaN (None with more keys): IEEE
     softmax of one NaN is NaN (aten's CPU flash kernel returns a zero row there; with two
     or more keys it returns NaN itself)."""
     if k.shape[-2] != 1:
-        return t
-    score_is_nan = torch.isnan((q * k).sum(-1))  # (..., Lq): each row's one score
-    return t.masked_fill(score_is_nan if t.dim() < q.dim() else score_is_nan[..., None], float("nan"))
+        return None
+    return torch.isnan((q * k).sum(-1))  # (..., Lq): each row's one score
 
 
 def _attention_lse(q: Tensor, k: Tensor, scale: float, rows_per_chunk: int = 256) -> Tensor:
