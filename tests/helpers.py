@@ -3,6 +3,8 @@ run here, the tolerance table of each op, random and poisoned tensors, and the i
 the kernel tests that more than one backend's suite uses."""
 
 import contextlib
+import importlib
+import importlib.metadata
 import math
 
 import pytest
@@ -17,6 +19,24 @@ from fastguide.ops.contract import GuidanceCombine, StepCoefficients, StepTensor
 # --------------------------------------------------------------------------------------
 # Backends under test
 # --------------------------------------------------------------------------------------
+
+
+def release(distribution: str) -> tuple[int, ...]:
+    """(major, minor) of an installed distribution; (0,) when it is not installed."""
+    try:
+        return tuple(int(part) for part in importlib.metadata.version(distribution).split(".")[:2])
+    except importlib.metadata.PackageNotFoundError:
+        return (0,)
+
+
+def diffusers_feature(module: str, since: tuple[int, int]):
+    """diffusers' module ``module``, a peer feature that diffusers ``since`` introduced: the
+    caller (a test, or a test module) skips under an older diffusers or none, and from
+    ``since`` on an import error fails it, as a broken peer import must."""
+    if release("diffusers") < since:
+        version = ".".join(map(str, since))
+        pytest.skip(f"{module} needs diffusers {version} or newer", allow_module_level=True)
+    return importlib.import_module(module)
 
 
 def backends_for(op: str) -> list[str]:

@@ -1,6 +1,5 @@
 """The benchmark suite's tooling does not rot: the report command and the one-shot GPU script."""
 
-import importlib.metadata
 import json
 import os
 import re
@@ -16,6 +15,7 @@ import torch
 
 import fastguide
 from fastguide.apps import bench, cli
+from tests.helpers import release
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,14 +71,6 @@ def test_a_stopped_run_reports_the_cases_it_finished(tmp_path, stop, status, sai
     assert "| fastguide |" in (out / "table.md").read_text()
 
 
-def _release(distribution: str) -> tuple[int, ...]:
-    """(major, minor) of an installed distribution; (0,) when it is not installed."""
-    try:
-        return tuple(int(part) for part in importlib.metadata.version(distribution).split(".")[:2])
-    except importlib.metadata.PackageNotFoundError:
-        return (0,)
-
-
 def test_reuse_study_at_its_reduced_size(tmp_path):
     """fastguide bench --reuse --quick: every method on both digits networks, beside
     diffusers' hooks on the transformer, its compute counted exactly."""
@@ -90,10 +82,10 @@ def test_reuse_study_at_its_reduced_size(tmp_path):
             assert (model, method) in methods
     # The peers' rows wherever the peer has the feature (diffusers' cache hooks from 0.35; the
     # test extra installs both): a peer whose import broke would lose its rows silently.
-    hooks = _release("diffusers") >= (0, 35)
+    hooks = release("diffusers") >= (0, 35)
     assert (("digits transformer", "diffusers FirstBlockCacheConfig") in methods) == hooks
     assert (("digits transformer", "diffusers MagCacheConfig") in methods) == hooks  # ratios calibrated on the run
-    assert (("digits transformer", "cache-dit DBCache") in methods) == (hooks and _release("cache-dit") > (0,))
+    assert (("digits transformer", "cache-dit DBCache") in methods) == (hooks and release("cache-dit") > (0,))
     compute = {(r["model"], r["method"]): r["compute"] for r in rows}
     assert compute[("digits UNet", "CFG")] == 1.0
     assert compute[("digits UNet", "CFG, fewer steps")] == 13 / 25

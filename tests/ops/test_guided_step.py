@@ -19,6 +19,7 @@ from tests.helpers import (
     backends_for,
     backends_with_emulation,
     case_inputs,
+    diffusers_feature,
     poisoned,
     randn,
     run_reference,
@@ -247,9 +248,7 @@ def test_apg_matches_sadat_et_al_over_two_steps():
 def test_apg_is_diffusers_original_formulation_at_scale_w_minus_one():
     # diffusers' normalized_guidance with use_original_formulation=True: c + s·(Δ⊥ + η·Δ∥);
     # the paper's w is s + 1. Its momentum buffer runs as ours over the steps.
-    apg = pytest.importorskip(
-        "diffusers.guiders.adaptive_projected_guidance", reason="a diffusers with guiders (0.35+)"
-    )
+    apg = diffusers_feature("diffusers.guiders.adaptive_projected_guidance", since=(0, 35))
     MomentumBuffer, normalized_guidance = apg.MomentumBuffer, apg.normalized_guidance
 
     w, eta, threshold, momentum = 5.0, 0.4, 3.0, -0.6
@@ -266,9 +265,7 @@ def test_apg_is_diffusers_original_formulation_at_scale_w_minus_one():
 
 def test_tangential_cfg_matches_kwon_et_al_and_diffusers():
     # TCFG: u ← (u·v₁)v₁ with v₁ the top right-singular vector of the per-sample [c; u].
-    tcfg = pytest.importorskip(
-        "diffusers.guiders.tangential_classifier_free_guidance", reason="a diffusers with guiders (0.35+)"
-    )
+    tcfg = diffusers_feature("diffusers.guiders.tangential_classifier_free_guidance", since=(0, 35))
     normalized_guidance = tcfg.normalized_guidance
 
     cond, uncond = randn(3, 4, 6, 6, seed=0), randn(3, 4, 6, 6, seed=1) * 0.7 + 0.3 * randn(3, 4, 6, 6, seed=0)
@@ -297,9 +294,7 @@ def test_apg_without_projection_or_clipping_is_cfg():
 def test_perturbed_guidance_matches_diffusers_pag_and_skip_layer_guidance(phi):
     # diffusers' PAG pipelines and SkipLayerGuidance: m = u + w·(c − u) + s·(c − p), then
     # rescale_noise_cfg against std(c); here inside a DDIM-like update, model output [c; u; p].
-    SkipLayerGuidance = pytest.importorskip(
-        "diffusers.guiders.skip_layer_guidance", reason="a diffusers with guiders (0.35+)"
-    ).SkipLayerGuidance
+    SkipLayerGuidance = diffusers_feature("diffusers.guiders.skip_layer_guidance", since=(0, 35)).SkipLayerGuidance
 
     batch, shape, w, s, alpha, sigma = 3, (4, 6, 5), 5.0, 2.5, 0.6, 0.8
     cond, x = randn(batch, *shape, seed=0), 1.3 * randn(batch, *shape, seed=3)

@@ -18,13 +18,11 @@ from fastguide import (
     NoiseSchedule,
     sample,
 )
-from tests.helpers import tiny_cfg_unet
+from tests.helpers import diffusers_feature, tiny_cfg_unet
 
 # the peer: diffusers' guiders arrived in 0.35
 diffusers = pytest.importorskip("diffusers")
-ClassifierFreeZeroStarGuidance = pytest.importorskip(
-    "diffusers.guiders", reason="a diffusers with guiders (0.35+)"
-).ClassifierFreeZeroStarGuidance
+ClassifierFreeZeroStarGuidance = diffusers_feature("diffusers.guiders", since=(0, 35)).ClassifierFreeZeroStarGuidance
 NULL = 3  # the toy model's null label
 
 
