@@ -325,6 +325,26 @@ def test_a_single_nan_key_makes_its_rows_nan_on_every_backend():
         assert torch.isnan(out[0, 1]).all() and torch.isfinite(out[0, 0]).all(), backend
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_non_finite_key_makes_nan_the_rows_it_scores_nan_or_inf(backend, dtype, device):
+    # IEEE softmax among many keys: a row with a NaN or +inf score is NaN, a -inf score
+    # weighs 0. On a device the reference leaves this to SDPA's kernels (docs/design.md,
+    # NaN and Inf), so this test, which gpu.sh runs on CUDA, checks them there. The bad
+    # keys sit past the first 64, in a later block of the kernels' key loop.
+    q = torch.randn(1, 2, 5, 16, generator=torch.Generator().manual_seed(0))
+    k, v = (torch.randn(1, 2, 90, 16, generator=torch.Generator().manual_seed(i)) for i in (1, 2))
+    k[0, 0, 70, 7] = math.nan  # head 0: every row scores NaN
+    k[0, 1, 80, :] = 0.0
+    k[0, 1, 80, 0] = math.inf  # head 1: the sign of q[..., 0] makes a row's score ±inf, or 0·inf = NaN
+    q[0, 1, :, 0] = torch.tensor([1.0, -1.0, 0.0, 2.0, -3.0])
+    with fastguide.backend(backend):
+        out = ops.attention(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)).float().cpu()
+    assert out[0, 0].isnan().all(), backend
+    assert out[0, 1, [0, 2, 3]].isnan().all(), backend
+    assert torch.isfinite(out[0, 1, [1, 4]]).all(), backend
+
+
 @pytest.mark.parametrize("scale", [0.5, -0.5])
 @pytest.mark.parametrize("forward", ["attention", "attention_forward"])
 def test_the_reference_makes_rows_nan_where_a_non_finite_key_makes_a_score_nan_or_inf(monkeypatch, forward, scale):
