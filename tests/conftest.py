@@ -18,6 +18,16 @@ import os
 import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+# Under pytest-xdist each worker takes its share of the cores for torch's intra-op threads
+# (and passes it on to the processes it starts), rather than every worker taking them all:
+# two workers of two threads each on two cores took 567 s for the suite, not 436, and 1.9x
+# the CPU time on tests/apps (2026-12-07), most of it OpenMP threads waiting on each other.
+# A thread count the user set stays.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _threads = max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 # On a GPU, the attention kernel autotunes over one config in tests (benchmarks never do).
 os.environ.setdefault("FASTGUIDE_AUTOTUNE", "off")
 
