@@ -65,6 +65,18 @@ if compgen -G "csrc/*.cu" >/dev/null || compgen -G "csrc/*.cpp" >/dev/null; then
     fi
 fi
 
+# The tests run in parallel workers (pytest-xdist, which the GPU image has): they check
+# results, never times. On the H200 (2026-12-04) the GPU tests took 4.2 of the call's 9
+# minutes in one process, and the group_norm benchmarks after them were cut; how much of
+# that was host work (Triton and inductor compile a kernel at a time on one of 16 cores)
+# the log did not say, so the gain is a GPU run's to show (gpu-tests.log's durations). Each worker takes its share of the cores (tests/conftest.py) and its own
+# CUDA context (about 0.5 GB); the largest test holds about 5 GB. GPU_SH_TEST_WORKERS=0
+# runs them in one process.
+test_workers=()
+if [ "${GPU_SH_TEST_WORKERS:-8}" != 0 ] && "$py" -c "import xdist" 2>/dev/null; then
+    test_workers=(-n "${GPU_SH_TEST_WORKERS:-8}")
+fi
+
 if [ "$mode" = "--dry-run" ]; then
     tests=$(collected tests)
     gpu_tests=$(collected tests -m gpu)
@@ -82,9 +94,9 @@ if [ "$mode" = "--dry-run" ]; then
     echo "+ FASTGUIDE_BACKEND=cuda $py -m fastguide selfcheck --device cuda >> $out/selfcheck.txt"
     echo "+ $py -m benchmarks.sampling.loop_profile --out $out > $out/loop_profile.log"
     echo "+ $py benchmarks/ops/host_path.py --device cuda --rounds 5 > $out/host_path.md"
-    echo "+ $py -m pytest tests -m gpu -q --durations=15 > $out/gpu-tests.log"
+    echo "+ $py -m pytest tests -m gpu -q --durations=15 ${test_workers[*]} > $out/gpu-tests.log"
     echo "+ $py -m fastguide bench -k MODULE --out $out/bench/MODULE, for each benchmarks/*/bench_*.py"
-    echo "+ $py -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_attention.py tests/ops/test_compile.py -q > $out/backend-tests.log"
+    echo "+ $py -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_attention.py tests/ops/test_compile.py -q ${test_workers[*]} > $out/backend-tests.log"
     exit 0
 fi
 
@@ -139,7 +151,8 @@ tail -n 8 "$out/loop_profile.log"
 # host time beyond the kernel goes.
 bounded "$py" benchmarks/ops/host_path.py --device cuda --rounds 5 2>&1 | tee "$out/host_path.md"
 keep "${PIPESTATUS[0]}"
-bounded "$py" -m pytest tests -m gpu -q -p no:cacheprovider --durations=15 2>&1 | tee "$out/gpu-tests.log"
+bounded "$py" -m pytest tests -m gpu -q -p no:cacheprovider --durations=15 ${test_workers[@]+"${test_workers[@]}"} 2>&1 \
+    | tee "$out/gpu-tests.log"
 keep "${PIPESTATUS[0]}"
 mkdir -p "$out/bench"
 for module in "${modules[@]}"; do
@@ -152,6 +165,6 @@ done
 # device here, with every backend that can run: triton and, when it built, cuda; the
 # attention tests' odd shapes and packed views reach the TMA forward on real hardware.
 bounded "$py" -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_attention.py tests/ops/test_compile.py -q -p no:cacheprovider \
-    2>&1 | tee "$out/backend-tests.log"
+    ${test_workers[@]+"${test_workers[@]}"} 2>&1 | tee "$out/backend-tests.log"
 keep "${PIPESTATUS[0]}"
 exit "$status"

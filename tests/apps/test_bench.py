@@ -1,5 +1,6 @@
 """The benchmark suite's tooling does not rot: the report command and the one-shot GPU script."""
 
+import importlib.util
 import json
 import os
 import re
@@ -150,19 +151,42 @@ def test_host_path_peer_column_computes_what_the_op_computes():
             torch.testing.assert_close(eager(), ours, msg=label)
 
 
-def test_gpu_script_dry_run_finds_every_test_and_benchmark(tmp_path):
+def gpu_script_dry_run(tmp_path, **env: str) -> str:
+    """What ``benchmarks/gpu.sh OUT --dry-run`` prints, under this Python."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("GPU_SH_")}
     result = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path), "--dry-run"],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHON": sys.executable},
+        env={**environment, "PYTHON": sys.executable, **env},
         check=True,
     )
-    found = re.search(r"collected: (\d+) tests, (\d+) of them GPU-marked, (\d+) benchmarks", result.stdout)
-    assert found, result.stdout
+    return result.stdout
+
+
+def pytest_lines(stdout: str) -> list[str]:
+    """The dry run's test steps (the GPU-marked tests, the backend-parametrised op tests)."""
+    lines = [line for line in stdout.splitlines() if " -m pytest tests" in line]
+    assert len(lines) == 2, stdout
+    return lines
+
+
+def test_gpu_script_dry_run_finds_every_test_and_benchmark(tmp_path):
+    stdout = gpu_script_dry_run(tmp_path)
+    found = re.search(r"collected: (\d+) tests, (\d+) of them GPU-marked, (\d+) benchmarks", stdout)
+    assert found, stdout
     tests, gpu_tests, benchmarks = map(int, found.groups())
-    assert tests > 500 and gpu_tests > 50 and benchmarks > 100, result.stdout
-    assert "-m fastguide bench" in result.stdout
+    assert tests > 500 and gpu_tests > 50 and benchmarks > 100, stdout
+    assert "-m fastguide bench" in stdout
+    # The tests run in 8 pytest-xdist workers where xdist imports; the benchmarks, which
+    # time, in one process.
+    if importlib.util.find_spec("xdist") is not None:
+        assert all(" -n 8 " in line for line in pytest_lines(stdout))
+    assert not any(" -n " in line for line in stdout.splitlines() if "fastguide bench" in line)
+
+
+def test_gpu_script_runs_the_tests_in_one_process_when_told(tmp_path):
+    assert not any(" -n " in line for line in pytest_lines(gpu_script_dry_run(tmp_path, GPU_SH_TEST_WORKERS="0")))
 
 
 @pytest.mark.parametrize(
@@ -234,8 +258,6 @@ def test_bench_whose_every_case_failed_says_so(tmp_path, capsys):
 
 
 def test_bench_without_matplotlib_skips_its_plots(tmp_path, capsys, monkeypatch):
-    import importlib.util
-
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name))
     suite = tiny_suite(tmp_path, ONE_CASE)
