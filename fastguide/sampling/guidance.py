@@ -1,9 +1,11 @@
 """Guidance specifications: what the sampler feeds the combine step of ops.guided_step.
 
 - ``CFG(scale, rescale=0, interval=None, apg=None, zero_star=False, tangential=False)``:
-  classifier-free guidance on one batched forward of [cond; uncond], m = u + w·(c − u),
-  with CFG rescale (Lin et al. 2023), a guidance interval in EDM's σ̃ (Kynkäänniemi et
-  al. 2024: outside it the forward runs on the conditional half only), and one of
+  classifier-free guidance on one batched forward of [cond; uncond], m = u + w·(c − u)
+  (diffusers' w, so w = 1 is the conditional prediction; Ho & Salimans write
+  (1 + w')·c − w'·u, their w' this w − 1), with CFG rescale (Lin et al. 2023), a
+  guidance interval in EDM's σ̃ (Kynkäänniemi et al. 2024: outside it the forward runs
+  on the conditional half only), and one of
   adaptive projected guidance (Sadat et al. 2024), CFG-Zero*'s optimised unconditional
   scale (Fan et al. 2025; with ``zero_init_steps=K`` also its zero-init: the first K model
   calls take a zero prediction and run no forward) or tangential damping (TCFG, Kwon et al. 2025: u projected onto
@@ -17,7 +19,9 @@
   Castillo et al. 2023): from the call after the one where every sample's cosine
   similarity of the x0 predictions of c and u reaches γ, the forward runs the conditional
   rows alone and the step is unguided (the similarity comes out of the fused step:
-  ``StepTensors.similarity``);
+  ``StepTensors.similarity``). The x0 predictions, whatever the model outputs: a γ tuned
+  on the cosine of raw ε outputs does not carry over, since those start near 1 at high
+  noise (docs/design.md);
   ``reuse=DeltaReuse(every=k, order)`` (FasterCache-style, Lv et al. 2024: the plain Δ
   reuse of its CFG cache, without its frequency weighting or timestep range; and
   LinearAG-style estimates): the unconditional rows run at every k-th guided call, and at
@@ -258,10 +262,15 @@ class CFG(Guidance):
     zero_star's scale s* = ⟨c, u⟩/‖u‖² (per sample) is on the model's output, as diffusers'
     guider computes it; the paper derives it for flow velocities. On ε outputs c and u
     share the x/σ part, so s* ≈ 1 and it is close to plain CFG.
+    rescale and tangential act on the model's output as it comes (ε, v, x0 or a flow
+    velocity), as diffusers' rescale_noise_cfg and TCFG guider do: the same φ is a
+    different blend on another parameterisation.
     zero_init_steps = K is CFG-Zero*'s zero-init (Fan et al. 2025, §4.2; diffusers'
     ClassifierFreeZeroStarGuidance, whose default is K = 1): the first K model calls take
     the prediction 0 in place of the guided one, as diffusers' guider returns it, and skip
-    the forward; the solver steps from it as from any prediction, with no rescale. The
+    the forward. K counts model calls, as diffusers' guider does, where the paper counts
+    solver steps: the same for Euler, but on a two-call step (heun, dpm++2s) K = 1 zeroes
+    only the first step's first call; the solver steps from it as from any prediction, with no rescale. The
     paper sets the velocity of a flow model to zero there, so the sample stays x_T through
     Euler steps (without clip_denoised or dynamic thresholding, which would clip the x0 = x
     it implies). On a VP schedule ε̂ = 0 implies x0 = x/α, which clip_denoised (VP's

@@ -679,6 +679,10 @@ class GuidedSampler:
         shape, device, dtype = tuple(x_T.shape), x_T.device, x_T.dtype
         rows = len(self.branches) * shape[0]
         momentum = self.combine is not None and self.combine.apg_momentum != 0
+        # APG's running state in float32, as the kernels keep it, but in float64 for a
+        # float64 run (the reference's, exact to float64 rounding: a float32 state moved
+        # such runs by 4e-7 to 2e-6)
+        momentum_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         calls = self._calls(False)
         reuse = any(call.delta_in for call in calls)
         zeroed = any(call.blocks == 0 for call in calls)
@@ -692,7 +696,7 @@ class GuidedSampler:
             x0_unconditional=[
                 torch.empty(shape, device=device, dtype=dtype) for _ in range(2 if self.unconditional_history else 0)
             ],
-            apg=torch.empty(shape, device=device, dtype=torch.float32) if momentum else None,
+            apg=torch.empty(shape, device=device, dtype=momentum_dtype) if momentum else None,
             noise=torch.zeros(shape, device=device, dtype=dtype),
             times=[table[i, : call.blocks * shape[0]] for i, call in enumerate(calls)],
             deltas=[torch.empty(shape, device=device, dtype=dtype) for _ in range(2 if reuse else 0)],

@@ -1773,3 +1773,40 @@ def test_an_unconditional_adm_unet_takes_classifier_guidance_without_labels():
     assert not torch.equal(guided, sample(unet, noise.shape, noise=noise, sampler="ddim", steps=3))
     with pytest.raises(ValueError, match="the model is unconditional .* no classifier guidance reads them"):
         sample(unet, noise.shape, **kwargs)
+
+
+def test_apg_momentum_in_a_float64_run_equals_diffusers_apg_to_float64_rounding():
+    # APG with momentum (diffusers' MomentumBuffer and normalized_guidance, the original
+    # formulation: c + (w − 1)·(Δ⊥ + η·Δ∥)) on a DDIM loop written out, in float64: the
+    # loop's momentum state is float64 too (a float32 one moved this run by ~2e-6).
+    from tests.helpers import diffusers_feature
+
+    apg = diffusers_feature("diffusers.guiders.adaptive_projected_guidance", since=(0, 35))
+    model = tiny_cfg_unet().double()
+    schedule, steps, w = NoiseSchedule.linear(), [999, 700, 400, 150], 4.0
+    labels = torch.tensor([0, 2])
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    null = torch.full_like(labels, model.null_label)
+    for eta, threshold, beta in [(0.0, 0.0, -0.5), (0.3, 2.0, -0.75)]:
+        momentum, x = apg.MomentumBuffer(beta), noise.clone()
+        with torch.no_grad():
+            for t, t_next in zip(steps, [*steps[1:], -1]):
+                times = torch.full((2,), t)
+                c, u = model(x, times, labels)[:, :3], model(x, times, null)[:, :3]
+                eps = apg.normalized_guidance(c, u, w - 1, momentum, eta, threshold, use_original_formulation=True)
+                alpha, sigma = schedule.alpha_sigma(t)
+                x0 = (x - sigma * eps) / alpha
+                alpha_next, sigma_next = schedule.alpha_sigma(t_next) if t_next >= 0 else (1.0, 0.0)
+                x = alpha_next * x0 + sigma_next * eps
+        got = sample(
+            model,
+            noise.shape,
+            labels=labels,
+            sampler="ddim",
+            steps=steps,
+            schedule=schedule,
+            guidance=CFG(w, apg=APG(eta, threshold, beta)),
+            noise=noise,
+            clip_denoised=False,
+        )
+        torch.testing.assert_close(got, x, atol=1e-12, rtol=1e-12)
