@@ -216,6 +216,19 @@ def settings_for(
 # --------------------------------------------------------------------------------------
 
 
+def _options(scheduler):
+    """The scheduler's config as its class reads it: the options its ``__init__`` takes.
+    ``from_config`` keeps every other key of the config it was given (a DDIM config's
+    clip_sample, say, on an EulerDiscreteScheduler), which that class never reads: read
+    as options, such a key clipped where diffusers does not, or refused what diffusers
+    runs. (A class whose ``__init__`` took ``**kwargs`` would keep them all.)"""
+    config = scheduler.config
+    parameters = inspect.signature(type(scheduler).__init__).parameters
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return config
+    return type(config)({key: value for key, value in config.items() if key in parameters})
+
+
 def _refuse(name: str, option: str, value: object, reason: str) -> UnsupportedScheduler:
     return UnsupportedScheduler(name, f"{option}={value!r}", reason)
 
@@ -310,6 +323,15 @@ def _placed(scheduler, call: _Call):
         raise UnsupportedScheduler(
             name, None, f"diffusers' set_timesteps({arguments}) fails: {type(error).__name__}: {error}"
         ) from None
+    betas = getattr(placed, "betas", None)  # (the VP schedulers')
+    if betas is not None and len(betas) != placed.config.num_train_timesteps:
+        raise _refuse(
+            name,
+            "trained_betas",
+            f"<{len(betas)} values>",
+            f"a table of {len(betas)} betas where num_train_timesteps is {placed.config.num_train_timesteps}: "
+            "diffusers places its timesteps by the one and clamps its σ's to the other",
+        )
     return placed
 
 
@@ -404,7 +426,7 @@ def _ddim(scheduler, call: _Call) -> SamplerSettings:
     does not divide T, leaves the next timestep's noise level), set_alpha_to_one=False on a
     grid ending at t = 0 (a last step from timestep 0 to its own noise level), eta outside
     [0, 1]."""
-    name, config = type(scheduler).__name__, scheduler.config
+    name, config = type(scheduler).__name__, _options(scheduler)
     _check_variance_preserving(name, config, ("epsilon", "v_prediction", "sample"))
     if config.clip_sample:
         raise _refuse(
@@ -454,7 +476,7 @@ def _ddpm(scheduler, call: _Call) -> SamplerSettings:
     (NaN in diffusers); "fixed_large" and "learned_range" when the grid ends above t = 0,
     since diffusers then adds noise at the last step (β there is 1 − ᾱ_t) and fastguide's
     last step is noiseless."""
-    name, config = type(scheduler).__name__, scheduler.config
+    name, config = type(scheduler).__name__, _options(scheduler)
     _check_variance_preserving(name, config, ("epsilon", "v_prediction", "sample"))
     clip = _check_clip(name, config)
     variance_type = config.variance_type
@@ -496,8 +518,9 @@ def _dpm_solver_multistep(scheduler, call: _Call) -> SamplerSettings:
     it differs from fastguide's: lower_order_final=False below 15 steps (diffusers keeps the
     solver's order) or euler_at_final=True from 15 (diffusers lowers it to first); σ grids off
     the timesteps, use_flow_sigmas (diffusers calls the model at ⌊T·σ⌋), variance_type
-    learned/learned_range (diffusers keeps model_output[:, :3])."""
-    name, config = type(scheduler).__name__, scheduler.config
+    learned/learned_range with an eps model (diffusers keeps model_output[:, :3]; it reads
+    variance_type nowhere else)."""
+    name, config = type(scheduler).__name__, _options(scheduler)
     _check_flow_sigmas(name, config)
     _check_variance_preserving(name, config, ("epsilon", "v_prediction", "sample"))
     _check_sigma_spacing(name, config)
@@ -522,7 +545,7 @@ def _dpm_solver_multistep(scheduler, call: _Call) -> SamplerSettings:
         raise _refuse(
             name, "solver_type", config.solver_type, "fastguide's second-order DPM-Solver++ update is the midpoint one"
         )
-    if config.get("variance_type") is not None:
+    if config.get("variance_type") in ("learned", "learned_range") and config.prediction_type == "epsilon":
         raise _refuse(
             name,
             "variance_type",
@@ -575,7 +598,7 @@ def _unipc(scheduler, call: _Call) -> SamplerSettings:
     lowered at the last steps (lower_order_final). Refused: solver_type "bh1",
     predict_x0=False, disable_corrector, solver_p, lower_order_final=False (with order ≥ 2),
     σ grids off the timesteps, use_flow_sigmas."""
-    name, config = type(scheduler).__name__, scheduler.config
+    name, config = type(scheduler).__name__, _options(scheduler)
     _check_flow_sigmas(name, config)
     _check_variance_preserving(name, config, ("epsilon", "v_prediction", "sample"))
     _check_sigma_spacing(name, config)
@@ -622,7 +645,7 @@ def _sigma_space(sampler: str, prediction_types: tuple[str, ...]) -> Callable[[o
     Heun, a clip range other than 1."""
 
     def mapper(scheduler, call: _Call) -> SamplerSettings:
-        name, config = type(scheduler).__name__, scheduler.config
+        name, config = type(scheduler).__name__, _options(scheduler)
         _check_variance_preserving(name, config, prediction_types)
         _check_sigma_spacing(name, config)
         if _final_timestep(config) >= 0:
@@ -677,7 +700,7 @@ def _flow_match(sampler: str) -> Callable[[object, _Call], SamplerSettings]:
     renoises so), custom timesteps apart from the σ's (the model's time is then not T·σ)."""
 
     def mapper(scheduler, call: _Call) -> SamplerSettings:
-        name, config = type(scheduler).__name__, scheduler.config
+        name, config = type(scheduler).__name__, _options(scheduler)
         if config.get("use_dynamic_shifting", False) and call.mu is None:
             raise _refuse(
                 name,

@@ -4,6 +4,7 @@ scale_model_input, step, as the pipelines run it) and fastguide.sample under the
 settings give the same latents from the same start, to float rounding; every refusal names
 its option and reason."""
 
+import dataclasses
 import inspect
 import math
 import subprocess
@@ -93,6 +94,27 @@ def pixart(**overrides):
 
 def sd3(kind="FlowMatchEulerDiscreteScheduler", **overrides):
     return getattr(diffusers, kind).from_config(diffusers.FlowMatchEulerDiscreteScheduler(**SD3).config, **overrides)
+
+
+# Keys a scheduler class does not take, which from_config keeps in its config all the same
+# (a DDPM config's clipping and thresholding, a DPM-Solver's σ options): the class never
+# reads them, and neither may settings_for.
+LEFTOVERS = dict(
+    clip_sample=True,
+    clip_sample_range=1.5,
+    thresholding=True,
+    use_karras_sigmas=True,
+    final_sigmas_type="sigma_min",
+)
+
+
+def with_leftovers(kind, **overrides):
+    """``kind.from_config`` of SD 1.5's config plus LEFTOVERS that ``kind`` does not take."""
+    cls = getattr(diffusers, kind)
+    taken = inspect.signature(cls.__init__).parameters
+    scheduler = cls.from_config({**SD15, **{k: v for k, v in LEFTOVERS.items() if k not in taken}}, **overrides)
+    assert any(k not in taken and k in scheduler.config for k in LEFTOVERS)  # kept, unread
+    return scheduler
 
 
 def toy(x, t):
@@ -292,6 +314,27 @@ CASES = {
         toy,
     ),
     "euler-linspace-integral": (lambda: sd15("EulerDiscreteScheduler", timestep_spacing="linspace"), {}, "euler", toy),
+    # a DDIM or DDPM config's clip_sample=True left in an Euler scheduler's config (from_config
+    # keeps it): Euler never clips
+    "euler-clip-sample-leftover": (
+        lambda: diffusers.EulerDiscreteScheduler.from_config({**SD15, "clip_sample": True}),
+        {},
+        "euler",
+        toy,
+    ),
+    # DPM-Solver reads variance_type only for a learned variance of an eps model
+    "dpm++2m-learned-range-v": (
+        lambda: pixart(variance_type="learned_range", prediction_type="v_prediction"),
+        {},
+        "dpm++2m",
+        toy,
+    ),
+    "dpm++2m-fixed-small": (
+        lambda: sd15("DPMSolverMultistepScheduler", variance_type="fixed_small"),
+        {},
+        "dpm++2m",
+        toy,
+    ),
     "unipc-trained-betas": (
         lambda: diffusers.UniPCMultistepScheduler(
             trained_betas=torch.linspace(2e-4, 0.03, 500).tolist(), num_train_timesteps=500
@@ -455,6 +498,12 @@ REFUSALS = [
     ),
     (lambda: diffusers.DDPMScheduler(clip_sample_range=2.0), {}, "clip_sample_range=2.0", "[−1, 1]"),
     (
+        lambda: sd15("EulerDiscreteScheduler", trained_betas=torch.linspace(2e-4, 0.03, 500).tolist()),
+        {},
+        "trained_betas='<500 values>'",
+        "num_train_timesteps is 1000",
+    ),
+    (
         lambda: sd15("DPMSolverMultistepScheduler", use_karras_sigmas=True),
         {},
         "use_karras_sigmas=True",
@@ -557,6 +606,16 @@ def test_unreproducible_schedulers_are_refused_with_the_option_and_reason(make, 
     assert raised.value.option == option
     assert reason in raised.value.reason and isinstance(raised.value, ValueError)
     assert type(scheduler).__name__ in str(raised.value)
+
+
+@pytest.mark.parametrize("kind", ["EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler"])
+def test_options_a_scheduler_does_not_take_are_not_refused(kind):
+    # from_config keeps them (a DPM-Solver's use_karras_sigmas and final_sigmas_type, a DDPM's
+    # thresholding), the class never reads them: the same settings as without them.
+    plain = settings_for(getattr(diffusers, kind).from_config(SD15), 20)
+    got = settings_for(with_leftovers(kind), 20)
+    assert got.schedule.cache_key == plain.schedule.cache_key
+    assert dataclasses.replace(got, schedule=None) == dataclasses.replace(plain, schedule=None)
 
 
 def test_dpm_solver_3m_lower_order_final_is_irrelevant_from_15_steps():
