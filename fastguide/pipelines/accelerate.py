@@ -52,7 +52,6 @@ from torch import Tensor, nn
 
 from ..models.accelerate import accelerate as accelerate_module
 from ..models.block_cache import BlockCacheSettings, FirstBlockCache, ForecastCache, check_cacheable
-from ..sampling.conditioning import flatten
 from ..sampling.guidance import Guidance
 from ..sampling.loop import GuidedSampler
 from ..sampling.schedule import SPACINGS, NoiseSchedule
@@ -218,7 +217,7 @@ def _accelerated_call(pipe, original: Callable, args: tuple, kwargs: dict):
             )
         return original(pipe, *args, **kwargs)
     if arguments.get("latents") is not None:
-        _check_latent_rows(denoising)
+        _check_latent_rows(arguments, denoising)
     overridden = sorted(given & PIPELINE_GUIDANCE_ARGUMENTS) if options.guidance is not None else []
     if overridden:
         warnings.warn(
@@ -234,17 +233,14 @@ def _accelerated_call(pipe, original: Callable, args: tuple, kwargs: dict):
     return denoising.finish(_denoise(pipe, denoising))
 
 
-def _check_latent_rows(denoising: recipes.Denoising) -> None:
-    """Refuse ``latents`` of another batch than the conditioning's (the prompts times
-    num_images_per_prompt), naming the argument (the loop's own check would name its
-    conditioning's keys)."""
-    rows = {
-        leaf.shape[0] for leaf in flatten(denoising.cond, "cond").values() if isinstance(leaf, Tensor) and leaf.dim()
-    } - {1}
-    latents = denoising.noise.shape[0]
-    if rows and latents not in rows:
+def _check_latent_rows(arguments: dict, denoising: recipes.Denoising) -> None:
+    """Refuse ``latents`` of another batch than the prompts times num_images_per_prompt,
+    naming the argument, where diffusers' loop fails on the mismatch (the loop's own check
+    would name its conditioning's keys, and would broadcast embeddings of one row)."""
+    rows = recipes.latent_rows(arguments)
+    if denoising.noise.shape[0] != rows:
         raise ValueError(
-            f"latents must hold {min(rows)} rows (the prompts times num_images_per_prompt) on dim 0, "
+            f"latents must hold {rows} rows (the prompts times num_images_per_prompt) on dim 0, "
             f"got shape {tuple(denoising.noise.shape)}"
         )
 

@@ -248,6 +248,12 @@ def _batch(a: Mapping) -> int:
     return 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else a["prompt_embeds"].shape[0]
 
 
+def latent_rows(a: Mapping) -> int:
+    """The rows of the latents a text-to-image call denoises: the prompts times
+    num_images_per_prompt."""
+    return _batch(a) * a["num_images_per_prompt"]
+
+
 def _refuse_guidance_embedding(pipe) -> None:
     if pipe.unet.config.time_cond_proj_dim is not None:
         raise Unsupported("a UNet with time_cond_proj_dim (a guidance-scale embedding, as LCM's) is diffusers' own")
@@ -374,7 +380,7 @@ def _stable_diffusion_xl(pipe, a: dict, options) -> Denoising:
         None,
         a["callback_on_step_end_tensor_inputs"],
     )
-    rows = _batch(a) * a["num_images_per_prompt"]
+    rows = latent_rows(a)
     negative_sizes = a["negative_original_size"] is not None and a["negative_target_size"] is not None
     if negative_sizes and rows > 1:
         raise Unsupported(
@@ -522,7 +528,15 @@ def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
             config.get("base_shift", 0.5),
             config.get("max_shift", 1.16),
         )
-    sampling, x_T, generator, _, draws = _sampling(pipe, a, options, generator_in_step=False, mu=mu)
+    # SD3's prepare_latents does not scale by init_noise_sigma, nor its loop call scale_model_input
+    sampling, x_T, generator, scaled_input, draws = _sampling(
+        pipe, a, options, generator_in_step=False, mu=mu, scaled_latents=False
+    )
+    if scaled_input:
+        raise Unsupported(
+            f"{type(pipe).__name__} with {type(pipe.scheduler).__name__}: its loop never calls "
+            "scale_model_input, which this scheduler's steps assume (fastguide's Euler would differ)"
+        )
     if skip_layers is not None and pipe.do_classifier_free_guidance and sampling["sampler"] != "euler":
         raise Unsupported(
             f"skip_guidance_layers with sampler {sampling['sampler']!r}: diffusers' window counts "

@@ -739,6 +739,38 @@ def test_latents_of_another_batch_are_refused_by_name():
     latents = torch.cat([SD_CALL["latents"], SD_CALL["latents"][:1]])
     with pytest.raises(ValueError, match=r"latents must hold 2 rows \(the prompts times num_images_per_prompt\)"):
         pipe(**{**SD_CALL, "latents": latents})
+    # one prompt's embeddings against two rows of latents: diffusers' loop fails on the
+    # shapes; fastguide's would broadcast the prompt over both
+    one_prompt = {name: SD_CALL[name][:1] for name in ("prompt_embeds", "negative_prompt_embeds")}
+    with pytest.raises(ValueError, match=r"latents must hold 1 rows"):
+        pipe(**{**SD_CALL, **one_prompt})
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        stable_diffusion_3,
+        lambda: stable_diffusion_3("StableDiffusion3PAGPipeline", pag_applied_layers=["blocks.1"]),
+    ],
+    ids=["sd3", "sd3-pag"],
+)
+@pytest.mark.parametrize("sampler", [None, "euler"])
+def test_sd3_with_a_scheduler_that_scales_its_input(make, sampler):
+    # SD3's loop neither scales its latents by init_noise_sigma nor calls scale_model_input,
+    # which an Euler-type VP scheduler's steps assume: the reproduced scheduler runs
+    # diffusers' loop, and fastguide's own sampler starts from the latents as they are.
+    original = make()
+    original.scheduler = diffusers.EulerDiscreteScheduler.from_config(SD_SCHEDULERS["euler"]().config)
+    accelerated = fastguide.accelerate(copy.deepcopy(original), sampler=sampler)
+    got = _images(accelerated, SD3_CALL)
+    if sampler is None:
+        assert "never calls scale_model_input" in accelerated.fastguide_fallback
+        _close(got, _images(original, SD3_CALL))
+    else:
+        assert accelerated.fastguide_fallback is None
+        ddim = fastguide.accelerate(copy.deepcopy(original), sampler=sampler)
+        ddim.scheduler = diffusers.DDIMScheduler.from_config(original.scheduler.config)  # init_noise_sigma 1
+        _close(got, _images(ddim, SD3_CALL))
 
 
 def test_eta_on_a_scheduler_without_it_is_ignored_as_diffusers_does():
