@@ -872,7 +872,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         nargs=2,
         metavar=("LOW", "HIGH"),
-        help="guide only where EDM's σ̃ lies in (LOW, HIGH] (Kynkäänniemi et al. 2024; cfg, cfg++, both or auto)",
+        help="guide only where EDM's σ̃ lies in (LOW, HIGH] (Kynkäänniemi et al. 2024; cfg, cfg++, both or auto; "
+        "with both, the CFG half: the classifier gradient applies at every step)",
     )
     s.add_argument(
         "--tangential",

@@ -276,6 +276,12 @@ class GuidedSampler:
         self.num_classes = _as_int(num_classes) if num_classes is not None else getattr(model, "num_classes", None)
         if self.num_classes is not None and not _is_count(self.num_classes):
             raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
+        own_classes = getattr(model, "num_classes", None)
+        if self.num_classes is not None and _is_count(own_classes) and self.num_classes > own_classes:
+            raise ValueError(
+                f"num_classes must be at most the model's num_classes ({own_classes}), got {self.num_classes}: "
+                "a label past the model's classes is its null class or past its table"
+            )
         if self.null_label is not None:
             _check_null_label(self.null_label, model, self.num_classes)
         self.schedule.check_prediction_type(prediction_type)
@@ -503,6 +509,12 @@ class GuidedSampler:
             raise ValueError(
                 "guidance needs labels (one class index per sample) or cond=/uncond= (the model's "
                 "keyword arguments) to tell its conditional branch from its unconditional one"
+            )
+        if uses_uncond and labels is not None and not cond_leaves and not _takes_labels(self.model):
+            raise ValueError(
+                "guidance with an unconditional branch (CFG) needs a model that takes labels: this one is "
+                "unconditional (num_classes None), so both branches would be the same forward; classifier "
+                "guidance alone guides it"
             )
         if uses_uncond and labels is not None and self.null_label is None:
             raise ValueError("CFG needs a null label: use a model built with null_class=True, or pass null_label=")

@@ -1810,3 +1810,31 @@ def test_apg_momentum_in_a_float64_run_equals_diffusers_apg_to_float64_rounding(
             clip_denoised=False,
         )
         torch.testing.assert_close(got, x, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "guidance",
+    [CFG(7.5), fastguide.PAG(2.0, ("input_blocks.1",), cfg_scale=3.0)],
+    ids=["cfg", "pag-with-cfg"],
+)
+def test_an_unconditional_branch_on_an_unconditional_model_is_refused_beside_a_classifier(guidance):
+    # The labels go to the classifier alone: the two branches would be one forward twice,
+    # and CFG (or PAG's CFG) a silent no-op at twice the cost.
+    with pytest.raises(ValueError, match="needs a model that takes labels"):
+        sample(
+            tiny_unet(),
+            (2, 3, 8, 8),
+            labels=torch.tensor([0, 3]),
+            null_label=0,
+            guidance=(guidance, ClassifierGuidance(tiny_classifier(), 2.0)),
+            sampler="ddim",
+            steps=2,
+        )
+
+
+def test_num_classes_past_the_models_own_is_refused():
+    # Label 4 of tiny_cfg_unet is its null class: num_classes=5 would let it pass as a class.
+    with pytest.raises(ValueError, match=r"num_classes must be at most the model's num_classes \(4\), got 5"):
+        sample(tiny_cfg_unet(), (2, 3, 8, 8), labels=torch.tensor([4, 4]), guidance=CFG(7.5), num_classes=5, steps=2)
+    got = sample(tiny_cfg_unet(), (2, 3, 8, 8), labels=torch.tensor([1, 2]), num_classes=3, steps=2)
+    assert torch.isfinite(got).all()  # fewer classes than the model's: a narrower check
