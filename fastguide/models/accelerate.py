@@ -226,13 +226,14 @@ def _fused_resnet_block_forward(self, input_tensor: Tensor, temb: Tensor | None,
     elif self.downsample is not None:
         input_tensor, h = self.downsample(input_tensor), self.downsample(h)
     h = self.conv1(h)
-    if self.time_emb_proj is not None and temb is not None:
+    if self.time_emb_proj is not None:
+        if temb is None:  # (diffusers' own block fails on it too, less clearly)
+            raise ValueError("temb must be given to a ResnetBlock2D with a time embedding (temb_channels)")
         if not self.skip_time_act:
             temb = F.silu(temb)
         temb = self.time_emb_proj(temb)[:, :, None, None]
     if self.time_embedding_norm == "scale_shift":
-        if temb is None:  # (diffusers' own block fails on it too, less clearly)
-            raise ValueError("temb must be given to a ResnetBlock2D with time_embedding_norm='scale_shift'")
+        assert temb is not None  # (it has a time_emb_proj: _check_diffusers_resnet)
         scale, shift = temb.chunk(2, dim=1)
         h = self.norm2(h, scale=scale, shift=shift, activation="silu")
     else:

@@ -243,6 +243,12 @@ def load_checkpoint(model: ModuleT, path: str | Path, *, expand_label_table: boo
         raise ValueError(
             f"expand_label_table=True: the model has no label table ({' or '.join(LABEL_TABLES)}) to expand"
         )
+    if expand_label_table and not getattr(model, "null_class", False):
+        # the appended row is the CFG null row: in a model without one it would be a class
+        raise ValueError(
+            "expand_label_table=True appends the null class's row, and the model has no null class "
+            "(build it with null_class=True, or a DiT with class_dropout_prob > 0)"
+        )
     if expand_label_table and label_table in state:
         table, wanted_rows = state[label_table], expected[label_table].shape[0]
         if table.shape[0] + 1 == wanted_rows:
@@ -267,7 +273,7 @@ def load_checkpoint(model: ModuleT, path: str | Path, *, expand_label_table: boo
         hint = ""
         if label_table is not None:
             rows, wanted_rows = state[label_table].shape[0], expected[label_table].shape[0]
-            if rows + 1 == wanted_rows and not expand_label_table:
+            if rows + 1 == wanted_rows and not expand_label_table and getattr(model, "null_class", False):
                 hint = " (a CFG model's label table has one more row: pass expand_label_table=True)"
             elif rows != wanted_rows:
                 hint = f" (the checkpoint's label table has {rows} rows, the model's {wanted_rows}: other classes)"

@@ -633,15 +633,21 @@ def test_accelerate_leaves_norms_with_an_eps_the_ops_refuse_alone(eps):
     assert type(model[0]) is nn.GroupNorm
 
 
-def test_a_scale_shift_resnet_without_its_time_embedding_is_named():
+@pytest.mark.parametrize("time_embedding_norm", ["scale_shift", "default"])
+def test_a_resnet_without_its_time_embedding_is_named(time_embedding_norm):
+    # diffusers' own block fails on silu(None) there; the default norm's must not skip the
+    # embedding and return an output
     from diffusers.models.resnet import ResnetBlock2D  # (not an attribute of diffusers.models before 0.35)
 
-    block = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=4, time_embedding_norm="scale_shift")
+    block = ResnetBlock2D(
+        in_channels=8, out_channels=8, temb_channels=16, groups=4, time_embedding_norm=time_embedding_norm
+    )
     fastguide.accelerate(block)
-    with pytest.raises(
-        ValueError, match="temb must be given to a ResnetBlock2D with time_embedding_norm='scale_shift'"
-    ):
+    with pytest.raises(ValueError, match=r"temb must be given to a ResnetBlock2D with a time embedding"):
         block(torch.randn(1, 8, 4, 4), None)
+    plain = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=None, groups=4)
+    fastguide.accelerate(plain)
+    assert plain(torch.randn(1, 8, 4, 4), None).shape == (1, 8, 4, 4)  # no embedding to give
 
 
 def test_accelerate_report_lists_swapped_and_left_alone(caplog):

@@ -137,9 +137,12 @@ def test_tied_weights_save_and_load(tmp_path, suffix, on_meta):
 
 
 class Labelled(nn.Module):
-    def __init__(self, classes):
+    """ADM's label table: ``rows`` rows, the last one the null class's where ``null_class``."""
+
+    def __init__(self, rows, null_class=True):
         super().__init__()
-        self.label_emb = nn.Embedding(classes, 4)
+        self.label_emb = nn.Embedding(rows, 4)
+        self.null_class = null_class
 
 
 def test_a_label_table_of_other_classes_is_named_as_such(tmp_path):
@@ -152,6 +155,15 @@ def test_a_label_table_of_other_classes_is_named_as_such(tmp_path):
             load_checkpoint(Labelled(11), tmp_path / "five.safetensors", expand_label_table=expand)
 
 
+def test_a_model_without_a_null_class_gets_no_row_appended(tmp_path):
+    # Six classes and no null class: the appended row would pass as class 5, an average.
+    save_state_dict(Labelled(5), tmp_path / "five.safetensors")
+    with pytest.raises(ValueError, match=r"expand_label_table=True appends the null class's row"):
+        load_checkpoint(Labelled(6, null_class=False), tmp_path / "five.safetensors", expand_label_table=True)
+    with pytest.raises(ValueError, match=r"label table has 5 rows, the model's 6: other classes"):
+        load_checkpoint(Labelled(6, null_class=False), tmp_path / "five.safetensors")
+
+
 class DiTLabelled(nn.Module):
     """DiT's and SiT's label table, under its own name."""
 
@@ -159,6 +171,7 @@ class DiTLabelled(nn.Module):
         super().__init__()
         self.y_embedder = nn.Module()
         self.y_embedder.embedding_table = nn.Embedding(classes, 4)
+        self.null_class = True
 
 
 def test_a_dits_label_table_expands_too_and_a_model_without_one_refuses_to(tmp_path):
