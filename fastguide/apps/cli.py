@@ -39,13 +39,13 @@ from ..sampling.solvers import SAMPLERS
 from .options import (
     DEFAULT_GRID,
     MAX_SAMPLES,
-    SEED_LIMIT,
     SEED_STRIDE,
     Parser,
     UsageError,
     atomic_path,
     check_at_least,
     check_backend,
+    check_batch_seeds,
     check_digits_folder,
     check_image_file,
     check_modules,
@@ -354,8 +354,7 @@ def check_sample(args: argparse.Namespace) -> None:
     check_scale("--scale", args.scale)
     check_scale("--classifier-scale", args.classifier_scale)
     _check_cfg_options(args)
-    batches = -(-args.num_samples // args.batch_size)
-    check_seed("--seed", args.seed, high=(SEED_LIMIT + 1 - batches) // SEED_STRIDE)
+    check_batch_seeds(args.num_samples, args.batch_size, args.seed)
     args.label_ids = parse_labels(args.labels, args.num_samples, 1000 if adm else digits.NUM_CLASSES)
     # an unconditional model (adm256-uncond) reads labels only through classifier guidance
     args.unconditional = (

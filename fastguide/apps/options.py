@@ -95,6 +95,20 @@ def check_seed(option: str, seed: int, high: int = SEED_LIMIT) -> None:
         raise UsageError(option, f"expected an integer from 0 to {high}, got {seed}")
 
 
+def check_batch_seeds(num_samples: int, batch_size: int, seed: int) -> None:
+    """A run's batch seeds, seed · SEED_STRIDE + i for batch i, within torch's 64 bits and
+    shared with no other --seed's run: at most SEED_STRIDE batches (past them, batch
+    SEED_STRIDE of seed s would draw as batch 0 of seed s + 1)."""
+    batches = -(-num_samples // batch_size)
+    if batches > SEED_STRIDE:
+        raise UsageError(
+            "--batch-size",
+            f"{num_samples:,} samples in batches of {batch_size} are {batches:,} batches, past the "
+            f"{SEED_STRIDE:,} whose seeds no other --seed's run shares: use larger batches",
+        )
+    check_seed("--seed", seed, high=(SEED_LIMIT + 1 - batches) // SEED_STRIDE)
+
+
 def parse_device(text: str, option: str = "--device") -> torch.device:
     """``cpu``, ``cuda`` or ``cuda:N``, and only a CUDA device this machine has."""
     try:

@@ -19,16 +19,15 @@ import torch
 
 from .options import (
     DEFAULT_GRID,
-    SEED_LIMIT,
     SEED_STRIDE,
     UsageError,
     atomic_path,
     check_at_least,
     check_backend,
+    check_batch_seeds,
     check_image_file,
     check_modules,
     check_scale,
-    check_seed,
     parse_device,
 )
 
@@ -70,8 +69,7 @@ def check(args: argparse.Namespace) -> None:
         check_scale("--scale", args.scale)
     if args.pag_scale is not None:
         check_scale("--pag-scale", args.pag_scale)
-    batches = -(-args.num_samples // args.batch_size)
-    check_seed("--seed", args.seed, high=(SEED_LIMIT + 1 - batches) // SEED_STRIDE)
+    check_batch_seeds(args.num_samples, args.batch_size, args.seed)
     if args.spacing is not None and args.sampler is None:
         raise UsageError(
             "--spacing",

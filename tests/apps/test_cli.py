@@ -121,6 +121,11 @@ SAMPLE = ["sample", "--out", "x.png", "--quiet"]
         (["--npz", "missing/x.npz"], "--npz: folder"),
         (["--seed", str(2**70)], f"--seed: expected an integer from 0 to {(2**64 - 1) // 1_000_003}, got {2**70}"),
         (["--seed", "-1"], "--seed: expected an integer from 0 to"),
+        # batch 1,000,003 of seed s would draw as batch 0 of seed s + 1
+        (
+            ["--num-samples", "10000000", "--batch-size", "5"],
+            "--batch-size: 10,000,000 samples in batches of 5 are 2,000,000 batches, past the 1,000,003",
+        ),
         (["--backend", "bogus"], "--backend: invalid choice: 'bogus'"),
         (["--labels", "3-12"], "--labels: expected classes in 0..9, got '3-12'"),
         (["--labels", "0-1000000000000"], "--labels: expected classes in 0..9, got '0-1000000000000'"),
