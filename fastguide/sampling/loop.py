@@ -33,7 +33,7 @@ from ..ops.contract import GuidanceCombine, StepCoefficients, StepTensors
 from ..ops.validation import FLOAT_DTYPES
 from . import cuda_graphs
 from .conditioning import Conditioning, RowConditioning, check_pair
-from .guidance import ClassifierGuidance, Guidance, default_sampler, parameter_dtype, split_guidance
+from .guidance import BRANCHES, ClassifierGuidance, Guidance, default_sampler, parameter_dtype, split_guidance
 from .schedule import KARRAS_RHO, FlowSchedule, NoiseSchedule
 from .solvers import FLOAT32_NOISE_SAMPLERS, TWO_CALL_SAMPLERS, VARIANCE_TYPES, StepPlan, check_sampler, plan_steps
 
@@ -270,7 +270,17 @@ class GuidedSampler:
         self.combine: GuidanceCombine | None = self.guidance.combine() if self.guidance is not None else None
         # The row blocks of a guided forward ([cond; uncond] for CFG; autoguidance runs B rows
         # through each of two networks).
-        self.branches: tuple[str, ...] = self.guidance.branches if self.guidance is not None else ("cond",)
+        self.branches: tuple[str, ...] = tuple(self.guidance.branches) if self.guidance is not None else ("cond",)
+        if (
+            self.branches[:1] != ("cond",)
+            or len(set(self.branches)) != len(self.branches)
+            or set(self.branches) - set(BRANCHES)
+        ):
+            # (a guidance of one's own: each name keys its rows' conditioning and block cache)
+            raise ValueError(
+                f"{type(self.guidance).__name__}.branches must be distinct names from {BRANCHES}, "
+                f"'cond' first, got {self.branches!r}"
+            )
         ops.check_combine(self.combine)
         self.null_label = _as_int(null_label) if null_label is not None else _model_null_label(model)
         self.num_classes = _as_int(num_classes) if num_classes is not None else getattr(model, "num_classes", None)

@@ -59,7 +59,14 @@ def test_the_loop_never_asks_a_guidance_its_class():
         if isinstance(node, ast.ImportFrom) and node.module == "guidance"
         for alias in node.names
     }
-    assert imported <= {"ClassifierGuidance", "Guidance", "default_sampler", "parameter_dtype", "split_guidance"}
+    assert imported <= {
+        "BRANCHES",
+        "ClassifierGuidance",
+        "Guidance",
+        "default_sampler",
+        "parameter_dtype",
+        "split_guidance",
+    }
 
 
 def test_a_guidance_subclass_must_say_its_combine():
@@ -75,3 +82,16 @@ def test_a_guidance_subclass_must_say_its_combine():
 
     with pytest.raises(NotImplementedError, match="NoSchedule defines no scale_at"):
         NoSchedule().combine_at(1.0, 0.5)
+
+
+@pytest.mark.parametrize(
+    "branches", [("cond", "cond"), ("uncond", "cond"), ("cond", "negative")], ids=["twice", "order", "unknown"]
+)
+def test_a_guidance_of_ones_own_names_distinct_known_branches(branches):
+    # Each name keys its rows' conditioning and block cache: a repeated one would share them.
+    class Odd(HalfwayCFG):
+        pass
+
+    Odd.branches = branches
+    with pytest.raises(ValueError, match=r"Odd.branches must be distinct names from \('cond', 'uncond', 'perturbed'\)"):
+        sample(tiny_cfg_unet(), (2, 3, 8, 8), labels=torch.tensor([1, 2]), guidance=Odd(3.0), steps=2)
