@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import inspect
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -52,6 +53,12 @@ def check(args: argparse.Namespace) -> None:
     given = [flag for dest, flag, default in DIGITS_ONLY if getattr(args, dest) != default]
     if given:
         raise UsageError(given[0], "applies to the digits and ADM models, not to --pipeline")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError(
+            "--pipeline",
+            "runs in one process: under torchrun every rank would sample every image and write "
+            "the same files (the digits and ADM models split their batches over the ranks)",
+        )
     check_modules("--pipeline", "diffusers", "transformers", extra="diffusers")
     folder = Path(args.pipeline)
     if not (folder / "model_index.json").is_file():

@@ -154,6 +154,15 @@ def test_bad_pipeline_options_exit_2_with_one_line(pipeline_folder, capsys, argu
     assert message in error and len(error.splitlines()) == 1
 
 
+def test_a_pipeline_under_torchrun_is_refused(pipeline_folder, capsys, monkeypatch):
+    # every rank would sample every image and write the same files
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--pipeline", str(pipeline_folder), "--prompt", "x"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--pipeline: runs in one process: under torchrun" in error
+
+
 def test_a_pipeline_class_this_diffusers_lacks_is_one_line(pipeline_folder, tmp_path, capsys):
     import json
     import shutil
