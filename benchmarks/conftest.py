@@ -83,8 +83,7 @@ def copy_bandwidth() -> float:
     n = 1 << 28  # 256 MiB: past every cache, on CPU too
     src = torch.empty(n, dtype=torch.uint8, device=DEVICE).fill_(1)
     dst = torch.empty_like(src)
-    seconds = call_seconds(lambda: dst.copy_(src), repeats=9)
-    return 2 * n / seconds
+    return 2 * n / _rate_seconds(lambda: dst.copy_(src), repeats=9)
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +92,15 @@ def matmul_rate() -> float:
     n, dtype = (8192, torch.float16) if DEVICE.type == "cuda" else (1024, torch.float32)
     a = torch.randn(n, n, device=DEVICE, dtype=dtype)
     b = torch.randn(n, n, device=DEVICE, dtype=dtype)
-    return 2 * n**3 / call_seconds(lambda: a @ b, repeats=5)
+    return 2 * n**3 / _rate_seconds(lambda: a @ b, repeats=5)
+
+
+def _rate_seconds(fn, repeats: int) -> float:
+    """Seconds of fn for a device rate: on a GPU its device time alone (the one launch's host
+    work is no part of the device's rate, and the % columns divide by device times too),
+    its call time where it cannot be captured; on the CPU, the wall clock."""
+    seconds = device_seconds(fn) if DEVICE.type == "cuda" else None
+    return seconds if seconds is not None else call_seconds(fn, repeats=repeats)
 
 
 def _peak_memory_bytes() -> int:
@@ -131,7 +138,7 @@ class Recorder:
         # GPU: the case's peak above what it held before; CPU: growth of the process's peak RSS.
         info["peak_memory_MB"] = max(0, _peak_memory_bytes() - baseline) / 2**20
         # On the CPU, pytest-benchmark's median of its many rounds (a few calls of a noisy
-        # host swapped the order of close rows); on a GPU, do_bench's.
+        # host swapped the order of close rows); on a GPU, call_seconds' (timing.py).
         measured = self.benchmark.stats if DEVICE.type == "cpu" else None
         seconds = measured.stats.median if measured else call_seconds(fn)
         info["device"] = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"

@@ -72,30 +72,34 @@ def plain_embedding(model, t):
     half = model.model_channels // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
-    return model.time_embed(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+    sinusoids = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    # float32 into ADM's float32 time MLP (also under use_fp16); a model cast whole takes its own
+    return model.time_embed(sinusoids.to(model.time_embed[0].weight.dtype))
 
 
 def plain_unet(model, x, t, y=None):
     emb = plain_embedding(model, t)
     if y is not None:
         emb = emb + model.label_emb(y)
-    hs, h = [], x
+    # ADM's use_fp16: the blocks run in their convolutions' dtype, x and the output head in x's
+    hs, h = [], x.type(model.dtype)
     for block in model.input_blocks:
         h = plain_sequential(block, h, emb)
         hs.append(h)
     h = plain_sequential(model.middle_block, h, emb)
     for block in model.output_blocks:
         h = plain_sequential(block, torch.cat([h, hs.pop()], dim=1), emb)
+    h = h.type(x.dtype)
     return model.out[2](F.silu(plain_norm(model.out[0], h)))
 
 
 def plain_classifier(model, x, t):
     emb = plain_embedding(model, t)
-    h, means = x, []
+    h, means = x.type(model.dtype), []  # (use_fp16: as plain_unet)
     for block in model.input_blocks:
         h = plain_sequential(block, h, emb)
-        means.append(h.mean(dim=(2, 3)))
-    h = plain_sequential(model.middle_block, h, emb)
+        means.append(h.type(x.dtype).mean(dim=(2, 3)))
+    h = plain_sequential(model.middle_block, h, emb).type(x.dtype)
     if model.pool == "spatial":
         return model.out(torch.cat(means + [h.mean(dim=(2, 3))], dim=-1))
     if model.pool == "spatial_v2":

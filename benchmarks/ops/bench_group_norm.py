@@ -1,4 +1,6 @@
-"""group_norm + scale-shift + SiLU vs the eager way (F.group_norm, scale-shift, F.silu),
+"""group_norm + scale-shift + SiLU vs the eager way (F.group_norm, scale-shift, F.silu; the
+norm in float32 as ADM's GroupNorm32 runs it, which in fp16/bf16 moves about 3x the bytes
+of a norm in the input's dtype, as diffusers' nn.GroupNorm runs: read its eager ratio so),
 torch.compile of that eager code, and a peer fused GroupNorm (Liger-Kernel's Triton
 GroupNorm with its affine, then the scale-shift and SiLU eagerly) when it is installed, on
 the same tensors. Liger reads NCHW: a channels_last x is copied to it first (its

@@ -108,7 +108,9 @@ class PromptTable(nn.Module):
         return self.unet(x, t, encoder_hidden_states=self.table[y]).sample
 
 
-def _ddim(schedule: str, beta_start: float = 1e-4, beta_end: float = 0.02):
+def _ddim(schedule: str, beta_start: float = 1e-4, beta_end: float = 0.02, device: torch.device | None = None):
+    """diffusers' DDIMScheduler, its timesteps set on ``device`` as the pipeline sets them
+    (StableDiffusionPipeline: the execution device; DiTPipeline: none, the CPU)."""
     import diffusers
 
     scheduler = diffusers.DDIMScheduler(
@@ -121,7 +123,7 @@ def _ddim(schedule: str, beta_start: float = 1e-4, beta_end: float = 0.02):
         timestep_spacing="leading",
         steps_offset=0,
     )
-    scheduler.set_timesteps(STEPS)
+    scheduler.set_timesteps(STEPS, device=device)
     return scheduler
 
 
@@ -190,12 +192,18 @@ def _dit_rows(setup: dict, batch: int) -> dict:
 
 
 def _adm_rows(setup: dict, batch: int) -> dict:
-    flags = fastguide.unet_config(setup["preset"])
+    # In fp16, ADM's own use_fp16 (its convolutions fp16; norms, linears and x float32), the
+    # only half precision ADM's code runs: a model cast whole fails in its float32 time MLP
+    # input and norms.
+    fp16 = DTYPE == torch.float16
+    flags = fastguide.unet_config(setup["preset"]) | {"use_fp16": fp16}
+    classifier_flags = fastguide.classifier_config(setup["preset"]) | {"classifier_use_fp16": fp16}
     with torch.device(DEVICE):
-        model = fastguide.create_model(**flags).to(DTYPE).eval()
-        classifier = fastguide.create_classifier(**fastguide.classifier_config(setup["preset"])).to(DTYPE).eval()
+        model = fastguide.create_model(**flags).eval()
+        classifier = fastguide.create_classifier(**classifier_flags).eval()
     shape = (batch, model.in_channels, model.image_size, model.image_size)
     noise, labels = _noise_and_labels(shape, model.num_classes)
+    noise = noise.float()
 
     def run(model, classifier):
         return sample(
@@ -265,7 +273,7 @@ def _sd_rows(setup: dict, batch: int) -> dict:
     shape = (batch, 4, setup["size"], setup["size"])
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(DEVICE, DTYPE)
     labels = torch.zeros(batch, dtype=torch.long, device=DEVICE)
-    scheduler = _ddim("scaled_linear", *SD_BETAS)
+    scheduler = _ddim("scaled_linear", *SD_BETAS, device=DEVICE)
     settings = dict(
         sampler="ddim",
         steps=scheduler.timesteps.tolist(),

@@ -116,6 +116,27 @@ def test_fused_unet_matches_plain_composition(case):
     torch.testing.assert_close(fused, expected, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("pool", [None, "attention", "spatial", "spatial_v2", "adaptive"])
+def test_the_plain_composition_runs_adms_use_fp16_as_adm_does(pool):
+    # tools/adm_baseline.py is the benchmarks' "ADM's own forward": with use_fp16 (fp16
+    # convolutions, float32 norms, linears, input and output) it casts x to the blocks'
+    # dtype and back before the head, as guided-diffusion's forward does.
+    if pool is None:
+        model, y = tiny_unet(num_classes=4, use_fp16=True, out_channels=6), torch.tensor([0, 3])
+        forward, plain, size = (lambda x, t: model(x, t, y)), (lambda x, t: plain_unet(model, x, t, y)), 16
+    else:
+        model = randomize(fastguide.EncoderUNet(**TINY_ADM, out_channels=4, pool=pool, use_fp16=True), seed=6).eval()
+        forward, plain, size = model, (lambda x, t: plain_classifier(model, x, t)), 8
+    assert model.dtype == torch.float16
+    x, t = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 500])
+    with torch.no_grad(), fastguide.backend("torch"):
+        fused = forward(x, t)
+    expected = plain(x, t)
+    assert expected.dtype == torch.float32
+    # fp16 blocks: the two forwards round differently (fused norms, attention's order)
+    torch.testing.assert_close(fused, expected, atol=2e-3 * expected.abs().max().item(), rtol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(TINY))
 def test_unet_backends_agree(backend, case):
