@@ -72,9 +72,15 @@ fi
 # the log did not say, so the gain is a GPU run's to show (gpu-tests.log's durations). Each worker takes its share of the cores (tests/conftest.py) and its own
 # CUDA context (about 0.5 GB); the largest test holds about 5 GB. GPU_SH_TEST_WORKERS=0
 # runs them in one process.
-test_workers=()
+test_options=()
 if [ "${GPU_SH_TEST_WORKERS:-8}" != 0 ] && "$py" -c "import xdist" 2>/dev/null; then
-    test_workers=(-n "${GPU_SH_TEST_WORKERS:-8}")
+    test_options=(-n "${GPU_SH_TEST_WORKERS:-8}")
+fi
+# A test that hangs (a kernel that spins on device atomics, say) fails alone after 300 s
+# (pytest-timeout, in the GPU image: its thread method ends the worker, whose kernels end
+# with it, and xdist starts another) rather than taking the step's whole time limit.
+if "$py" -c "import pytest_timeout" 2>/dev/null; then
+    test_options+=(--timeout=300 --timeout-method=thread)
 fi
 
 if [ "$mode" = "--dry-run" ]; then
@@ -94,9 +100,9 @@ if [ "$mode" = "--dry-run" ]; then
     echo "+ FASTGUIDE_BACKEND=cuda $py -m fastguide selfcheck --device cuda >> $out/selfcheck.txt"
     echo "+ $py -m benchmarks.sampling.loop_profile --out $out > $out/loop_profile.log"
     echo "+ $py benchmarks/ops/host_path.py --device cuda --rounds 5 > $out/host_path.md"
-    echo "+ $py -m pytest tests -m gpu -q --durations=15 ${test_workers[*]} > $out/gpu-tests.log"
+    echo "+ $py -m pytest tests -m gpu -q --durations=15 ${test_options[*]} > $out/gpu-tests.log"
     echo "+ $py -m fastguide bench -k MODULE --out $out/bench/MODULE, for each benchmarks/*/bench_*.py"
-    echo "+ $py -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_attention.py tests/ops/test_compile.py -q ${test_workers[*]} > $out/backend-tests.log"
+    echo "+ $py -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_attention.py tests/ops/test_compile.py -q ${test_options[*]} > $out/backend-tests.log"
     exit 0
 fi
 
@@ -125,33 +131,37 @@ keep() { [ "$status" -ne 0 ] || status=$1; }
 # that many seconds from the start (15 s kept for the packing after), and a step with
 # under 20 s left does not start.
 step_limit=${GPU_SH_STEP_LIMIT:-420}
+# The diagnostics before the tests (self-checks, loop profile, host path) take a minute or
+# less each; a hang in one of them costs at most this, not step_limit, of the run.
+quick_limit=${GPU_SH_QUICK_LIMIT:-180}
 deadline=$((SECONDS + ${GPU_SH_TIME:-1000000} - 15))
-bounded() {
-    local limit=$((deadline - SECONDS))
+bounded() {  # bounded CMD...: CMD under the time left and the step's limit (STEP_CAP or step_limit)
+    local limit=$((deadline - SECONDS)) cap=${STEP_CAP:-$step_limit}
     if [ "$limit" -lt 20 ]; then
         echo "gpu.sh: no time left (GPU_SH_TIME): skipped $*" >&2
         return 124
     fi
-    [ "$limit" -le "$step_limit" ] || limit=$step_limit
+    [ "$limit" -le "$cap" ] || limit=$cap
     timeout -k 5 "$limit" "$@"
     local rc=$?
     [ "$rc" -ne 124 ] || echo "gpu.sh: stopped after ${limit} s: $*" >&2
     return "$rc"
 }
-bounded "$py" -m fastguide selfcheck --device cuda 2>&1 | tee "$out/selfcheck.txt"
+STEP_CAP=$quick_limit bounded "$py" -m fastguide selfcheck --device cuda 2>&1 | tee "$out/selfcheck.txt"
 keep "${PIPESTATUS[0]}"
-FASTGUIDE_BACKEND=cuda bounded "$py" -m fastguide selfcheck --device cuda 2>&1 | tee -a "$out/selfcheck.txt"
+FASTGUIDE_BACKEND=cuda STEP_CAP=$quick_limit bounded "$py" -m fastguide selfcheck --device cuda 2>&1 \
+    | tee -a "$out/selfcheck.txt"
 keep "${PIPESTATUS[0]}"
 # Where the eager loops' time goes (a minute): fastguide's loop against the diffusers-style
 # one, launches and host waits per step and the operators with the most host time.
-bounded "$py" -m benchmarks.sampling.loop_profile --out "$out" > "$out/loop_profile.log" 2>&1
+STEP_CAP=$quick_limit bounded "$py" -m benchmarks.sampling.loop_profile --out "$out" > "$out/loop_profile.log" 2>&1
 keep "$?"
 tail -n 8 "$out/loop_profile.log"
 # Each op's call split into fastguide's part and its backend's (seconds): where a call's
 # host time beyond the kernel goes.
-bounded "$py" benchmarks/ops/host_path.py --device cuda --rounds 5 2>&1 | tee "$out/host_path.md"
+STEP_CAP=$quick_limit bounded "$py" benchmarks/ops/host_path.py --device cuda --rounds 5 2>&1 | tee "$out/host_path.md"
 keep "${PIPESTATUS[0]}"
-bounded "$py" -m pytest tests -m gpu -q -p no:cacheprovider --durations=15 ${test_workers[@]+"${test_workers[@]}"} 2>&1 \
+bounded "$py" -m pytest tests -m gpu -q -p no:cacheprovider --durations=15 ${test_options[@]+"${test_options[@]}"} 2>&1 \
     | tee "$out/gpu-tests.log"
 keep "${PIPESTATUS[0]}"
 mkdir -p "$out/bench"
@@ -165,6 +175,6 @@ done
 # device here, with every backend that can run: triton and, when it built, cuda; the
 # attention tests' odd shapes and packed views reach the TMA forward on real hardware.
 bounded "$py" -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_attention.py tests/ops/test_compile.py -q -p no:cacheprovider \
-    ${test_workers[@]+"${test_workers[@]}"} 2>&1 | tee "$out/backend-tests.log"
+    ${test_options[@]+"${test_options[@]}"} 2>&1 | tee "$out/backend-tests.log"
 keep "${PIPESTATUS[0]}"
 exit "$status"

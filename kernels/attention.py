@@ -666,7 +666,17 @@ def tma_not_supported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not _descriptor_layout(t):
             reasons.append(f"{name} is not a descriptor's layout (unit last stride, 16-byte aligned start and strides)")
+    if not _dense_rows_align(q):
+        reasons.append(
+            f"the output's rows ({q.shape[-1]} elements of {q.element_size()} bytes) are not 16-byte multiples"
+        )
     return reasons
+
+
+def _dense_rows_align(q: Tensor) -> bool:
+    """Whether the dense output o (q's shape) has 16-byte row strides, as its descriptor
+    needs: q, k and v may be padded views whose strides align where o's would not."""
+    return q.shape[-1] * q.element_size() % 16 == 0
 
 
 def _takes_tma(q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -677,15 +687,18 @@ def _takes_tma(q: Tensor, k: Tensor, v: Tensor) -> bool:
         return False
     if tma_mode == "auto" and (q.device.type != "cuda" or _capability(q.device) < (9, 0)):
         return False
-    return _descriptor_layout(q) and _descriptor_layout(k) and _descriptor_layout(v)
+    return _descriptor_layout(q) and _descriptor_layout(k) and _descriptor_layout(v) and _dense_rows_align(q)
 
 
 def _descriptor(t: Tensor, block_d: int) -> TensorDescriptor:
     """A [B, H, L, D] descriptor of t (q, k, v or o); the autotuner's pre-hook sets the box
     per config.
-    A size-1 dim gets a 16-byte stride (any aligned one will do: only index 0 is read)."""
-    strides = [s if n > 1 else 16 // t.element_size() for s, n in zip(t.stride()[:-1], t.shape[:-1])]
-    return TensorDescriptor(t, list(t.shape), [*strides, 1], [1, 1, 16, block_d])
+    A size-1 dim, whose stride is never stepped, gets the stride of a dense one over the
+    dims inside it (its own may be anything, unaligned or 0); aligned, since they are."""
+    strides = [1]
+    for size, stride, inner_size in zip(reversed(t.shape[:-1]), reversed(t.stride()[:-1]), reversed(t.shape[1:])):
+        strides.insert(0, stride if size > 1 else strides[0] * inner_size)
+    return TensorDescriptor(t, list(t.shape), strides, [1, 1, 16, block_d])
 
 
 # CUDA's limit on a grid's y axis, and the largest element offset int32 holds.

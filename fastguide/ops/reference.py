@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .contract import PREDICTION_TYPES, GuidanceCombine, NormParameters, StepCoefficients, StepTensors
 
@@ -64,16 +65,29 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Te
     """o = softmax(q·kᵀ·scale)·v over the last two dims; scale defaults to D^-1/2.
 
     q (B, H, Lq, D), k and v (B, H, Lk, D). Computed through PyTorch's SDPA, which on CPU
-    streams over keys (no Lq×Lk matrix), in float32 for fp16/bf16 inputs.
+    streams over keys (no Lq×Lk matrix), in float32 for fp16/bf16 inputs (``_sdpa``).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = compute_dtype(q)
     if q.numel() == 0 or k.numel() == 0:  # aten's CPU kernel divides by zero on empty heads
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
     qc, kc = in_dtype(q, dtype), in_dtype(k, dtype)
-    o = F.scaled_dot_product_attention(qc, kc, in_dtype(v, dtype), scale=scale)
+    o = _sdpa(qc, kc, in_dtype(v, dtype), scale)
     (o,) = _nan_rows([o], qc, kc, scale)
     return in_dtype(o, q.dtype)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """SDPA of q, k, v as they are. On a CUDA device in float32, its math kernel (float32
+    matmuls, IEEE with TF32 off, PyTorch's default): the memory-efficient kernel SDPA picks
+    there multiplies float32 as three TF32 products on sm_80 and newer, each operand split
+    in a TF32 part and a remainder, and the remainder of an infinite key is inf − inf =
+    NaN, so a score that IEEE makes −inf (weight 0) came out NaN. The math kernel holds
+    the Lq×Lk scores: memory the reference pays on a GPU, where the kernels run instead."""
+    if q.device.type == "cuda" and q.dtype == torch.float32:
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def _may_hold_nonfinite(t: Tensor) -> bool:
@@ -527,7 +541,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
         # aten's CPU flash kernel returns the log-sum-exp it already computed.
         o, lse = cpu_flash(*(_unit_last_stride(t) for t in (qc, kc, vc)), 0.0, False, scale=scale)
     else:
-        o = F.scaled_dot_product_attention(qc, kc, vc, scale=scale)
+        o = _sdpa(qc, kc, vc, scale)
         lse = _attention_lse(qc, kc, scale)
     o, lse = _nan_rows([o, lse], qc, kc, scale)
     return in_dtype(o, q.dtype).contiguous(), in_dtype(lse, dtype).contiguous()

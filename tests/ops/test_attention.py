@@ -479,6 +479,19 @@ def test_tma_and_pointer_forwards_agree_on_every_head_gpu(dtype, shape, monkeypa
         assert_close(out[-1:, -1:], expected, ATTENTION, dtype)
 
 
+def test_a_descriptor_steps_size_one_dims_as_a_dense_tensor_would():
+    # A size-1 dim's stride is never stepped, and may be anything (here 0 from expand, or a
+    # padded view's); the descriptor gets a dense one over the dims inside it.
+    from fastguide.kernels import attention as kernels
+
+    if not kernels._has_descriptors():
+        pytest.skip(f"Triton {kernels.triton.__version__} has no host tensor descriptors")
+    t = torch.randn(1, 3, 1, 64, dtype=torch.float16).expand(1, 3, 1, 64)
+    assert kernels._descriptor(t, 64).strides == [3 * 64, 64, 64, 1]
+    t = torch.randn(4, 1, 16, 64, dtype=torch.float16)
+    assert kernels._descriptor(t, 64).strides == [16 * 64, 16 * 64, 64, 1]
+
+
 def test_tma_not_supported_reasons_name_each_cause(monkeypatch):
     from fastguide.kernels import attention as kernels
 
@@ -498,6 +511,10 @@ def test_tma_not_supported_reasons_name_each_cause(monkeypatch):
     assert any(r.startswith("k is not") for r in reasons(q, transposed, q))
     shifted = torch.randn(1, 2, 16 * 64 + 4, dtype=torch.float16)[..., 4:].view(1, 2, 16, 64)  # 8-byte start
     assert any(r.startswith("v is not") for r in reasons(q, q, shifted))
+    # q, k, v views of 36 of 64 columns: aligned strides, but the dense output's rows of 72
+    # bytes are not 16-byte multiples
+    padded = torch.randn(1, 2, 16, 64, dtype=torch.float16)[..., :36]
+    assert reasons(padded, padded, padded) == ["the output's rows (36 elements of 2 bytes) are not 16-byte multiples"]
     expanded = torch.randn(1, 1, 16, 64, dtype=torch.float16).expand(1, 2, 16, 64)  # a 0 head stride
     assert any(r.startswith("k is not") for r in reasons(q, expanded, q))
     odd_rows = torch.randn(1, 2, 16, 68, dtype=torch.float16)[..., :64]  # rows 136 bytes apart
