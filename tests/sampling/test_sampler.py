@@ -289,7 +289,11 @@ def test_classifier_guidance_equals_cfg_at_one_plus_s_step_for_step():
 # Cross-checks against diffusers' schedulers
 # --------------------------------------------------------------------------------------
 
-diffusers = pytest.importorskip("diffusers")
+@pytest.fixture
+def diffusers():
+    """diffusers, for the tests that compare with it: they skip without it, the rest of the
+    module (the CUDA-graph tests among them, on a GPU machine without it) still runs."""
+    return pytest.importorskip("diffusers")
 
 
 def toy_eps(x, t):
@@ -308,7 +312,7 @@ def _run_diffusers(scheduler, x_T, timesteps, extra_step_kwargs=None, learned=Fa
     return x
 
 
-def test_ddim_matches_diffusers():
+def test_ddim_matches_diffusers(diffusers):
     scheduler = diffusers.DDIMScheduler(
         num_train_timesteps=1000, beta_schedule="linear", clip_sample=True, set_alpha_to_one=True, steps_offset=0
     )
@@ -320,7 +324,7 @@ def test_ddim_matches_diffusers():
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
 
 
-def test_dpm_solver_pp_2m_matches_diffusers():
+def test_dpm_solver_pp_2m_matches_diffusers(diffusers):
     scheduler = diffusers.DPMSolverMultistepScheduler(
         num_train_timesteps=1000, beta_schedule="linear", algorithm_type="dpmsolver++", solver_order=2
     )
@@ -334,7 +338,7 @@ def test_dpm_solver_pp_2m_matches_diffusers():
     torch.testing.assert_close(got, expected, atol=5e-5, rtol=1e-5)
 
 
-def test_ddpm_learned_range_matches_diffusers():
+def test_ddpm_learned_range_matches_diffusers(diffusers):
     scheduler = diffusers.DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range", clip_sample=True
     )
@@ -1556,7 +1560,7 @@ def test_cuda_graph_replays_match_eager_sampling(sampler, guidance, eta):
     assert_graph_replays_match_eager("cuda", sampler, guidance, eta)
 
 
-def test_diffusers_class_conditional_unet_through_the_adapter():
+def test_diffusers_class_conditional_unet_through_the_adapter(diffusers):
     torch.manual_seed(0)  # the UNet's random weights, whatever ran before
     unet = diffusers.UNet2DModel(
         sample_size=8,
