@@ -349,15 +349,16 @@ def _predicted_x0(m, x, alpha, sigma, inv_alpha, PREDICTION: tl.constexpr):
     map, as the reference writes it (no term with a zero coefficient, so an infinite x
     gives what the reference gives): the step's x0 of the guided prediction, and the
     similarity output's x0 of c and of u."""
+    # Explicit fmas: with the similarity asked for, products are shared by three x0s and
+    # the compiler's own contraction then rounded the step's x0 differently (v-prediction on
+    # the H200 run of 2026-12-04: out not bit-identical with and without the similarity);
+    # written out, every specialisation rounds alike.
     if PREDICTION == EPSILON:
-        x0 = (x - sigma * m) * inv_alpha
+        x0 = tl.fma(-sigma, m, x) * inv_alpha
     elif PREDICTION == V_PREDICTION:
-        # An explicit fma: with the similarity asked for, alpha·x is shared by three x0s and
-        # the compiler's own contraction then rounded the step's x0 differently (the H200
-        # run of 2026-12-04: out not bit-identical with and without the similarity).
         x0 = tl.fma(alpha, x, -(sigma * m))
     elif PREDICTION == FLOW_PREDICTION:  # alpha + sigma = 1
-        x0 = x - sigma * m
+        x0 = tl.fma(-sigma, m, x)
     else:  # sample
         x0 = m
     return x0

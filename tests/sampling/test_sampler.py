@@ -289,6 +289,7 @@ def test_classifier_guidance_equals_cfg_at_one_plus_s_step_for_step():
 # Cross-checks against diffusers' schedulers
 # --------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def diffusers():
     """diffusers, for the tests that compare with it: they skip without it, the rest of the
