@@ -120,15 +120,12 @@ def _dit_returns_tensors() -> bool:
 
 
 class Sampling(NamedTuple):
-    """GuidedSampler's settings, the map from the pipeline's starting latents to x_T, the
-    generator of the steps' noise (None for a sampler that draws none), and whether the
-    reproduced scheduler's scale_model_input rescales the latents (the σ-space schedulers:
-    Euler, Heun, ...)."""
+    """GuidedSampler's settings, the map from the pipeline's starting latents to x_T, and the
+    generator of the steps' noise (None for a sampler that draws none)."""
 
     settings: dict
     initial_noise: Callable[[Tensor], Tensor]
     generator: torch.Generator | None
-    scaled_input: bool = False
     draws: int = 0  # the N(0, I) tensors diffusers' loop draws from the generator (SamplerSettings.diffusers_draws)
 
 
@@ -160,7 +157,9 @@ def _sampling(
     """The scheduler reproduced (``schedulers.settings_for``), or with ``options.sampler``
     fastguide's own sampler on the scheduler's noise schedule (x_T the unscaled noise:
     the latents divided by ``init_noise_sigma`` where the pipeline scaled them by it,
-    ``scaled_latents``; DiTPipeline does not)."""
+    ``scaled_latents``). A pipeline that does not (DiT, SD3) runs no σ-space scheduler
+    (Euler, Heun) as fastguide's reproduction does, which scales its latents and steps on
+    them unscaled: such a call is refused."""
     scheduler = pipe.scheduler
     steps = arguments.get("num_inference_steps")
     if options.sampler is None:
@@ -173,12 +172,17 @@ def _sampling(
             mu=mu,
             generator_in_step=generator_in_step,
         )
+        if not scaled_latents and settings.latent_scale != 1.0:
+            raise Unsupported(
+                f"{type(pipe).__name__} with {type(scheduler).__name__}: the pipeline does not scale its "
+                "latents by init_noise_sigma and step on them unscaled, as this scheduler's steps (and "
+                "fastguide's reproduction of them) assume"
+            )
         generator = _step_generator(arguments.get("generator"), settings.draws_noise, settings.sampler)
         return Sampling(
             settings.sample_kwargs(),
             settings.initial_noise,
             generator,
-            settings.latent_scale != 1.0,
             settings.diffusers_draws if settings.draws_noise else 0,  # from the global RNG without a generator
         )
     _refuse_given(arguments, ("timesteps", "sigmas"))
@@ -267,7 +271,7 @@ def _refuse_guidance_embedding(pipe) -> None:
 def _stable_diffusion(pipe, a: dict, options) -> Denoising:
     _refuse_given(a, ("ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs", "callback_on_step_end"))
     _refuse_guidance_embedding(pipe)
-    sampling, x_T, generator, _, draws = _sampling(pipe, a, options, eta=a["eta"])
+    sampling, x_T, generator, draws = _sampling(pipe, a, options, eta=a["eta"])
     guidance = _guidance(options, a["guidance_scale"], a["guidance_rescale"])  # (refusals before anything runs)
     size = pipe.unet.config.sample_size
     default_height, default_width = (size, size) if isinstance(size, int) else tuple(size)
@@ -387,7 +391,7 @@ def _stable_diffusion_xl(pipe, a: dict, options) -> Denoising:
             "negative_original_size/negative_target_size with more than one image: diffusers repeats "
             "[negative; positive] time ids row-wise, interleaving them across its CFG halves"
         )
-    sampling, x_T, generator, _, draws = _sampling(pipe, a, options, eta=a["eta"])
+    sampling, x_T, generator, draws = _sampling(pipe, a, options, eta=a["eta"])
     guidance = _guidance(options, a["guidance_scale"], a["guidance_rescale"])  # (refusals before anything runs)
     pipe._guidance_scale, pipe._guidance_rescale, pipe._clip_skip = (
         a["guidance_scale"],
@@ -529,14 +533,7 @@ def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
             config.get("max_shift", 1.16),
         )
     # SD3's prepare_latents does not scale by init_noise_sigma, nor its loop call scale_model_input
-    sampling, x_T, generator, scaled_input, draws = _sampling(
-        pipe, a, options, generator_in_step=False, mu=mu, scaled_latents=False
-    )
-    if scaled_input:
-        raise Unsupported(
-            f"{type(pipe).__name__} with {type(pipe.scheduler).__name__}: its loop never calls "
-            "scale_model_input, which this scheduler's steps assume (fastguide's Euler would differ)"
-        )
+    sampling, x_T, generator, draws = _sampling(pipe, a, options, generator_in_step=False, mu=mu, scaled_latents=False)
     if skip_layers is not None and pipe.do_classifier_free_guidance and sampling["sampler"] != "euler":
         raise Unsupported(
             f"skip_guidance_layers with sampler {sampling['sampler']!r}: diffusers' window counts "
@@ -660,7 +657,7 @@ def _pixart(pipe, a: dict, options) -> Denoising:
         a["prompt_attention_mask"],
         a["negative_prompt_attention_mask"],
     )
-    sampling, x_T, generator, _, draws = _sampling(pipe, a, options, eta=a["eta"])
+    sampling, x_T, generator, draws = _sampling(pipe, a, options, eta=a["eta"])
     if sampling.get("variance_type") == "learned_range":
         raise Unsupported(
             "DDPMScheduler's learned_range variance: PixArt guides its variance channels, fastguide "
@@ -741,14 +738,8 @@ DIT_NULL_CLASS = 1000
 
 
 def _dit(pipe, a: dict, options) -> Denoising:
-    sampling, x_T, generator, scaled_input, draws = _sampling(
-        pipe, a, options, generator_in_step=False, scaled_latents=False
-    )
-    if scaled_input:
-        raise Unsupported(
-            f"DiTPipeline with {type(pipe.scheduler).__name__}: its loop steps the scheduler on "
-            "scale_model_input's output, which this scheduler rescales (fastguide's Euler would differ)"
-        )
+    # DiTPipeline's latents are unscaled, and its loop steps on scale_model_input's output
+    sampling, x_T, generator, draws = _sampling(pipe, a, options, generator_in_step=False, scaled_latents=False)
     if sampling.get("variance_type") == "learned_range":
         raise Unsupported("DDPMScheduler's learned_range variance: DiTPipeline steps on the guided eps alone")
     labels = a["class_labels"]
