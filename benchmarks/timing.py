@@ -16,8 +16,10 @@ it measures a backward (``grad=True`` in the recorder).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -78,20 +80,43 @@ def back_to_back_seconds(fn: Callable[[], object], calls: int = 100) -> float:
     return start.elapsed_time(end) * 1e-3 / calls
 
 
+@functools.cache
+def capture_stream() -> torch.cuda.Stream:
+    """The side stream ``device_seconds`` warms up and captures on (capture needs a stream
+    other than the default one)."""
+    return torch.cuda.Stream()
+
+
+@contextlib.contextmanager
+def forward_for_capture() -> Iterator[None]:
+    """Around the forward of a case that times its backward: the forward runs on
+    ``capture_stream()``. Autograd runs each backward op on its forward op's stream, so a
+    forward left on the default stream puts the backward's kernels outside the capture:
+    the capture fails and the case has no device time. No-op on the CPU."""
+    if DEVICE.type != "cuda":
+        yield
+        return
+    stream, caller = capture_stream(), torch.cuda.current_stream()
+    stream.wait_stream(caller)
+    with torch.cuda.stream(stream):
+        yield
+    caller.wait_stream(stream)
+
+
 def device_seconds(fn: Callable[[], object], repeats: int = 50) -> float | None:
     """Median seconds of fn's device work without its host work: fn captured once in a
     CUDA graph, each replay timed with CUDA events after an L2 flush (as do_bench does).
-    None when fn cannot be captured or replayed (a host sync inside it, no memory left)."""
-    stream = torch.cuda.current_stream()
+    None when fn cannot be captured or replayed (a host sync inside it, no memory left).
+    Warm-up and capture run on ``capture_stream()``."""
+    stream, side = torch.cuda.current_stream(), capture_stream()
     try:
-        warmup = torch.cuda.Stream()  # capture wants fn warmed up on a side stream first
-        warmup.wait_stream(stream)
-        with torch.cuda.stream(warmup):
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):
             for _ in range(3):
                 fn()
-        stream.wait_stream(warmup)
+        stream.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             fn()
         flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=DEVICE)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.conftest import DEVICE, GPU_FASTGUIDE_IMPLS, row_function
+from benchmarks.timing import forward_for_capture
 from fastguide import ops
 
 GROUPS = 32
@@ -85,7 +86,7 @@ def _run(record, impl, shape, dtype, channels_last=False):
 
 def _run_backward(record, impl, shape, dtype, channels_last):
     leaves = [t.requires_grad_() for t in _inputs(shape, dtype, channels_last)]
-    with torch.enable_grad():
+    with torch.enable_grad(), forward_for_capture():
         y = _norm(impl)(*leaves)
     dy = torch.randn_like(y)
     record(

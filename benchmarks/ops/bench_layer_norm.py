@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.conftest import DEVICE, GPU_FASTGUIDE_IMPLS, row_function
+from benchmarks.timing import forward_for_capture
 from fastguide import ops
 
 
@@ -107,7 +108,7 @@ def _run_norm_backward(record, impl, shape, dtype):
     x, _, _, scale, shift = _inputs(shape, dtype)
     leaves = [t.requires_grad_() for t in (x, scale, shift)]
     fn = _modulated_norm(impl)
-    with torch.enable_grad():
+    with torch.enable_grad(), forward_for_capture():
         y = fn(*leaves)
     dy = torch.randn_like(y)
     # the backward alone: the forward's graph kept, its gradient taken again each call

@@ -360,6 +360,20 @@ def test_gpu_call_time_starts_each_call_with_the_device_idle(monkeypatch):
     assert seconds == pytest.approx(6e-3)  # the median of 4 calls of 1 tick and 6 of 6
 
 
+@pytest.mark.gpu
+def test_a_backward_whose_forward_ran_for_capture_has_a_device_time():
+    # Autograd runs each backward op on its forward's stream: a forward on the default stream
+    # put the backward benchmarks' kernels outside device_seconds' capture (no device time).
+    from benchmarks import timing
+
+    x = torch.randn(64, 1152, device="cuda", requires_grad=True)
+    with torch.enable_grad(), timing.forward_for_capture():
+        y = torch.nn.functional.layer_norm(x, (1152,))
+    dy = torch.randn_like(y)
+    seconds = timing.device_seconds(lambda: torch.autograd.grad(y, x, dy, retain_graph=True))
+    assert seconds is not None and seconds > 0
+
+
 def test_recorder_times_cases_as_the_sampler_calls_them_under_no_grad():
     from benchmarks.conftest import Recorder
 
