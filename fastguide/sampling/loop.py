@@ -856,8 +856,11 @@ class GuidedSampler:
             shape,
             "model",
         )
+        # Between the sampler's forwards (a callback's own model call) the model is the plain one.
         if cache is not None:
             cache.active = False
+        if self._perturbation is not None:
+            self._perturbation.rows = None
         return model_output
 
     @staticmethod

@@ -87,6 +87,15 @@ def test_perturbed_guidance_equals_three_forwards_written_out(make, guidance, cf
         if isinstance(spec, PAG)
         else (lambda m: skip_blocks(m, spec.layers))
     )
+    plain, peeks = make(), []
+
+    def callback(d):  # a callback's own forwards, of B rows and of the guided forward's 3B, are plain
+        with torch.no_grad():
+            for copies in (1, 3):
+                x, labels = d["x"].repeat(copies, 1, 1, 1), LABELS.repeat(copies)
+                t = torch.full((len(x),), d["t"])
+                peeks.append(torch.equal(model(x, t, labels), plain(x, t, labels)))
+
     got = sample(
         model,
         NOISE.shape,
@@ -97,7 +106,9 @@ def test_perturbed_guidance_equals_three_forwards_written_out(make, guidance, cf
         noise=NOISE,
         clip_denoised=False,
         null_label=NULL,
+        callback=callback,
     )
+    assert peeks == [True] * 2 * len(TIMESTEPS)
     expected = written_out_ddim(
         model, _perturbed_forward(model, install), NOISE, LABELS, TIMESTEPS, cfg_scale, spec.scale
     )
