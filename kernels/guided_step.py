@@ -640,8 +640,10 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
         None if tensors.similarity is None else torch.empty((batch, programs, 3), dtype=torch.float32, device=x.device)
     )
     history_slots = history + [None] * (MAX_HISTORY - len(history))
-    k_history = list(step.k_history) + [0.0] * (MAX_HISTORY - len(history))
-    log_min, log_max = step.log_variance_range if learned else (0.0, 0.0)
+    # Python floats: Triton's launcher refuses a NumPy scalar, which the op's checks accept
+    k_history = [float(k) for k in step.k_history] + [0.0] * (MAX_HISTORY - len(history))
+    log_min, log_max = (float(v) for v in step.log_variance_range) if learned else (0.0, 0.0)
+    alpha, sigma = float(step.alpha), float(step.sigma)
     _guided_step_kernel[(programs * batch,)](
         model_output_in,
         uncond,
@@ -663,8 +665,8 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
         batch * sample_elems,
         **combine_scalars,
         **{name: float(getattr(step, name)) for name in STEP_SCALARS},
-        inv_alpha=1.0 / step.alpha if step.alpha > 0 else 0.0,
-        inv_sigma=1.0 / step.sigma if step.sigma > 0 else 0.0,
+        inv_alpha=1.0 / alpha if alpha > 0 else 0.0,
+        inv_sigma=1.0 / sigma if sigma > 0 else 0.0,
         k_h0=k_history[0],
         k_h1=k_history[1],
         k_h2=k_history[2],

@@ -4,6 +4,7 @@ every backend against the reference in float64 for every option and variant."""
 import importlib
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -388,6 +389,31 @@ def test_out_may_be_x_itself(backend, device):
     with fastguide.backend(backend):
         ops.guided_step(model_output, x, step, GuidanceCombine(2.0), out=x)
     assert_close(x.cpu(), expected, GUIDED_STEP, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_scalars_step_as_python_floats(backend, device):
+    # The op's checks take NumPy scalars; Triton's launcher refuses them (the interpreter, a
+    # float32 one; compiled, any but float64), so they are Python floats by then.
+    x = randn(2, 3, 8, 8, seed=0, dtype=torch.float32).to(device)
+    model_output = randn(4, 6, 8, 8, seed=1, dtype=torch.float32).to(device)
+    noise, h0 = (randn(2, 3, 8, 8, seed=s, dtype=torch.float32).to(device) for s in (2, 3))
+    floats = dict(alpha=0.8, sigma=0.6, k_x=0.9, k_noise=0.1, k_history=(0.5,), log_variance_range=(-3.0, -1.0))
+    numpy_scalars = floats | dict(
+        alpha=np.float32(0.8),
+        sigma=np.float32(0.6),
+        k_history=(np.float16(0.5),),
+        log_variance_range=(np.float32(-3.0), -1.0),
+    )
+    results = []
+    with fastguide.backend(backend), torch.no_grad():  # (with grad, the custom op's schema converts them)
+        for values in (floats, numpy_scalars):
+            results.append(
+                ops.guided_step(
+                    model_output, x, StepCoefficients(**values), GuidanceCombine(3.0), noise=noise, history=(h0,)
+                )
+            )
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
