@@ -1,11 +1,15 @@
 """Linear combinations of what one model call's update reads, so a solver reads like its paper.
 
 The fused step (``fastguide.ops.guided_step``) computes, once per model call,
-    x_next = k_x·x + k_x0·m₀ + k_eps·eps + Σⱼ k_history[j]·mⱼ₊₁ + k_noise·z
-where x is the sample the call runs at, eps its noise prediction, z the noise it draws and
+    x_next = k_x·x + k_x0·m₀ + k_eps·eps + Σⱼ k_history[j]·mⱼ₊₁ + k_x_previous·x₁ + k_noise·z
+where x is the sample the call runs at, eps its noise prediction, z the noise it draws,
 mₖ the x0 predicted k model calls back (m₀ this call's; k ≤ MAX_HISTORY, the kernel's
-history slots). A ``Combination`` is such a sum Σ cₛ·s over named symbols s with float
-coefficients cₛ, closed under +, − and scaling by a float. A solver writes its update in
+history slots) and x₁ the previous call's x, which the loop keeps for a call that reads it
+(in one more history slot: Heun's second call, whose update in x₁ rounds as its paper's
+does, where one in m₁ would divide rounding by the small σ' it lands on).
+
+A ``Combination`` is such a sum Σ cₛ·s over named symbols s with float coefficients cₛ,
+closed under +, − and scaling by a float. A solver writes its update in
 these symbols, e.g. DPM-Solver++(2M):
 
     D = m0 + (m0 - m1) / (2 * r0)
@@ -55,6 +59,7 @@ class KernelCoefficients(TypedDict):
     k_x0: float
     k_eps: float
     k_history: tuple[float, ...]
+    k_x_previous: float
     k_noise: float
 
 
@@ -125,8 +130,9 @@ class Combination:
     def shift(self, calls: int = 1) -> Combination:
         """The same value in the symbols of the call ``calls`` calls later: each symbol
         moves ``calls`` calls further back (mₖ → mₖ₊₁ for calls = 1: the previous call's m₀
-        is this call's m₁). That call's update cannot read this call's x, eps or noise
-        (``kernel_coefficients`` refuses them), nor beyond MAX_HISTORY calls back."""
+        is this call's m₁, and its x this call's x[1]). That call's update cannot read this
+        call's eps or noise, nor its x further than the next call, nor beyond MAX_HISTORY
+        calls back (``kernel_coefficients`` refuses them)."""
         if isinstance(calls, bool) or not isinstance(calls, int):
             raise TypeError(f"calls must be an int, got {calls!r}")
         return Combination(tuple((Symbol(s.kind, s.calls_back + calls), c) for s, c in self.terms))
@@ -134,29 +140,39 @@ class Combination:
     def kernel_coefficients(self) -> KernelCoefficients:
         """The fused step's k_* of this combination, read as the update of the call at
         calls_back = 0: k_x, k_x0, k_eps, k_noise the coefficients of x, m₀, eps and noise,
-        k_history[j] that of mⱼ₊₁ (as long as the furthest mₖ with a term, at most
-        MAX_HISTORY). Raises ValueError for a term the step cannot read: another call's x,
-        eps or noise, a later call's x0 (x0(−1): ``shift`` the combination to that call), or
-        an x0 more than MAX_HISTORY calls back."""
+        k_history[j] that of mⱼ₊₁ (as long as the furthest mₖ with a term), k_x_previous
+        that of x[1], the previous call's x. The x0 slots and x[1]'s take at most
+        MAX_HISTORY history slots. Raises ValueError for a term the step cannot read:
+        another call's eps or noise, an x from before the previous call, a later call's x0
+        (x0(−1): ``shift`` the combination to that call), or more than MAX_HISTORY slots."""
         scalars = {"x": 0.0, "eps": 0.0, "noise": 0.0}
         x0s: dict[int, float] = {}
+        x_previous = 0.0
         refused = []
         for symbol, coefficient in self.terms:
             if symbol.kind == "x0" and 0 <= symbol.calls_back <= MAX_HISTORY:
                 x0s[symbol.calls_back] = coefficient
             elif symbol.kind != "x0" and symbol.calls_back == 0:
                 scalars[symbol.kind] = coefficient
+            elif symbol == Symbol("x", 1):
+                x_previous = coefficient
             else:
                 refused.append(symbol)
-        if refused:
-            raise ValueError(
-                f"the fused step cannot express {', '.join(map(str, refused))} in {self}: one call's update reads its "
-                f"own x, eps and noise and the x0 of that call and the {MAX_HISTORY} calls before it (m0 … "
-                f"m{MAX_HISTORY}); a later call's x0 is known only at that call (shift() the combination there)"
-            )
         history = tuple(x0s.get(k, 0.0) for k in range(1, max(x0s, default=0) + 1))
+        if refused or len(history) + (x_previous != 0.0) > MAX_HISTORY:
+            raise ValueError(
+                f"the fused step cannot express {', '.join(map(str, refused)) or 'the history'} in {self}: one call's "
+                f"update reads its own x, eps and noise, the x0 of that call and up to {MAX_HISTORY} slots of "
+                f"history: the x0 of the calls before it (m1 … m{MAX_HISTORY}) and the previous call's x (x[1]); a "
+                "later call's x0 is known only at that call (shift() the combination there)"
+            )
         return KernelCoefficients(
-            k_x=scalars["x"], k_x0=x0s.get(0, 0.0), k_eps=scalars["eps"], k_history=history, k_noise=scalars["noise"]
+            k_x=scalars["x"],
+            k_x0=x0s.get(0, 0.0),
+            k_eps=scalars["eps"],
+            k_history=history,
+            k_x_previous=x_previous,
+            k_noise=scalars["noise"],
         )
 
     def __str__(self) -> str:

@@ -78,6 +78,8 @@ class _Call:
     # so a step index that two calls at one t (heun's) share; what the caches' and delta
     # reuse's order-1 estimates are linear in.
     position: int = 0
+    # The step's last history slot is the previous call's x (x_previous), after its x0 slots.
+    reads_x_previous: bool = False
 
 
 @dataclass
@@ -87,6 +89,7 @@ class _Buffers:
     model_input: Tensor  # (rows, C, ...): x_t in each B-row block of the guidance's branches
     conditioning: RowConditioning  # each row's labels and keyword arguments
     x0: list[Tensor]  # a ring of the calls' x0: the solver history (and the callback's denoised)
+    x_previous: Tensor | None  # a call's x kept for the next call, which reads it (heun's second)
     x0_unconditional: list[Tensor]  # CFG++ on dpm++2m: the last two calls' unconditional x0
     apg: Tensor | None  # APG's momentum state
     noise: Tensor  # the noise of a graph replay's step, drawn before the replay or inside it
@@ -417,7 +420,7 @@ class GuidedSampler:
             classifier_scale=scale,
         )
         edm_sigma = self.schedule.edm_sigma(plan.t)
-        combine, blocks, perturbed = None, 1, None
+        combine, blocks, perturbed, reads_x = None, 1, None, plan.k_x_previous != 0
         if guided and self.guidance is not None and self.guidance.active_at(edm_sigma):
             step = self.guidance.step(step)
             progress = min(1.0, plan.t / max(1, self.schedule.num_timesteps - 1))  # a flow path's t reaches T
@@ -432,11 +435,17 @@ class GuidedSampler:
             blocks = len(branches)
             perturbed = branches.index("perturbed") if "perturbed" in branches else None
         if self.dynamic_threshold is None:
-            return _Call(plan.t, step, combine, blocks=blocks, perturbed_block=perturbed)
+            return _Call(plan.t, step, combine, blocks=blocks, perturbed_block=perturbed, reads_x_previous=reads_x)
         # The thresholded x0 replaces the prediction: the step then reads it as "sample".
         x0_only = StepCoefficients(step.alpha, step.sigma, k_x0=1.0, prediction_type=self.prediction_type)
         return _Call(
-            plan.t, step._replace(prediction_type="sample", clip_denoised=False), combine, x0_only, blocks, perturbed
+            plan.t,
+            step._replace(prediction_type="sample", clip_denoised=False),
+            combine,
+            x0_only,
+            blocks,
+            perturbed,
+            reads_x_previous=reads_x,
         )
 
     def _reusing_deltas(self, calls: Sequence[_Call]) -> tuple[_Call, ...]:
@@ -482,8 +491,17 @@ class GuidedSampler:
 
     @functools.cached_property
     def history_length(self) -> int:
-        """The most history tensors any call reads."""
-        return max(len(call.step.k_history) for call in self._calls(False))
+        """The most earlier x0s any call reads."""
+        return max(len(call.step.k_history) - call.reads_x_previous for call in self._calls(False))
+
+    @functools.cached_property
+    def _keeps_x(self) -> frozenset[int]:
+        """The calls whose x the next call reads (``x_previous``)."""
+        calls = self._calls(False)
+        kept = frozenset(i for i in range(len(calls) - 1) if calls[i + 1].reads_x_previous)
+        # one buffer: a call that kept its x for the next one would overwrite what it reads
+        assert not any(calls[i].reads_x_previous for i in kept)
+        return kept
 
     # ----------------------------------------------------------------------------------
     # The loop
@@ -715,6 +733,7 @@ class GuidedSampler:
             model_input=torch.empty((rows, *shape[1:]), device=device, dtype=dtype),
             conditioning=conditioning,
             x0=[torch.empty(shape, device=device, dtype=dtype) for _ in range(self.history_length + 1)],
+            x_previous=torch.empty(shape, device=device, dtype=dtype) if self._keeps_x else None,
             x0_unconditional=[
                 torch.empty(shape, device=device, dtype=dtype) for _ in range(2 if self.unconditional_history else 0)
             ],
@@ -796,9 +815,16 @@ class GuidedSampler:
         call = self._calls(learned, guiding)[i]
 
         ring = buffers.x0
-        history = tuple(ring[(i - 1 - j) % len(ring)] for j in range(len(call.step.k_history)))
+        x0_slots = len(call.step.k_history) - call.reads_x_previous
+        history = tuple(ring[(i - 1 - j) % len(ring)] for j in range(x0_slots))
         if self.unconditional_history:
             history = self._unconditional_x0(i, model_output, x, guide, call, buffers)
+        if call.reads_x_previous:
+            assert buffers.x_previous is not None  # made with the buffers of a plan that keeps an x
+            history += (buffers.x_previous,)
+        if i in self._keeps_x:  # before the step writes the next x over this one
+            assert buffers.x_previous is not None
+            buffers.x_previous.copy_(x)
         combine = call.combine
         grad = None
         if call.step.k_grad or call.step.grad_eps_scale:

@@ -2,8 +2,9 @@
 
 Each model call goes from time t to t_next (−1 = clean data; the last step's t_next is
 ``final_timestep``, see ``plan_steps``) and is one call of
-    x_next = k_x·x + k_x0·x0 + k_eps·eps + Σⱼ k_history[j]·x0₍ᵢ₋₁₋ⱼ₎ + k_noise·z (+ ADM's mean shift)
-where x0₍ᵢ₋₁₋ⱼ₎ is the x0 of the model call j + 1 calls back (the solver history). Writing
+    x_next = k_x·x + k_x0·x0 + k_eps·eps + Σⱼ k_history[j]·x0₍ᵢ₋₁₋ⱼ₎ + k_x_previous·x₍ᵢ₋₁₎ + k_noise·z
+(+ ADM's mean shift) where x0₍ᵢ₋₁₋ⱼ₎ is the x0 of the model call j + 1 calls back (the solver
+history) and x₍ᵢ₋₁₎ the previous call's x (heun's second call reads it). Writing
 a, s for α_t, σ_t (x = a·x0 + s·eps), primes for t_next, λ = log(a/s), h = λ' − λ,
 σ̃ = s/a (EDM's noise level) and mᵢ for call i's x0:
   ddim (Song et al.):   k_x0 = a', k_eps = √(s'² − σ_η²), k_noise = σ_η,
@@ -16,12 +17,12 @@ a, s for α_t, σ_t (x = a·x0 + s·eps), primes for t_next, λ = log(a/s), h = 
                         k_x = 1, k_eps = −k_x0 = σ' − σ (diffusers' FlowMatchEuler)
   euler-ancestral (k-diffusion, η = 1; VP): σ_up = σ̃'·√(1 − σ̃'²/σ̃²), σ_down = √(σ̃'² − σ_up²),
                         k_x = a'/a, k_eps = a'·(σ_down − σ̃), k_noise = a'·σ_up
-  heun (EDM's second order, two calls per step, Euler on a last one to x0): the first call is
-                        an Euler step to x_E at t'; the second, at (x_E, t'), averages the
-                        two slopes. The first slope, EDM's d at x, equals (x̃_E − m_A)/σ̃'
-                        (x_E is the Euler step along it), so the slopes differ by
-                        (m_A − m_B)/σ̃' and x' = x_E + a'·(σ̃' − σ̃)/(2σ̃')·(m_A − m_B) (VP; on
-                        a flow path (σ' − σ)/(2σ') in place of a'·(σ̃' − σ̃)/(2σ̃')).
+  heun (EDM's second order, two calls per step, Euler on a last one to x0): the first call,
+                        at x_A, is an Euler step to x_E at t'; the second, at (x_E, t'),
+                        averages the two slopes. With h = σ̃' − σ̃, x̃_E = x̃_A + h·d_A, so
+                        x̃' = x̃_A + (h/2)·(d_A + d_B) = (x̃_A + x̃_E)/2 + (h/2)·eps_B:
+                        k_x_previous = a'/(2a), k_x = ½, k_eps = a'·h/2 (VP; on a flow path
+                        x' = (x_A + x_E)/2 + ((σ' − σ)/2)·(eps_B − m_B), the velocity).
   dpm++2m, dpm++3m (Lu et al. 2022, DPM-Solver++ multistep; diffusers' formulas):
                         x' = (s'/s)·x + a'·φ₁·m₀ + a'·φ₂·D₁ − a'·φ₃·D₂ with φ₁ = 1 − e^{−h},
                         φ₂ = (e^{−h} − 1)/h + 1, φ₃ = (e^{−h} − 1 + h)/h² − ½, rₖ = hₖ/h the
@@ -55,8 +56,9 @@ steps and unipc always, at the step before it (diffusers' lower_order_final).
 A sampler is a choice of these numbers; nothing else differs. Each one below writes its
 update as the formula above reads, a ``Combination`` (combination.py) of X (x), EPS, NOISE
 (z) and mₖ = x0(k), whose coefficients are the plan's k_* (``Combination.kernel_coefficients``).
-A plan holds one entry per model call: dpm++2s and heun have two per step (2·steps − 1
-calls in all when the last lands on the clean data, where it is one).
+A plan holds one entry per model call: dpm++2s and heun have up to two per step (one
+where the last lands on the clean data; dpm++2s also where no timestep lies strictly
+inside the step, or it starts from a flow path's pure noise).
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ class StepPlan:
     k_x0: float = 0.0
     k_eps: float = 0.0
     k_history: tuple[float, ...] = ()  # the earlier calls' x0, most recent first
+    k_x_previous: float = 0.0  # the previous call's x, which the loop keeps (heun's second call)
     k_noise: float = 0.0
     variance: float = 0.0  # Σ of an ancestral step: ADM's classifier mean shift is Σ·s·∇
     log_variance_range: tuple[float, float] | None = None  # learned Σ (ADM's learned range)
@@ -157,7 +160,8 @@ class StepPlan:
             k_noise=self.k_noise,
             k_grad=k_grad,
             grad_eps_scale=grad_eps_scale,
-            k_history=self.k_history,
+            # the kept previous x is read as one more history slot, after the x0s
+            k_history=self.k_history + ((self.k_x_previous,) if self.k_x_previous else ()),
             prediction_type=prediction_type,
             clip_denoised=clip_denoised,
             log_variance_range=self.log_variance_range if learned_variance else None,
@@ -263,16 +267,16 @@ def _heun(schedule: NoiseSchedule, t: float, t_next: float) -> list[StepPlan]:
     if t_next < 0:  # the last step lands on the clean data: Euler there
         return [euler]
     (alpha, sigma), (alpha_next, sigma_next) = schedule.alpha_sigma(t), schedule.alpha_sigma(t_next)
-    # x' = x_E + (σ̃' − σ̃)/2·(d_B − d_A) in x̃ = x/a, with both slopes read at x_E:
-    # d_A = (x̃_E − m_A)/σ̃' (the first call's eps), d_B = (x̃_E − m_B)/σ̃', so
-    # d_B − d_A = (m_A − m_B)/σ̃'. On a flow path the same in x and σ.
+    x_A, x_E = X.shift(), X  # the second call runs at x_E and reads the first call's x, x_A
+    # x̃' = x̃_A + (h/2)·(d_A + d_B) with h = σ̃' − σ̃ in x̃ = x/a; the Euler call made
+    # x̃_E = x̃_A + h·d_A, so x̃' = (x̃_A + x̃_E)/2 + (h/2)·d_B, d_B this call's slope: eps in
+    # x̃ (v = eps − x0 on a flow path, in x and σ). (Written in m_A − m_B, the slope
+    # difference divides by σ̃', and x_E's and m_A's rounding grew by 1/σ̃' near the data.)
     if schedule.is_flow:
-        c = (sigma_next - sigma) / (2 * sigma_next)
-    else:
-        edm, edm_next = sigma / alpha, sigma_next / alpha_next
-        c = alpha_next * (edm_next - edm) / (2 * edm_next)
-    x_E, m_A, m_B = X, m1, m0  # the second call runs at x_E; m_A is the first call's x0, m_B its own
-    return [euler, _plan(t_next, t_next, x_E + c * (m_A - m_B))]
+        return [euler, _plan(t_next, t_next, (x_A + x_E) / 2 + (sigma_next - sigma) / 2 * (EPS - m0))]
+    edm, edm_next = sigma / alpha, sigma_next / alpha_next
+    x_next = alpha_next * ((x_A / alpha + x_E / alpha_next) / 2 + (edm_next - edm) / 2 * EPS)
+    return [euler, _plan(t_next, t_next, x_next)]
 
 
 # --------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ from fastguide.ops.contract import MAX_HISTORY
 from fastguide.sampling.combination import EPS, NOISE, ZERO, Combination, Symbol, X, x0
 
 
-def step(combination, x, eps, noise, x0s):
+def step(combination, x, eps, noise, x0s, x_previous):
     """What the fused step computes from the combination's k_*: k_x·x + k_x0·m₀ + k_eps·eps +
-    Σⱼ k_history[j]·mⱼ₊₁ + k_noise·z, with x0s = (m₀, m₁, …)."""
+    Σⱼ k_history[j]·mⱼ₊₁ + k_x_previous·x₁ + k_noise·z, with x0s = (m₀, m₁, …)."""
     k = combination.kernel_coefficients()
     return (
         k["k_x"] * x
@@ -22,22 +22,29 @@ def step(combination, x, eps, noise, x0s):
         + k["k_eps"] * eps
         + k["k_noise"] * noise
         + sum(w * m for w, m in zip(k["k_history"], x0s[1:]))
+        + k["k_x_previous"] * x_previous
     )
 
 
 def test_symbols_evaluate_to_one_coefficient_each():
-    assert X.kernel_coefficients() == dict(k_x=1.0, k_x0=0.0, k_eps=0.0, k_history=(), k_noise=0.0)
+    assert X.kernel_coefficients() == dict(k_x=1.0, k_x0=0.0, k_eps=0.0, k_history=(), k_x_previous=0.0, k_noise=0.0)
     assert EPS.kernel_coefficients()["k_eps"] == 1.0 and NOISE.kernel_coefficients()["k_noise"] == 1.0
-    assert x0(0).kernel_coefficients() == dict(k_x=0.0, k_x0=1.0, k_eps=0.0, k_history=(), k_noise=0.0)
+    assert x0(0).kernel_coefficients() == dict(
+        k_x=0.0, k_x0=1.0, k_eps=0.0, k_history=(), k_x_previous=0.0, k_noise=0.0
+    )
     assert x0(2).kernel_coefficients()["k_history"] == (0.0, 1.0)  # m₂ in the second slot, the first left 0
-    assert ZERO.kernel_coefficients() == dict(k_x=0.0, k_x0=0.0, k_eps=0.0, k_history=(), k_noise=0.0)
+    assert ZERO.kernel_coefficients() == dict(k_x=0.0, k_x0=0.0, k_eps=0.0, k_history=(), k_x_previous=0.0, k_noise=0.0)
 
 
 def test_arithmetic_acts_per_coefficient():
     a = 2.0 * X - 0.5 * x0(0) + x0(1) / 4 + 3 * EPS
     b = X + 0.5 * x0(0) - NOISE
-    assert (a + b).kernel_coefficients() == dict(k_x=3.0, k_x0=0.0, k_eps=3.0, k_history=(0.25,), k_noise=-1.0)
-    assert (a - b).kernel_coefficients() == dict(k_x=1.0, k_x0=-1.0, k_eps=3.0, k_history=(0.25,), k_noise=1.0)
+    assert (a + b).kernel_coefficients() == dict(
+        k_x=3.0, k_x0=0.0, k_eps=3.0, k_history=(0.25,), k_x_previous=0.0, k_noise=-1.0
+    )
+    assert (a - b).kernel_coefficients() == dict(
+        k_x=1.0, k_x0=-1.0, k_eps=3.0, k_history=(0.25,), k_x_previous=0.0, k_noise=1.0
+    )
     assert (-a).coefficient(Symbol("x0", 1)) == -0.25
     assert (a * 2).coefficient(Symbol("x")) == 4.0 and (2 * a) == (a * 2)
     assert (a / 2).coefficient(Symbol("eps")) == 1.5
@@ -67,7 +74,7 @@ def test_evaluation_is_linear(seed):
     """Evaluating a sum, a difference or a multiple is the sum, difference or multiple of the
     evaluations (the algebra is the step's own linear map, at random values)."""
     rng = random.Random(seed)
-    symbols = [X, EPS, NOISE] + [x0(k) for k in range(MAX_HISTORY + 1)]
+    symbols = [X, EPS, NOISE, X.shift()] + [x0(k) for k in range(MAX_HISTORY)]
 
     def random_combination():
         return sum((rng.uniform(-2, 2) * s for s in rng.sample(symbols, 4)), ZERO)
@@ -77,7 +84,8 @@ def test_evaluation_is_linear(seed):
         x=rng.gauss(0, 1),
         eps=rng.gauss(0, 1),
         noise=rng.gauss(0, 1),
-        x0s=[rng.gauss(0, 1) for _ in range(MAX_HISTORY + 1)],
+        x0s=[rng.gauss(0, 1) for _ in range(MAX_HISTORY)],
+        x_previous=rng.gauss(0, 1),
     )
     at = lambda comb: step(comb, **values)  # noqa: E731
     assert at(a + b) == pytest.approx(at(a) + at(b), rel=1e-12, abs=1e-12)
@@ -122,7 +130,9 @@ def test_combinations_are_immutable_values():
 def test_shift_restates_a_value_in_the_next_calls_symbols():
     assert x0(0).shift() == x0(1) and x0(2).shift(2) == x0(4) and x0(-1).shift() == x0(0)
     a = 0.5 * x0(-1) - 0.25 * x0(0) + 2.0 * x0(1)
-    assert a.shift().kernel_coefficients() == dict(k_x=0.0, k_x0=0.5, k_eps=0.0, k_history=(-0.25, 2.0), k_noise=0.0)
+    assert a.shift().kernel_coefficients() == dict(
+        k_x=0.0, k_x0=0.5, k_eps=0.0, k_history=(-0.25, 2.0), k_x_previous=0.0, k_noise=0.0
+    )
     assert a.shift().shift(-1) == a
     assert (a + x0(3)).shift() == a.shift() + x0(4) and (3.0 * a).shift() == 3.0 * a.shift()  # linear
     assert ZERO.shift() == ZERO
@@ -133,12 +143,13 @@ def test_shift_restates_a_value_in_the_next_calls_symbols():
 @pytest.mark.parametrize(
     "combination, named",
     [
-        (X.shift(), r"x\[1\]"),  # the previous call's x: the step reads only its own
+        (X.shift(2), r"x\[2\]"),  # an x from before the previous call's
         (EPS.shift(), r"eps\[1\]"),
         (2.0 * x0(0) + NOISE.shift(), r"noise\[1\]"),
         (x0(-1), r"m\[-1\]"),  # the next call's x0, not known yet
         (x0(MAX_HISTORY + 1), f"m{MAX_HISTORY + 1}"),  # beyond the kernel's history slots
         (x0(MAX_HISTORY).shift(), f"m{MAX_HISTORY + 1}"),
+        (x0(MAX_HISTORY) + X.shift(), "the history"),  # the kept x takes one more slot
     ],
 )
 def test_a_term_the_step_cannot_read_is_refused(combination, named):
@@ -150,6 +161,11 @@ def test_the_furthest_history_the_kernel_holds_is_expressible():
     k = (x0(MAX_HISTORY) - x0(1)).kernel_coefficients()
     assert k["k_history"] == (-1.0,) + (0.0,) * (MAX_HISTORY - 2) + (1.0,)
     assert len(k["k_history"]) == MAX_HISTORY
+
+
+def test_the_previous_calls_x_is_read_beside_the_x0_history():
+    k = (0.5 * X.shift() + 0.5 * X - 0.25 * x0(1)).kernel_coefficients()
+    assert k["k_x_previous"] == 0.5 and k["k_x"] == 0.5 and k["k_history"] == (-0.25,)
 
 
 def test_dpm_solver_2m_as_written_in_the_module_docstring():
