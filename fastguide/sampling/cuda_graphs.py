@@ -68,17 +68,43 @@ def weights_fingerprint(modules: Iterable[torch.nn.Module]) -> tuple:
     )
 
 
+def autocast_state(device: torch.device) -> tuple[bool, torch.dtype | None]:
+    """Whether autocast is on for ``device``'s type, and to which dtype: what a capture runs
+    under is part of what it is (a replay outside autocast must not give autocast's precision)."""
+    if not torch.is_autocast_enabled(device.type):
+        return (False, None)
+    return (True, torch.get_autocast_dtype(device.type))
+
+
+@contextlib.contextmanager
+def capturing_on(device: torch.device) -> Iterator[None]:
+    """Around a warm-up and capture, or a replay: ``device`` current (the kernels launch on
+    the current device), and the caller's autocast with its cast cache off. A cached cast
+    of a weight lives outside the graph's pool and is freed when the caller's autocast block
+    ends, while the graph would go on reading it (PyTorch's make_graphed_callables refuses
+    cached autocast for this reason)."""
+    enabled, dtype = autocast_state(device)
+    with contextlib.ExitStack() as stack:
+        if device.type == "cuda":
+            stack.enter_context(torch.cuda.device(device))
+        if enabled:
+            stack.enter_context(torch.autocast(device.type, dtype=dtype, cache_enabled=False))
+        yield
+
+
 def graph_pool():
     """A memory pool shared by the graphs of one captured run."""
     return torch.cuda.graph_pool_handle()
 
 
 def capture_graph(fn: Callable[[], object], pool, generator: torch.Generator | None = None) -> "torch.cuda.CUDAGraph":
-    """``fn`` captured as one CUDA graph in ``pool``; its draws from ``generator`` (when
-    given) replay from that generator's state at the time of each replay."""
+    """``fn`` captured as one CUDA graph in ``pool``, on a stream of the current device
+    (torch.cuda.graph's own default stream is made once, on the device current at the
+    process's first capture); its draws from ``generator`` (when given) replay from that
+    generator's state at the time of each replay."""
     graph = torch.cuda.CUDAGraph()
     if generator is not None:
         graph.register_generator_state(generator)
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream()):
         fn()
     return graph

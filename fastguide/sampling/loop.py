@@ -832,9 +832,10 @@ class GuidedSampler:
             assert self.classifier is not None and buffers.conditioning.labels is not None
             grad = self.classifier.gradient(x, t_in[:batch], buffers.conditioning.labels[:batch])
         # Truncated CFG: each sample's cos(x̂0_c, x̂0_u) out of the fused step (out of its first pass
-        # under dynamic thresholding), read on the host until it stops guiding (a captured run
-        # follows its warm-up run's call instead).
-        similarity = buffers.similarity if combine is not None and not buffers.calibrated else None
+        # under dynamic thresholding), read on the host until it stops guiding. A captured run
+        # computes it too, so that its graphs launch the kernels its warm-up compiled and
+        # loaded, but follows its warm-up run's call instead of reading it.
+        similarity = buffers.similarity if combine is not None else None
         if call.x0_only is not None:
             model_output = self._dynamic_threshold(
                 model_output, x, call, combine, guide, buffers, ring[i % len(ring)], similarity
@@ -856,7 +857,7 @@ class GuidedSampler:
             call.step,
             combine,
         )
-        if similarity is not None:
+        if similarity is not None and not buffers.calibrated:
             # (the buffers hold a similarity under truncated CFG only)
             assert self.guidance is not None and self.guidance.truncate is not None
             # NaN keeps guiding; at the last call there is no later one to stop guiding
@@ -1025,7 +1026,8 @@ class GuidedSampler:
         layout, then replayed."""
         per_call, inside = callback is not None, cuda_graphs.draws_inside(generator, device)
         # x_T's dtype is the buffers' (a model without one parameter dtype samples in the noise's)
-        key = (shape, device, x_T.dtype, conditioning.signature, keep_x0, per_call, inside)
+        autocast = cuda_graphs.autocast_state(device)
+        key = (shape, device, x_T.dtype, conditioning.signature, keep_x0, per_call, inside, autocast)
         networks = (self.model, self._guide_network)
         weights = cuda_graphs.weights_fingerprint(m for m in networks if isinstance(m, torch.nn.Module))
         if weights != self._graph_weights:  # weights moved: every capture reads the old addresses
@@ -1037,12 +1039,13 @@ class GuidedSampler:
                 # the least recently used goes (its buffers and graph memory) before a new one is made
                 self._graphs.popitem(last=False)
             # Outside inference mode, so that the static tensors serve calls outside it too.
-            with torch.inference_mode(False), torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad(), cuda_graphs.capturing_on(device):
                 self._graphs[key] = self._capture(shape, device, x_T, conditioning, caller, keep_x0, per_call, inside)
         self._graphs.move_to_end(key)
         buffers, graphs = self._graphs[key]
         self._load(buffers, x_T, conditioning)
-        with self._caching(buffers):  # (a CUDA replay runs no Python; a CPU stand-in does)
+        # (a CUDA replay runs no Python; a CPU stand-in does)
+        with self._caching(buffers), cuda_graphs.capturing_on(device):
             for segment, graph in zip(self._segments(per_call, inside), graphs):
                 if buffers.noise_generator is not None:
                     # The graph draws from its own generator: the caller's state in, and

@@ -396,6 +396,24 @@ def test_a_stochastic_graphed_run_decides_on_the_callers_noise(cpu_graphs, monke
     assert torch.equal(generators[0].get_state(), generators[1].get_state())
 
 
+def test_a_truncated_graphed_run_launches_only_the_step_variants_its_warm_up_ran(cpu_graphs, monkeypatch):
+    # A kernel variant first launched inside a capture compiles and loads its module there,
+    # which the warm-up is for. The captured guided calls compute the similarity too (unread).
+    variants = []
+    step = GuidedSampler._step
+    monkeypatch.setattr(
+        GuidedSampler,
+        "_step",
+        staticmethod(lambda t, s, c: variants.append((c is None, t.similarity is None)) or step(t, s, c)),
+    )
+    guidance = CFG(3.0, truncate=0.995)
+    sampler = GuidedSampler(tiny_dit(), sampler="ddim", steps=10, schedule=SCHEDULE, guidance=guidance, cuda_graph=True)
+    sampler((BATCH, 3, 8, 8), labels=torch.tensor([0, 1, 3]), generator=torch.Generator().manual_seed(0))
+    warm_up, replay = variants[: len(variants) // 2], variants[len(variants) // 2 :]
+    assert sampler.last_compute["truncated_from"] not in (None, 0, sampler.num_calls)
+    assert replay == warm_up
+
+
 def test_a_callbacks_own_forward_does_not_touch_the_cache():
     model = tiny_dit()
     plain, plain_sampler = run(model, CFG(3.0), cache=FirstBlockCache(threshold=1.0))

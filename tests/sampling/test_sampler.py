@@ -1316,6 +1316,7 @@ GRAPH_CASES = [
     ("dpm++2s", CFG(3.0, zero_star=True), 0.0),
     ("dpm++2m", CFG(3.0, tangential=True, interval=(0.5, 3.0)), 0.0),
     ("ddim", fastguide.AutoGuidance(tiny_cfg_unet(), 2.0, interval=(0.5, 3.0)), 0.0),
+    ("heun", CFG(3.0), 0.0),  # its second call reads the first call's x, kept in a buffer
 ]
 
 
@@ -1340,6 +1341,26 @@ def test_graph_replay_logic_matches_eager_on_cpu(cpu_graphs, sampler, guidance, 
     # copied in per call, graphs reused) with the CUDA parts stood in for: a step that
     # read anything but the static buffers would give the second call wrong samples.
     assert_graph_replays_match_eager("cpu", sampler, guidance, eta)
+
+
+def test_graphs_are_captured_per_autocast_state_with_autocasts_cache_off(cpu_graphs):
+    # autocast caches its casts of the weights until the caller's autocast block ends: a graph
+    # that captured a cached cast would read freed memory after it. The capture runs with the
+    # cache off, and a run under autocast never replays a capture made without it (or back).
+    model = tiny_cfg_unet()
+    cache_on = []
+    model.register_forward_pre_hook(lambda module, args: cache_on.append(torch.is_autocast_cache_enabled()))
+    kwargs = dict(sampler="ddim", steps=3, guidance=CFG(3.0))
+    graphed, eager = GuidedSampler(model, cuda_graph=True, **kwargs), GuidedSampler(model, **kwargs)
+    noise, labels = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 3])
+    for autocast in (True, False, True):  # capture, capture, replay
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            cache_on.clear()
+            got = graphed(noise.shape, labels=labels, noise=noise)
+            assert cache_on and not (autocast and any(cache_on))
+            expected = eager(noise.shape, labels=labels, noise=noise)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert len(graphed._graphs) == 2
 
 
 def test_a_graphed_loop_draws_from_the_default_generator_as_eager_sampling_does(cpu_graphs):
