@@ -49,7 +49,8 @@ def check_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> flo
 
 
 def _attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
-    return dispatch.implementation(backend, "attention").attention_forward(q, k, v, scale)
+    with dispatch.launching_on(backend, q.device):
+        return dispatch.implementation(backend, "attention").attention_forward(q, k, v, scale)
 
 
 attention_op = torch.library.custom_op("fastguide::attention", mutates_args=())(_attention_forward)
@@ -63,7 +64,10 @@ def _(q, k, v, scale, backend):
 def _attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = dispatch.implementation(backend, "attention").attention_backward(grad_out, q, k, v, out, lse, scale)
+    with dispatch.launching_on(backend, q.device):
+        dq, dk, dv = dispatch.implementation(backend, "attention").attention_backward(
+            grad_out, q, k, v, out, lse, scale
+        )
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

@@ -62,9 +62,10 @@ def _group_norm_forward(
     activation: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    y, mean, rstd = dispatch.implementation(backend, "group_norm").group_norm_forward(
-        x, NormParameters(weight, bias, scale, shift), num_groups, eps, None if activation == "none" else activation
-    )
+    with dispatch.launching_on(backend, x.device):
+        y, mean, rstd = dispatch.implementation(backend, "group_norm").group_norm_forward(
+            x, NormParameters(weight, bias, scale, shift), num_groups, eps, None if activation == "none" else activation
+        )
     return like_memory_format(y, x), mean.contiguous(), rstd.contiguous()
 
 
@@ -92,9 +93,8 @@ def _group_norm_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dscale, dshift); an input that was None gets an empty tensor."""
-    return norms.backward_outputs(
-        x,
-        *dispatch.implementation(backend, "group_norm").group_norm_backward(
+    with dispatch.launching_on(backend, x.device):
+        gradients = dispatch.implementation(backend, "group_norm").group_norm_backward(
             grad_y,
             x,
             NormParameters(weight, bias, scale, shift),
@@ -102,8 +102,8 @@ def _group_norm_backward(
             rstd,
             num_groups,
             None if activation == "none" else activation,
-        ),
-    )
+        )
+    return norms.backward_outputs(x, *gradients)
 
 
 group_norm_backward_op = torch.library.custom_op("fastguide::group_norm_backward", mutates_args=())(

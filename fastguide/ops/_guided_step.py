@@ -571,7 +571,8 @@ def guided_step_prechecked(tensors: StepTensors, step: StepCoefficients, combine
 def _guided_step_impl(
     tensors: StepTensors, step: StepCoefficients, combine: GuidanceCombine | None, backend: str
 ) -> None:
-    dispatch.implementation(backend, "guided_step").guided_step(tensors, step, combine)
+    with dispatch.launching_on(backend, tensors.x.device):
+        dispatch.implementation(backend, "guided_step").guided_step(tensors, step, combine)
     for name in contract.WRITTEN:
         written = getattr(tensors, name)
         if written is not None:

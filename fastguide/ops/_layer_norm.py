@@ -97,9 +97,10 @@ def _layer_norm_forward(
     eps: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    y, mean, rstd = dispatch.implementation(backend, "layer_norm").layer_norm_forward(
-        x, NormParameters(weight, bias, scale, shift), eps
-    )
+    with dispatch.launching_on(backend, x.device):
+        y, mean, rstd = dispatch.implementation(backend, "layer_norm").layer_norm_forward(
+            x, NormParameters(weight, bias, scale, shift), eps
+        )
     return y.contiguous(), mean.contiguous(), rstd.contiguous()
 
 
@@ -123,12 +124,11 @@ def _layer_norm_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dscale, dshift); an input that was None gets an empty tensor."""
-    return norms.backward_outputs(
-        x,
-        *dispatch.implementation(backend, "layer_norm").layer_norm_backward(
+    with dispatch.launching_on(backend, x.device):
+        gradients = dispatch.implementation(backend, "layer_norm").layer_norm_backward(
             grad_y, x, NormParameters(weight, bias, scale, shift), mean, rstd
-        ),
-    )
+        )
+    return norms.backward_outputs(x, *gradients)
 
 
 layer_norm_backward_op = torch.library.custom_op("fastguide::layer_norm_backward", mutates_args=())(
@@ -169,9 +169,10 @@ def _gated_residual_layer_norm_forward(
     eps: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    h_new, y, mean, rstd = dispatch.implementation(backend, "layer_norm").gated_residual_layer_norm_forward(
-        h, branch, gate, NormParameters(weight, bias, scale, shift), eps
-    )
+    with dispatch.launching_on(backend, h.device):
+        h_new, y, mean, rstd = dispatch.implementation(backend, "layer_norm").gated_residual_layer_norm_forward(
+            h, branch, gate, NormParameters(weight, bias, scale, shift), eps
+        )
     return h_new.contiguous(), y.contiguous(), mean.contiguous(), rstd.contiguous()
 
 

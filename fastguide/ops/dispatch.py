@@ -5,6 +5,7 @@ directly (``call``)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -29,6 +30,16 @@ def backend_for(op: str, device: torch.device, dtype: torch.dtype, empty: bool =
 def implementation(backend: str, op: str) -> ModuleType:
     """The module with ``op``'s functions on the concrete ``backend``."""
     return backends.IMPLEMENTATIONS[backend].implementation(op)
+
+
+def launching_on(backend: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Around a backend's launch: for Triton, ``device`` made current where it is not.
+    Triton launches on the current CUDA device whatever device its tensors are on (a
+    pipeline moved to cuda:1 would launch on cuda:0 with cuda:1's pointers); the CUDA
+    extension sets its own device guard, and the torch backend's ops follow their tensors."""
+    if backend != "triton" or device.type != "cuda" or device.index in (None, torch.cuda.current_device()):
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def empty_like(t: Tensor) -> Tensor:

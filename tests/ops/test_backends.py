@@ -1,5 +1,6 @@
 """The backend switch: set_backend, the context manager, FASTGUIDE_BACKEND, availability."""
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import subprocess
@@ -429,3 +430,35 @@ def test_the_reference_branches_on_no_device_data_off_the_cpu():
     o, lse = reference.attention_forward(q, q, q, 0.3)
     assert o.shape == q.shape and lse.shape == (2, 3, 5)
     assert reference.attention(q, q, q).shape == q.shape
+
+
+def test_triton_launches_with_its_tensors_device_current(monkeypatch):
+    # Triton launches on the current CUDA device, whatever device its tensors are on; the
+    # CUDA extension guards its own device and ATen ops follow their tensors.
+    from fastguide.ops import dispatch
+
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: made_current.append(device) or contextlib.nullcontext())
+    with dispatch.launching_on("triton", torch.device("cuda", 1)):
+        pass
+    assert made_current == [torch.device("cuda", 1)]
+    for backend, device in [
+        ("triton", "cuda:0"),
+        ("triton", "cuda"),
+        ("triton", "cpu"),
+        ("cuda", "cuda:1"),
+        ("torch", "cuda:1"),
+    ]:
+        with dispatch.launching_on(backend, torch.device(device)):
+            pass
+    assert made_current == [torch.device("cuda", 1)]
+    # every op's launch goes through it, with its tensors' device
+    seen = []
+    monkeypatch.setattr(
+        dispatch, "launching_on", lambda backend, device: seen.append((backend, device)) or contextlib.nullcontext()
+    )
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    with fastguide.backend("torch"):
+        ops.group_norm(x, 2).sum().backward()
+    assert seen == [("torch", x.device)] * 2
