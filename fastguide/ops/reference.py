@@ -121,7 +121,9 @@ def _rows_of_bad_queries(q: Tensor) -> Tensor | None:
 
 def _rows_scoring_bad_keys(q: Tensor, k: Tensor, scale: float, rows_per_chunk: int = 256) -> Tensor | None:
     """The rows whose score q·k·scale against a key holding a NaN or ±inf is NaN or +inf
-    (torch 2.5's CPU kernel returns a zero row there in float64). Only on the CPU, when k's
+    (torch 2.5's CPU kernel returns a zero row there in float64), and those whose every
+    score is −inf (every key such a key: IEEE softmax is 0/0 there, and aten's CPU flash
+    kernel returns a zero row). Only on the CPU, when k's
     sum is not finite (the rare case pays a second q·kᵀ, with the finite keys zeroed, over
     query chunks). Left to SDPA's kernels on a device (None), where the check cannot branch
     on the data and every call would pay that q·kᵀ."""
@@ -131,7 +133,7 @@ def _rows_scoring_bad_keys(q: Tensor, k: Tensor, scale: float, rows_per_chunk: i
     chunks = []
     for q_chunk in q.split(rows_per_chunk, dim=-2):
         scores = torch.matmul(q_chunk, k_bad.transpose(-1, -2)) * scale
-        chunks.append((scores.isnan() | (scores == math.inf)).any(dim=-1))
+        chunks.append((scores.isnan() | (scores == math.inf)).any(dim=-1) | (scores == -math.inf).all(dim=-1))
     return torch.cat(chunks, dim=-1)
 
 
@@ -524,10 +526,13 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
 
 
 def _unit_last_stride(t: Tensor) -> Tensor:
-    """t itself when its last dim is dense, else a contiguous copy. aten's private CPU
-    flash-attention kernels read a strided head dim wrongly (NaN); ADM's q, k, v views
-    of a (B, 3·C, T) projection have head-dim stride T."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """t itself when its last dim, and only it, has stride 1, else a contiguous copy.
+    aten's private CPU flash-attention kernels read a strided head dim wrongly (NaN; ADM's
+    q, k, v views of a (B, 3·C, T) projection have head-dim stride T), and a q with stride
+    1 in another dim too (an overlapping view, e.g. unfold's) as garbage (1e33)."""
+    if t.stride(-1) == 1 and all(stride != 1 or size == 1 for stride, size in zip(t.stride()[:-1], t.shape[:-1])):
+        return t
+    return t.contiguous()
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:

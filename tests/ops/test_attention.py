@@ -80,6 +80,25 @@ def test_attention_default_scale_and_strided_views(backend, device):
     assert_close(out, explicit_attention(q, k, v, dim**-0.5), ATTENTION, torch.float32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_reads_an_overlapping_query_view(backend, device):
+    # q as a sliding window over one row (unfold: strides (120, 1, 40, 1)), its head stride 1
+    # as well as its head dim's: aten's CPU flash kernel read such a q as garbage (1e33).
+    source = torch.randn(2, 3, 40, device=device, requires_grad=True)
+    q = source.unfold(-1, 8, 1)[:, :, :4].permute(0, 2, 1, 3)
+    k, v = (torch.randn(2, 4, 5, 8, device=device) for _ in range(2))
+    grad_out = torch.randn(2, 4, 3, 8, device=device)
+    with fastguide.backend(backend):
+        out = ops.attention(q, k, v, scale=0.3)
+        (d_source,) = torch.autograd.grad(out, source, grad_out)
+    reference_source = source.detach().double().requires_grad_()
+    rq = reference_source.unfold(-1, 8, 1)[:, :, :4].permute(0, 2, 1, 3)
+    expected = explicit_attention(rq, k.double(), v.double(), 0.3)
+    (expected_d_source,) = torch.autograd.grad(expected, reference_source, grad_out.double())
+    assert_close(out.detach(), expected.detach(), ATTENTION, torch.float32)
+    assert_close(d_source, expected_d_source, ATTENTION, torch.float32)
+
+
 def test_reference_attention_matches_formula_float64():
     q, k, v = random_qkv((2, 2, 9, 11, 24), torch.float64, "cpu")
     torch.testing.assert_close(reference.attention(q, k, v, 0.3), explicit_attention(q, k, v, 0.3))
@@ -343,6 +362,15 @@ def test_a_non_finite_key_makes_nan_the_rows_it_scores_nan_or_inf(backend, dtype
     assert out[0, 0].isnan().all(), backend
     assert out[0, 1, [0, 2, 3]].isnan().all(), backend
     assert torch.isfinite(out[0, 1, [1, 4]]).all(), backend
+    # a row whose every score is -inf: softmax's 0/0, NaN (aten's CPU flash kernel gave 0)
+    for keys in (1, 90):
+        k = torch.randn(1, 1, keys, 16, generator=torch.Generator().manual_seed(3))
+        k[..., 0] = -math.inf
+        q = torch.ones(1, 1, 2, 16)
+        q[0, 0, 1, 0] = -1.0  # the other row scores +inf: NaN as well
+        with fastguide.backend(backend):
+            out = ops.attention(q.to(device, dtype), k.to(device, dtype), k.to(device, dtype)).float().cpu()
+        assert out.isnan().all(), (backend, keys)
 
 
 @pytest.mark.parametrize("scale", [0.5, -0.5])
