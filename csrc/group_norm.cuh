@@ -23,6 +23,7 @@
 //        intercept = −rstd·S1/(Cg·S) − mean·slope.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -170,8 +171,11 @@ FG_HOST_DEVICE double finish_statistics(const GroupNormParams& p, double mean, d
                                         float& rstd_out) {
   const double variance = m2 / (static_cast<double>(p.s) * static_cast<double>(p.channels_per_group));
   mean_out = static_cast<float>(mean);
-  // Statistics that overflowed float32 partial sums (or met a NaN) give NaN, on every backend.
-  const double rstd = variance < HUGE_VAL ? 1.0 / sqrt(fmax(variance, 0.0) + static_cast<double>(p.eps)) : NAN;
+  // A group whose variance is past float32's range (constant channels of ±1e30: each M2 is 0,
+  // the group's variance 1e60), or met a NaN or ±inf, is NaN, on every backend; float64 holds
+  // it, where the float32 statistics of the others overflow.
+  const double rstd =
+      variance <= static_cast<double>(FLT_MAX) ? 1.0 / sqrt(fmax(variance, 0.0) + static_cast<double>(p.eps)) : NAN;
   rstd_out = static_cast<float>(rstd);
   return rstd;
 }

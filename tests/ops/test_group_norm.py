@@ -169,19 +169,23 @@ def test_group_norm_on_flattened_channels_last(backend, device):
     assert_close(y, explicit_group_norm(flat, 32, weight, bias, None, None, None), GROUP_NORM, torch.float32)
 
 
-@pytest.mark.parametrize("backend", backends_for("group_norm"))
-def test_groups_whose_float32_statistics_overflow_are_nan(backend, device):
+@pytest.mark.parametrize("backend", backends_with_emulation("group_norm"))
+def test_groups_whose_float32_statistics_overflow_are_nan(backend, device, request):
     # Values near 1e20 square past float32's range: such a group's statistics cannot be
     # formed in float32, and the NaN policy makes it NaN on every backend (aten alone
-    # would return a finite, wrong row); the other group stays exact.
-    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    # would return a finite, wrong row); the other group stays exact. Sample 2's first
+    # group is two constant channels of ±1e30: each channel's M2 is 0, the group's variance
+    # 1e60 (the cuda backend held it in float64 and gave ±1).
+    x = torch.randn(3, 4, 3, 3, generator=torch.Generator().manual_seed(0))
     x[0, :2] *= 1e20
-    with fastguide.backend(backend):
+    x[2, 0], x[2, 1] = 1e30, -1e30
+    with running_on(backend, request):
         y = ops.group_norm(x.to(device), 2).cpu()
-    assert y[0, :2].isnan().all()
+    assert y[0, :2].isnan().all() and y[2, :2].isnan().all()
     expected = torch.nn.functional.group_norm(x.double(), 2)
     assert_close(y[0, 2:], expected[0, 2:], GROUP_NORM, torch.float32)
     assert_close(y[1], expected[1], GROUP_NORM, torch.float32)
+    assert_close(y[2, 2:], expected[2, 2:], GROUP_NORM, torch.float32)
 
 
 @pytest.mark.parametrize("backend", backends_for("group_norm"))
