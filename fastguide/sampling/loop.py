@@ -34,7 +34,7 @@ from ..ops.validation import FLOAT_DTYPES
 from . import cuda_graphs
 from .conditioning import Conditioning, RowConditioning, check_pair
 from .guidance import BRANCHES, ClassifierGuidance, Guidance, default_sampler, parameter_dtype, split_guidance
-from .schedule import KARRAS_RHO, FlowSchedule, NoiseSchedule
+from .schedule import FlowSchedule, NoiseSchedule
 from .solvers import FLOAT32_NOISE_SAMPLERS, TWO_CALL_SAMPLERS, VARIANCE_TYPES, StepPlan, check_sampler, plan_steps
 
 Model = Callable[..., Tensor]
@@ -249,7 +249,6 @@ class GuidedSampler:
         grid = (spacing or self.schedule.default_spacing) if counted else None
         if rho is not None and grid != "karras":
             raise ValueError(f"rho={rho!r} shapes spacing='karras' only; this grid is {grid or steps!r}")
-        rho = KARRAS_RHO if rho is None else rho
         if grid is not None:
             self.timesteps = list(
                 _PLANS.get_or_make(
@@ -366,7 +365,9 @@ class GuidedSampler:
         )
 
     def _planned_calls(self, learned_variance: bool, guided: bool) -> tuple[_Call, ...]:
-        variance_type = self.variance_type or ("learned_range" if learned_variance else "fixed_small")
+        # (a variance type is ddpm's alone: the others set their own noise)
+        learned = learned_variance and self.sampler == "ddpm"
+        variance_type = self.variance_type or ("learned_range" if learned else "fixed_small")
         plans = plan_steps(
             self.sampler,
             self.schedule,

@@ -220,7 +220,7 @@ class NoiseSchedule:
             top = self.num_timesteps - math.ceil(self.num_timesteps / steps)
             return self.timesteps([round(i * top / max(steps - 1, 1)) for i in range(steps)])
 
-    def spaced_timesteps(self, steps: int, spacing: str = "adm", rho: float = KARRAS_RHO) -> list[float]:
+    def spaced_timesteps(self, steps: int, spacing: str = "adm", rho: float | None = None) -> list[float]:
         """``steps`` original timesteps, descending, placed by ``spacing``:
 
           "adm"       ADM's respacing (``timesteps(steps)``)
@@ -235,7 +235,8 @@ class NoiseSchedule:
                       (σ̃_0 where the schedule never reaches 0.3/N)
                       (fewer steps stop short of the last, nearly clean timesteps, whose
                       final denoising step costs O(σ̃²); measured by benchmarks/sampling/nfe.py)
-          "karras"    Karras et al.'s σ̃ grid with ``rho`` between σ̃_{T−1} and σ̃_0
+          "karras"    Karras et al.'s σ̃ grid with ``rho`` (default 7) between σ̃_{T−1} and σ̃_0
+                      (``rho`` with another spacing is refused, not ignored)
         The last two pick, for each target, the timestep of nearest λ (or σ̃); where targets
         crowd onto one timestep (the schedule's steep ends), they move to the nearest free
         timesteps, keeping the order.
@@ -245,7 +246,7 @@ class NoiseSchedule:
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= total:
             raise ValueError(f"steps must be an int from 1 to {total} with spacing={spacing!r}, got {steps!r}")
-        _check_rho(rho)
+        rho = _karras_rho(rho, spacing)
         if spacing == "adm":
             return self.timesteps(steps)
         if spacing == "leading":
@@ -353,9 +354,16 @@ def _is_real(value: object) -> TypeGuard[int | float]:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_rho(rho: object) -> None:
+def _karras_rho(rho: object, spacing: str) -> float:
+    """The Karras grid's ρ (KARRAS_RHO for None); a bad ρ is refused with any spacing, a ρ
+    given with a spacing other than "karras", which has none, too."""
+    if rho is None:
+        return KARRAS_RHO
     if not _is_real(rho) or rho <= 0:
         raise ValueError(f"rho must be a positive number, got {rho!r}")
+    if spacing != "karras":
+        raise ValueError(f"rho={rho!r} shapes spacing='karras' only, got spacing={spacing!r}")
+    return float(rho)
 
 
 def _karras_targets(low: float, high: float, ramp: Tensor, rho: float) -> Tensor:
@@ -461,7 +469,7 @@ class FlowSchedule(NoiseSchedule):
         shift when shift is far from 1)."""
         return self.shift * sigma / (self.shift * sigma + (1 - sigma))
 
-    def spaced_timesteps(self, steps: int, spacing: str = "linspace", rho: float = KARRAS_RHO) -> list[float]:
+    def spaced_timesteps(self, steps: int, spacing: str = "linspace", rho: float | None = None) -> list[float]:
         """``steps`` times T·σ, descending: σ uniform from 1 to 1/N, then shifted; refused
         where the shift collapses them (``check_grid``)."""
         if spacing != "linspace":
@@ -470,7 +478,7 @@ class FlowSchedule(NoiseSchedule):
             )
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
-        _check_rho(rho)
+        _karras_rho(rho, spacing)
         grid = [self._scale * self.shifted(1 - i / steps) for i in range(steps)]
         self.check_grid(grid, f"the {steps}-step grid of shift={self.shift!r}")
         return grid

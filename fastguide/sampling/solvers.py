@@ -544,6 +544,10 @@ def plan_steps(
     check_sampler(sampler, schedule, eta, solver_order)
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
+    if variance_type != "fixed_small" and sampler != "ddpm":
+        raise ValueError(
+            f"variance_type applies to sampler='ddpm' (the others set their own noise), got sampler={sampler!r}"
+        )
     check_final_timestep(sampler, schedule, timesteps, final_timestep)
     pairs = list(zip(timesteps, list(timesteps[1:]) + [final_timestep]))
     if sampler == "ddim":

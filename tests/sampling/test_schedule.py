@@ -254,6 +254,18 @@ def test_karras_rho_must_place_a_grid(rho, message):
             SCHEDULE.spaced_timesteps(10, "logsnr", rho)
 
 
+def test_a_variance_type_given_to_another_sampler_than_ddpm_is_refused_not_ignored():
+    with pytest.raises(ValueError, match="variance_type applies to sampler='ddpm'"):
+        fastguide.sampling.solvers.plan_steps("ddim", SCHEDULE, [999, 500], variance_type="fixed_large")
+
+
+def test_a_rho_given_with_another_spacing_is_refused_not_ignored():
+    for schedule, spacing in ((SCHEDULE, "logsnr"), (SCHEDULE, "leading"), (NoiseSchedule.flow(), "linspace")):
+        with pytest.raises(ValueError, match="shapes spacing='karras' only"):
+            schedule.spaced_timesteps(10, spacing, 3.0)
+    assert SCHEDULE.spaced_timesteps(10, "karras") == SCHEDULE.spaced_timesteps(10, "karras", 7.0)
+
+
 def test_each_schedule_refuses_the_prediction_types_it_cannot_convert():
     # One table (contract.PREDICTION_PATHS): v = α·ε − σ·x0 inverts where α² + σ² = 1, a
     # flow velocity where α + σ = 1; epsilon and sample convert on either path.
