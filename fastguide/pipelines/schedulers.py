@@ -351,8 +351,13 @@ def _heun_points(values: list) -> list:
 
 
 def _vp_schedule(placed) -> NoiseSchedule:
-    """The schedule of diffusers' betas (float32 there), in float64."""
-    return NoiseSchedule(placed.betas.double())
+    """The schedule of diffusers' betas (float32 there), in float64; refused where fastguide
+    cannot hold them (a β of 0 or 1: beta_start=0, a trained table ending in 1)."""
+    try:
+        return NoiseSchedule(placed.betas.double())
+    except ValueError as error:
+        reason = f"fastguide's VP schedule refuses its betas: {error}"
+        raise UnsupportedScheduler(type(placed).__name__, None, reason) from None
 
 
 def _timesteps(name: str, placed, call: _Call, times: list[float]) -> tuple[float, ...]:
@@ -732,6 +737,8 @@ def _flow_match(sampler: str) -> Callable[[object, _Call], SamplerSettings]:
                     f"diffusers calls the model at t = {t!r} but steps from σ = "
                     f"{sigma!r}; fastguide's flow time is T·σ = {total * sigma!r}",
                 )
+        if not times:  # (num_inference_steps=0, timesteps=[] or sigmas=[])
+            raise _refuse(name, option, value, "no steps: diffusers' loop returns the starting latents")
         if len(sigmas) != len(times) + 1 or sigmas[-1] != 0:
             raise _refuse(
                 name,

@@ -581,6 +581,9 @@ REFUSALS = [
     (sd3, dict(sigmas=[1.0, 0.5, 0.2], timesteps=[900.0, 500.0, 100.0]), "timesteps= and sigmas=", "one of them"),
     (sd3, dict(timesteps=[900.0, 500.0, 100.0]), "timesteps=[900.0, 500.0, 100.0]", "fastguide's flow time is T·σ"),
     (lambda: sd3("FlowMatchHeunDiscreteScheduler"), dict(mu=0.5), "mu=0.5", "takes no mu"),
+    (sd3, dict(sigmas=[]), "sigmas=[]", "no steps"),
+    # a β of 0 (or a trained table ending in 1): diffusers runs it, fastguide's schedule cannot hold it
+    (lambda: sd15("DPMSolverMultistepScheduler", beta_start=0.0), {}, None, "refuses its betas"),
 ]
 
 
