@@ -645,7 +645,8 @@ def _sigma_space(sampler: str, prediction_types: tuple[str, ...]) -> Callable[[o
     "linspace" spacing's fractional times (and custom fractional timesteps) as fractional
     steps, at which both interpolate σ̃ linearly in t. Refused: σ grids off the schedule's
     σ̃(t) (Karras, exponential, beta, interpolation_type "log_linear", custom sigmas placed
-    by log-σ interpolation), timestep_type "continuous" (the model's time is ¼·log σ̃),
+    by log-σ interpolation), timestep_type "continuous" with v_prediction (the model's time
+    is ¼·log σ̃),
     final_sigmas_type "sigma_min" (the returned latents are in σ̃-space there), and, for
     Heun, a clip range other than 1."""
 
@@ -669,7 +670,8 @@ def _sigma_space(sampler: str, prediction_types: tuple[str, ...]) -> Callable[[o
                 config.interpolation_type,
                 "the σ's lie log-uniformly between the schedule's timesteps; fastguide steps between timesteps",
             )
-        if config.get("timestep_type", "discrete") != "discrete":
+        # (diffusers reads it with v_prediction only: other prediction types take the timestep)
+        if config.get("timestep_type", "discrete") != "discrete" and config.prediction_type == "v_prediction":
             raise _refuse(
                 name,
                 "timestep_type",

@@ -238,6 +238,8 @@ CASES = {
     "sd15-ddpm": (lambda: sd15("DDPMScheduler"), {}, "ddpm", toy),
     # SDXL's Euler (leading, steps_offset 1), and DPM-Solver++ from its config
     "sdxl-euler": (sdxl, {}, "euler", toy),
+    # diffusers reads timestep_type="continuous" with v_prediction only
+    "sdxl-euler-continuous-eps": (lambda: sdxl(timestep_type="continuous"), {}, "euler", toy),
     "sdxl-euler-ancestral": (lambda: sdxl("EulerAncestralDiscreteScheduler"), {}, "euler-ancestral", toy),
     "sdxl-dpm++2m": (lambda: sdxl("DPMSolverMultistepScheduler"), {}, "dpm++2m", toy),
     "sdxl-euler-v": (lambda: sdxl(prediction_type="v_prediction"), {}, "euler", toy),
