@@ -105,10 +105,17 @@ def _is_fastguide(m: object) -> bool:
 
 
 def _has_hooks(m: nn.Module) -> bool:
-    """Hooks that replacing the module would lose: torch's module hooks, accelerate's _hf_hook."""
-    return hasattr(m, "_hf_hook") or any(
-        getattr(m, name, None)
-        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    """Hooks that replacing the module would lose: torch's module hooks, accelerate's _hf_hook,
+    and diffusers' HookRegistry (``_diffusers_hook``: group offloading, layer skipping, the
+    caches), which wraps the instance's forward."""
+    return (
+        hasattr(m, "_hf_hook")
+        or hasattr(m, "_diffusers_hook")
+        or "forward" in m.__dict__
+        or any(
+            getattr(m, name, None)
+            for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+        )
     )
 
 
@@ -286,7 +293,11 @@ class FastguideAttnProcessor:
     broadcasts there, never mixes samples) go to ``fallback``, the processor it replaced.
     """
 
-    def __init__(self, fallback):
+    def __init__(self, fallback: Any = None):
+        if fallback is None:  # diffusers' loaders rebuild a processor by its class, type(processor)()
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            fallback = AttnProcessor2_0()  # diffusers' own default
         self.fallback = fallback
         self.sdpa_scale = type(fallback).__name__ == "AttnProcessor2_0"
         self.qk_norm = type(fallback).__name__ != "AttnProcessor"
@@ -335,6 +346,10 @@ def _check_diffusers_attention(m: Any) -> str | Callable[[], None]:  # a diffuse
     processor = getattr(m, "processor", None)
     if isinstance(processor, FastguideAttnProcessor):
         return ALREADY
+    if hasattr(m, "_diffusers_hook"):
+        # e.g. layer skipping's AttentionProcessorSkipHook, which catches the processor's
+        # F.scaled_dot_product_attention call: fastguide's processor makes none
+        return "a diffusers hook on it"
     cls = type(processor)
     if cls.__name__ not in _PLAIN_PROCESSORS or cls.__module__.split(".")[0] != "diffusers":
         return f"processor {cls.__name__}"

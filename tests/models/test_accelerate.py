@@ -332,6 +332,42 @@ def test_accelerate_swaps_plain_attention_processors(case, backend):
     assert_close(got, expected, ATTENTION, torch.float32)
 
 
+def test_a_processor_rebuilt_by_its_class_as_diffusers_loaders_do_runs_as_diffusers_default():
+    # load_ip_adapter and unload_ip_adapter rebuild the processors they keep by type(processor)()
+    attn = randomize(ap.Attention(32, cross_attention_dim=24, heads=2, dim_head=16), seed=5).eval()
+    expected = run(attn, x4, encoder_hidden_states=text)
+    fastguide.accelerate(attn)
+    attn.set_processor(type(attn.processor)())
+    assert type(attn.processor).__name__ == "FastguideAttnProcessor"
+    assert_close(run(attn, x4, encoder_hidden_states=text), expected, ATTENTION, torch.float32)
+
+
+def test_accelerate_leaves_modules_with_diffusers_hooks_alone():
+    # diffusers' HookRegistry (group offloading, layer skipping, caches) wraps an instance's
+    # forward: a GroupNorm or an Attention swapped under it lost the hook, silently (layer
+    # skipping's attention-score hook catches the processor's F.scaled_dot_product_attention,
+    # which fastguide's processor never calls).
+    hooks = pytest.importorskip("diffusers.hooks")
+
+    class Doubling(hooks.ModelHook):
+        def post_forward(self, module, output):
+            return output * 2
+
+    def hooked():
+        model = tiny_diffusers_unet("default")
+        for module in (model.down_blocks[0].resnets[0].norm1, model.down_blocks[1].attentions[0]):
+            hooks.HookRegistry.check_if_exists_or_initialize(module).register_hook(Doubling(), "doubling")
+        return model
+
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    expected = run(hooked(), x, t).sample
+    assert not torch.allclose(expected, run(tiny_diffusers_unet("default"), x, t).sample, atol=1e-3)
+    model = fastguide.accelerate(hooked())
+    assert_close(run(model, x, t).sample, expected, ATTENTION, torch.float32)
+    assert model.fastguide_skipped["diffusers ResnetBlock2D"] == {"norm1: hooks registered on it": 1}
+    assert model.fastguide_skipped["diffusers Attention"] == {"a diffusers hook on it": 1}
+
+
 def test_accelerate_masked_calls_go_to_the_replaced_processor():
     attn = randomize(ap.Attention(32, cross_attention_dim=24, heads=2, dim_head=16), seed=4).eval()
     mask = torch.ones(2, 7)
