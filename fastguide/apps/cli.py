@@ -686,6 +686,9 @@ def check_sweep(args: argparse.Namespace) -> None:
         )
     except ValueError as error:
         raise UsageError("--checkpoint", str(error)) from None
+    if args.checkpoint is not None:  # a broken file fails here, as under sample, not mid-sweep
+        load = digits.load_transformer if args.model == "digits-transformer" else digits.load
+        load_weights("--checkpoint", weights, lambda: load(torch.device("cpu"), weights))
     check_seed("--seed", args.seed)
     args.device = parse_device(args.device)
     check_backend(None, args.device)
@@ -858,7 +861,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="cfg",
         help="classifier-free (cfg), CFG++ (cfg++, λ = --scale in [0, 1]; ddim, euler or dpm++2m), "
         "autoguidance (auto: w = --scale, guided by the digits model's weaker guide network, "
-        "Karras et al. 2024), classifier, both or none (default: cfg)",
+        "Karras et al. 2024), classifier (the class-conditional model given the labels, plus the "
+        "classifier's gradient, as ADM's classifier_sample.py with a conditional model; sweep's "
+        "classifier rows guide the null label instead), both or none (default: cfg)",
     )
     s.add_argument(
         "--schedule",

@@ -207,8 +207,13 @@ def held_out_seed(weights: Path = WEIGHTS, networks: tuple[str, ...] = ()) -> in
     splits."""
     path = weights / "digits_training.json"
     record = json.loads(path.read_text()) if path.is_file() else {}
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} must hold a JSON object (fastguide train's record), got {type(record).__name__}")
     keys = ("seed", *(f"{name}_seed" for name in networks))
     seeds = {name: record[name] for name in keys if name in record}
+    for name, seed in seeds.items():
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"{path}'s {name!r} must be an int (a training seed), got {seed!r}")
     if len(set(seeds.values())) > 1:
         raise ValueError(
             f"the networks in {weights} were trained on different train/held-out splits ({seeds} in {path.name}): "

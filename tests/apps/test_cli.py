@@ -602,6 +602,30 @@ def test_sweep_refuses_networks_trained_on_different_splits(workdir, capsys):
     assert digits.held_out_seed(folder) == record["seed"]  # the guide unused: its seed does not matter
 
 
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        ("digits_unet.safetensors", "--checkpoint: checkpoint file weights/digits_unet.safetensors"),
+        ("digits_training.json", "--checkpoint: weights/digits_training.json must hold a JSON object"),
+        ("seed", "--checkpoint: weights/digits_training.json's 'seed' must be an int"),
+    ],
+)
+def test_sweep_reports_a_broken_checkpoint_folder_in_one_line(workdir, capsys, broken, message):
+    # as sample does: before any sampling, exit 2, the option named
+    import json
+    import shutil
+
+    folder = workdir / "weights"
+    shutil.copytree(digits.WEIGHTS, folder)
+    if broken == "digits_unet.safetensors":
+        (folder / broken).write_bytes((folder / broken).read_bytes()[:1000])
+    elif broken == "digits_training.json":
+        (folder / broken).write_text(json.dumps("seed"))
+    else:
+        (folder / "digits_training.json").write_text(json.dumps({"seed": "abc"}))
+    fails_with(capsys, workdir, ["sweep", "--quiet", "--checkpoint", "weights", "--guidances", "cfg"], message)
+
+
 def test_a_sweep_scores_against_the_held_out_images_of_the_training_seed(monkeypatch, tmp_path):
     import json
     import shutil
