@@ -66,7 +66,9 @@ from .options import (
 
 GUIDANCE = ("cfg", "cfg++", "auto", "classifier", "both", "none")
 DIGITS_NETWORKS = ("unet", "classifier", "evaluator")  # what a --checkpoint folder of --model digits holds
-CLASSIFIER_SCALE = 4.0  # --classifier-scale's default
+CLASSIFIER_SCALE = 4.0  # --classifier-scale's default for the digits models
+# and for ADM's releases, the scale guided-diffusion's README samples each with
+ADM_CLASSIFIER_SCALES = {"adm64": 1.0, "adm128": 0.5, "adm256": 1.0, "adm256-uncond": 10.0, "adm512": 4.0}
 CFG_KINDS = ("cfg", "cfg++", "both")  # the kinds --schedule and --tangential apply to
 INTERVAL_KINDS = (*CFG_KINDS, "auto")  # AutoGuidance takes an interval too, but a constant w
 
@@ -167,18 +169,18 @@ def load_sampling_model(
         )
         classifier = None
         if classifier_checkpoint is not None:
-            flags = {**classifier_config(name), "classifier_use_fp16": False}
             classifier = load_weights(
                 "--classifier-checkpoint",
                 classifier_checkpoint,
-                lambda: load_checkpoint(create_classifier(**flags), classifier_checkpoint),
+                lambda: load_checkpoint(create_classifier(**classifier_config(name)), classifier_checkpoint),
             )
         size = unet.image_size
         bundle = SamplingModel(unet, classifier, (3, size, size), 1000, model_schedule(name))
     for module in (bundle.unet, bundle.classifier, bundle.guide):
         if module is not None:
             module.to(device).eval()
-            if precision == "fp16" and hasattr(module, "convert_to_fp16"):
+            # (the classifier stays float32, as guided-diffusion's README samples beside an fp16 UNet)
+            if precision == "fp16" and module is not bundle.classifier and hasattr(module, "convert_to_fp16"):
                 # ADM's use_fp16: convolutions in fp16, norms in fp32 (the ignore: nn.Module's __getattr__
                 # stub gives a tensor or a module, not the method hasattr found)
                 module.convert_to_fp16()  # type: ignore[operator]
@@ -411,8 +413,9 @@ CFG_PLUS_PLUS_SCALE = 0.4  # CFG++'s λ: the digits UNet's best in `fastguide sw
 
 def _guidance_defaults(args: argparse.Namespace) -> None:
     """--scale, --classifier-scale and --sampler when not given: w = 2 (λ = 0.4 under
-    cfg++, whose λ lies in [0, 1]), 4, and unipc (dpm++2m under cfg++, see
-    sampling.guidance.default_sampler); a scale the --guidance does not use is refused."""
+    cfg++, whose λ lies in [0, 1]), 4 (an ADM release's own scale, ADM_CLASSIFIER_SCALES),
+    and unipc (dpm++2m under cfg++, see sampling.guidance.default_sampler); a scale the
+    --guidance does not use is refused."""
     from ..sampling.guidance import default_sampler
 
     if args.scale is not None and args.guidance in ("none", "classifier"):
@@ -420,7 +423,7 @@ def _guidance_defaults(args: argparse.Namespace) -> None:
     if args.classifier_scale is not None and args.guidance not in ("classifier", "both"):
         raise UsageError("--classifier-scale", f"applies to --guidance classifier, both, not {args.guidance}")
     if args.classifier_scale is None:
-        args.classifier_scale = CLASSIFIER_SCALE
+        args.classifier_scale = ADM_CLASSIFIER_SCALES.get(args.model, CLASSIFIER_SCALE)
     plus_plus = args.guidance == "cfg++"
     if args.scale is None:
         args.scale = CFG_PLUS_PLUS_SCALE if plus_plus else 2.0
@@ -852,7 +855,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=("fp32", "fp16", "bf16"),
         default="fp32",
-        help="fp16: ADM's use_fp16 (convolutions in fp16); bf16: autocast (default: fp32)",
+        help="fp16: ADM's use_fp16 (the UNet's convolutions in fp16; a classifier stays fp32, as ADM's "
+        "sampling commands keep it); bf16: autocast (default: fp32)",
     )
     s.add_argument("--labels", default=LABELS_DEFAULT, help="class, range (0-9) or list (1,4,7), cycled (default: 0-9)")
     s.add_argument(
@@ -894,7 +898,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--classifier-scale",
         type=float,
-        help=f"classifier guidance scale >= 0 with --guidance classifier or both (default: {CLASSIFIER_SCALE:g})",
+        help="classifier guidance scale >= 0 with --guidance classifier or both (default: the release's own "
+        f"for an ADM model, as guided-diffusion's README samples it; {CLASSIFIER_SCALE:g} for the digits models)",
     )
     s.add_argument(
         "--sampler",

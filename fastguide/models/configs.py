@@ -89,7 +89,6 @@ _CLASSIFIER_PRESETS = {
         classifier_width=32,
         classifier_attention_resolutions="8",
         channel_mult="1,2,2",
-        classifier_use_fp16=False,
         num_classes=10,
         in_channels=1,
     ),
@@ -100,7 +99,7 @@ _CLASSIFIER_COMMON = dict(
     classifier_use_scale_shift_norm=True,
     classifier_resblock_updown=True,
     classifier_pool="attention",
-    classifier_use_fp16=True,
+    classifier_use_fp16=False,
     channel_mult="",
 )
 
@@ -139,10 +138,10 @@ def unet_config(name: str) -> dict:
 
 def classifier_config(name: str) -> dict:
     """ADM script flags of a released noisy classifier; pass them to ``create_classifier``.
-    ``classifier_use_fp16`` is True, as the classifiers were trained and as the README's
-    fast (25-step DDIM) sampling command runs them; its other sampling commands leave it
-    at False (fp32 convolutions), which ``{**classifier_config(name),
-    "classifier_use_fp16": False}`` gives (the CLI's choice beside an fp32 model)."""
+    ``classifier_use_fp16`` is False (fp32 convolutions), as guided-diffusion's README
+    samples every released model (its flag's default there, and its training flags leave
+    it so too); only its 25-step DDIM example passes True, which ``{**classifier_config(name),
+    "classifier_use_fp16": True}`` gives."""
     return _preset(name, _CLASSIFIER_PRESETS, _CLASSIFIER_COMMON, "classifier")
 
 

@@ -725,10 +725,21 @@ def test_guidance_options_reach_the_sampler(workdir, monkeypatch):
     assert samplers == ["unipc", "euler", "dpm++2m", "ddim"]
 
 
+@pytest.mark.parametrize(
+    "model, scale", [("adm64", 1.0), ("adm128", 0.5), ("adm256-uncond", 10.0), ("adm512", 4.0), ("digits", 4.0)]
+)
+def test_the_default_classifier_scale_is_each_releases_own(model, scale):
+    # guided-diffusion's README samples each release at its own scale (1, 0.5, 1, 10, 4)
+    args = cli.build_parser().parse_args(["sample", "--model", model, "--guidance", "classifier"])
+    cli._guidance_defaults(args)
+    assert args.classifier_scale == scale
+
+
 @pytest.mark.parametrize("precision, convolutions", [("fp32", {torch.float32}), ("fp16", {torch.float16})])
 def test_adm_models_take_the_precision_asked_for(precision, convolutions, monkeypatch):
     # The presets hold the releases' use_fp16=True; --precision fp32 must still give fp32
-    # convolutions (built on the meta device, the checkpoint's loading skipped).
+    # convolutions, and fp16 the UNet's alone: the classifier stays fp32, as guided-diffusion's
+    # README samples it beside an fp16 UNet (built on the meta device, no checkpoint loaded).
     import fastguide.models.checkpoints as checkpoints
     import fastguide.models.configs as configs
 
@@ -745,11 +756,11 @@ def test_adm_models_take_the_precision_asked_for(precision, convolutions, monkey
     monkeypatch.setattr(configs, "create_classifier", on_meta(build_classifier))
     monkeypatch.setattr(checkpoints, "load_checkpoint", lambda module, path, **kwargs: module)
     bundle = cli.load_sampling_model("adm64", "model.pt", "classifier.pt", torch.device("meta"), precision)
-    for network in (bundle.unet, bundle.classifier):
+    for network, expected in ((bundle.unet, convolutions), (bundle.classifier, {torch.float32})):
         kernels = {
             p.dtype for name, p in network.named_parameters() if name.startswith("input_blocks") and p.dim() == 4
         }
-        assert kernels == convolutions  # (ADM's fp16 keeps its norms in fp32)
+        assert kernels == expected  # (ADM's fp16 keeps its norms in fp32)
 
 
 def test_an_unconditional_adm_model_reads_labels_through_its_classifier_only(workdir, monkeypatch, capsys):
