@@ -97,12 +97,17 @@ class Recipe:
 def _refuse_given(arguments: Mapping, names: tuple[str, ...]) -> None:
     """Unsupported when any of ``names`` is given (not None, and not an empty dict, which
     diffusers reads as none): what fastguide's loop does not run."""
-    given = [name for name in names if arguments.get(name) is not None and arguments.get(name) != {}]
+    given = [name for name in names if not _absent(arguments.get(name))]
     if given:
         raise Unsupported(
             f"{', '.join(f'{name}=' for name in given)} ha{'s' if len(given) == 1 else 've'} no "
             "counterpart in fastguide's loop"
         )
+
+
+def _absent(value: object) -> bool:
+    """None or an empty dict (not ``value != {}``: an array compares elementwise)."""
+    return value is None or (isinstance(value, dict) and not value)
 
 
 def _module(pipe):
@@ -491,6 +496,10 @@ def _stable_diffusion_xl(pipe, a: dict, options) -> Denoising:
 
 def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
     _refuse_given(a, ("ip_adapter_image", "ip_adapter_image_embeds", "joint_attention_kwargs", "callback_on_step_end"))
+    if a["prompt_embeds"] is not None and a["num_images_per_prompt"] > 1:
+        # SD3's encode_prompt repeats the embeddings it computes, not given ones: diffusers' loop
+        # fails on their rows, and raises that error
+        raise Unsupported("prompt_embeds= with num_images_per_prompt > 1: SD3 does not repeat given embeddings")
     skip_layers = a.get("skip_guidance_layers")  # StableDiffusion3PAGPipeline has none
     if skip_layers is not None and (options.sampler is not None or options.guidance is not None):
         raise Unsupported(
@@ -593,7 +602,9 @@ def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
 
     guidance = _guidance(options, a["guidance_scale"])
     if skip_layers is not None and guided:
-        guidance = _skip_layer_guidance(a, sampling, skip_layers)
+        # diffusers skips each block whose index is listed, and ignores an index no block has
+        present = [i for i in range(len(pipe.transformer.transformer_blocks)) if i in skip_layers]
+        guidance = _skip_layer_guidance(a, sampling, present)
     return Denoising(denoiser, x_T(latents), cond, uncond, guidance, sampling, generator, finish, draws=draws)
 
 

@@ -274,6 +274,11 @@ CASES = {  # name: (build the pipeline, its call) — the call's images are late
         stable_diffusion_3,
         {**SD3_CALL, "skip_guidance_layers": [1, 2], "skip_layer_guidance_start": 0.1, "skip_layer_guidance_stop": 0.6},
     ),
+    # diffusers skips the listed blocks the transformer has and ignores the others (7, -1)
+    "sd3-skip-layer-guidance-missing-blocks": (
+        stable_diffusion_3,
+        {**SD3_CALL, "skip_guidance_layers": [1, 7, -1], "skip_layer_guidance_start": 0.1},
+    ),
     "dit-ddim": (
         lambda: dit(diffusers.DDIMScheduler(clip_sample=False)),
         dict(class_labels=[1, 7], num_inference_steps=8, guidance_scale=4.0, output_type="pt"),
@@ -744,6 +749,38 @@ def test_latents_of_another_batch_are_refused_by_name():
     one_prompt = {name: SD_CALL[name][:1] for name in ("prompt_embeds", "negative_prompt_embeds")}
     with pytest.raises(ValueError, match=r"latents must hold 1 rows"):
         pipe(**{**SD_CALL, **one_prompt})
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        stable_diffusion_3,
+        lambda: stable_diffusion_3("StableDiffusion3PAGPipeline", pag_applied_layers=["blocks.1"]),
+    ],
+    ids=["sd3", "sd3-pag"],
+)
+def test_sd3_given_embeddings_with_several_images_per_prompt_fail_as_in_diffusers(make):
+    # SD3's encode_prompt repeats the embeddings it computes, not given ones: diffusers fails
+    # on the rows, where fastguide spread each prompt over its images
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    call = {**SD3_CALL, **{name: SD3_CALL[name][:1] for name in names}, "num_images_per_prompt": 2}
+    with pytest.raises(RuntimeError) as theirs:
+        make()(**call)
+    pipe = fastguide.accelerate(make())
+    with pytest.raises(RuntimeError) as ours:
+        pipe(**call)
+    assert str(ours.value) == str(theirs.value) and "SD3 does not repeat given embeddings" in pipe.fastguide_fallback
+
+
+def test_an_array_given_for_an_argument_fastguide_refuses_is_refused_not_compared():
+    # (an ip_adapter_image may be a numpy array: `value != {}` compared it elementwise)
+    import numpy as np
+
+    from fastguide.pipelines import recipes
+
+    with pytest.raises(recipes.Unsupported, match="ip_adapter_image="):
+        recipes._refuse_given({"ip_adapter_image": np.zeros((4, 4, 3))}, ("ip_adapter_image",))
+    recipes._refuse_given({"cross_attention_kwargs": {}, "ip_adapter_image": None}, ("cross_attention_kwargs",))
 
 
 @pytest.mark.parametrize(
