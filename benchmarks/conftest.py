@@ -136,7 +136,7 @@ class Recorder:
             self.benchmark(fn)
         info = self.benchmark.extra_info
         # GPU: the case's peak above what it held before; CPU: growth of the process's peak RSS.
-        info["peak_memory_MB"] = max(0, _peak_memory_bytes() - baseline) / 2**20
+        info["peak_memory_MB"] = max(0, _peak_memory_bytes() - baseline) / 1e6
         # On the CPU, pytest-benchmark's median of its many rounds (a few calls of a noisy
         # host swapped the order of close rows); on a GPU, call_seconds' (timing.py).
         measured = self.benchmark.stats if DEVICE.type == "cpu" else None

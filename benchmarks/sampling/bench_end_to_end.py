@@ -21,8 +21,10 @@ model and batch over the peer row with torch's FLOP formulas and fastguide's att
                          models.py in torch.nn.functional, SDPA attention) on the same
                          weights; for ADM, fastguide's loop (its step on the torch
                          backend) over ADM's own forwards (tools/adm_baseline.py)
-  diffusers              the pipeline's denoising loop on diffusers' own model
-                         (DiTTransformer2DModel; UNet2DConditionModel) and DDIMScheduler
+  diffusers              diffusers' own model (DiTTransformer2DModel; UNet2DConditionModel)
+                         with DDIMScheduler: for SD the pipeline's denoising loop, for DiT
+                         the official loop written out (its step on B rows; DiTPipeline
+                         steps on all 2B, a little more elementwise work)
   diffusers-max-autotune the same with torch.compile(model, mode="max-autotune")
 
 fastguide's loop calls a text-conditioned UNet through ``PromptTable`` (label 0 the prompt,
@@ -317,11 +319,12 @@ _FLOPS: dict[tuple[str, int], int] = {}
 
 
 def attention_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool = False) -> int:
-    """The matrix products of attention over (..., L, D) q, k, v: S = QKᵀ and O = PV, 2·Lq·Lk·D
-    each a head; its backward's dV, dP, dQ and dK, twice that (SDPA's counts in torch)."""
+    """The matrix products of attention over (..., L, D) q, k, v, 2·Lq·Lk·D each a head: S = QKᵀ
+    and O = PV; its backward's five, S recomputed, dV, dP, dQ and dK (torch's counts of its
+    fused SDPA kernels and their backward: 2.5× the forward at one head dim)."""
     heads = q.numel() // (q.shape[-2] * q.shape[-1])
-    forward = 2 * heads * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
-    return 2 * forward if backward else forward
+    lengths, d, dv = heads * q.shape[-2] * k.shape[-2], q.shape[-1], v.shape[-1]
+    return 2 * lengths * (3 * d + 2 * dv) if backward else 2 * lengths * (d + dv)
 
 
 class FlopCount(TorchDispatchMode):
@@ -374,7 +377,8 @@ def _run(benchmark, name: str, batch: int, impl: str, matmul_rate: float) -> Non
     timed()  # warm-up: compile, autotune, capture
     with no_recompiles():
         benchmark.pedantic(timed, rounds=3, warmup_rounds=0)
-    benchmark.extra_info.update(model=name, batch=batch, steps=STEPS, device=str(DEVICE))
+    device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"  # the table's title names it
+    benchmark.extra_info.update(model=name, batch=batch, steps=STEPS, device=device)
     if benchmark.disabled:
         return
     flops, seconds = _FLOPS[name, batch], benchmark.stats.stats.median

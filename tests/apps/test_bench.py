@@ -442,8 +442,9 @@ def test_end_to_end_rows_do_the_same_work(name, peer):
 
 def test_end_to_end_attention_flops_are_sdpas():
     # fastguide's attention op, which the floor's counter sees whole, counts as torch
-    # counts SDPA (its math path: two batched matrix products), cross-attention included.
+    # counts SDPA (forward: two batched matrix products), cross-attention included.
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils import flop_counter
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmarks.sampling import bench_end_to_end as e2e
@@ -453,6 +454,9 @@ def test_end_to_end_attention_flops_are_sdpas():
     with counter, sdpa_kernel(SDPBackend.MATH):
         torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert e2e.attention_flops(q, k, v) == counter.get_total_flops() == 2 * 6 * 5 * 11 * 16
+    # the backward as torch counts its fused kernels' (five products, 2.5× the forward here)
+    shapes = [tuple(t.shape) for t in (q, q, k, v)]
+    assert e2e.attention_flops(q, k, v, backward=True) == flop_counter.sdpa_backward_flop_count(*shapes) == 26400
 
 
 def test_end_to_end_flop_floor_is_the_loops_forwards():
