@@ -525,7 +525,7 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
 # --------------------------------------------------------------------------------------
 
 
-def _unit_last_stride(t: Tensor) -> Tensor:
+def _flash_readable(t: Tensor) -> Tensor:
     """t itself when its last dim, and only it, has stride 1, else a contiguous copy.
     aten's private CPU flash-attention kernels read a strided head dim wrongly (NaN; ADM's
     q, k, v views of a (B, 3·C, T) projection have head-dim stride T), and a q with stride
@@ -544,7 +544,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
     cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if q.device.type == "cpu" and cpu_flash is not None:
         # aten's CPU flash kernel returns the log-sum-exp it already computed.
-        o, lse = cpu_flash(*(_unit_last_stride(t) for t in (qc, kc, vc)), 0.0, False, scale=scale)
+        o, lse = cpu_flash(*(_flash_readable(t) for t in (qc, kc, vc)), 0.0, False, scale=scale)
     else:
         o = _sdpa(qc, kc, vc, scale)
         lse = _attention_lse(qc, kc, scale)
@@ -577,7 +577,7 @@ def attention_backward(
     cpu_flash_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
     if q.device.type == "cpu" and cpu_flash_backward is not None:
         dtype = compute_dtype(q)
-        inputs = (_unit_last_stride(t.to(dtype)) for t in (grad_out, q, k, v, out))
+        inputs = (_flash_readable(t.to(dtype)) for t in (grad_out, q, k, v, out))
         grads = cpu_flash_backward(*inputs, lse, 0.0, False, scale=scale)
         dq, dk, dv = (g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
         return dq, dk, dv

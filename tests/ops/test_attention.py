@@ -387,11 +387,11 @@ def test_the_reference_makes_rows_nan_where_a_non_finite_key_makes_a_score_nan_o
     q[0, 0, 3] = -q[0, 0, 3]  # a row that sees the +inf key below as -inf (with scale > 0)
     k[0, 0, 1, 4] = math.inf  # head 0: a score of +inf on rows 0-2, -inf on row 3
     k[0, 1, 2, 0] = math.nan  # head 1: NaN scores on every row
-    sdpa, flash = torch.nn.functional.scaled_dot_product_attention, reference._unit_last_stride
+    sdpa, flash = torch.nn.functional.scaled_dot_product_attention, reference._flash_readable
     monkeypatch.setattr(
         reference.F, "scaled_dot_product_attention", lambda q, k, v, **kw: sdpa(q, k.nan_to_num(0, 0, 0), v, **kw)
     )
-    monkeypatch.setattr(reference, "_unit_last_stride", lambda t: flash(t).nan_to_num(0, 0, 0))
+    monkeypatch.setattr(reference, "_flash_readable", lambda t: flash(t).nan_to_num(0, 0, 0))
     if forward == "attention":
         outputs = [reference.attention(q, k, v, scale=scale)]
     else:
