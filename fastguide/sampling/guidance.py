@@ -450,7 +450,8 @@ class CFGPlusPlus(CFG):
         noise the unconditional prediction's: x' = (k_x0 + α·k_x)·x̂0_λ + (σ·k_x + k_eps)·ε_∅
         + the rest. For DDIM that is the paper's x' = α'·x̂0_λ + σ'·ε_∅; Euler (VP or flow)
         gives the same; DPM-Solver++(2M) gives x' = α'·(1 + φ/2r)·x̂0_λ + σ'·ε_∅
-        − α'·φ/2r·x̂0_∅,prev (its history then holds the unconditional x0), the paper's 2M form."""
+        − α'·φ/2r·x̂0_∅,prev with φ = 1 − e^{−h}, r = h₋₁/h (its history then holds the
+        unconditional x0), the paper's 2M form."""
         return step._replace(
             k_x=0.0, k_eps=0.0, k_x0=step.k_x0 + step.alpha * step.k_x, k_guide_eps=step.sigma * step.k_x + step.k_eps
         )

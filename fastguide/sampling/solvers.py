@@ -42,8 +42,11 @@ a, s for α_t, σ_t (x = a·x0 + s·eps), primes for t_next, λ = log(a/s), h = 
                         runs from the corrected x_c = x − a·B(h₋)·(Σₖ (ρᶜₖ − ρᵖₖ)·Dₖ + ρᶜ_p·(m₀ − m₁))
                         (UniC-p of the step that led here: the same slopes Dₖ plus the new
                         model output at no extra call), so both fold into one update of x.
-                        The ρ solve Σₖ ρₖ·rₖ^(j−1) = hφ_j·j!/B(h) (φ_j the exponential
-                        integrator's), ρ = ½ for UniP-2 and UniC-1.
+                        Here rₖ = (λ₍ᵢ₋ₖ₎ − λᵢ)/h < 0 (call k back, over this step's h)
+                        and the ρ solve Σₖ ρₖ·rₖ^(j−1) = j!·(−h)·φ_{j+1}(−h)/B(h), j = 1 …
+                        order (the corrector adds r = 1, this call's point), with the
+                        exponential-integrator φ₁(z) = (e^z − 1)/z, φ_{j+1}(z) =
+                        (φ_j(z) − 1/j!)/z; ρ = ½ for UniP-2 and UniC-1.
   euler-maruyama (SiT's SDE on a flow path, diffusion w = σ, last step its mean):
                         Δ = σ − σ', k_x = 1, k_x0 = Δ, k_eps = −2Δ, k_noise = √(2σΔ);
                         the last step, to σ = 0, is the same mean without noise.
@@ -147,7 +150,7 @@ class StepPlan:
     ) -> StepCoefficients:
         """This call's ``StepCoefficients``. Classifier guidance at scale s enters as ADM
         applies it: the mean shift Σ·s·∇ (k_grad) of an ancestral step, else the eps
-        shift σ_t·s·∇ (grad_eps_scale)."""
+        shift eps ← eps − σ_t·s·∇ (grad_eps_scale = s·σ_t), x0 re-derived from it, not clipped again."""
         alpha, sigma = schedule.alpha_sigma(self.t)
         k_grad = classifier_scale * self.variance if self.ancestral else 0.0
         grad_eps_scale = 0.0 if self.ancestral else classifier_scale * sigma
@@ -340,7 +343,8 @@ def _dpm_multistep(
 
 def _unipc_rhos(rks: Sequence[float], hh: float, order: int, corrector: bool) -> list[float]:
     """UniPC's ρ (bh2): solve Σₖ ρₖ·rₖ^(j−1) = b_j for j = 1 … order, over the earlier
-    points' r (and r = 1, this call's, for the corrector), with b_j = hφ_j·j!/B(h)."""
+    points' r (and r = 1, this call's, for the corrector), with b_j = j!·hh·φ_{j+1}(hh)/B(h),
+    hh = −h and φ_{j+1} the exponential integrator's (φ₁(z) = (e^z − 1)/z)."""
     if order == 1:
         return [0.5] if corrector else []
     if order == 2 and not corrector:
