@@ -399,7 +399,8 @@ FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const Sampl
       break;
   }
   if (p.clip) {
-    x0 = x0 != x0 ? x0 : fminf(fmaxf(x0, -1.0f), 1.0f);  // fminf/fmaxf would drop a NaN
+    // Finite x0 only: fminf/fmaxf would drop a NaN, and clamping ±inf would hide it.
+    x0 = fabsf(x0) < INFINITY ? fminf(fmaxf(x0, -1.0f), 1.0f) : x0;
     eps = (in.x - p.step.alpha * x0) * p.inv_sigma;
   }
   if (Reads::grad_eps(p)) {

@@ -497,7 +497,8 @@ def _guided_step_kernel(
     else:  # sample
         eps = (x - alpha * m) * inv_sigma
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -1.0, propagate_nan=tl.PropagateNan.ALL), 1.0, propagate_nan=tl.PropagateNan.ALL)
+        # Finite x0 only: a NaN or ±inf x0 stays so (|NaN| < inf is false).
+        x0 = tl.where(tl.abs(x0) < float("inf"), tl.minimum(tl.maximum(x0, -1.0), 1.0), x0)
         eps = (x - alpha * x0) * inv_sigma
     if GRAD_EPS or HAS_GRAD_TERM:
         g = tl.load(grad_ptr + here, mask=mask, other=0.0).to(tl.float32)

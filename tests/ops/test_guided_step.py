@@ -1158,3 +1158,24 @@ def test_similarity_must_be_writable_memory_of_its_own():
     out = torch.empty_like(x)
     with pytest.raises(ValueError, match="out overlaps similarity in memory"):
         ops.guided_step(model_output, x, STEP, GuidanceCombine(3.0), out=out, similarity=out.view(-1)[:2])
+
+
+@pytest.mark.parametrize("backend", backends_with_emulation("guided_step"))
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_clipping_keeps_a_non_finite_x0_non_finite(backend, bad, device, request):
+    # An fp16 model output that overflowed must not come out as a saturated, finite
+    # sample: clip_denoised clamps finite x0 only (the NaN/Inf policy), on every backend.
+    device = "cpu" if backend == "cuda-emulation" else device
+    batch, shape = 2, (3, 4, 5)
+    model_output = randn(2 * batch, *shape, seed=1, dtype=torch.float32).to(device)
+    model_output[1, 2, 3, 4] = bad  # c of sample 1: its x0 there is non-finite
+    x = randn(batch, *shape, seed=0, dtype=torch.float32).to(device)
+    step = StepCoefficients(alpha=0.7, sigma=math.sqrt(1 - 0.49), k_x0=0.8, k_eps=0.6, clip_denoised=True)
+    out, x0_out = poisoned(x.shape, torch.float32).to(device), poisoned(x.shape, torch.float32).to(device)
+    with running_on(backend, request):
+        ops.guided_step(model_output, x, step, GuidanceCombine(3.0), out=out, x0_out=x0_out)
+    for got in (out.cpu(), x0_out.cpu()):
+        assert not got[1, 2, 3, 4].isfinite()
+        got[1, 2, 3, 4] = 0.0
+        assert got.isfinite().all()  # every other element is clipped as before
+    assert x0_out.abs().max() <= 1.0
