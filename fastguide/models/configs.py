@@ -12,6 +12,8 @@ downsample rates, 6 output channels when learning the variance, 1000 classes).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .unet import EncoderUNet, UNet
 
 _UNET_PRESETS = {
@@ -153,28 +155,47 @@ def dit_config(name: str) -> dict:
     return _preset(name, _DIT_PRESETS, _DIT_COMMON, "DiT")
 
 
-def _channel_mult(image_size: int, channel_mult: str) -> tuple[float, ...]:
-    if channel_mult:
-        return tuple(float(m) if "." in m else int(m) for m in channel_mult.split(","))
+def _comma_list(name: str, value: object, example: str) -> tuple[float, ...]:
+    """ADM's comma-separated flag (``example``), or a sequence of numbers, as a tuple of
+    numbers (ints, floats where written with a point); named when it is neither."""
+    if isinstance(value, str):
+        try:
+            return tuple(float(v) if "." in v else int(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"{name} must be comma-separated numbers such as {example!r}, got {value!r}") from None
+    if isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    raise TypeError(f"{name} must be a comma-separated string such as {example!r} or a list of numbers, got {value!r}")
+
+
+def _channel_mult(image_size: int, channel_mult: object) -> tuple[float, ...]:
+    multipliers = _comma_list("channel_mult", channel_mult, "1,2,3,4")
+    if multipliers:
+        return multipliers
     defaults = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
     if image_size not in defaults:
         raise ValueError(f"no default channel_mult for image_size {image_size}; pass channel_mult")
     return defaults[image_size]
 
 
-def _downsample_rates(image_size: int, resolutions: str) -> tuple[int, ...]:
-    return tuple(image_size // int(r) for r in resolutions.split(",") if r)
+def _downsample_rates(image_size: int, resolutions: object, name: str) -> tuple[int, ...]:
+    """ADM's attention resolutions (the feature-map sizes that get attention) as the
+    downsample rates image_size // r that the UNet takes."""
+    sizes = _comma_list(name, resolutions, "32,16,8")
+    if not all(isinstance(r, int) and r >= 1 for r in sizes):
+        raise ValueError(f"{name} must be positive int feature-map sizes such as '32,16,8', got {resolutions!r}")
+    return tuple(image_size // int(r) for r in sizes)
 
 
 def create_model(
     image_size: int,
     num_channels: int,
     num_res_blocks: int,
-    channel_mult: str = "",
+    channel_mult: str | Sequence[float] = "",
     learn_sigma: bool = False,
     class_cond: bool = False,
     use_checkpoint: bool = False,
-    attention_resolutions: str = "16",
+    attention_resolutions: str | Sequence[int] = "16",
     num_heads: int = 1,
     num_head_channels: int = -1,
     num_heads_upsample: int = -1,
@@ -189,13 +210,16 @@ def create_model(
     label_dropout: float = 0.0,
 ) -> UNet:
     """ADM's create_model: a UNet from script flags (``null_class`` adds the CFG row)."""
+    for name, flag in (("learn_sigma", learn_sigma), ("class_cond", class_cond)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
     return UNet(
         image_size=image_size,
         in_channels=in_channels,
         model_channels=num_channels,
         out_channels=in_channels * (2 if learn_sigma else 1),
         num_res_blocks=num_res_blocks,
-        attention_resolutions=_downsample_rates(image_size, attention_resolutions),
+        attention_resolutions=_downsample_rates(image_size, attention_resolutions, "attention_resolutions"),
         dropout=dropout,
         channel_mult=_channel_mult(image_size, channel_mult),
         num_classes=num_classes if class_cond else None,
@@ -217,11 +241,11 @@ def create_classifier(
     classifier_use_fp16: bool = False,
     classifier_width: int = 128,
     classifier_depth: int = 2,
-    classifier_attention_resolutions: str = "32,16,8",
+    classifier_attention_resolutions: str | Sequence[int] = "32,16,8",
     classifier_use_scale_shift_norm: bool = True,
     classifier_resblock_updown: bool = True,
     classifier_pool: str = "attention",
-    channel_mult: str = "",
+    channel_mult: str | Sequence[float] = "",
     num_classes: int = 1000,
     in_channels: int = 3,
 ) -> EncoderUNet:
@@ -232,7 +256,9 @@ def create_classifier(
         model_channels=classifier_width,
         out_channels=num_classes,
         num_res_blocks=classifier_depth,
-        attention_resolutions=_downsample_rates(image_size, classifier_attention_resolutions),
+        attention_resolutions=_downsample_rates(
+            image_size, classifier_attention_resolutions, "classifier_attention_resolutions"
+        ),
         channel_mult=_channel_mult(image_size, channel_mult),
         use_fp16=classifier_use_fp16,
         num_head_channels=64 if classifier_width >= 64 else classifier_width,

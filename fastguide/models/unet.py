@@ -315,6 +315,14 @@ def _check_config(
         )
 
 
+def _check_flags(**flags: Any) -> None:
+    """The on/off arguments are bools, each named when not (a string such as "False" is
+    truthy and would silently switch its feature on)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
 class _Trunk(nn.Module):
     """What UNet and EncoderUNet share: time embedding, input blocks, middle block."""
 
@@ -341,6 +349,13 @@ class _Trunk(nn.Module):
         use_new_attention_order: bool,
     ) -> tuple[list[int], int, int]:
         """Builds input_blocks and middle_block; returns (skip channels, ch, ds)."""
+        _check_flags(
+            conv_resample=conv_resample,
+            use_checkpoint=use_checkpoint,
+            use_scale_shift_norm=use_scale_shift_norm,
+            resblock_updown=resblock_updown,
+            use_new_attention_order=use_new_attention_order,
+        )
         emb_dim = model_channels * 4
         ch = int(channel_mult[0] * model_channels)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
@@ -465,6 +480,7 @@ class UNet(_Trunk):
             num_heads,
             num_head_channels,
         )
+        _check_flags(use_fp16=use_fp16, null_class=null_class)  # the trunk's flags: _build_trunk
         if num_classes is not None and (
             isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < 1
         ):
@@ -642,6 +658,7 @@ class EncoderUNet(_Trunk):
             num_heads,
             num_head_channels,
         )
+        _check_flags(use_fp16=use_fp16)  # the trunk's flags: _build_trunk
         if pool not in self.POOLS:
             raise ValueError(f"pool must be one of {self.POOLS}, got {pool!r}")
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels

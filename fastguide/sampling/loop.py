@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import math
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -157,6 +158,7 @@ class GuidedSampler:
             "model", "schedule", "guidance", "classifier", "sampler", "timesteps", "eta", "variance_type",
             "solver_order", "final_timestep", "clip_denoised", "prediction_type", "dynamic_threshold", "combine",
             "branches", "null_label", "num_classes", "unconditional_history", "cuda_graph", "cache",
+            "steps", "spacing", "rho",  # arguments only (the plan holds them), refused as the rest
         }
     )  # fmt: skip
 
@@ -565,6 +567,8 @@ class GuidedSampler:
             raise TypeError(f"labels must be integer class indices, got {labels!r}") from None
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
+        if labels.is_inference():  # made under torch.inference_mode(): autograd (classifier guidance) refuses it
+            labels = labels.clone()
         if labels.dim() > 1:
             raise ValueError(f"labels must have shape ({batch},): one class per sample, got {tuple(labels.shape)}")
         labels = labels.long().flatten()
@@ -627,6 +631,13 @@ class GuidedSampler:
                 raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         if self.cuda_graph and device.type not in cuda_graphs.GRAPH_DEVICE_TYPES:
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
+        self._check_networks_on(device)
+        self._warn_if_training()
+        if self.classifier is not None and torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "guidance=ClassifierGuidance differentiates the classifier, which torch.inference_mode() forbids: "
+                "sample under torch.no_grad() instead, or in neither mode (sample() turns grad off itself)"
+            )
         conditioning = self._conditioning(labels, cond, uncond, shape[0], device)
         if self.guidance is not None:
             self.guidance.check_shape(shape)
@@ -655,6 +666,35 @@ class GuidedSampler:
                 self._perturbation = None
             if bar is not None:
                 bar.close()
+
+    def _check_networks_on(self, device: torch.device) -> None:
+        """Refuses, before any work, a network whose weights sit on another device than the
+        samples (a torch error from inside its first layer otherwise). Networks whose weights
+        an offloading hook moves at each forward (accelerate's, diffusers') are not checked."""
+        classifier = self.classifier.classifier if self.classifier is not None else None
+        for who, network in (("model", self.model), ("guide_model", self._guide_network), ("classifier", classifier)):
+            where = _weights_device(network)
+            if where is not None and not _same_device(where, device):
+                raise ValueError(
+                    f"{who}'s weights are on {where} but the samples are on {device} (the device of noise=, "
+                    f"else device=): move the {who} there, or pass noise or device= on {where}"
+                )
+
+    def _warn_if_training(self) -> None:
+        """Warns about a network left in training mode where that randomises its output
+        (dropout, label dropout): the samples would change from run to run, whatever the
+        generator. (A module is in training mode when built; from_pretrained and fastguide's
+        CLI put theirs in eval mode.)"""
+        classifier = self.classifier.classifier if self.classifier is not None else None
+        for who, network in (("model", self.model), ("guide_model", self._guide_network), ("classifier", classifier)):
+            random_layers = _random_in_training(network)
+            if random_layers:
+                warnings.warn(
+                    f"{who} is in training mode, where its output is random ({random_layers}): the same "
+                    f"generator gives other samples each run; call {who}.eval() before sampling",
+                    UserWarning,
+                    stacklevel=4,
+                )
 
     def _perturb(self) -> Perturbation | None:
         """This run's perturbation: the last run's handle installed again where it can be (the
@@ -1293,6 +1333,41 @@ def _model_device(model: object) -> torch.device:
         if parameter is not None:
             return parameter.device
     return torch.device("cpu")
+
+
+def _weights_device(network: object) -> torch.device | None:
+    """Where ``network``'s weights are (its first parameter's device), or None when that
+    says nothing: no module or no parameters, or an offloading hook (accelerate's
+    ``_hf_hook``, diffusers' ``_diffusers_hook``) that moves them per forward."""
+    if not isinstance(network, nn.Module):
+        return None
+    if any(
+        hasattr(m, hook) for m in (network, perturbation_target(network)) for hook in ("_hf_hook", "_diffusers_hook")
+    ):
+        return None
+    parameter = next(network.parameters(), None)
+    return None if parameter is None else parameter.device
+
+
+def _random_in_training(network: object) -> str:
+    """What makes ``network``'s forward random in training mode ("dropout", "label dropout"),
+    or "" (in eval mode, or nothing random: checked through the modules only then)."""
+    if not isinstance(network, nn.Module) or not perturbation_target(network).training:
+        return ""
+    found = []
+    for module in network.modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            found.append("dropout")
+        elif getattr(module, "label_dropout", 0) or getattr(module, "dropout_prob", 0):  # ADM's UNet, DiT
+            found.append("label dropout")
+    return " and ".join(sorted(set(found)))
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """a and b name one device (a type without an index stands for its current one)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def sample(

@@ -166,9 +166,16 @@ class NoiseSchedule:
         low = self._edm_sigmas[k]
         return (self._edm_sigmas[k + 1] - low) * (t - k) + low
 
+    def _check_time(self, t: float, last: float) -> None:
+        """t is a number at most ``last`` (the schedule's pure-noise end; any t < 0 is the
+        clean data), named when not: past the end there is no ᾱ to read."""
+        if not (isinstance(t, Real) and t <= last):  # (NaN compares false)
+            raise ValueError(f"t must be a number at most {last} on {self!r} (t < 0: the clean data), got {t!r}")
+
     def alpha_bar(self, t: float) -> float:
         """ᾱ_t; 1.0 for t < 0 (the clean data after the last step); 1/(1 + σ̃_t²) at a
         fractional t (σ̃_t interpolated, see the class docstring)."""
+        self._check_time(t, self.num_timesteps - 1)
         if t < 0:
             return 1.0
         if t == math.floor(t):
@@ -179,6 +186,7 @@ class NoiseSchedule:
         """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t)) at an integer t (or t < 0, the clean data);
         (1/√(1 + σ̃_t²), σ̃_t/√(1 + σ̃_t²)) of the interpolated σ̃_t at a fractional t."""
         if t >= 0 and t != math.floor(t):
+            self._check_time(t, self.num_timesteps - 1)
             edm = self._interpolated_edm_sigma(t)
             alpha = 1.0 / math.sqrt(1.0 + edm * edm)
             return alpha, edm * alpha
@@ -444,6 +452,7 @@ class FlowSchedule(NoiseSchedule):
 
     def alpha_sigma(self, t: float) -> tuple[float, float]:
         """(1 − σ, σ) with σ = t/T; (1, 0) for t < 0."""
+        self._check_time(t, self._scale)
         if t < 0:
             return 1.0, 0.0
         sigma = t / self._scale

@@ -364,6 +364,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         (dict(dropout=1.5), ValueError, r"dropout must be a probability in \[0, 1\], got 1.5"),
         (dict(num_classes=0), ValueError, "num_classes must be a positive int, or None"),
         (dict(num_classes=5, null_class=True, label_dropout=-0.5), ValueError, "label_dropout must be a probability"),
+        # a string flag is truthy: "False" would switch the feature on
+        (dict(use_fp16="no"), TypeError, "use_fp16 must be a bool, got str 'no'"),
+        (dict(num_classes=4, null_class="no"), TypeError, "null_class must be a bool, got str 'no'"),
+        (dict(resblock_updown=1), TypeError, "resblock_updown must be a bool, got int 1"),
     ],
 )
 def test_bad_constructor_arguments_are_named(overrides, error, match):
@@ -437,6 +441,32 @@ def test_models_on_the_meta_device_run_on_meta_tensors():
         x, t, y = torch.empty(2, 3, 16, 16), torch.empty(2), torch.zeros(2, dtype=torch.long)
         out, logits = unet(x, t, y), classifier(x, t)
     assert out.is_meta and out.shape == (2, 6, 16, 16) and logits.is_meta and logits.shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    "flags, error, match",
+    [
+        (dict(learn_sigma="False"), TypeError, "learn_sigma must be a bool, got str 'False'"),
+        (dict(class_cond="yes"), TypeError, "class_cond must be a bool, got str 'yes'"),
+        (dict(channel_mult="1,x"), ValueError, "channel_mult must be comma-separated numbers such as '1,2,3,4'"),
+        (dict(channel_mult=7), TypeError, "channel_mult must be a comma-separated string such as"),
+        (dict(attention_resolutions="0"), ValueError, "attention_resolutions must be positive int feature-map sizes"),
+        (dict(attention_resolutions=4), TypeError, "attention_resolutions must be a comma-separated string"),
+    ],
+)
+def test_bad_script_flags_are_named(flags, error, match):
+    with pytest.raises(error, match=match):
+        create_model(**{"image_size": 8, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2", **flags})
+
+
+def test_script_flags_take_sequences_as_strings():
+    # ADM's scripts pass "1,2" and "4"; Python callers may pass the numbers themselves
+    common = dict(image_size=8, num_channels=32, num_res_blocks=1)
+    from_strings = create_model(**common, channel_mult="1,2", attention_resolutions="4")
+    from_lists = create_model(**common, channel_mult=[1, 2], attention_resolutions=(4,))
+    assert str(from_strings) == str(from_lists)
+    with pytest.raises(ValueError, match="classifier_attention_resolutions must be positive int"):
+        create_classifier(image_size=8, classifier_attention_resolutions="8,0", channel_mult="1,2")
 
 
 def test_unknown_preset_and_bad_arguments():

@@ -4,6 +4,7 @@ form), against diffusers' schedulers on the same model and noise, and on a tiny 
 import copy
 import inspect
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -702,6 +703,48 @@ def test_bad_sampler_arguments_are_refused_before_any_forward(case):
     with pytest.raises(error, match=message):
         sample(model, kwargs.pop("shape"), **kwargs)
     assert not calls
+
+
+@pytest.mark.parametrize("who", ["model", "guide_model", "classifier"])
+def test_a_network_on_another_device_is_refused_by_name(who):
+    # Weights on meta stand in for another device (CUDA weights, CPU noise): refused
+    # before any forward, naming the network, rather than failing inside its first layer.
+    networks = {"model": tiny_cfg_unet(), "guide_model": tiny_cfg_unet(), "classifier": tiny_classifier()}
+    networks[who] = networks[who].to("meta")
+    guidance = {
+        "model": CFG(2.0),
+        "guide_model": AutoGuidance(networks["guide_model"], 2.0),
+        "classifier": [CFG(2.0), ClassifierGuidance(networks["classifier"], 1.0)],
+    }[who]
+    arguments = dict(labels=torch.tensor([1]), steps=2, guidance=guidance, noise=torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=f"{who}'s weights are on meta but the samples are on cpu"):
+        sample(networks["model"], (1, 3, 8, 8), **arguments)
+    networks[who]._hf_hook = object()  # an offloading hook moves the weights: not refused here
+    with pytest.raises(Exception) as raised:
+        sample(networks["model"], (1, 3, 8, 8), **arguments)
+    assert "weights are on" not in str(raised.value)
+
+
+def test_classifier_guidance_under_inference_mode_is_refused_clearly():
+    # autograd through the classifier cannot run there; labels made there are taken
+    guidance = [CFG(2.0), ClassifierGuidance(tiny_classifier(), 1.0)]
+    with torch.inference_mode():
+        labels = torch.tensor([1])
+        with pytest.raises(RuntimeError, match=r"ClassifierGuidance .* torch.inference_mode\(\) forbids"):
+            sample(tiny_cfg_unet(), (1, 3, 8, 8), labels=labels, steps=2, guidance=guidance)
+    samples = sample(tiny_cfg_unet(), (1, 3, 8, 8), labels=labels, steps=2, guidance=guidance)
+    assert samples.isfinite().all()
+
+
+def test_a_network_in_training_mode_is_warned_about():
+    # label dropout (and dropout) would randomise every sample whatever the generator
+    model = tiny_unet(num_classes=4, null_class=True, label_dropout=0.5).train()
+    with pytest.warns(UserWarning, match=r"model is in training mode, where its output is random \(label dropout\)"):
+        sample(model, (1, 3, 8, 8), labels=torch.tensor([1]), steps=2, guidance=CFG(2.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample(model.eval(), (1, 3, 8, 8), labels=torch.tensor([1]), steps=2, guidance=CFG(2.0))
+        sample(tiny_cfg_unet().train(), (1, 3, 8, 8), labels=torch.tensor([1]), steps=2)  # nothing random
 
 
 @pytest.mark.parametrize(
@@ -1772,7 +1815,10 @@ def test_a_cpu_generator_draws_the_same_noise_for_cuda_samples(cuda_graph):
 def test_a_built_samplers_settings_are_fixed():
     # its plan is made from them when it is built: an assignment would be ignored
     guided = GuidedSampler(tiny_cfg_unet(), sampler="ddim", steps=3, guidance=CFG(2.0))
-    for name, value in (("guidance", CFG(7.0)), ("timesteps", [999, 0]), ("sampler", "unipc"), ("eta", 1.0)):
+    for name, value in (
+        *(("guidance", CFG(7.0)), ("timesteps", [999, 0]), ("sampler", "unipc"), ("eta", 1.0)),
+        *(("steps", 50), ("spacing", "karras"), ("rho", 3.0)),  # arguments only: would be ignored silently
+    ):
         with pytest.raises(AttributeError, match=f"GuidedSampler.{name} is fixed when the sampler is built"):
             setattr(guided, name, value)
     guided.last_compute = {}  # its state, not a setting, stays assignable

@@ -371,3 +371,21 @@ def test_numbers_of_every_kind_and_clear_refusals():
     with pytest.raises(ValueError, match="must stay distinct as the model's float32 times"):
         vp.check_grid(vp.timesteps([500.000001, 500]))
     vp.check_grid(vp.timesteps([500.5, 500, 0]))  # distinct, and t = 0 is fine on a VP path
+
+
+@pytest.mark.parametrize(
+    "schedule, t",
+    [
+        (NoiseSchedule.linear(), 1000),  # past the last timestep, 999
+        (NoiseSchedule.linear(), 999.5),
+        (NoiseSchedule.linear(), math.nan),
+        (NoiseSchedule.flow(), 1000.5),  # σ > 1: a negative α
+        (NoiseSchedule.flow(), math.nan),
+    ],
+    ids=str,
+)
+def test_a_time_past_the_schedule_is_refused_by_name(schedule, t):
+    with pytest.raises(ValueError, match=r"t must be a number at most 1?[0-9]{3} on .*Schedule"):
+        schedule.alpha_sigma(t)
+    with pytest.raises(ValueError, match="t must be a number at most"):
+        schedule.edm_sigma(t)
