@@ -247,8 +247,26 @@ def _guided(pipeline_cfg: bool, options) -> bool:
 
 
 def _pair(cond: dict, uncond: dict, guided: bool) -> tuple[dict, dict | None]:
-    """The keyword conditioning of the two branches; no unconditional one without CFG."""
-    return cond, (uncond if guided else None)
+    """The keyword conditioning of the two branches; no unconditional one without CFG. Two
+    tensors of one argument in different dtypes (a float mask beside the tokenizer's int
+    one, float32 pooled embeddings beside a float16 pipeline's) both take their promoted
+    dtype, as diffusers' torch.cat of the two halves gives them."""
+    return (_promoted(cond, uncond), _promoted(uncond, cond)) if guided else (cond, None)
+
+
+def _promoted(mine: dict, other: dict) -> dict:
+    """``mine`` with each tensor (in nested dicts too: SDXL's added_cond_kwargs) in the dtype
+    it promotes to beside ``other``'s tensor of that name; called both ways, so each side
+    gets the common dtype."""
+    out = {}
+    for name, value in mine.items():
+        theirs = other.get(name)
+        if isinstance(value, dict) and isinstance(theirs, dict):
+            value = _promoted(value, theirs)
+        elif isinstance(value, Tensor) and isinstance(theirs, Tensor) and value.dtype != theirs.dtype:
+            value = value.to(torch.promote_types(value.dtype, theirs.dtype))
+        out[name] = value
+    return out
 
 
 def _batch(a: Mapping) -> int:
@@ -568,8 +586,17 @@ def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
         max_sequence_length=a["max_sequence_length"],
         lora_scale=None,
     )
+    rows = batch * a["num_images_per_prompt"]
+    given = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+    if guided:
+        given |= {"negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}
+    for name, tensor in given.items():
+        if tensor.shape[0] != rows:
+            # SD3's encode_prompt repeats none it is given: diffusers' loop fails on the rows
+            # (fastguide's layout would broadcast one), and raises that error
+            raise Unsupported(f"{name} of {tensor.shape[0]} rows for {rows} latents: SD3 does not repeat it")
     latents = pipe.prepare_latents(
-        batch * a["num_images_per_prompt"],
+        rows,
         pipe.transformer.config.in_channels,
         height,
         width,

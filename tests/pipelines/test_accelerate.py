@@ -772,6 +772,41 @@ def test_sd3_given_embeddings_with_several_images_per_prompt_fail_as_in_diffuser
     assert str(ours.value) == str(theirs.value) and "SD3 does not repeat given embeddings" in pipe.fastguide_fallback
 
 
+def test_sd3_given_pooled_embeddings_of_too_few_rows_fail_as_in_diffusers():
+    # SD3's encode_prompt repeats none it is given: diffusers' loop fails on the rows of one
+    # pooled row for two prompts, where fastguide's row layout would broadcast it
+    call = {
+        **SD3_CALL,
+        **{name: SD3_CALL[name][:1] for name in ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")},
+    }
+    with pytest.raises(RuntimeError) as theirs:
+        stable_diffusion_3()(**call)
+    pipe = fastguide.accelerate(stable_diffusion_3())
+    with pytest.raises(RuntimeError) as ours:
+        pipe(**call)
+    assert str(ours.value) == str(theirs.value) and "SD3 does not repeat it" in pipe.fastguide_fallback
+
+
+@pytest.mark.parametrize(
+    "make, call",
+    [
+        # a float mask given beside an int one: diffusers' torch.cat of the halves promotes them
+        (
+            lambda: pixart("PixArtSigmaPipeline"),
+            {**PIXART_CALL, "negative_prompt_attention_mask": torch.ones(2, 7, dtype=torch.long)},
+        ),
+        (stable_diffusion_xl, {**SDXL_CALL, "pooled_prompt_embeds": SDXL_CALL["pooled_prompt_embeds"].double()}),
+    ],
+    ids=["pixart int negative mask", "sdxl float64 pooled"],
+)
+def test_conditioning_halves_of_two_dtypes_are_promoted_as_diffusers_concatenates_them(make, call):
+    expected = make()(**call).images
+    accelerated = fastguide.accelerate(make())
+    got = accelerated(**call).images
+    assert accelerated.fastguide_fallback is None
+    torch.testing.assert_close(got, expected, atol=2e-5 * expected.abs().max().item(), rtol=0)
+
+
 def test_an_array_given_for_an_argument_fastguide_refuses_is_refused_not_compared():
     # (an ip_adapter_image may be a numpy array: `value != {}` compared it elementwise)
     import numpy as np
