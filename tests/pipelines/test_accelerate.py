@@ -751,6 +751,9 @@ def test_latents_of_another_batch_are_refused_by_name():
         pipe(**{**SD_CALL, **one_prompt})
 
 
+SD3_NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -759,32 +762,31 @@ def test_latents_of_another_batch_are_refused_by_name():
     ],
     ids=["sd3", "sd3-pag"],
 )
-def test_sd3_given_embeddings_with_several_images_per_prompt_fail_as_in_diffusers(make):
-    # SD3's encode_prompt repeats the embeddings it computes, not given ones: diffusers fails
-    # on the rows, where fastguide spread each prompt over its images
-    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-    call = {**SD3_CALL, **{name: SD3_CALL[name][:1] for name in names}, "num_images_per_prompt": 2}
+@pytest.mark.parametrize(
+    "call, reason",
+    [
+        # given embeddings of one prompt for its two images (SD3 spreads only those it computes)
+        pytest.param(
+            {**SD3_CALL, **{name: SD3_CALL[name][:1] for name in SD3_NAMES}, "num_images_per_prompt": 2},
+            "SD3 does not repeat given embeddings",
+            id="several images per prompt",
+        ),
+        pytest.param(
+            {**SD3_CALL, **{name: SD3_CALL[name][:1] for name in SD3_NAMES[2:]}},
+            "SD3 does not repeat it",
+            id="one pooled row for two prompts",
+        ),
+    ],
+)
+def test_sd3_given_embeddings_of_too_few_rows_fail_as_in_diffusers(make, call, reason):
+    # SD3's encode_prompt repeats no embeddings it is given: diffusers' loop fails on their
+    # rows, where fastguide's row layout would broadcast them over the batch
     with pytest.raises(RuntimeError) as theirs:
         make()(**call)
     pipe = fastguide.accelerate(make())
     with pytest.raises(RuntimeError) as ours:
         pipe(**call)
-    assert str(ours.value) == str(theirs.value) and "SD3 does not repeat given embeddings" in pipe.fastguide_fallback
-
-
-def test_sd3_given_pooled_embeddings_of_too_few_rows_fail_as_in_diffusers():
-    # SD3's encode_prompt repeats none it is given: diffusers' loop fails on the rows of one
-    # pooled row for two prompts, where fastguide's row layout would broadcast it
-    call = {
-        **SD3_CALL,
-        **{name: SD3_CALL[name][:1] for name in ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")},
-    }
-    with pytest.raises(RuntimeError) as theirs:
-        stable_diffusion_3()(**call)
-    pipe = fastguide.accelerate(stable_diffusion_3())
-    with pytest.raises(RuntimeError) as ours:
-        pipe(**call)
-    assert str(ours.value) == str(theirs.value) and "SD3 does not repeat it" in pipe.fastguide_fallback
+    assert str(ours.value) == str(theirs.value) and reason in pipe.fastguide_fallback
 
 
 @pytest.mark.parametrize(
