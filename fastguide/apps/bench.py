@@ -286,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"{option} applies to the benchmark suite; --{'nfe' if args.nfe else 'reuse'} runs a study without it")
     if args.benchmarks is not None and not (args.benchmarks / "conftest.py").is_file():
         fail(f"--benchmarks: expected the benchmarks/ folder of a fastguide checkout, got {args.benchmarks}")
+    if args.benchmarks is not None and (args.nfe or args.reuse) and args.benchmarks.resolve().name != "benchmarks":
+        # the studies import their helpers as the package benchmarks, found beside the folder
+        fail(f"--benchmarks: --nfe and --reuse need the folder named benchmarks, got {args.benchmarks}")
     try:
         check_output_folder("--out", args.out)  # a folder that is or can be made, in a writable place
     except UsageError as error:
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         fail(f"the benchmark suite runs on {' and '.join(missing)}, not installed here: pip install 'fastguide[test]'")
     try:
-        benchmarks = args.benchmarks or find_benchmarks()
+        benchmarks = (args.benchmarks or find_benchmarks()).resolve()  # (a link: its target's name and parent)
         args.out.mkdir(parents=True, exist_ok=True)
         if args.nfe or args.reuse:
             study = "nfe" if args.nfe else "reuse"

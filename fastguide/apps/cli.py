@@ -465,11 +465,8 @@ def _check_cfg_options(args: argparse.Namespace) -> None:
         raise UsageError(
             "--interval", f"applies to --guidance {', '.join(INTERVAL_KINDS)}, got --guidance {args.guidance}"
         )
-    if args.schedule != "constant" and 1 + 2 * (args.scale - 1) > FLOAT32_MAX:
-        # (the linear and cosine schedules peak at 1 + 2(w − 1), which must stay a float32)
-        raise UsageError(
-            "--scale", f"--schedule {args.schedule} peaks at 1 + 2(w − 1), past float32's range for w = {args.scale}"
-        )
+    if args.schedule != "constant":
+        check_schedule_peak("--scale", args.schedule, args.scale)
     options: dict = {} if args.guidance == "auto" else {"schedule": args.schedule}
     if args.interval:
         options["interval"] = _checked_interval(args.interval)
@@ -628,6 +625,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_schedule_peak(option: str, schedule: str, scale: float) -> None:
+    """The linear and cosine weight schedules peak at 1 + 2(w − 1), which must stay a float32."""
+    if 1 + 2 * (scale - 1) > FLOAT32_MAX:
+        raise UsageError(option, f"--schedule {schedule} peaks at 1 + 2(w − 1), past float32's range for w = {scale}")
+
+
 def check_sweep(args: argparse.Namespace) -> None:
     """Every option of ``fastguide sweep``; sets args.device and args.variants."""
     from . import digits, sweep
@@ -664,6 +667,9 @@ def check_sweep(args: argparse.Namespace) -> None:
     ):
         if given and kind not in args.guidances:  # an option with no row to act on
             raise UsageError(option, f"applies to the {kind} rows: add {kind} to --guidances")
+    if "schedule" in args.guidances:
+        for scale in args.scales:
+            check_schedule_peak("--scales", args.schedule, scale)
     # --scales: the rows of every kind but cfg++ (its --cfgpp-scales) and auto given --auto-scales
     reads_scales = [k for k in args.guidances if k != "cfg++" and not (k == "auto" and args.auto_scales is not None)]
     if tuple(args.scales) != SWEEP_SCALES and not reads_scales:
@@ -873,7 +879,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--schedule",
         choices=("constant", "linear", "cosine"),
         default="constant",
-        help="guidance weight over the steps (Wang et al. 2024; default: constant)",
+        help="guidance weight over the steps (Wang et al. 2024; default: constant); linear and cosine "
+        "move it from 1 to 1 + 2(w - 1) (mean w), below 0 late in sampling for w < 0.5",
     )
     s.add_argument(
         "--interval",

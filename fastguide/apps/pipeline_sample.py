@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -117,20 +118,52 @@ def _check_sampler_fits(sampler: str, folder: Path) -> None:
         raise UsageError("--sampler", f"{error} ({name}'s {'flow path' if flow else 'schedule'})") from None
 
 
-def load(args: argparse.Namespace):
-    """The saved pipeline (its PAG variant with --pag-scale), accelerated, on --device."""
+def _from_pretrained(args: argparse.Namespace, dtype: torch.dtype):
+    """The saved pipeline, from local files only (its PAG variant with --pag-scale)."""
     import diffusers
 
+    if args.pag_scale is not None:
+        return diffusers.AutoPipelineForText2Image.from_pretrained(
+            args.pipeline, enable_pag=True, torch_dtype=dtype, local_files_only=True
+        )
+    return diffusers.DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=dtype, local_files_only=True)
+
+
+@contextlib.contextmanager
+def _quiet_loading(quiet: bool) -> Iterator[None]:
+    """With ``quiet`` (--quiet), diffusers' and transformers' loading progress bars off while
+    loading, then as they were (the setting is process-wide)."""
+    if not quiet:
+        yield
+        return
+    import diffusers.utils.logging as diffusers_logging
+
+    modules: list = [diffusers_logging]
+    try:  # (a pipeline without text encoders loads without transformers)
+        import transformers.utils.logging as transformers_logging
+
+        modules.append(transformers_logging)
+    except ImportError:
+        pass
+    enabled = [module.is_progress_bar_enabled() for module in modules]
+    for module in modules:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, was in zip(modules, enabled):
+            if was:
+                module.enable_progress_bar()
+
+
+def load(args: argparse.Namespace):
+    """The saved pipeline (its PAG variant with --pag-scale), accelerated, on --device."""
     from ..pipelines.accelerate import accelerate
 
     dtype = DTYPES[args.precision]
     try:
-        if args.pag_scale is not None:
-            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
-                args.pipeline, enable_pag=True, torch_dtype=dtype, local_files_only=True
-            )
-        else:
-            pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=dtype, local_files_only=True)
+        with _quiet_loading(args.quiet):
+            pipe = _from_pretrained(args, dtype)
     except (OSError, ValueError, TypeError, AttributeError, ImportError) as error:
         # (AttributeError: a pipeline class this diffusers does not have, as a newer one saves)
         raise UsageError(

@@ -208,6 +208,16 @@ def test_bench_bad_options_exit_2_with_one_line(argv, option, tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("fastguide: error:") and option in lines[0]
 
 
+def test_a_study_needs_its_suite_folder_named_benchmarks(tmp_path, capsys):
+    # the studies run as the module benchmarks.sampling.<study>: another name cannot import
+    suite = tmp_path / "mybench"
+    suite.mkdir()
+    (suite / "conftest.py").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--nfe", "--quick", "--benchmarks", str(suite), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "--nfe and --reuse need the folder named benchmarks" in capsys.readouterr().err
+
+
 def test_bench_takes_one_study_at_a_time(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--nfe", "--reuse", "--out", str(tmp_path)])

@@ -424,6 +424,8 @@ def test_digits_train_refuses_zero_steps(tmp_path):
         (["--guidances", "cfg", "--interval", "0.1", "3"], "--interval: applies to the interval rows"),
         (["--guidances", "cfg++", "--scales", "1", "2"], "--scales: no row of --guidances cfg++ reads it"),
         (["--checkpoint", "missing"], "--checkpoint: missing does not exist"),
+        # checked before any row runs, as sample checks --scale (it failed mid-sweep)
+        (["--guidances", "cfg", "schedule", "--scales", "1", "3e38"], "--scales: --schedule linear peaks at"),
     ],
 )
 def test_sweep_refuses_bad_options(workdir, capsys, options, message):

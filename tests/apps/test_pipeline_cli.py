@@ -106,8 +106,12 @@ def test_sample_from_a_saved_pipeline_writes_a_png(pipeline_folder, tmp_path, ca
             *extra,
         ]
     )
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert code == 0 and "wrote 3 samples" in printed and "own loop ran" not in printed  # fastguide's loop ran
+    # --quiet: no bar, the loading ones of diffusers and transformers neither (then back on)
+    assert "it/s" not in captured.err and "%|" not in captured.err
+    assert diffusers.utils.logging.is_progress_bar_enabled()
     with Image.open(out) as image:
         assert image.mode == "RGB" and image.size == (3 * 17 + 1, 17 + 1)  # three 16×16 tiles in a row, 1-pixel gaps
 
