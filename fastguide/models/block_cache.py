@@ -15,10 +15,12 @@ decides at every model call:
 R̂ is the last computed R (``order=0``, FBCache's rule), or its linear extrapolation in the
 call's position p through the last two computed calls a > b (``order=1``, as TaylorSeer
 extrapolates cached features in the step index): R̂ = R_a + (p_i − p_a)/(p_a − p_b)·(R_a − R_b),
-R_a alone where p_a = p_b. p is the step index, which heun's two consecutive calls at one
-t (a step's second, the next step's first) share (``BlockCacheState.positions``, set by the sampling loop: the number of
-distinct model times before the call's; in the call index two-call samplers' calls would
-not be evenly spaced); a state used without positions takes the call index.
+R_a alone where p_a = p_b. p counts the distinct model times before the call's
+(``BlockCacheState.positions``, set by the sampling loop): the step index for heun, whose
+two consecutive calls at one t (a step's second, the next step's first) share a p, and the
+half-step for dpm++2s, whose midpoint calls have times of their own (in the call index,
+heun's calls would not be evenly spaced); a state used without positions takes the call
+index.
 
 r_ref and R are kept per branch: the conditional, unconditional and perturbed rows of a
 guided forward, each a B-row block that the sampling loop names before every call
@@ -391,14 +393,15 @@ class BlockCacheState:
         for branch, rows in self._blocks_of(h_last.shape[0]):
             kept = self.residual.setdefault(branch, [])
             value = residual[rows]
+            if any(tensor.shape != value.shape or tensor.dtype != value.dtype for _, tensor in kept):
+                kept.clear()  # another batch's or dtype's: neither reused nor extrapolated from
             if kept and kept[0][0] == self.call:  # the same call again (a captured run's replay)
                 kept.pop(0)
-            if len(kept) > self.order or (kept and kept[-1][1].shape != value.shape):
+            if len(kept) > self.order:
                 _, tensor = kept.pop()  # the oldest's tensor, rewritten
-                if tensor.shape == value.shape and tensor.dtype == value.dtype:
-                    kept.insert(0, (self.call, tensor.copy_(value)))
-                    continue
-            kept.insert(0, (self.call, value.clone()))
+                kept.insert(0, (self.call, tensor.copy_(value)))
+            else:
+                kept.insert(0, (self.call, value.clone()))
 
 
 class BlockCacheHandle:

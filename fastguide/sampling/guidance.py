@@ -216,10 +216,11 @@ class DeltaReuse:
     j = 0, k, 2k, ... (j counting guided calls, k = ``every``); at a call j between, the
     forward runs the conditional rows alone and the combine reads u = c − Δ̂ with
     - order 0: Δ̂ = Δ_a, the last computed delta (at guided call a);
-    - order 1: Δ̂ = Δ_a + (p_j − p_a)/(p_a − p_b)·(Δ_a − Δ_b), linear in the step index p
-      through the last two computed deltas (Δ_a alone until two exist, or where p_a = p_b);
-      heun's two consecutive calls at one t (a step's second, the next step's first) share
-      a p (in the call index a two-call sampler's calls would not be evenly spaced).
+    - order 1: Δ̂ = Δ_a + (p_j − p_a)/(p_a − p_b)·(Δ_a − Δ_b), linear in p through the last
+      two computed deltas (Δ_a alone until two exist, or where p_a = p_b), p counting the
+      distinct model times before the call's: the step index for heun, whose two
+      consecutive calls at one t (a step's second, the next step's first) share a p, the
+      half-step for dpm++2s, whose midpoint calls have times of their own.
     Checked when built: every an int >= 2, order 0 or 1."""
 
     every: int = 2
@@ -240,7 +241,7 @@ class DeltaReuse:
     ) -> tuple[tuple[int, float], ...] | None:
         """At guided call ``guided_index``: None when its unconditional rows run, else Δ̂ as
         ((k-th last computed delta, weight), ...), ``computed`` the guided calls so far that
-        ran them (in order), ``positions[g]`` guided call g's step index."""
+        ran them (in order), ``positions[g]`` guided call g's p (see the class docstring)."""
         if guided_index % self.every == 0 or not computed:
             return None
         now, last = positions[guided_index], positions[computed[-1]]

@@ -731,3 +731,28 @@ def test_graph_replays_of_a_diffusers_unet_follow_the_warm_up_runs_decisions(cpu
     other = torch.randn((BATCH, 3, 8, 8), generator=torch.Generator().manual_seed(9))
     graphed(noise.shape, noise=other, **conditioning)  # another x_T replays the same decisions
     assert graphed.last_compute == eager_sampler.last_compute and len(cpu_graphs) >= 1
+
+
+def test_an_order_1_cache_extrapolates_only_from_residuals_of_the_batch_it_runs():
+    """A state driven by hand across batch sizes (the sampling loop begins a run for each):
+    after one computed call of a new batch, the other batch's residual is dropped rather
+    than broadcast into the extrapolation."""
+    state = BlockCacheState(threshold=0.5, blocks=4, first_blocks=1, order=1)
+
+    def forward(call, h0, residual, rest_residual=None):
+        state.call = call
+        h1 = h0 + residual
+        state.decide(h0, h1)
+        if state.reusing:
+            return state.reused(h1)
+        state.computed(h1 + rest_residual)
+        return h1 + rest_residual
+
+    one, two = torch.randn(1, 3), torch.randn(2, 3)
+    forward(0, torch.zeros(1, 3), one, torch.randn(1, 3))
+    forward(1, torch.zeros(1, 3), 2 * one, torch.randn(1, 3))
+    R = torch.randn(2, 3)
+    forward(2, torch.zeros(2, 3), two, R)  # the new batch: computed (no reference of its shape)
+    out = forward(3, torch.zeros(2, 3), two)  # its first block unchanged: reused
+    assert state.recorded[3]
+    torch.testing.assert_close(out, two + R)  # its own R alone (one computed call of this batch)
