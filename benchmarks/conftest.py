@@ -109,19 +109,47 @@ def _peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS (Linux: KiB)
 
 
+def check_agrees(got, want) -> None:
+    """A row's result (a tensor or a tuple of them) against eager PyTorch's on the same
+    inputs, before the row is timed: a row that skipped work would time something else.
+    Each tensor within 1e-3 (float32) or 3e-2 (16-bit) of its largest magnitude: the kernels
+    and torch.compile sum in other orders, and 16-bit results round at ~4e-3."""
+    got, want = (t if isinstance(t, (tuple, list)) else (t,) for t in (got, want))
+    assert len(got) == len(want), f"the row returned {len(got)} tensors, eager {len(want)}"
+    for index, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape, f"result {index}: shape {tuple(a.shape)}, eager's {tuple(b.shape)}"
+        tolerance = 1e-3 if a.dtype in (torch.float32, torch.float64) else 3e-2
+        scale = max(1.0, b.detach().abs().max().item())
+        error = (a.detach().double() - b.detach().double()).abs().max().item()
+        if not error <= tolerance * scale:  # (NaN fails too)
+            pytest.fail(f"result {index} differs from eager PyTorch's by {error:.3g} (allowed {tolerance * scale:.3g})")
+
+
 class Recorder:
     def __init__(self, benchmark, copy_bandwidth: float, matmul_rate: float):
         self.benchmark = benchmark
         self.copy_bandwidth = copy_bandwidth
         self.matmul_rate = matmul_rate
 
-    def __call__(self, fn, *, bytes_moved: int | None = None, flops: int | None = None, grad: bool = False) -> None:
+    def __call__(
+        self,
+        fn,
+        *,
+        bytes_moved: int | None = None,
+        flops: int | None = None,
+        grad: bool = False,
+        expected=None,
+    ) -> None:
         """Time fn with pytest-benchmark (and, on GPU, its device time alone and back-to-back
         calls); record rates, floors, memory. fn runs under no_grad unless ``grad``: a case
         timing a backward. One call first, in the same grad mode, warms up (compiles,
-        autotunes); a compiled fn that would compile again while timed fails the case."""
+        autotunes) and, given ``expected`` (eager PyTorch's result on the same inputs, a
+        function), must agree with it (``check_agrees``); a compiled fn that would compile
+        again while timed fails the case."""
         with torch.set_grad_enabled(grad):
-            fn()
+            result = fn()
+            if expected is not None:
+                check_agrees(result, expected())
             with no_recompiles():
                 self._measure(fn, bytes_moved, flops)
 

@@ -81,7 +81,11 @@ def _norm(impl):
 def _run(record, impl, shape, dtype, channels_last=False):
     inputs = _inputs(shape, dtype, channels_last)
     fn = _norm(impl)
-    record(lambda: fn(*inputs), bytes_moved=2 * inputs[0].numel() * inputs[0].element_size())
+    record(
+        lambda: fn(*inputs),
+        bytes_moved=2 * inputs[0].numel() * inputs[0].element_size(),
+        expected=lambda: eager_norm(*inputs),
+    )
 
 
 def _run_backward(record, impl, shape, dtype, channels_last):

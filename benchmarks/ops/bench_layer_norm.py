@@ -95,13 +95,21 @@ def _modulated_norm(impl):
 def _run_norm(record, impl, shape, dtype):
     x, _, _, scale, shift = _inputs(shape, dtype)
     fn = _modulated_norm(impl)
-    record(lambda: fn(x, scale, shift), bytes_moved=2 * x.numel() * x.element_size())
+    record(
+        lambda: fn(x, scale, shift),
+        bytes_moved=2 * x.numel() * x.element_size(),
+        expected=lambda: eager_modulated_norm(x, scale, shift),
+    )
 
 
 def _run_seam(record, impl, shape, dtype):
     h, branch, gate, scale, shift = _inputs(shape, dtype)
     fn = row_function(impl, fastguide_seam, peer_seam, eager_seam)
-    record(lambda: fn(h, branch, gate, scale, shift), bytes_moved=4 * h.numel() * h.element_size())
+    record(
+        lambda: fn(h, branch, gate, scale, shift),
+        bytes_moved=4 * h.numel() * h.element_size(),
+        expected=lambda: eager_seam(h, branch, gate, scale, shift),
+    )
 
 
 def _run_norm_backward(record, impl, shape, dtype):
