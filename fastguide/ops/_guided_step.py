@@ -488,7 +488,7 @@ def guided_step(
 
         m  = u + w·(c − u) + s·(c − p)  (or CFG-Zero* / APG / tangential, then CFG rescale)
         x0, eps from m by step.prediction_type ("epsilon", "v_prediction", "sample")
-        x0 ← clamp(x0, −1, 1), eps re-derived           if step.clip_denoised
+        x0 ← clamp(x0, −1, 1) (finite x0), eps re-derived   if step.clip_denoised
         eps ← eps − grad_eps_scale·grad, x0 re-derived  if step.grad_eps_scale ≠ 0
         x_next = k_x·x + k_x0·x0 + k_eps·eps + Σᵢ k_history[i]·history[i]
                  + k_noise·noise + k_grad·grad

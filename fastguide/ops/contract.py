@@ -67,7 +67,8 @@ class StepCoefficients(NamedTuple):
       x0, eps from the model prediction m by ``prediction_type`` ("epsilon": m = eps,
           "v_prediction": m = alpha·eps − sigma·x0, "sample": m = x0, "flow_prediction":
           m = eps − x0, the velocity of a flow path with alpha + sigma = 1);
-      clip_denoised: x0 ← clamp(x0, −1, 1), eps re-derived from it;
+      clip_denoised: x0 ← clamp(x0, −1, 1) where finite (a NaN or ±inf x0 stays non-finite),
+          eps re-derived from it;
       grad_eps_scale ≠ 0: eps ← eps − grad_eps_scale·grad, x0 re-derived (ADM's order);
       x_next = k_x·x + k_x0·x0 + k_eps·eps + Σᵢ k_history[i]·history[i]
                + k_noise'·noise + k_grad'·grad + k_guide_eps·eps_u,

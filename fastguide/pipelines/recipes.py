@@ -587,12 +587,16 @@ def _stable_diffusion_3(pipe, a: dict, options) -> Denoising:
         lora_scale=None,
     )
     rows = batch * a["num_images_per_prompt"]
-    given = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
-    if guided:
-        given |= {"negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}
+    given = {"prompt_embeds": prompt_embeds}
+    if guided:  # (unguided, one pooled row broadcasts in diffusers' transformer as in fastguide's layout)
+        given |= {
+            "pooled_prompt_embeds": pooled,
+            "negative_prompt_embeds": negative_embeds,
+            "negative_pooled_prompt_embeds": negative_pooled,
+        }
     for name, tensor in given.items():
         if tensor.shape[0] != rows:
-            # SD3's encode_prompt repeats none it is given: diffusers' loop fails on the rows
+            # SD3's encode_prompt repeats none it is given: diffusers' loop fails on their rows
             # (fastguide's layout would broadcast one), and raises that error
             raise Unsupported(f"{name} of {tensor.shape[0]} rows for {rows} latents: SD3 does not repeat it")
     latents = pipe.prepare_latents(

@@ -674,7 +674,7 @@ class GuidedSampler:
         classifier = self.classifier.classifier if self.classifier is not None else None
         for who, network in (("model", self.model), ("guide_model", self._guide_network), ("classifier", classifier)):
             where = _weights_device(network)
-            if where is not None and not _same_device(where, device):
+            if where is not None and not _same_device(where, device) and not _offloaded(network):
                 raise ValueError(
                     f"{who}'s weights are on {where} but the samples are on {device} (the device of noise=, "
                     f"else device=): move the {who} there, or pass noise or device= on {where}"
@@ -1336,17 +1336,20 @@ def _model_device(model: object) -> torch.device:
 
 
 def _weights_device(network: object) -> torch.device | None:
-    """Where ``network``'s weights are (its first parameter's device), or None when that
-    says nothing: no module or no parameters, or an offloading hook (accelerate's
-    ``_hf_hook``, diffusers' ``_diffusers_hook``) that moves them per forward."""
+    """Where ``network``'s weights are (its first parameter's device), or None for what is
+    no module or has no parameters."""
     if not isinstance(network, nn.Module):
-        return None
-    if any(
-        hasattr(m, hook) for m in (network, perturbation_target(network)) for hook in ("_hf_hook", "_diffusers_hook")
-    ):
         return None
     parameter = next(network.parameters(), None)
     return None if parameter is None else parameter.device
+
+
+def _offloaded(network: object) -> bool:
+    """An offloading hook moves some of ``network``'s weights at each forward: accelerate's
+    ``_hf_hook`` or diffusers' ``_diffusers_hook`` on it or on any submodule (diffusers'
+    leaf-level group offloading hooks the leaves alone). Walked only when the devices differ."""
+    modules = network.modules() if isinstance(network, nn.Module) else ()
+    return any(hasattr(module, "_hf_hook") or hasattr(module, "_diffusers_hook") for module in modules)
 
 
 def _random_in_training(network: object) -> str:

@@ -169,7 +169,8 @@ class NoiseSchedule:
     def _check_time(self, t: float, last: float) -> None:
         """t is a number at most ``last`` (the schedule's pure-noise end; any t < 0 is the
         clean data), named when not: past the end there is no ᾱ to read."""
-        if not (isinstance(t, Real) and t <= last):  # (NaN compares false)
+        value = t.item() if isinstance(t, torch.Tensor) and t.numel() == 1 else t  # (a 0-d tensor too)
+        if not (isinstance(value, Real) and value <= last):  # (NaN compares false)
             raise ValueError(f"t must be a number at most {last} on {self!r} (t < 0: the clean data), got {t!r}")
 
     def alpha_bar(self, t: float) -> float:

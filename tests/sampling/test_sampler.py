@@ -719,7 +719,9 @@ def test_a_network_on_another_device_is_refused_by_name(who):
     arguments = dict(labels=torch.tensor([1]), steps=2, guidance=guidance, noise=torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match=f"{who}'s weights are on meta but the samples are on cpu"):
         sample(networks["model"], (1, 3, 8, 8), **arguments)
-    networks[who]._hf_hook = object()  # an offloading hook moves the weights: not refused here
+    # an offloading hook moves the weights: not refused here, also on a leaf alone (diffusers'
+    # leaf-level group offloading)
+    list(networks[who].modules())[-1]._diffusers_hook = object()
     with pytest.raises(Exception) as raised:
         sample(networks["model"], (1, 3, 8, 8), **arguments)
     assert "weights are on" not in str(raised.value)
