@@ -210,10 +210,12 @@ class GuidedSampler:
         if not _is_real(eta) or eta < 0:
             raise ValueError(f"eta must be a finite non-negative number, got {eta!r}")
         eta = float(eta)  # (a NumPy scalar too)
+        if isinstance(clip_denoised, np.bool_):
+            clip_denoised = bool(clip_denoised)  # (a NumPy bool names its type "bool" too)
         if clip_denoised is not None and not isinstance(clip_denoised, bool):
-            raise TypeError(f"clip_denoised must be a bool or None, got {type(clip_denoised).__name__}")
+            raise TypeError(f"clip_denoised must be a bool or None, got {clip_denoised!r}")
         if not isinstance(cuda_graph, bool):
-            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+            raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
         if schedule is not None and not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a fastguide.NoiseSchedule or None, got {type(schedule).__name__}")
         if not callable(model):

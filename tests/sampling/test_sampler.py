@@ -628,6 +628,7 @@ BAD_SAMPLER_ARGUMENTS = {
         "clip_denoised=True and dynamic_threshold both clip x0",
     ),
     "int generator": (dict(generator=42), TypeError, "generator must be a torch.Generator"),
+    "clip_denoised a string": (dict(clip_denoised="no"), TypeError, "clip_denoised must be a bool or None, got 'no'"),
     "prediction type typo": (dict(prediction_type="x0"), ValueError, "prediction_type must be one of"),
     "spacing with explicit timesteps": (dict(steps=[900, 100], spacing="trailing"), ValueError, "places a step count"),
     # v → x0 assumes α² + σ² = 1: on a flow path the samples ended 8% off.
@@ -725,6 +726,14 @@ def test_a_network_on_another_device_is_refused_by_name(who):
     with pytest.raises(Exception) as raised:
         sample(networks["model"], (1, 3, 8, 8), **arguments)
     assert "weights are on" not in str(raised.value)
+
+
+def test_a_numpy_bool_is_a_bool():
+    # (its type's name is "bool" too: the refusal read "must be a bool ..., got bool")
+    common = dict(labels=torch.tensor([1]), steps=2, guidance=CFG(2.0), noise=torch.randn(1, 3, 8, 8))
+    for flag in (False, True):
+        expected = sample(tiny_cfg_unet(), (1, 3, 8, 8), clip_denoised=flag, **common)
+        assert torch.equal(sample(tiny_cfg_unet(), (1, 3, 8, 8), clip_denoised=np.bool_(flag), **common), expected)
 
 
 def test_classifier_guidance_under_inference_mode_is_refused_clearly():
