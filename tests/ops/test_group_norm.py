@@ -30,7 +30,9 @@ BACKENDS = backends_for("group_norm")
 
 
 @pytest.mark.parametrize(
-    "backend, dtype", backend_dtype_params("group_norm", [torch.float64, torch.float32, torch.float16])
+    "backend, dtype",
+    backend_dtype_params("group_norm", [torch.float64, torch.float32, torch.float16, torch.bfloat16]),
+    ids=str,
 )
 @pytest.mark.parametrize(
     "shape, channels_last",
@@ -40,6 +42,8 @@ BACKENDS = backends_for("group_norm")
 @pytest.mark.parametrize("scale_shift", [False, True])
 @pytest.mark.parametrize("activation", [None, "silu"])
 def test_group_norm_matches_explicit_formula(backend, dtype, shape, channels_last, scale_shift, activation, device):
+    if backend == "triton" and dtype == torch.bfloat16 and device.type == "cpu" and not (scale_shift and activation):
+        pytest.skip("the interpreter's bf16 runs on the full path alone (its kernels load and store as fp16's)")
     n, c, groups, spatial = shape
     x, weight, bias, scale, shift = random_inputs(n, c, spatial, dtype, device)
     if channels_last:
@@ -78,7 +82,7 @@ def test_group_norm_gradcheck_float64(activation):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     "shape", [(1, 3, 1, (7, 13)), (1, 8, 2, (64, 64)), (2, 96, 32, (5, 5)), (5, 160, 32, (1, 1))], ids=str
 )
