@@ -334,8 +334,9 @@ class BlockCacheState:
         if self.schedule is not None:  # fixed: no residual compared, nothing read on the host
             if not self.replaying:
                 self.recorded[self.call] = self.schedule(self.call) and all(
-                    branch in self.residual for branch, _ in blocks
-                )
+                    branch in self.residual and self.residual[branch][0][1].shape == first_out[rows].shape
+                    for branch, rows in blocks
+                )  # (a kept R of another batch's shape is not reused)
             self.reusing = self.recorded[self.call]
             return
         residual = _residual(first_out, first_in)

@@ -756,3 +756,16 @@ def test_an_order_1_cache_extrapolates_only_from_residuals_of_the_batch_it_runs(
     out = forward(3, torch.zeros(2, 3), two)  # its first block unchanged: reused
     assert state.recorded[3]
     torch.testing.assert_close(out, two + R)  # its own R alone (one computed call of this batch)
+
+
+def test_a_fixed_schedule_reuses_no_residual_of_another_batch():
+    """schedule= decides without comparing residuals: a call of a new batch size computes
+    even where the schedule says reuse, rather than adding the other batch's R."""
+    state = BlockCacheState(blocks=3, first_blocks=0, schedule=lambda call: call > 0)
+    state.call = 0
+    h = torch.randn(1, 4)
+    state.decide(h, h)
+    state.computed(h + torch.randn(1, 4))
+    state.call = 1
+    state.decide(torch.randn(2, 4), torch.randn(2, 4))
+    assert not state.reusing
