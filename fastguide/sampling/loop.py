@@ -669,12 +669,16 @@ class GuidedSampler:
             if bar is not None:
                 bar.close()
 
+    def _networks(self) -> tuple[tuple[str, object], ...]:
+        """(argument name, network) of every network a run calls (None where absent)."""
+        classifier = self.classifier.classifier if self.classifier is not None else None
+        return (("model", self.model), ("guide_model", self._guide_network), ("classifier", classifier))
+
     def _check_networks_on(self, device: torch.device) -> None:
         """Refuses, before any work, a network whose weights sit on another device than the
         samples (a torch error from inside its first layer otherwise). Networks whose weights
         an offloading hook moves at each forward (accelerate's, diffusers') are not checked."""
-        classifier = self.classifier.classifier if self.classifier is not None else None
-        for who, network in (("model", self.model), ("guide_model", self._guide_network), ("classifier", classifier)):
+        for who, network in self._networks():
             where = _weights_device(network)
             if where is not None and not _same_device(where, device) and not _offloaded(network):
                 raise ValueError(
@@ -687,8 +691,7 @@ class GuidedSampler:
         (dropout, label dropout): the samples would change from run to run, whatever the
         generator. (A module is in training mode when built; from_pretrained and fastguide's
         CLI put theirs in eval mode.)"""
-        classifier = self.classifier.classifier if self.classifier is not None else None
-        for who, network in (("model", self.model), ("guide_model", self._guide_network), ("classifier", classifier)):
+        for who, network in self._networks():
             random_layers = _random_in_training(network)
             if random_layers:
                 warnings.warn(
@@ -1330,11 +1333,7 @@ def _parse_device(device: torch.device | str) -> torch.device:
 
 
 def _model_device(model: object) -> torch.device:
-    if isinstance(model, nn.Module):
-        parameter = next(model.parameters(), None)
-        if parameter is not None:
-            return parameter.device
-    return torch.device("cpu")
+    return _weights_device(model) or torch.device("cpu")
 
 
 def _weights_device(network: object) -> torch.device | None:
