@@ -648,6 +648,7 @@ class GuidedSampler:
         dtype = parameter_dtype(self.model) or (noise.dtype if noise is not None else torch.float32)
         if noise is not None:
             noise = noise.to(dtype)
+        self._check_guide_dtype(dtype, device)
         x_T = noise if noise is not None else _randn(shape, generator, device, dtype)
         bar = None
         if progress:
@@ -685,6 +686,19 @@ class GuidedSampler:
                     f"{who}'s weights are on {where} but the samples are on {device} (the device of noise=, "
                     f"else device=): move the {who} there, or pass noise or device= on {where}"
                 )
+
+    def _check_guide_dtype(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Refuses a guide_model whose floating parameters share a dtype other than the
+        loop's state (the model's dtype): it is called on that state, and without autocast
+        its first layer would fail, naming the model rather than the guide."""
+        guide_dtype = parameter_dtype(self._guide_network)
+        if guide_dtype is None or guide_dtype == dtype or cuda_graphs.autocast_state(device)[0]:
+            return
+        raise ValueError(
+            f"guide_model's weights are {guide_dtype} but the sampling state is {dtype} (the model's dtype, "
+            f"else the noise's): give the guide the model's dtype (guide_model.to({dtype})), or sample "
+            "under torch.autocast"
+        )
 
     def _warn_if_training(self) -> None:
         """Warns about a network left in training mode where that randomises its output
