@@ -11,7 +11,9 @@ Rows, each the whole loop (x_T to x_0, no VAE), median of a few runs, with its r
 the FLOP floor: the matrix products, convolutions and attention of the loop's forwards
 (and, under classifier guidance, the classifier's forward and backward), counted once per
 model and batch over the peer row with torch's FLOP formulas and fastguide's attention
-(FlopCount), as TFLOP/s and % of the measured matmul rate:
+(FlopCount), as TFLOP/s and % of the measured matmul rate, and its samples' largest
+difference from the peer row's, relative to their largest magnitude (the JSON's
+difference_from_peer):
   fastguide              fastguide.sample, fused ops (the DiT is fastguide.DiT; the
                          diffusers UNet is accelerate()d)
   fastguide-cuda_graph   a held GuidedSampler(cuda_graph=True): the loop replayed as graphs
@@ -46,6 +48,7 @@ from torch.utils.flop_counter import flop_registry
 import fastguide
 from benchmarks.conftest import DEVICE, compiled, no_recompiles
 from fastguide import CFG, ClassifierGuidance, GuidedSampler, NoiseSchedule, sample
+from fastguide.models.diffusers_dit import to_diffusers
 from tools.adm_baseline import plain_classifier, plain_unet
 from tools.dit_baseline import plain_dit
 
@@ -141,28 +144,30 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def _seeded_weights(network: nn.Module) -> nn.Module:
+    """``network`` with its zero-initialised weight matrices drawn from N(0, 0.02²) (the
+    global generator, seeded by the caller). DiT's adaLN modulation and final layer and
+    ADM's output convolutions start at zero, so a freshly built model outputs zero (or its
+    blocks are the identity), and every row would agree whatever its forward computed."""
+    with torch.no_grad():
+        for weight in network.parameters():
+            if weight.dim() > 1 and not weight.any():
+                weight.normal_(0.0, 0.02)
+    return network
+
+
 def _dit_rows(setup: dict, batch: int) -> dict:
     # its rows are built side by side with diffusers' (the same weights): without diffusers, skipped
-    diffusers = pytest.importorskip("diffusers", reason="diffusers not installed (pip install diffusers)")
+    pytest.importorskip("diffusers", reason="diffusers not installed (pip install diffusers)")
 
     config = fastguide.dit_config(setup["preset"]) | {"input_size": setup["input_size"]}
     with torch.device(DEVICE):
-        model = fastguide.DiT(**config).to(DTYPE).eval()
-        theirs = (
-            diffusers.DiTTransformer2DModel(
-                num_attention_heads=model.num_heads,
-                attention_head_dim=config["hidden_size"] // model.num_heads,
-                in_channels=4,
-                out_channels=model.out_channels,
-                num_layers=len(model.blocks),
-                sample_size=config["input_size"],
-                patch_size=model.patch_size,
-                num_embeds_ada_norm=1000,
-                norm_eps=1e-6,
-            )
-            .to(DTYPE)
-            .eval()
-        )
+        torch.manual_seed(0)  # the same weights in each case of a model
+        model = _seeded_weights(fastguide.DiT(**config)).to(DTYPE).eval()
+        # diffusers' port holding the same weights, with the official math (its two
+        # defaults that differ set to it: fastguide.models.diffusers_dit), so every row
+        # samples the same thing
+        theirs = to_diffusers(model)
     shape = (batch, 4, config["input_size"], config["input_size"])
     noise, labels = _noise_and_labels(shape, 1000)
     scheduler = _ddim("linear")
@@ -201,8 +206,9 @@ def _adm_rows(setup: dict, batch: int) -> dict:
     flags = fastguide.unet_config(setup["preset"]) | {"use_fp16": fp16}
     classifier_flags = fastguide.classifier_config(setup["preset"]) | {"classifier_use_fp16": fp16}
     with torch.device(DEVICE):
-        model = fastguide.create_model(**flags).eval()
-        classifier = fastguide.create_classifier(**classifier_flags).eval()
+        torch.manual_seed(0)
+        model = _seeded_weights(fastguide.create_model(**flags)).eval()
+        classifier = _seeded_weights(fastguide.create_classifier(**classifier_flags)).eval()
     shape = (batch, model.in_channels, model.image_size, model.image_size)
     noise, labels = _noise_and_labels(shape, model.num_classes)
     noise = noise.float()
@@ -249,6 +255,7 @@ def _sd_rows(setup: dict, batch: int) -> dict:
     up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(channels) - 1)
     width = TEXT_WIDTH if DEVICE.type == "cuda" else 32
     with torch.device(DEVICE):
+        torch.manual_seed(0)
         theirs = (
             diffusers.UNet2DConditionModel(
                 sample_size=setup["size"],
@@ -315,7 +322,8 @@ def _noise_and_labels(shape: tuple[int, ...], classes: int) -> tuple[torch.Tenso
 ROWS = {"dit": _dit_rows, "adm": _adm_rows, "sd": _sd_rows}
 # The row whose FLOPs are the floor: each family's written-out peer loop, plain torch ops.
 PEER = {"dit": "official", "adm": "official", "sd": "diffusers"}
-_FLOPS: dict[tuple[str, int], int] = {}
+# (FLOPs, samples) of the peer row's run, once per model and batch
+_PEER_RUN: dict[tuple[str, int], tuple[int, torch.Tensor]] = {}
 
 
 def attention_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool = False) -> int:
@@ -351,13 +359,21 @@ class FlopCount(TorchDispatchMode):
         return out
 
 
-def loop_flops(rows: dict, family: str) -> int:
-    """The FLOPs of one run of the family's peer row. On CPU, SDPA on its math path (its
-    fused CPU kernel is not in the registry); CUDA's flash and efficient kernels are."""
+def loop_flops(rows: dict, family: str) -> tuple[int, torch.Tensor]:
+    """The FLOPs of one run of the family's peer row, and that run's samples. On CPU, SDPA
+    on its math path (its fused CPU kernel is not in the registry); CUDA's flash and
+    efficient kernels are."""
     math_path = sdpa_kernel(SDPBackend.MATH) if DEVICE.type == "cpu" else contextlib.nullcontext()
     with FlopCount() as counter, math_path:
-        rows[PEER[family]]()
-    return counter.total
+        samples = rows[PEER[family]]()
+    return counter.total, samples
+
+
+def difference_from_peer(samples: torch.Tensor, peer: torch.Tensor) -> float:
+    """max|samples − peer| / max|peer|: each row's samples beside the peer row's on the same
+    weights and noise, recorded (not asserted: 25 steps in float16 amplify rounding) so a
+    row that skipped work, or returned a stale buffer, shows in the table."""
+    return ((samples.double() - peer.double()).abs().max() / peer.double().abs().max()).item()
 
 
 def _run(benchmark, name: str, batch: int, impl: str, matmul_rate: float) -> None:
@@ -366,24 +382,25 @@ def _run(benchmark, name: str, batch: int, impl: str, matmul_rate: float) -> Non
     fn = rows[impl]
     # the same work in every row of a model and batch; not counted where nothing is timed
     # (pytest's default --benchmark-disable runs each case once as a smoke test)
-    if (name, batch) not in _FLOPS and not benchmark.disabled:
-        _FLOPS[name, batch] = loop_flops(rows, setup.family)
+    if (name, batch) not in _PEER_RUN and not benchmark.disabled:
+        _PEER_RUN[name, batch] = loop_flops(rows, setup.family)
 
     def timed():
         out = fn()
         _sync()
         return out
 
-    timed()  # warm-up: compile, autotune, capture
+    samples = timed()  # warm-up: compile, autotune, capture
     with no_recompiles():
         benchmark.pedantic(timed, rounds=3, warmup_rounds=0)
     device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"  # the table's title names it
     benchmark.extra_info.update(model=name, batch=batch, steps=STEPS, device=device)
     if benchmark.disabled:
         return
-    flops, seconds = _FLOPS[name, batch], benchmark.stats.stats.median
+    (flops, peer_samples), seconds = _PEER_RUN[name, batch], benchmark.stats.stats.median
     benchmark.extra_info.update(
         median_ms=seconds * 1e3,
+        difference_from_peer=difference_from_peer(samples, peer_samples),
         flops_floor=flops,
         **{"TFLOP/s": flops / seconds / 1e12, "pct_of_matmul_rate": 100 * flops / seconds / matmul_rate},
     )
