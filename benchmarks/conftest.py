@@ -128,6 +128,25 @@ def check_agrees(got, want) -> None:
             pytest.fail(f"result {index} differs from eager PyTorch's by {error:.3g} (allowed {tolerance * scale:.3g})")
 
 
+def seeded_weights(network: torch.nn.Module) -> torch.nn.Module:
+    """``network`` with its zero-initialised weight matrices drawn from N(0, 0.02²) (the
+    global generator, seeded by the caller). DiT's adaLN modulation and final layer and
+    ADM's output convolutions start at zero, so a freshly built model outputs zero (or its
+    blocks are the identity), and every row would agree whatever its forward computed."""
+    with torch.no_grad():
+        for weight in network.parameters():
+            if weight.dim() > 1 and not weight.any():
+                weight.normal_(0.0, 0.02)
+    return network
+
+
+def difference_from_peer(samples: torch.Tensor, peer: torch.Tensor) -> float:
+    """max|samples − peer| / max|peer|: each row's samples beside the peer row's on the same
+    weights and noise, recorded (not asserted: 25 steps in float16 amplify rounding) so a
+    row that skipped work, or returned a stale buffer, shows in its results (extra_info)."""
+    return ((samples.double() - peer.double()).abs().max() / peer.double().abs().max()).item()
+
+
 class Recorder:
     def __init__(self, benchmark, copy_bandwidth: float, matmul_rate: float):
         self.benchmark = benchmark

@@ -46,7 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import fastguide
-from benchmarks.conftest import DEVICE, compiled, no_recompiles
+from benchmarks.conftest import DEVICE, compiled, difference_from_peer, no_recompiles, seeded_weights
 from fastguide import CFG, ClassifierGuidance, GuidedSampler, NoiseSchedule, sample
 from fastguide.models.diffusers_dit import to_diffusers
 from tools.adm_baseline import plain_classifier, plain_unet
@@ -144,18 +144,6 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _seeded_weights(network: nn.Module) -> nn.Module:
-    """``network`` with its zero-initialised weight matrices drawn from N(0, 0.02²) (the
-    global generator, seeded by the caller). DiT's adaLN modulation and final layer and
-    ADM's output convolutions start at zero, so a freshly built model outputs zero (or its
-    blocks are the identity), and every row would agree whatever its forward computed."""
-    with torch.no_grad():
-        for weight in network.parameters():
-            if weight.dim() > 1 and not weight.any():
-                weight.normal_(0.0, 0.02)
-    return network
-
-
 def _dit_rows(setup: dict, batch: int) -> dict:
     # its rows are built side by side with diffusers' (the same weights): without diffusers, skipped
     pytest.importorskip("diffusers", reason="diffusers not installed (pip install diffusers)")
@@ -163,7 +151,7 @@ def _dit_rows(setup: dict, batch: int) -> dict:
     config = fastguide.dit_config(setup["preset"]) | {"input_size": setup["input_size"]}
     with torch.device(DEVICE):
         torch.manual_seed(0)  # the same weights in each case of a model
-        model = _seeded_weights(fastguide.DiT(**config)).to(DTYPE).eval()
+        model = seeded_weights(fastguide.DiT(**config)).to(DTYPE).eval()
         # diffusers' port holding the same weights, with the official math (its two
         # defaults that differ set to it: fastguide.models.diffusers_dit), so every row
         # samples the same thing
@@ -207,8 +195,8 @@ def _adm_rows(setup: dict, batch: int) -> dict:
     classifier_flags = fastguide.classifier_config(setup["preset"]) | {"classifier_use_fp16": fp16}
     with torch.device(DEVICE):
         torch.manual_seed(0)
-        model = _seeded_weights(fastguide.create_model(**flags)).eval()
-        classifier = _seeded_weights(fastguide.create_classifier(**classifier_flags)).eval()
+        model = seeded_weights(fastguide.create_model(**flags)).eval()
+        classifier = seeded_weights(fastguide.create_classifier(**classifier_flags)).eval()
     shape = (batch, model.in_channels, model.image_size, model.image_size)
     noise, labels = _noise_and_labels(shape, model.num_classes)
     noise = noise.float()
@@ -367,13 +355,6 @@ def loop_flops(rows: dict, family: str) -> tuple[int, torch.Tensor]:
     with FlopCount() as counter, math_path:
         samples = rows[PEER[family]]()
     return counter.total, samples
-
-
-def difference_from_peer(samples: torch.Tensor, peer: torch.Tensor) -> float:
-    """max|samples − peer| / max|peer|: each row's samples beside the peer row's on the same
-    weights and noise, recorded (not asserted: 25 steps in float16 amplify rounding) so a
-    row that skipped work, or returned a stale buffer, shows in the table."""
-    return ((samples.double() - peer.double()).abs().max() / peer.double().abs().max()).item()
 
 
 def _run(benchmark, name: str, batch: int, impl: str, matmul_rate: float) -> None:

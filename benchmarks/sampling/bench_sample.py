@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.conftest import DEVICE
+from benchmarks.conftest import DEVICE, difference_from_peer, seeded_weights
 from fastguide import CFG, GuidedSampler, NoiseSchedule, ops, sample
 from fastguide.models.configs import create_model, unet_config
 
@@ -95,7 +95,8 @@ def end_to_end_loops(device: torch.device, pairs: int, steps: int) -> dict:
     CUDA graphs on its first call. Shared with loop_profile.py."""
     flags = unet_config("compact")
     with torch.device(device):
-        model = create_model(**flags).eval()
+        torch.manual_seed(0)
+        model = seeded_weights(create_model(**flags)).eval()
     batch = pairs
     shape = (batch, model.in_channels, model.image_size, model.image_size)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
@@ -146,8 +147,10 @@ def _end_to_end(benchmark, impl, pairs, steps):
             torch.cuda.synchronize()
         return out
 
-    timed()  # warm-up (and the graphs' capture)
+    samples = timed()  # warm-up (and the graphs' capture)
     benchmark.pedantic(timed, rounds=3, warmup_rounds=0)
+    if "diffusers" in loops and not benchmark.disabled:
+        benchmark.extra_info["difference_from_peer"] = difference_from_peer(samples, loops["diffusers"]())
 
 
 @pytest.mark.parametrize("impl", ["fastguide", "diffusers"])

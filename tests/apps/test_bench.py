@@ -456,6 +456,21 @@ def test_end_to_end_rows_do_the_same_work(name, peer):
     torch.testing.assert_close(rows["fastguide"](), rows[peer](), atol=2e-4, rtol=2e-4)
 
 
+def test_sampling_loops_do_the_same_work():
+    # bench_sample's end-to-end rows (compact UNet, its zero-initialised output convs drawn
+    # at random so the model outputs more than zero) sample the same thing.
+    from benchmarks.conftest import seeded_weights
+    from benchmarks.sampling.bench_sample import end_to_end_loops
+    from fastguide.models.configs import create_model, unet_config
+
+    loops = end_to_end_loops(torch.device("cpu"), pairs=2, steps=3)
+    torch.testing.assert_close(loops["fastguide"](), loops["diffusers"](), atol=2e-4, rtol=2e-4)
+    fresh = create_model(**unet_config("compact")).eval()
+    x, t, y = torch.randn(1, 1, 16, 16), torch.tensor([500]), torch.tensor([0])
+    with torch.no_grad():
+        assert not fresh(x, t, y).any() and seeded_weights(fresh)(x, t, y).abs().mean() > 1e-3
+
+
 def test_end_to_end_attention_flops_are_sdpas():
     # fastguide's attention op, which the floor's counter sees whole, counts as torch
     # counts SDPA (forward: two batched matrix products), cross-attention included.
