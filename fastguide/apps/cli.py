@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -218,17 +219,19 @@ def _grid(schedule: NoiseSchedule, steps: int, spacing: str | None) -> list[floa
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] (N, C, H, W) -> uint8 (N, H, W, C), ADM's .npz layout."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """[-1, 1] (N, C, H, W) -> uint8 (N, H, W, C), ADM's .npz layout and conversion:
+    (x + 1)·127.5 clamped to [0, 255], then truncated, as guided-diffusion's
+    image_sample.py and classifier_sample.py write their samples (rounding would put about
+    half the pixels one level above ADM's own)."""
+    return ((images.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images: torch.Tensor, path: Path, columns: int, scale: int | None = None) -> None:
-    """A PNG grid of samples, each upscaled ``scale``× (nearest) with a 1-pixel gap; by
-    default as many times as brings a side to 32 pixels (the 8×8 digits 4×, ADM's images
-    not at all: 100 samples of adm512 upscaled 4× would be a 1.3 GB image)."""
+def save_grid(pixels: np.ndarray, path: Path, columns: int, scale: int | None = None) -> None:
+    """A PNG grid of uint8 (N, H, W, C) samples, each upscaled ``scale``× (nearest) with a
+    1-pixel gap; by default as many times as brings a side to 32 pixels (the 8×8 digits
+    4×, ADM's images not at all: 100 samples of adm512 upscaled 4× would be a 1.3 GB image)."""
     from PIL import Image
 
-    pixels = to_uint8_nhwc(images)
     n, h, w, c = pixels.shape
     scale = scale if scale is not None else max(1, 32 // max(h, w))
     rows = -(-n // columns)
@@ -310,18 +313,45 @@ def uses_labels(model: SamplingModel, guidance_kind: str) -> bool:
     return getattr(model.unet, "num_classes", None) is not None or guidance_kind in ("classifier", "both")
 
 
-def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) under torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on GPU."""
+# torchrun starts its ranks together: joining takes seconds, and a process that waits
+# longer (one that inherited WORLD_SIZE from a torchrun job it is not a rank of) stops.
+JOIN_TIMEOUT = datetime.timedelta(minutes=5)
+# A rank with fewer batches waits in the gather for rank 0's last (a rank with none, for
+# the whole run): torch's default timeouts (10 min under NCCL, 30 under gloo) would end a
+# long run there and lose every sample.
+GATHER_TIMEOUT = datetime.timedelta(days=7)
+
+
+def _distributed(device: torch.device) -> tuple[int, int, torch.device, Any]:
+    """(rank, world size, device, gather group) under torchrun (WORLD_SIZE > 1; else rank
+    0 of 1 and no group). The ranks exchange nothing but the finished samples, uint8 on the
+    host, so one gloo group serves CPU and GPU runs (under NCCL, gather_object would stage
+    every rank's share on rank 0's GPU). On CUDA each rank samples on cuda:LOCAL_RANK."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return 0, 1, device
+        return 0, 1, device, None
     import torch.distributed as dist
 
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= visible:
+            raise UsageError(
+                "--device",
+                f"under torchrun rank {local_rank} of this node samples on cuda:{local_rank} (LOCAL_RANK), but "
+                f"{visible} CUDA device(s) are visible: start at most {visible} processes a node",
+            )
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world_size, device
+    try:
+        dist.init_process_group("gloo", timeout=JOIN_TIMEOUT)
+    except (RuntimeError, ValueError) as error:  # (torch raises DistStoreError, a RuntimeError, on a timeout)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(
+            "WORLD_SIZE",
+            f"is {world_size} in the environment, but the other ranks did not join ({reason}): start 'fastguide "
+            "sample' under torchrun, or unset WORLD_SIZE (a process started by a torchrun job inherits it)",
+        ) from error
+    return dist.get_rank(), world_size, device, dist.new_group(backend="gloo", timeout=GATHER_TIMEOUT)
 
 
 # ---------------------------------------------------------------------------------------
@@ -574,7 +604,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from . import pipeline_sample
 
         return pipeline_sample.run(args)
-    rank, world_size, device = _distributed(args.device)
+    rank, world_size, device, gather_group = _distributed(args.device)
     chosen = backends.backend(args.backend) if args.backend is not None else contextlib.nullcontext()
     with chosen:
         model = load_sampling_model(args.model, args.checkpoint, args.classifier_checkpoint, device, args.precision)
@@ -596,27 +626,29 @@ def cmd_sample(args: argparse.Namespace) -> int:
             cfg_options=args.cfg_options,
             spacing=args.spacing,
         )
+    # uint8 NHWC from here on: a quarter of float32's bytes through the gather
+    pixels = {index: to_uint8_nhwc(images) for index, images in batches.items()}
     if world_size > 1:
         import torch.distributed as dist
 
         gathered: list[Any] | None = [None] * world_size if rank == 0 else None
-        dist.gather_object(batches, gathered, dst=0)
+        dist.gather_object(pixels, gathered, dst=0, group=gather_group)
         # Every rank waits for the gather to finish before tearing gloo down: a rank that
         # destroys its group while rank 0 still receives aborts ("terminate called ...").
-        dist.barrier()
+        dist.barrier(group=gather_group)
         dist.destroy_process_group()
         if rank != 0:
             return 0
         assert gathered is not None  # rank 0's
-        batches = {index: images for part in gathered for index, images in part.items()}
-    images = torch.cat([batches[index] for index in sorted(batches)])
+        pixels = {index: part_pixels for part in gathered for index, part_pixels in part.items()}
+    images = np.concatenate([pixels[index] for index in sorted(pixels)])
     if args.npz is not None:  # first: the samples themselves, whatever happens to the grid
         target = npz_path(args.npz)
         with atomic_path(target) as scratch:
             if args.unconditional:  # as ADM's image_sample writes an unconditional model's
-                np.savez(scratch, to_uint8_nhwc(images))
+                np.savez(scratch, images)
             else:
-                np.savez(scratch, to_uint8_nhwc(images), args.label_ids.numpy())
+                np.savez(scratch, images, args.label_ids.numpy())
         print(f"wrote {target} (arr_0: uint8 NHWC images{'' if args.unconditional else ', arr_1: labels'})")
     if args.out is not None:
         with atomic_path(args.out) as scratch:

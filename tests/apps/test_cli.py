@@ -1,5 +1,6 @@
 """The fastguide command: the main job on CPU, bad options, multi-process sampling, the sweep."""
 
+import datetime
 import math
 import os
 import socket
@@ -25,9 +26,19 @@ SMALL = ["--num-samples", "12", "--steps", "6", "--batch-size", "4", "--quiet"]
 def test_the_grid_upscales_small_samples_only(tmp_path):
     sizes = {}
     for side in (8, 64):
-        cli.save_grid(torch.rand(3, 3, side, side) * 2 - 1, tmp_path / f"{side}.png", columns=3)
+        cli.save_grid(cli.to_uint8_nhwc(torch.rand(3, 3, side, side) * 2 - 1), tmp_path / f"{side}.png", columns=3)
         sizes[side] = Image.open(tmp_path / f"{side}.png").size
     assert sizes == {8: ((3 * 9 + 1) * 4, (9 + 1) * 4), 64: (3 * 65 + 1, 65 + 1)}
+
+
+def test_pixels_convert_as_adm_writes_them():
+    # guided-diffusion's image_sample.py: ((x + 1) * 127.5).clamp(0, 255).to(uint8), which
+    # truncates (rounding put about half the pixels a level above ADM's own), then NHWC.
+    images = torch.tensor([-2.0, -1.0, -0.999, 0.0, 0.003, 0.5, 0.999, 1.0, 3.0]).view(1, 1, 3, 3)
+    pixels = cli.to_uint8_nhwc(images.expand(2, 3, 3, 3) * torch.tensor([1.0, -1.0, 0.5]).view(1, 3, 1, 1))
+    assert pixels.dtype == np.uint8 and pixels.shape == (2, 3, 3, 3)
+    assert pixels[0, :, :, 0].ravel().tolist() == [0, 0, 0, 127, 127, 191, 254, 255, 255]
+    assert pixels[1, :, :, 1].ravel().tolist() == [255, 255, 254, 127, 127, 63, 0, 0, 0]
 
 
 def test_sample_writes_a_png_grid_and_adm_npz(tmp_path):
@@ -579,6 +590,36 @@ def test_two_processes_give_the_single_process_samples(tmp_path):
     a, b = np.load(single), np.load(merged)
     np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_torchrun_ranks_join_briefly_and_gather_without_a_deadline(monkeypatch):
+    # Under torchrun the ranks exchange only the finished uint8 samples: one gloo group (an
+    # NCCL gather_object stages every rank's share on rank 0's GPU); the join times out in
+    # minutes (a process that inherited WORLD_SIZE waited forever), and the gather group
+    # waits days (a rank with fewer batches sits in the gather for rank 0's last batch:
+    # NCCL's default 10 minutes lost a long run's samples).
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend, kw)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "new_group", lambda **kw: calls.append(("group", kw)) or "group")
+    assert cli._distributed(torch.device("cpu")) == (1, 2, torch.device("cpu"), "group")
+    (_, backend, join), (_, gather) = calls
+    assert backend == "gloo" and gather["backend"] == "gloo"
+    assert join["timeout"] <= datetime.timedelta(minutes=10) <= datetime.timedelta(days=1) <= gather["timeout"]
+
+    def no_peers(backend, **kw):
+        raise RuntimeError("Timed out after 300 seconds waiting for clients. 1/2 clients joined.")
+
+    monkeypatch.setattr(dist, "init_process_group", no_peers)
+    with pytest.raises(cli.UsageError, match="WORLD_SIZE: is 2 in the environment, but the other ranks did not join"):
+        cli._distributed(torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(cli.UsageError, match=r"--device: under torchrun rank 3 .* 2 CUDA device\(s\) are visible"):
+        cli._distributed(torch.device("cuda"))
 
 
 @pytest.mark.slow
