@@ -1110,6 +1110,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; bad input raises SystemExit(2) after one line on stderr."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.command != "sample" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # (sample splits its batches over the ranks; the others would each do all the work)
+        fail(
+            f"{args.command}: runs in one process, but WORLD_SIZE is {os.environ['WORLD_SIZE']} (torchrun): "
+            "under torchrun every rank would repeat the whole job and write the same files"
+        )
     if args.command == "bench":
         try:
             return cmd_bench(rest)  # the suite runner parses its own options

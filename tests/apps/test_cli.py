@@ -622,6 +622,14 @@ def test_torchrun_ranks_join_briefly_and_gather_without_a_deadline(monkeypatch):
         cli._distributed(torch.device("cuda"))
 
 
+@pytest.mark.parametrize("command", ["sweep", "train", "bench", "selfcheck"])
+def test_one_process_commands_refuse_torchrun(command, monkeypatch, capsys, tmp_path):
+    # Only sample splits its work over ranks; under torchrun the others repeated it all.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.chdir(tmp_path)
+    fails_with(capsys, tmp_path, [command], f"{command}: runs in one process, but WORLD_SIZE is 2")
+
+
 @pytest.mark.slow
 def test_sweep_shows_guidance_raising_accuracy():
     from fastguide.apps import sweep
