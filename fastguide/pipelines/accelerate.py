@@ -35,7 +35,10 @@ and SD3 transformer blocks; an SD/SDXL UNet's down, mid and up blocks);
 ``cuda_graph=True`` captures the loop as CUDA graphs. The capture is kept across calls of
 one shape, whatever their prompts, so the data-dependent decisions it holds (a
 ``FirstBlockCache``'s reuse, truncated CFG's stop) are then those of the first call's
-warm-up run: a fixed schedule calibrated on that call.
+warm-up run: a fixed schedule calibrated on that call. A change to the denoiser that
+leaves its weights where they are (``fuse_lora()``, ``set_adapters``, another attention
+processor) is not seen by a replay: call ``accelerate`` again to drop the captures. A
+denoiser under CPU offloading (``enable_model_cpu_offload``) is not captured.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ its own kernel launches inside the graph.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
+import types
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -52,6 +54,35 @@ def side_stream(device: torch.device) -> Iterator[None]:
             yield
     finally:  # a warm-up that raised leaves no side-stream work unordered
         current.wait_stream(side)
+
+
+def modules_called(network: object) -> tuple[list[torch.nn.Module], bool]:
+    """The modules whose weights a call of ``network`` reads, as far as they can be seen,
+    and whether ``network`` is opaque (a callable object other than these, whose weights
+    cannot be seen): a module itself; a bound method's object; a functools.partial's
+    function and arguments; a function's closure cells and the globals it names (the
+    usual ``lambda x, t, y: unet(x, t, y)``)."""
+    if network is None or isinstance(network, torch.nn.Module):
+        return ([network] if network is not None else []), False
+    if isinstance(network, types.MethodType):
+        return modules_called(network.__self__)
+    if isinstance(network, functools.partial):
+        found, opaque = modules_called(network.func)
+        arguments = [*network.args, *network.keywords.values()]
+        return found + [a for a in arguments if isinstance(a, torch.nn.Module)], opaque
+    if isinstance(network, types.FunctionType):
+        cells = [cell.cell_contents for cell in network.__closure__ or () if _filled(cell)]
+        named = [network.__globals__.get(name) for name in network.__code__.co_names]
+        return [v for v in (*cells, *named) if isinstance(v, torch.nn.Module)], False
+    return [], True
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # a cell not yet assigned
+        return False
+    return True
 
 
 def weights_fingerprint(modules: Iterable[torch.nn.Module]) -> tuple:

@@ -144,8 +144,10 @@ class GuidedSampler:
     samples with or without graphs. The captures of the ``MAX_CAPTURES`` most recently used
     shapes are kept (each holds its buffers and its graphs' memory); an older one is
     released and captured again when next asked for; weights given new storage (e.g.
-    ``model.half().float()``) drop every capture. Classifier guidance (autograd through
-    the classifier) is not captured.
+    ``model.half().float()``) drop every capture, as does ``clear_cuda_graphs()``, which
+    a change that leaves the weights in place but changes the forward (fused LoRA,
+    another attention processor, hooks) needs. Classifier guidance (autograd through
+    the classifier) and networks moved by an offloading hook are not captured.
     See ``fastguide.sample`` for the arguments.
     """
 
@@ -321,10 +323,12 @@ class GuidedSampler:
         self._perturbation: Perturbation | None = None  # a run's perturbed layers (see __call__)
         self._kept_perturbation: Perturbation | None = None  # the last run's, removed (see _perturb)
         self._guide_network = self.guidance.guide_network() if self.guidance is not None else None
-        # (shape, device, dtype, conditioning signature, keep_x0, callback, noise inside) ->
+        # (shape, device, dtype, conditioning signature, keep_x0, callback, noise inside,
+        # autocast, backend) ->
         # (buffers, graphs) of the captured runs.
         self._graphs: collections.OrderedDict[tuple, tuple[_Buffers, list]] = collections.OrderedDict()
         self._graph_weights: tuple = ()  # where the captures' weights live (cuda_graphs.weights_fingerprint)
+        self._warned_opaque = False  # that a network's weights cannot be seen (_graphed_modules)
         self._call_cache: dict[tuple[bool, bool], tuple[_Call, ...]] = {}
         self._calls(learned_variance=False)  # every call's scalars checked here, once
         # The compute of the last run (see ``last_compute``).
@@ -1071,6 +1075,32 @@ class GuidedSampler:
     # CUDA graphs
     # ----------------------------------------------------------------------------------
 
+    def clear_cuda_graphs(self) -> None:
+        """Drops every capture (its buffers and graph memory): the next call captures anew.
+        Needed after a change to what the networks' forwards do that leaves their weights
+        where they were: fused or unfused LoRA, other adapter weights, another attention
+        processor, hooks added or removed, a submodule put in training mode. (Weights
+        given new storage or dtype are seen, and drop the captures themselves.)"""
+        self._graphs.clear()
+        self._graph_weights = ()
+
+    def _graphed_modules(self) -> list[nn.Module]:
+        """The modules whose weights the captures read (cuda_graphs.modules_called), once
+        warned where a network hides them."""
+        modules: list[nn.Module] = []
+        for who, network in self._networks()[:2]:  # (the classifier is never captured)
+            found, opaque = cuda_graphs.modules_called(network)
+            modules += found
+            if opaque and not self._warned_opaque:
+                self._warned_opaque = True
+                warnings.warn(
+                    f"cuda_graph=True: {who} is a {type(network).__name__}, whose weights fastguide cannot see "
+                    "(not an nn.Module, a method of one, a partial or a function naming one): a replay reads them "
+                    "where they were at capture; after moving or replacing them, call clear_cuda_graphs()",
+                    stacklevel=4,
+                )
+        return modules
+
     def _segments(self, per_call: bool, noise_inside: bool) -> list[range]:
         """The model calls captured as one graph each: consecutive calls, up to where the
         host must act between two of them: with a callback (``per_call``), after every
@@ -1087,14 +1117,23 @@ class GuidedSampler:
         per_call, inside = callback is not None, cuda_graphs.draws_inside(generator, device)
         # x_T's dtype is the buffers' (a model without one parameter dtype samples in the noise's)
         autocast = cuda_graphs.autocast_state(device)
-        key = (shape, device, x_T.dtype, conditioning.signature, keep_x0, per_call, inside, autocast)
-        networks = (self.model, self._guide_network)
-        weights = cuda_graphs.weights_fingerprint(m for m in networks if isinstance(m, torch.nn.Module))
+        # (the backend chosen is baked into the launches, as autocast's precision is)
+        chosen = backends.get_backend()
+        key = (shape, device, x_T.dtype, conditioning.signature, keep_x0, per_call, inside, autocast, chosen)
+        modules = self._graphed_modules()
+        weights = cuda_graphs.weights_fingerprint(modules)
         if weights != self._graph_weights:  # weights moved: every capture reads the old addresses
             self._graphs.clear()
             self._graph_weights = weights
         caller = generator if generator is not None else cuda_graphs.default_generator(device)
         if key not in self._graphs:
+            offloaded = [module for module in modules if _offloaded(module)]
+            if offloaded:
+                raise ValueError(
+                    f"cuda_graph=True cannot replay {type(offloaded[0]).__name__}: an offloading hook (accelerate's "
+                    "or diffusers' CPU offload) moves its weights at each forward, which a replay does not run, so "
+                    "it would read freed memory: use cuda_graph=False, or keep the model on the GPU"
+                )
             if len(self._graphs) >= self.MAX_CAPTURES:
                 # the least recently used goes (its buffers and graph memory) before a new one is made
                 self._graphs.popitem(last=False)

@@ -2,6 +2,7 @@
 form), against diffusers' schedulers on the same model and noise, and on a tiny UNet."""
 
 import copy
+import functools
 import inspect
 import math
 import warnings
@@ -1596,6 +1597,58 @@ def test_a_graphed_sampler_captures_again_when_the_weights_move(cpu_graphs):
     model.train()
     draw()
     assert len(cpu_graphs) == 4 * captures
+
+
+def test_a_graphed_wrapper_function_tracks_the_module_it_calls(cpu_graphs):
+    # A function or method calling a module (the usual lambda) had no weights tracked: a
+    # dtype round trip of the wrapped model replayed the old addresses.
+    model = tiny_cfg_unet()
+    for wrapped in (lambda x, t, y: model(x, t, y), model.forward, functools.partial(model.forward)):
+        sampler = GuidedSampler(wrapped, sampler="ddim", steps=2, guidance=CFG(3.0), null_label=4, cuda_graph=True)
+        sampler((2, 3, 8, 8), labels=torch.tensor([0, 3]))
+        captures = len(cpu_graphs)
+        model.double().float()
+        sampler((2, 3, 8, 8), labels=torch.tensor([0, 3]))
+        assert len(cpu_graphs) == 2 * captures
+        cpu_graphs.clear()
+
+
+def test_a_graphed_opaque_callable_is_warned_about_and_captures_drop_on_request(cpu_graphs):
+    class Wrapper:  # a callable that is no module: its weights cannot be seen
+        def __init__(self, network):
+            self.network = network
+
+        def __call__(self, x, t, y):
+            return self.network(x, t, y)
+
+    sampler = GuidedSampler(
+        Wrapper(tiny_cfg_unet()), sampler="ddim", steps=2, guidance=CFG(3.0), null_label=4, cuda_graph=True
+    )
+    with pytest.warns(UserWarning, match="model is a Wrapper, whose weights fastguide cannot see"):
+        sampler((2, 3, 8, 8), labels=torch.tensor([0, 3]))
+    captures = len(cpu_graphs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once a sampler
+        sampler((2, 3, 8, 8), labels=torch.tensor([0, 3]))
+    assert len(cpu_graphs) == captures
+    sampler.clear_cuda_graphs()
+    sampler((2, 3, 8, 8), labels=torch.tensor([0, 3]))
+    assert len(cpu_graphs) == 2 * captures
+
+
+def test_a_graphed_loop_is_captured_per_backend_and_never_with_offloaded_weights(cpu_graphs):
+    model = tiny_cfg_unet()
+    sampler = GuidedSampler(model, sampler="ddim", steps=2, guidance=CFG(3.0), cuda_graph=True)
+    draw = lambda: sampler((2, 3, 8, 8), labels=torch.tensor([0, 3]))  # noqa: E731
+    draw()
+    with fastguide.backend("torch"):  # the kernels chosen are baked into a capture
+        draw()
+    assert len(sampler._graphs) == 2
+    # A replay runs no Python, so an offloading hook never moves the weights back: refused.
+    sampler.clear_cuda_graphs()
+    model.input_blocks[0]._hf_hook = object()
+    with pytest.raises(ValueError, match="cuda_graph=True cannot replay .*offloading hook"):
+        draw()
 
 
 def test_a_loop_captured_under_inference_mode_replays_outside_it(cpu_graphs):
