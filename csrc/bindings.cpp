@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <initializer_list>
 #include <vector>
 
 #include "group_norm.cuh"
@@ -67,13 +68,34 @@ T* pointer_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? static_cast<T*>(t->data_ptr()) : nullptr;
 }
 
+// x's dense layout, which every tensor of a step shares: the kernels index them all with
+// one set of offsets.
+at::MemoryFormat dense_format(const at::Tensor& x) {
+  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "fastguide_cuda: x must be contiguous or channels_last");
+  return x.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+}
+
 void check_same(const at::Tensor& like, const std::optional<at::Tensor>& t, const char* name) {
   if (!t.has_value()) return;
   TORCH_CHECK(t->scalar_type() == like.scalar_type(), "fastguide_cuda: ", name, " must have dtype ",
               like.scalar_type(), ", got ", t->scalar_type());
   TORCH_CHECK(t->device() == like.device(), "fastguide_cuda: ", name, " must be on ", like.device());
-  TORCH_CHECK(t->is_contiguous() || t->is_contiguous(at::MemoryFormat::ChannelsLast), "fastguide_cuda: ", name,
-              " must be dense");
+  TORCH_CHECK(t->is_contiguous(dense_format(like)), "fastguide_cuda: ", name, " must be dense in x's memory format");
+}
+
+// t's sizes: `rows` rows (any of them, where several are allowed), `channels` channels
+// (likewise), and x's sizes past the channels.
+void check_rows_channels(const at::Tensor& x, const std::optional<at::Tensor>& t, const char* name,
+                         std::initializer_list<int64_t> rows, std::initializer_list<int64_t> channels) {
+  if (!t.has_value()) return;
+  const auto in = [](int64_t value, std::initializer_list<int64_t> allowed) {
+    return std::find(allowed.begin(), allowed.end(), value) != allowed.end();
+  };
+  TORCH_CHECK(t->dim() == x.dim() && in(t->size(0), rows) && in(t->size(1), channels) &&
+                  t->sizes().slice(2) == x.sizes().slice(2),
+              "fastguide_cuda::guided_step: ", name, " has shape ", t->sizes(), ", which does not fit x of shape ",
+              x.sizes());
 }
 
 // Copies a contract type's float[] into its C++ struct (fields in the same order).
@@ -112,6 +134,21 @@ std::optional<at::Tensor> guided_step(
     int64_t stats, bool similarity) {
   TORCH_CHECK(history.size() == k_history.size() && history.size() <= static_cast<size_t>(kMaxHistory),
               "fastguide_cuda::guided_step: history and k_history must have one length up to ", kMaxHistory);
+  // (fastguide.ops sends an empty step to the torch backend: a zero-sized grid is no launch)
+  TORCH_CHECK(x.dim() >= 2 && x.numel() > 0, "fastguide_cuda::guided_step: x must be a non-empty (B, C, ...) tensor");
+  const int64_t batch = x.size(0), channels = x.size(1);
+  const bool guided = combine_scalars.has_value();
+  const CombineScalars combine = guided ? scalars_from<CombineScalars>(*combine_scalars, "combine") : CombineScalars{};
+  const bool perturbed = guided && combine.perturbed_scale != 0.0f;
+  const int64_t rows = perturbed ? 3 * batch : guided && !guide.has_value() ? 2 * batch : batch;
+  check_rows_channels(x, model_output, "model_output", {rows}, {channels, 2 * channels});
+  check_rows_channels(x, guide, "guide", {batch}, {channels, model_output.size(1)});
+  for (const at::Tensor& h : history) check_rows_channels(x, h, "history", {batch}, {channels});
+  for (const auto& [t, name] :
+       {std::pair{&noise, "noise"}, {&grad, "grad"}, {&x0_out, "x0_out"}, {&apg_buffer, "apg_buffer"}}) {
+    check_rows_channels(x, *t, name, {batch}, {channels});
+  }
+  check_rows_channels(x, out, "out", {batch, 2 * batch, 3 * batch}, {channels});
   check_same(x, model_output, "model_output");
   check_same(x, guide, "guide");
   for (const at::Tensor& h : history) check_same(x, h, "history");
@@ -120,7 +157,9 @@ std::optional<at::Tensor> guided_step(
   }
   check_same(x, out, "out");
   if (apg_buffer.has_value()) {
-    TORCH_CHECK(apg_buffer->scalar_type() == at::kFloat, "fastguide_cuda::guided_step: apg_buffer must be float32");
+    TORCH_CHECK(apg_buffer->scalar_type() == at::kFloat && apg_buffer->device() == x.device() &&
+                    apg_buffer->is_contiguous(dense_format(x)),
+                "fastguide_cuda::guided_step: apg_buffer must be float32, on x's device, dense in x's memory format");
   }
 #ifndef FASTGUIDE_HOST_HARNESS
   const c10::cuda::CUDAGuard guard(x.device());
@@ -128,7 +167,7 @@ std::optional<at::Tensor> guided_step(
   GuidedStepParams p{};
   p.guided = combine_scalars.has_value();
   p.step = scalars_from<StepScalars>(step_scalars, "step");
-  if (p.guided) p.combine = scalars_from<CombineScalars>(*combine_scalars, "combine");
+  if (p.guided) p.combine = combine;
   p.prediction_type = prediction_type_from(prediction_type);
   derive_step_constants(p);
   p.num_history = static_cast<int>(history.size());
@@ -138,6 +177,8 @@ std::optional<at::Tensor> guided_step(
   p.learned_var = log_variance_range.has_value() && (noise.has_value() || (grad.has_value() && p.step.k_grad != 0.0f));
   if (p.learned_var) {
     TORCH_CHECK(log_variance_range->size() == 2, "fastguide_cuda::guided_step: log_variance_range is (min, max)");
+    TORCH_CHECK(model_output.size(1) == 2 * x.size(1),
+                "fastguide_cuda::guided_step: a learned variance needs model_output of 2C channels");
     p.log_var_min = static_cast<float>((*log_variance_range)[0]);
     p.log_var_max = static_cast<float>((*log_variance_range)[1]);
   }
@@ -208,9 +249,14 @@ bool is_channels_last(const at::Tensor& x) {
 GroupNormParams norm_params(const at::Tensor& x, int64_t num_groups, bool silu, double eps,
                             const GroupNormAffine& affine, int64_t lane_channels) {
   TORCH_CHECK(x.is_contiguous() || is_channels_last(x), "fastguide_cuda: x must be contiguous or channels_last");
+  TORCH_CHECK(x.dim() >= 2, "fastguide_cuda: group_norm needs x of (N, C, ...), got ", x.sizes());
   // The per-channel statistics run a block per (n, c) (NCHW) in the grid's x, below 2^31.
   TORCH_CHECK(x.size(0) * x.size(1) < (int64_t{1} << 31), "fastguide_cuda: group_norm needs batch × channels below ",
               "2^31, got ", x.size(0), " × ", x.size(1));
+  // (fastguide.ops sends an empty x to the torch backend: an empty group has no statistics)
+  TORCH_CHECK(x.numel() > 0, "fastguide_cuda: group_norm needs a non-empty x, got ", x.sizes());
+  TORCH_CHECK(num_groups > 0 && x.size(1) % num_groups == 0, "fastguide_cuda: group_norm needs num_groups dividing ",
+              "the ", x.size(1), " channels, got ", num_groups);
   GroupNormParams p{};
   p.n = x.size(0);
   p.c = x.size(1);
@@ -252,8 +298,15 @@ Parameter parameter(const at::Tensor& x, const std::optional<at::Tensor>& t, con
 GroupNormAffine norm_affine(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
                             const std::optional<at::Tensor>& shift) {
-  return {parameter(x, weight, "weight"), parameter(x, bias, "bias"), parameter(x, scale, "scale"),
-          parameter(x, shift, "shift")};
+  // weight and bias per channel, scale and shift per (sample, channel)
+  const auto holds = [](const std::optional<at::Tensor>& t, int64_t count) {
+    return !t.has_value() || t->numel() == count;
+  };
+  const int64_t c = x.dim() >= 2 ? x.size(1) : 0, nc = x.dim() >= 2 ? x.size(0) * c : 0;
+  return {parameter(x, weight, "weight", holds(weight, c), "(C,) "),
+          parameter(x, bias, "bias", holds(bias, c), "(C,) "),
+          parameter(x, scale, "scale", holds(scale, nc), "(N, C) "),
+          parameter(x, shift, "shift", holds(shift, nc), "(N, C) ")};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward(
@@ -288,8 +341,9 @@ std::tuple<at::Tensor, at::Tensor> group_norm_backward(
                   (grad_y.is_contiguous() || is_channels_last(grad_y)),
               "fastguide_cuda: grad_y must have x's shape and dense memory layout");
   TORCH_CHECK(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat && mean.is_contiguous() &&
-                  rstd.is_contiguous(),
-              "fastguide_cuda: mean and rstd must be contiguous float32");
+                  rstd.is_contiguous() && x.dim() >= 2 && mean.numel() == x.size(0) * num_groups &&
+                  rstd.numel() == mean.numel(),
+              "fastguide_cuda: mean and rstd must be contiguous float32 of (N, num_groups)");
 #ifndef FASTGUIDE_HOST_HARNESS
   const c10::cuda::CUDAGuard guard(x.device());
 #endif

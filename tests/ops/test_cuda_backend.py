@@ -296,6 +296,62 @@ def test_bindings_return_one_row_of_sums_per_block_and_refuse_a_perturbed_predic
         call(torch.cat([model_output, model_output[:batch]]), GuidanceCombine(3.0, perturbed_scale=2.0))
 
 
+def test_bindings_refuse_what_their_kernels_cannot_index(host_harness):
+    # fastguide.ops checks all of this before a call; the ops registered by the extension
+    # are callable directly too. An empty batch or channel divided by zero (SIGFPE), an
+    # empty spatial size read x[-1], and a tensor in another layout or shape was indexed
+    # with x's offsets (a permuted result, or reads past a too-small parameter).
+    x = randn(2, 4, 6, 6, seed=0, dtype=torch.float32)
+    step = StepCoefficients(alpha=0.8, sigma=0.6, k_x0=1.0)
+
+    def step_call(model_output, x=x, out=None, noise=None, combine=GuidanceCombine(3.0)):
+        return host_harness.guided_step(
+            model_output,
+            None,
+            x,
+            [],
+            noise,
+            None,
+            None,
+            torch.empty_like(x) if out is None else out,
+            None,
+            *STEP_ARGUMENTS.pack(step),
+            *COMBINE_ARGUMENTS.pack(combine)[:1],
+            0,
+            False,
+        )
+
+    step_call(torch.cat([x, x]))  # (the well-formed call)
+    for empty in (x[:0], x[:, :0], x[:, :, :0]):
+        with pytest.raises(RuntimeError, match="x must be a non-empty"):
+            step_call(torch.cat([empty, empty]), x=empty, out=torch.empty_like(empty))
+    with pytest.raises(RuntimeError, match="out must be dense in x's memory format"):
+        step_call(torch.cat([x, x]), out=torch.empty_like(x, memory_format=torch.channels_last))
+    with pytest.raises(RuntimeError, match=r"model_output has shape \[2, 4, 6, 6\], which does not fit"):
+        step_call(x)  # guided without a guide: [c; u], 2B rows
+    with pytest.raises(RuntimeError, match=r"noise has shape \[2, 4, 6, 5\]"):
+        step_call(torch.cat([x, x]), noise=x[..., :5].contiguous())
+
+    def norm_call(x, groups, weight=None, scale=None):
+        return host_harness.group_norm_forward(x, weight, None, scale, None, groups, 1e-5, False)
+
+    norm_call(x, 2)
+    with pytest.raises(RuntimeError, match="group_norm needs a non-empty x"):
+        norm_call(x[:0], 2)
+    with pytest.raises(RuntimeError, match="group_norm needs a non-empty x"):
+        norm_call(x[:, :, :0], 2)
+    for groups in (0, 3):
+        with pytest.raises(RuntimeError, match=f"num_groups dividing the 4 channels, got {groups}"):
+            norm_call(x, groups)
+    with pytest.raises(RuntimeError, match=r"weight must be a contiguous .* \(C,\) tensor"):
+        norm_call(x, 2, weight=torch.ones(3))
+    with pytest.raises(RuntimeError, match=r"scale must be a contiguous .* \(N, C\) tensor"):
+        norm_call(x, 2, scale=torch.ones(1, 4))
+    y, mean, rstd = norm_call(x, 2)
+    with pytest.raises(RuntimeError, match=r"mean and rstd must be contiguous float32 of \(N, num_groups\)"):
+        host_harness.group_norm_backward(y, x, None, None, None, None, mean[:1], rstd[:1], 2, False)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_group_norm_on_misaligned_tensors(cuda_backend_on_cpu, dtype, channels_last):
