@@ -214,17 +214,24 @@ def analyse_functions(cubin: Path) -> dict[str, dict]:
         for name, line in re.findall(r"Function ([\w$.]+):\s*\n(.*)", usage)
     }
     bodies = dict(re.findall(r"Function : ([\w$.]+)\n(.*?)(?=\n\s*Function : |\Z)", sass, flags=re.S))
+    # A format cuobjdump changed must fail here, not read as 0 registers and 0 spills.
+    unparsed = [name for name, res in resources.items() if not {"REG", "STACK", "SHARED", "LOCAL"} <= res.keys()]
+    if not resources or unparsed or resources.keys() != bodies.keys():
+        raise RuntimeError(
+            f"cuobjdump's output of {cubin.name} did not parse: functions {sorted(resources)} with resources, "
+            f"{sorted(bodies)} with SASS; without every field: {unparsed}"
+        )
     found = {}
     for name, res in resources.items():
-        body = bodies.get(name, "")
+        body = bodies[name]
         opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", body)
         widths = lambda op: Counter(access_bits(o) for o in opcodes if o.split(".")[0] == op)  # noqa: E731
         loads = dict(widths("LDG"))
         found[name] = {
-            "registers": int(res.get("REG", 0)),
-            "local_bytes": int(res.get("LOCAL", 0)),
-            "stack_bytes": int(res.get("STACK", 0)),
-            "shared_bytes": int(res.get("SHARED", 0)),
+            "registers": int(res["REG"]),
+            "local_bytes": int(res["LOCAL"]),
+            "stack_bytes": int(res["STACK"]),
+            "shared_bytes": int(res["SHARED"]),
             "loads": loads,
             # of the widest loads, the most a thread issues before it uses one of them
             "loads_together": loads_issued_together(body.splitlines(), max(loads, default=128)),
@@ -797,7 +804,38 @@ def cases() -> list[Case]:
                 memory_bound=False,
             ),
         ]
+        # Δ = rowsum(dO ∘ O) before the two: a streaming pass over O and dO, as launched
+        # (64 rows a program, Triton's default 4 warps).
+        out.append(
+            Case(
+                f"attention bwd delta D=64 {dtype}",
+                at._backward_delta_kernel,
+                {"o_ptr": dtype, "do_ptr": dtype, "delta_ptr": "fp32"},
+                dict(BLOCK_D=64, BLOCK_M=64, LARGE=False, so_d=1, sdo_d=1),
+                4,
+            )
+        )
     return out
+
+
+def _unwrapped(kernel: object) -> object:
+    while isinstance(kernel, (Autotuner, Heuristics)):
+        kernel = kernel.fn
+    return kernel
+
+
+def uncovered_kernels(report_cases: list[Case]) -> list[str]:
+    """The Triton kernels of fastguide.kernels that no case compiles: a kernel added (or
+    renamed) without a case would escape every rule of the report."""
+    covered = {id(_unwrapped(case.kernel)) for case in report_cases}
+    return sorted(
+        f"{module.__name__}.{name}"
+        for module in (attention, group_norm, guided_step, layer_norm)
+        for name, value in vars(module).items()
+        if isinstance(_unwrapped(value), triton.JITFunction)
+        and name.endswith("_kernel")
+        and id(_unwrapped(value)) not in covered
+    )
 
 
 def violations(case: Case, stats: dict, arch: int) -> list[str]:
@@ -1068,6 +1106,10 @@ def main(argv: list[str] | None = None) -> int:
     stale = stale_known_below_floor(rows, args.arch, cuda_ran) if args.check and not args.only else []
     if stale:
         print(f"\nKNOWN_BELOW_FLOOR names kernels the report has not: {', '.join(stale)}", file=sys.stderr)
+        return 1
+    uncovered = uncovered_kernels(cases()) if args.check and not args.only else []
+    if uncovered:
+        print(f"\nTriton kernels without a case in cases(): {', '.join(uncovered)}", file=sys.stderr)
         return 1
     return 0
 

@@ -34,7 +34,21 @@ SM = {80: Multiprocessor(shared_bytes=164 * 1024), 90: Multiprocessor()}
 # 49 KB in flight per SM (4 blocks of 256 threads × three 16-byte loads) and moved
 # 3.23 TB/s, so latency = 49 KB × 132 / 3.23 TB/s ≈ 2.0 µs. 85% of the measured 4.13 TB/s
 # copy rate at that latency needs 3.5 TB/s × 2.0 µs / 132 ≈ 53 KB per SM; the floor
-# rounds that up to 64 KB. (An H100's 3.35 TB/s over 132 SMs needs less: H200 decides.)
+# rounds that up to 64 KB. (An H100's 3.35 TB/s over 132 SMs needs less: H200 decides,
+# for sm_80 too, whose A100 would need about 2/3 of it.)
+# What one number leaves out (2026-12-07 review; not yet modelled):
+# - The bytes in flight are loads, but 3.23 and 3.5 TB/s count reads and writes: the
+#   step read 3 bytes for each 2 it wrote, so its loads ran at 0.6 × 3.23 TB/s and their
+#   latency was 3.4 µs. At that latency 85% of the copy rate needs r × 89 KB of loads in
+#   flight per SM for a kernel whose bytes are a fraction r reads: 53 KB at the step's
+#   r = 0.6, but about 89 KB for a read-only pass (GroupNorm statistics, guided_stats,
+#   the backward sums, which pass here at 64-80 KB) and 45 KB for a 1:1 normalise.
+# - loads_issued_together is the longest run anywhere in a function: a wide prologue or
+#   peeled pass before a narrower loop counts the prologue's.
+# - Resident blocks are what registers and shared memory allow; a case whose grid has
+#   fewer programs than 132 × that (GroupNorm's SD-1.5 cases: 640) holds fewer.
+# - cuobjdump's SHARED on sm_90 already holds the 1 KB a block reserves (sm_80's does
+#   not), and occupancy() adds it again; shared memory binds no memory-bound row today.
 IN_FLIGHT_FLOOR = 64 * 1024
 # Memory-bound kernels below the floor (2026-12-05, Triton 3.9, nvcc 13.0), which issue
 # #22's redesigns lift: too few blocks resident (registers) or too few bytes per thread.
@@ -87,13 +101,20 @@ KNOWN_BELOW_FLOOR: set[str] = {
     "group_norm apply+silu nhwc fp16 sm_80",
     "group_norm bwd sums nhwc fp16 sm_80",
     "group_norm bwd sums nhwc fp16 sm_90",
+    # attention backward's Δ = rowsum(dO ∘ O) pass issues 2 of a thread's 8 vectors
+    # together; in bf16 on sm_80, 33 registers leave 12 blocks (48 KB; 16 and 64 KB in fp16
+    # and on sm_90).
+    "attention bwd delta D=64 bf16 sm_80",
 }
 # Kernels below the floor only as another Triton release ("major.minor") compiles them,
 # held under that release as KNOWN_BELOW_FLOOR's entries are under the list's (one now
 # above the floor fails; one naming no kernel fails under any). The GPU image's 3.6 issues
 # 4 of the Triton LayerNorm dx's 6 loads together at the narrow D=72 on sm_90 (56 KB; 3.9:
-# 6, 84 KB).
-KNOWN_BELOW_FLOOR_UNDER: dict[str, set[str]] = {"3.6": {"layer_norm adaLN bwd dx D=72 fp16 sm_90"}}
+# 6, 84 KB), and gives attention's Δ pass 40 registers in fp16 on sm_80 (12 blocks, 48 KB;
+# 3.9: 32, 64 KB).
+KNOWN_BELOW_FLOOR_UNDER: dict[str, set[str]] = {
+    "3.6": {"layer_norm adaLN bwd dx D=72 fp16 sm_90", "attention bwd delta D=64 fp16 sm_80"}
+}
 
 
 SUB_PARTITIONS = 4  # an SM's register file is four files, a warp's registers all in one
