@@ -222,7 +222,7 @@ def _store_output(
     row_ok = rows < Lq
     o = acc / l[:, None]
     tl.store(
-        o_ptr + b * so_b + h * so_h + _at(rows, so_l, LARGE)[:, None] + dims[None, :] * so_d,
+        o_ptr + b * so_b + h * so_h + _at(rows, so_l, LARGE)[:, None] + _at(dims, so_d, LARGE)[None, :],
         o.to(o_ptr.dtype.element_ty),
         mask=row_ok[:, None] & (dims < D)[None, :],
     )
@@ -277,15 +277,19 @@ def _forward_kernel(
     row_ok = rows < Lq
     d_ok = dims < D
     q = tl.load(
-        q_ptr + b * sq_b + h * sq_h + _at(rows, sq_l, LARGE)[:, None] + dims[None, :] * sq_d,
+        q_ptr + b * sq_b + h * sq_h + _at(rows, sq_l, LARGE)[:, None] + _at(dims, sq_d, LARGE)[None, :],
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    k_block = k_ptr + b * sk_b + h * sk_h + tl.arange(0, BLOCK_N)[:, None] * sk_l + dims[None, :] * sk_d
-    v_block = v_ptr + b * sv_b + h * sv_h + tl.arange(0, BLOCK_N)[:, None] * sv_l + dims[None, :] * sv_d
+    k_block = (
+        k_ptr + b * sk_b + h * sk_h + _at(tl.arange(0, BLOCK_N), sk_l, LARGE)[:, None] + _at(dims, sk_d, LARGE)[None, :]
+    )
+    v_block = (
+        v_ptr + b * sv_b + h * sv_h + _at(tl.arange(0, BLOCK_N), sv_l, LARGE)[:, None] + _at(dims, sv_d, LARGE)[None, :]
+    )
     # With EVEN_N (Lk a multiple of BLOCK_N: every self-attention shape of the models here)
     # no key block takes a column mask or a −inf select, and with EVEN_D too their loads
     # are plain, which the pipeliner issues stages ahead. (Peeling the one block that
@@ -402,8 +406,8 @@ def _backward_delta_kernel(
     dims = tl.arange(0, BLOCK_D)
     mask = (rows < Lq)[:, None] & (dims < D)[None, :]
     o_rows, do_rows = _at(rows, so_l, LARGE)[:, None], _at(rows, sdo_l, LARGE)[:, None]
-    o = tl.load(o_ptr + b * so_b + h * so_h + o_rows + dims[None, :] * so_d, mask=mask, other=0.0)
-    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + do_rows + dims[None, :] * sdo_d, mask=mask, other=0.0)
+    o = tl.load(o_ptr + b * so_b + h * so_h + o_rows + _at(dims, so_d, LARGE)[None, :], mask=mask, other=0.0)
+    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + do_rows + _at(dims, sdo_d, LARGE)[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(delta_ptr + bh.to(tl.int64) * Lq + rows, delta, mask=rows < Lq)
 
@@ -474,12 +478,20 @@ def _backward_dkdv_kernel(
     d_ok = dims < D
     kv_mask = col_ok[:, None] & d_ok[None, :]
     k_rows, v_rows = _at(cols, sk_l, LARGE)[:, None], _at(cols, sv_l, LARGE)[:, None]
-    k = tl.load(k_ptr + b * sk_b + h * sk_h + k_rows + dims[None, :] * sk_d, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * sv_b + h * sv_h + v_rows + dims[None, :] * sv_d, mask=kv_mask, other=0.0)
+    k = tl.load(k_ptr + b * sk_b + h * sk_h + k_rows + _at(dims, sk_d, LARGE)[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * sv_b + h * sv_h + v_rows + _at(dims, sv_d, LARGE)[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    q_block = q_ptr + b * sq_b + h * sq_h + tl.arange(0, BLOCK_M)[:, None] * sq_l + dims[None, :] * sq_d
-    do_block = do_ptr + b * sdo_b + h * sdo_h + tl.arange(0, BLOCK_M)[:, None] * sdo_l + dims[None, :] * sdo_d
+    q_block = (
+        q_ptr + b * sq_b + h * sq_h + _at(tl.arange(0, BLOCK_M), sq_l, LARGE)[:, None] + _at(dims, sq_d, LARGE)[None, :]
+    )
+    do_block = (
+        do_ptr
+        + b * sdo_b
+        + h * sdo_h
+        + _at(tl.arange(0, BLOCK_M), sdo_l, LARGE)[:, None]
+        + _at(dims, sdo_d, LARGE)[None, :]
+    )
     for start in range(0, Lq, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < Lq
@@ -567,13 +579,17 @@ def _backward_dq_kernel(
     d_ok = dims < D
     q_mask = row_ok[:, None] & d_ok[None, :]
     q_rows, do_rows = _at(rows, sq_l, LARGE)[:, None], _at(rows, sdo_l, LARGE)[:, None]
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + q_rows + dims[None, :] * sq_d, mask=q_mask, other=0.0)
-    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + do_rows + dims[None, :] * sdo_d, mask=q_mask, other=0.0)
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + q_rows + _at(dims, sq_d, LARGE)[None, :], mask=q_mask, other=0.0)
+    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + do_rows + _at(dims, sdo_d, LARGE)[None, :], mask=q_mask, other=0.0)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    k_block = k_ptr + b * sk_b + h * sk_h + tl.arange(0, BLOCK_N)[:, None] * sk_l + dims[None, :] * sk_d
-    v_block = v_ptr + b * sv_b + h * sv_h + tl.arange(0, BLOCK_N)[:, None] * sv_l + dims[None, :] * sv_d
+    k_block = (
+        k_ptr + b * sk_b + h * sk_h + _at(tl.arange(0, BLOCK_N), sk_l, LARGE)[:, None] + _at(dims, sk_d, LARGE)[None, :]
+    )
+    v_block = (
+        v_ptr + b * sv_b + h * sv_h + _at(tl.arange(0, BLOCK_N), sv_l, LARGE)[:, None] + _at(dims, sv_d, LARGE)[None, :]
+    )
     for start in range(0, Lk, BLOCK_N):
         col_ok = start + tl.arange(0, BLOCK_N) < Lk
         k = _rows_block(k_block + _at(start, sk_l, LARGE), Lk - start, d_ok, BLOCK_N, EVEN_N, EVEN_D)

@@ -264,7 +264,7 @@ def test_the_large_launch_form_computes_the_same(backend, device, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_attention_gpu_past_the_grid_and_int32_limits():
+def test_attention_gpu_past_the_grid_and_int32_limits(monkeypatch):
     # batch·heads = 65536 programs a tile (AnimateDiff's temporal attention at 512², CFG
     # batch 2: 8192 sequences of 16 frames × 8 heads), past CUDA's 65535 on grid axis 1;
     # and a row stride whose (L − 1)·stride passes 2^31 elements (a 4 GiB view).
@@ -289,6 +289,22 @@ def test_attention_gpu_past_the_grid_and_int32_limits():
     assert_close(
         out, explicit_attention(wide.double(), keys.double(), values.double(), 64**-0.5), ATTENTION, torch.float16
     )
+    # The same view as keys and values, on the pointer kernels (the TMA forward copies no
+    # strides): a block's row offsets i·stride, i < BLOCK_N, passed 2^31 in int32 and read
+    # row 2 from a wrapped address; the backward's dq kernel reads k and v so too.
+    from fastguide.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "tma_mode", "off")
+    queries = torch.randn(1, 1, 5, 64, generator=torch.Generator().manual_seed(5)).to("cuda", torch.float16)
+    queries.requires_grad_()
+    with fastguide.backend("triton"):
+        out = ops.attention(queries, wide, wide)
+        (dq,) = torch.autograd.grad(out, queries, torch.ones_like(out))
+    qd = queries.detach().double().requires_grad_()
+    expected = explicit_attention(qd, wide.double(), wide.double(), 64**-0.5)
+    assert_close(out, expected, ATTENTION, torch.float16)
+    (wanted,) = torch.autograd.grad(expected, qd, torch.ones_like(expected))
+    assert_close(dq, wanted, ATTENTION, torch.float16)
 
 
 @pytest.fixture
