@@ -242,7 +242,10 @@ def _fused_resnet_block_forward(self, input_tensor: Tensor, temb: Tensor | None,
     if self.time_embedding_norm == "scale_shift":
         assert temb is not None  # (it has a time_emb_proj: _check_diffusers_resnet)
         scale, shift = temb.chunk(2, dim=1)
-        h = self.norm2(h, scale=scale, shift=shift, activation="silu")
+        if scale.shape[0] == h.shape[0]:
+            h = self.norm2(h, scale=scale, shift=shift, activation="silu")
+        else:  # a time embedding of another batch: diffusers broadcasts it, the fused norm takes one per sample
+            h = F.silu(self.norm2(h) * (1 + scale) + shift)
     else:
         if self.time_embedding_norm == "default" and temb is not None:
             h = h + temb
@@ -290,17 +293,20 @@ class FastguideAttnProcessor:
     norm_q/norm_k apply as AttnProcessor2_0 applies them (AttnProcessor ignores them).
     Calls it cannot run the same way (an attention mask, spatial_norm, an unsupported
     head_dim, a context whose batch is not the hidden states': diffusers raises or
-    broadcasts there, never mixes samples) go to ``fallback``, the processor it replaced.
+    broadcasts there, never mixes samples; an empty sequence; diffusers' layer skipping
+    of attention scores, which intercepts scaled_dot_product_attention) go to
+    ``fallback``, the processor it replaced.
     """
 
     def __init__(self, fallback: Any = None):
-        if fallback is None:  # diffusers' loaders rebuild a processor by its class, type(processor)()
-            from diffusers.models.attention_processor import AttnProcessor2_0
-
-            fallback = AttnProcessor2_0()  # diffusers' own default
+        # None: built by class, as diffusers' loaders rebuild a processor (type(processor)());
+        # each layer then takes the processor diffusers' Attention picks by default (_fallback).
         self.fallback = fallback
-        self.sdpa_scale = type(fallback).__name__ == "AttnProcessor2_0"
-        self.qk_norm = type(fallback).__name__ != "AttnProcessor"
+
+    def _fallback(self, attn) -> Any:
+        """The processor this one stands in for: the one it replaced, else the one diffusers'
+        Attention would pick (AttnProcessor2_0, or AttnProcessor where scale_qk is off)."""
+        return self.fallback if self.fallback is not None else _diffusers_default(getattr(attn, "scale_qk", True))
 
     def __call__(
         self,
@@ -313,14 +319,21 @@ class FastguideAttnProcessor:
         **kwargs,
     ) -> Tensor:
         head_dim = attn.inner_dim // attn.heads if hasattr(attn, "inner_dim") else None
+        fallback = self._fallback(attn)
         if (
             attention_mask is not None
             or attn.spatial_norm is not None
             or head_dim is None
             or _head_dim_problem(head_dim)
-            or (encoder_hidden_states is not None and encoder_hidden_states.shape[0] != hidden_states.shape[0])
+            or hidden_states.numel() == 0
+            or (
+                encoder_hidden_states is not None
+                and (encoder_hidden_states.shape[0] != hidden_states.shape[0] or encoder_hidden_states.numel() == 0)
+            )
+            or _skipping_attention_scores()
         ):
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            return fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        name = type(fallback).__name__
         hidden_states, leave = enter_tokens(attn, hidden_states, residual=hidden_states)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
@@ -328,14 +341,46 @@ class FastguideAttnProcessor:
         batch = hidden_states.shape[0]
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
         q, k, v = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))
-        if self.qk_norm:
+        if name != "AttnProcessor":  # (AttnProcessor ignores norm_q and norm_k)
             if attn.norm_q is not None:
                 q = attn.norm_q(q)
             if attn.norm_k is not None:
                 k = attn.norm_k(k)
-        out = ops.attention(q, k, v, scale=None if self.sdpa_scale else attn.scale)
+        # (AttnProcessor2_0's scaled_dot_product_attention ignores attn.scale)
+        out = ops.attention(q, k, v, scale=None if name == "AttnProcessor2_0" else attn.scale)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(q.dtype)
         return leave(attn.to_out[1](attn.to_out[0](out)))
+
+
+@functools.cache
+def _diffusers_default(scale_qk: bool) -> Any:
+    """The processor diffusers' Attention picks by default (stateless, so one is shared)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    return AttnProcessor2_0() if scale_qk else AttnProcessor()
+
+
+def _skipping_attention_scores() -> bool:
+    """Whether diffusers' layer skipping with skip_attention_scores (PAG's, skip-layer
+    guidance's) is on: it swaps F.scaled_dot_product_attention's result for v inside a
+    TorchFunctionMode, and ops.attention makes no such call, so the call goes to the
+    processor that does."""
+    if not torch._C._is_torch_function_mode_enabled():
+        return False
+    stack = torch.overrides._get_current_function_mode_stack()
+    return any(type(mode).__name__ == "AttentionScoreSkipFunctionMode" for mode in stack)
+
+
+def _register_for_layer_skipping() -> None:
+    """diffusers' layer skipping looks each processor's skip function up by its class:
+    fastguide's takes AttnProcessor2_0's (the block's input returned, for skip_attention).
+    (diffusers releases without these hooks have nothing to register with.)"""
+    try:
+        from diffusers.hooks._helpers import AttentionProcessorRegistry
+        from diffusers.models.attention_processor import AttnProcessor2_0
+    except ImportError:
+        return
+    AttentionProcessorRegistry.register(FastguideAttnProcessor, AttentionProcessorRegistry.get(AttnProcessor2_0))
 
 
 def _is_diffusers_attention(m: nn.Module) -> bool:
@@ -372,6 +417,7 @@ def _check_diffusers_attention(m: Any) -> str | Callable[[], None]:  # a diffuse
         return reason
 
     def swap() -> None:
+        _register_for_layer_skipping()
         m.set_processor(FastguideAttnProcessor(processor))
 
     return swap

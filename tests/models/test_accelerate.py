@@ -342,6 +342,52 @@ def test_a_processor_rebuilt_by_its_class_as_diffusers_loaders_do_runs_as_diffus
     assert_close(run(attn, x4, encoder_hidden_states=text), expected, ATTENTION, torch.float32)
 
 
+def test_a_processor_rebuilt_by_its_class_takes_the_processor_diffusers_would_pick():
+    # scale_qk=False (diffusers' T5FilmDecoder): diffusers' Attention runs AttnProcessor,
+    # with attn.scale; rebuilt by class, fastguide's processor ran AttnProcessor2_0's math
+    # (head_dim^-1/2): 0.43 off
+    attn = randomize(ap.Attention(32, heads=2, dim_head=16, scale_qk=False), seed=5).eval()
+    accelerated = fastguide.accelerate(copy.deepcopy(attn))
+    for module in (attn, accelerated):
+        module.set_processor(type(module.processor)())
+    tokens = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(3))
+    assert_close(run(accelerated, tokens), run(attn, tokens), ATTENTION, torch.float32)
+
+
+def test_accelerate_empty_sequences_go_to_the_replaced_processor():
+    attn = randomize(ap.Attention(32, cross_attention_dim=24, heads=2, dim_head=16), seed=4).eval()
+    tokens = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(3))
+    calls = [(tokens, text[:, :0]), (tokens[:, :0], text)]
+    expected = [run(attn, hidden, encoder_hidden_states=context) for hidden, context in calls]
+    fastguide.accelerate(attn)
+    for (hidden, context), want in zip(calls, expected):
+        got = run(attn, hidden, encoder_hidden_states=context)
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("scores", [False, True], ids=["skip_attention", "skip_attention_scores"])
+def test_diffusers_layer_skipping_on_an_accelerated_transformer(scores):
+    # diffusers' skip hooks look the processor's skip function up by its class (fastguide's
+    # was not registered: ValueError), and skip_attention_scores swaps
+    # scaled_dot_product_attention's result inside a TorchFunctionMode, which ops.attention
+    # does not call: such a call goes to the replaced processor.
+    hooks = pytest.importorskip("diffusers.hooks")
+    from tests.models.test_perturbation import pixart_inputs, tiny_pixart
+
+    model = tiny_pixart()
+    accelerated = fastguide.accelerate(copy.deepcopy(model))
+    assert accelerated.fastguide_accelerated["diffusers Attention"] == 4
+    config = dict(indices=[1], fqn="transformer_blocks", skip_ff=False)
+    config |= dict(skip_attention=False, skip_attention_scores=True) if scores else dict(skip_attention=True)
+    inputs = pixart_inputs(2)
+    plain = run(model, **inputs).sample
+    for network in (model, accelerated):
+        hooks.apply_layer_skip(network, hooks.LayerSkipConfig(**config))
+    expected = run(model, **inputs).sample
+    assert not torch.allclose(expected, plain, atol=1e-3)  # the skip changes the output
+    assert_close(run(accelerated, **inputs).sample, expected, ATTENTION, torch.float32)
+
+
 def test_accelerate_leaves_modules_with_diffusers_hooks_alone():
     # diffusers' HookRegistry (group offloading, layer skipping, caches) wraps an instance's
     # forward: a GroupNorm or an Attention swapped under it lost the hook, silently (layer
@@ -684,6 +730,22 @@ def test_a_resnet_without_its_time_embedding_is_named(time_embedding_norm):
     plain = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=None, groups=4)
     fastguide.accelerate(plain)
     assert plain(torch.randn(1, 8, 4, 4), None).shape == (1, 8, 4, 4)  # no embedding to give
+
+
+def test_a_scale_shift_resnet_broadcasts_a_time_embedding_of_another_batch():
+    # diffusers broadcasts temb (batch 1) over x's batch, and x (batch 1) over temb's; the
+    # fused norm takes one scale and shift per sample and refused both
+    from diffusers.models.resnet import ResnetBlock2D
+
+    block = randomize(
+        ResnetBlock2D(in_channels=32, out_channels=32, temb_channels=16, groups=8, time_embedding_norm="scale_shift"),
+        seed=3,
+    ).eval()
+    accelerated = fastguide.accelerate(copy.deepcopy(block))
+    g = torch.Generator().manual_seed(0)
+    for x_rows, temb_rows in ((2, 1), (1, 2)):
+        x, temb = torch.randn(x_rows, 32, 4, 4, generator=g), torch.randn(temb_rows, 16, generator=g)
+        assert_close(run(accelerated, x, temb), run(block, x, temb), ATTENTION, torch.float32)
 
 
 def test_accelerate_report_lists_swapped_and_left_alone(caplog):
