@@ -138,9 +138,12 @@ def _step_generator(
     generator: torch.Generator | list[torch.Generator] | None, draws_noise: bool, sampler: str
 ) -> torch.Generator | None:
     """The generator the loop draws each step's noise from: none when the sampler draws none
-    (the latents come from the pipeline), refused when a list would have to give it."""
+    (the latents come from the pipeline), refused when a list of several would have to give
+    it (a list of one is its generator, as diffusers' randn_tensor takes it)."""
     if not draws_noise:
         return None
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:
+        return generator[0]
     if isinstance(generator, (list, tuple)):
         raise Unsupported(
             f"a list of generators with sampler {sampler!r}, which draws noise: fastguide draws each "

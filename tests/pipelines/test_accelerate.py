@@ -576,6 +576,22 @@ def test_edge_calls_give_the_originals_latents(case, make, call):
     torch.testing.assert_close(got, expected, atol=2e-5 * expected.abs().max().item(), rtol=0)
 
 
+def test_a_list_of_one_generator_is_that_generator_for_a_noise_drawing_sampler():
+    # diffusers' randn_tensor takes [g] as g; the call fell back ("a list of generators")
+    original = stable_diffusion(diffusers.EulerAncestralDiscreteScheduler(**SD_BETAS))
+    call = {**SD_CALL, "prompt_embeds": SD_CALL["prompt_embeds"][:1]}
+    call["negative_prompt_embeds"] = SD_CALL["negative_prompt_embeds"][:1]
+    call["latents"] = SD_CALL["latents"][:1]
+    expected_generator = torch.Generator().manual_seed(3)
+    expected = original(**call, generator=[expected_generator]).images
+    accelerated = fastguide.accelerate(copy.deepcopy(original))
+    generator = torch.Generator().manual_seed(3)
+    got = accelerated(**call, generator=[generator]).images
+    assert accelerated.fastguide_fallback is None
+    torch.testing.assert_close(got, expected, atol=2e-5 * expected.abs().max().item(), rtol=0)
+    assert torch.equal(generator.get_state(), expected_generator.get_state())
+
+
 def test_calls_and_classes_no_recipe_follows_are_left_to_diffusers():
     pixart_alpha = pixart("PixArtAlphaPipeline")
     pixart_alpha.scheduler = diffusers.DDIMScheduler()  # its step returns the x0 diffusers takes at one step
