@@ -37,8 +37,9 @@ one shape, whatever their prompts, so the data-dependent decisions it holds (a
 ``FirstBlockCache``'s reuse, truncated CFG's stop) are then those of the first call's
 warm-up run: a fixed schedule calibrated on that call. A change to the denoiser that
 leaves its weights where they are (``fuse_lora()``, ``set_adapters``, another attention
-processor) is not seen by a replay: call ``accelerate`` again to drop the captures. A
-denoiser under CPU offloading (``enable_model_cpu_offload``) is not captured.
+processor) is not seen by a replay: call ``accelerate`` again, with the same options, to
+drop the captures. A denoiser with a hook that acts at each forward (CPU offloading,
+diffusers' caches) runs fastguide's loop without graphs, with a warning.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from torch import Tensor, nn
 from ..models.accelerate import accelerate as accelerate_module
 from ..models.block_cache import BlockCacheSettings, FirstBlockCache, ForecastCache, check_cacheable
 from ..sampling.guidance import Guidance
-from ..sampling.loop import GuidedSampler
+from ..sampling.loop import GuidedSampler, per_forward_hook
 from ..sampling.schedule import SPACINGS, NoiseSchedule
 from ..sampling.solvers import FLOAT32_NOISE_SAMPLERS, SAMPLERS
 from . import recipes
@@ -274,16 +275,25 @@ def _denoise(pipe, denoising: recipes.Denoising) -> Tensor:
         id(denoising.denoiser.network),
         denoising.guidance,
     )
-    sampler = pipe._fastguide_samplers.get(key)
+    graphs = options.cuda_graph
+    hooked = per_forward_hook(denoising.denoiser) if graphs else None
+    if hooked:  # (CPU offloading, diffusers' caches): the loop runs, without graphs
+        warnings.warn(
+            f"fastguide: cuda_graph=True not applied: {hooked} runs at each forward, which a graph's replay "
+            "does not; this call runs fastguide's loop without graphs",
+            stacklevel=3,
+        )
+        graphs = False
+    sampler = pipe._fastguide_samplers.get(key) if graphs else None
     if sampler is None:
         sampler = GuidedSampler(
             denoising.denoiser,
             guidance=denoising.guidance,
-            cuda_graph=options.cuda_graph,
+            cuda_graph=graphs,
             cache=options.cache,
             **settings,
         )
-        if options.cuda_graph:  # graphs are worth keeping only when captured
+        if graphs:  # graphs are worth keeping only when captured
             pipe._fastguide_samplers = {key: sampler}
     progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
     latents = sampler(

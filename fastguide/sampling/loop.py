@@ -147,7 +147,8 @@ class GuidedSampler:
     ``model.half().float()``) drop every capture, as does ``clear_cuda_graphs()``, which
     a change that leaves the weights in place but changes the forward (fused LoRA,
     another attention processor, hooks) needs. Classifier guidance (autograd through
-    the classifier) and networks moved by an offloading hook are not captured.
+    the classifier) and networks with a hook that acts at each forward (offloading, a
+    diffusers cache: ``per_forward_hook``) are not captured.
     See ``fastguide.sample`` for the arguments.
     """
 
@@ -1127,12 +1128,11 @@ class GuidedSampler:
             self._graph_weights = weights
         caller = generator if generator is not None else cuda_graphs.default_generator(device)
         if key not in self._graphs:
-            offloaded = [module for module in modules if _offloaded(module)]
-            if offloaded:
+            hooked = next(filter(None, map(per_forward_hook, modules)), None)
+            if hooked:
                 raise ValueError(
-                    f"cuda_graph=True cannot replay {type(offloaded[0]).__name__}: an offloading hook (accelerate's "
-                    "or diffusers' CPU offload) moves its weights at each forward, which a replay does not run, so "
-                    "it would read freed memory: use cuda_graph=False, or keep the model on the GPU"
+                    f"cuda_graph=True cannot replay {hooked}: it runs at each forward (offloading weights, a cache's "
+                    "decision, a cast), which a replay does not: use cuda_graph=False, or remove the hook"
                 )
             if len(self._graphs) >= self.MAX_CAPTURES:
                 # the least recently used goes (its buffers and graph memory) before a new one is made
@@ -1404,6 +1404,27 @@ def _offloaded(network: object) -> bool:
     leaf-level group offloading hooks the leaves alone). Walked only when the devices differ."""
     modules = network.modules() if isinstance(network, nn.Module) else ()
     return any(hasattr(module, "_hf_hook") or hasattr(module, "_diffusers_hook") for module in modules)
+
+
+# diffusers hooks that do the same at every forward (layer skipping), which a replay
+# repeats as captured
+GRAPH_SAFE_HOOKS = frozenset({"AttentionProcessorSkipHook", "FeedForwardSkipHook", "TransformerBlockSkipHook"})
+
+
+def per_forward_hook(network: object) -> str | None:
+    """The first hook in ``network`` that acts at each forward on what it finds (accelerate's
+    offloading hooks; diffusers' offloading, caching and casting hooks), as "<hook> on
+    <module>", or None. Such a hook runs in Python, which a CUDA-graph replay does not."""
+    if not isinstance(network, nn.Module):
+        return None
+    for name, module in network.named_modules():
+        where = f"{name or 'the network'} ({type(module).__name__})"
+        if hasattr(module, "_hf_hook"):
+            return f"accelerate's {type(module._hf_hook).__name__} on {where}"
+        for hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).values():
+            if type(hook).__name__ not in GRAPH_SAFE_HOOKS:
+                return f"diffusers' {type(hook).__name__} on {where}"
+    return None
 
 
 def _random_in_training(network: object) -> str:

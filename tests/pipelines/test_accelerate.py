@@ -592,6 +592,27 @@ def test_a_list_of_one_generator_is_that_generator_for_a_noise_drawing_sampler()
     assert torch.equal(generator.get_state(), expected_generator.get_state())
 
 
+def test_a_hooked_denoiser_runs_the_loop_without_graphs():
+    # A hook that acts at each forward (CPU offloading, diffusers' caches) never runs in a
+    # replay: cuda_graph=True is not applied, with a warning (on CPU, where graphs cannot
+    # run, the call would refuse them otherwise).
+    hooks = pytest.importorskip("diffusers.hooks")
+
+    class Offloading(hooks.ModelHook):
+        pass
+
+    original = stable_diffusion(SD_SCHEDULERS["ddim"]())
+    expected = original(**SD_CALL).images
+    accelerated = fastguide.accelerate(copy.deepcopy(original), cuda_graph=True)
+    hooks.HookRegistry.check_if_exists_or_initialize(accelerated.unet.down_blocks[0]).register_hook(
+        Offloading(), "offload"
+    )
+    with pytest.warns(UserWarning, match="cuda_graph=True not applied: diffusers' Offloading on"):
+        got = accelerated(**SD_CALL).images
+    assert accelerated.fastguide_fallback is None
+    torch.testing.assert_close(got, expected, atol=2e-5 * expected.abs().max().item(), rtol=0)
+
+
 def test_calls_and_classes_no_recipe_follows_are_left_to_diffusers():
     pixart_alpha = pixart("PixArtAlphaPipeline")
     pixart_alpha.scheduler = diffusers.DDIMScheduler()  # its step returns the x0 diffusers takes at one step

@@ -1636,7 +1636,7 @@ def test_a_graphed_opaque_callable_is_warned_about_and_captures_drop_on_request(
     assert len(cpu_graphs) == 2 * captures
 
 
-def test_a_graphed_loop_is_captured_per_backend_and_never_with_offloaded_weights(cpu_graphs):
+def test_a_graphed_loop_is_captured_per_backend_and_never_with_per_forward_hooks(cpu_graphs):
     model = tiny_cfg_unet()
     sampler = GuidedSampler(model, sampler="ddim", steps=2, guidance=CFG(3.0), cuda_graph=True)
     draw = lambda: sampler((2, 3, 8, 8), labels=torch.tensor([0, 3]))  # noqa: E731
@@ -1644,11 +1644,29 @@ def test_a_graphed_loop_is_captured_per_backend_and_never_with_offloaded_weights
     with fastguide.backend("torch"):  # the kernels chosen are baked into a capture
         draw()
     assert len(sampler._graphs) == 2
-    # A replay runs no Python, so an offloading hook never moves the weights back: refused.
+    # A replay runs no Python, so an offloading hook never moves the weights back, and a
+    # cache's decisions stay the capture's: refused. Layer skipping does the same at every
+    # forward: captured.
+    hooks = pytest.importorskip("diffusers.hooks")
+
+    class Offloading(hooks.ModelHook):
+        pass
+
+    class AttentionProcessorSkipHook(hooks.ModelHook):  # (named as diffusers' layer-skip hook)
+        pass
+
+    block = model.input_blocks[1]
+    hooks.HookRegistry.check_if_exists_or_initialize(block).register_hook(AttentionProcessorSkipHook(), "skip")
     sampler.clear_cuda_graphs()
-    model.input_blocks[0]._hf_hook = object()
-    with pytest.raises(ValueError, match="cuda_graph=True cannot replay .*offloading hook"):
+    draw()
+    hooks.HookRegistry.check_if_exists_or_initialize(block).register_hook(Offloading(), "offload")
+    sampler.clear_cuda_graphs()
+    with pytest.raises(ValueError, match=r"cuda_graph=True cannot replay diffusers' Offloading on input_blocks.1"):
         draw()
+    sampler = GuidedSampler(tiny_cfg_unet(), sampler="ddim", steps=2, guidance=CFG(3.0), cuda_graph=True)
+    sampler.model.input_blocks[0]._hf_hook = object()
+    with pytest.raises(ValueError, match="cuda_graph=True cannot replay accelerate's object on input_blocks.0"):
+        sampler((2, 3, 8, 8), labels=torch.tensor([0, 3]))
 
 
 def test_a_loop_captured_under_inference_mode_replays_outside_it(cpu_graphs):
