@@ -44,7 +44,7 @@ class Denoising:
     uncond: dict | None
     guidance: Guidance | None
     sampling: dict  # GuidedSampler's sampler settings
-    generator: object
+    generator: torch.Generator | None  # the steps' noise (None for a sampler that draws none)
     finish: Callable[[Tensor], object]  # the final latents -> the pipeline's output
     labels: Tensor | None = None  # class labels, the denoiser's third argument
     # N(0, I) tensors diffusers' loop draws from ``generator``: the draws fastguide's loop
