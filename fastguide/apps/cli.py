@@ -322,12 +322,20 @@ JOIN_TIMEOUT = datetime.timedelta(minutes=5)
 GATHER_TIMEOUT = datetime.timedelta(days=7)
 
 
+def torchrun_world_size() -> int:
+    """torchrun's WORLD_SIZE (1 where it is not set)."""
+    raw = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise UsageError("WORLD_SIZE", f"must be a positive integer (torchrun sets it), got {raw!r}")
+    return int(raw)
+
+
 def _distributed(device: torch.device) -> tuple[int, int, torch.device, Any]:
     """(rank, world size, device, gather group) under torchrun (WORLD_SIZE > 1; else rank
     0 of 1 and no group). The ranks exchange nothing but the finished samples, uint8 on the
     host, so one gloo group serves CPU and GPU runs (under NCCL, gather_object would stage
     every rank's share on rank 0's GPU). On CUDA each rank samples on cuda:LOCAL_RANK."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = torchrun_world_size()
     if world_size == 1:
         return 0, 1, device, None
     import torch.distributed as dist
@@ -342,14 +350,17 @@ def _distributed(device: torch.device) -> tuple[int, int, torch.device, Any]:
             )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    # the rendezvous's store timing out: no other rank came, or none could be reached
+    unjoined = tuple(getattr(dist, name, RuntimeError) for name in ("DistStoreError", "DistNetworkError"))
     try:
         dist.init_process_group("gloo", timeout=JOIN_TIMEOUT)
-    except (RuntimeError, ValueError) as error:  # (torch raises DistStoreError, a RuntimeError, on a timeout)
+    except unjoined as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(
             "WORLD_SIZE",
-            f"is {world_size} in the environment, but the other ranks did not join ({reason}): start 'fastguide "
-            "sample' under torchrun, or unset WORLD_SIZE (a process started by a torchrun job inherits it)",
+            f"is {world_size} in the environment, but the ranks did not meet at MASTER_ADDR:MASTER_PORT ({reason}): "
+            "start 'fastguide sample' under torchrun, or unset WORLD_SIZE (a process started by a torchrun job "
+            "inherits it); across nodes, gloo may need GLOO_SOCKET_IFNAME set to the network interface",
         ) from error
     return dist.get_rank(), world_size, device, dist.new_group(backend="gloo", timeout=GATHER_TIMEOUT)
 
@@ -1110,10 +1121,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; bad input raises SystemExit(2) after one line on stderr."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command != "sample" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    try:
+        world_size = torchrun_world_size()
+    except UsageError as error:
+        fail(str(error))
+    if args.command != "sample" and world_size > 1:
         # (sample splits its batches over the ranks; the others would each do all the work)
         fail(
-            f"{args.command}: runs in one process, but WORLD_SIZE is {os.environ['WORLD_SIZE']} (torchrun): "
+            f"{args.command}: runs in one process, but WORLD_SIZE is {world_size} (torchrun): "
             "under torchrun every rank would repeat the whole job and write the same files"
         )
     if args.command == "bench":

@@ -611,10 +611,17 @@ def test_torchrun_ranks_join_briefly_and_gather_without_a_deadline(monkeypatch):
     assert join["timeout"] <= datetime.timedelta(minutes=10) <= datetime.timedelta(days=1) <= gather["timeout"]
 
     def no_peers(backend, **kw):
-        raise RuntimeError("Timed out after 300 seconds waiting for clients. 1/2 clients joined.")
+        raise dist.DistStoreError("Timed out after 300 seconds waiting for clients. 1/2 clients joined.")
 
     monkeypatch.setattr(dist, "init_process_group", no_peers)
-    with pytest.raises(cli.UsageError, match="WORLD_SIZE: is 2 in the environment, but the other ranks did not join"):
+    with pytest.raises(cli.UsageError, match="WORLD_SIZE: is 2 in the environment, but the ranks did not meet"):
+        cli._distributed(torch.device("cpu"))
+
+    def gloo_failed(backend, **kw):  # another failure keeps its own message
+        raise RuntimeError("Gloo connectFullMesh failed")
+
+    monkeypatch.setattr(dist, "init_process_group", gloo_failed)
+    with pytest.raises(RuntimeError, match="connectFullMesh"):
         cli._distributed(torch.device("cpu"))
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -628,6 +635,8 @@ def test_one_process_commands_refuse_torchrun(command, monkeypatch, capsys, tmp_
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.chdir(tmp_path)
     fails_with(capsys, tmp_path, [command], f"{command}: runs in one process, but WORLD_SIZE is 2")
+    monkeypatch.setenv("WORLD_SIZE", "two")  # (int() raised its own ValueError)
+    fails_with(capsys, tmp_path, [command], "WORLD_SIZE: must be a positive integer (torchrun sets it), got 'two'")
 
 
 @pytest.mark.slow
