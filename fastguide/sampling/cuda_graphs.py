@@ -11,8 +11,10 @@ its own kernel launches inside the graph.
 from __future__ import annotations
 
 import contextlib
+import dis
 import functools
 import itertools
+import numbers
 import types
 from collections.abc import Callable, Iterable, Iterator
 
@@ -56,25 +58,76 @@ def side_stream(device: torch.device) -> Iterator[None]:
         current.wait_stream(side)
 
 
-def modules_called(network: object) -> tuple[list[torch.nn.Module], bool]:
+def modules_called(network: object, depth: int = 3) -> tuple[list[torch.nn.Module], bool]:
     """The modules whose weights a call of ``network`` reads, as far as they can be seen,
-    and whether ``network`` is opaque (a callable object other than these, whose weights
-    cannot be seen): a module itself; a bound method's object; a functools.partial's
-    function and arguments; a function's closure cells and the globals it names (the
-    usual ``lambda x, t, y: unet(x, t, y)``)."""
-    if network is None or isinstance(network, torch.nn.Module):
-        return ([network] if network is not None else []), False
+    and whether some of them cannot be: a module itself; a bound method's object; a
+    functools.partial's function and arguments; a function's closure cells and the globals
+    its code loads (the usual ``lambda x, t, y: unet(x, t, y)``), the functions among them
+    followed ``depth`` calls deep and lists, tuples and dicts among them looked into. An
+    object of another kind (``lambda ...: wrapper.model(...)`` for a wrapper that is no
+    module) hides what it holds: opaque."""
+    if network is None:
+        return [], False
+    if isinstance(network, torch.nn.Module):
+        return [network], False
     if isinstance(network, types.MethodType):
-        return modules_called(network.__self__)
+        return modules_called(network.__self__, depth)
     if isinstance(network, functools.partial):
-        found, opaque = modules_called(network.func)
-        arguments = [*network.args, *network.keywords.values()]
-        return found + [a for a in arguments if isinstance(a, torch.nn.Module)], opaque
-    if isinstance(network, types.FunctionType):
+        values = [network.func, *network.args, *network.keywords.values()]
+    elif isinstance(network, types.FunctionType):
         cells = [cell.cell_contents for cell in network.__closure__ or () if _filled(cell)]
-        named = [network.__globals__.get(name) for name in network.__code__.co_names]
-        return [v for v in (*cells, *named) if isinstance(v, torch.nn.Module)], False
-    return [], True
+        named = network.__globals__
+        values = cells + [named[name] for name in _globals_loaded(network.__code__) if name in named]
+    else:
+        return [], True
+    found: list[torch.nn.Module] = []
+    opaque = False
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            value_found = [item for item in value if isinstance(item, torch.nn.Module)]
+            value_opaque = False
+        elif isinstance(value, dict):
+            value_found = [item for item in value.values() if isinstance(item, torch.nn.Module)]
+            value_opaque = False
+        elif isinstance(value, (types.FunctionType, types.MethodType, functools.partial)):
+            if depth == 0:
+                continue
+            value_found, value_opaque = modules_called(value, depth - 1)
+        elif isinstance(value, torch.nn.Module):
+            value_found, value_opaque = [value], False
+        elif isinstance(value, _TRANSPARENT):
+            continue
+        else:
+            value_found, value_opaque = [], True
+        found += value_found
+        opaque = opaque or value_opaque
+    return found, opaque
+
+
+# What a function may name that holds no module: Python modules, classes, builtins, values.
+_TRANSPARENT = (
+    types.ModuleType,
+    type,
+    types.BuiltinFunctionType,
+    torch.Tensor,
+    numbers.Number,
+    str,
+    bytes,
+    type(None),
+    torch.dtype,
+    torch.device,
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _globals_loaded(code: types.CodeType) -> tuple[str, ...]:
+    """The global names ``code`` and the functions defined in it load (co_names holds
+    attribute names too: ``h.model`` names "model")."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            names.update(_globals_loaded(constant))
+    return tuple(sorted(names))
 
 
 def _filled(cell: types.CellType) -> bool:

@@ -1096,8 +1096,9 @@ class GuidedSampler:
                 self._warned_opaque = True
                 warnings.warn(
                     f"cuda_graph=True: {who} is a {type(network).__name__}, whose weights fastguide cannot see "
-                    "(not an nn.Module, a method of one, a partial or a function naming one): a replay reads them "
-                    "where they were at capture; after moving or replacing them, call clear_cuda_graphs()",
+                    "all (modules are followed through methods, partials, functions' closures and globals, lists "
+                    "and dicts, not through other objects): a replay reads them where they were at capture; after "
+                    "moving or replacing them, call clear_cuda_graphs()",
                     stacklevel=4,
                 )
         return modules

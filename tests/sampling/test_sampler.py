@@ -1603,7 +1603,14 @@ def test_a_graphed_wrapper_function_tracks_the_module_it_calls(cpu_graphs):
     # A function or method calling a module (the usual lambda) had no weights tracked: a
     # dtype round trip of the wrapped model replayed the old addresses.
     model = tiny_cfg_unet()
-    for wrapped in (lambda x, t, y: model(x, t, y), model.forward, functools.partial(model.forward)):
+
+    def helper(x, t, y):
+        return model(x, t, y)
+
+    def calls_helper(x, t, y):  # (a module two calls deep)
+        return helper(x, t, y)
+
+    for wrapped in (lambda x, t, y: model(x, t, y), model.forward, functools.partial(model.forward), calls_helper):
         sampler = GuidedSampler(wrapped, sampler="ddim", steps=2, guidance=CFG(3.0), null_label=4, cuda_graph=True)
         sampler((2, 3, 8, 8), labels=torch.tensor([0, 3]))
         captures = len(cpu_graphs)
@@ -1634,6 +1641,12 @@ def test_a_graphed_opaque_callable_is_warned_about_and_captures_drop_on_request(
     sampler.clear_cuda_graphs()
     sampler((2, 3, 8, 8), labels=torch.tensor([0, 3]))
     assert len(cpu_graphs) == 2 * captures
+    holder = Wrapper(tiny_cfg_unet())  # a function reaching a module through such an object
+    settings = dict(sampler="ddim", steps=2, guidance=CFG(3.0), null_label=4, cuda_graph=True)
+    reaching = GuidedSampler(lambda x, t, y: holder.network(x, t, y), **settings)
+    with pytest.warns(UserWarning, match="model is a function, whose weights fastguide cannot see"):
+        reaching((2, 3, 8, 8), labels=torch.tensor([0, 3]))
+    assert cuda_graphs.modules_called(reaching.model) == ([], True)
 
 
 def test_a_graphed_loop_is_captured_per_backend_and_never_with_per_forward_hooks(cpu_graphs):
