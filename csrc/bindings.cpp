@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <initializer_list>
 #include <vector>
@@ -139,7 +140,10 @@ std::optional<at::Tensor> guided_step(
   const int64_t batch = x.size(0), channels = x.size(1);
   const bool guided = combine_scalars.has_value();
   const CombineScalars combine = guided ? scalars_from<CombineScalars>(*combine_scalars, "combine") : CombineScalars{};
-  const bool perturbed = guided && combine.perturbed_scale != 0.0f;
+  // [c; u; p] rows wherever the caller's (double) scale is nonzero, as fastguide.ops checks
+  // them: one below float32's range runs the kernel unperturbed on the same rows.
+  constexpr size_t kPerturbedScale = offsetof(CombineScalars, perturbed_scale) / sizeof(float);
+  const bool perturbed = guided && (*combine_scalars)[kPerturbedScale] != 0.0;
   const int64_t rows = perturbed ? 3 * batch : guided && !guide.has_value() ? 2 * batch : batch;
   check_rows_channels(x, model_output, "model_output", {rows}, {channels, 2 * channels});
   check_rows_channels(x, guide, "guide", {batch}, {channels, model_output.size(1)});

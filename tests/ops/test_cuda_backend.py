@@ -352,6 +352,17 @@ def test_bindings_refuse_what_their_kernels_cannot_index(host_harness):
         host_harness.group_norm_backward(y, x, None, None, None, None, mean[:1], rstd[:1], 2, False)
 
 
+def test_a_perturbed_scale_below_float32s_range_runs_unperturbed(cuda_backend_on_cpu):
+    # fastguide.ops takes [c; u; p] for any nonzero scale; the bindings decided from the
+    # float32-rounded scale (0) and refused the 3B rows
+    x = randn(2, 4, 6, 6, seed=0, dtype=torch.float32)
+    model_output = randn(6, 4, 6, 6, seed=1, dtype=torch.float32)
+    step = StepCoefficients(alpha=0.8, sigma=0.6, k_x0=1.0)
+    got = ops.guided_step(model_output, x, step, GuidanceCombine(3.0, perturbed_scale=1e-50))
+    expected = ops.guided_step(model_output[:4], x, step, GuidanceCombine(3.0))
+    assert_close(got, expected, GUIDED_STEP, torch.float32)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_group_norm_on_misaligned_tensors(cuda_backend_on_cpu, dtype, channels_last):
