@@ -484,8 +484,9 @@ class AutoGuidance(Guidance):
     weaker version of the model (smaller, or trained for fewer steps), both called with the
     conditional labels. The guide's output enters the fused step as its separate guide
     tensor: no concatenation; outside ``interval`` (EDM's σ̃) only the main model runs.
-    A guide that learns its variance (2C output channels) guides with its first C.
-    Checked when built: guide_model callable, scale a finite number within float32's
+    A guide that learns its variance (2C output channels) guides with its first C; a guide
+    whose parameters share another dtype than the model's runs on its input cast to it
+    (outside autocast). Checked when built: guide_model callable, scale a finite number within float32's
     range, interval a pair 0 <= low < high; the sampler checks the labels against the
     guide's label table (its num_classes, else label_emb's rows) before any forward."""
 

@@ -324,6 +324,7 @@ class GuidedSampler:
         self._perturbation: Perturbation | None = None  # a run's perturbed layers (see __call__)
         self._kept_perturbation: Perturbation | None = None  # the last run's, removed (see _perturb)
         self._guide_network = self.guidance.guide_network() if self.guidance is not None else None
+        self._guide_input_dtype: torch.dtype | None = None  # a run's (_guide_dtype_for)
         # (shape, device, dtype, conditioning signature, keep_x0, callback, noise inside,
         # autocast, backend) ->
         # (buffers, graphs) of the captured runs.
@@ -653,7 +654,7 @@ class GuidedSampler:
         dtype = parameter_dtype(self.model) or (noise.dtype if noise is not None else torch.float32)
         if noise is not None:
             noise = noise.to(dtype)
-        self._check_guide_dtype(dtype, device)
+        self._guide_input_dtype = self._guide_dtype_for(dtype, device)
         x_T = noise if noise is not None else _randn(shape, generator, device, dtype)
         bar = None
         if progress:
@@ -692,18 +693,15 @@ class GuidedSampler:
                     f"else device=): move the {who} there, or pass noise or device= on {where}"
                 )
 
-    def _check_guide_dtype(self, dtype: torch.dtype, device: torch.device) -> None:
-        """Refuses a guide_model whose floating parameters share a dtype other than the
-        loop's state (the model's dtype): it is called on that state, and without autocast
-        its first layer would fail, naming the model rather than the guide."""
+    def _guide_dtype_for(self, dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
+        """The dtype the guide_model's input is cast to: its parameters' one dtype where it
+        differs from the loop's state's (``dtype``) and autocast is off (a bf16 guide beside
+        a float32 model; its first layer would fail on the state); None to call it on the
+        state itself. Its output enters the step as it is (the step reads mixed dtypes)."""
         guide_dtype = parameter_dtype(self._guide_network)
         if guide_dtype is None or guide_dtype == dtype or cuda_graphs.autocast_state(device)[0]:
-            return
-        raise ValueError(
-            f"guide_model's weights are {guide_dtype} but the sampling state is {dtype} (the model's dtype, "
-            f"else the noise's): give the guide the model's dtype (guide_model.to({dtype})), or sample "
-            "under torch.autocast"
-        )
+            return None
+        return guide_dtype
 
     def _warn_if_training(self) -> None:
         """Warns about a network left in training mode where that randomises its output
@@ -847,8 +845,9 @@ class GuidedSampler:
         guide_network = self._guide_network if guided else None
         if guide_network is not None:  # a second network on the conditional rows
             buffers.guide_rows[i] = batch
+            guide_input = x if self._guide_input_dtype is None else x.to(self._guide_input_dtype)
             guide = self._checked_output(
-                self._forward(guide_network, x, t_in[:batch], *buffers.model_arguments(batch)),
+                self._forward(guide_network, guide_input, t_in[:batch], *buffers.model_arguments(batch)),
                 model_input,
                 batch,
                 shape,
