@@ -8,7 +8,9 @@ with ``null_class=True`` has one more label-embedding row than ADM's released mo
 The format is read from the file's first bytes, not its suffix: a safetensors file is an
 8-byte little-endian header length followed by a JSON header that begins with ``{``;
 anything else goes to ``torch.load(weights_only=True)``, which unpickles tensors and
-plain containers only. Nothing here ever unpickles arbitrary objects.
+plain containers only, on torch 2.6 or later: before it, weights_only could still run a
+crafted file's code (CVE-2025-32434), so only safetensors files load there. Nothing here
+ever unpickles arbitrary objects.
 """
 
 from __future__ import annotations
@@ -79,7 +81,22 @@ def _read_safetensors(path: Path, size: int, header: int) -> dict[str, Tensor]:
         ) from error
 
 
+# The first torch whose weights_only unpickler runs no code of a crafted file (CVE-2025-32434).
+SAFE_TORCH_LOAD = (2, 6)
+
+
+def _torch_release() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
 def _read_torch(path: Path) -> object:
+    if _torch_release() < SAFE_TORCH_LOAD:
+        raise ValueError(
+            f"checkpoint file {path} is a torch.save file, which torch {torch.__version__} cannot load safely "
+            "(its weights_only unpickler can run a crafted file's code before torch 2.6, CVE-2025-32434): "
+            "upgrade torch, or convert the file to .safetensors where torch 2.6 or later runs"
+        )
     try:
         with path.open("rb") as f:  # a file object: torch.load would pick its loader by a path's suffix
             return torch.load(f, map_location="cpu", weights_only=True)
@@ -123,8 +140,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         hint = ""
         if isinstance(state, dict):
-            found = _describe([f"{k!r} ({type(v).__name__})" for k, v in state.items()])
-            found = f"a dict of {found}"
+            # the entries that are not tensors first: they are what is wrong
+            entries = sorted(state.items(), key=lambda item: isinstance(item[1], Tensor))
+            found = f"a dict of {_describe([f'{k!r} ({type(v).__name__})' for k, v in entries])}"
             if state and all(isinstance(v, dict) for v in state.values()):
                 chosen = "ema" if "ema" in state else next(iter(state))
                 hint = (
@@ -134,6 +152,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         else:
             found = f"a {type(state).__name__}"
         raise ValueError(f"{path} does not hold a state dict of tensors: it holds {found}{hint}")
+    names = [k for k in state if not isinstance(k, str)]
+    if names:
+        raise ValueError(f"{path} does not hold a state dict: its keys must be names, got {names[:5]!r}")
     no_data = [
         f"{k} ({'meta' if v.is_meta else v.layout})" for k, v in state.items() if v.is_meta or v.layout != torch.strided
     ]

@@ -310,6 +310,36 @@ def test_pickled_objects_are_refused_without_advising_an_unsafe_load(tmp_path):
     no_weights_only_false_advice(info.value)
 
 
+def test_torch_save_files_load_only_where_weights_only_is_safe(tmp_path, monkeypatch):
+    # torch 2.5 (the oldest supported) unpickles a crafted file's code even with
+    # weights_only=True (CVE-2025-32434): there only safetensors files load.
+    from fastguide.models import checkpoints
+
+    pt, st = tmp_path / "tiny.pt", tmp_path / "tiny.safetensors"
+    torch.save(weights(Tiny()), pt)
+    checkpoints.save_state_dict(Tiny(), st)
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cu124")
+    with pytest.raises(ValueError, match=r"tiny\.pt is a torch.save file, which torch 2\.5\.1\+cu124 cannot load"):
+        read_state_dict(pt)
+    assert set(read_state_dict(st)) == set(weights(Tiny()))
+    monkeypatch.setattr(torch, "__version__", "2.6.0")
+    assert set(read_state_dict(pt)) == set(weights(Tiny()))
+
+
+def test_a_state_dict_names_what_is_wrong_with_it(tmp_path):
+    # a non-tensor entry after the tensors was never named (the first five were listed), and
+    # a key that is no string raised a TypeError from the message's join
+    path = tmp_path / "stepped.pt"
+    torch.save({**weights(Tiny()), "step": 5}, path)
+    with pytest.raises(
+        ValueError, match=r"stepped\.pt does not hold a state dict of tensors: it holds a dict of 'step'"
+    ):
+        read_state_dict(path)
+    torch.save({0: torch.zeros(2), "bias": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match=r"its keys must be names, got \[0\]"):
+        read_state_dict(path)
+
+
 def test_a_dict_of_more_than_tensors_is_described(tmp_path):
     path = tmp_path / "nested.pt"
     torch.save({"model": weights(Tiny()), "step": 10}, path)
