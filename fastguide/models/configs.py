@@ -46,7 +46,8 @@ _UNET_PRESETS = {
         dropout=0.0,
         use_fp16=False,  # (the one released model sampled in float32: guided-diffusion's README)
     ),
-    # A small class-conditional model for 16×16 images (fastguide's own digits model).
+    # A small class-conditional model for 16×16 images with a null class (the benchmarks'
+    # compact UNet; not the digits model, whose flags are fastguide.apps.digits').
     "compact": dict(
         image_size=16,
         num_channels=64,
