@@ -133,7 +133,8 @@ def load_sampling_model(
 
     if name == "digits":
         folder = checkpoint or digits.WEIGHTS
-        models = load_weights("--checkpoint", folder, lambda: digits.load(device, weights=folder))
+        # (the UNet and its networks: the flow transformer is --model digits-transformer's)
+        models = load_weights("--checkpoint", folder, lambda: digits.load(device, weights=folder, transformer=False))
         if classifier_checkpoint is not None:
             load_weights(
                 "--classifier-checkpoint",

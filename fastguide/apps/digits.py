@@ -177,9 +177,10 @@ def transformer_file(weights: Path = WEIGHTS) -> Path:
     return weights / "digits_transformer.safetensors"
 
 
-def load(device: torch.device | str = "cpu", weights: Path = WEIGHTS) -> DigitsModels:
+def load(device: torch.device | str = "cpu", weights: Path = WEIGHTS, transformer: bool = True) -> DigitsModels:
     """The shipped (or ``weights``) networks in eval mode, float32, on ``device``; the
-    guide and the flow transformer too when ``weights`` holds their files, else None."""
+    guide and (with ``transformer``) the flow transformer too when ``weights`` holds their
+    files, else None."""
     models = build()
     for name in ("unet", "classifier", "evaluator"):
         load_checkpoint(getattr(models, name), weights / f"digits_{name}.safetensors")
@@ -188,7 +189,7 @@ def load(device: torch.device | str = "cpu", weights: Path = WEIGHTS) -> DigitsM
     for model in (models.unet, models.classifier, models.evaluator, models.guide):
         if model is not None:
             model.to(device).float().eval()
-    if transformer_file(weights).is_file():
+    if transformer and transformer_file(weights).is_file():
         models.transformer = load_transformer(device, weights)
     return models
 

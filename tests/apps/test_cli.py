@@ -31,6 +31,16 @@ def test_the_grid_upscales_small_samples_only(tmp_path):
     assert sizes == {8: ((3 * 9 + 1) * 4, (9 + 1) * 4), 64: (3 * 65 + 1, 65 + 1)}
 
 
+def test_the_digits_unet_does_not_read_the_flow_transformer(tmp_path):
+    # --model digits loaded (and failed on) the transformer it never uses
+    import shutil
+
+    folder = tmp_path / "weights"
+    shutil.copytree(digits.WEIGHTS, folder)
+    digits.transformer_file(folder).write_bytes(b"\0" * 16)
+    assert cli.main(["sample", "--checkpoint", str(folder), "--out", str(tmp_path / "d.png"), *SMALL]) == 0
+
+
 def test_pixels_convert_as_adm_writes_them():
     # guided-diffusion's image_sample.py: ((x + 1) * 127.5).clamp(0, 255).to(uint8), which
     # truncates (rounding put about half the pixels a level above ADM's own), then NHWC.
