@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch, norms
+from . import backends, dispatch, norms
 from .contract import NormParameters
 from .reference import ACTIVATIONS, compute_dtype, like_memory_format
 from .validation import check_norm_parameters, check_tensor
@@ -68,6 +68,10 @@ def _group_norm_forward(
         )
     return like_memory_format(y, x), mean.contiguous(), rstd.contiguous()
 
+
+# Elements a group may hold on the Triton backend (its kernels count them in int32): past
+# it, auto runs the reference and an explicit 'triton' refuses.
+TRITON_GROUP_LIMIT = 2**31
 
 group_norm_op = torch.library.custom_op("fastguide::group_norm", mutates_args=())(_group_norm_forward)
 
@@ -172,6 +176,15 @@ def group_norm(
     # The kernels index the per-channel and per-sample parameters densely.
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     per_sample = [None if t is None else t.reshape(x.shape[0], x.shape[1]).contiguous() for t in (scale, shift)]
+    backend = dispatch.backend_for("group_norm", x.device, x.dtype, empty=x.numel() == 0)
+    if backend == "triton" and x.numel() // (x.shape[0] * num_groups) >= TRITON_GROUP_LIMIT:
+        # The Triton kernels count a group's elements in int32.
+        if backends.get_backend() != "auto":
+            raise RuntimeError(
+                f"backend 'triton' cannot run group_norm on groups of {x.numel() // (x.shape[0] * num_groups)} "
+                f"elements (it counts them in int32, below {TRITON_GROUP_LIMIT}): use backend 'torch' or 'cuda'"
+            )
+        backend = "torch"
     y, _, _ = dispatch.call(
         group_norm_op,
         _group_norm_forward,
@@ -183,6 +196,6 @@ def group_norm(
         num_groups,
         float(eps),
         activation or "none",
-        dispatch.backend_for("group_norm", x.device, x.dtype, empty=x.numel() == 0),
+        backend,
     )
     return y

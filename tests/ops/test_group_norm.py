@@ -847,3 +847,22 @@ def test_channels_last_one_pass_agrees_with_three_launches_gpu(dtype, monkeypatc
         torch.testing.assert_close(mean, mean3, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(rstd, rstd3, atol=0, rtol=1e-5)
         torch.testing.assert_close(y.float(), y3.float(), **dict(zip(("atol", "rtol"), GROUP_NORM[dtype])))
+
+
+@pytest.mark.parametrize("backend", [b for b in backends_for("group_norm") if b == "triton"])
+def test_groups_past_the_triton_kernels_int32_count(backend, device, monkeypatch):
+    # The Triton kernels count a group's elements in int32: at 2^31 and past it the NCHW
+    # statistics and the backward read wrong memory. (The limit is lowered here: such a
+    # group is 4 GiB in fp16.)
+    from fastguide.ops import _group_norm, dispatch
+
+    monkeypatch.setattr(_group_norm, "TRITON_GROUP_LIMIT", 32)
+    x = torch.randn(2, 4, 4, 4, device=device)  # groups of 2 × 16 = 32 elements
+    with fastguide.backend(backend), pytest.raises(RuntimeError, match="cannot run group_norm on groups of 32"):
+        ops.group_norm(x, 2)
+    # under auto (which picks Triton on CUDA only, stood in for here) the reference runs
+    with fastguide.backend("torch"):
+        expected = ops.group_norm(x, 2)
+    monkeypatch.setattr(dispatch, "backend_for", lambda *args, **kwargs: "triton")
+    with fastguide.backend("auto"):
+        torch.testing.assert_close(ops.group_norm(x, 2), expected)
