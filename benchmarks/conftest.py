@@ -181,7 +181,9 @@ class Recorder:
             torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated() if DEVICE.type == "cuda" else _peak_memory_bytes()
         if DEVICE.type == "cuda":
-            self.benchmark(lambda: (fn(), torch.cuda.synchronize()))
+            # a few rounds for pytest-benchmark's record and the peak memory: the row's
+            # time is call_seconds' (its default of ~1 s a case cost minutes of a GPU run)
+            self.benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=3, iterations=1, warmup_rounds=0)
         else:
             self.benchmark(fn)
         info = self.benchmark.extra_info
@@ -193,7 +195,10 @@ class Recorder:
         seconds = measured.stats.median if measured else call_seconds(fn)
         info["device"] = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
         info["median_ms"] = seconds * 1e3
-        device = device_seconds(fn) if DEVICE.type == "cuda" else None
+        why_not: list[str] = []
+        device = device_seconds(fn, why_not=why_not) if DEVICE.type == "cuda" else None
+        if why_not:  # (the table's device column is empty: the JSON says why)
+            info["device_error"] = why_not[0]
         if DEVICE.type == "cuda":
             info["back_to_back_ms"] = back_to_back_seconds(fn) * 1e3
         if device is not None:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One-shot GPU run for a fresh machine with PyTorch and Triton installed and no network:
 # install fastguide from this checkout, build the CUDA extension when csrc/ has sources,
-# run the self-check, the eager loops' profile, the GPU-marked tests, the whole benchmark
-# suite (a module at a time) and the backend-parametrised op tests, and write every result
-# under OUT. On an H200 on 2026-12-04 the install and CUDA build took 1 min, the GPU tests
+# run the GPU-marked tests, the whole benchmark suite (a module at a time), the eager
+# loops' profile, the host path, the self-check and the backend-parametrised op tests, in
+# that order (what matters most first), and write every result under OUT. On an H200 on 2026-12-04 the install and CUDA build took 1 min, the GPU tests
 # 4.2 min, the guided_step and layer_norm benchmarks 2 min together, group_norm over 2 min,
 # sample and end to end 3 min; the attention benchmark (every SDPA backend, forward and
 # backward, up to L = 16384) takes longer than any other step. No one call of the device
@@ -76,11 +76,11 @@ test_options=()
 if [ "${GPU_SH_TEST_WORKERS:-8}" != 0 ] && "$py" -c "import xdist" 2>/dev/null; then
     test_options=(-n "${GPU_SH_TEST_WORKERS:-8}")
 fi
-# A test that hangs (a kernel that spins on device atomics, say) fails alone after 300 s
+# A test that hangs (a kernel that spins on device atomics, say) fails alone after 120 s
 # (pytest-timeout, in the GPU image: its thread method ends the worker, whose kernels end
 # with it, and xdist starts another) rather than taking the step's whole time limit.
 if "$py" -c "import pytest_timeout" 2>/dev/null; then
-    test_options+=(--timeout=300 --timeout-method=thread)
+    test_options+=(--timeout=120 --timeout-method=thread)
 fi
 
 if [ "$mode" = "--dry-run" ]; then
@@ -96,12 +96,12 @@ if [ "$mode" = "--dry-run" ]; then
         echo "gpu.sh: collection came up empty ($py cannot import pytest or the suite is broken)" >&2
         exit 1
     fi
-    echo "+ $py -m fastguide selfcheck --device cuda > $out/selfcheck.txt"
-    echo "+ FASTGUIDE_BACKEND=cuda $py -m fastguide selfcheck --device cuda >> $out/selfcheck.txt"
+    echo "+ $py -m pytest tests -m gpu -v --durations=15 ${test_options[*]} > $out/gpu-tests.log"
+    echo "+ $py -m fastguide bench -k MODULE --out $out/bench/MODULE, for each benchmarks/*/bench_*.py"
     echo "+ $py -m benchmarks.sampling.loop_profile --out $out > $out/loop_profile.log"
     echo "+ $py benchmarks/ops/host_path.py --device cuda --rounds 5 > $out/host_path.md"
-    echo "+ $py -m pytest tests -m gpu -q --durations=15 ${test_options[*]} > $out/gpu-tests.log"
-    echo "+ $py -m fastguide bench -k MODULE --out $out/bench/MODULE, for each benchmarks/*/bench_*.py"
+    echo "+ $py -m fastguide selfcheck --device cuda > $out/selfcheck.txt"
+    echo "+ FASTGUIDE_BACKEND=cuda $py -m fastguide selfcheck --device cuda >> $out/selfcheck.txt"
     echo "+ $py -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_attention.py tests/ops/test_compile.py -q ${test_options[*]} > $out/backend-tests.log"
     exit 0
 fi
@@ -131,10 +131,11 @@ keep() { [ "$status" -ne 0 ] || status=$1; }
 # that many seconds from the start (15 s kept for the packing after), and a step with
 # under 20 s left does not start.
 step_limit=${GPU_SH_STEP_LIMIT:-420}
-# The diagnostics before the tests (self-checks, loop profile, host path) take a minute or
-# less each; a hang in one of them costs at most this, not step_limit, of the run.
-quick_limit=${GPU_SH_QUICK_LIMIT:-180}
-deadline=$((SECONDS + ${GPU_SH_TIME:-1000000} - 15))
+# The diagnostics after the benchmarks (loop profile, host path, self-checks) take a minute
+# or less each; a hang in one of them costs at most this, not step_limit, of the run.
+quick_limit=${GPU_SH_QUICK_LIMIT:-90}
+# (540 s: the device tool's 600 s a call, less the start and the packing after)
+deadline=$((SECONDS + ${GPU_SH_TIME:-540} - 15))
 bounded() {  # bounded CMD...: CMD under the time left and the step's limit (STEP_CAP or step_limit)
     local limit=$((deadline - SECONDS)) cap=${STEP_CAP:-$step_limit}
     if [ "$limit" -lt 20 ]; then
@@ -147,11 +148,18 @@ bounded() {  # bounded CMD...: CMD under the time left and the step's limit (STE
     [ "$rc" -ne 124 ] || echo "gpu.sh: stopped after ${limit} s: $*" >&2
     return "$rc"
 }
-STEP_CAP=$quick_limit bounded "$py" -m fastguide selfcheck --device cuda 2>&1 | tee "$out/selfcheck.txt"
+# In priority order: the GPU tests (-v: each result is logged as it ends, so a cut step
+# still says which failed), the benchmarks, then the diagnostics.
+bounded "$py" -m pytest tests -m gpu -v -p no:cacheprovider --durations=15 ${test_options[@]+"${test_options[@]}"} 2>&1 \
+    | tee "$out/gpu-tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -n 40
 keep "${PIPESTATUS[0]}"
-FASTGUIDE_BACKEND=cuda STEP_CAP=$quick_limit bounded "$py" -m fastguide selfcheck --device cuda 2>&1 \
-    | tee -a "$out/selfcheck.txt"
-keep "${PIPESTATUS[0]}"
+mkdir -p "$out/bench"
+for module in "${modules[@]}"; do
+    echo "+ $py -m fastguide bench -k \"$(selection "$module")\" --out $out/bench/$module  ($(date +%T))"
+    bounded "$py" -m fastguide bench -k "$(selection "$module")" --out "$out/bench/$module" --no-plots 2>&1 \
+        | tee "$out/bench/$module.log" | tail -n 3
+    keep "${PIPESTATUS[0]}"
+done
 # Where the eager loops' time goes (a minute): fastguide's loop against the diffusers-style
 # one, launches and host waits per step and the operators with the most host time.
 STEP_CAP=$quick_limit bounded "$py" -m benchmarks.sampling.loop_profile --out "$out" > "$out/loop_profile.log" 2>&1
@@ -161,16 +169,11 @@ tail -n 8 "$out/loop_profile.log"
 # host time beyond the kernel goes.
 STEP_CAP=$quick_limit bounded "$py" benchmarks/ops/host_path.py --device cuda --rounds 5 2>&1 | tee "$out/host_path.md"
 keep "${PIPESTATUS[0]}"
-bounded "$py" -m pytest tests -m gpu -q -p no:cacheprovider --durations=15 ${test_options[@]+"${test_options[@]}"} 2>&1 \
-    | tee "$out/gpu-tests.log"
+STEP_CAP=$quick_limit bounded "$py" -m fastguide selfcheck --device cuda 2>&1 | tee "$out/selfcheck.txt"
 keep "${PIPESTATUS[0]}"
-mkdir -p "$out/bench"
-for module in "${modules[@]}"; do
-    echo "+ $py -m fastguide bench -k \"$(selection "$module")\" --out $out/bench/$module  ($(date +%T))"
-    bounded "$py" -m fastguide bench -k "$(selection "$module")" --out "$out/bench/$module" --no-plots 2>&1 \
-        | tee "$out/bench/$module.log" | tail -n 3
-    keep "${PIPESTATUS[0]}"
-done
+FASTGUIDE_BACKEND=cuda STEP_CAP=$quick_limit bounded "$py" -m fastguide selfcheck --device cuda 2>&1 \
+    | tee -a "$out/selfcheck.txt"
+keep "${PIPESTATUS[0]}"
 # The op tests parametrised over backends (every option, odd shapes) run on the CUDA
 # device here, with every backend that can run: triton and, when it built, cuda; the
 # attention tests' odd shapes and packed views reach the TMA forward on real hardware.

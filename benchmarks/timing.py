@@ -103,11 +103,11 @@ def forward_for_capture() -> Iterator[None]:
     caller.wait_stream(stream)
 
 
-def device_seconds(fn: Callable[[], object], repeats: int = 50) -> float | None:
+def device_seconds(fn: Callable[[], object], repeats: int = 50, why_not: list[str] | None = None) -> float | None:
     """Median seconds of fn's device work without its host work: fn captured once in a
     CUDA graph, each replay timed with CUDA events after an L2 flush (as do_bench does).
-    None when fn cannot be captured or replayed (a host sync inside it, no memory left).
-    Warm-up and capture run on ``capture_stream()``."""
+    None when fn cannot be captured or replayed (a host sync inside it, no memory left),
+    the reason then appended to ``why_not``. Warm-up and capture run on ``capture_stream()``."""
     stream, side = torch.cuda.current_stream(), capture_stream()
     try:
         side.wait_stream(stream)
@@ -127,9 +127,11 @@ def device_seconds(fn: Callable[[], object], repeats: int = 50) -> float | None:
             end.record()
         torch.cuda.synchronize()
         milliseconds = sorted(start.elapsed_time(end) for start, end in events)
-    except Exception:  # whatever stops a capture or a replay only loses this column
+    except Exception as error:  # whatever stops a capture or a replay only loses this column
         # a capture that fails inside torch.cuda.graph's exit leaves its side stream current
         torch.cuda.set_stream(stream)
         torch.cuda.synchronize()
+        if why_not is not None:
+            why_not.append(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300])
         return None
     return milliseconds[repeats // 2] * 1e-3

@@ -81,7 +81,8 @@ def _run(record, impl, shape, dtype, backward):
     flops = 4 * batch * heads * lq * lk * dim
     if backward:
         grad = torch.randn_like(out)
-        record(lambda: torch.autograd.backward(attend(q, k, v), grad), flops=flops * 14 // 4, grad=True)
+        # autograd.grad, not backward: .grad accumulation would add three adds to every row
+        record(lambda: torch.autograd.grad(attend(q, k, v), (q, k, v), grad), flops=flops * 14 // 4, grad=True)
     else:
         # expected: torch's SDPA (eager's Lq×Lk scores would not fit at the long shapes)
         record(lambda: attend(q, k, v), flops=flops, expected=lambda: F.scaled_dot_product_attention(q, k, v))
