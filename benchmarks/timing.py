@@ -65,19 +65,23 @@ def _cuda_call_seconds(fn: Callable[[], object], budget: float = 0.1) -> float:
     return samples[repeats // 2]
 
 
-def back_to_back_seconds(fn: Callable[[], object], calls: int = 100) -> float:
+def back_to_back_seconds(fn: Callable[[], object], calls: int = 20, batches: int = 5) -> float:
     """Seconds per call of ``calls`` calls issued back to back (no flush, no sync between
-    them), after a warm-up: the throughput a loop of such calls gets."""
+    them), after a warm-up: the throughput a loop of such calls gets. The median of
+    ``batches`` such runs (a host hiccup in one moves a mean)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e-3 / calls
+    per_call = []
+    for _ in range(batches):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        per_call.append(start.elapsed_time(end) * 1e-3 / calls)
+    return sorted(per_call)[batches // 2]
 
 
 @functools.cache
