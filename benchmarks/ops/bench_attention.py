@@ -82,7 +82,12 @@ def _run(record, impl, shape, dtype, backward):
     if backward:
         grad = torch.randn_like(out)
         # autograd.grad, not backward: .grad accumulation would add three adds to every row
-        record(lambda: torch.autograd.grad(attend(q, k, v), (q, k, v), grad), flops=flops * 14 // 4, grad=True)
+        record(
+            lambda: torch.autograd.grad(attend(q, k, v), (q, k, v), grad),
+            flops=flops * 14 // 4,
+            grad=True,
+            expected=lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), grad),
+        )
     else:
         # expected: torch's SDPA (eager's Lq×Lk scores would not fit at the long shapes)
         record(lambda: attend(q, k, v), flops=flops, expected=lambda: F.scaled_dot_product_attention(q, k, v))

@@ -97,6 +97,7 @@ def _run_backward(record, impl, shape, dtype, channels_last):
         lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True),
         bytes_moved=3 * y.numel() * y.element_size(),
         grad=True,
+        expected=lambda: torch.autograd.grad(eager_norm(*leaves), leaves, dy),
     )
 
 

@@ -124,6 +124,7 @@ def _run_norm_backward(record, impl, shape, dtype):
         lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True),
         bytes_moved=3 * x.numel() * x.element_size(),
         grad=True,
+        expected=lambda: torch.autograd.grad(eager_modulated_norm(*leaves), leaves, dy),
     )
 
 
