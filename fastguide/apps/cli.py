@@ -63,6 +63,7 @@ from .options import (
     npz_path,
     parse_device,
     parse_labels,
+    torchrun_world_size,
 )
 
 GUIDANCE = ("cfg", "cfg++", "auto", "classifier", "both", "none")
@@ -321,14 +322,6 @@ JOIN_TIMEOUT = datetime.timedelta(minutes=5)
 # the whole run): torch's default timeouts (10 min under NCCL, 30 under gloo) would end a
 # long run there and lose every sample.
 GATHER_TIMEOUT = datetime.timedelta(days=7)
-
-
-def torchrun_world_size() -> int:
-    """torchrun's WORLD_SIZE (1 where it is not set)."""
-    raw = os.environ.get("WORLD_SIZE", "1").strip() or "1"
-    if not raw.isdigit() or int(raw) < 1:
-        raise UsageError("WORLD_SIZE", f"must be a positive integer (torchrun sets it), got {raw!r}")
-    return int(raw)
 
 
 def _distributed(device: torch.device) -> tuple[int, int, torch.device, Any]:

@@ -47,6 +47,14 @@ class UsageError(Exception):
         self.option = option
 
 
+def torchrun_world_size() -> int:
+    """torchrun's WORLD_SIZE (1 where it is not set)."""
+    raw = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise UsageError("WORLD_SIZE", f"must be a positive integer (torchrun sets it), got {raw!r}")
+    return int(raw)
+
+
 def fail(message: str) -> NoReturn:
     """Print ``message`` as fastguide's one error line and exit with status 2."""
     print(f"fastguide: error: {' '.join(message.split())}", file=sys.stderr)

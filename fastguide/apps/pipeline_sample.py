@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import inspect
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from .options import (
     check_modules,
     check_scale,
     parse_device,
+    torchrun_world_size,
 )
 
 # Options of the digits models that a pipeline has no use for: (dest, flag, default).
@@ -54,7 +54,7 @@ def check(args: argparse.Namespace) -> None:
     given = [flag for dest, flag, default in DIGITS_ONLY if getattr(args, dest) != default]
     if given:
         raise UsageError(given[0], "applies to the digits and ADM models, not to --pipeline")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if torchrun_world_size() > 1:
         raise UsageError(
             "--pipeline",
             "runs in one process: under torchrun every rank would sample every image and write "

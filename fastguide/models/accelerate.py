@@ -371,6 +371,7 @@ def _skipping_attention_scores() -> bool:
     return any(type(mode).__name__ == "AttentionScoreSkipFunctionMode" for mode in stack)
 
 
+@functools.cache  # (once: every swapped layer asks)
 def _register_for_layer_skipping() -> None:
     """diffusers' layer skipping looks each processor's skip function up by its class:
     fastguide's takes AttnProcessor2_0's (the block's input returned, for skip_attention).

@@ -1087,10 +1087,10 @@ class GuidedSampler:
     def _graphed_modules(self) -> list[nn.Module]:
         """The modules whose weights the captures read (cuda_graphs.modules_called), once
         warned where a network hides them."""
-        modules: list[nn.Module] = []
-        for who, network in self._networks()[:2]:  # (the classifier is never captured)
+        modules: dict[int, nn.Module] = {}  # (a module named twice is fingerprinted once)
+        for who, network in (("model", self.model), ("guide_model", self._guide_network)):
             found, opaque = cuda_graphs.modules_called(network)
-            modules += found
+            modules.update((id(module), module) for module in found)
             if opaque and not self._warned_opaque:
                 self._warned_opaque = True
                 warnings.warn(
@@ -1100,7 +1100,7 @@ class GuidedSampler:
                     "moving or replacing them, call clear_cuda_graphs()",
                     stacklevel=4,
                 )
-        return modules
+        return list(modules.values())
 
     def _segments(self, per_call: bool, noise_inside: bool) -> list[range]:
         """The model calls captured as one graph each: consecutive calls, up to where the
