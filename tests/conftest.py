@@ -28,6 +28,9 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.env
     _threads = max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(_threads)
     torch.set_num_threads(_threads)
+    # Inductor's compile pool too (read when torch._inductor.config is first imported,
+    # after this): otherwise each of 8 workers on the GPU machine's 16 cores starts 16.
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(_threads))
 # On a GPU, the attention kernel autotunes over one config in tests (benchmarks never do).
 os.environ.setdefault("FASTGUIDE_AUTOTUNE", "off")
 

@@ -78,22 +78,28 @@ def main(argv: list[str] | None = None) -> str:
         "| loop | ms per step | kernel launches per step | host waits per step |",
         "|---|---|---|---|",
     ]
-    tables = []
+    report = "\n".join(summary)
+    print(report)
+    tables: list[str] = []
     for name, fn in loops.items():
         fn()  # warm-up: autotuning, the graphs' capture
         synchronize()
         per_step_ms = seconds_per_run(fn, args.rounds) / args.steps * 1e3
         counts, table = profiled(fn, args.steps, args.top)
-        summary.append(
+        row = (
             f"| {name} | {per_step_ms:.2f} | {counts['launches per step']:.1f} | "
             f"{counts['waits per step']:.1f} {counts['waits'] or ''} |"
         )
+        print(row)
+        summary.append(row)
         tables += [f"### {name}", "", "```", table, "```", ""]
-    report = "\n".join(summary + [""] + tables)
-    print(report)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "loop_profile.md").write_text(report)
+        # Written after every loop: a run that gpu.sh stops on its time limit keeps the
+        # loops it finished.
+        report = "\n".join(summary + [""] + tables)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "loop_profile.md").write_text(report)
+    print("\n" + "\n".join(tables))
     return report
 
 
