@@ -301,10 +301,11 @@ class CFG(Guidance):
         _set_real(self, "scale", "CFG scale")
         if (
             isinstance(self.zero_init_steps, bool)
-            or not isinstance(self.zero_init_steps, int)
+            or not isinstance(self.zero_init_steps, Integral)
             or self.zero_init_steps < 0
         ):
             raise ValueError(f"CFG zero_init_steps must be an int >= 0, got {self.zero_init_steps!r}")
+        object.__setattr__(self, "zero_init_steps", int(self.zero_init_steps))
         if self.zero_init_steps and not self.zero_star:
             raise ValueError(
                 "CFG zero_init_steps is CFG-Zero*'s zero-init (Fan et al. 2025): set zero_star=True with it"
@@ -318,10 +319,11 @@ class CFG(Guidance):
         if self.guided_channels is not None:
             if (
                 isinstance(self.guided_channels, bool)
-                or not isinstance(self.guided_channels, int)
+                or not isinstance(self.guided_channels, Integral)
                 or self.guided_channels < 1
             ):
                 raise ValueError(f"CFG guided_channels must be a positive int or None, got {self.guided_channels!r}")
+            object.__setattr__(self, "guided_channels", int(self.guided_channels))
             if self.rescale or self.apg is not None or self.zero_star or self.tangential:
                 raise ValueError(
                     "CFG guided_channels (the official DiT's guidance of some channels) takes plain CFG: "
@@ -364,7 +366,7 @@ class CFG(Guidance):
 
     def scale_at(self, edm_sigma: float, progress: float) -> float:
         """The guidance weight at noise level σ̃, ``progress`` being the normalised diffusion
-        time τ = t/(T − 1) (1 at pure noise). Wang et al. 2024's schedules act on w − 1 and
+        time τ = t/(T − 1) (on a flow path σ = t/T; 1 at pure noise). Wang et al. 2024's schedules act on w − 1 and
         average to the constant one over τ: "linear" 1 + (w − 1)·2(1 − τ), "cosine"
         1 + (w − 1)·(cos πτ + 1); a callable gets σ̃ and returns the weight itself.
         Each weight must be a finite number within float32's range (the kernels' scalar)."""
@@ -662,7 +664,7 @@ class ClassifierGuidance:
                     f"labels must lie in [0, {logits.shape[1]}) for the classifier's "
                     f"{logits.shape[1]} classes, got {labels.max().item()}"
                 )
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
             selected = log_probs[torch.arange(len(labels), device=labels.device), labels]
             gradient = None
             if selected.requires_grad:

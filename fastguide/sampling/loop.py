@@ -434,7 +434,9 @@ class GuidedSampler:
         combine, blocks, perturbed, reads_x = None, 1, None, plan.k_x_previous != 0
         if guided and self.guidance is not None and self.guidance.active_at(edm_sigma):
             step = self.guidance.step(step)
-            progress = min(1.0, plan.t / max(1, self.schedule.num_timesteps - 1))  # a flow path's t reaches T
+            # τ = 1 at pure noise: t = T − 1 on a VP schedule, t = T (σ = 1) on a flow path
+            last_time = self.schedule.num_timesteps if self.schedule.is_flow else self.schedule.num_timesteps - 1
+            progress = min(1.0, plan.t / max(1, last_time))
             combine = self.guidance.combine_at(edm_sigma, progress)
             ops.check_combine(combine)
             branches = self.guidance.branches_at(edm_sigma)

@@ -119,7 +119,7 @@ class ExactClassifier(torch.nn.Module):
         self.mixture = mixture
 
     def forward(self, x, t):
-        return torch.stack([self.mixture.log_components(x[i : i + 1], t[i])[0] for i in range(len(x))]).float()
+        return torch.stack([self.mixture.log_components(x[i : i + 1], t[i])[0] for i in range(len(x))]).to(x.dtype)
 
 
 MIXTURE = GaussianMixture(
@@ -273,10 +273,12 @@ def test_dpm_solver_pp_2s_is_second_order_and_beats_ddim_at_equal_model_calls():
         assert error < gaussian_cfg_error("ddim", 2 * n)
 
 
-def test_classifier_guidance_equals_cfg_at_one_plus_s_step_for_step():
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
+def test_classifier_guidance_equals_cfg_at_one_plus_s_step_for_step(dtype, tolerance):
+    # (in float64 the classifier's log-softmax and gradient stay in float64 too)
     model, s = MixtureModel(MIXTURE), 2.5
     labels = torch.tensor([0, 1, 1, 0])
-    noise = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(3), dtype=dtype)
     common = dict(sampler="ddim", steps=8, clip_denoised=False, noise=noise, labels=labels)
 
     conditional = lambda x, t, y: model(x, t, y)  # noqa: E731
@@ -284,7 +286,7 @@ def test_classifier_guidance_equals_cfg_at_one_plus_s_step_for_step():
         conditional, noise.shape, guidance=ClassifierGuidance(ExactClassifier(MIXTURE), s), null_label=2, **common
     )
     cfg = sample(model, noise.shape, guidance=CFG(1 + s), **common)
-    torch.testing.assert_close(classifier, cfg, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(classifier, cfg, atol=tolerance, rtol=tolerance)
 
 
 # --------------------------------------------------------------------------------------
@@ -568,6 +570,8 @@ def test_numpy_scalars_are_numbers():
     """A NumPy scalar where a number is asked (a scale, eta, a step count) is taken as one."""
     guidance = CFG(np.float32(3.0), rescale=np.float64(0.5), interval=[np.float32(0.5), 5])
     assert guidance == CFG(3.0, rescale=0.5, interval=(0.5, 5.0)) and type(guidance.scale) is float
+    assert type(CFG(2.0, zero_star=True, zero_init_steps=np.int64(1)).zero_init_steps) is int
+    assert type(CFG(2.0, guided_channels=np.int32(3)).guided_channels) is int
     noise = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     model = lambda x, t: 0.1 * x  # noqa: E731
     got = sample(model, noise.shape, noise=noise, sampler="ddim", steps=np.int64(4), eta=np.float32(0.0))
@@ -855,8 +859,8 @@ def test_classifier_guided_ddpm_is_adms_condition_mean_on_a_respaced_grid(varian
         mean = b * math.sqrt(p) / (1 - a) * x0 + (1 - p) * math.sqrt(1 - b) / (1 - a) * x
         leaf = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            log_p = torch.log_softmax(Classifier()(leaf, None).float(), -1)[torch.arange(2), labels].sum()
-            grad = torch.autograd.grad(log_p, leaf)[0].double()
+            log_p = torch.log_softmax(Classifier()(leaf, None), -1)[torch.arange(2), labels].sum()
+            grad = torch.autograd.grad(log_p, leaf)[0]
         mean = mean + variance[i] * scale * grad
         x = mean + math.exp(0.5 * log_variance[i]) * torch.randn(x.shape, generator=g, dtype=x.dtype) if i else mean
     torch.testing.assert_close(got, x, rtol=1e-10, atol=1e-10)
@@ -980,6 +984,37 @@ def test_guidance_weight_schedules_equal_a_written_out_ddim_loop(schedule):
         x0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
         eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
         x = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * eps
+    torch.testing.assert_close(got, x)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_guidance_weight_schedules_on_a_flow_path_take_tau_as_sigma(schedule):
+    # On a flow path τ = σ = t/T (T = 1000 is pure noise there), not t/(T − 1).
+    w, sigmas = 4.0, [1.0, 0.75, 0.5, 0.25]
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def model(x, t, y):
+        y, t = (v.double().reshape(-1, 1, 1, 1) for v in (y, t))
+        return torch.tanh(0.5 * x + 0.1 * y) * (0.3 + t / 2000)
+
+    got = sample(
+        model,
+        noise.shape,
+        labels=torch.tensor([1, 2]),
+        sampler="euler",
+        schedule=NoiseSchedule.flow(),
+        prediction_type="flow_prediction",
+        steps=[1000 * sigma for sigma in sigmas],
+        noise=noise,
+        guidance=CFG(w, schedule=schedule),
+        null_label=0,
+    )
+    x = noise.clone()
+    for sigma, sigma_next in zip(sigmas, sigmas[1:] + [0.0]):
+        weight = {"linear": 1 + (w - 1) * 2 * (1 - sigma), "cosine": 1 + (w - 1) * (math.cos(math.pi * sigma) + 1)}
+        out = model(torch.cat([x, x]), torch.full((4,), 1000 * sigma), torch.tensor([1, 2, 0, 0]))
+        velocity = out[2:] + weight[schedule] * (out[:2] - out[2:])
+        x = x + (sigma_next - sigma) * velocity
     torch.testing.assert_close(got, x)
 
 
