@@ -40,11 +40,12 @@ def diffusers_feature(module: str, since: tuple[int, int]):
 
 
 def backends_for(op: str) -> list[str]:
-    """Backends that can run ``op`` on this machine's test device (torch always)."""
+    """Backends that can run ``op`` on this machine's test device (torch always), in float32
+    at least."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     found = ["torch"]
     for name in ("triton", "cuda"):
-        if backends.IMPLEMENTATIONS[name].has_kernel(op) and backends.why_not(name, device) is None:
+        if not backends.IMPLEMENTATIONS[name].not_supported_reasons(op, device, torch.float32):
             found.append(name)
     return found
 

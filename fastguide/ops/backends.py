@@ -236,6 +236,13 @@ class TritonBackend(Backend):
         if op == "attention" and dtype == torch.bfloat16 and device.type == "cpu":
             # (the interpreter's bf16 tl.dot returns garbage: 8e8 off on unit inputs)
             reasons.append("the Triton interpreter computes bf16 tl.dot wrongly: bf16 attention runs on a GPU only")
+        if op == "attention" and device.type == "cpu" and _TRITON_RELEASE is not None and _TRITON_RELEASE < (3, 4):
+            # (attention's kernels are autotuned, and Triton's autotuner before 3.4 asks the
+            # GPU driver for its benchmarker when the kernel is defined, which fails on CPU)
+            reasons.append(
+                f"triton {'.'.join(map(str, _TRITON_RELEASE))}'s autotuner needs a GPU: attention runs on the "
+                "interpreter (CPU tensors) from triton 3.4 on"
+            )
         return reasons
 
 

@@ -250,6 +250,24 @@ def test_a_triton_older_than_the_kernels_need_is_declined_with_its_version(monke
             assert backends.resolve("guided_step", cuda, torch.float16) == "triton"
 
 
+def test_attention_on_the_interpreter_needs_triton_3_4(monkeypatch):
+    # Triton's autotuner before 3.4 asks the GPU driver for its benchmarker when an autotuned
+    # kernel is defined: attention's module cannot import on a CPU-only machine there.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backends, "_TRITON_INSTALLED", True)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    triton = backends.IMPLEMENTATIONS["triton"]
+    monkeypatch.setattr(backends, "_TRITON_RELEASE", (3, 3))
+    assert triton.not_supported_reasons("attention", cpu, torch.float32) == [
+        "triton 3.3's autotuner needs a GPU: attention runs on the interpreter (CPU tensors) from triton 3.4 on"
+    ]
+    assert triton.not_supported_reasons("attention", cuda, torch.float32) == []
+    assert triton.not_supported_reasons("group_norm", cpu, torch.float32) == []
+    for release in ((3, 4), None):
+        monkeypatch.setattr(backends, "_TRITON_RELEASE", release)
+        assert triton.not_supported_reasons("attention", cpu, torch.float32) == []
+
+
 @pytest.mark.parametrize(
     "version, release", [("3.1.0", (3, 1)), ("3.6.0+git9f2a", (3, 6)), ("10.12", (10, 12)), ("nightly", None)]
 )
