@@ -831,11 +831,22 @@ def _dit(pipe, a: dict, options) -> Denoising:
 # --------------------------------------------------------------------------------------
 
 
-def _with_pag(prepare: Callable[[object, dict, object], Denoising]) -> Callable[[object, dict, object], Denoising]:
+# The attention processors a PAG pipeline perturbs with by default (its __init__'s
+# set_pag_applied_layers), with CFG and without: the identity self-attention map that
+# fastguide's PAG reproduces.
+IDENTITY_PAG_PROCESSORS = ("PAGCFGIdentitySelfAttnProcessor2_0", "PAGIdentitySelfAttnProcessor2_0")
+JOINT_PAG_PROCESSORS = ("PAGCFGJointAttnProcessor2_0", "PAGJointAttnProcessor2_0")
+
+
+def _with_pag(
+    prepare: Callable[[object, dict, object], Denoising], processors: tuple[str, str] = IDENTITY_PAG_PROCESSORS
+) -> Callable[[object, dict, object], Denoising]:
     """A PAG pipeline's recipe: its base pipeline's, with the pipeline's CFG (if any) extended
     by perturbed-attention guidance at ``pipe.pag_applied_layers`` (diffusers' do_perturbed_
     attention_guidance: pag_scale > 0 and some layers); the rescale applies with CFG only,
-    as there."""
+    as there. Only with the pipeline's default PAG attention processors (``processors``, by
+    class name): others a user set (set_pag_applied_layers(..., pag_attn_processors=...))
+    perturb in their own way, which diffusers' loop runs."""
 
     def prepare_pag(pipe, a: dict, options) -> Denoising:
         if a["pag_adaptive_scale"] > 0:
@@ -845,6 +856,15 @@ def _with_pag(prepare: Callable[[object, dict, object], Denoising]) -> Callable[
         layers = pipe.pag_applied_layers
         if options.guidance is not None or not (a["pag_scale"] > 0 and layers):
             return prepare(pipe, a, options)
+        chosen = getattr(pipe, "_pag_attn_processors", None) or ()
+        if tuple(type(p).__name__ for p in chosen) != processors or not all(
+            type(p).__module__.startswith("diffusers.") for p in chosen
+        ):
+            names = ", ".join(type(p).__name__ for p in chosen) or "none"
+            raise Unsupported(
+                f"PAG attention processors other than diffusers' {processors[0]} and {processors[1]} "
+                f"(set_pag_applied_layers' pag_attn_processors: {names})"
+            )
         network = getattr(pipe, "transformer", None)
         if network is not None and any(getattr(module, "norm_q", None) is not None for module in network.modules()):
             raise Unsupported(
@@ -878,7 +898,7 @@ RECIPES = {
     "StableDiffusionPipeline": Recipe(_unet, _stable_diffusion),
     "StableDiffusionPAGPipeline": Recipe(_unet, _with_pag(_stable_diffusion)),
     "StableDiffusionXLPAGPipeline": Recipe(_unet, _with_pag(_stable_diffusion_xl)),
-    "StableDiffusion3PAGPipeline": Recipe(_transformer, _with_pag(_stable_diffusion_3)),
+    "StableDiffusion3PAGPipeline": Recipe(_transformer, _with_pag(_stable_diffusion_3, JOINT_PAG_PROCESSORS)),
     "StableDiffusionXLPipeline": Recipe(_unet, _stable_diffusion_xl),
     "StableDiffusion3Pipeline": Recipe(_transformer, _stable_diffusion_3),
     "PixArtAlphaPipeline": Recipe(_transformer, _pixart),

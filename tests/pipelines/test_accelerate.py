@@ -407,6 +407,31 @@ def test_outputs_keep_the_pipelines_types():
     assert image.shape == (2, 16, 16, 3) and nsfw is None
 
 
+def test_pag_attention_processors_a_user_set_run_diffusers_loop():
+    # set_pag_applied_layers(..., pag_attn_processors=...) perturbs the way those processors
+    # do, not by fastguide's identity map: the call falls back, and equals diffusers'.
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class Unperturbed(AttnProcessor2_0):
+        pass
+
+    make, call = CASES["sd-pag"]
+    original = make()
+    original.set_pag_applied_layers(["mid"], pag_attn_processors=(Unperturbed(), Unperturbed()))
+    expected = _images(original, call)
+    accelerated = fastguide.accelerate(copy.deepcopy(original))
+    got = _images(accelerated, call)
+    assert "PAG attention processors other than diffusers' PAGCFGIdentitySelfAttnProcessor2_0" in (
+        accelerated.fastguide_fallback
+    )
+    assert "Unperturbed, Unperturbed" in accelerated.fastguide_fallback
+    _close(got, expected)
+    # The pipeline's own processors again: fastguide runs the call.
+    accelerated.set_pag_applied_layers(["mid"])
+    _images(accelerated, call)
+    assert accelerated.fastguide_fallback is None
+
+
 def test_what_fastguide_cannot_reproduce_runs_diffusers_loop_and_says_why(caplog):
     pndm = stable_diffusion(diffusers.PNDMScheduler(**SD_BETAS, skip_prk_steps=True))
     expected = _images(pndm, SD_CALL)
