@@ -33,8 +33,10 @@ regular output at the chosen layers is computed and dropped (a small cost: a thi
 batch at a few layers). ``handle.rows`` is read at call time: setting it re-installs
 nothing; a Python slice resolved against the batch size gives fixed shapes and no host
 sync, so a CUDA graph captures one rows value; torch.compile guards on it and on the
-instance forward (a rows value, an install or a remove it has not seen recompiles; the
-sampler installs a removed handle's own wrappers again, ``reinstall()``, so its runs do not).
+instance forward (a rows value, an install or a remove it has not seen recompiles). So a
+module keeps its wrapper object across handles: a later handle of the same kind on a
+module whose forward is as the last wrapper found it installs that very wrapper again
+(``fastguide.sample()`` makes a new handle per call, and a compiled model then compiles once).
 
 ``fastguide.accelerate()`` composes in either order with attention perturbations
 (diffusers ``Attention``: accelerate swaps the processor under the instance forward;
@@ -48,6 +50,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 from numbers import Integral
 from typing import Any, cast
@@ -67,6 +70,9 @@ from .nn import AttentionBlock, QKVAttention, split_heads
 Replacement = Callable[[Any, slice, tuple, dict], object]
 # A module to perturb: (its name, the module, its replacement).
 Target = tuple[str, nn.Module, Replacement]
+# The wrapper each perturbed module had last, for the next handle of its kind to install
+# again (a new wrapper object is a new forward to torch.compile's guards: a recompile).
+_LAST_WRAPPER: weakref.WeakKeyDictionary[nn.Module, _PerturbedForward] = weakref.WeakKeyDictionary()
 
 
 class Perturbation:
@@ -86,8 +92,8 @@ class Perturbation:
     ):
         self.kind = kind
         self.layers = layers
-        self.rows = rows
         self._installed: list[tuple[nn.Module, _PerturbedForward]] = []
+        self.rows = rows
         self._wrappers: list[_PerturbedForward] = []  # the first install's, kept for reinstall()
         self._select = select  # the targets the layers pick now
 
@@ -106,6 +112,8 @@ class Perturbation:
             if rows.step not in (None, 1):
                 raise ValueError(f"rows must be a contiguous slice (step 1), got {rows!r}")
         self._rows = rows
+        for _, wrapper in self._installed:
+            wrapper.rows = rows
 
     def _install(self, targets: Sequence[Target]) -> None:
         """Wrap the forward of every (name, module, replacement) target, or of none when one
@@ -113,8 +121,23 @@ class Perturbation:
         for name, module, _ in targets:
             if isinstance(module.__dict__.get("forward"), _PerturbedForward):
                 raise ValueError(f"layers: {name!r} is already perturbed by another Perturbation (remove that first)")
-        self._wrappers = [_PerturbedForward(self, module, name, replace) for name, module, replace in targets]
-        for wrapper in self._wrappers:
+        self._wrappers = [self._wrapper(name, module, replace) for name, module, replace in targets]
+        self._put_on(self._wrappers)
+
+    def _wrapper(self, name: str, module: nn.Module, replace: Replacement) -> _PerturbedForward:
+        """The wrapper ``module`` had last when it is of this kind and name and the module's
+        forward is the one it wrapped (its replacement, chosen by the module and the kind,
+        is then this one's); else a new one."""
+        last = _LAST_WRAPPER.get(module)
+        if last is not None and last.kind == self.kind and last.name == name and last.forward_unchanged():
+            return last
+        wrapper = _PerturbedForward(self.kind, module, name, replace)
+        _LAST_WRAPPER[module] = wrapper
+        return wrapper
+
+    def _put_on(self, wrappers: Sequence[_PerturbedForward]) -> None:
+        for wrapper in wrappers:
+            wrapper.rows = self._rows
             wrapper.module.forward = wrapper
             self._installed.append((wrapper.module, wrapper))
 
@@ -134,9 +157,7 @@ class Perturbation:
             for (name, module), wrapper in zip(picked, self._wrappers)
         ):
             return False
-        for wrapper in self._wrappers:
-            wrapper.module.forward = wrapper
-            self._installed.append((wrapper.module, wrapper))
+        self._put_on(self._wrappers)
         return True
 
     def remove(self) -> None:
@@ -149,6 +170,7 @@ class Perturbation:
                     "after the perturbation was installed (remove that first)"
                 )
         for module, wrapper in reversed(self._installed):
+            wrapper.rows = None
             if wrapper.had_own_forward:
                 module.forward = wrapper.inner
             else:
@@ -168,10 +190,11 @@ class Perturbation:
 
 class _PerturbedForward:
     """A module's instance forward while it is perturbed: the forward it had, with the
-    rows of ``handle.rows`` replaced by ``replace``'s output."""
+    rows ``rows`` (its handle's, which sets them) replaced by ``replace``'s output."""
 
-    def __init__(self, handle: Perturbation, module: nn.Module, name: str, replace: Replacement):
-        self.handle, self.module, self.name, self.replace = handle, module, name, replace
+    def __init__(self, kind: str, module: nn.Module, name: str, replace: Replacement):
+        self.kind, self.module, self.name, self.replace = kind, module, name, replace
+        self.rows: slice | None = None
         self.had_own_forward = "forward" in module.__dict__
         self.inner = module.forward
         self.class_forward = type(module).forward
@@ -185,7 +208,7 @@ class _PerturbedForward:
 
     def __call__(self, *args: object, **kwargs: object) -> object:
         out = self.inner(*args, **kwargs)
-        rows = self.handle.rows
+        rows = self.rows
         if rows is None:
             return out
         batch = _first_tensor(out, self.name).shape[0]
@@ -469,4 +492,12 @@ def _block_targets(model: nn.Module, layers: int | Sequence[int]) -> list[Target
             raise ValueError(
                 f"layers: block {index} does not exist; model.{attribute} holds blocks 0..{len(blocks) - 1}"
             )
-    return [(f"{attribute}.{index}", blocks[index], _skip_block(blocks[index])) for index in sorted(set(indices))]
+    chosen = sorted(set(indices))
+    for index in chosen:
+        shared = [other for other, block in enumerate(blocks) if block is blocks[index] and other != index]
+        if shared:
+            raise ValueError(
+                f"layers: model.{attribute}[{index}] is the same module as block(s) {shared} (shared "
+                "weights): skip_blocks skips a module wherever it runs, so it cannot skip one position of it"
+            )
+    return [(f"{attribute}.{index}", blocks[index], _skip_block(blocks[index])) for index in chosen]

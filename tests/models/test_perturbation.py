@@ -549,6 +549,37 @@ def test_install_and_remove_errors():
     assert isinstance(first, Perturbation) and "removed" in repr(first)
 
 
+def test_a_later_handle_installs_the_wrapper_a_module_had_while_its_forward_is_unchanged():
+    # One wrapper object per module and kind (torch.compile guards on the instance forward),
+    # with each handle's own rows; a forward replaced in between gets a new wrapper.
+    model = tiny_dit()
+    with perturb_attention(model, "blocks.1", rows=slice(0, 1)):
+        first = model.blocks[1].attn.forward
+    with perturb_attention(model, "blocks.1", rows=slice(1, 2)) as second:
+        assert model.blocks[1].attn.forward is first and first.rows == slice(1, 2)
+        second.rows = None
+        assert first.rows is None
+    with skip_blocks(model, 1):
+        assert model.blocks[1].forward is not first
+    model.blocks[1].attn.forward = model.blocks[1].attn.forward  # an instance forward of the user's
+    with perturb_attention(model, "blocks.1"):
+        assert model.blocks[1].attn.forward is not first
+    del model.blocks[1].attn.forward
+    assert_plain(model)
+
+
+def test_a_block_that_runs_at_two_positions_is_refused():
+    # A block list holding one module twice (shared weights): skipping it at one position
+    # would skip it at the other too.
+    model = tiny_dit()
+    model.blocks[2] = model.blocks[0]
+    for layers in (0, [0, 2]):
+        with pytest.raises(ValueError, match=r"model\.blocks\[0\] is the same module as block\(s\) \[2\]"):
+            skip_blocks(model, layers)
+        assert "forward" not in model.blocks[0].__dict__
+    skip_blocks(model, 1).remove()
+
+
 def test_joint_attention_other_than_sd3s_is_refused():
     # Added K/V projections under another processor (HunyuanVideo's masks the text and
     # rotates q and k) are not the joint attention whose identity map is written out.

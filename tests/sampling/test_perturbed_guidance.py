@@ -196,9 +196,12 @@ def test_a_compiled_model_is_compiled_once_for_every_perturbed_run():
     try:
         compiled = torch.compile(tiny_dit(), backend="eager")
         for guidance in (PAG(2.0, r"blocks\.1\."), SkipLayerGuidance(2.0, [1], interval=(0.0, 1e9))):
-            sampler = fastguide.GuidedSampler(compiled, sampler="euler", steps=2, schedule=SCHEDULE, guidance=guidance)
+            kwargs = dict(sampler="euler", steps=2, schedule=SCHEDULE, guidance=guidance)
+            sampler = fastguide.GuidedSampler(compiled, **kwargs)
             for _ in range(3):
                 sampler((2, 3, 8, 8), labels=torch.tensor([1, 2]), generator=torch.Generator().manual_seed(0))
+            for _ in range(3):  # sample() makes a new sampler, and a new perturbation handle, per call
+                fastguide.sample(compiled, (2, 3, 8, 8), labels=torch.tensor([1, 2]), **kwargs)
         assert counters["stats"]["unique_graphs"] == 2  # one a guidance
     finally:
         torch._dynamo.reset()
