@@ -200,7 +200,9 @@ def _install(
     ``new_state(blocks, first_blocks)`` makes the state when none is given."""
     check_cacheable(model, name)
     if isinstance(model, UNet):
-        state = state or new_state(len(model.input_blocks) + 1 + len(model.output_blocks), UNet.FIRST_BLOCKS)
+        state = _checked_state(
+            state, new_state(len(model.input_blocks) + 1 + len(model.output_blocks), UNet.FIRST_BLOCKS)
+        )
         handle = BlockCacheHandle(state)
         first = model.input_blocks[UNet.FIRST_BLOCKS - 1]
         handle.wrap(first, "forward", _first_block(state, passthrough(first), lambda out: out))
@@ -209,7 +211,7 @@ def _install(
     if _is_diffusers_unet(model):
         return _install_on_diffusers_unet(model, state, new_state, skip_first)
     _, blocks = block_list(model, name)
-    state = state or new_state(len(blocks), 0 if skip_first else 1)
+    state = _checked_state(state, new_state(len(blocks), 0 if skip_first else 1))
     handle = BlockCacheHandle(state)
     first, hidden = blocks[0], hidden_output(blocks[0])
     handle.wrap(
@@ -226,6 +228,34 @@ def _install(
     return handle
 
 
+def _checked_state(given: BlockCacheState | None, fresh: BlockCacheState) -> BlockCacheState:
+    """``given`` (an earlier run's state, kept for its buffers) when it was made for these
+    settings on this model, as ``fresh`` is; ``fresh`` when none is given. A state of other
+    settings or another model is refused: its wrappers would decide by its rule, not the
+    settings' (a schedule's on a threshold's first block reuses the first call's residual)."""
+    if given is None:
+        return fresh
+    if _made_for(given) != _made_for(fresh):
+        raise ValueError(
+            f"state: a BlockCacheState made for {_made_for(given)}, but these settings on this model make "
+            f"{_made_for(fresh)}: pass the state an install of the same settings on the same model returned"
+        )
+    return given
+
+
+def _made_for(state: BlockCacheState) -> dict[str, object]:
+    """What a state was made for: the model's block counts and the settings' rule (a
+    ForecastCache's schedule by the settings it is the method of)."""
+    schedule = getattr(state.schedule, "__self__", state.schedule)
+    return dict(
+        blocks=state.blocks,
+        first_blocks=state.first_blocks,
+        order=state.order,
+        threshold=state.threshold,
+        schedule=schedule,
+    )
+
+
 def _install_on_diffusers_unet(
     model: Any, state: BlockCacheState | None, new_state: Callable[[int, int], BlockCacheState], skip_first: bool
 ) -> BlockCacheHandle:
@@ -234,7 +264,7 @@ def _install_on_diffusers_unet(
     the last up block adds the residual to h₀."""
     down, up = list(model.down_blocks), list(model.up_blocks)
     middle = [model.mid_block] if model.mid_block is not None else []
-    state = state or new_state(len(down) + len(middle) + len(up), 0 if skip_first else 1)
+    state = _checked_state(state, new_state(len(down) + len(middle) + len(up), 0 if skip_first else 1))
     handle = BlockCacheHandle(state)
     handle.wrap(model.conv_in, "forward", _anchoring(state))
     through, hidden = _down_block_passthrough(down[0]), (lambda out: out[0])  # a down block gives (h, skips)

@@ -25,8 +25,13 @@ Passthrough = Callable[[tuple, dict], Any]
 def perturbation_target(model: object) -> Any:
     """The network whose layers PAG and skip-layer guidance perturb, and whose blocks a block
     cache skips: the model's ``perturbation_target`` when it wraps one (a pipeline's denoiser
-    adapter, so that layers keep the wrapped network's names), else the model itself."""
-    return getattr(model, "perturbation_target", model)
+    adapter, so that layers keep the wrapped network's names), else the model itself; past
+    torch.compile's wrapper (its ``_orig_mod``), whose forward runs that module's layers,
+    so that a compiled network is perturbed and cached as the network itself."""
+    target = getattr(model, "perturbation_target", model)
+    while isinstance(compiled := getattr(target, "_orig_mod", None), nn.Module):
+        target = compiled
+    return target
 
 
 def argument(args: tuple, kwargs: dict, index: int, name: str) -> Any:
@@ -58,9 +63,11 @@ def passthrough(block: nn.Module) -> Passthrough:
     (encoder_hidden_states, hidden_states), as it orders its outputs."""
     if is_joint_block(block):
         return _joint_passthrough
+    # The class's forward, past self: an instance forward (a perturbation's or a cache's
+    # wrapper, taking *args and **kwargs) does not name the block's arguments.
     try:
-        first = next(iter(inspect.signature(block.forward).parameters))
-    except (StopIteration, TypeError, ValueError):
+        first = list(inspect.signature(type(block).forward).parameters)[1]
+    except (IndexError, TypeError, ValueError):
         first = "hidden_states"
 
     def hidden_states(args: tuple, kwargs: dict) -> Tensor:

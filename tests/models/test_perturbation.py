@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastguide
+from fastguide.models.blocks import passthrough
 from fastguide.models.perturbation import Perturbation, perturb_attention, skip_blocks
 from tests.helpers import randomize, tiny_cfg_unet
 
@@ -566,6 +567,20 @@ def test_a_later_handle_installs_the_wrapper_a_module_had_while_its_forward_is_u
         assert model.blocks[1].attn.forward is not first
     del model.blocks[1].attn.forward
     assert_plain(model)
+
+
+def test_a_perturbed_block_called_by_keyword_still_names_its_input():
+    # What a block passes through is found by the block's own argument name (DiTBlock's
+    # forward(x, c)), not by a perturbation wrapper's (*args, **kwargs): a block cache asks
+    # while skip-layer guidance has the block wrapped.
+    model = tiny_dit()
+    width = model.blocks[0].attn.proj.in_features
+    h, c = torch.randn(3, 5, width, dtype=torch.float64), torch.randn(3, width, dtype=torch.float64)
+    with skip_blocks(model, 0, rows=slice(1, 3)):
+        assert passthrough(model.blocks[0])((), {"x": h, "c": c}) is h
+        out = model.blocks[0](x=h, c=c)
+    torch.testing.assert_close(out[1:], h[1:], rtol=0, atol=0)
+    torch.testing.assert_close(out[:1], model.blocks[0](h[:1], c[:1]))
 
 
 def test_a_block_that_runs_at_two_positions_is_refused():

@@ -73,6 +73,21 @@ def test_a_cache_that_never_reuses_is_bit_for_bit_plain_cfg(model_fn):
 
 
 @pytest.mark.parametrize("model_fn", [tiny_dit, tiny_cfg_unet], ids=["dit", "unet"])
+def test_a_compiled_model_is_cached_as_the_model_itself(model_fn):
+    # torch.compile's wrapper is looked past (its _orig_mod's blocks run): an ADM UNet was
+    # refused as "no transformer blocks" when compiled. (backend="eager": dynamo alone)
+    model = model_fn()
+    expected, plain = run(model, CFG(3.0), cache=FirstBlockCache(threshold=1.0))
+    torch._dynamo.reset()
+    try:
+        got, compiled = run(torch.compile(model, backend="eager"), CFG(3.0), cache=FirstBlockCache(threshold=1.0))
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, expected)
+    assert compiled.last_compute == plain.last_compute and plain.last_compute["reused_calls"] > 0
+
+
+@pytest.mark.parametrize("model_fn", [tiny_dit, tiny_cfg_unet], ids=["dit", "unet"])
 def test_a_forecast_whose_warmup_covers_the_loop_is_bit_for_bit_plain_cfg(model_fn):
     model = model_fn()
     plain, _ = run(model, CFG(3.0))
@@ -499,6 +514,28 @@ def test_numpy_scalars_are_taken_as_python_numbers():
     for made, expected in settings:
         for name, value in expected.items():
             assert getattr(made, name) == value and type(getattr(made, name)) is type(value)
+
+
+def test_a_state_is_taken_only_by_the_settings_and_model_it_was_made_for():
+    model = tiny_dit()
+    with FirstBlockCache(threshold=0.5).install(model) as handle:
+        state = handle.state
+    with FirstBlockCache(threshold=0.5).install(model, state) as handle:  # equal settings: its buffers kept
+        assert handle.state is state
+    for settings, other in (
+        (FirstBlockCache(threshold=10.0), model),  # another threshold
+        (FirstBlockCache(threshold=0.5, order=1), model),
+        (ForecastCache(every=2), model),  # a schedule's wrappers on a threshold's state
+        (FirstBlockCache(threshold=0.5), tiny_dit(depth=6)),  # other block counts
+    ):
+        with pytest.raises(ValueError, match="state: a BlockCacheState made for"):
+            settings.install(other, state)
+        assert not any("forward" in block.__dict__ for block in other.modules())
+    with ForecastCache(every=3).install(model) as handle:
+        forecast = handle.state
+    with pytest.raises(ValueError, match="state: a BlockCacheState made for"):
+        ForecastCache(every=2).install(model, forecast)
+    ForecastCache(every=3).install(model, forecast).remove()
 
 
 def test_a_model_without_blocks_is_refused_before_any_forward():
