@@ -306,7 +306,7 @@ def _calibrated_mag_ratios(network: _Network, labels, noise, config_class, apply
 
 def run(samples: int, quick: bool, say: Callable[[str], None]) -> list[dict]:
     models = digits.load("cpu")
-    _, _, held_x, _ = digits.load_dataset()
+    _, _, held_x, _ = digits.load_dataset(digits.held_out_seed(networks=("transformer",)))
     with torch.no_grad():
         real_features = models.evaluator.features(held_x).numpy()
     labels = torch.arange(samples) % digits.NUM_CLASSES

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastguide
-from benchmarks.sampling.nfe import diffusers_error, fastguide_error, kdiffusion_sampling
+from benchmarks.sampling.nfe import diffusers_error, fastguide_error, fastguide_steps, kdiffusion_sampling
 from benchmarks.sampling.oracle import GaussianClasses
 from fastguide import CFG, GuidedSampler, NoiseSchedule, sample
 from fastguide.sampling.solvers import ORDERS, plan_steps
@@ -58,6 +58,23 @@ CASES = {  # name: (scheduler, our sampler and options, noise)
         dict(sampler="euler-ancestral"),
     ),
 }
+
+
+@pytest.mark.parametrize(
+    "sampler, flow, budget, steps",
+    [
+        ("euler", False, 6, 6),
+        ("heun", False, 6, 3),
+        ("heun", True, 7, 4),
+        ("dpm++2s", False, 6, 3),
+        ("dpm++2s", True, 6, 4),
+    ],
+)
+def test_the_nfe_table_gives_each_solver_the_most_steps_its_budget_holds(sampler, flow, budget, steps):
+    # A two-call solver's last step makes one call, and dpm++2s's first step from a flow
+    # path's pure noise one more: 2·steps − 2 calls there, so budget 6 holds 4 steps.
+    schedule = NoiseSchedule.flow() if flow else NoiseSchedule.linear()
+    assert fastguide_steps(budget, schedule, sampler, None, "linspace" if flow else "leading") == steps
 
 
 @pytest.mark.parametrize("steps", [6, 13, 20])
