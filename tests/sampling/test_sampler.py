@@ -948,18 +948,20 @@ def test_fresh_model_with_rescale_samples_without_nan():
     assert torch.isfinite(got).all()
 
 
+def label_dependent_model(x, t, y):
+    """A smooth float64 model of x, t and the label, for loops written out against sample()."""
+    y, t = (v.double().reshape(-1, 1, 1, 1) for v in (y, t))
+    return torch.tanh(0.5 * x + 0.1 * y) * (0.3 + t / 2000)
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine", lambda sigma: 1.0 + 2.0 / (1.0 + sigma)])
 def test_guidance_weight_schedules_equal_a_written_out_ddim_loop(schedule):
     # The weight is evaluated per step on the host (Wang et al. 2024 act on w − 1, τ = t/(T − 1)).
     w, timesteps = 4.0, [999, 700, 400, 100]
     noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
-    def model(x, t, y):
-        y, t = (v.double().reshape(-1, 1, 1, 1) for v in (y, t))
-        return torch.tanh(0.5 * x + 0.1 * y) * (0.3 + t / 2000)
-
     got = sample(
-        model,
+        label_dependent_model,
         noise.shape,
         labels=torch.tensor([1, 2]),
         sampler="ddim",
@@ -979,7 +981,7 @@ def test_guidance_weight_schedules_equal_a_written_out_ddim_loop(schedule):
             if isinstance(schedule, str)
             else schedule(sigma_edm)
         )
-        out = model(torch.cat([x, x]), torch.full((4,), t), torch.tensor([1, 2, 0, 0]))
+        out = label_dependent_model(torch.cat([x, x]), torch.full((4,), t), torch.tensor([1, 2, 0, 0]))
         eps = out[2:] + weight * (out[:2] - out[2:])
         x0 = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
         eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
@@ -993,12 +995,8 @@ def test_guidance_weight_schedules_on_a_flow_path_take_tau_as_sigma(schedule):
     w, sigmas = 4.0, [1.0, 0.75, 0.5, 0.25]
     noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
-    def model(x, t, y):
-        y, t = (v.double().reshape(-1, 1, 1, 1) for v in (y, t))
-        return torch.tanh(0.5 * x + 0.1 * y) * (0.3 + t / 2000)
-
     got = sample(
-        model,
+        label_dependent_model,
         noise.shape,
         labels=torch.tensor([1, 2]),
         sampler="euler",
@@ -1012,7 +1010,7 @@ def test_guidance_weight_schedules_on_a_flow_path_take_tau_as_sigma(schedule):
     x = noise.clone()
     for sigma, sigma_next in zip(sigmas, sigmas[1:] + [0.0]):
         weight = {"linear": 1 + (w - 1) * 2 * (1 - sigma), "cosine": 1 + (w - 1) * (math.cos(math.pi * sigma) + 1)}
-        out = model(torch.cat([x, x]), torch.full((4,), 1000 * sigma), torch.tensor([1, 2, 0, 0]))
+        out = label_dependent_model(torch.cat([x, x]), torch.full((4,), 1000 * sigma), torch.tensor([1, 2, 0, 0]))
         velocity = out[2:] + weight[schedule] * (out[:2] - out[2:])
         x = x + (sigma_next - sigma) * velocity
     torch.testing.assert_close(got, x)
