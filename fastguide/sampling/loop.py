@@ -731,7 +731,7 @@ class GuidedSampler:
 
     def _drawn_in(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype a loop in ``dtype`` draws its noise in (see FLOAT32_NOISE_SAMPLERS)."""
-        return torch.promote_types(dtype, torch.float32) if self.sampler in FLOAT32_NOISE_SAMPLERS else dtype
+        return torch.float32 if self.sampler in FLOAT32_NOISE_SAMPLERS else dtype
 
     def _run(self, shape, device, x_T, conditioning, generator, bar, callback, keep_x0) -> Tensor:
         """The loop, eagerly."""
@@ -1065,9 +1065,15 @@ class GuidedSampler:
             out=scratch,
             similarity=similarity,
         )
+        # s: the percentile of |x0| per sample, linearly interpolated between order
+        # statistics as Imagen's np.percentile and diffusers' torch.quantile take it (two
+        # kthvalue calls: torch.quantile refuses more than 2^24 elements)
         flat = x0.abs().flatten(1)
-        k = max(1, min(flat.shape[1], math.ceil(self.dynamic_threshold * flat.shape[1])))
-        s = flat.kthvalue(k, dim=1).values.clamp_min(1.0).reshape(-1, *([1] * (x0.dim() - 1)))
+        position = self.dynamic_threshold * (flat.shape[1] - 1)
+        below = math.floor(position)
+        low = flat.kthvalue(below + 1, dim=1).values
+        high = flat.kthvalue(min(below + 2, flat.shape[1]), dim=1).values
+        s = torch.lerp(low, high, position - below).clamp_min(1.0).reshape(-1, *([1] * (x0.dim() - 1)))
         thresholded = torch.maximum(torch.minimum(x0, s), -s) / s
         if model_output.shape[1] == 2 * x.shape[1]:  # keep the learned variance channels
             thresholded = torch.cat([thresholded, model_output[: len(x), x.shape[1] :]], dim=1)
@@ -1525,6 +1531,11 @@ def sample(
             flow path (latent models). Pass False for a latent model on a VP schedule
             (DiT, SD), as their own samplers do.
         generator, noise: the random stream; ``noise`` is x_T. Same generator, same samples.
+            A run draws x_T (without ``noise``) and then one tensor per step that adds noise
+            (``GuidedSampler.noise_draws``): not a last step onto clean data, where
+            diffusers' DDIM (eta > 0), DDPM, Euler ancestral and SDE-DPM++ schedulers draw
+            one more, unused; so a generator reused for a second run matches diffusers'
+            second run only in an accelerated pipeline, which makes that draw too.
             The loop's state (x, the solver's x0 history) is in the model's dtype where its
             floating parameters share one (a bf16 model: bf16 state; ``model.float()`` under
             autocast keeps it in float32), else in the noise's, else float32; the noise is

@@ -83,8 +83,9 @@ class NoiseSchedule:
     @classmethod
     def linear(cls, num_timesteps: int = 1000) -> NoiseSchedule:
         """ADM's linear schedule: β from 1e-4 to 0.02, scaled to keep the same range at T steps."""
-        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 21:
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 21:
             raise ValueError(f"num_timesteps must be an int of at least 21 (β reaches 20/T), got {num_timesteps!r}")
+        num_timesteps = int(num_timesteps)  # (a NumPy integer too)
         scale = 1000 / num_timesteps
         return cls(torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64))
 
@@ -93,8 +94,9 @@ class NoiseSchedule:
         """Nichol & Dhariwal's cosine schedule, ᾱ(u) = cos²((u + s)/(1 + s)·π/2), β capped at
         ``max_beta``. Checks num_timesteps a positive int, s a finite non-negative number
         (the offset), max_beta in (0, 1)."""
-        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
             raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
+        num_timesteps = int(num_timesteps)  # (a NumPy integer too)
         if not _is_real(s) or s < 0:
             raise ValueError(f"s (the cosine schedule's offset) must be a finite non-negative number, got {s!r}")
         if not _is_real(max_beta) or not 0 < max_beta < 1:
@@ -237,6 +239,10 @@ class NoiseSchedule:
                       Diffusion's scheduler config adds 1 to each, which explicit steps give)
           "trailing"  diffusers': round(T − i·T/N) − 1 for i < N (starts at T − 1)
           "linspace"  diffusers': round of N points evenly spaced over [0, T − 1]
+        (these three as DDIMScheduler and DDPMScheduler place them: under the same names
+        DPMSolverMultistep and UniPC place N + 1 points and drop the last, t = 0, and Euler's
+        "linspace" keeps fractional times; give such a scheduler's ``timesteps`` as an
+        explicit list to reproduce its grid)
           "logsnr"    uniform in log-SNR λ from λ_{T−1} (or from σ̃ = 160 where the schedule
                       goes beyond: the cosine's σ̃_{T−1} = 2·10⁴, where a data-prediction step
                       divides by α ≈ 5·10⁻⁵; ADM's linear one ends at 157; crowded steps
@@ -403,6 +409,11 @@ def _adm_section(size: int, count: int) -> list[int]:
     return sorted(set(taken))
 
 
+# The most steps of a flow grid: uniform σ steps of 1/N near σ = 1 are distinct float32
+# numbers (24-bit significand) only while N ≤ 2^24, and a shift > 1 crowds them further.
+MAX_FLOW_STEPS = 2**24
+
+
 class FlowSchedule(NoiseSchedule):
     """The rectified-flow path x_σ = (1 − σ)·x0 + σ·ε, σ ∈ [0, 1], whose velocity is
     v = ε − x0 (``prediction_type="flow_prediction"``). The model is called with the float
@@ -431,11 +442,11 @@ class FlowSchedule(NoiseSchedule):
         sampler's own grid is checked when it is built."""
         if not _is_real(shift) or shift <= 0:
             raise ValueError(f"shift must be a positive number, got {shift!r}")
-        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
             raise ValueError(f"num_timesteps must be a positive int (the model's time scale), got {num_timesteps!r}")
         self.shift = float(shift)
-        self._scale = num_timesteps
-        self.check_grid([num_timesteps * self.shifted(sigma) for sigma in (1.0, 0.5)], f"shift={shift!r}'s 2-step grid")
+        self._scale = int(num_timesteps)  # (a NumPy integer too)
+        self.check_grid([self._scale * self.shifted(sigma) for sigma in (1.0, 0.5)], f"shift={shift!r}'s 2-step grid")
 
     def __repr__(self) -> str:
         return f"FlowSchedule(shift={self.shift}, num_timesteps={self._scale})"
@@ -488,9 +499,18 @@ class FlowSchedule(NoiseSchedule):
             )
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
+        if steps > MAX_FLOW_STEPS:  # refused before a grid of that many floats is built and checked
+            raise ValueError(
+                f"steps must be at most {MAX_FLOW_STEPS} on a flow schedule (finer, the model's float32 "
+                f"times T·σ near σ = 1 are no longer distinct), got {steps}"
+            )
         _karras_rho(rho, spacing)
+        source = f"the {steps}-step grid of shift={self.shift!r}"
+        # its first gaps first, the narrowest in float32 for a shift ≥ 1: a grid too fine is
+        # refused before all of it is built
+        self.check_grid([self._scale * self.shifted(1 - i / steps) for i in range(min(steps, 64))], source)
         grid = [self._scale * self.shifted(1 - i / steps) for i in range(steps)]
-        self.check_grid(grid, f"the {steps}-step grid of shift={self.shift!r}")
+        self.check_grid(grid, source)
         return grid
 
     def model_time_dtype(self, timesteps: Sequence[float]) -> torch.dtype:

@@ -96,10 +96,10 @@ VP_ONLY = ("ddpm", "euler-ancestral", "dpm++2m-sde")
 FLOW_ONLY = ("euler-maruyama",)
 # Samplers that make two model calls per step (the second a corrector or a midpoint).
 TWO_CALL_SAMPLERS = ("heun", "dpm++2s")
-# Samplers whose noise is drawn in at least float32 (then cast to the loop's dtype), as
-# diffusers' DPM-Solver SDE draws it whatever the latents' dtype: the same generator then
-# gives a float16 loop diffusers' noise (k-diffusion draws in x's dtype, float64 included).
-# The others draw in the loop's dtype, as diffusers' DDPM, DDIM and Euler ancestral do.
+# Samplers whose noise is drawn in float32 (then cast to the loop's dtype), as diffusers'
+# DPM-Solver SDE draws it whatever the latents' dtype: the same generator then gives a
+# float16 or float64 loop diffusers' noise. The others draw in the loop's dtype, as
+# diffusers' DDPM, DDIM and Euler ancestral do.
 FLOAT32_NOISE_SAMPLERS = ("dpm++2m-sde",)
 # The global order of accuracy of each deterministic sampler on the probability-flow ODE, as
 # built (and as in diffusers): UniPC-p with its corrector is of order p + 1, but both

@@ -1823,7 +1823,7 @@ def test_dynamic_thresholding_matches_imagen():
             eps = out[2:] + w * (out[:2] - out[2:])
             abar, abar_next = SCHEDULE.alpha_bar(t), SCHEDULE.alpha_bar(t_next)
             x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
-            s = torch.quantile(x0.abs().flatten(1), p, dim=1, interpolation="higher").clamp_min(1).reshape(-1, 1, 1, 1)
+            s = torch.quantile(x0.abs().flatten(1), p, dim=1).clamp_min(1).reshape(-1, 1, 1, 1)
             x0 = x0.clamp(-s, s) / s
             eps = (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
             x = math.sqrt(abar_next) * x0 + math.sqrt(1 - abar_next) * eps

@@ -12,6 +12,7 @@ import torch
 import fastguide.sampling.solvers
 from fastguide import NoiseSchedule
 from fastguide.ops.contract import PREDICTION_TYPES
+from fastguide.sampling.schedule import FlowSchedule
 
 SCHEDULE = NoiseSchedule.linear()
 
@@ -360,6 +361,16 @@ def test_numbers_of_every_kind_and_clear_refusals():
     flow, vp = NoiseSchedule.flow(), NoiseSchedule.linear()
     assert flow.timesteps(np.array([1000, 500])) == [1000.0, 500.0]  # NumPy scalars are numbers
     assert vp.spaced_timesteps(5, "karras", np.float32(7)) == vp.spaced_timesteps(5, "karras", 7.0)
+    with pytest.raises(ValueError, match="steps must be at most 16777216 on a flow schedule"):
+        NoiseSchedule.flow().spaced_timesteps(2**24 + 1)
+    with pytest.raises(ValueError, match="the 16777216-step grid of shift=3.0 must stay distinct"):
+        NoiseSchedule.flow(3.0).spaced_timesteps(2**24)  # (its first gaps, before the rest is built)
+    for made in (
+        NoiseSchedule.linear(np.int64(100)),
+        NoiseSchedule.cosine(np.int64(100)),
+        FlowSchedule(1.0, np.int64(100)),
+    ):
+        assert made.num_timesteps == 100 and type(made.num_timesteps) is int
     with pytest.raises(ValueError, match="steps must be an int, got True"):
         vp.strided_timesteps(True)
     assert len(vp.strided_timesteps(1000)) == 1000  # ddim1000 exists, past T/2

@@ -85,7 +85,8 @@ def test_vp_solvers_match_diffusers(case, steps):
     scheduler.set_timesteps(steps)
     # UniPC of order 3 in diffusers mixes float32 and float64 unless its sigmas are float64.
     scheduler.sigmas = scheduler.sigmas.double() if case == "unipc-3" else scheduler.sigmas
-    dtype = torch.float64 if case == "unipc-3" else torch.float32
+    # (the SDE in float64 too: diffusers draws its noise in float32 whatever the dtype)
+    dtype = torch.float64 if case in ("unipc-3", "dpm++2m-sde") else torch.float32
     x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=dtype)
     expected = run_diffusers(scheduler, x_T, toy_eps, torch.Generator().manual_seed(7))
     timesteps = sorted({int(t) for t in scheduler.timesteps.tolist()}, reverse=True)
