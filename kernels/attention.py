@@ -156,6 +156,10 @@ def _rows_block(ptrs, rows_left, d_ok, BLOCK: tl.constexpr, EVEN_ROWS: tl.conste
     return block
 
 
+# The running max's start (see _softmax_update).
+LOWEST_FLOAT32: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
+
+
 @triton.jit
 def _softmax_update(
     q,
@@ -177,7 +181,10 @@ def _softmax_update(
         l' = l·2^(m − m') + rowsum p;  acc' = acc·2^(m − m') + p·v.
     c ≥ 0 lets the scale leave the max (c·rowmax s = rowmax c·s) and join the exponent's
     subtraction in one FMA a score. (The masked keys' p is set to 0 rather than their s to
-    −inf: at c = 0, −inf·c would be NaN.)"""
+    −inf: at c = 0, −inf·c would be NaN.) m starts at the lowest finite float32, not −inf:
+    a row whose keys so far all score −inf keeps it, so its p = 2^(−inf − m) = 0 and
+    correction 1, where m = −inf would make them 2^(−inf + inf) = NaN (a later finite key
+    then makes the row finite, as softmax is; with none, l = 0 gives 0/0 = NaN)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MASK_KEYS:
         is_key = (tl.arange(0, BLOCK_N) < keys)[None, :]
@@ -281,7 +288,7 @@ def _forward_kernel(
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    m = tl.full([BLOCK_M], LOWEST_FLOAT32, tl.float32)  # (see _softmax_update)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_block = (
@@ -362,7 +369,7 @@ def _forward_tma_kernel(
     row0, bh, b64, h64 = _tile(Lq, H, BLOCK_M, LARGE)
     b, h = b64.to(tl.int32), h64.to(tl.int32)  # (a descriptor takes int32 coordinates)
     q = q_desc.load([b, h, row0, 0]).reshape(BLOCK_M, BLOCK_D)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    m = tl.full([BLOCK_M], LOWEST_FLOAT32, tl.float32)  # (see _softmax_update)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     whole = Lk - Lk % BLOCK_N

@@ -430,6 +430,31 @@ def test_a_non_finite_key_makes_nan_the_rows_it_scores_nan_or_inf(backend, dtype
         assert out.isnan().all(), (backend, keys)
 
 
+@pytest.mark.parametrize("keys", [40, 70, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_whose_first_keys_all_score_minus_inf_are_the_softmax_of_the_rest(backend, dtype, keys, device):
+    # The first 32 keys (a whole key block of every config) score −inf for rows with
+    # q[..., 0] > 0, the later ones finite: those rows weigh only the later keys. The online
+    # softmax's running max stays −inf over the first block, where 2^(−inf − (−inf)) made
+    # the Triton rows NaN. A row with q[..., 0] < 0 scores +inf there: NaN. Gradients too.
+    q = torch.randn(1, 2, 4, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    k, v = (
+        torch.randn(1, 2, keys, 16, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in (1, 2)
+    )
+    q[..., 0] = torch.tensor([1.0, 2.0, 0.5, -1.0], dtype=torch.float64)
+    k[:, :, :32, 0] = -math.inf
+    expected = explicit_attention(q[:, :, :3], k[..., 32:, :], v[..., 32:, :], 0.25)  # the finite keys alone
+    with fastguide.backend(backend):
+        out = ops.attention(*(t.to(device, dtype) for t in (q, k, v)), scale=0.25).double().cpu()
+        assert out[:, :, 3].isnan().all(), backend
+        assert_close(out[:, :, :3], expected, ATTENTION, dtype)
+        q, k, v = (t.to(device, dtype).requires_grad_(True) for t in (q[:, :, :3], k, v))
+        dq, dv = torch.autograd.grad(ops.attention(q, k, v, scale=0.25).float().sum(), (q, v))
+    assert torch.isfinite(dq[..., 1:]).all() and torch.isfinite(dv[:, :, 32:]).all(), backend
+    assert (dv[:, :, :32] == 0).all(), backend  # the keys no row weighs
+
+
 @pytest.mark.parametrize("scale", [0.5, -0.5])
 @pytest.mark.parametrize("forward", ["attention", "attention_forward"])
 def test_the_reference_makes_rows_nan_where_a_non_finite_key_makes_a_score_nan_or_inf(monkeypatch, forward, scale):
