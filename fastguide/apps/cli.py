@@ -345,7 +345,9 @@ def _distributed(device: torch.device) -> tuple[int, int, torch.device, Any]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     # the rendezvous's store timing out: no other rank came, or none could be reached
-    unjoined = tuple(getattr(dist, name, RuntimeError) for name in ("DistStoreError", "DistNetworkError"))
+    # (ValueError: the env:// rendezvous missing RANK, MASTER_ADDR or MASTER_PORT, as with
+    # WORLD_SIZE set outside torchrun)
+    unjoined = (*(getattr(dist, name, RuntimeError) for name in ("DistStoreError", "DistNetworkError")), ValueError)
     try:
         dist.init_process_group("gloo", timeout=JOIN_TIMEOUT)
     except unjoined as error:
@@ -935,7 +937,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--scale",
         type=float,
-        help="CFG scale w >= 0; 1 = the conditional model, 0 = unconditional (auto: 0 = the guide); "
+        help="CFG scale w >= 0; 1 = the conditional model, 0 = unconditional (auto: 0 = the guide; "
+        "--pipeline: above 1, as diffusers guides, or 1); "
         f"cfg++'s λ in [0, 1] (default: 2; cfg++: {CFG_PLUS_PLUS_SCALE}, the digits UNet's best "
         "λ in fastguide sweep, the transformer's was 0.2)",
     )

@@ -75,6 +75,19 @@ def check(args: argparse.Namespace) -> None:
     check_at_least("--steps", args.steps, high=1000)
     if args.scale is not None:
         check_scale("--scale", args.scale)
+        # diffusers' pipelines guide only above 1 (do_classifier_free_guidance: scale > 1);
+        # at or below it they sample the conditional model and drop the negative prompt
+        if args.scale < 1:
+            raise UsageError(
+                "--scale",
+                f"a diffusers pipeline guides only with a scale above 1 and samples the conditional "
+                f"model alone at or below it (give 1 for that), got {args.scale:g}",
+            )
+        if args.scale == 1 and args.negative_prompt is not None:
+            raise UsageError(
+                "--negative-prompt",
+                "is the unconditional branch of CFG, which a diffusers pipeline runs only with --scale above 1",
+            )
     if args.pag_scale is not None:
         check_scale("--pag-scale", args.pag_scale)
     check_batch_seeds(args.num_samples, args.batch_size, args.seed)

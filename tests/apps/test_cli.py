@@ -602,6 +602,16 @@ def test_two_processes_give_the_single_process_samples(tmp_path):
     np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
 
 
+def test_world_size_without_torchrun_is_a_usage_error(monkeypatch):
+    # WORLD_SIZE inherited outside a torchrun job: the env:// rendezvous finds no RANK and
+    # raises a ValueError, which is the same usage error as ranks that never meet.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(cli.UsageError, match="WORLD_SIZE: is 2 in the environment, but the ranks did not meet.*RANK"):
+        cli._distributed(torch.device("cpu"))
+
+
 def test_torchrun_ranks_join_briefly_and_gather_without_a_deadline(monkeypatch):
     # Under torchrun the ranks exchange only the finished uint8 samples: one gloo group (an
     # NCCL gather_object stages every rank's share on rank 0's GPU); the join times out in

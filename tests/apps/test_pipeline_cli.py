@@ -144,6 +144,9 @@ def test_a_grid_that_fails_to_write_leaves_the_old_file(pipeline_folder, tmp_pat
         (["--prompt", "x", "--sampler", "unipc", "--spacing", "adm"], "--spacing: adm (ADM's strided ddimN grid)"),
         (["--prompt", "x", "--steps", "0"], "--steps"),
         (["--prompt", "x", "--scale", "1e39"], "--scale: expected a finite number from 0 to"),
+        # diffusers guides only above 1: below it the conditional model alone, and no negative prompt
+        (["--prompt", "x", "--scale", "0"], "--scale: a diffusers pipeline guides only with a scale above 1"),
+        (["--prompt", "x", "--scale", "1", "--negative-prompt", "y"], "--negative-prompt: is the unconditional"),
         (["--prompt", "x", "--seed", str(2**64 - 1), "--num-samples", "2", "--batch-size", "1"], "--seed: expected"),
         (["--prompt", "x", "--backend", "cuda"], "--backend: the cuda backend cannot run on cpu"),
         # a flow sampler for SD's variance-preserving scheduler: refused before the pipeline loads
