@@ -82,7 +82,7 @@ def fastguide_steps(budget: int, schedule: NoiseSchedule, sampler: str, solver_o
             prediction_type="flow_prediction" if schedule.is_flow else "epsilon",
         ).num_calls
 
-    steps = 1
+    steps = max(1, budget // 2)  # (no solver makes more than 2 calls a step)
     while calls(steps + 1) <= budget:
         steps += 1
     return steps

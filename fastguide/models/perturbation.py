@@ -87,15 +87,11 @@ class Perturbation:
     removes itself on exit.
     """
 
-    def __init__(
-        self, kind: str, layers: tuple[str, ...], rows: slice | None, select: Callable[[], list[Target]] | None = None
-    ):
+    def __init__(self, kind: str, layers: tuple[str, ...], rows: slice | None):
         self.kind = kind
         self.layers = layers
         self._installed: list[tuple[nn.Module, _PerturbedForward]] = []
         self.rows = rows
-        self._wrappers: list[_PerturbedForward] = []  # the first install's, kept for reinstall()
-        self._select = select  # the targets the layers pick now
 
     @property
     def rows(self) -> slice | None:
@@ -121,8 +117,10 @@ class Perturbation:
         for name, module, _ in targets:
             if isinstance(module.__dict__.get("forward"), _PerturbedForward):
                 raise ValueError(f"layers: {name!r} is already perturbed by another Perturbation (remove that first)")
-        self._wrappers = [self._wrapper(name, module, replace) for name, module, replace in targets]
-        self._put_on(self._wrappers)
+        for wrapper in [self._wrapper(name, module, replace) for name, module, replace in targets]:
+            wrapper.rows = self._rows
+            wrapper.module.forward = wrapper
+            self._installed.append((wrapper.module, wrapper))
 
     def _wrapper(self, name: str, module: nn.Module, replace: Replacement) -> _PerturbedForward:
         """The wrapper ``module`` had last when it is of this kind and name and the module's
@@ -134,31 +132,6 @@ class Perturbation:
         wrapper = _PerturbedForward(self.kind, module, name, replace)
         _LAST_WRAPPER[module] = wrapper
         return wrapper
-
-    def _put_on(self, wrappers: Sequence[_PerturbedForward]) -> None:
-        for wrapper in wrappers:
-            wrapper.rows = self._rows
-            wrapper.module.forward = wrapper
-            self._installed.append((wrapper.module, wrapper))
-
-    def reinstall(self) -> bool:
-        """After ``remove()``, put the very wrapper objects of the first install back, so that
-        a torch.compile'd model (which guards on each perturbed module's forward) does not
-        recompile; ``rows`` is kept. Only where the layers still pick the same modules and
-        their forwards are as they were at the first install: else False, changing nothing
-        (make a new handle). True, doing nothing, while installed."""
-        if self._installed:
-            return True
-        if self._select is None or not self._wrappers:
-            return False
-        picked = [(name, module) for name, module, _ in self._select()]
-        if len(picked) != len(self._wrappers) or any(
-            name != wrapper.name or module is not wrapper.module or not wrapper.forward_unchanged()
-            for (name, module), wrapper in zip(picked, self._wrappers)
-        ):
-            return False
-        self._put_on(self._wrappers)
-        return True
 
     def remove(self) -> None:
         """Put back every forward this handle replaced (a second call does nothing). Fails,
@@ -260,7 +233,7 @@ def _installed(kind: str, model: object, select: Callable[[], list[Target]], row
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     targets = select()
-    handle = Perturbation(kind, tuple(name for name, _, _ in targets), rows, select)
+    handle = Perturbation(kind, tuple(name for name, _, _ in targets), rows)
     handle._install(targets)
     return handle
 

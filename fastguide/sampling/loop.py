@@ -322,7 +322,6 @@ class GuidedSampler:
             )
         self.cuda_graph = cuda_graph
         self._perturbation: Perturbation | None = None  # a run's perturbed layers (see __call__)
-        self._kept_perturbation: Perturbation | None = None  # the last run's, removed (see _perturb)
         self._guide_network = self.guidance.guide_network() if self.guidance is not None else None
         self._guide_input_dtype: torch.dtype | None = None  # a run's (_guide_dtype_for)
         # (shape, device, dtype, conditioning signature, keep_x0, callback, noise inside,
@@ -667,7 +666,8 @@ class GuidedSampler:
         keep_x0 = self.history_length > 0 or callback is not None
         try:
             # PAG's and skip-layer guidance's perturbed layers, installed for this run only.
-            self._perturbation = self._perturb()
+            # (a module keeps its wrapper across handles: a compiled model compiles once)
+            self._perturbation = self.guidance.perturb(self.model) if self.guidance is not None else None
             if self.cuda_graph:
                 return self._replay(shape, device, x_T, conditioning, generator, bar, callback, keep_x0)
             return self._run(shape, device, x_T, conditioning, generator, bar, callback, keep_x0)
@@ -719,15 +719,6 @@ class GuidedSampler:
                     UserWarning,
                     stacklevel=4,
                 )
-
-    def _perturb(self) -> Perturbation | None:
-        """This run's perturbation: the last run's handle installed again where it can be (the
-        same wrappers, so that a torch.compile'd model does not recompile every run), else a
-        new one."""
-        if self._kept_perturbation is not None and self._kept_perturbation.reinstall():
-            return self._kept_perturbation
-        self._kept_perturbation = self.guidance.perturb(self.model) if self.guidance is not None else None
-        return self._kept_perturbation
 
     def _drawn_in(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype a loop in ``dtype`` draws its noise in (see FLOAT32_NOISE_SAMPLERS)."""
