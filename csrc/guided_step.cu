@@ -96,7 +96,7 @@ __device__ __forceinline__ void store_buffer(float* to, const float (&values)[kV
 // bytes in flight. Element by element across the vectors, so that the first math already
 // needs every vector (nvcc issued a later vector's loads after the first's math when the
 // first vector's elements came first).
-template <typename T, int kVec, int kVectors, bool kPerturbed, bool kMomentum>
+template <typename T, int kVec, int kVectors, bool kPerturbed, bool kMomentum, bool kZeroStar>
 __device__ __forceinline__ void add_stats_vectors(const GuidedStepParams& p, const GuidedStepTensors<T>& t,
                                                   int64_t b, int64_t j, ShiftedSums& sums) {
   constexpr int64_t kStride = static_cast<int64_t>(kThreads) * kVec;
@@ -116,12 +116,14 @@ __device__ __forceinline__ void add_stats_vectors(const GuidedStepParams& p, con
   for (int i = 0; i < kVec; ++i) {
 #pragma unroll
     for (int r = 0; r < kVectors; ++r) {
-      const float c_i = to_float(c[r].v[i]);
-      float v_i = c_i - to_float(u[r].v[i]);
+      const float c_i = to_float(c[r].v[i]), u_i = to_float(u[r].v[i]);
+      float v_i = c_i - u_i;
       if constexpr (kPerturbed) {  // "cfg" only: no APG buffer
         v_i = perturbed_guidance(p, c_i, v_i, to_float(perturbed[r].v[i]));
       } else if constexpr (kMomentum) {  // guidance_difference's, with the flag known
         v_i += p.combine.apg_momentum * buffer[r][i];
+      } else if constexpr (kZeroStar) {  // stats_inputs_at's pair (c, u)
+        v_i = u_i;
       }
       add_shifted(sums, c_i, v_i);
     }
@@ -131,7 +133,8 @@ __device__ __forceinline__ void add_stats_vectors(const GuidedStepParams& p, con
 // kMomentum: APG's momentum buffer is read (a compile-time branch: a runtime one between
 // the loads and the math kept nvcc from issuing the second vector's loads before the
 // first's math). The scalar path (kVec = 1) reads p.apg_momentum_on, which equals it.
-template <typename T, int kVec, bool kPerturbed, bool kMomentum>
+// kZeroStar: CFG-Zero*'s pair (c, u) in place of (c, v) (stats_inputs_at).
+template <typename T, int kVec, bool kPerturbed, bool kMomentum, bool kZeroStar>
 __device__ __forceinline__ void guided_stats(const GuidedStepParams& p, const GuidedStepTensors<T>& t) {
   const int64_t b = p.first_sample + blockIdx.y;
   const int64_t per_part = stats_part_elems(p, kVec);
@@ -141,7 +144,7 @@ __device__ __forceinline__ void guided_stats(const GuidedStepParams& p, const Gu
   // Each thread's first element is its shift, read before the loop (a cached reread; a
   // shift chosen per element costs the vector path 8 registers).
   ShiftedSums sums{};
-  if (first < end) stats_inputs_at<T, kPerturbed>(p, t, b, first, sums.k_c, sums.k_v);
+  if (first < end) stats_inputs_at<T, kPerturbed, kZeroStar>(p, t, b, first, sums.k_c, sums.k_v);
   if constexpr (kVec > 1) {
     // Two vectors of each input an iteration, then at most one more: every load of an
     // iteration is unconditional and a constant offset from the first, so that the
@@ -150,15 +153,17 @@ __device__ __forceinline__ void guided_stats(const GuidedStepParams& p, const Gu
     // guarantees sample_elems % kVec == 0: no partial vector.)
     constexpr int64_t kStride = static_cast<int64_t>(kThreads) * kVec;
     int64_t j = first;
-    for (; j + kStride < end; j += 2 * kStride) add_stats_vectors<T, kVec, 2, kPerturbed, kMomentum>(p, t, b, j, sums);
-    if (j < end) add_stats_vectors<T, kVec, 1, kPerturbed, kMomentum>(p, t, b, j, sums);
+    for (; j + kStride < end; j += 2 * kStride) {
+      add_stats_vectors<T, kVec, 2, kPerturbed, kMomentum, kZeroStar>(p, t, b, j, sums);
+    }
+    if (j < end) add_stats_vectors<T, kVec, 1, kPerturbed, kMomentum, kZeroStar>(p, t, b, j, sums);
   } else {
-    for (int64_t j = first; j < end; j += kThreads) accumulate_stats_at<T, kPerturbed>(p, t, b, j, sums);
+    for (int64_t j = first; j < end; j += kThreads) accumulate_stats_at<T, kPerturbed, kZeroStar>(p, t, b, j, sums);
   }
   // The part's first element is the reference of the means (read after the loop, so that
   // it holds no register there).
   float ref_c = 0.0f, ref_v = 0.0f;
-  if (first < end) stats_inputs_at<T, kPerturbed>(p, t, b, begin, ref_c, ref_v);
+  if (first < end) stats_inputs_at<T, kPerturbed, kZeroStar>(p, t, b, begin, ref_c, ref_v);
   const Moments m = block_merge_moments(shifted_moments(sums, ref_c, ref_v));
   if (threadIdx.x == 0) {  // thread 0 reads the reference: its part is never empty
     float* out = t.partials + (b * p.parts + blockIdx.x) * kStatsPerSample;
@@ -170,12 +175,17 @@ __device__ __forceinline__ void guided_stats(const GuidedStepParams& p, const Gu
 
 template <typename T, int kVec, bool kMomentum>
 __global__ void __launch_bounds__(kThreads) guided_stats_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
-  guided_stats<T, kVec, false, kMomentum>(p, t);
+  guided_stats<T, kVec, false, kMomentum, false>(p, t);
+}
+
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads) zero_star_stats_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
+  guided_stats<T, kVec, false, false, true>(p, t);
 }
 
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreads) perturbed_guided_stats_kernel(GuidedStepParams p, GuidedStepTensors<T> t) {
-  guided_stats<T, kVec, true, false>(p, t);
+  guided_stats<T, kVec, true, false, false>(p, t);
 }
 
 // One thread per sample b: its (α_c, α_v, f) from the stats pass's partials
@@ -473,9 +483,10 @@ int launch_typed(const GuidedStepParams& p, const GuidedStepTensors<void>& untyp
   const bool vector = vectorised(p, untyped, kVec);
   if (p.stats != kStatsNone) {
     const Kernel<T> stats =
-        p.perturbed          ? (vector ? perturbed_guided_stats_kernel<T, kVec> : perturbed_guided_stats_kernel<T, 1>)
-        : p.apg_momentum_on ? (vector ? guided_stats_kernel<T, kVec, true> : guided_stats_kernel<T, 1, true>)
-                            : (vector ? guided_stats_kernel<T, kVec, false> : guided_stats_kernel<T, 1, false>);
+        p.perturbed                  ? (vector ? perturbed_guided_stats_kernel<T, kVec> : perturbed_guided_stats_kernel<T, 1>)
+        : p.stats == kStatsZeroStar ? (vector ? zero_star_stats_kernel<T, kVec> : zero_star_stats_kernel<T, 1>)
+        : p.apg_momentum_on         ? (vector ? guided_stats_kernel<T, kVec, true> : guided_stats_kernel<T, 1, true>)
+                                    : (vector ? guided_stats_kernel<T, kVec, false> : guided_stats_kernel<T, 1, false>);
     for_each_launch(p, [&](const GuidedStepParams& rows, unsigned samples) {
       launch_kernel(stats, dim3(static_cast<unsigned>(p.parts), samples), kThreads, stream, rows, t);
     });

@@ -250,7 +250,8 @@ constexpr int kCoefficientFields = 3;  // floats of one sample's SampleCoefficie
 // order (deterministic): about the first part's mean μ₀, S1 = Σ n_p(μ_p − μ₀),
 // S2 = Σ M_p + n_p(μ_p − μ₀)(μ_p − μ₀)', M = S2 − S1·S1'/n (what cancels there is
 // (μ − μ₀)²/σ², nothing next to double's precision). The Gram entries are
-// Σxy = Mxy + n·μx·μy with u = c − v.
+// Σxy = Mxy + n·μx·μy with u = c − v. CFG-Zero*'s partials are of the pair (c, u) instead
+// (stats_inputs_at), as ‖u‖² = Mcc − 2Mcv + Mvv keeps no digit where ‖u‖ ≪ ‖c‖.
 template <bool kPerturbed>
 FG_HOST_DEVICE SampleCoefficients sample_coefficients(const GuidedStepParams& p, const float* sample_partials) {
   const double ref_c = double(sample_partials[1]) + sample_partials[3];
@@ -269,16 +270,21 @@ FG_HOST_DEVICE SampleCoefficients sample_coefficients(const GuidedStepParams& p,
   }
   const double mean_c = ref_c + s_c / n, mean_v = ref_v + s_v / n;
   const double m_cc = s_cc - s_c * s_c / n, m_vv = s_vv - s_v * s_v / n, m_cv = s_cv - s_c * s_v / n;
-  const double mean_u = mean_c - mean_v;
+  const bool zero_star = p.stats == kStatsZeroStar;
+  // With zero_star the moments named v are u's (mean_u, m_uu, m_cu below).
+  const double mean_u = zero_star ? mean_v : mean_c - mean_v;
   const double cc = m_cc + n * mean_c * mean_c, vv = m_vv + n * mean_v * mean_v, cv = m_cv + n * mean_c * mean_v;
-  const double cu = (m_cc - m_cv) + n * mean_c * mean_u, uu = (m_cc - 2.0 * m_cv + m_vv) + n * mean_u * mean_u;
+  const double cu = zero_star ? cv : (m_cc - m_cv) + n * mean_c * mean_u;
+  const double uu = zero_star ? vv : (m_cc - 2.0 * m_cv + m_vv) + n * mean_u * mean_u;
   const double w = p.combine.scale;
   // Plain CFG; with a perturbed prediction v is the whole guidance term, m₀ = c + v.
   double alpha_c = 1.0, alpha_v = kPerturbed ? 1.0 : w - 1.0, f = 1.0;
-  if (p.stats == kStatsZeroStar) {
-    const double s_star = cu / (uu + 1e-8);
-    alpha_c = w + s_star * (1.0 - w);
-    alpha_v = s_star * (w - 1.0);
+  double s_star = 0.0;
+  if (zero_star) {
+    s_star = cu / (uu + 1e-8);
+    // m₀ = w·c + (1 − w)s*·u, first in the pair (c, u) of the moments (for the rescale).
+    alpha_c = w;
+    alpha_v = (1.0 - w) * s_star;
   } else if (p.stats == kStatsTangential) {
     // u ← (u·v₁)v₁ = β(a₀c + a₁u), (a₀, a₁) the top eigenvector of [[c·c, c·u], [c·u, u·u]].
     const double half_gap = cv - 0.5 * vv;  // (c·c − u·u)/2
@@ -304,6 +310,10 @@ FG_HOST_DEVICE SampleCoefficients sample_coefficients(const GuidedStepParams& p,
     const double phi = p.combine.rescale;
     // A constant guided prediction (std 0) is left as it is; NaN still propagates.
     f = m_mm <= 0.0 ? 1.0 : phi * sqrt(m_cc / m_mm) + 1.0 - phi;
+  }
+  if (zero_star) {  // then as the elementwise pass forms it, from c and v
+    alpha_c = w + (1.0 - w) * s_star;
+    alpha_v = (w - 1.0) * s_star;
   }
   return {static_cast<float>(alpha_c), static_cast<float>(alpha_v), static_cast<float>(f)};
 }
@@ -440,10 +450,11 @@ FG_HOST_DEVICE StepOutputs guided_element(const GuidedStepParams& p, const Sampl
 }
 
 // c and v = c − u (+ momentum·buffer; the whole guidance term with kPerturbed) of element j
-// of sample b. A perturbed prediction comes with the model output [c; u; p]: u and p are read
-// at B-row block offsets from c (one live pointer where three would be), and there is no APG
-// buffer ("cfg" only).
-template <typename T, bool kPerturbed>
+// of sample b; with kZeroStar, c and u itself (u = c − v would round away a u much smaller
+// than c; see sample_coefficients). A perturbed prediction comes with the model output
+// [c; u; p]: u and p are read at B-row block offsets from c (one live pointer where three
+// would be), and there is no APG buffer ("cfg" only).
+template <typename T, bool kPerturbed, bool kZeroStar>
 FG_HOST_DEVICE void stats_inputs_at(const GuidedStepParams& p, const GuidedStepTensors<T>& t, int64_t b, int64_t j,
                                     float& c, float& v) {
   const int64_t mo = b * p.mo_sample_stride + j;
@@ -453,17 +464,21 @@ FG_HOST_DEVICE void stats_inputs_at(const GuidedStepParams& p, const GuidedStepT
     v = perturbed_guidance(p, c, c - u, to_float(t.model_output[mo + 2 * p.mo_block]));
   } else {
     const float u = to_float(t.uncond[b * p.uncond_sample_stride + j]);
-    const float buffer = p.apg_momentum_on ? t.apg_buffer[b * p.sample_elems + j] : 0.0f;
-    v = guidance_difference(p, c, u, buffer);
+    if constexpr (kZeroStar) {
+      v = u;
+    } else {
+      const float buffer = p.apg_momentum_on ? t.apg_buffer[b * p.sample_elems + j] : 0.0f;
+      v = guidance_difference(p, c, u, buffer);
+    }
   }
 }
 
 // Adds element j of sample b to a thread's shifted sums.
-template <typename T, bool kPerturbed>
+template <typename T, bool kPerturbed, bool kZeroStar>
 FG_HOST_DEVICE void accumulate_stats_at(const GuidedStepParams& p, const GuidedStepTensors<T>& t, int64_t b,
                                         int64_t j, ShiftedSums& sums) {
   float c, v;
-  stats_inputs_at<T, kPerturbed>(p, t, b, j, c, v);
+  stats_inputs_at<T, kPerturbed, kZeroStar>(p, t, b, j, c, v);
   add_shifted(sums, c, v);
 }
 

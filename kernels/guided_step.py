@@ -10,20 +10,25 @@ per-sample scalars:
                  the whole guidance term g = (w − 1)·(c − u) + s·(c − p), m = c + g:
                  α_c = 1, α_v = 1 ("cfg" only; a compile-time branch: without p the
                  launcher passes perturbed_ptr=None, which Triton specialises as a constant)
-  CFG-Zero*      s* = ⟨c, u⟩/(‖u‖² + 1e-8),  α_c = w + s*(1 − w),  α_v = s*(w − 1)
+  CFG-Zero*      s* = ⟨c, u⟩/(‖u‖² + 1e-8),  α_c = w + s*(1 − w),  α_v = s*(w − 1); here
+                 (alone) the moments are of (c, u) rather than (c, v), as ‖u‖² =
+                 Mcc − 2Mcv + Mvv keeps no digit of a ‖u‖ ≪ ‖c‖
   tangential     u ← (u·v₁)v₁ = β(a₀c + a₁u), (a₀, a₁) the top eigenvector of the Gram matrix
                  [[c·c, c·u], [c·u, u·u]] (eigenvalue λ), β = (a₀ c·u + a₁ u·u)/(λ‖a‖²):
                  α_c = w + (1 − w)β(a₀ + a₁),  α_v = −(1 − w)β·a₁
   APG            k = min(1, τ/‖r‖),  α_c = 1 + (w − 1)·k·(η − 1)·⟨r, c⟩/‖c‖²,  α_v = (w − 1)·k
   CFG rescale    f = φ·std(c)/std(m₀) + 1 − φ, with m₀ = α_c·c + α_v·v
-The per-sample scalars need only the moments of (c, v): the means μc, μv and the centred
-co-moment sums Mcc = Σ(c − μc)², Mvv, Mcv. Then std(m₀)² = (α_c²Mcc + 2α_cα_vMcv +
-α_v²Mvv)/(n − 1), and with u = c − v the Gram entries are Σxy = Mxy + n·μx·μy
-(⟨c, u⟩ = Mcc − Mcv + n·μc·μu, ‖u‖² = Mcc − 2Mcv + Mvv + n·μu²). Centred sums keep the
+The per-sample scalars need only the moments of (c, v) (CFG-Zero*'s: of (c, u)): the
+means μc, μv and the centred co-moment sums Mcc = Σ(c − μc)², Mvv, Mcv. Then std(m₀)² =
+(α_c²Mcc + 2α_cα_vMcv + α_v²Mvv)/(n − 1), and with u = c − v the Gram entries are
+Σxy = Mxy + n·μx·μy (⟨c, u⟩ = Mcc − Mcv + n·μc·μu, ‖u‖² = Mcc − 2Mcv + Mvv + n·μu²).
+Centred sums keep the
 variances from cancelling when |mean| ≫ std (a single pass over E[x²] − E[x]² in float32
 keeps no digit of std at mean 1e4, spread 1e-2) and give exact zeros for a constant
 prediction; working on the difference v rather than u keeps the expansions free of
-cancellation when c ≈ u, as it is for trained models.
+cancellation when c ≈ u, as it is for trained models. CFG-Zero* gives that up for its s*:
+from (c, u), its rescale's std(m₀) of m₀ = w·c + (1 − w)s*·u sums w²-sized terms when
+c ≈ u (test_zero_star_at_a_large_scale_when_cond_is_close_to_uncond bounds the error).
 Then, per element: x0 and eps from m and x by the prediction type's linear map, the
 optional clip (eps re-derived), the classifier eps shift (x0 re-derived), and x_next,
 the linear combination fastguide.ops.contract.StepCoefficients writes out (up to
@@ -124,11 +129,12 @@ def _load_c_v(
     scale,
     perturbed_scale,
     APG_MOMENTUM: tl.constexpr,
-    PERTURBED: tl.constexpr,
+    PAIR_U: tl.constexpr,
 ):
-    """c and v = c − u (+ momentum·buffer; or with PERTURBED the whole guidance term
-    (w − 1)·(c − u) + s·(c − p)) at offsets j of one sample's rows of c, u, p and the APG
-    buffer r, in fp32."""
+    """c and v = c − u (+ momentum·buffer; or, given a row p of the perturbed prediction,
+    the whole guidance term (w − 1)·(c − u) + s·(c − p)) at offsets j of one sample's rows
+    of c, u, p and the APG buffer r, in fp32; with PAIR_U, c and u itself."""
+    PERTURBED: tl.constexpr = p_row is not None
     c = tl.load(c_row + j, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_row + j, mask=mask, other=0.0).to(tl.float32)
     v = c - u
@@ -137,6 +143,8 @@ def _load_c_v(
     if PERTURBED:
         p = tl.load(p_row + j, mask=mask, other=0.0).to(tl.float32)
         v = (scale - 1.0) * v + perturbed_scale * (c - p)
+    if PAIR_U:  # u as loaded: u = c − v would round away a u much smaller than c
+        v = u
     return c, v
 
 
@@ -163,13 +171,14 @@ def _guided_stats_kernel(
     scale,
     perturbed_scale,
     APG_MOMENTUM: tl.constexpr,
+    PAIR_U: tl.constexpr,
     PARTS: tl.constexpr,
     BLOCK: tl.constexpr,
     LARGE: tl.constexpr,
 ):
     """The moments of (c, v) over one chunk of one sample: its count n, a reference value
     k, the mean offsets μ − k and the centred co-moment sums Σ(c − μc)², Σ(v − μv)²,
-    Σ(c − μc)(v − μv).
+    Σ(c − μc)(v − μv). With PAIR_U (CFG-Zero*) the pair is (c, u) instead.
 
     k is the mean of the chunk's first block (n₀ elements), formed as r + mean(x − r)
     about the block's first element r, so that a constant block gives k = r exactly. Every
@@ -197,7 +206,7 @@ def _guided_stats_kernel(
         r_row += b * sample_elems
     mask = start + lanes < sample_elems
     c, v = _load_c_v(
-        c_row, u_row, p_row, r_row, start + lanes, mask, apg_momentum, scale, perturbed_scale, APG_MOMENTUM, PERTURBED
+        c_row, u_row, p_row, r_row, start + lanes, mask, apg_momentum, scale, perturbed_scale, APG_MOMENTUM, PAIR_U
     )
     ref_c = tl.sum(tl.where(lanes == 0, c, 0.0), axis=0)
     ref_v = tl.sum(tl.where(lanes == 0, v, 0.0), axis=0)
@@ -219,20 +228,10 @@ def _guided_stats_kernel(
         mask = j < chunk_end
         mask_next = j + BLOCK < chunk_end
         c, v = _load_c_v(
-            c_row, u_row, p_row, r_row, j, mask, apg_momentum, scale, perturbed_scale, APG_MOMENTUM, PERTURBED
+            c_row, u_row, p_row, r_row, j, mask, apg_momentum, scale, perturbed_scale, APG_MOMENTUM, PAIR_U
         )
         c_next, v_next = _load_c_v(
-            c_row,
-            u_row,
-            p_row,
-            r_row,
-            j + BLOCK,
-            mask_next,
-            apg_momentum,
-            scale,
-            perturbed_scale,
-            APG_MOMENTUM,
-            PERTURBED,
+            c_row, u_row, p_row, r_row, j + BLOCK, mask_next, apg_momentum, scale, perturbed_scale, APG_MOMENTUM, PAIR_U
         )
         dc = tl.where(mask, c - k_c, 0.0)
         dv = tl.where(mask, v - k_v, 0.0)
@@ -274,9 +273,10 @@ def _coefficients_kernel(
     """One program per sample b: its (α_c, α_v, f) from its chunks' moments, merged in
     float64 by Chan's formula in a fixed order: μ = Σ n_p μ_p / n, M = Σ M_p +
     Σ n_p (μ_p − μ)(μ_p − μ)'. The Gram entries follow without cancelling: Σxy = M_xy +
-    n·μx·μy, with u = c − v. Written to coefficient_ptr[b, 0:3] for the elementwise pass,
-    which reads three floats where merging 32 partials in float64 in each of its programs
-    would hold the registers its loads need."""
+    n·μx·μy, with u = c − v (CFG-Zero*'s pair is (c, u) itself: see the module's table).
+    Written to coefficient_ptr[b, 0:3] for the elementwise pass, which reads three floats
+    where merging 32 partials in float64 in each of its programs would hold the registers
+    its loads need."""
     b = tl.program_id(0).to(tl.int64)
     row = partial_ptr + (b * PARTS + tl.arange(0, PARTS)) * STATS_FIELDS
     counts = tl.load(row + 0).to(tl.float64)  # 0 in the rows of the unused parts
@@ -292,12 +292,13 @@ def _coefficients_kernel(
     m_cv = tl.sum(tl.load(row + 7).to(tl.float64) + counts * dc * dv, axis=0)
     mean_u = mean_c - mean_v
     w64 = tl.cast(scale, tl.float64)
-    if STATS == ZERO_STAR:
-        cu = (m_cc - m_cv) + n * mean_c * mean_u
-        uu = (m_cc - 2.0 * m_cv + m_vv) + n * mean_u * mean_u
+    if STATS == ZERO_STAR:  # the pair is (c, u): the "v" moments are u's
+        cu = m_cv + n * mean_c * mean_v
+        uu = m_vv + n * mean_v * mean_v
         s_star = cu / (uu + 1e-8)
-        alpha_c = w64 + s_star * (1.0 - w64)
-        alpha_v = s_star * (w64 - 1.0)
+        # m₀ = w·c + (1 − w)s*·u, first in the pair (c, u) of the moments (for the rescale)
+        alpha_c = w64
+        alpha_v = (1.0 - w64) * s_star
     elif STATS == APG:
         cc = m_cc + n * mean_c * mean_c
         vv = m_vv + n * mean_v * mean_v
@@ -338,6 +339,9 @@ def _coefficients_kernel(
             - tl.cast(rescale, tl.float64)
         )
         f = tl.where(constant, 1.0, rescaled)
+    if STATS == ZERO_STAR:  # then as the elementwise pass forms it, from c and v
+        alpha_c = w64 + (1.0 - w64) * s_star
+        alpha_v = (w64 - 1.0) * s_star
     tl.store(coefficient_ptr + b * 3 + 0, alpha_c.to(tl.float32))
     tl.store(coefficient_ptr + b * 3 + 1, alpha_v.to(tl.float32))
     tl.store(coefficient_ptr + b * 3 + 2, f.to(tl.float32))
@@ -615,6 +619,7 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
             combine_scalars["scale"],
             combine_scalars["perturbed_scale"],
             APG_MOMENTUM=apg_with_momentum,
+            PAIR_U=stats == STATS_ZERO_STAR,
             PARTS=parts_pow2,
             BLOCK=BLOCK,
             LARGE=sample_elems >= LARGE_SAMPLE,

@@ -451,7 +451,7 @@ def cases() -> list[Case]:
             "guided_stats apg fp16",
             gs._guided_stats_kernel,
             {"mo_ptr": "fp16", "uncond_ptr": "fp16", "buf_ptr": "fp32", "partial_ptr": "fp32"},
-            dict(APG_MOMENTUM=True, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK, LARGE=False),
+            dict(APG_MOMENTUM=True, PAIR_U=False, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK, LARGE=False),
             gs.NUM_WARPS,
         )
     )
@@ -460,7 +460,16 @@ def cases() -> list[Case]:
             "guided_stats rescale fp16",
             gs._guided_stats_kernel,
             {"mo_ptr": "fp16", "uncond_ptr": "fp16", "partial_ptr": "fp32"},
-            dict(APG_MOMENTUM=False, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK, LARGE=False),
+            dict(APG_MOMENTUM=False, PAIR_U=False, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK, LARGE=False),
+            gs.NUM_WARPS,
+        )
+    )
+    out.append(  # CFG-Zero*'s pair (c, u)
+        Case(
+            "guided_stats zero_star fp16",
+            gs._guided_stats_kernel,
+            {"mo_ptr": "fp16", "uncond_ptr": "fp16", "partial_ptr": "fp32"},
+            dict(APG_MOMENTUM=False, PAIR_U=True, PARTS=gs.MAX_PARTS, BLOCK=gs.BLOCK, LARGE=False),
             gs.NUM_WARPS,
         )
     )
