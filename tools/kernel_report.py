@@ -127,6 +127,11 @@ def compile_cubin(case: Case, arch: int) -> tuple[bytes, int]:
     kernel = case.kernel
     while isinstance(kernel, (Autotuner, Heuristics)):  # the case's constexprs stand for both
         kernel = kernel.fn
+    # A constexpr the case leaves out would compile as a runtime argument: another kernel.
+    missing = [q.name for q in kernel.params if q.is_constexpr and not q.name.endswith("_ptr")]
+    missing = [name for name in missing if name not in case.constexprs]
+    if missing:
+        raise ValueError(f"case {case.name!r} gives no value for the constexprs {missing}")
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
         if name in case.constexprs:

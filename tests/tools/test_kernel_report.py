@@ -58,3 +58,22 @@ def test_cuobjdump_output_that_does_not_parse_fails():
         """
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_case_without_one_of_its_constexprs_fails():
+    # A constexpr the case left out compiled as a runtime i32 argument, so the report
+    # measured a kernel that never runs (guided_stats without PAIR_U did).
+    result = run_in_report(
+        """
+        import dataclasses
+        case = next(c for c in report.cases() if c.name == "guided_stats zero_star fp16")
+        constexprs = {k: v for k, v in case.constexprs.items() if k != "PAIR_U"}
+        try:
+            report.compile_cubin(dataclasses.replace(case, constexprs=constexprs), 90)
+        except ValueError as error:
+            assert "PAIR_U" in str(error), error
+        else:
+            raise AssertionError("compiled without PAIR_U")
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
