@@ -466,15 +466,15 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
     if x.numel() == 0:  # nothing to compute (and no per-sample statistics of nothing)
         return torch.empty_like(x) if tensors.out is None else tensors.out
     dtype = compute_dtype(model_output, x, tensors.guide)
-    x_c = x.to(dtype)
+    x_c = in_dtype(x, dtype)
 
-    m = model_output[:batch, :channels].to(dtype)
+    m = in_dtype(model_output[:batch, :channels], dtype)
     guide_eps = None
     if combine is not None:
-        uncond = uncond_rows.to(dtype)
+        uncond = in_dtype(uncond_rows, dtype)
         perturbed = None
         if combine.perturbed_scale != 0.0:
-            perturbed = model_output[2 * batch : 3 * batch, :channels].to(dtype)
+            perturbed = in_dtype(model_output[2 * batch : 3 * batch, :channels], dtype)
         if step.k_guide_eps != 0.0:
             _, guide_eps = denoised_and_eps(uncond, x_c, step.alpha, step.sigma, step.prediction_type)
         m = guided_prediction(m, uncond, combine, tensors.apg_buffer, perturbed)
@@ -487,7 +487,7 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
         # an isfinite mask cost ~8 µs a call on tiny tensors)
         x0 = x0.clamp(-1.0, 1.0).add_(x0 - x0)
         eps = (x_c - alpha * x0) / sigma
-    grad = None if tensors.grad is None else tensors.grad.to(dtype)
+    grad = None if tensors.grad is None else in_dtype(tensors.grad, dtype)
     if grad is not None and step.grad_eps_scale != 0.0:
         eps = eps - step.grad_eps_scale * grad
         x0 = (x_c - sigma * eps) / alpha
@@ -496,21 +496,21 @@ def guided_step(tensors: StepTensors, step: StepCoefficients, combine: GuidanceC
     grad_coef: float | Tensor = step.k_grad
     if step.log_variance_range is not None and (step.k_noise != 0.0 or step.k_grad != 0.0):
         log_min, log_max = step.log_variance_range
-        frac = (model_output[:batch, channels:].to(dtype) + 1.0) / 2.0
+        frac = (in_dtype(model_output[:batch, channels:], dtype) + 1.0) / 2.0
         log_variance = frac * log_max + (1.0 - frac) * log_min
         if step.k_noise != 0.0:
             noise_coef = step.k_noise * torch.exp(0.5 * log_variance)
         if step.k_grad != 0.0:
             grad_coef = step.k_grad * torch.exp(log_variance)
 
-    history_terms = [(k, h.to(dtype)) for k, h in zip(step.k_history, tensors.history)]
+    history_terms = [(k, in_dtype(h, dtype)) for k, h in zip(step.k_history, tensors.history)]
     x_next = _linear_combination(
         [
             (step.k_x, x_c),
             (step.k_x0, x0),
             (step.k_eps, eps),
             *history_terms,
-            (noise_coef, None if tensors.noise is None else tensors.noise.to(dtype)),
+            (noise_coef, None if tensors.noise is None else in_dtype(tensors.noise, dtype)),
             (grad_coef, grad),
             (step.k_guide_eps, guide_eps),
         ],
