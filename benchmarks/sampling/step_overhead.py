@@ -24,6 +24,8 @@ median of ``--repeat`` calls.
                          25 calls): per model call, minus the model's own time
   diffusers loop/call    diffusers' loop for the same (set_timesteps, torch.cat of the
                          2B input, the model, chunk, combine, DDIMScheduler.step)
+The two whole loops alternate, one run of each a round (``--repeat`` / 25 rounds), so
+that drift in the machine's speed stays out of their ratio.
 """
 
 from __future__ import annotations
@@ -50,6 +52,22 @@ def median_us(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter_ns() - start)
     return statistics.median(times) / 1000
+
+
+def interleaved_medians_us(fns: dict, repeat: int) -> dict[str, float]:
+    """The median µs of each function over ``repeat`` rounds that call every function once,
+    in turn: drift in the machine's speed (±20% over a run here) hits all of them alike,
+    where timing one function's calls after another's put it into their ratio."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    times: dict[str, list[int]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter_ns()
+            fn()
+            times[name].append(time.perf_counter_ns() - start)
+    return {name: statistics.median(values) / 1000 for name, values in times.items()}
 
 
 def measure(repeat: int) -> dict[str, float]:
@@ -100,44 +118,43 @@ def whole_loops(repeat: int, calls: int = 25) -> dict[str, float]:
     labels, null = torch.tensor([1]), torch.tensor([10])
     noise = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     model_alone = median_us(lambda: model(fixed, None, None), repeat)
-    rounds = max(1, repeat // calls)
-    found = {}
-    found["sample()/call"] = (
-        median_us(
-            lambda: sample(
-                model,
-                (1, 3, 8, 8),
-                labels=labels,
-                sampler="ddim",
-                steps=calls,
-                guidance=CFG(3.0),
-                noise=noise,
-                null_label=10,
-                num_classes=10,
-            ),
-            rounds,
+
+    def fastguide_loop():
+        return sample(
+            model,
+            (1, 3, 8, 8),
+            labels=labels,
+            sampler="ddim",
+            steps=calls,
+            guidance=CFG(3.0),
+            noise=noise,
+            null_label=10,
+            num_classes=10,
         )
-        / calls
-        - model_alone
-    )
+
+    loops = {"sample()/call": fastguide_loop}
     try:
         import diffusers
     except ImportError:
-        return found | {"diffusers loop/call": math.nan}
-    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+        diffusers = None
+    if diffusers is not None:
+        scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
 
-    @torch.no_grad()
-    def diffusers_loop():
-        scheduler.set_timesteps(calls)
-        latents, labels_in = noise.clone(), torch.cat([labels, null])
-        for t in scheduler.timesteps:
-            cond, uncond = model(torch.cat([latents] * 2), t, labels_in).chunk(2)
-            eps = uncond + 3.0 * (cond - uncond)
-            latents = scheduler.step(eps, t, latents, eta=0.0, use_clipped_model_output=True).prev_sample
-        return latents
+        @torch.no_grad()
+        def diffusers_loop():
+            scheduler.set_timesteps(calls)
+            latents, labels_in = noise.clone(), torch.cat([labels, null])
+            for t in scheduler.timesteps:
+                cond, uncond = model(torch.cat([latents] * 2), t, labels_in).chunk(2)
+                eps = uncond + 3.0 * (cond - uncond)
+                latents = scheduler.step(eps, t, latents, eta=0.0, use_clipped_model_output=True).prev_sample
+            return latents
 
-    found["diffusers loop/call"] = median_us(diffusers_loop, rounds) / calls - model_alone
-    return found
+        loops["diffusers loop/call"] = diffusers_loop
+    # Whole loops alternate, one each a round, so that their ratio sees the same machine.
+    medians = interleaved_medians_us(loops, max(5, repeat // calls))
+    found = {name: median / calls - model_alone for name, median in medians.items()}
+    return found | ({} if diffusers is not None else {"diffusers loop/call": math.nan})
 
 
 def loop_overhead(repeat: int) -> float:
