@@ -1115,7 +1115,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; bad input raises SystemExit(2) after one line on stderr."""
+    """Run one subcommand; bad input raises SystemExit(2) after one line on stderr. Output
+    piped into a reader that stops early (``| head``) ends the command quietly, as it
+    would a Unix tool: status 141 (128 + SIGPIPE), no traceback."""
+    try:
+        return _run_command(argv)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit, which would raise once more: point it at
+        # /dev/null first (the recipe of Python's signal module documentation).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _run_command(argv: list[str] | None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:

@@ -866,3 +866,19 @@ def test_an_unconditional_adm_model_reads_labels_through_its_classifier_only(wor
         [*run, "--guidance", "none", "--labels", "3"],
         "--labels: --model adm256-uncond is unconditional: labels apply with --guidance classifier only",
     )
+
+
+def test_output_into_a_reader_that_stops_early_ends_quietly():
+    # `fastguide selfcheck | head -1`: the next line written after the reader has gone
+    # raised BrokenPipeError and printed its traceback; a Unix tool ends quietly (141).
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fastguide", "selfcheck"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout.readline().startswith(b"fastguide self-check")
+    process.stdout.close()  # as head does after its line
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 141, stderr.decode()[-2000:]
+    assert b"Traceback" not in stderr
