@@ -49,14 +49,14 @@ def run_suite(benchmarks: Path, out: Path, selection: str | None) -> tuple[dict,
     """pytest-benchmark's data for the cases that ran, and pytest's exit status.
 
     A run where some cases failed still reports the others (and the caller exits non-zero);
-    a run where none ran raises RuntimeError.
+    a run where none ran raises RuntimeError and leaves an earlier run's results.json as it
+    was (pytest writes to a scratch file, which replaces results.json once a case has run).
     """
     results = out.resolve() / "results.json"  # (pytest runs from the checkout, not the caller's folder)
+    running = out.resolve() / "results.running.json"
     benchmarks = benchmarks.resolve()  # (likewise: a relative one names a path from the caller's folder)
     partial = out.resolve() / "results.partial.jsonl"
-    if results.exists():
-        print(f"fastguide bench: replacing the results of an earlier run in {out}", file=sys.stderr)
-    results.unlink(missing_ok=True)
+    running.unlink(missing_ok=True)
     partial.unlink(missing_ok=True)
     command = [
         sys.executable,
@@ -67,7 +67,7 @@ def run_suite(benchmarks: Path, out: Path, selection: str | None) -> tuple[dict,
         "-p",
         "no:cacheprovider",
         "--benchmark-enable",
-        f"--benchmark-json={results}",
+        f"--benchmark-json={running}",
     ]
     if selection:
         command += ["-k", selection]
@@ -92,11 +92,16 @@ def run_suite(benchmarks: Path, out: Path, selection: str | None) -> tuple[dict,
     finally:
         signal.signal(signal.SIGTERM, previous)
     try:
-        data = json.loads(results.read_text())
+        data = json.loads(running.read_text())
     except (OSError, json.JSONDecodeError):  # not written: pytest stopped before its session ended
         data = {"benchmarks": _finished_cases(partial), "partial": True}
-        results.write_text(json.dumps(data, indent=2))
-    if not data.get("benchmarks"):
+        running.write_text(json.dumps(data, indent=2))
+    if data.get("benchmarks"):
+        if results.exists():
+            print(f"fastguide bench: replacing the results of an earlier run in {out}", file=sys.stderr)
+        os.replace(running, results)
+    else:
+        running.unlink(missing_ok=True)
         if status in (2, 3, 4):
             why = "pytest could not collect or run the suite"
         elif status == 1:
@@ -105,7 +110,8 @@ def run_suite(benchmarks: Path, out: Path, selection: str | None) -> tuple[dict,
             why = "stopped before any case finished"
         else:
             why = "the selection ran nothing here: the GPU cases need CUDA, --quick selects CPU cases"
-        raise RuntimeError(f"no benchmark ran ({why}; pytest exit {status}): {' '.join(command)}")
+        kept = f"; the earlier results in {out} are kept" if results.exists() else ""
+        raise RuntimeError(f"no benchmark ran ({why}; pytest exit {status}{kept}): {' '.join(command)}")
     return data, status
 
 

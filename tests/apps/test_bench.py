@@ -541,3 +541,17 @@ def test_bench_says_when_it_replaces_an_earlier_runs_results(tmp_path, capsys):
     assert "replacing" not in capsys.readouterr().err
     assert bench.main(argv) == 0
     assert "replacing the results of an earlier run" in capsys.readouterr().err
+
+
+def test_a_run_where_nothing_ran_keeps_an_earlier_runs_results(tmp_path, capsys):
+    # -k with no match deleted the earlier results.json before finding that nothing ran.
+    suite = tiny_suite(tmp_path, ONE_CASE)
+    argv = ["--benchmarks", str(suite), "--out", str(tmp_path / "out"), "--no-plots"]
+    assert bench.main(argv) == 0
+    earlier = (tmp_path / "out" / "results.json").read_text()
+    capsys.readouterr()
+    assert bench.main([*argv, "-k", "no_such_case"]) == 1
+    err = capsys.readouterr().err
+    assert "no benchmark ran" in err and "the earlier results in" in err and "are kept" in err
+    assert (tmp_path / "out" / "results.json").read_text() == earlier
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["results.json", "table.md"]
