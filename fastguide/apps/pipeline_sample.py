@@ -105,11 +105,36 @@ def check(args: argparse.Namespace) -> None:
         )
     if args.sampler is not None:
         _check_sampler_fits(args.sampler, folder)
+    else:
+        _check_scheduler_steps(args.steps, folder)
     args.device = parse_device(args.device)
     check_backend(args.backend, args.device)
     if args.out is None:
         args.out = DEFAULT_GRID
     check_image_file("--out", args.out, "RGB")
+
+
+def _scheduler_config(folder: Path) -> dict:
+    """The saved scheduler's config, read before anything loads; {} where it cannot be read
+    (loading the pipeline then names what is wrong with its scheduler)."""
+    try:
+        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _check_scheduler_steps(steps: int, folder: Path) -> None:
+    """--steps that the saved scheduler, run as it is, takes: diffusers' PNDMScheduler with
+    its Runge–Kutta start (skip_prk_steps false) fails in set_timesteps below 4 steps (a
+    NumPy broadcast error from deep inside diffusers)."""
+    config = _scheduler_config(folder)
+    if config.get("_class_name") == "PNDMScheduler" and not config.get("skip_prk_steps", False) and steps < 4:
+        raise UsageError(
+            "--steps",
+            f"the pipeline's PNDMScheduler starts with Runge–Kutta steps (skip_prk_steps false), which "
+            f"diffusers runs only from 4 steps, got {steps} (or give --sampler for fastguide's own)",
+        )
 
 
 def _check_sampler_fits(sampler: str, folder: Path) -> None:
@@ -119,11 +144,10 @@ def _check_sampler_fits(sampler: str, folder: Path) -> None:
     from ..sampling.schedule import NoiseSchedule
     from ..sampling.solvers import check_sampler
 
-    config = folder / "scheduler" / "scheduler_config.json"
-    try:
-        name = json.loads(config.read_text()).get("_class_name", "")
-    except (OSError, ValueError):
-        return  # loading the pipeline names what is wrong with its scheduler
+    config = _scheduler_config(folder)
+    if not config:
+        return
+    name = config.get("_class_name", "")
     flow = str(name).startswith("FlowMatch")
     try:
         check_sampler(sampler, NoiseSchedule.flow() if flow else NoiseSchedule.linear())

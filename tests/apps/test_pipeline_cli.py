@@ -209,3 +209,24 @@ def test_pipeline_options_without_a_pipeline_are_refused(tmp_path, capsys, flag)
     with pytest.raises(SystemExit) as exit_info:
         main(["sample", flag, "3", "--out", str(tmp_path / "x.png")])
     assert exit_info.value.code == 2 and f"{flag}: applies to --pipeline only" in capsys.readouterr().err
+
+
+def test_a_pndm_pipeline_below_its_runge_kutta_steps_is_refused(pipeline_folder, tmp_path, capsys):
+    # diffusers' PNDMScheduler with its Runge-Kutta start fails in set_timesteps below 4
+    # steps (a NumPy broadcast error from inside diffusers' fallback loop).
+    import json
+    import shutil
+
+    folder = tmp_path / "pndm"
+    shutil.copytree(pipeline_folder, folder)
+    diffusers.PNDMScheduler(beta_schedule="scaled_linear").save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "PNDMScheduler"]}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--pipeline", str(folder), "--prompt", "x", "--steps", "3", "--out", str(tmp_path / "x.png")])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(error.splitlines()) == 1
+    assert "--steps: the pipeline's PNDMScheduler starts with Runge–Kutta steps" in error
+    out = tmp_path / "four.png"
+    assert main(["sample", "--pipeline", str(folder), "--prompt", "x", "--steps", "4", "--out", str(out)]) == 0
+    assert out.is_file()
