@@ -54,6 +54,14 @@ collected() {  # the number of items pytest collects for "$@" (0 when it cannot 
         | sed -n 's/^\([0-9][0-9]*\)\/[0-9]* tests collected.*/\1/p; s/^\([0-9][0-9]*\) tests\{0,1\} collected.*/\1/p' | tail -n 1
 }
 
+# pyproject.toml's license is an SPDX string, which setuptools reads from 77 on; the build
+# runs without isolation, on this interpreter's setuptools (a newer one can be carried as
+# a wheel on PYTHONPATH, as diffusers' is).
+if [ "$mode" != "--dry-run" ] && ! "$py" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)'; then
+    echo "gpu.sh: building fastguide needs setuptools 77 or newer here, found" \
+        "$("$py" -c 'import setuptools; print(setuptools.__version__)' 2>&1); carry its wheel" >&2
+    exit 1
+fi
 step "$py" -m pip install --no-deps --no-build-isolation -q -e .
 if compgen -G "csrc/*.cu" >/dev/null || compgen -G "csrc/*.cpp" >/dev/null; then
     # A failed build (no toolkit, a CUDA version that does not match torch's) must not stop
