@@ -649,6 +649,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         assert gathered is not None  # rank 0's
         pixels = {index: part_pixels for part in gathered for index, part_pixels in part.items()}
     images = np.concatenate([pixels[index] for index in sorted(pixels)])
+    # Every file before any message: stdout piped into a reader that stops early (| head)
+    # ends the command at its next print.
+    written = []
     if args.npz is not None:  # first: the samples themselves, whatever happens to the grid
         target = npz_path(args.npz)
         with atomic_path(target) as scratch:
@@ -656,11 +659,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 np.savez(scratch, images)
             else:
                 np.savez(scratch, images, args.label_ids.numpy())
-        print(f"wrote {target} (arr_0: uint8 NHWC images{'' if args.unconditional else ', arr_1: labels'})")
+        written.append(f"wrote {target} (arr_0: uint8 NHWC images{'' if args.unconditional else ', arr_1: labels'})")
     if args.out is not None:
         with atomic_path(args.out) as scratch:
             save_grid(images, scratch, columns=min(10, len(images)))
-        print(f"wrote {len(images)} samples to {args.out}")
+        written.append(f"wrote {len(images)} samples to {args.out}")
+    print("\n".join(written))
     return 0
 
 
@@ -764,12 +768,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         weights=args.checkpoint or digits.WEIGHTS,
     )
     table = sweep.markdown(rows)
-    print(table)
+    # The files before the table is printed: stdout piped into a reader that stops early
+    # (| head) ends the command at its next print.
     if args.table is not None:
         with atomic_path(args.table) as scratch:
             scratch.write_text(table)
     with atomic_path(args.plot) as scratch:
         sweep.plot(rows, scratch)
+    print(table)
     print(f"wrote {args.plot}")
     return 0
 

@@ -882,3 +882,30 @@ def test_output_into_a_reader_that_stops_early_ends_quietly():
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 141, stderr.decode()[-2000:]
     assert b"Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "files"),
+    [
+        (["sample", "--steps", "2", "--num-samples", "2", "--npz", "s.npz", "--out", "s.png"], ["s.npz", "s.png"]),
+        (
+            ["sweep", "--scales", "0", "1", "--samples-per-scale", "11", "--steps", "1", "--guidances", "cfg"]
+            + ["--plot", "p.png", "--table", "t.md"],
+            ["p.png", "t.md"],
+        ),
+    ],
+    ids=["sample", "sweep"],
+)
+def test_a_reader_that_stops_early_does_not_cost_the_files(tmp_path, command, files):
+    # `fastguide sweep ... | head -1` printed the table before writing the table and the
+    # plot, so the reader's end stopped the command before either was written.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fastguide", *command, "--quiet"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()  # the reader is gone before the first line
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 141, stderr.decode()[-2000:]
+    assert all((tmp_path / name).is_file() for name in files), sorted(p.name for p in tmp_path.iterdir())
