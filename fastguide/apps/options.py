@@ -210,9 +210,24 @@ def parse_labels(text: str, count: int, num_classes: int) -> torch.Tensor:
 # Files: inputs that must exist, outputs that can be written, atomic writes.
 
 
+@contextlib.contextmanager
+def _path_errors(option: str, path: Path) -> Iterator[None]:
+    """What the file system says about ``path`` beyond "missing" (a name past its length
+    limit, a folder that cannot be searched) as the usage error of ``option``."""
+    try:
+        yield
+    except OSError as error:
+        raise UsageError(option, f"cannot use {str(path)!r}: {error.strerror or error}") from None
+
+
 def check_weights_file(option: str, path: Path) -> None:
     """A checkpoint file that exists, is a file and is not empty (its contents are judged
     when it is loaded)."""
+    with _path_errors(option, path):
+        _check_weights_file(option, path)
+
+
+def _check_weights_file(option: str, path: Path) -> None:
     if not path.exists():
         raise UsageError(option, f"{path} does not exist")
     if path.is_dir():
@@ -226,10 +241,11 @@ def check_digits_folder(
 ) -> None:
     """A folder written by ``fastguide train``, holding the digits ``networks`` (the three
     main ones by default)."""
-    if not path.exists():
-        raise UsageError(option, f"{path} does not exist")
-    if not path.is_dir():
-        raise UsageError(option, f"expected a folder written by 'fastguide train', got the file {path}")
+    with _path_errors(option, path):
+        if not path.exists():
+            raise UsageError(option, f"{path} does not exist")
+        if not path.is_dir():
+            raise UsageError(option, f"expected a folder written by 'fastguide train', got the file {path}")
     for name in networks:
         check_weights_file(option, path / f"digits_{name}.safetensors")
 
@@ -248,9 +264,10 @@ def _check_folder_writable(option: str, folder: Path) -> None:
 
 def check_output_file(option: str, path: Path) -> None:
     """``path`` can be written: not a folder, in an existing writable folder. Creates nothing."""
-    if path.is_dir():
-        raise UsageError(option, f"expected a file name, got the folder {path}")
-    _check_folder_writable(option, path.resolve().parent)
+    with _path_errors(option, path):
+        if path.is_dir():
+            raise UsageError(option, f"expected a file name, got the folder {path}")
+        _check_folder_writable(option, path.resolve().parent)
 
 
 def check_image_file(option: str, path: Path, mode: str) -> None:
@@ -282,9 +299,10 @@ def check_plot_file(option: str, path: Path) -> None:
 
 def check_output_folder(option: str, path: Path) -> None:
     """``path`` is a folder, or can be created as one (missing parents included)."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(option, f"expected a folder, got the file {path}")
-    _check_folder_writable(option, path if path.is_dir() else existing_ancestor(path))
+    with _path_errors(option, path):
+        if path.exists() and not path.is_dir():
+            raise UsageError(option, f"expected a folder, got the file {path}")
+        _check_folder_writable(option, path if path.is_dir() else existing_ancestor(path))
 
 
 def existing_ancestor(path: Path) -> Path:

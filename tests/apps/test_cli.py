@@ -909,3 +909,22 @@ def test_a_reader_that_stops_early_does_not_cost_the_files(tmp_path, command, fi
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 141, stderr.decode()[-2000:]
     assert all((tmp_path / name).is_file() for name in files), sorted(p.name for p in tmp_path.iterdir())
+
+
+LONG = "a" * 300  # past a file name's 255 bytes
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["sample", "--out", LONG + ".png"], "--out"),
+        (["sample", "--npz", "b" * 252], "--npz"),  # 256 bytes once np.savez appends .npz
+        (["sample", "--checkpoint", LONG], "--checkpoint"),
+        (["train", "--out", LONG], "--out"),
+        (["bench", "--out", LONG + "/results"], "--out"),
+    ],
+    ids=["sample-out", "npz", "checkpoint", "train-out", "bench-out"],
+)
+def test_a_file_name_past_its_length_limit_is_one_line(workdir, capsys, argv, option):
+    # the file system's ENAMETOOLONG escaped the checks as an OSError traceback
+    fails_with(capsys, workdir, argv, f"{option}: cannot use", "File name too long")
