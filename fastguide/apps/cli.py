@@ -748,6 +748,8 @@ def check_sweep(args: argparse.Namespace) -> None:
     if args.table is not None:
         check_output_file("--table", args.table)
     check_plot_file("--plot", args.plot)
+    if args.table is not None and args.table.resolve() == args.plot.resolve():
+        raise UsageError("--table", f"is the --plot file {str(args.plot)!r}: the plot would replace the table")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

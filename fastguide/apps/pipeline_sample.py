@@ -201,8 +201,9 @@ def load(args: argparse.Namespace):
     try:
         with _quiet_loading(args.quiet):
             pipe = _from_pretrained(args, dtype)
-    except (OSError, ValueError, TypeError, AttributeError, ImportError) as error:
-        # (AttributeError: a pipeline class this diffusers does not have, as a newer one saves)
+    except (OSError, ValueError, TypeError, AttributeError, ImportError, KeyError) as error:
+        # (AttributeError: a pipeline class this diffusers does not have, as a newer one saves;
+        # KeyError: a model_index.json without the entries diffusers reads, such as _class_name)
         raise UsageError(
             "--pipeline" if args.pag_scale is None else "--pag-scale",
             f"could not load the pipeline in {str(args.pipeline)!r}: {error}",

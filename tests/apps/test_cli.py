@@ -433,6 +433,8 @@ def test_digits_train_refuses_zero_steps(tmp_path):
         (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
         (["--plot", "x.xyz"], "--plot: expected a file name ending in ."),
         (["--table", "missing/t.md"], "--table: folder"),
+        # the plot replaced the table without a word
+        (["--table", "same.png", "--plot", "same.png"], "--table: is the --plot file 'same.png'"),
         (
             ["--model", "digits-transformer", "--sampler", "ddpm"],
             "--sampler: expected one of ddim, euler, heun, dpm++2m, dpm++2s, dpm++3m, unipc, euler-maruyama "

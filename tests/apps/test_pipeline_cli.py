@@ -230,3 +230,19 @@ def test_a_pndm_pipeline_below_its_runge_kutta_steps_is_refused(pipeline_folder,
     out = tmp_path / "four.png"
     assert main(["sample", "--pipeline", str(folder), "--prompt", "x", "--steps", "4", "--out", str(out)]) == 0
     assert out.is_file()
+
+
+def test_a_model_index_without_its_class_name_is_one_line(pipeline_folder, tmp_path, capsys):
+    # diffusers' KeyError('_class_name') escaped as a traceback
+    import json
+    import shutil
+
+    folder = tmp_path / "nameless"
+    shutil.copytree(pipeline_folder, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "_class_name"}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--pipeline", str(folder), "--prompt", "x", "--out", str(tmp_path / "x.png")])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "--pipeline: could not load the pipeline" in error
+    assert len(error.splitlines()) == 1
