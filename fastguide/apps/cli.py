@@ -790,7 +790,8 @@ def check_train(args: argparse.Namespace) -> None:
     check_at_least("--evaluator-steps", args.evaluator_steps)
     check_at_least("--guide-steps", args.guide_steps)
     check_at_least("--transformer-steps", args.transformer_steps)
-    check_seed("--seed", args.seed)
+    if args.seed is not None:
+        check_seed("--seed", args.seed)
     if args.only is not None:  # the other networks' step counts would be ignored: refused
         import inspect
 
@@ -805,6 +806,21 @@ def check_train(args: argparse.Namespace) -> None:
     check_output_folder("--out", args.out)
     check_modules("train", "sklearn")
     args.record = read_training_record(args.out / "digits_training.json") if args.only is not None else None
+    if args.record and "seed" in args.record:
+        # A network trained on another split may have seen the images the others are scored on
+        # (the sweep refuses such a folder): --only keeps the folder's split.
+        if isinstance(args.record["seed"], bool) or not isinstance(args.record["seed"], int):
+            raise UsageError("--out", f"its digits_training.json's 'seed' must be an int, got {args.record['seed']!r}")
+        if args.seed is None:
+            args.seed = args.record["seed"]
+        elif args.seed != args.record["seed"]:
+            raise UsageError(
+                "--seed",
+                f"the networks in {args.out} were trained with seed {args.record['seed']}, whose "
+                f"train/held-out split --only {args.only} must share; got {args.seed} (leave --seed out)",
+            )
+    if args.seed is None:
+        args.seed = 0
 
 
 def read_training_record(path: Path) -> dict:
@@ -1079,7 +1095,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--out", type=Path, default=Path("digits-weights"), help="folder for the weights (default: digits-weights)"
     )
-    t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    t.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed, which also draws the train/held-out split (default: 0; with --only, the seed "
+        "the folder's other networks were trained with, whose split the new one must share)",
+    )
     t.add_argument("--unet-steps", type=int, default=3000, help="training steps of the UNet (default: 3000)")
     t.add_argument(
         "--classifier-steps", type=int, default=1500, help="training steps of the classifier (default: 1500)"

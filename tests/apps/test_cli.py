@@ -930,3 +930,27 @@ LONG = "a" * 300  # past a file name's 255 bytes
 def test_a_file_name_past_its_length_limit_is_one_line(workdir, capsys, argv, option):
     # the file system's ENAMETOOLONG escaped the checks as an OSError traceback
     fails_with(capsys, workdir, argv, f"{option}: cannot use", "File name too long")
+
+
+def test_train_only_keeps_the_folders_split(workdir, capsys, monkeypatch):
+    # --only guide with another --seed trained the guide on another train/held-out split,
+    # a folder the sweep then refused; without --seed it took seed 0 whatever the folder's.
+    import json
+
+    folder = workdir / "weights"
+    folder.mkdir()
+    (folder / "digits_training.json").write_text(json.dumps({"seed": 3, "unet_steps": 10}))
+    monkeypatch.setattr(cli, "check_modules", lambda *names: None)
+    fails_with(
+        capsys, workdir, ["train", "--only", "guide", "--seed", "5", "--out", "weights"], "--seed: the networks in"
+    )
+    seeds = []
+
+    def fake_train_guide(out, seed, **options):
+        seeds.append(seed)
+        return {"seed": 3, "guide_seed": seed}
+
+    monkeypatch.setattr(digits, "train_guide", fake_train_guide)
+    assert cli.main(["train", "--only", "guide", "--out", "weights", "--quiet"]) == 0
+    assert cli.main(["train", "--only", "guide", "--seed", "3", "--out", "weights", "--quiet"]) == 0
+    assert seeds == [3, 3]
