@@ -48,11 +48,18 @@ class UsageError(Exception):
 
 
 def torchrun_world_size() -> int:
-    """torchrun's WORLD_SIZE (1 where it is not set)."""
+    """torchrun's WORLD_SIZE (1 where it is not set), and its RANK, where set, within it (a
+    rank past the world waited out the rendezvous's whole timeout for ranks that never come)."""
     raw = os.environ.get("WORLD_SIZE", "1").strip() or "1"
     if not raw.isdigit() or int(raw) < 1:
         raise UsageError("WORLD_SIZE", f"must be a positive integer (torchrun sets it), got {raw!r}")
-    return int(raw)
+    world_size = int(raw)
+    rank = os.environ.get("RANK")
+    if world_size > 1 and rank is not None and not (rank.strip().isdigit() and int(rank) < world_size):
+        raise UsageError(
+            "RANK", f"must be an integer from 0 to {world_size - 1} (WORLD_SIZE {world_size}), got {rank!r}"
+        )
+    return world_size
 
 
 def fail(message: str) -> NoReturn:

@@ -954,3 +954,11 @@ def test_train_only_keeps_the_folders_split(workdir, capsys, monkeypatch):
     assert cli.main(["train", "--only", "guide", "--out", "weights", "--quiet"]) == 0
     assert cli.main(["train", "--only", "guide", "--seed", "3", "--out", "weights", "--quiet"]) == 0
     assert seeds == [3, 3]
+
+
+@pytest.mark.parametrize("rank", ["3", "2", "-1", "x"])
+def test_a_rank_outside_the_world_is_one_line(rank, monkeypatch, capsys, tmp_path):
+    # RANK 3 of WORLD_SIZE 2 waited out the rendezvous's whole timeout for ranks that never come
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    fails_with(capsys, tmp_path, ["sample"], f"RANK: must be an integer from 0 to 1 (WORLD_SIZE 2), got '{rank}'")
