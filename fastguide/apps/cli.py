@@ -48,6 +48,7 @@ from .options import (
     check_backend,
     check_batch_seeds,
     check_digits_folder,
+    check_grid_fits,
     check_image_file,
     check_modules,
     check_output_file,
@@ -235,7 +236,7 @@ def save_grid(pixels: np.ndarray, path: Path, columns: int, scale: int | None = 
     from PIL import Image
 
     n, h, w, c = pixels.shape
-    scale = scale if scale is not None else max(1, 32 // max(h, w))
+    scale = grid_scale(h, w) if scale is None else scale
     rows = -(-n // columns)
     grid = Image.new("L" if c == 1 else "RGB", (columns * (w + 1) + 1, rows * (h + 1) + 1), color=255)
     for i in range(n):
@@ -243,6 +244,17 @@ def save_grid(pixels: np.ndarray, path: Path, columns: int, scale: int | None = 
         grid.paste(tile, (1 + (i % columns) * (w + 1), 1 + (i // columns) * (h + 1)))
     # (Image.NEAREST: Pillow sets its resampling names at import, where its type hints do not see them)
     grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)  # type: ignore[attr-defined]
+
+
+def grid_scale(h: int, w: int) -> int:
+    """save_grid's default upscaling of h × w samples."""
+    return max(1, 32 // max(h, w))
+
+
+def grid_pixels(n: int, h: int, w: int, columns: int, scale: int) -> tuple[int, int]:
+    """(width, height) of save_grid's image of n h × w samples."""
+    rows = -(-n // columns)
+    return (columns * (w + 1) + 1) * scale, (rows * (h + 1) + 1) * scale
 
 
 def generate(
@@ -415,6 +427,11 @@ def check_sample(args: argparse.Namespace) -> None:
         args.out = DEFAULT_GRID
     if args.out is not None:
         check_image_file("--out", args.out, "RGB" if adm else "L")
+        from ..models.configs import unet_config
+
+        side = unet_config(args.model)["image_size"] if adm else digits.IMAGE_SIZE
+        columns = min(10, args.num_samples)
+        check_grid_fits("--out", args.out, *grid_pixels(args.num_samples, side, side, columns, grid_scale(side, side)))
     if args.npz is not None:
         check_output_file("--npz", args.npz)  # a folder: np.savez would write FOLDER.npz beside it
         check_output_file("--npz", npz_path(args.npz))

@@ -277,12 +277,21 @@ def check_output_file(option: str, path: Path) -> None:
         _check_folder_writable(option, path.resolve().parent)
 
 
+# The widest and tallest image each format holds (Pillow's encoders refuse more, after the
+# samples are drawn); formats absent here hold more than a grid of MAX_SAMPLES reaches.
+IMAGE_SIDE_LIMITS = {"WEBP": 16383, "JPEG": 65500, "GIF": 65535}
+# Icon formats, which Pillow resizes to icon sizes without a word.
+ICON_FORMATS = ("ICO", "ICNS")
+
+
 def check_image_file(option: str, path: Path, mode: str) -> None:
     """``path`` can be written and its extension names a format PIL writes ``mode`` images in."""
     from PIL import Image
 
     check_output_file(option, path)
     image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format in ICON_FORMATS:
+        raise UsageError(option, f"{path.name!r} is an icon format, which would shrink the grid to an icon's size")
     if image_format in Image.SAVE:
         try:
             Image.new(mode, (1, 1)).save(io.BytesIO(), format=image_format)
@@ -292,6 +301,20 @@ def check_image_file(option: str, path: Path, mode: str) -> None:
     raise UsageError(
         option, f"expected an image file name that PIL can write (.png, .jpg, .webp, .tif, ...), got {path.name!r}"
     )
+
+
+def check_grid_fits(option: str, path: Path, width: int, height: int) -> None:
+    """A grid of ``width`` × ``height`` pixels fits the format of ``path``'s extension."""
+    from PIL import Image
+
+    image_format = Image.registered_extensions().get(path.suffix.lower(), "")
+    limit = IMAGE_SIDE_LIMITS.get(image_format)
+    if limit is not None and max(width, height) > limit:
+        raise UsageError(
+            option,
+            f"the grid would be {width}×{height} pixels, past {image_format}'s {limit} a side: "
+            f"write it as .png, or sample fewer at a time",
+        )
 
 
 def check_plot_file(option: str, path: Path) -> None:

@@ -26,6 +26,7 @@ from .options import (
     check_at_least,
     check_backend,
     check_batch_seeds,
+    check_grid_fits,
     check_image_file,
     check_modules,
     check_scale,
@@ -230,6 +231,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace, save_grid) -> int:
+    from .cli import grid_pixels
+
     pipe = load(args)
     options = {"num_inference_steps": args.steps, "output_type": "pt"}
     if args.scale is not None:
@@ -243,6 +246,10 @@ def _sample(args: argparse.Namespace, save_grid) -> int:
         count = min(args.batch_size, args.num_samples - start)
         generator = torch.Generator().manual_seed(args.seed * SEED_STRIDE + batch)
         images.append(pipe(args.prompt, num_images_per_prompt=count, generator=generator, **options).images.cpu())
+        if batch == 0:  # the samples' size is known from the first batch on: stop before the rest
+            height, width = images[0].shape[-2:]
+            columns = min(10, args.num_samples)
+            check_grid_fits("--out", args.out, *grid_pixels(args.num_samples, height, width, columns, 1))
         if pipe.fastguide_fallback is not None:
             fallbacks.add(pipe.fastguide_fallback)
     for reason in sorted(fallbacks):

@@ -962,3 +962,22 @@ def test_a_rank_outside_the_world_is_one_line(rank, monkeypatch, capsys, tmp_pat
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", rank)
     fails_with(capsys, tmp_path, ["sample"], f"RANK: must be an integer from 0 to 1 (WORLD_SIZE 2), got '{rank}'")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # 5000 digits are a 364×18004 grid: Pillow's WebP encoder refused it after sampling
+        (["--num-samples", "5000", "--out", "a.webp"], "--out: the grid would be 364×18004 pixels, past WEBP's 16383"),
+        # Pillow resized the grid to an icon's size without a word
+        (["--out", "a.ico"], "--out: 'a.ico' is an icon format"),
+    ],
+)
+def test_a_grid_the_image_format_cannot_hold_is_refused_before_sampling(workdir, capsys, argv, message):
+    fails_with(capsys, workdir, ["sample", "--quiet", *argv], message)
+
+
+def test_the_grid_size_check_is_the_grid_save_grid_writes(tmp_path):
+    pixels = np.zeros((23, 8, 8, 1), dtype=np.uint8)
+    cli.save_grid(pixels, tmp_path / "g.png", columns=10)
+    assert Image.open(tmp_path / "g.png").size == cli.grid_pixels(23, 8, 8, 10, cli.grid_scale(8, 8))
