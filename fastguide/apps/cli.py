@@ -824,17 +824,19 @@ def check_train(args: argparse.Namespace) -> None:
     check_modules("train", "sklearn")
     args.record = read_training_record(args.out / "digits_training.json") if args.only is not None else None
     if args.record and "seed" in args.record:
-        # A network trained on another split may have seen the images the others are scored on
-        # (the sweep refuses such a folder): --only keeps the folder's split.
+        # The seed draws the train/held-out split too: a network trained on another split may
+        # have seen the images the others are scored on, which the sweep then refuses. So
+        # --only takes the folder's seed by default, and says so where --seed differs.
         if isinstance(args.record["seed"], bool) or not isinstance(args.record["seed"], int):
             raise UsageError("--out", f"its digits_training.json's 'seed' must be an int, got {args.record['seed']!r}")
         if args.seed is None:
             args.seed = args.record["seed"]
         elif args.seed != args.record["seed"]:
-            raise UsageError(
-                "--seed",
-                f"the networks in {args.out} were trained with seed {args.record['seed']}, whose "
-                f"train/held-out split --only {args.only} must share; got {args.seed} (leave --seed out)",
+            print(
+                f"fastguide train: note: --seed {args.seed} draws another train/held-out split than the one the "
+                f"networks in {args.out} were trained on (seed {args.record['seed']}): fastguide sweep refuses "
+                f"to score this {args.only} against their held-out images (leave --seed out to share it)",
+                file=sys.stderr,
             )
     if args.seed is None:
         args.seed = 0
