@@ -402,6 +402,16 @@ class GuidedSampler:
         calls = tuple(
             dataclasses.replace(call, position=positions.setdefault(call.t, len(positions))) for call in calls
         )
+        interval = None if self.guidance is None else self.guidance.interval
+        if guided and interval is not None and all(call.combine is None for call in calls[zeroed:]):
+            levels = [self.schedule.edm_sigma(call.t) for call in calls]
+            warnings.warn(
+                f"the guidance interval {interval} (EDM's σ̃, low < σ̃ ≤ high) holds none of the {len(calls)} "
+                f"model calls of sampler={self.sampler!r} here (their σ̃ run from {min(levels):.4g} to "
+                f"{max(levels):.4g}): every call runs unguided",
+                UserWarning,
+                stacklevel=2,
+            )
         if guided and self.guidance is not None and self.guidance.reuse is not None:
             calls = self._reusing_deltas(calls)
         for call in calls:

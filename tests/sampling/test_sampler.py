@@ -596,6 +596,19 @@ def test_an_interval_given_as_a_list_is_the_guidances_own():
     hash(guidance)  # a setting is a key (accelerate's kept samplers)
 
 
+def test_an_interval_that_holds_no_call_warns():
+    # --interval 0 0.0001 sampled without guidance, exactly as --guidance none, without a word
+    import warnings
+
+    model = lambda x, t, y: 0.1 * x  # noqa: E731
+    options = dict(sampler="ddim", steps=3, null_label=10, num_classes=10)
+    with pytest.warns(UserWarning, match=r"the guidance interval \(0.0, 0.0001\) .* holds none of the 3 model calls"):
+        GuidedSampler(model, guidance=CFG(3.0, interval=(0.0, 1e-4)), **options)((1, 3, 4, 4), labels=[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GuidedSampler(model, guidance=CFG(3.0, interval=(0.3, 5.0)), **options)((1, 3, 4, 4), labels=[1])
+
+
 def test_learned_variance_is_planned_once():
     # A model with learned sigma under ADM's learned-range DDPM: one plan, computed once.
     model = tiny_cfg_unet()
