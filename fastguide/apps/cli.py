@@ -73,6 +73,10 @@ CLASSIFIER_SCALE = 4.0  # --classifier-scale's default for the digits models
 # and for ADM's releases, the scale guided-diffusion's README samples each with
 ADM_CLASSIFIER_SCALES = {"adm64": 1.0, "adm128": 0.5, "adm256": 1.0, "adm256-uncond": 10.0, "adm512": 4.0}
 CFG_KINDS = ("cfg", "cfg++", "both")  # the kinds --schedule and --tangential apply to
+# A sweep row's samples are one batch: its peak memory was 0.94 GB at 2000 samples and
+# 2.2 GB at 8000 (the digits UNet on CPU, 2026-12-07), about 0.2 MB a sample, so 20,000 take
+# about 5 GB where ten million (the cap it shared with sample) would have taken 2 TB.
+MAX_SWEEP_SAMPLES = 20_000
 INTERVAL_KINDS = (*CFG_KINDS, "auto")  # AutoGuidance takes an interval too, but a constant w
 
 
@@ -735,7 +739,7 @@ def check_sweep(args: argparse.Namespace) -> None:
     if tuple(args.scales) != SWEEP_SCALES and not reads_scales:
         raise UsageError("--scales", f"no row of --guidances {' '.join(args.guidances)} reads it")
     # within-class diversity needs two samples of one class; labels cycle over the classes
-    check_at_least("--samples-per-scale", args.samples_per_scale, digits.NUM_CLASSES + 1, MAX_SAMPLES)
+    check_at_least("--samples-per-scale", args.samples_per_scale, digits.NUM_CLASSES + 1, MAX_SWEEP_SAMPLES)
     check_steps(args.steps, model_schedule(args.model), args.model, args.spacing)
     try:
         _grid(model_schedule(args.model), args.steps, args.spacing)
@@ -1083,7 +1087,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="linear",
         help="the schedule rows' guidance weight over the steps (default: linear)",
     )
-    w.add_argument("--samples-per-scale", type=int, default=500)
+    w.add_argument(
+        "--samples-per-scale",
+        type=int,
+        default=500,
+        help=f"samples of each row, drawn in one batch (default: 500; at most {MAX_SWEEP_SAMPLES:,})",
+    )
     w.add_argument("--steps", type=int, default=25)
     w.add_argument(
         "--model",

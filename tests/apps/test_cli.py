@@ -427,7 +427,9 @@ def test_digits_train_refuses_zero_steps(tmp_path):
             ["--model", "digits-transformer", "--steps", "1001"],
             "--steps: expected an integer from 1 to 1000 for the flow path of --model digits-transformer",
         ),
-        (["--samples-per-scale", "5"], "--samples-per-scale: expected an integer between 11 and 10,000,000, got 5"),
+        (["--samples-per-scale", "5"], "--samples-per-scale: expected an integer between 11 and 20,000, got 5"),
+        # one batch a row: 200,000 would need about 40 GB (it was allowed up to ten million)
+        (["--samples-per-scale", "200000"], "--samples-per-scale: expected an integer between 11 and 20,000"),
         (["--steps", "1001"], "--steps: expected an integer from 1 to 1000"),
         (["--seed", "-1"], "--seed: expected an integer from 0 to"),
         (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
