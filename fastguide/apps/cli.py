@@ -24,6 +24,7 @@ import datetime
 import json
 import math
 import os
+import select
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -673,19 +674,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # Every file before any message: stdout piped into a reader that stops early (| head)
     # ends the command at its next print.
     written = []
-    if args.npz is not None:  # first: the samples themselves, whatever happens to the grid
-        target = npz_path(args.npz)
-        with atomic_path(target) as scratch:
-            if args.unconditional:  # as ADM's image_sample writes an unconditional model's
-                np.savez(scratch, images)
-            else:
-                np.savez(scratch, images, args.label_ids.numpy())
-        written.append(f"wrote {target} (arr_0: uint8 NHWC images{'' if args.unconditional else ', arr_1: labels'})")
-    if args.out is not None:
-        with atomic_path(args.out) as scratch:
-            save_grid(images, scratch, columns=min(10, len(images)))
-        written.append(f"wrote {len(images)} samples to {args.out}")
-    print("\n".join(written))
+    try:
+        if args.npz is not None:  # first: the samples themselves, whatever happens to the grid
+            target = npz_path(args.npz)
+            with atomic_path(target) as scratch:
+                if args.unconditional:  # as ADM's image_sample writes an unconditional model's
+                    np.savez(scratch, images)
+                else:
+                    np.savez(scratch, images, args.label_ids.numpy())
+            kinds = "" if args.unconditional else ", arr_1: labels"
+            written.append(f"wrote {target} (arr_0: uint8 NHWC images{kinds})")
+        if args.out is not None:
+            with atomic_path(args.out) as scratch:
+                save_grid(images, scratch, columns=min(10, len(images)))
+            written.append(f"wrote {len(images)} samples to {args.out}")
+    finally:  # (what was written, also where the grid then failed)
+        print("\n".join(written))
     return 0
 
 
@@ -1177,13 +1181,29 @@ def main(argv: list[str] | None = None) -> int:
     piped into a reader that stops early (``| head``) ends the command quietly, as it
     would a Unix tool: status 141 (128 + SIGPIPE), no traceback."""
     try:
-        return _run_command(argv)
+        try:
+            return _run_command(argv)
+        finally:  # the last buffered output too (--help's SystemExit included), within reach here
+            sys.stdout.flush()
     except BrokenPipeError:
+        if not _stdout_reader_gone():  # another pipe's (a subprocess's): reported as it is
+            raise
         # Python flushes stdout again at exit, which would raise once more: point it at
         # /dev/null first (the recipe of Python's signal module documentation).
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe that its reader has closed (poll reports an error on it);
+    where poll is missing (Windows), a broken pipe is taken for stdout's."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
 
 
 def _run_command(argv: list[str] | None) -> int:

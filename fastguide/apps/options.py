@@ -51,11 +51,11 @@ def torchrun_world_size() -> int:
     """torchrun's WORLD_SIZE (1 where it is not set), and its RANK, where set, within it (a
     rank past the world waited out the rendezvous's whole timeout for ranks that never come)."""
     raw = os.environ.get("WORLD_SIZE", "1").strip() or "1"
-    if not raw.isdigit() or int(raw) < 1:
+    if not raw.isdecimal() or int(raw) < 1:
         raise UsageError("WORLD_SIZE", f"must be a positive integer (torchrun sets it), got {raw!r}")
     world_size = int(raw)
     rank = os.environ.get("RANK")
-    if world_size > 1 and rank is not None and not (rank.strip().isdigit() and int(rank) < world_size):
+    if world_size > 1 and rank is not None and not (rank.strip().isdecimal() and int(rank) < world_size):
         raise UsageError(
             "RANK", f"must be an integer from 0 to {world_size - 1} (WORLD_SIZE {world_size}), got {rank!r}"
         )
@@ -278,8 +278,17 @@ def check_output_file(option: str, path: Path) -> None:
 
 
 # The widest and tallest image each format holds (Pillow's encoders refuse more, after the
-# samples are drawn); formats absent here hold more than a grid of MAX_SAMPLES reaches.
-IMAGE_SIDE_LIMITS = {"WEBP": 16383, "JPEG": 65500, "GIF": 65535}
+# samples are drawn; measured with Pillow 13). PNG, TIFF and BMP hold 2³¹ − 1 a side.
+IMAGE_SIDE_LIMITS = {
+    "WEBP": 16383,
+    "JPEG": 65500,
+    "MPO": 65500,
+    "PDF": 65500,
+    "GIF": 65535,
+    "TGA": 65535,
+    "PCX": 65535,
+    "SGI": 65535,
+}
 # Icon formats, which Pillow resizes to icon sizes without a word.
 ICON_FORMATS = ("ICO", "ICNS")
 

@@ -252,11 +252,12 @@ def _sample(args: argparse.Namespace, save_grid) -> int:
             check_grid_fits("--out", args.out, *grid_pixels(args.num_samples, height, width, columns, 1))
         if pipe.fastguide_fallback is not None:
             fallbacks.add(pipe.fastguide_fallback)
-    for reason in sorted(fallbacks):
-        print(f"fastguide: diffusers' own loop ran: {reason}")
     # [0, 1] -> save_grid's uint8 NHWC, rounded as diffusers' numpy_to_pil rounds
     pixels = (torch.cat(images).float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     with atomic_path(args.out) as scratch:  # never a partial PNG at --out
         save_grid(pixels, scratch, columns=min(10, len(pixels)), scale=1)
+    # (messages after the file: a reader that stopped early ends the command at a print)
+    for reason in sorted(fallbacks):
+        print(f"fastguide: diffusers' own loop ran: {reason}")
     print(f"wrote {len(pixels)} samples to {args.out}")
     return 0

@@ -974,6 +974,7 @@ def test_a_rank_outside_the_world_is_one_line(rank, monkeypatch, capsys, tmp_pat
         (["--num-samples", "5000", "--out", "a.webp"], "--out: the grid would be 364×18004 pixels, past WEBP's 16383"),
         # Pillow resized the grid to an icon's size without a word
         (["--out", "a.ico"], "--out: 'a.ico' is an icon format"),
+        (["--num-samples", "20000", "--out", "a.tga"], "--out: the grid would be 364×72004 pixels, past TGA's 65535"),
     ],
 )
 def test_a_grid_the_image_format_cannot_hold_is_refused_before_sampling(workdir, capsys, argv, message):
@@ -984,3 +985,39 @@ def test_the_grid_size_check_is_the_grid_save_grid_writes(tmp_path):
     pixels = np.zeros((23, 8, 8, 1), dtype=np.uint8)
     cli.save_grid(pixels, tmp_path / "g.png", columns=10)
     assert Image.open(tmp_path / "g.png").size == cli.grid_pixels(23, 8, 8, 10, cli.grid_scale(8, 8))
+
+
+def test_buffered_output_into_a_reader_that_has_gone_ends_quietly():
+    # stdout to a pipe is block-buffered: --help's text went out at Python's exit flush,
+    # after main had returned, as "Exception ignored ... BrokenPipeError" and status 120.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fastguide", "sample", "--help"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 141 and b"BrokenPipeError" not in stderr, stderr.decode()[-2000:]
+
+
+def test_a_broken_pipe_that_is_not_stdouts_is_reported(monkeypatch):
+    # (a subprocess's or a socket's: only stdout's reader going away ends the command quietly)
+    def broken(argv):
+        raise BrokenPipeError("a subprocess's pipe")
+
+    monkeypatch.setattr(cli, "_run_command", broken)
+    monkeypatch.setattr(cli, "_stdout_reader_gone", lambda: False)
+    with pytest.raises(BrokenPipeError, match="a subprocess's pipe"):
+        cli.main(["selfcheck"])
+
+
+def test_the_npz_is_reported_when_the_grid_then_fails(workdir, capsys, monkeypatch):
+    def broken_save_grid(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cli, "save_grid", broken_save_grid)
+    with pytest.raises(OSError, match="disk full"):
+        cli.main(["sample", "--quiet", "--steps", "1", "--num-samples", "2", "--npz", "s.npz", "--out", "s.png"])
+    assert "wrote s.npz" in capsys.readouterr().out and (workdir / "s.npz").is_file()
