@@ -403,15 +403,18 @@ class GuidedSampler:
             dataclasses.replace(call, position=positions.setdefault(call.t, len(positions))) for call in calls
         )
         interval = None if self.guidance is None else self.guidance.interval
-        if guided and interval is not None and all(call.combine is None for call in calls[zeroed:]):
+        if guided and interval is not None:
+            # σ̃ in (low, high], as every guidance's interval reads it (a PAG or skip-layer
+            # guidance with CFG guides every call, its perturbation only within the interval)
             levels = [self.schedule.edm_sigma(call.t) for call in calls]
-            warnings.warn(
-                f"the guidance interval {interval} (EDM's σ̃, low < σ̃ ≤ high) holds none of the {len(calls)} "
-                f"model calls of sampler={self.sampler!r} here (their σ̃ run from {min(levels):.4g} to "
-                f"{max(levels):.4g}): every call runs unguided",
-                UserWarning,
-                stacklevel=2,
-            )
+            if not any(interval[0] < level <= interval[1] for level in levels[zeroed:]):
+                warnings.warn(
+                    f"the guidance interval {interval} (EDM's σ̃, low < σ̃ ≤ high) holds none of the {len(calls)} "
+                    f"model calls of sampler={self.sampler!r} here (their σ̃ run from {min(levels):.4g} to "
+                    f"{max(levels):.4g}): what it bounds applies at no call",
+                    UserWarning,
+                    stacklevel=2,
+                )
         if guided and self.guidance is not None and self.guidance.reuse is not None:
             calls = self._reusing_deltas(calls)
         for call in calls:

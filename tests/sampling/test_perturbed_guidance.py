@@ -146,6 +146,22 @@ def test_the_perturbed_branch_runs_only_inside_its_window():
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
 
+def test_a_perturbation_window_that_holds_no_call_warns():
+    # with CFG every call is guided, so the check once looked at the combine and said nothing
+    spec = SkipLayerGuidance(2.0, [1], cfg_scale=3.0, interval=(0.0, 1e-4))
+    with pytest.warns(UserWarning, match="holds none of the .* model calls"):
+        sample(
+            tiny_dit(),
+            NOISE.shape,
+            labels=LABELS,
+            guidance=spec,
+            sampler="ddim",
+            steps=TIMESTEPS,
+            noise=NOISE,
+            null_label=NULL,
+        )
+
+
 def test_pag_without_cfg_needs_no_null_label_and_specs_are_checked():
     model = tiny_dit()
     sample(model, NOISE.shape, labels=LABELS, guidance=PAG(1.0, r"blocks\.0\."), sampler="ddim", steps=3)
