@@ -831,18 +831,30 @@ def check_train(args: argparse.Namespace) -> None:
     check_output_folder("--out", args.out)
     check_modules("train", "sklearn")
     args.record = read_training_record(args.out / "digits_training.json") if args.only is not None else None
-    if args.record and "seed" in args.record:
-        # The seed draws the train/held-out split too: a network trained on another split may
-        # have seen the images the others are scored on, which the sweep then refuses. So
-        # --only takes the folder's seed by default, and says so where --seed differs.
-        if isinstance(args.record["seed"], bool) or not isinstance(args.record["seed"], int):
-            raise UsageError("--out", f"its digits_training.json's 'seed' must be an int, got {args.record['seed']!r}")
+    # The seed draws the train/held-out split too: a network trained on another split may
+    # have seen the images the others are scored on, which the sweep then refuses. So --only
+    # takes the folder's seed by default (the main networks', else the other network's), and
+    # says so where --seed differs.
+    folder_seed_key = next(
+        (
+            key
+            for key in ("seed", "guide_seed", "transformer_seed")
+            if key != f"{args.only}_seed" and key in (args.record or {})
+        ),
+        None,
+    )
+    if folder_seed_key is not None:
+        folder_seed = args.record[folder_seed_key]
+        if isinstance(folder_seed, bool) or not isinstance(folder_seed, int):
+            raise UsageError(
+                "--out", f"its digits_training.json's {folder_seed_key!r} must be an int, got {folder_seed!r}"
+            )
         if args.seed is None:
-            args.seed = args.record["seed"]
-        elif args.seed != args.record["seed"]:
+            args.seed = folder_seed
+        elif args.seed != folder_seed:
             print(
                 f"fastguide train: note: --seed {args.seed} draws another train/held-out split than the one the "
-                f"networks in {args.out} were trained on (seed {args.record['seed']}): fastguide sweep refuses "
+                f"networks in {args.out} were trained on (seed {folder_seed}): fastguide sweep refuses "
                 f"to score this {args.only} against their held-out images (leave --seed out to share it)",
                 file=sys.stderr,
             )

@@ -959,6 +959,26 @@ def test_train_only_keeps_the_folders_split(workdir, capsys, monkeypatch):
     assert seeds == [3, 3, 5]
 
 
+def test_train_only_takes_the_other_networks_seed_where_the_record_has_no_main_seed(workdir, monkeypatch):
+    # A folder holding a guide alone (a record with guide_seed, no "seed"): --only transformer
+    # took seed 0, another split than the guide's
+    import json
+
+    folder = workdir / "weights"
+    folder.mkdir()
+    (folder / "digits_training.json").write_text(json.dumps({"guide_seed": 4, "guide_steps": 10}))
+    monkeypatch.setattr(cli, "check_modules", lambda *names: None)
+    seeds = []
+
+    def fake_train_transformer(out, seed, **options):
+        seeds.append(seed)
+        return {"guide_seed": 4, "transformer_seed": seed}
+
+    monkeypatch.setattr(digits, "train_transformer", fake_train_transformer)
+    assert cli.main(["train", "--only", "transformer", "--out", "weights", "--quiet"]) == 0
+    assert seeds == [4]
+
+
 @pytest.mark.parametrize("rank", ["3", "2", "-1", "x"])
 def test_a_rank_outside_the_world_is_one_line(rank, monkeypatch, capsys, tmp_path):
     # RANK 3 of WORLD_SIZE 2 waited out the rendezvous's whole timeout for ranks that never come
