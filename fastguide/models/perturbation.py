@@ -50,7 +50,6 @@ from __future__ import annotations
 import functools
 import re
 import sys
-import weakref
 from collections.abc import Callable, Sequence
 from numbers import Integral
 from typing import Any, cast
@@ -70,9 +69,25 @@ from .nn import AttentionBlock, QKVAttention, split_heads
 Replacement = Callable[[Any, slice, tuple, dict], object]
 # A module to perturb: (its name, the module, its replacement).
 Target = tuple[str, nn.Module, Replacement]
-# The wrapper each perturbed module had last, for the next handle of its kind to install
-# again (a new wrapper object is a new forward to torch.compile's guards: a recompile).
-_LAST_WRAPPER: weakref.WeakKeyDictionary[nn.Module, _PerturbedForward] = weakref.WeakKeyDictionary()
+# The key in a perturbed module's __dict__ of the wrapper it had last (``_LastWrapper``).
+_LAST_WRAPPER = "_fastguide_last_perturbation"
+
+
+class _LastWrapper:
+    """The wrapper a module had last, for the next handle of its kind to install again (a
+    new wrapper object is a new forward to torch.compile's guards: a recompile). It is kept
+    on the module itself, so it goes with the module: a table keyed weakly by module kept
+    every module alive, since the wrapper refers to its module. A copy or pickle of the
+    module leaves it behind (its replacement need not pickle; a new handle makes a new one)."""
+
+    def __init__(self, wrapper: _PerturbedForward | None = None):
+        self.wrapper = wrapper
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return _LastWrapper, ()
+
+    def __deepcopy__(self, memo: dict) -> _LastWrapper:
+        return _LastWrapper()
 
 
 class Perturbation:
@@ -126,11 +141,18 @@ class Perturbation:
         """The wrapper ``module`` had last when it is of this kind and name and the module's
         forward is the one it wrapped (its replacement, chosen by the module and the kind,
         is then this one's); else a new one."""
-        last = _LAST_WRAPPER.get(module)
-        if last is not None and last.kind == self.kind and last.name == name and last.forward_unchanged():
+        held = module.__dict__.get(_LAST_WRAPPER)
+        last = held.wrapper if isinstance(held, _LastWrapper) else None
+        if (
+            last is not None
+            and last.module is module  # (a shallow copy of the module shares its __dict__'s values)
+            and last.kind == self.kind
+            and last.name == name
+            and last.forward_unchanged()
+        ):
             return last
         wrapper = _PerturbedForward(self.kind, module, name, replace)
-        _LAST_WRAPPER[module] = wrapper
+        module.__dict__[_LAST_WRAPPER] = _LastWrapper(wrapper)
         return wrapper
 
     def remove(self) -> None:

@@ -667,3 +667,27 @@ def test_layer_names_select_what_diffusers_selects(layers):
     with perturb_attention(model, layers) as handle:
         assert handle.layers == expected
     assert {"blocks.1": 3, r"blocks\.1\.": 1, "attn1": 12, "transformer_blocks.(2|11)": 2}[layers] == len(expected)
+
+
+def test_a_model_once_perturbed_is_freed_and_copies_and_pickles_as_before():
+    # A table of each module's last wrapper, keyed weakly by module, kept every perturbed
+    # module alive, weights included: the wrapper it held refers to its module.
+    import copy
+    import gc
+    import io
+    import weakref
+
+    model = tiny_dit()
+    perturb_attention(model, "blocks.1").remove()
+    skip_blocks(model, 0).remove()
+    clone = copy.deepcopy(model)
+    torch.save(model, io.BytesIO())  # the replacements are local functions, which do not pickle
+    with perturb_attention(clone, "blocks.1"):  # the copy's own wrapper, not the original's
+        assert clone.blocks[1].attn.forward.module is clone.blocks[1].attn
+    shallow = copy.copy(model.blocks[1].attn)  # shares the original's __dict__ values
+    with perturb_attention(shallow, ".*"):
+        assert shallow.forward.module is shallow
+    refs = [weakref.ref(model), weakref.ref(model.blocks[0]), weakref.ref(model.blocks[1].attn)]
+    del model, clone, shallow
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None, None]
