@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .dit import DiT
+from .unet import check_labels, check_timesteps
 
 
 def diffusers_state_dict(state: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
@@ -82,11 +83,12 @@ def to_diffusers(model: DiT) -> nn.Module:
     )
     theirs.load_state_dict(diffusers_state_dict(model.state_dict(), len(model.blocks)), strict=True)
     # diffusers builds its own sincos position table: a model whose pos_embed is another
-    # (changed, or trained) would silently become a different network. Held to fp16's
-    # rounding of the table (5e-4 on values in [−1, 1]): weights shipped in fp16, as the
-    # digits transformer's, round it so.
+    # (changed, or trained) would silently become a different network. Held to the rounding
+    # of the table in fp16 (5e-4 on values in [−1, 1]: weights shipped in fp16, as the digits
+    # transformer's, round it so), or in the model's dtype where that is coarser (bf16: 3.9e-3).
     table = theirs.pos_embed.pos_embed
-    if not torch.allclose(model.pos_embed.detach().to(table), table, rtol=0, atol=1e-3):
+    tolerance = max(1e-3, torch.finfo(model.pos_embed.dtype).eps)
+    if not torch.allclose(model.pos_embed.detach().to(table), table, rtol=0, atol=tolerance):
         raise ValueError(
             "model cannot be a diffusers DiTTransformer2DModel: its pos_embed is not the fixed 2-D sincos table "
             "diffusers builds (diffusers holds no other)"
@@ -111,5 +113,17 @@ class DiffusersDiT(nn.Module):
     def null_label(self) -> int:
         return self.num_classes
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    @property
+    def perturbation_target(self) -> nn.Module:
+        """The wrapped transformer, whose layers PAG and skip-layer guidance perturb and whose
+        blocks a block cache skips, by diffusers' names ("transformer_blocks.1", not
+        "transformer.transformer_blocks.1"; fastguide.models.blocks.perturbation_target)."""
+        return self.transformer
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """As ``DiT.forward``: t and y (N,) or 0-d, one for the whole batch; y None is the null label."""
+        t = check_timesteps(t, x)
+        if y is None:
+            y = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
+        y = check_labels(y, x, self.num_classes + 1)
         return self.transformer(x, timestep=t, class_labels=y).sample
