@@ -260,13 +260,14 @@ class CudaBackend(Backend):
         return _older_than_sm80(device.index) or extension.why_not_available()
 
     def runs_under_auto(self, op: str, device: torch.device, dtype: torch.dtype) -> bool:
-        """Only with the extension installed prebuilt (``auto`` never starts a build) and a
-        GPU it is built for."""
+        """Only with the extension installed prebuilt (``auto`` never starts a build), loading
+        (``extension.prebuilt_loads``), and a GPU it is built for."""
         return (
             self.has_kernel(op)
             and dtype in self.dtypes
             and extension.prebuilt_path() is not None
             and _older_than_sm80(device.index) is None
+            and extension.prebuilt_loads()
         )
 
 

@@ -13,11 +13,15 @@ calls. Nothing is built or loaded at ``import fastguide``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import os
 import shutil
+import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -42,6 +46,10 @@ KERNEL_CHECK_FLAGS = (
 )
 
 _loaded = False
+# Why loading or building the extension failed in this process: said again at every later
+# call, which neither retries (a failed build costs the whole compile) nor loads anything.
+_failure: str | None = None
+REBUILD_HINT = "FASTGUIDE_BUILD_CUDA=1 pip install --no-build-isolation ."
 
 
 def source_dir() -> Path:
@@ -137,32 +145,53 @@ def prebuilt_path() -> str | None:
 def why_not_buildable() -> str | None:
     """What a just-in-time build lacks on this machine; None when it can build."""
     if torch.version.cuda is None:
-        return f"this torch ({torch.__version__}) is a CPU build; the CUDA extension needs a CUDA build of torch"
+        build = "a ROCm" if getattr(torch.version, "hip", None) else "a CPU"
+        return f"this torch ({torch.__version__}) is {build} build; the CUDA extension needs a CUDA build of torch"
     from torch.utils import cpp_extension
 
     if cpp_extension.CUDA_HOME is None:
         return "no CUDA toolkit found (install one with nvcc, or set CUDA_HOME)"
     if not cpp_extension.is_ninja_available():
         return "ninja is not installed (pip install ninja)"
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        return "no C++ compiler found (c++ or g++)"
+    if not any(shutil.which(name) for name in (os.environ.get("CXX"), "c++", "g++") if name):
+        return "no C++ compiler found ($CXX, c++ or g++)"
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def why_not_available() -> str | None:
-    """None when the extension is built or can be built here, else the reason. Asked on
-    every op call under the cuda backend, so answered once per process (a build check
-    runs ninja)."""
+    """None when the extension is built or can be built here, else the reason: what a
+    build lacks, or how this process's load or build of it failed."""
+    return _failure or _why_not_at_start()
+
+
+@functools.lru_cache(maxsize=None)
+def _why_not_at_start() -> str | None:
+    """``why_not_available`` before any load: asked on every op call under the cuda
+    backend, so answered once per process (a build check runs ninja)."""
     if prebuilt_path() is not None:
         return None
     reason = why_not_buildable()
     if reason is None:
         return None
-    return (
-        "fastguide._C is not built (FASTGUIDE_BUILD_CUDA=1 pip install --no-build-isolation .) "
-        f"and cannot be built now: {reason}"
-    )
+    return f"fastguide._C is not built ({REBUILD_HINT}) and cannot be built now: {reason}"
+
+
+def prebuilt_loads() -> bool:
+    """Whether the ahead-of-time build fastguide._C is installed and loads: ``auto`` runs
+    the cuda backend only then. Loaded on the first eager ask (the op call would load it
+    next); a library that does not load (built against another torch, say) is warned
+    about once, and ``auto`` runs another backend. Under a trace, a load not yet tried
+    counts as loading (nothing is loaded while torch.compile traces)."""
+    if prebuilt_path() is None or _failure is not None:
+        return False
+    if _loaded or torch.compiler.is_compiling():
+        return True
+    try:
+        load()
+    except RuntimeError as error:
+        warnings.warn(f"{error}; the auto backend runs triton or torch instead", RuntimeWarning, stacklevel=2)
+        return False
+    return True
 
 
 def build_name(prefix: str, directories: list[Path]) -> str:
@@ -177,25 +206,105 @@ def build_name(prefix: str, directories: list[Path]) -> str:
 
 
 def load() -> None:
-    """Register the fastguide_cuda ops: load fastguide._C, or build it (once, cached)."""
-    global _loaded
+    """Register the fastguide_cuda ops: load fastguide._C, or build it (once, cached).
+    RuntimeError naming the extension when it cannot; a failure is not retried."""
+    global _loaded, _failure
     if _loaded:
         return
+    if _failure is not None:
+        raise RuntimeError(_failure)
     path = prebuilt_path()
-    if path is not None:
-        torch.ops.load_library(path)
-    else:
-        reason = why_not_buildable()
-        if reason is not None:
-            raise RuntimeError(f"the cuda backend needs the extension fastguide._C: {reason}")
-        from torch.utils import cpp_extension
+    if path is None and (reason := why_not_buildable()) is not None:
+        raise RuntimeError(f"the cuda backend needs the extension fastguide._C: {reason}")
+    try:
+        if path is not None:
+            torch.ops.load_library(path)
+        else:
+            _build()
+    except Exception as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if path is not None:
+            _failure = (
+                f"the cuda backend's extension fastguide._C ({path}) does not load: {first_line} "
+                f"(rebuild it against this torch, {torch.__version__}: {REBUILD_HINT})"
+            )
+        else:
+            _failure = (
+                f"the cuda backend's extension fastguide._C failed to build just in time: {first_line} "
+                "(the compiler's output is in the error chained to this one; "
+                f"or build it ahead of time: {REBUILD_HINT})"
+            )
+        raise RuntimeError(_failure) from error
+    _loaded = True
 
-        sources = source_dir()
+
+def _build() -> None:
+    """Compile csrc/ into torch's extension cache and load it (torch.utils.cpp_extension)."""
+    from torch.utils import cpp_extension
+
+    sources = source_dir()
+    name = build_name(OPS_NAMESPACE, [sources])
+    with _build_lock(_build_directory(name)):
         cpp_extension.load(
-            name=build_name(OPS_NAMESPACE, [sources]),
-            sources=[str(sources / name) for name in BINDING_SOURCES + KERNEL_SOURCES],
+            name=name,
+            sources=[str(sources / file) for file in BINDING_SOURCES + KERNEL_SOURCES],
             extra_cflags=list(HOST_FLAGS),  # torch picks the C++ standard its headers need
             extra_cuda_cflags=list(NVCC_FLAGS),
             is_python_module=False,
         )
-    _loaded = True
+
+
+def _build_directory(name: str) -> Path | None:
+    """The folder torch's extension cache builds ``name`` in (None where this torch does
+    not say: its helper is private)."""
+    from torch.utils import cpp_extension
+
+    locate = getattr(cpp_extension, "_get_build_directory", None)
+    try:
+        return None if locate is None else Path(locate(name, False))
+    except (OSError, TypeError):
+        return None
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path | None) -> Iterator[None]:
+    """Held around a build: one builder at a time, and a build stopped midway does not
+    hang the next. torch's own lock is a file ("lock") that a builder killed midway
+    leaves behind, and every later build waits on it forever. This one is a flock, which
+    the kernel releases when its holder dies; under it, no other fastguide build runs, so
+    a "lock" file there is a stopped build's, and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # (not on Windows: torch's lock alone)
+        fcntl = None  # type: ignore[assignment]
+    if directory is None or fcntl is None:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "fastguide.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            print(
+                f"fastguide: waiting for another process's build of the cuda extension in {directory}",
+                file=sys.stderr,
+            )
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            locked = True
+        except OSError:  # a file system without flock: torch's lock alone
+            locked = False
+        try:
+            stale = directory / "lock"
+            if locked and stale.exists():
+                warnings.warn(
+                    f"removed {stale}, left by a build of the cuda extension that was stopped midway "
+                    "(no other build of it is running)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)

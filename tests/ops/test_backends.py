@@ -27,6 +27,7 @@ def test_the_cuda_backend_needs_sm80_and_auto_passes_it_over_on_older_gpus(monke
 
     _kernels_present(monkeypatch, triton=True, cuda=True)
     monkeypatch.setattr(extension, "prebuilt_path", lambda: "/site-packages/fastguide/_C.so")
+    monkeypatch.setattr(extension, "prebuilt_loads", lambda: True)  # (a fake path: nothing to load)
     for capability, picked in (((7, 5), "triton"), ((8, 0), "cuda"), ((9, 0), "cuda")):
         monkeypatch.setattr(backends, "_SM80_REASONS", {})
         properties = SimpleNamespace(major=capability[0], minor=capability[1])
@@ -197,6 +198,7 @@ def test_auto_uses_cuda_only_when_prebuilt(monkeypatch):
     with fastguide.backend("auto"):
         assert backends.resolve("guided_step", torch.device("cuda"), torch.float16) == "torch"
     monkeypatch.setattr(extension, "prebuilt_path", lambda: "/site-packages/fastguide/_C.so")
+    monkeypatch.setattr(extension, "prebuilt_loads", lambda: True)  # (a fake path: nothing to load)
     with fastguide.backend("auto"):
         assert backends.resolve("guided_step", torch.device("cuda"), torch.float16) == "cuda"
 
@@ -205,6 +207,7 @@ def test_auto_on_cuda_prefers_the_extension_in_eager_and_triton_for_graphs(monke
     # Eager, a cuda-extension call has the shorter host path; in a captured graph Triton's
     # kernels have the shorter device time (the H200 run of 2026-12-04, BENCHMARKS.md).
     monkeypatch.setattr(extension, "prebuilt_path", lambda: "/site-packages/fastguide/_C.so")
+    monkeypatch.setattr(extension, "prebuilt_loads", lambda: True)  # (a fake path: nothing to load)
     cuda = torch.device("cuda")
 
     def resolve(triton: bool = True, cuda_kernel: bool = True) -> str:
@@ -313,12 +316,106 @@ def test_resolution_traces_under_fullgraph_compile_without_import_lookups(monkey
 def test_cuda_extension_on_cpu_torch_says_why(monkeypatch, request):
     monkeypatch.setattr(extension, "prebuilt_path", lambda: None)
     monkeypatch.setattr(extension, "_loaded", False)
-    extension.why_not_available.cache_clear()
-    request.addfinalizer(extension.why_not_available.cache_clear)
+    extension._why_not_at_start.cache_clear()
+    request.addfinalizer(extension._why_not_at_start.cache_clear)
     assert "CPU build" in extension.why_not_available()
     assert "CPU build" in backends.why_not("cuda", torch.device("cuda"))
     with pytest.raises(RuntimeError, match="cuda backend needs the extension fastguide._C: .*CPU build"):
         extension.load()
+
+
+@pytest.fixture
+def fresh_extension(monkeypatch):
+    """extension's per-process state as before any load, restored after the test."""
+    monkeypatch.setattr(extension, "_loaded", False)
+    monkeypatch.setattr(extension, "_failure", None)
+    extension._why_not_at_start.cache_clear()
+    yield
+    extension._why_not_at_start.cache_clear()
+
+
+def test_a_prebuilt_extension_that_does_not_load_is_skipped_by_auto_and_named(fresh_extension, monkeypatch, tmp_path):
+    # A fastguide._C built against another torch: auto picked the cuda backend on every
+    # call, and every call failed in torch.ops.load_library with no word of fastguide._C
+    broken = tmp_path / "_C.so"
+    broken.write_bytes(b"not a shared library")
+    monkeypatch.setattr(extension, "_PREBUILT_PATH", str(broken))
+    monkeypatch.setitem(backends._SM80_REASONS, 0, None)
+    cuda_backend = backends.IMPLEMENTATIONS["cuda"]
+    with pytest.warns(RuntimeWarning, match=r"fastguide._C \(.*_C\.so\) does not load: .*the auto backend runs"):
+        assert not cuda_backend.runs_under_auto("guided_step", torch.device("cuda", 0), torch.float32)
+    assert not cuda_backend.runs_under_auto("guided_step", torch.device("cuda", 0), torch.float32)  # not again
+    assert "does not load" in extension.why_not_available()
+    with pytest.raises(RuntimeError, match="rebuild it against this torch"):
+        extension.load()
+
+
+def test_a_failed_build_is_not_retried_and_names_the_extension(fresh_extension, monkeypatch):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(extension, "_PREBUILT_PATH", None)
+    monkeypatch.setattr(extension, "why_not_buildable", lambda: None)
+    monkeypatch.setattr(extension, "_build_directory", lambda name: None)
+    builds = []
+
+    def failing_build(**options):
+        builds.append(options["name"])
+        raise RuntimeError("Error building extension 'fastguide_cuda_x': nvcc fatal")
+
+    monkeypatch.setattr(cpp_extension, "load", failing_build)
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match=r"fastguide._C failed to build just in time: Error building"):
+            extension.load()
+    assert len(builds) == 1
+    assert "failed to build" in backends.why_not("cuda", torch.device("cuda"))
+
+
+def test_a_build_stopped_midway_does_not_hang_the_next(fresh_extension, monkeypatch, tmp_path):
+    # torch's build lock is a file, which a builder killed midway leaves behind: every
+    # later build waited on it forever
+    from torch.utils import cpp_extension
+
+    pytest.importorskip("fcntl")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(extension, "_PREBUILT_PATH", None)
+    monkeypatch.setattr(extension, "why_not_buildable", lambda: None)
+    name = extension.build_name(extension.OPS_NAMESPACE, [extension.source_dir()])
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "lock").write_text("")  # the stopped build's
+    built = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **options: built.append((folder / "lock").exists()))
+    with pytest.warns(RuntimeWarning, match="left by a build of the cuda extension that was stopped midway"):
+        extension.load()
+    assert built == [False]
+
+
+def test_the_build_lock_waits_for_a_live_builder(tmp_path):
+    # The flock is the kernel's: while another process holds it, a second builder waits,
+    # and says so; it goes on once the holder lets go
+    pytest.importorskip("fcntl")
+    hold = (
+        "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('held', flush=True); sys.stdin.read()"  # until the test closes its stdin
+    )
+    build = (
+        "import sys; from pathlib import Path; from fastguide.ops import extension\n"
+        "with extension._build_lock(Path(sys.argv[1])): print('built')"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path / "fastguide.lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        assert holder.stdout.readline().strip() == "held"
+        with subprocess.Popen(
+            [sys.executable, "-c", build, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as builder:
+            assert "waiting for another process's build" in builder.stderr.readline()  # ('' had it not waited)
+            holder.stdin.close()
+            out, _ = builder.communicate(timeout=60)
+    assert builder.returncode == 0 and out.strip() == "built"
 
 
 def test_cuda_sources_ship_with_the_package():
