@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,3 +47,20 @@ def test_selfcheck_reports_agreement():
     )
     for op in ("attention", "group_norm", "layer_norm", "guided_step"):
         assert re.search(rf"{op}\s.*\sok$", result.stdout, flags=re.M), result.stdout
+
+
+def test_selfcheck_reports_an_op_that_raises_and_checks_the_others(monkeypatch, capsys):
+    # An op that raised (an extension that does not load, say) ended the command in a
+    # traceback, with the other ops unchecked and the backends' summary unprinted
+    from fastguide.apps import selfcheck
+
+    def broken(device, generator):
+        raise RuntimeError("the cuda backend's extension fastguide._C does not load: bad ELF\nmore")
+
+    monkeypatch.setitem(selfcheck.CHECKS, "group_norm", broken)
+    assert selfcheck.run(torch.device("cpu")) == 1
+    out = capsys.readouterr().out
+    assert "group_norm   FAIL: RuntimeError: the cuda backend's extension fastguide._C does not load: bad ELF\n" in out
+    for op in ("attention", "layer_norm", "guided_step"):
+        assert re.search(rf"{op}\s.*\sok$", out, flags=re.M), out
+    assert "backends here:" in out

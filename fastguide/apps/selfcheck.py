@@ -88,8 +88,17 @@ def run(device: torch.device, seed: int = 0) -> int:
     print(f"fastguide self-check on {device} (backend setting: {backends.get_backend()})")
     failures = 0
     for name, check in CHECKS.items():
-        backend = ops.dispatch.backend_for(name, device, torch.float32)
-        error = check(device, torch.Generator().manual_seed(seed))
+        # An op that raises (a backend that cannot run, an extension that does not load, a
+        # kernel that does not compile) is a failure to report, and the others still run:
+        # this is the command people run when something is broken.
+        try:
+            backend = ops.dispatch.backend_for(name, device, torch.float32)
+            error = check(device, torch.Generator().manual_seed(seed))
+        except Exception as raised:
+            failures += 1
+            message = (str(raised).strip().splitlines() or [""])[0]
+            print(f"  {name:<12} FAIL: {type(raised).__name__}: {message}")
+            continue
         ok = error <= TOLERANCE
         failures += not ok
         print(
