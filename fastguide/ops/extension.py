@@ -182,10 +182,14 @@ def prebuilt_loads() -> bool:
     next); a library that does not load (built against another torch, say) is warned
     about once, and ``auto`` runs another backend. Under a trace, a load not yet tried
     counts as loading (nothing is loaded while torch.compile traces)."""
-    if prebuilt_path() is None or _failure is not None:
+    if prebuilt_path() is None:
         return False
-    if _loaded or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # (reads no _loaded: a guard on it would recompile after the load)
+        return _failure is None
+    if _loaded:
         return True
+    if _failure is not None:
+        return False
     try:
         load()
     except RuntimeError as error:
