@@ -201,7 +201,16 @@ class RowConditioning:
                 assert isinstance(other_value, Tensor)  # the same signature
                 value.copy_(other_value)
 
-    def arguments(self, rows: int) -> tuple[Tensor | None, dict]:
-        """The first ``rows`` rows' labels and keyword arguments (views)."""
+    def arguments(self, rows: int, floating_dtype: torch.dtype | None = None) -> tuple[Tensor | None, dict]:
+        """The first ``rows`` rows' labels and keyword arguments: views, or with
+        ``floating_dtype`` the floating ones cast to it (for a network of another dtype)."""
+
+        def first_rows(leaf: Leaf) -> Leaf:
+            if not isinstance(leaf, Tensor):
+                return leaf
+            if floating_dtype is not None and leaf.is_floating_point():
+                return leaf[:rows].to(floating_dtype)
+            return leaf[:rows]
+
         labels = None if self.labels is None else self.labels[:rows]
-        return labels, nest({p: v[:rows] if isinstance(v, Tensor) else v for p, v in self.leaves.items()})
+        return labels, nest({path: first_rows(leaf) for path, leaf in self.leaves.items()})

@@ -709,10 +709,11 @@ class GuidedSampler:
                 )
 
     def _guide_dtype_for(self, dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
-        """The dtype the guide_model's input is cast to: its parameters' one dtype where it
-        differs from the loop's state's (``dtype``) and autocast is off (a bf16 guide beside
-        a float32 model; its first layer would fail on the state); None to call it on the
-        state itself. Its output enters the step as it is (the step reads mixed dtypes)."""
+        """The dtype the guide_model's input and floating keyword conditioning are cast to:
+        its parameters' one dtype where it differs from the loop's state's (``dtype``) and
+        autocast is off (a bf16 guide beside a float32 model; its first layer would fail on
+        the state); None to call it on the state itself. Its output enters the step as it
+        is (the step reads mixed dtypes)."""
         guide_dtype = parameter_dtype(self._guide_network)
         if guide_dtype is None or guide_dtype == dtype or cuda_graphs.autocast_state(device)[0]:
             return None
@@ -851,9 +852,13 @@ class GuidedSampler:
         guide_network = self._guide_network if guided else None
         if guide_network is not None:  # a second network on the conditional rows
             buffers.guide_rows[i] = batch
-            guide_input = x if self._guide_input_dtype is None else x.to(self._guide_input_dtype)
+            if self._guide_input_dtype is None:
+                guide_input, guide_arguments = x, buffers.model_arguments(batch)
+            else:  # its floating conditioning cast as its input is (an fp32 text embedding for a bf16 guide)
+                guide_input = x.to(self._guide_input_dtype)
+                guide_arguments = buffers.conditioning.arguments(batch, self._guide_input_dtype)
             guide = self._checked_output(
-                self._forward(guide_network, guide_input, t_in[:batch], *buffers.model_arguments(batch)),
+                self._forward(guide_network, guide_input, t_in[:batch], *guide_arguments),
                 model_input,
                 batch,
                 shape,
