@@ -25,7 +25,13 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..models.adapters import SiTVelocity
-from ..models.block_cache import BlockCacheSettings, BlockCacheState, FirstBlockCache, ForecastCache
+from ..models.block_cache import (
+    BlockCacheSettings,
+    BlockCacheState,
+    FirstBlockCache,
+    ForecastCache,
+    check_cacheable,
+)
 from ..models.blocks import perturbation_target
 from ..models.perturbation import Perturbation
 from ..models.unet import UNet
@@ -224,6 +230,8 @@ class GuidedSampler:
         if not callable(model):
             raise TypeError(f"model must be callable as model(x_t, t[, y]), got {type(model).__name__}")
         self.model = model
+        if cache is not None:  # (refused here, not at the first run, which has drawn x_T by then)
+            check_cacheable(perturbation_target(model), type(cache).__name__)
         self.schedule = schedule or _default_schedule()
         if isinstance(model, SiTVelocity) and model.num_timesteps != self.schedule.num_timesteps:
             raise ValueError(

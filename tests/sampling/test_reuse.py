@@ -538,10 +538,16 @@ def test_a_state_is_taken_only_by_the_settings_and_model_it_was_made_for():
     ForecastCache(every=3).install(model, forecast).remove()
 
 
-def test_a_model_without_blocks_is_refused_before_any_forward():
-    sampler = GuidedSampler(torch.nn.Identity(), steps=4, schedule=SCHEDULE, cache=FirstBlockCache())
+def test_a_model_a_cache_cannot_install_on_is_refused_when_the_sampler_is_built():
+    # It was refused at the first run, which had drawn x_T from the caller's generator by then
     with pytest.raises(ValueError, match="no transformer blocks: FirstBlockCache"):
-        sampler((1, 3, 8, 8))
+        GuidedSampler(torch.nn.Identity(), steps=4, schedule=SCHEDULE, cache=FirstBlockCache())
+    model = torch.nn.Identity()
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    with pytest.raises(TypeError, match="cache: FirstBlockCache caches a torch.nn.Module's blocks, got function"):
+        fastguide.sample(lambda x, t: model(x), (1, 3, 8, 8), cache=FirstBlockCache(), generator=generator)
+    assert torch.equal(generator.get_state(), state)
 
 
 def test_a_unet_without_a_full_resolution_residual_block_is_refused():
@@ -560,9 +566,8 @@ def test_a_unet_without_a_full_resolution_residual_block_is_refused():
             null_class=True,
         )
         for cache in (FirstBlockCache(), ForecastCache()):
-            sampler = GuidedSampler(unet, steps=4, schedule=SCHEDULE, guidance=CFG(3.0), cache=cache)
             with pytest.raises(ValueError, match="num_res_blocks=0"):
-                sampler((1, 3, 8, 8), labels=torch.tensor([1]))
+                GuidedSampler(unet, steps=4, schedule=SCHEDULE, guidance=CFG(3.0), cache=cache)
 
 
 class TupleBlocks(torch.nn.Module):
