@@ -8,6 +8,7 @@ csrc/group_norm.cu (through fastguide.ops.cuda_backend)."""
 # namespace, so the signatures spell Optional[Tensor], never Tensor | None or a local name)
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Optional
 
 import torch
@@ -30,7 +31,7 @@ def check_group_norm(
     activation: str | None,
 ) -> None:
     check_tensor("x", x, ndim_at_least=2)
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, Integral) or num_groups < 1:
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
     batch, channels = x.shape[0], x.shape[1]
     if channels % num_groups != 0:
@@ -173,6 +174,7 @@ def group_norm(
     and shift.
     """
     check_group_norm(x, num_groups, weight, bias, eps, scale, shift, activation)
+    num_groups = int(num_groups)  # (a NumPy integer too, as torch's group_norm takes)
     # The kernels index the per-channel and per-sample parameters densely.
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     per_sample = [None if t is None else t.reshape(x.shape[0], x.shape[1]).contiguous() for t in (scale, shift)]

@@ -11,6 +11,7 @@ fastguide.ops.cuda_backend)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Optional
 
 import torch
@@ -55,12 +56,12 @@ def check_layer_norm(
         raise ValueError(f"the last dim of {x_name} (D) must be at least 1, got shape {tuple(x.shape)}")
     if (
         isinstance(normalized_shape, bool)
-        or not isinstance(normalized_shape, (int, Sequence))
+        or not isinstance(normalized_shape, (Integral, Sequence))
         or isinstance(normalized_shape, str)
     ):
         raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {type(normalized_shape).__name__}")
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if shape != (d,) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+    shape = (normalized_shape,) if isinstance(normalized_shape, Integral) else tuple(normalized_shape)
+    if shape != (d,) or not all(isinstance(s, Integral) and not isinstance(s, bool) for s in shape):
         raise ValueError(
             f"normalized_shape must be ({d},), the last dim of {x_name} {tuple(x.shape)} (LayerNorm over the "
             f"last dim only), got {normalized_shape!r}"

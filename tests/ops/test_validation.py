@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,6 +142,19 @@ def test_norms_refuse_sparse_tensors(op):
 def test_group_norm_bad_num_groups():
     with pytest.raises(ValueError, match="num_groups must be a positive int"):
         ops.group_norm(torch.randn(2, 8, 3, 3), 0)
+    with pytest.raises(ValueError, match="num_groups must be a positive int"):
+        ops.group_norm(torch.randn(2, 8, 3, 3), 4.0)
+
+
+def test_norm_sizes_may_be_numpy_integers_as_torchs_norms_take():
+    # (a size read off a NumPy array; only eps and the step scalars took NumPy numbers)
+    x = torch.randn(2, 8, 3, 5)
+    torch.testing.assert_close(ops.group_norm(x, np.int64(4)), torch.nn.functional.group_norm(x, 4))
+    tokens = x.flatten(1, 2)
+    for shape in (np.int64(5), (np.int32(5),)):
+        torch.testing.assert_close(
+            ops.layer_norm(tokens, shape, eps=1e-5), torch.nn.functional.layer_norm(tokens, (5,))
+        )
 
 
 # ---- guided_step ----------------------------------------------------------------------
