@@ -13,6 +13,7 @@ downsample rates, 6 output channels when learning the variance, 1000 classes).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral, Real
 
 from .unet import EncoderUNet, UNet
 
@@ -164,8 +165,9 @@ def _comma_list(name: str, value: object, example: str) -> tuple[float, ...]:
             return tuple(float(v) if "." in v else int(v) for v in value.split(",") if v.strip())
         except ValueError:
             raise ValueError(f"{name} must be comma-separated numbers such as {example!r}, got {value!r}") from None
-    if isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return tuple(value)
+    if isinstance(value, (tuple, list)) and all(isinstance(v, Real) and not isinstance(v, bool) for v in value):
+        # (NumPy numbers as Python's, which UNet takes too)
+        return tuple(int(v) if isinstance(v, Integral) else float(v) for v in value)
     raise TypeError(f"{name} must be a comma-separated string such as {example!r} or a list of numbers, got {value!r}")
 
 

@@ -4,6 +4,7 @@ the same weights, torch vs triton backends, head orders, loading, precision mode
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,6 +93,42 @@ def test_presets_sample_in_the_precision_of_the_released_models():
         "adm256": True,
         "adm512": False,
     }
+
+
+# Each released model's attention, from guided-diffusion's README flags and script_util:
+# (heads of a block of C channels, the legacy head order). The 64 model has
+# --num_head_channels 64 --use_new_attention_order True, the 128 model --num_heads 4, the
+# 256 and 512 models --num_head_channels 64; create_classifier fixes num_head_channels=64.
+# Heads and their order leave every shape as it is, so the state-dict listings cannot
+# tell a wrong one: the official weights would load and sample wrongly.
+RELEASED_ATTENTION = {
+    ("unet", "adm64"): (lambda channels: channels // 64, False),
+    ("unet", "adm128"): (lambda channels: 4, True),
+    ("unet", "adm256"): (lambda channels: channels // 64, True),
+    ("unet", "adm256-uncond"): (lambda channels: channels // 64, True),
+    ("unet", "adm512"): (lambda channels: channels // 64, True),
+    **{
+        ("classifier", name): (lambda channels: channels // 64, True)
+        for name in ("adm64", "adm128", "adm256", "adm512")
+    },
+}
+
+
+@pytest.mark.parametrize("kind, name", list(RELEASED_ATTENTION), ids=lambda v: v)
+def test_presets_split_attention_heads_as_the_released_models(kind, name):
+    from fastguide.models.nn import AttentionBlock, AttentionPool2d
+
+    with torch.device("meta"):
+        model = create_model(**unet_config(name)) if kind == "unet" else create_classifier(**classifier_config(name))
+    heads, legacy = RELEASED_ATTENTION[kind, name]
+    blocks = [m for m in model.modules() if isinstance(m, AttentionBlock)]
+    assert blocks
+    for block in blocks:
+        channels = block.qkv.in_channels
+        assert (block.attention.num_heads, block.attention.legacy_order) == (heads(channels), legacy), channels
+    for pool in (m for m in model.modules() if isinstance(m, AttentionPool2d)):  # the classifier's head
+        channels = pool.qkv_proj.in_channels
+        assert (pool.attention.num_heads, pool.attention.legacy_order) == (channels // 64, False)
 
 
 def test_timestep_embedding_matches_formula():
@@ -464,7 +501,13 @@ def test_script_flags_take_sequences_as_strings():
     common = dict(image_size=8, num_channels=32, num_res_blocks=1)
     from_strings = create_model(**common, channel_mult="1,2", attention_resolutions="4")
     from_lists = create_model(**common, channel_mult=[1, 2], attention_resolutions=(4,))
-    assert str(from_strings) == str(from_lists)
+    from_numpy = create_model(**common, channel_mult=[np.int64(1), 2], attention_resolutions=(np.int32(4),))
+    for model in (from_lists, from_numpy):
+        assert str(from_strings) == str(model)
+        shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+        assert shapes == {name: tensor.shape for name, tensor in from_strings.state_dict().items()}
+        assert "input_blocks.3.1.qkv.weight" in shapes  # the attention at 4×4 (downsampled by 2)
+        assert model.channel_mult == from_strings.channel_mult == (1, 2)
     with pytest.raises(ValueError, match="classifier_attention_resolutions must be positive int"):
         create_classifier(image_size=8, classifier_attention_resolutions="8,0", channel_mult="1,2")
 
