@@ -15,6 +15,7 @@ ever unpickles arbitrary objects.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from collections import Counter
@@ -280,6 +281,8 @@ def load_checkpoint(model: ModuleT, path: str | Path, *, expand_label_table: boo
         hint = ""
         if missing == [label_table] and not unexpected:
             hint = " (an unconditional checkpoint: build the model without labels, e.g. unet_config('adm256-uncond'))"
+        elif len(unexpected) == 1 and unexpected[0] in LABEL_TABLES and not missing:
+            hint = " (a class-conditional checkpoint: build the model with its classes, e.g. unet_config('adm256'))"
         raise ValueError(
             f"checkpoint {path} does not match the model: "
             f"{len(missing)} missing keys ({_describe(missing) or 'none'}), "
@@ -298,6 +301,12 @@ def load_checkpoint(model: ModuleT, path: str | Path, *, expand_label_table: boo
                 hint = " (a CFG model's label table has one more row: pass expand_label_table=True)"
             elif rows != wanted_rows:
                 hint = f" (the checkpoint's label table has {rows} rows, the model's {wanted_rows}: other classes)"
+        patch_size = getattr(model, "patch_size", None)
+        if "pos_embed" in expected and tuple(state["pos_embed"].shape) != tuple(expected["pos_embed"].shape):
+            side = math.isqrt(state["pos_embed"].shape[-2]) if state["pos_embed"].dim() == 3 else 0
+            if side and side * side == state["pos_embed"].shape[-2] and isinstance(patch_size, int):
+                # a DiT's position table is fixed by its image size: (input_size / patch)² tokens
+                hint += f" (the checkpoint's position table is for input_size={side * patch_size}: another image size)"
         raise ValueError(f"checkpoint {path} has tensors of the wrong shape: {_describe(wrong)}{hint}")
     tied = _tied_names(model)
     differing = [names for names in tied if not all(torch.equal(state[names[0]], state[n]) for n in names[1:])]
@@ -308,7 +317,7 @@ def load_checkpoint(model: ModuleT, path: str | Path, *, expand_label_table: boo
         )
     if any(v.is_meta for v in expected.values()):
         state = {
-            k: v.to(dtype=expected[k].dtype, device="cpu" if expected[k].is_meta else expected[k].device)
+            k: _own_storage(v.to(dtype=expected[k].dtype, device="cpu" if expected[k].is_meta else expected[k].device))
             for k, v in state.items()
         }
         model.load_state_dict(state, strict=True, assign=True)
@@ -316,6 +325,17 @@ def load_checkpoint(model: ModuleT, path: str | Path, *, expand_label_table: boo
         return model
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _own_storage(tensor: Tensor) -> Tensor:
+    """``tensor``, or a copy where it is a view of a larger storage: assigned to a model, a
+    view keeps its whole storage alive. guided-diffusion's fp16-trained checkpoints hold
+    their weights as views of one flat float32 buffer, and an fp16 model keeps its norms'
+    and linear layers' float32 weights as they are: each kept the whole buffer (2.2 GB for
+    adm256) beside the model's converted copies."""
+    if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
 
 
 def _tied_names(model: nn.Module) -> list[list[str]]:

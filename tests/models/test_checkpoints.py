@@ -197,6 +197,19 @@ def test_an_unconditional_checkpoint_in_a_conditional_model_says_so(tmp_path):
     save_state_dict(Conditional(False), tmp_path / "uncond.safetensors")
     with pytest.raises(ValueError, match=r"1 missing keys \(label_emb.weight\).*an unconditional checkpoint"):
         load_checkpoint(Conditional(True), tmp_path / "uncond.safetensors")
+    save_state_dict(Conditional(True), tmp_path / "cond.safetensors")  # and the other way round
+    with pytest.raises(ValueError, match=r"1 unexpected keys \(label_emb.weight\).*a class-conditional checkpoint"):
+        load_checkpoint(Conditional(False), tmp_path / "cond.safetensors")
+
+
+def test_a_dit_checkpoint_of_another_image_size_names_its_size(tmp_path):
+    # DiT-XL/2 512's checkpoint into the 256 model: only "pos_embed (1, 1024, 1152) vs (1, 256, 1152)"
+    from fastguide import DiT
+
+    tiny = dict(patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4, num_classes=3)
+    save_state_dict(DiT(input_size=16, **tiny), tmp_path / "dit16.safetensors")
+    with pytest.raises(ValueError, match=r"pos_embed: .*position table is for input_size=16: another image size"):
+        load_checkpoint(DiT(input_size=8, **tiny), tmp_path / "dit16.safetensors")
 
 
 def test_different_values_for_tied_weights_are_refused(tmp_path):
@@ -252,6 +265,25 @@ def test_a_model_on_the_meta_device_takes_the_checkpoints_tensors(tmp_path):
         torch.testing.assert_close(tensor, source.state_dict()[name].to(tensor.dtype), atol=0, rtol=0)
     assert model.layers[0].weight.dtype == torch.float32 and model.count.dtype == torch.int64
     assert model.layers[0].weight.requires_grad and isinstance(model.layers[0].weight, nn.Parameter)
+
+
+def test_a_meta_model_keeps_no_flat_buffer_its_checkpoints_weights_are_views_of(tmp_path):
+    # guided-diffusion's fp16 training saves its weights as views of one flat float32
+    # buffer: assigned as they were, the weights kept in float32 each held the whole buffer
+    source = Tiny(layers=3)
+    state = source.state_dict()
+    flat = torch.cat([t.flatten().float() for t in state.values()])
+    views, start = {}, 0
+    for name, tensor in state.items():
+        views[name] = flat[start : start + tensor.numel()].view(tensor.shape).to(tensor.dtype)
+        start += tensor.numel()
+    torch.save(views, tmp_path / "flat.pt")
+    with torch.device("meta"):
+        model = Tiny(layers=3)
+    load_checkpoint(model, tmp_path / "flat.pt")
+    for name, tensor in model.state_dict().items():
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
+        torch.testing.assert_close(tensor, state[name], atol=0, rtol=0)
 
 
 def test_a_model_on_the_meta_device_cannot_be_saved(tmp_path):
