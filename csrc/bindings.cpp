@@ -155,6 +155,12 @@ std::optional<at::Tensor> guided_step(
   check_rows_channels(x, out, "out", {batch, 2 * batch, 3 * batch}, {channels});
   check_same(x, model_output, "model_output");
   check_same(x, guide, "guide");
+  // The kernels read element j of a sample at j in every x-shaped tensor: channels_last puts
+  // a pixel's channels together, so a 2C prediction (a learned variance) is read there only
+  // contiguous (the Python glue makes it so).
+  const bool contiguous = dense_format(x) == at::MemoryFormat::Contiguous;
+  TORCH_CHECK(contiguous || (model_output.size(1) == channels && (!guide.has_value() || guide->size(1) == channels)),
+              "fastguide_cuda::guided_step: a prediction of 2C channels needs contiguous tensors, not channels_last");
   for (const at::Tensor& h : history) check_same(x, h, "history");
   for (const auto& [t, name] : {std::pair{&noise, "noise"}, {&grad, "grad"}, {&x0_out, "x0_out"}}) {
     check_same(x, *t, name);
@@ -194,6 +200,8 @@ std::optional<at::Tensor> guided_step(
   p.mo_block = p.batch * p.mo_sample_stride;
   p.var_offset = x.size(1) * (p.mo_sample_stride / model_output.size(1));
   p.out_block_offset = p.batch * p.sample_elems;
+  TORCH_CHECK(stats >= kStatsNone && stats <= kStatsTangential && (stats == kStatsNone || p.guided),
+              "fastguide_cuda::guided_step: stats must be 0 to 4, and 0 without a combine, got ", stats);
   p.stats = static_cast<int>(stats);
   p.parts = static_cast<int>(std::clamp<int64_t>((p.sample_elems + 2047) / 2048, 1, kMaxParts));
   p.rescale = p.guided && p.combine.rescale > 0.0f;

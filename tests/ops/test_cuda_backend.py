@@ -304,7 +304,7 @@ def test_bindings_refuse_what_their_kernels_cannot_index(host_harness):
     x = randn(2, 4, 6, 6, seed=0, dtype=torch.float32)
     step = StepCoefficients(alpha=0.8, sigma=0.6, k_x0=1.0)
 
-    def step_call(model_output, x=x, out=None, noise=None, combine=GuidanceCombine(3.0)):
+    def step_call(model_output, x=x, out=None, noise=None, combine=GuidanceCombine(3.0), stats=0):
         return host_harness.guided_step(
             model_output,
             None,
@@ -316,8 +316,8 @@ def test_bindings_refuse_what_their_kernels_cannot_index(host_harness):
             torch.empty_like(x) if out is None else out,
             None,
             *STEP_ARGUMENTS.pack(step),
-            *COMBINE_ARGUMENTS.pack(combine)[:1],
-            0,
+            *(COMBINE_ARGUMENTS.pack(combine)[:1] if combine is not None else [None]),
+            stats,
             False,
         )
 
@@ -331,6 +331,19 @@ def test_bindings_refuse_what_their_kernels_cannot_index(host_harness):
         step_call(x)  # guided without a guide: [c; u], 2B rows
     with pytest.raises(RuntimeError, match=r"noise has shape \[2, 4, 6, 5\]"):
         step_call(torch.cat([x, x]), noise=x[..., :5].contiguous())
+    # A statistics pass reads u, which an unguided step has not (a segfault); a 2C
+    # prediction in channels_last was read at x's offsets, a pixel's 2C values apart
+    for stats in (1, 5, -1):
+        with pytest.raises(RuntimeError, match=f"stats must be 0 to 4, and 0 without a combine, got {stats}"):
+            step_call(x, combine=None, stats=stats)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="a prediction of 2C channels needs contiguous tensors, not channels_last"):
+        step_call(
+            torch.cat([x, x], dim=1).contiguous(memory_format=torch.channels_last),
+            x=channels_last,
+            out=torch.empty_like(channels_last),
+            combine=None,
+        )
 
     def norm_call(x, groups, weight=None, scale=None):
         return host_harness.group_norm_forward(x, weight, None, scale, None, groups, 1e-5, False)
