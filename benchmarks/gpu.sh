@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
 # One-shot GPU run for a fresh machine with PyTorch and Triton installed and no network:
-# install fastguide from this checkout, build the CUDA extension when csrc/ has sources,
-# run the GPU-marked tests, the whole benchmark suite (a module at a time), the eager
-# loops' profile, the host path, the self-check and the backend-parametrised op tests, in
-# that order (what matters most first), and write every result under OUT. On an H200 on 2026-12-04 the install and CUDA build took 1 min, the GPU tests
-# 4.2 min, the guided_step and layer_norm benchmarks 2 min together, group_norm over 2 min,
-# sample and end to end 3 min; the attention benchmark (every SDPA backend, forward and
-# backward, up to L = 16384) takes longer than any other step. No one call of the device
-# tool holds it all: see BENCHMARKS.md for the calls that follow the first.
+# install fastguide from this checkout, build the CUDA extension when csrc/ has sources
+# (for this GPU's architecture alone), then, in priority order, the self-check, the
+# GPU-marked tests, the benchmark suite a module at a time (the kernels' device times,
+# attention's target rows and end to end first), the eager loops' profile and host path,
+# the backend-parametrised op tests and the full attention sweep, writing every result
+# under OUT. On an H200 on 2026-12-04 the install and CUDA build (two architectures then)
+# took 1 min, the GPU tests 4.2 min in one process, the guided_step and layer_norm
+# benchmarks 2 min together, group_norm over 2 min, sample and end to end 3 min; the
+# attention sweep (every SDPA backend, forward and backward, up to L = 16384) longer than
+# any other step. So each step has a cap of its own (below), and one call of the device
+# tool reaches the first steps of each kind; later calls can pick what is left
+# (GPU_SH_MODULES, GPU_SH_SKIP_TESTS).
 #
 #   benchmarks/gpu.sh OUT            the run
 #   benchmarks/gpu.sh OUT --dry-run  print the steps and check that every test and benchmark
 #                                    is collected (works on a machine without a GPU)
 #
-# The device tool returns at most 8 files: pack OUT afterwards, and give the run its time
-# (GPU_SH_TIME seconds: every step ends in time, so nothing is left running on the GPU
-# once it returns; an outer `timeout` would kill gpu.sh but not the step it waits on), e.g.
-#   GPU_SH_TIME=540 bash benchmarks/gpu.sh /tmp/fg; tar czf "$OUT/gpu-results.tgz" -C /tmp fg
+# The device tool returns at most 8 files and kills a command at its limit: give the run
+# its time (GPU_SH_TIME seconds from the start of gpu.sh: every step ends in time, so
+# nothing is left running on the GPU once it returns; an outer `timeout` would kill
+# gpu.sh but not the step it waits on) and a file to pack OUT into after every step
+# (GPU_SH_PACK), so that a run cut short still returns what it finished, e.g.
+#   GPU_SH_PACK=$OUT/gpu-results.tgz GPU_SH_TIME=540 bash benchmarks/gpu.sh /tmp/fg
+# Other settings: GPU_SH_MODULES (the benchmark modules to run, in order; default below),
+# GPU_SH_SKIP_TESTS=1 (no test steps: a later call's), GPU_SH_TEST_WORKERS (8; 0 for one
+# process), GPU_SH_STEP_LIMIT (the cap of any one step, 420 s).
 set -euo pipefail
 out=${1:?usage: benchmarks/gpu.sh OUT [--dry-run]}
 mode=${2:-run}
@@ -26,12 +35,36 @@ py=${PYTHON:-python3}
 unset FASTGUIDE_AUTOTUNE
 cd "$root"
 mkdir -p "$out"
-# The benchmark modules in the order they run: the kernels' device times first, then the
-# sampling loop and end to end at real size, attention last, so that a run cut short by the
-# device tool's limit still returns every module it finished.
-# attention_targets is bench_attention's target rows (forward: fastguide by TMA and by
-# pointers against the SDPA kernels), which the full sweep at the end rarely reaches.
-modules=(bench_guided_step bench_layer_norm bench_group_norm attention_targets bench_sample bench_end_to_end bench_unet bench_attention)
+# The benchmark modules in the order they run: the targets of issues 21 and 22 first (the
+# guided step's and LayerNorm's device times, attention's target rows, end to end at real
+# size), then GroupNorm, the sampling loop and the UNet; the full attention sweep last of
+# all. attention_targets is bench_attention's target rows (forward: fastguide by TMA and by
+# pointers against the SDPA kernels).
+default_modules="bench_guided_step bench_layer_norm attention_targets bench_end_to_end bench_group_norm bench_sample bench_unet bench_attention"
+read -r -a modules <<< "${GPU_SH_MODULES:-$default_modules}"
+# Each step stops after its cap (a module's, below; STEP_LIMIT seconds at most,
+# GPU_SH_STEP_LIMIT), so that a kernel that hangs costs its own step, not the run's
+# later ones: killing the process ends its kernels. With GPU_SH_TIME, no step runs past
+# that many seconds from the start of gpu.sh (15 s kept for the packing after), and a
+# step with under 20 s left does not start.
+step_limit=${GPU_SH_STEP_LIMIT:-420}
+# The diagnostics (self-check, loop profile, host path) take a minute or less each; a hang
+# in one of them costs at most this, not step_limit, of the run.
+quick_limit=${GPU_SH_QUICK_LIMIT:-90}
+# The GPU tests' cap: with 8 workers they should end well inside it (one process took
+# 4.2 min on the H200); those not reached are the backend tests' and a later call's.
+test_limit=${GPU_SH_TEST_LIMIT:-150}
+# Each module's cap in seconds, so that one call reaches the kernels' device times, the
+# attention targets and end to end before any one of them takes the call: a module cut
+# by its cap still reports the cases it finished (the first of each kind come first).
+module_cap() {
+    case "$1" in
+        bench_guided_step | bench_group_norm) echo 70 ;;
+        bench_layer_norm | attention_targets) echo 50 ;;
+        bench_end_to_end) echo 120 ;;
+        *) echo "$step_limit" ;;
+    esac
+}
 # End to end and the UNet without their max-autotune rows (each compile tunes for minutes):
 # run those in a call of their own, fastguide bench -k "max-autotune".
 selection() {
@@ -66,10 +99,15 @@ step "$py" -m pip install --no-deps --no-build-isolation -q -e .
 if compgen -G "csrc/*.cu" >/dev/null || compgen -G "csrc/*.cpp" >/dev/null; then
     # A failed build (no toolkit, a CUDA version that does not match torch's) must not stop
     # the run: the log says why, and the cuda backend's tests and benchmarks then skip.
+    # Built for this GPU's architecture alone (setup.py's default builds two: twice the nvcc work).
     if [ "$mode" = "--dry-run" ]; then
-        echo "+ FASTGUIDE_BUILD_CUDA=1 $py -m pip install --no-deps --no-build-isolation -e . > $out/cuda-build.log"
-    elif ! env FASTGUIDE_BUILD_CUDA=1 "$py" -m pip install --no-deps --no-build-isolation -e . > "$out/cuda-build.log" 2>&1; then
-        echo "gpu.sh: the CUDA extension did not build (see cuda-build.log); going on without it" | tee -a "$out/cuda-build.log"
+        echo "+ FASTGUIDE_BUILD_CUDA=1 FASTGUIDE_CUDA_ARCHS=<this GPU's> $py -m pip install --no-deps --no-build-isolation -e . > $out/cuda-build.log"
+    else
+        archs=${FASTGUIDE_CUDA_ARCHS:-$("$py" -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo "80;90")}
+        if ! env FASTGUIDE_BUILD_CUDA=1 FASTGUIDE_CUDA_ARCHS="$archs" "$py" -m pip install --no-deps --no-build-isolation -e . \
+            > "$out/cuda-build.log" 2>&1; then
+            echo "gpu.sh: the CUDA extension did not build (see cuda-build.log); going on without it" | tee -a "$out/cuda-build.log"
+        fi
     fi
 fi
 
@@ -97,20 +135,27 @@ if [ "$mode" = "--dry-run" ]; then
     benchmarks=$(collected benchmarks)
     for path in benchmarks/*/bench_*.py; do  # every benchmark module is in the run's list
         name=$(basename "$path" .py)
-        [[ " ${modules[*]} " == *" $name "* ]] || { echo "gpu.sh: $path is not in modules=(...)" >&2; exit 1; }
+        [[ " $default_modules " == *" $name "* ]] || { echo "gpu.sh: $path is not in default_modules" >&2; exit 1; }
     done
     echo "collected: ${tests:-0} tests, ${gpu_tests:-0} of them GPU-marked, ${benchmarks:-0} benchmarks"
     if [ "${tests:-0}" -eq 0 ] || [ "${gpu_tests:-0}" -eq 0 ] || [ "${benchmarks:-0}" -eq 0 ]; then
         echo "gpu.sh: collection came up empty ($py cannot import pytest or the suite is broken)" >&2
         exit 1
     fi
-    echo "+ $py -m pytest tests -m gpu -v --durations=15 ${test_options[*]} > $out/gpu-tests.log"
-    echo "+ $py -m fastguide bench -k MODULE --out $out/bench/MODULE, for each benchmarks/*/bench_*.py"
+    echo "+ $py -m fastguide selfcheck --device cuda > $out/selfcheck.txt (and with FASTGUIDE_BACKEND=cuda)"
+    [ "${GPU_SH_SKIP_TESTS:-0}" = 1 ] ||
+        echo "+ $py -m pytest tests -m gpu -v --durations=15 ${test_options[*]} > $out/gpu-tests.log"
+    for module in "${modules[@]}"; do
+        [ "$module" != bench_attention ] || continue
+        echo "+ $py -m fastguide bench -k \"$(selection "$module")\" --out $out/bench/$module  (at most $(module_cap "$module") s)"
+    done
     echo "+ $py -m benchmarks.sampling.loop_profile --out $out > $out/loop_profile.log"
     echo "+ $py benchmarks/ops/host_path.py --device cuda --rounds 5 > $out/host_path.md"
-    echo "+ $py -m fastguide selfcheck --device cuda > $out/selfcheck.txt"
-    echo "+ FASTGUIDE_BACKEND=cuda $py -m fastguide selfcheck --device cuda >> $out/selfcheck.txt"
-    echo "+ $py -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_attention.py tests/ops/test_compile.py -q ${test_options[*]} > $out/backend-tests.log"
+    [ "${GPU_SH_SKIP_TESTS:-0}" = 1 ] ||
+        echo "+ $py -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_attention.py tests/ops/test_compile.py -q ${test_options[*]} > $out/backend-tests.log"
+    [[ " ${modules[*]} " != *" bench_attention "* ]] ||
+        echo "+ $py -m fastguide bench -k \"$(selection bench_attention)\" --out $out/bench/bench_attention"
+    echo "+ tar czf ${GPU_SH_PACK:-(GPU_SH_PACK)} -C $(dirname "$out") $(basename "$out"), after every step"
     exit 0
 fi
 
@@ -133,18 +178,15 @@ done
 set +e
 status=0
 keep() { [ "$status" -ne 0 ] || status=$1; }
-# Each step stops after STEP_LIMIT seconds (GPU_SH_STEP_LIMIT; the longest, the GPU tests,
-# took 4.2 min on the H200), so that a kernel that hangs costs its own step, not the run's
-# later ones: killing the process ends its kernels. With GPU_SH_TIME, no step runs past
-# that many seconds from the start (15 s kept for the packing after), and a step with
-# under 20 s left does not start.
-step_limit=${GPU_SH_STEP_LIMIT:-420}
-# The diagnostics after the benchmarks (loop profile, host path, self-checks) take a minute
-# or less each; a hang in one of them costs at most this, not step_limit, of the run.
-quick_limit=${GPU_SH_QUICK_LIMIT:-90}
-# (540 s: the device tool's 600 s a call, less the start and the packing after)
-deadline=$((SECONDS + ${GPU_SH_TIME:-540} - 15))
-bounded() {  # bounded CMD...: CMD under the time left and the step's limit (STEP_CAP or step_limit)
+# (540 s: the device tool's 600 s a call, less the machine's start; SECONDS counts from the
+# start of gpu.sh, so the install and the build are inside it)
+deadline=$((${GPU_SH_TIME:-540} - 15))
+pack() {  # OUT packed into GPU_SH_PACK (when set), replaced whole: a run cut short keeps the last
+    [ -n "${GPU_SH_PACK:-}" ] || return 0
+    tar czf "$GPU_SH_PACK.part" -C "$(dirname "$out")" "$(basename "$out")" 2>/dev/null &&
+        mv -f "$GPU_SH_PACK.part" "$GPU_SH_PACK"
+}
+bounded() {  # bounded CMD...: CMD under the time left and the step's cap (STEP_CAP or step_limit)
     local limit=$((deadline - SECONDS)) cap=${STEP_CAP:-$step_limit}
     if [ "$limit" -lt 20 ]; then
         echo "gpu.sh: no time left (GPU_SH_TIME): skipped $*" >&2
@@ -156,17 +198,33 @@ bounded() {  # bounded CMD...: CMD under the time left and the step's limit (STE
     [ "$rc" -ne 124 ] || echo "gpu.sh: stopped after ${limit} s: $*" >&2
     return "$rc"
 }
-# In priority order: the GPU tests (-v: each result is logged as it ends, so a cut step
-# still says which failed), the benchmarks, then the diagnostics.
-bounded "$py" -m pytest tests -m gpu -v -p no:cacheprovider --durations=15 ${test_options[@]+"${test_options[@]}"} 2>&1 \
-    | tee "$out/gpu-tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -n 40
-keep "${PIPESTATUS[0]}"
-mkdir -p "$out/bench"
-for module in "${modules[@]}"; do
-    echo "+ $py -m fastguide bench -k \"$(selection "$module")\" --out $out/bench/$module  ($(date +%T))"
-    bounded "$py" -m fastguide bench -k "$(selection "$module")" --out "$out/bench/$module" --no-plots 2>&1 \
-        | tee "$out/bench/$module.log" | tail -n 3
+bench_module() {  # one benchmark module: results.json, table.md and its log under bench/
+    local module=$1
+    echo "+ $py -m fastguide bench -k \"$(selection "$module")\" --out $out/bench/$module  ($(date +%T), $SECONDS s)"
+    STEP_CAP=$(module_cap "$module") bounded "$py" -m fastguide bench -k "$(selection "$module")" \
+        --out "$out/bench/$module" --no-plots 2>&1 | tee "$out/bench/$module.log" | tail -n 3
     keep "${PIPESTATUS[0]}"
+    pack
+}
+pack
+# In priority order. The self-check first (seconds): do the ops agree with their formulas
+# on this GPU, on auto's backends and on the cuda backend's?
+STEP_CAP=$quick_limit bounded "$py" -m fastguide selfcheck --device cuda 2>&1 | tee "$out/selfcheck.txt"
+keep "${PIPESTATUS[0]}"
+FASTGUIDE_BACKEND=cuda STEP_CAP=$quick_limit bounded "$py" -m fastguide selfcheck --device cuda 2>&1 \
+    | tee -a "$out/selfcheck.txt"
+keep "${PIPESTATUS[0]}"
+pack
+# The GPU tests (-v: each result is logged as it ends, so a cut step still says which failed).
+if [ "${GPU_SH_SKIP_TESTS:-0}" != 1 ]; then
+    STEP_CAP=$test_limit bounded "$py" -m pytest tests -m gpu -v -p no:cacheprovider --durations=15 \
+        ${test_options[@]+"${test_options[@]}"} 2>&1 | tee "$out/gpu-tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -n 40
+    keep "${PIPESTATUS[0]}"
+    pack
+fi
+mkdir -p "$out/bench"
+for module in "${modules[@]}"; do  # the full attention sweep last of all, below
+    [ "$module" = bench_attention ] || bench_module "$module"
 done
 # Where the eager loops' time goes (a minute): fastguide's loop against the diffusers-style
 # one, launches and host waits per step and the operators with the most host time.
@@ -177,15 +235,15 @@ tail -n 8 "$out/loop_profile.log"
 # host time beyond the kernel goes.
 STEP_CAP=$quick_limit bounded "$py" benchmarks/ops/host_path.py --device cuda --rounds 5 2>&1 | tee "$out/host_path.md"
 keep "${PIPESTATUS[0]}"
-STEP_CAP=$quick_limit bounded "$py" -m fastguide selfcheck --device cuda 2>&1 | tee "$out/selfcheck.txt"
-keep "${PIPESTATUS[0]}"
-FASTGUIDE_BACKEND=cuda STEP_CAP=$quick_limit bounded "$py" -m fastguide selfcheck --device cuda 2>&1 \
-    | tee -a "$out/selfcheck.txt"
-keep "${PIPESTATUS[0]}"
+pack
 # The op tests parametrised over backends (every option, odd shapes) run on the CUDA
 # device here, with every backend that can run: triton and, when it built, cuda; the
 # attention tests' odd shapes and packed views reach the TMA forward on real hardware.
-bounded "$py" -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_attention.py tests/ops/test_compile.py -q -p no:cacheprovider \
-    ${test_options[@]+"${test_options[@]}"} 2>&1 | tee "$out/backend-tests.log"
-keep "${PIPESTATUS[0]}"
+if [ "${GPU_SH_SKIP_TESTS:-0}" != 1 ]; then
+    bounded "$py" -m pytest tests/ops/test_guided_step.py tests/ops/test_group_norm.py tests/ops/test_attention.py \
+        tests/ops/test_compile.py -q -p no:cacheprovider ${test_options[@]+"${test_options[@]}"} 2>&1 | tee "$out/backend-tests.log"
+    keep "${PIPESTATUS[0]}"
+    pack
+fi
+[[ " ${modules[*]} " != *" bench_attention "* ]] || bench_module bench_attention
 exit "$status"

@@ -185,6 +185,44 @@ def test_gpu_script_dry_run_finds_every_test_and_benchmark(tmp_path):
     assert not any(" -n " in line for line in stdout.splitlines() if "fastguide bench" in line)
 
 
+def test_gpu_script_ends_within_its_time_from_its_start_and_packs_what_it_finished(tmp_path):
+    # Its time was counted from after the install and the CUDA build: the run outlasted
+    # the device tool's call by that much, which killed it before the packing after it, so
+    # nothing came back. A stand-in interpreter: the two installs take 5 s each, every other
+    # step would take a minute.
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'case "$*" in\n'
+        '  "-m pip install"*) exec sleep 5 ;;\n'
+        "  -c*) exit 0 ;;\n"
+        '  *) echo "$*" >> "$OUT_DIR/ran.txt"; exec sleep 60 ;;\n'
+        "esac\n"
+    )
+    fake.chmod(0o755)
+    out, pack = tmp_path / "fg", tmp_path / "back" / "gpu-results.tgz"
+    pack.parent.mkdir()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("GPU_SH_")}
+    start = time.monotonic()
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        env={**environment, "PYTHON": str(fake), "OUT_DIR": str(out), "GPU_SH_TIME": "46", "GPU_SH_PACK": str(pack)},
+        timeout=120,
+    )
+    elapsed = time.monotonic() - start
+    # (46 − 15 s kept for the packing: 31 s from its start; counted from after the installs, 41)
+    assert elapsed < 37, (elapsed, result.stderr)
+    assert "no time left (GPU_SH_TIME): skipped" in result.stdout + result.stderr
+    ran = (out / "ran.txt").read_text().splitlines()
+    assert ran and "selfcheck" in ran[0]  # the first step after the installs, stopped by the deadline
+    import tarfile
+
+    with tarfile.open(pack) as packed:
+        assert "fg/ran.txt" in packed.getnames()
+
+
 def test_gpu_script_runs_the_tests_in_one_process_when_told(tmp_path):
     assert not any(" -n " in line for line in pytest_lines(gpu_script_dry_run(tmp_path, GPU_SH_TEST_WORKERS="0")))
 
@@ -413,6 +451,33 @@ def test_recorder_times_cases_as_the_sampler_calls_them_under_no_grad():
     Recorder(measured, copy_bandwidth=1e9, matmul_rate=1e9)(case, bytes_moved=12)
     assert measured.extra_info["median_ms"] == pytest.approx(4.0)
     assert measured.extra_info["GB/s"] == pytest.approx(12 / 0.004 / 1e9)
+
+
+def test_a_case_that_fails_while_measured_has_no_row_in_the_table():
+    # pytest-benchmark keeps the record of its rounds when the case fails after them (out of
+    # memory in the device-time replay, say): the table showed those rounds as its time
+    from benchmarks.conftest import Recorder
+
+    class FailsAfterItsRounds:
+        def __init__(self):
+            self.extra_info: dict = {}
+
+        def __call__(self, fn):
+            fn()
+
+        @property
+        def stats(self):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    failing = FailsAfterItsRounds()
+    with pytest.raises(torch.OutOfMemoryError):
+        Recorder(failing, copy_bandwidth=1e9, matmul_rate=1e9)(lambda: torch.ones(3), bytes_moved=12)
+    assert failing.extra_info["incomplete"]
+    record = {"name": "test_case[impl-fastguide]", "params": {"impl": "fastguide"}, "stats": {"median": 1e-5}}
+    data = {"benchmarks": [{**record, "extra_info": failing.extra_info}]}
+    assert bench.group_results(data) == {}
+    data = {"benchmarks": [{**record, "extra_info": {"median_ms": 0.01}}]}  # (a completed one)
+    assert list(bench.group_results(data)) == ["test_case"]
 
 
 def test_attention_autotunes_over_every_config_unless_told_otherwise(monkeypatch, tmp_path):
