@@ -176,6 +176,10 @@ class Recorder:
                 self._measure(fn, bytes_moved, flops)
 
     def _measure(self, fn, bytes_moved: int | None, flops: int | None) -> None:
+        # Until the last measurement is in: a case that fails after pytest-benchmark's rounds
+        # (out of memory in device_seconds, say) keeps those rounds' record, which the table
+        # would show as the case's time (fastguide.apps.bench.group_results leaves it out).
+        self.benchmark.extra_info["incomplete"] = True
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -216,6 +220,7 @@ class Recorder:
             info["pct_of_matmul_rate"] = 100 * flops / seconds / self.matmul_rate
             if device is not None:
                 info["device_pct_of_matmul_rate"] = 100 * flops / device / self.matmul_rate
+        del info["incomplete"]
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,8 @@ from benchmarks.timing import DEVICE
 
 # The host-side calls the CUDA activity records for a kernel launch (runtime and driver
 # API: PyTorch's own kernels, Triton's) and for a wait on the device.
-LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+# (a replayed CUDA graph is one launch: cudaGraphLaunch)
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 

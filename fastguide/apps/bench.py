@@ -147,11 +147,15 @@ def _case_and_impl(bench: dict) -> tuple[str, str]:
 
 
 def group_results(data: dict) -> dict[str, dict[str, dict]]:
-    """case -> implementation -> {median_ms, rate, pct_floor, peak_MB}."""
+    """case -> implementation -> {median_ms, rate, pct_floor, peak_MB}. A case that failed
+    while it was measured (``incomplete``: its record holds a few warm-up rounds, not its
+    time) is left out."""
     cases: dict[str, dict[str, dict]] = defaultdict(dict)
     for bench in data["benchmarks"]:
         case, impl = _case_and_impl(bench)
         info = bench.get("extra_info", {})
+        if info.get("incomplete"):
+            continue
         median_ms = info.get("median_ms", bench["stats"]["median"] * 1e3)
         rate = (
             f"{info['GB/s']:.1f} GB/s"
