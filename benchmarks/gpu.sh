@@ -173,6 +173,10 @@ for peer in diffusers k_diffusion.sampling liger_kernel; do
     "$py" -c "import $peer as p; print('$peer', getattr(p, '__version__', ''))" >> "$out/device.txt" 2>/dev/null ||
         echo "$peer: not importable (its rows skip or fail)" >> "$out/device.txt"
 done
+# End to end at real size builds every row beside diffusers' models (SD's UNet is diffusers'
+# own): without diffusers all its cases skip, fastguide's included.
+"$py" -c "import diffusers" 2>/dev/null ||
+    echo "gpu.sh: diffusers is not importable: every end-to-end case will skip (carry its wheel)" | tee -a "$out/device.txt"
 # From here every step runs whatever the one before it did, and the exit status is the
 # first failure's: a failed step must not cost the results of the later ones.
 set +e
