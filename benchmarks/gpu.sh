@@ -103,7 +103,8 @@ if compgen -G "csrc/*.cu" >/dev/null || compgen -G "csrc/*.cpp" >/dev/null; then
     if [ "$mode" = "--dry-run" ]; then
         echo "+ FASTGUIDE_BUILD_CUDA=1 FASTGUIDE_CUDA_ARCHS=<this GPU's> $py -m pip install --no-deps --no-build-isolation -e . > $out/cuda-build.log"
     else
-        archs=${FASTGUIDE_CUDA_ARCHS:-$("$py" -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo "80;90")}
+        archs=${FASTGUIDE_CUDA_ARCHS:-$("$py" -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())' 2>/dev/null)}
+        archs=${archs:-80;90}  # (setup.py's default, where the GPU could not be asked)
         if ! env FASTGUIDE_BUILD_CUDA=1 FASTGUIDE_CUDA_ARCHS="$archs" "$py" -m pip install --no-deps --no-build-isolation -e . \
             > "$out/cuda-build.log" 2>&1; then
             echo "gpu.sh: the CUDA extension did not build (see cuda-build.log); going on without it" | tee -a "$out/cuda-build.log"
